@@ -1,0 +1,3 @@
+from switchgear.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The Admin service: operators register services, apply configs and watch agents.
+
+Thin: it converts, calls the registry, and maps failures to gRPC codes. A rejected change
+(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION) leaves the running state untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import NoReturn
+
+import grpc
+
+from switchgear.controlplane import convert
+from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.config import ConfigError, load_config
+from switchgear.controlplane.model import Category
+from switchgear.controlplane.registry import NotFound, Registry
+from switchgear.controlplane.snapshot import diff
+from switchgear.controlplane.validate import ValidationError
+from switchgear.v1 import admin_pb2, admin_pb2_grpc
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _actor(context: grpc.aio.ServicerContext) -> str:
+    return f"admin@{context.peer()}"
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str]) -> None:
+        self._registry = registry
+        self._tracker = tracker
+        self._env = env
+
+    async def RegisterService(  # noqa: N802
+        self, request: admin_pb2.RegisterServiceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RegisterServiceResponse:
+        if not request.HasField("service"):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "service: required")
+        try:
+            spec = convert.service_from_proto(request.service)
+            snapshot = self._registry.register(spec, _actor(context))
+        except (convert.ConvertError, ValidationError) as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _prefixed(exc, spec_name=request.service.name))
+        stored = snapshot.state.service(spec.name)
+        assert stored is not None
+        return admin_pb2.RegisterServiceResponse(
+            service=convert.service_to_proto(stored), version=snapshot.version
+        )
+
+    async def DeregisterService(  # noqa: N802
+        self, request: admin_pb2.DeregisterServiceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DeregisterServiceResponse:
+        if not request.name:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: required")
+        try:
+            snapshot = self._registry.deregister(request.name, _actor(context))
+        except NotFound:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"name: no service named {request.name!r}")
+        except ValidationError as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return admin_pb2.DeregisterServiceResponse(version=snapshot.version)
+
+    async def ListServices(  # noqa: N802
+        self, request: admin_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListServicesResponse:
+        wanted: Category | None = None
+        if request.category:
+            try:
+                wanted = convert.category_from_proto(request.category)
+            except convert.ConvertError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        services = [
+            convert.service_to_proto(s)
+            for s in self._registry.state.services
+            if wanted is None or s.category == wanted
+        ]
+        return admin_pb2.ListServicesResponse(services=services)
+
+    async def GetService(  # noqa: N802
+        self, request: admin_pb2.GetServiceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetServiceResponse:
+        spec = self._registry.state.service(request.name)
+        if spec is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"name: no service named {request.name!r}")
+        return admin_pb2.GetServiceResponse(service=convert.service_to_proto(spec))
+
+    async def ApplyConfig(  # noqa: N802
+        self, request: admin_pb2.ApplyConfigRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ApplyConfigResponse:
+        source = request.source or "<admin>"
+        try:
+            state = load_config(request.yaml, source=source, env=self._env)
+            if request.dry_run:
+                change = diff(self._registry.state, state)
+                version = self._registry.snapshot.version
+            else:
+                snapshot, change = self._registry.replace(state, _actor(context), source)
+                version = snapshot.version
+        except (ConfigError, ValidationError) as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return admin_pb2.ApplyConfigResponse(
+            version=version, added=change.added, changed=change.changed, removed=change.removed
+        )
+
+    async def ListAgents(  # noqa: N802
+        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAgentsResponse:
+        return admin_pb2.ListAgentsResponse(
+            agents=[convert.agent_to_proto(a) for a in self._tracker.list()],
+            current_version=self._registry.snapshot.version,
+        )
+
+    async def GetSnapshot(  # noqa: N802
+        self, request: admin_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetSnapshotResponse:
+        return admin_pb2.GetSnapshotResponse(snapshot=convert.snapshot_to_proto(self._registry.snapshot))
+
+
+def _prefixed(exc: Exception, spec_name: str) -> str:
+    """Name wire paths from the request's root: "service.endpoints[0].url: ..."."""
+    if isinstance(exc, ValidationError):
+        lines = []
+        for p in exc.problems:
+            path = p.path.removeprefix(f"services[{spec_name}].")
+            lines.append(f"service.{path}: {p.message}" if not path.startswith("services[") else f"{path}: {p.message}")
+        return "; ".join(lines)
+    return str(exc)

@@ -1,0 +1,112 @@
+"""What the control plane knows of each connected agent: versions sent, ACKed and NACKed.
+
+Plain in-memory bookkeeping, driven by the discovery stream; not persisted (agents reconnect
+and say what they hold). Versions an agent NACKed are remembered per node across its streams
+so a reconnect never makes the control plane resend a rejected version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    id: str
+    zone: str = ""
+    build_version: str = ""
+    protocols: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Nack:
+    version: str  # the version the agent rejected
+    field_path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    node: NodeInfo
+    connected: bool
+    peer: str
+    acked_version: str
+    nacked_version: str
+    last_nack: Nack | None
+    pending_version: str
+    connected_at: float
+    last_seen: float
+
+
+@dataclass
+class _Agent:
+    node: NodeInfo
+    peer: str = ""
+    streams: int = 0
+    acked: str = ""
+    pending: str = ""
+    last_nack: Nack | None = None
+    rejected: set[str] = field(default_factory=set)
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+
+
+class AgentTracker:
+    """Per-node stream state. Times are wall-clock seconds from `clock`."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._agents: dict[str, _Agent] = {}
+
+    def connected(self, node: NodeInfo, peer: str, held_version: str) -> None:
+        agent = self._agents.setdefault(node.id, _Agent(node=node))
+        agent.node, agent.peer, agent.pending = node, peer, ""
+        agent.streams += 1
+        agent.acked = held_version
+        agent.connected_at = agent.last_seen = self._clock()
+
+    def disconnected(self, node_id: str) -> None:
+        agent = self._agents[node_id]
+        agent.streams = max(0, agent.streams - 1)
+        agent.pending = ""
+        agent.last_seen = self._clock()
+
+    def sent(self, node_id: str, version: str) -> None:
+        self._agents[node_id].pending = version
+
+    def acked(self, node_id: str, version: str) -> None:
+        agent = self._touch(node_id)
+        agent.acked, agent.pending = version, ""
+
+    def nacked(self, node_id: str, held: str, nack: Nack) -> None:
+        agent = self._touch(node_id)
+        agent.acked, agent.pending, agent.last_nack = held, "", nack
+        agent.rejected.add(nack.version)
+
+    def rejected(self, node_id: str, version: str) -> bool:
+        return version in self._agents[node_id].rejected
+
+    def list(self) -> list[AgentStatus]:
+        return [self._status(a) for a in sorted(self._agents.values(), key=lambda a: a.node.id)]
+
+    def _touch(self, node_id: str) -> _Agent:
+        agent = self._agents[node_id]
+        agent.last_seen = self._clock()
+        return agent
+
+    @staticmethod
+    def _status(agent: _Agent) -> AgentStatus:
+        return AgentStatus(
+            node=agent.node,
+            connected=agent.streams > 0,
+            peer=agent.peer,
+            acked_version=agent.acked,
+            nacked_version=agent.last_nack.version if agent.last_nack else "",
+            last_nack=agent.last_nack,
+            pending_version=agent.pending,
+            connected_at=agent.connected_at,
+            last_seen=agent.last_seen,
+        )

@@ -1,0 +1,1222 @@
+"""The unified YAML config (`config/external_services_unified.yaml`) → `RegistryState`.
+
+Three steps (STYLE item 8):
+
+1. **parse** — `yaml.compose` keeps every node's mark, and `_parse` turns the node tree into
+   `_Node`s that know their key path ("external_services.services.llm_services.openai") and
+   1-based line. Duplicate keys, YAML syntax errors and non-mapping roots become problems.
+2. **read + validate** — typed readers turn nodes into model fields, collecting *every*
+   problem (unknown keys with a suggestion, wrong types, unset environment variables). While
+   reading, `_Context.locations` remembers which YAML node defined which model path
+   ("services[gpt-4].endpoints[0].url"), so `validate.validate_state`'s problems are mapped
+   back to a YAML path and line.
+3. **default** — fields the file leaves out are simply not passed, so the model's dataclass
+   defaults (the one place defaults live) apply. The only defaults here are facts about
+   well-known providers: OpenAI's URL and key variable, and so on.
+
+Secrets: an `api_key` is `${NAME}` (kept as `SecretRef(env=NAME)`, never looked up — the
+control plane must not hold secret values) or `file:PATH`. Every other string may use
+`${NAME}` / `${NAME:-default}` from the `env` mapping the caller passes; this module never
+reads `os.environ`. Error messages quote values as written in the file, never after
+interpolation, so an environment value cannot leak into one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import urllib.parse
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import orjson
+import yaml
+from yaml.constructor import SafeConstructor
+
+from switchgear.controlplane.model import (
+    CacheSettings,
+    Category,
+    CategoryPolicy,
+    CircuitBreakerSettings,
+    EndpointSpec,
+    Pricing,
+    RegistryState,
+    ResourceAllocationSettings,
+    RetryPolicy,
+    SecretRef,
+    ServiceDiscoverySettings,
+    ServiceSpec,
+    Settings,
+)
+from switchgear.controlplane.validate import Problem, validate_state
+
+_T = TypeVar("_T")
+
+#: A YAML document may not expand (through aliases) into more values than this.
+MAX_NODES = 100_000
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded. `problems` carry YAML key paths and lines."""
+
+    def __init__(self, source: str, problems: Iterable[Problem]) -> None:
+        self.source = source
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(f"{source}: {problem}" for problem in self.problems))
+
+
+# --- step 1: parse --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A YAML value with its key path and 1-based line (the key's line for mapping values).
+
+    `raw` is a scalar's text exactly as written (before interpolation); "" for collections.
+    """
+
+    value: str | int | float | bool | dict[str, _Node] | list[_Node] | None
+    path: str
+    line: int
+    raw: str = ""
+
+
+class _TooLarge(Exception):
+    """The document expands to more than MAX_NODES values."""
+
+
+class _Converter:
+    """Turns yaml's composed nodes into `_Node`s, reporting what yaml itself lets through."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self._problems = problems
+        self._constructor = SafeConstructor()
+        self._budget = MAX_NODES
+
+    def convert(self, node: yaml.Node, path: str, line: int, ancestors: frozenset[int]) -> _Node:
+        self._budget -= 1
+        if self._budget < 0:
+            raise _TooLarge
+        if id(node) in ancestors:
+            self._problems.append(Problem(path, "an alias refers to the value that contains it", line))
+            return _Node(None, path, line)
+        inner = ancestors | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            return _Node(self._mapping(node, path, inner), path, line)
+        if isinstance(node, yaml.SequenceNode):
+            items = [
+                self.convert(item, f"{path}[{i}]", _line(item), inner) for i, item in enumerate(node.value)
+            ]
+            return _Node(items, path, line)
+        return self._scalar(node, path, line)
+
+    def _scalar(self, node: yaml.Node, path: str, line: int) -> _Node:
+        raw = str(node.value)
+        try:
+            value = self._constructor.construct_object(node)
+        except yaml.YAMLError as exc:
+            self._problems.append(Problem(path, f"cannot read this value: {_yaml_reason(exc)}", line))
+            return _Node(None, path, line, raw)
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            value = raw  # dates, binary and the like: keep the text as written
+        return _Node(value, path, line, raw)
+
+    def _mapping(self, node: yaml.MappingNode, path: str, ancestors: frozenset[int]) -> dict[str, _Node]:
+        merged = self._flatten(node, path)
+        children: dict[str, _Node] = {}
+        origin: dict[str, int] = {}  # key -> index of the pair that set it
+        for index, (key_node, value_node) in enumerate(node.value):
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._problems.append(Problem(path, "mapping keys must be plain scalars", _line(key_node)))
+                continue
+            key, key_line = str(key_node.value), _line(key_node)
+            child_path = f"{path}.{key}" if path else key
+            # Keys brought in by a `<<` merge may be overridden; keys written twice may not.
+            if key in children and index >= merged and origin[key] >= merged:
+                first = children[key].line
+                self._problems.append(
+                    Problem(child_path, f"duplicate key {key!r} (first at line {first})", key_line)
+                )
+                continue
+            children[key] = self.convert(value_node, child_path, key_line, ancestors)
+            origin[key] = index
+        return children
+
+    def _flatten(self, node: yaml.MappingNode, path: str) -> int:
+        """Apply `<<` merge keys in place; return how many leading pairs came from merges."""
+        own = sum(1 for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge")
+        try:
+            self._constructor.flatten_mapping(node)
+        except yaml.YAMLError as exc:
+            self._problems.append(Problem(path, f"bad merge key: {_yaml_reason(exc)}", _line(node)))
+        return max(0, len(node.value) - own)
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc.problem or exc.context or "invalid YAML")
+    return str(exc)
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError) -> Problem:
+    """yaml's own line (where it gave up), with what it was in the middle of and where that began."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark is not None else None
+    message = f"YAML syntax error: {exc.problem or 'invalid YAML'}"
+    if exc.context and exc.context_mark is not None and exc.problem_mark is not None:
+        message += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+    return Problem("", message, line)
+
+
+def _parse(text: str, problems: list[Problem]) -> _Node | None:
+    """The document's root node, or None after adding a problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        problems.append(_syntax_problem(exc))
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(Problem("", f"YAML error: {_yaml_reason(exc)}"))
+        return None
+    if root is None:
+        problems.append(
+            Problem("", "the document is empty; expected a mapping with the key external_services")
+        )
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        problems.append(
+            Problem("", "the top level must be a mapping with the key external_services", _line(root))
+        )
+        return None
+    try:
+        return _Converter(problems).convert(root, "", _line(root), frozenset())
+    except _TooLarge:
+        problems.append(Problem("", f"the document expands to more than {MAX_NODES} values (aliases?)"))
+        return None
+
+
+# --- step 2: read ---------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A value that cannot be read; the message says what was expected."""
+
+
+class _MissingEnv(_Bad):
+    """An unset environment variable (not an error inside a disabled service)."""
+
+
+_Reader = Callable[["_Context", _Node], _T]
+
+
+@dataclass
+class _Context:
+    """Reading state for one document (or one service within it).
+
+    `problems` is shared by a document and its service contexts. `locations` maps a model
+    path to the YAML (path, line) that defined it; `poisoned` holds model paths whose value
+    was unreadable, so validation does not report their knock-on effects a second time.
+    `strict_env` is False inside a disabled service: there an unset variable is no error.
+    """
+
+    env: Mapping[str, str]
+    problems: list[Problem]
+    strict_env: bool = True
+    locations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    poisoned: set[str] = field(default_factory=set)
+
+    def child(self, strict_env: bool) -> _Context:
+        return _Context(self.env, self.problems, strict_env)
+
+    def problem(self, node: _Node, message: str) -> None:
+        self.problems.append(Problem(node.path, message, node.line))
+
+    def locate(self, model_path: str, node: _Node) -> None:
+        self.locations[model_path] = (node.path, node.line)
+
+    def read(self, node: _Node, model_path: str, reader: _Reader[_T]) -> _T | None:
+        """`reader(node)`, recording where `model_path` came from; None (and a problem) if bad."""
+        self.locate(model_path, node)
+        if isinstance(node.value, list):
+            for index, item in enumerate(node.value):
+                self.locate(f"{model_path}[{index}]", item)
+        try:
+            return reader(self, node)
+        except _Bad as bad:
+            self.poisoned.add(model_path)
+            if self.strict_env or not isinstance(bad, _MissingEnv):
+                self.problem(node, str(bad))
+            return None
+
+    def text(self, node: _Node) -> str:
+        """A scalar as text, with ${NAME} and ${NAME:-default} filled in from env."""
+        if isinstance(node.value, str):
+            return _interpolate(node.value, self.env)
+        return node.raw
+
+    def to_yaml(self, problem: Problem) -> Problem:
+        """A validation problem at the YAML node that defined its model path (or an ancestor)."""
+        path = problem.path
+        while path:
+            where = self.locations.get(path)
+            if where is not None:
+                message = problem.message if path == problem.path else f"{problem.message} ({problem.path})"
+                return Problem(where[0], message, where[1])
+            path = _parent(path)
+        return problem
+
+    def is_poisoned(self, path: str) -> bool:
+        """True when `path` is, contains or lies under a value that could not be read."""
+        return any(_related(path, bad) for bad in self.poisoned)
+
+
+def _parent(path: str) -> str:
+    """The parent of a model path: a.b[1] -> a.b -> a; services[gpt-3.5-turbo] -> services."""
+    if path.endswith("]"):
+        return path[: path.rindex("[")]
+    return path[: max(path.rfind("."), 0)]
+
+
+def _related(a: str, b: str) -> bool:
+    def under(x: str, y: str) -> bool:
+        return x.startswith(y + ".") or x.startswith(y + "[")
+
+    return a == b or under(a, b) or under(b, a)
+
+
+def _join(prefix: str, path: str) -> str:
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+
+
+_REFERENCE = re.compile(r"\$\{([^{}]*)\}")
+_REFERENCE_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.S)
+
+
+def _interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Fill ${NAME} and ${NAME:-default} (default also when NAME is empty, as in sh).
+
+    Raises _MissingEnv for an unset NAME without a default, _Bad for a malformed reference.
+    """
+    out: list[str] = []
+    position = 0
+    for match in _REFERENCE.finditer(text):
+        out.append(_literal(text[position : match.start()]))
+        out.append(_resolve(match.group(1), env))
+        position = match.end()
+    out.append(_literal(text[position:]))
+    return "".join(out)
+
+
+def _literal(segment: str) -> str:
+    if "${" in segment:
+        raise _Bad("unterminated ${ reference; use ${NAME} or ${NAME:-default}")
+    return segment
+
+
+def _resolve(body: str, env: Mapping[str, str]) -> str:
+    parsed = _REFERENCE_BODY.fullmatch(body)
+    if parsed is None:
+        raise _Bad(f"invalid reference ${{{body}}}; use ${{NAME}} or ${{NAME:-default}}")
+    name, default = parsed.group(1), parsed.group(2)
+    value = env.get(name)
+    if default is not None and not value:
+        return default
+    if value is None:
+        raise _MissingEnv(f"environment variable {name} is not set (give a default with ${{{name}:-...}})")
+    return value
+
+
+# --- typed readers: (context, node) -> value, raising _Bad ----------------------------------
+
+
+def _shown(node: _Node) -> str:
+    """How an unreadable value is quoted in a message: as written, shortened."""
+    if isinstance(node.value, dict):
+        return "a mapping"
+    if isinstance(node.value, list):
+        return "a list"
+    if node.value is None:
+        return "nothing (null)"
+    text = node.raw
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _number_text(ctx: _Context, node: _Node) -> str | None:
+    """The text of a number written as a string ("${PORT}", "3e-5"), else None."""
+    return ctx.text(node).strip() if isinstance(node.value, str) else None
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _read_int(ctx: _Context, node: _Node) -> int:
+    """An integer, or a string that is one."""
+    if isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    text = _number_text(ctx, node)
+    if text is not None and _INT_RE.fullmatch(text):
+        return int(text)
+    raise _Bad(f"expected an integer, got {_shown(node)}")
+
+
+def _read_float(ctx: _Context, node: _Node) -> float:
+    """A number, or a string that is one (YAML 1.1 reads 3e-5 as a string)."""
+    if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    text = _number_text(ctx, node)
+    if text is not None and _FLOAT_RE.fullmatch(text):
+        return float(text)
+    raise _Bad(f"expected a number, got {_shown(node)}")
+
+
+def _read_bool(ctx: _Context, node: _Node) -> bool:
+    """true or false."""
+    if isinstance(node.value, bool):
+        return node.value
+    text = ctx.text(node).strip().lower() if isinstance(node.value, str) else ""
+    if text in ("true", "false"):
+        return text == "true"
+    raise _Bad(f"expected true or false, got {_shown(node)}")
+
+
+def _read_str(ctx: _Context, node: _Node) -> str:
+    """A string (numbers are taken as written)."""
+    if isinstance(node.value, bool) or node.value is None or isinstance(node.value, (dict, list)):
+        raise _Bad(f"expected a string, got {_shown(node)}")
+    return ctx.text(node)
+
+
+def _read_str_tuple(ctx: _Context, node: _Node) -> tuple[str, ...]:
+    """A list of strings."""
+    if not isinstance(node.value, list):
+        raise _Bad(f"expected a list of strings, got {_shown(node)}")
+    out: list[str] = []
+    for index, item in enumerate(node.value):
+        try:
+            out.append(_read_str(ctx, item))
+        except _Bad as bad:
+            raise type(bad)(f"item [{index}]: {bad}") from None
+    return tuple(out)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0})
+
+
+def _read_duration(ctx: _Context, node: _Node) -> float:
+    """Seconds: a plain number, or a string like "300ms", "5s", "2m", "1h"."""
+    if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    text = _number_text(ctx, node)
+    parsed = _DURATION_RE.fullmatch(text) if text is not None else None
+    if parsed is None:
+        raise _Bad(
+            f"expected a duration in seconds (30) or with a unit (300ms, 5s, 2m, 1h), got {_shown(node)}"
+        )
+    return float(parsed.group(1)) * _DURATION_UNITS[parsed.group(2)]
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kKMGTPE])(i?))?B?")
+_SIZE_POWERS = MappingProxyType({"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6})
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from "4Gi" (1024-based), "2G" / "50MB" (1000-based) or "512"; None if not a size."""
+    parsed = _SIZE_RE.fullmatch(text.strip())
+    if parsed is None:
+        return None
+    number, unit, binary = parsed.groups()
+    base = 1024 if binary else 1000
+    multiplier: int = base ** _SIZE_POWERS.get(unit or "", 0)
+    return round(float(number) * multiplier)
+
+
+def _read_size(ctx: _Context, node: _Node) -> int:
+    """Bytes: a plain integer, or a string like "4Gi", "512Mi", "2G", "50MB"."""
+    if isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    size = parse_size(ctx.text(node)) if isinstance(node.value, str) else None
+    if size is None:
+        raise _Bad(f"expected a size like 4Gi, 512Mi, 2G, 50MB or a number of bytes, got {_shown(node)}")
+    return size
+
+
+_SECRET_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_LITERAL_SECRET = "literal secrets are not allowed; use ${VAR} or file:PATH"
+
+
+def _read_secret(ctx: _Context, node: _Node) -> SecretRef:
+    """ "${NAME}" -> SecretRef(env=NAME), never looked up; "file:PATH" -> SecretRef(file=PATH).
+
+    Anything else is a literal secret and an error whose message never repeats the value.
+    PATH is kept as written, not interpolated: the agent reads it on its own host.
+    """
+    text = node.value if isinstance(node.value, str) else ""
+    env_ref = _SECRET_ENV_RE.fullmatch(text.strip())
+    if env_ref is not None:
+        return SecretRef(env=env_ref.group(1))
+    if text.startswith("file:") and len(text) > len("file:"):
+        return SecretRef(file=text[len("file:") :])
+    raise _Bad(_LITERAL_SECRET)
+
+
+def _plain(ctx: _Context, node: _Node) -> Any:
+    """A node as plain JSON-able data, strings interpolated."""
+    if isinstance(node.value, dict):
+        return {key: _plain(ctx, child) for key, child in node.value.items()}
+    if isinstance(node.value, list):
+        return [_plain(ctx, item) for item in node.value]
+    return ctx.text(node) if isinstance(node.value, str) else node.value
+
+
+def _read_options(ctx: _Context, node: _Node) -> dict[str, Any]:
+    """A mapping of adapter options (any JSON-able values)."""
+    if not isinstance(node.value, dict):
+        raise _Bad(f"expected a mapping of options, got {_shown(node)}")
+    options: dict[str, Any] = _plain(ctx, node)
+    return options
+
+
+def _metadata_text(ctx: _Context, node: _Node) -> str:
+    """A metadata value as a string; lists are joined with ","."""
+    if isinstance(node.value, list):
+        return ",".join(_metadata_text(ctx, item) for item in node.value)
+    if isinstance(node.value, dict):
+        raise _Bad(f"expected a string or a list of strings, got {_shown(node)}")
+    if isinstance(node.value, bool):
+        return "true" if node.value else "false"
+    return "" if node.value is None else ctx.text(node)
+
+
+def _read_metadata(ctx: _Context, node: _Node) -> dict[str, str]:
+    """A mapping of descriptive facts; values become strings."""
+    if not isinstance(node.value, dict):
+        raise _Bad(f"expected a mapping, got {_shown(node)}")
+    return {key: _metadata_text(ctx, child) for key, child in node.value.items()}
+
+
+# --- mappings and tables of keys ------------------------------------------------------------
+
+
+def _unknown_key(key: str, allowed: Collection[str]) -> str:
+    """'unknown key' with the closest known key, or the list of known keys."""
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    if close:
+        return f"unknown key {key!r}; did you mean {close[0]!r}?"
+    return f"unknown key {key!r}; expected one of: {', '.join(sorted(allowed))}"
+
+
+def _members(ctx: _Context, node: _Node | None, allowed: Collection[str] | None) -> dict[str, _Node]:
+    """A mapping node's children, reporting unknown keys (any key goes when allowed is None).
+
+    A missing or empty (null) section is an empty mapping.
+    """
+    if node is None or node.value is None:
+        return {}
+    if not isinstance(node.value, dict):
+        ctx.problem(node, f"expected a mapping, got {_shown(node)}")
+        return {}
+    if allowed is None:
+        return dict(node.value)
+    for key, child in node.value.items():
+        if key not in allowed:
+            ctx.problem(child, _unknown_key(key, allowed))
+    return {key: child for key, child in node.value.items() if key in allowed}
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """One YAML key read into one model field (`target` is the model path under a prefix)."""
+
+    key: str
+    target: str
+    read: _Reader[Any]
+
+
+def _read_leaves(
+    ctx: _Context, node: _Node | None, leaves: tuple[_Leaf, ...], prefix: str, also: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], dict[str, _Node]]:
+    """Read a mapping's leaves into {target: value}; `also` names allowed non-leaf keys."""
+    members = _members(ctx, node, [leaf.key for leaf in leaves] + list(also))
+    values: dict[str, Any] = {}
+    for leaf in leaves:
+        child = members.get(leaf.key)
+        if child is not None:
+            value = ctx.read(child, prefix + leaf.target, leaf.read)
+            if value is not None:
+                values[leaf.target] = value
+    return values, members
+
+
+# --- settings -------------------------------------------------------------------------------
+
+_SERVICE_DISCOVERY = (
+    _Leaf("cache_ttl", "service_discovery.cache_ttl_s", _read_duration),
+    _Leaf("health_check_interval", "service_discovery.health_check_interval_s", _read_duration),
+    _Leaf("failover_threshold", "service_discovery.failover_threshold", _read_int),
+)
+_RESOURCE_ALLOCATION = (
+    _Leaf("default_cpu", "resource_allocation.default_cpu", _read_float),
+    _Leaf("default_memory", "resource_allocation.default_memory_bytes", _read_size),
+    _Leaf("max_concurrent_tasks", "resource_allocation.max_concurrent_tasks", _read_int),
+)
+_LOAD_BALANCING = (
+    _Leaf("default_strategy", "default_strategy", _read_str),
+    _Leaf("health_check_timeout", "health_check_timeout_s", _read_duration),
+    _Leaf("circuit_breaker_threshold", "circuit_breaker.failure_threshold", _read_int),
+)
+_RETRY_POLICY = (
+    _Leaf("max_retries", "retry_policy.max_retries", _read_int),
+    _Leaf("backoff_strategy", "retry_policy.backoff_strategy", _read_str),
+    _Leaf("base_delay", "retry_policy.base_delay_s", _read_duration),
+    _Leaf("max_delay", "retry_policy.max_delay_s", _read_duration),
+)
+_CACHING = (_Leaf("enabled", "cache.enabled", _read_bool),)
+_COMMUNICATION = (_Leaf("default_timeout", "default_timeout_s", _read_duration),)
+_POLICY = (
+    _Leaf("strategy", "strategy", _read_str),
+    _Leaf("max_cost_per_request", "max_cost_per_request", _read_float),
+    _Leaf("min_success_rate", "min_success_rate", _read_float),
+    _Leaf("max_queue_size", "max_queue_size", _read_int),
+    _Leaf("timeout", "timeout_s", _read_duration),
+)
+
+#: scheduling_policies keys (the seed's names) -> Category values.
+_POLICY_GROUPS = MappingProxyType(
+    {
+        "llm_services": Category.LLM.value,
+        "document_processing": Category.DOCUMENT.value,
+        "knowledge_graph": Category.KNOWLEDGE_GRAPH.value,
+        "vector_databases": Category.VECTOR_DB.value,
+        "embedding_services": Category.EMBEDDING.value,
+    }
+)
+_SETTINGS = "settings."
+
+
+def _read_policies(ctx: _Context, node: _Node | None) -> dict[str, CategoryPolicy]:
+    """coordination.scheduling_policies: one CategoryPolicy per category."""
+    policies: dict[str, CategoryPolicy] = {}
+    for key, child in _members(ctx, node, tuple(_POLICY_GROUPS)).items():
+        prefix = f"{_SETTINGS}category_policies[{_POLICY_GROUPS[key]}]"
+        ctx.locate(prefix, child)
+        values, _ = _read_leaves(ctx, child, _POLICY, prefix + ".")
+        policies[_POLICY_GROUPS[key]] = CategoryPolicy(**values)
+    return policies
+
+
+def _read_ttl(ctx: _Context, node: _Node | None) -> dict[str, float]:
+    """communication.caching.ttl: {kind: seconds}."""
+    ttl: dict[str, float] = {}
+    for kind, child in _members(ctx, node, None).items():
+        value = ctx.read(child, f"{_SETTINGS}cache.ttl_s[{kind}]", _read_duration)
+        if value is not None:
+            ttl[kind] = value
+    return ttl
+
+
+def _read_coordination(ctx: _Context, node: _Node | None) -> tuple[dict[str, Any], dict[str, CategoryPolicy]]:
+    sections = _members(ctx, node, ("service_discovery", "resource_allocation", "scheduling_policies"))
+    flat, _ = _read_leaves(ctx, sections.get("service_discovery"), _SERVICE_DISCOVERY, _SETTINGS)
+    flat |= _read_leaves(ctx, sections.get("resource_allocation"), _RESOURCE_ALLOCATION, _SETTINGS)[0]
+    return flat, _read_policies(ctx, sections.get("scheduling_policies"))
+
+
+def _read_communication(ctx: _Context, node: _Node | None) -> tuple[dict[str, Any], dict[str, float]]:
+    flat, sections = _read_leaves(
+        ctx, node, _COMMUNICATION, _SETTINGS, also=("load_balancing", "caching", "retry_policy")
+    )
+    flat |= _read_leaves(ctx, sections.get("load_balancing"), _LOAD_BALANCING, _SETTINGS)[0]
+    flat |= _read_leaves(ctx, sections.get("retry_policy"), _RETRY_POLICY, _SETTINGS)[0]
+    cache, caching = _read_leaves(ctx, sections.get("caching"), _CACHING, _SETTINGS, also=("ttl",))
+    return flat | cache, _read_ttl(ctx, caching.get("ttl"))
+
+
+def _section(flat: dict[str, Any], name: str) -> dict[str, Any]:
+    """The fields of one nested settings object, from flat "name.field" keys."""
+    return {key.split(".", 1)[1]: value for key, value in flat.items() if key.startswith(name + ".")}
+
+
+def _assemble_settings(
+    flat: dict[str, Any], ttl: dict[str, float], policies: dict[str, CategoryPolicy]
+) -> Settings:
+    """Settings from the values the file gave; the model supplies every other default.
+
+    TTLs given in the file are merged over the default kinds rather than replacing them.
+    """
+    cache = _section(flat, "cache")
+    if ttl:
+        cache["ttl_s"] = tuple(sorted({**dict(CacheSettings().ttl_s), **ttl}.items()))
+    return Settings(
+        **{key: value for key, value in flat.items() if "." not in key},
+        retry_policy=RetryPolicy(**_section(flat, "retry_policy")),
+        circuit_breaker=CircuitBreakerSettings(**_section(flat, "circuit_breaker")),
+        cache=CacheSettings(**cache),
+        category_policies=tuple(sorted(policies.items())),
+        service_discovery=ServiceDiscoverySettings(**_section(flat, "service_discovery")),
+        resource_allocation=ResourceAllocationSettings(**_section(flat, "resource_allocation")),
+    )
+
+
+def _read_settings(ctx: _Context, coordination: _Node | None, communication: _Node | None) -> Settings:
+    flat, policies = _read_coordination(ctx, coordination)
+    more, ttl = _read_communication(ctx, communication)
+    return _assemble_settings(flat | more, ttl, policies)
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Provider:
+    """What a well-known provider key under a service group implies."""
+
+    protocol: str
+    url: str = ""
+    key_env: str = ""
+
+
+_PROVIDERS = MappingProxyType(
+    {
+        "openai": _Provider("openai", "https://api.openai.com/v1", "OPENAI_API_KEY"),
+        "anthropic": _Provider("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+        "local_models": _Provider("openai"),  # OpenAI-compatible servers, no key
+        "unstructured": _Provider("unstructured"),
+        "graphrag": _Provider("graphrag"),
+        "chroma": _Provider("chroma"),
+        "pinecone": _Provider("pinecone", "https://api.pinecone.io", "PINECONE_API_KEY"),
+    }
+)
+_NO_PROVIDER = _Provider("")
+
+_GROUPS = MappingProxyType(
+    {
+        "llm_services": Category.LLM,
+        "document_services": Category.DOCUMENT,
+        "knowledge_graph": Category.KNOWLEDGE_GRAPH,
+        "vector_databases": Category.VECTOR_DB,
+        "embedding_services": Category.EMBEDDING,
+    }
+)
+_MODEL_CATEGORIES = frozenset({Category.LLM, Category.EMBEDDING})
+
+#: Keys a provider passes down to each of its models (innermost wins; options merge).
+_INHERITED = frozenset({"protocol", "endpoint", "endpoints", "api_key", "options", "timeout"})
+_PROVIDER_KEYS = _INHERITED | {"enabled", "models"}
+_SERVICE_LEAVES = (
+    _Leaf("model", "model", _read_str),
+    _Leaf("max_tokens", "max_tokens", _read_int),
+    _Leaf("priority", "priority", _read_int),
+    _Leaf("strategy", "strategy", _read_str),
+    _Leaf("timeout", "timeout_s", _read_duration),
+    _Leaf("capabilities", "capabilities", _read_str_tuple),
+    _Leaf("fallbacks", "fallbacks", _read_str_tuple),
+)
+_PRICE_LEAVES = tuple(
+    _Leaf(key, f"pricing.{key}", _read_float)
+    for key in (
+        "cost_per_1k_tokens",
+        "input_cost_per_1k_tokens",
+        "output_cost_per_1k_tokens",
+        "cost_per_request",
+    )
+)
+_ENTRY_KEYS = (
+    _INHERITED
+    | {"name", "enabled", "metadata"}
+    | {leaf.key for leaf in _SERVICE_LEAVES}
+    | {leaf.key for leaf in _PRICE_LEAVES}
+)
+_ENDPOINT_LEAVES = (
+    _Leaf("id", "id", _read_str),
+    _Leaf("url", "url", _read_str),
+    _Leaf("weight", "weight", _read_int),
+    _Leaf("priority", "priority", _read_int),
+    _Leaf("max_concurrency", "max_concurrency", _read_int),
+)
+
+#: Protocol-specific descriptive keys: (protocol, YAML key, how it is kept).
+#: "size" and "list" and "count" go to metadata as strings; "option" goes to options_json.
+_EXTRAS: tuple[tuple[str, str, str], ...] = (
+    ("unstructured", "max_file_size", "size"),
+    ("unstructured", "supported_formats", "list"),
+    ("graphrag", "max_documents", "count"),
+    ("chroma", "collections", "list"),
+    ("pinecone", "environment", "option"),
+    ("pinecone", "index_name", "option"),
+)
+
+
+def _extra_keys(protocol: str) -> frozenset[str]:
+    return frozenset(key for proto, key, _ in _EXTRAS if proto == protocol)
+
+
+def _read_extra(ctx: _Context, node: _Node, key: str, kind: str) -> dict[str, str] | None:
+    """One descriptive key as metadata entries (a size also gives `<key>_bytes`)."""
+    if kind == "size":
+        size = ctx.read(node, "metadata", _read_size)
+        return None if size is None else {key: ctx.text(node), f"{key}_bytes": str(size)}
+    reader: _Reader[Any] = {"list": _read_str_tuple, "count": _read_int, "option": _read_str}[kind]
+    value = ctx.read(node, "options_json" if kind == "option" else "metadata", reader)
+    if value is None:
+        return None
+    return {key: ",".join(value) if kind == "list" else str(value)}
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A service read from the file, with its context (locations relative to the service)."""
+
+    spec: ServiceSpec
+    ctx: _Context
+    where: _Node
+
+
+class _ServiceReader:
+    """Reads one service from its layers: provider mapping, then model entry; innermost wins."""
+
+    def __init__(
+        self, ctx: _Context, category: Category, provider: _Provider, layers: tuple[_Node, ...]
+    ) -> None:
+        self.ctx = ctx
+        self.category = category
+        self.provider = provider
+        self.layers = layers
+
+    @property
+    def entry(self) -> _Node:
+        return self.layers[-1]
+
+    def pick(self, key: str) -> _Node | None:
+        for layer in reversed(self.layers):
+            if isinstance(layer.value, dict) and key in layer.value:
+                return layer.value[key]
+        return None
+
+    def build(self, default_name: str | None) -> ServiceSpec | None:
+        protocol = self.protocol()
+        _members(self.ctx, self.entry, _ENTRY_KEYS | _extra_keys(protocol))
+        name = self.name(default_name)
+        if name is None or not protocol:
+            return None
+        self.ctx.locate("", self.entry)
+        fields: dict[str, Any] = {"name": name, "category": self.category, "protocol": protocol}
+        fields |= self.leaves(_SERVICE_LEAVES)
+        if "model" not in fields and self.category in _MODEL_CATEGORIES:
+            fields["model"] = name
+        fields["pricing"] = Pricing(**_section(self.leaves(_PRICE_LEAVES), "pricing"))
+        fields["endpoints"] = self.endpoints()
+        fields["api_key"] = self.api_key()
+        metadata, options = self.extras(protocol)
+        fields |= self.options_json(options) | self.metadata(metadata)
+        return ServiceSpec(**fields)
+
+    def protocol(self) -> str:
+        """The `protocol:` key, else the provider's; "" (with a problem) when neither says."""
+        node = self.pick("protocol")
+        if node is None:
+            if not self.provider.protocol:
+                self.ctx.problem(self.layers[0], _unknown_provider(self.layers[0]))
+            return self.provider.protocol
+        return self.ctx.read(node, "protocol", _read_str) or ""
+
+    def name(self, default: str | None) -> str | None:
+        node = self.entry.value.get("name") if isinstance(self.entry.value, dict) else None
+        if node is None:
+            if default is None:
+                self.ctx.problem(self.entry, "missing required key 'name'")
+            return default
+        return self.ctx.read(node, "name", _read_str)
+
+    def leaves(self, leaves: tuple[_Leaf, ...]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for leaf in leaves:
+            node = self.pick(leaf.key)
+            value = None if node is None else self.ctx.read(node, leaf.target, leaf.read)
+            if value is not None:
+                values[leaf.target] = value
+        return values
+
+    def endpoints(self) -> tuple[EndpointSpec, ...]:
+        """`endpoint: URL` (id "default"), `endpoints: [...]` (ids e0, e1, ...), or the provider's URL."""
+        layer = next((x for x in reversed(self.layers) if _has_any(x, ("endpoint", "endpoints"))), None)
+        if layer is None:
+            return (EndpointSpec("default", self.provider.url),) if self.provider.url else ()
+        assert isinstance(layer.value, dict)
+        single, many = layer.value.get("endpoint"), layer.value.get("endpoints")
+        if single is not None and many is not None:
+            self.ctx.problem(many, "set endpoint or endpoints, not both")
+            self.ctx.poisoned.add("endpoints")
+        if single is not None:
+            return self.single_endpoint(single)
+        assert many is not None
+        return self.endpoint_list(many)
+
+    def single_endpoint(self, node: _Node) -> tuple[EndpointSpec, ...]:
+        for path in ("endpoints", "endpoints[0]", "endpoints[0].id"):
+            self.ctx.locate(path, node)
+        url = self.ctx.read(node, "endpoints[0].url", _read_str)
+        return () if url is None else (EndpointSpec("default", url),)
+
+    def endpoint_list(self, node: _Node) -> tuple[EndpointSpec, ...]:
+        self.ctx.locate("endpoints", node)
+        if not isinstance(node.value, list):
+            self.ctx.problem(node, f"expected a list of endpoints, got {_shown(node)}")
+            self.ctx.poisoned.add("endpoints")
+            return ()
+        built = (self.list_endpoint(index, item) for index, item in enumerate(node.value))
+        return tuple(endpoint for endpoint in built if endpoint is not None)
+
+    def list_endpoint(self, index: int, node: _Node) -> EndpointSpec | None:
+        """One `endpoints:` item: a URL string, or {id, url, weight, priority, max_concurrency}."""
+        path = f"endpoints[{index}]"
+        self.ctx.locate(path, node)
+        if isinstance(node.value, str):
+            url = self.ctx.read(node, f"{path}.url", _read_str)
+            return None if url is None else EndpointSpec(f"e{index}", url)
+        values, members = _read_leaves(self.ctx, node, _ENDPOINT_LEAVES, f"{path}.")
+        if "url" not in members and isinstance(node.value, dict):
+            self.ctx.problem(node, "missing required key 'url'")
+        if "url" not in values:
+            self.ctx.poisoned.add(path)
+            return None
+        return EndpointSpec(**{"id": f"e{index}", **values})
+
+    def api_key(self) -> SecretRef | None:
+        """`api_key:` (null means none), else the provider's usual key variable."""
+        node = self.pick("api_key")
+        if node is None:
+            return SecretRef(env=self.provider.key_env) if self.provider.key_env else None
+        self.ctx.locate("api_key", node)
+        return None if node.value is None else self.ctx.read(node, "api_key", _read_secret)
+
+    def extras(self, protocol: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The protocol's descriptive keys: (metadata, options)."""
+        metadata: dict[str, str] = {}
+        options: dict[str, str] = {}
+        for proto, key, kind in _EXTRAS:
+            node = self.pick(key) if proto == protocol else None
+            entries = None if node is None else _read_extra(self.ctx, node, key, kind)
+            if entries:
+                (options if kind == "option" else metadata).update(entries)
+        return metadata, options
+
+    def options_json(self, extra: dict[str, str]) -> dict[str, str]:
+        """Provider options, overridden key by key by the model's, then the protocol's keys."""
+        merged: dict[str, Any] = {}
+        for layer in self.layers:
+            node = layer.value.get("options") if isinstance(layer.value, dict) else None
+            options = None if node is None else self.ctx.read(node, "options_json", _read_options)
+            merged |= options or {}
+        merged |= extra
+        if not merged:
+            return {}
+        try:
+            return {"options_json": orjson.dumps(merged, option=orjson.OPT_SORT_KEYS).decode()}
+        except TypeError:  # orjson.JSONEncodeError, e.g. an integer beyond 64 bits
+            self.ctx.problem(self.entry, "options cannot be written as JSON (integers must fit in 64 bits)")
+            return {}
+
+    def metadata(self, extra: dict[str, str]) -> dict[str, tuple[tuple[str, str], ...]]:
+        node = self.pick("metadata")
+        given = None if node is None else self.ctx.read(node, "metadata", _read_metadata)
+        merged = extra | (given or {})
+        return {"metadata": tuple(sorted(merged.items()))} if merged else {}
+
+
+def _unknown_provider(node: _Node) -> str:
+    """The provider key is not a built-in one and no `protocol:` says how to call it."""
+    key = node.path.rsplit(".", 1)[-1].split("[", 1)[0]
+    close = difflib.get_close_matches(key, sorted(_PROVIDERS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown provider {key!r}; {hint}a provider that is not built in must set protocol:"
+
+
+def _has_any(node: _Node, keys: Iterable[str]) -> bool:
+    return isinstance(node.value, dict) and any(key in node.value for key in keys)
+
+
+def _enabled(ctx: _Context, layers: tuple[_Node, ...]) -> bool:
+    """False when any layer says `enabled: false` (an unreadable value counts as true)."""
+    for layer in layers:
+        node = layer.value.get("enabled") if isinstance(layer.value, dict) else None
+        if node is not None and ctx.read(node, "enabled", _read_bool) is False:
+            return False
+    return True
+
+
+def _read_service(
+    ctx: _Context,
+    category: Category,
+    provider: _Provider,
+    layers: tuple[_Node, ...],
+    default_name: str | None,
+) -> _Built | None:
+    """One service, or None when disabled or unnamed. A disabled service is still read (so
+    its typos are reported) but with unset variables allowed, and is not registered."""
+    entry = layers[-1]
+    if not isinstance(entry.value, dict):
+        ctx.problem(entry, f"expected a mapping describing a service, got {_shown(entry)}")
+        return None
+    scope = ctx.child(strict_env=True)
+    enabled = scope.strict_env = _enabled(scope, layers)
+    spec = _ServiceReader(scope, category, provider, layers).build(default_name)
+    if spec is None or not enabled:
+        return None
+    name_node = entry.value.get("name", entry)
+    return _Built(spec, scope, name_node)
+
+
+def _model_entry(node: _Node) -> _Node:
+    """A model list item; a bare string is shorthand for {name: ...}."""
+    if isinstance(node.value, str):
+        return _Node({"name": node}, node.path, node.line)
+    return node
+
+
+def _read_provider(ctx: _Context, key: str, node: _Node, category: Category) -> Iterator[_Built]:
+    """A provider: a list of models, a mapping with `models:`, or a mapping that is one service."""
+    provider = _PROVIDERS.get(key, _NO_PROVIDER)
+    if isinstance(node.value, list):
+        layers: tuple[_Node, ...] = ()
+        models: _Node | None = node
+    elif isinstance(node.value, dict):
+        layers, models = (node,), node.value.get("models")
+    else:
+        ctx.problem(node, f"expected a mapping or a list of models, got {_shown(node)}")
+        return
+    if models is None:
+        built = _read_service(ctx, category, provider, layers, key)
+        yield from (built,) if built is not None else ()
+        return
+    yield from _read_models(ctx, provider, layers, models, category)
+
+
+def _read_models(
+    ctx: _Context, provider: _Provider, layers: tuple[_Node, ...], models: _Node, category: Category
+) -> Iterator[_Built]:
+    if layers:  # the provider mapping's own keys, checked once rather than once per model
+        _members(ctx, layers[0], _PROVIDER_KEYS | _extra_keys(_written_protocol(layers[0], provider)))
+    if not isinstance(models.value, list):
+        ctx.problem(models, f"expected a list of models, got {_shown(models)}")
+        return
+    for item in models.value:
+        built = _read_service(ctx, category, provider, (*layers, _model_entry(item)), None)
+        if built is not None:
+            yield built
+
+
+def _written_protocol(node: _Node, provider: _Provider) -> str:
+    """The protocol a mapping names as plain text, else the provider's (only to pick allowed keys)."""
+    written = node.value.get("protocol") if isinstance(node.value, dict) else None
+    return written.value if written is not None and isinstance(written.value, str) else provider.protocol
+
+
+def _register(ctx: _Context, registered: dict[str, _Built], built: _Built) -> None:
+    """Add a service, refusing a second one with the same name; adopt its locations."""
+    name = built.spec.name
+    first = registered.get(name)
+    if first is not None:
+        message = (
+            f"duplicate service name {name!r}; first defined at {first.where.path} (line {first.where.line})"
+        )
+        ctx.problem(built.where, message)
+        return
+    registered[name] = built
+    prefix = f"services[{name}]"
+    for path, where in built.ctx.locations.items():
+        ctx.locations[_join(prefix, path)] = where
+    ctx.poisoned.update(_join(prefix, path) for path in built.ctx.poisoned if path)
+
+
+def _read_services(ctx: _Context, node: _Node | None) -> tuple[ServiceSpec, ...]:
+    registered: dict[str, _Built] = {}
+    for group, group_node in _members(ctx, node, tuple(_GROUPS)).items():
+        for key, provider_node in _members(ctx, group_node, None).items():
+            for built in _read_provider(ctx, key, provider_node, _GROUPS[group]):
+                _register(ctx, registered, built)
+    return tuple(registered[name].spec for name in sorted(registered))
+
+
+_TOP_SECTIONS = ("coordination", "communication", "services")
+
+
+def _read_document(ctx: _Context, root: _Node) -> RegistryState:
+    top = _members(ctx, root, ("external_services",))
+    body = top.get("external_services")
+    if body is None:
+        ctx.problem(root, "missing required key 'external_services'")
+        return RegistryState()
+    sections = _members(ctx, body, _TOP_SECTIONS)
+    settings = _read_settings(ctx, sections.get("coordination"), sections.get("communication"))
+    return RegistryState(services=_read_services(ctx, sections.get("services")), settings=settings)
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str]) -> RegistryState:
+    """Parse, validate and default a config document; raise ConfigError listing every problem.
+
+    `env` supplies ${NAME} values; os.environ is never read here.
+    """
+    problems: list[Problem] = []
+    root = _parse(text, problems)
+    if root is None:
+        raise ConfigError(source, problems)
+    ctx = _Context(env, problems)
+    state = _read_document(ctx, root)
+    problems.extend(ctx.to_yaml(p) for p in validate_state(state) if not ctx.is_poisoned(p.path))
+    if problems:
+        unique = list(dict.fromkeys(problems))  # a provider's bad key shows once, not per model
+        raise ConfigError(source, sorted(unique, key=lambda p: p.line or 0))
+    return state
+
+
+def load_config_file(path: str | Path, env: Mapping[str, str]) -> RegistryState:
+    """load_config on a file (UTF-8); an unreadable file is a ConfigError too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem("", f"cannot read the file: {exc}")]) from exc
+    return load_config(text, source=str(path), env=env)
+
+
+# --- describe -------------------------------------------------------------------------------
+
+
+def describe(state: RegistryState) -> str:
+    """A human summary: one line per service, then the settings. Secrets appear only as
+    references ("env:NAME"); URLs are shown without any user:password part."""
+    lines = [f"{len(state.services)} services:"]
+    rows = [_service_row(spec) for spec in state.services]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
+    for row in rows:
+        head = "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        lines.append(f"  {head}  {'  '.join(row[3:])}")
+    lines.append("settings:")
+    lines.extend(f"  {line}" for line in _settings_lines(state.settings))
+    return "\n".join(lines)
+
+
+def _service_row(spec: ServiceSpec) -> list[str]:
+    endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}" for e in spec.endpoints) or "-"
+    key = spec.api_key.describe() if spec.api_key is not None else "-"
+    category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
+    return [
+        spec.name,
+        category,
+        spec.protocol,
+        f"model={spec.model or '-'}",
+        f"price={_price(spec.pricing)}",
+        f"priority={spec.priority}",
+        f"timeout={_seconds(spec.timeout_s) if spec.timeout_s else 'default'}",
+        f"key={key}",
+        f"endpoints={endpoints}",
+    ]
+
+
+def _safe_url(url: str) -> str:
+    """The URL without any credentials (validation rejects them, but describe must not leak)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _price(pricing: Pricing) -> str:
+    parts = []
+    if pricing.input_cost_per_1k_tokens or pricing.output_cost_per_1k_tokens:
+        tokens_in, tokens_out = (
+            _num(pricing.input_cost_per_1k_tokens),
+            _num(pricing.output_cost_per_1k_tokens),
+        )
+        parts.append(f"${tokens_in} in / ${tokens_out} out per 1k tokens")
+    elif pricing.cost_per_1k_tokens:
+        parts.append(f"${_num(pricing.cost_per_1k_tokens)}/1k tokens")
+    if pricing.cost_per_request:
+        parts.append(f"${_num(pricing.cost_per_request)}/request")
+    return ", ".join(parts) or "$0"
+
+
+def _settings_lines(settings: Settings) -> list[str]:
+    ttl = ", ".join(f"{kind}={_seconds(value)}" for kind, value in settings.cache.ttl_s) or "-"
+    lines = [
+        f"default strategy {settings.default_strategy}; "
+        f"default timeout {_seconds(settings.default_timeout_s)}; "
+        f"health check timeout {_seconds(settings.health_check_timeout_s)}",
+        _retry_line(settings),
+        f"cache: {'on' if settings.cache.enabled else 'off'}; ttl {ttl}",
+        _discovery_line(settings.service_discovery),
+        _resources_line(settings.resource_allocation),
+    ]
+    lines.extend(_policy_line(category, policy) for category, policy in settings.category_policies)
+    return lines
+
+
+def _retry_line(settings: Settings) -> str:
+    retry = settings.retry_policy
+    return (
+        f"retry: up to {retry.max_retries}, {retry.backoff_strategy} backoff "
+        f"{_seconds(retry.base_delay_s)}..{_seconds(retry.max_delay_s)}; "
+        f"circuit breaker opens after {settings.circuit_breaker.failure_threshold} failures"
+    )
+
+
+def _discovery_line(discovery: ServiceDiscoverySettings) -> str:
+    return (
+        f"discovery: cache ttl {_seconds(discovery.cache_ttl_s)}, health check every "
+        f"{_seconds(discovery.health_check_interval_s)}, "
+        f"failover after {discovery.failover_threshold} failures"
+    )
+
+
+def _resources_line(resources: ResourceAllocationSettings) -> str:
+    return (
+        f"resources: cpu {_num(resources.default_cpu)}, memory {_bytes(resources.default_memory_bytes)}, "
+        f"max concurrent tasks {resources.max_concurrent_tasks}"
+    )
+
+
+def _policy_line(category: str, policy: CategoryPolicy) -> str:
+    parts = [f"strategy {policy.strategy or 'default'}"]
+    if policy.max_cost_per_request:
+        parts.append(f"max cost ${_num(policy.max_cost_per_request)}/request")
+    if policy.min_success_rate:
+        parts.append(f"min success rate {_num(policy.min_success_rate)}")
+    if policy.max_queue_size:
+        parts.append(f"max queue {policy.max_queue_size}")
+    if policy.timeout_s:
+        parts.append(f"timeout {_seconds(policy.timeout_s)}")
+    return f"policy {category}: {', '.join(parts)}"
+
+
+def _num(value: float) -> str:
+    """A number without a pointless ".0"."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def _seconds(value: float) -> str:
+    return f"{_num(value)}s"
+
+
+def _bytes(value: int) -> str:
+    for suffix, power in (("Ti", 4), ("Gi", 3), ("Mi", 2), ("Ki", 1)):
+        if value and value % 1024**power == 0:
+            return f"{value // 1024**power}{suffix}"
+    return f"{value}B"

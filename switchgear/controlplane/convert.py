@@ -1,0 +1,218 @@
+"""The control plane's edge to the wire: model dataclasses <-> switchgear.v1 messages.
+
+The only control-plane module besides the servicers' wiring that imports generated code.
+Conversions from the wire raise ConvertError naming the field path; semantic checks are
+validate.py's job.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from switchgear.controlplane.agents import AgentStatus, NodeInfo
+from switchgear.controlplane.model import (
+    Category,
+    CategoryPolicy,
+    EndpointSpec,
+    Pricing,
+    RetryPolicy,
+    SecretRef,
+    ServiceSpec,
+    Settings,
+)
+from switchgear.controlplane.snapshot import Snapshot
+from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
+
+
+class ConvertError(ValueError):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def category_to_proto(category: Category) -> int:
+    return int(common_pb2.ServiceCategory.Value(f"SERVICE_CATEGORY_{category.name}"))
+
+
+def category_from_proto(value: int, path: str = "category") -> Category:
+    if value == common_pb2.SERVICE_CATEGORY_UNSPECIFIED:
+        raise ConvertError(path, "required (one of llm, document, knowledge_graph, vector_db, embedding)")
+    try:
+        name = common_pb2.ServiceCategory.Name(value)
+    except ValueError:
+        raise ConvertError(path, f"unknown category {value}") from None
+    return Category[name.removeprefix("SERVICE_CATEGORY_")]
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    return float(d.ToNanoseconds()) / 1e9
+
+
+def timestamp(epoch_s: float) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(round(epoch_s * 1e9))
+    return t
+
+
+def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
+    msg = common_pb2.Service(
+        name=spec.name,
+        category=category_to_proto(spec.category),  # type: ignore[arg-type]
+        protocol=spec.protocol,
+        endpoints=[
+            common_pb2.Endpoint(
+                id=e.id, url=e.url, weight=e.weight, priority=e.priority,
+                max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
+            )
+            for e in spec.endpoints
+        ],
+        model=spec.model,
+        max_tokens=spec.max_tokens,
+        pricing=common_pb2.Pricing(
+            cost_per_1k_tokens=spec.pricing.cost_per_1k_tokens,
+            input_cost_per_1k_tokens=spec.pricing.input_cost_per_1k_tokens,
+            output_cost_per_1k_tokens=spec.pricing.output_cost_per_1k_tokens,
+            cost_per_request=spec.pricing.cost_per_request,
+        ),
+        capabilities=spec.capabilities,
+        priority=spec.priority,
+        strategy=spec.strategy,
+        options_json=spec.options_json,
+        metadata=dict(spec.metadata),
+        fallbacks=spec.fallbacks,
+    )
+    if spec.timeout_s:
+        msg.timeout.CopyFrom(duration(spec.timeout_s))
+    if spec.api_key is not None:
+        if spec.api_key.env:
+            msg.api_key.env = spec.api_key.env
+        else:
+            msg.api_key.file = spec.api_key.file
+    return msg
+
+
+def service_from_proto(msg: common_pb2.Service, path: str = "service") -> ServiceSpec:
+    api_key: SecretRef | None = None
+    which = msg.api_key.WhichOneof("source") if msg.HasField("api_key") else None
+    if which == "env":
+        api_key = SecretRef(env=msg.api_key.env)
+    elif which == "file":
+        api_key = SecretRef(file=msg.api_key.file)
+    elif msg.HasField("api_key"):
+        raise ConvertError(f"{path}.api_key", "set env or file")
+    return ServiceSpec(
+        name=msg.name,
+        category=category_from_proto(msg.category, f"{path}.category"),
+        protocol=msg.protocol,
+        endpoints=tuple(
+            EndpointSpec(
+                id=e.id, url=e.url, weight=e.weight or 1, priority=e.priority,
+                max_concurrency=e.max_concurrency,
+            )
+            for e in msg.endpoints
+        ),
+        api_key=api_key,
+        model=msg.model,
+        max_tokens=msg.max_tokens,
+        pricing=Pricing(
+            cost_per_1k_tokens=msg.pricing.cost_per_1k_tokens,
+            input_cost_per_1k_tokens=msg.pricing.input_cost_per_1k_tokens,
+            output_cost_per_1k_tokens=msg.pricing.output_cost_per_1k_tokens,
+            cost_per_request=msg.pricing.cost_per_request,
+        ),
+        capabilities=tuple(msg.capabilities),
+        priority=msg.priority,
+        strategy=msg.strategy,
+        timeout_s=seconds(msg.timeout),
+        options_json=msg.options_json or "{}",
+        metadata=tuple(sorted(msg.metadata.items())),
+        fallbacks=tuple(msg.fallbacks),
+    )
+
+
+def _retry_to_proto(policy: RetryPolicy) -> discovery_pb2.RetryPolicy:
+    return discovery_pb2.RetryPolicy(
+        max_retries=policy.max_retries,
+        backoff_strategy=policy.backoff_strategy,
+        base_delay=duration(policy.base_delay_s),
+        max_delay=duration(policy.max_delay_s),
+    )
+
+
+def _policy_to_proto(policy: CategoryPolicy) -> discovery_pb2.CategoryPolicy:
+    return discovery_pb2.CategoryPolicy(
+        strategy=policy.strategy,
+        max_cost_per_request=policy.max_cost_per_request,
+        min_success_rate=policy.min_success_rate,
+        max_queue_size=policy.max_queue_size,
+        timeout=duration(policy.timeout_s),
+    )
+
+
+def settings_to_proto(settings: Settings) -> discovery_pb2.DataPlaneSettings:
+    return discovery_pb2.DataPlaneSettings(
+        default_strategy=settings.default_strategy,
+        retry_policy=_retry_to_proto(settings.retry_policy),
+        circuit_breaker=discovery_pb2.CircuitBreakerSettings(
+            failure_threshold=settings.circuit_breaker.failure_threshold
+        ),
+        cache=discovery_pb2.CacheSettings(
+            enabled=settings.cache.enabled,
+            ttl={kind: duration(ttl) for kind, ttl in settings.cache.ttl_s},
+        ),
+        health_check_timeout=duration(settings.health_check_timeout_s),
+        category_policies={k: _policy_to_proto(v) for k, v in settings.category_policies},
+        default_timeout=duration(settings.default_timeout_s),
+    )
+
+
+def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
+    return discovery_pb2.Snapshot(
+        version=snapshot.version,
+        services=[service_to_proto(s) for s in snapshot.state.services],
+        settings=settings_to_proto(snapshot.state.settings),
+    )
+
+
+def node_from_proto(msg: discovery_pb2.Node) -> NodeInfo:
+    return NodeInfo(
+        id=msg.id,
+        zone=msg.zone,
+        build_version=msg.build_version,
+        protocols=tuple(msg.protocols),
+        metadata=tuple(sorted(msg.metadata.items())),
+    )
+
+
+def node_to_proto(node: NodeInfo) -> discovery_pb2.Node:
+    return discovery_pb2.Node(
+        id=node.id, zone=node.zone, build_version=node.build_version,
+        protocols=node.protocols, metadata=dict(node.metadata),
+    )
+
+
+def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
+    msg = admin_pb2.AgentStatus(
+        node=node_to_proto(status.node),
+        connected=status.connected,
+        peer=status.peer,
+        acked_version=status.acked_version,
+        nacked_version=status.nacked_version,
+        pending_version=status.pending_version,
+        connected_at=timestamp(status.connected_at),
+        last_seen=timestamp(status.last_seen),
+    )
+    if status.last_nack is not None:
+        msg.last_nack.CopyFrom(
+            discovery_pb2.NackDetail(
+                field_path=status.last_nack.field_path, message=status.last_nack.message
+            )
+        )
+    return msg

@@ -1,0 +1,150 @@
+"""The snapshot stream: how snapshots reach agents (what to send is snapshot.py's job).
+
+Protocol, per stream (see discovery.proto):
+- the first request names the node and the version it holds;
+- the control plane sends the current snapshot only when the agent does not hold it and has
+  not rejected it before, and never has more than one response unanswered;
+- each response carries a fresh nonce; an answer with another nonce is stale and ignored;
+- an answer with error_detail is a NACK: the version is remembered as rejected for that node;
+- a change to the registry wakes every stream, which waits `debounce_s` so a burst of changes
+  goes out as one snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+
+from switchgear.controlplane import convert
+from switchgear.controlplane.agents import AgentTracker, Nack
+from switchgear.controlplane.snapshot import Snapshot
+from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
+
+log = logging.getLogger("switchgear.controlplane.discovery")
+
+
+class SnapshotFeed:
+    """The current snapshot (and its wire form, built once per version) plus a change signal.
+
+    Use from the event loop only. `changed()` returns an event that is set on the next publish.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._current = snapshot
+        self._wire: discovery_pb2.Snapshot | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def wire(self) -> discovery_pb2.Snapshot:
+        if self._wire is None or self._wire.version != self._current.version:
+            self._wire = convert.snapshot_to_proto(self._current)
+        return self._wire
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self._current = snapshot
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def changed(self) -> asyncio.Event:
+        return self._changed
+
+
+class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
+    def __init__(self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05) -> None:
+        self._feed = feed
+        self._tracker = tracker
+        self._debounce_s = debounce_s
+
+    async def StreamSnapshots(  # noqa: N802 (generated name)
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.StreamSnapshotsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb2.StreamSnapshotsResponse]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if not first.node.id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id: required on the first request")
+        node = convert.node_from_proto(first.node)
+        self._tracker.connected(node, context.peer(), first.version_info)
+        log.info("agent %s connected from %s holding %r", node.id, context.peer(), first.version_info)
+        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s)
+        try:
+            async for response in stream.run(request_iterator):
+                yield response
+        finally:
+            self._tracker.disconnected(node.id)
+            log.info("agent %s disconnected", node.id)
+
+
+class _Stream:
+    def __init__(
+        self, node_id: str, held: str, feed: SnapshotFeed, tracker: AgentTracker, debounce_s: float
+    ) -> None:
+        self.node_id = node_id
+        self.held = held
+        self.feed = feed
+        self.tracker = tracker
+        self.debounce_s = debounce_s
+        self.pending_nonce = ""
+        self.pending_version = ""
+
+    def _next(self) -> discovery_pb2.StreamSnapshotsResponse | None:
+        current = self.feed.current.version
+        if self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current):
+            return None
+        self.pending_nonce, self.pending_version = secrets.token_hex(8), current
+        self.tracker.sent(self.node_id, current)
+        return discovery_pb2.StreamSnapshotsResponse(
+            version_info=current, nonce=self.pending_nonce, snapshot=self.feed.wire()
+        )
+
+    def _answer(self, request: discovery_pb2.StreamSnapshotsRequest) -> None:
+        if not self.pending_nonce or request.response_nonce != self.pending_nonce:
+            log.debug("agent %s: stale nonce %r ignored", self.node_id, request.response_nonce)
+            return
+        if request.HasField("error_detail"):
+            detail = request.error_detail
+            nack = Nack(self.pending_version, detail.field_path, detail.message)
+            self.tracker.nacked(self.node_id, request.version_info, nack)
+            log.warning("agent %s NACKed %s: %s: %s", self.node_id, nack.version, nack.field_path, nack.message)
+        else:
+            self.tracker.acked(self.node_id, request.version_info)
+            log.info("agent %s ACKed %s", self.node_id, request.version_info)
+        self.held = request.version_info
+        self.pending_nonce = self.pending_version = ""
+
+    async def run(
+        self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]
+    ) -> AsyncIterator[discovery_pb2.StreamSnapshotsResponse]:
+        incoming = aiter(requests)
+        read: asyncio.Task[discovery_pb2.StreamSnapshotsRequest] | None = None
+        try:
+            while True:
+                response = self._next()
+                if response is not None:
+                    yield response
+                changed = asyncio.ensure_future(self.feed.changed().wait())
+                read = read or asyncio.ensure_future(anext(incoming))
+                done, _ = await asyncio.wait({changed, read}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if read in done:
+                    try:
+                        request = read.result()
+                    except StopAsyncIteration:
+                        return
+                    read = None
+                    self._answer(request)
+                elif self.debounce_s > 0:
+                    await asyncio.sleep(self.debounce_s)  # coalesce a burst of changes
+        finally:
+            if read is not None:
+                read.cancel()

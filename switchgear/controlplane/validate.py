@@ -1,0 +1,491 @@
+"""Pure validation of the registry model: every rule a service or the settings must obey.
+
+Nothing here parses or defaults; it looks at finished `model` objects (from the YAML loader
+or the Admin API) and returns `Problem`s. Paths are model paths: relative to a service
+("endpoints[1].url"), to the settings ("retry_policy.max_retries"), or — from
+`validate_state` — to the whole state ("services[gpt-4].fallbacks[0]", "settings.cache...").
+
+Messages never echo free-form values (URLs, strategy and protocol names): a URL may carry
+credentials, and a value may have come from an environment variable the file only names.
+Identifiers (service names, endpoint ids, category and metadata keys) are echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from switchgear.controlplane.model import (
+    BACKOFF_STRATEGIES,
+    PROTOCOLS,
+    STRATEGIES,
+    Category,
+    CategoryPolicy,
+    EndpointSpec,
+    RegistryState,
+    SecretRef,
+    ServiceSpec,
+    Settings,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_WEIGHT = 10_000
+MAX_RETRIES = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, at a key path (model path here; YAML path once config.py maps it)."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where = f"{where} (line {self.line})" if where else f"line {self.line}"
+        return f"{where}: {self.message}" if where else self.message
+
+    def under(self, prefix: str) -> Problem:
+        """The same problem with `prefix` put in front of its path."""
+        path = f"{prefix}.{self.path}" if self.path else prefix
+        return replace(self, path=path)
+
+
+class ValidationError(ValueError):
+    """A state that breaks rules. `problems` lists them all; str() gives one per line."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- number checks: each returns a message, or None when the value is fine -----------------
+
+_Check = Callable[[float], str | None]
+_T = TypeVar("_T")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_negative(value: float) -> str | None:
+    """value >= 0 and finite."""
+    return None if math.isfinite(value) and value >= 0 else "must be a finite number >= 0"
+
+
+def _positive(value: float) -> str | None:
+    """value > 0 and finite."""
+    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
+
+
+def _integer_between(low: int, high: int | None = None) -> _Check:
+    """An integer in [low, high] (no upper bound when high is None)."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def check(value: float) -> str | None:
+        ok = isinstance(value, int) and value >= low and (high is None or value <= high)
+        return None if ok else f"must be {wanted}"
+
+    return check
+
+
+def _fraction(value: float) -> str | None:
+    """0 <= value <= 1."""
+    return None if 0.0 <= value <= 1.0 else "must be between 0 and 1"
+
+
+def _any_integer(value: float) -> str | None:
+    """Any integer (priorities may be negative)."""
+    return None if isinstance(value, int) else "must be an integer"
+
+
+def _check_numbers(
+    subject: _T, rows: Iterable[tuple[str, Callable[[_T], object], _Check]]
+) -> Iterator[Problem]:
+    """Apply a table of (path, getter, check) rows; a non-number is always a problem."""
+    for path, get, check in rows:
+        value = get(subject)
+        if not _is_number(value):
+            yield Problem(path, "must be a number")
+            continue
+        assert isinstance(value, (int, float))
+        message = check(value)
+        if message:
+            yield Problem(path, message)
+
+
+# --- services -------------------------------------------------------------------------------
+
+_SERVICE_NUMBERS: tuple[tuple[str, Callable[[ServiceSpec], object], _Check], ...] = (
+    ("max_tokens", lambda s: s.max_tokens, _integer_between(0)),
+    ("priority", lambda s: s.priority, _any_integer),
+    ("timeout_s", lambda s: s.timeout_s, _non_negative),
+    ("pricing.cost_per_1k_tokens", lambda s: s.pricing.cost_per_1k_tokens, _non_negative),
+    ("pricing.input_cost_per_1k_tokens", lambda s: s.pricing.input_cost_per_1k_tokens, _non_negative),
+    ("pricing.output_cost_per_1k_tokens", lambda s: s.pricing.output_cost_per_1k_tokens, _non_negative),
+    ("pricing.cost_per_request", lambda s: s.pricing.cost_per_request, _non_negative),
+)
+
+_ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], ...] = (
+    ("weight", lambda e: e.weight, _integer_between(1, MAX_WEIGHT)),
+    ("priority", lambda e: e.priority, _any_integer),
+    ("max_concurrency", lambda e: e.max_concurrency, _integer_between(0)),
+)
+
+
+def _name_problem(name: object) -> str | None:
+    """A name starts with a letter or digit, then up to 127 of letters, digits, '.', '_', ':', '-'."""
+    if isinstance(name, str) and NAME_RE.match(name):
+        return None
+    return (
+        "must be 1-128 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+    )
+
+
+def url_problem(url: object) -> str | None:
+    """An endpoint URL is http(s) with a host, and carries no credentials, query or fragment.
+
+    Returns a message that never repeats the URL (it may hold a password).
+    """
+    if not isinstance(url, str) or not url or any(c.isspace() for c in url):
+        return "must be an http:// or https:// URL without spaces"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if "@" in parts.netloc:
+        return "must not contain credentials; put secrets in api_key, not the URL"
+    if not parts.hostname:
+        return "must include a host"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "must not have a query string or fragment"
+    return None
+
+
+def _check_name(spec: ServiceSpec) -> Iterator[Problem]:
+    """Service names follow NAME_RE."""
+    message = _name_problem(spec.name)
+    if message:
+        yield Problem("name", message)
+
+
+def _check_category(spec: ServiceSpec) -> Iterator[Problem]:
+    """The category is a Category."""
+    if not isinstance(spec.category, Category):
+        yield Problem("category", f"must be one of {_listing(c.value for c in Category)}")
+
+
+def _check_protocol(spec: ServiceSpec) -> Iterator[Problem]:
+    """The protocol is one the control plane knows (PROTOCOLS)."""
+    if spec.protocol not in PROTOCOLS:
+        yield Problem("protocol", f"unknown protocol; expected one of {_listing(PROTOCOLS)}")
+
+
+def _check_endpoint(endpoint: EndpointSpec) -> Iterator[Problem]:
+    """An endpoint has a valid id, a clean http(s) URL, weight 1..10000 and concurrency >= 0."""
+    message = _name_problem(endpoint.id)
+    if message:
+        yield Problem("id", message)
+    message = url_problem(endpoint.url)
+    if message:
+        yield Problem("url", message)
+    yield from _check_numbers(endpoint, _ENDPOINT_NUMBERS)
+
+
+def _check_endpoints(spec: ServiceSpec) -> Iterator[Problem]:
+    """At least one endpoint; ids unique within the service; each endpoint valid."""
+    if not spec.endpoints:
+        yield Problem("endpoints", "at least one endpoint is required")
+    seen: set[str] = set()
+    for index, endpoint in enumerate(spec.endpoints):
+        if endpoint.id in seen:
+            yield Problem(f"endpoints[{index}].id", f"duplicate endpoint id {endpoint.id!r}")
+        seen.add(endpoint.id)
+        for problem in _check_endpoint(endpoint):
+            yield problem.under(f"endpoints[{index}]")
+
+
+def _check_service_numbers(spec: ServiceSpec) -> Iterator[Problem]:
+    """max_tokens >= 0; prices and timeout_s finite and >= 0; priority an integer."""
+    yield from _check_numbers(spec, _SERVICE_NUMBERS)
+
+
+def _check_strategy(spec: ServiceSpec) -> Iterator[Problem]:
+    """strategy is "" (use the category's) or one of STRATEGIES."""
+    if spec.strategy and spec.strategy not in STRATEGIES:
+        yield Problem("strategy", _unknown_strategy(spec.strategy))
+
+
+def _check_options(spec: ServiceSpec) -> Iterator[Problem]:
+    """options_json is a JSON object."""
+    try:
+        options = json.loads(spec.options_json)
+    except (TypeError, ValueError):
+        yield Problem("options_json", "must be a JSON object")
+        return
+    if not isinstance(options, dict):
+        yield Problem("options_json", "must be a JSON object")
+
+
+def secret_problems(ref: SecretRef) -> Iterator[Problem]:
+    """A SecretRef sets exactly one of env or file; env is a valid variable name."""
+    if bool(ref.env) == bool(ref.file):
+        yield Problem("", "set exactly one of env or file")
+    elif ref.env and not ENV_NAME_RE.match(ref.env):
+        yield Problem("env", "must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _check_api_key(spec: ServiceSpec) -> Iterator[Problem]:
+    """The api_key, when set, is a valid SecretRef."""
+    if spec.api_key is not None:
+        for problem in secret_problems(spec.api_key):
+            yield problem.under("api_key")
+
+
+def _check_metadata(spec: ServiceSpec) -> Iterator[Problem]:
+    """Metadata keys are non-empty and unique."""
+    seen: set[str] = set()
+    for index, (key, _value) in enumerate(spec.metadata):
+        if not key:
+            yield Problem(f"metadata[{index}]", "metadata keys must not be empty")
+        elif key in seen:
+            yield Problem(f"metadata[{index}]", f"duplicate metadata key {key!r}")
+        seen.add(key)
+
+
+def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
+    """Capabilities are non-empty strings."""
+    for index, capability in enumerate(spec.capabilities):
+        if not capability:
+            yield Problem(f"capabilities[{index}]", "must not be empty")
+
+
+_SERVICE_RULES: tuple[Callable[[ServiceSpec], Iterator[Problem]], ...] = (
+    _check_name,
+    _check_category,
+    _check_protocol,
+    _check_endpoints,
+    _check_service_numbers,
+    _check_strategy,
+    _check_options,
+    _check_api_key,
+    _check_metadata,
+    _check_capabilities,
+)
+
+
+def validate_service(spec: ServiceSpec) -> list[Problem]:
+    """Every per-service rule; paths are relative to the service."""
+    return [problem for rule in _SERVICE_RULES for problem in rule(spec)]
+
+
+# --- settings -------------------------------------------------------------------------------
+
+_SETTINGS_NUMBERS: tuple[tuple[str, Callable[[Settings], object], _Check], ...] = (
+    ("health_check_timeout_s", lambda s: s.health_check_timeout_s, _positive),
+    ("default_timeout_s", lambda s: s.default_timeout_s, _positive),
+    ("retry_policy.max_retries", lambda s: s.retry_policy.max_retries, _integer_between(0, MAX_RETRIES)),
+    ("retry_policy.base_delay_s", lambda s: s.retry_policy.base_delay_s, _positive),
+    ("retry_policy.max_delay_s", lambda s: s.retry_policy.max_delay_s, _positive),
+    ("circuit_breaker.failure_threshold", lambda s: s.circuit_breaker.failure_threshold, _integer_between(1)),
+    ("service_discovery.cache_ttl_s", lambda s: s.service_discovery.cache_ttl_s, _positive),
+    (
+        "service_discovery.health_check_interval_s",
+        lambda s: s.service_discovery.health_check_interval_s,
+        _positive,
+    ),
+    (
+        "service_discovery.failover_threshold",
+        lambda s: s.service_discovery.failover_threshold,
+        _integer_between(1),
+    ),
+    ("resource_allocation.default_cpu", lambda s: s.resource_allocation.default_cpu, _positive),
+    (
+        "resource_allocation.default_memory_bytes",
+        lambda s: s.resource_allocation.default_memory_bytes,
+        _integer_between(1),
+    ),
+    (
+        "resource_allocation.max_concurrent_tasks",
+        lambda s: s.resource_allocation.max_concurrent_tasks,
+        _integer_between(1),
+    ),
+)
+
+
+def _check_settings_numbers(settings: Settings) -> Iterator[Problem]:
+    """Timeouts, delays, TTLs and resources > 0; max_retries 0..10; thresholds >= 1."""
+    yield from _check_numbers(settings, _SETTINGS_NUMBERS)
+
+
+def _check_settings_names(settings: Settings) -> Iterator[Problem]:
+    """default_strategy is in STRATEGIES; backoff_strategy in BACKOFF_STRATEGIES."""
+    if settings.default_strategy not in STRATEGIES:
+        yield Problem("default_strategy", _unknown_strategy(settings.default_strategy))
+    backoff = settings.retry_policy.backoff_strategy
+    if backoff not in BACKOFF_STRATEGIES:
+        yield Problem(
+            "retry_policy.backoff_strategy",
+            f"unknown backoff strategy; expected one of {_listing(BACKOFF_STRATEGIES)}",
+        )
+
+
+def _check_delays(settings: Settings) -> Iterator[Problem]:
+    """max_delay_s >= base_delay_s."""
+    retry = settings.retry_policy
+    comparable = _is_number(retry.base_delay_s) and _is_number(retry.max_delay_s)
+    if comparable and retry.max_delay_s < retry.base_delay_s:
+        yield Problem("retry_policy.max_delay_s", "must be >= base_delay_s")
+
+
+def _check_cache(settings: Settings) -> Iterator[Problem]:
+    """Cache TTL kinds are non-empty and unique; each TTL > 0."""
+    seen: set[str] = set()
+    for kind, ttl in settings.cache.ttl_s:
+        path = f"cache.ttl_s[{kind}]"
+        if not kind or kind in seen:
+            yield Problem(path, "cache kinds must be non-empty and unique")
+        seen.add(kind)
+        message = _positive(ttl) if _is_number(ttl) else "must be a number"
+        if message:
+            yield Problem(path, message)
+
+
+_POLICY_NUMBERS: tuple[tuple[str, Callable[[CategoryPolicy], object], _Check], ...] = (
+    ("max_cost_per_request", lambda p: p.max_cost_per_request, _non_negative),
+    ("min_success_rate", lambda p: p.min_success_rate, _fraction),
+    ("max_queue_size", lambda p: p.max_queue_size, _integer_between(0)),
+    ("timeout_s", lambda p: p.timeout_s, _non_negative),
+)
+
+
+def _check_policies(settings: Settings) -> Iterator[Problem]:
+    """Policy keys are unique Category values; strategy "" or in STRATEGIES; bounds >= 0; rate in [0, 1]."""
+    categories = {c.value for c in Category}
+    seen: set[str] = set()
+    for key, policy in settings.category_policies:
+        path = f"category_policies[{key}]"
+        if key not in categories:
+            yield Problem(path, f"unknown category {key!r}; expected one of {_listing(categories)}")
+        elif key in seen:
+            yield Problem(path, f"duplicate policy for category {key!r}")
+        seen.add(key)
+        if policy.strategy and policy.strategy not in STRATEGIES:
+            yield Problem(f"{path}.strategy", _unknown_strategy(policy.strategy))
+        for problem in _check_numbers(policy, _POLICY_NUMBERS):
+            yield problem.under(path)
+
+
+_SETTINGS_RULES: tuple[Callable[[Settings], Iterator[Problem]], ...] = (
+    _check_settings_numbers,
+    _check_settings_names,
+    _check_delays,
+    _check_cache,
+    _check_policies,
+)
+
+
+def validate_settings(settings: Settings) -> list[Problem]:
+    """Every settings rule; paths are relative to the settings."""
+    return [problem for rule in _SETTINGS_RULES for problem in rule(settings)]
+
+
+# --- the whole state --------------------------------------------------------------------------
+
+
+def _check_duplicates(services: tuple[ServiceSpec, ...]) -> Iterator[Problem]:
+    """Service names are unique."""
+    first: dict[str, int] = {}
+    for index, spec in enumerate(services):
+        if spec.name in first:
+            yield Problem(
+                f"services[{spec.name}]",
+                f"duplicate service name {spec.name!r} (services #{first[spec.name]} and #{index})",
+            )
+        first.setdefault(spec.name, index)
+
+
+def _check_fallback_names(services: tuple[ServiceSpec, ...]) -> Iterator[Problem]:
+    """Each fallback names another known service."""
+    known = {spec.name for spec in services}
+    for spec in services:
+        for index, target in enumerate(spec.fallbacks):
+            path = f"services[{spec.name}].fallbacks[{index}]"
+            if target == spec.name:
+                yield Problem(path, "a service cannot fall back to itself")
+            elif target not in known:
+                yield Problem(path, f"unknown service {target!r}")
+
+
+def _fallback_graph(services: tuple[ServiceSpec, ...]) -> dict[str, tuple[str, ...]]:
+    known = {spec.name for spec in services}
+    return {spec.name: tuple(t for t in spec.fallbacks if t in known and t != spec.name) for spec in services}
+
+
+def _canonical_cycle(cycle: list[str]) -> tuple[str, ...]:
+    """Rotate a cycle so it starts at its smallest name, so each cycle is reported once."""
+    start = cycle.index(min(cycle))
+    return tuple(cycle[start:] + cycle[:start])
+
+
+def find_fallback_cycles(graph: Mapping[str, tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Cycles in the fallback graph, by depth-first search; at least one per cyclic component."""
+    done: set[str] = set()
+    found: dict[tuple[str, ...], None] = {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            found.setdefault(_canonical_cycle(stack[stack.index(name) :]))
+            return
+        if name in done:
+            return
+        stack.append(name)
+        for target in graph.get(name, ()):
+            visit(target, stack)
+        stack.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return list(found)
+
+
+def _check_fallback_cycles(services: tuple[ServiceSpec, ...]) -> Iterator[Problem]:
+    """Following fallbacks never comes back to where it started."""
+    for cycle in find_fallback_cycles(_fallback_graph(services)):
+        chain = " -> ".join((*cycle, cycle[0]))
+        yield Problem(f"services[{cycle[0]}].fallbacks", f"fallback cycle: {chain}")
+
+
+def validate_state(state: RegistryState) -> list[Problem]:
+    """Every service and settings rule, plus the rules across services.
+
+    Service problems are prefixed "services[<name>]."; settings problems "settings.".
+    """
+    problems: list[Problem] = []
+    for spec in state.services:
+        problems.extend(p.under(f"services[{spec.name}]") for p in validate_service(spec))
+    problems.extend(p.under("settings") for p in validate_settings(state.settings))
+    for rule in (_check_duplicates, _check_fallback_names, _check_fallback_cycles):
+        problems.extend(rule(state.services))
+    return problems
+
+
+def _unknown_strategy(value: str) -> str:
+    return f"unknown strategy; expected one of {_listing(STRATEGIES)}"
+
+
+def _listing(values: Iterable[str]) -> str:
+    return ", ".join(sorted(values))

@@ -1,0 +1,158 @@
+"""The agent's end of the snapshot stream: subscribe, validate, swap, ACK or NACK; reconnect.
+
+Static stability: losing the control plane changes nothing in what the agent serves. The
+client reconnects with full-jitter exponential backoff, rotating through the control-plane
+addresses it was given, and on every new stream says which version it holds, so an unchanged
+control plane sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+
+from switchgear.adapters.base import Adapter
+from switchgear.dataplane.convert import SnapshotError, snapshot_from_proto
+from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
+
+log = logging.getLogger("switchgear.dataplane.client")
+
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class Backoff:
+    """Full-jitter exponential backoff: the n-th delay is uniform in [0, min(cap, base * 2**n)].
+
+    Jitter spreads reconnecting agents so a restarted control plane is not hit by all at once.
+    """
+
+    def __init__(self, base_s: float = 0.2, cap_s: float = 10.0, rng: random.Random | None = None) -> None:
+        self._base = base_s
+        self._cap = cap_s
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self._cap, self._base * (2 ** min(self._attempt, 30)))
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class Applier:
+    """Turns a snapshot message into the agent's view and swaps it in, or reports why not."""
+
+    def __init__(
+        self,
+        holder: Holder,
+        adapters: Mapping[str, Adapter],
+        on_applied: Callable[[AgentSnapshot], None] = lambda s: None,
+    ) -> None:
+        self._holder = holder
+        self._adapters = adapters
+        self._on_applied = on_applied
+
+    def apply(self, response: discovery_pb2.StreamSnapshotsResponse) -> SnapshotError | None:
+        try:
+            new = snapshot_from_proto(response.snapshot, response.version_info, self._adapters)
+        except SnapshotError as exc:
+            return exc
+        self._holder.current = new  # the one assignment that changes what requests see
+        self._on_applied(new)
+        return None
+
+
+class SnapshotClient:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        node: discovery_pb2.Node,
+        holder: Holder,
+        applier: Applier,
+        *,
+        backoff: Backoff | None = None,
+        stable_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one control-plane address is required")
+        self._addresses = list(addresses)
+        self._node = node
+        self._holder = holder
+        self._applier = applier
+        self._backoff = backoff or Backoff()
+        self._stable_after_s = stable_after_s
+        self._clock = clock
+        self.connected = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a stream open to some control plane until `stop` is set."""
+        turn = 0
+        while not stop.is_set():
+            address = self._addresses[turn % len(self._addresses)]
+            started = self._clock()
+            try:
+                await self._session(address, stop)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("snapshot stream to %s ended: %s %s", address, exc.code().name, exc.details())
+            finally:
+                self.connected.clear()
+            if self._clock() - started >= self._stable_after_s:
+                self._backoff.reset()
+            turn += 1
+            delay = self._backoff.next()
+            log.info("reconnecting in %.2f s (holding version %r)", delay, self._holder.version)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _session(self, address: str, stop: asyncio.Event) -> None:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots()
+            await call.write(discovery_pb2.StreamSnapshotsRequest(node=self._node, version_info=self._holder.version))
+            self.connected.set()
+            log.info("subscribed to %s holding version %r", address, self._holder.version)
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                while True:
+                    read = asyncio.ensure_future(call.read())
+                    done, _ = await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopping in done:
+                        read.cancel()
+                        call.cancel()
+                        return
+                    response = read.result()
+                    if response is grpc.aio.EOF:
+                        return
+                    self._backoff.reset()
+                    await call.write(self._answer(response))
+            finally:
+                stopping.cancel()
+
+    def _answer(self, response: discovery_pb2.StreamSnapshotsResponse) -> discovery_pb2.StreamSnapshotsRequest:
+        error = self._applier.apply(response)
+        if error is None:
+            log.info("applied snapshot %s", response.version_info)
+            return discovery_pb2.StreamSnapshotsRequest(
+                version_info=response.version_info, response_nonce=response.nonce
+            )
+        log.warning("rejected snapshot %s: %s", response.version_info, error)
+        return discovery_pb2.StreamSnapshotsRequest(
+            version_info=self._holder.version,
+            response_nonce=response.nonce,
+            error_detail=discovery_pb2.NackDetail(field_path=error.path, message=error.message),
+        )

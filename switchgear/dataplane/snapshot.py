@@ -1,0 +1,107 @@
+"""The agent's whole view of the world: one immutable object, swapped in one assignment.
+
+Request handling reads `Holder.current` once per request and never locks; applying a new
+snapshot builds a complete new `AgentSnapshot` first and only then replaces the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    env: str = ""
+    file: str = ""
+
+    def describe(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}"
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """USD. Per-direction prices, when non-zero, override `cost_per_1k_tokens`."""
+
+    cost_per_1k_tokens: float = 0.0
+    input_cost_per_1k_tokens: float = 0.0
+    output_cost_per_1k_tokens: float = 0.0
+    cost_per_request: float = 0.0
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for one call: request price plus tokens at the per-direction (or flat) price."""
+        in_price = self.input_cost_per_1k_tokens or self.cost_per_1k_tokens
+        out_price = self.output_cost_per_1k_tokens or self.cost_per_1k_tokens
+        return self.cost_per_request + (input_tokens * in_price + output_tokens * out_price) / 1000.0
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """What routing sees of one endpoint (STYLE: a narrow view of a backend)."""
+
+    id: str
+    url: str
+    weight: int = 1
+    priority: int = 0
+    health: str = "healthy"
+    max_concurrency: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """One service as the agent serves it. `options` is the adapter's parsed options;
+    `unsupported` says why this agent cannot serve it ("" when it can)."""
+
+    name: str
+    category: str
+    protocol: str
+    endpoints: tuple[EndpointView, ...]
+    api_key: SecretRef | None = None
+    model: str = ""
+    max_tokens: int = 0
+    pricing: Pricing = field(default_factory=Pricing)
+    capabilities: tuple[str, ...] = ()
+    priority: int = 0
+    strategy: str = ""
+    timeout_s: float = 0.0
+    options: Any = None
+    fallbacks: tuple[str, ...] = ()
+    unsupported: str = ""
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    max_retries: int = 3
+    backoff_strategy: str = "exponential"
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    default_strategy: str = "intelligent"
+    default_timeout_s: float = 30.0
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    breaker_failure_threshold: int = 5
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    version: str
+    services: Mapping[str, ServiceView] = field(default_factory=lambda: MappingProxyType({}))
+    settings: AgentSettings = field(default_factory=AgentSettings)
+
+
+class Holder:
+    """The reference to the current snapshot. `current` is None until the first one applies."""
+
+    def __init__(self) -> None:
+        self.current: AgentSnapshot | None = None
+
+    @property
+    def version(self) -> str:
+        return self.current.version if self.current else ""

@@ -1,0 +1,268 @@
+"""`make demo`: both planes end to end on one machine, with no keys and no external servers.
+
+It starts three OpenAI-protocol emulators (different latencies) plus a spare one, a control
+plane on a temporary SQLite file loaded from config/demo.yaml, and two agents; drives a
+workload through the agents' Gateway with gRPC stubs; kills the control plane mid-run and
+keeps going; restarts it and watches the agents reconverge; pushes a bad change the agents
+NACK (and keep serving), then a good one they ACK. Every process it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from switchgear.controlplane.snapshot import version_seq
+from switchgear.supervise import Proc
+from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10}  # name -> emulated latency, ms
+SERVICE = "demo-chat"
+
+
+@dataclass
+class Phase:
+    name: str
+    served_by: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Demo:
+    def __init__(self, workdir: Path, requests: int) -> None:
+        self.workdir = workdir
+        self.requests = requests
+        self.procs: list[Proc] = []
+        self.phases: list[Phase] = []
+        self.cp_address = ""
+        self.agent_addresses: list[str] = []
+        self.emulator_urls: dict[str, str] = {}
+
+    # -- processes ---------------------------------------------------------------------
+    def start(self, proc: Proc, **kwargs: object) -> str:
+        self.procs.append(proc)
+        return proc.start(**kwargs)  # type: ignore[arg-type]
+
+    def start_emulators(self) -> None:
+        args = ["emulate", "openai", "--model", "smollm2"]
+        for name, latency in INSTANCES.items():
+            args += ["--instance", f"{name}:{latency}"]
+        line = self.start(Proc.switchgear("emulators", args, self.workdir), ready_prefix="{")
+        ports: dict[str, int] = json.loads("{" + line)
+        self.emulator_urls = {name: f"http://127.0.0.1:{port}/v1" for name, port in ports.items()}
+        self.ports = ports
+
+    def control_plane(self, listen: str) -> Proc:
+        env = {f"DEMO_{name.upper()}_PORT": str(port) for name, port in self.ports.items()}
+        return Proc.switchgear(
+            "controlplane",
+            ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen],
+            self.workdir, env,
+        )
+
+    def wait_serving(self, address: str) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            _wait(serving, 15, f"agent {address} to be SERVING")
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    # -- admin -------------------------------------------------------------------------
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(self.cp_address))
+
+    def agents(self) -> list[admin_pb2.AgentStatus]:
+        return list(self.admin().ListAgents(admin_pb2.ListAgentsRequest(), timeout=5).agents)
+
+    def converged(self, version: str) -> bool:
+        agents = [a for a in self.agents() if a.connected]
+        return len(agents) == len(self.agent_addresses) and all(a.acked_version == version for a in agents)
+
+    def current_version(self) -> str:
+        return str(self.admin().ListAgents(admin_pb2.ListAgentsRequest(), timeout=5).current_version)
+
+    def show_agents(self) -> None:
+        for a in self.agents():
+            newer = version_seq(a.nacked_version) > version_seq(a.acked_version)
+            nack = f"  NACKed {a.nacked_version}: {a.last_nack.field_path}: {a.last_nack.message}" if newer else ""
+            _say(f"    {a.node.id:<10} {'connected' if a.connected else 'gone':<9} ACKed {a.acked_version}{nack}")
+
+    # -- workload ----------------------------------------------------------------------
+    async def workload(self, name: str, count: int, concurrency: int = 8) -> Phase:
+        phase = Phase(name)
+        channels = [grpc.aio.insecure_channel(a) for a in self.agent_addresses]
+        stubs = [gateway_pb2_grpc.GatewayServiceStub(c) for c in channels]
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(count):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                payload = {"messages": [{"role": "user", "content": f"{name}: question {i}"}], "max_tokens": 32}
+                request = gateway_pb2.InvokeRequest(
+                    service=SERVICE, method="chat.completions", payload=orjson.dumps(payload),
+                    category=common_pb2.SERVICE_CATEGORY_LLM, user_id="demo",
+                )
+                started = time.perf_counter()
+                try:
+                    reply = await stubs[i % len(stubs)].Invoke(request, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    phase.errors[exc.code().name] += 1
+                    continue
+                phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+                phase.served_by[reply.endpoint] += 1
+                phase.versions[reply.snapshot_version] += 1
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            for channel in channels:
+                await channel.close()
+        self.phases.append(phase)
+        return phase
+
+    def run_phase(self, name: str, count: int) -> Phase:
+        phase = asyncio.run(self.workload(name, count))
+        lat = sorted(phase.latencies_ms)
+        p50 = statistics.median(lat) if lat else 0.0
+        p95 = lat[int(0.95 * (len(lat) - 1))] if lat else 0.0
+        spread = ", ".join(f"{k}={v}" for k, v in sorted(phase.served_by.items()))
+        _say(f"  -> {len(lat)} ok, {sum(phase.errors.values())} errors; served by {spread}; p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+        return phase
+
+    # -- the story ---------------------------------------------------------------------
+    def run(self) -> int:
+        per_phase = max(8, self.requests // 4)
+        _say("== Switchgear demo: a control plane, two agents, four OpenAI-protocol emulators ==")
+        self.start_emulators()
+        _say(f"1. emulators up: {', '.join(f'{n} ({INSTANCES[n]} ms)' for n in INSTANCES)}")
+        cp = self.control_plane("127.0.0.1:0")
+        self.cp_address = self.start(cp)
+        _say(f"2. control plane on {self.cp_address}, registry from {CONFIG.name}, version {self.current_version()}")
+        for i in (1, 2):
+            agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
+                                                   "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}"], self.workdir)
+            self.agent_addresses.append(self.start(agent))
+        for address in self.agent_addresses:
+            self.wait_serving(address)
+        first = self.current_version()
+        _wait(lambda: self.converged(first), 10, "agents to ACK")
+        _say(f"3. two agents on {', '.join(self.agent_addresses)} ACKed {first}:")
+        self.show_agents()
+
+        _say(f"4. workload A: {per_phase} chat completions through the agents' Gateway.Invoke")
+        self.run_phase("A", per_phase)
+
+        cp.kill()
+        _say("5. control plane killed (SIGKILL); workload B runs on the agents' last snapshot")
+        self.run_phase("B", per_phase)
+
+        self.procs.remove(cp)
+        cp = self.control_plane(self.cp_address)
+        self.start(cp)
+        _wait(lambda: self.converged(first), 20, "agents to reconnect")
+        _say(f"6. control plane restarted on the same SQLite file; agents reconnected holding {first} "
+             "(nothing resent: the version is unchanged)")
+        self.show_agents()
+
+        bad = self.service_with(options_json='{"chat_pth": "/chat/completions"}')
+        rejected = self.admin().RegisterService(admin_pb2.RegisterServiceRequest(service=bad), timeout=5).version
+        _wait(lambda: all(a.nacked_version == rejected for a in self.agents()), 10, "agents to NACK")
+        _say(f"7. pushed {rejected} with a misspelt adapter option; both agents NACKed it and kept {first}:")
+        self.show_agents()
+        self.run_phase("C", per_phase)
+
+        good = self.service_with(extra_endpoint="spare")
+        fixed = self.admin().RegisterService(admin_pb2.RegisterServiceRequest(service=good), timeout=5).version
+        _wait(lambda: self.converged(fixed), 10, "agents to ACK the fix")
+        _say(f"8. pushed {fixed} adding the 'spare' instance; both agents ACKed it:")
+        self.show_agents()
+        self.run_phase("D", self.requests - 3 * per_phase)
+        return self.report()
+
+    def service_with(self, options_json: str = "{}", extra_endpoint: str = "") -> common_pb2.Service:
+        service = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5).service
+        service.options_json = options_json
+        if extra_endpoint:
+            service.endpoints.add(id=extra_endpoint, url=self.emulator_urls[extra_endpoint], weight=1)
+        return service
+
+    def report(self) -> int:
+        stats = {name: httpx.get(url.removesuffix("/v1") + "/_emulator/stats", timeout=5).json()
+                 for name, url in self.emulator_urls.items()}
+        total = Counter[str]()
+        for phase in self.phases:
+            total.update(phase.served_by)
+        errors = sum(sum(p.errors.values()) for p in self.phases)
+        _say("\n== Account ==")
+        _say(f"  {'phase':<6}{'ok':>5}{'errors':>8}   versions routed with")
+        for p in self.phases:
+            _say(f"  {p.name:<6}{sum(p.served_by.values()):>5}{sum(p.errors.values()):>8}   "
+                 + ", ".join(f"{v} x{n}" for v, n in sorted(p.versions.items())))
+        _say(f"  {'instance':<10}{'latency':>9}{'served':>8}{'emulator saw':>14}")
+        for name in INSTANCES:
+            seen = _completions_seen(stats[name])
+            _say(f"  {name:<10}{INSTANCES[name]:>6} ms{total[name]:>8}{seen:>14}")
+        _say(f"  errors = {errors}")
+        ok = errors == 0 and all(total[n] == _completions_seen(stats[n]) for n in INSTANCES)
+        _say("  RESULT: " + ("every request served; counts agree with the emulators" if ok else "FAILED"))
+        return 0 if ok else 1
+
+
+def _completions_seen(stats: dict[str, object]) -> int:
+    """Successful /v1 answers an emulator gave (the demo sends it only chat completions)."""
+    outcomes = stats.get("by_outcome") or {}
+    return int(outcomes.get("ok", 0)) if isinstance(outcomes, dict) else 0
+
+
+def main(requests: int = 120) -> int:
+    with tempfile.TemporaryDirectory(prefix="switchgear-demo-") as tmp:
+        demo = Demo(Path(tmp), requests)
+        try:
+            return demo.run()
+        except Exception as exc:  # the demo reports, then cleans up
+            _say(f"demo failed: {exc}")
+            for proc in demo.procs:
+                _say(f"--- {proc.name} log tail ---\n{proc.tail()}")
+            return 1
+        finally:
+            demo.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
