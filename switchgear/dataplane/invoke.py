@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.convert import Call, RequestError
+from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.router import RoundRobin
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -57,12 +58,14 @@ class Invoker:
         secrets: SecretResolver,
         router: RoundRobin,
         clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[AttemptObserver] = (),
     ) -> None:
         self._adapters = adapters
         self._pool = pool
         self._secrets = secrets
         self._router = router
         self._clock = clock
+        self._observers = tuple(observers)
 
     def _resolve(self, call: Call, snapshot: AgentSnapshot) -> tuple[ServiceView, Adapter]:
         service = snapshot.services.get(call.service)
@@ -98,28 +101,43 @@ class Invoker:
             target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
             request = AdapterRequest(call.method, call.payload, remaining, call.request_id)
             client = self._pool.get(service.name, endpoint.id, endpoint.url)
+            self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, len(tried), call.priority))
+            attempt_start = self._clock()
             try:
                 async with asyncio.timeout(remaining):
                     response = await adapter.invoke(client, target, request)
             except TimeoutError:
                 last = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
-                continue
             except UpstreamError as exc:
                 last = exc
-                if not exc.kind.retryable:
-                    raise CallFailed(exc, len(tried)) from None
-                continue
-            usage = response.usage
-            return Result(
-                body=response.body,
-                service=service.name,
-                endpoint=endpoint.id,
-                attempts=len(tried),
-                latency_s=self._clock() - start,
-                usage=usage,
-                cost_usd=service.pricing.cost(usage.input_tokens, usage.output_tokens),
-                version=snapshot.version,
-            )
+            else:
+                usage = response.usage
+                cost = service.pricing.cost(usage.input_tokens, usage.output_tokens)
+                now = self._clock()
+                self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, len(tried),
+                                       now - attempt_start, None, usage, cost))
+                return Result(
+                    body=response.body,
+                    service=service.name,
+                    endpoint=endpoint.id,
+                    attempts=len(tried),
+                    latency_s=now - start,
+                    usage=usage,
+                    cost_usd=cost,
+                    version=snapshot.version,
+                )
+            self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, len(tried),
+                                   self._clock() - attempt_start, last.kind))
+            if not last.kind.retryable:
+                raise CallFailed(last, len(tried))
         if last is None:
             last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
         raise CallFailed(last, len(tried))
+
+    def _started(self, event: AttemptStart) -> None:
+        for observer in self._observers:
+            observer.attempt_started(event)
+
+    def _ended(self, event: AttemptEnd) -> None:
+        for observer in self._observers:
+            observer.attempt_ended(event)

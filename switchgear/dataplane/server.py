@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from switchgear import __version__
 from switchgear.adapters import builtin_adapters
 from switchgear.dataplane.client import Applier, SnapshotClient
+from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.router import RoundRobin
@@ -64,7 +65,8 @@ async def serve(
         build_version=__version__, protocols=sorted(adapters),
     )
     client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, applied))
-    invoker = Invoker(adapters, pool, SecretResolver(), RoundRobin())
+    observers: list[AttemptObserver] = []  # live stats, load reports, metrics subscribe here
+    invoker = Invoker(adapters, pool, SecretResolver(), RoundRobin(), observers=observers)
 
     server = grpc.aio.server(options=(("grpc.keepalive_permit_without_calls", 1),))
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker), server)

@@ -1,0 +1,46 @@
+"""What the request path tells the rest of the agent about each upstream attempt.
+
+Observers (live routing statistics, load reports, metrics, traces) subscribe to attempts
+instead of being wired into the request path one by one. Calls are synchronous, on the event
+loop, and must be cheap: no I/O, no logging at INFO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from switchgear.adapters.base import ErrorKind, TokenUsage
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    request_id: str
+    service: str
+    category: str
+    endpoint: str
+    attempt: int  # 1-based within the call
+    priority: int
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """One attempt's outcome. `error` is None on success; `latency_s` is the attempt's own time;
+    `ttft_s` is the time to the first token for streams (None otherwise)."""
+
+    request_id: str
+    service: str
+    category: str
+    endpoint: str
+    attempt: int
+    latency_s: float
+    error: ErrorKind | None = None
+    usage: TokenUsage = TokenUsage()
+    cost_usd: float = 0.0
+    ttft_s: float | None = None
+
+
+class AttemptObserver(Protocol):
+    def attempt_started(self, event: AttemptStart) -> None: ...
+
+    def attempt_ended(self, event: AttemptEnd) -> None: ...
