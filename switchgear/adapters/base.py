@@ -96,13 +96,16 @@ class Target:
 class AdapterRequest:
     """One upstream attempt. `payload` is the caller's JSON object, already parsed.
 
-    `timeout_s` is what remains of the caller's deadline for this attempt.
+    `timeout_s` is what remains of the caller's deadline for this attempt; `headers` are
+    added to the upstream request (the adapter's own auth headers win over them).
     """
 
     method: str
     payload: Mapping[str, Any]
     timeout_s: float
     request_id: str = ""
+    # Extra headers for the upstream request, e.g. W3C trace context (traceparent).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -191,9 +191,12 @@ def endpoint_url(base_url: str, path: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, base_path + path, parts.query, ""))
 
 
-def request_headers(target: Target, options: OpenAIOptions, request_id: str) -> dict[str, str]:
-    """Headers of one attempt: extras, content type, request id, organization and the key."""
-    headers = dict(options.headers)
+def request_headers(
+    target: Target, options: OpenAIOptions, request_id: str, extra: Mapping[str, str] = {}
+) -> dict[str, str]:
+    """Headers of one attempt: the request's extras (trace context), the service's extras,
+    content type, request id, organization and the key (later ones win)."""
+    headers = {**extra, **dict(options.headers)}
     headers["Content-Type"] = "application/json"
     headers["Accept"] = "application/json"
     if request_id:
@@ -421,7 +424,7 @@ class OpenAIAdapter:
     ) -> httpx.Response:
         """Send the attempt; transport failures become UpstreamError (key scrubbed)."""
         content = request_body(target, request.payload)
-        headers = request_headers(target, options, request.request_id)
+        headers = request_headers(target, options, request.request_id, request.headers)
         try:
             response: httpx.Response = await client.post(
                 url, content=content, headers=headers, timeout=httpx.Timeout(request.timeout_s)
