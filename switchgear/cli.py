@@ -105,7 +105,7 @@ def _admin_call(args: argparse.Namespace, method: str, request: object) -> objec
 
 
 def _print_message(message: object) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))  # type: ignore[arg-type]
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -134,7 +134,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
         method, request = requests[args.admin_command]()
         _print_message(_admin_call(args, method, request))
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except (OSError, json_format.ParseError) as exc:
         print(f"switchgear admin: {exc}", file=sys.stderr)
@@ -157,7 +157,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         try:
             response = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     summary = gateway_pb2.InvokeResponse()
     summary.CopyFrom(response)

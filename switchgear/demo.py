@@ -162,7 +162,8 @@ class Demo:
         p50 = statistics.median(lat) if lat else 0.0
         p95 = lat[int(0.95 * (len(lat) - 1))] if lat else 0.0
         spread = ", ".join(f"{k}={v}" for k, v in sorted(phase.served_by.items()))
-        _say(f"  -> {len(lat)} ok, {sum(phase.errors.values())} errors; served by {spread}; p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+        errors = sum(phase.errors.values())
+        _say(f"  -> {len(lat)} ok, {errors} errors; served by {spread}; p50 {p50:.1f} ms, p95 {p95:.1f} ms")
         return phase
 
     # -- the story ---------------------------------------------------------------------
@@ -216,7 +217,8 @@ class Demo:
         return self.report()
 
     def service_with(self, options_json: str = "{}", extra_endpoint: str = "") -> common_pb2.Service:
-        service = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5).service
+        reply = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5)
+        service: common_pb2.Service = reply.service
         service.options_json = options_json
         if extra_endpoint:
             service.endpoints.add(id=extra_endpoint, url=self.emulator_urls[extra_endpoint], weight=1)

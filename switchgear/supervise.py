@@ -72,7 +72,8 @@ class Proc:
             except queue.Empty:
                 break
             if line is None:
-                raise ProcessFailed(f"{self.name} exited (code {self.returncode()}); see {self.log_path}:\n{self.tail()}")
+                code = self.returncode()
+                raise ProcessFailed(f"{self.name} exited (code {code}); see {self.log_path}:\n{self.tail()}")
             if line.startswith(prefix):
                 return line
         raise ProcessFailed(f"{self.name} printed no {prefix.strip()!r} within {timeout_s} s; see {self.log_path}")

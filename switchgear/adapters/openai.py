@@ -458,7 +458,9 @@ class OpenAIAdapter:
         retry = retry_after_s(response.headers, self._wall_clock()) if kind is ErrorKind.RATE_LIMITED else None
         detail = f" [{code}]" if code else ""
         text = f"POST {url}: upstream {response.status_code}{detail}: {message}".rstrip(": ")
-        return UpstreamError(kind, _redact(text, target.api_key), status=response.status_code, retry_after_s=retry, body=body)
+        return UpstreamError(
+            kind, _redact(text, target.api_key), status=response.status_code, retry_after_s=retry, body=body
+        )
 
 
 def transport_error_kind(exc: Exception) -> ErrorKind:

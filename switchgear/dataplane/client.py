@@ -9,6 +9,7 @@ control plane sends nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -115,10 +116,8 @@ class SnapshotClient:
             turn += 1
             delay = self._backoff.next()
             log.info("reconnecting in %.2f s (holding version %r)", delay, self._holder.version)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:

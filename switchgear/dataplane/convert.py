@@ -58,7 +58,7 @@ def _seconds(d: Any) -> float:
 
 def _category(value: int, path: str) -> str:
     try:
-        name = common_pb2.ServiceCategory.Name(value)
+        name = str(common_pb2.ServiceCategory.Name(value))
     except ValueError:
         raise SnapshotError(path, f"unknown category {value}") from None
     category = name.removeprefix("SERVICE_CATEGORY_").lower()
@@ -68,7 +68,7 @@ def _category(value: int, path: str) -> str:
 
 
 def _health(value: int) -> str:
-    name = common_pb2.HealthState.Name(value) if value in common_pb2.HealthState.values() else ""
+    name = str(common_pb2.HealthState.Name(value)) if value in common_pb2.HealthState.values() else ""
     return name.removeprefix("HEALTH_STATE_").lower() if value else "healthy"
 
 

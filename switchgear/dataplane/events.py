@@ -7,7 +7,7 @@ loop, and must be cheap: no I/O, no logging at INFO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchgear.adapters.base import ErrorKind, TokenUsage
@@ -35,7 +35,7 @@ class AttemptEnd:
     attempt: int
     latency_s: float
     error: ErrorKind | None = None
-    usage: TokenUsage = TokenUsage()
+    usage: TokenUsage = field(default_factory=TokenUsage)
     cost_usd: float = 0.0
     ttft_s: float | None = None
 
