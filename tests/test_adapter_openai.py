@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -301,8 +301,8 @@ async def test_transport_error_to_kind(exc: Exception, kind: ErrorKind) -> None:
     [
         ({"retry-after": "7"}, 7.0),
         ({"retry-after": "1.5"}, 1.5),
-        ({"retry-after": format_datetime(datetime.fromtimestamp(NOW + 30, timezone.utc), usegmt=True)}, 30.0),
-        ({"retry-after": format_datetime(datetime.fromtimestamp(NOW - 30, timezone.utc), usegmt=True)}, 0.0),
+        ({"retry-after": format_datetime(datetime.fromtimestamp(NOW + 30, UTC), usegmt=True)}, 30.0),
+        ({"retry-after": format_datetime(datetime.fromtimestamp(NOW - 30, UTC), usegmt=True)}, 0.0),
         ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
         ({"x-ratelimit-reset-requests": "1s"}, 1.0),
         ({"x-ratelimit-reset-requests": "6m0s"}, 360.0),
@@ -407,11 +407,14 @@ def test_options_errors_name_the_key(options: dict[str, Any], path: str, needle:
     assert str(caught.value).startswith(f"{path}: ")
 
 
+ALL_PROTOCOLS = {"openai", "anthropic", "unstructured", "graphrag", "chroma", "pinecone", "http_json"}
+
+
 def test_builtin_adapters_is_fresh_and_complete() -> None:
     first, second = builtin_adapters(), builtin_adapters()
-    assert set(first) == {"openai"}
+    assert set(first) == ALL_PROTOCOLS
     assert isinstance(first["openai"], OpenAIAdapter)
-    assert first["openai"].protocol == "openai"
-    assert first["openai"].methods == frozenset({"chat.completions"})
+    assert all(adapter.protocol == name for name, adapter in first.items())
+    assert first["openai"].methods == frozenset({"chat.completions", "embeddings"})
     first.clear()
-    assert set(second) == {"openai"} and set(builtin_adapters()) == {"openai"}
+    assert set(second) == ALL_PROTOCOLS and set(builtin_adapters()) == ALL_PROTOCOLS

@@ -48,8 +48,8 @@ def test_valid_snapshot_is_applied_whole() -> None:
 
 
 def test_unknown_protocol_is_accepted_but_marked_unsupported() -> None:
-    result = snapshot_from_proto(snapshot(wire_service(protocol="pinecone")), "7.abc", ADAPTERS)
-    assert "no adapter for protocol 'pinecone'" in result.services["chat"].unsupported
+    result = snapshot_from_proto(snapshot(wire_service(protocol="carrier-pigeon")), "7.abc", ADAPTERS)
+    assert "no adapter for protocol 'carrier-pigeon'" in result.services["chat"].unsupported
 
 
 @pytest.mark.parametrize(

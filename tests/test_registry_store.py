@@ -122,3 +122,41 @@ def test_store_never_holds_a_secret_value(tmp_path: Path, monkeypatch: pytest.Mo
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("r.db*"))
     assert b"OPENAI_API_KEY" in raw
     assert b"sk-test-not-a-real-key" not in raw
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,"
+        " action TEXT NOT NULL, target TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "INSERT INTO audit (at, actor, action, target, version, detail) VALUES (1, 'op', 'start', '*', '1.a', '');"
+    )
+    db.commit()
+    db.close()
+    registry, store = open_registry(path)
+    assert [e.action for e in registry.audit()][-1] == "start"  # old rows kept
+    registry.register(service("a"), "op")
+    assert registry.audit()[0].before == "" and registry.audit()[0].action == "register_service"
+    store.close()
+
+
+def test_service_changes_are_audited_with_before_and_after(tmp_path: Path) -> None:
+    import json
+
+    registry, store = open_registry(tmp_path / "r.db")
+    registry.register(service("a"), "op")
+    registry.register(service("a", "http://h:2/v1"), "op")
+    registry.deregister("a", "op")
+    removed, updated, added = registry.audit()[:3]
+    assert (added.action, added.before) == ("register_service", "")
+    assert json.loads(added.after)["endpoints"][0]["url"] == "http://127.0.0.1:9/v1"
+    assert updated.action == "update_service"
+    assert json.loads(updated.before)["endpoints"][0]["url"] == "http://127.0.0.1:9/v1"
+    assert json.loads(updated.after)["endpoints"][0]["url"] == "http://h:2/v1"
+    assert (removed.action, removed.after) == ("deregister_service", "") and removed.before
+    store.close()

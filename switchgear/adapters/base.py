@@ -8,7 +8,7 @@ Adapters know nothing of snapshots, routing or gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Protocol
@@ -132,4 +132,36 @@ class Adapter(Protocol):
 
     async def invoke(self, client: Any, target: Target, request: AdapterRequest) -> AdapterResponse:
         """Make one attempt with `client` (an httpx.AsyncClient). Raise UpstreamError on failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One piece of a streamed answer.
+
+    `data` is one JSON object (bytes) to pass to the caller: an OpenAI `chat.completion.chunk`
+    for "chat.completions", the provider's own event for native methods; empty for a
+    bookkeeping-only item. `text` is the delta's visible text (for estimates); `content` is
+    True when the chunk carries model output (text or a tool call) — the first such chunk is
+    the "first token". The last item of a stream has `usage` set (reported or estimated)
+    and `finish_reason` when the upstream said one.
+    """
+
+    data: bytes = b""
+    text: str = ""
+    content: bool = False
+    usage: TokenUsage | None = None
+    finish_reason: str | None = None
+
+
+class StreamingAdapter(Adapter, Protocol):
+    """An adapter that can also stream. `stream_methods` is a subset of `methods`."""
+
+    stream_methods: ClassVar[frozenset[str]]
+
+    def stream(self, client: Any, target: Target, request: AdapterRequest) -> AsyncIterator[StreamChunk]:
+        """Yield chunks of one attempt; raise UpstreamError on failure (before or mid-stream).
+
+        The connection is held only while the iterator runs; closing the iterator closes it.
+        """
         ...

@@ -5,8 +5,9 @@ passed through as bytes and only its `usage` is read. Every failure becomes an
 `UpstreamError` whose kind tells the data plane what to do next (see `classify_status`).
 
 Methods are rows of `_METHODS`: a path option with its default, a request check and a usage
-reader. Adding "embeddings" is one row (its path option, e.g. `embeddings_path`, is then
-accepted by `parse_options` automatically).
+reader: "chat.completions" (`chat_path`) and "embeddings" (`embeddings_path`). A new method is
+one row (its path option is then accepted by `parse_options` automatically). `stream` serves
+"chat.completions" as SSE (see `OpenAIAdapter.stream`).
 
 The resolved API key is sent in one header and scrubbed from every message and error body
 this module produces.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import MappingProxyType
@@ -32,6 +33,7 @@ from switchgear.adapters.base import (
     AdapterResponse,
     ErrorKind,
     OptionsError,
+    StreamChunk,
     Target,
     TokenUsage,
     UpstreamError,
@@ -82,9 +84,32 @@ class _Method:
     usage: Callable[[Mapping[str, Any], Mapping[str, Any]], TokenUsage]
 
 
-_METHODS: Mapping[str, _Method] = MappingProxyType({
-    "chat.completions": _Method("chat_path", "/chat/completions", _check_chat, _chat_usage),
-})
+def _check_embeddings(payload: Mapping[str, Any]) -> None:
+    """`input` must be a non-empty string or a non-empty list (of strings or token ids)."""
+    value = payload.get("input")
+    if not ((isinstance(value, str) and value) or (isinstance(value, list) and value)):
+        raise UpstreamError(ErrorKind.CLIENT, "payload.input: must be a non-empty string or list")
+
+
+def _embeddings_usage(payload: Mapping[str, Any], body: Mapping[str, Any]) -> TokenUsage:
+    """`usage.prompt_tokens` (embeddings have no output tokens), else an estimate of the input."""
+    reported = _reported_usage(body)
+    if reported is not None:
+        return reported
+    value = payload.get("input")
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    chars = sum(
+        len(t) if isinstance(t, str) else CHARS_PER_TOKEN * (len(t) if isinstance(t, list) else 1) for t in texts
+    )
+    return TokenUsage(_estimate_tokens(chars), 0, estimated=True)
+
+
+_METHODS: Mapping[str, _Method] = MappingProxyType(
+    {
+        "chat.completions": _Method("chat_path", "/chat/completions", _check_chat, _chat_usage),
+        "embeddings": _Method("embeddings_path", "/embeddings", _check_embeddings, _embeddings_usage),
+    }
+)
 _PATH_OPTIONS = MappingProxyType({m.path_option: name for name, m in _METHODS.items()})
 _OTHER_OPTIONS = ("headers", "organization", "api_key_header")
 KNOWN_OPTIONS = tuple(sorted((*_PATH_OPTIONS, *_OTHER_OPTIONS)))
@@ -393,6 +418,7 @@ class OpenAIAdapter:
 
     protocol: ClassVar[str] = PROTOCOL
     methods: ClassVar[frozenset[str]] = frozenset(_METHODS)
+    stream_methods: ClassVar[frozenset[str]] = frozenset({"chat.completions"})
 
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
@@ -461,6 +487,94 @@ class OpenAIAdapter:
         return UpstreamError(
             kind, _redact(text, target.api_key), status=response.status_code, retry_after_s=retry, body=body
         )
+
+    async def stream(self, client: Any, target: Target, request: AdapterRequest) -> AsyncIterator[StreamChunk]:
+        """One streamed chat attempt: POST with `stream: true` (and `stream_options.include_usage`
+        unless the caller set stream_options), then one StreamChunk per SSE `data:` chunk.
+
+        Chunks are passed through as bytes. The final item carries the usage chunk's counts,
+        or an estimate from the prompt and streamed text when the server sent none (older
+        llama.cpp / Ollama builds). A stream that ends without `[DONE]` is RETRYABLE.
+        """
+        if request.method not in self.stream_methods:
+            raise UpstreamError(ErrorKind.CLIENT, f"method {request.method!r} cannot stream on protocol {PROTOCOL}")
+        options = _target_options(target)
+        payload = {k: v for k, v in request.payload.items() if k != "stream"}
+        _check_chat(payload)
+        if request.timeout_s <= 0:
+            raise UpstreamError(ErrorKind.TIMEOUT, "no time left for the attempt")
+        payload["stream"] = True
+        payload.setdefault("stream_options", {"include_usage": True})
+        url = endpoint_url(target.base_url, options.path(request.method))
+        headers = request_headers(target, options, request.request_id, request.headers)
+        headers["Accept"] = "text/event-stream"
+        content = request_body(target, payload)
+        state = _StreamState()
+        try:
+            async with client.stream(
+                "POST", url, content=content, headers=headers, timeout=httpx.Timeout(request.timeout_s)
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    await response.aread()
+                    raise self._failure(target, url, response)
+                async for chunk in _openai_chunks(response, state):
+                    yield chunk
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            text = f"POST {url}: {type(exc).__name__}: {exc}".rstrip(": ")
+            raise UpstreamError(transport_error_kind(exc), _redact(text, target.api_key)) from None
+        if not state.done:
+            raise UpstreamError(ErrorKind.RETRYABLE, f"POST {url}: stream ended before [DONE]")
+        prompt_chars = sum(_text_len(m.get("content")) for m in payload["messages"] if isinstance(m, Mapping))
+        usage = state.usage or TokenUsage(_estimate_tokens(prompt_chars), _estimate_tokens(state.chars), estimated=True)
+        yield StreamChunk(usage=usage, finish_reason=state.finish_reason)
+
+
+class _StreamState:
+    """What a stream has shown so far: streamed characters, finish reason, usage, [DONE]."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.finish_reason: str | None = None
+        self.usage: TokenUsage | None = None
+        self.done = False
+
+
+async def _openai_chunks(response: httpx.Response, state: _StreamState) -> AsyncIterator[StreamChunk]:
+    from switchgear.adapters._http import sse_events  # _http imports this module
+
+    async for _event, data in sse_events(response.aiter_lines()):
+        if data.strip() == "[DONE]":
+            state.done = True
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(ErrorKind.RETRYABLE, f"stream chunk is not JSON: {data[:120]!r}") from None
+        if not isinstance(chunk, dict):
+            continue
+        if "error" in chunk and "choices" not in chunk:  # vLLM / llama.cpp report mid-stream errors so
+            code, message = parse_error_body(data.encode())
+            raise UpstreamError(ErrorKind.RETRYABLE, f"error in stream: [{code}] {message}", body=data.encode())
+        reported = _reported_usage(chunk)
+        if reported is not None:
+            state.usage = reported
+            if not chunk.get("choices"):
+                continue  # the usage-only chunk is not passed on: the final StreamChunk carries it
+        text, content = "", False
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(piece, str) and piece:
+                text += piece
+                content = True
+            if isinstance(delta, dict) and delta.get("tool_calls"):
+                content = True
+            if choice.get("finish_reason"):
+                state.finish_reason = str(choice["finish_reason"])
+        state.chars += len(text)
+        yield StreamChunk(data=data.encode(), text=text, content=content)
 
 
 def transport_error_kind(exc: Exception) -> ErrorKind:

@@ -14,8 +14,10 @@ import grpc
 
 from switchgear.controlplane import convert
 from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.alerts import Alert
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.model import Category
+from switchgear.controlplane.monitor import EndpointRow, Monitor
 from switchgear.controlplane.registry import NotFound, Registry
 from switchgear.controlplane.snapshot import diff
 from switchgear.controlplane.validate import ValidationError
@@ -36,10 +38,38 @@ def _actor(context: grpc.aio.ServicerContext) -> str:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str], *, monitor: Monitor | None = None
+    ) -> None:
         self._registry = registry
         self._tracker = tracker
         self._env = env
+        self._monitor = monitor
+
+    async def GetStats(  # noqa: N802
+        self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetStatsResponse:
+        if self._monitor is None:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this control plane runs no monitor")
+        if request.service and self._registry.state.service(request.service) is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"service: no service named {request.service!r}")
+        window = self._monitor.settings.alert_window_s
+        return admin_pb2.GetStatsResponse(
+            window=convert.duration(window),
+            stats=[_stats_to_proto(row) for row in self._monitor.rows(window, request.service)],
+            reporting_agents=self._monitor.reporting_agents(window),
+        )
+
+    async def ListAlerts(  # noqa: N802
+        self, request: admin_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAlertsResponse:
+        if self._monitor is None:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this control plane runs no monitor")
+        evaluator = self._monitor.evaluator
+        return admin_pb2.ListAlertsResponse(
+            firing=[_alert_to_proto(a) for a in evaluator.firing()],
+            recovered=[_alert_to_proto(a) for a in evaluator.recovered(request.recovered_limit)],
+        )
 
     async def RegisterService(  # noqa: N802
         self, request: admin_pb2.RegisterServiceRequest, context: grpc.aio.ServicerContext
@@ -135,3 +165,30 @@ def _prefixed(exc: Exception, spec_name: str) -> str:
             lines.append(f"service.{path}: {p.message}" if not path.startswith("services[") else f"{path}: {p.message}")
         return "; ".join(lines)
     return str(exc)
+
+
+def _stats_to_proto(row: EndpointRow) -> admin_pb2.EndpointStats:
+    st = row.stats
+    p99 = st.quantile_s(0.99)
+    return admin_pb2.EndpointStats(
+        service=row.service, endpoint=row.endpoint, category=row.category,
+        request_count=st.issued, success_rate=st.success_rate, error_rate=st.error_rate,
+        avg_response_time_ms=st.avg_latency_s * 1e3, p99_response_time_ms=p99 * 1e3 if p99 != float("inf") else -1.0,
+        cost_per_hour=st.cost_per_hour, cache_hit_rate=st.cache_hit_rate,
+        circuit_breaker_trips=st.breaker_trips, failover_count=st.failovers, queue_length=st.queue_length,
+        resource_utilization=row.utilization, in_flight=st.in_flight,
+        health=convert.health_to_proto(row.health) if row.health else 0,  # type: ignore[arg-type]
+        weight=row.weight, input_tokens=st.input_tokens, output_tokens=st.output_tokens, errors=dict(st.errors),
+    )
+
+
+def _alert_to_proto(alert: Alert) -> admin_pb2.Alert:
+    msg = admin_pb2.Alert(
+        rule=alert.rule.name, service=alert.service, severity=alert.rule.severity,
+        condition=alert.rule.condition, value=alert.value, action=alert.rule.action,
+        action_detail=alert.action_detail, fired_at=convert.timestamp(alert.fired_at),
+        fired_version=alert.fired_version, recovered_version=alert.recovered_version,
+    )
+    if alert.recovered_at is not None:
+        msg.recovered_at.CopyFrom(convert.timestamp(alert.recovered_at))
+    return msg

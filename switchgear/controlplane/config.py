@@ -23,6 +23,7 @@ interpolation, so an environment value cannot leak into one.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -38,11 +39,13 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from switchgear.controlplane.model import (
+    AlertRuleSpec,
     CacheSettings,
     Category,
     CategoryPolicy,
     CircuitBreakerSettings,
     EndpointSpec,
+    MonitoringSettings,
     Pricing,
     RegistryState,
     ResourceAllocationSettings,
@@ -675,6 +678,54 @@ def _read_settings(ctx: _Context, coordination: _Node | None, communication: _No
     return _assemble_settings(flat | more, ttl, policies)
 
 
+# --- monitoring (external_services.monitoring) ----------------------------------------------
+
+_MONITORING = (
+    _Leaf("report_interval", "report_interval_s", _read_duration),
+    _Leaf("health_window", "health_window_s", _read_duration),
+    _Leaf("alert_window", "alert_window_s", _read_duration),
+    _Leaf("health_debounce", "health_debounce_s", _read_duration),
+    _Leaf("breaker_threshold", "breaker_threshold", _read_int),
+)
+_ALERT_RULE = (
+    _Leaf("condition", "condition", _read_str),
+    _Leaf("severity", "severity", _read_str),
+    _Leaf("action", "action", _read_str),
+    _Leaf("for", "for_s", _read_duration),
+    _Leaf("clear_for", "clear_for_s", _read_duration),
+    _Leaf("hysteresis", "hysteresis", _read_float),
+    _Leaf("min_requests", "min_requests", _read_int),
+)
+_MONITORING_PREFIX = _SETTINGS + "monitoring."
+
+
+def _read_monitoring(ctx: _Context, node: _Node | None) -> MonitoringSettings:
+    """monitoring: intervals and windows, and alert_rules (name -> rule; the seed's four when
+    the key is absent, exactly the rules given when present)."""
+    from switchgear.controlplane.alerts import RuleError, check_rule, rules_from_settings
+
+    flat, sections = _read_leaves(ctx, node, _MONITORING, _MONITORING_PREFIX, also=("alert_rules",))
+    rules_node = sections.get("alert_rules")
+    if rules_node is None:
+        return MonitoringSettings(**flat)
+    rules: list[AlertRuleSpec] = []
+    for name, child in _members(ctx, rules_node, None).items():
+        prefix = f"{_MONITORING_PREFIX}alert_rules[{name}]"
+        values, members = _read_leaves(ctx, child, _ALERT_RULE, prefix + ".")
+        if "condition" not in values:
+            if "condition" not in members:
+                ctx.problem(child, "missing required key 'condition'")
+            continue
+        spec = AlertRuleSpec(name=name, **values)
+        try:
+            check_rule(rules_from_settings([spec])[0])
+        except RuleError as exc:
+            ctx.problem(members.get(exc.path, child), exc.message)
+            continue
+        rules.append(spec)
+    return MonitoringSettings(**flat, alert_rules=tuple(rules))
+
+
 # --- services -------------------------------------------------------------------------------
 
 
@@ -1049,7 +1100,7 @@ def _read_services(ctx: _Context, node: _Node | None) -> tuple[ServiceSpec, ...]
     return tuple(registered[name].spec for name in sorted(registered))
 
 
-_TOP_SECTIONS = ("coordination", "communication", "services")
+_TOP_SECTIONS = ("coordination", "communication", "services", "monitoring")
 
 
 def _read_document(ctx: _Context, root: _Node) -> RegistryState:
@@ -1060,6 +1111,7 @@ def _read_document(ctx: _Context, root: _Node) -> RegistryState:
         return RegistryState()
     sections = _members(ctx, body, _TOP_SECTIONS)
     settings = _read_settings(ctx, sections.get("coordination"), sections.get("communication"))
+    settings = dataclasses.replace(settings, monitoring=_read_monitoring(ctx, sections.get("monitoring")))
     return RegistryState(services=_read_services(ctx, sections.get("services")), settings=settings)
 
 

@@ -7,6 +7,8 @@ validate.py's job.
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from switchgear.controlplane.agents import AgentStatus, NodeInfo
@@ -20,7 +22,8 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
-from switchgear.controlplane.snapshot import Snapshot
+from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
+from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
 
 
@@ -174,11 +177,61 @@ def settings_to_proto(settings: Settings) -> discovery_pb2.DataPlaneSettings:
 
 
 def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
-    return discovery_pb2.Snapshot(
+    """The snapshot as agents get it: the registry with the overlay's adjustments applied."""
+    overlay = snapshot.overlay
+    msg = discovery_pb2.Snapshot(
         version=snapshot.version,
-        services=[service_to_proto(s) for s in snapshot.state.services],
+        services=[_cached_service_proto(s) for s in snapshot.state.services],
         settings=settings_to_proto(snapshot.state.settings),
     )
+    if overlay != EMPTY_OVERLAY:
+        for service in msg.services:  # the snapshot's own copies: the cached messages stay clean
+            _served(service, overlay)
+    if overlay.breaker_failure_threshold:
+        msg.settings.circuit_breaker.failure_threshold = overlay.breaker_failure_threshold
+    from switchgear.controlplane.convert_governance import governance_for_snapshot  # it imports this module
+
+    tenants, keys = governance_for_snapshot(snapshot.state)
+    msg.tenants.extend(tenants)
+    msg.keys.extend(keys)
+    return msg
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_service_proto(spec: ServiceSpec) -> common_pb2.Service:
+    """service_to_proto, memoised per (immutable, hashable) spec: a new version re-converts only
+    the services that changed. The snapshot message copies it; never mutate the result."""
+    return service_to_proto(spec)
+
+
+_HEALTH = {
+    "healthy": common_pb2.HEALTH_STATE_HEALTHY,
+    "degraded": common_pb2.HEALTH_STATE_DEGRADED,
+    "ejected": common_pb2.HEALTH_STATE_EJECTED,
+    "draining": common_pb2.HEALTH_STATE_DRAINING,
+}
+
+
+def health_to_proto(health: str) -> int:
+    return int(_HEALTH.get(health, common_pb2.HEALTH_STATE_UNSPECIFIED))
+
+
+def _served(msg: common_pb2.Service, overlay: OverlayType) -> common_pb2.Service:
+    if overlay == EMPTY_OVERLAY:
+        return msg
+    for endpoint in msg.endpoints:
+        override = overlay.endpoint(msg.name, endpoint.id)
+        if override is not None:
+            endpoint.weight = override.weight
+            endpoint.health = health_to_proto(override.health)
+    service = overlay.service(msg.name)
+    if service is not None:
+        if service.strategy:
+            msg.strategy = service.strategy
+        if service.fallbacks is not None:
+            del msg.fallbacks[:]
+            msg.fallbacks.extend(service.fallbacks)
+    return msg
 
 
 def node_from_proto(msg: discovery_pb2.Node) -> NodeInfo:

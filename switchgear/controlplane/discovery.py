@@ -7,7 +7,11 @@ Protocol, per stream (see discovery.proto):
 - each response carries a fresh nonce; an answer with another nonce is stale and ignored;
 - an answer with error_detail is a NACK: the version is remembered as rejected for that node;
 - a change to the registry wakes every stream, which waits `debounce_s` so a burst of changes
-  goes out as one snapshot.
+  goes out as one snapshot;
+- at most `max_concurrent_pushes` snapshots are unanswered across all streams at once: a push
+  holds a slot from send until its ACK/NACK (or the stream's end), so when every agent
+  reconnects at once (a restarted control plane) the pushes go out in bounded waves instead
+  of a thundering herd of serialisations and buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -37,6 +42,7 @@ class SnapshotFeed:
         self._current = snapshot
         self._wire: discovery_pb2.Snapshot | None = None
         self._changed = asyncio.Event()
+        self._published: asyncio.Future[None] | None = None
 
     @property
     def current(self) -> Snapshot:
@@ -51,16 +57,29 @@ class SnapshotFeed:
         self._current = snapshot
         event, self._changed = self._changed, asyncio.Event()
         event.set()
+        published, self._published = self._published, None
+        if published is not None and not published.done():
+            published.set_result(None)
 
     def changed(self) -> asyncio.Event:
         return self._changed
 
+    def next_publish(self) -> asyncio.Future[None]:
+        """A future done at the next publish, shared by every waiter (never cancel it): one
+        future per version instead of a task per stream per wake-up (bench/controlplane)."""
+        if self._published is None:
+            self._published = asyncio.get_running_loop().create_future()
+        return self._published
+
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    def __init__(self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05) -> None:
+    def __init__(
+        self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05, max_concurrent_pushes: int = 256
+    ) -> None:
         self._feed = feed
         self._tracker = tracker
         self._debounce_s = debounce_s
+        self._pushes = asyncio.Semaphore(max_concurrent_pushes)
 
     async def StreamSnapshots(  # noqa: N802 (generated name)
         self,
@@ -76,7 +95,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         node = convert.node_from_proto(first.node)
         self._tracker.connected(node, context.peer(), first.version_info)
         log.info("agent %s connected from %s holding %r", node.id, context.peer(), first.version_info)
-        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s)
+        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes)
         try:
             async for response in stream.run(request_iterator):
                 yield response
@@ -87,8 +106,11 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
 class _Stream:
     def __init__(
-        self, node_id: str, held: str, feed: SnapshotFeed, tracker: AgentTracker, debounce_s: float
+        self, node_id: str, held: str, feed: SnapshotFeed, tracker: AgentTracker, debounce_s: float,
+        pushes: asyncio.Semaphore | None = None,
     ) -> None:
+        self.pushes = pushes or asyncio.Semaphore(1)
+        self.holding = False
         self.node_id = node_id
         self.held = held
         self.feed = feed
@@ -121,6 +143,16 @@ class _Stream:
             log.info("agent %s ACKed %s", self.node_id, request.version_info)
         self.held = request.version_info
         self.pending_nonce = self.pending_version = ""
+        self._release()
+
+    def _release(self) -> None:
+        if self.holding:
+            self.holding = False
+            self.pushes.release()
+
+    def _wants(self) -> bool:
+        current = self.feed.current.version
+        return not (self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current))
 
     async def run(
         self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]
@@ -129,13 +161,18 @@ class _Stream:
         read: asyncio.Task[discovery_pb2.StreamSnapshotsRequest] | None = None
         try:
             while True:
+                if self._wants() and not self.holding:
+                    await self.pushes.acquire()  # bounded pushes fleet-wide
+                    self.holding = True
                 response = self._next()
                 if response is not None:
                     yield response
-                changed = asyncio.ensure_future(self.feed.changed().wait())
+                else:
+                    self._release()
+                changed = self.feed.next_publish()
                 read = read or asyncio.ensure_future(anext(incoming))
-                done, _ = await asyncio.wait({changed, read}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
+                waiters: set[asyncio.Future[Any]] = {changed, read}
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if read in done:
                     try:
                         request = read.result()
@@ -146,5 +183,6 @@ class _Stream:
                 elif self.debounce_s > 0:
                     await asyncio.sleep(self.debounce_s)  # coalesce a burst of changes
         finally:
+            self._release()
             if read is not None:
                 read.cancel()

@@ -142,6 +142,37 @@ class ResourceAllocationSettings:
 
 
 @dataclass(frozen=True)
+class AlertRuleSpec:
+    """One alert rule (the seed's ALERT_RULES entry); alerts.py gives it meaning."""
+
+    name: str
+    condition: str  # "<metric> <op> <number>", e.g. "error_rate > 0.05"
+    severity: str = "warning"
+    action: str = ""
+    for_s: float = 0.0  # the condition must hold this long before firing
+    clear_for_s: float = 30.0  # and be clear (with hysteresis) this long before recovering
+    hysteresis: float = 0.2
+    min_requests: int = 10  # fewer attempts in the window: no evidence either way
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    """external_services.monitoring: load reports, health scoring windows, alert rules."""
+
+    report_interval_s: float = 2.0
+    health_window_s: float = 30.0
+    alert_window_s: float = 60.0
+    health_debounce_s: float = 1.0  # at most one health-driven snapshot version per this
+    breaker_threshold: int = 2  # failure_threshold while enable_circuit_breaker is active
+    alert_rules: tuple[AlertRuleSpec, ...] = (
+        AlertRuleSpec("high_error_rate", "error_rate > 0.05", "warning", "enable_circuit_breaker"),
+        AlertRuleSpec("high_response_time", "avg_response_time > 10000", "warning", "switch_to_faster_service"),
+        AlertRuleSpec("high_cost", "cost_per_hour > 100", "critical", "switch_to_cheaper_service"),
+        AlertRuleSpec("service_unavailable", "success_rate < 0.9", "critical", "enable_failover"),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything in the config besides the services."""
 
@@ -157,17 +188,92 @@ class Settings:
     resource_allocation: ResourceAllocationSettings = field(
         default_factory=ResourceAllocationSettings
     )
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+
+
+class UserType(str, Enum):
+    """The seed's user types: premium requests weigh performance over cost when scored."""
+
+    STANDARD = "standard"
+    PREMIUM = "premium"
+
+
+@dataclass(frozen=True)
+class ServiceQuota:
+    """A tenant's limits on one service. Zero means "no limit" for every field."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    budget_per_hour_usd: float = 0.0
+    budget_per_day_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What a tenant may do. Zero or empty means "no restriction" for every field."""
+
+    allowed_services: tuple[str, ...] = ()
+    allowed_categories: tuple[Category, ...] = ()
+    required_capabilities: tuple[str, ...] = ()
+    max_cost_per_request: float = 0.0
+    min_success_rate: float = 0.0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    budget_per_hour_usd: float = 0.0
+    budget_per_day_usd: float = 0.0
+    priority_cap: int = 0  # 1..10; 0 = no cap
+    # Sorted (service name, quota) pairs.
+    services: tuple[tuple[str, ServiceQuota], ...] = ()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    display_name: str = ""
+    user_type: UserType = UserType.STANDARD
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
+    created_at: float = 0.0  # wall-clock seconds
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A client key as stored: its public id and the SHA-256 of the whole key, never the key."""
+
+    id: str
+    tenant: str
+    sha256: str  # hex
+    description: str = ""
+    created_at: float = 0.0
+    revoked_at: float = 0.0  # 0 = live
+
+    @property
+    def live(self) -> bool:
+        return self.revoked_at == 0.0
 
 
 @dataclass(frozen=True)
 class RegistryState:
-    """The whole registry: services sorted by name, and settings."""
+    """The whole registry: services sorted by name, settings, tenants and their keys (sorted by id)."""
 
     services: tuple[ServiceSpec, ...] = ()
     settings: Settings = field(default_factory=Settings)
+    tenants: tuple[Tenant, ...] = ()
+    keys: tuple[ApiKey, ...] = ()
 
     def service(self, name: str) -> ServiceSpec | None:
         for spec in self.services:
             if spec.name == name:
                 return spec
+        return None
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        return None
+
+    def key(self, key_id: str) -> ApiKey | None:
+        for key in self.keys:
+            if key.id == key_id:
+                return key
         return None

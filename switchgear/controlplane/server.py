@@ -10,6 +10,7 @@ logs the problems and serves what it has; with an empty store it refuses to star
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,17 +19,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.collector import Collector
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
+from switchgear.controlplane.health import HealthParams
+from switchgear.controlplane.loadreport import LoadReportServicer
+from switchgear.controlplane.metrics import ControlPlaneMetrics, serve_metrics
+from switchgear.controlplane.monitor import Monitor
+from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore
+from switchgear.controlplane.tasks.scheduler import SchedulerOptions
+from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
+from switchgear.controlplane.tasks.service import attach as attach_tasks
 from switchgear.controlplane.validate import ValidationError
-from switchgear.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
+from switchgear.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    loadreport_pb2,
+    loadreport_pb2_grpc,
+)
 
 log = logging.getLogger("switchgear.controlplane")
 
@@ -50,7 +68,21 @@ class Options:
     db_path: str
     listen: str = "127.0.0.1:50051"
     config_path: str | None = None
-    debounce_s: float = 0.05
+    # A change wakes every stream, which waits this long so a burst goes out as one version;
+    # 10 ms coalesces an admin burst while keeping change -> fleet ACK well under 100 ms
+    # (bench/controlplane). Health-driven changes are debounced by the monitor on top.
+    debounce_s: float = 0.01
+    # Health feedback loop and observability (see monitor.py, metrics.py, probes.py).
+    metrics_listen: str = ""  # "host:port" for /metrics; "" = off
+    monitoring_overrides: tuple[tuple[str, float], ...] = ()  # MonitoringSettings fields, e.g. report_interval_s
+    health_blackout_s: float | None = None
+    health_min_requests: int | None = None
+    active_probes: bool = True
+    monitor_tick_s: float | None = None  # None: half the report interval, within 0.1-1 s
+    max_concurrent_pushes: int = 256
+    # Task scheduler (controlplane/tasks): lease TTL and aging interval, seconds.
+    task_lease_ttl_s: float = 10.0
+    task_aging_interval_s: float = 60.0
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
@@ -77,10 +109,12 @@ async def serve(
     options: Options,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    on_metrics: Callable[[str], None] | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
 
-    `on_ready` receives the address actually listened on (the port is chosen when it is 0).
+    `on_ready` receives the address actually listened on (the port is chosen when it is 0);
+    `on_metrics` the /metrics address, after `on_ready`, when `metrics_listen` is set.
     """
     store = SqliteStore(options.db_path)
     registry = Registry(store)
@@ -90,35 +124,77 @@ async def serve(
     registry.subscribe(feed.publish)
     tracker = AgentTracker()
 
+    collector = Collector()
+    probe_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+    prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
+    monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
+                      overrides=dict(options.monitoring_overrides))
+    loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s)
+
     server = grpc.aio.server(options=SERVER_OPTIONS)
     discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-        DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s), server
+        DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
+                          max_concurrent_pushes=options.max_concurrent_pushes), server
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(registry, tracker, os.environ), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(registry, tracker, os.environ, monitor=monitor), server
+    )
+    loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
+    tasks = attach_tasks(server, options.db_path, lambda: registry.state, SchedulerOptions(
+        lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
         admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        loadreport_pb2.DESCRIPTOR.services_by_name["LoadReportingService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection((*names, TASKS_SERVICE), server)
     port = server.add_insecure_port(options.listen)
     await server.start()
-    for name in ("", *names[:2]):
+    tasks.start()
+    for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
     log.info("control plane listening on %s, serving version %s", address, registry.snapshot.version)
     if on_ready is not None:
         on_ready(address)
+    metrics_server = None
+    if options.metrics_listen:
+        prom = ControlPlaneMetrics(
+            monitor, seq=lambda: registry.snapshot.seq,
+            agents=lambda: sum(1 for a in tracker.list() if a.connected), reports=lambda: loadreports.reports,
+        )
+        metrics_server, metrics_address = serve_metrics(prom, options.metrics_listen)
+        log.info("metrics on http://%s/metrics", metrics_address)
+        if on_metrics is not None:
+            on_metrics(metrics_address)
+    stop_monitor = asyncio.Event()
+    monitoring = asyncio.ensure_future(monitor.run(stop_monitor, options.monitor_tick_s))
     try:
         await (stop or _signal_event()).wait()
     finally:
         await health_servicer.enter_graceful_shutdown()
+        stop_monitor.set()
+        await monitoring
         await server.stop(grace=1.0)
+        await tasks.close()
+        await probe_client.aclose()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         store.close()
         log.info("control plane stopped")
+
+
+def _health_params(options: Options) -> HealthParams:
+    params = HealthParams()
+    if options.health_blackout_s is not None:
+        params = dataclasses.replace(params, blackout_s=options.health_blackout_s)
+    if options.health_min_requests is not None:
+        params = dataclasses.replace(params, min_requests=options.health_min_requests)
+    return params
 
 
 def _signal_event() -> asyncio.Event:

@@ -8,10 +8,73 @@ that lost its store, never give one version string to different content).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from switchgear.controlplane import codec
 from switchgear.controlplane.model import RegistryState
+
+
+@dataclass(frozen=True)
+class EndpointOverride:
+    """What the health monitor decided for one endpoint: wire weight and health state."""
+
+    weight: int
+    health: str  # "healthy", "degraded", "ejected" or "draining"
+
+
+@dataclass(frozen=True)
+class ServiceOverride:
+    """Policy the alert actions put over a service's own ("" / None = the service's own)."""
+
+    strategy: str = ""
+    fallbacks: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """Runtime adjustments the control plane derives (health, weights, alert actions).
+
+    Soft state: served in snapshots and part of their content hash, never written over the
+    operator's registry (Admin ListServices shows what was configured; GetSnapshot what is
+    served). Keys are "service/endpoint" and service names, sorted.
+    """
+
+    endpoints: tuple[tuple[str, EndpointOverride], ...] = ()
+    services: tuple[tuple[str, ServiceOverride], ...] = ()
+    breaker_failure_threshold: int = 0  # 0 = the settings' own
+
+    @cached_property
+    def _endpoint_map(self) -> dict[str, EndpointOverride]:
+        return dict(self.endpoints)
+
+    @cached_property
+    def _service_map(self) -> dict[str, ServiceOverride]:
+        return dict(self.services)
+
+    def endpoint(self, service: str, endpoint: str) -> EndpointOverride | None:
+        return self._endpoint_map.get(f"{service}/{endpoint}")
+
+    def service(self, name: str) -> ServiceOverride | None:
+        return self._service_map.get(name)
+
+    def pruned(self, state: RegistryState) -> Overlay:
+        """This overlay without entries for services or endpoints `state` no longer has."""
+        names = {s.name for s in state.services}
+        live = {f"{s.name}/{e.id}" for s in state.services for e in s.endpoints}
+        services = tuple(
+            (n, ServiceOverride(o.strategy, None if o.fallbacks is None else
+                                tuple(f for f in o.fallbacks if f in names and f != n)))
+            for n, o in self.services if n in names
+        )
+        return Overlay(tuple((k, v) for k, v in self.endpoints if k in live), services,
+                       self.breaker_failure_threshold)
+
+
+EMPTY_OVERLAY = Overlay()
 
 
 @dataclass(frozen=True)
@@ -20,15 +83,55 @@ class Snapshot:
     seq: int
     content_hash: str
     state: RegistryState
+    overlay: Overlay = EMPTY_OVERLAY
 
 
-def content_hash(state: RegistryState) -> str:
-    return codec.canonical_hash(state)
+def content_hash(state: RegistryState, overlay: Overlay = EMPTY_OVERLAY) -> str:
+    """The state's hash; with a non-empty overlay, a hash of both (so a state served without
+    adjustments keeps the hash it always had).
+
+    The state's hash is a hash of its fields' canonical hashes, where a tuple field (services,
+    tenants, ...) contributes one memoised hash per item: a new version re-hashes only what
+    changed (10,000 endpoints: ~120 ms cold, a few ms warm; see bench/controlplane).
+    """
+    parts = []
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        parts.append(f"{f.name}:{isinstance(value, tuple)}:" + ",".join(_item_hash(v) for v in items))
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    if overlay == EMPTY_OVERLAY:
+        return digest
+    return hashlib.sha256(f"{digest}:{_overlay_hash(overlay)}".encode()).hexdigest()
 
 
-def build(state: RegistryState, seq: int, digest: str | None = None) -> Snapshot:
-    digest = digest or content_hash(state)
-    return Snapshot(version=format_version(seq, digest), seq=seq, content_hash=digest, state=state)
+def _item_hash(item: object) -> str:
+    try:
+        return _cached_item_hash(item)
+    except TypeError:  # an unhashable item: hash it every time
+        return codec.canonical_hash(item)
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_item_hash(item: object) -> str:
+    return codec.canonical_hash(item)
+
+
+def _overlay_hash(overlay: Overlay) -> str:
+    """Canonical and fast: the overlay's few field types, flattened without reflection."""
+    body = (
+        [[k, o.weight, o.health] for k, o in overlay.endpoints],
+        [[k, o.strategy, None if o.fallbacks is None else list(o.fallbacks)] for k, o in overlay.services],
+        overlay.breaker_failure_threshold,
+    )
+    return hashlib.sha256(repr(body).encode()).hexdigest()
+
+
+def build(
+    state: RegistryState, seq: int, digest: str | None = None, overlay: Overlay = EMPTY_OVERLAY
+) -> Snapshot:
+    digest = digest or content_hash(state, overlay)
+    return Snapshot(version=format_version(seq, digest), seq=seq, content_hash=digest, state=state, overlay=overlay)
 
 
 def format_version(seq: int, digest: str) -> str:

@@ -14,22 +14,39 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 from switchgear.controlplane import codec
-from switchgear.controlplane.model import RegistryState, ServiceSpec, Settings
+from switchgear.controlplane.model import ApiKey, RegistryState, ServiceSpec, Settings, Tenant
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL);
 """
+
+#: Forward-only migrations: schema version reached -> statements that reach it.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (
+        "ALTER TABLE audit ADD COLUMN before_json TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit ADD COLUMN after_json TEXT NOT NULL DEFAULT ''",
+    ),
+}
+
+#: Model collections kept one row per item: table -> attribute of RegistryState, item key.
+_COLLECTIONS = (("services", "services", "name"), ("tenants", "tenants", "id"), ("api_keys", "keys", "id"))
 
 
 @dataclass(frozen=True)
@@ -44,12 +61,15 @@ class Stored:
 
 @dataclass(frozen=True)
 class Change:
-    """One committed change, as the audit trail records it."""
+    """One committed change, as the audit trail records it: who, what, and the object's JSON
+    before and after ("" when it did not exist)."""
 
     actor: str
     action: str
     target: str
     detail: str = ""
+    before: str = ""
+    after: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,8 @@ class AuditEntry:
     target: str
     version: str
     detail: str
+    before: str = ""
+    after: str = ""
 
 
 class Store(Protocol):
@@ -89,28 +111,36 @@ class SqliteStore:
 
     def _check_schema(self) -> None:
         found = self._meta("schema_version")
-        if found is None:
-            self._db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(found) > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"store schema {found} is newer than this build understands ({SCHEMA_VERSION})"
+        current = int(found) if found else 1  # _SCHEMA creates version 1's tables
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"store schema {current} is newer than this build understands ({SCHEMA_VERSION})")
+        with _transaction(self._db) as db:
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(version, ()):
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
             )
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def _items(self, table: str, cls: type[T]) -> tuple[T, ...]:
+        return tuple(codec.loads(cls, spec) for (spec,) in self._db.execute(f"SELECT spec FROM {table} ORDER BY name"))
+
     def load(self) -> Stored:
-        services = tuple(
-            codec.loads(ServiceSpec, spec)
-            for (spec,) in self._db.execute("SELECT spec FROM services ORDER BY name")
-        )
         row = self._db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
         settings = codec.loads(Settings, row[0]) if row else Settings()
         return Stored(
-            state=RegistryState(services=services, settings=settings),
+            state=RegistryState(
+                services=self._items("services", ServiceSpec),
+                settings=settings,
+                tenants=self._items("tenants", Tenant),
+                keys=self._items("api_keys", ApiKey),
+            ),
             seq=int(self._meta("version_seq") or 0),
             content_hash=self._meta("version_hash") or "",
             config_hash=self._meta("config_hash") or "",
@@ -122,18 +152,9 @@ class SqliteStore:
     ) -> None:
         now = self._clock()
         with _transaction(self._db) as db:
-            old = {name: spec for name, spec in db.execute("SELECT name, spec FROM services")}
-            new = {s.name: codec.dumps(s) for s in state.services}
-            for name in old.keys() - new.keys():
-                db.execute("DELETE FROM services WHERE name = ?", (name,))
-            for name, spec in new.items():
-                if old.get(name) != spec:
-                    db.execute(
-                        "INSERT INTO services(name, spec, updated_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, "
-                        "updated_at = excluded.updated_at",
-                        (name, spec, now),
-                    )
+            for table, attribute, key in _COLLECTIONS:
+                rows = {getattr(item, key): codec.dumps(item) for item in getattr(state, attribute)}
+                _sync(db, table, rows, now)
             db.execute(
                 "INSERT INTO settings(id, body) VALUES (1, ?) "
                 "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
@@ -149,14 +170,14 @@ class SqliteStore:
                     (key, value),
                 )
             db.execute(
-                "INSERT INTO audit(at, actor, action, target, version, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (now, change.actor, change.action, change.target, version, change.detail),
+                "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
             )
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         rows = self._db.execute(
-            "SELECT id, at, actor, action, target, version, detail FROM audit "
+            "SELECT id, at, actor, action, target, version, detail, before_json, after_json FROM audit "
             "ORDER BY id DESC LIMIT ?",
             (limit,),
         )
@@ -164,6 +185,20 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _sync(db: sqlite3.Connection, table: str, rows: dict[str, str], now: float) -> None:
+    """Make `table` hold exactly `rows` (name -> JSON), touching only what changed."""
+    old = dict(db.execute(f"SELECT name, spec FROM {table}").fetchall())
+    for name in old.keys() - rows.keys():
+        db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+    for name, spec in rows.items():
+        if old.get(name) != spec:
+            db.execute(
+                f"INSERT INTO {table}(name, spec, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+                (name, spec, now),
+            )
 
 
 @contextmanager

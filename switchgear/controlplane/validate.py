@@ -24,6 +24,7 @@ from switchgear.controlplane.model import (
     BACKOFF_STRATEGIES,
     PROTOCOLS,
     STRATEGIES,
+    ApiKey,
     Category,
     CategoryPolicy,
     EndpointSpec,
@@ -31,6 +32,7 @@ from switchgear.controlplane.model import (
     SecretRef,
     ServiceSpec,
     Settings,
+    Tenant,
 )
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -480,6 +482,60 @@ def validate_state(state: RegistryState) -> list[Problem]:
     problems.extend(p.under("settings") for p in validate_settings(state.settings))
     for rule in (_check_duplicates, _check_fallback_names, _check_fallback_cycles):
         problems.extend(rule(state.services))
+    problems.extend(validate_governance(state.tenants, state.keys))
+    return problems
+
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+KEY_ID_RE = re.compile(r"^[0-9a-f]{8,32}$")
+
+
+def _check_tenant(tenant: Tenant) -> Iterator[Problem]:
+    if not TENANT_ID_RE.match(tenant.id):
+        yield Problem("id", "must be lower-case letters, digits and dashes (at most 63)")
+    policy = tenant.policy
+    numbers = {
+        "policy.max_cost_per_request": policy.max_cost_per_request,
+        "policy.requests_per_minute": policy.requests_per_minute,
+        "policy.tokens_per_minute": policy.tokens_per_minute,
+        "policy.budget_per_hour_usd": policy.budget_per_hour_usd,
+        "policy.budget_per_day_usd": policy.budget_per_day_usd,
+    }
+    for name, quota in policy.services:
+        numbers.update({
+            f"policy.services[{name}].requests_per_minute": quota.requests_per_minute,
+            f"policy.services[{name}].tokens_per_minute": quota.tokens_per_minute,
+            f"policy.services[{name}].budget_per_hour_usd": quota.budget_per_hour_usd,
+            f"policy.services[{name}].budget_per_day_usd": quota.budget_per_day_usd,
+        })
+    for path, value in numbers.items():
+        if not math.isfinite(value) or value < 0:
+            yield Problem(path, "must be a finite number >= 0")
+    if not 0.0 <= policy.min_success_rate <= 1.0:
+        yield Problem("policy.min_success_rate", "must be within 0..1")
+    if not 0 <= policy.priority_cap <= 10:
+        yield Problem("policy.priority_cap", "must be within 0..10 (0 = no cap)")
+
+
+def validate_governance(tenants: Iterable[Tenant], keys: Iterable[ApiKey]) -> list[Problem]:
+    """Tenant ids and policies; keys unique and owned by an existing tenant."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for tenant in tenants:
+        if tenant.id in seen:
+            problems.append(Problem(f"tenants[{tenant.id}].id", "duplicate tenant id"))
+        seen.add(tenant.id)
+        problems.extend(p.under(f"tenants[{tenant.id}]") for p in _check_tenant(tenant))
+    key_ids: set[str] = set()
+    for key in keys:
+        path = f"keys[{key.id}]"
+        if not KEY_ID_RE.match(key.id) or key.id in key_ids:
+            problems.append(Problem(f"{path}.id", "must be unique lower-case hex"))
+        key_ids.add(key.id)
+        if key.tenant not in seen:
+            problems.append(Problem(f"{path}.tenant", f"no tenant {key.tenant!r}"))
+        if len(key.sha256) != 64:
+            problems.append(Problem(f"{path}.sha256", "must be a SHA-256 hex digest"))
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ import grpc
 
 from switchgear.adapters.base import Adapter
 from switchgear.dataplane.convert import SnapshotError, snapshot_from_proto
+from switchgear.dataplane.convert_governance import governance_from_proto
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 
@@ -69,8 +71,10 @@ class Applier:
     def apply(self, response: discovery_pb2.StreamSnapshotsResponse) -> SnapshotError | None:
         try:
             new = snapshot_from_proto(response.snapshot, response.version_info, self._adapters)
+            governance = governance_from_proto(response.snapshot.tenants, response.snapshot.keys)
         except SnapshotError as exc:
             return exc
+        new = dataclasses.replace(new, governance=governance)
         self._holder.current = new  # the one assignment that changes what requests see
         self._on_applied(new)
         return None

@@ -27,9 +27,11 @@ from switchgear.dataplane.snapshot import (
     EndpointView,
     Pricing,
     RetrySettings,
+    SchedulingPolicy,
     SecretRef,
     ServiceView,
 )
+from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 
 MAX_TIMEOUT_S = 3600.0
@@ -139,6 +141,7 @@ def _service(msg: common_pb2.Service, adapters: Mapping[str, Adapter], path: str
         timeout_s=timeout_s,
         options=_options(msg, adapter, path),
         fallbacks=tuple(msg.fallbacks),
+        metadata=MappingProxyType(dict(msg.metadata)),
         unsupported="" if adapter else f"this agent has no adapter for protocol {msg.protocol!r}",
     )
 
@@ -161,6 +164,40 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
         retry=retry,
         breaker_failure_threshold=msg.circuit_breaker.failure_threshold
         or defaults.breaker_failure_threshold,
+        category_policies=MappingProxyType(
+            {k: _policy(v, f"settings.category_policies[{k}]") for k, v in sorted(msg.category_policies.items())}
+        ),
+        cache_enabled=msg.cache.enabled,
+        cache_ttl_s=_ttls(msg.cache),
+    )
+
+
+def _ttls(msg: discovery_pb2.CacheSettings) -> Mapping[str, float]:
+    ttls = {kind: _seconds(ttl) for kind, ttl in sorted(msg.ttl.items())}
+    for kind, seconds in ttls.items():
+        if not (0 <= seconds <= 366 * 86400):
+            raise SnapshotError(f"settings.cache.ttl[{kind}]", "must be within 0 s .. 366 days")
+    return MappingProxyType(ttls)
+
+
+def _policy(msg: discovery_pb2.CategoryPolicy, path: str) -> SchedulingPolicy:
+    """A category's scheduling policy. The strategy name is not checked here: routing falls
+    back past names it does not know (dataplane/scheduling/policy.py)."""
+    if path.rsplit("[", 1)[1].rstrip("]") not in CATEGORIES:
+        raise SnapshotError(path, f"unknown category (known: {', '.join(CATEGORIES)})")
+    if not (math.isfinite(msg.max_cost_per_request) and msg.max_cost_per_request >= 0):
+        raise SnapshotError(f"{path}.max_cost_per_request", "must be finite and non-negative")
+    if not (0.0 <= msg.min_success_rate <= 1.0):
+        raise SnapshotError(f"{path}.min_success_rate", "must be within 0..1")
+    timeout_s = _seconds(msg.timeout)
+    if not (0 <= timeout_s <= MAX_TIMEOUT_S):
+        raise SnapshotError(f"{path}.timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
+    return SchedulingPolicy(
+        strategy=msg.strategy,
+        max_cost_per_request=msg.max_cost_per_request,
+        min_success_rate=msg.min_success_rate,
+        max_queue_size=msg.max_queue_size,
+        timeout_s=timeout_s,
     )
 
 
@@ -202,6 +239,9 @@ class Call:
     timeout_s: float  # 0 = the service's (or default) timeout
     user_id: str
     session_id: str
+    # "standard" or "premium" (the seed's user types, for intelligent scheduling). There is no
+    # auth yet, so the convention is the user id: "premium:<id>" names a premium user.
+    user_type: str = "standard"
 
 
 def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
@@ -236,4 +276,5 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
         timeout_s=timeout_s,
         user_id=msg.user_id,
         session_id=msg.session_id,
+        user_type=user_type_of(msg.user_id),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -11,6 +12,7 @@ from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.convert import RequestError, call_from_proto
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import Holder
+from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 #: How a final upstream failure surfaces to the application.
@@ -50,15 +52,38 @@ def _response(request_id: str, result: Result) -> gateway_pb2.InvokeResponse:
     )
 
 
+def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
+    return gateway_pb2.InvokeStreamEnd(
+        request_id=request_id,
+        service=end.service,
+        endpoint=end.endpoint,
+        attempts=end.attempts,
+        latency=_duration(end.latency_s),
+        ttft=_duration(end.ttft_s),
+        usage=common_pb2.Usage(
+            input_tokens=end.usage.input_tokens,
+            output_tokens=end.usage.output_tokens,
+            cost_usd=end.cost_usd,
+            estimated=end.usage.estimated,
+        ),
+        failover=end.failover,
+        snapshot_version=end.version,
+        finish_reason=end.finish_reason,
+        error_kind=end.error.kind.value if end.error else "",
+        error_message=end.error.message if end.error else "",
+    )
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, holder: Holder, invoker: Invoker) -> None:
+    def __init__(self, holder: Holder, invoker: Invoker, streamer: Streamer | None = None) -> None:
         self._holder = holder
         self._invoker = invoker
+        self._streamer = streamer
 
     async def Invoke(  # noqa: N802
         self, request: gateway_pb2.InvokeRequest, context: grpc.aio.ServicerContext
@@ -78,6 +103,42 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except CallFailed as exc:
             await self._fail(context, exc)
         return _response(call.request_id, result)
+
+    async def InvokeStream(  # noqa: N802
+        self, request: gateway_pb2.InvokeStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.InvokeStreamResponse]:
+        """Chunks, then one `end`. A failure after the first token is reported in `end`
+        (error_kind, error_message) and then as the call's status, with trailer
+        `switchgear-stream-interrupted: after-first-token`."""
+        snapshot = self._holder.current
+        if snapshot is None or self._streamer is None:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "agent has no snapshot from the control plane yet")
+        try:
+            call = call_from_proto(request.request)
+            items = self._streamer.stream(call, snapshot)
+            first = await anext(items)
+        except RequestError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ServiceNotFound as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except Unsupported as exc:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        except CallFailed as exc:
+            await self._fail(context, exc)
+        item = first
+        while True:
+            if isinstance(item, StreamEnd):
+                yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
+                if item.error is not None:
+                    context.set_trailing_metadata((
+                        ("switchgear-stream-interrupted", "after-first-token"),
+                        ("switchgear-error-kind", item.error.kind.value),
+                    ))
+                    await _abort(context, STATUS_BY_KIND[item.error.kind],
+                                 f"stream interrupted after the first token (no failover possible): {item.error.message}")
+                return
+            yield gateway_pb2.InvokeStreamResponse(chunk=item)
+            item = await anext(items)
 
     async def _fail(self, context: grpc.aio.ServicerContext, failure: CallFailed) -> NoReturn:
         error = failure.error

@@ -1,7 +1,7 @@
 """The request path: resolve the service, pick an endpoint, call its adapter, fail over.
 
-Per call: service lookup -> method check -> deadline -> pick (round robin over endpoints not
-yet tried) -> adapter attempt bounded by the remaining deadline -> on a retryable failure,
+Per call: service lookup -> method check -> deadline -> pick (the policy's strategy over endpoints
+not yet tried) -> adapter attempt bounded by the remaining deadline -> on a retryable failure,
 the next untried endpoint, at most `retry.max_retries` times. A non-retryable failure ends the
 call at once. (Backoff, retry budgets, breakers and fallbacks come with the resilience issue.)
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.router import RoundRobin
+from switchgear.dataplane.router import Router
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -56,7 +56,7 @@ class Invoker:
         adapters: Mapping[str, Adapter],
         pool: ClientPool,
         secrets: SecretResolver,
-        router: RoundRobin,
+        router: Router,
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
     ) -> None:
@@ -93,7 +93,7 @@ class Invoker:
         tried: list[str] = []
         last: UpstreamError | None = None
         while len(tried) < max_attempts:
-            endpoint = self._router.pick(service, exclude=tried)
+            endpoint = self._router.pick(service, exclude=tried, call=call, settings=snapshot.settings)
             remaining = deadline - self._clock()
             if endpoint is None or remaining <= 0:
                 break

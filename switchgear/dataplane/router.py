@@ -1,32 +1,106 @@
-"""Endpoint picking. Pure: no I/O, no clock; state is one counter per service.
+"""Endpoint picking for the agent: the request path's edge to the scheduling core.
 
-For now one strategy, round robin, over the endpoints not excluded (already tried, or not
-usable); the scheduling issue brings filter -> score -> pick compositions here.
+`Router.pick(service, exclude, call, settings)` turns the service into candidates (cached per
+ServiceView, so once per snapshot), the call into a scheduling `Request` (token estimate,
+priority, user type), chooses the strategy and bounds by policy precedence (see
+scheduling/policy.py) and asks the `Scheduler`. Stats and picker state are keyed by service
+and endpoint names, so a snapshot swap keeps them for endpoints that persist.
+
+Without a call (a caller that only has the service) the request is a priority-5 request of the
+service's category; without settings, the holder's current snapshot's settings are used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import random
+import time
+from collections.abc import Callable, Collection
 
-from switchgear.dataplane.snapshot import EndpointView, ServiceView
+from switchgear.dataplane.convert import Call
+from switchgear.dataplane.scheduling import Scheduler
+from switchgear.dataplane.scheduling.model import Candidate, Request, candidate_key, candidates_of, estimate_tokens
+from switchgear.dataplane.scheduling.policy import bounds_for, choose_strategy
+from switchgear.dataplane.scheduling.stats import LiveStats
+from switchgear.dataplane.snapshot import AgentSettings, EndpointView, Holder, ServiceView
 
 UNUSABLE = frozenset({"ejected", "draining"})
+_CACHE_LIMIT = 512
 
 
-class RoundRobin:
-    """Cycles through a service's usable endpoints in snapshot order.
+class Router:
+    """Picks an endpoint of a service for a call. Not thread-safe: one event loop."""
 
-    The counter is per service name and survives snapshot swaps, so a new version does not
-    send the next burst of traffic to the first endpoint again.
-    """
+    def __init__(
+        self,
+        stats: LiveStats | None = None,
+        rng: random.Random | None = None,
+        unavailable: Collection[str] | Callable[[str], bool] = (),
+        holder: Holder | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stats = stats or LiveStats(clock)
+        self.scheduler = Scheduler(self.stats, rng or random.Random(), unavailable)
+        self._holder = holder
+        self._views: dict[int, tuple[ServiceView, tuple[Candidate, ...], dict[str, EndpointView]]] = {}
 
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
+    def strategy_for(self, service: ServiceView, call: Call | None, settings: AgentSettings) -> str:
+        return choose_strategy(
+            service_strategy=service.strategy,
+            category=service.category,
+            priority=call.priority if call else 5,
+            policies=settings.category_policies,
+            default_strategy=settings.default_strategy,
+            known=self.scheduler.strategies,
+        )
 
-    def pick(self, service: ServiceView, exclude: Collection[str] = ()) -> EndpointView | None:
-        candidates = [e for e in service.endpoints if e.id not in exclude and e.health not in UNUSABLE]
-        if not candidates:
-            return None
-        turn = self._next.get(service.name, 0)
-        self._next[service.name] = turn + 1
-        return candidates[turn % len(candidates)]
+    def pick(
+        self,
+        service: ServiceView,
+        exclude: Collection[str] = (),
+        call: Call | None = None,
+        settings: AgentSettings | None = None,
+    ) -> EndpointView | None:
+        """The endpoint to try next, or None. `exclude`: endpoint ids already tried."""
+        if settings is None:
+            current = self._holder.current if self._holder else None
+            settings = current.settings if current else AgentSettings()
+        candidates, by_id = self._candidates(service)
+        chosen = self.scheduler.pick(
+            candidates,
+            self._request(service, call),
+            self.strategy_for(service, call, settings),
+            group=service.name,
+            bounds=bounds_for(service.category, settings.category_policies),
+            exclude=[candidate_key(service.name, e) for e in exclude],
+        )
+        return by_id[chosen.endpoint] if chosen else None
+
+    def retain(self, services: Collection[ServiceView]) -> None:
+        """Forget stats of endpoints no longer in any service (call after a snapshot swap)."""
+        self.stats.retain({candidate_key(s.name, e.id) for s in services for e in s.endpoints})
+
+    def _candidates(self, service: ServiceView) -> tuple[tuple[Candidate, ...], dict[str, EndpointView]]:
+        entry = self._views.get(id(service))
+        if entry is None or entry[0] is not service:
+            if len(self._views) >= _CACHE_LIMIT:
+                self._views.clear()
+            entry = (service, candidates_of(service), {e.id: e for e in service.endpoints})
+            self._views[id(service)] = entry
+        return entry[1], entry[2]
+
+    @staticmethod
+    def _request(service: ServiceView, call: Call | None) -> Request:
+        if call is None:
+            return Request(category=service.category)
+        input_tokens, output_tokens = estimate_tokens(call.payload, service.max_tokens)
+        return Request(
+            category=service.category,
+            priority=call.priority,
+            user_type=call.user_type,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            stream=call.payload.get("stream") is True,
+        )
+
+
+__all__ = ["UNUSABLE", "Router"]

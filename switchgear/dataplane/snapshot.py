@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from switchgear.dataplane.governance import Governance
+
 CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
 
 
@@ -71,6 +73,9 @@ class ServiceView:
     options: Any = None
     fallbacks: tuple[str, ...] = ()
     unsupported: str = ""
+    # Descriptive facts from the config; also per-service switches such as "cache.ttl" (s)
+    # and "cache.shared" ("true": one cache entry for every tenant).
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,27 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class SchedulingPolicy:
+    """One category's entry of the config's scheduling_policies. 0 means no bound; USD, s."""
+
+    strategy: str = ""
+    max_cost_per_request: float = 0.0
+    min_success_rate: float = 0.0
+    max_queue_size: int = 0
+    timeout_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     default_strategy: str = "intelligent"
     default_timeout_s: float = 30.0
     retry: RetrySettings = field(default_factory=RetrySettings)
     breaker_failure_threshold: int = 5
+    # Keyed by category ("llm", "document", ...); see dataplane/scheduling/policy.py.
+    category_policies: Mapping[str, SchedulingPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    cache_enabled: bool = False
+    # TTL kind ("llm_responses", "document_parsing", "embeddings", ...) -> seconds.
+    cache_ttl_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,7 @@ class AgentSnapshot:
     version: str
     services: Mapping[str, ServiceView] = field(default_factory=lambda: MappingProxyType({}))
     settings: AgentSettings = field(default_factory=AgentSettings)
+    governance: Governance = field(default_factory=Governance)
 
 
 class Holder:

@@ -8,27 +8,32 @@ values are never logged or put in errors.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.adapters.transport import pooled_client
 from switchgear.dataplane.snapshot import AgentSnapshot, SecretRef
 
 PoolKey = tuple[str, str, str]
 
 
 class ClientPool:
-    def __init__(self, *, max_connections: int = 100) -> None:
+    """Clients are httpx clients on an aiohttp transport (adapters/transport.py: httpcore's own
+    pool cost over half the agent's CPU under load); `make_client` overrides that."""
+
+    def __init__(self, *, max_connections: int = 100,
+                 make_client: Callable[[], httpx.AsyncClient] | None = None) -> None:
         self._clients: dict[PoolKey, httpx.AsyncClient] = {}
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+        self._make_client = make_client or (lambda: pooled_client(max_connections))
 
     def get(self, service: str, endpoint: str, url: str) -> httpx.AsyncClient:
         key = (service, endpoint, url)
         client = self._clients.get(key)
         if client is None:
-            client = httpx.AsyncClient(limits=self._limits, trust_env=False)
+            client = self._make_client()
             self._clients[key] = client
         return client
 

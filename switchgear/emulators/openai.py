@@ -308,9 +308,7 @@ def parse_embeddings(body: Any, models: Sequence[str]) -> tuple[str, list[str], 
 
 def _embedding_inputs(value: Any) -> list[str]:
     """Inputs as texts: a string, strings, token ids, or lists of token ids (joined by spaces)."""
-    if isinstance(value, str):
-        value = [value]
-    elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(v) for v in value)):
         value = [value]
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.", param="input")
@@ -340,6 +338,9 @@ class Faults:
       rps; an empty bucket answers 429 with Retry-After = time to the next token.
     - rate_limit_rate, error_rate: chance of a 429 (Retry-After = retry_after_s) or of an
       `error_status` answer, drawn from random.Random(seed).
+    - stream_cut_after > 0: a streamed answer breaks after that many content chunks (the
+      OpenAI emulator drops the connection; the Anthropic one sends an `error` event).
+    - token_delay_ms: pause between streamed chunks.
     """
 
     latency_ms: float = 0.0
@@ -354,6 +355,8 @@ class Faults:
     rate_limit_burst: float = 0.0
     retry_after_s: float = 1.0
     seed: int = 0
+    stream_cut_after: int = 0
+    token_delay_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -372,7 +375,8 @@ class Faults:
 
     def check(self) -> None:
         """Raise ValueError naming the first field out of range."""
-        for name in ("latency_ms", "jitter_ms", "fail_next", "rate_limit_rps", "rate_limit_burst", "retry_after_s"):
+        for name in ("latency_ms", "jitter_ms", "fail_next", "rate_limit_rps", "rate_limit_burst", "retry_after_s",
+                     "stream_cut_after", "token_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0")
         for name in ("error_rate", "rate_limit_rate"):
@@ -704,7 +708,15 @@ async def _stream_chat(
     await response.prepare(request)
     base = {**head, "object": "chat.completion.chunk", "service_tier": "default", "system_fingerprint": "fp_emulator"}
     extra = {"usage": None} if call.include_usage else {}
+    faults = request.app[_INSTANCE].faults
+    sent = 0
     for index, delta, finish in chunk_deltas(answers):
+        if faults.stream_cut_after and sent >= faults.stream_cut_after:
+            request.app[_INSTANCE].by_outcome["stream_cut"] += 1
+            return await _abandon(request)
+        if faults.token_delay_ms and sent:
+            await asyncio.sleep(faults.token_delay_ms / 1000.0)
+        sent += 1 if delta.get("content") else 0
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         await response.write(b"data: " + orjson.dumps({**base, "choices": [choice], **extra}) + b"\n\n")
     if call.include_usage:
@@ -910,6 +922,16 @@ async def _serve(specs: list[InstanceSpec], host: str, ready_file: str | None) -
         await group.close()
 
 
+def run_loop(main: Any) -> None:
+    """asyncio.run on uvloop when installed (a faster upstream for benchmarks), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run emulator instances until SIGTERM/SIGINT; print {"name": port, ...} once listening."""
     parser = _parser()
@@ -923,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["model_ids"] = tuple(args.model)
     specs = [dataclasses.replace(spec, **extra) for spec in specs]
     try:
-        asyncio.run(_serve(specs, args.host, args.ready_file))
+        run_loop(_serve(specs, args.host, args.ready_file))
     except (OSError, ValueError) as exc:
         print(f"switchgear emulate openai: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from switchgear.v1 import common_pb2 as _common_pb2
 from switchgear.v1 import discovery_pb2 as _discovery_pb2
@@ -126,3 +127,110 @@ class GetSnapshotResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     snapshot: _discovery_pb2.Snapshot
     def __init__(self, snapshot: _Optional[_Union[_discovery_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class EndpointStats(_message.Message):
+    __slots__ = ("service", "endpoint", "category", "request_count", "success_rate", "error_rate", "avg_response_time_ms", "p99_response_time_ms", "cost_per_hour", "cache_hit_rate", "circuit_breaker_trips", "failover_count", "queue_length", "resource_utilization", "in_flight", "health", "weight", "input_tokens", "output_tokens", "errors")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    AVG_RESPONSE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_RESPONSE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_BREAKER_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    endpoint: str
+    category: str
+    request_count: int
+    success_rate: float
+    error_rate: float
+    avg_response_time_ms: float
+    p99_response_time_ms: float
+    cost_per_hour: float
+    cache_hit_rate: float
+    circuit_breaker_trips: int
+    failover_count: int
+    queue_length: int
+    resource_utilization: float
+    in_flight: int
+    health: _common_pb2.HealthState
+    weight: int
+    input_tokens: int
+    output_tokens: int
+    errors: _containers.ScalarMap[str, int]
+    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., request_count: _Optional[int] = ..., success_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., avg_response_time_ms: _Optional[float] = ..., p99_response_time_ms: _Optional[float] = ..., cost_per_hour: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., circuit_breaker_trips: _Optional[int] = ..., failover_count: _Optional[int] = ..., queue_length: _Optional[int] = ..., resource_utilization: _Optional[float] = ..., in_flight: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.HealthState, str]] = ..., weight: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., errors: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("window", "stats", "reporting_agents")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    REPORTING_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    window: _duration_pb2.Duration
+    stats: _containers.RepeatedCompositeFieldContainer[EndpointStats]
+    reporting_agents: int
+    def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stats: _Optional[_Iterable[_Union[EndpointStats, _Mapping]]] = ..., reporting_agents: _Optional[int] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("recovered_limit",)
+    RECOVERED_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    recovered_limit: int
+    def __init__(self, recovered_limit: _Optional[int] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("rule", "service", "severity", "condition", "value", "action", "action_detail", "fired_at", "recovered_at", "fired_version", "recovered_version")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    FIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    service: str
+    severity: str
+    condition: str
+    value: float
+    action: str
+    action_detail: str
+    fired_at: _timestamp_pb2.Timestamp
+    recovered_at: _timestamp_pb2.Timestamp
+    fired_version: str
+    recovered_version: str
+    def __init__(self, rule: _Optional[str] = ..., service: _Optional[str] = ..., severity: _Optional[str] = ..., condition: _Optional[str] = ..., value: _Optional[float] = ..., action: _Optional[str] = ..., action_detail: _Optional[str] = ..., fired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fired_version: _Optional[str] = ..., recovered_version: _Optional[str] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("firing", "recovered")
+    FIRING_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    firing: _containers.RepeatedCompositeFieldContainer[Alert]
+    recovered: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, firing: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., recovered: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,16 @@ class AdminServiceStub:
                 request_serializer=switchgear_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=switchgear_dot_v1_dot_admin__pb2.GetSnapshotResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/switchgear.v1.AdminService/GetStats',
+                request_serializer=switchgear_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=switchgear_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/switchgear.v1.AdminService/ListAlerts',
+                request_serializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -121,6 +131,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Per-endpoint figures aggregated from every agent's load reports over a window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts now firing (and, on request, the ones that recovered recently).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +182,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetSnapshot,
                     request_deserializer=switchgear_dot_v1_dot_admin__pb2.GetSnapshotRequest.FromString,
                     response_serializer=switchgear_dot_v1_dot_admin__pb2.GetSnapshotResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=switchgear_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
+                    response_serializer=switchgear_dot_v1_dot_admin__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +384,60 @@ class AdminService:
             '/switchgear.v1.AdminService/GetSnapshot',
             switchgear_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
             switchgear_dot_v1_dot_admin__pb2.GetSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchgear.v1.AdminService/GetStats',
+            switchgear_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+            switchgear_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchgear.v1.AdminService/ListAlerts',
+            switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

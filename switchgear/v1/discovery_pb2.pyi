@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from switchgear.v1 import common_pb2 as _common_pb2
+from switchgear.v1 import governance_pb2 as _governance_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -62,14 +63,18 @@ class StreamSnapshotsResponse(_message.Message):
     def __init__(self, version_info: _Optional[str] = ..., nonce: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("version", "services", "settings")
+    __slots__ = ("version", "services", "settings", "tenants", "keys")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     version: str
     services: _containers.RepeatedCompositeFieldContainer[_common_pb2.Service]
     settings: DataPlaneSettings
-    def __init__(self, version: _Optional[str] = ..., services: _Optional[_Iterable[_Union[_common_pb2.Service, _Mapping]]] = ..., settings: _Optional[_Union[DataPlaneSettings, _Mapping]] = ...) -> None: ...
+    tenants: _containers.RepeatedCompositeFieldContainer[_governance_pb2.Tenant]
+    keys: _containers.RepeatedCompositeFieldContainer[_governance_pb2.KeyDigest]
+    def __init__(self, version: _Optional[str] = ..., services: _Optional[_Iterable[_Union[_common_pb2.Service, _Mapping]]] = ..., settings: _Optional[_Union[DataPlaneSettings, _Mapping]] = ..., tenants: _Optional[_Iterable[_Union[_governance_pb2.Tenant, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[_governance_pb2.KeyDigest, _Mapping]]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_retries", "backoff_strategy", "base_delay", "max_delay")

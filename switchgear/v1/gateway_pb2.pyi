@@ -52,3 +52,45 @@ class InvokeResponse(_message.Message):
     fallback: bool
     snapshot_version: str
     def __init__(self, request_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., fallback: _Optional[bool] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+
+class InvokeStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: InvokeRequest
+    def __init__(self, request: _Optional[_Union[InvokeRequest, _Mapping]] = ...) -> None: ...
+
+class InvokeStreamResponse(_message.Message):
+    __slots__ = ("chunk", "end")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    end: InvokeStreamEnd
+    def __init__(self, chunk: _Optional[bytes] = ..., end: _Optional[_Union[InvokeStreamEnd, _Mapping]] = ...) -> None: ...
+
+class InvokeStreamEnd(_message.Message):
+    __slots__ = ("request_id", "service", "endpoint", "attempts", "latency", "ttft", "usage", "failover", "snapshot_version", "finish_reason", "error_kind", "error_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    TTFT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    service: str
+    endpoint: str
+    attempts: int
+    latency: _duration_pb2.Duration
+    ttft: _duration_pb2.Duration
+    usage: _common_pb2.Usage
+    failover: bool
+    snapshot_version: str
+    finish_reason: str
+    error_kind: str
+    error_message: str
+    def __init__(self, request_id: _Optional[str] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttft: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failover: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...

@@ -40,6 +40,11 @@ class GatewayServiceStub:
                 request_serializer=switchgear_dot_v1_dot_gateway__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=switchgear_dot_v1_dot_gateway__pb2.InvokeResponse.FromString,
                 _registered_method=True)
+        self.InvokeStream = channel.unary_stream(
+                '/switchgear.v1.GatewayService/InvokeStream',
+                request_serializer=switchgear_dot_v1_dot_gateway__pb2.InvokeStreamRequest.SerializeToString,
+                response_deserializer=switchgear_dot_v1_dot_gateway__pb2.InvokeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -53,6 +58,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvokeStream(self, request, context):
+        """A streamed LLM call: chunks as the upstream sends them, then one InvokeStreamEnd.
+        Before the first content chunk a failed attempt fails over to another endpoint; after
+        it the stream cannot fail over and ends with an InvokeStreamEnd naming the error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Invoke,
                     request_deserializer=switchgear_dot_v1_dot_gateway__pb2.InvokeRequest.FromString,
                     response_serializer=switchgear_dot_v1_dot_gateway__pb2.InvokeResponse.SerializeToString,
+            ),
+            'InvokeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.InvokeStream,
+                    request_deserializer=switchgear_dot_v1_dot_gateway__pb2.InvokeStreamRequest.FromString,
+                    response_serializer=switchgear_dot_v1_dot_gateway__pb2.InvokeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +109,33 @@ class GatewayService:
             '/switchgear.v1.GatewayService/Invoke',
             switchgear_dot_v1_dot_gateway__pb2.InvokeRequest.SerializeToString,
             switchgear_dot_v1_dot_gateway__pb2.InvokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvokeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchgear.v1.GatewayService/InvokeStream',
+            switchgear_dot_v1_dot_gateway__pb2.InvokeStreamRequest.SerializeToString,
+            switchgear_dot_v1_dot_gateway__pb2.InvokeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

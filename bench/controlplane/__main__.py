@@ -1,0 +1,5 @@
+import sys
+
+from bench.controlplane.run import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Agent overhead benchmark: see run.py and README.md."""

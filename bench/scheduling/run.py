@@ -1,0 +1,177 @@
+"""Run every scenario for every strategy; print the table and the ratios; write one PNG each.
+
+    .venv/bin/python -m bench.scheduling [--out DIR] [--seed 1] [--runs 3] [--only NAME] [--no-plots]
+
+Every cell pools `runs` replications with different seeds (arrivals, sizes, upstream noise);
+the same seeds are used for every strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.scheduling.routers import ALL, BASELINES, POLICY_BOUNDS, make_router
+from bench.scheduling.scenarios import scenarios
+from bench.scheduling.sim import CallRecord, Scenario, Simulation
+
+LATENCY_BOUND_S = 5.0  # the seed's cost_optimized bound on average latency
+
+
+@dataclass(frozen=True)
+class Summary:
+    strategy: str
+    calls: int
+    success: float
+    p50_s: float
+    p99_s: float
+    mean_s: float
+    cost_per_1k: float
+    attempts: float
+
+    def meets_bounds(self) -> bool:
+        return self.success >= POLICY_BOUNDS.min_success_rate and self.mean_s <= LATENCY_BOUND_S
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+def summarise(name: str, records: Sequence[CallRecord]) -> Summary:
+    """Latency counts every call: a failed one at the time it failed (a timeout at the deadline)."""
+    lat = sorted(r.latency_s for r in records)
+    n = len(records) or 1
+    return Summary(
+        strategy=name,
+        calls=len(records),
+        success=sum(r.ok for r in records) / n,
+        p50_s=quantile(lat, 0.50),
+        p99_s=quantile(lat, 0.99),
+        mean_s=sum(lat) / n,
+        cost_per_1k=sum(r.cost_usd for r in records) / n * 1000,
+        attempts=sum(r.attempts for r in records) / n,
+    )
+
+
+def run_one(scenario: Scenario, name: str, seed: int) -> list[CallRecord]:
+    sim = Simulation(scenario, seed)
+    sim.router = make_router(name, sim.clock, seed)
+    return sim.run()
+
+
+def print_table(scenario: Scenario, rows: Sequence[Summary]) -> None:
+    print(f"\n== {scenario.name}: {scenario.title}")
+    print(f"{'strategy':<17}{'calls':>6}{'success':>9}{'p50 s':>8}{'p99 s':>8}{'mean s':>8}"
+          f"{'USD/1k req':>11}{'tries':>7}")
+    for r in rows:
+        mark = "  (baseline)" if r.strategy in BASELINES else ""
+        print(f"{r.strategy:<17}{r.calls:>6}{r.success:>9.2%}{r.p50_s:>8.2f}{r.p99_s:>8.2f}{r.mean_s:>8.2f}"
+              f"{r.cost_per_1k:>11.3f}{r.attempts:>7.2f}{mark}")
+
+
+def verdicts(scenario: Scenario, rows: dict[str, Summary]) -> list[tuple[str, bool]]:
+    """The claims the README makes, checked on this run's numbers."""
+    out: list[tuple[str, bool]] = []
+    base = rows["litellm_latency"]
+    if scenario.name in ("degrading", "dying"):
+        for ours in ("intelligent", "latency"):
+            r = rows[ours]
+            ratio = r.p99_s / base.p99_s
+            out.append((f"p99 {ours} / litellm_latency = {r.p99_s:.2f} / {base.p99_s:.2f} = {ratio:.2f}", ratio < 1))
+            out.append((f"success {ours} - litellm_latency = {r.success:.2%} - {base.success:.2%} = "
+                        f"{(r.success - base.success) * 100:+.2f} pp", r.success > base.success))
+    cost = rows["cost_optimized"]
+    within = [s for s in rows.values() if s.meets_bounds()]
+    label = "of those meeting the bounds" if within else "overall (none meets the bounds)"
+    within = within or list(rows.values())
+    cheapest = min(within, key=lambda s: s.cost_per_1k)
+    best = max(rows.values(), key=lambda s: s.success)
+    note = "" if best.meets_bounds() else (
+        f" — no strategy meets them here (best success: {best.strategy} {best.success:.2%})")
+    out.append((f"cost_optimized meets bounds (success >= 95%, mean <= {LATENCY_BOUND_S:g} s): "
+                f"{cost.success:.2%}, {cost.mean_s:.2f} s{note}", cost.meets_bounds()))
+    others = [s for s in within if s.strategy != "cost_optimized"]
+    runner_up = min(others, key=lambda s: s.cost_per_1k) if others else cost
+    out.append((f"cost_optimized is the cheapest {label}: {cost.cost_per_1k:.3f} USD/1k "
+                f"(next: {runner_up.strategy} {runner_up.cost_per_1k:.3f})", cheapest.strategy == "cost_optimized"))
+    for s in sorted(rows.values(), key=lambda s: s.cost_per_1k):
+        if s.cost_per_1k >= cost.cost_per_1k:
+            break
+        out.append((f"cheaper, outside the bounds: {s.strategy} {s.cost_per_1k:.3f} USD/1k "
+                    f"({s.success:.2%}, mean {s.mean_s:.2f} s)", not s.meets_bounds()))
+    return out
+
+
+def plot(scenario: Scenario, results: dict[str, list[CallRecord]], out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bin_s = 10.0
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    for name, records in results.items():
+        bins: dict[int, list[CallRecord]] = {}
+        for r in records:
+            bins.setdefault(int(r.arrival // bin_s), []).append(r)
+        xs = sorted(bins)
+        p99 = [quantile(sorted(r.latency_s for r in bins[x]), 0.99) for x in xs]
+        fail = [100 * sum(not r.ok for r in bins[x]) / len(bins[x]) for x in xs]
+        style = "--" if name in BASELINES else "-"
+        t = [x * bin_s + bin_s / 2 for x in xs]
+        ax1.plot(t, p99, style, label=name)
+        ax2.plot(t, fail, style, label=name)
+    for at, label in scenario.marks:
+        for ax in (ax1, ax2):
+            ax.axvline(at, color="grey", linewidth=0.8)
+        ax1.annotate(label, (at, 0), textcoords="offset points", xytext=(3, 3), fontsize=8, color="grey")
+    ax1.set_ylabel(f"p99 latency per {bin_s:g} s (s)")
+    ax2.set_ylabel("failed calls (%)")
+    ax2.set_xlabel("virtual time (s)")
+    ax1.set_title(scenario.title)
+    ax1.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = out_dir / f"{scenario.name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("--seed", type=int, default=1, help="first seed")
+    parser.add_argument("--runs", type=int, default=3, help="replications per cell (seeds seed..seed+runs-1), pooled")
+    parser.add_argument("--only", action="append", help="run only this scenario (repeatable)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    failed_claims = 0
+    for scenario in scenarios():
+        if args.only and scenario.name not in args.only:
+            continue
+        results = {
+            name: [r for k in range(args.runs) for r in run_one(scenario, name, args.seed + k)] for name in ALL
+        }
+        rows = {name: summarise(name, recs) for name, recs in results.items()}
+        print_table(scenario, list(rows.values()))
+        for text, ok in verdicts(scenario, rows):
+            failed_claims += not ok
+            print(f"  [{'ok' if ok else 'LOSES'}] {text}")
+        if not args.no_plots:
+            print(f"  plot: {plot(scenario, results, args.out)}")
+    print(f"\n{failed_claims} claim(s) not met; {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

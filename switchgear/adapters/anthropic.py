@@ -1,0 +1,423 @@
+"""The Anthropic Messages adapter: protocol "anthropic".
+
+Methods:
+- "messages": the caller's body is an Anthropic Messages request, passed through to
+  `POST {base}/v1/messages`; the answer is passed through.
+- "chat.completions": the caller's body is an OpenAI chat request. It is mapped to a Messages
+  request (system/developer messages → `system`, `stop` → `stop_sequences`, `max_tokens` /
+  `max_completion_tokens` → `max_tokens`, default `default_max_tokens`), and the answer is
+  mapped back to an OpenAI `chat.completion` (stop reasons: end_turn/stop_sequence → stop,
+  max_tokens → length, tool_use → tool_calls; usage → prompt/completion tokens).
+
+Both stream (`stream`): native SSE events pass through for "messages"; for
+"chat.completions" each text delta becomes an OpenAI `chat.completion.chunk`.
+
+Headers: `x-api-key: <key>`, `anthropic-version` (option `version`, default 2023-06-01) and
+optional `anthropic-beta`. Errors are `{"type":"error","error":{"type","message"}}`; 529
+`overloaded_error` is RETRYABLE, 429 RATE_LIMITED (Retry-After honoured), 413
+request_too_large and "prompt is too long" are CONTEXT_LENGTH.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+
+from switchgear.adapters import _http
+from switchgear.adapters.base import (
+    AdapterRequest,
+    AdapterResponse,
+    ErrorKind,
+    OptionsError,
+    StreamChunk,
+    Target,
+    TokenUsage,
+    UpstreamError,
+)
+from switchgear.adapters.openai import _redact, _text_len, classify_status, transport_error_kind
+
+PROTOCOL = "anthropic"
+DEFAULT_VERSION = "2023-06-01"
+STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+}
+_KNOWN_OPTIONS = ("version", "beta", "default_max_tokens", "messages_path")
+_PASSED_PARAMS = ("temperature", "top_p", "top_k", "metadata", "tools", "tool_choice")
+
+
+@dataclass(frozen=True)
+class AnthropicOptions:
+    version: str = DEFAULT_VERSION
+    beta: str = ""
+    default_max_tokens: int = 1024
+    messages_path: str = "/v1/messages"
+
+
+def parse_options(options: Mapping[str, Any]) -> AnthropicOptions:
+    """Validate a service's options; OptionsError names the key."""
+    if not isinstance(options, Mapping):
+        raise OptionsError("", f"options for protocol {PROTOCOL} must be a mapping")
+    for key in options:
+        if key not in _KNOWN_OPTIONS:
+            raise OptionsError(str(key), f"unknown option for protocol {PROTOCOL}; known: {', '.join(_KNOWN_OPTIONS)}")
+    defaults = AnthropicOptions()
+    for key in ("version", "beta", "messages_path"):
+        value = options.get(key, getattr(defaults, key))
+        if not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise OptionsError(key, "must be a single-line string")
+    path = options.get("messages_path", defaults.messages_path)
+    if not path.startswith("/"):
+        raise OptionsError("messages_path", "must start with '/'")
+    max_tokens = options.get("default_max_tokens", defaults.default_max_tokens)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise OptionsError("default_max_tokens", "must be an integer >= 1")
+    return AnthropicOptions(options.get("version", defaults.version), options.get("beta", ""), max_tokens, path)
+
+
+# ---------------------------------------------------------------------------------------
+# OpenAI chat <-> Anthropic messages (pure)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _content(content: Any) -> Any:
+    """OpenAI content (string or parts) as Anthropic content (string or text blocks)."""
+    if isinstance(content, list):
+        return [
+            {"type": "text", "text": p["text"]}
+            for p in content
+            if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+        ]
+    return content if isinstance(content, str) else ""
+
+
+def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
+    """An Anthropic Messages body for an OpenAI chat body (raises CLIENT on a bad one)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UpstreamError(ErrorKind.CLIENT, "payload.messages: must be a non-empty list of messages")
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise UpstreamError(ErrorKind.CLIENT, f"payload.messages[{i}]: must be an object with a role")
+        role = message["role"]
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+        elif role in ("user", "assistant"):
+            turns.append({"role": role, "content": _content(message.get("content"))})
+        else:
+            raise UpstreamError(ErrorKind.CLIENT, f"payload.messages[{i}].role: {role!r} cannot be mapped to Anthropic")
+    body: dict[str, Any] = {"model": model or payload.get("model", ""), "messages": turns}
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or default_max_tokens
+    body["max_tokens"] = max_tokens
+    if system:
+        body["system"] = "\n\n".join(system)
+    stop = payload.get("stop")
+    if stop:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    for key in _PASSED_PARAMS:
+        if key in payload:
+            body[key] = payload[key]
+    if payload.get("user"):
+        body["metadata"] = {"user_id": payload["user"]}
+    return body
+
+
+def usage_of(usage: Any) -> TokenUsage | None:
+    """Anthropic usage → TokenUsage; cache reads/writes count as input tokens."""
+    if not isinstance(usage, Mapping):
+        return None
+    inputs = [
+        _http.count(usage.get(k, 0)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    ]
+    output = _http.count(usage.get("output_tokens", 0))
+    if any(v is None for v in inputs) or output is None or "input_tokens" not in usage:
+        return None
+    return TokenUsage(sum(v for v in inputs if v is not None), output)
+
+
+def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: int) -> dict[str, Any]:
+    """An OpenAI `chat.completion` object for an Anthropic message."""
+    content = message.get("content")
+    blocks: list[Any] = content if isinstance(content, list) else []
+    text = "".join(b.get("text", "") for b in blocks if isinstance(b, Mapping) and b.get("type") == "text")
+    tool_calls = [
+        {
+            "id": b.get("id", ""),
+            "type": "function",
+            "function": {"name": b.get("name", ""), "arguments": orjson.dumps(b.get("input", {})).decode()},
+        }
+        for b in blocks
+        if isinstance(b, Mapping) and b.get("type") == "tool_use"
+    ]
+    reply: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    return {
+        "id": f"chatcmpl-{message.get('id', '')}",
+        "object": "chat.completion",
+        "created": created,
+        "model": message.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "logprobs": None,
+                "finish_reason": STOP_REASONS.get(str(message.get("stop_reason")), "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        },
+    }
+
+
+def parse_error(body: bytes) -> tuple[str, str]:
+    """(error.type, error.message) of `{"type":"error","error":{...}}`, else the generic shapes."""
+    return _http.generic_error(body)
+
+
+def classify(status: int, code: str, message: str) -> ErrorKind:
+    """OpenAI's table plus Anthropic's words: 413 and "prompt is too long" → CONTEXT_LENGTH;
+    529 overloaded → RETRYABLE; `rate_limit_error` → RATE_LIMITED whatever the status."""
+    if status == 413 or (status == 400 and "prompt is too long" in message.lower()):
+        return ErrorKind.CONTEXT_LENGTH
+    if code == "rate_limit_error":
+        return ErrorKind.RATE_LIMITED
+    if code == "overloaded_error":
+        return ErrorKind.RETRYABLE
+    return classify_status(status, code, message)
+
+
+def _estimate_prompt_chars(body: Mapping[str, Any]) -> int:
+    messages = body.get("messages")
+    turns: list[Any] = messages if isinstance(messages, list) else []
+    chars = sum(_text_len(m.get("content")) for m in turns if isinstance(m, Mapping))
+    system = body.get("system")
+    return chars + (_text_len(system) if system is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# the adapter
+
+
+class AnthropicAdapter:
+    """Adapter for Anthropic's Messages API. Stateless; safe to share across tasks."""
+
+    protocol: ClassVar[str] = PROTOCOL
+    methods: ClassVar[frozenset[str]] = frozenset({"messages", "chat.completions"})
+    stream_methods: ClassVar[frozenset[str]] = methods
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._wall_clock = wall_clock
+
+    def parse_options(self, options: Mapping[str, Any]) -> AnthropicOptions:
+        return parse_options(options)
+
+    def _prepare(
+        self, target: Target, request: AdapterRequest, stream: bool
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        if request.method not in self.methods:
+            raise UpstreamError(ErrorKind.CLIENT, f"method {request.method!r} is not served by protocol {PROTOCOL}")
+        options = target.options if isinstance(target.options, AnthropicOptions) else AnthropicOptions()
+        if request.method == "chat.completions":
+            body = messages_from_chat(request.payload, target.model, options.default_max_tokens)
+        else:
+            body = dict(request.payload)
+            if target.model:
+                body["model"] = target.model
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                raise UpstreamError(ErrorKind.CLIENT, "payload.messages: must be a non-empty list of messages")
+            body.setdefault("max_tokens", options.default_max_tokens)
+        body.pop("stream", None)
+        if stream:
+            body["stream"] = True
+        _http.check_time(request.timeout_s)
+        headers = {**request.headers, "content-type": "application/json", "anthropic-version": options.version}
+        if options.beta:
+            headers["anthropic-beta"] = options.beta
+        if request.request_id:
+            headers["x-request-id"] = request.request_id
+        if target.api_key:
+            headers["x-api-key"] = target.api_key
+        base = target.base_url.rstrip("/")  # "https://api.anthropic.com" or ".../v1" both work
+        url = base + (options.messages_path.removeprefix("/v1") if base.endswith("/v1") else options.messages_path)
+        return url, headers, body
+
+    async def invoke(self, client: Any, target: Target, request: AdapterRequest) -> AdapterResponse:
+        """One POST /v1/messages; raise UpstreamError on failure."""
+        url, headers, body = self._prepare(target, request, stream=False)
+        response = await _http.send(
+            client,
+            "POST",
+            url,
+            secret=target.api_key,
+            timeout_s=request.timeout_s,
+            headers=headers,
+            content=_http.dumps(body),
+        )
+        if not 200 <= response.status_code < 300:
+            raise _http.response_failure(
+                "POST",
+                url,
+                response,
+                secret=target.api_key,
+                now=self._wall_clock(),
+                parse=parse_error,
+                classify=classify,
+            )
+        message = _http.json_body(response)
+        if not isinstance(message, dict):
+            raise UpstreamError(
+                ErrorKind.RETRYABLE, "upstream answer is not a JSON object", status=response.status_code
+            )
+        usage = usage_of(message.get("usage"))
+        if usage is None:
+            out_chars = sum(_text_len([b]) for b in message.get("content") or () if isinstance(b, Mapping))
+            usage = _http.estimated(_estimate_prompt_chars(body), out_chars)
+        if request.method == "messages":
+            return AdapterResponse(response.content, usage, response.status_code)
+        chat = chat_from_message(message, usage, int(self._wall_clock()))
+        return AdapterResponse(orjson.dumps(chat), usage, response.status_code)
+
+    async def stream(self, client: Any, target: Target, request: AdapterRequest) -> AsyncIterator[StreamChunk]:
+        """One streamed attempt; see the module docstring for the two chunk shapes."""
+        url, headers, body = self._prepare(target, request, stream=True)
+        headers["accept"] = "text/event-stream"
+        state = _MessageStream(request.method == "chat.completions", int(self._wall_clock()))
+        try:
+            async with client.stream(
+                "POST", url, content=_http.dumps(body), headers=headers, timeout=httpx.Timeout(request.timeout_s)
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    await response.aread()
+                    raise _http.response_failure(
+                        "POST",
+                        url,
+                        response,
+                        secret=target.api_key,
+                        now=self._wall_clock(),
+                        parse=parse_error,
+                        classify=classify,
+                    )
+                async for event, data in _http.sse_events(response.aiter_lines()):
+                    chunk = state.feed(event, data)
+                    if chunk is not None:
+                        yield chunk
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            text = f"POST {url}: {type(exc).__name__}: {exc}".rstrip(": ")
+            raise UpstreamError(transport_error_kind(exc), _redact(text, target.api_key)) from None
+        if not state.stopped:
+            raise UpstreamError(ErrorKind.RETRYABLE, f"POST {url}: stream ended before message_stop")
+        usage = state.usage() or _http.estimated(_estimate_prompt_chars(body), state.chars)
+        yield StreamChunk(usage=usage, finish_reason=state.finish_reason)
+
+
+class _MessageStream:
+    """Reads Anthropic's SSE events; yields native events or OpenAI chunks (`as_chat`)."""
+
+    def __init__(self, as_chat: bool, created: int) -> None:
+        self.as_chat = as_chat
+        self.created = created
+        self.id = ""
+        self.model = ""
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.finish_reason: str | None = None
+        self.stopped = False
+        self.chars = 0
+
+    def usage(self) -> TokenUsage | None:
+        if self.input_tokens is None or self.output_tokens is None:
+            return None
+        return TokenUsage(self.input_tokens, self.output_tokens)
+
+    def feed(self, event: str, data: str) -> StreamChunk | None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(ErrorKind.RETRYABLE, f"stream event is not JSON: {data[:120]!r}") from None
+        kind = obj.get("type", event) if isinstance(obj, dict) else event
+        if kind == "error":
+            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            code, message = str(err.get("type", "")), str(err.get("message", ""))
+            error_kind = classify(529 if code == "overloaded_error" else 500, code, message)
+            raise UpstreamError(error_kind, f"error event in stream: [{code}] {message}", body=data.encode())
+        text, content = self._track(kind, obj)
+        if not self.as_chat:
+            return StreamChunk(data=data.encode(), text=text, content=content)
+        return self._chat_chunk(kind, obj, text)
+
+    def _track(self, kind: str, obj: dict[str, Any]) -> tuple[str, bool]:
+        if kind == "message_start":
+            message = obj.get("message") or {}
+            self.id, self.model = str(message.get("id", "")), str(message.get("model", ""))
+            usage = message.get("usage") or {}
+            self.input_tokens = (
+                sum(
+                    _http.count(usage.get(k, 0)) or 0
+                    for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+                )
+                if "input_tokens" in usage
+                else None
+            )
+            self.output_tokens = _http.count(usage.get("output_tokens"))
+        elif kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            text = delta.get("text") if delta.get("type") == "text_delta" else ""
+            text = text if isinstance(text, str) else ""
+            self.chars += len(text)
+            return text, bool(text) or delta.get("type") == "input_json_delta"
+        elif kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            return "", block.get("type") == "tool_use"
+        elif kind == "message_delta":
+            delta = obj.get("delta") or {}
+            if delta.get("stop_reason"):
+                self.finish_reason = STOP_REASONS.get(str(delta["stop_reason"]), "stop")
+            usage = obj.get("usage") or {}
+            if _http.count(usage.get("output_tokens")) is not None:
+                self.output_tokens = usage["output_tokens"]
+            if _http.count(usage.get("input_tokens")) is not None and usage.get("input_tokens"):
+                self.input_tokens = usage["input_tokens"]
+        elif kind == "message_stop":
+            self.stopped = True
+        return "", False
+
+    def _chat_chunk(self, kind: str, obj: dict[str, Any], text: str) -> StreamChunk | None:
+        if kind == "message_start":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+            finish = None
+        elif text:
+            delta, finish = {"content": text}, None
+        elif kind == "message_delta" and self.finish_reason:
+            delta, finish = {}, self.finish_reason
+        else:
+            return None  # ping, block start/stop, message_stop: nothing to say in OpenAI's shape
+        chunk = {
+            "id": f"chatcmpl-{self.id}",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return StreamChunk(data=orjson.dumps(chunk), text=text, content=bool(text))

@@ -1,0 +1,144 @@
+"""The Pinecone adapter: protocol "pinecone".
+
+The endpoint URL is Pinecone's control API (`https://api.pinecone.io`). Data-plane calls go
+to the index's own host, resolved with describe_index (`GET /indexes/{index}` → `host`),
+cached per (control URL, index), and called with the control URL's scheme (https in
+production; http against a local emulator). Every request carries `Api-Key: <key>` and
+`X-Pinecone-API-Version` (option `api_version`, default 2025-04).
+
+Options: `index_name` (the default index), `environment` (legacy pod environment, accepted
+and unused: hosts come from describe_index), `namespace` (default ""), `api_version`.
+
+Methods (payload → request; a payload may name `index`, else the option's):
+- "describe_index": GET /indexes/{index} (control API)
+- "upsert": POST {host}/vectors/upsert `{vectors, namespace}`
+- "query": POST {host}/query `{vector | id, topK, filter, includeValues, includeMetadata, namespace}`
+- "fetch": GET {host}/vectors/fetch?ids=..&namespace=..  (payload `ids`, `namespace`)
+- "delete": POST {host}/vectors/delete `{ids | deleteAll | filter, namespace}`
+- "describe_index_stats": POST {host}/describe_index_stats
+
+Answers pass through. Usage: no tokens (zero usage); query's `usage.readUnits` is Pinecone's
+own unit, left in the body. Errors: control API `{"error": {"code", "message"}, "status"}`,
+data plane `{"code": <grpc code>, "message"}`; a 404 on a data call drops the cached host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+import orjson
+
+from switchgear.adapters import _http
+from switchgear.adapters.base import AdapterRequest, AdapterResponse, ErrorKind, Target, TokenUsage, UpstreamError
+
+PROTOCOL = "pinecone"
+API_VERSION = "2025-04"
+_KNOWN = ("index_name", "environment", "namespace", "api_version")
+_DATA_OPS = {
+    "upsert": ("POST", "/vectors/upsert"),
+    "query": ("POST", "/query"),
+    "fetch": ("GET", "/vectors/fetch"),
+    "delete": ("POST", "/vectors/delete"),
+    "describe_index_stats": ("POST", "/describe_index_stats"),
+}
+_MAX_CACHED_HOSTS = 1024
+
+
+@dataclass(frozen=True)
+class PineconeOptions:
+    index_name: str = ""
+    environment: str = ""
+    namespace: str = ""
+    api_version: str = API_VERSION
+
+
+def parse_options(options: Mapping[str, Any]) -> PineconeOptions:
+    opts = _http.check_options(PROTOCOL, options, _KNOWN)
+    return PineconeOptions(*(_http.str_option(opts, k, getattr(PineconeOptions(), k)) for k in _KNOWN))
+
+
+class PineconeAdapter:
+    """Adapter for Pinecone's control and data-plane REST APIs. Caches index hosts."""
+
+    protocol: ClassVar[str] = PROTOCOL
+    methods: ClassVar[frozenset[str]] = frozenset({"describe_index", *_DATA_OPS})
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._wall_clock = wall_clock
+        self._hosts: dict[tuple[str, str], str] = {}
+
+    def parse_options(self, options: Mapping[str, Any]) -> PineconeOptions:
+        return parse_options(options)
+
+    async def invoke(self, client: Any, target: Target, request: AdapterRequest) -> AdapterResponse:
+        if request.method not in self.methods:
+            raise UpstreamError(ErrorKind.CLIENT, f"method {request.method!r} is not served by protocol {PROTOCOL}")
+        options = target.options if isinstance(target.options, PineconeOptions) else PineconeOptions()
+        payload = dict(request.payload)
+        index = str(payload.pop("index", "") or options.index_name)
+        if not index:
+            raise UpstreamError(ErrorKind.CLIENT, "payload.index: required (no index_name option either)")
+        headers = {**request.headers, "X-Pinecone-API-Version": options.api_version}
+        if request.request_id:
+            headers["X-Request-Id"] = request.request_id
+        if not target.api_key:
+            raise UpstreamError(ErrorKind.CONFIG, "pinecone needs an api key (service api_key reference)")
+        headers["Api-Key"] = target.api_key
+        control = _http.base_url(target.base_url)
+
+        async def call(verb: str, url: str, body: Any = None, **kwargs: Any) -> Any:
+            _, parsed = await _http.call_json(
+                client,
+                verb,
+                url,
+                secret=target.api_key,
+                timeout_s=request.timeout_s,
+                headers=headers,
+                now=self._wall_clock,
+                body=body,
+                **kwargs,
+            )
+            return parsed
+
+        if request.method == "describe_index":
+            described = await call("GET", f"{control}/indexes/{quote(index, safe='')}")
+            self._remember(control, index, described)
+            return AdapterResponse(orjson.dumps(described), TokenUsage(), 200)
+        host = self._hosts.get((control, index))
+        if host is None:
+            host = self._remember(control, index, await call("GET", f"{control}/indexes/{quote(index, safe='')}"))
+        verb, path = _DATA_OPS[request.method]
+        if "namespace" not in payload and options.namespace:
+            payload["namespace"] = options.namespace
+        try:
+            if verb == "GET":
+                ids = payload.get("ids")
+                if not isinstance(ids, list) or not ids:
+                    raise UpstreamError(ErrorKind.CLIENT, "payload.ids: required non-empty list")
+                params: list[tuple[str, str]] = [("ids", str(i)) for i in ids]
+                if payload.get("namespace"):
+                    params.append(("namespace", str(payload["namespace"])))
+                body = await call("GET", host + path, params=params)
+            else:
+                body = await call(verb, host + path, payload)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                self._hosts.pop((control, index), None)
+            raise
+        return AdapterResponse(orjson.dumps(body), TokenUsage(), 200)
+
+    def _remember(self, control: str, index: str, described: Any) -> str:
+        """The data-plane base URL from a describe_index answer (cached)."""
+        host = described.get("host") if isinstance(described, dict) else None
+        if not isinstance(host, str) or not host:
+            raise UpstreamError(ErrorKind.RETRYABLE, f"describe_index {index!r}: answer has no host (index not ready?)")
+        scheme = urlsplit(control).scheme or "https"
+        url = host.rstrip("/") if "://" in host else f"{scheme}://{host.rstrip('/')}"
+        if len(self._hosts) >= _MAX_CACHED_HOSTS:
+            self._hosts.clear()
+        self._hosts[(control, index)] = url
+        return url

@@ -1,0 +1,265 @@
+"""Alert rules: the seed's ALERT_RULES, evaluated per service over the collector's window. Pure.
+
+A rule is `<metric> <op> <threshold>` on one of the seed's metrics (collector.SEED_METRICS),
+with a severity and an action. Per (rule, service):
+- it *fires* when the condition has held for `for_s` seconds on a window with at least
+  `min_requests` attempts;
+- it *recovers* when the condition is clear *with hysteresis* — for `>` the value must fall
+  below threshold * (1 - hysteresis); for `<` rise above min(threshold * (1 + hysteresis),
+  (1 + threshold) / 2) — and has stayed clear for `clear_for_s` seconds. A window without
+  enough attempts counts as clear (no evidence of trouble).
+
+Actions change the policy served in the next snapshot (`policy`), each one undone when its
+alert recovers:
+- enable_circuit_breaker: the breaker's failure_threshold tightened to `breaker_threshold`
+  (fleet-wide: the snapshot has one breaker setting);
+- switch_to_faster_service: the service's strategy becomes "latency";
+- switch_to_cheaper_service: the service's strategy becomes "cost_optimized" (wins over
+  "latency" when both fire: it is the critical one);
+- enable_failover: a service with no fallbacks gets every other service of its category as
+  fallbacks, highest priority first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from switchgear.controlplane.collector import SEED_METRICS
+from switchgear.controlplane.model import AlertRuleSpec, MonitoringSettings, RegistryState
+from switchgear.controlplane.snapshot import ServiceOverride
+
+ACTIONS = ("enable_circuit_breaker", "switch_to_faster_service", "switch_to_cheaper_service", "enable_failover")
+SEVERITIES = ("info", "warning", "critical")
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+
+
+class RuleError(ValueError):
+    """A rule that cannot be used; `path` names the field ("condition", "action", ...)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str
+    condition: str
+    severity: str = "warning"
+    action: str = ""
+    for_s: float = 0.0
+    clear_for_s: float = 30.0
+    hysteresis: float = 0.2
+    min_requests: int = 10
+
+    @property
+    def metric(self) -> str:
+        return parse_condition(self.condition)[0]
+
+    @property
+    def op(self) -> str:
+        return parse_condition(self.condition)[1]
+
+    @property
+    def threshold(self) -> float:
+        return parse_condition(self.condition)[2]
+
+    def holds(self, value: float) -> bool:
+        op, t = self.op, self.threshold
+        return {">": value > t, ">=": value >= t, "<": value < t, "<=": value <= t}[op]
+
+    def cleared(self, value: float) -> bool:
+        """The condition is off by the hysteresis margin."""
+        t, h = self.threshold, self.hysteresis
+        if self.op in (">", ">="):
+            return value < t * (1.0 - h)
+        return value > min(t * (1.0 + h), (1.0 + t) / 2.0) if t <= 1.0 else value > t * (1.0 + h)
+
+
+def parse_condition(text: str) -> tuple[str, str, float]:
+    match = _CONDITION.match(text)
+    if match is None:
+        raise RuleError("condition", f"{text!r} is not '<metric> <op> <number>' (op: > >= < <=)")
+    metric, op, number = match.groups()
+    if metric not in SEED_METRICS:
+        raise RuleError("condition", f"unknown metric {metric!r} (known: {', '.join(SEED_METRICS)})")
+    return metric, op, float(number)
+
+
+def check_rule(rule: AlertRule) -> None:
+    parse_condition(rule.condition)
+    if rule.severity not in SEVERITIES:
+        raise RuleError("severity", f"{rule.severity!r} is not one of {', '.join(SEVERITIES)}")
+    if rule.action and rule.action not in ACTIONS:
+        raise RuleError("action", f"{rule.action!r} is not one of {', '.join(ACTIONS)}")
+    if not 0.0 <= rule.hysteresis < 1.0:
+        raise RuleError("hysteresis", "must be in [0, 1)")
+    if rule.for_s < 0 or rule.clear_for_s < 0 or rule.min_requests < 0:
+        raise RuleError("for", "durations and min_requests must not be negative")
+
+
+#: The seed's ALERT_RULES, as written there (the defaults live in model.MonitoringSettings).
+SEED_RULES: tuple[AlertRule, ...] = tuple(
+    AlertRule(**dataclasses.asdict(spec)) for spec in MonitoringSettings().alert_rules
+)
+
+
+def rules_from_settings(specs: Sequence[AlertRuleSpec]) -> tuple[AlertRule, ...]:
+    return tuple(AlertRule(**dataclasses.asdict(spec)) for spec in specs)
+
+
+@dataclass(frozen=True)
+class Alert:
+    rule: AlertRule
+    service: str
+    value: float  # the metric when it fired, then its latest value
+    fired_at: float  # wall-clock s
+    recovered_at: float | None = None
+    action_detail: str = ""
+    fired_version: str = ""
+    recovered_version: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "fired" or "recovered"
+    alert: Alert
+
+
+@dataclass
+class _Track:
+    true_since: float | None = None
+    clear_since: float | None = None
+    alert: Alert | None = None
+
+
+@dataclass
+class AlertEvaluator:
+    """Fires and recovers alerts; `figures[service][metric]` and `requests[service]` come from
+    the collector's window at each call. Times are the caller's clock (s)."""
+
+    rules: Sequence[AlertRule] = SEED_RULES
+    history_limit: int = 100
+    _tracks: dict[tuple[str, str], _Track] = field(default_factory=dict)
+    _history: list[Alert] = field(default_factory=list)
+
+    def evaluate(
+        self, now: float, figures: Mapping[str, Mapping[str, float]], requests: Mapping[str, int]
+    ) -> list[Event]:
+        events: list[Event] = []
+        for rule in self.rules:
+            for service in sorted(set(figures) | {s for (r, s) in self._tracks if r == rule.name}):
+                event = self._step(now, rule, service, figures.get(service, {}), requests.get(service, 0))
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _step(self, now: float, rule: AlertRule, service: str, figures: Mapping[str, float], n: int) -> Event | None:
+        track = self._tracks.setdefault((rule.name, service), _Track())
+        value = figures.get(rule.metric, 0.0)
+        enough = n >= rule.min_requests
+        if track.alert is None:
+            if enough and rule.holds(value):
+                track.true_since = now if track.true_since is None else track.true_since
+                if now - track.true_since >= rule.for_s:
+                    track.alert, track.clear_since = Alert(rule, service, value, now), None
+                    return Event("fired", track.alert)
+            else:
+                track.true_since = None
+            return None
+        track.alert = _with_value(track.alert, value)
+        if not enough or rule.cleared(value):
+            track.clear_since = now if track.clear_since is None else track.clear_since
+            if now - track.clear_since >= rule.clear_for_s:
+                done = _recovered(track.alert, now)
+                self._history.insert(0, done)
+                del self._history[self.history_limit:]
+                track.alert = track.clear_since = track.true_since = None
+                return Event("recovered", done)
+        else:
+            track.clear_since = None
+        return None
+
+    def annotate(self, alert: Alert, **changes: str) -> None:
+        """Record the action detail and versions on a firing alert or a recovered one."""
+        track = self._tracks.get((alert.rule.name, alert.service))
+        if track is not None and track.alert is not None and track.alert.fired_at == alert.fired_at:
+            track.alert = _replace(track.alert, **changes)
+        same = (alert.rule.name, alert.service, alert.fired_at)
+        self._history = [
+            _replace(a, **changes) if (a.rule.name, a.service, a.fired_at) == same else a for a in self._history
+        ]
+
+    def firing(self) -> list[Alert]:
+        return sorted((t.alert for t in self._tracks.values() if t.alert is not None),
+                      key=lambda a: (a.fired_at, a.rule.name, a.service))
+
+    def recovered(self, limit: int) -> list[Alert]:
+        return self._history[:limit]
+
+
+def _with_value(alert: Alert, value: float) -> Alert:
+    return _replace(alert, value=value)
+
+
+def _recovered(alert: Alert, now: float) -> Alert:
+    return _replace(alert, recovered_at=now)
+
+
+def _replace(alert: Alert, **changes: object) -> Alert:
+    return dataclasses.replace(alert, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What firing alerts change in the served snapshot, and why (one line per alert)."""
+
+    services: tuple[tuple[str, ServiceOverride], ...] = ()
+    breaker_failure_threshold: int = 0
+    details: tuple[tuple[tuple[str, str], str], ...] = ()  # ((rule, service), detail)
+
+    def detail(self, rule: str, service: str) -> str:
+        return dict(self.details).get((rule, service), "")
+
+
+def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: int = 2) -> Policy:
+    """The policy adjustments for the firing alerts, over the registry `state`."""
+    strategies: dict[str, str] = {}
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    details: dict[tuple[str, str], str] = {}
+    breaker = 0
+    configured = state.settings.circuit_breaker.failure_threshold
+    for alert in sorted(firing, key=lambda a: SEVERITIES.index(a.rule.severity)):
+        spec = state.service(alert.service)
+        key = (alert.rule.name, alert.service)
+        if spec is None:
+            continue
+        action = alert.rule.action
+        if action == "enable_circuit_breaker":
+            breaker = min(configured, breaker_threshold)
+            details[key] = f"circuit_breaker.failure_threshold {configured} -> {breaker}"
+        elif action in ("switch_to_faster_service", "switch_to_cheaper_service"):
+            wanted = "latency" if action == "switch_to_faster_service" else "cost_optimized"
+            strategies[alert.service] = wanted  # critical rules come last and win
+            details[key] = f"services[{alert.service}].strategy {spec.strategy or '(policy default)'} -> {wanted}"
+        elif action == "enable_failover":
+            if spec.fallbacks:
+                details[key] = f"services[{alert.service}].fallbacks already {list(spec.fallbacks)}"
+                continue
+            others = sorted(
+                (s for s in state.services if s.category == spec.category and s.name != spec.name),
+                key=lambda s: (-s.priority, s.name),
+            )
+            fallbacks[alert.service] = tuple(s.name for s in others)
+            details[key] = (f"services[{alert.service}].fallbacks [] -> {list(fallbacks[alert.service])}"
+                            if others else f"no other {spec.category.value} service to fail over to")
+    names = sorted(set(strategies) | set(fallbacks))
+    return Policy(
+        services=tuple((n, ServiceOverride(strategies.get(n, ""), fallbacks.get(n))) for n in names),
+        breaker_failure_threshold=breaker if breaker and breaker != configured else 0,
+        details=tuple(sorted(details.items())),
+    )

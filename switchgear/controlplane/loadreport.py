@@ -1,0 +1,83 @@
+"""The load-reporting stream's control-plane end (loadreport.proto): agents' deltas -> Collector.
+
+Thin: it tells each agent the interval and histogram bounds on connect (and a new interval,
+after the agent's next report, when the config changes it), converts every report into
+`LoadDelta`s and records them under the agent's node id; when the stream ends, the agent's
+gauges are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector, LoadDelta
+from switchgear.controlplane.convert import duration
+from switchgear.v1 import loadreport_pb2, loadreport_pb2_grpc
+
+log = logging.getLogger("switchgear.controlplane.loadreport")
+
+
+def delta_from_proto(msg: loadreport_pb2.EndpointLoad) -> LoadDelta:
+    return LoadDelta(
+        service=msg.service, endpoint=msg.endpoint, category=msg.category,
+        issued=msg.requests_issued, succeeded=msg.requests_succeeded,
+        failed=tuple((e.kind, e.count) for e in msg.requests_failed),
+        in_flight=msg.in_flight, latency_sum_s=msg.latency_sum_s, latency_count=msg.latency_count,
+        success_latency_sum_s=msg.success_latency_sum_s, success_latency_count=msg.success_latency_count,
+        latency_buckets=tuple(msg.latency_buckets), ttft_sum_s=msg.ttft_sum_s, ttft_count=msg.ttft_count,
+        input_tokens=msg.input_tokens, output_tokens=msg.output_tokens, cost_usd=msg.cost_usd,
+        failovers=msg.failovers, cache_lookups=msg.cache_lookups, cache_hits=msg.cache_hits,
+        breaker_trips=msg.circuit_breaker_trips, queue_length=msg.queue_length,
+    )
+
+
+class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
+    def __init__(
+        self,
+        collector: Collector,
+        interval_s: Callable[[], float],
+        *,
+        bounds_s: Sequence[float] = DEFAULT_LATENCY_BOUNDS_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._collector = collector
+        self._interval_s = interval_s
+        self._bounds = list(bounds_s)
+        self._clock = clock
+        self.reports = 0
+
+    async def StreamLoadStats(  # noqa: N802 (generated name)
+        self,
+        request_iterator: AsyncIterator[loadreport_pb2.StreamLoadStatsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[loadreport_pb2.StreamLoadStatsResponse]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if not first.node.id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id: required on the first request")
+        node = first.node.id
+        log.info("agent %s reports load", node)
+        told = self._interval_s()
+        yield loadreport_pb2.StreamLoadStatsResponse(
+            load_reporting_interval=duration(told), latency_bucket_bounds_s=self._bounds
+        )
+        try:
+            self._record(node, first)
+            async for request in request_iterator:
+                self._record(node, request)
+                if (wanted := self._interval_s()) != told:  # a config change: tell the agent at once
+                    told = wanted
+                    yield loadreport_pb2.StreamLoadStatsResponse(load_reporting_interval=duration(told))
+        finally:
+            self._collector.agent_gone(node)
+
+    def _record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
+        # Every report, empty ones too: an empty report says nothing is in flight any more.
+        self.reports += 1
+        self._collector.record(node, [delta_from_proto(m) for m in request.endpoint_loads], self._clock())

@@ -1,0 +1,261 @@
+"""The TasksService servicer and its wiring into the control plane's gRPC server.
+
+Thin: convert, call the scheduler, map failures to gRPC codes (malformed -> INVALID_ARGUMENT
+naming the field; unknown service/task/blob -> NOT_FOUND; idempotency key reused for another
+request -> ALREADY_EXISTS; requirements that can never fit -> FAILED_PRECONDITION with
+"Resource allocation failed: ..."; cancelling a final task -> FAILED_PRECONDITION).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
+
+import grpc
+
+from switchgear.controlplane.convert import duration, timestamp
+from switchgear.controlplane.model import RegistryState
+from switchgear.controlplane.tasks import convert
+from switchgear.controlplane.tasks.lifecycle import Completion, TransitionError
+from switchgear.controlplane.tasks.model import Task
+from switchgear.controlplane.tasks.scheduler import (
+    SchedulerOptions,
+    Submission,
+    SubmitError,
+    TaskNotFound,
+    TaskScheduler,
+)
+from switchgear.controlplane.tasks.store import TaskStore
+from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
+
+log = logging.getLogger("switchgear.controlplane.tasks")
+
+SERVICE_NAME = tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].full_name
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
+#: Request ids of calls made by task workers (dataplane/worker.py, same value: the wire contract).
+TASK_REQUEST_PREFIX = "sgtask:"
+DEFER_MESSAGE = "Document processing service unavailable, queued for later processing"
+_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "conflict": grpc.StatusCode.ALREADY_EXISTS,
+    "resources": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")
+
+
+class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
+    def __init__(self, scheduler: TaskScheduler) -> None:
+        self._s = scheduler
+
+    def _proto(self, task: Task, with_payload: bool = True) -> tasks_pb2.Task:
+        return convert.task_to_proto(task, self._s.effective_priority(task), with_payload=with_payload)
+
+    async def _submit(self, sub: Submission, context: grpc.aio.ServicerContext) -> tuple[Task, bool]:
+        try:
+            return self._s.submit(sub)
+        except SubmitError as exc:
+            await _abort(context, _CODES[exc.code], str(exc))
+
+    async def SubmitTask(  # noqa: N802
+        self, request: tasks_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.SubmitTaskResponse:
+        task, created = await self._submit(convert.submission_from_proto(request), context)
+        return tasks_pb2.SubmitTaskResponse(task=self._proto(task), created=created)
+
+    async def DeferInvoke(  # noqa: N802
+        self, request: tasks_pb2.DeferInvokeRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.DeferInvokeResponse:
+        try:
+            sub = convert.defer_from_proto(request)
+        except convert.ConvertError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.request_id.startswith(TASK_REQUEST_PREFIX):
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "request_id: a task worker's call is not deferred again (the task itself retries)")
+        task, created = await self._submit(sub, context)
+        if created:
+            log.info("request %s to %s deferred as task %s: %s", request.request_id, request.service, task.id,
+                     request.reason or "no reason given")
+        return tasks_pb2.DeferInvokeResponse(task=self._proto(task), queue_id=f"queue_{request.request_id}",
+                                             message=DEFER_MESSAGE)
+
+    async def UploadBlob(  # noqa: N802
+        self, request_iterator: AsyncIterator[tasks_pb2.UploadBlobRequest], context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.UploadBlobResponse:
+        parts: list[bytes] = []
+        size, content_type = 0, ""
+        async for part in request_iterator:
+            content_type = content_type or part.content_type
+            size += len(part.chunk)
+            if size > MAX_BLOB_BYTES:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"chunk: blob larger than {MAX_BLOB_BYTES} bytes")
+            parts.append(part.chunk)
+        blob_id = self._s.put_blob(b"".join(parts), content_type or "application/json")
+        return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
+
+    async def DownloadBlob(  # noqa: N802
+        self, request: tasks_pb2.DownloadBlobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tasks_pb2.DownloadBlobResponse]:
+        data = self._s.blob(request.blob_id)
+        if data is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"blob_id: no blob {request.blob_id!r}")
+        for start in range(0, max(1, len(data)), CHUNK_BYTES):
+            yield tasks_pb2.DownloadBlobResponse(chunk=data[start:start + CHUNK_BYTES])
+
+    async def _get(self, task_id: str, context: grpc.aio.ServicerContext) -> Task:
+        if not task_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "id: required")
+        try:
+            return self._s.get(task_id)
+        except TaskNotFound:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"id: no task {task_id!r}")
+
+    async def GetTask(  # noqa: N802
+        self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.GetTaskResponse:
+        return tasks_pb2.GetTaskResponse(task=self._proto(await self._get(request.id, context)))
+
+    async def CancelTask(  # noqa: N802
+        self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.CancelTaskResponse:
+        await self._get(request.id, context)
+        try:
+            task = self._s.cancel(request.id)
+        except TransitionError as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return tasks_pb2.CancelTaskResponse(task=self._proto(task))
+
+    async def ListTasks(  # noqa: N802
+        self, request: tasks_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ListTasksResponse:
+        try:
+            states = [convert.state_from_proto(s, f"states[{i}]") for i, s in enumerate(request.states)]
+        except convert.ConvertError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.limit > 1000:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "limit: at most 1000")
+        tasks = self._s.list_tasks(states, request.tenant, request.service, request.limit or 100)
+        return tasks_pb2.ListTasksResponse(tasks=[self._proto(t, with_payload=False) for t in tasks])
+
+    async def WatchTasks(  # noqa: N802
+        self, request: tasks_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tasks_pb2.WatchTasksResponse]:
+        ids = set(request.ids)
+
+        def wanted(t: Task) -> bool:
+            return (not ids or t.id in ids) and request.tenant in ("", t.tenant) and request.service in ("", t.service)
+
+        with self._s.watch() as changes:  # subscribed before reading, so nothing falls between
+            if ids:
+                current = []
+                for task_id in sorted(ids):
+                    try:
+                        current.append(self._s.get(task_id))
+                    except TaskNotFound:
+                        await _abort(context, grpc.StatusCode.NOT_FOUND, f"ids: no task {task_id!r}")
+            else:
+                current = self._s.list_tasks((), request.tenant, request.service, 1000)
+            open_ids = {t.id for t in current if not t.state.final}
+            for task in current:
+                yield tasks_pb2.WatchTasksResponse(task=self._proto(task, with_payload=False))
+            while not ids or open_ids:
+                changed = await changes.get()
+                if changed is None:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 "watcher fell too far behind; watch again")
+                if not wanted(changed):
+                    continue
+                if changed.state.final:
+                    open_ids.discard(changed.id)
+                yield tasks_pb2.WatchTasksResponse(task=self._proto(changed, with_payload=False))
+
+    async def GetTaskStats(  # noqa: N802
+        self, request: tasks_pb2.GetTaskStatsRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.GetTaskStatsResponse:
+        return convert.stats_to_proto(self._s.stats())
+
+    async def LeaseTasks(  # noqa: N802
+        self, request: tasks_pb2.LeaseTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.LeaseTasksResponse:
+        try:
+            offer, wait_s = convert.offer_from_proto(request)
+        except convert.ConvertError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        leased = await self._s.lease(offer, wait_s)
+        if leased and context.cancelled():  # the agent gave up waiting: hand them straight back
+            for t in leased:
+                self._s.complete(t.id, Completion("released", t.lease_id))
+            return tasks_pb2.LeaseTasksResponse()
+        ttl = duration(self._s.options.lease_ttl_s)
+        return tasks_pb2.LeaseTasksResponse(
+            leases=[tasks_pb2.LeasedTask(task=self._proto(t), lease_id=t.lease_id, lease_ttl=ttl) for t in leased]
+        )
+
+    async def HeartbeatTask(  # noqa: N802
+        self, request: tasks_pb2.HeartbeatTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.HeartbeatTaskResponse:
+        await self._get(request.task_id, context)
+        beat = self._s.heartbeat(request.task_id, request.lease_id, request.progress, request.progress_message,
+                                 request.started)
+        reply = tasks_pb2.HeartbeatTaskResponse(lease_valid=beat.lease_valid, cancelled=beat.cancelled)
+        if beat.lease_valid:
+            reply.lease_expires_at.CopyFrom(timestamp(beat.task.lease_expires_at))
+        return reply
+
+    async def CompleteTask(  # noqa: N802
+        self, request: tasks_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.CompleteTaskResponse:
+        await self._get(request.task_id, context)
+        try:
+            report = convert.completion_from_proto(request)
+        except convert.ConvertError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        accepted, task = self._s.complete(request.task_id, report)
+        return tasks_pb2.CompleteTaskResponse(accepted=accepted, task=self._proto(task, with_payload=False))
+
+
+class TasksRuntime:
+    """The scheduler, its servicer and the lease sweeper, as the control plane runs them."""
+
+    def __init__(self, db_path: str, registry_state: Callable[[], RegistryState], options: SchedulerOptions) -> None:
+        self.store = TaskStore(db_path)
+        self.scheduler = TaskScheduler(self.store, registry_state, options)
+        self.servicer = TasksServicer(self.scheduler)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, min(1.0, self.scheduler.options.lease_ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.scheduler.sweep()
+            except Exception:  # a failed sweep must not stop the next one
+                log.exception("task lease sweep failed")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self.store.close()
+
+
+def attach(server: grpc.aio.Server, db_path: str, registry_state: Callable[[], RegistryState],
+           options: SchedulerOptions | None = None) -> TasksRuntime:
+    """Add TasksService to `server`; call `.start()` once the loop runs and `await .close()` at the end."""
+    runtime = TasksRuntime(db_path, registry_state, options or SchedulerOptions())
+    tasks_pb2_grpc.add_TasksServiceServicer_to_server(runtime.servicer, server)
+    return runtime

@@ -1,0 +1,205 @@
+"""Tasks, their attempts and uploaded blobs: tables in the control plane's SQLite file.
+
+A second connection on the registry's file (WAL mode), so the task tables live and move with
+the rest of the control plane's state without the registry's store knowing them. Every change
+is one transaction. Not thread-safe: use it from the control plane's event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from switchgear.controlplane.store import _transaction
+from switchgear.controlplane.tasks.model import Resources, Task, TaskError, TaskState, Usage
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, service TEXT NOT NULL, category TEXT NOT NULL,
+    method TEXT NOT NULL, priority INTEGER NOT NULL,
+    req_cpu REAL NOT NULL, req_memory REAL NOT NULL, req_gpu REAL NOT NULL, req_iops REAL NOT NULL,
+    req_mbps REAL NOT NULL, submitted_at REAL NOT NULL, payload BLOB NOT NULL, payload_blob_id TEXT NOT NULL,
+    timeout_s REAL NOT NULL, idempotency_key TEXT NOT NULL, request_hash TEXT NOT NULL,
+    max_attempts INTEGER NOT NULL, origin TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    not_before REAL NOT NULL, lease_id TEXT NOT NULL, agent TEXT NOT NULL, lease_expires_at REAL NOT NULL,
+    started_at REAL NOT NULL, finished_at REAL NOT NULL, updated_at REAL NOT NULL, progress REAL NOT NULL,
+    progress_message TEXT NOT NULL, result BLOB NOT NULL, endpoint TEXT NOT NULL, usage TEXT NOT NULL,
+    error_kind TEXT NOT NULL, error_message TEXT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(tenant, idempotency_key) WHERE idempotency_key != '';
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks(state, service, not_before);
+CREATE INDEX IF NOT EXISTS tasks_agent ON tasks(agent, state);
+CREATE TABLE IF NOT EXISTS task_attempts (
+    task_id TEXT NOT NULL, lease_id TEXT NOT NULL, attempt INTEGER NOT NULL, agent TEXT NOT NULL,
+    leased_at REAL NOT NULL, ended_at REAL NOT NULL DEFAULT 0, outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (task_id, lease_id));
+CREATE TABLE IF NOT EXISTS task_blobs (
+    id TEXT PRIMARY KEY, size INTEGER NOT NULL, content_type TEXT NOT NULL, data BLOB NOT NULL,
+    created_at REAL NOT NULL);
+"""
+
+_COLUMNS = (
+    "id", "tenant", "service", "category", "method", "priority", "req_cpu", "req_memory", "req_gpu", "req_iops",
+    "req_mbps", "submitted_at", "payload", "payload_blob_id", "timeout_s", "idempotency_key", "request_hash",
+    "max_attempts", "origin", "state", "attempts", "not_before", "lease_id", "agent", "lease_expires_at",
+    "started_at", "finished_at", "updated_at", "progress", "progress_message", "result", "endpoint", "usage",
+    "error_kind", "error_message",
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
+#: Without the payload and result, which may be large: for deciding, never for saving.
+_SELECT_LIGHT = "SELECT " + ", ".join("X''" if c in ("payload", "result") else c for c in _COLUMNS) + " FROM tasks"
+_INSERT = f"INSERT INTO tasks({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPDATE = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ?"
+
+
+def _row(t: Task) -> tuple[Any, ...]:
+    r = t.requirements
+    usage = orjson.dumps([t.usage.input_tokens, t.usage.output_tokens, t.usage.cost_usd, t.usage.estimated])
+    return (
+        t.id, t.tenant, t.service, t.category, t.method, t.priority, r.cpu, r.memory_bytes, r.gpu, r.disk_iops,
+        r.network_mbps, t.submitted_at, t.payload, t.payload_blob_id, t.timeout_s, t.idempotency_key,
+        t.request_hash, t.max_attempts, t.origin, t.state.value, t.attempts, t.not_before, t.lease_id, t.agent,
+        t.lease_expires_at, t.started_at, t.finished_at, t.updated_at, t.progress, t.progress_message, t.result,
+        t.endpoint, usage.decode(), t.error.kind if t.error else "", t.error.message if t.error else "",
+    )
+
+
+def _task(row: Sequence[Any]) -> Task:
+    v = dict(zip(_COLUMNS, row, strict=True))
+    tokens_in, tokens_out, cost, estimated = orjson.loads(v["usage"])
+    return Task(
+        id=v["id"], tenant=v["tenant"], service=v["service"], category=v["category"], method=v["method"],
+        priority=v["priority"],
+        requirements=Resources(v["req_cpu"], v["req_memory"], v["req_gpu"], v["req_iops"], v["req_mbps"]),
+        submitted_at=v["submitted_at"], payload=bytes(v["payload"]), payload_blob_id=v["payload_blob_id"],
+        timeout_s=v["timeout_s"], idempotency_key=v["idempotency_key"], request_hash=v["request_hash"],
+        max_attempts=v["max_attempts"], origin=v["origin"], state=TaskState(v["state"]), attempts=v["attempts"],
+        not_before=v["not_before"], lease_id=v["lease_id"], agent=v["agent"],
+        lease_expires_at=v["lease_expires_at"], started_at=v["started_at"], finished_at=v["finished_at"],
+        updated_at=v["updated_at"], progress=v["progress"], progress_message=v["progress_message"],
+        result=bytes(v["result"]), endpoint=v["endpoint"],
+        usage=Usage(int(tokens_in), int(tokens_out), float(cost), bool(estimated)),
+        error=TaskError(v["error_kind"], v["error_message"]) if v["error_kind"] else None,
+    )
+
+
+class TaskStore:
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- tasks
+
+    def insert(self, task: Task) -> tuple[Task, bool]:
+        """Insert `task`, or return the task already holding its (tenant, idempotency key)."""
+        with _transaction(self._db) as db:
+            if task.idempotency_key:
+                found = db.execute(f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?",
+                                   (task.tenant, task.idempotency_key)).fetchone()
+                if found:
+                    return _task(found), False
+            db.execute(_INSERT, _row(task))
+        return task, True
+
+    def get(self, task_id: str) -> Task | None:
+        row = self._db.execute(f"{_SELECT} WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else _task(row)
+
+    def save(self, tasks: Iterable[Task], attempts_started: Iterable[tuple[Task, float]] = (),
+             attempts_ended: Iterable[tuple[Task, str, float, str]] = ()) -> None:
+        """Write tasks and attempt records in one transaction.
+
+        `attempts_started`: (leased task, at); `attempts_ended`: (task, lease id, at, outcome).
+        """
+        with _transaction(self._db) as db:
+            for t in tasks:
+                row = _row(t)
+                db.execute(_UPDATE, (*row[1:], row[0]))
+            for t, at in attempts_started:
+                db.execute("INSERT OR IGNORE INTO task_attempts(task_id, lease_id, attempt, agent, leased_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (t.id, t.lease_id, t.attempts, t.agent, at))
+            for t, lease_id, at, outcome in attempts_ended:
+                db.execute("UPDATE task_attempts SET ended_at = ?, outcome = ? "
+                           "WHERE task_id = ? AND lease_id = ? AND ended_at = 0", (at, outcome, t.id, lease_id))
+
+    def lease_known(self, task_id: str, lease_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM task_attempts WHERE task_id = ? AND lease_id = ?",
+                               (task_id, lease_id)).fetchone()
+        return row is not None
+
+    def candidates(self, services: Iterable[str], now: float, aging_interval_s: float, limit: int) -> list[Task]:
+        """Ready queued tasks of `services`, best first by the queue's order (queue.order_key).
+
+        Loaded without payload and result: load a chosen one with `get` before changing it."""
+        names = sorted(services)
+        if not names:
+            return []
+        marks = ", ".join("?" * len(names))
+        aged = "MIN(10.0, priority + MAX(0.0, ? - submitted_at) / ?)"
+        if aging_interval_s <= 0:
+            aged = "priority + 0 * ? * ?"  # same parameters, no aging
+        rows = self._db.execute(
+            f"{_SELECT_LIGHT} WHERE state = 'queued' AND not_before <= ? AND service IN ({marks}) "
+            f"ORDER BY {aged} DESC, submitted_at, id LIMIT ?",
+            (now, *names, now, aging_interval_s or 1.0, limit),
+        )
+        return [_task(r) for r in rows]
+
+    def queued_services(self) -> set[str]:
+        return {str(r[0]) for r in self._db.execute("SELECT DISTINCT service FROM tasks WHERE state = 'queued'")}
+
+    def queued_of(self, service: str) -> list[Task]:
+        return [_task(r) for r in self._db.execute(f"{_SELECT} WHERE state = 'queued' AND service = ?", (service,))]
+
+    def holding(self, agent: str) -> list[Task]:
+        """Tasks `agent` holds a lease on (loaded light: for accounting only)."""
+        rows = self._db.execute(f"{_SELECT_LIGHT} WHERE agent = ? AND state IN ('leased', 'running')", (agent,))
+        return [_task(r) for r in rows]
+
+    def in_flight(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('leased', 'running')").fetchone()[0])
+
+    def leased(self) -> list[Task]:
+        return [_task(r) for r in self._db.execute(f"{_SELECT} WHERE state IN ('leased', 'running')")]
+
+    def list(self, states: Sequence[TaskState], tenant: str, service: str, limit: int) -> list[Task]:
+        where, args = ["1 = 1"], []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if tenant:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if service:
+            where.append("service = ?")
+            args.append(service)
+        rows = self._db.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY submitted_at DESC, id LIMIT ?",
+                                (*args, limit))
+        return [_task(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+        return {s.value: int(found.get(s.value, 0)) for s in TaskState}
+
+    # -- blobs
+
+    def put_blob(self, data: bytes, content_type: str, now: float) -> str:
+        blob_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        with _transaction(self._db) as db:
+            db.execute("INSERT OR IGNORE INTO task_blobs(id, size, content_type, data, created_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (blob_id, len(data), content_type, data, now))
+        return blob_id
+
+    def get_blob(self, blob_id: str) -> bytes | None:
+        row = self._db.execute("SELECT data FROM task_blobs WHERE id = ?", (blob_id,)).fetchone()
+        return None if row is None else bytes(row[0])

@@ -1,0 +1,355 @@
+"""The agent's OpenAI-compatible HTTP front door (aiohttp, on a second port).
+
+    POST /v1/chat/completions   JSON, or SSE when "stream": true
+    POST /v1/embeddings
+    GET  /v1/models             the snapshot's llm and embedding services
+    GET  /v1/models/{model}
+
+The request's `model` names a Switchgear service; the call then goes through the same
+`Invoker` (non-streaming) or `Streamer` (SSE) as gRPC — same routing, failover, observers.
+Any provider's answer comes back in OpenAI's shape (the Anthropic adapter maps it).
+
+Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 naming the
+field for malformed input, 404 `model_not_found`, and upstream failures by kind (see
+`STATUS_BY_KIND`: rate limited → 429 with Retry-After, unavailable → 503, timeout → 504).
+Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s).
+Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers.
+A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
+event and no `[DONE]` (no failover is possible once tokens went out).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError
+from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.dataplane.stream import StreamEnd, Streamer
+
+MODEL_CATEGORIES = ("llm", "embedding")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+#: HTTP status, OpenAI error type and code for a final upstream failure.
+STATUS_BY_KIND: Mapping[ErrorKind, tuple[int, str, str]] = {
+    ErrorKind.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    ErrorKind.RETRYABLE: (503, "server_error", "upstream_unavailable"),
+    ErrorKind.CONNECT: (503, "server_error", "upstream_unavailable"),
+    ErrorKind.TIMEOUT: (504, "timeout_error", "upstream_timeout"),
+    ErrorKind.CLIENT: (400, "invalid_request_error", "upstream_rejected"),
+    ErrorKind.CONTEXT_LENGTH: (400, "invalid_request_error", "context_length_exceeded"),
+    ErrorKind.AUTH: (502, "upstream_auth_error", "upstream_auth_failed"),
+    ErrorKind.CONFIG: (500, "server_error", "agent_misconfigured"),
+}
+
+_HOLDER = web.AppKey("holder", Holder)
+_INVOKER = web.AppKey("invoker", Invoker)
+_STREAMER = web.AppKey("streamer", Streamer)
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.Response(
+            status=self.status, body=orjson.dumps(body), content_type="application/json", headers=self.headers
+        )
+
+    def sse(self) -> bytes:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def failure_error(error: UpstreamError, attempts: int) -> ApiError:
+    status, type_, code = STATUS_BY_KIND[error.kind]
+    if error.kind is ErrorKind.CLIENT and error.status is not None and 400 <= error.status < 500:
+        status = error.status  # pass the upstream's own 4xx (404, 413, 422, ...) through
+    headers = {"x-switchgear-attempts": str(attempts), "x-switchgear-error-kind": error.kind.value}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    param = "messages" if error.kind is ErrorKind.CONTEXT_LENGTH else None
+    return ApiError(
+        status, f"{error.kind.value} after {attempts} attempt(s): {error.message}", type_, param, code, headers
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# request parsing (pure)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
+    return body
+
+
+def check_chat(body: Mapping[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(
+            400,
+            "'messages' must be a non-empty array",
+            param="messages",
+            code="missing_required_parameter" if messages is None else "invalid_type",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(
+                400,
+                f"messages[{i}] must be an object with a string 'role'",
+                param=f"messages[{i}]",
+                code="invalid_type",
+            )
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+
+
+def check_embeddings(body: Mapping[str, Any]) -> None:
+    value = body.get("input")
+    if not ((isinstance(value, str) and value) or (isinstance(value, list) and value)):
+        raise ApiError(
+            400,
+            "'input' must be a non-empty string or array",
+            param="input",
+            code="missing_required_parameter" if value is None else "invalid_type",
+        )
+
+
+def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
+    priority_text = request.headers.get("x-switchgear-priority", "0")
+    timeout_text = request.headers.get("x-switchgear-timeout", "0")
+    try:
+        priority, timeout_s = int(priority_text), float(timeout_text)
+    except ValueError:
+        raise ApiError(
+            400,
+            "x-switchgear-priority must be an integer and x-switchgear-timeout a number of seconds",
+            param="headers",
+        ) from None
+    if not 0 <= priority <= 10 or not 0 <= timeout_s <= MAX_TIMEOUT_S:
+        raise ApiError(400, f"priority must be 0..10 and timeout 0..{MAX_TIMEOUT_S:g} s", param="headers")
+    user = body.get("user")
+    return Call(
+        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        category="",
+        service=body["model"],
+        method=method,
+        payload=body,
+        priority=priority or 5,
+        timeout_s=timeout_s,
+        user_id=user if isinstance(user, str) else "",
+        session_id=request.headers.get("x-switchgear-session", ""),
+    )
+
+
+def model_object(name: str, category: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner, "switchgear_category": category}
+
+
+# ---------------------------------------------------------------------------------------
+# handlers
+
+
+def _snapshot(request: web.Request) -> AgentSnapshot:
+    snapshot = request.app[_HOLDER].current
+    if snapshot is None:
+        raise ApiError(503, "agent has no snapshot from the control plane yet", "server_error", code="not_ready")
+    return snapshot
+
+
+def _check_model(snapshot: AgentSnapshot, name: str, category: str) -> None:
+    service = snapshot.services.get(name)
+    if service is None or service.category not in MODEL_CATEGORIES:
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    if category and service.category != category:
+        raise ApiError(
+            400,
+            f"model `{name}` is a {service.category} service, not {category}",
+            param="model",
+            code="model_not_supported",
+        )
+
+
+def _result_headers(result: Result) -> dict[str, str]:
+    return {
+        "x-switchgear-service": result.service,
+        "x-switchgear-endpoint": result.endpoint,
+        "x-switchgear-attempts": str(result.attempts),
+        "x-switchgear-cost-usd": f"{result.cost_usd:.8f}",
+        "x-switchgear-snapshot-version": result.version,
+    }
+
+
+async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:
+    snapshot = _snapshot(request)
+    body = parse_body(await request.read())
+    (check_chat if method == "chat.completions" else check_embeddings)(body)
+    _check_model(snapshot, body["model"], category)
+    call = make_call(request, body, method)
+    if body.get("stream") is True:
+        return await _stream(request, call, snapshot, body)
+    try:
+        result = await request.app[_INVOKER].invoke(call, snapshot)
+    except CallFailed as exc:
+        raise failure_error(exc.error, exc.attempts) from None
+    return web.Response(body=result.body, content_type="application/json", headers=_result_headers(result))
+
+
+async def _stream(
+    request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any]
+) -> web.StreamResponse:
+    items = request.app[_STREAMER].stream(call, snapshot)
+    try:
+        first = await anext(items)
+    except CallFailed as exc:
+        raise failure_error(exc.error, exc.attempts) from None
+    except StopAsyncIteration:
+        raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "x-request-id": call.request_id,
+        }
+    )
+    await response.prepare(request)
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    item: bytes | StreamEnd = first
+    try:
+        while not isinstance(item, StreamEnd):
+            await response.write(b"data: " + item + b"\n\n")
+            item = await anext(items)
+    finally:
+        await items.aclose()
+    if item.error is not None:
+        error = failure_error(item.error, item.attempts)
+        error.message = f"stream interrupted after the first token (no failover possible): {error.message}"
+        await response.write(error.sse())
+    else:
+        if include_usage:
+            await response.write(b"data: " + orjson.dumps(_usage_chunk(call, item)) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _usage_chunk(call: Call, end: StreamEnd) -> dict[str, Any]:
+    usage = end.usage
+    return {
+        "id": f"chatcmpl-{call.request_id}",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": call.service,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        },
+    }
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _invoke(request, "chat.completions", "llm")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _invoke(request, "embeddings", "")
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    snapshot = _snapshot(request)
+    data = [
+        model_object(s.name, s.category, s.protocol)
+        for s in snapshot.services.values()
+        if s.category in MODEL_CATEGORIES and not s.unsupported
+    ]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    snapshot = _snapshot(request)
+    name = request.match_info["model"]
+    _check_model(snapshot, name, "")
+    service = snapshot.services[name]
+    return web.Response(
+        body=orjson.dumps(model_object(name, service.category, service.protocol)), content_type="application/json"
+    )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except ApiError as exc:
+        return exc.response()
+    except RequestError as exc:
+        return ApiError(400, exc.message, param=exc.path).response()
+    except ServiceNotFound as exc:
+        return ApiError(404, str(exc), param="model", code="model_not_found").response()
+    except Unsupported as exc:
+        return ApiError(501, str(exc), "server_error", code="unsupported").response()
+    except web.HTTPRequestEntityTooLarge:
+        return ApiError(413, "request body too large", code="request_too_large").response()
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        return ApiError(exc.status, f"Invalid URL ({request.method} {request.path})", code="unknown_url").response()
+
+
+def build_app(holder: Holder, invoker: Invoker, streamer: Streamer) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[_HOLDER] = holder
+    app[_INVOKER] = invoker
+    app[_STREAMER] = streamer
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    return app
+
+
+async def start(holder: Holder, invoker: Invoker, streamer: Streamer, listen: str) -> tuple[web.AppRunner, str]:
+    """Start the front door on `listen` ("host:port", port 0 picks one); (runner, bound address)."""
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(
+        build_app(holder, invoker, streamer), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), backlog=1024)
+    await site.start()
+    bound = runner.addresses[0]
+    return runner, f"{host or '127.0.0.1'}:{bound[1]}"

@@ -1,0 +1,240 @@
+"""The agent's /metrics: what this agent saw of each endpoint, and its own overhead.
+
+Families (labels service, endpoint, category; endpoint="" carries service-level figures), all
+named `switchgear_<seed name>` as on the control plane, for this agent only:
+request_count, circuit_breaker_trips, failover_count (counters since start); success_rate,
+error_rate, avg_response_time (ms), cost_per_hour (USD), cache_hit_rate (gauges over the last
+`window_s`); queue_length, resource_utilization, in_flight (gauges now). Plus histograms
+switchgear_response_time_seconds (attempt latency, for PromQL quantiles) and
+switchgear_gateway_overhead_seconds (time an Invoke spent in Switchgear, excluding upstream
+attempts), and switchgear_snapshot_info.
+
+Cost: an attempt is a few dict updates on the event loop; families are built at scrape time.
+
+Hooks for components other issues add (O(1), call from the event loop):
+`record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
+`set_queue_length(service, n)`, `set_resource_utilization(service, endpoint, ratio)`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextvars
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector as PromCollector
+
+from switchgear.dataplane.events import AttemptEnd, AttemptStart
+
+LABELS = ("service", "endpoint", "category")
+LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OVERHEAD_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+Key = tuple[str, str]
+
+#: Upstream seconds of the Invoke being measured on this task (None outside `measure`).
+_UPSTREAM: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("switchgear_upstream", default=None)
+
+
+@dataclass
+class _Totals:
+    category: str = ""
+    issued: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    failovers: int = 0
+    breaker_trips: int = 0
+    cache_lookups: int = 0
+    cache_hits: int = 0
+    latency_sum_s: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_S) + 1))
+
+
+class _Window:
+    """Per-second sums over the last `window_s`: [finished, succeeded, latency_sum, cost, lookups, hits]."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.seconds: dict[int, list[float]] = {}
+
+    def add(self, now: float, index: int, value: float) -> None:
+        row = self.seconds.get(int(now))
+        if row is None:
+            row = self.seconds[int(now)] = [0.0] * 6
+            oldest = int(now - self.window_s)
+            for old in [s for s in self.seconds if s <= oldest]:
+                del self.seconds[old]
+        row[index] += value
+
+    def sums(self, now: float) -> list[float]:
+        oldest = int(now - self.window_s)
+        total = [0.0] * 6
+        for second, row in self.seconds.items():
+            if second > oldest:
+                for i, v in enumerate(row):
+                    total[i] += v
+        return total
+
+
+class AgentMetrics(PromCollector):
+    """AttemptObserver + Prometheus collector. Use from the event loop (scrapes come from the
+    metrics thread and only read; a scrape racing an update may see it half applied)."""
+
+    def __init__(self, *, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 version: Callable[[], str] = lambda: "") -> None:
+        self._clock = clock
+        self._window_s = window_s
+        self._version = version
+        self._totals: dict[Key, _Totals] = {}
+        self._windows: dict[Key, _Window] = {}
+        self._in_flight: dict[Key, int] = {}
+        self._queue: dict[str, int] = {}
+        self._utilization: dict[Key, float] = {}
+        self._overhead = [0] * (len(OVERHEAD_BOUNDS_S) + 1)
+        self._overhead_sum = 0.0
+
+    def _key(self, service: str, endpoint: str, category: str = "") -> tuple[_Totals, _Window]:
+        key = (service, endpoint)
+        totals = self._totals.get(key)
+        if totals is None:
+            totals = self._totals[key] = _Totals(category)
+            self._windows[key] = _Window(self._window_s)
+        return totals, self._windows[key]
+
+    # AttemptObserver
+    def attempt_started(self, event: AttemptStart) -> None:
+        totals, _ = self._key(event.service, event.endpoint, event.category)
+        totals.issued += 1
+        if event.attempt > 1:
+            totals.failovers += 1
+        key = (event.service, event.endpoint)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def attempt_ended(self, event: AttemptEnd) -> None:
+        totals, window = self._key(event.service, event.endpoint, event.category)
+        key = (event.service, event.endpoint)
+        self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
+        now = self._clock()
+        ok = event.error is None
+        totals.succeeded += ok
+        totals.failed += not ok
+        totals.latency_sum_s += event.latency_s
+        totals.buckets[bisect.bisect_left(LATENCY_BOUNDS_S, event.latency_s)] += 1
+        window.add(now, 0, 1.0)
+        window.add(now, 2, event.latency_s)
+        if ok:
+            window.add(now, 1, 1.0)
+            window.add(now, 3, event.cost_usd)
+        upstream = _UPSTREAM.get()
+        if upstream is not None:
+            upstream[0] += event.latency_s
+
+    # hooks
+    def record_cache(self, service: str, hit: bool) -> None:
+        totals, window = self._key(service, "")
+        totals.cache_lookups += 1
+        totals.cache_hits += hit
+        now = self._clock()
+        window.add(now, 4, 1.0)
+        if hit:
+            window.add(now, 5, 1.0)
+
+    def record_breaker_trip(self, service: str, endpoint: str) -> None:
+        self._key(service, endpoint)[0].breaker_trips += 1
+
+    def set_queue_length(self, service: str, length: int) -> None:
+        self._queue[service] = length
+
+    def set_resource_utilization(self, service: str, endpoint: str, ratio: float) -> None:
+        self._utilization[(service, endpoint)] = ratio
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        """Wrap one Invoke: records its time minus its upstream attempts' time as overhead."""
+        upstream = [0.0]
+        token = _UPSTREAM.set(upstream)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            overhead = max(0.0, time.perf_counter() - start - upstream[0])
+            _UPSTREAM.reset(token)
+            self._overhead[bisect.bisect_left(OVERHEAD_BOUNDS_S, overhead)] += 1
+            self._overhead_sum += overhead
+
+    # Prometheus
+    def collect(self) -> Iterator[Any]:
+        now = self._clock()
+        rows = sorted(self._totals.items())
+        for name, text, attr in (
+            ("request_count", "Upstream attempts started by this agent", "issued"),
+            ("circuit_breaker_trips", "Circuit breaker openings on this agent", "breaker_trips"),
+            ("failover_count", "Attempts that were a retry or failover onto this endpoint", "failovers"),
+        ):
+            family = CounterMetricFamily(f"switchgear_{name}", text, labels=LABELS)
+            for (service, endpoint), t in rows:
+                family.add_metric([service, endpoint, t.category], float(getattr(t, attr)))
+            yield family
+        window = f" over the last {self._window_s:g} s"
+        sums = {key: self._windows[key].sums(now) for key, _ in rows}
+        gauges: dict[str, tuple[str, Callable[[Key, list[float]], float]]] = {
+            "success_rate": ("Successful share of finished attempts" + window,
+                             lambda k, s: s[1] / s[0] if s[0] else 1.0),
+            "error_rate": ("Failed share of finished attempts" + window, lambda k, s: 1 - s[1] / s[0] if s[0] else 0.0),
+            "avg_response_time": ("Mean attempt latency in milliseconds" + window,
+                                  lambda k, s: s[2] / s[0] * 1e3 if s[0] else 0.0),
+            "cost_per_hour": ("USD spent" + window + ", scaled to one hour",
+                              lambda k, s: s[3] * 3600.0 / self._window_s),
+            "cache_hit_rate": ("Cache hits over lookups" + window, lambda k, s: s[5] / s[4] if s[4] else 0.0),
+            "queue_length": ("Requests waiting for admission",
+                             lambda k, s: float(self._queue.get(k[0], 0)) if not k[1] else 0.0),
+            "resource_utilization": ("In-flight over capacity, as the admission component reports it",
+                                     lambda k, s: self._utilization.get(k, 0.0)),
+            "in_flight": ("Attempts in flight", lambda k, s: float(self._in_flight.get(k, 0))),
+        }
+        for name, (text, value) in gauges.items():
+            gauge = GaugeMetricFamily(f"switchgear_{name}", text, labels=LABELS)
+            for key, t in rows:
+                gauge.add_metric([key[0], key[1], t.category], value(key, sums[key]))
+            yield gauge
+        histogram = HistogramMetricFamily("switchgear_response_time_seconds", "Attempt latency", labels=LABELS)
+        for (service, endpoint), t in rows:
+            if endpoint:
+                histogram.add_metric([service, endpoint, t.category], _buckets(t.buckets, LATENCY_BOUNDS_S),
+                                     t.latency_sum_s)
+        yield histogram
+        overhead = HistogramMetricFamily(
+            "switchgear_gateway_overhead_seconds", "Time an Invoke spent in Switchgear, excluding upstream attempts")
+        overhead.add_metric([], _buckets(self._overhead, OVERHEAD_BOUNDS_S), self._overhead_sum)
+        yield overhead
+        info = GaugeMetricFamily("switchgear_snapshot_info", "The snapshot version this agent serves",
+                                 labels=("version",))
+        info.add_metric([self._version()], 1.0)
+        yield info
+
+
+def _buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    out, running = [], 0
+    for bound, count in zip((*bounds, math.inf), counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == math.inf else repr(bound), float(running)))
+    return out
+
+
+def serve_metrics(collector: PromCollector, listen: str) -> tuple[Any, str]:
+    """Serve /metrics on `listen` ("host:port"; port 0 picks one) in a daemon thread.
+
+    Returns (server, bound address); `server.shutdown()` stops it.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    return server, f"{host or '127.0.0.1'}:{server.server_port}"

@@ -1,0 +1,161 @@
+"""What wraps the invoke step for every front door: identity, policy, quotas, the response cache.
+
+    authenticate (snapshot key digests) -> authorize (tenant policy) -> cap priority
+      -> quota admission (requests per minute, tokens per minute, budgets)
+      -> cache lookup -> single-flight -> invoke (routing, resilience, adapters)
+      -> cache store (complete, non-fallback successes only) -> quota accounting (actual usage)
+
+The gRPC Gateway and the HTTP front door both call `Pipeline.invoke`, so a request is governed
+and cached the same way whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from switchgear.adapters.base import TokenUsage
+from switchgear.dataplane.cache import Entry, cache_key, ttl_for
+from switchgear.dataplane.cache_shared import ResponseCache
+from switchgear.dataplane.convert import Call
+from switchgear.dataplane.governance import Principal, authenticate, authorize, capped_priority
+from switchgear.dataplane.invoke import Result, ServiceNotFound
+from switchgear.dataplane.quota import QuotaEnforcer
+from switchgear.dataplane.singleflight import SingleFlight
+from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
+
+log = logging.getLogger("switchgear.dataplane.pipeline")
+
+Invoke = Callable[[Call, AgentSnapshot], Awaitable[Result]]
+
+
+class CacheMode(str, Enum):
+    """Per-request cache control (gRPC metadata or HTTP header `cache-control`)."""
+
+    USE = "use"
+    BYPASS = "no-cache"  # don't read the cache; store the fresh answer
+    NO_STORE = "no-store"  # neither read nor store
+
+    @classmethod
+    def parse(cls, header: str | None) -> CacheMode:
+        words = {w.strip().lower() for w in (header or "").split(",")}
+        if "no-store" in words:
+            return cls.NO_STORE
+        return cls.BYPASS if "no-cache" in words else cls.USE
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Served:
+    result: Result
+    cached: bool
+    tenant: str  # "" when auth is off
+
+
+class Pipeline:
+    """`auth_required=False` is the explicit local-development mode: every request is accepted
+    as an anonymous standard user and no quota applies (the agent says so loudly at start)."""
+
+    def __init__(
+        self, invoke: Invoke, *, auth_required: bool, quotas: QuotaEnforcer, cache: ResponseCache | None,
+    ) -> None:
+        self._invoke = invoke
+        self._auth_required = auth_required
+        self._quotas = quotas
+        self._cache = cache
+        self._flight: SingleFlight[Result] = SingleFlight()
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        return self._cache
+
+    @property
+    def quotas(self) -> QuotaEnforcer:
+        return self._quotas
+
+    def identify(self, authorization: str | None, snapshot: AgentSnapshot) -> Principal | None:
+        """The caller, or None in auth-none mode. Raises Unauthenticated."""
+        if not self._auth_required:
+            return None
+        return authenticate(authorization, snapshot.governance)
+
+    def govern(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
+        """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound)."""
+        if principal is None:
+            return call
+        service = snapshot.services.get(call.service)
+        if service is None:
+            raise ServiceNotFound(f"service: no service named {call.service!r}")
+        tenant = principal.tenant
+        authorize(tenant, service.name, service.category, service.capabilities)
+        return dataclasses.replace(call, priority=capped_priority(tenant, call.priority), user_type=tenant.user_type)
+
+    async def admit(self, call: Call, principal: Principal | None) -> None:
+        if principal is None:
+            return
+        admission = await self._quotas.admit(principal.tenant, call.service)
+        if not admission.allowed:
+            raise QuotaExceeded(admission.reason, admission.retry_after_s)
+
+    async def invoke(
+        self, call: Call, snapshot: AgentSnapshot, principal: Principal | None, mode: CacheMode = CacheMode.USE
+    ) -> Served:
+        call = self.govern(call, snapshot, principal)
+        await self.admit(call, principal)
+        service = snapshot.services.get(call.service)
+        tenant = principal.tenant.id if principal else ""
+        ttl = self._ttl(service, snapshot) if service is not None else 0.0
+        if ttl <= 0 or self._cache is None:
+            result = await self._invoke(call, snapshot)
+            await self._account(principal, call.service, result)
+            return Served(result, False, tenant)
+        assert service is not None
+        shared = service.metadata.get("cache.shared", "").lower() == "true"
+        key = cache_key(service.name, call.method, call.payload, tenant=tenant, shared=shared)
+        if mode is CacheMode.USE:
+            entry = await self._cache.get(key)
+            if entry is not None:
+                return Served(_from_entry(entry, snapshot.version), True, tenant)
+        result, joined = await self._flight.do(key, lambda: self._invoke(call, snapshot))
+        if not joined and mode is not CacheMode.NO_STORE and not getattr(result, "fallback", False):
+            await self._cache.put(key, _to_entry(result), ttl)
+        if not joined:
+            await self._account(principal, call.service, result)
+        return Served(result, joined, tenant)
+
+    def _ttl(self, service: ServiceView, snapshot: AgentSnapshot) -> float:
+        if not snapshot.settings.cache_enabled:
+            return 0.0
+        own = service.metadata.get("cache.ttl")
+        try:
+            service_ttl = float(own) if own is not None else None
+        except ValueError:
+            service_ttl = None
+        return ttl_for(service.category, snapshot.settings.cache_ttl_s, service_ttl)
+
+    async def _account(self, principal: Principal | None, service: str, result: Result) -> None:
+        if principal is None:
+            return
+        tokens = result.usage.input_tokens + result.usage.output_tokens
+        await self._quotas.record(principal.tenant, service, tokens, result.cost_usd)
+
+
+def _to_entry(result: Result) -> Entry:
+    return Entry(body=result.body, service=result.service, endpoint=result.endpoint,
+                 input_tokens=result.usage.input_tokens, output_tokens=result.usage.output_tokens,
+                 cost_usd=result.cost_usd)
+
+
+def _from_entry(entry: Entry, version: str) -> Result:
+    """A cache hit as a result: no upstream attempt, no cost (the original call paid)."""
+    return Result(body=entry.body, service=entry.service, endpoint=entry.endpoint, attempts=0, latency_s=0.0,
+                  usage=TokenUsage(entry.input_tokens, entry.output_tokens), cost_usd=0.0, version=version)

@@ -1,0 +1,226 @@
+"""The agent's load reports (loadreport.proto): per-endpoint deltas, streamed every interval.
+
+`LoadAccumulator` is an AttemptObserver: each attempt adds to the current interval's deltas
+(O(1) dict updates on the event loop, no I/O). `ReportClient` keeps a stream open to a control
+plane, takes the interval and histogram bounds it is told, and every interval swaps the
+accumulator's deltas out and sends them (an empty report too: it says nothing is in flight).
+Deltas of an interval whose send failed are lost, not resent: a report is a sample, and the
+control plane's windows tolerate a gap better than a double count.
+
+Hooks for components other issues add (all O(1), call from the event loop):
+`record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
+`set_queue_length(service, n)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
+from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
+
+log = logging.getLogger("switchgear.dataplane.reporter")
+
+Key = tuple[str, str]
+
+
+@dataclass
+class _Delta:
+    category: str = ""
+    issued: int = 0
+    succeeded: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+    success_latency_sum_s: float = 0.0
+    success_latency_count: int = 0
+    buckets: list[int] = field(default_factory=list)
+    ttft_sum_s: float = 0.0
+    ttft_count: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    failovers: int = 0
+    cache_lookups: int = 0
+    cache_hits: int = 0
+    breaker_trips: int = 0
+
+
+class LoadAccumulator:
+    def __init__(self, bounds_s: Sequence[float] = ()) -> None:
+        self._bounds = list(bounds_s)
+        self._deltas: dict[Key, _Delta] = {}
+        self._in_flight: dict[Key, int] = {}
+        self._queue: dict[str, int] = {}
+        self._categories: dict[Key, str] = {}
+
+    def set_bounds(self, bounds_s: Sequence[float]) -> None:
+        if list(bounds_s) != self._bounds:
+            self._bounds = list(bounds_s)
+            for d in self._deltas.values():
+                d.buckets = []
+
+    def _delta(self, key: Key, category: str = "") -> _Delta:
+        d = self._deltas.get(key)
+        if d is None:
+            d = self._deltas[key] = _Delta(category or self._categories.get(key, ""))
+        return d
+
+    # AttemptObserver
+    def attempt_started(self, event: AttemptStart) -> None:
+        key = (event.service, event.endpoint)
+        self._categories[key] = event.category
+        d = self._delta(key, event.category)
+        d.issued += 1
+        if event.attempt > 1:
+            d.failovers += 1
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def attempt_ended(self, event: AttemptEnd) -> None:
+        key = (event.service, event.endpoint)
+        d = self._delta(key, event.category)
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        d.latency_sum_s += event.latency_s
+        d.latency_count += 1
+        if self._bounds:
+            if not d.buckets:
+                d.buckets = [0] * (len(self._bounds) + 1)
+            d.buckets[bisect.bisect_left(self._bounds, event.latency_s)] += 1
+        if event.error is None:
+            d.succeeded += 1
+            d.success_latency_sum_s += event.latency_s
+            d.success_latency_count += 1
+            d.input_tokens += event.usage.input_tokens
+            d.output_tokens += event.usage.output_tokens
+            d.cost_usd += event.cost_usd
+        else:
+            kind = event.error.value
+            d.failed[kind] = d.failed.get(kind, 0) + 1
+        if event.ttft_s is not None:
+            d.ttft_sum_s += event.ttft_s
+            d.ttft_count += 1
+
+    # hooks for the cache, breaker and admission components
+    def record_cache(self, service: str, hit: bool) -> None:
+        d = self._delta((service, ""))
+        d.cache_lookups += 1
+        d.cache_hits += hit
+
+    def record_breaker_trip(self, service: str, endpoint: str) -> None:
+        self._delta((service, endpoint)).breaker_trips += 1
+
+    def set_queue_length(self, service: str, length: int) -> None:
+        self._queue[service] = length
+
+    def drain(self) -> list[loadreport_pb2.EndpointLoad]:
+        """The deltas since the previous drain (and current gauges), as wire messages."""
+        deltas, self._deltas = self._deltas, {}
+        keys = set(deltas) | set(self._in_flight) | {(s, "") for s, n in self._queue.items() if n}
+        loads = []
+        for key in sorted(keys):
+            d = deltas.get(key) or _Delta(self._categories.get(key, ""))
+            loads.append(loadreport_pb2.EndpointLoad(
+                service=key[0], endpoint=key[1], category=d.category, requests_issued=d.issued,
+                requests_succeeded=d.succeeded,
+                requests_failed=[loadreport_pb2.ErrorCount(kind=k, count=n) for k, n in sorted(d.failed.items())],
+                in_flight=self._in_flight.get(key, 0), latency_sum_s=d.latency_sum_s, latency_count=d.latency_count,
+                success_latency_sum_s=d.success_latency_sum_s, success_latency_count=d.success_latency_count,
+                latency_buckets=d.buckets, ttft_sum_s=d.ttft_sum_s, ttft_count=d.ttft_count,
+                input_tokens=d.input_tokens, output_tokens=d.output_tokens, cost_usd=d.cost_usd,
+                failovers=d.failovers, cache_lookups=d.cache_lookups, cache_hits=d.cache_hits,
+                circuit_breaker_trips=d.breaker_trips,
+                queue_length=self._queue.get(key[0], 0) if not key[1] else 0,
+            ))
+        return loads
+
+
+class ReportClient:
+    """Streams the accumulator's deltas to a control plane; reconnects like the snapshot client."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        node: discovery_pb2.Node,
+        accumulator: LoadAccumulator,
+        *,
+        version: Callable[[], str] = lambda: "",
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._addresses = list(addresses)
+        self._node = node
+        self._acc = accumulator
+        self._version = version
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self.interval_s = 10.0
+        self.reports_sent = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        turn = 0
+        while not stop.is_set():
+            address = self._addresses[turn % len(self._addresses)]
+            try:
+                await self._session(address, stop)
+            except grpc.aio.AioRpcError as exc:
+                log.info("load report stream to %s ended: %s", address, exc.code().name)
+            turn += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._backoff.next())
+
+    async def _session(self, address: str, stop: asyncio.Event) -> None:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats()
+            await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                return
+            self._configure(first)
+            self._backoff.reset()
+            self._acc.drain()  # what happened while disconnected is not attributed to this interval
+            last = self._clock()
+            reader = asyncio.ensure_future(self._read(call))
+            try:
+                while not stop.is_set() and not reader.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                    if reader.done():
+                        break
+                    now = self._clock()
+                    request = loadreport_pb2.StreamLoadStatsRequest(
+                        endpoint_loads=self._acc.drain(), snapshot_version=self._version()
+                    )
+                    request.load_report_interval.FromNanoseconds(round((now - last) * 1e9))
+                    last = now
+                    await call.write(request)
+                    self.reports_sent += 1
+            finally:
+                reader.cancel()
+                call.cancel()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            self._configure(response)
+
+    def _configure(self, response: loadreport_pb2.StreamLoadStatsResponse) -> None:
+        interval = response.load_reporting_interval.ToNanoseconds() / 1e9
+        if interval > 0:
+            self.interval_s = interval
+        if response.latency_bucket_bounds_s:
+            self._acc.set_bounds(response.latency_bucket_bounds_s)

@@ -1,0 +1,146 @@
+"""Filters: which candidates may serve a request. Each is `(candidates, ctx) -> candidates`.
+
+Hard filters (`usable`, `not_blocked`, `has_capabilities`, `fits_context`, `tenant_allowed`)
+remove candidates that cannot or must not serve. Bound filters (`within_cost`,
+`min_success`, `within_latency`, `has_capacity`) express preferences; wrap them in `prefer`
+so that when nothing meets them the request is still served by all (the seed's fallback).
+Narrowing stages (`top_tier`, `cheapest`) are filters too. Order is preserved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+
+from switchgear.dataplane.scheduling.model import Candidate, Context
+from switchgear.dataplane.scheduling.scorers import queue_factor
+
+Filter = Callable[[Sequence[Candidate], Context], list[Candidate]]
+
+UNUSABLE_HEALTH = frozenset({"ejected", "draining"})
+
+
+def usable(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Drops endpoints the control plane marked ejected or draining."""
+    return [c for c in cands if c.health not in UNUSABLE_HEALTH]
+
+
+def not_blocked(unavailable: Collection[str] | Callable[[str], bool]) -> Filter:
+    """Drops candidates whose key is unavailable: a collection of keys ("service/endpoint"), or
+    a predicate on the key. This is the resilience engine's input (open breakers, ejections);
+    the predicate is read on every pick, so it always reflects the current state."""
+    blocked = unavailable if callable(unavailable) else unavailable.__contains__
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        return [c for c in cands if not blocked(c.key)]
+
+    return apply
+
+
+def has_capabilities(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates offering every capability the request requires."""
+    need = ctx.request.capabilities
+    return [c for c in cands if need <= c.capabilities] if need else list(cands)
+
+
+def fits_context(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates whose context window (tokens; 0 = unknown) holds input + output tokens."""
+    r = ctx.request
+    size = r.input_tokens + r.output_tokens
+    return [c for c in cands if not c.context_window or size <= c.context_window]
+
+
+def tenant_allowed(allowed: Callable[[str, Candidate], bool]) -> Filter:
+    """Keeps candidates `allowed(tenant, candidate)` accepts: the governance hook (allow-lists
+    per tenant). Requests without a tenant are not filtered."""
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        tenant = ctx.request.tenant
+        return [c for c in cands if allowed(tenant, c)] if tenant else list(cands)
+
+    return apply
+
+
+def within_cost(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates whose expected cost (USD: price x estimated tokens) <= bounds.max_cost_usd."""
+    limit = ctx.bounds.max_cost_usd
+    return [c for c in cands if c.cost(ctx.request) <= limit] if limit > 0 else list(cands)
+
+
+def min_success(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates whose windowed success rate >= bounds.min_success_rate."""
+    floor = ctx.bounds.min_success_rate
+    if floor <= 0:
+        return list(cands)
+    return [c for c in cands if ctx.stats.get(c.key).success_rate(ctx.now) >= floor]
+
+
+def within_latency(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates where a request sent now should meet bounds.max_latency_s:
+    a x exp(-idle / forget_s) x queue_factor <= bound, where a is the average latency (plain
+    EWMA, s; the seed's avg_response_time) and idle the seconds since the endpoint's last
+    sample — so an endpoint excluded for being slow is probed again after a while instead of
+    being excluded forever on a stale number. With no average yet a candidate passes while it
+    is below its max_concurrency (a cold start must not flood the cheapest endpoint)."""
+    limit = ctx.bounds.max_latency_s
+    if limit <= 0:
+        return list(cands)
+    forget = ctx.stats.config.forget_s
+    kept = []
+    for c in cands:
+        s = ctx.stats.get(c.key)
+        average = s.mean_latency.value
+        if average is None or s.last_sample_at is None:
+            if not c.max_concurrency or s.in_flight < c.max_concurrency:
+                kept.append(c)
+            continue
+        if forget > 0:
+            average *= math.exp(-max(0.0, ctx.now - s.last_sample_at) / forget)
+        if average * queue_factor(c, s.in_flight) <= limit:
+            kept.append(c)
+    return kept
+
+
+def has_capacity(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Keeps candidates with in-flight < max_concurrency (0 = unlimited)."""
+    return [c for c in cands if not c.max_concurrency or ctx.stats.get(c.key).in_flight < c.max_concurrency]
+
+
+def prefer(*filters: Filter) -> Filter:
+    """All `filters` in turn, as one soft stage: if they leave nothing, the input is kept."""
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        kept = list(cands)
+        for f in filters:
+            kept = f(kept, ctx)
+            if not kept:
+                return list(cands)
+        return kept
+
+    return apply
+
+
+def top_tier(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """The highest `tier` (service priority, endpoint priority) that has healthy capacity:
+    some member not degraded and below its max_concurrency. Spills to the next tier when a tier
+    has none; when no tier has any, the highest tier is kept (it queues rather than fail)."""
+    tiers = sorted({c.tier for c in cands}, reverse=True)
+    for tier in tiers:
+        members = [c for c in cands if c.tier == tier]
+        if any(c.health != "degraded" for c in has_capacity(members, ctx)):
+            return members
+    return [c for c in cands if c.tier == tiers[0]] if tiers else []
+
+
+def cheapest(tolerance: float = 0.01) -> Filter:
+    """Candidates whose expected cost <= min cost x (1 + tolerance) + 1e-12 USD: equal prices tie,
+    so a picker can spread load among them instead of pinning one endpoint."""
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        if not cands:
+            return []
+        costs = [c.cost(ctx.request) for c in cands]
+        limit = min(costs) * (1.0 + tolerance) + 1e-12
+        return [c for c, cost in zip(cands, costs, strict=True) if cost <= limit]
+
+    return apply

@@ -1,0 +1,155 @@
+"""The scheduling core's inputs: what a request asks for and what a candidate offers.
+
+Pure data, no I/O. A `Candidate` is one (service, endpoint) pair as routing sees it: a narrow,
+immutable view (STYLE 4) built once per snapshot, never per request. Live numbers (in-flight,
+latency, success rate) are not in it: they live in `stats.LiveStats`, keyed by `Candidate.key`
+so that a snapshot swap keeps them for endpoints that persist.
+
+Units: seconds, USD, tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from random import Random
+from typing import TYPE_CHECKING, Any
+
+from switchgear.dataplane.snapshot import EndpointView, Pricing, ServiceView
+
+if TYPE_CHECKING:
+    from switchgear.dataplane.scheduling.stats import LiveStats
+
+CHARS_PER_TOKEN = 4  # rough English average; the request's size estimate, not billing
+DEFAULT_OUTPUT_TOKENS = 256  # when neither the request nor the service bounds the answer
+USER_TYPES = ("standard", "premium")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One endpoint of one service, with what the filters and scorers need to know of it.
+
+    `tier` orders candidates for the priority strategy: (service priority, endpoint priority),
+    higher first. `context_window` is in tokens, 0 = unknown (never filtered out).
+    `max_concurrency` 0 = unlimited.
+    """
+
+    key: str
+    service: str
+    endpoint: str
+    weight: float = 1.0
+    tier: tuple[int, int] = (0, 0)
+    health: str = "healthy"
+    max_concurrency: int = 0
+    pricing: Pricing = field(default_factory=Pricing)
+    context_window: int = 0
+    capabilities: frozenset[str] = frozenset()
+
+    def cost(self, request: Request) -> float:
+        """USD this request is expected to cost here: request price + estimated tokens at price."""
+        return self.pricing.cost(request.input_tokens, request.output_tokens)
+
+
+def candidate_key(service: str, endpoint: str) -> str:
+    """The stats key of an endpoint: stable across snapshots while the names are."""
+    return f"{service}/{endpoint}"
+
+
+def candidates_of(service: ServiceView) -> tuple[Candidate, ...]:
+    """The candidates one service offers: its endpoints, with the service's price and limits."""
+    return tuple(_candidate(service, e) for e in service.endpoints)
+
+
+def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
+    return Candidate(
+        key=candidate_key(service.name, e.id),
+        service=service.name,
+        endpoint=e.id,
+        weight=float(max(1, e.weight)),
+        tier=(service.priority, e.priority),
+        health=e.health,
+        max_concurrency=e.max_concurrency,
+        pricing=service.pricing,
+        context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
+        capabilities=frozenset(service.capabilities),
+    )
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one call asks of routing.
+
+    `priority` 1..10 (5 default; > 7 is "high" in the seed's rules); `user_type` "standard" or
+    "premium"; `input_tokens` / `output_tokens` are estimates (see `estimate_tokens`);
+    `stream` makes latency mean time to first token; `tenant` feeds the allow-list hook.
+    """
+
+    category: str = ""
+    priority: int = 5
+    user_type: str = "standard"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    stream: bool = False
+    capabilities: frozenset[str] = frozenset()
+    tenant: str = ""
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of text in a JSON value: strings count, containers are walked, keys are not."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_text_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_chars(v) for v in value)
+    return 0
+
+
+def estimate_tokens(payload: Mapping[str, Any], default_max_tokens: int = 0) -> tuple[int, int]:
+    """(input, output) tokens a payload is expected to use.
+
+    input = ceil(characters of every string value under `messages` / `input` / `prompt` / 4)
+    (roles and part types count too: a rough per-message overhead);
+    output = the payload's `max_completion_tokens` or `max_tokens`, else `default_max_tokens`
+    (the service's), else DEFAULT_OUTPUT_TOKENS when the payload looks like a chat/completion,
+    else 0. Used for cost and per-token latency, so an estimate is enough.
+    """
+    chars = sum(_text_chars(payload.get(k)) for k in ("messages", "input", "prompt"))
+    input_tokens = -(-chars // CHARS_PER_TOKEN)
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+        return input_tokens, asked
+    if default_max_tokens > 0:
+        return input_tokens, default_max_tokens
+    generative = "messages" in payload or "prompt" in payload
+    return input_tokens, DEFAULT_OUTPUT_TOKENS if generative else 0
+
+
+def user_type_of(user_id: str) -> str:
+    """The request's user type by the documented convention: a user id "premium:<id>" (or
+    "standard:<id>") names its type; anything else is "standard"."""
+    kind, sep, _ = user_id.partition(":")
+    return kind if sep and kind in USER_TYPES else "standard"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A policy's limits on candidates. 0 means no bound. USD, fraction, seconds."""
+
+    max_cost_usd: float = 0.0
+    min_success_rate: float = 0.0
+    max_latency_s: float = 0.0
+
+
+@dataclass
+class Context:
+    """Everything one pick may read: the request, live stats, the time, randomness, the
+    policy's bounds, and `memory` — the picker state of this (group, strategy), which
+    survives snapshot swaps (round-robin counters, smooth-WRR current weights)."""
+
+    request: Request
+    stats: LiveStats
+    now: float
+    rng: Random
+    bounds: Bounds = Bounds()
+    memory: dict[str, Any] = field(default_factory=dict)

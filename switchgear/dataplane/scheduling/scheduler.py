@@ -1,0 +1,87 @@
+"""The scheduling pipeline: hard filters -> policy bounds -> strategy stages -> score -> pick.
+
+`Scheduler.pick` is synchronous and does no I/O. Its time is the stats' clock and its
+randomness an injected `random.Random`, so tests and the simulation replay exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from switchgear.dataplane.scheduling import filters
+from switchgear.dataplane.scheduling.filters import Filter
+from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
+from switchgear.dataplane.scheduling.scorers import clamp
+from switchgear.dataplane.scheduling.stats import LiveStats
+from switchgear.dataplane.scheduling.strategies import STRATEGIES, Strategy
+
+NO_BOUNDS = Bounds()
+
+#: A policy's cost cap applies to every strategy, as a preference: when no candidate meets
+#: it, all are kept. Its min_success_rate is a qualification of cost_optimized (the seed's
+#: rule), not a global filter: applied to every strategy it would herd traffic onto whichever
+#: endpoint has not failed *yet* — a black hole, whose attempts never end, looks perfect.
+POLICY_BOUNDS = filters.prefer(filters.within_cost)
+
+
+class Scheduler:
+    """Picks endpoints for requests by named strategy.
+
+    `unavailable` (keys "service/endpoint", or a predicate on the key) is what the resilience
+    engine feeds: open breakers, ejected outliers. `tenant_allowed(tenant, candidate)` is the
+    governance hook. Picker state is kept per (group, strategy), where group is usually the
+    service name. Not thread-safe: use from one event loop.
+    """
+
+    def __init__(
+        self,
+        stats: LiveStats,
+        rng: random.Random | None = None,
+        unavailable: Collection[str] | Callable[[str], bool] = (),
+        tenant_allowed: Callable[[str, Candidate], bool] | None = None,
+        strategies: Mapping[str, Strategy] = STRATEGIES,
+    ) -> None:
+        self.stats = stats
+        self.rng = rng or random.Random()
+        self.strategies = strategies
+        hard: list[Filter] = [filters.usable, filters.not_blocked(unavailable),
+                              filters.has_capabilities, filters.fits_context]
+        if tenant_allowed is not None:
+            hard.append(filters.tenant_allowed(tenant_allowed))
+        self._hard = tuple(hard)
+        self._memory: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def pick(
+        self,
+        candidates: Sequence[Candidate],
+        request: Request,
+        strategy: str,
+        *,
+        group: str = "",
+        bounds: Bounds = NO_BOUNDS,
+        exclude: Collection[str] = (),
+    ) -> Candidate | None:
+        """The candidate to try next, or None when none may serve. `exclude`: keys already tried."""
+        plan = self.strategies[strategy]
+        memory = self._memory.setdefault((group, plan.name), {})
+        ctx = Context(request, self.stats, self.stats.clock(), self.rng, bounds, memory)
+        for c in candidates:  # endpoints seen together start their slow start together
+            self.stats.get(c.key, ctx.now)
+        cands = [c for c in candidates if c.key not in exclude] if exclude else list(candidates)
+        for f in self._hard:
+            if not cands:
+                return None
+            cands = f(cands, ctx)
+        if not cands:
+            return None
+        cands = POLICY_BOUNDS(cands, ctx)
+        for stage in plan.stages:
+            cands = stage(cands, ctx)
+        scores = None
+        if plan.scorer is not None:
+            raw = plan.scorer(cands, ctx)
+            ramp = self.stats.slow_start
+            scores = [clamp(s * ramp(c.key, ctx.now)) for c, s in zip(cands, raw, strict=True)]
+        return plan.picker(cands, scores, ctx)

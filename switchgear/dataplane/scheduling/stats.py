@@ -1,0 +1,313 @@
+"""Live statistics per endpoint, fed by every attempt through the AttemptObserver interface.
+
+Single-threaded by contract: observers and pickers run on the agent's event loop, so nothing
+here locks. Time comes from an injected clock (seconds, monotonic). Keys are
+`model.candidate_key(service, endpoint)`, so a new snapshot that keeps an endpoint keeps its
+numbers; `retain` forgets endpoints that are gone.
+
+What is kept, per endpoint:
+
+- in-flight attempts, and the start of the oldest one still outstanding (stall detection);
+- a plain per-sample EWMA of latency (the "average response time" bounds are checked against);
+- peak-EWMA latency (Finagle/Linkerd): a sample above the estimate replaces it at once, one
+  below decays it with weight w = exp(-dt / decay_s) — quick to notice trouble, slow to forget;
+- the same for time to first token (streams) and for seconds per output token (LLMs);
+- success rate over a sliding time window of buckets, with one prior success so a fresh
+  endpoint reads 1.0 and one failure in few samples does not condemn it;
+- the EWMA of the observed cost of a successful request (USD);
+- when the endpoint was first seen, for slow start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from switchgear.adapters.base import ErrorKind
+from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.scheduling.model import Request, candidate_key
+
+#: An attempt outstanding this many times the endpoint's peak latency counts as failing.
+OVERDUE = 3.0
+
+#: Failures that say something about the endpoint (a bad request says nothing about it).
+ENDPOINT_FAULTS = frozenset(
+    {ErrorKind.RETRYABLE, ErrorKind.RATE_LIMITED, ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.AUTH}
+)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Tunables. Seconds throughout.
+
+    `slow_start_s`: ramp window for a new endpoint's weight (Envoy's slow_start_window);
+    `slow_start_min`: the ramp's floor (Envoy's min_weight_percent, as a fraction);
+    `slow_start_aggression`: ramp shape, factor = (age / window) ** (1 / aggression).
+    `forget_s`: how fast an estimate with no new samples regresses to the candidates' median
+    (see scorers.latency_estimates) — what lets a penalised endpoint be tried again.
+    """
+
+    decay_s: float = 10.0
+    window_s: float = 30.0
+    buckets: int = 6
+    max_latency_s: float = 600.0
+    cost_alpha: float = 0.2
+    slow_start_s: float = 10.0
+    slow_start_min: float = 0.1
+    slow_start_aggression: float = 1.0
+    forget_s: float = 30.0
+    mean_alpha: float = 0.1
+
+
+class PeakEwma:
+    """Peak EWMA of a positive quantity. `value` is None until the first sample."""
+
+    __slots__ = ("decay_s", "stamp", "value")
+
+    def __init__(self, decay_s: float) -> None:
+        self.decay_s = decay_s
+        self.value: float | None = None
+        self.stamp = 0.0
+
+    def update(self, sample: float, now: float) -> None:
+        """value' = sample if sample > value, else value*w + sample*(1-w), w = exp(-dt/decay_s)."""
+        if self.value is None or sample > self.value:
+            self.value = sample
+        else:
+            w = math.exp(-max(0.0, now - self.stamp) / self.decay_s)
+            self.value = self.value * w + sample * (1.0 - w)
+        self.stamp = now
+
+
+class Ewma:
+    """Plain per-sample EWMA: an average of roughly the last 2/alpha samples (for bounds like
+    the seed's avg_response_time). Per sample rather than per second, so a sparse stream of
+    samples of varied sizes is averaged rather than replaced by its latest sample."""
+
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def update(self, sample: float, now: float) -> None:
+        """value' = value x (1 - alpha) + sample x alpha; the first sample is taken as is."""
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+class SuccessWindow:
+    """Outcomes in `buckets` time buckets spanning `window_s`; older buckets are forgotten."""
+
+    __slots__ = ("bad", "epoch", "ok", "width")
+
+    def __init__(self, window_s: float, buckets: int) -> None:
+        self.width = window_s / buckets
+        self.ok = [0] * buckets
+        self.bad = [0] * buckets
+        self.epoch = [-1] * buckets
+
+    def record(self, success: bool, now: float) -> None:
+        index = int(now // self.width)
+        slot = index % len(self.ok)
+        if self.epoch[slot] != index:
+            self.epoch[slot], self.ok[slot], self.bad[slot] = index, 0, 0
+        if success:
+            self.ok[slot] += 1
+        else:
+            self.bad[slot] += 1
+
+    def counts(self, now: float) -> tuple[int, int]:
+        """(successes, failures) within the window ending at `now`."""
+        oldest = int(now // self.width) - len(self.ok) + 1
+        ok = bad = 0
+        for slot, epoch in enumerate(self.epoch):
+            if epoch >= oldest:
+                ok += self.ok[slot]
+                bad += self.bad[slot]
+        return ok, bad
+
+    def rate(self, now: float) -> float:
+        """(successes + 1) / (successes + failures + 1): in (0, 1], 1.0 with no data."""
+        ok, bad = self.counts(now)
+        return (ok + 1) / (ok + bad + 1)
+
+
+class EndpointStats:
+    """The live numbers of one endpoint. Mutated only by LiveStats."""
+
+    __slots__ = (
+        "completed",
+        "cost_usd",
+        "created_at",
+        "failed",
+        "last_sample_at",
+        "latency",
+        "mean_latency",
+        "outstanding",
+        "per_token",
+        "ttft",
+        "window",
+    )
+
+    def __init__(self, config: StatsConfig, now: float) -> None:
+        self.created_at = now
+        self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self.latency = PeakEwma(config.decay_s)
+        self.mean_latency = Ewma(config.mean_alpha)
+        self.ttft = PeakEwma(config.decay_s)
+        self.per_token = PeakEwma(config.decay_s)
+        self.window = SuccessWindow(config.window_s, config.buckets)
+        self.cost_usd: float | None = None
+        self.last_sample_at: float | None = None
+        self.completed = 0
+        self.failed = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.outstanding)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest outstanding attempt has been running (0 when none)."""
+        if not self.outstanding:
+            return 0.0
+        return max(0.0, now - next(iter(self.outstanding.values())))
+
+    def success_rate(self, now: float) -> float:
+        """(successes + 1) / (successes + failures + overdue + 1) in the window, where overdue
+        counts attempts still outstanding after OVERDUE x the peak latency: a black hole's
+        attempts never fail, so without them its success rate would stay perfect."""
+        ok, bad = self.window.counts(now)
+        return (ok + 1) / (ok + bad + self.overdue(now) + 1)
+
+    def overdue(self, now: float) -> int:
+        peak = self.latency.value
+        if not peak or not self.outstanding:
+            return 0
+        cutoff = now - OVERDUE * peak
+        n = 0
+        for started in self.outstanding.values():  # oldest first: stop at the first recent one
+            if started > cutoff:
+                break
+            n += 1
+        return n
+
+    def expected_latency(self, request: Request, now: float) -> float | None:
+        """Seconds this request is expected to take here, or None with no data yet.
+
+        stream -> TTFT estimate; output tokens known -> TTFT (0 if unknown) + s/token x tokens;
+        else the whole-request peak EWMA. (Stall and staleness are applied by
+        scorers.latency_estimates, which sees all candidates.)
+        """
+        if request.stream and self.ttft.value is not None:
+            return self.ttft.value
+        if request.output_tokens > 0 and self.per_token.value is not None:
+            return (self.ttft.value or 0.0) + self.per_token.value * request.output_tokens
+        return self.latency.value
+
+    def stall_factor(self, now: float, reference_s: float, margin: float = 4.0) -> float:
+        """How much an endpoint's answers are overdue; 1 when they are not. The larger of:
+
+        - oldest outstanding age / whole-request peak latency (or `reference_s` with none):
+          an attempt older than the endpoint's recent peak;
+        - silence x in_flight / (mean latency (or `reference_s`) x margin), silence = seconds
+          since the last answer
+          (or since the oldest outstanding attempt started, if later): a healthy endpoint with
+          n attempts in flight answers about every mean/n seconds, so a silence of `margin`
+          such intervals (p ~ e^-margin by chance) is evidence of a stall.
+
+        A black hole shows here within a second or two, long before any attempt times out.
+        """
+        if not self.outstanding:
+            return 1.0
+        started = next(iter(self.outstanding.values()))
+        reference = self.latency.value or reference_s
+        factor = (now - started) / reference if reference > 0 else 1.0
+        mean = self.mean_latency.value or reference_s
+        if mean > 0:
+            silence = now - max(started, self.last_sample_at or started)
+            factor = max(factor, silence * len(self.outstanding) / (mean * margin))
+        return max(1.0, factor)
+
+
+class LiveStats:
+    """Per-endpoint statistics for the whole agent; an AttemptObserver.
+
+    Register it in the request path's observers; read it from pickers via `get`. The clock
+    must be the same one the request path's events are measured with (monotonic seconds).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, config: StatsConfig | None = None) -> None:
+        self.clock = clock
+        self.config = config or StatsConfig()
+        self._by_key: dict[str, EndpointStats] = {}
+
+    def get(self, key: str, now: float | None = None) -> EndpointStats:
+        """The stats of `key`, created (first seen at `now`, default the clock) if unknown."""
+        stats = self._by_key.get(key)
+        if stats is None:
+            stats = self._by_key[key] = EndpointStats(self.config, self.clock() if now is None else now)
+        return stats
+
+    def known(self, key: str) -> bool:
+        return key in self._by_key
+
+    def retain(self, keys: Collection[str]) -> None:
+        """Forget endpoints not in `keys` (call after a snapshot swap)."""
+        for key in [k for k in self._by_key if k not in keys]:
+            del self._by_key[key]
+
+    def slow_start(self, key: str, now: float) -> float:
+        """Weight factor in [slow_start_min, 1]: max(min, (age / window) ** (1 / aggression))."""
+        c = self.config
+        age = now - self.get(key).created_at
+        if c.slow_start_s <= 0 or age >= c.slow_start_s:
+            return 1.0
+        ramp: float = (max(0.0, age) / c.slow_start_s) ** (1.0 / c.slow_start_aggression)
+        return max(c.slow_start_min, ramp)
+
+    # --- AttemptObserver ------------------------------------------------------------------
+
+    def attempt_started(self, event: AttemptStart) -> None:
+        stats = self.get(candidate_key(event.service, event.endpoint))
+        stats.outstanding[(event.request_id, event.attempt)] = self.clock()
+
+    def attempt_ended(self, event: AttemptEnd) -> None:
+        now = self.clock()
+        stats = self.get(candidate_key(event.service, event.endpoint))
+        stats.outstanding.pop((event.request_id, event.attempt), None)
+        if event.error is None:
+            self._success(stats, event, now)
+        elif event.error in ENDPOINT_FAULTS:
+            self._failure(stats, event, now)
+
+    def _success(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
+        latency = max(0.0, event.latency_s)
+        stats.latency.update(latency, now)
+        stats.mean_latency.update(latency, now)
+        ttft = event.ttft_s
+        if ttft is not None:
+            stats.ttft.update(max(0.0, ttft), now)
+        tokens = event.usage.output_tokens
+        if tokens > 0:
+            stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
+        stats.window.record(True, now)
+        a = self.config.cost_alpha
+        stats.cost_usd = event.cost_usd if stats.cost_usd is None else stats.cost_usd * (1 - a) + event.cost_usd * a
+        stats.last_sample_at = now
+        stats.completed += 1
+
+    def _failure(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
+        # A failure counts against the success rate only. Its latency is not a sample of how
+        # fast the endpoint serves — a "connection refused" in 2 ms must not look fast, and a
+        # penalty computed from the estimate would compound on itself — except for a timeout,
+        # whose elapsed time is a true lower bound of the endpoint's latency.
+        if event.error is ErrorKind.TIMEOUT:
+            sample = min(self.config.max_latency_s, max(0.0, event.latency_s))
+            stats.latency.update(sample, now)
+            stats.mean_latency.update(sample, now)
+        stats.window.record(False, now)
+        stats.last_sample_at = now
+        stats.failed += 1

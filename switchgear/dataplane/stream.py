@@ -1,0 +1,250 @@
+"""Streamed calls (LLM tokens): the request path of InvokeStream and the HTTP front door's SSE.
+
+Same steps as `invoke.Invoker` — resolve the service, pick an endpoint not yet tried, one
+adapter attempt bounded by the remaining deadline, observers told of every attempt — with
+one rule of its own: an attempt's chunks are held back until its first *content* chunk (the
+first token). A failure before it fails over to the next endpoint and nothing of the failed
+attempt reaches the caller; once the first token is out the stream is committed to that
+endpoint, and a later failure ends the stream with `StreamEnd.error` set (no failover).
+
+The endpoint pick is injected (`pick`), so the scheduler that replaces round robin plugs in
+here exactly as it does in Invoker. The time to first token is reported to observers as
+`AttemptEnd.ttft_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.convert import Call, RequestError
+from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
+from switchgear.dataplane.invoke import CallFailed, ServiceNotFound, Unsupported
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
+from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+
+#: The agent's endpoint pick, called as pick(service, exclude=tried, call=call, settings=settings)
+#: (dataplane.router.Router.pick).
+Pick = Callable[..., EndpointView | None]
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a stream. `error` is set only for a failure after the first token
+    (earlier failures fail over, or raise CallFailed when every attempt failed)."""
+
+    service: str
+    endpoint: str
+    attempts: int
+    latency_s: float
+    ttft_s: float
+    usage: TokenUsage
+    cost_usd: float
+    failover: bool
+    version: str
+    finish_reason: str = ""
+    error: UpstreamError | None = None
+
+
+StreamItem = bytes | StreamEnd
+_NO_USAGE = TokenUsage()
+
+
+class Streamer:
+    """Runs streamed calls. Shares the agent's adapters, client pool, secrets and observers."""
+
+    def __init__(
+        self,
+        adapters: Mapping[str, Any],
+        pool: ClientPool,
+        secrets: SecretResolver,
+        pick: Pick,
+        clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[AttemptObserver] = (),
+    ) -> None:
+        self._adapters = adapters
+        self._pool = pool
+        self._secrets = secrets
+        self._pick = pick
+        self._clock = clock
+        self._observers = observers  # the agent's list, read at each event (subscribers may come later)
+
+    def resolve(self, call: Call, snapshot: AgentSnapshot) -> tuple[ServiceView, Any]:
+        """The service and its streaming adapter; raises like Invoker (plus RequestError for a
+        method that cannot stream)."""
+        service = snapshot.services.get(call.service)
+        if service is None:
+            raise ServiceNotFound(f"service: no service named {call.service!r}")
+        if call.category and call.category != service.category:
+            raise RequestError("category", f"service {service.name!r} is {service.category}, not {call.category}")
+        if service.unsupported:
+            raise Unsupported(f"service {service.name!r}: {service.unsupported}")
+        adapter = self._adapters[service.protocol]
+        streams: frozenset[str] = getattr(adapter, "stream_methods", frozenset())
+        if call.method not in streams:
+            known = ", ".join(sorted(streams)) or "none"
+            raise RequestError(
+                "method", f"{call.method!r} cannot stream on protocol {service.protocol} (streaming: {known})"
+            )
+        return service, adapter
+
+    async def stream(self, call: Call, snapshot: AgentSnapshot) -> AsyncGenerator[StreamItem, None]:
+        """Yield chunk bytes, then one StreamEnd. Raises (before anything is yielded) ServiceNotFound,
+        RequestError, Unsupported, or CallFailed when no attempt reached its first token."""
+        service, adapter = self.resolve(call, snapshot)
+        start = self._clock()
+        deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
+        try:
+            api_key = self._secrets.resolve(service.api_key)
+        except UpstreamError as exc:
+            raise CallFailed(exc, 0) from None
+        tried: list[str] = []
+        last: UpstreamError | None = None
+        while len(tried) < 1 + snapshot.settings.retry.max_retries:
+            endpoint = self._pick(service, exclude=tried, call=call, settings=snapshot.settings)
+            remaining = deadline - self._clock()
+            if endpoint is None or remaining <= 0:
+                break
+            tried.append(endpoint.id)
+            attempt = _Attempt(self, call, service, endpoint, len(tried), deadline)
+            target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
+            request = AdapterRequest(call.method, call.payload, remaining, call.request_id)
+            client = self._pool.get(service.name, endpoint.id, endpoint.url)
+            chunks = adapter.stream(client, target, request)
+            try:
+                held = await attempt.until_first_token(chunks)
+            except UpstreamError as exc:
+                last = exc
+                if not exc.kind.retryable:
+                    raise CallFailed(exc, len(tried)) from None
+                continue
+            try:
+                for data in held:
+                    yield data
+                async for item in attempt.rest(chunks, start, failover=len(tried) > 1, version=snapshot.version):
+                    yield item
+            finally:  # also when the caller goes away mid-stream: release the upstream connection
+                await _close(chunks)
+            return
+        raise CallFailed(last or UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt"), len(tried))
+
+    def _emit(self, event: AttemptStart | AttemptEnd) -> None:
+        for observer in self._observers:
+            if isinstance(event, AttemptStart):
+                observer.attempt_started(event)
+            else:
+                observer.attempt_ended(event)
+
+
+class _Attempt:
+    """One endpoint's stream: hold chunks until the first token, then pass them through."""
+
+    def __init__(
+        self, streamer: Streamer, call: Call, service: ServiceView, endpoint: EndpointView, number: int, deadline: float
+    ) -> None:
+        self.s, self.call, self.service, self.endpoint, self.number = streamer, call, service, endpoint, number
+        self.deadline = deadline
+        self.started = streamer._clock()
+        self.ttft_s: float | None = None
+        self.final: StreamChunk | None = None
+        streamer._emit(
+            AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority)
+        )
+
+    async def _next(self, chunks: AsyncIterator[StreamChunk]) -> StreamChunk | None:
+        """The next chunk within the deadline; None at the end of the stream."""
+        remaining = self.deadline - self.s._clock()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UpstreamError(
+                ErrorKind.TIMEOUT, f"endpoint {self.endpoint.id}: stream exceeded the deadline"
+            ) from None
+
+    async def until_first_token(self, chunks: AsyncIterator[StreamChunk]) -> list[bytes]:
+        """Chunks up to and including the first content chunk (or the whole stream if none
+        has content). On failure: the iterator is closed, the attempt reported, and it raises."""
+        held: list[bytes] = []
+        try:
+            while True:
+                chunk = await self._next(chunks)
+                if chunk is None:
+                    return held
+                if chunk.usage is not None:
+                    self.final = chunk
+                    continue
+                if chunk.data:
+                    held.append(chunk.data)
+                if chunk.content:
+                    self.ttft_s = self.s._clock() - self.started
+                    return held
+        except UpstreamError as exc:
+            await _close(chunks)
+            self._end(exc.kind)
+            raise
+
+    async def rest(
+        self, chunks: AsyncIterator[StreamChunk], call_start: float, *, failover: bool, version: str
+    ) -> AsyncIterator[StreamItem]:
+        error: UpstreamError | None = None
+        try:
+            while self.final is None:
+                chunk = await self._next(chunks)
+                if chunk is None:
+                    break
+                if chunk.usage is not None:
+                    self.final = chunk
+                elif chunk.data:
+                    yield chunk.data
+        except UpstreamError as exc:
+            error = exc
+        finally:
+            await _close(chunks)
+        usage = (
+            self.final.usage if self.final is not None and self.final.usage is not None else TokenUsage(estimated=True)
+        )
+        cost = self.service.pricing.cost(usage.input_tokens, usage.output_tokens)
+        self._end(error.kind if error else None, usage, cost)
+        now = self.s._clock()
+        yield StreamEnd(
+            service=self.service.name,
+            endpoint=self.endpoint.id,
+            attempts=self.number,
+            latency_s=now - call_start,
+            ttft_s=self.ttft_s or 0.0,
+            usage=usage,
+            cost_usd=cost,
+            failover=failover,
+            version=version,
+            finish_reason=(self.final.finish_reason or "") if self.final else "",
+            error=error,
+        )
+
+    def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0) -> None:
+        self.s._emit(
+            AttemptEnd(
+                self.call.request_id,
+                self.service.name,
+                self.service.category,
+                self.endpoint.id,
+                self.number,
+                self.s._clock() - self.started,
+                error,
+                usage,
+                cost,
+                self.ttft_s,
+            )
+        )
+
+
+async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

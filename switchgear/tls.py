@@ -1,0 +1,58 @@
+"""TLS and mutual TLS for Switchgear's gRPC links, from PEM files.
+
+Control plane: `--tls-cert/--tls-key` serve TLS; adding `--tls-client-ca` requires every client
+(agents, operators) to present a certificate signed by that CA (mTLS). Agents and the CLI:
+`--tls-ca` verifies the control plane; `--tls-cert/--tls-key` present a client certificate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert: str
+    key: str
+    client_ca: str | None = None  # set: clients must present a certificate it signed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        chain, key = _read(self.cert), _read(self.key)
+        assert chain is not None and key is not None
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=_read(self.client_ca), require_client_auth=self.client_ca is not None
+        )
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca), private_key=_read(self.key), certificate_chain=_read(self.cert)
+        )
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
+    """Listen on `address` with TLS when configured; returns the bound port."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.credentials())
+
+
+def aio_channel(address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options)

@@ -1,0 +1,87 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from switchgear.v1 import discovery_pb2 as _discovery_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StreamLoadStatsRequest(_message.Message):
+    __slots__ = ("node", "endpoint_loads", "load_report_interval", "snapshot_version")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_LOADS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_REPORT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node: _discovery_pb2.Node
+    endpoint_loads: _containers.RepeatedCompositeFieldContainer[EndpointLoad]
+    load_report_interval: _duration_pb2.Duration
+    snapshot_version: str
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., endpoint_loads: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_report_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+
+class StreamLoadStatsResponse(_message.Message):
+    __slots__ = ("load_reporting_interval", "latency_bucket_bounds_s")
+    LOAD_REPORTING_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKET_BOUNDS_S_FIELD_NUMBER: _ClassVar[int]
+    load_reporting_interval: _duration_pb2.Duration
+    latency_bucket_bounds_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, load_reporting_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_bucket_bounds_s: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ErrorCount(_message.Message):
+    __slots__ = ("kind", "count")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    count: int
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class EndpointLoad(_message.Message):
+    __slots__ = ("service", "endpoint", "category", "requests_issued", "requests_succeeded", "requests_failed", "in_flight", "latency_sum_s", "latency_count", "success_latency_sum_s", "success_latency_count", "latency_buckets", "ttft_sum_s", "ttft_count", "input_tokens", "output_tokens", "cost_usd", "failovers", "cache_lookups", "cache_hits", "circuit_breaker_trips", "queue_length")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SUM_S_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_LATENCY_SUM_S_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_LATENCY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SUM_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_BREAKER_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    endpoint: str
+    category: str
+    requests_issued: int
+    requests_succeeded: int
+    requests_failed: _containers.RepeatedCompositeFieldContainer[ErrorCount]
+    in_flight: int
+    latency_sum_s: float
+    latency_count: int
+    success_latency_sum_s: float
+    success_latency_count: int
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    ttft_sum_s: float
+    ttft_count: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    failovers: int
+    cache_lookups: int
+    cache_hits: int
+    circuit_breaker_trips: int
+    queue_length: int
+    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., requests_issued: _Optional[int] = ..., requests_succeeded: _Optional[int] = ..., requests_failed: _Optional[_Iterable[_Union[ErrorCount, _Mapping]]] = ..., in_flight: _Optional[int] = ..., latency_sum_s: _Optional[float] = ..., latency_count: _Optional[int] = ..., success_latency_sum_s: _Optional[float] = ..., success_latency_count: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ..., ttft_sum_s: _Optional[float] = ..., ttft_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., failovers: _Optional[int] = ..., cache_lookups: _Optional[int] = ..., cache_hits: _Optional[int] = ..., circuit_breaker_trips: _Optional[int] = ..., queue_length: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,301 @@
+"""TasksService in process: submission errors and their codes, idempotency, blobs, Watch,
+cancellation, the document fallback hook, and a real TaskWorker (fake invoker) end to end
+over gRPC on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+
+from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
+from switchgear.controlplane.model import (
+    Category,
+    EndpointSpec,
+    RegistryState,
+    ResourceAllocationSettings,
+    ServiceSpec,
+    Settings,
+)
+from switchgear.controlplane.tasks.lifecycle import RetryPolicy
+from switchgear.controlplane.tasks.scheduler import SchedulerOptions
+from switchgear.controlplane.tasks.service import TasksRuntime, attach
+from switchgear.dataplane.convert import Call
+from switchgear.dataplane.invoke import CallFailed, Result
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
+from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions, WorkerResources, is_task_call
+from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
+
+GIB = 1024**3
+
+
+def spec(name: str, category: Category, **metadata: str) -> ServiceSpec:
+    return ServiceSpec(name=name, category=category, protocol="openai",
+                       endpoints=(EndpointSpec("e0", "http://127.0.0.1:9/v1"),),
+                       metadata=tuple(sorted(metadata.items())))
+
+
+STATE = RegistryState(
+    services=(spec("chat", Category.LLM), spec("docs", Category.DOCUMENT),
+              spec("huge", Category.LLM, **{"resources.cpu": "64"})),
+    settings=Settings(resource_allocation=ResourceAllocationSettings(default_cpu=8.0, default_memory_bytes=16 * GIB)),
+)
+
+
+@dataclass
+class Plane:
+    runtime: TasksRuntime
+    stub: tasks_pb2_grpc.TasksServiceStub
+    address: str
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    server = grpc.aio.server()
+    runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE,
+                     SchedulerOptions(lease_ttl_s=1.0, retry=RetryPolicy(0.05, 0.2)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    runtime.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Plane(runtime, tasks_pb2_grpc.TasksServiceStub(channel), f"127.0.0.1:{port}")
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await runtime.close()
+
+
+def submit(**fields: Any) -> tasks_pb2.SubmitTaskRequest:
+    base: dict[str, Any] = {"service": "chat", "method": "chat.completions", "payload": b'{"messages": []}'}
+    base.update(fields)
+    return tasks_pb2.SubmitTaskRequest(**base)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "needle"),
+    [
+        ({"service": ""}, grpc.StatusCode.INVALID_ARGUMENT, "service: required"),
+        ({"method": ""}, grpc.StatusCode.INVALID_ARGUMENT, "method: required"),
+        ({"service": "nope"}, grpc.StatusCode.NOT_FOUND, "service: no service named 'nope'"),
+        ({"payload": b"{oops"}, grpc.StatusCode.INVALID_ARGUMENT, "payload: not valid JSON"),
+        ({"payload": b"[1]"}, grpc.StatusCode.INVALID_ARGUMENT, "payload: must be a JSON object"),
+        ({"priority": 11}, grpc.StatusCode.INVALID_ARGUMENT, "priority: must be within 1..10"),
+        ({"max_attempts": 99}, grpc.StatusCode.INVALID_ARGUMENT, "max_attempts"),
+        ({"payload_blob_id": "sha256:00"}, grpc.StatusCode.NOT_FOUND, "payload_blob_id"),
+        ({"service": "huge"}, grpc.StatusCode.FAILED_PRECONDITION,
+         "Resource allocation failed: a llm task needs cpu 64 > 8"),
+    ],
+)
+async def test_bad_submissions_get_the_right_code(plane: Plane, fields: dict[str, Any], code: grpc.StatusCode,
+                                                  needle: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await plane.stub.SubmitTask(submit(**fields))
+    assert info.value.code() == code
+    assert needle in (info.value.details() or "")
+
+
+async def test_unfit_task_is_recorded_failed_and_idempotency_dedupes(plane: Plane) -> None:
+    with pytest.raises(grpc.aio.AioRpcError):
+        await plane.stub.SubmitTask(submit(service="huge"))
+    failed = (await plane.stub.ListTasks(tasks_pb2.ListTasksRequest(states=[tasks_pb2.TASK_STATE_FAILED]))).tasks
+    assert len(failed) == 1 and failed[0].error.kind == "resource_allocation"
+
+    first = await plane.stub.SubmitTask(submit(idempotency_key="k", tenant="acme", priority=7))
+    again = await plane.stub.SubmitTask(submit(idempotency_key="k", tenant="acme", priority=7))
+    other_tenant = await plane.stub.SubmitTask(submit(idempotency_key="k", tenant="zeta"))
+    assert first.created and not again.created and again.task.id == first.task.id
+    assert other_tenant.created and other_tenant.task.id != first.task.id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await plane.stub.SubmitTask(submit(idempotency_key="k", tenant="acme", payload=b'{"other": 1}'))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    task = first.task
+    assert task.state == tasks_pb2.TASK_STATE_QUEUED and task.priority == 7 and task.max_attempts == 3
+    assert task.requirements.cpu == 2 and task.requirements.gpu == 0.5 and task.requirements.memory_bytes == 4 * GIB
+    listed = await plane.stub.ListTasks(tasks_pb2.ListTasksRequest(tenant="acme", service="chat"))
+    assert [t.id for t in listed.tasks] == [task.id]
+    cancelled = await plane.stub.CancelTask(tasks_pb2.CancelTaskRequest(id=task.id))
+    assert cancelled.task.state == tasks_pb2.TASK_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await plane.stub.CancelTask(tasks_pb2.CancelTaskRequest(id=task.id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id="missing"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_blob_round_trip_and_submission_by_blob(plane: Plane) -> None:
+    body = orjson.dumps({"messages": [{"role": "user", "content": "x" * 700_000}]})
+
+    async def chunks() -> AsyncIterator[tasks_pb2.UploadBlobRequest]:
+        for start in range(0, len(body), 100_000):
+            yield tasks_pb2.UploadBlobRequest(chunk=body[start:start + 100_000])
+
+    uploaded = await plane.stub.UploadBlob(chunks())
+    assert uploaded.size == len(body) and uploaded.blob_id.startswith("sha256:")
+    reply = await plane.stub.SubmitTask(submit(payload_blob_id=uploaded.blob_id))
+    assert reply.task.payload_blob_id == uploaded.blob_id and reply.task.payload == b""
+    parts = [p.chunk async for p in plane.stub.DownloadBlob(tasks_pb2.DownloadBlobRequest(blob_id=uploaded.blob_id))]
+    assert b"".join(parts) == body
+
+
+# -- a real worker over gRPC, with a fake invoker
+
+
+def agent_snapshot() -> AgentSnapshot:
+    views = {
+        name: ServiceView(name=name, category=cat, protocol="openai",
+                          endpoints=(EndpointView("e0", "http://127.0.0.1:9/v1"),))
+        for name, cat in (("chat", "llm"), ("docs", "document"))
+    }
+    return AgentSnapshot(version="1.x", services=MappingProxyType(views))
+
+
+class FakeInvoker:
+    """Answers per payload: {"sleep": s} waits, {"fail": kind} fails, otherwise echoes."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.gate: Callable[[Call], bool] = lambda call: True
+
+    async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
+        self.calls.append(call)
+        await asyncio.sleep(float(call.payload.get("sleep", 0.01)))
+        if "fail" in call.payload or not self.gate(call):
+            kind = ErrorKind(call.payload.get("fail", "connect"))
+            raise CallFailed(UpstreamError(kind, f"{kind.value} failure"), 1)
+        body = orjson.dumps({"echo": call.payload, "id": call.request_id})
+        return Result(body, call.service, "e0", 1, 0.01, TokenUsage(3, 4), 0.0, snapshot.version)
+
+
+@pytest.fixture
+async def worker(plane: Plane) -> AsyncIterator[FakeInvoker]:
+    holder = Holder()
+    holder.current = agent_snapshot()
+    invoker = FakeInvoker()
+    client = TasksClient([plane.address])
+    w = TaskWorker(client, "w1", holder, invoker,  # type: ignore[arg-type]
+                   WorkerOptions(capacity=4, resources=WorkerResources(cpu=8, memory_bytes=16 * GIB), poll_wait_s=0.5))
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(w.run(stop))
+    try:
+        yield invoker
+    finally:
+        stop.set()
+        await running
+        await client.close()
+
+
+async def watch_until_final(plane: Plane, task_id: str, timeout_s: float = 10.0) -> list[tasks_pb2.Task]:
+    seen: list[tasks_pb2.Task] = []
+
+    async def collect() -> None:
+        async for event in plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(ids=[task_id])):
+            seen.append(event.task)
+
+    await asyncio.wait_for(collect(), timeout_s)
+    return seen
+
+
+async def test_worker_runs_task_and_watch_shows_progress_to_success(plane: Plane, worker: FakeInvoker) -> None:
+    reply = await plane.stub.SubmitTask(submit(payload=b'{"sleep": 0.8}', priority=9))
+    events = await watch_until_final(plane, reply.task.id)
+    states = [e.state for e in events]
+    assert states[-1] == tasks_pb2.TASK_STATE_SUCCEEDED
+    assert tasks_pb2.TASK_STATE_RUNNING in states
+    assert any(0 < e.progress < 1 and "attempt 1" in e.progress_message for e in events)  # heartbeat progress
+    final = events[-1]
+    assert orjson.loads(final.result)["echo"] == {"sleep": 0.8} and final.agent == "w1"
+    assert final.usage.output_tokens == 4 and final.attempts == 1
+    assert worker.calls[0].priority == 9 and worker.calls[0].request_id == f"sgtask:{reply.task.id}-1"
+    assert is_task_call(worker.calls[0])
+
+
+async def test_retryable_failures_back_off_then_dead_letter_and_client_errors_fail(
+    plane: Plane, worker: FakeInvoker
+) -> None:
+    retried = await plane.stub.SubmitTask(submit(payload=b'{"fail": "retryable"}', max_attempts=3))
+    rejected = await plane.stub.SubmitTask(submit(payload=b'{"fail": "client"}'))
+    dead = (await watch_until_final(plane, retried.task.id))[-1]
+    assert dead.state == tasks_pb2.TASK_STATE_DEAD_LETTERED and dead.attempts == 3
+    assert dead.error.kind == "retryable" and "retryable failure" in dead.error.message
+    failed = (await watch_until_final(plane, rejected.task.id))[-1]
+    assert failed.state == tasks_pb2.TASK_STATE_FAILED and failed.attempts == 1
+
+
+async def test_cancelling_a_running_task_stops_the_worker(plane: Plane, worker: FakeInvoker) -> None:
+    reply = await plane.stub.SubmitTask(submit(payload=b'{"sleep": 30}'))
+    for _ in range(100):
+        task = (await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=reply.task.id))).task
+        if task.state == tasks_pb2.TASK_STATE_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    await plane.stub.CancelTask(tasks_pb2.CancelTaskRequest(id=reply.task.id))
+    for _ in range(100):  # the worker hears it on its next heartbeat and frees the slot
+        stats = await plane.stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest())
+        if stats.cluster.tasks == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats.cluster.tasks == 0
+    final = (await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=reply.task.id))).task
+    assert final.state == tasks_pb2.TASK_STATE_CANCELLED
+
+
+async def test_defer_hook_makes_one_task_that_completes_once_the_service_recovers(
+    plane: Plane, worker: FakeInvoker
+) -> None:
+    recovered = asyncio.Event()
+    worker.gate = lambda call: call.service != "docs" or recovered.is_set()  # "docs" is down until recovered
+    client = TasksClient([plane.address])
+    call = Call(request_id="req-42", category="document", service="docs", method="chat.completions",
+                payload={"messages": []}, priority=6, timeout_s=0, user_id="acme", session_id="")
+    deferred = await client.defer(call, "connect: upstream down")
+    again = await client.defer(call, "connect: upstream down")  # the fallback fired twice: still one task
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # a task's own call is never deferred again
+        await client.defer(dataclasses.replace(call, request_id="sgtask:abc-1"), "down")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await client.close()
+    assert deferred.task_id == again.task_id and deferred.queue_id == "queue_req-42"
+    body = deferred.fallback_body()
+    assert body["processed"] is False and body["fallback"] is True and "queued for later processing" in body["message"]
+    await asyncio.sleep(0.5)  # a few failing attempts while the service is down
+    recovered.set()
+    events = await watch_until_final(plane, deferred.task_id)
+    final = events[-1]
+    assert final.state == tasks_pb2.TASK_STATE_SUCCEEDED and final.origin == "defer" and final.tenant == "acme"
+    assert final.attempts >= 2 and final.max_attempts == 10
+    stats = await plane.stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest())
+    (agent,) = stats.agents
+    assert agent.agent == "w1" and agent.usage.capacity.cpu == 8 and math.isclose(agent.peak_utilisation["cpu"], 0.5)
+
+
+async def test_worker_shutdown_gives_unfinished_tasks_back_without_using_an_attempt(plane: Plane) -> None:
+    holder = Holder()
+    holder.current = agent_snapshot()
+    client = TasksClient([plane.address])
+    w = TaskWorker(client, "w2", holder, FakeInvoker(),  # type: ignore[arg-type]
+                   WorkerOptions(capacity=2, resources=WorkerResources(cpu=8, memory_bytes=16 * GIB), poll_wait_s=0.5,
+                                 drain_s=0.1))
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(w.run(stop))
+    ids = [(await plane.stub.SubmitTask(submit(payload=b'{"sleep": 30}'))).task.id for _ in range(2)]
+    for _ in range(100):
+        states = [(await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=i))).task.state for i in ids]
+        if all(s == tasks_pb2.TASK_STATE_RUNNING for s in states):
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    await client.close()
+    for task_id in ids:
+        task = (await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=task_id))).task
+        assert task.state == tasks_pb2.TASK_STATE_QUEUED and task.attempts == 0

@@ -1,0 +1,150 @@
+"""Traces from a real agent (in-process, on loopback) with the SDK's in-memory span exporter.
+
+The caller's W3C trace context arrives as gRPC metadata; the agent's Invoke span continues that
+trace, each upstream attempt is a child span with the GenAI attributes, and the upstream (a
+tiny local OpenAI-shaped server that records request headers) receives `traceparent` naming
+the attempt span. With tracing off no span is made and no header is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from switchgear.dataplane.server import Options, serve
+from switchgear.dataplane.snapshot import Holder
+from switchgear.dataplane.tracing import Tracing, upstream_headers
+from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import ControlPlane, service
+
+pytestmark = pytest.mark.timeout(60)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+class Upstream:
+    """POST /v1/chat/completions in OpenAI's shape; remembers every request's headers."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+        self.fail_next = 0
+
+    async def chat(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        if self.fail_next:
+            self.fail_next -= 1
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        body = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+        return web.json_response(body)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    up = Upstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", up.chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield up, f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def run_agent(
+    control_plane: ControlPlane, exporter: InMemorySpanExporter | None
+) -> tuple[str, asyncio.Event, Any]:
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    options = Options(control_planes=[control_plane.address], listen="127.0.0.1:0", node_id="traced",
+                      span_exporter=exporter)
+    task = asyncio.ensure_future(serve(options, stop, ready.set_result))
+    return await ready, stop, task
+
+
+async def invoke(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> gateway_pb2.InvokeResponse:
+    payload = orjson.dumps({"messages": [{"role": "user", "content": "hello"}]})
+    request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=payload)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        for _ in range(200):  # until the agent holds its first snapshot
+            try:
+                return await stub.Invoke(request, metadata=metadata, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or "no snapshot" not in (exc.details() or ""):
+                    raise
+                await asyncio.sleep(0.05)
+    raise AssertionError("agent never got a snapshot")
+
+
+async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_upstream(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str]
+) -> None:
+    up, url = upstream
+    control_plane.registry.register(service("chat", url, url, model="gpt-4o-mini"), "test")
+    exporter = InMemorySpanExporter()
+    address, stop, task = await run_agent(control_plane, exporter)
+    try:
+        await invoke(address)  # warm-up: the agent has its snapshot
+        exporter.clear()
+        up.headers.clear()
+        up.fail_next = 1  # the first attempt fails over: two attempt spans under one Invoke
+        reply = await invoke(address, (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),))
+    finally:
+        stop.set()
+        await task
+    assert reply.attempts == 2
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "switchgear.v1.GatewayService/Invoke"]
+    attempts = sorted((s for s in spans if s.name.startswith("attempt ")),
+                      key=lambda s: s.attributes["switchgear.attempt"])
+    assert len(spans) == 3 and len(attempts) == 2
+    # the caller's trace continues: same trace id, the caller's span is the parent
+    assert format(root.context.trace_id, "032x") == TRACE_ID
+    assert root.parent is not None and format(root.parent.span_id, "016x") == PARENT_ID
+    for span in attempts:
+        assert span.parent is not None and span.parent.span_id == root.context.span_id
+        assert span.attributes["gen_ai.system"] == "openai"
+        assert span.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+        assert span.attributes["switchgear.service"] == "chat"
+    failed, served = attempts
+    assert failed.attributes["error.type"] == "retryable" and failed.status.status_code.name == "ERROR"
+    assert served.attributes["gen_ai.usage.input_tokens"] == 7
+    assert served.attributes["gen_ai.usage.output_tokens"] == 3
+    assert root.attributes["switchgear.attempts"] == 2
+    assert root.attributes["gen_ai.usage.output_tokens"] == 3
+    assert root.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    # each upstream request carried the trace context of its own attempt span
+    assert len(up.headers) == 2
+    for headers, span in zip(up.headers, attempts, strict=True):
+        _version, trace_id, span_id, _flags = headers["traceparent"].split("-")
+        assert (trace_id, span_id) == (TRACE_ID, format(span.context.span_id, "016x"))
+
+
+async def test_tracing_off_makes_no_spans_and_adds_no_header(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str]
+) -> None:
+    assert Tracing.configure(Holder()) is None  # no endpoint, no exporter: nothing installed
+    up, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    address, stop, task = await run_agent(control_plane, None)
+    try:
+        await invoke(address, (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),))
+    finally:
+        stop.set()
+        await task
+    assert up.headers and all("traceparent" not in h for h in up.headers)
+    assert upstream_headers() == {}  # no current span anywhere
