@@ -8,6 +8,8 @@ from typing import Any
 
 import grpc
 
+from switchgear.tls import ClientTls
+
 TOKEN_ENV = "SWITCHGEAR_ADMIN_TOKEN"
 
 
@@ -44,7 +46,7 @@ class _BearerToken(
         return continuation(self._details(details), requests)
 
 
-def admin_channel(address: str, token: str | None) -> grpc.Channel:
+def admin_channel(address: str, token: str | None, tls: ClientTls | None = None) -> grpc.Channel:
     """A blocking channel to `address` that sends `token` (when given) with every call."""
-    channel = grpc.insecure_channel(address)
+    channel = grpc.secure_channel(address, tls.credentials()) if tls else grpc.insecure_channel(address)
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel

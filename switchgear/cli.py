@@ -50,6 +50,7 @@ def _logging(level: str) -> None:
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from switchgear.controlplane.server import Options, StartupError, serve
+    from switchgear.tls import ServerTls
 
     _logging(args.log_level)
     overrides = tuple((name, value) for name, value in (
@@ -62,6 +63,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         health_min_requests=args.health_min_requests, active_probes=not args.no_probes,
         max_concurrent_pushes=args.max_concurrent_pushes,
         task_lease_ttl_s=args.task_lease_ttl, task_aging_interval_s=args.task_aging_interval,
+        admin_auth=args.admin_auth == "token", admin_token_file=args.admin_token_file,
+        tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
     )
 
     async def run() -> None:
@@ -75,9 +78,20 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resilience_settings(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from switchgear.dataplane.attempts import ResilienceSettings
+
+    base = ResilienceSettings()
+    return replace(base, breaker=replace(base.breaker, base_open_s=args.breaker_open),
+                   outlier=replace(base.outlier, base_ejection_s=args.ejection_time))
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from switchgear.dataplane.server import Options, serve
     from switchgear.dataplane.worker import worker_options
+    from switchgear.tls import ClientTls
 
     _logging(args.log_level)
     options = Options(
@@ -85,6 +99,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
         metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
+        auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
+        resilience=_resilience_settings(args),
+        control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
     )
 
     def announce_http(address: str) -> None:
@@ -99,8 +116,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """asyncio.run on uvloop when it is installed (it cuts the agent's per-request CPU; see
-    bench/overhead), else on the default loop."""
+    bench/overhead), else on the default loop. SWITCHGEAR_EVENT_LOOP=asyncio forces the default."""
     try:
+        if os.environ.get("SWITCHGEAR_EVENT_LOOP") == "asyncio":
+            raise ImportError("the default loop was asked for")
         import uvloop
     except ImportError:
         asyncio.run(main)
@@ -186,9 +205,10 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def _admin_call(args: argparse.Namespace, method: str, request: object) -> object:
+    from switchgear.admin_client import admin_channel, resolve_token
     from switchgear.v1 import admin_pb2_grpc
 
-    with grpc.insecure_channel(args.control_plane) as channel:
+    with admin_channel(args.control_plane, resolve_token(getattr(args, "admin_token_file", None))) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         return getattr(stub, method)(request, timeout=args.timeout)
 
@@ -258,7 +278,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invoke_stream(args: argparse.Namespace, request: object) -> int:
+def _invoke_stream(args: argparse.Namespace, request: Any) -> int:
     """InvokeStream: one chunk (upstream JSON) per line, then the end message."""
     from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -271,7 +291,7 @@ def _invoke_stream(args: argparse.Namespace, request: object) -> int:
                 else:
                     _print_message(message.end)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 
@@ -328,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a task lease lasts without a heartbeat (default: %(default)s)")
     cp.add_argument("--task-aging-interval", type=float, default=60.0, metavar="S",
                     help="seconds of waiting that raise a task's effective priority by 1 (default: %(default)s)")
+    cp.add_argument("--admin-auth", choices=("token", "none"), default="none",
+                    help="'token': Admin and Governance RPCs need the admin token; 'none': development only")
+    cp.add_argument("--admin-token-file", help="the admin token (default: <db>.admin-token, created if missing)")
+    cp.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
+    cp.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    cp.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 
@@ -346,6 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: tracing off)")
     ag.add_argument("--trace-sample-ratio", type=float, default=1.0,
                     help="share of new traces sampled when tracing is on (default: %(default)s)")
+    ag.add_argument("--auth", choices=("api_key", "none"), default="none",
+                    help="'api_key': every request needs a tenant's key; 'none': local development only")
+    ag.add_argument("--redis", default="", metavar="URL",
+                    help="share quota counters and the response cache with other agents (redis:// or unix://)")
+    ag.add_argument("--tls-ca", help="verify the control plane's TLS certificate with this CA (PEM)")
+    ag.add_argument("--tls-cert", help="client certificate for mutual TLS with the control plane (PEM)")
+    ag.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    ag.add_argument("--cache-bytes", type=int, default=64 * 1024 * 1024,
+                    help="memory bound of this agent's response cache (default: %(default)s)")
+    ag.add_argument("--breaker-open", type=float, default=5.0, metavar="S",
+                    help="seconds an endpoint's circuit breaker stays open after its first trip, doubling "
+                         "on repeated trips (default: %(default)s)")
+    ag.add_argument("--ejection-time", type=float, default=30.0, metavar="S",
+                    help="seconds an outlier endpoint is ejected the first time (default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
     ag.set_defaults(func=cmd_agent)
@@ -361,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     adm = sub.add_parser("admin", help="call the control plane's Admin service")
     adm.add_argument("--control-plane", default="127.0.0.1:50051")
     adm.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    adm.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
     adm_sub = adm.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     adm_sub.add_parser("services", help="list services")
     adm_sub.add_parser("agents", help="list agents and the versions they ACKed or NACKed")
@@ -381,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--control-plane", default="127.0.0.1:50051")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds")
         p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+        p.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
         if name == "stats":
             p.add_argument("--service", default="", help="only this service")
             p.set_defaults(func=cmd_stats)

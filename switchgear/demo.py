@@ -10,6 +10,7 @@ NACK (and keep serving), then a good one they ACK. Every process it starts, it s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -27,7 +28,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchgear.controlplane.snapshot import version_seq
 from switchgear.supervise import Proc
-from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from switchgear.admin_client import admin_channel
+from switchgear.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    governance_pb2,
+    governance_pb2_grpc,
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
 INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10}  # name -> emulated latency, ms
@@ -83,7 +93,8 @@ class Demo:
         env = {f"DEMO_{name.upper()}_PORT": str(port) for name, port in self.ports.items()}
         return Proc.switchgear(
             "controlplane",
-            ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen],
+            ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen,
+             "--admin-auth", "token", "--report-interval", "0.5"],
             self.workdir, env,
         )
 
@@ -102,8 +113,33 @@ class Demo:
             proc.stop()
 
     # -- admin -------------------------------------------------------------------------
+    def token(self) -> str:
+        return (self.workdir / "registry.db.admin-token").read_text(encoding="utf-8").strip()
+
     def admin(self) -> admin_pb2_grpc.AdminServiceStub:
-        return admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(self.cp_address))
+        return admin_pb2_grpc.AdminServiceStub(admin_channel(self.cp_address, self.token()))
+
+    def governance(self) -> governance_pb2_grpc.GovernanceServiceStub:
+        return governance_pb2_grpc.GovernanceServiceStub(admin_channel(self.cp_address, self.token()))
+
+    def issue_key(self) -> None:
+        """A tenant with a generous rate limit and its key: agents require keys (--auth api_key)."""
+        gov = self.governance()
+        gov.CreateTenant(governance_pb2.CreateTenantRequest(tenant=governance_pb2.Tenant(
+            id="demo", display_name="Demo app", policy=governance_pb2.TenantPolicy(requests_per_minute=1000))),
+            timeout=5)
+        issued = gov.IssueKey(governance_pb2.IssueKeyRequest(tenant="demo", description="make demo"), timeout=5)
+        self.key = issued.secret
+        _wait(lambda: self.converged(issued.version), 10, "agents to ACK the tenant")
+
+    async def unauthenticated(self) -> str:
+        async with grpc.aio.insecure_channel(self.agent_addresses[0]) as channel:
+            request = gateway_pb2.InvokeRequest(service=SERVICE, method="chat.completions", payload=b'{"messages": []}')
+            try:
+                await gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+        return "accepted (unexpected)"
 
     def agents(self) -> list[admin_pb2.AgentStatus]:
         return list(self.admin().ListAgents(admin_pb2.ListAgentsRequest(), timeout=5).agents)
@@ -140,7 +176,8 @@ class Demo:
                 )
                 started = time.perf_counter()
                 try:
-                    reply = await stubs[i % len(stubs)].Invoke(request, timeout=10)
+                    reply = await stubs[i % len(stubs)].Invoke(
+                        request, timeout=10, metadata=(("authorization", f"Bearer {self.key}"),))
                 except grpc.aio.AioRpcError as exc:
                     phase.errors[exc.code().name] += 1
                     continue
@@ -177,7 +214,8 @@ class Demo:
         _say(f"2. control plane on {self.cp_address}, registry from {CONFIG.name}, version {self.current_version()}")
         for i in (1, 2):
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
-                                                   "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}"], self.workdir)
+                                                   "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
+                                                   "--auth", "api_key"], self.workdir)
             self.agent_addresses.append(self.start(agent))
         for address in self.agent_addresses:
             self.wait_serving(address)
@@ -185,6 +223,10 @@ class Demo:
         _wait(lambda: self.converged(first), 10, "agents to ACK")
         _say(f"3. two agents on {', '.join(self.agent_addresses)} ACKed {first}:")
         self.show_agents()
+        self.issue_key()
+        _say(f"   tenant 'demo' created and a key issued (admin token required); a call without a key gets "
+             f"{asyncio.run(self.unauthenticated())}")
+        first = self.current_version()
 
         _say(f"4. workload A: {per_phase} chat completions through the agents' Gateway.Invoke")
         self.run_phase("A", per_phase)
@@ -240,16 +282,30 @@ class Demo:
         for name in INSTANCES:
             seen = _completions_seen(stats[name])
             _say(f"  {name:<10}{INSTANCES[name]:>6} ms{total[name]:>8}{seen:>14}")
+        served = sum(total.values())
+
+        def usage() -> governance_pb2.TenantUsage:
+            reply = self.governance().GetUsage(governance_pb2.GetUsageRequest(tenant="demo"), timeout=5)
+            return reply.usage[0]
+
+        with contextlib.suppress(TimeoutError):  # the account says what arrived, whatever it is
+            _wait(lambda: usage().requests_total >= served, 10, "usage reports")
+        tenant = usage()
+        _say(f"  tenant demo: {tenant.requests_total} of {served} requests reported by the agents' load "
+             f"reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
         _say(f"  errors = {errors}")
         ok = errors == 0 and all(total[n] == _completions_seen(stats[n]) for n in INSTANCES)
-        _say("  RESULT: " + ("every request served; counts agree with the emulators" if ok else "FAILED"))
+        ok = ok and tenant.requests_total == served
+        _say("  RESULT: " + ("every request served; counts agree with the emulators and the usage reports"
+                             if ok else "FAILED"))
         return 0 if ok else 1
 
 
 def _completions_seen(stats: dict[str, object]) -> int:
-    """Successful /v1 answers an emulator gave (the demo sends it only chat completions)."""
-    outcomes = stats.get("by_outcome") or {}
-    return int(outcomes.get("ok", 0)) if isinstance(outcomes, dict) else 0
+    """Chat completions an emulator answered (the demo's calls all succeed; the control plane's
+    health probes go to /v1/models and are not counted)."""
+    paths = stats.get("by_path") or {}
+    return int(paths.get("/v1/chat/completions", 0)) if isinstance(paths, dict) else 0
 
 
 def main(requests: int = 120) -> int:

@@ -48,8 +48,8 @@ class ClientTls:
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
     """Listen on `address` with TLS when configured; returns the bound port."""
     if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, tls.credentials())
+        return int(server.add_insecure_port(address))
+    return int(server.add_secure_port(address, tls.credentials()))
 
 
 def aio_channel(address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:

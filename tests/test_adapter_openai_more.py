@@ -124,3 +124,16 @@ async def test_stream_without_usage_is_estimated() -> None:
 )
 def test_local_servers_urls(base: str, url: str) -> None:
     assert endpoint_url(base, "/embeddings") == url
+
+
+async def test_stream_usage_can_be_turned_off_for_servers_that_refuse_it() -> None:
+    sse = b'data: {"choices":[{"index":0,"delta":{"content":"abcd"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert "stream_options" not in orjson.loads(request.content)
+        return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
+        t = Target("http://ollama:11434/v1", options=parse_options({"stream_usage": False}))
+        chunks = [c async for c in OpenAIAdapter().stream(mock, t, AdapterRequest("chat.completions", CHAT, 5))]
+    assert chunks[-1].usage is not None and chunks[-1].usage.estimated

@@ -189,3 +189,14 @@ async def test_local_counters_expire() -> None:
     clock.now = 111.0
     assert await counters.get("k") == 0.0
     assert await counters.add("k", 1, ttl_s=10) == 1
+
+
+def test_usage_book_survives_a_dump_and_load() -> None:
+    from switchgear.controlplane.usage import UsageBook, UsageDelta
+
+    book = UsageBook()
+    book.add(UsageDelta("acme", requests=3, rejected=1, tokens=50, cost_usd=0.2), now=1_800_000_030.0)
+    again = UsageBook()
+    again.load("acme", book.dump("acme"))
+    assert again.usage("acme", 1_800_000_031.0) == book.usage("acme", 1_800_000_031.0)
+    assert again.usage("acme", 1_800_000_031.0).requests_this_minute == 3

@@ -145,3 +145,16 @@ async def test_budget_counts_actual_cost() -> None:
         await p.invoke(call(), snap, principal)
     with pytest.raises(QuotaExceeded, match="per hour"):
         await p.invoke(call(), snap, principal)
+
+
+async def test_a_model_change_does_not_serve_the_old_models_answers() -> None:
+    import dataclasses
+
+    upstream = Upstream()
+    snap = snapshot()
+    p = pipeline(upstream, auth=False)
+    await p.invoke(call(), snap, None)
+    assert (await p.invoke(call(), snap, None)).cached
+    chat = dataclasses.replace(snap.services["chat"], model="bigger-model")
+    changed = dataclasses.replace(snap, services=MappingProxyType({**snap.services, "chat": chat}))
+    assert not (await p.invoke(call(), changed, None)).cached

@@ -224,8 +224,9 @@ async def test_failure_after_first_token_ends_the_stream_without_failover(
 
 
 async def test_all_endpoints_failing_before_first_token_is_a_status(emulators: EmulatorGroup, stub_for: Any) -> None:
-    emulators.set_faults("a", Faults(rate_limit_rate=1.0, retry_after_s=3))
-    emulators.set_faults("b", Faults(rate_limit_rate=1.0, retry_after_s=3))
+    # Retry-After 60 s is past the 30 s deadline: no waiting, the call ends after one try each.
+    emulators.set_faults("a", Faults(rate_limit_rate=1.0, retry_after_s=60))
+    emulators.set_faults("b", Faults(rate_limit_rate=1.0, retry_after_s=60))
     agent = make_agent(
         snapshot(view("chat", "openai", [emulators.urls["a"], emulators.urls["b"]], model="gpt-4o-mini"))
     )

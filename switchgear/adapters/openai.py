@@ -111,7 +111,7 @@ _METHODS: Mapping[str, _Method] = MappingProxyType(
     }
 )
 _PATH_OPTIONS = MappingProxyType({m.path_option: name for name, m in _METHODS.items()})
-_OTHER_OPTIONS = ("headers", "organization", "api_key_header")
+_OTHER_OPTIONS = ("headers", "organization", "api_key_header", "stream_usage")
 KNOWN_OPTIONS = tuple(sorted((*_PATH_OPTIONS, *_OTHER_OPTIONS)))
 _FORBIDDEN_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
@@ -133,6 +133,9 @@ class OpenAIOptions:
     headers: tuple[tuple[str, str], ...] = ()
     organization: str | None = None
     api_key_header: str = "Authorization"
+    # Ask for the usage chunk when streaming (`stream_options.include_usage`); turn off for a
+    # server that refuses the field (usage is then estimated from the streamed text).
+    stream_usage: bool = True
 
     def path(self, method: str) -> str:
         """The path of `method` below the base URL, e.g. "/chat/completions"."""
@@ -156,12 +159,19 @@ def parse_options(options: Mapping[str, Any]) -> OpenAIOptions:
         headers=_parse_headers(options.get("headers", {}), key_header),
         organization=_parse_optional_str("organization", options.get("organization")),
         api_key_header=key_header,
+        stream_usage=_parse_bool("stream_usage", options.get("stream_usage", True)),
     )
 
 
 def _parse_path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise OptionsError(key, f"must be a string starting with '/', got {value!r}")
+    return value
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OptionsError(key, f"must be true or false, got {value!r}")
     return value
 
 
@@ -504,7 +514,8 @@ class OpenAIAdapter:
         if request.timeout_s <= 0:
             raise UpstreamError(ErrorKind.TIMEOUT, "no time left for the attempt")
         payload["stream"] = True
-        payload.setdefault("stream_options", {"include_usage": True})
+        if options.stream_usage:
+            payload.setdefault("stream_options", {"include_usage": True})
         url = endpoint_url(target.base_url, options.path(request.method))
         headers = request_headers(target, options, request.request_id, request.headers)
         headers["Accept"] = "text/event-stream"

@@ -16,6 +16,7 @@ import grpc
 
 from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector, LoadDelta
 from switchgear.controlplane.convert import duration
+from switchgear.controlplane.usage import UsageDelta
 from switchgear.v1 import loadreport_pb2, loadreport_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.loadreport")
@@ -43,7 +44,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         *,
         bounds_s: Sequence[float] = DEFAULT_LATENCY_BOUNDS_S,
         clock: Callable[[], float] = time.monotonic,
+        on_tenants: Callable[[list[UsageDelta]], None] = lambda deltas: None,
     ) -> None:
+        self._on_tenants = on_tenants
         self._collector = collector
         self._interval_s = interval_s
         self._bounds = list(bounds_s)
@@ -81,3 +84,6 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         # Every report, empty ones too: an empty report says nothing is in flight any more.
         self.reports += 1
         self._collector.record(node, [delta_from_proto(m) for m in request.endpoint_loads], self._clock())
+        if request.tenant_loads:
+            self._on_tenants([UsageDelta(t.tenant, t.requests, t.rejected, t.tokens, t.cost_usd)
+                              for t in request.tenant_loads])

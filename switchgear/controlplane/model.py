@@ -107,7 +107,9 @@ class CircuitBreakerSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    enabled: bool = True
+    # Off unless a config turns it on (the seed's does): answers of services registered
+    # without a config are never served from a cache the operator did not ask for.
+    enabled: bool = False
     # Sorted (kind, ttl seconds) pairs; the seed's three kinds by default.
     ttl_s: tuple[tuple[str, float], ...] = (
         ("document_parsing", 86400.0),

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,11 @@ from grpc_reflection.v1alpha import reflection
 
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
 from switchgear.controlplane.collector import Collector
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
+from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
 from switchgear.controlplane.loadreport import LoadReportServicer
 from switchgear.controlplane.metrics import ControlPlaneMetrics, serve_metrics
@@ -38,12 +41,16 @@ from switchgear.controlplane.store import SqliteStore
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
 from switchgear.controlplane.tasks.service import attach as attach_tasks
+from switchgear.controlplane.usage import UsageBook, UsageDelta
 from switchgear.controlplane.validate import ValidationError
+from switchgear.tls import ServerTls, add_port
 from switchgear.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     discovery_pb2,
     discovery_pb2_grpc,
+    governance_pb2,
+    governance_pb2_grpc,
     loadreport_pb2,
     loadreport_pb2_grpc,
 )
@@ -83,6 +90,11 @@ class Options:
     # Task scheduler (controlplane/tasks): lease TTL and aging interval, seconds.
     task_lease_ttl_s: float = 10.0
     task_aging_interval_s: float = 60.0
+    # Operators' RPCs (Admin, Governance) need the admin token unless explicitly off. The
+    # token comes from this file; when unset, "<db>.admin-token" (created on first start).
+    admin_auth: bool = True
+    admin_token_file: str | None = None
+    tls: ServerTls | None = None
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
@@ -129,9 +141,22 @@ async def serve(
     prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
-    loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s)
+    usage = UsageBook()
+    for tenant, body in store.load_usage().items():
+        usage.load(tenant, body)
+    loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
+                                     on_tenants=lambda deltas: _add_usage(usage, store, deltas))
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = []
+    if options.admin_auth:
+        token_path = Path(options.admin_token_file or f"{options.db_path}.admin-token")
+        interceptors.append(AdminTokenInterceptor(load_or_create_token(token_path)))
+        log.info("admin RPCs need the token in %s", token_path)
+    else:
+        log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",
+                    options.listen)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    governance_pb2_grpc.add_GovernanceServiceServicer_to_server(GovernanceServicer(registry, usage), server)
     discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
         DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
                           max_concurrent_pushes=options.max_concurrent_pushes), server
@@ -151,8 +176,9 @@ async def serve(
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection((*names, TASKS_SERVICE), server)
-    port = server.add_insecure_port(options.listen)
+    governance_name = governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name
+    reflection.enable_server_reflection((*names, TASKS_SERVICE, governance_name), server)
+    port = add_port(server, options.listen, options.tls)
     await server.start()
     tasks.start()
     for name in ("", *names[:3]):
@@ -186,6 +212,13 @@ async def serve(
             metrics_server.shutdown()
         store.close()
         log.info("control plane stopped")
+
+
+def _add_usage(usage: UsageBook, store: SqliteStore, deltas: list[UsageDelta]) -> None:
+    now = time.time()
+    for delta in deltas:
+        usage.add(delta, now)
+    store.save_usage({d.tenant: usage.dump(d.tenant) for d in deltas})
 
 
 def _health_params(options: Options) -> HealthParams:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-T = TypeVar("T")
-
 from switchgear.controlplane import codec
 from switchgear.controlplane.model import ApiKey, RegistryState, ServiceSpec, Settings, Tenant
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tenant_usage (tenant TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL);
@@ -174,6 +175,16 @@ class SqliteStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
             )
+
+    def save_usage(self, rows: dict[str, str]) -> None:
+        """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
+        with _transaction(self._db) as db:
+            for tenant, body in rows.items():
+                db.execute("INSERT INTO tenant_usage(tenant, body) VALUES (?, ?) "
+                           "ON CONFLICT(tenant) DO UPDATE SET body = excluded.body", (tenant, body))
+
+    def load_usage(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT tenant, body FROM tenant_usage").fetchall())
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         rows = self._db.execute(

@@ -6,6 +6,7 @@ book adds them up so `GetUsage` can say what a tenant used this minute, hour and
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -49,8 +50,25 @@ def window(now: float, width: float) -> int:
 
 
 class UsageBook:
+    """Per-tenant usage. `dump`/`load` let the control plane keep it across restarts."""
+
     def __init__(self) -> None:
         self._books: defaultdict[str, _Book] = defaultdict(_Book)
+
+    def dump(self, tenant: str) -> str:
+        book = self._books[tenant]
+        return json.dumps({
+            "minute": [[k, *v] for k, v in book.minute.items()], "hour": list(book.hour.items()),
+            "day": list(book.day.items()), "requests": book.requests, "rejected": book.rejected, "cost": book.cost,
+        })
+
+    def load(self, tenant: str, text: str) -> None:
+        data = json.loads(text)
+        self._books[tenant] = _Book(
+            minute={int(k): (int(r), int(t)) for k, r, t in data["minute"]},
+            hour={int(k): float(v) for k, v in data["hour"]}, day={int(k): float(v) for k, v in data["day"]},
+            requests=int(data["requests"]), rejected=int(data["rejected"]), cost=float(data["cost"]),
+        )
 
     def add(self, delta: UsageDelta, now: float) -> None:
         book = self._books[delta.tenant]

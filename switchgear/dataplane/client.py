@@ -22,6 +22,7 @@ from switchgear.adapters.base import Adapter
 from switchgear.dataplane.convert import SnapshotError, snapshot_from_proto
 from switchgear.dataplane.convert_governance import governance_from_proto
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane.client")
@@ -91,10 +92,12 @@ class SnapshotClient:
         backoff: Backoff | None = None,
         stable_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTls | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self._addresses = list(addresses)
+        self._tls = tls
         self._node = node
         self._holder = holder
         self._applier = applier
@@ -124,7 +127,7 @@ class SnapshotClient:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:
             call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots()
             await call.write(discovery_pb2.StreamSnapshotsRequest(node=self._node, version_info=self._holder.version))
             self.connected.set()

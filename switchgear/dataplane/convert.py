@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from switchgear.adapters.base import Adapter, OptionsError
+from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.dataplane.snapshot import (
     CATEGORIES,
     AgentSettings,
@@ -31,7 +32,6 @@ from switchgear.dataplane.snapshot import (
     SecretRef,
     ServiceView,
 )
-from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 
 MAX_TIMEOUT_S = 3600.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -10,7 +11,12 @@ from google.protobuf import duration_pb2
 
 from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.convert import RequestError, call_from_proto
+from switchgear.dataplane.resilience.admission_edge import Shed
+from switchgear.dataplane.resilience.admission import ShedReason
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.governance import PermissionDenied, Unauthenticated
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -34,8 +40,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _response(request_id: str, result: Result) -> gateway_pb2.InvokeResponse:
+def _response(request_id: str, result: Result, cached: bool = False, tenant: str = "") -> gateway_pb2.InvokeResponse:
     return gateway_pb2.InvokeResponse(
+        cached=cached,
+        tenant=tenant,
+        fallback=getattr(result, "fallback", False),
+        fallback_source=getattr(result, "fallback_source", ""),
         request_id=request_id,
         payload=result.body,
         service=result.service,
@@ -79,11 +89,27 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable")
 
 
+async def _shed(context: grpc.aio.ServicerContext, shed: Shed) -> NoReturn:
+    """Admission refused the call: RESOURCE_EXHAUSTED with a `retry-after` trailer (whole
+    seconds, at least 1) when the queue was full or its wait ran out, DEADLINE_EXCEEDED when
+    the call's own deadline passed while it waited."""
+    retry_after = str(max(1, math.ceil(shed.retry_after_s)))
+    context.set_trailing_metadata((("retry-after", retry_after), ("switchgear-shed", shed.reason.value)))
+    if shed.reason is ShedReason.DEADLINE:
+        await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed while queued for admission: {shed}")
+    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, request shed: {shed}")
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, holder: Holder, invoker: Invoker, streamer: Streamer | None = None) -> None:
+    def __init__(
+        self, holder: Holder, invoker: Invoker, streamer: Streamer | None = None, pipeline: Pipeline | None = None
+    ) -> None:
         self._holder = holder
         self._invoker = invoker
         self._streamer = streamer
+        self._pipeline = pipeline or Pipeline(
+            invoker.invoke, auth_required=False, quotas=QuotaEnforcer(LocalCounters()), cache=None
+        )
 
     async def Invoke(  # noqa: N802
         self, request: gateway_pb2.InvokeRequest, context: grpc.aio.ServicerContext
@@ -91,9 +117,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         snapshot = self._holder.current  # read once: the whole call uses one view
         if snapshot is None:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "agent has no snapshot from the control plane yet")
+        metadata = dict(context.invocation_metadata() or ())
         try:
+            principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
             call = call_from_proto(request)
-            result = await self._invoker.invoke(call, snapshot)
+            mode = CacheMode.parse(metadata.get("cache-control"))
+            served = await self._pipeline.invoke(call, snapshot, principal, mode)
+        except Unauthenticated as exc:
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except PermissionDenied as exc:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except QuotaExceeded as exc:
+            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.0f}"),))
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"quota: {exc.reason}")
         except RequestError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ServiceNotFound as exc:
@@ -102,7 +138,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
         except CallFailed as exc:
             await self._fail(context, exc)
-        return _response(call.request_id, result)
+        except Shed as exc:
+            await _shed(context, exc)
+        if served.cached:
+            await context.send_initial_metadata((("switchgear-cache", "hit"),))
+        return _response(call.request_id, served.result, served.cached, served.tenant)
 
     async def InvokeStream(  # noqa: N802
         self, request: gateway_pb2.InvokeStreamRequest, context: grpc.aio.ServicerContext
@@ -125,20 +165,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
         except CallFailed as exc:
             await self._fail(context, exc)
+        except Shed as exc:
+            await _shed(context, exc)
         item = first
-        while True:
-            if isinstance(item, StreamEnd):
-                yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
-                if item.error is not None:
-                    context.set_trailing_metadata((
-                        ("switchgear-stream-interrupted", "after-first-token"),
-                        ("switchgear-error-kind", item.error.kind.value),
-                    ))
-                    await _abort(context, STATUS_BY_KIND[item.error.kind],
-                                 f"stream interrupted after the first token (no failover possible): {item.error.message}")
-                return
-            yield gateway_pb2.InvokeStreamResponse(chunk=item)
-            item = await anext(items)
+        try:
+            while not isinstance(item, StreamEnd):
+                yield gateway_pb2.InvokeStreamResponse(chunk=item)
+                item = await anext(items)
+        finally:  # also when the caller cancels: release the upstream connection now
+            await items.aclose()
+        yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
+        if item.error is not None:
+            context.set_trailing_metadata((
+                ("switchgear-stream-interrupted", "after-first-token"),
+                ("switchgear-error-kind", item.error.kind.value),
+            ))
+            await _abort(context, STATUS_BY_KIND[item.error.kind],
+                         f"stream interrupted after the first token (no failover possible): {item.error.message}")
 
     async def _fail(self, context: grpc.aio.ServicerContext, failure: CallFailed) -> NoReturn:
         error = failure.error

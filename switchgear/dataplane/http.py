@@ -31,6 +31,8 @@ from aiohttp import web
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.resilience.admission import ShedReason
+from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
 
@@ -92,6 +94,15 @@ def failure_error(error: UpstreamError, attempts: int) -> ApiError:
     return ApiError(
         status, f"{error.kind.value} after {attempts} attempt(s): {error.message}", type_, param, code, headers
     )
+
+
+def shed_error(shed: Shed) -> ApiError:
+    """Admission refused the call: 429 with Retry-After (504 when its deadline passed queued)."""
+    headers = {"Retry-After": str(max(1, math.ceil(shed.retry_after_s))), "x-switchgear-shed": shed.reason.value}
+    if shed.reason is ShedReason.DEADLINE:
+        return ApiError(504, f"deadline passed while queued for admission: {shed}", "timeout_error",
+                        code="queue_timeout", headers=headers)
+    return ApiError(429, f"overloaded, request shed: {shed}", "rate_limit_error", code="overloaded", headers=headers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +222,7 @@ def _result_headers(result: Result) -> dict[str, str]:
         "x-switchgear-attempts": str(result.attempts),
         "x-switchgear-cost-usd": f"{result.cost_usd:.8f}",
         "x-switchgear-snapshot-version": result.version,
+        "x-switchgear-fallback": result.fallback_source if result.fallback else "",
     }
 
 
@@ -324,6 +336,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return ApiError(404, str(exc), param="model", code="model_not_found").response()
     except Unsupported as exc:
         return ApiError(501, str(exc), "server_error", code="unsupported").response()
+    except Shed as exc:
+        return shed_error(exc).response()
     except web.HTTPRequestEntityTooLarge:
         return ApiError(413, "request body too large", code="request_too_large").response()
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:

@@ -1,24 +1,51 @@
-"""The request path: resolve the service, pick an endpoint, call its adapter, fail over.
+"""The request path: resolve the service, then run the call through the attempt controller.
 
-Per call: service lookup -> method check -> deadline -> pick (the policy's strategy over endpoints
-not yet tried) -> adapter attempt bounded by the remaining deadline -> on a retryable failure,
-the next untried endpoint, at most `retry.max_retries` times. A non-retryable failure ends the
-call at once. (Backoff, retry budgets, breakers and fallbacks come with the resilience issue.)
+Per call: service lookup -> method check -> deadline -> `attempts.AttemptController` (pick
+among endpoints the breakers and outlier ejection allow -> admission slot -> adapter attempt
+bounded by the remaining deadline -> retry decision, retry budget and backoff -> fallback
+chain). A result says whether it was a fallback and what served it (`fallback_source`:
+"service", "local_model", "preset_response" or "task_queue").
+
+Terminal fallback steps answered here: a preset response (service metadata
+`preset_response`: the exact response body, JSON text recommended) and, for document calls,
+QUEUE_FOR_LATER: the call is handed to the task queue through `defer` (the agent passes
+`TasksClient.defer`) and the answer is the task's id (`Deferred.fallback_body()`). A task
+worker's own call is never deferred again, and without a task client the call fails
+UNAVAILABLE with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import orjson
 
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.router import Router
-from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+
+
+class Picker(Protocol):
+    """What the invoker needs of a router (dataplane.router.Router)."""
+
+    def pick(self, service: ServiceView, exclude: Any = (), call: Any = None,
+             settings: Any = None) -> EndpointView | None: ...
+
+
+class Deferred(Protocol):
+    def fallback_body(self) -> dict[str, Any]: ...
+
+
+#: The task queue hook: defer(call, reason) -> Deferred (dataplane.worker.TasksClient.defer).
+Defer = Callable[[Call, str], Awaitable[Deferred]]
 
 
 class ServiceNotFound(LookupError):
@@ -27,15 +54,6 @@ class ServiceNotFound(LookupError):
 
 class Unsupported(RuntimeError):
     pass
-
-
-class CallFailed(RuntimeError):
-    """Every attempt failed; `error` is the last upstream failure."""
-
-    def __init__(self, error: UpstreamError, attempts: int) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,8 @@ class Result:
     usage: TokenUsage
     cost_usd: float
     version: str
+    fallback: bool = False
+    fallback_source: str = ""  # "service", "local_model", "preset_response", "task_queue"
 
 
 class Invoker:
@@ -56,9 +76,11 @@ class Invoker:
         adapters: Mapping[str, Adapter],
         pool: ClientPool,
         secrets: SecretResolver,
-        router: Router,
+        router: Picker,
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
+        resilience: Resilience | None = None,
+        defer: Defer | None = None,
     ) -> None:
         self._adapters = adapters
         self._pool = pool
@@ -66,6 +88,8 @@ class Invoker:
         self._router = router
         self._clock = clock
         self._observers = tuple(observers)
+        self.resilience = resilience or Resilience(clock=clock)
+        self._defer = defer
 
     def _resolve(self, call: Call, snapshot: AgentSnapshot) -> tuple[ServiceView, Adapter]:
         service = snapshot.services.get(call.service)
@@ -81,58 +105,100 @@ class Invoker:
             raise RequestError("method", f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
         return service, adapter
 
+    def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
+        adapters = self._adapters
+        return lambda s: s.protocol in adapters and call.method in adapters[s.protocol].methods
+
     async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
-        service, adapter = self._resolve(call, snapshot)
+        service, _ = self._resolve(call, snapshot)
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
-        max_attempts = 1 + snapshot.settings.retry.max_retries
-        try:
-            api_key = self._secrets.resolve(service.api_key)
-        except UpstreamError as exc:
-            raise CallFailed(exc, 0) from None
-        tried: list[str] = []
-        last: UpstreamError | None = None
-        while len(tried) < max_attempts:
-            endpoint = self._router.pick(service, exclude=tried, call=call, settings=snapshot.settings)
-            remaining = deadline - self._clock()
-            if endpoint is None or remaining <= 0:
-                break
-            tried.append(endpoint.id)
-            target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
-            request = AdapterRequest(call.method, call.payload, remaining, call.request_id)
-            client = self._pool.get(service.name, endpoint.id, endpoint.url)
-            self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, len(tried), call.priority))
-            attempt_start = self._clock()
+        ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
+                                         serves=self._serves(call))
+        while (attempt := await ctl.next()) is not None:
             try:
-                async with asyncio.timeout(remaining):
-                    response = await adapter.invoke(client, target, request)
-            except TimeoutError:
-                last = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
+                result = await self._attempt(call, snapshot, attempt, start)
             except UpstreamError as exc:
-                last = exc
-            else:
-                usage = response.usage
-                cost = service.pricing.cost(usage.input_tokens, usage.output_tokens)
-                now = self._clock()
-                self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, len(tried),
-                                       now - attempt_start, None, usage, cost))
-                return Result(
-                    body=response.body,
-                    service=service.name,
-                    endpoint=endpoint.id,
-                    attempts=len(tried),
-                    latency_s=now - start,
-                    usage=usage,
-                    cost_usd=cost,
-                    version=snapshot.version,
-                )
-            self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, len(tried),
-                                   self._clock() - attempt_start, last.kind))
-            if not last.kind.retryable:
-                raise CallFailed(last, len(tried))
-        if last is None:
-            last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
-        raise CallFailed(last, len(tried))
+                await ctl.failed(attempt, exc)
+                continue
+            except BaseException:
+                await ctl.abandon(attempt)
+                raise
+            await ctl.succeeded(attempt)
+            return result
+        if ctl.terminal is not None:
+            return await self._terminal(call, snapshot, ctl, start)
+        raise ctl.failure()
+
+    async def _attempt(self, call: Call, snapshot: AgentSnapshot, attempt: Attempt, start: float) -> Result:
+        """One adapter call; raises UpstreamError (a timeout becomes ErrorKind.TIMEOUT)."""
+        service, endpoint, number = attempt.service, attempt.endpoint, attempt.number
+        adapter = self._adapters[service.protocol]
+        api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
+        target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
+        request = AdapterRequest(call.method, call.payload, attempt.remaining_s, call.request_id)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url)
+        self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
+        attempt_start = self._clock()
+        try:
+            async with asyncio.timeout(attempt.remaining_s):
+                response = await adapter.invoke(client, target, request)
+        except TimeoutError:
+            error = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
+            self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
+                                   self._clock() - attempt_start, error.kind))
+            raise error from None
+        except UpstreamError as exc:
+            self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
+                                   self._clock() - attempt_start, exc.kind))
+            raise
+        usage = response.usage
+        cost = service.pricing.cost(usage.input_tokens, usage.output_tokens)
+        now = self._clock()
+        self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
+                               now - attempt_start, None, usage, cost))
+        return Result(
+            body=response.body,
+            service=service.name,
+            endpoint=endpoint.id,
+            attempts=number,
+            latency_s=now - start,
+            usage=usage,
+            cost_usd=cost,
+            version=snapshot.version,
+            fallback=attempt.fallback,
+            fallback_source=attempt.source,
+        )
+
+    async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
+        """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan."""
+        step = ctl.terminal
+        assert step is not None
+        if ctl.fallback_source == "preset_response":
+            body = step.body.encode()
+        else:
+            body = await self._deferred(call, ctl)
+        return Result(body=body, service=call.service, endpoint="", attempts=ctl.attempts,
+                      latency_s=self._clock() - start, usage=TokenUsage(), cost_usd=0.0, version=snapshot.version,
+                      fallback=True, fallback_source=ctl.fallback_source)
+
+    async def _deferred(self, call: Call, ctl: AttemptController) -> bytes:
+        """Hand the call to the task queue; the answer names the task. Raises CallFailed
+        (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
+        from switchgear.dataplane.worker import is_task_call  # worker imports this module
+
+        error = ctl.last_error
+        why = f"{error.kind.value}: {error.message}"
+        if self._defer is None or is_task_call(call):
+            reason = "no task queue is configured" if self._defer is None else "a task's own call is not deferred again"
+            raise _unavailable(error, f"{error.message}; not queued for later: {reason}", ctl.attempts)
+        try:
+            async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
+                deferred = await self._defer(call, why)
+        except (grpc.RpcError, TimeoutError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
+            raise _unavailable(error, f"{error.message}; queueing for later failed: {detail}", ctl.attempts) from None
+        return orjson.dumps(deferred.fallback_body())
 
     def _started(self, event: AttemptStart) -> None:
         for observer in self._observers:
@@ -141,3 +207,11 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+
+def _unavailable(error: UpstreamError, message: str, attempts: int) -> CallFailed:
+    kind = error.kind if error.kind in (ErrorKind.CONNECT, ErrorKind.RETRYABLE) else ErrorKind.RETRYABLE
+    return CallFailed(UpstreamError(kind, message, status=error.status), attempts)
+
+
+__all__ = ["CallFailed", "Defer", "Invoker", "Result", "ServiceNotFound", "Unsupported"]

@@ -13,7 +13,10 @@ Cost: an attempt is a few dict updates on the event loop; families are built at 
 
 Hooks for components other issues add (O(1), call from the event loop):
 `record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
-`set_queue_length(service, n)`, `set_resource_utilization(service, endpoint, ratio)`.
+`set_queue_length(service, n)`, `set_resource_utilization(service, endpoint, ratio)`, and
+`set_decisions(source)`: a callable returning {(service, endpoint): {decision: count}} (the
+resilience counters, attempts.Resilience.counters) exported as
+switchgear_resilience_decisions_total{service, endpoint, decision}.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import bisect
 import contextvars
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +102,7 @@ class AgentMetrics(PromCollector):
         self._utilization: dict[Key, float] = {}
         self._overhead = [0] * (len(OVERHEAD_BOUNDS_S) + 1)
         self._overhead_sum = 0.0
+        self._decisions: Callable[[], Mapping[Key, Mapping[str, int]]] | None = None
 
     def _key(self, service: str, endpoint: str, category: str = "") -> tuple[_Totals, _Window]:
         key = (service, endpoint)
@@ -151,6 +155,9 @@ class AgentMetrics(PromCollector):
 
     def set_queue_length(self, service: str, length: int) -> None:
         self._queue[service] = length
+
+    def set_decisions(self, source: Callable[[], Mapping[Key, Mapping[str, int]]]) -> None:
+        self._decisions = source
 
     def set_resource_utilization(self, service: str, endpoint: str, ratio: float) -> None:
         self._utilization[(service, endpoint)] = ratio
@@ -214,6 +221,14 @@ class AgentMetrics(PromCollector):
             "switchgear_gateway_overhead_seconds", "Time an Invoke spent in Switchgear, excluding upstream attempts")
         overhead.add_metric([], _buckets(self._overhead, OVERHEAD_BOUNDS_S), self._overhead_sum)
         yield overhead
+        if self._decisions is not None:
+            decisions = CounterMetricFamily("switchgear_resilience_decisions",
+                                            "Resilience decisions: trips, ejections, retries, failovers, "
+                                            "fallbacks, sheds, ...", labels=("service", "endpoint", "decision"))
+            for (service, endpoint), counts in sorted(self._decisions().items()):
+                for decision, count in counts.items():
+                    decisions.add_metric([service, endpoint, decision], float(count))
+            yield decisions
         info = GaugeMetricFamily("switchgear_snapshot_info", "The snapshot version this agent serves",
                                  labels=("version",))
         info.add_metric([self._version()], 1.0)

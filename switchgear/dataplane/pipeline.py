@@ -72,7 +72,7 @@ class Pipeline:
         self._auth_required = auth_required
         self._quotas = quotas
         self._cache = cache
-        self._flight: SingleFlight[Result] = SingleFlight()
+        self._flight: SingleFlight[tuple[Result, bool]] = SingleFlight()
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -120,17 +120,29 @@ class Pipeline:
             return Served(result, False, tenant)
         assert service is not None
         shared = service.metadata.get("cache.shared", "").lower() == "true"
-        key = cache_key(service.name, call.method, call.payload, tenant=tenant, shared=shared)
-        if mode is CacheMode.USE:
-            entry = await self._cache.get(key)
-            if entry is not None:
-                return Served(_from_entry(entry, snapshot.version), True, tenant)
-        result, joined = await self._flight.do(key, lambda: self._invoke(call, snapshot))
-        if not joined and mode is not CacheMode.NO_STORE and not getattr(result, "fallback", False):
-            await self._cache.put(key, _to_entry(result), ttl)
-        if not joined:
+        # The upstream model is part of the key: re-pointing a service at another model must
+        # not serve the old model's answers. Endpoints are not: instances of one model agree.
+        identity = f"{service.name}|{service.protocol}|{service.model}"
+        key = cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared)
+        cache = self._cache
+
+        async def fetch() -> tuple[Result, bool]:
+            """Lookup, upstream call and store as one flight: a caller arriving while another
+            fetches the same key joins it instead of racing it to the upstream."""
+            if mode is CacheMode.USE:
+                entry = await cache.get(key)
+                if entry is not None:
+                    return _from_entry(entry, snapshot.version), True
+            fresh = await self._invoke(call, snapshot)
+            if mode is not CacheMode.NO_STORE and not getattr(fresh, "fallback", False):
+                await cache.put(key, _to_entry(fresh), ttl)
+            return fresh, False
+
+        flight_key = key if mode is CacheMode.USE else f"{key}|{mode.value}"
+        (result, hit), joined = await self._flight.do(flight_key, fetch)
+        if not hit and not joined:
             await self._account(principal, call.service, result)
-        return Served(result, joined, tenant)
+        return Served(result, hit or joined, tenant)
 
     def _ttl(self, service: ServiceView, snapshot: AgentSnapshot) -> float:
         if not snapshot.settings.cache_enabled:

@@ -19,13 +19,15 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane.reporter")
@@ -157,6 +159,7 @@ class ReportClient:
         accumulator: LoadAccumulator,
         *,
         version: Callable[[], str] = lambda: "",
+        tenants: Callable[[], Mapping[str, Any]] = dict,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,10 +167,12 @@ class ReportClient:
         self._node = node
         self._acc = accumulator
         self._version = version
+        self._tenants = tenants  # drains per-tenant usage tallies (quota.UsageTally)
         self._backoff = backoff or Backoff()
         self._clock = clock
         self.interval_s = 10.0
         self.reports_sent = 0
+        self.tls: ClientTls | None = None  # set by the agent when the control plane speaks TLS
 
     async def run(self, stop: asyncio.Event) -> None:
         turn = 0
@@ -182,7 +187,7 @@ class ReportClient:
                 await asyncio.wait_for(stop.wait(), timeout=self._backoff.next())
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats()
             await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
             first = await call.read()
@@ -201,7 +206,12 @@ class ReportClient:
                         break
                     now = self._clock()
                     request = loadreport_pb2.StreamLoadStatsRequest(
-                        endpoint_loads=self._acc.drain(), snapshot_version=self._version()
+                        endpoint_loads=self._acc.drain(), snapshot_version=self._version(),
+                        tenant_loads=[
+                            loadreport_pb2.TenantLoad(tenant=t, requests=u.requests, rejected=u.rejected,
+                                                      tokens=u.tokens, cost_usd=u.cost_usd)
+                            for t, u in self._tenants().items()
+                        ],
                     )
                     request.load_report_interval.FromNanoseconds(round((now - last) * 1e9))
                     last = now

@@ -20,21 +20,27 @@ from grpc_reflection.v1alpha import reflection
 
 from switchgear import __version__
 from switchgear.adapters import builtin_adapters
+from switchgear.dataplane import http as http_front_door
+from switchgear.dataplane.attempts import Resilience, ResilienceSettings
+from switchgear.dataplane.cache import MemoryCache
+from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.client import Applier, SnapshotClient
 from switchgear.dataplane.events import AttemptObserver
-from switchgear.dataplane import http as http_front_door
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.metrics import AgentMetrics, serve_metrics
+from switchgear.dataplane.pipeline import Pipeline
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
-from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
-from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.router import Router
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.dataplane.stream import Streamer
+from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
+from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
+from switchgear.tls import ClientTls
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane")
@@ -58,6 +64,15 @@ class Options:
     span_exporter: Any = None
     # Task worker (worker.py): capacity 0 = this agent runs no tasks.
     worker: WorkerOptions = WorkerOptions()
+    # Governance and cache (pipeline.py): client keys required unless explicitly off; Redis
+    # shares quota counters and cached responses between agents ("" = this agent only).
+    auth_required: bool = False
+    # TLS to the control plane (its CA; a client certificate for mutual TLS).
+    control_plane_tls: ClientTls | None = None
+    redis_url: str = ""
+    cache_bytes: int = 64 * 1024 * 1024
+    # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
+    resilience: ResilienceSettings = ResilienceSettings()
 
 
 def default_node_id() -> str:
@@ -81,6 +96,7 @@ async def serve(
 
     def applied(snapshot: AgentSnapshot) -> None:
         router.retain(snapshot.services.values())  # stats of endpoints that persist are kept
+        resilience.apply(snapshot)  # breakers, ejection, admission limits and queue bounds
         task = asyncio.ensure_future(_after_apply(snapshot, pool, health_servicer))
         background.add(task)
         task.add_done_callback(background.discard)
@@ -89,7 +105,8 @@ async def serve(
         id=options.node_id or default_node_id(), zone=options.zone,
         build_version=__version__, protocols=sorted(adapters),
     )
-    client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, applied))
+    client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, applied),
+                            tls=options.control_plane_tls)
     observers: list[AttemptObserver] = []  # live stats, load reports, metrics subscribe here
     load = LoadAccumulator()  # per-endpoint deltas for the load-report stream
     agent_metrics = AgentMetrics(version=lambda: holder.version)
@@ -99,21 +116,30 @@ async def serve(
     )
     observers.extend((load, agent_metrics, *tracing_observers(tracing)))
     call_adapters = tracing.wrap_adapters(adapters) if tracing is not None else adapters
-    reporter = ReportClient(options.control_planes, node, load, version=lambda: holder.version)
+    reporter = ReportClient(options.control_planes, node, load, version=lambda: holder.version,
+                            tenants=lambda: pipeline.quotas.drain_usage())
+    reporter.tls = options.control_plane_tls
     live_stats = LiveStats()  # per-endpoint in-flight, peak-EWMA latency, success window
     observers.append(live_stats)
-    router = Router(live_stats, holder=holder)
+    # Breakers, outlier ejection, retry budgets, admission and fallbacks (attempts.py): one per
+    # agent, shared by unary and streamed calls; trips and queue lengths feed metrics and load reports.
+    resilience = Resilience(options.resilience, sinks=(agent_metrics, load))
+    agent_metrics.set_decisions(resilience.counters)
+    router = Router(live_stats, unavailable=resilience.gate.unavailable, holder=holder)
     secrets = SecretResolver()
     # TasksService client (lazy): the task worker's, and `tasks_client.defer` for the document fallback.
-    tasks_client = TasksClient(options.control_planes)
-    invoker = Invoker(call_adapters, pool, secrets, router, observers=observers)
-    streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observers)
+    tasks_client = TasksClient(options.control_planes, options.control_plane_tls)
+    invoker = Invoker(call_adapters, pool, secrets, router, observers=observers, resilience=resilience,
+                      defer=tasks_client.defer)
+    streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observers, resilience=resilience)
+
+    pipeline, redis = _pipeline(options, invoker.invoke)
 
     server = grpc.aio.server(
         interceptors=(GatewayInterceptor(tracing, agent_metrics.measure),),
         options=(("grpc.keepalive_permit_without_calls", 1),),
     )
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker, streamer), server)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker, streamer, pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -159,7 +185,29 @@ async def serve(
         await server.stop(grace=1.0)
         await subscription
         await pool.close()
+        if redis is not None:
+            await redis.aclose()
         log.info("agent stopped")
+
+
+def _pipeline(options: Options, invoke: Any) -> tuple[Pipeline, Any]:
+    """Governance and cache around the invoke step, with Redis when configured."""
+    redis = None
+    if options.redis_url:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(options.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
+        # the local fallback then admits on this agent's counts alone (inexact across agents).
+        counters: LocalCounters | RedisCounters = RedisCounters(redis, LocalCounters(), timeout_s=0.5)
+        log.info("quota counters and response cache shared through %s", options.redis_url.split("@")[-1])
+    else:
+        counters = LocalCounters()
+    if not options.auth_required:
+        log.warning("AUTH IS OFF (--auth none): every request is accepted as an anonymous user and no "
+                    "quota applies. Local development only.")
+    cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2)
+    return Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache), redis
 
 
 async def _after_apply(snapshot: AgentSnapshot, pool: ClientPool, health_servicer: health.aio.HealthServicer) -> None:

@@ -7,9 +7,12 @@ first token). A failure before it fails over to the next endpoint and nothing of
 attempt reaches the caller; once the first token is out the stream is committed to that
 endpoint, and a later failure ends the stream with `StreamEnd.error` set (no failover).
 
-The endpoint pick is injected (`pick`), so the scheduler that replaces round robin plugs in
-here exactly as it does in Invoker. The time to first token is reported to observers as
-`AttemptEnd.ttft_s`.
+Endpoints are chosen by the same per-call attempt controller as Invoker
+(`attempts.AttemptController`: breakers, outlier ejection, admission slots, retry decision,
+budget and backoff, then the fallback chain's services), sharing the agent's `Resilience`.
+The admission slot is held until the stream ends. Preset and task-queue fallbacks are not
+streamed: a stream whose chain reaches one fails UNAVAILABLE. The time to first token is
+reported to observers as `AttemptEnd.ttft_s`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.invoke import CallFailed, ServiceNotFound, Unsupported
@@ -48,6 +52,8 @@ class StreamEnd:
     version: str
     finish_reason: str = ""
     error: UpstreamError | None = None
+    fallback: bool = False
+    fallback_source: str = ""  # "service" or "local_model" (see invoke.Result)
 
 
 StreamItem = bytes | StreamEnd
@@ -65,6 +71,7 @@ class Streamer:
         pick: Pick,
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
+        resilience: Resilience | None = None,
     ) -> None:
         self._adapters = adapters
         self._pool = pool
@@ -72,6 +79,11 @@ class Streamer:
         self._pick = pick
         self._clock = clock
         self._observers = observers  # the agent's list, read at each event (subscribers may come later)
+        self.resilience = resilience or Resilience(clock=clock)
+
+    def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
+        adapters = self._adapters
+        return lambda s: s.protocol in adapters and call.method in getattr(adapters[s.protocol], "stream_methods", ())
 
     def resolve(self, call: Call, snapshot: AgentSnapshot) -> tuple[ServiceView, Any]:
         """The service and its streaming adapter; raises like Invoker (plus RequestError for a
@@ -95,42 +107,60 @@ class Streamer:
     async def stream(self, call: Call, snapshot: AgentSnapshot) -> AsyncGenerator[StreamItem, None]:
         """Yield chunk bytes, then one StreamEnd. Raises (before anything is yielded) ServiceNotFound,
         RequestError, Unsupported, or CallFailed when no attempt reached its first token."""
-        service, adapter = self.resolve(call, snapshot)
+        service, _ = self.resolve(call, snapshot)
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
-        try:
-            api_key = self._secrets.resolve(service.api_key)
-        except UpstreamError as exc:
-            raise CallFailed(exc, 0) from None
-        tried: list[str] = []
-        last: UpstreamError | None = None
-        while len(tried) < 1 + snapshot.settings.retry.max_retries:
-            endpoint = self._pick(service, exclude=tried, call=call, settings=snapshot.settings)
-            remaining = deadline - self._clock()
-            if endpoint is None or remaining <= 0:
-                break
-            tried.append(endpoint.id)
-            attempt = _Attempt(self, call, service, endpoint, len(tried), deadline)
-            target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
-            request = AdapterRequest(call.method, call.payload, remaining, call.request_id)
-            client = self._pool.get(service.name, endpoint.id, endpoint.url)
-            chunks = adapter.stream(client, target, request)
+        ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call))
+        while (lease := await ctl.next()) is not None:
             try:
-                held = await attempt.until_first_token(chunks)
+                chunks, attempt, held = await self._until_first_token(call, lease, deadline)
             except UpstreamError as exc:
-                last = exc
-                if not exc.kind.retryable:
-                    raise CallFailed(exc, len(tried)) from None
+                await ctl.failed(lease, exc)
                 continue
+            except BaseException:
+                await ctl.abandon(lease)
+                raise
+            error: UpstreamError | None = None
+            finished = False
             try:
                 for data in held:
                     yield data
-                async for item in attempt.rest(chunks, start, failover=len(tried) > 1, version=snapshot.version):
+                async for item in attempt.rest(chunks, start, failover=lease.number > 1, version=snapshot.version,
+                                               source=lease.source):
+                    if isinstance(item, StreamEnd):
+                        error, finished = item.error, True
                     yield item
             finally:  # also when the caller goes away mid-stream: release the upstream connection
                 await _close(chunks)
+                if finished:
+                    await ctl.finish(lease, error)  # committed: no retry after the first token
+                else:
+                    await ctl.abandon(lease)
             return
-        raise CallFailed(last or UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt"), len(tried))
+        if ctl.terminal is not None:
+            error = ctl.last_error
+            raise CallFailed(UpstreamError(
+                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"
+            ), ctl.attempts)
+        raise ctl.failure()
+
+    async def _until_first_token(
+        self, call: Call, lease: Attempt, deadline: float
+    ) -> tuple[AsyncIterator[StreamChunk], _Attempt, list[bytes]]:
+        """Start the attempt and read up to its first token; raises UpstreamError before it."""
+        service, endpoint = lease.service, lease.endpoint
+        api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
+        attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
+        target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
+        request = AdapterRequest(call.method, call.payload, lease.remaining_s, call.request_id)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url)
+        chunks = self._adapters[service.protocol].stream(client, target, request)
+        try:
+            held = await attempt.until_first_token(chunks)
+        except BaseException:
+            await _close(chunks)
+            raise
+        return chunks, attempt, held
 
     def _emit(self, event: AttemptStart | AttemptEnd) -> None:
         for observer in self._observers:
@@ -191,7 +221,7 @@ class _Attempt:
             raise
 
     async def rest(
-        self, chunks: AsyncIterator[StreamChunk], call_start: float, *, failover: bool, version: str
+        self, chunks: AsyncIterator[StreamChunk], call_start: float, *, failover: bool, version: str, source: str = ""
     ) -> AsyncIterator[StreamItem]:
         error: UpstreamError | None = None
         try:
@@ -225,6 +255,8 @@ class _Attempt:
             version=version,
             finish_reason=(self.final.finish_reason or "") if self.final else "",
             error=error,
+            fallback=bool(source),
+            fallback_source=source,
         )
 
     def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0) -> None:

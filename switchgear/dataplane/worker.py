@@ -31,6 +31,7 @@ from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane.worker")
@@ -98,9 +99,10 @@ class TasksClient:
     """Channels to the control plane(s) for TasksService; rotates on failure. Lazy: nothing
     connects until the first call."""
 
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], tls: ClientTls | None = None) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
+        self._tls = tls
         self._addresses = list(addresses)
         self._turn = 0
         self._channel: grpc.aio.Channel | None = None
@@ -108,8 +110,8 @@ class TasksClient:
     @property
     def stub(self) -> tasks_pb2_grpc.TasksServiceStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._addresses[self._turn % len(self._addresses)],
-                                                      options=_CHANNEL_OPTIONS)
+            self._channel = aio_channel(self._addresses[self._turn % len(self._addresses)], self._tls,
+                                        _CHANNEL_OPTIONS)
         return tasks_pb2_grpc.TasksServiceStub(self._channel)
 
     async def rotate(self) -> None:

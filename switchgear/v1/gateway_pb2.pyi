@@ -32,7 +32,7 @@ class InvokeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
-    __slots__ = ("request_id", "payload", "service", "endpoint", "attempts", "latency", "usage", "fallback", "snapshot_version")
+    __slots__ = ("request_id", "payload", "service", "endpoint", "attempts", "latency", "usage", "fallback", "snapshot_version", "cached", "fallback_source", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,9 @@ class InvokeResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload: bytes
     service: str
@@ -51,7 +54,10 @@ class InvokeResponse(_message.Message):
     usage: _common_pb2.Usage
     fallback: bool
     snapshot_version: str
-    def __init__(self, request_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., fallback: _Optional[bool] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    cached: bool
+    fallback_source: str
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., fallback: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., cached: _Optional[bool] = ..., fallback_source: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class InvokeStreamRequest(_message.Message):
     __slots__ = ("request",)

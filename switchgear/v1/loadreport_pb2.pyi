@@ -11,16 +11,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamLoadStatsRequest(_message.Message):
-    __slots__ = ("node", "endpoint_loads", "load_report_interval", "snapshot_version")
+    __slots__ = ("node", "endpoint_loads", "load_report_interval", "snapshot_version", "tenant_loads")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_LOADS_FIELD_NUMBER: _ClassVar[int]
     LOAD_REPORT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_LOADS_FIELD_NUMBER: _ClassVar[int]
     node: _discovery_pb2.Node
     endpoint_loads: _containers.RepeatedCompositeFieldContainer[EndpointLoad]
     load_report_interval: _duration_pb2.Duration
     snapshot_version: str
-    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., endpoint_loads: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_report_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    tenant_loads: _containers.RepeatedCompositeFieldContainer[TenantLoad]
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., endpoint_loads: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_report_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., tenant_loads: _Optional[_Iterable[_Union[TenantLoad, _Mapping]]] = ...) -> None: ...
+
+class TenantLoad(_message.Message):
+    __slots__ = ("tenant", "requests", "rejected", "tokens", "cost_usd")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    requests: int
+    rejected: int
+    tokens: int
+    cost_usd: float
+    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class StreamLoadStatsResponse(_message.Message):
     __slots__ = ("load_reporting_interval", "latency_bucket_bounds_s")

@@ -1,0 +1,457 @@
+"""The per-call attempt controller: the resilience package wired into the request path.
+
+`Resilience` holds the agent-lifetime parts (breakers, outlier ejection, retry budgets,
+admission, decision counters) and syncs them with every applied snapshot. `AttemptController`
+runs ONE call through them; both `invoke.Invoker` and `stream.Streamer` drive it, so unary and
+streamed calls get the same breakers, ejection, budget, admission and fallbacks:
+
+    ctl = resilience.controller(pick, call, service, snapshot, deadline, serves=...)
+    while (attempt := await ctl.next()) is not None:    # pick -> breaker ticket -> admission slot
+        try:
+            value = await call_the_adapter(attempt.service, attempt.endpoint, attempt.remaining_s)
+        except UpstreamError as exc:
+            await ctl.failed(attempt, exc)    # record; retry decision, budget, backoff (sleeps)
+            continue
+        except BaseException:
+            await ctl.abandon(attempt)        # cancelled: ticket and slot back, no outcome
+            raise
+        await ctl.succeeded(attempt)
+        return value
+    ctl.terminal  # a PRESET / QUEUE_FOR_LATER step to answer with, or None:
+    raise ctl.failure()                       # CallFailed with the last error and the reason
+
+A stream that already sent its first token must not be retried: it calls
+`ctl.finish(attempt, error)` instead, which records the outcome and ends the call.
+
+Per service of the chain (the requested one, then each SERVICE step of the fallback plan) the
+loop is the package docstring's (resilience/__init__.py): endpoints refused by the gate (open
+breaker, ejected, Retry-After hold) are filtered inside the scheduler; the retry decision
+narrows the next pick to `decision.endpoints`; the backoff never sleeps past the deadline
+(`decide` clamps it); each attempt's adapter timeout is what is left of the deadline once the
+admission slot is granted. A `Shed` from admission ends the call (it is not retried and not
+sent to fallbacks: that would defeat shedding).
+
+Fallback, once the requested service has given up with an error that `should_fall_back`:
+`resilience.fallback.plan` orders configured fallbacks, then (llm) local models, then a
+preset response (service metadata `preset_response`, the exact response body), then (document)
+QUEUE_FOR_LATER. The caller answers PRESET / QUEUE_FOR_LATER steps itself (`terminal`).
+When the plan has nothing but its UNAVAILABLE terminal, the call fails with the requested
+service's own last error (its kind keeps its gRPC/HTTP mapping: 429 stays 429).
+
+Counters of every decision are in `Resilience.stats` (`ResilienceStats`, keyed by
+(service, endpoint); "" = the service); `Resilience.counters()` is the documented accessor.
+Breaker trips and admission queue lengths are also pushed to `sinks` (the agent's
+`AgentMetrics` and load-report accumulator: `record_breaker_trip`, `set_queue_length`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.dataplane.convert import Call
+from switchgear.dataplane.resilience import (
+    Action,
+    AdmissionCore,
+    AdmissionSettings,
+    BackoffPolicy,
+    BreakerBook,
+    BreakerSettings,
+    BudgetSettings,
+    Failure,
+    FallbackSettings,
+    GiveUp,
+    OutlierDetector,
+    OutlierSettings,
+    Plan,
+    ResilienceStats,
+    RetryBudget,
+    RetryBudgets,
+    RetryState,
+    Step,
+    StepKind,
+    Ticket,
+    decide,
+    plan,
+    policy_for,
+    settings_from_threshold,
+    should_fall_back,
+)
+from switchgear.dataplane.resilience.admission_edge import Admission, Shed
+from switchgear.dataplane.resilience.gate import Gate
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
+
+#: The agent's endpoint pick: pick(service, exclude=ids, call=call, settings=settings)
+#: (dataplane.router.Router.pick). It should filter with `Resilience.gate.unavailable`; when it
+#: does not (test pickers), a refused breaker ticket just excludes that endpoint.
+Pick = Callable[..., EndpointView | None]
+
+#: What answered a fallback, as InvokeResponse.fallback_source spells it.
+SOURCE_BY_STEP: Mapping[str, str] = {"fallback": "service", "local_model": "local_model",
+                                     "preset": "preset_response", "queue_for_later": "task_queue"}
+
+__all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", "Resilience",
+           "ResilienceSettings", "Shed"]
+
+
+class CallFailed(RuntimeError):
+    """Every attempt failed; `error` is the last upstream failure (or a synthesized one when no
+    endpoint could be tried). Re-exported by invoke.py, where callers import it from."""
+
+    def __init__(self, error: UpstreamError, attempts: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.attempts = attempts
+
+
+class MetricsSink(Protocol):
+    """The metrics hooks the agent's collectors offer (metrics.AgentMetrics, reporter.LoadAccumulator)."""
+
+    def record_breaker_trip(self, service: str, endpoint: str) -> None: ...
+
+    def set_queue_length(self, service: str, length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResilienceSettings:
+    """Agent-side tuning. The snapshot overrides the breaker's failure threshold
+    (config `circuit_breaker.failure_threshold`); the rest are the package defaults unless the
+    agent is started with other values (`switchgear agent --breaker-open --ejection-time`)."""
+
+    breaker: BreakerSettings = BreakerSettings()
+    outlier: OutlierSettings = OutlierSettings()
+    budget: BudgetSettings = BudgetSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    fallback: FallbackSettings = FallbackSettings()
+
+
+class Resilience:
+    """The agent-lifetime resilience state. Build once; call `apply` for every snapshot.
+    Not thread-safe: the agent's event loop only."""
+
+    def __init__(
+        self,
+        settings: ResilienceSettings = ResilienceSettings(),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        sinks: Sequence[MetricsSink] = (),
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.stats = ResilienceStats()
+        self.sinks = list(sinks)
+        self.breakers = BreakerBook(settings.breaker, on_trip=self._tripped)
+        self.outliers = OutlierDetector(settings.outlier, on_eject=self._ejected, now=clock())
+        self.budgets = RetryBudgets(settings.budget)
+        self.admission = Admission(AdmissionCore(settings.admission), clock, self.stats)
+        self.gate = Gate(self.breakers, self.outliers, clock)
+
+    # --- snapshot sync ------------------------------------------------------------------
+
+    def apply(self, snapshot: AgentSnapshot) -> None:
+        """Sync with a newly applied snapshot: endpoints, limits, queue bounds, threshold."""
+        pairs: set[tuple[str, str]] = set()
+        for name, service in snapshot.services.items():
+            ids = [e.id for e in service.endpoints]
+            self.outliers.sync(name, ids)
+            policy = snapshot.settings.category_policies.get(service.category)
+            self.admission.configure(name, policy.max_queue_size if policy else 0,
+                                     {e.id: e.max_concurrency for e in service.endpoints})
+            pairs.update((name, e) for e in ids)
+        self.breakers.retain(pairs)
+        self.outliers.forget(snapshot.services)
+        self.breakers.reconfigure(settings_from_threshold(snapshot.settings.breaker_failure_threshold,
+                                                          self.settings.breaker))
+
+    # --- reading (the documented accessor for metrics and tests) ------------------------
+
+    def counters(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Every decision counter: {(service, endpoint): {"trips": n, "ejections": n, "probes",
+        "throttled", "retries", "failovers", "budget_denied", "fallbacks", "sheds", "queued"}};
+        endpoint "" holds service-level decisions (fallbacks, queue sheds)."""
+        return self.stats.as_dict()
+
+    def breaker_states(self) -> dict[tuple[str, str], str]:
+        """{(service, endpoint): "closed" | "open" | "half_open"} for every breaker in use."""
+        now = self.clock()
+        return {key: b.state_at(now).value for key, b in self.breakers._breakers.items()}
+
+    def controller(self, pick: Pick, call: Call, service: ServiceView, snapshot: AgentSnapshot, deadline: float,
+                   *, serves: Callable[[ServiceView], bool] = lambda _s: True) -> AttemptController:
+        return AttemptController(self, pick, call, service, snapshot, deadline, serves)
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def _tripped(self, service: str, endpoint: str, _now: float) -> None:
+        self.stats.bump(service, endpoint, "trips")
+        for sink in self.sinks:
+            sink.record_breaker_trip(service, endpoint)
+
+    def _ejected(self, service: str, endpoint: str, _now: float) -> None:
+        self.stats.bump(service, endpoint, "ejections")
+
+    def queue_changed(self, service: str) -> None:
+        if self.sinks:
+            length = len(self.admission.core.queued(service))
+            for sink in self.sinks:
+                sink.set_queue_length(service, length)
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One granted attempt: the endpoint to call, how long it may take (`remaining_s`, the
+    call's deadline minus now, after admission), its 1-based number within the call, and
+    `source` ("" for the requested service, else the fallback source)."""
+
+    service: ServiceView
+    endpoint: EndpointView
+    number: int
+    remaining_s: float
+    source: str
+    ticket: Ticket
+    slot: AsyncExitStack
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.source)
+
+
+@dataclass
+class _ServiceRun:
+    """One service's share of a call: what the retry decision knows about it."""
+
+    service: ServiceView
+    source: str
+    policy: BackoffPolicy
+    budget: RetryBudget
+    ids: frozenset[str]
+    allowed: set[str]
+    tried: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)  # breaker said no although the picker chose it
+    failures: int = 0
+    previous_delay_s: float = 0.0
+    last: UpstreamError | None = None
+    reason: str = ""
+    done: bool = False
+
+
+class AttemptController:
+    """One call's attempts across its service and fallback chain (module docstring)."""
+
+    def __init__(self, resilience: Resilience, pick: Pick, call: Call, service: ServiceView,
+                 snapshot: AgentSnapshot, deadline: float, serves: Callable[[ServiceView], bool]) -> None:
+        self._r = resilience
+        self._pick = pick
+        self.call = call
+        self.snapshot = snapshot
+        self.deadline = deadline
+        self._serves = serves
+        self.attempts = 0
+        self.terminal: Step | None = None
+        self._first: _ServiceRun = self._start(service, "")
+        self._run: _ServiceRun | None = self._first
+        self._steps: list[Step] | None = None  # the fallback plan, once the requested service gave up
+        self._chain: list[str] = [service.name]
+        self._unavailable = ""
+        self._last: UpstreamError | None = None  # the latest failure anywhere in the chain
+        self._ended = False
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def next(self) -> Attempt | None:
+        """The next attempt (ticket and admission slot held), or None when the call is over:
+        then answer with `terminal` if set, else raise `failure()`. Raises `Shed`."""
+        while self._run is not None and not self._ended:
+            attempt = await self._next_in(self._run)
+            if attempt is not None:
+                return attempt
+            self._advance()
+        return None
+
+    async def succeeded(self, attempt: Attempt) -> None:
+        await self._outcome(attempt, None)
+        self._ended = True
+
+    async def finish(self, attempt: Attempt, error: UpstreamError | None) -> None:
+        """Record a committed attempt's outcome (a stream after its first token) and end the call."""
+        await self._outcome(attempt, error)
+        self._ended = True
+
+    async def abandon(self, attempt: Attempt) -> None:
+        """The attempt ended without an outcome (cancelled): give its ticket and slot back."""
+        self._r.breakers.get(attempt.service.name, attempt.endpoint.id).release(attempt.ticket)
+        await self._release(attempt)
+        self._ended = True
+
+    async def failed(self, attempt: Attempt, error: UpstreamError) -> None:
+        """Record the failure and decide: another endpoint or the same after a backoff (slept
+        here, never past the deadline), or give this service up (`next` then walks the
+        fallback plan)."""
+        await self._outcome(attempt, error)
+        run = self._run
+        assert run is not None and run.service is attempt.service
+        r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
+        run.last = self._last = error
+        run.failures += 1
+        run.tried.add(endpoint)
+        now = r.clock()
+        state = RetryState(run.failures, self.deadline - now, r.gate.usable(name, run.ids, now), run.tried,
+                           run.budget.available(now), run.previous_delay_s)
+        d = decide(Failure(endpoint, error.kind, error.retry_after_s), state, run.policy, r.rng)
+        if d.action is Action.GIVE_UP:
+            if d.give_up is GiveUp.BUDGET:
+                r.stats.bump(name, endpoint, "budget_denied")
+            run.done, run.reason = True, d.reason
+            return
+        run.budget.spend(now, d.cost)
+        r.stats.bump(name, endpoint, "failovers" if d.new_endpoint else "retries")
+        if d.delay_s > 0:
+            await asyncio.sleep(d.delay_s)
+            run.previous_delay_s = d.delay_s
+        run.allowed = set(d.endpoints)
+        run.refused.clear()
+
+    # --- results --------------------------------------------------------------------------
+
+    @property
+    def fallback_source(self) -> str:
+        """What is answering now: "" (the requested service), "service", "local_model",
+        "preset_response" or "task_queue"."""
+        if self.terminal is not None:
+            return SOURCE_BY_STEP.get(self.terminal.source, self.terminal.source)
+        return self._run.source if self._run is not None else ""
+
+    @property
+    def last_error(self) -> UpstreamError:
+        """The latest failure in the chain (or why nothing could be tried)."""
+        return self._last or self._nothing_usable(self._first)
+
+    def failure(self) -> CallFailed:
+        """The CallFailed to raise once `next` returned None without a terminal step.
+
+        No fallback tried: the requested service's own last error (its kind keeps its
+        mapping), with the give-up reason. Fallbacks tried: UNAVAILABLE naming the chain
+        (DEADLINE_EXCEEDED when the last error was a timeout)."""
+        first = self._first
+        if len(self._chain) == 1:
+            error = first.last or self._nothing_usable(first)
+            if first.reason and error is first.last and error.kind.retryable:
+                error = _with_message(error, f"{error.message} (gave up: {first.reason})")
+            return CallFailed(error, self.attempts)
+        last = self._last
+        chain = " -> ".join(self._chain)
+        detail = f"; last error {last.kind.value}: {last.message}" if last else ""
+        reason = f"; {self._unavailable}" if self._unavailable else ""
+        kind = ErrorKind.TIMEOUT if last is not None and last.kind is ErrorKind.TIMEOUT else ErrorKind.RETRYABLE
+        return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _start(self, service: ServiceView, source: str) -> _ServiceRun:
+        ids = frozenset(e.id for e in service.endpoints)
+        budget = self._r.budgets.get(service.name)
+        budget.record_request(self._r.clock())
+        policy = policy_for(service.category, self.snapshot.settings.retry)
+        return _ServiceRun(service, source, policy, budget, ids, set(ids))
+
+    async def _next_in(self, run: _ServiceRun) -> Attempt | None:
+        r, name = self._r, run.service.name
+        while not run.done:
+            now = r.clock()
+            if self.deadline - now <= 0:
+                run.done, run.reason = True, "deadline reached"
+                if run.last is None:
+                    run.last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
+                    self._last = self._last or run.last
+                return None
+            exclude = (run.ids - run.allowed) | run.refused
+            endpoint = self._pick(run.service, exclude=exclude, call=self.call, settings=self.snapshot.settings)
+            if endpoint is None:
+                run.done = True
+                run.reason = run.reason or "no usable endpoint"
+                return None
+            ticket = r.breakers.get(name, endpoint.id).allow(now)
+            if ticket is None:
+                run.refused.add(endpoint.id)
+                continue
+            if ticket.probe:
+                r.stats.bump(name, endpoint.id, "probes")
+            slot = AsyncExitStack()
+            try:
+                await slot.enter_async_context(r.admission.slot(name, endpoint.id, self.call.priority, self.deadline))
+            except BaseException:
+                r.breakers.get(name, endpoint.id).release(ticket)
+                r.queue_changed(name)
+                raise
+            r.queue_changed(name)
+            self.attempts += 1
+            return Attempt(run.service, endpoint, self.attempts, self.deadline - r.clock(), run.source, ticket, slot)
+        return None
+
+    async def _outcome(self, attempt: Attempt, error: UpstreamError | None) -> None:
+        await self._release(attempt)
+        r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
+        now = r.clock()
+        kind = error.kind if error is not None else None
+        r.breakers.get(name, endpoint).record(now, attempt.ticket, kind, error.retry_after_s if error else None)
+        r.outliers.record(now, name, endpoint, kind)
+        if kind is ErrorKind.RATE_LIMITED:
+            r.stats.bump(name, endpoint, "throttled")
+
+    async def _release(self, attempt: Attempt) -> None:
+        await attempt.slot.aclose()
+        self._r.queue_changed(attempt.service.name)
+
+    def _advance(self) -> None:
+        """The current service gave up: move to the next step of the fallback plan."""
+        if self._steps is None:
+            kind = self._first.last.kind if self._first.last is not None else None
+            self._steps = list(self._plan().fallbacks) if should_fall_back(kind) else []
+        self._run = None
+        while self._steps and self.deadline - self._r.clock() > 0:
+            step = self._steps.pop(0)
+            if step.kind is StepKind.UNAVAILABLE:
+                self._unavailable = step.reason
+                return
+            self._r.stats.bump(self.call.service, "", "fallbacks")
+            if step.kind is StepKind.SERVICE:
+                service = self.snapshot.services[step.service]
+                self._chain.append(service.name)
+                self._run = self._start(service, SOURCE_BY_STEP.get(step.source, "service"))
+                return
+            self.terminal = step  # PRESET or QUEUE_FOR_LATER: the caller answers
+            return
+
+    def _plan(self) -> Plan:
+        r, services = self._r, self.snapshot.services
+        now = r.clock()
+
+        def usable(name: str) -> bool:
+            svc = services.get(name)
+            return svc is not None and bool(r.gate.usable(name, [e.id for e in svc.endpoints], now))
+
+        return plan(self.call.service, services, r.settings.fallback, serves=self._serves, usable=usable,
+                    metadata={n: s.metadata for n, s in services.items()})
+
+    def _nothing_usable(self, run: _ServiceRun) -> UpstreamError:
+        """No endpoint could be tried: every breaker open / endpoint ejected (or none left)."""
+        now = self._r.clock()
+        waits = [self._r.breakers.get(run.service.name, e).retry_at(now) - now for e in run.ids]
+        retry_after = min(waits) if waits else None
+        return UpstreamError(
+            ErrorKind.RETRYABLE,
+            f"service {run.service.name!r}: no usable endpoint (circuit breakers open or endpoints ejected)",
+            retry_after_s=retry_after if retry_after else None,
+        )
+
+
+def _with_message(error: UpstreamError, message: str) -> UpstreamError:
+    return UpstreamError(error.kind, message, status=error.status, retry_after_s=error.retry_after_s, body=error.body)
