@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a task lease lasts without a heartbeat (default: %(default)s)")
     cp.add_argument("--task-aging-interval", type=float, default=60.0, metavar="S",
                     help="seconds of waiting that raise a task's effective priority by 1 (default: %(default)s)")
-    cp.add_argument("--admin-auth", choices=("token", "none"), default="none",
+    cp.add_argument("--admin-auth", choices=("token", "none"), default="token",
                     help="'token': Admin and Governance RPCs need the admin token; 'none': development only")
     cp.add_argument("--admin-token-file", help="the admin token (default: <db>.admin-token, created if missing)")
     cp.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: tracing off)")
     ag.add_argument("--trace-sample-ratio", type=float, default=1.0,
                     help="share of new traces sampled when tracing is on (default: %(default)s)")
-    ag.add_argument("--auth", choices=("api_key", "none"), default="none",
+    ag.add_argument("--auth", choices=("api_key", "none"), default="api_key",
                     help="'api_key': every request needs a tenant's key; 'none': local development only")
     ag.add_argument("--redis", default="", metavar="URL",
                     help="share quota counters and the response cache with other agents (redis:// or unix://)")

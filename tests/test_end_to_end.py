@@ -54,7 +54,7 @@ class Cluster:
         self.urls = {n: f"http://127.0.0.1:{p}/v1" for n, p in json.loads("{" + line).items()}
 
     def start_control_plane(self, listen: str = "127.0.0.1:0", config: Path | None = None) -> None:
-        args = ["controlplane", "--db", str(self.db), "--listen", listen]
+        args = ["controlplane", "--admin-auth", "none", "--db", str(self.db), "--listen", listen]
         if config is not None:
             args += ["--config", str(config)]
         self.cp = Proc.switchgear("controlplane", args, self.workdir)
@@ -62,7 +62,7 @@ class Cluster:
 
     def start_agent(self) -> None:
         agent = Proc.switchgear(
-            "agent", ["agent", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1"],
+            "agent", ["agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1"],
             self.workdir,
         )
         self.agent_address = self.start(agent)
@@ -116,7 +116,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def test_agent_is_not_ready_until_it_holds_a_snapshot(tmp_path: Path) -> None:
     lonely = Proc.switchgear(
-        "lonely-agent", ["agent", "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0"], tmp_path
+        "lonely-agent", ["agent", "--auth", "none", "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0"], tmp_path
     )
     try:
         address = lonely.start()

@@ -65,13 +65,13 @@ class Fleet:
         self.procs.append(emulators)
         line = emulators.start(ready_prefix="{")
         self.urls = {n: f"http://127.0.0.1:{p}/v1" for n, p in json.loads("{" + line).items()}
-        cp = Proc.switchgear("controlplane", ["controlplane", "--db", str(self.workdir / "r.db"), "--listen",
+        cp = Proc.switchgear("controlplane", ["controlplane", "--admin-auth", "none", "--db", str(self.workdir / "r.db"), "--listen",
                                               "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *FAST], self.workdir)
         self.procs.append(cp)
         self.cp = cp.start()
         self.cp_metrics = cp.wait_line("METRICS ", 10).split()[1]
         for i in (1, 2):
-            agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
+            agent = Proc.switchgear(f"agent-{i}", ["agent", "--auth", "none", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
                                                    "--node-id", f"agent-{i}", "--metrics-listen", "127.0.0.1:0"],
                                     self.workdir)
             self.procs.append(agent)

@@ -41,7 +41,8 @@ async def door(upstreams: tuple[EmulatorGroup, Running]) -> AsyncIterator[tuple[
                 model="gpt-4o-mini",
                 pricing=Pricing(cost_per_1k_tokens=1.0),
             ),
-            view("claude", "anthropic", [claude.url], model="claude-3-sonnet"),
+            # priced: a free loopback llm would be a local-model fallback for gpt-mini (resilience)
+            view("claude", "anthropic", [claude.url], model="claude-3-sonnet", pricing=Pricing(cost_per_1k_tokens=1.0)),
             view("embed", "openai", [group.urls["a"]], category="embedding", model="text-embedding-3-small"),
             view("vectors", "chroma", ["http://127.0.0.1:9"], category="vector_db"),
         )

@@ -52,6 +52,8 @@ class Stack:
             "controlplane",
             [
                 "controlplane",
+                "--admin-auth",
+                "none",
                 "--db",
                 str(self.workdir / "r.db"),
                 "--listen",
@@ -68,6 +70,8 @@ class Stack:
             "agent",
             [
                 "agent",
+                "--auth",
+                "none",
                 "--control-plane",
                 cp_address,
                 "--listen",

@@ -103,7 +103,7 @@ class ResilienceCluster(Cluster):
 
     def start_agent_tuned(self) -> None:
         agent = Proc.switchgear("agent", [
-            "agent", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1",
+            "agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1",
             "--metrics-listen", "127.0.0.1:0", "--breaker-open", "1", "--ejection-time", "1",
         ], self.workdir)
         self.agent_address = self.start(agent)
@@ -156,7 +156,8 @@ def invoke(cluster: Cluster, service: str, method: str = "chat.completions", *, 
                else {"input": ["hi"]})
     request = gateway_pb2.InvokeRequest(service=service, method=method, payload=orjson.dumps(payload),
                                         priority=priority, request_id=request_id)
-    return cluster.gateway().Invoke(request, timeout=timeout_s)
+    reply: gateway_pb2.InvokeResponse = cluster.gateway().Invoke(request, timeout=timeout_s)
+    return reply
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,10 @@ def test_killed_instance_is_routed_around_then_readmitted_after_half_open_probes
         finally:
             stop.set()
     assert errors == [], errors[:3]  # zero client-visible errors
-    after_kill = served[killed_at + 20:]
-    assert after_kill and "c" not in after_kill  # routed around once the breaker opened
     down = cluster.decisions("chat", "c")
-    assert down["trips"] >= 1 and down["failovers"] >= 1
+    # Round robin would have sent c a third of 100+ calls; it got `threshold` (3) attempts, then
+    # only half-open probes: every attempt on dead c was a free connect failover.
+    assert down["trips"] >= 1 and 1 <= down["failovers"] <= 3 + down["probes"], down
 
     cluster.start_c(cluster.c_port)  # back on the same port
 
@@ -218,6 +219,12 @@ def test_killed_instance_is_routed_around_then_readmitted_after_half_open_probes
     assert cluster.decisions("chat", "c")["probes"] >= 1  # readmitted through a half-open probe
     counts = Counter(chat(stub, "chat").endpoint for _ in range(9))
     assert counts["c"] >= 2, counts  # closed again: c takes its round-robin share
+
+    def trips_reported() -> bool:  # the agent's load reports carry the trip to the control plane
+        rows = cluster.admin().GetStats(admin_pb2.GetStatsRequest(service="chat"), timeout=5).stats
+        return any(r.endpoint == "c" and r.circuit_breaker_trips >= 1 for r in rows)
+
+    wait_until(trips_reported, 10, "c's breaker trip in the control plane's GetStats")
 
 
 def test_rate_limited_instance_is_avoided_for_its_retry_after_within_the_budget(cluster: ResilienceCluster) -> None:
@@ -274,8 +281,8 @@ def test_all_instances_failing_follow_the_fallback_chain_in_order(cluster: Resil
     with pytest.raises(grpc.RpcError) as info:
         invoke(cluster, "embed", "embeddings", timeout_s=10)
     elapsed = time.monotonic() - start
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert "connect" in (info.value.details() or "")  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "connect" in (info.value.details() or "")
     assert elapsed < 2.0, elapsed  # three attempts with 0.1 s-scale backoff, far from the 10 s deadline
 
 
@@ -295,7 +302,7 @@ def test_burst_of_twice_capacity_serves_high_priority_and_sheds_low(cluster: Res
             stub.Invoke(request, timeout=5)
             code, trailers = grpc.StatusCode.OK, {}
         except grpc.RpcError as exc:
-            code, trailers = exc.code(), dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+            code, trailers = exc.code(), dict(exc.trailing_metadata() or ())
         with lock:
             outcomes.append((priority, code, time.monotonic() - start, trailers))
 
@@ -305,11 +312,12 @@ def test_burst_of_twice_capacity_serves_high_priority_and_sheds_low(cluster: Res
     low = [o for o in outcomes if o[0] == 1]
     assert all(code == grpc.StatusCode.OK for _, code, _, _ in high), high
     shed = [o for o in low if o[1] != grpc.StatusCode.OK]
-    assert len(shed) == 6 and all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for _, code, _, _ in shed), outcomes
+    # 2 slots + 4 queued are served; the rest (6, fewer only if a slot frees before all arrive) is shed.
+    assert len(shed) >= 4 and all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for _, code, _, _ in shed), outcomes
     assert all(int(t["retry-after"]) >= 1 and t["switchgear-shed"] == "queue_full" for _, _, _, t in shed)
     assert all(elapsed < 5.0 for _, _, elapsed, _ in outcomes)  # nobody waited past the deadline
     assert max(elapsed for _, _, elapsed, _ in shed) < 1.0  # shed at once, not after waiting
-    assert cluster.decisions("burst", "slow")["sheds"] >= 6
+    assert cluster.decisions("burst", "slow")["sheds"] >= len(shed)
 
 
 def test_document_request_to_a_dead_service_returns_the_task_id(cluster: ResilienceCluster) -> None:

@@ -86,14 +86,14 @@ class Cluster:
         config = self.workdir / "resources.yaml"  # per-agent pool: the agents' size (see allocator.py)
         config.write_text(RESOURCES_YAML, encoding="utf-8")
         self.cp = Proc.switchgear("controlplane", [
-            "controlplane", "--db", str(self.db), "--listen", listen, "--task-lease-ttl", "1.5", "--no-probes",
+            "controlplane", "--admin-auth", "none", "--db", str(self.db), "--listen", listen, "--task-lease-ttl", "1.5", "--no-probes",
             "--config", str(config),
         ], self.workdir)
         self.cp_address = self.start(self.cp)
 
     def start_agent(self, node_id: str) -> None:
         self.agents[node_id] = Proc.switchgear(node_id, [
-            "agent", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", node_id,
+            "agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", node_id,
             "--task-capacity", str(AGENT_SLOTS), "--task-cpu", "8", "--task-memory", "16Gi",
         ], self.workdir)
         self.start(self.agents[node_id])

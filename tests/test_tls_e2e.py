@@ -22,13 +22,13 @@ def test_agents_need_a_client_certificate(tmp_path: Path) -> None:
     procs: list[Proc] = []
     try:
         cp = Proc.switchgear("cp", [
-            "controlplane", "--db", str(tmp_path / "r.db"), "--listen", "127.0.0.1:0", "--no-probes",
+            "controlplane", "--admin-auth", "none", "--db", str(tmp_path / "r.db"), "--listen", "127.0.0.1:0", "--no-probes",
             "--tls-cert", certs.server_cert, "--tls-key", certs.server_key, "--tls-client-ca", certs.ca], tmp_path)
         procs.append(cp)
         address = cp.start()
         for name, extra in (("trusted", ["--tls-cert", certs.client_cert, "--tls-key", certs.client_key]),
                             ("no-cert", [])):
-            agent = Proc.switchgear(name, ["agent", "--control-plane", address, "--listen", "127.0.0.1:0",
+            agent = Proc.switchgear(name, ["agent", "--auth", "none", "--control-plane", address, "--listen", "127.0.0.1:0",
                                            "--node-id", name, "--tls-ca", certs.ca, *extra], tmp_path)
             procs.append(agent)
             agent.start()

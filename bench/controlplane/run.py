@@ -95,7 +95,7 @@ async def wait_for(predicate: object, timeout_s: float) -> bool:
 
 async def fleet_run(n: int, changes: int, max_pushes: int, workdir: Path) -> dict[str, float]:
     db = workdir / f"fleet-{n}.db"
-    args = ["controlplane", "--db", str(db), "--listen", "127.0.0.1:0", "--no-probes",
+    args = ["controlplane", "--admin-auth", "none", "--db", str(db), "--listen", "127.0.0.1:0", "--no-probes",
             "--max-concurrent-pushes", str(max_pushes)]
     cp = Proc.switchgear(f"cp-{n}", [*args, "--log-level", "warning"], workdir)
     address = cp.start()

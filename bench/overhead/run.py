@@ -268,6 +268,8 @@ class Stack:
             "controlplane",
             [
                 "controlplane",
+                "--admin-auth",
+                "none",
                 "--db",
                 str(self.workdir / "r.db"),
                 "--listen",
@@ -285,6 +287,8 @@ class Stack:
             "agent",
             [
                 "agent",
+                "--auth",
+                "none",
                 "--control-plane",
                 cp_address,
                 "--listen",

@@ -40,7 +40,7 @@ service's own last error (its kind keeps its gRPC/HTTP mapping: 429 stays 429).
 
 Counters of every decision are in `Resilience.stats` (`ResilienceStats`, keyed by
 (service, endpoint); "" = the service); `Resilience.counters()` is the documented accessor.
-Breaker trips and admission queue lengths are also pushed to `sinks` (the agent's
+Breaker trips and admission queue lengths (on every grant and release) are also pushed to `sinks` (the agent's
 `AgentMetrics` and load-report accumulator: `record_breaker_trip`, `set_queue_length`).
 """
 
@@ -178,11 +178,6 @@ class Resilience:
         "throttled", "retries", "failovers", "budget_denied", "fallbacks", "sheds", "queued"}};
         endpoint "" holds service-level decisions (fallbacks, queue sheds)."""
         return self.stats.as_dict()
-
-    def breaker_states(self) -> dict[tuple[str, str], str]:
-        """{(service, endpoint): "closed" | "open" | "half_open"} for every breaker in use."""
-        now = self.clock()
-        return {key: b.state_at(now).value for key, b in self.breakers._breakers.items()}
 
     def controller(self, pick: Pick, call: Call, service: ServiceView, snapshot: AgentSnapshot, deadline: float,
                    *, serves: Callable[[ServiceView], bool] = lambda _s: True) -> AttemptController:

@@ -11,12 +11,12 @@ from google.protobuf import duration_pb2
 
 from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.convert import RequestError, call_from_proto
-from switchgear.dataplane.resilience.admission_edge import Shed
-from switchgear.dataplane.resilience.admission import ShedReason
-from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.governance import PermissionDenied, Unauthenticated
+from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
+from switchgear.dataplane.resilience.admission import ShedReason
+from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc

@@ -11,7 +11,8 @@ Any provider's answer comes back in OpenAI's shape (the Anthropic adapter maps i
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 naming the
 field for malformed input, 404 `model_not_found`, and upstream failures by kind (see
-`STATUS_BY_KIND`: rate limited → 429 with Retry-After, unavailable → 503, timeout → 504).
+`STATUS_BY_KIND`: rate limited → 429 with Retry-After, unavailable → 503, timeout → 504; a
+call shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued).
 Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s).
 Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers.
 A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
@@ -216,14 +217,16 @@ def _check_model(snapshot: AgentSnapshot, name: str, category: str) -> None:
 
 
 def _result_headers(result: Result) -> dict[str, str]:
-    return {
+    headers = {
         "x-switchgear-service": result.service,
         "x-switchgear-endpoint": result.endpoint,
         "x-switchgear-attempts": str(result.attempts),
         "x-switchgear-cost-usd": f"{result.cost_usd:.8f}",
         "x-switchgear-snapshot-version": result.version,
-        "x-switchgear-fallback": result.fallback_source if result.fallback else "",
     }
+    if result.fallback:  # what answered instead of the requested model (service, local_model, ...)
+        headers["x-switchgear-fallback"] = result.fallback_source
+    return headers
 
 
 async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:

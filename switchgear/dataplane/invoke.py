@@ -102,7 +102,8 @@ class Invoker:
         adapter = self._adapters[service.protocol]
         if call.method not in adapter.methods:
             known = ", ".join(sorted(adapter.methods))
-            raise RequestError("method", f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
+            raise RequestError("method",
+                               f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
         return service, adapter
 
     def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
@@ -171,9 +172,14 @@ class Invoker:
         )
 
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
-        """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan."""
+        """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan. A task worker's call
+        gets neither: a canned answer must not become a task's result, and the task retries."""
+        from switchgear.dataplane.worker import is_task_call  # worker imports this module
+
         step = ctl.terminal
         assert step is not None
+        if is_task_call(call):
+            raise ctl.failure()
         if ctl.fallback_source == "preset_response":
             body = step.body.encode()
         else:
@@ -185,13 +191,11 @@ class Invoker:
     async def _deferred(self, call: Call, ctl: AttemptController) -> bytes:
         """Hand the call to the task queue; the answer names the task. Raises CallFailed
         (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
-        from switchgear.dataplane.worker import is_task_call  # worker imports this module
-
         error = ctl.last_error
         why = f"{error.kind.value}: {error.message}"
-        if self._defer is None or is_task_call(call):
-            reason = "no task queue is configured" if self._defer is None else "a task's own call is not deferred again"
-            raise _unavailable(error, f"{error.message}; not queued for later: {reason}", ctl.attempts)
+        if self._defer is None:
+            raise _unavailable(error, f"{error.message}; not queued for later: no task queue is configured",
+                               ctl.attempts)
         try:
             async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
                 deferred = await self._defer(call, why)

@@ -66,7 +66,7 @@ class Options:
     worker: WorkerOptions = WorkerOptions()
     # Governance and cache (pipeline.py): client keys required unless explicitly off; Redis
     # shares quota counters and cached responses between agents ("" = this agent only).
-    auth_required: bool = False
+    auth_required: bool = True
     # TLS to the control plane (its CA; a client certificate for mutual TLS).
     control_plane_tls: ClientTls | None = None
     redis_url: str = ""

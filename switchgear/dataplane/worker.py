@@ -30,6 +30,7 @@ from google.protobuf import duration_pb2
 from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
@@ -285,6 +286,8 @@ class TaskWorker:
             return _failure("unavailable", str(exc), True)
         except grpc.aio.AioRpcError as exc:
             return _failure("unavailable", f"payload blob: {exc.code().name} {exc.details()}", True)
+        except Shed as exc:  # admission refused it (agent overloaded): the task retries later
+            return _failure("overloaded", str(exc), True)
         return _success(result)
 
     async def _download(self, blob_id: str) -> bytes:

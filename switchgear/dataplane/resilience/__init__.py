@@ -19,8 +19,9 @@ aiohttp or OpenTelemetry (tests/test_resilience_purity.py).
 | observer        | feeds outlier ejection from AttemptEnd events                      |
 | gate            | breakers + ejection as one view; the scheduler's `unavailable` predicate |
 
-Integration note (for invoke.py; nothing here is wired yet)
-------------------------------------------------------------
+Integration note (wired in dataplane/attempts.py: `Resilience` + `AttemptController`, used by
+invoke.py and stream.py)
+-----------------------------------------------------------------------------------------------
 
 tests/test_resilience_flow.py runs exactly this sequence against scripted upstreams.
 

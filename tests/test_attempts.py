@@ -1,0 +1,162 @@
+"""The per-call attempt controller in-process: one controller for unary and streamed calls
+(breakers, deadline-bounded Retry-After), the task-queue fallback, and shedding at both doors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+
+from switchgear.dataplane.attempts import Resilience
+from switchgear.dataplane.convert import Call, call_from_proto
+from switchgear.dataplane.invoke import CallFailed, Invoker
+from switchgear.dataplane.snapshot import (
+    AgentSettings,
+    AgentSnapshot,
+    EndpointView,
+    Holder,
+    RetrySettings,
+    SchedulingPolicy,
+)
+from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.emulators.openai import EmulatorGroup, Faults
+from switchgear.v1 import gateway_pb2
+from tests import test_stream
+from tests.test_stream import ADAPTERS, CHAT, Agent, FirstUntried, Recorder, stream_request, view
+from tests.test_stream import snapshot as make_snapshot
+
+emulators = test_stream.emulators  # the same fixtures: two OpenAI emulator instances, a gRPC server
+stub_for = test_stream.stub_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def agent_for(snap: AgentSnapshot, defer: Any = None) -> Agent:
+    holder, pool, recorder = Holder(), ClientPool(), Recorder()
+    holder.current = snap
+    secrets, picker = SecretResolver({}), FirstUntried()
+    resilience = Resilience()
+    resilience.apply(snap)  # as the agent does for every applied snapshot
+    invoker = Invoker(ADAPTERS, pool, secrets, picker, observers=[recorder], resilience=resilience,  # type: ignore[arg-type]
+                      defer=defer)
+    streamer = Streamer(ADAPTERS, pool, secrets, picker.pick, observers=[recorder], resilience=resilience)
+    return Agent(holder, invoker, streamer, recorder, pool)
+
+
+def call(service: str, method: str = "chat.completions", timeout_s: float = 0.0, request_id: str = "r1") -> Call:
+    return dataclasses.replace(call_from_proto(stream_request(service, CHAT, method).request), timeout_s=timeout_s,
+                               request_id=request_id)
+
+
+async def test_streams_go_through_the_same_breakers(emulators: EmulatorGroup) -> None:
+    emulators.set_faults("a", Faults(error_rate=1.0, error_status=503))
+    snap = dataclasses.replace(
+        make_snapshot(view("chat", "openai", [emulators.urls["a"], emulators.urls["b"]], model="gpt-4o-mini")),
+        settings=AgentSettings(retry=RetrySettings(max_retries=2), breaker_failure_threshold=2))
+    agent = agent_for(snap)
+    for _ in range(4):
+        items = [i async for i in agent.streamer.stream(call("chat"), snap)]
+        end = items[-1]
+        assert isinstance(end, StreamEnd) and end.endpoint == "e1" and end.error is None
+    assert emulators.stats("a")["total"] == 2  # the breaker opened after 2 failures: a is no longer tried
+    counters = agent.invoker.resilience.counters()
+    assert counters[("chat", "e0")]["trips"] == 1 and counters[("chat", "e0")]["failovers"] == 2
+    assert agent.streamer.resilience is agent.invoker.resilience
+    await agent.pool.close()
+
+
+async def test_retry_after_past_the_deadline_is_not_waited_for(emulators: EmulatorGroup) -> None:
+    emulators.set_faults("a", Faults(rate_limit_rate=1.0, retry_after_s=5))
+    snap = make_snapshot(view("chat", "openai", [emulators.urls["a"]], model="gpt-4o-mini"))
+    agent = agent_for(snap)
+    start = time.monotonic()
+    with pytest.raises(CallFailed) as info:
+        await agent.invoker.invoke(call("chat", timeout_s=1.0), snap)
+    assert time.monotonic() - start < 0.5  # gives up at once: waiting 5 s would overrun the 1 s deadline
+    assert info.value.error.kind.value == "rate_limited" and info.value.error.retry_after_s == 5
+    assert "retry_after_past_deadline" in info.value.error.message or "5.000 s" in info.value.error.message
+    await agent.pool.close()
+
+
+@dataclasses.dataclass
+class FakeDeferred:
+    task_id: str
+
+    def fallback_body(self) -> dict[str, Any]:
+        return {"processed": False, "fallback": True, "task_id": self.task_id, "queue_id": "queue_r1"}
+
+
+def document_snapshot(url: str) -> AgentSnapshot:
+    return make_snapshot(view("parse", "openai", [url], category="document", model="gpt-4o-mini"), max_retries=0)
+
+
+async def test_document_fallback_defers_to_the_task_queue() -> None:
+    deferred: list[tuple[str, str]] = []
+
+    async def defer(c: Call, reason: str) -> FakeDeferred:
+        deferred.append((c.request_id, reason))
+        return FakeDeferred("t-1")
+
+    snap = document_snapshot("http://127.0.0.1:9/v1")
+    agent = agent_for(snap, defer)
+    result = await agent.invoker.invoke(call("parse"), snap)
+    assert (result.fallback, result.fallback_source, result.service, result.endpoint) == (True, "task_queue",
+                                                                                          "parse", "")
+    assert orjson.loads(result.body)["task_id"] == "t-1"
+    assert deferred[0][0] == "r1" and deferred[0][1].startswith("connect: ")
+    assert agent.invoker.resilience.counters()[("parse", "")]["fallbacks"] == 1
+    with pytest.raises(CallFailed) as info:  # a task's own call is never deferred again
+        await agent.invoker.invoke(call("parse", request_id="sgtask:t-1-1"), snap)
+    assert info.value.error.kind.value == "connect" and len(deferred) == 1
+    await agent.pool.close()
+
+
+async def test_document_fallback_without_a_task_queue_or_when_it_fails_is_unavailable() -> None:
+    async def broken(c: Call, reason: str) -> FakeDeferred:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   "control plane down")
+
+    snap = document_snapshot("http://127.0.0.1:9/v1")
+    for defer, words in ((None, "no task queue is configured"), (broken, "control plane down")):
+        agent = agent_for(snap, defer)
+        with pytest.raises(CallFailed) as info:
+            await agent.invoker.invoke(call("parse"), snap)
+        assert info.value.error.kind.value == "connect" and words in info.value.error.message
+        await agent.pool.close()
+
+
+async def test_shed_calls_are_resource_exhausted_with_retry_after(emulators: EmulatorGroup, stub_for: Any) -> None:
+    emulators.set_faults("a", Faults(latency_ms=400))
+    service = view("chat", "openai", [emulators.urls["a"]], model="gpt-4o-mini")
+    service = dataclasses.replace(service, endpoints=(EndpointView("e0", emulators.urls["a"], max_concurrency=1),))
+    snap = dataclasses.replace(make_snapshot(service), settings=AgentSettings(
+        category_policies=MappingProxyType({"llm": SchedulingPolicy(max_queue_size=1)})))
+    agent = agent_for(snap)
+    stub = await stub_for(agent)
+    request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=orjson.dumps(CHAT))
+    results = await asyncio.gather(*(stub.Invoke(request, timeout=5)
+                                     for _ in range(3)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(errors) == 1 and errors[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(errors[0].trailing_metadata() or ())
+    assert int(trailers["retry-after"]) >= 1 and trailers["switchgear-shed"] == "queue_full"
+    assert agent.invoker.resilience.counters()[("chat", "e0")]["sheds"] == 1
+    await agent.pool.close()
+
+
+def test_http_front_door_maps_a_shed_to_429_with_retry_after() -> None:
+    from switchgear.dataplane.http import shed_error
+    from switchgear.dataplane.resilience.admission import Rejection, ShedReason
+    from switchgear.dataplane.resilience.admission_edge import Shed
+
+    full = shed_error(Shed(Rejection(1, "chat", "e0", 1, ShedReason.QUEUE_FULL, 0.3)))
+    assert (full.status, full.headers["Retry-After"], full.code) == (429, "1", "overloaded")
+    late = shed_error(Shed(Rejection(2, "chat", "e0", 1, ShedReason.DEADLINE, 2.5)))
+    assert (late.status, late.headers["Retry-After"]) == (504, "3")
