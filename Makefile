@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: demo test lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane
+.PHONY: demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache).
 APT_PACKAGES := redis-server
@@ -44,8 +44,13 @@ $(BUF): package.json
 demo: $(STAMP)
 	$(PY) -m switchgear demo
 
-test: $(STAMP) lint-protos system-deps upstreams
+test: $(STAMP) lint-protos lint system-deps upstreams
 	$(PY) -m pytest
+
+# Hand-written code: ruff, and mypy strict (generated stubs excluded, see pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check switchgear bench
+	$(PY) -m mypy switchgear bench
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \

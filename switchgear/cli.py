@@ -266,7 +266,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return _invoke_stream(args, request)
     with grpc.insecure_channel(args.agent) as channel:
         try:
-            response = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=args.timeout)
+            response = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(
+                request, timeout=args.timeout, metadata=_client_auth(args))
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -278,6 +279,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_auth(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The client key as metadata: --api-key, else $SWITCHGEAR_API_KEY (none: auth-none agents)."""
+    key = args.api_key or os.environ.get("SWITCHGEAR_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def _invoke_stream(args: argparse.Namespace, request: Any) -> int:
     """InvokeStream: one chunk (upstream JSON) per line, then the end message."""
     from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
@@ -285,7 +292,9 @@ def _invoke_stream(args: argparse.Namespace, request: Any) -> int:
     with grpc.insecure_channel(args.agent) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         try:
-            for message in stub.InvokeStream(gateway_pb2.InvokeStreamRequest(request=request), timeout=args.timeout):
+            stream = stub.InvokeStream(gateway_pb2.InvokeStreamRequest(request=request), timeout=args.timeout,
+                                       metadata=_client_auth(args))
+            for message in stream:
                 if message.WhichOneof("event") == "chunk":
                     print(message.chunk.decode(), flush=True)
                 else:
@@ -437,12 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--payload", required=True, help="JSON object")
     inv.add_argument("--priority", type=int, default=0)
     inv.add_argument("--user-id", default="")
+    inv.add_argument("--api-key", default="", help="the tenant's client key (else $SWITCHGEAR_API_KEY)")
     inv.add_argument("--deadline", type=float, default=0.0, help="request budget in seconds")
     inv.add_argument("--timeout", type=float, default=30.0, help="gRPC deadline in seconds")
     inv.add_argument("--stream", action="store_true", help="call InvokeStream: print each chunk as it arrives")
     inv.set_defaults(func=cmd_invoke)
 
-    emu = sub.add_parser("emulate", help="run protocol-faithful upstream emulators (openai, anthropic, pinecone, graphrag, unstructured)", add_help=False)
+    emu = sub.add_parser(
+        "emulate", add_help=False,
+        help="run protocol-faithful upstream emulators (openai, anthropic, pinecone, graphrag, unstructured)",
+    )
     emu.add_argument("emulator_args", nargs=argparse.REMAINDER)
     emu.set_defaults(func=cmd_emulate)
 

@@ -26,9 +26,9 @@ import httpx
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchgear.admin_client import admin_channel
 from switchgear.controlplane.snapshot import version_seq
 from switchgear.supervise import Proc
-from switchgear.admin_client import admin_channel
 from switchgear.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -286,7 +286,8 @@ class Demo:
 
         def usage() -> governance_pb2.TenantUsage:
             reply = self.governance().GetUsage(governance_pb2.GetUsageRequest(tenant="demo"), timeout=5)
-            return reply.usage[0]
+            found: governance_pb2.TenantUsage = reply.usage[0]
+            return found
 
         with contextlib.suppress(TimeoutError):  # the account says what arrived, whatever it is
             _wait(lambda: usage().requests_total >= served, 10, "usage reports")

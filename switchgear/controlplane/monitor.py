@@ -209,7 +209,8 @@ class Monitor:
                 rows.append(EndpointRow(spec.name, e.id, spec.category.value, st,
                                         override.health if override else hl.HEALTHY,
                                         override.weight if override else e.weight, util))
-            total = service_totals(by_service.get(spec.name, {})).get(spec.name, WindowStats(window_s=window, category=spec.category.value))
+            empty = WindowStats(window_s=window, category=spec.category.value)
+            total = service_totals(by_service.get(spec.name, {})).get(spec.name, empty)
             rows.append(EndpointRow(spec.name, "", spec.category.value, total, "", 0,
                                     self._utilization(state, spec.name, total)))
         return rows

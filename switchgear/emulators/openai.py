@@ -285,7 +285,7 @@ def parse_chat(body: Any, models: Sequence[str]) -> ChatCall:
     max_tokens = _check_int(body, "max_completion_tokens", 1) or _check_int(body, "max_tokens", 1)
     stream, include_usage = _check_stream(body)
     texts = tuple(content_text(m.get("content")) for m in messages)
-    users = [t for m, t in zip(messages, texts) if m["role"] == "user"]
+    users = [t for m, t in zip(messages, texts, strict=True) if m["role"] == "user"]
     n = _check_int(body, "n", 1) or 1
     return ChatCall(model, texts, users[-1] if users else "", max_tokens, n, stream, include_usage)
 

