@@ -158,3 +158,25 @@ async def test_a_model_change_does_not_serve_the_old_models_answers() -> None:
     chat = dataclasses.replace(snap.services["chat"], model="bigger-model")
     changed = dataclasses.replace(snap, services=MappingProxyType({**snap.services, "chat": chat}))
     assert not (await p.invoke(call(), changed, None)).cached
+
+
+async def test_cache_lookups_are_metered() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from switchgear.dataplane.metrics import AgentMetrics
+
+    seen: list[tuple[str, bool]] = []
+    cache = ResponseCache(MemoryCache(1 << 20))
+    p = Pipeline(Upstream(), auth_required=False, quotas=QuotaEnforcer(LocalCounters()), cache=cache,
+                 on_cache=lambda service, hit: seen.append((service, hit)))
+    snap = snapshot()
+    await p.invoke(call(), snap, None)
+    await p.invoke(call(), snap, None)
+    assert seen == [("chat", False), ("chat", True)]
+    metrics = AgentMetrics(version=lambda: "1.a")
+    metrics.set_cache(lambda: cache.local.counters)
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    text = generate_latest(registry).decode()
+    assert "switchgear_cache_hits_total 1.0" in text and "switchgear_cache_misses_total 1.0" in text
+    assert "switchgear_cache_bytes" in text and "switchgear_cache_evictions_total 0.0" in text

@@ -159,6 +159,10 @@ class AgentMetrics(PromCollector):
     def set_decisions(self, source: Callable[[], Mapping[Key, Mapping[str, int]]]) -> None:
         self._decisions = source
 
+    def set_cache(self, source: Callable[[], Any]) -> None:
+        """The response cache's counters (cache.CacheCounters): hits, misses, evictions, bytes."""
+        self._cache = source
+
     def set_resource_utilization(self, service: str, endpoint: str, ratio: float) -> None:
         self._utilization[(service, endpoint)] = ratio
 
@@ -229,6 +233,19 @@ class AgentMetrics(PromCollector):
                 for decision, count in counts.items():
                     decisions.add_metric([service, endpoint, decision], float(count))
             yield decisions
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            counters = cache()
+            for name, text in (("hits", "Response cache hits"), ("misses", "Response cache misses"),
+                               ("evictions", "Entries evicted to keep the memory bound"),
+                               ("expirations", "Entries dropped at their TTL"), ("stores", "Responses stored")):
+                family = CounterMetricFamily(f"switchgear_cache_{name}", text)
+                family.add_metric([], float(getattr(counters, name)))
+                yield family
+            for name, text in (("bytes", "Bytes the response cache holds"), ("entries", "Entries it holds")):
+                gauge = GaugeMetricFamily(f"switchgear_cache_{name}", text)
+                gauge.add_metric([], float(getattr(counters, name)))
+                yield gauge
         info = GaugeMetricFamily("switchgear_snapshot_info", "The snapshot version this agent serves",
                                  labels=("version",))
         info.add_metric([self._version()], 1.0)

@@ -67,7 +67,9 @@ class Pipeline:
 
     def __init__(
         self, invoke: Invoke, *, auth_required: bool, quotas: QuotaEnforcer, cache: ResponseCache | None,
+        on_cache: Callable[[str, bool], None] = lambda service, hit: None,
     ) -> None:
+        self._on_cache = on_cache  # (service, hit) per lookup: metrics and load reports
         self._invoke = invoke
         self._auth_required = auth_required
         self._quotas = quotas
@@ -131,6 +133,7 @@ class Pipeline:
             fetches the same key joins it instead of racing it to the upstream."""
             if mode is CacheMode.USE:
                 entry = await cache.get(key)
+                self._on_cache(call.service, entry is not None)
                 if entry is not None:
                     return _from_entry(entry, snapshot.version), True
             fresh = await self._invoke(call, snapshot)

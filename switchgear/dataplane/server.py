@@ -133,7 +133,14 @@ async def serve(
                       defer=tasks_client.defer)
     streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observers, resilience=resilience)
 
-    pipeline, redis = _pipeline(options, invoker.invoke)
+    def cache_lookup(service: str, hit: bool) -> None:
+        agent_metrics.record_cache(service, hit)
+        load.record_cache(service, hit)
+
+    pipeline, redis = _pipeline(options, invoker.invoke, cache_lookup)
+    if pipeline.cache is not None:
+        cache_counters = pipeline.cache.local.counters
+        agent_metrics.set_cache(lambda: cache_counters)
 
     server = grpc.aio.server(
         interceptors=(GatewayInterceptor(tracing, agent_metrics.measure),),
@@ -190,7 +197,7 @@ async def serve(
         log.info("agent stopped")
 
 
-def _pipeline(options: Options, invoke: Any) -> tuple[Pipeline, Any]:
+def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], None]) -> tuple[Pipeline, Any]:
     """Governance and cache around the invoke step, with Redis when configured."""
     redis = None
     if options.redis_url:
@@ -207,7 +214,9 @@ def _pipeline(options: Options, invoke: Any) -> tuple[Pipeline, Any]:
         log.warning("AUTH IS OFF (--auth none): every request is accepted as an anonymous user and no "
                     "quota applies. Local development only.")
     cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2)
-    return Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache), redis
+    pipeline = Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache,
+                        on_cache=on_cache)
+    return pipeline, redis
 
 
 async def _after_apply(snapshot: AgentSnapshot, pool: ClientPool, health_servicer: health.aio.HealthServicer) -> None:
