@@ -44,6 +44,7 @@ class Fleet:
         self.emulator_url = ""
         self.cp = ""
         self.agents: list[str] = []
+        self.http: list[str] = []
         self.redis_url = redis_url
 
     def start(self, proc: Proc, **kw: object) -> str:
@@ -60,9 +61,11 @@ class Fleet:
             self.workdir))
         self.token = Path(f"{db}.admin-token").read_text().strip()
         for i in (1, 2):
-            self.agents.append(self.start(Proc.switchgear(f"agent-{i}", [
+            agent = Proc.switchgear(f"agent-{i}", [
                 "agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
-                "--auth", "api_key", "--redis", self.redis_url], self.workdir)))
+                "--auth", "api_key", "--redis", self.redis_url, "--http-listen", "127.0.0.1:0"], self.workdir)
+            self.agents.append(self.start(agent))
+            self.http.append("http://" + agent.wait_line("HTTP ", 10).removeprefix("HTTP ").strip())
         reply = self.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(
             yaml=CONFIG.format(url=self.emulator_url + "/v1"), source="test.yaml"), timeout=10)
         self.converge(reply.version)
@@ -239,3 +242,27 @@ def test_cli_uses_the_admin_token(fleet: Fleet) -> None:
     assert audit.returncode == 0 and "create_tenant" in audit.stdout and "from-cli" in audit.stdout
     usage = cli("usage", "--control-plane", fleet.cp, "--admin-token-file", token_file)
     assert usage.returncode == 0 and "from-cli" in usage.stdout
+
+
+def test_http_front_door_and_streams_are_governed_too(fleet: Fleet) -> None:
+    import openai
+
+    key = fleet.tenant("http-tenant", requests_per_minute=2)
+    wait_until(lambda: 60 - time.time() % 60 > 15, 45, "a minute with 15 s left")
+    keyless = openai.OpenAI(base_url=fleet.http[0] + "/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        keyless.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    client = openai.OpenAI(base_url=fleet.http[0] + "/v1", api_key=key, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["chat"]
+    reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "http one"}])
+    assert reply.choices[0].message.content
+    chunks = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "http two"}],
+                                            stream=True)
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    with pytest.raises(openai.RateLimitError):  # the third request of the minute, gRPC or HTTP alike
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "http three"}])
+
+    stream_request = gateway_pb2.InvokeStreamRequest(request=request("stream without a key"))
+    with grpc.insecure_channel(fleet.agents[1]) as channel, pytest.raises(grpc.RpcError) as info:
+        list(gateway_pb2_grpc.GatewayServiceStub(channel).InvokeStream(stream_request, timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]

@@ -13,8 +13,7 @@ from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.convert import RequestError, call_from_proto
 from switchgear.dataplane.governance import PermissionDenied, Unauthenticated
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded
-from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded, open_pipeline
 from switchgear.dataplane.resilience.admission import ShedReason
 from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import Holder
@@ -100,6 +99,16 @@ async def _shed(context: grpc.aio.ServicerContext, shed: Shed) -> NoReturn:
     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, request shed: {shed}")
 
 
+_REJECTION_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ServiceNotFound, grpc.StatusCode.NOT_FOUND),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
+)
+REJECTIONS: tuple[type[Exception], ...] = (*(kind for kind, _ in _REJECTION_CODES), QuotaExceeded, CallFailed, Shed)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(
         self, holder: Holder, invoker: Invoker, streamer: Streamer | None = None, pipeline: Pipeline | None = None
@@ -107,9 +116,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._holder = holder
         self._invoker = invoker
         self._streamer = streamer
-        self._pipeline = pipeline or Pipeline(
-            invoker.invoke, auth_required=False, quotas=QuotaEnforcer(LocalCounters()), cache=None
-        )
+        self._pipeline = pipeline or open_pipeline(invoker.invoke)
 
     async def Invoke(  # noqa: N802
         self, request: gateway_pb2.InvokeRequest, context: grpc.aio.ServicerContext
@@ -123,23 +130,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             call = call_from_proto(request)
             mode = CacheMode.parse(metadata.get("cache-control"))
             served = await self._pipeline.invoke(call, snapshot, principal, mode)
-        except Unauthenticated as exc:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except PermissionDenied as exc:
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except QuotaExceeded as exc:
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.0f}"),))
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"quota: {exc.reason}")
-        except RequestError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ServiceNotFound as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        except Unsupported as exc:
-            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
-        except CallFailed as exc:
-            await self._fail(context, exc)
-        except Shed as exc:
-            await _shed(context, exc)
+        except REJECTIONS as exc:
+            await self._reject(context, exc)
         if served.cached:
             await context.send_initial_metadata((("switchgear-cache", "hit"),))
         return _response(call.request_id, served.result, served.cached, served.tenant)
@@ -153,20 +145,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         snapshot = self._holder.current
         if snapshot is None or self._streamer is None:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "agent has no snapshot from the control plane yet")
+        metadata = dict(context.invocation_metadata() or ())
         try:
-            call = call_from_proto(request.request)
+            principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
+            call = await self._pipeline.prepare(call_from_proto(request.request), snapshot, principal)
             items = self._streamer.stream(call, snapshot)
             first = await anext(items)
-        except RequestError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ServiceNotFound as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        except Unsupported as exc:
-            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
-        except CallFailed as exc:
-            await self._fail(context, exc)
-        except Shed as exc:
-            await _shed(context, exc)
+        except REJECTIONS as exc:
+            await self._reject(context, exc)
         item = first
         try:
             while not isinstance(item, StreamEnd):
@@ -174,6 +160,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 item = await anext(items)
         finally:  # also when the caller cancels: release the upstream connection now
             await items.aclose()
+        await self._pipeline.account(principal, call.service, item.usage, item.cost_usd)
         yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
         if item.error is not None:
             context.set_trailing_metadata((
@@ -182,6 +169,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             ))
             await _abort(context, STATUS_BY_KIND[item.error.kind],
                          f"stream interrupted after the first token (no failover possible): {item.error.message}")
+
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        """Every way a call is refused before it answers, as one status mapping for both RPCs."""
+        if isinstance(exc, CallFailed):
+            await self._fail(context, exc)
+        if isinstance(exc, Shed):
+            await _shed(context, exc)
+        if isinstance(exc, QuotaExceeded):
+            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.0f}"),))
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"quota: {exc.reason}")
+        code = next(code for kind, code in _REJECTION_CODES if isinstance(exc, kind))
+        await _abort(context, code, str(exc))
 
     async def _fail(self, context: grpc.aio.ServicerContext, failure: CallFailed) -> NoReturn:
         error = failure.error

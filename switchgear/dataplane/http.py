@@ -31,7 +31,9 @@ from aiohttp import web
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError
+from switchgear.dataplane.governance import PermissionDenied, Principal, Unauthenticated
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded, open_pipeline
 from switchgear.dataplane.resilience.admission import ShedReason
 from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
@@ -55,6 +57,7 @@ STATUS_BY_KIND: Mapping[ErrorKind, tuple[int, str, str]] = {
 _HOLDER = web.AppKey("holder", Holder)
 _INVOKER = web.AppKey("invoker", Invoker)
 _STREAMER = web.AppKey("streamer", Streamer)
+_PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 class ApiError(Exception):
@@ -229,23 +232,32 @@ def _result_headers(result: Result) -> dict[str, str]:
     return headers
 
 
+def _principal(request: web.Request, snapshot: AgentSnapshot) -> Principal | None:
+    return request.app[_PIPELINE].identify(request.headers.get("Authorization"), snapshot)
+
+
 async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:
     snapshot = _snapshot(request)
+    principal = _principal(request, snapshot)
     body = parse_body(await request.read())
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
     call = make_call(request, body, method)
+    pipeline = request.app[_PIPELINE]
     if body.get("stream") is True:
-        return await _stream(request, call, snapshot, body)
+        return await _stream(request, await pipeline.prepare(call, snapshot, principal), snapshot, body, principal)
     try:
-        result = await request.app[_INVOKER].invoke(call, snapshot)
+        served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     except CallFailed as exc:
         raise failure_error(exc.error, exc.attempts) from None
-    return web.Response(body=result.body, content_type="application/json", headers=_result_headers(result))
+    headers = _result_headers(served.result)
+    if served.cached:
+        headers["x-switchgear-cache"] = "hit"
+    return web.Response(body=served.result.body, content_type="application/json", headers=headers)
 
 
 async def _stream(
-    request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any]
+    request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
     items = request.app[_STREAMER].stream(call, snapshot)
     try:
@@ -271,6 +283,7 @@ async def _stream(
             item = await anext(items)
     finally:
         await items.aclose()
+    await request.app[_PIPELINE].account(principal, call.service, item.usage, item.cost_usd)
     if item.error is not None:
         error = failure_error(item.error, item.attempts)
         error.message = f"stream interrupted after the first token (no failover possible): {error.message}"
@@ -309,6 +322,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
+    _principal(request, snapshot)
     data = [
         model_object(s.name, s.category, s.protocol)
         for s in snapshot.services.values()
@@ -319,6 +333,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
+    _principal(request, snapshot)
     name = request.match_info["model"]
     _check_model(snapshot, name, "")
     service = snapshot.services[name]
@@ -341,17 +356,29 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return ApiError(501, str(exc), "server_error", code="unsupported").response()
     except Shed as exc:
         return shed_error(exc).response()
+    except Unauthenticated as exc:
+        return ApiError(401, str(exc), code="invalid_api_key").response()
+    except PermissionDenied as exc:
+        return ApiError(403, exc.message, param="model" if exc.path == "service" else exc.path,
+                        code="permission_denied").response()
+    except QuotaExceeded as exc:
+        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return ApiError(429, f"quota: {exc.reason}", "requests", code="rate_limit_exceeded", headers=retry).response()
     except web.HTTPRequestEntityTooLarge:
         return ApiError(413, "request body too large", code="request_too_large").response()
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
         return ApiError(exc.status, f"Invalid URL ({request.method} {request.path})", code="unknown_url").response()
 
 
-def build_app(holder: Holder, invoker: Invoker, streamer: Streamer) -> web.Application:
+def build_app(
+    holder: Holder, invoker: Invoker, streamer: Streamer, pipeline: Pipeline | None = None
+) -> web.Application:
+    """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[_HOLDER] = holder
     app[_INVOKER] = invoker
     app[_STREAMER] = streamer
+    app[_PIPELINE] = pipeline or open_pipeline(invoker.invoke)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
@@ -359,11 +386,13 @@ def build_app(holder: Holder, invoker: Invoker, streamer: Streamer) -> web.Appli
     return app
 
 
-async def start(holder: Holder, invoker: Invoker, streamer: Streamer, listen: str) -> tuple[web.AppRunner, str]:
+async def start(
+    holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None
+) -> tuple[web.AppRunner, str]:
     """Start the front door on `listen` ("host:port", port 0 picks one); (runner, bound address)."""
     host, _, port = listen.rpartition(":")
     runner = web.AppRunner(
-        build_app(holder, invoker, streamer), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        build_app(holder, invoker, streamer, pipeline), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
     )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), backlog=1024)

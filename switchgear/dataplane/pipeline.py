@@ -23,7 +23,7 @@ from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.governance import Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
-from switchgear.dataplane.quota import QuotaEnforcer
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 
@@ -108,11 +108,16 @@ class Pipeline:
         if not admission.allowed:
             raise QuotaExceeded(admission.reason, admission.retry_after_s)
 
+    async def prepare(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
+        """Policy and quota admission, for paths that call the upstream themselves (streams)."""
+        call = self.govern(call, snapshot, principal)
+        await self.admit(call, principal)
+        return call
+
     async def invoke(
         self, call: Call, snapshot: AgentSnapshot, principal: Principal | None, mode: CacheMode = CacheMode.USE
     ) -> Served:
-        call = self.govern(call, snapshot, principal)
-        await self.admit(call, principal)
+        call = await self.prepare(call, snapshot, principal)
         service = snapshot.services.get(call.service)
         tenant = principal.tenant.id if principal else ""
         ttl = self._ttl(service, snapshot) if service is not None else 0.0
@@ -158,10 +163,18 @@ class Pipeline:
         return ttl_for(service.category, snapshot.settings.cache_ttl_s, service_ttl)
 
     async def _account(self, principal: Principal | None, service: str, result: Result) -> None:
+        await self.account(principal, service, result.usage, result.cost_usd)
+
+    async def account(self, principal: Principal | None, service: str, usage: TokenUsage, cost_usd: float) -> None:
+        """Count a finished call's actual tokens and cost against the tenant's windows."""
         if principal is None:
             return
-        tokens = result.usage.input_tokens + result.usage.output_tokens
-        await self._quotas.record(principal.tenant, service, tokens, result.cost_usd)
+        await self._quotas.record(principal.tenant, service, usage.input_tokens + usage.output_tokens, cost_usd)
+
+
+def open_pipeline(invoke: Invoke) -> Pipeline:
+    """No keys, no quotas, no cache: what a front door uses when built without a pipeline."""
+    return Pipeline(invoke, auth_required=False, quotas=QuotaEnforcer(LocalCounters()), cache=None)
 
 
 def _to_entry(result: Result) -> Entry:

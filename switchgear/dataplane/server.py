@@ -161,7 +161,8 @@ async def serve(
         on_ready(address)
     http_runner = None
     if options.http_listen:
-        http_runner, http_address = await http_front_door.start(holder, invoker, streamer, options.http_listen)
+        http_runner, http_address = await http_front_door.start(
+            holder, invoker, streamer, options.http_listen, pipeline)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", node.id, http_address)
         if on_http_ready is not None:
             on_http_ready(http_address)
