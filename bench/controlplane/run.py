@@ -130,7 +130,8 @@ async def fleet_run(n: int, changes: int, max_pushes: int, workdir: Path) -> dic
         port = address.rsplit(":", 1)[1]
         cp.kill()
         await asyncio.sleep(0.2)
-        same_port = [*args[:4], f"127.0.0.1:{port}", *args[5:], "--log-level", "warning"]
+        at = args.index("--listen") + 1
+        same_port = [*args[:at], f"127.0.0.1:{port}", *args[at + 1:], "--log-level", "warning"]
         cp2 = Proc.switchgear(f"cp-{n}-restarted", same_port, workdir)
         restarted = time.perf_counter()
         cp2.start()
