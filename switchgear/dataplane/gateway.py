@@ -43,8 +43,8 @@ def _response(request_id: str, result: Result, cached: bool = False, tenant: str
     return gateway_pb2.InvokeResponse(
         cached=cached,
         tenant=tenant,
-        fallback=getattr(result, "fallback", False),
-        fallback_source=getattr(result, "fallback_source", ""),
+        fallback=result.fallback,
+        fallback_source=result.fallback_source,
         request_id=request_id,
         payload=result.body,
         service=result.service,

@@ -142,7 +142,7 @@ class Pipeline:
                 if entry is not None:
                     return _from_entry(entry, snapshot.version), True
             fresh = await self._invoke(call, snapshot)
-            if mode is not CacheMode.NO_STORE and not getattr(fresh, "fallback", False):
+            if mode is not CacheMode.NO_STORE and not fresh.fallback:
                 await cache.put(key, _to_entry(fresh), ttl)
             return fresh, False
 
