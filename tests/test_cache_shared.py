@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from switchgear.dataplane.cache import Entry, MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache, decode, encode
+from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from tests.servers import redis_server
 
 ENTRY = Entry(body=b'{"ok": true}\n\x00binary', service="chat", endpoint="a", input_tokens=3, output_tokens=5,
@@ -21,8 +22,8 @@ def test_encoding_round_trips_any_body() -> None:
 async def test_an_entry_stored_by_one_agent_is_a_hit_on_another(tmp_path: Path) -> None:
     with redis_server(tmp_path) as server:
         one_client, two_client = aioredis.from_url(server.url), aioredis.from_url(server.url)
-        one = ResponseCache(MemoryCache(1 << 20), one_client, timeout_s=1.0)
-        two = ResponseCache(MemoryCache(1 << 20), two_client, timeout_s=1.0)
+        one = ResponseCache(MemoryCache(1 << 20), SharedRedis(one_client), timeout_s=1.0)
+        two = ResponseCache(MemoryCache(1 << 20), SharedRedis(two_client), timeout_s=1.0)
         try:
             assert await two.get("k") is None
             await one.put("k", ENTRY, ttl_s=30)
@@ -36,13 +37,27 @@ async def test_an_entry_stored_by_one_agent_is_a_hit_on_another(tmp_path: Path) 
             await two_client.aclose()
 
 
-async def test_dead_redis_is_a_miss_not_an_error(tmp_path: Path) -> None:
+async def test_dead_redis_is_a_miss_not_an_error_until_a_probe_finds_it_back(tmp_path: Path) -> None:
     with redis_server(tmp_path) as server:
         client = aioredis.from_url(server.url, socket_timeout=0.2)
-        cache = ResponseCache(MemoryCache(1 << 20), client, timeout_s=0.2)
-        server.stop()
-        assert await cache.get("k") is None
-        await cache.put("k", ENTRY, ttl_s=30)  # still stored locally
-        assert await cache.get("k") == ENTRY
-        assert cache.degraded >= 2
-        await client.aclose()
+        redis = SharedRedis(client, RedisHealth(probe_interval_s=0.0))  # a probe is due at once
+        cache = ResponseCache(MemoryCache(1 << 20), redis, timeout_s=0.2)
+        try:
+            server.kill()
+            assert await cache.get("k") is None
+            await cache.put("k", ENTRY, ttl_s=30)  # still stored locally
+            assert await cache.get("k") == ENTRY
+            assert redis.health.degraded
+            assert redis.health.failures["cache"] == 1 and redis.health.fallbacks["cache"] == 2
+            assert redis.probing is not None
+            await redis.probing
+
+            server.start()  # same socket, empty data
+            assert await cache.get("other") is None  # answered locally, starts a probe
+            await redis.probing
+            assert not redis.health.degraded
+            await cache.put("k2", ENTRY, ttl_s=30)
+            assert await client.get("sg:c:k2") == encode(ENTRY)  # stores reach Redis again
+            assert await client.get("sg:c:k") is None  # what was stored while degraded is not copied
+        finally:
+            await redis.aclose()

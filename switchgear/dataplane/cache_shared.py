@@ -2,22 +2,19 @@
 
 Two tiers: the in-memory LRU answers first; on a miss, Redis (shared by every agent) is asked
 and a hit there fills the local tier. Stores go to both. Every Redis call is bounded by a short
-timeout; a slow or dead Redis counts as a miss (and is counted and logged), never as an error.
+timeout; a slow or dead Redis counts as a miss (counted and logged by redis_state.py), never as
+an error.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Callable
+import contextlib
 from typing import Any
 
 import orjson
 
 from switchgear.dataplane.cache import Entry, MemoryCache
-
-log = logging.getLogger("switchgear.dataplane.cache")
+from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 
 def encode(entry: Entry) -> bytes:
@@ -37,53 +34,53 @@ def decode(raw: bytes) -> Entry:
 
 
 class ResponseCache:
-    """What the agent's request path calls. `redis` is a redis.asyncio client or None."""
+    """What the agent's request path calls. `redis` is the agent's SharedRedis or None.
 
-    def __init__(self, local: MemoryCache, redis: Any = None, *, prefix: str = "sg:c:", timeout_s: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    While Redis is degraded (redis_state.py) the cache is this agent's memory alone: lookups
+    miss there, stores stay local, and nothing stored meanwhile is copied to Redis later.
+    """
+
+    def __init__(self, local: MemoryCache, redis: SharedRedis | None = None, *, prefix: str = "sg:c:",
+                 timeout_s: float = 0.05) -> None:
         self.local = local
         self._redis = redis
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._clock = clock
         self.shared_hits = 0
-        self.degraded = 0
-        self._last_log = float("-inf")
 
     async def get(self, key: str) -> Entry | None:
         entry = self.local.get(key)
         if entry is not None or self._redis is None:
             return entry
+        client = self._redis.client
         try:
-            raw = await asyncio.wait_for(self._redis.get(self._prefix + key), self._timeout_s)
-            if raw is None:
-                return None
-            remaining = await asyncio.wait_for(self._redis.pttl(self._prefix + key), self._timeout_s)
-        except Exception as exc:  # any Redis trouble is a miss, never an error
-            self._degrade(exc)
+            found = await self._redis.call("cache", lambda: _fetch(client, self._prefix + key), self._timeout_s)
+        except RedisUnavailable:  # any Redis trouble is a miss, never an error
             return None
-        found = decode(raw)
+        if found is None:
+            return None
+        entry, remaining_ms = found
         self.shared_hits += 1
         self.local.counters.misses -= 1  # the local miss turned into a (shared) hit
         self.local.counters.hits += 1
-        if remaining and remaining > 0:
-            self.local.put(key, found, remaining / 1000.0)
-        return found
+        if remaining_ms and remaining_ms > 0:
+            self.local.put(key, entry, remaining_ms / 1000.0)
+        return entry
 
     async def put(self, key: str, entry: Entry, ttl_s: float) -> None:
         self.local.put(key, entry, ttl_s)
         if self._redis is None or ttl_s <= 0:
             return
-        try:
-            await asyncio.wait_for(self._redis.set(self._prefix + key, encode(entry), px=int(ttl_s * 1000)),
-                                   self._timeout_s)
-        except Exception as exc:
-            self._degrade(exc)
+        client = self._redis.client
+        with contextlib.suppress(RedisUnavailable):
+            await self._redis.call("cache", lambda: client.set(self._prefix + key, encode(entry),
+                                                                px=int(ttl_s * 1000)), self._timeout_s)
 
-    def _degrade(self, exc: Exception) -> None:
-        self.degraded += 1
-        now = self._clock()
-        if now - self._last_log >= 60.0:
-            self._last_log = now
-            log.warning("redis unavailable for the response cache (%s); using this agent's cache only",
-                        type(exc).__name__)
+
+async def _fetch(client: Any, key: str) -> tuple[Entry, int] | None:
+    """The entry and its remaining TTL in ms, in one round trip (one timeout covers both)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(key)
+        pipe.pttl(key)
+        raw, remaining_ms = await pipe.execute()
+    return None if raw is None else (decode(raw), int(remaining_ms))

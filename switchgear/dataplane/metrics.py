@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector as PromCollector
 
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.redis_state import RedisHealth
 
 LABELS = ("service", "endpoint", "category")
 LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -260,13 +261,40 @@ def _buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, fl
     return out
 
 
-def serve_metrics(collector: PromCollector, listen: str) -> tuple[Any, str]:
-    """Serve /metrics on `listen` ("host:port"; port 0 picks one) in a daemon thread.
+def serve_metrics(collector: PromCollector, listen: str, *more: PromCollector) -> tuple[Any, str]:
+    """Serve /metrics on `listen` ("host:port"; port 0 picks one) in a daemon thread, from
+    `collector` and any `more` (e.g. RedisMetrics).
 
     Returns (server, bound address); `server.shutdown()` stops it.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for each in (collector, *more):
+        registry.register(each)
     host, _, port = listen.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     return server, f"{host or '127.0.0.1'}:{server.server_port}"
+
+
+class RedisMetrics(PromCollector):
+    """The shared-state mode of an agent run with Redis (redis_state.RedisHealth):
+    switchgear_redis_degraded (gauge, 1 while quotas and cache are local only),
+    switchgear_redis_failures_total{use} (Redis calls that failed, use "quota" or "cache") and
+    switchgear_redis_fallbacks_total{use} (operations answered locally: failed, or skipped while
+    degraded). Scrapes only read the health's counts."""
+
+    def __init__(self, health: RedisHealth) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Any]:
+        degraded = GaugeMetricFamily("switchgear_redis_degraded",
+                                     "1 while Redis is unusable and quotas and cache are this agent's alone")
+        degraded.add_metric([], float(self._health.degraded))
+        yield degraded
+        for name, text, counts in (
+            ("failures", "Redis calls that failed or timed out", self._health.failures),
+            ("fallbacks", "Operations answered locally because Redis failed or was degraded", self._health.fallbacks),
+        ):
+            family = CounterMetricFamily(f"switchgear_redis_{name}", text, labels=("use",))
+            for use, count in sorted(counts.items()):
+                family.add_metric([use], float(count))
+            yield family

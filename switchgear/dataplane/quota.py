@@ -5,7 +5,7 @@ by the control plane (Google's Doorman). Counters give exact totals — "100 req
 means 100 however many agents serve the tenant — with one Redis round trip per request, and
 need no control-plane involvement on the request path. The embedded default keeps the same
 counters in the agent's memory (exact for one agent, per-agent for several). With Redis, a
-slow or dead Redis degrades to the local counters (counted and logged), never to failed calls.
+slow or dead Redis degrades to the local counters (see RedisCounters), never to failed calls.
 
 Windows are fixed and UTC-aligned (minute for requests and tokens, hour and day for budgets):
 "N per minute" then means exactly N in each clock minute, and the retry-after hint is the time
@@ -15,16 +15,13 @@ crosses a budget completes and the next one is refused.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-
-log = logging.getLogger("switchgear.dataplane.quota")
+from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
@@ -68,49 +65,49 @@ class LocalCounters:
 class RedisCounters:
     """Counters shared by every agent through Redis (INCRBYFLOAT + EXPIRE in one transaction).
 
-    Each call is bounded by `timeout_s`; on any Redis failure the local counters answer instead
-    and `degraded` counts it (logged at most once per minute).
+    Each call is bounded by `timeout_s`. When Redis fails or is degraded (redis_state.py: one
+    state for the counters and the cache, with its metrics and log lines), `fallback` answers
+    instead, so a quota check never fails a request and waits at most one timeout.
+
+    The trade-off when Redis is back: counts made locally while degraded are not replayed to
+    Redis. Replaying could not be exact anyway (a call that timed out may still have been
+    applied by a slow Redis), and the local counts matter only for the window they fall in.
+    So in a window that spans an outage a tenant may get up to N requests per agent while
+    degraded plus what the shared counter still allows afterwards, and budgets undercount the
+    cost spent during the outage (a Redis restarted without persistence starts every counter
+    again from zero). Local counters keep what they counted and serve the next outage in the
+    same window.
     """
 
-    def __init__(self, client: Any, fallback: LocalCounters, *, prefix: str = "sg:q:", timeout_s: float = 0.05,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._client = client
+    def __init__(self, redis: SharedRedis, fallback: LocalCounters, *, prefix: str = "sg:q:",
+                 timeout_s: float = 0.05) -> None:
+        self._redis = redis
         self._fallback = fallback
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._clock = clock
-        self.degraded = 0
-        self._last_log = -MINUTE
 
     async def add(self, key: str, amount: float, ttl_s: float) -> float:
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.incrbyfloat(self._prefix + key, amount)
-                pipe.expire(self._prefix + key, int(ttl_s) + 1, nx=True)
-                total, _ = await _bounded(pipe.execute(), self._timeout_s)
-            return float(total)
-        except Exception as exc:
-            self._degrade(exc)
+            return await self._redis.call("quota", lambda: self._add(self._prefix + key, amount, ttl_s),
+                                          self._timeout_s)
+        except RedisUnavailable:
             return await self._fallback.add(key, amount, ttl_s)
 
     async def get(self, key: str) -> float:
         try:
-            value = await _bounded(self._client.get(self._prefix + key), self._timeout_s)
-            return float(value or 0.0)
-        except Exception as exc:
-            self._degrade(exc)
+            return await self._redis.call("quota", lambda: self._get(self._prefix + key), self._timeout_s)
+        except RedisUnavailable:
             return await self._fallback.get(key)
 
-    def _degrade(self, exc: Exception) -> None:
-        self.degraded += 1
-        now = self._clock()
-        if now - self._last_log >= MINUTE:
-            self._last_log = now
-            log.warning("redis unavailable (%s); quotas use this agent's local counters", type(exc).__name__)
+    async def _get(self, key: str) -> float:
+        return float(await self._redis.client.get(key) or 0.0)  # inside `call`: a bad value is Redis trouble
 
-
-async def _bounded(awaitable: Any, timeout_s: float) -> Any:
-    return await asyncio.wait_for(awaitable, timeout_s)
+    async def _add(self, key: str, amount: float, ttl_s: float) -> float:
+        async with self._redis.client.pipeline(transaction=True) as pipe:
+            pipe.incrbyfloat(key, amount)
+            pipe.expire(key, int(ttl_s) + 1, nx=True)
+            total, _ = await pipe.execute()
+        return float(total)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from switchgear.dataplane.client import Applier, SnapshotClient
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.invoke import Invoker
-from switchgear.dataplane.metrics import AgentMetrics, serve_metrics
+from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
+from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
 from switchgear.dataplane.router import Router
 from switchgear.dataplane.scheduling.stats import LiveStats
@@ -70,6 +71,7 @@ class Options:
     # TLS to the control plane (its CA; a client certificate for mutual TLS).
     control_plane_tls: ClientTls | None = None
     redis_url: str = ""
+    redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
     cache_bytes: int = 64 * 1024 * 1024
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
     resilience: ResilienceSettings = ResilienceSettings()
@@ -168,7 +170,8 @@ async def serve(
             on_http_ready(http_address)
     metrics_server = None
     if options.metrics_listen:
-        metrics_server, metrics_address = serve_metrics(agent_metrics, options.metrics_listen)
+        redis_metrics = (RedisMetrics(redis.health),) if redis is not None else ()
+        metrics_server, metrics_address = serve_metrics(agent_metrics, options.metrics_listen, *redis_metrics)
         log.info("agent %s metrics on http://%s/metrics", node.id, metrics_address)
         if on_metrics is not None:
             on_metrics(metrics_address)
@@ -198,13 +201,21 @@ async def serve(
         log.info("agent stopped")
 
 
-def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], None]) -> tuple[Pipeline, Any]:
+def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], None]
+              ) -> tuple[Pipeline, SharedRedis | None]:
     """Governance and cache around the invoke step, with Redis when configured."""
     redis = None
     if options.redis_url:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        redis = aioredis.from_url(options.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # One immediate retry (a pooled connection a restarted Redis has closed), no backoff: the
+        # client's default retries for seconds, which would turn a refused connection into a full
+        # timeout on every call; redis_state decides when to try again.
+        client = aioredis.from_url(options.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                   retry=Retry(NoBackoff(), 1))
+        redis = SharedRedis(client, RedisHealth(probe_interval_s=options.redis_probe_interval_s))
         # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
         # the local fallback then admits on this agent's counts alone (inexact across agents).
         counters: LocalCounters | RedisCounters = RedisCounters(redis, LocalCounters(), timeout_s=0.5)

@@ -1,0 +1,140 @@
+"""Whether this agent can use Redis right now: one state for the quota counters and the cache.
+
+Two modes. SHARED: quota and cache operations go to Redis, each bounded by its caller's
+timeout. DEGRADED, entered on the first failure (an error or a timeout) of any Redis call:
+operations do not go to Redis at all but answer locally at once, so once a dead or stopped
+Redis has been noticed it costs requests nothing, not even the timeout. Meanwhile one PING at
+a time, at most one per `probe_interval_s` and started by the calls that arrive (an idle agent
+does not probe, and shows its last known mode), asks whether Redis answers again; the first
+that does returns the agent to SHARED. A request therefore waits on Redis for at most one
+timeout, and only while the outage is being discovered.
+
+Recovery comes from the probe alone. Degraded calls never reach Redis, so a success seen while
+DEGRADED is a call issued before the outage, and a failure of a call issued before the last
+recovery is old news too: neither flips the mode, which keeps one warning line per outage and
+one info line per recovery.
+
+`RedisHealth` is the pure state machine (clock in, decisions out). `SharedRedis` is the edge
+that wraps the client: every Redis call of the counters and the cache goes through `call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("switchgear.dataplane.redis")
+
+T = TypeVar("T")
+
+USES = ("quota", "cache")
+
+
+class RedisHealth:
+    """SHARED <-> DEGRADED, with per-use counts (`use` is "quota" or "cache").
+
+    `failures[use]`: Redis calls that failed. `fallbacks[use]`: operations answered locally,
+    failed or skipped while degraded. Use from the event loop; scrapes from another thread only
+    read ints and a bool.
+    """
+
+    def __init__(self, *, probe_interval_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self.probe_interval_s = probe_interval_s
+        self._clock = clock
+        self.degraded = False
+        self.failures = dict.fromkeys(USES, 0)
+        self.fallbacks = dict.fromkeys(USES, 0)
+        self._since = clock()  # when the current mode began
+        self._next_probe = 0.0
+
+    def started(self) -> float | None:
+        """Before a Redis call: its start time, or None when it must not be made (degraded)."""
+        return None if self.degraded else self._clock()
+
+    def failed(self, use: str, exc: BaseException, started: float) -> None:
+        """A Redis call begun at `started` failed: enter DEGRADED unless it is old news."""
+        self.failures[use] = self.failures.get(use, 0) + 1
+        if self.degraded or started < self._since:
+            return
+        self.degraded = True
+        self._since = self._clock()
+        self._next_probe = self._since + self.probe_interval_s
+        log.warning("redis unavailable (%s on %s); quotas use this agent's local counters and the cache its "
+                    "memory only, probing every %g ms", type(exc).__name__, use,
+                    self.probe_interval_s * 1e3)
+
+    def fell_back(self, use: str) -> None:
+        self.fallbacks[use] = self.fallbacks.get(use, 0) + 1
+
+    def probe_due(self) -> bool:
+        """While DEGRADED: True at most once per probe interval (the caller then probes)."""
+        now = self._clock()
+        if not self.degraded or now < self._next_probe:
+            return False
+        self._next_probe = now + self.probe_interval_s
+        return True
+
+    def probe_failed(self) -> None:
+        """The interval restarts when the probe ends, so a slow probe is not followed at once by another."""
+        self._next_probe = self._clock() + self.probe_interval_s
+
+    def recovered(self) -> None:
+        """A probe was answered: back to SHARED."""
+        if not self.degraded:
+            return
+        now = self._clock()
+        log.info("redis reachable again; shared quotas and cache resume (degraded for %.1f s)", now - self._since)
+        self.degraded = False
+        self._since = now
+
+
+class RedisUnavailable(Exception):
+    """Raised by `SharedRedis.call` instead of the Redis error: the caller answers locally."""
+
+
+class SharedRedis:
+    """The agent's Redis client behind a `RedisHealth`: the one way the counters and the cache call it.
+
+    `client` is a redis.asyncio client. Nothing but `RedisUnavailable` (and cancellation of the
+    caller) leaves `call`; the probe task swallows everything it meets.
+    """
+
+    def __init__(self, client: Any, health: RedisHealth | None = None, *, probe_timeout_s: float = 0.25) -> None:
+        self.client = client
+        self.health = health if health is not None else RedisHealth()
+        self._probe_timeout_s = probe_timeout_s
+        self.probing: asyncio.Task[None] | None = None  # the probe in flight (tests await it)
+
+    async def call(self, use: str, op: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """`op()` bounded by `timeout_s`; RedisUnavailable if it fails or Redis is degraded."""
+        started = self.health.started()
+        if started is None:
+            self.health.fell_back(use)
+            self._probe_if_due()
+            raise RedisUnavailable
+        try:
+            return await asyncio.wait_for(op(), timeout_s)
+        except Exception as exc:
+            self.health.failed(use, exc, started)
+            self.health.fell_back(use)
+            raise RedisUnavailable from exc
+
+    def _probe_if_due(self) -> None:
+        if (self.probing is None or self.probing.done()) and self.health.probe_due():
+            self.probing = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.ping(), self._probe_timeout_s)
+        except Exception:
+            self.health.probe_failed()
+        else:
+            self.health.recovered()
+
+    async def aclose(self) -> None:
+        if self.probing is not None:
+            self.probing.cancel()
+        await self.client.aclose()
