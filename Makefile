@@ -7,8 +7,9 @@ BUF    := node_modules/.bin/buf
 
 .PHONY: demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane
 
-# Debian packages the tests start as real servers (Redis for shared quotas and cache).
-APT_PACKAGES := redis-server
+# Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
+# for the store that control-plane replicas share).
+APT_PACKAGES := redis-server postgresql
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +53,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check switchgear bench
 	$(PY) -m mypy switchgear bench
 
+# Checked as installed Debian packages (PostgreSQL's binaries are not on PATH), so a second run
+# is quick and installs nothing.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

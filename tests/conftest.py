@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import secrets
+import shutil
+import sqlite3
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psycopg
 import pytest
 
+from switchgear.controlplane import pg
 from switchgear.controlplane.admin import AdminServicer
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.model import Category, EndpointSpec, ServiceSpec
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.store import SqliteStore
+from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.v1 import admin_pb2_grpc, discovery_pb2_grpc
+from tests.servers import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -65,4 +75,72 @@ async def control_plane(tmp_path: Path, debounce_s: float) -> AsyncIterator[Cont
         yield ControlPlane(registry, tracker, f"127.0.0.1:{port}", store)
     finally:
         await server.stop(None)
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole run (tests get a database each: `pg_dsn`)."""
+    workdir = Path(tempfile.mkdtemp(prefix="switchgear-pg-"))  # not tmp_path: the postgres user must reach it
+    server = PostgresServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for this test (dropped after it, whoever is still connected)."""
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_server.dsn(name)
+    finally:
+        with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class StoreBackend:
+    """One fresh registry store of one backend. `open` gives another handle on it (its own
+    connection, as a second replica or a restart would have), closed after the test; `query`
+    reads it with raw SQL (the tables and columns are named alike in both backends)."""
+
+    name: str
+    factory: Callable[[Callable[[], float]], Store]
+    query: Callable[[str], list[tuple[Any, ...]]]
+    opened: list[Store] = field(default_factory=list)
+
+    def open(self, clock: Callable[[], float] = time.time) -> Store:
+        store = self.factory(clock)
+        self.opened.append(store)
+        return store
+
+
+def _sqlite_query(path: Path) -> Callable[[str], list[tuple[Any, ...]]]:
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        with closing(sqlite3.connect(path)) as db:
+            return db.execute(sql).fetchall()
+    return query
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
+    if request.param == "sqlite":
+        path = tmp_path / "registry.db"
+        backend = StoreBackend("sqlite", lambda clock: SqliteStore(path, clock=clock), _sqlite_query(path))
+        yield backend
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        with pg.connect(dsn) as admin:
+            pg.migrate(admin)
+            backend = StoreBackend("postgres", lambda clock: pg.PgStore(pg.connect(dsn), clock=clock,
+                                                                        owns_connection=True),
+                                   lambda sql: admin.execute(sql).fetchall())
+            yield backend
+    for store in backend.opened:
         store.close()

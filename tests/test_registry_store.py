@@ -1,4 +1,7 @@
-"""Registry, store and snapshot versions: persistence, atomic rejection, restart rules."""
+"""Registry, store and snapshot versions: persistence, atomic rejection, restart rules.
+
+Tests taking `store_backend` run on SQLite and on PostgreSQL alike (a new `open()` is a new
+connection: a restart, or another replica)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.model import CategoryPolicy, RegistryState, RetryPolicy, SecretRef, Settings
 from switchgear.controlplane.registry import NotFound, Registry
-from switchgear.controlplane.store import SqliteStore
+from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.controlplane.validate import ValidationError
-from tests.conftest import service
+from tests.conftest import StoreBackend, service
 
 
-def open_registry(path: Path) -> tuple[Registry, SqliteStore]:
-    store = SqliteStore(path)
+def open_registry(where: Path | StoreBackend) -> tuple[Registry, Store]:
+    store = SqliteStore(where) if isinstance(where, Path) else where.open()
     return Registry(store), store
 
 
@@ -38,8 +41,8 @@ def test_content_hash_depends_on_content_only() -> None:
     assert snap.content_hash(a) != snap.content_hash(RegistryState(services=(service("a", "http://h:1/v1"),)))
 
 
-def test_every_change_gets_a_higher_version_and_no_change_gets_none(tmp_path: Path) -> None:
-    registry, store = open_registry(tmp_path / "r.db")
+def test_every_change_gets_a_higher_version_and_no_change_gets_none(store_backend: StoreBackend) -> None:
+    registry, store = open_registry(store_backend)
     v0 = registry.snapshot.version
     v1 = registry.register(service("a"), "t").version
     v2 = registry.register(service("b"), "t").version
@@ -48,12 +51,13 @@ def test_every_change_gets_a_higher_version_and_no_change_gets_none(tmp_path: Pa
     store.close()
 
 
-def test_restart_on_the_same_store_keeps_state_and_version(tmp_path: Path) -> None:
-    registry, store = open_registry(tmp_path / "r.db")
-    registry.register(service("a", api_key=SecretRef(env="OPENAI_API_KEY")), "t")
+def test_restart_on_the_same_store_keeps_state_and_version(store_backend: StoreBackend) -> None:
+    registry, store = open_registry(store_backend)
+    registry.register(service("b", api_key=SecretRef(env="OPENAI_API_KEY")), "t")
+    registry.register(service("A"), "t")  # loads back first: byte order, as the state keeps them
     before = registry.snapshot
     store.close()
-    again, store = open_registry(tmp_path / "r.db")
+    again, store = open_registry(store_backend)
     assert again.snapshot == before
     store.close()
 
@@ -69,8 +73,8 @@ def test_different_stores_never_give_one_version_to_different_content(tmp_path: 
     s2.close()
 
 
-def test_invalid_change_leaves_state_store_and_version_untouched(tmp_path: Path) -> None:
-    registry, store = open_registry(tmp_path / "r.db")
+def test_invalid_change_leaves_state_store_and_version_untouched(store_backend: StoreBackend) -> None:
+    registry, store = open_registry(store_backend)
     registry.register(service("a"), "t")
     before = registry.snapshot
     seen: list[snap.Snapshot] = []
@@ -84,8 +88,8 @@ def test_invalid_change_leaves_state_store_and_version_untouched(tmp_path: Path)
     assert store.load().state == before.state
 
 
-def test_deregister(tmp_path: Path) -> None:
-    registry, store = open_registry(tmp_path / "r.db")
+def test_deregister(store_backend: StoreBackend) -> None:
+    registry, store = open_registry(store_backend)
     registry.register(service("a"), "t")
     registry.register(service("b", fallbacks=("a",)), "t")
     with pytest.raises(NotFound):
@@ -97,8 +101,8 @@ def test_deregister(tmp_path: Path) -> None:
     store.close()
 
 
-def test_replace_reports_the_diff_and_audits(tmp_path: Path) -> None:
-    registry, store = open_registry(tmp_path / "r.db")
+def test_replace_reports_the_diff_and_audits(store_backend: StoreBackend) -> None:
+    registry, store = open_registry(store_backend)
     registry.register(service("a"), "t")
     registry.register(service("b"), "t")
     new_state = RegistryState(services=(service("b", "http://h:2/v1"), service("c")))
@@ -109,7 +113,7 @@ def test_replace_reports_the_diff_and_audits(tmp_path: Path) -> None:
     assert entries[0].action == "apply_config" and entries[0].version == applied.version
     assert [e.action for e in entries[1:3]] == ["register_service", "register_service"]
     store.close()
-    again, store = open_registry(tmp_path / "r.db")
+    again, store = open_registry(store_backend)
     assert again.config_hash == "h1" and again.state == new_state
     store.close()
 
@@ -145,10 +149,10 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     store.close()
 
 
-def test_service_changes_are_audited_with_before_and_after(tmp_path: Path) -> None:
+def test_service_changes_are_audited_with_before_and_after(store_backend: StoreBackend) -> None:
     import json
 
-    registry, store = open_registry(tmp_path / "r.db")
+    registry, store = open_registry(store_backend)
     registry.register(service("a"), "op")
     registry.register(service("a", "http://h:2/v1"), "op")
     registry.deregister("a", "op")

@@ -1,8 +1,11 @@
-"""Where the control plane's state lives: a SQLite file by default.
+"""Where the control plane's state lives: a SQLite file by default (PostgreSQL: pg.py).
 
 The store keeps the registry (services and settings), the snapshot version counter, the hash
-of the last config file applied at start-up, and an append-only audit trail. Every change is
-one transaction: the state, the counter bump and the audit row land together or not at all.
+of the last config file applied at start-up, the overlay served with the current version, and
+an append-only audit trail. Every change is one transaction: the state, the counter bump and
+the audit row land together or not at all. A writer can name the version its change was based
+on (`expected_seq`): when another writer (a second control-plane replica) committed first, the
+commit raises StaleVersion and writes nothing, so no replica overwrites a change it never saw.
 Secret values never reach it: services hold only secret references.
 """
 
@@ -14,12 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from switchgear.controlplane import codec
 from switchgear.controlplane.model import ApiKey, RegistryState, ServiceSpec, Settings, Tenant
-
-T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 
@@ -50,14 +51,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 _COLLECTIONS = (("services", "services", "name"), ("tenants", "tenants", "id"), ("api_keys", "keys", "id"))
 
 
+class StaleVersion(Exception):
+    """A commit based on a version that is no longer the stored one (another replica committed
+    first). Nothing was written."""
+
+
 @dataclass(frozen=True)
 class Stored:
-    """What a store holds: the state, its version counter and content hash."""
+    """What a store holds: the state, its version counter and content hash, and the overlay
+    served with that version (its JSON text, "" for none; the registry encodes and decodes it)."""
 
     state: RegistryState
     seq: int
     content_hash: str
     config_hash: str
+    overlay: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,14 +97,76 @@ class AuditEntry:
 class Store(Protocol):
     def load(self) -> Stored: ...
 
+    def head(self) -> tuple[int, str]:
+        """(seq, content hash) of the stored version: one cheap query, for polling."""
+        ...
+
     def commit(
         self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
-        config_hash: str | None = None,
-    ) -> None: ...
+        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
+    ) -> None:
+        """Store `state` as version `seq` with one audit row, in one transaction.
 
-    def audit(self, limit: int = 100) -> list[AuditEntry]: ...
+        `config_hash` / `overlay`: new values to keep (None keeps the stored ones).
+        `expected_seq`: the stored seq this change was based on; when the stored seq differs,
+        raise StaleVersion and write nothing (None: no check).
+        """
+        ...
+
+    def append_audit(self, version: str, change: Change) -> None:
+        """An audit row only: no state or version change."""
+        ...
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        """The newest `limit` audit rows, newest first."""
+        ...
+
+    def save_usage(self, rows: dict[str, str]) -> None: ...
+
+    def load_usage(self) -> dict[str, str]: ...
 
     def close(self) -> None: ...
+
+
+def collection_rows(state: RegistryState) -> dict[str, dict[str, str]]:
+    """The state's model collections as stored: table -> {item key: item JSON}."""
+    return {
+        table: {getattr(item, key): codec.dumps(item) for item in getattr(state, attribute)}
+        for table, attribute, key in _COLLECTIONS
+    }
+
+
+def stored_from(meta: dict[str, str], settings: str | None, items: dict[str, list[str]]) -> Stored:
+    """A Stored rebuilt from the meta rows, the settings JSON and each table's item JSONs (in key order)."""
+    state = RegistryState(
+        services=tuple(codec.loads(ServiceSpec, spec) for spec in items["services"]),
+        settings=codec.loads(Settings, settings) if settings else Settings(),
+        tenants=tuple(codec.loads(Tenant, spec) for spec in items["tenants"]),
+        keys=tuple(codec.loads(ApiKey, spec) for spec in items["api_keys"]),
+    )
+    return Stored(
+        state=state,
+        seq=int(meta.get("version_seq") or 0),
+        content_hash=meta.get("version_hash", ""),
+        config_hash=meta.get("config_hash", ""),
+        overlay=meta.get("overlay", ""),
+    )
+
+
+def meta_updates(seq: int, digest: str, config_hash: str | None, overlay: str | None) -> dict[str, str]:
+    """The meta rows a commit writes: the version always, the others only when given."""
+    meta = {"version_seq": str(seq), "version_hash": digest}
+    if config_hash is not None:
+        meta["config_hash"] = config_hash
+    if overlay is not None:
+        meta["overlay"] = overlay
+    return meta
+
+
+def check_base(expected_seq: int | None, stored_seq: int) -> None:
+    """Raise StaleVersion when a change based on version `expected_seq` meets `stored_seq`."""
+    if expected_seq is not None and expected_seq != stored_seq:
+        raise StaleVersion(f"change based on version {expected_seq}, but version {stored_seq} is stored")
 
 
 class SqliteStore:
@@ -129,52 +199,42 @@ class SqliteStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _items(self, table: str, cls: type[T]) -> tuple[T, ...]:
-        return tuple(codec.loads(cls, spec) for (spec,) in self._db.execute(f"SELECT spec FROM {table} ORDER BY name"))
-
     def load(self) -> Stored:
-        row = self._db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
-        settings = codec.loads(Settings, row[0]) if row else Settings()
-        return Stored(
-            state=RegistryState(
-                services=self._items("services", ServiceSpec),
-                settings=settings,
-                tenants=self._items("tenants", Tenant),
-                keys=self._items("api_keys", ApiKey),
-            ),
-            seq=int(self._meta("version_seq") or 0),
-            content_hash=self._meta("version_hash") or "",
-            config_hash=self._meta("config_hash") or "",
-        )
+        with _transaction(self._db, "BEGIN") as db:  # one read snapshot across the tables
+            row = db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
+            items = {table: [spec for (spec,) in db.execute(f"SELECT spec FROM {table} ORDER BY name")]
+                     for table, _, _ in _COLLECTIONS}
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        return stored_from(meta, row[0] if row else None, items)
+
+    def head(self) -> tuple[int, str]:
+        meta = dict(self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('version_seq', 'version_hash')").fetchall())
+        return int(meta.get("version_seq") or 0), meta.get("version_hash", "")
 
     def commit(
         self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
-        config_hash: str | None = None,
+        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
     ) -> None:
         now = self._clock()
-        with _transaction(self._db) as db:
-            for table, attribute, key in _COLLECTIONS:
-                rows = {getattr(item, key): codec.dumps(item) for item in getattr(state, attribute)}
+        with _transaction(self._db) as db:  # BEGIN IMMEDIATE: writers are serialised from here on
+            check_base(expected_seq, int(self._meta("version_seq") or 0))
+            for table, rows in collection_rows(state).items():
                 _sync(db, table, rows, now)
             db.execute(
                 "INSERT INTO settings(id, body) VALUES (1, ?) "
                 "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
                 (codec.dumps(state.settings),),
             )
-            meta = {"version_seq": str(seq), "version_hash": digest}
-            if config_hash is not None:
-                meta["config_hash"] = config_hash
-            for key, value in meta.items():
-                db.execute(
-                    "INSERT INTO meta(key, value) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, value),
-                )
-            db.execute(
-                "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
+            db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                meta_updates(seq, digest, config_hash, overlay).items(),
             )
+            _insert_audit(db, now, version, change)
+
+    def append_audit(self, version: str, change: Change) -> None:
+        with _transaction(self._db) as db:
+            _insert_audit(db, self._clock(), version, change)
 
     def save_usage(self, rows: dict[str, str]) -> None:
         """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
@@ -198,6 +258,14 @@ class SqliteStore:
         self._db.close()
 
 
+def _insert_audit(db: sqlite3.Connection, now: float, version: str, change: Change) -> None:
+    db.execute(
+        "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
+    )
+
+
 def _sync(db: sqlite3.Connection, table: str, rows: dict[str, str], now: float) -> None:
     """Make `table` hold exactly `rows` (name -> JSON), touching only what changed."""
     old = dict(db.execute(f"SELECT name, spec FROM {table}").fetchall())
@@ -213,9 +281,9 @@ def _sync(db: sqlite3.Connection, table: str, rows: dict[str, str], now: float) 
 
 
 @contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-    db.execute("BEGIN IMMEDIATE")
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (or `begin`) ... COMMIT, rolled back on any exception."""
+    db.execute(begin)
     try:
         yield db
     except BaseException:

@@ -1,4 +1,4 @@
-"""Tasks, their attempts and uploaded blobs: tables in the control plane's SQLite file.
+"""Tasks, their attempts and uploaded blobs: tables in the control plane's SQLite file (PostgreSQL: store_pg.py).
 
 A second connection on the registry's file (WAL mode), so the task tables live and move with
 the rest of the control plane's state without the registry's store knowing them. Every change
@@ -11,7 +11,7 @@ import hashlib
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -85,6 +85,41 @@ def _task(row: Sequence[Any]) -> Task:
         usage=Usage(int(tokens_in), int(tokens_out), float(cost), bool(estimated)),
         error=TaskError(v["error_kind"], v["error_message"]) if v["error_kind"] else None,
     )
+
+
+class TaskStoreLike(Protocol):
+    """What the scheduler needs of a task store: TaskStore (SQLite) and PgTaskStore (PostgreSQL)."""
+
+    def close(self) -> None: ...
+
+    def insert(self, task: Task) -> tuple[Task, bool]: ...
+
+    def get(self, task_id: str) -> Task | None: ...
+
+    def save(self, tasks: Iterable[Task], attempts_started: Iterable[tuple[Task, float]] = (),
+             attempts_ended: Iterable[tuple[Task, str, float, str]] = ()) -> None: ...
+
+    def lease_known(self, task_id: str, lease_id: str) -> bool: ...
+
+    def candidates(self, services: Iterable[str], now: float, aging_interval_s: float, limit: int) -> list[Task]: ...
+
+    def queued_services(self) -> set[str]: ...
+
+    def queued_of(self, service: str) -> list[Task]: ...
+
+    def holding(self, agent: str) -> list[Task]: ...
+
+    def in_flight(self) -> int: ...
+
+    def leased(self) -> list[Task]: ...
+
+    def list(self, states: Sequence[TaskState], tenant: str, service: str, limit: int) -> list[Task]: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def put_blob(self, data: bytes, content_type: str, now: float) -> str: ...
+
+    def get_blob(self, blob_id: str) -> bytes | None: ...
 
 
 class TaskStore:

@@ -1,0 +1,267 @@
+"""PostgreSQL for the control plane's state, when several control-plane replicas share it.
+
+One database holds what the SQLite file holds for a single control plane — the registry, its
+version counter, the audit trail, tenants' usage, tasks and blobs — plus the tables the
+replicas coordinate through (load reports, the leader row). Each replica keeps the registry
+in memory; a commit takes a row lock on the version counter, so writers are serialised, a
+writer whose change was based on an older version gets StaleVersion instead of overwriting a
+change it never saw, and `NOTIFY switchgear_registry '<seq>'` tells the other replicas to
+reload once the commit is visible (NOTIFY is delivered at commit, never on rollback).
+
+Connections are sync psycopg 3 in autocommit mode, so every transaction is an explicit
+`with conn.transaction():`. The schema is created and upgraded by `migrate`, once per
+process, under an advisory lock so replicas starting together on an empty database do not
+race. Secret values never reach the database, and a DSN (which may carry a password) is only
+ever logged as host, port and database name (`describe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from switchgear.controlplane import codec
+from switchgear.controlplane.model import RegistryState
+from switchgear.controlplane.store import (
+    AuditEntry,
+    Change,
+    Stored,
+    check_base,
+    collection_rows,
+    meta_updates,
+    stored_from,
+)
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+#: Channel a commit notifies with the new version's seq as payload.
+NOTIFY_CHANNEL = "switchgear_registry"
+
+SCHEMA_VERSION = 1
+
+#: pg_advisory_xact_lock key that serialises migrations across replicas (any fixed 64-bit value;
+#: this one is "swgr-mig" in ASCII).
+_MIGRATION_LOCK_KEY = 0x7377_6772_2D6D_6967
+
+# Names that are keys and sort keys are COLLATE "C": byte order, like SQLite and Python's sort,
+# whatever the database's locale (a linguistic order would reorder services on load and change
+# the content hash).
+_REGISTRY_TABLES = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # The version counter's row always exists: commits lock it (SELECT ... FOR UPDATE).
+    "INSERT INTO meta(key, value) VALUES ('version_seq', '0')",
+    *(
+        f'CREATE TABLE {table} (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL, '
+        "updated_at DOUBLE PRECISION NOT NULL)"
+        for table in ("services", "tenants", "api_keys")
+    ),
+    "CREATE TABLE settings (id INT PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL)",
+    "CREATE TABLE tenant_usage (tenant TEXT PRIMARY KEY, body TEXT NOT NULL)",
+    "CREATE TABLE audit (id BIGSERIAL PRIMARY KEY, at DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL, "
+    "action TEXT NOT NULL, target TEXT NOT NULL, version TEXT NOT NULL, detail TEXT NOT NULL, "
+    "before_json TEXT NOT NULL DEFAULT '', after_json TEXT NOT NULL DEFAULT '')",
+)
+
+# Mirrors tasks/store.py's SQLite schema: REAL -> DOUBLE PRECISION, INTEGER -> BIGINT, BLOB -> BYTEA.
+_TASK_TABLES = (
+    """CREATE TABLE tasks (
+    id TEXT COLLATE "C" PRIMARY KEY, tenant TEXT NOT NULL, service TEXT NOT NULL, category TEXT NOT NULL,
+    method TEXT NOT NULL, priority BIGINT NOT NULL,
+    req_cpu DOUBLE PRECISION NOT NULL, req_memory DOUBLE PRECISION NOT NULL, req_gpu DOUBLE PRECISION NOT NULL,
+    req_iops DOUBLE PRECISION NOT NULL, req_mbps DOUBLE PRECISION NOT NULL, submitted_at DOUBLE PRECISION NOT NULL,
+    payload BYTEA NOT NULL, payload_blob_id TEXT NOT NULL, timeout_s DOUBLE PRECISION NOT NULL,
+    idempotency_key TEXT NOT NULL, request_hash TEXT NOT NULL, max_attempts BIGINT NOT NULL, origin TEXT NOT NULL,
+    state TEXT NOT NULL, attempts BIGINT NOT NULL, not_before DOUBLE PRECISION NOT NULL, lease_id TEXT NOT NULL,
+    agent TEXT NOT NULL, lease_expires_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, progress DOUBLE PRECISION NOT NULL,
+    progress_message TEXT NOT NULL, result BYTEA NOT NULL, endpoint TEXT NOT NULL, usage TEXT NOT NULL,
+    error_kind TEXT NOT NULL, error_message TEXT NOT NULL)""",
+    "CREATE UNIQUE INDEX tasks_idempotency ON tasks(tenant, idempotency_key) WHERE idempotency_key <> ''",
+    "CREATE INDEX tasks_queue ON tasks(state, service, not_before)",
+    "CREATE INDEX tasks_agent ON tasks(agent, state)",
+    "CREATE TABLE task_attempts (task_id TEXT NOT NULL, lease_id TEXT NOT NULL, attempt BIGINT NOT NULL, "
+    "agent TEXT NOT NULL, leased_at DOUBLE PRECISION NOT NULL, ended_at DOUBLE PRECISION NOT NULL DEFAULT 0, "
+    "outcome TEXT NOT NULL DEFAULT '', PRIMARY KEY (task_id, lease_id))",
+    "CREATE TABLE task_blobs (id TEXT PRIMARY KEY, size BIGINT NOT NULL, content_type TEXT NOT NULL, "
+    "data BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+)
+
+# How replicas coordinate: agents' load reports for the leader to score, and who leads.
+_REPLICATION_TABLES = (
+    "CREATE TABLE load_reports (id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL, gone BOOLEAN NOT NULL DEFAULT false, "
+    "body BYTEA NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE leader (id INT PRIMARY KEY CHECK (id = 1), replica TEXT NOT NULL, address TEXT NOT NULL, "
+    "epoch BIGINT NOT NULL, since DOUBLE PRECISION NOT NULL)",
+)
+
+#: Forward-only migrations: schema version reached -> statements that reach it. Never edit a
+#: released entry; add the next number.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE schema_version (id INT PRIMARY KEY CHECK (id = 1), version INT NOT NULL)",
+        "INSERT INTO schema_version(id, version) VALUES (1, 0)",
+        *_REGISTRY_TABLES,
+        *_TASK_TABLES,
+        *_REPLICATION_TABLES,
+    ),
+}
+
+
+def connect(dsn: str, *, connect_timeout_s: int = 10) -> Connection:
+    """A sync connection in autocommit mode: transactions are explicit `with conn.transaction():`."""
+    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout_s)
+    log.info("connected to PostgreSQL %s", describe(dsn))
+    return conn
+
+
+def describe(dsn: str) -> str:
+    """host:port/dbname of a DSN (URL or key=value), for logs: never the password or user."""
+    params = conninfo.conninfo_to_dict(dsn)
+    host = str(params.get("host") or "localhost")
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; return how many migrations this call applied.
+
+    One transaction under an advisory lock: of several replicas starting together on an empty
+    database, one migrates and the others wait for it, then find nothing to do. A database
+    whose schema is newer than this build raises RuntimeError and changes nothing.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        current = _schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"PostgreSQL schema {current} is newer than this build understands ({SCHEMA_VERSION}): "
+                "run a newer switchgear"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = %s WHERE id = 1", (version,))
+    if current < SCHEMA_VERSION:
+        log.info("PostgreSQL schema migrated from version %d to %d", current, SCHEMA_VERSION)
+    return SCHEMA_VERSION - current
+
+
+def _schema_version(conn: Connection) -> int:
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    found = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+    return int(found[0]) if found else 0
+
+
+class PgStore:
+    """The Store protocol (see store.py) on PostgreSQL, behaving as SqliteStore does.
+
+    Ownership: `conn` (from `connect`, schema already migrated) stays the caller's unless
+    `owns_connection`; `close()` closes only a connection it owns. Not thread-safe: use it from
+    one thread (the control plane's event loop), like SqliteStore; a connection may back other
+    stores used from that same thread.
+    """
+
+    def __init__(
+        self, conn: Connection, *, clock: Callable[[], float] = time.time, owns_connection: bool = False
+    ) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._owns_connection = owns_connection
+
+    def load(self) -> Stored:
+        conn = self._conn
+        with conn.transaction():
+            # One snapshot for every table, while other replicas commit.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = conn.execute("SELECT body FROM settings WHERE id = 1").fetchone()
+            items = {table: [spec for (spec,) in conn.execute(f"SELECT spec FROM {table} ORDER BY name")]
+                     for table in ("services", "tenants", "api_keys")}
+            meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        return stored_from(meta, row[0] if row else None, items)
+
+    def head(self) -> tuple[int, str]:
+        meta: dict[str, str] = dict(self._conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('version_seq', 'version_hash')").fetchall())
+        return int(meta.get("version_seq") or 0), meta.get("version_hash", "")
+
+    def commit(
+        self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
+        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
+    ) -> None:
+        now = self._clock()
+        conn = self._conn
+        with conn.transaction():
+            # The row lock serialises writers from every replica until this transaction ends.
+            row = conn.execute("SELECT value FROM meta WHERE key = 'version_seq' FOR UPDATE").fetchone()
+            if row is None:
+                raise RuntimeError("PostgreSQL schema is not migrated: call pg.migrate first")
+            check_base(expected_seq, int(row[0]))
+            for table, rows in collection_rows(state).items():
+                _sync(conn, table, rows, now)
+            conn.execute(
+                "INSERT INTO settings(id, body) VALUES (1, %s) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                (codec.dumps(state.settings),),
+            )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO meta(key, value) VALUES (%s, %s) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    list(meta_updates(seq, digest, config_hash, overlay).items()),
+                )
+            _insert_audit(conn, now, version, change)
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(seq)))  # delivered at COMMIT
+
+    def append_audit(self, version: str, change: Change) -> None:
+        _insert_audit(self._conn, self._clock(), version, change)  # one statement: its own transaction
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        rows = self._conn.execute(
+            "SELECT id, at, actor, action, target, version, detail, before_json, after_json FROM audit "
+            "ORDER BY id DESC LIMIT %s",
+            (limit,),
+        )
+        return [AuditEntry(*row) for row in rows]
+
+    def save_usage(self, rows: dict[str, str]) -> None:
+        """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO tenant_usage(tenant, body) VALUES (%s, %s) "
+                "ON CONFLICT(tenant) DO UPDATE SET body = excluded.body",
+                list(rows.items()),
+            )
+
+    def load_usage(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT tenant, body FROM tenant_usage").fetchall())
+
+    def close(self) -> None:
+        if self._owns_connection:
+            self._conn.close()
+
+
+def _insert_audit(conn: Connection, now: float, version: str, change: Change) -> None:
+    conn.execute(
+        "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
+    )
+
+
+def _sync(conn: Connection, table: str, rows: dict[str, str], now: float) -> None:
+    """Make `table` hold exactly `rows` (name -> JSON), touching only what changed."""
+    old: dict[str, str] = dict(conn.execute(f"SELECT name, spec FROM {table}").fetchall())
+    with conn.cursor() as cur:
+        cur.executemany(f"DELETE FROM {table} WHERE name = %s", [(name,) for name in old.keys() - rows.keys()])
+        cur.executemany(
+            f"INSERT INTO {table}(name, spec, updated_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+            [(name, spec, now) for name, spec in rows.items() if old.get(name) != spec],
+        )
