@@ -48,9 +48,14 @@ def _logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no per-request INFO lines
 
 
+def _store_url(value: str) -> str:
+    """A DSN may hold a password: `env` reads it from $SWITCHGEAR_STORE instead of argv."""
+    return os.environ.get("SWITCHGEAR_STORE", "") if value == "env" else value
+
+
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from switchgear.controlplane.server import Options, StartupError, serve
-    from switchgear.tls import ServerTls
+    from switchgear.tls import ClientTls, ServerTls
 
     _logging(args.log_level)
     overrides = tuple((name, value) for name, value in (
@@ -65,6 +70,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         task_lease_ttl_s=args.task_lease_ttl, task_aging_interval_s=args.task_aging_interval,
         admin_auth=args.admin_auth == "token", admin_token_file=args.admin_token_file,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        store_url=_store_url(args.store), advertise=args.advertise, replica_id=args.replica_id,
+        peer_tls=ClientTls(args.peer_tls_ca, args.tls_cert, args.tls_key) if args.peer_tls_ca else None,
     )
 
     async def run() -> None:
@@ -337,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("controlplane", help="run the control plane (registry, snapshots, admin)")
     cp.add_argument("--config", help="YAML config applied at start-up when it changed since last applied")
     cp.add_argument("--db", default="switchgear.db", help="SQLite file for the registry (default: %(default)s)")
+    cp.add_argument("--store", default="", metavar="URL",
+                    help="postgresql://... shared by control-plane replicas (instead of --db); "
+                         "$SWITCHGEAR_STORE when the value is 'env'")
+    cp.add_argument("--advertise", default="", metavar="ADDR",
+                    help="address other replicas reach this one at (default: the listen address)")
+    cp.add_argument("--replica-id", default="", help="this replica's name in logs and the leader row")
+    cp.add_argument("--peer-tls-ca", help="verify other replicas' certificates with this CA (task forwarding)")
     cp.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (port 0 picks one)")
     cp.add_argument("--ready-file", help="write the listening address here once ready")
     cp.add_argument("--metrics-listen", default="", metavar="ADDR",

@@ -222,3 +222,38 @@ def test_failover_with_no_other_service_says_so(rig: tuple[Registry, Collector, 
     firing = {a.rule.name: a for a in monitor.evaluator.firing()}
     assert "no other llm service" in firing["service_unavailable"].action_detail
     assert any(e.action == "alert_fired:service_unavailable" for e in registry.audit(10))
+
+
+def test_a_new_leader_takes_over_firing_alerts_from_the_audit_trail(
+    rig: tuple[Registry, Collector, Monitor, Clock, Clock],
+) -> None:
+    """The replica that takes the lead neither fires a firing alert again nor drops its action
+    silently: it resumes it from the audit trail and records its recovery once."""
+    registry, collector, old, mono, wall = rig
+    registry.register(service("chat", "http://127.0.0.1:9/v1"), "test")
+    _feed(collector, mono, "chat", ok=80, failed=20)
+    _advance(old, mono, wall, 0.5)
+    fired = old.evaluator.firing()
+    names = sorted(a.rule.name for a in fired)
+    assert names == ["high_error_rate", "service_unavailable"]
+    served = registry.snapshot.version
+
+    fresh = Collector()  # the new leader's own windows: the old leader's data died with it
+    new = Monitor(registry, fresh, clock=mono, wall=wall,
+                  overrides={"alert_window_s": 10.0, "health_window_s": 10.0, "health_debounce_s": 0.0})
+    assert new.resume_alerts(registry.audit(1000)) == 2
+    resumed = new.evaluator.firing()
+    assert sorted((a.rule.name, a.service, a.fired_version) for a in resumed) == [(n, "chat", served) for n in names]
+    _feed(fresh, mono, "chat", ok=80, failed=20)  # still failing: no second "fired" row
+    _advance(new, mono, wall, 1.0)
+    actions = [e.action for e in registry.audit(50)]
+    assert all(actions.count(f"alert_fired:{n}") == 1 for n in names)
+    for _ in range(12):  # calm: it recovers under the new leader, once
+        _feed(fresh, mono, "chat", ok=50)
+        _advance(new, mono, wall, 4.0)
+    assert new.evaluator.firing() == []
+    actions = [e.action for e in registry.audit(50)]
+    assert all(actions.count(f"alert_recovered:{n}") == 1 for n in names)
+    assert registry.snapshot.state.settings.circuit_breaker.failure_threshold == 5
+    # A recovered alert is not resumed by the next leader.
+    assert Monitor(registry, Collector()).resume_alerts(registry.audit(1000)) == 0

@@ -18,7 +18,7 @@ from switchgear.controlplane.alerts import Alert
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.model import Category
 from switchgear.controlplane.monitor import EndpointRow, Monitor
-from switchgear.controlplane.registry import NotFound, Registry
+from switchgear.controlplane.registry import Contended, NotFound, Registry
 from switchgear.controlplane.snapshot import diff
 from switchgear.controlplane.validate import ValidationError
 from switchgear.v1 import admin_pb2, admin_pb2_grpc
@@ -81,6 +81,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             snapshot = self._registry.register(spec, _actor(context))
         except (convert.ConvertError, ValidationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _prefixed(exc, spec_name=request.service.name))
+        except Contended as exc:
+            await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         stored = snapshot.state.service(spec.name)
         assert stored is not None
         return admin_pb2.RegisterServiceResponse(
@@ -98,6 +100,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"name: no service named {request.name!r}")
         except ValidationError as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Contended as exc:
+            await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         return admin_pb2.DeregisterServiceResponse(version=snapshot.version)
 
     async def ListServices(  # noqa: N802
@@ -138,6 +142,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 version = snapshot.version
         except (ConfigError, ValidationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Contended as exc:
+            await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         return admin_pb2.ApplyConfigResponse(
             version=version, added=change.added, changed=change.changed, removed=change.removed
         )

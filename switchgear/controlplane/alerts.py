@@ -194,6 +194,13 @@ class AlertEvaluator:
             _replace(a, **changes) if (a.rule.name, a.service, a.fired_at) == same else a for a in self._history
         ]
 
+    def resume(self, alert: Alert) -> None:
+        """Take over an alert another evaluator fired (a new leader, from the audit trail): it
+        fires on here without a second "fired" event, and recovers here when it clears."""
+        track = self._tracks.setdefault((alert.rule.name, alert.service), _Track())
+        if track.alert is None:
+            track.alert, track.true_since, track.clear_since = alert, alert.fired_at, None
+
     def firing(self) -> list[Alert]:
         return sorted((t.alert for t in self._tracks.values() if t.alert is not None),
                       key=lambda a: (a.fired_at, a.rule.name, a.service))

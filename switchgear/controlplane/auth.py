@@ -1,9 +1,11 @@
 """Operator authentication: Admin, Governance and Tasks RPCs need the admin token.
 
 The token travels as `authorization: Bearer <token>` metadata and is compared in constant
-time. Agents' own streams (discovery, load reports) are not covered here: they are protected
-by mTLS when TLS is on. The token comes from a file (0600); when none is given the control
-plane makes one beside its store on first start, so a fresh install is never open.
+time. Agents' own calls (discovery, load reports, and the task calls a worker makes: lease,
+heartbeat, complete, download a payload, defer an invocation) are not covered here: like the
+snapshot stream they are protected by mTLS when TLS is on, and agents never hold the admin
+token. The token comes from a file (0600); when none is given the control plane makes one
+beside its store on first start, so a fresh install is never open.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ PROTECTED_SERVICES = (
     "/switchgear.v1.GovernanceService/",
     "/switchgear.v1.TasksService/",
 )
+
+#: Calls agents make; they are agents' to make, never operators' (see the module docstring).
+AGENT_METHODS = frozenset(f"/switchgear.v1.TasksService/{m}" for m in (
+    "LeaseTasks", "HeartbeatTask", "CompleteTask", "DownloadBlob", "DeferInvoke"))
 
 
 def load_or_create_token(path: Path) -> str:
@@ -62,7 +68,7 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(self._protected):
+        if handler is None or not method.startswith(self._protected) or method in AGENT_METHODS:
             return handler
         if bearer_matches(details.invocation_metadata, self._token):
             return handler

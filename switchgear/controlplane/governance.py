@@ -17,7 +17,7 @@ from switchgear.controlplane import codec, tenancy
 from switchgear.controlplane import convert_governance as cg
 from switchgear.controlplane.convert import ConvertError
 from switchgear.controlplane.model import ApiKey, Tenant
-from switchgear.controlplane.registry import Registry
+from switchgear.controlplane.registry import Contended, Registry
 from switchgear.controlplane.store import Change
 from switchgear.controlplane.usage import UsageBook
 from switchgear.controlplane.validate import ValidationError
@@ -42,15 +42,18 @@ def _actor(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
-    def __init__(self, registry: Registry, usage: UsageBook, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: Registry, usage: UsageBook, clock: Callable[[], float] = time.time,
+                 usage_source: Callable[[], UsageBook] | None = None) -> None:
         self._registry = registry
-        self._usage = usage
+        self._usage = usage_source or (lambda: usage)  # replicas: the leader's saved book
         self._clock = clock
 
     async def _commit(self, context: Any, operation: Callable[[], Any]) -> Any:
         """Run a tenancy operation and the commit it makes, mapping errors to codes."""
         try:
-            return operation()
+            return self._registry.retrying(operation)
+        except Contended as exc:
+            await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         except ConvertError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except tenancy.GovernanceError as exc:
@@ -125,8 +128,8 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         tenants = [t.id for t in self._registry.state.tenants if not request.tenant or t.id == request.tenant]
         if request.tenant and not tenants:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"tenant: no tenant {request.tenant!r}")
-        now = self._clock()
-        return governance_pb2.GetUsageResponse(usage=[cg.usage_to_proto(self._usage.usage(t, now)) for t in tenants])
+        now, book = self._clock(), self._usage()
+        return governance_pb2.GetUsageResponse(usage=[cg.usage_to_proto(book.usage(t, now)) for t in tenants])
 
     async def ListAudit(self, request: governance_pb2.ListAuditRequest, context: Any) -> Any:  # noqa: N802
         entries = self._registry.audit(request.limit or 100)

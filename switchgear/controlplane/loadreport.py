@@ -4,6 +4,9 @@ Thin: it tells each agent the interval and histogram bounds on connect (and a ne
 after the agent's next report, when the config changes it), converts every report into
 `LoadDelta`s and records them under the agent's node id; when the stream ends, the agent's
 gauges are dropped.
+
+With control-plane replicas, a `relay` takes the reports instead (every replica writes them to
+the shared database) and the leader feeds them back through `apply` / `apply_gone`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -36,6 +40,12 @@ def delta_from_proto(msg: loadreport_pb2.EndpointLoad) -> LoadDelta:
     )
 
 
+class Relay(Protocol):
+    def record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None: ...
+
+    def gone(self, node: str) -> None: ...
+
+
 class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
     def __init__(
         self,
@@ -45,7 +55,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         bounds_s: Sequence[float] = DEFAULT_LATENCY_BOUNDS_S,
         clock: Callable[[], float] = time.monotonic,
         on_tenants: Callable[[list[UsageDelta]], None] = lambda deltas: None,
+        relay: Relay | None = None,
     ) -> None:
+        self._relay = relay
         self._on_tenants = on_tenants
         self._collector = collector
         self._interval_s = interval_s
@@ -78,11 +90,24 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
                     told = wanted
                     yield loadreport_pb2.StreamLoadStatsResponse(load_reporting_interval=duration(told))
         finally:
-            self._collector.agent_gone(node)
+            if self._relay is not None:
+                self._relay.gone(node)
+            else:
+                self.apply_gone(node)
 
     def _record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
-        # Every report, empty ones too: an empty report says nothing is in flight any more.
         self.reports += 1
+        if self._relay is not None:
+            self._relay.record(node, request)
+        else:
+            self.apply(node, request)
+
+    def apply_gone(self, node: str) -> None:
+        self._collector.agent_gone(node)
+
+    def apply(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
+        """Fold one report into the collector and the usage book (every report, empty ones
+        too: an empty report says nothing is in flight any more)."""
         self._collector.record(node, [delta_from_proto(m) for m in request.endpoint_loads], self._clock())
         if request.tenant_loads:
             self._on_tenants([UsageDelta(t.tenant, t.requests, t.rejected, t.tokens, t.cost_usd)

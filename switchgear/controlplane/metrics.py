@@ -7,7 +7,8 @@ request_count (counter, attempts since start), success_rate, error_rate, avg_res
 failover_count (counter), queue_length, resource_utilization (gauges over the monitoring
 window) — plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
 (1 for the current state label), switchgear_alert_firing, switchgear_snapshot_seq,
-switchgear_agents_connected and switchgear_load_reports (counter).
+switchgear_agents_connected, switchgear_load_reports (counter) and, for replicas,
+switchgear_controlplane_leader / _leader_epoch.
 
 Everything is computed at scrape time from the collector (no per-request work here).
 """
@@ -29,8 +30,10 @@ STATES = ("healthy", "degraded", "ejected", "draining")
 
 class ControlPlaneMetrics(PromCollector):
     def __init__(
-        self, monitor: Monitor, *, seq: Callable[[], int], agents: Callable[[], int], reports: Callable[[], int]
+        self, monitor: Monitor, *, seq: Callable[[], int], agents: Callable[[], int], reports: Callable[[], int],
+        leader: Callable[[], int] = lambda: 1,
     ) -> None:
+        self._leader = leader
         self._monitor = monitor
         self._seq = seq
         self._agents = agents
@@ -87,6 +90,12 @@ class ControlPlaneMetrics(PromCollector):
         yield GaugeMetricFamily("switchgear_agents_connected", "Agents with an open snapshot stream",
                                 value=self._agents())
         yield CounterMetricFamily("switchgear_load_reports", "Load reports received", value=self._reports())
+        epoch = self._leader()
+        yield GaugeMetricFamily("switchgear_controlplane_leader",
+                                "1 while this replica leads (health scoring, alerts, task dispatch)",
+                                value=int(epoch > 0))
+        yield GaugeMetricFamily("switchgear_controlplane_leader_epoch",
+                                "The election epoch this replica leads in (0 when it does not)", value=epoch)
 
 
 def serve_metrics(collector: PromCollector, listen: str) -> tuple[Any, str]:

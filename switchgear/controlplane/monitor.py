@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from switchgear.controlplane import alerts as al
@@ -30,7 +30,7 @@ from switchgear.controlplane.model import MonitoringSettings, RegistryState
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.snapshot import EndpointOverride, Overlay, Snapshot
-from switchgear.controlplane.store import Change
+from switchgear.controlplane.store import AuditEntry, Change
 
 log = logging.getLogger("switchgear.controlplane.monitor")
 
@@ -73,6 +73,7 @@ class Monitor:
         self._verdicts: dict[tuple[str, str], hl.Verdict] = {}
         self._published: dict[tuple[str, str], hl.Verdict] = {}
         self._last_health_publish = -math.inf
+        self._hold_until = -math.inf
         self.versions_published = 0
 
     @property
@@ -117,9 +118,37 @@ class Monitor:
                 out.append((f"{spec.name}/{e.id}", EndpointOverride(v.weight, v.state)))
         return tuple(sorted(out))
 
+    def resume_alerts(self, entries: Sequence[AuditEntry]) -> int:
+        """Adopt the alerts still firing by the audit trail (newest first, as the store lists
+        it): a replica taking the lead carries on the last leader's alerts instead of firing
+        them again (a duplicate audit row) or dropping their actions without a recovery row."""
+        self._alerts, self._rules_source = al.AlertEvaluator(()), ()  # nothing left from an earlier reign
+        self._sync_rules()
+        rules = {r.name: r for r in self._alerts.rules}
+        decided: set[tuple[str, str]] = set()
+        resumed = 0
+        for entry in entries:
+            kind, _, name = entry.action.partition(":")
+            if kind not in ("alert_fired", "alert_recovered") or (name, entry.target) in decided:
+                continue
+            decided.add((name, entry.target))
+            if kind == "alert_fired" and name in rules:
+                self._alerts.resume(al.Alert(rules[name], entry.target, 0.0, entry.at,
+                                             action_detail=entry.detail, fired_version=entry.version))
+                resumed += 1
+        return resumed
+
+    def hold(self, seconds: float) -> None:
+        """Evaluate nothing for `seconds`: a replica that just took the lead keeps the overlay the
+        last leader published until its own windows hold every agent's reports, rather than
+        judging the fleet on a second of data (no flapping weights, no alert re-fired)."""
+        self._hold_until = self._clock() + seconds
+
     def tick(self) -> Snapshot | None:
         """One evaluation; returns the new snapshot when one was published."""
         now, wall = self._clock(), self._wall()
+        if now < self._hold_until:
+            return None
         state = self._registry.state
         settings = self.settings
         self._sync_rules()

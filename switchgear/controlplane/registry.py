@@ -3,39 +3,66 @@
 Every mutation is validated as a whole new state, committed to the store with its version in
 one transaction, and only then published as the current snapshot. A rejected change leaves
 the running state, the store and the published snapshot untouched.
+
+Several control-plane replicas may share one store (PostgreSQL). Each commit names the
+version it was based on; when another replica committed first the store refuses it
+(`StaleVersion`), the registry reloads what the store holds and recomputes the change on it,
+so concurrent admin calls on different replicas serialise instead of overwriting each other.
+`refresh()` adopts what another replica committed (called on the store's change notification
+and by a slow poll); versions stay unique and monotonic because the store hands out `seq`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.model import RegistryState, ServiceSpec
-from switchgear.controlplane.store import AuditEntry, Change, Store
+from switchgear.controlplane.store import AuditEntry, Change, StaleVersion, Store, Stored
 from switchgear.controlplane.validate import Problem, ValidationError, validate_state
 
 Listener = Callable[[snap.Snapshot], None]
+T = TypeVar("T")
+
+log = logging.getLogger("switchgear.controlplane.registry")
+
+#: Attempts at a change that keeps meeting a newer version from another replica.
+MAX_ATTEMPTS = 8
 
 
 class NotFound(KeyError):
     pass
 
 
+class Contended(RuntimeError):
+    """A change lost the race to other replicas' commits MAX_ATTEMPTS times in a row."""
+
+
 class Registry:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._listeners: list[Listener] = []
-        stored = store.load()
-        self._config_hash = stored.config_hash
-        digest = snap.content_hash(stored.state)
-        if digest == stored.content_hash:
-            self._snapshot = snap.build(stored.state, stored.seq, digest)
-        else:  # a new store, or a build whose model hashes differently: a new version
-            self._snapshot = self._commit_version(
-                stored.state, stored.seq + 1, digest, Change("controlplane", "start", "*"), None
-            )
+        for _ in range(MAX_ATTEMPTS):
+            stored = store.load()
+            self._config_hash = stored.config_hash
+            overlay = _overlay(stored).pruned(stored.state)
+            digest = snap.content_hash(stored.state, overlay)
+            if digest == stored.content_hash:
+                self._snapshot = snap.build(stored.state, stored.seq, digest, overlay)
+                return
+            # A new store, or a build whose model hashes differently: a new version.
+            self._snapshot = snap.build(stored.state, stored.seq, stored.content_hash, overlay)
+            try:
+                self._snapshot = self._commit_version(
+                    stored.state, stored.seq + 1, digest, Change("controlplane", "start", "*"), None, overlay)
+                return
+            except StaleVersion:
+                continue  # another replica started at the same moment and wrote first
+        raise Contended("could not settle a start-up version against other replicas")
 
     @property
     def snapshot(self) -> snap.Snapshot:
@@ -46,6 +73,10 @@ class Registry:
         return self._snapshot.state
 
     @property
+    def seq(self) -> int:
+        return self._snapshot.seq
+
+    @property
     def config_hash(self) -> str:
         """Hash of the last config file applied at start-up ("" when none)."""
         return self._config_hash
@@ -53,34 +84,67 @@ class Registry:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def refresh(self) -> bool:
+        """Adopt a newer version from the store (committed by another replica); publishes it."""
+        stored = self._store.load()
+        if stored.seq <= self._snapshot.seq:
+            return False
+        self._config_hash = stored.config_hash
+        self._snapshot = snap.build(stored.state, stored.seq, stored.content_hash, _overlay(stored))
+        self._publish()
+        return True
+
+    def retrying(self, operation: Callable[[], T]) -> T:
+        """Run `operation` (which reads `self.state` and commits a change) until it is not
+        pre-empted by another replica's commit; each retry sees the newer state."""
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                return operation()
+            except StaleVersion:
+                self.refresh()
+        raise Contended(f"gave up after {MAX_ATTEMPTS} attempts: other replicas kept changing the registry")
+
     def register(self, spec: ServiceSpec, actor: str) -> snap.Snapshot:
-        before = self.state.service(spec.name)
-        others = tuple(s for s in self.state.services if s.name != spec.name)
-        services = tuple(sorted((*others, spec), key=lambda s: s.name))
-        action = "update_service" if before is not None else "register_service"
-        change = Change(actor, action, spec.name, before=codec.dumps(before) if before else "", after=codec.dumps(spec))
-        return self._apply(dataclasses.replace(self.state, services=services), change)
+        def attempt() -> snap.Snapshot:
+            before = self.state.service(spec.name)
+            others = tuple(s for s in self.state.services if s.name != spec.name)
+            services = tuple(sorted((*others, spec), key=lambda s: s.name))
+            action = "update_service" if before is not None else "register_service"
+            change = Change(actor, action, spec.name, before=codec.dumps(before) if before else "",
+                            after=codec.dumps(spec))
+            return self._apply(dataclasses.replace(self.state, services=services), change)
+
+        return self.retrying(attempt)
 
     def deregister(self, name: str, actor: str) -> snap.Snapshot:
-        before = self.state.service(name)
-        if before is None:
-            raise NotFound(name)
-        services = tuple(s for s in self.state.services if s.name != name)
-        change = Change(actor, "deregister_service", name, before=codec.dumps(before))
-        return self._apply(dataclasses.replace(self.state, services=services), change)
+        def attempt() -> snap.Snapshot:
+            before = self.state.service(name)
+            if before is None:
+                raise NotFound(name)
+            services = tuple(s for s in self.state.services if s.name != name)
+            change = Change(actor, "deregister_service", name, before=codec.dumps(before))
+            return self._apply(dataclasses.replace(self.state, services=services), change)
+
+        return self.retrying(attempt)
 
     def replace(
         self, state: RegistryState, actor: str, source: str, config_hash: str | None = None
     ) -> tuple[snap.Snapshot, snap.Diff]:
-        # A config file owns services and settings; tenants and keys are governed apart.
-        state = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
-        change = snap.diff(self.state, state)
-        detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
-        applied = self._apply(state, Change(actor, "apply_config", source, detail), config_hash)
-        return applied, change
+        def attempt() -> tuple[snap.Snapshot, snap.Diff]:
+            # A config file owns services and settings; tenants and keys are governed apart.
+            new = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
+            change = snap.diff(self.state, new)
+            detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
+            applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash)
+            return applied, change
+
+        return self.retrying(attempt)
 
     def change(self, state: RegistryState, change: Change) -> snap.Snapshot:
-        """Apply a whole new state (validated; a new version only if it differs)."""
+        """Apply a whole new state (validated; a new version only if it differs).
+
+        Raises StaleVersion when `state` was derived from a version another replica has since
+        replaced: wrap the derivation and this call in `retrying`."""
         return self._apply(state, change)
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
@@ -96,33 +160,37 @@ class Registry:
         digest = snap.content_hash(state, overlay)
         if digest == self._snapshot.content_hash and config_hash in (None, self._config_hash):
             return self._snapshot  # nothing changed: no new version
-        seq = self._snapshot.seq + (digest != self._snapshot.content_hash)
+        seq = self._snapshot.seq + (digest != self._snapshot.content_hash)  # a config-hash-only change keeps it
         self._snapshot = self._commit_version(state, seq, digest, change, config_hash, overlay)
         self._publish()
         return self._snapshot
 
-    def set_overlay(self, overlay: snap.Overlay, changes: Sequence[Change]) -> snap.Snapshot:
+    def set_overlay(self, overlay: snap.Overlay, changes: Sequence[Change]) -> snap.Snapshot | None:
         """Serve `overlay` (health, weights, alert actions) over the current state.
 
-        A new version only when the overlay really differs; the store gets the version counter
-        and one audit row per change (the registry state itself is untouched).
+        A new version only when the overlay really differs; the store gets the version counter,
+        the overlay and one audit row per change (the registry state itself is untouched).
+        Returns None when another replica committed first: the registry then holds the newer
+        version and the caller decides again on its next evaluation.
         """
         overlay = overlay.pruned(self.state)
         if overlay == self._snapshot.overlay:
             return self._snapshot
         digest = snap.content_hash(self.state, overlay)
-        seq = self._snapshot.seq + 1
         first, *rest = changes or [Change("controlplane", "overlay", "*")]
-        self._snapshot = self._commit_version(self.state, seq, digest, first, None, overlay)
+        try:
+            self._snapshot = self._commit_version(self.state, self._snapshot.seq + 1, digest, first, None, overlay)
+        except StaleVersion:
+            self.refresh()
+            return None
         for change in rest:
-            self._store.commit(self.state, seq, digest, self._snapshot.version, change)
+            self._store.append_audit(self._snapshot.version, change)
         self._publish()
         return self._snapshot
 
     def record(self, change: Change) -> None:
         """An audit row against the current version, for an event that changed nothing served."""
-        snapshot = self._snapshot
-        self._store.commit(snapshot.state, snapshot.seq, snapshot.content_hash, snapshot.version, change)
+        self._store.append_audit(self._snapshot.version, change)
 
     def _publish(self) -> None:
         for listener in self._listeners:
@@ -133,7 +201,18 @@ class Registry:
         overlay: snap.Overlay = snap.EMPTY_OVERLAY,
     ) -> snap.Snapshot:
         built = snap.build(state, seq, digest, overlay)
-        self._store.commit(state, seq, digest, built.version, change, config_hash)
+        self._store.commit(state, seq, digest, built.version, change, config_hash,
+                           overlay=codec.dumps(overlay), expected_seq=self._snapshot.seq)
         if config_hash is not None:
             self._config_hash = config_hash
         return built
+
+
+def _overlay(stored: Stored) -> snap.Overlay:
+    if not stored.overlay:
+        return snap.EMPTY_OVERLAY
+    try:
+        return codec.loads(snap.Overlay, stored.overlay)
+    except (ValueError, TypeError, KeyError) as exc:  # soft state: a bad one is dropped, not fatal
+        log.warning("stored overlay unreadable (%s); serving none until the monitor decides again", exc)
+        return snap.EMPTY_OVERLAY

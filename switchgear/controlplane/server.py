@@ -5,15 +5,23 @@ applied at start-up (the store remembers its hash). Restarting with the same fil
 keeps changes made through the Admin API since; editing the file and restarting applies it.
 An invalid file never replaces a stored registry: with a non-empty store the control plane
 logs the problems and serves what it has; with an empty store it refuses to start.
+
+Replicas: with `store_url` (postgresql://...) any number of control planes share one database.
+Each serves Admin, Governance, Discovery, load reports and TasksService; one leader (see
+leader.py) runs the health monitor, folds every replica's load reports and dispatches tasks
+(replicas.py forwards task calls to it). Without it, the SQLite file makes this process its
+own leader, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,9 +29,11 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from switchgear.controlplane import pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
@@ -32,18 +42,23 @@ from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
+from switchgear.controlplane.leader import LeaderElection
 from switchgear.controlplane.loadreport import LoadReportServicer
 from switchgear.controlplane.metrics import ControlPlaneMetrics, serve_metrics
 from switchgear.controlplane.monitor import Monitor
+from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.store import SqliteStore
+from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, TasksRouter
+from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
+from switchgear.controlplane.tasks.service import TasksRuntime
 from switchgear.controlplane.tasks.service import attach as attach_tasks
+from switchgear.controlplane.tasks.store_pg import PgTaskStore
 from switchgear.controlplane.usage import UsageBook, UsageDelta
 from switchgear.controlplane.validate import ValidationError
-from switchgear.tls import ServerTls, add_port
+from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -53,6 +68,7 @@ from switchgear.v1 import (
     governance_pb2_grpc,
     loadreport_pb2,
     loadreport_pb2_grpc,
+    tasks_pb2_grpc,
 )
 
 log = logging.getLogger("switchgear.controlplane")
@@ -95,6 +111,15 @@ class Options:
     admin_auth: bool = True
     admin_token_file: str | None = None
     tls: ServerTls | None = None
+    # Replicas (see the module docstring): the shared database, the address other replicas
+    # reach this one at (default: the bound listen address), a name for logs and the leader
+    # row (default: host-pid), how often the election is tried and the lead checked, and the
+    # TLS other replicas are called with when task calls are forwarded.
+    store_url: str = ""
+    advertise: str = ""
+    replica_id: str = ""
+    election_interval_s: float = 0.5
+    peer_tls: ClientTls | None = None
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
@@ -128,7 +153,8 @@ async def serve(
     `on_ready` receives the address actually listened on (the port is chosen when it is 0);
     `on_metrics` the /metrics address, after `on_ready`, when `metrics_listen` is set.
     """
-    store = SqliteStore(options.db_path)
+    shared = _open_shared(options) if options.store_url else None
+    store: Store = shared.store if shared else SqliteStore(options.db_path)
     registry = Registry(store)
     if options.config_path:
         apply_startup_config(registry, options.config_path, os.environ)
@@ -141,11 +167,9 @@ async def serve(
     prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
-    usage = UsageBook()
-    for tenant, body in store.load_usage().items():
-        usage.load(tenant, body)
+    usage = _UsageHolder(store)
     loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
-                                     on_tenants=lambda deltas: _add_usage(usage, store, deltas))
+                                     on_tenants=usage.add, relay=shared.relay if shared else None)
 
     interceptors = []
     if options.admin_auth:
@@ -156,7 +180,8 @@ async def serve(
         log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",
                     options.listen)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-    governance_pb2_grpc.add_GovernanceServiceServicer_to_server(GovernanceServicer(registry, usage), server)
+    governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
+        GovernanceServicer(registry, usage.book, usage_source=usage.current), server)
     discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
         DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
                           max_concurrent_pushes=options.max_concurrent_pushes), server
@@ -165,8 +190,10 @@ async def serve(
         AdminServicer(registry, tracker, os.environ, monitor=monitor), server
     )
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
-    tasks = attach_tasks(server, options.db_path, lambda: registry.state, SchedulerOptions(
-        lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s))
+    scheduling = SchedulerOptions(lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s)
+    tasks: TasksRuntime | None = None
+    if shared is None:
+        tasks = attach_tasks(server, options.db_path, lambda: registry.state, scheduling)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -179,11 +206,14 @@ async def serve(
     governance_name = governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name
     reflection.enable_server_reflection((*names, TASKS_SERVICE, governance_name), server)
     port = add_port(server, options.listen, options.tls)
+    address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
+    replica = _Replica(shared, options, options.advertise or address, registry, monitor, loadreports, usage,
+                       scheduling) if shared else None
+    if replica is not None:
+        tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.router, server)
     await server.start()
-    tasks.start()
     for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
     log.info("control plane listening on %s, serving version %s", address, registry.snapshot.version)
     if on_ready is not None:
         on_ready(address)
@@ -192,33 +222,161 @@ async def serve(
         prom = ControlPlaneMetrics(
             monitor, seq=lambda: registry.snapshot.seq,
             agents=lambda: sum(1 for a in tracker.list() if a.connected), reports=lambda: loadreports.reports,
+            leader=(lambda: replica.election.epoch) if replica else (lambda: 1),
         )
         metrics_server, metrics_address = serve_metrics(prom, options.metrics_listen)
         log.info("metrics on http://%s/metrics", metrics_address)
         if on_metrics is not None:
             on_metrics(metrics_address)
-    stop_monitor = asyncio.Event()
-    monitoring = asyncio.ensure_future(monitor.run(stop_monitor, options.monitor_tick_s))
+    stop_background = asyncio.Event()
+    if replica is not None:
+        background = [asyncio.ensure_future(replica.run(stop_background))]
+    else:
+        assert tasks is not None
+        tasks.start()
+        background = [asyncio.ensure_future(monitor.run(stop_background, options.monitor_tick_s))]
     try:
         await (stop or _signal_event()).wait()
     finally:
         await health_servicer.enter_graceful_shutdown()
-        stop_monitor.set()
-        await monitoring
+        stop_background.set()
+        await asyncio.gather(*background)
         await server.stop(grace=1.0)
-        await tasks.close()
+        if tasks is not None:
+            await tasks.close()
         await probe_client.aclose()
         if metrics_server is not None:
             metrics_server.shutdown()
         store.close()
+        if shared is not None:
+            shared.close()
         log.info("control plane stopped")
 
 
-def _add_usage(usage: UsageBook, store: SqliteStore, deltas: list[UsageDelta]) -> None:
-    now = time.time()
-    for delta in deltas:
-        usage.add(delta, now)
-    store.save_usage({d.tenant: usage.dump(d.tenant) for d in deltas})
+@dataclass
+class _Shared:
+    """The database connection a replica's store, relay and task routing share."""
+
+    dsn: str
+    conn: psycopg.Connection
+    store: PgStore
+    relay: ReportRelay
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _open_shared(options: Options) -> _Shared:
+    if options.admin_auth and not options.admin_token_file:
+        raise StartupError("--admin-token-file is required with a shared store: every replica must "
+                           "accept the same admin token")
+    try:
+        conn = pg.connect(options.store_url)
+        pg.migrate(conn)
+    except psycopg.Error as exc:
+        raise StartupError(f"cannot open the shared store: {type(exc).__name__}: {exc}") from exc
+    return _Shared(options.store_url, conn, PgStore(conn), ReportRelay(conn))
+
+
+class _UsageHolder:
+    """The tenants' usage book. The process that folds load reports (the leader, or the only
+    control plane) keeps it live and saves it; any other replica reads the saved one."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.book = UsageBook()
+        self.live = True
+        self._reload(self.book)
+
+    def _reload(self, book: UsageBook) -> None:
+        for tenant, body in self._store.load_usage().items():
+            book.load(tenant, body)
+
+    def take_over(self) -> None:
+        self.book = UsageBook()
+        self._reload(self.book)
+        self.live = True
+
+    def current(self) -> UsageBook:
+        if self.live:
+            return self.book
+        book = UsageBook()
+        self._reload(book)
+        return book
+
+    def add(self, deltas: list[UsageDelta]) -> None:
+        now = time.time()
+        for delta in deltas:
+            self.book.add(delta, now)
+        self._store.save_usage({d.tenant: self.book.dump(d.tenant) for d in deltas})
+
+
+class _Replica:
+    """One replica's part: follow the registry, relay reports, route task calls, and do the
+    leader's work while elected."""
+
+    def __init__(self, shared: _Shared, options: Options, address: str, registry: Registry, monitor: Monitor,
+                 loadreports: LoadReportServicer, usage: _UsageHolder, scheduling: SchedulerOptions) -> None:
+        self._shared = shared
+        self._options = options
+        self._registry = registry
+        self._monitor = monitor
+        self._loadreports = loadreports
+        self._usage = usage
+        self._scheduling = scheduling
+        usage.live = False
+        self.router = TasksRouter(shared.conn, address, options.peer_tls)
+        self.follower = RegistryFollower(shared.dsn, registry)
+        self.election = LeaderElection(
+            lambda: pg.connect(shared.dsn), options.replica_id or f"{socket.gethostname()}-{os.getpid()}", address,
+            on_elected=self._elected, on_deposed=self._deposed, interval_s=options.election_interval_s)
+        self._reign: list[asyncio.Future[None]] = []
+        self._reign_stop = asyncio.Event()
+        self._tasks: TasksRuntime | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(self.follower.run(stop), self._shared.relay.run(stop), self.election.run(stop))
+        await self.router.close()
+
+    async def _elected(self, conn: psycopg.Connection, epoch: int) -> None:
+        self._registry.refresh()
+        self._usage.take_over()
+        # Writes through the lock's own session: if the lead is lost, so is the session.
+        self._tasks = TasksRuntime(PgTaskStore(conn), lambda: self._registry.state, self._scheduling)
+        self._tasks.start()
+        self.router.local = self._tasks.servicer
+        resumed = self._monitor.resume_alerts(self._registry.audit(1000))
+        if resumed:
+            log.info("took over %d firing alert(s) from the last leader", resumed)
+        # Hold the overlay as published until every agent has reported a few times to us.
+        self._monitor.hold(max(2.0, 3 * self._monitor.settings.report_interval_s))
+        self._reign_stop = asyncio.Event()
+        self._reign = [asyncio.ensure_future(self._monitor.run(self._reign_stop, self._options.monitor_tick_s)),
+                       asyncio.ensure_future(self._fold_reports(conn, self._reign_stop))]
+
+    async def _deposed(self) -> None:
+        self.router.local = None
+        self._usage.live = False
+        self._reign_stop.set()
+        await asyncio.gather(*self._reign, return_exceptions=True)
+        self._reign = []
+        if self._tasks is not None:
+            await self._tasks.close()
+            self._tasks = None
+
+    async def _fold_reports(self, conn: psycopg.Connection, stop: asyncio.Event) -> None:
+        relay = self._shared.relay
+        while not stop.is_set():
+            try:
+                for node, request in relay.drain(conn):
+                    if request is None:
+                        self._loadreports.apply_gone(node)
+                    else:
+                        self._loadreports.apply(node, request)
+            except psycopg.Error as exc:  # the election notices a lost session; keep trying meanwhile
+                log.warning("draining load reports failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=relay.flush_s)
 
 
 def _health_params(options: Options) -> HealthParams:

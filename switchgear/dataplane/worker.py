@@ -115,8 +115,16 @@ class TasksClient:
                                         _CHANNEL_OPTIONS)
         return tasks_pb2_grpc.TasksServiceStub(self._channel)
 
-    async def rotate(self) -> None:
-        """Use the next control-plane address (after a failure)."""
+    @property
+    def turn(self) -> int:
+        """Which address is in use; pass it to `rotate` so that several calls failing on one
+        dead control plane move on once, not once each."""
+        return self._turn
+
+    async def rotate(self, turn: int | None = None) -> None:
+        """Use the next control-plane address (after a failure on the address of `turn`)."""
+        if turn is not None and turn != self._turn:
+            return  # another failed call already moved on
         if len(self._addresses) > 1 and self._channel is not None:
             channel, self._channel = self._channel, None
             self._turn += 1
@@ -177,13 +185,14 @@ class TaskWorker:
                                        return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     continue
+                turn = self._client.turn
                 try:
                     leases = await self._lease(snapshot, free, stopping)
                 except Exception as exc:
                     delay = self._backoff.next()
                     why = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
                     log.warning("leasing tasks failed (%s); retrying in %.2f s", why, delay)
-                    await self._client.rotate()
+                    await self._client.rotate(turn)
                     await asyncio.wait({stopping}, timeout=delay)
                     continue
                 self._backoff.reset()
@@ -309,10 +318,13 @@ class TaskWorker:
                 task_id=task.id, lease_id=leased.lease_id, agent=self._node_id, progress=progress, started=first,
                 progress_message=f"attempt {task.attempts}: running {elapsed:.1f} s of a {budget:g} s budget",
             )
+            turn = self._client.turn
             try:
                 reply = await self._client.stub.HeartbeatTask(request, timeout=ttl / 2)
             except grpc.aio.AioRpcError as exc:  # keep working: a late success still counts
                 log.debug("heartbeat for task %s failed: %s", task.id, exc.code().name)
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self._client.rotate(turn)
             else:
                 first = False
                 if reply.cancelled or not reply.lease_valid:
@@ -329,6 +341,7 @@ class TaskWorker:
         deadline = self._clock() + (self._options.report_patience_s if patience_s is None else patience_s)
         backoff = Backoff(base_s=0.1, cap_s=2.0)
         while True:
+            turn = self._client.turn
             try:
                 reply = await self._client.stub.CompleteTask(report, timeout=5.0)
             except grpc.aio.AioRpcError as exc:
@@ -336,6 +349,8 @@ class TaskWorker:
                         self._clock() >= deadline:
                     log.error("task %s: outcome not reported: %s %s", leased.task.id, exc.code().name, exc.details())
                     return
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # that replica is gone: try the next
+                    await self._client.rotate(turn)
                 await asyncio.sleep(backoff.next())
                 continue
             if not reply.accepted:

@@ -33,7 +33,7 @@ from switchgear.controlplane.tasks.model import (
     TaskError,
     TaskState,
 )
-from switchgear.controlplane.tasks.store import TaskStore
+from switchgear.controlplane.tasks.store import TaskStoreLike
 
 log = logging.getLogger("switchgear.controlplane.tasks")
 
@@ -140,7 +140,7 @@ def request_hash(sub: Submission) -> str:
 class TaskScheduler:
     def __init__(
         self,
-        store: TaskStore,
+        store: TaskStoreLike,
         registry_state: Callable[[], RegistryState],
         options: SchedulerOptions = SchedulerOptions(),
         *,

@@ -28,7 +28,7 @@ from switchgear.controlplane.tasks.scheduler import (
     TaskNotFound,
     TaskScheduler,
 )
-from switchgear.controlplane.tasks.store import TaskStore
+from switchgear.controlplane.tasks.store import TaskStore, TaskStoreLike
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.tasks")
@@ -227,8 +227,9 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
 class TasksRuntime:
     """The scheduler, its servicer and the lease sweeper, as the control plane runs them."""
 
-    def __init__(self, db_path: str, registry_state: Callable[[], RegistryState], options: SchedulerOptions) -> None:
-        self.store = TaskStore(db_path)
+    def __init__(self, store: TaskStoreLike, registry_state: Callable[[], RegistryState],
+                 options: SchedulerOptions) -> None:
+        self.store = store
         self.scheduler = TaskScheduler(self.store, registry_state, options)
         self.servicer = TasksServicer(self.scheduler)
         self._sweeper: asyncio.Task[None] | None = None
@@ -256,6 +257,6 @@ class TasksRuntime:
 def attach(server: grpc.aio.Server, db_path: str, registry_state: Callable[[], RegistryState],
            options: SchedulerOptions | None = None) -> TasksRuntime:
     """Add TasksService to `server`; call `.start()` once the loop runs and `await .close()` at the end."""
-    runtime = TasksRuntime(db_path, registry_state, options or SchedulerOptions())
+    runtime = TasksRuntime(TaskStore(db_path), registry_state, options or SchedulerOptions())
     tasks_pb2_grpc.add_TasksServiceServicer_to_server(runtime.servicer, server)
     return runtime

@@ -1,0 +1,223 @@
+"""What lets several control-plane replicas act as one, over a shared PostgreSQL.
+
+- `RegistryFollower`: every replica LISTENs on the channel the store NOTIFYs on at each commit
+  and adopts the newer version at once, so an admin change made through any replica reaches
+  the agents of every replica; a slow poll of the version head covers a lost notification
+  (say, while the listening session reconnects).
+- `ReportRelay`: agents report load to whichever replica they are connected to, but only the
+  leader scores health. Every replica writes the reports it receives to `load_reports`
+  (buffered, one insert per flush); the leader drains the table and feeds each report to its
+  collector exactly once (DELETE ... RETURNING under SKIP LOCKED). Reports older than
+  `stale_s` when drained are dropped: a delta that arrives late would be scored as current.
+- `TasksRouter`: TasksService on every replica. The leader answers from its scheduler; a
+  follower forwards each call, with its metadata and deadline, to the leader's address (from
+  the election's row), so agents may lease and report through any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import psycopg
+
+from switchgear.controlplane.leader import current_leader
+from switchgear.controlplane.pg import NOTIFY_CHANNEL
+from switchgear.controlplane.registry import Registry
+from switchgear.tls import ClientTls, aio_channel
+from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
+
+log = logging.getLogger("switchgear.controlplane.replicas")
+
+#: The channel PgStore NOTIFYs on in every commit's transaction (payload: the new seq).
+REGISTRY_CHANNEL = NOTIFY_CHANNEL
+
+
+class RegistryFollower:
+    def __init__(self, dsn: str, registry: Registry, *, poll_s: float = 1.0) -> None:
+        self._dsn = dsn
+        self._registry = registry
+        self.poll_s = poll_s
+        self.adopted = 0
+
+    def _refresh(self) -> None:
+        try:
+            if self._registry.refresh():
+                self.adopted += 1
+                log.info("adopted version %s from another replica", self._registry.snapshot.version)
+        except psycopg.Error as exc:
+            log.warning("cannot read the registry from the database: %s", type(exc).__name__)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listening = asyncio.ensure_future(self._listen_forever())
+        try:
+            while not stop.is_set():
+                self._refresh()  # the safety net under LISTEN/NOTIFY
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.poll_s)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+
+    async def _listen_forever(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {REGISTRY_CHANNEL}")
+                    self._refresh()  # anything committed before LISTEN took effect
+                    async for _ in conn.notifies():
+                        self._refresh()
+            except psycopg.Error as exc:
+                log.warning("registry notifications lost (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(self.poll_s)
+
+
+class ReportRelay:
+    """Buffer reports (node, request) and write them to `load_reports` every `flush_s`."""
+
+    def __init__(self, conn: psycopg.Connection, *, flush_s: float = 0.1, stale_s: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._conn = conn
+        self._buffer: list[tuple[str, bool, bytes, float]] = []
+        self.flush_s = flush_s
+        self.stale_s = stale_s
+        self._clock = clock
+        self.relayed = 0
+        self.dropped_stale = 0
+
+    def record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
+        self._buffer.append((node, False, request.SerializeToString(), self._clock()))
+
+    def gone(self, node: str) -> None:
+        self._buffer.append((node, True, b"", self._clock()))
+
+    def flush(self) -> None:
+        rows, self._buffer = self._buffer, []
+        if not rows:
+            return
+        try:
+            with self._conn.cursor() as cur:
+                cur.executemany("INSERT INTO load_reports(node, gone, body, at) VALUES (%s, %s, %s, %s)", rows)
+            self.relayed += len(rows)
+        except psycopg.Error as exc:  # soft state: lose this interval rather than block the loop on it
+            log.warning("could not relay %d load reports: %s", len(rows), type(exc).__name__)
+
+    def drain(self, conn: psycopg.Connection, limit: int = 10_000
+              ) -> list[tuple[str, loadreport_pb2.StreamLoadStatsRequest | None]]:
+        """Take every relayed report (the leader only): (node, request), or (node, None) when
+        the node's stream ended, oldest first."""
+        rows = conn.execute(
+            "DELETE FROM load_reports WHERE id IN (SELECT id FROM load_reports ORDER BY id LIMIT %s "
+            "FOR UPDATE SKIP LOCKED) RETURNING id, node, gone, body, at", (limit,)).fetchall()
+        fresh_after = self._clock() - self.stale_s
+        out: list[tuple[str, loadreport_pb2.StreamLoadStatsRequest | None]] = []
+        for _, node, gone, body, at in sorted(rows):
+            if gone:
+                out.append((str(node), None))
+            elif at < fresh_after:
+                self.dropped_stale += 1
+            else:
+                out.append((str(node), loadreport_pb2.StreamLoadStatsRequest.FromString(bytes(body))))
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.flush_s)
+            self.flush()
+
+
+# -- TasksService on every replica --------------------------------------------------------------
+
+
+class NoLeader(RuntimeError):
+    pass
+
+
+class TasksRouter:
+    """Routes each TasksService call to the local scheduler (leader) or to the leader."""
+
+    def __init__(self, conn: psycopg.Connection, self_address: str, tls: ClientTls | None = None) -> None:
+        self._conn = conn
+        self._self = self_address
+        self._tls = tls
+        self.local: tasks_pb2_grpc.TasksServiceServicer | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_address = ""
+        self._retired: set[asyncio.Future[None]] = set()
+        self.forwarded = 0
+
+    def _leader_stub(self) -> tasks_pb2_grpc.TasksServiceStub:
+        info = current_leader(self._conn)
+        if info is None or info.address == self._self:  # no leader yet, or it was us and we lost it
+            raise NoLeader("no control-plane replica leads right now; retry shortly")
+        if self._channel is None or self._channel_address != info.address:
+            if self._channel is not None:  # the old leader's: close it once its calls are done
+                closing = asyncio.ensure_future(self._channel.close(grace=5.0))
+                self._retired.add(closing)
+                closing.add_done_callback(self._retired.discard)
+            self._channel = aio_channel(info.address, self._tls)
+            self._channel_address = info.address
+        return tasks_pb2_grpc.TasksServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _forwarding(name: str, streaming_request: bool, streaming_response: bool) -> Callable[..., Any]:
+    """A servicer method for `name` that serves locally on the leader and forwards otherwise."""
+
+    def target(router: TasksRouter, context: grpc.aio.ServicerContext) -> tuple[Any, dict[str, Any]]:
+        stub = getattr(router._leader_stub(), name)
+        remaining = context.time_remaining()
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if not k.startswith("grpc-"))
+        return stub, {"metadata": metadata, "timeout": remaining}
+
+    async def unavailable(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    if streaming_response:
+        async def stream_out(self: TasksRouter, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if self.local is not None:
+                async for item in getattr(self.local, name)(request, context):
+                    yield item
+                return
+            try:
+                stub, kwargs = target(self, context)
+                self.forwarded += 1
+                async for item in stub(request, **kwargs):
+                    yield item
+            except NoLeader as exc:
+                await unavailable(context, exc)
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+        return stream_out
+
+    async def unary(self: TasksRouter, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.local is not None:
+            return await getattr(self.local, name)(request, context)
+        try:
+            stub, kwargs = target(self, context)
+            self.forwarded += 1
+            if streaming_request:
+                items = [item async for item in request]  # blobs are chunked; forwarded whole
+                return await stub(iter(items), **kwargs)
+            return await stub(request, **kwargs)
+        except NoLeader as exc:
+            await unavailable(context, exc)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+    return unary
+
+
+_TASKS = tasks_pb2.DESCRIPTOR.services_by_name["TasksService"]
+for _method in _TASKS.methods:
+    setattr(TasksRouter, _method.name,
+            _forwarding(_method.name, _method.client_streaming, _method.server_streaming))

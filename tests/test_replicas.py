@@ -1,0 +1,156 @@
+"""The parts that make replicas one control plane, on a real PostgreSQL, without processes:
+registries that serialise concurrent changes and adopt each other's, the NOTIFY follower, the
+leader election (and its takeover when the leader's session dies), the load-report relay and
+task routing with no leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import psycopg
+import pytest
+
+from switchgear.controlplane import pg
+from switchgear.controlplane.leader import LeaderElection, current_leader
+from switchgear.controlplane.pg import PgStore
+from switchgear.controlplane.registry import Registry
+from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, TasksRouter
+from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
+from tests.conftest import service
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def connect(pg_dsn: str) -> Iterator[Callable[[], psycopg.Connection]]:
+    opened: list[psycopg.Connection] = []
+
+    def open_one() -> psycopg.Connection:
+        conn = pg.connect(pg_dsn)
+        opened.append(conn)
+        return conn
+
+    pg.migrate(open_one())
+    yield open_one
+    for conn in opened:
+        conn.close()
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_two_registries_serialise_changes_and_adopt_each_others(connect: Callable[[], psycopg.Connection]) -> None:
+    a, b = Registry(PgStore(connect())), Registry(PgStore(connect()))
+    assert a.snapshot.version == b.snapshot.version  # the second start found the first's version
+    one = a.register(service("one"), "replica-a")
+    # b has not seen `one`: its change is based on an older version, is refused by the store,
+    # recomputed on what the store holds, and keeps `one` (no lost update).
+    two = b.register(service("two"), "replica-b")
+    assert {s.name for s in two.state.services} == {"one", "two"}
+    assert two.seq == one.seq + 1
+    assert a.refresh() and a.snapshot == b.snapshot
+    assert not a.refresh()  # nothing newer
+    versions = [e.version for e in a.audit(10) if e.action == "register_service"]
+    assert versions == [two.version, one.version]
+
+
+async def test_follower_adopts_a_change_from_another_replica_by_notify(
+    pg_dsn: str, connect: Callable[[], psycopg.Connection]
+) -> None:
+    a, b = Registry(PgStore(connect())), Registry(PgStore(connect()))
+    published: list[str] = []
+    b.subscribe(lambda snap: published.append(snap.version))
+    follower = RegistryFollower(pg_dsn, b, poll_s=30.0)  # a poll this slow cannot be what delivers it
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(follower.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # the listening session connects (the change must come after it)
+        started = time.monotonic()
+        changed = a.register(service("chat"), "replica-a")
+        await until(lambda: b.snapshot.version == changed.version, 5, "the follower to adopt the change")
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        await running
+    assert published == [changed.version] and took < 2.0
+
+
+async def test_one_leader_and_a_takeover_when_its_session_dies(connect: Callable[[], psycopg.Connection]) -> None:
+    events: list[tuple[str, str, int]] = []
+    sessions: dict[str, psycopg.Connection] = {}
+
+    def election(name: str) -> LeaderElection:
+        async def elected(conn: psycopg.Connection, epoch: int) -> None:
+            sessions[name] = conn
+            events.append(("elected", name, epoch))
+
+        async def deposed() -> None:
+            events.append(("deposed", name, 0))
+
+        return LeaderElection(connect, name, f"{name}:1", on_elected=elected, on_deposed=deposed, interval_s=0.05)
+
+    first, second = election("r1"), election("r2")
+    stop = asyncio.Event()
+    runs = [asyncio.ensure_future(e.run(stop)) for e in (first, second)]
+    try:
+        await until(lambda: first.is_leader or second.is_leader, 5, "a leader")
+        await asyncio.sleep(0.3)  # many rounds: still exactly one
+        assert first.is_leader != second.is_leader
+        leader, other = (first, second) if first.is_leader else (second, first)
+        info = current_leader(connect())
+        assert info is not None and (info.replica, info.epoch) == (leader.replica, leader.epoch)
+        # The leader's database session dies (as when its process is killed).
+        with connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (sessions[leader.replica].info.backend_pid,))
+        await until(lambda: other.is_leader and not leader.is_leader, 5, "the other replica to take over")
+        assert other.epoch == info.epoch + 1
+        assert ("deposed", leader.replica, 0) in events
+    finally:
+        stop.set()
+        await asyncio.gather(*runs)
+    assert not first.is_leader and not second.is_leader
+
+
+def test_relay_delivers_each_report_once_and_drops_stale_ones(connect: Callable[[], psycopg.Connection]) -> None:
+    now = [1000.0]
+    follower = ReportRelay(connect(), clock=lambda: now[0], stale_s=10.0)
+    leader = ReportRelay(connect(), clock=lambda: now[0], stale_s=10.0)
+    report = loadreport_pb2.StreamLoadStatsRequest(endpoint_loads=[loadreport_pb2.EndpointLoad(
+        service="chat", endpoint="a", requests_issued=7, requests_succeeded=7)])
+    follower.record("agent-1", report)
+    follower.gone("agent-2")
+    follower.flush()
+    conn = connect()
+    taken = leader.drain(conn)
+    assert [(n, r.endpoint_loads[0].requests_issued if r else None) for n, r in taken] == [("agent-1", 7),
+                                                                                          ("agent-2", None)]
+    assert leader.drain(conn) == []  # taken once
+    follower.record("agent-1", report)
+    follower.flush()
+    now[0] += 11.0  # drained too late: a delta scored as current would lie
+    assert leader.drain(conn) == [] and leader.dropped_stale == 1
+
+
+async def test_a_follower_without_a_leader_answers_unavailable(connect: Callable[[], psycopg.Connection]) -> None:
+    router = TasksRouter(connect(), "127.0.0.1:1")
+    server = grpc.aio.server()
+    tasks_pb2_grpc.add_TasksServiceServicer_to_server(router, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tasks_pb2_grpc.TasksServiceStub(channel).GetTask(tasks_pb2.GetTaskRequest(id="x"), timeout=5)
+    finally:
+        await server.stop(None)
+        await router.close()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no control-plane replica leads" in (
+        caught.value.details() or "")
