@@ -94,3 +94,18 @@ def test_help_lists_the_subcommands() -> None:
     ).stdout
     for command in ("controlplane", "agent", "config", "admin", "invoke", "emulate", "demo"):
         assert command in out
+
+
+def test_the_same_file_in_another_environment_is_applied_again(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD.replace('"http://127.0.0.1:8080"', '"http://127.0.0.1:${UPSTREAM_PORT}"'))
+    store = SqliteStore(tmp_path / "r.db")
+    registry = Registry(store)
+    apply_startup_config(registry, str(config), {"UPSTREAM_PORT": "8080"})
+    first = registry.snapshot.version
+    apply_startup_config(registry, str(config), {"UPSTREAM_PORT": "8080"})  # nothing new
+    assert registry.snapshot.version == first
+    apply_startup_config(registry, str(config), {"UPSTREAM_PORT": "9090"})  # the upstream moved
+    (spec,) = registry.state.services
+    assert spec.endpoints[0].url.startswith("http://127.0.0.1:9090") and registry.snapshot.version != first
+    store.close()

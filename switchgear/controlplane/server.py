@@ -33,7 +33,7 @@ import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from switchgear.controlplane import pg
+from switchgear.controlplane import codec, pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
@@ -124,22 +124,36 @@ class Options:
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
     text = Path(path).read_text(encoding="utf-8")
-    digest = config_hash(text)
+    try:
+        state = load_config(text, source=path, env=env)
+    except ConfigError as exc:
+        _refuse(registry, path, exc)
+        return
+    # What the file means in this environment, not just its text: the same file with another
+    # ${PORT} or ${URL} is a different config and is applied.
+    digest = config_hash(text + "\0" + codec.canonical_hash(state))
     if digest == registry.config_hash:
         log.info("config %s unchanged since it was last applied; serving the stored registry", path)
         return
     try:
-        state = load_config(text, source=path, env=env)
         snapshot, change = registry.replace(state, "controlplane", path, config_hash=digest)
-    except (ConfigError, ValidationError) as exc:
-        if not registry.state.services:
-            raise StartupError(f"invalid config, and no stored registry to serve:\n{exc}") from exc
-        log.error("invalid config %s ignored; serving the stored registry:\n%s", path, exc)
+    except ValidationError as exc:
+        _refuse(registry, path, exc)
+        return
+    if registry.config_hash == digest and not (change.added or change.changed or change.removed) and \
+            snapshot.state == state:  # another replica applied it a moment before us
+        log.info("config %s already served as version %s", path, snapshot.version)
         return
     log.info(
         "applied %s as version %s (added %d, changed %d, removed %d)",
         path, snapshot.version, len(change.added), len(change.changed), len(change.removed),
     )
+
+
+def _refuse(registry: Registry, path: str, exc: Exception) -> None:
+    if not registry.state.services:
+        raise StartupError(f"invalid config, and no stored registry to serve:\n{exc}") from exc
+    log.error("invalid config %s ignored; serving the stored registry:\n%s", path, exc)
 
 
 async def serve(
