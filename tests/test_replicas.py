@@ -21,6 +21,7 @@ from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, TasksRouter
 from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import service
+from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,3 +155,26 @@ async def test_a_follower_without_a_leader_answers_unavailable(connect: Callable
         await router.close()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no control-plane replica leads" in (
         caught.value.details() or "")
+
+
+async def test_a_replica_rides_out_a_postgres_restart(postgres_server: PostgresServer, pg_dsn: str) -> None:
+    keeper = pg.Keeper(pg_dsn)
+    pg.migrate(keeper())
+    writer, reader = Registry(PgStore(keeper)), Registry(PgStore(pg.Keeper(pg_dsn)))
+    follower = RegistryFollower(pg_dsn, reader, poll_s=0.2)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(follower.run(stop))
+    try:
+        writer.register(service("before"), "op")
+        await until(lambda: reader.state.service("before") is not None, 5, "the follower to see 'before'")
+        postgres_server.stop()
+        postgres_server.start()
+        with pytest.raises(psycopg.OperationalError):  # the call that meets the broken session fails...
+            writer.register(service("after"), "op")
+        after = writer.register(service("after"), "op")  # ...and the next one reconnects
+        await until(lambda: reader.snapshot.version == after.version, 10, "the follower to catch up after it")
+    finally:
+        stop.set()
+        await running
+        keeper.close()
+    assert keeper.reconnects == 1 and {s.name for s in reader.state.services} == {"before", "after"}

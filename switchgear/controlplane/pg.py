@@ -160,21 +160,60 @@ def _schema_version(conn: Connection) -> int:
     return int(found[0]) if found else 0
 
 
+class Keeper:
+    """One connection, opened again after it breaks (PostgreSQL restarted, failed over, or the
+    network blinked). The call that meets the break fails; the next one reconnects. Call it for
+    the connection each time rather than holding on to one."""
+
+    def __init__(self, dsn: str, *, connect_timeout_s: int = 3) -> None:
+        self._dsn = dsn
+        self._timeout = connect_timeout_s
+        self._conn: Connection | None = None
+        self.reconnects = 0
+
+    def __call__(self) -> Connection:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+                self.reconnects += 1
+                log.warning("PostgreSQL connection lost; reconnecting to %s", describe(self._dsn))
+            self._conn = conn = connect(self._dsn, connect_timeout_s=self._timeout)
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def getter(conn: Connection | Callable[[], Connection]) -> Callable[[], Connection]:
+    """A fixed connection, or a Keeper: either way, something to call for the connection."""
+    if isinstance(conn, psycopg.Connection):
+        return lambda: conn
+    return conn
+
+
 class PgStore:
     """The Store protocol (see store.py) on PostgreSQL, behaving as SqliteStore does.
 
-    Ownership: `conn` (from `connect`, schema already migrated) stays the caller's unless
-    `owns_connection`; `close()` closes only a connection it owns. Not thread-safe: use it from
-    one thread (the control plane's event loop), like SqliteStore; a connection may back other
-    stores used from that same thread.
+    Ownership: `conn` (from `connect`, schema already migrated; or a Keeper) stays the caller's
+    unless `owns_connection`; `close()` closes only a connection it owns. Not thread-safe: use
+    it from one thread (the control plane's event loop), like SqliteStore; a connection may back
+    other stores used from that same thread.
     """
 
     def __init__(
-        self, conn: Connection, *, clock: Callable[[], float] = time.time, owns_connection: bool = False
+        self, conn: Connection | Callable[[], Connection], *, clock: Callable[[], float] = time.time,
+        owns_connection: bool = False,
     ) -> None:
-        self._conn = conn
+        self._get = getter(conn)
         self._clock = clock
         self._owns_connection = owns_connection
+
+    @property
+    def _conn(self) -> Connection:
+        return self._get()
 
     def load(self) -> Stored:
         conn = self._conn

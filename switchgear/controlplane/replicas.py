@@ -20,14 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import psycopg
 
 from switchgear.controlplane.leader import current_leader
-from switchgear.controlplane.pg import NOTIFY_CHANNEL
+from switchgear.controlplane.pg import NOTIFY_CHANNEL, getter
 from switchgear.controlplane.registry import Registry
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
@@ -81,9 +81,9 @@ class RegistryFollower:
 class ReportRelay:
     """Buffer reports (node, request) and write them to `load_reports` every `flush_s`."""
 
-    def __init__(self, conn: psycopg.Connection, *, flush_s: float = 0.1, stale_s: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._conn = conn
+    def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], *, flush_s: float = 0.1,
+                 stale_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+        self._conn = getter(conn)
         self._buffer: list[tuple[str, bool, bytes, float]] = []
         self.flush_s = flush_s
         self.stale_s = stale_s
@@ -102,7 +102,7 @@ class ReportRelay:
         if not rows:
             return
         try:
-            with self._conn.cursor() as cur:
+            with self._conn().cursor() as cur:
                 cur.executemany("INSERT INTO load_reports(node, gone, body, at) VALUES (%s, %s, %s, %s)", rows)
             self.relayed += len(rows)
         except psycopg.Error as exc:  # soft state: lose this interval rather than block the loop on it
@@ -133,6 +133,31 @@ class ReportRelay:
             self.flush()
 
 
+class StoreOutageInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A unary call that meets a lost database connection answers UNAVAILABLE ("retry"), not
+    UNKNOWN with a driver's traceback; the connection is re-opened by the next call."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except psycopg.OperationalError as exc:
+                log.warning("%s: the shared store is unreachable (%s)", details.method, type(exc).__name__)
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"the shared store is unreachable ({type(exc).__name__}); retry shortly")
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
 # -- TasksService on every replica --------------------------------------------------------------
 
 
@@ -143,8 +168,9 @@ class NoLeader(RuntimeError):
 class TasksRouter:
     """Routes each TasksService call to the local scheduler (leader) or to the leader."""
 
-    def __init__(self, conn: psycopg.Connection, self_address: str, tls: ClientTls | None = None) -> None:
-        self._conn = conn
+    def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], self_address: str,
+                 tls: ClientTls | None = None) -> None:
+        self._conn = getter(conn)
         self._self = self_address
         self._tls = tls
         self.local: tasks_pb2_grpc.TasksServiceServicer | None = None
@@ -154,7 +180,10 @@ class TasksRouter:
         self.forwarded = 0
 
     def _leader_stub(self) -> tasks_pb2_grpc.TasksServiceStub:
-        info = current_leader(self._conn)
+        try:
+            info = current_leader(self._conn())
+        except psycopg.OperationalError as exc:
+            raise NoLeader(f"the shared store is unreachable ({type(exc).__name__}); retry shortly") from exc
         if info is None or info.address == self._self:  # no leader yet, or it was us and we lost it
             raise NoLeader("no control-plane replica leads right now; retry shortly")
         if self._channel is None or self._channel_address != info.address:

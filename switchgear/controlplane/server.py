@@ -49,7 +49,7 @@ from switchgear.controlplane.monitor import Monitor
 from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, TasksRouter
+from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, StoreOutageInterceptor, TasksRouter
 from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
@@ -193,6 +193,8 @@ async def serve(
     else:
         log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",
                     options.listen)
+    if shared is not None:
+        interceptors.append(StoreOutageInterceptor())
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
         GovernanceServicer(registry, usage.book, usage_source=usage.current), server)
@@ -272,7 +274,7 @@ class _Shared:
     """The database connection a replica's store, relay and task routing share."""
 
     dsn: str
-    conn: psycopg.Connection
+    conn: pg.Keeper  # reconnects after PostgreSQL restarts or fails over
     store: PgStore
     relay: ReportRelay
 
@@ -284,12 +286,12 @@ def _open_shared(options: Options) -> _Shared:
     if options.admin_auth and not options.admin_token_file:
         raise StartupError("--admin-token-file is required with a shared store: every replica must "
                            "accept the same admin token")
+    keeper = pg.Keeper(options.store_url)
     try:
-        conn = pg.connect(options.store_url)
-        pg.migrate(conn)
+        pg.migrate(keeper())
     except psycopg.Error as exc:
-        raise StartupError(f"cannot open the shared store: {type(exc).__name__}: {exc}") from exc
-    return _Shared(options.store_url, conn, PgStore(conn), ReportRelay(conn))
+        raise StartupError(f"cannot open the shared store {pg.describe(options.store_url)}: {exc}") from exc
+    return _Shared(options.store_url, keeper, PgStore(keeper), ReportRelay(keeper))
 
 
 class _UsageHolder:
