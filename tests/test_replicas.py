@@ -18,7 +18,7 @@ from switchgear.controlplane import pg
 from switchgear.controlplane.leader import LeaderElection, current_leader
 from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, TasksRouter
+from switchgear.controlplane.replicas import LeaderLink, RegistryFollower, ReportRelay, TasksRouter
 from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import service
 from tests.servers import PostgresServer
@@ -141,7 +141,8 @@ def test_relay_delivers_each_report_once_and_drops_stale_ones(connect: Callable[
 
 
 async def test_a_follower_without_a_leader_answers_unavailable(connect: Callable[[], psycopg.Connection]) -> None:
-    router = TasksRouter(connect(), "127.0.0.1:1")
+    link = LeaderLink(connect(), "127.0.0.1:1")
+    router = TasksRouter(link)
     server = grpc.aio.server()
     tasks_pb2_grpc.add_TasksServiceServicer_to_server(router, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -152,7 +153,7 @@ async def test_a_follower_without_a_leader_answers_unavailable(connect: Callable
                 await tasks_pb2_grpc.TasksServiceStub(channel).GetTask(tasks_pb2.GetTaskRequest(id="x"), timeout=5)
     finally:
         await server.stop(None)
-        await router.close()
+        await link.close()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no control-plane replica leads" in (
         caught.value.details() or "")
 

@@ -235,6 +235,17 @@ def test_leader_killed_under_load(replicas: Replicas) -> None:
                                                 payload=chat_payload(0)), timeout=10)
         served_after = load.ok
         wait_until(lambda: load.ok >= served_after + 30, 20, "load to keep flowing")
+
+        # The fleet's figures are the leader's: a follower forwards GetStats to it, and the new
+        # leader's windows hold the load every replica relayed since it took over.
+        follower = next(p for n, p in r.cps.items() if p.running() and n != new_leader[0])
+
+        def chat_requests() -> int:
+            stats = r.admin(follower).GetStats(admin_pb2.GetStatsRequest(service="chat"), metadata=AUTH, timeout=5)
+            return sum(row.request_count for row in stats.stats if row.endpoint == "") if stats.reporting_agents == 3 \
+                else 0
+
+        wait_until(lambda: chat_requests() > 0, 10, "fleet figures through a follower")
     assert load.failures == [], load.failures[:5]
     print(f"leader {leader_name} killed with {open_at_kill} tasks open; {new_leader[0]} led after {took:.2f} s; "
           f"{load.ok} requests, 0 failed")

@@ -11,7 +11,8 @@
   `stale_s` when drained are dropped: a delta that arrives late would be scored as current.
 - `TasksRouter`: TasksService on every replica. The leader answers from its scheduler; a
   follower forwards each call, with its metadata and deadline, to the leader's address (from
-  the election's row), so agents may lease and report through any replica.
+  the election's row), so agents may lease and report through any replica. `AdminRouter` does
+  the same for the Admin reads only the leader can answer (GetStats, ListAlerts).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from switchgear.controlplane.leader import current_leader
 from switchgear.controlplane.pg import NOTIFY_CHANNEL, getter
 from switchgear.controlplane.registry import Registry
 from switchgear.tls import ClientTls, aio_channel
-from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
+from switchgear.v1 import admin_pb2_grpc, loadreport_pb2, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.replicas")
 
@@ -165,21 +166,20 @@ class NoLeader(RuntimeError):
     pass
 
 
-class TasksRouter:
-    """Routes each TasksService call to the local scheduler (leader) or to the leader."""
+class LeaderLink:
+    """Where the leader is (the election's row) and one channel to it, re-made when it moves."""
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], self_address: str,
                  tls: ClientTls | None = None) -> None:
         self._conn = getter(conn)
         self._self = self_address
         self._tls = tls
-        self.local: tasks_pb2_grpc.TasksServiceServicer | None = None
         self._channel: grpc.aio.Channel | None = None
         self._channel_address = ""
         self._retired: set[asyncio.Future[None]] = set()
         self.forwarded = 0
 
-    def _leader_stub(self) -> tasks_pb2_grpc.TasksServiceStub:
+    def channel(self) -> grpc.aio.Channel:
         try:
             info = current_leader(self._conn())
         except psycopg.OperationalError as exc:
@@ -193,60 +193,87 @@ class TasksRouter:
                 closing.add_done_callback(self._retired.discard)
             self._channel = aio_channel(info.address, self._tls)
             self._channel_address = info.address
-        return tasks_pb2_grpc.TasksServiceStub(self._channel)
+        self.forwarded += 1
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 
 
+class _Router:
+    """Serves a method locally when `local` is set (this replica leads), else forwards it."""
+
+    stub_class: Any = None
+
+    def __init__(self, link: LeaderLink) -> None:
+        self.link = link
+        self.local: Any = None
+
+
+class TasksRouter(_Router):
+    """TasksService on every replica: the leader's scheduler answers; followers forward."""
+
+    stub_class = tasks_pb2_grpc.TasksServiceStub
+
+
+class AdminRouter(_Router):
+    """AdminService on every replica. What only the leader knows (GetStats, ListAlerts: its
+    collector and alert evaluator) is forwarded to it; everything else the replica answers."""
+
+    stub_class = admin_pb2_grpc.AdminServiceStub
+    LEADER_METHODS = ("GetStats", "ListAlerts")
+
+    def __init__(self, link: LeaderLink, servicer: admin_pb2_grpc.AdminServiceServicer) -> None:
+        super().__init__(link)
+        self._servicer = servicer
+
+    def __getattr__(self, name: str) -> Any:  # the methods served here whoever leads
+        return getattr(self._servicer, name)
+
+
 def _forwarding(name: str, streaming_request: bool, streaming_response: bool) -> Callable[..., Any]:
-    """A servicer method for `name` that serves locally on the leader and forwards otherwise."""
+    """A servicer method for `name` that serves locally on the leader and forwards otherwise,
+    with the caller's metadata (its token) and what is left of its deadline."""
 
-    def target(router: TasksRouter, context: grpc.aio.ServicerContext) -> tuple[Any, dict[str, Any]]:
-        stub = getattr(router._leader_stub(), name)
-        remaining = context.time_remaining()
+    def target(router: _Router, context: grpc.aio.ServicerContext) -> tuple[Any, dict[str, Any]]:
+        stub = getattr(router.stub_class(router.link.channel()), name)
         metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if not k.startswith("grpc-"))
-        return stub, {"metadata": metadata, "timeout": remaining}
-
-    async def unavailable(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return stub, {"metadata": metadata, "timeout": context.time_remaining()}
 
     if streaming_response:
-        async def stream_out(self: TasksRouter, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_out(self: _Router, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self.local is not None:
                 async for item in getattr(self.local, name)(request, context):
                     yield item
                 return
             try:
                 stub, kwargs = target(self, context)
-                self.forwarded += 1
                 async for item in stub(request, **kwargs):
                     yield item
             except NoLeader as exc:
-                await unavailable(context, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "")
         return stream_out
 
-    async def unary(self: TasksRouter, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: _Router, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self.local is not None:
             return await getattr(self.local, name)(request, context)
         try:
             stub, kwargs = target(self, context)
-            self.forwarded += 1
             if streaming_request:
                 items = [item async for item in request]  # blobs are chunked; forwarded whole
                 return await stub(iter(items), **kwargs)
             return await stub(request, **kwargs)
         except NoLeader as exc:
-            await unavailable(context, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
     return unary
 
 
-_TASKS = tasks_pb2.DESCRIPTOR.services_by_name["TasksService"]
-for _method in _TASKS.methods:
-    setattr(TasksRouter, _method.name,
-            _forwarding(_method.name, _method.client_streaming, _method.server_streaming))
+for _method in tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].methods:
+    setattr(TasksRouter, _method.name, _forwarding(_method.name, _method.client_streaming, _method.server_streaming))
+for _name in AdminRouter.LEADER_METHODS:
+    setattr(AdminRouter, _name, _forwarding(_name, False, False))

@@ -49,7 +49,14 @@ from switchgear.controlplane.monitor import Monitor
 from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.replicas import RegistryFollower, ReportRelay, StoreOutageInterceptor, TasksRouter
+from switchgear.controlplane.replicas import (
+    AdminRouter,
+    LeaderLink,
+    RegistryFollower,
+    ReportRelay,
+    StoreOutageInterceptor,
+    TasksRouter,
+)
 from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
@@ -202,9 +209,7 @@ async def serve(
         DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
                           max_concurrent_pushes=options.max_concurrent_pushes), server
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(registry, tracker, os.environ, monitor=monitor), server
-    )
+    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor)
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
     scheduling = SchedulerOptions(lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s)
     tasks: TasksRuntime | None = None
@@ -226,7 +231,10 @@ async def serve(
     replica = _Replica(shared, options, options.advertise or address, registry, monitor, loadreports, usage,
                        scheduling) if shared else None
     if replica is not None:
-        tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.router, server)
+        tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.tasks, server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(replica.admin_router(admin), server)
+    else:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     await server.start()
     for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -341,7 +349,10 @@ class _Replica:
         self._usage = usage
         self._scheduling = scheduling
         usage.live = False
-        self.router = TasksRouter(shared.conn, address, options.peer_tls)
+        self.link = LeaderLink(shared.conn, address, options.peer_tls)
+        self.tasks = TasksRouter(self.link)
+        self._admin: AdminRouter | None = None
+        self._admin_servicer: AdminServicer | None = None
         self.follower = RegistryFollower(shared.dsn, registry)
         self.election = LeaderElection(
             lambda: pg.connect(shared.dsn), options.replica_id or f"{socket.gethostname()}-{os.getpid()}", address,
@@ -350,9 +361,13 @@ class _Replica:
         self._reign_stop = asyncio.Event()
         self._tasks: TasksRuntime | None = None
 
+    def admin_router(self, servicer: AdminServicer) -> AdminRouter:
+        self._admin, self._admin_servicer = AdminRouter(self.link, servicer), servicer
+        return self._admin
+
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(self.follower.run(stop), self._shared.relay.run(stop), self.election.run(stop))
-        await self.router.close()
+        await self.link.close()
 
     async def _elected(self, conn: psycopg.Connection, epoch: int) -> None:
         self._registry.refresh()
@@ -360,7 +375,9 @@ class _Replica:
         # Writes through the lock's own session: if the lead is lost, so is the session.
         self._tasks = TasksRuntime(PgTaskStore(conn), lambda: self._registry.state, self._scheduling)
         self._tasks.start()
-        self.router.local = self._tasks.servicer
+        self.tasks.local = self._tasks.servicer
+        if self._admin is not None:
+            self._admin.local = self._admin_servicer
         resumed = self._monitor.resume_alerts(self._registry.audit(1000))
         if resumed:
             log.info("took over %d firing alert(s) from the last leader", resumed)
@@ -371,7 +388,9 @@ class _Replica:
                        asyncio.ensure_future(self._fold_reports(conn, self._reign_stop))]
 
     async def _deposed(self) -> None:
-        self.router.local = None
+        self.tasks.local = None
+        if self._admin is not None:
+            self._admin.local = None
         self._usage.live = False
         self._reign_stop.set()
         await asyncio.gather(*self._reign, return_exceptions=True)
