@@ -85,7 +85,10 @@ class Registry:
         self._listeners.append(listener)
 
     def refresh(self) -> bool:
-        """Adopt a newer version from the store (committed by another replica); publishes it."""
+        """Adopt a newer version from the store (committed by another replica); publishes it.
+        Cheap when there is none: one query of the version head, no load."""
+        if self._store.head()[0] <= self._snapshot.seq:
+            return False
         stored = self._store.load()
         if stored.seq <= self._snapshot.seq:
             return False
