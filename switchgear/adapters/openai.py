@@ -15,6 +15,7 @@ this module produces.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -214,6 +215,7 @@ def _has_line_break(text: str) -> bool:
 # request building
 
 
+@functools.lru_cache(maxsize=1024)  # pure; called per attempt with a few distinct pairs
 def endpoint_url(base_url: str, path: str) -> str:
     """Join a service base URL and a method path.
 

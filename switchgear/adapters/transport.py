@@ -12,6 +12,10 @@ Content-Encoding); per-request timeouts come from `request.extensions["timeout"]
 become httpx's exceptions (ConnectError, ConnectTimeout, ReadTimeout, RemoteProtocolError,
 ReadError, UnsupportedProtocol), so adapters classify them unchanged. Responses stream: the
 body is read as the caller iterates, and closing the response releases the connection.
+
+`FastClient` (below) is what the agent's pool hands adapters: its buffered calls no longer go
+through aiohttp at all but through http1.py (a third of aiohttp's client CPU per call); only
+streamed answers still use the aiohttp session.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+
+from switchgear.adapters.http1 import Http1Pool, Reply
 
 _DROPPED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -114,36 +120,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = None
 
 
-class Reply:
-    """A buffered answer with the parts of `httpx.Response` adapters read: `status_code`,
-    `headers` (case-insensitive, `.get`), `content`; building an httpx.Response per call cost
-    about 8% of the agent's CPU."""
-
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: Any, content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
-
-    async def aread(self) -> bytes:
-        return self.content
-
-
 class FastClient:
     """The subset of `httpx.AsyncClient` the adapters use (`request`, `post`, `stream`,
-    `aclose`), sent straight through aiohttp and answered with `httpx.Response` objects.
+    `aclose`): buffered calls (`request`, `post`) answer a `Reply` sent on http1.Http1Pool,
+    streams an `httpx.Response` read from aiohttp.
 
     Why not only the transport above: with it, httpx's client layer (request building, cookie
     extraction, redirect and auth plumbing, body re-streaming) was still about a quarter of
-    the agent's CPU per call in bench/overhead. Bodies are decompressed by aiohttp here, so
-    the returned responses carry no Content-Encoding. Multipart `files`/`data`, `params` and
-    `json` are encoded by httpx's own request model, so their wire format is httpx's.
+    the agent's CPU per call in bench/overhead; and aiohttp's own client then still cost about
+    0.15 ms per call more than http1.py (bench/overhead/README.md). Bodies are decompressed
+    here, so answers carry no Content-Encoding. Multipart `files`/`data`, `params` and `json`
+    are encoded by httpx's own request model, so their wire format is httpx's.
     """
 
     def __init__(self, max_connections: int = 100) -> None:
         self._transport = AiohttpTransport(max_connections=max_connections)
         self._session: aiohttp.ClientSession | None = None
+        self._http1 = Http1Pool(max_connections)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -155,6 +148,18 @@ class FastClient:
             )
         return self._session
 
+    @staticmethod
+    def _encode(
+        method: str, url: str, content: Any, headers: Any, encode: dict[str, Any]
+    ) -> tuple[str, bytes, Any, httpx.Request | None]:
+        """(url, body, headers, httpx request if one was built)."""
+        encode = {k: v for k, v in encode.items() if v is not None}
+        if encode or not isinstance(content, bytes | None):  # multipart, form, params, json, text
+            request = httpx.Request(method, url, content=content, headers=headers, **encode)
+            wire_headers = [(k, v) for k, v in request.headers.multi_items() if k not in _DROPPED_HEADERS]
+            return str(request.url), request.read(), wire_headers, request
+        return url, content or b"", headers, None  # the hot path: bytes in, no httpx request model
+
     async def _send(
         self,
         method: str,
@@ -165,14 +170,7 @@ class FastClient:
         timeout: Any = None,
         **encode: Any,
     ) -> tuple[aiohttp.ClientResponse, httpx.Request | None]:
-        encode = {k: v for k, v in encode.items() if v is not None}
-        request: httpx.Request | None = None
-        if encode:  # multipart, form, params, json: let httpx encode them
-            request = httpx.Request(method, url, content=content, headers=headers, **encode)
-            url, body = str(request.url), request.read()
-            wire_headers: Any = [(k, v) for k, v in request.headers.multi_items() if k not in _DROPPED_HEADERS]
-        else:  # the hot path: bytes in, no httpx request model
-            body, wire_headers = content or b"", headers
+        url, body, wire_headers, request = self._encode(method, url, content, headers, encode)
         if not url.startswith(("http://", "https://")):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme in {url!r}", request=request)
         client_timeout = aiohttp.ClientTimeout(
@@ -204,17 +202,13 @@ class FastClient:
             if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> Reply:
-        response, request = await self._send(method, url, **kwargs)
-        try:
-            body = await response.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from None
-        except aiohttp.ClientError as exc:
-            raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from None
-        finally:
-            response.release()
-        return Reply(response.status, response.headers, body)
+    async def request(
+        self, method: str, url: str, *, content: Any = None, headers: Any = None, timeout: Any = None, **encode: Any
+    ) -> Reply:
+        url, body, wire_headers, _ = self._encode(method, url, content, headers, encode)
+        return await self._http1.request(
+            method, url, wire_headers, body, getattr(timeout, "connect", None), getattr(timeout, "read", None)
+        )
 
     async def post(self, url: str, **kwargs: Any) -> Reply:
         return await self.request("POST", url, **kwargs)
@@ -223,6 +217,7 @@ class FastClient:
         return _Streaming(self, method, url, kwargs)
 
     async def aclose(self) -> None:
+        await self._http1.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None

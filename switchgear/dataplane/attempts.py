@@ -50,7 +50,6 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,6 +82,7 @@ from switchgear.dataplane.resilience import (
     settings_from_threshold,
     should_fall_back,
 )
+from switchgear.dataplane.resilience.admission import Grant
 from switchgear.dataplane.resilience.admission_edge import Admission, Shed
 from switchgear.dataplane.resilience.gate import Gate
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
@@ -195,7 +195,7 @@ class Resilience:
 
     def queue_changed(self, service: str) -> None:
         if self.sinks:
-            length = len(self.admission.core.queued(service))
+            length = self.admission.core.queue_length(service)
             for sink in self.sinks:
                 sink.set_queue_length(service, length)
 
@@ -212,7 +212,7 @@ class Attempt:
     remaining_s: float
     source: str
     ticket: Ticket
-    slot: AsyncExitStack
+    grant: Grant | None  # the admission slot; None once given back
 
     @property
     def fallback(self) -> bool:
@@ -367,7 +367,8 @@ class AttemptController:
                     run.last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
                     self._last = self._last or run.last
                 return None
-            exclude = (run.ids - run.allowed) | run.refused
+            # (the usual first pick excludes nothing: skip building two sets for it)
+            exclude = (run.ids - run.allowed) | run.refused if run.refused or run.allowed != run.ids else ()
             endpoint = self._pick(run.service, exclude=exclude, call=self.call, settings=self.snapshot.settings)
             if endpoint is None:
                 run.done = True
@@ -379,16 +380,15 @@ class AttemptController:
                 continue
             if ticket.probe:
                 r.stats.bump(name, endpoint.id, "probes")
-            slot = AsyncExitStack()
             try:
-                await slot.enter_async_context(r.admission.slot(name, endpoint.id, self.call.priority, self.deadline))
+                grant = await r.admission.acquire(name, endpoint.id, self.call.priority, self.deadline)
             except BaseException:
                 r.breakers.get(name, endpoint.id).release(ticket)
                 r.queue_changed(name)
                 raise
             r.queue_changed(name)
             self.attempts += 1
-            return Attempt(run.service, endpoint, self.attempts, self.deadline - r.clock(), run.source, ticket, slot)
+            return Attempt(run.service, endpoint, self.attempts, self.deadline - r.clock(), run.source, ticket, grant)
         return None
 
     async def _outcome(self, attempt: Attempt, error: UpstreamError | None) -> None:
@@ -402,7 +402,9 @@ class AttemptController:
             r.stats.bump(name, endpoint, "throttled")
 
     async def _release(self, attempt: Attempt) -> None:
-        await attempt.slot.aclose()
+        if attempt.grant is not None:
+            self._r.admission.release(attempt.grant)
+            attempt.grant = None
         self._r.queue_changed(attempt.service.name)
 
     def _advance(self) -> None:

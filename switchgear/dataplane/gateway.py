@@ -40,7 +40,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 def _response(request_id: str, result: Result, cached: bool = False, tenant: str = "") -> gateway_pb2.InvokeResponse:
-    return gateway_pb2.InvokeResponse(
+    response = gateway_pb2.InvokeResponse(
         cached=cached,
         tenant=tenant,
         fallback=result.fallback,
@@ -50,15 +50,16 @@ def _response(request_id: str, result: Result, cached: bool = False, tenant: str
         service=result.service,
         endpoint=result.endpoint,
         attempts=result.attempts,
-        latency=_duration(result.latency_s),
-        usage=common_pb2.Usage(
-            input_tokens=result.usage.input_tokens,
-            output_tokens=result.usage.output_tokens,
-            cost_usd=result.cost_usd,
-            estimated=result.usage.estimated,
-        ),
         snapshot_version=result.version,
     )
+    # Sub-messages filled in place: building them and copying them in cost a third more.
+    response.latency.FromNanoseconds(round(result.latency_s * 1e9))
+    usage = response.usage
+    usage.input_tokens = result.usage.input_tokens
+    usage.output_tokens = result.usage.output_tokens
+    usage.estimated = result.usage.estimated
+    usage.cost_usd = result.cost_usd
+    return response
 
 
 def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:

@@ -22,7 +22,6 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
-from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError
+from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError, new_request_id
 from switchgear.dataplane.governance import PermissionDenied, Principal, Unauthenticated
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded, open_pipeline
@@ -174,7 +173,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         raise ApiError(400, f"priority must be 0..10 and timeout 0..{MAX_TIMEOUT_S:g} s", param="headers")
     user = body.get("user")
     return Call(
-        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        request_id=request.headers.get("x-request-id") or new_request_id(),
         category="",
         service=body["model"],
         method=method,

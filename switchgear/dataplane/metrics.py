@@ -69,13 +69,17 @@ class _Window:
         self.seconds: dict[int, list[float]] = {}
 
     def add(self, now: float, index: int, value: float) -> None:
+        self.row(now)[index] += value
+
+    def row(self, now: float) -> list[float]:
+        """The sums of the second `now` falls in (older seconds are dropped when it starts)."""
         row = self.seconds.get(int(now))
         if row is None:
             row = self.seconds[int(now)] = [0.0] * 6
             oldest = int(now - self.window_s)
             for old in [s for s in self.seconds if s <= oldest]:
                 del self.seconds[old]
-        row[index] += value
+        return row
 
     def sums(self, now: float) -> list[float]:
         oldest = int(now - self.window_s)
@@ -132,11 +136,12 @@ class AgentMetrics(PromCollector):
         totals.failed += not ok
         totals.latency_sum_s += event.latency_s
         totals.buckets[bisect.bisect_left(LATENCY_BOUNDS_S, event.latency_s)] += 1
-        window.add(now, 0, 1.0)
-        window.add(now, 2, event.latency_s)
+        row = window.row(now)
+        row[0] += 1.0
+        row[2] += event.latency_s
         if ok:
-            window.add(now, 1, 1.0)
-            window.add(now, 3, event.cost_usd)
+            row[1] += 1.0
+            row[3] += event.cost_usd
         upstream = _UPSTREAM.get()
         if upstream is not None:
             upstream[0] += event.latency_s

@@ -41,7 +41,9 @@ class CacheMode(str, Enum):
 
     @classmethod
     def parse(cls, header: str | None) -> CacheMode:
-        words = {w.strip().lower() for w in (header or "").split(",")}
+        if not header:  # the usual case: no header, no parsing
+            return cls.USE
+        words = {w.strip().lower() for w in header.split(",")}
         if "no-store" in words:
             return cls.NO_STORE
         return cls.BYPASS if "no-cache" in words else cls.USE

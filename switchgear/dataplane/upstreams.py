@@ -21,8 +21,9 @@ PoolKey = tuple[str, str, str]
 
 
 class ClientPool:
-    """Clients are httpx clients on an aiohttp transport (adapters/transport.py: httpcore's own
-    pool cost over half the agent's CPU under load); `make_client` overrides that."""
+    """Clients are adapters/transport.py FastClients (the httpx.AsyncClient subset adapters use:
+    buffered calls on adapters/http1.py, streams on aiohttp; httpcore's own pool cost over half
+    the agent's CPU under load); `make_client` overrides that."""
 
     def __init__(self, *, max_connections: int = 100,
                  make_client: Callable[[], httpx.AsyncClient] | None = None) -> None:

@@ -75,7 +75,14 @@ class Effects:
     shed: tuple[Rejection, ...] = ()
 
     def __add__(self, other: Effects) -> Effects:
+        if not (other.granted or other.shed):
+            return self
+        if not (self.granted or self.shed):
+            return other
         return Effects(self.granted + other.granted, self.shed + other.shed)
+
+
+NOTHING = Effects()  # the usual outcome of expire() and of a release nobody waits for
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,10 @@ class AdmissionCore:
     def queued(self, service: str) -> tuple[Waiter, ...]:
         return tuple(self._svc(service).queue)
 
+    def queue_length(self, service: str) -> int:
+        """len(queued(service)) without the copy (read on every grant and release)."""
+        return len(self._svc(service).queue)
+
     def waiter(self, service: str, request_id: int) -> Waiter | None:
         return next((w for w in self._svc(service).queue if w.id == request_id), None)
 
@@ -169,7 +180,7 @@ class AdmissionCore:
         svc = self._svc(service)
         if deadline <= now:
             return effects + self._reject(svc, service, endpoint, request_id, priority, ShedReason.DEADLINE)
-        if svc.has_room(endpoint) and not any(w.endpoint == endpoint for w in svc.queue):
+        if svc.has_room(endpoint) and not (svc.queue and any(w.endpoint == endpoint for w in svc.queue)):
             return effects + Effects(granted=(self._grant(now, svc, service, endpoint, request_id),))
         timeout = self.settings.queue_timeout_s
         by_timeout = timeout > 0 and now + timeout < deadline
@@ -204,11 +215,13 @@ class AdmissionCore:
         """Shed every waiter whose time ran out."""
         shed: list[Rejection] = []
         for svc in self._services.values():
+            if not svc.queue:
+                continue
             late = [w for w in svc.queue if w.expires_at <= now]
             for w in late:
                 svc.queue.remove(w)
                 shed.append(self._rejection(svc, w, w.expiry_reason))
-        return Effects(shed=tuple(shed))
+        return Effects(shed=tuple(shed)) if shed else NOTHING
 
     # --- internals -----------------------------------------------------------------------
 
@@ -224,6 +237,8 @@ class AdmissionCore:
         return grant
 
     def _grant_waiters(self, now: float, svc: _Service, endpoint: str) -> Effects:
+        if not svc.queue:
+            return NOTHING
         granted: list[Grant] = []
         while svc.has_room(endpoint):
             waiter = next((w for w in svc.queue if w.endpoint == endpoint), None)

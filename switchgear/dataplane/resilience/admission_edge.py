@@ -52,22 +52,38 @@ class Admission:
     @asynccontextmanager
     async def slot(self, service: str, endpoint: str, priority: int, deadline: float) -> AsyncIterator[Grant]:
         """Hold one concurrency slot of `endpoint` for the body of the `async with`."""
-        grant = await self._acquire(service, endpoint, priority, deadline)
+        grant = await self.acquire(service, endpoint, priority, deadline)
         try:
             yield grant
         finally:
-            self._apply(self.core.release(self._clock(), grant.id))
+            self.release(grant)
 
-    async def _acquire(self, service: str, endpoint: str, priority: int, deadline: float) -> Grant:
+    async def acquire(self, service: str, endpoint: str, priority: int, deadline: float) -> Grant:
+        """The slot `slot` holds, for callers that release it themselves (`release`, exactly
+        once). Raises Shed. The request path uses this pair: an async context manager and an
+        exit stack around it cost ~15% of a zero-delay call's CPU (bench/overhead)."""
         rid = self.core.new_id()
+        effects = self.core.request(self._clock(), rid, service, endpoint, priority, deadline)
+        self._apply(effects)  # wakes others; our own outcome, if decided, is read below
+        for grant in effects.granted:
+            if grant.id == rid:
+                return grant
+        for rejection in effects.shed:
+            if rejection.id == rid:
+                raise Shed(rejection)
+        return await self._queued(service, endpoint, rid)
+
+    def release(self, grant: Grant) -> None:
+        self._apply(self.core.release(self._clock(), grant.id))
+
+    async def _queued(self, service: str, endpoint: str, rid: int) -> Grant:
+        """Wait in the queue until a slot is granted (or the request is shed)."""
         future: asyncio.Future[Grant | Rejection] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
         try:
-            self._apply(self.core.request(self._clock(), rid, service, endpoint, priority, deadline))
-            if not future.done():
-                if self._stats is not None:
-                    self._stats.bump(service, endpoint, "queued")
-                await self._wait(service, rid, future)
+            if self._stats is not None:
+                self._stats.bump(service, endpoint, "queued")
+            await self._wait(service, rid, future)
         except BaseException:
             self._abandon(service, rid, future)
             raise
@@ -98,6 +114,8 @@ class Admission:
             self._apply(self.core.cancel(self._clock(), service, rid))
 
     def _apply(self, effects: Effects) -> None:
+        if not effects.granted and not effects.shed:
+            return
         outcomes: tuple[Grant | Rejection, ...] = (*effects.granted, *effects.shed)
         for outcome in outcomes:
             future = self._waiting.get(outcome.id)

@@ -19,6 +19,7 @@ retry_policy (see `policy_for`): an LLM call retries after ~0.2 s, never waits m
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ CATEGORY_DEFAULTS: Mapping[str, tuple[float, float]] = MappingProxyType({
 _FALLBACK_DEFAULT = (0.2, 2.0)
 
 
+@functools.lru_cache(maxsize=256)  # pure, called per call; its arguments are frozen (hashable)
 def policy_for(category: str, configured: RetrySettings | None) -> BackoffPolicy:
     """The backoff policy of a call in `category`.
 

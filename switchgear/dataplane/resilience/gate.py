@@ -32,7 +32,12 @@ class Gate:
         return {e: h for e, h in self.breakers.usable(service, endpoint_ids, now).items() if e not in ejected}
 
     def available(self, service: str, endpoint: str, now: float) -> bool:
-        return self.usable(service, (endpoint,), now).get(endpoint, 1.0) <= 0
+        """`usable(service, (endpoint,), now)` holds it with hold_s 0, without building the
+        dicts: this runs for every candidate of every pick."""
+        if self.outliers.is_ejected(service, endpoint, now):
+            return False
+        hold = self.breakers.get(service, endpoint).hold_s(now)
+        return hold is not None and hold <= 0
 
     def unavailable(self, key: str) -> bool:
         """The scheduler's predicate: True when "service/endpoint" may not be called now."""

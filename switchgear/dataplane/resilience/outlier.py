@@ -113,6 +113,12 @@ class OutlierDetector:
         hosts = self._services.get(service, {})
         return frozenset(e for e, h in hosts.items() if h.ejected(now))
 
+    def is_ejected(self, service: str, endpoint: str, now: float) -> bool:
+        """Whether one endpoint is ejected at `now` (`endpoint in ejected(service, now)`)."""
+        self.maybe_evaluate(now)
+        host = self._services.get(service, {}).get(endpoint)
+        return host is not None and host.ejected(now)
+
     def record(self, now: float, service: str, endpoint: str, error: ErrorKind | None) -> bool:
         """Count one attempt's outcome; True when it ejected the endpoint."""
         self.maybe_evaluate(now)

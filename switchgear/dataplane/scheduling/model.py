@@ -98,11 +98,17 @@ def _text_chars(value: Any) -> int:
     """Characters of text in a JSON value: strings count, containers are walked, keys are not."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, Mapping):
-        return sum(_text_chars(v) for v in value.values())
+    # Plain loops with the common cases first: this walks every request's messages.
     if isinstance(value, (list, tuple)):
-        return sum(_text_chars(v) for v in value)
-    return 0
+        items: Any = value
+    elif isinstance(value, dict | Mapping):
+        items = value.values()
+    else:
+        return 0
+    n = 0
+    for v in items:
+        n += len(v) if type(v) is str else _text_chars(v)
+    return n
 
 
 def estimate_tokens(payload: Mapping[str, Any], default_max_tokens: int = 0) -> tuple[int, int]:

@@ -48,8 +48,11 @@ def choose_strategy(
     return "round_robin"
 
 
+_UNBOUNDED = Bounds()  # frozen: one shared value for the common no-policy case
+
+
 def bounds_for(category: str, policies: Mapping[str, SchedulingPolicy]) -> Bounds:
     policy = policies.get(category)
     if policy is None:
-        return Bounds()
+        return _UNBOUNDED
     return Bounds(max_cost_usd=policy.max_cost_per_request, min_success_rate=policy.min_success_rate)

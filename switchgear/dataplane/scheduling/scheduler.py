@@ -76,9 +76,11 @@ class Scheduler:
             cands = f(cands, ctx)
         if not cands:
             return None
-        cands = POLICY_BOUNDS(cands, ctx)
-        for stage in plan.stages:
-            cands = stage(cands, ctx)
+        if len(cands) > 1:  # bounds and stages keep at least one of a non-empty input: a lone
+            # candidate passes them unchanged, and they have no side effects (~10% of a call's CPU)
+            cands = POLICY_BOUNDS(cands, ctx)
+            for stage in plan.stages:
+                cands = stage(cands, ctx)
         scores = None
         if plan.scorer is not None:
             raw = plan.scorer(cands, ctx)
