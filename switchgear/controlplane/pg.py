@@ -19,23 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import conninfo
 
-from switchgear.controlplane import codec
-from switchgear.controlplane.model import RegistryState
-from switchgear.controlplane.store import (
-    AuditEntry,
-    Change,
-    Stored,
-    check_base,
-    collection_rows,
-    meta_updates,
-    stored_from,
-)
+from switchgear.controlplane.sql import POSTGRES, Db, Row
+from switchgear.controlplane.store import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -194,113 +186,76 @@ def getter(conn: Connection | Callable[[], Connection]) -> Callable[[], Connecti
     return conn
 
 
-class PgStore:
+class PgDb:
+    """sql.Db on a connection from `connect` (autocommit mode), or on a Keeper. Outside a
+    transaction each statement asks for the connection anew (a Keeper may have reconnected in
+    between); a transaction's statements all run on the one connection it began on."""
+
+    dialect = POSTGRES
+
+    def __init__(self, conn: Connection | Callable[[], Connection]) -> None:
+        self._get = getter(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgDb]:
+        conn = self._get()
+        with conn.transaction():
+            yield PgDb(conn)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PgDb]:
+        """Never inside an outer transaction: there conn.transaction() would be a savepoint,
+        where PostgreSQL refuses SET TRANSACTION."""
+        conn = self._get()
+        with conn.transaction():
+            # One snapshot for every statement, while other replicas commit.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield PgDb(conn)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._get().execute(_placeholders(sql), args).rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._get().cursor() as cur:
+            cur.executemany(_placeholders(sql), rows)
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        return self._get().execute(_placeholders(sql), args).fetchone()
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._get().execute(_placeholders(sql), args).fetchall()
+
+    def close(self) -> None:
+        self._get().close()
+
+
+def _placeholders(sql: str) -> str:
+    """A query written with SQLite's `?` placeholders (see sql.py), in psycopg's `%s`."""
+    return sql.replace("?", "%s")
+
+
+class PgStore(SqlStore):
     """The Store protocol (see store.py) on PostgreSQL, behaving as SqliteStore does.
 
     Ownership: `conn` (from `connect`, schema already migrated; or a Keeper) stays the caller's
     unless `owns_connection`; `close()` closes only a connection it owns. Not thread-safe: use
     it from one thread (the control plane's event loop), like SqliteStore; a connection may back
-    other stores used from that same thread.
+    other stores used from that same thread, but `load` must not run inside a transaction open on
+    it (see PgDb.snapshot).
     """
 
     def __init__(
         self, conn: Connection | Callable[[], Connection], *, clock: Callable[[], float] = time.time,
         owns_connection: bool = False,
     ) -> None:
-        self._get = getter(conn)
-        self._clock = clock
-        self._owns_connection = owns_connection
+        super().__init__(PgDb(conn), clock=clock, owns_connection=owns_connection)
 
-    @property
-    def _conn(self) -> Connection:
-        return self._get()
+    def _lock_version(self, db: Db) -> int:
+        # The row lock serialises writers from every replica until this transaction ends.
+        row = db.one("SELECT value FROM meta WHERE key = 'version_seq' FOR UPDATE")
+        if row is None:
+            raise RuntimeError("PostgreSQL schema is not migrated: call pg.migrate first")
+        return int(row[0])
 
-    def load(self) -> Stored:
-        conn = self._conn
-        with conn.transaction():
-            # One snapshot for every table, while other replicas commit.
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            row = conn.execute("SELECT body FROM settings WHERE id = 1").fetchone()
-            items = {table: [spec for (spec,) in conn.execute(f"SELECT spec FROM {table} ORDER BY name")]
-                     for table in ("services", "tenants", "api_keys")}
-            meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        return stored_from(meta, row[0] if row else None, items)
-
-    def head(self) -> tuple[int, str]:
-        meta: dict[str, str] = dict(self._conn.execute(
-            "SELECT key, value FROM meta WHERE key IN ('version_seq', 'version_hash')").fetchall())
-        return int(meta.get("version_seq") or 0), meta.get("version_hash", "")
-
-    def commit(
-        self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
-        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
-    ) -> None:
-        now = self._clock()
-        conn = self._conn
-        with conn.transaction():
-            # The row lock serialises writers from every replica until this transaction ends.
-            row = conn.execute("SELECT value FROM meta WHERE key = 'version_seq' FOR UPDATE").fetchone()
-            if row is None:
-                raise RuntimeError("PostgreSQL schema is not migrated: call pg.migrate first")
-            check_base(expected_seq, int(row[0]))
-            for table, rows in collection_rows(state).items():
-                _sync(conn, table, rows, now)
-            conn.execute(
-                "INSERT INTO settings(id, body) VALUES (1, %s) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-                (codec.dumps(state.settings),),
-            )
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO meta(key, value) VALUES (%s, %s) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    list(meta_updates(seq, digest, config_hash, overlay).items()),
-                )
-            _insert_audit(conn, now, version, change)
-            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(seq)))  # delivered at COMMIT
-
-    def append_audit(self, version: str, change: Change) -> None:
-        _insert_audit(self._conn, self._clock(), version, change)  # one statement: its own transaction
-
-    def audit(self, limit: int = 100) -> list[AuditEntry]:
-        rows = self._conn.execute(
-            "SELECT id, at, actor, action, target, version, detail, before_json, after_json FROM audit "
-            "ORDER BY id DESC LIMIT %s",
-            (limit,),
-        )
-        return [AuditEntry(*row) for row in rows]
-
-    def save_usage(self, rows: dict[str, str]) -> None:
-        """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO tenant_usage(tenant, body) VALUES (%s, %s) "
-                "ON CONFLICT(tenant) DO UPDATE SET body = excluded.body",
-                list(rows.items()),
-            )
-
-    def load_usage(self) -> dict[str, str]:
-        return dict(self._conn.execute("SELECT tenant, body FROM tenant_usage").fetchall())
-
-    def close(self) -> None:
-        if self._owns_connection:
-            self._conn.close()
-
-
-def _insert_audit(conn: Connection, now: float, version: str, change: Change) -> None:
-    conn.execute(
-        "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (now, change.actor, change.action, change.target, version, change.detail, change.before, change.after),
-    )
-
-
-def _sync(conn: Connection, table: str, rows: dict[str, str], now: float) -> None:
-    """Make `table` hold exactly `rows` (name -> JSON), touching only what changed."""
-    old: dict[str, str] = dict(conn.execute(f"SELECT name, spec FROM {table}").fetchall())
-    with conn.cursor() as cur:
-        cur.executemany(f"DELETE FROM {table} WHERE name = %s", [(name,) for name in old.keys() - rows.keys()])
-        cur.executemany(
-            f"INSERT INTO {table}(name, spec, updated_at) VALUES (%s, %s, %s) "
-            "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
-            [(name, spec, now) for name, spec in rows.items() if old.get(name) != spec],
-        )
+    def _announce(self, db: Db, seq: int) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, str(seq)))  # delivered at COMMIT, never on rollback

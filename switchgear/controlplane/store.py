@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from switchgear.controlplane import codec
 from switchgear.controlplane.model import ApiKey, RegistryState, ServiceSpec, Settings, Tenant
+from switchgear.controlplane.sql import Db, SqliteDb
 
 SCHEMA_VERSION = 2
 
@@ -169,23 +170,108 @@ def check_base(expected_seq: int | None, stored_seq: int) -> None:
         raise StaleVersion(f"change based on version {expected_seq}, but version {stored_seq} is stored")
 
 
-class SqliteStore:
-    """A Store on one SQLite file (WAL mode). Not thread-safe: use it from one event loop."""
+class SqlStore(ABC):
+    """The Store protocol's queries on a Db (sql.py): SqliteStore and PgStore are this class on
+    their backend, each adding how a commit reads the version counter so that writers are
+    serialised, and whom it tells of the new version.
+
+    Ownership: close() closes the connection only when `owns_connection`.
+    """
+
+    def __init__(self, db: Db, *, clock: Callable[[], float], owns_connection: bool) -> None:
+        self._db = db
+        self._clock = clock
+        self._owns_connection = owns_connection
+
+    @abstractmethod
+    def _lock_version(self, db: Db) -> int:
+        """The stored seq, read inside a commit's transaction `db` so that no other writer can
+        commit until that transaction ends."""
+
+    @abstractmethod
+    def _announce(self, db: Db, seq: int) -> None:
+        """Tell whoever else reads the store, once the commit in transaction `db` is visible,
+        that version `seq` is stored."""
+
+    def load(self) -> Stored:
+        with self._db.snapshot() as db:  # one read snapshot across the tables
+            row = db.one("SELECT body FROM settings WHERE id = 1")
+            items = {table: [spec for (spec,) in db.all(f"SELECT spec FROM {table} ORDER BY name")]
+                     for table, _, _ in _COLLECTIONS}
+            meta: dict[str, str] = dict(db.all("SELECT key, value FROM meta"))
+        return stored_from(meta, row[0] if row else None, items)
+
+    def head(self) -> tuple[int, str]:
+        meta: dict[str, str] = dict(
+            self._db.all("SELECT key, value FROM meta WHERE key IN ('version_seq', 'version_hash')"))
+        return int(meta.get("version_seq") or 0), meta.get("version_hash", "")
+
+    def commit(
+        self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
+        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
+    ) -> None:
+        now = self._clock()
+        with self._db.transaction() as db:
+            check_base(expected_seq, self._lock_version(db))
+            for table, rows in collection_rows(state).items():
+                _sync(db, table, rows, now)
+            db.execute(
+                "INSERT INTO settings(id, body) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                (codec.dumps(state.settings),),
+            )
+            db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                list(meta_updates(seq, digest, config_hash, overlay).items()),
+            )
+            _insert_audit(db, now, version, change)
+            self._announce(db, seq)
+
+    def append_audit(self, version: str, change: Change) -> None:
+        _insert_audit(self._db, self._clock(), version, change)  # one statement: its own transaction
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        rows = self._db.all(
+            "SELECT id, at, actor, action, target, version, detail, before_json, after_json FROM audit "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [AuditEntry(*row) for row in rows]
+
+    def save_usage(self, rows: dict[str, str]) -> None:
+        """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
+        with self._db.transaction() as db:
+            db.executemany(
+                "INSERT INTO tenant_usage(tenant, body) VALUES (?, ?) "
+                "ON CONFLICT(tenant) DO UPDATE SET body = excluded.body",
+                list(rows.items()),
+            )
+
+    def load_usage(self) -> dict[str, str]:
+        return dict(self._db.all("SELECT tenant, body FROM tenant_usage"))
+
+    def close(self) -> None:
+        if self._owns_connection:
+            self._db.close()
+
+
+class SqliteStore(SqlStore):
+    """A Store on one SQLite file (WAL mode), creating and upgrading its tables; close() closes
+    its connection. Not thread-safe: use it from one event loop."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._clock = clock
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        super().__init__(SqliteDb(conn), clock=clock, owns_connection=True)
         self._check_schema()
 
     def _check_schema(self) -> None:
-        found = self._meta("schema_version")
+        found = _meta(self._db, "schema_version")
         current = int(found) if found else 1  # _SCHEMA creates version 1's tables
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"store schema {current} is newer than this build understands ({SCHEMA_VERSION})")
-        with _transaction(self._db) as db:
+        with self._db.transaction() as db:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS.get(version, ()):
                     db.execute(statement)
@@ -195,70 +281,21 @@ class SqliteStore:
                 (str(SCHEMA_VERSION),),
             )
 
-    def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+    def _lock_version(self, db: Db) -> int:
+        # The transaction began with BEGIN IMMEDIATE (SqliteDb.transaction): writers are
+        # serialised from there on, so a plain read will do; no row before the first commit.
+        return int(_meta(db, "version_seq") or 0)
 
-    def load(self) -> Stored:
-        with _transaction(self._db, "BEGIN") as db:  # one read snapshot across the tables
-            row = db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
-            items = {table: [spec for (spec,) in db.execute(f"SELECT spec FROM {table} ORDER BY name")]
-                     for table, _, _ in _COLLECTIONS}
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        return stored_from(meta, row[0] if row else None, items)
-
-    def head(self) -> tuple[int, str]:
-        meta = dict(self._db.execute(
-            "SELECT key, value FROM meta WHERE key IN ('version_seq', 'version_hash')").fetchall())
-        return int(meta.get("version_seq") or 0), meta.get("version_hash", "")
-
-    def commit(
-        self, state: RegistryState, seq: int, digest: str, version: str, change: Change,
-        config_hash: str | None = None, *, overlay: str | None = None, expected_seq: int | None = None,
-    ) -> None:
-        now = self._clock()
-        with _transaction(self._db) as db:  # BEGIN IMMEDIATE: writers are serialised from here on
-            check_base(expected_seq, int(self._meta("version_seq") or 0))
-            for table, rows in collection_rows(state).items():
-                _sync(db, table, rows, now)
-            db.execute(
-                "INSERT INTO settings(id, body) VALUES (1, ?) "
-                "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-                (codec.dumps(state.settings),),
-            )
-            db.executemany(
-                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                meta_updates(seq, digest, config_hash, overlay).items(),
-            )
-            _insert_audit(db, now, version, change)
-
-    def append_audit(self, version: str, change: Change) -> None:
-        with _transaction(self._db) as db:
-            _insert_audit(db, self._clock(), version, change)
-
-    def save_usage(self, rows: dict[str, str]) -> None:
-        """Per-tenant usage books (JSON), replaced whole; soft state kept across restarts."""
-        with _transaction(self._db) as db:
-            for tenant, body in rows.items():
-                db.execute("INSERT INTO tenant_usage(tenant, body) VALUES (?, ?) "
-                           "ON CONFLICT(tenant) DO UPDATE SET body = excluded.body", (tenant, body))
-
-    def load_usage(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT tenant, body FROM tenant_usage").fetchall())
-
-    def audit(self, limit: int = 100) -> list[AuditEntry]:
-        rows = self._db.execute(
-            "SELECT id, at, actor, action, target, version, detail, before_json, after_json FROM audit "
-            "ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        return [AuditEntry(*row) for row in rows]
-
-    def close(self) -> None:
-        self._db.close()
+    def _announce(self, db: Db, seq: int) -> None:
+        pass  # SQLite cannot notify: a process sharing the file finds the version by polling head()
 
 
-def _insert_audit(db: sqlite3.Connection, now: float, version: str, change: Change) -> None:
+def _meta(db: Db, key: str) -> str | None:
+    row = db.one("SELECT value FROM meta WHERE key = ?", (key,))
+    return None if row is None else str(row[0])
+
+
+def _insert_audit(db: Db, now: float, version: str, change: Change) -> None:
     db.execute(
         "INSERT INTO audit(at, actor, action, target, version, detail, before_json, after_json) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -266,28 +303,12 @@ def _insert_audit(db: sqlite3.Connection, now: float, version: str, change: Chan
     )
 
 
-def _sync(db: sqlite3.Connection, table: str, rows: dict[str, str], now: float) -> None:
+def _sync(db: Db, table: str, rows: dict[str, str], now: float) -> None:
     """Make `table` hold exactly `rows` (name -> JSON), touching only what changed."""
-    old = dict(db.execute(f"SELECT name, spec FROM {table}").fetchall())
-    for name in old.keys() - rows.keys():
-        db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
-    for name, spec in rows.items():
-        if old.get(name) != spec:
-            db.execute(
-                f"INSERT INTO {table}(name, spec, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
-                (name, spec, now),
-            )
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE (or `begin`) ... COMMIT, rolled back on any exception."""
-    db.execute(begin)
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
+    old: dict[str, str] = dict(db.all(f"SELECT name, spec FROM {table}"))
+    db.executemany(f"DELETE FROM {table} WHERE name = ?", [(name,) for name in old.keys() - rows.keys()])
+    db.executemany(
+        f"INSERT INTO {table}(name, spec, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+        [(name, spec, now) for name, spec in rows.items() if old.get(name) != spec],
+    )

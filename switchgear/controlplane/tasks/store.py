@@ -1,8 +1,9 @@
-"""Tasks, their attempts and uploaded blobs: tables in the control plane's SQLite file (PostgreSQL: store_pg.py).
+"""Tasks, their attempts and uploaded blobs: the task store's queries, and its tables in the
+control plane's SQLite file (PostgreSQL: store_pg.py, on the tables pg.py creates).
 
-A second connection on the registry's file (WAL mode), so the task tables live and move with
-the rest of the control plane's state without the registry's store knowing them. Every change
-is one transaction. Not thread-safe: use it from the control plane's event loop.
+SqlTaskStore runs every query on a Db (sql.py); TaskStore is it on SQLite, PgTaskStore on
+PostgreSQL. Rows are encoded and decoded by the same functions, so a task reads back the same
+from either backend.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from switchgear.controlplane.store import _transaction
+from switchgear.controlplane.sql import Db, Dialect, SqliteDb, marks
 from switchgear.controlplane.tasks.model import Resources, Task, TaskError, TaskState, Usage
 
 _SCHEMA = """
@@ -50,10 +51,19 @@ _COLUMNS = (
     "error_kind", "error_message",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
-#: Without the payload and result, which may be large: for deciding, never for saving.
-_SELECT_LIGHT = "SELECT " + ", ".join("X''" if c in ("payload", "result") else c for c in _COLUMNS) + " FROM tasks"
-_INSERT = f"INSERT INTO tasks({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+#: Idempotent through the unique (tenant, idempotency_key) index: a row whose key is taken is
+#: not inserted (0 rows), while any other conflict (a task id taken) still raises.
+_INSERT = (
+    f"INSERT INTO tasks({', '.join(_COLUMNS)}) VALUES ({marks(_COLUMNS)}) "
+    "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
+)
 _UPDATE = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ?"
+
+
+def _select_light(dialect: Dialect) -> str:
+    """_SELECT without the payload and result, which may be large: for deciding, never for saving."""
+    columns = (dialect.empty_blob if c in ("payload", "result") else c for c in _COLUMNS)
+    return f"SELECT {', '.join(columns)} FROM tasks"
 
 
 def _row(t: Task) -> tuple[Any, ...]:
@@ -122,32 +132,40 @@ class TaskStoreLike(Protocol):
     def get_blob(self, blob_id: str) -> bytes | None: ...
 
 
-class TaskStore:
-    def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+class SqlTaskStore:
+    """TaskStoreLike on a Db whose task tables exist. Every mutating method is one transaction.
+
+    Ownership: close() closes the connection only when `owns_connection`. Not thread-safe: use
+    it from the control plane's event loop.
+    """
+
+    def __init__(self, db: Db, *, owns_connection: bool) -> None:
+        self._db = db
+        self._owns_connection = owns_connection
+        self._select_light = _select_light(db.dialect)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_connection:
+            self._db.close()
 
     # -- tasks
 
     def insert(self, task: Task) -> tuple[Task, bool]:
-        """Insert `task`, or return the task already holding its (tenant, idempotency key)."""
-        with _transaction(self._db) as db:
-            if task.idempotency_key:
-                found = db.execute(f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?",
-                                   (task.tenant, task.idempotency_key)).fetchone()
-                if found:
-                    return _task(found), False
-            db.execute(_INSERT, _row(task))
-        return task, True
+        """Insert `task`, or return the task already holding its (tenant, idempotency key).
+
+        The unique index decides rather than a read-then-write, so this holds even when two
+        replicas insert the same key at once."""
+        with self._db.transaction() as db:
+            if db.execute(_INSERT, _row(task)):
+                return task, True
+            # The key is taken: the conflicting row is committed (PostgreSQL's ON CONFLICT waited
+            # for it; on SQLite no other writer runs inside BEGIN IMMEDIATE).
+            found = db.one(f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?", (task.tenant, task.idempotency_key))
+        assert found is not None
+        return _task(found), False
 
     def get(self, task_id: str) -> Task | None:
-        row = self._db.execute(f"{_SELECT} WHERE id = ?", (task_id,)).fetchone()
+        row = self._db.one(f"{_SELECT} WHERE id = ?", (task_id,))
         return None if row is None else _task(row)
 
     def save(self, tasks: Iterable[Task], attempts_started: Iterable[tuple[Task, float]] = (),
@@ -156,20 +174,21 @@ class TaskStore:
 
         `attempts_started`: (leased task, at); `attempts_ended`: (task, lease id, at, outcome).
         """
-        with _transaction(self._db) as db:
-            for t in tasks:
-                row = _row(t)
-                db.execute(_UPDATE, (*row[1:], row[0]))
-            for t, at in attempts_started:
-                db.execute("INSERT OR IGNORE INTO task_attempts(task_id, lease_id, attempt, agent, leased_at) "
-                           "VALUES (?, ?, ?, ?, ?)", (t.id, t.lease_id, t.attempts, t.agent, at))
-            for t, lease_id, at, outcome in attempts_ended:
-                db.execute("UPDATE task_attempts SET ended_at = ?, outcome = ? "
-                           "WHERE task_id = ? AND lease_id = ? AND ended_at = 0", (at, outcome, t.id, lease_id))
+        with self._db.transaction() as db:
+            db.executemany(_UPDATE, [(*row[1:], row[0]) for row in map(_row, tasks)])
+            db.executemany(
+                "INSERT INTO task_attempts(task_id, lease_id, attempt, agent, leased_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(t.id, t.lease_id, t.attempts, t.agent, at) for t, at in attempts_started],
+            )
+            db.executemany(
+                "UPDATE task_attempts SET ended_at = ?, outcome = ? "
+                "WHERE task_id = ? AND lease_id = ? AND ended_at = 0",
+                [(at, outcome, t.id, lease_id) for t, lease_id, at, outcome in attempts_ended],
+            )
 
     def lease_known(self, task_id: str, lease_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM task_attempts WHERE task_id = ? AND lease_id = ?",
-                               (task_id, lease_id)).fetchone()
+        row = self._db.one("SELECT 1 FROM task_attempts WHERE task_id = ? AND lease_id = ?", (task_id, lease_id))
         return row is not None
 
     def candidates(self, services: Iterable[str], now: float, aging_interval_s: float, limit: int) -> list[Task]:
@@ -179,38 +198,39 @@ class TaskStore:
         names = sorted(services)
         if not names:
             return []
-        marks = ", ".join("?" * len(names))
-        aged = "MIN(10.0, priority + MAX(0.0, ? - submitted_at) / ?)"
-        if aging_interval_s <= 0:
-            aged = "priority + 0 * ? * ?"  # same parameters, no aging
-        rows = self._db.execute(
-            f"{_SELECT_LIGHT} WHERE state = 'queued' AND not_before <= ? AND service IN ({marks}) "
+        aged, aging = "priority", tuple[float, ...]()
+        if aging_interval_s > 0:
+            least, greatest = self._db.dialect.least, self._db.dialect.greatest
+            aged, aging = f"{least}(10.0, priority + {greatest}(0.0, ? - submitted_at) / ?)", (now, aging_interval_s)
+        rows = self._db.all(
+            f"{self._select_light} WHERE state = 'queued' AND not_before <= ? AND service IN ({marks(names)}) "
             f"ORDER BY {aged} DESC, submitted_at, id LIMIT ?",
-            (now, *names, now, aging_interval_s or 1.0, limit),
+            (now, *names, *aging, limit),
         )
         return [_task(r) for r in rows]
 
     def queued_services(self) -> set[str]:
-        return {str(r[0]) for r in self._db.execute("SELECT DISTINCT service FROM tasks WHERE state = 'queued'")}
+        return {str(r[0]) for r in self._db.all("SELECT DISTINCT service FROM tasks WHERE state = 'queued'")}
 
     def queued_of(self, service: str) -> list[Task]:
-        return [_task(r) for r in self._db.execute(f"{_SELECT} WHERE state = 'queued' AND service = ?", (service,))]
+        return [_task(r) for r in self._db.all(f"{_SELECT} WHERE state = 'queued' AND service = ?", (service,))]
 
     def holding(self, agent: str) -> list[Task]:
         """Tasks `agent` holds a lease on (loaded light: for accounting only)."""
-        rows = self._db.execute(f"{_SELECT_LIGHT} WHERE agent = ? AND state IN ('leased', 'running')", (agent,))
+        rows = self._db.all(f"{self._select_light} WHERE agent = ? AND state IN ('leased', 'running')", (agent,))
         return [_task(r) for r in rows]
 
     def in_flight(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('leased', 'running')").fetchone()[0])
+        row = self._db.one("SELECT COUNT(*) FROM tasks WHERE state IN ('leased', 'running')")
+        return int(row[0]) if row else 0
 
     def leased(self) -> list[Task]:
-        return [_task(r) for r in self._db.execute(f"{_SELECT} WHERE state IN ('leased', 'running')")]
+        return [_task(r) for r in self._db.all(f"{_SELECT} WHERE state IN ('leased', 'running')")]
 
     def list(self, states: Sequence[TaskState], tenant: str, service: str, limit: int) -> list[Task]:
-        where, args = ["1 = 1"], []
+        where, args = ["1 = 1"], list[object]()
         if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
+            where.append(f"state IN ({marks(states)})")
             args += [s.value for s in states]
         if tenant:
             where.append("tenant = ?")
@@ -218,23 +238,39 @@ class TaskStore:
         if service:
             where.append("service = ?")
             args.append(service)
-        rows = self._db.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY submitted_at DESC, id LIMIT ?",
-                                (*args, limit))
+        rows = self._db.all(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY submitted_at DESC, id LIMIT ?",
+                            (*args, limit))
         return [_task(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        found = dict(self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+        found: dict[str, int] = dict(self._db.all("SELECT state, COUNT(*) FROM tasks GROUP BY state"))
         return {s.value: int(found.get(s.value, 0)) for s in TaskState}
 
     # -- blobs
 
     def put_blob(self, data: bytes, content_type: str, now: float) -> str:
         blob_id = "sha256:" + hashlib.sha256(data).hexdigest()
-        with _transaction(self._db) as db:
-            db.execute("INSERT OR IGNORE INTO task_blobs(id, size, content_type, data, created_at) "
-                       "VALUES (?, ?, ?, ?, ?)", (blob_id, len(data), content_type, data, now))
+        self._db.execute(  # one statement: its own transaction
+            "INSERT INTO task_blobs(id, size, content_type, data, created_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            (blob_id, len(data), content_type, data, now),
+        )
         return blob_id
 
     def get_blob(self, blob_id: str) -> bytes | None:
-        row = self._db.execute("SELECT data FROM task_blobs WHERE id = ?", (blob_id,)).fetchone()
+        row = self._db.one("SELECT data FROM task_blobs WHERE id = ?", (blob_id,))
         return None if row is None else bytes(row[0])
+
+
+class TaskStore(SqlTaskStore):
+    """SqlTaskStore on a second connection to the registry's SQLite file (WAL mode), so the task
+    tables live and move with the rest of the control plane's state without the registry's
+    store knowing them. Creates its tables; close() closes its connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        super().__init__(SqliteDb(db), owns_connection=True)
