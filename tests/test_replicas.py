@@ -7,8 +7,12 @@ task routing with no leader.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -179,3 +183,22 @@ async def test_a_replica_rides_out_a_postgres_restart(postgres_server: PostgresS
         await running
         keeper.close()
     assert keeper.reconnects == 1 and {s.name for s in reader.state.services} == {"before", "after"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], "--admin-token-file is required with a shared store"),
+        (["--admin-token-file", "TOKEN"], "cannot open the shared store 127.0.0.1:1/nothing"),
+    ],
+)
+def test_a_replica_that_cannot_share_refuses_to_start(tmp_path: Path, extra: list[str], expected: str) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    args = [arg.replace("TOKEN", str(token)) for arg in extra]
+    done = subprocess.run(
+        [sys.executable, "-m", "switchgear", "controlplane", "--store",
+         "postgresql://operator:s3cret@127.0.0.1:1/nothing", "--listen", "127.0.0.1:0", *args],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PGCONNECT_TIMEOUT": "2"})
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout  # the DSN's password never reaches a log
