@@ -19,10 +19,11 @@ import psycopg
 import pytest
 
 from switchgear.controlplane import pg
+from switchgear.controlplane.agents import AgentTracker, NodeInfo
 from switchgear.controlplane.leader import LeaderElection, current_leader
 from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.replicas import LeaderLink, RegistryFollower, ReportRelay, TasksRouter
+from switchgear.controlplane.replicas import FleetView, LeaderLink, RegistryFollower, ReportRelay, TasksRouter
 from switchgear.v1 import loadreport_pb2, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import service
 from tests.servers import PostgresServer
@@ -202,3 +203,25 @@ def test_a_replica_that_cannot_share_refuses_to_start(tmp_path: Path, extra: lis
         capture_output=True, text=True, timeout=30, env={**os.environ, "PGCONNECT_TIMEOUT": "2"})
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert "s3cret" not in done.stderr + done.stdout  # the DSN's password never reaches a log
+
+
+def test_fleet_view_lists_every_replicas_agents_and_forgets_a_dead_replica(
+    connect: Callable[[], psycopg.Connection],
+) -> None:
+    now = [1000.0]
+    trackers = {name: AgentTracker(clock=lambda: now[0]) for name in ("r1", "r2")}
+    views = {name: FleetView(connect(), name, f"{name}:1", trackers[name], clock=lambda: now[0]) for name in trackers}
+    trackers["r1"].connected(NodeInfo("agent-a"), "peer-a", "1.aaa")
+    trackers["r2"].connected(NodeInfo("agent-b"), "peer-b", "1.aaa")
+    for view in views.values():
+        view.publish()
+    assert [(a.node.id, a.connected) for a in views["r1"].agents()] == [("agent-a", True), ("agent-b", True)]
+    # agent-b's replica dies; agent-b comes back through r1 and is listed once, connected there.
+    now[0] += 1.0
+    trackers["r1"].connected(NodeInfo("agent-b"), "peer-b2", "1.aaa")
+    views["r1"].publish()
+    assert [(a.node.id, a.peer) for a in views["r1"].agents()] == [("agent-a", "peer-a"), ("agent-b", "peer-b2")]
+    now[0] += 10.0  # r2's heartbeat is stale: its list no longer counts
+    trackers["r1"].disconnected("agent-b")
+    views["r1"].publish()
+    assert [(a.node.id, a.connected) for a in views["r1"].agents()] == [("agent-a", True), ("agent-b", False)]

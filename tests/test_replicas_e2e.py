@@ -229,6 +229,16 @@ def test_leader_killed_under_load(replicas: Replicas) -> None:
         version = r.admin(live).RegisterService(admin_pb2.RegisterServiceRequest(service=service), metadata=AUTH,
                                                 timeout=5).version
         wait_until(lambda: set(r.agent_versions().values()) == {version}, 10, f"every agent on {version}")
+
+        def fleet_seen_everywhere() -> bool:  # ListAgents on any replica lists the whole fleet
+            for cp in r.live():
+                listed = r.admin(cp).ListAgents(admin_pb2.ListAgentsRequest(), metadata=AUTH, timeout=5).agents
+                if {(a.node.id, a.connected, a.acked_version) for a in listed} != \
+                        {(name, True, version) for name in r.agents}:
+                    return False
+            return True
+
+        wait_until(fleet_seen_everywhere, 10, "every replica to list all three agents")
         for agent in r.agents.values():
             gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(agent.address))
             gw.Invoke(gateway_pb2.InvokeRequest(service="chat-2", method="chat.completions",

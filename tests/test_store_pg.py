@@ -211,7 +211,8 @@ def test_replicas_migrating_a_fresh_database_at_once_create_the_schema_once(pg_d
         assert one.execute("SELECT value FROM meta WHERE key = 'version_seq'").fetchall() == [("0",)]
         tables = {r[0] for r in one.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert tables == {"schema_version", "meta", "services", "settings", "tenants", "api_keys", "tenant_usage",
-                          "audit", "tasks", "task_attempts", "task_blobs", "load_reports", "leader"}
+                          "audit", "tasks", "task_attempts", "task_blobs", "load_reports", "leader", "replicas",
+                          "agents"}
     finally:
         for conn in conns:
             conn.close()
@@ -221,7 +222,8 @@ def test_a_schema_newer_than_the_build_is_refused(pg_dsn: str) -> None:
     with pg.connect(pg_dsn) as conn:
         pg.migrate(conn)
         conn.execute("UPDATE schema_version SET version = 99")
-        with pytest.raises(RuntimeError, match=r"schema 99 is newer than this build understands \(1\)"):
+        newer = rf"schema 99 is newer than this build understands \({pg.SCHEMA_VERSION}\)"
+        with pytest.raises(RuntimeError, match=newer):
             pg.migrate(conn)
         assert conn.execute("SELECT version FROM schema_version").fetchone() == (99,)
 
@@ -256,3 +258,17 @@ def test_the_dsn_password_is_never_logged(pg_dsn: str, caplog: pytest.LogCapture
     with caplog.at_level(logging.DEBUG, logger="switchgear"), pg.connect(with_password) as conn:
         pg.migrate(conn)
     assert "127.0.0.1" in caplog.text and "hunter2" not in caplog.text
+
+
+def test_a_database_at_an_older_schema_is_migrated_forward(pg_dsn: str) -> None:
+    conn = pg.connect(pg_dsn)
+    try:
+        with conn.transaction():  # what a build of schema 1 left behind
+            for statement in pg._MIGRATIONS[1]:
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = 1")
+        assert pg.migrate(conn) == pg.SCHEMA_VERSION - 1
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(pg.SCHEMA_VERSION,)]
+        assert conn.execute("SELECT count(*) FROM agents").fetchone() == (0,)
+    finally:
+        conn.close()

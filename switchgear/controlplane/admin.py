@@ -7,13 +7,13 @@ Thin: it converts, calls the registry, and maps failures to gRPC codes. A reject
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import grpc
 
 from switchgear.controlplane import convert
-from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.agents import AgentStatus, AgentTracker
 from switchgear.controlplane.alerts import Alert
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.model import Category
@@ -39,10 +39,12 @@ def _actor(context: grpc.aio.ServicerContext) -> str:
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str], *, monitor: Monitor | None = None
+        self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str], *, monitor: Monitor | None = None,
+        fleet: Callable[[], list[AgentStatus]] | None = None,
     ) -> None:
         self._registry = registry
         self._tracker = tracker
+        self._fleet = fleet or tracker.list  # replicas: every replica's agents
         self._env = env
         self._monitor = monitor
 
@@ -152,7 +154,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAgentsResponse:
         return admin_pb2.ListAgentsResponse(
-            agents=[convert.agent_to_proto(a) for a in self._tracker.list()],
+            agents=[convert.agent_to_proto(a) for a in self._fleet()],
             current_version=self._registry.snapshot.version,
         )
 

@@ -36,7 +36,7 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 #: Channel a commit notifies with the new version's seq as payload.
 NOTIFY_CHANNEL = "switchgear_registry"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: pg_advisory_xact_lock key that serialises migrations across replicas (any fixed 64-bit value;
 #: this one is "swgr-mig" in ASCII).
@@ -102,6 +102,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         *_REGISTRY_TABLES,
         *_TASK_TABLES,
         *_REPLICATION_TABLES,
+    ),
+    # Which agents each replica serves, so ListAgents on any replica shows the whole fleet.
+    2: (
+        "CREATE TABLE replicas (replica TEXT PRIMARY KEY, address TEXT NOT NULL, seen_at DOUBLE PRECISION NOT NULL)",
+        'CREATE TABLE agents (replica TEXT NOT NULL, node TEXT COLLATE "C" NOT NULL, status TEXT NOT NULL, '
+        "PRIMARY KEY (replica, node))",
     ),
 }
 

@@ -4,6 +4,7 @@
   and adopts the newer version at once, so an admin change made through any replica reaches
   the agents of every replica; a slow poll of the version head covers a lost notification
   (say, while the listening session reconnects).
+- `FleetView`: each replica publishes the agents it serves, so ListAgents anywhere shows all.
 - `ReportRelay`: agents report load to whichever replica they are connected to, but only the
   leader scores health. Every replica writes the reports it receives to `load_reports`
   (buffered, one insert per flush); the leader drains the table and feeds each report to its
@@ -27,6 +28,8 @@ from typing import Any
 import grpc
 import psycopg
 
+from switchgear.controlplane import codec
+from switchgear.controlplane.agents import AgentStatus, AgentTracker
 from switchgear.controlplane.leader import current_leader
 from switchgear.controlplane.pg import NOTIFY_CHANNEL, getter
 from switchgear.controlplane.registry import Registry
@@ -77,6 +80,63 @@ class RegistryFollower:
             except psycopg.Error as exc:
                 log.warning("registry notifications lost (%s); reconnecting", type(exc).__name__)
                 await asyncio.sleep(self.poll_s)
+
+
+class FleetView:
+    """Every replica's agents, so ListAgents on any replica lists the whole fleet.
+
+    Each replica writes the agents it serves (only when that list changed) and a heartbeat;
+    `agents()` reads the lists of replicas seen in the last `fresh_s`, and for an agent listed
+    twice (it moved from a dying replica) keeps the connected entry seen last.
+    """
+
+    def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], replica: str, address: str,
+                 tracker: AgentTracker, *, fresh_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self._conn = getter(conn)
+        self._replica = replica
+        self.address = address  # where other replicas reach this one (set once the port is bound)
+        self._tracker = tracker
+        self.fresh_s = fresh_s
+        self._clock = clock
+        self._published: dict[str, str] | None = None
+
+    def publish(self) -> None:
+        rows = {a.node.id: codec.dumps(a) for a in self._tracker.list()}
+        try:
+            conn = self._conn()
+            with conn.transaction():
+                conn.execute("INSERT INTO replicas(replica, address, seen_at) VALUES (%s, %s, %s) ON CONFLICT "
+                             "(replica) DO UPDATE SET address = excluded.address, seen_at = excluded.seen_at",
+                             (self._replica, self.address, self._clock()))
+                if rows != self._published:
+                    conn.execute("DELETE FROM agents WHERE replica = %s", (self._replica,))
+                    with conn.cursor() as cur:
+                        cur.executemany("INSERT INTO agents(replica, node, status) VALUES (%s, %s, %s)",
+                                        [(self._replica, node, body) for node, body in rows.items()])
+            self._published = rows
+        except psycopg.Error as exc:
+            log.warning("could not publish this replica's agents: %s", type(exc).__name__)
+
+    def agents(self) -> list[AgentStatus]:
+        try:
+            rows = self._conn().execute(
+                "SELECT a.status FROM agents a JOIN replicas r ON r.replica = a.replica WHERE r.seen_at >= %s",
+                (self._clock() - self.fresh_s,)).fetchall()
+        except psycopg.OperationalError:
+            return self._tracker.list()  # the store is away: what this replica knows
+        best: dict[str, AgentStatus] = {a.node.id: a for a in self._tracker.list()}
+        for (body,) in rows:
+            status = codec.loads(AgentStatus, body)
+            known = best.get(status.node.id)
+            if known is None or (status.connected, status.last_seen) > (known.connected, known.last_seen):
+                best[status.node.id] = status
+        return [best[node] for node in sorted(best)]
+
+    async def run(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
+        while not stop.is_set():
+            self.publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every_s)
 
 
 class ReportRelay:

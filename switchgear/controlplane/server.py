@@ -51,6 +51,7 @@ from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.replicas import (
     AdminRouter,
+    FleetView,
     LeaderLink,
     RegistryFollower,
     ReportRelay,
@@ -209,7 +210,9 @@ async def serve(
         DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
                           max_concurrent_pushes=options.max_concurrent_pushes), server
     )
-    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor)
+    replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    fleet = FleetView(shared.conn, replica_id, options.advertise or options.listen, tracker) if shared else None
+    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor, fleet=fleet.agents if fleet else None)
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
     scheduling = SchedulerOptions(lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s)
     tasks: TasksRuntime | None = None
@@ -228,8 +231,10 @@ async def serve(
     reflection.enable_server_reflection((*names, TASKS_SERVICE, governance_name), server)
     port = add_port(server, options.listen, options.tls)
     address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
-    replica = _Replica(shared, options, options.advertise or address, registry, monitor, loadreports, usage,
-                       scheduling) if shared else None
+    if fleet is not None:
+        fleet.address = options.advertise or address
+    replica = _Replica(shared, options, replica_id, options.advertise or address, registry, monitor, loadreports,
+                       usage, scheduling, fleet) if shared and fleet else None
     if replica is not None:
         tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.tasks, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(replica.admin_router(admin), server)
@@ -339,8 +344,10 @@ class _Replica:
     """One replica's part: follow the registry, relay reports, route task calls, and do the
     leader's work while elected."""
 
-    def __init__(self, shared: _Shared, options: Options, address: str, registry: Registry, monitor: Monitor,
-                 loadreports: LoadReportServicer, usage: _UsageHolder, scheduling: SchedulerOptions) -> None:
+    def __init__(self, shared: _Shared, options: Options, replica_id: str, address: str, registry: Registry,
+                 monitor: Monitor, loadreports: LoadReportServicer, usage: _UsageHolder, scheduling: SchedulerOptions,
+                 fleet: FleetView) -> None:
+        self._fleet = fleet
         self._shared = shared
         self._options = options
         self._registry = registry
@@ -355,7 +362,7 @@ class _Replica:
         self._admin_servicer: AdminServicer | None = None
         self.follower = RegistryFollower(shared.dsn, registry)
         self.election = LeaderElection(
-            lambda: pg.connect(shared.dsn), options.replica_id or f"{socket.gethostname()}-{os.getpid()}", address,
+            lambda: pg.connect(shared.dsn), replica_id, address,
             on_elected=self._elected, on_deposed=self._deposed, interval_s=options.election_interval_s)
         self._reign: list[asyncio.Future[None]] = []
         self._reign_stop = asyncio.Event()
@@ -366,7 +373,8 @@ class _Replica:
         return self._admin
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(self.follower.run(stop), self._shared.relay.run(stop), self.election.run(stop))
+        await asyncio.gather(self.follower.run(stop), self._shared.relay.run(stop), self.election.run(stop),
+                             self._fleet.run(stop))
         await self.link.close()
 
     async def _elected(self, conn: psycopg.Connection, epoch: int) -> None:
