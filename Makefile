@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane
+.PHONY: demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
 # for the store that control-plane replicas share).
@@ -75,6 +75,10 @@ bench-overhead: $(STAMP)
 bench-controlplane: $(STAMP)
 	$(PY) -m bench.controlplane
 	$(PY) -m bench.controlplane.instrumentation
+
+# Three control-plane replicas on a throwaway PostgreSQL (scripts/postgres.sh), in-process agents.
+bench-replicas: $(STAMP) system-deps
+	$(PY) -m bench.replicas
 
 clean:
 	rm -rf $(VENV) $(UPSTREAMS) $(UNSTRUCTURED) node_modules .pytest_cache

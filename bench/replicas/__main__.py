@@ -1,0 +1,5 @@
+import sys
+
+from bench.replicas.run import main
+
+sys.exit(main())
