@@ -215,13 +215,19 @@ def test_fleet_view_lists_every_replicas_agents_and_forgets_a_dead_replica(
     trackers["r2"].connected(NodeInfo("agent-b"), "peer-b", "1.aaa")
     for view in views.values():
         view.publish()
-    assert [(a.node.id, a.connected) for a in views["r1"].agents()] == [("agent-a", True), ("agent-b", True)]
+    assert [(a.node.id, a.connected, a.replica) for a in views["r1"].agents()] == [
+        ("agent-a", True, "r1"), ("agent-b", True, "r2")]
     # agent-b's replica dies; agent-b comes back through r1 and is listed once, connected there.
     now[0] += 1.0
     trackers["r1"].connected(NodeInfo("agent-b"), "peer-b2", "1.aaa")
     views["r1"].publish()
-    assert [(a.node.id, a.peer) for a in views["r1"].agents()] == [("agent-a", "peer-a"), ("agent-b", "peer-b2")]
+    assert [(a.node.id, a.peer, a.replica) for a in views["r1"].agents()] == [
+        ("agent-a", "peer-a", "r1"), ("agent-b", "peer-b2", "r1")]
     now[0] += 10.0  # r2's heartbeat is stale: its list no longer counts
     trackers["r1"].disconnected("agent-b")
     views["r1"].publish()
     assert [(a.node.id, a.connected) for a in views["r1"].agents()] == [("agent-a", True), ("agent-b", False)]
+    now[0] += views["r1"].forget_s  # long gone: no longer listed by the others
+    views["r1"].publish()
+    third = FleetView(connect(), "r3", "r3:1", AgentTracker(clock=lambda: now[0]), clock=lambda: now[0])
+    assert [a.node.id for a in third.agents()] == ["agent-a"]

@@ -80,7 +80,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "service: required")
         try:
             spec = convert.service_from_proto(request.service)
-            snapshot = self._registry.register(spec, _actor(context))
+            snapshot = await self._registry.retrying_async(lambda: self._registry.register_once(spec, _actor(context)))
         except (convert.ConvertError, ValidationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _prefixed(exc, spec_name=request.service.name))
         except Contended as exc:
@@ -97,7 +97,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not request.name:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: required")
         try:
-            snapshot = self._registry.deregister(request.name, _actor(context))
+            snapshot = await self._registry.retrying_async(
+                lambda: self._registry.deregister_once(request.name, _actor(context)))
         except NotFound:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"name: no service named {request.name!r}")
         except ValidationError as exc:
@@ -140,7 +141,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 change = diff(self._registry.state, state)
                 version = self._registry.snapshot.version
             else:
-                snapshot, change = self._registry.replace(state, _actor(context), source)
+                snapshot, change = await self._registry.retrying_async(
+                    lambda: self._registry.replace_once(state, _actor(context), source))
                 version = snapshot.version
         except (ConfigError, ValidationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -39,6 +39,7 @@ class AgentStatus:
     pending_version: str
     connected_at: float
     last_seen: float
+    replica: str = ""  # which control-plane replica the stream is on (replicas only)
 
 
 @dataclass

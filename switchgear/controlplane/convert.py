@@ -261,6 +261,7 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
         pending_version=status.pending_version,
         connected_at=timestamp(status.connected_at),
         last_seen=timestamp(status.last_seen),
+        replica=status.replica,
     )
     if status.last_nack is not None:
         msg.last_nack.CopyFrom(

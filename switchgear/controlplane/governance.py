@@ -51,7 +51,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
     async def _commit(self, context: Any, operation: Callable[[], Any]) -> Any:
         """Run a tenancy operation and the commit it makes, mapping errors to codes."""
         try:
-            return self._registry.retrying(operation)
+            return await self._registry.retrying_async(operation)
         except Contended as exc:
             await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         except ConvertError as exc:

@@ -14,8 +14,10 @@ and by a slow poll); versions stay unique and monotonic because the store hands 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -30,8 +32,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("switchgear.controlplane.registry")
 
-#: Attempts at a change that keeps meeting a newer version from another replica.
+#: Attempts at a change that keeps meeting a newer version from another replica: at once
+#: (start-up, tests), and from servicers with a jittered pause between attempts.
 MAX_ATTEMPTS = 8
+ASYNC_ATTEMPTS = 30
 
 
 class NotFound(KeyError):
@@ -107,41 +111,56 @@ class Registry:
                 self.refresh()
         raise Contended(f"gave up after {MAX_ATTEMPTS} attempts: other replicas kept changing the registry")
 
-    def register(self, spec: ServiceSpec, actor: str) -> snap.Snapshot:
-        def attempt() -> snap.Snapshot:
-            before = self.state.service(spec.name)
-            others = tuple(s for s in self.state.services if s.name != spec.name)
-            services = tuple(sorted((*others, spec), key=lambda s: s.name))
-            action = "update_service" if before is not None else "register_service"
-            change = Change(actor, action, spec.name, before=codec.dumps(before) if before else "",
-                            after=codec.dumps(spec))
-            return self._apply(dataclasses.replace(self.state, services=services), change)
+    async def retrying_async(self, operation: Callable[[], T], attempts: int = ASYNC_ATTEMPTS) -> T:
+        """`retrying` for servicers: between attempts a jittered, growing pause (without blocking
+        the loop), so writers on several replicas stop pre-empting each other in lockstep."""
+        for attempt in range(attempts):
+            try:
+                return operation()
+            except StaleVersion:
+                self.refresh()
+            await asyncio.sleep(random.uniform(0.0, min(0.1, 0.002 * 2**attempt)))
+        raise Contended(f"gave up after {attempts} attempts: other replicas kept changing the registry")
 
-        return self.retrying(attempt)
+    def register(self, spec: ServiceSpec, actor: str) -> snap.Snapshot:
+        return self.retrying(lambda: self.register_once(spec, actor))
 
     def deregister(self, name: str, actor: str) -> snap.Snapshot:
-        def attempt() -> snap.Snapshot:
-            before = self.state.service(name)
-            if before is None:
-                raise NotFound(name)
-            services = tuple(s for s in self.state.services if s.name != name)
-            change = Change(actor, "deregister_service", name, before=codec.dumps(before))
-            return self._apply(dataclasses.replace(self.state, services=services), change)
-
-        return self.retrying(attempt)
+        return self.retrying(lambda: self.deregister_once(name, actor))
 
     def replace(
         self, state: RegistryState, actor: str, source: str, config_hash: str | None = None
     ) -> tuple[snap.Snapshot, snap.Diff]:
-        def attempt() -> tuple[snap.Snapshot, snap.Diff]:
-            # A config file owns services and settings; tenants and keys are governed apart.
-            new = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
-            change = snap.diff(self.state, new)
-            detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
-            applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash)
-            return applied, change
+        return self.retrying(lambda: self.replace_once(state, actor, source, config_hash))
 
-        return self.retrying(attempt)
+    # One attempt each (StaleVersion when another replica committed first): for `retrying*`.
+
+    def register_once(self, spec: ServiceSpec, actor: str) -> snap.Snapshot:
+        before = self.state.service(spec.name)
+        others = tuple(s for s in self.state.services if s.name != spec.name)
+        services = tuple(sorted((*others, spec), key=lambda s: s.name))
+        action = "update_service" if before is not None else "register_service"
+        change = Change(actor, action, spec.name, before=codec.dumps(before) if before else "",
+                        after=codec.dumps(spec))
+        return self._apply(dataclasses.replace(self.state, services=services), change)
+
+    def deregister_once(self, name: str, actor: str) -> snap.Snapshot:
+        before = self.state.service(name)
+        if before is None:
+            raise NotFound(name)
+        services = tuple(s for s in self.state.services if s.name != name)
+        change = Change(actor, "deregister_service", name, before=codec.dumps(before))
+        return self._apply(dataclasses.replace(self.state, services=services), change)
+
+    def replace_once(
+        self, state: RegistryState, actor: str, source: str, config_hash: str | None = None
+    ) -> tuple[snap.Snapshot, snap.Diff]:
+        # A config file owns services and settings; tenants and keys are governed apart.
+        new = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
+        change = snap.diff(self.state, new)
+        detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
+        applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash)
+        return applied, change
 
     def change(self, state: RegistryState, change: Change) -> snap.Snapshot:
         """Apply a whole new state (validated; a new version only if it differs).

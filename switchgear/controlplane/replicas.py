@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -85,34 +86,44 @@ class RegistryFollower:
 class FleetView:
     """Every replica's agents, so ListAgents on any replica lists the whole fleet.
 
-    Each replica writes the agents it serves (only when that list changed) and a heartbeat;
+    Each replica writes the agents it serves (the rows that changed) and a heartbeat, and stops
+    listing an agent `forget_s` after its stream ended (restarted agents get new ids);
     `agents()` reads the lists of replicas seen in the last `fresh_s`, and for an agent listed
     twice (it moved from a dying replica) keeps the connected entry seen last.
     """
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], replica: str, address: str,
-                 tracker: AgentTracker, *, fresh_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 tracker: AgentTracker, *, fresh_s: float = 5.0, forget_s: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._conn = getter(conn)
         self._replica = replica
         self.address = address  # where other replicas reach this one (set once the port is bound)
         self._tracker = tracker
         self.fresh_s = fresh_s
+        self.forget_s = forget_s  # a disconnected agent is listed this long, then forgotten
         self._clock = clock
         self._published: dict[str, str] | None = None
 
     def publish(self) -> None:
-        rows = {a.node.id: codec.dumps(a) for a in self._tracker.list()}
+        now = self._clock()
+        rows = {a.node.id: codec.dumps(dataclasses.replace(a, replica=self._replica)) for a in self._tracker.list()
+                if a.connected or now - a.last_seen < self.forget_s}
+        published = self._published or {}
         try:
             conn = self._conn()
             with conn.transaction():
                 conn.execute("INSERT INTO replicas(replica, address, seen_at) VALUES (%s, %s, %s) ON CONFLICT "
                              "(replica) DO UPDATE SET address = excluded.address, seen_at = excluded.seen_at",
-                             (self._replica, self.address, self._clock()))
-                if rows != self._published:
+                             (self._replica, self.address, now))
+                if self._published is None:  # first publish of this process: whatever an earlier one left
                     conn.execute("DELETE FROM agents WHERE replica = %s", (self._replica,))
-                    with conn.cursor() as cur:
-                        cur.executemany("INSERT INTO agents(replica, node, status) VALUES (%s, %s, %s)",
-                                        [(self._replica, node, body) for node, body in rows.items()])
+                with conn.cursor() as cur:  # only what changed since the last publish
+                    cur.executemany("DELETE FROM agents WHERE replica = %s AND node = %s",
+                                    [(self._replica, node) for node in published.keys() - rows.keys()])
+                    cur.executemany(
+                        "INSERT INTO agents(replica, node, status) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (replica, node) DO UPDATE SET status = excluded.status",
+                        [(self._replica, node, body) for node, body in rows.items() if published.get(node) != body])
             self._published = rows
         except psycopg.Error as exc:
             log.warning("could not publish this replica's agents: %s", type(exc).__name__)
@@ -124,7 +135,7 @@ class FleetView:
                 (self._clock() - self.fresh_s,)).fetchall()
         except psycopg.OperationalError:
             return self._tracker.list()  # the store is away: what this replica knows
-        best: dict[str, AgentStatus] = {a.node.id: a for a in self._tracker.list()}
+        best = {a.node.id: dataclasses.replace(a, replica=self._replica) for a in self._tracker.list()}
         for (body,) in rows:
             status = codec.loads(AgentStatus, body)
             known = best.get(status.node.id)

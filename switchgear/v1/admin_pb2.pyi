@@ -89,7 +89,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen")
+    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen", "replica")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class AgentStatus(_message.Message):
     PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     node: _discovery_pb2.Node
     connected: bool
     peer: str
@@ -108,7 +109,8 @@ class AgentStatus(_message.Message):
     pending_version: str
     connected_at: _timestamp_pb2.Timestamp
     last_seen: _timestamp_pb2.Timestamp
-    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replica: str
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "current_version")
