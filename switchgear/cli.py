@@ -107,6 +107,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
+        redis_probe_interval_s=args.redis_probe_interval,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
     )
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'api_key': every request needs a tenant's key; 'none': local development only")
     ag.add_argument("--redis", default="", metavar="URL",
                     help="share quota counters and the response cache with other agents (redis:// or unix://)")
+    ag.add_argument("--redis-probe-interval", type=float, default=0.5, metavar="S",
+                    help="while Redis is unusable, try it again at most this often (default: %(default)s)")
     ag.add_argument("--tls-ca", help="verify the control plane's TLS certificate with this CA (PEM)")
     ag.add_argument("--tls-cert", help="client certificate for mutual TLS with the control plane (PEM)")
     ag.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
