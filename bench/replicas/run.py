@@ -167,8 +167,9 @@ class AdminClient:
     async def view(self, address: str, ids: set[str]) -> View:
         reply = await self._stub(address).ListAgents(admin_pb2.ListAgentsRequest(), metadata=self._metadata,
                                                      timeout=10)
-        return View(str(reply.current_version),
-                    {a.node.id: a.acked_version for a in reply.agents if a.connected and a.node.id in ids})
+        listed = [a for a in reply.agents if a.connected and a.node.id in ids]
+        return View(str(reply.current_version), {a.node.id: a.acked_version for a in listed},
+                    {a.node.id: a.replica for a in listed})
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -182,18 +183,10 @@ class View:
 
     current: str
     acked: dict[str, str]
+    replica: dict[str, str]  # node -> the replica (its --replica-id) its stream is on
 
-
-class TrackedClient(SnapshotClient):
-    """A SnapshotClient that remembers which replica its current stream is on. ListAgents lists
-    the whole fleet on every replica and does not say where an agent is, so the benchmark asks
-    the agent's side."""
-
-    address = ""
-
-    async def _session(self, address: str, stop: asyncio.Event) -> None:
-        self.address = address
-        await super()._session(address, stop)
+    def on(self, replica: str) -> set[str]:
+        return {node for node, where in self.replica.items() if where == replica}
 
 
 class ReplicaAgent(Agent):
@@ -204,13 +197,7 @@ class ReplicaAgent(Agent):
         self.node_id = f"bench-{index:05d}"  # the id Agent gives its node
         node = discovery_pb2.Node(id=self.node_id, protocols=sorted(adapters))
         applier = Applier(self.holder, adapters, self._applied)
-        self.client: TrackedClient = TrackedClient(addresses, node, self.holder, applier,
-                                                   backoff=Backoff(0.05, 1.0))
-
-    @property
-    def on(self) -> str:
-        """The replica address its stream is open to ("" while it has none)."""
-        return self.client.address if self.client.connected.is_set() else ""
+        self.client = SnapshotClient(addresses, node, self.holder, applier, backoff=Backoff(0.05, 1.0))
 
 
 class Fleet:
@@ -225,10 +212,6 @@ class Fleet:
         self.ids = {a.node_id for a in self.agents}
         self._stop = asyncio.Event()
         self._tasks = [asyncio.ensure_future(a.client.run(self._stop)) for a in self.agents]
-
-    def on(self, address: str) -> set[str]:
-        """Ids of the agents whose stream is open to `address`."""
-        return {a.node_id for a in self.agents if a.on == address}
 
     def applied(self, version: str, ids: set[str] | None = None) -> bool:
         return all(version in a.applied_at for a in self.agents if ids is None or a.node_id in ids)
@@ -285,8 +268,8 @@ async def propagation(replicas: Replicas, admin: AdminClient, n: int, changes: i
     fleet = Fleet(n, addresses, generation=0)
     out = Propagation()
     try:
-        await settled(admin, addresses, fleet.ids)
-        on_writer = fleet.on(writer)
+        views = await settled(admin, addresses, fleet.ids)
+        on_writer = views[writer].on(replicas.slot_of(writer))
         version = ""
         for i in range(changes):
             sent = time.perf_counter()
@@ -298,7 +281,8 @@ async def propagation(replicas: Replicas, admin: AdminClient, n: int, changes: i
             await asyncio.sleep(0.2)
         try:
             views = await settled(admin, addresses, fleet.ids, timeout_s=10)
-            out.confirmed = all(v.current == version for v in views.values()) and fleet.on(writer) == on_writer
+            out.confirmed = all(v.current == version for v in views.values()) and \
+                views[writer].on(replicas.slot_of(writer)) == on_writer
         except TimeoutError:
             out.confirmed = False
     finally:
@@ -330,7 +314,7 @@ async def failover_round(replicas: Replicas, admin: AdminClient, conn: psycopg.A
     addresses = replicas.addresses()
     fleet = Fleet(n, addresses, generation=index + 1)
     try:
-        await settled(admin, addresses, fleet.ids)
+        views = await settled(admin, addresses, fleet.ids)
         leader: tuple[str, str, int] = ("", "", 0)
 
         async def has_leader() -> bool:
@@ -340,8 +324,8 @@ async def failover_round(replicas: Replicas, admin: AdminClient, conn: psycopg.A
 
         await until(has_leader, 30, "leader")
         _, dead, epoch = leader
-        moved = fleet.on(dead)
         slot = replicas.slot_of(dead)
+        moved = views[dead].on(slot)
         live = [a for a in addresses if a != dead]
         killed_at = time.perf_counter()
         replicas.procs[slot].kill()
