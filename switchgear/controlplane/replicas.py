@@ -39,9 +39,6 @@ from switchgear.v1 import admin_pb2_grpc, loadreport_pb2, tasks_pb2, tasks_pb2_g
 
 log = logging.getLogger("switchgear.controlplane.replicas")
 
-#: The channel PgStore NOTIFYs on in every commit's transaction (payload: the new seq).
-REGISTRY_CHANNEL = NOTIFY_CHANNEL
-
 
 class RegistryFollower:
     def __init__(self, dsn: str, registry: Registry, *, poll_s: float = 1.0) -> None:
@@ -74,7 +71,7 @@ class RegistryFollower:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {REGISTRY_CHANNEL}")
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # PgStore notifies in every commit
                     self._refresh()  # anything committed before LISTEN took effect
                     async for _ in conn.notifies():
                         self._refresh()

@@ -148,12 +148,9 @@ def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) 
     except ValidationError as exc:
         _refuse(registry, path, exc)
         return
-    if registry.config_hash == digest and not (change.added or change.changed or change.removed) and \
-            snapshot.state == state:  # another replica applied it a moment before us
-        log.info("config %s already served as version %s", path, snapshot.version)
-        return
+    # All zero when another replica applied the same file a moment before this one.
     log.info(
-        "applied %s as version %s (added %d, changed %d, removed %d)",
+        "config %s: serving version %s (added %d, changed %d, removed %d)",
         path, snapshot.version, len(change.added), len(change.changed), len(change.removed),
     )
 
@@ -189,7 +186,7 @@ async def serve(
     prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
-    usage = _UsageHolder(store)
+    usage = _UsageHolder(store, live=shared is None)
     loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
                                      on_tenants=usage.add, relay=shared.relay if shared else None)
 
@@ -311,10 +308,10 @@ class _UsageHolder:
     """The tenants' usage book. The process that folds load reports (the leader, or the only
     control plane) keeps it live and saves it; any other replica reads the saved one."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, live: bool) -> None:
         self._store = store
         self.book = UsageBook()
-        self.live = True
+        self.live = live  # replicas: set while this one leads
         self._reload(self.book)
 
     def _reload(self, book: UsageBook) -> None:
@@ -355,7 +352,6 @@ class _Replica:
         self._loadreports = loadreports
         self._usage = usage
         self._scheduling = scheduling
-        usage.live = False
         self.link = LeaderLink(shared.conn, address, options.peer_tls)
         self.tasks = TasksRouter(self.link)
         self._admin: AdminRouter | None = None
