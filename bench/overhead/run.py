@@ -6,7 +6,10 @@ front door, then for each upstream delay and each concurrency (1, 16, 64) drives
 
 - direct: wrk → emulator `POST /v1/chat/completions`
 - http:   wrk → agent front door `POST /v1/chat/completions` (model = service name)
-- grpc:   h2load → agent `switchgear.v1.GatewayService/Invoke` (unary gRPC over h2c)
+- grpc:   h2load → agent `switchgear.v1.GatewayService/Invoke` (unary gRPC over h2c), served by
+          the agent's own gRPC server (switchgear.rpc, the default)
+- grpcio: the same against a second agent started with `--grpc-server grpcio` (grpc.aio), only
+          when this mode is asked for: the A/B of the two gRPC servers in one run
 
 wrk and h2load are compiled load generators (Debian `wrk`, `nghttp2-client`; installed with
 apt-get when missing and running as root). h2load counts any gRPC status as success, so every
@@ -251,9 +254,10 @@ def h2load(
 
 
 class Stack:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, grpcio: bool = False) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.with_grpcio = grpcio
 
     def start(self) -> None:
         emu = Proc.switchgear(
@@ -283,27 +287,9 @@ class Stack:
         )
         self.procs.append(cp)
         cp_address = cp.start()
-        agent = Proc.switchgear(
-            "agent",
-            [
-                "agent",
-                "--auth",
-                "none",
-                "--control-plane",
-                cp_address,
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "warning",
-            ],
-            self.workdir,
-        )
-        self.procs.append(agent)
-        self.grpc_address = agent.start()
-        self.http_address = agent.wait_line("HTTP ", 20)[5:].strip()
-        self.agent = agent
+        self.agent, self.grpc_address, self.http_address = self._agent("agent", cp_address, "switchgear")
+        if self.with_grpcio:
+            self.agent_grpcio, self.grpcio_address, _ = self._agent("agent-grpcio", cp_address, "grpcio")
         deadline = time.monotonic() + 20
         while True:  # the agent serves once it holds the snapshot
             r = httpx.post(
@@ -313,6 +299,14 @@ class Stack:
                 break
             assert time.monotonic() < deadline, f"agent not serving: {r.status_code} {r.text}"
             time.sleep(0.1)
+
+    def _agent(self, name: str, cp_address: str, grpc_server: str) -> tuple[Proc, str, str]:
+        argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
+                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning"]
+        agent = Proc.switchgear(name, argv, self.workdir)
+        self.procs.append(agent)
+        grpc_address = agent.start()
+        return agent, grpc_address, agent.wait_line("HTTP ", 20)[5:].strip()
 
     def served(self, instance: str) -> int:
         stats = httpx.get(f"http://127.0.0.1:{self.ports[instance]}/_emulator/stats", timeout=5).json()
@@ -361,14 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
         workdir = Path(tmp)
-        stack = Stack(workdir)
+        modes = args.modes.split(",")
+        stack = Stack(workdir, grpcio="grpcio" in modes)
         try:
             stack.start()
-            pids = (stack.emulator.pid, stack.agent.pid)
             for delay in (int(d) for d in args.delays.split(",")):
                 instance, service = ("fixed", "bench-20ms") if delay == 20 else ("zero", "bench-0ms")
                 for conc in (int(c) for c in args.concurrency.split(",")):
-                    for mode in args.modes.split(","):
+                    for mode in modes:
+                        agent = stack.agent_grpcio if mode == "grpcio" else stack.agent
+                        pids = (stack.emulator.pid, agent.pid)
                         if mode == "direct":
                             run, _ = wrk(
                                 f"http://127.0.0.1:{stack.ports[instance]}/v1/chat/completions",
@@ -389,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         else:
                             run, _ = h2load(
-                                stack.grpc_address,
+                                stack.grpcio_address if mode == "grpcio" else stack.grpc_address,
                                 service,
                                 conc,
                                 args.seconds,

@@ -1,0 +1,598 @@
+"""A gRPC server on the event loop, for the agent's application-facing port.
+
+A drop-in for `grpc.aio.server()` where the agent uses it: generated `add_*Servicer_to_server`
+functions, grpc.aio ServerInterceptors, grpc_health's and grpc_reflection's aio servicers, and
+handlers written against `grpc.aio.ServicerContext` all work unchanged. The wire is gRPC over
+HTTP/2 as specified (PROTOCOL-HTTP2.md in grpc's repository): length-prefixed messages (gzip and
+deflate accepted, answers uncompressed), `grpc-timeout` deadlines, metadata with base64 `-bin`
+values, status in trailers (trailers-only when nothing else was sent), percent-encoded
+`grpc-message`, HTTP 405/415 for requests that are not gRPC. It exists for speed (see
+http2.py); the control plane keeps grpc.aio, where calls are few.
+
+Semantics match grpc.aio's server where handlers can tell: an exception ends the call UNKNOWN
+"Unexpected <class>: ...", `abort` raises `grpc.aio.AbortError`, a passed deadline cancels the
+handler and answers DEADLINE_EXCEEDED, a client's cancel cancels the handler, requests over
+`max_receive_message_length` answer RESOURCE_EXHAUSTED. Plain TCP only (h2c), like the agent's
+port always was; TLS stays on grpc.aio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import logging
+import socket
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+
+from switchgear.rpc import http2
+from switchgear.rpc.http2 import Connection, Stream, literal, literal_indexed_name, status_field
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024  # grpc's default
+_CONTENT_TYPE = literal_indexed_name(31, b"application/grpc")  # static entry 31: content-type
+_ACCEPT = literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
+_HEAD = http2.STATUS_200 + _CONTENT_TYPE + _ACCEPT
+_OK = literal(b"grpc-status", b"0")
+_RESERVED = frozenset((b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding",
+                       b"connection", b"host"))
+_TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+
+
+class _Details(collections.namedtuple("_Details", ("method", "invocation_metadata")),
+               grpc.HandlerCallDetails):  # type: ignore[misc]
+    pass
+
+
+class _Reject(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _percent(message: str) -> bytes:
+    """grpc-message encoding: UTF-8, with bytes outside printable ASCII and '%' as %XX."""
+    raw = message.encode()
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+def _encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> bytes:
+    out = []
+    for key, value in metadata:
+        name = key.lower().encode()
+        if name.endswith(b"-bin"):
+            raw = value if isinstance(value, bytes) else value.encode()
+            out.append(literal(name, base64.b64encode(raw).rstrip(b"=")))
+        else:
+            out.append(literal(name, value.encode() if isinstance(value, str) else value))
+    return b"".join(out)
+
+
+def _decode_value(name: bytes, value: bytes) -> str | bytes:
+    if name.endswith(b"-bin"):
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    return value.decode("latin-1")
+
+
+def _timeout(value: bytes) -> float:
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit() or value[-1] not in _TIMEOUT_UNITS:
+        raise _Reject(grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {value.decode('latin-1')!r}")
+    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
+
+
+class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
+    """One call: grpc.aio.ServicerContext for handlers, and the call's state for the server."""
+
+    def __init__(self, server: Server, stream: Stream, method: str, metadata: tuple[tuple[str, str | bytes], ...],
+                 handler: grpc.RpcMethodHandler, encoding: bytes, deadline: float | None) -> None:
+        self._server = server
+        self._stream = stream
+        self._method = method
+        self._metadata = metadata
+        self._handler = handler
+        self._encoding = encoding
+        self._deadline = deadline
+        self._body = bytearray()  # request-streaming calls: bytes not yet cut into messages
+        self._chunks: list[bytes] = []  # unary requests: the body as it arrived
+        self._size = 0
+        self._inbox: asyncio.Queue[bytes | None] | None = None
+        self._code = grpc.StatusCode.OK
+        self._details = ""
+        self._initial: Sequence[tuple[str, str | bytes]] = ()
+        self._trailing: Sequence[tuple[str, str | bytes]] = ()
+        self._head_sent = False
+        self._finished = False
+        self._expired = False
+        self._cancelled = False
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- reading the request --------------------------------------------------------------------
+
+    def _message(self, body: bytes | bytearray) -> bytes:
+        compressed, length = body[0], int.from_bytes(body[1:5], "big")
+        payload = bytes(body[5:5 + length])
+        if not compressed:
+            return payload
+        limit = self._server.max_receive
+        if self._encoding in (b"gzip", b"deflate"):
+            inflater = zlib.decompressobj(31 if self._encoding == b"gzip" else 15)
+            out = inflater.decompress(payload, limit + 1)
+            if len(out) > limit:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"Received message larger than max (over {limit} bytes once decompressed)")
+            return out
+        raise _Reject(grpc.StatusCode.UNIMPLEMENTED,
+                      f"Compression algorithm {self._encoding.decode('latin-1') or 'identity'!r} not supported "
+                      "for a compressed message")
+
+    def _next_messages(self) -> list[bytes]:
+        """Complete messages at the head of the body buffer, removed from it."""
+        body, out, pos = self._body, [], 0
+        limit = self._server.max_receive
+        while len(body) - pos >= 5:
+            length = int.from_bytes(body[pos + 1:pos + 5], "big")
+            if length > limit:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"Received message larger than max ({length} vs. {limit})")
+            if len(body) - pos - 5 < length:
+                break
+            out.append(self._message(body[pos:pos + 5 + length]))
+            pos += 5 + length
+        del body[:pos]
+        return out
+
+    # --- grpc.aio.ServicerContext ---------------------------------------------------------------
+
+    async def read(self) -> Any:
+        if self._inbox is None:
+            raise grpc.aio.UsageError("read() is for request-streaming calls")
+        raw = await self._inbox.get()
+        if raw is None:
+            self._inbox.put_nowait(None)
+            return grpc.aio.EOF
+        self._stream.conn.credit(self._stream, len(raw) + 5)
+        deserialize = self._handler.request_deserializer
+        return deserialize(raw) if deserialize is not None else raw
+
+    async def write(self, message: Any) -> None:
+        if self._finished:
+            raise grpc.aio.UsageError("the call has ended")
+        serialize = self._handler.response_serializer
+        data = serialize(message) if serialize is not None else message
+        conn, stream = self._stream.conn, self._stream
+        if conn.send(stream, None if self._head_sent else self._head(), b"\x00" + len(data).to_bytes(4, "big") + data,
+                     None):
+            await conn.wait_sent(stream)
+        else:
+            await conn.drain()
+        self._head_sent = True
+
+    async def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        if self._head_sent:
+            raise grpc.aio.UsageError("initial metadata has been sent")
+        self._initial = tuple(initial_metadata)
+        if self._handler.response_streaming:  # a unary answer carries them with its message
+            self._stream.conn.send(self._stream, self._head(), b"", None)
+            self._head_sent = True
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Sequence[tuple[str, str | bytes]] = ()) -> NoReturn:
+        if code == grpc.StatusCode.OK:
+            raise ValueError("abort() needs a status other than OK")
+        self._code, self._details = code, details
+        if trailing_metadata:
+            self._trailing = tuple(trailing_metadata)
+        raise grpc.aio.AbortError()
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    def trailing_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return self._trailing
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_compression(self, compression: grpc.Compression) -> None:
+        pass  # answers are sent uncompressed
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
+    def peer(self) -> str:
+        return self._stream.conn.peer
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._finished
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(callback)
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def _head(self) -> bytes:
+        return _HEAD + _encode_metadata(self._initial) if self._initial else _HEAD
+
+    def _status_block(self, code: grpc.StatusCode, details: str) -> bytes:
+        block = _OK if code is grpc.StatusCode.OK else literal(b"grpc-status", str(code.value[0]).encode())
+        if details and code is not grpc.StatusCode.OK:
+            block += literal(b"grpc-message", _percent(details))
+        if self._trailing:
+            block += _encode_metadata(self._trailing)
+        return block
+
+    def _finish(self, code: grpc.StatusCode, details: str, message: bytes | None = None) -> None:
+        """Sends the answer's end (and a unary answer's message with it) in one write."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        stream = self._stream
+        trailers = self._status_block(code, details)
+        if message is not None:
+            stream.conn.send(stream, self._head(), b"\x00" + len(message).to_bytes(4, "big") + message, trailers)
+        elif self._head_sent:
+            stream.conn.send(stream, None, b"", trailers)
+        else:  # trailers-only
+            stream.conn.send(stream, None, b"", self._head() + trailers)
+        for callback in self._callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("done callback of %s failed", self._method)
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            self._finish(self._code, self._details)
+        elif isinstance(exc, _Reject):
+            self._finish(exc.code, exc.details)
+        else:
+            log.exception("%s failed", self._method, exc_info=exc)
+            self._finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+
+    def _expire(self) -> None:
+        self._expired = self._cancelled = True
+        if self._stream.task is not None:
+            self._stream.task.cancel()
+        else:  # still waiting for the request
+            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _reset(self, stream: Stream) -> None:
+        self._cancelled = True
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._inbox is not None:
+            self._inbox.put_nowait(None)
+
+
+class Server(grpc.aio.Server):  # type: ignore[misc]
+    """See the module docstring. `interceptors` are grpc.aio ServerInterceptors, run in order."""
+
+    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
+                 max_receive_message_length: int = DEFAULT_MAX_RECEIVE, max_concurrent_streams: int = 1000,
+                 max_header_list_size: int = 16 * 1024) -> None:
+        self._interceptors = tuple(interceptors)
+        self.max_receive = max_receive_message_length
+        self._max_streams = max_concurrent_streams
+        self._max_header_list = max_header_list_size
+        self._registered: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._sockets: list[socket.socket] = []
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._connections: set[Connection] = set()
+        self._stopped: asyncio.Event | None = None
+
+    # --- grpc.aio.Server ----------------------------------------------------------------------
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
+        for method, handler in method_handlers.items():
+            self._registered[f"/{service_name}/{method}"] = handler
+
+    def add_insecure_port(self, address: str) -> int:
+        """Binds now (like grpc.aio) and returns the port; "host:0" picks one, shared by every
+        address the host resolves to."""
+        host, _, port_text = address.rpartition(":")
+        host = host.strip("[]")
+        port = int(port_text)
+        infos: list[tuple[socket.AddressFamily, str]]
+        if host in ("", "::", "0.0.0.0", "*"):
+            infos = [(socket.AF_INET6, "::")] if socket.has_ipv6 else [(socket.AF_INET, "0.0.0.0")]
+        else:
+            seen: dict[tuple[socket.AddressFamily, str], None] = {}
+            for af, _, _, _, sockaddr in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
+                seen[(af, str(sockaddr[0]))] = None
+            infos = list(seen)
+        for family, ip in infos:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and ip == "::":
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind((ip, port))
+            except OSError:
+                sock.close()
+                if port == 0 and len(infos) > 1:
+                    continue  # e.g. localhost's ::1 without IPv6: the other address serves
+                raise
+            port = sock.getsockname()[1]
+            sock.listen(1024)
+            sock.setblocking(False)
+            self._sockets.append(sock)
+        return port
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        raise NotImplementedError("switchgear.rpc serves plain h2c; use grpc.aio for TLS")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for sock in self._sockets:
+            self._listeners.append(await loop.create_server(self._connection, sock=sock))
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuses new connections and streams (GOAWAY), lets open calls finish for `grace`
+        seconds, then cancels what is left and closes every connection."""
+        for listener in self._listeners:
+            listener.close()
+        for conn in list(self._connections):
+            conn.goaway()
+        if grace and self._connections:
+            waits = [asyncio.ensure_future(conn.closed.wait()) for conn in self._connections]
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for waiter in pending:
+                waiter.cancel()
+        for conn in list(self._connections):
+            for stream in list(conn.streams.values()):
+                if stream.task is not None:
+                    stream.task.cancel()
+            if conn.transport is not None:
+                conn.transport.abort()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        if self._stopped is None:
+            return True
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- calls ----------------------------------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        conn = Connection(self._on_stream, max_concurrent_streams=self._max_streams,
+                          max_header_list_size=self._max_header_list, on_close=self._connections.discard)
+        self._connections.add(conn)
+        return conn
+
+    def _on_stream(self, stream: Stream) -> None:
+        """A request's headers: check them, find the method, and read the body."""
+        method = content_type = b""
+        path = ""
+        encoding = b"identity"
+        timeout: bytes | None = None
+        metadata = []
+        for name, value in stream.headers:
+            if name[0] == 58:  # ':'
+                if name == b":path":
+                    path = value.decode("latin-1")
+                elif name == b":method":
+                    method = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"grpc-timeout":
+                timeout = value
+            elif name == b"grpc-encoding":
+                encoding = value
+            elif name not in _RESERVED:
+                metadata.append((name.decode("latin-1"), _decode_value(name, value)))
+        conn = stream.conn
+        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+            code = 405 if method != b"POST" else 415
+            conn.send(stream, None, b"", status_field(code) + literal(b"content-type", b"text/plain"))
+            return
+        handler = self._registered.get(path)
+        if handler is None:
+            details = _Details(path, tuple(metadata))
+            handler = next((h for g in self._generic if (h := g.service(details)) is not None), None)
+        deadline = None
+        context = Context(self, stream, path, tuple(metadata), handler, encoding, None)
+        stream.call = context
+        stream.on_reset = context._reset
+        try:
+            if handler is None:
+                raise _Reject(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            if timeout is not None:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + _timeout(timeout)
+                context._deadline = deadline
+                context._timer = loop.call_at(deadline, context._expire)
+        except _Reject as exc:
+            context._fail(exc)
+            return
+        if handler.request_streaming:
+            context._inbox = asyncio.Queue()
+            stream.on_data = self._stream_data
+            stream.task = asyncio.get_running_loop().create_task(self._run(context))
+        else:
+            stream.on_data = self._unary_data
+
+    def _unary_data(self, stream: Stream, chunk: bytes, ended: bool) -> None:
+        context: Context = stream.call
+        if context._finished:
+            return
+        if chunk:
+            context._chunks.append(chunk)
+            context._size += len(chunk)
+            stream.conn.credit(stream, len(chunk))
+            if context._size > self.max_receive + 5:
+                context._fail(_Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"Received message larger than max ({context._size - 5} vs. "
+                                      f"{self.max_receive})"))
+                return
+        if ended:
+            stream.task = asyncio.get_running_loop().create_task(self._run(context))
+
+    def _stream_data(self, stream: Stream, chunk: bytes, ended: bool) -> None:
+        context: Context = stream.call
+        assert context._inbox is not None
+        if context._finished:
+            return
+        context._body += chunk
+        try:
+            for message in context._next_messages():
+                context._inbox.put_nowait(message)
+        except _Reject as exc:
+            if stream.task is not None:
+                stream.task.cancel()
+            context._fail(exc)
+            return
+        if ended:
+            context._inbox.put_nowait(None)
+
+    async def _handler(self, context: Context) -> grpc.RpcMethodHandler:
+        """The method's handler as the interceptors leave it."""
+        details = _Details(context._method, context._metadata)
+
+        async def innermost(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return context._handler
+
+        continuation: Callable[[grpc.HandlerCallDetails], Any] = innermost
+        for interceptor in reversed(self._interceptors):
+            continuation = _bind(interceptor, continuation)
+        return await continuation(details)
+
+    async def _run(self, context: Context) -> None:
+        try:
+            handler = await self._handler(context) if self._interceptors else context._handler
+            if handler is None:
+                raise _Reject(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            context._handler = handler
+            if handler.request_streaming:
+                request: Any = self._requests(context)
+            else:
+                request = self._request(context)
+            if handler.unary_unary is not None:
+                await self._answer(context, await handler.unary_unary(request, context))
+            elif handler.stream_unary is not None:
+                await self._answer(context, await handler.stream_unary(request, context))
+            else:
+                behaviour = handler.unary_stream or handler.stream_stream
+                result = behaviour(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        await context.write(item)
+                else:
+                    await result
+                context._finish(context._code, context._details)
+        except asyncio.CancelledError:
+            if context._expired:
+                context._cancelled = True
+                context._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            elif not context._finished:
+                context._finish(grpc.StatusCode.CANCELLED, "Cancelled")
+        except BaseException as exc:
+            context._fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _request(self, context: Context) -> Any:
+        chunks = context._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(body) < 5:
+            raise _Reject(grpc.StatusCode.INTERNAL, "request had no message")
+        length = int.from_bytes(body[1:5], "big")
+        if len(body) != 5 + length:
+            raise _Reject(grpc.StatusCode.INTERNAL, "request was not exactly one message")
+        raw = context._message(body)
+        deserialize = context._handler.request_deserializer
+        try:
+            return deserialize(raw) if deserialize is not None else raw
+        except Exception as exc:
+            raise _Reject(grpc.StatusCode.INTERNAL, f"Exception deserializing request: {exc}") from exc
+
+    async def _requests(self, context: Context) -> AsyncIterator[Any]:
+        while (message := await context.read()) is not grpc.aio.EOF:
+            yield message
+
+    async def _answer(self, context: Context, response: Any) -> None:
+        if context._code is not grpc.StatusCode.OK:  # set_code without abort: no message
+            context._finish(context._code, context._details)
+            return
+        serialize = context._handler.response_serializer
+        try:
+            data = serialize(response) if serialize is not None else response
+        except Exception as exc:
+            raise _Reject(grpc.StatusCode.INTERNAL, f"Failed to serialize response: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray)):
+            raise _Reject(grpc.StatusCode.INTERNAL, "the handler returned no response")
+        if context._head_sent:
+            await context.write(response)
+            context._finish(grpc.StatusCode.OK, "")
+        else:
+            context._finish(grpc.StatusCode.OK, "", bytes(data))
+
+
+def _bind(interceptor: grpc.aio.ServerInterceptor,
+          continuation: Callable[[grpc.HandlerCallDetails], Any]) -> Callable[[grpc.HandlerCallDetails], Any]:
+    async def call(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return await interceptor.intercept_service(continuation, details)
+    return call
+
+
+def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **options: Any) -> Server:
+    return Server(interceptors, **options)
+
+
+__all__ = ["Context", "Server", "server"]
