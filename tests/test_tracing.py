@@ -65,12 +65,13 @@ async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
 
 
 async def run_agent(
-    control_plane: ControlPlane, exporter: InMemorySpanExporter | None
+    control_plane: ControlPlane, exporter: InMemorySpanExporter | None, grpc_server: str = "switchgear"
 ) -> tuple[str, asyncio.Event, Any]:
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     options = Options(control_planes=[control_plane.address], listen="127.0.0.1:0", node_id="traced",
-                      span_exporter=exporter, auth_required=False)  # client keys are governance's test
+                      span_exporter=exporter, auth_required=False,  # client keys are governance's test
+                      grpc_server=grpc_server)
     task = asyncio.ensure_future(serve(options, stop, ready.set_result))
     return await ready, stop, task
 
@@ -90,13 +91,14 @@ async def invoke(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> ga
     raise AssertionError("agent never got a snapshot")
 
 
+@pytest.mark.parametrize("grpc_server", ["switchgear", "grpcio"])  # the interceptor sees the same on both
 async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_upstream(
-    control_plane: ControlPlane, upstream: tuple[Upstream, str]
+    control_plane: ControlPlane, upstream: tuple[Upstream, str], grpc_server: str
 ) -> None:
     up, url = upstream
     control_plane.registry.register(service("chat", url, url, model="gpt-4o-mini"), "test")
     exporter = InMemorySpanExporter()
-    address, stop, task = await run_agent(control_plane, exporter)
+    address, stop, task = await run_agent(control_plane, exporter, grpc_server)
     try:
         await invoke(address)  # warm-up: the agent has its snapshot
         exporter.clear()

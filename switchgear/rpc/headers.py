@@ -73,6 +73,8 @@ class HeaderDecoder:
                 field, pos = self._literal(data, pos, 6)
                 self._add(field)
             elif byte & 0x20:  # dynamic table size update
+                if fields:  # RFC 7541 4.2: only at the start of a block
+                    raise HPACKDecodingError("table size update after a header field")
                 size, pos = _integer(data, pos, 5)
                 if size > self._max_setting:
                     raise InvalidTableSizeError(f"table size {size} over the advertised {self._max_setting}")

@@ -436,6 +436,7 @@ class Connection(asyncio.Protocol):
             return
         if increment == 0 or stream.send_window + increment > MAX_WINDOW:
             self.reset(stream, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR)
+            _cancel(stream)  # the stream is gone: its handler must not run on
             return
         stream.send_window += increment
         if stream.id in self._blocked:
@@ -480,8 +481,9 @@ class Connection(asyncio.Protocol):
             parts.append(self._data_frames(stream, data))
         if trailers is not None:
             parts.append(self._header_frames(stream.id, trailers, end=True))
-            self._local_close(stream)
         self.transport.write(b"".join(parts) if len(parts) > 1 else parts[0])
+        if trailers is not None:  # after the write: closing the last stream may close the transport
+            self._local_close(stream)
         return False
 
     def _data_frames(self, stream: Stream, data: bytes) -> bytes:
@@ -510,6 +512,7 @@ class Connection(asyncio.Protocol):
             return
         allowed = min(stream.send_window, self._send_window)
         parts = []
+        ended = False
         if allowed > 0 and stream.pending:
             chunk, stream.pending = stream.pending[:allowed], stream.pending[allowed:]
             parts.append(self._data_frames(stream, chunk))
@@ -518,11 +521,13 @@ class Connection(asyncio.Protocol):
             if stream.pending_trailers is not None:
                 parts.append(self._header_frames(stream.id, stream.pending_trailers, end=True))
                 stream.pending_trailers = None
-                self._local_close(stream)
+                ended = True
             if stream.window_open is not None:
                 stream.window_open.set()
         if parts:
             self.transport.write(b"".join(parts))
+        if ended:  # after the write, as in send()
+            self._local_close(stream)
 
     def _flush_blocked(self) -> None:
         for stream in list(self._blocked.values()):

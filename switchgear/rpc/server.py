@@ -325,6 +325,13 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         self._listeners: list[asyncio.AbstractServer] = []
         self._connections: set[Connection] = set()
         self._stopped: asyncio.Event | None = None
+        # The interceptor chain, built once: each call enters it with its HandlerCallDetails.
+        chain: Callable[[grpc.HandlerCallDetails], Any] | None = None
+        if self._interceptors:
+            chain = self._innermost
+            for interceptor in reversed(self._interceptors):
+                chain = _bind(interceptor, chain)
+        self._intercepted = chain
 
     # --- grpc.aio.Server ----------------------------------------------------------------------
 
@@ -442,10 +449,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             code = 405 if method != b"POST" else 415
             conn.send(stream, None, b"", status_field(code) + literal(b"content-type", b"text/plain"))
             return
-        handler = self._registered.get(path)
-        if handler is None:
-            details = _Details(path, tuple(metadata))
-            handler = next((h for g in self._generic if (h := g.service(details)) is not None), None)
+        handler = self._registered.get(path) or self._lookup(_Details(path, tuple(metadata)))
         deadline = None
         context = Context(self, stream, path, tuple(metadata), handler, encoding, None)
         stream.call = context
@@ -501,21 +505,21 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         if ended:
             context._inbox.put_nowait(None)
 
-    async def _handler(self, context: Context) -> grpc.RpcMethodHandler:
-        """The method's handler as the interceptors leave it."""
-        details = _Details(context._method, context._metadata)
+    def _lookup(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._registered.get(details.method)
+        if handler is None:
+            handler = next((h for g in self._generic if (h := g.service(details)) is not None), None)
+        return handler
 
-        async def innermost(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return context._handler
-
-        continuation: Callable[[grpc.HandlerCallDetails], Any] = innermost
-        for interceptor in reversed(self._interceptors):
-            continuation = _bind(interceptor, continuation)
-        return await continuation(details)
+    async def _innermost(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._lookup(details)
 
     async def _run(self, context: Context) -> None:
         try:
-            handler = await self._handler(context) if self._interceptors else context._handler
+            if self._intercepted is not None:
+                handler = await self._intercepted(_Details(context._method, context._metadata))
+            else:
+                handler = context._handler
             if handler is None:
                 raise _Reject(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             context._handler = handler

@@ -1,0 +1,77 @@
+"""The agent's gRPC port answers the same on its own server (switchgear.rpc, the default) and on
+grpc.aio (`--grpc-server grpcio`): statuses, details, trailing metadata, health and reflection,
+seen through a real grpc.aio client against a real agent and a local OpenAI-shaped upstream."""
+
+from __future__ import annotations
+
+import grpc
+import orjson
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import ControlPlane, service
+from tests.test_tracing import Upstream, invoke, run_agent, upstream  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.timeout(60)
+
+PAYLOAD = orjson.dumps({"messages": [{"role": "user", "content": "hello"}]})
+
+
+async def observe(address: str, up: Upstream) -> dict[str, object]:
+    """What a client sees of the agent's port: one of each kind of answer."""
+    seen: dict[str, object] = {}
+    reply = await invoke(address)  # also waits for the first snapshot
+    seen["ok"] = (reply.endpoint, reply.attempts, orjson.loads(reply.payload)["usage"]["total_tokens"])
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        for name, request in (
+            ("unknown service", gateway_pb2.InvokeRequest(service="nope", method="chat.completions", payload=PAYLOAD)),
+            ("bad payload", gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=b"{")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Invoke(request, timeout=5)
+            seen[name] = (failed.value.code(), failed.value.details())
+        up.fail_next = 10  # every attempt fails: the status and the trailers say why
+        call = stub.Invoke(gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=PAYLOAD),
+                           timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call
+        up.fail_next = 0
+        trailers = {k: v for k, v in (await call.trailing_metadata() or ())}
+        seen["upstream down"] = (failed.value.code(), trailers.get("switchgear-error-kind"),
+                                 trailers.get("switchgear-upstream-status"), "switchgear-attempts" in trailers)
+        health = health_pb2_grpc.HealthStub(channel)
+        seen["health"] = (await health.Check(health_pb2.HealthCheckRequest(service="switchgear.v1.GatewayService"),
+                                             timeout=5)).status
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        seen["health unknown"] = failed.value.code()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = [r async for r in reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
+        seen["services"] = sorted(s.name for s in replies[0].list_services_response.service)
+    return seen
+
+
+async def test_both_grpc_servers_answer_alike(control_plane: ControlPlane, upstream: tuple[Upstream, str]) -> None:
+    up, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    seen = {}
+    for kind in ("switchgear", "grpcio"):
+        address, stop, task = await run_agent(control_plane, None, kind)
+        try:
+            seen[kind] = await observe(address, up)
+        finally:
+            stop.set()
+            await task
+    ours = seen["switchgear"]
+    assert ours["ok"][2] == 10
+    assert ours["unknown service"][0] == grpc.StatusCode.NOT_FOUND
+    assert ours["bad payload"][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert ours["upstream down"] == (grpc.StatusCode.UNAVAILABLE, "retryable", "503", True)
+    assert ours["health"] == health_pb2.HealthCheckResponse.SERVING
+    assert ours["health unknown"] == grpc.StatusCode.NOT_FOUND
+    assert "switchgear.v1.GatewayService" in ours["services"]  # type: ignore[operator]
+    assert seen["switchgear"] == seen["grpcio"]
