@@ -339,6 +339,14 @@ def fmt(runs: list[Run], rss: float) -> str:
             f"{added50} | {added99} | {ratio} | {r.errors} | "
             f"{r.loadgen_cpu_s:.1f} / {r.emulator_cpu_s:.1f} / {r.agent_cpu_s:.1f} | {per_request(r)} |"
         )
+    grpcio = {(r.delay_ms, r.concurrency): r for r in runs if r.mode == "grpcio"}
+    ours = [(r, grpcio[(r.delay_ms, r.concurrency)]) for r in runs
+            if r.mode == "grpc" and (r.delay_ms, r.concurrency) in grpcio]
+    if ours:
+        lines.append("\ngRPC servers, switchgear.rpc vs grpc.aio (same run): " + "; ".join(
+            f"{r.delay_ms} ms c={r.concurrency} {r.rps / g.rps:.2f}x req/s, "
+            f"{(r.agent_cpu_s / r.requests) / (g.agent_cpu_s / g.requests):.2f}x CPU per call"
+            for r, g in ours if g.rps and r.requests and g.requests and g.agent_cpu_s))
     lines.append(f"\nagent RSS after the runs: {rss:.0f} MB")
     return "\n".join(lines)
 
@@ -348,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per run")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--delays", default="20,0", help="upstream delays in ms: 20 and/or 0")
-    parser.add_argument("--modes", default="direct,http,grpc")
+    parser.add_argument("--modes", default="direct,http,grpc,grpcio")
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
     args = parser.parse_args(argv)
     ensure_tools()
