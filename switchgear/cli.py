@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from switchgear import __version__
+from switchgear.tls import ServerTls
 
 
 def _ready_announcer(ready_file: str | None) -> Callable[[str], None]:
@@ -55,7 +57,7 @@ def _store_url(value: str) -> str:
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from switchgear.controlplane.server import Options, StartupError, serve
-    from switchgear.tls import ClientTls, ServerTls
+    from switchgear.tls import ClientTls
 
     _logging(args.log_level)
     overrides = tuple((name, value) for name, value in (
@@ -110,6 +112,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         redis_probe_interval_s=args.redis_probe_interval,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
+        serve_tls=_serve_tls(args),
     )
 
     def announce_http(address: str) -> None:
@@ -120,6 +123,24 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     run_event_loop(run())
     return 0
+
+
+def _serve_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The agent's application-facing TLS, checked whole before anything starts."""
+    given = {"--serve-tls-cert": args.serve_tls_cert, "--serve-tls-key": args.serve_tls_key}
+    if not any(given.values()):
+        if args.serve_tls_client_ca:
+            raise SystemExit("--serve-tls-client-ca needs --serve-tls-cert and --serve-tls-key")
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise SystemExit(f"serving TLS needs {' and '.join(missing)} as well")
+    tls = ServerTls(args.serve_tls_cert, args.serve_tls_key, args.serve_tls_client_ca)
+    try:
+        tls.ssl_context(["h2"])  # unreadable or mismatched files fail here, naming the flag's file
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"--serve-tls-cert/--serve-tls-key/--serve-tls-client-ca: {exc}") from None
+    return tls
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -405,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share quota counters and the response cache with other agents (redis:// or unix://)")
     ag.add_argument("--redis-probe-interval", type=float, default=0.5, metavar="S",
                     help="while Redis is unusable, try it again at most this often (default: %(default)s)")
+    ag.add_argument("--serve-tls-cert", help="serve the gRPC port and the HTTP front door over TLS with this "
+                                             "certificate chain (PEM)")
+    ag.add_argument("--serve-tls-key", help="the private key of --serve-tls-cert (PEM)")
+    ag.add_argument("--serve-tls-client-ca", help="require callers' certificates signed by this CA (mutual TLS)")
     ag.add_argument("--tls-ca", help="verify the control plane's TLS certificate with this CA (PEM)")
     ag.add_argument("--tls-cert", help="client certificate for mutual TLS with the control plane (PEM)")
     ag.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")

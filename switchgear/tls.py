@@ -3,10 +3,14 @@
 Control plane: `--tls-cert/--tls-key` serve TLS; adding `--tls-client-ca` requires every client
 (agents, operators) to present a certificate signed by that CA (mTLS). Agents and the CLI:
 `--tls-ca` verifies the control plane; `--tls-cert/--tls-key` present a client certificate.
+Agents' application-facing ports (gRPC and the HTTP front door): `--serve-tls-cert`,
+`--serve-tls-key`, `--serve-tls-client-ca`, with the same meaning.
 """
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,18 @@ class ServerTls:
             [(key, chain)], root_certificates=_read(self.client_ca), require_client_auth=self.client_ca is not None
         )
 
+    def ssl_context(self, alpn: Sequence[str]) -> ssl.SSLContext:
+        """The same TLS for servers on the event loop (the agent's own gRPC server: ["h2"]; its
+        HTTP front door: ["http/1.1"]). TLS 1.2 or later, as HTTP/2 requires (RFC 9113 9.2)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(list(alpn))
+        return context
+
 
 @dataclass(frozen=True)
 class ClientTls:
@@ -46,9 +62,13 @@ class ClientTls:
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
-    """Listen on `address` with TLS when configured; returns the bound port."""
+    """Listen on `address` with TLS when configured; returns the bound port. Works for grpc.aio
+    servers and switchgear.rpc's (which takes an ssl.SSLContext)."""
     if tls is None:
         return int(server.add_insecure_port(address))
+    add_tls_port = getattr(server, "add_tls_port", None)
+    if add_tls_port is not None:
+        return int(add_tls_port(address, tls.ssl_context(["h2"])))
     return int(server.add_secure_port(address, tls.credentials()))
 
 

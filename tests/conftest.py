@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from aiohttp import web
 
 from switchgear.controlplane import pg
 from switchgear.controlplane.admin import AdminServicer
@@ -144,3 +145,37 @@ def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
             yield backend
     for store in backend.opened:
         store.close()
+
+
+class Upstream:
+    """POST /v1/chat/completions in OpenAI's shape; remembers every request's headers."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+        self.fail_next = 0
+
+    async def chat(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        if self.fail_next:
+            self.fail_next -= 1
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        body = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+        return web.json_response(body)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    up = Upstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", up.chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield up, f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()

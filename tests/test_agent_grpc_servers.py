@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import ControlPlane, service
-from tests.test_tracing import Upstream, invoke, run_agent, upstream  # noqa: F401 - fixture
+from tests.conftest import ControlPlane, Upstream, service
+from tests.test_tracing import invoke, run_agent
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -109,3 +109,17 @@ def test_the_same_file_in_another_environment_is_applied_again(tmp_path: Path) -
     (spec,) = registry.state.services
     assert spec.endpoints[0].url.startswith("http://127.0.0.1:9090") and registry.snapshot.version != first
     store.close()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--serve-tls-cert", "agent.pem"], "needs --serve-tls-key"),
+    (["--serve-tls-key", "agent.key"], "needs --serve-tls-cert"),
+    (["--serve-tls-client-ca", "ca.pem"], "--serve-tls-client-ca needs --serve-tls-cert and --serve-tls-key"),
+    (["--serve-tls-cert", "absent.pem", "--serve-tls-key", "absent.key"], "--serve-tls-cert/--serve-tls-key"),
+])
+def test_agent_refuses_half_or_unreadable_serving_tls(tmp_path: Path, flags: list[str], message: str) -> None:
+    """Checked before the agent starts anything: no port is opened with TLS half configured."""
+    with pytest.raises(SystemExit) as exited:
+        main(["agent", "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0",
+              *[str(tmp_path / f) if f.endswith((".pem", ".key")) else f for f in flags]])
+    assert message in str(exited.value)

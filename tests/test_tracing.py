@@ -9,59 +9,23 @@ the attempt span. With tracing off no span is made and no header is added.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import orjson
 import pytest
-from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from switchgear.dataplane.server import Options, serve
 from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.tracing import Tracing, upstream_headers
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import ControlPlane, service
+from tests.conftest import ControlPlane, Upstream, service
 
 pytestmark = pytest.mark.timeout(60)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-
-
-class Upstream:
-    """POST /v1/chat/completions in OpenAI's shape; remembers every request's headers."""
-
-    def __init__(self) -> None:
-        self.headers: list[dict[str, str]] = []
-        self.fail_next = 0
-
-    async def chat(self, request: web.Request) -> web.Response:
-        self.headers.append(dict(request.headers))
-        if self.fail_next:
-            self.fail_next -= 1
-            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
-        body = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
-        return web.json_response(body)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
-    up = Upstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.chat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield up, f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
 
 
 async def run_agent(

@@ -22,6 +22,7 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -386,15 +387,17 @@ def build_app(
 
 
 async def start(
-    holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None
+    holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Start the front door on `listen` ("host:port", port 0 picks one); (runner, bound address)."""
+    """Start the front door on `listen` ("host:port", port 0 picks one), over TLS when `tls` is
+    given; (runner, bound address)."""
     host, _, port = listen.rpartition(":")
     runner = web.AppRunner(
         build_app(holder, invoker, streamer, pipeline), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
     )
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), backlog=1024)
+    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls)
     await site.start()
     bound = runner.addresses[0]
     return runner, f"{host or '127.0.0.1'}:{bound[1]}"

@@ -41,7 +41,7 @@ from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
-from switchgear.tls import ClientTls
+from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane")
@@ -59,6 +59,9 @@ class Options:
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
+    # TLS on the application-facing ports (gRPC and the HTTP front door); with `client_ca`,
+    # callers must present a certificate it signed. None = plaintext, as on loopback.
+    serve_tls: ServerTls | None = None
     # Observability (metrics.py, tracing.py): /metrics address ("" = off); OTLP/HTTP traces
     # endpoint ("" = tracing off, nothing instrumented); ratio of new traces sampled;
     # `span_exporter` (an OpenTelemetry SpanExporter) is for in-process tests.
@@ -155,7 +158,7 @@ async def serve(
     )
     for name in ("", GATEWAY):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(options.listen)
+    port = add_port(server, options.listen, options.serve_tls)
     await server.start()
     address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
     log.info("agent %s listening on %s; control plane(s) %s", node.id, address, ", ".join(options.control_planes))
@@ -164,7 +167,8 @@ async def serve(
     http_runner = None
     if options.http_listen:
         http_runner, http_address = await http_front_door.start(
-            holder, invoker, streamer, options.http_listen, pipeline)
+            holder, invoker, streamer, options.http_listen, pipeline,
+            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", node.id, http_address)
         if on_http_ready is not None:
             on_http_ready(http_address)

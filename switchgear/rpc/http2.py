@@ -169,6 +169,7 @@ class Connection(asyncio.Protocol):
         self.max_header_list_size = max_header_list_size
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.peer_cert: dict[str, Any] | None = None  # the client's certificate (TLS with client certificates)
         self.streams: dict[int, Stream] = {}
         self._buf = b""
         self._preface = False
@@ -202,6 +203,7 @@ class Connection(asyncio.Protocol):
             family = "ipv6" if ":" in str(peer[0]) else "ipv4"
             host = f"[{peer[0]}]" if family == "ipv6" else peer[0]
             self.peer = f"{family}:{host}:{peer[1]}"
+        self.peer_cert = transport.get_extra_info("peercert") or None
         settings = b"".join(_SETTING.pack(k, v) for k, v in (
             (SETTINGS_MAX_CONCURRENT_STREAMS, self.max_concurrent_streams),
             (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),

@@ -6,14 +6,15 @@ handlers written against `grpc.aio.ServicerContext` all work unchanged. The wire
 HTTP/2 as specified (PROTOCOL-HTTP2.md in grpc's repository): length-prefixed messages (gzip and
 deflate accepted, answers uncompressed), `grpc-timeout` deadlines, metadata with base64 `-bin`
 values, status in trailers (trailers-only when nothing else was sent), percent-encoded
-`grpc-message`, HTTP 405/415 for requests that are not gRPC. It exists for speed (see
-http2.py); the control plane keeps grpc.aio, where calls are few.
+`grpc-message`, HTTP 405/415 for requests that are not gRPC; TLS and mutual TLS through an
+ssl.SSLContext (`add_tls_port`). It exists for speed (see http2.py); the control plane keeps
+grpc.aio, where calls are few.
 
 Semantics match grpc.aio's server where handlers can tell: an exception ends the call UNKNOWN
 "Unexpected <class>: ...", `abort` raises `grpc.aio.AbortError`, a passed deadline cancels the
 handler and answers DEADLINE_EXCEEDED, a client's cancel cancels the handler, requests over
-`max_receive_message_length` answer RESOURCE_EXHAUSTED. Plain TCP only (h2c), like the agent's
-port always was; TLS stays on grpc.aio.
+`max_receive_message_length` answer RESOURCE_EXHAUSTED; with client certificates,
+`auth_context()` and `peer_identities()` carry grpc's x509 keys.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import base64
 import collections
 import logging
 import socket
+import ssl
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -227,14 +229,29 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
     def peer(self) -> str:
         return self._stream.conn.peer
 
-    def peer_identities(self) -> None:
-        return None
+    def peer_identities(self) -> list[bytes] | None:
+        """The client certificate's subject alternative names, else its common name (grpc's
+        rule); None without a verified client certificate."""
+        context = self.auth_context()
+        key = self.peer_identity_key()
+        return context[key] if key is not None else None
 
-    def peer_identity_key(self) -> None:
+    def peer_identity_key(self) -> str | None:
+        context = self.auth_context()
+        for key in ("x509_subject_alternative_name", "x509_common_name"):
+            if context.get(key):
+                return key
         return None
 
     def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
+        """grpc's auth context keys for a TLS connection with a verified client certificate."""
+        cert = self._stream.conn.peer_cert
+        if not cert:
+            return {}
+        common = [value.encode() for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        alternative = [value.encode() for _, value in cert.get("subjectAltName", ())]
+        return {"transport_security_type": [b"ssl"], "x509_common_name": common,
+                "x509_subject_alternative_name": alternative}
 
     def time_remaining(self) -> float | None:
         if self._deadline is None:
@@ -321,7 +338,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         self._max_header_list = max_header_list_size
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._listeners: list[asyncio.AbstractServer] = []
         self._connections: set[Connection] = set()
         self._stopped: asyncio.Event | None = None
@@ -345,6 +362,15 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
     def add_insecure_port(self, address: str) -> int:
         """Binds now (like grpc.aio) and returns the port; "host:0" picks one, shared by every
         address the host resolves to."""
+        return self._bind(address, None)
+
+    def add_tls_port(self, address: str, context: ssl.SSLContext) -> int:
+        """Like add_insecure_port, serving TLS with `context` (switchgear.tls.ServerTls makes
+        one: ALPN "h2", TLS 1.2 or later, client certificates when configured). grpc's
+        ServerCredentials are opaque, hence a context instead of add_secure_port."""
+        return self._bind(address, context)
+
+    def _bind(self, address: str, context: ssl.SSLContext | None) -> int:
         host, _, port_text = address.rpartition(":")
         host = host.strip("[]")
         port = int(port_text)
@@ -371,17 +397,17 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             port = sock.getsockname()[1]
             sock.listen(1024)
             sock.setblocking(False)
-            self._sockets.append(sock)
+            self._sockets.append((sock, context))
         return port
 
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        raise NotImplementedError("switchgear.rpc serves plain h2c; use grpc.aio for TLS")
+        raise NotImplementedError("grpc.ServerCredentials are opaque: use add_tls_port with an ssl.SSLContext")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        for sock in self._sockets:
-            self._listeners.append(await loop.create_server(self._connection, sock=sock))
+        for sock, context in self._sockets:
+            self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context))
 
     async def stop(self, grace: float | None) -> None:
         """Refuses new connections and streams (GOAWAY), lets open calls finish for `grace`
