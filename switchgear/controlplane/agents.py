@@ -56,13 +56,18 @@ class _Agent:
 
 
 class AgentTracker:
-    """Per-node stream state. Times are wall-clock seconds from `clock`."""
+    """Per-node stream state. Times are wall-clock seconds from `clock`. An agent whose streams
+    all ended more than `forget_s` ago is dropped (restarted agents come back under new node
+    ids, so without this the tracker and ListAgents grow with every restart); the fleet view
+    (replicas.py) uses the same horizon."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, forget_s: float = 600.0) -> None:
         self._clock = clock
+        self.forget_s = forget_s
         self._agents: dict[str, _Agent] = {}
 
     def connected(self, node: NodeInfo, peer: str, held_version: str) -> None:
+        self._forget_gone()
         agent = self._agents.setdefault(node.id, _Agent(node=node))
         agent.node, agent.peer, agent.pending = node, peer, ""
         agent.streams += 1
@@ -91,7 +96,14 @@ class AgentTracker:
         return version in self._agents[node_id].rejected
 
     def list(self) -> list[AgentStatus]:
+        self._forget_gone()
         return [self._status(a) for a in sorted(self._agents.values(), key=lambda a: a.node.id)]
+
+    def _forget_gone(self) -> None:
+        horizon = self._clock() - self.forget_s
+        gone = [node_id for node_id, a in self._agents.items() if a.streams == 0 and a.last_seen < horizon]
+        for node_id in gone:
+            del self._agents[node_id]
 
     def _touch(self, node_id: str) -> _Agent:
         agent = self._agents[node_id]
