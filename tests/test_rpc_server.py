@@ -848,3 +848,59 @@ async def test_last_response_after_peer_goaway_is_complete(address: str, probe: 
         answer = await client.response(1)
         assert answer.messages == [payload] and answer.trailers == {"grpc-status": "0"}
         assert await client.frame() is None  # and then the server closes the connection
+
+
+# --- nothing left behind --------------------------------------------------------------------------
+
+
+async def test_a_mixed_storm_leaves_no_stream_or_task_behind(probe: Probe) -> None:
+    """400 calls over two channels mixing answers, errors, aborts, expired deadlines, client
+    cancels, streams and oversized requests: afterwards no connection holds a stream (nor a
+    held DATA buffer) and no handler task is left running."""
+    async with serving(probe) as (server, address):
+        before = len(asyncio.all_tasks())
+        async with grpc.aio.insecure_channel(address) as first, grpc.aio.insecure_channel(address) as second:
+            async def one(i: int) -> str:
+                channel = first if i % 2 else second
+                kind = i % 8
+                try:
+                    if kind == 0:
+                        await unary(channel, ECHO, b"x" * 100)
+                    elif kind == 1:
+                        await unary(channel, FAIL)
+                    elif kind == 2:
+                        await unary(channel, ABORT)
+                    elif kind == 3:
+                        await unary(channel, BLOCK, timeout=0.05)  # the deadline passes while it blocks
+                    elif kind == 4:
+                        call = channel.unary_unary(BLOCK)(b"", timeout=WAIT)
+                        await bounded(probe.started.wait())
+                        call.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await call
+                    elif kind == 5:
+                        assert len([m async for m in channel.unary_stream(NUMBERS)(b"3,70000", timeout=WAIT)]) == 3
+                    elif kind == 6:
+                        call = channel.unary_stream(TICKS)(b"", timeout=WAIT)
+                        assert await bounded(call.read()) == b"tick"
+                        call.cancel()
+                    else:
+                        await unary(channel, ECHO, b"y" * (server.max_receive + 1))
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+                return "OK"
+
+            outcomes = await bounded(asyncio.gather(*(one(i) for i in range(400))), 30)
+            assert outcomes.count("OK") >= 150  # echoes, streams, cancelled calls that returned
+            assert {"UNKNOWN", "PERMISSION_DENIED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} <= set(outcomes)
+            assert server._connections  # still open (the channels may share one): what they hold is checked
+
+            def settled() -> bool:
+                return (all(not conn.streams and not conn._blocked for conn in server._connections)
+                        and len(asyncio.all_tasks()) <= before)
+
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while not settled():  # a poll with a deadline: cancelled handlers finish on the next turns
+                assert asyncio.get_running_loop().time() < deadline, (
+                    [len(c.streams) for c in server._connections], len(asyncio.all_tasks()), before)
+                await asyncio.sleep(0.01)
