@@ -1,4 +1,6 @@
-"""Operator authentication: Admin, Governance and Tasks RPCs need the admin token.
+"""Operator authentication: Admin, Governance and Tasks RPCs need the admin token, except:
+applications' own task calls (submit, upload, get, cancel, list, watch) also take a tenant's
+client key, and are then scoped to that tenant (`CALLER`, read by the TasksService).
 
 The token travels as `authorization: Bearer <token>` metadata and is compared in constant
 time. Agents' own calls (discovery, load reports, and the task calls a worker makes: lease,
@@ -10,6 +12,8 @@ beside its store on first start, so a fresh install is never open.
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import hmac
 import logging
 import os
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from switchgear.controlplane.model import RegistryState
 
 log = logging.getLogger("switchgear.controlplane.auth")
 
@@ -31,6 +37,33 @@ PROTECTED_SERVICES = (
 #: Calls agents make; they are agents' to make, never operators' (see the module docstring).
 AGENT_METHODS = frozenset(f"/switchgear.v1.TasksService/{m}" for m in (
     "LeaseTasks", "HeartbeatTask", "CompleteTask", "DownloadBlob", "DeferInvoke"))
+
+
+#: Applications' task calls: the admin token, or a tenant's client key scoped to that tenant.
+TENANT_METHODS = frozenset(f"/switchgear.v1.TasksService/{m}" for m in (
+    "SubmitTask", "UploadBlob", "GetTask", "CancelTask", "ListTasks", "WatchTasks"))
+
+#: The tenant whose client key authorised the current call; None for the admin token (or with
+#: admin auth off): every tenant's tasks.
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("switchgear_task_caller", default=None)
+
+
+def tenant_of(metadata: Any, state: RegistryState) -> str | None:
+    """The tenant of a live client key in `authorization: Bearer sg-<id>-<secret>`; None when
+    the metadata holds no such key. Compared as SHA-256 digests in constant time, like agents do."""
+    for key, value in metadata or ():
+        if key != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, secret = value.strip().partition(" ")
+        parts = secret.strip().split("-", 2)
+        if scheme.lower() != "bearer" or len(parts) != 3 or parts[0] != "sg":
+            return None
+        stored = next((k for k in state.keys if k.id == parts[1] and k.live), None)
+        digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+        if stored is None or not hmac.compare_digest(stored.sha256, digest):
+            return None
+        return stored.tenant if any(t.id == stored.tenant for t in state.tenants) else None
+    return None
 
 
 def load_or_create_token(path: Path) -> str:
@@ -57,9 +90,13 @@ def bearer_matches(metadata: Any, token: str) -> bool:
 
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, token: str, protected: tuple[str, ...] = PROTECTED_SERVICES) -> None:
+    """`state` (the registry's current state) lets tenant keys through on TENANT_METHODS."""
+
+    def __init__(self, token: str, protected: tuple[str, ...] = PROTECTED_SERVICES,
+                 state: Callable[[], RegistryState] | None = None) -> None:
         self._token = token
         self._protected = protected
+        self._state = state
 
     async def intercept_service(
         self,
@@ -72,14 +109,45 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         if bearer_matches(details.invocation_metadata, self._token):
             return handler
+        if method in TENANT_METHODS and self._state is not None:
+            tenant = tenant_of(details.invocation_metadata, self._state())
+            if tenant is not None:
+                return _as_tenant(handler, tenant)
         return _denied(handler, method)
+
+
+def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
+    """The handler run with CALLER set to `tenant` (in the call's own task context)."""
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream(request: Any, context: Any) -> Any:
+            CALLER.set(tenant)
+            async for item in inner_stream(request, context):
+                yield item
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    inner = handler.unary_unary or handler.stream_unary
+
+    async def unary(request: Any, context: Any) -> Any:
+        CALLER.set(tenant)
+        return await inner(request, context)
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
 def _denied(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(
             grpc.StatusCode.UNAUTHENTICATED,
-            f"{method} needs the admin token (metadata 'authorization: Bearer <token>')",
+            f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"
+            + (" or a tenant's client key" if method in TENANT_METHODS else ""),
         )
 
     if handler.request_streaming and handler.response_streaming:

@@ -193,7 +193,7 @@ async def serve(
     interceptors = []
     if options.admin_auth:
         token_path = Path(options.admin_token_file or f"{options.db_path}.admin-token")
-        interceptors.append(AdminTokenInterceptor(load_or_create_token(token_path)))
+        interceptors.append(AdminTokenInterceptor(load_or_create_token(token_path), state=lambda: registry.state))
         log.info("admin RPCs need the token in %s", token_path)
     else:
         log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
 
+from switchgear.controlplane.auth import CALLER
 from switchgear.controlplane.convert import duration, timestamp
 from switchgear.controlplane.model import RegistryState
 from switchgear.controlplane.tasks import convert
@@ -68,7 +70,14 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def SubmitTask(  # noqa: N802
         self, request: tasks_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.SubmitTaskResponse:
-        task, created = await self._submit(convert.submission_from_proto(request), context)
+        sub = convert.submission_from_proto(request)
+        caller = CALLER.get()
+        if caller is not None:  # a tenant's key submits for that tenant only
+            if sub.tenant not in ("", caller):
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                             f"tenant: a key of tenant {caller!r} cannot submit for {sub.tenant!r}")
+            sub = dataclasses.replace(sub, tenant=caller)
+        task, created = await self._submit(sub, context)
         return tasks_pb2.SubmitTaskResponse(task=self._proto(task), created=created)
 
     async def DeferInvoke(  # noqa: N802
@@ -116,9 +125,23 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         if not task_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "id: required")
         try:
-            return self._s.get(task_id)
+            task = self._s.get(task_id)
         except TaskNotFound:
+            task = None
+        caller = CALLER.get()
+        if task is None or caller not in (None, task.tenant):  # another tenant's task does not exist
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"id: no task {task_id!r}")
+        return task
+
+    async def _tenant_filter(self, requested: str, context: grpc.aio.ServicerContext) -> str:
+        """The tenant a list or watch is limited to: the caller's own when a tenant key called."""
+        caller = CALLER.get()
+        if caller is None:
+            return requested
+        if requested not in ("", caller):
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"tenant: a key of tenant {caller!r} cannot see tenant {requested!r}")
+        return caller
 
     async def GetTask(  # noqa: N802
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
@@ -144,27 +167,32 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.limit > 1000:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "limit: at most 1000")
-        tasks = self._s.list_tasks(states, request.tenant, request.service, request.limit or 100)
+        tenant = await self._tenant_filter(request.tenant, context)
+        tasks = self._s.list_tasks(states, tenant, request.service, request.limit or 100)
         return tasks_pb2.ListTasksResponse(tasks=[self._proto(t, with_payload=False) for t in tasks])
 
     async def WatchTasks(  # noqa: N802
         self, request: tasks_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.WatchTasksResponse]:
         ids = set(request.ids)
+        tenant = await self._tenant_filter(request.tenant, context)
 
         def wanted(t: Task) -> bool:
-            return (not ids or t.id in ids) and request.tenant in ("", t.tenant) and request.service in ("", t.service)
+            return (not ids or t.id in ids) and tenant in ("", t.tenant) and request.service in ("", t.service)
 
         with self._s.watch() as changes:  # subscribed before reading, so nothing falls between
             if ids:
                 current = []
                 for task_id in sorted(ids):
                     try:
-                        current.append(self._s.get(task_id))
+                        found = self._s.get(task_id)
                     except TaskNotFound:
+                        found = None
+                    if found is None or tenant not in ("", found.tenant):
                         await _abort(context, grpc.StatusCode.NOT_FOUND, f"ids: no task {task_id!r}")
+                    current.append(found)
             else:
-                current = self._s.list_tasks((), request.tenant, request.service, 1000)
+                current = self._s.list_tasks((), tenant, request.service, 1000)
             open_ids = {t.id for t in current if not t.state.final}
             for task in current:
                 yield tasks_pb2.WatchTasksResponse(task=self._proto(task, with_payload=False))
