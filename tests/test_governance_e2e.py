@@ -16,7 +16,16 @@ import pytest
 
 from switchgear.admin_client import admin_channel
 from switchgear.supervise import Proc
-from switchgear.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, governance_pb2, governance_pb2_grpc
+from switchgear.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    governance_pb2,
+    governance_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 from tests.servers import redis_server
 from tests.test_end_to_end import wait_until
 
@@ -266,3 +275,25 @@ def test_http_front_door_and_streams_are_governed_too(fleet: Fleet) -> None:
     with grpc.insecure_channel(fleet.agents[1]) as channel, pytest.raises(grpc.RpcError) as info:
         list(gateway_pb2_grpc.GatewayServiceStub(channel).InvokeStream(stream_request, timeout=10))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_applications_submit_tasks_with_their_key_not_the_admin_token(fleet: Fleet) -> None:
+    """The running control plane checks tenant keys on task calls against its registry."""
+    mine, other = fleet.tenant("tasker"), fleet.tenant("bystander")
+    payload = orjson.dumps({"messages": [{"role": "user", "content": "later"}]})
+    with grpc.insecure_channel(fleet.cp) as channel:
+        tasks = tasks_pb2_grpc.TasksServiceStub(channel)
+        submitted = tasks.SubmitTask(tasks_pb2.SubmitTaskRequest(service="chat", method="chat.completions",
+                                                                 payload=payload),
+                                     metadata=(("authorization", f"Bearer {mine}"),), timeout=5).task
+        assert submitted.tenant == "tasker"
+        with pytest.raises(grpc.RpcError) as info:
+            tasks.GetTask(tasks_pb2.GetTaskRequest(id=submitted.id),
+                          metadata=(("authorization", f"Bearer {other}"),), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as info:  # no key, no token
+            tasks.ListTasks(tasks_pb2.ListTasksRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    operator = tasks_pb2_grpc.TasksServiceStub(admin_channel(fleet.cp, fleet.token))
+    seen = operator.GetTask(tasks_pb2.GetTaskRequest(id=submitted.id), timeout=5).task
+    assert seen.tenant == "tasker"
