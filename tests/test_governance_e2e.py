@@ -173,11 +173,17 @@ async def test_rate_limit_holds_across_two_agents(fleet: Fleet) -> None:
     assert "requests per minute" in (refused.details() or "")
     assert 0 < int(dict(refused.trailing_metadata() or ())["retry-after"]) <= 60
 
+    seen: list[tuple[int, int]] = []
+
     def reported() -> bool:  # agents' load reports carry per-tenant usage to the control plane
         usage = fleet.governance().GetUsage(governance_pb2.GetUsageRequest(tenant="limited"), timeout=5).usage[0]
-        return (usage.requests_total, usage.rejected_total) == (12, 28)
+        seen.append((usage.requests_total, usage.rejected_total))
+        return seen[-1] == (12, 28)
 
-    wait_until(reported, 15, "usage of tenant 'limited' to reach the control plane")
+    deadline = time.monotonic() + 15
+    while not reported():
+        assert time.monotonic() < deadline, f"usage of 'limited' never reached (12, 28); last seen {seen[-3:]}"
+        time.sleep(0.05)
 
 
 async def test_budget_stops_traffic_once_real_cost_crosses_it(fleet: Fleet) -> None:
