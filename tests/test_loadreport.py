@@ -99,3 +99,63 @@ async def test_agent_reports_reach_the_collector_at_the_interval_the_control_pla
 
 def _now() -> float:
     return time.monotonic()
+
+
+async def test_usage_a_failed_report_drained_goes_out_with_the_next_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budgets and the usage API count what agents report: a report whose write fails gives its
+    tenant tallies back to the quota book, and the next session carries them."""
+    from switchgear.dataplane import reporter as reporter_module
+    from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, UsageTally
+    from switchgear.v1 import loadreport_pb2
+
+    quotas = QuotaEnforcer(LocalCounters())
+    quotas._tallies["acme"] = UsageTally(requests=12, rejected=28, tokens=300, cost_usd=0.5)  # as calls leave them
+    sessions: list[list[loadreport_pb2.StreamLoadStatsRequest]] = []
+    delivered = asyncio.Event()
+
+    class Call:
+        def __init__(self) -> None:
+            self.sent: list[loadreport_pb2.StreamLoadStatsRequest] = []
+            self.answered = False
+            sessions.append(self.sent)
+
+        async def write(self, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
+            if request.tenant_loads and len(sessions) == 1:  # the first session breaks as it reports
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           "connection reset")
+            self.sent.append(request)
+            if request.tenant_loads:
+                delivered.set()
+
+        async def read(self) -> object:
+            if not self.answered:
+                self.answered = True
+                response = loadreport_pb2.StreamLoadStatsResponse()
+                response.load_reporting_interval.FromNanoseconds(10_000_000)
+                return response
+            await asyncio.Event().wait()  # the control plane says nothing more
+            raise AssertionError("unreachable")
+
+        def cancel(self) -> None:
+            pass
+
+    class Stub:
+        def __init__(self, channel: object) -> None:
+            pass
+
+        def StreamLoadStats(self) -> Call:  # noqa: N802
+            return Call()
+
+    monkeypatch.setattr(reporter_module.loadreport_pb2_grpc, "LoadReportingServiceStub", Stub)
+    client = ReportClient(["127.0.0.1:9"], discovery_pb2.Node(id="agent-7"), LoadAccumulator(),
+                          tenants=quotas.drain_usage, restore=quotas.restore_usage, backoff=Backoff(0.01, 0.02))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(client.run(stop))
+    try:
+        await asyncio.wait_for(delivered.wait(), 5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert len(sessions) >= 2
+    loads = [t for request in sessions[1] for t in request.tenant_loads]
+    assert [(t.tenant, t.requests, t.rejected, t.tokens, t.cost_usd) for t in loads] == [("acme", 12, 28, 300, 0.5)]

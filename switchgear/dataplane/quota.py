@@ -16,7 +16,7 @@ crosses a budget completes and the next one is refused.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -205,3 +205,12 @@ class QuotaEnforcer:
         """Usage per tenant since the last call (for load reports to the control plane)."""
         tallies, self._tallies = self._tallies, {}
         return tallies
+
+    def restore_usage(self, tallies: Mapping[str, UsageTally]) -> None:
+        """Adds drained tallies back (a load report that could not be sent)."""
+        for tenant, drained in tallies.items():
+            tally = self._tallies.setdefault(tenant, UsageTally())
+            tally.requests += drained.requests
+            tally.rejected += drained.rejected
+            tally.tokens += drained.tokens
+            tally.cost_usd += drained.cost_usd

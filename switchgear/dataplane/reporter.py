@@ -160,6 +160,7 @@ class ReportClient:
         *,
         version: Callable[[], str] = lambda: "",
         tenants: Callable[[], Mapping[str, Any]] = dict,
+        restore: Callable[[Mapping[str, Any]], None] = lambda tallies: None,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -168,6 +169,7 @@ class ReportClient:
         self._acc = accumulator
         self._version = version
         self._tenants = tenants  # drains per-tenant usage tallies (quota.UsageTally)
+        self._restore = restore  # gives back tallies a report could not carry (the next one will)
         self._backoff = backoff or Backoff()
         self._clock = clock
         self.interval_s = 10.0
@@ -205,17 +207,25 @@ class ReportClient:
                     if reader.done():
                         break
                     now = self._clock()
+                    tallies = self._tenants()
                     request = loadreport_pb2.StreamLoadStatsRequest(
                         endpoint_loads=self._acc.drain(), snapshot_version=self._version(),
                         tenant_loads=[
                             loadreport_pb2.TenantLoad(tenant=t, requests=u.requests, rejected=u.rejected,
                                                       tokens=u.tokens, cost_usd=u.cost_usd)
-                            for t, u in self._tenants().items()
+                            for t, u in tallies.items()
                         ],
                     )
                     request.load_report_interval.FromNanoseconds(round((now - last) * 1e9))
                     last = now
-                    await call.write(request)
+                    try:
+                        await call.write(request)
+                    except BaseException:
+                        # Usage is what budgets and the usage API count: a report that did not
+                        # go out gives its tallies back to go with the next session's first.
+                        if tallies:
+                            self._restore(tallies)
+                        raise
                     self.reports_sent += 1
             finally:
                 reader.cancel()

@@ -125,7 +125,8 @@ async def serve(
     observers.extend((load, agent_metrics, *tracing_observers(tracing)))
     call_adapters = tracing.wrap_adapters(adapters) if tracing is not None else adapters
     reporter = ReportClient(options.control_planes, node, load, version=lambda: holder.version,
-                            tenants=lambda: pipeline.quotas.drain_usage())
+                            tenants=lambda: pipeline.quotas.drain_usage(),
+                            restore=lambda tallies: pipeline.quotas.restore_usage(tallies))
     reporter.tls = options.control_plane_tls
     live_stats = LiveStats()  # per-endpoint in-flight, peak-EWMA latency, success window
     observers.append(live_stats)
