@@ -13,7 +13,6 @@ beside its store on first start, so a fresh install is never open.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import hmac
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from switchgear.controlplane import tenancy
 from switchgear.controlplane.model import RegistryState
 
 log = logging.getLogger("switchgear.controlplane.auth")
@@ -48,24 +48,6 @@ TENANT_METHODS = frozenset(f"/switchgear.v1.TasksService/{m}" for m in (
 CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("switchgear_task_caller", default=None)
 
 
-def tenant_of(metadata: Any, state: RegistryState) -> str | None:
-    """The tenant of a live client key in `authorization: Bearer sg-<id>-<secret>`; None when
-    the metadata holds no such key. Compared as SHA-256 digests in constant time, like agents do."""
-    for key, value in metadata or ():
-        if key != "authorization" or not isinstance(value, str):
-            continue
-        scheme, _, secret = value.strip().partition(" ")
-        parts = secret.strip().split("-", 2)
-        if scheme.lower() != "bearer" or len(parts) != 3 or parts[0] != "sg":
-            return None
-        stored = next((k for k in state.keys if k.id == parts[1] and k.live), None)
-        digest = hashlib.sha256(secret.strip().encode()).hexdigest()
-        if stored is None or not hmac.compare_digest(stored.sha256, digest):
-            return None
-        return stored.tenant if any(t.id == stored.tenant for t in state.tenants) else None
-    return None
-
-
 def load_or_create_token(path: Path) -> str:
     """The token in `path`, creating the file (mode 0600) with a fresh token when absent."""
     if path.exists():
@@ -81,12 +63,18 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
-def bearer_matches(metadata: Any, token: str) -> bool:
+def bearer(metadata: Any) -> str | None:
+    """What `authorization: Bearer <credential>` carries; None without one."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, presented = value.partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(presented.encode(), token.encode())
-    return False
+            scheme, _, presented = value.strip().partition(" ")
+            return presented.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def bearer_matches(metadata: Any, token: str) -> bool:
+    presented = bearer(metadata)
+    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -110,7 +98,8 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if bearer_matches(details.invocation_metadata, self._token):
             return handler
         if method in TENANT_METHODS and self._state is not None:
-            tenant = tenant_of(details.invocation_metadata, self._state())
+            presented = bearer(details.invocation_metadata)
+            tenant = tenancy.tenant_of_key(self._state(), presented) if presented else None
             if tenant is not None:
                 return _as_tenant(handler, tenant)
         return _denied(handler, method)

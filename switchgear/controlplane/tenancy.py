@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 
@@ -40,6 +41,18 @@ def new_key(
     ident = key_id(4)
     secret = f"{KEY_PREFIX}-{ident}-{token(32)}"
     return ApiKey(id=ident, tenant=tenant, sha256=key_digest(secret), description=description, created_at=now), secret
+
+
+def tenant_of_key(state: RegistryState, secret: str) -> str | None:
+    """The tenant a live key belongs to, or None (unknown, revoked, malformed, tenant gone).
+    Digests are compared in constant time, as agents compare them."""
+    parts = secret.split("-", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        return None
+    stored = state.key(parts[1])
+    if stored is None or not stored.live or not hmac.compare_digest(stored.sha256, key_digest(secret)):
+        return None
+    return stored.tenant if state.tenant(stored.tenant) is not None else None
 
 
 def _tenants(state: RegistryState, tenants: list[Tenant]) -> RegistryState:
