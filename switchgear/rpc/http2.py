@@ -483,7 +483,8 @@ class Connection(asyncio.Protocol):
             parts.append(self._data_frames(stream, data))
         if trailers is not None:
             parts.append(self._header_frames(stream.id, trailers, end=True))
-        self.transport.write(b"".join(parts) if len(parts) > 1 else parts[0])
+        if parts:
+            self.transport.write(b"".join(parts))
         if trailers is not None:  # after the write: closing the last stream may close the transport
             self._local_close(stream)
         return False

@@ -476,7 +476,6 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             conn.send(stream, None, b"", status_field(code) + literal(b"content-type", b"text/plain"))
             return
         handler = self._registered.get(path) or self._lookup(_Details(path, tuple(metadata)))
-        deadline = None
         context = Context(self, stream, path, tuple(metadata), handler, encoding, None)
         stream.call = context
         stream.on_reset = context._reset
@@ -485,9 +484,8 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
                 raise _Reject(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             if timeout is not None:
                 loop = asyncio.get_running_loop()
-                deadline = loop.time() + _timeout(timeout)
-                context._deadline = deadline
-                context._timer = loop.call_at(deadline, context._expire)
+                context._deadline = loop.time() + _timeout(timeout)
+                context._timer = loop.call_at(context._deadline, context._expire)
         except _Reject as exc:
             context._fail(exc)
             return
