@@ -48,10 +48,13 @@ demo: $(STAMP)
 test: $(STAMP) lint-protos lint system-deps upstreams
 	$(PY) -m pytest
 
-# Hand-written code: ruff, and mypy strict (generated stubs excluded, see pyproject.toml).
+# Hand-written code: ruff, mypy strict (generated stubs excluded), and the layering contracts
+# (import-linter, [tool.importlinter] in pyproject.toml: the pure core imports no I/O library,
+# the planes never import each other, nothing in the product imports the emulators).
 lint: $(STAMP)
 	$(PY) -m ruff check switchgear bench
 	$(PY) -m mypy switchgear bench
+	$(VENV)/bin/lint-imports --no-cache
 
 # Checked as installed Debian packages (PostgreSQL's binaries are not on PATH), so a second run
 # is quick and installs nothing.

@@ -32,7 +32,7 @@ from switchgear.controlplane.tasks.service import TasksRuntime, attach
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.invoke import CallFailed, Result
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
-from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions, WorkerResources, is_task_call
+from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions, WorkerResources
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
 
 GIB = 1024**3
@@ -217,7 +217,7 @@ async def test_worker_runs_task_and_watch_shows_progress_to_success(plane: Plane
     assert orjson.loads(final.result)["echo"] == {"sleep": 0.8} and final.agent == "w1"
     assert final.usage.output_tokens == 4 and final.attempts == 1
     assert worker.calls[0].priority == 9 and worker.calls[0].request_id == f"sgtask:{reply.task.id}-1"
-    assert is_task_call(worker.calls[0])
+    assert worker.calls[0].from_task
 
 
 async def test_retryable_failures_back_off_then_dead_letter_and_client_errors_fail(

@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the adapters: one send, one failure builder, SSE framing.
+"""HTTP plumbing shared by the adapters: one send, one failure builder (SSE framing is sse.py).
 
 Every adapter makes its attempts through `send` (transport failures become classified
 `UpstreamError`s with the key scrubbed) and turns a non-2xx answer into an error with
@@ -8,7 +8,7 @@ Every adapter makes its attempts through `send` (transport failures become class
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -154,29 +154,6 @@ def generic_error(body: bytes) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------
 # server-sent events
-
-
-async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) per SSE event from a line iterator (WHATWG framing: `event:`/`data:`
-    fields, multi-line data joined by newlines, a blank line ends an event, `:` comments
-    ignored). An event with no `event:` field is named "message"."""
-    event, data = "", list[str]()
-    async for line in lines:
-        if not line:
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", list[str]()
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-    if data:
-        yield event or "message", "\n".join(data)
 
 
 async def call_json(

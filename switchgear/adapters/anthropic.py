@@ -40,6 +40,7 @@ from switchgear.adapters.base import (
     UpstreamError,
 )
 from switchgear.adapters.openai import _redact, _text_len, classify_status, transport_error_kind
+from switchgear.adapters.sse import sse_events
 
 PROTOCOL = "anthropic"
 DEFAULT_VERSION = "2023-06-01"
@@ -319,7 +320,7 @@ class AnthropicAdapter:
                         parse=parse_error,
                         classify=classify,
                     )
-                async for event, data in _http.sse_events(response.aiter_lines()):
+                async for event, data in sse_events(response.aiter_lines()):
                     chunk = state.feed(event, data)
                     if chunk is not None:
                         yield chunk

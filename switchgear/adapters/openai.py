@@ -39,6 +39,7 @@ from switchgear.adapters.base import (
     TokenUsage,
     UpstreamError,
 )
+from switchgear.adapters.sse import sse_events
 
 PROTOCOL = "openai"
 CHARS_PER_TOKEN = 4  # rough English average, used only when the upstream reports no usage
@@ -553,7 +554,6 @@ class _StreamState:
 
 
 async def _openai_chunks(response: httpx.Response, state: _StreamState) -> AsyncIterator[StreamChunk]:
-    from switchgear.adapters._http import sse_events  # _http imports this module
 
     async for _event, data in sse_events(response.aiter_lines()):
         if data.strip() == "[DONE]":

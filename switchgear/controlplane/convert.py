@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import functools
 
-from google.protobuf import duration_pb2, timestamp_pb2
-
 from switchgear.controlplane.agents import AgentStatus, NodeInfo
+from switchgear.controlplane.convert_base import (  # re-exported: callers name them convert.*
+    ConvertError,
+    category_from_proto,
+    category_to_proto,
+    duration,
+    seconds,
+    timestamp,
+)
+from switchgear.controlplane.convert_governance import governance_for_snapshot
 from switchgear.controlplane.model import (
-    Category,
     CategoryPolicy,
     EndpointSpec,
     Pricing,
@@ -25,43 +31,6 @@ from switchgear.controlplane.model import (
 from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
-
-
-class ConvertError(ValueError):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-def category_to_proto(category: Category) -> int:
-    return int(common_pb2.ServiceCategory.Value(f"SERVICE_CATEGORY_{category.name}"))
-
-
-def category_from_proto(value: int, path: str = "category") -> Category:
-    if value == common_pb2.SERVICE_CATEGORY_UNSPECIFIED:
-        raise ConvertError(path, "required (one of llm, document, knowledge_graph, vector_db, embedding)")
-    try:
-        name = common_pb2.ServiceCategory.Name(value)
-    except ValueError:
-        raise ConvertError(path, f"unknown category {value}") from None
-    return Category[name.removeprefix("SERVICE_CATEGORY_")]
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
-
-
-def seconds(d: duration_pb2.Duration) -> float:
-    return float(d.ToNanoseconds()) / 1e9
-
-
-def timestamp(epoch_s: float) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(round(epoch_s * 1e9))
-    return t
 
 
 def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
@@ -189,8 +158,6 @@ def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
             _served(service, overlay)
     if overlay.breaker_failure_threshold:
         msg.settings.circuit_breaker.failure_threshold = overlay.breaker_failure_threshold
-    from switchgear.controlplane.convert_governance import governance_for_snapshot  # it imports this module
-
     tenants, keys = governance_for_snapshot(snapshot.state)
     msg.tenants.extend(tenants)
     msg.keys.extend(keys)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from switchgear.controlplane.convert import ConvertError, category_from_proto, category_to_proto, timestamp
+from switchgear.controlplane.convert_base import ConvertError, category_from_proto, category_to_proto, timestamp
 from switchgear.controlplane.model import ApiKey, RegistryState, ServiceQuota, Tenant, TenantPolicy, UserType
 from switchgear.controlplane.store import AuditEntry
 from switchgear.controlplane.usage import TenantUsage

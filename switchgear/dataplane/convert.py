@@ -243,6 +243,16 @@ class Call:
     # auth yet, so the convention is the user id: "premium:<id>" names a premium user.
     user_type: str = "standard"
 
+    @property
+    def from_task(self) -> bool:
+        """Whether a task worker made this call (its failure must not become another task)."""
+        return self.request_id.startswith(TASK_REQUEST_PREFIX)
+
+
+#: Request ids of calls a task worker makes start with this. The document fallback must not
+#: defer such a call again (the task itself retries); DeferInvoke refuses them too.
+TASK_REQUEST_PREFIX = "sgtask:"
+
 
 def new_request_id() -> str:
     """32 random hex digits for a call that brought no id (uuid4().hex cost 5x as much)."""

@@ -174,11 +174,9 @@ class Invoker:
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
         """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan. A task worker's call
         gets neither: a canned answer must not become a task's result, and the task retries."""
-        from switchgear.dataplane.worker import is_task_call  # worker imports this module
-
         step = ctl.terminal
         assert step is not None
-        if is_task_call(call):
+        if call.from_task:
             raise ctl.failure()
         if ctl.fallback_source == "preset_response":
             body = step.body.encode()

@@ -28,7 +28,7 @@ import orjson
 from google.protobuf import duration_pb2
 
 from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
-from switchgear.dataplane.convert import Call, RequestError
+from switchgear.dataplane.convert import TASK_REQUEST_PREFIX, Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
@@ -36,16 +36,6 @@ from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane.worker")
-
-
-#: Request ids of calls a task worker makes start with this. The document fallback must not
-#: defer such a call again (the task itself retries); DeferInvoke refuses them too.
-TASK_REQUEST_PREFIX = "sgtask:"
-
-
-def is_task_call(call: Call) -> bool:
-    """Whether `call` was made by a task worker (so a failure must not become another task)."""
-    return call.request_id.startswith(TASK_REQUEST_PREFIX)
 
 
 @dataclass(frozen=True)
