@@ -141,7 +141,10 @@ def set_faults(url: str, **faults: Any) -> None:
 
 
 def hits(url: str) -> int:
-    return int(json.loads(urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())["total"])
+    """Chat completions the instance answered. Not its total: the control plane's active health
+    probes (GET /v1/models) land on it too, whenever their interval falls due."""
+    stats = json.loads(urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())
+    return int(stats["by_path"].get("/v1/chat/completions", 0))
 
 
 def reset_stats(*urls: str) -> None:
