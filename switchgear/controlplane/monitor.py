@@ -161,7 +161,8 @@ class Monitor:
         figures = {name: {m: row.figure(m) for m in _METRICS} for name, row in totals.items()}
         for name in figures:
             figures[name]["resource_utilization"] = self._utilization(state, name, totals[name])
-        events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()})
+        events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()},
+                                       registered={s.name for s in state.services})
         policy = al.policy(self._alerts.firing(), state, breaker_threshold=settings.breaker_threshold)
         overlay = Overlay(self._endpoint_overrides(state), policy.services, policy.breaker_failure_threshold)
         current = self._registry.snapshot.overlay
@@ -186,6 +187,10 @@ class Monitor:
                 self._published = dict(self._verdicts)
         version = self._registry.snapshot.version
         for event in events:
+            if event.kind == "no_data":
+                log.warning("alert %s for %s: no data in its window; it keeps firing and its action stays (%s)",
+                            event.alert.rule.name, event.alert.service, event.alert.rule.action or "no action")
+                continue
             field = "fired_version" if event.kind == "fired" else "recovered_version"
             self._alerts.annotate(event.alert, **{field: version, "action_detail": policy.detail(
                 event.alert.rule.name, event.alert.service) or event.alert.action_detail})
@@ -199,6 +204,10 @@ class Monitor:
             detail = (f"{a.rule.condition} (value {a.value:.4g}, severity {a.rule.severity}): "
                       f"{a.rule.action or 'no action'}: {policy.detail(a.rule.name, a.service) or 'nothing to change'}")
             return Change("alerts", f"alert_fired:{a.rule.name}", a.service, detail)
+        if event.kind == "no_data":
+            return Change("alerts", f"alert_no_data:{a.rule.name}", a.service,
+                          f"{a.rule.condition}: no data in the window (last value {a.value:.4g}); "
+                          f"still firing, {a.rule.action or 'no action'} kept")
         return Change("alerts", f"alert_recovered:{a.rule.name}", a.service,
                       f"{a.rule.condition} cleared (value {a.value:.4g}): {a.rule.action or 'no action'} reverted")
 
