@@ -25,7 +25,10 @@ import pytest
 
 from switchgear.controlplane import convert
 from switchgear.controlplane.offloop import Serial, call_on
+from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.server import Options, serve
+from switchgear.controlplane.store import SqliteStore
+from switchgear.controlplane.tasks.store import TaskStore
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import service
 from tests.test_discovery_stream import FakeAgent
@@ -266,3 +269,32 @@ async def test_call_on_hands_work_to_the_loop_in_order() -> None:
     call_on(loop, note, 10)  # on the loop's own thread: at once
     assert got[-1] == (10, True)
 
+
+
+async def test_the_sqlite_stores_threads_wait_for_each_other_instead_of_failing(tmp_path: Path) -> None:
+    """The registry store and the task store write one SQLite file, each from its own thread:
+    a commit that meets the other's write transaction waits for it (sqlite3's busy timeout,
+    5 s by default) instead of failing with "database is locked", which could not happen when
+    both ran on the loop."""
+    path = tmp_path / "cp.db"
+    store, tasks = SqliteStore(path), TaskStore(path)
+    registry = Registry(store)
+    in_write = threading.Event()
+
+    def long_task_write() -> None:
+        with tasks._db.transaction() as db:  # what a lease or a completion holds, made slow
+            db.execute("DELETE FROM task_blobs WHERE id = 'none'")
+            in_write.set()
+            time.sleep(0.3)
+
+    try:
+        writing = asyncio.ensure_future(tasks.serial.run(long_task_write))
+        await asyncio.to_thread(in_write.wait, 5)
+        snapshot = await registry.call(lambda: registry.register(service("chat"), "test"))
+        await writing
+        assert snapshot.state.service("chat") is not None and store.load().seq == snapshot.seq
+    finally:
+        await store.serial.run(store.close)
+        await tasks.serial.run(tasks.close)
+        store.serial.close()
+        tasks.serial.close()
