@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,12 +24,14 @@ import grpc
 import psycopg
 import pytest
 
-from switchgear.controlplane import convert
+from switchgear.controlplane import convert, pg
 from switchgear.controlplane.offloop import Serial, call_on
 from switchgear.controlplane.registry import Registry
-from switchgear.controlplane.server import Options, serve
+from switchgear.controlplane.pg import PgStore
+from switchgear.controlplane.server import Options, _UsageHolder, serve
 from switchgear.controlplane.store import SqliteStore
 from switchgear.controlplane.tasks.store import TaskStore
+from switchgear.controlplane.usage import UsageBook, UsageDelta
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import service
 from tests.test_discovery_stream import FakeAgent
@@ -298,3 +301,46 @@ async def test_the_sqlite_stores_threads_wait_for_each_other_instead_of_failing(
         await tasks.serial.run(tasks.close)
         store.serial.close()
         tasks.serial.close()
+
+
+async def test_usage_saves_never_wait_on_a_locked_usage_row_and_coalesce(pg_dsn: str) -> None:
+    """The usage book is saved behind the store's other calls, without the loop waiting: with
+    its row locked by another session, 200 load reports' usage is booked at once, at most one
+    save waits (one row per tenant), and the last book is what is stored once the lock goes."""
+    keeper = pg.Keeper(pg_dsn)
+    pg.migrate(keeper())
+    store = PgStore(keeper)
+    seed = UsageBook()
+    seed.add(UsageDelta("t1"), time.time())
+    store.save_usage({"t1": seed.dump("t1")})  # the row exists, so that it can be locked
+    holder = _UsageHolder(store, live=True)
+    release = threading.Event()
+    locked = threading.Event()
+
+    def hold_row() -> None:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("SELECT body FROM tenant_usage WHERE tenant = 't1' FOR UPDATE")
+            locked.set()
+            release.wait(LOCK_S)
+
+    holder_thread = threading.Thread(target=hold_row, daemon=True)
+    holder_thread.start()
+    try:
+        assert await asyncio.to_thread(locked.wait, 10)
+        with LoopProbe() as probe:
+            for _ in range(200):
+                started = time.monotonic()
+                holder.add([UsageDelta("t1", requests=1, tokens=10)])
+                assert time.monotonic() - started < 0.05, "booking usage waited on the store"
+                await asyncio.sleep(0.002)
+            assert len(holder._unsaved) <= 1  # coalesced: one pending row for the one tenant
+            assert probe.worst < MAX_GAP_S, f"the event loop stalled {probe.worst:.2f} s"
+        release.set()
+        await asyncio.to_thread(holder_thread.join, 10)
+        await store.serial.run(lambda: None)  # every save queued before this has run
+        stored = await store.serial.run(store.load_usage)
+        assert stored["t1"] == holder.book.dump("t1") and json.loads(stored["t1"])["requests"] == 200
+    finally:
+        release.set()
+        await store.serial.run(keeper.close)
+        store.serial.close()
