@@ -26,8 +26,8 @@ import pytest
 
 from switchgear.controlplane import convert, pg
 from switchgear.controlplane.offloop import Serial, call_on
-from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.pg import PgStore
+from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.server import Options, _UsageHolder, serve
 from switchgear.controlplane.store import SqliteStore
 from switchgear.controlplane.tasks.store import TaskStore
