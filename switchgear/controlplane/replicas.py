@@ -174,13 +174,23 @@ class FleetView:
                 await asyncio.wait_for(stop.wait(), timeout=every_s)
 
 
+#: Reports a replica holds between flushes. The buffer fills only while a flush waits on the
+#: database; past this it drops the newest (counted in `dropped_full`): reports are soft state,
+#: and ones that old would be dropped as stale when drained anyway.
+MAX_BUFFERED_REPORTS = 10_000
+
+
 class ReportRelay:
-    """Buffer reports (node, request) and write them to `load_reports` every `flush_s`."""
+    """Buffer reports (node, request), at most `max_buffered`, and write them to `load_reports`
+    every `flush_s`."""
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], *, flush_s: float = 0.1,
-                 stale_s: float = 10.0, clock: Callable[[], float] = time.time, serial: Serial | None = None) -> None:
+                 stale_s: float = 10.0, clock: Callable[[], float] = time.time, serial: Serial | None = None,
+                 max_buffered: int = MAX_BUFFERED_REPORTS) -> None:
         self._conn = getter(conn)
         self.serial = serial or Serial("relay")  # the thread `conn` is used on
+        self.max_buffered = max_buffered
+        self.dropped_full = 0
         self._buffer: list[tuple[str, bool, bytes, float]] = []
         self.flush_s = flush_s
         self.stale_s = stale_s
@@ -189,10 +199,18 @@ class ReportRelay:
         self.dropped_stale = 0
 
     def record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
-        self._buffer.append((node, False, request.SerializeToString(), self._clock()))
+        self._add((node, False, request.SerializeToString(), self._clock()))
 
     def gone(self, node: str) -> None:
-        self._buffer.append((node, True, b"", self._clock()))
+        self._add((node, True, b"", self._clock()))
+
+    def _add(self, row: tuple[str, bool, bytes, float]) -> None:
+        if len(self._buffer) >= self.max_buffered:
+            if self.dropped_full % 1000 == 0:
+                log.warning("load-report relay full (%d waiting on the database): dropping reports", len(self._buffer))
+            self.dropped_full += 1
+            return
+        self._buffer.append(row)
 
     def flush(self) -> None:
         """Write the buffer (on the calling thread: tests; `run` uses `serial`)."""
