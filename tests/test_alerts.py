@@ -14,11 +14,13 @@ import pytest
 from switchgear.controlplane import alerts as al
 from switchgear.controlplane.collector import Collector, LoadDelta
 from switchgear.controlplane.convert import snapshot_to_proto
+from switchgear.controlplane.metrics import ControlPlaneMetrics
 from switchgear.controlplane.model import AlertRuleSpec, Category, MonitoringSettings
 from switchgear.controlplane.monitor import Monitor
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore
 from tests.conftest import service
+from tests.test_metrics import families, value
 
 
 class Clock:
@@ -101,6 +103,101 @@ def test_a_relapse_while_clearing_keeps_the_alert() -> None:
     evaluator.evaluate(20.0, {"s": {"error_rate": 0.3}}, {"s": 50})  # relapse: the clear timer restarts
     assert evaluator.evaluate(40.0, {"s": {"error_rate": 0.0}}, {"s": 50}) == []
     assert evaluator.firing()
+
+
+# --- no data is not healthy ------------------------------------------------------------------
+
+UNAVAILABLE = al.SEED_RULES[3]  # success_rate < 0.9, min_requests 10, clear_for 30 s
+BAD, GOOD = {"s": {"success_rate": 0.5}}, {"s": {"success_rate": 1.0}}
+
+
+def _fired(rule: al.AlertRule = UNAVAILABLE) -> al.AlertEvaluator:
+    evaluator = al.AlertEvaluator([rule])
+    assert [e.kind for e in evaluator.evaluate(0.0, BAD, {"s": 100})] == ["fired"]
+    return evaluator
+
+
+@pytest.mark.parametrize(
+    ("figures", "requests", "why"),
+    [
+        ({}, {}, "no report names the service: its 0 is not a success rate"),
+        ({"s": {}}, {"s": 0}, "a row without the metric"),
+        ({"s": {"success_rate": 0.0}}, {"s": 0}, "a zero from an empty window"),
+        ({"s": {"success_rate": 0.0}}, {"s": 9}, "fewer attempts than min_requests"),
+    ],
+)
+def test_no_data_never_fires_a_rule(figures: dict[str, dict[str, float]], requests: dict[str, int], why: str) -> None:
+    for rule in (UNAVAILABLE, dataclasses.replace(UNAVAILABLE, min_requests=0)):  # 0: rates still need a sample
+        evaluator = al.AlertEvaluator([rule])
+        fires = rule.min_requests == 0 and requests.get("s", 0) > 0 and "success_rate" in figures["s"]
+        events = evaluator.evaluate(0.0, figures, requests)  # 9 attempts are data for a rule asking none
+        assert [e.kind for e in events] == (["fired"] if fires else []), why
+
+
+@pytest.mark.parametrize(
+    ("silence", "why"),
+    [
+        (({}, {}), "the service vanished from the reports"),
+        (({"s": {"success_rate": 0.0}}, {"s": 0}), "an empty window's zero"),
+        (({"s": {"success_rate": 1.0}}, {"s": 3}), "a trickle below min_requests that looks healthy"),
+    ],
+)
+def test_a_firing_alert_holds_through_no_data_and_says_so(
+    silence: tuple[dict[str, dict[str, float]], dict[str, int]], why: str
+) -> None:
+    evaluator = _fired()
+    figures, requests = silence
+    (event,) = evaluator.evaluate(1.0, figures, requests)
+    assert event.kind == "no_data" and event.alert.no_data_since == 1.0, why
+    for now in (40.0, 100.0, 1000.0):  # far past clear_for_s: silence never clears it
+        assert evaluator.evaluate(now, figures, requests) == [], why  # the no_data event came once
+    (alert,) = evaluator.firing()
+    assert alert.no_data_since == 1.0 and alert.value == 0.5, why  # the last value data gave
+    assert evaluator.recovered(5) == []
+
+
+def test_only_data_that_clears_recovers_and_silence_restarts_the_clear_timer() -> None:
+    evaluator = _fired()
+    assert evaluator.evaluate(10.0, GOOD, {"s": 100}) == []  # clear timer starts at 10
+    evaluator.evaluate(20.0, {}, {})  # silence: the timer is reset, not advanced
+    (alert,) = evaluator.firing()
+    assert alert.no_data_since == 20.0
+    assert evaluator.evaluate(45.0, GOOD, {"s": 100}) == []  # data again: timer restarts at 45
+    assert evaluator.firing()[0].no_data_since is None and evaluator.firing()[0].value == 1.0
+    assert evaluator.evaluate(74.0, GOOD, {"s": 100}) == []
+    (recovered,) = evaluator.evaluate(75.0, GOOD, {"s": 100})
+    assert recovered.kind == "recovered" and recovered.alert.recovered_at == 75.0
+
+
+def test_no_data_restarts_a_pending_for_timer() -> None:
+    rule = dataclasses.replace(UNAVAILABLE, for_s=10.0)
+    evaluator = al.AlertEvaluator([rule])
+    assert evaluator.evaluate(0.0, BAD, {"s": 100}) == []
+    assert evaluator.evaluate(5.0, {}, {}) == []
+    assert evaluator.evaluate(11.0, BAD, {"s": 100}) == []  # pending again from 11, not from 0
+    assert [e.kind for e in evaluator.evaluate(21.0, BAD, {"s": 100})] == ["fired"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "requests", "fires"),
+    [
+        (al.AlertRule("dead", "request_count < 1", min_requests=0), 0, True),  # zero traffic is a count
+        (al.AlertRule("dead", "request_count < 1", min_requests=1), 0, False),
+        (al.AlertRule("queue", "queue_length > 5", min_requests=0), 0, False),
+    ],
+)
+def test_counts_are_observed_at_zero_when_the_rule_asks_for_no_minimum(
+    rule: al.AlertRule, requests: int, fires: bool
+) -> None:
+    evaluator = al.AlertEvaluator([rule])
+    events = evaluator.evaluate(0.0, {"s": {"request_count": 0.0, "queue_length": 0.0}}, {"s": requests})
+    assert [e.kind for e in events] == (["fired"] if fires else [])
+
+
+def test_an_alert_of_a_deregistered_service_recovers_at_once() -> None:
+    evaluator = _fired()
+    (event,) = evaluator.evaluate(1.0, {}, {}, registered={"other"})
+    assert event.kind == "recovered" and evaluator.firing() == []
 
 
 # --- actions through the monitor, registry and store -----------------------------------------
@@ -257,3 +354,36 @@ def test_a_new_leader_takes_over_firing_alerts_from_the_audit_trail(
     assert registry.snapshot.state.settings.circuit_breaker.failure_threshold == 5
     # A recovered alert is not resumed by the next leader.
     assert Monitor(registry, Collector()).resume_alerts(registry.audit(1000)) == 0
+
+
+def test_traffic_stops_and_the_alert_and_its_action_stay(
+    rig: tuple[Registry, Collector, Monitor, Clock, Clock],
+) -> None:
+    """A dead service that stops getting traffic keeps its alert and its failover: the monitor
+    records the silence (audit row, still firing) and reverts nothing until data says so."""
+    registry, collector, monitor, mono, wall = rig
+    registry.register(service("chat", "http://127.0.0.1:9/v1"), "test")
+    registry.register(service("backup", "http://127.0.0.1:10/v1", priority=1), "test")
+    _feed(collector, mono, "chat", ok=10, failed=90)
+    _advance(monitor, mono, wall, 0.5)
+    assert {a.rule.name for a in monitor.evaluator.firing()} >= {"service_unavailable"}
+    fired_version = registry.snapshot.version
+    assert list(_svc(snapshot_to_proto(registry.snapshot), "chat").fallbacks) == ["backup"]
+    for _ in range(30):  # 120 s without a single report on chat: its window (10 s) is empty
+        _advance(monitor, mono, wall, 4.0)
+    firing = {a.rule.name: a for a in monitor.evaluator.firing()}
+    assert "service_unavailable" in firing and firing["service_unavailable"].no_data_since is not None
+    assert registry.snapshot.version == fired_version  # nothing reverted, no new version
+    assert list(_svc(snapshot_to_proto(registry.snapshot), "chat").fallbacks) == ["backup"]
+    actions = [e.action for e in registry.audit(50)]
+    assert "alert_recovered:service_unavailable" not in actions
+    assert actions.count("alert_no_data:service_unavailable") == 1
+    fams = families(ControlPlaneMetrics(monitor, seq=lambda: 1, agents=lambda: 0, reports=lambda: 0))
+    assert value(fams, "switchgear_alert_firing", rule="service_unavailable", service="chat") == 1
+    assert value(fams, "switchgear_alert_no_data", rule="service_unavailable", service="chat") == 1
+    # Data that says it recovered does clear it (after clear_for_s), and reverts the action.
+    for _ in range(12):
+        _feed(collector, mono, "chat", ok=50)
+        _advance(monitor, mono, wall, 4.0)
+    assert monitor.evaluator.firing() == []
+    assert list(_svc(snapshot_to_proto(registry.snapshot), "chat").fallbacks) == []

@@ -145,6 +145,19 @@ def test_relay_delivers_each_report_once_and_drops_stale_ones(connect: Callable[
     assert leader.drain(conn) == [] and leader.dropped_stale == 1
 
 
+def test_relay_buffer_is_bounded_while_the_database_waits(connect: Callable[[], psycopg.Connection]) -> None:
+    relay = ReportRelay(connect(), max_buffered=3)
+    report = loadreport_pb2.StreamLoadStatsRequest()
+    for _ in range(5):
+        relay.record("agent-1", report)
+    relay.gone("agent-1")
+    assert relay.dropped_full == 3
+    relay.flush()
+    assert relay.relayed == 3  # the first three; room again after the flush
+    relay.record("agent-1", report)
+    assert relay.dropped_full == 3
+
+
 async def test_a_follower_without_a_leader_answers_unavailable(connect: Callable[[], psycopg.Connection]) -> None:
     link = LeaderLink(connect(), "127.0.0.1:1")
     router = TasksRouter(link)

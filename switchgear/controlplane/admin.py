@@ -7,7 +7,7 @@ Thin: it converts, calls the registry, and maps failures to gRPC codes. A reject
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
 import grpc
@@ -40,13 +40,16 @@ def _actor(context: grpc.aio.ServicerContext) -> str:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str], *, monitor: Monitor | None = None,
-        fleet: Callable[[], list[AgentStatus]] | None = None,
+        fleet: Callable[[], Awaitable[list[AgentStatus]]] | None = None,
     ) -> None:
         self._registry = registry
         self._tracker = tracker
-        self._fleet = fleet or tracker.list  # replicas: every replica's agents
+        self._fleet = fleet or self._local_agents  # replicas: every replica's agents (read off the loop)
         self._env = env
         self._monitor = monitor
+
+    async def _local_agents(self) -> list[AgentStatus]:
+        return self._tracker.list()
 
     async def GetStats(  # noqa: N802
         self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
@@ -156,7 +159,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAgentsResponse:
         return admin_pb2.ListAgentsResponse(
-            agents=[convert.agent_to_proto(a) for a in self._fleet()],
+            agents=[convert.agent_to_proto(a) for a in await self._fleet()],
             current_version=self._registry.snapshot.version,
         )
 

@@ -6,8 +6,21 @@ with a severity and an action. Per (rule, service):
   `min_requests` attempts;
 - it *recovers* when the condition is clear *with hysteresis* — for `>` the value must fall
   below threshold * (1 - hysteresis); for `<` rise above min(threshold * (1 + hysteresis),
-  (1 + threshold) / 2) — and has stayed clear for `clear_for_s` seconds. A window without
-  enough attempts counts as clear (no evidence of trouble).
+  (1 + threshold) / 2) — and has stayed clear for `clear_for_s` seconds.
+
+No data is not healthy (Grafana's "NoData", kept as "keep last state"). A window with fewer
+than `min_requests` attempts — or, for a rate or latency metric, none at all, whatever
+`min_requests` says — holds no evidence either way (`has_data`):
+- a rule that is not firing does not fire on it (an empty window's 0 is not a success rate of
+  0), and its `for_s` timer restarts;
+- a firing alert keeps firing, with its last value and its action in place, and is marked
+  `no_data_since` (one "no_data" event when that begins, an audit row and a log line from the
+  monitor); its clear timer restarts, so it recovers only after `clear_for_s` of data that
+  says it cleared. A dead service that stops getting traffic therefore keeps its alert.
+Counts and gauges (COUNTED_METRICS: request_count, cost_per_hour, ...) are observations at
+zero too: a rule on one with `min_requests: 0` is evaluated on an empty window as 0 (say,
+`request_count < 1` to alert on a service nobody can reach). An alert of a service that is no
+longer registered recovers at once (`registered`): nothing will ever report on it again.
 
 Actions change the policy served in the next snapshot (`policy`), each one undone when its
 alert recovers:
@@ -24,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from switchgear.controlplane.collector import SEED_METRICS
@@ -80,6 +93,21 @@ class AlertRule:
         return value > min(t * (1.0 + h), (1.0 + t) / 2.0) if t <= 1.0 else value > t * (1.0 + h)
 
 
+#: Metrics that are counts or gauges: an empty window observes them at 0. Every other metric
+#: (rates, latencies) is a ratio over samples and has no value without one.
+COUNTED_METRICS = frozenset(
+    {"request_count", "cost_per_hour", "circuit_breaker_trips", "failover_count", "queue_length",
+     "resource_utilization"})
+
+
+def has_data(rule: AlertRule, figures: Mapping[str, float], requests: int) -> bool:
+    """Whether a window of `requests` attempts with these `figures` is evidence for `rule`,
+    either way (see the module docstring)."""
+    if rule.metric in COUNTED_METRICS:
+        return requests >= rule.min_requests
+    return rule.metric in figures and requests >= max(1, rule.min_requests)
+
+
 def parse_condition(text: str) -> tuple[str, str, float]:
     match = _CONDITION.match(text)
     if match is None:
@@ -120,13 +148,14 @@ class Alert:
     fired_at: float  # wall-clock s
     recovered_at: float | None = None
     action_detail: str = ""
+    no_data_since: float | None = None  # while firing: since when its window holds no evidence
     fired_version: str = ""
     recovered_version: str = ""
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "fired" or "recovered"
+    kind: str  # "fired", "recovered", or "no_data" (a firing alert's window went empty)
     alert: Alert
 
 
@@ -140,7 +169,8 @@ class _Track:
 @dataclass
 class AlertEvaluator:
     """Fires and recovers alerts; `figures[service][metric]` and `requests[service]` come from
-    the collector's window at each call. Times are the caller's clock (s)."""
+    the collector's window at each call (a service missing from both had no reports). Times are
+    the caller's clock (s)."""
 
     rules: Sequence[AlertRule] = SEED_RULES
     history_limit: int = 100
@@ -148,22 +178,41 @@ class AlertEvaluator:
     _history: list[Alert] = field(default_factory=list)
 
     def evaluate(
-        self, now: float, figures: Mapping[str, Mapping[str, float]], requests: Mapping[str, int]
+        self, now: float, figures: Mapping[str, Mapping[str, float]], requests: Mapping[str, int],
+        registered: Collection[str] | None = None,
     ) -> list[Event]:
+        """One evaluation. `registered`: the services that exist (None: any); a firing alert of
+        any other service recovers now."""
         events: list[Event] = []
         for rule in self.rules:
             for service in sorted(set(figures) | {s for (r, s) in self._tracks if r == rule.name}):
-                event = self._step(now, rule, service, figures.get(service, {}), requests.get(service, 0))
+                if registered is not None and service not in registered:
+                    event = self._retire(now, rule, service)
+                else:
+                    event = self._step(now, rule, service, figures.get(service, {}), requests.get(service, 0))
                 if event is not None:
                     events.append(event)
         return events
 
+    def _retire(self, now: float, rule: AlertRule, service: str) -> Event | None:
+        track = self._tracks.pop((rule.name, service), None)
+        if track is None or track.alert is None:
+            return None
+        return Event("recovered", self._recover(track.alert, now))
+
+    def _recover(self, alert: Alert, now: float) -> Alert:
+        done = _replace(alert, recovered_at=now, no_data_since=None)
+        self._history.insert(0, done)
+        del self._history[self.history_limit:]
+        return done
+
     def _step(self, now: float, rule: AlertRule, service: str, figures: Mapping[str, float], n: int) -> Event | None:
         track = self._tracks.setdefault((rule.name, service), _Track())
+        if not has_data(rule, figures, n):
+            return self._no_data(now, track)
         value = figures.get(rule.metric, 0.0)
-        enough = n >= rule.min_requests
         if track.alert is None:
-            if enough and rule.holds(value):
+            if rule.holds(value):
                 track.true_since = now if track.true_since is None else track.true_since
                 if now - track.true_since >= rule.for_s:
                     track.alert, track.clear_since = Alert(rule, service, value, now), None
@@ -171,18 +220,25 @@ class AlertEvaluator:
             else:
                 track.true_since = None
             return None
-        track.alert = _with_value(track.alert, value)
-        if not enough or rule.cleared(value):
+        track.alert = _replace(track.alert, value=value, no_data_since=None)
+        if rule.cleared(value):
             track.clear_since = now if track.clear_since is None else track.clear_since
             if now - track.clear_since >= rule.clear_for_s:
-                done = _recovered(track.alert, now)
-                self._history.insert(0, done)
-                del self._history[self.history_limit:]
+                done = self._recover(track.alert, now)
                 track.alert = track.clear_since = track.true_since = None
                 return Event("recovered", done)
         else:
             track.clear_since = None
         return None
+
+    @staticmethod
+    def _no_data(now: float, track: _Track) -> Event | None:
+        """No evidence either way: nothing fires, a firing alert holds (and says so once)."""
+        track.true_since = track.clear_since = None
+        if track.alert is None or track.alert.no_data_since is not None:
+            return None
+        track.alert = _replace(track.alert, no_data_since=now)
+        return Event("no_data", track.alert)
 
     def annotate(self, alert: Alert, **changes: str) -> None:
         """Record the action detail and versions on a firing alert or a recovered one."""
@@ -207,14 +263,6 @@ class AlertEvaluator:
 
     def recovered(self, limit: int) -> list[Alert]:
         return self._history[:limit]
-
-
-def _with_value(alert: Alert, value: float) -> Alert:
-    return _replace(alert, value=value)
-
-
-def _recovered(alert: Alert, now: float) -> Alert:
-    return _replace(alert, recovered_at=now)
 
 
 def _replace(alert: Alert, **changes: object) -> Alert:

@@ -2,13 +2,15 @@
 
 Thin: convert, apply a pure operation from tenancy.py to the registry state, commit it through
 the registry (validated, versioned, audited with before/after), map failures to gRPC codes.
+Every store access (commits, the audit trail, a follower replica's saved usage) is awaited on
+the store's thread, never run on the event loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -29,6 +31,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     raise AssertionError("unreachable")
 
 
+async def _ready(book: UsageBook) -> UsageBook:
+    return book
+
+
 def _json(obj: Tenant | ApiKey | None) -> str:
     if obj is None:
         return ""
@@ -43,9 +49,9 @@ def _actor(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
     def __init__(self, registry: Registry, usage: UsageBook, clock: Callable[[], float] = time.time,
-                 usage_source: Callable[[], UsageBook] | None = None) -> None:
+                 usage_source: Callable[[], Awaitable[UsageBook]] | None = None) -> None:
         self._registry = registry
-        self._usage = usage_source or (lambda: usage)  # replicas: the leader's saved book
+        self._usage = usage_source or (lambda: _ready(usage))  # replicas: the leader's saved book
         self._clock = clock
 
     async def _commit(self, context: Any, operation: Callable[[], Any]) -> Any:
@@ -128,9 +134,10 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         tenants = [t.id for t in self._registry.state.tenants if not request.tenant or t.id == request.tenant]
         if request.tenant and not tenants:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"tenant: no tenant {request.tenant!r}")
-        now, book = self._clock(), self._usage()
+        book = await self._usage()
+        now = self._clock()
         return governance_pb2.GetUsageResponse(usage=[cg.usage_to_proto(book.usage(t, now)) for t in tenants])
 
     async def ListAudit(self, request: governance_pb2.ListAuditRequest, context: Any) -> Any:  # noqa: N802
-        entries = self._registry.audit(request.limit or 100)
+        entries = await self._registry.call(lambda: self._registry.audit(request.limit or 100))
         return governance_pb2.ListAuditResponse(entries=[cg.audit_to_proto(e) for e in entries])

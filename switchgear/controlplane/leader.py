@@ -12,8 +12,10 @@ tasks, and a leader that still writes through its session still holds the lock. 
 bumps `leader.epoch`, so logs and metrics tell one reign from the next, and records the
 leader's address, which followers use to forward task RPCs to it.
 
-Blocking database calls run in a worker thread: a dead or slow PostgreSQL must never stall the
-event loop that serves agents' snapshot streams.
+Blocking database calls run on the election's own thread (`serial`, an offloop.Serial): a
+dead or slow PostgreSQL must never stall the event loop that serves agents' snapshot streams.
+Whatever else uses the lock's session (the leader's task store, the report drain) runs on that
+same thread, so no statement of one lands inside another's transaction.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import psycopg
+
+from switchgear.controlplane.offloop import Serial
 
 log = logging.getLogger("switchgear.controlplane.leader")
 
@@ -79,7 +83,8 @@ class LeaderElection:
     """Try for the lock every `interval_s`; while held, check it every `interval_s`.
 
     `on_elected(conn, epoch)` runs when this replica wins (conn: the lock's session, for
-    fenced writes); `on_deposed()` when it loses the session or stops.
+    fenced writes: use it from `serial` only); `on_deposed()` when it loses the session or
+    stops. `run` once: its end closes `serial`.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class LeaderElection:
         self._on_deposed = on_deposed
         self.interval_s = interval_s
         self._conn: psycopg.Connection | None = None
+        self.serial = Serial("leader")
         self.epoch = 0
         self.elections = 0
 
@@ -111,7 +117,7 @@ class LeaderElection:
             while not stop.is_set():
                 try:
                     if self.is_leader:
-                        if not await asyncio.to_thread(self._check):
+                        if not await self.serial.run(self._check):
                             await self._step_down("lost its database session")
                     else:
                         await self._campaign()
@@ -122,14 +128,15 @@ class LeaderElection:
         finally:
             if self.is_leader:
                 await self._step_down("stopping")
-            self._close()
+            await self.serial.run(self._close)
+            self.serial.close()
 
     async def _campaign(self) -> None:
         try:
-            epoch = await asyncio.to_thread(self._try)
+            epoch = await self.serial.run(self._try)
         except psycopg.Error as exc:
             log.warning("cannot reach the database for the leader election: %s", type(exc).__name__)
-            self._close()
+            await self.serial.run(self._close)
             return
         if epoch is None:
             return
@@ -163,7 +170,7 @@ class LeaderElection:
         try:
             await self._on_deposed()
         finally:
-            self._close()  # ends the session: the lock is free for the others
+            await self.serial.run(self._close)  # ends the session: the lock is free for the others
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -6,9 +6,10 @@ request_count (counter, attempts since start), success_rate, error_rate, avg_res
 (ms, the seed's unit), cost_per_hour (USD), cache_hit_rate, circuit_breaker_trips (counter),
 failover_count (counter), queue_length, resource_utilization (gauges over the monitoring
 window) — plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
-(1 for the current state label), switchgear_alert_firing, switchgear_snapshot_seq,
-switchgear_agents_connected, switchgear_load_reports (counter) and, for replicas,
-switchgear_controlplane_leader / _leader_epoch.
+(1 for the current state label), switchgear_alert_firing, switchgear_alert_no_data (1 while
+a firing alert's window is empty), switchgear_snapshot_seq, switchgear_agents_connected,
+switchgear_load_reports (counter) and, for replicas, switchgear_controlplane_leader /
+_leader_epoch.
 
 Everything is computed at scrape time from the collector (no per-request work here).
 """
@@ -85,6 +86,13 @@ class ControlPlaneMetrics(PromCollector):
         for alert in self._monitor.evaluator.firing():
             firing.add_metric([alert.rule.name, alert.service, alert.rule.severity, alert.rule.action], 1.0)
         yield firing
+        no_data = GaugeMetricFamily("switchgear_alert_no_data",
+                                    "1 while a firing alert's window holds no data (it keeps firing)",
+                                    labels=("rule", "service", "severity", "action"))
+        for alert in self._monitor.evaluator.firing():
+            if alert.no_data_since is not None:
+                no_data.add_metric([alert.rule.name, alert.service, alert.rule.severity, alert.rule.action], 1.0)
+        yield no_data
         yield GaugeMetricFamily("switchgear_snapshot_seq", "Counter part of the served snapshot version",
                                 value=self._seq())
         yield GaugeMetricFamily("switchgear_agents_connected", "Agents with an open snapshot stream",

@@ -9,7 +9,10 @@ action and recovery is an audit row; so is every health-driven version (one row,
 endpoints whose state or weight bucket changed).
 
 `tick()` is synchronous and takes its times from the injected clocks, so tests drive it
-without sockets; `run()` is the loop, and also runs the active probes.
+without sockets; `run()` is the loop, and also runs the active probes. In `run()` the
+evaluation stays on the event loop (it reads the collector, which load reports change there)
+and only its store writes go to the store's thread (`tick_async`), so a slow store delays the
+next evaluation, never the loop.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ class EndpointRow:
     health: str
     weight: int
     utilization: float
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What one evaluation decided to publish (Monitor._decide), for the store to commit."""
+
+    now: float
+    events: list[al.Event]
+    policy: al.Policy
+    overlay: Overlay
+    new_overlay: bool  # differs from the overlay served when it was decided
+    health_changed: bool
+    changes: list[Change]
 
 
 class Monitor:
@@ -145,7 +161,24 @@ class Monitor:
         self._hold_until = self._clock() + seconds
 
     def tick(self) -> Snapshot | None:
-        """One evaluation; returns the new snapshot when one was published."""
+        """One evaluation; returns the new snapshot when one was published. Synchronous, store
+        writes included: for tests and start-up; `run` uses `tick_async`."""
+        decision = self._decide()
+        if decision is None:
+            return None
+        return self._settle(decision, *self._commit(decision))
+
+    async def tick_async(self) -> Snapshot | None:
+        """`tick`, with its store writes on the store's thread: deciding reads the collector,
+        which load reports change on the loop, so it stays on the loop; only the commit moves."""
+        decision = self._decide()
+        if decision is None:
+            return None
+        published, version = await self._registry.call(lambda: self._commit(decision))
+        return self._settle(decision, published, version)
+
+    def _decide(self) -> _Decision | None:
+        """Score, evaluate the rules, and say what to publish (None: nothing to do this tick)."""
         now, wall = self._clock(), self._wall()
         if now < self._hold_until:
             return None
@@ -161,7 +194,8 @@ class Monitor:
         figures = {name: {m: row.figure(m) for m in _METRICS} for name, row in totals.items()}
         for name in figures:
             figures[name]["resource_utilization"] = self._utilization(state, name, totals[name])
-        events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()})
+        events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()},
+                                       registered={s.name for s in state.services})
         policy = al.policy(self._alerts.firing(), state, breaker_threshold=settings.breaker_threshold)
         overlay = Overlay(self._endpoint_overrides(state), policy.services, policy.breaker_failure_threshold)
         current = self._registry.snapshot.overlay
@@ -175,19 +209,30 @@ class Monitor:
         changes = [self._alert_change(e, policy) for e in events]
         if health_changed:
             changes.append(Change("health-monitor", "health_update", "*", _describe(self._published, self._verdicts)))
-        published = self._registry.set_overlay(overlay, changes) if overlay != current else None
+        return _Decision(now, events, policy, overlay, overlay != current, health_changed, changes)
+
+    def _commit(self, decision: _Decision) -> tuple[Snapshot | None, str]:
+        """The decision's store writes (the registry's, on whichever thread runs them): the new
+        overlay as a version, or the audit rows alone; and the version then served."""
+        published = self._registry.set_overlay(decision.overlay, decision.changes) if decision.new_overlay else None
         if published is None:
-            for change in changes:
+            for change in decision.changes:
                 self._registry.record(change)
-        else:
+        return published, self._registry.snapshot.version
+
+    def _settle(self, decision: _Decision, published: Snapshot | None, version: str) -> Snapshot | None:
+        if published is not None:
             self.versions_published += 1
-            if health_changed:
-                self._last_health_publish = now
+            if decision.health_changed:
+                self._last_health_publish = decision.now
                 self._published = dict(self._verdicts)
-        version = self._registry.snapshot.version
-        for event in events:
+        for event in decision.events:
+            if event.kind == "no_data":
+                log.warning("alert %s for %s: no data in its window; it keeps firing and its action stays (%s)",
+                            event.alert.rule.name, event.alert.service, event.alert.rule.action or "no action")
+                continue
             field = "fired_version" if event.kind == "fired" else "recovered_version"
-            self._alerts.annotate(event.alert, **{field: version, "action_detail": policy.detail(
+            self._alerts.annotate(event.alert, **{field: version, "action_detail": decision.policy.detail(
                 event.alert.rule.name, event.alert.service) or event.alert.action_detail})
             log.warning("alert %s %s for %s (%s = %.4g): %s", event.alert.rule.name, event.kind,
                         event.alert.service, event.alert.rule.metric, event.alert.value, event.alert.rule.action)
@@ -199,6 +244,10 @@ class Monitor:
             detail = (f"{a.rule.condition} (value {a.value:.4g}, severity {a.rule.severity}): "
                       f"{a.rule.action or 'no action'}: {policy.detail(a.rule.name, a.service) or 'nothing to change'}")
             return Change("alerts", f"alert_fired:{a.rule.name}", a.service, detail)
+        if event.kind == "no_data":
+            return Change("alerts", f"alert_no_data:{a.rule.name}", a.service,
+                          f"{a.rule.condition}: no data in the window (last value {a.value:.4g}); "
+                          f"still firing, {a.rule.action or 'no action'} kept")
         return Change("alerts", f"alert_recovered:{a.rule.name}", a.service,
                       f"{a.rule.condition} cleared (value {a.value:.4g}): {a.rule.action or 'no action'} reverted")
 
@@ -251,7 +300,7 @@ class Monitor:
         while not stop.is_set():
             every = tick_s or min(1.0, max(0.1, self.settings.report_interval_s / 2))
             try:
-                self.tick()
+                await self.tick_async()
             except Exception:  # the loop must survive a bad evaluation; the next tick retries
                 log.exception("health evaluation failed")
             if self._prober is not None and (probing is None or probing.done()):

@@ -9,10 +9,12 @@ change it never saw, and `NOTIFY switchgear_registry '<seq>'` tells the other re
 reload once the commit is visible (NOTIFY is delivered at commit, never on rollback).
 
 Connections are sync psycopg 3 in autocommit mode, so every transaction is an explicit
-`with conn.transaction():`. The schema is created and upgraded by `migrate`, once per
-process, under an advisory lock so replicas starting together on an empty database do not
-race. Secret values never reach the database, and a DSN (which may carry a password) is only
-ever logged as host, port and database name (`describe`).
+`with conn.transaction():`. Each is used from one thread only, its owner's offloop.Serial (not
+psycopg's async driver: see offloop.py for why), never from the event loop. The schema is
+created and upgraded by `migrate`, once per process, under an advisory lock so replicas
+starting together on an empty database do not race. Secret values never reach the database,
+and a DSN (which may carry a password) is only ever logged as host, port and database name
+(`describe`).
 """
 
 from __future__ import annotations
@@ -245,9 +247,9 @@ class PgStore(SqlStore):
 
     Ownership: `conn` (from `connect`, schema already migrated; or a Keeper) stays the caller's
     unless `owns_connection`; `close()` closes only a connection it owns. Not thread-safe: use
-    it from one thread (the control plane's event loop), like SqliteStore; a connection may back
-    other stores used from that same thread, but `load` must not run inside a transaction open on
-    it (see PgDb.snapshot).
+    it from its `serial` (see store.py), like SqliteStore; nothing else may use its connection
+    meanwhile (the control plane gives other users of PostgreSQL a connection of their own), and
+    `load` must not run inside a transaction open on it (see PgDb.snapshot).
     """
 
     def __init__(

@@ -10,6 +10,14 @@ version it was based on; when another replica committed first the store refuses 
 so concurrent admin calls on different replicas serialise instead of overwriting each other.
 `refresh()` adopts what another replica committed (called on the store's change notification
 and by a slow poll); versions stay unique and monotonic because the store hands out `seq`.
+
+Threading: once the control plane serves, every method that touches the store runs on the
+store's one thread (`store.serial`), submitted from the event loop with `call` (or
+`retrying_async`, which does). Changes are therefore made one at a time, in order, each as one
+read-decide-commit with no other change in between, while the loop keeps serving: `snapshot`
+and `state` are one reference each, read from any thread. Listeners subscribed on a loop are
+called on that loop, in publish order. The synchronous methods are the same code, for start-up
+(nothing else runs yet) and tests.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import TypeVar
 from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.model import RegistryState, ServiceSpec
+from switchgear.controlplane.offloop import call_on
 from switchgear.controlplane.store import AuditEntry, Change, StaleVersion, Store, Stored
 from switchgear.controlplane.validate import Problem, ValidationError, validate_state
 
@@ -49,7 +58,7 @@ class Contended(RuntimeError):
 class Registry:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, asyncio.AbstractEventLoop | None]] = []
         for _ in range(MAX_ATTEMPTS):
             stored = store.load()
             self._config_hash = stored.config_hash
@@ -86,7 +95,17 @@ class Registry:
         return self._config_hash
 
     def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+        """Call `listener` with each new snapshot: on the loop subscribing, when there is one."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._listeners.append((listener, loop))
+
+    async def call(self, operation: Callable[[], T]) -> T:
+        """Run `operation` (a read of the store, or a change: `register`, `change`, `refresh`,
+        `set_overlay`, `audit`, ...) on the store's thread, after every call made before it."""
+        return await self._store.serial.run(operation)
 
     def refresh(self) -> bool:
         """Adopt a newer version from the store (committed by another replica); publishes it.
@@ -112,13 +131,14 @@ class Registry:
         raise Contended(f"gave up after {MAX_ATTEMPTS} attempts: other replicas kept changing the registry")
 
     async def retrying_async(self, operation: Callable[[], T], attempts: int = ASYNC_ATTEMPTS) -> T:
-        """`retrying` for servicers: between attempts a jittered, growing pause (without blocking
-        the loop), so writers on several replicas stop pre-empting each other in lockstep."""
+        """`retrying` for servicers: each attempt runs on the store's thread (`call`), and between
+        attempts a jittered, growing pause (without blocking the loop), so writers on several
+        replicas stop pre-empting each other in lockstep."""
         for attempt in range(attempts):
             try:
-                return operation()
+                return await self.call(operation)
             except StaleVersion:
-                self.refresh()
+                await self.call(self.refresh)
             await asyncio.sleep(random.uniform(0.0, min(0.1, 0.002 * 2**attempt)))
         raise Contended(f"gave up after {attempts} attempts: other replicas kept changing the registry")
 
@@ -215,8 +235,8 @@ class Registry:
         self._store.append_audit(self._snapshot.version, change)
 
     def _publish(self) -> None:
-        for listener in self._listeners:
-            listener(self._snapshot)
+        for listener, loop in self._listeners:
+            call_on(loop, listener, self._snapshot)
 
     def _commit_version(
         self, state: RegistryState, seq: int, digest: str, change: Change, config_hash: str | None,

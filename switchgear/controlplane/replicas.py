@@ -14,6 +14,10 @@
   follower forwards each call, with its metadata and deadline, to the leader's address (from
   the election's row), so agents may lease and report through any replica. `AdminRouter` does
   the same for the Admin reads only the leader can answer (GetStats, ListAlerts).
+
+Threading: none of these runs a query on the event loop. FleetView, ReportRelay and LeaderLink
+share one connection and one offloop.Serial (its thread); what they read from the loop's own
+objects (the agent tracker, the report buffer) is taken on the loop first and handed over.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import psycopg
 from switchgear.controlplane import codec
 from switchgear.controlplane.agents import AgentStatus, AgentTracker
 from switchgear.controlplane.leader import current_leader
+from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.pg import NOTIFY_CHANNEL, getter
 from switchgear.controlplane.registry import Registry
 from switchgear.tls import ClientTls, aio_channel
@@ -47,9 +52,9 @@ class RegistryFollower:
         self.poll_s = poll_s
         self.adopted = 0
 
-    def _refresh(self) -> None:
+    async def _refresh(self) -> None:
         try:
-            if self._registry.refresh():
+            if await self._registry.call(self._registry.refresh):
                 self.adopted += 1
                 log.info("adopted version %s from another replica", self._registry.snapshot.version)
         except psycopg.Error as exc:
@@ -59,7 +64,7 @@ class RegistryFollower:
         listening = asyncio.ensure_future(self._listen_forever())
         try:
             while not stop.is_set():
-                self._refresh()  # the safety net under LISTEN/NOTIFY
+                await self._refresh()  # the safety net under LISTEN/NOTIFY
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.poll_s)
         finally:
@@ -72,9 +77,9 @@ class RegistryFollower:
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # PgStore notifies in every commit
-                    self._refresh()  # anything committed before LISTEN took effect
+                    await self._refresh()  # anything committed before LISTEN took effect
                     async for _ in conn.notifies():
-                        self._refresh()
+                        await self._refresh()
             except psycopg.Error as exc:
                 log.warning("registry notifications lost (%s); reconnecting", type(exc).__name__)
                 await asyncio.sleep(self.poll_s)
@@ -91,8 +96,9 @@ class FleetView:
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], replica: str, address: str,
                  tracker: AgentTracker, *, fresh_s: float = 5.0, forget_s: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, serial: Serial | None = None) -> None:
         self._conn = getter(conn)
+        self.serial = serial or Serial("fleet")  # the thread `conn` is used on
         self._replica = replica
         self.address = address  # where other replicas reach this one (set once the port is bound)
         self._tracker = tracker
@@ -102,9 +108,17 @@ class FleetView:
         self._published: dict[str, str] | None = None
 
     def publish(self) -> None:
+        """Write this replica's agents (on the calling thread: tests; `run` uses `serial`)."""
+        self._write(*self._rows())
+
+    def _rows(self) -> tuple[dict[str, str], float]:
+        """This replica's agents as rows, read from the tracker (on the loop)."""
         now = self._clock()
         rows = {a.node.id: codec.dumps(dataclasses.replace(a, replica=self._replica)) for a in self._tracker.list()
                 if a.connected or now - a.last_seen < self.forget_s}
+        return rows, now
+
+    def _write(self, rows: dict[str, str], now: float) -> None:
         published = self._published or {}
         try:
             conn = self._conn()
@@ -126,11 +140,24 @@ class FleetView:
             log.warning("could not publish this replica's agents: %s", type(exc).__name__)
 
     def agents(self) -> list[AgentStatus]:
+        """The whole fleet (on the calling thread: tests; servicers use `agents_async`)."""
+        return self._merge(self._read())
+
+    async def agents_async(self) -> list[AgentStatus]:
+        """`agents`, its query on `serial`."""
+        return self._merge(await self.serial.run(self._read))
+
+    def _read(self) -> list[tuple[str]] | None:
         try:
-            rows = self._conn().execute(
+            rows: list[tuple[str]] = self._conn().execute(
                 "SELECT a.status FROM agents a JOIN replicas r ON r.replica = a.replica WHERE r.seen_at >= %s",
                 (self._clock() - self.fresh_s,)).fetchall()
         except psycopg.OperationalError:
+            return None
+        return rows
+
+    def _merge(self, rows: list[tuple[str]] | None) -> list[AgentStatus]:
+        if rows is None:
             return self._tracker.list()  # the store is away: what this replica knows
         best = {a.node.id: dataclasses.replace(a, replica=self._replica) for a in self._tracker.list()}
         for (body,) in rows:
@@ -142,17 +169,28 @@ class FleetView:
 
     async def run(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
         while not stop.is_set():
-            self.publish()
+            await self.serial.run(self._write, *self._rows())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=every_s)
 
 
+#: Reports a replica holds between flushes. The buffer fills only while a flush waits on the
+#: database; past this it drops the newest (counted in `dropped_full`): reports are soft state,
+#: and ones that old would be dropped as stale when drained anyway.
+MAX_BUFFERED_REPORTS = 10_000
+
+
 class ReportRelay:
-    """Buffer reports (node, request) and write them to `load_reports` every `flush_s`."""
+    """Buffer reports (node, request), at most `max_buffered`, and write them to `load_reports`
+    every `flush_s`."""
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], *, flush_s: float = 0.1,
-                 stale_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+                 stale_s: float = 10.0, clock: Callable[[], float] = time.time, serial: Serial | None = None,
+                 max_buffered: int = MAX_BUFFERED_REPORTS) -> None:
         self._conn = getter(conn)
+        self.serial = serial or Serial("relay")  # the thread `conn` is used on
+        self.max_buffered = max_buffered
+        self.dropped_full = 0
         self._buffer: list[tuple[str, bool, bytes, float]] = []
         self.flush_s = flush_s
         self.stale_s = stale_s
@@ -161,13 +199,28 @@ class ReportRelay:
         self.dropped_stale = 0
 
     def record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
-        self._buffer.append((node, False, request.SerializeToString(), self._clock()))
+        self._add((node, False, request.SerializeToString(), self._clock()))
 
     def gone(self, node: str) -> None:
-        self._buffer.append((node, True, b"", self._clock()))
+        self._add((node, True, b"", self._clock()))
+
+    def _add(self, row: tuple[str, bool, bytes, float]) -> None:
+        if len(self._buffer) >= self.max_buffered:
+            if self.dropped_full % 1000 == 0:
+                log.warning("load-report relay full (%d waiting on the database): dropping reports", len(self._buffer))
+            self.dropped_full += 1
+            return
+        self._buffer.append(row)
 
     def flush(self) -> None:
+        """Write the buffer (on the calling thread: tests; `run` uses `serial`)."""
+        self._write(self._take())
+
+    def _take(self) -> list[tuple[str, bool, bytes, float]]:
         rows, self._buffer = self._buffer, []
+        return rows
+
+    def _write(self, rows: list[tuple[str, bool, bytes, float]]) -> None:
         if not rows:
             return
         try:
@@ -199,7 +252,9 @@ class ReportRelay:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.flush_s)
-            self.flush()
+            rows = self._take()  # on the loop, where `record` appends
+            if rows:
+                await self.serial.run(self._write, rows)
 
 
 class StoreOutageInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -238,8 +293,9 @@ class LeaderLink:
     """Where the leader is (the election's row) and one channel to it, re-made when it moves."""
 
     def __init__(self, conn: psycopg.Connection | Callable[[], psycopg.Connection], self_address: str,
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, serial: Serial | None = None) -> None:
         self._conn = getter(conn)
+        self.serial = serial or Serial("leader-link")  # the thread `conn` is used on
         self._self = self_address
         self._tls = tls
         self._channel: grpc.aio.Channel | None = None
@@ -247,9 +303,9 @@ class LeaderLink:
         self._retired: set[asyncio.Future[None]] = set()
         self.forwarded = 0
 
-    def channel(self) -> grpc.aio.Channel:
+    async def channel(self) -> grpc.aio.Channel:
         try:
-            info = current_leader(self._conn())
+            info = await self.serial.run(lambda: current_leader(self._conn()))
         except psycopg.OperationalError as exc:
             raise NoLeader(f"the shared store is unreachable ({type(exc).__name__}); retry shortly") from exc
         if info is None or info.address == self._self:  # no leader yet, or it was us and we lost it
@@ -304,8 +360,8 @@ def _forwarding(name: str, streaming_request: bool, streaming_response: bool) ->
     """A servicer method for `name` that serves locally on the leader and forwards otherwise,
     with the caller's metadata (its token) and what is left of its deadline."""
 
-    def target(router: _Router, context: grpc.aio.ServicerContext) -> tuple[Any, dict[str, Any]]:
-        stub = getattr(router.stub_class(router.link.channel()), name)
+    async def target(router: _Router, context: grpc.aio.ServicerContext) -> tuple[Any, dict[str, Any]]:
+        stub = getattr(router.stub_class(await router.link.channel()), name)
         metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if not k.startswith("grpc-"))
         return stub, {"metadata": metadata, "timeout": context.time_remaining()}
 
@@ -316,7 +372,7 @@ def _forwarding(name: str, streaming_request: bool, streaming_response: bool) ->
                     yield item
                 return
             try:
-                stub, kwargs = target(self, context)
+                stub, kwargs = await target(self, context)
                 async for item in stub(request, **kwargs):
                     yield item
             except NoLeader as exc:
@@ -329,7 +385,7 @@ def _forwarding(name: str, streaming_request: bool, streaming_response: bool) ->
         if self.local is not None:
             return await getattr(self.local, name)(request, context)
         try:
-            stub, kwargs = target(self, context)
+            stub, kwargs = await target(self, context)
             if streaming_request:
                 items = [item async for item in request]  # blobs are chunked; forwarded whole
                 return await stub(iter(items), **kwargs)

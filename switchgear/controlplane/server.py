@@ -11,6 +11,11 @@ Each serves Admin, Governance, Discovery, load reports and TasksService; one lea
 leader.py) runs the health monitor, folds every replica's load reports and dispatches tasks
 (replicas.py forwards task calls to it). Without it, the SQLite file makes this process its
 own leader, as before.
+
+Threading: the event loop never waits on a store. Each store has one thread of its own that
+runs its calls in order (offloop.Serial): the registry's store (commits, audit, usage), the
+task store, and, with replicas, the coordination connection (relay, fleet view, leader lookup)
+and the leader election's session (which the leader's task store and report drain share).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +52,7 @@ from switchgear.controlplane.leader import LeaderElection
 from switchgear.controlplane.loadreport import LoadReportServicer
 from switchgear.controlplane.metrics import ControlPlaneMetrics, serve_metrics
 from switchgear.controlplane.monitor import Monitor
+from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.pg import PgStore
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
@@ -208,8 +215,9 @@ async def serve(
                           max_concurrent_pushes=options.max_concurrent_pushes), server
     )
     replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-    fleet = FleetView(shared.conn, replica_id, options.advertise or options.listen, tracker) if shared else None
-    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor, fleet=fleet.agents if fleet else None)
+    fleet = FleetView(shared.coord, replica_id, options.advertise or options.listen, tracker,
+                      serial=shared.coord_serial) if shared else None
+    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor, fleet=fleet.agents_async if fleet else None)
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
     scheduling = SchedulerOptions(lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s)
     tasks: TasksRuntime | None = None
@@ -273,23 +281,30 @@ async def serve(
         await probe_client.aclose()
         if metrics_server is not None:
             metrics_server.shutdown()
-        store.close()
+        await store.serial.run(store.close)  # after every write still queued on it
         if shared is not None:
-            shared.close()
+            await shared.close()
+        store.serial.close()
         log.info("control plane stopped")
 
 
 @dataclass
 class _Shared:
-    """The database connection a replica's store, relay and task routing share."""
+    """A replica's database connections: the store's, and the one the relay, fleet view and
+    leader lookups share (`coord`, on `coord_serial`), so none of them waits behind a commit
+    that waits on a lock. Both reconnect after PostgreSQL restarts or fails over."""
 
     dsn: str
-    conn: pg.Keeper  # reconnects after PostgreSQL restarts or fails over
+    conn: pg.Keeper  # the store's: used on store.serial only
     store: PgStore
+    coord: pg.Keeper
+    coord_serial: Serial
     relay: ReportRelay
 
-    def close(self) -> None:
-        self.conn.close()
+    async def close(self) -> None:
+        await self.store.serial.run(self.conn.close)
+        await self.coord_serial.run(self.coord.close)
+        self.coord_serial.close()
 
 
 def _open_shared(options: Options) -> _Shared:
@@ -301,40 +316,58 @@ def _open_shared(options: Options) -> _Shared:
         pg.migrate(keeper())
     except psycopg.Error as exc:
         raise StartupError(f"cannot open the shared store {pg.describe(options.store_url)}: {exc}") from exc
-    return _Shared(options.store_url, keeper, PgStore(keeper), ReportRelay(keeper))
+    coord, coord_serial = pg.Keeper(options.store_url), Serial("coordination")
+    return _Shared(options.store_url, keeper, PgStore(keeper), coord, coord_serial,
+                   ReportRelay(coord, serial=coord_serial))
 
 
 class _UsageHolder:
     """The tenants' usage book. The process that folds load reports (the leader, or the only
-    control plane) keeps it live and saves it; any other replica reads the saved one."""
+    control plane) keeps it live and saves it; any other replica reads the saved one.
+
+    The book lives on the loop; the store is read and written on its thread. Saves are queued
+    behind the store's other calls without waiting for them, and coalesce while one is queued
+    (at most one row per tenant waits), so a slow store costs memory bounded by the tenants."""
 
     def __init__(self, store: Store, *, live: bool) -> None:
         self._store = store
-        self.book = UsageBook()
         self.live = live  # replicas: set while this one leads
-        self._reload(self.book)
+        self.book = _filled(store.load_usage())  # start-up: nothing else runs yet
+        self._unsaved: dict[str, str] = {}
+        self._lock = threading.Lock()  # _unsaved: filled on the loop, taken on the store's thread
 
-    def _reload(self, book: UsageBook) -> None:
-        for tenant, body in self._store.load_usage().items():
-            book.load(tenant, body)
-
-    def take_over(self) -> None:
-        self.book = UsageBook()
-        self._reload(self.book)
+    async def take_over(self) -> None:
+        self.book = _filled(await self._store.serial.run(self._store.load_usage))
         self.live = True
 
-    def current(self) -> UsageBook:
+    async def current(self) -> UsageBook:
         if self.live:
             return self.book
-        book = UsageBook()
-        self._reload(book)
-        return book
+        return _filled(await self._store.serial.run(self._store.load_usage))
 
     def add(self, deltas: list[UsageDelta]) -> None:
         now = time.time()
         for delta in deltas:
             self.book.add(delta, now)
-        self._store.save_usage({d.tenant: self.book.dump(d.tenant) for d in deltas})
+        rows = {d.tenant: self.book.dump(d.tenant) for d in deltas}
+        with self._lock:
+            queued = bool(self._unsaved)
+            self._unsaved.update(rows)
+        if not queued:
+            self._store.serial.submit(self._save)
+
+    def _save(self) -> None:
+        with self._lock:
+            rows, self._unsaved = self._unsaved, {}
+        if rows:
+            self._store.save_usage(rows)
+
+
+def _filled(rows: dict[str, str]) -> UsageBook:
+    book = UsageBook()
+    for tenant, body in rows.items():
+        book.load(tenant, body)
+    return book
 
 
 class _Replica:
@@ -352,7 +385,7 @@ class _Replica:
         self._loadreports = loadreports
         self._usage = usage
         self._scheduling = scheduling
-        self.link = LeaderLink(shared.conn, address, options.peer_tls)
+        self.link = LeaderLink(shared.coord, address, options.peer_tls, serial=shared.coord_serial)
         self.tasks = TasksRouter(self.link)
         self._admin: AdminRouter | None = None
         self._admin_servicer: AdminServicer | None = None
@@ -374,15 +407,18 @@ class _Replica:
         await self.link.close()
 
     async def _elected(self, conn: psycopg.Connection, epoch: int) -> None:
-        self._registry.refresh()
-        self._usage.take_over()
-        # Writes through the lock's own session: if the lead is lost, so is the session.
-        self._tasks = TasksRuntime(PgTaskStore(conn), lambda: self._registry.state, self._scheduling)
+        await self._registry.call(self._registry.refresh)
+        await self._usage.take_over()
+        # Writes through the lock's own session (if the lead is lost, so is the session), on
+        # the election's thread, which is the one that session is used on.
+        serial = self.election.serial
+        self._tasks = await serial.run(lambda: TasksRuntime(PgTaskStore(conn, serial=serial),
+                                                            lambda: self._registry.state, self._scheduling))
         self._tasks.start()
         self.tasks.local = self._tasks.servicer
         if self._admin is not None:
             self._admin.local = self._admin_servicer
-        resumed = self._monitor.resume_alerts(self._registry.audit(1000))
+        resumed = self._monitor.resume_alerts(await self._registry.call(lambda: self._registry.audit(1000)))
         if resumed:
             log.info("took over %d firing alert(s) from the last leader", resumed)
         # Hold the overlay as published until every agent has reported a few times to us.
@@ -407,7 +443,7 @@ class _Replica:
         relay = self._shared.relay
         while not stop.is_set():
             try:
-                for node, request in relay.drain(conn):
+                for node, request in await self.election.serial.run(relay.drain, conn):
                     if request is None:
                         self._loadreports.apply_gone(node)
                     else:

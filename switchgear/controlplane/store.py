@@ -7,6 +7,11 @@ the audit row land together or not at all. A writer can name the version its cha
 on (`expected_seq`): when another writer (a second control-plane replica) committed first, the
 commit raises StaleVersion and writes nothing, so no replica overwrites a change it never saw.
 Secret values never reach it: services hold only secret references.
+
+Threading: a store is used by one thread at a time — its `serial` (offloop.Serial), which the
+control plane's event loop submits every call to, so a store that waits (a lock, a slow disk)
+never stalls the loop, and calls run one at a time in the order they were made. Start-up code
+and tests, with nothing else running, may call it directly.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Protocol
 
 from switchgear.controlplane import codec
 from switchgear.controlplane.model import ApiKey, RegistryState, ServiceSpec, Settings, Tenant
+from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.sql import Db, SqliteDb
 
 SCHEMA_VERSION = 2
@@ -96,6 +102,9 @@ class AuditEntry:
 
 
 class Store(Protocol):
+    #: The one thread the store's calls run on once the control plane serves (see above).
+    serial: Serial
+
     def load(self) -> Stored: ...
 
     def head(self) -> tuple[int, str]:
@@ -175,13 +184,15 @@ class SqlStore(ABC):
     their backend, each adding how a commit reads the version counter so that writers are
     serialised, and whom it tells of the new version.
 
-    Ownership: close() closes the connection only when `owns_connection`.
+    Ownership: close() closes the connection only when `owns_connection`. Threading: see the
+    module docstring; `serial` is this store's own.
     """
 
     def __init__(self, db: Db, *, clock: Callable[[], float], owns_connection: bool) -> None:
         self._db = db
         self._clock = clock
         self._owns_connection = owns_connection
+        self.serial = Serial(type(self).__name__)
 
     @abstractmethod
     def _lock_version(self, db: Db) -> int:
@@ -256,7 +267,7 @@ class SqlStore(ABC):
 
 class SqliteStore(SqlStore):
     """A Store on one SQLite file (WAL mode), creating and upgrading its tables; close() closes
-    its connection. Not thread-safe: use it from one event loop."""
+    its connection. Not thread-safe: use it from its `serial`."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)

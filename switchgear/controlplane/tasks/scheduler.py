@@ -1,8 +1,12 @@
 """The task scheduler: applies the pure decisions (queue, allocator, lifecycle) through the
 task store, wakes agents long-polling for work and streams changes to watchers.
 
-Runs on the control plane's event loop. Every decision and its write happen with no `await`
-between them, so two agents' lease calls can never both take one task or overfill a pool.
+Called from the control plane's event loop through `call`, which runs each method on the task
+store's thread (offloop.Serial), so a slow or locked store never stalls the loop. Every
+decision and its write happen inside one such call, and calls run one at a time, so two
+agents' lease calls can never both take one task or overfill a pool. Wake-ups and watchers
+(asyncio objects) are always touched on the loop: a change made on the store's thread is
+handed to the loop, in order.
 Wall-clock time (`clock`, epoch seconds) is used throughout because lease deadlines and
 backoffs are persisted and must mean the same after a restart.
 """
@@ -18,10 +22,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import orjson
 
 from switchgear.controlplane.model import RegistryState, ServiceSpec
+from switchgear.controlplane.offloop import call_on
 from switchgear.controlplane.tasks import allocator, lifecycle, queue
 from switchgear.controlplane.tasks.model import (
     RESOURCE_NAMES,
@@ -36,6 +42,9 @@ from switchgear.controlplane.tasks.model import (
 from switchgear.controlplane.tasks.store import TaskStoreLike
 
 log = logging.getLogger("switchgear.controlplane.tasks")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MAX_TIMEOUT_S = 86400.0
 MAX_ATTEMPTS = 20
@@ -156,7 +165,14 @@ class TaskScheduler:
         self._peak = dict.fromkeys(RESOURCE_NAMES, 0.0)
         self._changed = asyncio.Event()
         self._watchers: set[asyncio.Queue[Task | None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where wake-ups go; set by `call`
         self._recover()
+
+    async def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`method(*args, **kwargs)` (one of this scheduler's) on the task store's thread,
+        after every call made before it."""
+        self._loop = asyncio.get_running_loop()
+        return await self._store.serial.run(method, *args, **kwargs)
 
     # -- start-up
 
@@ -303,7 +319,7 @@ class TaskScheduler:
         deadline = self._clock() + min(max(0.0, wait_s), self.options.max_wait_s)
         while True:
             changed = self._changed  # taken before looking, so no wake-up is missed
-            leased = self.lease_now(offer)
+            leased = await self.call(self.lease_now, offer)
             remaining = deadline - self._clock()
             if leased or remaining <= 0:
                 return leased
@@ -430,6 +446,9 @@ class TaskScheduler:
     # -- change feed
 
     def _changed_task(self, task: Task, wake: bool = True) -> None:
+        call_on(self._loop, self._fan_out, task, wake)
+
+    def _fan_out(self, task: Task, wake: bool) -> None:
         if wake:
             self._changed.set()
             self._changed = asyncio.Event()

@@ -3,7 +3,9 @@
 Thin: convert, call the scheduler, map failures to gRPC codes (malformed -> INVALID_ARGUMENT
 naming the field; unknown service/task/blob -> NOT_FOUND; idempotency key reused for another
 request -> ALREADY_EXISTS; requirements that can never fit -> FAILED_PRECONDITION with
-"Resource allocation failed: ..."; cancelling a final task -> FAILED_PRECONDITION).
+"Resource allocation failed: ..."; cancelling a final task -> FAILED_PRECONDITION). Every
+scheduler call that reads or writes the task store is awaited on the store's thread
+(`TaskScheduler.call`), never run on the event loop.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
 
     async def _submit(self, sub: Submission, context: grpc.aio.ServicerContext) -> tuple[Task, bool]:
         try:
-            return self._s.submit(sub)
+            return await self._s.call(self._s.submit, sub)
         except SubmitError as exc:
             await _abort(context, _CODES[exc.code], str(exc))
 
@@ -109,13 +111,13 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                              f"chunk: blob larger than {MAX_BLOB_BYTES} bytes")
             parts.append(part.chunk)
-        blob_id = self._s.put_blob(b"".join(parts), content_type or "application/json")
+        blob_id = await self._s.call(self._s.put_blob, b"".join(parts), content_type or "application/json")
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
 
     async def DownloadBlob(  # noqa: N802
         self, request: tasks_pb2.DownloadBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.DownloadBlobResponse]:
-        data = self._s.blob(request.blob_id)
+        data = await self._s.call(self._s.blob, request.blob_id)
         if data is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"blob_id: no blob {request.blob_id!r}")
         for start in range(0, max(1, len(data)), CHUNK_BYTES):
@@ -125,7 +127,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         if not task_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "id: required")
         try:
-            task = self._s.get(task_id)
+            task = await self._s.call(self._s.get, task_id)
         except TaskNotFound:
             task = None
         caller = CALLER.get()
@@ -153,7 +155,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     ) -> tasks_pb2.CancelTaskResponse:
         await self._get(request.id, context)
         try:
-            task = self._s.cancel(request.id)
+            task = await self._s.call(self._s.cancel, request.id)
         except TransitionError as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return tasks_pb2.CancelTaskResponse(task=self._proto(task))
@@ -168,7 +170,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         if request.limit > 1000:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "limit: at most 1000")
         tenant = await self._tenant_filter(request.tenant, context)
-        tasks = self._s.list_tasks(states, tenant, request.service, request.limit or 100)
+        tasks = await self._s.call(self._s.list_tasks, states, tenant, request.service, request.limit or 100)
         return tasks_pb2.ListTasksResponse(tasks=[self._proto(t, with_payload=False) for t in tasks])
 
     async def WatchTasks(  # noqa: N802
@@ -185,14 +187,14 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 current = []
                 for task_id in sorted(ids):
                     try:
-                        found = self._s.get(task_id)
+                        found = await self._s.call(self._s.get, task_id)
                     except TaskNotFound:
                         found = None
                     if found is None or tenant not in ("", found.tenant):
                         await _abort(context, grpc.StatusCode.NOT_FOUND, f"ids: no task {task_id!r}")
                     current.append(found)
             else:
-                current = self._s.list_tasks((), tenant, request.service, 1000)
+                current = await self._s.call(self._s.list_tasks, (), tenant, request.service, 1000)
             open_ids = {t.id for t in current if not t.state.final}
             for task in current:
                 yield tasks_pb2.WatchTasksResponse(task=self._proto(task, with_payload=False))
@@ -210,7 +212,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def GetTaskStats(  # noqa: N802
         self, request: tasks_pb2.GetTaskStatsRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.GetTaskStatsResponse:
-        return convert.stats_to_proto(self._s.stats())
+        return convert.stats_to_proto(await self._s.call(self._s.stats))
 
     async def LeaseTasks(  # noqa: N802
         self, request: tasks_pb2.LeaseTasksRequest, context: grpc.aio.ServicerContext
@@ -222,7 +224,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         leased = await self._s.lease(offer, wait_s)
         if leased and context.cancelled():  # the agent gave up waiting: hand them straight back
             for t in leased:
-                self._s.complete(t.id, Completion("released", t.lease_id))
+                await self._s.call(self._s.complete, t.id, Completion("released", t.lease_id))
             return tasks_pb2.LeaseTasksResponse()
         ttl = duration(self._s.options.lease_ttl_s)
         return tasks_pb2.LeaseTasksResponse(
@@ -233,8 +235,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         self, request: tasks_pb2.HeartbeatTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.HeartbeatTaskResponse:
         await self._get(request.task_id, context)
-        beat = self._s.heartbeat(request.task_id, request.lease_id, request.progress, request.progress_message,
-                                 request.started)
+        beat = await self._s.call(self._s.heartbeat, request.task_id, request.lease_id, request.progress,
+                                  request.progress_message, request.started)
         reply = tasks_pb2.HeartbeatTaskResponse(lease_valid=beat.lease_valid, cancelled=beat.cancelled)
         if beat.lease_valid:
             reply.lease_expires_at.CopyFrom(timestamp(beat.task.lease_expires_at))
@@ -248,7 +250,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
             report = convert.completion_from_proto(request)
         except convert.ConvertError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        accepted, task = self._s.complete(request.task_id, report)
+        accepted, task = await self._s.call(self._s.complete, request.task_id, report)
         return tasks_pb2.CompleteTaskResponse(accepted=accepted, task=self._proto(task, with_payload=False))
 
 
@@ -270,7 +272,7 @@ class TasksRuntime:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.scheduler.sweep()
+                await self.scheduler.call(self.scheduler.sweep)
             except Exception:  # a failed sweep must not stop the next one
                 log.exception("task lease sweep failed")
 
@@ -279,7 +281,9 @@ class TasksRuntime:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        self.store.close()
+        await self.store.serial.run(self.store.close)  # after whatever is still queued on it
+        if self.store.owns_serial:
+            self.store.serial.close()
 
 
 def attach(server: grpc.aio.Server, db_path: str, registry_state: Callable[[], RegistryState],

@@ -4,6 +4,9 @@ control plane's SQLite file (PostgreSQL: store_pg.py, on the tables pg.py create
 SqlTaskStore runs every query on a Db (sql.py); TaskStore is it on SQLite, PgTaskStore on
 PostgreSQL. Rows are encoded and decoded by the same functions, so a task reads back the same
 from either backend.
+
+Threading: a task store is used from its `serial` (offloop.Serial: one thread, calls in order),
+which the scheduler submits every call to from the event loop; see offloop.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.sql import Db, Dialect, SqliteDb, marks
 from switchgear.controlplane.tasks.model import Resources, Task, TaskError, TaskState, Usage
 
@@ -100,6 +104,10 @@ def _task(row: Sequence[Any]) -> Task:
 class TaskStoreLike(Protocol):
     """What the scheduler needs of a task store: TaskStore (SQLite) and PgTaskStore (PostgreSQL)."""
 
+    #: The one thread its calls run on; `owns_serial`: whether closing the store ends it too.
+    serial: Serial
+    owns_serial: bool
+
     def close(self) -> None: ...
 
     def insert(self, task: Task) -> tuple[Task, bool]: ...
@@ -136,12 +144,15 @@ class SqlTaskStore:
     """TaskStoreLike on a Db whose task tables exist. Every mutating method is one transaction.
 
     Ownership: close() closes the connection only when `owns_connection`. Not thread-safe: use
-    it from the control plane's event loop.
+    it from `serial` — its own, or the one its connection's other user runs on (the leader's
+    election session).
     """
 
-    def __init__(self, db: Db, *, owns_connection: bool) -> None:
+    def __init__(self, db: Db, *, owns_connection: bool, serial: Serial | None = None) -> None:
         self._db = db
         self._owns_connection = owns_connection
+        self.serial = serial or Serial(type(self).__name__)
+        self.owns_serial = serial is None
         self._select_light = _select_light(db.dialect)
 
     def close(self) -> None:

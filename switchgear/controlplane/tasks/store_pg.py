@@ -8,6 +8,7 @@ the same key at once.
 
 from __future__ import annotations
 
+from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.pg import Connection, PgDb
 from switchgear.controlplane.tasks.store import SqlTaskStore
 
@@ -17,8 +18,9 @@ class PgTaskStore(SqlTaskStore):
     (the constructor never migrates: the process does that once).
 
     Ownership: `conn` stays the caller's unless `owns_connection`; `close()` closes only a
-    connection it owns. Not thread-safe: use it from the control plane's event loop.
+    connection it owns. Not thread-safe: use it from `serial`, which must be the thread every
+    other user of `conn` runs on (the leader election's, for the lock's session).
     """
 
-    def __init__(self, conn: Connection, *, owns_connection: bool = False) -> None:
-        super().__init__(PgDb(conn), owns_connection=owns_connection)
+    def __init__(self, conn: Connection, *, owns_connection: bool = False, serial: Serial | None = None) -> None:
+        super().__init__(PgDb(conn), owns_connection=owns_connection, serial=serial)
