@@ -6,6 +6,7 @@ control-plane start-up with --config."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from switchgear.controlplane.config import (
     MAX_DEPTH,
     MAX_PROBLEMS,
     ConfigError,
+    describe,
     load_config,
 )
 from switchgear.controlplane.registry import Registry
@@ -310,3 +312,12 @@ def test_apply_config_answers_invalid_argument_naming_where(control_plane: Proc,
         good = at("services.llm_services.local_models", '{endpoint: "http://127.0.0.1:9/v1"}')
         assert admin.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=good, source="good.yaml"), timeout=30).version
     assert control_plane.running() and "Traceback" not in control_plane.log_path.read_text()
+
+
+def test_per_service_answer_caps_are_read_as_sizes_and_shown() -> None:
+    text = at("services.llm_services.local_models",
+              '{endpoint: "http://127.0.0.1:9/v1", options: {max_response_bytes: 16Mi, max_decoded_bytes: 500}}')
+    state = load_config(text, env={})
+    spec = state.services[0]
+    assert json.loads(spec.options_json) == {"max_response_bytes": 16 << 20, "max_decoded_bytes": 500}
+    assert "max_response_bytes=16Mi  max_decoded_bytes=500B" in describe(state)
