@@ -62,6 +62,44 @@ class UpstreamError(Exception):
         return f"UpstreamError({self.kind.value}, status={self.status}, {self.message!r})"
 
 
+#: Service options (options_json) that cap an upstream answer; every adapter accepts them.
+RESPONSE_LIMIT_OPTIONS = ("max_response_bytes", "max_decoded_bytes")
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: The largest cap a service may set (a larger answer is not a sane unary upstream answer).
+MAX_RESPONSE_LIMIT_BYTES = 1024**3
+
+
+@dataclass(frozen=True)
+class ResponseLimits:
+    """Caps on one upstream answer, per service; all in bytes or counts.
+
+    `max_response_bytes` bounds the body as framed on the wire (de-chunked, before decoding);
+    `max_decoded_bytes` bounds it after gzip/deflate decoding, and bounds a streamed answer's
+    total; `max_head_bytes` and `max_headers` bound the status line and headers. Going over
+    any of them is an upstream protocol error (retryable elsewhere), never the caller's fault.
+    """
+
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_decoded_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+
+
+def split_response_limits(options: Mapping[str, Any]) -> tuple[ResponseLimits, dict[str, Any]]:
+    """(the ResponseLimits a service's options set, the options without those keys);
+    OptionsError naming a key whose value is not an integer from 1 to MAX_RESPONSE_LIMIT_BYTES."""
+    rest = dict(options)
+    given: dict[str, int] = {}
+    for key in RESPONSE_LIMIT_OPTIONS:
+        if key not in rest:
+            continue
+        value = rest.pop(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESPONSE_LIMIT_BYTES:
+            raise OptionsError(key, f"must be an integer number of bytes from 1 to {MAX_RESPONSE_LIMIT_BYTES}")
+        given[key] = value
+    return (ResponseLimits(**given) if given else _DEFAULT_LIMITS), rest
+
+
 class OptionsError(ValueError):
     """An adapter option is invalid. `path` is relative to the options object, e.g. "chat_path"."""
 
@@ -69,6 +107,9 @@ class OptionsError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
         self.message = message
+
+
+_DEFAULT_LIMITS = ResponseLimits()
 
 
 @dataclass(frozen=True)

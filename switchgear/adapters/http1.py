@@ -1,12 +1,19 @@
-"""A small HTTP/1.1 client for buffered upstream calls: keep-alive pool, one write, one parse.
+"""A small HTTP/1.1 client for buffered upstream calls: keep-alive pool, one write, llhttp to read.
 
 Why: after httpx's pool was replaced by aiohttp's (transport.py), aiohttp's client was still
 the largest single cost of an agent request (bench/overhead, py-spy: ~22% of the agent's CPU
 per zero-delay call: request objects, header multidicts, cookie jar, tracing signals, payload
 writers, a StreamReader per response). A unary upstream call needs much less: write the
-request line, headers and body in one `transport.write`, parse one answer (status line,
-headers, a Content-Length, chunked or read-to-close body), decode gzip/deflate, and put the
-connection back. That is this module; streamed answers stay on aiohttp (transport.py).
+request line, headers and body in one `transport.write`, read one answer, decode gzip/deflate,
+and put the connection back. That is this module; streamed answers stay on aiohttp
+(transport.py).
+
+Answers are read by llhttp (the `httptools` binding, the parser Node.js uses), not by hand:
+it refuses ambiguous framing (two Content-Lengths, Content-Length with Transfer-Encoding,
+lengths or chunk sizes that are not plain hex/digits) instead of guessing, and on a shared
+keep-alive pool a guess is how one caller receives bytes meant for another. The answer is
+also bounded per service (`ResponseLimits`: head bytes, header count, body on the wire,
+decoded body); anything refused is an `UpstreamProtocolError` and its connection is closed.
 
 Contract (what FastClient promised with aiohttp): `Accept: */*` and
 `Accept-Encoding: gzip, deflate` unless given, `Content-Type: application/octet-stream` for a
@@ -27,12 +34,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import httptools
 import httpx
 from multidict import CIMultiDict
 
-MAX_HEAD_BYTES = 64 * 1024  # status line + headers
-_NO_BODY_STATUS = frozenset({204, 304})
-_HIDDEN = frozenset({"content-encoding", "content-length", "transfer-encoding"})  # the body is decoded here
+from switchgear.adapters.base import ResponseLimits
+
+_LIMITS = ResponseLimits()
 #: Sends of one request on connections found closed by the server (see Http1Pool.request).
 _STALE_RETRIES = 3
 _AUTO = (("accept", "Accept: */*\r\n"), ("accept-encoding", "Accept-Encoding: gzip, deflate\r\n"))
@@ -79,22 +87,44 @@ class Reply:
         return self.content
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; at most one request on it at a time."""
+class UpstreamProtocolError(httpx.RemoteProtocolError):
+    """The upstream's answer broke HTTP/1.1 framing or a limit (ResponseLimits): ambiguous or
+    malformed lengths, bad chunking, oversized headers or body. Adapters classify it as any
+    RemoteProtocolError (RETRYABLE: the upstream's fault, not the caller's); the connection it
+    came on is closed, never reused."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, message: str) -> None:
+        super().__init__(f"upstream protocol error: {message}")
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request on it at a time.
+
+    Answers are read by llhttp (httptools), which refuses what a hand-written parser let
+    through: a second Content-Length, Content-Length with Transfer-Encoding, lengths that are
+    not plain digits, bad chunk sizes, obs-folds, bare LFs. Its callbacks (`on_*`) build the
+    answer and enforce `limits` as the bytes arrive, so an oversized or ill-framed answer is
+    refused before it is buffered. After any anomaly the connection is closed; it is put back
+    in the pool only after an answer that ended exactly where its framing said (`reusable`).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: ResponseLimits = _LIMITS) -> None:
         self._loop = loop
+        self._limits = limits
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._buffer = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Reply] | None = None
         self._head_request = False
         self._read_timeout: float | None = None
         self._read_deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._eof = False
-        self._head: _Head | None = None
+        self._answer: _Answer | None = None
+        self._done = False  # the current request has its final answer
+        self._error: Exception | None = None  # what a callback refused
+        self._in_body = False  # the current answer's head has been read
+        self._head_fed = 0  # bytes fed since the current head began (bounds a head llhttp buffers)
         self.reusable = False
         self.answered_bytes = False  # any byte of an answer to the current request
 
@@ -106,32 +136,105 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:  # unsolicited bytes on an idle connection: it cannot be reused
             self.close()
             return
-        self._buffer += data
         self.answered_bytes = True
         if self._read_timeout is not None:
             self._read_deadline = self._loop.time() + self._read_timeout
-        self._parse()
+        if not self._in_body:
+            self._head_fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(UpstreamProtocolError("the upstream switched protocols"))
+            return
+        except httptools.HttpParserCallbackError:
+            self._refuse(self._error)
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(UpstreamProtocolError(str(exc)[:120] or "malformed answer"))
+            return
+        if not self._in_body and self._head_fed > self._limits.max_head_bytes:  # one endless header line
+            self._refuse(UpstreamProtocolError(f"answer headers over {self._limits.max_head_bytes} bytes"))
 
     def eof_received(self) -> bool:
-        self._eof = self.closed = True  # a half-closed connection is never reused
-        if self._waiter is not None:
-            self._parse()
+        self.closed = True  # a half-closed connection is never reused
+        self._end_of_answer()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._eof = True
-        if self._waiter is not None and not self._waiter.done():
-            self._parse()
+        self._end_of_answer()
         self._fail(httpx.RemoteProtocolError(f"server disconnected{': ' + str(exc) if exc else ''}"))
+
+    # llhttp callbacks (httptools calls only the ones defined)
+    def on_message_begin(self) -> None:
+        if self._done or self._waiter is None:  # bytes beyond the answer: never reuse this connection
+            self.reusable = False
+            raise self._stop(UpstreamProtocolError("bytes after the end of the answer"))
+        self._answer = _Answer()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        answer = self._answer
+        assert answer is not None
+        answer.count += 1
+        answer.size += len(name) + len(value) + 4
+        limits = self._limits
+        if answer.count > limits.max_headers:
+            raise self._stop(UpstreamProtocolError(f"more than {limits.max_headers} answer headers"))
+        if answer.size > limits.max_head_bytes:
+            raise self._stop(UpstreamProtocolError(f"answer headers over {limits.max_head_bytes} bytes"))
+        lower = name.lower()
+        if lower in _FRAMING:
+            if lower == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                raise self._stop(UpstreamProtocolError("a Transfer-Encoding other than chunked"))
+            if lower == b"content-encoding":
+                answer.encoding = value.strip().lower().decode("latin-1")
+            else:
+                answer.framed = True
+            return
+        answer.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        answer = self._answer
+        assert answer is not None
+        status = self._parser.get_status_code()
+        answer.status = status
+        self._head_fed = 0
+        if status < 200:  # 1xx interim answer: llhttp reads it as a message of its own; drop it
+            return
+        self._in_body = True
+        answer.keep_alive = self._parser.should_keep_alive()
+        if self._head_request:  # llhttp cannot be told the request was HEAD: answer now, then close
+            self._finish(answer, reusable=False)
+            raise self._stop(None)
+        answer.start_body()
+
+    def on_body(self, body: bytes) -> None:
+        answer = self._answer
+        assert answer is not None
+        problem = answer.add(body, self._limits)
+        if problem:
+            raise self._stop(UpstreamProtocolError(problem))
+
+    def on_message_complete(self) -> None:
+        answer = self._answer
+        assert answer is not None
+        if answer.status < 200:
+            self._answer = None
+            return
+        problem = self._finish(answer, reusable=answer.keep_alive and not self.closed)
+        if problem is not None:
+            raise self._stop(UpstreamProtocolError(problem))
 
     # requests
     def send(self, data: bytes, head: bool, read_timeout: float | None) -> asyncio.Future[Reply]:
         assert self.transport is not None
         self._waiter = self._loop.create_future()
         self._head_request = head
-        self._buffer.clear()
-        self._head = None
+        self._answer = None
+        self._done = False
+        self._error = None
+        self._in_body = False
+        self._head_fed = 0
         self.reusable = False
         self.answered_bytes = False
         self._read_timeout = read_timeout
@@ -143,8 +246,46 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+    def _stop(self, error: Exception | None) -> _Refused:
+        """Remember why parsing stops; the caller raises what this returns."""
+        self._error = error
+        return _Refused()
+
+    def _refuse(self, error: Exception | None) -> None:
+        """Parsing stopped: fail the request unless it already has its answer; close."""
+        if not self._done:
+            self._fail(error or UpstreamProtocolError("malformed answer"))
+        self.close()
+
+    def _end_of_answer(self) -> None:
+        """The server closed: an answer framed by the close ends here, any other is cut short."""
+        answer = self._answer
+        if self._done or self._waiter is None or self._waiter.done():
+            return
+        if answer is not None and self._in_body and not answer.framed:
+            problem = self._finish(answer, reusable=False)
+            if problem is not None:
+                self._fail(UpstreamProtocolError(problem))
+            return
+        where = "inside the answer" if answer is not None else "before a complete answer"
+        self._fail(httpx.RemoteProtocolError(f"server disconnected {where}"))
+
+    def _finish(self, answer: _Answer, reusable: bool) -> str | None:
+        """Hand the answer to the waiting request; what is wrong with its body, if anything."""
+        problem = answer.end(self._limits)
+        if problem is not None:
+            return problem
+        self._done = True
+        self.reusable = reusable
+        waiter, self._waiter = self._waiter, None
+        self._stop_timer()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(Reply(answer.status, answer.headers, answer.body))
+        return None
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -167,158 +308,110 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _parse(self) -> None:
-        try:
-            if self._head is None:
-                self._head = _parse_head(self._buffer, self._eof)
-                if self._head is None:
-                    return
-            head = self._head
-            parsed = _parse_body(self._buffer, head, self._head_request, self._eof)
-        except httpx.RemoteProtocolError as exc:
-            self._fail(exc)
-            self.close()
-            return
-        if parsed is None:
-            return
-        body, used = parsed
-        if head.status < 200:  # 1xx interim answer: drop it, the real one follows
-            del self._buffer[:used]
-            self._head = None
-            self._parse()
-            return
-        self.reusable = head.keep_alive and used == len(self._buffer) and not self._eof
-        waiter, self._waiter = self._waiter, None
-        self._stop_timer()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Reply(head.status, head.headers, body))
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop llhttp; the reason is in `_Connection._error`."""
 
 
-class _Head:
-    """An answer's status line and headers, and how its body is framed."""
+_FRAMING = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})  # the body is decoded here
 
-    __slots__ = ("chunked", "encoding", "headers", "keep_alive", "length", "start", "status")
 
-    def __init__(self, status: int, headers: CIMultiDict[str], start: int) -> None:
-        self.status = status
-        self.headers = headers
-        self.start = start  # where the body begins in the buffer
-        self.length: int | None = None
-        self.chunked = False
+class _Answer:
+    """One answer as llhttp reads it: status, headers, and the body decoded as it arrives."""
+
+    __slots__ = ("count", "decoded", "decoder", "encoding", "framed", "headers", "keep_alive", "parts", "raw",
+                 "size", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.count = self.size = 0  # headers seen and their bytes
+        self.framed = False  # a Content-Length or chunked: the body does not end at the close
+        self.keep_alive = False
         self.encoding = ""
-        self.keep_alive = True
+        self.decoder: Any = None
+        self.parts: list[bytes] = []
+        self.raw = self.decoded = 0
 
+    def start_body(self) -> None:
+        if self.encoding in ("gzip", "x-gzip"):
+            self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self.encoding == "deflate":
+            self.decoder = _Deflate()
 
-def _parse_head(buffer: bytearray, eof: bool) -> _Head | None:
-    """The head once `buffer` holds all of it, else None."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise httpx.RemoteProtocolError("answer headers too large")
-        if eof:
-            raise httpx.RemoteProtocolError("server disconnected before a complete answer")
-        return None
-    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise httpx.RemoteProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    head = _Head(int(code), CIMultiDict(), end + 4)
-    head.keep_alive = version == "HTTP/1.1"
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise httpx.RemoteProtocolError(f"malformed header line: {line[:80]!r}")
-        name, value = name.strip(), value.strip()
-        lower = name.lower()
-        if lower == "content-length":
-            if not value.isdigit():
-                raise httpx.RemoteProtocolError(f"bad Content-Length {value!r}")
-            head.length = int(value)
-        elif lower == "transfer-encoding":
-            head.chunked = value.lower().endswith("chunked")
-        elif lower == "content-encoding":
-            head.encoding = value.lower()
-        elif lower == "connection":
-            tokens = value.lower()
-            head.keep_alive = "close" not in tokens and (head.keep_alive or "keep-alive" in tokens)
-        if lower not in _HIDDEN:
-            head.headers.add(name, value)
-    return head
-
-
-def _parse_body(buffer: bytearray, head: _Head, head_request: bool, eof: bool) -> tuple[bytes, int] | None:
-    """(decoded body, bytes of the buffer used) once the whole body is there, else None."""
-    start = head.start
-    if head_request or head.status in _NO_BODY_STATUS or head.status < 200:
-        return b"", start
-    if head.chunked:
-        parsed = _dechunk(buffer, start, eof)
-        if parsed is None:
+    def add(self, data: bytes, limits: ResponseLimits) -> str | None:
+        """Take one piece of the body; a message when a limit is crossed or it cannot be decoded."""
+        self.raw += len(data)
+        if self.raw > limits.max_response_bytes:
+            return f"answer body over {limits.max_response_bytes} bytes"
+        if self.decoder is None:
+            self.decoded = self.raw
+            if data:
+                self.parts.append(data)
             return None
-        body, used = parsed
-    elif head.length is not None:
-        if len(buffer) - start < head.length:
-            if eof:
-                raise httpx.RemoteProtocolError("server disconnected before the whole body was read")
-            return None
-        body, used = bytes(buffer[start:start + head.length]), start + head.length
-    else:  # no framing: the body is whatever comes before the server closes
-        if not eof:
-            return None
-        body, used, head.keep_alive = bytes(buffer[start:]), len(buffer), False
-    return _decode(body, head.encoding), used
-
-
-def _dechunk(buffer: bytearray, pos: int, eof: bool) -> tuple[bytes, int] | None:
-    parts: list[bytes] = []
-    while True:
-        line_end = buffer.find(b"\r\n", pos)
-        if line_end < 0:
-            break
-        size_text = bytes(buffer[pos:line_end]).split(b";", 1)[0].strip()
+        room = limits.max_decoded_bytes - self.decoded + 1  # one byte more tells "over the limit"
         try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-        if size == 0:
-            trailer_end = buffer.find(b"\r\n\r\n", line_end)
-            if buffer[line_end:line_end + 4] == b"\r\n\r\n" or trailer_end >= 0:
-                done = line_end + 4 if buffer[line_end:line_end + 4] == b"\r\n\r\n" else trailer_end + 4
-                return b"".join(parts), done
-            break
-        data_start = line_end + 2
-        if len(buffer) < data_start + size + 2:
-            break
-        parts.append(bytes(buffer[data_start:data_start + size]))
-        pos = data_start + size + 2
-    if eof:
-        raise httpx.RemoteProtocolError("server disconnected inside a chunked body")
-    return None
+            piece = self.decoder.decompress(data, room)
+            if self.decoder.unconsumed_tail:
+                return f"decoded answer body over {limits.max_decoded_bytes} bytes"
+        except zlib.error as exc:
+            return f"cannot decode {self.encoding} body: {exc}"
+        self.decoded += len(piece)
+        if self.decoded > limits.max_decoded_bytes:
+            return f"decoded answer body over {limits.max_decoded_bytes} bytes"
+        self.parts.append(piece)
+        return None
+
+    def end(self, limits: ResponseLimits) -> str | None:
+        if self.decoder is not None and self.raw:
+            problem = self.add(b"", limits)
+            if problem is None and not self.decoder.eof:
+                return f"cannot decode {self.encoding} body: it ends early"
+            return problem
+        return None
+
+    @property
+    def body(self) -> bytes:
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode(body: bytes, encoding: str) -> bytes:
-    if not body or encoding in ("", "identity"):
-        return body
-    try:
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:  # raw deflate without the zlib wrapper (some servers send it)
-                return zlib.decompress(body, -zlib.MAX_WBITS)
-    except zlib.error as exc:  # as aiohttp's ClientPayloadError became: the answer is broken
-        raise httpx.RemoteProtocolError(f"cannot decode {encoding} body: {exc}") from None
-    return body  # an encoding we did not ask for: pass it through as it came
+class _Deflate:
+    """A "deflate" body: zlib-wrapped as RFC 9110 says, or raw deflate as some servers send it."""
+
+    def __init__(self) -> None:
+        self._inner: Any = None
+        self._first = b""
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if self._inner is None:
+            self._first += data
+            if len(self._first) < 2 and data:
+                return b""
+            wrapped = len(self._first) >= 2 and (self._first[0] & 0x0F) == 8 and (
+                (self._first[0] << 8) | self._first[1]) % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            data, self._first = self._first, b""
+        return bytes(self._inner.decompress(data, max_length))
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return b"" if self._inner is None else bytes(self._inner.unconsumed_tail)
+
+    @property
+    def eof(self) -> bool:
+        return self._inner is not None and bool(self._inner.eof)
 
 
 class Http1Pool:
     """Keep-alive connections per origin, at most `max_connections` in all (callers beyond it
     wait for one to come back); a connection idle longer than `keepalive_s` is closed."""
 
-    def __init__(self, max_connections: int = 100, keepalive_s: float = 30.0) -> None:
+    def __init__(
+        self, max_connections: int = 100, keepalive_s: float = 30.0, limits: ResponseLimits = _LIMITS
+    ) -> None:
         self._limit = max_connections
+        self._limits = limits
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._open = 0
@@ -414,7 +507,7 @@ class Http1Pool:
         try:
             async with asyncio.timeout(connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop), origin.host, origin.port, ssl=tls,
+                    lambda: _Connection(loop, self._limits), origin.host, origin.port, ssl=tls,
                     server_hostname=origin.host if tls else None)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connect to {origin.host}:{origin.port} timed out") from None
@@ -474,4 +567,4 @@ def _request_bytes(
     return "".join(lines).encode("utf-8") + body
 
 
-__all__ = ["Http1Pool", "Reply"]
+__all__ = ["Http1Pool", "Reply", "UpstreamProtocolError"]

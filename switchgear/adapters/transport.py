@@ -26,19 +26,32 @@ from typing import Any
 import aiohttp
 import httpx
 
-from switchgear.adapters.http1 import Http1Pool, Reply
+from switchgear.adapters.base import ResponseLimits
+from switchgear.adapters.http1 import Http1Pool, Reply, UpstreamProtocolError
 
 _DROPPED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request | None) -> None:
+    """A streamed answer's body as it arrives; at most `max_bytes` (decoded) in all, so an
+    upstream that never stops (or a gzip bomb) is cut with a protocol error, not buffered."""
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, request: httpx.Request | None, max_bytes: int | None = None
+    ) -> None:
         self._response = response
         self._request = request
+        self._max_bytes = max_bytes
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        left = self._max_bytes
         try:
             async for chunk in self._response.content.iter_any():
+                if left is not None:
+                    left -= len(chunk)
+                    if left < 0:
+                        self._response.close()  # never back in the pool: the answer was not read to its end
+                        raise UpstreamProtocolError(f"streamed answer over {self._max_bytes} bytes")
                 yield chunk
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise httpx.ReadTimeout(str(exc) or "read timed out", request=self._request) from None
@@ -133,10 +146,11 @@ class FastClient:
     are encoded by httpx's own request model, so their wire format is httpx's.
     """
 
-    def __init__(self, max_connections: int = 100) -> None:
+    def __init__(self, max_connections: int = 100, limits: ResponseLimits | None = None) -> None:
         self._transport = AiohttpTransport(max_connections=max_connections)
         self._session: aiohttp.ClientSession | None = None
-        self._http1 = Http1Pool(max_connections)
+        self.limits = limits or ResponseLimits()
+        self._http1 = Http1Pool(max_connections, limits=self.limits)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -238,9 +252,8 @@ class _Streaming:
 
     async def __aenter__(self) -> httpx.Response:
         raw, request = await self._client._send(self._method, self._url, **self._kwargs)
-        self._response = httpx.Response(
-            raw.status, headers=FastClient._headers(raw), stream=_Body(raw, request), request=request
-        )
+        body = _Body(raw, request, self._client.limits.max_decoded_bytes)
+        self._response = httpx.Response(raw.status, headers=FastClient._headers(raw), stream=body, request=request)
         return self._response
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -248,6 +261,7 @@ class _Streaming:
             await self._response.aclose()
 
 
-def pooled_client(max_connections: int = 100) -> Any:
-    """The agent's per-endpoint client: a FastClient (the httpx.AsyncClient subset adapters use)."""
-    return FastClient(max_connections)
+def pooled_client(max_connections: int = 100, limits: ResponseLimits | None = None) -> Any:
+    """The agent's per-endpoint client: a FastClient (the httpx.AsyncClient subset adapters use),
+    its answers bounded by the service's `limits`."""
+    return FastClient(max_connections, limits)

@@ -30,6 +30,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ import orjson
 import yaml
 from yaml.constructor import SafeConstructor
 
+from switchgear.adapters.base import MAX_RESPONSE_LIMIT_BYTES, RESPONSE_LIMIT_OPTIONS
 from switchgear.controlplane.model import (
     AlertRuleSpec,
     CacheSettings,
@@ -59,8 +61,20 @@ from switchgear.controlplane.validate import Problem, validate_state
 
 _T = TypeVar("_T")
 
-#: A YAML document may not expand (through aliases) into more values than this.
+#: A YAML document may not expand (through aliases and merge keys) into more values than this.
 MAX_NODES = 100_000
+#: Bounds on what a document may hold (README "Config loader bounds"). Deeper nesting, longer
+#: keys or numbers, and larger values are refused with a problem naming the key path and line,
+#: never a traceback (yaml's composer and our readers recurse; int() and float() overflow).
+MAX_DEPTH = 64  # nested mappings/lists, counted after aliases are expanded
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # ApplyConfig's own message limit
+MAX_KEY_CHARS = 256
+MAX_NUMBER_CHARS = 40  # digits, sign, point and exponent of one number as written
+MAX_INT = 2**31 - 1  # every integer field is a 32-bit one on the wire
+MAX_FLOAT = 1e15  # prices, rates, CPUs: finite and at most this
+MAX_DURATION_S = 366 * 86400.0
+MAX_SIZE_BYTES = 2**60  # 1 EiB
+MAX_PROBLEMS = 100  # listed in one error; the rest are counted
 
 
 class ConfigError(ValueError):
@@ -92,6 +106,79 @@ class _TooLarge(Exception):
     """The document expands to more than MAX_NODES values."""
 
 
+class _TooDeep(Exception):
+    """Nesting deeper than MAX_DEPTH: `path` and `line` say where it went over."""
+
+    def __init__(self, path: str, line: int | None) -> None:
+        super().__init__(path)
+        self.path = path
+        self.line = line
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # yaml has no type information
+    """yaml's safe loader whose (recursive) composer stops at MAX_DEPTH levels, naming the key
+    path where it did: without it a few hundred nested brackets end in a RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._path: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if isinstance(index, int):
+            segment = f"[{index}]"
+        else:
+            segment = f".{_shorten(str(index.value), 40)}" if isinstance(index, yaml.ScalarNode) else ""
+        self._path.append(segment)
+        try:
+            if len(self._path) > MAX_DEPTH:
+                raise _TooDeep(_shorten("".join(self._path).lstrip(".")), self.peek_event().start_mark.line + 1)
+            node: yaml.Node = super().compose_node(parent, index)
+            return node
+        finally:
+            self._path.pop()
+
+
+def _measure(node: yaml.Node, path: str, depth: int, seen: dict[int, tuple[int, int]], active: set[int]) -> int:
+    """The height of `node` once aliases and merge keys are expanded (memoised per node, so an
+    alias bomb is measured in time linear in the document); raises _TooDeep past MAX_DEPTH and
+    _TooLarge past MAX_NODES. An alias to a containing node counts as one (reported later)."""
+    key = id(node)
+    if key in active:
+        return 1
+    if key in seen:
+        height, _ = seen[key]
+        if depth + height - 1 > MAX_DEPTH:
+            raise _TooDeep(_shorten(path), _line(node))
+        return height
+    if depth > MAX_DEPTH:
+        raise _TooDeep(_shorten(path), _line(node))
+    active.add(key)
+    height, size = 1, 1
+    for child_path, child in _children(node, path):
+        height = max(height, 1 + _measure(child, child_path, depth + 1, seen, active))
+        size += seen[id(child)][1] if id(child) in seen else 1
+        if size > MAX_NODES:
+            raise _TooLarge
+    active.discard(key)
+    seen[key] = (height, size)
+    return height
+
+
+def _children(node: yaml.Node, path: str) -> Iterator[tuple[str, yaml.Node]]:
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield f"{path}[{index}]", item
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = _shorten(str(key.value), 40) if isinstance(key, yaml.ScalarNode) else "?"
+            yield path, key
+            yield (f"{path}.{name}" if path else name), value
+
+
 class _Converter:
     """Turns yaml's composed nodes into `_Node`s, reporting what yaml itself lets through."""
 
@@ -119,11 +206,16 @@ class _Converter:
 
     def _scalar(self, node: yaml.Node, path: str, line: int) -> _Node:
         raw = str(node.value)
+        if node.tag in _NUMBER_TAGS and len(raw) > MAX_NUMBER_CHARS:
+            self._problems.append(Problem(path, f"a number longer than {MAX_NUMBER_CHARS} characters", line))
+            return _Node(None, path, line, _shorten(raw, 40))
         try:
             value = self._constructor.construct_object(node)
         except yaml.YAMLError as exc:
             self._problems.append(Problem(path, f"cannot read this value: {_yaml_reason(exc)}", line))
             return _Node(None, path, line, raw)
+        except (ValueError, OverflowError):  # e.g. a date like 2024-02-30: keep the text, as for dates
+            value = raw
         if value is not None and not isinstance(value, (str, int, float, bool)):
             value = raw  # dates, binary and the like: keep the text as written
         return _Node(value, path, line, raw)
@@ -137,6 +229,9 @@ class _Converter:
                 self._problems.append(Problem(path, "mapping keys must be plain scalars", _line(key_node)))
                 continue
             key, key_line = str(key_node.value), _line(key_node)
+            if len(key) > MAX_KEY_CHARS:
+                self._problems.append(Problem(path, f"a key longer than {MAX_KEY_CHARS} characters", key_line))
+                continue
             child_path = f"{path}.{key}" if path else key
             # Keys brought in by a `<<` merge may be overridden; keys written twice may not.
             if key in children and index >= merged and origin[key] >= merged:
@@ -157,6 +252,9 @@ class _Converter:
         except yaml.YAMLError as exc:
             self._problems.append(Problem(path, f"bad merge key: {_yaml_reason(exc)}", _line(node)))
         return max(0, len(node.value) - own)
+
+
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 
 
 def _line(node: yaml.Node) -> int:
@@ -181,8 +279,14 @@ def _syntax_problem(exc: yaml.MarkedYAMLError) -> Problem:
 
 def _parse(text: str, problems: list[Problem]) -> _Node | None:
     """The document's root node, or None after adding a problem."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        problems.append(Problem("", f"the document is larger than {MAX_DOCUMENT_BYTES} bytes"))
+        return None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
+    except _TooDeep as exc:
+        problems.append(_too_deep(exc))
+        return None
     except yaml.MarkedYAMLError as exc:
         problems.append(_syntax_problem(exc))
         return None
@@ -200,10 +304,18 @@ def _parse(text: str, problems: list[Problem]) -> _Node | None:
         )
         return None
     try:
+        _measure(root, "", 1, {}, set())
         return _Converter(problems).convert(root, "", _line(root), frozenset())
+    except _TooDeep as exc:
+        problems.append(_too_deep(exc))
+        return None
     except _TooLarge:
         problems.append(Problem("", f"the document expands to more than {MAX_NODES} values (aliases?)"))
         return None
+
+
+def _too_deep(exc: _TooDeep) -> Problem:
+    return Problem(exc.path, f"nested deeper than {MAX_DEPTH} levels (aliases count as the values they name)", exc.line)
 
 
 # --- step 2: read ---------------------------------------------------------------------------
@@ -355,8 +467,26 @@ def _shown(node: _Node) -> str:
 
 
 def _number_text(ctx: _Context, node: _Node) -> str | None:
-    """The text of a number written as a string ("${PORT}", "3e-5"), else None."""
-    return ctx.text(node).strip() if isinstance(node.value, str) else None
+    """The text of a number written as a string ("${PORT}", "3e-5"), else None; _Bad when it
+    is longer than any number we take (int() and float() of it could overflow or be slow)."""
+    if not isinstance(node.value, str):
+        return None
+    text = ctx.text(node).strip()
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Bad(f"expected a number of at most {MAX_NUMBER_CHARS} characters, got {_shown(node)}")
+    return text
+
+
+def _bounded_int(value: int) -> int:
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise _Bad(f"must be an integer from {-MAX_INT - 1} to {MAX_INT}")
+    return value
+
+
+def _bounded_float(value: float, limit: float = MAX_FLOAT, what: str = "a finite number") -> float:
+    if not (math.isfinite(value) and abs(value) <= limit):
+        raise _Bad(f"must be {what} of at most {limit:g}")
+    return value
 
 
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -366,20 +496,20 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def _read_int(ctx: _Context, node: _Node) -> int:
     """An integer, or a string that is one."""
     if isinstance(node.value, int) and not isinstance(node.value, bool):
-        return node.value
+        return _bounded_int(node.value)
     text = _number_text(ctx, node)
     if text is not None and _INT_RE.fullmatch(text):
-        return int(text)
+        return _bounded_int(int(text))
     raise _Bad(f"expected an integer, got {_shown(node)}")
 
 
 def _read_float(ctx: _Context, node: _Node) -> float:
     """A number, or a string that is one (YAML 1.1 reads 3e-5 as a string)."""
     if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return float(node.value)
+        return _bounded_float(float(node.value))
     text = _number_text(ctx, node)
     if text is not None and _FLOAT_RE.fullmatch(text):
-        return float(text)
+        return _bounded_float(float(text))
     raise _Bad(f"expected a number, got {_shown(node)}")
 
 
@@ -418,16 +548,18 @@ _DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.
 
 
 def _read_duration(ctx: _Context, node: _Node) -> float:
-    """Seconds: a plain number, or a string like "300ms", "5s", "2m", "1h"."""
+    """Seconds: a plain number, or a string like "300ms", "5s", "2m", "1h"; at most 366 days."""
     if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return float(node.value)
-    text = _number_text(ctx, node)
-    parsed = _DURATION_RE.fullmatch(text) if text is not None else None
-    if parsed is None:
-        raise _Bad(
-            f"expected a duration in seconds (30) or with a unit (300ms, 5s, 2m, 1h), got {_shown(node)}"
-        )
-    return float(parsed.group(1)) * _DURATION_UNITS[parsed.group(2)]
+        seconds = float(node.value)
+    else:
+        text = _number_text(ctx, node)
+        parsed = _DURATION_RE.fullmatch(text) if text is not None else None
+        if parsed is None:
+            raise _Bad(
+                f"expected a duration in seconds (30) or with a unit (300ms, 5s, 2m, 1h), got {_shown(node)}"
+            )
+        seconds = float(parsed.group(1)) * _DURATION_UNITS[parsed.group(2)]
+    return _bounded_float(seconds, MAX_DURATION_S, "a finite duration in seconds")
 
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kKMGTPE])(i?))?B?")
@@ -435,23 +567,28 @@ _SIZE_POWERS = MappingProxyType({"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5,
 
 
 def parse_size(text: str) -> int | None:
-    """Bytes from "4Gi" (1024-based), "2G" / "50MB" (1000-based) or "512"; None if not a size."""
-    parsed = _SIZE_RE.fullmatch(text.strip())
+    """Bytes from "4Gi" (1024-based), "2G" / "50MB" (1000-based) or "512"; None if not a size
+    (or written with more than MAX_NUMBER_CHARS characters). Exact: no float overflow."""
+    text = text.strip()
+    parsed = _SIZE_RE.fullmatch(text) if len(text) <= MAX_NUMBER_CHARS else None
     if parsed is None:
         return None
     number, unit, binary = parsed.groups()
     base = 1024 if binary else 1000
     multiplier: int = base ** _SIZE_POWERS.get(unit or "", 0)
-    return round(float(number) * multiplier)
+    return round(Fraction(number) * multiplier)
 
 
 def _read_size(ctx: _Context, node: _Node) -> int:
-    """Bytes: a plain integer, or a string like "4Gi", "512Mi", "2G", "50MB"."""
+    """Bytes: a plain integer, or a string like "4Gi", "512Mi", "2G", "50MB"; at most 1 EiB."""
     if isinstance(node.value, int) and not isinstance(node.value, bool):
-        return node.value
-    size = parse_size(ctx.text(node)) if isinstance(node.value, str) else None
+        size: int | None = node.value
+    else:
+        size = parse_size(ctx.text(node)) if isinstance(node.value, str) else None
     if size is None:
         raise _Bad(f"expected a size like 4Gi, 512Mi, 2G, 50MB or a number of bytes, got {_shown(node)}")
+    if not 0 <= size <= MAX_SIZE_BYTES:
+        raise _Bad(f"must be a size from 0 to {MAX_SIZE_BYTES} bytes (1Ei), got {_shown(node)}")
     return size
 
 
@@ -474,12 +611,22 @@ def _read_secret(ctx: _Context, node: _Node) -> SecretRef:
     raise _Bad(_LITERAL_SECRET)
 
 
+def _read_response_limit(ctx: _Context, node: _Node) -> int:
+    """A per-service cap on an upstream answer: a size from 1 byte to MAX_RESPONSE_LIMIT_BYTES."""
+    size = _read_size(ctx, node)
+    if not 1 <= size <= MAX_RESPONSE_LIMIT_BYTES:
+        raise _Bad(f"must be a size from 1 byte to {_bytes(MAX_RESPONSE_LIMIT_BYTES)}, got {_shown(node)}")
+    return size
+
+
 def _plain(ctx: _Context, node: _Node) -> Any:
-    """A node as plain JSON-able data, strings interpolated."""
+    """A node as plain JSON-able data, strings interpolated; _Bad for inf/nan (JSON has none)."""
     if isinstance(node.value, dict):
         return {key: _plain(ctx, child) for key, child in node.value.items()}
     if isinstance(node.value, list):
         return [_plain(ctx, item) for item in node.value]
+    if isinstance(node.value, float) and not math.isfinite(node.value):
+        raise _Bad(f"{node.path}: {_shown(node)} is not a finite number")
     return ctx.text(node) if isinstance(node.value, str) else node.value
 
 
@@ -514,10 +661,10 @@ def _read_metadata(ctx: _Context, node: _Node) -> dict[str, str]:
 
 def _unknown_key(key: str, allowed: Collection[str]) -> str:
     """'unknown key' with the closest known key, or the list of known keys."""
-    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    close = difflib.get_close_matches(key, sorted(allowed), n=1) if len(key) <= 64 else []
     if close:
-        return f"unknown key {key!r}; did you mean {close[0]!r}?"
-    return f"unknown key {key!r}; expected one of: {', '.join(sorted(allowed))}"
+        return f"unknown key {_shorten(key, 60)!r}; did you mean {close[0]!r}?"
+    return f"unknown key {_shorten(key, 60)!r}; expected one of: {', '.join(sorted(allowed))}"
 
 
 def _members(ctx: _Context, node: _Node | None, allowed: Collection[str] | None) -> dict[str, _Node]:
@@ -964,12 +1111,15 @@ class _ServiceReader:
         return metadata, options
 
     def options_json(self, extra: dict[str, str]) -> dict[str, str]:
-        """Provider options, overridden key by key by the model's, then the protocol's keys."""
+        """Provider options, overridden key by key by the model's, then the protocol's keys.
+        The answer caps every protocol accepts (max_response_bytes, ...) take sizes ("16Mi")."""
         merged: dict[str, Any] = {}
         for layer in self.layers:
             node = layer.value.get("options") if isinstance(layer.value, dict) else None
             options = None if node is None else self.ctx.read(node, "options_json", _read_options)
             merged |= options or {}
+            if options is not None and isinstance(node, _Node) and isinstance(node.value, dict):
+                merged |= self.response_limits(node.value)
         merged |= extra
         if not merged:
             return {}
@@ -978,6 +1128,17 @@ class _ServiceReader:
         except TypeError:  # orjson.JSONEncodeError, e.g. an integer beyond 64 bits
             self.ctx.problem(self.entry, "options cannot be written as JSON (integers must fit in 64 bits)")
             return {}
+
+    def response_limits(self, options: dict[str, _Node]) -> dict[str, int]:
+        """The options that cap an upstream answer, as bytes; a bad one is a problem at its line
+        (and is left out, so the agent's default applies only if the config is fixed)."""
+        limits: dict[str, int] = {}
+        for key in RESPONSE_LIMIT_OPTIONS:
+            node = options.get(key)
+            value = None if node is None else self.ctx.read(node, f"options_json.{key}", _read_response_limit)
+            if value is not None:
+                limits[key] = value
+        return limits
 
     def metadata(self, extra: dict[str, str]) -> dict[str, tuple[tuple[str, str], ...]]:
         node = self.pick("metadata")
@@ -1131,18 +1292,25 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str]) 
     state = _read_document(ctx, root)
     problems.extend(ctx.to_yaml(p) for p in validate_state(state) if not ctx.is_poisoned(p.path))
     if problems:
-        unique = list(dict.fromkeys(problems))  # a provider's bad key shows once, not per model
-        raise ConfigError(source, sorted(unique, key=lambda p: p.line or 0))
+        unique = sorted(dict.fromkeys(problems), key=lambda p: p.line or 0)  # a provider's bad key shows once
+        if len(unique) > MAX_PROBLEMS:
+            more = Problem("", f"and {len(unique) - MAX_PROBLEMS} more problems not listed")
+            unique = [*unique[:MAX_PROBLEMS], more]
+        raise ConfigError(source, unique)
     return state
+
+
+def read_config_file(path: str | Path) -> str:
+    """A config file's text (UTF-8); ConfigError when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem("", f"cannot read the file: {exc}")]) from exc
 
 
 def load_config_file(path: str | Path, env: Mapping[str, str]) -> RegistryState:
     """load_config on a file (UTF-8); an unreadable file is a ConfigError too."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), [Problem("", f"cannot read the file: {exc}")]) from exc
-    return load_config(text, source=str(path), env=env)
+    return load_config(read_config_file(path), source=str(path), env=env)
 
 
 # --- describe -------------------------------------------------------------------------------
@@ -1175,8 +1343,20 @@ def _service_row(spec: ServiceSpec) -> list[str]:
         f"priority={spec.priority}",
         f"timeout={_seconds(spec.timeout_s) if spec.timeout_s else 'default'}",
         f"key={key}",
+        *_limit_cells(spec),
         f"endpoints={endpoints}",
     ]
+
+
+def _limit_cells(spec: ServiceSpec) -> list[str]:
+    """The answer caps the service sets (the agent's defaults apply to the others)."""
+    try:
+        options = orjson.loads(spec.options_json or "{}")
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(options, dict):
+        return []
+    return [f"{key}={_bytes(options[key])}" for key in RESPONSE_LIMIT_OPTIONS if isinstance(options.get(key), int)]
 
 
 def _safe_url(url: str) -> str:

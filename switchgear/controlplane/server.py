@@ -44,7 +44,7 @@ from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
 from switchgear.controlplane.collector import Collector
-from switchgear.controlplane.config import ConfigError, load_config
+from switchgear.controlplane.config import ConfigError, load_config, read_config_file
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
@@ -138,8 +138,8 @@ class Options:
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
-    text = Path(path).read_text(encoding="utf-8")
     try:
+        text = read_config_file(path)
         state = load_config(text, source=path, env=env)
     except ConfigError as exc:
         _refuse(registry, path, exc)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from switchgear.adapters.base import Adapter, OptionsError
+from switchgear.adapters.base import Adapter, OptionsError, ResponseLimits, split_response_limits
 from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.dataplane.snapshot import (
     CATEGORIES,
@@ -88,17 +88,17 @@ def _endpoint(msg: common_pb2.Endpoint, path: str) -> EndpointView:
     )
 
 
-def _options(msg: common_pb2.Service, adapter: Adapter | None, path: str) -> Any:
+def _options(msg: common_pb2.Service, adapter: Adapter | None, path: str) -> tuple[ResponseLimits, Any]:
+    """(the answer limits every protocol accepts, the adapter's parsed options)."""
     try:
         raw = orjson.loads(msg.options_json or "{}")
     except orjson.JSONDecodeError as exc:
         raise SnapshotError(f"{path}.options_json", f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise SnapshotError(f"{path}.options_json", "must be a JSON object")
-    if adapter is None:
-        return None
     try:
-        return adapter.parse_options(raw)
+        limits, rest = split_response_limits(raw)
+        return limits, None if adapter is None else adapter.parse_options(rest)
     except OptionsError as exc:
         sub = f".{exc.path}" if exc.path else ""
         raise SnapshotError(f"{path}.options_json{sub}", exc.message) from None
@@ -122,6 +122,7 @@ def _service(msg: common_pb2.Service, adapters: Mapping[str, Adapter], path: str
         key = SecretRef(env=msg.api_key.env, file=msg.api_key.file)
         if not (key.env or key.file):
             raise SnapshotError(f"{path}.api_key", "set env or file")
+    limits, options = _options(msg, adapter, path)
     p = msg.pricing
     prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)
     if any(not math.isfinite(x) or x < 0 for x in prices):
@@ -139,7 +140,8 @@ def _service(msg: common_pb2.Service, adapters: Mapping[str, Adapter], path: str
         priority=msg.priority,
         strategy=msg.strategy,
         timeout_s=timeout_s,
-        options=_options(msg, adapter, path),
+        options=options,
+        limits=limits,
         fallbacks=tuple(msg.fallbacks),
         metadata=MappingProxyType(dict(msg.metadata)),
         unsupported="" if adapter else f"this agent has no adapter for protocol {msg.protocol!r}",

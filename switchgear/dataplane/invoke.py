@@ -138,7 +138,7 @@ class Invoker:
         api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
         target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
         request = AdapterRequest(call.method, call.payload, attempt.remaining_s, call.request_id)
-        client = self._pool.get(service.name, endpoint.id, endpoint.url)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
         self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
         attempt_start = self._clock()
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from switchgear.adapters.base import ResponseLimits
 from switchgear.dataplane.governance import Governance
 
 CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
@@ -76,6 +77,8 @@ class ServiceView:
     # Descriptive facts from the config; also per-service switches such as "cache.ttl" (s)
     # and "cache.shared" ("true": one cache entry for every tenant).
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Caps on an upstream answer, from the options every protocol accepts (max_response_bytes...).
+    limits: ResponseLimits = field(default_factory=ResponseLimits)
 
 
 @dataclass(frozen=True)

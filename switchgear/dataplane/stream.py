@@ -153,7 +153,7 @@ class Streamer:
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
         target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
         request = AdapterRequest(call.method, call.payload, lease.remaining_s, call.request_id)
-        client = self._pool.get(service.name, endpoint.id, endpoint.url)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
         chunks = self._adapters[service.protocol].stream(client, target, request)
         try:
             held = await attempt.until_first_token(chunks)

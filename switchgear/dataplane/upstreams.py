@@ -13,35 +13,40 @@ from pathlib import Path
 
 import httpx
 
-from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.adapters.base import ErrorKind, ResponseLimits, UpstreamError
 from switchgear.adapters.transport import pooled_client
 from switchgear.dataplane.snapshot import AgentSnapshot, SecretRef
 
-PoolKey = tuple[str, str, str]
+PoolKey = tuple[str, str, str, ResponseLimits]
+_LIMITS = ResponseLimits()
 
 
 class ClientPool:
     """Clients are adapters/transport.py FastClients (the httpx.AsyncClient subset adapters use:
     buffered calls on adapters/http1.py, streams on aiohttp; httpcore's own pool cost over half
-    the agent's CPU under load); `make_client` overrides that."""
+    the agent's CPU under load), each bounded by its service's ResponseLimits (a change of
+    limits makes a new client); `make_client` overrides that."""
 
     def __init__(self, *, max_connections: int = 100,
                  make_client: Callable[[], httpx.AsyncClient] | None = None) -> None:
         self._clients: dict[PoolKey, httpx.AsyncClient] = {}
-        self._make_client = make_client or (lambda: pooled_client(max_connections))
+        self._make_client: Callable[[ResponseLimits], httpx.AsyncClient] = (
+            (lambda _limits: make_client()) if make_client is not None
+            else (lambda limits: pooled_client(max_connections, limits))
+        )
 
-    def get(self, service: str, endpoint: str, url: str) -> httpx.AsyncClient:
-        key = (service, endpoint, url)
+    def get(self, service: str, endpoint: str, url: str, limits: ResponseLimits = _LIMITS) -> httpx.AsyncClient:
+        key = (service, endpoint, url, limits)
         client = self._clients.get(key)
         if client is None:
-            client = self._make_client()
+            client = self._make_client(limits)
             self._clients[key] = client
         return client
 
     async def retain(self, snapshot: AgentSnapshot) -> None:
         """Close clients for endpoints the new snapshot no longer has."""
         live = {
-            (s.name, e.id, e.url) for s in snapshot.services.values() for e in s.endpoints
+            (s.name, e.id, e.url, s.limits) for s in snapshot.services.values() for e in s.endpoints
         }
         for key in [k for k in self._clients if k not in live]:
             await self._clients.pop(key).aclose()
