@@ -11,7 +11,7 @@ import functools
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from switchgear.controlplane.agents import AgentStatus, NodeInfo
+from switchgear.controlplane.agents import AgentStatus, NodeInfo, Rejection
 from switchgear.controlplane.model import (
     Category,
     CategoryPolicy,
@@ -262,6 +262,7 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
         connected_at=timestamp(status.connected_at),
         last_seen=timestamp(status.last_seen),
         replica=status.replica,
+        rejected_services=[rejection_to_proto(r) for r in status.rejections],
     )
     if status.last_nack is not None:
         msg.last_nack.CopyFrom(
@@ -270,3 +271,10 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
             )
         )
     return msg
+
+
+def rejection_to_proto(rejection: Rejection) -> discovery_pb2.ServiceRejection:
+    return discovery_pb2.ServiceRejection(
+        service=rejection.service,
+        error_detail=discovery_pb2.NackDetail(field_path=rejection.field_path, message=rejection.message),
+    )
