@@ -66,9 +66,19 @@ def agent_problems(state: RegistryState, overlay: snap.Overlay = snap.EMPTY_OVER
 
 
 def introduced_problems(current: snap.Snapshot, state: RegistryState, overlay: snap.Overlay) -> list[Problem]:
-    """The problems of `state` that the `current` snapshot does not already have."""
+    """The problems of `state` except those the `current` snapshot already has in a part (a
+    service, the settings, the tenants and keys) that the change leaves as it was."""
     problems = agent_problems(state, overlay)
     if not problems:
         return problems
     before = set(agent_problems(current.state, current.overlay))
-    return [p for p in problems if p not in before]
+    return [p for p in problems if p not in before or _part(state, p.path) != _part(current.state, p.path)]
+
+
+def _part(state: RegistryState, path: str) -> object:
+    """The part of `state` a snapshot path lies in."""
+    if path.startswith("services["):
+        return state.service(path.removeprefix("services[").split("]", 1)[0])
+    if path.startswith("settings"):
+        return state.settings
+    return (state.tenants, state.keys)
