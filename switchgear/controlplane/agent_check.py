@@ -36,7 +36,7 @@ def _parsers() -> Mapping[str, Adapter]:
     return builtin_adapters()
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)  # above any registry's service count: a warm check is ~2 µs a service
 def _service_problem(spec: ServiceSpec) -> Problem | None:
     """What an agent would reject in one service as `convert` serves it (fallbacks aside)."""
     rejected = checks.check_services([convert.service_to_proto(spec)], _parsers()).rejected
