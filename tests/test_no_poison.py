@@ -20,9 +20,9 @@ import pytest
 
 from switchgear import admin_wait, cli
 from switchgear.adapters import builtin_adapters
-from switchgear.controlplane import agent_check
+from switchgear.controlplane import agent_check, codec
 from switchgear.controlplane import registry as registry_module
-from switchgear.controlplane.agents import AgentTracker, NodeInfo, Rejection
+from switchgear.controlplane.agents import AgentStatus, AgentTracker, NodeInfo, Rejection
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.model import RegistryState, Settings
 from switchgear.controlplane.registry import Registry
@@ -32,8 +32,9 @@ from switchgear.dataplane.convert import SnapshotError, convert_snapshot, snapsh
 from switchgear.dataplane.snapshot import CATEGORIES
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, discovery_pb2
 from switchgear.wire import checks
-from tests.conftest import ControlPlane, service
+from tests.conftest import REPO, ControlPlane, service
 from tests.test_discovery_stream import FakeAgent, status, wait_for
+from tests.test_purity import imported_modules
 
 ADAPTERS = builtin_adapters()
 BAD_OPTION = '{"chat_pth": "/chat"}'
@@ -114,6 +115,32 @@ def test_what_an_older_build_stored_does_not_block_unrelated_changes(
         registry.register(service("old-bad", options_json='{"chat_pth": "/v2"}'), "test")  # a change to it does not
     registry.deregister("old-bad", "test")
     assert agent_check.agent_problems(registry.state) == []
+
+
+def test_a_fallback_to_a_service_agents_reject_says_so(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(registry_module, "introduced_problems", lambda *a: [])
+        registry.register(service("old-bad", options_json=BAD_OPTION), "test")
+    with pytest.raises(ValidationError) as info:
+        registry.register(service("a", fallbacks=("old-bad",)), "test")
+    assert [str(p) for p in info.value.problems] == [
+        "services[a].fallbacks[0]: falls back to 'old-bad', which agents reject"]
+
+
+def test_the_wire_package_imports_neither_plane() -> None:
+    """The shared package's contract (its docstring): switchgear.v1, adapters.base, orjson, stdlib."""
+    allowed = ("switchgear.v1", "switchgear.adapters.base", "orjson", "google.protobuf", "__future__")
+    for path in (REPO / "switchgear" / "wire").glob("*.py"):
+        names = imported_modules(path)
+        assert [n for n in names if n.startswith("switchgear") and not n.startswith(allowed)] == [], path
+        assert not [n for n in names if n.split(".")[0] in ("grpc", "httpx", "aiohttp")], path
+
+
+def test_rejections_survive_the_fleet_view_between_replicas() -> None:
+    status = AgentStatus(node=NodeInfo("n1"), connected=True, peer="p", acked_version="2.b", nacked_version="",
+                         last_nack=None, pending_version="", connected_at=1.0, last_seen=2.0,
+                         rejections=(Rejection("b", "services[b].options_json.x", "unknown option"),))
+    assert codec.loads(AgentStatus, codec.dumps(status)) == status  # replicas.py stores it so
 
 
 # --- an agent applies per service -----------------------------------------------------------

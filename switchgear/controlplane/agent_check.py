@@ -53,7 +53,9 @@ def agent_problems(state: RegistryState, overlay: snap.Overlay = snap.EMPTY_OVER
         fallbacks = served.fallbacks if served is not None and served.fallbacks is not None else spec.fallbacks
         problem = None if spec.name in bad else checks.fallback_problem(spec.name, fallbacks, known)
         if problem is not None:
-            problems.append(Problem(problem.path, problem.message))
+            missing = fallbacks[int(problem.path.rsplit("[", 1)[1].rstrip("]"))]
+            message = f"falls back to {missing!r}, which agents reject" if missing in bad else problem.message
+            problems.append(Problem(problem.path, message))
     try:
         checks.check_settings(convert.settings_to_proto(state.settings))
     except checks.SnapshotError as exc:
