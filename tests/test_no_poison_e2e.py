@@ -8,7 +8,7 @@ One story (starting processes is the slow part):
    take: `--wait` shows that agent's rejection and exits 1; the current agent serves it;
 3. a later, unrelated service works on the older agent too (before this change every later
    change was NACKed and the new service answered NOT_FOUND), and ListAgents / ListServices
-   show which agent rejected what;
+   show which agent rejected what, also after a control-plane restart;
 4. a service with an option no agent knows is refused with INVALID_ARGUMENT naming the option,
    and nothing is committed;
 5. `admin apply --wait` of a config without the skewed service: every agent applies all, exit 0.
@@ -119,6 +119,15 @@ def test_one_service_an_older_agent_cannot_take_does_not_block_later_changes(clu
     assert not cluster.statuses()["agent-new"].rejected_services
     listed = cluster.admin().ListServices(admin_pb2.ListServicesRequest(), timeout=5)
     assert [(r.node_id, r.version, r.rejection.service) for r in listed.rejections] == [("agent-old", later, "skewed")]
+
+    # A restarted control plane learns it from the reconnecting agent (nothing is resent).
+    assert cluster.cp is not None
+    cluster.cp.kill()
+    cluster.start_control_plane(listen=cluster.cp_address)
+    wait_until(lambda: {n: (s.connected, s.acked_version) for n, s in cluster.statuses().items()}
+               == {"agent-new": (True, later), "agent-old": (True, later)}, 20, "agents to reconnect")
+    again = cluster.statuses()["agent-old"]
+    assert [r.service for r in again.rejected_services] == ["skewed"] and again.pending_version == ""
 
 
 def test_an_option_no_agent_knows_is_refused_and_nothing_committed(cluster: SkewedCluster) -> None:
