@@ -34,9 +34,8 @@ from switchgear.dataplane.snapshot import (
 )
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 from switchgear.wire import checks
-from switchgear.wire.checks import MAX_TIMEOUT_S, SnapshotError
-
-__all__ = ["MAX_TIMEOUT_S", "SnapshotError"]  # re-exported: the agent's callers know them from here
+from switchgear.wire.checks import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # re-exported: the agent knows it from here
+from switchgear.wire.checks import SnapshotError as SnapshotError  # re-exported too
 
 _NO_SERVICES: Mapping[str, ServiceView] = MappingProxyType({})
 
