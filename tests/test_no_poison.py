@@ -95,12 +95,19 @@ external_services:
 """
 
 
-def test_config_with_an_option_agents_reject_names_the_option_and_its_line() -> None:
-    load_config(CONFIG, env={})  # without the agents' checks the file passes (today's main)
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        (CONFIG, ("options_json.chat_pth", "unknown option", "line 8")),
+        (CONFIG.replace("          options:\n            chat_pth: /chat\n", "          timeout: 7200\n"),
+         ("services[local].timeout", "must be within 0..3600 s", "line 5")),
+    ],
+)
+def test_config_agents_would_reject_names_the_field_and_its_line(text: str, needles: tuple[str, ...]) -> None:
+    load_config(text, env={})  # without the agents' checks the file passes (as on the original main)
     with pytest.raises(ConfigError) as info:
-        load_config(CONFIG, source="c.yaml", env={}, check=agent_check.agent_problems)
-    text = str(info.value)
-    assert "options_json.chat_pth" in text and "unknown option" in text and "line 8" in text
+        load_config(text, source="c.yaml", env={}, check=agent_check.agent_problems)
+    assert all(n in str(info.value) for n in needles), str(info.value)
 
 
 def test_what_an_older_build_stored_does_not_block_unrelated_changes(
