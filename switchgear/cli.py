@@ -218,10 +218,11 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    from switchgear.controlplane.agent_check import agent_problems
     from switchgear.controlplane.config import ConfigError, describe, load_config_file
 
     try:
-        state = load_config_file(args.file, env=os.environ)
+        state = load_config_file(args.file, env=os.environ, check=agent_problems)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -270,7 +271,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
     }
     try:
         method, request = requests[args.admin_command]()
-        _print_message(_admin_call(args, method, request))
+        reply = _admin_call(args, method, request)
+        _print_message(reply)
+        if getattr(args, "wait", False) and not getattr(args, "dry_run", False):
+            return _wait_for_agents(args, str(reply.version))  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
         print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -278,6 +282,31 @@ def cmd_admin(args: argparse.Namespace) -> int:
         print(f"switchgear admin: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _wait_for_agents(args: argparse.Namespace, version: str) -> int:
+    """--wait: every connected agent's answer to `version` (see admin_wait.py)."""
+    from switchgear import admin_wait
+    from switchgear.admin_client import admin_channel, resolve_token
+    from switchgear.v1 import admin_pb2, admin_pb2_grpc
+
+    with admin_channel(args.control_plane, resolve_token(args.admin_token_file)) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        code, lines = admin_wait.wait(
+            lambda: stub.ListAgents(admin_pb2.ListAgentsRequest(), timeout=args.timeout), version, args.wait_timeout)
+    print("\n".join(lines), flush=True)
+    return code
+
+
+def _wait_seconds(text: str) -> float:
+    """--wait-timeout: seconds, more than 0 and at most 3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    return value
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -468,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true")
     reg = adm_sub.add_parser("register", help="create or replace one service from a JSON file (switchgear.v1.Service)")
     reg.add_argument("file")
+    for p in (apply, reg):
+        p.add_argument("--wait", action="store_true",
+                       help="then wait until every connected agent answered the new version; print each "
+                            "agent's ACK/NACK and the services it did not apply; exit 1 on any NACK, "
+                            "rejected service or timeout")
+        p.add_argument("--wait-timeout", type=_wait_seconds, default=30.0, metavar="S",
+                       help="how long --wait waits (default: %(default)s; at most 3600)")
     adm.set_defaults(func=cmd_admin)
 
     for name, help_text in (("stats", "per-endpoint figures from every agent's load reports"),

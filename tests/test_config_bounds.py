@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.config import (
     MAX_DEPTH,
     MAX_PROBLEMS,
@@ -215,7 +216,7 @@ def test_every_hostile_value_in_every_field_is_accepted_whole_or_refused(registr
     for path in LEAF_PATHS:
         for value in HOSTILE_SCALARS:
             try:
-                state = load_config(document([(path, value)]), env={"X": ""})
+                state = load_config(document([(path, value)]), env={"X": ""}, check=agent_problems)
             except ConfigError:
                 continue
             registry.replace(state, "test", "hostile.yaml")  # what ApplyConfig and start-up do next
@@ -229,7 +230,7 @@ def test_any_value_anywhere_is_accepted_whole_or_refused_with_a_config_error(
     registry: Registry, leaves: list[tuple[str, str]]
 ) -> None:
     try:
-        state = load_config(document(leaves), env={"X": ""})
+        state = load_config(document(leaves), env={"X": ""}, check=agent_problems)
     except ConfigError:
         return
     registry.replace(state, "test", "hostile.yaml")  # what ApplyConfig and start-up do next: no exception

@@ -105,7 +105,8 @@ async def test_nack_is_recorded_and_the_version_never_resent(
     await agent.hello()
     response = await agent.read()
     await agent.ack(response)
-    rejected = control_plane.registry.register(service("chat", options_json='{"bad": 1}'), "test").version
+    # The control plane accepts it, the (older) agent does not: version skew.
+    rejected = control_plane.registry.register(service("chat", "http://127.0.0.1:10/v1"), "test").version
     response = await agent.read()
     assert response.version_info == rejected
     await agent.nack(response, held=first, message="unknown option")

@@ -25,14 +25,19 @@ def test_backoff_spreads_agents_apart() -> None:
     assert len(delays) == 50  # jitter: no two agents reconnect in lockstep
 
 
-def response(version: str, options_json: str = "{}") -> discovery_pb2.StreamSnapshotsResponse:
-    service = common_pb2.Service(
-        name="chat", category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai", options_json=options_json,
-        endpoints=[common_pb2.Endpoint(id="a", url="http://127.0.0.1:9/v1", weight=1)],
+def wire(name: str = "chat", options_json: str = "{}", **fields: object) -> common_pb2.Service:
+    return common_pb2.Service(
+        name=name, category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai", options_json=options_json,
+        endpoints=[common_pb2.Endpoint(id="a", url="http://127.0.0.1:9/v1", weight=1)], **fields,  # type: ignore[arg-type]
     )
-    return discovery_pb2.StreamSnapshotsResponse(
-        version_info=version, nonce=f"n-{version}", snapshot=discovery_pb2.Snapshot(version=version, services=[service])
-    )
+
+
+def response(
+    version: str, options_json: str = "{}", *more: common_pb2.Service, timeout_s: int = 0
+) -> discovery_pb2.StreamSnapshotsResponse:
+    snap = discovery_pb2.Snapshot(version=version, services=[wire("chat", options_json), *more])
+    snap.settings.default_timeout.seconds = timeout_s
+    return discovery_pb2.StreamSnapshotsResponse(version_info=version, nonce=f"n-{version}", snapshot=snap)
 
 
 def client(holder: Holder, applied: list[str]) -> SnapshotClient:
@@ -44,17 +49,44 @@ def test_good_snapshot_is_swapped_in_and_acked() -> None:
     holder, applied = Holder(), []
     answer = client(holder, applied)._answer(response("1.a"))
     assert answer.version_info == "1.a" and answer.response_nonce == "n-1.a"
-    assert not answer.HasField("error_detail")
+    assert not answer.HasField("error_detail") and not answer.rejected_services
     assert holder.version == "1.a" and applied == ["1.a"]
 
 
-def test_bad_snapshot_is_nacked_and_the_old_one_kept() -> None:
+def test_a_service_the_agent_cannot_take_is_reported_in_the_ack_and_its_last_good_definition_kept() -> None:
     holder, applied = Holder(), []
     c = client(holder, applied)
     c._answer(response("1.a"))
+    kept = holder.current.services["chat"]  # type: ignore[union-attr]
+    answer = c._answer(response("2.b", '{"nope": true}', wire("other")))
+    assert answer.version_info == "2.b" and not answer.HasField("error_detail")  # an ACK: per service
+    assert [(r.service, r.error_detail.field_path) for r in answer.rejected_services] == [
+        ("chat", "services[chat].options_json.nope")]
+    assert "unknown option" in answer.rejected_services[0].error_detail.message
+    assert holder.version == "2.b" and applied == ["1.a", "2.b"]
+    assert holder.current is not None and holder.current.services["chat"] is kept  # the last good one
+    assert "other" in holder.current.services  # the rest of the snapshot is applied
+
+    fixed = c._answer(response("3.c", "{}"))
+    assert fixed.version_info == "3.c" and not fixed.rejected_services
+
+
+def test_a_new_service_the_agent_cannot_take_is_left_out_and_the_rest_applied() -> None:
+    holder, applied = Holder(), []
+    c = client(holder, applied)
+    answer = c._answer(response("1.a", "{}", wire("bad", '{"nope": 1}'), wire("good")))
+    assert [r.service for r in answer.rejected_services] == ["bad"]
+    assert holder.current is not None and sorted(holder.current.services) == ["chat", "good"]
+
+
+def test_settings_the_agent_cannot_take_are_nacked_whole_and_the_old_snapshot_kept() -> None:
+    holder, applied = Holder(), []
+    c = client(holder, applied)
+    c._answer(response("1.a", "{}", wire("bad", '{"nope": 1}')))
     kept = holder.current
-    answer = c._answer(response("2.b", options_json='{"nope": true}'))
-    assert answer.version_info == "1.a"  # a NACK carries the version still held
+    answer = c._answer(response("2.b", timeout_s=99_999))
+    assert answer.version_info == "1.a"  # a NACK carries the version still held ...
     assert answer.response_nonce == "n-2.b"
-    assert answer.error_detail.field_path == "services[chat].options_json.nope"
+    assert answer.error_detail.field_path == "settings.default_timeout"
+    assert [r.service for r in answer.rejected_services] == ["bad"]  # ... and what it left out of it
     assert holder.current is kept and applied == ["1.a"]

@@ -13,6 +13,7 @@ from typing import NoReturn
 import grpc
 
 from switchgear.controlplane import convert
+from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.agents import AgentStatus, AgentTracker
 from switchgear.controlplane.alerts import Alert
 from switchgear.controlplane.config import ConfigError, load_config
@@ -119,12 +120,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 wanted = convert.category_from_proto(request.category)
             except convert.ConvertError as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        services = [
-            convert.service_to_proto(s)
-            for s in self._registry.state.services
-            if wanted is None or s.category == wanted
+        specs = [s for s in self._registry.state.services if wanted is None or s.category == wanted]
+        names = {s.name for s in specs}
+        rejections = [
+            admin_pb2.AgentRejection(
+                node_id=a.node.id, version=a.acked_version, rejection=convert.rejection_to_proto(r))
+            for a in await self._fleet() if a.connected for r in a.rejections if r.service in names
         ]
-        return admin_pb2.ListServicesResponse(services=services)
+        return admin_pb2.ListServicesResponse(
+            services=[convert.service_to_proto(s) for s in specs], rejections=rejections)
 
     async def GetService(  # noqa: N802
         self, request: admin_pb2.GetServiceRequest, context: grpc.aio.ServicerContext
@@ -139,7 +143,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ApplyConfigResponse:
         source = request.source or "<admin>"
         try:
-            state = load_config(request.yaml, source=source, env=self._env)
+            state = load_config(request.yaml, source=source, env=self._env, check=agent_problems)
             if request.dry_run:
                 change = diff(self._registry.state, state)
                 version = self._registry.snapshot.version

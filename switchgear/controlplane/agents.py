@@ -1,4 +1,5 @@
-"""What the control plane knows of each connected agent: versions sent, ACKed and NACKed.
+"""What the control plane knows of each connected agent: versions sent, ACKed and NACKed, and
+the services of the version it holds that it did not apply (per-service rejections).
 
 Plain in-memory bookkeeping, driven by the discovery stream; not persisted (agents reconnect
 and say what they hold). Versions an agent NACKed are remembered per node across its streams
@@ -29,6 +30,15 @@ class Nack:
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """A service of the version an agent holds that the agent did not apply (version skew)."""
+
+    service: str
+    field_path: str
+    message: str
+
+
+@dataclass(frozen=True)
 class AgentStatus:
     node: NodeInfo
     connected: bool
@@ -40,6 +50,7 @@ class AgentStatus:
     connected_at: float
     last_seen: float
     replica: str = ""  # which control-plane replica the stream is on (replicas only)
+    rejections: tuple[Rejection, ...] = ()  # of acked_version
 
 
 @dataclass
@@ -51,6 +62,7 @@ class _Agent:
     pending: str = ""
     last_nack: Nack | None = None
     rejected: set[str] = field(default_factory=set)
+    rejections: tuple[Rejection, ...] = ()
     connected_at: float = 0.0
     last_seen: float = 0.0
 
@@ -66,12 +78,14 @@ class AgentTracker:
         self.forget_s = forget_s
         self._agents: dict[str, _Agent] = {}
 
-    def connected(self, node: NodeInfo, peer: str, held_version: str) -> None:
+    def connected(
+        self, node: NodeInfo, peer: str, held_version: str, rejections: tuple[Rejection, ...] = ()
+    ) -> None:
         self._forget_gone()
         agent = self._agents.setdefault(node.id, _Agent(node=node))
         agent.node, agent.peer, agent.pending = node, peer, ""
         agent.streams += 1
-        agent.acked = held_version
+        agent.acked, agent.rejections = held_version, rejections
         agent.connected_at = agent.last_seen = self._clock()
 
     def disconnected(self, node_id: str) -> None:
@@ -83,13 +97,15 @@ class AgentTracker:
     def sent(self, node_id: str, version: str) -> None:
         self._agents[node_id].pending = version
 
-    def acked(self, node_id: str, version: str) -> None:
+    def acked(self, node_id: str, version: str, rejections: tuple[Rejection, ...] = ()) -> None:
+        """The agent applied `version`, all of it but `rejections`."""
         agent = self._touch(node_id)
-        agent.acked, agent.pending = version, ""
+        agent.acked, agent.pending, agent.rejections = version, "", rejections
 
-    def nacked(self, node_id: str, held: str, nack: Nack) -> None:
+    def nacked(self, node_id: str, held: str, nack: Nack, rejections: tuple[Rejection, ...] = ()) -> None:
+        """The agent refused `nack.version` whole and still holds `held` (less `rejections`)."""
         agent = self._touch(node_id)
-        agent.acked, agent.pending, agent.last_nack = held, "", nack
+        agent.acked, agent.pending, agent.last_nack, agent.rejections = held, "", nack, rejections
         agent.rejected.add(nack.version)
 
     def rejected(self, node_id: str, version: str) -> bool:
@@ -122,4 +138,5 @@ class AgentTracker:
             pending_version=agent.pending,
             connected_at=agent.connected_at,
             last_seen=agent.last_seen,
+            rejections=agent.rejections,
         )

@@ -1279,10 +1279,14 @@ def _read_document(ctx: _Context, root: _Node) -> RegistryState:
 # --- public API -----------------------------------------------------------------------------
 
 
-def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str]) -> RegistryState:
+def load_config(
+    text: str, *, source: str = "<config>", env: Mapping[str, str],
+    check: Callable[[RegistryState], Iterable[Problem]] | None = None,
+) -> RegistryState:
     """Parse, validate and default a config document; raise ConfigError listing every problem.
 
-    `env` supplies ${NAME} values; os.environ is never read here.
+    `env` supplies ${NAME} values; os.environ is never read here. `check` adds rules on a valid
+    state (the agents' own snapshot checks: controlplane/agent_check.py), placed at YAML lines.
     """
     problems: list[Problem] = []
     root = _parse(text, problems)
@@ -1291,6 +1295,8 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str]) 
     ctx = _Context(env, problems)
     state = _read_document(ctx, root)
     problems.extend(ctx.to_yaml(p) for p in validate_state(state) if not ctx.is_poisoned(p.path))
+    if not problems and check is not None:
+        problems.extend(ctx.to_yaml(p) for p in check(state))
     if problems:
         unique = sorted(dict.fromkeys(problems), key=lambda p: p.line or 0)  # a provider's bad key shows once
         if len(unique) > MAX_PROBLEMS:
@@ -1308,9 +1314,11 @@ def read_config_file(path: str | Path) -> str:
         raise ConfigError(str(path), [Problem("", f"cannot read the file: {exc}")]) from exc
 
 
-def load_config_file(path: str | Path, env: Mapping[str, str]) -> RegistryState:
+def load_config_file(
+    path: str | Path, env: Mapping[str, str], check: Callable[[RegistryState], Iterable[Problem]] | None = None
+) -> RegistryState:
     """load_config on a file (UTF-8); an unreadable file is a ConfigError too."""
-    return load_config(read_config_file(path), source=str(path), env=env)
+    return load_config(read_config_file(path), source=str(path), env=env, check=check)
 
 
 # --- describe -------------------------------------------------------------------------------

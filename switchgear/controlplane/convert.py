@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from switchgear.controlplane.agents import AgentStatus, NodeInfo
+from switchgear.controlplane.agents import AgentStatus, NodeInfo, Rejection
 from switchgear.controlplane.convert_base import (  # re-exported: callers name them convert.*
     ConvertError,
     category_from_proto,
@@ -229,6 +229,7 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
         connected_at=timestamp(status.connected_at),
         last_seen=timestamp(status.last_seen),
         replica=status.replica,
+        rejected_services=[rejection_to_proto(r) for r in status.rejections],
     )
     if status.last_nack is not None:
         msg.last_nack.CopyFrom(
@@ -237,3 +238,10 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
             )
         )
     return msg
+
+
+def rejection_to_proto(rejection: Rejection) -> discovery_pb2.ServiceRejection:
+    return discovery_pb2.ServiceRejection(
+        service=rejection.service,
+        error_detail=discovery_pb2.NackDetail(field_path=rejection.field_path, message=rejection.message),
+    )

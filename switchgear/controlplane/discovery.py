@@ -6,6 +6,8 @@ Protocol, per stream (see discovery.proto):
   not rejected it before, and never has more than one response unanswered;
 - each response carries a fresh nonce; an answer with another nonce is stale and ignored;
 - an answer with error_detail is a NACK: the version is remembered as rejected for that node;
+- every request lists the services of the version it names that the agent did not apply
+  (per-resource rejections, version skew): they are recorded for ListAgents and ListServices;
 - a change to the registry wakes every stream, which waits `debounce_s` so a burst of changes
   goes out as one snapshot;
 - at most `max_concurrent_pushes` snapshots are unanswered across all streams at once: a push
@@ -25,11 +27,15 @@ from typing import Any
 import grpc
 
 from switchgear.controlplane import convert
-from switchgear.controlplane.agents import AgentTracker, Nack
+from switchgear.controlplane.agents import AgentTracker, Nack, Rejection
 from switchgear.controlplane.snapshot import Snapshot
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.discovery")
+
+#: Bounds on what one agent's rejection list may hold in the tracker (entries; characters).
+MAX_REJECTIONS = 1000
+MAX_REJECTION_TEXT = 1024
 
 
 class SnapshotFeed:
@@ -93,7 +99,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         if not first.node.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id: required on the first request")
         node = convert.node_from_proto(first.node)
-        self._tracker.connected(node, context.peer(), first.version_info)
+        self._tracker.connected(node, context.peer(), first.version_info, _rejections(first))
         log.info("agent %s connected from %s holding %r", node.id, context.peer(), first.version_info)
         stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes)
         try:
@@ -136,11 +142,15 @@ class _Stream:
         if request.HasField("error_detail"):
             detail = request.error_detail
             nack = Nack(self.pending_version, detail.field_path, detail.message)
-            self.tracker.nacked(self.node_id, request.version_info, nack)
+            self.tracker.nacked(self.node_id, request.version_info, nack, _rejections(request))
             log.warning("agent %s NACKed %s: %s: %s", self.node_id, nack.version, nack.field_path, nack.message)
         else:
-            self.tracker.acked(self.node_id, request.version_info)
+            rejections = _rejections(request)
+            self.tracker.acked(self.node_id, request.version_info, rejections)
             log.info("agent %s ACKed %s", self.node_id, request.version_info)
+            for r in rejections:
+                log.warning("agent %s did not apply service %r of %s: %s: %s",
+                            self.node_id, r.service, request.version_info, r.field_path, r.message)
         self.held = request.version_info
         self.pending_nonce = self.pending_version = ""
         self._release()
@@ -186,3 +196,15 @@ class _Stream:
             self._release()
             if read is not None:
                 read.cancel()
+
+
+def _rejections(request: discovery_pb2.StreamSnapshotsRequest) -> tuple[Rejection, ...]:
+    """What the agent says it did not apply, bounded: at most MAX_REJECTIONS entries of at most
+    MAX_REJECTION_TEXT characters per field are kept (an agent cannot fill the tracker)."""
+    def cut(text: str) -> str:
+        return text[:MAX_REJECTION_TEXT]
+
+    return tuple(
+        Rejection(cut(r.service), cut(r.error_detail.field_path), cut(r.error_detail.message))
+        for r in request.rejected_services[:MAX_REJECTIONS]
+    )

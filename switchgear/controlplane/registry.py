@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
+from switchgear.controlplane.agent_check import introduced_problems
 from switchgear.controlplane.model import RegistryState, ServiceSpec
 from switchgear.controlplane.offloop import call_on
 from switchgear.controlplane.store import AuditEntry, Change, StaleVersion, Store, Stored
@@ -195,10 +196,11 @@ class Registry:
     def _apply(
         self, state: RegistryState, change: Change, config_hash: str | None = None
     ) -> snap.Snapshot:
-        problems: list[Problem] = validate_state(state)
+        overlay = self._snapshot.overlay.pruned(state)
+        # Then what agents would reject (their own checks): refused here, never committed.
+        problems: list[Problem] = validate_state(state) or introduced_problems(self._snapshot, state, overlay)
         if problems:
             raise ValidationError(problems)
-        overlay = self._snapshot.overlay.pruned(state)
         digest = snap.content_hash(state, overlay)
         if digest == self._snapshot.content_hash and config_hash in (None, self._config_hash):
             return self._snapshot  # nothing changed: no new version

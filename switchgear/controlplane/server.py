@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from switchgear.controlplane import codec, pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
+from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
 from switchgear.controlplane.collector import Collector
@@ -140,7 +141,7 @@ class Options:
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
     try:
         text = read_config_file(path)
-        state = load_config(text, source=path, env=env)
+        state = load_config(text, source=path, env=env, check=agent_problems)
     except ConfigError as exc:
         _refuse(registry, path, exc)
         return

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import grpc
 
 from switchgear.adapters.base import Adapter
-from switchgear.dataplane.convert import SnapshotError, snapshot_from_proto
+from switchgear.dataplane.convert import Rejection, SnapshotError, convert_snapshot
 from switchgear.dataplane.convert_governance import governance_from_proto
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.tls import ClientTls, aio_channel
@@ -57,7 +57,11 @@ class Backoff:
 
 
 class Applier:
-    """Turns a snapshot message into the agent's view and swaps it in, or reports why not."""
+    """Turns a snapshot message into the agent's view and swaps it in, or reports why not.
+
+    Per service (see convert.convert_snapshot): `rejections` lists the services of the version
+    held that were not applied; the ACK, a NACK and a reconnect's first request all carry them.
+    """
 
     def __init__(
         self,
@@ -68,14 +72,20 @@ class Applier:
         self._holder = holder
         self._adapters = adapters
         self._on_applied = on_applied
+        self.rejections: tuple[Rejection, ...] = ()
 
     def apply(self, response: discovery_pb2.StreamSnapshotsResponse) -> SnapshotError | None:
+        held = self._holder.current
         try:
-            new = snapshot_from_proto(response.snapshot, response.version_info, self._adapters)
+            converted = convert_snapshot(
+                response.snapshot, response.version_info, self._adapters, held.services if held else {})
             governance = governance_from_proto(response.snapshot.tenants, response.snapshot.keys)
         except SnapshotError as exc:
             return exc
-        new = dataclasses.replace(new, governance=governance)
+        new = dataclasses.replace(converted.snapshot, governance=governance)
+        for rejection in converted.rejections:
+            log.warning("snapshot %s: service %r not applied (%s)", new.version, rejection.service, rejection.error)
+        self.rejections = converted.rejections
         self._holder.current = new  # the one assignment that changes what requests see
         self._on_applied(new)
         return None
@@ -129,7 +139,8 @@ class SnapshotClient:
     async def _session(self, address: str, stop: asyncio.Event) -> None:
         async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:
             call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots()
-            await call.write(discovery_pb2.StreamSnapshotsRequest(node=self._node, version_info=self._holder.version))
+            await call.write(discovery_pb2.StreamSnapshotsRequest(
+                node=self._node, version_info=self._holder.version, rejected_services=self._rejected()))
             self.connected.set()
             log.info("subscribed to %s holding version %r", address, self._holder.version)
             stopping = asyncio.ensure_future(stop.wait())
@@ -154,11 +165,21 @@ class SnapshotClient:
         if error is None:
             log.info("applied snapshot %s", response.version_info)
             return discovery_pb2.StreamSnapshotsRequest(
-                version_info=response.version_info, response_nonce=response.nonce
+                version_info=response.version_info, response_nonce=response.nonce,
+                rejected_services=self._rejected(),
             )
         log.warning("rejected snapshot %s: %s", response.version_info, error)
         return discovery_pb2.StreamSnapshotsRequest(
             version_info=self._holder.version,
             response_nonce=response.nonce,
             error_detail=discovery_pb2.NackDetail(field_path=error.path, message=error.message),
+            rejected_services=self._rejected(),
         )
+
+    def _rejected(self) -> list[discovery_pb2.ServiceRejection]:
+        """The services of the version held that were not applied, as the wire says them."""
+        return [
+            discovery_pb2.ServiceRejection(service=r.service, error_detail=discovery_pb2.NackDetail(
+                field_path=r.error.path, message=r.error.message))
+            for r in self._applier.rejections
+        ]

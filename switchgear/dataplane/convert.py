@@ -1,28 +1,28 @@
 """The agent's edge to the wire: switchgear.v1 messages -> the agent's frozen dataclasses.
 
-`snapshot_from_proto` is where an agent decides to ACK or NACK: anything it cannot apply
-raises SnapshotError naming the field path. A service whose protocol this agent has no adapter
-for is accepted and marked unsupported (like an optional xDS extension), so one new kind of
-service cannot stop an older agent from taking every other update.
+`convert_snapshot` is where an agent decides what of a snapshot it applies, per service as
+delta xDS acknowledges per resource: every service that passes the shared checks
+(`switchgear.wire.checks`, which the control plane runs too before it commits a change) is
+taken; a rejected one keeps its last good definition, and is reported in the ACK, so one bad
+service cannot block every later change. The version and the settings are checked whole: a
+problem there raises SnapshotError naming the field path (a NACK). A service whose protocol
+this agent has no adapter for is accepted and marked unsupported (like an optional xDS
+extension), so one new kind of service cannot stop an older agent from taking every other update.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
-from switchgear.adapters.base import Adapter, OptionsError, ResponseLimits, split_response_limits
+from switchgear.adapters.base import Adapter
 from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.dataplane.snapshot import (
-    CATEGORIES,
     AgentSettings,
     AgentSnapshot,
     EndpointView,
@@ -33,16 +33,11 @@ from switchgear.dataplane.snapshot import (
     ServiceView,
 )
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
+from switchgear.wire import checks
+from switchgear.wire.checks import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # re-exported: the agent knows it from here
+from switchgear.wire.checks import SnapshotError as SnapshotError  # re-exported too
 
-MAX_TIMEOUT_S = 3600.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-class SnapshotError(ValueError):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
+_NO_SERVICES: Mapping[str, ServiceView] = MappingProxyType({})
 
 
 class RequestError(ValueError):
@@ -54,19 +49,7 @@ class RequestError(ValueError):
         self.message = message
 
 
-def _seconds(d: Any) -> float:
-    return float(d.ToNanoseconds()) / 1e9
-
-
-def _category(value: int, path: str) -> str:
-    try:
-        name = str(common_pb2.ServiceCategory.Name(value))
-    except ValueError:
-        raise SnapshotError(path, f"unknown category {value}") from None
-    category = name.removeprefix("SERVICE_CATEGORY_").lower()
-    if category not in CATEGORIES:
-        raise SnapshotError(path, "required")
-    return category
+_seconds = checks.seconds
 
 
 def _health(value: int) -> str:
@@ -74,81 +57,41 @@ def _health(value: int) -> str:
     return name.removeprefix("HEALTH_STATE_").lower() if value else "healthy"
 
 
-def _endpoint(msg: common_pb2.Endpoint, path: str) -> EndpointView:
-    if not _NAME.match(msg.id):
-        raise SnapshotError(f"{path}.id", f"invalid endpoint id {msg.id!r}")
-    parts = urlsplit(msg.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SnapshotError(f"{path}.url", f"not an http(s) URL: {msg.url!r}")
-    if msg.weight < 1:
-        raise SnapshotError(f"{path}.weight", "must be at least 1")
+def _endpoint(msg: common_pb2.Endpoint) -> EndpointView:
     return EndpointView(
         id=msg.id, url=msg.url, weight=msg.weight, priority=msg.priority,
         health=_health(msg.health), max_concurrency=msg.max_concurrency,
     )
 
 
-def _options(msg: common_pb2.Service, adapter: Adapter | None, path: str) -> tuple[ResponseLimits, Any]:
-    """(the answer limits every protocol accepts, the adapter's parsed options)."""
-    try:
-        raw = orjson.loads(msg.options_json or "{}")
-    except orjson.JSONDecodeError as exc:
-        raise SnapshotError(f"{path}.options_json", f"not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SnapshotError(f"{path}.options_json", "must be a JSON object")
-    try:
-        limits, rest = split_response_limits(raw)
-        return limits, None if adapter is None else adapter.parse_options(rest)
-    except OptionsError as exc:
-        sub = f".{exc.path}" if exc.path else ""
-        raise SnapshotError(f"{path}.options_json{sub}", exc.message) from None
-
-
-def _service(msg: common_pb2.Service, adapters: Mapping[str, Adapter], path: str) -> ServiceView:
-    if not msg.endpoints:
-        raise SnapshotError(f"{path}.endpoints", "at least one endpoint is required")
-    endpoints = tuple(_endpoint(e, f"{path}.endpoints[{i}]") for i, e in enumerate(msg.endpoints))
-    seen: set[str] = set()
-    for i, e in enumerate(endpoints):
-        if e.id in seen:
-            raise SnapshotError(f"{path}.endpoints[{i}].id", f"duplicate endpoint id {e.id!r}")
-        seen.add(e.id)
-    timeout_s = _seconds(msg.timeout)
-    if not (0 <= timeout_s <= MAX_TIMEOUT_S):
-        raise SnapshotError(f"{path}.timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
-    adapter = adapters.get(msg.protocol)
-    key: SecretRef | None = None
-    if msg.HasField("api_key"):
-        key = SecretRef(env=msg.api_key.env, file=msg.api_key.file)
-        if not (key.env or key.file):
-            raise SnapshotError(f"{path}.api_key", "set env or file")
-    limits, options = _options(msg, adapter, path)
+def _service(msg: common_pb2.Service, options: checks.ParsedOptions, adapters: Mapping[str, Adapter]) -> ServiceView:
+    """The view of a service that passed `checks.check_service` (`options` is what it parsed)."""
+    key = SecretRef(env=msg.api_key.env, file=msg.api_key.file) if msg.HasField("api_key") else None
     p = msg.pricing
-    prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)
-    if any(not math.isfinite(x) or x < 0 for x in prices):
-        raise SnapshotError(f"{path}.pricing", "prices must be finite and non-negative")
     return ServiceView(
         name=msg.name,
-        category=_category(msg.category, f"{path}.category"),
+        category=checks.category_name(msg.category, "category"),
         protocol=msg.protocol,
-        endpoints=endpoints,
+        endpoints=tuple(_endpoint(e) for e in msg.endpoints),
         api_key=key,
         model=msg.model,
         max_tokens=msg.max_tokens,
-        pricing=Pricing(*prices),
+        pricing=Pricing(p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens,
+                        p.cost_per_request),
         capabilities=tuple(msg.capabilities),
         priority=msg.priority,
         strategy=msg.strategy,
-        timeout_s=timeout_s,
-        options=options,
-        limits=limits,
+        timeout_s=_seconds(msg.timeout),
+        options=options.adapter,
+        limits=options.limits,
         fallbacks=tuple(msg.fallbacks),
         metadata=MappingProxyType(dict(msg.metadata)),
-        unsupported="" if adapter else f"this agent has no adapter for protocol {msg.protocol!r}",
+        unsupported="" if msg.protocol in adapters else f"this agent has no adapter for protocol {msg.protocol!r}",
     )
 
 
 def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
+    checks.check_settings(msg)
     defaults = AgentSettings()
     r = msg.retry_policy
     retry = RetrySettings(
@@ -157,75 +100,96 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
         base_delay_s=_seconds(r.base_delay) or defaults.retry.base_delay_s,
         max_delay_s=_seconds(r.max_delay) or defaults.retry.max_delay_s,
     ) if msg.HasField("retry_policy") else defaults.retry
-    default_timeout = _seconds(msg.default_timeout) or defaults.default_timeout_s
-    if not (0 < default_timeout <= MAX_TIMEOUT_S):
-        raise SnapshotError("settings.default_timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
     return AgentSettings(
         default_strategy=msg.default_strategy or defaults.default_strategy,
-        default_timeout_s=default_timeout,
+        default_timeout_s=_seconds(msg.default_timeout) or defaults.default_timeout_s,
         retry=retry,
         breaker_failure_threshold=msg.circuit_breaker.failure_threshold
         or defaults.breaker_failure_threshold,
-        category_policies=MappingProxyType(
-            {k: _policy(v, f"settings.category_policies[{k}]") for k, v in sorted(msg.category_policies.items())}
-        ),
+        category_policies=MappingProxyType({k: _policy(v) for k, v in sorted(msg.category_policies.items())}),
         cache_enabled=msg.cache.enabled,
-        cache_ttl_s=_ttls(msg.cache),
+        cache_ttl_s=MappingProxyType({kind: _seconds(ttl) for kind, ttl in sorted(msg.cache.ttl.items())}),
     )
 
 
-def _ttls(msg: discovery_pb2.CacheSettings) -> Mapping[str, float]:
-    ttls = {kind: _seconds(ttl) for kind, ttl in sorted(msg.ttl.items())}
-    for kind, seconds in ttls.items():
-        if not (0 <= seconds <= 366 * 86400):
-            raise SnapshotError(f"settings.cache.ttl[{kind}]", "must be within 0 s .. 366 days")
-    return MappingProxyType(ttls)
-
-
-def _policy(msg: discovery_pb2.CategoryPolicy, path: str) -> SchedulingPolicy:
-    """A category's scheduling policy. The strategy name is not checked here: routing falls
-    back past names it does not know (dataplane/scheduling/policy.py)."""
-    if path.rsplit("[", 1)[1].rstrip("]") not in CATEGORIES:
-        raise SnapshotError(path, f"unknown category (known: {', '.join(CATEGORIES)})")
-    if not (math.isfinite(msg.max_cost_per_request) and msg.max_cost_per_request >= 0):
-        raise SnapshotError(f"{path}.max_cost_per_request", "must be finite and non-negative")
-    if not (0.0 <= msg.min_success_rate <= 1.0):
-        raise SnapshotError(f"{path}.min_success_rate", "must be within 0..1")
-    timeout_s = _seconds(msg.timeout)
-    if not (0 <= timeout_s <= MAX_TIMEOUT_S):
-        raise SnapshotError(f"{path}.timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
+def _policy(msg: discovery_pb2.CategoryPolicy) -> SchedulingPolicy:
     return SchedulingPolicy(
         strategy=msg.strategy,
         max_cost_per_request=msg.max_cost_per_request,
         min_success_rate=msg.min_success_rate,
         max_queue_size=msg.max_queue_size,
-        timeout_s=timeout_s,
+        timeout_s=_seconds(msg.timeout),
     )
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A service of a snapshot the agent did not apply, and why."""
+
+    service: str
+    error: SnapshotError
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What an agent applies of a snapshot, and the services it rejected (snapshot order)."""
+
+    snapshot: AgentSnapshot
+    rejections: tuple[Rejection, ...] = ()
+
+
+def convert_snapshot(
+    msg: discovery_pb2.Snapshot, version: str, adapters: Mapping[str, Adapter],
+    previous: Mapping[str, ServiceView] = _NO_SERVICES,
+) -> Converted:
+    """Per service: each service that passes the checks is taken; a rejected one keeps its
+    definition in `previous` (the snapshot being served: a bad update of a running service must
+    not take it down; static stability), or is left out when it has none. A service whose
+    fallback ends up absent is rejected in turn. Raises SnapshotError for the version and
+    settings (whole); never half-applies those."""
+    checks.check_version(msg, version)
+    checked = checks.check_services(msg.services, adapters)
+    services = {name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()}
+    rejected = dict(checked.rejected)
+    services.update({name: previous[name] for name in rejected if name in previous and name not in services})
+    _drop_dangling_fallbacks(services, rejected, previous)
+    return Converted(
+        AgentSnapshot(version=version, services=MappingProxyType(services), settings=_settings(msg.settings)),
+        tuple(Rejection(name, error) for name, error in rejected.items()),
+    )
+
+
+def _drop_dangling_fallbacks(
+    services: dict[str, ServiceView], rejected: dict[str, SnapshotError], previous: Mapping[str, ServiceView]
+) -> None:
+    """Until every fallback names a service present: a service with a missing fallback falls
+    back to its previous definition, then is dropped. Ends: each step replaces a new view by an
+    old one or removes a service."""
+    changed = True
+    while changed:
+        changed = False
+        for name, view in list(services.items()):
+            problem = checks.fallback_problem(name, view.fallbacks, services)
+            if problem is None:
+                continue
+            rejected.setdefault(name, problem)
+            old = previous.get(name)
+            if old is not None and old is not view:
+                services[name] = old
+            else:
+                del services[name]
+            changed = True
 
 
 def snapshot_from_proto(
     msg: discovery_pb2.Snapshot, version: str, adapters: Mapping[str, Adapter]
 ) -> AgentSnapshot:
-    """Validate and convert a whole snapshot, or raise SnapshotError; never half-applies."""
-    if not version:
-        raise SnapshotError("version_info", "required")
-    if msg.version and msg.version != version:
-        raise SnapshotError("snapshot.version", f"{msg.version!r} differs from version_info {version!r}")
-    services: dict[str, ServiceView] = {}
-    for i, svc in enumerate(msg.services):
-        path = f"services[{svc.name or i}]"
-        if not _NAME.match(svc.name):
-            raise SnapshotError(f"{path}.name", f"invalid service name {svc.name!r}")
-        if svc.name in services:
-            raise SnapshotError(f"{path}.name", "duplicate service name")
-        services[svc.name] = _service(svc, adapters, path)
-    for name, view in services.items():
-        for j, fallback in enumerate(view.fallbacks):
-            if fallback not in services:
-                raise SnapshotError(f"services[{name}].fallbacks[{j}]", f"unknown service {fallback!r}")
-    return AgentSnapshot(
-        version=version, services=MappingProxyType(services), settings=_settings(msg.settings)
-    )
+    """The whole snapshot or SnapshotError (the first problem): `convert_snapshot` with no
+    service left out."""
+    converted = convert_snapshot(msg, version, adapters)
+    if converted.rejections:
+        raise converted.rejections[0].error
+    return converted.snapshot
 
 
 @dataclass(frozen=True)
@@ -274,7 +238,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
     category = ""
     if msg.category:
         try:
-            category = _category(msg.category, "category")
+            category = checks.category_name(msg.category, "category")
         except SnapshotError as exc:
             raise RequestError("category", exc.message) from None
     try:

@@ -28,7 +28,7 @@ from switchgear.v1 import common_pb2 as switchgear_dot_v1_dot_common__pb2
 from switchgear.v1 import discovery_pb2 as switchgear_dot_v1_dot_discovery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchgear/v1/admin.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchgear/v1/common.proto\x1a\x1dswitchgear/v1/discovery.proto\"A\n\x16RegisterServiceRequest\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\"S\n\x17RegisterServiceResponse\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\x12\x0f\n\x07version\x18\x02 \x01(\t\"(\n\x18\x44\x65registerServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x19\x44\x65registerServiceResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\"G\n\x13ListServicesRequest\x12\x30\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\"@\n\x14ListServicesResponse\x12(\n\x08services\x18\x01 \x03(\x0b\x32\x16.switchgear.v1.Service\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x12GetServiceResponse\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\"C\n\x12\x41pplyConfigRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"W\n\x13\x41pplyConfigResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\"\x13\n\x11ListAgentsRequest\"\xb9\x02\n\x0b\x41gentStatus\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\x15\n\racked_version\x18\x04 \x01(\t\x12\x16\n\x0enacked_version\x18\x05 \x01(\t\x12,\n\tlast_nack\x18\x06 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\x12\x17\n\x0fpending_version\x18\x07 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\n \x01(\t\"Y\n\x12ListAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.switchgear.v1.AgentStatus\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"\x14\n\x12GetSnapshotRequest\"@\n\x13GetSnapshotResponse\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.switchgear.v1.Snapshot\"\"\n\x0fGetStatsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xc0\x04\n\rEndpointStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x15\n\rrequest_count\x18\x04 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x05 \x01(\x01\x12\x12\n\nerror_rate\x18\x06 \x01(\x01\x12\x1c\n\x14\x61vg_response_time_ms\x18\x07 \x01(\x01\x12\x1c\n\x14p99_response_time_ms\x18\x08 \x01(\x01\x12\x15\n\rcost_per_hour\x18\t \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\n \x01(\x01\x12\x1d\n\x15\x63ircuit_breaker_trips\x18\x0b \x01(\x04\x12\x16\n\x0e\x66\x61ilover_count\x18\x0c \x01(\x04\x12\x14\n\x0cqueue_length\x18\r \x01(\x04\x12\x1c\n\x14resource_utilization\x18\x0e \x01(\x01\x12\x11\n\tin_flight\x18\x0f \x01(\x04\x12*\n\x06health\x18\x10 \x01(\x0e\x32\x1a.switchgear.v1.HealthState\x12\x0e\n\x06weight\x18\x11 \x01(\r\x12\x14\n\x0cinput_tokens\x18\x12 \x01(\x04\x12\x15\n\routput_tokens\x18\x13 \x01(\x04\x12\x38\n\x06\x65rrors\x18\x14 \x03(\x0b\x32(.switchgear.v1.EndpointStats.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x84\x01\n\x10GetStatsResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x05stats\x18\x02 \x03(\x0b\x32\x1c.switchgear.v1.EndpointStats\x12\x18\n\x10reporting_agents\x18\x03 \x01(\r\",\n\x11ListAlertsRequest\x12\x17\n\x0frecovered_limit\x18\x01 \x01(\r\"\x93\x02\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x11\n\tcondition\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x15\n\raction_detail\x18\x07 \x01(\t\x12,\n\x08\x66ired_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crecovered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfired_version\x18\n \x01(\t\x12\x19\n\x11recovered_version\x18\x0b \x01(\t\"c\n\x12ListAlertsResponse\x12$\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x14.switchgear.v1.Alert\x12\'\n\trecovered\x18\x02 \x03(\x0b\x32\x14.switchgear.v1.Alert2\xa3\x06\n\x0c\x41\x64minService\x12`\n\x0fRegisterService\x12%.switchgear.v1.RegisterServiceRequest\x1a&.switchgear.v1.RegisterServiceResponse\x12\x66\n\x11\x44\x65registerService\x12\'.switchgear.v1.DeregisterServiceRequest\x1a(.switchgear.v1.DeregisterServiceResponse\x12W\n\x0cListServices\x12\".switchgear.v1.ListServicesRequest\x1a#.switchgear.v1.ListServicesResponse\x12Q\n\nGetService\x12 .switchgear.v1.GetServiceRequest\x1a!.switchgear.v1.GetServiceResponse\x12T\n\x0b\x41pplyConfig\x12!.switchgear.v1.ApplyConfigRequest\x1a\".switchgear.v1.ApplyConfigResponse\x12Q\n\nListAgents\x12 .switchgear.v1.ListAgentsRequest\x1a!.switchgear.v1.ListAgentsResponse\x12T\n\x0bGetSnapshot\x12!.switchgear.v1.GetSnapshotRequest\x1a\".switchgear.v1.GetSnapshotResponse\x12K\n\x08GetStats\x12\x1e.switchgear.v1.GetStatsRequest\x1a\x1f.switchgear.v1.GetStatsResponse\x12Q\n\nListAlerts\x12 .switchgear.v1.ListAlertsRequest\x1a!.switchgear.v1.ListAlertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchgear/v1/admin.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchgear/v1/common.proto\x1a\x1dswitchgear/v1/discovery.proto\"A\n\x16RegisterServiceRequest\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\"S\n\x17RegisterServiceResponse\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\x12\x0f\n\x07version\x18\x02 \x01(\t\"(\n\x18\x44\x65registerServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x19\x44\x65registerServiceResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\"G\n\x13ListServicesRequest\x12\x30\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\"s\n\x14ListServicesResponse\x12(\n\x08services\x18\x01 \x03(\x0b\x32\x16.switchgear.v1.Service\x12\x31\n\nrejections\x18\x02 \x03(\x0b\x32\x1d.switchgear.v1.AgentRejection\"f\n\x0e\x41gentRejection\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\trejection\x18\x03 \x01(\x0b\x32\x1f.switchgear.v1.ServiceRejection\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x12GetServiceResponse\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.switchgear.v1.Service\"C\n\x12\x41pplyConfigRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"W\n\x13\x41pplyConfigResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\"\x13\n\x11ListAgentsRequest\"\xf5\x02\n\x0b\x41gentStatus\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\x15\n\racked_version\x18\x04 \x01(\t\x12\x16\n\x0enacked_version\x18\x05 \x01(\t\x12,\n\tlast_nack\x18\x06 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\x12\x17\n\x0fpending_version\x18\x07 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\n \x01(\t\x12:\n\x11rejected_services\x18\x0b \x03(\x0b\x32\x1f.switchgear.v1.ServiceRejection\"Y\n\x12ListAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.switchgear.v1.AgentStatus\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"\x14\n\x12GetSnapshotRequest\"@\n\x13GetSnapshotResponse\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.switchgear.v1.Snapshot\"\"\n\x0fGetStatsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xc0\x04\n\rEndpointStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x15\n\rrequest_count\x18\x04 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x05 \x01(\x01\x12\x12\n\nerror_rate\x18\x06 \x01(\x01\x12\x1c\n\x14\x61vg_response_time_ms\x18\x07 \x01(\x01\x12\x1c\n\x14p99_response_time_ms\x18\x08 \x01(\x01\x12\x15\n\rcost_per_hour\x18\t \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\n \x01(\x01\x12\x1d\n\x15\x63ircuit_breaker_trips\x18\x0b \x01(\x04\x12\x16\n\x0e\x66\x61ilover_count\x18\x0c \x01(\x04\x12\x14\n\x0cqueue_length\x18\r \x01(\x04\x12\x1c\n\x14resource_utilization\x18\x0e \x01(\x01\x12\x11\n\tin_flight\x18\x0f \x01(\x04\x12*\n\x06health\x18\x10 \x01(\x0e\x32\x1a.switchgear.v1.HealthState\x12\x0e\n\x06weight\x18\x11 \x01(\r\x12\x14\n\x0cinput_tokens\x18\x12 \x01(\x04\x12\x15\n\routput_tokens\x18\x13 \x01(\x04\x12\x38\n\x06\x65rrors\x18\x14 \x03(\x0b\x32(.switchgear.v1.EndpointStats.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x84\x01\n\x10GetStatsResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x05stats\x18\x02 \x03(\x0b\x32\x1c.switchgear.v1.EndpointStats\x12\x18\n\x10reporting_agents\x18\x03 \x01(\r\",\n\x11ListAlertsRequest\x12\x17\n\x0frecovered_limit\x18\x01 \x01(\r\"\x93\x02\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x11\n\tcondition\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x15\n\raction_detail\x18\x07 \x01(\t\x12,\n\x08\x66ired_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crecovered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfired_version\x18\n \x01(\t\x12\x19\n\x11recovered_version\x18\x0b \x01(\t\"c\n\x12ListAlertsResponse\x12$\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x14.switchgear.v1.Alert\x12\'\n\trecovered\x18\x02 \x03(\x0b\x32\x14.switchgear.v1.Alert2\xa3\x06\n\x0c\x41\x64minService\x12`\n\x0fRegisterService\x12%.switchgear.v1.RegisterServiceRequest\x1a&.switchgear.v1.RegisterServiceResponse\x12\x66\n\x11\x44\x65registerService\x12\'.switchgear.v1.DeregisterServiceRequest\x1a(.switchgear.v1.DeregisterServiceResponse\x12W\n\x0cListServices\x12\".switchgear.v1.ListServicesRequest\x1a#.switchgear.v1.ListServicesResponse\x12Q\n\nGetService\x12 .switchgear.v1.GetServiceRequest\x1a!.switchgear.v1.GetServiceResponse\x12T\n\x0b\x41pplyConfig\x12!.switchgear.v1.ApplyConfigRequest\x1a\".switchgear.v1.ApplyConfigResponse\x12Q\n\nListAgents\x12 .switchgear.v1.ListAgentsRequest\x1a!.switchgear.v1.ListAgentsResponse\x12T\n\x0bGetSnapshot\x12!.switchgear.v1.GetSnapshotRequest\x1a\".switchgear.v1.GetSnapshotResponse\x12K\n\x08GetStats\x12\x1e.switchgear.v1.GetStatsRequest\x1a\x1f.switchgear.v1.GetStatsResponse\x12Q\n\nListAlerts\x12 .switchgear.v1.ListAlertsRequest\x1a!.switchgear.v1.ListAlertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,39 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSERVICESREQUEST']._serialized_start=408
   _globals['_LISTSERVICESREQUEST']._serialized_end=479
   _globals['_LISTSERVICESRESPONSE']._serialized_start=481
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=545
-  _globals['_GETSERVICEREQUEST']._serialized_start=547
-  _globals['_GETSERVICEREQUEST']._serialized_end=580
-  _globals['_GETSERVICERESPONSE']._serialized_start=582
-  _globals['_GETSERVICERESPONSE']._serialized_end=643
-  _globals['_APPLYCONFIGREQUEST']._serialized_start=645
-  _globals['_APPLYCONFIGREQUEST']._serialized_end=712
-  _globals['_APPLYCONFIGRESPONSE']._serialized_start=714
-  _globals['_APPLYCONFIGRESPONSE']._serialized_end=801
-  _globals['_LISTAGENTSREQUEST']._serialized_start=803
-  _globals['_LISTAGENTSREQUEST']._serialized_end=822
-  _globals['_AGENTSTATUS']._serialized_start=825
-  _globals['_AGENTSTATUS']._serialized_end=1138
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1140
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1229
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1231
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1251
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1253
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1317
-  _globals['_GETSTATSREQUEST']._serialized_start=1319
-  _globals['_GETSTATSREQUEST']._serialized_end=1353
-  _globals['_ENDPOINTSTATS']._serialized_start=1356
-  _globals['_ENDPOINTSTATS']._serialized_end=1932
-  _globals['_ENDPOINTSTATS_ERRORSENTRY']._serialized_start=1887
-  _globals['_ENDPOINTSTATS_ERRORSENTRY']._serialized_end=1932
-  _globals['_GETSTATSRESPONSE']._serialized_start=1935
-  _globals['_GETSTATSRESPONSE']._serialized_end=2067
-  _globals['_LISTALERTSREQUEST']._serialized_start=2069
-  _globals['_LISTALERTSREQUEST']._serialized_end=2113
-  _globals['_ALERT']._serialized_start=2116
-  _globals['_ALERT']._serialized_end=2391
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2393
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2492
-  _globals['_ADMINSERVICE']._serialized_start=2495
-  _globals['_ADMINSERVICE']._serialized_end=3298
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=596
+  _globals['_AGENTREJECTION']._serialized_start=598
+  _globals['_AGENTREJECTION']._serialized_end=700
+  _globals['_GETSERVICEREQUEST']._serialized_start=702
+  _globals['_GETSERVICEREQUEST']._serialized_end=735
+  _globals['_GETSERVICERESPONSE']._serialized_start=737
+  _globals['_GETSERVICERESPONSE']._serialized_end=798
+  _globals['_APPLYCONFIGREQUEST']._serialized_start=800
+  _globals['_APPLYCONFIGREQUEST']._serialized_end=867
+  _globals['_APPLYCONFIGRESPONSE']._serialized_start=869
+  _globals['_APPLYCONFIGRESPONSE']._serialized_end=956
+  _globals['_LISTAGENTSREQUEST']._serialized_start=958
+  _globals['_LISTAGENTSREQUEST']._serialized_end=977
+  _globals['_AGENTSTATUS']._serialized_start=980
+  _globals['_AGENTSTATUS']._serialized_end=1353
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1355
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1444
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1446
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1466
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1468
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1532
+  _globals['_GETSTATSREQUEST']._serialized_start=1534
+  _globals['_GETSTATSREQUEST']._serialized_end=1568
+  _globals['_ENDPOINTSTATS']._serialized_start=1571
+  _globals['_ENDPOINTSTATS']._serialized_end=2147
+  _globals['_ENDPOINTSTATS_ERRORSENTRY']._serialized_start=2102
+  _globals['_ENDPOINTSTATS_ERRORSENTRY']._serialized_end=2147
+  _globals['_GETSTATSRESPONSE']._serialized_start=2150
+  _globals['_GETSTATSRESPONSE']._serialized_end=2282
+  _globals['_LISTALERTSREQUEST']._serialized_start=2284
+  _globals['_LISTALERTSREQUEST']._serialized_end=2328
+  _globals['_ALERT']._serialized_start=2331
+  _globals['_ALERT']._serialized_end=2606
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2608
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2707
+  _globals['_ADMINSERVICE']._serialized_start=2710
+  _globals['_ADMINSERVICE']._serialized_end=3513
 # @@protoc_insertion_point(module_scope)

@@ -45,10 +45,22 @@ class ListServicesRequest(_message.Message):
     def __init__(self, category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ...) -> None: ...
 
 class ListServicesResponse(_message.Message):
-    __slots__ = ("services",)
+    __slots__ = ("services", "rejections")
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     services: _containers.RepeatedCompositeFieldContainer[_common_pb2.Service]
-    def __init__(self, services: _Optional[_Iterable[_Union[_common_pb2.Service, _Mapping]]] = ...) -> None: ...
+    rejections: _containers.RepeatedCompositeFieldContainer[AgentRejection]
+    def __init__(self, services: _Optional[_Iterable[_Union[_common_pb2.Service, _Mapping]]] = ..., rejections: _Optional[_Iterable[_Union[AgentRejection, _Mapping]]] = ...) -> None: ...
+
+class AgentRejection(_message.Message):
+    __slots__ = ("node_id", "version", "rejection")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    version: str
+    rejection: _discovery_pb2.ServiceRejection
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., rejection: _Optional[_Union[_discovery_pb2.ServiceRejection, _Mapping]] = ...) -> None: ...
 
 class GetServiceRequest(_message.Message):
     __slots__ = ("name",)
@@ -89,7 +101,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen", "replica")
+    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen", "replica", "rejected_services")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +112,7 @@ class AgentStatus(_message.Message):
     CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
     node: _discovery_pb2.Node
     connected: bool
     peer: str
@@ -110,7 +123,8 @@ class AgentStatus(_message.Message):
     connected_at: _timestamp_pb2.Timestamp
     last_seen: _timestamp_pb2.Timestamp
     replica: str
-    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
+    rejected_services: _containers.RepeatedCompositeFieldContainer[_discovery_pb2.ServiceRejection]
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., rejected_services: _Optional[_Iterable[_Union[_discovery_pb2.ServiceRejection, _Mapping]]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "current_version")

@@ -41,16 +41,26 @@ class NackDetail(_message.Message):
     def __init__(self, field_path: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StreamSnapshotsRequest(_message.Message):
-    __slots__ = ("node", "version_info", "response_nonce", "error_detail")
+    __slots__ = ("node", "version_info", "response_nonce", "error_detail", "rejected_services")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_INFO_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_NONCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
     node: Node
     version_info: str
     response_nonce: str
     error_detail: NackDetail
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ...) -> None: ...
+    rejected_services: _containers.RepeatedCompositeFieldContainer[ServiceRejection]
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ..., rejected_services: _Optional[_Iterable[_Union[ServiceRejection, _Mapping]]] = ...) -> None: ...
+
+class ServiceRejection(_message.Message):
+    __slots__ = ("service", "error_detail")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    error_detail: NackDetail
+    def __init__(self, service: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ...) -> None: ...
 
 class StreamSnapshotsResponse(_message.Message):
     __slots__ = ("version_info", "nonce", "snapshot")

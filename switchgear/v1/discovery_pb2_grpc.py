@@ -34,6 +34,12 @@ class DiscoveryServiceStub:
     it with an ACK (version_info = the new version, response_nonce = the nonce, no error) or a
     NACK (version_info = the version it still holds, error_detail set). The control plane never
     resends a version the agent NACKed; it sends the next version when state changes.
+
+    Services are applied one by one, as delta xDS acknowledges per resource: an agent ACKs a
+    snapshot in which it could not apply some services, keeps its last good definition of each
+    (or none, for one it never had), and lists them in rejected_services. So one service an
+    agent cannot take (version skew) never blocks later, unrelated changes. The version, the
+    settings and the tenants are taken whole: a problem there is a NACK.
     """
 
     def __init__(self, channel):
@@ -58,6 +64,12 @@ class DiscoveryServiceServicer:
     it with an ACK (version_info = the new version, response_nonce = the nonce, no error) or a
     NACK (version_info = the version it still holds, error_detail set). The control plane never
     resends a version the agent NACKed; it sends the next version when state changes.
+
+    Services are applied one by one, as delta xDS acknowledges per resource: an agent ACKs a
+    snapshot in which it could not apply some services, keeps its last good definition of each
+    (or none, for one it never had), and lists them in rejected_services. So one service an
+    agent cannot take (version skew) never blocks later, unrelated changes. The version, the
+    settings and the tenants are taken whole: a problem there is a NACK.
     """
 
     def StreamSnapshots(self, request_iterator, context):
@@ -91,6 +103,12 @@ class DiscoveryService:
     it with an ACK (version_info = the new version, response_nonce = the nonce, no error) or a
     NACK (version_info = the version it still holds, error_detail set). The control plane never
     resends a version the agent NACKed; it sends the next version when state changes.
+
+    Services are applied one by one, as delta xDS acknowledges per resource: an agent ACKs a
+    snapshot in which it could not apply some services, keeps its last good definition of each
+    (or none, for one it never had), and lists them in rejected_services. So one service an
+    agent cannot take (version skew) never blocks later, unrelated changes. The version, the
+    settings and the tenants are taken whole: a problem there is a NACK.
     """
 
     @staticmethod

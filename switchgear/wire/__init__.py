@@ -1,0 +1,12 @@
+"""What both planes check of a snapshot message: the small shared package of issue 20's layering.
+
+Why a package of its own. An agent decides, per service, whether it can apply a snapshot's
+content with `checks`; the control plane runs the very same checks on the snapshot a change
+would produce, before it commits the change, and refuses the change with INVALID_ARGUMENT
+naming the field (instead of committing it and letting every agent NACK it). The control plane
+may not import the data plane, nor the data plane the control plane; both import this package.
+
+What it may import: the generated `switchgear.v1` messages, `switchgear.adapters.base` (for
+`OptionsError`; no I/O), orjson and the standard library. Adapters' option parsers are passed
+in as a protocol -> parser mapping, never imported here, so the package stays pure and small.
+"""
