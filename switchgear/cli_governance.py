@@ -32,6 +32,7 @@ def _policy(args: argparse.Namespace) -> governance_pb2.TenantPolicy:
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
         budget_per_hour_usd=args.budget_hour, budget_per_day_usd=args.budget_day,
         max_cost_per_request=args.max_cost, priority_cap=args.priority_cap,
+        max_in_flight=args.max_in_flight,
     )
 
 
@@ -102,6 +103,8 @@ def _policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-day", type=float, default=0.0, help="USD per day")
     parser.add_argument("--max-cost", type=float, default=0.0, help="USD per request")
     parser.add_argument("--priority-cap", type=int, default=0)
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="calls in flight per agent at once (0 = no cap); more get 429 / RESOURCE_EXHAUSTED")
     parser.add_argument("--allow-service", action="append", help="repeatable; none = all")
     parser.add_argument("--allow-category", action="append",
                         choices=("llm", "document", "knowledge_graph", "vector_db", "embedding"))

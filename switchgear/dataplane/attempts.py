@@ -102,12 +102,15 @@ __all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", 
 
 class CallFailed(RuntimeError):
     """Every attempt failed; `error` is the last upstream failure (or a synthesized one when no
-    endpoint could be tried). Re-exported by invoke.py, where callers import it from."""
+    endpoint could be tried), `service` and `endpoint` where it happened ("" when unknown).
+    Re-exported by invoke.py, where callers import it from."""
 
-    def __init__(self, error: UpstreamError, attempts: int) -> None:
+    def __init__(self, error: UpstreamError, attempts: int, service: str = "", endpoint: str = "") -> None:
         super().__init__(error.message)
         self.error = error
         self.attempts = attempts
+        self.service = service
+        self.endpoint = endpoint
 
 
 class MetricsSink(Protocol):
@@ -257,6 +260,7 @@ class AttemptController:
         self._chain: list[str] = [service.name]
         self._unavailable = ""
         self._last: UpstreamError | None = None  # the latest failure anywhere in the chain
+        self._last_at: tuple[str, str] = (service.name, "")  # (service, endpoint) of that failure
         self._ended = False
 
     # --- the loop -------------------------------------------------------------------------
@@ -295,6 +299,7 @@ class AttemptController:
         assert run is not None and run.service is attempt.service
         r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
         run.last = self._last = error
+        self._last_at = (name, endpoint)
         run.failures += 1
         run.tried.add(endpoint)
         now = r.clock()
@@ -340,13 +345,14 @@ class AttemptController:
             error = first.last or self._nothing_usable(first)
             if first.reason and error is first.last and error.kind.retryable:
                 error = _with_message(error, f"{error.message} (gave up: {first.reason})")
-            return CallFailed(error, self.attempts)
+            return CallFailed(error, self.attempts, *self._last_at)
         last = self._last
         chain = " -> ".join(self._chain)
         detail = f"; last error {last.kind.value}: {last.message}" if last else ""
         reason = f"; {self._unavailable}" if self._unavailable else ""
         kind = ErrorKind.TIMEOUT if last is not None and last.kind is ErrorKind.TIMEOUT else ErrorKind.RETRYABLE
-        return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts)
+        return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts,
+                          *self._last_at)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target,
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
+from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -46,14 +47,6 @@ class Deferred(Protocol):
 
 #: The task queue hook: defer(call, reason) -> Deferred (dataplane.worker.TasksClient.defer).
 Defer = Callable[[Call, str], Awaitable[Deferred]]
-
-
-class ServiceNotFound(LookupError):
-    pass
-
-
-class Unsupported(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
