@@ -28,8 +28,9 @@ import pytest
 from switchgear.admin_client import admin_channel
 from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.supervise import Proc
-from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, governance_pb2
-from switchgear.v1 import governance_pb2_grpc
+from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from switchgear.v1 import governance_pb2 as gov_pb2
+from switchgear.v1 import governance_pb2_grpc as gov_grpc
 from tests.test_end_to_end import wait_until
 
 pytestmark = pytest.mark.timeout(150)
@@ -85,10 +86,10 @@ class Fleet:
         wait_until(done, 15, f"the agent to ACK {version}")
 
     def tenant(self, name: str, **policy: Any) -> str:
-        gov = governance_pb2_grpc.GovernanceServiceStub(admin_channel(self.cp, self.token))
-        gov.CreateTenant(governance_pb2.CreateTenantRequest(tenant=governance_pb2.Tenant(
-            id=name, policy=governance_pb2.TenantPolicy(**policy))), timeout=5)
-        issued = gov.IssueKey(governance_pb2.IssueKeyRequest(tenant=name), timeout=5)
+        gov = gov_grpc.GovernanceServiceStub(admin_channel(self.cp, self.token))
+        gov.CreateTenant(gov_pb2.CreateTenantRequest(tenant=gov_pb2.Tenant(
+            id=name, policy=gov_pb2.TenantPolicy(**policy))), timeout=5)
+        issued = gov.IssueKey(gov_pb2.IssueKeyRequest(tenant=name), timeout=5)
         self.converge(issued.version)
         return str(issued.secret)
 

@@ -233,3 +233,26 @@ def test_refusal_is_frozen() -> None:
     r = Refusal("k", "INTERNAL", 500, "m", "server_error")
     with pytest.raises(AttributeError):
         r.message = "changed"  # type: ignore[misc]
+
+
+def test_max_in_flight_travels_from_the_control_plane_to_the_agent() -> None:
+    from switchgear.controlplane.convert_governance import policy_from_proto, policy_to_proto
+    from switchgear.controlplane.model import Tenant, TenantPolicy
+    from switchgear.controlplane.validate import validate_governance
+    from switchgear.dataplane.convert_governance import governance_from_proto
+    from switchgear.v1 import governance_pb2
+
+    wire = policy_to_proto(TenantPolicy(max_in_flight=3))
+    assert policy_from_proto(wire).max_in_flight == 3
+    agent_view = governance_from_proto([governance_pb2.Tenant(id="t", policy=wire)], [])
+    assert agent_view.tenants["t"].max_in_flight == 3
+    problems = validate_governance([Tenant(id="t", policy=TenantPolicy(max_in_flight=-1))], [])
+    assert [p.path for p in problems] == ["tenants[t].policy.max_in_flight"]
+
+
+def test_the_cli_refuses_a_negative_in_flight_cap_with_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from switchgear.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["tenants", "create", "t", "--max-in-flight", "-1"])
+    assert info.value.code == 2 and "--max-in-flight" in capsys.readouterr().err

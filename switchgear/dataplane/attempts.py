@@ -6,22 +6,29 @@ runs ONE call through them; both `invoke.Invoker` and `stream.Streamer` drive it
 streamed calls get the same breakers, ejection, budget, admission and fallbacks:
 
     ctl = resilience.controller(pick, call, service, snapshot, deadline, serves=...)
-    while (attempt := await ctl.next()) is not None:    # pick -> breaker ticket -> admission slot
-        try:
-            value = await call_the_adapter(attempt.service, attempt.endpoint, attempt.remaining_s)
-        except UpstreamError as exc:
-            await ctl.failed(attempt, exc)    # record; retry decision, budget, backoff (sleeps)
-            continue
-        except BaseException:
-            await ctl.abandon(attempt)        # cancelled: ticket and slot back, no outcome
-            raise
+    won = await ctl.first_answer(try_one)   # the attempt loop, below
+    if won is not None:
+        attempt, value = won
         await ctl.succeeded(attempt)
         return value
     ctl.terminal  # a PRESET / QUEUE_FOR_LATER step to answer with, or None:
     raise ctl.failure()                       # CallFailed with the last error and the reason
 
-A stream that already sent its first token must not be retried: it calls
-`ctl.finish(attempt, error)` instead, which records the outcome and ends the call.
+where `first_answer` is the one attempt loop for unary calls and streams:
+
+    while (attempt := await ctl.next()) is not None:    # pick -> breaker ticket -> admission slot
+        try:
+            return attempt, await try_one(attempt)   # e.g. the adapter call, within attempt.remaining_s
+        except UpstreamError as exc:
+            await ctl.failed(attempt, exc)    # record; retry decision, budget, backoff (sleeps)
+        except BaseException:
+            await ctl.abandon(attempt)        # cancelled: ticket and slot back, no outcome
+            raise
+    return None
+
+A stream's `try_one` reads up to the first token; once that is out the stream must not be
+retried: it calls `ctl.finish(attempt, error)` instead of `succeeded`, which records the
+outcome and ends the call.
 
 Per service of the chain (the requested one, then each SERVICE step of the fallback plan) the
 loop is the package docstring's (resilience/__init__.py): endpoints refused by the gate (open
@@ -49,9 +56,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.convert import Call
@@ -91,6 +98,8 @@ from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceVi
 #: (dataplane.router.Router.pick). It should filter with `Resilience.gate.unavailable`; when it
 #: does not (test pickers), a refused breaker ticket just excludes that endpoint.
 Pick = Callable[..., EndpointView | None]
+
+T = TypeVar("T")
 
 #: What answered a fallback, as InvokeResponse.fallback_source spells it.
 SOURCE_BY_STEP: Mapping[str, str] = {"fallback": "service", "local_model": "local_model",
@@ -273,6 +282,21 @@ class AttemptController:
             if attempt is not None:
                 return attempt
             self._advance()
+        return None
+
+    async def first_answer(self, try_one: Callable[[Attempt], Awaitable[T]]) -> tuple[Attempt, T] | None:
+        """Run `try_one` on each attempt until one returns: (that attempt, its value), still
+        open (end it with `succeeded`, `finish` or `abandon`). An UpstreamError is recorded and
+        decided by `failed`; anything else gives the attempt back (`abandon`) and propagates.
+        None when the call is over: then answer with `terminal`, or raise `failure()`."""
+        while (attempt := await self.next()) is not None:
+            try:
+                return attempt, await try_one(attempt)
+            except UpstreamError as exc:
+                await self.failed(attempt, exc)
+            except BaseException:
+                await self.abandon(attempt)
+                raise
         return None
 
     async def succeeded(self, attempt: Attempt) -> None:

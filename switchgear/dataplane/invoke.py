@@ -109,15 +109,9 @@ class Invoker:
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
                                          serves=self._serves(call))
-        while (attempt := await ctl.next()) is not None:
-            try:
-                result = await self._attempt(call, snapshot, attempt, start)
-            except UpstreamError as exc:
-                await ctl.failed(attempt, exc)
-                continue
-            except BaseException:
-                await ctl.abandon(attempt)
-                raise
+        won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))
+        if won is not None:
+            attempt, result = won
             await ctl.succeeded(attempt)
             return result
         if ctl.terminal is not None:

@@ -173,15 +173,9 @@ class Streamer:
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call))
-        while (lease := await ctl.next()) is not None:
-            try:
-                chunks, attempt, held = await self._until_first_token(call, lease, deadline)
-            except UpstreamError as exc:
-                await ctl.failed(lease, exc)
-                continue
-            except BaseException:
-                await ctl.abandon(lease)
-                raise
+        won = await ctl.first_answer(lambda lease: self._until_first_token(call, lease, deadline))
+        if won is not None:
+            lease, (chunks, attempt, held) = won
             error: UpstreamError | None = None
             finished = False
             meter.service, meter.prompt_chars = lease.service, prompt_chars(call.payload)
