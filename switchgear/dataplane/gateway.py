@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 
 from switchgear.dataplane.convert import call_from_proto
 from switchgear.dataplane.invoke import Invoker, Result
-from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
+from switchgear.dataplane.outcome import REFUSED, Refusal, failed, public_text, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
@@ -65,7 +65,7 @@ def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
         snapshot_version=end.version,
         finish_reason=end.finish_reason,
         error_kind=end.error.kind.value if end.error else "",
-        error_message=end.error.message if end.error else "",
+        error_message=public_text(end.error.message) if end.error else "",
     )
 
 
