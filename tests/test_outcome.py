@@ -256,3 +256,38 @@ def test_the_cli_refuses_a_negative_in_flight_cap_with_a_usage_error(capsys: pyt
     with pytest.raises(SystemExit) as info:
         main(["tenants", "create", "t", "--max-in-flight", "-1"])
     assert info.value.code == 2 and "--max-in-flight" in capsys.readouterr().err
+
+
+def test_the_depth_check_trusts_a_text_with_few_brackets_and_walks_one_with_many() -> None:
+    import orjson
+
+    shallow = {"messages": [{"role": "user", "content": "[" * 500}]}  # brackets in a string are not levels
+    check_depth(shallow, raw=orjson.dumps(shallow))
+    deep_text = b'{"x": ' + b"[" * MAX_JSON_DEPTH + b"1" + b"]" * MAX_JSON_DEPTH + b"}"
+    with pytest.raises(RequestError):
+        check_depth(orjson.loads(deep_text), raw=deep_text)
+
+
+async def test_a_unary_call_holds_its_tenants_slot_until_it_ends() -> None:
+    import asyncio
+
+    from tests.test_pipeline import Upstream, pipeline
+
+    release = asyncio.Event()
+    pipe = pipeline(Upstream(release), cache=False)
+    snap = snapshot(max_in_flight=1)
+    acme, globex = pipe.identify(bearer("acme"), snap), pipe.identify(bearer("globex"), snap)
+    first = asyncio.ensure_future(pipe.invoke(call(text="one"), snap, acme))
+    for _ in range(100):  # let it take the slot and wait upstream
+        if pipe.in_flight.count("acme"):
+            break
+        await asyncio.sleep(0)
+    with pytest.raises(TenantBusy):
+        await pipe.invoke(call(text="two"), snap, acme)
+    other = asyncio.ensure_future(pipe.invoke(call(text="three"), snap, globex))  # another tenant's own slot
+    release.set()
+    await asyncio.gather(first, other)
+    assert (pipe.in_flight.count("acme"), pipe.in_flight.count("globex")) == (0, 0)
+    with pytest.raises(ServiceNotFound):  # a refused call gives nothing to give back
+        await pipe.invoke(call(service="nope"), snap, acme)
+    assert pipe.in_flight.count("acme") == 0

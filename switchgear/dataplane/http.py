@@ -94,7 +94,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-    check_depth(body)  # RequestError naming the field: before any other work looks inside
+    check_depth(body, raw=raw)  # RequestError naming the field: before any other work looks inside
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
