@@ -74,16 +74,16 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable")
 
 
-async def render(context: grpc.aio.ServicerContext, refusal: Refusal,
+async def render(context: grpc.aio.ServicerContext, refused: Refusal,
                  extra: tuple[tuple[str, str], ...] = ()) -> NoReturn:
     """A refusal as this door says it: its status, and trailers `retry-after` (whole seconds)
     and `switchgear-<name>` for each detail (attempts, error-kind, upstream-status, shed, ...)."""
-    trailers = [*extra, *((f"switchgear-{name}", value) for name, value in refusal.details)]
-    if refusal.retry_after is not None:
-        trailers.append(("retry-after", refusal.retry_after))
+    trailers = [*extra, *((f"switchgear-{name}", value) for name, value in refused.details)]
+    if refused.retry_after is not None:
+        trailers.append(("retry-after", refused.retry_after))
     if trailers:
         context.set_trailing_metadata(tuple(trailers))
-    await _abort(context, grpc.StatusCode[refusal.grpc_status], refusal.message)
+    await _abort(context, grpc.StatusCode[refused.grpc_status], refused.message)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

@@ -74,13 +74,13 @@ class ApiError(Exception):
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def render(refusal: Refusal) -> ApiError:
+def render(refused: Refusal) -> ApiError:
     """A refusal (`outcome.Refusal`, the mapping both doors share) in OpenAI's error shape, with
     `Retry-After` (whole seconds) and an `x-switchgear-<name>` header per detail."""
-    headers = {f"x-switchgear-{name}": value for name, value in refusal.details}
-    if refusal.retry_after is not None:
-        headers["Retry-After"] = refusal.retry_after
-    return ApiError(refusal.http_status, refusal.message, refusal.error_type, refusal.param, refusal.code, headers)
+    headers = {f"x-switchgear-{name}": value for name, value in refused.details}
+    if refused.retry_after is not None:
+        headers["Retry-After"] = refused.retry_after
+    return ApiError(refused.http_status, refused.message, refused.error_type, refused.param, refused.code, headers)
 
 
 # ---------------------------------------------------------------------------------------

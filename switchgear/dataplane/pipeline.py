@@ -115,12 +115,6 @@ class Pipeline:
         if not admission.allowed:
             raise QuotaExceeded(admission.reason, admission.retry_after_s)
 
-    async def prepare(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
-        """Policy and quota admission, for paths that call the upstream themselves (streams)."""
-        call = self.govern(call, snapshot, principal)
-        await self.admit(call, principal)
-        return call
-
     @contextlib.contextmanager
     def _slot(self, principal: Principal | None) -> Iterator[None]:
         """One of the tenant's in-flight slots on this agent (raises TenantBusy at its cap)."""
