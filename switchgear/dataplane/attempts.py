@@ -378,6 +378,10 @@ class AttemptController:
         return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts,
                           *self._last_at)
 
+    def failure_as(self, error: UpstreamError) -> CallFailed:
+        """A CallFailed with `error` instead of the chain's own, placed where the last failure was."""
+        return CallFailed(error, self.attempts, *self._last_at)
+
     # --- internals ------------------------------------------------------------------------
 
     def _start(self, service: ServiceView, source: str) -> _ServiceRun:

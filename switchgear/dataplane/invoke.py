@@ -181,14 +181,13 @@ class Invoker:
         error = ctl.last_error
         why = f"{error.kind.value}: {error.message}"
         if self._defer is None:
-            raise _unavailable(error, f"{error.message}; not queued for later: no task queue is configured",
-                               ctl.attempts)
+            raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
         try:
             async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
                 deferred = await self._defer(call, why)
         except (grpc.RpcError, TimeoutError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
-            raise _unavailable(error, f"{error.message}; queueing for later failed: {detail}", ctl.attempts) from None
+            raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
         return orjson.dumps(deferred.fallback_body())
 
     def _started(self, event: AttemptStart) -> None:
@@ -200,9 +199,10 @@ class Invoker:
             observer.attempt_ended(event)
 
 
-def _unavailable(error: UpstreamError, message: str, attempts: int) -> CallFailed:
+def _unavailable(ctl: AttemptController, message: str) -> CallFailed:
+    error = ctl.last_error
     kind = error.kind if error.kind in (ErrorKind.CONNECT, ErrorKind.RETRYABLE) else ErrorKind.RETRYABLE
-    return CallFailed(UpstreamError(kind, message, status=error.status), attempts)
+    return ctl.failure_as(UpstreamError(kind, message, status=error.status))
 
 
 __all__ = ["CallFailed", "Defer", "Invoker", "Result", "ServiceNotFound", "Unsupported"]

@@ -33,7 +33,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import CallFailed, ServiceNotFound, Unsupported
+from switchgear.dataplane.invoke import ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -203,9 +203,8 @@ class Streamer:
             return
         if ctl.terminal is not None:
             error = ctl.last_error
-            raise CallFailed(UpstreamError(
-                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"
-            ), ctl.attempts)
+            raise ctl.failure_as(UpstreamError(
+                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"))
         raise ctl.failure()
 
     async def _until_first_token(
