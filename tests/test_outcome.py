@@ -291,3 +291,16 @@ async def test_a_unary_call_holds_its_tenants_slot_until_it_ends() -> None:
     with pytest.raises(ServiceNotFound):  # a refused call gives nothing to give back
         await pipe.invoke(call(service="nope"), snap, acme)
     assert pipe.in_flight.count("acme") == 0
+
+
+def test_the_control_plane_ignores_caller_faults_an_older_agent_reports() -> None:
+    from switchgear.controlplane.collector import Collector, LoadDelta
+
+    collector = Collector()
+    collector.record("old-agent", [LoadDelta("chat", "a", "llm", issued=10, succeeded=4,
+                                             failed=(("client", 5), ("context_length", 1)))], 100.0)
+    collector.record("old-agent", [LoadDelta("chat", "b", "llm", issued=4, succeeded=3,
+                                             failed=(("retryable", 1),))], 100.0)
+    a, b = collector.stats(("chat", "a"), 60.0, 100.5), collector.stats(("chat", "b"), 60.0, 100.5)
+    assert (a.failed, a.error_rate, a.success_rate) == (0, 0.0, 1.0)
+    assert (b.failed, b.error_rate) == (1, 0.25)
