@@ -152,12 +152,9 @@ class Pipeline:
         call = self.govern(call, snapshot, principal)
         if principal is None:  # auth-none mode: no tenant, no slot, no quota (and no cost for them)
             return await self._served(call, snapshot, None, mode)
-        self.in_flight.enter(principal.tenant)
-        try:
+        with self._slot(principal):
             await self.admit(call, principal)
             return await self._served(call, snapshot, principal, mode)
-        finally:
-            self.in_flight.leave(principal.tenant)
 
     async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
                       mode: CacheMode) -> Served:
