@@ -8,7 +8,8 @@ with health scoring and alerts, one agent requiring keys on both doors, and an O
 - A tenant's `max_in_flight` cap refuses its own flood (429 / RESOURCE_EXHAUSTED), not others.
 - Streams are charged for what they sent: streams cut by the client after their first chunk
   use up a small tokens-per-minute limit on both doors.
-- JSON nested deeper than the limit is refused before any work, on both doors, logged once.
+- JSON nested deeper than the agent's --max-json-depth is refused before any work, on both doors,
+  logged once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import orjson
 import pytest
 
 from switchgear.admin_client import admin_channel
-from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.supervise import Proc
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
 from switchgear.v1 import governance_pb2 as gov_pb2
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(150)
 
 HEALTH = ["--report-interval", "0.2", "--health-window", "30", "--alert-window", "30", "--health-debounce", "0.3",
           "--health-blackout", "0", "--health-min-requests", "5", "--no-probes"]
+JSON_DEPTH = 48  # the agent's --max-json-depth (default 64: tests/test_outcome.py)
 PROMPT = "Please summarise the following paragraph about switchgear and its trusted edges. " * 5  # ~410 chars
 
 
@@ -61,7 +62,8 @@ class Fleet:
         self.cp = cp.start()
         self.token = Path(f"{db}.admin-token").read_text().strip()
         agent = Proc.switchgear("agent", ["agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
-                                          "--node-id", "agent-1", "--auth", "api_key", "--http-listen", "127.0.0.1:0"],
+                                          "--node-id", "agent-1", "--auth", "api_key", "--http-listen", "127.0.0.1:0",
+                                          "--max-json-depth", str(JSON_DEPTH)],
                                 self.workdir)
         self.procs.append(agent)
         self.agent_proc = agent
@@ -292,26 +294,26 @@ async def test_deep_json_is_refused_before_any_work_on_both_doors(fleet: Fleet) 
     async with grpc.aio.insecure_channel(fleet.agent) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         results = {}
-        for depth in (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 1000):
+        for depth in (JSON_DEPTH, JSON_DEPTH + 1, 1000):
             request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions",
                                                 payload=nested(depth))
             try:
                 results[depth] = await stub.Invoke(request, metadata=auth(key), timeout=10)
             except grpc.aio.AioRpcError as exc:
                 results[depth] = exc
-    assert isinstance(results[MAX_JSON_DEPTH], gateway_pb2.InvokeResponse)
-    for depth in (MAX_JSON_DEPTH + 1, 1000):
+    assert isinstance(results[JSON_DEPTH], gateway_pb2.InvokeResponse)
+    for depth in (JSON_DEPTH + 1, 1000):
         error = results[depth]
         assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert (error.details() or "").startswith(f"payload.metadata_tree: JSON nested deeper than {MAX_JSON_DEPTH}")
+        assert (error.details() or "").startswith(f"payload.metadata_tree: JSON nested deeper than {JSON_DEPTH}")
 
     async with httpx.AsyncClient(base_url=fleet.http, timeout=10,
                                  headers={"authorization": f"Bearer {key}"}) as client:
         replies = {depth: await client.post("/v1/chat/completions", content=nested(depth, "chat"),
                                              headers={"content-type": "application/json"})
-                   for depth in (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 1000)}
-    assert replies[MAX_JSON_DEPTH].status_code == 200
-    for depth in (MAX_JSON_DEPTH + 1, 1000):
+                   for depth in (JSON_DEPTH, JSON_DEPTH + 1, 1000)}
+    assert replies[JSON_DEPTH].status_code == 200
+    for depth in (JSON_DEPTH + 1, 1000):
         error = replies[depth].json()["error"]
         assert replies[depth].status_code == 400
         assert (error["type"], error["param"]) == ("invalid_request_error", "metadata_tree")

@@ -304,3 +304,36 @@ def test_the_control_plane_ignores_caller_faults_an_older_agent_reports() -> Non
     a, b = collector.stats(("chat", "a"), 60.0, 100.5), collector.stats(("chat", "b"), 60.0, 100.5)
     assert (a.failed, a.error_rate, a.success_rate) == (0, 0.0, 1.0)
     assert (b.failed, b.error_rate) == (1, 0.25)
+
+
+def test_the_agents_json_depth_flag_defaults_to_the_documented_limit_and_refuses_nonsense(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from switchgear.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["agent", "--control-plane", "127.0.0.1:1"])
+    assert args.max_json_depth == MAX_JSON_DEPTH == 64
+    assert parser.parse_args(["agent", "--control-plane", "x", "--max-json-depth", "8"]).max_json_depth == 8
+    for bad in ("1", "1001", "-3", "deep"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["agent", "--control-plane", "x", "--max-json-depth", bad])
+        assert "--max-json-depth" in capsys.readouterr().err
+
+
+def test_both_doors_parse_with_the_pipelines_depth_limit() -> None:
+    import orjson
+
+    from switchgear.dataplane.convert import call_from_proto
+    from switchgear.v1 import gateway_pb2
+
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "tree": nest(7)}
+    raw = orjson.dumps(body)  # the tree's deepest array is level 8
+    assert http.parse_body(raw, 8)["tree"] == body["tree"]
+    with pytest.raises(RequestError) as info:
+        http.parse_body(raw, 7)
+    assert info.value.path == "tree"
+    request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=raw)
+    assert call_from_proto(request, 8).payload["tree"] == body["tree"]
+    with pytest.raises(RequestError) as info:
+        call_from_proto(request, 7)
+    assert info.value.path == "payload.tree"

@@ -285,7 +285,7 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
+def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DEPTH) -> Call:
     if not msg.service:
         raise RequestError("service", "required")
     if not msg.method:
@@ -307,7 +307,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
         raise RequestError("payload", f"not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
-    check_depth(payload, path="payload", raw=msg.payload)
+    check_depth(payload, max_depth, "payload", msg.payload)
     return Call(
         request_id=msg.request_id or new_request_id(),
         category=category,

@@ -104,7 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
-            call = call_from_proto(request)
+            call = call_from_proto(request, self._pipeline.max_json_depth)
             mode = CacheMode.parse(metadata.get("cache-control"))
             served = await self._pipeline.invoke(call, snapshot, principal, mode)
         except REFUSED as exc:
@@ -125,7 +125,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
-            call = call_from_proto(request.request)
+            call = call_from_proto(request.request, self._pipeline.max_json_depth)
             items = self._pipeline.stream(call, snapshot, principal, self._streamer.stream)
             first = await anext(items)
         except REFUSED as exc:

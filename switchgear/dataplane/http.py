@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, check_depth, new_request_id
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
@@ -87,14 +87,14 @@ def render(refused: Refusal) -> ApiError:
 # request parsing (pure)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-    check_depth(body, raw=raw)  # RequestError naming the field: before any other work looks inside
+    check_depth(body, max_depth, raw=raw)  # RequestError naming the field: before any other work looks inside
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
@@ -214,7 +214,7 @@ def _principal(request: web.Request, snapshot: AgentSnapshot) -> Principal | Non
 async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:
     snapshot = _snapshot(request)
     principal = _principal(request, snapshot)
-    body = parse_body(await request.read())
+    body = parse_body(await request.read(), request.app[_PIPELINE].max_json_depth)
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
     call = make_call(request, body, method)

@@ -26,7 +26,7 @@ from enum import Enum
 from switchgear.adapters.base import TokenUsage
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.convert import Call
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
 from switchgear.dataplane.governance import InFlight, Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
@@ -73,8 +73,9 @@ class Pipeline:
 
     def __init__(
         self, invoke: Invoke, *, auth_required: bool, quotas: QuotaEnforcer, cache: ResponseCache | None,
-        on_cache: Callable[[str, bool], None] = lambda service, hit: None,
+        on_cache: Callable[[str, bool], None] = lambda service, hit: None, max_json_depth: int = MAX_JSON_DEPTH,
     ) -> None:
+        self.max_json_depth = max_json_depth  # both doors refuse request JSON nested deeper
         self._on_cache = on_cache  # (service, hit) per lookup: metrics and load reports
         self._invoke = invoke
         self._auth_required = auth_required
