@@ -88,9 +88,10 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
 
 def _json_depth(text: str) -> int:
-    """--max-json-depth: 2..1000 (a JSON parser refuses deeper than about 1,000 by itself)."""
-    if not text.isdigit() or not 2 <= int(text) <= 1000:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 2 to 1000, got {text!r}")
+    """--max-json-depth: 2..128. Deeper payloads would let later recursive steps (the cache key,
+    usage estimates) near Python's recursion limit, which is what the limit exists to prevent."""
+    if not text.isdigit() or not 2 <= int(text) <= 128:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 2 to 128, got {text!r}")
     return int(text)
 
 
