@@ -12,6 +12,7 @@ extension), so one new kind of service cannot stop an older agent from taking ev
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,14 @@ from switchgear.wire.checks import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # re-exported
 from switchgear.wire.checks import SnapshotError as SnapshotError  # re-exported too
 
 _NO_SERVICES: Mapping[str, ServiceView] = MappingProxyType({})
+log = logging.getLogger("switchgear.dataplane.convert")
+
+#: How deep a request's JSON may nest, counting the top-level object as 1. A deeper request is
+#: refused (INVALID_ARGUMENT / HTTP 400 naming the field) before any work: real chat,
+#: embedding and tool-schema payloads stay far below it, and every later step (the cache key,
+#: adapters, usage estimates) may then walk a payload recursively without nearing Python's
+#: recursion limit.
+MAX_JSON_DEPTH = 64
 
 
 class RequestError(ValueError):
@@ -220,12 +229,39 @@ class Call:
 TASK_REQUEST_PREFIX = "sgtask:"
 
 
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH, path: str = "", raw: bytes | None = None) -> None:
+    """Raise RequestError when `value` (parsed JSON) nests objects and arrays deeper than
+    `limit`; the error names the top-level field under `path`. Iterative, so the check itself
+    cannot hit the recursion limit; it visits containers only.
+
+    `raw`, the JSON text `value` was parsed from, makes the usual case free: every level opens
+    with `[` or `{`, so a text with at most `limit` of them (strings' brackets only add to the
+    count) cannot be too deep, and two byte counts answer without walking the value."""
+    if raw is not None and raw.count(b"[") + raw.count(b"{") <= limit:
+        return
+    stack: list[tuple[Any, int, str]] = [(value, 1, path)]
+    while stack:
+        node, depth, field = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth == 1 and isinstance(node, dict):
+            pairs = ((f"{path}.{k}" if path else str(k))[:80] for k in node)
+            stack.extend((v, 2, p) for p, v in zip(pairs, children, strict=True) if isinstance(v, dict | list))
+            continue
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    where = field or path or "body"
+                    log.info("request refused: %s nests JSON deeper than %d levels", where, limit)
+                    raise RequestError(where, f"JSON nested deeper than {limit} levels")
+                stack.append((child, depth + 1, field))
+
+
 def new_request_id() -> str:
     """32 random hex digits for a call that brought no id (uuid4().hex cost 5x as much)."""
     return os.urandom(16).hex()
 
 
-def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
+def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DEPTH) -> Call:
     if not msg.service:
         raise RequestError("service", "required")
     if not msg.method:
@@ -247,6 +283,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
         raise RequestError("payload", f"not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
+    check_depth(payload, max_depth, "payload", msg.payload)
     return Call(
         request_id=msg.request_id or new_request_id(),
         category=category,
