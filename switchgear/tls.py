@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -72,7 +73,40 @@ def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> in
     return int(server.add_secure_port(address, tls.credentials()))
 
 
-def aio_channel(address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = (), token: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to `address`; with `token`, every call on it carries `authorization: Bearer
+    <token>` (the agent token: agents' calls to the control plane)."""
+    interceptors = [_Bearer(token)] if token else None
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
+
+
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+              grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call (over plaintext too, unlike grpc's
+    call credentials, which need a secure channel: loopback development runs without TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata, self._header),
+                                          details.credentials, details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                     requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                      requests: Any) -> Any:
+        return await continuation(self._details(details), requests)

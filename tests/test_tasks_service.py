@@ -144,8 +144,28 @@ async def test_blob_round_trip_and_submission_by_blob(plane: Plane) -> None:
     assert uploaded.size == len(body) and uploaded.blob_id.startswith("sha256:")
     reply = await plane.stub.SubmitTask(submit(payload_blob_id=uploaded.blob_id))
     assert reply.task.payload_blob_id == uploaded.blob_id and reply.task.payload == b""
-    parts = [p.chunk async for p in plane.stub.DownloadBlob(tasks_pb2.DownloadBlobRequest(blob_id=uploaded.blob_id))]
-    assert b"".join(parts) == body
+    blob = uploaded.blob_id
+
+    async def download(**fields: str) -> bytes:
+        request = tasks_pb2.DownloadBlobRequest(blob_id=blob, **fields)
+        return b"".join([p.chunk async for p in plane.stub.DownloadBlob(request)])
+
+    for fields, code in (({}, grpc.StatusCode.INVALID_ARGUMENT),  # task_id and lease_id are required
+                         ({"task_id": reply.task.id, "lease_id": "guessed"}, grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await download(**fields)
+        assert refused.value.code() == code
+    leased = await plane.stub.LeaseTasks(tasks_pb2.LeaseTasksRequest(
+        agent="a1", capacity=1, max_tasks=1, services=["chat"], resources=tasks_pb2.Resources(cpu=8)))
+    (lease,) = leased.leases
+    assert await download(task_id=lease.task.id, lease_id=lease.lease_id) == body
+    # Only while the lease is held: once the task is done, the lease opens nothing.
+    await plane.stub.CompleteTask(tasks_pb2.CompleteTaskRequest(
+        task_id=lease.task.id, lease_id=lease.lease_id, agent="a1", outcome=tasks_pb2.TASK_OUTCOME_SUCCEEDED,
+        result=b"{}"))
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await download(task_id=lease.task.id, lease_id=lease.lease_id)
+    assert late.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 # -- a real worker over gRPC, with a fake invoker

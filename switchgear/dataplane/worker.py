@@ -100,10 +100,11 @@ class TasksClient:
     """Channels to the control plane(s) for TasksService; rotates on failure. Lazy: nothing
     connects until the first call."""
 
-    def __init__(self, addresses: Sequence[str], tls: ClientTls | None = None) -> None:
+    def __init__(self, addresses: Sequence[str], tls: ClientTls | None = None, token: str | None = None) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self._tls = tls
+        self._token = token  # the agent token (every TasksService call here is an agent's)
         self._addresses = list(addresses)
         self._turn = 0
         self._channel: grpc.aio.Channel | None = None
@@ -112,7 +113,7 @@ class TasksClient:
     def stub(self) -> tasks_pb2_grpc.TasksServiceStub:
         if self._channel is None:
             self._channel = aio_channel(self._addresses[self._turn % len(self._addresses)], self._tls,
-                                        _CHANNEL_OPTIONS)
+                                        _CHANNEL_OPTIONS, self._token)
         return tasks_pb2_grpc.TasksServiceStub(self._channel)
 
     @property
@@ -251,7 +252,7 @@ class TaskWorker:
     async def _run(self, leased: tasks_pb2.LeasedTask) -> None:
         task = leased.task
         lost: list[str] = []  # why the heartbeat stopped the work, when it did
-        work = asyncio.ensure_future(self._invoke(task))
+        work = asyncio.ensure_future(self._invoke(leased))
         beats = asyncio.ensure_future(self._heartbeats(leased, work, lost))
         try:
             report = await work
@@ -271,11 +272,12 @@ class TaskWorker:
         await self._report(leased, report)
         self.completed += 1
 
-    async def _invoke(self, task: tasks_pb2.Task) -> tasks_pb2.CompleteTaskRequest:
+    async def _invoke(self, leased: tasks_pb2.LeasedTask) -> tasks_pb2.CompleteTaskRequest:
         """Run one attempt; never raises for a task-level failure (it becomes the report)."""
+        task, lease_id = leased.task, leased.lease_id
         snapshot = self._holder.current
         try:
-            body = task.payload or await self._download(task.payload_blob_id)
+            body = task.payload or await self._download(task.payload_blob_id, task.id, lease_id)
             payload = orjson.loads(body)
             if snapshot is None:
                 raise ServiceNotFound("agent holds no snapshot")
@@ -299,9 +301,10 @@ class TaskWorker:
             return _failure("overloaded", str(exc), True)
         return _success(result)
 
-    async def _download(self, blob_id: str) -> bytes:
+    async def _download(self, blob_id: str, task_id: str, lease_id: str) -> bytes:
         parts = []
-        async for part in self._client.stub.DownloadBlob(tasks_pb2.DownloadBlobRequest(blob_id=blob_id), timeout=60):
+        request = tasks_pb2.DownloadBlobRequest(blob_id=blob_id, task_id=task_id, lease_id=lease_id)
+        async for part in self._client.stub.DownloadBlob(request, timeout=60):
             parts.append(part.chunk)
         return b"".join(parts)
 
