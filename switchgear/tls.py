@@ -78,35 +78,37 @@ def aio_channel(
 ) -> grpc.aio.Channel:
     """A channel to `address`; with `token`, every call on it carries `authorization: Bearer
     <token>` (the agent token: agents' calls to the control plane)."""
-    interceptors = [_Bearer(token)] if token else None
+    interceptors = _bearer(token) if token else None
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
 
 
-class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-              grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    """Adds `authorization: Bearer <token>` to every call (over plaintext too, unlike grpc's
-    call credentials, which need a secure channel: loopback development runs without TLS)."""
+def _bearer(token: str) -> list[Any]:
+    """Interceptors adding `authorization: Bearer <token>` to every call (over plaintext too,
+    unlike grpc's call credentials, which need a secure channel: loopback development runs
+    without TLS). One per call shape: grpc.aio files each interceptor under one shape only."""
+    header = ("authorization", f"Bearer {token}")
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def details(call: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = [(k, v) for k, v in (call.metadata or ()) if k != "authorization"]
+        return grpc.aio.ClientCallDetails(call.method, call.timeout, grpc.aio.Metadata(*metadata, header),
+                                          call.credentials, call.wait_for_ready)
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata, self._header),
-                                          details.credentials, details.wait_for_ready)
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        async def intercept_unary_unary(self, continuation: Any, call: Any, request: Any) -> Any:
+            return await continuation(details(call), request)
 
-    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+        async def intercept_unary_stream(self, continuation: Any, call: Any, request: Any) -> Any:
+            return await continuation(details(call), request)
 
-    async def intercept_unary_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+        async def intercept_stream_unary(self, continuation: Any, call: Any, requests: Any) -> Any:
+            return await continuation(details(call), requests)
 
-    async def intercept_stream_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails,
-                                     requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+        async def intercept_stream_stream(self, continuation: Any, call: Any, requests: Any) -> Any:
+            return await continuation(details(call), requests)
 
-    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
-                                      requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
