@@ -95,20 +95,11 @@ def _bearer(token: str) -> list[Any]:
         return grpc.aio.ClientCallDetails(call.method, call.timeout, grpc.aio.Metadata(*metadata, header),
                                           call.credentials, call.wait_for_ready)
 
-    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-        async def intercept_unary_unary(self, continuation: Any, call: Any, request: Any) -> Any:
-            return await continuation(details(call), request)
+    async def intercept(self: Any, continuation: Any, call: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(details(call), request)
 
-    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-        async def intercept_unary_stream(self, continuation: Any, call: Any, request: Any) -> Any:
-            return await continuation(details(call), request)
-
-    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-        async def intercept_stream_unary(self, continuation: Any, call: Any, requests: Any) -> Any:
-            return await continuation(details(call), requests)
-
-    class StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-        async def intercept_stream_stream(self, continuation: Any, call: Any, requests: Any) -> Any:
-            return await continuation(details(call), requests)
-
-    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+    shapes = ((grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
+              (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
+              (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
+              (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"))
+    return [type(f"Bearer{base.__name__}", (base,), {method: intercept})() for base, method in shapes]
