@@ -301,9 +301,6 @@ def _check_agent_auth(options: Options) -> None:
             f"--agent-auth none on {options.listen}, which is not a loopback address: anyone who reaches it "
             "could lease and complete every tenant's tasks and feed false load reports. Keep agent "
             "authentication on (the agent token, or --tls-client-ca), or pass --insecure-agents to accept that")
-    if options.store_url and options.agent_auth and not options.agent_token_file:
-        raise StartupError("--agent-token-file is required with a shared store: every replica must accept the "
-                           "same agent token")
 
 
 def _agent_interceptors(options: Options, admin_token: str) -> list[grpc.aio.ServerInterceptor]:
@@ -342,6 +339,9 @@ def _open_shared(options: Options) -> _Shared:
     if options.admin_auth and not options.admin_token_file:
         raise StartupError("--admin-token-file is required with a shared store: every replica must "
                            "accept the same admin token")
+    if options.agent_auth and not options.agent_token_file:
+        raise StartupError("--agent-token-file is required with a shared store: every replica must accept the "
+                           "same agent token")
     keeper = pg.Keeper(options.store_url)
     try:
         pg.migrate(keeper())
