@@ -240,6 +240,14 @@ async def test_worker_runs_task_and_watch_shows_progress_to_success(plane: Plane
     assert is_task_call(worker.calls[0])
 
 
+async def test_worker_downloads_a_blob_payload_under_its_lease(plane: Plane, worker: FakeInvoker) -> None:
+    uploaded = await plane.stub.UploadBlob(iter([tasks_pb2.UploadBlobRequest(chunk=b'{"from": "blob"}')]))
+    reply = await plane.stub.SubmitTask(submit(payload=b"", payload_blob_id=uploaded.blob_id))
+    final = (await watch_until_final(plane, reply.task.id))[-1]
+    assert final.state == tasks_pb2.TASK_STATE_SUCCEEDED, final.error
+    assert orjson.loads(final.result)["echo"] == {"from": "blob"}
+
+
 async def test_retryable_failures_back_off_then_dead_letter_and_client_errors_fail(
     plane: Plane, worker: FakeInvoker
 ) -> None:
