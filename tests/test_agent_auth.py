@@ -22,7 +22,9 @@ import grpc
 import orjson
 import pytest
 
+from switchgear.cli import main
 from switchgear.controlplane.server import Options, StartupError, _check_agent_auth
+from switchgear.dataplane.server import agent_token
 from switchgear.supervise import Proc, ProcessFailed
 from switchgear.v1 import (
     admin_pb2,
@@ -415,3 +417,16 @@ def test_an_agent_without_the_token_logs_one_clear_line_per_attempt(plane: Plane
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_an_agent_takes_its_token_from_the_flag_or_the_environment_and_refuses_a_bad_file(tmp_path: Path) -> None:
+    good, empty = tmp_path / "good", tmp_path / "empty"
+    good.write_text(" from-file \n")
+    empty.write_text("\n")
+    assert agent_token(str(good), {"SWITCHGEAR_AGENT_TOKEN": "from-env"}) == "from-file"  # the flag wins
+    assert agent_token(None, {"SWITCHGEAR_AGENT_TOKEN": " from-env\n"}) == "from-env"
+    assert agent_token(None, {}) is None
+    for path, why in ((tmp_path / "missing", "missing: No such file"), (empty, "empty is empty")):
+        with pytest.raises(SystemExit, match=why):  # before anything starts, naming the file
+            main(["agent", "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0",
+                  "--agent-token-file", str(path)])

@@ -86,7 +86,7 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         node = first.node.id
         token = report_token(context.invocation_metadata())
         if not self._bound(node, token):
-            log.warning("load reports for node %r refused from %s: no snapshot stream of that node's here",
+            log.warning("load reports for node %r refused from %s: no snapshot stream of that node here",
                         node, context.peer())
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"node.id: load reports for {node!r} need the report token of that node's own "
