@@ -13,7 +13,6 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -73,33 +72,7 @@ def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> in
     return int(server.add_secure_port(address, tls.credentials()))
 
 
-def aio_channel(
-    address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = (), token: str | None = None
-) -> grpc.aio.Channel:
-    """A channel to `address`; with `token`, every call on it carries `authorization: Bearer
-    <token>` (the agent token: agents' calls to the control plane)."""
-    interceptors = _bearer(token) if token else None
+def aio_channel(address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
-
-
-def _bearer(token: str) -> list[Any]:
-    """Interceptors adding `authorization: Bearer <token>` to every call (over plaintext too,
-    unlike grpc's call credentials, which need a secure channel: loopback development runs
-    without TLS). One per call shape: grpc.aio files each interceptor under one shape only."""
-    header = ("authorization", f"Bearer {token}")
-
-    def details(call: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = [(k, v) for k, v in (call.metadata or ()) if k != "authorization"]
-        return grpc.aio.ClientCallDetails(call.method, call.timeout, grpc.aio.Metadata(*metadata, header),
-                                          call.credentials, call.wait_for_ready)
-
-    async def intercept(self: Any, continuation: Any, call: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(details(call), request)
-
-    shapes = ((grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
-              (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
-              (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
-              (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"))
-    return [type(f"Bearer{base.__name__}", (base,), {method: intercept})() for base, method in shapes]
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options)

@@ -43,6 +43,13 @@ CHANNEL_OPTIONS = (
 REPORT_TOKEN_HEADER = "switchgear-report-token"
 
 
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the agent token (none without one: mTLS, or agent auth off).
+    Passed on each call rather than by a channel interceptor: grpc.aio's intercepted
+    stream-stream calls can hang when the connection fails under them."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 @dataclass(frozen=True)
 class StreamSession:
     """The snapshot stream open now: where, and the report token it was issued."""
@@ -152,8 +159,8 @@ class SnapshotClient:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
-        async with aio_channel(address, self._tls, CHANNEL_OPTIONS, self._token) as channel:
-            call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots()
+        async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:
+            call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots(metadata=bearer(self._token))
             await call.write(discovery_pb2.StreamSnapshotsRequest(node=self._node, version_info=self._holder.version))
             headers = dict(await call.initial_metadata() or ())
             if headers.get(REPORT_TOKEN_HEADER):  # absent when the call was refused

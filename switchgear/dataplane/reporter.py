@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Backoff, SnapshotClient
+from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Backoff, SnapshotClient, bearer
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
@@ -211,8 +211,8 @@ class ReportClient:
         return None if session is None else (session.address, session.report_token)
 
     async def _session(self, address: str, report_token: str, stop: asyncio.Event) -> None:
-        async with aio_channel(address, self.tls, CHANNEL_OPTIONS, self.token) as channel:
-            metadata = ((REPORT_TOKEN_HEADER, report_token),) if report_token else ()
+        async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
+            metadata = (*bearer(self.token), *(((REPORT_TOKEN_HEADER, report_token),) if report_token else ()))
             call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(metadata=metadata)
             await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
             first = await call.read()

@@ -27,7 +27,7 @@ import grpc
 import orjson
 from google.protobuf import duration_pb2
 
-from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
+from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff, bearer
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.resilience.admission_edge import Shed
@@ -104,7 +104,7 @@ class TasksClient:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self._tls = tls
-        self._token = token  # the agent token (every TasksService call here is an agent's)
+        self.metadata = bearer(token)  # the agent token: every TasksService call here is an agent's
         self._addresses = list(addresses)
         self._turn = 0
         self._channel: grpc.aio.Channel | None = None
@@ -113,7 +113,7 @@ class TasksClient:
     def stub(self) -> tasks_pb2_grpc.TasksServiceStub:
         if self._channel is None:
             self._channel = aio_channel(self._addresses[self._turn % len(self._addresses)], self._tls,
-                                        _CHANNEL_OPTIONS, self._token)
+                                        _CHANNEL_OPTIONS)
         return tasks_pb2_grpc.TasksServiceStub(self._channel)
 
     @property
@@ -144,7 +144,7 @@ class TasksClient:
             request_id=call.request_id, service=call.service, method=call.method,
             payload=orjson.dumps(dict(call.payload)), priority=call.priority, tenant=call.user_id, reason=reason,
         )
-        reply = await self.stub.DeferInvoke(request, timeout=timeout_s)
+        reply = await self.stub.DeferInvoke(request, timeout=timeout_s, metadata=self.metadata)
         return Deferred(task_id=reply.task.id, queue_id=reply.queue_id, message=reply.message)
 
 
@@ -224,7 +224,8 @@ class TaskWorker:
             services=sorted(name for name, s in snapshot.services.items() if not s.unsupported),
             wait=_duration(self._options.poll_wait_s),
         )
-        call = self._client.stub.LeaseTasks(request, timeout=self._options.poll_wait_s + 10.0)
+        call = self._client.stub.LeaseTasks(request, timeout=self._options.poll_wait_s + 10.0,
+                                            metadata=self._client.metadata)
 
         async def answer() -> tasks_pb2.LeaseTasksResponse:
             return await call  # type: ignore[no-any-return]
@@ -304,7 +305,7 @@ class TaskWorker:
     async def _download(self, blob_id: str, task_id: str, lease_id: str) -> bytes:
         parts = []
         request = tasks_pb2.DownloadBlobRequest(blob_id=blob_id, task_id=task_id, lease_id=lease_id)
-        async for part in self._client.stub.DownloadBlob(request, timeout=60):
+        async for part in self._client.stub.DownloadBlob(request, timeout=60, metadata=self._client.metadata):
             parts.append(part.chunk)
         return b"".join(parts)
 
@@ -323,7 +324,7 @@ class TaskWorker:
             )
             turn = self._client.turn
             try:
-                reply = await self._client.stub.HeartbeatTask(request, timeout=ttl / 2)
+                reply = await self._client.stub.HeartbeatTask(request, timeout=ttl / 2, metadata=self._client.metadata)
             except grpc.aio.AioRpcError as exc:  # keep working: a late success still counts
                 log.debug("heartbeat for task %s failed: %s", task.id, exc.code().name)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -346,7 +347,7 @@ class TaskWorker:
         while True:
             turn = self._client.turn
             try:
-                reply = await self._client.stub.CompleteTask(report, timeout=5.0)
+                reply = await self._client.stub.CompleteTask(report, timeout=5.0, metadata=self._client.metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) or \
                         self._clock() >= deadline:
