@@ -21,12 +21,15 @@ Node identity for load reports (`NodeSessions`). Every agent holding the bootstr
 presents the same credential, so the credential alone cannot say which node is reporting. A
 snapshot stream is issued a fresh random report token in its response headers
 (`switchgear-report-token`); a load-report stream for node X is accepted only with the token of
-a snapshot stream that X holds open on this control plane, and ends when that snapshot stream
-does. The agent's reporter follows its snapshot client (same address, that stream's token).
-Chosen over per-node tokens minted at first connect because it needs no new state, survives
-no restart it should not (a restarted control plane issues new tokens as agents resubscribe),
-and makes "reports for unknown nodes are refused" fall out: a node without a live snapshot
-stream here has no token to present.
+a snapshot stream that X holds open on this control plane, and only while it stays open. The
+agent's reporter follows its snapshot client (same address, that stream's token).
+
+Why this rather than a per-node token minted at first connect and kept: it needs no stored
+state (a restarted control plane, or another replica, simply issues new tokens as agents
+resubscribe), no token outlives the snapshot stream it was issued on, and "reports for
+unknown nodes are refused" falls out, since a node without a live snapshot stream here has no
+token. With mTLS the same rule applies (certificates need not name nodes). The limit of a
+shared bootstrap token stays: its holder may subscribe under any node id, as any agent may.
 """
 
 from __future__ import annotations
