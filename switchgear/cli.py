@@ -71,6 +71,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         max_concurrent_pushes=args.max_concurrent_pushes,
         task_lease_ttl_s=args.task_lease_ttl, task_aging_interval_s=args.task_aging_interval,
         admin_auth=args.admin_auth == "token", admin_token_file=args.admin_token_file,
+        agent_auth=args.agent_auth == "token", agent_token_file=args.agent_token_file,
+        insecure_agents=args.insecure_agents,
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         store_url=_store_url(args.store), advertise=args.advertise, replica_id=args.replica_id,
         peer_tls=ClientTls(args.peer_tls_ca, args.tls_cert, args.tls_key) if args.peer_tls_ca else None,
@@ -106,11 +108,19 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from switchgear.dataplane.server import Options, serve
+    from switchgear.dataplane.server import Options, agent_token, serve
     from switchgear.dataplane.worker import worker_options
     from switchgear.tls import ClientTls
 
     _logging(args.log_level)
+    try:
+        token = agent_token(args.agent_token_file, os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"switchgear agent: {exc}") from None
+    if token is None and not args.tls_cert:
+        logging.getLogger("switchgear.dataplane").warning(
+            "no agent credential (--agent-token-file, $SWITCHGEAR_AGENT_TOKEN or --tls-cert): a control plane "
+            "with agent authentication on will refuse this agent")
     options = Options(
         control_planes=[a.strip() for a in args.control_plane.split(",") if a.strip()],
         listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
@@ -120,7 +130,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         redis_probe_interval_s=args.redis_probe_interval, max_json_depth=args.max_json_depth,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
-        serve_tls=_serve_tls(args),
+        control_plane_token=token, serve_tls=_serve_tls(args),
     )
 
     def announce_http(address: str) -> None:
@@ -433,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin-auth", choices=("token", "none"), default="token",
                     help="'token': Admin and Governance RPCs need the admin token; 'none': development only")
     cp.add_argument("--admin-token-file", help="the admin token (default: <db>.admin-token, created if missing)")
+    cp.add_argument("--agent-auth", choices=("token", "none"), default="token",
+                    help="'token': agents' calls need the agent token or a client certificate from "
+                         "--tls-client-ca; 'none': loopback development only (see --insecure-agents)")
+    cp.add_argument("--agent-token-file", help="the agent token (default: <db>.agent-token, created if missing)")
+    cp.add_argument("--insecure-agents", action="store_true",
+                    help="with --agent-auth none, listen on a non-loopback address anyway (anyone who reaches "
+                         "it can act as an agent)")
     cp.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     cp.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
     cp.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
@@ -467,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "certificate chain (PEM)")
     ag.add_argument("--serve-tls-key", help="the private key of --serve-tls-cert (PEM)")
     ag.add_argument("--serve-tls-client-ca", help="require callers' certificates signed by this CA (mutual TLS)")
+    ag.add_argument("--agent-token-file", help="file holding the control plane's agent token (its <db>.agent-token; "
+                                               "else $SWITCHGEAR_AGENT_TOKEN)")
     ag.add_argument("--tls-ca", help="verify the control plane's TLS certificate with this CA (PEM)")
     ag.add_argument("--tls-cert", help="client certificate for mutual TLS with the control plane (PEM)")
     ag.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")

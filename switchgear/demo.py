@@ -222,7 +222,8 @@ class Demo:
         for i in (1, 2):
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
                                                    "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
-                                                   "--auth", "api_key"], self.workdir)
+                                                   "--auth", "api_key", "--agent-token-file",
+                                                   str(self.workdir / "registry.db.agent-token")], self.workdir)
             self.agent_addresses.append(self.start(agent))
         for address in self.agent_addresses:
             self.wait_serving(address)

@@ -63,7 +63,7 @@ class Fleet:
         self.token = Path(f"{db}.admin-token").read_text().strip()
         agent = Proc.switchgear("agent", ["agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
                                           "--node-id", "agent-1", "--auth", "api_key", "--http-listen", "127.0.0.1:0",
-                                          "--max-json-depth", str(JSON_DEPTH)],
+                                          "--max-json-depth", str(JSON_DEPTH), "--agent-token-file", f"{db}.agent-token"],
                                 self.workdir)
         self.procs.append(agent)
         self.agent_proc = agent

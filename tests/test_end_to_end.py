@@ -62,7 +62,8 @@ class Cluster:
 
     def start_agent(self) -> None:
         agent = Proc.switchgear(
-            "agent", ["agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1"],
+            "agent", ["agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0",
+                      "--node-id", "agent-1", "--agent-token-file", f"{self.db}.agent-token"],
             self.workdir,
         )
         self.agent_address = self.start(agent)

@@ -72,7 +72,8 @@ class Fleet:
         for i in (1, 2):
             agent = Proc.switchgear(f"agent-{i}", [
                 "agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
-                "--auth", "api_key", "--redis", self.redis_url, "--http-listen", "127.0.0.1:0"], self.workdir)
+                "--auth", "api_key", "--redis", self.redis_url, "--http-listen", "127.0.0.1:0",
+                "--agent-token-file", f"{db}.agent-token"], self.workdir)
             self.agents.append(self.start(agent))
             self.http.append("http://" + agent.wait_line("HTTP ", 10).removeprefix("HTTP ").strip())
         reply = self.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(

@@ -72,7 +72,8 @@ class Fleet:
         self.cp_metrics = cp.wait_line("METRICS ", 10).split()[1]
         for i in (1, 2):
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--auth", "none", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
-                                                   "--node-id", f"agent-{i}", "--metrics-listen", "127.0.0.1:0"],
+                                                   "--node-id", f"agent-{i}", "--metrics-listen", "127.0.0.1:0",
+                                                   "--agent-token-file", str(self.workdir / "r.db.agent-token")],
                                     self.workdir)
             self.procs.append(agent)
             self.agents.append(agent.start())

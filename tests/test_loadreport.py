@@ -143,7 +143,7 @@ async def test_usage_a_failed_report_drained_goes_out_with_the_next_session(monk
         def __init__(self, channel: object) -> None:
             pass
 
-        def StreamLoadStats(self) -> Call:  # noqa: N802
+        def StreamLoadStats(self, metadata: object = ()) -> Call:  # noqa: N802
             return Call()
 
     monkeypatch.setattr(reporter_module.loadreport_pb2_grpc, "LoadReportingServiceStub", Stub)

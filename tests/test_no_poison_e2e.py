@@ -52,7 +52,7 @@ class SkewedCluster(Cluster):
         launchers = {"agent-new": [sys.executable, "-m", "switchgear"], "agent-old": [sys.executable, str(script)]}
         for node, argv in launchers.items():
             args = ["agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0",
-                    "--node-id", node]
+                    "--node-id", node, "--agent-token-file", f"{self.db}.agent-token"]
             self.agents[node] = self.start(Proc(node, [*argv, *args], self.workdir))
 
     def gateway_of(self, node: str) -> gateway_pb2_grpc.GatewayServiceStub:

@@ -80,6 +80,8 @@ class Stack:
                 "127.0.0.1:0",
                 "--node-id",
                 "real-agent",
+                "--agent-token-file",
+                str(self.workdir / "r.db.agent-token"),
             ],
             self.workdir,
         )

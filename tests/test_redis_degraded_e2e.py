@@ -168,7 +168,8 @@ class Stack:
         self.token = Path(f"{db}.admin-token").read_text().strip()
         self.agent = Proc.switchgear("agent", [
             "agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0", "--node-id", "agent-r",
-            "--auth", "api_key", "--redis", self.redis.url, "--metrics-listen", "127.0.0.1:0"], self.workdir)
+            "--auth", "api_key", "--redis", self.redis.url, "--metrics-listen", "127.0.0.1:0",
+            "--agent-token-file", f"{db}.agent-token"], self.workdir)
         self.address = self.start(self.agent)
         metrics = self.agent.wait_line("METRICS ", 10).removeprefix("METRICS ").strip()
         self.metrics_url = f"http://{metrics}/metrics"

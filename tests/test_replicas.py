@@ -203,13 +203,16 @@ async def test_a_replica_rides_out_a_postgres_restart(postgres_server: PostgresS
     ("extra", "expected"),
     [
         ([], "--admin-token-file is required with a shared store"),
-        (["--admin-token-file", "TOKEN"], "cannot open the shared store 127.0.0.1:1/nothing"),
+        (["--admin-token-file", "TOKEN"], "--agent-token-file is required with a shared store"),
+        (["--admin-token-file", "TOKEN", "--agent-token-file", "AGENT"],
+         "cannot open the shared store 127.0.0.1:1/nothing"),
     ],
 )
 def test_a_replica_that_cannot_share_refuses_to_start(tmp_path: Path, extra: list[str], expected: str) -> None:
     token = tmp_path / "token"
     token.write_text("t\n")
-    args = [arg.replace("TOKEN", str(token)) for arg in extra]
+    (tmp_path / "agent").write_text("a\n")
+    args = [arg.replace("TOKEN", str(token)).replace("AGENT", str(tmp_path / "agent")) for arg in extra]
     done = subprocess.run(
         [sys.executable, "-m", "switchgear", "controlplane", "--store",
          "postgresql://operator:s3cret@127.0.0.1:1/nothing", "--listen", "127.0.0.1:0", *args],

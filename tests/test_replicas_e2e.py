@@ -38,6 +38,7 @@ from tests.test_tasks_e2e import FINAL, RESOURCES_YAML, chat_payload, set_faults
 pytestmark = pytest.mark.timeout(180)
 
 TOKEN = "replica-test-token"
+AGENT_TOKEN = "replica-test-agent-token"
 TASKS = 60
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CONFIG = RESOURCES_YAML + """\
@@ -60,8 +61,11 @@ class Replicas:
         self.cps: dict[str, Proc] = {}
         self.agents: dict[str, Proc] = {}
         self.token_file = workdir / "admin-token"
+        self.agent_token_file = workdir / "agent-token"
         self.token_file.write_text(TOKEN + "\n", encoding="utf-8")
         self.token_file.chmod(0o600)
+        self.agent_token_file.write_text(AGENT_TOKEN + "\n", encoding="utf-8")  # every replica takes the same one
+        self.agent_token_file.chmod(0o600)
         self.emulator_url = ""
         self.config = workdir / "config.yaml"
 
@@ -76,7 +80,8 @@ class Replicas:
     def control_plane(self, name: str) -> Proc:
         proc = Proc.switchgear(name, [
             "controlplane", "--store", self.dsn, "--listen", "127.0.0.1:0", "--replica-id", name,
-            "--admin-token-file", str(self.token_file), "--config", str(self.config), "--no-probes",
+            "--admin-token-file", str(self.token_file), "--agent-token-file", str(self.agent_token_file),
+            "--config", str(self.config), "--no-probes",
             "--report-interval", "0.5", "--task-lease-ttl", "1.5",
         ], self.workdir)
         self.procs.append(proc)
@@ -97,6 +102,7 @@ class Replicas:
         proc = Proc.switchgear(name, [
             "agent", "--auth", "none", "--control-plane", ",".join(addresses), "--listen", "127.0.0.1:0",
             "--node-id", name, "--task-capacity", "4", "--task-cpu", "8", "--task-memory", "16Gi",
+            "--agent-token-file", str(self.agent_token_file),
         ], self.workdir)
         self.procs.append(proc)
         self.agents[name] = proc

@@ -105,6 +105,7 @@ class ResilienceCluster(Cluster):
         agent = Proc.switchgear("agent", [
             "agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", "agent-1",
             "--metrics-listen", "127.0.0.1:0", "--breaker-open", "1", "--ejection-time", "1",
+            "--agent-token-file", f"{self.db}.agent-token",
         ], self.workdir)
         self.agent_address = self.start(agent)
         self.metrics = agent.wait_line("METRICS ", 10).split(" ", 1)[1].strip()

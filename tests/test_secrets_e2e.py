@@ -39,10 +39,12 @@ def test_api_key_is_resolved_on_the_agent_and_leaks_nowhere(tmp_path: Path) -> N
             "emulator", ["emulate", "openai", "--instance", "u:0", "--api-key", KEY], tmp_path), ready_prefix="{"))
         cp = start(Proc.switchgear("cp", ["controlplane", "--admin-auth", "none", "--db", str(tmp_path / "r.db"), "--listen", "127.0.0.1:0"], tmp_path))
         with_key = start(Proc.switchgear(
-            "agent-with-key", ["agent", "--auth", "none", "--control-plane", cp, "--listen", "127.0.0.1:0", "--node-id", "with-key"],
+            "agent-with-key", ["agent", "--auth", "none", "--control-plane", cp, "--listen", "127.0.0.1:0", "--node-id", "with-key",
+                               "--agent-token-file", str(tmp_path / "r.db.agent-token")],
             tmp_path, env={KEY_VAR: KEY}))
         without_key = start(Proc.switchgear(
-            "agent-without-key", ["agent", "--auth", "none", "--control-plane", cp, "--listen", "127.0.0.1:0", "--node-id", "without-key"],
+            "agent-without-key", ["agent", "--auth", "none", "--control-plane", cp, "--listen", "127.0.0.1:0",
+                                  "--node-id", "without-key", "--agent-token-file", str(tmp_path / "r.db.agent-token")],
             tmp_path, env={KEY_VAR: ""}))
         service = common_pb2.Service(
             name="keyed", category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai", model="gpt-4o-mini",

@@ -211,8 +211,8 @@ def test_replicas_migrating_a_fresh_database_at_once_create_the_schema_once(pg_d
         assert one.execute("SELECT value FROM meta WHERE key = 'version_seq'").fetchall() == [("0",)]
         tables = {r[0] for r in one.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert tables == {"schema_version", "meta", "services", "settings", "tenants", "api_keys", "tenant_usage",
-                          "audit", "tasks", "task_attempts", "task_blobs", "load_reports", "leader", "replicas",
-                          "agents"}
+                          "audit", "tasks", "task_attempts", "task_blobs", "task_blob_owners", "load_reports", "leader",
+                          "replicas", "agents"}
     finally:
         for conn in conns:
             conn.close()

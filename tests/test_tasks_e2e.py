@@ -95,6 +95,7 @@ class Cluster:
         self.agents[node_id] = Proc.switchgear(node_id, [
             "agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0", "--node-id", node_id,
             "--task-capacity", str(AGENT_SLOTS), "--task-cpu", "8", "--task-memory", "16Gi",
+            "--agent-token-file", f"{self.db}.agent-token",
         ], self.workdir)
         self.start(self.agents[node_id])
 
@@ -317,10 +318,11 @@ def test_document_request_to_dead_service_is_deferred_and_completes_when_it_retu
     request = tasks_pb2.DeferInvokeRequest(request_id="doc-7", service="parse-dead", method="chat.completions",
                                            payload=chat_payload(7), priority=6, tenant="e2e",
                                            reason="connect: all endpoints down")
-    deferred = stub.DeferInvoke(request, timeout=5)
+    as_agent = (("authorization", f"Bearer {Path(f'{cluster.db}.agent-token').read_text().strip()}"),)
+    deferred = stub.DeferInvoke(request, timeout=5, metadata=as_agent)  # an agent's call: the agent token
     assert deferred.queue_id == "queue_doc-7" and "queued for later processing" in deferred.message
     assert deferred.task.category == common_pb2.SERVICE_CATEGORY_DOCUMENT
-    assert stub.DeferInvoke(request, timeout=5).task.id == deferred.task.id  # idempotent on the request id
+    assert stub.DeferInvoke(request, timeout=5, metadata=as_agent).task.id == deferred.task.id  # idempotent
 
     def failed_once() -> bool:
         t = cluster.get(deferred.task.id)

@@ -144,8 +144,28 @@ async def test_blob_round_trip_and_submission_by_blob(plane: Plane) -> None:
     assert uploaded.size == len(body) and uploaded.blob_id.startswith("sha256:")
     reply = await plane.stub.SubmitTask(submit(payload_blob_id=uploaded.blob_id))
     assert reply.task.payload_blob_id == uploaded.blob_id and reply.task.payload == b""
-    parts = [p.chunk async for p in plane.stub.DownloadBlob(tasks_pb2.DownloadBlobRequest(blob_id=uploaded.blob_id))]
-    assert b"".join(parts) == body
+    blob = uploaded.blob_id
+
+    async def download(**fields: str) -> bytes:
+        request = tasks_pb2.DownloadBlobRequest(blob_id=blob, **fields)
+        return b"".join([p.chunk async for p in plane.stub.DownloadBlob(request)])
+
+    for fields, code in (({}, grpc.StatusCode.INVALID_ARGUMENT),  # task_id and lease_id are required
+                         ({"task_id": reply.task.id, "lease_id": "guessed"}, grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await download(**fields)
+        assert refused.value.code() == code
+    leased = await plane.stub.LeaseTasks(tasks_pb2.LeaseTasksRequest(
+        agent="a1", capacity=1, max_tasks=1, services=["chat"], resources=tasks_pb2.Resources(cpu=8)))
+    (lease,) = leased.leases
+    assert await download(task_id=lease.task.id, lease_id=lease.lease_id) == body
+    # Only while the lease is held: once the task is done, the lease opens nothing.
+    await plane.stub.CompleteTask(tasks_pb2.CompleteTaskRequest(
+        task_id=lease.task.id, lease_id=lease.lease_id, agent="a1", outcome=tasks_pb2.TASK_OUTCOME_SUCCEEDED,
+        result=b"{}"))
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await download(task_id=lease.task.id, lease_id=lease.lease_id)
+    assert late.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 # -- a real worker over gRPC, with a fake invoker
@@ -218,6 +238,14 @@ async def test_worker_runs_task_and_watch_shows_progress_to_success(plane: Plane
     assert final.usage.output_tokens == 4 and final.attempts == 1
     assert worker.calls[0].priority == 9 and worker.calls[0].request_id == f"sgtask:{reply.task.id}-1"
     assert worker.calls[0].from_task
+
+
+async def test_worker_downloads_a_blob_payload_under_its_lease(plane: Plane, worker: FakeInvoker) -> None:
+    uploaded = await plane.stub.UploadBlob(iter([tasks_pb2.UploadBlobRequest(chunk=b'{"from": "blob"}')]))
+    reply = await plane.stub.SubmitTask(submit(payload=b"", payload_blob_id=uploaded.blob_id))
+    final = (await watch_until_final(plane, reply.task.id))[-1]
+    assert final.state == tasks_pb2.TASK_STATE_SUCCEEDED, final.error
+    assert orjson.loads(final.result)["echo"] == {"from": "blob"}
 
 
 async def test_retryable_failures_back_off_then_dead_letter_and_client_errors_fail(

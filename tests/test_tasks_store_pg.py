@@ -172,6 +172,15 @@ def test_blobs_are_content_addressed_and_stored_once(backend: Backend, store: Ta
         (len(data), "application/pdf", 5.0)]
 
 
+def test_a_blob_is_owned_by_each_tenant_that_uploaded_it(store: TaskStoreLike) -> None:
+    blob_id = store.put_blob(b"{}", "application/json", 1.0, tenant="acme")
+    assert store.blob_owned(blob_id, "acme")
+    assert not store.blob_owned(blob_id, "globex") and not store.blob_owned(blob_id, "")
+    assert store.put_blob(b"{}", "application/json", 2.0, tenant="globex") == blob_id  # same bytes, stored once
+    assert store.blob_owned(blob_id, "globex") and store.blob_owned(blob_id, "acme")
+    assert not store.blob_owned("sha256:00", "acme")
+
+
 def test_candidates_are_ready_queued_tasks_of_the_services_best_first(store: TaskStoreLike) -> None:
     for t in (task("low-old", 1, at=0.0), task("high", 9, at=590.0), task("mid", 5, at=400.0),
               task("later", 10, at=0.0, not_before=700.0), task("elsewhere", 10, service="x"),

@@ -48,12 +48,12 @@ from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, discovery_pb2
 
 
 class Agent:
-    def __init__(self, index: int, address: str, adapters: Mapping[str, Adapter]) -> None:
+    def __init__(self, index: int, address: str, adapters: Mapping[str, Adapter], token: str) -> None:
         self.holder = Holder()
         self.applied_at: dict[str, float] = {}
         node = discovery_pb2.Node(id=f"bench-{index:05d}", protocols=sorted(adapters))
         applier = Applier(self.holder, adapters, self._applied)
-        self.client = SnapshotClient([address], node, self.holder, applier, backoff=Backoff(0.05, 1.0))
+        self.client = SnapshotClient([address], node, self.holder, applier, backoff=Backoff(0.05, 1.0), token=token)
 
     def _applied(self, snapshot: AgentSnapshot) -> None:
         self.applied_at[snapshot.version] = time.perf_counter()
@@ -104,7 +104,8 @@ async def fleet_run(n: int, changes: int, max_pushes: int, workdir: Path) -> dic
     await asyncio.sleep(0.3)
     rss_before = rss_kb(cp.pid)
     adapters = builtin_adapters()
-    agents = [Agent(i, address, adapters) for i in range(n)]
+    token = Path(f"{db}.agent-token").read_text(encoding="utf-8").strip()  # agents' credential
+    agents = [Agent(i, address, adapters, token) for i in range(n)]
     stop = asyncio.Event()
     tasks = [asyncio.ensure_future(a.client.run(stop)) for a in agents]
     out: dict[str, float] = {"agents": n}

@@ -302,7 +302,8 @@ class Stack:
 
     def _agent(self, name: str, cp_address: str, grpc_server: str) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
-                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning"]
+                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
+                "--agent-token-file", str(self.workdir / "r.db.agent-token")]
         agent = Proc.switchgear(name, argv, self.workdir)
         self.procs.append(agent)
         grpc_address = agent.start()

@@ -105,6 +105,11 @@ class Replicas:
         self.dsn = dsn
         self.workdir = workdir
         self.token_file = token_file
+        # The agents' credential, the same on every replica (required with a shared store).
+        self.agent_token = secrets.token_urlsafe(24)
+        self.agent_token_file = workdir / "agent-token"
+        self.agent_token_file.write_text(self.agent_token + "\n", encoding="utf-8")
+        self.agent_token_file.chmod(0o600)
         self.procs: dict[str, Proc] = {}
         self._started: list[Proc] = []
         self._lock = threading.Lock()  # start_all starts from three threads
@@ -115,7 +120,7 @@ class Replicas:
             proc = Proc.switchgear(f"{slot}.{len(self._started)}", [
                 "controlplane", "--store", self.dsn, "--listen", "127.0.0.1:0", "--replica-id", slot,
                 "--admin-auth", "token", "--admin-token-file", str(self.token_file), "--no-probes",
-                "--log-level", "warning",
+                "--agent-token-file", str(self.agent_token_file), "--log-level", "warning",
             ], self.workdir)
             self._started.append(proc)
             self.procs[slot] = proc
@@ -192,23 +197,23 @@ class View:
 class ReplicaAgent(Agent):
     """bench.controlplane's Agent, knowing every replica and trying them in the given order."""
 
-    def __init__(self, index: int, addresses: Sequence[str], adapters: Mapping[str, Adapter]) -> None:
-        super().__init__(index, addresses[0], adapters)
+    def __init__(self, index: int, addresses: Sequence[str], adapters: Mapping[str, Adapter], token: str) -> None:
+        super().__init__(index, addresses[0], adapters, token)
         self.node_id = f"bench-{index:05d}"  # the id Agent gives its node
         node = discovery_pb2.Node(id=self.node_id, protocols=sorted(adapters))
         applier = Applier(self.holder, adapters, self._applied)
-        self.client = SnapshotClient(addresses, node, self.holder, applier, backoff=Backoff(0.05, 1.0))
+        self.client = SnapshotClient(addresses, node, self.holder, applier, backoff=Backoff(0.05, 1.0), token=token)
 
 
 class Fleet:
     """N agents in this process, agent i starting on addresses[i % len] and knowing all of them.
     Each generation has its own node ids, so ListAgents never mixes two fleets' agents."""
 
-    def __init__(self, n: int, addresses: Sequence[str], generation: int) -> None:
+    def __init__(self, n: int, addresses: Sequence[str], generation: int, token: str) -> None:
         adapters = builtin_adapters()
         k = len(addresses)
-        self.agents = [ReplicaAgent(generation * 100_000 + i, [*addresses[i % k:], *addresses[:i % k]], adapters)
-                       for i in range(n)]
+        self.agents = [ReplicaAgent(generation * 100_000 + i, [*addresses[i % k:], *addresses[:i % k]], adapters,
+                                    token) for i in range(n)]
         self.ids = {a.node_id for a in self.agents}
         self._stop = asyncio.Event()
         self._tasks = [asyncio.ensure_future(a.client.run(self._stop)) for a in self.agents]
@@ -265,7 +270,7 @@ async def propagation(replicas: Replicas, admin: AdminClient, n: int, changes: i
     """`changes` RegisterService calls through cp-1, 0.2 s apart, each timed to every agent."""
     addresses = replicas.addresses()
     writer = addresses[0]
-    fleet = Fleet(n, addresses, generation=0)
+    fleet = Fleet(n, addresses, generation=0, token=replicas.agent_token)
     out = Propagation()
     try:
         views = await settled(admin, addresses, fleet.ids)
@@ -312,7 +317,7 @@ async def leader_row(conn: psycopg.AsyncConnection[TupleRow]) -> tuple[str, str,
 async def failover_round(replicas: Replicas, admin: AdminClient, conn: psycopg.AsyncConnection[TupleRow],
                          n: int, index: int) -> Round:
     addresses = replicas.addresses()
-    fleet = Fleet(n, addresses, generation=index + 1)
+    fleet = Fleet(n, addresses, generation=index + 1, token=replicas.agent_token)
     try:
         views = await settled(admin, addresses, fleet.ids)
         leader: tuple[str, str, int] = ("", "", 0)

@@ -4,10 +4,11 @@ client key, and are then scoped to that tenant (`CALLER`, read by the TasksServi
 
 The token travels as `authorization: Bearer <token>` metadata and is compared in constant
 time. Agents' own calls (discovery, load reports, and the task calls a worker makes: lease,
-heartbeat, complete, download a payload, defer an invocation) are not covered here: like the
-snapshot stream they are protected by mTLS when TLS is on, and agents never hold the admin
-token. The token comes from a file (0600); when none is given the control plane makes one
-beside its store on first start, so a fresh install is never open.
+heartbeat, complete, download a payload, defer an invocation: AGENT_METHODS) are not
+operators' calls: they need the agent credential (a client certificate from the cluster CA, or
+the agent bootstrap token), checked by agent_auth.py. Neither token opens the other role's
+calls, and tenant keys open neither. Each token comes from a file (0600); when none is given
+the control plane makes one beside its store on first start, so a fresh install is never open.
 """
 
 from __future__ import annotations
@@ -48,18 +49,18 @@ TENANT_METHODS = frozenset(f"/switchgear.v1.TasksService/{m}" for m in (
 CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("switchgear_task_caller", default=None)
 
 
-def load_or_create_token(path: Path) -> str:
-    """The token in `path`, creating the file (mode 0600) with a fresh token when absent."""
+def load_or_create_token(path: Path, role: str = "admin") -> str:
+    """The `role` token in `path`, creating the file (mode 0600) with a fresh token when absent."""
     if path.exists():
         token = path.read_text(encoding="utf-8").strip()
         if not token:
-            raise ValueError(f"admin token file {path} is empty")
+            raise ValueError(f"{role} token file {path} is empty")
         return token
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(token + "\n")
-    log.info("created admin token file %s", path)
+    log.info("created %s token file %s", role, path)
     return token
 
 
@@ -102,7 +103,8 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             tenant = tenancy.tenant_of_key(self._state(), presented) if presented else None
             if tenant is not None:
                 return _as_tenant(handler, tenant)
-        return _denied(handler, method)
+        return denied(handler, f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"
+                               + (" or a tenant's client key" if method in TENANT_METHODS else ""))
 
 
 def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
@@ -131,13 +133,10 @@ def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHan
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
-def _denied(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED with `message`."""
     async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"
-            + (" or a tenant's client key" if method in TENANT_METHODS else ""),
-        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny)

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from switchgear.controlplane import convert
+from switchgear.controlplane.agent_auth import REPORT_TOKEN_HEADER, NodeSessions
 from switchgear.controlplane.agents import AgentTracker, Nack, Rejection
 from switchgear.controlplane.snapshot import Snapshot
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
@@ -80,8 +81,10 @@ class SnapshotFeed:
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     def __init__(
-        self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05, max_concurrent_pushes: int = 256
+        self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05, max_concurrent_pushes: int = 256,
+        sessions: NodeSessions | None = None,
     ) -> None:
+        self._sessions = sessions or NodeSessions()  # the load-report streams' node tokens (agent_auth.py)
         self._feed = feed
         self._tracker = tracker
         self._debounce_s = debounce_s
@@ -99,6 +102,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         if not first.node.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id: required on the first request")
         node = convert.node_from_proto(first.node)
+        report_token = self._sessions.open(node.id)
+        await context.send_initial_metadata(((REPORT_TOKEN_HEADER, report_token),))
         self._tracker.connected(node, context.peer(), first.version_info, _rejections(first))
         log.info("agent %s connected from %s holding %r", node.id, context.peer(), first.version_info)
         stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes)
@@ -106,6 +111,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             async for response in stream.run(request_iterator):
                 yield response
         finally:
+            self._sessions.close(node.id, report_token)
             self._tracker.disconnected(node.id)
             log.info("agent %s disconnected", node.id)
 

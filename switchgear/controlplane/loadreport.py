@@ -5,6 +5,10 @@ after the agent's next report, when the config changes it), converts every repor
 `LoadDelta`s and records them under the agent's node id; when the stream ends, the agent's
 gauges are dropped.
 
+A report stream for node X is taken only with the report token of a snapshot stream X holds
+open on this control plane, and only while it does (agent_auth.NodeSessions): an agent cannot
+report for another node, nor for one that is not connected.
+
 With control-plane replicas, a `relay` takes the reports instead (every replica writes them to
 the shared database) and the leader feeds them back through `apply` / `apply_gone`.
 """
@@ -18,6 +22,7 @@ from typing import Protocol
 
 import grpc
 
+from switchgear.controlplane.agent_auth import NodeSessions, report_token
 from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector, LoadDelta
 from switchgear.controlplane.convert import duration
 from switchgear.controlplane.usage import UsageDelta
@@ -56,7 +61,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         clock: Callable[[], float] = time.monotonic,
         on_tenants: Callable[[list[UsageDelta]], None] = lambda deltas: None,
         relay: Relay | None = None,
+        sessions: NodeSessions | None = None,
     ) -> None:
+        self._sessions = sessions  # None: reports are not bound to snapshot streams (unit tests)
         self._relay = relay
         self._on_tenants = on_tenants
         self._collector = collector
@@ -77,6 +84,13 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         if not first.node.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node.id: required on the first request")
         node = first.node.id
+        token = report_token(context.invocation_metadata())
+        if not self._bound(node, token):
+            log.warning("load reports for node %r refused from %s: no snapshot stream of that node here",
+                        node, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node.id: load reports for {node!r} need the report token of that node's own "
+                                "snapshot stream on this control plane")
         log.info("agent %s reports load", node)
         told = self._interval_s()
         yield loadreport_pb2.StreamLoadStatsResponse(
@@ -85,6 +99,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         try:
             self._record(node, first)
             async for request in request_iterator:
+                if not self._bound(node, token):
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"node.id: the snapshot stream of {node!r} ended; report again on its new one")
                 self._record(node, request)
                 if (wanted := self._interval_s()) != told:  # a config change: tell the agent at once
                     told = wanted
@@ -94,6 +111,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
                 self._relay.gone(node)
             else:
                 self.apply_gone(node)
+
+    def _bound(self, node: str, token: str) -> bool:
+        return self._sessions is None or self._sessions.valid(node, token)
 
     def _record(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest) -> None:
         self.reports += 1

@@ -38,7 +38,7 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 #: Channel a commit notifies with the new version's seq as payload.
 NOTIFY_CHANNEL = "switchgear_registry"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: pg_advisory_xact_lock key that serialises migrations across replicas (any fixed 64-bit value;
 #: this one is "swgr-mig" in ASCII).
@@ -110,6 +110,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE replicas (replica TEXT PRIMARY KEY, address TEXT NOT NULL, seen_at DOUBLE PRECISION NOT NULL)",
         'CREATE TABLE agents (replica TEXT NOT NULL, node TEXT COLLATE "C" NOT NULL, status TEXT NOT NULL, '
         "PRIMARY KEY (replica, node))",
+    ),
+    # Which tenant uploaded each blob: a tenant's tasks may name only their own tenant's blobs.
+    3: (
+        "CREATE TABLE task_blob_owners (blob_id TEXT NOT NULL, tenant TEXT NOT NULL, PRIMARY KEY (blob_id, tenant))",
     ),
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ from grpc_reflection.v1alpha import reflection
 
 from switchgear.controlplane import codec, pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
+from switchgear.controlplane.agent_auth import AgentAuthInterceptor, NodeSessions, is_loopback
 from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
@@ -126,6 +128,12 @@ class Options:
     # token comes from this file; when unset, "<db>.admin-token" (created on first start).
     admin_auth: bool = True
     admin_token_file: str | None = None
+    # Agents' calls (snapshots, load reports, the task worker's calls) need the agent token from
+    # this file (default "<db>.agent-token", created on first start) or, with tls.client_ca, a
+    # client certificate. `agent_auth=False` is for loopback only unless `insecure_agents`.
+    agent_auth: bool = True
+    agent_token_file: str | None = None
+    insecure_agents: bool = False
     tls: ServerTls | None = None
     # Replicas (see the module docstring): the shared database, the address other replicas
     # reach this one at (default: the bound listen address), a name for logs and the leader
@@ -180,6 +188,7 @@ async def serve(
     `on_ready` receives the address actually listened on (the port is chosen when it is 0);
     `on_metrics` the /metrics address, after `on_ready`, when `metrics_listen` is set.
     """
+    _check_agent_auth(options)
     shared = _open_shared(options) if options.store_url else None
     store: Store = shared.store if shared else SqliteStore(options.db_path)
     registry = Registry(store)
@@ -195,17 +204,21 @@ async def serve(
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
     usage = _UsageHolder(store, live=shared is None)
+    sessions = NodeSessions()
     loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
-                                     on_tenants=usage.add, relay=shared.relay if shared else None)
+                                     on_tenants=usage.add, relay=shared.relay if shared else None, sessions=sessions)
 
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    admin_token = ""
     if options.admin_auth:
         token_path = Path(options.admin_token_file or f"{options.db_path}.admin-token")
-        interceptors.append(AdminTokenInterceptor(load_or_create_token(token_path), state=lambda: registry.state))
+        admin_token = load_or_create_token(token_path)
+        interceptors.append(AdminTokenInterceptor(admin_token, state=lambda: registry.state))
         log.info("admin RPCs need the token in %s", token_path)
     else:
         log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",
                     options.listen)
+    interceptors.extend(_agent_interceptors(options, admin_token))
     if shared is not None:
         interceptors.append(StoreOutageInterceptor())
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
@@ -213,7 +226,7 @@ async def serve(
         GovernanceServicer(registry, usage.book, usage_source=usage.current), server)
     discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
         DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
-                          max_concurrent_pushes=options.max_concurrent_pushes), server
+                          max_concurrent_pushes=options.max_concurrent_pushes, sessions=sessions), server
     )
     replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
     fleet = FleetView(shared.coord, replica_id, options.advertise or options.listen, tracker,
@@ -289,6 +302,36 @@ async def serve(
         log.info("control plane stopped")
 
 
+def _check_agent_auth(options: Options) -> None:
+    """Refuse agent settings that would leave agents' calls open where others can reach them."""
+    if options.insecure_agents and options.agent_auth:
+        raise StartupError("--insecure-agents goes with --agent-auth none (agent authentication is on)")
+    if not options.agent_auth and not is_loopback(options.listen) and not options.insecure_agents:
+        raise StartupError(
+            f"--agent-auth none on {options.listen}, which is not a loopback address: anyone who reaches it "
+            "could lease and complete every tenant's tasks and feed false load reports. Keep agent "
+            "authentication on (the agent token, or --tls-client-ca), or pass --insecure-agents to accept that")
+
+
+def _agent_interceptors(options: Options, admin_token: str) -> list[grpc.aio.ServerInterceptor]:
+    if not options.agent_auth:
+        log.warning("AGENT AUTH IS OFF%s: anyone who reaches %s can subscribe to snapshots, report load and "
+                    "lease, read and complete every tenant's tasks", " (--insecure-agents)"
+                    if options.insecure_agents else " (loopback development only)", options.listen)
+        return []
+    token_path = Path(options.agent_token_file or f"{options.db_path}.agent-token")
+    try:
+        token = load_or_create_token(token_path, "agent")
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--agent-token-file: {exc}") from None
+    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise StartupError(f"the agent token in {token_path} is the admin token: give agents a token of their own")
+    mtls = options.tls is not None and options.tls.client_ca is not None
+    what = f"the agent token in {token_path}"
+    log.info("agents' calls need %s", f"a client certificate from --tls-client-ca or {what}" if mtls else what)
+    return [AgentAuthInterceptor(token, mtls=mtls)]
+
+
 @dataclass
 class _Shared:
     """A replica's database connections: the store's, and the one the relay, fleet view and
@@ -312,6 +355,9 @@ def _open_shared(options: Options) -> _Shared:
     if options.admin_auth and not options.admin_token_file:
         raise StartupError("--admin-token-file is required with a shared store: every replica must "
                            "accept the same admin token")
+    if options.agent_auth and not options.agent_token_file:
+        raise StartupError("--agent-token-file is required with a shared store: every replica must accept the "
+                           "same agent token")
     keeper = pg.Keeper(options.store_url)
     try:
         pg.migrate(keeper())

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -27,12 +28,34 @@ from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 
 log = logging.getLogger("switchgear.dataplane.client")
 
+#: Where agents may take the agent token from when no --agent-token-file is given.
+AGENT_TOKEN_ENV = "SWITCHGEAR_AGENT_TOKEN"
+
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
+
+#: Response header of the snapshot stream: the token this node's load reports carry (the control
+#: plane's agent_auth.py: reports are bound to the node's own snapshot stream).
+REPORT_TOKEN_HEADER = "switchgear-report-token"
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the agent token (none without one: mTLS, or agent auth off).
+    Passed on each call rather than by a channel interceptor: grpc.aio's intercepted
+    stream-stream calls can hang when the connection fails under them."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+@dataclass(frozen=True)
+class StreamSession:
+    """The snapshot stream open now: where, and the report token it was issued."""
+
+    address: str
+    report_token: str
 
 
 class Backoff:
@@ -103,11 +126,14 @@ class SnapshotClient:
         stable_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self._addresses = list(addresses)
         self._tls = tls
+        self._token = token  # the agent token, sent on every call (None: mTLS or no agent auth)
+        self.session: StreamSession | None = None
         self._node = node
         self._holder = holder
         self._applier = applier
@@ -125,8 +151,14 @@ class SnapshotClient:
             try:
                 await self._session(address, stop)
             except grpc.aio.AioRpcError as exc:
-                log.warning("snapshot stream to %s ended: %s %s", address, exc.code().name, exc.details())
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("control plane %s refused this agent's credential: set --agent-token-file or $%s "
+                              "to its agent token (<db>.agent-token), or a client certificate (--tls-cert)",
+                              address, AGENT_TOKEN_ENV)
+                else:
+                    log.warning("snapshot stream to %s ended: %s %s", address, exc.code().name, exc.details())
             finally:
+                self.session = None
                 self.connected.clear()
             if self._clock() - started >= self._stable_after_s:
                 self._backoff.reset()
@@ -138,9 +170,12 @@ class SnapshotClient:
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
         async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:
-            call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots()
+            call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots(metadata=bearer(self._token))
             await call.write(discovery_pb2.StreamSnapshotsRequest(
                 node=self._node, version_info=self._holder.version, rejected_services=self._rejected()))
+            headers = dict(await call.initial_metadata() or ())
+            if headers.get(REPORT_TOKEN_HEADER):  # absent when the call was refused
+                self.session = StreamSession(address, str(headers[REPORT_TOKEN_HEADER]))
             self.connected.set()
             log.info("subscribed to %s holding version %r", address, self._holder.version)
             stopping = asyncio.ensure_future(stop.wait())

@@ -5,7 +5,9 @@
 plane, takes the interval and histogram bounds it is told, and every interval swaps the
 accumulator's deltas out and sends them (an empty report too: it says nothing is in flight).
 Deltas of an interval whose send failed are lost, not resent: a report is a sample, and the
-control plane's windows tolerate a gap better than a double count.
+control plane's windows tolerate a gap better than a double count. In the agent, reports go
+where its snapshot stream is, with the report token that stream was issued (the control plane
+takes a node's reports only from the holder of its snapshot stream), and the agent credential.
 
 Hooks for components other issues add (all O(1), call from the event loop):
 `record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
@@ -25,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
+from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Backoff, SnapshotClient, bearer
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
@@ -168,7 +170,11 @@ class ReportClient:
         restore: Callable[[Mapping[str, Any]], None] = lambda tallies: None,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        snapshots: SnapshotClient | None = None,
     ) -> None:
+        # With `snapshots`, reports follow the snapshot stream: to its control plane, with the
+        # report token it was issued (the control plane takes a node's reports only so).
+        self._snapshots = snapshots
         self._addresses = list(addresses)
         self._node = node
         self._acc = accumulator
@@ -180,22 +186,39 @@ class ReportClient:
         self.interval_s = 10.0
         self.reports_sent = 0
         self.tls: ClientTls | None = None  # set by the agent when the control plane speaks TLS
+        self.token: str | None = None  # the agent token, when the agent has one
 
     async def run(self, stop: asyncio.Event) -> None:
         turn = 0
         while not stop.is_set():
-            address = self._addresses[turn % len(self._addresses)]
-            try:
-                await self._session(address, stop)
-            except grpc.aio.AioRpcError as exc:
-                log.info("load report stream to %s ended: %s", address, exc.code().name)
+            target = await self._target(turn, stop)
+            if target is not None:
+                address, report_token = target
+                try:
+                    await self._session(address, report_token, stop)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("load report stream to %s ended: %s %s", address, exc.code().name, exc.details())
             turn += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._backoff.next())
 
-    async def _session(self, address: str, stop: asyncio.Event) -> None:
+    async def _target(self, turn: int, stop: asyncio.Event) -> tuple[str, str] | None:
+        """Where to report, and with which report token: the snapshot stream's, once it is open."""
+        if self._snapshots is None:
+            return self._addresses[turn % len(self._addresses)], ""
+        waits = {asyncio.ensure_future(self._snapshots.connected.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        session = self._snapshots.session
+        return None if session is None else (session.address, session.report_token)
+
+    async def _session(self, address: str, report_token: str, stop: asyncio.Event) -> None:
         async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
-            call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats()
+            metadata = (*bearer(self.token), *(((REPORT_TOKEN_HEADER, report_token),) if report_token else ()))
+            call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(metadata=metadata)
             await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
             first = await call.read()
             if first is grpc.aio.EOF:

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from switchgear.dataplane import http as http_front_door
 from switchgear.dataplane.attempts import Resilience, ResilienceSettings
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.client import Applier, SnapshotClient
+from switchgear.dataplane.client import AGENT_TOKEN_ENV, Applier, SnapshotClient
 from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
@@ -75,14 +76,30 @@ class Options:
     # Governance and cache (pipeline.py): client keys required unless explicitly off; Redis
     # shares quota counters and cached responses between agents ("" = this agent only).
     auth_required: bool = True
-    # TLS to the control plane (its CA; a client certificate for mutual TLS).
+    # TLS to the control plane (its CA; a client certificate for mutual TLS), and the agent
+    # token every call to it carries (None: the client certificate is the credential).
     control_plane_tls: ClientTls | None = None
+    control_plane_token: str | None = None
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
     resilience: ResilienceSettings = ResilienceSettings()
+
+
+def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
+    """The agent token: from `path` (--agent-token-file), else $SWITCHGEAR_AGENT_TOKEN; None
+    without either. ValueError names the file when it cannot be read or is empty."""
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"--agent-token-file {path}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"--agent-token-file {path} is empty")
+        return token
+    return env.get(AGENT_TOKEN_ENV, "").strip() or None
 
 
 def default_node_id() -> str:
@@ -116,7 +133,7 @@ async def serve(
         build_version=__version__, protocols=sorted(adapters),
     )
     client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, applied),
-                            tls=options.control_plane_tls)
+                            tls=options.control_plane_tls, token=options.control_plane_token)
     observers: list[AttemptObserver] = []  # live stats, load reports, metrics subscribe here
     load = LoadAccumulator()  # per-endpoint deltas for the load-report stream
     agent_metrics = AgentMetrics(version=lambda: holder.version)
@@ -128,8 +145,8 @@ async def serve(
     call_adapters = tracing.wrap_adapters(adapters) if tracing is not None else adapters
     reporter = ReportClient(options.control_planes, node, load, version=lambda: holder.version,
                             tenants=lambda: pipeline.quotas.drain_usage(),
-                            restore=lambda tallies: pipeline.quotas.restore_usage(tallies))
-    reporter.tls = options.control_plane_tls
+                            restore=lambda tallies: pipeline.quotas.restore_usage(tallies), snapshots=client)
+    reporter.tls, reporter.token = options.control_plane_tls, options.control_plane_token
     live_stats = LiveStats()  # per-endpoint in-flight, peak-EWMA latency, success window
     observers.append(live_stats)
     # Breakers, outlier ejection, retry budgets, admission and fallbacks (attempts.py): one per
@@ -139,7 +156,7 @@ async def serve(
     router = Router(live_stats, unavailable=resilience.gate.unavailable, holder=holder)
     secrets = SecretResolver()
     # TasksService client (lazy): the task worker's, and `tasks_client.defer` for the document fallback.
-    tasks_client = TasksClient(options.control_planes, options.control_plane_tls)
+    tasks_client = TasksClient(options.control_planes, options.control_plane_tls, options.control_plane_token)
     invoker = Invoker(call_adapters, pool, secrets, router, observers=observers, resilience=resilience,
                       defer=tasks_client.defer)
     streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observers, resilience=resilience)

@@ -27,7 +27,7 @@ import grpc
 import orjson
 from google.protobuf import duration_pb2
 
-from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
+from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff, bearer
 from switchgear.dataplane.convert import TASK_REQUEST_PREFIX, Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
 from switchgear.dataplane.outcome import refusal
@@ -91,10 +91,11 @@ class TasksClient:
     """Channels to the control plane(s) for TasksService; rotates on failure. Lazy: nothing
     connects until the first call."""
 
-    def __init__(self, addresses: Sequence[str], tls: ClientTls | None = None) -> None:
+    def __init__(self, addresses: Sequence[str], tls: ClientTls | None = None, token: str | None = None) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self._tls = tls
+        self.metadata = bearer(token)  # the agent token: every TasksService call here is an agent's
         self._addresses = list(addresses)
         self._turn = 0
         self._channel: grpc.aio.Channel | None = None
@@ -134,7 +135,7 @@ class TasksClient:
             request_id=call.request_id, service=call.service, method=call.method,
             payload=orjson.dumps(dict(call.payload)), priority=call.priority, tenant=call.user_id, reason=reason,
         )
-        reply = await self.stub.DeferInvoke(request, timeout=timeout_s)
+        reply = await self.stub.DeferInvoke(request, timeout=timeout_s, metadata=self.metadata)
         return Deferred(task_id=reply.task.id, queue_id=reply.queue_id, message=reply.message)
 
 
@@ -214,7 +215,8 @@ class TaskWorker:
             services=sorted(name for name, s in snapshot.services.items() if not s.unsupported),
             wait=_duration(self._options.poll_wait_s),
         )
-        call = self._client.stub.LeaseTasks(request, timeout=self._options.poll_wait_s + 10.0)
+        call = self._client.stub.LeaseTasks(request, timeout=self._options.poll_wait_s + 10.0,
+                                            metadata=self._client.metadata)
 
         async def answer() -> tasks_pb2.LeaseTasksResponse:
             return await call  # type: ignore[no-any-return]
@@ -242,7 +244,7 @@ class TaskWorker:
     async def _run(self, leased: tasks_pb2.LeasedTask) -> None:
         task = leased.task
         lost: list[str] = []  # why the heartbeat stopped the work, when it did
-        work = asyncio.ensure_future(self._invoke(task))
+        work = asyncio.ensure_future(self._invoke(leased))
         beats = asyncio.ensure_future(self._heartbeats(leased, work, lost))
         try:
             report = await work
@@ -262,11 +264,12 @@ class TaskWorker:
         await self._report(leased, report)
         self.completed += 1
 
-    async def _invoke(self, task: tasks_pb2.Task) -> tasks_pb2.CompleteTaskRequest:
+    async def _invoke(self, leased: tasks_pb2.LeasedTask) -> tasks_pb2.CompleteTaskRequest:
         """Run one attempt; never raises for a task-level failure (it becomes the report)."""
+        task, lease_id = leased.task, leased.lease_id
         snapshot = self._holder.current
         try:
-            body = task.payload or await self._download(task.payload_blob_id)
+            body = task.payload or await self._download(task.payload_blob_id, task.id, lease_id)
             payload = orjson.loads(body)
             if snapshot is None:
                 raise ServiceNotFound("agent holds no snapshot")
@@ -290,9 +293,10 @@ class TaskWorker:
             return _failure("overloaded", str(exc), True)
         return _success(result)
 
-    async def _download(self, blob_id: str) -> bytes:
+    async def _download(self, blob_id: str, task_id: str, lease_id: str) -> bytes:
         parts = []
-        async for part in self._client.stub.DownloadBlob(tasks_pb2.DownloadBlobRequest(blob_id=blob_id), timeout=60):
+        request = tasks_pb2.DownloadBlobRequest(blob_id=blob_id, task_id=task_id, lease_id=lease_id)
+        async for part in self._client.stub.DownloadBlob(request, timeout=60, metadata=self._client.metadata):
             parts.append(part.chunk)
         return b"".join(parts)
 
@@ -311,7 +315,7 @@ class TaskWorker:
             )
             turn = self._client.turn
             try:
-                reply = await self._client.stub.HeartbeatTask(request, timeout=ttl / 2)
+                reply = await self._client.stub.HeartbeatTask(request, timeout=ttl / 2, metadata=self._client.metadata)
             except grpc.aio.AioRpcError as exc:  # keep working: a late success still counts
                 log.debug("heartbeat for task %s failed: %s", task.id, exc.code().name)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -334,7 +338,7 @@ class TaskWorker:
         while True:
             turn = self._client.turn
             try:
-                reply = await self._client.stub.CompleteTask(report, timeout=5.0)
+                reply = await self._client.stub.CompleteTask(report, timeout=5.0, metadata=self._client.metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) or \
                         self._clock() >= deadline:

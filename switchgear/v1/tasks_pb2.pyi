@@ -173,10 +173,14 @@ class UploadBlobResponse(_message.Message):
     def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class DownloadBlobRequest(_message.Message):
-    __slots__ = ("blob_id",)
+    __slots__ = ("blob_id", "task_id", "lease_id")
     BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     blob_id: str
-    def __init__(self, blob_id: _Optional[str] = ...) -> None: ...
+    task_id: str
+    lease_id: str
+    def __init__(self, blob_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class DownloadBlobResponse(_message.Message):
     __slots__ = ("chunk",)

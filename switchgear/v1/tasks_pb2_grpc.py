@@ -127,14 +127,15 @@ class TasksServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadBlob(self, request_iterator, context):
-        """Stores a payload too big for one message, in chunks; SubmitTask can then name it.
+        """Stores a payload too big for one message, in chunks; SubmitTask can then name it. The
+        blob belongs to the caller's tenant: a tenant's tasks name only their own tenant's blobs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadBlob(self, request, context):
-        """Reads a stored blob back in chunks (agents fetch blob payloads this way).
+        """Reads a stored blob back in chunks: an agent fetches the payload of a task it has leased.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -293,8 +293,12 @@ class TaskScheduler:
     def blob(self, blob_id: str) -> bytes | None:
         return self._store.get_blob(blob_id)
 
-    def put_blob(self, data: bytes, content_type: str) -> str:
-        return self._store.put_blob(data, content_type, self._clock())
+    def blob_owned(self, blob_id: str, tenant: str) -> bool:
+        return self._store.blob_owned(blob_id, tenant)
+
+    def put_blob(self, data: bytes, content_type: str, tenant: str = "") -> str:
+        """Store an upload of `tenant` ("" = an operator's); see TaskStoreLike.put_blob."""
+        return self._store.put_blob(data, content_type, self._clock(), tenant)
 
     def effective_priority(self, task: Task) -> float:
         waited = (task.finished_at or self._clock()) - task.submitted_at

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
@@ -79,6 +80,9 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                              f"tenant: a key of tenant {caller!r} cannot submit for {sub.tenant!r}")
             sub = dataclasses.replace(sub, tenant=caller)
+            if sub.payload_blob_id and not await self._s.call(self._s.blob_owned, sub.payload_blob_id, caller):
+                # Another tenant's blob reads as missing: the answer must not confirm it exists.
+                await _abort(context, grpc.StatusCode.NOT_FOUND, f"payload_blob_id: no blob {sub.payload_blob_id!r}")
         task, created = await self._submit(sub, context)
         return tasks_pb2.SubmitTaskResponse(task=self._proto(task), created=created)
 
@@ -111,17 +115,31 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                              f"chunk: blob larger than {MAX_BLOB_BYTES} bytes")
             parts.append(part.chunk)
-        blob_id = await self._s.call(self._s.put_blob, b"".join(parts), content_type or "application/json")
+        blob_id = await self._s.call(self._s.put_blob, b"".join(parts), content_type or "application/json",
+                                     CALLER.get() or "")
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
 
     async def DownloadBlob(  # noqa: N802
         self, request: tasks_pb2.DownloadBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.DownloadBlobResponse]:
-        data = await self._s.call(self._s.blob, request.blob_id)
-        if data is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"blob_id: no blob {request.blob_id!r}")
+        for name in ("blob_id", "task_id", "lease_id"):
+            if not getattr(request, name):
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name}: required")
+        data = await self._s.call(self._s.blob, request.blob_id) if await self._leased_payload(request) else None
+        if data is None:  # the same answer whether the blob or the lease is missing
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"blob_id: no blob {request.blob_id!r} for a lease on task {request.task_id!r}")
         for start in range(0, max(1, len(data)), CHUNK_BYTES):
             yield tasks_pb2.DownloadBlobResponse(chunk=data[start:start + CHUNK_BYTES])
+
+    async def _leased_payload(self, request: tasks_pb2.DownloadBlobRequest) -> bool:
+        """Whether the blob is the payload of a task the caller holds the (secret) lease on."""
+        try:
+            task = await self._s.call(self._s.get, request.task_id)
+        except TaskNotFound:
+            return False
+        return (task.state.holds_lease and task.payload_blob_id == request.blob_id
+                and hmac.compare_digest(task.lease_id.encode(), request.lease_id.encode()))
 
     async def _get(self, task_id: str, context: grpc.aio.ServicerContext) -> Task:
         if not task_id:

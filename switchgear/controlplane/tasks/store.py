@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS task_attempts (
 CREATE TABLE IF NOT EXISTS task_blobs (
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, content_type TEXT NOT NULL, data BLOB NOT NULL,
     created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS task_blob_owners (
+    blob_id TEXT NOT NULL, tenant TEXT NOT NULL, PRIMARY KEY (blob_id, tenant));
 """
 
 _COLUMNS = (
@@ -135,9 +137,11 @@ class TaskStoreLike(Protocol):
 
     def counts(self) -> dict[str, int]: ...
 
-    def put_blob(self, data: bytes, content_type: str, now: float) -> str: ...
+    def put_blob(self, data: bytes, content_type: str, now: float, tenant: str = "") -> str: ...
 
     def get_blob(self, blob_id: str) -> bytes | None: ...
+
+    def blob_owned(self, blob_id: str, tenant: str) -> bool: ...
 
 
 class SqlTaskStore:
@@ -259,14 +263,25 @@ class SqlTaskStore:
 
     # -- blobs
 
-    def put_blob(self, data: bytes, content_type: str, now: float) -> str:
+    def put_blob(self, data: bytes, content_type: str, now: float, tenant: str = "") -> str:
+        """Store `data` (once: blobs are content-addressed) and record that `tenant` uploaded it
+        ("" = an operator): the tenant's tasks may then name it (`blob_owned`)."""
         blob_id = "sha256:" + hashlib.sha256(data).hexdigest()
-        self._db.execute(  # one statement: its own transaction
-            "INSERT INTO task_blobs(id, size, content_type, data, created_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO NOTHING",
-            (blob_id, len(data), content_type, data, now),
-        )
+        with self._db.transaction() as db:
+            db.execute(
+                "INSERT INTO task_blobs(id, size, content_type, data, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (blob_id, len(data), content_type, data, now),
+            )
+            db.execute("INSERT INTO task_blob_owners(blob_id, tenant) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       (blob_id, tenant))
         return blob_id
+
+    def blob_owned(self, blob_id: str, tenant: str) -> bool:
+        """Whether `tenant` uploaded the blob `blob_id` (identical content uploaded by several
+        tenants is stored once and owned by each)."""
+        row = self._db.one("SELECT 1 FROM task_blob_owners WHERE blob_id = ? AND tenant = ?", (blob_id, tenant))
+        return row is not None
 
     def get_blob(self, blob_id: str) -> bytes | None:
         row = self._db.one("SELECT data FROM task_blobs WHERE id = ?", (blob_id,))
