@@ -64,7 +64,7 @@ class Plane:
 async def plane(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Plane]:
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
-    options = Options(db_path=str(tmp_path / "unused.db"), listen="127.0.0.1:0", store_url=pg_dsn, admin_auth=False,
+    options = Options(db_path=str(tmp_path / "unused.db"), listen="127.0.0.1:0", store_url=pg_dsn, admin_auth=False, agent_auth=False,
                       active_probes=False, election_interval_s=0.1, replica_id="cp-under-test")
     running = asyncio.ensure_future(serve(options, stop, on_ready=ready.set_result))
     address = await asyncio.wait_for(ready, 30)
