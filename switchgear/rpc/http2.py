@@ -343,7 +343,7 @@ class Connection(asyncio.Protocol):
             log.warning("closing the connection from %s: it stopped reading (output over %d bytes)",
                         self.peer, self.limits.max_output)
             self._fail(ENHANCE_YOUR_CALM, "output not read")
-            transport.abort()
+            transport.abort()  # also when writing has not paused yet (one write past the cap)
 
     async def drain(self) -> None:
         """Returns once the transport takes more output (or the connection is gone)."""
@@ -391,8 +391,7 @@ class Connection(asyncio.Protocol):
             self._arm_idle(timeout - idle)
             return
         self.goaway(NO_ERROR, "idle")
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -693,10 +692,12 @@ class Connection(asyncio.Protocol):
             self._count_reset()
 
     def _starved(self, out: list[bytes]) -> None:
-        """The peer can no longer send a full frame on the connection. Credit what has been
-        consumed; if nothing has been, every buffered byte waits for bytes that cannot come:
-        reset the stream holding the most."""
+        """The peer can no longer send a full frame on the connection: credit what has been
+        consumed. If nothing has been and the window is used up, every buffered byte waits for
+        bytes that cannot come: reset the stream holding the most."""
         if not self._unacked:
+            if self._recv_window:
+                return
             victim = max(self.streams.values(), key=_held, default=None)
             if victim is None or not victim.held:
                 return
@@ -896,9 +897,17 @@ class Connection(asyncio.Protocol):
     def _fail(self, code: int, message: str) -> None:
         log.info("HTTP/2 connection from %s ended: %s", self.peer, message)
         self.goaway(code, message)
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
         self._buf = b""
+
+    def _close(self) -> None:
+        """Closes the transport; at once if the peer is not reading (a close would wait for
+        output it never takes)."""
+        if self.transport is not None:
+            if self._paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 class Refusal(asyncio.Protocol):
