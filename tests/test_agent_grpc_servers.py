@@ -10,8 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from switchgear.rpc.http2 import DATA, END_STREAM, frame
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import ControlPlane, Upstream, service
+from tests.test_rpc_server import Client, message
 from tests.test_tracing import invoke, run_agent
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,6 +54,25 @@ async def observe(address: str, up: Upstream) -> dict[str, object]:
         replies = [r async for r in reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
         seen["services"] = sorted(s.name for s in replies[0].list_services_response.service)
+    seen.update(await bad_input(address))
+    return seen
+
+
+async def bad_input(address: str) -> dict[str, object]:
+    """Status and message for bytes no client library would send: a `-bin` value that is not
+    base64, and a request that is not an InvokeRequest."""
+    seen: dict[str, object] = {}
+    invoke_path = "/switchgear.v1.GatewayService/Invoke"
+    async with Client.open(address) as client:
+        for sid, (name, extra, payload) in enumerate((
+            ("bad -bin", [("x-key-bin", "!!!not base64***")], b""),
+            ("corrupt protobuf", [], b"\xff\xff\xff"),
+        )):
+            client.send(client.headers(2 * sid + 1, invoke_path, extra=extra),
+                        frame(DATA, END_STREAM, 2 * sid + 1, message(payload)))
+            answer = await client.response(2 * sid + 1)
+            status = answer.trailers or answer.headers
+            seen[name] = (status["grpc-status"], status.get("grpc-message"))
     return seen
 
 
@@ -74,4 +95,6 @@ async def test_both_grpc_servers_answer_alike(control_plane: ControlPlane, upstr
     assert ours["health"] == health_pb2.HealthCheckResponse.SERVING
     assert ours["health unknown"] == grpc.StatusCode.NOT_FOUND
     assert "switchgear.v1.GatewayService" in ours["services"]  # type: ignore[operator]
+    assert ours["bad -bin"] == ("13", "Error parsing 'x-key-bin' metadata: illegal base64 encoding")
+    assert ours["corrupt protobuf"][0] == "2"  # type: ignore[index]  # grpc.aio's UNKNOWN, message and all
     assert seen["switchgear"] == seen["grpcio"]

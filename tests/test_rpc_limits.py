@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -304,6 +305,23 @@ async def test_too_many_pings_without_data(probe: Probe) -> None:
         client.send(frame(PING, 0, 0, b"ping0007"))  # a third strike
         goaway = await client.until(GOAWAY)
         assert goaway.code == http2.ENHANCE_YOUR_CALM and goaway.payload[8:] == b"too_many_pings"
+
+
+def test_every_limit_is_an_agent_flag() -> None:
+    from switchgear.cli import build_parser
+    from switchgear.rpc import options
+
+    assert sorted(field for _, field, _, _ in options.FLAGS) == sorted(f.name for f in dataclasses.fields(Limits))
+    base = ["agent", "--control-plane", "127.0.0.1:1"]
+    assert options.limits(build_parser().parse_args(base)) == Limits()  # the defaults are Limits' own
+    given = build_parser().parse_args([*base, "--grpc-max-connections", "5", "--grpc-idle-timeout", "0.5",
+                                       "--grpc-stream-window", "70000", "--grpc-ping-strikes", "0"])
+    assert options.limits(given) == Limits(max_connections=5, idle_timeout_s=0.5, stream_window=70_000,
+                                           ping_strikes=0)
+    with pytest.raises(ValueError, match="--grpc-max-output: 10 is out of range"):
+        options.limits(build_parser().parse_args([*base, "--grpc-max-output", "10"]))
+    grpcio = dict(options.grpcio_options(Limits(max_concurrent_streams=7, idle_timeout_s=2)))
+    assert grpcio["grpc.max_concurrent_streams"] == 7 and grpcio["grpc.max_connection_idle_ms"] == 2000
 
 
 def test_limits_refuse_values_out_of_range() -> None:
