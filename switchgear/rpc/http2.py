@@ -543,10 +543,11 @@ class Connection(asyncio.Protocol):
     def _headers_complete(self, flags: int, sid: int, block: bytes, out: list[bytes], depends: int = -1) -> None:
         fields, problem, length = self._decoder.decode_request(block)  # always: the table must follow
         stream = self.streams.get(sid)
-        if stream is not None:  # trailers: they end the request
-            if not flags & END_STREAM or stream.remote_closed:
-                raise H2Error(PROTOCOL_ERROR, f"second HEADERS on stream {sid} without END_STREAM")
-            if trailers_problem(fields) is not None or stream.length > 0:
+        if stream is not None:  # trailers: they end the request (RFC 9113 8.1)
+            if stream.remote_closed:
+                self._stream_error(sid, STREAM_CLOSED, out)
+                return
+            if not flags & END_STREAM or trailers_problem(fields) is not None or stream.length > 0:
                 self._stream_error(sid, PROTOCOL_ERROR, out)
                 return
             self._data(END_STREAM, sid, b"", out)
@@ -558,12 +559,12 @@ class Connection(asyncio.Protocol):
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}, below stream {self._last_stream}")
         self._last_stream = sid
         if self.goaway_sent or len(self.streams) >= self.max_concurrent_streams:
-            self._remember(sid, True)
+            self._remember(sid, False)  # frames in flight on it are ignored
             out.append(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
         if problem is not None or depends == sid or flags & 0x100:
             log.debug("stream %d from %s is malformed: %s", sid, self.peer, problem or "depends on itself")
-            self._remember(sid, True)
+            self._remember(sid, False)
             self._stream_error(sid, PROTOCOL_ERROR, out)
             return
         stream = Stream(sid, self, fields, self._initial_window, self.limits.stream_window, length)
