@@ -281,6 +281,28 @@ async def test_preface_timeout(probe: Probe, preface: bool, code: int | None) ->
         await until(lambda: not server._connections, "the connection stayed open")
 
 
+async def test_preface_timeout_covers_the_tls_handshake(tmp_path: Any) -> None:
+    """A client that opens a TLS port and never finishes its handshake is cut at the preface
+    timeout too (not asyncio's default of 60 s)."""
+    from switchgear.tls import ServerTls, add_port
+    from tests.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    server = Server(limits=Limits(preface_timeout_s=0.2))
+    port = add_port(server, "127.0.0.1:0", ServerTls(certs.server_cert, certs.server_key))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionError):
+            assert await bounded(reader.read()) == b""
+        assert asyncio.get_running_loop().time() - started < WAIT / 2
+        writer.close()
+    finally:
+        await server.stop(None)
+
+
 async def test_idle_connection_is_closed(probe: Probe) -> None:
     async with limited(probe, idle_timeout_s=0.3) as (server, address), Client.open(address) as client:
         await settled(client)

@@ -25,6 +25,7 @@ import binascii
 import collections
 import dataclasses
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -452,8 +453,11 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        _check_descriptors(self.limits.max_connections)
         for sock, context in self._sockets:
-            self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context))
+            handshake = self.limits.preface_timeout_s if context is not None else None  # TLS slowloris too
+            self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context,
+                                                            ssl_handshake_timeout=handshake))
 
     async def stop(self, grace: float | None) -> None:
         """Refuses new connections and streams (GOAWAY), lets open calls finish for `grace`
@@ -683,6 +687,15 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             context._finish(grpc.StatusCode.OK, "")
         else:
             context._finish(grpc.StatusCode.OK, "", bytes(data))
+
+
+def _check_descriptors(connections: int) -> None:
+    """Says so when the connection cap cannot be reached: the process would run out of file
+    descriptors first (and then refuse everything, the HTTP door included)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and connections + 256 > soft:
+        log.warning("max_connections %d is within 256 of the file-descriptor limit %d: raise the limit "
+                    "(ulimit -n) or lower --grpc-max-connections", connections, soft)
 
 
 def _bind(interceptor: grpc.aio.ServerInterceptor,
