@@ -430,6 +430,19 @@ def test_warnings_are_one_line_per_interval(caplog: pytest.LogCaptureFixture) ->
     assert not any(r.exc_info for r in caplog.records)
 
 
+async def test_connection_errors_are_logged_once_per_interval(probe: Probe, caplog: pytest.LogCaptureFixture) -> None:
+    """30 connections that fail the preface make one log line (and a count), not 30."""
+    caplog.set_level(logging.INFO, logger="switchgear.rpc")
+    async with serving(probe) as (server, address):
+        for _ in range(30):
+            async with Client.open(address, preface=False) as client:
+                client.send(b"GET / HTTP/1.1\r\n\r\n")
+                assert await client.closed_or_goaway() == http2.PROTOCOL_ERROR
+        await until(lambda: not server._connections, "connections left open")
+    ended = [r for r in caplog.records if "ended" in r.getMessage()]
+    assert len(ended) == 1
+
+
 @pytest.mark.parametrize(("extra", "payload", "code", "details"), [
     ([("x-key-bin", "!!!not base64***")], b"", grpc.StatusCode.INTERNAL,
      "Error parsing 'x-key-bin' metadata: illegal base64 encoding"),

@@ -132,6 +132,32 @@ class Limits:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is out of range")
 
 
+class Warnings:
+    """One log line per kind of bad input per `interval_s` (the rest counted and reported with
+    the next line), so that clients sending bad input cannot fill the log. One per server."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger | None = None) -> None:
+        self.interval_s = interval_s
+        self.logger = logger or logging.getLogger("switchgear.rpc.server")
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, kind, message, *args)
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._next[kind] = now + self.interval_s
+        suppressed = self._suppressed.pop(kind, 0)
+        suffix = f" ({suppressed} more like it in the last {self.interval_s:g}s)" if suppressed else ""
+        self.logger.log(level, message + suffix, *args)
+
+
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 _PRIORITY = struct.Struct(">IB")
@@ -238,8 +264,10 @@ class Connection(asyncio.Protocol):
     """One HTTP/2 connection. `on_stream(stream)` is called once a stream's headers have
     arrived; the server then reads the body through `stream.on_data` and answers with `send`."""
 
-    def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None]) -> None:
+    def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None],
+                 warnings: Warnings | None = None) -> None:
         self._on_stream: Handler | None = on_stream
+        self._warnings = warnings or Warnings(logger=log)
         self._on_close: Callable[[Connection], None] | None = on_close
         self.limits = limits
         self.max_concurrent_streams = limits.max_concurrent_streams
@@ -340,8 +368,8 @@ class Connection(asyncio.Protocol):
     def _check_output(self) -> None:
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > self.limits.max_output:
-            log.warning("closing the connection from %s: it stopped reading (output over %d bytes)",
-                        self.peer, self.limits.max_output)
+            self._warnings.warn("output", "closing the connection from %s: it stopped reading (output over %d bytes)",
+                                self.peer, self.limits.max_output)
             self._fail(ENHANCE_YOUR_CALM, "output not read")
             transport.abort()  # also when writing has not paused yet (one write past the cap)
 
@@ -364,8 +392,8 @@ class Connection(asyncio.Protocol):
 
     def _preface_expired(self) -> None:
         self._timer = None
-        log.info("HTTP/2 connection from %s ended: no preface and SETTINGS exchange in %gs", self.peer,
-                 self.limits.preface_timeout_s)
+        self._warnings.log(logging.INFO, "preface", "HTTP/2 connection from %s ended: no preface and SETTINGS "
+                           "exchange in %gs", self.peer, self.limits.preface_timeout_s)
         self._fail(SETTINGS_TIMEOUT if self._preface else PROTOCOL_ERROR, "preface or SETTINGS timeout")
 
     def _settle(self) -> None:
@@ -702,8 +730,8 @@ class Connection(asyncio.Protocol):
             victim = max(self.streams.values(), key=_held, default=None)
             if victim is None or not victim.held:
                 return
-            log.warning("reset stream %d from %s: the connection's %d buffered request bytes are all waiting",
-                        victim.id, self.peer, self.limits.connection_window)
+            self._warnings.warn("starved", "reset stream %d from %s: the connection's %d buffered request bytes "
+                                "are all waiting", victim.id, self.peer, self.limits.connection_window)
             self._stream_error(victim.id, ENHANCE_YOUR_CALM, out, count=False)
         self._send_credit()
 
@@ -896,7 +924,7 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, code: int, message: str) -> None:
-        log.info("HTTP/2 connection from %s ended: %s", self.peer, message)
+        self._warnings.log(logging.INFO, "connection-error", "HTTP/2 connection from %s ended: %s", self.peer, message)
         self.goaway(code, message)
         self._close()
         self._buf = b""

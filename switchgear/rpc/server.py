@@ -28,7 +28,6 @@ import logging
 import resource
 import socket
 import ssl
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -37,7 +36,16 @@ import grpc
 import grpc.aio
 
 from switchgear.rpc import http2
-from switchgear.rpc.http2 import Connection, Limits, Refusal, Stream, literal, literal_indexed_name, status_field
+from switchgear.rpc.http2 import (
+    Connection,
+    Limits,
+    Refusal,
+    Stream,
+    Warnings,
+    literal,
+    literal_indexed_name,
+    status_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +104,6 @@ def _status_block(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[
     if trailing:
         block += _encode_metadata(trailing)
     return block
-
-
-class Warnings:
-    """One WARNING line per kind of bad input per `interval_s` (the rest counted and reported
-    with the next line), so that a client sending bad input cannot fill the log."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval_s = interval_s
-        self._clock = clock
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next.get(kind, float("-inf")):
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._next[kind] = now + self.interval_s
-        suppressed = self._suppressed.pop(kind, 0)
-        suffix = f" ({suppressed} more like it in the last {self.interval_s:g}s)" if suppressed else ""
-        log.warning(message + suffix, *args)
 
 
 def _timeout(value: bytes) -> float:
@@ -498,7 +485,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             self.warnings.warn("connections", "refused a connection: %d are open, the most allowed",
                                len(self._connections))
             return Refusal()
-        conn = Connection(self._on_stream, self.limits, self._connections.discard)
+        conn = Connection(self._on_stream, self.limits, self._connections.discard, self.warnings)
         self._connections.add(conn)
         return conn
 
