@@ -128,10 +128,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _grpc_limits(args: argparse.Namespace) -> Any:
-    from switchgear.rpc import options
-
     try:
-        return options.limits(args)
+        return rpc_options.limits(args)
     except ValueError as exc:
         raise SystemExit(f"switchgear agent: {exc}") from None
 
