@@ -299,6 +299,7 @@ async def test_preface_timeout_covers_the_tls_handshake(tmp_path: Any) -> None:
             assert await bounded(reader.read()) == b""
         assert asyncio.get_running_loop().time() - started < WAIT / 2
         writer.close()
+        assert not server._connections  # a handshake that failed holds no place under max_connections
     finally:
         await server.stop(None)
 

@@ -265,8 +265,9 @@ class Connection(asyncio.Protocol):
     arrived; the server then reads the body through `stream.on_data` and answers with `send`."""
 
     def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None],
-                 warnings: Warnings | None = None) -> None:
+                 warnings: Warnings | None = None, on_open: Callable[[Connection], None] | None = None) -> None:
         self._on_stream: Handler | None = on_stream
+        self._on_open = on_open
         self._warnings = warnings or Warnings(logger=log)
         self._on_close: Callable[[Connection], None] | None = on_close
         self.limits = limits
@@ -328,6 +329,9 @@ class Connection(asyncio.Protocol):
             out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(limits.connection_window - DEFAULT_WINDOW))
         tcp.write(out)
         self._timer = asyncio.get_running_loop().call_later(limits.preface_timeout_s, self._preface_expired)
+        if self._on_open is not None:
+            self._on_open(self)
+            self._on_open = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         for stream in list(self.streams.values()):

@@ -485,9 +485,10 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             self.warnings.warn("connections", "refused a connection: %d are open, the most allowed",
                                len(self._connections))
             return Refusal()
-        conn = Connection(self._on_stream, self.limits, self._connections.discard, self.warnings)
-        self._connections.add(conn)
-        return conn
+        # Counted once connected (with TLS: once the handshake is done; one that fails never
+        # reaches the connection, and would otherwise hold its place for good).
+        return Connection(self._on_stream, self.limits, self._connections.discard, self.warnings,
+                          on_open=self._connections.add)
 
     def _on_stream(self, stream: Stream) -> None:
         """A request's headers: check them, find the method, and read the body."""
