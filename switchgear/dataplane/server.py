@@ -43,6 +43,7 @@ from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
+from switchgear.rpc.options import grpcio_options
 from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -61,6 +62,7 @@ class Options:
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
+    grpc_limits: rpc.Limits = rpc.Limits()  # the gRPC port's bounds (README: Limits on the agent's gRPC port)
     # TLS on the application-facing ports (gRPC and the HTTP front door); with `client_ca`,
     # callers must present a certificate it signed. None = plaintext, as on loopback.
     serve_tls: ServerTls | None = None
@@ -170,7 +172,8 @@ async def serve(
         cache_counters = pipeline.cache.local.counters
         agent_metrics.set_cache(lambda: cache_counters)
 
-    server = _grpc_server(options.grpc_server, (GatewayInterceptor(tracing, agent_metrics.measure),))
+    server = _grpc_server(options.grpc_server, (GatewayInterceptor(tracing, agent_metrics.measure),),
+                          options.grpc_limits)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker, streamer, pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -228,11 +231,13 @@ async def serve(
 GRPC_SERVERS = ("switchgear", "grpcio")
 
 
-def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits
+                 ) -> grpc.aio.Server:
     if kind == "switchgear":
-        return rpc.Server(interceptors)
+        return rpc.Server(interceptors, limits=limits)
     if kind == "grpcio":
-        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),))
+        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),
+                                                                   *grpcio_options(limits)))
     raise ValueError(f"grpc_server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
 
 
