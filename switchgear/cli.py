@@ -98,6 +98,7 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from switchgear.dataplane.http_door import door_limits
     from switchgear.dataplane.server import Options, serve
     from switchgear.dataplane.worker import worker_options
     from switchgear.tls import ClientTls
@@ -106,6 +107,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     options = Options(
         control_planes=[a.strip() for a in args.control_plane.split(",") if a.strip()],
         listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
+        http_limits=door_limits(args),
         grpc_server=args.grpc_server, metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
@@ -354,6 +356,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from switchgear.controlplane.tasks.cli import add_parser as add_tasks_parser
+    from switchgear.dataplane.http_door import add_door_arguments
     from switchgear.dataplane.worker import add_worker_arguments
 
     parser = argparse.ArgumentParser(
@@ -442,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds an outlier endpoint is ejected the first time (default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
+    add_door_arguments(ag)
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)

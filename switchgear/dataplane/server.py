@@ -27,6 +27,7 @@ from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.client import Applier, SnapshotClient
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
+from switchgear.dataplane.http_door import DoorLimits, raise_nofile_limit
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
@@ -56,6 +57,7 @@ class Options:
     node_id: str = ""
     zone: str = ""
     http_listen: str = ""  # the OpenAI-compatible front door ("" = off; port 0 picks one)
+    http_limits: DoorLimits = DoorLimits()  # its connection cap, timeouts and size limits (http_door.py)
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
@@ -96,6 +98,7 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set. `on_ready` gets the gRPC address once the port is bound, then
     `on_http_ready` the front door's address (when `options.http_listen` is set)."""
+    raise_nofile_limit()  # soft to hard: both doors and the upstream pool share it (http_door.py)
     adapters = builtin_adapters()
     holder = Holder()
     pool = ClientPool()
@@ -169,7 +172,8 @@ async def serve(
     if options.http_listen:
         http_runner, http_address = await http_front_door.start(
             holder, invoker, streamer, options.http_listen, pipeline,
-            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None)
+            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None,
+            limits=options.http_limits)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", node.id, http_address)
         if on_http_ready is not None:
             on_http_ready(http_address)
