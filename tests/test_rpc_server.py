@@ -424,10 +424,11 @@ async def test_stop_grace_runs_out(probe: Probe) -> None:
 
 
 async def test_many_concurrent_calls(channel: grpc.aio.Channel, probe: Probe) -> None:
-    """200 calls open at once on one connection (every handler waits until all have arrived),
-    each answered with its own request."""
-    probe.expect = 200
-    requests = [b"call %d " % i * (i % 50 + 1) for i in range(probe.expect)]
+    """200 calls on one connection: 100 open at once (the default stream limit; every handler
+    waits until all 100 have arrived), the rest queued by the client; each answered with its own
+    request."""
+    probe.expect = http2.Limits().max_concurrent_streams
+    requests = [b"call %d " % i * (i % 50 + 1) for i in range(200)]
     calls = asyncio.gather(*(unary(channel, BLOCK, r, timeout=20) for r in requests))
     await bounded(probe.crowd.wait(), 20)
     probe.release.set()
@@ -732,7 +733,7 @@ async def test_concurrent_stream_limit(probe: Probe) -> None:
 async def test_rapid_reset(address: str, probe: Probe) -> None:
     async with Client.open(address) as client:
         burst = [client.headers(sid, BLOCK) + frame(RST_STREAM, 0, sid, _U32.pack(http2.CANCEL))
-                 for sid in range(1, 2 * http2.MAX_RESETS_PER_S + 4, 2)]  # MAX_RESETS_PER_S + 2 of them
+                 for sid in range(1, 2 * http2.Limits().max_resets_per_s + 4, 2)]  # MAX_RESETS_PER_S + 2 of them
         client.send(*burst)
         assert await client.goaway() == http2.ENHANCE_YOUR_CALM
     assert probe.arrivals == 0
@@ -740,7 +741,7 @@ async def test_rapid_reset(address: str, probe: Probe) -> None:
 
 async def test_resets_under_the_limit_are_fine(address: str) -> None:
     async with Client.open(address) as client:
-        sids = range(1, 2 * http2.MAX_RESETS_PER_S, 2)  # exactly MAX_RESETS_PER_S
+        sids = range(1, 2 * http2.Limits().max_resets_per_s, 2)  # exactly MAX_RESETS_PER_S
         client.send(*(client.headers(sid, BLOCK) + frame(RST_STREAM, 0, sid, _U32.pack(http2.CANCEL)) for sid in sids))
         sid = sids[-1] + 2
         client.send(request(client, sid, b"still here"))

@@ -12,11 +12,13 @@ adds what a server sees over and over:
 - Huffman-coded strings repeat (authority, user agent, timeouts): a bounded cache per decoder.
 
 Errors raise `hpack.exceptions.HPACKDecodingError` (or InvalidTableSizeError), which the
-connection turns into COMPRESSION_ERROR.
+connection turns into COMPRESSION_ERROR. `decode_request` also says whether the fields make a
+well-formed request (RFC 9113 8.2-8.3, `request_problem`), checked once per cached block.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from hpack.exceptions import HPACKDecodingError, InvalidTableSizeError, OversizedHeaderListError
@@ -29,8 +31,67 @@ _ENTRY_OVERHEAD = 32  # RFC 7541 4.1
 _BLOCK_CACHE = 64
 _STRING_CACHE = 1024
 _CACHED_BLOCK = 1024  # larger blocks are not kept (bounds the cache at 64 KiB per connection)
+_CACHED_STRING = 256  # longer Huffman strings are not kept (bounds that cache at 256 KiB)
 
 Fields = list[tuple[bytes, bytes]]
+#: A decoded request block: its fields, what makes it malformed (None when nothing does), and
+#: its content-length (-1 when absent).
+Decoded = tuple[Fields, str | None, int]
+
+# RFC 9113 8.2: names are lowercase tokens (RFC 9110 5.1); values have no CR, LF or NUL.
+_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                                  b"upgrade"))
+_REQUEST_PSEUDO = {b":method": 1, b":scheme": 2, b":path": 4, b":authority": 8}
+_REQUIRED = 1 | 2 | 4
+
+
+def request_problem(fields: Fields) -> tuple[str | None, int]:
+    """What makes a request's header list malformed (RFC 9113 8.2-8.3), or None; and its
+    content-length (-1 if absent). Requests are never CONNECT here: :method, :scheme and a
+    non-empty :path are required."""
+    seen, regular, length = 0, False, -1
+    for name, value in fields:
+        if name[:1] == b":":
+            bit = _REQUEST_PSEUDO.get(name, 0)
+            if regular:
+                return f"pseudo-header {name!r} after a regular header", length
+            if not bit:
+                return f"pseudo-header {name!r} is not a request's", length
+            if seen & bit:
+                return f"duplicate {name!r}", length
+            if name == b":path" and not value:
+                return "empty :path", length
+            seen |= bit
+        else:
+            regular = True
+            if not name or _BAD_NAME.search(name):
+                return f"header name {name[:64]!r} is not a lowercase token", length
+            if name in _CONNECTION_SPECIFIC:
+                return f"connection-specific header {name!r}", length
+            if name == b"te" and value != b"trailers":
+                return "te other than trailers", length
+            if name == b"content-length":
+                if not value.isdigit() or (length >= 0 and int(value) != length):
+                    return "malformed content-length", length
+                length = int(value)
+        if _BAD_VALUE.search(value):
+            return f"CR, LF or NUL in the value of {name[:64]!r}", length
+    if seen & _REQUIRED != _REQUIRED:
+        return "missing :method, :scheme or :path", length
+    return None, length
+
+
+def trailers_problem(fields: Fields) -> str | None:
+    """What makes a trailer block malformed: any pseudo-header, or a field a request could not
+    carry either."""
+    for name, value in fields:
+        if name[:1] == b":":
+            return f"pseudo-header {name!r} in trailers"
+        if not name or _BAD_NAME.search(name) or name in _CONNECTION_SPECIFIC or _BAD_VALUE.search(value):
+            return f"malformed trailer {name[:64]!r}"
+    return None
 
 
 class HeaderDecoder:
@@ -44,22 +105,27 @@ class HeaderDecoder:
         self._size = 0
         self._table: deque[tuple[bytes, bytes]] = deque()  # newest first
         self._generation = 0
-        self._blocks: dict[tuple[int, bytes], Fields] = {}
+        self._blocks: dict[tuple[int, bytes], Decoded] = {}
         self._strings: dict[bytes, bytes] = {}
         self.max_list_size = max_list_size
 
     def decode(self, block: bytes) -> Fields:
+        return self.decode_request(block)[0]
+
+    def decode_request(self, block: bytes) -> Decoded:
+        """The block's fields, with `request_problem`'s verdict on them."""
         key = (self._generation, block)
         cached = self._blocks.get(key)
         if cached is not None:
             return cached
         generation = self._generation
         fields = self._decode(block)
+        decoded = (fields, *request_problem(fields))
         if self._generation == generation and len(block) <= _CACHED_BLOCK:  # the block can repeat
             if len(self._blocks) >= _BLOCK_CACHE:
                 self._blocks.clear()
-            self._blocks[key] = fields
-        return fields
+            self._blocks[key] = decoded
+        return decoded
 
     def _decode(self, data: bytes) -> Fields:
         fields: Fields = []
@@ -121,9 +187,10 @@ class HeaderDecoder:
         text = self._strings.get(raw)
         if text is None:
             text = decode_huffman(raw)
-            if len(self._strings) >= _STRING_CACHE:
-                self._strings.clear()
-            self._strings[raw] = text
+            if length <= _CACHED_STRING:
+                if len(self._strings) >= _STRING_CACHE:
+                    self._strings.clear()
+                self._strings[raw] = text
         return text, end
 
     def _add(self, field: tuple[bytes, bytes]) -> None:

@@ -12,11 +12,34 @@ answers; WINDOW_UPDATE and both directions of flow control (DATA is split to the
 MAX_FRAME_SIZE and held while a window is closed); RST_STREAM cancels the stream's
 handler; GOAWAY both ways, and a graceful close that lets open streams finish.
 
-Abuse limits (the HTTP/2 attacks of 2023-2024): at most `max_concurrent_streams` open streams
-(REFUSED_STREAM beyond), header blocks bounded while they are collected (CONTINUATION flood),
-peer resets bounded per second (rapid reset), and a connection whose peer stops reading while
-our output grows is closed. Responses are encoded without the dynamic table or Huffman, so the
-peer's HEADER_TABLE_SIZE never matters. Not thread-safe: one event loop.
+Every buffer a peer can fill is bounded (`Limits`, one instance per server; each field is a
+flag of `switchgear agent`):
+
+- Receive flow control is enforced (RFC 9113 6.9): DATA beyond a stream's window resets it with
+  FLOW_CONTROL_ERROR, beyond the connection's window ends the connection. Window is given back
+  only as the application consumes request bytes (`credit` for the stream, `release` for the
+  connection), so what one connection buffers is at most `connection_window`. A peer that
+  fills the connection window with bytes no handler can consume yet (partial unary requests,
+  streams whose handlers do not read) would wait forever: the stream holding the most is then
+  reset with ENHANCE_YOUR_CALM (grpc clients see RESOURCE_EXHAUSTED) and its bytes released.
+- Output: once the transport holds more than its high-water mark we stop reading the peer (no
+  input, no answers to PING or SETTINGS); past `max_output` the connection is closed with GOAWAY
+  ENHANCE_YOUR_CALM, checked on every write while writing is paused.
+- Header blocks: bounded in bytes while collected, frame headers included, so zero-length
+  CONTINUATION frames count; decoded lists by `max_header_list_size`.
+- Rapid reset (CVE-2023-44487): more than `max_resets_per_s` streams reset (by the peer, or by
+  us for the peer's stream errors) within a second ends the connection with ENHANCE_YOUR_CALM.
+- Keepalive as grpc's server does it: a PING sooner than `min_ping_interval_s` after the last
+  one, with no HEADERS or DATA sent in between, is a strike; more than `ping_strikes` strikes
+  end the connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+- Time: the preface and the SETTINGS exchange must be done within `preface_timeout_s`; a
+  connection without open streams for `idle_timeout_s` is sent GOAWAY and closed.
+- Requests malformed per RFC 9113 8.2-8.3 are stream errors (RST_STREAM PROTOCOL_ERROR).
+
+On close, every reference from the connection to its streams, their handlers and the transport
+is dropped, so a closed connection is freed by reference counting, not the cycle collector.
+Responses are encoded without the dynamic table or Huffman, so the peer's HEADER_TABLE_SIZE
+never matters. Not thread-safe: one event loop.
 """
 
 from __future__ import annotations
@@ -26,11 +49,12 @@ import logging
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hpack.exceptions import HPACKError
 
-from switchgear.rpc.headers import HeaderDecoder
+from switchgear.rpc.headers import HeaderDecoder, trailers_problem
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +65,7 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 
 # Error codes (RFC 9113 section 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x4, 0x5, 0x6, 0x7, 0x8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
@@ -52,20 +76,65 @@ MAX_WINDOW = 2**31 - 1
 DEFAULT_FRAME = 16_384
 MAX_FRAME = 2**24 - 1
 
-#: Our receive windows: a stream may send this much before we credit it (1 MiB); the connection
-#: as a whole 16 MiB. Credit is given back as data is consumed (unary requests: at once, since
-#: the server's receive limit already bounds what one call may buffer).
-STREAM_WINDOW = 1 << 20
-CONNECTION_WINDOW = 1 << 24
-#: A header block (HEADERS + CONTINUATIONs, compressed) larger than this ends the connection.
+#: A header block (HEADERS + CONTINUATIONs, compressed, 9 bytes counted per frame so that empty
+#: CONTINUATION frames add up) larger than this ends the connection.
 MAX_HEADER_BLOCK = 64 * 1024
-#: Stream resets the peer may send per second before the connection is closed (rapid reset).
-MAX_RESETS_PER_S = 200
-#: Output held for a peer that does not read before its connection is closed.
-MAX_BUFFERED_OUTPUT = 32 << 20
+#: Streams closed lately whose ids are remembered, to tell frames in flight on a stream we ended
+#: (ignored) from frames on a stream the peer had ended or reset (STREAM_CLOSED).
+_REMEMBERED = 32
+_HIGH_WATER = 1 << 20  # pause_writing (and stop reading the peer) beyond this much output held
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of one server's connections (sizes in bytes, times in seconds). Defaults follow
+    grpc-core and Envoy where they are bounded, and say why where they are not."""
+
+    #: Request bytes one stream may have in flight before we credit them (SETTINGS_INITIAL_WINDOW_SIZE).
+    stream_window: int = 1 << 20
+    #: Request bytes one connection may buffer (its receive window): consumed bytes are credited back.
+    connection_window: int = 8 << 20
+    #: Open streams per connection (REFUSED_STREAM beyond). grpc's default is unlimited; 100 is
+    #: RFC 9113's recommended minimum and Envoy's and Go's choice, and bounds per-connection state.
+    max_concurrent_streams: int = 100
+    #: Decoded request header list (SETTINGS_MAX_HEADER_LIST_SIZE, RFC 7541 sizes).
+    max_header_list_size: int = 16 * 1024
+    #: Output held for a peer that does not read, before its connection is closed.
+    max_output: int = 16 << 20
+    #: Streams reset (by the peer, or by us for its stream errors) per second (rapid reset).
+    max_resets_per_s: int = 200
+    #: Open connections per server; one more is sent GOAWAY and closed at once.
+    max_connections: int = 1000
+    #: Time for the peer to send its preface and SETTINGS and to acknowledge ours.
+    preface_timeout_s: float = 10.0
+    #: A connection with no open stream for this long is sent GOAWAY and closed (0 = never).
+    idle_timeout_s: float = 300.0
+    #: PINGs sooner than `min_ping_interval_s` after the last one, with no HEADERS or DATA sent
+    #: between, tolerated before GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (grpc: 2 and 5 min;
+    #: 0 strikes = no limit).
+    ping_strikes: int = 2
+    min_ping_interval_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        checks = (("stream_window", DEFAULT_WINDOW <= self.stream_window <= MAX_WINDOW),
+                  ("connection_window", DEFAULT_WINDOW <= self.connection_window <= MAX_WINDOW),
+                  ("max_concurrent_streams", self.max_concurrent_streams >= 1),
+                  ("max_header_list_size", 1024 <= self.max_header_list_size <= MAX_HEADER_BLOCK),
+                  ("max_output", self.max_output >= 2 * _HIGH_WATER),
+                  ("max_resets_per_s", self.max_resets_per_s >= 1),
+                  ("max_connections", self.max_connections >= 1),
+                  ("preface_timeout_s", self.preface_timeout_s > 0),
+                  ("idle_timeout_s", self.idle_timeout_s >= 0),
+                  ("ping_strikes", self.ping_strikes >= 0),
+                  ("min_ping_interval_s", self.min_ping_interval_s >= 0))
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range")
+
 
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
+_PRIORITY = struct.Struct(">IB")
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -117,39 +186,47 @@ class Stream:
     """One request stream, as the connection sees it. `headers` are the decoded request
     headers ((name, value) bytes pairs). The server sets `on_data(stream, chunk, ended)`, which
     receives the request body as it arrives (`ended` with END_STREAM), and `task`, the handler,
-    which a reset or a lost connection cancels (after `on_reset`)."""
+    which a reset or a lost connection cancels (after `on_reset`). Received bytes count in
+    `held` until the server `release`s them, and against `recv_window` until it `credit`s them."""
 
     __slots__ = (
         "call",
         "conn",
         "credit",
         "headers",
+        "held",
         "id",
+        "length",
         "local_closed",
         "on_data",
         "on_reset",
         "pending",
         "pending_trailers",
+        "recv_window",
         "remote_closed",
         "send_window",
         "task",
         "window_open",
     )
 
-    def __init__(self, stream_id: int, conn: Connection, headers: list[tuple[bytes, bytes]], send_window: int) -> None:
+    def __init__(self, stream_id: int, conn: Connection, headers: list[tuple[bytes, bytes]], send_window: int,
+                 recv_window: int, length: int) -> None:
         self.id = stream_id
         self.conn = conn
         self.headers = headers
         self.remote_closed = False
         self.local_closed = False
         self.send_window = send_window
+        self.recv_window = recv_window  # what the peer may still send before we credit more
+        self.length = length  # request body bytes still announced by content-length (-1: none)
         self.pending = b""  # DATA held for flow control
         self.pending_trailers: bytes | None = None
         self.window_open: asyncio.Event | None = None
         self.task: asyncio.Task[Any] | None = None
         self.on_data: Callable[[Stream, bytes, bool], None] | None = None
         self.on_reset: Callable[[Stream], None] | None = None
-        self.credit = 0  # bytes received on this stream not yet credited back
+        self.credit = 0  # bytes consumed on this stream not yet credited back
+        self.held = 0  # bytes received on this stream not yet released to the connection window
         self.call: Any = None  # the server's state for this stream
 
 
@@ -161,20 +238,20 @@ class Connection(asyncio.Protocol):
     """One HTTP/2 connection. `on_stream(stream)` is called once a stream's headers have
     arrived; the server then reads the body through `stream.on_data` and answers with `send`."""
 
-    def __init__(self, on_stream: Handler, *, max_concurrent_streams: int, max_header_list_size: int,
-                 on_close: Callable[[Connection], None]) -> None:
-        self._on_stream = on_stream
-        self._on_close = on_close
-        self.max_concurrent_streams = max_concurrent_streams
-        self.max_header_list_size = max_header_list_size
+    def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None]) -> None:
+        self._on_stream: Handler | None = on_stream
+        self._on_close: Callable[[Connection], None] | None = on_close
+        self.limits = limits
+        self.max_concurrent_streams = limits.max_concurrent_streams
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.peer_cert: dict[str, Any] | None = None  # the client's certificate (TLS with client certificates)
         self.streams: dict[int, Stream] = {}
         self._buf = b""
         self._preface = False
-        self._decoder = HeaderDecoder(max_list_size=max_header_list_size)
+        self._decoder = HeaderDecoder(max_list_size=limits.max_header_list_size)
         self._last_stream = 0
+        self._ended: dict[int, bool] = {}  # recently closed stream ids: True if the peer had ended or reset them
         self._header_block: list[bytes] | None = None  # a block waiting for CONTINUATION
         self._header_stream = 0
         self._header_flags = 0
@@ -182,12 +259,19 @@ class Connection(asyncio.Protocol):
         self._send_window = DEFAULT_WINDOW
         self._initial_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self._max_frame = DEFAULT_FRAME  # the peer's SETTINGS_MAX_FRAME_SIZE
-        self._credit = 0  # connection-level bytes received not yet credited back
+        self._recv_window = limits.connection_window  # what the peer may still send on the connection
+        self._unacked = 0  # connection-level bytes released and not yet credited back
         self._blocked: dict[int, Stream] = {}  # streams holding DATA for a window
         self._resets = 0
         self._reset_window = 0.0
+        self._last_ping = float("-inf")
+        self._ping_strikes = 0
         self._paused = False
         self._drained: asyncio.Event | None = None
+        self._got_settings = False  # the peer's first SETTINGS came
+        self._settings_acked = False  # the peer acknowledged ours
+        self._timer: asyncio.TimerHandle | None = None  # the preface timeout, then the idle check
+        self._idle_since = 0.0
         self.goaway_sent = False
         self.goaway_received = False
         self.closed = asyncio.Event()
@@ -197,42 +281,69 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
         self.transport = tcp
-        tcp.set_write_buffer_limits(high=1 << 20)  # pause_writing beyond 1 MiB held
+        tcp.set_write_buffer_limits(high=_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             family = "ipv6" if ":" in str(peer[0]) else "ipv4"
             host = f"[{peer[0]}]" if family == "ipv6" else peer[0]
             self.peer = f"{family}:{host}:{peer[1]}"
         self.peer_cert = transport.get_extra_info("peercert") or None
+        limits = self.limits
         settings = b"".join(_SETTING.pack(k, v) for k, v in (
-            (SETTINGS_MAX_CONCURRENT_STREAMS, self.max_concurrent_streams),
-            (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            (SETTINGS_MAX_HEADER_LIST_SIZE, self.max_header_list_size),
+            (SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
+            (SETTINGS_INITIAL_WINDOW_SIZE, limits.stream_window),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
             (SETTINGS_ENABLE_PUSH, 0),
         ))
-        tcp.write(frame(SETTINGS, 0, 0, settings)
-                        + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
+        out = frame(SETTINGS, 0, 0, settings)
+        if limits.connection_window > DEFAULT_WINDOW:
+            out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(limits.connection_window - DEFAULT_WINDOW))
+        tcp.write(out)
+        self._timer = asyncio.get_running_loop().call_later(limits.preface_timeout_s, self._preface_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for stream in list(self.streams.values()):
-            self._forget(stream)
-            _cancel(stream)
-        if self._drained is not None:
-            self._drained.set()
-        self.closed.set()
-        self._on_close(self)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-        if self.transport is not None and self.transport.get_write_buffer_size() > MAX_BUFFERED_OUTPUT:
-            log.warning("closing the connection from %s: it stopped reading", self.peer)
-            self.transport.abort()
-
-    def resume_writing(self) -> None:
-        self._paused = False
+            self._forget(stream, cancel=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._drained is not None:
             self._drained.set()
             self._drained = None
+        self.closed.set()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
+        # Nothing refers back to the transport, the server or the streams: freed at once.
+        self.transport = None
+        self._on_stream = None
+        self._blocked.clear()
+        self._buf = b""
+        self._header_block = None
+
+    def pause_writing(self) -> None:
+        """The peer reads slower than we write: read nothing more from it (each frame it sends
+        could add output) until it catches up; past `max_output`, close."""
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self._check_output()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    def _check_output(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.limits.max_output:
+            log.warning("closing the connection from %s: it stopped reading (output over %d bytes)",
+                        self.peer, self.limits.max_output)
+            self._fail(ENHANCE_YOUR_CALM, "output not read")
+            transport.abort()
 
     async def drain(self) -> None:
         """Returns once the transport takes more output (or the connection is gone)."""
@@ -248,6 +359,40 @@ class Connection(asyncio.Protocol):
             self._fail(exc.code, str(exc))
         except HPACKError as exc:
             self._fail(COMPRESSION_ERROR, f"header block: {exc}")
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def _preface_expired(self) -> None:
+        self._timer = None
+        log.info("HTTP/2 connection from %s ended: no preface and SETTINGS exchange in %gs", self.peer,
+                 self.limits.preface_timeout_s)
+        self._fail(SETTINGS_TIMEOUT if self._preface else PROTOCOL_ERROR, "preface or SETTINGS timeout")
+
+    def _settle(self) -> None:
+        """Half of the SETTINGS exchange is done; once both are, the idle clock starts."""
+        if self._got_settings and self._settings_acked and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._idle_since = time.monotonic()
+            self._arm_idle(self.limits.idle_timeout_s)
+
+    def _arm_idle(self, delay: float) -> None:
+        if self.limits.idle_timeout_s and self.transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        timeout = self.limits.idle_timeout_s
+        if self.streams:
+            self._arm_idle(timeout)
+            return
+        idle = time.monotonic() - self._idle_since
+        if idle < timeout:
+            self._arm_idle(timeout - idle)
+            return
+        self.goaway(NO_ERROR, "idle")
+        if self.transport is not None:
+            self.transport.close()
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -277,15 +422,18 @@ class Connection(asyncio.Protocol):
             pos += 9 + length
             self._frame((head >> 40) & 0xFF, (head >> 32) & 0xFF, head & 0x7FFFFFFF, payload, out)
         self._buf = buf[pos:]
-        if self._credit >= CONNECTION_WINDOW // 4:
-            out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._credit)))
-            self._credit = 0
+        if self._recv_window < DEFAULT_FRAME:
+            self._starved(out)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
+            if self._paused:
+                self._check_output()
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
         if self._header_block is not None and kind != CONTINUATION:
             raise H2Error(PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self._got_settings and (kind != SETTINGS or flags & ACK):
+            raise H2Error(PROTOCOL_ERROR, "the preface is not followed by SETTINGS")
         if kind == DATA:
             self._data(flags, sid, payload, out)
         elif kind == HEADERS:
@@ -301,21 +449,19 @@ class Connection(asyncio.Protocol):
         elif kind == SETTINGS:
             self._settings(flags, sid, payload, out)
         elif kind == WINDOW_UPDATE:
-            self._window_update(sid, payload)
+            self._window_update(sid, payload, out)
         elif kind == PING:
-            if sid != 0 or len(payload) != 8:
-                raise H2Error(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "malformed PING")
-            if not flags & ACK:
-                out.append(frame(PING, ACK, 0, payload))
+            self._ping(flags, sid, payload, out)
         elif kind == RST_STREAM:
             self._reset_by_peer(sid, payload)
         elif kind == GOAWAY:
+            if sid != 0:
+                raise H2Error(PROTOCOL_ERROR, "GOAWAY on a stream")
             self.goaway_received = True
             if not self.streams and self.transport is not None:
                 self.transport.close()
         elif kind == PRIORITY:
-            if sid == 0 or len(payload) != 5:
-                raise H2Error(PROTOCOL_ERROR, "malformed PRIORITY")
+            self._priority(sid, payload, out)
         elif kind == PUSH_PROMISE:
             raise H2Error(PROTOCOL_ERROR, "a client cannot push")
         # Unknown frame types are ignored (RFC 9113 section 4.1).
@@ -323,74 +469,112 @@ class Connection(asyncio.Protocol):
     def _data(self, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
         if sid == 0:
             raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
-        self._credit += len(payload)  # padding counts against the window too
-        if flags & PADDED:
-            payload = _unpad(payload)
+        size = len(payload)  # padding counts against the windows too
+        if size > self._recv_window:
+            raise H2Error(FLOW_CONTROL_ERROR, f"DATA of {size} bytes beyond the connection window")
+        self._recv_window -= size
         stream = self.streams.get(sid)
         if stream is None:
+            self._give(size)  # nobody will consume these
             if sid > self._last_stream:
                 raise H2Error(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            if self._ended.get(sid):  # the peer had ended (or reset) it: RFC 9113 5.1
+                self._stream_error(sid, STREAM_CLOSED, out)
             return  # a stream we have answered or reset: frames in flight are ignored
+        if flags & PADDED:
+            payload = _unpad(payload)
         if stream.remote_closed:
-            self.reset(stream, STREAM_CLOSED)
-            _cancel(stream)
+            self._give(size)
+            self._stream_error(sid, STREAM_CLOSED, out)
             return
+        if size > stream.recv_window:
+            self._give(size)
+            self._stream_error(sid, FLOW_CONTROL_ERROR, out)
+            return
+        stream.recv_window -= size
         ended = bool(flags & END_STREAM)
+        if stream.length >= 0:
+            stream.length -= len(payload)
+            if stream.length < 0 or (ended and stream.length):
+                self._give(size)
+                self._stream_error(sid, PROTOCOL_ERROR, out)  # RFC 9113 8.1.1: content-length is wrong
+                return
         if ended:
             stream.remote_closed = True
-        if stream.local_closed:  # answered already: drop the rest, keep the client's window open
-            if payload and not ended:
-                out.append(frame(WINDOW_UPDATE, 0, sid, _U32.pack(len(payload))))
-        elif stream.on_data is not None:
-            stream.on_data(stream, payload, ended)  # the reader credits the stream as it consumes
-        if ended and stream.local_closed:
-            self._forget(stream)
+        padding = size - len(payload)
+        if padding or stream.local_closed:  # consumed at once: padding, and anything after our answer
+            consumed = size if stream.local_closed else padding
+            self._give(consumed)
+            self.credit(stream, consumed)
+            if stream.local_closed:
+                if ended:
+                    self._forget(stream)
+                return
+        stream.held += len(payload)
+        if stream.on_data is not None:
+            stream.on_data(stream, payload, ended)  # the reader credits and releases as it consumes
 
     def _headers(self, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
         if sid == 0 or sid % 2 == 0:
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
         if flags & PADDED:
             payload = _unpad(payload)
+        depends = -1
         if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise H2Error(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            depends = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
             payload = payload[5:]
         if flags & END_HEADERS:
-            self._headers_complete(flags, sid, payload, out)
+            self._headers_complete(flags, sid, payload, out, depends)
             return
         self._header_block, self._header_stream, self._header_flags, self._header_size = [], sid, flags, 0
+        if depends == sid:
+            self._header_flags |= 0x100  # remembered: the stream depends on itself
         self._collect(payload)
 
     def _collect(self, chunk: bytes) -> None:
         assert self._header_block is not None
-        self._header_size += len(chunk)
+        self._header_size += len(chunk) + 9
         if self._header_size > MAX_HEADER_BLOCK:
             raise H2Error(ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes")
-        self._header_block.append(chunk)
+        if chunk:
+            self._header_block.append(chunk)
 
-    def _headers_complete(self, flags: int, sid: int, block: bytes, out: list[bytes]) -> None:
-        headers = self._decoder.decode(block)  # always: the decoder's table must follow
+    def _headers_complete(self, flags: int, sid: int, block: bytes, out: list[bytes], depends: int = -1) -> None:
+        fields, problem, length = self._decoder.decode_request(block)  # always: the table must follow
         stream = self.streams.get(sid)
         if stream is not None:  # trailers: they end the request
             if not flags & END_STREAM or stream.remote_closed:
                 raise H2Error(PROTOCOL_ERROR, f"second HEADERS on stream {sid} without END_STREAM")
+            if trailers_problem(fields) is not None or stream.length > 0:
+                self._stream_error(sid, PROTOCOL_ERROR, out)
+                return
             self._data(END_STREAM, sid, b"", out)
             return
         if sid <= self._last_stream:
-            raise H2Error(PROTOCOL_ERROR, f"HEADERS on closed stream {sid}")
+            ended = self._ended.get(sid)
+            if ended is not None:
+                raise H2Error(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+            raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}, below stream {self._last_stream}")
         self._last_stream = sid
-        if self.goaway_sent:
+        if self.goaway_sent or len(self.streams) >= self.max_concurrent_streams:
+            self._remember(sid, True)
             out.append(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
-        if len(self.streams) >= self.max_concurrent_streams:
-            out.append(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
+        if problem is not None or depends == sid or flags & 0x100:
+            log.debug("stream %d from %s is malformed: %s", sid, self.peer, problem or "depends on itself")
+            self._remember(sid, True)
+            self._stream_error(sid, PROTOCOL_ERROR, out)
             return
-        stream = Stream(sid, self, headers, self._initial_window)
+        stream = Stream(sid, self, fields, self._initial_window, self.limits.stream_window, length)
         self.streams[sid] = stream
+        assert self._on_stream is not None
         try:
             self._on_stream(stream)
         except Exception:  # a server bug must cost this stream, not the connection
             log.exception("stream %d from %s failed at its headers", sid, self.peer)
-            self.reset(stream, INTERNAL_ERROR)
-            _cancel(stream)
+            self.reset(stream, INTERNAL_ERROR, cancel=True)
             return
         if flags & END_STREAM:
             self._data(END_STREAM, sid, b"", out)
@@ -401,6 +585,9 @@ class Connection(asyncio.Protocol):
         if flags & ACK:
             if payload:
                 raise H2Error(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if not self._settings_acked:
+                self._settings_acked = True
+                self._settle()
             return
         if len(payload) % 6:
             raise H2Error(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
@@ -412,6 +599,8 @@ class Connection(asyncio.Protocol):
                 delta, self._initial_window = value - self._initial_window, value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise H2Error(FLOW_CONTROL_ERROR, f"stream {stream.id}'s window over 2^31-1")
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value <= MAX_FRAME:
                     raise H2Error(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
@@ -419,9 +608,12 @@ class Connection(asyncio.Protocol):
             elif key == SETTINGS_ENABLE_PUSH and value > 1:
                 raise H2Error(PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
         out.append(frame(SETTINGS, ACK, 0))
+        if not self._got_settings:
+            self._got_settings = True
+            self._settle()
         self._flush_blocked()
 
-    def _window_update(self, sid: int, payload: bytes) -> None:
+    def _window_update(self, sid: int, payload: bytes, out: list[bytes]) -> None:
         if len(payload) != 4:
             raise H2Error(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
@@ -433,31 +625,111 @@ class Connection(asyncio.Protocol):
                 raise H2Error(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
             self._flush_blocked()
             return
+        if sid > self._last_stream:
+            raise H2Error(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
         stream = self.streams.get(sid)
         if stream is None:
             return
         if increment == 0 or stream.send_window + increment > MAX_WINDOW:
-            self.reset(stream, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR)
-            _cancel(stream)  # the stream is gone: its handler must not run on
+            self._stream_error(sid, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR, out)
             return
         stream.send_window += increment
         if stream.id in self._blocked:
             self._flush(stream)
 
+    def _ping(self, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
+        if sid != 0 or len(payload) != 8:
+            raise H2Error(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "malformed PING")
+        if flags & ACK:
+            return
+        if self.limits.ping_strikes:  # grpc-core's ping abuse policy, with calls or without
+            now = time.monotonic()
+            if now < self._last_ping + self.limits.min_ping_interval_s:
+                self._ping_strikes += 1
+                if self._ping_strikes > self.limits.ping_strikes:
+                    raise H2Error(ENHANCE_YOUR_CALM, "too_many_pings")
+            self._last_ping = now
+        out.append(frame(PING, ACK, 0, payload))
+
+    def _priority(self, sid: int, payload: bytes, out: list[bytes]) -> None:
+        if sid == 0:
+            raise H2Error(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._stream_error(sid, FRAME_SIZE_ERROR, out)
+        elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+            self._stream_error(sid, PROTOCOL_ERROR, out)  # a stream cannot depend on itself (RFC 9113 5.3.1)
+
     def _reset_by_peer(self, sid: int, payload: bytes) -> None:
-        if sid == 0 or len(payload) != 4:
-            raise H2Error(PROTOCOL_ERROR, "malformed RST_STREAM")
+        if sid == 0:
+            raise H2Error(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise H2Error(FRAME_SIZE_ERROR, "RST_STREAM length")
+        if sid > self._last_stream:
+            raise H2Error(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        self._count_reset()
+        stream = self.streams.get(sid)
+        if stream is None:
+            self._ended[sid] = True
+            return
+        stream.remote_closed = True
+        self._forget(stream, cancel=True)
+
+    def _count_reset(self) -> None:
         now = time.monotonic()
         if now - self._reset_window >= 1.0:
             self._reset_window, self._resets = now, 0
         self._resets += 1
-        if self._resets > MAX_RESETS_PER_S:
-            raise H2Error(ENHANCE_YOUR_CALM, f"over {MAX_RESETS_PER_S} stream resets per second")
+        if self._resets > self.limits.max_resets_per_s:
+            raise H2Error(ENHANCE_YOUR_CALM, f"over {self.limits.max_resets_per_s} stream resets per second")
+
+    def _stream_error(self, sid: int, code: int, out: list[bytes], count: bool = True) -> None:
+        """RST_STREAM(code) for the peer's error on one stream; its handler is cancelled. Each
+        counts towards the rapid-reset bound, so a flood of bad streams ends the connection."""
+        out.append(frame(RST_STREAM, 0, sid, _U32.pack(code)))
         stream = self.streams.get(sid)
-        if stream is None:
-            return
-        self._forget(stream)
-        _cancel(stream)
+        if stream is not None:
+            self._forget(stream, cancel=True)
+        if count:
+            self._count_reset()
+
+    def _starved(self, out: list[bytes]) -> None:
+        """The peer can no longer send a full frame on the connection. Credit what has been
+        consumed; if nothing has been, every buffered byte waits for bytes that cannot come:
+        reset the stream holding the most."""
+        if not self._unacked:
+            victim = max(self.streams.values(), key=_held, default=None)
+            if victim is None or not victim.held:
+                return
+            log.warning("reset stream %d from %s: the connection's %d buffered request bytes are all waiting",
+                        victim.id, self.peer, self.limits.connection_window)
+            self._stream_error(victim.id, ENHANCE_YOUR_CALM, out, count=False)
+        self._send_credit()
+
+    # --- flow control credit ------------------------------------------------------------------
+
+    def credit(self, stream: Stream, consumed: int) -> None:
+        """Gives back stream window for request bytes the handler has consumed."""
+        stream.credit += consumed
+        if stream.credit >= self.limits.stream_window >> 2 and not stream.remote_closed and self.transport is not None:
+            self.transport.write(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.credit)))
+            stream.recv_window += stream.credit
+            stream.credit = 0
+
+    def release(self, stream: Stream, consumed: int) -> None:
+        """Gives back connection window for request bytes the handler has consumed."""
+        stream.held -= consumed
+        self._give(consumed)
+
+    def _give(self, consumed: int) -> None:
+        self._unacked += consumed
+        if self._unacked >= self.limits.connection_window >> 2:
+            self._send_credit()
+
+    def _send_credit(self) -> None:
+        if self._unacked and self.transport is not None:
+            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked)))
+            self._recv_window += self._unacked
+            self._unacked = 0
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -465,8 +737,10 @@ class Connection(asyncio.Protocol):
         """Sends a header block (`head`), DATA and a trailer block, each optional, in one write
         when the windows allow; DATA beyond them (and the trailers after it) wait for
         WINDOW_UPDATE. Returns False when everything was sent."""
-        if stream.local_closed or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if stream.local_closed or transport is None or transport.is_closing():
             return False
+        self._ping_strikes, self._last_ping = 0, float("-inf")  # sending resets them, as in grpc
         parts = []
         if head is not None:
             parts.append(self._header_frames(stream.id, head, end=False))
@@ -475,7 +749,7 @@ class Connection(asyncio.Protocol):
             if trailers is not None:
                 stream.pending_trailers = trailers
             if parts:
-                self.transport.write(b"".join(parts))
+                transport.write(b"".join(parts))
             self._blocked[stream.id] = stream
             self._flush(stream)
             return stream.id in self._blocked
@@ -484,7 +758,9 @@ class Connection(asyncio.Protocol):
         if trailers is not None:
             parts.append(self._header_frames(stream.id, trailers, end=True))
         if parts:
-            self.transport.write(b"".join(parts))
+            transport.write(b"".join(parts))
+            if self._paused:
+                self._check_output()
         if trailers is not None:  # after the write: closing the last stream may close the transport
             self._local_close(stream)
         return False
@@ -529,6 +805,8 @@ class Connection(asyncio.Protocol):
                 stream.window_open.set()
         if parts:
             self.transport.write(b"".join(parts))
+            if self._paused:
+                self._check_output()
         if ended:  # after the write, as in send()
             self._local_close(stream)
 
@@ -551,36 +829,55 @@ class Connection(asyncio.Protocol):
                 stream.window_open = None
         await self.drain()
 
-    def credit(self, stream: Stream, consumed: int) -> None:
-        """Gives back stream window for request bytes the handler has consumed."""
-        stream.credit += consumed
-        if stream.credit >= STREAM_WINDOW // 4 and not stream.remote_closed and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.credit)))
-            stream.credit = 0
-
-    def reset(self, stream: Stream, code: int = CANCEL) -> None:
-        """RST_STREAM from our side (the handler is cancelled by the caller if need be)."""
+    def reset(self, stream: Stream, code: int = CANCEL, cancel: bool = False) -> None:
+        """RST_STREAM from our side; `cancel` cancels the stream's handler too."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
-        self._forget(stream)
+        self._forget(stream, cancel)
 
     def _local_close(self, stream: Stream) -> None:
         stream.local_closed = True
         if stream.remote_closed:
             self._forget(stream)
+            return
         # Answered before the request ended (an error, or a handler that stopped reading): the
-        # rest of the request is read and dropped (see _data). RFC 9113 8.1 would allow
+        # rest of the request is read and dropped (see _data), and what was held is given back
+        # with a full stream window so the peer can finish. RFC 9113 8.1 would allow
         # RST_STREAM(NO_ERROR) here, but grpc's C-core client then fails a call whose status it
         # has already received ("Stream removed").
+        if stream.held:
+            self._give(stream.held)
+            stream.held = 0
+        unconsumed = self.limits.stream_window - stream.recv_window - stream.credit
+        if unconsumed > 0:
+            self.credit(stream, unconsumed)
 
-    def _forget(self, stream: Stream) -> None:
+    def _forget(self, stream: Stream, cancel: bool = False) -> None:
+        """The stream is closed: its bytes go back to the connection window, its handler is
+        cancelled if asked, and it lets go of the server's state (no cycle outlives it)."""
         stream.local_closed = True
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is not None:
+            self._remember(stream.id, stream.remote_closed)
+            if not self.streams:
+                self._idle_since = time.monotonic()
+        if stream.held:
+            self._give(stream.held)
+            stream.held = 0
         self._blocked.pop(stream.id, None)
         if stream.window_open is not None:
             stream.window_open.set()
+        if cancel:
+            _cancel(stream)
+        stream.on_data = stream.on_reset = stream.call = stream.task = None
+        stream.pending, stream.pending_trailers = b"", None
         if (self.goaway_sent or self.goaway_received) and not self.streams and self.transport is not None:
             self.transport.close()
+
+    def _remember(self, sid: int, ended: bool) -> None:
+        remembered = self._ended
+        if len(remembered) >= _REMEMBERED:
+            del remembered[next(iter(remembered))]
+        remembered[sid] = ended
 
     # --- closing ------------------------------------------------------------------------------
 
@@ -602,6 +899,20 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._buf = b""
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over the server's cap: told GOAWAY ENHANCE_YOUR_CALM and closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp: asyncio.Transport = transport  # type: ignore[assignment]
+        tcp.write(frame(SETTINGS, 0, 0) + frame(GOAWAY, 0, 0, _U32.pack(0) + _U32.pack(ENHANCE_YOUR_CALM)
+                                                 + b"too many connections"))
+        tcp.close()
+
+
+def _held(stream: Stream) -> int:
+    return stream.held
 
 
 def _cancel(stream: Stream) -> None:

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import collections
+import dataclasses
 import logging
 import socket
 import ssl
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -33,7 +36,7 @@ import grpc
 import grpc.aio
 
 from switchgear.rpc import http2
-from switchgear.rpc.http2 import Connection, Stream, literal, literal_indexed_name, status_field
+from switchgear.rpc.http2 import Connection, Limits, Refusal, Stream, literal, literal_indexed_name, status_field
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +83,39 @@ def _encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> bytes:
 
 
 def _decode_value(name: bytes, value: bytes) -> str | bytes:
-    if name.endswith(b"-bin"):
-        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    if name.endswith(b"-bin"):  # padded or not, as grpc sends; anything else is refused as grpc-core does
+        return base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
     return value.decode("latin-1")
+
+
+def _status_block(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str | bytes]] = ()) -> bytes:
+    block = _OK if code is grpc.StatusCode.OK else literal(b"grpc-status", str(code.value[0]).encode())
+    if details and code is not grpc.StatusCode.OK:
+        block += literal(b"grpc-message", _percent(details))
+    if trailing:
+        block += _encode_metadata(trailing)
+    return block
+
+
+class Warnings:
+    """One WARNING line per kind of bad input per `interval_s` (the rest counted and reported
+    with the next line), so that a client sending bad input cannot fill the log."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._next[kind] = now + self.interval_s
+        suppressed = self._suppressed.pop(kind, 0)
+        suffix = f" ({suppressed} more like it in the last {self.interval_s:g}s)" if suppressed else ""
+        log.warning(message + suffix, *args)
 
 
 def _timeout(value: bytes) -> float:
@@ -106,7 +139,12 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
         self._body = bytearray()  # request-streaming calls: bytes not yet cut into messages
         self._chunks: list[bytes] = []  # unary requests: the body as it arrived
         self._size = 0
-        self._inbox: asyncio.Queue[bytes | None] | None = None
+        self._inbox: asyncio.Queue[tuple[bytes, int] | None] | None = None  # messages and their size on the wire
+        # Stream window (request-streaming calls): a partial message's bytes are credited as they
+        # arrive (it may be larger than the window: grpc-go does the same); a complete message's
+        # bytes not credited that way are `_owed` until the handler reads it.
+        self._precredited = 0
+        self._owed = 0
         self._code = grpc.StatusCode.OK
         self._details = ""
         self._initial: Sequence[tuple[str, str | bytes]] = ()
@@ -140,8 +178,8 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
                       f"Compression algorithm {self._encoding.decode('latin-1') or 'identity'!r} not supported "
                       "for a compressed message")
 
-    def _next_messages(self) -> list[bytes]:
-        """Complete messages at the head of the body buffer, removed from it."""
+    def _next_messages(self) -> list[tuple[bytes, int]]:
+        """Complete messages at the head of the body buffer, removed from it, with their sizes."""
         body, out, pos = self._body, [], 0
         limit = self._server.max_receive
         while len(body) - pos >= 5:
@@ -151,7 +189,7 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
                               f"Received message larger than max ({length} vs. {limit})")
             if len(body) - pos - 5 < length:
                 break
-            out.append(self._message(body[pos:pos + 5 + length]))
+            out.append((self._message(body[pos:pos + 5 + length]), 5 + length))
             pos += 5 + length
         del body[:pos]
         return out
@@ -161,13 +199,17 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
     async def read(self) -> Any:
         if self._inbox is None:
             raise grpc.aio.UsageError("read() is for request-streaming calls")
-        raw = await self._inbox.get()
-        if raw is None:
+        item = await self._inbox.get()
+        if item is None:
             self._inbox.put_nowait(None)
             return grpc.aio.EOF
-        self._stream.conn.credit(self._stream, len(raw) + 5)
-        deserialize = self._handler.request_deserializer
-        return deserialize(raw) if deserialize is not None else raw
+        raw, size = item
+        stream, owed = self._stream, min(self._owed, size)
+        stream.conn.release(stream, size)
+        if owed:
+            self._owed -= owed
+            stream.conn.credit(stream, owed)
+        return self._server._deserialize(self, raw)
 
     async def write(self, message: Any) -> None:
         if self._finished:
@@ -276,12 +318,7 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
         return _HEAD + _encode_metadata(self._initial) if self._initial else _HEAD
 
     def _status_block(self, code: grpc.StatusCode, details: str) -> bytes:
-        block = _OK if code is grpc.StatusCode.OK else literal(b"grpc-status", str(code.value[0]).encode())
-        if details and code is not grpc.StatusCode.OK:
-            block += literal(b"grpc-message", _percent(details))
-        if self._trailing:
-            block += _encode_metadata(self._trailing)
-        return block
+        return _status_block(code, details, self._trailing)
 
     def _finish(self, code: grpc.StatusCode, details: str, message: bytes | None = None) -> None:
         """Sends the answer's end (and a unary answer's message with it) in one write."""
@@ -298,7 +335,8 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
             stream.conn.send(stream, None, b"", trailers)
         else:  # trailers-only
             stream.conn.send(stream, None, b"", self._head() + trailers)
-        for callback in self._callbacks:
+        callbacks, self._callbacks = self._callbacks, []  # once each, and no reference kept
+        for callback in callbacks:
             try:
                 callback(self)
             except Exception:
@@ -330,15 +368,23 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
 
 
 class Server(grpc.aio.Server):  # type: ignore[misc]
-    """See the module docstring. `interceptors` are grpc.aio ServerInterceptors, run in order."""
+    """See the module docstring. `interceptors` are grpc.aio ServerInterceptors, run in order;
+    `limits` bound every connection (http2.Limits); `max_concurrent_streams` and
+    `max_header_list_size`, when given, override those two of them."""
 
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
-                 max_receive_message_length: int = DEFAULT_MAX_RECEIVE, max_concurrent_streams: int = 1000,
-                 max_header_list_size: int = 16 * 1024) -> None:
+                 max_receive_message_length: int = DEFAULT_MAX_RECEIVE, limits: Limits | None = None,
+                 max_concurrent_streams: int | None = None, max_header_list_size: int | None = None,
+                 warnings: Warnings | None = None) -> None:
         self._interceptors = tuple(interceptors)
         self.max_receive = max_receive_message_length
-        self._max_streams = max_concurrent_streams
-        self._max_header_list = max_header_list_size
+        limits = limits or Limits()
+        if max_concurrent_streams is not None:
+            limits = dataclasses.replace(limits, max_concurrent_streams=max_concurrent_streams)
+        if max_header_list_size is not None:
+            limits = dataclasses.replace(limits, max_header_list_size=max_header_list_size)
+        self.limits = limits
+        self.warnings = warnings or Warnings()
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -446,9 +492,12 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
 
     # --- calls ----------------------------------------------------------------------------------
 
-    def _connection(self) -> Connection:
-        conn = Connection(self._on_stream, max_concurrent_streams=self._max_streams,
-                          max_header_list_size=self._max_header_list, on_close=self._connections.discard)
+    def _connection(self) -> asyncio.Protocol:
+        if len(self._connections) >= self.limits.max_connections:
+            self.warnings.warn("connections", "refused a connection: %d are open, the most allowed",
+                               len(self._connections))
+            return Refusal()
+        conn = Connection(self._on_stream, self.limits, self._connections.discard)
         self._connections.add(conn)
         return conn
 
@@ -459,6 +508,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         encoding = b"identity"
         timeout: bytes | None = None
         metadata = []
+        conn = stream.conn
         for name, value in stream.headers:
             if name[0] == 58:  # ':'
                 if name == b":path":
@@ -472,8 +522,14 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             elif name == b"grpc-encoding":
                 encoding = value
             elif name not in _RESERVED:
-                metadata.append((name.decode("latin-1"), _decode_value(name, value)))
-        conn = stream.conn
+                try:
+                    metadata.append((name.decode("latin-1"), _decode_value(name, value)))
+                except binascii.Error:  # grpc-core's answer, word for word
+                    text = name.decode("latin-1")
+                    self.warnings.warn("bin", "refused a call from %s: invalid base64 in metadata %r", conn.peer, text)
+                    conn.send(stream, None, b"", _HEAD + _status_block(
+                        grpc.StatusCode.INTERNAL, f"Error parsing {text!r} metadata: illegal base64 encoding"))
+                    return
         if method != b"POST" or not content_type.startswith(b"application/grpc"):
             code = 405 if method != b"POST" else 415
             conn.send(stream, None, b"", status_field(code) + literal(b"content-type", b"text/plain"))
@@ -504,6 +560,8 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         if context._finished:
             return
         if chunk:
+            # The stream window is given back as bytes arrive (the handler can only consume the
+            # whole message, which max_receive bounds); the connection's once it is whole.
             context._chunks.append(chunk)
             context._size += len(chunk)
             stream.conn.credit(stream, len(chunk))
@@ -513,6 +571,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
                                       f"{self.max_receive})"))
                 return
         if ended:
+            stream.conn.release(stream, context._size)
             stream.task = asyncio.get_running_loop().create_task(self._run(context))
 
     def _stream_data(self, stream: Stream, chunk: bytes, ended: bool) -> None:
@@ -522,8 +581,16 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             return
         context._body += chunk
         try:
+            consumed = 0
             for message in context._next_messages():
                 context._inbox.put_nowait(message)
+                consumed += message[1]
+            early = min(consumed, context._precredited)  # of these messages' bytes, credited as a partial
+            context._owed += consumed - early
+            partial = len(context._body)
+            if partial > context._precredited - early:
+                stream.conn.credit(stream, partial - (context._precredited - early))
+            context._precredited = partial
         except _Reject as exc:
             if stream.task is not None:
                 stream.task.cancel()
@@ -586,12 +653,18 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         length = int.from_bytes(body[1:5], "big")
         if len(body) != 5 + length:
             raise _Reject(grpc.StatusCode.INTERNAL, "request was not exactly one message")
-        raw = context._message(body)
+        return self._deserialize(context, context._message(body))
+
+    def _deserialize(self, context: Context, raw: bytes) -> Any:
+        """A request message, or grpc.aio's answer to one that does not parse: UNKNOWN with the
+        exception, logged as one rate-limited line rather than a traceback."""
         deserialize = context._handler.request_deserializer
         try:
             return deserialize(raw) if deserialize is not None else raw
         except Exception as exc:
-            raise _Reject(grpc.StatusCode.INTERNAL, f"Exception deserializing request: {exc}") from exc
+            self.warnings.warn("deserialize", "refused a call to %s from %s: its request does not parse (%s)",
+                               context._method, context._stream.conn.peer, type(exc).__name__)
+            raise _Reject(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}") from exc
 
     async def _requests(self, context: Context) -> AsyncIterator[Any]:
         while (message := await context.read()) is not grpc.aio.EOF:
