@@ -61,20 +61,22 @@ def frames_seeds() -> dict[str, bytes]:
     gz = message(gzip.compress(b"hello" * 40), compressed=True)
     headers = request_headers("Unary", ("x-request-id", "abc"), ("trace-bin", "AAEC"))
     split = len(headers) // 2
+    gz_headers = request_headers("Unary", ("grpc-encoding", "gzip"))
+    priority = b"\x00\x00\x00\x00\x10"
     return {
-        "unary": SETTINGS_FRAME + SETTINGS_ACK + frame(HEADERS, END_HEADERS, 1, unary) + frame(DATA, END_STREAM, 1, hello),
+        "unary": SETTINGS_FRAME + SETTINGS_ACK + frame(HEADERS, END_HEADERS, 1, unary)
+        + frame(DATA, END_STREAM, 1, hello),
         "two-unary-calls": SETTINGS_FRAME + frame(HEADERS, END_HEADERS, 1, unary) + frame(DATA, END_STREAM, 1, hello)
         + frame(HEADERS, END_HEADERS, 3, again) + frame(DATA, END_STREAM, 3, hello),
         "streaming": SETTINGS_FRAME + frame(HEADERS, END_HEADERS, 1, request_headers("Stream"))
         + frame(DATA, 0, 1, message(b"one") + message(b"two")[:4]) + frame(DATA, 0, 1, message(b"two")[4:])
         + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1000)) + frame(DATA, END_STREAM, 1, b""),
-        "gzip-message": SETTINGS_FRAME + frame(HEADERS, END_HEADERS, 1, request_headers("Unary", ("grpc-encoding", "gzip")))
-        + frame(DATA, END_STREAM, 1, gz),
+        "gzip-message": SETTINGS_FRAME + frame(HEADERS, END_HEADERS, 1, gz_headers) + frame(DATA, END_STREAM, 1, gz),
         "continuation-bin-metadata": SETTINGS_FRAME + frame(HEADERS, 0, 1, headers[:split])
         + frame(CONTINUATION, END_HEADERS, 1, headers[split:]) + frame(DATA, END_STREAM, 1, hello),
         "padded-priority": SETTINGS_FRAME
-        + frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, b"\x02" + b"\x00\x00\x00\x00\x10" + unary + b"\x00\x00")
-        + frame(PRIORITY, 0, 1, b"\x00\x00\x00\x00\x10") + frame(DATA, END_STREAM | PADDED, 1, b"\x01" + hello + b"\x00"),
+        + frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, b"\x02" + priority + unary + b"\x00\x00")
+        + frame(PRIORITY, 0, 1, priority) + frame(DATA, END_STREAM | PADDED, 1, b"\x01" + hello + b"\x00"),
         "ping-reset-goaway": SETTINGS_FRAME + frame(PING, 0, 0, b"12345678") + frame(PING, ACK, 0, b"12345678")
         + frame(HEADERS, END_HEADERS, 1, unary) + frame(RST_STREAM, 0, 1, struct.pack(">I", 8))
         + frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)),
