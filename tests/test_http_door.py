@@ -229,3 +229,23 @@ def test_the_open_file_limit_is_raised_and_each_door_kept_below_it() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert 2 * door_budget(20_000) + 512 <= 20_000 and door_budget(100) == 16
+
+
+async def test_at_the_cap_a_keep_alive_connection_that_served_outlives_newer_idle_ones() -> None:
+    async with door(DoorLimits(max_connections=4)) as (host, port, runner):
+        reader, writer = await asyncio.open_connection(host, port)
+
+        async def models() -> bytes:
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            return head + await reader.readexactly(length)
+
+        assert (await models()).startswith(b"HTTP/1.1 200")  # the oldest connection, idle since
+        idle = [await asyncio.open_connection(host, port) for _ in range(10)]
+        await wait_for(lambda: runner.door.evicted >= 7)
+        assert (await models()).startswith(b"HTTP/1.1 200")  # still open: the never-served went first
+        for _, other in idle:
+            other.close()
+        writer.close()

@@ -7,8 +7,9 @@ http.py holds the OpenAI-compatible handlers; this module holds what sits under 
   timeout (slow bodies), a body-size cap, header size and count caps, and a budget for request
   bodies buffered at once across the door;
 - **a connection cap that keeps the door answering**: at the cap, a new connection evicts the
-  connection that has been quiet longest and is not serving a request (idle keep-alive or
-  half-sent headers: slowloris); only when every connection is busy is the new one refused (503);
+  quietest connection that is not serving a request, one that never sent a whole request (idle
+  from the start, or slowloris) before an idle keep-alive one; only when the quietest are all
+  busy is the new one refused (503);
 - **protocol-level refusals in OpenAI's error shape**: aiohttp answers a request it cannot parse
   (smuggling attempts such as Content-Length with Transfer-Encoding or two Content-Lengths, bad
   chunking, oversized or too many headers, obs-fold) itself, in plain text that quotes the
@@ -23,6 +24,7 @@ http.py holds the OpenAI-compatible handlers; this module holds what sits under 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import resource
 from collections import OrderedDict
@@ -159,7 +161,10 @@ class _Door(web.Server):
     def admit(self, conn: _Protocol) -> bool:
         """Makes room for `conn` (evicting the quietest idle connection at the cap); False: all busy."""
         if len(self.live) >= self.max_connections:
-            victim = next((c for i, c in enumerate(self.live) if i < _EVICT_SCAN and c.idle), None)
+            # Among the quietest: one that never sent a whole request (idle from the start, or
+            # slowloris) before a keep-alive connection that has served requests.
+            quiet = [c for c in itertools.islice(self.live, _EVICT_SCAN) if c.idle]
+            victim = next((c for c in quiet if not c.served), quiet[0] if quiet else None)
             if victim is None:
                 self.refused += 1
                 return False
@@ -186,6 +191,10 @@ class _Protocol(RequestHandler):
     @property
     def idle(self) -> bool:
         return not self._request_in_progress
+
+    @property
+    def served(self) -> bool:
+        return self._request_count > 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
