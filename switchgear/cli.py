@@ -87,6 +87,14 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_depth(text: str) -> int:
+    """--max-json-depth: 2..128. Deeper payloads would let later recursive steps (the cache key,
+    usage estimates) near Python's recursion limit, which is what the limit exists to prevent."""
+    if not text.isdigit() or not 2 <= int(text) <= 128:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 2 to 128, got {text!r}")
+    return int(text)
+
+
 def _resilience_settings(args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
@@ -111,7 +119,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         grpc_server=args.grpc_server, metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
-        redis_probe_interval_s=args.redis_probe_interval,
+        redis_probe_interval_s=args.redis_probe_interval, max_json_depth=args.max_json_depth,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
         serve_tls=_serve_tls(args),
@@ -443,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "on repeated trips (default: %(default)s)")
     ag.add_argument("--ejection-time", type=float, default=30.0, metavar="S",
                     help="seconds an outlier endpoint is ejected the first time (default: %(default)s)")
+    ag.add_argument("--max-json-depth", type=_json_depth, default=64, metavar="N",
+                    help="refuse request JSON nested deeper than N levels, on both doors, before any work "
+                         "(INVALID_ARGUMENT / HTTP 400 naming the field; default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
     add_door_arguments(ag)

@@ -32,6 +32,7 @@ def _policy(args: argparse.Namespace) -> governance_pb2.TenantPolicy:
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
         budget_per_hour_usd=args.budget_hour, budget_per_day_usd=args.budget_day,
         max_cost_per_request=args.max_cost, priority_cap=args.priority_cap,
+        max_in_flight=args.max_in_flight,
     )
 
 
@@ -94,6 +95,13 @@ def _connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0, as argparse reads it (a clear usage error, not a traceback)."""
+    if not text.isdigit() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text!r}")
+    return int(text)
+
+
 def _policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-type", choices=("standard", "premium"))
     parser.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = no limit)")
@@ -102,6 +110,8 @@ def _policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-day", type=float, default=0.0, help="USD per day")
     parser.add_argument("--max-cost", type=float, default=0.0, help="USD per request")
     parser.add_argument("--priority-cap", type=int, default=0)
+    parser.add_argument("--max-in-flight", type=_count, default=0, metavar="N",
+                        help="calls in flight per agent at once (0 = no cap); more get 429 / RESOURCE_EXHAUSTED")
     parser.add_argument("--allow-service", action="append", help="repeatable; none = all")
     parser.add_argument("--allow-category", action="append",
                         choices=("llm", "document", "knowledge_graph", "vector_db", "embedding"))

@@ -152,11 +152,12 @@ async def test_shed_calls_are_resource_exhausted_with_retry_after(emulators: Emu
 
 
 def test_http_front_door_maps_a_shed_to_429_with_retry_after() -> None:
-    from switchgear.dataplane.http import shed_error
+    from switchgear.dataplane.http import render
+    from switchgear.dataplane.outcome import refusal
     from switchgear.dataplane.resilience.admission import Rejection, ShedReason
     from switchgear.dataplane.resilience.admission_edge import Shed
 
-    full = shed_error(Shed(Rejection(1, "chat", "e0", 1, ShedReason.QUEUE_FULL, 0.3)))
+    full = render(refusal(Shed(Rejection(1, "chat", "e0", 1, ShedReason.QUEUE_FULL, 0.3))))
     assert (full.status, full.headers["Retry-After"], full.code) == (429, "1", "overloaded")
-    late = shed_error(Shed(Rejection(2, "chat", "e0", 1, ShedReason.DEADLINE, 2.5)))
+    late = render(refusal(Shed(Rejection(2, "chat", "e0", 1, ShedReason.DEADLINE, 2.5))))
     assert (late.status, late.headers["Retry-After"]) == (504, "3")

@@ -23,6 +23,8 @@ PURE_MODULES = [
     "switchgear/controlplane/agents.py",
     "switchgear/dataplane/snapshot.py",
     "switchgear/dataplane/events.py",
+    "switchgear/dataplane/outcome.py",
+    "switchgear/dataplane/governance.py",
 ]
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "httpx", "aiohttp", "opentelemetry", "switchgear.v1", "sqlite3")
 

@@ -41,8 +41,13 @@ CONSECUTIVE_ONLY = replace(FAST, min_requests=1000)
         (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (1, E.RETRYABLE)], State.CLOSED),
         (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (1, E.RETRYABLE), (2, E.CONNECT)], State.OPEN),
         (CONSECUTIVE_ONLY, [(0, E.TIMEOUT), (1, None), (2, E.TIMEOUT), (3, E.TIMEOUT)], State.CLOSED),  # reset
-        # client-side errors count as the endpoint answering: they reset the run
-        (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (1, E.CLIENT), (2, E.RETRYABLE), (3, E.RETRYABLE)], State.CLOSED),
+        # a caller's own mistake counts nowhere: it neither resets the run (a tenant's malformed
+        # requests must not hide a failing endpoint) nor adds to it
+        (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (1, E.CLIENT), (2, E.RETRYABLE), (3, E.RETRYABLE)], State.OPEN),
+        (CONSECUTIVE_ONLY, [(0, E.CLIENT), (1, E.CONTEXT_LENGTH), (2, E.RETRYABLE), (3, E.RETRYABLE)], State.CLOSED),
+        (FAST, [(0, E.CLIENT)] * 10, State.CLOSED),
+        # ...nor dilutes the error rate: 2 failures of 4 real outcomes trip despite 10 bad requests
+        (FAST, [(0, E.RETRYABLE), (1, None), (2, None), *[(2.5, E.CLIENT)] * 10, (3, E.RETRYABLE)], State.OPEN),
         # 429, auth and config neither count nor reset the run
         (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (0.5, E.AUTH), (1, E.RETRYABLE), (2, E.RETRYABLE)], State.OPEN),
         (CONSECUTIVE_ONLY, [(0, E.RETRYABLE), (0.5, E.CONFIG), (1, E.RETRYABLE), (2, E.RETRYABLE)], State.OPEN),

@@ -33,7 +33,8 @@ def feed(d: OutlierDetector, now: float, endpoint: str, outcomes: list[ErrorKind
         ([E.RETRYABLE] * 2, False),
         ([E.RETRYABLE] * 3, True),
         ([E.RETRYABLE, E.RETRYABLE, None, E.RETRYABLE], False),  # a success resets
-        ([E.RETRYABLE, E.CLIENT, E.RETRYABLE, E.RETRYABLE], False),  # an answered 4xx is a success
+        ([E.RETRYABLE, E.CLIENT, E.RETRYABLE, E.RETRYABLE], True),  # a caller's 4xx neither resets...
+        ([E.CLIENT, E.CONTEXT_LENGTH] * 10, False),  # ...nor counts
         ([E.CONNECT, E.TIMEOUT], True),  # gateway failures have their own, lower threshold
         ([E.CONNECT, E.RETRYABLE, E.TIMEOUT], True),  # ...and also count as 5xx (3 in a row)
         ([E.CONNECT, E.RETRYABLE], False),

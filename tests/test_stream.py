@@ -303,3 +303,34 @@ async def test_cli_invoke_stream_prints_chunks_then_the_end(
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0].startswith('{"id":"chatcmpl-') and '"endpoint": "e0"' in out
+
+
+async def test_a_stream_its_caller_abandons_is_metered_and_its_attempt_ends(emulators: EmulatorGroup) -> None:
+    """Cut after the first chunk: the meter holds the prompt and what was forwarded, and the
+    observers see the attempt end (no error, estimated usage), so nothing stays in flight."""
+    from switchgear.dataplane.convert import Call
+    from switchgear.dataplane.reporter import LoadAccumulator
+    from switchgear.dataplane.stream import Meter
+
+    emulators.set_faults("a", Faults(token_delay_ms=50))
+    agent = make_agent(snapshot(view("chat", "openai", [emulators.urls["a"]], model="gpt-4o-mini",
+                                     pricing=Pricing(cost_per_1k_tokens=1.0))))
+    accumulator = LoadAccumulator()
+    agent.streamer._observers = [agent.recorder, accumulator]
+    prompt = "x" * 401
+    call = Call(request_id="r", category="", service="chat", method="chat.completions",
+                payload={"messages": [{"role": "user", "content": prompt}]}, priority=5, timeout_s=0, user_id="",
+                session_id="")
+    meter = Meter()
+    items = agent.streamer.stream(call, agent.holder.current, meter)  # type: ignore[arg-type]
+    first = await anext(items)
+    assert isinstance(first, bytes)
+    await items.aclose()
+    usage, cost = meter.charge()
+    assert meter.end is None and usage.estimated and usage.input_tokens == 101 and usage.output_tokens >= 1
+    assert cost == pytest.approx((usage.input_tokens + usage.output_tokens) / 1000)
+    (ended,) = agent.recorder.ended
+    assert ended.error is None and ended.usage == usage
+    (load,) = accumulator.drain()
+    assert (load.in_flight, load.input_tokens) == (0, 101)
+    await agent.pool.close()

@@ -30,8 +30,16 @@ class ErrorKind(str, Enum):
     def retryable(self) -> bool:
         return self in _RETRYABLE
 
+    @property
+    def caller_fault(self) -> bool:
+        """The request itself was wrong (invalid, unknown model, too long, too large: an upstream
+        4xx other than 401/403/408/429). The caller's own mistake is answered to that caller and
+        counts against nothing shared: breakers, ejection, health, weights, load reports, alerts."""
+        return self in _CALLER_FAULTS
+
 
 _RETRYABLE = frozenset({ErrorKind.RETRYABLE, ErrorKind.RATE_LIMITED, ErrorKind.TIMEOUT, ErrorKind.CONNECT})
+_CALLER_FAULTS = frozenset({ErrorKind.CLIENT, ErrorKind.CONTEXT_LENGTH})
 
 
 class UpstreamError(Exception):

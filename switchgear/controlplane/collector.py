@@ -29,6 +29,11 @@ DEFAULT_LATENCY_BOUNDS_S: tuple[float, ...] = (
 
 Key = tuple[str, str]  # (service, endpoint); endpoint "" = service-level figures
 
+#: Error kinds (loadreport.proto's ErrorCount.kind) that were the caller's own mistake: agents
+#: do not report them, and any that arrive (an older agent) count against nothing here, so no
+#: tenant's malformed requests move an endpoint's error rate, health, weight or alerts.
+CALLER_FAULT_KINDS = frozenset({"client", "context_length"})
+
 
 @dataclass(frozen=True)
 class LoadDelta:
@@ -206,6 +211,8 @@ class _Series:
             self.mark_hist.append(list(self.hist))
         _plus_into(self.total, [getattr(d, name) for name in _SCALARS])
         for kind, count in d.failed:
+            if kind in CALLER_FAULT_KINDS:
+                continue
             _plus_into(self.total, (count,), _N + kinds.setdefault(kind, len(kinds)))
         _plus_into(self.hist, d.latency_buckets)
 

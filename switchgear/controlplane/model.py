@@ -224,6 +224,7 @@ class TenantPolicy:
     budget_per_hour_usd: float = 0.0
     budget_per_day_usd: float = 0.0
     priority_cap: int = 0  # 1..10; 0 = no cap
+    max_in_flight: int = 0  # calls in flight per agent; 0 = no cap
     # Sorted (service name, quota) pairs.
     services: tuple[tuple[str, ServiceQuota], ...] = ()
 

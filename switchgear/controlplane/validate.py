@@ -498,6 +498,7 @@ def _check_tenant(tenant: Tenant) -> Iterator[Problem]:
         "policy.max_cost_per_request": policy.max_cost_per_request,
         "policy.requests_per_minute": policy.requests_per_minute,
         "policy.tokens_per_minute": policy.tokens_per_minute,
+        "policy.max_in_flight": policy.max_in_flight,
         "policy.budget_per_hour_usd": policy.budget_per_hour_usd,
         "policy.budget_per_day_usd": policy.budget_per_day_usd,
     }

@@ -6,22 +6,29 @@ runs ONE call through them; both `invoke.Invoker` and `stream.Streamer` drive it
 streamed calls get the same breakers, ejection, budget, admission and fallbacks:
 
     ctl = resilience.controller(pick, call, service, snapshot, deadline, serves=...)
-    while (attempt := await ctl.next()) is not None:    # pick -> breaker ticket -> admission slot
-        try:
-            value = await call_the_adapter(attempt.service, attempt.endpoint, attempt.remaining_s)
-        except UpstreamError as exc:
-            await ctl.failed(attempt, exc)    # record; retry decision, budget, backoff (sleeps)
-            continue
-        except BaseException:
-            await ctl.abandon(attempt)        # cancelled: ticket and slot back, no outcome
-            raise
+    won = await ctl.first_answer(try_one)   # the attempt loop, below
+    if won is not None:
+        attempt, value = won
         await ctl.succeeded(attempt)
         return value
     ctl.terminal  # a PRESET / QUEUE_FOR_LATER step to answer with, or None:
     raise ctl.failure()                       # CallFailed with the last error and the reason
 
-A stream that already sent its first token must not be retried: it calls
-`ctl.finish(attempt, error)` instead, which records the outcome and ends the call.
+where `first_answer` is the one attempt loop for unary calls and streams:
+
+    while (attempt := await ctl.next()) is not None:    # pick -> breaker ticket -> admission slot
+        try:
+            return attempt, await try_one(attempt)   # e.g. the adapter call, within attempt.remaining_s
+        except UpstreamError as exc:
+            await ctl.failed(attempt, exc)    # record; retry decision, budget, backoff (sleeps)
+        except BaseException:
+            await ctl.abandon(attempt)        # cancelled: ticket and slot back, no outcome
+            raise
+    return None
+
+A stream's `try_one` reads up to the first token; once that is out the stream must not be
+retried: it calls `ctl.finish(attempt, error)` instead of `succeeded`, which records the
+outcome and ends the call.
 
 Per service of the chain (the requested one, then each SERVICE step of the fallback plan) the
 loop is the package docstring's (resilience/__init__.py): endpoints refused by the gate (open
@@ -49,9 +56,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.convert import Call
@@ -92,6 +99,8 @@ from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceVi
 #: does not (test pickers), a refused breaker ticket just excludes that endpoint.
 Pick = Callable[..., EndpointView | None]
 
+T = TypeVar("T")
+
 #: What answered a fallback, as InvokeResponse.fallback_source spells it.
 SOURCE_BY_STEP: Mapping[str, str] = {"fallback": "service", "local_model": "local_model",
                                      "preset": "preset_response", "queue_for_later": "task_queue"}
@@ -102,12 +111,15 @@ __all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", 
 
 class CallFailed(RuntimeError):
     """Every attempt failed; `error` is the last upstream failure (or a synthesized one when no
-    endpoint could be tried). Re-exported by invoke.py, where callers import it from."""
+    endpoint could be tried), `service` and `endpoint` where it happened ("" when unknown).
+    Re-exported by invoke.py, where callers import it from."""
 
-    def __init__(self, error: UpstreamError, attempts: int) -> None:
+    def __init__(self, error: UpstreamError, attempts: int, service: str = "", endpoint: str = "") -> None:
         super().__init__(error.message)
         self.error = error
         self.attempts = attempts
+        self.service = service
+        self.endpoint = endpoint
 
 
 class MetricsSink(Protocol):
@@ -257,6 +269,7 @@ class AttemptController:
         self._chain: list[str] = [service.name]
         self._unavailable = ""
         self._last: UpstreamError | None = None  # the latest failure anywhere in the chain
+        self._last_at: tuple[str, str] = (service.name, "")  # (service, endpoint) of that failure
         self._ended = False
 
     # --- the loop -------------------------------------------------------------------------
@@ -269,6 +282,21 @@ class AttemptController:
             if attempt is not None:
                 return attempt
             self._advance()
+        return None
+
+    async def first_answer(self, try_one: Callable[[Attempt], Awaitable[T]]) -> tuple[Attempt, T] | None:
+        """Run `try_one` on each attempt until one returns: (that attempt, its value), still
+        open (end it with `succeeded`, `finish` or `abandon`). An UpstreamError is recorded and
+        decided by `failed`; anything else gives the attempt back (`abandon`) and propagates.
+        None when the call is over: then answer with `terminal`, or raise `failure()`."""
+        while (attempt := await self.next()) is not None:
+            try:
+                return attempt, await try_one(attempt)
+            except UpstreamError as exc:
+                await self.failed(attempt, exc)
+            except BaseException:
+                await self.abandon(attempt)
+                raise
         return None
 
     async def succeeded(self, attempt: Attempt) -> None:
@@ -295,6 +323,7 @@ class AttemptController:
         assert run is not None and run.service is attempt.service
         r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
         run.last = self._last = error
+        self._last_at = (name, endpoint)
         run.failures += 1
         run.tried.add(endpoint)
         now = r.clock()
@@ -340,13 +369,18 @@ class AttemptController:
             error = first.last or self._nothing_usable(first)
             if first.reason and error is first.last and error.kind.retryable:
                 error = _with_message(error, f"{error.message} (gave up: {first.reason})")
-            return CallFailed(error, self.attempts)
+            return CallFailed(error, self.attempts, *self._last_at)
         last = self._last
         chain = " -> ".join(self._chain)
         detail = f"; last error {last.kind.value}: {last.message}" if last else ""
         reason = f"; {self._unavailable}" if self._unavailable else ""
         kind = ErrorKind.TIMEOUT if last is not None and last.kind is ErrorKind.TIMEOUT else ErrorKind.RETRYABLE
-        return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts)
+        return CallFailed(UpstreamError(kind, f"fallback chain {chain} exhausted{detail}{reason}"), self.attempts,
+                          *self._last_at)
+
+    def failure_as(self, error: UpstreamError) -> CallFailed:
+        """A CallFailed with `error` instead of the chain's own, placed where the last failure was."""
+        return CallFailed(error, self.attempts, *self._last_at)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ service cannot stop an older agent from taking every other update.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -34,7 +35,15 @@ from switchgear.dataplane.snapshot import (
 )
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 
+log = logging.getLogger("switchgear.dataplane.convert")
+
 MAX_TIMEOUT_S = 3600.0
+#: How deep a request's JSON may nest, counting the top-level object as 1. A deeper request is
+#: refused (INVALID_ARGUMENT / HTTP 400 naming the field) before any work: real chat,
+#: embedding and tool-schema payloads stay far below it, and every later step (the cache key,
+#: adapters, usage estimates) may then walk a payload recursively without nearing Python's
+#: recursion limit.
+MAX_JSON_DEPTH = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -244,12 +253,39 @@ class Call:
     user_type: str = "standard"
 
 
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH, path: str = "", raw: bytes | None = None) -> None:
+    """Raise RequestError when `value` (parsed JSON) nests objects and arrays deeper than
+    `limit`; the error names the top-level field under `path`. Iterative, so the check itself
+    cannot hit the recursion limit; it visits containers only.
+
+    `raw`, the JSON text `value` was parsed from, makes the usual case free: every level opens
+    with `[` or `{`, so a text with at most `limit` of them (strings' brackets only add to the
+    count) cannot be too deep, and two byte counts answer without walking the value."""
+    if raw is not None and raw.count(b"[") + raw.count(b"{") <= limit:
+        return
+    stack: list[tuple[Any, int, str]] = [(value, 1, path)]
+    while stack:
+        node, depth, field = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth == 1 and isinstance(node, dict):
+            pairs = ((f"{path}.{k}" if path else str(k))[:80] for k in node)
+            stack.extend((v, 2, p) for p, v in zip(pairs, children, strict=True) if isinstance(v, dict | list))
+            continue
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    where = field or path or "body"
+                    log.info("request refused: %s nests JSON deeper than %d levels", where, limit)
+                    raise RequestError(where, f"JSON nested deeper than {limit} levels")
+                stack.append((child, depth + 1, field))
+
+
 def new_request_id() -> str:
     """32 random hex digits for a call that brought no id (uuid4().hex cost 5x as much)."""
     return os.urandom(16).hex()
 
 
-def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
+def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DEPTH) -> Call:
     if not msg.service:
         raise RequestError("service", "required")
     if not msg.method:
@@ -271,6 +307,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest) -> Call:
         raise RequestError("payload", f"not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
+    check_depth(payload, max_depth, "payload", msg.payload)
     return Call(
         request_id=msg.request_id or new_request_id(),
         category=category,

@@ -41,6 +41,7 @@ def _tenant(msg: governance_pb2.Tenant, path: str) -> TenantView:
         max_cost_per_request=p.max_cost_per_request,
         min_success_rate=p.min_success_rate,
         priority_cap=p.priority_cap,
+        max_in_flight=p.max_in_flight,
         quota=_quota(p),
         service_quotas=MappingProxyType({name: _quota(q) for name, q in p.services.items()}),
     )

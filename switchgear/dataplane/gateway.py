@@ -1,36 +1,21 @@
-"""The Gateway service applications call. Thin: convert, invoke, map failures to gRPC codes."""
+"""The Gateway service applications call. Thin: convert, invoke, render refusals
+(`outcome.Refusal`, the one mapping both doors share) as gRPC status and trailers."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 
-from switchgear.adapters.base import ErrorKind
-from switchgear.dataplane.convert import RequestError, call_from_proto
-from switchgear.dataplane.governance import PermissionDenied, Unauthenticated
-from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded, open_pipeline
-from switchgear.dataplane.resilience.admission import ShedReason
-from switchgear.dataplane.resilience.admission_edge import Shed
+from switchgear.dataplane.convert import call_from_proto
+from switchgear.dataplane.invoke import Invoker, Result
+from switchgear.dataplane.outcome import REFUSED, Refusal, failed, public_text, refusal
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
-#: How a final upstream failure surfaces to the application.
-STATUS_BY_KIND = {
-    ErrorKind.RETRYABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.CONNECT: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.CLIENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.CONTEXT_LENGTH: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.AUTH: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.CONFIG: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -80,7 +65,7 @@ def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
         snapshot_version=end.version,
         finish_reason=end.finish_reason,
         error_kind=end.error.kind.value if end.error else "",
-        error_message=end.error.message if end.error else "",
+        error_message=public_text(end.error.message) if end.error else "",
     )
 
 
@@ -89,25 +74,16 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable")
 
 
-async def _shed(context: grpc.aio.ServicerContext, shed: Shed) -> NoReturn:
-    """Admission refused the call: RESOURCE_EXHAUSTED with a `retry-after` trailer (whole
-    seconds, at least 1) when the queue was full or its wait ran out, DEADLINE_EXCEEDED when
-    the call's own deadline passed while it waited."""
-    retry_after = str(max(1, math.ceil(shed.retry_after_s)))
-    context.set_trailing_metadata((("retry-after", retry_after), ("switchgear-shed", shed.reason.value)))
-    if shed.reason is ShedReason.DEADLINE:
-        await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed while queued for admission: {shed}")
-    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, request shed: {shed}")
-
-
-_REJECTION_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ServiceNotFound, grpc.StatusCode.NOT_FOUND),
-    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
-)
-REJECTIONS: tuple[type[Exception], ...] = (*(kind for kind, _ in _REJECTION_CODES), QuotaExceeded, CallFailed, Shed)
+async def render(context: grpc.aio.ServicerContext, refused: Refusal,
+                 extra: tuple[tuple[str, str], ...] = ()) -> NoReturn:
+    """A refusal as this door says it: its status, and trailers `retry-after` (whole seconds)
+    and `switchgear-<name>` for each detail (attempts, error-kind, upstream-status, shed, ...)."""
+    trailers = [*extra, *((f"switchgear-{name}", value) for name, value in refused.details)]
+    if refused.retry_after is not None:
+        trailers.append(("retry-after", refused.retry_after))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
+    await _abort(context, grpc.StatusCode[refused.grpc_status], refused.message)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -128,11 +104,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
-            call = call_from_proto(request)
+            call = call_from_proto(request, self._pipeline.max_json_depth)
             mode = CacheMode.parse(metadata.get("cache-control"))
             served = await self._pipeline.invoke(call, snapshot, principal, mode)
-        except REJECTIONS as exc:
-            await self._reject(context, exc)
+        except REFUSED as exc:
+            await render(context, refusal(exc))
         if served.cached:
             await context.send_initial_metadata((("switchgear-cache", "hit"),))
         return _response(call.request_id, served.result, served.cached, served.tenant)
@@ -149,47 +125,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
-            call = await self._pipeline.prepare(call_from_proto(request.request), snapshot, principal)
-            items = self._streamer.stream(call, snapshot)
+            call = call_from_proto(request.request, self._pipeline.max_json_depth)
+            items = self._pipeline.stream(call, snapshot, principal, self._streamer.stream)
             first = await anext(items)
-        except REJECTIONS as exc:
-            await self._reject(context, exc)
+        except REFUSED as exc:
+            await render(context, refusal(exc))
         item = first
         try:
             while not isinstance(item, StreamEnd):
                 yield gateway_pb2.InvokeStreamResponse(chunk=item)
                 item = await anext(items)
-        finally:  # also when the caller cancels: release the upstream connection now
+        finally:  # also when the caller cancels: release the upstream connection and charge now
             await items.aclose()
-        await self._pipeline.account(principal, call.service, item.usage, item.cost_usd)
         yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
         if item.error is not None:
-            context.set_trailing_metadata((
-                ("switchgear-stream-interrupted", "after-first-token"),
-                ("switchgear-error-kind", item.error.kind.value),
-            ))
-            await _abort(context, STATUS_BY_KIND[item.error.kind],
-                         f"stream interrupted after the first token (no failover possible): {item.error.message}")
-
-    async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-        """Every way a call is refused before it answers, as one status mapping for both RPCs."""
-        if isinstance(exc, CallFailed):
-            await self._fail(context, exc)
-        if isinstance(exc, Shed):
-            await _shed(context, exc)
-        if isinstance(exc, QuotaExceeded):
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.0f}"),))
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"quota: {exc.reason}")
-        code = next(code for kind, code in _REJECTION_CODES if isinstance(exc, kind))
-        await _abort(context, code, str(exc))
-
-    async def _fail(self, context: grpc.aio.ServicerContext, failure: CallFailed) -> NoReturn:
-        error = failure.error
-        metadata = [("switchgear-attempts", str(failure.attempts)), ("switchgear-error-kind", error.kind.value)]
-        if error.status is not None:
-            metadata.append(("switchgear-upstream-status", str(error.status)))
-        if error.retry_after_s is not None:
-            metadata.append(("retry-after", f"{error.retry_after_s:g}"))
-        context.set_trailing_metadata(tuple(metadata))
-        message = f"{error.kind.value} after {failure.attempts} attempt(s): {error.message}"
-        await _abort(context, STATUS_BY_KIND[error.kind], message)
+            await render(context, failed(item.error, item.attempts, item.service, item.endpoint, interrupted=True),
+                         (("switchgear-stream-interrupted", "after-first-token"),))

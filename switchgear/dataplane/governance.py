@@ -27,6 +27,16 @@ class PermissionDenied(PermissionError):
         self.message = message
 
 
+class TenantBusy(Exception):
+    """The tenant already has its `max_in_flight` calls running on this agent."""
+
+    def __init__(self, tenant: str, limit: int) -> None:
+        super().__init__(f"tenant {tenant!r} already has {limit} calls in flight on this agent "
+                         "(its max_in_flight); retry when one finishes")
+        self.tenant = tenant
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class Quota:
     """Zero means no limit. Per minute / per hour / per day windows are UTC-aligned."""
@@ -52,6 +62,7 @@ class TenantView:
     max_cost_per_request: float = 0.0
     min_success_rate: float = 0.0
     priority_cap: int = 0
+    max_in_flight: int = 0  # calls this tenant may have running on one agent at once; 0 = no cap
     quota: Quota = field(default_factory=Quota)
     service_quotas: Mapping[str, Quota] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -115,3 +126,29 @@ def authorize(
 def capped_priority(tenant: TenantView, priority: int) -> int:
     """The request's priority, lowered to the tenant's cap when it has one."""
     return min(priority, tenant.priority_cap) if tenant.priority_cap else priority
+
+
+class InFlight:
+    """Calls in flight per tenant on this agent, held under each tenant's `max_in_flight`, so one
+    tenant's flood cannot take every admission slot of the endpoints behind the agent.
+    Not thread-safe: the agent's event loop only."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def enter(self, tenant: TenantView) -> None:
+        """Count one more call for `tenant`; raise TenantBusy when it is at its cap."""
+        count = self._counts.get(tenant.id, 0)
+        if tenant.max_in_flight and count >= tenant.max_in_flight:
+            raise TenantBusy(tenant.id, tenant.max_in_flight)
+        self._counts[tenant.id] = count + 1
+
+    def leave(self, tenant: TenantView) -> None:
+        left = self._counts.get(tenant.id, 0) - 1
+        if left > 0:
+            self._counts[tenant.id] = left
+        else:
+            self._counts.pop(tenant.id, None)
+
+    def count(self, tenant: str) -> int:
+        return self._counts.get(tenant, 0)

@@ -10,9 +10,11 @@ The request's `model` names a Switchgear service; the call then goes through the
 Any provider's answer comes back in OpenAI's shape (the Anthropic adapter maps it).
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 naming the
-field for malformed input, 404 `model_not_found`, and upstream failures by kind (see
-`STATUS_BY_KIND`: rate limited → 429 with Retry-After, unavailable → 503, timeout → 504; a
-call shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued).
+field for malformed input (JSON nested deeper than `convert.MAX_JSON_DEPTH` included), 404
+`model_not_found`, and every refusal of the call as `outcome.py` maps it for both doors
+(upstream failures by kind: rate limited → 429 with Retry-After, unavailable → 503, timeout →
+504; shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued;
+quota or the tenant's in-flight cap → 429).
 Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s).
 Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers.
 A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
@@ -21,7 +23,6 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 
 from __future__ import annotations
 
-import math
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -29,31 +30,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from switchgear.adapters.base import ErrorKind, UpstreamError
-from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError, new_request_id
-from switchgear.dataplane.governance import PermissionDenied, Principal, Unauthenticated
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
+from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
-from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded, open_pipeline
-from switchgear.dataplane.resilience.admission import ShedReason
-from switchgear.dataplane.resilience.admission_edge import Shed
+from switchgear.dataplane.invoke import Invoker, Result
+from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.dataplane.stream import StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
-
-#: HTTP status, OpenAI error type and code for a final upstream failure.
-STATUS_BY_KIND: Mapping[ErrorKind, tuple[int, str, str]] = {
-    ErrorKind.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
-    ErrorKind.RETRYABLE: (503, "server_error", "upstream_unavailable"),
-    ErrorKind.CONNECT: (503, "server_error", "upstream_unavailable"),
-    ErrorKind.TIMEOUT: (504, "timeout_error", "upstream_timeout"),
-    ErrorKind.CLIENT: (400, "invalid_request_error", "upstream_rejected"),
-    ErrorKind.CONTEXT_LENGTH: (400, "invalid_request_error", "context_length_exceeded"),
-    ErrorKind.AUTH: (502, "upstream_auth_error", "upstream_auth_failed"),
-    ErrorKind.CONFIG: (500, "server_error", "agent_misconfigured"),
-}
 
 _HOLDER = web.AppKey("holder", Holder)
 _INVOKER = web.AppKey("invoker", Invoker)
@@ -88,39 +75,27 @@ class ApiError(Exception):
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def failure_error(error: UpstreamError, attempts: int) -> ApiError:
-    status, type_, code = STATUS_BY_KIND[error.kind]
-    if error.kind is ErrorKind.CLIENT and error.status is not None and 400 <= error.status < 500:
-        status = error.status  # pass the upstream's own 4xx (404, 413, 422, ...) through
-    headers = {"x-switchgear-attempts": str(attempts), "x-switchgear-error-kind": error.kind.value}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    param = "messages" if error.kind is ErrorKind.CONTEXT_LENGTH else None
-    return ApiError(
-        status, f"{error.kind.value} after {attempts} attempt(s): {error.message}", type_, param, code, headers
-    )
-
-
-def shed_error(shed: Shed) -> ApiError:
-    """Admission refused the call: 429 with Retry-After (504 when its deadline passed queued)."""
-    headers = {"Retry-After": str(max(1, math.ceil(shed.retry_after_s))), "x-switchgear-shed": shed.reason.value}
-    if shed.reason is ShedReason.DEADLINE:
-        return ApiError(504, f"deadline passed while queued for admission: {shed}", "timeout_error",
-                        code="queue_timeout", headers=headers)
-    return ApiError(429, f"overloaded, request shed: {shed}", "rate_limit_error", code="overloaded", headers=headers)
+def render(refused: Refusal) -> ApiError:
+    """A refusal (`outcome.Refusal`, the mapping both doors share) in OpenAI's error shape, with
+    `Retry-After` (whole seconds) and an `x-switchgear-<name>` header per detail."""
+    headers = {f"x-switchgear-{name}": value for name, value in refused.details}
+    if refused.retry_after is not None:
+        headers["Retry-After"] = refused.retry_after
+    return ApiError(refused.http_status, refused.message, refused.error_type, refused.param, refused.code, headers)
 
 
 # ---------------------------------------------------------------------------------------
 # request parsing (pure)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    check_depth(body, max_depth, raw=raw)  # RequestError naming the field: before any other work looks inside
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
@@ -240,17 +215,14 @@ def _principal(request: web.Request, snapshot: AgentSnapshot) -> Principal | Non
 async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:
     snapshot = _snapshot(request)
     principal = _principal(request, snapshot)
-    body = parse_body(await request.read())
+    body = parse_body(await request.read(), request.app[_PIPELINE].max_json_depth)
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
     call = make_call(request, body, method)
     pipeline = request.app[_PIPELINE]
     if body.get("stream") is True:
-        return await _stream(request, await pipeline.prepare(call, snapshot, principal), snapshot, body, principal)
-    try:
-        served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
-    except CallFailed as exc:
-        raise failure_error(exc.error, exc.attempts) from None
+        return await _stream(request, call, snapshot, body, principal)
+    served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     headers = _result_headers(served.result)
     if served.cached:
         headers["x-switchgear-cache"] = "hit"
@@ -260,11 +232,9 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
 async def _stream(
     request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
-    items = request.app[_STREAMER].stream(call, snapshot)
+    items = request.app[_PIPELINE].stream(call, snapshot, principal, request.app[_STREAMER].stream)
     try:
         first = await anext(items)
-    except CallFailed as exc:
-        raise failure_error(exc.error, exc.attempts) from None
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
     response = web.StreamResponse(
@@ -282,13 +252,11 @@ async def _stream(
         while not isinstance(item, StreamEnd):
             await response.write(b"data: " + item + b"\n\n")
             item = await anext(items)
-    finally:
+    finally:  # also when the caller disconnects: release the upstream connection and charge now
         await items.aclose()
-    await request.app[_PIPELINE].account(principal, call.service, item.usage, item.cost_usd)
     if item.error is not None:
-        error = failure_error(item.error, item.attempts)
-        error.message = f"stream interrupted after the first token (no failover possible): {error.message}"
-        await response.write(error.sse())
+        await response.write(render(failed(item.error, item.attempts, item.service, item.endpoint,
+                                           interrupted=True)).sse())
     else:
         if include_usage:
             await response.write(b"data: " + orjson.dumps(_usage_chunk(call, item)) + b"\n\n")
@@ -349,22 +317,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)  # type: ignore[no-any-return]
     except ApiError as exc:
         return exc.response()
-    except RequestError as exc:
-        return ApiError(400, exc.message, param=exc.path).response()
-    except ServiceNotFound as exc:
-        return ApiError(404, str(exc), param="model", code="model_not_found").response()
-    except Unsupported as exc:
-        return ApiError(501, str(exc), "server_error", code="unsupported").response()
-    except Shed as exc:
-        return shed_error(exc).response()
-    except Unauthenticated as exc:
-        return ApiError(401, str(exc), code="invalid_api_key").response()
-    except PermissionDenied as exc:
-        return ApiError(403, exc.message, param="model" if exc.path == "service" else exc.path,
-                        code="permission_denied").response()
-    except QuotaExceeded as exc:
-        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        return ApiError(429, f"quota: {exc.reason}", "requests", code="rate_limit_exceeded", headers=retry).response()
+    except REFUSED as exc:
+        return render(refusal(exc)).response()
     except web.HTTPRequestEntityTooLarge:
         return ApiError(413, "request body too large", code="request_too_large").response()
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:

@@ -29,6 +29,7 @@ from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target,
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
+from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -46,14 +47,6 @@ class Deferred(Protocol):
 
 #: The task queue hook: defer(call, reason) -> Deferred (dataplane.worker.TasksClient.defer).
 Defer = Callable[[Call, str], Awaitable[Deferred]]
-
-
-class ServiceNotFound(LookupError):
-    pass
-
-
-class Unsupported(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -116,15 +109,9 @@ class Invoker:
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
                                          serves=self._serves(call))
-        while (attempt := await ctl.next()) is not None:
-            try:
-                result = await self._attempt(call, snapshot, attempt, start)
-            except UpstreamError as exc:
-                await ctl.failed(attempt, exc)
-                continue
-            except BaseException:
-                await ctl.abandon(attempt)
-                raise
+        won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))
+        if won is not None:
+            attempt, result = won
             await ctl.succeeded(attempt)
             return result
         if ctl.terminal is not None:
@@ -194,14 +181,13 @@ class Invoker:
         error = ctl.last_error
         why = f"{error.kind.value}: {error.message}"
         if self._defer is None:
-            raise _unavailable(error, f"{error.message}; not queued for later: no task queue is configured",
-                               ctl.attempts)
+            raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
         try:
             async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
                 deferred = await self._defer(call, why)
         except (grpc.RpcError, TimeoutError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
-            raise _unavailable(error, f"{error.message}; queueing for later failed: {detail}", ctl.attempts) from None
+            raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
         return orjson.dumps(deferred.fallback_body())
 
     def _started(self, event: AttemptStart) -> None:
@@ -213,9 +199,10 @@ class Invoker:
             observer.attempt_ended(event)
 
 
-def _unavailable(error: UpstreamError, message: str, attempts: int) -> CallFailed:
+def _unavailable(ctl: AttemptController, message: str) -> CallFailed:
+    error = ctl.last_error
     kind = error.kind if error.kind in (ErrorKind.CONNECT, ErrorKind.RETRYABLE) else ErrorKind.RETRYABLE
-    return CallFailed(UpstreamError(kind, message, status=error.status), attempts)
+    return ctl.failure_as(UpstreamError(kind, message, status=error.status))
 
 
 __all__ = ["CallFailed", "Defer", "Invoker", "Result", "ServiceNotFound", "Unsupported"]

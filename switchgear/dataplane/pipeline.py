@@ -1,35 +1,46 @@
 """What wraps the invoke step for every front door: identity, policy, quotas, the response cache.
 
     authenticate (snapshot key digests) -> authorize (tenant policy) -> cap priority
+      -> the tenant's in-flight slot on this agent (TenantView.max_in_flight; held to the end)
       -> quota admission (requests per minute, tokens per minute, budgets)
       -> cache lookup -> single-flight -> invoke (routing, resilience, adapters)
       -> cache store (complete, non-fallback successes only) -> quota accounting (actual usage)
 
-The gRPC Gateway and the HTTP front door both call `Pipeline.invoke`, so a request is governed
-and cached the same way whichever door it came through.
+The gRPC Gateway and the HTTP front door both call `Pipeline.invoke` (and `Pipeline.stream`),
+so a request is governed and cached the same way whichever door it came through.
+
+Streams are charged for what they sent, whether or not the caller reads to the end:
+`Pipeline.stream` charges the stream's `Meter` in a `finally`, which runs when the caller
+cancels or disconnects too (see `stream.Meter` for how a cut stream's tokens are counted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
 from switchgear.adapters.base import TokenUsage
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.convert import Call
-from switchgear.dataplane.governance import Principal, authenticate, authorize, capped_priority
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
+from switchgear.dataplane.governance import InFlight, Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
-from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
+from switchgear.dataplane.stream import Meter, StreamItem
+
+__all__ = ["CacheMode", "OpenStream", "Pipeline", "QuotaExceeded", "Served", "open_pipeline"]
 
 log = logging.getLogger("switchgear.dataplane.pipeline")
 
 Invoke = Callable[[Call, AgentSnapshot], Awaitable[Result]]
+#: Opens a stream's items, metered (dataplane.stream.Streamer.stream).
+OpenStream = Callable[[Call, AgentSnapshot, Meter], AsyncGenerator[StreamItem, None]]
 
 
 class CacheMode(str, Enum):
@@ -49,13 +60,6 @@ class CacheMode(str, Enum):
         return cls.BYPASS if "no-cache" in words else cls.USE
 
 
-class QuotaExceeded(Exception):
-    def __init__(self, reason: str, retry_after_s: float) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-
 @dataclass(frozen=True)
 class Served:
     result: Result
@@ -69,14 +73,16 @@ class Pipeline:
 
     def __init__(
         self, invoke: Invoke, *, auth_required: bool, quotas: QuotaEnforcer, cache: ResponseCache | None,
-        on_cache: Callable[[str, bool], None] = lambda service, hit: None,
+        on_cache: Callable[[str, bool], None] = lambda service, hit: None, max_json_depth: int = MAX_JSON_DEPTH,
     ) -> None:
+        self.max_json_depth = max_json_depth  # both doors refuse request JSON nested deeper
         self._on_cache = on_cache  # (service, hit) per lookup: metrics and load reports
         self._invoke = invoke
         self._auth_required = auth_required
         self._quotas = quotas
         self._cache = cache
         self._flight: SingleFlight[tuple[Result, bool]] = SingleFlight()
+        self.in_flight = InFlight()  # per tenant, capped by each tenant's max_in_flight
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -110,16 +116,49 @@ class Pipeline:
         if not admission.allowed:
             raise QuotaExceeded(admission.reason, admission.retry_after_s)
 
-    async def prepare(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
-        """Policy and quota admission, for paths that call the upstream themselves (streams)."""
+    @contextlib.contextmanager
+    def _slot(self, principal: Principal | None) -> Iterator[None]:
+        """One of the tenant's in-flight slots on this agent (raises TenantBusy at its cap)."""
+        if principal is None:
+            yield
+            return
+        self.in_flight.enter(principal.tenant)
+        try:
+            yield
+        finally:
+            self.in_flight.leave(principal.tenant)
+
+    async def stream(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
+                     open_stream: OpenStream) -> AsyncGenerator[StreamItem, None]:
+        """Policy, the tenant's slot and quota admission, then the stream's items (chunks, then
+        one StreamEnd). Raises like `invoke` before the first item. Whatever the stream sent
+        is charged when it ends, is cancelled, or the caller stops reading (`aclose`)."""
         call = self.govern(call, snapshot, principal)
-        await self.admit(call, principal)
-        return call
+        with self._slot(principal):
+            await self.admit(call, principal)
+            meter = Meter()
+            items = open_stream(call, snapshot, meter)
+            try:
+                async for item in items:
+                    yield item
+            finally:  # runs on cancellation and on aclose too: a cut stream is charged
+                await items.aclose()
+                usage, cost = meter.charge()
+                if usage.input_tokens or usage.output_tokens or cost:
+                    await self.account(principal, call.service, usage, cost)
 
     async def invoke(
         self, call: Call, snapshot: AgentSnapshot, principal: Principal | None, mode: CacheMode = CacheMode.USE
     ) -> Served:
-        call = await self.prepare(call, snapshot, principal)
+        call = self.govern(call, snapshot, principal)
+        if principal is None:  # auth-none mode: no tenant, no slot, no quota (and no cost for them)
+            return await self._served(call, snapshot, None, mode)
+        with self._slot(principal):
+            await self.admit(call, principal)
+            return await self._served(call, snapshot, principal, mode)
+
+    async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
+                      mode: CacheMode) -> Served:
         service = snapshot.services.get(call.service)
         tenant = principal.tenant.id if principal else ""
         ttl = self._ttl(service, snapshot) if service is not None else 0.0

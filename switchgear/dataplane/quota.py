@@ -110,6 +110,15 @@ class RedisCounters:
         return float(total)
 
 
+class QuotaExceeded(Exception):
+    """A tenant's quota or budget refused the call; `retry_after_s` is when its window ends."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class Admission:
     allowed: bool

@@ -95,6 +95,11 @@ class LoadAccumulator:
             self._in_flight[key] = left
         else:
             self._in_flight.pop(key, None)
+        if event.error is not None and event.error.caller_fault:
+            # The caller's own mistake counts nowhere shared: not as issued, failed or latency
+            # (the control plane's health scores, weights and alerts all read these).
+            d.issued = max(0, d.issued - 1)
+            return
         d.latency_sum_s += event.latency_s
         d.latency_count += 1
         if self._bounds:

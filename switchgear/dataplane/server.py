@@ -25,6 +25,7 @@ from switchgear.dataplane.attempts import Resilience, ResilienceSettings
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.client import Applier, SnapshotClient
+from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.http_door import DoorLimits, raise_nofile_limit
@@ -81,6 +82,7 @@ class Options:
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
     cache_bytes: int = 64 * 1024 * 1024
+    max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
     resilience: ResilienceSettings = ResilienceSettings()
 
@@ -247,7 +249,7 @@ def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], Non
                     "quota applies. Local development only.")
     cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2)
     pipeline = Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache,
-                        on_cache=on_cache)
+                        on_cache=on_cache, max_json_depth=options.max_json_depth)
     return pipeline, redis
 
 

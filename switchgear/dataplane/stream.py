@@ -13,11 +13,17 @@ budget and backoff, then the fallback chain's services), sharing the agent's `Re
 The admission slot is held until the stream ends. Preset and task-queue fallbacks are not
 streamed: a stream whose chain reaches one fails UNAVAILABLE. The time to first token is
 reported to observers as `AttemptEnd.ttft_s`.
+
+A `Meter` passed to `stream` records what went out, so the call can be charged whether or not
+the caller reads to the end (`Pipeline.stream` charges it in a `finally`). A stream the caller
+abandons also ends its attempt for the observers (no error: the endpoint did its part), with
+the metered usage, so load reports count its tokens and its in-flight slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import CallFailed, ServiceNotFound, Unsupported
+from switchgear.dataplane.invoke import ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -58,6 +64,59 @@ class StreamEnd:
 
 StreamItem = bytes | StreamEnd
 _NO_USAGE = TokenUsage()
+CHARS_PER_TOKEN = 4  # as the OpenAI adapter estimates when an upstream reports no usage
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of text: a string, the strings of a list (prompts, inputs, parts), and a
+    message's `content` or a part's `text`. (Depth is bounded: front doors refuse deep JSON.)"""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        return _text_chars(value.get("content")) + _text_chars(value.get("text"))
+    return 0
+
+
+def prompt_chars(payload: Mapping[str, Any]) -> int:
+    """Text characters of a call's prompt (`messages`, `prompt` or `input`)."""
+    return sum(_text_chars(payload.get(key)) for key in ("messages", "prompt", "input"))
+
+
+@dataclass
+class Meter:
+    """What a stream sent its caller: what to charge whether or not the caller reads to the end.
+
+    A stream that ended is charged its `StreamEnd` usage (the upstream's report, or the
+    adapter's estimate). A stream cut short is charged for what was forwarded: the upstream's
+    usage if it already reported one, else an estimate (`estimated=True`) of one token per
+    CHARS_PER_TOKEN characters, rounded up, over the prompt's text (the upstream read it all)
+    and the text of the content chunks passed on. Nothing is charged when nothing was sent."""
+
+    service: ServiceView | None = None  # set once an attempt committed (its first token went out)
+    prompt_chars: int = 0
+    sent_chars: int = 0
+    reported: TokenUsage | None = None
+    end: StreamEnd | None = None
+
+    def usage(self) -> TokenUsage:
+        if self.end is not None:
+            return self.end.usage
+        if self.reported is not None:
+            return self.reported
+        if self.service is None:
+            return _NO_USAGE
+        return TokenUsage(math.ceil(self.prompt_chars / CHARS_PER_TOKEN), math.ceil(self.sent_chars / CHARS_PER_TOKEN),
+                          estimated=True)
+
+    def charge(self) -> tuple[TokenUsage, float]:
+        """(usage, cost in USD) to count against the caller's quotas."""
+        if self.end is not None:
+            return self.end.usage, self.end.cost_usd
+        usage = self.usage()
+        cost = self.service.pricing.cost(usage.input_tokens, usage.output_tokens) if self.service else 0.0
+        return usage, cost
 
 
 class Streamer:
@@ -104,44 +163,48 @@ class Streamer:
             )
         return service, adapter
 
-    async def stream(self, call: Call, snapshot: AgentSnapshot) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, call: Call, snapshot: AgentSnapshot,
+                     meter: Meter | None = None) -> AsyncGenerator[StreamItem, None]:
         """Yield chunk bytes, then one StreamEnd. Raises (before anything is yielded) ServiceNotFound,
-        RequestError, Unsupported, or CallFailed when no attempt reached its first token."""
+        RequestError, Unsupported, or CallFailed when no attempt reached its first token.
+        `meter` (module docstring) learns what goes out."""
+        meter = meter if meter is not None else Meter()
         service, _ = self.resolve(call, snapshot)
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call))
-        while (lease := await ctl.next()) is not None:
-            try:
-                chunks, attempt, held = await self._until_first_token(call, lease, deadline)
-            except UpstreamError as exc:
-                await ctl.failed(lease, exc)
-                continue
-            except BaseException:
-                await ctl.abandon(lease)
-                raise
+        won = await ctl.first_answer(lambda lease: self._until_first_token(call, lease, deadline))
+        if won is not None:
+            lease, (chunks, attempt, held) = won
             error: UpstreamError | None = None
             finished = False
+            meter.service, meter.prompt_chars = lease.service, prompt_chars(call.payload)
+            attempt.meter = meter
+            if attempt.final is not None:  # usage reported before the first token
+                meter.reported = attempt.final.usage
+            rest = attempt.rest(chunks, start, failover=lease.number > 1, version=snapshot.version, source=lease.source)
             try:
+                meter.sent_chars += attempt.held_chars
                 for data in held:
                     yield data
-                async for item in attempt.rest(chunks, start, failover=lease.number > 1, version=snapshot.version,
-                                               source=lease.source):
+                async for item in rest:
                     if isinstance(item, StreamEnd):
                         error, finished = item.error, True
+                        meter.end = item
                     yield item
             finally:  # also when the caller goes away mid-stream: release the upstream connection
+                await rest.aclose()
                 await _close(chunks)
                 if finished:
                     await ctl.finish(lease, error)  # committed: no retry after the first token
                 else:
+                    attempt.abandoned()
                     await ctl.abandon(lease)
             return
         if ctl.terminal is not None:
             error = ctl.last_error
-            raise CallFailed(UpstreamError(
-                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"
-            ), ctl.attempts)
+            raise ctl.failure_as(UpstreamError(
+                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"))
         raise ctl.failure()
 
     async def _until_first_token(
@@ -181,6 +244,8 @@ class _Attempt:
         self.started = streamer._clock()
         self.ttft_s: float | None = None
         self.final: StreamChunk | None = None
+        self.held_chars = 0  # text of the chunks held back until the first token
+        self.meter = Meter()  # the call's, once the attempt is committed
         streamer._emit(
             AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority)
         )
@@ -212,6 +277,7 @@ class _Attempt:
                     continue
                 if chunk.data:
                     held.append(chunk.data)
+                    self.held_chars += len(chunk.text)
                 if chunk.content:
                     self.ttft_s = self.s._clock() - self.started
                     return held
@@ -222,7 +288,7 @@ class _Attempt:
 
     async def rest(
         self, chunks: AsyncIterator[StreamChunk], call_start: float, *, failover: bool, version: str, source: str = ""
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         error: UpstreamError | None = None
         try:
             while self.final is None:
@@ -231,7 +297,9 @@ class _Attempt:
                     break
                 if chunk.usage is not None:
                     self.final = chunk
+                    self.meter.reported = chunk.usage
                 elif chunk.data:
+                    self.meter.sent_chars += len(chunk.text)
                     yield chunk.data
         except UpstreamError as exc:
             error = exc
@@ -258,6 +326,12 @@ class _Attempt:
             fallback=bool(source),
             fallback_source=source,
         )
+
+    def abandoned(self) -> None:
+        """The caller went away after the first token: end the attempt for the observers with
+        what was metered (no error: the endpoint did its part)."""
+        usage, cost = self.meter.charge()
+        self._end(None, usage, cost)
 
     def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0) -> None:
         self.s._emit(

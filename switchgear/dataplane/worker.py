@@ -30,6 +30,7 @@ from google.protobuf import duration_pb2
 from switchgear.dataplane.client import CHANNEL_OPTIONS, Backoff
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed, Invoker, Result, ServiceNotFound, Unsupported
+from switchgear.dataplane.outcome import refusal
 from switchgear.dataplane.resilience.admission_edge import Shed
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.tls import ClientTls, aio_channel
@@ -287,8 +288,8 @@ class TaskWorker:
             )
             result = await self._invoker.invoke(call, snapshot)
         except CallFailed as exc:
-            return _failure(exc.error.kind.value, f"{exc.error.message} (after {exc.attempts} attempt(s))",
-                            exc.error.kind.retryable)
+            # the task's owner reads this: the public message (service, endpoint, kind; no address)
+            return _failure(exc.error.kind.value, refusal(exc).message, exc.error.kind.retryable)
         except (RequestError, orjson.JSONDecodeError) as exc:
             return _failure("client", str(exc), False)
         except (ServiceNotFound, Unsupported) as exc:  # this agent's snapshot may lag the control plane's

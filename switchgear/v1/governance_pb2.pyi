@@ -33,7 +33,7 @@ class ServiceQuota(_message.Message):
     def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ...) -> None: ...
 
 class TenantPolicy(_message.Message):
-    __slots__ = ("allowed_services", "allowed_categories", "required_capabilities", "max_cost_per_request", "min_success_rate", "requests_per_minute", "tokens_per_minute", "budget_per_hour_usd", "budget_per_day_usd", "priority_cap", "services")
+    __slots__ = ("allowed_services", "allowed_categories", "required_capabilities", "max_cost_per_request", "min_success_rate", "requests_per_minute", "tokens_per_minute", "budget_per_hour_usd", "budget_per_day_usd", "priority_cap", "services", "max_in_flight")
     class ServicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class TenantPolicy(_message.Message):
     BUDGET_PER_DAY_USD_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_CAP_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     allowed_services: _containers.RepeatedScalarFieldContainer[str]
     allowed_categories: _containers.RepeatedScalarFieldContainer[_common_pb2.ServiceCategory]
     required_capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -63,7 +64,8 @@ class TenantPolicy(_message.Message):
     budget_per_day_usd: float
     priority_cap: int
     services: _containers.MessageMap[str, ServiceQuota]
-    def __init__(self, allowed_services: _Optional[_Iterable[str]] = ..., allowed_categories: _Optional[_Iterable[_Union[_common_pb2.ServiceCategory, str]]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ..., priority_cap: _Optional[int] = ..., services: _Optional[_Mapping[str, ServiceQuota]] = ...) -> None: ...
+    max_in_flight: int
+    def __init__(self, allowed_services: _Optional[_Iterable[str]] = ..., allowed_categories: _Optional[_Iterable[_Union[_common_pb2.ServiceCategory, str]]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ..., priority_cap: _Optional[int] = ..., services: _Optional[_Mapping[str, ServiceQuota]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("id", "display_name", "user_type", "policy", "created_at")

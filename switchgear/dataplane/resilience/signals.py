@@ -7,7 +7,7 @@ the *call* be retried), so the mapping lives here, once:
 | outcome                     | signal    | why |
 | --------------------------- | --------- | --- |
 | success                     | SUCCESS   | |
-| CLIENT, CONTEXT_LENGTH      | SUCCESS   | the endpoint answered correctly; the request was at fault |
+| CLIENT, CONTEXT_LENGTH      | NEUTRAL   | the request was at fault: the caller's own mistake counts nowhere |
 | RETRYABLE (5xx, reset)      | FAILURE   | the endpoint is failing |
 | CONNECT                     | FAILURE   | the endpoint is unreachable ("gateway" failure) |
 | TIMEOUT                     | FAILURE   | the endpoint is too slow or hung ("gateway" failure) |
@@ -20,6 +20,10 @@ for how long (Retry-After). Tripping would add a second, longer and unrelated op
 count quota exhaustion as an outage in the trip metrics. Instead THROTTLED holds the
 endpoint out of selection until Retry-After passes (see `CircuitBreaker.record`), which moves
 traffic exactly as long as the provider asked.
+
+A caller's own mistake (CLIENT, CONTEXT_LENGTH) is NEUTRAL rather than SUCCESS: counted as a
+success, one tenant's stream of malformed requests would dilute a sick endpoint's failure rate
+and reset its run of consecutive failures, hiding it from the breaker for every other tenant.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class Signal(str, Enum):
 
 
 _SIGNALS: Mapping[ErrorKind, Signal] = MappingProxyType({
-    ErrorKind.CLIENT: Signal.SUCCESS,
-    ErrorKind.CONTEXT_LENGTH: Signal.SUCCESS,
+    ErrorKind.CLIENT: Signal.NEUTRAL,
+    ErrorKind.CONTEXT_LENGTH: Signal.NEUTRAL,
     ErrorKind.RETRYABLE: Signal.FAILURE,
     ErrorKind.CONNECT: Signal.FAILURE,
     ErrorKind.TIMEOUT: Signal.FAILURE,
