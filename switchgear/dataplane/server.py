@@ -28,7 +28,7 @@ from switchgear.dataplane.client import Applier, SnapshotClient
 from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
-from switchgear.dataplane.http_door import DoorLimits, raise_nofile_limit
+from switchgear.dataplane.http_door import DoorLimits, door_budget, raise_nofile_limit
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
@@ -219,7 +219,11 @@ def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor]) 
     if kind == "switchgear":
         return rpc.Server(interceptors)
     if kind == "grpcio":
-        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),))
+        # A connection cap within this process's fd budget (http_door.py), so sockets held open
+        # against this port cannot take the descriptors the HTTP door and the upstream pool need.
+        cap = door_budget(raise_nofile_limit())
+        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),
+                                                                   ("grpc.max_allowed_incoming_connections", cap)))
     raise ValueError(f"grpc_server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
 
 
