@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from switchgear import __version__
+from switchgear.rpc import options as rpc_options
 from switchgear.tls import ServerTls
 
 
@@ -116,7 +117,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         control_planes=[a.strip() for a in args.control_plane.split(",") if a.strip()],
         listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
         http_limits=door_limits(args),
-        grpc_server=args.grpc_server, metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
+        grpc_server=args.grpc_server, grpc_limits=_grpc_limits(args),
+        metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
         redis_probe_interval_s=args.redis_probe_interval, max_json_depth=args.max_json_depth,
@@ -133,6 +135,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     run_event_loop(run())
     return 0
+
+
+def _grpc_limits(args: argparse.Namespace) -> Any:
+    try:
+        return rpc_options.limits(args)
+    except ValueError as exc:
+        raise SystemExit(f"switchgear agent: {exc}") from None
 
 
 def _serve_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -423,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--grpc-server", choices=("switchgear", "grpcio"), default="switchgear",
                     help="the gRPC port's server: switchgear's own HTTP/2 (default; ~4x less CPU per call) "
                          "or grpc.aio (for A/B runs)")
+    rpc_options.add_arguments(ag)
     ag.add_argument("--ready-file", help="write the listening address here once ready")
     ag.add_argument("--metrics-listen", default="", metavar="ADDR",
                     help="serve Prometheus /metrics here (port 0 picks one; prints 'METRICS addr')")

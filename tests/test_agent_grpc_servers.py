@@ -4,14 +4,21 @@ seen through a real grpc.aio client against a real agent and a local OpenAI-shap
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from switchgear import rpc
+from switchgear.dataplane.server import Options, serve
+from switchgear.rpc import http2
+from switchgear.rpc.http2 import DATA, END_STREAM, frame
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import ControlPlane, Upstream, service
+from tests.test_rpc_server import Client, message
 from tests.test_tracing import invoke, run_agent
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,6 +59,25 @@ async def observe(address: str, up: Upstream) -> dict[str, object]:
         replies = [r async for r in reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
         seen["services"] = sorted(s.name for s in replies[0].list_services_response.service)
+    seen.update(await bad_input(address))
+    return seen
+
+
+async def bad_input(address: str) -> dict[str, object]:
+    """Status and message for bytes no client library would send: a `-bin` value that is not
+    base64, and a request that is not an InvokeRequest."""
+    seen: dict[str, object] = {}
+    invoke_path = "/switchgear.v1.GatewayService/Invoke"
+    async with Client.open(address) as client:
+        for sid, (name, extra, payload) in enumerate((
+            ("bad -bin", [("x-key-bin", "!!!not base64***")], b""),
+            ("corrupt protobuf", [], b"\xff\xff\xff"),
+        )):
+            client.send(client.headers(2 * sid + 1, invoke_path, extra=extra),
+                        frame(DATA, END_STREAM, 2 * sid + 1, message(payload)))
+            answer = await client.response(2 * sid + 1)
+            status = answer.trailers or answer.headers
+            seen[name] = (status["grpc-status"], status.get("grpc-message"))
     return seen
 
 
@@ -74,4 +100,27 @@ async def test_both_grpc_servers_answer_alike(control_plane: ControlPlane, upstr
     assert ours["health"] == health_pb2.HealthCheckResponse.SERVING
     assert ours["health unknown"] == grpc.StatusCode.NOT_FOUND
     assert "switchgear.v1.GatewayService" in ours["services"]  # type: ignore[operator]
+    assert ours["bad -bin"] == ("13", "Error parsing 'x-key-bin' metadata: illegal base64 encoding")
+    assert ours["corrupt protobuf"][0] == "2"  # type: ignore[index]  # grpc.aio's UNKNOWN, message and all
     assert seen["switchgear"] == seen["grpcio"]
+
+
+async def test_the_agent_applies_its_grpc_limits(control_plane: ControlPlane) -> None:
+    """Options.grpc_limits (the --grpc-* flags) reach the agent's server: with a cap of one
+    connection, a second is refused with GOAWAY ENHANCE_YOUR_CALM while the first is served."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    options = Options(control_planes=[control_plane.address], listen="127.0.0.1:0", node_id="limited",
+                      auth_required=False, grpc_limits=rpc.Limits(max_connections=1))
+    task = asyncio.ensure_future(serve(options, stop, ready.set_result))
+    try:
+        address = await ready
+        async with Client.open(address) as first:
+            await first.until(http2.SETTINGS)  # accepted: it holds the one place
+            async with Client.open(address) as second:
+                assert await second.closed_or_goaway() == http2.ENHANCE_YOUR_CALM
+            first.send(first.headers(1, "/grpc.health.v1.Health/Check"), frame(DATA, END_STREAM, 1, message(b"")))
+            assert (await first.response(1)).headers[":status"] == "200"
+    finally:
+        stop.set()
+        await task

@@ -304,3 +304,40 @@ def test_entry_larger_than_the_table_empties_it() -> None:
     assert ours.decode(big) == [(b"x-big", b"v" * 200)]
     with pytest.raises(HPACKDecodingError):
         ours.decode(b"\xbe")  # neither the big entry nor x-a is left
+
+
+# --- request checks (RFC 9113 8.2-8.3) ----------------------------------------------------------------
+
+_GOOD = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/s/M"), (b":authority", b"a"),
+         (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    (_GOOD, None),
+    ([*_GOOD, (b"X-Upper", b"1")], "not a lowercase token"),
+    ([*_GOOD, (b"bad name", b"1")], "not a lowercase token"),
+    ([*_GOOD, (b"", b"1")], "not a lowercase token"),
+    ([*_GOOD, (b"keep-alive", b"1")], "connection-specific"),
+    ([*_GOOD[:5], (b"te", b"gzip")], "te other than trailers"),
+    ([*_GOOD, (b"x", b"a\r\nb")], "CR, LF or NUL"),
+    ([*_GOOD, (b"x", b"a\x00b")], "CR, LF or NUL"),
+    ([*_GOOD, (b":path", b"/again")], "after a regular header"),
+    ([(b":status", b"200"), *_GOOD], "not a request's"),
+    ([(b":method", b"GET"), *_GOOD], "duplicate"),
+    (_GOOD[1:], "missing"),
+    ([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"")], "empty :path"),
+    ([*_GOOD, (b"content-length", b"12"), (b"content-length", b"13")], "malformed content-length"),
+    ([*_GOOD, (b"content-length", b"-1")], "malformed content-length"),
+])
+def test_request_problems(fields: list[tuple[bytes, bytes]], problem: str | None) -> None:
+    found, _ = headers_module.request_problem(fields, set())
+    assert (found is None) if problem is None else (found is not None and problem in found), found
+
+
+def test_only_valid_names_are_remembered() -> None:
+    good: set[bytes] = set()
+    assert headers_module.request_problem([*_GOOD, (b"x-ok", b"1"), (b"X-Bad", b"1")], good)[0] is not None
+    assert b"x-ok" in good and b"X-Bad" not in good
+    assert headers_module.request_problem([*_GOOD, (b"content-length", b"7")], good) == (None, 7)
+    assert headers_module.trailers_problem([(b"x-t", b"1")]) is None
+    assert headers_module.trailers_problem([(b":path", b"/")]) is not None

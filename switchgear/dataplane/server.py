@@ -7,6 +7,7 @@ SERVING for good (a lost control plane does not make a serving agent unready).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
+from switchgear.rpc.options import grpcio_options
 from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -62,6 +64,7 @@ class Options:
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
+    grpc_limits: rpc.Limits = rpc.Limits()  # the gRPC port's bounds (README: Limits on the agent's gRPC port)
     # TLS on the application-facing ports (gRPC and the HTTP front door); with `client_ca`,
     # callers must present a certificate it signed. None = plaintext, as on loopback.
     serve_tls: ServerTls | None = None
@@ -156,7 +159,8 @@ async def serve(
         cache_counters = pipeline.cache.local.counters
         agent_metrics.set_cache(lambda: cache_counters)
 
-    server = _grpc_server(options.grpc_server, (GatewayInterceptor(tracing, agent_metrics.measure),))
+    server = _grpc_server(options.grpc_server, (GatewayInterceptor(tracing, agent_metrics.measure),),
+                          options.grpc_limits)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker, streamer, pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -215,15 +219,20 @@ async def serve(
 GRPC_SERVERS = ("switchgear", "grpcio")
 
 
-def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits
+                 ) -> grpc.aio.Server:
+    # Connections to this port stay within the process's per-door fd budget (http_door.py), so
+    # sockets held open against it cannot take the descriptors the HTTP door and the pool need.
+    budget = door_budget(raise_nofile_limit())
     if kind == "switchgear":
-        return rpc.Server(interceptors)
+        if limits.max_connections > budget:
+            log.warning("--grpc-max-connections lowered to %d by the open-file limit", budget)
+            limits = dataclasses.replace(limits, max_connections=budget)
+        return rpc.Server(interceptors, limits=limits)
     if kind == "grpcio":
-        # A connection cap within this process's fd budget (http_door.py), so sockets held open
-        # against this port cannot take the descriptors the HTTP door and the upstream pool need.
-        cap = door_budget(raise_nofile_limit())
-        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),
-                                                                   ("grpc.max_allowed_incoming_connections", cap)))
+        return grpc.aio.server(interceptors=interceptors, options=(
+            ("grpc.keepalive_permit_without_calls", 1), *grpcio_options(limits),
+            ("grpc.max_allowed_incoming_connections", budget)))
     raise ValueError(f"grpc_server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
 
 

@@ -45,15 +45,20 @@ _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connecti
                                   b"upgrade"))
 _REQUEST_PSEUDO = {b":method": 1, b":scheme": 2, b":path": 4, b":authority": 8}
 _REQUIRED = 1 | 2 | 4
+_GOOD_NAMES = 256  # valid header names remembered per connection
 
 
-def request_problem(fields: Fields) -> tuple[str | None, int]:
+def request_problem(fields: Fields, good_names: set[bytes] | None = None) -> tuple[str | None, int]:
     """What makes a request's header list malformed (RFC 9113 8.2-8.3), or None; and its
     content-length (-1 if absent). Requests are never CONNECT here: :method, :scheme and a
-    non-empty :path are required."""
+    non-empty :path are required. `good_names` remembers regular names found valid (they repeat
+    from call to call), so each is checked once."""
+    if _BAD_VALUE.search(b"".join([value for _, value in fields])):  # one scan for all values
+        bad = next(name for name, value in fields if _BAD_VALUE.search(value))
+        return f"CR, LF or NUL in the value of {bad[:64]!r}", -1
     seen, regular, length = 0, False, -1
     for name, value in fields:
-        if name[:1] == b":":
+        if name and name[0] == 58:  # ':'
             bit = _REQUEST_PSEUDO.get(name, 0)
             if regular:
                 return f"pseudo-header {name!r} after a regular header", length
@@ -66,18 +71,19 @@ def request_problem(fields: Fields) -> tuple[str | None, int]:
             seen |= bit
         else:
             regular = True
-            if not name or _BAD_NAME.search(name):
-                return f"header name {name[:64]!r} is not a lowercase token", length
-            if name in _CONNECTION_SPECIFIC:
-                return f"connection-specific header {name!r}", length
+            if good_names is None or name not in good_names:
+                if not name or _BAD_NAME.search(name):
+                    return f"header name {name[:64]!r} is not a lowercase token", length
+                if name in _CONNECTION_SPECIFIC:
+                    return f"connection-specific header {name!r}", length
+                if good_names is not None and len(good_names) < _GOOD_NAMES:
+                    good_names.add(name)
             if name == b"te" and value != b"trailers":
                 return "te other than trailers", length
             if name == b"content-length":
                 if not value.isdigit() or (length >= 0 and int(value) != length):
                     return "malformed content-length", length
                 length = int(value)
-        if _BAD_VALUE.search(value):
-            return f"CR, LF or NUL in the value of {name[:64]!r}", length
     if seen & _REQUIRED != _REQUIRED:
         return "missing :method, :scheme or :path", length
     return None, length
@@ -107,6 +113,7 @@ class HeaderDecoder:
         self._generation = 0
         self._blocks: dict[tuple[int, bytes], Decoded] = {}
         self._strings: dict[bytes, bytes] = {}
+        self._good_names: set[bytes] = set()
         self.max_list_size = max_list_size
 
     def decode(self, block: bytes) -> Fields:
@@ -120,7 +127,7 @@ class HeaderDecoder:
             return cached
         generation = self._generation
         fields = self._decode(block)
-        decoded = (fields, *request_problem(fields))
+        decoded = (fields, *request_problem(fields, self._good_names))
         if self._generation == generation and len(block) <= _CACHED_BLOCK:  # the block can repeat
             if len(self._blocks) >= _BLOCK_CACHE:
                 self._blocks.clear()

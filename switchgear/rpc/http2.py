@@ -132,6 +132,32 @@ class Limits:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is out of range")
 
 
+class Warnings:
+    """One log line per kind of bad input per `interval_s` (the rest counted and reported with
+    the next line), so that clients sending bad input cannot fill the log. One per server."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger | None = None) -> None:
+        self.interval_s = interval_s
+        self.logger = logger or logging.getLogger("switchgear.rpc.server")
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, kind, message, *args)
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._next[kind] = now + self.interval_s
+        suppressed = self._suppressed.pop(kind, 0)
+        suffix = f" ({suppressed} more like it in the last {self.interval_s:g}s)" if suppressed else ""
+        self.logger.log(level, message + suffix, *args)
+
+
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 _PRIORITY = struct.Struct(">IB")
@@ -238,8 +264,11 @@ class Connection(asyncio.Protocol):
     """One HTTP/2 connection. `on_stream(stream)` is called once a stream's headers have
     arrived; the server then reads the body through `stream.on_data` and answers with `send`."""
 
-    def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None]) -> None:
+    def __init__(self, on_stream: Handler, limits: Limits, on_close: Callable[[Connection], None],
+                 warnings: Warnings | None = None, on_open: Callable[[Connection], None] | None = None) -> None:
         self._on_stream: Handler | None = on_stream
+        self._on_open = on_open
+        self._warnings = warnings or Warnings(logger=log)
         self._on_close: Callable[[Connection], None] | None = on_close
         self.limits = limits
         self.max_concurrent_streams = limits.max_concurrent_streams
@@ -300,6 +329,9 @@ class Connection(asyncio.Protocol):
             out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(limits.connection_window - DEFAULT_WINDOW))
         tcp.write(out)
         self._timer = asyncio.get_running_loop().call_later(limits.preface_timeout_s, self._preface_expired)
+        if self._on_open is not None:
+            self._on_open(self)
+            self._on_open = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         for stream in list(self.streams.values()):
@@ -340,10 +372,10 @@ class Connection(asyncio.Protocol):
     def _check_output(self) -> None:
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > self.limits.max_output:
-            log.warning("closing the connection from %s: it stopped reading (output over %d bytes)",
-                        self.peer, self.limits.max_output)
+            self._warnings.warn("output", "closing the connection from %s: it stopped reading (output over %d bytes)",
+                                self.peer, self.limits.max_output)
             self._fail(ENHANCE_YOUR_CALM, "output not read")
-            transport.abort()
+            transport.abort()  # also when writing has not paused yet (one write past the cap)
 
     async def drain(self) -> None:
         """Returns once the transport takes more output (or the connection is gone)."""
@@ -364,8 +396,8 @@ class Connection(asyncio.Protocol):
 
     def _preface_expired(self) -> None:
         self._timer = None
-        log.info("HTTP/2 connection from %s ended: no preface and SETTINGS exchange in %gs", self.peer,
-                 self.limits.preface_timeout_s)
+        self._warnings.log(logging.INFO, "preface", "HTTP/2 connection from %s ended: no preface and SETTINGS "
+                           "exchange in %gs", self.peer, self.limits.preface_timeout_s)
         self._fail(SETTINGS_TIMEOUT if self._preface else PROTOCOL_ERROR, "preface or SETTINGS timeout")
 
     def _settle(self) -> None:
@@ -391,8 +423,7 @@ class Connection(asyncio.Protocol):
             self._arm_idle(timeout - idle)
             return
         self.goaway(NO_ERROR, "idle")
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -544,10 +575,11 @@ class Connection(asyncio.Protocol):
     def _headers_complete(self, flags: int, sid: int, block: bytes, out: list[bytes], depends: int = -1) -> None:
         fields, problem, length = self._decoder.decode_request(block)  # always: the table must follow
         stream = self.streams.get(sid)
-        if stream is not None:  # trailers: they end the request
-            if not flags & END_STREAM or stream.remote_closed:
-                raise H2Error(PROTOCOL_ERROR, f"second HEADERS on stream {sid} without END_STREAM")
-            if trailers_problem(fields) is not None or stream.length > 0:
+        if stream is not None:  # trailers: they end the request (RFC 9113 8.1)
+            if stream.remote_closed:
+                self._stream_error(sid, STREAM_CLOSED, out)
+                return
+            if not flags & END_STREAM or trailers_problem(fields) is not None or stream.length > 0:
                 self._stream_error(sid, PROTOCOL_ERROR, out)
                 return
             self._data(END_STREAM, sid, b"", out)
@@ -559,12 +591,12 @@ class Connection(asyncio.Protocol):
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}, below stream {self._last_stream}")
         self._last_stream = sid
         if self.goaway_sent or len(self.streams) >= self.max_concurrent_streams:
-            self._remember(sid, True)
+            self._remember(sid, False)  # frames in flight on it are ignored
             out.append(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
         if problem is not None or depends == sid or flags & 0x100:
             log.debug("stream %d from %s is malformed: %s", sid, self.peer, problem or "depends on itself")
-            self._remember(sid, True)
+            self._remember(sid, False)
             self._stream_error(sid, PROTOCOL_ERROR, out)
             return
         stream = Stream(sid, self, fields, self._initial_window, self.limits.stream_window, length)
@@ -693,15 +725,17 @@ class Connection(asyncio.Protocol):
             self._count_reset()
 
     def _starved(self, out: list[bytes]) -> None:
-        """The peer can no longer send a full frame on the connection. Credit what has been
-        consumed; if nothing has been, every buffered byte waits for bytes that cannot come:
-        reset the stream holding the most."""
+        """The peer can no longer send a full frame on the connection: credit what has been
+        consumed. If nothing has been and the window is used up, every buffered byte waits for
+        bytes that cannot come: reset the stream holding the most."""
         if not self._unacked:
+            if self._recv_window:
+                return
             victim = max(self.streams.values(), key=_held, default=None)
             if victim is None or not victim.held:
                 return
-            log.warning("reset stream %d from %s: the connection's %d buffered request bytes are all waiting",
-                        victim.id, self.peer, self.limits.connection_window)
+            self._warnings.warn("starved", "reset stream %d from %s: the connection's %d buffered request bytes "
+                                "are all waiting", victim.id, self.peer, self.limits.connection_window)
             self._stream_error(victim.id, ENHANCE_YOUR_CALM, out, count=False)
         self._send_credit()
 
@@ -894,11 +928,19 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, code: int, message: str) -> None:
-        log.info("HTTP/2 connection from %s ended: %s", self.peer, message)
+        self._warnings.log(logging.INFO, "connection-error", "HTTP/2 connection from %s ended: %s", self.peer, message)
         self.goaway(code, message)
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
         self._buf = b""
+
+    def _close(self) -> None:
+        """Closes the transport; at once if the peer is not reading (a close would wait for
+        output it never takes)."""
+        if self.transport is not None:
+            if self._paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 class Refusal(asyncio.Protocol):

@@ -25,9 +25,9 @@ import binascii
 import collections
 import dataclasses
 import logging
+import resource
 import socket
 import ssl
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -36,7 +36,16 @@ import grpc
 import grpc.aio
 
 from switchgear.rpc import http2
-from switchgear.rpc.http2 import Connection, Limits, Refusal, Stream, literal, literal_indexed_name, status_field
+from switchgear.rpc.http2 import (
+    Connection,
+    Limits,
+    Refusal,
+    Stream,
+    Warnings,
+    literal,
+    literal_indexed_name,
+    status_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +104,6 @@ def _status_block(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[
     if trailing:
         block += _encode_metadata(trailing)
     return block
-
-
-class Warnings:
-    """One WARNING line per kind of bad input per `interval_s` (the rest counted and reported
-    with the next line), so that a client sending bad input cannot fill the log."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval_s = interval_s
-        self._clock = clock
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next.get(kind, float("-inf")):
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._next[kind] = now + self.interval_s
-        suppressed = self._suppressed.pop(kind, 0)
-        suffix = f" ({suppressed} more like it in the last {self.interval_s:g}s)" if suppressed else ""
-        log.warning(message + suffix, *args)
 
 
 def _timeout(value: bytes) -> float:
@@ -455,8 +443,11 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        _check_descriptors(self.limits.max_connections)
         for sock, context in self._sockets:
-            self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context))
+            handshake = self.limits.preface_timeout_s if context is not None else None  # TLS slowloris too
+            self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context,
+                                                            ssl_handshake_timeout=handshake))
 
     async def stop(self, grace: float | None) -> None:
         """Refuses new connections and streams (GOAWAY), lets open calls finish for `grace`
@@ -497,9 +488,10 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             self.warnings.warn("connections", "refused a connection: %d are open, the most allowed",
                                len(self._connections))
             return Refusal()
-        conn = Connection(self._on_stream, self.limits, self._connections.discard)
-        self._connections.add(conn)
-        return conn
+        # Counted once connected (with TLS: once the handshake is done; one that fails never
+        # reaches the connection, and would otherwise hold its place for good).
+        return Connection(self._on_stream, self.limits, self._connections.discard, self.warnings,
+                          on_open=self._connections.add)
 
     def _on_stream(self, stream: Stream) -> None:
         """A request's headers: check them, find the method, and read the body."""
@@ -686,6 +678,15 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             context._finish(grpc.StatusCode.OK, "")
         else:
             context._finish(grpc.StatusCode.OK, "", bytes(data))
+
+
+def _check_descriptors(connections: int) -> None:
+    """Says so when the connection cap cannot be reached: the process would run out of file
+    descriptors first (and then refuse everything, the HTTP door included)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and connections + 256 > soft:
+        log.warning("max_connections %d is within 256 of the file-descriptor limit %d: raise the limit "
+                    "(ulimit -n) or lower --grpc-max-connections", connections, soft)
 
 
 def _bind(interceptor: grpc.aio.ServerInterceptor,
