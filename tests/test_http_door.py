@@ -200,6 +200,21 @@ async def test_request_bodies_held_at_once_are_bounded_across_the_door() -> None
         await wait_for(lambda: runner.door.buffered == 0)
 
 
+async def test_a_chunked_body_reserves_the_body_cap_while_it_arrives() -> None:
+    limits = DoorLimits(max_body_bytes=1000, max_buffered_bytes=1500, body_timeout_s=10)
+    async with door(limits) as (host, port, runner):
+        reader, writer = await asyncio.open_connection(host, port)  # chunked: reserves the whole cap
+        writer.write(f"{POST}Transfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n".encode())
+        await wait_for(lambda: runner.door.buffered == 1000)
+        refused = await exchange(host, port, f"{POST}Content-Length: 600\r\n\r\n{{}}".encode())
+        assert openai_error(refused) == (503, "overloaded")
+        writer.write(b"0\r\n\r\n")  # the body ends and is served ("{" is not JSON: 400)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert answer.startswith(b"HTTP/1.1 400")
+        writer.close()
+        await wait_for(lambda: runner.door.buffered == 0)
+
+
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():

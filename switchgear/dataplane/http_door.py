@@ -248,7 +248,9 @@ def body_guard(limits: DoorLimits) -> Callable[..., Awaitable[web.StreamResponse
         try:
             try:
                 async with asyncio.timeout(limits.body_timeout_s):
-                    await request.read()
+                    body = await request.read()
+                door.buffered -= reserved - len(body)  # a chunked body reserved the cap: keep what it holds
+                reserved = len(body)
             except TimeoutError:
                 return error_response(408, f"request body not received within {limits.body_timeout_s:g} s",
                                       "invalid_request_error", "request_timeout")
