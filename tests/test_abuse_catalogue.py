@@ -124,12 +124,18 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
             proc.stop()
 
 
+#: The agent runs with a common Linux default for open files: soft 1,024, hard 4,096.
+NOFILE = (1024, 4096)
+WITH_FD_LIMITS = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                  f"{NOFILE}); os.execv(sys.executable, [sys.executable, '-m', 'switchgear', *sys.argv[1:]])")
+
+
 @pytest.fixture(scope="module", params=["switchgear", "grpcio"])
 def agent(request: pytest.FixtureRequest, backends: Backends) -> Iterator[Agent]:
     kind = request.param
-    proc = Proc.switchgear(f"agent-{kind}", [
-        "agent", "--auth", "none", "--control-plane", backends.control_plane, "--listen", "127.0.0.1:0",
-        "--http-listen", "127.0.0.1:0", "--grpc-server", kind, "--node-id", f"abuse-{kind}",
+    proc = Proc(f"agent-{kind}", [
+        sys.executable, "-c", WITH_FD_LIMITS, "agent", "--auth", "none", "--control-plane", backends.control_plane,
+        "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--grpc-server", kind, "--node-id", f"abuse-{kind}",
         "--http-body-timeout", "1",
     ], backends.workdir)
     try:
@@ -498,11 +504,11 @@ HOLDER = textwrap.dedent("""
 
 
 async def idle_sockets(agent: Agent) -> None:
-    """20,200 idle sockets on the HTTP front door, held by two helper processes (one may hold
-    only as many as its open-file limit allows): more than the agent's open-file limit here
-    (20,000), so a door that takes them all leaves nothing to accept with on either door."""
+    """20,000 idle sockets on the HTTP front door, held by two helper processes: far more than
+    the agent's open-file limit (NOFILE), so a door that takes them all leaves nothing to accept
+    with on either door, or to reach the upstream with."""
     host, port = agent.http_host_port
-    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, host, str(port), "10100"], stdin=subprocess.PIPE,
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, host, str(port), "10000"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         for holder in holders:
