@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
+.PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
 # for the store that control-plane replicas share).
@@ -65,6 +65,21 @@ system-deps:
 	  echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# Coverage-guided fuzzing of switchgear.rpc (atheris): each target of tests/fuzz/targets.py runs
+# FUZZ_SECONDS / 3 seconds from its corpus (tests/fuzz/corpus/<target>/), adding what reaches new
+# code; memory bounded by FUZZ_RSS_MB. A crash stops the run and leaves its input in
+# tests/fuzz/crashes/. `make test` replays the corpus (tests/test_fuzz_corpus.py).
+FUZZ_SECONDS ?= 60
+FUZZ_RSS_MB  ?= 2048
+FUZZ_TARGETS := frames hpack grpc_messages
+
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[fuzz]'
+	for target in $(FUZZ_TARGETS); do \
+	  $(PY) -m tests.fuzz.fuzz_rpc $$target -max_total_time=$$(( $(FUZZ_SECONDS) / 3 )) \
+	    -rss_limit_mb=$(FUZZ_RSS_MB) -max_len=4096 -timeout=10 -print_final_stats=1 || exit $$?; \
+	done
 
 lint-protos: $(BUF)
 	cd protos && ../$(BUF) lint

@@ -109,6 +109,7 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from switchgear.dataplane.http_door import door_limits
     from switchgear.dataplane.server import Options, agent_token, serve
     from switchgear.dataplane.worker import worker_options
     from switchgear.tls import ClientTls
@@ -125,6 +126,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     options = Options(
         control_planes=[a.strip() for a in args.control_plane.split(",") if a.strip()],
         listen=args.listen, node_id=args.node_id, zone=args.zone, http_listen=args.http_listen,
+        http_limits=door_limits(args),
         grpc_server=args.grpc_server, grpc_limits=_grpc_limits(args),
         metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
@@ -410,6 +412,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from switchgear.controlplane.tasks.cli import add_parser as add_tasks_parser
+    from switchgear.dataplane.http_door import add_door_arguments
     from switchgear.dataplane.worker import add_worker_arguments
 
     parser = argparse.ArgumentParser(
@@ -511,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(INVALID_ARGUMENT / HTTP 400 naming the field; default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
+    add_door_arguments(ag)
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
 from switchgear.dataplane.governance import Principal
+from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
@@ -325,10 +326,11 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def build_app(
-    holder: Holder, invoker: Invoker, streamer: Streamer, pipeline: Pipeline | None = None
+    holder: Holder, invoker: Invoker, streamer: Streamer, pipeline: Pipeline | None = None,
+    limits: DoorLimits = DEFAULT_LIMITS,
 ) -> web.Application:
     """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[body_guard(limits), _errors], client_max_size=limits.max_body_bytes)
     app[_HOLDER] = holder
     app[_INVOKER] = invoker
     app[_STREAMER] = streamer
@@ -342,16 +344,14 @@ def build_app(
 
 async def start(
     holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: ssl.SSLContext | None = None, limits: DoorLimits = DEFAULT_LIMITS,
 ) -> tuple[web.AppRunner, str]:
     """Start the front door on `listen` ("host:port", port 0 picks one), over TLS when `tls` is
-    given; (runner, bound address)."""
+    given, bounded by `limits` (http_door.py); (runner, bound address)."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(
-        build_app(holder, invoker, streamer, pipeline), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls)
+    door = runner(build_app(holder, invoker, streamer, pipeline, limits), limits)
+    await door.setup()
+    site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls)
     await site.start()
-    bound = runner.addresses[0]
-    return runner, f"{host or '127.0.0.1'}:{bound[1]}"
+    bound = door.addresses[0]
+    return door, f"{host or '127.0.0.1'}:{bound[1]}"

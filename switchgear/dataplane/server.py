@@ -7,6 +7,7 @@ SERVING for good (a lost control plane does not make a serving agent unready).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from switchgear.dataplane.client import AGENT_TOKEN_ENV, Applier, SnapshotClient
 from switchgear.dataplane.convert import MAX_JSON_DEPTH
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
+from switchgear.dataplane.http_door import DoorLimits, door_budget, raise_nofile_limit
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
@@ -59,6 +61,7 @@ class Options:
     node_id: str = ""
     zone: str = ""
     http_listen: str = ""  # the OpenAI-compatible front door ("" = off; port 0 picks one)
+    http_limits: DoorLimits = DoorLimits()  # its connection cap, timeouts and size limits (http_door.py)
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
@@ -117,6 +120,7 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set. `on_ready` gets the gRPC address once the port is bound, then
     `on_http_ready` the front door's address (when `options.http_listen` is set)."""
+    raise_nofile_limit()  # soft to hard: both doors and the upstream pool share it (http_door.py)
     adapters = builtin_adapters()
     holder = Holder()
     pool = ClientPool()
@@ -191,7 +195,8 @@ async def serve(
     if options.http_listen:
         http_runner, http_address = await http_front_door.start(
             holder, invoker, streamer, options.http_listen, pipeline,
-            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None)
+            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None,
+            limits=options.http_limits)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", node.id, http_address)
         if on_http_ready is not None:
             on_http_ready(http_address)
@@ -233,11 +238,18 @@ GRPC_SERVERS = ("switchgear", "grpcio")
 
 def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits
                  ) -> grpc.aio.Server:
+    # Connections to this port stay within the process's per-door fd budget (http_door.py), so
+    # sockets held open against it cannot take the descriptors the HTTP door and the pool need.
+    budget = door_budget(raise_nofile_limit())
     if kind == "switchgear":
+        if limits.max_connections > budget:
+            log.warning("--grpc-max-connections lowered to %d by the open-file limit", budget)
+            limits = dataclasses.replace(limits, max_connections=budget)
         return rpc.Server(interceptors, limits=limits)
     if kind == "grpcio":
-        return grpc.aio.server(interceptors=interceptors, options=(("grpc.keepalive_permit_without_calls", 1),
-                                                                   *grpcio_options(limits)))
+        return grpc.aio.server(interceptors=interceptors, options=(
+            ("grpc.keepalive_permit_without_calls", 1), *grpcio_options(limits),
+            ("grpc.max_allowed_incoming_connections", budget)))
     raise ValueError(f"grpc_server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
 
 

@@ -154,7 +154,10 @@ class Context(grpc.aio.ServicerContext):  # type: ignore[misc]
         limit = self._server.max_receive
         if self._encoding in (b"gzip", b"deflate"):
             inflater = zlib.decompressobj(31 if self._encoding == b"gzip" else 15)
-            out = inflater.decompress(payload, limit + 1)
+            try:
+                out = inflater.decompress(payload, limit + 1)
+            except zlib.error:  # corrupt input is the caller's error, as in grpc (found by tests/fuzz)
+                raise _Reject(grpc.StatusCode.INTERNAL, "Failed to decompress the message") from None
             if len(out) > limit:
                 raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"Received message larger than max (over {limit} bytes once decompressed)")
