@@ -136,7 +136,7 @@ def agent(request: pytest.FixtureRequest, backends: Backends) -> Iterator[Agent]
     proc = Proc(f"agent-{kind}", [
         sys.executable, "-c", WITH_FD_LIMITS, "agent", "--auth", "none", "--control-plane", backends.control_plane,
         "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--grpc-server", kind, "--node-id", f"abuse-{kind}",
-        "--http-body-timeout", "1",
+        "--http-body-timeout", "1", "--agent-token-file", str(backends.workdir / "r.db.agent-token"),
     ], backends.workdir)
     try:
         address = proc.start()
