@@ -21,6 +21,7 @@ from switchgear.dataplane.http_door import (
     door_budget,
     door_limits,
     raise_nofile_limit,
+    runner,
 )
 from tests.test_stream import make_agent, snapshot, view
 
@@ -264,3 +265,15 @@ async def test_at_the_cap_a_keep_alive_connection_that_served_outlives_newer_idl
         for _, other in idle:
             other.close()
         writer.close()
+
+
+def test_each_door_cap_is_lowered_to_the_fd_budget() -> None:
+    from aiohttp import web
+
+    from switchgear.dataplane.server import _grpc_server
+    from switchgear.rpc import Limits
+
+    budget = door_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    assert runner(web.Application(), DoorLimits(max_connections=10**7)).max_connections == budget
+    grpc_server = _grpc_server("switchgear", (), Limits(max_connections=10**7))
+    assert grpc_server.limits.max_connections == budget
