@@ -277,3 +277,24 @@ def test_each_door_cap_is_lowered_to_the_fd_budget() -> None:
     assert runner(web.Application(), DoorLimits(max_connections=10**7)).max_connections == budget
     grpc_server = _grpc_server("switchgear", (), Limits(max_connections=10**7))
     assert grpc_server.limits.max_connections == budget
+
+
+async def test_a_handler_bug_is_a_500_in_openai_shape() -> None:
+    from aiohttp import web
+
+    async def boom(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError(f"bug while holding {KEY}")
+
+    agent = make_agent(snapshot())
+    app = front_door.build_app(agent.holder, agent.invoker, agent.streamer)
+    app.router.add_get("/boom", boom)
+    door_runner = runner(app, DEFAULT_LIMITS)
+    await door_runner.setup()
+    site = web.TCPSite(door_runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        answer = await exchange("127.0.0.1", door_runner.addresses[0][1], b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        await door_runner.cleanup()
+        await agent.pool.close()
+    assert openai_error(answer) == (500, "internal_error") and b"SECRET" not in answer
