@@ -235,6 +235,8 @@ async def run_case(agent: Agent, attack: Callable[[Agent], Awaitable[None]], lim
         await asyncio.gather(calling, sampling)
     assert agent.proc.running(), f"the agent died:\n{agent.proc.tail()}"
     grown = peak[0] - baseline
+    print(f"{agent.kind}: RSS +{grown / MiB:.1f} MiB (from {baseline / MiB:.0f} MiB); "
+          f"good calls {caller.ok_grpc} gRPC, {caller.ok_http} HTTP; {len(caller.failures)} failed")
     assert grown <= RSS_BOUND, f"RSS grew {grown / MiB:.0f} MiB (from {baseline / MiB:.0f} MiB)"
     assert not caller.failures, caller.failures[:5]
     assert caller.ok_grpc >= 2 and caller.ok_http >= 2, (caller.ok_grpc, caller.ok_http)
