@@ -154,6 +154,24 @@ async def test_consumed_bytes_are_credited(probe: Probe) -> None:
         assert (await client.response(1)).messages == [b"2"]
 
 
+async def test_messages_larger_than_the_stream_window_still_arrive(probe: Probe) -> None:
+    """Window is credited as the handler consumes, but a message cannot be consumed before it is
+    whole: one larger than the stream window is credited as it arrives (bounded by the receive
+    limit), in unary and streaming calls, many at once on one connection (grpc.aio's client)."""
+    big = [bytes((i,)) * 1_200_000 for i in range(3)]  # 1.2 MB each, the window 64 KiB
+    async with limited(probe, stream_window=65_535) as (_, address), grpc.aio.insecure_channel(address) as channel:
+        join = channel.stream_unary("/t.Test/Join")
+        chat = channel.stream_stream("/t.Test/Chat")
+
+        async def chatted() -> list[bytes]:
+            return [m async for m in chat(iter(big), timeout=WAIT * 2)]
+
+        echoes, joined, replies = await bounded(asyncio.gather(
+            asyncio.gather(*(channel.unary_unary(ECHO)(b, timeout=WAIT * 2) for b in big)),
+            join(iter(big), timeout=WAIT * 2), chatted()), WAIT * 3)
+        assert echoes == big and joined == b"|".join(big) and replies == [b[::-1] for b in big] + [b"bye"]
+
+
 async def test_unfinished_unary_requests_are_bounded_per_connection(probe: Probe) -> None:
     """Unary requests whose end never comes hold the connection window: the peer cannot send
     more than `connection_window` of them, and once it is full the stream holding the most is

@@ -82,7 +82,9 @@ MAX_HEADER_BLOCK = 64 * 1024
 #: Streams closed lately whose ids are remembered, to tell frames in flight on a stream we ended
 #: (ignored) from frames on a stream the peer had ended or reset (STREAM_CLOSED).
 _REMEMBERED = 32
-_HIGH_WATER = 1 << 20  # pause_writing (and stop reading the peer) beyond this much output held
+# pause_writing (and stop reading the peer) beyond this much output held: what a peer that never
+# reads costs in our memory (the kernel buffers more), times the connections it opens.
+_HIGH_WATER = 256 * 1024
 
 
 @dataclass(frozen=True)
