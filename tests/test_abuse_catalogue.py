@@ -235,6 +235,8 @@ async def run_case(agent: Agent, attack: Callable[[Agent], Awaitable[None]], lim
         await asyncio.gather(calling, sampling)
     assert agent.proc.running(), f"the agent died:\n{agent.proc.tail()}"
     grown = peak[0] - baseline
+    print(f"{agent.kind}: RSS +{grown / MiB:.1f} MiB (from {baseline / MiB:.0f} MiB); "
+          f"good calls {caller.ok_grpc} gRPC, {caller.ok_http} HTTP; {len(caller.failures)} failed")
     assert grown <= RSS_BOUND, f"RSS grew {grown / MiB:.0f} MiB (from {baseline / MiB:.0f} MiB)"
     assert not caller.failures, caller.failures[:5]
     assert caller.ok_grpc >= 2 and caller.ok_http >= 2, (caller.ok_grpc, caller.ok_http)
@@ -301,13 +303,13 @@ async def window_overrun(agent: Agent) -> None:
 
 
 async def unread_streams(agent: Agent) -> None:
-    """90 reflection streams, each sent its whole 1 MiB window of requests the handler cannot
-    get to (it waits for us to read its answers): ~90 MiB unread on one connection."""
+    """72 reflection streams, each sent its whole 1 MiB window of requests the handler cannot
+    get to (it waits for us to read its answers): ~72 MiB unread on one connection."""
     conn = await H2.open(agent)
     request = grpc_message(reflection_pb2.ServerReflectionRequest(
         host="x" * 16000, file_containing_symbol="switchgear.v1.GatewayService").SerializeToString())
     try:
-        for i in range(90):
+        for i in range(72):
             sid = 2 * i + 1
             body = frame(HEADERS, END_HEADERS, sid, conn.headers(REFLECTION))
             body += b"".join(frame(DATA, 0, sid, request) for _ in range(MiB // len(request)))

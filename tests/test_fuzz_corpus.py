@@ -30,6 +30,14 @@ def test_every_corpus_input_passes_its_target(target: str) -> None:
     assert not failed, f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed)
 
 
+@pytest.mark.parametrize("path", sorted(CORPUS.glob("*/crash-*")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_crash_found_stays_fixed(path: Path) -> None:
+    """Inputs that broke a parser, by name: crash-corrupt-deflate (zlib.error out of the message
+    reader), crash-empty-header-name (IndexError reading the request's headers),
+    crash-bad-base64-bin-header (binascii.Error: a traceback per request)."""
+    TARGETS[path.parent.name](path.read_bytes())
+
+
 @pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
 def test_a_corrupt_compressed_message_is_internal_not_an_exception(encoding: bytes) -> None:
     """Found by the fuzzer (corpus grpc_messages/crash-corrupt-deflate): zlib.error escaped the

@@ -21,6 +21,7 @@ from switchgear.dataplane.http_door import (
     door_budget,
     door_limits,
     raise_nofile_limit,
+    runner,
 )
 from tests.test_stream import make_agent, snapshot, view
 
@@ -264,3 +265,36 @@ async def test_at_the_cap_a_keep_alive_connection_that_served_outlives_newer_idl
         for _, other in idle:
             other.close()
         writer.close()
+
+
+def test_each_door_cap_is_lowered_to_the_fd_budget() -> None:
+    from aiohttp import web
+
+    from switchgear.dataplane.server import _grpc_server
+    from switchgear.rpc import Limits
+
+    budget = door_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    assert runner(web.Application(), DoorLimits(max_connections=10**7)).max_connections == budget
+    grpc_server = _grpc_server("switchgear", (), Limits(max_connections=10**7))
+    assert grpc_server.limits.max_connections == budget
+
+
+async def test_a_handler_bug_is_a_500_in_openai_shape() -> None:
+    from aiohttp import web
+
+    async def boom(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError(f"bug while holding {KEY}")
+
+    agent = make_agent(snapshot())
+    app = front_door.build_app(agent.holder, agent.invoker, agent.streamer)
+    app.router.add_get("/boom", boom)
+    door_runner = runner(app, DEFAULT_LIMITS)
+    await door_runner.setup()
+    site = web.TCPSite(door_runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        answer = await exchange("127.0.0.1", door_runner.addresses[0][1], b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        await door_runner.cleanup()
+        await agent.pool.close()
+    assert openai_error(answer) == (500, "internal_error") and b"SECRET" not in answer

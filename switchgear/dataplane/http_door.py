@@ -67,7 +67,7 @@ class DoorLimits:
     max_body_bytes: int = 32 * 1024 * 1024  # one request's body (413 beyond)
     max_header_bytes: int = 8190  # the request line or one header field (431 beyond)
     max_headers: int = 100  # header fields in one request (431 beyond)
-    max_buffered_bytes: int = 128 * 1024 * 1024  # request bodies held at once across the door (503 beyond)
+    max_buffered_bytes: int = 64 * 1024 * 1024  # request bodies held at once across the door (503 beyond)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -248,19 +248,34 @@ def body_guard(limits: DoorLimits) -> Callable[..., Awaitable[web.StreamResponse
         try:
             try:
                 async with asyncio.timeout(limits.body_timeout_s):
-                    body = await request.read()
-                door.buffered -= reserved - len(body)  # a chunked body reserved the cap: keep what it holds
-                reserved = len(body)
+                    body = await _read(request, limits.max_body_bytes)
             except TimeoutError:
                 return error_response(408, f"request body not received within {limits.body_timeout_s:g} s",
                                       "invalid_request_error", "request_timeout")
-            except web.HTTPRequestEntityTooLarge:
+            if body is None:
                 return _too_large(limits)
+            door.buffered -= reserved - len(body)  # a chunked body reserved the cap: keep what it holds
+            reserved = len(body)
             return await handler(request)
         finally:
             door.buffered -= reserved
 
     return guard
+
+
+async def _read(request: web.Request, limit: int) -> bytes | None:
+    """The body, read as it arrives (None past `limit`), kept where `request.read()` returns it
+    from. aiohttp's own read() first lets its buffer grow to the whole client_max_size, then
+    copies: about three times the cap held at once for one oversized chunked body."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._read_bytes = body  # what read(), text() and json() return from now on
+    return body
 
 
 def _too_large(limits: DoorLimits) -> web.Response:
