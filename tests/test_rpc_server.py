@@ -303,6 +303,21 @@ async def test_request_over_the_receive_limit(channel: grpc.aio.Channel, shape: 
     assert await channel.stream_unary(JOIN)(iter((b"a", b"b")), timeout=WAIT) == b"a|b"
 
 
+@pytest.mark.parametrize("split", [5, 2])
+async def test_a_unary_request_declaring_too_large_a_message_is_refused_from_its_prefix(address: str,
+                                                                                        split: int) -> None:
+    """Refused once the 5-byte prefix is in (whole or split over frames), before the rest
+    arrives: no server buffers up to the limit for a message it will refuse anyway."""
+    declared = b"\x00" + (4 * 1024 * 1024 + 1).to_bytes(4, "big")
+    async with Client.open(address) as client:
+        client.send(client.headers(1), frame(DATA, 0, 1, declared[:split]))
+        if split < 5:
+            client.send(frame(DATA, 0, 1, declared[split:] + b"x"))
+        answer = await client.response(1)  # the stream stays open on the client's side: nothing more is sent
+        status = answer.trailers.get("grpc-status") or answer.headers.get("grpc-status")
+        assert status == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+
 async def test_exactly_the_receive_limit_is_accepted(probe: Probe) -> None:
     async with serving(probe, max_receive_message_length=100_000) as (_, address), \
             grpc.aio.insecure_channel(address) as channel:

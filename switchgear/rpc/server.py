@@ -557,9 +557,11 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             context._chunks.append(chunk)
             context._size += len(chunk)
             stream.conn.credit(stream, len(chunk))
-            if context._size > self.max_receive + 5:
+            declared = _declared_length(context._chunks) if context._size - len(chunk) < 5 <= context._size else 0
+            if declared > self.max_receive or context._size > self.max_receive + 5:
+                # Refused once the 5-byte prefix says so, not after max_receive bytes have come in.
                 context._fail(_Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      f"Received message larger than max ({context._size - 5} vs. "
+                                      f"Received message larger than max ({max(declared, context._size - 5)} vs. "
                                       f"{self.max_receive})"))
                 return
         if ended:
@@ -701,3 +703,13 @@ def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **options: A
 
 
 __all__ = ["Context", "Server", "server"]
+
+
+def _declared_length(chunks: list[bytes]) -> int:
+    """The length a unary request's 5-byte gRPC prefix declares, from its first chunks."""
+    head = b""
+    for chunk in chunks:
+        head += chunk[:5 - len(head)]
+        if len(head) == 5:
+            break
+    return int.from_bytes(head[1:5], "big")
