@@ -98,6 +98,41 @@ class Ewma:
         self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
 
 
+class Recent:
+    """The last `size` samples of a quantity, for quantiles (the attempt timeout's p99, the
+    hedge delay's p95). `quantile` sorts a copy at most once per `size // 8` new samples, so
+    reading it on every attempt costs a list index, not a sort."""
+
+    __slots__ = ("_cached", "_fresh", "_next", "count", "samples", "size")
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self.samples: list[float] = []
+        self._next = 0
+        self.count = 0  # samples ever recorded
+        self._cached: list[float] = []
+        self._fresh = 0  # samples since the cached sort
+
+    def record(self, sample: float) -> None:
+        if len(self.samples) < self.size:
+            self.samples.append(sample)
+        else:
+            self.samples[self._next] = sample
+            self._next = (self._next + 1) % self.size
+        self.count += 1
+        self._fresh += 1
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0..1, nearest rank) of the retained samples; None with none."""
+        if not self.samples:
+            return None
+        if self._fresh and (self._fresh >= max(1, self.size // 8) or len(self._cached) < self.size // 2):
+            self._cached = sorted(self.samples)
+            self._fresh = 0
+        ranked = self._cached
+        return ranked[min(len(ranked) - 1, int(q * len(ranked)))]
+
+
 class SuccessWindow:
     """Outcomes in `buckets` time buckets spanning `window_s`; older buckets are forgotten."""
 
@@ -148,6 +183,8 @@ class EndpointStats:
         "mean_latency",
         "outstanding",
         "per_token",
+        "recent",
+        "recent_ttft",
         "ttft",
         "window",
     )
@@ -159,6 +196,8 @@ class EndpointStats:
         self.mean_latency = Ewma(config.mean_alpha)
         self.ttft = PeakEwma(config.decay_s)
         self.per_token = PeakEwma(config.decay_s)
+        self.recent = Recent()  # whole answers (s), for the attempt timeout's p99 and the hedge's p95
+        self.recent_ttft = Recent()  # times to first token (s) of streams
         self.window = SuccessWindow(config.window_s, config.buckets)
         self.cost_usd: float | None = None
         self.last_sample_at: float | None = None
@@ -278,6 +317,8 @@ class LiveStats:
         now = self.clock()
         stats = self.get(candidate_key(event.service, event.endpoint))
         stats.outstanding.pop((event.request_id, event.attempt), None)
+        if event.cancelled:
+            return
         if event.error is None:
             self._success(stats, event, now)
         elif event.error in ENDPOINT_FAULTS:
@@ -290,6 +331,9 @@ class LiveStats:
         ttft = event.ttft_s
         if ttft is not None:
             stats.ttft.update(max(0.0, ttft), now)
+            stats.recent_ttft.record(max(0.0, ttft))
+        else:
+            stats.recent.record(latency)
         tokens = event.usage.output_tokens
         if tokens > 0:
             stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
