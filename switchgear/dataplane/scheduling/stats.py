@@ -15,7 +15,10 @@ What is kept, per endpoint:
 - success rate over a sliding time window of buckets, with one prior success so a fresh
   endpoint reads 1.0 and one failure in few samples does not condemn it;
 - the EWMA of the observed cost of a successful request (USD);
-- when the endpoint was first seen, for slow start.
+- when the endpoint was first seen — or last came back from being blocked (open breaker,
+  ejection, Retry-After hold) — for slow start: a target back from a fault ramps up over
+  `recovery_ramp_s` instead of taking its full share at once (no herd onto it, and none away
+  from it onto the others: see scheduling/peers.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from switchgear.dataplane.scheduling.model import Request, candidate_key
 #: An attempt outstanding this many times the endpoint's peak latency counts as failing.
 OVERDUE = 3.0
 
+#: How many latest outcomes `EndpointStats.lasts` keeps (peers.off_slow's recovery rule).
+LASTS = 2
+
 #: Failures that say something about the endpoint (a bad request says nothing about it).
 ENDPOINT_FAULTS = frozenset(
     {ErrorKind.RETRYABLE, ErrorKind.RATE_LIMITED, ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.AUTH}
@@ -48,6 +54,8 @@ class StatsConfig:
     `slow_start_aggression`: ramp shape, factor = (age / window) ** (1 / aggression).
     `forget_s`: how fast an estimate with no new samples regresses to the candidates' median
     (see scorers.latency_estimates) — what lets a penalised endpoint be tried again.
+    `recovery_ramp_s`: the slow-start window of an endpoint coming back from being blocked
+    (`LiveStats.unblocked`); shorter than a new endpoint's, since its numbers are known.
     """
 
     decay_s: float = 10.0
@@ -60,6 +68,7 @@ class StatsConfig:
     slow_start_aggression: float = 1.0
     forget_s: float = 30.0
     mean_alpha: float = 0.1
+    recovery_ramp_s: float = 5.0
 
 
 class PeakEwma:
@@ -179,18 +188,22 @@ class EndpointStats:
         "created_at",
         "failed",
         "last_sample_at",
+        "lasts",
         "latency",
         "mean_latency",
         "outstanding",
         "per_token",
+        "ramp_s",
         "recent",
         "recent_ttft",
+        "slow",
         "ttft",
         "window",
     )
 
     def __init__(self, config: StatsConfig, now: float) -> None:
-        self.created_at = now
+        self.created_at = now  # first seen, or back from being blocked: slow start counts from here
+        self.ramp_s = config.slow_start_s
         self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.latency = PeakEwma(config.decay_s)
         self.mean_latency = Ewma(config.mean_alpha)
@@ -198,6 +211,8 @@ class EndpointStats:
         self.per_token = PeakEwma(config.decay_s)
         self.recent = Recent()  # whole answers (s), for the attempt timeout's p99 and the hedge's p95
         self.recent_ttft = Recent()  # times to first token (s) of streams
+        self.slow = False  # judged far slower than its peers (peers.off_slow) until `recovered`
+        self.lasts = [math.inf] * LASTS  # the latest outcomes' seconds (inf: failed), newest at completed+failed
         self.window = SuccessWindow(config.window_s, config.buckets)
         self.cost_usd: float | None = None
         self.last_sample_at: float | None = None
@@ -207,6 +222,19 @@ class EndpointStats:
     @property
     def in_flight(self) -> int:
         return len(self.outstanding)
+
+    def note_last(self, seconds: float) -> None:
+        """One more outcome for `lasts` (call before counting it in completed / failed)."""
+        self.lasts[(self.completed + self.failed) % LASTS] = seconds
+
+    def recovered(self, bound_s: float, now: float) -> bool:
+        """True when each of the latest LASTS outcomes answered within `bound_s`: then the peak
+        EWMA, which would take tens of seconds to forget a slow spell, restarts from them."""
+        worst = max(self.lasts)
+        if worst > bound_s:
+            return False
+        self.latency.value, self.latency.stamp = worst, now
+        return True
 
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest outstanding attempt has been running (0 when none)."""
@@ -282,6 +310,7 @@ class LiveStats:
         self.clock = clock
         self.config = config or StatsConfig()
         self._by_key: dict[str, EndpointStats] = {}
+        self.blocked: set[str] = set()  # keys the gate refused at their last pick (filters.not_blocked)
 
     def get(self, key: str, now: float | None = None) -> EndpointStats:
         """The stats of `key`, created (first seen at `now`, default the clock) if unknown."""
@@ -297,15 +326,26 @@ class LiveStats:
         """Forget endpoints not in `keys` (call after a snapshot swap)."""
         for key in [k for k in self._by_key if k not in keys]:
             del self._by_key[key]
+        self.blocked.intersection_update(keys)
 
     def slow_start(self, key: str, now: float) -> float:
-        """Weight factor in [slow_start_min, 1]: max(min, (age / window) ** (1 / aggression))."""
+        """Weight factor in [slow_start_min, 1]: max(min, (age / window) ** (1 / aggression)),
+        where age counts from `created_at` and window is the endpoint's `ramp_s`."""
         c = self.config
-        age = now - self.get(key).created_at
-        if c.slow_start_s <= 0 or age >= c.slow_start_s:
+        stats = self.get(key)
+        window = stats.ramp_s
+        age = now - stats.created_at
+        if window <= 0 or age >= window:
             return 1.0
-        ramp: float = (max(0.0, age) / c.slow_start_s) ** (1.0 / c.slow_start_aggression)
+        ramp: float = (max(0.0, age) / window) ** (1.0 / c.slow_start_aggression)
         return max(c.slow_start_min, ramp)
+
+    def unblocked(self, key: str, now: float) -> None:
+        """`key` is usable again after being blocked: its slow start restarts over recovery_ramp_s."""
+        self.blocked.discard(key)
+        stats = self.get(key, now)
+        if self.config.slow_start_s > 0 and self.config.recovery_ramp_s > 0:
+            stats.created_at, stats.ramp_s = now, self.config.recovery_ramp_s
 
     # --- AttemptObserver ------------------------------------------------------------------
 
@@ -338,6 +378,7 @@ class LiveStats:
         if tokens > 0:
             stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
         stats.window.record(True, now)
+        stats.note_last(latency)
         a = self.config.cost_alpha
         stats.cost_usd = event.cost_usd if stats.cost_usd is None else stats.cost_usd * (1 - a) + event.cost_usd * a
         stats.last_sample_at = now
@@ -353,5 +394,6 @@ class LiveStats:
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
         stats.window.record(False, now)
+        stats.note_last(math.inf)
         stats.last_sample_at = now
         stats.failed += 1

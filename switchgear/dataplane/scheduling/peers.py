@@ -1,0 +1,118 @@
+"""Endpoints judged against their peers: slow ones off fast, and no herd onto one. Pure.
+
+Two stages the scheduler runs for every strategy (scheduler.py), each leaving at least one
+candidate of a non-empty input:
+
+`off_slow` — before the strategy's own stages. A candidate whose expected latency e_i
+(scorers.latency_estimates: peak EWMA, stall-aware, so a hung endpoint counts as slow within a
+second or two) exceeds `slow_ratio` x the median of its peers' is judged slow
+(`EndpointStats.slow`) and dropped from the pick until it has recovered (below). Its own
+history is not the yardstick: an endpoint that has been 10x slow for a minute has a "normal"
+EWMA of 10x, but its peers still answer in 1x. It is probed with a trickle: with probability
+`trickle`, and only while none of its attempts is in flight, the pick is *only* that candidate
+(one probe at a time: a hung endpoint gets one, not one per request). Once its latest two
+answers all came within the bound (stats.EndpointStats.recovered) its peak EWMA restarts from
+them — decaying alone it would take ~25 s to forget a 10x spell — and it rejoins with a slow
+start (ramped); at 30 requests/s that is about 5 s after it recovers.
+
+`spread` — after the strategy's stages. Strategies that pick the best (intelligent's argmax,
+the latency pickers on a quiet pool) send nearly everything to the fastest endpoint, and
+after a fault one survivor can carry everything while a recovered peer gets nothing back.
+So each candidate's recent share of picks is tracked (an EWMA over about 1 / `share_alpha`
+picks); a candidate above its cap — max(`share_cap`, its ramped weight's share w_i s_i / sum w s,
+s = slow start) — is left out of this pick while another candidate within `peer_ratio` of its
+latency remains. So no target carries more than 70 % while its peers are within 2x of its
+latency, weights the operator set still hold, and a target coming back from a fault gets its
+ramped share (slow start, stats.LiveStats.unblocked), not all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from switchgear.dataplane.scheduling.filters import Filter
+from switchgear.dataplane.scheduling.model import Candidate, Context
+from switchgear.dataplane.scheduling.scorers import latency_estimates
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """Ratios are dimensionless; `trickle`, `share_cap` and `share_alpha` fractions in [0, 1]."""
+
+    slow_ratio: float = 4.0
+    trickle: float = 0.03
+    share_cap: float = 0.7
+    peer_ratio: float = 2.0
+    share_alpha: float = 0.05
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
+    """Drops candidates slower than slow_ratio x the median of their peers (module docstring),
+    except for a trickle of probes."""
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        if len(cands) < 2:
+            return list(cands)
+        e = latency_estimates(cands, ctx)
+        kept: list[Candidate] = []
+        for i, c in enumerate(cands):
+            bound = settings.slow_ratio * _median(e[:i] + e[i + 1:])
+            s = ctx.stats.get(c.key)
+            if not s.slow:
+                if e[i] <= bound:
+                    kept.append(c)
+                    continue
+                s.slow = True
+            # Judged slow: out until its latest answers are within the bound again. (Not until
+            # its estimate is: a stale estimate regresses toward the median and would let it
+            # back unprobed, where a latency strategy would still never pick it.)
+            if not s.in_flight and s.recovered(bound, ctx.now):
+                s.slow = False
+                ctx.stats.unblocked(c.key, ctx.now)  # back, ramped
+                kept.append(c)
+            elif not s.in_flight and ctx.rng.random() < settings.trickle:
+                return [c]  # the probe
+        return kept or list(cands)
+
+    return apply
+
+
+def spread(settings: PeerSettings = PeerSettings()) -> Filter:
+    """Leaves out candidates above their share cap while a peer within peer_ratio of their
+    latency remains (module docstring). Shares are `record_pick`'s, in ctx.memory."""
+
+    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+        shares: dict[str, float] = ctx.memory.get("shares") or {}
+        if len(cands) < 2 or not shares:
+            return list(cands)
+        ramp = ctx.stats.slow_start
+        w = [c.weight * ramp(c.key, ctx.now) for c in cands]
+        total = sum(w)
+        over = [shares.get(c.key, 0.0) > max(settings.share_cap, wi / total) for c, wi in zip(cands, w, strict=True)]
+        if not any(over):
+            return list(cands)
+        e = latency_estimates(cands, ctx)
+        kept = []
+        for i, c in enumerate(cands):
+            if over[i] and any(j != i and e[j] <= settings.peer_ratio * e[i] for j in range(len(cands))):
+                continue
+            kept.append(c)
+        return kept or list(cands)
+
+    return apply
+
+
+def record_pick(ctx: Context, chosen: Candidate, candidates: Sequence[Candidate], alpha: float) -> None:
+    """share_i <- share_i x (1 - alpha) + alpha x [i chosen], over the group's candidates."""
+    shares: dict[str, float] = ctx.memory.setdefault("shares", {})
+    keep = 1.0 - alpha
+    for c in candidates:
+        shares[c.key] = shares.get(c.key, 0.0) * keep
+    shares[chosen.key] = shares.get(chosen.key, 0.0) + alpha
