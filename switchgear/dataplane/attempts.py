@@ -104,7 +104,7 @@ from switchgear.dataplane.resilience.admission_edge import Admission, Shed
 from switchgear.dataplane.resilience.gate import Gate
 from switchgear.dataplane.resilience.hedging import HedgeSettings, hedge_delay, hedged, hedging_for, may_hedge
 from switchgear.dataplane.resilience.timeouts import AttemptTimeouts, attempt_timeout, gap_timeout, timeouts_for
-from switchgear.dataplane.scheduling.model import DEFAULT_OUTPUT_TOKENS, candidate_key
+from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.scheduling.stats import EndpointStats, LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 
@@ -426,7 +426,21 @@ class AttemptController:
             return None
         recent = stats.recent_ttft if self._stream else stats.recent
         delay = hedge_delay(self._hedging, recent.quantile(0.95), recent.count)
+        if stats.slow:  # a probe of an endpoint far slower than its peers: hedge at theirs
+            delay = min(delay or attempt.remaining_s, self._peers_p95(attempt) or attempt.remaining_s)
         return delay if delay is not None and delay < attempt.remaining_s else None
+
+    def _peers_p95(self, attempt: Attempt) -> float | None:
+        """The lowest p95 among the service's other endpoints with enough answers to know it."""
+        hedging, best = self._hedging, None
+        assert hedging is not None
+        for e in attempt.service.endpoints:
+            stats = self._stats_of(attempt.service, e) if e is not attempt.endpoint else None
+            if stats is not None:
+                recent = stats.recent_ttft if self._stream else stats.recent
+                p95 = hedge_delay(hedging, recent.quantile(0.95), recent.count)
+                best = p95 if best is None or (p95 is not None and p95 < best) else best
+        return best
 
     async def _race(self, first: Attempt, delay: float, try_one: Callable[[Attempt], Awaitable[T]],
                     discard: Callable[[T], Awaitable[None]] | None) -> tuple[Attempt, T] | None:
@@ -516,11 +530,11 @@ class AttemptController:
             return attempt_timeout(policy, stats.recent_ttft.quantile(0.99), stats.recent_ttft.count)
         expected = None
         per_token = stats.per_token.value
-        if per_token is not None:
+        if per_token is not None:  # a call that asks for more tokens than usual may take longer
             payload = self.call.payload
             asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
-            tokens = asked if isinstance(asked, int) and asked > 0 else service.max_tokens or DEFAULT_OUTPUT_TOKENS
-            expected = (stats.ttft.value or 0.0) + per_token * tokens
+            if isinstance(asked, int) and asked > 0:
+                expected = (stats.ttft.value or 0.0) + per_token * asked
         return attempt_timeout(policy, stats.recent.quantile(0.99), stats.recent.count, expected)
 
     # --- results --------------------------------------------------------------------------

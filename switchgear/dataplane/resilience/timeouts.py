@@ -11,9 +11,11 @@ endpoint's *own* recent latency:
     attempt timeout = min(t, what is left of the call's deadline)
 
 where p99 is the 99th percentile of the endpoint's last successful answers (whole answers for
-unary calls, time to first token for streams) and `expected` this request's own estimate
-(time to first token + seconds per output token x the output tokens it may ask for), so a call
-that asks for 4,000 tokens is not cut off at a bound learnt from 50-token answers. An expired
+unary calls, time to first token for streams) and `expected` this request's own estimate when
+it asks for a number of output tokens (time to first token + the endpoint's peak seconds per
+output token x `max_tokens`), so a call that asks for 4,000 tokens is not cut off at a bound
+learnt from 50-token answers (a call that asks for nothing in particular is like the answers
+the p99 was taken over). An expired
 attempt is abandoned (its connection closed) and counts as a TIMEOUT of that endpoint; the
 call fails over while its retry budget and deadline allow.
 

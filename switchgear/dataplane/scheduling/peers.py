@@ -3,9 +3,10 @@
 Two stages the scheduler runs for every strategy (scheduler.py), each leaving at least one
 candidate of a non-empty input:
 
-`off_slow` — before the strategy's own stages. A candidate whose expected latency e_i
-(scorers.latency_estimates: peak EWMA, stall-aware, so a hung endpoint counts as slow within a
-second or two) exceeds `slow_ratio` x the median of its peers' is judged slow
+`off_slow` — before the strategy's own stages. A candidate whose observed latency o_i
+(`observed`: its whole-answer peak EWMA, which a timeout raises too, x its stall factor, so a
+hung endpoint counts as slow within a second or two) exceeds `slow_ratio` x the median of its
+peers' is judged slow
 (`EndpointStats.slow`) and dropped from the pick until it has recovered (below). Its own
 history is not the yardstick: an endpoint that has been 10x slow for a minute has a "normal"
 EWMA of 10x, but its peers still answer in 1x. It is probed with a trickle: with probability
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 
 from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Candidate, Context
-from switchgear.dataplane.scheduling.scorers import latency_estimates
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,16 @@ def _median(values: Sequence[float]) -> float:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
+def observed(cands: Sequence[Candidate], ctx: Context) -> list[float]:
+    """o_i = (peak-EWMA latency of whole answers, or the median of the known ones) x stall factor.
+    Not the per-request estimate the latency scorers use: that one is per output token, learnt
+    from successes only, so an endpoint whose attempts time out would keep looking fast."""
+    stats = [ctx.stats.get(c.key) for c in cands]
+    known = sorted(v for s in stats if (v := s.latency.value) is not None)
+    prior = known[len(known) // 2] if known else 1.0
+    return [max(s.latency.value or prior, 1e-6) * s.stall_factor(ctx.now, prior) for s in stats]
+
+
 def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
     """Drops candidates slower than slow_ratio x the median of their peers (module docstring),
     except for a trickle of probes."""
@@ -60,7 +70,7 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
     def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
         if len(cands) < 2:
             return list(cands)
-        e = latency_estimates(cands, ctx)
+        e = observed(cands, ctx)
         kept: list[Candidate] = []
         for i, c in enumerate(cands):
             bound = settings.slow_ratio * _median(e[:i] + e[i + 1:])
@@ -98,7 +108,7 @@ def spread(settings: PeerSettings = PeerSettings()) -> Filter:
         over = [shares.get(c.key, 0.0) > max(settings.share_cap, wi / total) for c, wi in zip(cands, w, strict=True)]
         if not any(over):
             return list(cands)
-        e = latency_estimates(cands, ctx)
+        e = observed(cands, ctx)
         kept = []
         for i, c in enumerate(cands):
             if over[i] and any(j != i and e[j] <= settings.peer_ratio * e[i] for j in range(len(cands))):
