@@ -41,21 +41,17 @@ external_services:
   services:
     llm_services:
       local_models:
-        - name: "chat"
-          model: "gpt-4o-mini"
-          timeout: 9
-          cost_per_1k_tokens: 0.001
-          endpoints:
-            - {{id: "a", url: "{a}"}}
-            - {{id: "b", url: "{b}"}}
-        - name: "hedged"
-          model: "gpt-4o-mini"
-          timeout: 9
-          cost_per_1k_tokens: 0.001
-          endpoints:
-            - {{id: "ha", url: "{a}"}}
-            - {{id: "hb", url: "{b}"}}
 """
+
+
+def config(floor: float, urls: dict[str, str], hedge_min_priority: int = 8) -> str:
+    """Two services over the same two instances: "chat" (endpoints a, b) and "hedged" (ha, hb)."""
+    text = CONFIG.format(floor=floor).replace("hedge_min_priority: 8", f"hedge_min_priority: {hedge_min_priority}")
+    for name, prefix in (("chat", ""), ("hedged", "h")):
+        endpoints = "".join(f'\n            - {{id: "{prefix}{n}", url: "{urls[n]}"}}' for n in ("a", "b"))
+        text += (f'        - name: "{name}"\n          model: "gpt-4o-mini"\n          timeout: 9\n'
+                 f"          cost_per_1k_tokens: 0.001\n          endpoints:{endpoints}\n")
+    return text
 
 
 def call(cluster: ResilienceCluster, service: str, priority: int = 0) -> tuple[gateway_pb2.InvokeResponse, float]:
@@ -80,7 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResilienceClus
         c.urls = {n: f"http://127.0.0.1:{p}/v1" for n, p in json.loads("{" + line).items()}
         c.start_control_plane()
         c.start_agent_tuned()
-        yaml = CONFIG.format(floor=FLOOR_S, **c.urls)
+        yaml = config(FLOOR_S, c.urls)
         reply = c.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="tail.yaml"), timeout=5)
         wait_until(lambda: c.acked(str(reply.version)), what="agent to ACK the config")
         for service in ("chat", "hedged"):  # warm: 20+ answers per endpoint before anything adapts
@@ -157,7 +153,7 @@ def test_a_non_idempotent_or_low_priority_call_is_not_hedged(cluster: Resilience
 
 def test_the_agent_refuses_nothing_it_cannot_apply(cluster: ResilienceCluster) -> None:
     """`config validate` refuses a bad setting with the key path, before any agent sees it."""
-    bad = CONFIG.format(floor=FLOOR_S, **cluster.urls).replace("hedge_min_priority: 8", "hedge_min_priority: 12")
+    bad = config(FLOOR_S, cluster.urls, hedge_min_priority=12)
     with pytest.raises(grpc.RpcError) as info:
         cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=bad, source="bad.yaml"), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
