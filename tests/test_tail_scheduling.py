@@ -135,7 +135,7 @@ def test_off_slow_never_empties_and_probes_one_at_a_time() -> None:
     complete(live, "s/b", 0.05, n=3)
     complete(live, "s/c", 0.05, n=3)
     cands = [cand("a"), cand("b"), cand("c")]
-    stage = off_slow(PeerSettings(trickle=1.0))  # always probe, to see the one-at-a-time rule
+    stage = off_slow(PeerSettings(probe_interval_s=0.0))  # always probe, to see the one-at-a-time rule
     assert [c.endpoint for c in stage(cands, ctx(live))] == ["a"]  # the probe
     occupy(live, "s/a", 1)
     assert [c.endpoint for c in stage(cands, ctx(live))] == ["b", "c"]  # a probe is out: no second
@@ -150,3 +150,25 @@ def test_spread_respects_weights() -> None:
     assert [x.endpoint for x in spread()(cands, c)] == ["a", "b"]
     c.memory["shares"] = {"s/a": 0.95, "s/b": 0.05}
     assert [x.endpoint for x in spread()(cands, c)] == ["b"]
+
+
+def test_attempts_abandoned_three_times_in_a_row_count_as_a_stall() -> None:
+    """A hedged-away endpoint never answers: its lost races must make it look stalled, while
+    a healthy endpoint's occasional lost race (an answer follows) says nothing."""
+    clock = Clock(10.0)
+    live = LiveStats(clock, StatsConfig(slow_start_s=0.0))
+    complete(live, "s/a", 0.05, n=3)
+
+    def abandon(rid: str) -> None:
+        live.attempt_started(AttemptStart(rid, "s", "llm", "a", 1, 5))
+        clock.t += 0.1
+        live.attempt_ended(AttemptEnd(rid, "s", "llm", "a", 1, 0.1, cancelled=True))
+
+    abandon("r1")
+    abandon("r2")
+    assert live.get("s/a").stall_factor(clock.t, 0.05) == 1.0  # two lost races: nothing yet
+    abandon("r3")
+    assert live.get("s/a").stall_factor(clock.t, 0.05) == pytest.approx(0.3 / 0.05)  # since the first
+    assert live.get("s/a").in_flight == 0 and live.get("s/a").failed == 0  # no failure, no in-flight leak
+    complete(live, "s/a", 0.05)
+    assert live.get("s/a").stall_factor(clock.t, 0.05) == 1.0  # it answered: forgotten

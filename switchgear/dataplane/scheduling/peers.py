@@ -9,9 +9,10 @@ hung endpoint counts as slow within a second or two) exceeds `slow_ratio` x the 
 peers' is judged slow
 (`EndpointStats.slow`) and dropped from the pick until it has recovered (below). Its own
 history is not the yardstick: an endpoint that has been 10x slow for a minute has a "normal"
-EWMA of 10x, but its peers still answer in 1x. It is probed with a trickle: with probability
-`trickle`, and only while none of its attempts is in flight, the pick is *only* that candidate
-(one probe at a time: a hung endpoint gets one, not one per request). Once its latest two
+EWMA of 10x, but its peers still answer in 1x. It is probed with a trickle: once per
+`probe_interval_s` at most, and only while none of its attempts is in flight, the pick is
+*only* that candidate (one probe at a time: a hung endpoint gets one, not one per request;
+at 30 requests/s one a second is 3 % of the traffic, and a quiet service still probes). Once its latest two
 answers all came within the bound (stats.EndpointStats.recovered) its peak EWMA restarts from
 them — decaying alone it would take ~25 s to forget a 10x spell — and it rejoins with a slow
 start (ramped); at 30 requests/s that is about 5 s after it recovers.
@@ -38,10 +39,10 @@ from switchgear.dataplane.scheduling.model import Candidate, Context
 
 @dataclass(frozen=True)
 class PeerSettings:
-    """Ratios are dimensionless; `trickle`, `share_cap` and `share_alpha` fractions in [0, 1]."""
+    """Ratios are dimensionless; `share_cap` and `share_alpha` fractions in [0, 1]; seconds."""
 
     slow_ratio: float = 4.0
-    trickle: float = 0.03
+    probe_interval_s: float = 1.0
     share_cap: float = 0.7
     peer_ratio: float = 2.0
     share_alpha: float = 0.05
@@ -87,7 +88,8 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
                 s.slow = False
                 ctx.stats.unblocked(c.key, ctx.now)  # back, ramped
                 kept.append(c)
-            elif not s.in_flight and ctx.rng.random() < settings.trickle:
+            elif not s.in_flight and ctx.now - s.probed_at >= settings.probe_interval_s:
+                s.probed_at = ctx.now
                 return [c]  # the probe
         return kept or list(cands)
 

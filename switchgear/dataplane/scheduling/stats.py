@@ -8,6 +8,10 @@ numbers; `retain` forgets endpoints that are gone.
 What is kept, per endpoint:
 
 - in-flight attempts, and the start of the oldest one still outstanding (stall detection);
+- the starts of attempts abandoned unanswered (a hedge's loser, a caller gone) since the
+  endpoint's last answer: from UNANSWERED of them in a row they count for stall detection as
+  if still outstanding — an endpoint whose every attempt is hedged away never answers, and
+  would otherwise never look stalled;
 - a plain per-sample EWMA of latency (the "average response time" bounds are checked against);
 - peak-EWMA latency (Finagle/Linkerd): a sample above the estimate replaces it at once, one
   below decays it with weight w = exp(-dt / decay_s) — quick to notice trouble, slow to forget;
@@ -38,6 +42,10 @@ OVERDUE = 3.0
 
 #: How many latest outcomes `EndpointStats.lasts` keeps (peers.off_slow's recovery rule).
 LASTS = 2
+
+#: Abandoned attempts in a row, with no answer between, that count as a stall (see `unanswered`):
+#: a healthy endpoint loses a hedge race now and then (~5 % of calls), never three in a row.
+UNANSWERED = 3
 
 #: Failures that say something about the endpoint (a bad request says nothing about it).
 ENDPOINT_FAULTS = frozenset(
@@ -193,11 +201,13 @@ class EndpointStats:
         "mean_latency",
         "outstanding",
         "per_token",
+        "probed_at",
         "ramp_s",
         "recent",
         "recent_ttft",
         "slow",
         "ttft",
+        "unanswered",
         "window",
     )
 
@@ -205,6 +215,7 @@ class EndpointStats:
         self.created_at = now  # first seen, or back from being blocked: slow start counts from here
         self.ramp_s = config.slow_start_s
         self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self.unanswered: list[float] = []  # starts of attempts abandoned since the last answer
         self.latency = PeakEwma(config.decay_s)
         self.mean_latency = Ewma(config.mean_alpha)
         self.ttft = PeakEwma(config.decay_s)
@@ -212,6 +223,7 @@ class EndpointStats:
         self.recent = Recent()  # whole answers (s), for the attempt timeout's p99 and the hedge's p95
         self.recent_ttft = Recent()  # times to first token (s) of streams
         self.slow = False  # judged far slower than its peers (peers.off_slow) until `recovered`
+        self.probed_at = -math.inf  # when peers.off_slow last sent it a probe
         self.lasts = [math.inf] * LASTS  # the latest outcomes' seconds (inf: failed), newest at completed+failed
         self.window = SuccessWindow(config.window_s, config.buckets)
         self.cost_usd: float | None = None
@@ -287,9 +299,14 @@ class EndpointStats:
 
         A black hole shows here within a second or two, long before any attempt times out.
         """
-        if not self.outstanding:
+        if len(self.unanswered) >= UNANSWERED:
+            started = self.unanswered[0]
+            if self.outstanding:
+                started = min(started, next(iter(self.outstanding.values())))
+        elif self.outstanding:
+            started = next(iter(self.outstanding.values()))
+        else:
             return 1.0
-        started = next(iter(self.outstanding.values()))
         reference = self.latency.value or reference_s
         factor = (now - started) / reference if reference > 0 else 1.0
         mean = self.mean_latency.value or reference_s
@@ -356,8 +373,10 @@ class LiveStats:
     def attempt_ended(self, event: AttemptEnd) -> None:
         now = self.clock()
         stats = self.get(candidate_key(event.service, event.endpoint))
-        stats.outstanding.pop((event.request_id, event.attempt), None)
+        started = stats.outstanding.pop((event.request_id, event.attempt), None)
         if event.cancelled:
+            if started is not None and len(stats.unanswered) < 2 * UNANSWERED:
+                stats.unanswered.append(started)
             return
         if event.error is None:
             self._success(stats, event, now)
@@ -366,6 +385,8 @@ class LiveStats:
 
     def _success(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
         latency = max(0.0, event.latency_s)
+        if stats.unanswered:
+            stats.unanswered.clear()  # it answers: what was abandoned says nothing more
         stats.latency.update(latency, now)
         stats.mean_latency.update(latency, now)
         ttft = event.ttft_s
