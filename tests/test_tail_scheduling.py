@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
+from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.scheduling import Scheduler
 from switchgear.dataplane.scheduling.model import Request
-from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, spread
+from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, over_cap
 from switchgear.dataplane.scheduling.stats import LiveStats, StatsConfig
 from tests.scheduling_helpers import Clock, cand, complete, ctx, occupy
 
@@ -142,14 +143,38 @@ def test_off_slow_never_empties_and_probes_one_at_a_time() -> None:
     assert [c.endpoint for c in off_slow()(cands[:1], ctx(live))] == ["a"]  # alone: kept
 
 
-def test_spread_respects_weights() -> None:
+def test_the_share_cap_respects_weights_tiers_and_prices() -> None:
     live = LiveStats(Clock(10.0), StatsConfig(slow_start_s=0.0))
     cands = [cand("a", weight=9.0), cand("b", weight=1.0)]
     c = ctx(live)
     c.memory["shares"] = {"s/a": 0.85, "s/b": 0.15}  # under its weighted share (0.9): kept
-    assert [x.endpoint for x in spread()(cands, c)] == ["a", "b"]
+    assert over_cap()(cands, c) == set()
     c.memory["shares"] = {"s/a": 0.95, "s/b": 0.05}
-    assert [x.endpoint for x in spread()(cands, c)] == ["b"]
+    assert over_cap()(cands, c) == {"s/a"}
+    c.memory["shares"] = {"s/a": 0.95, "s/b": 0.05}
+    assert over_cap()([cand("a"), cand("b", tier=(0, 1))], c) == set()  # another tier: no peer
+    assert over_cap()([cand("a"), cand("b", price=0.01)], c) == set()  # another price: no peer
+
+
+def test_a_peer_disqualified_by_a_stale_success_window_still_gets_share_back() -> None:
+    """The issue's herd: cost_optimized asks 95 % success over 30 s, so b — recovered from a
+    burst of 500s — stayed out while c was down and a took 99 %."""
+    clock = Clock(100.0)
+    live = LiveStats(clock, StatsConfig(slow_start_s=0.0))
+    for name in BASE:
+        complete(live, f"s/{name}", BASE[name], n=30)
+    complete(live, "s/b", 0.06, error=ErrorKind.RETRYABLE, n=20)  # b's burst of 500s, now over
+    scheduler = Scheduler(live, random.Random(1), unavailable=lambda k: k == "s/c")  # c refuses
+    cands = [cand(n) for n in BASE]
+    picks = []
+    for _ in range(300):
+        clock.t += 1 / 30
+        chosen = scheduler.pick(cands, Request(category="llm", input_tokens=10), "cost_optimized", group="s")
+        assert chosen is not None
+        picks.append(chosen.endpoint)
+        complete(live, chosen.key, BASE[chosen.endpoint])
+    got = Counter(picks[100:])
+    assert got["a"] <= 0.72 * 200 and got["b"] >= 0.28 * 200, got
 
 
 def test_attempts_abandoned_three_times_in_a_row_count_as_a_stall() -> None:

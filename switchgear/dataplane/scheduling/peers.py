@@ -17,20 +17,23 @@ answers all came within the bound (stats.EndpointStats.recovered) its peak EWMA 
 them — decaying alone it would take ~25 s to forget a 10x spell — and it rejoins with a slow
 start (ramped); at 30 requests/s that is about 5 s after it recovers.
 
-`spread` — after the strategy's stages. Strategies that pick the best (intelligent's argmax,
-the latency pickers on a quiet pool) send nearly everything to the fastest endpoint, and
-after a fault one survivor can carry everything while a recovered peer gets nothing back.
-So each candidate's recent share of picks is tracked (an EWMA over about 1 / `share_alpha`
-picks); a candidate above its cap — max(`share_cap`, its ramped weight's share w_i s_i / sum w s,
-s = slow start) — is left out of this pick while another candidate within `peer_ratio` of its
-latency remains. So no target carries more than 70 % while its peers are within 2x of its
-latency, weights the operator set still hold, and a target coming back from a fault gets its
+`over_cap` — around the strategy's stages. Strategies that pick the best (intelligent's argmax,
+the latency pickers on a quiet pool) send nearly everything to the fastest endpoint; and after
+a fault one survivor can carry everything while a recovered peer gets nothing back (the seed's
+cost_optimized qualification asks for 95 % success over 30 s, so a peer that had a burst of
+500s stays disqualified long after it recovered). So each candidate's recent share of picks is
+tracked (an EWMA over about 1 / `share_alpha` picks); a candidate above its cap — max(
+`share_cap`, its ramped weight's share w_i s_i / sum w s, s = slow start) — is left out of the
+pick (the strategy's stages then run without it) while a *peer* remains: a candidate of the
+same tier and price whose observed latency is within `peer_ratio` of its own. So no target
+carries more than 70 % while its peers are within 2x of its latency, tiers and prices the
+operator set still decide, weights still hold, and a target coming back from a fault gets its
 ramped share (slow start, stats.LiveStats.unblocked), not all or nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from switchgear.dataplane.scheduling.filters import Filter
@@ -80,7 +83,7 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
                 if e[i] <= bound:
                     kept.append(c)
                     continue
-                s.slow = True
+                s.judge_slow()
             # Judged slow: out until its latest answers are within the bound again. (Not until
             # its estimate is: a stale estimate regresses toward the median and would let it
             # back unprobed, where a latency strategy would still never pick it.)
@@ -96,29 +99,38 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
     return apply
 
 
-def spread(settings: PeerSettings = PeerSettings()) -> Filter:
-    """Leaves out candidates above their share cap while a peer within peer_ratio of their
-    latency remains (module docstring). Shares are `record_pick`'s, in ctx.memory."""
+def over_cap(settings: PeerSettings = PeerSettings()) -> Callable[[Sequence[Candidate], Context], set[str]]:
+    """The keys to leave out of this pick: candidates above their share cap that have a peer
+    (module docstring). Shares are `record_pick`'s, in ctx.memory."""
 
-    def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    def apply(cands: Sequence[Candidate], ctx: Context) -> set[str]:
         shares: dict[str, float] = ctx.memory.get("shares") or {}
         if len(cands) < 2 or not shares:
-            return list(cands)
+            return set()
         ramp = ctx.stats.slow_start
         w = [c.weight * ramp(c.key, ctx.now) for c in cands]
         total = sum(w)
         over = [shares.get(c.key, 0.0) > max(settings.share_cap, wi / total) for c, wi in zip(cands, w, strict=True)]
         if not any(over):
-            return list(cands)
+            return set()
         e = observed(cands, ctx)
-        kept = []
+        out = set()
         for i, c in enumerate(cands):
-            if over[i] and any(j != i and e[j] <= settings.peer_ratio * e[i] for j in range(len(cands))):
-                continue
-            kept.append(c)
-        return kept or list(cands)
+            if over[i] and any(j != i and _peers(c, d) and e[j] <= settings.peer_ratio * e[i]
+                               for j, d in enumerate(cands)):
+                out.add(c.key)
+        return out if len(out) < len(cands) else set()
 
     return apply
+
+
+def _peers(a: Candidate, b: Candidate) -> bool:
+    """Same tier and the same price (within 1 %) for a typical request: the cap never moves
+    traffic across the operator's priorities or prices."""
+    if a.tier != b.tier:
+        return False
+    pa, pb = a.pricing.cost(1000, 1000), b.pricing.cost(1000, 1000)
+    return abs(pa - pb) <= 0.01 * max(pa, pb) + 1e-12
 
 
 def record_pick(ctx: Context, chosen: Candidate, candidates: Sequence[Candidate], alpha: float) -> None:

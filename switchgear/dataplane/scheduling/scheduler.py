@@ -1,5 +1,5 @@
-"""The scheduling pipeline: hard filters -> policy bounds -> slow peers off -> strategy stages ->
-share cap -> score -> pick (peers.py says why the two peer stages run for every strategy).
+"""The scheduling pipeline: hard filters -> policy bounds -> slow peers off -> share cap ->
+strategy stages -> score -> pick (peers.py says why the two peer stages run for every strategy).
 
 `Scheduler.pick` is synchronous and does no I/O. Its time is the stats' clock and its
 randomness an injected `random.Random`, so tests and the simulation replay exactly.
@@ -14,7 +14,7 @@ from typing import Any
 from switchgear.dataplane.scheduling import filters
 from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
-from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, record_pick, spread
+from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, over_cap, record_pick
 from switchgear.dataplane.scheduling.scorers import clamp
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.scheduling.strategies import STRATEGIES, Strategy
@@ -58,7 +58,7 @@ class Scheduler:
         self._hard = tuple(hard)
         self._peers = peers
         self._off_slow = off_slow(peers) if peers is not None else None
-        self._spread = spread(peers) if peers is not None else None
+        self._over_cap = over_cap(peers) if peers is not None else None
         self._memory: dict[tuple[str, str], dict[str, Any]] = {}
 
     def pick(
@@ -89,10 +89,12 @@ class Scheduler:
             cands = POLICY_BOUNDS(cands, ctx)
             if self._off_slow is not None:
                 cands = self._off_slow(cands, ctx)
+            if self._over_cap is not None and len(cands) > 1:
+                capped = self._over_cap(cands, ctx)
+                if capped:
+                    cands = [c for c in cands if c.key not in capped]
             for stage in plan.stages:
                 cands = stage(cands, ctx)
-            if self._spread is not None and len(cands) > 1:
-                cands = self._spread(cands, ctx)
         scores = None
         if plan.scorer is not None:
             raw = plan.scorer(cands, ctx)

@@ -239,6 +239,11 @@ class EndpointStats:
         """One more outcome for `lasts` (call before counting it in completed / failed)."""
         self.lasts[(self.completed + self.failed) % LASTS] = seconds
 
+    def judge_slow(self) -> None:
+        """Judged far slower than its peers: only outcomes from now on can show it recovered."""
+        self.slow = True
+        self.lasts = [math.inf] * LASTS
+
     def recovered(self, bound_s: float, now: float) -> bool:
         """True when each of the latest LASTS outcomes answered within `bound_s`: then the peak
         EWMA, which would take tens of seconds to forget a slow spell, restarts from them."""
