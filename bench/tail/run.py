@@ -248,6 +248,7 @@ def report(calls: list[Call], samples: list[tuple[float, dict[str, float]]],
     lines = ["| phase | s | calls | errors | p50 ms | p99 ms | attempts/call | share A/B/C of attempts | "
              "divert s | return s | max share while all healthy | agent decisions |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ready = 0.0  # when every instance is back: the last fault's end plus its return time
     for start, end, phase in bounds:
         mine = [c for c in calls if start <= c.sent < end]
         lat = [c.latency_s * 1e3 for c in mine]
@@ -260,9 +261,10 @@ def report(calls: list[Call], samples: list[tuple[float, dict[str, float]]],
             a, b = divert_and_return(samples, start, end, phase.target)
             divert = "never" if a is None else f"{a:.2f}"
             back = "> 15" if b is None else f"{b:.2f}"
+            ready = end + (b if b is not None else 15.0)
         healthy = ""
-        if not phase.target and phase.name != "warm-up":  # the busiest instance's 1 s share, at worst
-            ts = [t for t, _ in samples if start + 3.0 <= t <= end]
+        if not phase.target and phase.name != "warm-up":  # the busiest instance's 1 s share, at worst,
+            ts = [t for t, _ in samples if max(start, ready) + 1.0 <= t <= end]  # once all are back
             healthy = f"{100 * max((share_at(samples, t, n) for t in ts for n in NAMES), default=0):.0f}%"
         errors = sum(not c.ok for c in mine)
         lines.append(f"| {phase.name} | {end - start:.0f} | {len(mine)} | {errors} | {pct(lat, 0.5):.0f} | "

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Candidate, Context
+from switchgear.dataplane.scheduling.stats import EndpointStats
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,12 @@ def _median(values: Sequence[float]) -> float:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def observed(cands: Sequence[Candidate], ctx: Context) -> list[float]:
+def observed(cands: Sequence[Candidate], ctx: Context,
+             stats: Sequence[EndpointStats] | None = None) -> list[float]:
     """o_i = (peak-EWMA latency of whole answers, or the median of the known ones) x stall factor.
     Not the per-request estimate the latency scorers use: that one is per output token, learnt
     from successes only, so an endpoint whose attempts time out would keep looking fast."""
-    stats = [ctx.stats.get(c.key) for c in cands]
+    stats = stats or [ctx.stats.get(c.key) for c in cands]
     known = sorted(v for s in stats if (v := s.latency.value) is not None)
     prior = known[len(known) // 2] if known else 1.0
     return [max(s.latency.value or prior, 1e-6) * s.stall_factor(ctx.now, prior) for s in stats]
@@ -74,11 +76,14 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
     def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
         if len(cands) < 2:
             return list(cands)
-        e = observed(cands, ctx)
+        stats = [ctx.stats.get(c.key) for c in cands]
+        e = observed(cands, ctx, stats)
+        if max(e) <= settings.slow_ratio * min(e) and not any(s.slow for s in stats):
+            return list(cands)  # the usual case: nobody is far off (a peer median is >= the minimum)
         kept: list[Candidate] = []
         for i, c in enumerate(cands):
             bound = settings.slow_ratio * _median(e[:i] + e[i + 1:])
-            s = ctx.stats.get(c.key)
+            s = stats[i]
             if not s.slow:
                 if e[i] <= bound:
                     kept.append(c)
@@ -105,8 +110,8 @@ def over_cap(settings: PeerSettings = PeerSettings()) -> Callable[[Sequence[Cand
 
     def apply(cands: Sequence[Candidate], ctx: Context) -> set[str]:
         shares: dict[str, float] = ctx.memory.get("shares") or {}
-        if len(cands) < 2 or not shares:
-            return set()
+        if len(cands) < 2 or not shares or max(shares.values()) <= settings.share_cap:
+            return set()  # the usual case: no share above the cap (every cap is at least share_cap)
         ramp = ctx.stats.slow_start
         w = [c.weight * ramp(c.key, ctx.now) for c in cands]
         total = sum(w)

@@ -246,11 +246,13 @@ class EndpointStats:
 
     def recovered(self, bound_s: float, now: float) -> bool:
         """True when each of the latest LASTS outcomes answered within `bound_s`: then the peak
-        EWMA, which would take tens of seconds to forget a slow spell, restarts from them."""
+        EWMA, which would take tens of seconds to forget a slow spell, restarts from them (and
+        the per-token and first-token estimates from the next answers)."""
         worst = max(self.lasts)
         if worst > bound_s:
             return False
         self.latency.value, self.latency.stamp = worst, now
+        self.ttft.value = self.per_token.value = None  # learnt afresh: the slow spell's are stale
         return True
 
     def oldest_age(self, now: float) -> float:
