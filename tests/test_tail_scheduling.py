@@ -197,3 +197,12 @@ def test_attempts_abandoned_three_times_in_a_row_count_as_a_stall() -> None:
     assert live.get("s/a").in_flight == 0 and live.get("s/a").failed == 0  # no failure, no in-flight leak
     complete(live, "s/a", 0.05)
     assert live.get("s/a").stall_factor(clock.t, 0.05) == 1.0  # it answered: forgotten
+
+
+def test_an_endpoint_back_from_a_block_starts_with_a_fresh_success_window() -> None:
+    clock = Clock(100.0)
+    live = LiveStats(clock, StatsConfig())
+    complete(live, "s/c", 0.05, error=ErrorKind.CONNECT, n=10)
+    assert live.get("s/c").success_rate(clock.t) < 0.2
+    live.unblocked("s/c", clock.t)  # its breaker closed after a good probe
+    assert live.get("s/c").success_rate(clock.t) == 1.0

@@ -265,7 +265,8 @@ def report(calls: list[Call], samples: list[tuple[float, dict[str, float]]],
         healthy = ""
         if not phase.target and phase.name != "warm-up":  # the busiest instance's 1 s share, at worst,
             ts = [t for t, _ in samples if max(start, ready) + 1.0 <= t <= end]  # once all are back
-            healthy = f"{100 * max((share_at(samples, t, n) for t in ts for n in NAMES), default=0):.0f}%"
+            worst = max((share_at(samples, t, n) for t in ts for n in NAMES), default=None)
+            healthy = "not all back" if worst is None else f"{100 * worst:.0f}%"
         errors = sum(not c.ok for c in mine)
         lines.append(f"| {phase.name} | {end - start:.0f} | {len(mine)} | {errors} | {pct(lat, 0.5):.0f} | "
                      f"{pct(lat, 0.99):.0f} | {total / max(1, len(mine)):.2f} | {shares} | {divert} | "

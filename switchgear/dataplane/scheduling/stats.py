@@ -365,9 +365,14 @@ class LiveStats:
         return max(c.slow_start_min, ramp)
 
     def unblocked(self, key: str, now: float) -> None:
-        """`key` is usable again after being blocked: its slow start restarts over recovery_ramp_s."""
+        """`key` is usable again after being blocked (or judged slow): its slow start restarts
+        over recovery_ramp_s, and its success window starts afresh — the fault is over (a probe
+        said so), and a 30 s memory of it would keep a recovered endpoint out of scored
+        strategies long after it came back."""
         self.blocked.discard(key)
         stats = self.get(key, now)
+        c = self.config
+        stats.window = SuccessWindow(c.window_s, c.buckets)
         if self.config.slow_start_s > 0 and self.config.recovery_ramp_s > 0:
             stats.created_at, stats.ramp_s = now, self.config.recovery_ramp_s
 
