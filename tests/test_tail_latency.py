@@ -268,3 +268,30 @@ async def test_emulator_refuses_connections_for_refuse_s_then_serves_again() -> 
         writer.close()
         with pytest.raises(ValueError, match="refuse_s"):
             Faults().merged({"refuse_s": -1})
+
+
+def test_policy_keys_travel_from_the_yaml_to_the_agent_s_attempts() -> None:
+    """Every accepted key takes effect: YAML -> control-plane model -> snapshot proto -> agent."""
+    from switchgear.controlplane.config import load_config
+    from switchgear.controlplane.convert import settings_to_proto
+    from switchgear.dataplane.convert import _settings
+
+    yaml = """
+external_services:
+  coordination:
+    scheduling_policies:
+      llm_services: {attempt_timeout_floor: 1.5, attempt_timeout_ceiling: 20s, attempt_timeout_factor: 3,
+                     hedge_min_priority: 6}
+      document_processing: {hedge_min_priority: 11}
+"""
+    state = load_config(yaml, env={})
+    agent = _settings(settings_to_proto(state.settings))
+    llm = agent.category_policies["llm"]
+    assert (llm.attempt_timeout_floor_s, llm.attempt_timeout_ceiling_s, llm.attempt_timeout_factor,
+            llm.hedge_min_priority) == (1.5, 20.0, 3.0, 6)
+    resilience = Resilience()
+    resilience.apply(AgentSnapshot("1", MappingProxyType({}), agent))
+    timeouts, hedging = resilience.tuning("llm")
+    assert (timeouts.floor_s, timeouts.ceiling_s, timeouts.factor, hedging.min_priority) == (1.5, 20.0, 3.0, 6)
+    assert resilience.tuning("document")[1].min_priority == NEVER
+    assert resilience.tuning("embedding")[0] == timeouts_for("embedding")  # no policy: the defaults

@@ -47,7 +47,7 @@ class PeerSettings:
 
     slow_ratio: float = 4.0
     probe_interval_s: float = 1.0
-    share_cap: float = 0.7
+    share_cap: float = 0.65  # so that the share over any second stays under 70 % (the EWMA lags)
     peer_ratio: float = 2.0
     share_alpha: float = 0.05
 
