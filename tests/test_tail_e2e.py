@@ -151,7 +151,7 @@ def test_a_non_idempotent_or_low_priority_call_is_not_hedged(cluster: Resilience
     assert all(r.attempts == 1 for r in replies)  # priority 5 < the policy's hedge_min_priority 8
 
 
-def test_the_agent_refuses_nothing_it_cannot_apply(cluster: ResilienceCluster) -> None:
+def test_an_out_of_range_policy_setting_is_refused_with_its_key_path(cluster: ResilienceCluster) -> None:
     """`config validate` refuses a bad setting with the key path, before any agent sees it."""
     bad = config(FLOOR_S, cluster.urls, hedge_min_priority=12)
     with pytest.raises(grpc.RpcError) as info:

@@ -17,7 +17,15 @@ retry budget (hedges and retries together add at most the budget's share of load
 is sent when the budget is spent, when no other endpoint is usable, or when less than
 `min_left_s` of the deadline would be left for it. The delay is the endpoint's p95 over its
 recent answers once it has `min_samples` of them (before that there is no hedge: the p95 of a
-few samples says little), never below `min_delay_s`.
+few samples says little), never below `min_delay_s` — except for a probe of an endpoint judged
+far slower than its peers (scheduling/peers.py), hedged at its fastest peer's p95: waiting for
+its own (slow) p95 would hand the probe's caller the slow spell it is probing.
+
+A hedge that wins cancels the other attempt: its ticket and admission slot are given back, its
+connection is closed (the upstream sees the client go away), and its AttemptEnd says
+`cancelled` — counted in no outcome, latency, usage or cost. Three abandoned attempts in a row
+with no answer between do count, as a stall (scheduling/stats.py): an endpoint whose every
+attempt is hedged away never answers, and must not look healthy for it.
 """
 
 from __future__ import annotations
