@@ -52,7 +52,7 @@ CONFIG = """\
 external_services:
   coordination:
     scheduling_policies:
-      llm_services: {{hedge_min_priority: 1}}   # the route's policy: every call may be hedged
+      llm_services: {{hedge_min_priority: {hedge}}}   # 1: the route opts every call into hedging
   communication:
     retry_policy: {{max_retries: 2}}
   services:
@@ -102,12 +102,14 @@ class Stack:
     grpc_address: str = ""
     metrics: str = ""
 
+    hedge_min_priority: int = 1
+
     def start(self) -> None:
         args = ["emulate", "openai", *[x for n in NAMES for x in ("--instance", f"{n}:{BASE[n][0]:g}")]]
         emu = self._start(Proc.switchgear("emulators", args, self.workdir), ready_prefix="{")
         self.urls = {n: f"http://127.0.0.1:{p}/v1" for n, p in json.loads("{" + emu).items()}
         config = self.workdir / "tail.yaml"
-        config.write_text(CONFIG.format(**self.urls))
+        config.write_text(CONFIG.format(hedge=self.hedge_min_priority, **self.urls))
         cp = self._start(Proc.switchgear("controlplane", [
             "controlplane", "--admin-auth", "none", "--db", str(self.workdir / "r.db"), "--listen", "127.0.0.1:0",
             "--config", str(config), "--log-level", "warning"], self.workdir))
@@ -245,9 +247,9 @@ def divert_and_return(samples: list[tuple[float, dict[str, float]]], start: floa
 
 def report(calls: list[Call], samples: list[tuple[float, dict[str, float]]],
            bounds: list[tuple[float, float, Phase]]) -> str:
-    lines = ["| phase | s | calls | errors | p50 ms | p99 ms | attempts/call | share A/B/C of attempts | "
+    lines = ["| phase | s | calls | errors | p50 ms | p99 ms | max ms | attempts/call | share A/B/C of attempts | "
              "divert s | return s | max share while all healthy | agent decisions |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ready = 0.0  # when every instance is back: the last fault's end plus its return time
     for start, end, phase in bounds:
         mine = [c for c in calls if start <= c.sent < end]
@@ -269,13 +271,14 @@ def report(calls: list[Call], samples: list[tuple[float, dict[str, float]]],
             healthy = "not all back" if worst is None else f"{100 * worst:.0f}%"
         errors = sum(not c.ok for c in mine)
         lines.append(f"| {phase.name} | {end - start:.0f} | {len(mine)} | {errors} | {pct(lat, 0.5):.0f} | "
-                     f"{pct(lat, 0.99):.0f} | {total / max(1, len(mine)):.2f} | {shares} | {divert} | "
+                     f"{pct(lat, 0.99):.0f} | {max(lat, default=0):.0f} | {total / max(1, len(mine)):.2f} | {shares} | "
+                     f"{divert} | "
                      f"{back} | {healthy} | {decided} |")
     lat = [c.latency_s * 1e3 for c in calls]
     kinds = sorted({c.error for c in calls if not c.ok})
     d = delta(samples, 0.0, bounds[-1][1])
     lines.append(f"| **whole run** | {bounds[-1][1]:.0f} | {len(calls)} | {sum(not c.ok for c in calls)} "
-                 f"{' '.join(kinds)} | {pct(lat, 0.5):.0f} | {pct(lat, 0.99):.0f} | "
+                 f"{' '.join(kinds)} | {pct(lat, 0.5):.0f} | {pct(lat, 0.99):.0f} | {max(lat, default=0):.0f} | "
                  f"{sum(d[n] for n in NAMES) / max(1, len(calls)):.2f} | | | | | |")
     return "\n".join(lines)
 
@@ -284,9 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tail", description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", type=float, default=15.0, help="seconds of a fault phase (default 15)")
     parser.add_argument("--out", default="", help="also write every call and counter sample as JSON here")
+    parser.add_argument("--hedge-min-priority", type=int, default=1, choices=range(1, 12), metavar="1..11",
+                        help="the llm policy's hedge_min_priority (calls are priority 5; 11 = no hedging)")
+    parser.add_argument("--report", default="", metavar="RUN_JSON", help="only print the table of a saved --out")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        phases = {p.name: p for p in TIMELINE}
+        print(report([Call(**c) for c in saved["calls"]], [(t, v) for t, v in saved["samples"]],
+                     [(s, e, phases[name]) for s, e, name in saved["phases"]]))
+        return 0
     with tempfile.TemporaryDirectory(prefix="sg-tail-") as tmp:
-        stack = Stack(Path(tmp))
+        stack = Stack(Path(tmp), hedge_min_priority=args.hedge_min_priority)
         try:
             stack.start()
             calls, samples, bounds = asyncio.run(drive(stack, args.phase))
