@@ -295,3 +295,24 @@ external_services:
     assert (timeouts.floor_s, timeouts.ceiling_s, timeouts.factor, hedging.min_priority) == (1.5, 20.0, 3.0, 6)
     assert resilience.tuning("document")[1].min_priority == NEVER
     assert resilience.tuning("embedding")[0] == timeouts_for("embedding")  # no policy: the defaults
+
+
+async def test_a_non_idempotent_call_is_never_hedged(emulators: EmulatorGroup) -> None:
+    """http_json by verb: a POST is sent once however slow; a GET of the same service is hedged."""
+    emulators.set_faults("a", Faults(latency_ms=400))
+    r = rig([emulators.urls["a"], emulators.urls["b"]], SchedulingPolicy(hedge_min_priority=1))
+    service = view("raw", "http_json", [emulators.urls["a"], emulators.urls["b"]])
+    snap = dataclasses.replace(r.snap, services=MappingProxyType({"raw": service}))
+    r.invoker.resilience.apply(snap)
+    for endpoint in ("e0", "e1"):
+        for i in range(30):
+            r.stats.attempt_ended(AttemptEnd(f"w{i}", "raw", "llm", endpoint, 1, 0.02))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    post = dataclasses.replace(call("raw", timeout_s=9.0), method="request", priority=9,
+                               payload={"method": "POST", "path": "/chat/completions", "json": chat})
+    result = await r.invoker.invoke(post, snap)
+    assert result.endpoint == "e0" and emulators.stats("b")["total"] == 0  # waited for a: no second POST
+    get = dataclasses.replace(post, payload={"method": "GET", "path": "/models"}, request_id="r2")
+    result = await r.invoker.invoke(get, snap)
+    assert result.endpoint == "e1"  # a GET may be sent twice: hedged, b answered first
+    await r.pool.close()
