@@ -316,3 +316,16 @@ async def test_a_non_idempotent_call_is_never_hedged(emulators: EmulatorGroup) -
     result = await r.invoker.invoke(get, snap)
     assert result.endpoint == "e1"  # a GET may be sent twice: hedged, b answered first
     await r.pool.close()
+
+
+async def test_a_committed_stream_that_goes_silent_ends_after_its_gap_timeout(emulators: EmulatorGroup) -> None:
+    emulators.set_faults("a", Faults(token_delay_ms=1000))
+    r = rig([emulators.urls["a"]], SchedulingPolicy())
+    resilience = r.invoker.resilience
+    resilience._tuning["llm"] = (dataclasses.replace(timeouts_for("llm"), gap_s=0.2), hedging_for("llm"))
+    start = time.monotonic()
+    items = [i async for i in r.streamer.stream(call("chat", timeout_s=9.0), r.snap)]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.error is not None and end.error.kind is ErrorKind.TIMEOUT
+    assert "went silent" in end.error.message and time.monotonic() - start < 1.0  # not the 9 s deadline
+    await r.pool.close()
