@@ -219,7 +219,9 @@ class Streamer:
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
         attempt.first_by, attempt.capped, attempt.gap_s = attempt.started + lease.remaining_s, lease.capped, gap_s
         target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
-        request = AdapterRequest(call.method, call.payload, lease.remaining_s, call.request_id)
+        # The adapter's own read timeout must not be shorter than either bound `_next` applies.
+        read_s = max(lease.remaining_s, min(gap_s, deadline - attempt.started))
+        request = AdapterRequest(call.method, call.payload, read_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
         chunks = self._adapters[service.protocol].stream(client, target, request)
         try:
