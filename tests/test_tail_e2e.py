@@ -101,7 +101,7 @@ def test_a_hung_target_costs_at_most_its_attempt_timeout_plus_one_healthy_attemp
     assert set(served) == {"b"}, served  # every call answered, by b
     # The call that met the hang waited its attempt timeout (the 0.5 s floor: a's p99 is ~20 ms),
     # then one healthy attempt; nobody waited out the 9 s deadline.
-    assert FLOOR_S <= worst < FLOOR_S + healthy + 0.4, (worst, healthy)
+    assert FLOOR_S <= worst < FLOOR_S + healthy + 0.5, (worst, healthy)
     stuck = [elapsed for _, elapsed in timings if elapsed >= FLOOR_S]
     assert 1 <= len(stuck) <= 2, timings  # then a was judged slow (stalled) and left out
     assert cluster.decisions("chat", "a")["attempt_timeouts"] >= 1
@@ -119,7 +119,7 @@ def test_a_hedge_s_loser_is_cancelled_upstream_and_charged_nowhere(cluster: Resi
         for _ in range(4):  # round robin: two of these start on ha
             reply, elapsed = call(cluster, "hedged", priority=9)
             replies.append(reply)
-            assert elapsed < 0.5, elapsed  # ~p95 (20 ms) + hb's answer, never a's 1.5 s
+            assert elapsed < 0.75, elapsed  # ~p95 (20 ms) + hb's answer, never a's 1.5 s
     finally:
         set_faults(a, latency_ms=15)
     assert {r.endpoint for r in replies} == {"hb"}

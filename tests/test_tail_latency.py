@@ -208,14 +208,14 @@ async def test_a_stream_gets_a_first_token_timeout(emulators: EmulatorGroup) -> 
 
 
 async def test_a_hedge_answers_first_and_the_loser_is_cancelled_upstream(emulators: EmulatorGroup) -> None:
-    emulators.set_faults("a", Faults(latency_ms=600))
+    emulators.set_faults("a", Faults(latency_ms=1500))
     r = rig([emulators.urls["a"], emulators.urls["b"]], SchedulingPolicy(hedge_min_priority=8))
     prime(r.stats, "e0", 0.02)
     prime(r.stats, "e1", 0.02)
     start = time.monotonic()
     result = await r.invoker.invoke(dataclasses.replace(call("chat", timeout_s=9.0), priority=9), r.snap)
     elapsed = time.monotonic() - start
-    assert result.endpoint == "e1" and elapsed < 0.4, elapsed  # p95 (20 ms) + b's answer, not a's 600 ms
+    assert result.endpoint == "e1" and elapsed < 0.75, elapsed  # p95 (20 ms) + b's answer, not a's 1.5 s
     await wait_for(lambda: emulators.stats("a")["disconnects"] == 1, "a to see the loser's connection close")
     counters = r.invoker.resilience.counters()
     assert counters[("chat", "e0")]["hedges"] == 1 and counters[("chat", "e1")]["hedge_wins"] == 1
@@ -239,13 +239,13 @@ async def test_a_low_priority_call_is_not_hedged(emulators: EmulatorGroup) -> No
 
 
 async def test_a_stream_is_hedged_on_its_first_token(emulators: EmulatorGroup) -> None:
-    emulators.set_faults("a", Faults(latency_ms=600))
+    emulators.set_faults("a", Faults(latency_ms=1500))
     r = rig([emulators.urls["a"], emulators.urls["b"]], SchedulingPolicy(hedge_min_priority=8))
     prime(r.stats, "e0", 0.02, ttft=True)
     start = time.monotonic()
     items = [i async for i in r.streamer.stream(dataclasses.replace(call("chat", timeout_s=9.0), priority=9), r.snap)]
     end = items[-1]
-    assert isinstance(end, StreamEnd) and end.endpoint == "e1" and time.monotonic() - start < 0.4
+    assert isinstance(end, StreamEnd) and end.endpoint == "e1" and time.monotonic() - start < 0.75
     await wait_for(lambda: emulators.stats("a")["disconnects"] == 1, "a to see the loser's connection close")
     await r.pool.close()
 
