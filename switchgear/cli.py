@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--breaker-open", type=float, default=5.0, metavar="S",
                     help="seconds an endpoint's circuit breaker stays open after its first trip, doubling "
                          "on repeated trips (default: %(default)s)")
-    ag.add_argument("--ejection-time", type=float, default=30.0, metavar="S",
+    ag.add_argument("--ejection-time", type=float, default=5.0, metavar="S",
                     help="seconds an outlier endpoint is ejected the first time (default: %(default)s)")
     ag.add_argument("--max-json-depth", type=_json_depth, default=64, metavar="N",
                     help="refuse request JSON nested deeper than N levels, on both doors, before any work "

@@ -144,7 +144,8 @@ def test_router_follows_the_category_policy_of_the_settings_it_is_given() -> Non
     complete(r.stats, "chat/a", 0.05, tokens=10)
     complete(r.stats, "chat/b", 0.5, tokens=10)
     fast = AgentSettings(category_policies=MappingProxyType({"llm": SchedulingPolicy(strategy="latency")}))
-    assert {r.pick(svc, call=call(), settings=fast).id for _ in range(10)} == {"a"}  # type: ignore[union-attr]
+    picks = [r.pick(svc, call=call(), settings=fast).id for _ in range(10)]  # type: ignore[union-attr]
+    assert picks.count("a") >= 9  # b, 10x slower than its peer, gets at most a probe (scheduling/peers.py)
     assert r.strategy_for(service("weighted"), call(), fast) == "weighted"
 
 
@@ -192,7 +193,7 @@ def pick_counts(strategy: str, cands: list[Candidate], n: int, setup=lambda live
                 request: Request = SMALL, bounds: Bounds = NO_BOUNDS) -> dict[str, int]:
     live = stats()
     setup(live)
-    s = Scheduler(live, random.Random(3))
+    s = Scheduler(live, random.Random(3), peers=None)  # the strategy alone (peers: test_tail_scheduling)
     counts: dict[str, int] = {}
     for _ in range(n):
         chosen = s.pick(cands, request, strategy, group="g", bounds=bounds)

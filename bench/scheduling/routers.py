@@ -142,6 +142,6 @@ def make_router(name: str, clock: object, seed: int) -> SchedulerRouter | LiteLL
         return LiteLLMLatency(clock, rng)
     stats = LiveStats(clock)  # type: ignore[arg-type]
     if name in BASELINE_STRATEGIES:
-        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES)
+        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None)  # other routers: as they are
         return SchedulerRouter(name, stats, scheduler, Bounds())
     return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)

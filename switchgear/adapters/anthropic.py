@@ -231,6 +231,11 @@ class AnthropicAdapter:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """A message (native or as a chat completion) only reads: it may be hedged."""
+        return method in AnthropicAdapter.methods
+
     def parse_options(self, options: Mapping[str, Any]) -> AnthropicOptions:
         return parse_options(options)
 

@@ -166,12 +166,24 @@ class AdapterResponse:
     status: int = 200
 
 
+def all_have_ids(payload: Mapping[str, Any], key: str = "ids") -> bool:
+    """True when `payload[key]` is a non-empty list of non-empty ids: a write that names every
+    record it writes can be repeated without writing anything twice (see `Adapter` on
+    `idempotent`)."""
+    ids = payload.get(key)
+    return isinstance(ids, list) and bool(ids) and all(isinstance(i, str) and i for i in ids)
+
+
 class Adapter(Protocol):
     """What the data plane needs of an adapter.
 
     `protocol` is the name used in service definitions; `methods` the operations it serves.
     `parse_options` validates a service's adapter options (raise OptionsError naming the key)
     and returns an immutable value that is later passed back in `Target.options`.
+
+    Optional: `idempotent(method, payload) -> bool`, whether sending the call twice is harmless
+    (the request path may then hedge it: send a second attempt elsewhere and cancel the
+    loser). Every built-in adapter says, per method; an adapter that does not is never hedged.
     """
 
     protocol: ClassVar[str]

@@ -33,7 +33,15 @@ from urllib.parse import quote
 import orjson
 
 from switchgear.adapters import _http
-from switchgear.adapters.base import AdapterRequest, AdapterResponse, ErrorKind, Target, TokenUsage, UpstreamError
+from switchgear.adapters.base import (
+    AdapterRequest,
+    AdapterResponse,
+    ErrorKind,
+    Target,
+    TokenUsage,
+    UpstreamError,
+    all_have_ids,
+)
 
 PROTOCOL = "chroma"
 _KNOWN = ("tenant", "database", "auth_header")
@@ -79,6 +87,16 @@ class ChromaAdapter:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
         self._ids: dict[tuple[str, str, str, str], str] = {}
+
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """Reads, `update` and record `delete` may be hedged; `add` and `upsert` only when every
+        record has its id (a second write of the same ids writes nothing new); creating or
+        deleting a collection never (the second one fails)."""
+        if method in ("add", "upsert"):
+            return all_have_ids(payload)
+        return method in ("heartbeat", "collections.list", "collections.get", "query", "get", "count", "update",
+                          "delete")
 
     def parse_options(self, options: Mapping[str, Any]) -> ChromaOptions:
         return parse_options(options)

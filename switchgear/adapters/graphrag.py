@@ -57,6 +57,11 @@ class GraphRAGAdapter:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """Reads may be hedged; `index` starts a job and is never sent twice."""
+        return method in ("query", "index.status", "health")
+
     def parse_options(self, options: Mapping[str, Any]) -> None:
         _http.check_options(PROTOCOL, options, ())
 

@@ -75,6 +75,12 @@ class HttpJsonAdapter:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """The HTTP verb says (RFC 9110 section 9.2.2): GET, HEAD, OPTIONS, PUT and DELETE may be
+        hedged; POST and PATCH never."""
+        return str(payload.get("method", "POST")).upper() in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+
     def parse_options(self, options: Mapping[str, Any]) -> HttpJsonOptions:
         return parse_options(options)
 

@@ -439,6 +439,11 @@ class OpenAIAdapter:
     def __repr__(self) -> str:
         return "OpenAIAdapter()"
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """A chat completion and embeddings only read: both may be hedged."""
+        return method in _METHODS
+
     def parse_options(self, options: Mapping[str, Any]) -> OpenAIOptions:
         """Validate a service's options; see `parse_options`."""
         return parse_options(options)

@@ -71,6 +71,15 @@ class PineconeAdapter:
         self._wall_clock = wall_clock
         self._hosts: dict[tuple[str, str], str] = {}
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """Reads and `delete` may be hedged; `upsert` when every vector has an id."""
+        if method == "upsert":
+            vectors = payload.get("vectors")
+            return isinstance(vectors, list) and bool(vectors) and all(
+                isinstance(v, Mapping) and isinstance(v.get("id"), str) and v["id"] for v in vectors)
+        return method in PineconeAdapter.methods
+
     def parse_options(self, options: Mapping[str, Any]) -> PineconeOptions:
         return parse_options(options)
 

@@ -84,6 +84,12 @@ class UnstructuredAdapter:
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
 
+    @staticmethod
+    def idempotent(method: str, payload: Mapping[str, Any]) -> bool:
+        """Partitioning is a pure function of the document: it may be hedged (documents are
+        not hedged by default: see the category's hedge_min_priority)."""
+        return method == "partition"
+
     def parse_options(self, options: Mapping[str, Any]) -> UnstructuredOptions:
         return parse_options(options)
 

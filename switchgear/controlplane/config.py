@@ -58,6 +58,7 @@ from switchgear.controlplane.model import (
     Settings,
 )
 from switchgear.controlplane.validate import Problem, validate_state
+from switchgear.wire.attempt_policy import NEVER, hedging_for, timeouts_for
 
 _T = TypeVar("_T")
 
@@ -740,6 +741,10 @@ _POLICY = (
     _Leaf("min_success_rate", "min_success_rate", _read_float),
     _Leaf("max_queue_size", "max_queue_size", _read_int),
     _Leaf("timeout", "timeout_s", _read_duration),
+    _Leaf("attempt_timeout_floor", "attempt_timeout_floor_s", _read_duration),
+    _Leaf("attempt_timeout_ceiling", "attempt_timeout_ceiling_s", _read_duration),
+    _Leaf("attempt_timeout_factor", "attempt_timeout_factor", _read_float),
+    _Leaf("hedge_min_priority", "hedge_min_priority", _read_int),
 )
 
 #: scheduling_policies keys (the seed's names) -> Category values.
@@ -1441,7 +1446,24 @@ def _policy_line(category: str, policy: CategoryPolicy) -> str:
         parts.append(f"max queue {policy.max_queue_size}")
     if policy.timeout_s:
         parts.append(f"timeout {_seconds(policy.timeout_s)}")
+    parts.append(_attempt_timeout_text(category, policy))
+    parts.append(_hedging_text(category, policy))
     return f"policy {category}: {', '.join(parts)}"
+
+
+def _attempt_timeout_text(category: str, policy: CategoryPolicy) -> str:
+    """The attempt timeout in effect: the category's defaults with the policy's overrides."""
+    t = timeouts_for(category, policy.attempt_timeout_floor_s, policy.attempt_timeout_ceiling_s,
+                     policy.attempt_timeout_factor)
+    return (f"attempt timeout {_num(t.factor)} x p99 within {_seconds(t.floor_s)}..{_seconds(t.ceiling_s)} "
+            f"(after {t.min_samples} answers)")
+
+
+def _hedging_text(category: str, policy: CategoryPolicy) -> str:
+    hedging = hedging_for(category, policy.hedge_min_priority)
+    if hedging.min_priority >= NEVER:
+        return "no hedging"
+    return f"hedging at priority >= {hedging.min_priority} after p95"
 
 
 def _num(value: float) -> str:

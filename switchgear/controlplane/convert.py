@@ -125,6 +125,10 @@ def _policy_to_proto(policy: CategoryPolicy) -> discovery_pb2.CategoryPolicy:
         min_success_rate=policy.min_success_rate,
         max_queue_size=policy.max_queue_size,
         timeout=duration(policy.timeout_s),
+        attempt_timeout_floor=duration(policy.attempt_timeout_floor_s),
+        attempt_timeout_ceiling=duration(policy.attempt_timeout_ceiling_s),
+        attempt_timeout_factor=policy.attempt_timeout_factor,
+        hedge_min_priority=policy.hedge_min_priority,
     )
 
 

@@ -127,6 +127,12 @@ class CategoryPolicy:
     min_success_rate: float = 0.0
     max_queue_size: int = 0
     timeout_s: float = 0.0
+    # Adaptive attempt timeouts and hedging (dataplane/resilience/timeouts.py, hedging.py):
+    # 0 = the category's built-in default; hedge_min_priority 11 = never hedge.
+    attempt_timeout_floor_s: float = 0.0
+    attempt_timeout_ceiling_s: float = 0.0
+    attempt_timeout_factor: float = 0.0
+    hedge_min_priority: int = 0
 
 
 @dataclass(frozen=True)

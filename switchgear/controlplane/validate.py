@@ -365,12 +365,23 @@ def _check_cache(settings: Settings) -> Iterator[Problem]:
             yield Problem(path, message)
 
 
+def _factor(value: float) -> str | None:
+    """0 (the default) or at least 1: an attempt timeout below the endpoint's own p99 would
+    abandon its normal answers."""
+    return None if value == 0 or value >= 1 else "must be 0 (the default) or at least 1"
+
+
 _POLICY_NUMBERS: tuple[tuple[str, Callable[[CategoryPolicy], object], _Check], ...] = (
     ("max_cost_per_request", lambda p: p.max_cost_per_request, _non_negative),
     ("min_success_rate", lambda p: p.min_success_rate, _fraction),
     ("max_queue_size", lambda p: p.max_queue_size, _integer_between(0)),
     ("timeout_s", lambda p: p.timeout_s, _non_negative),
+    ("attempt_timeout_floor_s", lambda p: p.attempt_timeout_floor_s, _non_negative),
+    ("attempt_timeout_ceiling_s", lambda p: p.attempt_timeout_ceiling_s, _non_negative),
+    ("attempt_timeout_factor", lambda p: p.attempt_timeout_factor, _factor),
+    ("hedge_min_priority", lambda p: p.hedge_min_priority, _integer_between(0, 11)),
 )
+
 
 
 def _check_policies(settings: Settings) -> Iterator[Problem]:
@@ -388,6 +399,9 @@ def _check_policies(settings: Settings) -> Iterator[Problem]:
             yield Problem(f"{path}.strategy", _unknown_strategy(policy.strategy))
         for problem in _check_numbers(policy, _POLICY_NUMBERS):
             yield problem.under(path)
+        floor, ceiling = policy.attempt_timeout_floor_s, policy.attempt_timeout_ceiling_s
+        if _is_number(floor) and _is_number(ceiling) and floor > 0 and 0 < ceiling < floor:
+            yield Problem(f"{path}.attempt_timeout_ceiling_s", "must not be below attempt_timeout_floor_s")
 
 
 _SETTINGS_RULES: tuple[Callable[[Settings], Iterator[Problem]], ...] = (

@@ -34,9 +34,18 @@ Per service of the chain (the requested one, then each SERVICE step of the fallb
 loop is the package docstring's (resilience/__init__.py): endpoints refused by the gate (open
 breaker, ejected, Retry-After hold) are filtered inside the scheduler; the retry decision
 narrows the next pick to `decision.endpoints`; the backoff never sleeps past the deadline
-(`decide` clamps it); each attempt's adapter timeout is what is left of the deadline once the
-admission slot is granted. A `Shed` from admission ends the call (it is not retried and not
-sent to fallbacks: that would defeat shedding).
+(`decide` clamps it); each attempt's timeout (`Attempt.remaining_s`) is its endpoint's adaptive
+attempt timeout (resilience/timeouts.py: k x its recent p99, within a floor and a ceiling per
+category), never past what is left of the deadline once the admission slot is granted: a hung
+endpoint costs a caller that timeout, then the call fails over. A `Shed` from admission ends
+the call (it is not retried and not sent to fallbacks: that would defeat shedding).
+
+Hedging (resilience/hedging.py): a call that opts in (`idempotent` and priority at least its
+category's `hedge_min_priority`) gets, while its attempt is still outstanding past that
+endpoint's p95, a second attempt on another endpoint (one retry-budget unit); `first_answer`
+then returns the first answer and cancels the other attempt (its ticket and slot are given
+back, its connection closed, nothing recorded against its endpoint; `discard` disposes of a
+loser's value that arrived in the same instant).
 
 Fallback, once the requested service has given up with an error that `should_fall_back`:
 `resilience.fallback.plan` orders configured fallbacks, then (llm) local models, then a
@@ -54,9 +63,10 @@ Breaker trips and admission queue lengths (on every grant and release) are also 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -92,6 +102,10 @@ from switchgear.dataplane.resilience import (
 from switchgear.dataplane.resilience.admission import Grant
 from switchgear.dataplane.resilience.admission_edge import Admission, Shed
 from switchgear.dataplane.resilience.gate import Gate
+from switchgear.dataplane.resilience.hedging import HedgeSettings, hedge_delay, hedged, hedging_for, may_hedge
+from switchgear.dataplane.resilience.timeouts import AttemptTimeouts, attempt_timeout, gap_timeout, timeouts_for
+from switchgear.dataplane.scheduling.model import candidate_key
+from switchgear.dataplane.scheduling.stats import EndpointStats, LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 
 #: The agent's endpoint pick: pick(service, exclude=ids, call=call, settings=settings)
@@ -154,7 +168,11 @@ class Resilience:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sinks: Sequence[MetricsSink] = (),
+        stats: LiveStats | None = None,
     ) -> None:
+        """`stats`: the router's per-endpoint latencies, which adaptive attempt timeouts and
+        hedge delays are derived from (without them every attempt may run to the deadline and
+        nothing is hedged)."""
         self.settings = settings
         self.clock = clock
         self.rng = rng or random.Random()
@@ -165,6 +183,8 @@ class Resilience:
         self.budgets = RetryBudgets(settings.budget)
         self.admission = Admission(AdmissionCore(settings.admission), clock, self.stats)
         self.gate = Gate(self.breakers, self.outliers, clock)
+        self.live = stats
+        self._tuning: dict[str, tuple[AttemptTimeouts, HedgeSettings]] = {}
 
     # --- snapshot sync ------------------------------------------------------------------
 
@@ -182,18 +202,34 @@ class Resilience:
         self.outliers.forget(snapshot.services)
         self.breakers.reconfigure(settings_from_threshold(snapshot.settings.breaker_failure_threshold,
                                                           self.settings.breaker))
+        tuning = {}
+        for category, p in snapshot.settings.category_policies.items():
+            tuning[category] = (timeouts_for(category, p.attempt_timeout_floor_s, p.attempt_timeout_ceiling_s,
+                                             p.attempt_timeout_factor), hedging_for(category, p.hedge_min_priority))
+        self._tuning = tuning
+
+    def tuning(self, category: str) -> tuple[AttemptTimeouts, HedgeSettings]:
+        """The category's attempt timeouts and hedging, as the applied snapshot's policy sets them."""
+        found = self._tuning.get(category)
+        if found is None:
+            found = self._tuning[category] = (timeouts_for(category), hedging_for(category))
+        return found
 
     # --- reading (the documented accessor for metrics and tests) ------------------------
 
     def counters(self) -> dict[tuple[str, str], dict[str, int]]:
         """Every decision counter: {(service, endpoint): {"trips": n, "ejections": n, "probes",
-        "throttled", "retries", "failovers", "budget_denied", "fallbacks", "sheds", "queued"}};
+        "throttled", "retries", "failovers", "budget_denied", "fallbacks", "sheds", "queued",
+        "attempt_timeouts", "hedges", "hedge_wins"}};
         endpoint "" holds service-level decisions (fallbacks, queue sheds)."""
         return self.stats.as_dict()
 
     def controller(self, pick: Pick, call: Call, service: ServiceView, snapshot: AgentSnapshot, deadline: float,
-                   *, serves: Callable[[ServiceView], bool] = lambda _s: True) -> AttemptController:
-        return AttemptController(self, pick, call, service, snapshot, deadline, serves)
+                   *, serves: Callable[[ServiceView], bool] = lambda _s: True, idempotent: bool = False,
+                   stream: bool = False) -> AttemptController:
+        """`idempotent`: repeating the call is harmless (it may be hedged); `stream`: attempt
+        timeouts bound the time to the first token."""
+        return AttemptController(self, pick, call, service, snapshot, deadline, serves, idempotent, stream)
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -214,9 +250,12 @@ class Resilience:
 
 @dataclass(eq=False)
 class Attempt:
-    """One granted attempt: the endpoint to call, how long it may take (`remaining_s`, the
-    call's deadline minus now, after admission), its 1-based number within the call, and
-    `source` ("" for the requested service, else the fallback source)."""
+    """One granted attempt: the endpoint to call, how long it may take (`remaining_s`: its
+    adaptive attempt timeout or, when sooner, the call's deadline minus now, after admission;
+    for a stream, until its first token), its 1-based number within the call, and `source`
+    ("" for the requested service, else the fallback source). `capped`: `remaining_s` is the
+    attempt timeout, not the deadline (an expiry is then the endpoint's TIMEOUT, and the call
+    may go on elsewhere)."""
 
     service: ServiceView
     endpoint: EndpointView
@@ -225,6 +264,7 @@ class Attempt:
     source: str
     ticket: Ticket
     grant: Grant | None  # the admission slot; None once given back
+    capped: bool = False
 
     @property
     def fallback(self) -> bool:
@@ -254,7 +294,8 @@ class AttemptController:
     """One call's attempts across its service and fallback chain (module docstring)."""
 
     def __init__(self, resilience: Resilience, pick: Pick, call: Call, service: ServiceView,
-                 snapshot: AgentSnapshot, deadline: float, serves: Callable[[ServiceView], bool]) -> None:
+                 snapshot: AgentSnapshot, deadline: float, serves: Callable[[ServiceView], bool],
+                 idempotent: bool = False, stream: bool = False) -> None:
         self._r = resilience
         self._pick = pick
         self.call = call
@@ -271,6 +312,10 @@ class AttemptController:
         self._last: UpstreamError | None = None  # the latest failure anywhere in the chain
         self._last_at: tuple[str, str] = (service.name, "")  # (service, endpoint) of that failure
         self._ended = False
+        self._stream = stream
+        self._timeouts, hedging = resilience.tuning(service.category)
+        self._hedging = hedging if resilience.live is not None and hedged(hedging, call.priority, idempotent) else None
+        self._hedges = 0
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -284,12 +329,21 @@ class AttemptController:
             self._advance()
         return None
 
-    async def first_answer(self, try_one: Callable[[Attempt], Awaitable[T]]) -> tuple[Attempt, T] | None:
+    async def first_answer(self, try_one: Callable[[Attempt], Awaitable[T]],
+                           discard: Callable[[T], Awaitable[None]] | None = None) -> tuple[Attempt, T] | None:
         """Run `try_one` on each attempt until one returns: (that attempt, its value), still
         open (end it with `succeeded`, `finish` or `abandon`). An UpstreamError is recorded and
         decided by `failed`; anything else gives the attempt back (`abandon`) and propagates.
-        None when the call is over: then answer with `terminal`, or raise `failure()`."""
+        None when the call is over: then answer with `terminal`, or raise `failure()`.
+        A hedged call may run two attempts at once (module docstring); `discard` closes the value
+        of one that answered in the same instant as the winner."""
         while (attempt := await self.next()) is not None:
+            delay = self._hedge_delay(attempt)
+            if delay is not None:
+                won = await self._race(attempt, delay, try_one, discard)
+                if won is not None:
+                    return won
+                continue
             try:
                 return attempt, await try_one(attempt)
             except UpstreamError as exc:
@@ -298,6 +352,16 @@ class AttemptController:
                 await self.abandon(attempt)
                 raise
         return None
+
+    @property
+    def gap_timeout_s(self) -> float:
+        """Seconds a committed stream may go without a chunk (resilience/timeouts.gap_timeout)."""
+        return gap_timeout(self._timeouts, None)
+
+    def stream_gap_s(self, attempt: Attempt) -> float:
+        """`gap_timeout_s` for this attempt's endpoint (its peak seconds per token counted)."""
+        stats = self._stats_of(attempt.service, attempt.endpoint)
+        return gap_timeout(self._timeouts, stats.per_token.value if stats is not None else None)
 
     async def succeeded(self, attempt: Attempt) -> None:
         await self._outcome(attempt, None)
@@ -318,14 +382,8 @@ class AttemptController:
         """Record the failure and decide: another endpoint or the same after a backoff (slept
         here, never past the deadline), or give this service up (`next` then walks the
         fallback plan)."""
-        await self._outcome(attempt, error)
-        run = self._run
-        assert run is not None and run.service is attempt.service
+        run = await self._note_failure(attempt, error)
         r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
-        run.last = self._last = error
-        self._last_at = (name, endpoint)
-        run.failures += 1
-        run.tried.add(endpoint)
         now = r.clock()
         state = RetryState(run.failures, self.deadline - now, r.gate.usable(name, run.ids, now), run.tried,
                            run.budget.available(now), run.previous_delay_s)
@@ -342,6 +400,142 @@ class AttemptController:
             run.previous_delay_s = d.delay_s
         run.allowed = set(d.endpoints)
         run.refused.clear()
+
+    async def _note_failure(self, attempt: Attempt, error: UpstreamError) -> _ServiceRun:
+        """Record a failed attempt against its endpoint and the call, without deciding."""
+        await self._outcome(attempt, error)
+        run = self._run
+        assert run is not None and run.service is attempt.service
+        name, endpoint = attempt.service.name, attempt.endpoint.id
+        if attempt.capped and error.kind is ErrorKind.TIMEOUT:
+            self._r.stats.bump(name, endpoint, "attempt_timeouts")
+        run.last = self._last = error
+        self._last_at = (name, endpoint)
+        run.failures += 1
+        run.tried.add(endpoint)
+        return run
+
+    # --- hedging ----------------------------------------------------------------------------
+
+    def _hedge_delay(self, attempt: Attempt) -> float | None:
+        """Seconds after which `attempt` gets a hedge, or None (not hedged)."""
+        if self._hedging is None or self._hedges >= self._hedging.max_hedges or len(attempt.service.endpoints) < 2:
+            return None
+        stats = self._stats_of(attempt.service, attempt.endpoint)
+        if stats is None:
+            return None
+        recent = stats.recent_ttft if self._stream else stats.recent
+        delay = hedge_delay(self._hedging, recent.quantile(0.95), recent.count)
+        if stats.slow:  # a probe of an endpoint far slower than its peers: hedge at theirs
+            delay = min(delay or attempt.remaining_s, self._peers_p95(attempt) or attempt.remaining_s)
+        return delay if delay is not None and delay < attempt.remaining_s else None
+
+    def _peers_p95(self, attempt: Attempt) -> float | None:
+        """The lowest p95 among the service's other endpoints with enough answers to know it."""
+        hedging, best = self._hedging, None
+        assert hedging is not None
+        for e in attempt.service.endpoints:
+            stats = self._stats_of(attempt.service, e) if e is not attempt.endpoint else None
+            if stats is not None:
+                recent = stats.recent_ttft if self._stream else stats.recent
+                p95 = hedge_delay(hedging, recent.quantile(0.95), recent.count)
+                best = p95 if best is None or (p95 is not None and p95 < best) else best
+        return best
+
+    async def _race(self, first: Attempt, delay: float, try_one: Callable[[Attempt], Awaitable[T]],
+                    discard: Callable[[T], Awaitable[None]] | None) -> tuple[Attempt, T] | None:
+        """Run `first`; past `delay` also a hedge; the first answer wins, the other is cancelled.
+        None when every attempt of the race failed (the last one was decided by `failed`)."""
+        running: dict[asyncio.Future[T], Attempt] = {asyncio.ensure_future(try_one(first)): first}
+        wait: float | None = delay
+        try:
+            while running:
+                done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    wait = None
+                    hedge = await self._hedge(first)
+                    if hedge is not None:
+                        running[asyncio.ensure_future(try_one(hedge))] = hedge
+                    continue
+                for task in done:
+                    attempt = running.pop(task)
+                    error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+                    if error is None:
+                        if attempt is not first:
+                            self._r.stats.bump(attempt.service.name, attempt.endpoint.id, "hedge_wins")
+                        await self._lose(running, discard)
+                        return attempt, task.result()
+                    if not isinstance(error, UpstreamError):
+                        await self._give_back(attempt)
+                        raise error
+                    if running:
+                        await self._note_failure(attempt, error)  # the other attempt may still answer
+                    else:
+                        await self.failed(attempt, error)
+            return None
+        except BaseException:
+            await self._lose(running, discard)
+            self._ended = True
+            raise
+
+    async def _hedge(self, first: Attempt) -> Attempt | None:
+        """The hedge of `first` (ticket and slot held; one budget unit spent), or None when no
+        other endpoint may take it now (module docstring of resilience/hedging.py)."""
+        run, r, hedging = self._run, self._r, self._hedging
+        assert run is not None and hedging is not None
+        now = r.clock()
+        if not may_hedge(hedging, self._hedges, run.budget.available(now), len(run.allowed) > 1, self.deadline - now):
+            return None
+        attempt = await self._next_in(run, busy=first.endpoint.id)
+        if attempt is None:
+            return None
+        self._hedges += 1
+        run.budget.spend(now, 1.0)
+        r.stats.bump(first.service.name, first.endpoint.id, "hedges")
+        return attempt
+
+    async def _lose(self, running: dict[asyncio.Future[T], Attempt],
+                    discard: Callable[[T], Awaitable[None]] | None) -> None:
+        """Cancel the attempts still in `running` (their connections close), dispose of values
+        that arrived in the same instant, and give every loser's ticket and slot back: a lost
+        race is no outcome for its endpoint."""
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for task, attempt in running.items():
+            if not task.cancelled() and task.exception() is None and discard is not None:
+                with contextlib.suppress(Exception):
+                    await discard(task.result())
+            await self._give_back(attempt)
+        running.clear()
+
+    async def _give_back(self, attempt: Attempt) -> None:
+        self._r.breakers.get(attempt.service.name, attempt.endpoint.id).release(attempt.ticket)
+        await self._release(attempt)
+
+    def _stats_of(self, service: ServiceView, endpoint: EndpointView) -> EndpointStats | None:
+        live = self._r.live
+        if live is None:
+            return None
+        return live.get(candidate_key(service.name, endpoint.id))
+
+    def _attempt_timeout(self, service: ServiceView, endpoint: EndpointView) -> float:
+        """The endpoint's adaptive attempt timeout for this call (resilience/timeouts.py)."""
+        policy = self._timeouts
+        stats = self._stats_of(service, endpoint)
+        if stats is None:
+            return policy.ceiling_s
+        if self._stream:
+            return attempt_timeout(policy, stats.recent_ttft.quantile(0.99), stats.recent_ttft.count)
+        expected = None
+        per_token = stats.per_token.value
+        if per_token is not None:  # a call that asks for more tokens than usual may take longer
+            payload = self.call.payload
+            asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+            if isinstance(asked, int) and asked > 0:
+                expected = (stats.ttft.value or 0.0) + per_token * asked
+        return attempt_timeout(policy, stats.recent.quantile(0.99), stats.recent.count, expected)
 
     # --- results --------------------------------------------------------------------------
 
@@ -391,7 +585,9 @@ class AttemptController:
         policy = policy_for(service.category, self.snapshot.settings.retry)
         return _ServiceRun(service, source, policy, budget, ids, set(ids))
 
-    async def _next_in(self, run: _ServiceRun) -> Attempt | None:
+    async def _next_in(self, run: _ServiceRun, busy: str = "") -> Attempt | None:
+        """The next attempt of `run`. `busy`: an endpoint with an attempt of this call still
+        outstanding (a hedge goes elsewhere, never queues for a slot and never ends the run)."""
         r, name = self._r, run.service.name
         while not run.done:
             now = r.clock()
@@ -402,8 +598,13 @@ class AttemptController:
                     self._last = self._last or run.last
                 return None
             # (the usual first pick excludes nothing: skip building two sets for it)
-            exclude = (run.ids - run.allowed) | run.refused if run.refused or run.allowed != run.ids else ()
+            exclude: Collection[str] = ((run.ids - run.allowed) | run.refused
+                                        if run.refused or run.allowed != run.ids else ())
+            if busy:
+                exclude = {*exclude, *run.tried, busy}
             endpoint = self._pick(run.service, exclude=exclude, call=self.call, settings=self.snapshot.settings)
+            if busy and (endpoint is None or not r.admission.core.has_room(name, endpoint.id)):
+                return None
             if endpoint is None:
                 run.done = True
                 run.reason = run.reason or "no usable endpoint"
@@ -422,7 +623,10 @@ class AttemptController:
                 raise
             r.queue_changed(name)
             self.attempts += 1
-            return Attempt(run.service, endpoint, self.attempts, self.deadline - r.clock(), run.source, ticket, grant)
+            left = self.deadline - r.clock()
+            limit = self._attempt_timeout(run.service, endpoint)
+            return Attempt(run.service, endpoint, self.attempts, min(left, limit), run.source, ticket, grant,
+                           capped=limit < left)
         return None
 
     async def _outcome(self, attempt: Attempt, error: UpstreamError | None) -> None:

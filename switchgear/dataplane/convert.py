@@ -128,6 +128,10 @@ def _policy(msg: discovery_pb2.CategoryPolicy) -> SchedulingPolicy:
         min_success_rate=msg.min_success_rate,
         max_queue_size=msg.max_queue_size,
         timeout_s=_seconds(msg.timeout),
+        attempt_timeout_floor_s=_seconds(msg.attempt_timeout_floor),
+        attempt_timeout_ceiling_s=_seconds(msg.attempt_timeout_ceiling),
+        attempt_timeout_factor=msg.attempt_timeout_factor,
+        hedge_min_priority=msg.hedge_min_priority,
     )
 
 

@@ -26,7 +26,10 @@ class AttemptStart:
 @dataclass(frozen=True)
 class AttemptEnd:
     """One attempt's outcome. `error` is None on success; `latency_s` is the attempt's own time;
-    `ttft_s` is the time to the first token for streams (None otherwise)."""
+    `ttft_s` is the time to the first token for streams (None otherwise). `cancelled`: the
+    attempt was abandoned before its answer — a hedge that lost, or a caller that went away —
+    so it says nothing about the endpoint: observers end its in-flight count and record no
+    outcome, latency, usage or cost."""
 
     request_id: str
     service: str
@@ -38,6 +41,7 @@ class AttemptEnd:
     usage: TokenUsage = field(default_factory=TokenUsage)
     cost_usd: float = 0.0
     ttft_s: float | None = None
+    cancelled: bool = False
 
 
 class AttemptObserver(Protocol):

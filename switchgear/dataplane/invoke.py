@@ -104,11 +104,11 @@ class Invoker:
         return lambda s: s.protocol in adapters and call.method in adapters[s.protocol].methods
 
     async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
-        service, _ = self._resolve(call, snapshot)
+        service, adapter = self._resolve(call, snapshot)
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
-                                         serves=self._serves(call))
+                                         serves=self._serves(call), idempotent=idempotent(adapter, call))
         won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))
         if won is not None:
             attempt, result = won
@@ -132,13 +132,18 @@ class Invoker:
             async with asyncio.timeout(attempt.remaining_s):
                 response = await adapter.invoke(client, target, request)
         except TimeoutError:
-            error = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
+            within = f"its attempt timeout ({attempt.remaining_s:.3g} s)" if attempt.capped else "the deadline"
+            error = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within {within}")
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
                                    self._clock() - attempt_start, error.kind))
             raise error from None
         except UpstreamError as exc:
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
                                    self._clock() - attempt_start, exc.kind))
+            raise
+        except asyncio.CancelledError:  # a hedge that lost, or the caller went away: no outcome
+            self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
+                                   self._clock() - attempt_start, cancelled=True))
             raise
         usage = response.usage
         cost = service.pricing.cost(usage.input_tokens, usage.output_tokens)
@@ -195,6 +200,13 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+
+def idempotent(adapter: Any, call: Call) -> bool:
+    """Whether repeating the call is harmless (it may be hedged): the adapter's own
+    `idempotent(method, payload)`; an adapter that does not say is taken as not idempotent."""
+    check = getattr(adapter, "idempotent", None)
+    return bool(check(call.method, call.payload)) if check is not None else False
 
 
 def _unavailable(ctl: AttemptController, message: str) -> CallFailed:

@@ -130,8 +130,8 @@ class AgentMetrics(PromCollector):
         totals, window = self._key(event.service, event.endpoint, event.category)
         key = (event.service, event.endpoint)
         self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
-        if event.error is not None and event.error.caller_fault:
-            return  # the caller's own mistake: not the endpoint's error rate, latency or cost
+        if event.cancelled or (event.error is not None and event.error.caller_fault):
+            return  # abandoned, or the caller's own mistake: not the endpoint's error rate, latency or cost
         now = self._clock()
         ok = event.error is None
         totals.succeeded += ok

@@ -97,9 +97,9 @@ class LoadAccumulator:
             self._in_flight[key] = left
         else:
             self._in_flight.pop(key, None)
-        if event.error is not None and event.error.caller_fault:
-            # The caller's own mistake counts nowhere shared: not as issued, failed or latency
-            # (the control plane's health scores, weights and alerts all read these).
+        if event.cancelled or (event.error is not None and event.error.caller_fault):
+            # Abandoned (a lost hedge, a caller gone) or the caller's own mistake: counts nowhere
+            # shared, not as issued, failed or latency (health scores, weights and alerts read these).
             d.issued = max(0, d.issued - 1)
             return
         d.latency_sum_s += event.latency_s

@@ -157,7 +157,7 @@ async def serve(
     observers.append(live_stats)
     # Breakers, outlier ejection, retry budgets, admission and fallbacks (attempts.py): one per
     # agent, shared by unary and streamed calls; trips and queue lengths feed metrics and load reports.
-    resilience = Resilience(options.resilience, sinks=(agent_metrics, load))
+    resilience = Resilience(options.resilience, sinks=(agent_metrics, load), stats=live_stats)
     agent_metrics.set_decisions(resilience.counters)
     router = Router(live_stats, unavailable=resilience.gate.unavailable, holder=holder)
     secrets = SecretResolver()

@@ -33,7 +33,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import ServiceNotFound, Unsupported
+from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
@@ -169,11 +169,13 @@ class Streamer:
         RequestError, Unsupported, or CallFailed when no attempt reached its first token.
         `meter` (module docstring) learns what goes out."""
         meter = meter if meter is not None else Meter()
-        service, _ = self.resolve(call, snapshot)
+        service, adapter = self.resolve(call, snapshot)
         start = self._clock()
         deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
-        ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call))
-        won = await ctl.first_answer(lambda lease: self._until_first_token(call, lease, deadline))
+        ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call),
+                                         idempotent=idempotent(adapter, call), stream=True)
+        won = await ctl.first_answer(
+            lambda lease: self._until_first_token(call, lease, deadline, ctl.stream_gap_s(lease)), _discard)
         if won is not None:
             lease, (chunks, attempt, held) = won
             error: UpstreamError | None = None
@@ -208,14 +210,18 @@ class Streamer:
         raise ctl.failure()
 
     async def _until_first_token(
-        self, call: Call, lease: Attempt, deadline: float
+        self, call: Call, lease: Attempt, deadline: float, gap_s: float
     ) -> tuple[AsyncIterator[StreamChunk], _Attempt, list[bytes]]:
-        """Start the attempt and read up to its first token; raises UpstreamError before it."""
+        """Start the attempt and read up to its first token (within `lease.remaining_s`, its
+        attempt timeout); raises UpstreamError before it. Later chunks may be `gap_s` apart."""
         service, endpoint = lease.service, lease.endpoint
         api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
+        attempt.first_by, attempt.capped, attempt.gap_s = attempt.started + lease.remaining_s, lease.capped, gap_s
         target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
-        request = AdapterRequest(call.method, call.payload, lease.remaining_s, call.request_id)
+        # The adapter's own read timeout must not be shorter than either bound `_next` applies.
+        read_s = max(lease.remaining_s, min(gap_s, deadline - attempt.started))
+        request = AdapterRequest(call.method, call.payload, read_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
         chunks = self._adapters[service.protocol].stream(client, target, request)
         try:
@@ -242,6 +248,9 @@ class _Attempt:
         self.s, self.call, self.service, self.endpoint, self.number = streamer, call, service, endpoint, number
         self.deadline = deadline
         self.started = streamer._clock()
+        self.first_by = deadline  # the first token's attempt timeout (absolute), then
+        self.gap_s = math.inf  # the longest wait for each later chunk
+        self.capped = False  # first_by is the attempt timeout, before the deadline
         self.ttft_s: float | None = None
         self.final: StreamChunk | None = None
         self.held_chars = 0  # text of the chunks held back until the first token
@@ -251,17 +260,24 @@ class _Attempt:
         )
 
     async def _next(self, chunks: AsyncIterator[StreamChunk]) -> StreamChunk | None:
-        """The next chunk within the deadline; None at the end of the stream."""
-        remaining = self.deadline - self.s._clock()
+        """The next chunk within the deadline (and before the first token, the attempt timeout;
+        after it, within `gap_s`); None at the end of the stream."""
+        now = self.s._clock()
+        remaining = self.deadline - now
+        bound = self.first_by - now if self.ttft_s is None else self.gap_s
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
+            async with asyncio.timeout(max(min(remaining, bound), 0.0)):
                 return await anext(chunks)
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            raise UpstreamError(
-                ErrorKind.TIMEOUT, f"endpoint {self.endpoint.id}: stream exceeded the deadline"
-            ) from None
+            if bound >= remaining:
+                why = "exceeded the deadline"
+            elif self.ttft_s is None:
+                why = "sent no first token within its attempt timeout"
+            else:
+                why = f"went silent for {self.gap_s:.3g} s"
+            raise UpstreamError(ErrorKind.TIMEOUT, f"endpoint {self.endpoint.id}: stream {why}") from None
 
     async def until_first_token(self, chunks: AsyncIterator[StreamChunk]) -> list[bytes]:
         """Chunks up to and including the first content chunk (or the whole stream if none
@@ -284,6 +300,10 @@ class _Attempt:
         except UpstreamError as exc:
             await _close(chunks)
             self._end(exc.kind)
+            raise
+        except asyncio.CancelledError:  # a hedge that lost, or the caller went away: no outcome
+            await _close(chunks)
+            self._end(None, cancelled=True)
             raise
 
     async def rest(
@@ -333,7 +353,8 @@ class _Attempt:
         usage, cost = self.meter.charge()
         self._end(None, usage, cost)
 
-    def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0) -> None:
+    def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0,
+             cancelled: bool = False) -> None:
         self.s._emit(
             AttemptEnd(
                 self.call.request_id,
@@ -346,8 +367,16 @@ class _Attempt:
                 usage,
                 cost,
                 self.ttft_s,
+                cancelled,
             )
         )
+
+
+async def _discard(won: tuple[AsyncIterator[StreamChunk], _Attempt, list[bytes]]) -> None:
+    """A stream attempt reached its first token in the same instant as the winner: close it."""
+    chunks, attempt, _ = won
+    await _close(chunks)
+    attempt.abandoned()
 
 
 async def _close(chunks: AsyncIterator[StreamChunk]) -> None:

@@ -12,7 +12,12 @@ They are set per instance at start (`InstanceSpec.faults`) or at run time:
     GET  /_emulator/faults   → the current faults (fail_next counts down as it fires)
     POST /_emulator/faults   → merge a JSON object into them ({"reset": true} first restores
                                the start-up faults); reseeds the random source, refills the bucket
-    GET  /_emulator/stats    → {"total", "by_path", "by_outcome"}; DELETE zeroes it
+    GET  /_emulator/stats    → {"total", "by_path", "by_outcome", "disconnects"}; DELETE zeroes it
+
+`disconnects` counts /v1 requests whose client went away before the answer was complete
+(a cancelled attempt, a hedge that lost: what the caller's side closing looks like upstream).
+`refuse_s` (set at run time) stops listening for that many seconds: new connections are
+refused and requests on open ones are dropped, then the instance listens again on its port.
 
 CLI: `switchgear emulate openai --instance NAME:LATENCY_MS[:PORT] ... [--api-key K]
 [--ready-file PATH]` (see `main`).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -341,6 +347,8 @@ class Faults:
     - stream_cut_after > 0: a streamed answer breaks after that many content chunks (the
       OpenAI emulator drops the connection; the Anthropic one sends an `error` event).
     - token_delay_ms: pause between streamed chunks.
+    - refuse_s > 0 (one-shot, set at run time on an instance started by `start_instances`): the
+      instance refuses connections for that many seconds, then serves again (reads back 0).
     """
 
     latency_ms: float = 0.0
@@ -357,6 +365,7 @@ class Faults:
     seed: int = 0
     stream_cut_after: int = 0
     token_delay_ms: float = 0.0
+    refuse_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -376,7 +385,7 @@ class Faults:
     def check(self) -> None:
         """Raise ValueError naming the first field out of range."""
         for name in ("latency_ms", "jitter_ms", "fail_next", "rate_limit_rps", "rate_limit_burst", "retry_after_s",
-                     "stream_cut_after", "token_delay_ms"):
+                     "stream_cut_after", "token_delay_ms", "refuse_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0")
         for name in ("error_rate", "rate_limit_rate"):
@@ -433,20 +442,49 @@ class _Instance:
         self.by_path: Counter[str] = Counter()
         self.by_outcome: Counter[str] = Counter()
         self.serial = 0
+        self.disconnects = 0
+        self.refusing = False
+        self.site: web.TCPSite | None = None  # set by start_instances: what refuse_s stops
+        self._refusal: asyncio.Task[None] | None = None
         self.set_faults(spec.initial_faults())
 
     def set_faults(self, faults: Faults) -> None:
-        """Replace the faults; reseed the random source and refill the bucket."""
+        """Replace the faults; reseed the random source and refill the bucket. A `refuse_s`
+        starts a refusal (and reads back 0)."""
+        if faults.refuse_s:
+            if self.site is None:
+                raise ValueError("refuse_s: this instance was not started by start_instances")
+            if self._refusal is None or self._refusal.done():
+                self._refusal = asyncio.ensure_future(self._refuse(faults.refuse_s))
+            faults = dataclasses.replace(faults, refuse_s=0.0)
         self.faults = faults
         self.rng = random.Random(faults.seed)
         self.tokens = self.capacity()
         self.refilled_at = self.clock()
 
+    async def _refuse(self, seconds: float) -> None:
+        """Stop listening for `seconds` (connections refused), then listen on the same port again."""
+        site = self.site
+        assert site is not None
+        host, port = site._host, site._port  # aiohttp keeps them only there
+        runner = site._runner
+        await site.stop()
+        self.refusing = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), seconds)
+        finally:
+            self.refusing = False
+        if not self.closing.is_set():
+            self.site = web.TCPSite(runner, host, port)
+            await self.site.start()
+
     def capacity(self) -> float:
         return self.faults.rate_limit_burst or max(1.0, self.faults.rate_limit_rps)
 
     def stats(self) -> dict[str, Any]:
-        return {"total": sum(self.by_path.values()), "by_path": dict(self.by_path), "by_outcome": dict(self.by_outcome)}
+        return {"total": sum(self.by_path.values()), "by_path": dict(self.by_path), "by_outcome": dict(self.by_outcome),
+                "disconnects": self.disconnects}
 
     def next_id(self) -> str:
         """A deterministic 32-hex id, unique per request of this instance."""
@@ -509,6 +547,7 @@ class _Instance:
 _INSTANCE = web.AppKey("instance", _Instance)
 _STARTED = web.RequestKey("started", float)  # instance.clock() at arrival, s
 _REQUEST_ID = web.RequestKey("request_id", str)
+_SERVER_CLOSED = web.RequestKey("server_closed", bool)  # the emulator itself cut the connection
 
 
 def _error_response(error: ApiError) -> web.Response:
@@ -552,6 +591,7 @@ def _auth_error(instance: _Instance, header: str | None) -> ApiError | None:
 
 async def _abandon(request: web.Request) -> web.StreamResponse:
     """Close the connection without answering; the handler is then cancelled."""
+    request[_SERVER_CLOSED] = True
     if request.transport is not None:
         request.transport.close()
     await asyncio.Event().wait()  # connection_lost cancels us (handler_cancellation=True)
@@ -592,10 +632,17 @@ async def _api_middleware(request: web.Request, handler: Callable[[web.Request],
     request[_REQUEST_ID] = instance.next_id()
     resource = request.match_info.route.resource
     instance.by_path[resource.canonical if resource is not None else "unmatched"] += 1
-    model = await _peek_model(request)
-    response = await _faulty(request, instance, model)
-    if response is None:
-        response = await _call(handler, request)
+    try:
+        if instance.refusing:  # "down": requests on connections opened before are dropped too
+            return await _abandon(request)
+        model = await _peek_model(request)
+        response = await _faulty(request, instance, model)
+        if response is None:
+            response = await _call(handler, request)
+    except asyncio.CancelledError:
+        if not request.get(_SERVER_CLOSED):
+            instance.disconnects += 1  # the client went away before the answer was complete
+        raise
     instance.by_outcome[_outcome(response.status)] += 1
     if not response.prepared:  # streams set these themselves before their first byte
         response.headers.update(_openai_headers(request))
@@ -790,6 +837,7 @@ async def _delete_stats(request: web.Request) -> web.StreamResponse:
     instance = request.app[_INSTANCE]
     instance.by_path.clear()
     instance.by_outcome.clear()
+    instance.disconnects = 0
     return _json_response(instance.stats())
 
 
@@ -863,8 +911,11 @@ async def start_instances(specs: Sequence[InstanceSpec], host: str = "127.0.0.1"
             runner = web.AppRunner(build_app(spec), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
             await runner.setup()
             group._runners[spec.name] = runner
-            await web.TCPSite(runner, host, spec.port).start()
+            site = web.TCPSite(runner, host, spec.port)
+            await site.start()
             group.ports[spec.name] = int(runner.addresses[0][1])
+            site._port = group.ports[spec.name]  # refuse_s listens again on this port
+            runner.app[_INSTANCE].site = site
     except BaseException:
         await group.close()
         raise

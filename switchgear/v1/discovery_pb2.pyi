@@ -120,18 +120,26 @@ class CacheSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., ttl: _Optional[_Mapping[str, _duration_pb2.Duration]] = ...) -> None: ...
 
 class CategoryPolicy(_message.Message):
-    __slots__ = ("strategy", "max_cost_per_request", "min_success_rate", "max_queue_size", "timeout")
+    __slots__ = ("strategy", "max_cost_per_request", "min_success_rate", "max_queue_size", "timeout", "attempt_timeout_floor", "attempt_timeout_ceiling", "attempt_timeout_factor", "hedge_min_priority")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MIN_SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TIMEOUT_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TIMEOUT_CEILING_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TIMEOUT_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_MIN_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     max_cost_per_request: float
     min_success_rate: float
     max_queue_size: int
     timeout: _duration_pb2.Duration
-    def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    attempt_timeout_floor: _duration_pb2.Duration
+    attempt_timeout_ceiling: _duration_pb2.Duration
+    attempt_timeout_factor: float
+    hedge_min_priority: int
+    def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_floor: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_ceiling: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_factor: _Optional[float] = ..., hedge_min_priority: _Optional[int] = ...) -> None: ...
 
 class DataPlaneSettings(_message.Message):
     __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout")

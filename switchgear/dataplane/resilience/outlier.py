@@ -51,7 +51,7 @@ class OutlierSettings:
     consecutive_5xx: int = 5
     consecutive_gateway_failure: int = 5
     interval_s: float = 10.0
-    base_ejection_s: float = 30.0
+    base_ejection_s: float = 5.0  # short at first: slow start brings it back ramped; repeats grow
     max_ejection_s: float = 300.0
     max_ejection_percent: float = 50.0
     failure_percentage_threshold: float = 85.0

@@ -24,6 +24,9 @@ class Counters:
     fallbacks: int = 0  # calls that moved to another service, a preset or the task queue
     sheds: int = 0  # admissions refused: queue full, deadline or queue timeout
     queued: int = 0  # admissions that had to wait
+    attempt_timeouts: int = 0  # attempts abandoned at their adaptive timeout (before the deadline)
+    hedges: int = 0  # hedged attempts sent (counted on the endpoint hedged away from)
+    hedge_wins: int = 0  # hedged attempts that answered first (counted on the hedge's endpoint)
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))

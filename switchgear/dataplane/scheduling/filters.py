@@ -28,11 +28,22 @@ def usable(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
 def not_blocked(unavailable: Collection[str] | Callable[[str], bool]) -> Filter:
     """Drops candidates whose key is unavailable: a collection of keys ("service/endpoint"), or
     a predicate on the key. This is the resilience engine's input (open breakers, ejections);
-    the predicate is read on every pick, so it always reflects the current state."""
+    the predicate is read on every pick, so it always reflects the current state. Which keys
+    were refused is noted in `stats.blocked`; one seen usable again gets `stats.unblocked`
+    (its slow start restarts: it comes back ramped, not all at once)."""
     blocked = unavailable if callable(unavailable) else unavailable.__contains__
 
     def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
-        return [c for c in cands if not blocked(c.key)]
+        was = ctx.stats.blocked
+        kept = []
+        for c in cands:
+            if blocked(c.key):
+                was.add(c.key)
+            else:
+                if c.key in was:
+                    ctx.stats.unblocked(c.key, ctx.now)
+                kept.append(c)
+        return kept
 
     return apply
 

@@ -1,4 +1,5 @@
-"""The scheduling pipeline: hard filters -> policy bounds -> strategy stages -> score -> pick.
+"""The scheduling pipeline: hard filters -> policy bounds -> slow peers off -> share cap ->
+strategy stages -> score -> pick (peers.py says why the two peer stages run for every strategy).
 
 `Scheduler.pick` is synchronous and does no I/O. Its time is the stats' clock and its
 randomness an injected `random.Random`, so tests and the simulation replay exactly.
@@ -13,11 +14,13 @@ from typing import Any
 from switchgear.dataplane.scheduling import filters
 from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
+from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, over_cap, record_pick
 from switchgear.dataplane.scheduling.scorers import clamp
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.scheduling.strategies import STRATEGIES, Strategy
 
 NO_BOUNDS = Bounds()
+DEFAULT_PEERS = PeerSettings()
 
 #: A policy's cost cap applies to every strategy, as a preference: when no candidate meets
 #: it, all are kept. Its min_success_rate is a qualification of cost_optimized (the seed's
@@ -42,7 +45,9 @@ class Scheduler:
         unavailable: Collection[str] | Callable[[str], bool] = (),
         tenant_allowed: Callable[[str, Candidate], bool] | None = None,
         strategies: Mapping[str, Strategy] = STRATEGIES,
+        peers: PeerSettings | None = DEFAULT_PEERS,
     ) -> None:
+        """`peers`: the slow-peer and share-cap stages (peers.py); None leaves them out."""
         self.stats = stats
         self.rng = rng or random.Random()
         self.strategies = strategies
@@ -51,6 +56,9 @@ class Scheduler:
         if tenant_allowed is not None:
             hard.append(filters.tenant_allowed(tenant_allowed))
         self._hard = tuple(hard)
+        self._peers = peers
+        self._off_slow = off_slow(peers) if peers is not None else None
+        self._over_cap = over_cap(peers) if peers is not None else None
         self._memory: dict[tuple[str, str], dict[str, Any]] = {}
 
     def pick(
@@ -79,6 +87,12 @@ class Scheduler:
         if len(cands) > 1:  # bounds and stages keep at least one of a non-empty input: a lone
             # candidate passes them unchanged, and they have no side effects (~10% of a call's CPU)
             cands = POLICY_BOUNDS(cands, ctx)
+            if self._off_slow is not None:
+                cands = self._off_slow(cands, ctx)
+            if self._over_cap is not None and len(cands) > 1:
+                capped = self._over_cap(cands, ctx)
+                if capped:
+                    cands = [c for c in cands if c.key not in capped]
             for stage in plan.stages:
                 cands = stage(cands, ctx)
         scores = None
@@ -86,4 +100,7 @@ class Scheduler:
             raw = plan.scorer(cands, ctx)
             ramp = self.stats.slow_start
             scores = [clamp(s * ramp(c.key, ctx.now)) for c, s in zip(cands, raw, strict=True)]
-        return plan.picker(cands, scores, ctx)
+        chosen = plan.picker(cands, scores, ctx)
+        if self._peers is not None:
+            record_pick(ctx, chosen, candidates, self._peers.share_alpha)
+        return chosen

@@ -8,6 +8,10 @@ numbers; `retain` forgets endpoints that are gone.
 What is kept, per endpoint:
 
 - in-flight attempts, and the start of the oldest one still outstanding (stall detection);
+- the starts of attempts abandoned unanswered (a hedge's loser, a caller gone) since the
+  endpoint's last answer: from UNANSWERED of them in a row they count for stall detection as
+  if still outstanding — an endpoint whose every attempt is hedged away never answers, and
+  would otherwise never look stalled;
 - a plain per-sample EWMA of latency (the "average response time" bounds are checked against);
 - peak-EWMA latency (Finagle/Linkerd): a sample above the estimate replaces it at once, one
   below decays it with weight w = exp(-dt / decay_s) — quick to notice trouble, slow to forget;
@@ -15,7 +19,10 @@ What is kept, per endpoint:
 - success rate over a sliding time window of buckets, with one prior success so a fresh
   endpoint reads 1.0 and one failure in few samples does not condemn it;
 - the EWMA of the observed cost of a successful request (USD);
-- when the endpoint was first seen, for slow start.
+- when the endpoint was first seen — or last came back from being blocked (open breaker,
+  ejection, Retry-After hold) — for slow start: a target back from a fault ramps up over
+  `recovery_ramp_s` instead of taking its full share at once (no herd onto it, and none away
+  from it onto the others: see scheduling/peers.py).
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ from switchgear.dataplane.scheduling.model import Request, candidate_key
 #: An attempt outstanding this many times the endpoint's peak latency counts as failing.
 OVERDUE = 3.0
 
+#: How many latest outcomes `EndpointStats.lasts` keeps (peers.off_slow's recovery rule).
+LASTS = 2
+
+#: Abandoned attempts in a row, with no answer between, that count as a stall (see `unanswered`):
+#: a healthy endpoint loses a hedge race now and then (~5 % of calls), never three in a row.
+UNANSWERED = 3
+
 #: Failures that say something about the endpoint (a bad request says nothing about it).
 ENDPOINT_FAULTS = frozenset(
     {ErrorKind.RETRYABLE, ErrorKind.RATE_LIMITED, ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.AUTH}
@@ -48,6 +62,8 @@ class StatsConfig:
     `slow_start_aggression`: ramp shape, factor = (age / window) ** (1 / aggression).
     `forget_s`: how fast an estimate with no new samples regresses to the candidates' median
     (see scorers.latency_estimates) — what lets a penalised endpoint be tried again.
+    `recovery_ramp_s`: the slow-start window of an endpoint coming back from being blocked
+    (`LiveStats.unblocked`); shorter than a new endpoint's, since its numbers are known.
     """
 
     decay_s: float = 10.0
@@ -60,6 +76,7 @@ class StatsConfig:
     slow_start_aggression: float = 1.0
     forget_s: float = 30.0
     mean_alpha: float = 0.1
+    recovery_ramp_s: float = 5.0
 
 
 class PeakEwma:
@@ -96,6 +113,41 @@ class Ewma:
     def update(self, sample: float, now: float) -> None:
         """value' = value x (1 - alpha) + sample x alpha; the first sample is taken as is."""
         self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+class Recent:
+    """The last `size` samples of a quantity, for quantiles (the attempt timeout's p99, the
+    hedge delay's p95). `quantile` sorts a copy at most once per `size // 8` new samples, so
+    reading it on every attempt costs a list index, not a sort."""
+
+    __slots__ = ("_cached", "_fresh", "_next", "count", "samples", "size")
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self.samples: list[float] = []
+        self._next = 0
+        self.count = 0  # samples ever recorded
+        self._cached: list[float] = []
+        self._fresh = 0  # samples since the cached sort
+
+    def record(self, sample: float) -> None:
+        if len(self.samples) < self.size:
+            self.samples.append(sample)
+        else:
+            self.samples[self._next] = sample
+            self._next = (self._next + 1) % self.size
+        self.count += 1
+        self._fresh += 1
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0..1, nearest rank) of the retained samples; None with none."""
+        if not self.samples:
+            return None
+        if self._fresh and (self._fresh >= max(1, self.size // 8) or len(self._cached) < self.size // 2):
+            self._cached = sorted(self.samples)
+            self._fresh = 0
+        ranked = self._cached
+        return ranked[min(len(ranked) - 1, int(q * len(ranked)))]
 
 
 class SuccessWindow:
@@ -144,21 +196,35 @@ class EndpointStats:
         "created_at",
         "failed",
         "last_sample_at",
+        "lasts",
         "latency",
         "mean_latency",
         "outstanding",
         "per_token",
+        "probed_at",
+        "ramp_s",
+        "recent",
+        "recent_ttft",
+        "slow",
         "ttft",
+        "unanswered",
         "window",
     )
 
     def __init__(self, config: StatsConfig, now: float) -> None:
-        self.created_at = now
+        self.created_at = now  # first seen, or back from being blocked: slow start counts from here
+        self.ramp_s = config.slow_start_s
         self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self.unanswered: list[float] = []  # starts of attempts abandoned since the last answer
         self.latency = PeakEwma(config.decay_s)
         self.mean_latency = Ewma(config.mean_alpha)
         self.ttft = PeakEwma(config.decay_s)
         self.per_token = PeakEwma(config.decay_s)
+        self.recent = Recent()  # whole answers (s), for the attempt timeout's p99 and the hedge's p95
+        self.recent_ttft = Recent()  # times to first token (s) of streams
+        self.slow = False  # judged far slower than its peers (peers.off_slow) until `recovered`
+        self.probed_at = -math.inf  # when peers.off_slow last sent it a probe
+        self.lasts = [math.inf] * LASTS  # the latest outcomes' seconds (inf: failed), newest at completed+failed
         self.window = SuccessWindow(config.window_s, config.buckets)
         self.cost_usd: float | None = None
         self.last_sample_at: float | None = None
@@ -168,6 +234,26 @@ class EndpointStats:
     @property
     def in_flight(self) -> int:
         return len(self.outstanding)
+
+    def note_last(self, seconds: float) -> None:
+        """One more outcome for `lasts` (call before counting it in completed / failed)."""
+        self.lasts[(self.completed + self.failed) % LASTS] = seconds
+
+    def judge_slow(self) -> None:
+        """Judged far slower than its peers: only outcomes from now on can show it recovered."""
+        self.slow = True
+        self.lasts = [math.inf] * LASTS
+
+    def recovered(self, bound_s: float, now: float) -> bool:
+        """True when each of the latest LASTS outcomes answered within `bound_s`: then the peak
+        EWMA, which would take tens of seconds to forget a slow spell, restarts from them (and
+        the per-token and first-token estimates from the next answers)."""
+        worst = max(self.lasts)
+        if worst > bound_s:
+            return False
+        self.latency.value, self.latency.stamp = worst, now
+        self.ttft.value = self.per_token.value = None  # learnt afresh: the slow spell's are stale
+        return True
 
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest outstanding attempt has been running (0 when none)."""
@@ -220,9 +306,14 @@ class EndpointStats:
 
         A black hole shows here within a second or two, long before any attempt times out.
         """
-        if not self.outstanding:
+        if len(self.unanswered) >= UNANSWERED:
+            started = self.unanswered[0]
+            if self.outstanding:
+                started = min(started, next(iter(self.outstanding.values())))
+        elif self.outstanding:
+            started = next(iter(self.outstanding.values()))
+        else:
             return 1.0
-        started = next(iter(self.outstanding.values()))
         reference = self.latency.value or reference_s
         factor = (now - started) / reference if reference > 0 else 1.0
         mean = self.mean_latency.value or reference_s
@@ -243,6 +334,7 @@ class LiveStats:
         self.clock = clock
         self.config = config or StatsConfig()
         self._by_key: dict[str, EndpointStats] = {}
+        self.blocked: set[str] = set()  # keys the gate refused at their last pick (filters.not_blocked)
 
     def get(self, key: str, now: float | None = None) -> EndpointStats:
         """The stats of `key`, created (first seen at `now`, default the clock) if unknown."""
@@ -258,15 +350,31 @@ class LiveStats:
         """Forget endpoints not in `keys` (call after a snapshot swap)."""
         for key in [k for k in self._by_key if k not in keys]:
             del self._by_key[key]
+        self.blocked.intersection_update(keys)
 
     def slow_start(self, key: str, now: float) -> float:
-        """Weight factor in [slow_start_min, 1]: max(min, (age / window) ** (1 / aggression))."""
+        """Weight factor in [slow_start_min, 1]: max(min, (age / window) ** (1 / aggression)),
+        where age counts from `created_at` and window is the endpoint's `ramp_s`."""
         c = self.config
-        age = now - self.get(key).created_at
-        if c.slow_start_s <= 0 or age >= c.slow_start_s:
+        stats = self.get(key)
+        window = stats.ramp_s
+        age = now - stats.created_at
+        if window <= 0 or age >= window:
             return 1.0
-        ramp: float = (max(0.0, age) / c.slow_start_s) ** (1.0 / c.slow_start_aggression)
+        ramp: float = (max(0.0, age) / window) ** (1.0 / c.slow_start_aggression)
         return max(c.slow_start_min, ramp)
+
+    def unblocked(self, key: str, now: float) -> None:
+        """`key` is usable again after being blocked (or judged slow): its slow start restarts
+        over recovery_ramp_s, and its success window starts afresh — the fault is over (a probe
+        said so), and a 30 s memory of it would keep a recovered endpoint out of scored
+        strategies long after it came back."""
+        self.blocked.discard(key)
+        stats = self.get(key, now)
+        c = self.config
+        stats.window = SuccessWindow(c.window_s, c.buckets)
+        if self.config.slow_start_s > 0 and self.config.recovery_ramp_s > 0:
+            stats.created_at, stats.ramp_s = now, self.config.recovery_ramp_s
 
     # --- AttemptObserver ------------------------------------------------------------------
 
@@ -277,7 +385,11 @@ class LiveStats:
     def attempt_ended(self, event: AttemptEnd) -> None:
         now = self.clock()
         stats = self.get(candidate_key(event.service, event.endpoint))
-        stats.outstanding.pop((event.request_id, event.attempt), None)
+        started = stats.outstanding.pop((event.request_id, event.attempt), None)
+        if event.cancelled:
+            if started is not None and len(stats.unanswered) < 2 * UNANSWERED:
+                stats.unanswered.append(started)
+            return
         if event.error is None:
             self._success(stats, event, now)
         elif event.error in ENDPOINT_FAULTS:
@@ -285,15 +397,21 @@ class LiveStats:
 
     def _success(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
         latency = max(0.0, event.latency_s)
+        if stats.unanswered:
+            stats.unanswered.clear()  # it answers: what was abandoned says nothing more
         stats.latency.update(latency, now)
         stats.mean_latency.update(latency, now)
         ttft = event.ttft_s
         if ttft is not None:
             stats.ttft.update(max(0.0, ttft), now)
+            stats.recent_ttft.record(max(0.0, ttft))
+        else:
+            stats.recent.record(latency)
         tokens = event.usage.output_tokens
         if tokens > 0:
             stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
         stats.window.record(True, now)
+        stats.note_last(latency)
         a = self.config.cost_alpha
         stats.cost_usd = event.cost_usd if stats.cost_usd is None else stats.cost_usd * (1 - a) + event.cost_usd * a
         stats.last_sample_at = now
@@ -309,5 +427,6 @@ class LiveStats:
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
         stats.window.record(False, now)
+        stats.note_last(math.inf)
         stats.last_sample_at = now
         stats.failed += 1

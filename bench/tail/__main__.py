@@ -1,0 +1,5 @@
+import sys
+
+from bench.tail.run import main
+
+sys.exit(main())
