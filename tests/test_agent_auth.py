@@ -472,8 +472,10 @@ async def test_agents_with_the_token_resubscribe_to_a_restarted_control_plane(tm
         await asyncio.wait_for(all_hold(changed.version), 15)
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*running), 10)
-        cp.stop()
+        try:
+            await asyncio.wait_for(asyncio.gather(*running), 10)
+        finally:
+            cp.stop()  # even when an agent hangs: the control plane must not outlive the test
 
 
 def cp_admin(workdir: Path) -> str:

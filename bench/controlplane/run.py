@@ -133,20 +133,21 @@ async def fleet_run(n: int, changes: int, max_pushes: int, workdir: Path) -> dic
         await asyncio.sleep(0.2)
         at = args.index("--listen") + 1
         same_port = [*args[:at], f"127.0.0.1:{port}", *args[at + 1:], "--log-level", "warning"]
-        cp2 = Proc.switchgear(f"cp-{n}-restarted", same_port, workdir)
+        cp = Proc.switchgear(f"cp-{n}-restarted", same_port, workdir)  # the one `finally` stops from here on
         restarted = time.perf_counter()
-        cp2.start()
+        cp.start()
         admin = admin_pb2_grpc.AdminServiceStub(grpc.aio.insecure_channel(address))
         ok = await wait_for(lambda: all(a.client.connected.is_set() for a in agents), 60)
         out["reconnect_all_s"] = time.perf_counter() - restarted
         latencies, alls = await _changes(admin, agents, 1, "after-restart")
         out["storm_change_all_ack_ms"] = max(alls) * 1e3
         out["storm_total_s"] = time.perf_counter() - restarted
-        cp = cp2
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        cp.stop()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            cp.stop()
     return out
 
 
