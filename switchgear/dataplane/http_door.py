@@ -226,6 +226,11 @@ class _Protocol(RequestHandler):
         return error_response(status, text, type_, code)
 
 
+#: A body at most this large that arrived whole with its headers skips the guard's timer and
+#: reservation (see body_guard).
+_ARRIVED_BODY_BYTES = 64 * 1024
+
+
 def body_guard(limits: DoorLimits) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Middleware: a request body is read whole before the handler runs, within
     `body_timeout_s` (408 otherwise), `max_body_bytes` (413, at once when Content-Length says
@@ -237,6 +242,13 @@ def body_guard(limits: DoorLimits) -> Callable[..., Awaitable[web.StreamResponse
         if not request.body_exists:
             return await handler(request)
         declared = request.content_length
+        if declared is not None and declared <= _ARRIVED_BODY_BYTES and request.content.is_eof():
+            # The usual request: a small body that came whole with its headers. Nothing left to
+            # wait for or bound (aiohttp framed it by its Content-Length), so no timer, no
+            # reservation: this path is most of the door's calls, and the guard's full path cost
+            # about 30 us of CPU each. Such bodies held at once are at most this size times the
+            # connection cap.
+            return await handler(request)
         if declared is not None and declared > limits.max_body_bytes:
             return _too_large(limits)
         door: _Door = request.protocol._door  # type: ignore[attr-defined]
