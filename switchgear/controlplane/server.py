@@ -160,7 +160,7 @@ def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) 
         log.info("config %s unchanged since it was last applied; serving the stored registry", path)
         return
     try:
-        snapshot, change = registry.replace(state, "controlplane", path, config_hash=digest)
+        snapshot, change = registry.replace(state, "controlplane", path, config_hash=digest, validated=True)
     except ValidationError as exc:
         _refuse(registry, path, exc)
         return
