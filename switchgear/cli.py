@@ -247,8 +247,9 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    from switchgear.cli_config import describe
     from switchgear.controlplane.agent_check import agent_problems
-    from switchgear.controlplane.config import ConfigError, describe, load_config_file
+    from switchgear.controlplane.config import ConfigError, load_config_file
 
     try:
         state = load_config_file(args.file, env=os.environ, check=agent_problems)

@@ -1,5 +1,5 @@
-"""Adapters over the agent's pooled clients (httpx on the aiohttp transport): same results,
-same failure classes as over httpx's own transport."""
+"""Adapters over the agent's pooled clients (FastClient: http1.py for buffered calls, aiohttp
+for streams): same results, same failure classes as over httpx's own transport."""
 
 from __future__ import annotations
 

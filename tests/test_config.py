@@ -7,10 +7,14 @@ import hashlib
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
-from switchgear.controlplane.config import ConfigError, describe, load_config, load_config_file, parse_size
+from switchgear.cli_config import describe
+from switchgear.controlplane import convert
+from switchgear.controlplane.config import ConfigError, load_config, load_config_file, parse_size
 from switchgear.controlplane.model import (
     Category,
     CategoryPolicy,
@@ -19,6 +23,8 @@ from switchgear.controlplane.model import (
     SecretRef,
     ServiceSpec,
 )
+from switchgear.v1 import admin_pb2, admin_pb2_grpc
+from tests.conftest import ControlPlane
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_CONFIG = ROOT / "config" / "external_services_unified.yaml"
@@ -1197,3 +1203,40 @@ def test_config_error_is_a_value_error_with_source_prefix() -> None:
     assert isinstance(error, ValueError)
     assert str(error).startswith("test.yaml: external_services.nope (line 2): unknown key 'nope'")
     assert len(str(error).splitlines()) == 1
+
+
+# --- validation once per ApplyConfig ---------------------------------------------------------
+
+ONE_SERVICE = ("external_services: {services: {llm_services: {local_models: "
+               "[{name: local, protocol: openai, endpoint: 'http://127.0.0.1:9/v1'}]}}}")
+
+
+@pytest.fixture
+def validations(monkeypatch: pytest.MonkeyPatch) -> list[RegistryState]:
+    """Every validate_state call, from the loader and from the registry."""
+    import switchgear.controlplane.config as config_module
+    import switchgear.controlplane.registry as registry_module
+    from switchgear.controlplane.validate import validate_state
+
+    seen: list[RegistryState] = []
+
+    def counting(state: RegistryState) -> list[Any]:
+        seen.append(state)
+        return validate_state(state)
+
+    monkeypatch.setattr(config_module, "validate_state", counting)
+    monkeypatch.setattr(registry_module, "validate_state", counting)
+    return seen
+
+
+async def test_apply_config_validates_the_state_once(control_plane: ControlPlane,
+                                                     validations: list[RegistryState]) -> None:
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        reply = await admin.ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=ONE_SERVICE, source="once.yaml"))
+        assert list(reply.added) == ["local"] and len(validations) == 1
+        # Other changes, which no loader has validated, are still validated by the registry.
+        service = convert.service_to_proto(control_plane.registry.state.services[0])
+        service.name = "other"
+        await admin.RegisterService(admin_pb2.RegisterServiceRequest(service=service))
+    assert len(validations) == 2 and [s.name for s in validations[1].services] == ["local", "other"]

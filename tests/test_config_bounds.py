@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchgear.controlplane.agent_check import agent_problems
+from switchgear.cli_config import describe
 from switchgear.controlplane.config import (
     MAX_DEPTH,
     MAX_PROBLEMS,
     ConfigError,
-    describe,
     load_config,
 )
 from switchgear.controlplane.registry import Registry

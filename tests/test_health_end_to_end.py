@@ -153,7 +153,16 @@ def scrape(address: str) -> dict[str, object]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def test_a_failing_endpoint_loses_weight_everywhere_and_regains_it(fleet: Fleet) -> None:
+@pytest.fixture(scope="module")
+def burst(fleet: Fleet) -> Fleet:
+    """The fleet after c's error burst and recovery (`error_burst`), run once for the module by
+    whichever test asks first: the metrics, stats and alerts tests read what it left behind."""
+    error_burst(fleet)
+    return fleet
+
+
+def error_burst(fleet: Fleet) -> None:
+    """Traffic on chat; c fails half its requests until its weight drops everywhere, then recovers."""
     traffic = fleet.traffic()
     try:
         wait_until(lambda: fleet.sent > 50, what="some traffic")
@@ -202,8 +211,11 @@ def test_a_failing_endpoint_loses_weight_everywhere_and_regains_it(fleet: Fleet)
         for thread in traffic:
             thread.join(timeout=10)
 
+
+def test_a_failing_endpoint_loses_weight_everywhere_and_regains_it(burst: Fleet) -> None:
+    # (the weights' fall and return are asserted along the way, in error_burst)
     # the error burst fired the seed's high_error_rate rule through the real control plane
-    audit_actions = _audit_actions(fleet)
+    audit_actions = _audit_actions(burst)
     assert any(a.startswith("alert_fired:high_error_rate") for a in audit_actions), audit_actions
     assert "health_update" in audit_actions
 
@@ -218,7 +230,8 @@ def _audit_actions(fleet: Fleet) -> list[str]:
         db.close()
 
 
-def test_metrics_of_both_processes_carry_every_seed_metric(fleet: Fleet) -> None:
+def test_metrics_of_both_processes_carry_every_seed_metric(burst: Fleet) -> None:
+    fleet = burst
     for address in (fleet.cp_metrics, *fleet.agent_metrics):
         families = scrape(address)
         for metric in SEED_METRICS:
@@ -234,7 +247,8 @@ def test_metrics_of_both_processes_carry_every_seed_metric(fleet: Fleet) -> None
     assert set(weights) == {"a", "b", "c"}
 
 
-def test_stats_and_alerts_commands_print_tables(fleet: Fleet) -> None:
+def test_stats_and_alerts_commands_print_tables(burst: Fleet) -> None:
+    fleet = burst
     stats = subprocess.run([sys.executable, "-m", "switchgear", "stats", "--control-plane", fleet.cp],
                            capture_output=True, text=True, timeout=30)
     assert stats.returncode == 0, stats.stderr

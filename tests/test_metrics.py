@@ -85,7 +85,7 @@ def test_control_plane_metrics_and_the_http_endpoint(tmp_path: Path) -> None:
     registry.register(service("chat", "http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"), "test")
     clock = Clock()
     collector = Collector()
-    collector.record("agent-1", [LoadDelta("chat", "e0", "llm", issued=20, succeeded=10, failed=(("timeout", 10),),
+    collector.record("agent-1", [LoadDelta(service="chat", endpoint="e0", category="llm", issued=20, succeeded=10, failed=(("timeout", 10),),
                                            latency_sum_s=2.0, latency_count=20, cost_usd=1.0)], clock.now)
     monitor = Monitor(registry, collector, clock=clock, overrides={"health_debounce_s": 0.0})
     monitor.tick()

@@ -42,7 +42,7 @@ def test_dashboard_queries_name_real_series(tmp_path: Path) -> None:
     registry = Registry(store)
     registry.register(service("chat"), "test")
     collector = Collector()
-    collector.record("a", [LoadDelta("chat", "e0", "llm", issued=1, succeeded=1)], 1.0)
+    collector.record("a", [LoadDelta(service="chat", endpoint="e0", category="llm", issued=1, succeeded=1)], 1.0)
     cp = ControlPlaneMetrics(Monitor(registry, collector), seq=lambda: 1, agents=lambda: 1, reports=lambda: 1)
     real = exposed(agent) | exposed(cp)
     store.close()

@@ -297,9 +297,9 @@ def test_the_control_plane_ignores_caller_faults_an_older_agent_reports() -> Non
     from switchgear.controlplane.collector import Collector, LoadDelta
 
     collector = Collector()
-    collector.record("old-agent", [LoadDelta("chat", "a", "llm", issued=10, succeeded=4,
+    collector.record("old-agent", [LoadDelta(service="chat", endpoint="a", category="llm", issued=10, succeeded=4,
                                              failed=(("client", 5), ("context_length", 1)))], 100.0)
-    collector.record("old-agent", [LoadDelta("chat", "b", "llm", issued=4, succeeded=3,
+    collector.record("old-agent", [LoadDelta(service="chat", endpoint="b", category="llm", issued=4, succeeded=3,
                                              failed=(("retryable", 1),))], 100.0)
     a, b = collector.stats(("chat", "a"), 60.0, 100.5), collector.stats(("chat", "b"), 60.0, 100.5)
     assert (a.failed, a.error_rate, a.success_rate) == (0, 0.0, 1.0)

@@ -124,6 +124,11 @@ class Cluster:
             t.join()
         assert all(self.agents[n].running() for n in node_ids)
 
+    def stop_agents(self) -> None:
+        """No agent runs (the cluster is shared by the module's tests, in any order)."""
+        for agent in self.agents.values():
+            agent.stop()
+
     def ensure_agents(self) -> None:
         self.start_agents(*(n for n in ("agent-1", "agent-2") if n not in self.agents or not self.agents[n].running()))
 
@@ -192,6 +197,7 @@ def attempts_table(db: Path) -> list[tuple[str, str, int, str, float, float, str
 
 
 def test_200_mixed_tasks_through_two_agents_in_priority_order_within_capacity(cluster: Cluster) -> None:
+    cluster.stop_agents()  # an earlier test's agents would lease each task as it is submitted
     stub = cluster.tasks()
     services = ["chat", "parse", "graph"]
     started = time.monotonic()

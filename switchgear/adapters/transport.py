@@ -1,21 +1,17 @@
-"""An httpx transport that sends requests with aiohttp's client.
+"""The agent's upstream client: `FastClient`, the subset of `httpx.AsyncClient` adapters use.
 
 Why: profiling the agent under load (py-spy, bench/overhead) showed over half of its CPU in
 httpx/httpcore's connection-pool bookkeeping (per request, every pooled connection is asked
-`has_expired` through anyio's attribute lookups). aiohttp's connector does the same job in a
-fraction of the time. Adapters keep their interface — they are still handed an
-`httpx.AsyncClient` (STYLE: inject the transport; tests use `httpx.MockTransport`) — only the
-pool's clients are built on this transport.
+`has_expired` through anyio's attribute lookups). Adapters keep their interface — they are
+still handed an httpx-shaped client (STYLE: inject the transport; tests use
+`httpx.MockTransport`) — only the pool's clients are FastClients: buffered calls go through
+http1.py, streamed answers through an aiohttp session. (An httpx transport over aiohttp came
+first; nothing used it once FastClient took both paths, and it was removed.)
 
-Contract kept from httpx: bodies are not decompressed here (httpx decodes by the response's
-Content-Encoding); per-request timeouts come from `request.extensions["timeout"]`; failures
-become httpx's exceptions (ConnectError, ConnectTimeout, ReadTimeout, RemoteProtocolError,
-ReadError, UnsupportedProtocol), so adapters classify them unchanged. Responses stream: the
-body is read as the caller iterates, and closing the response releases the connection.
-
-`FastClient` (below) is what the agent's pool hands adapters: its buffered calls no longer go
-through aiohttp at all but through http1.py (a third of aiohttp's client CPU per call); only
-streamed answers still use the aiohttp session.
+Contract kept from httpx: per-request timeouts (connect, read); failures become httpx's
+exceptions (ConnectError, ConnectTimeout, ReadTimeout, RemoteProtocolError, ReadError,
+UnsupportedProtocol), so adapters classify them unchanged. Streamed responses are read as the
+caller iterates, and closing the response releases the connection.
 """
 
 from __future__ import annotations
@@ -64,81 +60,12 @@ class _Body(httpx.AsyncByteStream):
         self._response.release()
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """One aiohttp session (connection pool) per transport; `max_connections` bounds it."""
-
-    def __init__(self, *, max_connections: int = 100, keepalive_s: float = 30.0) -> None:
-        self._max_connections = max_connections
-        self._keepalive_s = keepalive_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, keepalive_timeout=self._keepalive_s, ttl_dns_cache=60
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                trust_env=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            )
-        return self._session
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme!r}", request=request)
-        timeout: dict[str, Any] = request.extensions.get("timeout", {})
-        client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeout.get("connect"), sock_read=timeout.get("read")
-        )
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
-        body = await request.aread()
-        try:
-            response = await self._get_session().request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=body or None,
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from None
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from None
-        except aiohttp.InvalidURL as exc:
-            raise httpx.InvalidURL(str(exc)) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-            raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from None
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from None
-        return httpx.Response(
-            response.status,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-            stream=_Body(response, request),
-            extensions={
-                "http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()
-                if response.version
-                else b"HTTP/1.1"
-            },
-            request=request,
-        )
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
 class FastClient:
     """The subset of `httpx.AsyncClient` the adapters use (`request`, `post`, `stream`,
     `aclose`): buffered calls (`request`, `post`) answer a `Reply` sent on http1.Http1Pool,
     streams an `httpx.Response` read from aiohttp.
 
-    Why not only the transport above: with it, httpx's client layer (request building, cookie
+    Why not an httpx transport over aiohttp: with one, httpx's client layer (request building, cookie
     extraction, redirect and auth plumbing, body re-streaming) was still about a quarter of
     the agent's CPU per call in bench/overhead; and aiohttp's own client then still cost about
     0.15 ms per call more than http1.py (bench/overhead/README.md). Bodies are decompressed
@@ -147,7 +74,7 @@ class FastClient:
     """
 
     def __init__(self, max_connections: int = 100, limits: ResponseLimits | None = None) -> None:
-        self._transport = AiohttpTransport(max_connections=max_connections)
+        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.limits = limits or ResponseLimits()
         self._http1 = Http1Pool(max_connections, limits=self.limits)
@@ -155,7 +82,7 @@ class FastClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=self._transport._max_connections, keepalive_timeout=30.0, ttl_dns_cache=60
+                limit=self._max_connections, keepalive_timeout=30.0, ttl_dns_cache=60
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",)

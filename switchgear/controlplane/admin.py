@@ -149,7 +149,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 version = self._registry.snapshot.version
             else:
                 snapshot, change = await self._registry.retrying_async(
-                    lambda: self._registry.replace_once(state, _actor(context), source))
+                    lambda: self._registry.replace_once(state, _actor(context), source, validated=True))
                 version = snapshot.version
         except (ConfigError, ValidationError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -19,7 +19,8 @@ import bisect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+from switchgear.wire.stats import SUMS, LoadRow, LoadSums, typed_sums
 
 #: Latency histogram bucket upper bounds (s) the control plane asks agents to use: spans a
 #: cached hit (ms) to a long LLM generation (minutes).
@@ -35,36 +36,12 @@ Key = tuple[str, str]  # (service, endpoint); endpoint "" = service-level figure
 CALLER_FAULT_KINDS = frozenset({"client", "context_length"})
 
 
-@dataclass(frozen=True)
-class LoadDelta:
-    """One endpoint's deltas in one agent report (see loadreport.proto's EndpointLoad)."""
-
-    service: str
-    endpoint: str
-    category: str = ""
-    issued: int = 0
-    succeeded: int = 0
-    failed: tuple[tuple[str, int], ...] = ()  # (ErrorKind value, count)
-    in_flight: int = 0
-    latency_sum_s: float = 0.0
-    latency_count: int = 0
-    success_latency_sum_s: float = 0.0
-    success_latency_count: int = 0
-    latency_buckets: tuple[int, ...] = ()
-    ttft_sum_s: float = 0.0
-    ttft_count: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    failovers: int = 0
-    cache_lookups: int = 0
-    cache_hits: int = 0
-    breaker_trips: int = 0
-    queue_length: int = 0
+#: One endpoint's deltas in one agent report (the wire's row, shared with the agent's reporter).
+LoadDelta = LoadRow
 
 
-@dataclass(frozen=True)
-class WindowStats:
+@dataclass(frozen=True, kw_only=True)
+class WindowStats(LoadSums):
     """Sums over a window for one key, and the seed's figures derived from them.
 
     Rates are over *finished* attempts (succeeded + failed); with none, success_rate is 1 and
@@ -73,23 +50,8 @@ class WindowStats:
 
     window_s: float
     category: str = ""
-    issued: int = 0
-    succeeded: int = 0
     errors: tuple[tuple[str, int], ...] = ()
-    latency_sum_s: float = 0.0
-    latency_count: int = 0
-    success_latency_sum_s: float = 0.0
-    success_latency_count: int = 0
     latency_buckets: tuple[int, ...] = ()
-    ttft_sum_s: float = 0.0
-    ttft_count: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    failovers: int = 0
-    cache_lookups: int = 0
-    cache_hits: int = 0
-    breaker_trips: int = 0
     in_flight: int = 0
     queue_length: int = 0
 
@@ -167,13 +129,8 @@ SEED_METRICS = tuple(_FIGURES)
 
 
 #: Scalar sums kept per series, in vector order (failed-by-kind counts follow them).
-_SCALARS = (
-    "issued", "succeeded", "latency_sum_s", "latency_count", "success_latency_sum_s", "success_latency_count",
-    "ttft_sum_s", "ttft_count", "input_tokens", "output_tokens", "cost_usd", "failovers", "cache_lookups",
-    "cache_hits", "breaker_trips",
-)
+_SCALARS = SUMS
 _N = len(_SCALARS)
-_INTS = frozenset(_SCALARS) - {"latency_sum_s", "success_latency_sum_s", "ttft_sum_s", "cost_usd"}
 
 
 def _minus(a: list[float], b: list[float]) -> list[float]:
@@ -232,7 +189,7 @@ class _Series:
 def _freeze(
     v: list[float], hist: list[float], kinds: dict[str, int], window_s: float, category: str, gauges: tuple[int, int]
 ) -> WindowStats:
-    scalars: dict[str, Any] = {name: (round(v[i]) if name in _INTS else v[i]) for i, name in enumerate(_SCALARS)}
+    scalars = typed_sums(dict(zip(_SCALARS, v, strict=False)))
     errors = tuple(sorted((k, round(v[_N + i])) for k, i in kinds.items() if _N + i < len(v) and round(v[_N + i])))
     return WindowStats(
         window_s=window_s, category=category, errors=errors, latency_buckets=tuple(round(x) for x in hist),

@@ -23,26 +23,17 @@ from typing import Protocol
 import grpc
 
 from switchgear.controlplane.agent_auth import NodeSessions, report_token
-from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector, LoadDelta
+from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector
 from switchgear.controlplane.convert import duration
 from switchgear.controlplane.usage import UsageDelta
 from switchgear.v1 import loadreport_pb2, loadreport_pb2_grpc
+from switchgear.wire.loadreport import row_from_proto
 
 log = logging.getLogger("switchgear.controlplane.loadreport")
 
 
-def delta_from_proto(msg: loadreport_pb2.EndpointLoad) -> LoadDelta:
-    return LoadDelta(
-        service=msg.service, endpoint=msg.endpoint, category=msg.category,
-        issued=msg.requests_issued, succeeded=msg.requests_succeeded,
-        failed=tuple((e.kind, e.count) for e in msg.requests_failed),
-        in_flight=msg.in_flight, latency_sum_s=msg.latency_sum_s, latency_count=msg.latency_count,
-        success_latency_sum_s=msg.success_latency_sum_s, success_latency_count=msg.success_latency_count,
-        latency_buckets=tuple(msg.latency_buckets), ttft_sum_s=msg.ttft_sum_s, ttft_count=msg.ttft_count,
-        input_tokens=msg.input_tokens, output_tokens=msg.output_tokens, cost_usd=msg.cost_usd,
-        failovers=msg.failovers, cache_lookups=msg.cache_lookups, cache_hits=msg.cache_hits,
-        breaker_trips=msg.circuit_breaker_trips, queue_length=msg.queue_length,
-    )
+#: A report's row as the collector takes it (the wire's converter, shared with the agent).
+delta_from_proto = row_from_proto
 
 
 class Relay(Protocol):

@@ -1,6 +1,6 @@
 """The control plane's registry model: frozen dataclasses, and the one place defaults live.
 
-Everything here is pure data. The YAML loader (`config.py`) and the Admin API both produce
+Everything here is pure data. The YAML loader (the `config` package) and the Admin API both produce
 these objects; the store persists them; the snapshot builder turns them into what agents get.
 Units are in the field names: `_s` seconds, `_bytes` bytes, costs in USD.
 """

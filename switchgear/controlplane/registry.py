@@ -150,9 +150,9 @@ class Registry:
         return self.retrying(lambda: self.deregister_once(name, actor))
 
     def replace(
-        self, state: RegistryState, actor: str, source: str, config_hash: str | None = None
+        self, state: RegistryState, actor: str, source: str, config_hash: str | None = None, *, validated: bool = False
     ) -> tuple[snap.Snapshot, snap.Diff]:
-        return self.retrying(lambda: self.replace_once(state, actor, source, config_hash))
+        return self.retrying(lambda: self.replace_once(state, actor, source, config_hash, validated=validated))
 
     # One attempt each (StaleVersion when another replica committed first): for `retrying*`.
 
@@ -174,13 +174,17 @@ class Registry:
         return self._apply(dataclasses.replace(self.state, services=services), change)
 
     def replace_once(
-        self, state: RegistryState, actor: str, source: str, config_hash: str | None = None
+        self, state: RegistryState, actor: str, source: str, config_hash: str | None = None, *, validated: bool = False
     ) -> tuple[snap.Snapshot, snap.Diff]:
+        """`validated`: `state` comes from config.load_config, which ran validate_state on it.
+        Then it is not run again: the state applied is `state`'s services and settings with
+        this registry's tenants and keys, which passed it when they were committed, and no
+        rule of validate_state looks across governance and the rest."""
         # A config file owns services and settings; tenants and keys are governed apart.
         new = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
         change = snap.diff(self.state, new)
         detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
-        applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash)
+        applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash, validated=validated)
         return applied, change
 
     def change(self, state: RegistryState, change: Change) -> snap.Snapshot:
@@ -194,11 +198,12 @@ class Registry:
         return self._store.audit(limit)
 
     def _apply(
-        self, state: RegistryState, change: Change, config_hash: str | None = None
+        self, state: RegistryState, change: Change, config_hash: str | None = None, *, validated: bool = False
     ) -> snap.Snapshot:
         overlay = self._snapshot.overlay.pruned(state)
         # Then what agents would reject (their own checks): refused here, never committed.
-        problems: list[Problem] = validate_state(state) or introduced_problems(self._snapshot, state, overlay)
+        problems: list[Problem] = ([] if validated else validate_state(state)) or introduced_problems(
+            self._snapshot, state, overlay)
         if problems:
             raise ValidationError(problems)
         digest = snap.content_hash(state, overlay)

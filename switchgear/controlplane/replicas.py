@@ -100,7 +100,7 @@ class FleetView:
         self._conn = getter(conn)
         self.serial = serial or Serial("fleet")  # the thread `conn` is used on
         self._replica = replica
-        self.address = address  # where other replicas reach this one (set once the port is bound)
+        self.address = address  # where other replicas reach this one
         self._tracker = tracker
         self.fresh_s = fresh_s
         self.forget_s = forget_s  # a disconnected agent is listed this long, then forgotten

@@ -160,7 +160,7 @@ def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) 
         log.info("config %s unchanged since it was last applied; serving the stored registry", path)
         return
     try:
-        snapshot, change = registry.replace(state, "controlplane", path, config_hash=digest)
+        snapshot, change = registry.replace(state, "controlplane", path, config_hash=digest, validated=True)
     except ValidationError as exc:
         _refuse(registry, path, exc)
         return
@@ -185,10 +185,41 @@ async def serve(
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
 
-    `on_ready` receives the address actually listened on (the port is chosen when it is 0);
-    `on_metrics` the /metrics address, after `on_ready`, when `metrics_listen` is set.
+    Once every port serves, `on_ready` receives the address actually listened on (the port is
+    chosen when it is 0), then `on_metrics` the /metrics address when `metrics_listen` is set.
     """
-    _check_agent_auth(options)
+    plane = build_control_plane(options)
+    await plane.run(stop or _signal_event(), on_ready, on_metrics)
+
+
+SERVICE_NAMES = (  # what the health service reports on: "" and the first three
+    discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    loadreport_pb2.DESCRIPTOR.services_by_name["LoadReportingService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+    TASKS_SERVICE,
+    governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The registry and what feeds on it or reports to it, before any RPC is served."""
+
+    store: Store
+    shared: _Shared | None
+    registry: Registry
+    feed: SnapshotFeed
+    tracker: AgentTracker
+    probe_client: httpx.AsyncClient
+    monitor: Monitor
+    usage: _UsageHolder
+    sessions: NodeSessions
+    loadreports: LoadReportServicer
+
+
+def _parts(options: Options) -> _Parts:
     shared = _open_shared(options) if options.store_url else None
     store: Store = shared.store if shared else SqliteStore(options.db_path)
     registry = Registry(store)
@@ -196,110 +227,157 @@ async def serve(
         apply_startup_config(registry, options.config_path, os.environ)
     feed = SnapshotFeed(registry.snapshot)
     registry.subscribe(feed.publish)
-    tracker = AgentTracker()
-
     collector = Collector()
     probe_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
     prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
-    usage = _UsageHolder(store, live=shared is None)
-    sessions = NodeSessions()
+    usage, sessions = _UsageHolder(store, live=shared is None), NodeSessions()
     loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
                                      on_tenants=usage.add, relay=shared.relay if shared else None, sessions=sessions)
+    return _Parts(store, shared, registry, feed, AgentTracker(), probe_client, monitor, usage, sessions, loadreports)
 
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """A control plane built by `build_control_plane` and not started: its port is bound,
+    nothing runs. `run` starts the parts in `_start`'s order and stops them in the reverse order."""
+
+    options: Options
+    parts: _Parts
+    server: grpc.aio.Server
+    address: str
+    health: health.aio.HealthServicer
+    tasks: TasksRuntime | None  # this process's task scheduler (without replicas)
+    replica: _Replica | None
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None,
+                  on_metrics: Callable[[str], None] | None = None) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(log.info, "control plane stopped")
+            metrics_address = await self._start(stack)
+            log.info("control plane listening on %s, serving version %s", self.address,
+                     self.parts.registry.snapshot.version)
+            _announce(on_ready, self.address)
+            _announce(on_metrics, metrics_address)
+            await stop.wait()
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> str | None:
+        self._close_stores(stack)
+        stack.push_async_callback(self.parts.probe_client.aclose)
+        if self.tasks is not None:
+            stack.push_async_callback(self.tasks.close)
+        await self.server.start()
+        stack.push_async_callback(self.server.stop, 1.0)
+        metrics_address = self._start_metrics(stack)
+        self._start_background(stack)
+        for name in ("", *SERVICE_NAMES[:3]):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        stack.push_async_callback(self.health.enter_graceful_shutdown)  # first thing on the way down
+        return metrics_address
+
+    def _close_stores(self, stack: contextlib.AsyncExitStack) -> None:
+        store, shared = self.parts.store, self.parts.shared
+        stack.callback(store.serial.close)
+        if shared is not None:
+            stack.push_async_callback(shared.close)
+        stack.push_async_callback(store.serial.run, store.close)  # after every write still queued on it
+
+    def _start_metrics(self, stack: contextlib.AsyncExitStack) -> str | None:
+        if not self.options.metrics_listen:
+            return None
+        parts, replica = self.parts, self.replica
+        prom = ControlPlaneMetrics(
+            parts.monitor, seq=lambda: parts.registry.snapshot.seq,
+            agents=lambda: sum(1 for a in parts.tracker.list() if a.connected),
+            reports=lambda: parts.loadreports.reports,
+            leader=(lambda: replica.election.epoch) if replica else (lambda: 1),
+        )
+        server, address = serve_metrics(prom, self.options.metrics_listen)
+        stack.callback(server.shutdown)
+        log.info("metrics on http://%s/metrics", address)
+        return address
+
+    def _start_background(self, stack: contextlib.AsyncExitStack) -> None:
+        """The replica's loops, or the task scheduler and the monitor; stopped before the server."""
+        stop = asyncio.Event()
+        if self.replica is not None:
+            task = asyncio.ensure_future(self.replica.run(stop))
+        else:
+            assert self.tasks is not None
+            self.tasks.start()
+            task = asyncio.ensure_future(self.parts.monitor.run(stop, self.options.monitor_tick_s))
+        stack.push_async_callback(_stopped, stop, task)
+
+
+async def _stopped(stop: asyncio.Event, task: asyncio.Future[None]) -> None:
+    stop.set()
+    await task
+
+
+def _announce(call: Callable[[str], None] | None, address: str | None) -> None:
+    if call is not None and address is not None:
+        call(address)
+
+
+def build_control_plane(options: Options) -> ControlPlane:
+    """Every part of a control plane, each built after what it uses, and its port bound (call it
+    on the event loop). StartupError for settings or a config it refuses."""
+    _check_agent_auth(options)
+    parts = _parts(options)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=_interceptors(options, parts))
+    governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
+        GovernanceServicer(parts.registry, parts.usage.book, usage_source=parts.usage.current), server)
+    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+        DiscoveryServicer(parts.feed, parts.tracker, debounce_s=options.debounce_s,
+                          max_concurrent_pushes=options.max_concurrent_pushes, sessions=parts.sessions), server)
+    loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(parts.loadreports, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    port = add_port(server, options.listen, options.tls)
+    address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
+    tasks, replica = _serve_tasks_and_admin(options, parts, server, address)
+    return ControlPlane(options, parts, server, address, health_servicer, tasks, replica)
+
+
+def _interceptors(options: Options, parts: _Parts) -> list[grpc.aio.ServerInterceptor]:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     admin_token = ""
     if options.admin_auth:
         token_path = Path(options.admin_token_file or f"{options.db_path}.admin-token")
         admin_token = load_or_create_token(token_path)
+        registry = parts.registry
         interceptors.append(AdminTokenInterceptor(admin_token, state=lambda: registry.state))
         log.info("admin RPCs need the token in %s", token_path)
     else:
         log.warning("ADMIN AUTH IS OFF: anyone who reaches %s can change the registry (development only)",
                     options.listen)
     interceptors.extend(_agent_interceptors(options, admin_token))
-    if shared is not None:
+    if parts.shared is not None:
         interceptors.append(StoreOutageInterceptor())
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-    governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
-        GovernanceServicer(registry, usage.book, usage_source=usage.current), server)
-    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-        DiscoveryServicer(feed, tracker, debounce_s=options.debounce_s,
-                          max_concurrent_pushes=options.max_concurrent_pushes, sessions=sessions), server
-    )
-    replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-    fleet = FleetView(shared.coord, replica_id, options.advertise or options.listen, tracker,
-                      serial=shared.coord_serial) if shared else None
-    admin = AdminServicer(registry, tracker, os.environ, monitor=monitor, fleet=fleet.agents_async if fleet else None)
-    loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(loadreports, server)
+    return interceptors
+
+
+def _serve_tasks_and_admin(options: Options, parts: _Parts, server: grpc.aio.Server, address: str
+                           ) -> tuple[TasksRuntime | None, _Replica | None]:
+    """TasksService and AdminService: served here without replicas, routed to the leader with them."""
+    registry, shared = parts.registry, parts.shared
     scheduling = SchedulerOptions(lease_ttl_s=options.task_lease_ttl_s, aging_interval_s=options.task_aging_interval_s)
-    tasks: TasksRuntime | None = None
     if shared is None:
         tasks = attach_tasks(server, options.db_path, lambda: registry.state, scheduling)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
-        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-        loadreport_pb2.DESCRIPTOR.services_by_name["LoadReportingService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    governance_name = governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name
-    reflection.enable_server_reflection((*names, TASKS_SERVICE, governance_name), server)
-    port = add_port(server, options.listen, options.tls)
-    address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
-    if fleet is not None:
-        fleet.address = options.advertise or address
-    replica = _Replica(shared, options, replica_id, options.advertise or address, registry, monitor, loadreports,
-                       usage, scheduling, fleet) if shared and fleet else None
-    if replica is not None:
-        tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.tasks, server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(replica.admin_router(admin), server)
-    else:
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    await server.start()
-    for name in ("", *names[:3]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("control plane listening on %s, serving version %s", address, registry.snapshot.version)
-    if on_ready is not None:
-        on_ready(address)
-    metrics_server = None
-    if options.metrics_listen:
-        prom = ControlPlaneMetrics(
-            monitor, seq=lambda: registry.snapshot.seq,
-            agents=lambda: sum(1 for a in tracker.list() if a.connected), reports=lambda: loadreports.reports,
-            leader=(lambda: replica.election.epoch) if replica else (lambda: 1),
-        )
-        metrics_server, metrics_address = serve_metrics(prom, options.metrics_listen)
-        log.info("metrics on http://%s/metrics", metrics_address)
-        if on_metrics is not None:
-            on_metrics(metrics_address)
-    stop_background = asyncio.Event()
-    if replica is not None:
-        background = [asyncio.ensure_future(replica.run(stop_background))]
-    else:
-        assert tasks is not None
-        tasks.start()
-        background = [asyncio.ensure_future(monitor.run(stop_background, options.monitor_tick_s))]
-    try:
-        await (stop or _signal_event()).wait()
-    finally:
-        await health_servicer.enter_graceful_shutdown()
-        stop_background.set()
-        await asyncio.gather(*background)
-        await server.stop(grace=1.0)
-        if tasks is not None:
-            await tasks.close()
-        await probe_client.aclose()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        await store.serial.run(store.close)  # after every write still queued on it
-        if shared is not None:
-            await shared.close()
-        store.serial.close()
-        log.info("control plane stopped")
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(registry, parts.tracker, os.environ, monitor=parts.monitor), server)
+        return tasks, None
+    replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    advertised = options.advertise or address
+    fleet = FleetView(shared.coord, replica_id, advertised, parts.tracker, serial=shared.coord_serial)
+    admin = AdminServicer(registry, parts.tracker, os.environ, monitor=parts.monitor, fleet=fleet.agents_async)
+    replica = _Replica(shared, options, replica_id, advertised, registry, parts.monitor, parts.loadreports,
+                       parts.usage, scheduling, fleet)
+    tasks_pb2_grpc.add_TasksServiceServicer_to_server(replica.tasks, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(replica.admin_router(admin), server)
+    return None, replica
 
 
 def _check_agent_auth(options: Options) -> None:

@@ -43,7 +43,7 @@ MAX_RETRIES = 10
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong, at a key path (model path here; YAML path once config.py maps it)."""
+    """One thing wrong, at a key path (model path here; YAML path once the config loader maps it)."""
 
     path: str
     message: str

@@ -31,6 +31,8 @@ from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Ba
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
+from switchgear.wire.loadreport import row_to_proto
+from switchgear.wire.stats import SUMS, LoadRow, typed_sums
 
 log = logging.getLogger("switchgear.dataplane.reporter")
 
@@ -39,24 +41,22 @@ Key = tuple[str, str]
 
 @dataclass
 class _Delta:
+    """One key's figures since the last drain: `sums` by LoadSums field (counts kept as floats,
+    rounded back when drained), failures by kind, the latency histogram."""
+
     category: str = ""
-    issued: int = 0
-    succeeded: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
     failed: dict[str, int] = field(default_factory=dict)
-    latency_sum_s: float = 0.0
-    latency_count: int = 0
-    success_latency_sum_s: float = 0.0
-    success_latency_count: int = 0
     buckets: list[int] = field(default_factory=list)
-    ttft_sum_s: float = 0.0
-    ttft_count: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    failovers: int = 0
-    cache_lookups: int = 0
-    cache_hits: int = 0
-    breaker_trips: int = 0
+
+    def add(self, **amounts: float) -> None:
+        for name, amount in amounts.items():
+            self.sums[name] += amount
+
+    def row(self, key: Key, in_flight: int, queue_length: int) -> LoadRow:
+        return LoadRow(service=key[0], endpoint=key[1], category=self.category,
+                       failed=tuple(sorted(self.failed.items())), latency_buckets=tuple(self.buckets),
+                       in_flight=in_flight, queue_length=queue_length, **typed_sums(self.sums))
 
 
 class LoadAccumulator:
@@ -83,10 +83,7 @@ class LoadAccumulator:
     def attempt_started(self, event: AttemptStart) -> None:
         key = (event.service, event.endpoint)
         self._categories[key] = event.category
-        d = self._delta(key, event.category)
-        d.issued += 1
-        if event.attempt > 1:
-            d.failovers += 1
+        self._delta(key, event.category).add(issued=1, failovers=int(event.attempt > 1))
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
     def attempt_ended(self, event: AttemptEnd) -> None:
@@ -100,36 +97,29 @@ class LoadAccumulator:
         if event.cancelled or (event.error is not None and event.error.caller_fault):
             # Abandoned (a lost hedge, a caller gone) or the caller's own mistake: counts nowhere
             # shared, not as issued, failed or latency (health scores, weights and alerts read these).
-            d.issued = max(0, d.issued - 1)
+            d.sums["issued"] = max(0.0, d.sums["issued"] - 1)
             return
-        d.latency_sum_s += event.latency_s
-        d.latency_count += 1
+        d.add(latency_sum_s=event.latency_s, latency_count=1)
         if self._bounds:
             if not d.buckets:
                 d.buckets = [0] * (len(self._bounds) + 1)
             d.buckets[bisect.bisect_left(self._bounds, event.latency_s)] += 1
         if event.error is None:
-            d.succeeded += 1
-            d.success_latency_sum_s += event.latency_s
-            d.success_latency_count += 1
-            d.input_tokens += event.usage.input_tokens
-            d.output_tokens += event.usage.output_tokens
-            d.cost_usd += event.cost_usd
+            d.add(succeeded=1, success_latency_sum_s=event.latency_s, success_latency_count=1,
+                  input_tokens=event.usage.input_tokens, output_tokens=event.usage.output_tokens,
+                  cost_usd=event.cost_usd)
         else:
             kind = event.error.value
             d.failed[kind] = d.failed.get(kind, 0) + 1
         if event.ttft_s is not None:
-            d.ttft_sum_s += event.ttft_s
-            d.ttft_count += 1
+            d.add(ttft_sum_s=event.ttft_s, ttft_count=1)
 
     # hooks for the cache, breaker and admission components
     def record_cache(self, service: str, hit: bool) -> None:
-        d = self._delta((service, ""))
-        d.cache_lookups += 1
-        d.cache_hits += hit
+        self._delta((service, "")).add(cache_lookups=1, cache_hits=int(hit))
 
     def record_breaker_trip(self, service: str, endpoint: str) -> None:
-        self._delta((service, endpoint)).breaker_trips += 1
+        self._delta((service, endpoint)).add(breaker_trips=1)
 
     def set_queue_length(self, service: str, length: int) -> None:
         self._queue[service] = length
@@ -141,18 +131,8 @@ class LoadAccumulator:
         loads = []
         for key in sorted(keys):
             d = deltas.get(key) or _Delta(self._categories.get(key, ""))
-            loads.append(loadreport_pb2.EndpointLoad(
-                service=key[0], endpoint=key[1], category=d.category, requests_issued=d.issued,
-                requests_succeeded=d.succeeded,
-                requests_failed=[loadreport_pb2.ErrorCount(kind=k, count=n) for k, n in sorted(d.failed.items())],
-                in_flight=self._in_flight.get(key, 0), latency_sum_s=d.latency_sum_s, latency_count=d.latency_count,
-                success_latency_sum_s=d.success_latency_sum_s, success_latency_count=d.success_latency_count,
-                latency_buckets=d.buckets, ttft_sum_s=d.ttft_sum_s, ttft_count=d.ttft_count,
-                input_tokens=d.input_tokens, output_tokens=d.output_tokens, cost_usd=d.cost_usd,
-                failovers=d.failovers, cache_lookups=d.cache_lookups, cache_hits=d.cache_hits,
-                circuit_breaker_trips=d.breaker_trips,
-                queue_length=self._queue.get(key[0], 0) if not key[1] else 0,
-            ))
+            queue = self._queue.get(key[0], 0) if not key[1] else 0
+            loads.append(row_to_proto(d.row(key, self._in_flight.get(key, 0), queue)))
         return loads
 
 

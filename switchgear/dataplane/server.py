@@ -7,11 +7,12 @@ SERVING for good (a lost control plane does not make a serving agent unready).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ def default_node_id() -> str:
     return f"agent-{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class Announce:
+    """Who is told each bound address once the process is up (None: nobody), in this order:
+    the gRPC address, then the front door's, then /metrics'."""
+
+    ready: Callable[[str], None] | None = None
+    http: Callable[[str], None] | None = None
+    metrics: Callable[[str], None] | None = None
+
+
 async def serve(
     options: Options,
     stop: asyncio.Event,
@@ -118,119 +129,220 @@ async def serve(
     on_http_ready: Callable[[str], None] | None = None,
     on_metrics: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until `stop` is set. `on_ready` gets the gRPC address once the port is bound, then
-    `on_http_ready` the front door's address (when `options.http_listen` is set)."""
+    """Serve until `stop` is set. Once every port serves, `on_ready` gets the gRPC address, then
+    `on_http_ready` the front door's (with `options.http_listen`), then `on_metrics` /metrics'."""
+    await build_agent(options).run(stop, Announce(on_ready, on_http_ready, on_metrics))
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What watches the calls: load reports, metrics, tracing and the routers' live stats."""
+
+    load: LoadAccumulator
+    metrics: AgentMetrics
+    tracing: Tracing | None
+    live_stats: LiveStats
+
+    @property
+    def observers(self) -> list[AttemptObserver]:
+        return [self.load, self.metrics, *tracing_observers(self.tracing), self.live_stats]
+
+    def cache_lookup(self, service: str, hit: bool) -> None:
+        self.metrics.record_cache(service, hit)
+        self.load.record_cache(service, hit)
+
+
+def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
+    tracing = Tracing.configure(
+        holder, otlp_endpoint=options.otlp_endpoint, sample_ratio=options.trace_sample_ratio,
+        exporter=options.span_exporter, node_id=node_id,
+    )
+    return _Observed(LoadAccumulator(), AgentMetrics(version=lambda: holder.version), tracing, LiveStats())
+
+
+class _Readiness:
+    """After each applied snapshot: routing state kept for the endpoints that persist, the
+    resilience settings applied, the agent SERVING (for good) and the pool trimmed."""
+
+    def __init__(self, router: Router, resilience: Resilience, pool: ClientPool,
+                 health_servicer: health.aio.HealthServicer) -> None:
+        self._router, self._resilience, self._pool, self._health = router, resilience, pool, health_servicer
+        self._background: set[asyncio.Task[None]] = set()
+
+    def applied(self, snapshot: AgentSnapshot) -> None:
+        self._router.retain(snapshot.services.values())  # stats of endpoints that persist are kept
+        self._resilience.apply(snapshot)  # breakers, ejection, admission limits and queue bounds
+        task = asyncio.ensure_future(_after_apply(snapshot, self._pool, self._health))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent built by `build_agent` and not started: its gRPC port is bound, nothing runs.
+    `run` starts the parts in `_start`'s order and stops them in the reverse order."""
+
+    options: Options
+    core: _Core
+    address: str  # the gRPC port's, bound
+    redis: SharedRedis | None
+    tasks_client: TasksClient
+    invoker: Invoker
+    streamer: Streamer
+    pipeline: Pipeline
+    client: SnapshotClient
+    reporter: ReportClient
+    worker: TaskWorker | None
+    server: grpc.aio.Server
+
+    async def run(self, stop: asyncio.Event, announce: Announce = Announce()) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(log.info, "agent stopped")
+            await self._start(stack, stop, announce)
+            await stop.wait()
+
+    async def _start(self, stack: contextlib.AsyncExitStack, stop: asyncio.Event, announce: Announce) -> None:
+        if self.redis is not None:
+            stack.push_async_callback(self.redis.aclose)
+        stack.push_async_callback(self.core.pool.close)
+        if self.core.observed.tracing is not None:
+            stack.callback(self.core.observed.tracing.shutdown)  # after the doors: the last calls' spans go out
+        await self._start_grpc(stack)
+        http_address = await self._start_http(stack)
+        metrics_address = self._start_metrics(stack)
+        stack.push_async_callback(self.tasks_client.close)
+        _run_until(stack, stop, self.client.run, self.reporter.run,
+                   *((self.worker.run,) if self.worker is not None else ()))
+        stack.push_async_callback(self.core.health.enter_graceful_shutdown)  # first thing on the way down
+        stack.callback(stop.set)  # a start that failed part-way still ends the loops above
+        _announce(announce, self.address, http_address, metrics_address)
+
+    async def _start_grpc(self, stack: contextlib.AsyncExitStack) -> None:
+        for name in ("", GATEWAY):
+            await self.core.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        stack.push_async_callback(self.server.stop, 1.0)
+        log.info("agent %s listening on %s; control plane(s) %s", self.core.node.id, self.address,
+                 ", ".join(self.options.control_planes))
+
+    async def _start_http(self, stack: contextlib.AsyncExitStack) -> str | None:
+        if not self.options.http_listen:
+            return None
+        tls = self.options.serve_tls
+        runner, address = await http_front_door.start(
+            self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
+            tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits)
+        stack.push_async_callback(runner.cleanup)
+        log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)
+        return address
+
+    def _start_metrics(self, stack: contextlib.AsyncExitStack) -> str | None:
+        if not self.options.metrics_listen:
+            return None
+        redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
+        server, address = serve_metrics(self.core.observed.metrics, self.options.metrics_listen, *redis_metrics)
+        stack.callback(server.shutdown)
+        log.info("agent %s metrics on http://%s/metrics", self.core.node.id, address)
+        return address
+
+
+def _run_until(stack: contextlib.AsyncExitStack, stop: asyncio.Event,
+               *loops: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Start each loop; on the way down each is awaited (after `stop`) in the reverse order."""
+    for loop in loops:
+        stack.push_async_callback(_awaited, asyncio.ensure_future(loop(stop)))
+
+
+async def _awaited(task: asyncio.Future[None]) -> None:
+    await task
+
+
+def _announce(announce: Announce, address: str, http_address: str | None, metrics_address: str | None) -> None:
+    for call, value in ((announce.ready, address), (announce.http, http_address), (announce.metrics, metrics_address)):
+        if call is not None and value is not None:
+            call(value)
+
+
+def build_agent(options: Options) -> Agent:
+    """Every part of an agent, each built after what it uses (call it on the event loop)."""
     raise_nofile_limit()  # soft to hard: both doors and the upstream pool share it (http_door.py)
     adapters = builtin_adapters()
     holder = Holder()
-    pool = ClientPool()
-    health_servicer = health.aio.HealthServicer()
-    background: set[asyncio.Task[None]] = set()
-
-    def applied(snapshot: AgentSnapshot) -> None:
-        router.retain(snapshot.services.values())  # stats of endpoints that persist are kept
-        resilience.apply(snapshot)  # breakers, ejection, admission limits and queue bounds
-        task = asyncio.ensure_future(_after_apply(snapshot, pool, health_servicer))
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    node = discovery_pb2.Node(
-        id=options.node_id or default_node_id(), zone=options.zone,
-        build_version=__version__, protocols=sorted(adapters),
-    )
-    client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, applied),
-                            tls=options.control_plane_tls, token=options.control_plane_token)
-    observers: list[AttemptObserver] = []  # live stats, load reports, metrics subscribe here
-    load = LoadAccumulator()  # per-endpoint deltas for the load-report stream
-    agent_metrics = AgentMetrics(version=lambda: holder.version)
-    tracing = Tracing.configure(
-        holder, otlp_endpoint=options.otlp_endpoint, sample_ratio=options.trace_sample_ratio,
-        exporter=options.span_exporter, node_id=node.id,
-    )
-    observers.extend((load, agent_metrics, *tracing_observers(tracing)))
-    call_adapters = tracing.wrap_adapters(adapters) if tracing is not None else adapters
-    reporter = ReportClient(options.control_planes, node, load, version=lambda: holder.version,
-                            tenants=lambda: pipeline.quotas.drain_usage(),
-                            restore=lambda tallies: pipeline.quotas.restore_usage(tallies), snapshots=client)
-    reporter.tls, reporter.token = options.control_plane_tls, options.control_plane_token
-    live_stats = LiveStats()  # per-endpoint in-flight, peak-EWMA latency, success window
-    observers.append(live_stats)
+    node = discovery_pb2.Node(id=options.node_id or default_node_id(), zone=options.zone,
+                              build_version=__version__, protocols=sorted(adapters))
+    observed = _observed(options, holder, node.id)
     # Breakers, outlier ejection, retry budgets, admission and fallbacks (attempts.py): one per
     # agent, shared by unary and streamed calls; trips and queue lengths feed metrics and load reports.
-    resilience = Resilience(options.resilience, sinks=(agent_metrics, load), stats=live_stats)
-    agent_metrics.set_decisions(resilience.counters)
-    router = Router(live_stats, unavailable=resilience.gate.unavailable, holder=holder)
+    resilience = Resilience(options.resilience, sinks=(observed.metrics, observed.load), stats=observed.live_stats)
+    observed.metrics.set_decisions(resilience.counters)
+    router = Router(observed.live_stats, unavailable=resilience.gate.unavailable, holder=holder)
+    pool, health_servicer = ClientPool(), health.aio.HealthServicer()
+    readiness = _Readiness(router, resilience, pool, health_servicer)
+    client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, readiness.applied),
+                            tls=options.control_plane_tls, token=options.control_plane_token)
+    return _build_calls(options, _Core(node, holder, observed, health_servicer, pool, client, router, resilience),
+                        adapters)
+
+
+@dataclass(frozen=True)
+class _Core:
+    """What the request path is built on (build_agent), in the order it was built."""
+
+    node: discovery_pb2.Node
+    holder: Holder
+    observed: _Observed
+    health: health.aio.HealthServicer
+    pool: ClientPool
+    client: SnapshotClient
+    router: Router
+    resilience: Resilience
+
+
+def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
+    """The request path (invoker, streamer, pipeline) and what serves or reports it."""
+    observed, router, resilience, pool = core.observed, core.router, core.resilience, core.pool
+    call_adapters = observed.tracing.wrap_adapters(adapters) if observed.tracing is not None else adapters
     secrets = SecretResolver()
     # TasksService client (lazy): the task worker's, and `tasks_client.defer` for the document fallback.
     tasks_client = TasksClient(options.control_planes, options.control_plane_tls, options.control_plane_token)
-    invoker = Invoker(call_adapters, pool, secrets, router, observers=observers, resilience=resilience,
+    invoker = Invoker(call_adapters, pool, secrets, router, observers=observed.observers, resilience=resilience,
                       defer=tasks_client.defer)
-    streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observers, resilience=resilience)
-
-    def cache_lookup(service: str, hit: bool) -> None:
-        agent_metrics.record_cache(service, hit)
-        load.record_cache(service, hit)
-
-    pipeline, redis = _pipeline(options, invoker.invoke, cache_lookup)
+    streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observed.observers,
+                        resilience=resilience)
+    pipeline, redis = _pipeline(options, invoker.invoke, observed.cache_lookup)
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters
-        agent_metrics.set_cache(lambda: cache_counters)
+        observed.metrics.set_cache(lambda: cache_counters)
+    reporter = _reporter(options, core, pipeline)
+    worker = TaskWorker(tasks_client, core.node.id, core.holder, invoker, options.worker) \
+        if options.worker.capacity else None
+    server, address = _gateway_server(options, observed, core.health,
+                                      GatewayServicer(core.holder, invoker, streamer, pipeline))
+    return Agent(options, core, address, redis, tasks_client, invoker, streamer, pipeline, core.client, reporter,
+                 worker, server)
 
-    server = _grpc_server(options.grpc_server, (GatewayInterceptor(tracing, agent_metrics.measure),),
+
+def _reporter(options: Options, core: _Core, pipeline: Pipeline) -> ReportClient:
+    holder = core.holder
+    reporter = ReportClient(options.control_planes, core.node, core.observed.load, version=lambda: holder.version,
+                            tenants=pipeline.quotas.drain_usage, restore=pipeline.quotas.restore_usage,
+                            snapshots=core.client)
+    reporter.tls, reporter.token = options.control_plane_tls, options.control_plane_token
+    return reporter
+
+
+def _gateway_server(options: Options, observed: _Observed, health_servicer: health.aio.HealthServicer,
+                    gateway: GatewayServicer) -> tuple[grpc.aio.Server, str]:
+    """The gRPC port with the Gateway, health and reflection on it, bound and not started."""
+    server = _grpc_server(options.grpc_server, (GatewayInterceptor(observed.tracing, observed.metrics.measure),),
                           options.grpc_limits)
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(holder, invoker, streamer, pipeline), server)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    for name in ("", GATEWAY):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = add_port(server, options.listen, options.serve_tls)
-    await server.start()
-    address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
-    log.info("agent %s listening on %s; control plane(s) %s", node.id, address, ", ".join(options.control_planes))
-    if on_ready is not None:
-        on_ready(address)
-    http_runner = None
-    if options.http_listen:
-        http_runner, http_address = await http_front_door.start(
-            holder, invoker, streamer, options.http_listen, pipeline,
-            tls=options.serve_tls.ssl_context(["http/1.1"]) if options.serve_tls else None,
-            limits=options.http_limits)
-        log.info("agent %s serving the OpenAI-compatible API on http://%s", node.id, http_address)
-        if on_http_ready is not None:
-            on_http_ready(http_address)
-    metrics_server = None
-    if options.metrics_listen:
-        redis_metrics = (RedisMetrics(redis.health),) if redis is not None else ()
-        metrics_server, metrics_address = serve_metrics(agent_metrics, options.metrics_listen, *redis_metrics)
-        log.info("agent %s metrics on http://%s/metrics", node.id, metrics_address)
-        if on_metrics is not None:
-            on_metrics(metrics_address)
-    subscription = asyncio.ensure_future(client.run(stop))
-    reporting = asyncio.ensure_future(reporter.run(stop))
-    worker = TaskWorker(tasks_client, node.id, holder, invoker, options.worker) if options.worker.capacity else None
-    working = asyncio.ensure_future(worker.run(stop)) if worker is not None else None
-    try:
-        await stop.wait()
-    finally:
-        await health_servicer.enter_graceful_shutdown()
-        await reporting
-        if working is not None:
-            await working  # drains running tasks, gives the rest back
-        await tasks_client.close()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        if tracing is not None:
-            tracing.shutdown()
-        if http_runner is not None:
-            await http_runner.cleanup()
-        await server.stop(grace=1.0)
-        await subscription
-        await pool.close()
-        if redis is not None:
-            await redis.aclose()
-        log.info("agent stopped")
+    return server, f"{options.listen.rsplit(':', 1)[0]}:{port}"
 
 
 GRPC_SERVERS = ("switchgear", "grpcio")
