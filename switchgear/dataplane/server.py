@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -215,6 +216,11 @@ class Agent:
                    *((self.worker.run,) if self.worker is not None else ()))
         stack.push_async_callback(self.core.health.enter_graceful_shutdown)  # first thing on the way down
         stack.callback(stop.set)  # a start that failed part-way still ends the loops above
+        # Everything built so far (modules, the snapshot, the request path) lives as long as the
+        # process: out of the collector's way, a full collection scans only what calls allocate
+        # instead of the whole start-up heap, which held 1 % of calls ~15 ms at c=16.
+        gc.collect()
+        gc.freeze()
         _announce(announce, self.address, http_address, metrics_address)
 
     async def _start_grpc(self, stack: contextlib.AsyncExitStack) -> None:
