@@ -83,7 +83,10 @@ class LoadAccumulator:
     def attempt_started(self, event: AttemptStart) -> None:
         key = (event.service, event.endpoint)
         self._categories[key] = event.category
-        self._delta(key, event.category).add(issued=1, failovers=int(event.attempt > 1))
+        sums = self._delta(key, event.category).sums  # per attempt: plain adds, no keyword dicts
+        sums["issued"] += 1
+        if event.attempt > 1:
+            sums["failovers"] += 1
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
     def attempt_ended(self, event: AttemptEnd) -> None:
@@ -99,20 +102,26 @@ class LoadAccumulator:
             # shared, not as issued, failed or latency (health scores, weights and alerts read these).
             d.sums["issued"] = max(0.0, d.sums["issued"] - 1)
             return
-        d.add(latency_sum_s=event.latency_s, latency_count=1)
+        sums, latency = d.sums, event.latency_s
+        sums["latency_sum_s"] += latency
+        sums["latency_count"] += 1
         if self._bounds:
             if not d.buckets:
                 d.buckets = [0] * (len(self._bounds) + 1)
-            d.buckets[bisect.bisect_left(self._bounds, event.latency_s)] += 1
+            d.buckets[bisect.bisect_left(self._bounds, latency)] += 1
         if event.error is None:
-            d.add(succeeded=1, success_latency_sum_s=event.latency_s, success_latency_count=1,
-                  input_tokens=event.usage.input_tokens, output_tokens=event.usage.output_tokens,
-                  cost_usd=event.cost_usd)
+            sums["succeeded"] += 1
+            sums["success_latency_sum_s"] += latency
+            sums["success_latency_count"] += 1
+            sums["input_tokens"] += event.usage.input_tokens
+            sums["output_tokens"] += event.usage.output_tokens
+            sums["cost_usd"] += event.cost_usd
         else:
             kind = event.error.value
             d.failed[kind] = d.failed.get(kind, 0) + 1
         if event.ttft_s is not None:
-            d.add(ttft_sum_s=event.ttft_s, ttft_count=1)
+            sums["ttft_sum_s"] += event.ttft_s
+            sums["ttft_count"] += 1
 
     # hooks for the cache, breaker and admission components
     def record_cache(self, service: str, hit: bool) -> None:
