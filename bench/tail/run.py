@@ -115,7 +115,8 @@ class Stack:
             "--config", str(config), "--log-level", "warning"], self.workdir))
         agent = Proc.switchgear("agent", [
             "agent", "--auth", "none", "--control-plane", cp, "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--log-level", "warning"], self.workdir)
+            "--metrics-listen", "127.0.0.1:0", "--log-level", "warning",
+            "--agent-token-file", str(self.workdir / "r.db.agent-token")], self.workdir)
         self.grpc_address = self._start(agent)
         self.metrics = agent.wait_line("METRICS ", 10).split(" ", 1)[1].strip()
 
