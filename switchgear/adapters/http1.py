@@ -182,16 +182,17 @@ class _Connection(asyncio.Protocol):
             raise self._stop(UpstreamProtocolError(f"more than {limits.max_headers} answer headers"))
         if answer.size > limits.max_head_bytes:
             raise self._stop(UpstreamProtocolError(f"answer headers over {limits.max_head_bytes} bytes"))
-        lower = name.lower()
-        if lower in _FRAMING:
-            if lower == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                raise self._stop(UpstreamProtocolError("a Transfer-Encoding other than chunked"))
-            if lower == b"content-encoding":
-                answer.encoding = value.strip().lower().decode("latin-1")
-            else:
-                answer.framed = True
-            return
-        answer.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if len(name) in _FRAMING_LENGTHS:  # most names cannot be one of _FRAMING: no lower() for them
+            lower = name.lower()
+            if lower in _FRAMING:
+                if lower == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                    raise self._stop(UpstreamProtocolError("a Transfer-Encoding other than chunked"))
+                if lower == b"content-encoding":
+                    answer.encoding = value.strip().lower().decode("latin-1")
+                else:
+                    answer.framed = True
+                return
+        answer.pairs.append((name, value))  # decoded once, in on_headers_complete
 
     def on_headers_complete(self) -> None:
         answer = self._answer
@@ -201,6 +202,7 @@ class _Connection(asyncio.Protocol):
         self._head_fed = 0
         if status < 200:  # 1xx interim answer: llhttp reads it as a message of its own; drop it
             return
+        answer.headers = CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.pairs])
         self._in_body = True
         answer.keep_alive = self._parser.should_keep_alive()
         if self._head_request:  # llhttp cannot be told the request was HEAD: answer now, then close
@@ -314,17 +316,19 @@ class _Refused(Exception):
 
 
 _FRAMING = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})  # the body is decoded here
+_FRAMING_LENGTHS = frozenset(len(name) for name in _FRAMING)
 
 
 class _Answer:
     """One answer as llhttp reads it: status, headers, and the body decoded as it arrives."""
 
-    __slots__ = ("count", "decoded", "decoder", "encoding", "framed", "headers", "keep_alive", "parts", "raw",
-                 "size", "status")
+    __slots__ = ("count", "decoded", "decoder", "encoding", "framed", "headers", "keep_alive", "pairs", "parts",
+                 "raw", "size", "status")
 
     def __init__(self) -> None:
         self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.headers: CIMultiDict[str] = CIMultiDict()  # built from `pairs` once the head is read
+        self.pairs: list[tuple[bytes, bytes]] = []
         self.count = self.size = 0  # headers seen and their bytes
         self.framed = False  # a Content-Length or chunked: the body does not end at the close
         self.keep_alive = False
