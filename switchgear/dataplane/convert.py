@@ -66,27 +66,37 @@ def _health(value: int) -> str:
     return name.removeprefix("HEALTH_STATE_").lower() if value else "healthy"
 
 
+def _pricing(p: common_pb2.Pricing) -> Pricing:
+    return Pricing(p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens,
+                   p.cost_per_request)
+
+
+def _secret(msg: common_pb2.Endpoint | common_pb2.Service) -> SecretRef | None:
+    return SecretRef(env=msg.api_key.env, file=msg.api_key.file) if msg.HasField("api_key") else None
+
+
 def _endpoint(msg: common_pb2.Endpoint) -> EndpointView:
     return EndpointView(
         id=msg.id, url=msg.url, weight=msg.weight, priority=msg.priority,
         health=_health(msg.health), max_concurrency=msg.max_concurrency,
+        protocol=msg.protocol, api_key=_secret(msg), model=msg.model,
+        pricing=_pricing(msg.pricing) if msg.HasField("pricing") else None,
+        max_tokens=msg.max_tokens, rpm_limit=msg.rpm_limit, tpm_limit=msg.tpm_limit,
+        tags=MappingProxyType(dict(msg.tags)), provider=msg.provider, source_service=msg.source_service,
     )
 
 
 def _service(msg: common_pb2.Service, options: checks.ParsedOptions, adapters: Mapping[str, Adapter]) -> ServiceView:
     """The view of a service that passed `checks.check_service` (`options` is what it parsed)."""
-    key = SecretRef(env=msg.api_key.env, file=msg.api_key.file) if msg.HasField("api_key") else None
-    p = msg.pricing
     return ServiceView(
         name=msg.name,
         category=checks.category_name(msg.category, "category"),
         protocol=msg.protocol,
         endpoints=tuple(_endpoint(e) for e in msg.endpoints),
-        api_key=key,
+        api_key=_secret(msg),
         model=msg.model,
         max_tokens=msg.max_tokens,
-        pricing=Pricing(p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens,
-                        p.cost_per_request),
+        pricing=_pricing(msg.pricing),
         capabilities=tuple(msg.capabilities),
         priority=msg.priority,
         strategy=msg.strategy,

@@ -52,6 +52,17 @@ class EndpointView:
     priority: int = 0
     health: str = "healthy"
     max_concurrency: int = 0
+    # A route target's own settings; "" / None / 0 = as the service (common.proto Endpoint).
+    protocol: str = ""
+    api_key: SecretRef | None = None
+    model: str = ""
+    pricing: Pricing | None = None
+    max_tokens: int = 0
+    rpm_limit: int = 0
+    tpm_limit: int = 0
+    tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    provider: str = ""
+    source_service: str = ""
 
 
 @dataclass(frozen=True)

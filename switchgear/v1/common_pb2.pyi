@@ -59,20 +59,49 @@ class Pricing(_message.Message):
     def __init__(self, cost_per_1k_tokens: _Optional[float] = ..., input_cost_per_1k_tokens: _Optional[float] = ..., output_cost_per_1k_tokens: _Optional[float] = ..., cost_per_request: _Optional[float] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency")
+    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    RPM_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TPM_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SERVICE_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     weight: int
     priority: int
     health: HealthState
     max_concurrency: int
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    protocol: str
+    api_key: SecretRef
+    model: str
+    pricing: Pricing
+    max_tokens: int
+    options_json: str
+    rpm_limit: int
+    tpm_limit: int
+    tags: _containers.ScalarMap[str, str]
+    provider: str
+    source_service: str
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ..., protocol: _Optional[str] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., max_tokens: _Optional[int] = ..., options_json: _Optional[str] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., provider: _Optional[str] = ..., source_service: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("name", "category", "protocol", "endpoints", "api_key", "model", "max_tokens", "pricing", "capabilities", "priority", "strategy", "timeout", "options_json", "metadata", "fallbacks")

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InvokeRequest(_message.Message):
-    __slots__ = ("request_id", "category", "service", "method", "payload", "priority", "timeout", "user_id", "session_id")
+    __slots__ = ("request_id", "category", "service", "method", "payload", "priority", "timeout", "user_id", "session_id", "max_retries")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class InvokeRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     category: _common_pb2.ServiceCategory
     service: str
@@ -29,10 +30,11 @@ class InvokeRequest(_message.Message):
     timeout: _duration_pb2.Duration
     user_id: str
     session_id: str
-    def __init__(self, request_id: _Optional[str] = ..., category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    max_retries: int
+    def __init__(self, request_id: _Optional[str] = ..., category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., max_retries: _Optional[int] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
-    __slots__ = ("request_id", "payload", "service", "endpoint", "attempts", "latency", "usage", "fallback", "snapshot_version", "cached", "fallback_source", "tenant")
+    __slots__ = ("request_id", "payload", "service", "endpoint", "attempts", "latency", "usage", "fallback", "snapshot_version", "cached", "fallback_source", "tenant", "target")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class InvokeResponse(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_SOURCE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload: bytes
     service: str
@@ -57,7 +60,22 @@ class InvokeResponse(_message.Message):
     cached: bool
     fallback_source: str
     tenant: str
-    def __init__(self, request_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., fallback: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., cached: _Optional[bool] = ..., fallback_source: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    target: TargetInfo
+    def __init__(self, request_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., fallback: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., cached: _Optional[bool] = ..., fallback_source: _Optional[str] = ..., tenant: _Optional[str] = ..., target: _Optional[_Union[TargetInfo, _Mapping]] = ...) -> None: ...
+
+class TargetInfo(_message.Message):
+    __slots__ = ("id", "provider", "protocol", "model", "pricing")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    provider: str
+    protocol: str
+    model: str
+    pricing: _common_pb2.Pricing
+    def __init__(self, id: _Optional[str] = ..., provider: _Optional[str] = ..., protocol: _Optional[str] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[_common_pb2.Pricing, _Mapping]] = ...) -> None: ...
 
 class InvokeStreamRequest(_message.Message):
     __slots__ = ("request",)
@@ -74,7 +92,7 @@ class InvokeStreamResponse(_message.Message):
     def __init__(self, chunk: _Optional[bytes] = ..., end: _Optional[_Union[InvokeStreamEnd, _Mapping]] = ...) -> None: ...
 
 class InvokeStreamEnd(_message.Message):
-    __slots__ = ("request_id", "service", "endpoint", "attempts", "latency", "ttft", "usage", "failover", "snapshot_version", "finish_reason", "error_kind", "error_message")
+    __slots__ = ("request_id", "service", "endpoint", "attempts", "latency", "ttft", "usage", "failover", "snapshot_version", "finish_reason", "error_kind", "error_message", "target")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +105,7 @@ class InvokeStreamEnd(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     service: str
     endpoint: str
@@ -99,4 +118,5 @@ class InvokeStreamEnd(_message.Message):
     finish_reason: str
     error_kind: str
     error_message: str
-    def __init__(self, request_id: _Optional[str] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttft: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failover: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    target: TargetInfo
+    def __init__(self, request_id: _Optional[str] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttft: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failover: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ..., target: _Optional[_Union[TargetInfo, _Mapping]] = ...) -> None: ...
