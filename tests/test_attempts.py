@@ -41,9 +41,10 @@ pytestmark = pytest.mark.timeout(30)
 def agent_for(snap: AgentSnapshot, defer: Any = None) -> Agent:
     holder, pool, recorder = Holder(), ClientPool(), Recorder()
     holder.current = snap
-    secrets, picker = SecretResolver({}), FirstUntried()
+    secrets = SecretResolver({})
     resilience = Resilience()
     resilience.apply(snap)  # as the agent does for every applied snapshot
+    picker = FirstUntried(resilience.gate.unavailable)
     invoker = Invoker(ADAPTERS, pool, secrets, picker, observers=[recorder], resilience=resilience,  # type: ignore[arg-type]
                       defer=defer)
     streamer = Streamer(ADAPTERS, pool, secrets, picker.pick, observers=[recorder], resilience=resilience)
@@ -161,3 +162,48 @@ def test_http_front_door_maps_a_shed_to_429_with_retry_after() -> None:
     assert (full.status, full.headers["Retry-After"], full.code) == (429, "1", "overloaded")
     late = render(refusal(Shed(Rejection(2, "chat", "e0", 1, ShedReason.DEADLINE, 2.5))))
     assert (late.status, late.headers["Retry-After"]) == (504, "3")
+
+
+async def test_availability_is_consulted_once_per_pick_through_the_routers_gate(emulators: EmulatorGroup) -> None:
+    """The Router is built with the gate; the controller takes its breaker ticket without
+    asking again (issue: resilience consulted on both sides of the router)."""
+    from switchgear.dataplane.resilience.breaker import CircuitBreaker
+    from switchgear.dataplane.router import Router
+
+    emulators.set_faults("a", Faults(error_rate=1.0, error_status=503))
+    snap = dataclasses.replace(
+        make_snapshot(view("chat", "openai", [emulators.urls["a"], emulators.urls["b"]], model="gpt-4o-mini")),
+        settings=AgentSettings(retry=RetrySettings(max_retries=2), breaker_failure_threshold=1))
+    holder, pool, recorder = Holder(), ClientPool(), Recorder()
+    holder.current = snap
+    resilience = Resilience()
+    resilience.apply(snap)
+    consulted: list[str] = []
+    gate_unavailable = resilience.gate.unavailable
+
+    def unavailable(key: str) -> bool:
+        consulted.append(key)
+        return gate_unavailable(key)
+
+    router = Router(unavailable=unavailable, holder=holder)
+    invoker = Invoker(ADAPTERS, pool, SecretResolver({}), router, observers=[recorder], resilience=resilience)
+    asked_again: list[float] = []
+    original = CircuitBreaker.would_allow
+
+    def would_allow(self: CircuitBreaker, now: float) -> bool:
+        asked_again.append(now)
+        return original(self, now)
+
+    CircuitBreaker.would_allow = would_allow  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            result = await invoker.invoke(call("chat", request_id=f"r{i}"), snap)
+            assert result.endpoint == "e1"
+    finally:
+        CircuitBreaker.would_allow = original  # type: ignore[method-assign]
+    # e0 failed once and its breaker opened: from then on the gate (inside the pick) refuses it
+    # and the controller never hands out a ticket for it or asks its breaker a second time.
+    assert emulators.stats("a")["total"] == 1
+    assert asked_again == []
+    assert consulted.count("chat/e1") >= 3 and set(consulted) <= {"chat/e0", "chat/e1"}
+    await pool.close()

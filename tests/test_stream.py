@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from switchgear.adapters import builtin_adapters
+from switchgear.dataplane.attempts import Resilience
 from switchgear.dataplane.convert import call_from_proto
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.gateway import GatewayServicer
@@ -36,10 +37,15 @@ ADAPTERS = builtin_adapters()
 
 
 class FirstUntried:
-    """A deterministic pick: endpoints in order, skipping those tried."""
+    """A deterministic pick: endpoints in order, skipping those tried and those the gate it
+    was given refuses (the Router's contract: availability is consulted in the pick)."""
+
+    def __init__(self, unavailable: Callable[[str], bool] = lambda _key: False) -> None:
+        self.unavailable = unavailable
 
     def pick(self, service: ServiceView, exclude: Collection[str] = (), **_: Any) -> EndpointView | None:
-        return next((e for e in service.endpoints if e.id not in exclude), None)
+        return next((e for e in service.endpoints
+                     if e.id not in exclude and not self.unavailable(f"{service.name}/{e.id}")), None)
 
 
 @dataclass
@@ -96,9 +102,11 @@ def make_agent(snap: AgentSnapshot, env: dict[str, str] | None = None) -> Agent:
     holder, pool, recorder = Holder(), ClientPool(), Recorder()
     holder.current = snap
     secrets = SecretResolver(env or {})
-    picker = FirstUntried()
-    invoker = Invoker(ADAPTERS, pool, secrets, picker, observers=[recorder])  # type: ignore[arg-type]
-    streamer = Streamer(ADAPTERS, pool, secrets, picker.pick, observers=[recorder])
+    resilience = Resilience()
+    resilience.apply(snap)  # as the agent does for every applied snapshot
+    picker = FirstUntried(resilience.gate.unavailable)
+    invoker = Invoker(ADAPTERS, pool, secrets, picker, observers=[recorder], resilience=resilience)  # type: ignore[arg-type]
+    streamer = Streamer(ADAPTERS, pool, secrets, picker.pick, observers=[recorder], resilience=resilience)
     return Agent(holder, invoker, streamer, recorder, pool)
 
 

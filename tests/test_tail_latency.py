@@ -143,9 +143,10 @@ def rig(urls: list[str], policy: SchedulingPolicy) -> Rig:
     snap = AgentSnapshot("1.test", MappingProxyType({"chat": service}),
                          AgentSettings(retry=RetrySettings(max_retries=2),
                                        category_policies=MappingProxyType({"llm": policy})))
-    stats, recorder, pool, picker = LiveStats(), Recorder(), ClientPool(), FirstUntried()
+    stats, recorder, pool = LiveStats(), Recorder(), ClientPool()
     resilience = Resilience(stats=stats)
     resilience.apply(snap)
+    picker = FirstUntried(resilience.gate.unavailable)
     observers = [recorder, stats]
     invoker = Invoker(ADAPTERS, pool, SecretResolver({}), picker, observers=observers,  # type: ignore[arg-type]
                       resilience=resilience)

@@ -109,8 +109,9 @@ from switchgear.dataplane.scheduling.stats import EndpointStats, LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 
 #: The agent's endpoint pick: pick(service, exclude=ids, call=call, settings=settings)
-#: (dataplane.router.Router.pick). It should filter with `Resilience.gate.unavailable`; when it
-#: does not (test pickers), a refused breaker ticket just excludes that endpoint.
+#: (dataplane.router.Router.pick). Availability is consulted there, once: the pick must filter
+#: with `Resilience.gate.unavailable` (the Router is built with it); the controller then only
+#: takes the breaker's ticket for the endpoint it was given.
 Pick = Callable[..., EndpointView | None]
 
 T = TypeVar("T")
@@ -282,7 +283,6 @@ class _ServiceRun:
     ids: frozenset[str]
     allowed: set[str]
     tried: set[str] = field(default_factory=set)
-    refused: set[str] = field(default_factory=set)  # breaker said no although the picker chose it
     failures: int = 0
     previous_delay_s: float = 0.0
     last: UpstreamError | None = None
@@ -399,7 +399,6 @@ class AttemptController:
             await asyncio.sleep(d.delay_s)
             run.previous_delay_s = d.delay_s
         run.allowed = set(d.endpoints)
-        run.refused.clear()
 
     async def _note_failure(self, attempt: Attempt, error: UpstreamError) -> _ServiceRun:
         """Record a failed attempt against its endpoint and the call, without deciding."""
@@ -589,45 +588,41 @@ class AttemptController:
         """The next attempt of `run`. `busy`: an endpoint with an attempt of this call still
         outstanding (a hedge goes elsewhere, never queues for a slot and never ends the run)."""
         r, name = self._r, run.service.name
-        while not run.done:
-            now = r.clock()
-            if self.deadline - now <= 0:
-                run.done, run.reason = True, "deadline reached"
-                if run.last is None:
-                    run.last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
-                    self._last = self._last or run.last
-                return None
-            # (the usual first pick excludes nothing: skip building two sets for it)
-            exclude: Collection[str] = ((run.ids - run.allowed) | run.refused
-                                        if run.refused or run.allowed != run.ids else ())
-            if busy:
-                exclude = {*exclude, *run.tried, busy}
-            endpoint = self._pick(run.service, exclude=exclude, call=self.call, settings=self.snapshot.settings)
-            if busy and (endpoint is None or not r.admission.core.has_room(name, endpoint.id)):
-                return None
-            if endpoint is None:
-                run.done = True
-                run.reason = run.reason or "no usable endpoint"
-                return None
-            ticket = r.breakers.get(name, endpoint.id).allow(now)
-            if ticket is None:
-                run.refused.add(endpoint.id)
-                continue
-            if ticket.probe:
-                r.stats.bump(name, endpoint.id, "probes")
-            try:
-                grant = await r.admission.acquire(name, endpoint.id, self.call.priority, self.deadline)
-            except BaseException:
-                r.breakers.get(name, endpoint.id).release(ticket)
-                r.queue_changed(name)
-                raise
+        if run.done:
+            return None
+        now = r.clock()
+        if self.deadline - now <= 0:
+            run.done, run.reason = True, "deadline reached"
+            if run.last is None:
+                run.last = UpstreamError(ErrorKind.TIMEOUT, "deadline exceeded before any attempt")
+                self._last = self._last or run.last
+            return None
+        # (the usual first pick excludes nothing: skip building a set for it)
+        exclude: Collection[str] = run.ids - run.allowed if run.allowed != run.ids else ()
+        if busy:
+            exclude = {*exclude, *run.tried, busy}
+        endpoint = self._pick(run.service, exclude=exclude, call=self.call, settings=self.snapshot.settings)
+        if busy and (endpoint is None or not r.admission.core.has_room(name, endpoint.id)):
+            return None
+        if endpoint is None:
+            run.done = True
+            run.reason = run.reason or "no usable endpoint"
+            return None
+        ticket = r.breakers.get(name, endpoint.id).take(now)
+        if ticket.probe:
+            r.stats.bump(name, endpoint.id, "probes")
+        try:
+            grant = await r.admission.acquire(name, endpoint.id, self.call.priority, self.deadline)
+        except BaseException:
+            r.breakers.get(name, endpoint.id).release(ticket)
             r.queue_changed(name)
-            self.attempts += 1
-            left = self.deadline - r.clock()
-            limit = self._attempt_timeout(run.service, endpoint)
-            return Attempt(run.service, endpoint, self.attempts, min(left, limit), run.source, ticket, grant,
-                           capped=limit < left)
-        return None
+            raise
+        r.queue_changed(name)
+        self.attempts += 1
+        left = self.deadline - r.clock()
+        limit = self._attempt_timeout(run.service, endpoint)
+        return Attempt(run.service, endpoint, self.attempts, min(left, limit), run.source, ticket, grant,
+                       capped=limit < left)
 
     async def _outcome(self, attempt: Attempt, error: UpstreamError | None) -> None:
         await self._release(attempt)

@@ -58,7 +58,7 @@ Per call, for the requested service and then each SERVICE step of the fallback p
                                   exclude={candidate_key(name, e) for e in ids - allowed})
         if endpoint is None: give up on this service (error = last kind, or None: nothing usable)
         breaker = breakers.get(name, endpoint.id)
-        ticket = breaker.allow(now)                              # not None: it was filtered
+        ticket = breaker.take(now)            # no second consult: the pick filtered with the gate
         if ticket.probe: stats.bump(name, endpoint.id, "probes")
         try:
             async with admission.slot(name, endpoint.id, call.priority, deadline):

@@ -182,9 +182,13 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> Ticket | None:
         """A ticket for one attempt, or None when the endpoint must not be called now."""
-        if not self.would_allow(now):
-            return None
-        if self._state is State.HALF_OPEN:
+        return self.take(now) if self.would_allow(now) else None
+
+    def take(self, now: float) -> Ticket:
+        """The ticket for an attempt that availability was already decided for: the request
+        path asks once, in the router's pick (`Gate.unavailable`), and then takes its ticket
+        here without asking again. A half-open breaker counts the probe."""
+        if self.state_at(now) is State.HALF_OPEN:
             self._probes += 1
             return Ticket(probe=True, episode=self._episode)
         return Ticket(probe=False, episode=self._episode)
