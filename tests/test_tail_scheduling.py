@@ -143,6 +143,25 @@ def test_off_slow_never_empties_and_probes_one_at_a_time() -> None:
     assert [c.endpoint for c in off_slow()(cands[:1], ctx(live))] == ["a"]  # alone: kept
 
 
+def test_jitter_on_a_fast_pool_is_not_a_slow_peer_but_a_slow_one_is() -> None:
+    """A 2 ms endpoint caught by a 10 ms stall on a busy host is 6x its peers but only 10 ms
+    off: under the slow margin (50 ms), it stays in the pick. 200 ms is slow."""
+    clock = Clock(10.0)
+    live = LiveStats(clock, StatsConfig(slow_start_s=0.0))
+    complete(live, "s/a", 0.012, n=3)
+    complete(live, "s/b", 0.002, n=3)
+    complete(live, "s/c", 0.002, n=3)
+    cands = [cand("a"), cand("b"), cand("c")]
+    stage = off_slow(PeerSettings(probe_interval_s=60.0))
+    assert [c.endpoint for c in stage(cands, ctx(live))] == ["a", "b", "c"]
+    assert not live.get("s/a").slow
+    complete(live, "s/a", 0.2, n=6)
+    assert [c.endpoint for c in stage(cands, ctx(live))] == ["a"]  # judged slow: its first probe
+    assert live.get("s/a").slow
+    occupy(live, "s/a", 1)
+    assert [c.endpoint for c in stage(cands, ctx(live))] == ["b", "c"]
+
+
 def test_the_share_cap_respects_weights_tiers_and_prices() -> None:
     live = LiveStats(Clock(10.0), StatsConfig(slow_start_s=0.0))
     cands = [cand("a", weight=9.0), cand("b", weight=1.0)]

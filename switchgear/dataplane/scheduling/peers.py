@@ -6,7 +6,8 @@ candidate of a non-empty input:
 `off_slow` — before the strategy's own stages. A candidate whose observed latency o_i
 (`observed`: its whole-answer peak EWMA, which a timeout raises too, x its stall factor, so a
 hung endpoint counts as slow within a second or two) exceeds `slow_ratio` x the median of its
-peers' is judged slow
+peers' — and that median by at least `slow_margin_s`, so that a 2 ms endpoint caught by a 10 ms
+scheduling stall on a busy host is not "slow" (jitter, not a slow peer) — is judged slow
 (`EndpointStats.slow`) and dropped from the pick until it has recovered (below). Its own
 history is not the yardstick: an endpoint that has been 10x slow for a minute has a "normal"
 EWMA of 10x, but its peers still answer in 1x. It is probed with a trickle: once per
@@ -46,6 +47,7 @@ class PeerSettings:
     """Ratios are dimensionless; `share_cap` and `share_alpha` fractions in [0, 1]; seconds."""
 
     slow_ratio: float = 4.0
+    slow_margin_s: float = 0.05
     probe_interval_s: float = 1.0
     share_cap: float = 0.65  # so that the share over any second stays under 70 % (the EWMA lags)
     peer_ratio: float = 2.0
@@ -78,11 +80,14 @@ def off_slow(settings: PeerSettings = PeerSettings()) -> Filter:
             return list(cands)
         stats = [ctx.stats.get(c.key) for c in cands]
         e = observed(cands, ctx, stats)
-        if max(e) <= settings.slow_ratio * min(e) and not any(s.slow for s in stats):
+        low = min(e)
+        if (max(e) <= max(settings.slow_ratio * low, low + settings.slow_margin_s)
+                and not any(s.slow for s in stats)):
             return list(cands)  # the usual case: nobody is far off (a peer median is >= the minimum)
         kept: list[Candidate] = []
         for i, c in enumerate(cands):
-            bound = settings.slow_ratio * _median(e[:i] + e[i + 1:])
+            median = _median(e[:i] + e[i + 1:])
+            bound = max(settings.slow_ratio * median, median + settings.slow_margin_s)
             s = stats[i]
             if not s.slow:
                 if e[i] <= bound:
