@@ -4,6 +4,7 @@
     POST /v1/embeddings
     GET  /v1/models             the snapshot's llm and embedding services
     GET  /v1/models/{model}
+    POST /v1/messages           Anthropic-compatible (anthropic_door.py)
 
 The request's `model` names a Switchgear service; the call then goes through the same
 `Invoker` (non-streaming) or `Streamer` (SSE) as gRPC — same routing, failover, observers.
@@ -330,7 +331,10 @@ def build_app(
     limits: DoorLimits = DEFAULT_LIMITS,
 ) -> web.Application:
     """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
-    app = web.Application(middlewares=[body_guard(limits), _errors], client_max_size=limits.max_body_bytes)
+    from switchgear.dataplane import anthropic_door  # POST /v1/messages (it builds on this module)
+
+    app = web.Application(middlewares=[anthropic_door.reshape, body_guard(limits), _errors],
+                          client_max_size=limits.max_body_bytes)
     app[_HOLDER] = holder
     app[_INVOKER] = invoker
     app[_STREAMER] = streamer
@@ -339,6 +343,7 @@ def build_app(
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    anthropic_door.add_routes(app)
     return app
 
 
