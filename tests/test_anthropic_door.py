@@ -15,14 +15,16 @@ import httpx
 import orjson
 import pytest
 
+from switchgear.adapters.base import TokenUsage
 from switchgear.dataplane import http as front_door
-from switchgear.dataplane.anthropic_door import chat_request, is_native, parse_request
+from switchgear.dataplane.anthropic_door import ChatToEvents, chat_request, is_native, message_from_chat, parse_request
 from switchgear.dataplane.governance import Governance, TenantView
 from switchgear.dataplane.http import ApiError
 from switchgear.dataplane.http_door import DoorLimits
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import EndpointView, Pricing
+from switchgear.dataplane.stream import StreamEnd
 from switchgear.emulators import anthropic as anthropic_emu
 from switchgear.emulators.openai import InstanceSpec, reply_text, start_instances
 from tests.test_stream import Agent, make_agent, snapshot, view
@@ -192,3 +194,43 @@ def test_a_route_with_an_openai_target_is_translated_not_passed_through() -> Non
     snap: Any = snapshot(claude, mixed, falls, view("gpt", "openai", ["http://127.0.0.1:9"]))
     assert is_native(snap, claude)
     assert not is_native(snap, mixed) and not is_native(snap, falls)
+
+
+def _events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in raw.decode().split("\n\n"):
+        if frame:
+            head, data = frame.split("\n", 1)
+            out.append((head.removeprefix("event: "), orjson.loads(data.removeprefix("data: "))))
+    return out
+
+
+def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
+    chat = {"choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "let me look",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q":1}'}}]}}]}
+    message = message_from_chat(chat, "m", "r1", 5, 7)
+    assert message["content"] == [{"type": "text", "text": "let me look"},
+                                  {"type": "tool_use", "id": "c1", "name": "f", "input": {"q": 1}}]
+    assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 5, "output_tokens": 7}
+
+    mapper = ChatToEvents("m", "r1")
+    chunks = [
+        {"choices": [{"delta": {"role": "assistant", "content": "hi"}}]},
+        {"choices": [{"delta": {"tool_calls": [
+            {"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}},
+    ]
+    raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
+        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(5, 7), 0.0, False, "1"))
+    events = _events(raw)
+    assert [kind for kind, _ in events] == [
+        "message_start", "content_block_start", "content_block_delta", "content_block_stop", "content_block_start",
+        "content_block_delta", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert events[4][1]["content_block"] == {"type": "tool_use", "id": "c1", "name": "f", "input": {}}
+    assert "".join(e["delta"]["partial_json"] for k, e in events if k == "content_block_delta" and e["index"] == 1) \
+        == '{"q":1}'
+    assert events[8][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 7}
