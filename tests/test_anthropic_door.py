@@ -4,8 +4,10 @@ translation to an OpenAI-protocol one, JSON and streaming, and Anthropic-shaped 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
@@ -30,12 +32,16 @@ from switchgear.emulators.openai import InstanceSpec, reply_text, start_instance
 from tests.test_stream import Agent, make_agent, snapshot, view
 
 KEY = "sg-k1-door-secret"
+NARROW_KEY = "sg-k2-narrow-secret"  # a tenant allowed gpt-mini only
 PROMPT = "hello anthropic door"
 
 
 def _governance() -> Governance:
-    return Governance(tenants=MappingProxyType({"acme": TenantView("acme")}),
-                      keys=MappingProxyType({"k1": ("acme", hashlib.sha256(KEY.encode()).digest())}))
+    return Governance(
+        tenants=MappingProxyType({"acme": TenantView("acme"),
+                                  "narrow": TenantView("narrow", allowed_services=frozenset({"gpt-mini"}))}),
+        keys=MappingProxyType({"k1": ("acme", hashlib.sha256(KEY.encode()).digest()),
+                               "k2": ("narrow", hashlib.sha256(NARROW_KEY.encode()).digest())}))
 
 
 @pytest.fixture
@@ -52,7 +58,7 @@ async def door() -> AsyncIterator[tuple[str, Agent]]:
         agent = make_agent(dataclasses.replace(snap, governance=_governance()))
         pipeline = Pipeline(agent.invoker.invoke, auth_required=True, quotas=QuotaEnforcer(LocalCounters()),
                             cache=None)
-        limits = DoorLimits(max_body_bytes=256 * 1024, max_buffered_bytes=1024 * 1024)
+        limits = DoorLimits(max_body_bytes=256 * 1024, max_buffered_bytes=1024 * 1024, body_timeout_s=0.5)
         runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0",
                                                  pipeline, limits=limits)
         try:
@@ -118,6 +124,7 @@ async def test_anonymous_and_wrong_keys_get_anthropic_401(door: tuple[str, Agent
         with pytest.raises(anthropic.AuthenticationError) as info:
             await client.messages.create(model="claude", max_tokens=5, messages=[{"role": "user", "content": "x"}])
         assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+        assert "x-api-key" in info.value.body["error"]["message"]  # type: ignore[index]
     async with httpx.AsyncClient(base_url=door[0]) as http:
         response = await http.post("/v1/messages", content=b"{}", headers={"anthropic-version": "2023-06-01"})
     assert response.status_code == 401 and response.json()["type"] == "error"
@@ -234,3 +241,49 @@ def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
         == '{"q":1}'
     assert events[8][1]["delta"]["stop_reason"] == "tool_use"
     assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 7}
+
+
+async def test_another_tenants_service_is_anthropic_403(door: tuple[str, Agent]) -> None:
+    client = anthropic.AsyncAnthropic(base_url=door[0], api_key=NARROW_KEY, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as info:
+        await client.messages.create(model="claude", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    allowed = await client.messages.create(model="gpt-mini", max_tokens=50,
+                                           messages=[{"role": "user", "content": PROMPT}])
+    assert allowed.content[0].text == reply_text("a", PROMPT)  # type: ignore[union-attr]
+
+
+async def test_a_slow_body_is_anthropic_408(door: tuple[str, Agent]) -> None:
+    host, _, port = door[0].removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": ")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        body = orjson.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408") and body["error"]["type"] == "timeout_error"
+
+
+async def test_upstream_failures_are_anthropic_shaped(door: tuple[str, Agent]) -> None:
+    base, agent = door
+    snap = agent.holder.current
+    assert snap is not None
+    async with httpx.AsyncClient() as http:
+        claude_url = snap.services["claude"].endpoints[0].url.rstrip("/")
+        openai_url = snap.services["gpt-mini"].endpoints[0].url.removesuffix("/v1")
+        assert (await http.post(f"{openai_url}/_emulator/faults", json={"fail_next": 10})).status_code == 200
+        assert (await http.post(f"{claude_url}/_emulator/faults", json={"stream_cut_after": 2})).status_code == 200
+    client = anthropic.AsyncAnthropic(base_url=base, api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await client.messages.create(model="gpt-mini", max_tokens=50, messages=[{"role": "user", "content": PROMPT}])
+    assert info.value.status_code == 503 and info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    with pytest.raises(anthropic.APIStatusError) as cut:  # a stream cut after its first tokens ends with an error event
+        async with client.messages.stream(model="claude", max_tokens=200,
+                                          messages=[{"role": "user", "content": PROMPT}]) as stream:
+            async for _ in stream.text_stream:
+                pass
+    assert "error" in str(cut.value).lower()

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from switchgear.adapters.anthropic import _text
 from switchgear.dataplane.convert import Call, check_depth
+from switchgear.dataplane.governance import Unauthenticated
 from switchgear.dataplane.http import (
     _PIPELINE,
     _STREAMER,
@@ -353,7 +354,10 @@ def _authorization(request: web.Request) -> str | None:
 async def messages(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
     pipeline = request.app[_PIPELINE]
-    principal = pipeline.identify(_authorization(request), snapshot)
+    try:
+        principal = pipeline.identify(_authorization(request), snapshot)
+    except Unauthenticated as exc:
+        raise ApiError(401, f"{exc} (this door also takes 'x-api-key: <key>')") from None
     body = parse_request(await request.read(), pipeline.max_json_depth)
     _check_model(snapshot, body["model"], "llm")
     native = is_native(snapshot, snapshot.services[body["model"]])
