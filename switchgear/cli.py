@@ -317,6 +317,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
         if args.admin_command in _ADMIN_TABLES:
             rows, empty = _ADMIN_TABLES[args.admin_command]
             cli_output.show(reply, args.json, rows, empty)
+            if args.admin_command == "services" and not args.json and reply.rejections:  # type: ignore[attr-defined]
+                print()
+                cli_output.print_table(cli_output.rejections_rows(reply))
         else:
             _print_message(reply)
         if getattr(args, "wait", False) and not getattr(args, "dry_run", False):

@@ -106,6 +106,15 @@ def services_rows(reply: Any) -> list[tuple[str, ...]]:
     return rows
 
 
+def rejections_rows(reply: Any) -> list[tuple[str, ...]]:
+    """ListServices' rejections: which agent did not apply which service, and why."""
+    rows: list[tuple[str, ...]] = [("REJECTED_BY", "VERSION", "SERVICE", "FIELD", "MESSAGE")]
+    for r in reply.rejections:
+        detail = r.rejection.error_detail
+        rows.append((r.node_id, r.version or "-", r.rejection.service, detail.field_path or "-", detail.message))
+    return rows
+
+
 def agents_rows(reply: Any) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [("NODE", "CONNECTED", "ACKED", "NACKED", "PENDING", "PEER", "REPLICA",
                                     "LAST_SEEN", "REJECTED")]

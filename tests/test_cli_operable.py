@@ -240,3 +240,18 @@ def test_anthropic_sdk_against_the_live_agent(cluster: Cluster, model: str, inst
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=f"http://{cluster.http}", api_key="sg-x-y", max_retries=0).messages.create(
             model=model, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+
+
+def test_services_table_lists_which_agent_rejected_which_service() -> None:
+    from switchgear import cli_output
+    from switchgear.v1 import common_pb2, discovery_pb2
+
+    detail = discovery_pb2.NackDetail(field_path="services[chat].options_json.x", message="unknown option")
+    rejection = discovery_pb2.ServiceRejection(service="chat", error_detail=detail)
+    reply = admin_pb2.ListServicesResponse(
+        services=[common_pb2.Service(name="chat", category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai")],
+        rejections=[admin_pb2.AgentRejection(node_id="agent-1", version="7.ab", rejection=rejection)])
+    assert cli_output.services_rows(reply)[1][:3] == ("chat", "llm", "openai")
+    assert cli_output.rejections_rows(reply) == [
+        ("REJECTED_BY", "VERSION", "SERVICE", "FIELD", "MESSAGE"),
+        ("agent-1", "7.ab", "chat", "services[chat].options_json.x", "unknown option")]
