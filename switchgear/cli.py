@@ -288,6 +288,26 @@ _ADMIN_TABLES: dict[str, tuple[Callable[[Any], list[tuple[str, ...]]], str]] = {
 }
 
 
+def _print_admin_reply(args: argparse.Namespace, reply: Any) -> None:
+    """Lists and `get`/`snapshot` as tables (--json: the reply); changes as the reply's JSON."""
+    command, as_json = args.admin_command, getattr(args, "json", True)
+    if as_json or command not in (*_ADMIN_TABLES, "get", "snapshot"):
+        _print_message(reply)
+    elif command in _ADMIN_TABLES:
+        rows, empty = _ADMIN_TABLES[command]
+        cli_output.show(reply, False, rows, empty)
+        if command == "services" and reply.rejections:
+            print()
+            cli_output.print_table(cli_output.rejections_rows(reply))
+    elif command == "get":
+        cli_output.print_table(cli_output.service_rows(reply))
+        print()
+        cli_output.print_table(cli_output.endpoint_rows(reply))
+    else:
+        print("\n".join(cli_output.snapshot_lines(reply)))
+        cli_output.show(reply.snapshot, False, cli_output.services_rows, "no services")
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from switchgear import cli_json
     from switchgear.v1 import admin_pb2, common_pb2
@@ -314,14 +334,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     try:
         method, request = requests[args.admin_command]()
         reply = _admin_call(args, method, request)
-        if args.admin_command in _ADMIN_TABLES:
-            rows, empty = _ADMIN_TABLES[args.admin_command]
-            cli_output.show(reply, args.json, rows, empty)
-            if args.admin_command == "services" and not args.json and reply.rejections:  # type: ignore[attr-defined]
-                print()
-                cli_output.print_table(cli_output.rejections_rows(reply))
-        else:
-            _print_message(reply)
+        _print_admin_reply(args, reply)
         if getattr(args, "wait", False) and not getattr(args, "dry_run", False):
             return _wait_for_agents(args, str(reply.version))  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
@@ -571,13 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
     adm_sub = adm.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     for name, help_text in (("services", "list services"),
-                            ("agents", "list agents and the versions they ACKed or NACKed")):
+                            ("agents", "list agents and the versions they ACKed or NACKed"),
+                            ("snapshot", "show the snapshot being served")):
         adm_sub.add_parser(name, help=help_text).add_argument(
             "--json", action="store_true", help="print the reply as JSON")
-    adm_sub.add_parser("snapshot", help="show the snapshot being served")
     for name, help_text in (("get", "show one service"), ("deregister", "remove a service")):
         p = adm_sub.add_parser(name, help=help_text)
         p.add_argument("name")
+        if name == "get":
+            p.add_argument("--json", action="store_true", help="print the reply as JSON")
     apply = adm_sub.add_parser("apply", help="replace the registry with a config file's content")
     apply.add_argument("file")
     apply.add_argument("--dry-run", action="store_true")

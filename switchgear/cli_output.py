@@ -106,6 +106,54 @@ def services_rows(reply: Any) -> list[tuple[str, ...]]:
     return rows
 
 
+def _secret(ref: Any) -> str:
+    source = ref.WhichOneof("source")
+    return f"{source}:{getattr(ref, source)}" if source else "-"
+
+
+def _pricing(p: Any) -> str:
+    parts = [f"{name} {value:g}" for name, value in (
+        ("per 1k tokens", p.cost_per_1k_tokens), ("per 1k input", p.input_cost_per_1k_tokens),
+        ("per 1k output", p.output_cost_per_1k_tokens), ("per request", p.cost_per_request)) if value]
+    return "USD " + ", ".join(parts) if parts else "-"
+
+
+def service_rows(reply: Any) -> list[tuple[str, ...]]:
+    """One service (GetService) as FIELD/VALUE rows; its endpoints follow in `endpoint_rows`."""
+    from switchgear.v1 import common_pb2
+
+    s = reply.service
+    timeout = s.timeout.ToNanoseconds() / 1e9 if s.HasField("timeout") else 0.0
+    return [
+        ("FIELD", "VALUE"), ("name", s.name),
+        ("category", enum_name(common_pb2.ServiceCategory, s.category, "SERVICE_CATEGORY_") or "-"),
+        ("protocol", s.protocol), ("model", s.model or "-"), ("api_key", _secret(s.api_key)),
+        ("pricing", _pricing(s.pricing)), ("priority", str(s.priority)), ("strategy", s.strategy or "default"),
+        ("timeout", f"{timeout:g} s" if timeout else "default"), ("max_tokens", _num(s.max_tokens)),
+        ("capabilities", ", ".join(s.capabilities) or "-"), ("fallbacks", ", ".join(s.fallbacks) or "-"),
+        ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(s.metadata.items())) or "-"),
+        ("options", s.options_json if s.options_json not in ("", "{}") else "-"),
+    ]
+
+
+def endpoint_rows(reply: Any) -> list[tuple[str, ...]]:
+    from switchgear.v1 import common_pb2
+
+    rows: list[tuple[str, ...]] = [("ENDPOINT", "URL", "WEIGHT", "PRIORITY", "HEALTH", "PROTOCOL", "MODEL")]
+    for e in reply.service.endpoints:
+        rows.append((e.id, e.url, str(e.weight), str(e.priority),
+                     enum_name(common_pb2.HealthState, e.health, "HEALTH_STATE_") or "-", e.protocol or "-",
+                     e.model or "-"))
+    return rows
+
+
+def snapshot_lines(reply: Any) -> list[str]:
+    """The snapshot being served, in brief: its version and counts, then its services' table."""
+    snap = reply.snapshot
+    return [f"snapshot {snap.version}: {len(snap.services)} service(s), {len(snap.tenants)} tenant(s), "
+            f"{len(snap.keys)} key(s) (--json for all of it)"]
+
+
 def rejections_rows(reply: Any) -> list[tuple[str, ...]]:
     """ListServices' rejections: which agent did not apply which service, and why."""
     rows: list[tuple[str, ...]] = [("REJECTED_BY", "VERSION", "SERVICE", "FIELD", "MESSAGE")]

@@ -150,6 +150,8 @@ def test_tasks_take_the_admin_token_or_a_client_key(cluster: Cluster, capsys: py
 @pytest.mark.parametrize(("argv", "header", "row"), [
     (("admin", "services"), "NAME", "chat"),
     (("admin", "agents"), "NODE", "yes"),
+    (("admin", "get", "claude"), "FIELD", "anthropic"),
+    (("admin", "snapshot"), "snapshot", "chat"),
     (("tenants", "list"), "ID", "acme"),
     (("keys", "list"), "ID", "acme"),
     (("audit",), "WHEN", "register_service"),
