@@ -19,9 +19,15 @@ import pytest
 
 from switchgear.adapters.base import TokenUsage
 from switchgear.dataplane import http as front_door
-from switchgear.dataplane.anthropic_door import ChatToEvents, chat_request, is_native, message_from_chat, parse_request
+from switchgear.dataplane.anthropic_door import (
+    ApiError,
+    ChatToEvents,
+    chat_request,
+    is_native,
+    message_from_chat,
+    parse_request,
+)
 from switchgear.dataplane.governance import Governance, TenantView
-from switchgear.dataplane.http import ApiError
 from switchgear.dataplane.http_door import DoorLimits
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer

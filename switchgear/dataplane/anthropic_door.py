@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -38,19 +39,11 @@ from aiohttp import web
 from switchgear.adapters.anthropic import _text
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Unauthenticated
-from switchgear.dataplane.http import (
-    _PIPELINE,
-    _STREAMER,
-    ApiError,
-    _check_model,
-    _result_headers,
-    _snapshot,
-    make_call,
-)
+from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import CacheMode
+from switchgear.dataplane.pipeline import CacheMode, Pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
-from switchgear.dataplane.stream import StreamEnd
+from switchgear.dataplane.stream import StreamEnd, Streamer
 
 PATH = "/v1/messages"
 PROTOCOL = "anthropic"
@@ -75,8 +68,36 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": type_, "message": message}}
 
 
+class ApiError(Exception):
+    """An answer in Anthropic's error shape (rendered by `reshape`)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=orjson.dumps(error_body(self.status, self.message)),
+                            content_type="application/json")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What this route takes from the OpenAI door (http.py), which registers it: the same
+    snapshot, model check, call building, answer headers, pipeline and streamer."""
+
+    snapshot: Callable[[web.Request], AgentSnapshot]
+    check_model: Callable[[AgentSnapshot, str, str], None]
+    make_call: Callable[[web.Request, dict[str, Any], str], Call]
+    result_headers: Callable[[Result], dict[str, str]]
+    pipeline: Callable[[web.Request], Pipeline]
+    streamer: Callable[[web.Request], Streamer]
+
+
+_HOOKS = web.AppKey("anthropic_hooks", Hooks)
+
+
 def _bad(path: str, message: str) -> ApiError:
-    return ApiError(400, f"{path}: {message}", param=path)
+    return ApiError(400, f"{path}: {message}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,24 +373,25 @@ def _authorization(request: web.Request) -> str | None:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    snapshot = _snapshot(request)
-    pipeline = request.app[_PIPELINE]
+    hooks = request.app[_HOOKS]
+    snapshot = hooks.snapshot(request)
+    pipeline = hooks.pipeline(request)
     try:
         principal = pipeline.identify(_authorization(request), snapshot)
     except Unauthenticated as exc:
         raise ApiError(401, f"{exc} (this door also takes 'x-api-key: <key>')") from None
     body = parse_request(await request.read(), pipeline.max_json_depth)
-    _check_model(snapshot, body["model"], "llm")
+    hooks.check_model(snapshot, body["model"], "llm")
     native = is_native(snapshot, snapshot.services[body["model"]])
     payload = body if native else chat_request(body)
-    call = make_call(request, payload, "messages" if native else "chat.completions")
+    call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
     user = _obj(body.get("metadata")).get("user_id")
     call = dataclasses.replace(call, user_id=user if isinstance(user, str) else "")
     if body.get("stream") is True:
-        return await _stream(request, call, snapshot, principal, native)
+        return await _stream(request, hooks, call, snapshot, principal, native)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
-    headers = {**_result_headers(result), "request-id": call.request_id}
+    headers = {**hooks.result_headers(result), "request-id": call.request_id}
     if served.cached:
         headers["x-switchgear-cache"] = "hit"
     if native:
@@ -383,13 +405,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
 
 
-async def _stream(request: web.Request, call: Call, snapshot: AgentSnapshot, principal: Any,
+async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot, principal: Any,
                   native: bool) -> web.StreamResponse:
-    items = request.app[_PIPELINE].stream(call, snapshot, principal, request.app[_STREAMER].stream)
+    items = hooks.pipeline(request).stream(call, snapshot, principal, hooks.streamer(request).stream)
     try:
         first = await anext(items)
     except StopAsyncIteration:
-        raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
+        raise ApiError(502, "upstream stream ended without an answer") from None
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache", "request-id": call.request_id})
     await response.prepare(request)
@@ -430,10 +452,14 @@ def _anthropic_error(response: web.StreamResponse) -> web.StreamResponse:
 async def reshape(request: web.Request,
                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Outermost middleware: this route's errors, wherever made (body guard, refusals), in Anthropic's shape."""
-    if request.path != PATH:
+    if request.path != PATH and not request.path.startswith(PATH + "/"):
         return await handler(request)
-    return _anthropic_error(await handler(request))
+    try:
+        return _anthropic_error(await handler(request))
+    except ApiError as exc:
+        return exc.response()
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, hooks: Hooks) -> None:
+    app[_HOOKS] = hooks
     app.router.add_post(PATH, messages)

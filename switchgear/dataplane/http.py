@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.dataplane import anthropic_door
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
@@ -331,8 +332,6 @@ def build_app(
     limits: DoorLimits = DEFAULT_LIMITS,
 ) -> web.Application:
     """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
-    from switchgear.dataplane import anthropic_door  # POST /v1/messages (it builds on this module)
-
     app = web.Application(middlewares=[anthropic_door.reshape, body_guard(limits), _errors],
                           client_max_size=limits.max_body_bytes)
     app[_HOLDER] = holder
@@ -343,7 +342,8 @@ def build_app(
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    anthropic_door.add_routes(app)
+    anthropic_door.add_routes(app, anthropic_door.Hooks(  # POST /v1/messages, on this door's pipeline
+        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER]))
     return app
 
 
