@@ -11,6 +11,7 @@ import grpc
 from switchgear.tls import ClientTls
 
 TOKEN_ENV = "SWITCHGEAR_ADMIN_TOKEN"
+API_KEY_ENV = "SWITCHGEAR_API_KEY"
 
 
 def resolve_token(token_file: str | None = None) -> str | None:
@@ -18,6 +19,12 @@ def resolve_token(token_file: str | None = None) -> str | None:
     if token_file:
         return Path(token_file).read_text(encoding="utf-8").strip()
     return os.environ.get(TOKEN_ENV) or None
+
+
+def resolve_credential(token_file: str | None = None, api_key: str | None = None) -> str | None:
+    """What task commands send: --api-key, else the admin token (--admin-token-file, else
+    $SWITCHGEAR_ADMIN_TOKEN), else $SWITCHGEAR_API_KEY; None when none is set."""
+    return api_key or resolve_token(token_file) or os.environ.get(API_KEY_ENV) or None
 
 
 class _BearerToken(

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from switchgear import __version__
+from switchgear import __version__, cli_output
 from switchgear.rpc import options as rpc_options
 from switchgear.tls import ServerTls
 
@@ -195,7 +195,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         reply = _admin_call(args, "GetStats", admin_pb2.GetStatsRequest(service=args.service))
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(cli_output.rpc_failure(exc, cli_output.ADMIN, args.control_plane, "switchgear admin services"),
+              file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"switchgear stats: --admin-token-file: {exc}", file=sys.stderr)
         return 1
     if args.json:
         _print_message(reply)
@@ -222,7 +226,10 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     try:
         reply = _admin_call(args, "ListAlerts", admin_pb2.ListAlertsRequest(recovered_limit=args.recovered))
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(cli_output.rpc_failure(exc, cli_output.ADMIN, args.control_plane), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"switchgear alerts: --admin-token-file: {exc}", file=sys.stderr)
         return 1
     if args.json:
         _print_message(reply)
@@ -240,10 +247,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+_print_table = cli_output.print_table
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -277,7 +281,35 @@ def _print_message(message: object) -> None:
     print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
 
 
+#: `admin` actions whose reply prints as a table (unless --json): (rows, text when empty).
+_ADMIN_TABLES: dict[str, tuple[Callable[[Any], list[tuple[str, ...]]], str]] = {
+    "services": (cli_output.services_rows, "no services registered"),
+    "agents": (cli_output.agents_rows, "no agents have connected"),
+}
+
+
+def _print_admin_reply(args: argparse.Namespace, reply: Any) -> None:
+    """Lists and `get`/`snapshot` as tables (--json: the reply); changes as the reply's JSON."""
+    command, as_json = args.admin_command, getattr(args, "json", True)
+    if as_json or command not in (*_ADMIN_TABLES, "get", "snapshot"):
+        _print_message(reply)
+    elif command in _ADMIN_TABLES:
+        rows, empty = _ADMIN_TABLES[command]
+        cli_output.show(reply, False, rows, empty)
+        if command == "services" and reply.rejections:
+            print()
+            cli_output.print_table(cli_output.rejections_rows(reply))
+    elif command == "get":
+        cli_output.print_table(cli_output.service_rows(reply))
+        print()
+        cli_output.print_table(cli_output.endpoint_rows(reply))
+    else:
+        print("\n".join(cli_output.snapshot_lines(reply)))
+        cli_output.show(reply.snapshot, False, cli_output.services_rows, "no services")
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
+    from switchgear import cli_json
     from switchgear.v1 import admin_pb2, common_pb2
 
     requests: dict[str, Callable[[], tuple[str, object]]] = {
@@ -295,20 +327,24 @@ def cmd_admin(args: argparse.Namespace) -> int:
         "register": lambda: (
             "RegisterService",
             admin_pb2.RegisterServiceRequest(
-                service=json_format.Parse(Path(args.file).read_text(encoding="utf-8"), common_pb2.Service())
+                service=cli_json.parse(Path(args.file).read_bytes(), common_pb2.Service())
             ),
         ),
     }
     try:
         method, request = requests[args.admin_command]()
         reply = _admin_call(args, method, request)
-        _print_message(reply)
+        _print_admin_reply(args, reply)
         if getattr(args, "wait", False) and not getattr(args, "dry_run", False):
             return _wait_for_agents(args, str(reply.version))  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(cli_output.rpc_failure(exc, cli_output.ADMIN, args.control_plane, "switchgear admin services"),
+              file=sys.stderr)
         return 1
-    except (OSError, json_format.ParseError) as exc:
+    except cli_json.JsonInputError as exc:
+        print(f"switchgear admin {args.admin_command}: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
         print(f"switchgear admin: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -345,7 +381,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 
     request = gateway_pb2.InvokeRequest(
-        service=args.service, method=args.method, payload=args.payload.encode(),
+        service=args.service, method=args.method or "chat.completions", payload=args.payload.encode(),
         priority=args.priority, user_id=args.user_id,
     )
     if args.deadline:
@@ -357,7 +393,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             response = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(
                 request, timeout=args.timeout, metadata=_client_auth(args))
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_invoke_failure(args, exc), file=sys.stderr)
             return 1
     summary = gateway_pb2.InvokeResponse()
     summary.CopyFrom(response)
@@ -365,6 +401,17 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     _print_message(summary)
     print(response.payload.decode())
     return 0
+
+
+def _invoke_failure(args: argparse.Namespace, exc: grpc.RpcError) -> str:
+    """The failure with its fix; without --method, what an embedding or other service takes."""
+    text = cli_output.rpc_failure(exc, cli_output.AGENT, args.agent, "switchgear admin services")
+    code = exc.code()
+    if args.method is None and code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE) \
+            and not (code == grpc.StatusCode.UNIMPLEMENTED and "method not found" in str(exc.details()).lower()):
+        text += ("\n  hint: no --method was given, so chat.completions was sent; an embedding service takes "
+                 "--method embeddings (see the service's protocol for others)")
+    return text
 
 
 def _client_auth(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
@@ -388,7 +435,7 @@ def _invoke_stream(args: argparse.Namespace, request: Any) -> int:
                 else:
                     _print_message(message.end)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_invoke_failure(args, exc), file=sys.stderr)
             return 1
     return 0
 
@@ -399,8 +446,13 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
     kinds = {"openai": emulator.main, "anthropic": anthropic.main, "pinecone": pinecone.main,
              "graphrag": graphrag.main, "unstructured": unstructured.main}
+    usage = (f"usage: switchgear emulate {{{','.join(kinds)}}} [options]\n"
+             "  run a protocol-faithful upstream emulator; `switchgear emulate KIND --help` lists its options")
+    if args.emulator_args[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not args.emulator_args or args.emulator_args[0] not in kinds:
-        print(f"usage: switchgear emulate {{{','.join(kinds)}}} [options]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     return kinds[args.emulator_args[0]](args.emulator_args[1:])
 
@@ -531,12 +583,16 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--timeout", type=float, default=10.0, help="seconds")
     adm.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
     adm_sub = adm.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
-    adm_sub.add_parser("services", help="list services")
-    adm_sub.add_parser("agents", help="list agents and the versions they ACKed or NACKed")
-    adm_sub.add_parser("snapshot", help="show the snapshot being served")
+    for name, help_text in (("services", "list services"),
+                            ("agents", "list agents and the versions they ACKed or NACKed"),
+                            ("snapshot", "show the snapshot being served")):
+        adm_sub.add_parser(name, help=help_text).add_argument(
+            "--json", action="store_true", help="print the reply as JSON")
     for name, help_text in (("get", "show one service"), ("deregister", "remove a service")):
         p = adm_sub.add_parser(name, help=help_text)
         p.add_argument("name")
+        if name == "get":
+            p.add_argument("--json", action="store_true", help="print the reply as JSON")
     apply = adm_sub.add_parser("apply", help="replace the registry with a config file's content")
     apply.add_argument("file")
     apply.add_argument("--dry-run", action="store_true")
@@ -568,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv = sub.add_parser("invoke", help="call Gateway.Invoke on an agent")
     inv.add_argument("--agent", default="127.0.0.1:50061")
     inv.add_argument("--service", required=True)
-    inv.add_argument("--method", default="chat.completions")
+    inv.add_argument("--method", default=None,
+                     help="the operation (default chat.completions; embeddings for an embedding service)")
     inv.add_argument("--payload", required=True, help="JSON object")
     inv.add_argument("--priority", type=int, default=0)
     inv.add_argument("--user-id", default="")
@@ -595,5 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulate"]:  # each emulator parses its own options (--help included)
+        return cmd_emulate(argparse.Namespace(emulator_args=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from switchgear import cli_output
 from switchgear.admin_client import admin_channel, resolve_token
 from switchgear.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 
@@ -18,10 +18,6 @@ from switchgear.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, governance_pb2_grpc.GovernanceServiceStub]:
     channel = admin_channel(args.control_plane, resolve_token(args.admin_token_file))
     return channel, governance_pb2_grpc.GovernanceServiceStub(channel)
-
-
-def _when(ts: Any) -> str:
-    return datetime.fromtimestamp(ts.ToNanoseconds() / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts.seconds else "-"
 
 
 def _policy(args: argparse.Namespace) -> governance_pb2.TenantPolicy:
@@ -48,13 +44,6 @@ def _print_usage(reply: governance_pb2.GetUsageResponse) -> None:
               f"{u.cost_this_day_usd:>10.4f}{u.requests_total:>10}{u.rejected_total:>10}{u.cost_total_usd:>10.4f}")
 
 
-def _print_audit(reply: governance_pb2.ListAuditResponse) -> None:
-    for e in reply.entries:
-        change = "created" if not e.before_json and e.after_json else "removed" if e.before_json and not e.after_json \
-            else "changed" if e.before_json else ""
-        print(f"{_when(e.at)}  {e.version:<18} {e.actor:<28} {e.action:<20} {e.target:<20} {change} {e.detail}")
-
-
 def run(args: argparse.Namespace) -> int:
     calls: dict[str, Callable[[governance_pb2_grpc.GovernanceServiceStub], Any]] = {
         "tenants.create": lambda g: g.CreateTenant(governance_pb2.CreateTenantRequest(tenant=governance_pb2.Tenant(
@@ -71,23 +60,38 @@ def run(args: argparse.Namespace) -> int:
         "audit": lambda g: g.ListAudit(governance_pb2.ListAuditRequest(limit=args.limit)),
     }
     name = args.command if args.command in ("usage", "audit") else f"{args.command}.{args.action}"
-    channel, stub = _stub(args)
+    try:
+        channel, stub = _stub(args)
+    except OSError as exc:
+        print(f"switchgear {args.command}: --admin-token-file: {exc}", file=sys.stderr)
+        return 1
     try:
         reply = calls[name](stub)
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        listing = "switchgear keys list" if name.startswith("keys.") else "switchgear tenants list"
+        print(cli_output.rpc_failure(exc, cli_output.ADMIN, args.control_plane, listing), file=sys.stderr)
         return 1
     finally:
         channel.close()
-    if name == "usage":
+    as_json = getattr(args, "json", False)
+    if name == "usage" and not as_json:
         _print_usage(reply)
-    elif name == "audit":
-        _print_audit(reply)
+    elif name in _TABLES:
+        rows, empty = _TABLES[name]
+        cli_output.show(reply, as_json, rows, empty)
     elif name == "keys.issue":
         print(f"key {reply.key.id} for tenant {reply.key.tenant} (shown once, store it now):\n{reply.secret}")
     else:
         print(json_format.MessageToJson(reply, preserving_proto_field_name=True, indent=2))
     return 0
+
+
+#: List commands' tables: (rows, what to print when there are none).
+_TABLES: dict[str, tuple[Callable[[Any], list[tuple[str, ...]]], str]] = {
+    "tenants.list": (cli_output.tenants_rows, "no tenants"),
+    "keys.list": (cli_output.keys_rows, "no keys"),
+    "audit": (cli_output.audit_rows, "no audit entries"),
+}
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
@@ -145,5 +149,7 @@ def add_commands(sub: Any) -> None:
     audit.add_argument("--limit", type=int, default=50)
     for parser in (create, t_sub.choices["list"], delete, policy, issue, revoke, listing, usage, audit):
         _connection(parser)
+    for parser in (t_sub.choices["list"], listing, usage, audit):
+        parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     for parser in (tenants, keys, usage, audit):
         parser.set_defaults(func=run)

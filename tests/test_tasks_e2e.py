@@ -360,7 +360,7 @@ def test_cli_submit_watch_get_list_cancel_stats(cluster: Cluster) -> None:
     found = re.search(r"^task (\w+) \(created\)$", submitted.stderr, re.MULTILINE)
     assert found, submitted.stderr
     task_id = found.group(1)
-    got = run_cli(cluster, "get", task_id)
+    got = run_cli(cluster, "get", task_id, "--json")
     assert got.returncode == 0 and json.loads(got.stdout)["task"]["state"] == "TASK_STATE_SUCCEEDED"
     listed = run_cli(cluster, "list", "--tenant", "cli", "--state", "succeeded")
     assert listed.returncode == 0 and task_id in listed.stdout
@@ -368,5 +368,5 @@ def test_cli_submit_watch_get_list_cancel_stats(cluster: Cluster) -> None:
     assert cancelled.returncode == 1 and "FAILED_PRECONDITION" in cancelled.stderr
     bad = run_cli(cluster, "submit", "--service", "nope", "--payload", "{}")
     assert bad.returncode == 1 and "NOT_FOUND: service: no service named 'nope'" in bad.stderr
-    stats = run_cli(cluster, "stats")
+    stats = run_cli(cluster, "stats", "--json")
     assert stats.returncode == 0 and "peak_utilisation" in stats.stdout

@@ -4,6 +4,7 @@
     POST /v1/embeddings
     GET  /v1/models             the snapshot's llm and embedding services
     GET  /v1/models/{model}
+    POST /v1/messages           Anthropic-compatible (anthropic_door.py)
 
 The request's `model` names a Switchgear service; the call then goes through the same
 `Invoker` (non-streaming) or `Streamer` (SSE) as gRPC — same routing, failover, observers.
@@ -30,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.dataplane import anthropic_door
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
@@ -330,7 +332,8 @@ def build_app(
     limits: DoorLimits = DEFAULT_LIMITS,
 ) -> web.Application:
     """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
-    app = web.Application(middlewares=[body_guard(limits), _errors], client_max_size=limits.max_body_bytes)
+    app = web.Application(middlewares=[anthropic_door.reshape, body_guard(limits), _errors],
+                          client_max_size=limits.max_body_bytes)
     app[_HOLDER] = holder
     app[_INVOKER] = invoker
     app[_STREAMER] = streamer
@@ -339,6 +342,8 @@ def build_app(
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    anthropic_door.add_routes(app, anthropic_door.Hooks(  # POST /v1/messages, on this door's pipeline
+        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER]))
     return app
 
 

@@ -1,7 +1,8 @@
 """`switchgear tasks submit|get|list|cancel|watch|stats`: a thin client of TasksService.
 
 The main CLI registers this group with `add_parser(sub)`; each command parses, calls one RPC
-and prints (JSON for single tasks, a table for lists, a live progress display for watch).
+and prints (tables for a task, lists and stats, `--json` for machines; a live progress display
+for watch). Commands send the admin token or a tenant's client key (`--api-key`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import json_format
 
+from switchgear import cli_output
+from switchgear.admin_client import admin_channel, resolve_credential
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
 
 STATES = [name.removeprefix("TASK_STATE_").lower() for name in tasks_pb2.TaskState.keys()][1:]  # noqa: SIM118
@@ -65,6 +68,9 @@ def _list(stub: tasks_pb2_grpc.TasksServiceStub, args: argparse.Namespace) -> in
     states = [tasks_pb2.TaskState.Value(f"TASK_STATE_{s.upper()}") for s in args.state or ()]
     reply = stub.ListTasks(tasks_pb2.ListTasksRequest(states=states, tenant=args.tenant, service=args.service,
                                                       limit=args.limit), timeout=args.timeout)
+    if args.json:
+        _print(reply)
+        return 0
     print(f"{'ID':32}  {'STATE':13}  {'PRI':>3}  {'EFF':>5}  {'TRY':>5}  {'SERVICE':16}  {'TENANT':10}  ERROR")
     for t in reply.tasks:
         print(f"{t.id:32}  {_state(t.state):13}  {t.priority:>3}  {t.effective_priority:>5.2f}  "
@@ -117,8 +123,30 @@ def _watch(stub: tasks_pb2_grpc.TasksServiceStub, ids: list[str], tenant: str, s
     return 0 if ids and all(final_states.get(i) == "succeeded" for i in ids) else (1 if ids else 0)
 
 
+def _show_task(reply: Any, as_json: bool) -> None:
+    if as_json:
+        _print(reply)
+    else:
+        cli_output.print_table(cli_output.task_rows(reply.task))
+
+
+def _stats(reply: tasks_pb2.GetTaskStatsResponse, as_json: bool) -> None:
+    if as_json:
+        _print(reply)
+        return
+    print(cli_output.task_counts_line(reply))
+    cli_output.print_table(cli_output.task_stats_rows(reply))
+
+
 def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.control_plane) as channel:
+    """Each command with the caller's credential: --api-key, else the admin token (--admin-token-file,
+    $SWITCHGEAR_ADMIN_TOKEN), else $SWITCHGEAR_API_KEY (see admin_client.resolve_credential)."""
+    try:
+        credential = resolve_credential(args.admin_token_file, args.api_key)
+    except OSError as exc:
+        print(f"switchgear tasks: --admin-token-file: {exc}", file=sys.stderr)
+        return 1
+    with admin_channel(args.control_plane, credential) as channel:
         stub = tasks_pb2_grpc.TasksServiceStub(channel)
         try:
             command = args.tasks_command
@@ -129,14 +157,15 @@ def run(args: argparse.Namespace) -> int:
             if command == "watch":
                 return _watch(stub, args.ids, args.tenant, args.service, sys.stdout)
             if command == "get":
-                _print(stub.GetTask(tasks_pb2.GetTaskRequest(id=args.id), timeout=args.timeout))
+                _show_task(stub.GetTask(tasks_pb2.GetTaskRequest(id=args.id), timeout=args.timeout), args.json)
             elif command == "cancel":
-                _print(stub.CancelTask(tasks_pb2.CancelTaskRequest(id=args.id), timeout=args.timeout))
+                _show_task(stub.CancelTask(tasks_pb2.CancelTaskRequest(id=args.id), timeout=args.timeout), args.json)
             elif command == "stats":
-                _print(stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest(), timeout=args.timeout))
+                _stats(stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest(), timeout=args.timeout), args.json)
             return 0
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(cli_output.rpc_failure(exc, cli_output.TASKS, args.control_plane, "switchgear tasks list"),
+                  file=sys.stderr)
             return 1
         except OSError as exc:
             print(f"switchgear tasks: {exc}", file=sys.stderr)
@@ -147,6 +176,11 @@ def add_parser(sub: Any) -> None:
     tasks = sub.add_parser("tasks", help="submit and follow long-running tasks (TasksService)")
     tasks.add_argument("--control-plane", default="127.0.0.1:50051")
     tasks.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    who = tasks.add_mutually_exclusive_group()
+    who.add_argument("--admin-token-file", help="file holding the admin token (else $SWITCHGEAR_ADMIN_TOKEN)")
+    who.add_argument("--api-key", default="",
+                     help="a tenant's client key: its own tasks only (else $SWITCHGEAR_API_KEY when no admin "
+                          "token is given)")
     group = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
 
     submit = group.add_parser("submit", help="queue a task")
@@ -166,14 +200,17 @@ def add_parser(sub: Any) -> None:
     for name, text in (("get", "show one task"), ("cancel", "cancel a task that is not final")):
         p = group.add_parser(name, help=text)
         p.add_argument("id")
+        p.add_argument("--json", action="store_true", help="print the reply as JSON (payload and result too)")
     listing = group.add_parser("list", help="list tasks, newest first")
     listing.add_argument("--state", action="append", choices=STATES)
     listing.add_argument("--tenant", default="")
     listing.add_argument("--service", default="")
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="print the reply as JSON")
     watch = group.add_parser("watch", help="follow tasks live (all tasks when no id is given)")
     watch.add_argument("ids", nargs="*")
     watch.add_argument("--tenant", default="")
     watch.add_argument("--service", default="")
-    group.add_parser("stats", help="queue counts and resource utilisation")
+    stats = group.add_parser("stats", help="queue counts and resource utilisation")
+    stats.add_argument("--json", action="store_true", help="print the reply as JSON")
     tasks.set_defaults(func=run)
