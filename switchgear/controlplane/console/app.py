@@ -49,6 +49,7 @@ SECURITY_HEADERS = {
 OPEN_PATHS = ("/login", "/static/")
 STREAM_TICK_S = 0.5  # the fleet stream looks for changes this often (the issue asks for <= 1 s)
 
+SESSION = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -133,7 +134,7 @@ class Console:
         try:
             return await handler(request)
         except grpc.aio.AioRpcError as exc:
-            session = request.get("session")
+            session = request.get(SESSION)
             page = request.path.strip("/").split("/")[0]
             status = 400 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                                            grpc.StatusCode.FAILED_PRECONDITION) else 502
@@ -158,7 +159,7 @@ class Console:
                 return _html(pages.layout("Forbidden", "", "", session, error="missing or wrong CSRF token"), 403)
             if not session.can_change and request.path != "/logout":
                 return _html(pages.layout("Forbidden", "", "", session, error="viewer sessions are read-only"), 403)
-        request["session"] = session
+        request[SESSION] = session
         return await handler(request)
 
     # -- login -----------------------------------------------------------------------
@@ -167,11 +168,12 @@ class Console:
         return _html(pages.login_page())
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        if not self._guard.allowed():
+        remote = request.remote or ""
+        if not self._guard.allowed(remote):
             return _html(pages.login_page("too many failed logins; try again in a minute"), 429)
         role = role_of(_str((await request.post()).get("token")) or "", self._tokens)
         if role is None:
-            self._guard.failed()
+            self._guard.failed(remote)
             log.warning("console: failed login from %s", request.remote)
             return _html(pages.login_page("that token opens nothing here"), 401)
         session = self.sessions.create(role)
@@ -179,13 +181,13 @@ class Console:
         response = web.HTTPSeeOther("/fleet")
         response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/",
                             max_age=int(self.options.session_ttl_s), secure=request.secure)
-        return response
+        raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         self.sessions.drop(_session(request).id)
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE, path="/")
-        return response
+        raise response
 
     # -- fleet -----------------------------------------------------------------------
 
@@ -362,8 +364,7 @@ def _html(text: str, status: int = 200) -> web.Response:
 
 
 def _session(request: web.Request) -> Session:
-    session: Session = request["session"]
-    return session
+    return request[SESSION]
 
 
 def _str(value: object) -> str | None:

@@ -6,8 +6,8 @@ Each session carries its own CSRF token, which every state-changing request must
 
 Bounds: at most `max_sessions` sessions (a new login evicts the oldest: only holders of a
 token can log in, so eviction cannot be forced by an outsider), each expiring `ttl_s` after the
-login; at most `max_failures` failed logins per `failure_window_s` (then logins answer 429 until
-the window moves on), so the token cannot be guessed at line rate.
+login; at most `max_failures` failed logins per minute from one address (then its logins answer
+429 until the window moves on), so the token cannot be guessed at line rate.
 
 Not thread-safe: used on the event loop only. Time is injected (`clock`, seconds).
 """
@@ -81,25 +81,35 @@ def csrf_matches(session: Session, presented: str | None) -> bool:
 
 
 class LoginGuard:
-    """Counts failed logins in a sliding window; `allowed()` is False once it holds `max_failures`."""
+    """Counts failed logins per remote address in a sliding window; `allowed(remote)` is False once
+    that address has `max_failures` in it. Per address, so one guesser cannot lock operators
+    elsewhere out; at most `max_addresses` are tracked (the oldest is forgotten first)."""
 
-    def __init__(self, *, max_failures: int = 20, window_s: float = 60.0,
+    def __init__(self, *, max_failures: int = 20, window_s: float = 60.0, max_addresses: int = 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._max = max_failures
         self._window_s = window_s
+        self._max_addresses = max_addresses
         self._clock = clock
-        self._failures: deque[float] = deque()
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def allowed(self) -> bool:
+    def allowed(self, remote: str) -> bool:
+        failures = self._failures.get(remote)
+        if failures is None:
+            return True
         cutoff = self._clock() - self._window_s
-        while self._failures and self._failures[0] <= cutoff:
-            self._failures.popleft()
-        return len(self._failures) < self._max
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+        if not failures:
+            del self._failures[remote]
+        return len(failures) < self._max
 
-    def failed(self) -> None:
-        self._failures.append(self._clock())
-        while len(self._failures) > self._max:  # never holds more than the bound
-            self._failures.popleft()
+    def failed(self, remote: str) -> None:
+        failures = self._failures.pop(remote, None) or deque(maxlen=self._max)
+        failures.append(self._clock())
+        self._failures[remote] = failures  # most recent last
+        while len(self._failures) > self._max_addresses:
+            self._failures.popitem(last=False)
 
 
 def role_of(presented: str, tokens: dict[str, str]) -> str | None:
