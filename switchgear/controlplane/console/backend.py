@@ -6,7 +6,7 @@ validation, audit, replicas' routing to the leader, key secrets shown once — h
 console exactly as for the CLI, and nothing here reads the store itself.
 
 `History` keeps the per-target time series the Routes page charts: one sample of GetStats every
-`interval_s`, `span_s` of them per target (bounded by the registry's targets).
+`interval_s`, `span_s` worth of them per target (bounded by the registry's targets).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Sample:
 class History:
     """Per (service, endpoint) samples over the last `span_s` seconds (at most span_s/interval_s each)."""
 
-    def __init__(self, *, interval_s: float = 5.0, span_s: float = 900.0,
+    def __init__(self, *, interval_s: float = 2.0, span_s: float = 900.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.interval_s = interval_s
         self.span_s = span_s

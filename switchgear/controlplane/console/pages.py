@@ -76,7 +76,8 @@ def layout(title: str, active: str, body: object, session: Session | None, *, no
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)} · Switchgear</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<link rel="stylesheet" href="/static/console.css"><script src="/static/console.js" defer></script>'
+        '<link rel="icon" href="/static/favicon.svg"><link rel="stylesheet" href="/static/console.css">'
+        '<script src="/static/console.js" defer></script>'
         f'</head><body><header><strong>Switchgear</strong><nav>{nav if session else ""}</nav>{who}</header>'
         f'<main><h1>{esc(title)}</h1>{messages}{esc(body)}</main></body></html>'
     )
@@ -235,6 +236,8 @@ def _pretty(text: str) -> list[str]:
 
 
 def json_diff(before: str, after: str) -> Raw:
+    if not before and not after:
+        return esc("-")
     lines = list(difflib.unified_diff(_pretty(before), _pretty(after), "before", "after", lineterm="", n=1))
     if not lines:
         return tag("span", "no change", class_="muted")
