@@ -42,8 +42,9 @@ $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
+# The demo prints the operator console's URL; `make demo DEMO_ARGS="--hold 300"` keeps it up after.
 demo: $(STAMP)
-	$(PY) -m switchgear demo
+	$(PY) -m switchgear demo $(DEMO_ARGS)
 
 test: $(STAMP) lint-protos lint system-deps upstreams
 	$(PY) -m pytest

@@ -201,7 +201,8 @@ def _console_options(args: argparse.Namespace) -> Any:
     return ConsoleOptions(
         listen=args.console_listen, viewer_token_file=args.console_viewer_token_file,
         session_ttl_s=args.console_session_ttl, max_sessions=args.console_max_sessions,
-        max_streams=args.console_max_streams, max_body_bytes=args.console_max_body)
+        max_streams=args.console_max_streams, max_body_bytes=args.console_max_body,
+        allow_remote=args.console_insecure_remote)
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
@@ -436,7 +437,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from switchgear import demo
 
-    return demo.main(requests=args.requests)
+    return demo.main(requests=args.requests, hold_s=args.hold)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--console-max-body", type=_positive(int), default=1 << 20, metavar="BYTES",
                     help="largest console request body, e.g. an uploaded config; larger ones answer 413 "
                          "(default: %(default)s)")
+    cp.add_argument("--console-insecure-remote", action="store_true",
+                    help="allow --console-listen on a non-loopback address (plain HTTP: the token crosses the "
+                         "network in the clear)")
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 
@@ -629,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (no keys, no external servers)")
     demo.add_argument("--requests", type=int, default=120)
+    demo.add_argument("--hold", type=float, default=0.0, metavar="S",
+                      help="keep everything running S seconds after the story, to look around the console")
     demo.set_defaults(func=cmd_demo)
     from switchgear import cli_governance
 

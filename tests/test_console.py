@@ -198,6 +198,13 @@ def test_the_console_needs_admin_auth(tmp_path: Path) -> None:
         asyncio.run(_build(options))
 
 
+def test_the_console_refuses_a_non_loopback_address_unless_told(tmp_path: Path) -> None:
+    options = Options(db_path=str(tmp_path / "r.db"), listen="127.0.0.1:0",
+                      console=ConsoleOptions(listen="0.0.0.0:0"))
+    with pytest.raises(StartupError, match="not a loopback address"):
+        asyncio.run(_build(options))
+
+
 async def _build(options: Options) -> None:
     build_control_plane(options)
 

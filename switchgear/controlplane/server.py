@@ -369,6 +369,11 @@ def _console(options: Options, address: str) -> Console | None:
     if options.tls is not None:
         raise StartupError("--console-listen is not supported with --tls-cert yet: the console calls the "
                            "control plane's own port without TLS")
+    if not is_loopback(options.console.listen) and not options.console.allow_remote:
+        raise StartupError(f"--console-listen {options.console.listen} is not a loopback address and the console "
+                           "speaks plain HTTP: the admin token and session cookie would cross the network in the "
+                           "clear. Reach it through an SSH tunnel or a TLS proxy on this machine, or pass "
+                           "--console-insecure-remote to accept that")
     tokens = {"admin": load_or_create_token(_admin_token_path(options))}
     if options.console.viewer_token_file:
         try:

@@ -64,6 +64,8 @@ class ConsoleOptions:
     max_streams: int = 8
     max_body_bytes: int = 1 << 20
     history_interval_s: float = 2.0  # 450 points per target over the charts' 15 min
+    allow_remote: bool = False  # plain HTTP on a non-loopback address (the token would cross the network)
+    idle_timeout_s: float = 15.0  # an idle keep-alive connection is closed after this
 
 
 class Console:
@@ -109,7 +111,8 @@ class Console:
     async def start(self) -> str:
         """Bind and serve; returns "host:port" actually listened on."""
         host, _, port = self.options.listen.rpartition(":")
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0,
+                                     keepalive_timeout=self.options.idle_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
