@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from switchgear.controlplane.collector import Collector, LoadDelta
 from switchgear.controlplane.console import ConsoleOptions
 from switchgear.controlplane.console.app import COOKIE, CSP
 from switchgear.controlplane.console.sessions import LoginGuard, Sessions, csrf_matches, role_of
@@ -219,6 +220,16 @@ def test_sessions_expire_are_bounded_and_each_has_its_own_csrf() -> None:
     now[0] = 10.0
     assert table.get(c.id) is None and table.get(None) is None and table.get("") is None
     assert not b.can_change and c.can_change
+
+
+def test_agent_loads_sum_each_agents_in_flight_and_drop_silent_agents() -> None:
+    c = Collector(gauge_ttl_s=30.0)
+    c.record("a1", [LoadDelta(service="s", endpoint="e1", category="llm", issued=1, in_flight=2),
+                    LoadDelta(service="s", endpoint="e2", category="llm", issued=1, in_flight=3, queue_length=1)],
+             now=100.0)
+    c.record("a2", [], now=90.0)
+    assert c.agent_loads(110.0) == {"a1": (5, 1, 100.0), "a2": (0, 0, 90.0)}
+    assert c.agent_loads(125.0) == {"a1": (5, 1, 100.0)}  # a2 has been silent past the gauge TTL
 
 
 def test_login_guard_and_roles() -> None:

@@ -173,7 +173,9 @@ def test_an_operator_watches_changes_nacks_keys_tasks_and_health_in_the_console(
     old = page.locator("table.fleet tr", has_text="agent-old")
     old.locator("td", has_text="did not apply service 'skewed'").wait_for()
     assert "services[skewed].options_json.stream_usage: unknown option" in old.inner_text()
-    assert "did not apply" not in page.locator("table.fleet tr", has_text="agent-new").inner_text()
+    new = page.locator("table.fleet tr", has_text="agent-new")
+    assert "did not apply" not in new.inner_text()
+    assert re.fullmatch(r"\d+", new.locator("td").nth(8).inner_text())  # in flight, from its load reports
     shot("fleet")
 
     # Keys: issue (shown once), then revoke.

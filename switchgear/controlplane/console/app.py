@@ -199,12 +199,12 @@ class Console:
 
     async def _fleet_fragment(self, target: str = "") -> pages.Raw:
         agents = await self.backend.agents()
-        try:
-            stats = await self.backend.task_stats()
-            in_flight = {a.agent: a.usage.tasks for a in stats.agents}
+        try:  # the leader's figures: missing for a moment while replicas elect one
+            loads = {a.node_id: a for a in (await self.backend.stats()).agents}
+            tasks = {a.agent: a.usage.tasks for a in (await self.backend.task_stats()).agents}
         except grpc.aio.AioRpcError:
-            in_flight = {}
-        return pages.fleet_fragment(agents, target, in_flight)
+            loads, tasks = {}, {}
+        return pages.fleet_fragment(agents, target, loads, tasks)
 
     async def fleet(self, request: web.Request) -> web.StreamResponse:
         body = pages.fleet_page(await self._fleet_fragment())

@@ -131,8 +131,11 @@ def _reasons(agent: admin_pb2.AgentStatus, state: str) -> str:
     return "; ".join(parts)
 
 
-def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "", in_flight: dict[str, int] | None = None
-                   ) -> Raw:
+def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "",
+                   loads: dict[str, admin_pb2.AgentLoad] | None = None, tasks: dict[str, int] | None = None) -> Raw:
+    """The propagation of `target` (default: the version served) and a row per agent. `loads`:
+    agents' last load reports (in-flight calls); `tasks`: tasks each agent holds."""
+    loads, tasks = loads or {}, tasks or {}
     target = target or reply.current_version
     states = [(a, agent_state(a, target)) for a in reply.agents]
     counts = {s: sum(1 for _, st in states if st == s) for s in ("ACK", "NACK", "pending", "disconnected")}
@@ -145,17 +148,18 @@ def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "", in_fli
         f'{counts["disconnected"]} disconnected, of {len(states)} agent(s)'), class_="propagation", id="propagation")
     rows = []
     for agent, state in sorted(states, key=lambda s: s[0].node.id):
+        load = loads.get(agent.node.id)
+        last = _ts(load.last_report) if load is not None else _ts(agent.last_seen) if agent.HasField("last_seen") else 0
         rows.append([
             agent.node.id, agent.node.zone or "-", agent.replica or "-", agent.node.build_version or "-",
             tag("span", state + (" (partial)" if state == "ACK" and agent.rejected_services else ""),
                 class_=f"state {state.lower()}"),
             agent.acked_version or "-", agent.pending_version or "-",
             _reasons(agent, state) or "-",
-            str((in_flight or {}).get(agent.node.id, "-")),
-            ago(_ts(agent.last_seen)) if agent.HasField("last_seen") else "never",
+            str(load.in_flight) if load is not None else "-", str(tasks.get(agent.node.id, "-")), ago(last),
         ])
     headers = ["Agent", "Zone", "Replica", "Build", "State", "ACKed", "Pending", "NACK / rejection reason",
-               "Tasks in flight", "Last report"]
+               "In flight", "Tasks", "Last report"]
     return join([summary, table(headers, rows, "fleet")])
 
 
@@ -190,19 +194,19 @@ def routes_fragment(stats: admin_pb2.GetStatsResponse, history: dict[tuple[str, 
     rows = []
     for s in sorted(stats.stats, key=lambda r: (r.service, r.endpoint != "", r.endpoint)):
         series = history.get((s.service, s.endpoint), [])
-        p99 = f"{s.p99_response_time_ms:.0f}" if s.p99_response_time_ms >= 0 else "-"
+        p50, p99 = (f"{ms:.0f}" if ms >= 0 else "-" for ms in (s.p50_response_time_ms, s.p99_response_time_ms))
         target = s.endpoint or "(all)"
         rows.append([
             s.service, tag("span", target, class_="target" if s.endpoint else "total"),
             tag("span", health_name(s.health), class_=f"health {health_name(s.health)}") if s.endpoint else "",
             str(s.weight) if s.endpoint else "", f"{s.circuit_breaker_trips}",
-            f"{s.success_rate * 100:.1f}%", f"{s.avg_response_time_ms:.0f}", p99, f"${s.cost_per_hour:.4f}",
+            f"{s.success_rate * 100:.1f}%", p50, p99, f"{s.avg_response_time_ms:.0f}", f"${s.cost_per_hour:.4f}",
             str(s.request_count), str(s.in_flight),
             sparkline([x.success_rate for x in series], top=1.0, label="success rate, last 15 min"),
             sparkline([max(x.p99_ms, 0.0) for x in series], label="p99 latency, last 15 min"),
         ])
     window = stats.window.seconds
-    headers = ["Service", "Target", "Health", "Weight", "Breaker trips", "Success", "Mean ms", "p99 ms",
+    headers = ["Service", "Target", "Health", "Weight", "Breaker trips", "Success", "p50 ms", "p99 ms", "Mean ms",
                "Cost / h", "Requests", "In flight", "Success (15 min)", "p99 (15 min)"]
     return join([tag("p", f"Over the last {window} s, from {stats.reporting_agents} reporting agent(s).",
                      class_="hint"), table(headers, rows, "routes")])
