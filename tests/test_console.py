@@ -136,6 +136,15 @@ async def test_a_change_without_the_csrf_token_is_403_and_changes_nothing(plane:
         assert secret.group(1) not in text and digest not in text, path
     assert "issue_key" in (await plane.get("/alerts", sid)).text  # the audit trail names the change
 
+    evil = {"Origin": "http://evil.example"}
+    assert (await plane.post("/tenants/keys", sid, headers=evil, data={"tenant": "acme", "csrf": csrf})
+            ).status_code == 403
+    assert (await plane.http.post("/login", headers=evil, data={"token": plane.admin_token})).status_code == 403
+    assert (await plane.http.post("/login", headers={"Origin": "null"}, data={"token": plane.admin_token})
+            ).status_code == 403
+    same = {"Origin": plane.url}
+    assert (await plane.post("/tasks/t-1/cancel", sid, headers=same, data={"csrf": csrf})).status_code == 400
+
     logout = await plane.post("/logout", sid, headers={"X-CSRF-Token": csrf})
     assert logout.status_code == 303
     assert (await plane.get("/fleet", sid)).status_code == 401

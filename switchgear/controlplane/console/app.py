@@ -5,9 +5,12 @@ Security (issue 17):
   open paths, and /static holds no data). A login exchanges the admin token (or a viewer token:
   read-only) for a random session id in an HttpOnly, SameSite=Strict cookie (sessions.py).
 - Every POST but the login must carry the session's CSRF token (form field `csrf` or header
-  X-CSRF-Token): 403 without it. Viewer sessions get 403 on every POST but logout.
+  X-CSRF-Token): 403 without it. Viewer sessions get 403 on every POST but logout. A POST whose
+  Origin (or Referer) names another origin is refused (403) before anything else, the login too.
 - Every response carries a strict Content-Security-Policy (no inline script or style, nothing
-  from another origin), nosniff, no-referrer, frame-ancestors 'none', and no-store.
+  from another origin), nosniff, frame-ancestors 'none', no-store, and Referrer-Policy
+  same-origin (with no-referrer a browser sends `Origin: null` even on same-origin POSTs, which
+  the origin check must refuse).
 - Bounded: request bodies (`max_body_bytes`, 413 past it), sessions, failed logins, and live
   streams (`max_streams` at once, 503 past it). Nothing secret reaches a page: the services
   never return secrets' values or key digests, a new key's secret is rendered once into the
@@ -43,7 +46,7 @@ COOKIE = "switchgear_console"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {
-    "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY", "Cache-Control": "no-store",
 }
 OPEN_PATHS = ("/login", "/static/")
@@ -146,6 +149,8 @@ class Console:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD") and not _same_origin(request):
+            return _html(pages.layout("Forbidden", "", "", None, error="cross-origin request refused"), 403)
         if request.path.startswith(OPEN_PATHS):
             return await handler(request)
         session = self.sessions.get(request.cookies.get(COOKIE))
@@ -360,6 +365,16 @@ class Console:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """False when the browser says the request comes from another origin (Origin, else Referer
+    is checked when sent; a client that sends neither is not a browser on another site)."""
+    origin = request.headers.get("Origin") or request.headers.get("Referer")
+    if not origin:
+        return True
+    expected = f"{request.scheme}://{request.host}"
+    return origin == expected or origin.startswith(expected + "/")
 
 
 def _html(text: str, status: int = 200) -> web.Response:
