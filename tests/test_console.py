@@ -69,7 +69,7 @@ class Plane:
 async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     (tmp_path / "c.yaml").write_text(CONFIG, encoding="utf-8")
     console = ConsoleOptions(listen="127.0.0.1:0", viewer_token_file=str(tmp_path / "viewer-token"), max_streams=2,
-                             max_body_bytes=64 * 1024)
+                             max_body_bytes=64 * 1024, body_timeout_s=0.5)
     options = Options(db_path=str(tmp_path / "r.db"), listen="127.0.0.1:0", config_path=str(tmp_path / "c.yaml"),
                       active_probes=False, console=console)
     stop, address = asyncio.Event(), asyncio.get_running_loop().create_future()
@@ -193,6 +193,17 @@ async def test_live_streams_are_bounded(plane: Plane) -> None:
                 break  # closed streams gave their slots back
         assert asyncio.get_running_loop().time() < deadline, "slots were not freed"
         await asyncio.sleep(0.1)
+
+
+async def test_a_slow_body_gets_408(plane: Plane) -> None:
+    host, port = plane.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 100\r\n\r\ntoken=")  # and never the rest
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    assert status.startswith(b"HTTP/1.1 408"), status
+    writer.close()
 
 
 async def test_failed_logins_are_throttled_per_address(plane: Plane) -> None:

@@ -11,7 +11,7 @@ Security (issue 17):
   from another origin), nosniff, frame-ancestors 'none', no-store, and Referrer-Policy
   same-origin (with no-referrer a browser sends `Origin: null` even on same-origin POSTs, which
   the origin check must refuse).
-- Bounded: request bodies (`max_body_bytes`, 413 past it), sessions, failed logins, and live
+- Bounded: request bodies (`max_body_bytes`, 413 past it; `body_timeout_s`, 408), sessions, failed logins, and live
   streams (`max_streams` at once, 503 past it). Nothing secret reaches a page: the services
   never return secrets' values or key digests, a new key's secret is rendered once into the
   answer to the request that issued it, and audit JSON is redacted again before rendering.
@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from google.protobuf import json_format
+from multidict import MultiDictProxy
 
 from switchgear.controlplane import convert
 from switchgear.controlplane.agent_check import agent_problems
@@ -69,6 +70,7 @@ class ConsoleOptions:
     history_interval_s: float = 2.0  # 450 points per target over the charts' 15 min
     allow_remote: bool = False  # plain HTTP on a non-loopback address (the token would cross the network)
     idle_timeout_s: float = 15.0  # an idle keep-alive connection is closed after this
+    body_timeout_s: float = 10.0  # a request body not whole by then answers 408
 
 
 class Console:
@@ -162,13 +164,20 @@ class Console:
             presented = request.headers.get("X-CSRF-Token")
             if presented is None and request.content_type in ("application/x-www-form-urlencoded",
                                                               "multipart/form-data"):
-                presented = _str((await request.post()).get("csrf"))
+                presented = _str((await self._form(request)).get("csrf"))
             if not csrf_matches(session, presented):
                 return _html(pages.layout("Forbidden", "", "", session, error="missing or wrong CSRF token"), 403)
             if not session.can_change and request.path != "/logout":
                 return _html(pages.layout("Forbidden", "", "", session, error="viewer sessions are read-only"), 403)
         request[SESSION] = session
         return await handler(request)
+
+    async def _form(self, request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+        """The request's form, read within body_timeout_s (408 after: a slow body holds nothing long)."""
+        try:
+            return await asyncio.wait_for(request.post(), self.options.body_timeout_s)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text="request body too slow") from None
 
     # -- login -----------------------------------------------------------------------
 
@@ -179,7 +188,7 @@ class Console:
         remote = request.remote or ""
         if not self._guard.allowed(remote):
             return _html(pages.login_page("too many failed logins; try again in a minute"), 429)
-        role = role_of(_str((await request.post()).get("token")) or "", self._tokens)
+        role = role_of(_str((await self._form(request)).get("token")) or "", self._tokens)
         if role is None:
             self._guard.failed(remote)
             log.warning("console: failed login from %s", request.remote)
@@ -286,7 +295,7 @@ class Console:
         return await self._tenants(request, notice=request.query.get("notice", "")[:200])
 
     async def issue_key(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await self._form(request)
         tenant, description = _str(form.get("tenant")) or "", (_str(form.get("description")) or "")[:200]
         reply = await self.backend.issue_key(tenant, description)
         # The secret goes into this answer only; the next page load shows the key's id.
@@ -323,7 +332,7 @@ class Console:
 
     async def config_post(self, request: web.Request) -> web.StreamResponse:
         session = _session(request)
-        form = await request.post()
+        form = await self._form(request)
         upload = form.get("file")
         yaml = _str(form.get("yaml")) or ""
         if isinstance(upload, web.FileField) and upload.filename:
