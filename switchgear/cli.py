@@ -202,7 +202,8 @@ def _console_options(args: argparse.Namespace) -> Any:
         listen=args.console_listen, viewer_token_file=args.console_viewer_token_file,
         session_ttl_s=args.console_session_ttl, max_sessions=args.console_max_sessions,
         max_streams=args.console_max_streams, max_body_bytes=args.console_max_body,
-        allow_remote=args.console_insecure_remote, body_timeout_s=args.console_body_timeout)
+        allow_remote=args.console_insecure_remote, body_timeout_s=args.console_body_timeout,
+        max_connections=args.console_max_connections)
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     cp.add_argument("--console-body-timeout", type=_positive(float), default=10.0, metavar="S",
                     help="seconds a console request body may take to arrive; then 408 (default: %(default)s)")
+    cp.add_argument("--console-max-connections", type=_positive(int), default=256, metavar="N",
+                    help="console connections open at once; more are closed as they arrive (default: %(default)s)")
     cp.add_argument("--console-insecure-remote", action="store_true",
                     help="allow --console-listen on a non-loopback address (plain HTTP: the token crosses the "
                          "network in the clear)")

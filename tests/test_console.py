@@ -69,7 +69,7 @@ class Plane:
 async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     (tmp_path / "c.yaml").write_text(CONFIG, encoding="utf-8")
     console = ConsoleOptions(listen="127.0.0.1:0", viewer_token_file=str(tmp_path / "viewer-token"), max_streams=2,
-                             max_body_bytes=64 * 1024, body_timeout_s=0.5)
+                             max_body_bytes=64 * 1024, body_timeout_s=0.5, max_connections=8)
     options = Options(db_path=str(tmp_path / "r.db"), listen="127.0.0.1:0", config_path=str(tmp_path / "c.yaml"),
                       active_probes=False, console=console)
     stop, address = asyncio.Event(), asyncio.get_running_loop().create_future()
@@ -204,6 +204,30 @@ async def test_a_slow_body_gets_408(plane: Plane) -> None:
     status = await asyncio.wait_for(reader.readline(), 5)
     assert status.startswith(b"HTTP/1.1 408"), status
     writer.close()
+
+
+async def test_connections_past_the_cap_are_closed_on_arrival(plane: Plane) -> None:
+    host, port = plane.url.removeprefix("http://").rsplit(":", 1)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(9):  # idle sockets; the fixture allows 8 connections (its client may hold one)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            held.append(writer)
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                    break  # closed by the server as it arrived
+        else:
+            raise AssertionError("no connection was refused past the cap")
+    finally:
+        for writer in held:
+            writer.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # slots come back once the sockets close
+        with contextlib.suppress(httpx.TransportError):
+            if (await plane.http.get("/login")).status_code == 200:
+                break
+        assert asyncio.get_running_loop().time() < deadline, "slots were not given back"
+        await asyncio.sleep(0.05)
 
 
 async def test_failed_logins_are_throttled_per_address(plane: Plane) -> None:

@@ -11,7 +11,8 @@ Security (issue 17):
   from another origin), nosniff, frame-ancestors 'none', no-store, and Referrer-Policy
   same-origin (with no-referrer a browser sends `Origin: null` even on same-origin POSTs, which
   the origin check must refuse).
-- Bounded: request bodies (`max_body_bytes`, 413 past it; `body_timeout_s`, 408), sessions, failed logins, and live
+- Bounded: connections (`max_connections`), request bodies (`max_body_bytes`, 413 past it;
+  `body_timeout_s`, 408), sessions, failed logins, and live
   streams (`max_streams` at once, 503 past it). Nothing secret reaches a page: the services
   never return secrets' values or key digests, a new key's secret is rendered once into the
   answer to the request that issued it, and audit JSON is redacted again before rendering.
@@ -27,6 +28,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -71,6 +73,7 @@ class ConsoleOptions:
     allow_remote: bool = False  # plain HTTP on a non-loopback address (the token would cross the network)
     idle_timeout_s: float = 15.0  # an idle keep-alive connection is closed after this
     body_timeout_s: float = 10.0  # a request body not whole by then answers 408
+    max_connections: int = 256  # open at once; a connection past it is closed as it is accepted
 
 
 class Console:
@@ -119,6 +122,7 @@ class Console:
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0,
                                      keepalive_timeout=self.options.idle_timeout_s)
         await self._runner.setup()
+        _bound_connections(self._runner.server, self.options.max_connections)
         site = web.TCPSite(self._runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
         server = site._server  # the bound socket's port, when 0 was asked for
@@ -374,6 +378,21 @@ class Console:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+
+
+def _bound_connections(server: web.Server | None, limit: int) -> None:
+    """Close a connection past `limit` as it is accepted (aiohttp has no cap of its own): idle
+    or slow sockets cannot pile up past it. Wraps the server's per-connection bookkeeping hook,
+    which every accepted connection goes through before a byte is read."""
+    assert server is not None
+    admit = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        admit(handler, transport)  # registered either way, so connection_lost finds it
+        if len(server.connections) > limit:
+            transport.close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def _same_origin(request: web.Request) -> bool:
