@@ -230,6 +230,22 @@ async def test_connections_past_the_cap_are_closed_on_arrival(plane: Plane) -> N
         await asyncio.sleep(0.05)
 
 
+async def test_unparseable_requests_are_refused_without_echoing_or_logging_their_bytes(
+        plane: Plane, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = plane.url.removeprefix("http://").rsplit(":", 1)
+    for raw in (b"GET /fleet HTTP/1.1\r\nHost: x\r\nCookie: switchgear_console=SECRET\x00SESSION\r\n\r\n",
+                b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+                b"Cookie: switchgear_console=SECRETSESSION\r\n\r\n"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)  # the connection is closed after the answer
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request") and b"SECRET" not in answer, answer
+        assert CSP.encode() in answer
+    assert "SECRET" not in caplog.text and "Traceback" not in caplog.text
+    assert "console refused a request" in caplog.text
+
+
 async def test_failed_logins_are_throttled_per_address(plane: Plane) -> None:
     for _ in range(20):
         assert (await plane.http.post("/login", data={"token": "guess"})).status_code == 401

@@ -11,7 +11,7 @@ Security (issue 17):
   from another origin), nosniff, frame-ancestors 'none', no-store, and Referrer-Policy
   same-origin (with no-referrer a browser sends `Origin: null` even on same-origin POSTs, which
   the origin check must refuse).
-- Bounded: connections (`max_connections`), request bodies (`max_body_bytes`, 413 past it;
+- Bounded: connections (`max_connections`, server.py), request bodies (`max_body_bytes`, 413 past it;
   `body_timeout_s`, 408), sessions, failed logins, and live
   streams (`max_streams` at once, 503 past it). Nothing secret reaches a page: the services
   never return secrets' values or key digests, a new key's secret is rendered once into the
@@ -28,7 +28,6 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -40,6 +39,7 @@ from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.console import pages
 from switchgear.controlplane.console.backend import Backend, History
+from switchgear.controlplane.console.server import ConsoleRunner
 from switchgear.controlplane.console.sessions import LoginGuard, Session, Sessions, csrf_matches, role_of
 
 log = logging.getLogger("switchgear.controlplane.console")
@@ -119,10 +119,10 @@ class Console:
     async def start(self) -> str:
         """Bind and serve; returns "host:port" actually listened on."""
         host, _, port = self.options.listen.rpartition(":")
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0,
+        self._runner = ConsoleRunner(self.app(), max_connections=self.options.max_connections,
+                                     headers=SECURITY_HEADERS, access_log=None, shutdown_timeout=1.0,
                                      keepalive_timeout=self.options.idle_timeout_s)
         await self._runner.setup()
-        _bound_connections(self._runner.server, self.options.max_connections)
         site = web.TCPSite(self._runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
         server = site._server  # the bound socket's port, when 0 was asked for
@@ -378,21 +378,6 @@ class Console:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-
-
-def _bound_connections(server: web.Server | None, limit: int) -> None:
-    """Close a connection past `limit` as it is accepted (aiohttp has no cap of its own): idle
-    or slow sockets cannot pile up past it. Wraps the server's per-connection bookkeeping hook,
-    which every accepted connection goes through before a byte is read."""
-    assert server is not None
-    admit = server.connection_made
-
-    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        admit(handler, transport)  # registered either way, so connection_lost finds it
-        if len(server.connections) > limit:
-            transport.close()
-
-    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def _same_origin(request: web.Request) -> bool:
