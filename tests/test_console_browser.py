@@ -62,6 +62,7 @@ class Stack:
         self.urls: dict[str, str] = {}
         self.gateways: dict[str, str] = {}
         self.cp_address = self.console = ""
+        self.cp: Proc | None = None
 
     def start(self) -> None:
         emulators = Proc.switchgear("emulators", ["emulate", "openai", "--instance", "a:0", "--instance", "b:0"],
@@ -69,11 +70,7 @@ class Stack:
         self.procs.append(emulators)
         self.urls = {n: f"http://127.0.0.1:{p}/v1" for n, p in json.loads("{" + emulators.start(ready_prefix="{"))
                      .items()}
-        cp = Proc.switchgear("controlplane", ["controlplane", "--db", str(self.db), "--listen", "127.0.0.1:0",
-                                              "--console-listen", "127.0.0.1:0", *FAST], self.workdir)
-        self.procs.append(cp)
-        self.cp_address = cp.start()
-        self.console = cp.wait_line("CONSOLE ", 10).removeprefix("CONSOLE ").strip()
+        self.start_control_plane("127.0.0.1:0", "127.0.0.1:0")
         script = self.workdir / "old_agent.py"
         script.write_text(OLD_AGENT, encoding="utf-8")
         for node, argv in {"agent-new": [sys.executable, "-m", "switchgear"],
@@ -83,6 +80,21 @@ class Stack:
                         self.workdir)
             self.procs.append(proc)
             self.gateways[node] = proc.start()
+
+    def start_control_plane(self, listen: str, console: str) -> None:
+        self.cp = Proc.switchgear("controlplane", ["controlplane", "--db", str(self.db), "--listen", listen,
+                                                   "--console-listen", console, *FAST], self.workdir)
+        self.procs.append(self.cp)
+        self.cp_address = self.cp.start()
+        self.console = self.cp.wait_line("CONSOLE ", 10).removeprefix("CONSOLE ").strip()
+
+    def kill_control_plane(self) -> None:
+        assert self.cp is not None
+        self.cp.kill()
+
+    def restart_control_plane(self) -> None:
+        """A new one on the same ports and store."""
+        self.start_control_plane(self.cp_address, self.console.removeprefix("http://").rstrip("/"))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -231,12 +243,28 @@ def test_an_operator_watches_changes_nacks_keys_tasks_and_health_in_the_console(
         stop.set()
         worker.join(timeout=15)
 
+    # The control plane dies and comes back (sessions live in its memory): the fleet page says
+    # so, then asks for a new login.
+    page.goto(stack.console + "fleet")
+    page.locator("#live-status", has_text="live").wait_for()
+    stack.kill_control_plane()
+    page.locator("#live-status", has_text="lost").wait_for()
+    assert "stale" in (page.locator("#fleet").get_attribute("class") or "")
+    shot("fleet-restart")
+    stack.restart_control_plane()
+    page.wait_for_url("**/login")
+    page.fill("input[name=token]", stack.token)
+    page.click("button[type=submit]")
+    page.locator("table.fleet td", has_text="agent-old").wait_for()
+
     page.goto(stack.console + "alerts")
     assert "apply_config" in page.locator("table.audit").inner_text() or "apply" in page.locator(
         "table.audit").inner_text()
     shot("alerts")
     assert not errors, errors  # no CSP violation or script error in any page
-    assert failed == [f"401 {stack.console}fleet"], failed
+    # Only the deliberate 401s: before the first login, and the stream's and the session check's
+    # after the restart.
+    assert failed == [f"401 {stack.console}{path}" for path in ("fleet", "api/stream/fleet", "api/fleet")], failed
     assert sorted(p.name for p in shots.iterdir()) == sorted(
-        f"{n}.png" for n in ("login-fleet", "config", "fleet", "tenants", "tasks", "routes", "alerts"))
+        f"{n}.png" for n in ("login-fleet", "config", "fleet", "tenants", "tasks", "routes", "fleet-restart", "alerts"))
     print(f"console screenshots in {shots}")

@@ -166,7 +166,8 @@ def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "",
 def fleet_page(fragment: Raw, target: str = "") -> Raw:
     url = "/api/stream/fleet" + (f"?version={target}" if target else "")
     return Raw(f'<div id="fleet" data-sse="{esc(url)}">{fragment}</div>'
-               '<p class="hint">Updated live as agents ACK or NACK (server-sent events).</p>')
+               '<p class="hint">Updated live as agents ACK or NACK (server-sent events): '
+               '<span id="live-status">connecting…</span></p>')
 
 
 # -- routes ---------------------------------------------------------------------------
