@@ -90,6 +90,7 @@ class Console:
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._sampler: asyncio.Future[None] | None = None
+        self._fleet_cache: dict[str, tuple[float, pages.Raw]] = {}  # target version -> (when, fragment)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.options.max_body_bytes,
@@ -125,9 +126,7 @@ class Console:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
-        server = site._server  # the bound socket's port, when 0 was asked for
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname()[1] if sockets else int(port)
+        bound = self._runner.addresses[0][1]  # the port chosen when 0 was asked for
         self._sampler = asyncio.ensure_future(self.history.run(self.backend, self._stop))
         return f"{host}:{bound}"
 
@@ -216,6 +215,18 @@ class Console:
         raise web.HTTPSeeOther("/fleet")
 
     async def _fleet_fragment(self, target: str = "") -> pages.Raw:
+        """At most one round of calls per target per tick, however many pages stream it."""
+        now = asyncio.get_running_loop().time()
+        cached = self._fleet_cache.get(target)
+        if cached is not None and now - cached[0] < STREAM_TICK_S * 0.8:
+            return cached[1]
+        fragment = await self._fresh_fleet_fragment(target)
+        if len(self._fleet_cache) >= 64:  # targets come from query strings: bounded
+            self._fleet_cache.clear()
+        self._fleet_cache[target] = (now, fragment)
+        return fragment
+
+    async def _fresh_fleet_fragment(self, target: str) -> pages.Raw:
         agents = await self.backend.agents()
         try:  # the leader's figures: missing for a moment while replicas elect one
             loads = {a.node_id: a for a in (await self.backend.stats()).agents}
