@@ -266,6 +266,13 @@ def test_the_console_refuses_a_non_loopback_address_unless_told(tmp_path: Path) 
         asyncio.run(_build(options))
 
 
+def test_console_settings_without_a_console_are_refused(tmp_path: Path) -> None:
+    options = Options(db_path=str(tmp_path / "r.db"), listen="127.0.0.1:0",
+                      console=ConsoleOptions(viewer_token_file=str(tmp_path / "viewer")))
+    with pytest.raises(StartupError, match="without --console-listen"):
+        asyncio.run(_build(options))
+
+
 async def _build(options: Options) -> None:
     build_control_plane(options)
 

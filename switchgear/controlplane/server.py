@@ -362,6 +362,9 @@ def build_control_plane(options: Options) -> ControlPlane:
 def _console(options: Options, address: str) -> Console | None:
     """The console, calling this control plane's own gRPC port with the admin token."""
     if not options.console.listen:
+        if options.console != ConsoleOptions():
+            raise StartupError("--console-* settings given without --console-listen: the console is off, so they "
+                               "would do nothing")
         return None
     if not options.admin_auth:
         raise StartupError("--console-listen needs admin authentication (--admin-auth token): the console "
