@@ -341,6 +341,7 @@ def build_control_plane(options: Options) -> ControlPlane:
     """Every part of a control plane, each built after what it uses, and its port bound (call it
     on the event loop). StartupError for settings or a config it refuses."""
     _check_agent_auth(options)
+    _check_console(options)
     parts = _parts(options)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=_interceptors(options, parts))
     governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
@@ -359,13 +360,13 @@ def build_control_plane(options: Options) -> ControlPlane:
                         _console(options, address))
 
 
-def _console(options: Options, address: str) -> Console | None:
-    """The console, calling this control plane's own gRPC port with the admin token."""
+def _check_console(options: Options) -> None:
+    """Refuse console settings that would do nothing or expose it (before anything is opened)."""
     if not options.console.listen:
         if options.console != ConsoleOptions():
             raise StartupError("--console-* settings given without --console-listen: the console is off, so they "
                                "would do nothing")
-        return None
+        return
     if not options.admin_auth:
         raise StartupError("--console-listen needs admin authentication (--admin-auth token): the console "
                            "logs operators in with the admin token")
@@ -377,6 +378,12 @@ def _console(options: Options, address: str) -> Console | None:
                            "speaks plain HTTP: the admin token and session cookie would cross the network in the "
                            "clear. Reach it through an SSH tunnel or a TLS proxy on this machine, or pass "
                            "--console-insecure-remote to accept that")
+
+
+def _console(options: Options, address: str) -> Console | None:
+    """The console, calling this control plane's own gRPC port with the admin token."""
+    if not options.console.listen:
+        return None
     tokens = {"admin": load_or_create_token(_admin_token_path(options))}
     if options.console.viewer_token_file:
         try:
