@@ -8,8 +8,8 @@ BUF    := node_modules/.bin/buf
 .PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
-# for the store that control-plane replicas share).
-APT_PACKAGES := redis-server postgresql
+# for the store that control-plane replicas share; Chromium for the console's browser tests).
+APT_PACKAGES := redis-server postgresql chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,9 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
+# The demo prints the operator console's URL; `make demo DEMO_ARGS="--hold 300"` keeps it up after.
 demo: $(STAMP)
-	$(PY) -m switchgear demo
+	$(PY) -m switchgear demo $(DEMO_ARGS)
 
 test: $(STAMP) lint-protos lint system-deps upstreams
 	$(PY) -m pytest

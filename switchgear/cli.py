@@ -77,10 +77,12 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         store_url=_store_url(args.store), advertise=args.advertise, replica_id=args.replica_id,
         peer_tls=ClientTls(args.peer_tls_ca, args.tls_cert, args.tls_key) if args.peer_tls_ca else None,
+        console=_console_options(args),
     )
 
     async def run() -> None:
-        await serve(options, _signal_event(), _ready_announcer(args.ready_file), _announce_metrics)
+        await serve(options, _signal_event(), _ready_announcer(args.ready_file), _announce_metrics,
+                    _announce_console)
 
     try:
         asyncio.run(run())
@@ -187,6 +189,34 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def _announce_metrics(address: str) -> None:
     print(f"METRICS {address}", flush=True)  # after the READY line: supervisors read READY first
+
+
+def _announce_console(address: str) -> None:
+    print(f"CONSOLE http://{address}/", flush=True)  # after READY (and METRICS)
+
+
+def _console_options(args: argparse.Namespace) -> Any:
+    from switchgear.controlplane.console import ConsoleOptions
+
+    return ConsoleOptions(
+        listen=args.console_listen, viewer_token_file=args.console_viewer_token_file,
+        session_ttl_s=args.console_session_ttl, max_sessions=args.console_max_sessions,
+        max_streams=args.console_max_streams, max_body_bytes=args.console_max_body,
+        allow_remote=args.console_insecure_remote, body_timeout_s=args.console_body_timeout,
+        max_connections=args.console_max_connections)
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+        return value
+
+    return parse
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -460,7 +490,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from switchgear import demo
 
-    return demo.main(requests=args.requests)
+    return demo.main(requests=args.requests, hold_s=args.hold)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,6 +548,27 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     cp.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
     cp.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    cp.add_argument("--console-listen", default="", metavar="ADDR",
+                    help="serve the operator console (web pages) here; off by default (port 0 picks one; "
+                         "prints 'CONSOLE url'). Needs --admin-auth token")
+    cp.add_argument("--console-viewer-token-file", metavar="FILE",
+                    help="a token that opens read-only console sessions (created if missing)")
+    cp.add_argument("--console-session-ttl", type=_positive(float), default=3600.0, metavar="S",
+                    help="seconds a console login lasts (default: %(default)s)")
+    cp.add_argument("--console-max-sessions", type=_positive(int), default=64, metavar="N",
+                    help="console sessions kept at once; a new login evicts the oldest (default: %(default)s)")
+    cp.add_argument("--console-max-streams", type=_positive(int), default=8, metavar="N",
+                    help="live console streams open at once; more answer 503 (default: %(default)s)")
+    cp.add_argument("--console-max-body", type=_positive(int), default=1 << 20, metavar="BYTES",
+                    help="largest console request body, e.g. an uploaded config; larger ones answer 413 "
+                         "(default: %(default)s)")
+    cp.add_argument("--console-body-timeout", type=_positive(float), default=10.0, metavar="S",
+                    help="seconds a console request body may take to arrive; then 408 (default: %(default)s)")
+    cp.add_argument("--console-max-connections", type=_positive(int), default=256, metavar="N",
+                    help="console connections open at once; more are closed as they arrive (default: %(default)s)")
+    cp.add_argument("--console-insecure-remote", action="store_true",
+                    help="allow --console-listen on a non-loopback address (plain HTTP: the token crosses the "
+                         "network in the clear)")
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 
@@ -644,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (no keys, no external servers)")
     demo.add_argument("--requests", type=int, default=120)
+    demo.add_argument("--hold", type=float, default=0.0, metavar="S",
+                      help="keep everything running S seconds after the story, to look around the console")
     demo.set_defaults(func=cmd_demo)
     from switchgear import cli_governance
 

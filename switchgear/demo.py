@@ -5,6 +5,10 @@ plane on a temporary SQLite file loaded from config/demo.yaml, and two agents; d
 workload through the agents' Gateway with gRPC stubs; kills the control plane mid-run and
 keeps going; restarts it and watches the agents reconverge; tries a change the agents would
 reject (refused before it is committed), then a good one they ACK. Every process it starts, it stops.
+
+The control plane serves the operator console (--console-listen, on one port across the restart):
+the demo prints its URL and where the admin token to log in with is; `--hold S` keeps everything
+running S seconds after the story, to look around.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import statistics
 import sys
 import tempfile
@@ -66,9 +71,11 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 class Demo:
-    def __init__(self, workdir: Path, requests: int) -> None:
+    def __init__(self, workdir: Path, requests: int, hold_s: float = 0.0) -> None:
         self.workdir = workdir
         self.requests = requests
+        self.hold_s = hold_s
+        self.console_port = _free_port()  # the same across the control plane's restart
         self.procs: list[Proc] = []
         self.phases: list[Phase] = []
         self.cp_address = ""
@@ -94,7 +101,8 @@ class Demo:
         return Proc.switchgear(
             "controlplane",
             ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen,
-             "--admin-auth", "token", "--report-interval", "0.5"],
+             "--admin-auth", "token", "--report-interval", "0.5",
+             "--console-listen", f"127.0.0.1:{self.console_port}"],
             self.workdir, env,
         )
 
@@ -219,6 +227,8 @@ class Demo:
         cp = self.control_plane("127.0.0.1:0")
         self.cp_address = self.start(cp)
         _say(f"2. control plane on {self.cp_address}, registry from {CONFIG.name}, version {self.current_version()}")
+        _say(f"   console: http://127.0.0.1:{self.console_port}/ (log in with the admin token in "
+             f"{self.workdir / 'registry.db.admin-token'})")
         for i in (1, 2):
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
                                                    "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
@@ -263,7 +273,11 @@ class Demo:
         _say(f"8. pushed {fixed} adding the 'spare' instance; both agents ACKed it:")
         self.show_agents()
         self.run_phase("D", self.requests - 3 * per_phase)
-        return self.report()
+        result = self.report()
+        if self.hold_s > 0:
+            _say(f"holding for {self.hold_s:.0f} s: console at http://127.0.0.1:{self.console_port}/")
+            time.sleep(self.hold_s)
+        return result
 
     def service_with(self, options_json: str = "{}", extra_endpoint: str = "") -> common_pb2.Service:
         reply = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5)
@@ -316,9 +330,15 @@ def _completions_seen(stats: dict[str, object]) -> int:
     return int(paths.get("/v1/chat/completions", 0)) if isinstance(paths, dict) else 0
 
 
-def main(requests: int = 120) -> int:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(requests: int = 120, hold_s: float = 0.0) -> int:
     with tempfile.TemporaryDirectory(prefix="switchgear-demo-") as tmp:
-        demo = Demo(Path(tmp), requests)
+        demo = Demo(Path(tmp), requests, hold_s)
         try:
             return demo.run()
         except Exception as exc:  # the demo reports, then cleans up

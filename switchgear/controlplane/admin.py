@@ -64,6 +64,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             window=convert.duration(window),
             stats=[_stats_to_proto(row) for row in self._monitor.rows(window, request.service)],
             reporting_agents=self._monitor.reporting_agents(window),
+            agents=[admin_pb2.AgentLoad(node_id=node, in_flight=flight, queue_length=queue,
+                                        last_report=convert.timestamp(at))
+                    for node, (flight, queue, at) in sorted(self._monitor.agent_loads().items())],
         )
 
     async def ListAlerts(  # noqa: N802
@@ -186,7 +189,7 @@ def _prefixed(exc: Exception, spec_name: str) -> str:
 
 def _stats_to_proto(row: EndpointRow) -> admin_pb2.EndpointStats:
     st = row.stats
-    p99 = st.quantile_s(0.99)
+    p99, p50 = st.quantile_s(0.99), st.quantile_s(0.5)
     return admin_pb2.EndpointStats(
         service=row.service, endpoint=row.endpoint, category=row.category,
         request_count=st.issued, success_rate=st.success_rate, error_rate=st.error_rate,
@@ -196,6 +199,7 @@ def _stats_to_proto(row: EndpointRow) -> admin_pb2.EndpointStats:
         resource_utilization=row.utilization, in_flight=st.in_flight,
         health=convert.health_to_proto(row.health) if row.health else 0,  # type: ignore[arg-type]
         weight=row.weight, input_tokens=st.input_tokens, output_tokens=st.output_tokens, errors=dict(st.errors),
+        p50_response_time_ms=p50 * 1e3 if p50 != float("inf") else -1.0,
     )
 
 

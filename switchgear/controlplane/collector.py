@@ -256,6 +256,12 @@ class Collector:
     def reporting_agents(self, window_s: float, now: float) -> int:
         return sum(1 for at in self._reported_at.values() if now - at <= window_s)
 
+    def agent_loads(self, now: float) -> dict[str, tuple[int, int, float]]:
+        """Per agent that reported within gauge_ttl_s: (in flight, queue length, when it reported)."""
+        return {agent: (sum(g[0] for g in gauges.values()), sum(g[1] for g in gauges.values()), at)
+                for agent, gauges in self._gauges.items()
+                if now - (at := self._reported_at.get(agent, -math.inf)) <= self.gauge_ttl_s}
+
     def _gauge(self, key: Key, now: float) -> tuple[int, int]:
         in_flight = queue = 0
         for agent, gauges in self._gauges.items():

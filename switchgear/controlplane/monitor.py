@@ -260,6 +260,12 @@ class Monitor:
     def reporting_agents(self, window_s: float) -> int:
         return self._collector.reporting_agents(window_s, self._clock())
 
+    def agent_loads(self) -> dict[str, tuple[int, int, float]]:
+        """Per recently reporting agent: (in flight, queue length, wall-clock time of its last report)."""
+        now, wall = self._clock(), self._wall()
+        return {agent: (flight, queue, wall - (now - at))
+                for agent, (flight, queue, at) in self._collector.agent_loads(now).items()}
+
     def totals(self) -> dict[tuple[str, str], WindowStats]:
         """Per-endpoint sums since start, plus per-service rows under endpoint "" (counters)."""
         data = self._collector.totals(self._clock())

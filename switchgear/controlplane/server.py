@@ -48,6 +48,7 @@ from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_token
 from switchgear.controlplane.collector import Collector
 from switchgear.controlplane.config import ConfigError, load_config, read_config_file
+from switchgear.controlplane.console import Console, ConsoleOptions, build_console
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
@@ -144,6 +145,8 @@ class Options:
     replica_id: str = ""
     election_interval_s: float = 0.5
     peer_tls: ClientTls | None = None
+    # The operator console (console/): off unless `console.listen` is set.
+    console: ConsoleOptions = ConsoleOptions()
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
@@ -182,14 +185,16 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
     on_metrics: Callable[[str], None] | None = None,
+    on_console: Callable[[str], None] | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
 
     Once every port serves, `on_ready` receives the address actually listened on (the port is
-    chosen when it is 0), then `on_metrics` the /metrics address when `metrics_listen` is set.
+    chosen when it is 0), then `on_metrics` the /metrics address when `metrics_listen` is set,
+    then `on_console` the console's address when `console.listen` is set.
     """
     plane = build_control_plane(options)
-    await plane.run(stop or _signal_event(), on_ready, on_metrics)
+    await plane.run(stop or _signal_event(), on_ready, on_metrics, on_console)
 
 
 SERVICE_NAMES = (  # what the health service reports on: "" and the first three
@@ -250,17 +255,29 @@ class ControlPlane:
     health: health.aio.HealthServicer
     tasks: TasksRuntime | None  # this process's task scheduler (without replicas)
     replica: _Replica | None
+    console: Console | None = None
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None,
-                  on_metrics: Callable[[str], None] | None = None) -> None:
+                  on_metrics: Callable[[str], None] | None = None,
+                  on_console: Callable[[str], None] | None = None) -> None:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(log.info, "control plane stopped")
             metrics_address = await self._start(stack)
+            console_address = await self._start_console(stack)
             log.info("control plane listening on %s, serving version %s", self.address,
                      self.parts.registry.snapshot.version)
             _announce(on_ready, self.address)
             _announce(on_metrics, metrics_address)
+            _announce(on_console, console_address)
             await stop.wait()
+
+    async def _start_console(self, stack: contextlib.AsyncExitStack) -> str | None:
+        if self.console is None:
+            return None
+        address = await self.console.start()
+        stack.push_async_callback(self.console.close)  # before the gRPC server it calls stops
+        log.info("console on http://%s/", address)
+        return address
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> str | None:
         self._close_stores(stack)
@@ -324,6 +341,7 @@ def build_control_plane(options: Options) -> ControlPlane:
     """Every part of a control plane, each built after what it uses, and its port bound (call it
     on the event loop). StartupError for settings or a config it refuses."""
     _check_agent_auth(options)
+    _check_console(options)
     parts = _parts(options)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=_interceptors(options, parts))
     governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
@@ -338,14 +356,54 @@ def build_control_plane(options: Options) -> ControlPlane:
     port = add_port(server, options.listen, options.tls)
     address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
     tasks, replica = _serve_tasks_and_admin(options, parts, server, address)
-    return ControlPlane(options, parts, server, address, health_servicer, tasks, replica)
+    return ControlPlane(options, parts, server, address, health_servicer, tasks, replica,
+                        _console(options, address))
+
+
+def _check_console(options: Options) -> None:
+    """Refuse console settings that would do nothing or expose it (before anything is opened)."""
+    if not options.console.listen:
+        if options.console != ConsoleOptions():
+            raise StartupError("--console-* settings given without --console-listen: the console is off, so they "
+                               "would do nothing")
+        return
+    if not options.admin_auth:
+        raise StartupError("--console-listen needs admin authentication (--admin-auth token): the console "
+                           "logs operators in with the admin token")
+    if options.tls is not None:
+        raise StartupError("--console-listen is not supported with --tls-cert yet: the console calls the "
+                           "control plane's own port without TLS")
+    if not is_loopback(options.console.listen) and not options.console.allow_remote:
+        raise StartupError(f"--console-listen {options.console.listen} is not a loopback address and the console "
+                           "speaks plain HTTP: the admin token and session cookie would cross the network in the "
+                           "clear. Reach it through an SSH tunnel or a TLS proxy on this machine, or pass "
+                           "--console-insecure-remote to accept that")
+
+
+def _console(options: Options, address: str) -> Console | None:
+    """The console, calling this control plane's own gRPC port with the admin token."""
+    if not options.console.listen:
+        return None
+    tokens = {"admin": load_or_create_token(_admin_token_path(options))}
+    if options.console.viewer_token_file:
+        try:
+            tokens["viewer"] = load_or_create_token(Path(options.console.viewer_token_file), "viewer")
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"--console-viewer-token-file: {exc}") from None
+        if hmac.compare_digest(tokens["viewer"].encode(), tokens["admin"].encode()):
+            raise StartupError("the console's viewer token is the admin token: give viewers a token of their own")
+    return build_console(options.console, address, tokens)
+
+
+def _admin_token_path(options: Options) -> Path:
+    return Path(options.admin_token_file or f"{options.db_path}.admin-token")
 
 
 def _interceptors(options: Options, parts: _Parts) -> list[grpc.aio.ServerInterceptor]:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     admin_token = ""
     if options.admin_auth:
-        token_path = Path(options.admin_token_file or f"{options.db_path}.admin-token")
+        token_path = _admin_token_path(options)
         admin_token = load_or_create_token(token_path)
         registry = parts.registry
         interceptors.append(AdminTokenInterceptor(admin_token, state=lambda: registry.state))

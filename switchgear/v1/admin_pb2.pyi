@@ -151,7 +151,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class EndpointStats(_message.Message):
-    __slots__ = ("service", "endpoint", "category", "request_count", "success_rate", "error_rate", "avg_response_time_ms", "p99_response_time_ms", "cost_per_hour", "cache_hit_rate", "circuit_breaker_trips", "failover_count", "queue_length", "resource_utilization", "in_flight", "health", "weight", "input_tokens", "output_tokens", "errors")
+    __slots__ = ("service", "endpoint", "category", "request_count", "success_rate", "error_rate", "avg_response_time_ms", "p99_response_time_ms", "cost_per_hour", "cache_hit_rate", "circuit_breaker_trips", "failover_count", "queue_length", "resource_utilization", "in_flight", "health", "weight", "input_tokens", "output_tokens", "errors", "p50_response_time_ms")
     class ErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class EndpointStats(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P50_RESPONSE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     service: str
     endpoint: str
     category: str
@@ -199,17 +200,32 @@ class EndpointStats(_message.Message):
     input_tokens: int
     output_tokens: int
     errors: _containers.ScalarMap[str, int]
-    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., request_count: _Optional[int] = ..., success_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., avg_response_time_ms: _Optional[float] = ..., p99_response_time_ms: _Optional[float] = ..., cost_per_hour: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., circuit_breaker_trips: _Optional[int] = ..., failover_count: _Optional[int] = ..., queue_length: _Optional[int] = ..., resource_utilization: _Optional[float] = ..., in_flight: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.HealthState, str]] = ..., weight: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., errors: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    p50_response_time_ms: float
+    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., request_count: _Optional[int] = ..., success_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., avg_response_time_ms: _Optional[float] = ..., p99_response_time_ms: _Optional[float] = ..., cost_per_hour: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., circuit_breaker_trips: _Optional[int] = ..., failover_count: _Optional[int] = ..., queue_length: _Optional[int] = ..., resource_utilization: _Optional[float] = ..., in_flight: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.HealthState, str]] = ..., weight: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., errors: _Optional[_Mapping[str, int]] = ..., p50_response_time_ms: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("window", "stats", "reporting_agents")
+    __slots__ = ("window", "stats", "reporting_agents", "agents")
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     REPORTING_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     window: _duration_pb2.Duration
     stats: _containers.RepeatedCompositeFieldContainer[EndpointStats]
     reporting_agents: int
-    def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stats: _Optional[_Iterable[_Union[EndpointStats, _Mapping]]] = ..., reporting_agents: _Optional[int] = ...) -> None: ...
+    agents: _containers.RepeatedCompositeFieldContainer[AgentLoad]
+    def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stats: _Optional[_Iterable[_Union[EndpointStats, _Mapping]]] = ..., reporting_agents: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentLoad, _Mapping]]] = ...) -> None: ...
+
+class AgentLoad(_message.Message):
+    __slots__ = ("node_id", "in_flight", "queue_length", "last_report")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_REPORT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    in_flight: int
+    queue_length: int
+    last_report: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., queue_length: _Optional[int] = ..., last_report: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("recovered_limit",)
