@@ -142,6 +142,7 @@ def make_router(name: str, clock: object, seed: int) -> SchedulerRouter | LiteLL
         return LiteLLMLatency(clock, rng)
     stats = LiveStats(clock)  # type: ignore[arg-type]
     if name in BASELINE_STRATEGIES:
-        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None)  # other routers: as they are
+        # other routers: as they are (no peer stages, no load shifting)
+        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None, shift=None)
         return SchedulerRouter(name, stats, scheduler, Bounds())
     return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)

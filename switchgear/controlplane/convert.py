@@ -129,6 +129,8 @@ def _policy_to_proto(policy: CategoryPolicy) -> discovery_pb2.CategoryPolicy:
         attempt_timeout_ceiling=duration(policy.attempt_timeout_ceiling_s),
         attempt_timeout_factor=policy.attempt_timeout_factor,
         hedge_min_priority=policy.hedge_min_priority,
+        overload_threshold=policy.overload_threshold,
+        underload_threshold=policy.underload_threshold,
     )
 
 

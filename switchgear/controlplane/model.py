@@ -133,6 +133,9 @@ class CategoryPolicy:
     attempt_timeout_ceiling_s: float = 0.0
     attempt_timeout_factor: float = 0.0
     hedge_min_priority: int = 0
+    # Load shifting (dataplane/scheduling/shift.py): fractions of capacity; 0 = 0.8 / 0.6.
+    overload_threshold: float = 0.0
+    underload_threshold: float = 0.0
 
 
 @dataclass(frozen=True)

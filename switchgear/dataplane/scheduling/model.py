@@ -56,7 +56,8 @@ def candidate_key(service: str, endpoint: str) -> str:
 
 
 def candidates_of(service: ServiceView) -> tuple[Candidate, ...]:
-    """The candidates one service offers: its endpoints, with the service's price and limits."""
+    """The candidates one service offers: its endpoints (a route's targets), each with its own
+    price when it has one, else the service's (common.proto Endpoint: unset = as the service)."""
     return tuple(_candidate(service, e) for e in service.endpoints)
 
 
@@ -69,7 +70,7 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
         tier=(service.priority, e.priority),
         health=e.health,
         max_concurrency=e.max_concurrency,
-        pricing=service.pricing,
+        pricing=service.pricing if e.pricing is None else e.pricing,
         context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
         capabilities=frozenset(service.capabilities),
     )
@@ -140,11 +141,17 @@ def user_type_of(user_id: str) -> str:
 
 @dataclass(frozen=True)
 class Bounds:
-    """A policy's limits on candidates. 0 means no bound. USD, fraction, seconds."""
+    """A policy's limits on candidates. 0 means no bound. USD, fraction, seconds.
+
+    `overload` / `underload`: the load-shifting thresholds (utilisation fractions, see
+    shift.py); 0 = the seed's 0.8 / 0.6.
+    """
 
     max_cost_usd: float = 0.0
     min_success_rate: float = 0.0
     max_latency_s: float = 0.0
+    overload: float = 0.0
+    underload: float = 0.0
 
 
 @dataclass
