@@ -65,6 +65,8 @@ class EndpointSpec:
     weight: int = 1
     priority: int = 0
     max_concurrency: int = 0  # 0 = unlimited
+    # A route target's own prices; None = the service's (common.proto Endpoint.pricing).
+    pricing: Pricing | None = None
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,15 @@ def _check_endpoint(endpoint: EndpointSpec) -> Iterator[Problem]:
     if message:
         yield Problem("url", message)
     yield from _check_numbers(endpoint, _ENDPOINT_NUMBERS)
+    if endpoint.pricing is not None:
+        p = endpoint.pricing
+        for name, value in (("cost_per_1k_tokens", p.cost_per_1k_tokens),
+                            ("input_cost_per_1k_tokens", p.input_cost_per_1k_tokens),
+                            ("output_cost_per_1k_tokens", p.output_cost_per_1k_tokens),
+                            ("cost_per_request", p.cost_per_request)):
+            message = _non_negative(value)
+            if message:
+                yield Problem(f"pricing.{name}", message)
 
 
 def _check_endpoints(spec: ServiceSpec) -> Iterator[Problem]:
