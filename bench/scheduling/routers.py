@@ -2,8 +2,9 @@
 
 Switchgear's strategies run as in the agent: `Scheduler.pick` over candidates with
 `LiveStats` fed by attempt events, under the seed config's llm policy bounds
-(min_success_rate 0.95), with the agent's circuit breakers in front (`Breakers`). The baselines
-get no policy bounds (they are not Switchgear):
+(min_success_rate 0.95) — and, in scenarios that ask for them (`Scenario.breakers`), with the
+agent's circuit breakers in front (`Breakers`). The baselines get no policy bounds (they are
+not Switchgear):
 
 - simple_shuffle: LiteLLM's default — a uniformly random deployment (weights when given).
 - litellm_latency: LiteLLM's latency-based routing — per deployment the mean of the last 10
@@ -229,7 +230,9 @@ BASELINES = ("litellm_latency", "litellm_least_busy", "litellm_cost", "simple_sh
 ALL = OURS + BASELINES
 
 
-def make_router(name: str, clock: object, seed: int) -> SchedulerRouter | LiteLLMLatency | LiteLLMCooldown:
+def make_router(name: str, clock: object, seed: int,
+                breakers: bool = False) -> SchedulerRouter | LiteLLMLatency | LiteLLMCooldown:
+    """`breakers`: Switchgear's strategies get the agent's circuit breakers (`Breakers`)."""
     if name in COOLDOWN_BASELINES:
         inner = make_router(COOLDOWN_BASELINES[name], clock, seed)
         assert isinstance(inner, SchedulerRouter)
@@ -242,5 +245,7 @@ def make_router(name: str, clock: object, seed: int) -> SchedulerRouter | LiteLL
         # other routers: as they are (no peer stages, no load shifting)
         scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None, shift=None)
         return SchedulerRouter(name, stats, scheduler, Bounds())
-    breakers = Breakers(clock)  # type: ignore[arg-type]
-    return GuardedRouter(name, stats, Scheduler(stats, rng, unavailable=breakers.blocked), POLICY_BOUNDS, breakers)
+    if not breakers:
+        return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)
+    book = Breakers(clock)  # type: ignore[arg-type]
+    return GuardedRouter(name, stats, Scheduler(stats, rng, unavailable=book.blocked), POLICY_BOUNDS, book)

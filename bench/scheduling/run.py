@@ -63,7 +63,7 @@ def summarise(name: str, records: Sequence[CallRecord]) -> Summary:
 
 def run_one(scenario: Scenario, name: str, seed: int) -> Simulation:
     sim = Simulation(scenario, seed)
-    sim.router = make_router(name, sim.clock, seed)
+    sim.router = make_router(name, sim.clock, seed, breakers=scenario.breakers)
     sim.run()
     return sim
 

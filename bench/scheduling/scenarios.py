@@ -90,15 +90,15 @@ def scenarios() -> tuple[Scenario, ...]:
         Scenario("providers_hang", "One model at three providers; the cheapest takes new calls and never "
                  "answers them (those in service finish) at t=60..120 s",
                  providers(cheap={"down": _during_fault}), constant(PROVIDER_RATE), PROVIDER_RATE,
-                 marks=((FAULT[0], "cheap hangs"), (FAULT[1], "cheap back")), contenders=PROVIDER_CONTENDERS,
-                 fault=(*FAULT, "cheap")),
+                 marks=((FAULT[0], "cheap hangs"), (FAULT[1], "cheap back")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
         Scenario("providers_partition", "One model at three providers; the cheapest is cut off (no call "
                  "answers, in service or new) at t=60..120 s",
                  providers(cheap={"down": _during_fault, "partition": True}), constant(PROVIDER_RATE), PROVIDER_RATE,
-                 marks=((FAULT[0], "cheap cut off"), (FAULT[1], "cheap back")), contenders=PROVIDER_CONTENDERS,
-                 fault=(*FAULT, "cheap")),
+                 marks=((FAULT[0], "cheap cut off"), (FAULT[1], "cheap back")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
         Scenario("providers_5xx", "One model at three providers; the cheapest answers 503 at t=60..120 s",
                  providers(cheap={"error": lambda t: 1.0 if _during_fault(t) else 0.005}), constant(PROVIDER_RATE),
                  PROVIDER_RATE, marks=((FAULT[0], "cheap fails"), (FAULT[1], "cheap back")),
-                 contenders=PROVIDER_CONTENDERS, fault=(*FAULT, "cheap")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
     )

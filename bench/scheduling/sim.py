@@ -100,6 +100,7 @@ class Scenario:
     marks: tuple[tuple[float, str], ...] = ()  # annotations for the plot
     contenders: tuple[str, ...] = ()  # the strategies this scenario compares; () = all of them
     fault: tuple[float, float, str] | None = None  # (from s, to s, instance): measured in picks
+    breakers: bool = False  # Switchgear's strategies behind the agent's circuit breakers
 
 
 class Router(Protocol):
