@@ -22,6 +22,8 @@ from switchgear.dataplane.scheduling.policy import bounds_for
 from switchgear.dataplane.scheduling.shift import shed, utilisation
 from switchgear.dataplane.scheduling.stats import Capacity, LiveStats, StatsConfig
 from switchgear.dataplane.snapshot import AgentSettings, EndpointView, Pricing, SchedulingPolicy, ServiceView
+from switchgear.v1 import discovery_pb2
+from switchgear.wire.checks import SnapshotError, check_settings
 from tests.scheduling_helpers import Clock, cand, complete, ctx, names, occupy, stats
 
 SERVICE_PRICE = Pricing(input_cost_per_1k_tokens=0.01, output_cost_per_1k_tokens=0.03)
@@ -246,3 +248,13 @@ external_services:
     with pytest.raises(ConfigError) as info:
         load_config(yaml, env={})
     assert path in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["overload_threshold", "underload_threshold"])
+def test_an_agent_refuses_a_snapshot_threshold_outside_0_1_naming_it(name: str) -> None:
+    settings = discovery_pb2.DataPlaneSettings(category_policies={"llm": discovery_pb2.CategoryPolicy(**{name: 1.5})})
+    with pytest.raises(SnapshotError) as info:
+        check_settings(settings)
+    assert info.value.path == f"settings.category_policies[llm].{name}"
+    check_settings(discovery_pb2.DataPlaneSettings(
+        category_policies={"llm": discovery_pb2.CategoryPolicy(**{name: 0.7})}))
