@@ -258,3 +258,25 @@ def test_an_agent_refuses_a_snapshot_threshold_outside_0_1_naming_it(name: str) 
     assert info.value.path == f"settings.category_policies[llm].{name}"
     check_settings(discovery_pb2.DataPlaneSettings(
         category_policies={"llm": discovery_pb2.CategoryPolicy(**{name: 0.7})}))
+
+
+def test_a_target_s_own_max_tokens_is_its_output_estimate_when_the_call_asks_for_none() -> None:
+    svc = ServiceView(**{**route(("short", 0.01), ("long", 0.005)).__dict__, "max_tokens": 100})
+    svc = ServiceView(**{**svc.__dict__, "endpoints": (
+        EndpointView(id="short", url="http://s", pricing=Pricing(output_cost_per_1k_tokens=0.01), max_tokens=100),
+        EndpointView(id="long", url="http://l", pricing=Pricing(output_cost_per_1k_tokens=0.005), max_tokens=1000),
+    )})
+    cands = {c.endpoint: c for c in candidates_of(svc)}
+    unbounded = Request(output_tokens=100, output_default=True)  # the service's 100 by default
+    assert cands["short"].cost(unbounded) == pytest.approx(0.001)
+    assert cands["long"].cost(unbounded) == pytest.approx(0.005)  # its own 1,000 tokens at half the price
+    asked = Request(output_tokens=100)
+    assert cands["long"].cost(asked) == pytest.approx(0.0005)
+    router = new_router()
+    no_bound = Call(request_id="r", category="llm", service="gpt", method="chat",
+                    payload={"messages": [{"role": "user", "content": "hi"}]}, priority=5, timeout_s=0.0,
+                    user_id="", session_id="")
+    got = router.pick(svc, call=no_bound, settings=AgentSettings())
+    assert got is not None and got.id == "short"  # 0.001 vs 0.005 USD expected
+    got = router.pick(svc, call=call(), settings=AgentSettings())  # asks for 100: long is cheaper
+    assert got is not None and got.id == "long"
