@@ -52,10 +52,16 @@ def shed(settings: ShiftSettings = ShiftSettings()) -> Filter:
 
     def apply(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
         high = ctx.bounds.overload or settings.overload
+        stats = ctx.stats
+        for c in cands:  # the usual case first: nobody above the threshold, at a dict look-up each
+            s = stats.get(c.key)
+            n = s.in_flight
+            if n and n > high * (c.max_concurrency or s.capacity.learned() or n / high):
+                break
+        else:
+            return list(cands)
         low = ctx.bounds.underload or settings.underload
         loads = [utilisation(c, ctx) for c in cands]
-        if not any(u is not None and u > high for u in loads):
-            return list(cands)  # the usual case
         idle = {c.tier for c, u in zip(cands, loads, strict=True) if u is None or u < low}
         return [c for c, u in zip(cands, loads, strict=True) if u is None or u <= high or c.tier not in idle]
 

@@ -106,7 +106,7 @@ class Capacity:
     bending there, and its capacity reads unknown again or higher).
     """
 
-    __slots__ = ("alpha", "counts", "factor", "means", "need")
+    __slots__ = ("_learned", "alpha", "counts", "factor", "means", "need")
 
     def __init__(self, config: StatsConfig) -> None:
         self.alpha = config.mean_alpha
@@ -114,8 +114,10 @@ class Capacity:
         self.need = config.bend_samples
         self.means = [0.0] * LEVELS
         self.counts = [0] * LEVELS
+        self._learned: int | None = 0  # None: to be worked out again (read per pick, written per answer)
 
     def record(self, level: int, sample: float) -> None:
+        self._learned = None
         g = min(LEVELS - 1, max(1, level).bit_length() - 1)
         if self.counts[g]:
             self.means[g] += self.alpha * (sample - self.means[g])
@@ -126,6 +128,11 @@ class Capacity:
 
     def learned(self) -> int:
         """The learned capacity (in-flight attempts), 0 when unknown (see the class docstring)."""
+        if self._learned is None:
+            self._learned = self._bend()
+        return self._learned
+
+    def _bend(self) -> int:
         unloaded = 0.0
         for g in range(LEVELS):
             if self.counts[g] < self.need:
