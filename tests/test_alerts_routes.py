@@ -162,3 +162,17 @@ def test_a_switch_moves_the_route_to_another_target_while_firing_and_back_on_rec
     assert served_priorities(registry) == ("", {"a": 0, "b": 0, "c": 0})
     recovered = [e for e in registry.audit(50) if e.action == f"alert_recovered:{rule}"]
     assert recovered and recovered[0].version == registry.snapshot.version
+
+
+def test_a_faster_choice_holds_while_its_targets_stay_fast_and_is_made_again_when_they_slow() -> None:
+    state = RegistryState(services=(route(),))
+    alert = al.Alert(RULE["high_response_time"], "gpt", 14000.0, 0.0)
+    seen = {"a": 14.0, "b": 0.30, "c": 0.25}
+    first = al.policy([alert], state, latency=lambda s, e: seen.get(e), held={"gpt": ("b",)})
+    assert dict(first.services)["gpt"].prefer == ("b",)  # held: b is still fast
+    seen["b"] = 12.0  # b, now carrying the traffic, is itself past 10 s
+    again = al.policy([alert], state, latency=lambda s, e: seen.get(e), held={"gpt": ("b",)})
+    assert dict(again.services)["gpt"].prefer == ("c",)
+    cheaper = al.Alert(RULE["high_cost"], "gpt", 500.0, 0.0)
+    held = al.policy([cheaper], state, latency=lambda s, e: None, held={"gpt": ("b",)})
+    assert dict(held.services)["gpt"].prefer == ("c",)  # cheaper is by price, never held

@@ -35,8 +35,9 @@ alert recovers:
   else the service's). The overlay serves the route with strategy "priority" and the chosen
   targets one priority above the rest (snapshot.ServiceOverride.prefer): every agent sends
   them the traffic, and spills to the others only when they have no healthy capacity or are
-  blocked (open breaker). The choice holds while the alert fires (`held`: the served
-  overlay's), so traffic does not flap between targets as their latencies move. On a
+  blocked (open breaker). The faster choice holds while the alert fires and none of the
+  chosen targets is itself past the threshold (`held`: the served overlay's), so traffic
+  does not flap between targets as their latencies move. On a
   single-endpoint service there is no other target: the
   strategy becomes "latency" / "cost_optimized" instead. Cheaper wins over faster when both
   fire (it is the critical one);
@@ -327,6 +328,16 @@ def switch_targets(action: str, spec: ServiceSpec, rule: AlertRule, latency: Lat
     return (), "every target is as slow"
 
 
+def _still_fast(held: tuple[str, ...], spec: ServiceSpec, rule: AlertRule, latency: LatencyFn) -> bool:
+    """Whether the targets the route was switched to are still targets, and none of them is
+    now observed past the rule's threshold itself (then the choice is made again)."""
+    if not held or not set(held) <= {e.id for e in spec.endpoints}:
+        return False
+    if rule.metric != "avg_response_time":
+        return True
+    return not any((v := latency(spec.name, i)) is not None and rule.holds(v * 1000.0) for i in held)
+
+
 def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: int = 2,
            latency: LatencyFn = _no_latency, held: Mapping[str, tuple[str, ...]] | None = None) -> Policy:
     """The policy adjustments for the firing alerts, over the registry `state`; `latency` is
@@ -349,7 +360,8 @@ def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: 
             details[key] = f"circuit_breaker.failure_threshold {configured} -> {breaker}"
         elif action in ("switch_to_faster_service", "switch_to_cheaper_service") and len(spec.endpoints) > 1:
             before = (held or {}).get(alert.service, ())
-            if before and set(before) <= {e.id for e in spec.endpoints} and alert.service not in prefer:
+            if action == "switch_to_faster_service" and _still_fast(before, spec, alert.rule, latency) \
+                    and alert.service not in prefer:
                 chosen, why = before, "held while the alert fires"
             else:
                 chosen, why = switch_targets(action, spec, alert.rule, latency)
