@@ -141,6 +141,8 @@ def _policy_line(category: str, policy: CategoryPolicy) -> str:
         parts.append(f"timeout {_seconds(policy.timeout_s)}")
     parts.append(_attempt_timeout_text(category, policy))
     parts.append(_hedging_text(category, policy))
+    parts.append(f"load shifting above {_num(policy.overload_threshold or 0.8)} "
+                 f"to targets below {_num(policy.underload_threshold or 0.6)} utilisation")
     return f"policy {category}: {', '.join(parts)}"
 
 

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.scheduling.routers import ALL, make_router
-from bench.scheduling.run import plot, summarise, verdicts
+from bench.scheduling.routers import ALL, LiteLLMCooldown, make_router
+from bench.scheduling.run import fault_figures, move_off_s, plot, run_one, summarise, verdicts
+from bench.scheduling.scenarios import scenarios
 from bench.scheduling.sim import InstanceSpec, Scenario, Simulation, constant
+from switchgear.adapters.base import ErrorKind
+from switchgear.dataplane.events import AttemptEnd
+from switchgear.dataplane.scheduling.model import Request
 
 
 def tiny(**fast: object) -> Scenario:
@@ -61,3 +65,33 @@ def test_verdicts_and_plot(tmp_path: Path) -> None:
     checks = verdicts(Scenario("dying", "t", scenario.instances, scenario.rate, 5.0), rows)
     assert len(checks) >= 6 and all(isinstance(ok, bool) for _, ok in checks)
     assert plot(scenario, results, tmp_path).stat().st_size > 1000
+
+
+def test_move_off_is_when_the_faulty_one_s_share_stays_low() -> None:
+    picks = [(60.2, "cheap"), (60.4, "mid"), (61.1, "cheap"), (61.3, "cheap"), (61.5, "mid"),
+             (62.5, "mid"), (63.5, "cheap"), *[(63.0 + k / 10, "mid") for k in range(9)]]
+    assert move_off_s(picks, (60.0, 65.0, "cheap")) == 2.0  # 63..64: 1 of 10, within 20 %
+    assert move_off_s([*picks, (64.5, "cheap")], (60.0, 65.0, "cheap")) == float("inf")
+
+
+def test_the_litellm_cooldown_leaves_a_failing_deployment_out_for_5_s() -> None:
+    sim = Simulation(tiny(), 1)
+    router = make_router("litellm_cost+cooldown", sim.clock, 1)
+    assert isinstance(router, LiteLLMCooldown)
+    cands = sim.candidates  # "slow" is the cheaper one
+    for i in range(5):
+        router.attempt_ended(AttemptEnd(f"r{i}", "pool", "llm", "slow", 1, 0.02, ErrorKind.RETRYABLE))
+    got = router.pick(cands, Request(), set())
+    assert got is not None and got.endpoint == "fast"
+    sim.now += 5.1
+    got = router.pick(cands, Request(), set())
+    assert got is not None and got.endpoint == "slow"
+
+
+def test_the_provider_scenarios_measure_cost_optimized_against_the_cost_baselines() -> None:
+    scenario = next(s for s in scenarios() if s.name == "providers_partition")
+    short = Scenario(**{**scenario.__dict__, "duration_s": 75.0})
+    ours = fault_figures("cost_optimized", [run_one(short, "cost_optimized", 1)])
+    theirs = fault_figures("litellm_cost", [run_one(short, "litellm_cost", 1)])
+    assert ours.busy_share > 0.6 and theirs.busy_share > 0.9
+    assert ours.move_off_s < theirs.move_off_s and ours.fault_success > theirs.fault_success

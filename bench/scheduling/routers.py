@@ -1,8 +1,10 @@
-"""The contenders: Switchgear's seven strategies and three baselines, behind one interface.
+"""The contenders: Switchgear's seven strategies and the baselines, behind one interface.
 
-Switchgear's strategies run exactly as in the agent: `Scheduler.pick` over candidates with
+Switchgear's strategies run as in the agent: `Scheduler.pick` over candidates with
 `LiveStats` fed by attempt events, under the seed config's llm policy bounds
-(min_success_rate 0.95). The baselines get no policy bounds (they are not Switchgear):
+(min_success_rate 0.95) — and, in scenarios that ask for them (`Scenario.breakers`), with the
+agent's circuit breakers in front (`Breakers`). The baselines get no policy bounds (they are
+not Switchgear):
 
 - simple_shuffle: LiteLLM's default — a uniformly random deployment (weights when given).
 - litellm_latency: LiteLLM's latency-based routing — per deployment the mean of the last 10
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bench.scheduling.sim import SERVICE
 from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.resilience.breaker import CircuitBreaker, Ticket
 from switchgear.dataplane.scheduling import STRATEGIES, LiveStats, Scheduler, Strategy
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
 from switchgear.dataplane.scheduling.pickers import random_weighted
@@ -51,6 +54,54 @@ class SchedulerRouter:
 
     def attempt_ended(self, event: AttemptEnd) -> None:
         self.stats.attempt_ended(event)
+
+
+class Breakers:
+    """The agent's per-endpoint circuit breakers (resilience/breaker.py, default settings) in
+    front of a router: an endpoint whose breaker refuses is unavailable to the scheduler, as
+    the agent's resilience engine makes it; every attempt holds a ticket and records its
+    outcome. Only Switchgear's strategies get them (the baselines keep their own rules)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.book: dict[str, CircuitBreaker] = {}
+        self.tickets: dict[tuple[str, int], tuple[CircuitBreaker, Ticket]] = {}
+
+    def blocked(self, key: str) -> bool:
+        breaker = self.book.get(key)
+        return breaker is not None and not breaker.would_allow(self.clock())
+
+    def started(self, event: AttemptStart) -> None:
+        breaker = self.book.setdefault(f"{event.service}/{event.endpoint}", CircuitBreaker())
+        ticket = breaker.allow(self.clock())
+        if ticket is not None:
+            self.tickets[(event.request_id, event.attempt)] = (breaker, ticket)
+
+    def ended(self, event: AttemptEnd) -> None:
+        held = self.tickets.pop((event.request_id, event.attempt), None)
+        if held is None:
+            return
+        breaker, ticket = held
+        if event.cancelled:
+            breaker.release(ticket)
+        else:
+            breaker.record(self.clock(), ticket, event.error)
+
+
+class GuardedRouter(SchedulerRouter):
+    """A Switchgear strategy with the agent's breakers (`Breakers`)."""
+
+    def __init__(self, name: str, stats: LiveStats, scheduler: Scheduler, bounds: Bounds, breakers: Breakers) -> None:
+        super().__init__(name, stats, scheduler, bounds)
+        self.breakers = breakers
+
+    def attempt_started(self, event: AttemptStart) -> None:
+        self.breakers.started(event)
+        super().attempt_started(event)
+
+    def attempt_ended(self, event: AttemptEnd) -> None:
+        self.breakers.ended(event)
+        super().attempt_ended(event)
 
 
 def seed_constant_score(cands: Sequence[Candidate], ctx: Context) -> list[float]:
@@ -131,17 +182,70 @@ class LiteLLMLatency:
             d.append(1000.0)
 
 
+class LiteLLMCooldown:
+    """A LiteLLM strategy with the LiteLLM router's cooldowns, as its documentation and
+    router_utils/cooldown_handlers.py describe the defaults: a deployment whose failures in
+    the current minute exceed 50 % of its calls (with at least 5 calls) — or that answers a
+    timeout or a 429 — is left out of every pick for 5 s. With every deployment cooling down
+    the pick is made among all (LiteLLM would refuse the call instead)."""
+
+    def __init__(self, name: str, inner: SchedulerRouter, clock: Callable[[], float],
+                 cooldown_s: float = 5.0, threshold: float = 0.5, minimum: int = 5) -> None:
+        self.name = name
+        self.inner = inner
+        self.clock = clock
+        self.cooldown_s, self.threshold, self.minimum = cooldown_s, threshold, minimum
+        self.minute: dict[str, tuple[int, int, int]] = {}  # key -> (minute, successes, failures)
+        self.cooled: dict[str, float] = {}
+
+    def pick(self, cands: Sequence[Candidate], request: Request, exclude: set[str]) -> Candidate | None:
+        now = self.clock()
+        cold = {k for k, until in self.cooled.items() if until > now}
+        pool = [c for c in cands if c.key not in cold]
+        return self.inner.pick(pool or cands, request, exclude)
+
+    def attempt_started(self, event: AttemptStart) -> None:
+        self.inner.attempt_started(event)
+
+    def attempt_ended(self, event: AttemptEnd) -> None:
+        self.inner.attempt_ended(event)
+        if event.cancelled:
+            return
+        now = self.clock()
+        key = f"{event.service}/{event.endpoint}"
+        minute, ok, bad = self.minute.get(key, (int(now // 60), 0, 0))
+        if minute != int(now // 60):
+            minute, ok, bad = int(now // 60), 0, 0
+        ok, bad = ok + (event.error is None), bad + (event.error is not None)
+        self.minute[key] = (minute, ok, bad)
+        if event.error in (ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED) or (
+                event.error is not None and ok + bad >= self.minimum and bad / (ok + bad) > self.threshold):
+            self.cooled[key] = now + self.cooldown_s
+
+
+COOLDOWN_BASELINES = {"litellm_cost+cooldown": "litellm_cost", "simple_shuffle+cooldown": "simple_shuffle"}
+
 OURS = tuple(STRATEGIES)
 BASELINES = ("litellm_latency", "litellm_least_busy", "litellm_cost", "simple_shuffle", "seed_intelligent")
 ALL = OURS + BASELINES
 
 
-def make_router(name: str, clock: object, seed: int) -> SchedulerRouter | LiteLLMLatency:
+def make_router(name: str, clock: object, seed: int,
+                breakers: bool = False) -> SchedulerRouter | LiteLLMLatency | LiteLLMCooldown:
+    """`breakers`: Switchgear's strategies get the agent's circuit breakers (`Breakers`)."""
+    if name in COOLDOWN_BASELINES:
+        inner = make_router(COOLDOWN_BASELINES[name], clock, seed)
+        assert isinstance(inner, SchedulerRouter)
+        return LiteLLMCooldown(name, inner, clock)  # type: ignore[arg-type]
     rng = random.Random(f"{seed}/{name}")
     if name == "litellm_latency":
         return LiteLLMLatency(clock, rng)
     stats = LiveStats(clock)  # type: ignore[arg-type]
     if name in BASELINE_STRATEGIES:
-        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None)  # other routers: as they are
+        # other routers: as they are (no peer stages, no load shifting)
+        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None, shift=None)
         return SchedulerRouter(name, stats, scheduler, Bounds())
-    return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)
+    if not breakers:
+        return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)
+    book = Breakers(clock)  # type: ignore[arg-type]
+    return GuardedRouter(name, stats, Scheduler(stats, rng, unavailable=book.blocked), POLICY_BOUNDS, book)

@@ -48,6 +48,27 @@ def pool(**changes: dict[str, object]) -> tuple[InstanceSpec, ...]:
 
 STEADY_RATE = 18.0
 
+#: One model at three providers (issue 15): prices and speeds of a small, a mid and a frontier
+#: offering; each queues up to twice its capacity, then answers 503. 10 requests/s keep the
+#: cheapest about 60 % busy. The provider scenarios compare these strategies only.
+PROVIDERS = (
+    InstanceSpec("cheap", 0.60, 0.006, 32, 64, 0.005, 0.00015, 0.0006),
+    InstanceSpec("mid", 0.40, 0.005, 32, 64, 0.005, 0.0005, 0.0015),
+    InstanceSpec("dear", 0.25, 0.004, 32, 64, 0.005, 0.0025, 0.01),
+)
+PROVIDER_RATE = 10.0
+PROVIDER_CONTENDERS = ("cost_optimized", "latency", "intelligent", "litellm_cost", "litellm_cost+cooldown",
+                       "simple_shuffle+cooldown", "litellm_latency")
+FAULT = (60.0, 120.0)
+
+
+def providers(**changes: dict[str, object]) -> tuple[InstanceSpec, ...]:
+    return tuple(InstanceSpec(**{**s.__dict__, **changes.get(s.name, {})}) for s in PROVIDERS)
+
+
+def _during_fault(t: float) -> bool:
+    return FAULT[0] <= t < FAULT[1]
+
 
 def scenarios() -> tuple[Scenario, ...]:
     burst = _ramp(0, 0, STEADY_RATE, STEADY_RATE)
@@ -66,4 +87,18 @@ def scenarios() -> tuple[Scenario, ...]:
         Scenario("burst", "Burst above total capacity: 18 -> 40 req/s for t=60..90 s",
                  pool(), lambda t: 40.0 if 60 <= t < 90 else burst(t), 40.0,
                  marks=((60, "burst"), (90, "burst ends"))),
+        Scenario("providers_hang", "One model at three providers; the cheapest takes new calls and never "
+                 "answers them (those in service finish) at t=60..120 s",
+                 providers(cheap={"down": _during_fault}), constant(PROVIDER_RATE), PROVIDER_RATE,
+                 marks=((FAULT[0], "cheap hangs"), (FAULT[1], "cheap back")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
+        Scenario("providers_partition", "One model at three providers; the cheapest is cut off (no call "
+                 "answers, in service or new) at t=60..120 s",
+                 providers(cheap={"down": _during_fault, "partition": True}), constant(PROVIDER_RATE), PROVIDER_RATE,
+                 marks=((FAULT[0], "cheap cut off"), (FAULT[1], "cheap back")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
+        Scenario("providers_5xx", "One model at three providers; the cheapest answers 503 at t=60..120 s",
+                 providers(cheap={"error": lambda t: 1.0 if _during_fault(t) else 0.005}), constant(PROVIDER_RATE),
+                 PROVIDER_RATE, marks=((FAULT[0], "cheap fails"), (FAULT[1], "cheap back")),
+                 contenders=PROVIDER_CONTENDERS, breakers=True, fault=(*FAULT, "cheap")),
     )

@@ -9,7 +9,8 @@ is simulated is the world around it:
   FIFO order; beyond that it answers 503 at once (overloaded);
 - service time = (ttft + s/token x output tokens) x slowdown(t) x lognormal(0, jitter);
 - with probability error(t) an attempt fails fast (a 5xx after 20 ms);
-- while down(t) the instance black-holes: attempts never answer;
+- while down(t) the instance black-holes: new attempts never answer (and, with `partition`,
+  neither do the ones it was serving);
 - the agent retries like `dataplane/invoke.py`: on a retryable failure, the next untried
   endpoint picked by the same strategy, at most `max_retries` more, all within the call's
   deadline; an attempt still outstanding at the deadline fails the call (TIMEOUT), exactly as
@@ -63,6 +64,7 @@ class InstanceSpec:
     slowdown: Callable[[float], float] = UNCHANGED
     error: Callable[[float], float] | None = None  # overrides error_rate when set
     down: Callable[[float], bool] = never
+    partition: bool = False  # while down, calls already in service never answer either
 
     def candidate(self, input_price: float | None = None, output_price: float | None = None) -> Candidate:
         return Candidate(
@@ -96,6 +98,9 @@ class Scenario:
     max_tokens: int = 400  # what requests ask for (the estimate); actual output is below it
     price_changes: tuple[PriceChange, ...] = ()
     marks: tuple[tuple[float, str], ...] = ()  # annotations for the plot
+    contenders: tuple[str, ...] = ()  # the strategies this scenario compares; () = all of them
+    fault: tuple[float, float, str] | None = None  # (from s, to s, instance): measured in picks
+    breakers: bool = False  # Switchgear's strategies behind the agent's circuit breakers
 
 
 class Router(Protocol):
@@ -171,6 +176,8 @@ class _Instance:
         self.sim.at(now + service, self._finish, job)
 
     def _finish(self, job: _Job) -> None:
+        if self.spec.partition and self.spec.down(self.sim.now):
+            return  # the answer is lost with the network; the slot stays taken
         self.busy -= 1
         self.sim.succeeded(job)
         if self.queue:
@@ -191,6 +198,7 @@ class Simulation:
         }
         self.candidates = tuple(s.candidate() for s in scenario.instances)
         self.records: list[CallRecord] = []
+        self.picks: list[tuple[float, str]] = []  # (time, instance) of every attempt
         self._workload = random.Random(f"{seed}/workload")  # same arrivals for every strategy
 
     def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
@@ -251,6 +259,7 @@ class Simulation:
             self._finish(call, ok=False)
             return
         call.attempts += 1
+        self.picks.append((self.now, chosen.endpoint))
         call.tried.add(chosen.key)
         call.current = chosen.key
         call.attempt_start = self.now

@@ -26,9 +26,21 @@ Actions change the policy served in the next snapshot (`policy`), each one undon
 alert recovers:
 - enable_circuit_breaker: the breaker's failure_threshold tightened to `breaker_threshold`
   (fleet-wide: the snapshot has one breaker setting);
-- switch_to_faster_service: the service's strategy becomes "latency";
-- switch_to_cheaper_service: the service's strategy becomes "cost_optimized" (wins over
-  "latency" when both fire: it is the critical one);
+- switch_to_faster_service / switch_to_cheaper_service on a route (a service of two or more
+  endpoints: its targets): the route's traffic moves to another target. Faster = the target
+  with the lowest observed mean latency of successes over the alert window (`latency`);
+  when that one holds the rule's condition itself (or none has data) the targets without
+  data are preferred — untried, so not known to be slow. Cheaper = the target(s) with the
+  lowest price for a call of 1,000 input and 1,000 output tokens (the target's own pricing,
+  else the service's). The overlay serves the route with strategy "priority" and the chosen
+  targets one priority above the rest (snapshot.ServiceOverride.prefer): every agent sends
+  them the traffic, and spills to the others only when they have no healthy capacity or are
+  blocked (open breaker). The faster choice holds while the alert fires and none of the
+  chosen targets is itself past the threshold (`held`: the served overlay's), so traffic
+  does not flap between targets as their latencies move. On a
+  single-endpoint service there is no other target: the
+  strategy becomes "latency" / "cost_optimized" instead. Cheaper wins over faster when both
+  fire (it is the critical one);
 - enable_failover: a service with no fallbacks gets every other service of its category as
   fallbacks, highest priority first.
 """
@@ -37,11 +49,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from switchgear.controlplane.collector import SEED_METRICS
-from switchgear.controlplane.model import AlertRuleSpec, MonitoringSettings, RegistryState
+from switchgear.controlplane.model import AlertRuleSpec, MonitoringSettings, Pricing, RegistryState, ServiceSpec
 from switchgear.controlplane.snapshot import ServiceOverride
 
 ACTIONS = ("enable_circuit_breaker", "switch_to_faster_service", "switch_to_cheaper_service", "enable_failover")
@@ -281,9 +293,58 @@ class Policy:
         return dict(self.details).get((rule, service), "")
 
 
-def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: int = 2) -> Policy:
-    """The policy adjustments for the firing alerts, over the registry `state`."""
+#: Observed mean latency (s) of one endpoint's successes over the alert window; None: no data.
+LatencyFn = Callable[[str, str], "float | None"]
+
+
+def _no_latency(service: str, endpoint: str) -> float | None:
+    return None
+
+
+def typical_price(p: Pricing) -> float:
+    """USD for a call of 1,000 input and 1,000 output tokens (how targets are compared)."""
+    in_price = p.input_cost_per_1k_tokens or p.cost_per_1k_tokens
+    out_price = p.output_cost_per_1k_tokens or p.cost_per_1k_tokens
+    return p.cost_per_request + in_price + out_price
+
+
+def switch_targets(action: str, spec: ServiceSpec, rule: AlertRule, latency: LatencyFn) -> tuple[tuple[str, ...], str]:
+    """The targets a switch action moves `spec`'s traffic to, and why (module docstring)."""
+    ids = [e.id for e in spec.endpoints]
+    if action == "switch_to_cheaper_service":
+        prices = {e.id: typical_price(e.pricing or spec.pricing) for e in spec.endpoints}
+        low = min(prices.values())
+        chosen = tuple(i for i in ids if prices[i] <= low * (1 + 1e-9) + 1e-12)
+        return chosen, f"cheapest at {low:.6g} USD per 1k+1k tokens"
+    seen = {i: v for i in ids if (v := latency(spec.name, i)) is not None}
+    if seen:
+        best = min(seen, key=lambda i: (seen[i], i))
+        slow = rule.metric == "avg_response_time" and rule.holds(seen[best] * 1000.0)
+        if not slow:
+            return (best,), f"fastest observed at {seen[best] * 1000.0:.0f} ms"
+    untried = tuple(i for i in ids if i not in seen)
+    if untried:
+        return untried, "no observed target is fast enough; targets without data" if seen else "no data yet"
+    return (), "every target is as slow"
+
+
+def _still_fast(held: tuple[str, ...], spec: ServiceSpec, rule: AlertRule, latency: LatencyFn) -> bool:
+    """Whether the targets the route was switched to are still targets, and none of them is
+    now observed past the rule's threshold itself (then the choice is made again)."""
+    if not held or not set(held) <= {e.id for e in spec.endpoints}:
+        return False
+    if rule.metric != "avg_response_time":
+        return True
+    return not any((v := latency(spec.name, i)) is not None and rule.holds(v * 1000.0) for i in held)
+
+
+def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: int = 2,
+           latency: LatencyFn = _no_latency, held: Mapping[str, tuple[str, ...]] | None = None) -> Policy:
+    """The policy adjustments for the firing alerts, over the registry `state`; `latency` is
+    the observed latency of each target, for switch_to_faster_service; `held`: the targets
+    each route's traffic was switched to in the served overlay (kept while still targets)."""
     strategies: dict[str, str] = {}
+    prefer: dict[str, tuple[str, ...]] = {}
     fallbacks: dict[str, tuple[str, ...]] = {}
     details: dict[tuple[str, str], str] = {}
     breaker = 0
@@ -297,9 +358,24 @@ def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: 
         if action == "enable_circuit_breaker":
             breaker = min(configured, breaker_threshold)
             details[key] = f"circuit_breaker.failure_threshold {configured} -> {breaker}"
+        elif action in ("switch_to_faster_service", "switch_to_cheaper_service") and len(spec.endpoints) > 1:
+            before = (held or {}).get(alert.service, ())
+            if action == "switch_to_faster_service" and _still_fast(before, spec, alert.rule, latency) \
+                    and alert.service not in prefer:
+                chosen, why = before, "held while the alert fires"
+            else:
+                chosen, why = switch_targets(action, spec, alert.rule, latency)
+            if not chosen:
+                details[key] = f"services[{alert.service}]: no target to switch to ({why})"
+                continue
+            strategies[alert.service] = "priority"  # critical rules come last and win
+            prefer[alert.service] = chosen
+            details[key] = (f"services[{alert.service}] traffic -> {list(chosen)} ({why}); strategy "
+                            f"{spec.strategy or '(policy default)'} -> priority")
         elif action in ("switch_to_faster_service", "switch_to_cheaper_service"):
             wanted = "latency" if action == "switch_to_faster_service" else "cost_optimized"
             strategies[alert.service] = wanted  # critical rules come last and win
+            prefer.pop(alert.service, None)
             details[key] = f"services[{alert.service}].strategy {spec.strategy or '(policy default)'} -> {wanted}"
         elif action == "enable_failover":
             if spec.fallbacks:
@@ -314,7 +390,8 @@ def policy(firing: Sequence[Alert], state: RegistryState, *, breaker_threshold: 
                             if others else f"no other {spec.category.value} service to fail over to")
     names = sorted(set(strategies) | set(fallbacks))
     return Policy(
-        services=tuple((n, ServiceOverride(strategies.get(n, ""), fallbacks.get(n))) for n in names),
+        services=tuple((n, ServiceOverride(strategies.get(n, ""), fallbacks.get(n), prefer.get(n, ())))
+                       for n in names),
         breaker_failure_threshold=breaker if breaker and breaker != configured else 0,
         details=tuple(sorted(details.items())),
     )

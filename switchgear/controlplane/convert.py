@@ -7,6 +7,7 @@ validate.py's job.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from switchgear.controlplane.agents import AgentStatus, NodeInfo, Rejection
@@ -32,27 +33,36 @@ from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
 
+_PRICES = tuple(f.name for f in dataclasses.fields(Pricing))  # the same names on the wire
+
+
+def _pricing_to_proto(p: Pricing) -> common_pb2.Pricing:
+    return common_pb2.Pricing(**{name: getattr(p, name) for name in _PRICES})
+
+
+def _pricing_from_proto(p: common_pb2.Pricing) -> Pricing:
+    return Pricing(**{name: getattr(p, name) for name in _PRICES})
+
+
+def _endpoint_to_proto(e: EndpointSpec) -> common_pb2.Endpoint:
+    msg = common_pb2.Endpoint(
+        id=e.id, url=e.url, weight=e.weight, priority=e.priority,
+        max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
+    )
+    if e.pricing is not None:
+        msg.pricing.CopyFrom(_pricing_to_proto(e.pricing))
+    return msg
+
 
 def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
     msg = common_pb2.Service(
         name=spec.name,
         category=category_to_proto(spec.category),  # type: ignore[arg-type]
         protocol=spec.protocol,
-        endpoints=[
-            common_pb2.Endpoint(
-                id=e.id, url=e.url, weight=e.weight, priority=e.priority,
-                max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
-            )
-            for e in spec.endpoints
-        ],
+        endpoints=[_endpoint_to_proto(e) for e in spec.endpoints],
         model=spec.model,
         max_tokens=spec.max_tokens,
-        pricing=common_pb2.Pricing(
-            cost_per_1k_tokens=spec.pricing.cost_per_1k_tokens,
-            input_cost_per_1k_tokens=spec.pricing.input_cost_per_1k_tokens,
-            output_cost_per_1k_tokens=spec.pricing.output_cost_per_1k_tokens,
-            cost_per_request=spec.pricing.cost_per_request,
-        ),
+        pricing=_pricing_to_proto(spec.pricing),
         capabilities=spec.capabilities,
         priority=spec.priority,
         strategy=spec.strategy,
@@ -87,18 +97,14 @@ def service_from_proto(msg: common_pb2.Service, path: str = "service") -> Servic
             EndpointSpec(
                 id=e.id, url=e.url, weight=e.weight or 1, priority=e.priority,
                 max_concurrency=e.max_concurrency,
+                pricing=_pricing_from_proto(e.pricing) if e.HasField("pricing") else None,
             )
             for e in msg.endpoints
         ),
         api_key=api_key,
         model=msg.model,
         max_tokens=msg.max_tokens,
-        pricing=Pricing(
-            cost_per_1k_tokens=msg.pricing.cost_per_1k_tokens,
-            input_cost_per_1k_tokens=msg.pricing.input_cost_per_1k_tokens,
-            output_cost_per_1k_tokens=msg.pricing.output_cost_per_1k_tokens,
-            cost_per_request=msg.pricing.cost_per_request,
-        ),
+        pricing=_pricing_from_proto(msg.pricing),
         capabilities=tuple(msg.capabilities),
         priority=msg.priority,
         strategy=msg.strategy,
@@ -129,6 +135,8 @@ def _policy_to_proto(policy: CategoryPolicy) -> discovery_pb2.CategoryPolicy:
         attempt_timeout_ceiling=duration(policy.attempt_timeout_ceiling_s),
         attempt_timeout_factor=policy.attempt_timeout_factor,
         hedge_min_priority=policy.hedge_min_priority,
+        overload_threshold=policy.overload_threshold,
+        underload_threshold=policy.underload_threshold,
     )
 
 
@@ -202,6 +210,11 @@ def _served(msg: common_pb2.Service, overlay: OverlayType) -> common_pb2.Service
         if service.fallbacks is not None:
             del msg.fallbacks[:]
             msg.fallbacks.extend(service.fallbacks)
+        if service.prefer:
+            top = max((e.priority for e in msg.endpoints), default=0) + 1
+            for endpoint in msg.endpoints:
+                if endpoint.id in service.prefer:
+                    endpoint.priority = top
     return msg
 
 

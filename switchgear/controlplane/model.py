@@ -65,6 +65,8 @@ class EndpointSpec:
     weight: int = 1
     priority: int = 0
     max_concurrency: int = 0  # 0 = unlimited
+    # A route target's own prices; None = the service's (common.proto Endpoint.pricing).
+    pricing: Pricing | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ class CategoryPolicy:
     attempt_timeout_ceiling_s: float = 0.0
     attempt_timeout_factor: float = 0.0
     hedge_min_priority: int = 0
+    # Load shifting (dataplane/scheduling/shift.py): fractions of capacity; 0 = 0.8 / 0.6.
+    overload_threshold: float = 0.0
+    underload_threshold: float = 0.0
 
 
 @dataclass(frozen=True)

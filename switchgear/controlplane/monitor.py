@@ -196,9 +196,11 @@ class Monitor:
             figures[name]["resource_utilization"] = self._utilization(state, name, totals[name])
         events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()},
                                        registered={s.name for s in state.services})
-        policy = al.policy(self._alerts.firing(), state, breaker_threshold=settings.breaker_threshold)
-        overlay = Overlay(self._endpoint_overrides(state), policy.services, policy.breaker_failure_threshold)
         current = self._registry.snapshot.overlay
+        policy = al.policy(self._alerts.firing(), state, breaker_threshold=settings.breaker_threshold,
+                           latency=self._latency(now, settings.alert_window_s),
+                           held={n: o.prefer for n, o in current.services if o.prefer})
+        overlay = Overlay(self._endpoint_overrides(state), policy.services, policy.breaker_failure_threshold)
         health_changed = overlay.endpoints != current.endpoints
         if not events and not health_changed and overlay == current:
             return None
@@ -250,6 +252,14 @@ class Monitor:
                           f"still firing, {a.rule.action or 'no action'} kept")
         return Change("alerts", f"alert_recovered:{a.rule.name}", a.service,
                       f"{a.rule.condition} cleared (value {a.value:.4g}): {a.rule.action or 'no action'} reverted")
+
+    def _latency(self, now: float, window_s: float) -> al.LatencyFn:
+        """Observed mean latency (s) of an endpoint's successes over the window; None: none."""
+        def latency(service: str, endpoint: str) -> float | None:
+            finished, error_rate, mean_s, _ = self._collector.sample((service, endpoint), window_s, now)
+            return mean_s if finished and error_rate < 1.0 else None
+
+        return latency
 
     @staticmethod
     def _utilization(state: RegistryState, service: str, row: WindowStats) -> float:

@@ -28,10 +28,16 @@ class EndpointOverride:
 
 @dataclass(frozen=True)
 class ServiceOverride:
-    """Policy the alert actions put over a service's own ("" / None = the service's own)."""
+    """Policy the alert actions put over a service's own ("" / None / () = the service's own).
+
+    `prefer`: endpoint ids (route targets) served one priority above the service's highest
+    endpoint priority, so that the "priority" strategy sends the route's traffic to them, and
+    spills to the others only when they have no healthy capacity or are blocked (the switch
+    alert actions, alerts.py)."""
 
     strategy: str = ""
     fallbacks: tuple[str, ...] | None = None
+    prefer: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,8 @@ class Overlay:
         live = {f"{s.name}/{e.id}" for s in state.services for e in s.endpoints}
         services = tuple(
             (n, ServiceOverride(o.strategy, None if o.fallbacks is None else
-                                tuple(f for f in o.fallbacks if f in names and f != n)))
+                                tuple(f for f in o.fallbacks if f in names and f != n),
+                                tuple(e for e in o.prefer if f"{n}/{e}" in live)))
             for n, o in self.services if n in names
         )
         return Overlay(tuple((k, v) for k, v in self.endpoints if k in live), services,
@@ -121,7 +128,8 @@ def _overlay_hash(overlay: Overlay) -> str:
     """Canonical and fast: the overlay's few field types, flattened without reflection."""
     body = (
         [[k, o.weight, o.health] for k, o in overlay.endpoints],
-        [[k, o.strategy, None if o.fallbacks is None else list(o.fallbacks)] for k, o in overlay.services],
+        [[k, o.strategy, None if o.fallbacks is None else list(o.fallbacks), *([list(o.prefer)] if o.prefer else [])]
+         for k, o in overlay.services],
         overlay.breaker_failure_threshold,
     )
     return hashlib.sha256(repr(body).encode()).hexdigest()

@@ -204,6 +204,15 @@ def _check_endpoint(endpoint: EndpointSpec) -> Iterator[Problem]:
     if message:
         yield Problem("url", message)
     yield from _check_numbers(endpoint, _ENDPOINT_NUMBERS)
+    if endpoint.pricing is not None:
+        p = endpoint.pricing
+        for name, value in (("cost_per_1k_tokens", p.cost_per_1k_tokens),
+                            ("input_cost_per_1k_tokens", p.input_cost_per_1k_tokens),
+                            ("output_cost_per_1k_tokens", p.output_cost_per_1k_tokens),
+                            ("cost_per_request", p.cost_per_request)):
+            message = _non_negative(value)
+            if message:
+                yield Problem(f"pricing.{name}", message)
 
 
 def _check_endpoints(spec: ServiceSpec) -> Iterator[Problem]:
@@ -380,6 +389,8 @@ _POLICY_NUMBERS: tuple[tuple[str, Callable[[CategoryPolicy], object], _Check], .
     ("attempt_timeout_ceiling_s", lambda p: p.attempt_timeout_ceiling_s, _non_negative),
     ("attempt_timeout_factor", lambda p: p.attempt_timeout_factor, _factor),
     ("hedge_min_priority", lambda p: p.hedge_min_priority, _integer_between(0, 11)),
+    ("overload_threshold", lambda p: p.overload_threshold, _fraction),
+    ("underload_threshold", lambda p: p.underload_threshold, _fraction),
 )
 
 
@@ -402,6 +413,16 @@ def _check_policies(settings: Settings) -> Iterator[Problem]:
         floor, ceiling = policy.attempt_timeout_floor_s, policy.attempt_timeout_ceiling_s
         if _is_number(floor) and _is_number(ceiling) and floor > 0 and 0 < ceiling < floor:
             yield Problem(f"{path}.attempt_timeout_ceiling_s", "must not be below attempt_timeout_floor_s")
+        yield from _check_shift(policy, path)
+
+
+def _check_shift(policy: CategoryPolicy, path: str) -> Iterator[Problem]:
+    """The load-shifting thresholds in effect (0 = the seed's 0.8 / 0.6): underload < overload,
+    or a target would shed to targets as loaded as itself."""
+    high, low = policy.overload_threshold, policy.underload_threshold
+    if _is_number(high) and _is_number(low) and (high or low) and not (low or 0.6) < (high or 0.8):
+        yield Problem(f"{path}.underload_threshold",
+                      f"must be below overload_threshold (in effect {low or 0.6:g} vs {high or 0.8:g})")
 
 
 _SETTINGS_RULES: tuple[Callable[[Settings], Iterator[Problem]], ...] = (

@@ -142,6 +142,8 @@ def _policy(msg: discovery_pb2.CategoryPolicy) -> SchedulingPolicy:
         attempt_timeout_ceiling_s=_seconds(msg.attempt_timeout_ceiling),
         attempt_timeout_factor=msg.attempt_timeout_factor,
         hedge_min_priority=msg.hedge_min_priority,
+        overload_threshold=msg.overload_threshold,
+        underload_threshold=msg.underload_threshold,
     )
 
 

@@ -18,7 +18,14 @@ from collections.abc import Callable, Collection
 
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.scheduling import Scheduler
-from switchgear.dataplane.scheduling.model import Candidate, Request, candidate_key, candidates_of, estimate_tokens
+from switchgear.dataplane.scheduling.model import (
+    Candidate,
+    Request,
+    asked_output,
+    candidate_key,
+    candidates_of,
+    estimate_tokens,
+)
 from switchgear.dataplane.scheduling.policy import bounds_for, choose_strategy
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import AgentSettings, EndpointView, Holder, ServiceView
@@ -100,6 +107,7 @@ class Router:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             stream=call.payload.get("stream") is True,
+            output_default=not asked_output(call.payload),
         )
 
 

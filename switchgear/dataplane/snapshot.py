@@ -115,6 +115,10 @@ class SchedulingPolicy:
     attempt_timeout_ceiling_s: float = 0.0
     attempt_timeout_factor: float = 0.0
     hedge_min_priority: int = 0
+    # Load shifting (scheduling/shift.py): a target above `overload_threshold` utilisation sheds
+    # its share to targets below `underload_threshold`; 0 = the seed's 0.8 / 0.6.
+    overload_threshold: float = 0.0
+    underload_threshold: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,9 @@ def _check_policy(category: str, msg: discovery_pb2.CategoryPolicy, path: str) -
         raise SnapshotError(f"{path}.min_success_rate", "must be within 0..1")
     if not (0 <= seconds(msg.timeout) <= MAX_TIMEOUT_S):
         raise SnapshotError(f"{path}.timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
+    for name in ("overload_threshold", "underload_threshold"):
+        if not (0.0 <= getattr(msg, name) <= 1.0):
+            raise SnapshotError(f"{path}.{name}", "must be within 0..1")
 
 
 def _claim_id(ident: str, seen: set[str], path: str, what: str) -> None:

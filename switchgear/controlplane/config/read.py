@@ -475,6 +475,8 @@ _POLICY = (
     Leaf("attempt_timeout_ceiling", "attempt_timeout_ceiling_s", read_duration),
     Leaf("attempt_timeout_factor", "attempt_timeout_factor", read_float),
     Leaf("hedge_min_priority", "hedge_min_priority", read_int),
+    Leaf("overload_threshold", "overload_threshold", read_float),
+    Leaf("underload_threshold", "underload_threshold", read_float),
 )
 
 #: scheduling_policies keys (the seed's names) -> Category values.

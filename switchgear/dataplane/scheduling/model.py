@@ -31,7 +31,8 @@ class Candidate:
 
     `tier` orders candidates for the priority strategy: (service priority, endpoint priority),
     higher first. `context_window` is in tokens, 0 = unknown (never filtered out).
-    `max_concurrency` 0 = unlimited.
+    `max_concurrency` 0 = unlimited. `max_tokens`: the target's own answer bound (0 = the
+    service's), the output estimate of a request that does not ask for one.
     """
 
     key: str
@@ -44,10 +45,13 @@ class Candidate:
     pricing: Pricing = field(default_factory=Pricing)
     context_window: int = 0
     capabilities: frozenset[str] = frozenset()
+    max_tokens: int = 0
 
     def cost(self, request: Request) -> float:
-        """USD this request is expected to cost here: request price + estimated tokens at price."""
-        return self.pricing.cost(request.input_tokens, request.output_tokens)
+        """USD this request is expected to cost here: request price + estimated tokens at price
+        (the output estimate is this target's max_tokens when the request asked for none)."""
+        out = self.max_tokens if self.max_tokens and request.output_default else request.output_tokens
+        return self.pricing.cost(request.input_tokens, out)
 
 
 def candidate_key(service: str, endpoint: str) -> str:
@@ -56,7 +60,8 @@ def candidate_key(service: str, endpoint: str) -> str:
 
 
 def candidates_of(service: ServiceView) -> tuple[Candidate, ...]:
-    """The candidates one service offers: its endpoints, with the service's price and limits."""
+    """The candidates one service offers: its endpoints (a route's targets), each with its own
+    price when it has one, else the service's (common.proto Endpoint: unset = as the service)."""
     return tuple(_candidate(service, e) for e in service.endpoints)
 
 
@@ -69,9 +74,10 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
         tier=(service.priority, e.priority),
         health=e.health,
         max_concurrency=e.max_concurrency,
-        pricing=service.pricing,
+        pricing=service.pricing if e.pricing is None else e.pricing,
         context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
         capabilities=frozenset(service.capabilities),
+        max_tokens=e.max_tokens,
     )
 
 
@@ -81,7 +87,9 @@ class Request:
 
     `priority` 1..10 (5 default; > 7 is "high" in the seed's rules); `user_type` "standard" or
     "premium"; `input_tokens` / `output_tokens` are estimates (see `estimate_tokens`);
-    `stream` makes latency mean time to first token; `tenant` feeds the allow-list hook.
+    `stream` makes latency mean time to first token; `tenant` feeds the allow-list hook;
+    `output_default`: the payload set no answer bound (output_tokens is the service's default,
+    and a target with its own max_tokens is costed at that, `Candidate.cost`).
     """
 
     category: str = ""
@@ -92,6 +100,7 @@ class Request:
     stream: bool = False
     capabilities: frozenset[str] = frozenset()
     tenant: str = ""
+    output_default: bool = False
 
 
 def _text_chars(value: Any) -> int:
@@ -122,13 +131,19 @@ def estimate_tokens(payload: Mapping[str, Any], default_max_tokens: int = 0) -> 
     """
     chars = sum(_text_chars(payload.get(k)) for k in ("messages", "input", "prompt"))
     input_tokens = -(-chars // CHARS_PER_TOKEN)
-    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
-    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+    asked = asked_output(payload)
+    if asked:
         return input_tokens, asked
     if default_max_tokens > 0:
         return input_tokens, default_max_tokens
     generative = "messages" in payload or "prompt" in payload
     return input_tokens, DEFAULT_OUTPUT_TOKENS if generative else 0
+
+
+def asked_output(payload: Mapping[str, Any]) -> int:
+    """The answer bound the payload sets (`max_completion_tokens` or `max_tokens`), 0 = none."""
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
 
 
 def user_type_of(user_id: str) -> str:
@@ -140,11 +155,17 @@ def user_type_of(user_id: str) -> str:
 
 @dataclass(frozen=True)
 class Bounds:
-    """A policy's limits on candidates. 0 means no bound. USD, fraction, seconds."""
+    """A policy's limits on candidates. 0 means no bound. USD, fraction, seconds.
+
+    `overload` / `underload`: the load-shifting thresholds (utilisation fractions, see
+    shift.py); 0 = the seed's 0.8 / 0.6.
+    """
 
     max_cost_usd: float = 0.0
     min_success_rate: float = 0.0
     max_latency_s: float = 0.0
+    overload: float = 0.0
+    underload: float = 0.0
 
 
 @dataclass

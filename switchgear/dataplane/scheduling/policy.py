@@ -55,4 +55,5 @@ def bounds_for(category: str, policies: Mapping[str, SchedulingPolicy]) -> Bound
     policy = policies.get(category)
     if policy is None:
         return _UNBOUNDED
-    return Bounds(max_cost_usd=policy.max_cost_per_request, min_success_rate=policy.min_success_rate)
+    return Bounds(max_cost_usd=policy.max_cost_per_request, min_success_rate=policy.min_success_rate,
+                  overload=policy.overload_threshold, underload=policy.underload_threshold)

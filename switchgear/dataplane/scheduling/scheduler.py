@@ -1,5 +1,6 @@
 """The scheduling pipeline: hard filters -> policy bounds -> slow peers off -> share cap ->
-strategy stages -> score -> pick (peers.py says why the two peer stages run for every strategy).
+load shifting -> strategy stages -> score -> pick (peers.py says why the two peer stages run
+for every strategy; shift.py, the seed's 0.8 / 0.6 load shifting).
 
 `Scheduler.pick` is synchronous and does no I/O. Its time is the stats' clock and its
 randomness an injected `random.Random`, so tests and the simulation replay exactly.
@@ -16,11 +17,13 @@ from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
 from switchgear.dataplane.scheduling.peers import PeerSettings, off_slow, over_cap, record_pick
 from switchgear.dataplane.scheduling.scorers import clamp
+from switchgear.dataplane.scheduling.shift import ShiftSettings, shed
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.scheduling.strategies import STRATEGIES, Strategy
 
 NO_BOUNDS = Bounds()
 DEFAULT_PEERS = PeerSettings()
+DEFAULT_SHIFT = ShiftSettings()
 
 #: A policy's cost cap applies to every strategy, as a preference: when no candidate meets
 #: it, all are kept. Its min_success_rate is a qualification of cost_optimized (the seed's
@@ -46,8 +49,10 @@ class Scheduler:
         tenant_allowed: Callable[[str, Candidate], bool] | None = None,
         strategies: Mapping[str, Strategy] = STRATEGIES,
         peers: PeerSettings | None = DEFAULT_PEERS,
+        shift: ShiftSettings | None = DEFAULT_SHIFT,
     ) -> None:
-        """`peers`: the slow-peer and share-cap stages (peers.py); None leaves them out."""
+        """`peers`: the slow-peer and share-cap stages (peers.py); `shift`: the load-shifting
+        stage's default thresholds (shift.py); None leaves them out."""
         self.stats = stats
         self.rng = rng or random.Random()
         self.strategies = strategies
@@ -59,6 +64,7 @@ class Scheduler:
         self._peers = peers
         self._off_slow = off_slow(peers) if peers is not None else None
         self._over_cap = over_cap(peers) if peers is not None else None
+        self._shed = shed(shift) if shift is not None else None
         self._memory: dict[tuple[str, str], dict[str, Any]] = {}
 
     def pick(
@@ -93,6 +99,8 @@ class Scheduler:
                 capped = self._over_cap(cands, ctx)
                 if capped:
                     cands = [c for c in cands if c.key not in capped]
+            if self._shed is not None and len(cands) > 1:
+                cands = self._shed(cands, ctx)
             for stage in plan.stages:
                 cands = stage(cands, ctx)
         scores = None

@@ -19,6 +19,8 @@ What is kept, per endpoint:
 - success rate over a sliding time window of buckets, with one prior success so a fresh
   endpoint reads 1.0 and one failure in few samples does not condemn it;
 - the EWMA of the observed cost of a successful request (USD);
+- latency by concurrency level (`Capacity`), from which a capacity is learned where no
+  max_concurrency is configured (scheduling/shift.py sheds load above 80 % of it);
 - when the endpoint was first seen — or last came back from being blocked (open breaker,
   ejection, Retry-After hold) — for slow start: a target back from a fault ramps up over
   `recovery_ramp_s` instead of taking its full share at once (no herd onto it, and none away
@@ -64,6 +66,7 @@ class StatsConfig:
     (see scorers.latency_estimates) — what lets a penalised endpoint be tried again.
     `recovery_ramp_s`: the slow-start window of an endpoint coming back from being blocked
     (`LiveStats.unblocked`); shorter than a new endpoint's, since its numbers are known.
+    `bend_factor`, `bend_samples`: the learned capacity's rule (`Capacity`).
     """
 
     decay_s: float = 10.0
@@ -77,6 +80,68 @@ class StatsConfig:
     forget_s: float = 30.0
     mean_alpha: float = 0.1
     recovery_ramp_s: float = 5.0
+    bend_factor: float = 2.0
+    bend_samples: int = 8
+
+
+#: Concurrency levels are grouped in powers of two: 1, 2-3, 4-7, ... up to 2**(LEVELS - 1) and more.
+LEVELS = 12
+
+
+class Capacity:
+    """Where an endpoint's latency bends: its capacity, learned, for endpoints with no
+    configured max_concurrency (an elastic provider API still queues or throttles somewhere).
+
+    Each success is a sample at concurrency level n = the endpoint's attempts in flight when
+    it ended, itself included (under a steady load, the level it ran at). Its latency is taken
+    per output token when the answer has tokens (so long and short answers compare), else
+    whole. Levels are grouped in powers of two (1, 2-3, 4-7, ...); each group keeps a plain
+    EWMA of its samples (alpha `mean_alpha`) and a count.
+
+    The rule: u = the EWMA of the lowest group with at least `bend_samples` samples (the
+    unloaded value); the capacity is the lowest level 2**g of the first higher group g with at
+    least `bend_samples` samples whose EWMA exceeds `bend_factor` x u — the in-flight level
+    at which latency rises past k x its unloaded value (k = 2 by default). 0 (unknown) until
+    such a group is seen; it moves as the groups' averages do (a provider that scales up stops
+    bending there, and its capacity reads unknown again or higher).
+    """
+
+    __slots__ = ("_learned", "alpha", "counts", "factor", "means", "need")
+
+    def __init__(self, config: StatsConfig) -> None:
+        self.alpha = config.mean_alpha
+        self.factor = config.bend_factor
+        self.need = config.bend_samples
+        self.means = [0.0] * LEVELS
+        self.counts = [0] * LEVELS
+        self._learned: int | None = 0  # None: to be worked out again (read per pick, written per answer)
+
+    def record(self, level: int, sample: float) -> None:
+        self._learned = None
+        g = min(LEVELS - 1, max(1, level).bit_length() - 1)
+        if self.counts[g]:
+            self.means[g] += self.alpha * (sample - self.means[g])
+        else:
+            self.means[g] = sample
+        if self.counts[g] < self.need:
+            self.counts[g] += 1
+
+    def learned(self) -> int:
+        """The learned capacity (in-flight attempts), 0 when unknown (see the class docstring)."""
+        if self._learned is None:
+            self._learned = self._bend()
+        return self._learned
+
+    def _bend(self) -> int:
+        unloaded = 0.0
+        for g in range(LEVELS):
+            if self.counts[g] < self.need:
+                continue
+            if not unloaded:
+                unloaded = self.means[g] or 1e-12
+            elif self.means[g] > self.factor * unloaded:
+                return 1 << g
+        return 0
 
 
 class PeakEwma:
@@ -191,6 +256,7 @@ class EndpointStats:
     """The live numbers of one endpoint. Mutated only by LiveStats."""
 
     __slots__ = (
+        "capacity",
         "completed",
         "cost_usd",
         "created_at",
@@ -227,6 +293,7 @@ class EndpointStats:
         self.lasts = [math.inf] * LASTS  # the latest outcomes' seconds (inf: failed), newest at completed+failed
         self.window = SuccessWindow(config.window_s, config.buckets)
         self.cost_usd: float | None = None
+        self.capacity = Capacity(config)
         self.last_sample_at: float | None = None
         self.completed = 0
         self.failed = 0
@@ -410,6 +477,7 @@ class LiveStats:
         tokens = event.usage.output_tokens
         if tokens > 0:
             stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
+        stats.capacity.record(len(stats.outstanding) + 1, latency / tokens if tokens > 0 else latency)
         stats.window.record(True, now)
         stats.note_last(latency)
         a = self.config.cost_alpha
