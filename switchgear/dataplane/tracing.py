@@ -1,29 +1,32 @@
-"""OpenTelemetry traces for the agent: a span per Invoke, a child span per upstream attempt.
+"""OpenTelemetry traces for the agent: a SERVER span per request, a child span per upstream attempt.
 
 Off by default: with no OTLP endpoint (and no exporter given) `Tracing.configure` returns None
-and nothing is installed — no interceptor span, no observer, no adapter wrapper, so no span is
+and nothing is installed — no server span, no observer, no adapter wrapper, so no span is
 ever created and the request path pays nothing. On:
 
-- `interceptor(...)` wraps GatewayService methods: the W3C trace context (`traceparent`,
-  `tracestate`) is taken from the caller's gRPC metadata, and a SERVER span
-  "switchgear.v1.GatewayService/Invoke" is made current for the call;
+- both doors open a SERVER span continuing the caller's W3C trace context (`traceparent`,
+  `tracestate`; a malformed one starts a new trace): `GatewayInterceptor` for GatewayService
+  ("switchgear.v1.GatewayService/Invoke", from gRPC metadata) and the HTTP door's edge
+  (http_edge.py, "POST /v1/chat/completions", from headers). It is made current for the call;
+  `finish_server_span` records the request's outcome, and marks it ERROR only for the server's
+  own failures (never a stack trace: NOT_FOUND, UNAUTHENTICATED and 4xx are the caller's);
 - the `Tracing` object is an AttemptObserver: `attempt_started` opens a CLIENT span
-  "{gen_ai.operation.name} {gen_ai.request.model}" under the current (Invoke) span and makes it
-  current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
+  "{gen_ai.operation.name} {gen_ai.request.model}" under the current (server) span and makes
+  it current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
   must be sequential on its task (they are: invoke.py awaits each one);
 - `wrap_adapters` puts the current span's context into every upstream request's headers
   (AdapterRequest.headers), so the upstream receives `traceparent`. `upstream_headers()` gives
   the same headers to any code that builds requests itself.
 
 Attributes follow OpenTelemetry's GenAI semantic conventions: gen_ai.system (and
-gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model,
-gen_ai.usage.input_tokens / output_tokens, error.type, server.address; and switchgear.service,
-switchgear.endpoint, switchgear.attempt(s), switchgear.fallback, switchgear.cost_usd,
-switchgear.snapshot_version, switchgear.cache_hit.
+gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model, gen_ai.response.id /
+.model / .finish_reasons (server spans, from the answer), gen_ai.usage.input_tokens /
+output_tokens, error.type, server.address / server.port (attempts: the upstream); and
+switchgear.service, switchgear.endpoint, switchgear.attempt(s), switchgear.fallback,
+switchgear.cost_usd, switchgear.snapshot_version, switchgear.cache_hit, switchgear.request_id.
 
 Sampling: parent-based, trace-id ratio `sample_ratio` for new traces.
 """
-
 from __future__ import annotations
 
 import asyncio
