@@ -8,7 +8,9 @@ plane's grpc.aio, the agent's switchgear.rpc) answer reflection as v1 and as v1a
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 
-def status(url: str) -> int:
+def status(url: str | urllib.request.Request) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return int(response.status)
@@ -58,9 +60,10 @@ def test_ready_only_with_a_snapshot_health_and_reflection(tmp_path: Path) -> Non
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(url="http://127.0.0.1:9"), encoding="utf-8")
     cp_address = f"127.0.0.1:{free_port()}"
+    access = tmp_path / "access.log"
     agent = Proc.switchgear("agent", ["agent", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
                                       "--http-listen", "127.0.0.1:0", "--agent-token-file", str(token_file),
-                                      "--access-log", "off"], tmp_path)
+                                      "--access-log", str(access)], tmp_path)
     cp = Proc.switchgear("cp", ["controlplane", "--db", str(db), "--listen", cp_address, "--config", str(config),
                                 "--no-probes"], tmp_path)
     try:
@@ -72,6 +75,17 @@ def test_ready_only_with_a_snapshot_health_and_reflection(tmp_path: Path) -> Non
         version = agent.wait_line("SERVING ", 20).split()[1]
         assert version
         assert status(f"http://{http}/readyz") == 200
+        request = urllib.request.Request(f"http://{http}/v1/chat/completions", data=b"{}", method="POST",
+                                         headers={"x-request-id": "e2e-1", "Authorization": "Bearer sk-not-a-key"})
+        assert status(request) == 401
+        deadline = time.monotonic() + 5  # the access log reaches its file within its flush interval
+        while not access.exists() or not access.read_bytes().endswith(b"\n"):
+            assert time.monotonic() < deadline, "no access-log line"
+            time.sleep(0.02)
+        (line,) = access.read_text().splitlines()  # the probes are not logged
+        entry = json.loads(line)
+        assert (entry["request_id"], entry["status"], entry["reason"]) == ("e2e-1", 401, "invalid_api_key")
+        assert "sk-not-a-key" not in line
         with grpc.insecure_channel(cp_address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ("", *SERVICE_NAMES):

@@ -26,7 +26,7 @@ few dict updates and, with the access log on, one JSON line.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -107,6 +107,9 @@ class DoorMetrics(PromCollector):
             exchange.endpoint = event.endpoint
 
     def attempt_ended(self, event: AttemptEnd) -> None:
+        exchange = access_log.current()
+        if exchange is not None:
+            exchange.upstream_s += event.latency_s
         if event.cancelled:
             outcome = "cancelled"
         elif event.error is None:
@@ -170,11 +173,14 @@ class DoorMetrics(PromCollector):
 
 class Edge:
     """What each door calls per request (see the module docstring). `holder` tells which
-    routes are real (only those become label values)."""
+    routes are real (only those become label values); `overhead` is told each request's time
+    minus its upstream attempts' (AgentMetrics.record_overhead)."""
 
-    def __init__(self, metrics: DoorMetrics, holder: Holder) -> None:
+    def __init__(self, metrics: DoorMetrics, holder: Holder,
+                 overhead: Callable[[float], None] = lambda seconds: None) -> None:
         self.metrics = metrics
         self._holder = holder
+        self._overhead = overhead
 
     def begin(self, door: str, request_id: str) -> Exchange:
         return Exchange(door, request_id)
@@ -187,5 +193,6 @@ class Edge:
 
     def finish(self, exchange: Exchange) -> None:
         exchange.close()
+        self._overhead(max(0.0, exchange.latency_s - exchange.upstream_s))
         self.metrics.record(exchange)
         access_log.write(exchange)

@@ -3,8 +3,8 @@
 `observe(...)` is the door's outermost middleware. Per request it takes the caller's
 `x-request-id` (access_log.request_id: bounded, else a new one) and echoes it, opens a SERVER
 span continuing the caller's `traceparent` when tracing is on (upstream attempts become its
-children), measures the door's overhead (AgentMetrics.measure, as the gRPC door does), and
-when the answer is out records the request's families and access-log line (door_metrics.Edge).
+children), and when the answer is out records the request's families, its overhead (its time
+minus its upstream attempts') and its access-log line (door_metrics.Edge, as the gRPC door does).
 Handlers tell the current exchange what they learn through the `note_*` helpers.
 
 Probes, unauthenticated and answering nothing else: `GET /healthz` is 200 while the process
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -34,8 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Observe = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-def observe(edge: Edge, tracing: Tracing | None, measure: Callable[[], AbstractContextManager[Any]] | None
-            ) -> Observe:
+def observe(edge: Edge, tracing: Tracing | None) -> Observe:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PROBES:
@@ -46,11 +43,10 @@ def observe(edge: Edge, tracing: Tracing | None, measure: Callable[[], AbstractC
         response: web.StreamResponse | None = None
         left = False
         try:
-            with measure() if measure is not None else nullcontext():
-                if tracing is None:
-                    response = await handler(request)
-                else:
-                    response = await _traced(tracing, request, handler, exchange)
+            if tracing is None:
+                response = await handler(request)
+            else:
+                response = await _traced(tracing, request, handler, exchange)
             if not response.prepared:
                 response.headers["x-request-id"] = exchange.request_id
             return response

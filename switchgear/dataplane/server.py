@@ -169,8 +169,9 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
         exporter=options.span_exporter, node_id=node_id,
     )
     door = DoorMetrics(max_tenants=options.metrics_max_tenants, max_routes=options.metrics_max_routes)
-    return _Observed(LoadAccumulator(), AgentMetrics(version=lambda: holder.version), tracing, LiveStats(), door,
-                     Edge(door, holder))
+    metrics = AgentMetrics(version=lambda: holder.version)
+    edge = Edge(door, holder, metrics.record_overhead)
+    return _Observed(LoadAccumulator(), metrics, tracing, LiveStats(), door, edge)
 
 
 class _Readiness:
@@ -256,7 +257,7 @@ class Agent:
         runner, address = await http_front_door.start(
             self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
             tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits,
-            observe=observe(self.core.observed.edge, self.core.observed.tracing, self.core.observed.metrics.measure))
+            observe=observe(self.core.observed.edge, self.core.observed.tracing))
         stack.push_async_callback(runner.cleanup)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)
         return address
@@ -362,7 +363,7 @@ def _gateway_server(options: Options, observed: _Observed, health_servicer: heal
                     gateway: GatewayServicer) -> tuple[grpc.aio.Server, str]:
     """The gRPC port with the Gateway, health and reflection on it, bound and not started."""
     server = _grpc_server(options.grpc_server,
-                          (GatewayInterceptor(observed.tracing, observed.metrics.measure, observed.edge),),
+                          (GatewayInterceptor(observed.tracing, None, observed.edge),),  # the edge meters overhead
                           options.grpc_limits)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

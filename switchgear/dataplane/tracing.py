@@ -385,22 +385,33 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _unary(self, inner: Any, name: str) -> Any:
         measure = self._measure
 
+        async def lean(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            """No span, no meter of its own: the edge alone (the usual agent, tracing off)."""
+            return await self._call(inner, request, context, self._begin(request, context), None)
+
+        if measure is None and self._tracing is None:
+            return lean
+
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             exchange = self._begin(request, context)
             with measure() if measure is not None else nullcontext(), self._span(name, request, context) as span:
-                code = grpc.StatusCode.OK
-                try:
-                    response = await inner(request, context)
-                except BaseException as exc:
-                    code = _code(context, exc)
-                    raise
-                else:
-                    _answered(exchange, response, span)
-                finally:
-                    self._end(exchange, span, code)
-            return response
+                return await self._call(inner, request, context, exchange, span)
 
         return behavior
+
+    async def _call(self, inner: Any, request: Any, context: grpc.aio.ServicerContext, exchange: Exchange,
+                    span: trace.Span | None) -> Any:
+        code = grpc.StatusCode.OK
+        try:
+            response = await inner(request, context)
+        except BaseException as exc:
+            code = _code(context, exc)
+            raise
+        else:
+            _answered(exchange, response, span)
+        finally:
+            self._end(exchange, span, code)
+        return response
 
     def _stream(self, inner: Any, name: str) -> Any:
         measure = self._measure
