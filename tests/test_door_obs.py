@@ -14,6 +14,7 @@ request ids, a malformed traceparent, a flood of unknown model names and of tena
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
 import json
 import logging
@@ -29,14 +30,17 @@ import grpc
 import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from switchgear.controlplane import tenancy
-from switchgear.controlplane.model import Pricing, Tenant
+from switchgear.controlplane.model import Category, Pricing, Tenant
 from switchgear.controlplane.store import Change
 from switchgear.dataplane.access_log import MAX_REQUEST_ID, Exchange
 from switchgear.dataplane.door_metrics import OTHER, DoorMetrics
 from switchgear.dataplane.server import Options, serve
+from switchgear.emulators.openai import InstanceSpec, start_instances
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import REPO, ControlPlane, Upstream, service
 
@@ -117,12 +121,13 @@ class Agent:
         await self.task
 
 
-async def start_agent(control_planes: list[str], otlp_url: str = "") -> Agent:
+async def start_agent(control_planes: list[str], otlp_url: str = "", exporter: Any = None) -> Agent:
     loop = asyncio.get_running_loop()
     ready, http, metrics = loop.create_future(), loop.create_future(), loop.create_future()
     stop = asyncio.Event()
     options = Options(control_planes=control_planes, listen="127.0.0.1:0", http_listen="127.0.0.1:0",
-                      metrics_listen="127.0.0.1:0", node_id="observed", otlp_endpoint=otlp_url)
+                      metrics_listen="127.0.0.1:0", node_id="observed", otlp_endpoint=otlp_url,
+                      span_exporter=exporter)
     task = asyncio.ensure_future(serve(options, stop, ready.set_result, http.set_result, metrics.set_result))
     return Agent(await ready, await http, await metrics, stop, task)
 
@@ -351,3 +356,67 @@ async def test_probes_answer_before_the_first_snapshot() -> None:
                 assert r.status == 404 and "switchgear_" not in await r.text()
     finally:
         await agent.close()
+
+
+async def test_streams_embeddings_and_refusals_on_both_doors(control_plane: ControlPlane,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Streams through either door log their tokens; an embeddings attempt is an "embeddings"
+    span; gRPC NOT_FOUND and UNAUTHENTICATED leave the SERVER span unset, with no stack trace."""
+    exporter = InMemorySpanExporter()
+    async with await start_instances([InstanceSpec("a")]) as group:
+        control_plane.registry.register(service("chat", group.urls["a"], model="gpt-4o-mini"), "test")
+        control_plane.registry.register(dataclasses.replace(service(
+            "embed", group.urls["a"], model="text-embedding-3-small"), category=Category.EMBEDDING), "test")
+        secret = add_tenant(control_plane, "acme")
+        caplog.set_level(logging.INFO, logger="switchgear.access")
+        agent = await start_agent([control_plane.address], exporter=exporter)
+        base = f"http://{agent.http}"
+        auth = {"Authorization": f"Bearer {secret}"}
+        try:
+            async with aiohttp.ClientSession() as session:
+                await until_ready(session, base)
+                caplog.clear()
+                async with session.post(f"{base}/v1/chat/completions", headers=auth, json={
+                        **CHAT, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                    events = [line for line in (await r.text()).splitlines() if line.startswith("data: {")]
+                    assert r.status == 200 and r.headers["x-request-id"]
+                usage = orjson.loads(events[-1][6:])["usage"]
+                async with session.post(f"{base}/v1/embeddings", headers=auth,
+                                        json={"model": "embed", "input": "hello"}) as r:
+                    assert r.status == 200
+            async with grpc.aio.insecure_channel(agent.grpc) as channel:
+                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+                request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions",
+                                                    payload=orjson.dumps({"messages": CHAT["messages"]}))
+                items = [item async for item in stub.InvokeStream(gateway_pb2.InvokeStreamRequest(
+                    request=request), metadata=(("authorization", f"Bearer {secret}"),), timeout=5)]
+                end = items[-1].end
+                for metadata, service_name, code in (((), "chat", grpc.StatusCode.UNAUTHENTICATED),
+                                                     ((("authorization", f"Bearer {secret}"),), "nope",
+                                                      grpc.StatusCode.NOT_FOUND)):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await stub.Invoke(gateway_pb2.InvokeRequest(
+                            service=service_name, method="chat.completions", payload=b"{}"),
+                            metadata=metadata, timeout=5)
+                    assert info.value.code() == code
+        finally:
+            await agent.close()
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access"]
+    http_stream, embedded, grpc_stream, unauthenticated, not_found = lines
+    assert (http_stream["input_tokens"], http_stream["output_tokens"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"])
+    assert http_stream["input_tokens"] > 0 and http_stream["attempts"] == 1
+    assert embedded["method"] == "embeddings" and embedded["route"] == "embed" and embedded["status"] == 200
+    assert grpc_stream["door"] == "grpc" and grpc_stream["status"] == "OK" and end.usage.input_tokens > 0
+    assert (grpc_stream["input_tokens"], grpc_stream["output_tokens"]) == (end.usage.input_tokens,
+                                                                           end.usage.output_tokens)
+    assert (unauthenticated["status"], unauthenticated["reason"]) == ("UNAUTHENTICATED", "unauthenticated")
+    assert (not_found["status"], not_found["route"]) == ("NOT_FOUND", "")
+    spans = exporter.get_finished_spans()
+    (embedding,) = [s for s in spans if s.kind == SpanKind.CLIENT and s.attributes["switchgear.service"] == "embed"]
+    assert embedding.name == "embeddings text-embedding-3-small"
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+    refused = [s for s in spans if s.kind == SpanKind.SERVER and s.attributes.get("rpc.grpc.status_code") in (5, 16)]
+    assert len(refused) == 2
+    for span in refused:
+        assert span.status.status_code == StatusCode.UNSET and not span.events
