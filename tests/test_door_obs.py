@@ -240,6 +240,7 @@ async def test_both_doors_counted_logged_and_traced(
     attempts = [s for s in traced if s.kind == s.SPAN_KIND_CLIENT]
     assert len(traced) == 3 and len(attempts) == 2
     assert server.parent_span_id.hex() == PARENT_ID
+    assert server.name == "POST /v1/chat/completions"
     assert all(a.parent_span_id == server.span_id for a in attempts)
     attrs = {a.key: _value(a.value) for a in server.attributes}
     assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.request.model"] == "gpt-4o-mini"

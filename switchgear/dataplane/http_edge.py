@@ -26,6 +26,8 @@ from switchgear.dataplane.snapshot import Holder
 from switchgear.dataplane.tracing import Tracing, response_attributes
 
 PROBES = frozenset({"/healthz", "/readyz"})
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _OPERATIONS = {"/v1/chat/completions": "chat.completions", "/v1/embeddings": "embeddings"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,7 +40,7 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
         if request.path in PROBES:
             return await handler(request)
         exchange = edge.begin("http", access_log.request_id(request.headers.get("x-request-id")))
-        exchange.method = _OPERATIONS.get(request.path, request.method)
+        exchange.method = _OPERATIONS.get(request.path) or access_log.label(request.method)  # any token
         request[_REQUEST_ID] = exchange.request_id
         response: web.StreamResponse | None = None
         left = False
@@ -66,9 +68,12 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
 
 async def _traced(tracing: Tracing, request: web.Request, handler: Handler,
                   exchange: access_log.Exchange) -> web.StreamResponse:
-    name = f"{request.method} {request.path if request.path in _OPERATIONS else '/'}"
-    with tracing.server_span(name, request.headers, {"http.request.method": request.method,
-                                                     "url.path": request.path}) as span:
+    # OpenTelemetry HTTP: "{method} {route}", "_OTHER" for a method outside the known set
+    method = request.method if request.method in _METHODS else "_OTHER"
+    path = request.path
+    route = path if path in _ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else ""
+    with tracing.server_span(f"{method} {route}".strip() if method != "_OTHER" else "HTTP", request.headers,
+                             {"http.request.method": method, **({"http.route": route} if route else {})}) as span:
         response = await handler(request)
         if span.is_recording():
             span.set_attribute("http.response.status_code", response.status)
