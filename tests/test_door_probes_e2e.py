@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -100,3 +102,16 @@ def test_ready_only_with_a_snapshot_health_and_reflection(tmp_path: Path) -> Non
     finally:
         agent.stop()
         cp.stop()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--access-log", "/nonexistent-dir/access.log"], "--access-log /nonexistent-dir/access.log"),
+    (["--metrics-max-tenants", "0"], "--metrics-max-tenants"),
+    (["--metrics-max-routes", "many"], "--metrics-max-routes"),
+])
+def test_bad_edge_flags_are_refused_naming_the_flag(flags: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "switchgear", "agent", "--control-plane", "127.0.0.1:9",
+                           "--listen", "127.0.0.1:0", *flags], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SWITCHGEAR_AGENT_TOKEN": "t"})
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
