@@ -306,18 +306,26 @@ async def test_request_ids_and_trace_context_from_outsiders_are_bounded(
                                         headers=auth) as r:
                     assert r.status == 404
             families = scrape(agent.metrics)
+        async with grpc.aio.insecure_channel(agent.grpc) as channel:  # the gRPC door: the same bound
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for given in ("g" * (MAX_REQUEST_ID + 1), "new\nline"):
+                reply = await stub.Invoke(gateway_pb2.InvokeRequest(
+                    service="chat", method="chat.completions", request_id=given,
+                    payload=orjson.dumps({"messages": CHAT["messages"]})),
+                    metadata=(("authorization", f"Bearer {secret}"),), timeout=5)
+                used_ids.append(reply.request_id)
     finally:
         await agent.close()
     assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in used_ids)
     lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access"]
-    assert len(lines) == 205
-    assert [line["request_id"] for line in lines[:4]] == used_ids
+    assert len(lines) == 207
+    assert [line["request_id"] for line in lines[:4] + lines[-2:]] == used_ids
     routes = {s.labels["route"] for s in families["switchgear_requests"].samples}
     assert routes == {"chat", "unknown"}
     assert len(families["switchgear_request_duration_seconds"].samples) < 3 * 20  # two routes' buckets
     # the malformed traceparent: a trace of its own, its server span a root
     roots = [s for s in otlp.spans if s.kind == s.SPAN_KIND_SERVER and not s.parent_span_id]
-    assert len(roots) == 205
+    assert len(roots) == 207
 
 
 def test_label_cardinality_is_bounded() -> None:
