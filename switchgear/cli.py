@@ -92,6 +92,12 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _json_depth(text: str) -> int:
     """--max-json-depth: 2..128. Deeper payloads would let later recursive steps (the cache key,
     usage estimates) near Python's recursion limit, which is what the limit exists to prevent."""
@@ -111,6 +117,7 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from switchgear.dataplane import access_log
     from switchgear.dataplane.http_door import door_limits
     from switchgear.dataplane.server import Options, agent_token, serve
     from switchgear.dataplane.worker import worker_options
@@ -118,6 +125,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     _logging(args.log_level)
     try:
+        access_log.configure(args.access_log)
         token = agent_token(args.agent_token_file, os.environ)
     except ValueError as exc:
         raise SystemExit(f"switchgear agent: {exc}") from None
@@ -131,6 +139,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         http_limits=door_limits(args),
         grpc_server=args.grpc_server, grpc_limits=_grpc_limits(args),
         metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint,
+        metrics_max_tenants=args.metrics_max_tenants, metrics_max_routes=args.metrics_max_routes,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
         redis_probe_interval_s=args.redis_probe_interval, max_json_depth=args.max_json_depth,
@@ -142,8 +151,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     def announce_http(address: str) -> None:
         print(f"HTTP {address}", flush=True)  # after the READY line: supervisors read READY first
 
+    def announce_serving(version: str) -> None:
+        print(f"SERVING {version}", flush=True)  # the first snapshot is held: calls are answered from now
+
     async def run() -> None:
-        await serve(options, _signal_event(), _ready_announcer(args.ready_file), announce_http, _announce_metrics)
+        await serve(options, _signal_event(), _ready_announcer(args.ready_file), announce_http, _announce_metrics,
+                    announce_serving)
 
     run_event_loop(run())
     return 0
@@ -589,6 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--otlp-endpoint", default="", metavar="URL",
                     help="export traces by OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318 "
                          "(default: tracing off)")
+    ag.add_argument("--access-log", default="stderr", metavar="DEST",
+                    help="one JSON line per request through either door: 'stderr', 'off', or a file to append "
+                         "to (default: %(default)s)")
+    ag.add_argument("--metrics-max-tenants", type=_positive_int, default=100, metavar="N",
+                    help="distinct tenant label values in request metrics; later tenants count as 'other' "
+                         "(default: %(default)s)")
+    ag.add_argument("--metrics-max-routes", type=_positive_int, default=500, metavar="N",
+                    help="distinct route label values in request metrics; later routes count as 'other' "
+                         "(default: %(default)s)")
     ag.add_argument("--trace-sample-ratio", type=float, default=1.0,
                     help="share of new traces sampled when tracing is on (default: %(default)s)")
     ag.add_argument("--auth", choices=("api_key", "none"), default="api_key",

@@ -94,7 +94,10 @@ def test_control_plane_metrics_and_the_http_endpoint(tmp_path: Path) -> None:
     for metric in SEED_METRICS:
         assert f"switchgear_{metric}" in fams, metric
     assert value(fams, "switchgear_request_count", endpoint="e0") == 20
-    assert value(fams, "switchgear_request_count", endpoint="") == 20  # the service's total
+    assert value(fams, "switchgear_service_request_count", service="chat") == 20  # the service's total
+    # ... in its own family: a sum over the endpoint family counts each attempt once
+    assert sum(s.value for s in fams["switchgear_request_count"].samples if s.name.endswith("_total")) == 20
+    assert not [s for f in fams.values() for s in f.samples if s.labels.get("endpoint") == ""]
     assert value(fams, "switchgear_error_rate", endpoint="e0") == 0.5
     assert value(fams, "switchgear_avg_response_time", endpoint="e0") == 100.0
     assert value(fams, "switchgear_alert_firing", rule="high_error_rate", service="chat") == 1

@@ -14,6 +14,8 @@ from switchgear.controlplane.metrics import ControlPlaneMetrics
 from switchgear.controlplane.monitor import Monitor
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore
+from switchgear.dataplane.access_log import Exchange
+from switchgear.dataplane.door_metrics import DoorMetrics
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.metrics import AgentMetrics
 from tests.conftest import REPO, service
@@ -32,7 +34,7 @@ def test_dashboard_queries_name_real_series(tmp_path: Path) -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {m for e in exprs for m in re.findall(r"switchgear_\w+", e)}
     for metric in SEED_METRICS:
-        assert any(u.startswith(f"switchgear_{metric}") for u in used), metric
+        assert any(u.startswith((f"switchgear_{metric}", f"switchgear_service_{metric}")) for u in used), metric
 
     agent = AgentMetrics()
     with agent.measure():
@@ -44,6 +46,13 @@ def test_dashboard_queries_name_real_series(tmp_path: Path) -> None:
     collector = Collector()
     collector.record("a", [LoadDelta(service="chat", endpoint="e0", category="llm", issued=1, succeeded=1)], 1.0)
     cp = ControlPlaneMetrics(Monitor(registry, collector), seq=lambda: 1, agents=lambda: 1, reports=lambda: 1)
-    real = exposed(agent) | exposed(cp)
+    door = DoorMetrics()
+    exchange = Exchange("http", "r")
+    exchange.route, exchange.status_class, exchange.reason = "chat", "4xx", "invalid_api_key"
+    exchange.answered(1, 1, 0.01, "e0", 1)
+    exchange.close()
+    door.record(exchange)
+    door.attempt_ended(AttemptEnd("r", "chat", "llm", "e0", 1, 0.1, None, TokenUsage(1, 1)))
+    real = exposed(agent) | exposed(cp) | exposed(door)
     store.close()
     assert used <= real, used - real

@@ -75,7 +75,7 @@ async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_up
     assert reply.attempts == 2
     spans = exporter.get_finished_spans()
     (root,) = [s for s in spans if s.name == "switchgear.v1.GatewayService/Invoke"]
-    attempts = sorted((s for s in spans if s.name.startswith("attempt ")),
+    attempts = sorted((s for s in spans if s.name == "chat gpt-4o-mini"),  # GenAI: "{operation} {model}"
                       key=lambda s: s.attributes["switchgear.attempt"])
     assert len(spans) == 3 and len(attempts) == 2
     # the caller's trace continues: same trace id, the caller's span is the parent
@@ -86,6 +86,8 @@ async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_up
         assert span.attributes["gen_ai.system"] == "openai"
         assert span.attributes["gen_ai.request.model"] == "gpt-4o-mini"
         assert span.attributes["switchgear.service"] == "chat"
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+        assert span.attributes["server.address"] == "127.0.0.1" and span.attributes["server.port"] > 0
     failed, served = attempts
     assert failed.attributes["error.type"] == "retryable" and failed.status.status_code.name == "ERROR"
     assert served.attributes["gen_ai.usage.input_tokens"] == 7

@@ -1,11 +1,13 @@
 """The control plane's /metrics: the fleet's figures, aggregated from every agent's load reports.
 
-Families (labels service, endpoint, category; endpoint="" rows are a service's totals):
+Families (labels service, endpoint, category; one series per endpoint):
 the seed's EXTERNAL_SERVICE_METRICS, each named `switchgear_<seed name>` —
 request_count (counter, attempts since start), success_rate, error_rate, avg_response_time
 (ms, the seed's unit), cost_per_hour (USD), cache_hit_rate, circuit_breaker_trips (counter),
 failover_count (counter), queue_length, resource_utilization (gauges over the monitoring
-window) — plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
+window). A service's totals are in their own families, `switchgear_service_<seed name>`
+(labels service, category), so `sum by (service)` over an endpoint family counts each attempt
+once. Plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
 (1 for the current state label), switchgear_alert_firing, switchgear_alert_no_data (1 while
 a firing alert's window is empty), switchgear_snapshot_seq, switchgear_agents_connected,
 switchgear_load_reports (counter) and, for replicas, switchgear_controlplane_leader /
@@ -26,6 +28,7 @@ from prometheus_client.registry import Collector as PromCollector
 from switchgear.controlplane.monitor import Monitor
 
 LABELS = ("service", "endpoint", "category")
+SERVICE_LABELS = ("service", "category")
 STATES = ("healthy", "degraded", "ejected", "draining")
 
 
@@ -51,9 +54,15 @@ class ControlPlaneMetrics(PromCollector):
         totals = self._monitor.totals()
         for name, (text, attr) in counters.items():
             family = CounterMetricFamily(f"switchgear_{name}", text, labels=LABELS)
+            service = CounterMetricFamily(f"switchgear_service_{name}", f"{text}: the service's total",
+                                          labels=SERVICE_LABELS)
             for key, st in totals.items():
-                family.add_metric([key[0], key[1], st.category], float(getattr(st, attr)))
+                if key[1]:
+                    family.add_metric([key[0], key[1], st.category], float(getattr(st, attr)))
+                else:
+                    service.add_metric([key[0], st.category], float(getattr(st, attr)))
             yield family
+            yield service
         gauges: dict[str, tuple[str, Callable[[Any], float]]] = {
             "success_rate": ("Successful share of finished attempts" + window, lambda r: r.stats.success_rate),
             "error_rate": ("Failed share of finished attempts" + window, lambda r: r.stats.error_rate),
@@ -68,9 +77,15 @@ class ControlPlaneMetrics(PromCollector):
         }
         for name, (text, value) in gauges.items():
             gauge = GaugeMetricFamily(f"switchgear_{name}", text, labels=LABELS)
+            service_gauge = GaugeMetricFamily(f"switchgear_service_{name}", f"{text}: the service's total",
+                                              labels=SERVICE_LABELS)
             for row in rows:
-                gauge.add_metric([row.service, row.endpoint, row.category], float(value(row)))
+                if row.endpoint:
+                    gauge.add_metric([row.service, row.endpoint, row.category], float(value(row)))
+                else:
+                    service_gauge.add_metric([row.service, row.category], float(value(row)))
             yield gauge
+            yield service_gauge
         weight = GaugeMetricFamily("switchgear_endpoint_weight", "Weight served to agents", labels=LABELS)
         health = GaugeMetricFamily("switchgear_endpoint_health", "1 for the endpoint's served health state",
                                    labels=(*LABELS, "state"))

@@ -38,8 +38,8 @@ import grpc
 import httpx
 import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from switchgear import reflection
 from switchgear.controlplane import codec, pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agent_auth import AgentAuthInterceptor, NodeSessions, is_loopback
@@ -197,12 +197,13 @@ async def serve(
     await plane.run(stop or _signal_event(), on_ready, on_metrics, on_console)
 
 
-SERVICE_NAMES = (  # what the health service reports on: "" and the first three
+SERVICE_NAMES = (  # every service this server answers: health reports SERVING for each, and ""
     discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     loadreport_pb2.DESCRIPTOR.services_by_name["LoadReportingService"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
+    reflection.V1ALPHA,
+    reflection.V1,
     TASKS_SERVICE,
     governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name,
 )
@@ -288,7 +289,7 @@ class ControlPlane:
         stack.push_async_callback(self.server.stop, 1.0)
         metrics_address = self._start_metrics(stack)
         self._start_background(stack)
-        for name in ("", *SERVICE_NAMES[:3]):
+        for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self.health.enter_graceful_shutdown)  # first thing on the way down
         return metrics_address
@@ -352,7 +353,7 @@ def build_control_plane(options: Options) -> ControlPlane:
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(parts.loadreports, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    reflection.enable(SERVICE_NAMES, server)
     port = add_port(server, options.listen, options.tls)
     address = f"{options.listen.rsplit(':', 1)[0]}:{port}"
     tasks, replica = _serve_tasks_and_admin(options, parts, server, address)

@@ -9,6 +9,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf import duration_pb2
 
+from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import call_from_proto
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, public_text, refusal
@@ -104,6 +105,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
+            if principal is not None:
+                access_log.note_tenant(principal.tenant.id)
             call = call_from_proto(request, self._pipeline.max_json_depth)
             mode = CacheMode.parse(metadata.get("cache-control"))
             served = await self._pipeline.invoke(call, snapshot, principal, mode)
@@ -125,6 +128,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
+            if principal is not None:
+                access_log.note_tenant(principal.tenant.id)
             call = call_from_proto(request.request, self._pipeline.max_json_depth)
             items = self._pipeline.stream(call, snapshot, principal, self._streamer.stream)
             first = await anext(items)

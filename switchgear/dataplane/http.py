@@ -31,10 +31,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from switchgear.dataplane import anthropic_door
-from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth, new_request_id
+from switchgear.dataplane import access_log, anthropic_door
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
+from switchgear.dataplane.http_edge import Observe, add_probes, request_id_of
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
@@ -152,7 +153,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         raise ApiError(400, f"priority must be 0..10 and timeout 0..{MAX_TIMEOUT_S:g} s", param="headers")
     user = body.get("user")
     return Call(
-        request_id=request.headers.get("x-request-id") or new_request_id(),
+        request_id=request_id_of(request) or access_log.request_id(request.headers.get("x-request-id")),
         category="",
         service=body["model"],
         method=method,
@@ -211,7 +212,10 @@ def _result_headers(result: Result) -> dict[str, str]:
 
 
 def _principal(request: web.Request, snapshot: AgentSnapshot) -> Principal | None:
-    return request.app[_PIPELINE].identify(request.headers.get("Authorization"), snapshot)
+    principal = request.app[_PIPELINE].identify(request.headers.get("Authorization"), snapshot)
+    if principal is not None:
+        access_log.note_tenant(principal.tenant.id)
+    return principal
 
 
 async def _invoke(request: web.Request, method: str, category: str) -> web.StreamResponse:
@@ -220,12 +224,16 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
     body = parse_body(await request.read(), request.app[_PIPELINE].max_json_depth)
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
+    access_log.note_route(body["model"])
     call = make_call(request, body, method)
     pipeline = request.app[_PIPELINE]
     if body.get("stream") is True:
         return await _stream(request, call, snapshot, body, principal)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
-    headers = _result_headers(served.result)
+    result = served.result
+    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+                           result.attempts, served.cached)
+    headers = _result_headers(result)
     if served.cached:
         headers["x-switchgear-cache"] = "hit"
     return web.Response(body=served.result.body, content_type="application/json", headers=headers)
@@ -256,6 +264,9 @@ async def _stream(
             item = await anext(items)
     finally:  # also when the caller disconnects: release the upstream connection and charge now
         await items.aclose()
+    if isinstance(item, StreamEnd):
+        access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
+                               item.attempts)
     if item.error is not None:
         await response.write(render(failed(item.error, item.attempts, item.service, item.endpoint,
                                            interrupted=True)).sse())
@@ -318,9 +329,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except ApiError as exc:
+        access_log.note_reason(exc.code)
         return exc.response()
     except REFUSED as exc:
-        return render(refusal(exc)).response()
+        refused = render(refusal(exc))
+        access_log.note_reason(refused.code)
+        return refused.response()
     except web.HTTPRequestEntityTooLarge:
         return ApiError(413, "request body too large", code="request_too_large").response()
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
@@ -329,11 +343,13 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def build_app(
     holder: Holder, invoker: Invoker, streamer: Streamer, pipeline: Pipeline | None = None,
-    limits: DoorLimits = DEFAULT_LIMITS,
+    limits: DoorLimits = DEFAULT_LIMITS, observe: Observe | None = None,
 ) -> web.Application:
-    """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests."""
-    app = web.Application(middlewares=[anthropic_door.reshape, body_guard(limits), _errors],
-                          client_max_size=limits.max_body_bytes)
+    """`pipeline` governs and caches calls; None: open (no keys, quotas or cache), for tests.
+    `observe`: the edge middleware (http_edge.py: request id, span, metrics, access log), outermost
+    so that it sees the answer as sent (after the Anthropic door reshapes its errors)."""
+    middlewares = [*((observe,) if observe is not None else ()), anthropic_door.reshape, body_guard(limits), _errors]
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_body_bytes)
     app[_HOLDER] = holder
     app[_INVOKER] = invoker
     app[_STREAMER] = streamer
@@ -344,17 +360,18 @@ def build_app(
     app.router.add_get("/v1/models/{model}", get_model)
     anthropic_door.add_routes(app, anthropic_door.Hooks(  # POST /v1/messages, on this door's pipeline
         _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER]))
+    add_probes(app, holder)
     return app
 
 
 async def start(
     holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None,
-    tls: ssl.SSLContext | None = None, limits: DoorLimits = DEFAULT_LIMITS,
+    tls: ssl.SSLContext | None = None, limits: DoorLimits = DEFAULT_LIMITS, observe: Observe | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Start the front door on `listen` ("host:port", port 0 picks one), over TLS when `tls` is
     given, bounded by `limits` (http_door.py); (runner, bound address)."""
     host, _, port = listen.rpartition(":")
-    door = runner(build_app(holder, invoker, streamer, pipeline, limits), limits)
+    door = runner(build_app(holder, invoker, streamer, pipeline, limits, observe), limits)
     await door.setup()
     site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls)
     await site.start()

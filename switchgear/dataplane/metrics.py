@@ -2,12 +2,13 @@
 
 Families (labels service, endpoint, category; endpoint="" carries service-level figures), all
 named `switchgear_<seed name>` as on the control plane, for this agent only:
-request_count, circuit_breaker_trips, failover_count (counters since start); success_rate,
+request_count (upstream attempts, retries included: requests are door_metrics.py's
+switchgear_requests_total), circuit_breaker_trips, failover_count (counters since start); success_rate,
 error_rate, avg_response_time (ms), cost_per_hour (USD), cache_hit_rate (gauges over the last
 `window_s`); queue_length, resource_utilization, in_flight (gauges now). Plus histograms
 switchgear_response_time_seconds (attempt latency, for PromQL quantiles) and
-switchgear_gateway_overhead_seconds (time an Invoke spent in Switchgear, excluding upstream
-attempts), and switchgear_snapshot_info.
+switchgear_gateway_overhead_seconds (time a request through either door spent in Switchgear,
+excluding upstream attempts), and switchgear_snapshot_info.
 
 Cost: an attempt is a few dict updates on the event loop; families are built at scrape time.
 
@@ -176,17 +177,21 @@ class AgentMetrics(PromCollector):
 
     @contextmanager
     def measure(self) -> Iterator[None]:
-        """Wrap one Invoke: records its time minus its upstream attempts' time as overhead."""
+        """Wrap one request (either door): records its time minus its upstream attempts' time as overhead."""
         upstream = [0.0]
         token = _UPSTREAM.set(upstream)
         start = time.perf_counter()
         try:
             yield
         finally:
-            overhead = max(0.0, time.perf_counter() - start - upstream[0])
             _UPSTREAM.reset(token)
-            self._overhead[bisect.bisect_left(OVERHEAD_BOUNDS_S, overhead)] += 1
-            self._overhead_sum += overhead
+            self.record_overhead(max(0.0, time.perf_counter() - start - upstream[0]))
+
+    def record_overhead(self, seconds: float) -> None:
+        """One request's time in Switchgear, its upstream attempts' time excluded (the doors'
+        edge measures it: door_metrics.Edge)."""
+        self._overhead[bisect.bisect_left(OVERHEAD_BOUNDS_S, seconds)] += 1
+        self._overhead_sum += seconds
 
     # Prometheus
     def collect(self) -> Iterator[Any]:
@@ -230,7 +235,8 @@ class AgentMetrics(PromCollector):
                                      t.latency_sum_s)
         yield histogram
         overhead = HistogramMetricFamily(
-            "switchgear_gateway_overhead_seconds", "Time an Invoke spent in Switchgear, excluding upstream attempts")
+            "switchgear_gateway_overhead_seconds",
+            "Time a request (either door) spent in Switchgear, excluding upstream attempts")
         overhead.add_metric([], _buckets(self._overhead, OVERHEAD_BOUNDS_S), self._overhead_sum)
         yield overhead
         if self._decisions is not None:

@@ -20,9 +20,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from switchgear import __version__, rpc
+from switchgear import __version__, reflection, rpc
 from switchgear.adapters import builtin_adapters
 from switchgear.dataplane import http as http_front_door
 from switchgear.dataplane.attempts import Resilience, ResilienceSettings
@@ -30,9 +29,11 @@ from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.client import AGENT_TOKEN_ENV, Applier, SnapshotClient
 from switchgear.dataplane.convert import MAX_JSON_DEPTH
+from switchgear.dataplane.door_metrics import DEFAULT_MAX_ROUTES, DEFAULT_MAX_TENANTS, DoorMetrics, Edge
 from switchgear.dataplane.events import AttemptObserver
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.http_door import DoorLimits, door_budget, raise_nofile_limit
+from switchgear.dataplane.http_edge import observe
 from switchgear.dataplane.invoke import Invoker
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
@@ -78,6 +79,9 @@ class Options:
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 1.0
     span_exporter: Any = None
+    # Request metrics' label bounds (door_metrics.py): distinct tenants / routes before "other".
+    metrics_max_tenants: int = DEFAULT_MAX_TENANTS
+    metrics_max_routes: int = DEFAULT_MAX_ROUTES
     # Task worker (worker.py): capacity 0 = this agent runs no tasks.
     worker: WorkerOptions = WorkerOptions()
     # Governance and cache (pipeline.py): client keys required unless explicitly off; Redis
@@ -116,11 +120,13 @@ def default_node_id() -> str:
 @dataclass(frozen=True)
 class Announce:
     """Who is told each bound address once the process is up (None: nobody), in this order:
-    the gRPC address, then the front door's, then /metrics'."""
+    the gRPC address, then the front door's, then /metrics'; and `serving` the snapshot
+    version once the first snapshot is held (the agent answers calls from then on)."""
 
     ready: Callable[[str], None] | None = None
     http: Callable[[str], None] | None = None
     metrics: Callable[[str], None] | None = None
+    serving: Callable[[str], None] | None = None
 
 
 async def serve(
@@ -129,10 +135,12 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     on_http_ready: Callable[[str], None] | None = None,
     on_metrics: Callable[[str], None] | None = None,
+    on_serving: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until `stop` is set. Once every port serves, `on_ready` gets the gRPC address, then
-    `on_http_ready` the front door's (with `options.http_listen`), then `on_metrics` /metrics'."""
-    await build_agent(options).run(stop, Announce(on_ready, on_http_ready, on_metrics))
+    `on_http_ready` the front door's (with `options.http_listen`), then `on_metrics` /metrics';
+    `on_serving` gets the first snapshot's version once it is held."""
+    await build_agent(options).run(stop, Announce(on_ready, on_http_ready, on_metrics, on_serving))
 
 
 @dataclass(frozen=True)
@@ -143,10 +151,12 @@ class _Observed:
     metrics: AgentMetrics
     tracing: Tracing | None
     live_stats: LiveStats
+    door: DoorMetrics  # both doors' request families (door_metrics.py)
+    edge: Edge
 
     @property
     def observers(self) -> list[AttemptObserver]:
-        return [self.load, self.metrics, *tracing_observers(self.tracing), self.live_stats]
+        return [self.load, self.metrics, self.door, *tracing_observers(self.tracing), self.live_stats]
 
     def cache_lookup(self, service: str, hit: bool) -> None:
         self.metrics.record_cache(service, hit)
@@ -158,7 +168,10 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
         holder, otlp_endpoint=options.otlp_endpoint, sample_ratio=options.trace_sample_ratio,
         exporter=options.span_exporter, node_id=node_id,
     )
-    return _Observed(LoadAccumulator(), AgentMetrics(version=lambda: holder.version), tracing, LiveStats())
+    door = DoorMetrics(max_tenants=options.metrics_max_tenants, max_routes=options.metrics_max_routes)
+    metrics = AgentMetrics(version=lambda: holder.version)
+    edge = Edge(door, holder, metrics.record_overhead)
+    return _Observed(LoadAccumulator(), metrics, tracing, LiveStats(), door, edge)
 
 
 class _Readiness:
@@ -169,8 +182,12 @@ class _Readiness:
                  health_servicer: health.aio.HealthServicer) -> None:
         self._router, self._resilience, self._pool, self._health = router, resilience, pool, health_servicer
         self._background: set[asyncio.Task[None]] = set()
+        self.on_serving: Callable[[str], None] | None = None  # told the first snapshot's version, once
 
     def applied(self, snapshot: AgentSnapshot) -> None:
+        if self.on_serving is not None:
+            on_serving, self.on_serving = self.on_serving, None
+            on_serving(snapshot.version)
         self._router.retain(snapshot.services.values())  # stats of endpoints that persist are kept
         self._resilience.apply(snapshot)  # breakers, ejection, admission limits and queue bounds
         task = asyncio.ensure_future(_after_apply(snapshot, self._pool, self._health))
@@ -212,6 +229,8 @@ class Agent:
         http_address = await self._start_http(stack)
         metrics_address = self._start_metrics(stack)
         stack.push_async_callback(self.tasks_client.close)
+        if self.core.readiness is not None:  # set before the snapshot client runs: no first snapshot is missed
+            self.core.readiness.on_serving = announce.serving
         _run_until(stack, stop, self.client.run, self.reporter.run,
                    *((self.worker.run,) if self.worker is not None else ()))
         stack.push_async_callback(self.core.health.enter_graceful_shutdown)  # first thing on the way down
@@ -237,7 +256,8 @@ class Agent:
         tls = self.options.serve_tls
         runner, address = await http_front_door.start(
             self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
-            tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits)
+            tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits,
+            observe=observe(self.core.observed.edge, self.core.observed.tracing))
         stack.push_async_callback(runner.cleanup)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)
         return address
@@ -246,7 +266,8 @@ class Agent:
         if not self.options.metrics_listen:
             return None
         redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
-        server, address = serve_metrics(self.core.observed.metrics, self.options.metrics_listen, *redis_metrics)
+        observed = self.core.observed
+        server, address = serve_metrics(observed.metrics, self.options.metrics_listen, observed.door, *redis_metrics)
         stack.callback(server.shutdown)
         log.info("agent %s metrics on http://%s/metrics", self.core.node.id, address)
         return address
@@ -286,8 +307,8 @@ def build_agent(options: Options) -> Agent:
     readiness = _Readiness(router, resilience, pool, health_servicer)
     client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, readiness.applied),
                             tls=options.control_plane_tls, token=options.control_plane_token)
-    return _build_calls(options, _Core(node, holder, observed, health_servicer, pool, client, router, resilience),
-                        adapters)
+    return _build_calls(options, _Core(node, holder, observed, health_servicer, pool, client, router, resilience,
+                                       readiness), adapters)
 
 
 @dataclass(frozen=True)
@@ -302,6 +323,7 @@ class _Core:
     client: SnapshotClient
     router: Router
     resilience: Resilience
+    readiness: _Readiness | None = None  # told each applied snapshot; says SERVING once
 
 
 def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
@@ -340,13 +362,12 @@ def _reporter(options: Options, core: _Core, pipeline: Pipeline) -> ReportClient
 def _gateway_server(options: Options, observed: _Observed, health_servicer: health.aio.HealthServicer,
                     gateway: GatewayServicer) -> tuple[grpc.aio.Server, str]:
     """The gRPC port with the Gateway, health and reflection on it, bound and not started."""
-    server = _grpc_server(options.grpc_server, (GatewayInterceptor(observed.tracing, observed.metrics.measure),),
+    server = _grpc_server(options.grpc_server,
+                          (GatewayInterceptor(observed.tracing, None, observed.edge),),  # the edge meters overhead
                           options.grpc_limits)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    reflection.enable((GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = add_port(server, options.listen, options.serve_tls)
     return server, f"{options.listen.rsplit(':', 1)[0]}:{port}"
 

@@ -1,39 +1,44 @@
-"""OpenTelemetry traces for the agent: a span per Invoke, a child span per upstream attempt.
+"""OpenTelemetry traces for the agent: a SERVER span per request, a child span per upstream attempt.
 
 Off by default: with no OTLP endpoint (and no exporter given) `Tracing.configure` returns None
-and nothing is installed — no interceptor span, no observer, no adapter wrapper, so no span is
+and nothing is installed — no server span, no observer, no adapter wrapper, so no span is
 ever created and the request path pays nothing. On:
 
-- `interceptor(...)` wraps GatewayService methods: the W3C trace context (`traceparent`,
-  `tracestate`) is taken from the caller's gRPC metadata, and a SERVER span
-  "switchgear.v1.GatewayService/Invoke" is made current for the call;
+- both doors open a SERVER span continuing the caller's W3C trace context (`traceparent`,
+  `tracestate`; a malformed one starts a new trace): `GatewayInterceptor` for GatewayService
+  ("switchgear.v1.GatewayService/Invoke", from gRPC metadata) and the HTTP door's edge
+  (http_edge.py, "POST /v1/chat/completions", from headers). It is made current for the call;
+  `finish_server_span` records the request's outcome, and marks it ERROR only for the server's
+  own failures (never a stack trace: NOT_FOUND, UNAUTHENTICATED and 4xx are the caller's);
 - the `Tracing` object is an AttemptObserver: `attempt_started` opens a CLIENT span
-  "{gen_ai.operation.name} {gen_ai.request.model}" under the current (Invoke) span and makes it
-  current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
+  "{gen_ai.operation.name} {gen_ai.request.model}" under the current (server) span and makes
+  it current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
   must be sequential on its task (they are: invoke.py awaits each one);
 - `wrap_adapters` puts the current span's context into every upstream request's headers
   (AdapterRequest.headers), so the upstream receives `traceparent`. `upstream_headers()` gives
   the same headers to any code that builds requests itself.
 
 Attributes follow OpenTelemetry's GenAI semantic conventions: gen_ai.system (and
-gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model,
-gen_ai.usage.input_tokens / output_tokens, error.type, server.address; and switchgear.service,
-switchgear.endpoint, switchgear.attempt(s), switchgear.fallback, switchgear.cost_usd,
-switchgear.snapshot_version, switchgear.cache_hit.
+gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model, gen_ai.response.id /
+.model / .finish_reasons (server spans, from the answer), gen_ai.usage.input_tokens /
+output_tokens, error.type, server.address / server.port (attempts: the upstream); and
+switchgear.service, switchgear.endpoint, switchgear.attempt(s), switchgear.fallback,
+switchgear.cost_usd, switchgear.snapshot_version, switchgear.cache_hit, switchgear.request_id.
 
 Sampling: parent-based, trace-id ratio `sample_ratio` for new traces.
 """
-
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -45,6 +50,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from switchgear import __version__
 from switchgear.adapters.base import Adapter, AdapterRequest, AdapterResponse, Target
+from switchgear.dataplane import access_log
+from switchgear.dataplane.access_log import Exchange
+from switchgear.dataplane.door_metrics import Edge, grpc_status_class
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.snapshot import Holder
 
@@ -54,6 +62,43 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 GATEWAY_PREFIX = "/switchgear.v1.GatewayService/"
 _OPERATIONS = {"chat.completions": "chat", "completions": "text_completion", "embeddings": "embeddings",
                "messages": "chat"}
+_CATEGORY_OPERATIONS = {"llm": "chat", "embedding": "embeddings"}
+#: gRPC codes that are the server's failure (OpenTelemetry's RPC conventions): only these mark
+#: a SERVER span ERROR; NOT_FOUND, UNAUTHENTICATED and the like are the caller's.
+_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+
+
+def _server_address(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    attrs: dict[str, Any] = {"server.address": parts.hostname or ""}
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return attrs
+    attrs["server.port"] = port
+    return attrs
+
+
+def response_attributes(span: trace.Span, body: bytes) -> None:
+    """gen_ai.response.id / .model / .finish_reasons from an OpenAI-shaped JSON answer."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(answer, dict):
+        return
+    for key, attr in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
+        value = answer.get(key)
+        if isinstance(value, str) and value:
+            span.set_attribute(attr, value)
+    choices = answer.get("choices")
+    if isinstance(choices, list):
+        reasons = [c["finish_reason"] for c in choices
+                   if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+        if reasons:
+            span.set_attribute("gen_ai.response.finish_reasons", reasons)
 
 
 def upstream_headers() -> dict[str, str]:
@@ -121,12 +166,41 @@ class Tracing:
     # --- the Invoke span -------------------------------------------------------------------
 
     @contextmanager
-    def invoke_span(self, name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any]) -> Iterator[trace.Span]:
-        """A SERVER span continuing the caller's trace (W3C headers in `carrier`), made current."""
+    def server_span(self, name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any]) -> Iterator[trace.Span]:
+        """A SERVER span continuing the caller's trace (W3C headers in `carrier`; a malformed
+        `traceparent` starts a new trace), made current. An exception passing through does not
+        mark it ERROR nor record a stack trace: the door sets its status from the answer."""
         parent = _PROPAGATOR.extract(carrier, getter=_Getter())  # type: ignore[arg-type]
         with self.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
-                                               attributes=dict(attributes)) as span:
+                                               attributes=dict(attributes), record_exception=False,
+                                               set_status_on_exception=False) as span:
             yield span
+
+    invoke_span = server_span
+
+    def finish_server_span(self, span: trace.Span, exchange: Exchange, error: bool) -> None:
+        """The request's outcome on its SERVER span (GenAI attributes for the service asked
+        for, usage, attempts); ERROR only for a failure that is not the caller's own."""
+        if not span.is_recording():
+            return
+        if exchange.route:
+            span.set_attributes(self.request_attributes(exchange.route, exchange.method))
+        elif exchange.method in _OPERATIONS:
+            span.set_attribute("gen_ai.operation.name", operation_name(exchange.method))
+        span.set_attribute("switchgear.request_id", exchange.request_id)
+        if exchange.tenant:
+            span.set_attribute("switchgear.tenant", exchange.tenant)
+        if exchange.attempts:
+            span.set_attribute("switchgear.attempts", exchange.attempts)
+        if exchange.endpoint:
+            span.set_attribute("switchgear.endpoint", exchange.endpoint)
+        if exchange.input_tokens or exchange.output_tokens:
+            span.set_attribute("gen_ai.usage.input_tokens", exchange.input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", exchange.output_tokens)
+        if exchange.reason:
+            span.set_attribute("error.type", exchange.reason)
+        if error:
+            span.set_status(Status(StatusCode.ERROR, exchange.reason))
 
     def request_attributes(self, service: str, method: str) -> dict[str, Any]:
         attrs: dict[str, Any] = {"switchgear.service": service, "gen_ai.operation.name": operation_name(method)}
@@ -145,10 +219,13 @@ class Tracing:
         snapshot = self._holder.current
         view = snapshot.services.get(event.service) if snapshot else None
         model = view.model if view else ""
+        exchange = access_log.current()
+        method = exchange.method if exchange is not None and exchange.method in _OPERATIONS else ""
+        operation = operation_name(method) if method else _CATEGORY_OPERATIONS.get(event.category, event.category)
         attrs: dict[str, Any] = {
             "switchgear.service": event.service, "switchgear.endpoint": event.endpoint,
             "switchgear.attempt": event.attempt, "switchgear.category": event.category,
-            "switchgear.request_id": event.request_id,
+            "switchgear.request_id": event.request_id, "gen_ai.operation.name": operation,
         }
         if view is not None:
             attrs["gen_ai.system"] = attrs["gen_ai.provider.name"] = view.protocol
@@ -156,8 +233,9 @@ class Tracing:
                 attrs["gen_ai.request.model"] = model
             url = next((e.url for e in view.endpoints if e.id == event.endpoint), "")
             if url:
-                attrs["server.address"] = urlsplit(url).hostname or ""
-        name = f"attempt {event.service}/{event.endpoint}" + (f" {model}" if model else "")
+                attrs.update(_server_address(url))
+        # OpenTelemetry GenAI: "{gen_ai.operation.name} {gen_ai.request.model}"
+        name = f"{operation} {model or event.service}"
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
         token = otel_context.attach(trace.set_span_in_context(span))
         self._attempts[(event.request_id, event.attempt)] = (span, token)
@@ -230,15 +308,19 @@ Measure = Callable[[], Any]  # a context manager factory, e.g. AgentMetrics.meas
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps GatewayService handlers: Invoke span (when tracing is on) and overhead (when a meter
-    is given). Other services pass through untouched."""
+    """Wraps GatewayService handlers, the gRPC door's edge: the request id (the caller's
+    `request_id`, else `x-request-id` metadata, bounded as access_log.request_id; the request
+    carries the one used, so the answer does too), the SERVER span (when tracing is on), the
+    overhead meter (when given) and, with an `edge`, the request's metrics and access-log line.
+    Other services pass through untouched."""
 
-    def __init__(self, tracing: Tracing | None, measure: Measure | None) -> None:
+    def __init__(self, tracing: Tracing | None, measure: Measure | None, edge: Edge | None = None) -> None:
         self._tracing = tracing
         self._measure = measure
-        # Without tracing a wrapper needs nothing of the call, so one per method handler serves
-        # every call (building it per call was ~5% of an agent's CPU per Invoke).
-        self._untraced: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._edge = edge
+        # A wrapper reads what it needs of a call from its context, so one per method handler
+        # serves every call (building one per call was ~5% of an agent's CPU per Invoke).
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -248,73 +330,130 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if handler is None or not method.startswith(GATEWAY_PREFIX):
             return handler
-        if self._tracing is None:
-            if handler.unary_unary is None:
-                return handler
-            wrapped = self._untraced.get(handler)
-            if wrapped is None:
-                wrapped = self._untraced[handler] = grpc.unary_unary_rpc_method_handler(
-                    self._unary(handler.unary_unary, method[1:], {}), request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
-            return wrapped
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        if self._tracing is None and self._measure is None and self._edge is None:
+            return handler
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped[handler] = self._wrap(handler, method[1:])
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method[1:], metadata),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None and self._tracing is not None:
+                self._unary(handler.unary_unary, name), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method[1:], metadata),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._stream(handler.unary_stream, name), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         return handler
 
-    def _unary(self, inner: Any, name: str, metadata: Mapping[str, str]) -> Any:
-        tracing, measure = self._tracing, self._measure
+    def _begin(self, call: Any, context: grpc.aio.ServicerContext) -> Exchange:
+        given = call.request_id
+        if not given:
+            given = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+        rid = access_log.request_id(given if isinstance(given, str) else None)
+        if rid != call.request_id:
+            call.request_id = rid
+        exchange = Exchange("grpc", rid)
+        exchange.method = access_log.label(call.method)
+        if self._edge is not None:
+            self._edge.route(exchange, call.service)
+        return exchange
+
+    def _span(self, name: str, call: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self._tracing is None:
+            return nullcontext(None)
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return self._tracing.server_span(name, metadata, {
+            **self._tracing.request_attributes(call.service, call.method), "rpc.system": "grpc",
+            "rpc.service": name.partition("/")[0], "rpc.method": name.partition("/")[2]})
+
+    def _end(self, exchange: Exchange, span: trace.Span | None, code: grpc.StatusCode) -> None:
+        exchange.status = code.name
+        exchange.status_class = grpc_status_class(code)
+        if code != grpc.StatusCode.OK and not exchange.reason:
+            exchange.reason = code.name.lower()
+        if span is not None and self._tracing is not None:
+            span.set_attribute("rpc.grpc.status_code", int(code.value[0]))
+            self._tracing.finish_server_span(span, exchange, error=code in _SERVER_FAULTS)
+        if self._edge is not None:
+            self._edge.finish(exchange)
+        else:
+            exchange.close()
+
+    def _unary(self, inner: Any, name: str) -> Any:
+        measure = self._measure
+
+        async def lean(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            """No span, no meter of its own: the edge alone (the usual agent, tracing off)."""
+            return await self._call(inner, request, context, self._begin(request, context), None)
+
+        if measure is None and self._tracing is None:
+            return lean
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if measure is None:
-                return await self._traced(inner, name, metadata, request, context)
-            with measure():
-                return await self._traced(inner, name, metadata, request, context)
+            exchange = self._begin(request, context)
+            with measure() if measure is not None else nullcontext(), self._span(name, request, context) as span:
+                return await self._call(inner, request, context, exchange, span)
 
-        return behavior if (tracing is not None or measure is not None) else inner
+        return behavior
 
-    async def _traced(self, inner: Any, name: str, metadata: Mapping[str, str], request: Any,
-                      context: grpc.aio.ServicerContext) -> Any:
-        if self._tracing is None:
-            return await inner(request, context)
-        with self._tracing.invoke_span(name, metadata, self._tracing.request_attributes(
-                getattr(request, "service", ""), getattr(request, "method", ""))) as span:
-            try:
-                response = await inner(request, context)
-            except BaseException:
-                _status_attributes(span, context)
-                raise
-            _response_attributes(span, response)
-            return response
+    async def _call(self, inner: Any, request: Any, context: grpc.aio.ServicerContext, exchange: Exchange,
+                    span: trace.Span | None) -> Any:
+        code = grpc.StatusCode.OK
+        try:
+            response = await inner(request, context)
+        except BaseException as exc:
+            code = _code(context, exc)
+            raise
+        else:
+            _answered(exchange, response, span)
+        finally:
+            self._end(exchange, span, code)
+        return response
 
-    def _stream(self, inner: Any, name: str, metadata: Mapping[str, str]) -> Any:
-        tracing = self._tracing
-        assert tracing is not None
+    def _stream(self, inner: Any, name: str) -> Any:
+        measure = self._measure
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = getattr(request, "request", request)
-            with tracing.invoke_span(name, metadata, tracing.request_attributes(
-                    getattr(call, "service", ""), getattr(call, "method", ""))) as span:
-                async for item in inner(request, context):
-                    if getattr(item, "HasField", None) and item.HasField("end"):
-                        _response_attributes(span, item.end)
-                    yield item
+            call = request.request
+            exchange = self._begin(call, context)
+            with measure() if measure is not None else nullcontext(), self._span(name, call, context) as span:
+                code = grpc.StatusCode.OK
+                try:
+                    async for item in inner(request, context):
+                        if item.HasField("end"):
+                            _answered(exchange, item.end, span)
+                        yield item
+                except BaseException as exc:
+                    code = _code(context, exc)
+                    raise
+                finally:
+                    self._end(exchange, span, code)
 
         return behavior
 
 
-def _status_attributes(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
-    """The gRPC status an aborted call ends with (the exception itself says only "aborted")."""
+def _code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status a call that raised ends with (an abort's exception says only "aborted")."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED
     code = context.code() if hasattr(context, "code") else None
-    if code is not None and span.is_recording():
-        span.set_attribute("rpc.grpc.status_code", int(code.value[0]) if hasattr(code, "value") else int(code))
-        span.set_status(Status(StatusCode.ERROR, f"{getattr(code, 'name', code)}: {context.details() or ''}"))
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _answered(exchange: Exchange, response: Any, span: trace.Span | None) -> None:
+    usage = response.usage
+    exchange.answered(int(usage.input_tokens), int(usage.output_tokens), float(usage.cost_usd), response.endpoint,
+                      int(response.attempts), bool(getattr(response, "cached", False)))
+    if span is not None:
+        _response_attributes(span, response)
+        payload = getattr(response, "payload", b"")
+        if payload and span.is_recording():
+            response_attributes(span, payload)
 
 
 def _response_attributes(span: trace.Span, response: Any) -> None:

@@ -1,0 +1,108 @@
+"""The HTTP front door's edge: request id, SERVER span, overhead, metrics and access log, probes.
+
+`observe(...)` is the door's outermost middleware. Per request it takes the caller's
+`x-request-id` (access_log.request_id: bounded, else a new one) and echoes it, opens a SERVER
+span continuing the caller's `traceparent` when tracing is on (upstream attempts become its
+children), and when the answer is out records the request's families, its overhead (its time
+minus its upstream attempts') and its access-log line (door_metrics.Edge, as the gRPC door does).
+Handlers tell the current exchange what they learn through the `note_*` helpers.
+
+Probes, unauthenticated and answering nothing else: `GET /healthz` is 200 while the process
+serves; `GET /readyz` is 200 once the agent holds a snapshot, 503 before. Neither is logged
+or counted as a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from switchgear.dataplane import access_log
+from switchgear.dataplane.door_metrics import Edge, http_status_class
+from switchgear.dataplane.snapshot import Holder
+from switchgear.dataplane.tracing import Tracing, response_attributes
+
+PROBES = frozenset({"/healthz", "/readyz"})
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_OPERATIONS = {"/v1/chat/completions": "chat.completions", "/v1/embeddings": "embeddings"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Observe = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def observe(edge: Edge, tracing: Tracing | None) -> Observe:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PROBES:
+            return await handler(request)
+        exchange = edge.begin("http", access_log.request_id(request.headers.get("x-request-id")))
+        exchange.method = _OPERATIONS.get(request.path) or access_log.label(request.method)  # any token
+        request[_REQUEST_ID] = exchange.request_id
+        response: web.StreamResponse | None = None
+        left = False
+        try:
+            if tracing is None:
+                response = await handler(request)
+            else:
+                response = await _traced(tracing, request, handler, exchange)
+            if not response.prepared:
+                response.headers["x-request-id"] = exchange.request_id
+            return response
+        except asyncio.CancelledError:
+            left = True
+            raise
+        finally:
+            # no response: 499 when the caller went away (as nginx logs it), else an internal error
+            status = response.status if response is not None else 499 if left else 500
+            exchange.status, exchange.status_class = status, http_status_class(status)
+            if status >= 400 and not exchange.reason:
+                exchange.reason = f"http_{status}"
+            edge.finish(exchange)
+
+    return middleware
+
+
+async def _traced(tracing: Tracing, request: web.Request, handler: Handler,
+                  exchange: access_log.Exchange) -> web.StreamResponse:
+    # OpenTelemetry HTTP: "{method} {route}", "_OTHER" for a method outside the known set
+    method = request.method if request.method in _METHODS else "_OTHER"
+    path = request.path
+    route = path if path in _ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else ""
+    with tracing.server_span(f"{method} {route}".strip() if method != "_OTHER" else "HTTP", request.headers,
+                             {"http.request.method": method, **({"http.route": route} if route else {})}) as span:
+        response = await handler(request)
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", response.status)
+            body = response.body if isinstance(response, web.Response) and response.status == 200 else None
+            if isinstance(body, bytes):
+                response_attributes(span, body)
+            tracing.finish_server_span(span, exchange, error=response.status >= 500)
+        return response
+
+
+_REQUEST_ID = web.RequestKey("switchgear_request_id", str)
+
+
+def request_id_of(request: web.Request) -> str | None:
+    """The id `observe` settled for this request (None when the door runs without an edge)."""
+    return request.get(_REQUEST_ID)
+
+
+def add_probes(app: web.Application, holder: Holder) -> None:
+    async def healthz(request: web.Request) -> web.Response:
+        return _probe(200, "ok")
+
+    async def readyz(request: web.Request) -> web.Response:
+        return _probe(200, "ready") if holder.current is not None else _probe(503, "not ready")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+def _probe(status: int, text: str) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"status": text}), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
