@@ -15,8 +15,10 @@ field for malformed input (JSON nested deeper than `convert.MAX_JSON_DEPTH` incl
 (upstream failures by kind: rate limited → 429 with Retry-After, unavailable → 503, timeout →
 504; shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued;
 quota or the tenant's in-flight cap → 429).
-Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s).
-Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers.
+Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s, at most
+the route's timeout), `x-switchgear-max-retries` (at most the route's retry policy max_retries).
+Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers, and
+`-target`, `-provider`, `-target-model` naming the route target that served.
 A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
 event and no `[DONE]` (no failover is possible once tokens went out).
 """
@@ -36,7 +38,7 @@ from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guar
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
-from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
 from switchgear.dataplane.stream import StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
@@ -149,6 +151,13 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
     if not 0 <= priority <= 10 or not 0 <= timeout_s <= MAX_TIMEOUT_S:
         raise ApiError(400, f"priority must be 0..10 and timeout 0..{MAX_TIMEOUT_S:g} s", param="headers")
     user = body.get("user")
+    retries_text = request.headers.get("x-switchgear-max-retries")
+    max_retries: int | None = None
+    if retries_text is not None:
+        if not (retries_text.isascii() and retries_text.isdigit() and len(retries_text) <= 3):
+            raise ApiError(400, "x-switchgear-max-retries must be a whole number from 0 to 999 "
+                           "(at most the route's retry policy max_retries)", param="x-switchgear-max-retries")
+        max_retries = int(retries_text)
     return Call(
         request_id=request.headers.get("x-request-id") or new_request_id(),
         category="",
@@ -159,6 +168,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         timeout_s=timeout_s,
         user_id=user if isinstance(user, str) else "",
         session_id=request.headers.get("x-switchgear-session", ""),
+        max_retries=max_retries,
     )
 
 
@@ -205,6 +215,10 @@ def _result_headers(result: Result) -> dict[str, str]:
     }
     if result.fallback:  # what answered instead of the requested model (service, local_model, ...)
         headers["x-switchgear-fallback"] = result.fallback_source
+    if result.target is not None:  # the route target that served (README "Routes")
+        headers["x-switchgear-target"] = result.endpoint
+        headers["x-switchgear-provider"] = result.target.provider or result.target.protocol
+        headers["x-switchgear-target-model"] = result.target.model
     return headers
 
 
@@ -293,7 +307,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
     _principal(request, snapshot)
     data = [
-        model_object(s.name, s.category, s.protocol)
+        _route_object(s)
         for s in snapshot.services.values()
         if s.category in MODEL_CATEGORIES and not s.unsupported
     ]
@@ -306,9 +320,15 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     name = request.match_info["model"]
     _check_model(snapshot, name, "")
     service = snapshot.services[name]
-    return web.Response(
-        body=orjson.dumps(model_object(name, service.category, service.protocol)), content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(_route_object(service)), content_type="application/json")
+
+
+def _route_object(service: ServiceView) -> dict[str, Any]:
+    """A route as a model object, with the providers of its targets (`switchgear_providers`)."""
+    obj = model_object(service.name, service.category, service.protocol)
+    providers = {(t.provider or t.protocol) for e in service.endpoints for t in (service.target(e),)}
+    obj["switchgear_providers"] = sorted(providers)
+    return obj
 
 
 @web.middleware
