@@ -98,6 +98,10 @@ def _targets(service: ServiceView, options: checks.ParsedOptions,
     parsed = options.targets or (None,) * len(service.endpoints)
     for endpoint, own in zip(service.endpoints, parsed, strict=True):
         protocol = endpoint.protocol or service.protocol
+        if own is checks.UNUSABLE:
+            log.warning("service %s: endpoint %s left out: the options of its service %s are not valid here",
+                        service.name, endpoint.id, endpoint.source_service)
+            continue
         if protocol not in adapters:
             log.warning("service %s: endpoint %s left out: this agent has no adapter for protocol %r",
                         service.name, endpoint.id, protocol[:64])

@@ -1,0 +1,326 @@
+"""Routes (issue 15): a route's targets each call with their own protocol, key, model and prices,
+from the config through the control plane's snapshot to the agent's attempt and its answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from switchgear.adapters import builtin_adapters
+from switchgear.controlplane import convert
+from switchgear.controlplane.config import ConfigError, load_config, load_config_file
+from switchgear.controlplane.model import RegistryState
+from switchgear.controlplane.snapshot import Snapshot
+from switchgear.dataplane import http as front_door
+from switchgear.dataplane.convert import Call, RequestError, snapshot_from_proto
+from switchgear.dataplane.invoke import CallFailed, Invoker
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
+from switchgear.dataplane.stream import Streamer
+from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.emulators import anthropic as anthropic_emu
+from switchgear.emulators.common import Running
+from switchgear.emulators.openai import EmulatorGroup, Faults, InstanceSpec, start_instances
+from switchgear.v1 import discovery_pb2
+from switchgear.wire import checks
+
+ADAPTERS = builtin_adapters()
+SEED = Path(__file__).resolve().parent.parent / "config" / "external_services_unified.yaml"
+SEED_ENV = {"OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y", "PINECONE_API_KEY": "z"}
+KEY_A, KEY_C = "route-key-openai-5d1e", "route-key-anthropic-93b0"
+MESSAGES = [{"role": "user", "content": "hello route"}]
+
+
+def route_yaml(openai_url: str, claude_url: str, extra: str = "") -> str:
+    return f"""
+external_services:
+  communication:
+    retry_policy: {{max_retries: 2}}
+  services:
+    llm_services:
+      chat:
+        protocol: openai
+        model: gpt-4o-mini
+        timeout: 20
+        endpoints:
+          - id: oa
+            url: {openai_url}
+            api_key: ${{ROUTE_KEY_A}}
+            provider: openai
+            input_cost_per_1k_tokens: 1.0
+            output_cost_per_1k_tokens: 2.0
+            rpm_limit: 600
+            tags: {{region: us, tier: paid}}
+          - id: claude
+            url: {claude_url}
+            protocol: anthropic
+            model: claude-3-sonnet
+            api_key: ${{ROUTE_KEY_C}}
+            provider: anthropic
+            cost_per_request: 0.5
+            options: {{max_response_bytes: 1Mi}}
+{extra}"""
+
+
+def wire(state: RegistryState) -> discovery_pb2.Snapshot:
+    """The snapshot agents get of `state` (category routes included)."""
+    return convert.snapshot_to_proto(Snapshot("1.t", 1, "t", state))
+
+
+def agent_view(state: RegistryState) -> AgentSnapshot:
+    return snapshot_from_proto(wire(state), "1.t", ADAPTERS)
+
+
+# --- config and control plane ---------------------------------------------------------------
+
+
+def test_targets_carry_their_own_fields_and_only_key_references_travel() -> None:
+    state = load_config(route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={})
+    msg = wire(state)
+    (chat,) = [s for s in msg.services if s.name == "chat"]
+    oa, claude = chat.endpoints
+    assert (oa.protocol, oa.api_key.env, oa.provider, oa.rpm_limit) == ("", "ROUTE_KEY_A", "openai", 600)
+    assert (oa.pricing.input_cost_per_1k_tokens, oa.pricing.output_cost_per_1k_tokens) == (1.0, 2.0)
+    assert dict(oa.tags) == {"region": "us", "tier": "paid"}
+    assert (claude.protocol, claude.model, claude.api_key.env) == ("anthropic", "claude-3-sonnet", "ROUTE_KEY_C")
+    assert claude.pricing.cost_per_request == 0.5
+    assert orjson.loads(claude.options_json) == {"max_response_bytes": 1 << 20}
+    # the round trip through the Admin API's form keeps every target field
+    assert convert.service_from_proto(chat) == state.service("chat")
+    # a key value set in the control plane's environment never reaches the snapshot
+    state = load_config(route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={"ROUTE_KEY_A": KEY_A})
+    assert KEY_A.encode() not in wire(state).SerializeToString()
+
+
+@pytest.mark.parametrize(("target", "path", "message"), [
+    ("protocol: carrier-pigeon", "endpoints[1].protocol", "unknown protocol"),
+    ("cost_per_request: -1", "endpoints[1].cost_per_request", "must be a finite number >= 0"),
+    ("api_key: sk-literal-0000", "endpoints[1].api_key", "literal secrets are not allowed"),
+    ("rpm_limit: -5", "endpoints[1].rpm_limit", "must be an integer from 0"),
+    ("options: {max_response_bytes: 0}", "endpoints[1].options.max_response_bytes", "must be a size from 1 byte"),
+    ("options: {chat_path: 7}", "endpoints[1]", "chat_path"),
+])
+def test_a_bad_target_value_is_refused_naming_its_path(target: str, path: str, message: str) -> None:
+    text = f"""
+external_services:
+  services:
+    llm_services:
+      chat:
+        protocol: openai
+        endpoints:
+          - http://127.0.0.1:1/v1
+          - {{url: "http://127.0.0.1:2", {target}}}
+"""
+    from switchgear.controlplane.agent_check import agent_problems
+    with pytest.raises(ConfigError) as info:
+        load_config(text, env={}, check=agent_problems)
+    shown = str(info.value)
+    assert path in shown and message in shown, shown
+    assert "sk-literal-0000" not in shown
+
+
+def test_the_seeds_config_gives_an_llm_route_over_its_llm_services() -> None:
+    state = load_config_file(SEED, env=SEED_ENV)
+    msg = wire(state)
+    (llm,) = [s for s in msg.services if s.name == "llm"]
+    by_source = {e.source_service: e for e in llm.endpoints}
+    assert set(by_source) == {s.name for s in state.services if s.category.value == "llm"}
+    assert {"gpt-4", "gpt-3.5-turbo", "claude-3-sonnet"} <= set(by_source)
+    for name, target in by_source.items():
+        spec = state.service(name)
+        assert spec is not None
+        assert target.id == f"{name}.{spec.endpoints[0].id}"
+        assert (target.protocol, target.model) == (spec.protocol, spec.model)
+        assert target.pricing.cost_per_1k_tokens == spec.pricing.cost_per_1k_tokens
+        assert target.api_key.env == (spec.api_key.env if spec.api_key else "")
+    assert by_source["claude-3-sonnet"].api_key.env == "ANTHROPIC_API_KEY"
+    assert not by_source["llama2-7b"].HasField("api_key")  # a keyless local model stays keyless
+    view = agent_view(state).services["llm"]
+    cheapest = min(view.endpoints, key=lambda e: view.target(e).pricing.cost_per_1k_tokens)
+    assert view.target(cheapest).model == "llama2-7b"
+    assert not [s for s in msg.services if s.name == "document"]  # documents are not interchangeable
+
+
+def test_a_service_named_like_a_category_route_is_refused() -> None:
+    text = SEED.read_text(encoding="utf-8").replace('- name: "gpt-3.5-turbo"', '- name: "llm"')
+    with pytest.raises(ConfigError) as info:
+        load_config(text, env=SEED_ENV)
+    assert "clashes with the category route 'llm'" in str(info.value)
+
+
+# --- the agent's checks -----------------------------------------------------------------------
+
+
+def test_agent_checks_name_the_target_field() -> None:
+    state = load_config(route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={})
+    msg = wire(state)
+    msg.services[0].endpoints[1].options_json = '{"max_response_bytes": "big"}'
+    with pytest.raises(checks.SnapshotError) as info:
+        snapshot_from_proto(msg, "1.t", ADAPTERS)
+    assert info.value.path == "services[chat].endpoints[1].options_json.max_response_bytes"
+    msg = wire(state)
+    msg.services[0].endpoints[0].api_key.env = ""
+    with pytest.raises(checks.SnapshotError) as info:
+        snapshot_from_proto(msg, "1.t", ADAPTERS)
+    assert info.value.path == "services[chat].endpoints[0].api_key"
+    msg = wire(state)
+    msg.services[0].endpoints[0].pricing.cost_per_request = float("nan")
+    with pytest.raises(checks.SnapshotError) as info:
+        snapshot_from_proto(msg, "1.t", ADAPTERS)
+    assert info.value.path == "services[chat].endpoints[0].pricing"
+
+
+def test_a_target_of_a_protocol_this_agent_lacks_is_left_out() -> None:
+    state = load_config(route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={})
+    msg = wire(state)
+    msg.services[0].endpoints[1].protocol = "carrier-pigeon"
+    view = snapshot_from_proto(msg, "1.t", ADAPTERS).services["chat"]
+    assert [e.id for e in view.endpoints] == ["oa"] and not view.unsupported
+    msg.services[0].endpoints[0].protocol = "carrier-pigeon"
+    view = snapshot_from_proto(msg, "1.t", ADAPTERS).services["chat"]
+    assert view.unsupported and not view.endpoints
+
+
+def test_effective_targets_are_built_once_per_snapshot() -> None:
+    state = load_config(route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={})
+    view = agent_view(state).services["chat"]
+    oa, claude = view.endpoints
+    assert view.target(oa) is view.target(oa)  # looked up, not built per call
+    assert (view.target(oa).protocol, view.target(oa).model) == ("openai", "gpt-4o-mini")  # as the service
+    assert (view.target(claude).protocol, view.target(claude).model) == ("anthropic", "claude-3-sonnet")
+    assert view.target(claude).limits.max_response_bytes == 1 << 20
+    assert view.target(oa).limits.max_response_bytes != 1 << 20
+
+
+# --- calls through one route to two providers --------------------------------------------------
+
+
+class ById:
+    """Picks the endpoint named in `order` (the next one not excluded)."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    def pick(self, service: ServiceView, exclude: Collection[str] = (), **_: Any) -> EndpointView | None:
+        return next((e for i in self.order for e in service.endpoints if e.id == i and i not in exclude), None)
+
+
+@pytest.fixture
+async def providers() -> AsyncIterator[tuple[EmulatorGroup, Running]]:
+    async with (
+        await start_instances([InstanceSpec("a", api_key=KEY_A)]) as group,
+        await anthropic_emu.start(api_key=KEY_C) as claude,
+    ):
+        yield group, claude
+
+
+def make_invoker(snap: AgentSnapshot, env: dict[str, str]) -> tuple[Invoker, Streamer, ById, ClientPool, Holder]:
+    pool, picker, holder = ClientPool(), ById(), Holder()
+    holder.current = snap
+    secrets = SecretResolver(env)
+    return (Invoker(ADAPTERS, pool, secrets, picker), Streamer(ADAPTERS, pool, secrets, picker.pick), picker, pool,
+            holder)
+
+
+def chat_call(**kw: Any) -> Call:
+    return Call(request_id="r1", category="", service="chat", method="chat.completions",
+                payload={"model": "chat", "messages": MESSAGES}, priority=5, timeout_s=kw.pop("timeout_s", 0.0),
+                user_id="", session_id="", **kw)
+
+
+async def test_each_target_gets_its_own_key_model_and_prices(providers: tuple[EmulatorGroup, Running]) -> None:
+    group, claude = providers
+    snap = agent_view(load_config(route_yaml(group.urls["a"], claude.url), env={}))
+    invoker, streamer, picker, pool, holder = make_invoker(snap, {"ROUTE_KEY_A": KEY_A, "ROUTE_KEY_C": KEY_C})
+    try:
+        picker.order = ["oa"]
+        first = await invoker.invoke(chat_call(), snap)
+        picker.order = ["claude"]
+        second = await invoker.invoke(chat_call(), snap)  # an OpenAI-shaped call served by the Anthropic adapter
+        assert orjson.loads(second.body)["object"] == "chat.completion"
+        assert first.target is not None and second.target is not None
+        assert (first.endpoint, first.target.provider, first.target.model) == ("oa", "openai", "gpt-4o-mini")
+        assert (second.endpoint, second.target.provider, second.target.protocol) == ("claude", "anthropic", "anthropic")
+        u = first.usage
+        assert u.input_tokens > 0
+        assert first.cost_usd == pytest.approx((u.input_tokens * 1.0 + u.output_tokens * 2.0) / 1000)
+        assert second.cost_usd == pytest.approx(0.5)
+        # a stream's end names its target and charges its prices too
+        picker.order = ["claude"]
+        items = [item async for item in streamer.stream(chat_call(), snap)]
+        end = items[-1]
+        assert end.target is not None and end.target.provider == "anthropic"  # type: ignore[union-attr]
+        assert end.cost_usd == pytest.approx(0.5)  # type: ignore[union-attr]
+        # the HTTP door says which target served, and /v1/models lists the route's providers
+        runner, address = await front_door.start(holder, invoker, streamer, "127.0.0.1:0")
+        try:
+            async with httpx.AsyncClient(base_url=f"http://{address}") as http:
+                picker.order = ["claude"]
+                answer = await http.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
+                assert answer.status_code == 200
+                assert answer.headers["x-switchgear-target"] == "claude"
+                assert answer.headers["x-switchgear-provider"] == "anthropic"
+                assert answer.headers["x-switchgear-target-model"] == "claude-3-sonnet"
+                models = (await http.get("/v1/models")).json()["data"]
+                assert {m["id"]: m["switchgear_providers"] for m in models} == {"chat": ["anthropic", "openai"]}
+                for bad in ("-1", "two", "1" * 5000, "3", "1.5"):
+                    refused = await http.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES},
+                                              headers={"x-switchgear-max-retries": bad})
+                    assert refused.status_code == 400, bad
+                    assert "max_retries" in refused.text or "max-retries" in refused.text
+                refused = await http.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES},
+                                          headers={"x-switchgear-timeout": "25"})
+                assert refused.status_code == 400 and "route's timeout (20 s)" in refused.text
+                ok = await http.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES},
+                                     headers={"x-switchgear-max-retries": "0", "x-switchgear-timeout": "5"})
+                assert ok.status_code == 200
+        finally:
+            await runner.cleanup()
+    finally:
+        await pool.close()
+
+
+async def test_a_key_unset_on_the_agent_fails_cleanly_and_names_only_the_reference(
+    providers: tuple[EmulatorGroup, Running],
+) -> None:
+    group, claude = providers
+    snap = agent_view(load_config(route_yaml(group.urls["a"], claude.url), env={}))
+    invoker, _, picker, pool, _ = make_invoker(snap, {"ROUTE_KEY_A": KEY_A})  # no ROUTE_KEY_C here
+    try:
+        picker.order = ["claude"]
+        with pytest.raises(CallFailed) as info:
+            await invoker.invoke(chat_call(), snap)
+        assert "env:ROUTE_KEY_C is not set on this agent" in str(info.value.error)
+        assert KEY_A not in repr(info.value.error) and KEY_C not in repr(info.value.error)
+        picker.order = ["oa"]
+        assert (await invoker.invoke(chat_call(), snap)).endpoint == "oa"  # the other target still serves
+    finally:
+        await pool.close()
+
+
+async def test_per_request_overrides_are_bounded_by_the_route(providers: tuple[EmulatorGroup, Running]) -> None:
+    group, claude = providers
+    snap = agent_view(load_config(route_yaml(group.urls["a"], claude.url), env={}))
+    invoker, _, picker, pool, _ = make_invoker(snap, {"ROUTE_KEY_A": KEY_A, "ROUTE_KEY_C": KEY_C})
+    try:
+        with pytest.raises(RequestError) as info:
+            await invoker.invoke(chat_call(max_retries=3), snap)  # the policy allows 2
+        assert info.value.path == "max_retries"
+        with pytest.raises(RequestError) as info:
+            await invoker.invoke(chat_call(timeout_s=21.0), snap)  # the route's timeout is 20 s
+        assert info.value.path == "timeout"
+        # max_retries 0: one attempt, no failover to the second target (which would have answered)
+        picker.order = ["oa", "claude"]
+        group.set_faults("a", Faults(fail_next=1, error_status=503))
+        with pytest.raises(CallFailed) as failed:
+            await invoker.invoke(chat_call(max_retries=0), snap)
+        assert failed.value.attempts == 1
+        group.set_faults("a", Faults(fail_next=1, error_status=503))
+        served = await invoker.invoke(chat_call(max_retries=1), snap)
+        assert (served.endpoint, served.attempts) == ("claude", 2)
+    finally:
+        await pool.close()
