@@ -3,6 +3,7 @@ from the config through the control plane's snapshot to the agent's attempt and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from switchgear.adapters import builtin_adapters
+from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.controlplane import convert
 from switchgear.controlplane.config import ConfigError, load_config, load_config_file
 from switchgear.controlplane.model import RegistryState
@@ -21,6 +23,7 @@ from switchgear.dataplane.convert import Call, RequestError, snapshot_from_proto
 from switchgear.dataplane.invoke import CallFailed, Invoker
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
 from switchgear.dataplane.stream import Streamer
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.emulators import anthropic as anthropic_emu
 from switchgear.emulators.common import Running
@@ -324,3 +327,33 @@ async def test_per_request_overrides_are_bounded_by_the_route(providers: tuple[E
         assert (served.endpoint, served.attempts) == ("claude", 2)
     finally:
         await pool.close()
+
+
+async def test_a_targets_rpm_limit_moves_calls_to_the_next_target(providers: tuple[EmulatorGroup, Running]) -> None:
+    group, claude = providers
+    text = route_yaml(group.urls["a"], claude.url).replace("rpm_limit: 600", "rpm_limit: 2")
+    snap = agent_view(load_config(text, env={}))
+    invoker, _, picker, pool, _ = make_invoker(snap, {"ROUTE_KEY_A": KEY_A, "ROUTE_KEY_C": KEY_C})
+    try:
+        picker.order = ["oa", "claude"]
+        served = [(await invoker.invoke(chat_call(), snap)).endpoint for _ in range(3)]
+        assert served == ["oa", "oa", "claude"]
+        assert group.stats("a")["by_path"]["/v1/chat/completions"] == 2  # the third never reached it
+    finally:
+        await pool.close()
+
+
+def test_tpm_limit_counts_answer_tokens_in_one_minute_windows() -> None:
+    now = [1000.0]
+    limits = TargetLimits(clock=lambda: now[0])
+    target = dataclasses.replace(agent_view(load_config(
+        route_yaml("http://127.0.0.1:1/v1", "http://127.0.0.1:2"), env={})).services["chat"].targets["oa"],
+        rpm_limit=0, tpm_limit=100)
+    limits.admit("chat", "oa", target)
+    limits.used("chat", "oa", 120)  # the call that crosses the limit was served ...
+    with pytest.raises(UpstreamError) as info:
+        limits.admit("chat", "oa", target)  # ... the next one waits for the window's end
+    assert info.value.kind is ErrorKind.RATE_LIMITED and info.value.retry_after_s == pytest.approx(60.0)
+    assert "tpm_limit of 100" in info.value.message
+    now[0] += 60.0
+    limits.admit("chat", "oa", target)

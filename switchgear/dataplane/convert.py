@@ -116,6 +116,8 @@ def _targets(service: ServiceView, options: checks.ParsedOptions,
             options=own.adapter if own is not None else service.options,
             limits=own.limits if own is not None else service.limits,
             provider=endpoint.provider,
+            rpm_limit=endpoint.rpm_limit,
+            tpm_limit=endpoint.tpm_limit,
         )
     return tuple(served), targets
 

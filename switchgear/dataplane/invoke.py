@@ -31,6 +31,7 @@ from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
 
@@ -75,8 +76,10 @@ class Invoker:
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
         defer: Defer | None = None,
+        limits: TargetLimits | None = None,
     ) -> None:
         self._adapters = adapters
+        self._limits = limits or TargetLimits(clock)
         self._pool = pool
         self._secrets = secrets
         self._router = router
@@ -129,6 +132,8 @@ class Invoker:
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
         request = AdapterRequest(call.method, call.payload, attempt.remaining_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
+        if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
+            self._limits.admit(service.name, endpoint.id, effective)
         self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
         attempt_start = self._clock()
         try:
@@ -150,6 +155,8 @@ class Invoker:
             raise
         usage = response.usage
         cost = effective.pricing.cost(usage.input_tokens, usage.output_tokens)
+        if effective.tpm_limit:
+            self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()
         self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
                                now - attempt_start, None, usage, cost))

@@ -79,6 +79,8 @@ class TargetView:
     options: Any
     limits: ResponseLimits
     provider: str = ""
+    rpm_limit: int = 0  # per agent, per minute (dataplane/target_limits.py); 0 = none
+    tpm_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class ServiceView:
         if found is not None:
             return found
         return TargetView(self.protocol, self.api_key, self.model, self.max_tokens, self.pricing, self.options,
-                          self.limits, endpoint.provider)
+                          self.limits, endpoint.provider, endpoint.rpm_limit, endpoint.tpm_limit)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
 #: The agent's endpoint pick, called as pick(service, exclude=tried, call=call, settings=settings)
@@ -134,8 +135,10 @@ class Streamer:
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
+        limits: TargetLimits | None = None,
     ) -> None:
         self._adapters = adapters
+        self._limits = limits or TargetLimits(clock)
         self._pool = pool
         self._secrets = secrets
         self._pick = pick
@@ -222,6 +225,8 @@ class Streamer:
         service, endpoint = lease.service, lease.endpoint
         effective = service.target(endpoint)  # the route target: its protocol, key, model, prices
         api_key = self._secrets.resolve(effective.api_key)  # UpstreamError(CONFIG) when missing
+        if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
+            self._limits.admit(service.name, endpoint.id, effective)
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
         attempt.first_by, attempt.capped, attempt.gap_s = attempt.started + lease.remaining_s, lease.capped, gap_s
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
@@ -363,6 +368,8 @@ class _Attempt:
 
     def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0,
              cancelled: bool = False) -> None:
+        if self.target.tpm_limit and usage.input_tokens + usage.output_tokens:
+            self.s._limits.used(self.service.name, self.endpoint.id, usage.input_tokens + usage.output_tokens)
         self.s._emit(
             AttemptEnd(
                 self.call.request_id,
