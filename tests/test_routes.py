@@ -28,7 +28,7 @@ from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.emulators import anthropic as anthropic_emu
 from switchgear.emulators.common import Running
 from switchgear.emulators.openai import EmulatorGroup, Faults, InstanceSpec, start_instances
-from switchgear.v1 import discovery_pb2
+from switchgear.v1 import common_pb2, discovery_pb2
 from switchgear.wire import checks
 
 ADAPTERS = builtin_adapters()
@@ -357,3 +357,14 @@ def test_tpm_limit_counts_answer_tokens_in_one_minute_windows() -> None:
     assert "tpm_limit of 100" in info.value.message
     now[0] += 60.0
     limits.admit("chat", "oa", target)
+
+
+def test_a_category_route_target_is_served_as_its_service_endpoint_is() -> None:
+    from switchgear.controlplane.snapshot import EndpointOverride, Overlay
+
+    state = load_config_file(SEED, env=SEED_ENV)
+    overlay = Overlay(endpoints=(("gpt-4/default", EndpointOverride(weight=1, health="ejected")),))
+    msg = convert.snapshot_to_proto(Snapshot("1.t", 1, "t", state, overlay))
+    health = {e.id: e.health for s in msg.services if s.name == "llm" for e in s.endpoints}
+    assert health["gpt-4.default"] == common_pb2.HEALTH_STATE_EJECTED
+    assert health["claude-3-sonnet.default"] == common_pb2.HEALTH_STATE_HEALTHY

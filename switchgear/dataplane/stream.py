@@ -118,8 +118,10 @@ class Meter:
         if self.end is not None:
             return self.end.usage, self.end.cost_usd
         usage = self.usage()
-        cost = self.service.target(self.endpoint).pricing.cost(usage.input_tokens, usage.output_tokens) \
-            if self.service and self.endpoint else 0.0
+        if self.service is None:
+            return usage, 0.0
+        pricing = self.service.target(self.endpoint).pricing if self.endpoint else self.service.pricing
+        cost = pricing.cost(usage.input_tokens, usage.output_tokens)
         return usage, cost
 
 
