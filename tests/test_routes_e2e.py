@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import orjson
 import pytest
+from google.protobuf import duration_pb2
 
 from switchgear.supervise import Proc
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -95,6 +96,19 @@ def test_one_route_over_three_providers_each_with_its_own_key_and_prices(tmp_pat
                 ("anthropic", "claude-3-sonnet") if target.id == "claude" else ("openai", "gpt-4o-mini"))
             served[target.id] += 1
         assert set(served) == {"one", "two", "claude"}, served  # every provider took its own key
+
+        # Per-request overrides beyond the route's policy are refused naming the field.
+        payload = orjson.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        for request, field in (
+            (gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=payload, max_retries=99),
+             "max_retries"),
+            (gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=payload,
+                                       timeout=duration_pb2.Duration(seconds=600)), "timeout"),
+        ):
+            with grpc.insecure_channel(gateway) as channel, pytest.raises(grpc.RpcError) as refused:
+                gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert refused.value.details().startswith(field)  # type: ignore[attr-defined]
 
         # A bad target over the Admin API: INVALID_ARGUMENT naming the field path, nothing committed.
         bad = common_pb2.Service(
