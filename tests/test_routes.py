@@ -268,6 +268,12 @@ async def test_each_target_gets_its_own_key_model_and_prices(providers: tuple[Em
                 assert answer.headers["x-switchgear-target"] == "claude"
                 assert answer.headers["x-switchgear-provider"] == "anthropic"
                 assert answer.headers["x-switchgear-target-model"] == "claude-3-sonnet"
+                picker.order = ["claude"]
+                streamed = await http.post("/v1/chat/completions",
+                                           json={"model": "chat", "messages": MESSAGES, "stream": True})
+                assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+                assert (streamed.headers["x-switchgear-target"], streamed.headers["x-switchgear-provider"]) == (
+                    "claude", "anthropic")
                 models = (await http.get("/v1/models")).json()["data"]
                 assert {m["id"]: m["switchgear_providers"] for m in models} == {"chat": ["anthropic", "openai"]}
                 for bad in ("-1", "two", "1" * 5000, "3", "1.5"):

@@ -26,7 +26,7 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
-from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.stream import Meter, StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -246,18 +246,30 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
 async def _stream(
     request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
-    items = request.app[_PIPELINE].stream(call, snapshot, principal, request.app[_STREAMER].stream)
+    meters: list[Meter] = []
+    stream = request.app[_STREAMER].stream
+
+    def open_stream(c: Call, s: AgentSnapshot, meter: Meter) -> AsyncGenerator[bytes | StreamEnd, None]:
+        meters.append(meter)  # it learns the committed target by the first item
+        return stream(c, s, meter)
+
+    items = request.app[_PIPELINE].stream(call, snapshot, principal, open_stream)
     try:
         first = await anext(items)
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "x-request-id": call.request_id,
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "x-request-id": call.request_id,
+    }
+    committed = meters[0] if meters else None
+    if committed is not None and committed.service is not None and committed.endpoint is not None:
+        target = committed.service.target(committed.endpoint)
+        headers["x-switchgear-target"] = committed.endpoint.id
+        headers["x-switchgear-provider"] = target.provider or target.protocol
+        headers["x-switchgear-target-model"] = target.model
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
