@@ -10,6 +10,8 @@ import orjson
 from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
 from switchgear.controlplane.config.read import size_text
 from switchgear.controlplane.model import (
+    ROUTE_CATEGORIES,
+    ROUTE_MIN_SERVICES,
     Category,
     CategoryPolicy,
     EndpointSpec,
@@ -69,10 +71,14 @@ def _target_text(e: EndpointSpec) -> str:
 
 
 def _route_lines(state: RegistryState) -> list[str]:
-    from switchgear.controlplane.routes import category_routes
-
-    return [f"category route {route.name}: " + ", ".join(e.id for e in route.endpoints)
-            for route in category_routes(state.services)]
+    """The category routes agents derive (dataplane/convert.py `category_routes`)."""
+    lines = []
+    names = {s.name for s in state.services}
+    for category in ROUTE_CATEGORIES:
+        members = sorted(s.name for s in state.services if s.category == category)
+        if len(members) >= ROUTE_MIN_SERVICES and category.value not in names:
+            lines.append(f"category route {category.value}: the endpoints of " + ", ".join(members))
+    return lines
 
 
 def _limit_cells(spec: ServiceSpec) -> list[str]:

@@ -19,9 +19,9 @@ from switchgear.controlplane.config import ConfigError, load_config, load_config
 from switchgear.controlplane.model import RegistryState
 from switchgear.controlplane.snapshot import Snapshot
 from switchgear.dataplane import http as front_door
-from switchgear.dataplane.convert import Call, RequestError, snapshot_from_proto
+from switchgear.dataplane.convert import Call, RequestError, convert_snapshot, snapshot_from_proto
 from switchgear.dataplane.invoke import CallFailed, Invoker
-from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, SecretRef, ServiceView
 from switchgear.dataplane.stream import Streamer
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -70,7 +70,7 @@ external_services:
 
 
 def wire(state: RegistryState) -> discovery_pb2.Snapshot:
-    """The snapshot agents get of `state` (category routes included)."""
+    """The snapshot agents get of `state`."""
     return convert.snapshot_to_proto(Snapshot("1.t", 1, "t", state))
 
 
@@ -128,24 +128,25 @@ external_services:
 
 def test_the_seeds_config_gives_an_llm_route_over_its_llm_services() -> None:
     state = load_config_file(SEED, env=SEED_ENV)
-    msg = wire(state)
-    (llm,) = [s for s in msg.services if s.name == "llm"]
+    assert not [s for s in wire(state).services if s.name == "llm"]  # derived by agents, not sent
+    llm = agent_view(state).services["llm"]
     by_source = {e.source_service: e for e in llm.endpoints}
     assert set(by_source) == {s.name for s in state.services if s.category.value == "llm"}
     assert {"gpt-4", "gpt-3.5-turbo", "claude-3-sonnet"} <= set(by_source)
-    for name, target in by_source.items():
+    for name, endpoint in by_source.items():
         spec = state.service(name)
         assert spec is not None
-        assert target.id == f"{name}.{spec.endpoints[0].id}"
+        target = llm.target(endpoint)
+        assert endpoint.id == f"{name}.{spec.endpoints[0].id}" and endpoint.priority == spec.priority
         assert (target.protocol, target.model) == (spec.protocol, spec.model)
+        assert target == agent_view(state).services[name].targets[spec.endpoints[0].id]  # the service's own
         assert target.pricing.cost_per_1k_tokens == spec.pricing.cost_per_1k_tokens
-        assert target.api_key.env == (spec.api_key.env if spec.api_key else "")
-    assert by_source["claude-3-sonnet"].api_key.env == "ANTHROPIC_API_KEY"
-    assert not by_source["llama2-7b"].HasField("api_key")  # a keyless local model stays keyless
-    view = agent_view(state).services["llm"]
-    cheapest = min(view.endpoints, key=lambda e: view.target(e).pricing.cost_per_1k_tokens)
-    assert view.target(cheapest).model == "llama2-7b"
-    assert not [s for s in msg.services if s.name == "document"]  # documents are not interchangeable
+        assert target.api_key == (None if spec.api_key is None else SecretRef(env=spec.api_key.env))
+    assert llm.target(by_source["claude-3-sonnet"]).api_key == SecretRef(env="ANTHROPIC_API_KEY")
+    assert llm.target(by_source["llama2-7b"]).api_key is None  # a keyless local model stays keyless
+    cheapest = min(llm.endpoints, key=lambda e: llm.target(e).pricing.cost_per_1k_tokens)
+    assert llm.target(cheapest).model == "llama2-7b"
+    assert "document" not in agent_view(state).services  # documents are not interchangeable
 
 
 def test_a_service_named_like_a_category_route_is_refused() -> None:
@@ -366,11 +367,15 @@ def test_tpm_limit_counts_answer_tokens_in_one_minute_windows() -> None:
 
 
 def test_a_category_route_target_is_served_as_its_service_endpoint_is() -> None:
-    from switchgear.controlplane.snapshot import EndpointOverride, Overlay
-
-    state = load_config_file(SEED, env=SEED_ENV)
-    overlay = Overlay(endpoints=(("gpt-4/default", EndpointOverride(weight=1, health="ejected")),))
-    msg = convert.snapshot_to_proto(Snapshot("1.t", 1, "t", state, overlay))
-    health = {e.id: e.health for s in msg.services if s.name == "llm" for e in s.endpoints}
-    assert health["gpt-4.default"] == common_pb2.HEALTH_STATE_EJECTED
-    assert health["claude-3-sonnet.default"] == common_pb2.HEALTH_STATE_HEALTHY
+    msg = wire(load_config_file(SEED, env=SEED_ENV))
+    gpt4 = next(s for s in msg.services if s.name == "gpt-4")
+    gpt4.endpoints[0].health = common_pb2.HEALTH_STATE_EJECTED  # as the control plane's overlay serves it
+    llm = snapshot_from_proto(msg, "1.t", ADAPTERS).services["llm"]
+    health = {e.id: e.health for e in llm.endpoints}
+    assert (health["gpt-4.default"], health["claude-3-sonnet.default"]) == ("ejected", "healthy")
+    # a service this agent rejects is left out of the route, and nothing else
+    gpt4.options_json = '{"chat_pth": "/x"}'
+    converted = convert_snapshot(msg, "1.t", ADAPTERS)
+    assert [r.service for r in converted.rejections] == ["gpt-4"]
+    assert "gpt-4.default" not in {e.id for e in converted.snapshot.services["llm"].endpoints}
+    assert "claude-3-sonnet.default" in {e.id for e in converted.snapshot.services["llm"].endpoints}

@@ -28,7 +28,6 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
-from switchgear.controlplane.routes import category_routes
 from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
@@ -182,10 +181,9 @@ def settings_to_proto(settings: Settings) -> discovery_pb2.DataPlaneSettings:
 def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
     """The snapshot as agents get it: the registry with the overlay's adjustments applied."""
     overlay = snapshot.overlay
-    services = snapshot.state.services
     msg = discovery_pb2.Snapshot(
         version=snapshot.version,
-        services=[_cached_service_proto(s) for s in (*services, *category_routes(services))],
+        services=[_cached_service_proto(s) for s in snapshot.state.services],
         settings=settings_to_proto(snapshot.state.settings),
     )
     if overlay != EMPTY_OVERLAY:
@@ -222,10 +220,7 @@ def _served(msg: common_pb2.Service, overlay: OverlayType) -> common_pb2.Service
     if overlay == EMPTY_OVERLAY:
         return msg
     for endpoint in msg.endpoints:
-        if endpoint.source_service:  # a category route's target: as its service's endpoint is served
-            override = overlay.endpoint(endpoint.source_service, endpoint.id[len(endpoint.source_service) + 1:])
-        else:
-            override = overlay.endpoint(msg.name, endpoint.id)
+        override = overlay.endpoint(msg.name, endpoint.id)
         if override is not None:
             endpoint.weight = override.weight
             endpoint.health = health_to_proto(override.health)

@@ -21,7 +21,8 @@ class Category(str, Enum):
     EMBEDDING = "embedding"
 
 
-#: Categories whose name is a route over their services (controlplane/routes.py): their calls
+#: Categories whose name is a route over their services, which agents derive from each snapshot
+#: (dataplane/convert.py `category_routes`; wire/checks.py holds the same names): their calls
 #: are interchangeable across services. A category route needs at least ROUTE_MIN_SERVICES.
 ROUTE_CATEGORIES = (Category.LLM, Category.EMBEDDING)
 ROUTE_MIN_SERVICES = 2

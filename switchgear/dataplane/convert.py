@@ -98,10 +98,6 @@ def _targets(service: ServiceView, options: checks.ParsedOptions,
     parsed = options.targets or (None,) * len(service.endpoints)
     for endpoint, own in zip(service.endpoints, parsed, strict=True):
         protocol = endpoint.protocol or service.protocol
-        if own is checks.UNUSABLE:
-            log.warning("service %s: endpoint %s left out: the options of its service %s are not valid here",
-                        service.name, endpoint.id, endpoint.source_service)
-            continue
         if protocol not in adapters:
             log.warning("service %s: endpoint %s left out: this agent has no adapter for protocol %r",
                         service.name, endpoint.id, protocol[:64])
@@ -224,10 +220,42 @@ def convert_snapshot(
     rejected = dict(checked.rejected)
     services.update({name: previous[name] for name in rejected if name in previous and name not in services})
     _drop_dangling_fallbacks(services, rejected, previous)
+    services.update(category_routes(services))
     return Converted(
         AgentSnapshot(version=version, services=MappingProxyType(services), settings=_settings(msg.settings)),
         tuple(Rejection(name, error) for name, error in rejected.items()),
     )
+
+
+def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
+    """Each route category's name as a route over every endpoint of its servable services
+    (README "Routes"), built from their views: each target keeps its service's effective
+    protocol, key reference, model, prices, options and limits (the member's TargetView itself),
+    and its endpoint's health and priority (else the service's); its id is "<service>.<endpoint>"
+    and `source_service` names the service. None for a
+    category with fewer than ROUTE_MIN_SERVICES such services, or whose name a service takes."""
+    routes: dict[str, ServiceView] = {}
+    for category in checks.ROUTE_CATEGORIES:
+        members = sorted((s for s in services.values() if s.category == category and not s.unsupported),
+                         key=lambda s: s.name)
+        if len(members) < checks.ROUTE_MIN_SERVICES or category in services:
+            continue
+        endpoints: list[EndpointView] = []
+        targets: dict[str, TargetView] = {}
+        for member in members:
+            for e in member.endpoints:
+                ident = f"{member.name}.{e.id}"
+                endpoints.append(EndpointView(
+                    id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
+                    max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
+                    pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+                    tags=e.tags, provider=e.provider, source_service=member.name))
+                targets[ident] = member.target(e)  # the member's own view, shared
+        shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
+        routes[category] = ServiceView(name=category, category=category, protocol=members[0].protocol,
+                                       endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
+                                       targets=MappingProxyType(targets))
+    return routes
 
 
 def _drop_dangling_fallbacks(

@@ -30,6 +30,10 @@ CATEGORIES = tuple(
     str(name).removeprefix("SERVICE_CATEGORY_").lower() for name, value in common_pb2.ServiceCategory.items() if value
 )
 _USER_TYPES = frozenset(governance_pb2.UserType.values())
+#: Categories whose name is a route over all their services (README "Routes"), when at least
+#: ROUTE_MIN_SERVICES of them are served; the control plane refuses a service of that name.
+ROUTE_CATEGORIES = ("llm", "embedding")
+ROUTE_MIN_SERVICES = 2
 
 
 class SnapshotError(ValueError):
@@ -146,27 +150,10 @@ def check_service(msg: common_pb2.Service, parsers: Mapping[str, OptionParser], 
     _check_secret_and_prices(msg, path)
     category_name(msg.category, f"{path}.category")
     options = parse_options(msg, parsers.get(msg.protocol), path)
-    targets = tuple(_gathered_target_options(msg, e, parsers, f"{path}.endpoints[{i}]")
-                    for i, e in enumerate(msg.endpoints))
+    targets = tuple(_target_options(msg, e, parsers, f"{path}.endpoints[{i}]") for i, e in enumerate(msg.endpoints))
     if any(t is not None for t in targets):
         return ParsedOptions(options.limits, options.adapter, targets)
     return options
-
-
-#: The options of a category route's target this agent cannot take (ParsedOptions.targets):
-#: the agent leaves that target out rather than the whole route, as it leaves out (only) the
-#: service it came from, so one service an older agent rejects does not take the route with it.
-UNUSABLE = ParsedOptions(ResponseLimits(), None)
-
-
-def _gathered_target_options(service: common_pb2.Service, e: common_pb2.Endpoint,
-                             parsers: Mapping[str, OptionParser], path: str) -> ParsedOptions | None:
-    if not e.source_service:
-        return _target_options(service, e, parsers, path)
-    try:
-        return _target_options(service, e, parsers, path)
-    except SnapshotError:
-        return UNUSABLE
 
 
 def _target_options(service: common_pb2.Service, e: common_pb2.Endpoint, parsers: Mapping[str, OptionParser],
