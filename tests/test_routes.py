@@ -379,3 +379,21 @@ def test_a_category_route_target_is_served_as_its_service_endpoint_is() -> None:
     assert [r.service for r in converted.rejections] == ["gpt-4"]
     assert "gpt-4.default" not in {e.id for e in converted.snapshot.services["llm"].endpoints}
     assert "claude-3-sonnet.default" in {e.id for e in converted.snapshot.services["llm"].endpoints}
+
+
+async def test_a_targets_max_tokens_caps_what_a_call_asks_of_it(providers: tuple[EmulatorGroup, Running]) -> None:
+    group, claude = providers
+    text = route_yaml(group.urls["a"], claude.url).replace("rpm_limit: 600",
+                                                           "rpm_limit: 600\n            max_tokens: 3")
+    snap = agent_view(load_config(text, env={}))
+    invoker, _, picker, pool, _ = make_invoker(snap, {"ROUTE_KEY_A": KEY_A, "ROUTE_KEY_C": KEY_C})
+    try:
+        asks = {"model": "chat", "messages": MESSAGES, "max_tokens": 50}
+        picker.order = ["oa"]
+        capped = await invoker.invoke(dataclasses.replace(chat_call(), payload=asks), snap)
+        assert capped.usage.output_tokens == 3
+        assert orjson.loads(capped.body)["choices"][0]["finish_reason"] == "length"
+        picker.order = ["claude"]  # no max_tokens of its own: the call's ask stands
+        assert (await invoker.invoke(dataclasses.replace(chat_call(), payload=asks), snap)).usage.output_tokens > 3
+    finally:
+        await pool.close()

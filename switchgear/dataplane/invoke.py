@@ -130,7 +130,8 @@ class Invoker:
         adapter = self._adapters[effective.protocol]
         api_key = self._secrets.resolve(effective.api_key)  # UpstreamError(CONFIG) when missing
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
-        request = AdapterRequest(call.method, call.payload, attempt.remaining_s, call.request_id)
+        payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
+        request = AdapterRequest(call.method, payload, attempt.remaining_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
             self._limits.admit(service.name, endpoint.id, effective)
@@ -211,6 +212,21 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def capped(payload: Mapping[str, Any], max_tokens: int) -> Mapping[str, Any]:
+    """The payload with an output-token ask above the target's `max_tokens` lowered to it (a
+    copy; the payload itself when nothing is above), so a route's targets with smaller limits
+    answer a call rather than refuse it (the answer says finish_reason "length")."""
+    over = [key for key in _OUTPUT_LIMITS
+            if isinstance(payload.get(key), int) and not isinstance(payload.get(key), bool)
+            and payload[key] > max_tokens]
+    if not over:
+        return payload
+    return {**payload, **dict.fromkeys(over, max_tokens)}
 
 
 def idempotent(adapter: Any, call: Call) -> bool:

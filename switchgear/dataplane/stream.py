@@ -33,7 +33,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
+from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, capped, idempotent
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -234,7 +234,8 @@ class Streamer:
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
         # The adapter's own read timeout must not be shorter than either bound `_next` applies.
         read_s = max(lease.remaining_s, min(gap_s, deadline - attempt.started))
-        request = AdapterRequest(call.method, call.payload, read_s, call.request_id)
+        payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
+        request = AdapterRequest(call.method, payload, read_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         chunks = self._adapters[effective.protocol].stream(client, target, request)
         try:
