@@ -10,8 +10,11 @@ import orjson
 from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
 from switchgear.controlplane.config.read import size_text
 from switchgear.controlplane.model import (
+    ROUTE_CATEGORIES,
+    ROUTE_MIN_SERVICES,
     Category,
     CategoryPolicy,
+    EndpointSpec,
     Pricing,
     RegistryState,
     ResourceAllocationSettings,
@@ -31,13 +34,14 @@ def describe(state: RegistryState) -> str:
     for row in rows:
         head = "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
         lines.append(f"  {head}  {'  '.join(row[3:])}")
+    lines.extend(f"  {line}" for line in _route_lines(state))
     lines.append("settings:")
     lines.extend(f"  {line}" for line in _settings_lines(state.settings))
     return "\n".join(lines)
 
 
 def _service_row(spec: ServiceSpec) -> list[str]:
-    endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}" for e in spec.endpoints) or "-"
+    endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}{_target_text(e)}" for e in spec.endpoints) or "-"
     key = spec.api_key.describe() if spec.api_key is not None else "-"
     category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
     return [
@@ -52,6 +56,29 @@ def _service_row(spec: ServiceSpec) -> list[str]:
         *_limit_cells(spec),
         f"endpoints={endpoints}",
     ]
+
+
+def _target_text(e: EndpointSpec) -> str:
+    """What a route target sets over its service's fields (README "Routes"), "" when nothing."""
+    cells = [e.protocol, f"model={e.model}" if e.model else "", f"key={e.api_key.describe()}" if e.api_key else "",
+             f"price={_price(e.pricing)}" if e.pricing is not None else "",
+             f"max_tokens={e.max_tokens}" if e.max_tokens else "",
+             "own options" if e.options_json else "",
+             f"rpm={e.rpm_limit}" if e.rpm_limit else "", f"tpm={e.tpm_limit}" if e.tpm_limit else "",
+             f"provider={e.provider}" if e.provider else "", *(f"{k}={v}" for k, v in e.tags)]
+    shown = " ".join(cell for cell in cells if cell)
+    return f" [{shown}]" if shown else ""
+
+
+def _route_lines(state: RegistryState) -> list[str]:
+    """The category routes agents derive (dataplane/convert.py `category_routes`)."""
+    lines = []
+    names = {s.name for s in state.services}
+    for category in ROUTE_CATEGORIES:
+        members = sorted(s.name for s in state.services if s.category == category)
+        if len(members) >= ROUTE_MIN_SERVICES and category.value not in names:
+            lines.append(f"category route {category.value}: the endpoints of " + ", ".join(members))
+    return lines
 
 
 def _limit_cells(spec: ServiceSpec) -> list[str]:

@@ -1,6 +1,7 @@
 """`make demo`: both planes end to end on one machine, with no keys and no external servers.
 
-It starts three OpenAI-protocol emulators (different latencies) plus a spare one, a control
+It starts three OpenAI-protocol emulators (different latencies) plus a spare one (and, for one
+route over two providers, one more and an Anthropic emulator), a control
 plane on a temporary SQLite file loaded from config/demo.yaml, and two agents; drives a
 workload through the agents' Gateway with gRPC stubs; kills the control plane mid-run and
 keeps going; restarts it and watches the agents reconverge; tries a change the agents would
@@ -45,8 +46,10 @@ from switchgear.v1 import (
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
-INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10}  # name -> emulated latency, ms
+INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10, "route": 10}  # name -> emulated latency, ms
 SERVICE = "demo-chat"
+ROUTE = "demo-route"  # one route over the "route" instance and an Anthropic emulator (config/demo.yaml)
+CLAUDE_LATENCY_MS = 15
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Phase:
     versions: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    providers: Counter[str] = field(default_factory=Counter)  # the serving route target's provider
+    mispriced: int = 0  # answers whose cost does not follow their target's prices
 
 
 def _say(text: str) -> None:
@@ -81,6 +86,7 @@ class Demo:
         self.cp_address = ""
         self.agent_addresses: list[str] = []
         self.emulator_urls: dict[str, str] = {}
+        self.route_ok = False
 
     # -- processes ---------------------------------------------------------------------
     def start(self, proc: Proc, **kwargs: object) -> str:
@@ -95,6 +101,9 @@ class Demo:
         ports: dict[str, int] = json.loads("{" + line)
         self.emulator_urls = {name: f"http://127.0.0.1:{port}/v1" for name, port in ports.items()}
         self.ports = ports
+        line = self.start(Proc.switchgear("emulator-claude", ["emulate", "anthropic", "--latency-ms",
+                                                              str(CLAUDE_LATENCY_MS)], self.workdir), ready_prefix="{")
+        self.ports["claude"] = json.loads("{" + line)["port"]
 
     def control_plane(self, listen: str) -> Proc:
         env = {f"DEMO_{name.upper()}_PORT": str(port) for name, port in self.ports.items()}
@@ -173,7 +182,7 @@ class Demo:
             _say(f"    {a.node.id:<10} {'connected' if a.connected else 'gone':<9} ACKed {a.acked_version}{nack}")
 
     # -- workload ----------------------------------------------------------------------
-    async def workload(self, name: str, count: int, concurrency: int = 8) -> Phase:
+    async def workload(self, name: str, count: int, concurrency: int = 8, service: str = SERVICE) -> Phase:
         phase = Phase(name)
         channels = [grpc.aio.insecure_channel(a) for a in self.agent_addresses]
         stubs = [gateway_pb2_grpc.GatewayServiceStub(c) for c in channels]
@@ -186,7 +195,7 @@ class Demo:
                 i = queue.get_nowait()
                 payload = {"messages": [{"role": "user", "content": f"{name}: question {i}"}], "max_tokens": 32}
                 request = gateway_pb2.InvokeRequest(
-                    service=SERVICE, method="chat.completions", payload=orjson.dumps(payload),
+                    service=service, method="chat.completions", payload=orjson.dumps(payload),
                     category=common_pb2.SERVICE_CATEGORY_LLM, user_id="demo",
                 )
                 started = time.perf_counter()
@@ -199,6 +208,8 @@ class Demo:
                 phase.latencies_ms.append((time.perf_counter() - started) * 1000)
                 phase.served_by[reply.endpoint] += 1
                 phase.versions[reply.snapshot_version] += 1
+                phase.providers[reply.target.provider or reply.target.protocol] += 1
+                phase.mispriced += not _priced_right(reply)
 
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -208,8 +219,8 @@ class Demo:
         self.phases.append(phase)
         return phase
 
-    def run_phase(self, name: str, count: int) -> Phase:
-        phase = asyncio.run(self.workload(name, count))
+    def run_phase(self, name: str, count: int, service: str = SERVICE) -> Phase:
+        phase = asyncio.run(self.workload(name, count, service=service))
         lat = sorted(phase.latencies_ms)
         p50 = statistics.median(lat) if lat else 0.0
         p95 = lat[int(0.95 * (len(lat) - 1))] if lat else 0.0
@@ -273,6 +284,14 @@ class Demo:
         _say(f"8. pushed {fixed} adding the 'spare' instance; both agents ACKed it:")
         self.show_agents()
         self.run_phase("D", self.requests - 3 * per_phase)
+
+        _say(f"9. one route, two providers: {per_phase} calls to '{ROUTE}', whose targets are the OpenAI "
+             f"emulator 'route' and an Anthropic emulator ({CLAUDE_LATENCY_MS} ms), each with its own model "
+             "and prices; the same OpenAI-shaped call goes through either adapter")
+        route = self.run_phase("R", per_phase, service=ROUTE)
+        _say("  -> served by provider: " + ", ".join(f"{k}={v}" for k, v in sorted(route.providers.items()))
+             + f"; answers whose cost does not follow their target's prices: {route.mispriced}")
+        self.route_ok = set(route.providers) == {"openai-emulator", "anthropic-emulator"} and not route.mispriced
         result = self.report()
         if self.hold_s > 0:
             _say(f"holding for {self.hold_s:.0f} s: console at http://127.0.0.1:{self.console_port}/")
@@ -317,10 +336,19 @@ class Demo:
              f"reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
         _say(f"  errors = {errors}")
         ok = errors == 0 and all(total[n] == _completions_seen(stats[n]) for n in INSTANCES)
-        ok = ok and tenant.requests_total == served
+        ok = ok and tenant.requests_total == served and self.route_ok
         _say("  RESULT: " + ("every request served; counts agree with the emulators and the usage reports"
                              if ok else "FAILED"))
         return 0 if ok else 1
+
+
+def _priced_right(reply: gateway_pb2.InvokeResponse) -> bool:
+    """Whether the answer's cost is its serving target's prices applied to its usage."""
+    p, u = reply.target.pricing, reply.usage
+    in_price = p.input_cost_per_1k_tokens or p.cost_per_1k_tokens
+    out_price = p.output_cost_per_1k_tokens or p.cost_per_1k_tokens
+    expected = p.cost_per_request + (u.input_tokens * in_price + u.output_tokens * out_price) / 1000
+    return abs(u.cost_usd - expected) <= 1e-9 + 1e-6 * expected
 
 
 def _completions_seen(stats: dict[str, object]) -> int:

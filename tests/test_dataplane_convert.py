@@ -42,7 +42,7 @@ def snapshot(*services: common_pb2.Service, version: str = "7.abc") -> discovery
 def test_valid_snapshot_is_applied_whole() -> None:
     result = snapshot_from_proto(snapshot(wire_service("a"), wire_service("b")), "7.abc", ADAPTERS)
     assert result.version == "7.abc"
-    assert sorted(result.services) == ["a", "b"]
+    assert sorted(result.services) == ["a", "b", "llm"]  # and the route over the llm category (README "Routes")
     assert result.services["a"].endpoints[0].url == "http://127.0.0.1:9/v1"
     assert result.services["a"].unsupported == ""
 

@@ -76,7 +76,7 @@ def test_a_new_service_the_agent_cannot_take_is_left_out_and_the_rest_applied() 
     c = client(holder, applied)
     answer = c._answer(response("1.a", "{}", wire("bad", '{"nope": 1}'), wire("good")))
     assert [r.service for r in answer.rejected_services] == ["bad"]
-    assert holder.current is not None and sorted(holder.current.services) == ["chat", "good"]
+    assert holder.current is not None and sorted(holder.current.services) == ["chat", "good", "llm"]  # llm: a route
 
 
 def test_settings_the_agent_cannot_take_are_nacked_whole_and_the_old_snapshot_kept() -> None:

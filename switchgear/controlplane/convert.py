@@ -7,7 +7,6 @@ validate.py's job.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from switchgear.controlplane.agents import AgentStatus, NodeInfo, Rejection
@@ -33,33 +32,13 @@ from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
 
-_PRICES = tuple(f.name for f in dataclasses.fields(Pricing))  # the same names on the wire
-
-
-def _pricing_to_proto(p: Pricing) -> common_pb2.Pricing:
-    return common_pb2.Pricing(**{name: getattr(p, name) for name in _PRICES})
-
-
-def _pricing_from_proto(p: common_pb2.Pricing) -> Pricing:
-    return Pricing(**{name: getattr(p, name) for name in _PRICES})
-
-
-def _endpoint_to_proto(e: EndpointSpec) -> common_pb2.Endpoint:
-    msg = common_pb2.Endpoint(
-        id=e.id, url=e.url, weight=e.weight, priority=e.priority,
-        max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
-    )
-    if e.pricing is not None:
-        msg.pricing.CopyFrom(_pricing_to_proto(e.pricing))
-    return msg
-
 
 def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
     msg = common_pb2.Service(
         name=spec.name,
         category=category_to_proto(spec.category),  # type: ignore[arg-type]
         protocol=spec.protocol,
-        endpoints=[_endpoint_to_proto(e) for e in spec.endpoints],
+        endpoints=[endpoint_to_proto(e) for e in spec.endpoints],
         model=spec.model,
         max_tokens=spec.max_tokens,
         pricing=_pricing_to_proto(spec.pricing),
@@ -72,36 +51,80 @@ def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
     )
     if spec.timeout_s:
         msg.timeout.CopyFrom(duration(spec.timeout_s))
-    if spec.api_key is not None:
-        if spec.api_key.env:
-            msg.api_key.env = spec.api_key.env
-        else:
-            msg.api_key.file = spec.api_key.file
+    _secret_to_proto(spec.api_key, msg.api_key)
     return msg
 
 
-def service_from_proto(msg: common_pb2.Service, path: str = "service") -> ServiceSpec:
-    api_key: SecretRef | None = None
+def _pricing_to_proto(p: Pricing) -> common_pb2.Pricing:
+    return common_pb2.Pricing(
+        cost_per_1k_tokens=p.cost_per_1k_tokens,
+        input_cost_per_1k_tokens=p.input_cost_per_1k_tokens,
+        output_cost_per_1k_tokens=p.output_cost_per_1k_tokens,
+        cost_per_request=p.cost_per_request,
+    )
+
+
+def _pricing_from_proto(p: common_pb2.Pricing) -> Pricing:
+    return Pricing(
+        cost_per_1k_tokens=p.cost_per_1k_tokens,
+        input_cost_per_1k_tokens=p.input_cost_per_1k_tokens,
+        output_cost_per_1k_tokens=p.output_cost_per_1k_tokens,
+        cost_per_request=p.cost_per_request,
+    )
+
+
+def _secret_to_proto(ref: SecretRef | None, out: common_pb2.SecretRef) -> None:
+    """Only the reference (a variable name or a path) ever travels, never a value."""
+    if ref is not None:
+        if ref.env:
+            out.env = ref.env
+        else:
+            out.file = ref.file
+
+
+def _secret_from_proto(msg: common_pb2.Service | common_pb2.Endpoint, path: str) -> SecretRef | None:
     which = msg.api_key.WhichOneof("source") if msg.HasField("api_key") else None
     if which == "env":
-        api_key = SecretRef(env=msg.api_key.env)
-    elif which == "file":
-        api_key = SecretRef(file=msg.api_key.file)
-    elif msg.HasField("api_key"):
+        return SecretRef(env=msg.api_key.env)
+    if which == "file":
+        return SecretRef(file=msg.api_key.file)
+    if msg.HasField("api_key"):
         raise ConvertError(f"{path}.api_key", "set env or file")
+    return None
+
+
+def endpoint_to_proto(e: EndpointSpec) -> common_pb2.Endpoint:
+    """An endpoint (a route target) as agents get it: its own fields only where it sets them."""
+    msg = common_pb2.Endpoint(
+        id=e.id, url=e.url, weight=e.weight, priority=e.priority,
+        max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
+        protocol=e.protocol, model=e.model, max_tokens=e.max_tokens, options_json=e.options_json,
+        rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit, tags=dict(e.tags), provider=e.provider,
+        source_service=e.source_service,
+    )
+    if e.pricing is not None:
+        msg.pricing.CopyFrom(_pricing_to_proto(e.pricing))
+    _secret_to_proto(e.api_key, msg.api_key)
+    return msg
+
+
+def endpoint_from_proto(e: common_pb2.Endpoint, path: str) -> EndpointSpec:
+    return EndpointSpec(
+        id=e.id, url=e.url, weight=e.weight or 1, priority=e.priority, max_concurrency=e.max_concurrency,
+        protocol=e.protocol, api_key=_secret_from_proto(e, path), model=e.model,
+        pricing=_pricing_from_proto(e.pricing) if e.HasField("pricing") else None,
+        max_tokens=e.max_tokens, options_json=e.options_json, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+        tags=tuple(sorted(e.tags.items())), provider=e.provider, source_service=e.source_service,
+    )
+
+
+def service_from_proto(msg: common_pb2.Service, path: str = "service") -> ServiceSpec:
     return ServiceSpec(
         name=msg.name,
         category=category_from_proto(msg.category, f"{path}.category"),
         protocol=msg.protocol,
-        endpoints=tuple(
-            EndpointSpec(
-                id=e.id, url=e.url, weight=e.weight or 1, priority=e.priority,
-                max_concurrency=e.max_concurrency,
-                pricing=_pricing_from_proto(e.pricing) if e.HasField("pricing") else None,
-            )
-            for e in msg.endpoints
-        ),
-        api_key=api_key,
+        endpoints=tuple(endpoint_from_proto(e, f"{path}.endpoints[{i}]") for i, e in enumerate(msg.endpoints)),
+        api_key=_secret_from_proto(msg, path),
         model=msg.model,
         max_tokens=msg.max_tokens,
         pricing=_pricing_from_proto(msg.pricing),

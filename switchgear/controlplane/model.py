@@ -21,6 +21,12 @@ class Category(str, Enum):
     EMBEDDING = "embedding"
 
 
+#: Categories whose name is a route over their services, which agents derive from each snapshot
+#: (dataplane/convert.py `category_routes`; wire/checks.py holds the same names): their calls
+#: are interchangeable across services. A category route needs at least ROUTE_MIN_SERVICES.
+ROUTE_CATEGORIES = (Category.LLM, Category.EMBEDDING)
+ROUTE_MIN_SERVICES = 2
+
 #: Adapter protocols the control plane accepts in a service definition. Whether an agent
 #: implements one is the agent's business (it serves what it can and says what it cannot).
 PROTOCOLS = frozenset(
@@ -65,8 +71,19 @@ class EndpointSpec:
     weight: int = 1
     priority: int = 0
     max_concurrency: int = 0  # 0 = unlimited
-    # A route target's own prices; None = the service's (common.proto Endpoint.pricing).
-    pricing: Pricing | None = None
+    # A route target's own settings (README "Routes"): each, when set, overrides the
+    # service's field for calls this endpoint serves; ""/None/0/() = as the service.
+    protocol: str = ""
+    api_key: SecretRef | None = None
+    model: str = ""
+    pricing: Pricing | None = None  # replaces the service's pricing as a whole
+    max_tokens: int = 0
+    options_json: str = ""  # a canonical JSON object; replaces the service's options
+    rpm_limit: int = 0
+    tpm_limit: int = 0
+    tags: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
+    provider: str = ""
+    source_service: str = ""  # set on a category route's targets: the service they came from
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ PROBE_PATHS = {"openai": "/models", "chroma": "/api/v2/heartbeat"}
 
 
 def probe_url(spec: ServiceSpec, endpoint: EndpointSpec) -> str:
-    return endpoint.url.rstrip("/") + PROBE_PATHS.get(spec.protocol, "")
+    return endpoint.url.rstrip("/") + PROBE_PATHS.get(endpoint.protocol or spec.protocol, "")  # a target's own
 
 
 def outcome(status: int) -> bool | None:

@@ -23,11 +23,14 @@ from typing import TypeVar
 from switchgear.controlplane.model import (
     BACKOFF_STRATEGIES,
     PROTOCOLS,
+    ROUTE_CATEGORIES,
+    ROUTE_MIN_SERVICES,
     STRATEGIES,
     ApiKey,
     Category,
     CategoryPolicy,
     EndpointSpec,
+    Pricing,
     RegistryState,
     SecretRef,
     ServiceSpec,
@@ -39,6 +42,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_WEIGHT = 10_000
 MAX_RETRIES = 10
+MAX_TAGS = 32
+MAX_TAG_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,15 @@ _ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], .
     ("weight", lambda e: e.weight, _integer_between(1, MAX_WEIGHT)),
     ("priority", lambda e: e.priority, _any_integer),
     ("max_concurrency", lambda e: e.max_concurrency, _integer_between(0)),
+    ("max_tokens", lambda e: e.max_tokens, _integer_between(0)),
+    ("rpm_limit", lambda e: e.rpm_limit, _integer_between(0, 2**32 - 1)),
+    ("tpm_limit", lambda e: e.tpm_limit, _integer_between(0, 2**32 - 1)),
+)
+_PRICES: tuple[tuple[str, Callable[[Pricing], object], _Check], ...] = (
+    ("cost_per_1k_tokens", lambda p: p.cost_per_1k_tokens, _non_negative),
+    ("input_cost_per_1k_tokens", lambda p: p.input_cost_per_1k_tokens, _non_negative),
+    ("output_cost_per_1k_tokens", lambda p: p.output_cost_per_1k_tokens, _non_negative),
+    ("cost_per_request", lambda p: p.cost_per_request, _non_negative),
 )
 
 
@@ -204,15 +218,30 @@ def _check_endpoint(endpoint: EndpointSpec) -> Iterator[Problem]:
     if message:
         yield Problem("url", message)
     yield from _check_numbers(endpoint, _ENDPOINT_NUMBERS)
+    yield from _check_target(endpoint)
+
+
+def _check_target(endpoint: EndpointSpec) -> Iterator[Problem]:
+    """A route target's own fields: a known protocol, a valid key reference, prices finite and
+    >= 0, options a JSON object, tags and provider short names."""
+    if endpoint.protocol and endpoint.protocol not in PROTOCOLS:
+        yield Problem("protocol", f"unknown protocol; expected one of {_listing(PROTOCOLS)}")
+    if endpoint.api_key is not None:
+        for problem in secret_problems(endpoint.api_key):
+            yield problem.under("api_key")
     if endpoint.pricing is not None:
-        p = endpoint.pricing
-        for name, value in (("cost_per_1k_tokens", p.cost_per_1k_tokens),
-                            ("input_cost_per_1k_tokens", p.input_cost_per_1k_tokens),
-                            ("output_cost_per_1k_tokens", p.output_cost_per_1k_tokens),
-                            ("cost_per_request", p.cost_per_request)):
-            message = _non_negative(value)
-            if message:
-                yield Problem(f"pricing.{name}", message)
+        for problem in _check_numbers(endpoint.pricing, _PRICES):
+            yield problem.under("pricing")
+    if endpoint.options_json:
+        yield from _json_object_problems(endpoint.options_json)
+    if endpoint.provider and _name_problem(endpoint.provider):
+        yield Problem("provider", str(_name_problem(endpoint.provider)))
+    for key, value in endpoint.tags:
+        if _name_problem(key) or len(value) > MAX_TAG_CHARS:
+            yield Problem(f"tags[{key[:40]}]",
+                          f"tag names follow the name rule; values at most {MAX_TAG_CHARS} characters")
+    if len(endpoint.tags) > MAX_TAGS:
+        yield Problem("tags", f"at most {MAX_TAGS} tags")
 
 
 def _check_endpoints(spec: ServiceSpec) -> Iterator[Problem]:
@@ -241,8 +270,12 @@ def _check_strategy(spec: ServiceSpec) -> Iterator[Problem]:
 
 def _check_options(spec: ServiceSpec) -> Iterator[Problem]:
     """options_json is a JSON object."""
+    yield from _json_object_problems(spec.options_json)
+
+
+def _json_object_problems(text: str) -> Iterator[Problem]:
     try:
-        options = json.loads(spec.options_json)
+        options = json.loads(text)
     except (TypeError, ValueError):
         yield Problem("options_json", "must be a JSON object")
         return
@@ -506,6 +539,17 @@ def _check_fallback_cycles(services: tuple[ServiceSpec, ...]) -> Iterator[Proble
         yield Problem(f"services[{cycle[0]}].fallbacks", f"fallback cycle: {chain}")
 
 
+def _check_route_clash(services: tuple[ServiceSpec, ...]) -> Iterator[Problem]:
+    """No service takes the name of a category route (routes.py): `llm` means the category."""
+    for category in ROUTE_CATEGORIES:
+        members = [s for s in services if s.category == category and s.name != category.value]
+        clash = next((s for s in services if s.name == category.value), None)
+        if clash is not None and len(members) >= ROUTE_MIN_SERVICES:
+            yield Problem(f"services[{clash.name}].name",
+                          f"clashes with the category route {category.value!r} over the {len(members)} "
+                          f"{category.value} services; rename the service")
+
+
 def validate_state(state: RegistryState) -> list[Problem]:
     """Every service and settings rule, plus the rules across services.
 
@@ -515,7 +559,7 @@ def validate_state(state: RegistryState) -> list[Problem]:
     for spec in state.services:
         problems.extend(p.under(f"services[{spec.name}]") for p in validate_service(spec))
     problems.extend(p.under("settings") for p in validate_settings(state.settings))
-    for rule in (_check_duplicates, _check_fallback_names, _check_fallback_cycles):
+    for rule in (_check_duplicates, _check_fallback_names, _check_fallback_cycles, _check_route_clash):
         problems.extend(rule(state.services))
     problems.extend(validate_governance(state.tenants, state.keys))
     return problems

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -582,6 +583,8 @@ class AttemptController:
         budget = self._r.budgets.get(service.name)
         budget.record_request(self._r.clock())
         policy = policy_for(service.category, self.snapshot.settings.retry)
+        if self.call.max_retries is not None:  # the caller's own count (checked within the policy's)
+            policy = dataclasses.replace(policy, max_retries=self.call.max_retries)
         return _ServiceRun(service, source, policy, budget, ids, set(ids))
 
     async def _next_in(self, run: _ServiceRun, busy: str = "") -> Attempt | None:

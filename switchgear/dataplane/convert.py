@@ -12,6 +12,7 @@ extension), so one new kind of service cannot stop an older agent from taking ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from switchgear.dataplane.snapshot import (
     SchedulingPolicy,
     SecretRef,
     ServiceView,
+    TargetView,
 )
 from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 from switchgear.wire import checks
@@ -86,8 +88,50 @@ def _endpoint(msg: common_pb2.Endpoint) -> EndpointView:
     )
 
 
+def _targets(service: ServiceView, options: checks.ParsedOptions,
+             adapters: Mapping[str, Adapter]) -> tuple[tuple[EndpointView, ...], dict[str, TargetView]]:
+    """Each endpoint's effective target (target field > service field), and the endpoints this
+    agent can serve: a target whose protocol it has no adapter for is left out (logged), as a
+    service it cannot serve is marked unsupported."""
+    served: list[EndpointView] = []
+    targets: dict[str, TargetView] = {}
+    parsed = options.targets or (None,) * len(service.endpoints)
+    for endpoint, own in zip(service.endpoints, parsed, strict=True):
+        protocol = endpoint.protocol or service.protocol
+        if protocol not in adapters:
+            log.warning("service %s: endpoint %s left out: this agent has no adapter for protocol %r",
+                        service.name, endpoint.id, protocol[:64])
+            continue
+        served.append(endpoint)
+        targets[endpoint.id] = TargetView(
+            protocol=protocol,
+            api_key=endpoint.api_key if endpoint.api_key is not None else service.api_key,
+            model=endpoint.model or service.model,
+            max_tokens=endpoint.max_tokens or service.max_tokens,
+            pricing=endpoint.pricing if endpoint.pricing is not None else service.pricing,
+            options=own.adapter if own is not None else service.options,
+            limits=own.limits if own is not None else service.limits,
+            provider=endpoint.provider,
+            rpm_limit=endpoint.rpm_limit,
+            tpm_limit=endpoint.tpm_limit,
+        )
+    return tuple(served), targets
+
+
 def _service(msg: common_pb2.Service, options: checks.ParsedOptions, adapters: Mapping[str, Adapter]) -> ServiceView:
     """The view of a service that passed `checks.check_service` (`options` is what it parsed)."""
+    view = _service_alone(msg, options, adapters)
+    if view.unsupported:
+        return view
+    endpoints, targets = _targets(view, options, adapters)
+    unsupported = ""
+    if not endpoints:
+        unsupported = "this agent has no adapter for the protocol of any of its targets"
+    return dataclasses.replace(view, endpoints=endpoints, targets=MappingProxyType(targets), unsupported=unsupported)
+
+
+def _service_alone(msg: common_pb2.Service, options: checks.ParsedOptions,
+                   adapters: Mapping[str, Adapter]) -> ServiceView:
     return ServiceView(
         name=msg.name,
         category=checks.category_name(msg.category, "category"),
@@ -178,10 +222,42 @@ def convert_snapshot(
     rejected = dict(checked.rejected)
     services.update({name: previous[name] for name in rejected if name in previous and name not in services})
     _drop_dangling_fallbacks(services, rejected, previous)
+    services.update(category_routes(services))
     return Converted(
         AgentSnapshot(version=version, services=MappingProxyType(services), settings=_settings(msg.settings)),
         tuple(Rejection(name, error) for name, error in rejected.items()),
     )
+
+
+def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
+    """Each route category's name as a route over every endpoint of its servable services
+    (README "Routes"), built from their views: each target keeps its service's effective
+    protocol, key reference, model, prices, options and limits (the member's TargetView itself),
+    and its endpoint's health and priority (else the service's); its id is "<service>.<endpoint>"
+    and `source_service` names the service. None for a
+    category with fewer than ROUTE_MIN_SERVICES such services, or whose name a service takes."""
+    routes: dict[str, ServiceView] = {}
+    for category in checks.ROUTE_CATEGORIES:
+        members = sorted((s for s in services.values() if s.category == category and not s.unsupported),
+                         key=lambda s: s.name)
+        if len(members) < checks.ROUTE_MIN_SERVICES or category in services:
+            continue
+        endpoints: list[EndpointView] = []
+        targets: dict[str, TargetView] = {}
+        for member in members:
+            for e in member.endpoints:
+                ident = f"{member.name}.{e.id}"
+                endpoints.append(EndpointView(
+                    id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
+                    max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
+                    pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+                    tags=e.tags, provider=e.provider, source_service=member.name))
+                targets[ident] = member.target(e)  # the member's own view, shared
+        shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
+        routes[category] = ServiceView(name=category, category=category, protocol=members[0].protocol,
+                                       endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
+                                       targets=MappingProxyType(targets))
+    return routes
 
 
 def _drop_dangling_fallbacks(
@@ -233,6 +309,9 @@ class Call:
     # "standard" or "premium" (the seed's user types, for intelligent scheduling). There is no
     # auth yet, so the convention is the user id: "premium:<id>" names a premium user.
     user_type: str = "standard"
+    # Per-request retry count (InvokeRequest.max_retries, x-switchgear-max-retries); None = the
+    # route's retry policy. Bounded by it, as `timeout_s` is by the route's timeout (check_overrides).
+    max_retries: int | None = None
 
     @property
     def from_task(self) -> bool:
@@ -311,4 +390,28 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DE
         user_id=msg.user_id,
         session_id=msg.session_id,
         user_type=user_type_of(msg.user_id),
+        max_retries=msg.max_retries if msg.HasField("max_retries") else None,
     )
+
+
+def route_timeout_s(service: ServiceView, settings: AgentSettings) -> float:
+    """The longest a call to `service` may run: its own timeout, else its category policy's,
+    else the default. A caller may ask for less, never more."""
+    if service.timeout_s:
+        return service.timeout_s
+    policy = settings.category_policies.get(service.category)
+    return (policy.timeout_s if policy is not None else 0.0) or settings.default_timeout_s
+
+
+def check_overrides(call: Call, service: ServiceView, settings: AgentSettings) -> None:
+    """A call's own retry count and timeout stay within its route's policy (RequestError naming
+    the field otherwise): never more retries than retry_policy.max_retries, never a longer
+    timeout than the route's."""
+    if call.max_retries is not None and call.max_retries > settings.retry.max_retries:
+        raise RequestError("max_retries", f"must be at most the route's retry policy max_retries "
+                                          f"({settings.retry.max_retries}), got {call.max_retries}")
+    if call.timeout_s:
+        limit = route_timeout_s(service, settings)
+        if call.timeout_s > limit:
+            raise RequestError("timeout",
+                               f"must be at most the route's timeout ({limit:g} s), got {call.timeout_s:g} s")

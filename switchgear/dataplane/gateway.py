@@ -14,7 +14,7 @@ from switchgear.dataplane.convert import call_from_proto
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, public_text, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
-from switchgear.dataplane.snapshot import Holder
+from switchgear.dataplane.snapshot import Holder, TargetView
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -45,10 +45,33 @@ def _response(request_id: str, result: Result, cached: bool = False, tenant: str
     usage.output_tokens = result.usage.output_tokens
     usage.estimated = result.usage.estimated
     usage.cost_usd = result.cost_usd
+    if result.target is not None:
+        _fill_target(response.target, result.endpoint, result.target)
     return response
 
 
+def _fill_target(info: gateway_pb2.TargetInfo, endpoint: str, target: TargetView) -> None:
+    """Which route target served: its id, provider, protocol, upstream model and prices."""
+    info.id = endpoint
+    info.provider = target.provider
+    info.protocol = target.protocol
+    info.model = target.model
+    p = target.pricing
+    pricing = info.pricing
+    pricing.cost_per_1k_tokens = p.cost_per_1k_tokens
+    pricing.input_cost_per_1k_tokens = p.input_cost_per_1k_tokens
+    pricing.output_cost_per_1k_tokens = p.output_cost_per_1k_tokens
+    pricing.cost_per_request = p.cost_per_request
+
+
 def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
+    msg = _stream_end_fields(request_id, end)
+    if end.target is not None:
+        _fill_target(msg.target, end.endpoint, end.target)
+    return msg
+
+
+def _stream_end_fields(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
     return gateway_pb2.InvokeStreamEnd(
         request_id=request_id,
         service=end.service,

@@ -16,8 +16,10 @@ field for malformed input (JSON nested deeper than `convert.MAX_JSON_DEPTH` incl
 (upstream failures by kind: rate limited → 429 with Retry-After, unavailable → 503, timeout →
 504; shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued;
 quota or the tenant's in-flight cap → 429).
-Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s).
-Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers.
+Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s, at most
+the route's timeout), `x-switchgear-max-retries` (at most the route's retry policy max_retries).
+Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers, and
+`-target`, `-provider`, `-target-model` naming the route target that served.
 A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
 event and no `[DONE]` (no failover is possible once tokens went out).
 """
@@ -25,7 +27,7 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
@@ -39,8 +41,8 @@ from switchgear.dataplane.http_edge import Observe, add_probes, request_id_of
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
-from switchgear.dataplane.snapshot import AgentSnapshot, Holder
-from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
+from switchgear.dataplane.stream import Meter, StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -152,6 +154,13 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
     if not 0 <= priority <= 10 or not 0 <= timeout_s <= MAX_TIMEOUT_S:
         raise ApiError(400, f"priority must be 0..10 and timeout 0..{MAX_TIMEOUT_S:g} s", param="headers")
     user = body.get("user")
+    retries_text = request.headers.get("x-switchgear-max-retries")
+    max_retries: int | None = None
+    if retries_text is not None:
+        if not (retries_text.isascii() and retries_text.isdigit() and len(retries_text) <= 3):
+            raise ApiError(400, "x-switchgear-max-retries must be a whole number from 0 to 999 "
+                           "(at most the route's retry policy max_retries)", param="x-switchgear-max-retries")
+        max_retries = int(retries_text)
     return Call(
         request_id=request_id_of(request) or access_log.request_id(request.headers.get("x-request-id")),
         category="",
@@ -162,6 +171,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         timeout_s=timeout_s,
         user_id=user if isinstance(user, str) else "",
         session_id=request.headers.get("x-switchgear-session", ""),
+        max_retries=max_retries,
     )
 
 
@@ -208,6 +218,10 @@ def _result_headers(result: Result) -> dict[str, str]:
     }
     if result.fallback:  # what answered instead of the requested model (service, local_model, ...)
         headers["x-switchgear-fallback"] = result.fallback_source
+    if result.target is not None:  # the route target that served (README "Routes")
+        headers["x-switchgear-target"] = result.endpoint
+        headers["x-switchgear-provider"] = result.target.provider or result.target.protocol
+        headers["x-switchgear-target-model"] = result.target.model
     return headers
 
 
@@ -242,18 +256,30 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
 async def _stream(
     request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
-    items = request.app[_PIPELINE].stream(call, snapshot, principal, request.app[_STREAMER].stream)
+    meters: list[Meter] = []
+    stream = request.app[_STREAMER].stream
+
+    def open_stream(c: Call, s: AgentSnapshot, meter: Meter) -> AsyncGenerator[bytes | StreamEnd, None]:
+        meters.append(meter)  # it learns the committed target by the first item
+        return stream(c, s, meter)
+
+    items = request.app[_PIPELINE].stream(call, snapshot, principal, open_stream)
     try:
         first = await anext(items)
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "x-request-id": call.request_id,
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "x-request-id": call.request_id,
+    }
+    committed = meters[0] if meters else None
+    if committed is not None and committed.service is not None and committed.endpoint is not None:
+        target = committed.service.target(committed.endpoint)
+        headers["x-switchgear-target"] = committed.endpoint.id
+        headers["x-switchgear-provider"] = target.provider or target.protocol
+        headers["x-switchgear-target-model"] = target.model
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -306,7 +332,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
     _principal(request, snapshot)
     data = [
-        model_object(s.name, s.category, s.protocol)
+        _route_object(s)
         for s in snapshot.services.values()
         if s.category in MODEL_CATEGORIES and not s.unsupported
     ]
@@ -319,9 +345,15 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     name = request.match_info["model"]
     _check_model(snapshot, name, "")
     service = snapshot.services[name]
-    return web.Response(
-        body=orjson.dumps(model_object(name, service.category, service.protocol)), content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(_route_object(service)), content_type="application/json")
+
+
+def _route_object(service: ServiceView) -> dict[str, Any]:
+    """A route as a model object, with the providers of its targets (`switchgear_providers`)."""
+    obj = model_object(service.name, service.category, service.protocol)
+    providers = {(t.provider or t.protocol) for e in service.endpoints for t in (service.target(e),)}
+    obj["switchgear_providers"] = sorted(providers)
+    return obj
 
 
 @web.middleware

@@ -27,10 +27,11 @@ import orjson
 
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
-from switchgear.dataplane.convert import Call, RequestError
+from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
-from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
 
@@ -61,6 +62,7 @@ class Result:
     version: str
     fallback: bool = False
     fallback_source: str = ""  # "service", "local_model", "preset_response", "task_queue"
+    target: TargetView | None = None  # the route target that served (None: no upstream answered)
 
 
 class Invoker:
@@ -74,8 +76,10 @@ class Invoker:
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
         defer: Defer | None = None,
+        limits: TargetLimits | None = None,
     ) -> None:
         self._adapters = adapters
+        self._limits = limits or TargetLimits(clock)
         self._pool = pool
         self._secrets = secrets
         self._router = router
@@ -97,6 +101,7 @@ class Invoker:
             known = ", ".join(sorted(adapter.methods))
             raise RequestError("method",
                                f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
+        check_overrides(call, service, snapshot.settings)
         return service, adapter
 
     def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
@@ -121,11 +126,15 @@ class Invoker:
     async def _attempt(self, call: Call, snapshot: AgentSnapshot, attempt: Attempt, start: float) -> Result:
         """One adapter call; raises UpstreamError (a timeout becomes ErrorKind.TIMEOUT)."""
         service, endpoint, number = attempt.service, attempt.endpoint, attempt.number
-        adapter = self._adapters[service.protocol]
-        api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
-        target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
-        request = AdapterRequest(call.method, call.payload, attempt.remaining_s, call.request_id)
-        client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
+        effective = service.target(endpoint)  # the route target: its protocol, key, model, prices
+        adapter = self._adapters[effective.protocol]
+        api_key = self._secrets.resolve(effective.api_key)  # UpstreamError(CONFIG) when missing
+        target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
+        payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
+        request = AdapterRequest(call.method, payload, attempt.remaining_s, call.request_id)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
+        if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
+            self._limits.admit(service.name, endpoint.id, effective)
         self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
         attempt_start = self._clock()
         try:
@@ -146,7 +155,9 @@ class Invoker:
                                    self._clock() - attempt_start, cancelled=True))
             raise
         usage = response.usage
-        cost = service.pricing.cost(usage.input_tokens, usage.output_tokens)
+        cost = effective.pricing.cost(usage.input_tokens, usage.output_tokens)
+        if effective.tpm_limit:
+            self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()
         self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
                                now - attempt_start, None, usage, cost))
@@ -161,6 +172,7 @@ class Invoker:
             version=snapshot.version,
             fallback=attempt.fallback,
             fallback_source=attempt.source,
+            target=effective,
         )
 
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
@@ -200,6 +212,21 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def capped(payload: Mapping[str, Any], max_tokens: int) -> Mapping[str, Any]:
+    """The payload with an output-token ask above the target's `max_tokens` lowered to it (a
+    copy; the payload itself when nothing is above), so a route's targets with smaller limits
+    answer a call rather than refuse it (the answer says finish_reason "length")."""
+    over = [key for key in _OUTPUT_LIMITS
+            if isinstance(payload.get(key), int) and not isinstance(payload.get(key), bool)
+            and payload[key] > max_tokens]
+    if not over:
+        return payload
+    return {**payload, **dict.fromkeys(over, max_tokens)}
 
 
 def idempotent(adapter: Any, call: Call) -> bool:

@@ -44,6 +44,7 @@ from switchgear.dataplane.router import Router
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.dataplane.stream import Streamer
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -330,13 +331,13 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     """The request path (invoker, streamer, pipeline) and what serves or reports it."""
     observed, router, resilience, pool = core.observed, core.router, core.resilience, core.pool
     call_adapters = observed.tracing.wrap_adapters(adapters) if observed.tracing is not None else adapters
-    secrets = SecretResolver()
+    secrets, limits = SecretResolver(), TargetLimits()  # one count of each target's rpm/tpm per agent
     # TasksService client (lazy): the task worker's, and `tasks_client.defer` for the document fallback.
     tasks_client = TasksClient(options.control_planes, options.control_plane_tls, options.control_plane_token)
     invoker = Invoker(call_adapters, pool, secrets, router, observers=observed.observers, resilience=resilience,
-                      defer=tasks_client.defer)
+                      defer=tasks_client.defer, limits=limits)
     streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observed.observers,
-                        resilience=resilience)
+                        resilience=resilience, limits=limits)
     pipeline, redis = _pipeline(options, invoker.invoke, observed.cache_lookup)
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters

@@ -66,6 +66,24 @@ class EndpointView:
 
 
 @dataclass(frozen=True)
+class TargetView:
+    """What one attempt on an endpoint uses: the route target's settings with the service's
+    filling what it leaves unset (target field > service field). Built once per snapshot
+    (dataplane/convert.py), looked up per attempt."""
+
+    protocol: str
+    api_key: SecretRef | None
+    model: str
+    max_tokens: int
+    pricing: Pricing
+    options: Any
+    limits: ResponseLimits
+    provider: str = ""
+    rpm_limit: int = 0  # per agent, per minute (dataplane/target_limits.py); 0 = none
+    tpm_limit: int = 0
+
+
+@dataclass(frozen=True)
 class ServiceView:
     """One service as the agent serves it. `options` is the adapter's parsed options;
     `unsupported` says why this agent cannot serve it ("" when it can)."""
@@ -90,6 +108,17 @@ class ServiceView:
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Caps on an upstream answer, from the options every protocol accepts (max_response_bytes...).
     limits: ResponseLimits = field(default_factory=ResponseLimits)
+    # Endpoint id -> its effective target; an endpoint not here is served as the service.
+    targets: Mapping[str, TargetView] = field(default_factory=lambda: MappingProxyType({}))
+
+    def target(self, endpoint: EndpointView) -> TargetView:
+        """The effective target of one of this service's endpoints (precomputed per snapshot;
+        built here only for a view made without targets, as tests do)."""
+        found = self.targets.get(endpoint.id)
+        if found is not None:
+            return found
+        return TargetView(self.protocol, self.api_key, self.model, self.max_tokens, self.pricing, self.options,
+                          self.limits, endpoint.provider, endpoint.rpm_limit, endpoint.tpm_limit)
 
 
 @dataclass(frozen=True)

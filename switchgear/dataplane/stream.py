@@ -31,10 +31,11 @@ from typing import Any
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.attempts import Attempt, Resilience
-from switchgear.dataplane.convert import Call, RequestError
+from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
-from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
+from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, capped, idempotent
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
+from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 
 #: The agent's endpoint pick, called as pick(service, exclude=tried, call=call, settings=settings)
@@ -60,6 +61,7 @@ class StreamEnd:
     error: UpstreamError | None = None
     fallback: bool = False
     fallback_source: str = ""  # "service" or "local_model" (see invoke.Result)
+    target: TargetView | None = None  # the route target that served
 
 
 StreamItem = bytes | StreamEnd
@@ -95,6 +97,7 @@ class Meter:
     and the text of the content chunks passed on. Nothing is charged when nothing was sent."""
 
     service: ServiceView | None = None  # set once an attempt committed (its first token went out)
+    endpoint: EndpointView | None = None  # and the endpoint (route target) it committed to
     prompt_chars: int = 0
     sent_chars: int = 0
     reported: TokenUsage | None = None
@@ -115,7 +118,10 @@ class Meter:
         if self.end is not None:
             return self.end.usage, self.end.cost_usd
         usage = self.usage()
-        cost = self.service.pricing.cost(usage.input_tokens, usage.output_tokens) if self.service else 0.0
+        if self.service is None:
+            return usage, 0.0
+        pricing = self.service.target(self.endpoint).pricing if self.endpoint else self.service.pricing
+        cost = pricing.cost(usage.input_tokens, usage.output_tokens)
         return usage, cost
 
 
@@ -131,8 +137,10 @@ class Streamer:
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
+        limits: TargetLimits | None = None,
     ) -> None:
         self._adapters = adapters
+        self._limits = limits or TargetLimits(clock)
         self._pool = pool
         self._secrets = secrets
         self._pick = pick
@@ -161,6 +169,7 @@ class Streamer:
             raise RequestError(
                 "method", f"{call.method!r} cannot stream on protocol {service.protocol} (streaming: {known})"
             )
+        check_overrides(call, service, snapshot.settings)
         return service, adapter
 
     async def stream(self, call: Call, snapshot: AgentSnapshot,
@@ -180,7 +189,8 @@ class Streamer:
             lease, (chunks, attempt, held) = won
             error: UpstreamError | None = None
             finished = False
-            meter.service, meter.prompt_chars = lease.service, prompt_chars(call.payload)
+            meter.service, meter.endpoint = lease.service, lease.endpoint
+            meter.prompt_chars = prompt_chars(call.payload)
             attempt.meter = meter
             if attempt.final is not None:  # usage reported before the first token
                 meter.reported = attempt.final.usage
@@ -215,15 +225,19 @@ class Streamer:
         """Start the attempt and read up to its first token (within `lease.remaining_s`, its
         attempt timeout); raises UpstreamError before it. Later chunks may be `gap_s` apart."""
         service, endpoint = lease.service, lease.endpoint
-        api_key = self._secrets.resolve(service.api_key)  # UpstreamError(CONFIG) when missing
+        effective = service.target(endpoint)  # the route target: its protocol, key, model, prices
+        api_key = self._secrets.resolve(effective.api_key)  # UpstreamError(CONFIG) when missing
+        if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
+            self._limits.admit(service.name, endpoint.id, effective)
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
         attempt.first_by, attempt.capped, attempt.gap_s = attempt.started + lease.remaining_s, lease.capped, gap_s
-        target = Target(base_url=endpoint.url, model=service.model, api_key=api_key, options=service.options)
+        target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
         # The adapter's own read timeout must not be shorter than either bound `_next` applies.
         read_s = max(lease.remaining_s, min(gap_s, deadline - attempt.started))
-        request = AdapterRequest(call.method, call.payload, read_s, call.request_id)
-        client = self._pool.get(service.name, endpoint.id, endpoint.url, service.limits)
-        chunks = self._adapters[service.protocol].stream(client, target, request)
+        payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
+        request = AdapterRequest(call.method, payload, read_s, call.request_id)
+        client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
+        chunks = self._adapters[effective.protocol].stream(client, target, request)
         try:
             held = await attempt.until_first_token(chunks)
         except BaseException:
@@ -246,6 +260,7 @@ class _Attempt:
         self, streamer: Streamer, call: Call, service: ServiceView, endpoint: EndpointView, number: int, deadline: float
     ) -> None:
         self.s, self.call, self.service, self.endpoint, self.number = streamer, call, service, endpoint, number
+        self.target = service.target(endpoint)
         self.deadline = deadline
         self.started = streamer._clock()
         self.first_by = deadline  # the first token's attempt timeout (absolute), then
@@ -328,7 +343,7 @@ class _Attempt:
         usage = (
             self.final.usage if self.final is not None and self.final.usage is not None else TokenUsage(estimated=True)
         )
-        cost = self.service.pricing.cost(usage.input_tokens, usage.output_tokens)
+        cost = self.target.pricing.cost(usage.input_tokens, usage.output_tokens)
         self._end(error.kind if error else None, usage, cost)
         now = self.s._clock()
         yield StreamEnd(
@@ -345,6 +360,7 @@ class _Attempt:
             error=error,
             fallback=bool(source),
             fallback_source=source,
+            target=self.target,
         )
 
     def abandoned(self) -> None:
@@ -355,6 +371,8 @@ class _Attempt:
 
     def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0,
              cancelled: bool = False) -> None:
+        if self.target.tpm_limit and usage.input_tokens + usage.output_tokens:
+            self.s._limits.used(self.service.name, self.endpoint.id, usage.input_tokens + usage.output_tokens)
         self.s._emit(
             AttemptEnd(
                 self.call.request_id,

@@ -24,7 +24,7 @@ _LIMITS = ResponseLimits()
 class ClientPool:
     """Clients are adapters/transport.py FastClients (the httpx.AsyncClient subset adapters use:
     buffered calls on adapters/http1.py, streams on aiohttp; httpcore's own pool cost over half
-    the agent's CPU under load), each bounded by its service's ResponseLimits (a change of
+    the agent's CPU under load), each bounded by its route target's ResponseLimits (a change of
     limits makes a new client); `make_client` overrides that."""
 
     def __init__(self, *, max_connections: int = 100,
@@ -46,7 +46,7 @@ class ClientPool:
     async def retain(self, snapshot: AgentSnapshot) -> None:
         """Close clients for endpoints the new snapshot no longer has."""
         live = {
-            (s.name, e.id, e.url, s.limits) for s in snapshot.services.values() for e in s.endpoints
+            (s.name, e.id, e.url, s.target(e).limits) for s in snapshot.services.values() for e in s.endpoints
         }
         for key in [k for k in self._clients if k not in live]:
             await self._clients.pop(key).aclose()

@@ -30,6 +30,10 @@ CATEGORIES = tuple(
     str(name).removeprefix("SERVICE_CATEGORY_").lower() for name, value in common_pb2.ServiceCategory.items() if value
 )
 _USER_TYPES = frozenset(governance_pb2.UserType.values())
+#: Categories whose name is a route over all their services (README "Routes"), when at least
+#: ROUTE_MIN_SERVICES of them are served; the control plane refuses a service of that name.
+ROUTE_CATEGORIES = ("llm", "embedding")
+ROUTE_MIN_SERVICES = 2
 
 
 class SnapshotError(ValueError):
@@ -82,6 +86,16 @@ def check_endpoint(msg: common_pb2.Endpoint, path: str) -> None:
         raise SnapshotError(f"{path}.url", "not an http(s) URL")
     if msg.weight < 1:
         raise SnapshotError(f"{path}.weight", "must be at least 1")
+    _check_secret_and_prices(msg, path)
+
+
+def _check_secret_and_prices(msg: common_pb2.Service | common_pb2.Endpoint, path: str) -> None:
+    if msg.HasField("api_key") and not (msg.api_key.env or msg.api_key.file):
+        raise SnapshotError(f"{path}.api_key", "set env or file")
+    p = msg.pricing
+    prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)
+    if any(not math.isfinite(x) or x < 0 for x in prices):
+        raise SnapshotError(f"{path}.pricing", "prices must be finite and non-negative")
 
 
 def _check_endpoints(msg: common_pb2.Service, path: str) -> None:
@@ -104,9 +118,14 @@ class ParsedOptions:
 
     limits: ResponseLimits
     adapter: Any
+    # Per endpoint (route target), in order: its own parsed options when it sets options_json
+    # or a protocol other than the service's (then an empty options_json means the protocol's
+    # defaults); None = the service's.
+    targets: tuple[ParsedOptions | None, ...] = ()
 
 
-def parse_options(msg: common_pb2.Service, parser: OptionParser | None, path: str) -> ParsedOptions:
+def parse_options(msg: common_pb2.Service | common_pb2.Endpoint, parser: OptionParser | None,
+                  path: str) -> ParsedOptions:
     """The service's options: the answer limits, then the rest as `parser` parses them (a
     protocol this agent has no adapter for is served as unsupported, not rejected)."""
     try:
@@ -128,14 +147,23 @@ def check_service(msg: common_pb2.Service, parsers: Mapping[str, OptionParser], 
     _check_endpoints(msg, path)
     if not (0 <= seconds(msg.timeout) <= MAX_TIMEOUT_S):
         raise SnapshotError(f"{path}.timeout", f"must be within 0..{MAX_TIMEOUT_S:g} s")
-    if msg.HasField("api_key") and not (msg.api_key.env or msg.api_key.file):
-        raise SnapshotError(f"{path}.api_key", "set env or file")
-    p = msg.pricing
-    prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)
-    if any(not math.isfinite(x) or x < 0 for x in prices):
-        raise SnapshotError(f"{path}.pricing", "prices must be finite and non-negative")
+    _check_secret_and_prices(msg, path)
     category_name(msg.category, f"{path}.category")
-    return parse_options(msg, parsers.get(msg.protocol), path)
+    options = parse_options(msg, parsers.get(msg.protocol), path)
+    targets = tuple(_target_options(msg, e, parsers, f"{path}.endpoints[{i}]") for i, e in enumerate(msg.endpoints))
+    if any(t is not None for t in targets):
+        return ParsedOptions(options.limits, options.adapter, targets)
+    return options
+
+
+def _target_options(service: common_pb2.Service, e: common_pb2.Endpoint, parsers: Mapping[str, OptionParser],
+                    path: str) -> ParsedOptions | None:
+    """A route target's own options (see ParsedOptions.targets)."""
+    if not e.options_json and (not e.protocol or e.protocol == service.protocol):
+        return None
+    if e.protocol and not NAME_RE.match(e.protocol):
+        raise SnapshotError(f"{path}.protocol", "invalid protocol name")
+    return parse_options(e, parsers.get(e.protocol or service.protocol), path)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,18 @@ _ENDPOINT_LEAVES = (
     Leaf("weight", "weight", read_int),
     Leaf("priority", "priority", read_int),
     Leaf("max_concurrency", "max_concurrency", read_int),
+    # A route target's own settings (README "Routes"): each overrides the service's.
+    Leaf("protocol", "protocol", read_str),
+    Leaf("model", "model", read_str),
+    Leaf("max_tokens", "max_tokens", read_int),
+    Leaf("rpm_limit", "rpm_limit", read_int),
+    Leaf("tpm_limit", "tpm_limit", read_int),
+    Leaf("provider", "provider", read_str),
+    Leaf("tags", "tags", read_metadata),
+    *_PRICE_LEAVES,
 )
+#: Target keys read apart from the leaves: the key reference and the adapter options.
+_TARGET_KEYS = ("api_key", "options")
 
 #: Protocol-specific descriptive keys: (protocol, YAML key, how it is kept).
 #: "size" and "list" and "count" go to metadata as strings; "option" goes to options_json.
@@ -253,13 +264,38 @@ class _ServiceReader:
         if isinstance(node.value, str):
             url = self.ctx.read(node, f"{path}.url", read_str)
             return None if url is None else EndpointSpec(f"e{index}", url)
-        values, members = read_leaves(self.ctx, node, _ENDPOINT_LEAVES, f"{path}.")
+        values, members = read_leaves(self.ctx, node, _ENDPOINT_LEAVES, f"{path}.", also=_TARGET_KEYS)
         if "url" not in members and isinstance(node.value, dict):
             self.ctx.problem(node, "missing required key 'url'")
         if "url" not in values:
             self.ctx.poisoned.add(path)
             return None
+        prices = section(values, "pricing")
+        values = {k: v for k, v in values.items() if not k.startswith("pricing.")}
+        if prices:
+            values["pricing"] = Pricing(**prices)
+        if "tags" in values:
+            values["tags"] = tuple(sorted(values["tags"].items()))
+        key = members.get("api_key")
+        if key is not None and key.value is not None:
+            values["api_key"] = self.ctx.read(key, f"{path}.api_key", read_secret)
+        options = members.get("options")
+        if options is not None:
+            values |= self.target_options(options, path)
         return EndpointSpec(**{"id": f"e{index}", **values})
+
+    def target_options(self, node: Node, path: str) -> dict[str, str]:
+        """A target's `options:` (they replace the service's as a whole) as options_json."""
+        options = self.ctx.read(node, f"{path}.options_json", read_options)
+        if options is None:
+            return {}
+        if isinstance(node.value, dict):
+            options |= self.response_limits(node.value)
+        try:
+            return {"options_json": orjson.dumps(options, option=orjson.OPT_SORT_KEYS).decode()}
+        except TypeError:
+            self.ctx.problem(node, "options cannot be written as JSON (integers must fit in 64 bits)")
+            return {}
 
     def api_key(self) -> SecretRef | None:
         """`api_key:` (null means none), else the provider's usual key variable."""

@@ -16,8 +16,8 @@
 4. UNAVAILABLE with the reason, when nothing above is terminal.
 
 A service is a *local model* when its category is llm, it is servable, and either it says so
-(capability "local", or metadata `fallback: local`) or it is free and private: every price is
-zero and every endpoint host is loopback, a private/link-local/unique-local IP, `localhost`, a
+(capability "local", or metadata `fallback: local`) or it is free and private: every price of
+every route target is zero and every endpoint host is loopback, a private/link-local/unique-local IP, `localhost`, a
 single-label name (a compose/k8s service such as the seed's `local-llm`) or ends in
 `.local`, `.internal`, `.lan` or `.svc`/`.cluster.local`. The explicit tag is preferred;
 the second rule makes the seed's `local_models` entry work as written.
@@ -111,12 +111,12 @@ def is_private_host(host: str) -> bool:
 
 def is_local_model(service: ServiceView, metadata: Mapping[str, str] = _EMPTY, capability: str = "local") -> bool:
     """The local-model rule of the module docstring."""
-    if service.category != "llm" or service.unsupported:
-        return False
+    if service.category != "llm" or service.unsupported or any(e.source_service for e in service.endpoints):
+        return False  # (a category route gathers services: it is never a local model itself)
     if capability in service.capabilities or metadata.get("fallback") == "local":
         return True
-    p = service.pricing
-    prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)
+    prices = [x for p in {service.target(e).pricing for e in service.endpoints} for x in (
+        p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)]
     private = all(is_private_host(urlsplit(e.url).hostname or "") for e in service.endpoints)
     return not any(prices) and bool(service.endpoints) and private
 
