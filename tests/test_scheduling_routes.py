@@ -280,3 +280,22 @@ def test_a_target_s_own_max_tokens_is_its_output_estimate_when_the_call_asks_for
     assert got is not None and got.id == "short"  # 0.001 vs 0.005 USD expected
     got = router.pick(svc, call=call(), settings=AgentSettings())  # asks for 100: long is cheaper
     assert got is not None and got.id == "long"
+
+
+def test_a_category_route_prices_each_target_as_its_own_service() -> None:
+    """The seed's `llm` route gathers services priced apart; its targets carry no price of
+    their own, so each candidate's price is its member service's (the effective target)."""
+    from switchgear.dataplane.convert import category_routes
+
+    def member(name: str, price: float) -> ServiceView:
+        return ServiceView(name=name, category="llm", protocol="openai",
+                           pricing=Pricing(input_cost_per_1k_tokens=price, output_cost_per_1k_tokens=price),
+                           endpoints=(EndpointView(id="default", url=f"http://{name}"),))
+
+    services = {s.name: s for s in (member("gpt-4", 0.03), member("gpt-3.5-turbo", 0.002), member("claude", 0.015))}
+    llm = category_routes(services)["llm"]
+    prices = {c.endpoint: c.pricing.input_cost_per_1k_tokens for c in candidates_of(llm)}
+    assert prices == {"gpt-4.default": 0.03, "gpt-3.5-turbo.default": 0.002, "claude.default": 0.015}
+    router = Router(rng=random.Random(1))
+    settings = AgentSettings(category_policies=MappingProxyType({"llm": SchedulingPolicy(strategy="cost_optimized")}))
+    assert picks(router, llm, n=20, settings=settings).most_common(1)[0][0] == "gpt-3.5-turbo.default"

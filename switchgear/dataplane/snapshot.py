@@ -117,8 +117,10 @@ class ServiceView:
         found = self.targets.get(endpoint.id)
         if found is not None:
             return found
-        return TargetView(self.protocol, self.api_key, self.model, self.max_tokens, self.pricing, self.options,
-                          self.limits, endpoint.provider, endpoint.rpm_limit, endpoint.tpm_limit)
+        e = endpoint
+        return TargetView(e.protocol or self.protocol, e.api_key or self.api_key, e.model or self.model,
+                          e.max_tokens or self.max_tokens, self.pricing if e.pricing is None else e.pricing,
+                          self.options, self.limits, e.provider, e.rpm_limit, e.tpm_limit)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def candidates_of(service: ServiceView) -> tuple[Candidate, ...]:
 
 
 def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
+    target = service.target(e)  # the effective target: its own fields, else the service's
     return Candidate(
         key=candidate_key(service.name, e.id),
         service=service.name,
@@ -74,10 +75,10 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
         tier=(service.priority, e.priority),
         health=e.health,
         max_concurrency=e.max_concurrency,
-        pricing=service.pricing if e.pricing is None else e.pricing,
+        pricing=target.pricing,
         context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
         capabilities=frozenset(service.capabilities),
-        max_tokens=e.max_tokens,
+        max_tokens=target.max_tokens,
     )
 
 
