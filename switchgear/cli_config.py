@@ -1,4 +1,10 @@
-"""`switchgear config validate`'s summary of a loaded config: the CLI's side of the config loader."""
+"""`switchgear config validate`'s summary of a loaded config: the CLI's side of the config loader.
+
+What it prints about behaviour is computed the way an agent computes it: the settings go
+through the snapshot's wire form (controlplane.convert -> dataplane.convert) and then through
+the agent's own pure functions (strategy precedence, retry backoff), so the summary cannot
+drift from what agents do.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import orjson
 
 from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
 from switchgear.controlplane.config.read import size_text
+from switchgear.controlplane.convert import settings_to_proto
 from switchgear.controlplane.model import (
     Category,
     CategoryPolicy,
@@ -19,24 +26,52 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
+from switchgear.dataplane.convert import settings_from_proto
+from switchgear.dataplane.resilience.backoff import policy_for
+from switchgear.dataplane.scheduling import STRATEGIES
+from switchgear.dataplane.scheduling.policy import choose_strategy
+from switchgear.dataplane.snapshot import AgentSettings
 from switchgear.wire.attempt_policy import NEVER, hedging_for, timeouts_for
+
+#: The priorities `config validate` shows a strategy for: the default and a high one (> 7).
+SHOWN_PRIORITIES = (5, 9)
 
 
 def describe(state: RegistryState) -> str:
     """A human summary: one line per service, then the settings. Secrets appear only as
     references ("env:NAME"); URLs are shown without any user:password part."""
     lines = [f"{len(state.services)} services:"]
-    rows = [_service_row(spec) for spec in state.services]
+    agent = agent_settings(state.settings)
+    rows = [_service_row(spec, agent) for spec in state.services]
     widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
     for row in rows:
         head = "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
         lines.append(f"  {head}  {'  '.join(row[3:])}")
     lines.append("settings:")
-    lines.extend(f"  {line}" for line in _settings_lines(state.settings))
+    lines.extend(f"  {line}" for line in _settings_lines(state.settings, agent))
     return "\n".join(lines)
 
 
-def _service_row(spec: ServiceSpec) -> list[str]:
+def agent_settings(settings: Settings) -> AgentSettings:
+    """The settings as an agent receives them (through the snapshot's wire form)."""
+    return settings_from_proto(settings_to_proto(settings))
+
+
+def strategy_for(spec: ServiceSpec, agent: AgentSettings, priority: int) -> str:
+    """The strategy an agent uses for a call to `spec` at `priority` (scheduling/policy.py)."""
+    category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
+    return choose_strategy(service_strategy=spec.strategy, category=category, priority=priority,
+                           policies=agent.category_policies, default_strategy=agent.default_strategy,
+                           known=STRATEGIES)
+
+
+def backoff_for(category: str, agent: AgentSettings) -> tuple[float, float]:
+    """(base, cap) seconds of the retry backoff an agent uses for a call in `category`."""
+    policy = policy_for(category, agent.retry)
+    return policy.base_delay_s, policy.max_delay_s
+
+
+def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
     endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}" for e in spec.endpoints) or "-"
     key = spec.api_key.describe() if spec.api_key is not None else "-"
     category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
@@ -47,6 +82,7 @@ def _service_row(spec: ServiceSpec) -> list[str]:
         f"model={spec.model or '-'}",
         f"price={_price(spec.pricing)}",
         f"priority={spec.priority}",
+        "strategy " + " ".join(f"p{p}={strategy_for(spec, agent, p)}" for p in SHOWN_PRIORITIES),
         f"timeout={_seconds(spec.timeout_s) if spec.timeout_s else 'default'}",
         f"key={key}",
         *_limit_cells(spec),
@@ -90,13 +126,13 @@ def _price(pricing: Pricing) -> str:
     return ", ".join(parts) or "$0"
 
 
-def _settings_lines(settings: Settings) -> list[str]:
+def _settings_lines(settings: Settings, agent: AgentSettings) -> list[str]:
     ttl = ", ".join(f"{kind}={_seconds(value)}" for kind, value in settings.cache.ttl_s) or "-"
     lines = [
         f"default strategy {settings.default_strategy}; "
         f"default timeout {_seconds(settings.default_timeout_s)}; "
         f"health check timeout {_seconds(settings.health_check_timeout_s)}",
-        _retry_line(settings),
+        _retry_line(settings, agent),
         f"cache: {'on' if settings.cache.enabled else 'off'}; ttl {ttl}",
         _discovery_line(settings.service_discovery),
         _resources_line(settings.resource_allocation),
@@ -105,11 +141,14 @@ def _settings_lines(settings: Settings) -> list[str]:
     return lines
 
 
-def _retry_line(settings: Settings) -> str:
-    retry = settings.retry_policy
+def _retry_line(settings: Settings, agent: AgentSettings) -> str:
+    """Retries and the backoff each category's calls get (one range when all agree)."""
+    delays = {c.value: backoff_for(c.value, agent) for c in Category}
+    ranges = {c: f"{_seconds(base)}..{_seconds(cap)}" for c, (base, cap) in delays.items()}
+    shown = (next(iter(ranges.values())) if len(set(ranges.values())) == 1
+             else ", ".join(f"{c} {r}" for c, r in ranges.items()))
     return (
-        f"retry: up to {retry.max_retries}, {retry.backoff_strategy} backoff "
-        f"{_seconds(retry.base_delay_s)}..{_seconds(retry.max_delay_s)}; "
+        f"retry: up to {agent.retry.max_retries}, {agent.retry.backoff_strategy} backoff {shown}; "
         f"circuit breaker opens after {settings.circuit_breaker.failure_threshold} failures"
     )
 

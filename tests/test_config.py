@@ -359,6 +359,19 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         ">= base_delay_s",
     ),
     (
+        "an explicit zero delay (leaving the key out is how to ask for the default)",
+        """
+        external_services:
+          communication:
+            retry_policy:
+              base_delay: 0
+        """,
+        {},
+        "external_services.communication.retry_policy.base_delay",
+        4,
+        "leave the key out",
+    ),
+    (
         "bool of the wrong type",
         """
         external_services:

@@ -94,10 +94,14 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """communication.retry_policy. A delay of 0 means "not set": agents then use the call's
+    category's interactive default (wire/attempt_policy.py: BACKOFF_DEFAULTS, e.g. llm 0.2..2 s).
+    The config refuses an explicit 0, so 0 only ever means the key was left out."""
+
     max_retries: int = 3
     backoff_strategy: str = "exponential"
-    base_delay_s: float = 1.0
-    max_delay_s: float = 30.0
+    base_delay_s: float = 0.0
+    max_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -299,8 +299,9 @@ _SETTINGS_NUMBERS: tuple[tuple[str, Callable[[Settings], object], _Check], ...] 
     ("health_check_timeout_s", lambda s: s.health_check_timeout_s, _positive),
     ("default_timeout_s", lambda s: s.default_timeout_s, _positive),
     ("retry_policy.max_retries", lambda s: s.retry_policy.max_retries, _integer_between(0, MAX_RETRIES)),
-    ("retry_policy.base_delay_s", lambda s: s.retry_policy.base_delay_s, _positive),
-    ("retry_policy.max_delay_s", lambda s: s.retry_policy.max_delay_s, _positive),
+    # 0 = not set: the call's category's default delay (wire/attempt_policy.py::backoff_delays)
+    ("retry_policy.base_delay_s", lambda s: s.retry_policy.base_delay_s, _non_negative),
+    ("retry_policy.max_delay_s", lambda s: s.retry_policy.max_delay_s, _non_negative),
     ("circuit_breaker.failure_threshold", lambda s: s.circuit_breaker.failure_threshold, _integer_between(1)),
     ("service_discovery.cache_ttl_s", lambda s: s.service_discovery.cache_ttl_s, _positive),
     (
@@ -345,10 +346,10 @@ def _check_settings_names(settings: Settings) -> Iterator[Problem]:
 
 
 def _check_delays(settings: Settings) -> Iterator[Problem]:
-    """max_delay_s >= base_delay_s."""
+    """max_delay_s >= base_delay_s, when both are set."""
     retry = settings.retry_policy
     comparable = _is_number(retry.base_delay_s) and _is_number(retry.max_delay_s)
-    if comparable and retry.max_delay_s < retry.base_delay_s:
+    if comparable and 0 < retry.max_delay_s < retry.base_delay_s:
         yield Problem("retry_policy.max_delay_s", "must be >= base_delay_s")
 
 

@@ -94,10 +94,13 @@ class ServiceView:
 
 @dataclass(frozen=True)
 class RetrySettings:
+    """The config's retry_policy; a delay of 0 is "not set" (the category's default applies:
+    resilience/backoff.py::policy_for)."""
+
     max_retries: int = 3
     backoff_strategy: str = "exponential"
-    base_delay_s: float = 1.0
-    max_delay_s: float = 30.0
+    base_delay_s: float = 0.0
+    max_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,14 @@ def read_duration(ctx: Context, node: Node) -> float:
     return _bounded_float(seconds, MAX_DURATION_S, "a finite duration in seconds")
 
 
+def read_set_delay(ctx: Context, node: Node) -> float:
+    """A retry delay > 0: leaving the key out is how to ask for the category's default."""
+    seconds = read_duration(ctx, node)
+    if seconds <= 0:
+        raise _Bad("must be > 0 (leave the key out for the call's category's default delay)")
+    return seconds
+
+
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kKMGTPE])(i?))?B?")
 _SIZE_POWERS = MappingProxyType({"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6})
 
@@ -460,8 +468,8 @@ _LOAD_BALANCING = (
 _RETRY_POLICY = (
     Leaf("max_retries", "retry_policy.max_retries", read_int),
     Leaf("backoff_strategy", "retry_policy.backoff_strategy", read_str),
-    Leaf("base_delay", "retry_policy.base_delay_s", read_duration),
-    Leaf("max_delay", "retry_policy.max_delay_s", read_duration),
+    Leaf("base_delay", "retry_policy.base_delay_s", read_set_delay),
+    Leaf("max_delay", "retry_policy.max_delay_s", read_set_delay),
 )
 _CACHING = (Leaf("enabled", "cache.enabled", read_bool),)
 _COMMUNICATION = (Leaf("default_timeout", "default_timeout_s", read_duration),)
