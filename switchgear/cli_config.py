@@ -26,6 +26,7 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
+from switchgear.controlplane.tasks import allocator
 from switchgear.dataplane.convert import settings_from_proto
 from switchgear.dataplane.resilience.backoff import policy_for
 from switchgear.dataplane.scheduling import STRATEGIES
@@ -162,8 +163,15 @@ def _discovery_line(discovery: ServiceDiscoverySettings) -> str:
 
 
 def _resources_line(resources: ResourceAllocationSettings) -> str:
+    """What a task of each category requests (default_cpu/default_memory: the categories without
+    a row of their own in the seed's table), and what bounds the agents."""
+    requests = []
+    for category in Category:
+        need = allocator.requirements(category.value, {}, resources)
+        requests.append(f"{category.value} {_num(need.cpu)} cpu/{size_text(int(need.memory_bytes))}")
     return (
-        f"resources: cpu {_num(resources.default_cpu)}, memory {size_text(resources.default_memory_bytes)}, "
+        f"resources: a task requests {', '.join(requests)} (service metadata resources.* overrides); "
+        "an agent's pool is what it declares (--task-cpu, --task-memory; undeclared: not limited); "
         f"max concurrent tasks {resources.max_concurrent_tasks}"
     )
 

@@ -148,8 +148,13 @@ class ServiceDiscoverySettings:
 
 @dataclass(frozen=True)
 class ResourceAllocationSettings:
-    default_cpu: float = 2.0
-    default_memory_bytes: int = 4 * 1024**3
+    """coordination.resource_allocation. `default_cpu` / `default_memory_bytes` are the per-task
+    request of a task whose category has no row of its own in the seed's requirements table
+    (knowledge_graph, vector_db, embedding; tasks/allocator.py) — not an agent's capacity.
+    Defaults: the seed's `else` row, 1 CPU and 2 GiB."""
+
+    default_cpu: float = 1.0
+    default_memory_bytes: int = 2 * 1024**3
     max_concurrent_tasks: int = 100
 
 
