@@ -30,8 +30,10 @@ from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
+from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.wire.attempt_policy import call_timeout
 
 
 class Picker(Protocol):
@@ -97,6 +99,7 @@ class Invoker:
             known = ", ".join(sorted(adapter.methods))
             raise RequestError("method",
                                f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
+        check_request(service, call.method, call.payload)  # the config's limits, before any upstream
         return service, adapter
 
     def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
@@ -106,7 +109,9 @@ class Invoker:
     async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
         service, adapter = self._resolve(call, snapshot)
         start = self._clock()
-        deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
+        policy = snapshot.settings.category_policies.get(service.category)
+        deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
+                                        snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
                                          serves=self._serves(call), idempotent=idempotent(adapter, call))
         won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))

@@ -34,8 +34,10 @@ from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
+from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.wire.attempt_policy import call_timeout
 
 #: The agent's endpoint pick, called as pick(service, exclude=tried, call=call, settings=settings)
 #: (dataplane.router.Router.pick).
@@ -161,6 +163,7 @@ class Streamer:
             raise RequestError(
                 "method", f"{call.method!r} cannot stream on protocol {service.protocol} (streaming: {known})"
             )
+        check_request(service, call.method, call.payload)  # the config's limits, before any upstream
         return service, adapter
 
     async def stream(self, call: Call, snapshot: AgentSnapshot,
@@ -171,7 +174,9 @@ class Streamer:
         meter = meter if meter is not None else Meter()
         service, adapter = self.resolve(call, snapshot)
         start = self._clock()
-        deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
+        policy = snapshot.settings.category_policies.get(service.category)
+        deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
+                                        snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call),
                                          idempotent=idempotent(adapter, call), stream=True)
         won = await ctl.first_answer(

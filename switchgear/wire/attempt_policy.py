@@ -96,3 +96,11 @@ def backoff_delays(category: str, base_delay_s: float = 0.0, max_delay_s: float 
     default_base, default_cap = BACKOFF_DEFAULTS.get(category, FALLBACK_BACKOFF)
     base = base_delay_s or default_base
     return base, max(base, max_delay_s or default_cap)
+
+
+def call_timeout(requested_s: float, service_s: float, policy_s: float, default_s: float) -> float:
+    """A call's whole deadline (s), synchronous calls, streams and tasks alike: the caller's
+    own, else the service's `timeout`, else its category policy's `timeout`
+    (scheduling_policies.<category>.timeout, e.g. the seed's document_processing 300 s), else
+    communication.default_timeout. 0 = not set, at every level."""
+    return requested_s or service_s or policy_s or default_s

@@ -40,6 +40,7 @@ from switchgear.controlplane.tasks.model import (
     TaskState,
 )
 from switchgear.controlplane.tasks.store import TaskStoreLike
+from switchgear.wire.attempt_policy import call_timeout
 
 log = logging.getLogger("switchgear.controlplane.tasks")
 
@@ -265,13 +266,14 @@ class TaskScheduler:
             raise SubmitError("invalid", path, f"must be a JSON object, got {type(value).__name__}")
 
     def _timeout(self, service: str) -> float:
-        """The category policy's timeout, else the service's, else the default timeout."""
+        """The service's timeout, else its category policy's, else the default timeout
+        (wire/attempt_policy.py::call_timeout: the same order as a synchronous call's)."""
         state = self._state()
         spec = state.service(service)
         assert spec is not None
         policies = dict(state.settings.category_policies)
         policy = policies.get(spec.category.value)
-        return (policy.timeout_s if policy else 0.0) or spec.timeout_s or state.settings.default_timeout_s
+        return call_timeout(0.0, spec.timeout_s, policy.timeout_s if policy else 0.0, state.settings.default_timeout_s)
 
     def _pools(self, now: float) -> list[Resources]:
         """The pools a new task is judged against: the live workers' (what they declared, each
