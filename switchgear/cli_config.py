@@ -139,7 +139,20 @@ def _settings_lines(settings: Settings, agent: AgentSettings) -> list[str]:
         _resources_line(settings.resource_allocation),
     ]
     lines.extend(_policy_line(category, policy) for category, policy in settings.category_policies)
+    lines.append(_presets_line(agent))
     return lines
+
+
+def _presets_line(agent: AgentSettings) -> str:
+    """The preset answer each category's calls get when their whole fallback chain failed."""
+    presets = [f"preset {c.value}: {_quoted(agent.preset_responses[c.value])}"
+               if agent.preset_responses.get(c.value) else f"preset {c.value}: none" for c in Category]
+    return "fallback: " + "; ".join(presets)
+
+
+def _quoted(text: str) -> str:
+    """A preset as a JSON string, cut at 80 characters (the config holds the whole of it)."""
+    return orjson.dumps(text if len(text) <= 80 else text[:77] + "...").decode()
 
 
 def _retry_line(settings: Settings, agent: AgentSettings) -> str:

@@ -242,7 +242,7 @@ def test_describe_seed(seed: RegistryState) -> None:
         assert fragment in gpt4
     assert "key=env:PINECONE_API_KEY" in text
     assert "policy llm: strategy cost_optimized" in text
-    assert "memory 4Gi" in text and "retry: up to 3, exponential" in text
+    assert "embedding 2 cpu/4Gi" in text and "retry: up to 3, exponential" in text
 
 
 # --- errors: each names the YAML path and the line ----------------------------------------------

@@ -189,6 +189,21 @@ class MonitoringSettings:
     )
 
 
+#: The seed's answer when every LLM service failed (`_llm_fallback`'s "preset_response").
+SEED_LLM_PRESET = "Service temporarily unavailable. Please try again later."
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """communication.fallback. `preset_responses`: sorted (category, text) pairs — the answer
+    a call of that category gets when its whole fallback chain failed, as the seed's
+    `_handle_fallback` does; the agent shapes the text as the call's method answers (a chat
+    completion for chat.completions). "" = no preset for that category. A service's metadata
+    `preset_response` (an exact body) comes first."""
+
+    preset_responses: tuple[tuple[str, str], ...] = (("llm", SEED_LLM_PRESET),)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything in the config besides the services."""
@@ -206,6 +221,7 @@ class Settings:
         default_factory=ResourceAllocationSettings
     )
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
 
 
 class UserType(str, Enum):

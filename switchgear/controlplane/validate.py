@@ -39,6 +39,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_WEIGHT = 10_000
 MAX_RETRIES = 10
+#: The longest preset response (characters): an answer, not a document.
+MAX_PRESET_CHARS = 16_384
 
 
 @dataclass(frozen=True)
@@ -405,12 +407,26 @@ def _check_policies(settings: Settings) -> Iterator[Problem]:
             yield Problem(f"{path}.attempt_timeout_ceiling_s", "must not be below attempt_timeout_floor_s")
 
 
+def _check_presets(settings: Settings) -> Iterator[Problem]:
+    """Preset responses: one per known category, at most MAX_PRESET_CHARS characters."""
+    categories = {c.value for c in Category}
+    seen: set[str] = set()
+    for category, text in settings.fallback.preset_responses:
+        path = f"fallback.preset_responses[{category}]"
+        if category not in categories or category in seen:
+            yield Problem(path, f"expected one preset per category, of {_listing(categories)}")
+        elif len(text) > MAX_PRESET_CHARS:
+            yield Problem(path, f"at most {MAX_PRESET_CHARS} characters, got {len(text)}")
+        seen.add(category)
+
+
 _SETTINGS_RULES: tuple[Callable[[Settings], Iterator[Problem]], ...] = (
     _check_settings_numbers,
     _check_settings_names,
     _check_delays,
     _check_cache,
     _check_policies,
+    _check_presets,
 )
 
 

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -673,7 +674,11 @@ class AttemptController:
             svc = services.get(name)
             return svc is not None and bool(r.gate.usable(name, [e.id for e in svc.endpoints], now))
 
-        return plan(self.call.service, services, r.settings.fallback, serves=self._serves, usable=usable,
+        settings = r.settings.fallback
+        presets = self.snapshot.settings.preset_responses  # the config's, over the agent's own
+        if presets:
+            settings = dataclasses.replace(settings, preset_responses={**settings.preset_responses, **presets})
+        return plan(self.call.service, services, settings, serves=self._serves, usable=usable,
                     metadata={n: s.metadata for n, s in services.items()})
 
     def _nothing_usable(self, run: _ServiceRun) -> UpstreamError:

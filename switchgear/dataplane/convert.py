@@ -128,6 +128,7 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
         category_policies=MappingProxyType({k: _policy(v) for k, v in sorted(msg.category_policies.items())}),
         cache_enabled=msg.cache.enabled,
         cache_ttl_s=MappingProxyType({kind: _seconds(ttl) for kind, ttl in sorted(msg.cache.ttl.items())}),
+        preset_responses=MappingProxyType(dict(sorted(msg.preset_responses.items()))),
     )
 
 

@@ -66,6 +66,8 @@ def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
         finish_reason=end.finish_reason,
         error_kind=end.error.kind.value if end.error else "",
         error_message=public_text(end.error.message) if end.error else "",
+        fallback=end.fallback,
+        fallback_source=end.fallback_source,
     )
 
 

@@ -37,7 +37,7 @@ from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
-from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -237,13 +237,11 @@ async def _stream(
         first = await anext(items)
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "x-request-id": call.request_id,
-        }
-    )
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "x-request-id": call.request_id}
+    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
+        headers["x-switchgear-fallback"] = first.source
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -7,7 +7,9 @@ chain). A result says whether it was a fallback and what served it (`fallback_so
 "service", "local_model", "preset_response" or "task_queue").
 
 Terminal fallback steps answered here: a preset response (service metadata
-`preset_response`: the exact response body, JSON text recommended) and, for document calls,
+`preset_response`: the exact response body, JSON text recommended; else the config's
+`communication.fallback.preset_responses.<category>` text, shaped as the method answers:
+dataplane/presets.py) and, for document calls,
 QUEUE_FOR_LATER: the call is handed to the task queue through `defer` (the agent passes
 `TasksClient.defer`) and the answer is the task's id (`Deferred.fallback_body()`). A task
 worker's own call is never deferred again, and without a task client the call fails
@@ -30,6 +32,7 @@ from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
+from switchgear.dataplane.presets import preset_body, preset_chunk
 from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -176,27 +179,12 @@ class Invoker:
         if call.from_task:
             raise ctl.failure()
         if ctl.fallback_source == "preset_response":
-            body = step.body.encode()
+            body = terminal_body(call, snapshot, step.body, step.shaped, stream=False)
         else:
-            body = await self._deferred(call, ctl)
+            body = await deferred_body(self._defer, call, ctl, self._clock)
         return Result(body=body, service=call.service, endpoint="", attempts=ctl.attempts,
                       latency_s=self._clock() - start, usage=TokenUsage(), cost_usd=0.0, version=snapshot.version,
                       fallback=True, fallback_source=ctl.fallback_source)
-
-    async def _deferred(self, call: Call, ctl: AttemptController) -> bytes:
-        """Hand the call to the task queue; the answer names the task. Raises CallFailed
-        (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
-        error = ctl.last_error
-        why = f"{error.kind.value}: {error.message}"
-        if self._defer is None:
-            raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
-        try:
-            async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
-                deferred = await self._defer(call, why)
-        except (grpc.RpcError, TimeoutError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
-            raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
-        return orjson.dumps(deferred.fallback_body())
 
     def _started(self, event: AttemptStart) -> None:
         for observer in self._observers:
@@ -205,6 +193,34 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+
+def terminal_body(call: Call, snapshot: AgentSnapshot, body: str, shaped: bool, stream: bool) -> bytes:
+    """A PRESET step's answer: the service's exact body, or the config's text shaped as the
+    call's method answers (dataplane/presets.py); `stream`: as its one stream chunk."""
+    if not shaped:
+        return body.encode()
+    service = snapshot.services.get(call.service)
+    model = service.model if service is not None else ""
+    shape = preset_chunk if stream else preset_body
+    return shape(call.method, body, model, call.request_id, int(time.time()))
+
+
+async def deferred_body(defer: Defer | None, call: Call, ctl: AttemptController,
+                        clock: Callable[[], float]) -> bytes:
+    """Hand the call to the task queue; the answer names the task. Raises CallFailed
+    (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
+    error = ctl.last_error
+    why = f"{error.kind.value}: {error.message}"
+    if defer is None:
+        raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
+    try:
+        async with asyncio.timeout(max(0.5, ctl.deadline - clock())):
+            deferred = await defer(call, why)
+    except (grpc.RpcError, TimeoutError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
+        raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
+    return orjson.dumps(deferred.fallback_body())
 
 
 def idempotent(adapter: Any, call: Call) -> bool:

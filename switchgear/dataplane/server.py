@@ -314,7 +314,7 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     invoker = Invoker(call_adapters, pool, secrets, router, observers=observed.observers, resilience=resilience,
                       defer=tasks_client.defer)
     streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observed.observers,
-                        resilience=resilience)
+                        resilience=resilience, defer=tasks_client.defer)
     pipeline, redis = _pipeline(options, invoker.invoke, observed.cache_lookup)
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters

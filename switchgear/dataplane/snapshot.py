@@ -131,6 +131,9 @@ class AgentSettings:
     cache_enabled: bool = False
     # TTL kind ("llm_responses", "document_parsing", "embeddings", ...) -> seconds.
     cache_ttl_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # Category -> the preset answer's text when a call's whole fallback chain failed
+    # (communication.fallback.preset_responses; resilience/fallback.py, dataplane/presets.py).
+    preset_responses: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ endpoint, and a later failure ends the stream with `StreamEnd.error` set (no fai
 Endpoints are chosen by the same per-call attempt controller as Invoker
 (`attempts.AttemptController`: breakers, outlier ejection, admission slots, retry decision,
 budget and backoff, then the fallback chain's services), sharing the agent's `Resilience`.
-The admission slot is held until the stream ends. Preset and task-queue fallbacks are not
-streamed: a stream whose chain reaches one fails UNAVAILABLE. The time to first token is
-reported to observers as `AttemptEnd.ttft_s`.
+The admission slot is held until the stream ends. A chain that ends in a preset or the task
+queue streams that answer as one chunk (a preset shaped as the method's chunk:
+dataplane/presets.py; the queued task's answer as is) and a StreamEnd marked as the fallback;
+a task worker's own call gets neither. The time to first token is reported to observers as
+`AttemptEnd.ttft_s`.
 
 A `Meter` passed to `stream` records what went out, so the call can be charged whether or not
 the caller reads to the end (`Pipeline.stream` charges it in a `finally`). A stream the caller
@@ -33,7 +35,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, idempotent
+from switchgear.dataplane.invoke import Defer, ServiceNotFound, Unsupported, deferred_body, idempotent, terminal_body
 from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
@@ -61,7 +63,20 @@ class StreamEnd:
     finish_reason: str = ""
     error: UpstreamError | None = None
     fallback: bool = False
-    fallback_source: str = ""  # "service" or "local_model" (see invoke.Result)
+    fallback_source: str = ""  # "service", "local_model", "preset_response", "task_queue" (see invoke.Result)
+
+
+class FallbackChunk(bytes):
+    """A stream's one chunk when a preset or the task queue answered: the HTTP door names
+    `source` in its `x-switchgear-fallback` header, which goes out before the first chunk."""
+
+    source: str = ""
+
+
+def fallback_chunk(data: bytes, source: str) -> FallbackChunk:
+    chunk = FallbackChunk(data)
+    chunk.source = source
+    return chunk
 
 
 StreamItem = bytes | StreamEnd
@@ -133,11 +148,13 @@ class Streamer:
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
+        defer: Defer | None = None,
     ) -> None:
         self._adapters = adapters
         self._pool = pool
         self._secrets = secrets
         self._pick = pick
+        self._defer = defer  # the task queue, for a chain that ends in QUEUE_FOR_LATER
         self._clock = clock
         self._observers = observers  # the agent's list, read at each event (subscribers may come later)
         self.resilience = resilience or Resilience(clock=clock)
@@ -208,10 +225,18 @@ class Streamer:
                     attempt.abandoned()
                     await ctl.abandon(lease)
             return
-        if ctl.terminal is not None:
-            error = ctl.last_error
-            raise ctl.failure_as(UpstreamError(
-                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"))
+        if ctl.terminal is not None and not call.from_task:
+            step = ctl.terminal
+            if ctl.fallback_source == "preset_response":
+                data = terminal_body(call, snapshot, step.body, step.shaped, stream=True)
+            else:
+                data = await deferred_body(self._defer, call, ctl, self._clock)
+            yield fallback_chunk(data, ctl.fallback_source)
+            yield StreamEnd(service=call.service, endpoint="", attempts=ctl.attempts, latency_s=self._clock() - start,
+                            ttft_s=0.0, usage=_NO_USAGE, cost_usd=0.0, failover=ctl.attempts > 0,
+                            version=snapshot.version, finish_reason="stop", fallback=True,
+                            fallback_source=ctl.fallback_source)
+            return
         raise ctl.failure()
 
     async def _until_first_token(
