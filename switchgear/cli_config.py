@@ -31,8 +31,9 @@ from switchgear.dataplane.convert import settings_from_proto
 from switchgear.dataplane.resilience.backoff import policy_for
 from switchgear.dataplane.scheduling import STRATEGIES
 from switchgear.dataplane.scheduling.policy import choose_strategy
+from switchgear.dataplane.service_rules import ENFORCED
 from switchgear.dataplane.snapshot import AgentSettings
-from switchgear.wire.attempt_policy import NEVER, hedging_for, timeouts_for
+from switchgear.wire.attempt_policy import NEVER, call_timeout, hedging_for, timeouts_for
 
 #: The priorities `config validate` shows a strategy for: the default and a high one (> 7).
 SHOWN_PRIORITIES = (5, 9)
@@ -60,10 +61,19 @@ def agent_settings(settings: Settings) -> AgentSettings:
 
 def strategy_for(spec: ServiceSpec, agent: AgentSettings, priority: int) -> str:
     """The strategy an agent uses for a call to `spec` at `priority` (scheduling/policy.py)."""
-    category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
-    return choose_strategy(service_strategy=spec.strategy, category=category, priority=priority,
+    return choose_strategy(service_strategy=spec.strategy, category=_category(spec), priority=priority,
                            policies=agent.category_policies, default_strategy=agent.default_strategy,
                            known=STRATEGIES)
+
+
+def timeout_for(spec: ServiceSpec, agent: AgentSettings) -> float:
+    """The deadline (s) of a call to `spec` that sets none itself (wire/attempt_policy.py::call_timeout)."""
+    policy = agent.category_policies.get(_category(spec))
+    return call_timeout(0.0, spec.timeout_s, policy.timeout_s if policy else 0.0, agent.default_timeout_s)
+
+
+def _category(spec: ServiceSpec) -> str:
+    return spec.category.value if isinstance(spec.category, Category) else str(spec.category)
 
 
 def backoff_for(category: str, agent: AgentSettings) -> tuple[float, float]:
@@ -75,7 +85,7 @@ def backoff_for(category: str, agent: AgentSettings) -> tuple[float, float]:
 def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
     endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}" for e in spec.endpoints) or "-"
     key = spec.api_key.describe() if spec.api_key is not None else "-"
-    category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
+    category = _category(spec)
     return [
         spec.name,
         category,
@@ -84,9 +94,10 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
         f"price={_price(spec.pricing)}",
         f"priority={spec.priority}",
         "strategy " + " ".join(f"p{p}={strategy_for(spec, agent, p)}" for p in SHOWN_PRIORITIES),
-        f"timeout={_seconds(spec.timeout_s) if spec.timeout_s else 'default'}",
+        f"timeout={_seconds(timeout_for(spec, agent))}",
         f"key={key}",
         *_limit_cells(spec),
+        *_enforced_cells(spec),
         f"endpoints={endpoints}",
     ]
 
@@ -100,6 +111,12 @@ def _limit_cells(spec: ServiceSpec) -> list[str]:
     if not isinstance(options, dict):
         return []
     return [f"{key}={size_text(options[key])}" for key in RESPONSE_LIMIT_OPTIONS if isinstance(options.get(key), int)]
+
+
+def _enforced_cells(spec: ServiceSpec) -> list[str]:
+    """The service's limits agents enforce before the upstream (dataplane/service_rules.py)."""
+    metadata = dict(spec.metadata)
+    return [f"{key}={metadata[key]}" for key in ENFORCED if metadata.get(key)]
 
 
 def _safe_url(url: str) -> str:

@@ -145,11 +145,9 @@ async def test_a_services_metadata_preset_is_the_exact_body_and_wins(stub_for: A
 async def door() -> AsyncIterator[tuple[str, Agent]]:
     agent = make_agent(snapshot_with({"llm": SEED_LLM_PRESET}, dead_chat("gpt-dead")))
     runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0")
-    try:
-        yield f"http://{address}/v1", agent
-    finally:
-        await runner.cleanup()
-        await agent.pool.close()
+    yield f"http://{address}/v1", agent  # pytest resumes the fixture after a failed test too
+    await runner.cleanup()
+    await agent.pool.close()
 
 
 async def test_http_unary_gets_the_preset_with_the_fallback_header(door: tuple[str, Agent]) -> None:

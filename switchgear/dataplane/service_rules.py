@@ -30,6 +30,9 @@ from typing import Any
 from switchgear.dataplane.convert import RequestError
 from switchgear.dataplane.snapshot import ServiceView
 
+#: The config keys (metadata, as the file writes them) this module enforces.
+ENFORCED = ("max_file_size", "supported_formats", "max_documents", "collections")
+
 #: Methods that name a collection by `payload.name` rather than `payload.collection`.
 _NAMED_BY_NAME = frozenset({"collections.create", "collections.get", "collections.delete"})
 
