@@ -186,7 +186,8 @@ def _retry_line(settings: Settings, agent: AgentSettings) -> str:
 
 def _discovery_line(discovery: ServiceDiscoverySettings) -> str:
     return (
-        f"discovery: cache ttl {_seconds(discovery.cache_ttl_s)}, health check every "
+        f"discovery: cache ttl {_seconds(discovery.cache_ttl_s)} (an agent cut off from the control plane "
+        "this long stops applying its health verdicts), health check every "
         f"{_seconds(discovery.health_check_interval_s)}, "
         f"failover after {discovery.failover_threshold} failures"
     )

@@ -1,28 +1,37 @@
 """Every setting of the seed's config takes effect: the limits its services declare are enforced
-before the upstream, and a category policy's timeout bounds synchronous calls too."""
+before the upstream, a category policy's timeout bounds synchronous calls too, and
+service_discovery.cache_ttl bounds how long health verdicts outlive the control plane."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import time
 from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
+import grpc
 import pytest
 
+from switchgear.adapters import builtin_adapters
+from switchgear.dataplane.client import Applier, Backoff, SnapshotClient
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed
 from switchgear.dataplane.service_rules import check_request, document_size
 from switchgear.dataplane.snapshot import (
+    EXPIRED_SUFFIX,
     AgentSettings,
     AgentSnapshot,
     EndpointView,
+    Holder,
     RetrySettings,
     SchedulingPolicy,
     ServiceView,
+    without_health_verdicts,
 )
+from switchgear.v1 import common_pb2, discovery_pb2, discovery_pb2_grpc
 from switchgear.wire.attempt_policy import call_timeout
 from tests.test_stream import make_agent
 
@@ -161,3 +170,85 @@ async def test_the_category_policys_timeout_bounds_a_synchronous_document_call(s
     assert caught.value.error.kind.value == "timeout"
     assert 0.4 <= elapsed < 5.0, elapsed
     await agent.pool.close()
+
+
+# --- service_discovery.cache_ttl: how long health verdicts outlive the control plane ----------
+
+
+class OneSnapshot(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """A control plane that sends one snapshot per stream (an ejected endpoint, a draining one)
+    and reads the agent's answers until it is stopped."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.subscribed: list[str] = []
+
+    async def StreamSnapshots(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        first = await anext(aiter(request_iterator))
+        self.subscribed.append(first.version_info)
+        states = (("a", common_pb2.HEALTH_STATE_EJECTED), ("b", common_pb2.HEALTH_STATE_DRAINING))
+        endpoints = [common_pb2.Endpoint(id=name, url="http://127.0.0.1:9/v1", weight=1, health=health)
+                     for name, health in states]
+        snap = discovery_pb2.Snapshot(version="1.a", services=[common_pb2.Service(
+            name="chat", category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai", endpoints=endpoints)])
+        snap.settings.discovery_cache_ttl.FromTimedelta(datetime.timedelta(seconds=self.ttl_s))
+        yield discovery_pb2.StreamSnapshotsResponse(version_info="1.a", nonce="n1", snapshot=snap)
+        async for _ack in request_iterator:
+            pass
+
+
+async def cut_off_agent(ttl_s: float) -> tuple[Holder, list[str], asyncio.Event, asyncio.Task[None]]:
+    """An agent's snapshot client that got one snapshot, then lost its control plane for good."""
+    server = grpc.aio.server()
+    plane = OneSnapshot(ttl_s)
+    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(plane, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    holder, applied = Holder(), []
+    applier = Applier(holder, builtin_adapters(), lambda s: applied.append(s.version))
+    client = SnapshotClient([f"127.0.0.1:{port}"], discovery_pb2.Node(id="n"), holder, applier,
+                            backoff=Backoff(base_s=0.05, cap_s=0.1))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(client.run(stop))
+    await poll(lambda: holder.current is not None, "the first snapshot")
+    await server.stop(None)
+    return holder, applied, stop, task
+
+
+async def poll(predicate: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def health_of(holder: Holder) -> list[str]:
+    assert holder.current is not None
+    return [e.health for e in holder.current.services["chat"].endpoints]
+
+
+async def test_cut_off_past_cache_ttl_the_agent_drops_the_health_verdicts_not_the_draining() -> None:
+    holder, applied, stop, task = await cut_off_agent(ttl_s=0.3)
+    assert health_of(holder) == ["ejected", "draining"]
+    await poll(lambda: health_of(holder)[0] == "healthy", "the ejection to expire")
+    assert health_of(holder) == ["healthy", "draining"]  # an operator's drain is not a health verdict
+    assert holder.version == "1.a" + EXPIRED_SUFFIX and applied == ["1.a", "1.a" + EXPIRED_SUFFIX]
+    stop.set()
+    await task
+
+
+async def test_within_cache_ttl_the_verdicts_stand() -> None:
+    holder, applied, stop, task = await cut_off_agent(ttl_s=60.0)
+    await asyncio.sleep(0.5)  # several failed reconnections (backoff 50..100 ms), well within the ttl
+    assert health_of(holder) == ["ejected", "draining"] and applied == ["1.a"]
+    stop.set()
+    await task
+
+
+def test_without_health_verdicts_is_idempotent_and_names_the_version() -> None:
+    view = ServiceView(name="s", category="llm", protocol="openai",
+                       endpoints=(EndpointView("a", "http://h", health="degraded"),))
+    snap = AgentSnapshot("7.x", MappingProxyType({"s": view}))
+    once = without_health_verdicts(snap)
+    assert once.services["s"].endpoints[0].health == "healthy" and once.version == "7.x" + EXPIRED_SUFFIX
+    assert without_health_verdicts(once) == once

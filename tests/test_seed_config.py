@@ -68,7 +68,9 @@ def test_coordination_keys(seed: RegistryState, agent: AgentSnapshot, printed: d
     # service_discovery: the control plane probes every 30 s and ejects after 3 failures
     discovery = settings.service_discovery
     assert (discovery.cache_ttl_s, discovery.health_check_interval_s, discovery.failover_threshold) == (300, 30, 3)
-    assert "discovery: cache ttl 300s, health check every 30s, failover after 3 failures" in printed["discovery:"]
+    assert agent.settings.discovery_cache_ttl_s == 300.0  # client.py: how long health verdicts outlive the CP
+    assert "discovery: cache ttl 300s (an agent cut off" in printed["discovery:"]
+    assert "health check every 30s, failover after 3 failures" in printed["discovery:"]
     # resource_allocation: the per-task request of the categories without a row of their own
     resources = settings.resource_allocation
     assert allocator.requirements("vector_db", {}, resources) == allocator.Resources(2.0, 4 * GIB, 0, 0, 50)

@@ -129,6 +129,7 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
         cache_enabled=msg.cache.enabled,
         cache_ttl_s=MappingProxyType({kind: _seconds(ttl) for kind, ttl in sorted(msg.cache.ttl.items())}),
         preset_responses=MappingProxyType(dict(sorted(msg.preset_responses.items()))),
+        discovery_cache_ttl_s=_seconds(msg.discovery_cache_ttl),
     )
 
 

@@ -142,7 +142,7 @@ class CategoryPolicy(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_floor: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_ceiling: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_factor: _Optional[float] = ..., hedge_min_priority: _Optional[int] = ...) -> None: ...
 
 class DataPlaneSettings(_message.Message):
-    __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout", "preset_responses")
+    __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout", "preset_responses", "discovery_cache_ttl")
     class CategoryPoliciesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class DataPlaneSettings(_message.Message):
     CATEGORY_POLICIES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     PRESET_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_CACHE_TTL_FIELD_NUMBER: _ClassVar[int]
     default_strategy: str
     retry_policy: RetryPolicy
     circuit_breaker: CircuitBreakerSettings
@@ -173,4 +174,5 @@ class DataPlaneSettings(_message.Message):
     category_policies: _containers.MessageMap[str, CategoryPolicy]
     default_timeout: _duration_pb2.Duration
     preset_responses: _containers.ScalarMap[str, str]
-    def __init__(self, default_strategy: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., circuit_breaker: _Optional[_Union[CircuitBreakerSettings, _Mapping]] = ..., cache: _Optional[_Union[CacheSettings, _Mapping]] = ..., health_check_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., category_policies: _Optional[_Mapping[str, CategoryPolicy]] = ..., default_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset_responses: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    discovery_cache_ttl: _duration_pb2.Duration
+    def __init__(self, default_strategy: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., circuit_breaker: _Optional[_Union[CircuitBreakerSettings, _Mapping]] = ..., cache: _Optional[_Union[CacheSettings, _Mapping]] = ..., health_check_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., category_policies: _Optional[_Mapping[str, CategoryPolicy]] = ..., default_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset_responses: _Optional[_Mapping[str, str]] = ..., discovery_cache_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

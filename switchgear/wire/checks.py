@@ -186,6 +186,8 @@ def check_settings(msg: discovery_pb2.DataPlaneSettings) -> None:
     for kind, ttl in sorted(msg.cache.ttl.items()):
         if not (0 <= seconds(ttl) <= MAX_TTL_S):
             raise SnapshotError(f"settings.cache.ttl[{kind}]", "must be within 0 s .. 366 days")
+    if not (0 <= seconds(msg.discovery_cache_ttl) <= MAX_TTL_S):
+        raise SnapshotError("settings.discovery_cache_ttl", "must be within 0 s .. 366 days")
     for category, text in sorted(msg.preset_responses.items()):
         if category not in CATEGORIES or len(text) > MAX_PRESET_CHARS:
             raise SnapshotError(f"settings.preset_responses[{category}]",
