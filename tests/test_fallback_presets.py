@@ -24,7 +24,14 @@ from switchgear.dataplane import http as front_door
 from switchgear.dataplane.attempts import Resilience, ResilienceSettings
 from switchgear.dataplane.convert import Call, settings_from_proto
 from switchgear.dataplane.resilience.fallback import FallbackSettings
-from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, Pricing, RetrySettings, ServiceView
+from switchgear.dataplane.snapshot import (
+    AgentSettings,
+    AgentSnapshot,
+    Pricing,
+    RetrySettings,
+    SecretRef,
+    ServiceView,
+)
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.v1 import gateway_pb2
@@ -126,6 +133,22 @@ async def test_without_a_preset_the_call_still_fails_unavailable(stub_for: Any) 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect((await stub_for(agent)).InvokeStream(stream_request("chat", CHAT)))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await agent.pool.close()
+
+
+async def test_the_category_preset_does_not_hide_a_missing_secret(stub_for: Any) -> None:
+    """A missing key is this deployment's fault: the caller (and the operator) must see it."""
+    keyed = ServiceView(**{**dead_chat().__dict__, "api_key": SecretRef(env="SWITCHGEAR_TEST_UNSET_KEY")})
+    agent = make_agent(snapshot_with({"llm": SEED_LLM_PRESET}, keyed))
+    stub = await stub_for(agent)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Invoke(gateway_pb2.InvokeRequest(
+            request_id="r1", service="chat", method="chat.completions", payload=orjson.dumps(CHAT)))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "SWITCHGEAR_TEST_UNSET_KEY" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await collect(stub.InvokeStream(stream_request("chat", CHAT)))
+    assert streamed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await agent.pool.close()
 
 

@@ -102,6 +102,7 @@ from switchgear.dataplane.resilience import (
 )
 from switchgear.dataplane.resilience.admission import Grant
 from switchgear.dataplane.resilience.admission_edge import Admission, Shed
+from switchgear.dataplane.resilience.fallback import preset_may_answer
 from switchgear.dataplane.resilience.gate import Gate
 from switchgear.dataplane.resilience.hedging import HedgeSettings, hedge_delay, hedged, hedging_for, may_hedge
 from switchgear.dataplane.resilience.timeouts import AttemptTimeouts, attempt_timeout, gap_timeout, timeouts_for
@@ -657,6 +658,8 @@ class AttemptController:
             if step.kind is StepKind.UNAVAILABLE:
                 self._unavailable = step.reason
                 return
+            if not preset_may_answer(step, self._last.kind if self._last is not None else None):
+                continue  # a category preset does not hide a missing secret or a rejected key
             self._r.stats.bump(self.call.service, "", "fallbacks")
             if step.kind is StepKind.SERVICE:
                 service = self.snapshot.services[step.service]

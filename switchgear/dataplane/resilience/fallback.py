@@ -14,7 +14,8 @@
      `FallbackSettings.preset_responses[category]` (config
      `communication.fallback.preset_responses.<category>`; the llm default is the seed's
      "Service temporarily unavailable. Please try again later."): a text the caller shapes
-     as the call's method answers (`Step.shaped`; dataplane/presets.py);
+     as the call's method answers (`Step.shaped`; dataplane/presets.py). A category preset
+     answers unavailability only, not a missing secret or a rejected key (`preset_may_answer`);
    - document: QUEUE_FOR_LATER (the call is handed to the task queue, and the answer names
      the task);
 4. UNAVAILABLE with the reason, when nothing above is terminal.
@@ -101,6 +102,19 @@ def should_fall_back(error: ErrorKind | None) -> bool:
     CONTEXT_LENGTH moves on (a fallback may take longer prompts); AUTH and CONFIG are
     faults of this service's setup, not of the request."""
     return error is not ErrorKind.CLIENT
+
+
+#: Failures a category preset does not answer: the call itself is wrong (CLIENT), or this
+#: deployment is (CONFIG: a missing secret; AUTH: a rejected key) — the caller and the operator
+#: must see those, not "temporarily unavailable".
+_NOT_FOR_PRESETS = frozenset({ErrorKind.CLIENT, ErrorKind.CONFIG, ErrorKind.AUTH})
+
+
+def preset_may_answer(step: Step, error: ErrorKind | None) -> bool:
+    """Whether `step` may answer a call whose chain last failed with `error` (None: no endpoint
+    was usable). A category preset (`shaped`) answers only unavailability; a service's own
+    metadata preset answers whatever made the call fall back."""
+    return not step.shaped or error not in _NOT_FOR_PRESETS
 
 
 def is_private_host(host: str) -> bool:
