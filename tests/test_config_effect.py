@@ -16,9 +16,12 @@ import grpc
 import pytest
 
 from switchgear.adapters import builtin_adapters
+from switchgear.cli_config import agent_settings, describe
+from switchgear.controlplane.config import load_config
 from switchgear.dataplane.client import Applier, Backoff, SnapshotClient
 from switchgear.dataplane.convert import Call, RequestError
 from switchgear.dataplane.invoke import CallFailed
+from switchgear.dataplane.resilience.backoff import BackoffPolicy, policy_for
 from switchgear.dataplane.service_rules import check_request, document_size
 from switchgear.dataplane.snapshot import (
     EXPIRED_SUFFIX,
@@ -252,3 +255,13 @@ def test_without_health_verdicts_is_idempotent_and_names_the_version() -> None:
     once = without_health_verdicts(snap)
     assert once.services["s"].endpoints[0].health == "healthy" and once.version == "7.x" + EXPIRED_SUFFIX
     assert without_health_verdicts(once) == once
+
+
+def test_retry_delays_left_out_are_each_categorys_and_config_validate_prints_them() -> None:
+    state = load_config("external_services:\n  communication:\n    retry_policy:\n      max_retries: 2\n", env={})
+    agent = agent_settings(state.settings)
+    assert (agent.retry.base_delay_s, agent.retry.max_delay_s) == (0.0, 0.0)  # not set, on the wire too
+    assert policy_for("llm", agent.retry) == BackoffPolicy("exponential", 0.2, 2.0, max_retries=2)
+    assert policy_for("document", agent.retry) == BackoffPolicy("exponential", 1.0, 10.0, max_retries=2)
+    assert "retry: up to 2, exponential backoff llm 0.2s..2s, document 1s..10s, knowledge_graph 0.5s..5s, " \
+           "vector_db 0.05s..0.5s, embedding 0.1s..1s" in describe(state)
