@@ -1,4 +1,10 @@
-"""`switchgear config validate`'s summary of a loaded config: the CLI's side of the config loader."""
+"""`switchgear config validate`'s summary of a loaded config: the CLI's side of the config loader.
+
+What it prints about behaviour is computed the way an agent computes it: the settings go
+through the snapshot's wire form (controlplane.convert -> dataplane.convert) and then through
+the agent's own pure functions (strategy precedence, retry backoff), so the summary cannot
+drift from what agents do.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import orjson
 
 from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
 from switchgear.controlplane.config.read import size_text
+from switchgear.controlplane.convert import settings_to_proto
 from switchgear.controlplane.model import (
     ROUTE_CATEGORIES,
     ROUTE_MIN_SERVICES,
@@ -22,28 +29,67 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
-from switchgear.wire.attempt_policy import NEVER, hedging_for, timeouts_for
+from switchgear.controlplane.tasks import allocator
+from switchgear.dataplane.convert import settings_from_proto
+from switchgear.dataplane.resilience.backoff import policy_for
+from switchgear.dataplane.scheduling import STRATEGIES
+from switchgear.dataplane.scheduling.policy import choose_strategy
+from switchgear.dataplane.service_rules import ENFORCED
+from switchgear.dataplane.snapshot import AgentSettings
+from switchgear.wire.attempt_policy import NEVER, call_timeout, hedging_for, timeouts_for
+
+#: The priorities `config validate` shows a strategy for: the default and a high one (> 7).
+SHOWN_PRIORITIES = (5, 9)
 
 
 def describe(state: RegistryState) -> str:
     """A human summary: one line per service, then the settings. Secrets appear only as
     references ("env:NAME"); URLs are shown without any user:password part."""
     lines = [f"{len(state.services)} services:"]
-    rows = [_service_row(spec) for spec in state.services]
+    agent = agent_settings(state.settings)
+    rows = [_service_row(spec, agent) for spec in state.services]
     widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
     for row in rows:
         head = "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
         lines.append(f"  {head}  {'  '.join(row[3:])}")
     lines.extend(f"  {line}" for line in _route_lines(state))
     lines.append("settings:")
-    lines.extend(f"  {line}" for line in _settings_lines(state.settings))
+    lines.extend(f"  {line}" for line in _settings_lines(state.settings, agent))
     return "\n".join(lines)
 
 
-def _service_row(spec: ServiceSpec) -> list[str]:
+def agent_settings(settings: Settings) -> AgentSettings:
+    """The settings as an agent receives them (through the snapshot's wire form)."""
+    return settings_from_proto(settings_to_proto(settings))
+
+
+def strategy_for(spec: ServiceSpec, agent: AgentSettings, priority: int) -> str:
+    """The strategy an agent uses for a call to `spec` at `priority` (scheduling/policy.py)."""
+    return choose_strategy(service_strategy=spec.strategy, category=_category(spec), priority=priority,
+                           policies=agent.category_policies, default_strategy=agent.default_strategy,
+                           known=STRATEGIES)
+
+
+def timeout_for(spec: ServiceSpec, agent: AgentSettings) -> float:
+    """The deadline (s) of a call to `spec` that sets none itself (wire/attempt_policy.py::call_timeout)."""
+    policy = agent.category_policies.get(_category(spec))
+    return call_timeout(0.0, spec.timeout_s, policy.timeout_s if policy else 0.0, agent.default_timeout_s)
+
+
+def _category(spec: ServiceSpec) -> str:
+    return spec.category.value if isinstance(spec.category, Category) else str(spec.category)
+
+
+def backoff_for(category: str, agent: AgentSettings) -> tuple[float, float]:
+    """(base, cap) seconds of the retry backoff an agent uses for a call in `category`."""
+    policy = policy_for(category, agent.retry)
+    return policy.base_delay_s, policy.max_delay_s
+
+
+def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
     endpoints = ", ".join(f"{e.id}={_safe_url(e.url)}{_target_text(e)}" for e in spec.endpoints) or "-"
     key = spec.api_key.describe() if spec.api_key is not None else "-"
-    category = spec.category.value if isinstance(spec.category, Category) else str(spec.category)
+    category = _category(spec)
     return [
         spec.name,
         category,
@@ -51,9 +97,11 @@ def _service_row(spec: ServiceSpec) -> list[str]:
         f"model={spec.model or '-'}",
         f"price={_price(spec.pricing)}",
         f"priority={spec.priority}",
-        f"timeout={_seconds(spec.timeout_s) if spec.timeout_s else 'default'}",
+        "strategy " + " ".join(f"p{p}={strategy_for(spec, agent, p)}" for p in SHOWN_PRIORITIES),
+        f"timeout={_seconds(timeout_for(spec, agent))}",
         f"key={key}",
         *_limit_cells(spec),
+        *_enforced_cells(spec),
         f"endpoints={endpoints}",
     ]
 
@@ -92,6 +140,12 @@ def _limit_cells(spec: ServiceSpec) -> list[str]:
     return [f"{key}={size_text(options[key])}" for key in RESPONSE_LIMIT_OPTIONS if isinstance(options.get(key), int)]
 
 
+def _enforced_cells(spec: ServiceSpec) -> list[str]:
+    """The service's limits agents enforce before the upstream (dataplane/service_rules.py)."""
+    metadata = dict(spec.metadata)
+    return [f"{key}={metadata[key]}" for key in ENFORCED if metadata.get(key)]
+
+
 def _safe_url(url: str) -> str:
     """The URL without any credentials (validation rejects them, but describe must not leak)."""
     try:
@@ -117,41 +171,65 @@ def _price(pricing: Pricing) -> str:
     return ", ".join(parts) or "$0"
 
 
-def _settings_lines(settings: Settings) -> list[str]:
+def _settings_lines(settings: Settings, agent: AgentSettings) -> list[str]:
     ttl = ", ".join(f"{kind}={_seconds(value)}" for kind, value in settings.cache.ttl_s) or "-"
     lines = [
         f"default strategy {settings.default_strategy}; "
         f"default timeout {_seconds(settings.default_timeout_s)}; "
         f"health check timeout {_seconds(settings.health_check_timeout_s)}",
-        _retry_line(settings),
+        _retry_line(settings, agent),
         f"cache: {'on' if settings.cache.enabled else 'off'}; ttl {ttl}",
         _discovery_line(settings.service_discovery),
         _resources_line(settings.resource_allocation),
     ]
     lines.extend(_policy_line(category, policy) for category, policy in settings.category_policies)
+    lines.append(_presets_line(agent))
     return lines
 
 
-def _retry_line(settings: Settings) -> str:
-    retry = settings.retry_policy
+def _presets_line(agent: AgentSettings) -> str:
+    """The preset answer each category's calls get when their whole fallback chain failed."""
+    presets = [f"preset {c.value}: {_quoted(agent.preset_responses[c.value])}"
+               if agent.preset_responses.get(c.value) else f"preset {c.value}: none" for c in Category]
+    return "fallback: " + "; ".join(presets)
+
+
+def _quoted(text: str) -> str:
+    """A preset as a JSON string, cut at 80 characters (the config holds the whole of it)."""
+    return orjson.dumps(text if len(text) <= 80 else text[:77] + "...").decode()
+
+
+def _retry_line(settings: Settings, agent: AgentSettings) -> str:
+    """Retries and the backoff each category's calls get (one range when all agree)."""
+    delays = {c.value: backoff_for(c.value, agent) for c in Category}
+    ranges = {c: f"{_seconds(base)}..{_seconds(cap)}" for c, (base, cap) in delays.items()}
+    shown = (next(iter(ranges.values())) if len(set(ranges.values())) == 1
+             else ", ".join(f"{c} {r}" for c, r in ranges.items()))
     return (
-        f"retry: up to {retry.max_retries}, {retry.backoff_strategy} backoff "
-        f"{_seconds(retry.base_delay_s)}..{_seconds(retry.max_delay_s)}; "
+        f"retry: up to {agent.retry.max_retries}, {agent.retry.backoff_strategy} backoff {shown}; "
         f"circuit breaker opens after {settings.circuit_breaker.failure_threshold} failures"
     )
 
 
 def _discovery_line(discovery: ServiceDiscoverySettings) -> str:
     return (
-        f"discovery: cache ttl {_seconds(discovery.cache_ttl_s)}, health check every "
+        f"discovery: cache ttl {_seconds(discovery.cache_ttl_s)} (an agent cut off from the control plane "
+        "this long stops applying its health verdicts), health check every "
         f"{_seconds(discovery.health_check_interval_s)}, "
         f"failover after {discovery.failover_threshold} failures"
     )
 
 
 def _resources_line(resources: ResourceAllocationSettings) -> str:
+    """What a task of each category requests (default_cpu/default_memory: the categories without
+    a row of their own in the seed's table), and what bounds the agents."""
+    requests = []
+    for category in Category:
+        need = allocator.requirements(category.value, {}, resources)
+        requests.append(f"{category.value} {_num(need.cpu)} cpu/{size_text(int(need.memory_bytes))}")
     return (
-        f"resources: cpu {_num(resources.default_cpu)}, memory {size_text(resources.default_memory_bytes)}, "
+        f"resources: a task requests {', '.join(requests)} (service metadata resources.* overrides); "
+        "an agent's pool is what it declares (--task-cpu, --task-memory; undeclared: not limited); "
         f"max concurrent tasks {resources.max_concurrent_tasks}"
     )
 

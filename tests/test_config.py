@@ -242,7 +242,7 @@ def test_describe_seed(seed: RegistryState) -> None:
         assert fragment in gpt4
     assert "key=env:PINECONE_API_KEY" in text
     assert "policy llm: strategy cost_optimized" in text
-    assert "memory 4Gi" in text and "retry: up to 3, exponential" in text
+    assert "embedding 2 cpu/4Gi" in text and "retry: up to 3, exponential" in text
 
 
 # --- errors: each names the YAML path and the line ----------------------------------------------
@@ -357,6 +357,19 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         "external_services.communication.retry_policy.max_delay",
         5,
         ">= base_delay_s",
+    ),
+    (
+        "an explicit zero delay (leaving the key out is how to ask for the default)",
+        """
+        external_services:
+          communication:
+            retry_policy:
+              base_delay: 0
+        """,
+        {},
+        "external_services.communication.retry_policy.base_delay",
+        4,
+        "leave the key out",
     ),
     (
         "bool of the wrong type",

@@ -35,9 +35,9 @@ pytestmark = pytest.mark.timeout(60)
 CONFIG = """\
 external_services:
   coordination:
-    resource_allocation:  # room for a deferred document task (4 CPUs, 8 GiB by default)
-      default_cpu: 8.0
-      default_memory: "16Gi"
+    resource_allocation:  # the seed's values: a deferred document task (4 CPUs, 8 GiB) still queues
+      default_cpu: 2.0
+      default_memory: "4Gi"
     scheduling_policies:
       llm_services:
         strategy: "round_robin"

@@ -56,7 +56,12 @@ def test_decorrelated_jitter_stays_within_base_and_cap(prev: float, seed: int) -
     ("category", "configured", "expected"),
     [
         ("llm", None, BackoffPolicy("exponential", 0.2, 2.0)),
-        ("llm", RetrySettings(), BackoffPolicy("exponential", 0.2, 2.0, max_retries=3)),  # converter defaults
+        ("llm", RetrySettings(), BackoffPolicy("exponential", 0.2, 2.0, max_retries=3)),  # delays not set
+        # The seed's values equal no default of ours any more: written, they apply as written.
+        ("llm", RetrySettings(3, "exponential", 1.0, 30.0), BackoffPolicy("exponential", 1.0, 30.0, max_retries=3)),
+        ("llm", RetrySettings(3, "exponential", 0.5, 0.0), BackoffPolicy("exponential", 0.5, 2.0, max_retries=3)),
+        ("llm", RetrySettings(3, "exponential", 5.0, 0.0), BackoffPolicy("exponential", 5.0, 5.0, max_retries=3)),
+        ("document", RetrySettings(3, "fixed", 0.0, 4.0), BackoffPolicy("fixed", 1.0, 4.0, max_retries=3)),
         ("embedding", RetrySettings(max_retries=1), BackoffPolicy("exponential", 0.1, 1.0, max_retries=1)),
         ("document", None, BackoffPolicy("exponential", 1.0, 10.0)),
         ("llm", RetrySettings(2, "linear", 0.5, 4.0), BackoffPolicy("linear", 0.5, 4.0, max_retries=2)),

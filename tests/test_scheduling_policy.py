@@ -27,7 +27,11 @@ LLM = SchedulingPolicy(strategy="round_robin", max_cost_per_request=0.05, min_su
     ("service_strategy", "category", "priority", "policies", "default", "expect"),
     [
         ("weighted", "llm", 9, {"llm": LLM}, "intelligent", "weighted"),  # service wins
-        ("", "llm", 9, {"llm": LLM}, "intelligent", "round_robin"),  # then the category policy
+        ("", "llm", 9, {"llm": LLM}, "intelligent", "latency"),  # then the seed's priority > 7 rule
+        ("", "llm", 8, {"llm": SchedulingPolicy(strategy="cost_optimized")}, "intelligent", "latency"),
+        ("", "llm", 7, {"llm": LLM}, "intelligent", "round_robin"),  # then the category policy
+        ("", "llm", 5, {"llm": LLM}, "intelligent", "round_robin"),
+        ("", "document", 9, {"document": SchedulingPolicy(strategy="round_robin")}, "intelligent", "round_robin"),
         ("", "llm", 9, {}, "intelligent", "latency"),  # then the seed's rule
         ("", "llm", 8, {}, "intelligent", "latency"),
         ("", "llm", 7, {}, "intelligent", "cost_optimized"),

@@ -179,6 +179,16 @@ def test_select_never_exceeds_capacity_and_leases_higher_effective_priority_firs
 )
 def test_requirements(category: str, metadata: dict[str, str], expected: Resources) -> None:
     assert allocator.requirements(category, metadata) == expected
+    assert allocator.requirements(category, metadata, ResourceAllocationSettings()) == expected  # same defaults
+
+
+def test_default_cpu_and_memory_are_the_other_categories_request() -> None:
+    """resource_allocation's defaults are a per-task request (the seed's table's last row);
+    llm and document keep their own rows, a service's metadata still overrides."""
+    seed = ResourceAllocationSettings(default_cpu=2.0, default_memory_bytes=4 * GIB)
+    assert allocator.requirements("vector_db", {}, seed) == Resources(2, 4 * GIB, 0, 0, 50)
+    assert allocator.requirements("document", {}, seed) == DOC
+    assert allocator.requirements("embedding", {"resources.cpu": "0.5"}, seed) == Resources(0.5, 4 * GIB, 0, 0, 50)
 
 
 @pytest.mark.parametrize(
@@ -192,16 +202,17 @@ def test_bad_override_names_the_key(metadata: dict[str, str], needle: str) -> No
 
 
 def test_agent_pool_defaults_and_never_fits() -> None:
-    settings = ResourceAllocationSettings(default_cpu=2.0, default_memory_bytes=4 * GIB)
-    default = allocator.agent_pool(ZERO, settings)
-    assert default == Resources(2.0, 4 * GIB, math.inf, math.inf, math.inf)
-    assert allocator.agent_pool(Resources(cpu=16, gpu=1), settings) == Resources(16, 4 * GIB, 1, math.inf, math.inf)
-    assert allocator.never_fits(LLM, "llm", [default]) is None  # the seed's defaults hold one LLM task
-    reason = allocator.never_fits(DOC, "document", [default])
+    undeclared = allocator.agent_pool(ZERO)
+    assert undeclared == Resources(math.inf, math.inf, math.inf, math.inf, math.inf)
+    assert allocator.agent_pool(Resources(cpu=16, gpu=1)) == Resources(16, math.inf, 1, math.inf, math.inf)
+    assert allocator.never_fits(DOC, "document", [undeclared]) is None  # an agent that declares nothing holds it
+    small = allocator.agent_pool(Resources(cpu=2, memory_bytes=4 * GIB))
+    assert allocator.never_fits(LLM, "llm", [small]) is None
+    reason = allocator.never_fits(DOC, "document", [small])
     assert reason is not None and reason.startswith("Resource allocation failed: ")
     assert "cpu 4 > 2" in reason and "memory_bytes 8Gi > 4Gi" in reason
-    assert allocator.never_fits(DOC, "document", [default, BIG_POOL]) is None  # a big agent can hold it
-    assert allocator.utilisation(Resources(cpu=1, memory_bytes=GIB), default) == {
+    assert allocator.never_fits(DOC, "document", [small, BIG_POOL]) is None  # a big agent can hold it
+    assert allocator.utilisation(Resources(cpu=1, memory_bytes=GIB), small) == {
         "cpu": 0.5, "memory_bytes": 0.25, "gpu": 0.0, "disk_iops": 0.0, "network_mbps": 0.0}
 
 
@@ -375,7 +386,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             used = ZERO
             for t in held:
                 used = used + t.requirements
-            pool = allocator.agent_pool(declared, self.state.settings.resource_allocation)
+            pool = allocator.agent_pool(declared)
             assert len(held) <= capacity and used.fits_in(pool)
         assert in_flight == store.in_flight() <= self.state.settings.resource_allocation.max_concurrent_tasks
 

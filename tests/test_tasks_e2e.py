@@ -40,9 +40,9 @@ CATEGORIES = {"chat": common_pb2.SERVICE_CATEGORY_LLM, "parse": common_pb2.SERVI
 RESOURCES_YAML = """\
 external_services:
   coordination:
-    resource_allocation:
-      default_cpu: 8
-      default_memory: "16Gi"
+    resource_allocation:  # per-task request of the categories without a row (graph here)
+      default_cpu: 1
+      default_memory: "2Gi"
       max_concurrent_tasks: 100
 """
 FINAL = {tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED,

@@ -98,13 +98,26 @@ def submit(**fields: Any) -> tasks_pb2.SubmitTaskRequest:
 )
 async def test_bad_submissions_get_the_right_code(plane: Plane, fields: dict[str, Any], code: grpc.StatusCode,
                                                   needle: str) -> None:
+    await declare_worker(plane)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await plane.stub.SubmitTask(submit(**fields))
     assert info.value.code() == code
     assert needle in (info.value.details() or "")
 
 
+async def declare_worker(plane: Plane, cpu: float = 8.0) -> None:
+    """A live worker with a declared pool: what a new task is judged against."""
+    await plane.stub.LeaseTasks(tasks_pb2.LeaseTasksRequest(
+        agent="judge", capacity=1, max_tasks=1, services=[], resources=tasks_pb2.Resources(cpu=cpu)))
+
+
+async def test_with_no_live_worker_a_big_task_queues_for_one_to_come(plane: Plane) -> None:
+    reply = await plane.stub.SubmitTask(submit(service="huge"))
+    assert reply.task.state == tasks_pb2.TASK_STATE_QUEUED
+
+
 async def test_unfit_task_is_recorded_failed_and_idempotency_dedupes(plane: Plane) -> None:
+    await declare_worker(plane)
     with pytest.raises(grpc.aio.AioRpcError):
         await plane.stub.SubmitTask(submit(service="huge"))
     failed = (await plane.stub.ListTasks(tasks_pb2.ListTasksRequest(states=[tasks_pb2.TASK_STATE_FAILED]))).tasks

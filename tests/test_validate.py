@@ -265,10 +265,10 @@ INVALID_SETTINGS: list[tuple[str, Settings, str, str]] = [
         "unknown backoff",
     ),
     (
-        "base delay zero",
-        _settings(retry_policy=RetryPolicy(base_delay_s=0.0)),
+        "base delay negative",
+        _settings(retry_policy=RetryPolicy(base_delay_s=-1.0)),
         "retry_policy.base_delay_s",
-        "> 0",
+        ">= 0",
     ),
     (
         "max below base",

@@ -177,6 +177,8 @@ def settings_to_proto(settings: Settings) -> discovery_pb2.DataPlaneSettings:
         health_check_timeout=duration(settings.health_check_timeout_s),
         category_policies={k: _policy_to_proto(v) for k, v in settings.category_policies},
         default_timeout=duration(settings.default_timeout_s),
+        preset_responses={category: text for category, text in settings.fallback.preset_responses if text},
+        discovery_cache_ttl=duration(settings.service_discovery.cache_ttl_s),
     )
 
 

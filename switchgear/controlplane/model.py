@@ -113,10 +113,14 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """communication.retry_policy. A delay of 0 means "not set": agents then use the call's
+    category's interactive default (wire/attempt_policy.py: BACKOFF_DEFAULTS, e.g. llm 0.2..2 s).
+    The config refuses an explicit 0, so 0 only ever means the key was left out."""
+
     max_retries: int = 3
     backoff_strategy: str = "exponential"
-    base_delay_s: float = 1.0
-    max_delay_s: float = 30.0
+    base_delay_s: float = 0.0
+    max_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,13 @@ class ServiceDiscoverySettings:
 
 @dataclass(frozen=True)
 class ResourceAllocationSettings:
-    default_cpu: float = 2.0
-    default_memory_bytes: int = 4 * 1024**3
+    """coordination.resource_allocation. `default_cpu` / `default_memory_bytes` are the per-task
+    request of a task whose category has no row of its own in the seed's requirements table
+    (knowledge_graph, vector_db, embedding; tasks/allocator.py) — not an agent's capacity.
+    Defaults: the seed's `else` row, 1 CPU and 2 GiB."""
+
+    default_cpu: float = 1.0
+    default_memory_bytes: int = 2 * 1024**3
     max_concurrent_tasks: int = 100
 
 
@@ -202,6 +211,21 @@ class MonitoringSettings:
     )
 
 
+#: The seed's answer when every LLM service failed (`_llm_fallback`'s "preset_response").
+SEED_LLM_PRESET = "Service temporarily unavailable. Please try again later."
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """communication.fallback. `preset_responses`: sorted (category, text) pairs — the answer
+    a call of that category gets when its whole fallback chain failed, as the seed's
+    `_handle_fallback` does; the agent shapes the text as the call's method answers (a chat
+    completion for chat.completions). "" = no preset for that category. A service's metadata
+    `preset_response` (an exact body) comes first."""
+
+    preset_responses: tuple[tuple[str, str], ...] = (("llm", SEED_LLM_PRESET),)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything in the config besides the services."""
@@ -219,6 +243,7 @@ class Settings:
         default_factory=ResourceAllocationSettings
     )
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
 
 
 class UserType(str, Enum):

@@ -44,6 +44,8 @@ MAX_WEIGHT = 10_000
 MAX_RETRIES = 10
 MAX_TAGS = 32
 MAX_TAG_CHARS = 256
+#: The longest preset response (characters): an answer, not a document.
+MAX_PRESET_CHARS = 16_384
 
 
 @dataclass(frozen=True)
@@ -341,8 +343,9 @@ _SETTINGS_NUMBERS: tuple[tuple[str, Callable[[Settings], object], _Check], ...] 
     ("health_check_timeout_s", lambda s: s.health_check_timeout_s, _positive),
     ("default_timeout_s", lambda s: s.default_timeout_s, _positive),
     ("retry_policy.max_retries", lambda s: s.retry_policy.max_retries, _integer_between(0, MAX_RETRIES)),
-    ("retry_policy.base_delay_s", lambda s: s.retry_policy.base_delay_s, _positive),
-    ("retry_policy.max_delay_s", lambda s: s.retry_policy.max_delay_s, _positive),
+    # 0 = not set: the call's category's default delay (wire/attempt_policy.py::backoff_delays)
+    ("retry_policy.base_delay_s", lambda s: s.retry_policy.base_delay_s, _non_negative),
+    ("retry_policy.max_delay_s", lambda s: s.retry_policy.max_delay_s, _non_negative),
     ("circuit_breaker.failure_threshold", lambda s: s.circuit_breaker.failure_threshold, _integer_between(1)),
     ("service_discovery.cache_ttl_s", lambda s: s.service_discovery.cache_ttl_s, _positive),
     (
@@ -387,10 +390,10 @@ def _check_settings_names(settings: Settings) -> Iterator[Problem]:
 
 
 def _check_delays(settings: Settings) -> Iterator[Problem]:
-    """max_delay_s >= base_delay_s."""
+    """max_delay_s >= base_delay_s, when both are set."""
     retry = settings.retry_policy
     comparable = _is_number(retry.base_delay_s) and _is_number(retry.max_delay_s)
-    if comparable and retry.max_delay_s < retry.base_delay_s:
+    if comparable and 0 < retry.max_delay_s < retry.base_delay_s:
         yield Problem("retry_policy.max_delay_s", "must be >= base_delay_s")
 
 
@@ -458,12 +461,26 @@ def _check_shift(policy: CategoryPolicy, path: str) -> Iterator[Problem]:
                       f"must be below overload_threshold (in effect {low or 0.6:g} vs {high or 0.8:g})")
 
 
+def _check_presets(settings: Settings) -> Iterator[Problem]:
+    """Preset responses: one per known category, at most MAX_PRESET_CHARS characters."""
+    categories = {c.value for c in Category}
+    seen: set[str] = set()
+    for category, text in settings.fallback.preset_responses:
+        path = f"fallback.preset_responses[{category}]"
+        if category not in categories or category in seen:
+            yield Problem(path, f"expected one preset per category, of {_listing(categories)}")
+        elif len(text) > MAX_PRESET_CHARS:
+            yield Problem(path, f"at most {MAX_PRESET_CHARS} characters, got {len(text)}")
+        seen.add(category)
+
+
 _SETTINGS_RULES: tuple[Callable[[Settings], Iterator[Problem]], ...] = (
     _check_settings_numbers,
     _check_settings_names,
     _check_delays,
     _check_cache,
     _check_policies,
+    _check_presets,
 )
 
 

@@ -102,6 +102,7 @@ from switchgear.dataplane.resilience import (
 )
 from switchgear.dataplane.resilience.admission import Grant
 from switchgear.dataplane.resilience.admission_edge import Admission, Shed
+from switchgear.dataplane.resilience.fallback import preset_may_answer
 from switchgear.dataplane.resilience.gate import Gate
 from switchgear.dataplane.resilience.hedging import HedgeSettings, hedge_delay, hedged, hedging_for, may_hedge
 from switchgear.dataplane.resilience.timeouts import AttemptTimeouts, attempt_timeout, gap_timeout, timeouts_for
@@ -654,6 +655,8 @@ class AttemptController:
             if step.kind is StepKind.UNAVAILABLE:
                 self._unavailable = step.reason
                 return
+            if not preset_may_answer(step, self._last.kind if self._last is not None else None):
+                continue  # a category preset does not hide a missing secret or a rejected key
             self._r.stats.bump(self.call.service, "", "fallbacks")
             if step.kind is StepKind.SERVICE:
                 service = self.snapshot.services[step.service]
@@ -671,7 +674,11 @@ class AttemptController:
             svc = services.get(name)
             return svc is not None and bool(r.gate.usable(name, [e.id for e in svc.endpoints], now))
 
-        return plan(self.call.service, services, r.settings.fallback, serves=self._serves, usable=usable,
+        settings = r.settings.fallback
+        presets = self.snapshot.settings.preset_responses  # the config's, over the agent's own
+        if presets:
+            settings = dataclasses.replace(settings, preset_responses={**settings.preset_responses, **presets})
+        return plan(self.call.service, services, settings, serves=self._serves, usable=usable,
                     metadata={n: s.metadata for n, s in services.items()})
 
     def _nothing_usable(self, run: _ServiceRun) -> UpstreamError:

@@ -1,9 +1,13 @@
 """The agent's end of the snapshot stream: subscribe, validate, swap, ACK or NACK; reconnect.
 
-Static stability: losing the control plane changes nothing in what the agent serves. The
-client reconnects with full-jitter exponential backoff, rotating through the control-plane
-addresses it was given, and on every new stream says which version it holds, so an unchanged
-control plane sends nothing.
+Static stability: losing the control plane changes nothing in what the agent serves — with
+one bound, the config's `service_discovery.cache_ttl`: once cut off from every control plane
+that long, the agent stops applying its last snapshot's health verdicts (degraded, ejected:
+facts only a live control plane keeps true) and lets its own breakers and outlier detection
+judge the endpoints (snapshot.py::without_health_verdicts). The client reconnects with
+full-jitter exponential backoff, rotating through the control-plane addresses it was given,
+and on every new stream says which version it holds, so an unchanged control plane sends
+nothing (after health verdicts expired, the version it holds is one no control plane sent).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import grpc
 from switchgear.adapters.base import Adapter
 from switchgear.dataplane.convert import Rejection, SnapshotError, convert_snapshot
 from switchgear.dataplane.convert_governance import governance_from_proto
-from switchgear.dataplane.snapshot import AgentSnapshot, Holder
+from switchgear.dataplane.snapshot import AgentSnapshot, Holder, without_health_verdicts
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 
@@ -109,9 +113,13 @@ class Applier:
         for rejection in converted.rejections:
             log.warning("snapshot %s: service %r not applied (%s)", new.version, rejection.service, rejection.error)
         self.rejections = converted.rejections
+        self.swap(new)
+        return None
+
+    def swap(self, new: AgentSnapshot) -> None:
+        """Make `new` what requests see, and tell the agent's routing and resilience."""
         self._holder.current = new  # the one assignment that changes what requests see
         self._on_applied(new)
-        return None
 
 
 class SnapshotClient:
@@ -145,7 +153,9 @@ class SnapshotClient:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a stream open to some control plane until `stop` is set."""
         turn = 0
+        cut_off_since: float | None = None  # when the last stream ended (None: never had one)
         while not stop.is_set():
+            self._expire_health(cut_off_since)
             address = self._addresses[turn % len(self._addresses)]
             started = self._clock()
             try:
@@ -158,6 +168,8 @@ class SnapshotClient:
                 else:
                     log.warning("snapshot stream to %s ended: %s %s", address, exc.code().name, exc.details())
             finally:
+                if self.connected.is_set() or cut_off_since is None:
+                    cut_off_since = self._clock()
                 self.session = None
                 self.connected.clear()
             if self._clock() - started >= self._stable_after_s:
@@ -167,6 +179,18 @@ class SnapshotClient:
             log.info("reconnecting in %.2f s (holding version %r)", delay, self._holder.version)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _expire_health(self, cut_off_since: float | None) -> None:
+        """The cache_ttl rule (module docstring), checked before each reconnection attempt."""
+        current = self._holder.current
+        ttl = current.settings.discovery_cache_ttl_s if current is not None else 0.0
+        if current is None or not ttl or cut_off_since is None or self._clock() - cut_off_since < ttl:
+            return
+        expired = without_health_verdicts(current)
+        if expired.services != current.services:
+            log.warning("cut off from the control plane for %.0f s (service_discovery.cache_ttl %g s): its "
+                        "health verdicts no longer apply", self._clock() - cut_off_since, ttl)
+            self._applier.swap(expired)
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
         async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:

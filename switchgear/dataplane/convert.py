@@ -160,8 +160,8 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
     retry = RetrySettings(
         max_retries=r.max_retries,
         backoff_strategy=r.backoff_strategy or defaults.retry.backoff_strategy,
-        base_delay_s=_seconds(r.base_delay) or defaults.retry.base_delay_s,
-        max_delay_s=_seconds(r.max_delay) or defaults.retry.max_delay_s,
+        base_delay_s=_seconds(r.base_delay),  # 0: not set, the category's default applies
+        max_delay_s=_seconds(r.max_delay),
     ) if msg.HasField("retry_policy") else defaults.retry
     return AgentSettings(
         default_strategy=msg.default_strategy or defaults.default_strategy,
@@ -172,7 +172,14 @@ def _settings(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
         category_policies=MappingProxyType({k: _policy(v) for k, v in sorted(msg.category_policies.items())}),
         cache_enabled=msg.cache.enabled,
         cache_ttl_s=MappingProxyType({kind: _seconds(ttl) for kind, ttl in sorted(msg.cache.ttl.items())}),
+        preset_responses=MappingProxyType(dict(sorted(msg.preset_responses.items()))),
+        discovery_cache_ttl_s=_seconds(msg.discovery_cache_ttl),
     )
+
+
+def settings_from_proto(msg: discovery_pb2.DataPlaneSettings) -> AgentSettings:
+    """The settings an agent runs with, from the snapshot's (what `config validate` prints from)."""
+    return _settings(msg)
 
 
 def _policy(msg: discovery_pb2.CategoryPolicy) -> SchedulingPolicy:

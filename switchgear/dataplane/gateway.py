@@ -90,6 +90,8 @@ def _stream_end_fields(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStr
         finish_reason=end.finish_reason,
         error_kind=end.error.kind.value if end.error else "",
         error_message=public_text(end.error.message) if end.error else "",
+        fallback=end.fallback,
+        fallback_source=end.fallback_source,
     )
 
 

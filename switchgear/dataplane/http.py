@@ -42,7 +42,7 @@ from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
-from switchgear.dataplane.stream import Meter, StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, Meter, StreamEnd, Streamer
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -279,6 +279,8 @@ async def _stream(
         headers["x-switchgear-target"] = committed.endpoint.id
         headers["x-switchgear-provider"] = target.provider or target.protocol
         headers["x-switchgear-target-model"] = target.model
+    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
+        headers["x-switchgear-fallback"] = first.source
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     options = body.get("stream_options")

@@ -7,7 +7,9 @@ chain). A result says whether it was a fallback and what served it (`fallback_so
 "service", "local_model", "preset_response" or "task_queue").
 
 Terminal fallback steps answered here: a preset response (service metadata
-`preset_response`: the exact response body, JSON text recommended) and, for document calls,
+`preset_response`: the exact response body, JSON text recommended; else the config's
+`communication.fallback.preset_responses.<category>` text, shaped as the method answers:
+dataplane/presets.py) and, for document calls,
 QUEUE_FOR_LATER: the call is handed to the task queue through `defer` (the agent passes
 `TasksClient.defer`) and the answer is the task's id (`Deferred.fallback_body()`). A task
 worker's own call is never deferred again, and without a task client the call fails
@@ -30,9 +32,12 @@ from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
+from switchgear.dataplane.presets import preset_body, preset_chunk
+from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.wire.attempt_policy import call_timeout
 
 
 class Picker(Protocol):
@@ -102,6 +107,7 @@ class Invoker:
             raise RequestError("method",
                                f"{call.method!r} is not served by protocol {service.protocol} (known: {known})")
         check_overrides(call, service, snapshot.settings)
+        check_request(service, call.method, call.payload)  # the config's limits, before any upstream
         return service, adapter
 
     def _serves(self, call: Call) -> Callable[[ServiceView], bool]:
@@ -111,7 +117,9 @@ class Invoker:
     async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
         service, adapter = self._resolve(call, snapshot)
         start = self._clock()
-        deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
+        policy = snapshot.settings.category_policies.get(service.category)
+        deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
+                                        snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
                                          serves=self._serves(call), idempotent=idempotent(adapter, call))
         won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))
@@ -183,27 +191,12 @@ class Invoker:
         if call.from_task:
             raise ctl.failure()
         if ctl.fallback_source == "preset_response":
-            body = step.body.encode()
+            body = terminal_body(call, snapshot, step.body, step.shaped, stream=False)
         else:
-            body = await self._deferred(call, ctl)
+            body = await deferred_body(self._defer, call, ctl, self._clock)
         return Result(body=body, service=call.service, endpoint="", attempts=ctl.attempts,
                       latency_s=self._clock() - start, usage=TokenUsage(), cost_usd=0.0, version=snapshot.version,
                       fallback=True, fallback_source=ctl.fallback_source)
-
-    async def _deferred(self, call: Call, ctl: AttemptController) -> bytes:
-        """Hand the call to the task queue; the answer names the task. Raises CallFailed
-        (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
-        error = ctl.last_error
-        why = f"{error.kind.value}: {error.message}"
-        if self._defer is None:
-            raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
-        try:
-            async with asyncio.timeout(max(0.5, ctl.deadline - self._clock())):
-                deferred = await self._defer(call, why)
-        except (grpc.RpcError, TimeoutError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
-            raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
-        return orjson.dumps(deferred.fallback_body())
 
     def _started(self, event: AttemptStart) -> None:
         for observer in self._observers:
@@ -227,6 +220,34 @@ def capped(payload: Mapping[str, Any], max_tokens: int) -> Mapping[str, Any]:
     if not over:
         return payload
     return {**payload, **dict.fromkeys(over, max_tokens)}
+
+
+def terminal_body(call: Call, snapshot: AgentSnapshot, body: str, shaped: bool, stream: bool) -> bytes:
+    """A PRESET step's answer: the service's exact body, or the config's text shaped as the
+    call's method answers (dataplane/presets.py); `stream`: as its one stream chunk."""
+    if not shaped:
+        return body.encode()
+    service = snapshot.services.get(call.service)
+    model = service.model if service is not None else ""
+    shape = preset_chunk if stream else preset_body
+    return shape(call.method, body, model, call.request_id, int(time.time()))
+
+
+async def deferred_body(defer: Defer | None, call: Call, ctl: AttemptController,
+                        clock: Callable[[], float]) -> bytes:
+    """Hand the call to the task queue; the answer names the task. Raises CallFailed
+    (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
+    error = ctl.last_error
+    why = f"{error.kind.value}: {error.message}"
+    if defer is None:
+        raise _unavailable(ctl, f"{error.message}; not queued for later: no task queue is configured")
+    try:
+        async with asyncio.timeout(max(0.5, ctl.deadline - clock())):
+            deferred = await defer(call, why)
+    except (grpc.RpcError, TimeoutError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
+        raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None
+    return orjson.dumps(deferred.fallback_body())
 
 
 def idempotent(adapter: Any, call: Call) -> bool:

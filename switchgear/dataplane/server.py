@@ -337,7 +337,7 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     invoker = Invoker(call_adapters, pool, secrets, router, observers=observed.observers, resilience=resilience,
                       defer=tasks_client.defer, limits=limits)
     streamer = Streamer(call_adapters, pool, secrets, router.pick, observers=observed.observers,
-                        resilience=resilience, limits=limits)
+                        resilience=resilience, limits=limits, defer=tasks_client.defer)
     pipeline, redis = _pipeline(options, invoker.invoke, observed.cache_lookup)
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters

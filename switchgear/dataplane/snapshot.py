@@ -7,7 +7,7 @@ snapshot builds a complete new `AgentSnapshot` first and only then replaces the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -125,10 +125,13 @@ class ServiceView:
 
 @dataclass(frozen=True)
 class RetrySettings:
+    """The config's retry_policy; a delay of 0 is "not set" (the category's default applies:
+    resilience/backoff.py::policy_for)."""
+
     max_retries: int = 3
     backoff_strategy: str = "exponential"
-    base_delay_s: float = 1.0
-    max_delay_s: float = 30.0
+    base_delay_s: float = 0.0
+    max_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,11 @@ class AgentSettings:
     cache_enabled: bool = False
     # TTL kind ("llm_responses", "document_parsing", "embeddings", ...) -> seconds.
     cache_ttl_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # Category -> the preset answer's text when a call's whole fallback chain failed
+    # (communication.fallback.preset_responses; resilience/fallback.py, dataplane/presets.py).
+    preset_responses: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # service_discovery.cache_ttl: how long health verdicts outlive the control plane (client.py).
+    discovery_cache_ttl_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,27 @@ class AgentSnapshot:
     services: Mapping[str, ServiceView] = field(default_factory=lambda: MappingProxyType({}))
     settings: AgentSettings = field(default_factory=AgentSettings)
     governance: Governance = field(default_factory=Governance)
+
+
+#: Health verdicts only a live control plane can keep true (an operator's "draining" stays).
+HEALTH_VERDICTS = frozenset({"degraded", "ejected"})
+#: Appended to the version of a snapshot whose health verdicts expired: the agent holds what no
+#: control plane sent, so on reconnecting it asks for the current snapshot whatever its version.
+EXPIRED_SUFFIX = "~health-expired"
+
+
+def without_health_verdicts(snapshot: AgentSnapshot) -> AgentSnapshot:
+    """`snapshot` with every degraded or ejected endpoint healthy again (the cache_ttl rule)."""
+    def fresh(service: ServiceView) -> ServiceView:
+        if not any(e.health in HEALTH_VERDICTS for e in service.endpoints):
+            return service
+        endpoints = tuple(replace(e, health="healthy") if e.health in HEALTH_VERDICTS else e
+                          for e in service.endpoints)
+        return replace(service, endpoints=endpoints)
+
+    services = MappingProxyType({name: fresh(s) for name, s in snapshot.services.items()})
+    version = snapshot.version if snapshot.version.endswith(EXPIRED_SUFFIX) else snapshot.version + EXPIRED_SUFFIX
+    return replace(snapshot, version=version, services=services)
 
 
 class Holder:

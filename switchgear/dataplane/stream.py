@@ -10,9 +10,11 @@ endpoint, and a later failure ends the stream with `StreamEnd.error` set (no fai
 Endpoints are chosen by the same per-call attempt controller as Invoker
 (`attempts.AttemptController`: breakers, outlier ejection, admission slots, retry decision,
 budget and backoff, then the fallback chain's services), sharing the agent's `Resilience`.
-The admission slot is held until the stream ends. Preset and task-queue fallbacks are not
-streamed: a stream whose chain reaches one fails UNAVAILABLE. The time to first token is
-reported to observers as `AttemptEnd.ttft_s`.
+The admission slot is held until the stream ends. A chain that ends in a preset or the task
+queue streams that answer as one chunk (a preset shaped as the method's chunk:
+dataplane/presets.py; the queued task's answer as is) and a StreamEnd marked as the fallback;
+a task worker's own call gets neither. The time to first token is reported to observers as
+`AttemptEnd.ttft_s`.
 
 A `Meter` passed to `stream` records what went out, so the call can be charged whether or not
 the caller reads to the end (`Pipeline.stream` charges it in a `finally`). A stream the caller
@@ -33,10 +35,20 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Tar
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
-from switchgear.dataplane.invoke import ServiceNotFound, Unsupported, capped, idempotent
+from switchgear.dataplane.invoke import (
+    Defer,
+    ServiceNotFound,
+    Unsupported,
+    capped,
+    deferred_body,
+    idempotent,
+    terminal_body,
+)
+from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
+from switchgear.wire.attempt_policy import call_timeout
 
 #: The agent's endpoint pick, called as pick(service, exclude=tried, call=call, settings=settings)
 #: (dataplane.router.Router.pick).
@@ -60,8 +72,21 @@ class StreamEnd:
     finish_reason: str = ""
     error: UpstreamError | None = None
     fallback: bool = False
-    fallback_source: str = ""  # "service" or "local_model" (see invoke.Result)
+    fallback_source: str = ""  # "service", "local_model", "preset_response", "task_queue" (see invoke.Result)
     target: TargetView | None = None  # the route target that served
+
+
+class FallbackChunk(bytes):
+    """A stream's one chunk when a preset or the task queue answered: the HTTP door names
+    `source` in its `x-switchgear-fallback` header, which goes out before the first chunk."""
+
+    source: str = ""
+
+
+def fallback_chunk(data: bytes, source: str) -> FallbackChunk:
+    chunk = FallbackChunk(data)
+    chunk.source = source
+    return chunk
 
 
 StreamItem = bytes | StreamEnd
@@ -138,12 +163,14 @@ class Streamer:
         observers: Sequence[AttemptObserver] = (),
         resilience: Resilience | None = None,
         limits: TargetLimits | None = None,
+        defer: Defer | None = None,
     ) -> None:
         self._adapters = adapters
         self._limits = limits or TargetLimits(clock)
         self._pool = pool
         self._secrets = secrets
         self._pick = pick
+        self._defer = defer  # the task queue, for a chain that ends in QUEUE_FOR_LATER
         self._clock = clock
         self._observers = observers  # the agent's list, read at each event (subscribers may come later)
         self.resilience = resilience or Resilience(clock=clock)
@@ -170,6 +197,7 @@ class Streamer:
                 "method", f"{call.method!r} cannot stream on protocol {service.protocol} (streaming: {known})"
             )
         check_overrides(call, service, snapshot.settings)
+        check_request(service, call.method, call.payload)  # the config's limits, before any upstream
         return service, adapter
 
     async def stream(self, call: Call, snapshot: AgentSnapshot,
@@ -180,7 +208,9 @@ class Streamer:
         meter = meter if meter is not None else Meter()
         service, adapter = self.resolve(call, snapshot)
         start = self._clock()
-        deadline = start + (call.timeout_s or service.timeout_s or snapshot.settings.default_timeout_s)
+        policy = snapshot.settings.category_policies.get(service.category)
+        deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
+                                        snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call),
                                          idempotent=idempotent(adapter, call), stream=True)
         won = await ctl.first_answer(
@@ -213,10 +243,18 @@ class Streamer:
                     attempt.abandoned()
                     await ctl.abandon(lease)
             return
-        if ctl.terminal is not None:
-            error = ctl.last_error
-            raise ctl.failure_as(UpstreamError(
-                ErrorKind.RETRYABLE, f"{error.message}; the {ctl.fallback_source} fallback is not streamed"))
+        if ctl.terminal is not None and not call.from_task:
+            step = ctl.terminal
+            if ctl.fallback_source == "preset_response":
+                data = terminal_body(call, snapshot, step.body, step.shaped, stream=True)
+            else:
+                data = await deferred_body(self._defer, call, ctl, self._clock)
+            yield fallback_chunk(data, ctl.fallback_source)
+            yield StreamEnd(service=call.service, endpoint="", attempts=ctl.attempts, latency_s=self._clock() - start,
+                            ttft_s=0.0, usage=_NO_USAGE, cost_usd=0.0, failover=ctl.attempts > 0,
+                            version=snapshot.version, finish_reason="stop", fallback=True,
+                            fallback_source=ctl.fallback_source)
+            return
         raise ctl.failure()
 
     async def _until_first_token(

@@ -388,11 +388,12 @@ def _size(text: str) -> int:
 
 def add_worker_arguments(parser: Any) -> None:
     """The agent's task-worker flags."""
-    group = parser.add_argument_group("task worker (0 = use the control plane's resource_allocation defaults)")
+    group = parser.add_argument_group("task worker (a resource left at 0 is not limited: --task-capacity bounds it)")
     group.add_argument("--task-capacity", type=int, default=0, metavar="N",
                        help="run up to N tasks at once from the control plane's queue (default 0: no tasks)")
-    group.add_argument("--task-cpu", type=float, default=0.0, help="CPUs this agent offers to tasks")
-    group.add_argument("--task-memory", type=_size, default=0, metavar="SIZE", help="memory offered, e.g. 32Gi")
+    group.add_argument("--task-cpu", type=float, default=0.0, help="CPUs this agent offers to tasks (0 = not limited)")
+    group.add_argument("--task-memory", type=_size, default=0, metavar="SIZE",
+                       help="memory offered, e.g. 32Gi (0 = not limited)")
     group.add_argument("--task-gpu", type=float, default=0.0, help="GPUs offered (0 = not limited)")
     group.add_argument("--task-iops", type=float, default=0.0, help="disk IOPS offered (0 = not limited)")
     group.add_argument("--task-bandwidth", type=float, default=0.0, metavar="MBPS",

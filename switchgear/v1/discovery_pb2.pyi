@@ -146,7 +146,7 @@ class CategoryPolicy(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_floor: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_ceiling: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_factor: _Optional[float] = ..., hedge_min_priority: _Optional[int] = ..., overload_threshold: _Optional[float] = ..., underload_threshold: _Optional[float] = ...) -> None: ...
 
 class DataPlaneSettings(_message.Message):
-    __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout")
+    __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout", "preset_responses", "discovery_cache_ttl")
     class CategoryPoliciesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,13 @@ class DataPlaneSettings(_message.Message):
         key: str
         value: CategoryPolicy
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CategoryPolicy, _Mapping]] = ...) -> None: ...
+    class PresetResponsesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     CIRCUIT_BREAKER_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +168,8 @@ class DataPlaneSettings(_message.Message):
     HEALTH_CHECK_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_POLICIES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PRESET_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_CACHE_TTL_FIELD_NUMBER: _ClassVar[int]
     default_strategy: str
     retry_policy: RetryPolicy
     circuit_breaker: CircuitBreakerSettings
@@ -168,4 +177,6 @@ class DataPlaneSettings(_message.Message):
     health_check_timeout: _duration_pb2.Duration
     category_policies: _containers.MessageMap[str, CategoryPolicy]
     default_timeout: _duration_pb2.Duration
-    def __init__(self, default_strategy: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., circuit_breaker: _Optional[_Union[CircuitBreakerSettings, _Mapping]] = ..., cache: _Optional[_Union[CacheSettings, _Mapping]] = ..., health_check_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., category_policies: _Optional[_Mapping[str, CategoryPolicy]] = ..., default_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    preset_responses: _containers.ScalarMap[str, str]
+    discovery_cache_ttl: _duration_pb2.Duration
+    def __init__(self, default_strategy: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., circuit_breaker: _Optional[_Union[CircuitBreakerSettings, _Mapping]] = ..., cache: _Optional[_Union[CacheSettings, _Mapping]] = ..., health_check_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., category_policies: _Optional[_Mapping[str, CategoryPolicy]] = ..., default_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset_responses: _Optional[_Mapping[str, str]] = ..., discovery_cache_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

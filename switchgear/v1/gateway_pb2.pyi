@@ -92,7 +92,7 @@ class InvokeStreamResponse(_message.Message):
     def __init__(self, chunk: _Optional[bytes] = ..., end: _Optional[_Union[InvokeStreamEnd, _Mapping]] = ...) -> None: ...
 
 class InvokeStreamEnd(_message.Message):
-    __slots__ = ("request_id", "service", "endpoint", "attempts", "latency", "ttft", "usage", "failover", "snapshot_version", "finish_reason", "error_kind", "error_message", "target")
+    __slots__ = ("request_id", "service", "endpoint", "attempts", "latency", "ttft", "usage", "failover", "snapshot_version", "finish_reason", "error_kind", "error_message", "target", "fallback", "fallback_source")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class InvokeStreamEnd(_message.Message):
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_SOURCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     service: str
     endpoint: str
@@ -119,4 +121,6 @@ class InvokeStreamEnd(_message.Message):
     error_kind: str
     error_message: str
     target: TargetInfo
-    def __init__(self, request_id: _Optional[str] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttft: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failover: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ..., target: _Optional[_Union[TargetInfo, _Mapping]] = ...) -> None: ...
+    fallback: bool
+    fallback_source: str
+    def __init__(self, request_id: _Optional[str] = ..., service: _Optional[str] = ..., endpoint: _Optional[str] = ..., attempts: _Optional[int] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttft: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failover: _Optional[bool] = ..., snapshot_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ..., target: _Optional[_Union[TargetInfo, _Mapping]] = ..., fallback: _Optional[bool] = ..., fallback_source: _Optional[str] = ...) -> None: ...

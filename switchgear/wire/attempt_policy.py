@@ -74,3 +74,33 @@ def hedging_for(category: str, min_priority: int = 0) -> HedgeSettings:
     if not min_priority or min_priority == base.min_priority:
         return base
     return HedgeSettings(min_priority, base.min_samples, base.min_delay_s, base.min_left_s, base.max_hedges)
+
+
+#: Interactive retry delays per category, (base_delay_s, max_delay_s): what a call retries with
+#: when the config's retry_policy leaves base_delay / max_delay out (an LLM call retries after
+#: ~0.2 s and never waits more than 2 s; a document parse can afford 1..10 s).
+BACKOFF_DEFAULTS: Mapping[str, tuple[float, float]] = MappingProxyType({
+    "llm": (0.2, 2.0),
+    "embedding": (0.1, 1.0),
+    "vector_db": (0.05, 0.5),
+    "knowledge_graph": (0.5, 5.0),
+    "document": (1.0, 10.0),
+})
+FALLBACK_BACKOFF = (0.2, 2.0)
+
+
+def backoff_delays(category: str, base_delay_s: float = 0.0, max_delay_s: float = 0.0) -> tuple[float, float]:
+    """(base, cap) in seconds for a call in `category`: each configured value as written, each
+    0 ("not set") from BACKOFF_DEFAULTS. The cap is never below the base (a base set above the
+    category's default cap raises the cap with it)."""
+    default_base, default_cap = BACKOFF_DEFAULTS.get(category, FALLBACK_BACKOFF)
+    base = base_delay_s or default_base
+    return base, max(base, max_delay_s or default_cap)
+
+
+def call_timeout(requested_s: float, service_s: float, policy_s: float, default_s: float) -> float:
+    """A call's whole deadline (s), synchronous calls, streams and tasks alike: the caller's
+    own, else the service's `timeout`, else its category policy's `timeout`
+    (scheduling_policies.<category>.timeout, e.g. the seed's document_processing 300 s), else
+    communication.default_timeout. 0 = not set, at every level."""
+    return requested_s or service_s or policy_s or default_s

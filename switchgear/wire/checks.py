@@ -201,6 +201,10 @@ def fallback_problem(name: str, fallbacks: Sequence[str], known: Container[str])
     return None
 
 
+#: The longest preset response an agent takes (the control plane's config check says the same).
+MAX_PRESET_CHARS = 16_384
+
+
 def check_settings(msg: discovery_pb2.DataPlaneSettings) -> None:
     timeout = seconds(msg.default_timeout)  # 0 = the agent's default
     if timeout and not (0 < timeout <= MAX_TIMEOUT_S):
@@ -210,6 +214,12 @@ def check_settings(msg: discovery_pb2.DataPlaneSettings) -> None:
     for kind, ttl in sorted(msg.cache.ttl.items()):
         if not (0 <= seconds(ttl) <= MAX_TTL_S):
             raise SnapshotError(f"settings.cache.ttl[{kind}]", "must be within 0 s .. 366 days")
+    if not (0 <= seconds(msg.discovery_cache_ttl) <= MAX_TTL_S):
+        raise SnapshotError("settings.discovery_cache_ttl", "must be within 0 s .. 366 days")
+    for category, text in sorted(msg.preset_responses.items()):
+        if category not in CATEGORIES or len(text) > MAX_PRESET_CHARS:
+            raise SnapshotError(f"settings.preset_responses[{category}]",
+                                f"a known category and at most {MAX_PRESET_CHARS} characters")
 
 
 def _check_policy(category: str, msg: discovery_pb2.CategoryPolicy, path: str) -> None:

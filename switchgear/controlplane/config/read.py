@@ -33,6 +33,7 @@ from switchgear.controlplane.model import (
     Category,
     CategoryPolicy,
     CircuitBreakerSettings,
+    FallbackConfig,
     MonitoringSettings,
     ResourceAllocationSettings,
     RetryPolicy,
@@ -285,6 +286,14 @@ def read_duration(ctx: Context, node: Node) -> float:
     return _bounded_float(seconds, MAX_DURATION_S, "a finite duration in seconds")
 
 
+def read_set_delay(ctx: Context, node: Node) -> float:
+    """A retry delay > 0: leaving the key out is how to ask for the category's default."""
+    seconds = read_duration(ctx, node)
+    if seconds <= 0:
+        raise _Bad("must be > 0 (leave the key out for the call's category's default delay)")
+    return seconds
+
+
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kKMGTPE])(i?))?B?")
 _SIZE_POWERS = MappingProxyType({"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6})
 
@@ -460,8 +469,8 @@ _LOAD_BALANCING = (
 _RETRY_POLICY = (
     Leaf("max_retries", "retry_policy.max_retries", read_int),
     Leaf("backoff_strategy", "retry_policy.backoff_strategy", read_str),
-    Leaf("base_delay", "retry_policy.base_delay_s", read_duration),
-    Leaf("max_delay", "retry_policy.max_delay_s", read_duration),
+    Leaf("base_delay", "retry_policy.base_delay_s", read_set_delay),
+    Leaf("max_delay", "retry_policy.max_delay_s", read_set_delay),
 )
 _CACHING = (Leaf("enabled", "cache.enabled", read_bool),)
 _COMMUNICATION = (Leaf("default_timeout", "default_timeout_s", read_duration),)
@@ -520,14 +529,30 @@ def _read_coordination(ctx: Context, node: Node | None) -> tuple[dict[str, Any],
     return flat, _read_policies(ctx, sections.get("scheduling_policies"))
 
 
-def _read_communication(ctx: Context, node: Node | None) -> tuple[dict[str, Any], dict[str, float]]:
+def _read_presets(ctx: Context, node: Node | None) -> dict[str, str] | None:
+    """communication.fallback.preset_responses: {category: answer text}; None when absent."""
+    fallback = read_members(ctx, node, ("preset_responses",))
+    presets_node = fallback.get("preset_responses")
+    if presets_node is None:
+        return None
+    presets: dict[str, str] = {}
+    for category, child in read_members(ctx, presets_node, tuple(c.value for c in Category)).items():
+        text = ctx.read(child, f"{_SETTINGS}fallback.preset_responses[{category}]", read_str)
+        if text is not None:
+            presets[category] = text
+    return presets
+
+
+def _read_communication(
+    ctx: Context, node: Node | None
+) -> tuple[dict[str, Any], dict[str, float], dict[str, str] | None]:
     flat, sections = read_leaves(
-        ctx, node, _COMMUNICATION, _SETTINGS, also=("load_balancing", "caching", "retry_policy")
+        ctx, node, _COMMUNICATION, _SETTINGS, also=("load_balancing", "caching", "retry_policy", "fallback")
     )
     flat |= read_leaves(ctx, sections.get("load_balancing"), _LOAD_BALANCING, _SETTINGS)[0]
     flat |= read_leaves(ctx, sections.get("retry_policy"), _RETRY_POLICY, _SETTINGS)[0]
     cache, caching = read_leaves(ctx, sections.get("caching"), _CACHING, _SETTINGS, also=("ttl",))
-    return flat | cache, _read_ttl(ctx, caching.get("ttl"))
+    return flat | cache, _read_ttl(ctx, caching.get("ttl")), _read_presets(ctx, sections.get("fallback"))
 
 
 def section(flat: dict[str, Any], name: str) -> dict[str, Any]:
@@ -536,16 +561,22 @@ def section(flat: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _assemble_settings(
-    flat: dict[str, Any], ttl: dict[str, float], policies: dict[str, CategoryPolicy]
+    flat: dict[str, Any], ttl: dict[str, float], policies: dict[str, CategoryPolicy],
+    presets: dict[str, str] | None = None,
 ) -> Settings:
     """Settings from the values the file gave; the model supplies every other default.
 
-    TTLs given in the file are merged over the default kinds rather than replacing them.
+    TTLs and preset responses given in the file are merged over the defaults rather than
+    replacing them (a preset of "" turns a category's default off).
     """
     cache = section(flat, "cache")
     if ttl:
         cache["ttl_s"] = tuple(sorted({**dict(CacheSettings().ttl_s), **ttl}.items()))
+    fallback = FallbackConfig()
+    if presets:
+        fallback = FallbackConfig(tuple(sorted({**dict(fallback.preset_responses), **presets}.items())))
     return Settings(
+        fallback=fallback,
         **{key: value for key, value in flat.items() if "." not in key},
         retry_policy=RetryPolicy(**section(flat, "retry_policy")),
         circuit_breaker=CircuitBreakerSettings(**section(flat, "circuit_breaker")),
@@ -558,8 +589,8 @@ def _assemble_settings(
 
 def read_settings(ctx: Context, coordination: Node | None, communication: Node | None) -> Settings:
     flat, policies = _read_coordination(ctx, coordination)
-    more, ttl = _read_communication(ctx, communication)
-    return _assemble_settings(flat | more, ttl, policies)
+    more, ttl, presets = _read_communication(ctx, communication)
+    return _assemble_settings(flat | more, ttl, policies, presets)
 
 
 # --- monitoring (external_services.monitoring) ----------------------------------------------

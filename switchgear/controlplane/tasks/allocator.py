@@ -6,7 +6,12 @@ Requirements per category are the seed's `_calculate_resource_requirements`:
 | --- | --- | --- | --- | --- | --- |
 | llm | 2 | 4 GiB | 0.5 | – | 100 |
 | document | 4 | 8 GiB | – | 1000 | 200 |
-| every other | 1 | 2 GiB | – | – | 50 |
+| every other | `default_cpu` (1) | `default_memory` (2 GiB) | – | – | 50 |
+
+`resource_allocation.default_cpu` / `default_memory` are a *per-task request*: the seed's
+`else` branch (what a task of a category without a row of its own asks for). They are not an
+agent's capacity: the seed's own values (2 CPUs, 4Gi) read as a capacity could never hold a
+document task (4 CPUs, 8 GiB), so its "queued for later" fallback could never queue.
 
 A service overrides any of them with metadata keys named after the seed's fields:
 `resources.cpu`, `resources.memory` (bytes, or a size such as "8Gi"/"512Mi"),
@@ -15,10 +20,9 @@ A service overrides any of them with metadata keys named after the seed's fields
 Pools are per agent, not per cluster: a task runs on one agent, so free CPU scattered over
 many agents cannot hold it; accounting per agent is what makes "fits" true where it runs.
 Each worker agent declares its pool when it asks for work (`switchgear agent --task-cpu ...`);
-what it leaves unset comes from the config's `resource_allocation`: `default_cpu` and
-`default_memory` are the per-agent pool of an agent that declares none, and gpu, disk IOPS and
-network bandwidth are unlimited unless declared. `max_concurrent_tasks` caps leased plus
-running tasks over the whole cluster.
+what it leaves unset is unlimited: an agent that declares nothing is bounded by its task slots
+(`--task-slots`) alone. `max_concurrent_tasks` caps leased plus running tasks over the whole
+cluster.
 """
 
 from __future__ import annotations
@@ -65,9 +69,18 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * _UNITS[unit]
 
 
-def requirements(category: str, metadata: Mapping[str, str]) -> Resources:
-    """The seed's requirements for `category`, with the service's metadata overrides applied."""
-    base = DEFAULT_REQUIREMENTS.get(category, OTHER_REQUIREMENTS)
+def other_requirements(settings: ResourceAllocationSettings) -> Resources:
+    """What a task of a category without a row of its own asks for: resource_allocation's defaults."""
+    return Resources(cpu=settings.default_cpu, memory_bytes=float(settings.default_memory_bytes),
+                     network_mbps=OTHER_REQUIREMENTS.network_mbps)
+
+
+def requirements(category: str, metadata: Mapping[str, str],
+                 settings: ResourceAllocationSettings | None = None) -> Resources:
+    """The seed's requirements for `category`, with the service's metadata overrides applied.
+    `settings` gives the other categories' request (the table's last row); None: the seed's 1 CPU, 2 GiB."""
+    other = OTHER_REQUIREMENTS if settings is None else other_requirements(settings)
+    base = DEFAULT_REQUIREMENTS.get(category, other)
     values = dict(zip(RESOURCE_NAMES, base.values(), strict=True))
     for key, name in OVERRIDE_KEYS.items():
         if key not in metadata:
@@ -83,12 +96,11 @@ def requirements(category: str, metadata: Mapping[str, str]) -> Resources:
     return Resources(**values)
 
 
-def agent_pool(declared: Resources, settings: ResourceAllocationSettings) -> Resources:
-    """An agent's pool: what it declared, with zeros filled from `resource_allocation`
-    (cpu, memory) or left unlimited (gpu, disk IOPS, network)."""
+def agent_pool(declared: Resources) -> Resources:
+    """An agent's pool: what it declared, each zero unlimited."""
     return Resources(
-        cpu=declared.cpu or settings.default_cpu,
-        memory_bytes=declared.memory_bytes or float(settings.default_memory_bytes),
+        cpu=declared.cpu or math.inf,
+        memory_bytes=declared.memory_bytes or math.inf,
         gpu=declared.gpu or math.inf,
         disk_iops=declared.disk_iops or math.inf,
         network_mbps=declared.network_mbps or math.inf,
@@ -104,7 +116,7 @@ def never_fits(need: Resources, category: str, pools: Iterable[Resources]) -> st
     short = ", ".join(need.shortfall(largest))
     return (
         f"Resource allocation failed: a {category} task needs {short} per agent; "
-        "no agent pool (nor resource_allocation's default per-agent pool) can ever hold it"
+        "no agent that declares a pool can ever hold it (an agent that declares none could)"
     )
 
 

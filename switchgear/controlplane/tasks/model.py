@@ -127,7 +127,7 @@ class Task:
 @dataclass(frozen=True)
 class AgentOffer:
     """What an agent asks for in one lease call: its slots, its pool as declared (zeros mean
-    resource_allocation's defaults or unlimited: see allocator.agent_pool), the services it
+    unlimited: see allocator.agent_pool), the services it
     runs and how many tasks it takes now."""
 
     agent: str

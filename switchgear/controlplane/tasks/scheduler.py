@@ -40,6 +40,7 @@ from switchgear.controlplane.tasks.model import (
     TaskState,
 )
 from switchgear.controlplane.tasks.store import TaskStoreLike
+from switchgear.wire.attempt_policy import call_timeout
 
 log = logging.getLogger("switchgear.controlplane.tasks")
 
@@ -196,7 +197,7 @@ class TaskScheduler:
         category = spec.category.value
         metadata = dict(spec.metadata)
         try:
-            need = allocator.requirements(category, metadata)
+            need = allocator.requirements(category, metadata, self._state().settings.resource_allocation)
         except allocator.AllocationError as exc:
             message = f"Resource allocation failed: service {spec.name!r} {exc}"
             raise SubmitError("resources", "service", message) from None
@@ -265,17 +266,21 @@ class TaskScheduler:
             raise SubmitError("invalid", path, f"must be a JSON object, got {type(value).__name__}")
 
     def _timeout(self, service: str) -> float:
-        """The category policy's timeout, else the service's, else the default timeout."""
+        """The service's timeout, else its category policy's, else the default timeout
+        (wire/attempt_policy.py::call_timeout: the same order as a synchronous call's)."""
         state = self._state()
         spec = state.service(service)
         assert spec is not None
         policies = dict(state.settings.category_policies)
         policy = policies.get(spec.category.value)
-        return (policy.timeout_s if policy else 0.0) or spec.timeout_s or state.settings.default_timeout_s
+        return call_timeout(0.0, spec.timeout_s, policy.timeout_s if policy else 0.0, state.settings.default_timeout_s)
 
     def _pools(self, now: float) -> list[Resources]:
-        default = allocator.agent_pool(ZERO, self._state().settings.resource_allocation)
-        return [default, *(a.pool for a in self._live_agents(now).values())]
+        """The pools a new task is judged against: the live workers' (what they declared, each
+        undeclared resource unlimited); with no live worker, an undeclared pool, so the task
+        queues for a worker yet to come (the seed's "queued for later processing")."""
+        live = [a.pool for a in self._live_agents(now).values()]
+        return live or [allocator.agent_pool(ZERO)]
 
     # -- reading
 
@@ -319,7 +324,7 @@ class TaskScheduler:
 
     async def lease(self, offer: AgentOffer, wait_s: float) -> list[Task]:
         """Lease what fits `offer` now, or wait up to `wait_s` for something to. `offer.pool` is
-        what the agent declared (zeros: resource_allocation's defaults or unlimited)."""
+        what the agent declared (zeros: unlimited)."""
         deadline = self._clock() + min(max(0.0, wait_s), self.options.max_wait_s)
         while True:
             changed = self._changed  # taken before looking, so no wake-up is missed
@@ -335,8 +340,7 @@ class TaskScheduler:
         """Lease what fits `offer` at this instant (no waiting): the decision and its write."""
         now = self._clock()
         self.sweep()
-        settings = self._state().settings.resource_allocation
-        pool = allocator.agent_pool(offer.pool, settings)
+        pool = allocator.agent_pool(offer.pool)
         agent = self._agents.get(offer.agent)
         if agent is None:
             agent = self._agents[offer.agent] = _Agent(offer.capacity, pool, now)
@@ -348,7 +352,8 @@ class TaskScheduler:
         candidates = self._store.candidates(services, now, self.options.aging_interval_s, window)
         chosen = queue.select(
             candidates, dataclasses.replace(offer, services=frozenset(services)), pool, holding,
-            cluster_in_flight=self._store.in_flight(), max_concurrent=settings.max_concurrent_tasks,
+            cluster_in_flight=self._store.in_flight(),
+            max_concurrent=self._state().settings.resource_allocation.max_concurrent_tasks,
             now=now, aging_interval_s=self.options.aging_interval_s,
         )
         leased = [lifecycle.lease(self.get(t.id), offer.agent, self._new_id(), now, self.options.lease_ttl_s)

@@ -13,19 +13,19 @@ For the n-th retry of a call (n >= 1), base b, cap c (seconds):
 Full jitter spreads the retries of many clients that failed together; decorrelated jitter
 does too while growing from the last delay actually slept, not the attempt count.
 
-Per-category defaults are for interactive calls and apply when the config gives no
-retry_policy (see `policy_for`): an LLM call retries after ~0.2 s, never waits more than 2 s.
+Per-category defaults are for interactive calls and apply to each delay the config's
+retry_policy leaves out (see `policy_for`): an LLM call retries after ~0.2 s, never waits
+more than 2 s. A delay the config writes applies as written, even when it equals a default.
 """
 
 from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from switchgear.dataplane.snapshot import RetrySettings
+from switchgear.wire.attempt_policy import backoff_delays
 
 STRATEGIES = frozenset({"exponential", "linear", "fixed"})
 JITTERS = frozenset({"full", "decorrelated", "none"})
@@ -60,38 +60,18 @@ class BackoffPolicy:
         return rng.uniform(0.0, self.ceiling(retry))
 
 
-#: Interactive defaults per category: (base_delay_s, max_delay_s).
-CATEGORY_DEFAULTS: Mapping[str, tuple[float, float]] = MappingProxyType({
-    "llm": (0.2, 2.0),
-    "embedding": (0.1, 1.0),
-    "vector_db": (0.05, 0.5),
-    "knowledge_graph": (0.5, 5.0),
-    "document": (1.0, 10.0),
-})
-_FALLBACK_DEFAULT = (0.2, 2.0)
-
-
 @functools.lru_cache(maxsize=256)  # pure, called per call; its arguments are frozen (hashable)
 def policy_for(category: str, configured: RetrySettings | None) -> BackoffPolicy:
     """The backoff policy of a call in `category`.
 
-    `configured` is the snapshot's retry_policy, or None when the config gave none. The
-    agent's `RetrySettings()` defaults (1 s base, 30 s cap: the seed's batch-friendly values)
-    are treated as "not configured" too, because the snapshot converter fills them in when the
-    field is absent; an operator who wants exactly those can set them per category later.
-    `max_retries` always comes from the config.
+    `configured` is the snapshot's retry_policy, or None when the config gave none. Each of its
+    delays is used as written; a delay of 0 means the config left it out, and the category's
+    interactive default applies (wire/attempt_policy.py::backoff_delays, the same function
+    `config validate` prints with). `max_retries` always comes from the config.
     """
-    base, cap = CATEGORY_DEFAULTS.get(category, _FALLBACK_DEFAULT)
     if configured is None:
+        base, cap = backoff_delays(category)
         return BackoffPolicy(base_delay_s=base, max_delay_s=cap)
-    if _is_default(configured):
-        return BackoffPolicy(base_delay_s=base, max_delay_s=cap, max_retries=configured.max_retries)
+    base, cap = backoff_delays(category, configured.base_delay_s, configured.max_delay_s)
     strategy = configured.backoff_strategy if configured.backoff_strategy in STRATEGIES else "exponential"
-    return BackoffPolicy(strategy, configured.base_delay_s, max(configured.base_delay_s, configured.max_delay_s),
-                         max_retries=configured.max_retries)
-
-
-def _is_default(configured: RetrySettings) -> bool:
-    d = RetrySettings()
-    return (configured.backoff_strategy, configured.base_delay_s, configured.max_delay_s) == (
-        d.backoff_strategy, d.base_delay_s, d.max_delay_s)
+    return BackoffPolicy(strategy, base, cap, max_retries=configured.max_retries)

@@ -10,9 +10,14 @@
 3. the category's own fallback (the seed's `_handle_fallback`):
    - llm: every local model not already planned, by priority (high first) then name;
    - then a preset response, for any category, *only if configured*: the requested
-     service's metadata `preset_response`, else `FallbackSettings.preset_responses[category]`;
-   - document: QUEUE_FOR_LATER (the call is to be handed to the task queue; until the
-     task queue is wired the invoker answers UNAVAILABLE);
+     service's metadata `preset_response` (the exact answer body), else
+     `FallbackSettings.preset_responses[category]` (config
+     `communication.fallback.preset_responses.<category>`; the llm default is the seed's
+     "Service temporarily unavailable. Please try again later."): a text the caller shapes
+     as the call's method answers (`Step.shaped`; dataplane/presets.py). A category preset
+     answers unavailability only, not a missing secret or a rejected key (`preset_may_answer`);
+   - document: QUEUE_FOR_LATER (the call is handed to the task queue, and the answer names
+     the task);
 4. UNAVAILABLE with the reason, when nothing above is terminal.
 
 A service is a *local model* when its category is llm, it is servable, and either it says so
@@ -57,6 +62,7 @@ class Step:
     source: str = ""
     body: str = ""
     reason: str = ""
+    shaped: bool = False  # PRESET: `body` is a text to shape as the method's answer, not a body
 
     @property
     def terminal(self) -> bool:
@@ -81,8 +87,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class FallbackSettings:
-    """Where fallbacks are configured. Proposed config (communication.fallback):
-    `preset_responses: {llm: "..."}`, `queue_for_later: [document]`."""
+    """Where fallbacks are configured. `preset_responses` comes from each snapshot (config
+    `communication.fallback.preset_responses`); the rest are the agent's."""
 
     preset_responses: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     queue_for_later: frozenset[str] = frozenset({"document"})
@@ -96,6 +102,19 @@ def should_fall_back(error: ErrorKind | None) -> bool:
     CONTEXT_LENGTH moves on (a fallback may take longer prompts); AUTH and CONFIG are
     faults of this service's setup, not of the request."""
     return error is not ErrorKind.CLIENT
+
+
+#: Failures a category preset does not answer: the call itself is wrong (CLIENT), or this
+#: deployment is (CONFIG: a missing secret; AUTH: a rejected key) — the caller and the operator
+#: must see those, not "temporarily unavailable".
+_NOT_FOR_PRESETS = frozenset({ErrorKind.CLIENT, ErrorKind.CONFIG, ErrorKind.AUTH})
+
+
+def preset_may_answer(step: Step, error: ErrorKind | None) -> bool:
+    """Whether `step` may answer a call whose chain last failed with `error` (None: no endpoint
+    was usable). A category preset (`shaped`) answers only unavailability; a service's own
+    metadata preset answers whatever made the call fall back."""
+    return not step.shaped or error not in _NOT_FOR_PRESETS
 
 
 def is_private_host(host: str) -> bool:
@@ -206,9 +225,13 @@ def _local_models(services: Mapping[str, ServiceView], settings: FallbackSetting
 
 def _terminal(svc: ServiceView, settings: FallbackSettings, metadata: Mapping[str, str],
               skipped: list[tuple[str, str]]) -> Step:
-    preset = metadata.get("preset_response") or settings.preset_responses.get(svc.category)
+    preset = metadata.get("preset_response")
     if preset:
-        return Step(StepKind.PRESET, source="preset", body=preset, reason="preset response configured")
+        return Step(StepKind.PRESET, source="preset", body=preset, reason="the service's preset response")
+    text = settings.preset_responses.get(svc.category)
+    if text:
+        return Step(StepKind.PRESET, source="preset", body=text, reason=f"the {svc.category} preset response",
+                    shaped=True)
     if svc.category in settings.queue_for_later:
         return Step(StepKind.QUEUE_FOR_LATER, source="queue_for_later", reason=f"{svc.category} calls can be queued")
     why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
