@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import sqlite3
@@ -23,7 +24,7 @@ from switchgear.controlplane import pg
 from switchgear.controlplane.admin import AdminServicer
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
-from switchgear.controlplane.model import Category, EndpointSpec, ServiceSpec
+from switchgear.controlplane.model import Category, EndpointSpec, FallbackConfig, ServiceSpec
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.v1 import admin_pb2_grpc, discovery_pb2_grpc
@@ -43,6 +44,13 @@ def service(name: str, *urls: str, protocol: str = "openai", options_json: str =
         options_json=options_json,
         **extra,  # type: ignore[arg-type]
     )
+
+
+def no_presets(registry: Registry) -> None:
+    """Turn the seed's default LLM preset answer off, for tests of how a failed call fails."""
+    state = registry.state
+    settings = dataclasses.replace(state.settings, fallback=FallbackConfig(preset_responses=(("llm", ""),)))
+    registry.replace(dataclasses.replace(state, settings=settings), "test", "no-presets")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from switchgear.dataplane.server import Options, serve
 from switchgear.rpc import http2
 from switchgear.rpc.http2 import DATA, END_STREAM, frame
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import ControlPlane, Upstream, service
+from tests.conftest import ControlPlane, Upstream, no_presets, service
 from tests.test_rpc_server import Client, message
 from tests.test_tracing import invoke, run_agent
 
@@ -84,6 +84,7 @@ async def bad_input(address: str) -> dict[str, object]:
 async def test_both_grpc_servers_answer_alike(control_plane: ControlPlane, upstream: tuple[Upstream, str]) -> None:
     up, url = upstream
     control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    no_presets(control_plane.registry)  # a failed call must fail here, not get the seed's LLM preset
     seen = {}
     for kind in ("switchgear", "grpcio"):
         address, stop, task = await run_agent(control_plane, None, kind)

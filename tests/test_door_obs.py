@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from switchgear.controlplane import tenancy
 from switchgear.controlplane.model import Category, Pricing, Tenant
 from switchgear.controlplane.store import Change
+from switchgear.dataplane import access_log
 from switchgear.dataplane.access_log import MAX_REQUEST_ID, Exchange
 from switchgear.dataplane.door_metrics import OTHER, DoorMetrics
 from switchgear.dataplane.server import Options, serve
@@ -45,6 +46,15 @@ from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import REPO, ControlPlane, Upstream, service
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def access_log_through_logging() -> Iterator[None]:
+    """Whatever an earlier in-process CLI run configured, these tests read the access log
+    through `logging` (caplog)."""
+    access_log.reset()
+    yield
+    access_log.reset()
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

@@ -146,10 +146,18 @@ def test_embed_with_the_real_model_store_and_query_in_real_chroma(stack: Stack) 
 
 
 def test_real_upstream_errors_come_back_classified(stack: Stack) -> None:
-    with pytest.raises(grpc.RpcError) as missing:
+    # A collection outside the service's `collections` is refused by the agent, before Chroma.
+    with pytest.raises(grpc.RpcError) as outside:
         stack.invoke("chroma", "query", {"collection": "no-such-collection", "query_embeddings": [[0.0] * 384]})
-    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "NotFoundError" in (missing.value.details() or "")  # type: ignore[attr-defined]
+    assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "payload.collection" in (outside.value.details() or "")  # type: ignore[attr-defined]
+    # The real server's own refusal (a 3-dimensional query against 384-dimensional vectors).
+    stack.invoke("chroma", "collections.create", {"name": "documents", "get_or_create": True})
+    stack.invoke("chroma", "upsert", {"collection": "documents", "ids": ["dim"], "embeddings": [[0.0] * 384]})
+    with pytest.raises(grpc.RpcError) as dim:
+        stack.invoke("chroma", "query", {"collection": "documents", "query_embeddings": [[0.0, 0.0, 0.0]]})
+    assert dim.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "dimension" in (dim.value.details() or "").lower()  # type: ignore[attr-defined]
     with pytest.raises(grpc.RpcError) as bad:
         stack.invoke("e5-small", "embeddings", {"input": [{"not": "text"}]})
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

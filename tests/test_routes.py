@@ -326,9 +326,9 @@ async def test_per_request_overrides_are_bounded_by_the_route(providers: tuple[E
         # max_retries 0: one attempt, no failover to the second target (which would have answered)
         picker.order = ["oa", "claude"]
         group.set_faults("a", Faults(fail_next=1, error_status=503))
-        with pytest.raises(CallFailed) as failed:
-            await invoker.invoke(chat_call(max_retries=0), snap)
-        assert failed.value.attempts == 1
+        failed = await invoker.invoke(chat_call(max_retries=0), snap)
+        # one attempt, then the seed's LLM preset answered (config-wide fallback), not claude
+        assert (failed.attempts, failed.fallback_source, failed.endpoint) == (1, "preset_response", "")
         group.set_faults("a", Faults(fail_next=1, error_status=503))
         served = await invoker.invoke(chat_call(max_retries=1), snap)
         assert (served.endpoint, served.attempts) == ("claude", 2)

@@ -49,7 +49,10 @@ def config(floor: float, urls: dict[str, str], hedge_min_priority: int = 8) -> s
     text = CONFIG.format(floor=floor).replace("hedge_min_priority: 8", f"hedge_min_priority: {hedge_min_priority}")
     for name, prefix in (("chat", ""), ("hedged", "h")):
         endpoints = "".join(f'\n            - {{id: "{prefix}{n}", url: "{urls[n]}"}}' for n in ("a", "b"))
+        # strategy round_robin on the service itself: it outranks the seed's "priority > 7 ->
+        # latency" rule, so priority-9 calls keep taking round-robin turns (hedges are the subject)
         text += (f'        - name: "{name}"\n          model: "gpt-4o-mini"\n          timeout: 9\n'
+                 f'          strategy: "round_robin"\n'
                  f"          cost_per_1k_tokens: 0.001\n          endpoints:{endpoints}\n")
     return text
 

@@ -190,14 +190,23 @@ def write(exchange: Exchange) -> None:
         log.info("%s", exchange.line().decode())
 
 
-def configure(target: str) -> None:
-    """`--access-log`: "stderr" (default), "off", or a file path (appended to). The lines are the
-    JSON alone, on their own sink (not repeated by the root logger's handlers)."""
+def reset() -> None:
+    """Back to the unconfigured state (lines through `logging`), for in-process use after a
+    `configure` (the CLI's) in the same process."""
     global _sink
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
     _sink = None
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+
+
+def configure(target: str) -> None:
+    """`--access-log`: "stderr" (default), "off", or a file path (appended to). The lines are the
+    JSON alone, on their own sink (not repeated by the root logger's handlers)."""
+    global _sink
+    reset()
     log.propagate = False
     if target == "off":
         log.setLevel(logging.CRITICAL + 1)
