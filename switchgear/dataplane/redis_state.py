@@ -116,7 +116,8 @@ class SharedRedis:
             self._probe_if_due()
             raise RedisUnavailable
         try:
-            return await asyncio.wait_for(op(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # (no task per call, as wait_for would make)
+                return await op()
         except Exception as exc:
             self.health.failed(use, exc, started)
             self.health.fell_back(use)
