@@ -16,14 +16,13 @@ crosses a budget completes and the next one is refused.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
@@ -155,7 +154,7 @@ class RedisCounters:
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._flush_after_s = flush_after_s
-        self._sha = hashlib.sha1(ADMIT_LUA.encode()).hexdigest()
+        self._script = LuaScript(ADMIT_LUA)
         self._pending: dict[str, tuple[float, float]] = {}  # key -> (amount, ttl s), not yet in Redis
         self._flush_timer: asyncio.TimerHandle | None = None
         self.flushing: asyncio.Task[None] | None = None  # the timer's flush in flight (tests await it)
@@ -167,8 +166,9 @@ class RedisCounters:
                 self._requeue(pending)
             return 0
         keys, args = self._script_input(pending, checks, counts)
+        client = self._redis.client
         try:
-            return int(await self._redis.call("quota", lambda: self._evalsha(keys, args), self._timeout_s))
+            return int(await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s))
         except RedisUnavailable:
             self._to_fallback(pending)
             return await self._fallback.admit(checks, counts)
@@ -189,8 +189,9 @@ class RedisCounters:
         if not pending:
             return
         keys, args = self._script_input(pending, (), ())
+        client = self._redis.client
         try:
-            await self._redis.call("quota", lambda: self._evalsha(keys, args), self._timeout_s)
+            await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s)
         except RedisUnavailable:
             self._to_fallback(pending)
 
@@ -219,20 +220,6 @@ class RedisCounters:
     def _to_fallback(self, pending: dict[str, tuple[float, float]]) -> None:
         for key, (amount, ttl_s) in pending.items():
             self._fallback.record(key, amount, ttl_s)
-
-    async def _evalsha(self, keys: list[str], args: list[str | float | int]) -> Any:
-        """The script by its digest (loaded once per Redis, again after a Redis restart). Not
-        redis-py's Script object: its per-call Protocol isinstance checks cost more than the call."""
-        client = self._redis.client
-        try:
-            return await client.evalsha(self._sha, len(keys), *keys, *args)
-        except Exception as exc:
-            from redis.exceptions import NoScriptError  # (only agents with Redis import it)
-
-            if not isinstance(exc, NoScriptError):
-                raise
-            await client.script_load(ADMIT_LUA)
-            return await client.evalsha(self._sha, len(keys), *keys, *args)
 
     def _script_input(self, pending: Mapping[str, tuple[float, float]], checks: Sequence[Check],
                       counts: Sequence[Count]) -> tuple[list[str], list[str | float | int]]:
