@@ -165,3 +165,20 @@ async def test_accounting_pending_when_redis_dies_is_kept_by_the_local_counters(
             assert await local.get("acme|*|tok/60|30000000") == 105
         finally:
             await client.aclose()
+
+
+async def test_an_agent_stopping_sends_its_pending_accounting(tmp_path: Path) -> None:
+    tenant = TenantView(id="acme", quota=Quota(tokens_per_minute=1000))
+    with redis_server(tmp_path) as server:
+        client = aioredis.from_url(server.url)
+        fixed = lambda: 1_800_000_005.0  # noqa: E731
+        quotas = QuotaEnforcer(RedisCounters(SharedRedis(client), LocalCounters(fixed), timeout_s=1.0,
+                                             flush_after_s=60.0), clock=fixed)
+        try:
+            assert (await quotas.admit(tenant, "chat")).allowed
+            await quotas.record(tenant, "chat", tokens=42, cost_usd=0.0)
+            assert await client.get("sg:q:acme|*|tok/60|30000000") is None  # queued for the next admission
+            await quotas.aclose()
+            assert float(await client.get("sg:q:acme|*|tok/60|30000000")) == 42
+        finally:
+            await client.aclose()
