@@ -10,6 +10,9 @@ front door, then for each upstream delay and each concurrency (1, 16, 64) drives
           the agent's own gRPC server (switchgear.rpc, the default)
 - grpcio: the same against a second agent started with `--grpc-server grpcio` (grpc.aio), only
           when this mode is asked for: the A/B of the two gRPC servers in one run
+- prod-http, prod-http-hit, prod-grpc-hit: a second control plane and agent with production
+          settings (client keys, quotas and budgets in a real Redis, the response cache, tracing
+          at 1 % to a real OTLP receiver, /metrics scraped every 15 s): see prod.py
 
 wrk and h2load are compiled load generators (Debian `wrk`, `nghttp2-client`; installed with
 apt-get when missing and running as root). h2load counts any gRPC status as success, so every
@@ -39,6 +42,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from bench.overhead.prod import PROD_MODES, ProdStack, summary, unique_body_lua
 from switchgear.supervise import Proc
 from switchgear.v1 import gateway_pb2
 
@@ -94,8 +98,19 @@ def ensure_tools() -> None:
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """CPU seconds the process's threads have run: the scheduler's own nanosecond count
+    (`/proc/<pid>/task/*/schedstat`), not utime + stime, which are sampled at clock ticks and
+    overcharge a process that wakes on a timer and sleeps again between ticks."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    if total == 0:  # no schedstat (kernel without CONFIG_SCHED_INFO): the tick-sampled times
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total / 1e9
 
 
 def rss_mb(pid: int) -> float:
@@ -161,13 +176,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def wrk(
-    url: str, body: dict[str, object], concurrency: int, seconds: float, pids: tuple[int, int], workdir: Path
+    url: str, body: dict[str, object], concurrency: int, seconds: float, pids: tuple[int, int], workdir: Path,
+    headers: dict[str, str] | None = None, unique: bool = False,
 ) -> tuple[Run, str]:
+    """`unique`: every request's body differs (its text numbered), so none is a cache hit."""
     script = workdir / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [[{orjson.dumps(body).decode()}]]\n"
-    )
+    if unique:
+        script.write_text(unique_body_lua(orjson.dumps(body).decode(), headers or {}))
+    else:
+        script.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+            + f"wrk.body = [[{orjson.dumps(body).decode()}]]\n"
+        )
     argv = [
         "wrk",
         "-t1",
@@ -203,7 +224,10 @@ def h2load(
     pids: tuple[int, int],
     workdir: Path,
     served: Callable[[], int],
+    headers: tuple[str, ...] = (),
 ) -> tuple[Run, str]:
+    """`served()`: calls answered so far by whatever really answers them (the emulator, or the
+    cache for cache hits); `headers`: more request headers ("name: value")."""
     body = workdir / f"{service}.grpc"
     body.write_bytes(grpc_frame(service))
     log = workdir / "h2load.log"
@@ -222,6 +246,7 @@ def h2load(
         "content-type: application/grpc",
         "-H",
         "te: trailers",
+        *(arg for header in headers for arg in ("-H", header)),
         f"--log-file={log}",
         f"http://{address}/switchgear.v1.GatewayService/Invoke",
     ]
@@ -302,8 +327,10 @@ class Stack:
 
     def _agent(self, name: str, cp_address: str, grpc_server: str) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
-                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
-                "--agent-token-file", str(self.workdir / "r.db.agent-token")]
+                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning"]
+        token = self.workdir / "r.db.agent-token"
+        if token.exists():  # (absent on commits from before agents authenticated: A/B against them)
+            argv += ["--agent-token-file", str(token)]
         agent = Proc.switchgear(name, argv, self.workdir)
         self.procs.append(agent)
         grpc_address = agent.start()
@@ -352,68 +379,87 @@ def fmt(runs: list[Run], rss: float) -> str:
     return "\n".join(lines)
 
 
+def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, service: str, conc: int,
+            seconds: float, workdir: Path) -> Run:
+    """One load run of `mode` against `service` (on the emulator's `instance`)."""
+    if mode == "direct":
+        url = f"http://127.0.0.1:{stack.ports[instance]}/v1/chat/completions"
+        return wrk(url, {**CHAT, "model": "gpt-4o-mini"}, conc, seconds, (stack.emulator.pid, stack.agent.pid),
+                   workdir)[0]
+    if mode in ("http", "grpc", "grpcio"):
+        agent = stack.agent_grpcio if mode == "grpcio" else stack.agent
+        pids = (stack.emulator.pid, agent.pid)
+        if mode == "http":
+            return wrk(f"http://{stack.http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
+                       seconds, pids, workdir)[0]
+        address = stack.grpcio_address if mode == "grpcio" else stack.grpc_address
+        return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
+    assert prod is not None
+    pids = (stack.emulator.pid, prod.agent.pid)
+    if mode.startswith("prod-http"):
+        hit = mode == "prod-http-hit"
+        body = {**CHAT, "model": service}
+        if hit:  # the first answer is stored: every request of the run is a hit
+            httpx.post(f"http://{prod.http_address}/v1/chat/completions", content=orjson.dumps(body),
+                       headers={**prod.auth, "Content-Type": "application/json"}, timeout=10).raise_for_status()
+        return wrk(f"http://{prod.http_address}/v1/chat/completions", body, conc, seconds, pids, workdir,
+                   headers=prod.auth, unique=not hit)[0]
+    auth = f"authorization: Bearer {prod.key}"  # prod-grpc-hit
+    prime = h2load(prod.grpc_address, service, 1, 1, pids, workdir, prod.cache_hits, (auth,))[0]
+    assert prime.requests > 0, "the gRPC cache-hit run could not store its answer"
+    return h2load(prod.grpc_address, service, conc, seconds, pids, workdir, prod.cache_hits, (auth,))[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per run")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--delays", default="20,0", help="upstream delays in ms: 20 and/or 0")
-    parser.add_argument("--modes", default="direct,http,grpc,grpcio")
+    parser.add_argument("--modes", default="direct,http,grpc,grpcio",
+                        help="direct, http, grpc, grpcio; production settings: " + ", ".join(PROD_MODES))
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
     args = parser.parse_args(argv)
     ensure_tools()
     runs: list[Run] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
         workdir = Path(tmp)
         modes = args.modes.split(",")
+        unknown = [m for m in modes if m not in ("direct", "http", "grpc", "grpcio", *PROD_MODES)]
+        if unknown:
+            parser.error(f"unknown modes: {', '.join(unknown)}")
         stack = Stack(workdir, grpcio="grpcio" in modes)
+        prod: ProdStack | None = None
         try:
             stack.start()
+            if any(m in PROD_MODES for m in modes):
+                prod = ProdStack(workdir, stack.ports)
+                prod.start()
             for delay in (int(d) for d in args.delays.split(",")):
                 instance, service = ("fixed", "bench-20ms") if delay == 20 else ("zero", "bench-0ms")
                 for conc in (int(c) for c in args.concurrency.split(",")):
                     for mode in modes:
-                        agent = stack.agent_grpcio if mode == "grpcio" else stack.agent
-                        pids = (stack.emulator.pid, agent.pid)
-                        if mode == "direct":
-                            run, _ = wrk(
-                                f"http://127.0.0.1:{stack.ports[instance]}/v1/chat/completions",
-                                {**CHAT, "model": "gpt-4o-mini"},
-                                conc,
-                                args.seconds,
-                                pids,
-                                workdir,
-                            )
-                        elif mode == "http":
-                            run, _ = wrk(
-                                f"http://{stack.http_address}/v1/chat/completions",
-                                {**CHAT, "model": service},
-                                conc,
-                                args.seconds,
-                                pids,
-                                workdir,
-                            )
-                        else:
-                            run, _ = h2load(
-                                stack.grpcio_address if mode == "grpcio" else stack.grpc_address,
-                                service,
-                                conc,
-                                args.seconds,
-                                pids,
-                                workdir,
-                                functools.partial(stack.served, instance),
-                            )
+                        run = one_run(mode, stack, prod, instance, service, conc, args.seconds, workdir)
                         run.mode, run.delay_ms = mode, delay
                         runs.append(run)
                         print(
-                            f"  {mode:6} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  p50 {run.p50_ms:7.2f} ms  "
+                            f"  {mode:13} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  p50 {run.p50_ms:7.2f} ms  "
                             f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}",
                             flush=True,
                         )
             rss = rss_mb(stack.agent.pid)
+            if prod is not None:
+                notes.append(f"production agent RSS after the runs: {rss_mb(prod.agent.pid):.0f} MB")
+                notes.append(summary(prod))
         finally:
+            if prod is not None:
+                prod.stop()
             stack.stop()
     print()
     print(fmt(runs, rss))
+    for note in notes:
+        print(note)
     if args.out:
-        Path(args.out).write_text(json.dumps({"runs": [asdict(r) for r in runs], "agent_rss_mb": rss}, indent=2))
+        Path(args.out).write_text(json.dumps({"runs": [asdict(r) for r in runs], "agent_rss_mb": rss,
+                                              "notes": notes}, indent=2))
     return 0

@@ -15,23 +15,36 @@ crosses a budget completes and the next one is refused.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
+Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
+Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
+
+
 class CounterStore(Protocol):
-    async def add(self, key: str, amount: float, ttl_s: float) -> float:
-        """Add `amount` to the counter (created with `ttl_s`); return its new total."""
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+        """Read `checks` in order, then add 1 to each of `counts` in order, stopping at the first
+        that refuses. Returns 0 when admitted, else the 1-based index of the refusing entry in
+        `checks` followed by `counts` (an earlier count stays counted, as a refused one does)."""
         ...
 
-    async def get(self, key: str) -> float: ...
+    def record(self, key: str, amount: float, ttl_s: float) -> None:
+        """Add `amount` to the counter (created with `ttl_s`); seen by admissions soon after."""
+        ...
+
+    async def aclose(self) -> None:
+        """Send what is still pending (the agent is stopping)."""
+        ...
 
 
 class LocalCounters:
@@ -43,6 +56,9 @@ class LocalCounters:
         self._next_sweep = 0.0
 
     async def add(self, key: str, amount: float, ttl_s: float) -> float:
+        return self.add_now(key, amount, ttl_s)
+
+    def add_now(self, key: str, amount: float, ttl_s: float) -> float:
         now = self._clock()
         self._sweep(now)
         expires_at, value = self._values.get(key, (now + ttl_s, 0.0))
@@ -52,8 +68,26 @@ class LocalCounters:
         return value + amount
 
     async def get(self, key: str) -> float:
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> float:
         expires_at, value = self._values.get(key, (0.0, 0.0))
         return value if expires_at > self._clock() else 0.0
+
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+        for i, (key, limit) in enumerate(checks, 1):
+            if self.get_now(key) >= limit:
+                return i
+        for i, (key, limit, ttl_s) in enumerate(counts, len(checks) + 1):
+            if self.add_now(key, 1, ttl_s) > limit:
+                return i
+        return 0
+
+    def record(self, key: str, amount: float, ttl_s: float) -> None:
+        self.add_now(key, amount, ttl_s)
+
+    async def aclose(self) -> None:
+        return None
 
     def _sweep(self, now: float) -> None:
         if now < self._next_sweep:
@@ -62,12 +96,46 @@ class LocalCounters:
         self._next_sweep = now + MINUTE
 
 
+# KEYS: the pending additions, then the checks, then the counts. ARGV: their three lengths, then
+# (amount, ttl) per addition, limit per check, (limit, ttl) per count. Returns 0 or the 1-based
+# index of the refusing check or count (see CounterStore.admit).
+ADMIT_LUA = """
+local np, nc, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a = 4
+for i = 1, np do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[a])
+  redis.call('EXPIRE', KEYS[i], ARGV[a + 1], 'NX')
+  a = a + 2
+end
+for i = 1, nc do
+  if tonumber(redis.call('GET', KEYS[np + i]) or '0') >= tonumber(ARGV[a]) then return i end
+  a = a + 1
+end
+for i = 1, nk do
+  local key = KEYS[np + nc + i]
+  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
+  redis.call('EXPIRE', key, ARGV[a + 1], 'NX')
+  if total > tonumber(ARGV[a]) then return nc + i end
+  a = a + 2
+end
+return 0
+"""
+
+
 class RedisCounters:
-    """Counters shared by every agent through Redis (INCRBYFLOAT + EXPIRE in one transaction).
+    """Counters shared by every agent through Redis: one script call (EVALSHA) per admission.
+
+    Each admission is one server-side script, so it is atomic and exact across agents: it adds
+    this agent's pending accounting, reads the token and budget windows and counts the request.
+    `record` (a finished call's tokens and cost) only queues its addition here; the next
+    admission carries it, or a flush `flush_after_s` later when no admission comes first. So a
+    busy agent makes one Redis round trip per request, and another agent sees a finished call's
+    cost within `flush_after_s` (this agent's own next admission sees it at once).
 
     Each call is bounded by `timeout_s`. When Redis fails or is degraded (redis_state.py: one
     state for the counters and the cache, with its metrics and log lines), `fallback` answers
-    instead, so a quota check never fails a request and waits at most one timeout.
+    instead (pending additions included), so a quota check never fails a request and waits at
+    most one timeout.
 
     The trade-off when Redis is back: counts made locally while degraded are not replayed to
     Redis. Replaying could not be exact anyway (a call that timed out may still have been
@@ -80,34 +148,93 @@ class RedisCounters:
     """
 
     def __init__(self, redis: SharedRedis, fallback: LocalCounters, *, prefix: str = "sg:q:",
-                 timeout_s: float = 0.05) -> None:
+                 timeout_s: float = 0.05, flush_after_s: float = 0.05) -> None:
         self._redis = redis
         self._fallback = fallback
         self._prefix = prefix
         self._timeout_s = timeout_s
+        self._flush_after_s = flush_after_s
+        self._script = LuaScript(ADMIT_LUA)
+        self._pending: dict[str, tuple[float, float]] = {}  # key -> (amount, ttl s), not yet in Redis
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.flushing: asyncio.Task[None] | None = None  # the timer's flush in flight (tests await it)
 
-    async def add(self, key: str, amount: float, ttl_s: float) -> float:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+        pending = self._take_pending()
+        if not checks and not counts:
+            if pending:
+                self._requeue(pending)
+            return 0
+        keys, args = self._script_input(pending, checks, counts)
+        client = self._redis.client
         try:
-            return await self._redis.call("quota", lambda: self._add(self._prefix + key, amount, ttl_s),
-                                          self._timeout_s)
+            return int(await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s))
         except RedisUnavailable:
-            return await self._fallback.add(key, amount, ttl_s)
+            self._to_fallback(pending)
+            return await self._fallback.admit(checks, counts)
 
-    async def get(self, key: str) -> float:
+    def record(self, key: str, amount: float, ttl_s: float) -> None:
+        if self._redis.health.degraded:  # answered locally at once, as every degraded call is
+            self._redis.health.fell_back("quota")
+            self._fallback.record(key, amount, ttl_s)
+            return
+        queued = self._pending.get(key)
+        self._pending[key] = (amount + queued[0] if queued else amount, ttl_s)
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._flush_soon)
+
+    async def flush(self) -> None:
+        """Send the pending additions now (one round trip when there are any)."""
+        pending = self._take_pending()
+        if not pending:
+            return
+        keys, args = self._script_input(pending, (), ())
+        client = self._redis.client
         try:
-            return await self._redis.call("quota", lambda: self._get(self._prefix + key), self._timeout_s)
+            await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s)
         except RedisUnavailable:
-            return await self._fallback.get(key)
+            self._to_fallback(pending)
 
-    async def _get(self, key: str) -> float:
-        return float(await self._redis.client.get(key) or 0.0)  # inside `call`: a bad value is Redis trouble
+    async def aclose(self) -> None:
+        """Flush what is pending (an agent shutting down keeps its last calls' accounting)."""
+        if self.flushing is not None:
+            await asyncio.gather(self.flushing, return_exceptions=True)
+        await self.flush()
 
-    async def _add(self, key: str, amount: float, ttl_s: float) -> float:
-        async with self._redis.client.pipeline(transaction=True) as pipe:
-            pipe.incrbyfloat(key, amount)
-            pipe.expire(key, int(ttl_s) + 1, nx=True)
-            total, _ = await pipe.execute()
-        return float(total)
+    def _flush_soon(self) -> None:
+        self._flush_timer = None
+        if self._pending and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.ensure_future(self.flush())
+
+    def _take_pending(self) -> dict[str, tuple[float, float]]:
+        pending, self._pending = self._pending, {}
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        return pending
+
+    def _requeue(self, pending: dict[str, tuple[float, float]]) -> None:
+        for key, (amount, ttl_s) in pending.items():
+            self.record(key, amount, ttl_s)
+
+    def _to_fallback(self, pending: dict[str, tuple[float, float]]) -> None:
+        for key, (amount, ttl_s) in pending.items():
+            self._fallback.record(key, amount, ttl_s)
+
+    def _script_input(self, pending: Mapping[str, tuple[float, float]], checks: Sequence[Check],
+                      counts: Sequence[Count]) -> tuple[list[str], list[str | float | int]]:
+        prefix = self._prefix
+        keys = [prefix + k for k in pending]
+        args: list[str | float | int] = [len(pending), len(checks), len(counts)]
+        for amount, ttl_s in pending.values():
+            args += (repr(amount), int(ttl_s) + 1)
+        for key, limit in checks:
+            keys.append(prefix + key)
+            args.append(repr(float(limit)))
+        for key, limit, ttl_s in counts:
+            keys.append(prefix + key)
+            args += (repr(float(limit)), int(ttl_s) + 1)
+        return keys, args
 
 
 class QuotaExceeded(Exception):
@@ -147,6 +274,17 @@ def _scopes(tenant: TenantView, service: str) -> Iterator[tuple[str, Quota]]:
         yield service, per_service
 
 
+def _reason(width: float, what: str, quota: Quota, scope: str) -> str:
+    where = "" if scope == "*" else f" on {scope}"
+    if what == "req":
+        return f"{quota.requests_per_minute} requests per minute{where} used"
+    if what == "tok":
+        return f"{quota.tokens_per_minute} tokens per minute{where} used"
+    if width == HOUR:
+        return f"budget of ${quota.budget_per_hour_usd:g} per hour{where} spent"
+    return f"budget of ${quota.budget_per_day_usd:g} per day{where} spent"
+
+
 @dataclass
 class UsageTally:
     """Per-tenant usage since the last report (drained by the load reporter)."""
@@ -165,36 +303,33 @@ class QuotaEnforcer:
 
     async def admit(self, tenant: TenantView, service: str) -> Admission:
         """Check budgets and token windows (read-only), then count the request against its
-        requests-per-minute windows. A refusal carries the seconds until the window ends."""
+        requests-per-minute windows: one call of the counter store. A refusal carries the
+        seconds until the window ends."""
         now = self._clock()
-        tally = self._tallies.setdefault(tenant.id, UsageTally())
+        tally = self._tallies.get(tenant.id)
+        if tally is None:
+            tally = self._tallies[tenant.id] = UsageTally()
+        checks: list[Check] = []
+        counts: list[Count] = []
+        refusals: list[tuple[float, str, Quota, str]] = []  # (window, what, quota, scope) per entry
         for scope, quota in _scopes(tenant, service):
-            refused = await self._exhausted(tenant.id, scope, quota, now)
-            if refused is not None:
-                tally.rejected += 1
-                return refused
+            for limit, what, width in ((quota.tokens_per_minute, "tok", MINUTE),
+                                       (quota.budget_per_hour_usd, "usd", HOUR),
+                                       (quota.budget_per_day_usd, "usd", DAY)):
+                if limit:
+                    checks.append((_key(tenant.id, scope, what, width, now), limit))
+                    refusals.append((width, what, quota, scope))
         for scope, quota in _scopes(tenant, service):
             if quota.requests_per_minute:
-                count = await self._counters.add(_key(tenant.id, scope, "req", MINUTE, now), 1, 2 * MINUTE)
-                if count > quota.requests_per_minute:
-                    tally.rejected += 1
-                    where = "" if scope == "*" else f" on {scope}"
-                    return Admission(False, window_end(now, MINUTE),
-                                     f"{quota.requests_per_minute} requests per minute{where} used")
+                counts.append((_key(tenant.id, scope, "req", MINUTE, now), quota.requests_per_minute, 2 * MINUTE))
+                refusals.append((MINUTE, "req", quota, scope))
+        refused = await self._counters.admit(checks, counts) if refusals else 0
+        if refused:
+            tally.rejected += 1
+            width, what, quota, scope = refusals[refused - 1]
+            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
         tally.requests += 1
         return ADMITTED
-
-    async def _exhausted(self, tenant: str, scope: str, quota: Quota, now: float) -> Admission | None:
-        where = "" if scope == "*" else f" on {scope}"
-        checks = (
-            (quota.tokens_per_minute, "tok", MINUTE, f"{quota.tokens_per_minute} tokens per minute{where} used"),
-            (quota.budget_per_hour_usd, "usd", HOUR, f"budget of ${quota.budget_per_hour_usd:g} per hour{where} spent"),
-            (quota.budget_per_day_usd, "usd", DAY, f"budget of ${quota.budget_per_day_usd:g} per day{where} spent"),
-        )
-        for limit, what, width, reason in checks:
-            if limit and await self._counters.get(_key(tenant, scope, what, width, now)) >= limit:
-                return Admission(False, window_end(now, width), reason)
-        return None
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
         """Count a completed call's tokens and cost against every window that limits them."""
@@ -204,11 +339,15 @@ class QuotaEnforcer:
         tally.cost_usd += cost_usd
         for scope, quota in _scopes(tenant, service):
             if quota.tokens_per_minute and tokens:
-                await self._counters.add(_key(tenant.id, scope, "tok", MINUTE, now), tokens, 2 * MINUTE)
+                self._counters.record(_key(tenant.id, scope, "tok", MINUTE, now), tokens, 2 * MINUTE)
             if quota.budget_per_hour_usd and cost_usd:
-                await self._counters.add(_key(tenant.id, scope, "usd", HOUR, now), cost_usd, 2 * HOUR)
+                self._counters.record(_key(tenant.id, scope, "usd", HOUR, now), cost_usd, 2 * HOUR)
             if quota.budget_per_day_usd and cost_usd:
-                await self._counters.add(_key(tenant.id, scope, "usd", DAY, now), cost_usd, 2 * DAY)
+                self._counters.record(_key(tenant.id, scope, "usd", DAY, now), cost_usd, 2 * DAY)
+
+    async def aclose(self) -> None:
+        """The counter store's pending accounting is sent (before its Redis client closes)."""
+        await self._counters.aclose()
 
     def drain_usage(self) -> dict[str, UsageTally]:
         """Usage per tenant since the last call (for load reports to the control plane)."""

@@ -21,6 +21,7 @@ that wraps the client: every Redis call of the counters and the cache goes throu
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,27 @@ class RedisHealth:
         self._since = now
 
 
+class LuaScript:
+    """A server-side script called by its digest (EVALSHA), loaded again when Redis lacks it (a
+    restarted Redis). Not redis-py's Script object: its per-call Protocol isinstance checks cost
+    more than the call."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except Exception as exc:
+            from redis.exceptions import NoScriptError  # (only agents with Redis import it)
+
+            if not isinstance(exc, NoScriptError):
+                raise
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
 class RedisUnavailable(Exception):
     """Raised by `SharedRedis.call` instead of the Redis error: the caller answers locally."""
 
@@ -116,7 +138,8 @@ class SharedRedis:
             self._probe_if_due()
             raise RedisUnavailable
         try:
-            return await asyncio.wait_for(op(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # (no task per call, as wait_for would make)
+                return await op()
         except Exception as exc:
             self.health.failed(use, exc, started)
             self.health.fell_back(use)

@@ -223,6 +223,7 @@ class Agent:
     async def _start(self, stack: contextlib.AsyncExitStack, stop: asyncio.Event, announce: Announce) -> None:
         if self.redis is not None:
             stack.push_async_callback(self.redis.aclose)
+            stack.push_async_callback(self.pipeline.quotas.aclose)  # its last accounting, before the client closes
         stack.push_async_callback(self.core.pool.close)
         if self.core.observed.tracing is not None:
             stack.callback(self.core.observed.tracing.shutdown)  # after the doors: the last calls' spans go out
