@@ -162,6 +162,34 @@ def test_several_probes_and_success_threshold() -> None:
     assert breaker.state_at(5.2) is State.CLOSED
 
 
+def test_late_successes_of_calls_sent_before_the_failures_do_not_hold_the_breaker_closed() -> None:
+    """An endpoint that fails every new call while calls it accepted earlier still finish
+    (503 on every new request; long answers in flight): those successes were sent before the
+    failures, so they do not reset the consecutive count. A success sent after them does."""
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=5, min_requests=1000))
+    old = [breaker.allow(0.0) for _ in range(5)]  # long calls accepted before the fault
+    for i, ticket in enumerate(old):
+        new = breaker.allow(1.0 + i)
+        assert new is not None and ticket is not None
+        breaker.record(1.0 + i + 0.01, new, ErrorKind.RETRYABLE)  # a new call fails at once...
+        if breaker.state_at(1.0 + i + 0.02) is State.OPEN:
+            break
+        breaker.record(1.0 + i + 0.02, ticket, None)  # ...while an old one finishes fine
+    assert breaker.state_at(5.5) is State.OPEN and breaker.trips == 1
+    fresh = CircuitBreaker(BreakerSettings(failure_threshold=3, min_requests=1000))
+    for t in (1.0, 2.0):
+        ticket = fresh.allow(t)
+        assert ticket is not None
+        fresh.record(t, ticket, ErrorKind.RETRYABLE)
+    later = fresh.allow(3.0)
+    assert later is not None
+    fresh.record(3.0, later, None)  # sent after the failures: the endpoint answers again
+    ticket = fresh.allow(4.0)
+    assert ticket is not None
+    fresh.record(4.0, ticket, ErrorKind.RETRYABLE)
+    assert fresh.state_at(4.0) is State.CLOSED  # the count restarted at the fresh success
+
+
 def test_book_blocked_usable_and_trip_hook() -> None:
     trips: list[tuple[str, str]] = []
     book = BreakerBook(settings_from_threshold(2, FAST), on_trip=lambda s, e, now: trips.append((s, e)))

@@ -24,6 +24,12 @@ ended without an outcome, e.g. it was shed or cancelled). Only probe tickets of 
 half-open episode move a half-open breaker; late outcomes of calls admitted while closed do
 not close it (they prove nothing about the endpoint *now*).
 
+Likewise, a success is evidence as of when its attempt was *sent* (`Ticket.sent_at`): it
+resets the consecutive-failure count only if no failed attempt was sent after it. So when an
+endpoint starts failing every new call while calls it accepted earlier still finish (a 503 on
+every new request; a long LLM answer takes seconds), those late successes do not keep its
+breaker from tripping.
+
 RATE_LIMITED (THROTTLED, see `signals`) never trips: it holds the endpoint out of `allow`
 until the provider's Retry-After (or `throttle_default_s`, capped at `throttle_max_s`) has
 passed, in any state. Any other failure that carries a Retry-After (a 503 saying when to come
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from switchgear.adapters.base import ErrorKind
@@ -77,6 +83,7 @@ class Ticket:
 
     probe: bool
     episode: int
+    sent_at: float = field(default=float("-inf"), compare=False)
 
 
 Transition = Callable[[State, State, float], None]
@@ -124,6 +131,7 @@ class CircuitBreaker:
         self._state = State.CLOSED
         self._window = _Window(settings.window_s, settings.buckets)
         self._consecutive = 0
+        self._failure_sent_at = float("-inf")  # the latest sent_at of a failed attempt
         self._level = 0
         self._open_until = 0.0
         self._closed_at = float("-inf")
@@ -190,8 +198,8 @@ class CircuitBreaker:
         here without asking again. A half-open breaker counts the probe."""
         if self.state_at(now) is State.HALF_OPEN:
             self._probes += 1
-            return Ticket(probe=True, episode=self._episode)
-        return Ticket(probe=False, episode=self._episode)
+            return Ticket(probe=True, episode=self._episode, sent_at=now)
+        return Ticket(probe=False, episode=self._episode, sent_at=now)
 
     def release(self, ticket: Ticket) -> None:
         """Give a ticket back without an outcome (the attempt never reached the endpoint)."""
@@ -207,7 +215,7 @@ class CircuitBreaker:
         if state is State.HALF_OPEN:
             self._record_probe(now, ticket, signal)
         elif state is State.CLOSED and signal in (Signal.SUCCESS, Signal.FAILURE):
-            self._record_closed(now, signal is Signal.FAILURE)
+            self._record_closed(now, signal is Signal.FAILURE, ticket.sent_at)
 
     def _throttle(self, now: float, retry_after_s: float | None) -> None:
         hold = self.settings.throttle_default_s if retry_after_s is None else max(0.0, retry_after_s)
@@ -224,9 +232,13 @@ class CircuitBreaker:
             if self._probe_successes >= self.settings.success_threshold:
                 self._close(now)
 
-    def _record_closed(self, now: float, failed: bool) -> None:
+    def _record_closed(self, now: float, failed: bool, sent_at: float) -> None:
         self._window.add(now, failed)
-        self._consecutive = self._consecutive + 1 if failed else 0
+        if failed:
+            self._consecutive += 1
+            self._failure_sent_at = max(self._failure_sent_at, sent_at)
+        elif sent_at >= self._failure_sent_at:  # older than a failure: says nothing about now
+            self._consecutive = 0
         if failed and (self._consecutive >= self.settings.failure_threshold or self._rate_exceeded(now)):
             recent = now - self._closed_at < self.settings.trip_memory_s
             self._trip(now, self._level + 1 if recent else 1)
@@ -242,6 +254,7 @@ class CircuitBreaker:
         self._level = level
         self._open_until = now + self.settings.open_s(level)
         self._consecutive = 0
+        self._failure_sent_at = float("-inf")
         self._window.clear()
         self.trips += 1
         self._to(State.OPEN, now)
@@ -249,6 +262,7 @@ class CircuitBreaker:
     def _close(self, now: float) -> None:
         self._closed_at = now
         self._consecutive = 0
+        self._failure_sent_at = float("-inf")
         self._window.clear()
         self._to(State.CLOSED, now)
 
