@@ -29,6 +29,7 @@ import grpc
 
 from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Backoff, SnapshotClient, bearer
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.managed.node import NodeManager
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
 from switchgear.wire.loadreport import row_to_proto
@@ -160,7 +161,9 @@ class ReportClient:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         snapshots: SnapshotClient | None = None,
+        nodes: NodeManager | None = None,
     ) -> None:
+        self._nodes = nodes  # runs the managed replicas the control plane assigns (managed/node.py)
         # With `snapshots`, reports follow the snapshot stream: to its control plane, with the
         # report token it was issued (the control plane takes a node's reports only so).
         self._snapshots = snapshots
@@ -208,7 +211,8 @@ class ReportClient:
         async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             metadata = (*bearer(self.token), *(((REPORT_TOKEN_HEADER, report_token),) if report_token else ()))
             call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(metadata=metadata)
-            await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
+            await call.write(loadreport_pb2.StreamLoadStatsRequest(
+                node=self._node, node_resources=self._nodes.offer() if self._nodes else None))
             first = await call.read()
             if first is grpc.aio.EOF:
                 return
@@ -232,6 +236,7 @@ class ReportClient:
                                                       tokens=u.tokens, cost_usd=u.cost_usd)
                             for t, u in tallies.items()
                         ],
+                        replicas=self._nodes.statuses() if self._nodes else (),
                     )
                     request.load_report_interval.FromNanoseconds(round((now - last) * 1e9))
                     last = now
@@ -254,6 +259,8 @@ class ReportClient:
             if response is grpc.aio.EOF:
                 return
             self._configure(response)
+            if response.assignments_set and self._nodes is not None:
+                await self._nodes.apply(response.assignments)
 
     def _configure(self, response: loadreport_pb2.StreamLoadStatsResponse) -> None:
         interval = response.load_reporting_interval.ToNanoseconds() / 1e9

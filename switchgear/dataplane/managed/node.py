@@ -1,0 +1,138 @@
+"""The agent as a node manager: keeps the replicas the control plane assigned it running.
+
+The control plane sends this agent's whole assignment set on the load-report stream
+(loadreport.proto ReplicaAssignment; only this node's, never another's); `apply` starts what is
+new and stops what was withdrawn (the control plane has drained it first). Every report carries
+`statuses()`. When the agent stops, every replica it runs is stopped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from switchgear.dataplane.managed.backend import ReplicaSpec, ReplicaStatus
+from switchgear.dataplane.managed.process import ProcessBackend
+from switchgear.v1 import loadreport_pb2
+
+log = logging.getLogger("switchgear.dataplane.managed")
+
+#: Bounds on what one assignment message may make this agent run (the control plane is trusted,
+#: but a bug there must not fork-bomb the host).
+MAX_ASSIGNMENTS = 64
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What this agent offers managed replicas (`--managed-cpu` etc.); cpu 0 = it runs none."""
+
+    cpu: float = 0.0
+    memory_bytes: int = 0  # 0 = not limited
+    gpu: float = 0.0
+
+
+def spec_from_proto(msg: loadreport_pb2.ReplicaAssignment) -> ReplicaSpec:
+    def seconds(field: str, default: float) -> float:
+        return msg.__getattribute__(field).ToNanoseconds() / 1e9 if msg.HasField(field) else default
+
+    return ReplicaSpec(
+        id=msg.id, service=msg.service, command=tuple(msg.command), env=tuple(sorted(msg.env.items())),
+        inherit_env=tuple(msg.inherit_env), port=msg.port, url=msg.url, readiness_url=msg.readiness_url,
+        readiness_timeout_s=seconds("readiness_timeout", 60.0), restart_backoff_s=seconds("restart_backoff", 1.0),
+        restart_max_backoff_s=seconds("restart_max_backoff", 30.0), max_crashes=msg.max_crashes or 5,
+        crash_window_s=seconds("crash_window", 300.0), stop_grace_s=seconds("stop_grace", 10.0),
+        log_bytes=msg.log_bytes or 1024 * 1024, backend=msg.backend or "process",
+    )
+
+
+def status_to_proto(status: ReplicaStatus) -> loadreport_pb2.ReplicaStatus:
+    return loadreport_pb2.ReplicaStatus(
+        id=status.id, service=status.service, state=status.state.value, url=status.url, restarts=status.restarts,
+        last_log=list(status.last_log), message=status.message, pid=status.pid)
+
+
+class NodeManager:
+    def __init__(self, resources: NodeResources, backend: ProcessBackend) -> None:
+        self.resources = resources
+        self.backend = backend
+        self._specs: dict[str, ReplicaSpec] = {}
+        self._lock = asyncio.Lock()
+
+    def offer(self) -> loadreport_pb2.NodeResources | None:
+        if self.resources.cpu <= 0:
+            return None
+        r = self.resources
+        return loadreport_pb2.NodeResources(cpu=r.cpu, memory_bytes=r.memory_bytes, gpu=r.gpu)
+
+    async def apply(self, assignments: Sequence[loadreport_pb2.ReplicaAssignment]) -> None:
+        """Run exactly these replicas (the first MAX_ASSIGNMENTS; backends this agent lacks are
+        reported failed rather than started)."""
+        if self.resources.cpu <= 0:
+            return
+        wanted = {msg.id: spec_from_proto(msg) for msg in list(assignments)[:MAX_ASSIGNMENTS] if msg.id}
+        async with self._lock:
+            for replica_id in [i for i in self._specs if i not in wanted or wanted[i] != self._specs[i]]:
+                await self.backend.stop(replica_id)
+                del self._specs[replica_id]
+            for replica_id, spec in wanted.items():
+                if replica_id not in self._specs:
+                    self._specs[replica_id] = spec
+                    if spec.backend == "process":
+                        await self.backend.start(spec)
+                    else:
+                        log.warning("replica %s asks for backend %r, which this agent does not run", replica_id,
+                                    spec.backend)
+
+    def statuses(self) -> list[loadreport_pb2.ReplicaStatus]:
+        out = []
+        for replica_id, spec in sorted(self._specs.items()):
+            status = self.backend.status(replica_id)
+            if status is None:
+                out.append(loadreport_pb2.ReplicaStatus(id=replica_id, service=spec.service, state="failed",
+                                                        message=f"backend {spec.backend!r} is not run here"))
+            else:
+                out.append(status_to_proto(status))
+        return out
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._specs.clear()
+            await self.backend.close()
+
+
+def add_managed_arguments(parser: Any) -> None:
+    """The agent's node-manager flags (docs/container-manager.md)."""
+    group = parser.add_argument_group("managed replicas (container manager; --managed-cpu 0 = run none)")
+    group.add_argument("--managed-cpu", type=float, default=0.0,
+                       help="CPUs this agent offers to managed model servers (default 0: it runs none)")
+    group.add_argument("--managed-memory", type=_size, default=0, metavar="SIZE",
+                       help="memory offered to them, e.g. 16Gi (default 0: not limited)")
+    group.add_argument("--managed-gpu", type=float, default=0.0, help="GPUs offered to them (default 0: none)")
+    group.add_argument("--managed-log-dir", default="", metavar="DIR",
+                       help="where replicas' rotated logs go (default: a new temporary directory)")
+
+
+def managed_resources(args: Any) -> NodeResources:
+    for flag, value in (("--managed-cpu", args.managed_cpu), ("--managed-gpu", args.managed_gpu)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"switchgear agent: {flag} must be a finite number >= 0")
+    return NodeResources(args.managed_cpu, args.managed_memory, args.managed_gpu)
+
+
+def _size(text: str) -> int:
+    from switchgear.dataplane.worker import _size as worker_size
+
+    return worker_size(text)
+
+
+def build_node_manager(resources: NodeResources, log_dir: str) -> NodeManager | None:
+    if resources.cpu <= 0:
+        return None
+    directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="switchgear-replicas-"))
+    return NodeManager(resources, ProcessBackend(directory))
