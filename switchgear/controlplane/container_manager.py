@@ -78,7 +78,9 @@ class Replica:
 class _Node:
     pool: Resources
     generation: int = 0
-    told: dict[str, int] = field(default_factory=dict)
+    # Replicas withdrawn from this node that it still reports (it has not applied the new set
+    # yet): never adopted back; forgotten once the node stops reporting them.
+    withdrawn: set[str] = field(default_factory=set)
 
 
 def assignment(replica: Replica) -> loadreport_pb2.ReplicaAssignment:
@@ -137,9 +139,13 @@ class ContainerManager:
 
     def node_report(self, node: str, statuses: Iterable[loadreport_pb2.ReplicaStatus]) -> None:
         changed = False
-        for status in itertools.islice(statuses, MAX_REPORTED):
+        reported = list(itertools.islice(statuses, MAX_REPORTED))
+        slot = self._nodes.get(node)
+        if slot is not None:
+            slot.withdrawn &= {s.id for s in reported}
+        for status in reported:
             replica = self._replicas.get(status.id)
-            if replica is None:
+            if replica is None and slot is not None and status.id not in slot.withdrawn:
                 replica = self._adopt(node, status)
             if replica is None or replica.node != node:
                 continue  # not ours to take from this node
@@ -322,6 +328,7 @@ class ContainerManager:
             slot = self._nodes.get(replica.node)
             if slot is not None:
                 slot.generation += 1
+                slot.withdrawn.add(replica.id)
             how = "drain timed out" if timed_out and not self._drained(replica, now) else "drained"
             log.info("replica %s of %s %s; stopping it on %s", replica.id, replica.service, how, replica.node)
             detail = f"{replica.id} on {replica.node}: {how}"
