@@ -115,6 +115,7 @@ class ContainerManager:
         self._desired: dict[str, int] = {}
         self._scalers: dict[str, Scaler] = {}
         self._started = clock()
+        self._inherited: set[str] | None = None  # replica endpoints the registry held at start
         self._unplaced: dict[str, str] = {}
         self._wake = asyncio.Event()
         self.decisions: list[str] = []  # scaling decisions, newest last (bounded), for tests and the CLI
@@ -292,11 +293,13 @@ class ContainerManager:
         ours = [r for r in self._replicas.values()
                 if r.service == spec.name and r.draining_since is None and r.state == "ready" and r.url]
         known = {r.id for r in self._replicas.values()}
+        if self._inherited is None:
+            self._inherited = {e.id for s in self._registry.state.services for e in s.endpoints
+                               if e.id.startswith(MANAGED_ENDPOINT_PREFIX)}
         grace = now - self._started < 2 * self._interval() + 1.0
-        # Right after a restart, replica endpoints no agent has reported yet are kept a moment:
-        # their agents reconnect and report them (adoption) before they are judged stale.
-        kept = [e for e in spec.endpoints if e.id.startswith(MANAGED_ENDPOINT_PREFIX) and e.id not in known] \
-            if grace else []
+        # Right after a restart, the replica endpoints the registry held are kept a moment: their
+        # agents reconnect and report them (adoption) before they are judged stale.
+        kept = [e for e in spec.endpoints if e.id in self._inherited and e.id not in known] if grace else []
         concurrency = spec.managed.concurrency if spec.managed is not None else 0
         built = [EndpointSpec(r.id, r.url, max_concurrency=concurrency) for r in ours]
         return tuple(sorted([*built, *kept], key=lambda e: e.id))

@@ -67,10 +67,13 @@ def read_managed(ctx: Context, node: Node) -> ManagedSpec | None:
     scope = Context(collections.ChainMap({"PORT": "${PORT}"}, dict(ctx.env)), ctx.problems, ctx.strict_env,
                     ctx.locations, ctx.poisoned)
     top = read_members(scope, node, _TOP)
+    fixed = top.get("replicas")
+    if fixed is not None and not isinstance(fixed.value, (dict, type(None))):  # replicas: N
+        top = {k: v for k, v in top.items() if k != "replicas"}
     sections = {name: read_members(scope, top.get(name), {k for s, k, *_ in _KEYS if s == name})
                 for name in _SECTIONS}
-    if isinstance(top.get("replicas"), Node) and isinstance(top["replicas"].value, int):
-        sections["replicas"] = {"min": top["replicas"], "max": top["replicas"]}  # replicas: N
+    if fixed is not None and "replicas" not in top:
+        sections["replicas"] = {"min": fixed, "max": fixed}
     fields: dict[str, Any] = {}
     for section, key, target, reader in _KEYS:
         child = (sections.get(section, {}) if section else top).get(key)
