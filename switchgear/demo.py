@@ -4,7 +4,9 @@ It starts three OpenAI-protocol emulators (different latencies) plus a spare one
 plane on a temporary SQLite file loaded from config/demo.yaml, and two agents; drives a
 workload through the agents' Gateway with gRPC stubs; kills the control plane mid-run and
 keeps going; restarts it and watches the agents reconverge; tries a change the agents would
-reject (refused before it is committed), then a good one they ACK. Every process it starts, it stops.
+reject (refused before it is committed), then a good one they ACK; finally shows the managed
+local model agent-1 runs (started, ready, serving, SIGKILLed, restarted). Every process it
+starts, it stops (agent-1 stops the managed model with itself).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -42,6 +46,7 @@ from switchgear.v1 import (
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
 INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10}  # name -> emulated latency, ms
 SERVICE = "demo-chat"
+LOCAL = "demo-local"
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Demo:
         self.cp_address = ""
         self.agent_addresses: list[str] = []
         self.emulator_urls: dict[str, str] = {}
+        self.local_ok = False
+        self.local_calls = 0
 
     # -- processes ---------------------------------------------------------------------
     def start(self, proc: Proc, **kwargs: object) -> str:
@@ -91,6 +98,7 @@ class Demo:
 
     def control_plane(self, listen: str) -> Proc:
         env = {f"DEMO_{name.upper()}_PORT": str(port) for name, port in self.ports.items()}
+        env["DEMO_PYTHON"] = sys.executable  # the managed local model runs this interpreter
         return Proc.switchgear(
             "controlplane",
             ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen,
@@ -223,10 +231,12 @@ class Demo:
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
                                                    "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
                                                    "--auth", "api_key", "--agent-token-file",
-                                                   str(self.workdir / "registry.db.agent-token")], self.workdir)
+                                                   str(self.workdir / "registry.db.agent-token"),
+                                                   *(("--managed-cpu", "1") if i == 1 else ())], self.workdir)
             self.agent_addresses.append(self.start(agent))
         for address in self.agent_addresses:
             self.wait_serving(address)
+        _wait(lambda: any(r.serving for r in self.replicas()), 20, "the managed local model to be ready")
         first = self.current_version()
         _wait(lambda: self.converged(first), 10, "agents to ACK")
         _say(f"3. two agents on {', '.join(self.agent_addresses)} ACKed {first}:")
@@ -263,7 +273,36 @@ class Demo:
         _say(f"8. pushed {fixed} adding the 'spare' instance; both agents ACKed it:")
         self.show_agents()
         self.run_phase("D", self.requests - 3 * per_phase)
+        self.managed_story()
         return self.report()
+
+    # -- the managed local model (container manager) -------------------------------------
+    def replicas(self) -> list[admin_pb2.ManagedReplica]:
+        return list(self.admin().ListReplicas(admin_pb2.ListReplicasRequest(service=LOCAL), timeout=5).replicas)
+
+    def ask_local(self) -> str:
+        self.local_calls += 1
+        with grpc.insecure_channel(self.agent_addresses[1]) as channel:
+            payload = orjson.dumps({"messages": [{"role": "user", "content": "hello, local model"}]})
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(
+                gateway_pb2.InvokeRequest(service=LOCAL, method="chat.completions", payload=payload),
+                timeout=10, metadata=(("authorization", f"Bearer {self.key}"),))
+        return str(reply.endpoint)
+
+    def managed_story(self) -> None:
+        (replica,) = self.replicas()
+        _say(f"9. managed local model '{LOCAL}' (config: local_models with managed:): agent {replica.node} started "
+             f"it as {replica.id} (pid {replica.pid}); a target only once its health call answered; "
+             f"now {replica.state}")
+        answered = [self.ask_local() for _ in range(3)]
+        _say(f"   3 calls to {LOCAL} answered by {', '.join(sorted(set(answered)))}")
+        os.kill(replica.pid, signal.SIGKILL)
+        _say(f"   killed pid {replica.pid} (SIGKILL); its agent restarts it with backoff, the route drops it meanwhile")
+        _wait(lambda: any(r.restarts >= 1 and r.serving for r in self.replicas()), 20, "the restart")
+        (again,) = self.replicas()
+        self.local_ok = self.ask_local() == again.id and again.pid != replica.pid
+        _say(f"   restarted: {again.id} pid {again.pid}, restarts {again.restarts}, {again.state}; it answers calls "
+             f"again ({'ok' if self.local_ok else 'FAILED'}). `switchgear admin replicas` shows the same.")
 
     def service_with(self, options_json: str = "{}", extra_endpoint: str = "") -> common_pb2.Service:
         reply = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5)
@@ -297,13 +336,13 @@ class Demo:
             return found
 
         with contextlib.suppress(TimeoutError):  # the account says what arrived, whatever it is
-            _wait(lambda: usage().requests_total >= served, 10, "usage reports")
+            _wait(lambda: usage().requests_total >= served + self.local_calls, 10, "usage reports")
         tenant = usage()
-        _say(f"  tenant demo: {tenant.requests_total} of {served} requests reported by the agents' load "
-             f"reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
+        _say(f"  tenant demo: {tenant.requests_total} of {served} + {self.local_calls} ({LOCAL}) requests reported by "
+             f"the agents' load reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
         _say(f"  errors = {errors}")
         ok = errors == 0 and all(total[n] == _completions_seen(stats[n]) for n in INSTANCES)
-        ok = ok and tenant.requests_total == served
+        ok = ok and tenant.requests_total == served + self.local_calls and self.local_ok
         _say("  RESULT: " + ("every request served; counts agree with the emulators and the usage reports"
                              if ok else "FAILED"))
         return 0 if ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -46,6 +47,11 @@ external_services:
             restart: {{backoff: 0.1s, max_backoff: 0.5s}}
             stop_grace: 2s
             drain_timeout: 10s
+        - name: "broken-local"
+          managed:
+            command: ["{python}", "-c", "print('loading /models/missing.gguf'); raise SystemExit(2)"]
+            resources: {{cpu: 0.5}}
+            restart: {{backoff: 0.05s, max_backoff: 0.1s, max_crashes: 2}}
 """
 LATENCY_MS = 60
 
@@ -68,8 +74,11 @@ class ManagedCluster(Cluster):
     def replicas(self) -> list[admin_pb2.ManagedReplica]:
         return list(self.admin().ListReplicas(admin_pb2.ListReplicasRequest(), timeout=5).replicas)
 
+    def replicas_of(self, service: str = "llama-local") -> list[admin_pb2.ManagedReplica]:
+        return [r for r in self.replicas() if r.service == service]
+
     def serving(self) -> list[admin_pb2.ManagedReplica]:
-        return [r for r in self.replicas() if r.serving and r.state == "ready"]
+        return [r for r in self.replicas_of() if r.serving and r.state == "ready"]
 
     def snapshot_endpoints(self) -> list[str]:
         snap = self.admin().GetSnapshot(admin_pb2.GetSnapshotRequest(), timeout=5).snapshot
@@ -119,7 +128,7 @@ def cluster(tmp_path: Path) -> Iterator[ManagedCluster]:
     c = ManagedCluster(tmp_path)
     try:
         c.start_control_plane_fast()
-        c.start_node_agent(cpu=2)
+        c.start_node_agent(cpu=2.5)
         yield c
     finally:
         c.stop()
@@ -140,8 +149,8 @@ def test_a_managed_model_is_started_gated_on_readiness_restarted_scaled_out_and_
     cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="managed.yaml"), timeout=5)
 
     # Placed on the agent; not a target until its health call answers.
-    wait_until(lambda: len(cluster.replicas()) == 1, 10, "a replica to be placed")
-    first = cluster.replicas()[0]
+    wait_until(lambda: len(cluster.replicas_of()) == 1, 10, "a replica to be placed")
+    first = cluster.replicas_of()[0]
     assert first.node == "agent-1" and first.id.startswith("replica-")
     if first.state != "ready":
         assert first.id not in cluster.snapshot_endpoints()
@@ -162,17 +171,17 @@ def test_a_managed_model_is_started_gated_on_readiness_restarted_scaled_out_and_
         assert victim.pid and alive(victim.pid)
         os.kill(victim.pid, signal.SIGKILL)
         wait_until(lambda: any(r.id == victim.id and r.restarts >= 1 and r.state == "ready" and r.serving
-                               for r in cluster.replicas()), 20, "the killed replica to be restarted and serve")
+                               for r in cluster.replicas_of()), 20, "the killed replica to be restarted and serve")
         assert not load.failures, load.failures[:5]
     assert load.ok > 0
 
     # Load stopped: below 0.6 for 2 s -> one replica drained and stopped, while calls keep coming.
     decisions = cluster.admin().ListReplicas(admin_pb2.ListReplicasRequest(), timeout=5).decisions
     assert any("scale_out" in d for d in decisions), decisions
-    before = {r.id: r.pid for r in cluster.replicas()}
+    before = {r.id: r.pid for r in cluster.replicas_of()}
     with Load(cluster, threads=1) as light:
-        wait_until(lambda: len(cluster.replicas()) == 1, 25, "a replica to be drained and stopped")
-        survivor = cluster.replicas()[0]
+        wait_until(lambda: len(cluster.replicas_of()) == 1, 25, "a replica to be drained and stopped")
+        survivor = cluster.replicas_of()[0]
         time.sleep(0.3)  # calls go on after the drain
     assert not light.failures, light.failures[:5]
     assert light.ok > 0 and light.endpoints <= set(before)
@@ -181,3 +190,11 @@ def test_a_managed_model_is_started_gated_on_readiness_restarted_scaled_out_and_
     decisions = cluster.admin().ListReplicas(admin_pb2.ListReplicasRequest(), timeout=5).decisions
     assert any("scale_in" in d for d in decisions), decisions
     assert cluster.snapshot_endpoints() == [survivor.id]
+    # The operator's view: `switchgear admin replicas` (the scaling decisions under the table).
+    shown = subprocess.run([sys.executable, "-m", "switchgear", "admin", "--control-plane", cluster.cp_address,
+                            "replicas"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert survivor.id in shown and "agent-1" in shown and "ready" in shown and "scaling:" in shown, shown
+    # A server that keeps crashing is failed, not restarted forever; its last lines are shown.
+    broken = next(r for r in cluster.replicas_of("broken-local"))
+    assert broken.state == "failed" and not broken.serving and "2 crashes" in broken.message
+    assert "loading /models/missing.gguf" in shown and "failed" in shown
