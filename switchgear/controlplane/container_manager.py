@@ -204,12 +204,12 @@ class ContainerManager:
         state = self._registry.state
         managed = {s.name: s for s in state.services if s.managed is not None}
         for replica in list(self._replicas.values()):
-            spec = managed.get(replica.service)
-            if (spec is None or spec.managed != replica.spec) and replica.draining_since is None:
-                self._drain(replica, now, "its service is no longer managed as it was")
+            if replica.service not in managed and replica.draining_since is None:
+                self._drain(replica, now, "its service is no longer managed")
         for spec in managed.values():
             await self._scale(spec, now)
             self._converge(spec, now)
+            self._retire(spec, now)
         await self._sync_endpoints(now)
         await self._finish_drains(now)
 
@@ -234,10 +234,25 @@ class ContainerManager:
         self._desired[spec.name] = desired
 
     def _active(self, service: str) -> list[Replica]:
-        return [r for r in self._replicas.values() if r.service == service and r.draining_since is None]
+        """The service's replicas of its current spec that are not draining."""
+        spec = self._registry.state.service(service)
+        current = spec.managed if spec is not None else None
+        return [r for r in self._replicas.values()
+                if r.service == service and r.draining_since is None and r.spec == current]
+
+    def _retire(self, spec: ServiceSpec, now: float) -> None:
+        """Replicas of an older spec (the config changed what to run) are drained once the
+        current spec's desired replicas are ready: a rollout never leaves the route empty, and a
+        new spec that never gets ready leaves the old replicas serving."""
+        ready = sum(1 for r in self._active(spec.name) if r.state == "ready")
+        if ready < self._desired[spec.name]:
+            return
+        for replica in self._replicas.values():
+            if replica.service == spec.name and replica.spec != spec.managed and replica.draining_since is None:
+                self._drain(replica, now, "replaced by a replica of the new spec")
 
     def _converge(self, spec: ServiceSpec, now: float) -> None:
-        """Place missing replicas; drain extra ones (not-ready first, then the newest)."""
+        """Place missing replicas; drain extra ones (not-ready first, then by id)."""
         assert spec.managed is not None
         active = self._active(spec.name)
         desired = self._desired[spec.name]
@@ -246,7 +261,7 @@ class ContainerManager:
                 break
         extra = len(active) - desired
         if extra > 0:
-            order = sorted(active, key=lambda r: (r.state == "ready", r.id), reverse=False)
+            order = sorted(active, key=lambda r: (r.state == "ready", r.id))
             for replica in order[:extra]:
                 self._drain(replica, now, "scaled in")
 

@@ -97,6 +97,7 @@ class Options:
     # Managed replicas (managed/node.py): what this agent offers them (cpu 0 = it runs none).
     managed: NodeResources = NodeResources()
     managed_log_dir: str = ""
+    managed_allow: tuple[str, ...] = ()  # programs it may run (empty: any the config names)
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -326,7 +327,7 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters
         observed.metrics.set_cache(lambda: cache_counters)
-    nodes = build_node_manager(options.managed, options.managed_log_dir)
+    nodes = build_node_manager(options.managed, options.managed_log_dir, options.managed_allow)
     reporter = _reporter(options, core, pipeline, nodes)
     worker = TaskWorker(tasks_client, core.node.id, core.holder, invoker, options.worker) \
         if options.worker.capacity else None

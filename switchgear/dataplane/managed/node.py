@@ -58,9 +58,14 @@ def status_to_proto(status: ReplicaStatus) -> loadreport_pb2.ReplicaStatus:
 
 
 class NodeManager:
-    def __init__(self, resources: NodeResources, backend: ProcessBackend) -> None:
+    """`allowed`: the programs this agent may run (`--managed-allow`); empty = any the control
+    plane names (its config, changed with the admin token, decides what runs on this host)."""
+
+    def __init__(self, resources: NodeResources, backend: ProcessBackend, allowed: Sequence[str] = ()) -> None:
         self.resources = resources
         self.backend = backend
+        self.allowed = frozenset(allowed)
+        self._refused: dict[str, str] = {}
         self._specs: dict[str, ReplicaSpec] = {}
         self._lock = asyncio.Lock()
 
@@ -83,19 +88,29 @@ class NodeManager:
             for replica_id, spec in wanted.items():
                 if replica_id not in self._specs:
                     self._specs[replica_id] = spec
-                    if spec.backend == "process":
+                    refusal = self._refusal(spec)
+                    if refusal is None:
                         await self.backend.start(spec)
                     else:
-                        log.warning("replica %s asks for backend %r, which this agent does not run", replica_id,
-                                    spec.backend)
+                        self._refused[replica_id] = refusal
+                        log.warning("replica %s of %s not started: %s", replica_id, spec.service, refusal)
+            self._refused = {i: m for i, m in self._refused.items() if i in self._specs}
+
+    def _refusal(self, spec: ReplicaSpec) -> str | None:
+        if spec.backend != "process":
+            return f"backend {spec.backend!r} is not run here"
+        if self.allowed and (not spec.command or spec.command[0] not in self.allowed):
+            return f"program {spec.command[0] if spec.command else ''!r} is not in this agent's --managed-allow"
+        return None
 
     def statuses(self) -> list[loadreport_pb2.ReplicaStatus]:
         out = []
         for replica_id, spec in sorted(self._specs.items()):
             status = self.backend.status(replica_id)
             if status is None:
+                message = self._refused.get(replica_id, "not running")
                 out.append(loadreport_pb2.ReplicaStatus(id=replica_id, service=spec.service, state="failed",
-                                                        message=f"backend {spec.backend!r} is not run here"))
+                                                        message=message))
             else:
                 out.append(status_to_proto(status))
         return out
@@ -116,6 +131,9 @@ def add_managed_arguments(parser: Any) -> None:
     group.add_argument("--managed-gpu", type=float, default=0.0, help="GPUs offered to them (default 0: none)")
     group.add_argument("--managed-log-dir", default="", metavar="DIR",
                        help="where replicas' rotated logs go (default: a new temporary directory)")
+    group.add_argument("--managed-allow", action="append", default=[], metavar="PROGRAM",
+                       help="a program (argv[0] exactly as the config names it) this agent may run; repeatable "
+                            "(default: any the control plane's config names)")
 
 
 def managed_resources(args: Any) -> NodeResources:
@@ -131,8 +149,8 @@ def _size(text: str) -> int:
     return worker_size(text)
 
 
-def build_node_manager(resources: NodeResources, log_dir: str) -> NodeManager | None:
+def build_node_manager(resources: NodeResources, log_dir: str, allowed: Sequence[str] = ()) -> NodeManager | None:
     if resources.cpu <= 0:
         return None
     directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="switchgear-replicas-"))
-    return NodeManager(resources, ProcessBackend(directory))
+    return NodeManager(resources, ProcessBackend(directory), allowed)
