@@ -209,15 +209,21 @@ async def test_a_replica_is_an_endpoint_only_while_its_agent_says_it_is_ready(wo
     assert endpoints(registry) == [] and manager.rows() == []
 
 
-async def test_a_replica_is_stopped_only_after_agents_applied_its_removal_and_its_calls_finished(
-        world: tuple) -> None:  # type: ignore[type-arg]
-    manager, registry, tracker, collector, clock = world
+async def one_ready_replica(manager: ContainerManager, registry: Registry, tracker: AgentTracker) -> str:
+    """agent-1 connected and offering; its one replica placed and reported ready."""
     tracker.connected(NodeInfo("agent-1"), "peer", registry.snapshot.version)
     manager.node_offered("agent-1", offer())
     await manager.tick()
-    first = manager.rows()[0].id
-    manager.node_report("agent-1", [status(first, "ready")])
+    replica = manager.rows()[0].id
+    manager.node_report("agent-1", [status(replica, "ready")])
     await manager.tick()
+    return replica
+
+
+async def test_a_replica_is_stopped_only_after_agents_applied_its_removal_and_its_calls_finished(
+        world: tuple) -> None:  # type: ignore[type-arg]
+    manager, registry, tracker, collector, clock = world
+    first = await one_ready_replica(manager, registry, tracker)
     for _ in range(3):  # 4 calls in flight on concurrency 2 for over the 1 s window
         collector.record("agent-1", [LoadRow(service="llama", endpoint=first, in_flight=4)], clock.now)
         await manager.tick()
@@ -310,12 +316,7 @@ async def test_an_agent_runs_at_most_its_bound_of_assignments_and_none_without_m
 
 async def test_a_changed_spec_rolls_out_without_leaving_the_route_empty(world: tuple) -> None:  # type: ignore[type-arg]
     manager, registry, tracker, _, clock = world
-    tracker.connected(NodeInfo("agent-1"), "peer", registry.snapshot.version)
-    manager.node_offered("agent-1", offer())
-    await manager.tick()
-    old = manager.rows()[0].id
-    manager.node_report("agent-1", [status(old, "ready")])
-    await manager.tick()
+    old = await one_ready_replica(manager, registry, tracker)
     registry.replace(load_config(MANAGED.replace('"srv"', '"srv2"'), env={}), "test", "v2.yaml", validated=True)
     await manager.tick()
     new = next(r.id for r in manager.rows() if r.id != old)
