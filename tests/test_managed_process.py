@@ -54,6 +54,8 @@ async def backend(tmp_path: Path) -> ProcessBackend:
 
 async def test_ready_only_after_its_health_call_answers_and_restarted_on_the_same_port_after_sigkill(
         backend: ProcessBackend, tmp_path: Path) -> None:
+    changes: list[State] = []
+    backend.on_change = lambda: changes.append(backend.status("replica-a").state)  # type: ignore[union-attr]
     await backend.start(spec("replica-a", EMULATOR))
     status = backend.status("replica-a")
     assert status is not None and status.state is State.STARTING  # not ready before the health call answers
@@ -68,6 +70,8 @@ async def test_ready_only_after_its_health_call_answers_and_restarted_on_the_sam
     again = backend.status("replica-a")
     assert again is not None and again.url == ready.url and again.pid != ready.pid
     assert urllib.request.urlopen(f"{again.url}/models", timeout=5).status == 200
+    # Every transition was announced (the agent reports at once): ready, restarting, starting, ready.
+    assert changes == [State.READY, State.RESTARTING, State.STARTING, State.READY], changes
     log = (tmp_path / "logs" / "replica-a.log").read_text()
     assert "exited with status -9" in log  # the supervisor's note between the two runs
 

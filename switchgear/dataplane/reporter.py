@@ -146,6 +146,10 @@ class LoadAccumulator:
         return loads
 
 
+#: The least time between two reports when replica state changes bring one forward (seconds).
+EARLY_REPORT_GAP_S = 0.05
+
+
 class ReportClient:
     """Streams the accumulator's deltas to a control plane; reconnects like the snapshot client."""
 
@@ -223,8 +227,7 @@ class ReportClient:
             reader = asyncio.ensure_future(self._read(call))
             try:
                 while not stop.is_set() and not reader.done():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                    await self._pause(stop, last)
                     if reader.done():
                         break
                     now = self._clock()
@@ -252,6 +255,26 @@ class ReportClient:
             finally:
                 reader.cancel()
                 call.cancel()
+
+    async def _pause(self, stop: asyncio.Event, last: float) -> None:
+        """Until the next report is due: the interval, or sooner when a managed replica changed
+        state (its route should learn at once), but never within EARLY_REPORT_GAP_S of the last."""
+        if self._nodes is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+            return
+        changed = self._nodes.changed
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        changed.clear()
+        gap = EARLY_REPORT_GAP_S - (self._clock() - last)
+        if gap > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=gap)
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:

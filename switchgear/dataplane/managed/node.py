@@ -67,6 +67,8 @@ class NodeManager:
         self.allowed = frozenset(allowed)
         self._refused: dict[str, str] = {}
         self._specs: dict[str, ReplicaSpec] = {}
+        self.changed = asyncio.Event()  # a replica changed state: worth a report now
+        backend.on_change = self.changed.set
         self._lock = asyncio.Lock()
 
     def offer(self) -> loadreport_pb2.NodeResources | None:

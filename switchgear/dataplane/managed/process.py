@@ -80,11 +80,12 @@ class _Replica:
     """One supervised replica; `run` is its whole life, until `stop` or failure."""
 
     def __init__(self, spec: ReplicaSpec, log_dir: Path, http: httpx.AsyncClient, environ: Mapping[str, str],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], on_change: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.port = spec.port or free_port()
         self.url = fill_port(spec.url, self.port)
-        self.state = State.STARTING
+        self._on_change = on_change
+        self._state = State.STARTING
         self.restarts = 0
         self.message = ""
         self.log = _Log(log_dir / f"{spec.id}.log", spec.log_bytes)
@@ -95,6 +96,16 @@ class _Replica:
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        if value is not self._state:
+            self._state = value
+            self._on_change()  # the agent reports at once instead of at its next interval
 
     def env(self) -> dict[str, str]:
         base = {k: v for k, v in self._environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR")}
@@ -232,12 +243,13 @@ class ProcessBackend:
         self._clock = clock
         self._http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
         self._replicas: dict[str, _Replica] = {}
+        self.on_change: Callable[[], None] = lambda: None  # called on every replica's state change
 
     async def start(self, spec: ReplicaSpec) -> None:
         if spec.id in self._replicas:
             return
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        replica = _Replica(spec, self._log_dir, self._http, self._environ, self._clock)
+        replica = _Replica(spec, self._log_dir, self._http, self._environ, self._clock, lambda: self.on_change())
         replica.task = asyncio.ensure_future(replica.run())
         self._replicas[spec.id] = replica
 
