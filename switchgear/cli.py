@@ -137,7 +137,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
         control_plane_token=token, serve_tls=_serve_tls(args),
         managed=managed_resources(args), managed_log_dir=args.managed_log_dir,
-        managed_allow=tuple(args.managed_allow),
+        managed_allow=tuple(args.managed_allow), managed_host=args.managed_host,
     )
 
     def announce_http(address: str) -> None:

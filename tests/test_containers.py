@@ -193,7 +193,7 @@ async def test_a_replica_is_an_endpoint_only_while_its_agent_says_it_is_ready(wo
     (replica,) = manager.rows()
     generation, (assigned,) = manager.assignments("agent-1")  # type: ignore[misc]
     assert (assigned.id, list(assigned.command)) == (replica.id, ["srv", "--port", "${PORT}"])
-    assert assigned.readiness_url == "http://127.0.0.1:${PORT}/v1/models" and generation > 0
+    assert assigned.readiness_url == "http://${HOST}:${PORT}/v1/models" and generation > 0
     assert manager.assignments("agent-2") is None  # an agent sees only its own set
     for state, serving in (("starting", False), ("ready", True), ("restarting", False), ("ready", True)):
         manager.node_report("agent-1", [status(replica.id, state)])
@@ -271,6 +271,14 @@ async def test_hostile_reports_are_bounded_and_confined_to_their_node(world: tup
     manager.node_report("agent-2", [status(replica.id, "ready")])
     await manager.tick()
     assert endpoints(registry) == [] and manager.rows()[0].node == "agent-1"
+    # Its own agent cannot point the route anywhere but the spec's URL with a host and port.
+    for url in ("http://evil.example/steal", "http://127.0.0.1:9001/v1/../admin", "file:///etc/passwd"):
+        manager.node_report("agent-1", [status(replica.id, "ready", url)])
+        await manager.tick()
+        assert endpoints(registry) == [], url
+    manager.node_report("agent-1", [status(replica.id, "ready", "http://10.1.2.3:8080/v1")])
+    await manager.tick()
+    assert endpoints(registry) == [replica.id]
     # Names of unmanaged services or ids not ours are not adopted; a flood is cut.
     flood = [status(f"replica-{i:06d}", "ready") for i in range(MAX_REPORTED * 4)]
     flood += [loadreport_pb2.ReplicaStatus(id="replica-x", service="not-managed", state="ready")]

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -44,12 +45,13 @@ from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.snapshot import version_seq
 from switchgear.controlplane.store import Change
 from switchgear.controlplane.tasks.model import Resources
-from switchgear.controlplane.validate import HEALTH_PATHS
+from switchgear.controlplane.validate import HEALTH_PATHS, ValidationError
 from switchgear.v1 import loadreport_pb2
 
 log = logging.getLogger("switchgear.controlplane.containers")
 
 ACTOR = "containers"
+DEFAULT_URL = "http://${HOST}:${PORT}/v1"
 #: Bounds on what one agent's report may make this manager hold.
 MAX_REPORTED = 256
 MAX_LOG_LINES = 20
@@ -86,7 +88,7 @@ class _Node:
 def assignment(replica: Replica) -> loadreport_pb2.ReplicaAssignment:
     """What the agent needs to run `replica`, and nothing else of the registry."""
     spec = replica.spec
-    url = spec.url or "http://127.0.0.1:${PORT}/v1"
+    url = spec.url or DEFAULT_URL
     origin = "/".join(url.split("/", 3)[:3])  # scheme://host:port
     readiness = origin + spec.readiness_path if spec.readiness_path else url.rstrip("/") + HEALTH_PATHS["openai"]
     msg = loadreport_pb2.ReplicaAssignment(
@@ -151,7 +153,8 @@ class ContainerManager:
             if replica is None or replica.node != node:
                 continue  # not ours to take from this node
             before = (replica.state, replica.url)
-            replica.state, replica.url = status.state[:32], status.url[:MAX_TEXT]
+            replica.state = status.state[:32]
+            replica.url = status.url if _url_fits(replica.spec, status.url) else ""
             replica.restarts, replica.message, replica.pid = status.restarts, status.message[:MAX_TEXT], status.pid
             replica.last_log = tuple(line[:MAX_TEXT] for line in status.last_log[-MAX_LOG_LINES:])
             changed |= before != (replica.state, replica.url)
@@ -298,7 +301,10 @@ class ContainerManager:
             wanted = self._serving(spec, now)
             current = tuple(e for e in spec.endpoints if e.id.startswith(MANAGED_ENDPOINT_PREFIX))
             if current != wanted:
-                await self._set_endpoints(spec.name, wanted)
+                try:
+                    await self._set_endpoints(spec.name, wanted)
+                except ValidationError as exc:  # one service's problem never blocks the others
+                    log.warning("managed %s: replica endpoints refused: %s", spec.name, exc)
         seq = self._registry.snapshot.seq
         for replica in self._replicas.values():
             if replica.draining_since is not None and not replica.drained_seq:
@@ -366,6 +372,15 @@ class ContainerManager:
 
     async def _audit(self, change: Change) -> None:
         await self._registry.call(lambda: self._registry.record(change))
+
+
+def _url_fits(spec: ManagedSpec, url: str) -> bool:
+    """`url` is the spec's URL with a host and a port filled in: an agent cannot point a route
+    anywhere else."""
+    host = r"(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+    pattern = re.escape(spec.url or DEFAULT_URL).replace(re.escape("${PORT}"), "[0-9]{1,5}") \
+        .replace(re.escape("${HOST}"), host)
+    return len(url) <= MAX_TEXT and re.fullmatch(pattern, url) is not None
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:

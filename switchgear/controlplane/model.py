@@ -77,8 +77,8 @@ class ManagedSpec:
     """A model server Switchgear runs itself (`managed:` on a service; docs/container-manager.md).
 
     `command` is argv; "${PORT}" in it, in `env` values and in `url` is the port the agent
-    assigns (or `port` when non-zero). `url` is how the replica is called ("" =
-    http://127.0.0.1:${PORT}/v1); readiness is a GET of `readiness_path` on that host ("" = the
+    assigns (or `port` when non-zero), "${HOST}" the agent's --managed-host. `url` is how the
+    replica is called ("" = http://${HOST}:${PORT}/v1); readiness is a GET of `readiness_path` on that host ("" = the
     protocol's own health call, `<url>/models`). Utilisation = in-flight calls over
     replicas x `concurrency`; scaling needs `concurrency` when max > min.
     """

@@ -98,6 +98,7 @@ class Options:
     managed: NodeResources = NodeResources()
     managed_log_dir: str = ""
     managed_allow: tuple[str, ...] = ()  # programs it may run (empty: any the config names)
+    managed_host: str = "127.0.0.1"  # what ${HOST} becomes (the address other agents reach replicas at)
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -327,7 +328,8 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters
         observed.metrics.set_cache(lambda: cache_counters)
-    nodes = build_node_manager(options.managed, options.managed_log_dir, options.managed_allow)
+    nodes = build_node_manager(options.managed, options.managed_log_dir, options.managed_allow,
+                               options.managed_host)
     reporter = _reporter(options, core, pipeline, nodes)
     worker = TaskWorker(tasks_client, core.node.id, core.holder, invoker, options.worker) \
         if options.worker.capacity else None

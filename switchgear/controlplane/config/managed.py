@@ -2,8 +2,9 @@
 
 Every key is read into one ManagedSpec field or refused at its line; the rules across keys
 (min <= max, thresholds in order, ...) are containers.managed_problems, placed at the key's line
-through the model path "managed.<section>.<key>". `${PORT}` is left for the agent to fill with
-the port it assigns; every other `${NAME}` is interpolated as anywhere in the file.
+through the model path "managed.<section>.<key>". `${PORT}` and `${HOST}` are left for the agent to
+fill with the port it assigns and its `--managed-host`; every other `${NAME}` is interpolated as
+anywhere in the file.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def read_managed(ctx: Context, node: Node) -> ManagedSpec | None:
     if not isinstance(node.value, dict):
         ctx.problem(node, f"expected a mapping describing the server to run, got {shown(node)}")
         return None
-    scope = Context(collections.ChainMap({"PORT": "${PORT}"}, dict(ctx.env)), ctx.problems, ctx.strict_env,
-                    ctx.locations, ctx.poisoned)
+    left = {"PORT": "${PORT}", "HOST": "${HOST}"}  # for the agent to fill in
+    scope = Context(collections.ChainMap(left, dict(ctx.env)), ctx.problems, ctx.strict_env, ctx.locations,
+                    ctx.poisoned)
     top = read_members(scope, node, _TOP)
     fixed = top.get("replicas")
     if fixed is not None and not isinstance(fixed.value, (dict, type(None))):  # replicas: N

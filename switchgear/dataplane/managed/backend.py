@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Protocol
 
 PORT_REFERENCE = "${PORT}"
+HOST_REFERENCE = "${HOST}"
 
 
 class State(str, Enum):
@@ -44,6 +45,7 @@ class ReplicaSpec:
     stop_grace_s: float = 10.0
     log_bytes: int = 1024 * 1024
     backend: str = "process"
+    host: str = "127.0.0.1"  # the agent's --managed-host: what "${HOST}" becomes
 
 
 @dataclass(frozen=True)
@@ -68,5 +70,6 @@ class Backend(Protocol):
     def logs(self, replica_id: str) -> tuple[str, ...]: ...
 
 
-def fill_port(text: str, port: int) -> str:
-    return text.replace(PORT_REFERENCE, str(port))
+def fill_port(text: str, port: int, host: str = "127.0.0.1") -> str:
+    """`text` with "${PORT}" and "${HOST}" filled in."""
+    return text.replace(PORT_REFERENCE, str(port)).replace(HOST_REFERENCE, host)

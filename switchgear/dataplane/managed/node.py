@@ -9,6 +9,7 @@ new and stops what was withdrawn (the control plane has drained it first). Every
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import tempfile
@@ -61,8 +62,10 @@ class NodeManager:
     """`allowed`: the programs this agent may run (`--managed-allow`); empty = any the control
     plane names (its config, changed with the admin token, decides what runs on this host)."""
 
-    def __init__(self, resources: NodeResources, backend: ProcessBackend, allowed: Sequence[str] = ()) -> None:
+    def __init__(self, resources: NodeResources, backend: ProcessBackend, allowed: Sequence[str] = (),
+                 host: str = "127.0.0.1") -> None:
         self.resources = resources
+        self.host = host
         self.backend = backend
         self.allowed = frozenset(allowed)
         self._refused: dict[str, str] = {}
@@ -82,7 +85,8 @@ class NodeManager:
         reported failed rather than started)."""
         if self.resources.cpu <= 0:
             return
-        wanted = {msg.id: spec_from_proto(msg) for msg in list(assignments)[:MAX_ASSIGNMENTS] if msg.id}
+        wanted = {msg.id: dataclasses.replace(spec_from_proto(msg), host=self.host)
+                  for msg in list(assignments)[:MAX_ASSIGNMENTS] if msg.id}
         async with self._lock:
             for replica_id in [i for i in self._specs if i not in wanted or wanted[i] != self._specs[i]]:
                 await self.backend.stop(replica_id)
@@ -133,6 +137,9 @@ def add_managed_arguments(parser: Any) -> None:
     group.add_argument("--managed-gpu", type=float, default=0.0, help="GPUs offered to them (default 0: none)")
     group.add_argument("--managed-log-dir", default="", metavar="DIR",
                        help="where replicas' rotated logs go (default: a new temporary directory)")
+    group.add_argument("--managed-host", default="127.0.0.1", metavar="HOST",
+                       help="what ${HOST} becomes in a replica's command, env and url: the address other "
+                            "agents reach this host's replicas at (default: %(default)s, one machine)")
     group.add_argument("--managed-allow", action="append", default=[], metavar="PROGRAM",
                        help="a program (argv[0] exactly as the config names it) this agent may run; repeatable "
                             "(default: any the control plane's config names)")
@@ -151,8 +158,9 @@ def _size(text: str) -> int:
     return worker_size(text)
 
 
-def build_node_manager(resources: NodeResources, log_dir: str, allowed: Sequence[str] = ()) -> NodeManager | None:
+def build_node_manager(resources: NodeResources, log_dir: str, allowed: Sequence[str] = (),
+                       host: str = "127.0.0.1") -> NodeManager | None:
     if resources.cpu <= 0:
         return None
     directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="switchgear-replicas-"))
-    return NodeManager(resources, ProcessBackend(directory), allowed)
+    return NodeManager(resources, ProcessBackend(directory), allowed, host)

@@ -83,7 +83,7 @@ class _Replica:
                  clock: Callable[[], float], on_change: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.port = spec.port or free_port()
-        self.url = fill_port(spec.url, self.port)
+        self.url = fill_port(spec.url, self.port, spec.host)
         self._on_change = on_change
         self._state = State.STARTING
         self.restarts = 0
@@ -110,7 +110,7 @@ class _Replica:
     def env(self) -> dict[str, str]:
         base = {k: v for k, v in self._environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR")}
         base |= {k: self._environ[k] for k in self.spec.inherit_env if k in self._environ}
-        return base | {k: fill_port(v, self.port) for k, v in self.spec.env} | {"PORT": str(self.port)}
+        return base | {k: fill_port(v, self.port, self.spec.host) for k, v in self.spec.env} | {"PORT": str(self.port)}
 
     async def run(self) -> None:
         backoff = self.spec.restart_backoff_s
@@ -148,7 +148,7 @@ class _Replica:
     async def _once(self) -> bool:
         """One start; returns when the process is gone. True when it had become ready (a crash
         after serving resets the backoff)."""
-        argv = [fill_port(arg, self.port) for arg in self.spec.command]
+        argv = [fill_port(arg, self.port, self.spec.host) for arg in self.spec.command]
         self.state = State.STARTING
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -182,7 +182,7 @@ class _Replica:
 
     async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
         """Poll readiness; on success the state is ready; on timeout the group is killed."""
-        url = fill_port(self.spec.readiness_url, self.port)
+        url = fill_port(self.spec.readiness_url, self.port, self.spec.host)
         deadline = self._clock() + self.spec.readiness_timeout_s
         while self._clock() < deadline:
             with contextlib.suppress(httpx.HTTPError):
