@@ -1,279 +1,71 @@
 """The `process` backend: each replica a supervised subprocess on the agent's host.
 
-- Own process group (a new session): stopping signals the group, so a server's workers go with
-  it. SIGTERM, then SIGKILL after `stop_grace_s`.
-- Output (stdout and stderr, merged) goes to `<log_dir>/<replica>.log`, rotated to `.log.1` when
-  the file reaches half of `log_bytes` (so both files together stay within it); the last
-  `TAIL_LINES` lines (each cut to `TAIL_LINE_CHARS`) are kept in memory for status reports.
-- Ready once a GET of the readiness URL answers 2xx; not ready within `readiness_timeout_s`
-  counts as a crash (the group is killed).
-- A crash (exit, or no readiness in time) restarts it after an exponential backoff
-  (`restart_backoff_s` doubling up to `restart_max_backoff_s`); `max_crashes` crashes within
-  `crash_window_s` make it "failed": not restarted again, its last lines kept.
-- The port: the spec's, else one picked free on 127.0.0.1 at the first start and kept across
-  restarts (the replica's URL must not change under the routes that name it).
+Own process group (a new session): stopping signals the group, so a server's workers go with
+it: SIGTERM, then SIGKILL after `stop_grace_s`. stdout and stderr are merged into the replica's
+rotated log. Supervision (readiness, restarts with backoff, failed after repeated crashes) is
+supervisor.py's, shared with the docker backend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import logging
 import os
 import signal
-import socket
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import httpx
 
-from switchgear.dataplane.managed.backend import ReplicaSpec, ReplicaStatus, State, fill_port
+from switchgear.dataplane.managed.backend import ReplicaSpec
+from switchgear.dataplane.managed.supervisor import READ_CHUNK, LaunchError, Supervised, SupervisingBackend
 
-log = logging.getLogger("switchgear.dataplane.managed")
-
-TAIL_LINES = 20
-TAIL_LINE_CHARS = 500
-READ_CHUNK = 64 * 1024
-READINESS_INTERVAL_S = 0.1
+Process = asyncio.subprocess.Process
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (another process may take it before the replica binds it;
-    the replica then exits, which is a crash like any other and restarts on the same port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Log:
-    """A replica's output: a rotating file pair and the last lines in memory."""
-
-    def __init__(self, path: Path, limit_bytes: int) -> None:
-        self.path = path
-        self.limit = max(1, limit_bytes // 2)
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._partial = b""
-        self._file = path.open("ab")
-
-    def write(self, data: bytes) -> None:
-        if self._file.tell() + len(data) > self.limit:
-            self._file.close()
-            os.replace(self.path, self.path.with_suffix(".log.1"))
-            self._file = self.path.open("ab")
-        self._file.write(data[-self.limit:])
-        self._file.flush()
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()[-TAIL_LINE_CHARS:]
-        for line in lines:
-            self.tail.append(line[:TAIL_LINE_CHARS].decode("utf-8", "replace"))
-
-    def note(self, text: str) -> None:
-        self.write(f"[switchgear] {text}\n".encode())
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Replica:
-    """One supervised replica; `run` is its whole life, until `stop` or failure."""
-
-    def __init__(self, spec: ReplicaSpec, log_dir: Path, http: httpx.AsyncClient, environ: Mapping[str, str],
-                 clock: Callable[[], float], on_change: Callable[[], None] = lambda: None) -> None:
-        self.spec = spec
-        self.port = spec.port or free_port()
-        self.url = fill_port(spec.url, self.port, spec.host)
-        self._on_change = on_change
-        self._state = State.STARTING
-        self.restarts = 0
-        self.message = ""
-        self.log = _Log(log_dir / f"{spec.id}.log", spec.log_bytes)
-        self._http = http
-        self._environ = environ
-        self._clock = clock
-        self._crashes: collections.deque[float] = collections.deque()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._stopping = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @state.setter
-    def state(self, value: State) -> None:
-        if value is not self._state:
-            self._state = value
-            self._on_change()  # the agent reports at once instead of at its next interval
-
-    def env(self) -> dict[str, str]:
-        base = {k: v for k, v in self._environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR")}
-        base |= {k: self._environ[k] for k in self.spec.inherit_env if k in self._environ}
-        return base | {k: fill_port(v, self.port, self.spec.host) for k, v in self.spec.env} | {"PORT": str(self.port)}
-
-    async def run(self) -> None:
-        backoff = self.spec.restart_backoff_s
+class _ProcessReplica(Supervised[Process]):
+    async def _launch(self, argv: list[str], env: dict[str, str]) -> Process:
         try:
-            while not self._stopping.is_set():
-                started = await self._once()
-                if self._stopping.is_set():
-                    break
-                if self._crashed():
-                    return
-                self.state, self.restarts = State.RESTARTING, self.restarts + 1
-                backoff = self.spec.restart_backoff_s if started else backoff
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, self.spec.restart_max_backoff_s)
-        finally:
-            if self.state is not State.FAILED:
-                self.state = State.STOPPED
-            self.log.close()
-
-    def _crashed(self) -> bool:
-        """Count a crash; True (state failed) when too many fell in the window."""
-        now = self._clock()
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > self.spec.crash_window_s:
-            self._crashes.popleft()
-        if len(self._crashes) >= self.spec.max_crashes:
-            self.state = State.FAILED
-            last = f" (last: {self.message})" if self.message else ""
-            self.message = f"{len(self._crashes)} crashes within {self.spec.crash_window_s:g} s, not restarted{last}"
-            log.warning("replica %s of %s failed: %s", self.spec.id, self.spec.service, self.message)
-            return True
-        return False
-
-    async def _once(self) -> bool:
-        """One start; returns when the process is gone. True when it had become ready (a crash
-        after serving resets the backoff)."""
-        argv = [fill_port(arg, self.port, self.spec.host) for arg in self.spec.command]
-        self.state = State.STARTING
-        try:
-            proc = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=self.env(), start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
         except OSError as exc:
-            self.message = f"cannot start {argv[0]!r}: {exc.strerror}"
-            self.log.note(self.message)
-            return False
-        self._proc = proc
-        log.info("replica %s of %s started (pid %d, port %d)", self.spec.id, self.spec.service, proc.pid, self.port)
-        pump = asyncio.ensure_future(self._pump(proc))
-        ready = asyncio.ensure_future(self._ready(proc))
-        try:
-            code = await proc.wait()
-        finally:
-            ready.cancel()
-            await self._kill_group(proc)
-            await asyncio.gather(pump, return_exceptions=True)
-        became_ready = ready.done() and not ready.cancelled() and ready.result()
-        if not self._stopping.is_set():
-            self.message = f"exited with status {code}"
-            self.log.note(self.message)
-            log.warning("replica %s of %s %s", self.spec.id, self.spec.service, self.message)
-        return bool(became_ready)
+            raise LaunchError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
 
-    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while data := await proc.stdout.read(READ_CHUNK):
+    async def _pump(self, run: Process) -> None:
+        assert run.stdout is not None
+        while data := await run.stdout.read(READ_CHUNK):
             self.log.write(data)
 
-    async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
-        """Poll readiness; on success the state is ready; on timeout the group is killed."""
-        url = fill_port(self.spec.readiness_url, self.port, self.spec.host)
-        deadline = self._clock() + self.spec.readiness_timeout_s
-        while self._clock() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                response = await self._http.get(url, timeout=max(0.05, min(2.0, deadline - self._clock())))
-                if 200 <= response.status_code < 300:
-                    self.state = State.READY
-                    log.info("replica %s of %s ready at %s", self.spec.id, self.spec.service, self.url)
-                    return True
-            await asyncio.sleep(READINESS_INTERVAL_S)
-        self.message = f"not ready within {self.spec.readiness_timeout_s:g} s"
-        self.log.note(self.message)
-        self._signal(proc, signal.SIGKILL)
-        return False
+    async def _wait(self, run: Process) -> int:
+        return await run.wait()
 
     @staticmethod
-    def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    def _signal(run: Process, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)  # the group id is the pid: start_new_session
+            os.killpg(run.pid, sig)  # the group id is the pid: start_new_session
 
-    async def _kill_group(self, proc: asyncio.subprocess.Process) -> None:
+    def _terminate(self, run: Process) -> None:
+        self._signal(run, signal.SIGTERM)
+
+    def _kill(self, run: Process) -> None:
+        self._signal(run, signal.SIGKILL)
+
+    async def _end(self, run: Process, grace_s: float) -> None:
         """TERM the group, KILL it after the grace (a leader that exited may leave children)."""
-        self._signal(proc, signal.SIGTERM)
-        if proc.returncode is None:
+        self._signal(run, signal.SIGTERM)
+        if run.returncode is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), self.spec.stop_grace_s)
-        self._signal(proc, signal.SIGKILL)
+                await asyncio.wait_for(run.wait(), grace_s)
+        self._signal(run, signal.SIGKILL)
 
-    async def stop(self) -> None:
-        self._stopping.set()
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            self._signal(proc, signal.SIGTERM)
-        if self.task is None:
-            return
-        done, _ = await asyncio.wait({self.task}, timeout=self.spec.stop_grace_s)
-        if not done and proc is not None:
-            self._signal(proc, signal.SIGKILL)  # it ignored SIGTERM for the whole grace
-        await asyncio.gather(self.task, return_exceptions=True)
-
-    def status(self) -> ReplicaStatus:
-        tail = tuple(self.log.tail) if self.state in (State.FAILED, State.RESTARTING) else ()
-        pid = self._proc.pid if self._proc is not None and self._proc.returncode is None else 0
-        return ReplicaStatus(self.spec.id, self.spec.service, self.state, self.url, self.restarts, tail, self.message,
-                             pid)
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+    def pid(self) -> int:
+        run = self.current
+        return run.pid if run is not None and run.returncode is None else 0
 
 
-class ProcessBackend:
-    """Runs replicas as local processes (see the module docstring). Use from one event loop."""
+class ProcessBackend(SupervisingBackend[Process]):
+    """Runs replicas as local processes (see the module docstring)."""
 
-    def __init__(self, log_dir: Path, *, environ: Mapping[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._log_dir = log_dir
-        self._environ = dict(os.environ if environ is None else environ)
-        self._clock = clock
-        self._http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-        self._replicas: dict[str, _Replica] = {}
-        self.on_change: Callable[[], None] = lambda: None  # called on every replica's state change
-
-    async def start(self, spec: ReplicaSpec) -> None:
-        if spec.id in self._replicas:
-            return
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        replica = _Replica(spec, self._log_dir, self._http, self._environ, self._clock, lambda: self.on_change())
-        replica.task = asyncio.ensure_future(replica.run())
-        self._replicas[spec.id] = replica
-
-    async def stop(self, replica_id: str) -> None:
-        replica = self._replicas.pop(replica_id, None)
-        if replica is not None:
-            await replica.stop()
-            log.info("replica %s of %s stopped", replica_id, replica.spec.service)
-
-    def status(self, replica_id: str) -> ReplicaStatus | None:
-        replica = self._replicas.get(replica_id)
-        return None if replica is None else replica.status()
-
-    def logs(self, replica_id: str) -> tuple[str, ...]:
-        replica = self._replicas.get(replica_id)
-        return () if replica is None else tuple(replica.log.tail)
-
-    def pid(self, replica_id: str) -> int | None:
-        replica = self._replicas.get(replica_id)
-        return None if replica is None else replica.pid
-
-    def ids(self) -> list[str]:
-        return sorted(self._replicas)
-
-    async def close(self) -> None:
-        await asyncio.gather(*(self.stop(i) for i in list(self._replicas)))
-        await self._http.aclose()
+    def _make(self, spec: ReplicaSpec, http: httpx.AsyncClient, environ: Mapping[str, str],
+              clock: Callable[[], float], on_change: Callable[[], None]) -> Supervised[Process]:
+        return _ProcessReplica(spec, self._log_dir, http, environ, clock, on_change)
