@@ -138,6 +138,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         control_plane_token=token, serve_tls=_serve_tls(args),
         managed=managed_resources(args), managed_log_dir=args.managed_log_dir,
         managed_allow=tuple(args.managed_allow), managed_host=args.managed_host,
+        managed_docker=args.managed_docker,
     )
 
     def announce_http(address: str) -> None:

@@ -97,7 +97,7 @@ def assignment(replica: Replica) -> loadreport_pb2.ReplicaAssignment:
         readiness_timeout=duration(spec.readiness_timeout_s), restart_backoff=duration(spec.restart_backoff_s),
         restart_max_backoff=duration(spec.restart_max_backoff_s), max_crashes=spec.max_crashes,
         crash_window=duration(spec.crash_window_s), stop_grace=duration(spec.stop_grace_s),
-        log_bytes=spec.log_bytes, backend=spec.backend)
+        log_bytes=spec.log_bytes, backend=spec.backend, image=spec.image, volumes=list(spec.volumes))
     return msg
 
 

@@ -69,7 +69,7 @@ class EndpointSpec:
 
 #: Endpoint ids of managed replicas start with this (the container manager owns them).
 MANAGED_ENDPOINT_PREFIX = "replica-"
-MANAGED_BACKENDS = frozenset({"process"})
+MANAGED_BACKENDS = frozenset({"process", "docker"})
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,10 @@ class ManagedSpec:
     replicas x `concurrency`; scaling needs `concurrency` when max > min.
     """
 
-    command: tuple[str, ...]
+    command: tuple[str, ...] = ()  # docker: "" = the image's own command
     backend: str = "process"
+    image: str = ""  # docker: an image already present on the agent's host (never pulled)
+    volumes: tuple[str, ...] = ()  # docker: "HOST:CONTAINER[:ro]" bind mounts
     env: tuple[tuple[str, str], ...] = ()
     inherit_env: tuple[str, ...] = ()
     port: int = 0

@@ -317,12 +317,28 @@ def managed_problems(spec: ManagedSpec, protocol: str) -> list[tuple[str, str]]:
     if spec.backend not in MANAGED_BACKENDS:
         runs = ", ".join(sorted(MANAGED_BACKENDS))
         out.append(("backend", f"unknown backend {spec.backend!r}; this build runs: {runs}"))
-    if not spec.command or not spec.command[0]:
-        out.append(("command", "a command to run is required (a list: program, then its arguments)"))
+    out.extend(_backend_problems(spec))
     if len(spec.command) > MAX_COMMAND_ARGS or len(spec.env) + len(spec.inherit_env) > MAX_ENV:
         out.append(("command", f"at most {MAX_COMMAND_ARGS} arguments and {MAX_ENV} environment entries"))
     out.extend(_ordering_problems(spec, protocol))
     return out
+
+
+def _backend_problems(spec: ManagedSpec) -> Iterator[tuple[str, str]]:
+    if spec.backend == "docker":
+        if not spec.image:
+            yield "image", "the docker backend needs an image (already present on the agents' hosts)"
+        for index, volume in enumerate(spec.volumes):
+            parts = volume.split(":")
+            if not (2 <= len(parts) <= 3 and all(p.startswith("/") for p in parts[:2])
+                    and (len(parts) == 2 or parts[2] in ("ro", "rw"))):
+                yield f"volumes[{index}]", "expected HOST:CONTAINER or HOST:CONTAINER:ro with absolute paths"
+        return
+    if not spec.command or not spec.command[0]:
+        yield "command", "a command to run is required (a list: program, then its arguments)"
+    for key, value in (("image", spec.image), ("volumes", spec.volumes)):
+        if value:
+            yield key, f"{key} needs backend: docker"
 
 
 def _ordering_problems(spec: ManagedSpec, protocol: str) -> Iterator[tuple[str, str]]:

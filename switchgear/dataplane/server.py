@@ -99,6 +99,7 @@ class Options:
     managed_log_dir: str = ""
     managed_allow: tuple[str, ...] = ()  # programs it may run (empty: any the config names)
     managed_host: str = "127.0.0.1"  # what ${HOST} becomes (the address other agents reach replicas at)
+    managed_docker: str = ""  # the Docker Engine API for backend: docker ("" = none)
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -329,7 +330,7 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
         cache_counters = pipeline.cache.local.counters
         observed.metrics.set_cache(lambda: cache_counters)
     nodes = build_node_manager(options.managed, options.managed_log_dir, options.managed_allow,
-                               options.managed_host)
+                               options.managed_host, options.managed_docker)
     reporter = _reporter(options, core, pipeline, nodes)
     worker = TaskWorker(tasks_client, core.node.id, core.holder, invoker, options.worker) \
         if options.worker.capacity else None

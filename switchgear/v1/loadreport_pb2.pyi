@@ -39,7 +39,7 @@ class NodeResources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[float] = ...) -> None: ...
 
 class ReplicaAssignment(_message.Message):
-    __slots__ = ("id", "service", "command", "env", "inherit_env", "port", "url", "readiness_url", "readiness_timeout", "restart_backoff", "restart_max_backoff", "max_crashes", "crash_window", "stop_grace", "log_bytes", "backend")
+    __slots__ = ("id", "service", "command", "env", "inherit_env", "port", "url", "readiness_url", "readiness_timeout", "restart_backoff", "restart_max_backoff", "max_crashes", "crash_window", "stop_grace", "log_bytes", "backend", "image", "volumes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class ReplicaAssignment(_message.Message):
     STOP_GRACE_FIELD_NUMBER: _ClassVar[int]
     LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     service: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -79,7 +81,9 @@ class ReplicaAssignment(_message.Message):
     stop_grace: _duration_pb2.Duration
     log_bytes: int
     backend: str
-    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., url: _Optional[str] = ..., readiness_url: _Optional[str] = ..., readiness_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_crashes: _Optional[int] = ..., crash_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stop_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., log_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    image: str
+    volumes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., url: _Optional[str] = ..., readiness_url: _Optional[str] = ..., readiness_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_crashes: _Optional[int] = ..., crash_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stop_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., log_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., image: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("id", "service", "state", "url", "restarts", "last_log", "message", "pid")

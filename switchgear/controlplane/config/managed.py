@@ -31,6 +31,8 @@ from switchgear.controlplane.model import ManagedSpec
 #: (section or "", YAML key, ManagedSpec field, reader). The model path is managed.[section.]key.
 _KEYS: tuple[tuple[str, str, str, Reader[Any]], ...] = (
     ("", "backend", "backend", read_str),
+    ("", "image", "image", read_str),
+    ("", "volumes", "volumes", read_str_tuple),
     ("", "command", "command", read_str_tuple),
     ("", "inherit_env", "inherit_env", read_str_tuple),
     ("", "port", "port", read_int),
@@ -85,8 +87,8 @@ def read_managed(ctx: Context, node: Node) -> ManagedSpec | None:
     if "env" in top:
         env = scope.read(top["env"], "managed.env", read_metadata)
         fields["env"] = tuple(sorted((env or {}).items()))
-    if "command" not in fields:
-        if "command" not in top:
-            ctx.problem(node, "missing required key 'command'")
+    if "command" not in fields and "image" not in fields:
+        if "command" not in top and "image" not in top:
+            ctx.problem(node, "missing required key 'command' (or 'image' with backend: docker)")
         return None
     return ManagedSpec(**fields)

@@ -9,6 +9,7 @@ calls (docs/container-manager.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -46,6 +47,8 @@ class ReplicaSpec:
     log_bytes: int = 1024 * 1024
     backend: str = "process"
     host: str = "127.0.0.1"  # the agent's --managed-host: what "${HOST}" becomes
+    image: str = ""
+    volumes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class ReplicaStatus:
 
 
 class Backend(Protocol):
+    on_change: Callable[[], None]  # called whenever a replica's state changes
+
     async def start(self, spec: ReplicaSpec) -> None: ...
 
     async def stop(self, replica_id: str) -> None: ...
@@ -68,6 +73,8 @@ class Backend(Protocol):
     def status(self, replica_id: str) -> ReplicaStatus | None: ...
 
     def logs(self, replica_id: str) -> tuple[str, ...]: ...
+
+    async def close(self) -> None: ...
 
 
 def fill_port(text: str, port: int, host: str = "127.0.0.1") -> str:

@@ -13,12 +13,12 @@ import dataclasses
 import logging
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from switchgear.dataplane.managed.backend import ReplicaSpec, ReplicaStatus
+from switchgear.dataplane.managed.backend import Backend, ReplicaSpec, ReplicaStatus
 from switchgear.dataplane.managed.process import ProcessBackend
 from switchgear.v1 import loadreport_pb2
 
@@ -48,7 +48,8 @@ def spec_from_proto(msg: loadreport_pb2.ReplicaAssignment) -> ReplicaSpec:
         readiness_timeout_s=seconds("readiness_timeout", 60.0), restart_backoff_s=seconds("restart_backoff", 1.0),
         restart_max_backoff_s=seconds("restart_max_backoff", 30.0), max_crashes=msg.max_crashes or 5,
         crash_window_s=seconds("crash_window", 300.0), stop_grace_s=seconds("stop_grace", 10.0),
-        log_bytes=msg.log_bytes or 1024 * 1024, backend=msg.backend or "process",
+        log_bytes=msg.log_bytes or 1024 * 1024, backend=msg.backend or "process", image=msg.image,
+        volumes=tuple(msg.volumes),
     )
 
 
@@ -62,16 +63,17 @@ class NodeManager:
     """`allowed`: the programs this agent may run (`--managed-allow`); empty = any the control
     plane names (its config, changed with the admin token, decides what runs on this host)."""
 
-    def __init__(self, resources: NodeResources, backend: ProcessBackend, allowed: Sequence[str] = (),
-                 host: str = "127.0.0.1") -> None:
+    def __init__(self, resources: NodeResources, backend: Backend, allowed: Sequence[str] = (),
+                 host: str = "127.0.0.1", *, others: Mapping[str, Backend] | None = None) -> None:
         self.resources = resources
         self.host = host
-        self.backend = backend
+        self.backends = {"process": backend, **(others or {})}  # by the assignment's `backend`
         self.allowed = frozenset(allowed)
         self._refused: dict[str, str] = {}
         self._specs: dict[str, ReplicaSpec] = {}
         self.changed = asyncio.Event()  # a replica changed state: worth a report now
-        backend.on_change = self.changed.set
+        for each in self.backends.values():
+            each.on_change = self.changed.set
         self._lock = asyncio.Lock()
 
     def offer(self) -> loadreport_pb2.NodeResources | None:
@@ -89,30 +91,35 @@ class NodeManager:
                   for msg in list(assignments)[:MAX_ASSIGNMENTS] if msg.id}
         async with self._lock:
             for replica_id in [i for i in self._specs if i not in wanted or wanted[i] != self._specs[i]]:
-                await self.backend.stop(replica_id)
-                del self._specs[replica_id]
+                spec = self._specs.pop(replica_id)
+                if spec.backend in self.backends:
+                    await self.backends[spec.backend].stop(replica_id)
             for replica_id, spec in wanted.items():
                 if replica_id not in self._specs:
                     self._specs[replica_id] = spec
                     refusal = self._refusal(spec)
                     if refusal is None:
-                        await self.backend.start(spec)
+                        await self.backends[spec.backend].start(spec)
                     else:
                         self._refused[replica_id] = refusal
                         log.warning("replica %s of %s not started: %s", replica_id, spec.service, refusal)
             self._refused = {i: m for i, m in self._refused.items() if i in self._specs}
 
     def _refusal(self, spec: ReplicaSpec) -> str | None:
-        if spec.backend != "process":
-            return f"backend {spec.backend!r} is not run here"
-        if self.allowed and (not spec.command or spec.command[0] not in self.allowed):
-            return f"program {spec.command[0] if spec.command else ''!r} is not in this agent's --managed-allow"
+        if spec.backend not in self.backends:
+            hint = " (--managed-docker)" if spec.backend == "docker" else ""
+            return f"backend {spec.backend!r} is not run here{hint}"
+        kind, program = ("image", spec.image) if spec.backend == "docker" else \
+            ("program", spec.command[0] if spec.command else "")
+        if self.allowed and program not in self.allowed:
+            return f"{kind} {program!r} is not in this agent's --managed-allow"
         return None
 
     def statuses(self) -> list[loadreport_pb2.ReplicaStatus]:
         out = []
         for replica_id, spec in sorted(self._specs.items()):
-            status = self.backend.status(replica_id)
+            backend = self.backends.get(spec.backend)
+            status = None if backend is None else backend.status(replica_id)
             if status is None:
                 message = self._refused.get(replica_id, "not running")
                 out.append(loadreport_pb2.ReplicaStatus(id=replica_id, service=spec.service, state="failed",
@@ -124,7 +131,8 @@ class NodeManager:
     async def close(self) -> None:
         async with self._lock:
             self._specs.clear()
-            await self.backend.close()
+            for backend in self.backends.values():
+                await backend.close()
 
 
 def add_managed_arguments(parser: Any) -> None:
@@ -141,8 +149,11 @@ def add_managed_arguments(parser: Any) -> None:
                        help="what ${HOST} becomes in a replica's command, env and url: the address other "
                             "agents reach this host's replicas at (default: %(default)s, one machine)")
     group.add_argument("--managed-allow", action="append", default=[], metavar="PROGRAM",
-                       help="a program (argv[0] exactly as the config names it) this agent may run; repeatable "
-                            "(default: any the control plane's config names)")
+                       help="a program (argv[0] exactly as the config names it), or an image for the docker "
+                            "backend, this agent may run; repeatable (default: any the control plane's config names)")
+    group.add_argument("--managed-docker", default="", metavar="URL",
+                       help="the Docker Engine API (e.g. unix:///run/podman/podman.sock) for replicas with "
+                            "backend: docker (default: none; such replicas are reported failed)")
 
 
 def managed_resources(args: Any) -> NodeResources:
@@ -159,8 +170,13 @@ def _size(text: str) -> int:
 
 
 def build_node_manager(resources: NodeResources, log_dir: str, allowed: Sequence[str] = (),
-                       host: str = "127.0.0.1") -> NodeManager | None:
+                       host: str = "127.0.0.1", docker_url: str = "") -> NodeManager | None:
     if resources.cpu <= 0:
         return None
     directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="switchgear-replicas-"))
-    return NodeManager(resources, ProcessBackend(directory), allowed, host)
+    others: dict[str, Backend] = {}
+    if docker_url:
+        from switchgear.dataplane.managed.docker import DockerBackend  # the docker package: only when asked for
+
+        others["docker"] = DockerBackend(directory, docker_url)
+    return NodeManager(resources, ProcessBackend(directory), allowed, host, others=others)
