@@ -63,11 +63,12 @@ class ManagedCluster(Cluster):
         self.cp = Proc.switchgear("controlplane", args, self.workdir)
         self.cp_address = self.start(self.cp)
 
-    def start_node_agent(self, cpu: float) -> None:
+    def start_node_agent(self, cpu: float, *extra: str) -> None:
         agent = Proc.switchgear("agent", [
             "agent", "--auth", "none", "--control-plane", self.cp_address, "--listen", "127.0.0.1:0",
             "--node-id", "agent-1", "--agent-token-file", f"{self.db}.agent-token",
             "--managed-cpu", str(cpu), "--managed-memory", "1Gi", "--managed-log-dir", str(self.workdir / "replicas"),
+            *extra,
         ], self.workdir)
         self.agent_address = self.start(agent)
 
@@ -85,10 +86,10 @@ class ManagedCluster(Cluster):
         return [e.id for s in snap.services if s.name == "llama-local" for e in s.endpoints]
 
 
-def invoke(cluster: Cluster) -> gateway_pb2.InvokeResponse:
+def invoke(cluster: Cluster, service: str = "llama-local") -> gateway_pb2.InvokeResponse:
     payload = orjson.dumps({"messages": [{"role": "user", "content": "hi"}]})
     reply: gateway_pb2.InvokeResponse = cluster.gateway().Invoke(
-        gateway_pb2.InvokeRequest(service="llama-local", method="chat.completions", payload=payload), timeout=10)
+        gateway_pb2.InvokeRequest(service=service, method="chat.completions", payload=payload), timeout=10)
     return reply
 
 

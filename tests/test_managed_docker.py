@@ -28,6 +28,9 @@ if shutil.which("podman") is None or shutil.which("runc") is None:
     pytest.skip("podman and runc are not installed (apt-get install podman runc)", allow_module_level=True)
 
 from switchgear.dataplane.managed.docker import DockerBackend  # noqa: E402 (after the skips)
+from switchgear.v1 import admin_pb2  # noqa: E402
+from tests.test_containers_e2e import ManagedCluster, alive, invoke  # noqa: E402
+from tests.test_end_to_end import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,3 +142,55 @@ async def test_a_missing_image_is_failed_with_its_reason(engine: str, tmp_path: 
         assert any("never pulled" in line for line in status.last_log)
     finally:
         await backend.close()
+
+
+CONFIG = """\
+external_services:
+  communication:
+    retry_policy: {{max_retries: 2, base_delay: 0.01, max_delay: 0.05}}
+  services:
+    llm_services:
+      local_models:
+        - name: "boxed"
+          model: "gpt-4o-mini"
+          managed:
+            backend: docker
+            image: "{image}"
+            command: ["{python}", "-m", "switchgear", "emulate", "openai", "--instance", "r:1:${{PORT}}"]
+            env: {{PYTHONPATH: "{root}"}}
+            volumes: [{volumes}]
+            readiness: {{timeout: 20s}}
+            resources: {{cpu: 1}}
+            restart: {{backoff: 0.1s}}
+"""
+
+
+def test_a_managed_container_serves_through_its_route_and_is_restarted_after_sigkill(
+        engine: str, tmp_path: Path) -> None:
+    cluster = ManagedCluster(tmp_path)
+    try:
+        cluster.start_control_plane_fast()
+        cluster.start_node_agent(1, "--managed-docker", engine)
+        yaml = CONFIG.format(image=IMAGE, python=PYTHON, root=ROOT, volumes=", ".join(f'"{m}"' for m in MOUNTS))
+        cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="boxed.yaml"), timeout=5)
+
+        def serving() -> list[admin_pb2.ManagedReplica]:
+            return [r for r in cluster.replicas() if r.serving and r.state == "ready"]
+
+        wait_until(lambda: len(serving()) == 1, 30, "the container to be ready and serving")
+        (first,) = serving()
+        wait_until(lambda: _answers(cluster) == first.id, 10, "a call through the route")
+        os.kill(first.pid, signal.SIGKILL)
+        wait_until(lambda: any(r.restarts >= 1 and r.serving for r in cluster.replicas()), 30, "the restart")
+        (again,) = serving()
+        assert again.id == first.id and again.pid != first.pid and not alive(first.pid)
+        wait_until(lambda: _answers(cluster) == first.id, 10, "calls again after the restart")
+    finally:
+        cluster.stop()
+
+
+def _answers(cluster: ManagedCluster) -> str:
+    try:
+        return str(invoke(cluster, "boxed").endpoint)
+    except Exception:  # grpc.RpcError while the agent has not applied the new version yet
+        return ""
