@@ -26,13 +26,16 @@ from tests.test_end_to_end import Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-CONFIG = """\
+#: Retries fail over fast between replicas; a format string, like what follows it.
+HEAD = """\
 external_services:
   communication:
     retry_policy: {{max_retries: 2, base_delay: 0.01, max_delay: 0.05}}
   services:
     llm_services:
       local_models:
+"""
+CONFIG = HEAD + """\
         - name: "llama-local"
           model: "gpt-4o-mini"
           timeout: 10

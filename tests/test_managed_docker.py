@@ -29,7 +29,7 @@ if shutil.which("podman") is None or shutil.which("runc") is None:
 
 from switchgear.dataplane.managed.docker import DockerBackend  # noqa: E402 (after the skips)
 from switchgear.v1 import admin_pb2  # noqa: E402
-from tests.test_containers_e2e import ManagedCluster, alive, invoke  # noqa: E402
+from tests.test_containers_e2e import HEAD, ManagedCluster, alive, invoke  # noqa: E402
 from tests.test_end_to_end import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -144,13 +144,7 @@ async def test_a_missing_image_is_failed_with_its_reason(engine: str, tmp_path: 
         await backend.close()
 
 
-CONFIG = """\
-external_services:
-  communication:
-    retry_policy: {{max_retries: 2, base_delay: 0.01, max_delay: 0.05}}
-  services:
-    llm_services:
-      local_models:
+CONFIG = HEAD + """\
         - name: "boxed"
           model: "gpt-4o-mini"
           managed:
