@@ -298,7 +298,8 @@ class Demo:
         _say(f"   3 calls to {LOCAL} answered by {', '.join(sorted(set(answered)))}")
         os.kill(replica.pid, signal.SIGKILL)
         _say(f"   killed pid {replica.pid} (SIGKILL); its agent restarts it with backoff, the route drops it meanwhile")
-        _wait(lambda: any(r.restarts >= 1 and r.serving for r in self.replicas()), 20, "the restart")
+        _wait(lambda: any(r.restarts > replica.restarts and r.pid not in (0, replica.pid) and r.serving
+                          for r in self.replicas()), 20, "the restart")
         (again,) = self.replicas()
         self.local_ok = self.ask_local() == again.id and again.pid != replica.pid
         _say(f"   restarted: {again.id} pid {again.pid}, restarts {again.restarts}, {again.state}; it answers calls "

@@ -204,7 +204,7 @@ async def test_a_replica_is_an_endpoint_only_while_its_agent_says_it_is_ready(wo
         await manager.tick()
         assert endpoints(registry) == ([replica.id] if serving else []), state
     spec = registry.state.service("llama")
-    assert spec is not None and spec.endpoints[0].max_concurrency == 2
+    assert spec is not None and spec.endpoints[0].url == "http://127.0.0.1:9001/v1"
     # Re-applying the config keeps the replica's endpoint (the manager owns it, not the file).
     registry.replace(load_config(MANAGED, env={}), "test", "managed.yaml", validated=True)
     assert endpoints(registry) == [replica.id]

@@ -65,13 +65,17 @@ async def test_ready_only_after_its_health_call_answers_and_restarted_on_the_sam
     models = urllib.request.urlopen(f"{ready.url}/models", timeout=5).read()
     assert b"data" in models
     os.kill(ready.pid, signal.SIGKILL)
-    await until(lambda: backend.status("replica-a").restarts == 1, what="a restart")  # type: ignore[union-attr]
-    await until(lambda: backend.status("replica-a").state is State.READY, what="ready again")  # type: ignore[union-attr]
+    def restarted() -> bool:
+        now = backend.status("replica-a")
+        return now is not None and now.restarts > ready.restarts and now.pid not in (0, ready.pid) \
+            and now.state is State.READY
+
+    await until(restarted, what="a restart, ready again")
     again = backend.status("replica-a")
     assert again is not None and again.url == ready.url and again.pid != ready.pid
     assert urllib.request.urlopen(f"{again.url}/models", timeout=5).status == 200
-    # Every transition was announced (the agent reports at once): ready, restarting, starting, ready.
-    assert changes == [State.READY, State.RESTARTING, State.STARTING, State.READY], changes
+    # Every transition was announced (the agent reports at once): ..., ready, restarting, starting, ready.
+    assert changes[-4:] == [State.READY, State.RESTARTING, State.STARTING, State.READY], changes
     log = (tmp_path / "logs" / "replica-a.log").read_text()
     assert "exited with status -9" in log  # the supervisor's note between the two runs
 

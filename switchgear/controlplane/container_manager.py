@@ -9,7 +9,7 @@ report. Here, on every tick:
 1. replicas are placed or withdrawn towards each service's desired count (min at first; the
    scaler moves it between min and max by utilisation; a changed `managed:` spec replaces them);
 2. the registry's endpoints of each managed service follow its ready replicas: a replica becomes
-   an endpoint (`replica-...`, max_concurrency = concurrency) only once its agent says it is
+   an endpoint (`replica-...`) only once its agent says it is
    ready, and stops being one as soon as it is not (crashed, restarting, failed, draining);
 3. a replica being stopped is drained first: its endpoint leaves the snapshot, and its
    assignment is withdrawn (the agent stops it) only once every connected agent has applied a
@@ -321,8 +321,10 @@ class ContainerManager:
         # Right after a restart, the replica endpoints the registry held are kept a moment: their
         # agents reconnect and report them (adoption) before they are judged stale.
         kept = [e for e in spec.endpoints if e.id in self._inherited and e.id not in known] if grace else []
-        concurrency = spec.managed.concurrency if spec.managed is not None else 0
-        built = [EndpointSpec(r.id, r.url, max_concurrency=concurrency) for r in ours]
+        # No max_concurrency: `concurrency` is the scaling rule's denominator, not an admission cap.
+        # A cap would keep a call whose replica just died from failing over to a busy peer (it
+        # waits and retries the dead one instead); model servers queue what they cannot run yet.
+        built = [EndpointSpec(r.id, r.url) for r in ours]
         return tuple(sorted([*built, *kept], key=lambda e: e.id))
 
     async def _set_endpoints(self, name: str, wanted: tuple[EndpointSpec, ...]) -> None:
