@@ -62,7 +62,9 @@ def _managed_cell(spec: ServiceSpec) -> str:
     scaling = (f"scale out above {m.scale_up_utilization:g} for {_seconds(m.scale_up_window_s)}, in below "
                f"{m.scale_down_utilization:g} for {_seconds(m.scale_down_window_s)} (concurrency {m.concurrency})"
                if m.max_replicas > m.min_replicas else "fixed")
-    return (f"managed={m.backend}:{m.command[0]} (+{len(m.command) - 1} args) port={port} "
+    what = f"{m.image} ({len(m.command)} args)" if m.backend == "docker" else \
+        f"{m.command[0]} (+{len(m.command) - 1} args)"
+    return (f"managed={m.backend}:{what} port={port} "
             f"replicas={m.min_replicas}..{m.max_replicas} {scaling}; cpu={m.cpu:g} "
             f"memory={size_text(m.memory_bytes) if m.memory_bytes else '-'} gpu={m.gpu:g}; "
             f"restart {_seconds(m.restart_backoff_s)}..{_seconds(m.restart_max_backoff_s)}, failed after "

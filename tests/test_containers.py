@@ -368,3 +368,12 @@ async def test_an_agent_runs_only_the_programs_it_allows() -> None:
     refused = {s.id: s for s in nodes.statuses() if s.id != "replica-ok"}
     assert refused["replica-no"].state == "failed" and "--managed-allow" in refused["replica-no"].message
     assert "backend 'docker'" in refused["replica-dk"].message
+
+
+def test_config_validate_describes_what_agents_will_run() -> None:
+    from switchgear.cli_config import describe
+
+    text = describe(load_config(ENTRY.format(body=FULL), env={"MODEL_DIR": "/m"}))
+    assert "managed=process:llama-server (+4 args) port=assigned replicas=2..4 scale out above 0.9 for 10s" in text
+    boxed = describe(load_config(ENTRY.format(body='            backend: docker\n            image: "l:1"'), env={}))
+    assert "managed=docker:l:1 (0 args)" in boxed and "replicas=1..1 fixed" in boxed
