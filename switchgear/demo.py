@@ -289,6 +289,13 @@ class Demo:
                 timeout=10, metadata=(("authorization", f"Bearer {self.key}"),))
         return str(reply.endpoint)
 
+    def answered_by_local(self) -> str:
+        try:
+            return self.ask_local()
+        except grpc.RpcError:
+            self.local_calls -= 1  # refused by the agent before it reached anything: not usage
+            return ""
+
     def managed_story(self) -> None:
         (replica,) = self.replicas()
         _say(f"9. managed local model '{LOCAL}' (config: local_models with managed:): agent {replica.node} started "
@@ -301,6 +308,10 @@ class Demo:
         _wait(lambda: any(r.restarts > replica.restarts and r.pid not in (0, replica.pid) and r.serving
                           for r in self.replicas()), 20, "the restart")
         (again,) = self.replicas()
+        # Calls find it again once the agents applied the version that serves it once more
+        # (until then demo-local has no ready replica and is not in their snapshot).
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: self.answered_by_local() == again.id, 10, "calls to reach the restarted replica")
         self.local_ok = self.ask_local() == again.id and again.pid != replica.pid
         _say(f"   restarted: {again.id} pid {again.pid}, restarts {again.restarts}, {again.state}; it answers calls "
              f"again ({'ok' if self.local_ok else 'FAILED'}). `switchgear admin replicas` shows the same.")

@@ -177,6 +177,12 @@ def offer(cpu: float = 4) -> loadreport_pb2.NodeResources:
     return loadreport_pb2.NodeResources(cpu=cpu)
 
 
+def connect(manager: ContainerManager, node: str, cpu: float = 4, *running: loadreport_pb2.ReplicaStatus) -> None:
+    """An agent's first load report: its offer and the replicas it already runs."""
+    manager.node_offered(node, offer(cpu))
+    manager.node_report(node, list(running))
+
+
 def status(replica_id: str, state: str, url: str = "http://127.0.0.1:9001/v1", **kw: object
            ) -> loadreport_pb2.ReplicaStatus:
     return loadreport_pb2.ReplicaStatus(id=replica_id, service="llama", state=state, url=url, **kw)  # type: ignore[arg-type]
@@ -192,7 +198,7 @@ async def test_a_replica_is_an_endpoint_only_while_its_agent_says_it_is_ready(wo
     manager, registry, *_ = world
     await manager.tick()
     assert manager.rows() == []  # no agent offers anything yet: nothing placed
-    manager.node_offered("agent-1", offer())
+    connect(manager, "agent-1")
     await manager.tick()
     (replica,) = manager.rows()
     generation, (assigned,) = manager.assignments("agent-1")  # type: ignore[misc]
@@ -216,7 +222,7 @@ async def test_a_replica_is_an_endpoint_only_while_its_agent_says_it_is_ready(wo
 async def one_ready_replica(manager: ContainerManager, registry: Registry, tracker: AgentTracker) -> str:
     """agent-1 connected and offering; its one replica placed and reported ready."""
     tracker.connected(NodeInfo("agent-1"), "peer", registry.snapshot.version)
-    manager.node_offered("agent-1", offer())
+    connect(manager, "agent-1")
     await manager.tick()
     replica = manager.rows()[0].id
     manager.node_report("agent-1", [status(replica, "ready")])
@@ -266,8 +272,8 @@ async def test_a_replica_is_stopped_only_after_agents_applied_its_removal_and_it
 
 async def test_hostile_reports_are_bounded_and_confined_to_their_node(world: tuple) -> None:  # type: ignore[type-arg]
     manager, registry, *_ = world
-    manager.node_offered("agent-1", offer())
-    manager.node_offered("agent-2", offer(cpu=0.5))  # too small: nothing is placed on it
+    connect(manager, "agent-1")
+    connect(manager, "agent-2", cpu=0.5)  # too small: nothing is placed on it
     await manager.tick()
     (replica,) = manager.rows()
     assert replica.node == "agent-1"
@@ -377,3 +383,19 @@ def test_config_validate_describes_what_agents_will_run() -> None:
     assert "managed=process:llama-server (+4 args) port=assigned replicas=2..4 scale out above 0.9 for 10s" in text
     boxed = describe(load_config(ENTRY.format(body='            backend: docker\n            image: "l:1"'), env={}))
     assert "managed=docker:l:1 (0 args)" in boxed and "replicas=1..1 fixed" in boxed
+
+
+async def test_a_restarted_control_plane_adopts_what_agents_run_before_placing_anything(
+        world: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    manager, registry, tracker, collector, clock = world
+    replica = await one_ready_replica(manager, registry, tracker)
+    version = registry.snapshot.version
+    # A new manager on the same registry (the control plane restarted); the agent reconnects.
+    again = ContainerManager(registry, tracker, collector, report_interval_s=lambda: 0.2, clock=clock)
+    again.node_offered("agent-1", offer())  # an offer alone places nothing: its report comes first
+    await again.tick()
+    assert again.rows() == [] and endpoints(registry) == [replica]  # kept while agents reconnect
+    connect(again, "agent-1", 4, status(replica, "ready"))
+    await again.tick()
+    assert [r.id for r in again.rows()] == [replica] and endpoints(registry) == [replica]
+    assert registry.snapshot.version == version  # nothing changed for the agents

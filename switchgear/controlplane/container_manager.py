@@ -80,6 +80,7 @@ class Replica:
 class _Node:
     pool: Resources
     generation: int = 0
+    reported: bool = False  # its first report (what it runs already) was read: it may get more
     # Replicas withdrawn from this node that it still reports (it has not applied the new set
     # yet): never adopted back; forgotten once the node stops reporting them.
     withdrawn: set[str] = field(default_factory=set)
@@ -146,6 +147,7 @@ class ContainerManager:
         slot = self._nodes.get(node)
         if slot is not None:
             slot.withdrawn &= {s.id for s in reported}
+            slot.reported = True
         for status in reported:
             replica = self._replicas.get(status.id)
             if replica is None and slot is not None and status.id not in slot.withdrawn:
@@ -273,7 +275,8 @@ class ContainerManager:
         used: dict[str, Resources] = {}
         for r in self._replicas.values():
             used[r.node] = used.get(r.node, Resources()) + requirements(r.spec)
-        node = place(requirements(spec.managed), {n: s.pool for n, s in self._nodes.items()}, used)
+        pools = {n: s.pool for n, s in self._nodes.items() if s.reported}
+        node = place(requirements(spec.managed), pools, used)
         if node is None:
             reason = "no agent offering managed replicas has the free resources" if self._nodes \
                 else "no agent offers managed replicas (--managed-cpu)"

@@ -89,6 +89,7 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         told = self._interval_s()
         if self._containers is not None and first.HasField("node_resources"):
             self._containers.node_offered(node, first.node_resources)
+            self._containers.node_report(node, first.replicas)  # adopted before anything is placed
         yield loadreport_pb2.StreamLoadStatsResponse(
             load_reporting_interval=duration(told), latency_bucket_bounds_s=self._bounds
         )

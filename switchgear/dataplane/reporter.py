@@ -215,8 +215,11 @@ class ReportClient:
         async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             metadata = (*bearer(self.token), *(((REPORT_TOKEN_HEADER, report_token),) if report_token else ()))
             call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(metadata=metadata)
+            # The offer and what it runs already (a control plane that restarted adopts those
+            # replicas before it places any: managed/node.py).
             await call.write(loadreport_pb2.StreamLoadStatsRequest(
-                node=self._node, node_resources=self._nodes.offer() if self._nodes else None))
+                node=self._node, node_resources=self._nodes.offer() if self._nodes else None,
+                replicas=self._nodes.statuses() if self._nodes else ()))
             first = await call.read()
             if first is grpc.aio.EOF:
                 return
