@@ -8,8 +8,9 @@ BUF    := node_modules/.bin/buf
 .PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
-# for the store that control-plane replicas share; Chromium for the console's browser tests).
-APT_PACKAGES := redis-server postgresql chromium
+# for the store that control-plane replicas share; Chromium for the console's browser tests; podman
+# and runc for the managed replicas' docker backend, through podman's Docker-compatible API service).
+APT_PACKAGES := redis-server postgresql chromium podman runc
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

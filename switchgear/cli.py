@@ -119,6 +119,7 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
 def cmd_agent(args: argparse.Namespace) -> int:
     from switchgear.dataplane import access_log
     from switchgear.dataplane.http_door import door_limits
+    from switchgear.dataplane.managed.node import managed_resources
     from switchgear.dataplane.server import Options, agent_token, serve
     from switchgear.dataplane.worker import worker_options
     from switchgear.tls import ClientTls
@@ -146,6 +147,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
         control_plane_token=token, serve_tls=_serve_tls(args),
+        managed=managed_resources(args), managed_log_dir=args.managed_log_dir,
+        managed_allow=tuple(args.managed_allow), managed_host=args.managed_host,
+        managed_docker=args.managed_docker,
     )
 
     def announce_http(address: str) -> None:
@@ -290,6 +294,33 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replicas(args: argparse.Namespace) -> int:
+    """`switchgear admin replicas`: managed replicas, a failed one's last lines, scaling decisions."""
+    from switchgear.v1 import admin_pb2
+
+    reply = _admin_call(args, "ListReplicas", admin_pb2.ListReplicasRequest(service=args.service))
+    if args.json:
+        _print_message(reply)
+        return 0
+    rows = [("SERVICE", "REPLICA", "NODE", "STATE", "SERVING", "RESTARTS", "PID", "URL", "MESSAGE")]
+    for r in reply.replicas:  # type: ignore[attr-defined]
+        state = f"{r.state} (draining)" if r.draining else r.state
+        rows.append((r.service, r.id, r.node, state, "yes" if r.serving else "no", str(r.restarts), str(r.pid or ""),
+                     r.url, r.message))
+    if len(rows) == 1:
+        print("no managed replicas")
+    else:
+        _print_table(rows)
+    for r in reply.replicas:  # type: ignore[attr-defined]
+        if r.last_log:
+            print(f"\nlast lines of {r.id} ({r.service}, {r.state}):")
+            print("\n".join(f"  {line}" for line in r.last_log))
+    for decision in reply.decisions:  # type: ignore[attr-defined]
+        print(f"scaling: {decision}")
+    return 0
+
+
+
 _print_table = cli_output.print_table
 
 
@@ -375,6 +406,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
         ),
     }
     try:
+        if args.admin_command == "replicas":
+            return cmd_replicas(args)
         method, request = requests[args.admin_command]()
         reply = _admin_call(args, method, request)
         _print_admin_reply(args, reply)
@@ -509,6 +542,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from switchgear.controlplane.tasks.cli import add_parser as add_tasks_parser
     from switchgear.dataplane.http_door import add_door_arguments
+    from switchgear.dataplane.managed.node import add_managed_arguments
     from switchgear.dataplane.worker import add_worker_arguments
 
     parser = argparse.ArgumentParser(
@@ -640,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(INVALID_ARGUMENT / HTTP 400 naming the field; default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
+    add_managed_arguments(ag)
     add_door_arguments(ag)
     ag.set_defaults(func=cmd_agent)
 
@@ -661,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ("snapshot", "show the snapshot being served")):
         adm_sub.add_parser(name, help=help_text).add_argument(
             "--json", action="store_true", help="print the reply as JSON")
+    rep = adm_sub.add_parser("replicas", help="managed replicas: node, state, restarts, a failed one's last lines")
+    rep.add_argument("--service", default="", help="only this service's replicas")
+    rep.add_argument("--json", action="store_true")
     for name, help_text in (("get", "show one service"), ("deregister", "remove a service")):
         p = adm_sub.add_parser(name, help=help_text)
         p.add_argument("name")

@@ -102,7 +102,7 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
         f"key={key}",
         *_limit_cells(spec),
         *_enforced_cells(spec),
-        f"endpoints={endpoints}",
+        f"endpoints={endpoints}" if spec.managed is None else _managed_cell(spec),
     ]
 
 
@@ -127,6 +127,23 @@ def _route_lines(state: RegistryState) -> list[str]:
         if len(members) >= ROUTE_MIN_SERVICES and category.value not in names:
             lines.append(f"category route {category.value}: the endpoints of " + ", ".join(members))
     return lines
+
+
+def _managed_cell(spec: ServiceSpec) -> str:
+    """What agents will run for a managed service (its endpoints are its ready replicas)."""
+    m = spec.managed
+    assert m is not None
+    port = str(m.port) if m.port else "assigned"
+    scaling = (f"scale out above {m.scale_up_utilization:g} for {_seconds(m.scale_up_window_s)}, in below "
+               f"{m.scale_down_utilization:g} for {_seconds(m.scale_down_window_s)} (concurrency {m.concurrency})"
+               if m.max_replicas > m.min_replicas else "fixed")
+    what = f"{m.image} ({len(m.command)} args)" if m.backend == "docker" else \
+        f"{m.command[0]} (+{len(m.command) - 1} args)"
+    return (f"managed={m.backend}:{what} port={port} "
+            f"replicas={m.min_replicas}..{m.max_replicas} {scaling}; cpu={m.cpu:g} "
+            f"memory={size_text(m.memory_bytes) if m.memory_bytes else '-'} gpu={m.gpu:g}; "
+            f"restart {_seconds(m.restart_backoff_s)}..{_seconds(m.restart_max_backoff_s)}, failed after "
+            f"{m.max_crashes} crashes in {_seconds(m.crash_window_s)}")
 
 
 def _limit_cells(spec: ServiceSpec) -> list[str]:

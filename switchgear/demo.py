@@ -5,7 +5,9 @@ route over two providers, one more and an Anthropic emulator), a control
 plane on a temporary SQLite file loaded from config/demo.yaml, and two agents; drives a
 workload through the agents' Gateway with gRPC stubs; kills the control plane mid-run and
 keeps going; restarts it and watches the agents reconverge; tries a change the agents would
-reject (refused before it is committed), then a good one they ACK. Every process it starts, it stops.
+reject (refused before it is committed), then a good one they ACK; finally shows the managed
+local model agent-1 runs (started, ready, serving, SIGKILLed, restarted). Every process it
+starts, it stops (agent-1 stops the managed model with itself).
 
 The control plane serves the operator console (--console-listen, on one port across the restart):
 the demo prints its URL and where the admin token to log in with is; `--hold S` keeps everything
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import statistics
 import sys
@@ -50,6 +54,7 @@ INSTANCES = {"fast": 5, "medium": 20, "slow": 60, "spare": 10, "route": 10}  # n
 SERVICE = "demo-chat"
 ROUTE = "demo-route"  # one route over the "route" instance and an Anthropic emulator (config/demo.yaml)
 CLAUDE_LATENCY_MS = 15
+LOCAL = "demo-local"
 
 
 @dataclass
@@ -87,6 +92,8 @@ class Demo:
         self.agent_addresses: list[str] = []
         self.emulator_urls: dict[str, str] = {}
         self.route_ok = False
+        self.local_ok = False
+        self.local_calls = 0
 
     # -- processes ---------------------------------------------------------------------
     def start(self, proc: Proc, **kwargs: object) -> str:
@@ -107,6 +114,7 @@ class Demo:
 
     def control_plane(self, listen: str) -> Proc:
         env = {f"DEMO_{name.upper()}_PORT": str(port) for name, port in self.ports.items()}
+        env["DEMO_PYTHON"] = sys.executable  # the managed local model runs this interpreter
         return Proc.switchgear(
             "controlplane",
             ["controlplane", "--config", str(CONFIG), "--db", str(self.workdir / "registry.db"), "--listen", listen,
@@ -244,10 +252,12 @@ class Demo:
             agent = Proc.switchgear(f"agent-{i}", ["agent", "--control-plane", self.cp_address,
                                                    "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}",
                                                    "--auth", "api_key", "--agent-token-file",
-                                                   str(self.workdir / "registry.db.agent-token")], self.workdir)
+                                                   str(self.workdir / "registry.db.agent-token"),
+                                                   *(("--managed-cpu", "1") if i == 1 else ())], self.workdir)
             self.agent_addresses.append(self.start(agent))
         for address in self.agent_addresses:
             self.wait_serving(address)
+        _wait(lambda: any(r.serving for r in self.replicas()), 20, "the managed local model to be ready")
         first = self.current_version()
         _wait(lambda: self.converged(first), 10, "agents to ACK")
         _say(f"3. two agents on {', '.join(self.agent_addresses)} ACKed {first}:")
@@ -292,11 +302,52 @@ class Demo:
         _say("  -> served by provider: " + ", ".join(f"{k}={v}" for k, v in sorted(route.providers.items()))
              + f"; answers whose cost does not follow their target's prices: {route.mispriced}")
         self.route_ok = set(route.providers) == {"openai-emulator", "anthropic-emulator"} and not route.mispriced
+        self.managed_story()
         result = self.report()
         if self.hold_s > 0:
             _say(f"holding for {self.hold_s:.0f} s: console at http://127.0.0.1:{self.console_port}/")
             time.sleep(self.hold_s)
         return result
+
+    # -- the managed local model (container manager) -------------------------------------
+    def replicas(self) -> list[admin_pb2.ManagedReplica]:
+        return list(self.admin().ListReplicas(admin_pb2.ListReplicasRequest(service=LOCAL), timeout=5).replicas)
+
+    def ask_local(self) -> str:
+        self.local_calls += 1
+        with grpc.insecure_channel(self.agent_addresses[1]) as channel:
+            payload = orjson.dumps({"messages": [{"role": "user", "content": "hello, local model"}]})
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(
+                gateway_pb2.InvokeRequest(service=LOCAL, method="chat.completions", payload=payload),
+                timeout=10, metadata=(("authorization", f"Bearer {self.key}"),))
+        return str(reply.endpoint)
+
+    def answered_by_local(self) -> str:
+        try:
+            return self.ask_local()
+        except grpc.RpcError:
+            self.local_calls -= 1  # refused by the agent before it reached anything: not usage
+            return ""
+
+    def managed_story(self) -> None:
+        (replica,) = self.replicas()
+        _say(f"10. managed local model '{LOCAL}' (config: local_models with managed:): agent {replica.node} started "
+             f"it as {replica.id} (pid {replica.pid}); a target only once its health call answered; "
+             f"now {replica.state}")
+        answered = [self.ask_local() for _ in range(3)]
+        _say(f"   3 calls to {LOCAL} answered by {', '.join(sorted(set(answered)))}")
+        os.kill(replica.pid, signal.SIGKILL)
+        _say(f"   killed pid {replica.pid} (SIGKILL); its agent restarts it with backoff, the route drops it meanwhile")
+        _wait(lambda: any(r.restarts > replica.restarts and r.pid not in (0, replica.pid) and r.serving
+                          for r in self.replicas()), 20, "the restart")
+        (again,) = self.replicas()
+        # Calls find it again once the agents applied the version that serves it once more
+        # (until then demo-local has no ready replica and is not in their snapshot).
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: self.answered_by_local() == again.id, 10, "calls to reach the restarted replica")
+        self.local_ok = self.ask_local() == again.id and again.pid != replica.pid
+        _say(f"   restarted: {again.id} pid {again.pid}, restarts {again.restarts}, {again.state}; it answers calls "
+             f"again ({'ok' if self.local_ok else 'FAILED'}). `switchgear admin replicas` shows the same.")
 
     def service_with(self, options_json: str = "{}", extra_endpoint: str = "") -> common_pb2.Service:
         reply = self.admin().GetService(admin_pb2.GetServiceRequest(name=SERVICE), timeout=5)
@@ -330,13 +381,13 @@ class Demo:
             return found
 
         with contextlib.suppress(TimeoutError):  # the account says what arrived, whatever it is
-            _wait(lambda: usage().requests_total >= served, 10, "usage reports")
+            _wait(lambda: usage().requests_total >= served + self.local_calls, 10, "usage reports")
         tenant = usage()
-        _say(f"  tenant demo: {tenant.requests_total} of {served} requests reported by the agents' load "
-             f"reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
+        _say(f"  tenant demo: {tenant.requests_total} of {served} + {self.local_calls} ({LOCAL}) requests reported by "
+             f"the agents' load reports (kept across the control-plane restart), cost ${tenant.cost_total_usd:.4f}")
         _say(f"  errors = {errors}")
         ok = errors == 0 and all(total[n] == _completions_seen(stats[n]) for n in INSTANCES)
-        ok = ok and tenant.requests_total == served and self.route_ok
+        ok = ok and tenant.requests_total == served + self.local_calls and self.route_ok and self.local_ok
         _say("  RESULT: " + ("every request served; counts agree with the emulators and the usage reports"
                              if ok else "FAILED"))
         return 0 if ok else 1

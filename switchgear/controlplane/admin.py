@@ -17,6 +17,7 @@ from switchgear.controlplane.agent_check import agent_problems
 from switchgear.controlplane.agents import AgentStatus, AgentTracker
 from switchgear.controlplane.alerts import Alert
 from switchgear.controlplane.config import ConfigError, load_config
+from switchgear.controlplane.container_manager import ContainerManager
 from switchgear.controlplane.model import Category
 from switchgear.controlplane.monitor import EndpointRow, Monitor
 from switchgear.controlplane.registry import Contended, NotFound, Registry
@@ -42,7 +43,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self, registry: Registry, tracker: AgentTracker, env: Mapping[str, str], *, monitor: Monitor | None = None,
         fleet: Callable[[], Awaitable[list[AgentStatus]]] | None = None,
+        containers: ContainerManager | None = None,
     ) -> None:
+        self._containers = containers
         self._registry = registry
         self._tracker = tracker
         self._fleet = fleet or self._local_agents  # replicas: every replica's agents (read off the loop)
@@ -169,6 +172,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             agents=[convert.agent_to_proto(a) for a in await self._fleet()],
             current_version=self._registry.snapshot.version,
         )
+
+    async def ListReplicas(  # noqa: N802
+        self, request: admin_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListReplicasResponse:
+        if self._containers is None:
+            return admin_pb2.ListReplicasResponse()
+        serving = {(s.name, e.id) for s in self._registry.state.services for e in s.endpoints}
+        rows = [r for r in self._containers.rows() if not request.service or r.service == request.service]
+        return admin_pb2.ListReplicasResponse(
+            replicas=[admin_pb2.ManagedReplica(
+                id=r.id, service=r.service, node=r.node, state=r.state, url=r.url, restarts=r.restarts,
+                last_log=list(r.last_log), message=r.message, draining=r.draining_since is not None,
+                serving=(r.service, r.id) in serving, pid=r.pid) for r in rows],
+            decisions=self._containers.decisions)
 
     async def GetSnapshot(  # noqa: N802
         self, request: admin_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext

@@ -45,12 +45,14 @@ def _service_problem(spec: ServiceSpec) -> Problem | None:
 
 def agent_problems(state: RegistryState, overlay: snap.Overlay = snap.EMPTY_OVERLAY) -> list[Problem]:
     """Everything an agent of this build would reject in the snapshot of `state` + `overlay`."""
-    problems = [p for p in map(_service_problem, state.services) if p is not None]
+    served = tuple(s for s in state.services if s.endpoints)  # as convert.snapshot_to_proto serves them
+    problems = [p for p in map(_service_problem, served) if p is not None]
     bad = {p.path.split("]", 1)[0].removeprefix("services[") for p in problems}
     known = {s.name for s in state.services} - bad
-    for spec in state.services:
-        served = overlay.service(spec.name)
-        fallbacks = served.fallbacks if served is not None and served.fallbacks is not None else spec.fallbacks
+    for spec in served:
+        served_as = overlay.service(spec.name)
+        fallbacks = served_as.fallbacks if served_as is not None and served_as.fallbacks is not None \
+            else spec.fallbacks
         problem = None if spec.name in bad else checks.fallback_problem(spec.name, fallbacks, known)
         if problem is not None:
             missing = fallbacks[int(problem.path.rsplit("[", 1)[1].rstrip("]"))]

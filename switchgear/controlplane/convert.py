@@ -187,7 +187,8 @@ def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
     overlay = snapshot.overlay
     msg = discovery_pb2.Snapshot(
         version=snapshot.version,
-        services=[_cached_service_proto(s) for s in snapshot.state.services],
+        # A managed service with no ready replica yet has no endpoint: not served until it has.
+        services=[_cached_service_proto(s) for s in snapshot.state.services if s.endpoints],
         settings=settings_to_proto(snapshot.state.settings),
     )
     if overlay != EMPTY_OVERLAY:

@@ -24,6 +24,7 @@ import grpc
 
 from switchgear.controlplane.agent_auth import NodeSessions, report_token
 from switchgear.controlplane.collector import DEFAULT_LATENCY_BOUNDS_S, Collector
+from switchgear.controlplane.container_manager import ContainerManager
 from switchgear.controlplane.convert import duration
 from switchgear.controlplane.usage import UsageDelta
 from switchgear.v1 import loadreport_pb2, loadreport_pb2_grpc
@@ -53,7 +54,9 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
         on_tenants: Callable[[list[UsageDelta]], None] = lambda deltas: None,
         relay: Relay | None = None,
         sessions: NodeSessions | None = None,
+        containers: ContainerManager | None = None,
     ) -> None:
+        self._containers = containers  # managed replicas: offers, states and assignments (container_manager.py)
         self._sessions = sessions  # None: reports are not bound to snapshot streams (unit tests)
         self._relay = relay
         self._on_tenants = on_tenants
@@ -84,9 +87,13 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
                                 "snapshot stream on this control plane")
         log.info("agent %s reports load", node)
         told = self._interval_s()
+        if self._containers is not None and first.HasField("node_resources"):
+            self._containers.node_offered(node, first.node_resources)
+            self._containers.node_report(node, first.replicas)  # adopted before anything is placed
         yield loadreport_pb2.StreamLoadStatsResponse(
             load_reporting_interval=duration(told), latency_bucket_bounds_s=self._bounds
         )
+        assigned = -1
         try:
             self._record(node, first)
             async for request in request_iterator:
@@ -94,14 +101,34 @@ class LoadReportServicer(loadreport_pb2_grpc.LoadReportingServiceServicer):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"node.id: the snapshot stream of {node!r} ended; report again on its new one")
                 self._record(node, request)
+                response = loadreport_pb2.StreamLoadStatsResponse()
                 if (wanted := self._interval_s()) != told:  # a config change: tell the agent at once
                     told = wanted
-                    yield loadreport_pb2.StreamLoadStatsResponse(load_reporting_interval=duration(told))
+                    response.load_reporting_interval.CopyFrom(duration(told))
+                assigned = self._assign(node, request, assigned, response)
+                if response.ListFields():
+                    yield response
         finally:
+            if self._containers is not None:
+                self._containers.node_gone(node)
             if self._relay is not None:
                 self._relay.gone(node)
             else:
                 self.apply_gone(node)
+
+    def _assign(self, node: str, request: loadreport_pb2.StreamLoadStatsRequest, told: int,
+                response: loadreport_pb2.StreamLoadStatsResponse) -> int:
+        """Feed the node's replica states to the container manager; put its assignment set in
+        `response` when it changed since `told` (a generation). Returns the generation sent."""
+        if self._containers is None:
+            return told
+        self._containers.node_report(node, request.replicas)
+        current = self._containers.assignments(node)
+        if current is None or current[0] == told:
+            return told
+        response.assignments.extend(current[1])
+        response.assignments_set = True
+        return current[0]
 
     def _bound(self, node: str, token: str) -> bool:
         return self._sessions is None or self._sessions.valid(node, token)

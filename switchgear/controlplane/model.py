@@ -86,6 +86,51 @@ class EndpointSpec:
     source_service: str = ""  # set on a category route's targets: the service they came from
 
 
+#: Endpoint ids of managed replicas start with this (the container manager owns them).
+MANAGED_ENDPOINT_PREFIX = "replica-"
+MANAGED_BACKENDS = frozenset({"process", "docker"})
+
+
+@dataclass(frozen=True)
+class ManagedSpec:
+    """A model server Switchgear runs itself (`managed:` on a service; docs/container-manager.md).
+
+    `command` is argv; "${PORT}" in it, in `env` values and in `url` is the port the agent
+    assigns (or `port` when non-zero), "${HOST}" the agent's --managed-host. `url` is how the
+    replica is called ("" = http://${HOST}:${PORT}/v1); readiness is a GET of `readiness_path` on that host ("" = the
+    protocol's own health call, `<url>/models`). Utilisation = in-flight calls over
+    replicas x `concurrency`; scaling needs `concurrency` when max > min.
+    """
+
+    command: tuple[str, ...] = ()  # docker: "" = the image's own command
+    backend: str = "process"
+    image: str = ""  # docker: an image already present on the agent's host (never pulled)
+    volumes: tuple[str, ...] = ()  # docker: "HOST:CONTAINER[:ro]" bind mounts
+    env: tuple[tuple[str, str], ...] = ()
+    inherit_env: tuple[str, ...] = ()
+    port: int = 0
+    url: str = ""
+    readiness_path: str = ""
+    readiness_timeout_s: float = 60.0
+    cpu: float = 1.0
+    memory_bytes: int = 0
+    gpu: float = 0.0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    concurrency: int = 0
+    scale_up_utilization: float = 0.8
+    scale_down_utilization: float = 0.6
+    scale_up_window_s: float = 30.0
+    scale_down_window_s: float = 120.0
+    restart_backoff_s: float = 1.0
+    restart_max_backoff_s: float = 30.0
+    max_crashes: int = 5
+    crash_window_s: float = 300.0
+    stop_grace_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    log_bytes: int = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """A named external service. Tuples keep it immutable and hashable-friendly.
@@ -109,6 +154,7 @@ class ServiceSpec:
     options_json: str = "{}"
     metadata: tuple[tuple[str, str], ...] = ()
     fallbacks: tuple[str, ...] = ()
+    managed: ManagedSpec | None = None  # replicas become endpoints once ready (container manager)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import TypeVar
 from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.agent_check import introduced_problems
-from switchgear.controlplane.model import RegistryState, ServiceSpec
+from switchgear.controlplane.model import MANAGED_ENDPOINT_PREFIX, RegistryState, ServiceSpec
 from switchgear.controlplane.offloop import call_on
 from switchgear.controlplane.store import AuditEntry, Change, StaleVersion, Store, Stored
 from switchgear.controlplane.validate import Problem, ValidationError, validate_state
@@ -182,6 +182,7 @@ class Registry:
         rule of validate_state looks across governance and the rest."""
         # A config file owns services and settings; tenants and keys are governed apart.
         new = dataclasses.replace(state, tenants=self.state.tenants, keys=self.state.keys)
+        new = _keep_replicas(self.state, new)
         change = snap.diff(self.state, new)
         detail = f"added={list(change.added)} changed={list(change.changed)} removed={list(change.removed)}"
         applied = self._apply(new, Change(actor, "apply_config", source, detail), config_hash, validated=validated)
@@ -255,6 +256,18 @@ class Registry:
         if config_hash is not None:
             self._config_hash = config_hash
         return built
+
+
+def _keep_replicas(old: RegistryState, new: RegistryState) -> RegistryState:
+    """`new` with the replica endpoints `old` serves for services that stay managed: they belong
+    to the container manager, which adds and drains them, not to the config file."""
+    services = []
+    for spec in new.services:
+        before = old.service(spec.name)
+        replicas = () if spec.managed is None or before is None else tuple(
+            e for e in before.endpoints if e.id.startswith(MANAGED_ENDPOINT_PREFIX))
+        services.append(dataclasses.replace(spec, endpoints=(*spec.endpoints, *replicas)) if replicas else spec)
+    return dataclasses.replace(new, services=tuple(services))
 
 
 def _overlay(stored: Stored) -> snap.Overlay:

@@ -49,6 +49,7 @@ from switchgear.controlplane.auth import AdminTokenInterceptor, load_or_create_t
 from switchgear.controlplane.collector import Collector
 from switchgear.controlplane.config import ConfigError, load_config, read_config_file
 from switchgear.controlplane.console import Console, ConsoleOptions, build_console
+from switchgear.controlplane.container_manager import ContainerManager
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
@@ -223,6 +224,7 @@ class _Parts:
     usage: _UsageHolder
     sessions: NodeSessions
     loadreports: LoadReportServicer
+    containers: ContainerManager
 
 
 def _parts(options: Options) -> _Parts:
@@ -238,10 +240,14 @@ def _parts(options: Options) -> _Parts:
     prober = Prober(probe_client, collector.last_success_at) if options.active_probes else None
     monitor = Monitor(registry, collector, prober=prober, params=_health_params(options),
                       overrides=dict(options.monitoring_overrides))
-    usage, sessions = _UsageHolder(store, live=shared is None), NodeSessions()
+    usage, sessions, tracker = _UsageHolder(store, live=shared is None), NodeSessions(), AgentTracker()
+    containers = ContainerManager(registry, tracker, collector,
+                                  report_interval_s=lambda: monitor.settings.report_interval_s)
     loadreports = LoadReportServicer(collector, lambda: monitor.settings.report_interval_s,
-                                     on_tenants=usage.add, relay=shared.relay if shared else None, sessions=sessions)
-    return _Parts(store, shared, registry, feed, AgentTracker(), probe_client, monitor, usage, sessions, loadreports)
+                                     on_tenants=usage.add, relay=shared.relay if shared else None, sessions=sessions,
+                                     containers=None if shared else containers)
+    return _Parts(store, shared, registry, feed, tracker, probe_client, monitor, usage, sessions, loadreports,
+                  containers)
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,7 @@ class ControlPlane:
             assert self.tasks is not None
             self.tasks.start()
             task = asyncio.ensure_future(self.parts.monitor.run(stop, self.options.monitor_tick_s))
+            stack.push_async_callback(_stopped, stop, asyncio.ensure_future(self.parts.containers.run(stop)))
         stack.push_async_callback(_stopped, stop, task)
 
 
@@ -426,7 +433,8 @@ def _serve_tasks_and_admin(options: Options, parts: _Parts, server: grpc.aio.Ser
     if shared is None:
         tasks = attach_tasks(server, options.db_path, lambda: registry.state, scheduling)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(registry, parts.tracker, os.environ, monitor=parts.monitor), server)
+            AdminServicer(registry, parts.tracker, os.environ, monitor=parts.monitor, containers=parts.containers),
+            server)
         return tasks, None
     replica_id = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
     advertised = options.advertise or address

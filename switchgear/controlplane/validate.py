@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from switchgear.controlplane.model import (
     BACKOFF_STRATEGIES,
+    MANAGED_BACKENDS,
     PROTOCOLS,
     ROUTE_CATEGORIES,
     ROUTE_MIN_SERVICES,
@@ -30,6 +31,7 @@ from switchgear.controlplane.model import (
     Category,
     CategoryPolicy,
     EndpointSpec,
+    ManagedSpec,
     Pricing,
     RegistryState,
     SecretRef,
@@ -247,8 +249,8 @@ def _check_target(endpoint: EndpointSpec) -> Iterator[Problem]:
 
 
 def _check_endpoints(spec: ServiceSpec) -> Iterator[Problem]:
-    """At least one endpoint; ids unique within the service; each endpoint valid."""
-    if not spec.endpoints:
+    """At least one endpoint (a managed service gets its replicas'); ids unique; each valid."""
+    if not spec.endpoints and spec.managed is None:
         yield Problem("endpoints", "at least one endpoint is required")
     seen: set[str] = set()
     for index, endpoint in enumerate(spec.endpoints):
@@ -318,6 +320,96 @@ def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
             yield Problem(f"capabilities[{index}]", "must not be empty")
 
 
+# --- managed model servers (the container manager) -------------------------------------------
+
+#: Bounds on what one managed spec may ask for (a typo must not start 10,000 processes).
+MAX_REPLICAS = 64
+MAX_COMMAND_ARGS = 256
+MAX_ENV = 256
+MAX_LOG_BYTES = 1024**3
+#: Protocols whose own health call is known (GET <url>/models for OpenAI-compatible servers).
+HEALTH_PATHS = {"openai": "/models"}
+
+
+def _numbers(spec: ManagedSpec) -> Iterator[tuple[str, float, float, float]]:
+    """(path, value, low, high) for every bounded number of a spec."""
+    yield "port", spec.port, 0, 65535
+    yield "readiness.timeout", spec.readiness_timeout_s, 0.01, 86400
+    yield "resources.cpu", spec.cpu, 0, 1024
+    yield "resources.memory", spec.memory_bytes, 0, 2**50
+    yield "resources.gpu", spec.gpu, 0, 64
+    yield "replicas.min", spec.min_replicas, 0, MAX_REPLICAS
+    yield "replicas.max", spec.max_replicas, 1, MAX_REPLICAS
+    yield "concurrency", spec.concurrency, 0, 1_000_000
+    yield "scaling.scale_up_utilization", spec.scale_up_utilization, 0.01, 10
+    yield "scaling.scale_down_utilization", spec.scale_down_utilization, 0, 10
+    yield "scaling.scale_up_window", spec.scale_up_window_s, 0.01, 86400
+    yield "scaling.scale_down_window", spec.scale_down_window_s, 0.01, 86400
+    yield "restart.backoff", spec.restart_backoff_s, 0.01, 3600
+    yield "restart.max_backoff", spec.restart_max_backoff_s, 0.01, 3600
+    yield "restart.max_crashes", spec.max_crashes, 1, 1000
+    yield "restart.crash_window", spec.crash_window_s, 0.01, 86400
+    yield "stop_grace", spec.stop_grace_s, 0.01, 3600
+    yield "drain_timeout", spec.drain_timeout_s, 0, 3600
+    yield "log_bytes", spec.log_bytes, 1024, MAX_LOG_BYTES
+
+
+def managed_problems(spec: ManagedSpec, protocol: str) -> list[tuple[str, str]]:
+    """(path under `managed`, message) for everything wrong with `spec`."""
+    out = [(path, f"must be between {low:g} and {high:g}, got {value:g}")
+           for path, value, low, high in _numbers(spec) if not (math.isfinite(value) and low <= value <= high)]
+    if spec.backend not in MANAGED_BACKENDS:
+        runs = ", ".join(sorted(MANAGED_BACKENDS))
+        out.append(("backend", f"unknown backend {spec.backend!r}; this build runs: {runs}"))
+    out.extend(_backend_problems(spec))
+    if len(spec.command) > MAX_COMMAND_ARGS or len(spec.env) + len(spec.inherit_env) > MAX_ENV:
+        out.append(("command", f"at most {MAX_COMMAND_ARGS} arguments and {MAX_ENV} environment entries"))
+    out.extend(_ordering_problems(spec, protocol))
+    return out
+
+
+def _backend_problems(spec: ManagedSpec) -> Iterator[tuple[str, str]]:
+    if spec.backend == "docker":
+        if not spec.image:
+            yield "image", "the docker backend needs an image (already present on the agents' hosts)"
+        for index, volume in enumerate(spec.volumes):
+            parts = volume.split(":")
+            if not (2 <= len(parts) <= 3 and all(p.startswith("/") for p in parts[:2])
+                    and (len(parts) == 2 or parts[2] in ("ro", "rw"))):
+                yield f"volumes[{index}]", "expected HOST:CONTAINER or HOST:CONTAINER:ro with absolute paths"
+        return
+    if not spec.command or not spec.command[0]:
+        yield "command", "a command to run is required (a list: program, then its arguments)"
+    for key, value in (("image", spec.image), ("volumes", spec.volumes)):
+        if value:
+            yield key, f"{key} needs backend: docker"
+
+
+def _ordering_problems(spec: ManagedSpec, protocol: str) -> Iterator[tuple[str, str]]:
+    if spec.min_replicas > spec.max_replicas:
+        yield "replicas.min", f"min ({spec.min_replicas}) exceeds max ({spec.max_replicas})"
+    if spec.max_replicas > spec.min_replicas and spec.concurrency <= 0:
+        yield "concurrency", "scaling between min and max replicas needs concurrency (calls one replica serves)"
+    if spec.scale_down_utilization >= spec.scale_up_utilization:
+        yield "scaling.scale_down_utilization", "must be below scale_up_utilization"
+    if spec.restart_max_backoff_s < spec.restart_backoff_s:
+        yield "restart.max_backoff", "must be at least restart.backoff"
+    if not spec.readiness_path and protocol not in HEALTH_PATHS:
+        yield "readiness.path", f"required: protocol {protocol!r} has no health call Switchgear knows"
+    if spec.readiness_path and not spec.readiness_path.startswith("/"):
+        yield "readiness.path", "must start with '/'"
+    if spec.url and not spec.url.startswith(("http://", "https://")):
+        yield "url", "must be an http:// or https:// URL (it may use ${PORT})"
+
+
+def _check_managed(spec: ServiceSpec) -> Iterator[Problem]:
+    """The `managed:` block (containers.managed_problems), for the protocols that have a health call."""
+    if spec.managed is None:
+        return
+    for path, message in managed_problems(spec.managed, spec.protocol):
+        yield Problem(f"managed.{path}", message)
+
+
 _SERVICE_RULES: tuple[Callable[[ServiceSpec], Iterator[Problem]], ...] = (
     _check_name,
     _check_category,
@@ -329,6 +421,7 @@ _SERVICE_RULES: tuple[Callable[[ServiceSpec], Iterator[Problem]], ...] = (
     _check_api_key,
     _check_metadata,
     _check_capabilities,
+    _check_managed,
 )
 
 

@@ -29,6 +29,7 @@ import grpc
 
 from switchgear.dataplane.client import CHANNEL_OPTIONS, REPORT_TOKEN_HEADER, Backoff, SnapshotClient, bearer
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.managed.node import NodeManager
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, loadreport_pb2, loadreport_pb2_grpc
 from switchgear.wire.loadreport import row_to_proto
@@ -145,6 +146,10 @@ class LoadAccumulator:
         return loads
 
 
+#: The least time between two reports when replica state changes bring one forward (seconds).
+EARLY_REPORT_GAP_S = 0.05
+
+
 class ReportClient:
     """Streams the accumulator's deltas to a control plane; reconnects like the snapshot client."""
 
@@ -160,7 +165,9 @@ class ReportClient:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         snapshots: SnapshotClient | None = None,
+        nodes: NodeManager | None = None,
     ) -> None:
+        self._nodes = nodes  # runs the managed replicas the control plane assigns (managed/node.py)
         # With `snapshots`, reports follow the snapshot stream: to its control plane, with the
         # report token it was issued (the control plane takes a node's reports only so).
         self._snapshots = snapshots
@@ -208,7 +215,11 @@ class ReportClient:
         async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             metadata = (*bearer(self.token), *(((REPORT_TOKEN_HEADER, report_token),) if report_token else ()))
             call = loadreport_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(metadata=metadata)
-            await call.write(loadreport_pb2.StreamLoadStatsRequest(node=self._node))
+            # The offer and what it runs already (a control plane that restarted adopts those
+            # replicas before it places any: managed/node.py).
+            await call.write(loadreport_pb2.StreamLoadStatsRequest(
+                node=self._node, node_resources=self._nodes.offer() if self._nodes else None,
+                replicas=self._nodes.statuses() if self._nodes else ()))
             first = await call.read()
             if first is grpc.aio.EOF:
                 return
@@ -219,8 +230,7 @@ class ReportClient:
             reader = asyncio.ensure_future(self._read(call))
             try:
                 while not stop.is_set() and not reader.done():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                    await self._pause(stop, last)
                     if reader.done():
                         break
                     now = self._clock()
@@ -232,6 +242,7 @@ class ReportClient:
                                                       tokens=u.tokens, cost_usd=u.cost_usd)
                             for t, u in tallies.items()
                         ],
+                        replicas=self._nodes.statuses() if self._nodes else (),
                     )
                     request.load_report_interval.FromNanoseconds(round((now - last) * 1e9))
                     last = now
@@ -248,12 +259,34 @@ class ReportClient:
                 reader.cancel()
                 call.cancel()
 
+    async def _pause(self, stop: asyncio.Event, last: float) -> None:
+        """Until the next report is due: the interval, or sooner when a managed replica changed
+        state (its route should learn at once), but never within EARLY_REPORT_GAP_S of the last."""
+        if self._nodes is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+            return
+        changed = self._nodes.changed
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        changed.clear()
+        gap = EARLY_REPORT_GAP_S - (self._clock() - last)
+        if gap > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=gap)
+
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
             self._configure(response)
+            if response.assignments_set and self._nodes is not None:
+                await self._nodes.apply(response.assignments)
 
     def _configure(self, response: loadreport_pb2.StreamLoadStatsResponse) -> None:
         interval = response.load_reporting_interval.ToNanoseconds() / 1e9

@@ -35,6 +35,7 @@ from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.http_door import DoorLimits, door_budget, raise_nofile_limit
 from switchgear.dataplane.http_edge import observe
 from switchgear.dataplane.invoke import Invoker
+from switchgear.dataplane.managed.node import NodeManager, NodeResources, build_node_manager
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
@@ -98,6 +99,12 @@ class Options:
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
     resilience: ResilienceSettings = ResilienceSettings()
+    # Managed replicas (managed/node.py): what this agent offers them (cpu 0 = it runs none).
+    managed: NodeResources = NodeResources()
+    managed_log_dir: str = ""
+    managed_allow: tuple[str, ...] = ()  # programs it may run (empty: any the config names)
+    managed_host: str = "127.0.0.1"  # what ${HOST} becomes (the address other agents reach replicas at)
+    managed_docker: str = ""  # the Docker Engine API for backend: docker ("" = none)
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -213,6 +220,7 @@ class Agent:
     reporter: ReportClient
     worker: TaskWorker | None
     server: grpc.aio.Server
+    nodes: NodeManager | None = None
 
     async def run(self, stop: asyncio.Event, announce: Announce = Announce()) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -233,6 +241,8 @@ class Agent:
         stack.push_async_callback(self.tasks_client.close)
         if self.core.readiness is not None:  # set before the snapshot client runs: no first snapshot is missed
             self.core.readiness.on_serving = announce.serving
+        if self.nodes is not None:
+            stack.push_async_callback(self.nodes.close)  # after the reporter: its replicas go with the agent
         _run_until(stack, stop, self.client.run, self.reporter.run,
                    *((self.worker.run,) if self.worker is not None else ()))
         stack.push_async_callback(self.core.health.enter_graceful_shutdown)  # first thing on the way down
@@ -343,20 +353,22 @@ def _build_calls(options: Options, core: _Core, adapters: Any) -> Agent:
     if pipeline.cache is not None:
         cache_counters = pipeline.cache.local.counters
         observed.metrics.set_cache(lambda: cache_counters)
-    reporter = _reporter(options, core, pipeline)
+    nodes = build_node_manager(options.managed, options.managed_log_dir, options.managed_allow,
+                               options.managed_host, options.managed_docker)
+    reporter = _reporter(options, core, pipeline, nodes)
     worker = TaskWorker(tasks_client, core.node.id, core.holder, invoker, options.worker) \
         if options.worker.capacity else None
     server, address = _gateway_server(options, observed, core.health,
                                       GatewayServicer(core.holder, invoker, streamer, pipeline))
     return Agent(options, core, address, redis, tasks_client, invoker, streamer, pipeline, core.client, reporter,
-                 worker, server)
+                 worker, server, nodes)
 
 
-def _reporter(options: Options, core: _Core, pipeline: Pipeline) -> ReportClient:
+def _reporter(options: Options, core: _Core, pipeline: Pipeline, nodes: NodeManager | None) -> ReportClient:
     holder = core.holder
     reporter = ReportClient(options.control_planes, core.node, core.observed.load, version=lambda: holder.version,
                             tenants=pipeline.quotas.drain_usage, restore=pipeline.quotas.restore_usage,
-                            snapshots=core.client)
+                            snapshots=core.client, nodes=nodes)
     reporter.tls, reporter.token = options.control_plane_tls, options.control_plane_token
     return reporter
 

@@ -266,3 +266,43 @@ class ListAlertsResponse(_message.Message):
     firing: _containers.RepeatedCompositeFieldContainer[Alert]
     recovered: _containers.RepeatedCompositeFieldContainer[Alert]
     def __init__(self, firing: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., recovered: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class ListReplicasRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class ManagedReplica(_message.Message):
+    __slots__ = ("id", "service", "node", "state", "url", "restarts", "last_log", "message", "draining", "serving", "pid")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    service: str
+    node: str
+    state: str
+    url: str
+    restarts: int
+    last_log: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    draining: bool
+    serving: bool
+    pid: int
+    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., node: _Optional[str] = ..., state: _Optional[str] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_log: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., draining: _Optional[bool] = ..., serving: _Optional[bool] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ListReplicasResponse(_message.Message):
+    __slots__ = ("replicas", "decisions")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ManagedReplica]
+    decisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ManagedReplica, _Mapping]]] = ..., decisions: _Optional[_Iterable[str]] = ...) -> None: ...

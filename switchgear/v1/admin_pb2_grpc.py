@@ -80,6 +80,11 @@ class AdminServiceStub:
                 request_serializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/switchgear.v1.AdminService/ListReplicas',
+                request_serializer=switchgear_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=switchgear_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -145,6 +150,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReplicas(self, request, context):
+        """Managed replicas (container manager): where each runs, its state, the last lines of a
+        failed one; and the recent scaling decisions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +205,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.FromString,
                     response_serializer=switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=switchgear_dot_v1_dot_admin__pb2.ListReplicasRequest.FromString,
+                    response_serializer=switchgear_dot_v1_dot_admin__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +456,33 @@ class AdminService:
             '/switchgear.v1.AdminService/ListAlerts',
             switchgear_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
             switchgear_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchgear.v1.AdminService/ListReplicas',
+            switchgear_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
+            switchgear_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

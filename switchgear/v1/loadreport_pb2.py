@@ -26,23 +26,33 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from switchgear.v1 import discovery_pb2 as switchgear_dot_v1_dot_discovery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchgear/v1/loadreport.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dswitchgear/v1/discovery.proto\"\xf4\x01\n\x16StreamLoadStatsRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x33\n\x0e\x65ndpoint_loads\x18\x02 \x03(\x0b\x32\x1b.switchgear.v1.EndpointLoad\x12\x37\n\x14load_report_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10snapshot_version\x18\x04 \x01(\t\x12/\n\x0ctenant_loads\x18\x05 \x03(\x0b\x32\x19.switchgear.v1.TenantLoad\"b\n\nTenantLoad\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\"v\n\x17StreamLoadStatsResponse\x12:\n\x17load_reporting_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1f\n\x17latency_bucket_bounds_s\x18\x02 \x03(\x01\")\n\nErrorCount\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x9e\x04\n\x0c\x45ndpointLoad\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x17\n\x0frequests_issued\x18\x04 \x01(\x04\x12\x1a\n\x12requests_succeeded\x18\x05 \x01(\x04\x12\x32\n\x0frequests_failed\x18\x06 \x03(\x0b\x32\x19.switchgear.v1.ErrorCount\x12\x11\n\tin_flight\x18\x07 \x01(\x04\x12\x15\n\rlatency_sum_s\x18\x08 \x01(\x01\x12\x15\n\rlatency_count\x18\t \x01(\x04\x12\x1d\n\x15success_latency_sum_s\x18\n \x01(\x01\x12\x1d\n\x15success_latency_count\x18\x0b \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x0c \x03(\x04\x12\x12\n\nttft_sum_s\x18\r \x01(\x01\x12\x12\n\nttft_count\x18\x0e \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x0f \x01(\x04\x12\x15\n\routput_tokens\x18\x10 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x11 \x01(\x01\x12\x11\n\tfailovers\x18\x12 \x01(\x04\x12\x15\n\rcache_lookups\x18\x13 \x01(\x04\x12\x12\n\ncache_hits\x18\x14 \x01(\x04\x12\x1d\n\x15\x63ircuit_breaker_trips\x18\x15 \x01(\x04\x12\x14\n\x0cqueue_length\x18\x16 \x01(\x04\x32|\n\x14LoadReportingService\x12\x64\n\x0fStreamLoadStats\x12%.switchgear.v1.StreamLoadStatsRequest\x1a&.switchgear.v1.StreamLoadStatsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchgear/v1/loadreport.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dswitchgear/v1/discovery.proto\"\xda\x02\n\x16StreamLoadStatsRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x33\n\x0e\x65ndpoint_loads\x18\x02 \x03(\x0b\x32\x1b.switchgear.v1.EndpointLoad\x12\x37\n\x14load_report_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10snapshot_version\x18\x04 \x01(\t\x12/\n\x0ctenant_loads\x18\x05 \x03(\x0b\x32\x19.switchgear.v1.TenantLoad\x12\x34\n\x0enode_resources\x18\x06 \x01(\x0b\x32\x1c.switchgear.v1.NodeResources\x12.\n\x08replicas\x18\x07 \x03(\x0b\x32\x1c.switchgear.v1.ReplicaStatus\"?\n\rNodeResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0b\n\x03gpu\x18\x03 \x01(\x01\"\xc7\x04\n\x11ReplicaAssignment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x36\n\x03\x65nv\x18\x04 \x03(\x0b\x32).switchgear.v1.ReplicaAssignment.EnvEntry\x12\x13\n\x0binherit_env\x18\x05 \x03(\t\x12\x0c\n\x04port\x18\x06 \x01(\r\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x15\n\rreadiness_url\x18\x08 \x01(\t\x12\x34\n\x11readiness_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frestart_backoff\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13restart_max_backoff\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmax_crashes\x18\x0c \x01(\r\x12/\n\x0c\x63rash_window\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nstop_grace\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tlog_bytes\x18\x0f \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\r\n\x05image\x18\x11 \x01(\t\x12\x0f\n\x07volumes\x18\x12 \x03(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x10\n\x08restarts\x18\x05 \x01(\r\x12\x10\n\x08last_log\x18\x06 \x03(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\"b\n\nTenantLoad\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\"\xc6\x01\n\x17StreamLoadStatsResponse\x12:\n\x17load_reporting_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1f\n\x17latency_bucket_bounds_s\x18\x02 \x03(\x01\x12\x35\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32 .switchgear.v1.ReplicaAssignment\x12\x17\n\x0f\x61ssignments_set\x18\x04 \x01(\x08\")\n\nErrorCount\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x9e\x04\n\x0c\x45ndpointLoad\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x17\n\x0frequests_issued\x18\x04 \x01(\x04\x12\x1a\n\x12requests_succeeded\x18\x05 \x01(\x04\x12\x32\n\x0frequests_failed\x18\x06 \x03(\x0b\x32\x19.switchgear.v1.ErrorCount\x12\x11\n\tin_flight\x18\x07 \x01(\x04\x12\x15\n\rlatency_sum_s\x18\x08 \x01(\x01\x12\x15\n\rlatency_count\x18\t \x01(\x04\x12\x1d\n\x15success_latency_sum_s\x18\n \x01(\x01\x12\x1d\n\x15success_latency_count\x18\x0b \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x0c \x03(\x04\x12\x12\n\nttft_sum_s\x18\r \x01(\x01\x12\x12\n\nttft_count\x18\x0e \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x0f \x01(\x04\x12\x15\n\routput_tokens\x18\x10 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x11 \x01(\x01\x12\x11\n\tfailovers\x18\x12 \x01(\x04\x12\x15\n\rcache_lookups\x18\x13 \x01(\x04\x12\x12\n\ncache_hits\x18\x14 \x01(\x04\x12\x1d\n\x15\x63ircuit_breaker_trips\x18\x15 \x01(\x04\x12\x14\n\x0cqueue_length\x18\x16 \x01(\x04\x32|\n\x14LoadReportingService\x12\x64\n\x0fStreamLoadStats\x12%.switchgear.v1.StreamLoadStatsRequest\x1a&.switchgear.v1.StreamLoadStatsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchgear.v1.loadreport_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REPLICAASSIGNMENT_ENVENTRY']._loaded_options = None
+  _globals['_REPLICAASSIGNMENT_ENVENTRY']._serialized_options = b'8\001'
   _globals['_STREAMLOADSTATSREQUEST']._serialized_start=113
-  _globals['_STREAMLOADSTATSREQUEST']._serialized_end=357
-  _globals['_TENANTLOAD']._serialized_start=359
-  _globals['_TENANTLOAD']._serialized_end=457
-  _globals['_STREAMLOADSTATSRESPONSE']._serialized_start=459
-  _globals['_STREAMLOADSTATSRESPONSE']._serialized_end=577
-  _globals['_ERRORCOUNT']._serialized_start=579
-  _globals['_ERRORCOUNT']._serialized_end=620
-  _globals['_ENDPOINTLOAD']._serialized_start=623
-  _globals['_ENDPOINTLOAD']._serialized_end=1165
-  _globals['_LOADREPORTINGSERVICE']._serialized_start=1167
-  _globals['_LOADREPORTINGSERVICE']._serialized_end=1291
+  _globals['_STREAMLOADSTATSREQUEST']._serialized_end=459
+  _globals['_NODERESOURCES']._serialized_start=461
+  _globals['_NODERESOURCES']._serialized_end=524
+  _globals['_REPLICAASSIGNMENT']._serialized_start=527
+  _globals['_REPLICAASSIGNMENT']._serialized_end=1110
+  _globals['_REPLICAASSIGNMENT_ENVENTRY']._serialized_start=1068
+  _globals['_REPLICAASSIGNMENT_ENVENTRY']._serialized_end=1110
+  _globals['_REPLICASTATUS']._serialized_start=1113
+  _globals['_REPLICASTATUS']._serialized_end=1251
+  _globals['_TENANTLOAD']._serialized_start=1253
+  _globals['_TENANTLOAD']._serialized_end=1351
+  _globals['_STREAMLOADSTATSRESPONSE']._serialized_start=1354
+  _globals['_STREAMLOADSTATSRESPONSE']._serialized_end=1552
+  _globals['_ERRORCOUNT']._serialized_start=1554
+  _globals['_ERRORCOUNT']._serialized_end=1595
+  _globals['_ENDPOINTLOAD']._serialized_start=1598
+  _globals['_ENDPOINTLOAD']._serialized_end=2140
+  _globals['_LOADREPORTINGSERVICE']._serialized_start=2142
+  _globals['_LOADREPORTINGSERVICE']._serialized_end=2266
 # @@protoc_insertion_point(module_scope)

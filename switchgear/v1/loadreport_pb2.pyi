@@ -11,18 +11,99 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamLoadStatsRequest(_message.Message):
-    __slots__ = ("node", "endpoint_loads", "load_report_interval", "snapshot_version", "tenant_loads")
+    __slots__ = ("node", "endpoint_loads", "load_report_interval", "snapshot_version", "tenant_loads", "node_resources", "replicas")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_LOADS_FIELD_NUMBER: _ClassVar[int]
     LOAD_REPORT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENANT_LOADS_FIELD_NUMBER: _ClassVar[int]
+    NODE_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     node: _discovery_pb2.Node
     endpoint_loads: _containers.RepeatedCompositeFieldContainer[EndpointLoad]
     load_report_interval: _duration_pb2.Duration
     snapshot_version: str
     tenant_loads: _containers.RepeatedCompositeFieldContainer[TenantLoad]
-    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., endpoint_loads: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_report_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., tenant_loads: _Optional[_Iterable[_Union[TenantLoad, _Mapping]]] = ...) -> None: ...
+    node_resources: NodeResources
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., endpoint_loads: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_report_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., tenant_loads: _Optional[_Iterable[_Union[TenantLoad, _Mapping]]] = ..., node_resources: _Optional[_Union[NodeResources, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class NodeResources(_message.Message):
+    __slots__ = ("cpu", "memory_bytes", "gpu")
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    cpu: float
+    memory_bytes: int
+    gpu: float
+    def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[float] = ...) -> None: ...
+
+class ReplicaAssignment(_message.Message):
+    __slots__ = ("id", "service", "command", "env", "inherit_env", "port", "url", "readiness_url", "readiness_timeout", "restart_backoff", "restart_max_backoff", "max_crashes", "crash_window", "stop_grace", "log_bytes", "backend", "image", "volumes")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    INHERIT_ENV_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    READINESS_URL_FIELD_NUMBER: _ClassVar[int]
+    READINESS_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    RESTART_MAX_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    MAX_CRASHES_FIELD_NUMBER: _ClassVar[int]
+    CRASH_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STOP_GRACE_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    service: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    inherit_env: _containers.RepeatedScalarFieldContainer[str]
+    port: int
+    url: str
+    readiness_url: str
+    readiness_timeout: _duration_pb2.Duration
+    restart_backoff: _duration_pb2.Duration
+    restart_max_backoff: _duration_pb2.Duration
+    max_crashes: int
+    crash_window: _duration_pb2.Duration
+    stop_grace: _duration_pb2.Duration
+    log_bytes: int
+    backend: str
+    image: str
+    volumes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., url: _Optional[str] = ..., readiness_url: _Optional[str] = ..., readiness_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_crashes: _Optional[int] = ..., crash_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stop_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., log_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., image: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("id", "service", "state", "url", "restarts", "last_log", "message", "pid")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    service: str
+    state: str
+    url: str
+    restarts: int
+    last_log: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    pid: int
+    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., state: _Optional[str] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_log: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class TenantLoad(_message.Message):
     __slots__ = ("tenant", "requests", "rejected", "tokens", "cost_usd")
@@ -39,12 +120,16 @@ class TenantLoad(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class StreamLoadStatsResponse(_message.Message):
-    __slots__ = ("load_reporting_interval", "latency_bucket_bounds_s")
+    __slots__ = ("load_reporting_interval", "latency_bucket_bounds_s", "assignments", "assignments_set")
     LOAD_REPORTING_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUCKET_BOUNDS_S_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_SET_FIELD_NUMBER: _ClassVar[int]
     load_reporting_interval: _duration_pb2.Duration
     latency_bucket_bounds_s: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, load_reporting_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_bucket_bounds_s: _Optional[_Iterable[float]] = ...) -> None: ...
+    assignments: _containers.RepeatedCompositeFieldContainer[ReplicaAssignment]
+    assignments_set: bool
+    def __init__(self, load_reporting_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., latency_bucket_bounds_s: _Optional[_Iterable[float]] = ..., assignments: _Optional[_Iterable[_Union[ReplicaAssignment, _Mapping]]] = ..., assignments_set: _Optional[bool] = ...) -> None: ...
 
 class ErrorCount(_message.Message):
     __slots__ = ("kind", "count")

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
+from switchgear.controlplane.config.managed import read_managed
 from switchgear.controlplane.config.parse import Node
 from switchgear.controlplane.config.read import (
     Context,
@@ -102,7 +103,7 @@ _PRICE_LEAVES = tuple(
 )
 _ENTRY_KEYS = (
     _INHERITED
-    | {"name", "enabled", "metadata"}
+    | {"name", "enabled", "metadata", "managed"}
     | {leaf.key for leaf in _SERVICE_LEAVES}
     | {leaf.key for leaf in _PRICE_LEAVES}
 )
@@ -196,6 +197,7 @@ class _ServiceReader:
             fields["model"] = name
         fields["pricing"] = Pricing(**section(self.leaves(_PRICE_LEAVES), "pricing"))
         fields["endpoints"] = self.endpoints()
+        fields |= self.managed(fields["endpoints"])
         fields["api_key"] = self.api_key()
         metadata, options = self.extras(protocol)
         fields |= self.options_json(options) | self.metadata(metadata)
@@ -296,6 +298,17 @@ class _ServiceReader:
         except TypeError:
             self.ctx.problem(node, "options cannot be written as JSON (integers must fit in 64 bits)")
             return {}
+
+    def managed(self, endpoints: tuple[EndpointSpec, ...]) -> dict[str, Any]:
+        """`managed:` (config/managed.py): the model server Switchgear runs; its replicas are the
+        endpoints, so the entry itself names none."""
+        node = self.entry.value.get("managed") if isinstance(self.entry.value, dict) else None
+        if node is None:
+            return {}
+        if endpoints and _has_any(self.entry, ("endpoint", "endpoints")):
+            self.ctx.problem(node, "a managed service's endpoints are its replicas: remove endpoint/endpoints")
+        spec = read_managed(self.ctx, node)
+        return {} if spec is None else {"managed": spec, "endpoints": ()}
 
     def api_key(self) -> SecretRef | None:
         """`api_key:` (null means none), else the provider's usual key variable."""
