@@ -10,7 +10,7 @@ from pathlib import Path
 
 from switchgear.controlplane import alerts as al
 from switchgear.controlplane.admin import _stats_to_proto
-from switchgear.controlplane.collector import Collector, LoadDelta
+from switchgear.controlplane.collector import MAX_CAPACITY, Collector, LoadDelta
 from switchgear.controlplane.metrics import ControlPlaneMetrics
 from switchgear.controlplane.monitor import Monitor, utilization
 from switchgear.controlplane.registry import Registry
@@ -42,23 +42,27 @@ def test_capacity_travels_on_the_wire() -> None:
     assert (back.in_flight, back.capacity) == (2, 7)
 
 
+def cap(c: Collector, now: float) -> tuple[int, int]:
+    return c.capacities(now).get(("chat", "e0"), (0, 0))
+
+
 def test_collector_sums_capacity_over_agents_that_know_it() -> None:
     c = Collector(gauge_ttl_s=30.0)
     c.record("a1", [row("e0", in_flight=3, capacity=4)], 10.0)
     c.record("a2", [row("e0", in_flight=1, capacity=4)], 10.0)
     c.record("a3", [row("e0", in_flight=5)], 10.0)  # knows no capacity: counts in neither sum
-    assert c.capacity(("chat", "e0"), 10.0) == (4, 8)
+    assert cap(c, 10.0) == (4, 8)
     assert c.in_flight(("chat", "e0"), 10.0) == 9
     # an agent idle on the endpoint (no row in its next report) keeps its capacity; in flight 0
     c.record("a1", [], 11.0)
-    assert c.capacity(("chat", "e0"), 11.0) == (1, 8)
+    assert cap(c, 11.0) == (1, 8)
     # a row that says 0 (the learned capacity was forgotten) makes it unknown for that agent
     c.record("a2", [row("e0", in_flight=1, capacity=0)], 12.0)
-    assert c.capacity(("chat", "e0"), 12.0) == (0, 4)
+    assert cap(c, 12.0) == (0, 4)
     c.agent_gone("a1")
-    assert c.capacity(("chat", "e0"), 12.0) == (0, 0)
+    assert cap(c, 12.0) == (0, 0)
     c.record("a1", [row("e0", in_flight=2, capacity=4)], 13.0)
-    assert c.capacity(("chat", "e0"), 13.0 + 31.0) == (0, 0)  # stale reports count no more
+    assert cap(c, 13.0 + 31.0) == (0, 0)  # stale reports count no more
 
 
 def test_accumulator_reports_the_hooks_capacity_on_endpoint_rows() -> None:
@@ -130,4 +134,22 @@ def test_unknown_capacity_is_no_data_for_alert_rules(tmp_path: Path) -> None:
     assert monitor.rows()[-1].utilization is None
     collector.record("a1", [row("e0", 4, 4, 2)], clock.now)
     assert monitor.rows()[-1].utilization == 1.0
+    store.close()
+
+
+def test_abusive_capacity_figures_are_harmless(tmp_path: Path) -> None:
+    monitor, collector, clock, store = monitor_with(tmp_path, 0)
+    # the largest uint64 the wire carries, a capacity on a service-level row, an unknown service
+    huge = row_from_proto(row_to_proto(row("e0", in_flight=3, capacity=2**64 - 1)))
+    service_level = LoadDelta(service="chat", endpoint="", category="llm", capacity=9)
+    stranger = LoadDelta(service="nobody", endpoint="e0", category="llm", in_flight=1, capacity=1)
+    collector.record("a1", [huge, service_level, stranger], clock.now)
+    collector.record("a2", [huge], clock.now)
+    assert ("chat", "") not in collector.capacities(clock.now)
+    rows = {r.endpoint: r for r in monitor.rows()}
+    # each agent's figure counts for at most MAX_CAPACITY: the sum still fits GetStats' uint64
+    assert rows["e0"].capacity == 2 * MAX_CAPACITY and 0.0 < (rows["e0"].utilization or 0.0) < 1e-9
+    assert _stats_to_proto(rows["e0"]).capacity == _stats_to_proto(rows[""]).capacity == 2 * MAX_CAPACITY
+    assert [r.service for r in monitor.rows()] == ["chat", "chat"]  # no row for an unregistered service
+    monitor.tick()  # the alert evaluation reads the same figures without error
     store.close()

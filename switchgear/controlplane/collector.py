@@ -32,6 +32,10 @@ DEFAULT_LATENCY_BOUNDS_S: tuple[float, ...] = (
 
 Key = tuple[str, str]  # (service, endpoint); endpoint "" = service-level figures
 
+#: The most capacity one agent's report counts for an endpoint (attempts in flight): beyond
+#: any real endpoint, and small enough that sums over agents stay within GetStats' uint64.
+MAX_CAPACITY = 1 << 32
+
 #: Error kinds (loadreport.proto's ErrorCount.kind) that were the caller's own mistake: agents
 #: do not report them, and any that arrive (an older agent) count against nothing here, so no
 #: tenant's malformed requests move an endpoint's error rate, health, weight or alerts.
@@ -231,7 +235,7 @@ class Collector:
             if d.in_flight or d.queue_length:
                 gauges[key] = (d.in_flight, d.queue_length)
             if d.capacity and d.endpoint:
-                capacities[key] = d.capacity
+                capacities[key] = min(d.capacity, MAX_CAPACITY)
             else:
                 capacities.pop(key, None)
         self._gauges[agent] = gauges
@@ -283,16 +287,19 @@ class Collector:
         """Attempts in flight on `key`, summed over the agents whose gauges are fresh."""
         return self._gauge(key, now)[0]
 
-    def capacity(self, key: Key, now: float) -> tuple[int, int]:
-        """(attempts in flight, capacity) of `key` summed over the agents that reported within
-        gauge_ttl_s and know its capacity; agents that do not know it count in neither."""
-        in_flight = capacity = 0
+    def capacities(self, now: float) -> dict[Key, tuple[int, int]]:
+        """Per key: (attempts in flight, capacity) summed over the agents that reported within
+        gauge_ttl_s and know its capacity; agents that do not know it count in neither sum.
+        One pass over the agents' figures (a monitor tick reads every endpoint)."""
+        loads: dict[Key, tuple[int, int]] = {}
         for agent, capacities in self._capacities.items():
-            cap = capacities.get(key, 0)
-            if cap and now - self._reported_at.get(agent, -math.inf) <= self.gauge_ttl_s:
-                capacity += cap
-                in_flight += self._gauges.get(agent, {}).get(key, (0, 0))[0]
-        return in_flight, capacity
+            if not capacities or now - self._reported_at.get(agent, -math.inf) > self.gauge_ttl_s:
+                continue
+            gauges = self._gauges.get(agent, {})
+            for key, cap in capacities.items():
+                in_flight, capacity = loads.get(key, (0, 0))
+                loads[key] = (in_flight + gauges.get(key, (0, 0))[0], capacity + cap)
+        return loads
 
     def stats(self, key: Key, window_s: float, now: float, since: float = -math.inf) -> WindowStats:
         """Sums for `key` over the last `window_s` seconds (and not before `since`), to the

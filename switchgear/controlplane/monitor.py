@@ -23,12 +23,12 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from switchgear.controlplane import alerts as al
 from switchgear.controlplane import health as hl
-from switchgear.controlplane.collector import SEED_METRICS, Collector, WindowStats, service_totals
+from switchgear.controlplane.collector import SEED_METRICS, Collector, Key, WindowStats, service_totals
 from switchgear.controlplane.model import EndpointSpec, MonitoringSettings, RegistryState, ServiceSpec
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
@@ -193,9 +193,10 @@ class Monitor:
         )
         totals = self._collector.services(settings.alert_window_s, now)
         figures = {name: {m: row.figure(m) for m in _METRICS} for name, row in totals.items()}
+        loads = self._collector.capacities(now)
         for name in figures:
             spec = state.service(name)
-            ratio = utilization(self._service_load(spec, now)) if spec else None
+            ratio = utilization(self._service_load(spec, loads, now)) if spec else None
             if ratio is not None:  # unknown capacity: no data for the rule, not "0 % busy"
                 figures[name]["resource_utilization"] = ratio
         events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()},
@@ -265,22 +266,23 @@ class Monitor:
 
         return latency
 
-    def _endpoint_load(self, service: str, endpoint: EndpointSpec, now: float) -> tuple[int, int]:
+    def _endpoint_load(self, service: str, endpoint: EndpointSpec, loads: Mapping[Key, tuple[int, int]],
+                       now: float) -> tuple[int, int]:
         """(in flight, capacity) of an endpoint: the agents' reported capacities (each its
         max_concurrency, else the one it learned) and their in-flight; with none, the configured
         max_concurrency over every agent's in-flight; (0, 0) when the capacity is unknown."""
         key = (service, endpoint.id)
-        in_flight, capacity = self._collector.capacity(key, now)
+        in_flight, capacity = loads.get(key, (0, 0))  # Collector.capacities
         if capacity:
             return in_flight, capacity
         if endpoint.max_concurrency:
             return self._collector.in_flight(key, now), endpoint.max_concurrency
         return 0, 0
 
-    def _service_load(self, spec: ServiceSpec, now: float) -> tuple[int, int]:
+    def _service_load(self, spec: ServiceSpec, loads: Mapping[Key, tuple[int, int]], now: float) -> tuple[int, int]:
         """(in flight, capacity) summed over the service's endpoints of known capacity."""
-        loads = [self._endpoint_load(spec.name, e, now) for e in spec.endpoints]
-        return sum(f for f, _ in loads), sum(c for _, c in loads)
+        parts = [self._endpoint_load(spec.name, e, loads, now) for e in spec.endpoints]
+        return sum(f for f, _ in parts), sum(c for _, c in parts)
 
     def reporting_agents(self, window_s: float) -> int:
         return self._collector.reporting_agents(window_s, self._clock())
@@ -304,6 +306,7 @@ class Monitor:
         state = self._registry.state
         served = self._registry.snapshot.overlay
         data = self._collector.window(window, now)
+        loads = self._collector.capacities(now)
         by_service: dict[str, dict[tuple[str, str], WindowStats]] = {}
         for key, st in data.items():
             by_service.setdefault(key[0], {})[key] = st
@@ -314,13 +317,13 @@ class Monitor:
             for e in spec.endpoints:
                 st = data.get((spec.name, e.id), WindowStats(window_s=window, category=spec.category.value))
                 override = served.endpoint(spec.name, e.id)
-                load = self._endpoint_load(spec.name, e, now)
+                load = self._endpoint_load(spec.name, e, loads, now)
                 rows.append(EndpointRow(spec.name, e.id, spec.category.value, st,
                                         override.health if override else hl.HEALTHY,
                                         override.weight if override else e.weight, utilization(load), load[1]))
             empty = WindowStats(window_s=window, category=spec.category.value)
             total = service_totals(by_service.get(spec.name, {})).get(spec.name, empty)
-            load = self._service_load(spec, now)
+            load = self._service_load(spec, loads, now)
             rows.append(EndpointRow(spec.name, "", spec.category.value, total, "", 0, utilization(load), load[1]))
         return rows
 
