@@ -16,6 +16,7 @@ from switchgear.controlplane.monitor import Monitor, utilization
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore
 from switchgear.dataplane.events import AttemptStart
+from switchgear.dataplane.metrics import AgentMetrics
 from switchgear.dataplane.reporter import LoadAccumulator
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.scheduling.stats import LiveStats
@@ -153,3 +154,12 @@ def test_abusive_capacity_figures_are_harmless(tmp_path: Path) -> None:
     assert [r.service for r in monitor.rows()] == ["chat", "chat"]  # no row for an unregistered service
     monitor.tick()  # the alert evaluation reads the same figures without error
     store.close()
+
+
+def test_agent_metrics_utilization_is_in_flight_over_the_agents_capacity() -> None:
+    m = AgentMetrics()
+    m.capacity = lambda s, e: {"a": 4}.get(e, 0)
+    for endpoint in ("a", "a", "a", "b"):
+        m.attempt_started(AttemptStart("r", "chat", "llm", endpoint, 1, 5))
+    samples = {s.labels["endpoint"]: s.value for s in families(m)["switchgear_resource_utilization"].samples}
+    assert samples == {"a": 0.75}  # b: capacity unknown, no sample rather than 0

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from switchgear.supervise import Proc
 from switchgear.v1 import admin_pb2, common_pb2
@@ -63,6 +65,14 @@ def endpoint_stats(cluster: ResilienceCluster, service: str) -> admin_pb2.Endpoi
     return next(s for s in reply.stats if s.endpoint == "e0")
 
 
+def agent_utilization(cluster: ResilienceCluster, service: str) -> float:
+    """The agent's own switchgear_resource_utilization of the service's e0 (-1: no sample)."""
+    text = urllib.request.urlopen(f"http://{cluster.metrics}/metrics", timeout=5).read().decode()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "switchgear_resource_utilization")
+    found = [x.value for x in family.samples if x.labels.get("service") == service and x.labels.get("endpoint") == "e0"]
+    return float(found[0]) if found else -1.0
+
+
 def test_utilization_is_in_flight_over_the_learned_or_configured_capacity(cluster: ResilienceCluster) -> None:
     for _ in range(12):  # one at a time, 20 ms: the unloaded latency
         invoke(cluster, "elastic")
@@ -70,6 +80,7 @@ def test_utilization_is_in_flight_over_the_learned_or_configured_capacity(cluste
     wait_until(lambda: endpoint_stats(cluster, "elastic").request_count >= 12, 5, "the calls to be reported")
     elastic = endpoint_stats(cluster, "elastic")
     assert (elastic.capacity, elastic.resource_utilization) == (0, 0.0)  # unknown, not "idle"
+    assert agent_utilization(cluster, "elastic") == -1.0  # the agent's /metrics: no sample
     assert endpoint_stats(cluster, "capped").capacity == 4
 
     set_faults(cluster.urls["elastic"], latency_ms=300)  # busy: 8 at once take 15x as long
@@ -93,6 +104,7 @@ def test_utilization_is_in_flight_over_the_learned_or_configured_capacity(cluste
                 pool.submit(caller, i)
             wait_until(lambda: busy("elastic"), 10, "a learned capacity and a utilisation for elastic")
             wait_until(lambda: busy("capped"), 5, "a utilisation for capped")
+            wait_until(lambda: agent_utilization(cluster, "elastic") > 0, 5, "the agent's own figure")
         finally:
             stop.set()
     elastic, capped = seen["elastic"], seen["capped"]

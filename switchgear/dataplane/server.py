@@ -175,7 +175,7 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
     metrics = AgentMetrics(version=lambda: holder.version)
     edge = Edge(door, holder, metrics.record_overhead)
     load, live_stats = LoadAccumulator(), LiveStats()
-    load.capacity = _capacity(holder, live_stats)
+    load.capacity = metrics.capacity = _capacity(holder, live_stats)
     return _Observed(load, metrics, tracing, live_stats, door, edge)
 
 

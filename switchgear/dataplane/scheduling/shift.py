@@ -42,7 +42,10 @@ def capacity(c: Candidate, ctx: Context) -> int:
 
 def reported_capacity(max_concurrency: int, stats: LiveStats, key: str) -> int:
     """`capacity`'s figure for the load report, without creating stats for an unseen key."""
-    return max_concurrency or (stats.get(key).capacity.learned() if stats.known(key) else 0)
+    if max_concurrency:
+        return max_concurrency
+    seen = stats.peek(key)
+    return seen.capacity.learned() if seen is not None else 0
 
 
 def utilisation(c: Candidate, ctx: Context) -> float | None:
