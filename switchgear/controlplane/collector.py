@@ -10,7 +10,7 @@ Gauges (in-flight attempts, queue length) are not deltas: the latest value per a
 and summed across agents whose last report is fresher than `gauge_ttl_s`; a disconnected
 agent's gauges are dropped at once (`agent_gone`). The capacity gauge (each agent's capacity
 for an endpoint: max_concurrency, else the one it learned) is kept per agent from the last row
-that carried the endpoint, so an agent idle on it still counts its capacity; `capacity` sums it.
+that carried the endpoint, so an agent idle on it still counts its capacity; `capacities` sums it.
 
 Units: seconds, USD. Not thread-safe; the control plane uses it from its event loop.
 """
