@@ -262,7 +262,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         rows.append((st.service, st.endpoint or "(total)", health, str(st.weight or ""), str(st.request_count),
                      f"{st.success_rate:.1%}", f"{st.error_rate:.1%}", f"{st.avg_response_time_ms:.1f}", p99,
                      f"{st.cost_per_hour:.4g}", f"{st.cache_hit_rate:.0%}", str(st.circuit_breaker_trips),
-                     str(st.failover_count), str(st.queue_length), f"{st.resource_utilization:.0%}", str(st.in_flight)))
+                     str(st.failover_count), str(st.queue_length),
+                     f"{st.resource_utilization:.0%}" if st.capacity else "-", str(st.in_flight)))
     _print_table(rows)
     return 0
 

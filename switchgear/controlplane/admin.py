@@ -213,7 +213,7 @@ def _stats_to_proto(row: EndpointRow) -> admin_pb2.EndpointStats:
         avg_response_time_ms=st.avg_latency_s * 1e3, p99_response_time_ms=p99 * 1e3 if p99 != float("inf") else -1.0,
         cost_per_hour=st.cost_per_hour, cache_hit_rate=st.cache_hit_rate,
         circuit_breaker_trips=st.breaker_trips, failover_count=st.failovers, queue_length=st.queue_length,
-        resource_utilization=row.utilization, in_flight=st.in_flight,
+        resource_utilization=row.utilization or 0.0, capacity=row.capacity, in_flight=st.in_flight,
         health=convert.health_to_proto(row.health) if row.health else 0,  # type: ignore[arg-type]
         weight=row.weight, input_tokens=st.input_tokens, output_tokens=st.output_tokens, errors=dict(st.errors),
         p50_response_time_ms=p50 * 1e3 if p50 != float("inf") else -1.0,

@@ -110,13 +110,16 @@ class AlertRule:
 COUNTED_METRICS = frozenset(
     {"request_count", "cost_per_hour", "circuit_breaker_trips", "failover_count", "queue_length",
      "resource_utilization"})
+#: Counted metrics that have no value while the capacity they are taken over is unknown.
+CAPACITY_METRICS = frozenset({"resource_utilization"})
 
 
 def has_data(rule: AlertRule, figures: Mapping[str, float], requests: int) -> bool:
     """Whether a window of `requests` attempts with these `figures` is evidence for `rule`,
     either way (see the module docstring)."""
     if rule.metric in COUNTED_METRICS:
-        return requests >= rule.min_requests
+        # resource_utilization is figured only where a capacity is known: absent, no data
+        return requests >= rule.min_requests and (rule.metric in figures or rule.metric not in CAPACITY_METRICS)
     return rule.metric in figures and requests >= max(1, rule.min_requests)
 
 

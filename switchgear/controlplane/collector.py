@@ -8,7 +8,9 @@ the window, the fleet size or the report rate. Marks older than `retention_s` ar
 
 Gauges (in-flight attempts, queue length) are not deltas: the latest value per agent is kept
 and summed across agents whose last report is fresher than `gauge_ttl_s`; a disconnected
-agent's gauges are dropped at once (`agent_gone`).
+agent's gauges are dropped at once (`agent_gone`). The capacity gauge (each agent's capacity
+for an endpoint: max_concurrency, else the one it learned) is kept per agent from the last row
+that carried the endpoint, so an agent idle on it still counts its capacity; `capacities` sums it.
 
 Units: seconds, USD. Not thread-safe; the control plane uses it from its event loop.
 """
@@ -29,6 +31,10 @@ DEFAULT_LATENCY_BOUNDS_S: tuple[float, ...] = (
 )
 
 Key = tuple[str, str]  # (service, endpoint); endpoint "" = service-level figures
+
+#: The most capacity one agent's report counts for an endpoint (attempts in flight): beyond
+#: any real endpoint, and small enough that sums over agents stay within GetStats' uint64.
+MAX_CAPACITY = 1 << 32
 
 #: Error kinds (loadreport.proto's ErrorCount.kind) that were the caller's own mistake: agents
 #: do not report them, and any that arrive (an older agent) count against nothing here, so no
@@ -121,7 +127,7 @@ _FIGURES: dict[str, Callable[[WindowStats], float]] = {
     "circuit_breaker_trips": lambda s: s.breaker_trips,
     "failover_count": lambda s: s.failovers,
     "queue_length": lambda s: s.queue_length,
-    "resource_utilization": lambda s: 0.0,  # needs max_concurrency: see Collector users
+    "resource_utilization": lambda s: 0.0,  # needs the capacity: Monitor figures it (utilization)
 }
 
 #: The seed's EXTERNAL_SERVICE_METRICS names, in the seed's order.
@@ -208,11 +214,13 @@ class Collector:
         self._kinds: dict[str, int] = {}  # ErrorKind value -> position after the scalars
         self._gauges: dict[str, dict[Key, tuple[int, int]]] = {}  # agent -> key -> (in_flight, queue)
         self._reported_at: dict[str, float] = {}
+        self._capacities: dict[str, dict[Key, int]] = {}  # agent -> key -> capacity it reported
         self._pruned_at = -1
 
     def record(self, agent: str, deltas: Iterable[LoadDelta], now: float) -> None:
         index = int(now // self.bucket_s)
         gauges: dict[Key, tuple[int, int]] = {}
+        capacities = self._capacities.setdefault(agent, {})
         for d in deltas:
             key = (d.service, d.endpoint)
             series = self._series.get(key)
@@ -226,6 +234,10 @@ class Collector:
                 series.last_success_at = now
             if d.in_flight or d.queue_length:
                 gauges[key] = (d.in_flight, d.queue_length)
+            if d.capacity and d.endpoint:
+                capacities[key] = min(d.capacity, MAX_CAPACITY)
+            else:
+                capacities.pop(key, None)
         self._gauges[agent] = gauges
         self._reported_at[agent] = now
         if index != self._pruned_at:  # once per bucket is enough
@@ -237,6 +249,7 @@ class Collector:
     def agent_gone(self, agent: str) -> None:
         self._gauges.pop(agent, None)
         self._reported_at.pop(agent, None)
+        self._capacities.pop(agent, None)
 
     def keys(self) -> list[Key]:
         return sorted(self._series)
@@ -269,6 +282,24 @@ class Collector:
                 in_flight += gauges[key][0]
                 queue += gauges[key][1]
         return in_flight, queue
+
+    def in_flight(self, key: Key, now: float) -> int:
+        """Attempts in flight on `key`, summed over the agents whose gauges are fresh."""
+        return self._gauge(key, now)[0]
+
+    def capacities(self, now: float) -> dict[Key, tuple[int, int]]:
+        """Per key: (attempts in flight, capacity) summed over the agents that reported within
+        gauge_ttl_s and know its capacity; agents that do not know it count in neither sum.
+        One pass over the agents' figures (a monitor tick reads every endpoint)."""
+        loads: dict[Key, tuple[int, int]] = {}
+        for agent, capacities in self._capacities.items():
+            if not capacities or now - self._reported_at.get(agent, -math.inf) > self.gauge_ttl_s:
+                continue
+            gauges = self._gauges.get(agent, {})
+            for key, cap in capacities.items():
+                in_flight, capacity = loads.get(key, (0, 0))
+                loads[key] = (in_flight + gauges.get(key, (0, 0))[0], capacity + cap)
+        return loads
 
     def stats(self, key: Key, window_s: float, now: float, since: float = -math.inf) -> WindowStats:
         """Sums for `key` over the last `window_s` seconds (and not before `since`), to the

@@ -63,7 +63,7 @@ class ControlPlaneMetrics(PromCollector):
                     service.add_metric([key[0], st.category], float(getattr(st, attr)))
             yield family
             yield service
-        gauges: dict[str, tuple[str, Callable[[Any], float]]] = {
+        gauges: dict[str, tuple[str, Callable[[Any], float | None]]] = {
             "success_rate": ("Successful share of finished attempts" + window, lambda r: r.stats.success_rate),
             "error_rate": ("Failed share of finished attempts" + window, lambda r: r.stats.error_rate),
             "avg_response_time": ("Mean attempt latency in milliseconds" + window,
@@ -71,7 +71,8 @@ class ControlPlaneMetrics(PromCollector):
             "cost_per_hour": ("USD spent" + window + ", scaled to one hour", lambda r: r.stats.cost_per_hour),
             "cache_hit_rate": ("Cache hits over lookups" + window, lambda r: r.stats.cache_hit_rate),
             "queue_length": ("Requests waiting for admission (sum over agents)", lambda r: r.stats.queue_length),
-            "resource_utilization": ("In-flight attempts over max_concurrency (0 when unlimited)",
+            "resource_utilization": ("In-flight attempts over capacity: max_concurrency when set, else the "
+                                     "capacity agents learned (sums over agents); no sample while unknown",
                                      lambda r: r.utilization),
             "in_flight": ("Attempts in flight (sum over agents)", lambda r: r.stats.in_flight),
         }
@@ -80,10 +81,13 @@ class ControlPlaneMetrics(PromCollector):
             service_gauge = GaugeMetricFamily(f"switchgear_service_{name}", f"{text}: the service's total",
                                               labels=SERVICE_LABELS)
             for row in rows:
+                figure = value(row)
+                if figure is None:  # resource_utilization of unknown capacity: no sample, not 0
+                    continue
                 if row.endpoint:
-                    gauge.add_metric([row.service, row.endpoint, row.category], float(value(row)))
+                    gauge.add_metric([row.service, row.endpoint, row.category], float(figure))
                 else:
-                    service_gauge.add_metric([row.service, row.category], float(value(row)))
+                    service_gauge.add_metric([row.service, row.category], float(figure))
             yield gauge
             yield service_gauge
         weight = GaugeMetricFamily("switchgear_endpoint_weight", "Weight served to agents", labels=LABELS)

@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from switchgear.controlplane import alerts as al
 from switchgear.controlplane import health as hl
-from switchgear.controlplane.collector import SEED_METRICS, Collector, WindowStats, service_totals
-from switchgear.controlplane.model import MonitoringSettings, RegistryState
+from switchgear.controlplane.collector import SEED_METRICS, Collector, Key, WindowStats, service_totals
+from switchgear.controlplane.model import EndpointSpec, MonitoringSettings, RegistryState, ServiceSpec
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.snapshot import EndpointOverride, Overlay, Snapshot
@@ -48,7 +48,8 @@ class EndpointRow:
     stats: WindowStats
     health: str
     weight: int
-    utilization: float
+    utilization: float | None  # in flight over `capacity`; None when the capacity is unknown
+    capacity: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,12 @@ class Monitor:
         )
         totals = self._collector.services(settings.alert_window_s, now)
         figures = {name: {m: row.figure(m) for m in _METRICS} for name, row in totals.items()}
+        loads = self._collector.capacities(now)
         for name in figures:
-            figures[name]["resource_utilization"] = self._utilization(state, name, totals[name])
+            spec = state.service(name)
+            ratio = utilization(self._service_load(spec, loads, now)) if spec else None
+            if ratio is not None:  # unknown capacity: no data for the rule, not "0 % busy"
+                figures[name]["resource_utilization"] = ratio
         events = self._alerts.evaluate(wall, figures, {n: r.issued for n, r in totals.items()},
                                        registered={s.name for s in state.services})
         current = self._registry.snapshot.overlay
@@ -261,11 +266,23 @@ class Monitor:
 
         return latency
 
-    @staticmethod
-    def _utilization(state: RegistryState, service: str, row: WindowStats) -> float:
-        spec = state.service(service)
-        capacity = sum(e.max_concurrency for e in spec.endpoints) if spec else 0
-        return row.in_flight / capacity if capacity and spec and all(e.max_concurrency for e in spec.endpoints) else 0.0
+    def _endpoint_load(self, service: str, endpoint: EndpointSpec, loads: Mapping[Key, tuple[int, int]],
+                       now: float) -> tuple[int, int]:
+        """(in flight, capacity) of an endpoint: the agents' reported capacities (each its
+        max_concurrency, else the one it learned) and their in-flight; with none, the configured
+        max_concurrency over every agent's in-flight; (0, 0) when the capacity is unknown."""
+        key = (service, endpoint.id)
+        in_flight, capacity = loads.get(key, (0, 0))  # Collector.capacities
+        if capacity:
+            return in_flight, capacity
+        if endpoint.max_concurrency:
+            return self._collector.in_flight(key, now), endpoint.max_concurrency
+        return 0, 0
+
+    def _service_load(self, spec: ServiceSpec, loads: Mapping[Key, tuple[int, int]], now: float) -> tuple[int, int]:
+        """(in flight, capacity) summed over the service's endpoints of known capacity."""
+        parts = [self._endpoint_load(spec.name, e, loads, now) for e in spec.endpoints]
+        return sum(f for f, _ in parts), sum(c for _, c in parts)
 
     def reporting_agents(self, window_s: float) -> int:
         return self._collector.reporting_agents(window_s, self._clock())
@@ -289,6 +306,7 @@ class Monitor:
         state = self._registry.state
         served = self._registry.snapshot.overlay
         data = self._collector.window(window, now)
+        loads = self._collector.capacities(now)
         by_service: dict[str, dict[tuple[str, str], WindowStats]] = {}
         for key, st in data.items():
             by_service.setdefault(key[0], {})[key] = st
@@ -299,14 +317,14 @@ class Monitor:
             for e in spec.endpoints:
                 st = data.get((spec.name, e.id), WindowStats(window_s=window, category=spec.category.value))
                 override = served.endpoint(spec.name, e.id)
-                util = st.in_flight / e.max_concurrency if e.max_concurrency else 0.0
+                load = self._endpoint_load(spec.name, e, loads, now)
                 rows.append(EndpointRow(spec.name, e.id, spec.category.value, st,
                                         override.health if override else hl.HEALTHY,
-                                        override.weight if override else e.weight, util))
+                                        override.weight if override else e.weight, utilization(load), load[1]))
             empty = WindowStats(window_s=window, category=spec.category.value)
             total = service_totals(by_service.get(spec.name, {})).get(spec.name, empty)
-            rows.append(EndpointRow(spec.name, "", spec.category.value, total, "", 0,
-                                    self._utilization(state, spec.name, total)))
+            load = self._service_load(spec, loads, now)
+            rows.append(EndpointRow(spec.name, "", spec.category.value, total, "", 0, utilization(load), load[1]))
         return rows
 
     async def run(self, stop: asyncio.Event, tick_s: float | None = None) -> None:
@@ -331,6 +349,13 @@ class Monitor:
 
 
 _METRICS = tuple(m for m in SEED_METRICS if m != "resource_utilization")
+
+
+def utilization(load: tuple[int, int]) -> float | None:
+    """resource_utilization of an (in flight, capacity) pair: in-flight over capacity; None
+    when the capacity is unknown (0): no sample, which alert rules treat as no data."""
+    in_flight, capacity = load
+    return in_flight / capacity if capacity else None
 
 
 def _with_threshold(params: hl.HealthParams, threshold: int) -> hl.HealthParams:

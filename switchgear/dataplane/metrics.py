@@ -14,7 +14,9 @@ Cost: an attempt is a few dict updates on the event loop; families are built at 
 
 Hooks for components other issues add (O(1), call from the event loop):
 `record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
-`set_queue_length(service, n)`, `set_resource_utilization(service, endpoint, ratio)`, and
+`set_queue_length(service, n)`, `set_resource_utilization(service, endpoint, ratio)` (else
+resource_utilization is in-flight over `capacity(service, endpoint)`, the agent's capacity of
+the endpoint as its load reports carry it; no sample while that is 0, unknown), and
 `set_decisions(source)`: a callable returning {(service, endpoint): {decision: count}} (the
 resilience counters, attempts.Resilience.counters) exported as
 switchgear_resilience_decisions_total{service, endpoint, decision}.
@@ -106,6 +108,7 @@ class AgentMetrics(PromCollector):
         self._in_flight: dict[Key, int] = {}
         self._queue: dict[str, int] = {}
         self._utilization: dict[Key, float] = {}
+        self.capacity: Callable[[str, str], int] = lambda service, endpoint: 0
         self._overhead = [0] * (len(OVERHEAD_BOUNDS_S) + 1)
         self._overhead_sum = 0.0
         self._decisions: Callable[[], Mapping[Key, Mapping[str, int]]] | None = None
@@ -175,6 +178,12 @@ class AgentMetrics(PromCollector):
     def set_resource_utilization(self, service: str, endpoint: str, ratio: float) -> None:
         self._utilization[(service, endpoint)] = ratio
 
+    def _utilization_of(self, key: Key, sums: list[float]) -> float | None:
+        if key in self._utilization:
+            return self._utilization[key]
+        capacity = self.capacity(*key) if key[1] else 0
+        return self._in_flight.get(key, 0) / capacity if capacity else None
+
     @contextmanager
     def measure(self) -> Iterator[None]:
         """Wrap one request (either door): records its time minus its upstream attempts' time as overhead."""
@@ -208,7 +217,7 @@ class AgentMetrics(PromCollector):
             yield family
         window = f" over the last {self._window_s:g} s"
         sums = {key: self._windows[key].sums(now) for key, _ in rows}
-        gauges: dict[str, tuple[str, Callable[[Key, list[float]], float]]] = {
+        gauges: dict[str, tuple[str, Callable[[Key, list[float]], float | None]]] = {
             "success_rate": ("Successful share of finished attempts" + window,
                              lambda k, s: s[1] / s[0] if s[0] else 1.0),
             "error_rate": ("Failed share of finished attempts" + window, lambda k, s: 1 - s[1] / s[0] if s[0] else 0.0),
@@ -219,14 +228,16 @@ class AgentMetrics(PromCollector):
             "cache_hit_rate": ("Cache hits over lookups" + window, lambda k, s: s[5] / s[4] if s[4] else 0.0),
             "queue_length": ("Requests waiting for admission",
                              lambda k, s: float(self._queue.get(k[0], 0)) if not k[1] else 0.0),
-            "resource_utilization": ("In-flight over capacity, as the admission component reports it",
-                                     lambda k, s: self._utilization.get(k, 0.0)),
+            "resource_utilization": ("In-flight over capacity (max_concurrency, else the learned one); "
+                                     "no sample while unknown", self._utilization_of),
             "in_flight": ("Attempts in flight", lambda k, s: float(self._in_flight.get(k, 0))),
         }
         for name, (text, value) in gauges.items():
             gauge = GaugeMetricFamily(f"switchgear_{name}", text, labels=LABELS)
             for key, t in rows:
-                gauge.add_metric([key[0], key[1], t.category], value(key, sums[key]))
+                figure = value(key, sums[key])
+                if figure is not None:  # resource_utilization of unknown capacity: no sample
+                    gauge.add_metric([key[0], key[1], t.category], figure)
             yield gauge
         histogram = HistogramMetricFamily("switchgear_response_time_seconds", "Attempt latency", labels=LABELS)
         for (service, endpoint), t in rows:

@@ -11,7 +11,8 @@ takes a node's reports only from the holder of its snapshot stream), and the age
 
 Hooks for components other issues add (all O(1), call from the event loop):
 `record_cache(service, hit)`, `record_breaker_trip(service, endpoint)`,
-`set_queue_length(service, n)`.
+`set_queue_length(service, n)`. `capacity(service, endpoint)` (set by the agent) gives each
+endpoint row's capacity gauge: max_concurrency when configured, else the learned one, 0 unknown.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class _Delta:
         for name, amount in amounts.items():
             self.sums[name] += amount
 
-    def row(self, key: Key, in_flight: int, queue_length: int) -> LoadRow:
+    def row(self, key: Key, in_flight: int, queue_length: int, capacity: int = 0) -> LoadRow:
         return LoadRow(service=key[0], endpoint=key[1], category=self.category,
                        failed=tuple(sorted(self.failed.items())), latency_buckets=tuple(self.buckets),
-                       in_flight=in_flight, queue_length=queue_length, **typed_sums(self.sums))
+                       in_flight=in_flight, queue_length=queue_length, capacity=capacity,
+                       **typed_sums(self.sums))
 
 
 class LoadAccumulator:
@@ -67,6 +69,7 @@ class LoadAccumulator:
         self._in_flight: dict[Key, int] = {}
         self._queue: dict[str, int] = {}
         self._categories: dict[Key, str] = {}
+        self.capacity: Callable[[str, str], int] = lambda service, endpoint: 0
 
     def set_bounds(self, bounds_s: Sequence[float]) -> None:
         if list(bounds_s) != self._bounds:
@@ -142,7 +145,8 @@ class LoadAccumulator:
         for key in sorted(keys):
             d = deltas.get(key) or _Delta(self._categories.get(key, ""))
             queue = self._queue.get(key[0], 0) if not key[1] else 0
-            loads.append(row_to_proto(d.row(key, self._in_flight.get(key, 0), queue)))
+            capacity = self.capacity(*key) if key[1] else 0
+            loads.append(row_to_proto(d.row(key, self._in_flight.get(key, 0), queue, capacity)))
         return loads
 
 

@@ -42,6 +42,8 @@ from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounte
 from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
 from switchgear.dataplane.router import Router
+from switchgear.dataplane.scheduling.model import candidate_key
+from switchgear.dataplane.scheduling.shift import reported_capacity
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder
 from switchgear.dataplane.stream import Streamer
@@ -179,7 +181,20 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
     door = DoorMetrics(max_tenants=options.metrics_max_tenants, max_routes=options.metrics_max_routes)
     metrics = AgentMetrics(version=lambda: holder.version)
     edge = Edge(door, holder, metrics.record_overhead)
-    return _Observed(LoadAccumulator(), metrics, tracing, LiveStats(), door, edge)
+    load, live_stats = LoadAccumulator(), LiveStats()
+    load.capacity = metrics.capacity = _capacity(holder, live_stats)
+    return _Observed(load, metrics, tracing, live_stats, door, edge)
+
+
+def _capacity(holder: Holder, stats: LiveStats) -> Callable[[str, str], int]:
+    """The load report's capacity of an endpoint: max_concurrency when the served snapshot sets
+    it, else the capacity this agent learned (scheduling/shift.py), 0 when unknown."""
+    def capacity(service: str, endpoint: str) -> int:
+        view = holder.current.services.get(service) if holder.current else None
+        configured = next((e.max_concurrency for e in view.endpoints if e.id == endpoint), 0) if view else 0
+        return reported_capacity(configured, stats, candidate_key(service, endpoint))
+
+    return capacity
 
 
 class _Readiness:

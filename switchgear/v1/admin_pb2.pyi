@@ -151,7 +151,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class EndpointStats(_message.Message):
-    __slots__ = ("service", "endpoint", "category", "request_count", "success_rate", "error_rate", "avg_response_time_ms", "p99_response_time_ms", "cost_per_hour", "cache_hit_rate", "circuit_breaker_trips", "failover_count", "queue_length", "resource_utilization", "in_flight", "health", "weight", "input_tokens", "output_tokens", "errors", "p50_response_time_ms")
+    __slots__ = ("service", "endpoint", "category", "request_count", "success_rate", "error_rate", "avg_response_time_ms", "p99_response_time_ms", "cost_per_hour", "cache_hit_rate", "circuit_breaker_trips", "failover_count", "queue_length", "resource_utilization", "in_flight", "health", "weight", "input_tokens", "output_tokens", "errors", "p50_response_time_ms", "capacity")
     class ErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class EndpointStats(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     P50_RESPONSE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     service: str
     endpoint: str
     category: str
@@ -201,7 +202,8 @@ class EndpointStats(_message.Message):
     output_tokens: int
     errors: _containers.ScalarMap[str, int]
     p50_response_time_ms: float
-    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., request_count: _Optional[int] = ..., success_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., avg_response_time_ms: _Optional[float] = ..., p99_response_time_ms: _Optional[float] = ..., cost_per_hour: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., circuit_breaker_trips: _Optional[int] = ..., failover_count: _Optional[int] = ..., queue_length: _Optional[int] = ..., resource_utilization: _Optional[float] = ..., in_flight: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.HealthState, str]] = ..., weight: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., errors: _Optional[_Mapping[str, int]] = ..., p50_response_time_ms: _Optional[float] = ...) -> None: ...
+    capacity: int
+    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., request_count: _Optional[int] = ..., success_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., avg_response_time_ms: _Optional[float] = ..., p99_response_time_ms: _Optional[float] = ..., cost_per_hour: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., circuit_breaker_trips: _Optional[int] = ..., failover_count: _Optional[int] = ..., queue_length: _Optional[int] = ..., resource_utilization: _Optional[float] = ..., in_flight: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.HealthState, str]] = ..., weight: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., errors: _Optional[_Mapping[str, int]] = ..., p50_response_time_ms: _Optional[float] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("window", "stats", "reporting_agents", "agents")

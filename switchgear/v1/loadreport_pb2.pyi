@@ -140,7 +140,7 @@ class ErrorCount(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("service", "endpoint", "category", "requests_issued", "requests_succeeded", "requests_failed", "in_flight", "latency_sum_s", "latency_count", "success_latency_sum_s", "success_latency_count", "latency_buckets", "ttft_sum_s", "ttft_count", "input_tokens", "output_tokens", "cost_usd", "failovers", "cache_lookups", "cache_hits", "circuit_breaker_trips", "queue_length")
+    __slots__ = ("service", "endpoint", "category", "requests_issued", "requests_succeeded", "requests_failed", "in_flight", "latency_sum_s", "latency_count", "success_latency_sum_s", "success_latency_count", "latency_buckets", "ttft_sum_s", "ttft_count", "input_tokens", "output_tokens", "cost_usd", "failovers", "cache_lookups", "cache_hits", "circuit_breaker_trips", "queue_length", "capacity")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class EndpointLoad(_message.Message):
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CIRCUIT_BREAKER_TRIPS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     service: str
     endpoint: str
     category: str
@@ -185,4 +186,5 @@ class EndpointLoad(_message.Message):
     cache_hits: int
     circuit_breaker_trips: int
     queue_length: int
-    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., requests_issued: _Optional[int] = ..., requests_succeeded: _Optional[int] = ..., requests_failed: _Optional[_Iterable[_Union[ErrorCount, _Mapping]]] = ..., in_flight: _Optional[int] = ..., latency_sum_s: _Optional[float] = ..., latency_count: _Optional[int] = ..., success_latency_sum_s: _Optional[float] = ..., success_latency_count: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ..., ttft_sum_s: _Optional[float] = ..., ttft_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., failovers: _Optional[int] = ..., cache_lookups: _Optional[int] = ..., cache_hits: _Optional[int] = ..., circuit_breaker_trips: _Optional[int] = ..., queue_length: _Optional[int] = ...) -> None: ...
+    capacity: int
+    def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[str] = ..., category: _Optional[str] = ..., requests_issued: _Optional[int] = ..., requests_succeeded: _Optional[int] = ..., requests_failed: _Optional[_Iterable[_Union[ErrorCount, _Mapping]]] = ..., in_flight: _Optional[int] = ..., latency_sum_s: _Optional[float] = ..., latency_count: _Optional[int] = ..., success_latency_sum_s: _Optional[float] = ..., success_latency_count: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ..., ttft_sum_s: _Optional[float] = ..., ttft_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., failovers: _Optional[int] = ..., cache_lookups: _Optional[int] = ..., cache_hits: _Optional[int] = ..., circuit_breaker_trips: _Optional[int] = ..., queue_length: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...

@@ -58,3 +58,4 @@ class LoadRow(LoadSums):
     latency_buckets: tuple[int, ...] = ()
     in_flight: int = 0
     queue_length: int = 0
+    capacity: int = 0  # a gauge: the endpoint's capacity as this agent takes it (0 = unknown)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from switchgear.dataplane.scheduling.filters import Filter
 from switchgear.dataplane.scheduling.model import Candidate, Context
+from switchgear.dataplane.scheduling.stats import LiveStats
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class ShiftSettings:
 def capacity(c: Candidate, ctx: Context) -> int:
     """max_concurrency when configured, else the learned capacity (0: unknown)."""
     return c.max_concurrency or ctx.stats.get(c.key).capacity.learned()
+
+
+def reported_capacity(max_concurrency: int, stats: LiveStats, key: str) -> int:
+    """`capacity`'s figure for the load report, without creating stats for an unseen key."""
+    if max_concurrency:
+        return max_concurrency
+    seen = stats.peek(key)
+    return seen.capacity.learned() if seen is not None else 0
 
 
 def utilisation(c: Candidate, ctx: Context) -> float | None:

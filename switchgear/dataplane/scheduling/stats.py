@@ -413,6 +413,10 @@ class LiveStats:
     def known(self, key: str) -> bool:
         return key in self._by_key
 
+    def peek(self, key: str) -> EndpointStats | None:
+        """The stats of `key`, or None: creates nothing (safe to call from a scrape thread)."""
+        return self._by_key.get(key)
+
     def retain(self, keys: Collection[str]) -> None:
         """Forget endpoints not in `keys` (call after a snapshot swap)."""
         for key in [k for k in self._by_key if k not in keys]:
