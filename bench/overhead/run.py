@@ -77,6 +77,7 @@ class Run:
     emulator_cpu_s: float
     agent_cpu_s: float
     seconds: float
+    workers: int = 1  # the agent's --workers (its CPU is the supervisor's and every worker's)
 
 
 def ensure_tools() -> None:
@@ -94,8 +95,16 @@ def ensure_tools() -> None:
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """CPU seconds of `pid` and its children (an agent's `--workers` processes)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -254,10 +263,12 @@ def h2load(
 
 
 class Stack:
-    def __init__(self, workdir: Path, grpcio: bool = False) -> None:
+    def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,)) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
         self.with_grpcio = grpcio
+        self.workers = workers
+        self.by_workers: dict[int, tuple[Proc, str, str]] = {}  # --workers N -> (agent, gRPC, HTTP address)
 
     def start(self) -> None:
         emu = Proc.switchgear(
@@ -287,23 +298,25 @@ class Stack:
         )
         self.procs.append(cp)
         cp_address = cp.start()
-        self.agent, self.grpc_address, self.http_address = self._agent("agent", cp_address, "switchgear")
+        for n in self.workers:
+            self.by_workers[n] = self._agent("agent" if n == self.workers[0] else f"agent-w{n}", cp_address,
+                                             "switchgear", n)
+        self.agent, self.grpc_address, self.http_address = self.by_workers[self.workers[0]]
         if self.with_grpcio:
             self.agent_grpcio, self.grpcio_address, _ = self._agent("agent-grpcio", cp_address, "grpcio")
         deadline = time.monotonic() + 20
-        while True:  # the agent serves once it holds the snapshot
-            r = httpx.post(
-                f"http://{self.http_address}/v1/chat/completions", json={**CHAT, "model": "bench-0ms"}, timeout=5
-            )
-            if r.status_code == 200:
-                break
-            assert time.monotonic() < deadline, f"agent not serving: {r.status_code} {r.text}"
-            time.sleep(0.1)
+        for _, _, http_address in self.by_workers.values():
+            while True:  # an agent serves once it holds the snapshot (each worker: several connections)
+                if all(httpx.post(f"http://{http_address}/v1/chat/completions", json={**CHAT, "model": "bench-0ms"},
+                                  timeout=5).status_code == 200 for _ in range(8)):
+                    break
+                assert time.monotonic() < deadline, f"agent at {http_address} not serving"
+                time.sleep(0.1)
 
-    def _agent(self, name: str, cp_address: str, grpc_server: str) -> tuple[Proc, str, str]:
+    def _agent(self, name: str, cp_address: str, grpc_server: str, workers: int = 1) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
-                "--agent-token-file", str(self.workdir / "r.db.agent-token")]
+                "--agent-token-file", str(self.workdir / "r.db.agent-token"), "--workers", str(workers)]
         agent = Proc.switchgear(name, argv, self.workdir)
         self.procs.append(agent)
         grpc_address = agent.start()
@@ -336,7 +349,8 @@ def fmt(runs: list[Run], rss: float) -> str:
         added99 = f"{r.p99_ms - d.p99_ms:+.2f}" if d and r.mode != "direct" else ""
         ratio = f"{r.rps / d.rps:.2f}x" if d and r.mode != "direct" and d.rps else ""
         lines.append(
-            f"| {r.delay_ms} ms | {r.concurrency} | {r.mode} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"| {r.delay_ms} ms | {r.concurrency} | {r.mode}{f' w{r.workers}' if r.workers > 1 else ''} | "
+            f"{r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{added50} | {added99} | {ratio} | {r.errors} | "
             f"{r.loadgen_cpu_s:.1f} / {r.emulator_cpu_s:.1f} / {r.agent_cpu_s:.1f} | {per_request(r)} |"
         )
@@ -348,8 +362,20 @@ def fmt(runs: list[Run], rss: float) -> str:
             f"{r.delay_ms} ms c={r.concurrency} {r.rps / g.rps:.2f}x req/s, "
             f"{(r.agent_cpu_s / r.requests) / (g.agent_cpu_s / g.requests):.2f}x CPU per call"
             for r, g in ours if g.rps and r.requests and g.requests and g.agent_cpu_s))
+    lines.extend(_workers_lines(runs))
     lines.append(f"\nagent RSS after the runs: {rss:.0f} MB")
     return "\n".join(lines)
+
+
+def _workers_lines(runs: list[Run]) -> list[str]:
+    """--workers 1,N: each N-worker run's req/s as a ratio of the 1-worker run of the same path."""
+    one = {(r.mode, r.delay_ms, r.concurrency): r for r in runs if r.workers == 1}
+    pairs = [(r, one[(r.mode, r.delay_ms, r.concurrency)]) for r in runs
+             if r.workers > 1 and (r.mode, r.delay_ms, r.concurrency) in one]
+    return [f"\n--workers {r.workers} vs 1 (same run), {r.mode} {r.delay_ms} ms c={r.concurrency}: "
+            f"{r.rps / o.rps:.2f}x req/s; load generator {r.loadgen_cpu_s / r.seconds:.0%} of a core, emulator "
+            f"{r.emulator_cpu_s / r.seconds:.0%}, agent {r.agent_cpu_s / r.seconds:.0%}"
+            for r, o in pairs if o.rps]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,20 +385,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delays", default="20,0", help="upstream delays in ms: 20 and/or 0")
     parser.add_argument("--modes", default="direct,http,grpc,grpcio")
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
+    parser.add_argument("--workers", default="1",
+                        help="agents' --workers, e.g. 1,2: the http and grpc paths run once per count, each on "
+                             "an agent of its own (same control plane and emulator)")
     args = parser.parse_args(argv)
+    worker_counts = tuple(int(n) for n in args.workers.split(","))
     ensure_tools()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
         workdir = Path(tmp)
         modes = args.modes.split(",")
-        stack = Stack(workdir, grpcio="grpcio" in modes)
+        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts)
         try:
             stack.start()
             for delay in (int(d) for d in args.delays.split(",")):
                 instance, service = ("fixed", "bench-20ms") if delay == 20 else ("zero", "bench-0ms")
                 for conc in (int(c) for c in args.concurrency.split(",")):
-                    for mode in modes:
-                        agent = stack.agent_grpcio if mode == "grpcio" else stack.agent
+                    for mode, n in [(m, n) for m in modes for n in (worker_counts if m in ("http", "grpc")
+                                                                    else worker_counts[:1])]:
+                        agent, grpc_address, http_address = stack.by_workers[n]
+                        agent = stack.agent_grpcio if mode == "grpcio" else agent
                         pids = (stack.emulator.pid, agent.pid)
                         if mode == "direct":
                             run, _ = wrk(
@@ -385,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         elif mode == "http":
                             run, _ = wrk(
-                                f"http://{stack.http_address}/v1/chat/completions",
+                                f"http://{http_address}/v1/chat/completions",
                                 {**CHAT, "model": service},
                                 conc,
                                 args.seconds,
@@ -394,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         else:
                             run, _ = h2load(
-                                stack.grpcio_address if mode == "grpcio" else stack.grpc_address,
+                                stack.grpcio_address if mode == "grpcio" else grpc_address,
                                 service,
                                 conc,
                                 args.seconds,
@@ -402,11 +434,11 @@ def main(argv: list[str] | None = None) -> int:
                                 workdir,
                                 functools.partial(stack.served, instance),
                             )
-                        run.mode, run.delay_ms = mode, delay
+                        run.mode, run.delay_ms, run.workers = mode, delay, n
                         runs.append(run)
                         print(
-                            f"  {mode:6} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  p50 {run.p50_ms:7.2f} ms  "
-                            f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}",
+                            f"  {mode:6} w{n} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  "
+                            f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}",
                             flush=True,
                         )
             rss = rss_mb(stack.agent.pid)

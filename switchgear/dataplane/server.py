@@ -48,7 +48,7 @@ from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
-from switchgear.dataplane.worker_metrics import serve_worker_metrics
+from switchgear.dataplane.worker_metrics import LoopTasks, serve_worker_metrics
 from switchgear.rpc.options import grpcio_options
 from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
@@ -255,7 +255,7 @@ class Agent:
 
     def _metrics_collectors(self) -> tuple[PromCollector, ...]:
         redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
-        return (self.core.observed.metrics, *redis_metrics)
+        return (self.core.observed.metrics, *redis_metrics, LoopTasks(asyncio.get_running_loop()))
 
     def _start_metrics(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.options.metrics_listen:

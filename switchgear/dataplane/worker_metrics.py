@@ -64,6 +64,19 @@ async def serve_worker_metrics(collectors: Sequence[Collector], path: str) -> Ca
     return close
 
 
+class LoopTasks(Collector):
+    """switchgear_event_loop_tasks: asyncio tasks alive on the agent's event loop (a gauge; the
+    soak watches it for leaks). Read from the metrics thread: all_tasks copes with that."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def collect(self) -> Iterator[Metric]:
+        tasks = GaugeMetricFamily("switchgear_event_loop_tasks", "asyncio tasks alive on the agent's event loop")
+        tasks.add_metric([], float(len(asyncio.all_tasks(self._loop))))
+        yield tasks
+
+
 def scrape(path: str, timeout_s: float) -> tuple[int, list[Metric]] | None:
     """One worker's (pid, families), or None when it does not answer in time (down, restarting)."""
     chunks, size = [], 0
