@@ -151,7 +151,7 @@ class Supervisor:
                             "worker's own, so a tenant's limit holds per worker (up to %d times it in all)",
                             self.count, self.count)
             try:
-                await asyncio.gather(*(self._start(w) for w in self._workers))
+                await self._start_all()
                 metrics = self._serve_metrics(stack)
                 for worker in self._workers:
                     self._keep(worker, stop)
@@ -160,6 +160,15 @@ class Supervisor:
             finally:
                 stop.set()
                 await self._stop_all()
+
+    async def _start_all(self) -> None:
+        """Start every worker; the first that fails cancels the others' starts (WorkerFailed)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for worker in self._workers:
+                    group.create_task(self._start(worker))
+        except* WorkerFailed as failed:
+            raise failed.exceptions[0] from None
 
     def _reserve(self, stack: contextlib.ExitStack) -> Options:
         listen = _reserved(stack, "--listen", self.options.listen)
