@@ -372,10 +372,12 @@ def _workers_lines(runs: list[Run]) -> list[str]:
     one = {(r.mode, r.delay_ms, r.concurrency): r for r in runs if r.workers == 1}
     pairs = [(r, one[(r.mode, r.delay_ms, r.concurrency)]) for r in runs
              if r.workers > 1 and (r.mode, r.delay_ms, r.concurrency) in one]
-    return [f"\n--workers {r.workers} vs 1 (same run), {r.mode} {r.delay_ms} ms c={r.concurrency}: "
-            f"{r.rps / o.rps:.2f}x req/s; load generator {r.loadgen_cpu_s / r.seconds:.0%} of a core, emulator "
-            f"{r.emulator_cpu_s / r.seconds:.0%}, agent {r.agent_cpu_s / r.seconds:.0%}"
-            for r, o in pairs if o.rps]
+    lines = [f"--workers {r.workers} vs 1 (same run), {r.mode} {r.delay_ms} ms c={r.concurrency}: "
+             f"{r.rps / o.rps:.2f}x req/s; CPU over the run, in cores: load generator "
+             f"{r.loadgen_cpu_s / r.seconds:.2f}, emulator {r.emulator_cpu_s / r.seconds:.2f}, agent "
+             f"{r.agent_cpu_s / r.seconds:.2f} (1 worker: {o.agent_cpu_s / o.seconds:.2f})"
+             for r, o in pairs if o.rps]
+    return ["", *lines] if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:
