@@ -115,13 +115,15 @@ class _Sums:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 samples[key] = samples.get(key, 0.0) + sample.value
 
-    def metrics(self, carried: _Sums | None = None) -> Iterator[Metric]:
-        names = dict.fromkeys((*(carried.families if carried else ()), *self.families))
-        for name in names:
-            kind, text, samples = self.families.get(name) or carried.families[name]  # type: ignore[union-attr]
-            total = dict(carried.families[name][2]) if carried and name in carried.families else {}
-            for key, value in (samples if name in self.families else {}).items():
-                total[key] = total.get(key, 0.0) + value
+    def plus(self, other: _Sums) -> Iterator[Metric]:
+        """Every family of both, with the samples of both added up."""
+        empty: dict[SampleKey, float] = {}
+        for name in dict.fromkeys((*other.families, *self.families)):
+            kind, text, _ = self.families.get(name) or other.families[name]
+            total: dict[SampleKey, float] = {}
+            for sums in (other, self):
+                for key, value in (sums.families[name][2] if name in sums.families else empty).items():
+                    total[key] = total.get(key, 0.0) + value
             metric = Metric(name, text, kind)
             for (sample_name, labels), value in total.items():
                 metric.add_sample(sample_name, dict(labels), value)
@@ -147,7 +149,7 @@ class WorkersCollector(Collector):
             sums = _Sums()
             for _pid, families in self._last.values():
                 sums.add(families)
-            yield from sums.metrics(self._carried)
+            yield from sums.plus(self._carried)
             yield from _per_worker_gauges(answered)
             yield from self._own(len(answered))
 
