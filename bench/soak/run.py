@@ -329,10 +329,14 @@ def fmt(report: Report) -> str:
     return "\n".join(lines)
 
 
-def check(report: Report, rss_growth: float, fd_growth: float, task_growth: float) -> list[str]:
+def check(report: Report, rss_growth: float, fd_growth: float, task_growth: float,
+          p99_growth: float | None = None) -> list[str]:
     """What is out of bounds (empty: nothing): growth of RSS (a ratio), fds and tasks (counts),
-    plus calls that should have succeeded and did not (any kind but the limited tenant's)."""
+    of the unary p99 (a ratio; None: not checked), plus calls that should have succeeded and did
+    not (any kind but the limited tenant's)."""
     problems = []
+    if p99_growth is not None and report.growth("p99_ms") > p99_growth:
+        problems.append(f"unary p99 {report.start.p99_ms:.1f} -> {report.end.p99_ms:.1f} ms")
     if report.growth("agent_rss_mb") > rss_growth:
         problems.append(f"agent RSS grew {report.growth('agent_rss_mb'):.1%}")
     if report.end.agent_fds - report.start.agent_fds > fd_growth:
@@ -380,6 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(asdict(report), indent=2))
     # fds: the window means may differ by a pooled upstream connection or two opened for a burst
-    problems = check(report, rss_growth=0.05, fd_growth=2, task_growth=0)
+    problems = check(report, rss_growth=0.05, fd_growth=2, task_growth=0, p99_growth=0.10)
     print("targets met" if not problems else "targets missed: " + "; ".join(problems))
     return 0
