@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas
+.PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas soak
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
 # for the store that control-plane replicas share; Chromium for the console's browser tests; podman
@@ -99,6 +99,15 @@ bench-overhead: $(STAMP)
 bench-controlplane: $(STAMP)
 	$(PY) -m bench.controlplane
 	$(PY) -m bench.controlplane.instrumentation
+
+# An agent and a control plane under steady mixed traffic for SOAK_SECONDS (default 30 min), at
+# SOAK_RATE requests/s: RSS, descriptors, tasks and p99 at the start and the end (bench/soak).
+# A 25 s version runs in `make test` (tests/test_soak_short.py).
+SOAK_SECONDS ?= 1800
+SOAK_RATE    ?= 20
+
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATE=$(SOAK_RATE) $(PY) -m bench.soak
 
 # Three control-plane replicas on a throwaway PostgreSQL (scripts/postgres.sh), in-process agents.
 bench-replicas: $(STAMP) system-deps

@@ -116,6 +116,12 @@ def _resilience_settings(args: argparse.Namespace) -> Any:
                    outlier=replace(base.outlier, base_ejection_s=args.ejection_time))
 
 
+def _workers_arg(text: str) -> int:
+    from switchgear.dataplane.workers import workers_arg
+
+    return workers_arg(text)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from switchgear.dataplane import access_log
     from switchgear.dataplane.http_door import door_limits
@@ -158,12 +164,42 @@ def cmd_agent(args: argparse.Namespace) -> int:
     def announce_serving(version: str) -> None:
         print(f"SERVING {version}", flush=True)  # the first snapshot is held: calls are answered from now
 
+    if args.workers > 1:
+        if options.managed.cpu > 0:  # each worker would be a node manager of the host's whole offer
+            raise SystemExit("--workers N > 1 cannot be combined with --managed-cpu: run managed replicas "
+                             "on an agent with --workers 1")
+        return _run_workers(options, args, announce_http)
+
     async def run() -> None:
         await serve(options, _signal_event(), _ready_announcer(args.ready_file), announce_http, _announce_metrics,
                     announce_serving)
 
     run_event_loop(run())
     return 0
+
+
+def _run_workers(options: Any, args: argparse.Namespace, announce_http: Callable[[str], None]) -> int:
+    """--workers N > 1: this process supervises N agent processes (dataplane/workers.py)."""
+    from switchgear.dataplane.server import Announce
+    from switchgear.dataplane.workers import Supervisor, WorkerFailed
+
+    async def run() -> None:
+        announce = Announce(_ready_announcer(args.ready_file), announce_http, _announce_metrics)
+        await Supervisor(options, args.workers, args.log_level).run(_signal_event(), announce)
+
+    try:
+        asyncio.run(run())  # the supervisor only waits on its workers: the default loop will do
+    except WorkerFailed as exc:
+        raise SystemExit(f"switchgear agent: {exc}") from None
+    return 0
+
+
+def agent_worker() -> None:
+    """One process of `agent --workers N`: started by its supervisor, which sends its settings on
+    stdin (switchgear/dataplane/workers.py)."""
+    from switchgear.dataplane.workers import worker_main
+
+    run_event_loop(worker_main())
 
 
 def _grpc_limits(args: argparse.Namespace) -> Any:
@@ -673,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--max-json-depth", type=_json_depth, default=64, metavar="N",
                     help="refuse request JSON nested deeper than N levels, on both doors, before any work "
                          "(INVALID_ARGUMENT / HTTP 400 naming the field; default: %(default)s)")
+    ag.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
+                    help="serve from N processes sharing the gRPC and HTTP ports (SO_REUSEPORT), supervised by "
+                         "this one; 'auto': one per core this process may use (default: %(default)s; README: "
+                         "Every core)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
     add_managed_arguments(ag)

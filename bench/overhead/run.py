@@ -81,6 +81,7 @@ class Run:
     emulator_cpu_s: float
     agent_cpu_s: float
     seconds: float
+    workers: int = 1  # the agent's --workers (its CPU is the supervisor's and every worker's)
 
 
 def ensure_tools() -> None:
@@ -98,19 +99,30 @@ def ensure_tools() -> None:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds the process's threads have run: the scheduler's own nanosecond count
-    (`/proc/<pid>/task/*/schedstat`), not utime + stime, which are sampled at clock ticks and
-    overcharge a process that wakes on a timer and sleeps again between ticks."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    """CPU seconds of `pid` and its children (an agent's `--workers` processes): the scheduler's
+    own nanosecond count (`/proc/<pid>/task/*/schedstat`), not utime + stime, which are sampled at
+    clock ticks and overcharge a process that wakes on a timer and sleeps again between ticks."""
+    pids = [str(pid)]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                pids.append(stat.parent.name)
+        except (OSError, IndexError):
             continue
-    if total == 0:  # no schedstat (kernel without CONFIG_SCHED_INFO): the tick-sampled times
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-    return total / 1e9
+    total, ticks = 0, 0.0
+    for p in pids:
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # a process that ended meanwhile
+            continue
+        ticks += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+                continue
+    return total / 1e9 if total else ticks  # no schedstat (kernel without CONFIG_SCHED_INFO): ticks
 
 
 def rss_mb(pid: int) -> float:
@@ -279,10 +291,12 @@ def h2load(
 
 
 class Stack:
-    def __init__(self, workdir: Path, grpcio: bool = False) -> None:
+    def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,)) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
         self.with_grpcio = grpcio
+        self.workers = workers
+        self.by_workers: dict[int, tuple[Proc, str, str]] = {}  # --workers N -> (agent, gRPC, HTTP address)
 
     def start(self) -> None:
         emu = Proc.switchgear(
@@ -312,22 +326,25 @@ class Stack:
         )
         self.procs.append(cp)
         cp_address = cp.start()
-        self.agent, self.grpc_address, self.http_address = self._agent("agent", cp_address, "switchgear")
+        for n in self.workers:
+            self.by_workers[n] = self._agent("agent" if n == self.workers[0] else f"agent-w{n}", cp_address,
+                                             "switchgear", n)
+        self.agent, self.grpc_address, self.http_address = self.by_workers[self.workers[0]]
         if self.with_grpcio:
             self.agent_grpcio, self.grpcio_address, _ = self._agent("agent-grpcio", cp_address, "grpcio")
         deadline = time.monotonic() + 20
-        while True:  # the agent serves once it holds the snapshot
-            r = httpx.post(
-                f"http://{self.http_address}/v1/chat/completions", json={**CHAT, "model": "bench-0ms"}, timeout=5
-            )
-            if r.status_code == 200:
-                break
-            assert time.monotonic() < deadline, f"agent not serving: {r.status_code} {r.text}"
-            time.sleep(0.1)
+        for _, _, http_address in self.by_workers.values():
+            while True:  # an agent serves once it holds the snapshot (each worker: several connections)
+                if all(httpx.post(f"http://{http_address}/v1/chat/completions", json={**CHAT, "model": "bench-0ms"},
+                                  timeout=5).status_code == 200 for _ in range(8)):
+                    break
+                assert time.monotonic() < deadline, f"agent at {http_address} not serving"
+                time.sleep(0.1)
 
-    def _agent(self, name: str, cp_address: str, grpc_server: str) -> tuple[Proc, str, str]:
+    def _agent(self, name: str, cp_address: str, grpc_server: str, workers: int = 1) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
-                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning"]
+                "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
+                *(("--workers", str(workers)) if workers != 1 else ())]  # (older commits have no --workers)
         token = self.workdir / "r.db.agent-token"
         if token.exists():  # (absent on commits from before agents authenticated: A/B against them)
             argv += ["--agent-token-file", str(token)]
@@ -363,7 +380,8 @@ def fmt(runs: list[Run], rss: float) -> str:
         added99 = f"{r.p99_ms - d.p99_ms:+.2f}" if d and r.mode != "direct" else ""
         ratio = f"{r.rps / d.rps:.2f}x" if d and r.mode != "direct" and d.rps else ""
         lines.append(
-            f"| {r.delay_ms} ms | {r.concurrency} | {r.mode} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"| {r.delay_ms} ms | {r.concurrency} | {r.mode}{f' w{r.workers}' if r.workers > 1 else ''} | "
+            f"{r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{added50} | {added99} | {ratio} | {r.errors} | "
             f"{r.loadgen_cpu_s:.1f} / {r.emulator_cpu_s:.1f} / {r.agent_cpu_s:.1f} | {per_request(r)} |"
         )
@@ -375,24 +393,27 @@ def fmt(runs: list[Run], rss: float) -> str:
             f"{r.delay_ms} ms c={r.concurrency} {r.rps / g.rps:.2f}x req/s, "
             f"{(r.agent_cpu_s / r.requests) / (g.agent_cpu_s / g.requests):.2f}x CPU per call"
             for r, g in ours if g.rps and r.requests and g.requests and g.agent_cpu_s))
+    lines.extend(_workers_lines(runs))
     lines.append(f"\nagent RSS after the runs: {rss:.0f} MB")
     return "\n".join(lines)
 
 
 def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, service: str, conc: int,
-            seconds: float, workdir: Path) -> Run:
-    """One load run of `mode` against `service` (on the emulator's `instance`)."""
+            seconds: float, workdir: Path, workers: int) -> Run:
+    """One load run of `mode` against `service` (on the emulator's `instance`), through the agent
+    started with `--workers workers` for the http and grpc paths."""
     if mode == "direct":
         url = f"http://127.0.0.1:{stack.ports[instance]}/v1/chat/completions"
         return wrk(url, {**CHAT, "model": "gpt-4o-mini"}, conc, seconds, (stack.emulator.pid, stack.agent.pid),
                    workdir)[0]
     if mode in ("http", "grpc", "grpcio"):
-        agent = stack.agent_grpcio if mode == "grpcio" else stack.agent
+        agent, grpc_address, http_address = stack.by_workers[workers]
+        agent = stack.agent_grpcio if mode == "grpcio" else agent
         pids = (stack.emulator.pid, agent.pid)
         if mode == "http":
-            return wrk(f"http://{stack.http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
+            return wrk(f"http://{http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
                        seconds, pids, workdir)[0]
-        address = stack.grpcio_address if mode == "grpcio" else stack.grpc_address
+        address = stack.grpcio_address if mode == "grpcio" else grpc_address
         return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
     assert prod is not None
     pids = (stack.emulator.pid, prod.agent.pid)
@@ -410,6 +431,19 @@ def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, serv
     return h2load(prod.grpc_address, service, conc, seconds, pids, workdir, prod.cache_hits, (auth,))[0]
 
 
+def _workers_lines(runs: list[Run]) -> list[str]:
+    """--workers 1,N: each N-worker run's req/s as a ratio of the 1-worker run of the same path."""
+    one = {(r.mode, r.delay_ms, r.concurrency): r for r in runs if r.workers == 1}
+    pairs = [(r, one[(r.mode, r.delay_ms, r.concurrency)]) for r in runs
+             if r.workers > 1 and (r.mode, r.delay_ms, r.concurrency) in one]
+    lines = [f"--workers {r.workers} vs 1 (same run), {r.mode} {r.delay_ms} ms c={r.concurrency}: "
+             f"{r.rps / o.rps:.2f}x req/s; CPU over the run, in cores: load generator "
+             f"{r.loadgen_cpu_s / r.seconds:.2f}, emulator {r.emulator_cpu_s / r.seconds:.2f}, agent "
+             f"{r.agent_cpu_s / r.seconds:.2f} (1 worker: {o.agent_cpu_s / o.seconds:.2f})"
+             for r, o in pairs if o.rps]
+    return ["", *lines] if lines else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per run")
@@ -418,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="direct,http,grpc,grpcio",
                         help="direct, http, grpc, grpcio; production settings: " + ", ".join(PROD_MODES))
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
+    parser.add_argument("--workers", default="1",
+                        help="agents' --workers, e.g. 1,2: the http and grpc paths run once per count, each on "
+                             "an agent of its own (same control plane and emulator)")
     args = parser.parse_args(argv)
+    worker_counts = tuple(int(n) for n in args.workers.split(","))
     ensure_tools()
     runs: list[Run] = []
     notes: list[str] = []
@@ -428,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in modes if m not in ("direct", "http", "grpc", "grpcio", *PROD_MODES)]
         if unknown:
             parser.error(f"unknown modes: {', '.join(unknown)}")
-        stack = Stack(workdir, grpcio="grpcio" in modes)
+        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts)
         prod: ProdStack | None = None
         try:
             stack.start()
@@ -438,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
             for delay in (int(d) for d in args.delays.split(",")):
                 instance, service = ("fixed", "bench-20ms") if delay == 20 else ("zero", "bench-0ms")
                 for conc in (int(c) for c in args.concurrency.split(",")):
-                    for mode in modes:
-                        run = one_run(mode, stack, prod, instance, service, conc, args.seconds, workdir)
-                        run.mode, run.delay_ms = mode, delay
+                    for mode, n in [(m, n) for m in modes for n in (worker_counts if m in ("http", "grpc")
+                                                                    else worker_counts[:1])]:
+                        run = one_run(mode, stack, prod, instance, service, conc, args.seconds, workdir, n)
+                        run.mode, run.delay_ms, run.workers = mode, delay, n
                         runs.append(run)
                         print(
-                            f"  {mode:13} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  p50 {run.p50_ms:7.2f} ms  "
-                            f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}",
+                            f"  {mode:13} w{n} {delay:>2} ms c={conc:<3} {run.rps:8,.0f} req/s  "
+                            f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}",
                             flush=True,
                         )
             rss = rss_mb(stack.agent.pid)

@@ -401,13 +401,16 @@ def build_app(
 async def start(
     holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None,
     tls: ssl.SSLContext | None = None, limits: DoorLimits = DEFAULT_LIMITS, observe: Observe | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, str]:
     """Start the front door on `listen` ("host:port", port 0 picks one), over TLS when `tls` is
-    given, bounded by `limits` (http_door.py); (runner, bound address)."""
+    given, bounded by `limits` (http_door.py); (runner, bound address). `reuse_port`: with
+    SO_REUSEPORT, for the processes of one agent (`--workers`)."""
     host, _, port = listen.rpartition(":")
     door = runner(build_app(holder, invoker, streamer, pipeline, limits, observe), limits)
     await door.setup()
-    site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls)
+    site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls,
+                       reuse_port=reuse_port or None)
     await site.start()
     bound = door.addresses[0]
     return door, f"{host or '127.0.0.1'}:{bound[1]}"

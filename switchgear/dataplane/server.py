@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.registry import Collector as PromCollector
 
 from switchgear import __version__, reflection, rpc
 from switchgear.adapters import builtin_adapters
@@ -52,6 +53,7 @@ from switchgear.dataplane.tracing import GatewayInterceptor, Tracing
 from switchgear.dataplane.tracing import observers as tracing_observers
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
+from switchgear.dataplane.worker_metrics import LoopTasks, serve_worker_metrics
 from switchgear.rpc.options import grpcio_options
 from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
@@ -107,6 +109,11 @@ class Options:
     managed_allow: tuple[str, ...] = ()  # programs it may run (empty: any the config names)
     managed_host: str = "127.0.0.1"  # what ${HOST} becomes (the address other agents reach replicas at)
     managed_docker: str = ""  # the Docker Engine API for backend: docker ("" = none)
+    # Set for the processes of `--workers N` (workers.py): the gRPC and HTTP ports are bound with
+    # SO_REUSEPORT (the kernel spreads new connections over the workers), and /metrics is served
+    # to the supervisor on this Unix socket (in its private directory) instead of metrics_listen.
+    reuse_port: bool = False
+    metrics_socket: str = ""
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -253,6 +260,9 @@ class Agent:
         await self._start_grpc(stack)
         http_address = await self._start_http(stack)
         metrics_address = self._start_metrics(stack)
+        if self.options.metrics_socket:
+            stack.push_async_callback(await serve_worker_metrics(self._metrics_collectors(),
+                                                                 self.options.metrics_socket))
         stack.push_async_callback(self.tasks_client.close)
         if self.core.readiness is not None:  # set before the snapshot client runs: no first snapshot is missed
             self.core.readiness.on_serving = announce.serving
@@ -284,17 +294,22 @@ class Agent:
         runner, address = await http_front_door.start(
             self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
             tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits,
-            observe=observe(self.core.observed.edge, self.core.observed.tracing))
+            observe=observe(self.core.observed.edge, self.core.observed.tracing),
+            reuse_port=self.options.reuse_port)
         stack.push_async_callback(runner.cleanup)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)
         return address
 
+    def _metrics_collectors(self) -> tuple[PromCollector, ...]:
+        redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
+        observed = self.core.observed
+        return (observed.metrics, observed.door, *redis_metrics, LoopTasks(asyncio.get_running_loop()))
+
     def _start_metrics(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.options.metrics_listen:
             return None
-        redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
-        observed = self.core.observed
-        server, address = serve_metrics(observed.metrics, self.options.metrics_listen, observed.door, *redis_metrics)
+        first, *more = self._metrics_collectors()
+        server, address = serve_metrics(first, self.options.metrics_listen, *more)
         stack.callback(server.shutdown)
         log.info("agent %s metrics on http://%s/metrics", self.core.node.id, address)
         return address
@@ -393,7 +408,7 @@ def _gateway_server(options: Options, observed: _Observed, health_servicer: heal
     """The gRPC port with the Gateway, health and reflection on it, bound and not started."""
     server = _grpc_server(options.grpc_server,
                           (GatewayInterceptor(observed.tracing, None, observed.edge),),  # the edge meters overhead
-                          options.grpc_limits)
+                          options.grpc_limits, reuse_port=options.reuse_port)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -404,8 +419,8 @@ def _gateway_server(options: Options, observed: _Observed, health_servicer: heal
 GRPC_SERVERS = ("switchgear", "grpcio")
 
 
-def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits
-                 ) -> grpc.aio.Server:
+def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits,
+                 reuse_port: bool = False) -> grpc.aio.Server:
     # Connections to this port stay within the process's per-door fd budget (http_door.py), so
     # sockets held open against it cannot take the descriptors the HTTP door and the pool need.
     budget = door_budget(raise_nofile_limit())
@@ -413,10 +428,13 @@ def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], 
         if limits.max_connections > budget:
             log.warning("--grpc-max-connections lowered to %d by the open-file limit", budget)
             limits = dataclasses.replace(limits, max_connections=budget)
-        return rpc.Server(interceptors, limits=limits)
+        return rpc.Server(interceptors, limits=limits, reuse_port=reuse_port)
     if kind == "grpcio":
         return grpc.aio.server(interceptors=interceptors, options=(
             ("grpc.keepalive_permit_without_calls", 1), *grpcio_options(limits),
+            # grpc core shares a port by default: only the workers of one agent may (a second
+            # agent started on a taken port fails instead of silently getting half the calls).
+            ("grpc.so_reuseport", int(reuse_port)),
             ("grpc.max_allowed_incoming_connections", budget)))
     raise ValueError(f"grpc_server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
 

@@ -363,7 +363,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
                  max_receive_message_length: int = DEFAULT_MAX_RECEIVE, limits: Limits | None = None,
                  max_concurrent_streams: int | None = None, max_header_list_size: int | None = None,
-                 warnings: Warnings | None = None) -> None:
+                 warnings: Warnings | None = None, reuse_port: bool = False) -> None:
         self._interceptors = tuple(interceptors)
         self.max_receive = max_receive_message_length
         limits = limits or Limits()
@@ -376,6 +376,7 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        self._reuse_port = reuse_port  # SO_REUSEPORT: processes of one agent share the port
         self._listeners: list[asyncio.AbstractServer] = []
         self._connections: set[Connection] = set()
         self._stopped: asyncio.Event | None = None
@@ -423,6 +424,8 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6 and ip == "::":
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.bind((ip, port))

@@ -1,0 +1,389 @@
+"""A soak: an agent and a control plane under steady mixed traffic for a set time, and what
+their resources and latency look like at the start and at the end.
+
+One command (`make soak`, or `python -m bench.soak --seconds 1800`) starts an OpenAI emulator
+with two instances (`steady`, and `flappy`, which fails every call for `--flap-down` seconds out
+of every `--flap-period`), a control plane (admin and agent tokens on) and one agent (client keys
+on, response cache on, /metrics), creates two tenants, then sends `--rate` requests per second,
+open loop, through the agent's HTTP front door, cycling through:
+
+- chat, a new question each time (cache misses; the `chat` service has both instances, so
+  the flapping one's failures are retried on the steady one or it is ejected),
+- chat, one of a few repeated questions (cache hits after the first),
+- chat streamed (SSE; never cached),
+- embeddings,
+- chat as the tenant limited to `--limited-rpm` requests per minute (quota rejections, HTTP 429).
+
+Every `--sample` seconds it records the agent's and the control plane's RSS, open file
+descriptors and threads (/proc), and the agent's asyncio tasks (its /metrics). "start" is the
+window of `--window` seconds after `--warmup`; "end" the last `--window` seconds. The agent's
+RSS climbs while its response cache fills up to `--cache-mb` (every chat miss and embedding is
+cached), so the warm-up must outlast that. Reported per
+window: mean RSS, fds, threads and tasks, and the p99 of the unary calls that were answered
+200. The verdict lines apply the issue's targets (RSS growth < 5 %, no fd or task growth, p99
+within 10 %); `check` applies looser bounds for the short run in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.overhead.run import rss_mb
+from switchgear.admin_client import admin_channel
+from switchgear.supervise import Proc
+from switchgear.v1 import admin_pb2, admin_pb2_grpc, governance_pb2, governance_pb2_grpc
+
+LIMITED_RPM = 30
+REPEATED = ("What is a circuit breaker?", "What is a token bucket?", "What is a snapshot?")
+KINDS = ("chat", "cached", "stream", "embed", "chat", "limited", "cached", "chat", "embed", "stream")
+
+CONFIG = """\
+external_services:
+  communication:
+    caching:
+      enabled: true
+    retry_policy: {{max_retries: 1, backoff_strategy: "exponential", base_delay: 0.05, max_delay: 0.5}}
+  services:
+    llm_services:
+      local_models:
+        - name: "chat"
+          model: "gpt-4o-mini"
+          timeout: 10
+          endpoints: [{{id: "steady", url: "{steady}/v1"}}, {{id: "flappy", url: "{flappy}/v1"}}]
+    embedding_services:
+      local:
+        protocol: openai
+        endpoint: "{steady}/v1"
+        models:
+          - name: "text-embedding-3-small"
+"""
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since traffic started
+    agent_rss_mb: float
+    agent_fds: int
+    agent_threads: int
+    agent_tasks: float
+    cp_rss_mb: float
+    cp_fds: int
+    cp_threads: int
+
+
+@dataclass
+class Call:
+    t: float
+    kind: str
+    status: int
+    ms: float
+
+
+@dataclass
+class Window:
+    name: str
+    agent_rss_mb: float
+    agent_fds: float
+    agent_threads: float
+    agent_tasks: float
+    cp_rss_mb: float
+    cp_fds: float
+    cp_threads: float
+    p99_ms: float
+    calls: int
+    ok: int
+
+
+@dataclass
+class Report:
+    seconds: float
+    rate: float
+    start: Window
+    end: Window
+    statuses: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
+    upstream: dict[str, dict[str, int]] = field(default_factory=dict)  # instance -> the emulator's outcomes
+    samples: list[Sample] = field(default_factory=list)
+
+    def growth(self, attr: str) -> float:
+        before = getattr(self.start, attr)
+        return (getattr(self.end, attr) - before) / before if before else 0.0
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Soak:
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.workdir, self.args = workdir, args
+        self.procs: list[Proc] = []
+
+    def _start(self, proc: Proc, **kw: str) -> str:
+        self.procs.append(proc)
+        return proc.start(**kw)  # type: ignore[arg-type]
+
+    def up(self) -> None:
+        ports = json.loads("{" + self._start(Proc.switchgear(
+            "emulator", ["emulate", "openai", "--instance", "steady:2", "--instance", "flappy:2"], self.workdir),
+            ready_prefix="{"))
+        self.steady, self.flappy = (f"http://127.0.0.1:{ports[n]}" for n in ("steady", "flappy"))
+        db = self.workdir / "r.db"
+        self.cp_proc = Proc.switchgear("controlplane", [
+            "controlplane", "--db", str(db), "--listen", "127.0.0.1:0", "--log-level", "warning"], self.workdir)
+        self.cp = self._start(self.cp_proc)
+        self.admin_token = Path(f"{db}.admin-token").read_text().strip()
+        self.agent = Proc.switchgear("agent", [
+            "agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--agent-token-file", f"{db}.agent-token", "--log-level", "warning",
+            "--ejection-time", "2", "--breaker-open", "2", "--cache-bytes", str(self.args.cache_mb << 20)],
+            self.workdir)
+        self._start(self.agent)
+        self.http = "http://" + self.agent.wait_line("HTTP ", 10).split()[1]
+        self.metrics = "http://" + self.agent.wait_line("METRICS ", 10).split()[1] + "/metrics"
+        channel = admin_channel(self.cp, self.admin_token)
+        admin_pb2_grpc.AdminServiceStub(channel).ApplyConfig(admin_pb2.ApplyConfigRequest(
+            yaml=CONFIG.format(steady=self.steady, flappy=self.flappy), source="soak.yaml"), timeout=10)
+        gov = governance_pb2_grpc.GovernanceServiceStub(channel)
+        self.keys = {}
+        for tenant, policy in (("main", governance_pb2.TenantPolicy()),
+                               ("limited", governance_pb2.TenantPolicy(requests_per_minute=self.args.limited_rpm))):
+            gov.CreateTenant(governance_pb2.CreateTenantRequest(
+                tenant=governance_pb2.Tenant(id=tenant, policy=policy)), timeout=5)
+            self.keys[tenant] = str(gov.IssueKey(governance_pb2.IssueKeyRequest(tenant=tenant), timeout=5).secret)
+        self._wait_serving()
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:  # the agent holds the services and both keys
+            codes = {httpx.post(f"{self.http}/v1/chat/completions", json=_chat("ready?"), timeout=5,
+                                headers=_auth(key)).status_code for key in self.keys.values()}
+            if codes == {200}:
+                return
+            assert time.monotonic() < deadline, f"agent not serving: {codes}"
+            time.sleep(0.2)
+
+    def upstream(self) -> dict[str, dict[str, int]]:
+        return {name: dict(httpx.get(f"{url}/_emulator/stats", timeout=5).json()["by_outcome"])
+                for name, url in (("steady", self.steady), ("flappy", self.flappy))}
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def sample(self, t: float) -> Sample:
+        tasks = float("nan")
+        try:
+            for line in httpx.get(self.metrics, timeout=5).text.splitlines():
+                if line.startswith("switchgear_event_loop_tasks "):
+                    tasks = float(line.split()[1])
+        except httpx.HTTPError:
+            pass
+        a, c = self.agent.pid, self.cp_proc.pid
+        return Sample(t, rss_mb(a), fds(a), threads(a), tasks, rss_mb(c), fds(c), threads(c))
+
+
+async def drive(soak: Soak, seconds: float, rate: float, sample_s: float) -> tuple[list[Call], list[Sample]]:
+    """Open-loop traffic at `rate` per second for `seconds`, the flapping upstream and sampling."""
+    calls: list[Call] = []
+    samples: list[Sample] = []
+    pending: set[asyncio.Task[None]] = set()
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        start = time.monotonic()
+        flapper = asyncio.ensure_future(flap(client, soak, soak.args.flap_period, soak.args.flap_down))
+        sampler = asyncio.ensure_future(sample_every(soak, start, sample_s, samples))
+        n = 0
+        while time.monotonic() - start < seconds:
+            kind = KINDS[n % len(KINDS)]
+            task = asyncio.ensure_future(one_call(client, soak, kind, n, start, calls))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        await asyncio.gather(*pending)
+        for background in (flapper, sampler):
+            background.cancel()
+        await asyncio.gather(flapper, sampler, return_exceptions=True)
+        samples.append(await asyncio.to_thread(soak.sample, time.monotonic() - start))
+    return calls, samples
+
+
+async def one_call(client: httpx.AsyncClient, soak: Soak, kind: str, n: int, start: float, calls: list[Call]) -> None:
+    key = soak.keys["limited" if kind == "limited" else "main"]
+    body: dict[str, object]
+    if kind == "embed":
+        path, body = "/v1/embeddings", {"model": "text-embedding-3-small", "input": [f"soak text {n}"]}
+    elif kind == "cached":
+        path, body = "/v1/chat/completions", _chat(REPEATED[n % len(REPEATED)])
+    else:
+        path, body = "/v1/chat/completions", {**_chat(f"question {n}"), "stream": kind == "stream"}
+    began = time.monotonic()
+    try:
+        if kind == "stream":
+            async with client.stream("POST", soak.http + path, json=body, headers=_auth(key)) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+                status = response.status_code
+        else:
+            status = (await client.post(soak.http + path, json=body, headers=_auth(key))).status_code
+    except httpx.HTTPError:
+        status = 0
+    calls.append(Call(began - start, kind, status, (time.monotonic() - began) * 1000))
+
+
+async def flap(client: httpx.AsyncClient, soak: Soak, period_s: float, down_s: float) -> None:
+    """The `flappy` instance fails every call for `down_s` of every `period_s` seconds."""
+    while True:
+        await client.post(f"{soak.flappy}/_emulator/faults", json={"error_rate": 1.0})
+        await asyncio.sleep(down_s)
+        await client.post(f"{soak.flappy}/_emulator/faults", json={"reset": True})
+        await asyncio.sleep(period_s - down_s)
+
+
+async def sample_every(soak: Soak, start: float, every_s: float, samples: list[Sample]) -> None:
+    while True:
+        samples.append(await asyncio.to_thread(soak.sample, time.monotonic() - start))
+        await asyncio.sleep(every_s)
+
+
+def _chat(text: str) -> dict[str, object]:
+    return {"model": "chat", "messages": [{"role": "user", "content": text}], "max_tokens": 8}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def window(name: str, lo: float, hi: float, calls: list[Call], samples: list[Sample]) -> Window:
+    inside = [s for s in samples if lo <= s.t <= hi] or [min(samples, key=lambda s: abs(s.t - lo))]
+    answered = [c for c in calls if lo <= c.t < hi]
+    unary_ok = [c.ms for c in answered if c.status == 200 and c.kind in ("chat", "cached", "embed")]
+
+    def mean(attr: str) -> float:
+        return float(sum(getattr(s, attr) for s in inside)) / len(inside)
+
+    return Window(name, mean("agent_rss_mb"), mean("agent_fds"), mean("agent_threads"), mean("agent_tasks"),
+                  mean("cp_rss_mb"), mean("cp_fds"), mean("cp_threads"), percentile(unary_ok, 0.99),
+                  len(answered), sum(c.status == 200 for c in answered))
+
+
+def run(args: argparse.Namespace) -> Report:
+    with tempfile.TemporaryDirectory(prefix="sg-soak-") as tmp:
+        soak = Soak(Path(tmp), args)
+        try:
+            soak.up()
+            calls, samples = asyncio.run(drive(soak, args.seconds, args.rate, args.sample))
+            upstream = soak.upstream()
+        finally:
+            soak.stop()
+    start = window("start", args.warmup, args.warmup + args.window, calls, samples)
+    end = window("end", args.seconds - args.window, args.seconds + 1, calls, samples)
+    statuses: dict[str, dict[str, int]] = {}
+    for c in calls:
+        by_status = statuses.setdefault(c.kind, {})
+        by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
+    return Report(args.seconds, args.rate, start, end, statuses, upstream, samples)
+
+
+def fmt(report: Report) -> str:
+    lines = ["| window | agent RSS MB | agent fds | agent threads | agent asyncio tasks | CP RSS MB | CP fds "
+             "| CP threads | unary p99 ms | calls | 200s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for w in (report.start, report.end):
+        lines.append(f"| {w.name} | {w.agent_rss_mb:.1f} | {w.agent_fds:.0f} | {w.agent_threads:.0f} | "
+                     f"{w.agent_tasks:.0f} | {w.cp_rss_mb:.1f} | {w.cp_fds:.0f} | {w.cp_threads:.0f} | "
+                     f"{w.p99_ms:.1f} | {w.calls} | {w.ok} |")
+    lines.append("")
+    lines.append("statuses by kind: " + "; ".join(
+        f"{kind} " + ", ".join(f"{s}: {n}" for s, n in sorted(by.items()))
+        for kind, by in sorted(report.statuses.items())))
+    lines.append("upstream outcomes (emulator): " + "; ".join(
+        f"{name} {counts}" for name, counts in sorted(report.upstream.items())))
+    lines.append(f"agent RSS growth {report.growth('agent_rss_mb'):+.1%} (target < 5 %), control plane "
+                 f"{report.growth('cp_rss_mb'):+.1%}; fds {report.start.agent_fds:.0f} -> {report.end.agent_fds:.0f}, "
+                 f"tasks {report.start.agent_tasks:.0f} -> {report.end.agent_tasks:.0f}; unary p99 "
+                 f"{report.growth('p99_ms'):+.1%} (target within 10 %)")
+    return "\n".join(lines)
+
+
+def check(report: Report, rss_growth: float, fd_growth: float, task_growth: float,
+          p99_growth: float | None = None) -> list[str]:
+    """What is out of bounds (empty: nothing): growth of RSS (a ratio), fds and tasks (counts),
+    of the unary p99 (a ratio; None: not checked), plus calls that should have succeeded and did
+    not (any kind but the limited tenant's)."""
+    problems = []
+    if p99_growth is not None and report.growth("p99_ms") > p99_growth:
+        problems.append(f"unary p99 {report.start.p99_ms:.1f} -> {report.end.p99_ms:.1f} ms")
+    if report.growth("agent_rss_mb") > rss_growth:
+        problems.append(f"agent RSS grew {report.growth('agent_rss_mb'):.1%}")
+    if report.end.agent_fds - report.start.agent_fds > fd_growth:
+        problems.append(f"agent fds {report.start.agent_fds:.0f} -> {report.end.agent_fds:.0f}")
+    if report.end.agent_tasks - report.start.agent_tasks > task_growth:
+        problems.append(f"agent tasks {report.start.agent_tasks:.0f} -> {report.end.agent_tasks:.0f}")
+    failed = {kind: {s: n for s, n in by.items() if s != "200"} for kind, by in report.statuses.items()
+              if kind != "limited"}
+    if any(failed.values()):
+        problems.append(f"failed calls: {failed}")
+    if not report.statuses.get("limited", {}).get("429"):
+        problems.append("the limited tenant was never refused")
+    return problems
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", 1800)))
+    p.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", 20)), help="requests per second")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before the start window (default: 20 %%)")
+    p.add_argument("--cache-mb", type=int, default=16,
+                   help="the agent's --cache-bytes in MiB: RSS climbs until the cache is full, which must happen "
+                        "within the warm-up (16 MiB: ~2 min at 20 requests/s)")
+    p.add_argument("--window", type=float, default=None, help="seconds each window spans (default: 10 %%)")
+    p.add_argument("--sample", type=float, default=None, help="seconds between samples (default: 1 %%, 1..10)")
+    p.add_argument("--limited-rpm", type=int, default=LIMITED_RPM, help="the limited tenant's requests per minute")
+    p.add_argument("--flap-period", type=float, default=30.0)
+    p.add_argument("--flap-down", type=float, default=10.0)
+    p.add_argument("--out", default="", help="also write the report as JSON here")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args = parser().parse_args(argv)
+    args.warmup = args.seconds * 0.2 if args.warmup is None else args.warmup
+    args.window = args.seconds * 0.1 if args.window is None else args.window
+    args.sample = min(10.0, max(1.0, args.seconds / 100)) if args.sample is None else args.sample
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    report = run(args)
+    print(fmt(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(report), indent=2))
+    # fds: the window means may differ by a pooled upstream connection or two opened for a burst
+    problems = check(report, rss_growth=0.05, fd_growth=2, task_growth=0, p99_growth=0.10)
+    print("targets met" if not problems else "targets missed: " + "; ".join(problems))
+    return 0
