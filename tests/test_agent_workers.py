@@ -152,6 +152,11 @@ def test_taken_port_and_bad_counts_are_refused(tmp_path: Path) -> None:
         with pytest.raises(ProcessFailed, match="exited"):
             proc.start(30.0)
         assert f"--listen 127.0.0.1:{port}: Address already in use" in proc.tail()
+    managed = Proc.switchgear("managed", ["agent", "--workers", "2", "--managed-cpu", "1", "--auth", "none",
+                                          "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0"], tmp_path)
+    with pytest.raises(ProcessFailed, match="exited"):  # each worker would run the host's managed replicas
+        managed.start(30.0)
+    assert "--workers N > 1 cannot be combined with --managed-cpu" in managed.tail()
     for bad in ("0", "-1", "two", "257", "1.5"):
         with pytest.raises(Exception, match="auto"):
             workers_arg(bad)
