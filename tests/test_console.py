@@ -21,7 +21,7 @@ from switchgear.controlplane.collector import Collector, LoadDelta
 from switchgear.controlplane.console import ConsoleOptions
 from switchgear.controlplane.console.app import COOKIE, CSP
 from switchgear.controlplane.console.sessions import LoginGuard, Sessions, csrf_matches, role_of
-from switchgear.controlplane.server import Options, StartupError, build_control_plane
+from switchgear.controlplane.server import ControlPlane, Options, StartupError, build_control_plane
 from switchgear.v1 import governance_pb2
 
 GET_PATHS = ["/", "/fleet", "/routes", "/alerts", "/tenants", "/tasks", "/tasks/t-1", "/config", "/api/fleet",
@@ -65,26 +65,34 @@ class Plane:
         return await self.http.post(path, headers=headers, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
-    (tmp_path / "c.yaml").write_text(CONFIG, encoding="utf-8")
-    console = ConsoleOptions(listen="127.0.0.1:0", viewer_token_file=str(tmp_path / "viewer-token"), max_streams=2,
-                             max_body_bytes=64 * 1024, body_timeout_s=0.5, max_connections=8)
+@contextlib.asynccontextmanager
+async def console_plane(tmp_path: Path, config: str, console: ConsoleOptions
+                        ) -> AsyncIterator[tuple[Plane, ControlPlane]]:
+    """A control plane in-process serving `config`, its console bound as `console` says."""
+    (tmp_path / "c.yaml").write_text(config, encoding="utf-8")
     options = Options(db_path=str(tmp_path / "r.db"), listen="127.0.0.1:0", config_path=str(tmp_path / "c.yaml"),
                       active_probes=False, console=console)
     stop, address = asyncio.Event(), asyncio.get_running_loop().create_future()
     cp = build_control_plane(options)
     task = asyncio.ensure_future(cp.run(stop, on_console=address.set_result))
     url = f"http://{await asyncio.wait_for(address, 10)}"
-    assert cp.console is not None
-    tenant = governance_pb2.Tenant(id="acme", display_name="Acme")
-    await cp.console.backend.governance.CreateTenant(governance_pb2.CreateTenantRequest(tenant=tenant),
-                                                     metadata=cp.console.backend.md)
     async with httpx.AsyncClient(base_url=url, follow_redirects=False, trust_env=False, timeout=10) as http:
         yield Plane(url, (tmp_path / "r.db.admin-token").read_text().strip(),
-                    (tmp_path / "viewer-token").read_text().strip(), http)
+                    (tmp_path / "viewer-token").read_text().strip(), http), cp
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    console = ConsoleOptions(listen="127.0.0.1:0", viewer_token_file=str(tmp_path / "viewer-token"), max_streams=2,
+                             max_body_bytes=64 * 1024, body_timeout_s=0.5, max_connections=8)
+    async with console_plane(tmp_path, CONFIG, console) as (running, cp):
+        assert cp.console is not None
+        tenant = governance_pb2.Tenant(id="acme", display_name="Acme")
+        await cp.console.backend.governance.CreateTenant(governance_pb2.CreateTenantRequest(tenant=tenant),
+                                                         metadata=cp.console.backend.md)
+        yield running
 
 
 async def test_without_a_session_every_page_and_api_answers_401(plane: Plane) -> None:

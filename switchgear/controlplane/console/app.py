@@ -112,6 +112,8 @@ class Console:
         app.router.add_get("/tasks", self.tasks)
         app.router.add_get("/tasks/{id}", self.task)
         app.router.add_post("/tasks/{id}/cancel", self.cancel_task)
+        app.router.add_get("/replicas", self.replicas)
+        app.router.add_get("/api/replicas", self.api_replicas)
         app.router.add_get("/config", self.config)
         app.router.add_post("/config", self.config_post)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
@@ -335,6 +337,16 @@ class Console:
     async def cancel_task(self, request: web.Request) -> web.StreamResponse:
         reply = await self.backend.cancel_task(request.match_info["id"])
         raise web.HTTPSeeOther(f"/tasks?notice=task+{reply.task.id}+is+{pages.task_state(reply.task.state)}")
+
+    # -- managed replicas ------------------------------------------------------------
+
+    async def replicas(self, request: web.Request) -> web.StreamResponse:
+        body = pages.Raw(f'<div id="replicas" data-poll="/api/replicas" data-interval="2000">'
+                         f'{pages.replicas_fragment(await self.backend.replicas())}</div>')
+        return _html(pages.layout("Replicas", "replicas", body, _session(request)))
+
+    async def api_replicas(self, request: web.Request) -> web.StreamResponse:
+        return _html(str(pages.replicas_fragment(await self.backend.replicas())))
 
     # -- config ----------------------------------------------------------------------
 

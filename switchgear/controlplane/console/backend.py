@@ -134,6 +134,11 @@ class Backend:
             tasks_pb2.CancelTaskRequest(id=task_id), metadata=self.md, timeout=CALL_TIMEOUT_S)
         return reply
 
+    async def replicas(self) -> admin_pb2.ListReplicasResponse:
+        reply: admin_pb2.ListReplicasResponse = await self.admin.ListReplicas(
+            admin_pb2.ListReplicasRequest(), metadata=self.md, timeout=CALL_TIMEOUT_S)
+        return reply
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -22,7 +22,7 @@ from switchgear.controlplane.snapshot import version_seq
 from switchgear.v1 import admin_pb2, common_pb2, governance_pb2, tasks_pb2
 
 PAGES = (("fleet", "Fleet"), ("routes", "Routes"), ("alerts", "Alerts"), ("tenants", "Tenants"),
-         ("tasks", "Tasks"), ("config", "Config"))
+         ("tasks", "Tasks"), ("replicas", "Replicas"), ("config", "Config"))
 
 #: JSON fields never shown, whatever object they turn up in (defence in depth: the services
 #: already leave key digests out of the audit trail and never carry secrets' values).
@@ -362,6 +362,28 @@ def task_page(t: tasks_pb2.Task, session: Session) -> Raw:
              ("Last error", f"{t.error.kind}: {t.error.message}" if t.HasField("error") else "-")]
     cancel = button_form(f"/tasks/{t.id}/cancel", "Cancel", session, "danger") if t.state in _LIVE else ""
     return join([table(["", ""], facts, "facts"), cancel])
+
+
+# -- managed replicas ------------------------------------------------------------------
+
+
+def replicas_fragment(reply: admin_pb2.ListReplicasResponse) -> Raw:
+    """Every managed replica (ListReplicas), a failed or restarting one's last log lines, and the
+    scaling decisions. Log lines are a program's own output: escaped like every other value."""
+    rows = [[r.service, r.id, r.node or "-",
+             tag("span", r.state + (" (draining)" if r.draining else ""), class_=f"replica {r.state}"),
+             "yes" if r.serving else "no", str(r.restarts), str(r.pid or "-"), r.url or "-", r.message or "-"]
+            for r in reply.replicas]
+    headers = ["Service", "Replica", "Node", "State", "Serving", "Restarts", "PID", "URL", "Message"]
+    parts: list[object] = [table(headers, rows, "replicas") if rows else tag("p", "No managed replicas.")]
+    for r in reply.replicas:
+        if r.last_log:
+            parts.append(tag("h2", f"Last lines of {r.id} ({r.service}, {r.state})"))
+            parts.append(tag("pre", "\n".join(r.last_log), class_="log"))
+    parts.append(tag("h2", "Scaling decisions"))
+    parts.append(tag("ul", join(tag("li", d) for d in reply.decisions), class_="decisions")
+                 if reply.decisions else tag("p", "None yet.", class_="hint"))
+    return join(parts)
 
 
 # -- config ----------------------------------------------------------------------------
