@@ -3,7 +3,9 @@ on its own storage under the test's directory), with an image built locally (`po
 a near-empty root: the host's interpreter and this checkout are bind-mounted read-only, since no
 image registry is reachable). The model server is the OpenAI emulator: ready only once its health
 call answers, restarted after SIGKILL on the same port, failed (with its last lines) when the
-image is missing, removed when stopped."""
+image is missing, removed when stopped; under load a second container replica is started and
+after the load one is drained and removed with no failed call (as test_containers_e2e does for the
+process backend)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ if shutil.which("podman") is None or shutil.which("runc") is None:
 
 from switchgear.dataplane.managed.docker import DockerBackend  # noqa: E402 (after the skips)
 from switchgear.v1 import admin_pb2  # noqa: E402
-from tests.test_containers_e2e import HEAD, ManagedCluster, alive, invoke  # noqa: E402
+from tests.test_containers_e2e import HEAD, Load, ManagedCluster, alive, invoke  # noqa: E402
 from tests.test_end_to_end import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,18 +148,31 @@ async def test_a_missing_image_is_failed_with_its_reason(engine: str, tmp_path: 
 
 
 CONFIG = HEAD + """\
-        - name: "boxed"
+        - name: "{name}"
           model: "gpt-4o-mini"
+          timeout: 10
           managed:
             backend: docker
             image: "{image}"
-            command: ["{python}", "-m", "switchgear", "emulate", "openai", "--instance", "r:1:${{PORT}}"]
+            command: ["{python}", "-m", "switchgear", "emulate", "openai", "--instance", "r:{latency}:${{PORT}}"]
             env: {{PYTHONPATH: "{root}"}}
             volumes: [{volumes}]
             readiness: {{timeout: 20s}}
             resources: {{cpu: 1}}
-            restart: {{backoff: 0.1s}}
+{more}"""
+#: Scaled out and in (named as test_containers_e2e's service, so its Load and views apply unchanged).
+SCALED = """\
+            replicas: {min: 1, max: 2}
+            concurrency: 2
+            scaling: {scale_up_window: 1s, scale_down_window: 2s}
+            stop_grace: 2s
+            drain_timeout: 10s
 """
+
+
+def config(name: str = "boxed", latency_ms: int = 1, more: str = "            restart: {backoff: 0.1s}\n") -> str:
+    return CONFIG.format(name=name, latency=latency_ms, more=more, image=IMAGE, python=PYTHON, root=ROOT,
+                         volumes=", ".join(f'"{m}"' for m in MOUNTS))
 
 
 def test_a_managed_container_serves_through_its_route_and_is_restarted_after_sigkill(
@@ -166,8 +181,7 @@ def test_a_managed_container_serves_through_its_route_and_is_restarted_after_sig
     try:
         cluster.start_control_plane_fast()
         cluster.start_node_agent(1, "--managed-docker", engine)
-        yaml = CONFIG.format(image=IMAGE, python=PYTHON, root=ROOT, volumes=", ".join(f'"{m}"' for m in MOUNTS))
-        cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="boxed.yaml"), timeout=5)
+        cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=config(), source="boxed.yaml"), timeout=5)
 
         def serving() -> list[admin_pb2.ManagedReplica]:
             return [r for r in cluster.replicas() if r.serving and r.state == "ready"]
@@ -185,8 +199,54 @@ def test_a_managed_container_serves_through_its_route_and_is_restarted_after_sig
         cluster.stop()
 
 
-def _answers(cluster: ManagedCluster) -> str:
+def _answers(cluster: ManagedCluster, service: str = "boxed") -> str:
     try:
-        return str(invoke(cluster, "boxed").endpoint)
+        return str(invoke(cluster, service).endpoint)
     except Exception:  # grpc.RpcError while the agent has not applied the new version yet
         return ""
+
+
+
+def test_managed_containers_scale_out_under_load_and_drain_in_without_a_failed_call(
+        engine: str, tmp_path: Path) -> None:
+    cluster = ManagedCluster(tmp_path)
+    client = docker.DockerClient(base_url=engine)
+
+    def containers(replica_id: str) -> list[object]:
+        return list(client.containers.list(all=True, filters={"label": f"switchgear.replica={replica_id}"}))
+
+    try:
+        cluster.start_control_plane_fast()
+        cluster.start_node_agent(2.5, "--managed-docker", engine)
+        yaml = config("llama-local", latency_ms=60, more=SCALED)
+        cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="scaled.yaml"), timeout=5)
+        wait_until(lambda: len(cluster.serving()) == 1, 30, "the first container to be ready and serving")
+        (first,) = cluster.serving()
+        wait_until(lambda: _answers(cluster, "llama-local") == first.id, 10, "a call through the route")
+
+        with Load(cluster, threads=4) as load:
+            # 4 callers on concurrency 2: utilisation above 0.8 for the 1 s window -> a second container.
+            wait_until(lambda: len(cluster.serving()) == 2, 30, "a second container replica under load")
+            wait_until(lambda: len(load.endpoints) == 2, 10, "calls on both replicas")
+            assert all(len(containers(r.id)) == 1 for r in cluster.serving())
+        assert not load.failures, load.failures[:5]
+        decisions = cluster.admin().ListReplicas(admin_pb2.ListReplicasRequest(), timeout=5).decisions
+        assert any("scale_out" in d for d in decisions), decisions
+
+        # Load stopped: below 0.6 for 2 s -> one drained, stopped and removed, while calls keep coming.
+        before = {r.id for r in cluster.replicas_of()}
+        with Load(cluster, threads=1) as light:
+            wait_until(lambda: len(cluster.replicas_of()) == 1, 25, "a container replica to be drained and stopped")
+            survivor = cluster.replicas_of()[0].id
+            calls = light.ok
+            wait_until(lambda: light.ok >= calls + 5, 10, "calls to go on after the drain")
+        assert not light.failures, light.failures[:5]
+        assert light.endpoints <= before
+        (gone,) = before - {survivor}
+        wait_until(lambda: containers(gone) == [], 10, "the drained replica's container to be removed")
+        assert len(containers(survivor)) == 1 and cluster.snapshot_endpoints() == [survivor]
+        decisions = cluster.admin().ListReplicas(admin_pb2.ListReplicasRequest(), timeout=5).decisions
+        assert any("scale_in" in d for d in decisions), decisions
+    finally:
+        cluster.stop()
+        client.close()
