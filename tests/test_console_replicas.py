@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from switchgear.controlplane.console import ConsoleOptions
-from switchgear.controlplane.container_manager import ContainerManager
+from switchgear.controlplane.container_manager import MAX_LOG_LINES, MAX_TEXT, ContainerManager
 from tests.test_console import Plane, console_plane
 from tests.test_containers import MANAGED, offer, status
 
@@ -81,3 +81,18 @@ async def test_replicas_page_lists_replicas_and_escapes_a_failed_ones_log(
     viewer, _ = await plane.login(plane.viewer_token)
     seen = await plane.get("/replicas", viewer)
     assert seen.status_code == 200 and replica in seen.text
+
+
+async def test_a_flood_of_log_lines_from_a_replica_renders_a_bounded_page(
+        managed_plane: tuple[Plane, ContainerManager]) -> None:
+    plane, manager = managed_plane
+    replica = await placed(manager, "agent-1")
+    sid, _ = await plane.login()
+    manager.node_report("agent-1", [status(replica, "failed", message="m" * 100_000,
+                                           last_log=[f"{i:04d}" + "<" * 100_000 for i in range(1000)])])
+    page = await plane.get("/replicas", sid)
+    assert page.status_code == 200
+    lines = page.text.split('<pre class="log">')[1].split("</pre>")[0].split("\n")
+    assert len(lines) == MAX_LOG_LINES and lines[-1].startswith("0999")  # the newest lines, each cut
+    assert all(len(html.unescape(line)) == MAX_TEXT for line in lines)
+    assert len(page.text) < 8 * MAX_TEXT * (MAX_LOG_LINES + 1) + 16_384  # "<" is 4 characters escaped
