@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 
+from switchgear import cli_output
 from switchgear.controlplane import registry
 from switchgear.controlplane.collector import Collector, LoadDelta
 from switchgear.controlplane.console import ConsoleOptions
@@ -241,6 +242,8 @@ async def test_refused_configs_and_governance_changes_are_audited_bounded_and_wi
     assert all(e.version == version for e in refused)  # nothing committed
     assert "create_tenant" in [e.action for e in entries]  # committed changes' rows stay
     assert not any(secret in str(e) for e in entries)
+    rows = cli_output.audit_rows(governance_pb2.ListAuditResponse(entries=entries))  # `switchgear audit`
+    assert rows[1][3:] == ("refused", "set_policy acme", "-", refused[0].detail)
 
 
 def test_a_refusal_row_is_bounded_and_redacts_the_secrets_it_is_given() -> None:
