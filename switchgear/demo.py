@@ -284,7 +284,12 @@ class Demo:
 
         bad = self.service_with(options_json='{"chat_pth": "/chat/completions"}')
         _say(f"7. a change with a misspelt adapter option is refused before it is committed (the agents' own "
-             f"checks): {self.refused(bad)}; still {self.current_version()}, which the agents keep:")
+             f"checks): {self.refused(bad)}; still {self.current_version()}, which the agents keep.")
+        audit = self.governance().ListAudit(governance_pb2.ListAuditRequest(limit=20), timeout=5).entries
+        row = next((f"'{e.action}: {e.target}' by {e.actor}" for e in audit if e.action == "refused"), "(no row!)")
+        _say(f"   recorded in the audit trail as {row}; the console "
+             f"shows it (\"refused: <field>: <reason>\" under the propagation line of "
+             f"http://127.0.0.1:{self.console_port}/fleet, and in the audit trail on /alerts); the agents:")
         self.show_agents()
         self.run_phase("C", per_phase)
 

@@ -9,20 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import html
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from switchgear import cli_output
+from switchgear.controlplane import registry
 from switchgear.controlplane.collector import Collector, LoadDelta
 from switchgear.controlplane.console import ConsoleOptions
 from switchgear.controlplane.console.app import COOKIE, CSP
+from switchgear.controlplane.console.backend import Backend
 from switchgear.controlplane.console.sessions import LoginGuard, Sessions, csrf_matches, role_of
 from switchgear.controlplane.server import ControlPlane, Options, StartupError, build_control_plane
-from switchgear.v1 import governance_pb2
+from switchgear.v1 import admin_pb2, governance_pb2
 
 GET_PATHS = ["/", "/fleet", "/routes", "/alerts", "/tenants", "/tasks", "/tasks/t-1", "/config", "/api/fleet",
              "/api/routes", "/api/stream/fleet"]
@@ -45,6 +50,7 @@ class Plane:
     admin_token: str
     viewer_token: str
     http: httpx.AsyncClient
+    backend: Backend
 
     async def login(self, token: str | None = None) -> tuple[str, str]:
         """(session id, CSRF token) of a new session."""
@@ -77,8 +83,9 @@ async def console_plane(tmp_path: Path, config: str, console: ConsoleOptions
     task = asyncio.ensure_future(cp.run(stop, on_console=address.set_result))
     url = f"http://{await asyncio.wait_for(address, 10)}"
     async with httpx.AsyncClient(base_url=url, follow_redirects=False, trust_env=False, timeout=10) as http:
+        assert cp.console is not None
         yield Plane(url, (tmp_path / "r.db.admin-token").read_text().strip(),
-                    (tmp_path / "viewer-token").read_text().strip(), http), cp
+                    (tmp_path / "viewer-token").read_text().strip(), http, cp.console.backend), cp
     stop.set()
     await asyncio.wait_for(task, 10)
 
@@ -182,6 +189,78 @@ async def test_config_dry_run_apply_and_refusals(plane: Plane) -> None:
     assert upload.status_code == 303 and upload.headers["location"].startswith("/config?version=")
     after = await plane.post("/config", sid, data={"yaml": changed, "action": "dry-run", "csrf": csrf})
     assert "changed none" in after.text
+
+
+async def _refused(call: Awaitable[object]) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return refused.value.details() or ""
+
+
+async def test_a_refused_change_shows_on_the_fleet_stream_within_a_second_or_two(plane: Plane) -> None:
+    sid, _ = await plane.login()
+    md = plane.backend.md
+    service = (await plane.backend.service("chat")).service
+    service.options_json = '{"chat_pth": "/chat/completions"}'  # the demo's step 7: agents would NACK it
+    async with plane.http.stream("GET", "/api/stream/fleet", headers={"Cookie": f"{COOKIE}={sid}"}) as stream:
+        lines = stream.aiter_lines()
+        assert await lines.__anext__() == "event: fragment"
+        message = await _refused(plane.backend.admin.RegisterService(
+            admin_pb2.RegisterServiceRequest(service=service), metadata=md))
+        assert "service.options_json" in message and "chat_pth" in message
+        started = asyncio.get_running_loop().time()
+
+        async def refusal_shown() -> str:
+            async for line in lines:
+                if "refused: " in line:
+                    return line
+            raise AssertionError("stream ended")
+
+        line = await asyncio.wait_for(refusal_shown(), 2.0)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert 'id="latest-change"' in line and "register_service chat" in line
+    assert f"refused: {html.escape(message, quote=True)}" in line
+    assert "by admin@" in line
+    alerts = (await plane.get("/alerts", sid)).text
+    assert '<span class="refused">refused</span>' in alerts and html.escape(message, quote=True) in alerts
+    entry = (await plane.backend.audit(limit=1)).entries[0]
+    assert (entry.action, entry.target, entry.detail, entry.before_json) == (
+        "refused", "register_service chat", message, "")
+
+
+async def test_refused_configs_and_governance_changes_are_audited_bounded_and_without_secrets(
+        plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "tok-s3cr3t-0123456789"
+    monkeypatch.setenv("SG_TEST_REFUSAL_SECRET", secret)  # the control plane interpolates its own environment
+    monkeypatch.setattr(registry, "MAX_REFUSED_ROWS", 4)
+    version = (await plane.backend.agents()).current_version
+    twice = CONFIG.replace("name: chat", "name: ${SG_TEST_REFUSAL_SECRET}") + CONFIG.split("local_models:\n")[1] \
+        .replace("name: chat", "name: ${SG_TEST_REFUSAL_SECRET}")
+    for _ in range(6):  # a flood of refused applies: the audit trail keeps the newest 4 refusals
+        message = await _refused(plane.backend.apply(twice, dry_run=False))
+        assert secret in message  # the caller sees its own mistake; the store does not keep the value
+    await _refused(plane.backend.apply(twice, dry_run=True))  # a dry run changes nothing: no row
+    await _refused(plane.backend.governance.SetPolicy(governance_pb2.SetPolicyRequest(
+        tenant="acme", policy=governance_pb2.TenantPolicy(min_success_rate=2.0)), metadata=plane.backend.md))
+    entries = (await plane.backend.audit(limit=100)).entries
+    refused = [e for e in entries if e.action == "refused"]
+    assert len(refused) == 4 and refused[0].target == "set_policy acme" and "min_success_rate" in refused[0].detail
+    assert {e.target for e in refused[1:]} == {"apply_config <console>"}
+    assert all("duplicate service name '[redacted]'" in e.detail for e in refused[1:])
+    assert all(e.version == version for e in refused)  # nothing committed
+    assert "create_tenant" in [e.action for e in entries]  # committed changes' rows stay
+    assert not any(secret in str(e) for e in entries)
+    rows = cli_output.audit_rows(governance_pb2.ListAuditResponse(entries=entries))  # `switchgear audit`
+    assert rows[1][3:] == ("refused", "set_policy acme", "-", refused[0].detail)
+
+
+def test_a_refusal_row_is_bounded_and_redacts_the_secrets_it_is_given() -> None:
+    change = registry.refusal("admin@x", "apply_config", "c.yaml", "a: 'abcdefgh12' " + "x" * 5000,
+                              secrets=("abcdefgh12", "short", ""))
+    assert change.action == "refused" and change.target == "apply_config c.yaml"
+    assert change.detail.startswith("a: '[redacted]' ") and len(change.detail) == registry.MAX_REFUSAL_DETAIL
+    assert registry.refusal("a", "op", "s", "b: 'short'", secrets=("short",)).detail == "b: 'short'"
 
 
 async def test_live_streams_are_bounded(plane: Plane) -> None:

@@ -29,7 +29,15 @@ import pytest
 
 from switchgear.admin_client import admin_channel
 from switchgear.supervise import Proc
-from switchgear.v1 import gateway_pb2_grpc, governance_pb2, governance_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from switchgear.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2_grpc,
+    governance_pb2,
+    governance_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 from tests.test_end_to_end import chat
 from tests.test_no_poison_e2e import OLD_AGENT
 
@@ -188,6 +196,17 @@ def test_an_operator_watches_changes_nacks_keys_tasks_and_health_in_the_console(
     new = page.locator("table.fleet tr", has_text="agent-new")
     assert "did not apply" not in new.inner_text()
     assert re.fullmatch(r"\d+", new.locator("td").nth(8).inner_text())  # in flight, from its load reports
+
+    # A change agents would NACK is refused before it is committed: the Fleet page shows it live.
+    model = "model: gpt-4o-mini\n"
+    misspelt = config(stack.urls).replace(model, model + "          options: {chat_pth: /x}\n", 1)
+    with pytest.raises(grpc.RpcError) as refused:
+        admin_pb2_grpc.AdminServiceStub(stack.channel()).ApplyConfig(
+            admin_pb2.ApplyConfigRequest(yaml=misspelt, source="browser-test"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    latest = page.locator("#latest-change", has_text="refused:")
+    latest.wait_for(timeout=2_000)  # pushed by the server within a tick or two
+    assert "apply_config browser-test" in latest.inner_text() and "chat_pth" in latest.inner_text()
     shot("fleet")
 
     # Keys: issue (shown once), then revoke.

@@ -14,7 +14,7 @@ import pytest
 from switchgear.controlplane import pg
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.model import ApiKey, RegistryState, RetryPolicy, Settings, Tenant
-from switchgear.controlplane.store import Change, StaleVersion, Store
+from switchgear.controlplane.store import REFUSED, Change, StaleVersion, Store
 from tests.conftest import StoreBackend, service
 from tests.servers import PostgresServer
 
@@ -120,6 +120,21 @@ def test_audit_is_newest_first_and_append_audit_changes_no_version(store_backend
     assert (entries[1].before, entries[1].after) == ('{"x":1}', "")
     assert entries[0].id > entries[1].id > entries[2].id
     assert [e.action for e in store.audit(limit=1)] == ["eject"]
+
+
+def test_refused_rows_are_kept_to_the_newest_few_and_never_prune_committed_changes(
+        store_backend: StoreBackend) -> None:
+    store = store_backend.open()
+    commit(store, STATE, 1)
+    store.append_audit("1.h", Change("monitor", "eject", "a/e0"))
+    for i in range(7):  # a flood: only the newest 3 stay
+        store.append_refused("1.h", Change(f"admin@{i}", "anything", f"apply_config c{i}", detail=f"x: bad {i}"), 3)
+    entries = store.audit()
+    refused = [e for e in entries if e.action == REFUSED]
+    assert [(e.actor, e.target, e.detail) for e in refused] == [
+        (f"admin@{i}", f"apply_config c{i}", f"x: bad {i}") for i in (6, 5, 4)]
+    assert [e.action for e in entries if e.action != REFUSED] == ["eject", "change"]
+    assert store.head()[0] == 1  # a refusal is no version
 
 
 def test_a_commit_based_on_a_stale_version_writes_nothing(store_backend: StoreBackend) -> None:

@@ -52,6 +52,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._env = env
         self._monitor = monitor
 
+    async def _refused(self, context: grpc.aio.ServicerContext, operation: str, subject: str, message: str) -> None:
+        """Audit a refused change; values from the environment configs interpolate are redacted."""
+        await self._registry.record_refusal(_actor(context), operation, subject, message, tuple(self._env.values()))
+
     async def _local_agents(self) -> list[AgentStatus]:
         return self._tracker.list()
 
@@ -92,7 +96,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             spec = convert.service_from_proto(request.service)
             snapshot = await self._registry.retrying_async(lambda: self._registry.register_once(spec, _actor(context)))
         except (convert.ConvertError, ValidationError) as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _prefixed(exc, spec_name=request.service.name))
+            message = _prefixed(exc, spec_name=request.service.name)
+            await self._refused(context, "register_service", request.service.name, message)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
         except Contended as exc:
             await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         stored = snapshot.state.service(spec.name)
@@ -158,6 +164,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     lambda: self._registry.replace_once(state, _actor(context), source, validated=True))
                 version = snapshot.version
         except (ConfigError, ValidationError) as exc:
+            if not request.dry_run:
+                await self._refused(context, "apply_config", source, str(exc))
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Contended as exc:
             await _abort(context, grpc.StatusCode.ABORTED, str(exc))

@@ -54,21 +54,24 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         self._usage = usage_source or (lambda: _ready(usage))  # replicas: the leader's saved book
         self._clock = clock
 
-    async def _commit(self, context: Any, operation: Callable[[], Any]) -> Any:
-        """Run a tenancy operation and the commit it makes, mapping errors to codes."""
+    async def _commit(self, context: Any, operation: Callable[[], Any], action: str, subject: str) -> Any:
+        """Run a tenancy operation and the commit it makes, mapping errors to codes; a refused
+        change (`action` on `subject`) gets a "refused" audit row."""
         try:
             return await self._registry.retrying_async(operation)
         except Contended as exc:
             await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         except ConvertError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except tenancy.GovernanceError as exc:
             code = grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.INVALID_ARGUMENT
             if "already exists" in exc.message:
                 code = grpc.StatusCode.ALREADY_EXISTS
-            await _abort(context, code, str(exc))
+            message = str(exc)
         except ValidationError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(str(p) for p in exc.problems))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, "; ".join(str(p) for p in exc.problems)
+        await self._registry.record_refusal(_actor(context), action, subject, message)
+        await _abort(context, code, message)
 
     async def CreateTenant(self, request: governance_pb2.CreateTenantRequest, context: Any) -> Any:  # noqa: N802
         def op() -> governance_pb2.CreateTenantResponse:
@@ -78,7 +81,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             snapshot = self._registry.change(state, change)
             return governance_pb2.CreateTenantResponse(tenant=cg.tenant_to_proto(tenant), version=snapshot.version)
 
-        return await self._commit(context, op)
+        return await self._commit(context, op, "create_tenant", request.tenant.id)
 
     async def ListTenants(self, request: governance_pb2.ListTenantsRequest, context: Any) -> Any:  # noqa: N802
         return governance_pb2.ListTenantsResponse(tenants=[cg.tenant_to_proto(t) for t in self._registry.state.tenants])
@@ -90,7 +93,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             change = Change(_actor(context), "delete_tenant", request.id, before=_json(before))
             return governance_pb2.DeleteTenantResponse(version=self._registry.change(state, change).version)
 
-        return await self._commit(context, op)
+        return await self._commit(context, op, "delete_tenant", request.id)
 
     async def SetPolicy(self, request: governance_pb2.SetPolicyRequest, context: Any) -> Any:  # noqa: N802
         def op() -> governance_pb2.SetPolicyResponse:
@@ -104,7 +107,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             assert after is not None
             return governance_pb2.SetPolicyResponse(tenant=cg.tenant_to_proto(after), version=snapshot.version)
 
-        return await self._commit(context, op)
+        return await self._commit(context, op, "set_policy", request.tenant)
 
     async def IssueKey(self, request: governance_pb2.IssueKeyRequest, context: Any) -> Any:  # noqa: N802
         def op() -> governance_pb2.IssueKeyResponse:
@@ -114,7 +117,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             info = cg.key_info_to_proto(key)
             return governance_pb2.IssueKeyResponse(key=info, secret=secret, version=snapshot.version)
 
-        return await self._commit(context, op)
+        return await self._commit(context, op, "issue_key", request.tenant)
 
     async def RevokeKey(self, request: governance_pb2.RevokeKeyRequest, context: Any) -> Any:  # noqa: N802
         def op() -> governance_pb2.RevokeKeyResponse:
@@ -124,7 +127,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             snapshot = self._registry.change(state, change)
             return governance_pb2.RevokeKeyResponse(key=cg.key_info_to_proto(revoked), version=snapshot.version)
 
-        return await self._commit(context, op)
+        return await self._commit(context, op, "revoke_key", request.id)
 
     async def ListKeys(self, request: governance_pb2.ListKeysRequest, context: Any) -> Any:  # noqa: N802
         keys = [k for k in self._registry.state.keys if not request.tenant or k.tenant == request.tenant]

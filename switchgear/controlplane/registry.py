@@ -34,7 +34,7 @@ from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.agent_check import introduced_problems
 from switchgear.controlplane.model import MANAGED_ENDPOINT_PREFIX, RegistryState, ServiceSpec
 from switchgear.controlplane.offloop import call_on
-from switchgear.controlplane.store import AuditEntry, Change, StaleVersion, Store, Stored
+from switchgear.controlplane.store import REFUSED, AuditEntry, Change, StaleVersion, Store, Stored
 from switchgear.controlplane.validate import Problem, ValidationError, validate_state
 
 Listener = Callable[[snap.Snapshot], None]
@@ -46,6 +46,10 @@ log = logging.getLogger("switchgear.controlplane.registry")
 #: (start-up, tests), and from servicers with a jittered pause between attempts.
 MAX_ATTEMPTS = 8
 ASYNC_ATTEMPTS = 30
+#: Refused changes kept in the audit trail (the newest; older refusals are pruned as new ones land).
+MAX_REFUSED_ROWS = 200
+#: Characters of a refusal's message kept in its audit row.
+MAX_REFUSAL_DETAIL = 1000
 
 
 class NotFound(KeyError):
@@ -242,6 +246,22 @@ class Registry:
         """An audit row against the current version, for an event that changed nothing served."""
         self._store.append_audit(self._snapshot.version, change)
 
+    def refuse(self, change: Change) -> None:
+        """An audit row (action "refused") for a change refused before it was committed; only the
+        newest MAX_REFUSED_ROWS such rows are kept."""
+        self._store.append_refused(self._snapshot.version, change, MAX_REFUSED_ROWS)
+
+    async def record_refusal(self, actor: str, operation: str, subject: str, message: str,
+                             secrets: Sequence[str] = ()) -> None:
+        """`refuse` on the store's thread, for a servicer that has just refused a change: the row
+        says who, what (`operation subject`) and why (`message`, bounded, with any of `secrets`
+        replaced). A store that fails here is logged, never turned into the caller's error."""
+        change = refusal(actor, operation, subject, message, secrets)
+        try:
+            await self.call(lambda: self.refuse(change))
+        except Exception as exc:  # the refusal itself stands; its record is best effort
+            log.warning("could not record a refused %s: %s", operation, type(exc).__name__)
+
     def _publish(self) -> None:
         for listener, loop in self._listeners:
             call_on(loop, listener, self._snapshot)
@@ -256,6 +276,18 @@ class Registry:
         if config_hash is not None:
             self._config_hash = config_hash
         return built
+
+
+def refusal(actor: str, operation: str, subject: str, message: str, secrets: Sequence[str] = ()) -> Change:
+    """The audit row of a refused change. The message names fields and is cut to
+    MAX_REFUSAL_DETAIL characters; values in `secrets` (at least 8 characters: the environment a
+    config interpolates) are replaced, so no secret reaches the store."""
+    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
+        message = message.replace(secret, "[redacted]")
+    if len(message) > MAX_REFUSAL_DETAIL:
+        message = message[: MAX_REFUSAL_DETAIL - 1] + "…"
+    target = f"{operation} {subject}".strip()[:200]
+    return Change(actor, REFUSED, target, detail=message)
 
 
 def _keep_replicas(old: RegistryState, new: RegistryState) -> RegistryState:

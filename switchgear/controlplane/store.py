@@ -16,6 +16,7 @@ and tests, with nothing else running, may call it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +31,9 @@ from switchgear.controlplane.offloop import Serial
 from switchgear.controlplane.sql import Db, SqliteDb
 
 SCHEMA_VERSION = 2
+
+#: The audit action of a change the control plane refused (nothing committed; see append_refused).
+REFUSED = "refused"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -125,6 +129,11 @@ class Store(Protocol):
 
     def append_audit(self, version: str, change: Change) -> None:
         """An audit row only: no state or version change."""
+        ...
+
+    def append_refused(self, version: str, change: Change, keep: int) -> None:
+        """An audit row for a refused change (action REFUSED), keeping only the newest `keep` such
+        rows: a flood of refusals cannot grow the store, and committed changes' rows are never pruned."""
         ...
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
@@ -239,6 +248,15 @@ class SqlStore(ABC):
 
     def append_audit(self, version: str, change: Change) -> None:
         _insert_audit(self._db, self._clock(), version, change)  # one statement: its own transaction
+
+    def append_refused(self, version: str, change: Change, keep: int) -> None:
+        with self._db.transaction() as db:
+            _insert_audit(db, self._clock(), version, dataclasses.replace(change, action=REFUSED))
+            db.execute(
+                "DELETE FROM audit WHERE action = ? AND id <= "
+                "(SELECT id FROM audit WHERE action = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (REFUSED, REFUSED, max(keep, 0)),
+            )
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         rows = self._db.all(

@@ -235,7 +235,11 @@ class Console:
             tasks = {a.agent: a.usage.tasks for a in (await self.backend.task_stats()).agents}
         except grpc.aio.AioRpcError:
             loads, tasks = {}, {}
-        return pages.fleet_fragment(agents, target, loads, tasks)
+        try:
+            latest = next(iter((await self.backend.audit(limit=1)).entries), None)
+        except grpc.aio.AioRpcError:
+            latest = None
+        return pages.fleet_fragment(agents, target, loads, tasks, latest)
 
     async def fleet(self, request: web.Request) -> web.StreamResponse:
         body = pages.fleet_page(await self._fleet_fragment())

@@ -28,6 +28,9 @@ PAGES = (("fleet", "Fleet"), ("routes", "Routes"), ("alerts", "Alerts"), ("tenan
 #: already leave key digests out of the audit trail and never carry secrets' values).
 REDACTED_FIELDS = frozenset({"sha256", "secret", "digest", "password", "token", "value"})
 
+#: The audit action of a change the control plane refused before committing it (store.REFUSED).
+REFUSED = "refused"
+
 
 class Raw(str):
     """Markup made by this module: not escaped again."""
@@ -131,10 +134,26 @@ def _reasons(agent: admin_pb2.AgentStatus, state: str) -> str:
     return "; ".join(parts)
 
 
+def latest_change(entry: governance_pb2.AuditEntry | None) -> Raw:
+    """The newest audit row and its outcome: "refused: <path>: <message>" for a change the control
+    plane refused before committing it, else the version it made."""
+    if entry is None:
+        return Raw("")
+    if entry.action == REFUSED:
+        outcome = tag("span", f"refused: {entry.detail}", class_="refused")
+    else:
+        outcome = esc(f"{entry.action}, version {entry.version or '-'}")
+    what = entry.target if entry.action == REFUSED else f"{entry.action} {entry.target}"
+    return tag("p", Raw(f"Latest change: <code>{esc(what)}</code> by {esc(entry.actor)}, {esc(ago(_ts(entry.at)))}: "
+                        f"{outcome}"), class_="latest-change", id="latest-change")
+
+
 def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "",
-                   loads: dict[str, admin_pb2.AgentLoad] | None = None, tasks: dict[str, int] | None = None) -> Raw:
-    """The propagation of `target` (default: the version served) and a row per agent. `loads`:
-    agents' last load reports (in-flight calls); `tasks`: tasks each agent holds."""
+                   loads: dict[str, admin_pb2.AgentLoad] | None = None, tasks: dict[str, int] | None = None,
+                   latest: governance_pb2.AuditEntry | None = None) -> Raw:
+    """The propagation of `target` (default: the version served), the latest change and its
+    outcome (`latest`: the newest audit row), and a row per agent. `loads`: agents' last load
+    reports (in-flight calls); `tasks`: tasks each agent holds."""
     loads, tasks = loads or {}, tasks or {}
     target = target or reply.current_version
     states = [(a, agent_state(a, target)) for a in reply.agents]
@@ -160,7 +179,7 @@ def fleet_fragment(reply: admin_pb2.ListAgentsResponse, target: str = "",
         ])
     headers = ["Agent", "Zone", "Replica", "Build", "State", "ACKed", "Pending", "NACK / rejection reason",
                "In flight", "Tasks", "Last report"]
-    return join([summary, table(headers, rows, "fleet")])
+    return join([summary, latest_change(latest), table(headers, rows, "fleet")])
 
 
 def fleet_page(fragment: Raw, target: str = "") -> Raw:
@@ -254,7 +273,9 @@ def json_diff(before: str, after: str) -> Raw:
 def alerts_page(alerts: admin_pb2.ListAlertsResponse, audit: governance_pb2.ListAuditResponse) -> Raw:
     headers = ["Rule", "Service", "Severity", "Condition", "Value", "Action", "What it changed", "Fired",
                "Version", "Recovered", "Revert version"]
-    audit_rows = [[ago(_ts(e.at)), e.actor, e.action, e.target, e.version or "-", e.detail or "",
+    audit_rows = [[ago(_ts(e.at)), e.actor,
+                   tag("span", e.action, class_="refused") if e.action == REFUSED else e.action,
+                   e.target, e.version or "-", e.detail or "",
                    json_diff(e.before_json, e.after_json)] for e in audit.entries]
     return join([
         tag("h2", f"Firing ({len(alerts.firing)})"),
