@@ -1,7 +1,7 @@
 """Write docs/reference/cli.md and docs/reference/metrics.md from the code (`make docs`).
 
 The CLI reference is argparse's own help for every command and sub-command (switchgear.cli's
-parser); the metric families are what the agent's collectors (AgentMetrics, DoorMetrics) yield,
+parser); the metric families are what the agent's and the control plane's collectors yield,
 with their type and help text. Both files are committed; tests/test_docs.py fails when they
 are not what this script writes now (`python scripts/gen_reference.py --check`).
 """
@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MD = ROOT / "docs" / "reference" / "cli.md"
@@ -43,24 +44,40 @@ def cli_markdown() -> str:
     return "".join(out)
 
 
-def metrics_markdown() -> str:
-    from switchgear.dataplane.door_metrics import DoorMetrics
-    from switchgear.dataplane.metrics import AgentMetrics
-
-    out = [HEADER, "# Metric families\n\n",
-           "The families an agent's `--metrics-listen` port exports (scraped with no traffic yet;\n",
-           "families that only appear once a request has been seen are listed by the collectors'\n",
-           "docstrings in [Observability](../operations/observability.md)).\n\n",
-           "| family | type | help |\n| --- | --- | --- |\n"]
+def _table(collectors: list[Any]) -> list[str]:
+    rows = ["| family | type | help |\n", "| --- | --- | --- |\n"]
     seen: set[str] = set()
-    for collector in (AgentMetrics(), DoorMetrics()):
+    for collector in collectors:
         for family in collector.collect():
             if family.name in seen:
                 continue
             seen.add(family.name)
-            suffix = "_total" if family.type == "counter" else ""
-            out.append(f"| `{family.name}{suffix}` | {family.type} | {family.documentation.replace('|', '/')} |\n")
-    return "".join(out)
+            suffix = "_total" if family.type == "counter" else ""  # prometheus_client keeps the bare name
+            text = family.documentation.replace("|", "/")
+            rows.append(f"| `{family.name}{suffix}` | {family.type} | {text} |\n")
+    return rows
+
+
+def metrics_markdown() -> str:
+    from switchgear.controlplane.collector import Collector
+    from switchgear.controlplane.metrics import ControlPlaneMetrics
+    from switchgear.controlplane.monitor import Monitor
+    from switchgear.controlplane.registry import Registry
+    from switchgear.controlplane.store import SqliteStore
+    from switchgear.dataplane.door_metrics import DoorMetrics
+    from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics
+    from switchgear.dataplane.redis_state import RedisHealth
+
+    monitor = Monitor(Registry(SqliteStore(":memory:")), Collector())
+    control_plane = ControlPlaneMetrics(monitor, seq=lambda: 0, agents=lambda: 0, reports=lambda: 0)
+    return "".join([
+        HEADER, "# Metric families\n\n",
+        "What each process's `--metrics-listen` port exports, as its collectors declare them (labels\n",
+        "and semantics: [Observability](../operations/observability.md)). With `--workers N` the\n",
+        "supervisor's port serves the workers' families summed, plus its own `switchgear_worker_*`.\n\n",
+        "## Agent\n\n", *_table([AgentMetrics(), DoorMetrics(), RedisMetrics(RedisHealth())]),
+        "\n## Control plane\n\n", *_table([control_plane]),
+    ])
 
 
 def main(argv: list[str]) -> int:
