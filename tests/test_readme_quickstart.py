@@ -53,7 +53,7 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=45)
         except subprocess.TimeoutExpired:
             pass
         finally:
@@ -61,7 +61,7 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)  # anything the script left running
             proc.wait()
     out = log.read_text()
-    assert proc.returncode == 0, f"the quick start failed or did not finish in 60 s ({proc.returncode}):\n{out}"
+    assert proc.returncode == 0, f"the quick start failed or did not finish in 45 s ({proc.returncode}):\n{out}"
     answers = [line for line in out.splitlines() if line.startswith("{")]
     assert answers, f"no JSON answer from curl:\n{out}"
     completion = json.loads(answers[-1])
