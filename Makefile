@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BUF    := node_modules/.bin/buf
 
-.PHONY: fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas soak
+.PHONY: docs fuzz demo test lint lint-protos protos bench clean system-deps upstreams bench-overhead bench-controlplane bench-replicas soak
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
 # for the store that control-plane replicas share; Chromium for the console's browser tests; podman
@@ -86,6 +86,12 @@ fuzz: $(STAMP)
 	  $(PY) -m tests.fuzz.fuzz_rpc $$target -max_total_time=$$(( $(FUZZ_SECONDS) / 3 )) \
 	    -rss_limit_mb=$(FUZZ_RSS_MB) -max_len=4096 -timeout=10 -print_final_stats=1 || exit $$?; \
 	done
+
+# The documentation site (mkdocs-material, in the dev extra) into build/site/ (git-ignored), after
+# regenerating the CLI and metrics reference pages from the code; any mkdocs warning fails it.
+docs: $(STAMP)
+	$(PY) scripts/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
 lint-protos: $(BUF)
 	cd protos && ../$(BUF) lint

@@ -711,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(INVALID_ARGUMENT / HTTP 400 naming the field; default: %(default)s)")
     ag.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
                     help="serve from N processes sharing the gRPC and HTTP ports (SO_REUSEPORT), supervised by "
-                         "this one; 'auto': one per core this process may use (default: %(default)s; README: "
+                         "this one; 'auto': one per core this process may use (default: %(default)s; "
+                         "docs/operations/single-node.md: "
                          "Every core)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)

@@ -335,5 +335,5 @@ def test_document_request_to_a_dead_service_returns_the_task_id(cluster: Resilie
 
 
 def test_resilience_flags_are_documented(tmp_path: Path) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert "## Resilience" in readme and "--breaker-open" in readme
+    page = (Path(__file__).parent.parent / "docs" / "concepts" / "resilience.md").read_text()
+    assert "## Resilience" in page and "--breaker-open" in page

@@ -33,7 +33,7 @@ FLAGS: tuple[tuple[str, str, str, str], ...] = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
-    group = parser.add_argument_group("limits on the gRPC port (see README: Limits on the agent's gRPC port)")
+    group = parser.add_argument_group("limits on the gRPC port (see docs/reference/limits.md)")
     for flag, field, metavar, text in FLAGS:
         default = getattr(defaults, field)
         group.add_argument(flag, dest=f"grpc_{field}", type=type(default), default=default, metavar=metavar,
