@@ -18,7 +18,7 @@ from google.protobuf import json_format
 
 from switchgear import __version__, cli_output
 from switchgear.rpc import options as rpc_options
-from switchgear.tls import ServerTls
+from switchgear.tls import ListenError, ServerTls
 
 
 def _ready_announcer(ready_file: str | None) -> Callable[[str], None]:
@@ -86,7 +86,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except StartupError as exc:
+    except (StartupError, ListenError) as exc:
         print(f"switchgear controlplane: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -174,7 +174,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         await serve(options, _signal_event(), _ready_announcer(args.ready_file), announce_http, _announce_metrics,
                     announce_serving)
 
-    run_event_loop(run())
+    try:
+        run_event_loop(run())
+    except ListenError as exc:
+        print(f"switchgear agent: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

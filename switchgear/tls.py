@@ -61,15 +61,28 @@ class ClientTls:
         )
 
 
-def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
+class ListenError(RuntimeError):
+    """A listener could not be opened (the address is taken, not local, or not allowed); the
+    message names the flag and the address, for a one-line refusal at start."""
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None, flag: str = "--listen") -> int:
     """Listen on `address` with TLS when configured; returns the bound port. Works for grpc.aio
-    servers and switchgear.rpc's (which takes an ssl.SSLContext)."""
-    if tls is None:
-        return int(server.add_insecure_port(address))
-    add_tls_port = getattr(server, "add_tls_port", None)
-    if add_tls_port is not None:
-        return int(add_tls_port(address, tls.ssl_context(["h2"])))
-    return int(server.add_secure_port(address, tls.credentials()))
+    servers and switchgear.rpc's (which takes an ssl.SSLContext). ListenError when it cannot."""
+    try:
+        if tls is None:
+            return int(server.add_insecure_port(address))
+        add_tls_port = getattr(server, "add_tls_port", None)
+        if add_tls_port is not None:
+            return int(add_tls_port(address, tls.ssl_context(["h2"])))
+        return int(server.add_secure_port(address, tls.credentials()))
+    except OSError as exc:  # switchgear.rpc: the socket's own error
+        raise ListenError(f"{flag} {address}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # grpc.aio says only that binding failed
+        if "bind" not in str(exc).lower():
+            raise
+        raise ListenError(f"{flag} {address}: cannot listen there (address in use, or not an address "
+                          "of this host)") from None
 
 
 def aio_channel(address: str, tls: ClientTls | None, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:

@@ -43,6 +43,7 @@ from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
 from switchgear.dataplane.stream import FallbackChunk, Meter, StreamEnd, Streamer
+from switchgear.tls import ListenError
 
 MODEL_CATEGORIES = ("llm", "embedding")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -411,6 +412,10 @@ async def start(
     await door.setup()
     site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls,
                        reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await door.cleanup()
+        raise ListenError(f"--http-listen {listen}: {exc.strerror or exc}") from None
     bound = door.addresses[0]
     return door, f"{host or '127.0.0.1'}:{bound[1]}"

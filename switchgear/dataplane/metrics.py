@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector as PromCollector
 
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.redis_state import RedisHealth
+from switchgear.tls import ListenError
 
 LABELS = ("service", "endpoint", "category")
 LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -295,7 +296,10 @@ def serve_metrics(collector: PromCollector, listen: str, *more: PromCollector) -
     for each in (collector, *more):
         registry.register(each)
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise ListenError(f"--metrics-listen {listen}: {exc.strerror or exc}") from None
     return server, f"{host or '127.0.0.1'}:{server.server_port}"
 
 
