@@ -439,3 +439,45 @@ async def test_streams_embeddings_and_refusals_on_both_doors(control_plane: Cont
     assert len(refused) == 2
     for span in refused:
         assert span.status.status_code == StatusCode.UNSET and not span.events
+
+
+async def test_the_anthropic_door_is_logged_and_counted_like_the_openai_door(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """POST /v1/messages (translated to the OpenAI-protocol upstream) gets the same access-log
+    line and request metrics as /v1/chat/completions: route, tenant, tokens, cost, endpoint."""
+    _, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini", pricing=Pricing(
+        input_cost_per_1k_tokens=1.0, output_cost_per_1k_tokens=2.0)), "test")
+    secret = add_tenant(control_plane, "acme")
+    caplog.set_level(logging.INFO, logger="switchgear.access")
+    agent = await start_agent([control_plane.address])
+    base = f"http://{agent.http}"
+    message = {"model": "chat", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_ready(session, base)
+            before = scrape(agent.metrics)
+            caplog.clear()
+            async with session.post(f"{base}/v1/messages", json=message, headers={"x-api-key": secret}) as r:
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+            async with session.post(f"{base}/v1/messages", json={**message, "stream": True},
+                                    headers={"x-api-key": secret}) as r:
+                assert r.status == 200
+                await r.read()
+            after = scrape(agent.metrics)
+    finally:
+        await agent.close()
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access"]
+    assert len(lines) == 2, lines
+    unary, streamed = lines
+    for line in lines:
+        assert (line["door"], line["status"], line["route"], line["tenant"]) == ("http", 200, "chat", "acme")
+    assert unary["endpoint"] == "e0" and unary["attempts"] == 1
+    assert unary["input_tokens"] == answer["usage"]["input_tokens"] > 0 and unary["cost_usd"] > 0
+    # this upstream does not stream: the stream's attempts failed over to the seed's LLM preset, and
+    # its line still says how many attempts the stream end reported (0 when nothing was noted)
+    assert streamed["attempts"] >= 1
+    assert total(after, "switchgear_requests", door="http", route="chat", tenant="acme") - \
+        total(before, "switchgear_requests", door="http", route="chat", tenant="acme") == 2

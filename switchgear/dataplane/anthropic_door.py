@@ -37,6 +37,7 @@ import orjson
 from aiohttp import web
 
 from switchgear.adapters.anthropic import _text
+from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Unauthenticated
 from switchgear.dataplane.invoke import Result
@@ -380,8 +381,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
         principal = pipeline.identify(_authorization(request), snapshot)
     except Unauthenticated as exc:
         raise ApiError(401, f"{exc} (this door also takes 'x-api-key: <key>')") from None
+    if principal is not None:
+        access_log.note_tenant(principal.tenant.id)
     body = parse_request(await request.read(), pipeline.max_json_depth)
     hooks.check_model(snapshot, body["model"], "llm")
+    access_log.note_route(body["model"])
     native = is_native(snapshot, snapshot.services[body["model"]])
     payload = body if native else chat_request(body)
     call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
@@ -391,6 +395,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return await _stream(request, hooks, call, snapshot, principal, native)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
+    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+                           result.attempts, served.cached)
     headers = {**hooks.result_headers(result), "request-id": call.request_id}
     if served.cached:
         headers["x-switchgear-cache"] = "hit"
@@ -425,6 +431,9 @@ async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: Agen
             item = await anext(items)
     finally:  # also when the caller disconnects: release the upstream connection and charge now
         await items.aclose()
+    if isinstance(item, StreamEnd):
+        access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
+                               item.attempts)
     if item.error is not None:
         refused = failed(item.error, item.attempts, item.service, item.endpoint, interrupted=True)
         await response.write(event("error", {"error": error_body(refused.http_status, refused.message)["error"]}))
