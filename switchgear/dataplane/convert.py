@@ -103,18 +103,7 @@ def _targets(service: ServiceView, options: checks.ParsedOptions,
                         service.name, endpoint.id, protocol[:64])
             continue
         served.append(endpoint)
-        targets[endpoint.id] = TargetView(
-            protocol=protocol,
-            api_key=endpoint.api_key if endpoint.api_key is not None else service.api_key,
-            model=endpoint.model or service.model,
-            max_tokens=endpoint.max_tokens or service.max_tokens,
-            pricing=endpoint.pricing if endpoint.pricing is not None else service.pricing,
-            options=own.adapter if own is not None else service.options,
-            limits=own.limits if own is not None else service.limits,
-            provider=endpoint.provider,
-            rpm_limit=endpoint.rpm_limit,
-            tpm_limit=endpoint.tpm_limit,
-        )
+        targets[endpoint.id] = service.resolve(endpoint, (own.adapter, own.limits) if own is not None else None)
     return tuple(served), targets
 
 

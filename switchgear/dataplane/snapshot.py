@@ -115,12 +115,20 @@ class ServiceView:
         """The effective target of one of this service's endpoints (precomputed per snapshot;
         built here only for a view made without targets, as tests do)."""
         found = self.targets.get(endpoint.id)
-        if found is not None:
-            return found
-        e = endpoint
-        return TargetView(e.protocol or self.protocol, e.api_key or self.api_key, e.model or self.model,
-                          e.max_tokens or self.max_tokens, self.pricing if e.pricing is None else e.pricing,
-                          self.options, self.limits, e.provider, e.rpm_limit, e.tpm_limit)
+        return found if found is not None else self.resolve(endpoint)
+
+    def resolve(self, e: EndpointView, own: tuple[Any, ResponseLimits] | None = None) -> TargetView:
+        """Target field > service field, for one endpoint; `own`: the target's own parsed adapter
+        options and answer limits, when it sets options (else the service's)."""
+        options, limits = own if own is not None else (self.options, self.limits)
+        return TargetView(
+            protocol=e.protocol or self.protocol,
+            api_key=e.api_key if e.api_key is not None else self.api_key,
+            model=e.model or self.model,
+            max_tokens=e.max_tokens or self.max_tokens,
+            pricing=e.pricing if e.pricing is not None else self.pricing,
+            options=options, limits=limits, provider=e.provider, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+        )
 
 
 @dataclass(frozen=True)
