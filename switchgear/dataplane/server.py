@@ -196,9 +196,14 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
 def _capacity(holder: Holder, stats: LiveStats) -> Callable[[str, str], int]:
     """The load report's capacity of an endpoint: max_concurrency when the served snapshot sets
     it, else the capacity this agent learned (scheduling/shift.py), 0 when unknown."""
+    indexed: list[Any] = [None, {}]  # (the snapshot, its {(service, endpoint): max_concurrency}), per snapshot
+
     def capacity(service: str, endpoint: str) -> int:
-        view = holder.current.services.get(service) if holder.current else None
-        configured = next((e.max_concurrency for e in view.endpoints if e.id == endpoint), 0) if view else 0
+        if indexed[0] is not holder.current:
+            current = holder.current
+            indexed[:] = [current, {(s.name, e.id): e.max_concurrency for s in current.services.values()
+                                    for e in s.endpoints} if current else {}]
+        configured = indexed[1].get((service, endpoint), 0)
         return reported_capacity(configured, stats, candidate_key(service, endpoint))
 
     return capacity
