@@ -107,7 +107,7 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
 
 
 def _target_text(e: EndpointSpec) -> str:
-    """What a route target sets over its service's fields (README "Routes"), "" when nothing."""
+    """What a route target sets over its service's fields (docs/concepts/routes.md), "" when nothing."""
     cells = [e.protocol, f"model={e.model}" if e.model else "", f"key={e.api_key.describe()}" if e.api_key else "",
              f"price={_price(e.pricing)}" if e.pricing is not None else "",
              f"max_tokens={e.max_tokens}" if e.max_tokens else "",

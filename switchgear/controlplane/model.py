@@ -71,7 +71,7 @@ class EndpointSpec:
     weight: int = 1
     priority: int = 0
     max_concurrency: int = 0  # 0 = unlimited
-    # A route target's own settings (README "Routes"): each, when set, overrides the
+    # A route target's own settings (docs/concepts/routes.md): each, when set, overrides the
     # service's field for calls this endpoint serves; ""/None/0/() = as the service.
     protocol: str = ""
     api_key: SecretRef | None = None

@@ -227,7 +227,7 @@ def convert_snapshot(
 
 def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
     """Each route category's name as a route over every endpoint of its servable services
-    (README "Routes"), built from their views: each target keeps its service's effective
+    (docs/concepts/routes.md), built from their views: each target keeps its service's effective
     protocol, key reference, model, prices, options and limits (the member's TargetView itself),
     and its endpoint's health and priority (else the service's); its id is "<service>.<endpoint>"
     and `source_service` names the service. None for a

@@ -219,7 +219,7 @@ def _result_headers(result: Result) -> dict[str, str]:
     }
     if result.fallback:  # what answered instead of the requested model (service, local_model, ...)
         headers["x-switchgear-fallback"] = result.fallback_source
-    if result.target is not None:  # the route target that served (README "Routes")
+    if result.target is not None:  # the route target that served (docs/concepts/routes.md)
         headers["x-switchgear-target"] = result.endpoint
         headers["x-switchgear-provider"] = result.target.provider or result.target.protocol
         headers["x-switchgear-target-model"] = result.target.model

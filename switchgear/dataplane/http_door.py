@@ -58,8 +58,8 @@ _LINGER_S = 1.0
 
 @dataclass(frozen=True)
 class DoorLimits:
-    """Limits of the HTTP front door (the `switchgear agent --http-*` flags; README "HTTP front
-    door limits"). Sizes in bytes, times in seconds."""
+    """Limits of the HTTP front door (the `switchgear agent --http-*` flags;
+    docs/reference/limits.md). Sizes in bytes, times in seconds."""
 
     max_connections: int = 1024  # open connections at once (the fd budget may lower it)
     idle_timeout_s: float = 15.0  # an idle keep-alive connection, or one sending its headers, is closed

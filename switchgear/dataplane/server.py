@@ -74,7 +74,7 @@ class Options:
     # The gRPC port's server: "switchgear" (switchgear.rpc, HTTP/2 on the event loop: ~4x less
     # CPU per call) or "grpcio" (grpc.aio; kept for A/B runs and as a fallback).
     grpc_server: str = "switchgear"
-    grpc_limits: rpc.Limits = rpc.Limits()  # the gRPC port's bounds (README: Limits on the agent's gRPC port)
+    grpc_limits: rpc.Limits = rpc.Limits()  # the gRPC port's bounds (docs/reference/limits.md)
     # TLS on the application-facing ports (gRPC and the HTTP front door); with `client_ca`,
     # callers must present a certificate it signed. None = plaintext, as on loopback.
     serve_tls: ServerTls | None = None

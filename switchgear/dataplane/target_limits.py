@@ -6,7 +6,7 @@ requests (or tokens) of the current window is not sent; it fails RATE_LIMITED wi
 call moves to another target at once; the breaker holds the target out until the window ends
 and never trips for it). Tokens are counted from each answer's usage, so the call that crosses
 the limit is served and the next one waits. With N agents a provider may see up to N times
-the limit: set it to the provider's limit divided by the agents (README "Routes").
+the limit: set it to the provider's limit divided by the agents (docs/concepts/routes.md).
 
 Memory: one entry per target with a limit that was called; past MAX_ENTRIES, entries whose
 window ended are dropped (a target no longer in any snapshot is never called again).

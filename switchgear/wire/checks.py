@@ -30,7 +30,7 @@ CATEGORIES = tuple(
     str(name).removeprefix("SERVICE_CATEGORY_").lower() for name, value in common_pb2.ServiceCategory.items() if value
 )
 _USER_TYPES = frozenset(governance_pb2.UserType.values())
-#: Categories whose name is a route over all their services (README "Routes"), when at least
+#: Categories whose name is a route over all their services (docs/concepts/routes.md), when at least
 #: ROUTE_MIN_SERVICES of them are served; the control plane refuses a service of that name.
 ROUTE_CATEGORIES = ("llm", "embedding")
 ROUTE_MIN_SERVICES = 2

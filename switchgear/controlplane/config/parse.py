@@ -1,6 +1,6 @@
 """Step 1, parse: YAML text -> a tree of `Node`s that know their key path and line.
 
-Hostile YAML is bounded here (README "Config loader bounds"): the document's size, its
+Hostile YAML is bounded here (docs/reference/limits.md): the document's size, its
 nesting depth (yaml's composer recurses), its expansion through aliases and merge keys, key
 and number lengths. Each bound is a problem naming the key path and line, never a traceback.
 """
@@ -18,7 +18,7 @@ from switchgear.controlplane.validate import Problem
 
 #: A YAML document may not expand (through aliases and merge keys) into more values than this.
 MAX_NODES = 100_000
-#: Bounds on what a document may hold (README "Config loader bounds"). Deeper nesting, longer
+#: Bounds on what a document may hold (docs/reference/limits.md). Deeper nesting, longer
 #: keys or numbers, and larger values are refused with a problem naming the key path and line,
 #: never a traceback (yaml's composer and our readers recurse; int() and float() overflow).
 MAX_DEPTH = 64  # nested mappings/lists, counted after aliases are expanded

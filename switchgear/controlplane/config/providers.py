@@ -113,7 +113,7 @@ _ENDPOINT_LEAVES = (
     Leaf("weight", "weight", read_int),
     Leaf("priority", "priority", read_int),
     Leaf("max_concurrency", "max_concurrency", read_int),
-    # A route target's own settings (README "Routes"): each overrides the service's.
+    # A route target's own settings (docs/concepts/routes.md): each overrides the service's.
     Leaf("protocol", "protocol", read_str),
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),

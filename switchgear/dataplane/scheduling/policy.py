@@ -1,6 +1,6 @@
 """Which strategy and bounds apply to a request. Pure.
 
-Precedence — the one place it is written down (README "Strategy precedence" points here).
+Precedence — the one place it is written down (docs/concepts/strategies.md points here).
 The first rule that names a strategy this agent knows wins:
 
 1. the service's own `strategy` (an operator's choice for that one service);
