@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.scheduling import filters, pickers, scorers
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Request
-from switchgear.dataplane.scheduling.stats import LiveStats
+from switchgear.dataplane.scheduling.stats import FAILING, LiveStats
 from tests.scheduling_helpers import ANY, NO_BOUNDS, Clock, cand, complete, ctx, names, occupy, stats
 
 A, B, C = cand("a"), cand("b"), cand("c")
@@ -263,3 +264,19 @@ def test_slow_start_scales_weights_of_a_new_endpoint() -> None:
     clock.t += 100  # a is old; b appears now
     got = run_picker(pickers.smooth_weighted, [A, B], 110, live=live)
     assert got.count("b") == 10  # weight 1 x 0.1 against 1: 1 in 11
+
+
+def test_min_success_probes_a_candidate_in_a_failure_streak_once_a_second() -> None:
+    """Kept out by the rate while its late successes are held (stats.FAILING), a candidate
+    gets one probe a second — the pick is only it — and none while that probe is in flight."""
+    clock = Clock()
+    live = stats(clock)
+    bounds = Bounds(min_success_rate=0.95)
+    complete(live, "s/a", 0.1, error=ErrorKind.RETRYABLE, n=FAILING)
+    assert names(filters.min_success((A, B), ctx(live, bounds=bounds))) == ["b"]  # not yet: just failed
+    clock.t += filters.PROBE_INTERVAL_S
+    assert names(filters.min_success((A, B), ctx(live, bounds=bounds))) == ["a"]  # the probe
+    assert names(filters.min_success((A, B), ctx(live, bounds=bounds))) == ["b"]  # once per interval
+    occupy(live, "s/a", 1, tag="probe")
+    clock.t += 10 * filters.PROBE_INTERVAL_S
+    assert names(filters.min_success((A, B), ctx(live, bounds=bounds))) == ["b"]  # the probe is out

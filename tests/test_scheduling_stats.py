@@ -9,6 +9,7 @@ import pytest
 from switchgear.adapters.base import ErrorKind, TokenUsage
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.scheduling.model import Request
+from switchgear.dataplane.scheduling.stats import FAILING as STREAK
 from switchgear.dataplane.scheduling.stats import OVERDUE, LiveStats, PeakEwma, StatsConfig, SuccessWindow
 from tests.scheduling_helpers import Clock, complete, occupy, stats
 
@@ -116,3 +117,65 @@ def test_stats_survive_a_snapshot_swap_for_endpoints_that_persist() -> None:
     live.retain({"chat/a", "chat/c"})
     assert live.known("chat/a") and not live.known("chat/b")
     assert live.get("chat/a").latency.value == 0.3
+
+
+def _start(live: LiveStats, key: str, rid: str) -> None:
+    service, endpoint = key.split("/", 1)
+    live.attempt_started(AttemptStart(rid, service, "llm", endpoint, 1, 5))
+
+
+def _end(live: LiveStats, key: str, rid: str, latency_s: float, error: ErrorKind | None = None) -> None:
+    service, endpoint = key.split("/", 1)
+    live.attempt_ended(AttemptEnd(rid, service, "llm", endpoint, 1, latency_s, error, TokenUsage(10, 10)))
+
+
+def test_late_successes_after_a_failure_streak_are_held_until_a_newer_attempt_succeeds() -> None:
+    """A provider that answers 503 to every new call while the calls it took before keep
+    finishing: those late successes must not lift its rate back over the bound; the first
+    success of a call sent after the streak releases them (the streak was noise)."""
+    clock = Clock()
+    live = stats(clock)
+    for i in range(10):  # in service before the fault
+        _start(live, "s/a", f"old{i}")
+    clock.t += 0.1
+    for i in range(STREAK):  # the fault: every new call fails at once
+        _start(live, "s/a", f"new{i}")
+        _end(live, "s/a", f"new{i}", 0.01, ErrorKind.RETRYABLE)
+    clock.t += 1.0
+    for i in range(10):
+        _end(live, "s/a", f"old{i}", 1.1)
+    s = live.get("s/a")
+    assert s.window.counts(clock()) == (0, STREAK)  # held, not counted
+    assert s.held == 10 and s.failing_now()
+    _start(live, "s/a", "probe")
+    assert not s.failing_now()  # a newer attempt is in flight: it will tell
+    clock.t += 0.5
+    _end(live, "s/a", "probe", 0.5)
+    assert s.window.counts(clock()) == (11, STREAK) and s.held == 0 and s.failing == 0
+
+
+def test_a_failure_or_two_among_calls_in_service_holds_nothing() -> None:
+    clock = Clock()
+    live = stats(clock)
+    for i in range(5):
+        _start(live, "s/a", f"old{i}")
+    for i in range(STREAK - 1):
+        _start(live, "s/a", f"bad{i}")
+        _end(live, "s/a", f"bad{i}", 0.01, ErrorKind.RETRYABLE)
+    for i in range(5):
+        _end(live, "s/a", f"old{i}", 1.0)
+    s = live.get("s/a")
+    assert s.window.counts(clock()) == (5, STREAK - 1) and s.held == 0 and not s.failing_now()
+
+
+def test_held_successes_older_than_the_window_are_dropped_not_released() -> None:
+    clock = Clock()
+    live = stats(clock)
+    _start(live, "s/a", "old")
+    for i in range(STREAK):
+        _start(live, "s/a", f"bad{i}")
+        _end(live, "s/a", f"bad{i}", 0.01, ErrorKind.RETRYABLE)
+    _end(live, "s/a", "old", 1.0)
+    clock.t += live.config.window_s + 1
+    complete(live, "s/a", 0.2)
+    assert live.get("s/a").window.counts(clock()) == (1, 0)

@@ -78,12 +78,30 @@ def within_cost(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
     return [c for c in cands if c.cost(ctx.request) <= limit] if limit > 0 else list(cands)
 
 
+#: How often a candidate kept out by `min_success` in a failure streak is sent one probe.
+PROBE_INTERVAL_S = 1.0
+
+
 def min_success(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
-    """Keeps candidates whose windowed success rate >= bounds.min_success_rate."""
+    """Keeps candidates whose windowed success rate >= bounds.min_success_rate.
+
+    One below it in a failure streak (stats.EndpointStats.failing_now: the successes that
+    would lift its rate are held until a newer attempt succeeds) is sent a probe — the pick is
+    only that candidate — PROBE_INTERVAL_S after its latest failed attempt was sent, then at
+    most once per PROBE_INTERVAL_S, and only with none of its newer attempts in flight:
+    without one, a streak that was noise would keep it out for the whole window."""
     floor = ctx.bounds.min_success_rate
     if floor <= 0:
         return list(cands)
-    return [c for c in cands if ctx.stats.get(c.key).success_rate(ctx.now) >= floor]
+    kept = []
+    for c in cands:
+        s = ctx.stats.get(c.key)
+        if s.success_rate(ctx.now) >= floor:
+            kept.append(c)
+        elif s.failing_now() and ctx.now - max(s.probed_at, s.failure_sent_at) >= PROBE_INTERVAL_S:
+            s.probed_at = ctx.now
+            return [c]
+    return kept
 
 
 def within_latency(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:

@@ -17,7 +17,16 @@ What is kept, per endpoint:
   below decays it with weight w = exp(-dt / decay_s) — quick to notice trouble, slow to forget;
 - the same for time to first token (streams) and for seconds per output token (LLMs);
 - success rate over a sliding time window of buckets, with one prior success so a fresh
-  endpoint reads 1.0 and one failure in few samples does not condemn it;
+  endpoint reads 1.0 and one failure in few samples does not condemn it. A success is
+  evidence as of when its attempt was *sent*: once FAILING failures in a row, by send time,
+  say the endpoint may now fail what it is sent (a 503 on every new call), successes of
+  attempts sent before the latest failure are *held* rather than counted — calls it accepted
+  before the fault finish for seconds afterwards (a long LLM answer), and counting them would
+  lift its rate back over a bound it no longer meets, bringing new calls back to it (as the
+  breaker, resilience/breaker.py). The next success of an attempt sent after the latest
+  failure ends the streak and releases what was held (the streak was noise); an endpoint kept
+  out by the rate meanwhile gets a trickle of probes (filters.min_success), so that success
+  can come;
 - the EWMA of the observed cost of a successful request (USD);
 - latency by concurrency level (`Capacity`), from which a capacity is learned where no
   max_concurrency is configured (scheduling/shift.py sheds load above 80 % of it);
@@ -44,6 +53,12 @@ OVERDUE = 3.0
 
 #: How many latest outcomes `EndpointStats.lasts` keeps (peers.off_slow's recovery rule).
 LASTS = 2
+
+#: Failures in a row, by send time, from which late successes of older attempts stop counting.
+#: One or two failures among the calls of one service time are noise (0.5 % of calls fail anyway);
+#: three in a row with no newer success between are what a provider failing every new call looks
+#: like (at ten calls a second, within a third of a second).
+FAILING = 3
 
 #: Abandoned attempts in a row, with no answer between, that count as a stall (see `unanswered`):
 #: a healthy endpoint loses a hedge race now and then (~5 % of calls), never three in a row.
@@ -226,15 +241,15 @@ class SuccessWindow:
         self.bad = [0] * buckets
         self.epoch = [-1] * buckets
 
-    def record(self, success: bool, now: float) -> None:
+    def record(self, success: bool, now: float, count: int = 1) -> None:
         index = int(now // self.width)
         slot = index % len(self.ok)
         if self.epoch[slot] != index:
             self.epoch[slot], self.ok[slot], self.bad[slot] = index, 0, 0
         if success:
-            self.ok[slot] += 1
+            self.ok[slot] += count
         else:
-            self.bad[slot] += 1
+            self.bad[slot] += count
 
     def counts(self, now: float) -> tuple[int, int]:
         """(successes, failures) within the window ending at `now`."""
@@ -261,6 +276,10 @@ class EndpointStats:
         "cost_usd",
         "created_at",
         "failed",
+        "failing",
+        "failure_sent_at",
+        "held",
+        "held_since",
         "last_sample_at",
         "lasts",
         "latency",
@@ -297,10 +316,23 @@ class EndpointStats:
         self.last_sample_at: float | None = None
         self.completed = 0
         self.failed = 0
+        self.failing = 0  # failures in a row by send time (no success sent after the latest one)
+        self.failure_sent_at = -math.inf  # when the latest failed attempt was sent
+        self.held = 0  # successes held back during a failure streak (module docstring)
+        self.held_since = 0.0
 
     @property
     def in_flight(self) -> int:
         return len(self.outstanding)
+
+    def failing_now(self) -> bool:
+        """In a failure streak (FAILING or more failures by send time, no newer success) with
+        nothing sent since its latest failure still in flight: only a new attempt can say
+        whether the streak is over (filters.min_success probes such an endpoint)."""
+        if self.failing < FAILING:
+            return False
+        newest = next(reversed(self.outstanding.values()), -math.inf)
+        return newest <= self.failure_sent_at
 
     def note_last(self, seconds: float) -> None:
         """One more outcome for `lasts` (call before counting it in completed / failed)."""
@@ -444,6 +476,7 @@ class LiveStats:
         stats = self.get(key, now)
         c = self.config
         stats.window = SuccessWindow(c.window_s, c.buckets)
+        stats.held = 0
         if self.config.slow_start_s > 0 and self.config.recovery_ramp_s > 0:
             stats.created_at, stats.ramp_s = now, self.config.recovery_ramp_s
 
@@ -461,13 +494,26 @@ class LiveStats:
             if started is not None and len(stats.unanswered) < 2 * UNANSWERED:
                 stats.unanswered.append(started)
             return
+        sent = now - max(0.0, event.latency_s) if started is None else started
         if event.error is None:
-            self._success(stats, event, now)
+            self._success(stats, event, now, sent)
         elif event.error in ENDPOINT_FAULTS:
-            self._failure(stats, event, now)
+            self._failure(stats, event, now, sent)
 
-    def _success(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
+    def _success(self, stats: EndpointStats, event: AttemptEnd, now: float, sent: float) -> None:
         latency = max(0.0, event.latency_s)
+        if sent >= stats.failure_sent_at:
+            stats.failing = 0
+            if stats.held and now - stats.held_since < self.config.window_s:
+                stats.window.record(True, now, stats.held)  # the streak was noise: they count after all
+            stats.held = 0
+            stats.window.record(True, now)
+        elif stats.failing < FAILING:
+            stats.window.record(True, now)  # older than a failure or two: still counts
+        else:
+            if not stats.held:
+                stats.held_since = now
+            stats.held += 1  # older than a streak of failures: says nothing about now
         if stats.unanswered:
             stats.unanswered.clear()  # it answers: what was abandoned says nothing more
         stats.latency.update(latency, now)
@@ -482,14 +528,13 @@ class LiveStats:
         if tokens > 0:
             stats.per_token.update(max(0.0, latency - (ttft or 0.0)) / tokens, now)
         stats.capacity.record(len(stats.outstanding) + 1, latency / tokens if tokens > 0 else latency)
-        stats.window.record(True, now)
         stats.note_last(latency)
         a = self.config.cost_alpha
         stats.cost_usd = event.cost_usd if stats.cost_usd is None else stats.cost_usd * (1 - a) + event.cost_usd * a
         stats.last_sample_at = now
         stats.completed += 1
 
-    def _failure(self, stats: EndpointStats, event: AttemptEnd, now: float) -> None:
+    def _failure(self, stats: EndpointStats, event: AttemptEnd, now: float, sent: float) -> None:
         # A failure counts against the success rate only. Its latency is not a sample of how
         # fast the endpoint serves — a "connection refused" in 2 ms must not look fast, and a
         # penalty computed from the estimate would compound on itself — except for a timeout,
@@ -499,6 +544,8 @@ class LiveStats:
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
         stats.window.record(False, now)
+        stats.failing += 1
+        stats.failure_sent_at = max(stats.failure_sent_at, sent)
         stats.note_last(math.inf)
         stats.last_sample_at = now
         stats.failed += 1
