@@ -71,7 +71,16 @@ def test_move_off_is_when_the_faulty_one_s_share_stays_low() -> None:
     picks = [(60.2, "cheap"), (60.4, "mid"), (61.1, "cheap"), (61.3, "cheap"), (61.5, "mid"),
              (62.5, "mid"), (63.5, "cheap"), *[(63.0 + k / 10, "mid") for k in range(9)]]
     assert move_off_s(picks, (60.0, 65.0, "cheap")) == 2.0  # 63..64: 1 of 10, within 20 %
-    assert move_off_s([*picks, (64.5, "cheap")], (60.0, 65.0, "cheap")) == float("inf")
+    assert move_off_s([*picks, (64.5, "cheap"), (64.6, "cheap")], (60.0, 65.0, "cheap")) == float("inf")
+
+
+def test_one_attempt_in_a_second_is_a_probe_not_traffic() -> None:
+    """A breaker's half-open probe in a second that saw few arrivals is over 20 % of them,
+    and still not traffic: one attempt a second is the least any detector sends to learn
+    whether the provider is back."""
+    picks = [(60.2, "cheap"), (60.3, "cheap"), (60.4, "mid"), (62.5, "mid"), (62.6, "cheap"),
+             (63.1, "mid"), (64.2, "cheap"), (64.3, "mid")]
+    assert move_off_s(picks, (60.0, 65.0, "cheap")) == 1.0
 
 
 def test_the_litellm_cooldown_leaves_a_failing_deployment_out_for_5_s() -> None:

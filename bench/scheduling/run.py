@@ -69,6 +69,7 @@ def run_one(scenario: Scenario, name: str, seed: int) -> Simulation:
 
 
 MOVED_SHARE = 0.2  # "moved off": at most this share of a second's attempts go to the faulty one
+PROBES = 1  # ... or at most this many attempts: a probe (a breaker's half-open one) is not traffic
 BIN_S = 1.0
 
 
@@ -85,7 +86,9 @@ class FaultFigures:
 
 def move_off_s(picks: Sequence[tuple[float, str]], fault: tuple[float, float, str]) -> float:
     """Seconds from the fault's start until the faulty instance's share of attempts stays at
-    or below MOVED_SHARE in every BIN_S bin up to the fault's end (inf: never)."""
+    or below MOVED_SHARE — or its attempts at or below PROBES — in every BIN_S bin up to the
+    fault's end (inf: never). Without the second clause one half-open probe in a second that
+    happened to see four arrivals (10 a second on average) would read as "not moved off"."""
     start, end, name = fault
     n = int((end - start) // BIN_S)
     total, bad = [0] * n, [0] * n
@@ -96,7 +99,7 @@ def move_off_s(picks: Sequence[tuple[float, str]], fault: tuple[float, float, st
             bad[i] += instance == name
     last_high = -1
     for i in range(n):
-        if total[i] and bad[i] / total[i] > MOVED_SHARE:
+        if bad[i] > PROBES and bad[i] / total[i] > MOVED_SHARE:
             last_high = i
     return math.inf if last_high == n - 1 else (last_high + 1) * BIN_S
 
