@@ -22,20 +22,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_round import Check, Count, Lookup, RedisRound
+from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
-Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
-Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
-
-
 class CounterStore(Protocol):
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         """Read `checks` in order, then add 1 to each of `counts` in order, stopping at the first
         that refuses. Returns 0 when admitted, else the 1-based index of the refusing entry in
-        `checks` followed by `counts` (an earlier count stays counted, as a refused one does)."""
+        `checks` followed by `counts` (an earlier count stays counted, as a refused one does).
+        A store that can, answers `lookup` (a cache read) in the same call when admitting."""
         ...
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
@@ -74,7 +72,7 @@ class LocalCounters:
         expires_at, value = self._values.get(key, (0.0, 0.0))
         return value if expires_at > self._clock() else 0.0
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         for i, (key, limit) in enumerate(checks, 1):
             if self.get_now(key) >= limit:
                 return i
@@ -96,41 +94,16 @@ class LocalCounters:
         self._next_sweep = now + MINUTE
 
 
-# KEYS: the pending additions, then the checks, then the counts. ARGV: their three lengths, then
-# (amount, ttl) per addition, limit per check, (limit, ttl) per count. Returns 0 or the 1-based
-# index of the refusing check or count (see CounterStore.admit).
-ADMIT_LUA = """
-local np, nc, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local a = 4
-for i = 1, np do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[a])
-  redis.call('EXPIRE', KEYS[i], ARGV[a + 1], 'NX')
-  a = a + 2
-end
-for i = 1, nc do
-  if tonumber(redis.call('GET', KEYS[np + i]) or '0') >= tonumber(ARGV[a]) then return i end
-  a = a + 1
-end
-for i = 1, nk do
-  local key = KEYS[np + nc + i]
-  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
-  redis.call('EXPIRE', key, ARGV[a + 1], 'NX')
-  if total > tonumber(ARGV[a]) then return nc + i end
-  a = a + 2
-end
-return 0
-"""
-
-
 class RedisCounters:
-    """Counters shared by every agent through Redis: one script call (EVALSHA) per admission.
+    """Counters shared by every agent through Redis: one script call per admission (redis_round.py).
 
     Each admission is one server-side script, so it is atomic and exact across agents: it adds
-    this agent's pending accounting, reads the token and budget windows and counts the request.
-    `record` (a finished call's tokens and cost) only queues its addition here; the next
-    admission carries it, or a flush `flush_after_s` later when no admission comes first. So a
-    busy agent makes one Redis round trip per request, and another agent sees a finished call's
-    cost within `flush_after_s` (this agent's own next admission sees it at once).
+    the pending accounting (this agent's, and its cache stores written behind), reads the token
+    and budget windows and counts the request, and may read a cache entry in the same call (a
+    `Lookup`). `record` (a finished call's tokens and cost) only queues its addition; the next
+    round carries it, or a flush `flush_after_s` later when no round comes first. So a busy
+    agent makes one Redis round trip per request, and another agent sees a finished call's cost
+    within `flush_after_s` (this agent's own next admission sees it at once).
 
     Each call is bounded by `timeout_s`. When Redis fails or is degraded (redis_state.py: one
     state for the counters and the cache, with its metrics and log lines), `fallback` answers
@@ -145,96 +118,49 @@ class RedisCounters:
     cost spent during the outage (a Redis restarted without persistence starts every counter
     again from zero). Local counters keep what they counted and serve the next outage in the
     same window.
+
+    `rounds` is the agent's RedisRound, shared with the response cache; one is made when not given.
     """
 
     def __init__(self, redis: SharedRedis, fallback: LocalCounters, *, prefix: str = "sg:q:",
-                 timeout_s: float = 0.05, flush_after_s: float = 0.05) -> None:
+                 timeout_s: float = 0.05, flush_after_s: float = 0.05, rounds: RedisRound | None = None) -> None:
         self._redis = redis
         self._fallback = fallback
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._flush_after_s = flush_after_s
-        self._script = LuaScript(ADMIT_LUA)
-        self._pending: dict[str, tuple[float, float]] = {}  # key -> (amount, ttl s), not yet in Redis
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self.flushing: asyncio.Task[None] | None = None  # the timer's flush in flight (tests await it)
+        self.rounds = rounds if rounds is not None else RedisRound(redis, flush_after_s=flush_after_s,
+                                                                   flush_timeout_s=timeout_s)
+        cut = len(prefix)
+        self.rounds.on_lost_addition = lambda key, amount, ttl_s: fallback.record(key[cut:], amount, ttl_s)
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
-        pending = self._take_pending()
+    @property
+    def flushing(self) -> asyncio.Task[None] | None:
+        """The timer's flush in flight (tests await it)."""
+        return self.rounds.flushing
+
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         if not checks and not counts:
-            if pending:
-                self._requeue(pending)
             return 0
-        keys, args = self._script_input(pending, checks, counts)
-        client = self._redis.client
+        prefix = self._prefix
         try:
-            return int(await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s))
+            return await self.rounds.run("quota", self._timeout_s, [(prefix + k, limit) for k, limit in checks],
+                                         [(prefix + k, limit, ttl_s) for k, limit, ttl_s in counts], lookup)
         except RedisUnavailable:
-            self._to_fallback(pending)
             return await self._fallback.admit(checks, counts)
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
-        if self._redis.health.degraded:  # answered locally at once, as every degraded call is
-            self._redis.health.fell_back("quota")
+        if self._redis.skipped("quota"):  # answered locally at once, as every degraded call is
             self._fallback.record(key, amount, ttl_s)
             return
-        queued = self._pending.get(key)
-        self._pending[key] = (amount + queued[0] if queued else amount, ttl_s)
-        if self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._flush_soon)
+        self.rounds.add(self._prefix + key, amount, ttl_s)
 
     async def flush(self) -> None:
-        """Send the pending additions now (one round trip when there are any)."""
-        pending = self._take_pending()
-        if not pending:
-            return
-        keys, args = self._script_input(pending, (), ())
-        client = self._redis.client
-        try:
-            await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s)
-        except RedisUnavailable:
-            self._to_fallback(pending)
+        """Send the pending additions (and cache stores) now."""
+        await self.rounds.flush()
 
     async def aclose(self) -> None:
         """Flush what is pending (an agent shutting down keeps its last calls' accounting)."""
-        if self.flushing is not None:
-            await asyncio.gather(self.flushing, return_exceptions=True)
-        await self.flush()
-
-    def _flush_soon(self) -> None:
-        self._flush_timer = None
-        if self._pending and (self.flushing is None or self.flushing.done()):
-            self.flushing = asyncio.ensure_future(self.flush())
-
-    def _take_pending(self) -> dict[str, tuple[float, float]]:
-        pending, self._pending = self._pending, {}
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        return pending
-
-    def _requeue(self, pending: dict[str, tuple[float, float]]) -> None:
-        for key, (amount, ttl_s) in pending.items():
-            self.record(key, amount, ttl_s)
-
-    def _to_fallback(self, pending: dict[str, tuple[float, float]]) -> None:
-        for key, (amount, ttl_s) in pending.items():
-            self._fallback.record(key, amount, ttl_s)
-
-    def _script_input(self, pending: Mapping[str, tuple[float, float]], checks: Sequence[Check],
-                      counts: Sequence[Count]) -> tuple[list[str], list[str | float | int]]:
-        prefix = self._prefix
-        keys = [prefix + k for k in pending]
-        args: list[str | float | int] = [len(pending), len(checks), len(counts)]
-        for amount, ttl_s in pending.values():
-            args += (repr(amount), int(ttl_s) + 1)
-        for key, limit in checks:
-            keys.append(prefix + key)
-            args.append(repr(float(limit)))
-        for key, limit, ttl_s in counts:
-            keys.append(prefix + key)
-            args += (repr(float(limit)), int(ttl_s) + 1)
-        return keys, args
+        await self.rounds.aclose()
 
 
 class QuotaExceeded(Exception):
@@ -301,10 +227,10 @@ class QuotaEnforcer:
         self._clock = clock
         self._tallies: dict[str, UsageTally] = {}
 
-    async def admit(self, tenant: TenantView, service: str) -> Admission:
+    async def admit(self, tenant: TenantView, service: str, lookup: Lookup | None = None) -> Admission:
         """Check budgets and token windows (read-only), then count the request against its
-        requests-per-minute windows: one call of the counter store. A refusal carries the
-        seconds until the window ends."""
+        requests-per-minute windows: one call of the counter store, which may answer `lookup`
+        (a cache read) in the same call. A refusal carries the seconds until the window ends."""
         now = self._clock()
         tally = self._tallies.get(tenant.id)
         if tally is None:
@@ -323,7 +249,7 @@ class QuotaEnforcer:
             if quota.requests_per_minute:
                 counts.append((_key(tenant.id, scope, "req", MINUTE, now), quota.requests_per_minute, 2 * MINUTE))
                 refusals.append((MINUTE, "req", quota, scope))
-        refused = await self._counters.admit(checks, counts) if refusals else 0
+        refused = await self._counters.admit(checks, counts, lookup) if refusals else 0
         if refused:
             tally.rejected += 1
             width, what, quota, scope = refusals[refused - 1]

@@ -145,6 +145,15 @@ class SharedRedis:
             self.health.fell_back(use)
             raise RedisUnavailable from exc
 
+    def skipped(self, use: str) -> bool:
+        """True while degraded (counted as a fallback, a probe started when due): the caller
+        answers locally instead of queueing work for Redis."""
+        if not self.health.degraded:
+            return False
+        self.health.fell_back(use)
+        self._probe_if_due()
+        return True
+
     def _probe_if_due(self) -> None:
         if (self.probing is None or self.probing.done()) and self.health.probe_due():
             self.probing = asyncio.ensure_future(self._probe())

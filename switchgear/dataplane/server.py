@@ -40,6 +40,7 @@ from switchgear.dataplane.managed.node import NodeManager, NodeResources, build_
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
+from switchgear.dataplane.redis_round import RedisRound
 from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
 from switchgear.dataplane.router import Router
@@ -461,14 +462,16 @@ def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], Non
         redis = SharedRedis(client, RedisHealth(probe_interval_s=options.redis_probe_interval_s))
         # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
         # the local fallback then admits on this agent's counts alone (inexact across agents).
-        counters: LocalCounters | RedisCounters = RedisCounters(redis, LocalCounters(), timeout_s=0.5)
+        shared = RedisCounters(redis, LocalCounters(), timeout_s=0.5)
+        counters: LocalCounters | RedisCounters = shared
+        rounds: RedisRound | None = shared.rounds  # the cache's reads and stores ride on the quota's round trips
         log.info("quota counters and response cache shared through %s", options.redis_url.split("@")[-1])
     else:
-        counters = LocalCounters()
+        counters, rounds = LocalCounters(), None
     if not options.auth_required:
         log.warning("AUTH IS OFF (--auth none): every request is accepted as an anonymous user and no "
                     "quota applies. Local development only.")
-    cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2)
+    cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2, rounds=rounds)
     pipeline = Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache,
                         on_cache=on_cache, max_json_depth=options.max_json_depth)
     return pipeline, redis
