@@ -152,9 +152,9 @@ class RedisRound:
             args += (repr(float(limit)), int(ttl_s) + 1)
         if lookup is not None:
             keys.append(lookup.key)
-        client, script = self.redis.client, self._script
+        execute, script = self.redis.execute, self._script
         try:
-            refused, raw, pttl_ms = await self.redis.call(use, lambda: script.run(client, keys, args), timeout_s)
+            refused, raw, pttl_ms = await self.redis.call(use, lambda: script.run(execute, keys, args), timeout_s)
         except RedisUnavailable:
             self._lost(additions, stores)
             raise
@@ -173,10 +173,10 @@ class RedisRound:
     async def _flush_once(self) -> None:
         additions, stores = self._take_additions(), self._take_stores(self._max_store_bytes)
         keys, args = _input(additions, stores, 0, 0, 0)
-        client, script = self.redis.client, self._script
+        execute, script = self.redis.execute, self._script
         use = "quota" if additions else "cache"
         try:
-            await self.redis.call(use, lambda: script.run(client, keys, args), self._flush_timeout_s)
+            await self.redis.call(use, lambda: script.run(execute, keys, args), self._flush_timeout_s)
         except RedisUnavailable:
             self._lost(additions, stores)
             raise

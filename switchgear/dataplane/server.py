@@ -457,7 +457,9 @@ def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], Non
         # One immediate retry (a pooled connection a restarted Redis has closed), no backoff: the
         # client's default retries for seconds, which would turn a refused connection into a full
         # timeout on every call; redis_state decides when to try again.
-        client = aioredis.from_url(options.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+        # No socket timeout: every command is bounded by its caller's timeout (SharedRedis.call, the
+        # probe's own), and the library's per-read timer and per-write task cost more than the command.
+        client = aioredis.from_url(options.redis_url, socket_timeout=None, socket_connect_timeout=0.5,
                                    retry=Retry(NoBackoff(), 1))
         redis = SharedRedis(client, RedisHealth(probe_interval_s=options.redis_probe_interval_s))
         # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
