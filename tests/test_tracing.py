@@ -102,6 +102,30 @@ async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_up
         assert (trace_id, span_id) == (TRACE_ID, format(span.context.span_id, "016x"))
 
 
+async def test_an_unsampled_trace_exports_nothing_and_still_propagates_upstream(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str]
+) -> None:
+    """The caller's trace is not sampled (flags 00): no span is exported, no attempt span is
+    made, and the upstream still receives the caller's trace id, not sampled."""
+    up, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    exporter = InMemorySpanExporter()
+    address, stop, task = await run_agent(control_plane, exporter)
+    try:
+        await invoke(address)  # warm-up: the agent has its snapshot
+        exporter.clear()
+        up.headers.clear()
+        reply = await invoke(address, (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00"),))
+    finally:
+        stop.set()
+        await task
+    assert reply.attempts == 1
+    assert exporter.get_finished_spans() == ()
+    (headers,) = up.headers
+    _version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (trace_id, flags) == (TRACE_ID, "00") and span_id != PARENT_ID  # the agent's (server) span
+
+
 async def test_tracing_off_makes_no_spans_and_adds_no_header(
     control_plane: ControlPlane, upstream: tuple[Upstream, str]
 ) -> None:

@@ -221,11 +221,27 @@ class UsageTally:
     cost_usd: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A tenant's admission on one service in one minute: the counter store's checks and counts,
+    and what each entry means when it refuses. Windows are whole minutes, so the hour and day
+    keys of one minute never change within it."""
+
+    tenant: TenantView
+    minute: int
+    checks: tuple[Check, ...]
+    counts: tuple[Count, ...]
+    refusals: tuple[tuple[float, str, Quota, str], ...]  # (window, what, quota, scope) per entry
+
+
 class QuotaEnforcer:
+    MAX_PLANS = 4096  # (tenant, service) pairs remembered; the table starts again when full
+
     def __init__(self, counters: CounterStore, clock: Callable[[], float] = time.time) -> None:
         self._counters = counters
         self._clock = clock
         self._tallies: dict[str, UsageTally] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}
 
     async def admit(self, tenant: TenantView, service: str, lookup: Lookup | None = None) -> Admission:
         """Check budgets and token windows (read-only), then count the request against its
@@ -235,9 +251,21 @@ class QuotaEnforcer:
         tally = self._tallies.get(tenant.id)
         if tally is None:
             tally = self._tallies[tenant.id] = UsageTally()
+        plan = self._plans.get((tenant.id, service))
+        if plan is None or plan.tenant is not tenant or plan.minute != int(now // MINUTE):
+            plan = self._plan(tenant, service, now)
+        refused = await self._counters.admit(plan.checks, plan.counts, lookup) if plan.refusals else 0
+        if refused:
+            tally.rejected += 1
+            width, what, quota, scope = plan.refusals[refused - 1]
+            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
+        tally.requests += 1
+        return ADMITTED
+
+    def _plan(self, tenant: TenantView, service: str, now: float) -> _Plan:
         checks: list[Check] = []
         counts: list[Count] = []
-        refusals: list[tuple[float, str, Quota, str]] = []  # (window, what, quota, scope) per entry
+        refusals: list[tuple[float, str, Quota, str]] = []
         for scope, quota in _scopes(tenant, service):
             for limit, what, width in ((quota.tokens_per_minute, "tok", MINUTE),
                                        (quota.budget_per_hour_usd, "usd", HOUR),
@@ -249,13 +277,11 @@ class QuotaEnforcer:
             if quota.requests_per_minute:
                 counts.append((_key(tenant.id, scope, "req", MINUTE, now), quota.requests_per_minute, 2 * MINUTE))
                 refusals.append((MINUTE, "req", quota, scope))
-        refused = await self._counters.admit(checks, counts, lookup) if refusals else 0
-        if refused:
-            tally.rejected += 1
-            width, what, quota, scope = refusals[refused - 1]
-            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
-        tally.requests += 1
-        return ADMITTED
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.clear()
+        plan = self._plans[(tenant.id, service)] = _Plan(tenant, int(now // MINUTE), tuple(checks), tuple(counts),
+                                                          tuple(refusals))
+        return plan
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
         """Count a completed call's tokens and cost against every window that limits them."""

@@ -307,7 +307,9 @@ class Agent:
         return address
 
     def _metrics_collectors(self) -> tuple[PromCollector, ...]:
-        redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
+        cache = self.pipeline.cache
+        rounds = cache.rounds if cache is not None else None
+        redis_metrics = (RedisMetrics(self.redis.health, rounds),) if self.redis is not None else ()
         observed = self.core.observed
         return (observed.metrics, observed.door, *redis_metrics, LoopTasks(asyncio.get_running_loop()))
 

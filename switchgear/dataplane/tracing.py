@@ -13,7 +13,9 @@ ever created and the request path pays nothing. On:
 - the `Tracing` object is an AttemptObserver: `attempt_started` opens a CLIENT span
   "{gen_ai.operation.name} {gen_ai.request.model}" under the current (server) span and makes
   it current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
-  must be sequential on its task (they are: invoke.py awaits each one);
+  must be sequential on its task (they are: invoke.py awaits each one). In an unsampled trace
+  no attempt span is made (the sampler would drop it): the request pays for its server span's
+  context only;
 - `wrap_adapters` puts the current span's context into every upstream request's headers
   (AdapterRequest.headers), so the upstream receives `traceparent`. `upstream_headers()` gives
   the same headers to any code that builds requests itself.
@@ -216,6 +218,12 @@ class Tracing:
     # --- attempt spans (AttemptObserver) ---------------------------------------------------
 
     def attempt_started(self, event: AttemptStart) -> None:
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            # An unsampled trace (most of them at a ratio below 1): the parent-based sampler would
+            # drop the attempt span, so none is made and no attributes are gathered for it; the
+            # upstream gets the server span's context (same trace, not sampled) in its headers.
+            return
         snapshot = self._holder.current
         view = snapshot.services.get(event.service) if snapshot else None
         model = view.model if view else ""
