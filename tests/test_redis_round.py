@@ -18,7 +18,7 @@ from switchgear.dataplane.governance import Quota, TenantView
 from switchgear.dataplane.metrics import RedisMetrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
-from switchgear.dataplane.redis_round import Lookup, RedisRound
+from switchgear.dataplane.redis_round import Lookup, RedisRound, gate
 from switchgear.dataplane.redis_state import RedisHealth, RedisUnavailable, SharedRedis
 from tests.servers import redis_server
 from tests.test_pipeline import Upstream, bearer, call, snapshot
@@ -102,10 +102,10 @@ async def test_a_refused_admission_reads_no_entry(tmp_path: Path) -> None:
             await client.set("sg:c:k", encode(ENTRY), px=30_000)
             count = [("sg:q:acme|*|req/60|1", 1.0, 120.0)]
             admitted = Lookup("sg:c:k")
-            assert await rounds.run("quota", 1.0, (), count, admitted) == 0
+            assert await rounds.run("quota", 1.0, gate((), count), admitted) == 0
             assert admitted.done and admitted.raw == encode(ENTRY) and 0 < admitted.pttl_ms <= 30_000
             refused = Lookup("sg:c:k")
-            assert await rounds.run("quota", 1.0, (), count, refused) == 1
+            assert await rounds.run("quota", 1.0, gate((), count), refused) == 1
             assert not refused.done and refused.raw is None
             missing = Lookup("sg:c:other")
             assert await rounds.run("cache", 1.0, lookup=missing) == 0

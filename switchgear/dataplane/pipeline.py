@@ -112,7 +112,10 @@ class Pipeline:
             raise ServiceNotFound(f"service: no service named {call.service!r}")
         tenant = principal.tenant
         authorize(tenant, service.name, service.category, service.capabilities)
-        return dataclasses.replace(call, priority=capped_priority(tenant, call.priority), user_type=tenant.user_type)
+        priority = capped_priority(tenant, call.priority)
+        if priority == call.priority and tenant.user_type == call.user_type:
+            return call  # (a copy of a frozen call costs more than the comparison)
+        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type)
 
     async def admit(self, call: Call, principal: Principal | None, lookup: Lookup | None = None) -> None:
         if principal is None:

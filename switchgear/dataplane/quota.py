@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-from switchgear.dataplane.redis_round import Check, Count, Lookup, RedisRound
+from switchgear.dataplane.redis_round import Check, Count, Gate, Lookup, RedisRound, gate
 from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -130,6 +130,7 @@ class RedisCounters:
         self._timeout_s = timeout_s
         self.rounds = rounds if rounds is not None else RedisRound(redis, flush_after_s=flush_after_s,
                                                                    flush_timeout_s=timeout_s)
+        self._gates: dict[tuple[tuple[Check, ...], tuple[Count, ...]], Gate] = {}  # per plan, its script input
         cut = len(prefix)
         self.rounds.on_lost_addition = lambda key, amount, ttl_s: fallback.record(key[cut:], amount, ttl_s)
 
@@ -141,10 +142,17 @@ class RedisCounters:
     async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         if not checks and not counts:
             return 0
-        prefix = self._prefix
+        plan = (tuple(checks), tuple(counts))  # (the enforcer passes the same tuples all minute)
+        admission = self._gates.get(plan)
+        if admission is None:
+            prefix = self._prefix
+            admission = gate([(prefix + k, limit) for k, limit in checks],
+                             [(prefix + k, limit, ttl_s) for k, limit, ttl_s in counts])
+            if len(self._gates) >= QuotaEnforcer.MAX_PLANS:
+                self._gates.clear()
+            self._gates[plan] = admission
         try:
-            return await self.rounds.run("quota", self._timeout_s, [(prefix + k, limit) for k, limit in checks],
-                                         [(prefix + k, limit, ttl_s) for k, limit, ttl_s in counts], lookup)
+            return await self.rounds.run("quota", self._timeout_s, admission, lookup)
         except RedisUnavailable:
             return await self._fallback.admit(checks, counts)
 

@@ -34,36 +34,38 @@ from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, Shared
 Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
 Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
 
-# ARGV[1..5]: how many additions, stores, checks, counts and lookups (0 or 1); KEYS in that
-# order. Then, in the same order: (amount, ttl s) per addition, (value, ttl ms) per store, limit
-# per check, (limit, ttl s) per count. Returns {refused, entry or false, its pttl}: refused is 0
-# when admitted, else the 1-based index of the refusing check or count (CounterStore.admit); the
-# lookup is made only when admitted.
+# KEYS: the additions, the stores, the checks, the counts, then the lookup's key (0 or 1). ARGV[1]
+# is every number, space-separated (one argument: the client's encoding costs ~0.5 us an argument):
+# how many additions, stores, checks, counts and lookups; then (amount, ttl s) per addition, ttl
+# ms per store, limit per check, (limit, ttl s) per count. ARGV[2..] are the stores' values.
+# Returns {refused, entry or false, its pttl}: refused is 0 when admitted, else the 1-based index
+# of the refusing check or count (CounterStore.admit); the lookup is made only when admitted.
 ROUND_LUA = """
-local np, ns, nc, nk, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5])
+local n = {}
+for word in string.gmatch(ARGV[1], '%S+') do n[#n + 1] = word end
+local np, ns, nc, nk, nl = tonumber(n[1]), tonumber(n[2]), tonumber(n[3]), tonumber(n[4]), tonumber(n[5])
 local a, k = 6, 0
 for i = 1, np do
   k = k + 1
-  redis.call('INCRBYFLOAT', KEYS[k], ARGV[a])
-  redis.call('EXPIRE', KEYS[k], ARGV[a + 1], 'NX')
+  redis.call('INCRBYFLOAT', KEYS[k], n[a])
+  redis.call('EXPIRE', KEYS[k], n[a + 1], 'NX')
   a = a + 2
 end
 for i = 1, ns do
   k = k + 1
-  redis.call('SET', KEYS[k], ARGV[a], 'PX', ARGV[a + 1])
-  a = a + 2
+  redis.call('SET', KEYS[k], ARGV[1 + i], 'PX', n[a])
+  a = a + 1
 end
 for i = 1, nc do
-  if tonumber(redis.call('GET', KEYS[k + i]) or '0') >= tonumber(ARGV[a]) then return {i, false, 0} end
+  if tonumber(redis.call('GET', KEYS[k + i]) or '0') >= tonumber(n[a]) then return {i, false, 0} end
   a = a + 1
 end
 k = k + nc
 for i = 1, nk do
   local key = KEYS[k + i]
   local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
-  redis.call('EXPIRE', key, ARGV[a + 1], 'NX')
-  if total > tonumber(ARGV[a]) then return {nc + i, false, 0} end
+  redis.call('EXPIRE', key, n[a + 1], 'NX')
+  if total > tonumber(n[a]) then return {nc + i, false, 0} end
   a = a + 2
 end
 if nl > 0 then
@@ -72,6 +74,27 @@ if nl > 0 then
 end
 return {0, false, 0}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """An admission's checks and counts as ROUND_LUA takes them (built once, used per request)."""
+
+    keys: tuple[str, ...]
+    numbers: str  # " limit ... limit ttl ...": the checks' limits, then each count's limit and ttl
+    checks: int
+    counts: int
+
+
+def gate(checks: Sequence[Check], counts: Sequence[Count]) -> Gate:
+    words = [repr(float(limit)) for _, limit in checks]
+    for _, limit, ttl_s in counts:
+        words += (repr(float(limit)), str(int(ttl_s) + 1))
+    return Gate((*(key for key, _ in checks), *(key for key, _, _ in counts)), "".join(" " + w for w in words),
+                len(checks), len(counts))
+
+
+NO_GATE = Gate((), "", 0, 0)
 
 
 @dataclass(slots=True)
@@ -134,22 +157,16 @@ class RedisRound:
 
     # --- rounds ------------------------------------------------------------------------------
 
-    async def run(self, use: str, timeout_s: float, checks: Sequence[Check] = (), counts: Sequence[Count] = (),
-                  lookup: Lookup | None = None) -> int:
-        """One script call: what is pending, then `checks` and `counts`, then `lookup` (filled in
-        when admitted). Returns 0 when admitted, else the refusing entry's 1-based index. Raises
-        RedisUnavailable (what it carried is then handed over or dropped, see the module)."""
+    async def run(self, use: str, timeout_s: float, admission: Gate = NO_GATE, lookup: Lookup | None = None) -> int:
+        """One script call: what is pending, then the `admission`'s checks and counts, then
+        `lookup` (filled in when admitted). Returns 0 when admitted, else the refusing entry's
+        1-based index. Raises RedisUnavailable (what it carried is then handed over or dropped,
+        see the module)."""
         additions = self._take_additions()
         stores = self._take_stores(self._max_carried_bytes)
         if self._additions or self._stores:
             self._arm()  # stores left over for the next round
-        keys, args = _input(additions, stores, len(checks), len(counts), 0 if lookup is None else 1)
-        for key, limit in checks:
-            keys.append(key)
-            args.append(repr(float(limit)))
-        for key, limit, ttl_s in counts:
-            keys.append(key)
-            args += (repr(float(limit)), int(ttl_s) + 1)
+        keys, args = _input(additions, stores, admission, 0 if lookup is None else 1)
         if lookup is not None:
             keys.append(lookup.key)
         execute, script = self.redis.execute, self._script
@@ -172,7 +189,7 @@ class RedisRound:
 
     async def _flush_once(self) -> None:
         additions, stores = self._take_additions(), self._take_stores(self._max_store_bytes)
-        keys, args = _input(additions, stores, 0, 0, 0)
+        keys, args = _input(additions, stores, NO_GATE, 0)
         execute, script = self.redis.execute, self._script
         use = "quota" if additions else "cache"
         try:
@@ -229,13 +246,14 @@ class RedisRound:
                 self.on_lost_addition(key, amount, ttl_s)
 
 
-def _input(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[bytes, int]], checks: int, counts: int,
-           lookups: int) -> tuple[list[str], list[str | float | int | bytes]]:
-    """ROUND_LUA's KEYS and ARGV for the pending work (the caller appends checks, counts, lookup)."""
-    keys = [*additions, *stores]
-    args: list[str | float | int | bytes] = [len(additions), len(stores), checks, counts, lookups]
+def _input(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[bytes, int]], admission: Gate,
+           lookups: int) -> tuple[list[str], list[str | bytes]]:
+    """ROUND_LUA's KEYS and ARGV (the caller appends the lookup's key)."""
+    keys = [*additions, *stores, *admission.keys]
+    words = [f"{len(additions)} {len(stores)} {admission.checks} {admission.counts} {lookups}"]
     for amount, ttl_s in additions.values():
-        args += (repr(amount), int(ttl_s) + 1)
-    for value, ttl_ms in stores.values():
-        args += (value, ttl_ms)
-    return keys, args
+        words.append(f" {amount!r} {int(ttl_s) + 1}")
+    for _, ttl_ms in stores.values():
+        words.append(f" {ttl_ms}")
+    words.append(admission.numbers)
+    return keys, ["".join(words), *(value for value, _ in stores.values())]
