@@ -208,3 +208,28 @@ async def test_the_admission_plan_follows_the_minute_and_a_new_tenant_view() -> 
     raised = TenantView(id="acme", quota=Quota(requests_per_minute=5))  # a new snapshot's view
     assert [(await quotas.admit(raised, "chat")).allowed for _ in range(5)] == [True] * 4 + [False]
     assert local.get_now("acme|*|req/60|30000001") == 6  # (a refused request stays counted)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_the_write_behind_bound_must_be_a_positive_number_of_bytes(value: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from switchgear.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["agent", "--control-plane", "127.0.0.1:9", "--redis-write-behind-bytes", value])
+    assert exited.value.code == 2 and "--redis-write-behind-bytes" in capsys.readouterr().err
+
+
+async def test_the_write_behind_bound_reaches_the_agents_round(tmp_path: Path) -> None:
+    from switchgear.dataplane.server import Options, _pipeline
+
+    with redis_server(tmp_path) as server:
+        options = Options(control_planes=[], redis_url=server.url, redis_write_behind_bytes=100)
+        pipeline, redis = _pipeline(options, Upstream(), lambda service, hit: None)
+        assert redis is not None and pipeline.cache is not None and pipeline.cache.rounds is not None
+        try:
+            rounds = pipeline.cache.rounds
+            assert rounds.store("sg:c:a", b"x" * 100, 1000) and not rounds.store("sg:c:b", b"x", 1000)
+            assert rounds.stores_dropped == 1
+        finally:
+            await redis.aclose()

@@ -330,9 +330,8 @@ class RedisMetrics(PromCollector):
             for use, count in sorted(counts.items()):
                 family.add_metric([use], float(count))
             yield family
-        if self._rounds is not None:
-            dropped = CounterMetricFamily("switchgear_redis_stores_dropped",
-                                          "Cache stores not copied to Redis: the write-behind queue was full or "
-                                          "their round failed (the entry stays in this agent's memory)")
-            dropped.add_metric([], float(self._rounds.stores_dropped))
-            yield dropped
+        dropped = CounterMetricFamily("switchgear_redis_stores_dropped",
+                                      "Cache stores not copied to Redis: the write-behind queue was full or "
+                                      "their round failed (the entry stays in this agent's memory)")
+        dropped.add_metric([], float(self._rounds.stores_dropped if self._rounds is not None else 0))
+        yield dropped

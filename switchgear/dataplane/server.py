@@ -100,6 +100,7 @@ class Options:
     control_plane_token: str | None = None
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
+    redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
@@ -466,7 +467,8 @@ def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], Non
         redis = SharedRedis(client, RedisHealth(probe_interval_s=options.redis_probe_interval_s))
         # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
         # the local fallback then admits on this agent's counts alone (inexact across agents).
-        shared = RedisCounters(redis, LocalCounters(), timeout_s=0.5)
+        shared = RedisCounters(redis, LocalCounters(), timeout_s=0.5, rounds=RedisRound(
+            redis, flush_timeout_s=0.5, max_store_bytes=options.redis_write_behind_bytes))
         counters: LocalCounters | RedisCounters = shared
         rounds: RedisRound | None = shared.rounds  # the cache's reads and stores ride on the quota's round trips
         log.info("quota counters and response cache shared through %s", options.redis_url.split("@")[-1])
