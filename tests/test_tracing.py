@@ -140,3 +140,25 @@ async def test_tracing_off_makes_no_spans_and_adds_no_header(
         await task
     assert up.headers and all("traceparent" not in h for h in up.headers)
     assert upstream_headers() == {}  # no current span anywhere
+
+
+def test_new_traces_are_sampled_by_the_ratio_on_the_trace_id_they_carry() -> None:
+    """The server span asks the provider's sampler itself (unsampled spans skip the SDK): a
+    recorded span keeps the trace id the decision was made on, so the ratio is the configured
+    one (TraceIdRatioBased: the low 64 bits below ratio * 2^64), and an unsampled request still
+    propagates a valid trace id, flagged not sampled."""
+    exporter = InMemorySpanExporter()
+    half = Tracing.configure(Holder(), exporter=exporter, sample_ratio=0.5)
+    assert half is not None
+    recorded = 0
+    for _ in range(200):
+        with half.server_span("POST /v1/chat/completions", {}, {"http.request.method": "POST"}) as span:
+            context, recording = span.get_span_context(), span.is_recording()
+            _version, trace_id, _span_id, flags = upstream_headers()["traceparent"].split("-")
+        assert int(trace_id, 16) == context.trace_id != 0
+        assert recording == (context.trace_id & (2**64 - 1) < 2**63) == bool(int(flags, 16) & 1)
+        recorded += recording
+    finished = exporter.get_finished_spans()
+    assert len(finished) == recorded and 40 < recorded < 160
+    assert all(s.context.trace_id & (2**64 - 1) < 2**63 for s in finished)
+    assert all(s.attributes["http.request.method"] == "POST" for s in finished)
