@@ -240,6 +240,7 @@ class _Plan:
     checks: tuple[Check, ...]
     counts: tuple[Count, ...]
     refusals: tuple[tuple[float, str, Quota, str], ...]  # (window, what, quota, scope) per entry
+    records: tuple[tuple[bool, str, float], ...]  # (tokens, else cost; key; ttl s): what a finished call adds to
 
 
 class QuotaEnforcer:
@@ -259,9 +260,7 @@ class QuotaEnforcer:
         tally = self._tallies.get(tenant.id)
         if tally is None:
             tally = self._tallies[tenant.id] = UsageTally()
-        plan = self._plans.get((tenant.id, service))
-        if plan is None or plan.tenant is not tenant or plan.minute != int(now // MINUTE):
-            plan = self._plan(tenant, service, now)
+        plan = self._current(tenant, service, now)
         refused = await self._counters.admit(plan.checks, plan.counts, lookup) if plan.refusals else 0
         if refused:
             tally.rejected += 1
@@ -270,7 +269,21 @@ class QuotaEnforcer:
         tally.requests += 1
         return ADMITTED
 
+    def _current(self, tenant: TenantView, service: str, now: float) -> _Plan:
+        plan = self._plans.get((tenant.id, service))
+        if plan is None or plan.tenant is not tenant or plan.minute != int(now // MINUTE):
+            plan = self._plan(tenant, service, now)
+        return plan
+
     def _plan(self, tenant: TenantView, service: str, now: float) -> _Plan:
+        records: list[tuple[bool, str, float]] = []
+        for scope, quota in _scopes(tenant, service):
+            if quota.tokens_per_minute:
+                records.append((True, _key(tenant.id, scope, "tok", MINUTE, now), 2 * MINUTE))
+            if quota.budget_per_hour_usd:
+                records.append((False, _key(tenant.id, scope, "usd", HOUR, now), 2 * HOUR))
+            if quota.budget_per_day_usd:
+                records.append((False, _key(tenant.id, scope, "usd", DAY, now), 2 * DAY))
         checks: list[Check] = []
         counts: list[Count] = []
         refusals: list[tuple[float, str, Quota, str]] = []
@@ -288,22 +301,21 @@ class QuotaEnforcer:
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
         plan = self._plans[(tenant.id, service)] = _Plan(tenant, int(now // MINUTE), tuple(checks), tuple(counts),
-                                                          tuple(refusals))
+                                                          tuple(refusals), tuple(records))
         return plan
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
-        """Count a completed call's tokens and cost against every window that limits them."""
+        """Count a completed call's actual tokens and cost against every window that limits them."""
         now = self._clock()
         tally = self._tallies.setdefault(tenant.id, UsageTally())
         tally.tokens += tokens
         tally.cost_usd += cost_usd
-        for scope, quota in _scopes(tenant, service):
-            if quota.tokens_per_minute and tokens:
-                self._counters.record(_key(tenant.id, scope, "tok", MINUTE, now), tokens, 2 * MINUTE)
-            if quota.budget_per_hour_usd and cost_usd:
-                self._counters.record(_key(tenant.id, scope, "usd", HOUR, now), cost_usd, 2 * HOUR)
-            if quota.budget_per_day_usd and cost_usd:
-                self._counters.record(_key(tenant.id, scope, "usd", DAY, now), cost_usd, 2 * DAY)
+        if not tokens and not cost_usd:
+            return
+        for is_tokens, key, ttl_s in self._current(tenant, service, now).records:
+            amount = tokens if is_tokens else cost_usd
+            if amount:
+                self._counters.record(key, amount, ttl_s)
 
     async def aclose(self) -> None:
         """The counter store's pending accounting is sent (before its Redis client closes)."""
