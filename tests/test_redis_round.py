@@ -233,3 +233,22 @@ async def test_the_write_behind_bound_reaches_the_agents_round(tmp_path: Path) -
             assert rounds.stores_dropped == 1
         finally:
             await redis.aclose()
+
+
+async def test_connections_kept_between_commands_are_bounded(tmp_path: Path) -> None:
+    """A burst of concurrent commands opens one connection each; only `max_idle` stay open."""
+    import asyncio
+
+    with redis_server(tmp_path) as server:
+        client = aioredis.from_url(server.url)
+        observer = aioredis.from_url(server.url)
+        redis = SharedRedis(client, max_idle=4)
+        try:
+            assert await asyncio.gather(*(redis.execute("GET", f"k{i}") for i in range(20))) == [None] * 20
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while (await observer.info("clients"))["connected_clients"] > 4 + 1:  # the kept ones, the observer
+                assert asyncio.get_running_loop().time() < deadline, "surplus connections were not closed"
+                await asyncio.sleep(0.02)
+        finally:
+            await redis.aclose()
+            await observer.aclose()

@@ -20,7 +20,9 @@ round or the flush) so that a request never carries a large backlog on its own a
 store that does not fit is dropped and counted (`stores_dropped`): the entry is still in this
 agent's memory tier, and other agents miss it and fetch it themselves, as before it was stored.
 A round that fails drops the stores it carried (also counted) and hands its accounting to the
-`fallback` counters (quota.py explains why they are not replayed).
+`fallback` counters (quota.py explains why they are not replayed). A round cancelled by its
+caller (a caller gone while its admission was in flight) is taken as applied: it is cancelled
+while awaiting the reply, after the script was sent, which Redis then runs whole.
 """
 
 from __future__ import annotations
@@ -139,14 +141,17 @@ class RedisRound:
 
     def store(self, key: str, value: bytes, ttl_ms: int) -> bool:
         """Queue a cache store; False (and counted) when the queue is full and it was dropped."""
-        old = self._stores.pop(key, None)
-        if old is not None:
-            self._store_bytes -= len(old[0])
-        if len(self._stores) >= self._max_stores or self._store_bytes + len(value) > self._max_store_bytes:
+        old = self._stores.get(key)
+        entries, size = len(self._stores), self._store_bytes + len(value)
+        if old is not None:  # replaced: its place and bytes are the new value's
+            entries, size = entries - 1, size - len(old[0])
+        if entries >= self._max_stores or size > self._max_store_bytes:
             self.stores_dropped += 1
             return False
+        if old is not None:
+            del self._stores[key]  # (the new value queues last, as the newest)
         self._stores[key] = (value, ttl_ms)
-        self._store_bytes += len(value)
+        self._store_bytes = size
         self._arm()
         return True
 
