@@ -149,7 +149,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         metrics_max_tenants=args.metrics_max_tenants, metrics_max_routes=args.metrics_max_routes,
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
-        redis_probe_interval_s=args.redis_probe_interval, max_json_depth=args.max_json_depth,
+        redis_probe_interval_s=args.redis_probe_interval, redis_write_behind_bytes=args.redis_write_behind_bytes,
+        max_json_depth=args.max_json_depth,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
         control_plane_token=token, serve_tls=_serve_tls(args),
@@ -694,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share quota counters and the response cache with other agents (redis:// or unix://)")
     ag.add_argument("--redis-probe-interval", type=float, default=0.5, metavar="S",
                     help="while Redis is unusable, try it again at most this often (default: %(default)s)")
+    ag.add_argument("--redis-write-behind-bytes", type=_positive(int), default=4 << 20, metavar="BYTES",
+                    help="cache stores waiting to be copied to Redis with the next request's round trip, at most "
+                         "this many bytes (and 256 entries); a store that does not fit stays in this agent's "
+                         "memory only and is counted in switchgear_redis_stores_dropped_total "
+                         "(default: %(default)s)")
     ag.add_argument("--serve-tls-cert", help="serve the gRPC port and the HTTP front door over TLS with this "
                                              "certificate chain (PEM)")
     ag.add_argument("--serve-tls-key", help="the private key of --serve-tls-cert (PEM)")

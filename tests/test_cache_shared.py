@@ -26,9 +26,11 @@ async def test_an_entry_stored_by_one_agent_is_a_hit_on_another(tmp_path: Path) 
         two = ResponseCache(MemoryCache(1 << 20), SharedRedis(two_client), timeout_s=1.0)
         try:
             assert await two.get("k") is None
-            await one.put("k", ENTRY, ttl_s=30)
+            await one.put("k", ENTRY, ttl_s=30)  # written behind: in Redis with one's next round
+            assert await two.get("k") is None
+            await one.flush()
             assert await two.get("k") == ENTRY
-            assert two.shared_hits == 1 and two.local.counters.hits == 1
+            assert two.shared_hits == 1 and two.local.counters.hits == 1 and two.local.counters.misses == 2
             assert await two.get("k") == ENTRY and two.shared_hits == 1  # now served locally
             ttl_ms = await two_client.pttl("sg:c:k")
             assert 0 < ttl_ms <= 30_000
@@ -57,6 +59,7 @@ async def test_dead_redis_is_a_miss_not_an_error_until_a_probe_finds_it_back(tmp
             await redis.probing
             assert not redis.health.degraded
             await cache.put("k2", ENTRY, ttl_s=30)
+            await cache.flush()
             assert await client.get("sg:c:k2") == encode(ENTRY)  # stores reach Redis again
             assert await client.get("sg:c:k") is None  # what was stored while degraded is not copied
         finally:

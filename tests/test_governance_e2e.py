@@ -13,6 +13,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from switchgear.admin_client import admin_channel
 from switchgear.supervise import Proc
@@ -212,12 +213,29 @@ async def test_revoked_key_is_rejected_on_every_agent_after_one_push(fleet: Flee
     assert outcomes(await spray(fleet.agents, key, ["after a", "after b"])) == {"UNAUTHENTICATED": 2}
 
 
+async def cache_entries(fleet: Fleet) -> int:
+    client = aioredis.from_url(fleet.redis_url)
+    try:
+        return len([k async for k in client.scan_iter("sg:c:*")])
+    finally:
+        await client.aclose()
+
+
+async def stored_in_redis(fleet: Fleet, at_least: int, timeout_s: float = 5.0) -> None:
+    """Poll Redis until it holds `at_least` cache entries."""
+    deadline = time.monotonic() + timeout_s
+    while await cache_entries(fleet) < at_least:
+        assert time.monotonic() < deadline, "the cache store never reached Redis"
+        await asyncio.sleep(0.02)
+
+
 async def test_cache_one_upstream_call_per_tenant_shared_through_redis(fleet: Fleet) -> None:
     acme, globex = fleet.tenant("cache-acme"), fleet.tenant("cache-globex")
-    before = fleet.upstream_calls()
+    before, entries = fleet.upstream_calls(), await cache_entries(fleet)
     burst = await spray(fleet.agents[:1], acme, ["the same question"] * 50)
     assert outcomes(burst) == {"OK": 50}
     assert fleet.upstream_calls() == before + 1  # 50 concurrent identical misses, one upstream call
+    await stored_in_redis(fleet, entries + 1)  # the store is written behind (within 50 ms, or with the next round)
     (other_agent,) = await spray(fleet.agents[1:], acme, ["the same question"])
     assert isinstance(other_agent, gateway_pb2.InvokeResponse) and other_agent.cached  # shared via Redis
     assert fleet.upstream_calls() == before + 1

@@ -102,6 +102,30 @@ async def test_invoke_and_attempt_spans_with_genai_attributes_and_traceparent_up
         assert (trace_id, span_id) == (TRACE_ID, format(span.context.span_id, "016x"))
 
 
+async def test_an_unsampled_trace_exports_nothing_and_still_propagates_upstream(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str]
+) -> None:
+    """The caller's trace is not sampled (flags 00): no span is exported, no attempt span is
+    made, and the upstream still receives the caller's trace id, not sampled."""
+    up, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    exporter = InMemorySpanExporter()
+    address, stop, task = await run_agent(control_plane, exporter)
+    try:
+        await invoke(address)  # warm-up: the agent has its snapshot
+        exporter.clear()
+        up.headers.clear()
+        reply = await invoke(address, (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00"),))
+    finally:
+        stop.set()
+        await task
+    assert reply.attempts == 1
+    assert exporter.get_finished_spans() == ()
+    (headers,) = up.headers
+    _version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (trace_id, flags) == (TRACE_ID, "00") and span_id != PARENT_ID  # the agent's (server) span
+
+
 async def test_tracing_off_makes_no_spans_and_adds_no_header(
     control_plane: ControlPlane, upstream: tuple[Upstream, str]
 ) -> None:
@@ -116,3 +140,25 @@ async def test_tracing_off_makes_no_spans_and_adds_no_header(
         await task
     assert up.headers and all("traceparent" not in h for h in up.headers)
     assert upstream_headers() == {}  # no current span anywhere
+
+
+def test_new_traces_are_sampled_by_the_ratio_on_the_trace_id_they_carry() -> None:
+    """The server span asks the provider's sampler itself (unsampled spans skip the SDK): a
+    recorded span keeps the trace id the decision was made on, so the ratio is the configured
+    one (TraceIdRatioBased: the low 64 bits below ratio * 2^64), and an unsampled request still
+    propagates a valid trace id, flagged not sampled."""
+    exporter = InMemorySpanExporter()
+    half = Tracing.configure(Holder(), exporter=exporter, sample_ratio=0.5)
+    assert half is not None
+    recorded = 0
+    for _ in range(200):
+        with half.server_span("POST /v1/chat/completions", {}, {"http.request.method": "POST"}) as span:
+            context, recording = span.get_span_context(), span.is_recording()
+            _version, trace_id, _span_id, flags = upstream_headers()["traceparent"].split("-")
+        assert int(trace_id, 16) == context.trace_id != 0
+        assert recording == (context.trace_id & (2**64 - 1) < 2**63) == bool(int(flags, 16) & 1)
+        recorded += recording
+    finished = exporter.get_finished_spans()
+    assert len(finished) == recorded and 40 < recorded < 160
+    assert all(s.context.trace_id & (2**64 - 1) < 2**63 for s in finished)
+    assert all(s.attributes["http.request.method"] == "POST" for s in finished)

@@ -115,6 +115,11 @@ class MemoryCache:
         self.counters.hits += 1
         return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """The live entry for `key` without counting a lookup or refreshing its recency."""
+        found = self._entries.get(key)
+        return found[1] if found is not None and self._clock() < found[0] else None
+
     def put(self, key: str, entry: Entry, ttl_s: float) -> None:
         if ttl_s <= 0 or entry.size > self._max_bytes:
             return

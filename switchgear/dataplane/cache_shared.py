@@ -1,20 +1,18 @@
 """The response cache as the request path uses it: this agent's LRU, optionally backed by Redis.
 
 Two tiers: the in-memory LRU answers first; on a miss, Redis (shared by every agent) is asked
-and a hit there fills the local tier. Stores go to both. Every Redis call is bounded by a short
-timeout; a slow or dead Redis counts as a miss (counted and logged by redis_state.py), never as
-an error.
+and a hit there fills the local tier. Stores go to both (to Redis written behind, with the next
+round of redis_round.py). Every Redis call is bounded by a short timeout; a slow or dead Redis
+counts as a miss (counted and logged by redis_state.py), never as an error.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import orjson
 
 from switchgear.dataplane.cache import Entry, MemoryCache
-from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_round import Lookup, RedisRound
+from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 
 def encode(entry: Entry) -> bytes:
@@ -34,54 +32,65 @@ def decode(raw: bytes) -> Entry:
 
 
 class ResponseCache:
-    """What the agent's request path calls. `redis` is the agent's SharedRedis or None.
+    """What the agent's request path calls. `redis` is the agent's SharedRedis or None; `rounds`
+    the RedisRound it shares with the quota counters (one is made when not given).
+
+    Stores are written behind: `put` fills this agent's memory at once and queues the Redis copy
+    on the next round (redis_round.py: bounded, a store that does not fit is dropped and counted).
+    A lookup can ride on the quota admission's round (`carried_lookup`, then `get(key, carried)`).
 
     While Redis is degraded (redis_state.py) the cache is this agent's memory alone: lookups
     miss there, stores stay local, and nothing stored meanwhile is copied to Redis later.
     """
 
     def __init__(self, local: MemoryCache, redis: SharedRedis | None = None, *, prefix: str = "sg:c:",
-                 timeout_s: float = 0.05) -> None:
+                 timeout_s: float = 0.05, rounds: RedisRound | None = None) -> None:
         self.local = local
         self._redis = redis
         self._prefix = prefix
         self._timeout_s = timeout_s
+        self.rounds = rounds if rounds is not None or redis is None else RedisRound(redis)
         self.shared_hits = 0
 
-    async def get(self, key: str) -> Entry | None:
+    def carried_lookup(self, key: str) -> Lookup | None:
+        """A Redis read of `key` for the quota admission to carry, or None when there is nothing
+        to ask Redis (no Redis, degraded, or the entry is in this agent's memory)."""
+        if self._redis is None or self._redis.health.degraded or self.local.peek(key) is not None:
+            return None
+        return Lookup(self._prefix + key)
+
+    async def get(self, key: str, carried: Lookup | None = None) -> Entry | None:
+        """The entry for `key`: this agent's memory, else Redis — the answer `carried` already
+        holds when an admission's round made the read, else a round of its own."""
         entry = self.local.get(key)
-        if entry is not None or self._redis is None:
+        if entry is not None or self.rounds is None:
             return entry
-        client = self._redis.client
-        try:
-            found = await self._redis.call("cache", lambda: _fetch(client, self._prefix + key), self._timeout_s)
-        except RedisUnavailable:  # any Redis trouble is a miss, never an error
+        if carried is None or not carried.done:
+            carried = Lookup(self._prefix + key)
+            try:
+                await self.rounds.run("cache", self._timeout_s, lookup=carried)
+            except RedisUnavailable:  # any Redis trouble is a miss, never an error
+                return None
+        if not carried.raw:
             return None
-        if found is None:
-            return None
-        entry, remaining_ms = found
+        entry = decode(carried.raw)
         self.shared_hits += 1
         self.local.counters.misses -= 1  # the local miss turned into a (shared) hit
         self.local.counters.hits += 1
-        if remaining_ms and remaining_ms > 0:
-            self.local.put(key, entry, remaining_ms / 1000.0)
+        if carried.pttl_ms > 0:
+            self.local.put(key, entry, carried.pttl_ms / 1000.0)
         return entry
 
     async def put(self, key: str, entry: Entry, ttl_s: float) -> None:
+        """Into this agent's memory now; into Redis with the next round (written behind)."""
         self.local.put(key, entry, ttl_s)
-        if self._redis is None or ttl_s <= 0:
+        if self.rounds is None or ttl_s <= 0:
             return
-        client = self._redis.client
-        with contextlib.suppress(RedisUnavailable):
-            await self._redis.call("cache", lambda: client.set(self._prefix + key, encode(entry),
-                                                                px=int(ttl_s * 1000)), self._timeout_s)
+        if self.rounds.redis.skipped("cache"):
+            return
+        self.rounds.store(self._prefix + key, encode(entry), max(1, int(ttl_s * 1000)))
 
-
-#: The entry and its remaining TTL in ms, in one command (a pipeline object per lookup cost more).
-_FETCH = LuaScript("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}")
-
-
-async def _fetch(client: Any, key: str) -> tuple[Entry, int] | None:
-    """The entry and its remaining TTL in ms, in one round trip (one timeout covers both)."""
-    raw, remaining_ms = await _FETCH.run(client, [key], [])
-    return None if not raw else (decode(raw), int(remaining_ms))
+    async def flush(self) -> None:
+        """Send the stores written behind now."""
+        if self.rounds is not None:
+            await self.rounds.flush()

@@ -38,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector as PromCollector
 
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.redis_round import RedisRound
 from switchgear.dataplane.redis_state import RedisHealth
 from switchgear.tls import ListenError
 
@@ -308,10 +309,13 @@ class RedisMetrics(PromCollector):
     switchgear_redis_degraded (gauge, 1 while quotas and cache are local only),
     switchgear_redis_failures_total{use} (Redis calls that failed, use "quota" or "cache") and
     switchgear_redis_fallbacks_total{use} (operations answered locally: failed, or skipped while
-    degraded). Scrapes only read the health's counts."""
+    degraded) and switchgear_redis_stores_dropped_total (cache stores written behind that never
+    reached Redis: the bounded queue was full, or their round failed; redis_round.py). Scrapes
+    only read counts."""
 
-    def __init__(self, health: RedisHealth) -> None:
+    def __init__(self, health: RedisHealth, rounds: RedisRound | None = None) -> None:
         self._health = health
+        self._rounds = rounds
 
     def collect(self) -> Iterator[Any]:
         degraded = GaugeMetricFamily("switchgear_redis_degraded",
@@ -326,3 +330,8 @@ class RedisMetrics(PromCollector):
             for use, count in sorted(counts.items()):
                 family.add_metric([use], float(count))
             yield family
+        dropped = CounterMetricFamily("switchgear_redis_stores_dropped",
+                                      "Cache stores not copied to Redis: the write-behind queue was full or "
+                                      "their round failed (the entry stays in this agent's memory)")
+        dropped.add_metric([], float(self._rounds.stores_dropped if self._rounds is not None else 0))
+        yield dropped

@@ -6,6 +6,10 @@
       -> cache lookup -> single-flight -> invoke (routing, resilience, adapters)
       -> cache store (complete, non-fallback successes only) -> quota accounting (actual usage)
 
+With Redis, the admission, the cache's Redis read, and the previous requests' stores and
+accounting are one round trip (redis_round.py): the store and the accounting are queued, not
+awaited, on the answer's path.
+
 The gRPC Gateway and the HTTP front door both call `Pipeline.invoke` (and `Pipeline.stream`),
 so a request is governed and cached the same way whichever door it came through.
 
@@ -30,6 +34,7 @@ from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
 from switchgear.dataplane.governance import InFlight, Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
+from switchgear.dataplane.redis_round import Lookup
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
@@ -107,12 +112,15 @@ class Pipeline:
             raise ServiceNotFound(f"service: no service named {call.service!r}")
         tenant = principal.tenant
         authorize(tenant, service.name, service.category, service.capabilities)
-        return dataclasses.replace(call, priority=capped_priority(tenant, call.priority), user_type=tenant.user_type)
+        priority = capped_priority(tenant, call.priority)
+        if priority == call.priority and tenant.user_type == call.user_type:
+            return call  # (a copy of a frozen call costs more than the comparison)
+        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type)
 
-    async def admit(self, call: Call, principal: Principal | None) -> None:
+    async def admit(self, call: Call, principal: Principal | None, lookup: Lookup | None = None) -> None:
         if principal is None:
             return
-        admission = await self._quotas.admit(principal.tenant, call.service)
+        admission = await self._quotas.admit(principal.tenant, call.service, lookup)
         if not admission.allowed:
             raise QuotaExceeded(admission.reason, admission.retry_after_s)
 
@@ -151,35 +159,53 @@ class Pipeline:
         self, call: Call, snapshot: AgentSnapshot, principal: Principal | None, mode: CacheMode = CacheMode.USE
     ) -> Served:
         call = self.govern(call, snapshot, principal)
+        plan = self._plan(call, snapshot, principal)
         if principal is None:  # auth-none mode: no tenant, no slot, no quota (and no cost for them)
-            return await self._served(call, snapshot, None, mode)
+            return await self._served(call, snapshot, None, mode, plan, None)
         with self._slot(principal):
-            await self.admit(call, principal)
-            return await self._served(call, snapshot, principal, mode)
+            # The cache's Redis read rides on the admission's round trip (redis_round.py).
+            carried = self._cache.carried_lookup(plan[0]) if plan and mode is CacheMode.USE and self._cache else None
+            await self.admit(call, principal, carried)
+            return await self._served(call, snapshot, principal, mode, plan, carried)
 
-    async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
-                      mode: CacheMode) -> Served:
+    def _plan(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> tuple[str, float] | None:
+        """The call's cache key and TTL, or None when its answer is not cached."""
         service = snapshot.services.get(call.service)
-        tenant = principal.tenant.id if principal else ""
         ttl = self._ttl(service, snapshot) if service is not None else 0.0
         if ttl <= 0 or self._cache is None:
-            result = await self._invoke(call, snapshot)
-            await self._account(principal, call.service, result)
-            return Served(result, False, tenant)
+            return None
         assert service is not None
         shared = service.metadata.get("cache.shared", "").lower() == "true"
         # The upstream model is part of the key: re-pointing a service at another model must
         # not serve the old model's answers. Endpoints are not: instances of one model agree.
         identity = f"{service.name}|{service.protocol}|{service.model}"
-        key = cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared)
+        tenant = principal.tenant.id if principal else ""
+        return cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared), ttl
+
+    async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
+                      mode: CacheMode, plan: tuple[str, float] | None, carried: Lookup | None) -> Served:
+        tenant = principal.tenant.id if principal else ""
+        if plan is None or self._cache is None:
+            result = await self._invoke(call, snapshot)
+            await self._account(principal, call.service, result)
+            return Served(result, False, tenant)
+        key, ttl = plan
         cache = self._cache
+        if carried is not None and carried.done:  # the admission's round read Redis: answer before the flight
+            entry = await cache.get(key, carried)
+            self._on_cache(call.service, entry is not None)
+            if entry is not None:
+                return Served(_from_entry(entry, snapshot.version), True, tenant)
 
         async def fetch() -> tuple[Result, bool]:
             """Lookup, upstream call and store as one flight: a caller arriving while another
             fetches the same key joins it instead of racing it to the upstream."""
             if mode is CacheMode.USE:
-                entry = await cache.get(key)
-                self._on_cache(call.service, entry is not None)
+                if carried is not None and carried.done:  # looked up above; a flight that ended since stored it here
+                    entry = cache.local.peek(key)
+                else:
+                    entry = await cache.get(key)
+                    self._on_cache(call.service, entry is not None)
                 if entry is not None:
                     return _from_entry(entry, snapshot.version), True
             fresh = await self._invoke(call, snapshot)

@@ -22,20 +22,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
-from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_round import Check, Count, Gate, Lookup, RedisRound, gate
+from switchgear.dataplane.redis_state import RedisUnavailable, SharedRedis
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
-Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
-Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
-
-
 class CounterStore(Protocol):
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         """Read `checks` in order, then add 1 to each of `counts` in order, stopping at the first
         that refuses. Returns 0 when admitted, else the 1-based index of the refusing entry in
-        `checks` followed by `counts` (an earlier count stays counted, as a refused one does)."""
+        `checks` followed by `counts` (an earlier count stays counted, as a refused one does).
+        A store that can, answers `lookup` (a cache read) in the same call when admitting."""
         ...
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
@@ -74,7 +72,7 @@ class LocalCounters:
         expires_at, value = self._values.get(key, (0.0, 0.0))
         return value if expires_at > self._clock() else 0.0
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         for i, (key, limit) in enumerate(checks, 1):
             if self.get_now(key) >= limit:
                 return i
@@ -96,41 +94,16 @@ class LocalCounters:
         self._next_sweep = now + MINUTE
 
 
-# KEYS: the pending additions, then the checks, then the counts. ARGV: their three lengths, then
-# (amount, ttl) per addition, limit per check, (limit, ttl) per count. Returns 0 or the 1-based
-# index of the refusing check or count (see CounterStore.admit).
-ADMIT_LUA = """
-local np, nc, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local a = 4
-for i = 1, np do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[a])
-  redis.call('EXPIRE', KEYS[i], ARGV[a + 1], 'NX')
-  a = a + 2
-end
-for i = 1, nc do
-  if tonumber(redis.call('GET', KEYS[np + i]) or '0') >= tonumber(ARGV[a]) then return i end
-  a = a + 1
-end
-for i = 1, nk do
-  local key = KEYS[np + nc + i]
-  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
-  redis.call('EXPIRE', key, ARGV[a + 1], 'NX')
-  if total > tonumber(ARGV[a]) then return nc + i end
-  a = a + 2
-end
-return 0
-"""
-
-
 class RedisCounters:
-    """Counters shared by every agent through Redis: one script call (EVALSHA) per admission.
+    """Counters shared by every agent through Redis: one script call per admission (redis_round.py).
 
     Each admission is one server-side script, so it is atomic and exact across agents: it adds
-    this agent's pending accounting, reads the token and budget windows and counts the request.
-    `record` (a finished call's tokens and cost) only queues its addition here; the next
-    admission carries it, or a flush `flush_after_s` later when no admission comes first. So a
-    busy agent makes one Redis round trip per request, and another agent sees a finished call's
-    cost within `flush_after_s` (this agent's own next admission sees it at once).
+    the pending accounting (this agent's, and its cache stores written behind), reads the token
+    and budget windows and counts the request, and may read a cache entry in the same call (a
+    `Lookup`). `record` (a finished call's tokens and cost) only queues its addition; the next
+    round carries it, or a flush `flush_after_s` later when no round comes first. So a busy
+    agent makes one Redis round trip per request, and another agent sees a finished call's cost
+    within `flush_after_s` (this agent's own next admission sees it at once).
 
     Each call is bounded by `timeout_s`. When Redis fails or is degraded (redis_state.py: one
     state for the counters and the cache, with its metrics and log lines), `fallback` answers
@@ -145,96 +118,57 @@ class RedisCounters:
     cost spent during the outage (a Redis restarted without persistence starts every counter
     again from zero). Local counters keep what they counted and serve the next outage in the
     same window.
+
+    `rounds` is the agent's RedisRound, shared with the response cache; one is made when not given.
     """
 
     def __init__(self, redis: SharedRedis, fallback: LocalCounters, *, prefix: str = "sg:q:",
-                 timeout_s: float = 0.05, flush_after_s: float = 0.05) -> None:
+                 timeout_s: float = 0.05, flush_after_s: float = 0.05, rounds: RedisRound | None = None) -> None:
         self._redis = redis
         self._fallback = fallback
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._flush_after_s = flush_after_s
-        self._script = LuaScript(ADMIT_LUA)
-        self._pending: dict[str, tuple[float, float]] = {}  # key -> (amount, ttl s), not yet in Redis
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self.flushing: asyncio.Task[None] | None = None  # the timer's flush in flight (tests await it)
+        self.rounds = rounds if rounds is not None else RedisRound(redis, flush_after_s=flush_after_s,
+                                                                   flush_timeout_s=timeout_s)
+        self._gates: dict[tuple[tuple[Check, ...], tuple[Count, ...]], Gate] = {}  # per plan, its script input
+        cut = len(prefix)
+        self.rounds.on_lost_addition = lambda key, amount, ttl_s: fallback.record(key[cut:], amount, ttl_s)
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count]) -> int:
-        pending = self._take_pending()
+    @property
+    def flushing(self) -> asyncio.Task[None] | None:
+        """The timer's flush in flight (tests await it)."""
+        return self.rounds.flushing
+
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
         if not checks and not counts:
-            if pending:
-                self._requeue(pending)
             return 0
-        keys, args = self._script_input(pending, checks, counts)
-        client = self._redis.client
+        plan = (tuple(checks), tuple(counts))  # (the enforcer passes the same tuples all minute)
+        admission = self._gates.get(plan)
+        if admission is None:
+            prefix = self._prefix
+            admission = gate([(prefix + k, limit) for k, limit in checks],
+                             [(prefix + k, limit, ttl_s) for k, limit, ttl_s in counts])
+            if len(self._gates) >= QuotaEnforcer.MAX_PLANS:
+                self._gates.clear()
+            self._gates[plan] = admission
         try:
-            return int(await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s))
+            return await self.rounds.run("quota", self._timeout_s, admission, lookup)
         except RedisUnavailable:
-            self._to_fallback(pending)
             return await self._fallback.admit(checks, counts)
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
-        if self._redis.health.degraded:  # answered locally at once, as every degraded call is
-            self._redis.health.fell_back("quota")
+        if self._redis.skipped("quota"):  # answered locally at once, as every degraded call is
             self._fallback.record(key, amount, ttl_s)
             return
-        queued = self._pending.get(key)
-        self._pending[key] = (amount + queued[0] if queued else amount, ttl_s)
-        if self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._flush_soon)
+        self.rounds.add(self._prefix + key, amount, ttl_s)
 
     async def flush(self) -> None:
-        """Send the pending additions now (one round trip when there are any)."""
-        pending = self._take_pending()
-        if not pending:
-            return
-        keys, args = self._script_input(pending, (), ())
-        client = self._redis.client
-        try:
-            await self._redis.call("quota", lambda: self._script.run(client, keys, args), self._timeout_s)
-        except RedisUnavailable:
-            self._to_fallback(pending)
+        """Send the pending additions (and cache stores) now."""
+        await self.rounds.flush()
 
     async def aclose(self) -> None:
         """Flush what is pending (an agent shutting down keeps its last calls' accounting)."""
-        if self.flushing is not None:
-            await asyncio.gather(self.flushing, return_exceptions=True)
-        await self.flush()
-
-    def _flush_soon(self) -> None:
-        self._flush_timer = None
-        if self._pending and (self.flushing is None or self.flushing.done()):
-            self.flushing = asyncio.ensure_future(self.flush())
-
-    def _take_pending(self) -> dict[str, tuple[float, float]]:
-        pending, self._pending = self._pending, {}
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        return pending
-
-    def _requeue(self, pending: dict[str, tuple[float, float]]) -> None:
-        for key, (amount, ttl_s) in pending.items():
-            self.record(key, amount, ttl_s)
-
-    def _to_fallback(self, pending: dict[str, tuple[float, float]]) -> None:
-        for key, (amount, ttl_s) in pending.items():
-            self._fallback.record(key, amount, ttl_s)
-
-    def _script_input(self, pending: Mapping[str, tuple[float, float]], checks: Sequence[Check],
-                      counts: Sequence[Count]) -> tuple[list[str], list[str | float | int]]:
-        prefix = self._prefix
-        keys = [prefix + k for k in pending]
-        args: list[str | float | int] = [len(pending), len(checks), len(counts)]
-        for amount, ttl_s in pending.values():
-            args += (repr(amount), int(ttl_s) + 1)
-        for key, limit in checks:
-            keys.append(prefix + key)
-            args.append(repr(float(limit)))
-        for key, limit, ttl_s in counts:
-            keys.append(prefix + key)
-            args += (repr(float(limit)), int(ttl_s) + 1)
-        return keys, args
+        await self.rounds.aclose()
 
 
 class QuotaExceeded(Exception):
@@ -295,23 +229,64 @@ class UsageTally:
     cost_usd: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A tenant's admission on one service in one minute: the counter store's checks and counts,
+    and what each entry means when it refuses. Windows are whole minutes, so the hour and day
+    keys of one minute never change within it."""
+
+    tenant: TenantView
+    minute: int
+    checks: tuple[Check, ...]
+    counts: tuple[Count, ...]
+    refusals: tuple[tuple[float, str, Quota, str], ...]  # (window, what, quota, scope) per entry
+    records: tuple[tuple[bool, str, float], ...]  # (tokens, else cost; key; ttl s): what a finished call adds to
+
+
 class QuotaEnforcer:
+    MAX_PLANS = 4096  # (tenant, service) pairs remembered; the table starts again when full
+
     def __init__(self, counters: CounterStore, clock: Callable[[], float] = time.time) -> None:
         self._counters = counters
         self._clock = clock
         self._tallies: dict[str, UsageTally] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}
 
-    async def admit(self, tenant: TenantView, service: str) -> Admission:
+    async def admit(self, tenant: TenantView, service: str, lookup: Lookup | None = None) -> Admission:
         """Check budgets and token windows (read-only), then count the request against its
-        requests-per-minute windows: one call of the counter store. A refusal carries the
-        seconds until the window ends."""
+        requests-per-minute windows: one call of the counter store, which may answer `lookup`
+        (a cache read) in the same call. A refusal carries the seconds until the window ends."""
         now = self._clock()
         tally = self._tallies.get(tenant.id)
         if tally is None:
             tally = self._tallies[tenant.id] = UsageTally()
+        plan = self._current(tenant, service, now)
+        refused = await self._counters.admit(plan.checks, plan.counts, lookup) if plan.refusals else 0
+        if refused:
+            tally.rejected += 1
+            width, what, quota, scope = plan.refusals[refused - 1]
+            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
+        tally.requests += 1
+        return ADMITTED
+
+    def _current(self, tenant: TenantView, service: str, now: float) -> _Plan:
+        plan = self._plans.get((tenant.id, service))
+        if plan is None or plan.tenant is not tenant or plan.minute != int(now // MINUTE):
+            plan = self._plan(tenant, service, now)
+        return plan
+
+    def _plan(self, tenant: TenantView, service: str, now: float) -> _Plan:
+        records: list[tuple[bool, str, float]] = []
+        for scope, quota in _scopes(tenant, service):
+            if quota.tokens_per_minute:
+                records.append((True, _key(tenant.id, scope, "tok", MINUTE, now), 2 * MINUTE))
+            if quota.budget_per_hour_usd:
+                records.append((False, _key(tenant.id, scope, "usd", HOUR, now), 2 * HOUR))
+            if quota.budget_per_day_usd:
+                records.append((False, _key(tenant.id, scope, "usd", DAY, now), 2 * DAY))
         checks: list[Check] = []
         counts: list[Count] = []
-        refusals: list[tuple[float, str, Quota, str]] = []  # (window, what, quota, scope) per entry
+        refusals: list[tuple[float, str, Quota, str]] = []
         for scope, quota in _scopes(tenant, service):
             for limit, what, width in ((quota.tokens_per_minute, "tok", MINUTE),
                                        (quota.budget_per_hour_usd, "usd", HOUR),
@@ -323,27 +298,24 @@ class QuotaEnforcer:
             if quota.requests_per_minute:
                 counts.append((_key(tenant.id, scope, "req", MINUTE, now), quota.requests_per_minute, 2 * MINUTE))
                 refusals.append((MINUTE, "req", quota, scope))
-        refused = await self._counters.admit(checks, counts) if refusals else 0
-        if refused:
-            tally.rejected += 1
-            width, what, quota, scope = refusals[refused - 1]
-            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
-        tally.requests += 1
-        return ADMITTED
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.clear()
+        plan = self._plans[(tenant.id, service)] = _Plan(tenant, int(now // MINUTE), tuple(checks), tuple(counts),
+                                                          tuple(refusals), tuple(records))
+        return plan
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
-        """Count a completed call's tokens and cost against every window that limits them."""
+        """Count a completed call's actual tokens and cost against every window that limits them."""
         now = self._clock()
         tally = self._tallies.setdefault(tenant.id, UsageTally())
         tally.tokens += tokens
         tally.cost_usd += cost_usd
-        for scope, quota in _scopes(tenant, service):
-            if quota.tokens_per_minute and tokens:
-                self._counters.record(_key(tenant.id, scope, "tok", MINUTE, now), tokens, 2 * MINUTE)
-            if quota.budget_per_hour_usd and cost_usd:
-                self._counters.record(_key(tenant.id, scope, "usd", HOUR, now), cost_usd, 2 * HOUR)
-            if quota.budget_per_day_usd and cost_usd:
-                self._counters.record(_key(tenant.id, scope, "usd", DAY, now), cost_usd, 2 * DAY)
+        if not tokens and not cost_usd:
+            return
+        for is_tokens, key, ttl_s in self._current(tenant, service, now).records:
+            amount = tokens if is_tokens else cost_usd
+            if amount:
+                self._counters.record(key, amount, ttl_s)
 
     async def aclose(self) -> None:
         """The counter store's pending accounting is sent (before its Redis client closes)."""

@@ -101,16 +101,17 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def run(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+    async def run(self, execute: Callable[..., Awaitable[Any]], keys: list[str], args: list[Any]) -> Any:
+        """`execute` sends one command (SharedRedis.execute)."""
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except Exception as exc:
             from redis.exceptions import NoScriptError  # (only agents with Redis import it)
 
             if not isinstance(exc, NoScriptError):
                 raise
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            await execute("SCRIPT", "LOAD", self.source)
+            return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class RedisUnavailable(Exception):
@@ -124,11 +125,58 @@ class SharedRedis:
     caller) leaves `call`; the probe task swallows everything it meets.
     """
 
-    def __init__(self, client: Any, health: RedisHealth | None = None, *, probe_timeout_s: float = 0.25) -> None:
+    def __init__(self, client: Any, health: RedisHealth | None = None, *, probe_timeout_s: float = 0.25,
+                 max_idle: int = 32) -> None:
         self.client = client
         self.health = health if health is not None else RedisHealth()
         self._probe_timeout_s = probe_timeout_s
         self.probing: asyncio.Task[None] | None = None  # the probe in flight (tests await it)
+        self._idle: list[Any] = []  # connections of `execute`, at most `max_idle` kept between commands
+        self._max_idle = max_idle
+        self._closing: asyncio.Future[Any] | None = None  # the last surplus connection being closed
+
+    async def execute(self, *args: Any) -> Any:
+        """One command on a connection of our own, made by the client's pool but not lent by it:
+        the library's encoder and reply parser without the pool's per-command lock, readiness
+        poll, retry wrapper and telemetry hooks (half the client's cost per command).
+        Bound it by the caller's timeout (`call`): a connection interrupted mid-command (timeout,
+        cancellation, error) is closed, never reused; one command at a time per connection.
+        As the client's own retry did, a kept connection that turns out closed (a restarted
+        Redis) is retried once on a new one, and the other kept connections are dropped."""
+        from redis.exceptions import ConnectionError as RedisConnectionError  # (only agents with Redis import it)
+
+        if not self._idle:
+            return await self._execute_on(self.client.connection_pool.make_connection(), args)
+        try:
+            return await self._execute_on(self._idle.pop(), args)
+        except (RedisConnectionError, OSError):
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                await conn.disconnect(nowait=True)
+            return await self._execute_on(self.client.connection_pool.make_connection(), args)
+
+    async def _execute_on(self, conn: Any, args: tuple[Any, ...]) -> Any:
+        from redis.exceptions import ResponseError
+
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            reply = await conn.read_response()
+        except ResponseError:  # an error reply (e.g. NOSCRIPT) was read whole: the connection is fine
+            self._keep(conn)
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._keep(conn)
+        return reply
+
+    def _keep(self, conn: Any) -> None:
+        if len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:  # more were in use at once than are kept: close this one (its socket, no reply awaited)
+            self._closing = asyncio.ensure_future(conn.disconnect(nowait=True))
 
     async def call(self, use: str, op: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         """`op()` bounded by `timeout_s`; RedisUnavailable if it fails or Redis is degraded."""
@@ -145,6 +193,15 @@ class SharedRedis:
             self.health.fell_back(use)
             raise RedisUnavailable from exc
 
+    def skipped(self, use: str) -> bool:
+        """True while degraded (counted as a fallback, a probe started when due): the caller
+        answers locally instead of queueing work for Redis."""
+        if not self.health.degraded:
+            return False
+        self.health.fell_back(use)
+        self._probe_if_due()
+        return True
+
     def _probe_if_due(self) -> None:
         if (self.probing is None or self.probing.done()) and self.health.probe_due():
             self.probing = asyncio.ensure_future(self._probe())
@@ -160,4 +217,7 @@ class SharedRedis:
     async def aclose(self) -> None:
         if self.probing is not None:
             self.probing.cancel()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect(nowait=True)
         await self.client.aclose()

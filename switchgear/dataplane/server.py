@@ -40,6 +40,7 @@ from switchgear.dataplane.managed.node import NodeManager, NodeResources, build_
 from switchgear.dataplane.metrics import AgentMetrics, RedisMetrics, serve_metrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
+from switchgear.dataplane.redis_round import RedisRound
 from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
 from switchgear.dataplane.router import Router
@@ -99,6 +100,7 @@ class Options:
     control_plane_token: str | None = None
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
+    redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
@@ -306,7 +308,9 @@ class Agent:
         return address
 
     def _metrics_collectors(self) -> tuple[PromCollector, ...]:
-        redis_metrics = (RedisMetrics(self.redis.health),) if self.redis is not None else ()
+        cache = self.pipeline.cache
+        rounds = cache.rounds if cache is not None else None
+        redis_metrics = (RedisMetrics(self.redis.health, rounds),) if self.redis is not None else ()
         observed = self.core.observed
         return (observed.metrics, observed.door, *redis_metrics, LoopTasks(asyncio.get_running_loop()))
 
@@ -456,19 +460,24 @@ def _pipeline(options: Options, invoke: Any, on_cache: Callable[[str, bool], Non
         # One immediate retry (a pooled connection a restarted Redis has closed), no backoff: the
         # client's default retries for seconds, which would turn a refused connection into a full
         # timeout on every call; redis_state decides when to try again.
-        client = aioredis.from_url(options.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+        # No socket timeout: every command is bounded by its caller's timeout (SharedRedis.call, the
+        # probe's own), and the library's per-read timer and per-write task cost more than the command.
+        client = aioredis.from_url(options.redis_url, socket_timeout=None, socket_connect_timeout=0.5,
                                    retry=Retry(NoBackoff(), 1))
         redis = SharedRedis(client, RedisHealth(probe_interval_s=options.redis_probe_interval_s))
         # Generous bounds: a Redis answer slower than this is treated as Redis being down, and
         # the local fallback then admits on this agent's counts alone (inexact across agents).
-        counters: LocalCounters | RedisCounters = RedisCounters(redis, LocalCounters(), timeout_s=0.5)
+        shared = RedisCounters(redis, LocalCounters(), timeout_s=0.5, rounds=RedisRound(
+            redis, flush_timeout_s=0.5, max_store_bytes=options.redis_write_behind_bytes))
+        counters: LocalCounters | RedisCounters = shared
+        rounds: RedisRound | None = shared.rounds  # the cache's reads and stores ride on the quota's round trips
         log.info("quota counters and response cache shared through %s", options.redis_url.split("@")[-1])
     else:
-        counters = LocalCounters()
+        counters, rounds = LocalCounters(), None
     if not options.auth_required:
         log.warning("AUTH IS OFF (--auth none): every request is accepted as an anonymous user and no "
                     "quota applies. Local development only.")
-    cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2)
+    cache = ResponseCache(MemoryCache(options.cache_bytes), redis, timeout_s=0.2, rounds=rounds)
     pipeline = Pipeline(invoke, auth_required=options.auth_required, quotas=QuotaEnforcer(counters), cache=cache,
                         on_cache=on_cache, max_json_depth=options.max_json_depth)
     return pipeline, redis

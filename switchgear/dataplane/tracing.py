@@ -13,7 +13,9 @@ ever created and the request path pays nothing. On:
 - the `Tracing` object is an AttemptObserver: `attempt_started` opens a CLIENT span
   "{gen_ai.operation.name} {gen_ai.request.model}" under the current (server) span and makes
   it current until `attempt_ended`, which records outcome, usage and cost. Attempts of one call
-  must be sequential on its task (they are: invoke.py awaits each one);
+  must be sequential on its task (they are: invoke.py awaits each one). In an unsampled trace
+  no attempt span is made (the sampler would drop it): the request pays for its server span's
+  context only;
 - `wrap_adapters` puts the current span's context into every upstream request's headers
   (AdapterRequest.headers), so the upstream receives `traceparent`. `upstream_headers()` gives
   the same headers to any code that builds requests itself.
@@ -44,7 +46,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -125,12 +128,24 @@ class _Getter:
         return list(carrier)
 
 
+class _Ids(RandomIdGenerator):
+    """Random ids, except that the next trace id can be set beforehand: `server_span` draws a
+    new trace's id itself to ask the sampler, and the SDK must then start the span with it."""
+
+    next_trace_id = 0
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.next_trace_id = self.next_trace_id, 0
+        return trace_id or super().generate_trace_id()
+
+
 class Tracing:
-    def __init__(self, provider: TracerProvider, holder: Holder) -> None:
+    def __init__(self, provider: TracerProvider, holder: Holder, ids: _Ids | None = None) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("switchgear.dataplane", __version__)
         self._holder = holder
         self._attempts: dict[tuple[str, int], tuple[trace.Span, object]] = {}
+        self._ids = ids if ids is not None else _Ids()
 
     @classmethod
     def configure(
@@ -149,7 +164,9 @@ class Tracing:
             return None
         resource = Resource.create({"service.name": service_name, "service.version": __version__,
                                     "service.instance.id": node_id})
-        provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+        ids = _Ids()
+        provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+                                  id_generator=ids)
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         if otlp_endpoint:
@@ -158,7 +175,7 @@ class Tracing:
             url = otlp_endpoint.rstrip("/")
             url = url if url.endswith("/v1/traces") else url + "/v1/traces"
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
-        return cls(provider, holder)
+        return cls(provider, holder, ids)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -171,6 +188,25 @@ class Tracing:
         `traceparent` starts a new trace), made current. An exception passing through does not
         mark it ERROR nor record a stack trace: the door sets its status from the answer."""
         parent = _PROPAGATOR.extract(carrier, getter=_Getter())  # type: ignore[arg-type]
+        caller = trace.get_current_span(parent).get_span_context()
+        trace_id = caller.trace_id if caller.is_valid else self._ids.generate_trace_id()
+        # The provider's own sampler decides, as it would inside the SDK; an unsampled span (most
+        # of them at a ratio below 1) is made here without the SDK's span machinery.
+        sampling = self.provider.sampler.should_sample(parent, trace_id, name, SpanKind.SERVER)
+        if sampling.decision is Decision.DROP:
+            random_id = caller.trace_flags.random_trace_id if caller.is_valid else True  # (as the SDK flags it)
+            flags = trace.TraceFlags.RANDOM_TRACE_ID if random_id else trace.TraceFlags.DEFAULT
+            unsampled = trace.NonRecordingSpan(trace.SpanContext(
+                trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=trace.TraceFlags(flags),
+                trace_state=sampling.trace_state))
+            token = otel_context.attach(trace.set_span_in_context(unsampled, parent))
+            try:
+                yield unsampled
+            finally:
+                otel_context.detach(token)
+            return
+        if not caller.is_valid:
+            self._ids.next_trace_id = trace_id  # the SDK starts the sampled span with the id decided on
         with self.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
                                                attributes=dict(attributes), record_exception=False,
                                                set_status_on_exception=False) as span:
@@ -216,6 +252,12 @@ class Tracing:
     # --- attempt spans (AttemptObserver) ---------------------------------------------------
 
     def attempt_started(self, event: AttemptStart) -> None:
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            # An unsampled trace (most of them at a ratio below 1): the parent-based sampler would
+            # drop the attempt span, so none is made and no attributes are gathered for it; the
+            # upstream gets the server span's context (same trace, not sampled) in its headers.
+            return
         snapshot = self._holder.current
         view = snapshot.services.get(event.service) if snapshot else None
         model = view.model if view else ""
