@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -197,10 +197,16 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Converted:
-    """What an agent applies of a snapshot, and the services it rejected (snapshot order)."""
+    """What an agent applies of a snapshot, and the services it rejected (snapshot order).
+
+    For a later delta: `own` is the snapshot's services without the category routes built over
+    them, and `candidates` the views of rejected services that passed their own checks and were
+    rejected only for a fallback absent at this version (taken when it comes back)."""
 
     snapshot: AgentSnapshot
     rejections: tuple[Rejection, ...] = ()
+    own: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
+    candidates: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
 
 
 def convert_snapshot(
@@ -215,14 +221,58 @@ def convert_snapshot(
     checks.check_version(msg, version)
     checked = checks.check_services(msg.services, adapters)
     services = {name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()}
+    fresh = dict(services)
     rejected = dict(checked.rejected)
     services.update({name: previous[name] for name in rejected if name in previous and name not in services})
+    return _assembled(version, services, fresh, rejected, previous, _settings(msg.settings))
+
+
+def convert_delta(msg: discovery_pb2.SnapshotDelta, version: str, adapters: Mapping[str, Adapter],
+                  base: AgentSnapshot, held: Converted) -> Converted:
+    """A delta applied onto `base`, the snapshot `held` describes: the result `convert_snapshot`
+    gives for the whole snapshot of `version` with `base` as the previous one. Changed services
+    are checked one by one as there; an unchanged one keeps its view (the same checks would
+    pass it again), a rejection for its content stands until it changes or goes, and one for
+    an absent fallback is decided again. Raises SnapshotError for the version, the base
+    ("base_version": not the version held, so the delta cannot apply) and the settings."""
+    if not version:
+        raise SnapshotError("version_info", "required")
+    if msg.version and msg.version != version:
+        raise SnapshotError("delta.version", f"{msg.version!r} differs from version_info {version!r}")
+    if msg.base_version != base.version or held.snapshot is not base:
+        raise SnapshotError("base_version", f"the delta applies onto {msg.base_version[:200]!r}, "
+                            f"not the version held {base.version[:200]!r}")
+    settings = _settings(msg.settings) if msg.HasField("settings") else base.settings
+    checked = checks.check_services(msg.services, adapters)
+    removed = frozenset(msg.removed_services)
+    touched = {*checked.accepted, *checked.rejected, *removed}
+    held_rejected = {r.service: r.error for r in held.rejections}
+    services = {name: view for name, view in held.own.items() if name not in removed}
+    fresh = {name: view for name, view in services.items() if name not in held_rejected}
+    fresh.update((name, view) for name, view in held.candidates.items() if name not in touched)
+    fresh.update({name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()})
+    services.update(fresh)
+    rejected = {name: error for name, error in held_rejected.items() if name not in touched and name not in fresh}
+    rejected.update(checked.rejected)
+    for name in checked.rejected:  # kept as it was in the base, where it was (else absent)
+        services.pop(name, None)
+        if name in base.services:
+            services[name] = base.services[name]
+    converted = _assembled(version, services, fresh, rejected, base.services, settings)
+    return dataclasses.replace(converted, snapshot=dataclasses.replace(converted.snapshot, governance=base.governance))
+
+
+def _assembled(version: str, services: dict[str, ServiceView], fresh: Mapping[str, ServiceView],
+               rejected: dict[str, SnapshotError], previous: Mapping[str, ServiceView],
+               settings: AgentSettings) -> Converted:
+    """The applied services (fallbacks checked; `fresh`: the views that passed their own checks),
+    their category routes, and the rejections."""
     _drop_dangling_fallbacks(services, rejected, previous)
+    own = MappingProxyType(dict(services))
     services.update(category_routes(services))
-    return Converted(
-        AgentSnapshot(version=version, services=MappingProxyType(services), settings=_settings(msg.settings)),
-        tuple(Rejection(name, error) for name, error in rejected.items()),
-    )
+    return Converted(AgentSnapshot(version=version, services=MappingProxyType(services), settings=settings),
+                     tuple(Rejection(name, error) for name, error in rejected.items()), own,
+                     MappingProxyType({name: fresh[name] for name in rejected if name in fresh}))
 
 
 def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
