@@ -251,6 +251,7 @@ def convert_delta(msg: discovery_pb2.SnapshotDelta, version: str, adapters: Mapp
     fresh = {name: view for name, view in services.items() if name not in held_rejected}
     fresh.update((name, view) for name, view in held.candidates.items() if name not in touched)
     fresh.update({name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()})
+    fresh = {name: view for name, view in fresh.items() if name not in checked.rejected}
     services.update(fresh)
     rejected = {name: error for name, error in held_rejected.items() if name not in touched and name not in fresh}
     rejected.update(checked.rejected)
