@@ -60,6 +60,7 @@ class ControlPlane:
     tracker: AgentTracker
     address: str
     store: SqliteStore
+    feed: SnapshotFeed | None = None
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ async def control_plane(tmp_path: Path, debounce_s: float) -> AsyncIterator[Cont
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield ControlPlane(registry, tracker, f"127.0.0.1:{port}", store)
+        yield ControlPlane(registry, tracker, f"127.0.0.1:{port}", store, feed)
     finally:
         await server.stop(None)
         store.close()
