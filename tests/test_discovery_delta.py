@@ -77,7 +77,8 @@ async def test_deltas_name_what_each_change_touched(control_plane: ControlPlane,
                        Change("test", "tenant", "acme"))
     delta = await next_delta()
     assert not delta.services and not delta.HasField("settings")
-    assert [t.id for t in delta.governance.tenants] == ["acme"] and [k.id for k in delta.governance.keys] == ["0a1b2c3d4e5f6a7b"]
+    assert [t.id for t in delta.governance.tenants] == ["acme"]
+    assert [k.id for k in delta.governance.keys] == ["0a1b2c3d4e5f6a7b"]
 
 
 async def test_agents_not_asking_or_at_an_unknown_version_get_whole_snapshots(
