@@ -10,10 +10,11 @@ import random
 import pytest
 
 from switchgear.adapters import builtin_adapters
+from switchgear.cli import main
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.discovery import SnapshotFeed
 from switchgear.controlplane.model import ApiKey, Category, EndpointSpec, RegistryState, ServiceSpec, Tenant
-from switchgear.dataplane.client import Applier
+from switchgear.dataplane.client import Applier, SnapshotClient
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, without_health_verdicts
 from switchgear.v1 import discovery_pb2
 
@@ -165,3 +166,50 @@ def test_a_delta_onto_another_version_than_the_one_held_asks_for_a_resync() -> N
     error = agent.applier.apply(response(delta))
     assert error is not None and error.path == "base_version"
     assert agent.holder.version.endswith("~health-expired")  # nothing half-applied
+
+
+def test_a_delta_service_the_agent_cannot_take_is_reported_and_its_last_good_definition_kept() -> None:
+    good = ServiceSpec("a", Category.LLM, "openai", (EndpointSpec("e", "http://127.0.0.1:9/v1"),))
+    feed = SnapshotFeed(snap.build(RegistryState(services=(good,)), 1))
+    holder = Holder()
+    client = SnapshotClient(["127.0.0.1:9"], discovery_pb2.Node(id="n"), holder, Applier(holder, builtin_adapters()))
+    client._answer(response(feed.body(None)[0]))
+    kept = holder.current.services["a"]  # type: ignore[union-attr]
+    v1 = feed.current.version
+    feed.publish(snap.build(RegistryState(services=(dataclasses.replace(good, options_json='{"nope": 1}'),)), 2))
+    answer = client._answer(response(feed.body(v1)[0]))
+    assert not answer.HasField("error_detail") and answer.version_info == feed.current.version  # an ACK
+    assert [(r.service, r.error_detail.field_path) for r in answer.rejected_services] == [
+        ("a", "services[a].options_json.nope")]
+    assert holder.current is not None and holder.current.services["a"] is kept
+    # An unrelated later delta leaves the rejection standing (the service did not change) ...
+    v2 = feed.current.version
+    other = dataclasses.replace(good, name="b")
+    feed.publish(snap.build(RegistryState(services=(dataclasses.replace(good, options_json='{"nope": 1}'), other)), 3))
+    answer = client._answer(response(feed.body(v2)[0]))
+    assert [r.service for r in answer.rejected_services] == ["a"] and "b" in holder.current.services
+    # ... and a NACKed delta (settings it cannot take) changes nothing.
+    v3 = feed.current.version
+    bad = discovery_pb2.StreamSnapshotsResponse(version_info="4.x", nonce="n4", delta=discovery_pb2.SnapshotDelta(
+        version="4.x", base_version=v3, settings=discovery_pb2.DataPlaneSettings(
+            preset_responses={"no-such-category": "x"})))
+    answer = client._answer(bad)
+    assert answer.HasField("error_detail") and answer.version_info == v3 == holder.version
+    assert answer.error_detail.field_path.startswith("settings")
+
+
+def test_the_first_request_says_how_snapshots_are_wanted_and_a_bad_mode_is_refused() -> None:
+    holder = Holder()
+    applier = Applier(holder, builtin_adapters())
+    assert SnapshotClient(["x:1"], discovery_pb2.Node(id="n"), holder, applier)._delivery == \
+        discovery_pb2.SNAPSHOT_DELIVERY_DELTA
+    assert SnapshotClient(["x:1"], discovery_pb2.Node(id="n"), holder, applier, delivery="whole")._delivery == \
+        discovery_pb2.SNAPSHOT_DELIVERY_WHOLE
+    with pytest.raises(ValueError, match="snapshot delivery"):
+        SnapshotClient(["x:1"], discovery_pb2.Node(id="n"), holder, applier, delivery="sometimes")
+    with pytest.raises(SystemExit) as info:
+        main(["agent", "--control-plane", "127.0.0.1:9", "--snapshot-delivery", "sometimes"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["controlplane", "--delta-history", "5000"])
+    assert info.value.code == 2

@@ -248,7 +248,8 @@ class SnapshotClient:
     def _answer(self, response: discovery_pb2.StreamSnapshotsResponse) -> discovery_pb2.StreamSnapshotsRequest:
         error = self._applier.apply(response)
         if error is None:
-            log.info("applied snapshot %s", response.version_info)
+            log.info("applied snapshot %s (%s)", response.version_info,
+                     f"delta onto {response.delta.base_version}" if response.HasField("delta") else "whole")
             return discovery_pb2.StreamSnapshotsRequest(
                 version_info=response.version_info, response_nonce=response.nonce,
                 rejected_services=self._rejected(),
