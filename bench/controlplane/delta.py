@@ -48,6 +48,8 @@ from switchgear.adapters import builtin_adapters
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.discovery import SnapshotFeed
 from switchgear.controlplane.model import Category, EndpointSpec, RegistryState, ServiceSpec
+from switchgear.controlplane.registry import Registry
+from switchgear.controlplane.store import SqliteStore
 from switchgear.dataplane.client import Applier
 from switchgear.dataplane.snapshot import Holder
 from switchgear.supervise import Proc
@@ -56,13 +58,22 @@ from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, discovery_pb2
 METHOD = "/switchgear.v1.DiscoveryService/StreamSnapshots"
 
 
-def config_yaml(n: int) -> str:
-    """A registry of `n` one-endpoint chat services, in the seed's config shape."""
-    lines = ["external_services:", "  services:", "    llm_services:", "      local_models:"]
-    for i in range(n):
-        lines += [f'        - name: "svc-{i:05d}"', '          model: "m"', "          endpoints:",
-                  '            - id: "e0"', f'              url: "http://10.0.{i // 250 % 250}.{i % 250}:8080/v1"']
-    return "\n".join(lines) + "\n"
+def registry_state(n: int) -> RegistryState:
+    """A registry of `n` one-endpoint chat services."""
+    return RegistryState(services=tuple(
+        ServiceSpec(name=f"svc-{i:05d}", category=Category.LLM, protocol="openai", model="m",
+                    endpoints=(EndpointSpec(id="e0", url=f"http://10.0.{i // 250 % 250}.{i % 250}:8080/v1"),))
+        for i in range(n)))
+
+
+def seed_store(db: Path, n: int) -> None:
+    """Write the registry into the control plane's store before it starts (a config file of
+    10,000 services exceeds the config loader's bound on values, on purpose)."""
+    store = SqliteStore(db)
+    try:
+        Registry(store).replace(registry_state(n), "bench", "bench.controlplane.delta")
+    finally:
+        store.close()
 
 
 def service(i: int, model: str) -> common_pb2.Service:
@@ -166,10 +177,9 @@ class Clients:
 
 async def fleet(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     db = workdir / "fleet.db"
-    config = workdir / "fleet.yaml"
-    config.write_text(config_yaml(args.services), encoding="utf-8")
+    seed_store(db, args.services)
     cp = Proc.switchgear("cp", ["controlplane", "--admin-auth", "none", "--db", str(db), "--listen", "127.0.0.1:0",
-                                "--no-probes", "--config", str(config), "--log-level", "warning",
+                                "--no-probes", "--log-level", "warning",
                                 "--max-concurrent-pushes", str(args.max_concurrent_pushes)], workdir)
     address = cp.start(timeout_s=120)
     procs: list[Clients] = []
@@ -253,10 +263,8 @@ async def fleet(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 def fanout_parts(n_services: int) -> dict[str, float]:
     """The control plane's share of a fan-out, in this process: one version's bodies and the
     per-stream work, for a one-service change to an `n_services` registry."""
-    specs = tuple(ServiceSpec(name=f"svc-{i:05d}", category=Category.LLM, protocol="openai", model="m",
-                              endpoints=(EndpointSpec(id="e0", url=f"http://10.0.{i // 250 % 250}.{i % 250}:8080/v1"),))
-                  for i in range(n_services))
-    state = RegistryState(services=specs)
+    state = registry_state(n_services)
+    specs = state.services
     feed = SnapshotFeed(snap.build(state, 1))
     base = feed.current.version
     feed.body(None)  # warm: the per-service wire cache, as a running control plane has it

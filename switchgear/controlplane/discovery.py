@@ -12,12 +12,15 @@ Protocol, per stream (see discovery.proto):
   version it holds when the feed's change log still has that version, else the whole snapshot; a
   NACK at RESYNC_PATH asks for the whole snapshot and rejects nothing. Each version's responses
   are serialised once per base version and shared by every stream (the nonce is appended);
-- a change to the registry wakes every stream, which waits `debounce_s` so a burst of changes
-  goes out as one snapshot;
-- at most `max_concurrent_pushes` snapshots are unanswered across all streams at once: a push
-  holds a slot from send until its ACK/NACK (or the stream's end), so when every agent
-  reconnects at once (a restarted control plane) the pushes go out in bounded waves instead
-  of a thundering herd of serialisations and buffers.
+- a change to the registry wakes every stream `debounce_s` after it (one timer for all), so a
+  burst of changes goes out as one snapshot;
+- at most `max_concurrent_pushes` large pushes (BOUNDED_PUSH_BYTES and more: whole snapshots of
+  a large registry) are unanswered across all streams at once: such a push holds a slot from
+  send until its ACK/NACK (or the stream's end), so when every agent reconnects at once (a
+  restarted control plane) the pushes go out in bounded waves instead of a thundering herd of
+  buffers. Smaller pushes (deltas, small registries) take no slot: at most one is unanswered
+  per stream and they are serialised once per version, so they are bounded by the stream count
+  times their size, and waves would only delay them (bench/controlplane/README.md).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ MAX_REJECTION_TEXT = 1024
 #: Versions the control plane remembers what changed in (--delta-history): an agent at one of
 #: them gets a delta, an agent further behind the whole snapshot.
 DELTA_HISTORY = 64
+#: Pushes of at least this many bytes take a slot of --max-concurrent-pushes (module docstring).
+BOUNDED_PUSH_BYTES = 64 * 1024
 #: The NACK field path by which an agent says a delta's base is not the version it holds: asks
 #: for the whole snapshot and rejects nothing.
 RESYNC_PATH = "base_version"
@@ -69,6 +74,7 @@ class SnapshotFeed:
         self._bodies: dict[str, bytes] = {}  # base version ("" = whole) -> response body, this version only
         self._changed = asyncio.Event()
         self._published: asyncio.Future[None] | None = None
+        self._debounce_s = 0.0
 
     @property
     def current(self) -> Snapshot:
@@ -101,17 +107,27 @@ class SnapshotFeed:
         event.set()
         published, self._published = self._published, None
         if published is not None and not published.done():
-            published.set_result(None)
+            if self._debounce_s > 0:
+                published.get_loop().call_later(self._debounce_s, _resolve, published)
+            else:
+                published.set_result(None)
 
     def changed(self) -> asyncio.Event:
         return self._changed
 
-    def next_publish(self) -> asyncio.Future[None]:
-        """A future done at the next publish, shared by every waiter (never cancel it): one
-        future per version instead of a task per stream per wake-up (bench/controlplane)."""
+    def next_publish(self, debounce_s: float = 0.0) -> asyncio.Future[None]:
+        """A future done `debounce_s` after the next publish, shared by every waiter (never
+        cancel it): one future and one timer per version instead of a task and a sleep per
+        stream per wake-up (bench/controlplane). The first caller's `debounce_s` holds."""
         if self._published is None:
             self._published = asyncio.get_running_loop().create_future()
+            self._debounce_s = debounce_s
         return self._published
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _serialise(response: discovery_pb2.StreamSnapshotsResponse | bytes) -> bytes:
@@ -184,6 +200,9 @@ class _Stream:
         self.debounce_s = debounce_s
         self.pending_nonce = ""
         self.pending_version = ""
+        self._waiter: asyncio.Future[None] | None = None
+        self._registered: asyncio.Future[None] | None = None  # the publish future _wake is on
+        self._read_registered: asyncio.Future[Any] | None = None
 
     def _next(self) -> bytes | None:
         current = self.feed.current.version
@@ -228,6 +247,11 @@ class _Stream:
             self.holding = False
             self.pushes.release()
 
+    def _large(self) -> bool:
+        """Whether the next push takes a slot of the fleet-wide bound (module docstring)."""
+        body, _ = self.feed.body(self.held if self.delta else None)
+        return len(body) >= BOUNDED_PUSH_BYTES
+
     def _wants(self) -> bool:
         current = self.feed.current.version
         return not (self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current))
@@ -237,31 +261,50 @@ class _Stream:
         read: asyncio.Task[discovery_pb2.StreamSnapshotsRequest] | None = None
         try:
             while True:
-                if self._wants() and not self.holding:
-                    await self.pushes.acquire()  # bounded pushes fleet-wide
+                if self._wants() and not self.holding and self._large():
+                    await self.pushes.acquire()  # bounded large pushes fleet-wide
                     self.holding = True
                 response = self._next()
                 if response is not None:
                     yield response
                 else:
                     self._release()
-                changed = self.feed.next_publish()
                 read = read or asyncio.ensure_future(anext(incoming))
-                waiters: set[asyncio.Future[Any]] = {changed, read}
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                if read in done:
+                await self._wait(read)
+                if read.done():
                     try:
                         request = read.result()
                     except StopAsyncIteration:
                         return
                     read = None
                     self._answer(request)
-                elif self.debounce_s > 0:
-                    await asyncio.sleep(self.debounce_s)  # coalesce a burst of changes
         finally:
             self._release()
             if read is not None:
                 read.cancel()
+            if self._registered is not None:  # a stream that ends leaves nothing on the shared future
+                self._registered.remove_done_callback(self._wake)
+
+    async def _wait(self, read: asyncio.Future[Any]) -> None:
+        """Until `read` is done or the feed publishes (debounced). Not asyncio.wait: that removes
+        its callback from the shared publish future whenever the read wins, a scan of every
+        stream's callback, so a change to N streams cost O(N^2). Here each stream registers on
+        each publish future once and leaves it there until it fires (or the stream ends)."""
+        changed = self.feed.next_publish(self.debounce_s)
+        if changed.done() or read.done():
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        if self._registered is not changed:
+            changed.add_done_callback(self._wake)
+            self._registered = changed
+        if self._read_registered is not read:
+            read.add_done_callback(self._wake)
+            self._read_registered = read
+        await self._waiter
+
+    def _wake(self, _: asyncio.Future[Any]) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 def _rejections(request: discovery_pb2.StreamSnapshotsRequest) -> tuple[Rejection, ...]:
