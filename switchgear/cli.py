@@ -709,10 +709,6 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--serve-tls-client-ca", help="require callers' certificates signed by this CA (mutual TLS)")
     ag.add_argument("--agent-token-file", help="file holding the control plane's agent token (its <db>.agent-token; "
                                                "else $SWITCHGEAR_AGENT_TOKEN)")
-    ag.add_argument("--snapshot-delivery", choices=("delta", "whole"), default="delta",
-                    help="'delta': ask the control plane for what changed since the version held (whole "
-                         "snapshots when it does not know that version); 'whole': every snapshot in full "
-                         "(default: %(default)s)")
     ag.add_argument("--tls-ca", help="verify the control plane's TLS certificate with this CA (PEM)")
     ag.add_argument("--tls-cert", help="client certificate for mutual TLS with the control plane (PEM)")
     ag.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
@@ -735,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_arguments(ag)
     add_managed_arguments(ag)
     add_door_arguments(ag)
+    ag.add_argument("--snapshot-delivery", choices=("delta", "whole"), default="delta",
+                    help="'delta': ask the control plane for what changed since the version held (whole "
+                         "snapshots when it does not know that version); 'whole': every snapshot in full "
+                         "(default: %(default)s)")
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)

@@ -270,7 +270,10 @@ class _Stream:
                 else:
                     self._release()
                 read = read or asyncio.ensure_future(anext(incoming))
-                await self._wait(read)
+                if self.pending_nonce:
+                    await asyncio.wait((read,))  # nothing else can be sent before the answer
+                else:
+                    await self._wait(read)
                 if read.done():
                     try:
                         request = read.result()
