@@ -313,6 +313,9 @@ class _Stream:
 def _rejections(request: discovery_pb2.StreamSnapshotsRequest) -> tuple[Rejection, ...]:
     """What the agent says it did not apply, bounded: at most MAX_REJECTIONS entries of at most
     MAX_REJECTION_TEXT characters per field are kept (an agent cannot fill the tracker)."""
+    if not request.rejected_services:  # the common case, once per agent per change
+        return ()
+
     def cut(text: str) -> str:
         return text[:MAX_REJECTION_TEXT]
 
