@@ -87,6 +87,8 @@ def test_a_delta_agent_ends_where_a_whole_snapshot_agent_does(plane: Plane) -> N
     admin.DeregisterService(admin_pb2.DeregisterServiceRequest(name="c"), timeout=10)
     version = admin.RegisterService(admin_pb2.RegisterServiceRequest(service=chat("d")), timeout=10).version
     wait_until(lambda: plane.all_acked(version), f"both agents to ACK {version}")
+    agents = admin.ListAgents(admin_pb2.ListAgentsRequest(), timeout=5).agents
+    assert {a.node.id: a.snapshot_delivery for a in agents} == {"delta-1": "delta", "whole-1": "whole"}
     assert plane.models("delta-1") == plane.models("whole-1")
     assert [m for m, _ in plane.models("delta-1")] == ["a", "b", "d", "llm"]  # llm: the category route
     delta_log = next(p for p in plane.procs if p.name == "delta-1").log_path.read_text(encoding="utf-8")

@@ -96,6 +96,7 @@ async def test_agents_not_asking_or_at_an_unknown_version_get_whole_snapshots(
     await forged.ack(response)
     await wait_for(lambda: status(cp, "forged-1").acked_version == response.version_info)
 
+    assert (status(cp, "whole-1").delivery, status(cp, "forged-1").delivery) == ("whole", "delta")  # ListAgents
     cp.registry.register(service("more", "http://127.0.0.1:12/v1"), "test")
     to_whole, to_forged = await whole.read(), await forged.read()
     assert to_whole.HasField("snapshot") and sorted(s.name for s in to_whole.snapshot.services) == ["chat", "more"]

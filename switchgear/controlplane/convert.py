@@ -302,6 +302,7 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
         last_seen=timestamp(status.last_seen),
         replica=status.replica,
         rejected_services=[rejection_to_proto(r) for r in status.rejections],
+        snapshot_delivery=status.delivery,
     )
     if status.last_nack is not None:
         msg.last_nack.CopyFrom(

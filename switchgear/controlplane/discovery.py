@@ -171,8 +171,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         node = convert.node_from_proto(first.node)
         report_token = self._sessions.open(node.id)
         await context.send_initial_metadata(((REPORT_TOKEN_HEADER, report_token),))
-        self._tracker.connected(node, context.peer(), first.version_info, _rejections(first))
         delta = first.delivery == discovery_pb2.SNAPSHOT_DELIVERY_DELTA
+        self._tracker.connected(node, context.peer(), first.version_info, _rejections(first),
+                                "delta" if delta else "whole")
         log.info("agent %s connected from %s holding %r (%s snapshots)", node.id, context.peer(),
                  first.version_info[:200], "delta" if delta else "whole")
         stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes, delta)
