@@ -29,7 +29,6 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -203,7 +202,6 @@ class _Stream:
         self.pending_version = ""
         self._waiter: asyncio.Future[None] | None = None
         self._registered: asyncio.Future[None] | None = None  # the publish future _wake is on
-        self._read_registered: asyncio.Future[Any] | None = None
 
     def _next(self) -> bytes | None:
         current = self.feed.current.version
@@ -258,10 +256,12 @@ class _Stream:
         return not (self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current))
 
     async def run(self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]) -> AsyncIterator[bytes]:
-        incoming = aiter(requests)
-        read: asyncio.Task[discovery_pb2.StreamSnapshotsRequest] | None = None
+        """Pushes from here; the answers are read by one reader task for the stream's life (not a
+        task per message), which wakes this loop after each."""
+        reader = asyncio.ensure_future(self._read(requests))
+        reader.add_done_callback(self._wake)
         try:
-            while True:
+            while not reader.done():
                 if self._wants() and not self.holding and self._large():
                     await self.pushes.acquire()  # bounded large pushes fleet-wide
                     self.holding = True
@@ -270,43 +270,39 @@ class _Stream:
                     yield response
                 else:
                     self._release()
-                read = read or asyncio.ensure_future(anext(incoming))
-                if self.pending_nonce:
-                    await asyncio.wait((read,))  # nothing else can be sent before the answer
-                else:
-                    await self._wait(read)
-                if read.done():
-                    try:
-                        request = read.result()
-                    except StopAsyncIteration:
-                        return
-                    read = None
-                    self._answer(request)
+                await self._wait(reader)
+            reader.result()  # the reader's error, if any, ends the stream with it
         finally:
             self._release()
-            if read is not None:
-                read.cancel()
+            reader.cancel()
             if self._registered is not None:  # a stream that ends leaves nothing on the shared future
                 self._registered.remove_done_callback(self._wake)
 
-    async def _wait(self, read: asyncio.Future[Any]) -> None:
-        """Until `read` is done or the feed publishes (debounced). Not asyncio.wait: that removes
-        its callback from the shared publish future whenever the read wins, a scan of every
-        stream's callback, so a change to N streams cost O(N^2). Here each stream registers on
-        each publish future once and leaves it there until it fires (or the stream ends)."""
-        changed = self.feed.next_publish(self.debounce_s)
-        if changed.done() or read.done():
+    async def _read(self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]) -> None:
+        async for request in requests:
+            self._answer(request)
+            self._wake(None)
+
+    async def _wait(self, reader: asyncio.Future[None]) -> None:
+        """Until an answer was read, the stream ended or the feed publishes (debounced; not while
+        a push is unanswered: nothing else can be sent before its answer). Not asyncio.wait: that
+        removes its callback from the shared publish future whenever the other side wins, a scan
+        of every stream's callback, so a change to N streams cost O(N^2). Here each stream
+        registers on each publish future once and leaves it there until it fires (or the
+        stream ends)."""
+        if reader.done():
             return
         self._waiter = asyncio.get_running_loop().create_future()
-        if self._registered is not changed:
-            changed.add_done_callback(self._wake)
-            self._registered = changed
-        if self._read_registered is not read:
-            read.add_done_callback(self._wake)
-            self._read_registered = read
+        if not self.pending_nonce:
+            changed = self.feed.next_publish(self.debounce_s)
+            if changed.done():
+                return
+            if self._registered is not changed:
+                changed.add_done_callback(self._wake)
+                self._registered = changed
         await self._waiter
 
-    def _wake(self, _: asyncio.Future[Any]) -> None:
+    def _wake(self, _: object) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
