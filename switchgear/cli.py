@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished attempts in the window before an endpoint is scored (default 10)")
     cp.add_argument("--no-probes", action="store_true", help="disable active health checks")
     cp.add_argument("--max-concurrent-pushes", type=int, default=256,
-                    help="snapshots unanswered at once across all agents (bounds a reconnect storm)")
+                    help="large snapshots (64 KiB or more) unanswered at once across all agents (bounds a "
+                         "reconnect storm; deltas and small snapshots are not held back)")
     cp.add_argument("--delta-history", type=_delta_history, default=64, metavar="N",
                     help="versions whose changes are remembered for agents that take deltas: an agent "
                          "further behind gets the whole snapshot (0 to 4096, default: %(default)s)")
