@@ -207,6 +207,7 @@ class Converted:
     rejections: tuple[Rejection, ...] = ()
     own: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
     candidates: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
+    routes: Routes = field(default_factory=lambda: MappingProxyType({}))
 
 
 def convert_snapshot(
@@ -259,21 +260,23 @@ def convert_delta(msg: discovery_pb2.SnapshotDelta, version: str, adapters: Mapp
         services.pop(name, None)
         if name in base.services:
             services[name] = base.services[name]
-    converted = _assembled(version, services, fresh, rejected, base.services, settings)
+    converted = _assembled(version, services, fresh, rejected, base.services, settings, held.routes)
     return dataclasses.replace(converted, snapshot=dataclasses.replace(converted.snapshot, governance=base.governance))
 
 
 def _assembled(version: str, services: dict[str, ServiceView], fresh: Mapping[str, ServiceView],
                rejected: dict[str, SnapshotError], previous: Mapping[str, ServiceView],
-               settings: AgentSettings) -> Converted:
+               settings: AgentSettings, reuse: Routes | None = None) -> Converted:
     """The applied services (fallbacks checked; `fresh`: the views that passed their own checks),
-    their category routes, and the rejections."""
+    their category routes (`reuse`: the base's, see _routes), and the rejections."""
     _drop_dangling_fallbacks(services, rejected, previous)
     own = MappingProxyType(dict(services))
-    services.update(category_routes(services))
+    routes = _routes(services, reuse)
+    services.update({category: route for category, (_, route, _) in routes.items()})
     return Converted(AgentSnapshot(version=version, services=MappingProxyType(services), settings=settings),
                      tuple(Rejection(name, error) for name, error in rejected.items()), own,
-                     MappingProxyType({name: fresh[name] for name in rejected if name in fresh}))
+                     MappingProxyType({name: fresh[name] for name in rejected if name in fresh}),
+                     MappingProxyType(routes))
 
 
 def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
@@ -283,28 +286,66 @@ def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceVie
     and its endpoint's health and priority (else the service's); its id is "<service>.<endpoint>"
     and `source_service` names the service. None for a
     category with fewer than ROUTE_MIN_SERVICES such services, or whose name a service takes."""
-    routes: dict[str, ServiceView] = {}
+    return {category: route for category, (_, route, _) in _routes(services).items()}
+
+
+#: One member's part of a category route: its endpoints as route targets, and their target views.
+_Part = tuple[tuple[EndpointView, ...], tuple[tuple[str, TargetView], ...]]
+#: A category route as built: its member views, the route, and each member's part by name (with
+#: the member view it was made from), for the next delta to reuse.
+Route = tuple[tuple[ServiceView, ...], ServiceView, Mapping[str, tuple[ServiceView, _Part]]]
+Routes = Mapping[str, Route]
+
+
+def _routes(services: Mapping[str, ServiceView], reuse: Routes | None = None) -> dict[str, Route]:
+    """category_routes, built with what `reuse` (the base snapshot's routes) already holds: a
+    route whose member views are all the very ones it was built from is taken as it was, and a
+    member whose view is unchanged keeps its part (rebuilding the "llm" route over 10,000
+    services was most of a one-service delta's apply)."""
+    routes: dict[str, Route] = {}
     for category in checks.ROUTE_CATEGORIES:
-        members = sorted((s for s in services.values() if s.category == category and not s.unsupported),
-                         key=lambda s: s.name)
+        members = tuple(sorted((s for s in services.values() if s.category == category and not s.unsupported),
+                               key=lambda s: s.name))
         if len(members) < checks.ROUTE_MIN_SERVICES or category in services:
             continue
-        endpoints: list[EndpointView] = []
-        targets: dict[str, TargetView] = {}
-        for member in members:
-            for e in member.endpoints:
-                ident = f"{member.name}.{e.id}"
-                endpoints.append(EndpointView(
-                    id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
-                    max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
-                    pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
-                    tags=e.tags, provider=e.provider, source_service=member.name))
-                targets[ident] = member.target(e)  # the member's own view, shared
-        shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
-        routes[category] = ServiceView(name=category, category=category, protocol=members[0].protocol,
-                                       endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
-                                       targets=MappingProxyType(targets))
+        old = reuse.get(category) if reuse else None
+        if old is not None and len(old[0]) == len(members) and all(
+                a is b for a, b in zip(old[0], members, strict=True)):
+            routes[category] = old
+            continue
+        routes[category] = _route(category, members, old[2] if old is not None else {})
     return routes
+
+
+def _route(category: str, members: tuple[ServiceView, ...], parts: Mapping[str, tuple[ServiceView, _Part]]) -> Route:
+    endpoints: list[EndpointView] = []
+    targets: dict[str, TargetView] = {}
+    built: dict[str, tuple[ServiceView, _Part]] = {}
+    for member in members:
+        hit = parts.get(member.name)
+        part = hit[1] if hit is not None and hit[0] is member else _part(member)
+        built[member.name] = (member, part)
+        endpoints.extend(part[0])
+        targets.update(part[1])
+    shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
+    route = ServiceView(name=category, category=category, protocol=members[0].protocol,
+                        endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
+                        targets=MappingProxyType(targets))
+    return members, route, MappingProxyType(built)
+
+
+def _part(member: ServiceView) -> _Part:
+    endpoints: list[EndpointView] = []
+    targets: list[tuple[str, TargetView]] = []
+    for e in member.endpoints:
+        ident = f"{member.name}.{e.id}"
+        endpoints.append(EndpointView(
+            id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
+            max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
+            pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+            tags=e.tags, provider=e.provider, source_service=member.name))
+        targets.append((ident, member.target(e)))  # the member's own view, shared
+    return tuple(endpoints), tuple(targets)
 
 
 def _drop_dangling_fallbacks(
