@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import grpc
 import pytest
 
-from switchgear.controlplane.model import ApiKey, Tenant
-from switchgear.controlplane.store import Change
+from switchgear.controlplane.agents import AgentTracker
+from switchgear.controlplane.discovery import BOUNDED_PUSH_BYTES, DiscoveryServicer, SnapshotFeed, add_to_server
+from switchgear.controlplane.model import ApiKey, Category, EndpointSpec, RegistryState, ServiceSpec, Tenant
+from switchgear.controlplane.registry import Registry
+from switchgear.controlplane.store import Change, SqliteStore
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 from tests.conftest import ControlPlane, service
 from tests.test_discovery_stream import READ_TIMEOUT_S, FakeAgent, channel, status, wait_for
@@ -196,3 +200,40 @@ async def test_the_grpc_stub_still_reads_responses(channel: grpc.aio.Channel, co
     await call.write(discovery_pb2.StreamSnapshotsRequest(node=discovery_pb2.Node(id="n-1"), delivery=DELTA))
     response = await asyncio.wait_for(call.read(), READ_TIMEOUT_S)
     assert len(response.nonce) == 16 and response.snapshot.version == response.version_info
+
+
+async def test_only_large_pushes_wait_for_a_slot_of_the_push_bound(tmp_path: Path) -> None:
+    """--max-concurrent-pushes 1: a second whole snapshot of a large registry waits for the first
+    one's answer; a small delta to a third agent does not."""
+    store = SqliteStore(tmp_path / "r.db")
+    registry = Registry(store)
+    registry.replace(RegistryState(services=tuple(  # a whole snapshot above BOUNDED_PUSH_BYTES
+        ServiceSpec(f"svc-{i:04d}", Category.LLM, "openai", (EndpointSpec("e", f"http://127.0.0.1:{10000 + i}/v1"),))
+        for i in range(1500))), "test", "test")
+    feed = SnapshotFeed(registry.snapshot)
+    registry.subscribe(feed.publish)
+    server = grpc.aio.server()
+    add_to_server(DiscoveryServicer(feed, AgentTracker(), debounce_s=0.0, max_concurrent_pushes=1), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert len(feed.body(None)[0]) >= BOUNDED_PUSH_BYTES
+            small = DeltaAgent(ch, "small")
+            await small.hello(held=registry.snapshot.version)  # holds the current version
+            first, second = DeltaAgent(ch, "first"), DeltaAgent(ch, "second")
+            await first.hello()
+            large = await first.read()  # holds the one slot, unanswered
+            await second.hello()
+            registry.register(service("svc-0000", "http://127.0.0.1:9999/v1"), "test")  # a change
+            delta = await small.read()
+            assert delta.HasField("delta") and len(delta.SerializeToString()) < BOUNDED_PUSH_BYTES
+            pending = asyncio.ensure_future(second.call.read())
+            done, _ = await asyncio.wait({pending}, timeout=0.3)
+            assert not done  # the second whole snapshot waits for the slot ...
+            await first.ack(large)
+            response = await asyncio.wait_for(pending, READ_TIMEOUT_S)  # ... until the first is answered
+            assert response.HasField("snapshot")
+    finally:
+        await server.stop(None)
+        store.close()
