@@ -99,8 +99,10 @@ class WireAgent:
             try:
                 await self._stream(address, token, connected, on_ack)
                 return
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
                 self.reconnects += 1
+                if os.environ.get("DELTA_BENCH_DEBUG") and self.reconnects == 1:
+                    print(f"{self.name}: {exc.code().name} {exc.details()}", file=sys.stderr, flush=True)
                 await asyncio.sleep(random.uniform(0.05, 0.5))
 
     async def _stream(self, address: str, token: str, connected: asyncio.Event, on_ack: object) -> None:
