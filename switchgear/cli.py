@@ -69,7 +69,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         db_path=args.db, listen=args.listen, config_path=args.config, metrics_listen=args.metrics_listen,
         monitoring_overrides=overrides, health_blackout_s=args.health_blackout,
         health_min_requests=args.health_min_requests, active_probes=not args.no_probes,
-        max_concurrent_pushes=args.max_concurrent_pushes,
+        max_concurrent_pushes=args.max_concurrent_pushes, delta_history=args.delta_history,
         task_lease_ttl_s=args.task_lease_ttl, task_aging_interval_s=args.task_aging_interval,
         admin_auth=args.admin_auth == "token", admin_token_file=args.admin_token_file,
         agent_auth=args.agent_auth == "token", agent_token_file=args.agent_token_file,
@@ -90,6 +90,12 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         print(f"switchgear controlplane: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _delta_history(text: str) -> int:
+    if not text.isdigit() or int(text) > 4096:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 4096, got {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -153,7 +159,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         max_json_depth=args.max_json_depth,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
-        control_plane_token=token, serve_tls=_serve_tls(args),
+        control_plane_token=token, snapshot_delivery=args.snapshot_delivery, serve_tls=_serve_tls(args),
         managed=managed_resources(args), managed_log_dir=args.managed_log_dir,
         managed_allow=tuple(args.managed_allow), managed_host=args.managed_host,
         managed_docker=args.managed_docker,
@@ -619,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished attempts in the window before an endpoint is scored (default 10)")
     cp.add_argument("--no-probes", action="store_true", help="disable active health checks")
     cp.add_argument("--max-concurrent-pushes", type=int, default=256,
-                    help="snapshots unanswered at once across all agents (bounds a reconnect storm)")
+                    help="large snapshots (64 KiB or more) unanswered at once across all agents (bounds a "
+                         "reconnect storm; deltas and small snapshots are not held back)")
+    cp.add_argument("--delta-history", type=_delta_history, default=64, metavar="N",
+                    help="versions whose changes are remembered for agents that take deltas: an agent "
+                         "further behind gets the whole snapshot (0 to 4096, default: %(default)s)")
     cp.add_argument("--task-lease-ttl", type=float, default=10.0, metavar="S",
                     help="seconds a task lease lasts without a heartbeat (default: %(default)s)")
     cp.add_argument("--task-aging-interval", type=float, default=60.0, metavar="S",
@@ -728,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_arguments(ag)
     add_managed_arguments(ag)
     add_door_arguments(ag)
+    ag.add_argument("--snapshot-delivery", choices=("delta", "whole"), default="delta",
+                    help="'delta': ask the control plane for what changed since the version held (whole "
+                         "snapshots when it does not know that version); 'whole': every snapshot in full "
+                         "(default: %(default)s)")
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)

@@ -165,11 +165,12 @@ def rejections_rows(reply: Any) -> list[tuple[str, ...]]:
 
 def agents_rows(reply: Any) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [("NODE", "CONNECTED", "ACKED", "NACKED", "PENDING", "PEER", "REPLICA",
-                                    "LAST_SEEN", "REJECTED")]
+                                    "LAST_SEEN", "REJECTED", "DELIVERY")]
     for a in reply.agents:
         rejected = ", ".join(r.service for r in a.rejected_services) or "-"
         rows.append((a.node.id, "yes" if a.connected else "no", a.acked_version or "-", a.nacked_version or "-",
-                     a.pending_version or "-", a.peer or "-", a.replica or "-", when(a.last_seen), rejected))
+                     a.pending_version or "-", a.peer or "-", a.replica or "-", when(a.last_seen), rejected,
+                     a.snapshot_delivery or "-"))
     return rows
 
 

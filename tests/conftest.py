@@ -24,10 +24,11 @@ from switchgear.controlplane import pg
 from switchgear.controlplane.admin import AdminServicer
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
+from switchgear.controlplane.discovery import add_to_server as add_discovery_to_server
 from switchgear.controlplane.model import Category, EndpointSpec, FallbackConfig, ServiceSpec
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore, Store
-from switchgear.v1 import admin_pb2_grpc, discovery_pb2_grpc
+from switchgear.v1 import admin_pb2_grpc
 from tests.servers import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ class ControlPlane:
     tracker: AgentTracker
     address: str
     store: SqliteStore
+    feed: SnapshotFeed | None = None
 
 
 @pytest.fixture
@@ -74,14 +76,12 @@ async def control_plane(tmp_path: Path, debounce_s: float) -> AsyncIterator[Cont
     registry.subscribe(feed.publish)
     tracker = AgentTracker()
     server = grpc.aio.server()
-    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-        DiscoveryServicer(feed, tracker, debounce_s=debounce_s), server
-    )
+    add_discovery_to_server(DiscoveryServicer(feed, tracker, debounce_s=debounce_s), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(registry, tracker, {}), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield ControlPlane(registry, tracker, f"127.0.0.1:{port}", store)
+        yield ControlPlane(registry, tracker, f"127.0.0.1:{port}", store, feed)
     finally:
         await server.stop(None)
         store.close()

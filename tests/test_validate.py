@@ -483,5 +483,6 @@ def test_validation_is_pure_and_imports_no_io() -> None:
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    allowed = {"__future__", "json", "math", "re", "urllib.parse", "collections.abc", "dataclasses", "typing"}
+    allowed = {"__future__", "functools", "json", "math", "re", "urllib.parse", "collections.abc", "dataclasses",
+               "typing"}
     assert imported - allowed == {"switchgear.controlplane.model"}

@@ -51,6 +51,7 @@ class AgentStatus:
     last_seen: float
     replica: str = ""  # which control-plane replica the stream is on (replicas only)
     rejections: tuple[Rejection, ...] = ()  # of acked_version
+    delivery: str = ""  # "delta" or "whole": how its stream asked for snapshots
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _Agent:
     rejections: tuple[Rejection, ...] = ()
     connected_at: float = 0.0
     last_seen: float = 0.0
+    delivery: str = ""
 
 
 class AgentTracker:
@@ -79,13 +81,14 @@ class AgentTracker:
         self._agents: dict[str, _Agent] = {}
 
     def connected(
-        self, node: NodeInfo, peer: str, held_version: str, rejections: tuple[Rejection, ...] = ()
+        self, node: NodeInfo, peer: str, held_version: str, rejections: tuple[Rejection, ...] = (),
+        delivery: str = "whole",
     ) -> None:
         self._forget_gone()
         agent = self._agents.setdefault(node.id, _Agent(node=node))
         agent.node, agent.peer, agent.pending = node, peer, ""
         agent.streams += 1
-        agent.acked, agent.rejections = held_version, rejections
+        agent.acked, agent.rejections, agent.delivery = held_version, rejections, delivery
         agent.connected_at = agent.last_seen = self._clock()
 
     def disconnected(self, node_id: str) -> None:
@@ -139,4 +142,5 @@ class AgentTracker:
             connected_at=agent.connected_at,
             last_seen=agent.last_seen,
             rejections=agent.rejections,
+            delivery=agent.delivery,
         )

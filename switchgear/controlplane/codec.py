@@ -8,6 +8,7 @@ Supported field types: str, int, float, bool, Enum subclasses, nested frozen dat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import types
 import typing
@@ -43,6 +44,20 @@ def canonical_hash(obj: Any) -> str:
 
 def dumps(obj: Any) -> str:
     return orjson.dumps(to_jsonable(obj), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def dumps_memo(obj: Any) -> str:
+    """`dumps`, memoised per (immutable, hashable) item: a commit re-encodes only the items that
+    changed, not a 10,000-service registry each time (bench/controlplane)."""
+    try:
+        return _dumps_cached(obj)
+    except TypeError:  # an unhashable item: encode it every time
+        return dumps(obj)
+
+
+@functools.lru_cache(maxsize=32768)
+def _dumps_cached(obj: Any) -> str:
+    return dumps(obj)
 
 
 def loads(cls: type[T], text: str | bytes) -> T:

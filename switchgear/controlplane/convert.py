@@ -28,7 +28,7 @@ from switchgear.controlplane.model import (
     ServiceSpec,
     Settings,
 )
-from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Snapshot
+from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Changes, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
 from switchgear.v1 import admin_pb2, common_pb2, discovery_pb2
 
@@ -189,20 +189,49 @@ def snapshot_to_proto(snapshot: Snapshot) -> discovery_pb2.Snapshot:
         version=snapshot.version,
         # A managed service with no ready replica yet has no endpoint: not served until it has.
         services=[_cached_service_proto(s) for s in snapshot.state.services if s.endpoints],
-        settings=settings_to_proto(snapshot.state.settings),
+        settings=_served_settings(snapshot),
     )
     if overlay != EMPTY_OVERLAY:
         for service in msg.services:  # the snapshot's own copies: the cached messages stay clean
             _served(service, overlay)
-    if overlay.breaker_failure_threshold:
-        msg.settings.circuit_breaker.failure_threshold = overlay.breaker_failure_threshold
     tenants, keys = governance_for_snapshot(snapshot.state)
     msg.tenants.extend(tenants)
     msg.keys.extend(keys)
     return msg
 
 
-@functools.lru_cache(maxsize=4096)
+def delta_to_proto(snapshot: Snapshot, base: str, changes: Changes) -> discovery_pb2.SnapshotDelta:
+    """What an agent at version `base` needs to reach `snapshot` (discovery.proto SnapshotDelta):
+    the changed services as served (sorted by name), the removed ones by name, and the settings
+    and governance only when they changed."""
+    overlay = snapshot.overlay
+    specs = {s.name: s for s in snapshot.state.services if s.name in changes.changed}
+    msg = discovery_pb2.SnapshotDelta(version=snapshot.version, base_version=base,
+                                      services=[_cached_service_proto(specs[n]) for n in sorted(specs)],
+                                      removed_services=sorted(changes.removed))
+    if overlay != EMPTY_OVERLAY:
+        for service in msg.services:  # the delta's own copies: the cached messages stay clean
+            _served(service, overlay)
+    if changes.settings:
+        msg.settings.CopyFrom(_served_settings(snapshot))
+    if changes.governance:
+        tenants, keys = governance_for_snapshot(snapshot.state)
+        msg.governance.SetInParent()
+        msg.governance.tenants.extend(tenants)
+        msg.governance.keys.extend(keys)
+    return msg
+
+
+def _served_settings(snapshot: Snapshot) -> discovery_pb2.DataPlaneSettings:
+    msg = settings_to_proto(snapshot.state.settings)
+    if snapshot.overlay.breaker_failure_threshold:
+        msg.circuit_breaker.failure_threshold = snapshot.overlay.breaker_failure_threshold
+    return msg
+
+
+# Sized for a 10,000-service registry: a smaller cache than the registry re-converts every
+# service for each whole snapshot (least recently used goes first, and a whole snapshot walks all).
+@functools.lru_cache(maxsize=32768)
 def _cached_service_proto(spec: ServiceSpec) -> common_pb2.Service:
     """service_to_proto, memoised per (immutable, hashable) spec: a new version re-converts only
     the services that changed. The snapshot message copies it; never mutate the result."""
@@ -273,6 +302,7 @@ def agent_to_proto(status: AgentStatus) -> admin_pb2.AgentStatus:
         last_seen=timestamp(status.last_seen),
         replica=status.replica,
         rejected_services=[rejection_to_proto(r) for r in status.rejections],
+        snapshot_delivery=status.delivery,
     )
     if status.last_nack is not None:
         msg.last_nack.CopyFrom(

@@ -8,12 +8,19 @@ Protocol, per stream (see discovery.proto):
 - an answer with error_detail is a NACK: the version is remembered as rejected for that node;
 - every request lists the services of the version it names that the agent did not apply
   (per-resource rejections, version skew): they are recorded for ListAgents and ListServices;
-- a change to the registry wakes every stream, which waits `debounce_s` so a burst of changes
-  goes out as one snapshot;
-- at most `max_concurrent_pushes` snapshots are unanswered across all streams at once: a push
-  holds a slot from send until its ACK/NACK (or the stream's end), so when every agent
-  reconnects at once (a restarted control plane) the pushes go out in bounded waves instead
-  of a thundering herd of serialisations and buffers.
+- an agent that asked for deltas (delivery on its first request) is sent what changed since the
+  version it holds when the feed's change log still has that version, else the whole snapshot; a
+  NACK at RESYNC_PATH asks for the whole snapshot and rejects nothing. Each version's responses
+  are serialised once per base version and shared by every stream (the nonce is appended);
+- a change to the registry wakes every stream `debounce_s` after it (one timer for all), so a
+  burst of changes goes out as one snapshot;
+- at most `max_concurrent_pushes` large pushes (BOUNDED_PUSH_BYTES and more: whole snapshots of
+  a large registry) are unanswered across all streams at once: such a push holds a slot from
+  send until its ACK/NACK (or the stream's end), so when every agent reconnects at once (a
+  restarted control plane) the pushes go out in bounded waves instead of a thundering herd of
+  buffers. Smaller pushes (deltas, small registries) take no slot: at most one is unanswered
+  per stream and they are serialised once per version, so they are bounded by the stream count
+  times their size, and waves would only delay them (bench/controlplane/README.md).
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
 from switchgear.controlplane import convert
+from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.agent_auth import REPORT_TOKEN_HEADER, NodeSessions
 from switchgear.controlplane.agents import AgentTracker, Nack, Rejection
 from switchgear.controlplane.snapshot import Snapshot
@@ -37,46 +44,105 @@ log = logging.getLogger("switchgear.controlplane.discovery")
 #: Bounds on what one agent's rejection list may hold in the tracker (entries; characters).
 MAX_REJECTIONS = 1000
 MAX_REJECTION_TEXT = 1024
+#: Versions the control plane remembers what changed in (--delta-history): an agent at one of
+#: them gets a delta, an agent further behind the whole snapshot.
+DELTA_HISTORY = 64
+#: Pushes of at least this many bytes take a slot of --max-concurrent-pushes (module docstring).
+BOUNDED_PUSH_BYTES = 64 * 1024
+#: The NACK field path by which an agent says a delta's base is not the version it holds: asks
+#: for the whole snapshot and rejects nothing.
+RESYNC_PATH = "base_version"
 
 
 class SnapshotFeed:
-    """The current snapshot (and its wire form, built once per version) plus a change signal.
+    """The current snapshot, what changed in the last `history` versions, and the responses
+    agents are sent, each serialised once per version; plus a change signal.
+
+    `body(base)` is the response (nonce aside) for an agent at version `base` that asked for
+    deltas: a SnapshotDelta when `base` is in the change log, else the whole snapshot. The
+    bytes are shared by every agent at the same base (at most `history` + 1 per version), so a
+    change fans out as one serialisation, not one per agent.
 
     Use from the event loop only. `changed()` returns an event that is set on the next publish.
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, history: int = DELTA_HISTORY) -> None:
         self._current = snapshot
-        self._wire: discovery_pb2.Snapshot | None = None
+        self._served = snap.served_specs(snapshot)
+        self._log = snap.ChangeLog(history)
+        self._bodies: dict[str, bytes] = {}  # base version ("" = whole) -> response body, this version only
         self._changed = asyncio.Event()
         self._published: asyncio.Future[None] | None = None
+        self._debounce_s = 0.0
 
     @property
     def current(self) -> Snapshot:
         return self._current
 
-    def wire(self) -> discovery_pb2.Snapshot:
-        if self._wire is None or self._wire.version != self._current.version:
-            self._wire = convert.snapshot_to_proto(self._current)
-        return self._wire
+    def body(self, base: str | None) -> tuple[bytes, bool]:
+        """The serialised response for an agent at `base` (None: one that wants whole snapshots),
+        and whether it is a delta. Bounded memory: only bases found in the log are kept."""
+        if base and base in self._bodies:
+            return self._bodies[base], True
+        changes = self._log.since(base, self._served) if base else None
+        response = discovery_pb2.StreamSnapshotsResponse(version_info=self._current.version)
+        if changes is None or base is None:
+            if "" not in self._bodies:
+                response.snapshot.CopyFrom(convert.snapshot_to_proto(self._current))
+                self._bodies[""] = response.SerializeToString()
+            return self._bodies[""], False
+        response.delta.CopyFrom(convert.delta_to_proto(self._current, base, changes))
+        self._bodies[base] = response.SerializeToString()
+        return self._bodies[base], True
 
     def publish(self, snapshot: Snapshot) -> None:
+        if snapshot.version != self._current.version:
+            served = snap.served_specs(snapshot)
+            self._log.record(self._current.version, snap.served_changes(self._current, snapshot, self._served, served))
+            self._served = served
+            self._bodies = {}
         self._current = snapshot
         event, self._changed = self._changed, asyncio.Event()
         event.set()
         published, self._published = self._published, None
         if published is not None and not published.done():
-            published.set_result(None)
+            if self._debounce_s > 0:
+                published.get_loop().call_later(self._debounce_s, _resolve, published)
+            else:
+                published.set_result(None)
 
     def changed(self) -> asyncio.Event:
         return self._changed
 
-    def next_publish(self) -> asyncio.Future[None]:
-        """A future done at the next publish, shared by every waiter (never cancel it): one
-        future per version instead of a task per stream per wake-up (bench/controlplane)."""
+    def next_publish(self, debounce_s: float = 0.0) -> asyncio.Future[None]:
+        """A future done `debounce_s` after the next publish, shared by every waiter (never
+        cancel it): one future and one timer per version instead of a task and a sleep per
+        stream per wake-up (bench/controlplane). The first caller's `debounce_s` holds."""
         if self._published is None:
             self._published = asyncio.get_running_loop().create_future()
+            self._debounce_s = debounce_s
         return self._published
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _serialise(response: discovery_pb2.StreamSnapshotsResponse | bytes) -> bytes:
+    """Responses go out as bytes already (a shared body and the stream's nonce, concatenated:
+    protobuf merges concatenated messages); a message is serialised as usual."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: DiscoveryServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` as the generated add_DiscoveryServiceServicer_to_server does, with a
+    serialiser that passes the stream's pre-serialised responses through."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamSnapshots, request_deserializer=discovery_pb2.StreamSnapshotsRequest.FromString,
+        response_serializer=_serialise)
+    name = discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"StreamSnapshots": handler}),))
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
@@ -94,7 +160,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self,
         request_iterator: AsyncIterator[discovery_pb2.StreamSnapshotsRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[discovery_pb2.StreamSnapshotsResponse]:
+    ) -> AsyncIterator[bytes]:
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
@@ -104,9 +170,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         node = convert.node_from_proto(first.node)
         report_token = self._sessions.open(node.id)
         await context.send_initial_metadata(((REPORT_TOKEN_HEADER, report_token),))
-        self._tracker.connected(node, context.peer(), first.version_info, _rejections(first))
-        log.info("agent %s connected from %s holding %r", node.id, context.peer(), first.version_info)
-        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes)
+        delta = first.delivery == discovery_pb2.SNAPSHOT_DELIVERY_DELTA
+        self._tracker.connected(node, context.peer(), first.version_info, _rejections(first),
+                                "delta" if delta else "whole")
+        log.info("agent %s connected from %s holding %r (%s snapshots)", node.id, context.peer(),
+                 first.version_info[:200], "delta" if delta else "whole")
+        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes, delta)
         try:
             async for response in stream.run(request_iterator):
                 yield response
@@ -119,31 +188,42 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 class _Stream:
     def __init__(
         self, node_id: str, held: str, feed: SnapshotFeed, tracker: AgentTracker, debounce_s: float,
-        pushes: asyncio.Semaphore | None = None,
+        pushes: asyncio.Semaphore | None = None, delta: bool = False,
     ) -> None:
         self.pushes = pushes or asyncio.Semaphore(1)
         self.holding = False
         self.node_id = node_id
         self.held = held
+        self.delta = delta  # the agent asked for deltas (and has not asked to resynchronise since)
         self.feed = feed
         self.tracker = tracker
         self.debounce_s = debounce_s
         self.pending_nonce = ""
         self.pending_version = ""
+        self._waiter: asyncio.Future[None] | None = None
+        self._registered: asyncio.Future[None] | None = None  # the publish future _wake is on
 
-    def _next(self) -> discovery_pb2.StreamSnapshotsResponse | None:
+    def _next(self) -> bytes | None:
         current = self.feed.current.version
         if self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current):
             return None
         self.pending_nonce, self.pending_version = secrets.token_hex(8), current
         self.tracker.sent(self.node_id, current)
-        return discovery_pb2.StreamSnapshotsResponse(
-            version_info=current, nonce=self.pending_nonce, snapshot=self.feed.wire()
-        )
+        body, _ = self.feed.body(self.held if self.delta else None)
+        nonce: bytes = discovery_pb2.StreamSnapshotsResponse(nonce=self.pending_nonce).SerializeToString()
+        return body + nonce
 
     def _answer(self, request: discovery_pb2.StreamSnapshotsRequest) -> None:
         if not self.pending_nonce or request.response_nonce != self.pending_nonce:
             log.debug("agent %s: stale nonce %r ignored", self.node_id, request.response_nonce)
+            return
+        if request.HasField("error_detail") and request.error_detail.field_path == RESYNC_PATH:
+            # Not a rejection: the agent holds another version than the delta's base; it gets
+            # the whole snapshot next (always safe), and deltas again after it.
+            log.warning("agent %s asked to resynchronise (holding %r)", self.node_id, request.version_info[:200])
+            self.held = ""
+            self.pending_nonce = self.pending_version = ""
+            self._release()
             return
         if request.HasField("error_detail"):
             detail = request.error_detail
@@ -166,47 +246,73 @@ class _Stream:
             self.holding = False
             self.pushes.release()
 
+    def _large(self) -> bool:
+        """Whether the next push takes a slot of the fleet-wide bound (module docstring)."""
+        body, _ = self.feed.body(self.held if self.delta else None)
+        return len(body) >= BOUNDED_PUSH_BYTES
+
     def _wants(self) -> bool:
         current = self.feed.current.version
         return not (self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current))
 
-    async def run(
-        self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]
-    ) -> AsyncIterator[discovery_pb2.StreamSnapshotsResponse]:
-        incoming = aiter(requests)
-        read: asyncio.Task[discovery_pb2.StreamSnapshotsRequest] | None = None
+    async def run(self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]) -> AsyncIterator[bytes]:
+        """Pushes from here; the answers are read by one reader task for the stream's life (not a
+        task per message), which wakes this loop after each."""
+        reader = asyncio.ensure_future(self._read(requests))
+        reader.add_done_callback(self._wake)
         try:
-            while True:
-                if self._wants() and not self.holding:
-                    await self.pushes.acquire()  # bounded pushes fleet-wide
+            while not reader.done():
+                if self._wants() and not self.holding and self._large():
+                    await self.pushes.acquire()  # bounded large pushes fleet-wide
                     self.holding = True
                 response = self._next()
                 if response is not None:
                     yield response
                 else:
                     self._release()
-                changed = self.feed.next_publish()
-                read = read or asyncio.ensure_future(anext(incoming))
-                waiters: set[asyncio.Future[Any]] = {changed, read}
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                if read in done:
-                    try:
-                        request = read.result()
-                    except StopAsyncIteration:
-                        return
-                    read = None
-                    self._answer(request)
-                elif self.debounce_s > 0:
-                    await asyncio.sleep(self.debounce_s)  # coalesce a burst of changes
+                await self._wait(reader)
+            reader.result()  # the reader's error, if any, ends the stream with it
         finally:
             self._release()
-            if read is not None:
-                read.cancel()
+            reader.cancel()
+            if self._registered is not None:  # a stream that ends leaves nothing on the shared future
+                self._registered.remove_done_callback(self._wake)
+
+    async def _read(self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]) -> None:
+        async for request in requests:
+            self._answer(request)
+            self._wake(None)
+
+    async def _wait(self, reader: asyncio.Future[None]) -> None:
+        """Until an answer was read, the stream ended or the feed publishes (debounced; not while
+        a push is unanswered: nothing else can be sent before its answer). Not asyncio.wait: that
+        removes its callback from the shared publish future whenever the other side wins, a scan
+        of every stream's callback, so a change to N streams cost O(N^2). Here each stream
+        registers on each publish future once and leaves it there until it fires (or the
+        stream ends)."""
+        if reader.done():
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        if not self.pending_nonce:
+            changed = self.feed.next_publish(self.debounce_s)
+            if changed.done():
+                return
+            if self._registered is not changed:
+                changed.add_done_callback(self._wake)
+                self._registered = changed
+        await self._waiter
+
+    def _wake(self, _: object) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 def _rejections(request: discovery_pb2.StreamSnapshotsRequest) -> tuple[Rejection, ...]:
     """What the agent says it did not apply, bounded: at most MAX_REJECTIONS entries of at most
     MAX_REJECTION_TEXT characters per field are kept (an agent cannot fill the tracker)."""
+    if not request.rejected_services:  # the common case, once per agent per change
+        return ()
+
     def cut(text: str) -> str:
         return text[:MAX_REJECTION_TEXT]
 

@@ -51,6 +51,7 @@ from switchgear.controlplane.config import ConfigError, load_config, read_config
 from switchgear.controlplane.console import Console, ConsoleOptions, build_console
 from switchgear.controlplane.container_manager import ContainerManager
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
+from switchgear.controlplane.discovery import add_to_server as add_discovery_to_server
 from switchgear.controlplane.governance import GovernanceServicer
 from switchgear.controlplane.health import HealthParams
 from switchgear.controlplane.leader import LeaderElection
@@ -83,7 +84,6 @@ from switchgear.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     discovery_pb2,
-    discovery_pb2_grpc,
     governance_pb2,
     governance_pb2_grpc,
     loadreport_pb2,
@@ -123,6 +123,7 @@ class Options:
     active_probes: bool = True
     monitor_tick_s: float | None = None  # None: half the report interval, within 0.1-1 s
     max_concurrent_pushes: int = 256
+    delta_history: int = 64  # versions whose changes are kept for delta delivery (discovery.py)
     # Task scheduler (controlplane/tasks): lease TTL and aging interval, seconds.
     task_lease_ttl_s: float = 10.0
     task_aging_interval_s: float = 60.0
@@ -233,7 +234,7 @@ def _parts(options: Options) -> _Parts:
     registry = Registry(store)
     if options.config_path:
         apply_startup_config(registry, options.config_path, os.environ)
-    feed = SnapshotFeed(registry.snapshot)
+    feed = SnapshotFeed(registry.snapshot, options.delta_history)
     registry.subscribe(feed.publish)
     collector = Collector()
     probe_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
@@ -354,7 +355,7 @@ def build_control_plane(options: Options) -> ControlPlane:
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=_interceptors(options, parts))
     governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
         GovernanceServicer(parts.registry, parts.usage.book, usage_source=parts.usage.current), server)
-    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+    add_discovery_to_server(
         DiscoveryServicer(parts.feed, parts.tracker, debounce_s=options.debounce_s,
                           max_concurrent_pushes=options.max_concurrent_pushes, sessions=parts.sessions), server)
     loadreport_pb2_grpc.add_LoadReportingServiceServicer_to_server(parts.loadreports, server)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections import deque
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 from switchgear.controlplane import codec
-from switchgear.controlplane.model import RegistryState
+from switchgear.controlplane.model import RegistryState, ServiceSpec
 
 
 @dataclass(frozen=True)
@@ -168,3 +170,78 @@ def diff(old: RegistryState, new: RegistryState) -> Diff:
         changed=tuple(sorted(n for n in after.keys() & before.keys() if after[n] != before[n])),
         removed=tuple(sorted(before.keys() - after.keys())),
     )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What agents see change between two versions: services (by name) added or changed in what
+    they are served (spec, health, weights, alert actions), services no longer served, and
+    whether the settings or the tenants-and-keys changed (each one whole resource)."""
+
+    changed: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+    settings: bool = False
+    governance: bool = False
+
+    def then(self, later: Changes, served: Container[str]) -> Changes:
+        """These changes followed by `later`, sorted out against what is `served` at the end: a
+        name touched by either is changed when served now, else removed."""
+        touched = self.changed | self.removed | later.changed | later.removed
+        return Changes(frozenset(n for n in touched if n in served), frozenset(n for n in touched if n not in served),
+                       self.settings or later.settings, self.governance or later.governance)
+
+
+def served_specs(snapshot: Snapshot) -> dict[str, ServiceSpec]:
+    """The services agents are sent (a managed service with no ready replica has no endpoint
+    and is not served until it has), by name."""
+    return {s.name: s for s in snapshot.state.services if s.endpoints}
+
+
+def served_changes(old: Snapshot, new: Snapshot, before: Mapping[str, ServiceSpec] | None = None,
+                   after: Mapping[str, ServiceSpec] | None = None) -> Changes:
+    """What changed for agents from `old` to `new` (`before` / `after`: their served_specs, when
+    the caller has them). A service changes when its spec does or when the overlay's entries for
+    it (its endpoints' weights and health, its alert actions) do; unchanged specs are usually the
+    same objects, so the common case costs one identity test per service."""
+    before = served_specs(old) if before is None else before
+    after = served_specs(new) if after is None else after
+    same_overlay = old.overlay is new.overlay or old.overlay == new.overlay
+    changed = frozenset(
+        name for name, spec in after.items()
+        if (prev := before.get(name)) is None or (prev is not spec and prev != spec)
+        or (not same_overlay and _overlaid(old.overlay, prev) != _overlaid(new.overlay, spec))
+    )
+    return Changes(
+        changed=changed,
+        removed=frozenset(before.keys() - after.keys()),
+        settings=old.state.settings != new.state.settings
+        or old.overlay.breaker_failure_threshold != new.overlay.breaker_failure_threshold,
+        governance=old.state.tenants != new.state.tenants or old.state.keys != new.state.keys,
+    )
+
+
+def _overlaid(overlay: Overlay, spec: ServiceSpec) -> tuple[object, ...]:
+    """The overlay's entries that bear on one service as served."""
+    return (overlay.service(spec.name), *(overlay.endpoint(spec.name, e.id) for e in spec.endpoints))
+
+
+class ChangeLog:
+    """The last `capacity` version steps and what changed in each: enough to tell an agent at a
+    recent version what changed since, with no state per agent. Bounded: the oldest step goes
+    when a new one comes. Not thread-safe (the event loop's feed owns it)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._steps: deque[tuple[str, Changes]] = deque(maxlen=max(0, capacity))  # (from version, changes)
+
+    def record(self, base: str, changes: Changes) -> None:
+        self._steps.append((base, changes))
+
+    def since(self, version: str, served: Container[str]) -> Changes | None:
+        """Everything that changed after `version` up to the newest step (sorted out against
+        what is `served` now); None when `version` is not a step's start (too old, unknown)."""
+        total: Changes | None = None
+        for base, changes in reversed(self._steps):
+            total = changes if total is None else changes.then(total, served)
+            if base == version:
+                return total.then(Changes(), served)
+        return None

@@ -150,7 +150,7 @@ class Store(Protocol):
 def collection_rows(state: RegistryState) -> dict[str, dict[str, str]]:
     """The state's model collections as stored: table -> {item key: item JSON}."""
     return {
-        table: {getattr(item, key): codec.dumps(item) for item in getattr(state, attribute)}
+        table: {getattr(item, key): codec.dumps_memo(item) for item in getattr(state, attribute)}
         for table, attribute, key in _COLLECTIONS
     }
 

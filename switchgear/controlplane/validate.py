@@ -12,6 +12,7 @@ Identifiers (service names, endpoint ids, category and metadata keys) are echoed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -660,6 +661,20 @@ def _check_route_clash(services: tuple[ServiceSpec, ...]) -> Iterator[Problem]:
                           f"{category.value} services; rename the service")
 
 
+def _service_problems(spec: ServiceSpec) -> tuple[Problem, ...]:
+    """validate_service, memoised per (immutable, hashable) spec: a change to one service of
+    10,000 re-checks that one (bench/controlplane)."""
+    try:
+        return _cached_service_problems(spec)
+    except TypeError:  # an unhashable spec: check it every time
+        return tuple(validate_service(spec))
+
+
+@functools.lru_cache(maxsize=32768)
+def _cached_service_problems(spec: ServiceSpec) -> tuple[Problem, ...]:
+    return tuple(validate_service(spec))
+
+
 def validate_state(state: RegistryState) -> list[Problem]:
     """Every service and settings rule, plus the rules across services.
 
@@ -667,7 +682,7 @@ def validate_state(state: RegistryState) -> list[Problem]:
     """
     problems: list[Problem] = []
     for spec in state.services:
-        problems.extend(p.under(f"services[{spec.name}]") for p in validate_service(spec))
+        problems.extend(p.under(f"services[{spec.name}]") for p in _service_problems(spec))
     problems.extend(p.under("settings") for p in validate_settings(state.settings))
     for rule in (_check_duplicates, _check_fallback_names, _check_fallback_cycles, _check_route_clash):
         problems.extend(rule(state.services))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from switchgear.adapters.base import Adapter
-from switchgear.dataplane.convert import Rejection, SnapshotError, convert_snapshot
+from switchgear.dataplane.convert import Converted, Rejection, SnapshotError, convert_delta, convert_snapshot
 from switchgear.dataplane.convert_governance import governance_from_proto
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, without_health_verdicts
 from switchgear.tls import ClientTls, aio_channel
@@ -41,6 +41,10 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
+
+#: --snapshot-delivery: how the agent asks for snapshots (discovery.proto): "delta", what changed
+#: since the version held when the control plane still knows it (else whole); "whole", always all.
+DELIVERIES = {"delta": discovery_pb2.SNAPSHOT_DELIVERY_DELTA, "whole": discovery_pb2.SNAPSHOT_DELIVERY_WHOLE}
 
 #: Response header of the snapshot stream: the token this node's load reports carry (the control
 #: plane's agent_auth.py: reports are bound to the node's own snapshot stream).
@@ -84,10 +88,14 @@ class Backoff:
 
 
 class Applier:
-    """Turns a snapshot message into the agent's view and swaps it in, or reports why not.
+    """Turns a snapshot message (whole, or a delta onto the one held) into the agent's view and
+    swaps it in, or reports why not.
 
     Per service (see convert.convert_snapshot): `rejections` lists the services of the version
     held that were not applied; the ACK, a NACK and a reconnect's first request all carry them.
+    A delta applies only onto the snapshot this applier made last (convert.convert_delta); after
+    any other swap (expired health verdicts) it is refused at "base_version", which asks the
+    control plane for the whole snapshot.
     """
 
     def __init__(
@@ -99,14 +107,20 @@ class Applier:
         self._holder = holder
         self._adapters = adapters
         self._on_applied = on_applied
+        self._held: Converted | None = None  # what the last apply made: a delta's base
         self.rejections: tuple[Rejection, ...] = ()
 
     def apply(self, response: discovery_pb2.StreamSnapshotsResponse) -> SnapshotError | None:
         held = self._holder.current
         try:
-            converted = convert_snapshot(
-                response.snapshot, response.version_info, self._adapters, held.services if held else {})
-            governance = governance_from_proto(response.snapshot.tenants, response.snapshot.keys)
+            if response.HasField("delta"):
+                converted = self._delta(response.delta, response.version_info)
+                governance = (governance_from_proto(response.delta.governance.tenants, response.delta.governance.keys)
+                              if response.delta.HasField("governance") else converted.snapshot.governance)
+            else:
+                converted = convert_snapshot(
+                    response.snapshot, response.version_info, self._adapters, held.services if held else {})
+                governance = governance_from_proto(response.snapshot.tenants, response.snapshot.keys)
         except SnapshotError as exc:
             return exc
         new = dataclasses.replace(converted.snapshot, governance=governance)
@@ -114,7 +128,14 @@ class Applier:
             log.warning("snapshot %s: service %r not applied (%s)", new.version, rejection.service, rejection.error)
         self.rejections = converted.rejections
         self.swap(new)
+        self._held = dataclasses.replace(converted, snapshot=new)
         return None
+
+    def _delta(self, delta: discovery_pb2.SnapshotDelta, version: str) -> Converted:
+        base, held = self._holder.current, self._held
+        if base is None or held is None:
+            raise SnapshotError("base_version", "a delta, but this agent holds no snapshot")
+        return convert_delta(delta, version, self._adapters, base, held)
 
     def swap(self, new: AgentSnapshot) -> None:
         """Make `new` what requests see, and tell the agent's routing and resilience."""
@@ -135,9 +156,13 @@ class SnapshotClient:
         clock: Callable[[], float] = time.monotonic,
         tls: ClientTls | None = None,
         token: str | None = None,
+        delivery: str = "delta",
     ) -> None:
         if not addresses:
             raise ValueError("at least one control-plane address is required")
+        if delivery not in DELIVERIES:
+            raise ValueError(f"snapshot delivery must be one of {', '.join(DELIVERIES)}, not {delivery!r}")
+        self._delivery = DELIVERIES[delivery]
         self._addresses = list(addresses)
         self._tls = tls
         self._token = token  # the agent token, sent on every call (None: mTLS or no agent auth)
@@ -196,7 +221,8 @@ class SnapshotClient:
         async with aio_channel(address, self._tls, CHANNEL_OPTIONS) as channel:
             call = discovery_pb2_grpc.DiscoveryServiceStub(channel).StreamSnapshots(metadata=bearer(self._token))
             await call.write(discovery_pb2.StreamSnapshotsRequest(
-                node=self._node, version_info=self._holder.version, rejected_services=self._rejected()))
+                node=self._node, version_info=self._holder.version, rejected_services=self._rejected(),
+                delivery=self._delivery))
             headers = dict(await call.initial_metadata() or ())
             if headers.get(REPORT_TOKEN_HEADER):  # absent when the call was refused
                 self.session = StreamSession(address, str(headers[REPORT_TOKEN_HEADER]))
@@ -222,7 +248,8 @@ class SnapshotClient:
     def _answer(self, response: discovery_pb2.StreamSnapshotsResponse) -> discovery_pb2.StreamSnapshotsRequest:
         error = self._applier.apply(response)
         if error is None:
-            log.info("applied snapshot %s", response.version_info)
+            log.info("applied snapshot %s (%s)", response.version_info,
+                     f"delta onto {response.delta.base_version}" if response.HasField("delta") else "whole")
             return discovery_pb2.StreamSnapshotsRequest(
                 version_info=response.version_info, response_nonce=response.nonce,
                 rejected_services=self._rejected(),

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -197,10 +197,17 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Converted:
-    """What an agent applies of a snapshot, and the services it rejected (snapshot order)."""
+    """What an agent applies of a snapshot, and the services it rejected (snapshot order).
+
+    For a later delta: `own` is the snapshot's services without the category routes built over
+    them, and `candidates` the views of rejected services that passed their own checks and were
+    rejected only for a fallback absent at this version (taken when it comes back)."""
 
     snapshot: AgentSnapshot
     rejections: tuple[Rejection, ...] = ()
+    own: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
+    candidates: Mapping[str, ServiceView] = field(default_factory=lambda: _NO_SERVICES)
+    routes: Routes = field(default_factory=lambda: MappingProxyType({}))
 
 
 def convert_snapshot(
@@ -215,14 +222,61 @@ def convert_snapshot(
     checks.check_version(msg, version)
     checked = checks.check_services(msg.services, adapters)
     services = {name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()}
+    fresh = dict(services)
     rejected = dict(checked.rejected)
     services.update({name: previous[name] for name in rejected if name in previous and name not in services})
+    return _assembled(version, services, fresh, rejected, previous, _settings(msg.settings))
+
+
+def convert_delta(msg: discovery_pb2.SnapshotDelta, version: str, adapters: Mapping[str, Adapter],
+                  base: AgentSnapshot, held: Converted) -> Converted:
+    """A delta applied onto `base`, the snapshot `held` describes: the result `convert_snapshot`
+    gives for the whole snapshot of `version` with `base` as the previous one. Changed services
+    are checked one by one as there; an unchanged one keeps its view (the same checks would
+    pass it again), a rejection for its content stands until it changes or goes, and one for
+    an absent fallback is decided again. Raises SnapshotError for the version, the base
+    ("base_version": not the version held, so the delta cannot apply) and the settings."""
+    if not version:
+        raise SnapshotError("version_info", "required")
+    if msg.version and msg.version != version:
+        raise SnapshotError("delta.version", f"{msg.version!r} differs from version_info {version!r}")
+    if msg.base_version != base.version or held.snapshot is not base:
+        raise SnapshotError("base_version", f"the delta applies onto {msg.base_version[:200]!r}, "
+                            f"not the version held {base.version[:200]!r}")
+    settings = _settings(msg.settings) if msg.HasField("settings") else base.settings
+    checked = checks.check_services(msg.services, adapters)
+    removed = frozenset(msg.removed_services)
+    touched = {*checked.accepted, *checked.rejected, *removed}
+    held_rejected = {r.service: r.error for r in held.rejections}
+    services = {name: view for name, view in held.own.items() if name not in removed}
+    fresh = {name: view for name, view in services.items() if name not in held_rejected}
+    fresh.update((name, view) for name, view in held.candidates.items() if name not in touched)
+    fresh.update({name: _service(svc, options, adapters) for name, (svc, options) in checked.accepted.items()})
+    fresh = {name: view for name, view in fresh.items() if name not in checked.rejected}
+    services.update(fresh)
+    rejected = {name: error for name, error in held_rejected.items() if name not in touched and name not in fresh}
+    rejected.update(checked.rejected)
+    for name in checked.rejected:  # kept as it was in the base, where it was (else absent)
+        services.pop(name, None)
+        if name in base.services:
+            services[name] = base.services[name]
+    converted = _assembled(version, services, fresh, rejected, base.services, settings, held.routes)
+    return dataclasses.replace(converted, snapshot=dataclasses.replace(converted.snapshot, governance=base.governance))
+
+
+def _assembled(version: str, services: dict[str, ServiceView], fresh: Mapping[str, ServiceView],
+               rejected: dict[str, SnapshotError], previous: Mapping[str, ServiceView],
+               settings: AgentSettings, reuse: Routes | None = None) -> Converted:
+    """The applied services (fallbacks checked; `fresh`: the views that passed their own checks),
+    their category routes (`reuse`: the base's, see _routes), and the rejections."""
     _drop_dangling_fallbacks(services, rejected, previous)
-    services.update(category_routes(services))
-    return Converted(
-        AgentSnapshot(version=version, services=MappingProxyType(services), settings=_settings(msg.settings)),
-        tuple(Rejection(name, error) for name, error in rejected.items()),
-    )
+    own = MappingProxyType(dict(services))
+    routes = _routes(services, reuse)
+    services.update({category: route for category, (_, route, _) in routes.items()})
+    return Converted(AgentSnapshot(version=version, services=MappingProxyType(services), settings=settings),
+                     tuple(Rejection(name, error) for name, error in rejected.items()), own,
+                     MappingProxyType({name: fresh[name] for name in rejected if name in fresh}),
+                     MappingProxyType(routes))
 
 
 def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceView]:
@@ -232,28 +286,66 @@ def category_routes(services: Mapping[str, ServiceView]) -> dict[str, ServiceVie
     and its endpoint's health and priority (else the service's); its id is "<service>.<endpoint>"
     and `source_service` names the service. None for a
     category with fewer than ROUTE_MIN_SERVICES such services, or whose name a service takes."""
-    routes: dict[str, ServiceView] = {}
+    return {category: route for category, (_, route, _) in _routes(services).items()}
+
+
+#: One member's part of a category route: its endpoints as route targets, and their target views.
+_Part = tuple[tuple[EndpointView, ...], tuple[tuple[str, TargetView], ...]]
+#: A category route as built: its member views, the route, and each member's part by name (with
+#: the member view it was made from), for the next delta to reuse.
+Route = tuple[tuple[ServiceView, ...], ServiceView, Mapping[str, tuple[ServiceView, _Part]]]
+Routes = Mapping[str, Route]
+
+
+def _routes(services: Mapping[str, ServiceView], reuse: Routes | None = None) -> dict[str, Route]:
+    """category_routes, built with what `reuse` (the base snapshot's routes) already holds: a
+    route whose member views are all the very ones it was built from is taken as it was, and a
+    member whose view is unchanged keeps its part (rebuilding the "llm" route over 10,000
+    services was most of a one-service delta's apply)."""
+    routes: dict[str, Route] = {}
     for category in checks.ROUTE_CATEGORIES:
-        members = sorted((s for s in services.values() if s.category == category and not s.unsupported),
-                         key=lambda s: s.name)
+        members = tuple(sorted((s for s in services.values() if s.category == category and not s.unsupported),
+                               key=lambda s: s.name))
         if len(members) < checks.ROUTE_MIN_SERVICES or category in services:
             continue
-        endpoints: list[EndpointView] = []
-        targets: dict[str, TargetView] = {}
-        for member in members:
-            for e in member.endpoints:
-                ident = f"{member.name}.{e.id}"
-                endpoints.append(EndpointView(
-                    id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
-                    max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
-                    pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
-                    tags=e.tags, provider=e.provider, source_service=member.name))
-                targets[ident] = member.target(e)  # the member's own view, shared
-        shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
-        routes[category] = ServiceView(name=category, category=category, protocol=members[0].protocol,
-                                       endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
-                                       targets=MappingProxyType(targets))
+        old = reuse.get(category) if reuse else None
+        if old is not None and len(old[0]) == len(members) and all(
+                a is b for a, b in zip(old[0], members, strict=True)):
+            routes[category] = old
+            continue
+        routes[category] = _route(category, members, old[2] if old is not None else {})
     return routes
+
+
+def _route(category: str, members: tuple[ServiceView, ...], parts: Mapping[str, tuple[ServiceView, _Part]]) -> Route:
+    endpoints: list[EndpointView] = []
+    targets: dict[str, TargetView] = {}
+    built: dict[str, tuple[ServiceView, _Part]] = {}
+    for member in members:
+        hit = parts.get(member.name)
+        part = hit[1] if hit is not None and hit[0] is member else _part(member)
+        built[member.name] = (member, part)
+        endpoints.extend(part[0])
+        targets.update(part[1])
+    shared = frozenset(members[0].capabilities).intersection(*(m.capabilities for m in members[1:]))
+    route = ServiceView(name=category, category=category, protocol=members[0].protocol,
+                        endpoints=tuple(endpoints), capabilities=tuple(sorted(shared)),
+                        targets=MappingProxyType(targets))
+    return members, route, MappingProxyType(built)
+
+
+def _part(member: ServiceView) -> _Part:
+    endpoints: list[EndpointView] = []
+    targets: list[tuple[str, TargetView]] = []
+    for e in member.endpoints:
+        ident = f"{member.name}.{e.id}"
+        endpoints.append(EndpointView(
+            id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
+            max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
+            pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+            tags=e.tags, provider=e.provider, source_service=member.name))
+        targets.append((ident, member.target(e)))  # the member's own view, shared
+    return tuple(endpoints), tuple(targets)
 
 
 def _drop_dangling_fallbacks(

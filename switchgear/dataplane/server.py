@@ -98,6 +98,7 @@ class Options:
     # token every call to it carries (None: the client certificate is the credential).
     control_plane_tls: ClientTls | None = None
     control_plane_token: str | None = None
+    snapshot_delivery: str = "delta"  # --snapshot-delivery: "delta" or "whole" (client.py DELIVERIES)
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
     redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
@@ -357,7 +358,8 @@ def build_agent(options: Options) -> Agent:
     pool, health_servicer = ClientPool(), health.aio.HealthServicer()
     readiness = _Readiness(router, resilience, pool, health_servicer)
     client = SnapshotClient(options.control_planes, node, holder, Applier(holder, adapters, readiness.applied),
-                            tls=options.control_plane_tls, token=options.control_plane_token)
+                            tls=options.control_plane_tls, token=options.control_plane_token,
+                            delivery=options.snapshot_delivery)
     return _build_calls(options, _Core(node, holder, observed, health_servicer, pool, client, router, resilience,
                                        readiness), adapters)
 

@@ -101,7 +101,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen", "replica", "rejected_services")
+    __slots__ = ("node", "connected", "peer", "acked_version", "nacked_version", "last_nack", "pending_version", "connected_at", "last_seen", "replica", "rejected_services", "snapshot_delivery")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class AgentStatus(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_DELIVERY_FIELD_NUMBER: _ClassVar[int]
     node: _discovery_pb2.Node
     connected: bool
     peer: str
@@ -124,7 +125,8 @@ class AgentStatus(_message.Message):
     last_seen: _timestamp_pb2.Timestamp
     replica: str
     rejected_services: _containers.RepeatedCompositeFieldContainer[_discovery_pb2.ServiceRejection]
-    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., rejected_services: _Optional[_Iterable[_Union[_discovery_pb2.ServiceRejection, _Mapping]]] = ...) -> None: ...
+    snapshot_delivery: str
+    def __init__(self, node: _Optional[_Union[_discovery_pb2.Node, _Mapping]] = ..., connected: _Optional[bool] = ..., peer: _Optional[str] = ..., acked_version: _Optional[str] = ..., nacked_version: _Optional[str] = ..., last_nack: _Optional[_Union[_discovery_pb2.NackDetail, _Mapping]] = ..., pending_version: _Optional[str] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., rejected_services: _Optional[_Iterable[_Union[_discovery_pb2.ServiceRejection, _Mapping]]] = ..., snapshot_delivery: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "current_version")

@@ -27,7 +27,7 @@ from switchgear.v1 import common_pb2 as switchgear_dot_v1_dot_common__pb2
 from switchgear.v1 import governance_pb2 as switchgear_dot_v1_dot_governance__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchgear/v1/discovery.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1aswitchgear/v1/common.proto\x1a\x1eswitchgear/v1/governance.proto\"\xb0\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x15\n\rbuild_version\x18\x03 \x01(\t\x12\x11\n\tprotocols\x18\x04 \x03(\t\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.switchgear.v1.Node.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\nNackDetail\x12\x12\n\nfield_path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd6\x01\n\x16StreamSnapshotsRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\x12:\n\x11rejected_services\x18\x05 \x03(\x0b\x32\x1f.switchgear.v1.ServiceRejection\"T\n\x10ServiceRejection\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x02 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\"i\n\x17StreamSnapshotsResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12)\n\x08snapshot\x18\x03 \x01(\x0b\x32\x17.switchgear.v1.Snapshot\"\xc9\x01\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12(\n\x08services\x18\x02 \x03(\x0b\x32\x16.switchgear.v1.Service\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .switchgear.v1.DataPlaneSettings\x12&\n\x07tenants\x18\x04 \x03(\x0b\x32\x15.switchgear.v1.Tenant\x12&\n\x04keys\x18\x05 \x03(\x0b\x32\x18.switchgear.v1.KeyDigest\"\x99\x01\n\x0bRetryPolicy\x12\x13\n\x0bmax_retries\x18\x01 \x01(\r\x12\x18\n\x10\x62\x61\x63koff_strategy\x18\x02 \x01(\t\x12-\n\nbase_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmax_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"3\n\x16\x43ircuitBreakerSettings\x12\x19\n\x11\x66\x61ilure_threshold\x18\x01 \x01(\r\"\x9b\x01\n\rCacheSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x32\n\x03ttl\x18\x02 \x03(\x0b\x32%.switchgear.v1.CacheSettings.TtlEntry\x1a\x45\n\x08TtlEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration:\x02\x38\x01\"\x89\x03\n\x0e\x43\x61tegoryPolicy\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x1c\n\x14max_cost_per_request\x18\x02 \x01(\x01\x12\x18\n\x10min_success_rate\x18\x03 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x15\x61ttempt_timeout_floor\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x17\x61ttempt_timeout_ceiling\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x61ttempt_timeout_factor\x18\x08 \x01(\x01\x12\x1a\n\x12hedge_min_priority\x18\t \x01(\r\x12\x1a\n\x12overload_threshold\x18\n \x01(\x01\x12\x1b\n\x13underload_threshold\x18\x0b \x01(\x01\"\xa5\x05\n\x11\x44\x61taPlaneSettings\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x01 \x01(\t\x12\x30\n\x0cretry_policy\x18\x02 \x01(\x0b\x32\x1a.switchgear.v1.RetryPolicy\x12>\n\x0f\x63ircuit_breaker\x18\x03 \x01(\x0b\x32%.switchgear.v1.CircuitBreakerSettings\x12+\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x1c.switchgear.v1.CacheSettings\x12\x37\n\x14health_check_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12Q\n\x11\x63\x61tegory_policies\x18\x06 \x03(\x0b\x32\x36.switchgear.v1.DataPlaneSettings.CategoryPoliciesEntry\x12\x32\n\x0f\x64\x65\x66\x61ult_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12O\n\x10preset_responses\x18\x10 \x03(\x0b\x32\x35.switchgear.v1.DataPlaneSettings.PresetResponsesEntry\x12\x36\n\x13\x64iscovery_cache_ttl\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x1aV\n\x15\x43\x61tegoryPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.switchgear.v1.CategoryPolicy:\x02\x38\x01\x1a\x36\n\x14PresetResponsesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32x\n\x10\x44iscoveryService\x12\x64\n\x0fStreamSnapshots\x12%.switchgear.v1.StreamSnapshotsRequest\x1a&.switchgear.v1.StreamSnapshotsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchgear/v1/discovery.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1aswitchgear/v1/common.proto\x1a\x1eswitchgear/v1/governance.proto\"\xb0\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x15\n\rbuild_version\x18\x03 \x01(\t\x12\x11\n\tprotocols\x18\x04 \x03(\t\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.switchgear.v1.Node.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\nNackDetail\x12\x12\n\nfield_path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x02\n\x16StreamSnapshotsRequest\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.switchgear.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\x12:\n\x11rejected_services\x18\x05 \x03(\x0b\x32\x1f.switchgear.v1.ServiceRejection\x12\x31\n\x08\x64\x65livery\x18\x06 \x01(\x0e\x32\x1f.switchgear.v1.SnapshotDelivery\"T\n\x10ServiceRejection\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x02 \x01(\x0b\x32\x19.switchgear.v1.NackDetail\"\x96\x01\n\x17StreamSnapshotsResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12)\n\x08snapshot\x18\x03 \x01(\x0b\x32\x17.switchgear.v1.Snapshot\x12+\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1c.switchgear.v1.SnapshotDelta\"\xe5\x01\n\rSnapshotDelta\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12(\n\x08services\x18\x03 \x03(\x0b\x32\x16.switchgear.v1.Service\x12\x18\n\x10removed_services\x18\x04 \x03(\t\x12\x32\n\x08settings\x18\x05 \x01(\x0b\x32 .switchgear.v1.DataPlaneSettings\x12\x35\n\ngovernance\x18\x06 \x01(\x0b\x32!.switchgear.v1.SnapshotGovernance\"d\n\x12SnapshotGovernance\x12&\n\x07tenants\x18\x01 \x03(\x0b\x32\x15.switchgear.v1.Tenant\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.switchgear.v1.KeyDigest\"\xc9\x01\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12(\n\x08services\x18\x02 \x03(\x0b\x32\x16.switchgear.v1.Service\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .switchgear.v1.DataPlaneSettings\x12&\n\x07tenants\x18\x04 \x03(\x0b\x32\x15.switchgear.v1.Tenant\x12&\n\x04keys\x18\x05 \x03(\x0b\x32\x18.switchgear.v1.KeyDigest\"\x99\x01\n\x0bRetryPolicy\x12\x13\n\x0bmax_retries\x18\x01 \x01(\r\x12\x18\n\x10\x62\x61\x63koff_strategy\x18\x02 \x01(\t\x12-\n\nbase_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmax_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"3\n\x16\x43ircuitBreakerSettings\x12\x19\n\x11\x66\x61ilure_threshold\x18\x01 \x01(\r\"\x9b\x01\n\rCacheSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x32\n\x03ttl\x18\x02 \x03(\x0b\x32%.switchgear.v1.CacheSettings.TtlEntry\x1a\x45\n\x08TtlEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration:\x02\x38\x01\"\x89\x03\n\x0e\x43\x61tegoryPolicy\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x1c\n\x14max_cost_per_request\x18\x02 \x01(\x01\x12\x18\n\x10min_success_rate\x18\x03 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x15\x61ttempt_timeout_floor\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x17\x61ttempt_timeout_ceiling\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x61ttempt_timeout_factor\x18\x08 \x01(\x01\x12\x1a\n\x12hedge_min_priority\x18\t \x01(\r\x12\x1a\n\x12overload_threshold\x18\n \x01(\x01\x12\x1b\n\x13underload_threshold\x18\x0b \x01(\x01\"\xa5\x05\n\x11\x44\x61taPlaneSettings\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x01 \x01(\t\x12\x30\n\x0cretry_policy\x18\x02 \x01(\x0b\x32\x1a.switchgear.v1.RetryPolicy\x12>\n\x0f\x63ircuit_breaker\x18\x03 \x01(\x0b\x32%.switchgear.v1.CircuitBreakerSettings\x12+\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x1c.switchgear.v1.CacheSettings\x12\x37\n\x14health_check_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12Q\n\x11\x63\x61tegory_policies\x18\x06 \x03(\x0b\x32\x36.switchgear.v1.DataPlaneSettings.CategoryPoliciesEntry\x12\x32\n\x0f\x64\x65\x66\x61ult_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12O\n\x10preset_responses\x18\x10 \x03(\x0b\x32\x35.switchgear.v1.DataPlaneSettings.PresetResponsesEntry\x12\x36\n\x13\x64iscovery_cache_ttl\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x1aV\n\x15\x43\x61tegoryPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.switchgear.v1.CategoryPolicy:\x02\x38\x01\x1a\x36\n\x14PresetResponsesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*o\n\x10SnapshotDelivery\x12!\n\x1dSNAPSHOT_DELIVERY_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_DELIVERY_WHOLE\x10\x01\x12\x1b\n\x17SNAPSHOT_DELIVERY_DELTA\x10\x02\x32x\n\x10\x44iscoveryService\x12\x64\n\x0fStreamSnapshots\x12%.switchgear.v1.StreamSnapshotsRequest\x1a&.switchgear.v1.StreamSnapshotsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATAPLANESETTINGS_CATEGORYPOLICIESENTRY']._serialized_options = b'8\001'
   _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._loaded_options = None
   _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._serialized_options = b'8\001'
+  _globals['_SNAPSHOTDELIVERY']._serialized_start=2858
+  _globals['_SNAPSHOTDELIVERY']._serialized_end=2969
   _globals['_NODE']._serialized_start=141
   _globals['_NODE']._serialized_end=317
   _globals['_NODE_METADATAENTRY']._serialized_start=270
@@ -49,29 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NACKDETAIL']._serialized_start=319
   _globals['_NACKDETAIL']._serialized_end=368
   _globals['_STREAMSNAPSHOTSREQUEST']._serialized_start=371
-  _globals['_STREAMSNAPSHOTSREQUEST']._serialized_end=585
-  _globals['_SERVICEREJECTION']._serialized_start=587
-  _globals['_SERVICEREJECTION']._serialized_end=671
-  _globals['_STREAMSNAPSHOTSRESPONSE']._serialized_start=673
-  _globals['_STREAMSNAPSHOTSRESPONSE']._serialized_end=778
-  _globals['_SNAPSHOT']._serialized_start=781
-  _globals['_SNAPSHOT']._serialized_end=982
-  _globals['_RETRYPOLICY']._serialized_start=985
-  _globals['_RETRYPOLICY']._serialized_end=1138
-  _globals['_CIRCUITBREAKERSETTINGS']._serialized_start=1140
-  _globals['_CIRCUITBREAKERSETTINGS']._serialized_end=1191
-  _globals['_CACHESETTINGS']._serialized_start=1194
-  _globals['_CACHESETTINGS']._serialized_end=1349
-  _globals['_CACHESETTINGS_TTLENTRY']._serialized_start=1280
-  _globals['_CACHESETTINGS_TTLENTRY']._serialized_end=1349
-  _globals['_CATEGORYPOLICY']._serialized_start=1352
-  _globals['_CATEGORYPOLICY']._serialized_end=1745
-  _globals['_DATAPLANESETTINGS']._serialized_start=1748
-  _globals['_DATAPLANESETTINGS']._serialized_end=2425
-  _globals['_DATAPLANESETTINGS_CATEGORYPOLICIESENTRY']._serialized_start=2283
-  _globals['_DATAPLANESETTINGS_CATEGORYPOLICIESENTRY']._serialized_end=2369
-  _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._serialized_start=2371
-  _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._serialized_end=2425
-  _globals['_DISCOVERYSERVICE']._serialized_start=2427
-  _globals['_DISCOVERYSERVICE']._serialized_end=2547
+  _globals['_STREAMSNAPSHOTSREQUEST']._serialized_end=636
+  _globals['_SERVICEREJECTION']._serialized_start=638
+  _globals['_SERVICEREJECTION']._serialized_end=722
+  _globals['_STREAMSNAPSHOTSRESPONSE']._serialized_start=725
+  _globals['_STREAMSNAPSHOTSRESPONSE']._serialized_end=875
+  _globals['_SNAPSHOTDELTA']._serialized_start=878
+  _globals['_SNAPSHOTDELTA']._serialized_end=1107
+  _globals['_SNAPSHOTGOVERNANCE']._serialized_start=1109
+  _globals['_SNAPSHOTGOVERNANCE']._serialized_end=1209
+  _globals['_SNAPSHOT']._serialized_start=1212
+  _globals['_SNAPSHOT']._serialized_end=1413
+  _globals['_RETRYPOLICY']._serialized_start=1416
+  _globals['_RETRYPOLICY']._serialized_end=1569
+  _globals['_CIRCUITBREAKERSETTINGS']._serialized_start=1571
+  _globals['_CIRCUITBREAKERSETTINGS']._serialized_end=1622
+  _globals['_CACHESETTINGS']._serialized_start=1625
+  _globals['_CACHESETTINGS']._serialized_end=1780
+  _globals['_CACHESETTINGS_TTLENTRY']._serialized_start=1711
+  _globals['_CACHESETTINGS_TTLENTRY']._serialized_end=1780
+  _globals['_CATEGORYPOLICY']._serialized_start=1783
+  _globals['_CATEGORYPOLICY']._serialized_end=2176
+  _globals['_DATAPLANESETTINGS']._serialized_start=2179
+  _globals['_DATAPLANESETTINGS']._serialized_end=2856
+  _globals['_DATAPLANESETTINGS_CATEGORYPOLICIESENTRY']._serialized_start=2714
+  _globals['_DATAPLANESETTINGS_CATEGORYPOLICIESENTRY']._serialized_end=2800
+  _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._serialized_start=2802
+  _globals['_DATAPLANESETTINGS_PRESETRESPONSESENTRY']._serialized_end=2856
+  _globals['_DISCOVERYSERVICE']._serialized_start=2971
+  _globals['_DISCOVERYSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

@@ -4,12 +4,22 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from switchgear.v1 import common_pb2 as _common_pb2
 from switchgear.v1 import governance_pb2 as _governance_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SnapshotDelivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SNAPSHOT_DELIVERY_UNSPECIFIED: _ClassVar[SnapshotDelivery]
+    SNAPSHOT_DELIVERY_WHOLE: _ClassVar[SnapshotDelivery]
+    SNAPSHOT_DELIVERY_DELTA: _ClassVar[SnapshotDelivery]
+SNAPSHOT_DELIVERY_UNSPECIFIED: SnapshotDelivery
+SNAPSHOT_DELIVERY_WHOLE: SnapshotDelivery
+SNAPSHOT_DELIVERY_DELTA: SnapshotDelivery
 
 class Node(_message.Message):
     __slots__ = ("id", "zone", "build_version", "protocols", "metadata")
@@ -41,18 +51,20 @@ class NackDetail(_message.Message):
     def __init__(self, field_path: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StreamSnapshotsRequest(_message.Message):
-    __slots__ = ("node", "version_info", "response_nonce", "error_detail", "rejected_services")
+    __slots__ = ("node", "version_info", "response_nonce", "error_detail", "rejected_services", "delivery")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_INFO_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_NONCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_DETAIL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     node: Node
     version_info: str
     response_nonce: str
     error_detail: NackDetail
     rejected_services: _containers.RepeatedCompositeFieldContainer[ServiceRejection]
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ..., rejected_services: _Optional[_Iterable[_Union[ServiceRejection, _Mapping]]] = ...) -> None: ...
+    delivery: SnapshotDelivery
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version_info: _Optional[str] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ..., rejected_services: _Optional[_Iterable[_Union[ServiceRejection, _Mapping]]] = ..., delivery: _Optional[_Union[SnapshotDelivery, str]] = ...) -> None: ...
 
 class ServiceRejection(_message.Message):
     __slots__ = ("service", "error_detail")
@@ -63,14 +75,40 @@ class ServiceRejection(_message.Message):
     def __init__(self, service: _Optional[str] = ..., error_detail: _Optional[_Union[NackDetail, _Mapping]] = ...) -> None: ...
 
 class StreamSnapshotsResponse(_message.Message):
-    __slots__ = ("version_info", "nonce", "snapshot")
+    __slots__ = ("version_info", "nonce", "snapshot", "delta")
     VERSION_INFO_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     version_info: str
     nonce: str
     snapshot: Snapshot
-    def __init__(self, version_info: _Optional[str] = ..., nonce: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
+    delta: SnapshotDelta
+    def __init__(self, version_info: _Optional[str] = ..., nonce: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[SnapshotDelta, _Mapping]] = ...) -> None: ...
+
+class SnapshotDelta(_message.Message):
+    __slots__ = ("version", "base_version", "services", "removed_services", "settings", "governance")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    GOVERNANCE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    base_version: str
+    services: _containers.RepeatedCompositeFieldContainer[_common_pb2.Service]
+    removed_services: _containers.RepeatedScalarFieldContainer[str]
+    settings: DataPlaneSettings
+    governance: SnapshotGovernance
+    def __init__(self, version: _Optional[str] = ..., base_version: _Optional[str] = ..., services: _Optional[_Iterable[_Union[_common_pb2.Service, _Mapping]]] = ..., removed_services: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[DataPlaneSettings, _Mapping]] = ..., governance: _Optional[_Union[SnapshotGovernance, _Mapping]] = ...) -> None: ...
+
+class SnapshotGovernance(_message.Message):
+    __slots__ = ("tenants", "keys")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[_governance_pb2.Tenant]
+    keys: _containers.RepeatedCompositeFieldContainer[_governance_pb2.KeyDigest]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[_governance_pb2.Tenant, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[_governance_pb2.KeyDigest, _Mapping]]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("version", "services", "settings", "tenants", "keys")

@@ -40,6 +40,25 @@ class DiscoveryServiceStub:
     (or none, for one it never had), and lists them in rejected_services. So one service an
     agent cannot take (version skew) never blocks later, unrelated changes. The version, the
     settings and the tenants are taken whole: a problem there is a NACK.
+
+    Incremental (delta) delivery. An agent that sets delivery = SNAPSHOT_DELIVERY_DELTA on the
+    first request of a stream may be sent a SnapshotDelta instead of a whole Snapshot: what changed
+    between the version it holds (base_version) and the new one. Each service is a resource whose
+    version is the snapshot version at which it last changed (content, health or weights of its
+    endpoints, or an alert action on it); a delta carries every service changed since the base
+    (whole Service messages) and names every service removed since it. The settings, and the
+    tenants with their keys, are each one whole resource, present in a delta only when changed.
+    Applying a delta onto the base gives exactly what the whole snapshot of that version gives.
+    The control plane keeps a bounded log of recent versions (no per-agent state): when the base
+    is not in it (too old, an expired or forged version, a restarted or another control plane:
+    versions carry a content hash, so no two control planes share a version string for different
+    content) it sends a whole Snapshot instead; so does it to agents that did not ask for deltas.
+    ACK, NACK and nonces are as for whole snapshots; a delta's services are applied one by one
+    and rejections listed as above, where rejected_services of an ACK covers every service of the
+    version held (rejections carried over from earlier versions included). An agent whose held
+    version is not the delta's base_version NACKs with error_detail.field_path "base_version":
+    that is a request to resynchronise, not a rejection of the version, and the control plane
+    answers it with the whole snapshot.
     """
 
     def __init__(self, channel):
@@ -70,6 +89,25 @@ class DiscoveryServiceServicer:
     (or none, for one it never had), and lists them in rejected_services. So one service an
     agent cannot take (version skew) never blocks later, unrelated changes. The version, the
     settings and the tenants are taken whole: a problem there is a NACK.
+
+    Incremental (delta) delivery. An agent that sets delivery = SNAPSHOT_DELIVERY_DELTA on the
+    first request of a stream may be sent a SnapshotDelta instead of a whole Snapshot: what changed
+    between the version it holds (base_version) and the new one. Each service is a resource whose
+    version is the snapshot version at which it last changed (content, health or weights of its
+    endpoints, or an alert action on it); a delta carries every service changed since the base
+    (whole Service messages) and names every service removed since it. The settings, and the
+    tenants with their keys, are each one whole resource, present in a delta only when changed.
+    Applying a delta onto the base gives exactly what the whole snapshot of that version gives.
+    The control plane keeps a bounded log of recent versions (no per-agent state): when the base
+    is not in it (too old, an expired or forged version, a restarted or another control plane:
+    versions carry a content hash, so no two control planes share a version string for different
+    content) it sends a whole Snapshot instead; so does it to agents that did not ask for deltas.
+    ACK, NACK and nonces are as for whole snapshots; a delta's services are applied one by one
+    and rejections listed as above, where rejected_services of an ACK covers every service of the
+    version held (rejections carried over from earlier versions included). An agent whose held
+    version is not the delta's base_version NACKs with error_detail.field_path "base_version":
+    that is a request to resynchronise, not a rejection of the version, and the control plane
+    answers it with the whole snapshot.
     """
 
     def StreamSnapshots(self, request_iterator, context):
@@ -109,6 +147,25 @@ class DiscoveryService:
     (or none, for one it never had), and lists them in rejected_services. So one service an
     agent cannot take (version skew) never blocks later, unrelated changes. The version, the
     settings and the tenants are taken whole: a problem there is a NACK.
+
+    Incremental (delta) delivery. An agent that sets delivery = SNAPSHOT_DELIVERY_DELTA on the
+    first request of a stream may be sent a SnapshotDelta instead of a whole Snapshot: what changed
+    between the version it holds (base_version) and the new one. Each service is a resource whose
+    version is the snapshot version at which it last changed (content, health or weights of its
+    endpoints, or an alert action on it); a delta carries every service changed since the base
+    (whole Service messages) and names every service removed since it. The settings, and the
+    tenants with their keys, are each one whole resource, present in a delta only when changed.
+    Applying a delta onto the base gives exactly what the whole snapshot of that version gives.
+    The control plane keeps a bounded log of recent versions (no per-agent state): when the base
+    is not in it (too old, an expired or forged version, a restarted or another control plane:
+    versions carry a content hash, so no two control planes share a version string for different
+    content) it sends a whole Snapshot instead; so does it to agents that did not ask for deltas.
+    ACK, NACK and nonces are as for whole snapshots; a delta's services are applied one by one
+    and rejections listed as above, where rejected_services of an ACK covers every service of the
+    version held (rejections carried over from earlier versions included). An agent whose held
+    version is not the delta's base_version NACKs with error_detail.field_path "base_version":
+    that is a request to resynchronise, not a rejection of the version, and the control plane
+    answers it with the whole snapshot.
     """
 
     @staticmethod

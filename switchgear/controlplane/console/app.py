@@ -252,7 +252,8 @@ class Console:
             "agents": [{"node": a.node.id, "zone": a.node.zone, "replica": a.replica, "connected": a.connected,
                         "state": pages.agent_state(a, reply.current_version), "acked_version": a.acked_version,
                         "nacked_version": a.nacked_version, "pending_version": a.pending_version,
-                        "rejected_services": [r.service for r in a.rejected_services]} for a in reply.agents],
+                        "rejected_services": [r.service for r in a.rejected_services],
+                        "snapshot_delivery": a.snapshot_delivery} for a in reply.agents],
         })
 
     async def stream_fleet(self, request: web.Request) -> web.StreamResponse:
