@@ -128,6 +128,12 @@ class Meter:
     reported: TokenUsage | None = None
     end: StreamEnd | None = None
 
+    def committed(self) -> tuple[str, TargetView] | None:
+        """(endpoint id, route target) the stream committed to; None before it did."""
+        if self.service is None or self.endpoint is None:
+            return None
+        return self.endpoint.id, self.service.target(self.endpoint)
+
     def usage(self) -> TokenUsage:
         if self.end is not None:
             return self.end.usage
