@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import tracemalloc
+import weakref
 from typing import Any
 
 TOP = 12  # object types / allocation sites reported
@@ -57,7 +58,7 @@ class Objects:
 
     def figures(self) -> dict[str, Any]:
         gc.collect()
-        by_type = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        by_type = collections.Counter(_kind(o) for o in gc.get_objects())
         out: dict[str, Any] = {"objects": sum(by_type.values()), "by_type": dict(by_type.most_common(200))}
         if tracemalloc.is_tracing():
             snapshot = tracemalloc.take_snapshot().filter_traces((
@@ -71,6 +72,15 @@ class Objects:
         return out
 
 
+def _kind(o: object) -> str:
+    """An object's type, module-qualified; a weak reference's says what it refers to (a cache of
+    weak references to classes and one to requests' objects grow alike, and mean different things)."""
+    kind = type(o)
+    if kind is weakref.ReferenceType:
+        return f"weakref to {type(o()).__qualname__}"  # type: ignore[operator]
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def serve(path: str, pauses: GcPauses, objects: Objects) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(path)
@@ -80,7 +90,10 @@ def serve(path: str, pauses: GcPauses, objects: Objects) -> None:
             conn, _ = server.accept()
             with conn:
                 word = conn.makefile("r").readline(64).strip()
-                figures = objects.figures() if word == "objects" else pauses.figures()
+                try:
+                    figures = objects.figures() if word == "objects" else pauses.figures()
+                except Exception as exc:  # the probe stays up: the soak reports what went wrong
+                    figures = {"error": repr(exc)}
                 conn.sendall(json.dumps(figures).encode())
 
 

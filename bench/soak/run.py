@@ -132,8 +132,14 @@ class Report:
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> count
     upstream: dict[str, dict[str, int]] = field(default_factory=dict)  # instance -> the emulator's outcomes
     samples: list[Sample] = field(default_factory=list)
-    grown_types: list[tuple[str, int]] = field(default_factory=list)  # object types that grew most, start -> end
+    # object types that grew most between the probe's counts: from the start window's end to
+    # half-way through the rest, and from there to the end (a leak grows in both halves; a
+    # bounded cache filling up, or a one-off, does not)
+    grown_types: list[tuple[str, int]] = field(default_factory=list)
+    grown_late: list[tuple[str, int]] = field(default_factory=list)
+    late_calls: int = 0  # calls sent in the second half
     grown_sites: list[dict[str, object]] = field(default_factory=list)  # allocation sites, with --tracemalloc
+    probe_error: str = ""  # what the agent's probe said went wrong counting objects
 
     def growth(self, attr: str) -> float:
         before = getattr(self.start, attr)
@@ -250,7 +256,7 @@ async def drive(soak: Soak, seconds: float, rate: float, sample_s: float,
         start = time.monotonic()
         flapper = asyncio.ensure_future(flap(client, soak, soak.args.flap_period, soak.args.flap_down))
         sampler = asyncio.ensure_future(sample_every(soak, start, sample_s, samples))
-        counter = asyncio.ensure_future(count_objects_at(soak, start + soak.args.start_hi, samples, objects))
+        counter = asyncio.ensure_future(count_objects(soak, start, samples, objects))
         n = 0
         while time.monotonic() - start < seconds:
             kind = KINDS[n % len(KINDS)]
@@ -268,11 +274,13 @@ async def drive(soak: Soak, seconds: float, rate: float, sample_s: float,
     return calls, samples
 
 
-async def count_objects_at(soak: Soak, when: float, samples: list[Sample], objects: list[dict[str, Any]]) -> None:
-    """At the start window's end: a sample (so the window's figures close before the probe's full
-    collection runs), then the objects."""
-    await asyncio.sleep(max(0.0, when - time.monotonic()))
+async def count_objects(soak: Soak, start: float, samples: list[Sample], objects: list[dict[str, Any]]) -> None:
+    """At the start window's end a sample (so the window's figures close before the probe's full
+    collection runs), then the objects; the objects again half-way to the end."""
+    await asyncio.sleep(max(0.0, start + soak.args.start_hi - time.monotonic()))
     samples.append(await asyncio.to_thread(soak.sample, soak.args.start_hi))
+    objects.append(await asyncio.to_thread(soak.objects))
+    await asyncio.sleep(max(0.0, start + soak.args.mid - time.monotonic()))
     objects.append(await asyncio.to_thread(soak.objects))
 
 
@@ -378,11 +386,9 @@ def median_bucket_p99(unary: list[Call], lo: float, hi: float) -> float:
     return p99s[middle] if len(p99s) % 2 else (p99s[middle - 1] + p99s[middle]) / 2
 
 
-def grown_types(objects: list[dict[str, Any]], top: int = 10) -> list[tuple[str, int]]:
-    """The object types whose live count grew most between the probe's two counts."""
-    if len(objects) < 2:
-        return []
-    before, after = objects[0]["by_type"], objects[-1]["by_type"]
+def grown_types(before: dict[str, Any], after: dict[str, Any], top: int = 10) -> list[tuple[str, int]]:
+    """The object types whose live count grew most between two of the probe's counts."""
+    before, after = before.get("by_type", {}), after.get("by_type", {})
     grown = sorted(((name, n - before.get(name, 0)) for name, n in after.items()), key=lambda g: -g[1])
     return [(name, n) for name, n in grown[:top] if n > 0]
 
@@ -400,13 +406,16 @@ def run(args: argparse.Namespace) -> Report:
     start = window("start", args.warmup, args.start_hi, calls, samples)
     end = window("end", args.end_lo, args.end_lo + args.window, calls, samples)
     if objects:
-        start.live_objects, end.live_objects = objects[0]["objects"], objects[-1]["objects"]
+        start.live_objects, end.live_objects = objects[0].get("objects", 0), objects[-1].get("objects", 0)
     statuses: dict[str, dict[str, int]] = {}
     for c in calls:
         by_status = statuses.setdefault(c.kind, {})
         by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
     return Report(args.seconds, args.rate, start, end, statuses, upstream, sorted(samples, key=lambda s: s.t),
-                  grown_types(objects), list(objects[-1].get("grown", [])) if objects else [])
+                  grown_types(objects[0], objects[1]) if len(objects) == 3 else [],
+                  grown_types(objects[1], objects[2]) if len(objects) == 3 else [],
+                  sum(c.t >= args.mid for c in calls), list(objects[-1].get("grown", [])) if objects else [],
+                  "; ".join(str(o["error"]) for o in objects if "error" in o))
 
 
 def fmt(report: Report) -> str:
@@ -427,8 +436,9 @@ def fmt(report: Report) -> str:
                      f"{w.live_objects} | {w.load1:.2f} | {w.p50_ms:.1f} | {w.p99_ms:.1f} | "
                      f"{w.first_attempt_p99_ms:.1f} | {w.median_minute_p99_ms:.1f} |")
     lines.append("")
-    lines.append("object types grown, start -> end: " + (", ".join(
-        f"{name} {n:+d}" for name, n in report.grown_types) or "none"))
+    for half, grown in (("start window's end -> half-way", report.grown_types),
+                        (f"half-way -> end ({report.late_calls} calls)", report.grown_late)):
+        lines.append(f"object types grown, {half}: " + (", ".join(f"{name} {n:+d}" for name, n in grown) or "none"))
     if report.grown_sites:
         lines.append("allocation sites grown (tracemalloc): " + "; ".join(
             f"{g['site']} {g['kib']:+.0f} KiB" for g in report.grown_sites))
@@ -449,7 +459,7 @@ def check(report: Report, rss_growth: float, fd_growth: float, task_growth: floa
     """What is out of bounds (empty: nothing): growth of RSS (a ratio), fds and tasks (counts),
     of the unary p99 (a ratio; None: not checked), plus calls that should have succeeded and did
     not (any kind but the limited tenant's)."""
-    problems = []
+    problems = [f"the agent's probe failed: {report.probe_error}"] if report.probe_error else []
     if p99_growth is not None and report.growth("p99_ms") > p99_growth:
         problems.append(f"unary p99 {report.start.p99_ms:.1f} -> {report.end.p99_ms:.1f} ms")
     if report.growth("agent_rss_mb") > rss_growth:
@@ -499,6 +509,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.window -= args.window % period
         args.warmup -= args.warmup % period
     args.start_hi = args.warmup + args.window
+    args.mid = (args.start_hi + args.seconds) / 2  # the probe's second count of objects
     args.end_lo = args.seconds - args.window
     if args.window >= period:
         args.end_lo -= (args.end_lo - args.warmup) % period
