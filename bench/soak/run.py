@@ -22,6 +22,14 @@ cached), so the warm-up must outlast that. Reported per
 window: mean RSS, fds, threads and tasks, and the p99 of the unary calls that were answered
 200. The verdict lines apply the issue's targets (RSS growth < 5 %, no fd or task growth, p99
 within 10 %); `check` applies looser bounds for the short run in the test suite.
+
+A p99 on a shared machine moves with the neighbours, so each window also reports figures that
+do not: the agent's CPU per call (/proc), its garbage collections and their pauses (the agent
+runs under bench/soak/probe.py, which also counts its live objects by type at the start
+window's end, half-way and the end), the machine's load average, and beside the window's p99
+the median of its per-minute p99s and the p99 of the calls its first upstream attempt served
+(a call that met the flapping instance waits out a retry). Both windows span the same length,
+start at the same phase of the flap, and hold the same mix of calls.
 """
 
 from __future__ import annotations
