@@ -26,9 +26,11 @@ class RawServer:
         self.close = close  # close the connection after each answer
         self.requests: list[bytes] = []
         self.connections = 0
+        self.open = 0  # connections the client has not closed yet
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -50,6 +52,7 @@ class RawServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open -= 1
             writer.close()
 
 
@@ -156,6 +159,24 @@ async def test_pool_limit_makes_callers_wait(serve) -> None:  # type: ignore[no-
     pool = Http1Pool(max_connections=2)
     replies = await asyncio.gather(*(pool.request("POST", url, {}, b"x", 5, 5) for _ in range(6)))
     assert [r.content for r in replies] == [b"ok"] * 6 and raw.connections == 2
+    await pool.aclose()
+
+
+async def test_connections_a_burst_opened_are_closed_once_idle_past_keepalive(serve) -> None:  # type: ignore[no-untyped-def]
+    """A steady caller reuses the most recent connection only: the burst's others sink in the
+    idle stack and must still close after `keepalive_s`, here and at the upstream (the soak saw
+    an agent's descriptors ratchet up with each burst)."""
+    url, raw = await serve(lambda _r: ok(b"ok"), delay_s=0.05)
+    pool = Http1Pool(keepalive_s=0.3)
+    await asyncio.gather(*(pool.request("POST", url, {}, b"x", 5, 5) for _ in range(3)))
+    assert raw.connections == raw.open == 3
+    deadline = asyncio.get_running_loop().time() + 3
+    while raw.open > 1:  # one call at a time, every 50 ms: one connection is all it needs
+        assert asyncio.get_running_loop().time() < deadline, f"{raw.open} connections still open"
+        assert (await pool.request("POST", url, {}, b"x", 5, 5)).content == b"ok"
+    assert raw.connections == 3  # the steady calls kept reusing the warm one
+    replies = await asyncio.gather(*(pool.request("POST", url, {}, b"x", 5, 5) for _ in range(2)))
+    assert [r.content for r in replies] == [b"ok"] * 2 and raw.connections == 4  # the pool's count is right
     await pool.aclose()
 
 

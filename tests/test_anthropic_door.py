@@ -90,6 +90,7 @@ async def test_messages_json_with_either_target_protocol(sdk: anthropic.AsyncAnt
     assert message.stop_reason == "end_turn"
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     assert raw.headers["x-switchgear-service"] == model and float(raw.headers["x-switchgear-cost-usd"]) > 0
+    assert _target_headers(raw.headers) == TARGETS[model]
     bare = await sdk.messages.create(model=model, max_tokens=200, messages=[{"role": "user", "content": PROMPT}])
     assert bare.usage.input_tokens < message.usage.input_tokens  # the system prompt reached the upstream
 
@@ -104,6 +105,16 @@ async def test_messages_stream_with_either_target_protocol(sdk: anthropic.AsyncA
     assert text == reply_text(instance, PROMPT)
     assert final.stop_reason == "end_turn" and final.content[0].text == text  # type: ignore[union-attr]
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+    # the stream names the target that served, as the unary answer and the OpenAI door's streams do
+    assert _target_headers(stream.response.headers) == TARGETS[model]
+
+
+#: The route target each service's single endpoint is: (endpoint id, provider, upstream model).
+TARGETS = {"claude": ("e0", "anthropic", "claude-3-sonnet"), "gpt-mini": ("e0", "openai", "gpt-4o-mini")}
+
+
+def _target_headers(headers: httpx.Headers) -> tuple[str | None, ...]:
+    return tuple(headers.get(f"x-switchgear-{name}") for name in ("target", "provider", "target-model"))
 
 
 @pytest.mark.parametrize("model", ["claude", "gpt-mini"])

@@ -261,6 +261,14 @@ async def test_both_doors_counted_logged_and_traced(
         a = {kv.key: _value(kv.value) for kv in span.attributes}
         assert span.name == "chat gpt-4o-mini" and a["gen_ai.operation.name"] == "chat"
         assert a["server.address"] == "127.0.0.1" and a["server.port"] > 0
+    # the attempt that served carries the inference call's answer (GenAI: the CLIENT span's);
+    # the failed one has none
+    failed, served = sorted(({kv.key: _value(kv.value) for kv in a.attributes} for a in attempts),
+                            key=lambda a: a["switchgear.attempt"])
+    assert (served["gen_ai.response.id"], served["gen_ai.response.model"]) == ("c1", "gpt-4o-mini")
+    assert served["gen_ai.response.finish_reasons"] == ["stop"]
+    assert (served["gen_ai.usage.input_tokens"], served["gen_ai.usage.output_tokens"]) == (7, 3)
+    assert failed["error.type"] == "retryable" and not any(k.startswith("gen_ai.response.") for k in failed)
     # refusals are the caller's: not ERROR, no exception event; the gRPC call has its SERVER span
     servers = [s for s in otlp.spans if s.kind == s.SPAN_KIND_SERVER]
     assert len(servers) == 4
@@ -435,6 +443,13 @@ async def test_streams_embeddings_and_refusals_on_both_doors(control_plane: Cont
     (embedding,) = [s for s in spans if s.kind == SpanKind.CLIENT and s.attributes["switchgear.service"] == "embed"]
     assert embedding.name == "embeddings text-embedding-3-small"
     assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+    assert embedding.attributes["gen_ai.response.model"] == "text-embedding-3-small"
+    # each stream's attempt span carries its answer's model, id and finish reason too
+    streamed = [s for s in spans if s.kind == SpanKind.CLIENT and s.attributes["switchgear.service"] == "chat"]
+    assert len(streamed) == 2  # the HTTP door's stream and the gRPC door's
+    for span in streamed:
+        assert span.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+        assert span.attributes["gen_ai.response.model"] == "gpt-4o-mini" and span.attributes["gen_ai.response.id"]
     refused = [s for s in spans if s.kind == SpanKind.SERVER and s.attributes.get("rpc.grpc.status_code") in (5, 16)]
     assert len(refused) == 2
     for span in refused:

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from switchgear.dataplane.server import Options, serve
 from switchgear.dataplane.snapshot import Holder
-from switchgear.dataplane.tracing import Tracing, upstream_headers
+from switchgear.dataplane.tracing import Tracing, response_attributes, upstream_headers
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import ControlPlane, Upstream, service
 
@@ -162,3 +162,28 @@ def test_new_traces_are_sampled_by_the_ratio_on_the_trace_id_they_carry() -> Non
     assert len(finished) == recorded and 40 < recorded < 160
     assert all(s.context.trace_id & (2**64 - 1) < 2**63 for s in finished)
     assert all(s.attributes["http.request.method"] == "POST" for s in finished)
+
+
+def test_response_attributes_read_openai_and_anthropic_answers() -> None:
+    """The answer's id, model and finish reasons, from each shape an attempt's answer comes in."""
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.configure(Holder(), exporter=exporter)
+    assert tracing is not None
+    answers = {
+        "openai": b'{"id": "c1", "model": "gpt-4o-mini", "choices": [{"finish_reason": "length"}]}',
+        "anthropic": b'{"id": "msg_1", "type": "message", "model": "claude-3", "stop_reason": "end_turn"}',
+        "anthropic stream": b'{"type": "message_start", "message": {"id": "msg_2", "model": "claude-3"}}',
+        "not json": b"<html>",
+        "not an object": b"[1]",
+    }
+    for name, body in answers.items():
+        with tracing.tracer.start_as_current_span(name) as span:
+            response_attributes(span, body)
+    tracing.shutdown()
+    got = {s.name: dict(s.attributes or {}) for s in exporter.get_finished_spans()}
+    assert got["openai"] == {"gen_ai.response.id": "c1", "gen_ai.response.model": "gpt-4o-mini",
+                             "gen_ai.response.finish_reasons": ("length",)}
+    assert got["anthropic"] == {"gen_ai.response.id": "msg_1", "gen_ai.response.model": "claude-3",
+                                "gen_ai.response.finish_reasons": ("end_turn",)}
+    assert got["anthropic stream"] == {"gen_ai.response.id": "msg_2", "gen_ai.response.model": "claude-3"}
+    assert got["not json"] == got["not an object"] == {}

@@ -416,7 +416,13 @@ class _Deflate:
 
 class Http1Pool:
     """Keep-alive connections per origin, at most `max_connections` in all (callers beyond it
-    wait for one to come back); a connection idle longer than `keepalive_s` is closed."""
+    wait for one to come back); a connection idle longer than `keepalive_s` is closed.
+
+    Each origin's idle connections are a stack (the most recently used is reused first, so a
+    steady load keeps few warm). The ones a burst opened sink to the bottom, where a steady load
+    never reaches: every `keepalive_s / 4` a returning connection has the pool close those idle
+    longer than `keepalive_s`, so a burst's connections (and descriptors, here and upstream) do
+    not stay open for good."""
 
     def __init__(
         self, max_connections: int = 100, keepalive_s: float = 30.0, limits: ResponseLimits = _LIMITS
@@ -426,6 +432,7 @@ class Http1Pool:
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._open = 0
+        self._next_sweep = 0.0
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._origins: dict[str, _Origin] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -527,13 +534,24 @@ class Http1Pool:
         return protocol
 
     def _release(self, origin: _Origin, connection: _Connection) -> None:
+        now = time.monotonic()
         if connection.reusable and not connection.closed and not self._closed:
-            connection.idle_since = time.monotonic()
+            connection.idle_since = now
             self._idle.setdefault(origin.key, []).append(connection)
         else:
             connection.close()
             self._open -= 1
+        if now >= self._next_sweep:
+            self._sweep(now)
         self._wake()
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections idle longer than `keepalive_s` (the oldest: each stack's bottom)."""
+        self._next_sweep = now + self._keepalive_s / 4
+        for idle in self._idle.values():
+            while idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive_s):
+                idle.pop(0).close()
+                self._open -= 1
 
     def _close_idle(self) -> bool:
         for connections in self._idle.values():

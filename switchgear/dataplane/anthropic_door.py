@@ -40,9 +40,10 @@ from switchgear.adapters.anthropic import _text
 from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Unauthenticated
+from switchgear.dataplane.http_edge import target_headers
 from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import CacheMode, Pipeline
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import StreamEnd, Streamer
 
@@ -413,13 +414,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot, principal: Any,
                   native: bool) -> web.StreamResponse:
-    items = hooks.pipeline(request).stream(call, snapshot, principal, hooks.streamer(request).stream)
+    recorded = Recorded(hooks.streamer(request).stream)  # its meter names the committed target by the first item
+    items = hooks.pipeline(request).stream(call, snapshot, principal, recorded)
     try:
         first = await anext(items)
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer") from None
+    committed = recorded.meter.committed() if recorded.meter is not None else None
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache", "request-id": call.request_id})
+                                           "Cache-Control": "no-cache", "request-id": call.request_id,
+                                           **target_headers(committed)})
     await response.prepare(request)
     mapper = None if native else ChatToEvents(call.service, call.request_id)
     if mapper is not None:

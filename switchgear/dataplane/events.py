@@ -29,7 +29,10 @@ class AttemptEnd:
     `ttft_s` is the time to the first token for streams (None otherwise). `cancelled`: the
     attempt was abandoned before its answer — a hedge that lost, or a caller that went away —
     so it says nothing about the endpoint: observers end its in-flight count and record no
-    outcome, latency, usage or cost."""
+    outcome, latency, usage or cost. On success, `answer` is what the upstream said (a unary
+    answer's body; a stream's first chunk, which names its id and model) and `finish_reason`
+    a stream's (a unary answer's is in its body): traces read the response's model, id and
+    finish reasons from them, only for sampled spans."""
 
     request_id: str
     service: str
@@ -42,6 +45,8 @@ class AttemptEnd:
     cost_usd: float = 0.0
     ttft_s: float | None = None
     cancelled: bool = False
+    answer: bytes = b""
+    finish_reason: str = ""
 
 
 class AttemptObserver(Protocol):

@@ -27,7 +27,7 @@ event and no `[DONE]` (no failover is possible once tokens went out).
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -37,12 +37,12 @@ from switchgear.dataplane import access_log, anthropic_door
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
-from switchgear.dataplane.http_edge import Observe, add_probes, request_id_of
+from switchgear.dataplane.http_edge import Observe, add_probes, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
-from switchgear.dataplane.stream import FallbackChunk, Meter, StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
 from switchgear.tls import ListenError
 
 MODEL_CATEGORIES = ("llm", "embedding")
@@ -219,10 +219,8 @@ def _result_headers(result: Result) -> dict[str, str]:
     }
     if result.fallback:  # what answered instead of the requested model (service, local_model, ...)
         headers["x-switchgear-fallback"] = result.fallback_source
-    if result.target is not None:  # the route target that served (docs/concepts/routes.md)
-        headers["x-switchgear-target"] = result.endpoint
-        headers["x-switchgear-provider"] = result.target.provider or result.target.protocol
-        headers["x-switchgear-target-model"] = result.target.model
+    if result.target is not None:  # the route target that served
+        headers.update(target_headers((result.endpoint, result.target)))
     return headers
 
 
@@ -257,14 +255,8 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
 async def _stream(
     request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
-    meters: list[Meter] = []
-    stream = request.app[_STREAMER].stream
-
-    def open_stream(c: Call, s: AgentSnapshot, meter: Meter) -> AsyncGenerator[bytes | StreamEnd, None]:
-        meters.append(meter)  # it learns the committed target by the first item
-        return stream(c, s, meter)
-
-    items = request.app[_PIPELINE].stream(call, snapshot, principal, open_stream)
+    recorded = Recorded(request.app[_STREAMER].stream)  # its meter names the committed target by the first item
+    items = request.app[_PIPELINE].stream(call, snapshot, principal, recorded)
     try:
         first = await anext(items)
     except StopAsyncIteration:
@@ -273,13 +265,8 @@ async def _stream(
         "Content-Type": "text/event-stream; charset=utf-8",
         "Cache-Control": "no-cache",
         "x-request-id": call.request_id,
+        **target_headers(recorded.meter.committed() if recorded.meter is not None else None),
     }
-    committed = meters[0] if meters else None
-    if committed is not None and committed.service is not None and committed.endpoint is not None:
-        target = committed.service.target(committed.endpoint)
-        headers["x-switchgear-target"] = committed.endpoint.id
-        headers["x-switchgear-provider"] = target.provider or target.protocol
-        headers["x-switchgear-target-model"] = target.model
     if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
         headers["x-switchgear-fallback"] = first.source
     response = web.StreamResponse(headers=headers)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from switchgear.dataplane import access_log
 from switchgear.dataplane.door_metrics import Edge, http_status_class
-from switchgear.dataplane.snapshot import Holder
+from switchgear.dataplane.snapshot import Holder, TargetView
 from switchgear.dataplane.tracing import Tracing, response_attributes
 
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -85,6 +85,16 @@ async def _traced(tracing: Tracing, request: web.Request, handler: Handler,
 
 
 _REQUEST_ID = web.RequestKey("switchgear_request_id", str)
+
+
+def target_headers(committed: tuple[str, TargetView] | None) -> dict[str, str]:
+    """The route target that served (docs/concepts/routes.md) as answer headers: both doors,
+    unary answers and streams alike. `committed`: (endpoint id, target); None: no headers."""
+    if committed is None:
+        return {}
+    endpoint, target = committed
+    return {"x-switchgear-target": endpoint, "x-switchgear-provider": target.provider or target.protocol,
+            "x-switchgear-target-model": target.model}
 
 
 def request_id_of(request: web.Request) -> str | None:

@@ -168,7 +168,7 @@ class Invoker:
             self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()
         self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                               now - attempt_start, None, usage, cost))
+                               now - attempt_start, None, usage, cost, answer=response.body))
         return Result(
             body=response.body,
             service=service.name,

@@ -39,13 +39,26 @@ from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
 
-__all__ = ["CacheMode", "OpenStream", "Pipeline", "QuotaExceeded", "Served", "open_pipeline"]
+__all__ = ["CacheMode", "OpenStream", "Pipeline", "QuotaExceeded", "Recorded", "Served", "open_pipeline"]
 
 log = logging.getLogger("switchgear.dataplane.pipeline")
 
 Invoke = Callable[[Call, AgentSnapshot], Awaitable[Result]]
 #: Opens a stream's items, metered (dataplane.stream.Streamer.stream).
 OpenStream = Callable[[Call, AgentSnapshot, Meter], AsyncGenerator[StreamItem, None]]
+
+
+class Recorded:
+    """An OpenStream that keeps the Meter `Pipeline.stream` gives it: once the stream's first
+    item is out, the meter names the target it committed to (a door's answer headers)."""
+
+    def __init__(self, open_stream: OpenStream) -> None:
+        self._open = open_stream
+        self.meter: Meter | None = None
+
+    def __call__(self, call: Call, snapshot: AgentSnapshot, meter: Meter) -> AsyncGenerator[StreamItem, None]:
+        self.meter = meter
+        return self._open(call, snapshot, meter)
 
 
 class CacheMode(str, Enum):

@@ -128,6 +128,12 @@ class Meter:
     reported: TokenUsage | None = None
     end: StreamEnd | None = None
 
+    def committed(self) -> tuple[str, TargetView] | None:
+        """(endpoint id, route target) the stream committed to; None before it did."""
+        if self.service is None or self.endpoint is None:
+            return None
+        return self.endpoint.id, self.service.target(self.endpoint)
+
     def usage(self) -> TokenUsage:
         if self.end is not None:
             return self.end.usage
@@ -306,6 +312,7 @@ class _Attempt:
         self.capped = False  # first_by is the attempt timeout, before the deadline
         self.ttft_s: float | None = None
         self.final: StreamChunk | None = None
+        self.opening = b""  # the first chunk passed on (its id and model: the attempt's trace span)
         self.held_chars = 0  # text of the chunks held back until the first token
         self.meter = Meter()  # the call's, once the attempt is committed
         streamer._emit(
@@ -346,6 +353,7 @@ class _Attempt:
                     continue
                 if chunk.data:
                     held.append(chunk.data)
+                    self.opening = self.opening or chunk.data
                     self.held_chars += len(chunk.text)
                 if chunk.content:
                     self.ttft_s = self.s._clock() - self.started
@@ -382,7 +390,9 @@ class _Attempt:
             self.final.usage if self.final is not None and self.final.usage is not None else TokenUsage(estimated=True)
         )
         cost = self.target.pricing.cost(usage.input_tokens, usage.output_tokens)
-        self._end(error.kind if error else None, usage, cost)
+        reason = self.final.finish_reason if self.final is not None and error is None else None
+        self._end(error.kind if error else None, usage, cost, answer=self.opening if error is None else b"",
+                  finish_reason=reason or "")
         now = self.s._clock()
         yield StreamEnd(
             service=self.service.name,
@@ -408,7 +418,7 @@ class _Attempt:
         self._end(None, usage, cost)
 
     def _end(self, error: ErrorKind | None, usage: TokenUsage = _NO_USAGE, cost: float = 0.0,
-             cancelled: bool = False) -> None:
+             cancelled: bool = False, answer: bytes = b"", finish_reason: str = "") -> None:
         if self.target.tpm_limit and usage.input_tokens + usage.output_tokens:
             self.s._limits.used(self.service.name, self.endpoint.id, usage.input_tokens + usage.output_tokens)
         self.s._emit(
@@ -424,6 +434,8 @@ class _Attempt:
                 cost,
                 self.ttft_s,
                 cancelled,
+                answer,
+                finish_reason,
             )
         )
 

@@ -22,7 +22,9 @@ ever created and the request path pays nothing. On:
 
 Attributes follow OpenTelemetry's GenAI semantic conventions: gen_ai.system (and
 gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model, gen_ai.response.id /
-.model / .finish_reasons (server spans, from the answer), gen_ai.usage.input_tokens /
+.model / .finish_reasons (from the answer: on the SERVER span, and on the CLIENT span of the
+attempt that served it, as the GenAI conventions put them on the inference call's span),
+gen_ai.usage.input_tokens /
 output_tokens, error.type, server.address / server.port (attempts: the upstream); and
 switchgear.service, switchgear.endpoint, switchgear.attempt(s), switchgear.fallback,
 switchgear.cost_usd, switchgear.snapshot_version, switchgear.cache_hit, switchgear.request_id.
@@ -85,11 +87,14 @@ def _server_address(url: str) -> dict[str, Any]:
 
 
 def response_attributes(span: trace.Span, body: bytes) -> None:
-    """gen_ai.response.id / .model / .finish_reasons from an OpenAI-shaped JSON answer."""
+    """gen_ai.response.id / .model / .finish_reasons from an OpenAI-shaped JSON answer (or
+    chunk), or an Anthropic-shaped one (its `stop_reason`; a stream's `message_start`)."""
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
         return
+    if isinstance(answer, dict) and answer.get("type") == "message_start":  # an Anthropic stream's first event
+        answer = answer.get("message")
     if not isinstance(answer, dict):
         return
     for key, attr in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
@@ -102,6 +107,9 @@ def response_attributes(span: trace.Span, body: bytes) -> None:
                    if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
         if reasons:
             span.set_attribute("gen_ai.response.finish_reasons", reasons)
+    stop_reason = answer.get("stop_reason")
+    if isinstance(stop_reason, str) and stop_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [stop_reason])
 
 
 def upstream_headers() -> dict[str, str]:
@@ -292,6 +300,11 @@ class Tracing:
                 span.set_attribute("gen_ai.usage.input_tokens", event.usage.input_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", event.usage.output_tokens)
                 span.set_attribute("switchgear.cost_usd", event.cost_usd)
+                if span.is_recording():  # the inference call's answer (GenAI: on its CLIENT span)
+                    if event.answer:
+                        response_attributes(span, event.answer)
+                    if event.finish_reason:
+                        span.set_attribute("gen_ai.response.finish_reasons", [event.finish_reason])
             else:
                 span.set_attribute("error.type", event.error.value)
                 span.set_status(Status(StatusCode.ERROR, event.error.value))
