@@ -39,6 +39,7 @@ from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceVi
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.wire.attempt_policy import call_timeout
+from switchgear.wire.lean import lean
 
 
 class Picker(Protocol):
@@ -56,6 +57,7 @@ class Deferred(Protocol):
 Defer = Callable[[Call, str], Awaitable[Deferred]]
 
 
+@lean
 @dataclass(frozen=True)
 class Result:
     body: bytes
