@@ -1,5 +1,5 @@
-"""Time limits on one shared timer (dataplane/deadlines.py), and the write-behind flush timer that a
-round no longer cancels (redis_round.py): both keep every deadline without a timer per call."""
+"""Time limits on one shared timer (dataplane/deadlines.py): every deadline kept without a timer
+armed and dropped per call; and the write-behind flush's delay (redis_round.py) after a round."""
 
 from __future__ import annotations
 
@@ -108,14 +108,14 @@ async def test_a_cancellation_arriving_with_the_deadline_is_not_swallowed() -> N
 
 
 async def test_write_behind_work_queued_after_a_round_is_still_flushed_after_the_delay(tmp_path: Path) -> None:
-    """The flush timer armed for work a round then took is not cancelled: when it fires early for
-    work queued later, it waits for that work's own delay, then flushes it, without another round."""
+    """Work queued after a round took the earlier work is flushed its own delay after it was
+    queued (not at the earlier work's time), without another round."""
     with redis_server(tmp_path) as server:
         client = aioredis.from_url(server.url)
         rounds = RedisRound(SharedRedis(client), flush_after_s=0.2)
         loop = asyncio.get_running_loop()
         rounds.add("sg:q:first", 1.0, 60)
-        await rounds.run("quota", 1.0)  # takes "first"; its timer stays armed
+        await rounds.run("quota", 1.0)  # takes "first"
         await asyncio.sleep(0.1)
         queued = loop.time()
         rounds.add("sg:q:second", 2.0, 60)

@@ -135,7 +135,6 @@ class RedisRound:
         self._store_bytes = 0
         self.stores_dropped = 0  # queue full, or lost with a failed round
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._due: float | None = None  # when the pending work is to be flushed (loop time), if any waits
         self.flushing: asyncio.Task[None] | None = None  # the timer's flush in flight (tests await it)
 
     # --- what rides on the next round ----------------------------------------------------------
@@ -213,36 +212,23 @@ class RedisRound:
         if self.flushing is not None:
             await asyncio.gather(self.flushing, return_exceptions=True)
         await self.flush()
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
 
     def _arm(self) -> None:
-        """Pending work is flushed `flush_after_s` after it was queued unless a round takes it
-        first. The timer is not cancelled by a round (arming and cancelling one per request cost
-        more than the rest of the queueing): when it fires it flushes only work that has waited
-        the whole delay, and otherwise re-arms for what is left."""
-        if self._due is None:
-            loop = asyncio.get_running_loop()
-            self._due = loop.time() + self._flush_after_s
-            if self._flush_timer is None:
-                self._flush_timer = loop.call_at(self._due, self._flush_soon)
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._flush_timer = None
-        if self._due is None:
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._due:  # taken by a round since, and queued again later: not due yet
-            self._flush_timer = loop.call_at(self._due, self._flush_soon)
-            return
-        self._due = None
         if (self._additions or self._stores) and (self.flushing is None or self.flushing.done()):
             self.flushing = asyncio.ensure_future(self.flush())
 
     def _take_additions(self) -> dict[str, tuple[float, float]]:
         additions, self._additions = self._additions, {}
-        self._due = None  # (the timer, if armed, finds nothing due)
+        # (The timer is cancelled, not left to fire and find nothing due: firing between calls,
+        # it would wake an agent that otherwise sleeps until the next call.)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         return additions
 
     def _take_stores(self, budget: int) -> dict[str, tuple[bytes, int]]:
