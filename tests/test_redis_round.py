@@ -18,7 +18,7 @@ from switchgear.dataplane.governance import Quota, TenantView
 from switchgear.dataplane.metrics import RedisMetrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
-from switchgear.dataplane.redis_round import Lookup, RedisRound, gate
+from switchgear.dataplane.redis_round import Lookup, RedisRound, _input, gate
 from switchgear.dataplane.redis_state import RedisHealth, RedisUnavailable, SharedRedis
 from tests.servers import redis_server
 from tests.test_pipeline import Upstream, bearer, call, snapshot
@@ -252,3 +252,29 @@ async def test_connections_kept_between_commands_are_bounded(tmp_path: Path) -> 
         finally:
             await redis.aclose()
             await observer.aclose()
+
+
+async def test_a_counter_the_round_both_adds_to_and_checks_is_sent_once_and_added_before_the_check(
+        tmp_path: Path) -> None:
+    """A finished call's tokens go to the same window the next admission checks: the round names
+    that key once, applies the addition first, then checks (and refuses past the limit)."""
+    with redis_server(tmp_path) as server:
+        client = aioredis.from_url(server.url)
+        rounds = RedisRound(SharedRedis(client), flush_after_s=60.0)
+        admission = gate([("sg:q:t|*|tok/60|1", 10.0)], [("sg:q:t|*|req/60|1", 100.0, 60.0)])
+        rounds.add("sg:q:t|*|tok/60|1", 4.0, 60.0)
+        rounds.add("sg:q:t|other|tok/60|1", 2.0, 60.0)
+        rounds.store("sg:c:entry", b"value", 60_000)
+        keys, _ = _input(rounds._additions, rounds._stores, admission, Lookup("sg:c:wanted"))
+        assert len(keys) == len(set(keys)) == 5  # the checked counter once, not twice
+        lookup = Lookup("sg:c:entry")
+        assert await rounds.run("quota", 1.0, admission, lookup) == 0
+        assert float(await client.get("sg:q:t|*|tok/60|1")) == 4.0
+        assert float(await client.get("sg:q:t|other|tok/60|1")) == 2.0
+        assert lookup.done and lookup.raw == b"value"  # the store ran before the lookup
+        rounds.add("sg:q:t|*|tok/60|1", 7.0, 60.0)  # 11 >= 10: this round's own addition refuses it
+        assert await rounds.run("quota", 1.0, admission) == 1
+        assert float(await client.get("sg:q:t|*|tok/60|1")) == 11.0
+        assert float(await client.get("sg:q:t|*|req/60|1")) == 1.0  # the refused one was not counted
+        await rounds.aclose()
+        await client.aclose()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Protocol
 
+from switchgear.wire.lean import lean
+
 
 class ErrorKind(str, Enum):
     """How an upstream failure should be treated."""
@@ -120,6 +122,7 @@ class OptionsError(ValueError):
 _DEFAULT_LIMITS = ResponseLimits()
 
 
+@lean
 @dataclass(frozen=True)
 class TokenUsage:
     input_tokens: int = 0
@@ -127,6 +130,7 @@ class TokenUsage:
     estimated: bool = False
 
 
+@lean
 @dataclass(frozen=True)
 class Target:
     """Where and how to call: one endpoint of one service, as the adapter needs it.
@@ -141,6 +145,7 @@ class Target:
     options: Any = None
 
 
+@lean
 @dataclass(frozen=True)
 class AdapterRequest:
     """One upstream attempt. `payload` is the caller's JSON object, already parsed.
@@ -157,6 +162,7 @@ class AdapterRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+@lean
 @dataclass(frozen=True)
 class AdapterResponse:
     """A successful upstream answer: JSON body bytes (passed through), usage, HTTP status."""

@@ -248,15 +248,18 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.answered_bytes = False
         self._read_timeout = read_timeout
-        if read_timeout is not None:
-            self._read_deadline = self._loop.time() + read_timeout
-            self._timer = self._loop.call_at(self._read_deadline, self._check_timeout)
+        if read_timeout is not None:  # the timer outlives an answer: a kept connection re-arms it only
+            self._read_deadline = self._loop.time() + read_timeout  # when it fired or is later than this
+            if self._timer is None or self._timer.when() > self._read_deadline:
+                self._stop_timer()
+                self._timer = self._loop.call_at(self._read_deadline, self._check_timeout)
         self.transport.write(data)
         return self._waiter
 
     def close(self) -> None:
         self.closed = True
         self.reusable = False
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -291,8 +294,7 @@ class _Connection(asyncio.Protocol):
             return problem
         self._done = True
         self.reusable = reusable
-        waiter, self._waiter = self._waiter, None
-        self._stop_timer()
+        waiter, self._waiter = self._waiter, None  # (the read timer is left armed: _check_timeout)
         if waiter is not None and not waiter.done():
             waiter.set_result(Reply(answer.status, answer.pairs, answer.body))
         return None

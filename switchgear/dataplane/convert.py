@@ -39,6 +39,7 @@ from switchgear.v1 import common_pb2, discovery_pb2, gateway_pb2
 from switchgear.wire import checks
 from switchgear.wire.checks import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # re-exported: the agent knows it from here
 from switchgear.wire.checks import SnapshotError as SnapshotError  # re-exported too
+from switchgear.wire.lean import lean
 
 _NO_SERVICES: Mapping[str, ServiceView] = MappingProxyType({})
 log = logging.getLogger("switchgear.dataplane.convert")
@@ -381,6 +382,7 @@ def snapshot_from_proto(
     return converted.snapshot
 
 
+@lean
 @dataclass(frozen=True)
 class Call:
     """One validated application request."""

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchgear.adapters.base import ErrorKind, TokenUsage
+from switchgear.wire.lean import lean
 
 
+@lean
 @dataclass(frozen=True)
 class AttemptStart:
     request_id: str
@@ -23,6 +25,7 @@ class AttemptStart:
     priority: int
 
 
+@lean
 @dataclass(frozen=True)
 class AttemptEnd:
     """One attempt's outcome. `error` is None on success; `latency_s` is the attempt's own time;

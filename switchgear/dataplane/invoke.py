@@ -30,6 +30,7 @@ import orjson
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
+from switchgear.dataplane.deadlines import Deadlines
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.presets import preset_body, preset_chunk
@@ -38,6 +39,7 @@ from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceVi
 from switchgear.dataplane.target_limits import TargetLimits
 from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.wire.attempt_policy import call_timeout
+from switchgear.wire.lean import lean
 
 
 class Picker(Protocol):
@@ -55,6 +57,7 @@ class Deferred(Protocol):
 Defer = Callable[[Call, str], Awaitable[Deferred]]
 
 
+@lean
 @dataclass(frozen=True)
 class Result:
     body: bytes
@@ -92,6 +95,7 @@ class Invoker:
         self._observers = tuple(observers)
         self.resilience = resilience or Resilience(clock=clock)
         self._defer = defer
+        self._deadlines = Deadlines()  # the attempts' time limits
 
     def _resolve(self, call: Call, snapshot: AgentSnapshot) -> tuple[ServiceView, Adapter]:
         service = snapshot.services.get(call.service)
@@ -146,7 +150,7 @@ class Invoker:
         self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
         attempt_start = self._clock()
         try:
-            async with asyncio.timeout(attempt.remaining_s):
+            async with self._deadlines.within(attempt.remaining_s):  # (one timer shared by all calls)
                 response = await adapter.invoke(client, target, request)
         except TimeoutError:
             within = f"its attempt timeout ({attempt.remaining_s:.3g} s)" if attempt.capped else "the deadline"

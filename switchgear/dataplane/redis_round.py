@@ -28,50 +28,52 @@ while awaiting the reply, after the script was sent, which Redis then runs whole
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
 
 Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
 Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
 
-# KEYS: the additions, the stores, the checks, the counts, then the lookup's key (0 or 1). ARGV[1]
-# is every number, space-separated (one argument: the client's encoding costs ~0.5 us an argument):
-# how many additions, stores, checks, counts and lookups; then (amount, ttl s) per addition, ttl
-# ms per store, limit per check, (limit, ttl s) per count. ARGV[2..] are the stores' values.
+# KEYS: the admission's checks and counts, then the other keys the round names once each (an
+# addition to a counter the admission also reads names it by the admission's key: each key is
+# sent once). ARGV[1] is every number, space-separated (one argument: the client's encoding costs
+# ~0.5 us an argument): how many additions, stores, checks, counts and lookups; the limit per
+# check and (limit, ttl s) per count; then (key index, amount, ttl s) per addition, (key index,
+# ttl ms) per store and the lookup's key index. ARGV[2..] are the stores' values.
 # Returns {refused, entry or false, its pttl}: refused is 0 when admitted, else the 1-based index
 # of the refusing check or count (CounterStore.admit); the lookup is made only when admitted.
 ROUND_LUA = """
 local n = {}
 for word in string.gmatch(ARGV[1], '%S+') do n[#n + 1] = word end
 local np, ns, nc, nk, nl = tonumber(n[1]), tonumber(n[2]), tonumber(n[3]), tonumber(n[4]), tonumber(n[5])
-local a, k = 6, 0
+local g = 6
+local a = g + nc + 2 * nk
 for i = 1, np do
-  k = k + 1
-  redis.call('INCRBYFLOAT', KEYS[k], n[a])
-  redis.call('EXPIRE', KEYS[k], n[a + 1], 'NX')
-  a = a + 2
+  local key = KEYS[tonumber(n[a])]
+  redis.call('INCRBYFLOAT', key, n[a + 1])
+  redis.call('EXPIRE', key, n[a + 2], 'NX')
+  a = a + 3
 end
 for i = 1, ns do
-  k = k + 1
-  redis.call('SET', KEYS[k], ARGV[1 + i], 'PX', n[a])
-  a = a + 1
-end
-for i = 1, nc do
-  if tonumber(redis.call('GET', KEYS[k + i]) or '0') >= tonumber(n[a]) then return {i, false, 0} end
-  a = a + 1
-end
-k = k + nc
-for i = 1, nk do
-  local key = KEYS[k + i]
-  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
-  redis.call('EXPIRE', key, n[a + 1], 'NX')
-  if total > tonumber(n[a]) then return {nc + i, false, 0} end
+  redis.call('SET', KEYS[tonumber(n[a])], ARGV[1 + i], 'PX', n[a + 1])
   a = a + 2
 end
+for i = 1, nc do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(n[g]) then return {i, false, 0} end
+  g = g + 1
+end
+for i = 1, nk do
+  local key = KEYS[nc + i]
+  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
+  redis.call('EXPIRE', key, n[g + 1], 'NX')
+  if total > tonumber(n[g]) then return {nc + i, false, 0} end
+  g = g + 2
+end
 if nl > 0 then
-  local key = KEYS[k + nk + 1]
+  local key = KEYS[tonumber(n[a])]
   return {0, redis.call('GET', key), redis.call('PTTL', key)}
 end
 return {0, false, 0}
@@ -86,17 +88,21 @@ class Gate:
     numbers: str  # " limit ... limit ttl ...": the checks' limits, then each count's limit and ttl
     checks: int
     counts: int
+    index: Mapping[str, int]  # key -> its 1-based place in `keys` (a round names each key once)
 
 
 def gate(checks: Sequence[Check], counts: Sequence[Count]) -> Gate:
     words = [repr(float(limit)) for _, limit in checks]
     for _, limit, ttl_s in counts:
         words += (repr(float(limit)), str(int(ttl_s) + 1))
-    return Gate((*(key for key, _ in checks), *(key for key, _, _ in counts)), "".join(" " + w for w in words),
-                len(checks), len(counts))
+    keys = (*(key for key, _ in checks), *(key for key, _, _ in counts))
+    index: dict[str, int] = {}
+    for place, key in enumerate(keys, 1):
+        index.setdefault(key, place)
+    return Gate(keys, "".join(" " + w for w in words), len(checks), len(counts), MappingProxyType(index))
 
 
-NO_GATE = Gate((), "", 0, 0)
+NO_GATE = Gate((), "", 0, 0, MappingProxyType({}))
 
 
 @dataclass(slots=True)
@@ -171,9 +177,7 @@ class RedisRound:
         stores = self._take_stores(self._max_carried_bytes)
         if self._additions or self._stores:
             self._arm()  # stores left over for the next round
-        keys, args = _input(additions, stores, admission, 0 if lookup is None else 1)
-        if lookup is not None:
-            keys.append(lookup.key)
+        keys, args = _input(additions, stores, admission, lookup)
         execute, script = self.redis.execute, self._script
         try:
             refused, raw, pttl_ms = await self.redis.call(use, lambda: script.run(execute, keys, args), timeout_s)
@@ -194,7 +198,7 @@ class RedisRound:
 
     async def _flush_once(self) -> None:
         additions, stores = self._take_additions(), self._take_stores(self._max_store_bytes)
-        keys, args = _input(additions, stores, NO_GATE, 0)
+        keys, args = _input(additions, stores, NO_GATE, None)
         execute, script = self.redis.execute, self._script
         use = "quota" if additions else "cache"
         try:
@@ -220,6 +224,8 @@ class RedisRound:
 
     def _take_additions(self) -> dict[str, tuple[float, float]]:
         additions, self._additions = self._additions, {}
+        # (The timer is cancelled, not left to fire and find nothing due: firing between calls,
+        # it would wake an agent that otherwise sleeps until the next call.)
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -252,13 +258,22 @@ class RedisRound:
 
 
 def _input(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[bytes, int]], admission: Gate,
-           lookups: int) -> tuple[list[str], list[str | bytes]]:
-    """ROUND_LUA's KEYS and ARGV (the caller appends the lookup's key)."""
-    keys = [*additions, *stores, *admission.keys]
-    words = [f"{len(additions)} {len(stores)} {admission.checks} {admission.counts} {lookups}"]
-    for amount, ttl_s in additions.values():
-        words.append(f" {amount!r} {int(ttl_s) + 1}")
-    for _, ttl_ms in stores.values():
-        words.append(f" {ttl_ms}")
-    words.append(admission.numbers)
+           lookup: Lookup | None) -> tuple[list[str], list[str | bytes]]:
+    """ROUND_LUA's KEYS and ARGV."""
+    keys = [*admission.keys]
+    index = admission.index
+    words = [f"{len(additions)} {len(stores)} {admission.checks} {admission.counts} {0 if lookup is None else 1}",
+             admission.numbers]
+    for key, (amount, ttl_s) in additions.items():
+        place = index.get(key)
+        if place is None:
+            keys.append(key)
+            place = len(keys)
+        words.append(f" {place} {amount!r} {int(ttl_s) + 1}")
+    for key, (_, ttl_ms) in stores.items():
+        keys.append(key)
+        words.append(f" {len(keys)} {ttl_ms}")
+    if lookup is not None:
+        keys.append(lookup.key)
+        words.append(f" {len(keys)}")
     return keys, ["".join(words), *(value for value, _ in stores.values())]

@@ -27,6 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from switchgear.dataplane.deadlines import Deadlines
+
 log = logging.getLogger("switchgear.dataplane.redis")
 
 T = TypeVar("T")
@@ -134,6 +136,7 @@ class SharedRedis:
         self._idle: list[Any] = []  # connections of `execute`, at most `max_idle` kept between commands
         self._max_idle = max_idle
         self._closing: asyncio.Future[Any] | None = None  # the last surplus connection being closed
+        self._deadlines = Deadlines()
 
     async def execute(self, *args: Any) -> Any:
         """One command on a connection of our own, made by the client's pool but not lent by it:
@@ -186,7 +189,7 @@ class SharedRedis:
             self._probe_if_due()
             raise RedisUnavailable
         try:
-            async with asyncio.timeout(timeout_s):  # (no task per call, as wait_for would make)
+            async with self._deadlines.within(timeout_s):  # (no task or timer per call)
                 return await op()
         except Exception as exc:
             self.health.failed(use, exc, started)

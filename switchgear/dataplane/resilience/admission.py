@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from switchgear.wire.lean import lean
+
 
 class ShedReason(str, Enum):
     QUEUE_FULL = "queue_full"
@@ -51,6 +53,7 @@ class AdmissionSettings:
     max_retry_after_s: float = 30.0
 
 
+@lean
 @dataclass(frozen=True)
 class Grant:
     id: int

@@ -45,6 +45,7 @@ from enum import Enum
 
 from switchgear.adapters.base import ErrorKind
 from switchgear.dataplane.resilience.signals import Signal, signal_of
+from switchgear.wire.lean import lean
 
 
 class State(str, Enum):
@@ -76,6 +77,7 @@ class BreakerSettings:
         return min(self.max_open_s, self.base_open_s * self.multiplier ** max(0, level - 1))
 
 
+@lean
 @dataclass(frozen=True)
 class Ticket:
     """Permission for one attempt. `probe` is True for a half-open probe; `episode` ties it

@@ -16,6 +16,7 @@ from random import Random
 from typing import TYPE_CHECKING, Any
 
 from switchgear.dataplane.snapshot import EndpointView, Pricing, ServiceView
+from switchgear.wire.lean import lean
 
 if TYPE_CHECKING:
     from switchgear.dataplane.scheduling.stats import LiveStats
@@ -82,6 +83,7 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
     )
 
 
+@lean
 @dataclass(frozen=True)
 class Request:
     """What one call asks of routing.
