@@ -50,6 +50,11 @@ from switchgear.v1 import loadreport_pb2
 
 log = logging.getLogger("switchgear.controlplane.containers")
 
+#: Seconds after a restart during which replica endpoints the registry held are kept for their
+#: agents to reconnect and report them (the agents' snapshot-stream backoff is capped at 10 s:
+#: dataplane/client.py Backoff), on top of two load-report intervals.
+RECONNECT_GRACE_S = 10.0
+
 ACTOR = "containers"
 DEFAULT_URL = "http://${HOST}:${PORT}/v1"
 #: Bounds on what one agent's report may make this manager hold.
@@ -320,9 +325,12 @@ class ContainerManager:
         if self._inherited is None:
             self._inherited = {e.id for s in self._registry.state.services for e in s.endpoints
                                if e.id.startswith(MANAGED_ENDPOINT_PREFIX)}
-        grace = now - self._started < 2 * self._interval() + 1.0
+        grace = now - self._started < 2 * self._interval() + RECONNECT_GRACE_S
         # Right after a restart, the replica endpoints the registry held are kept a moment: their
-        # agents reconnect and report them (adoption) before they are judged stale.
+        # agents reconnect and report them (adoption) before they are judged stale. An agent
+        # that lost its control plane retries with a backoff of up to 10 s, so the moment is
+        # that long: a shorter one withdrew a replica whose agent came back 3 s after the
+        # restart, and re-added it on adoption (two versions for nothing).
         kept = [e for e in spec.endpoints if e.id in self._inherited and e.id not in known] if grace else []
         # No max_concurrency: `concurrency` is the scaling rule's denominator, not an admission cap.
         # A cap would keep a call whose replica just died from failing over to a busy peer (it
