@@ -40,7 +40,7 @@ from switchgear.adapters.anthropic import _text
 from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Unauthenticated
-from switchgear.dataplane.http_edge import target_headers
+from switchgear.dataplane.http_edge import relay, target_headers
 from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded
@@ -428,16 +428,7 @@ async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: Agen
     mapper = None if native else ChatToEvents(call.service, call.request_id)
     if mapper is not None:
         await response.write(mapper.start())
-    item: bytes | StreamEnd = first
-    try:
-        while not isinstance(item, StreamEnd):
-            await response.write(native_event(item) if mapper is None else mapper.feed(item))
-            item = await anext(items)
-    finally:  # also when the caller disconnects: release the upstream connection and charge now
-        await items.aclose()
-    if isinstance(item, StreamEnd):
-        access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
-                               item.attempts)
+    item = await relay(response, first, items, native_event if mapper is None else mapper.feed)
     if item.error is not None:
         refused = failed(item.error, item.attempts, item.service, item.endpoint, interrupted=True)
         await response.write(event("error", {"error": error_body(refused.http_status, refused.message)["error"]}))

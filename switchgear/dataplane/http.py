@@ -37,7 +37,7 @@ from switchgear.dataplane import access_log, anthropic_door
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
-from switchgear.dataplane.http_edge import Observe, add_probes, request_id_of, target_headers
+from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, open_pipeline
@@ -273,16 +273,7 @@ async def _stream(
     await response.prepare(request)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    item: bytes | StreamEnd = first
-    try:
-        while not isinstance(item, StreamEnd):
-            await response.write(b"data: " + item + b"\n\n")
-            item = await anext(items)
-    finally:  # also when the caller disconnects: release the upstream connection and charge now
-        await items.aclose()
-    if isinstance(item, StreamEnd):
-        access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
-                               item.attempts)
+    item = await relay(response, first, items, lambda chunk: b"data: " + chunk + b"\n\n")
     if item.error is not None:
         await response.write(render(failed(item.error, item.attempts, item.service, item.endpoint,
                                            interrupted=True)).sse())

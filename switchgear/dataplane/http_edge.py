@@ -15,7 +15,7 @@ or counted as a request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -23,6 +23,7 @@ from aiohttp import web
 from switchgear.dataplane import access_log
 from switchgear.dataplane.door_metrics import Edge, http_status_class
 from switchgear.dataplane.snapshot import Holder, TargetView
+from switchgear.dataplane.stream import StreamEnd, StreamItem
 from switchgear.dataplane.tracing import Tracing, response_attributes
 
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -95,6 +96,24 @@ def target_headers(committed: tuple[str, TargetView] | None) -> dict[str, str]:
     endpoint, target = committed
     return {"x-switchgear-target": endpoint, "x-switchgear-provider": target.provider or target.protocol,
             "x-switchgear-target-model": target.model}
+
+
+async def relay(response: web.StreamResponse, first: StreamItem, items: AsyncGenerator[StreamItem, None],
+                encode: Callable[[bytes], bytes]) -> StreamEnd:
+    """Writes a stream's chunks (`first`, then the rest of `items`), each as `encode` frames it
+    for the door, up to its StreamEnd, which it returns after noting the answer's usage, cost,
+    endpoint and attempts in the access log. The stream is closed whatever happens — also when
+    the caller disconnects — so the upstream connection is released and the call charged now."""
+    item = first
+    try:
+        while not isinstance(item, StreamEnd):
+            await response.write(encode(item))
+            item = await anext(items)
+    finally:
+        await items.aclose()
+    access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
+                           item.attempts)
+    return item
 
 
 def request_id_of(request: web.Request) -> str | None:
