@@ -38,6 +38,14 @@ class DeltaAgent(FakeAgent):
         return first
 
 
+async def synced_agent(cp: ControlPlane, channel: grpc.aio.Channel) -> tuple[DeltaAgent, str]:
+    """A delta agent on a registry holding 'chat', past its first (whole) snapshot: (it, the version it holds)."""
+    cp.registry.register(service("chat"), "test")
+    agent = DeltaAgent(channel)
+    await agent.hello()
+    return agent, (await agent.synced(cp)).version_info
+
+
 async def test_deltas_name_what_each_change_touched(control_plane: ControlPlane, channel: grpc.aio.Channel) -> None:
     cp = control_plane
     cp.registry.register(service("chat"), "test")
@@ -111,10 +119,7 @@ async def test_a_nacked_delta_is_not_resent_and_the_next_one_spans_both_changes(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:
     cp = control_plane
-    cp.registry.register(service("chat"), "test")
-    agent = DeltaAgent(channel)
-    await agent.hello()
-    held = (await agent.synced(cp)).version_info
+    agent, held = await synced_agent(cp, channel)
     rejected = cp.registry.register(service("a", "http://127.0.0.1:12/v1"), "test").version
     response = await agent.read()
     assert response.HasField("delta") and response.version_info == rejected
@@ -131,10 +136,7 @@ async def test_a_resync_nack_gets_the_whole_snapshot_and_rejects_nothing(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:
     cp = control_plane
-    cp.registry.register(service("chat"), "test")
-    agent = DeltaAgent(channel)
-    await agent.hello()
-    held = (await agent.synced(cp)).version_info
+    agent, held = await synced_agent(cp, channel)
     version = cp.registry.register(service("a", "http://127.0.0.1:12/v1"), "test").version
     delta = await agent.read()
     await agent.call.write(discovery_pb2.StreamSnapshotsRequest(
@@ -152,10 +154,7 @@ async def test_per_service_rejections_of_a_delta_are_recorded(
     control_plane: ControlPlane, channel: grpc.aio.Channel
 ) -> None:
     cp = control_plane
-    cp.registry.register(service("chat"), "test")
-    agent = DeltaAgent(channel)
-    await agent.hello()
-    await agent.synced(cp)
+    agent, _ = await synced_agent(cp, channel)
     cp.registry.register(service("a", "http://127.0.0.1:12/v1"), "test")
     response = await agent.read()
     await agent.call.write(discovery_pb2.StreamSnapshotsRequest(
