@@ -47,13 +47,14 @@ from switchgear.controlplane.store import Change
 from switchgear.controlplane.tasks.model import Resources
 from switchgear.controlplane.validate import HEALTH_PATHS, ValidationError
 from switchgear.v1 import loadreport_pb2
+from switchgear.wire.reconnect import RECONNECT_MAX_S
 
 log = logging.getLogger("switchgear.controlplane.containers")
 
 #: Seconds after a restart during which replica endpoints the registry held are kept for their
-#: agents to reconnect and report them (the agents' snapshot-stream backoff is capped at 10 s:
-#: dataplane/client.py Backoff), on top of two load-report intervals.
-RECONNECT_GRACE_S = 10.0
+#: agents to reconnect and report them (their reconnect backoff's cap), on top of two load-report
+#: intervals.
+RECONNECT_GRACE_S = RECONNECT_MAX_S
 
 ACTOR = "containers"
 DEFAULT_URL = "http://${HOST}:${PORT}/v1"
@@ -328,8 +329,8 @@ class ContainerManager:
         grace = now - self._started < 2 * self._interval() + RECONNECT_GRACE_S
         # Right after a restart, the replica endpoints the registry held are kept a moment: their
         # agents reconnect and report them (adoption) before they are judged stale. An agent
-        # that lost its control plane retries with a backoff of up to 10 s, so the moment is
-        # that long: a shorter one withdrew a replica whose agent came back 3 s after the
+        # that lost its control plane retries with a backoff of up to RECONNECT_MAX_S, so the
+        # moment is that long: a shorter one withdrew a replica whose agent came back 3 s after the
         # restart, and re-added it on adoption (two versions for nothing).
         kept = [e for e in spec.endpoints if e.id in self._inherited and e.id not in known] if grace else []
         # No max_concurrency: `concurrency` is the scaling rule's denominator, not an admission cap.

@@ -29,6 +29,7 @@ from switchgear.dataplane.convert_governance import governance_from_proto
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, without_health_verdicts
 from switchgear.tls import ClientTls, aio_channel
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
+from switchgear.wire.reconnect import RECONNECT_MAX_S
 
 log = logging.getLogger("switchgear.dataplane.client")
 
@@ -72,7 +73,7 @@ class Backoff:
     Jitter spreads reconnecting agents so a restarted control plane is not hit by all at once.
     """
 
-    def __init__(self, base_s: float = 0.2, cap_s: float = 10.0, rng: random.Random | None = None) -> None:
+    def __init__(self, base_s: float = 0.2, cap_s: float = RECONNECT_MAX_S, rng: random.Random | None = None) -> None:
         self._base = base_s
         self._cap = cap_s
         self._rng = rng or random.Random()

@@ -1,7 +1,8 @@
 """What both planes share of the wire: the small shared package of issue 20's layering.
 
 `checks`: what both planes check of a snapshot message. `stats`: one load-report row (the
-agent's reporter writes it, the control plane's collector sums it); `loadreport` converts it.
+agent's reporter writes it, the control plane's collector sums it); `loadreport` converts it;
+`reconnect`: how long an agent may take to come back to a restarted control plane.
 
 Why a package of its own. An agent decides, per service, whether it can apply a snapshot's
 content with `checks`; the control plane runs the very same checks on the snapshot a change
