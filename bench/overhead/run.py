@@ -42,6 +42,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from bench.overhead.nginx import Nginx
 from bench.overhead.prod import PROD_MODES, ProdStack, summary, unique_body_lua
 from switchgear.supervise import Proc
 from switchgear.v1 import gateway_pb2
@@ -82,6 +83,7 @@ class Run:
     agent_cpu_s: float
     seconds: float
     workers: int = 1  # the agent's --workers (its CPU is the supervisor's and every worker's)
+    worker_cpu_s: tuple[float, ...] = ()  # with --workers N > 1: each worker's CPU s over the run
 
 
 def ensure_tools() -> None:
@@ -99,30 +101,43 @@ def ensure_tools() -> None:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds of `pid` and its children (an agent's `--workers` processes): the scheduler's
-    own nanosecond count (`/proc/<pid>/task/*/schedstat`), not utime + stime, which are sampled at
-    clock ticks and overcharge a process that wakes on a timer and sleeps again between ticks."""
-    pids = [str(pid)]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
-                pids.append(stat.parent.name)
-        except (OSError, IndexError):
-            continue
-    total, ticks = 0, 0.0
+    """CPU seconds of `pid` and its children (an agent's `--workers` processes, nginx's worker)."""
+    return sum(cpu_by_process(pid).values())
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and of each of its children, by pid: the scheduler's own nanosecond
+    count (`/proc/<pid>/task/*/schedstat`), not utime + stime, which are sampled at clock ticks and
+    overcharge a process that wakes on a timer and sleeps again between ticks."""
+    pids = [pid, *children(pid)]
+    by_pid: dict[int, float] = {}
     for p in pids:
         try:
             tasks = list(Path(f"/proc/{p}/task").iterdir())
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):  # a process that ended meanwhile
             continue
-        ticks += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        ticks = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        total = 0
         for task in tasks:
             try:
                 total += int((task / "schedstat").read_text().split()[0])
             except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
                 continue
-    return total / 1e9 if total else ticks  # no schedstat (kernel without CONFIG_SCHED_INFO): ticks
+        by_pid[p] = total / 1e9 if total else ticks  # no schedstat (kernel without CONFIG_SCHED_INFO): ticks
+    return by_pid
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, in pid order."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return sorted(found)
 
 
 def rss_mb(pid: int) -> float:
@@ -132,16 +147,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_measured(argv: list[str], pids: tuple[int, int]) -> tuple[str, float, float, float, float]:
-    """(stdout, loadgen cpu s, emulator cpu s, agent cpu s, wall s)."""
-    before = [cpu_s(p) for p in pids]
+def run_measured(argv: list[str], pids: tuple[int, int]) -> tuple[str, float, float, float, float, tuple[float, ...]]:
+    """(stdout, loadgen cpu s, upstream cpu s, agent cpu s, wall s, workers' cpu s): the last is each
+    worker's CPU s over the run for an agent with `--workers N` (its children), else empty."""
+    upstream, agent = pids
+    before = (cpu_s(upstream), cpu_by_process(agent))
     start = time.monotonic()
     _children_cpu_delta()  # only the load generator's CPU counts below
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False).stdout
     wall = time.monotonic() - start
-    after = [cpu_s(p) for p in pids]
+    after = (cpu_s(upstream), cpu_by_process(agent))
     loadgen = _children_cpu_delta()
-    return out, loadgen, after[0] - before[0], after[1] - before[1], wall
+    split = {p: s - before[1].get(p, 0.0) for p, s in after[1].items()}
+    workers = tuple(cpu for p, cpu in split.items() if p != agent)
+    return out, loadgen, after[0] - before[0], sum(split.values()), wall, workers
 
 
 _LAST_CHILDREN = [0.0]
@@ -213,12 +232,12 @@ def wrk(
         str(script),
         url,
     ]
-    out, lg, emu, agent, wall = run_measured(argv, pids)
+    out, lg, emu, agent, wall, split = run_measured(argv, pids)
     try:
         requests, errors, rps, p50, p99 = parse_wrk(out)
     except (AttributeError, ValueError):
         raise RuntimeError(f"unexpected wrk output:\n{out}") from None
-    return Run("", 0, concurrency, requests, errors, rps, p50, p99, lg, emu, agent, wall), out
+    return Run("", 0, concurrency, requests, errors, rps, p50, p99, lg, emu, agent, wall, worker_cpu_s=split), out
 
 
 def grpc_frame(service: str) -> bytes:
@@ -262,7 +281,7 @@ def h2load(
         f"--log-file={log}",
         f"http://{address}/switchgear.v1.GatewayService/Invoke",
     ]
-    out, lg, emu, agent, wall = run_measured(argv, pids)
+    out, lg, emu, agent, wall, split = run_measured(argv, pids)
     if not log.exists():
         raise RuntimeError(f"h2load wrote no log:\n{out}")
     durations = sorted(
@@ -287,13 +306,17 @@ def h2load(
         emu,
         agent,
         wall,
+        worker_cpu_s=split,
     ), out
 
 
 class Stack:
-    def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,)) -> None:
+    def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,),
+                 upstream: str = "emulator") -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.upstream = upstream  # the zero-delay service's: "emulator" or "nginx" (nginx.py)
+        self.nginx: Nginx | None = None
         self.with_grpcio = grpcio
         self.workers = workers
         self.by_workers: dict[int, tuple[Proc, str, str]] = {}  # --workers N -> (agent, gRPC, HTTP address)
@@ -305,6 +328,13 @@ class Stack:
         self.procs.append(emu)
         self.ports = json.loads("{" + emu.start(ready_prefix="{"))
         self.emulator = emu
+        if self.upstream == "nginx":  # the zero-delay service's calls go to nginx, answering the emulator's body
+            answer = httpx.post(f"http://127.0.0.1:{self.ports['zero']}/v1/chat/completions",
+                                json={**CHAT, "model": "gpt-4o-mini"}, timeout=5)
+            answer.raise_for_status()
+            self.canned = answer.json()
+            self.nginx = Nginx(self.workdir / "nginx", answer.text)
+            self.ports["zero"] = self.nginx.start()
         config = self.workdir / "bench.yaml"
         config.write_text(CONFIG.format(fixed=self.ports["fixed"], zero=self.ports["zero"]))
         cp = Proc.switchgear(
@@ -335,8 +365,11 @@ class Stack:
         deadline = time.monotonic() + 20
         for _, _, http_address in self.by_workers.values():
             while True:  # an agent serves once it holds the snapshot (each worker: several connections)
-                if all(httpx.post(f"http://{http_address}/v1/chat/completions", json={**CHAT, "model": "bench-0ms"},
-                                  timeout=5).status_code == 200 for _ in range(8)):
+                answers = [httpx.post(f"http://{http_address}/v1/chat/completions",
+                                      json={**CHAT, "model": "bench-0ms"}, timeout=5) for _ in range(8)]
+                if all(a.status_code == 200 for a in answers):
+                    if self.nginx is not None:
+                        check_canned(answers[-1], self.canned)
                     break
                 assert time.monotonic() < deadline, f"agent at {http_address} not serving"
                 time.sleep(0.1)
@@ -353,13 +386,30 @@ class Stack:
         grpc_address = agent.start()
         return agent, grpc_address, agent.wait_line("HTTP ", 20)[5:].strip()
 
+    def upstream_pid(self, instance: str) -> int:
+        return self.nginx.pid if self.nginx is not None and instance == "zero" else self.emulator.pid
+
     def served(self, instance: str) -> int:
+        if self.nginx is not None and instance == "zero":
+            return self.nginx.served()
         stats = httpx.get(f"http://127.0.0.1:{self.ports[instance]}/_emulator/stats", timeout=5).json()
         return int(stats["by_outcome"].get("ok", 0))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+        if self.nginx is not None:
+            self.nginx.stop()
+
+
+def check_canned(answer: httpx.Response, canned: dict[str, object]) -> None:
+    """The agent relayed nginx's canned chat.completion: its choices, and its usage (what the
+    agent counts for quotas, budgets and metrics) as nginx sent it."""
+    body = answer.json()
+    usage = canned.get("usage")
+    assert isinstance(usage, dict) and usage.get("total_tokens"), f"the canned body has no usage: {canned}"
+    for key in ("object", "choices", "usage"):
+        assert body.get(key) == canned[key], f"the agent's answer differs from nginx's in {key!r}: {body}"
 
 
 def per_request(run: Run) -> str:
@@ -370,7 +420,7 @@ def per_request(run: Run) -> str:
 def fmt(runs: list[Run], rss: float) -> str:
     lines = [
         "| upstream | conc | path | req/s | p50 ms | p99 ms | added p50 | added p99 | req/s vs direct | errors "
-        "| CPU s: loadgen / emulator / agent | agent CPU ms/req |",
+        "| CPU s: loadgen / upstream / agent | agent CPU ms/req |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     direct = {(r.delay_ms, r.concurrency): r for r in runs if r.mode == "direct"}
@@ -404,19 +454,19 @@ def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, serv
     started with `--workers workers` for the http and grpc paths."""
     if mode == "direct":
         url = f"http://127.0.0.1:{stack.ports[instance]}/v1/chat/completions"
-        return wrk(url, {**CHAT, "model": "gpt-4o-mini"}, conc, seconds, (stack.emulator.pid, stack.agent.pid),
-                   workdir)[0]
+        return wrk(url, {**CHAT, "model": "gpt-4o-mini"}, conc, seconds,
+                   (stack.upstream_pid(instance), stack.agent.pid), workdir)[0]
     if mode in ("http", "grpc", "grpcio"):
         agent, grpc_address, http_address = stack.by_workers[workers]
         agent = stack.agent_grpcio if mode == "grpcio" else agent
-        pids = (stack.emulator.pid, agent.pid)
+        pids = (stack.upstream_pid(instance), agent.pid)
         if mode == "http":
             return wrk(f"http://{http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
                        seconds, pids, workdir)[0]
         address = stack.grpcio_address if mode == "grpcio" else grpc_address
         return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
     assert prod is not None
-    pids = (stack.emulator.pid, prod.agent.pid)
+    pids = (stack.upstream_pid(instance), prod.agent.pid)
     if mode.startswith("prod-http"):
         hit = mode == "prod-http-hit"
         body = {**CHAT, "model": service}
@@ -438,8 +488,10 @@ def _workers_lines(runs: list[Run]) -> list[str]:
              if r.workers > 1 and (r.mode, r.delay_ms, r.concurrency) in one]
     lines = [f"--workers {r.workers} vs 1 (same run), {r.mode} {r.delay_ms} ms c={r.concurrency}: "
              f"{r.rps / o.rps:.2f}x req/s; CPU over the run, in cores: load generator "
-             f"{r.loadgen_cpu_s / r.seconds:.2f}, emulator {r.emulator_cpu_s / r.seconds:.2f}, agent "
-             f"{r.agent_cpu_s / r.seconds:.2f} (1 worker: {o.agent_cpu_s / o.seconds:.2f})"
+             f"{r.loadgen_cpu_s / r.seconds:.2f}, upstream {r.emulator_cpu_s / r.seconds:.2f}, agent "
+             f"{r.agent_cpu_s / r.seconds:.2f} (workers {' + '.join(f'{w / r.seconds:.2f}' for w in r.worker_cpu_s)}; "
+             f"1 worker: {o.agent_cpu_s / o.seconds:.2f}); agent CPU per request {per_request(r)} ms "
+             f"(1 worker: {per_request(o)})"
              for r, o in pairs if o.rps]
     return ["", *lines] if lines else []
 
@@ -451,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delays", default="20,0", help="upstream delays in ms: 20 and/or 0")
     parser.add_argument("--modes", default="direct,http,grpc,grpcio",
                         help="direct, http, grpc, grpcio; production settings: " + ", ".join(PROD_MODES))
+    parser.add_argument("--upstream", choices=("emulator", "nginx"), default="emulator",
+                        help="what answers the zero-delay service (and the direct path): the OpenAI emulator, or "
+                             "nginx with the emulator's answer canned (a few µs a call: for --workers, where the "
+                             "emulator's CPU would take a core's share from the agent); the 20 ms service stays "
+                             "on the emulator")
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
     parser.add_argument("--workers", default="1",
                         help="agents' --workers, e.g. 1,2: the http and grpc paths run once per count, each on "
@@ -466,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in modes if m not in ("direct", "http", "grpc", "grpcio", *PROD_MODES)]
         if unknown:
             parser.error(f"unknown modes: {', '.join(unknown)}")
-        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts)
+        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts, upstream=args.upstream)
         prod: ProdStack | None = None
         try:
             stack.start()
@@ -495,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 prod.stop()
             stack.stop()
     print()
+    print(f"zero-delay upstream: {args.upstream}")
     print(fmt(runs, rss))
     for note in notes:
         print(note)
