@@ -38,14 +38,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import orjson
 
 from bench.overhead.nginx import Nginx
 from bench.overhead.prod import PROD_MODES, ProdStack, summary, unique_body_lua
 from switchgear.supervise import Proc
-from switchgear.v1 import gateway_pb2
+from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 
 CHAT = {"messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 8}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -363,13 +365,14 @@ class Stack:
         if self.with_grpcio:
             self.agent_grpcio, self.grpcio_address, _ = self._agent("agent-grpcio", cp_address, "grpcio")
         deadline = time.monotonic() + 20
-        for _, _, http_address in self.by_workers.values():
+        for _, grpc_address, http_address in self.by_workers.values():
             while True:  # an agent serves once it holds the snapshot (each worker: several connections)
                 answers = [httpx.post(f"http://{http_address}/v1/chat/completions",
                                       json={**CHAT, "model": "bench-0ms"}, timeout=5) for _ in range(8)]
                 if all(a.status_code == 200 for a in answers):
                     if self.nginx is not None:
                         check_canned(answers[-1], self.canned)
+                        check_usage(grpc_address, self.canned)
                     break
                 assert time.monotonic() < deadline, f"agent at {http_address} not serving"
                 time.sleep(0.1)
@@ -402,7 +405,7 @@ class Stack:
             self.nginx.stop()
 
 
-def check_canned(answer: httpx.Response, canned: dict[str, object]) -> None:
+def check_canned(answer: httpx.Response, canned: dict[str, Any]) -> None:
     """The agent relayed nginx's canned chat.completion: its choices, and its usage (what the
     agent counts for quotas, budgets and metrics) as nginx sent it."""
     body = answer.json()
@@ -410,6 +413,17 @@ def check_canned(answer: httpx.Response, canned: dict[str, object]) -> None:
     assert isinstance(usage, dict) and usage.get("total_tokens"), f"the canned body has no usage: {canned}"
     for key in ("object", "choices", "usage"):
         assert body.get(key) == canned[key], f"the agent's answer differs from nginx's in {key!r}: {body}"
+
+
+def check_usage(grpc_address: str, canned: dict[str, Any]) -> None:
+    """One gRPC Invoke of the zero-delay service: the usage the agent read from nginx's answer (what
+    it counts for quotas, budgets and load reports) is the canned one, not an estimate."""
+    with grpc.insecure_channel(grpc_address) as channel:
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(gateway_pb2.InvokeRequest(
+            service="bench-0ms", method="chat.completions", payload=orjson.dumps(CHAT)), timeout=10)
+    usage = canned["usage"]
+    got = (reply.usage.input_tokens, reply.usage.output_tokens, reply.usage.estimated)
+    assert got == (usage["prompt_tokens"], usage["completion_tokens"], False), f"usage {got}, nginx sent {usage}"
 
 
 def per_request(run: Run) -> str:
