@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -111,9 +112,10 @@ def _bindable(port: int) -> bool:
 class Nginx:
     """One nginx serving `body` from `workdir`; start() picks the port and waits until it answers."""
 
-    def __init__(self, workdir: Path, body: str) -> None:
+    def __init__(self, workdir: Path, body: str, preexec: Callable[[], None] | None = None) -> None:
         self.workdir = workdir
         self.body = body
+        self.preexec = preexec  # run in the child before nginx starts (e.g. a scheduling policy)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._status_reads = 0
@@ -138,7 +140,7 @@ class Nginx:
             conf.write_text(config(self.workdir, port, self.body))
             log = (self.workdir / "nginx-error.log").open("ab")
             self.proc = subprocess.Popen([binary, "-p", str(self.workdir), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, start_new_session=True)
+                                         stdout=log, stderr=log, start_new_session=True, preexec_fn=self.preexec)
             log.close()
             self.port = port
             if self._wait_listening(timeout_s):
