@@ -36,8 +36,8 @@ PORTS = (20000, 30000)  # candidates: below the usual ephemeral range (32768-609
 
 def ensure_nginx() -> str:
     """The nginx binary; installs Debian's nginx-light when missing (as root), else exits saying how."""
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if binary:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"  # (sbin is not on every user's PATH)
+    if os.access(binary, os.X_OK):
         return binary
     if os.geteuid() != 0:
         sys.exit("--upstream nginx needs nginx; run: apt-get install -y nginx-light")
@@ -93,7 +93,8 @@ def _ports() -> list[int]:
     low, high = PORTS
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        high = min(high, ephemeral_low)
+        if ephemeral_low > low + 1000:  # (a range moved below ours: keep ours)
+            high = min(high, ephemeral_low)
     except (OSError, ValueError, IndexError):
         pass
     start = random.randrange(low, high)
