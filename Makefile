@@ -9,8 +9,9 @@ BUF    := node_modules/.bin/buf
 
 # Debian packages the tests start as real servers (Redis for shared quotas and cache; PostgreSQL
 # for the store that control-plane replicas share; Chromium for the console's browser tests; podman
-# and runc for the managed replicas' docker backend, through podman's Docker-compatible API service).
-APT_PACKAGES := redis-server postgresql chromium podman runc
+# and runc for the managed replicas' docker backend, through podman's Docker-compatible API service;
+# nginx-light as the overhead benchmark's cheap upstream, which its test starts).
+APT_PACKAGES := redis-server postgresql chromium podman runc nginx-light
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
