@@ -77,18 +77,20 @@ def test_one_failure_degrades_once_and_a_probe_per_interval_recovers(caplog: pyt
 
 
 class FakeClient:
-    """Just enough of redis.asyncio for SharedRedis: ping answers or raises on demand."""
+    """Just enough of redis.asyncio for SharedRedis: its probe (INFO cluster) answers or raises
+    on demand."""
 
     def __init__(self) -> None:
         self.up = False
-        self.pings = 0
+        self.probes = 0
         self.closed = False
 
-    async def ping(self) -> bool:
-        self.pings += 1
+    async def info(self, section: str) -> dict[str, int]:
+        assert section == "cluster"
+        self.probes += 1
         if not self.up:
             raise ConnectionError("refused")
-        return True
+        return {"cluster_enabled": 0}
 
     async def aclose(self) -> None:
         self.closed = True
@@ -120,7 +122,7 @@ async def test_shared_redis_short_circuits_while_degraded_and_probes_in_the_back
         await shared.call("quota", lambda: op(False), 1.0)  # starts a probe, still answered locally
     assert shared.probing is not None
     await shared.probing
-    assert client.pings == 1 and shared.health.degraded
+    assert client.probes == 1 and shared.health.degraded
 
     client.up = True
     clock.now += 0.5

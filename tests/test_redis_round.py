@@ -3,6 +3,8 @@ admission carries the cache lookup and the previous requests' stores and account
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -278,3 +280,55 @@ async def test_a_counter_the_round_both_adds_to_and_checks_is_sent_once_and_adde
         assert float(await client.get("sg:q:t|*|req/60|1")) == 1.0  # the refused one was not counted
         await rounds.aclose()
         await client.aclose()
+
+
+async def test_a_redis_cluster_node_is_refused_at_start_and_by_every_probe(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real redis-server in cluster mode (one node, no slots served): the agent's check at
+    start says why in one error line and keeps to local counters; a probe never recovers it."""
+    import subprocess
+
+    from tests.servers import free_port
+
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
+                               "--cluster-config-file", str(tmp_path / "nodes.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await client.ping()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "redis-server (cluster mode) did not answer"
+                await asyncio.sleep(0.02)
+        health = RedisHealth(probe_interval_s=0.0)
+        redis = SharedRedis(client, health)
+        with caplog.at_level("ERROR", logger="switchgear.dataplane.redis"):
+            await redis.check()
+            assert health.degraded and redis.cluster_refused
+            with pytest.raises(RedisUnavailable):
+                await redis.call("quota", client.ping, 1.0)
+            assert redis.probing is not None
+            await redis.probing
+            assert health.degraded, "a probe answered by a cluster node must not leave degraded mode"
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "Redis Cluster node" in errors[0] and f"127.0.0.1:{port}" in errors[0]
+    finally:
+        await client.aclose()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_a_standalone_redis_passes_the_check_at_start(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        client = aioredis.from_url(server.url)
+        try:
+            redis = SharedRedis(client, RedisHealth())
+            await redis.check()
+            assert not redis.health.degraded and not redis.cluster_refused
+        finally:
+            await client.aclose()

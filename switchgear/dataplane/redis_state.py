@@ -3,7 +3,7 @@
 Two modes. SHARED: quota and cache operations go to Redis, each bounded by its caller's
 timeout. DEGRADED, entered on the first failure (an error or a timeout) of any Redis call:
 operations do not go to Redis at all but answer locally at once, so once a dead or stopped
-Redis has been noticed it costs requests nothing, not even the timeout. Meanwhile one PING at
+Redis has been noticed it costs requests nothing, not even the timeout. Meanwhile one probe at
 a time, at most one per `probe_interval_s` and started by the calls that arrive (an idle agent
 does not probe, and shows its last known mode), asks whether Redis answers again; the first
 that does returns the agent to SHARED. A request therefore waits on Redis for at most one
@@ -13,6 +13,11 @@ Recovery comes from the probe alone. Degraded calls never reach Redis, so a succ
 DEGRADED is a call issued before the outage, and a failure of a call issued before the last
 recovery is old news too: neither flips the mode, which keeps one warning line per outage and
 one info line per recovery.
+
+A Redis Cluster node is refused: a request's one script call touches keys (its tenant's
+counters, its cache entry) that Cluster spreads over hash slots and will not take in one call.
+The agent checks at start (`check`) and in every probe (`INFO cluster`), logs one error saying
+so, and stays DEGRADED for as long as the node is one.
 
 `RedisHealth` is the pure state machine (clock in, decisions out). `SharedRedis` is the edge
 that wraps the client: every Redis call of the counters and the cache goes through `call`.
@@ -120,6 +125,15 @@ class RedisUnavailable(Exception):
     """Raised by `SharedRedis.call` instead of the Redis error: the caller answers locally."""
 
 
+class RedisClusterNode(Exception):
+    """The configured Redis is a Redis Cluster node (refused: SharedRedis._refuse_cluster)."""
+
+
+def _cluster_node(info: Any) -> bool:
+    """Whether `INFO cluster` (as redis-py parses it) says cluster mode is on."""
+    return isinstance(info, dict) and str(info.get("cluster_enabled", "0")) == "1"
+
+
 class SharedRedis:
     """The agent's Redis client behind a `RedisHealth`: the one way the counters and the cache call it.
 
@@ -137,6 +151,9 @@ class SharedRedis:
         self._max_idle = max_idle
         self._closing: asyncio.Future[Any] | None = None  # the last surplus connection being closed
         self._deadlines = Deadlines()
+        self.cluster_refused = False  # a Redis Cluster node was met (logged once)
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        self.address = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
     async def execute(self, *args: Any) -> Any:
         """One command on a connection of our own, made by the client's pool but not lent by it:
@@ -211,11 +228,38 @@ class SharedRedis:
 
     async def _probe(self) -> None:
         try:
-            await asyncio.wait_for(self.client.ping(), self._probe_timeout_s)
+            info = await asyncio.wait_for(self.client.info("cluster"), self._probe_timeout_s)
         except Exception:
             self.health.probe_failed()
+            return
+        if _cluster_node(info):
+            self.health.probe_failed()
+            self._refuse_cluster()
         else:
             self.health.recovered()
+
+    async def check(self) -> None:
+        """At start: a Redis Cluster node is refused (module docstring) before any request
+        meets it; an unreachable Redis is left to the calls and the probe."""
+        try:
+            info = await asyncio.wait_for(self.client.info("cluster"), self._probe_timeout_s)
+        except Exception:
+            return
+        if _cluster_node(info):
+            started = self.health.started()
+            if started is not None:
+                self.health.failed("quota", RedisClusterNode(), started)
+            self._refuse_cluster()
+
+    def _refuse_cluster(self) -> None:
+        if self.cluster_refused:
+            return
+        self.cluster_refused = True
+        log.error("redis at %s is a Redis Cluster node, which agents do not support: a request's one "
+                  "script call touches its tenant's counters and its cache entry, keys that Cluster "
+                  "spreads over hash slots and refuses in one call. Quotas stay on this agent's "
+                  "local counters and the cache in its memory; use a standalone Redis (or a "
+                  "primary with replicas)", self.address)
 
     async def aclose(self) -> None:
         if self.probing is not None:

@@ -100,7 +100,7 @@ class Options:
     control_plane_token: str | None = None
     snapshot_delivery: str = "delta"  # --snapshot-delivery: "delta" or "whole" (client.py DELIVERIES)
     redis_url: str = ""
-    redis_probe_interval_s: float = 0.5  # while Redis is degraded, one PING per interval at most
+    redis_probe_interval_s: float = 0.5  # while Redis is degraded, one probe (INFO cluster) per interval at most
     redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
@@ -262,6 +262,7 @@ class Agent:
         if self.redis is not None:
             stack.push_async_callback(self.redis.aclose)
             stack.push_async_callback(self.pipeline.quotas.aclose)  # its last accounting, before the client closes
+            await self.redis.check()  # a Redis Cluster node is refused before any request meets it
         stack.push_async_callback(self.core.pool.close)
         if self.core.observed.tracing is not None:
             stack.callback(self.core.observed.tracing.shutdown)  # after the doors: the last calls' spans go out
