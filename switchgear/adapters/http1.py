@@ -420,6 +420,13 @@ class Http1Pool:
     """Keep-alive connections per origin, at most `max_connections` in all (callers beyond it
     wait for one to come back); a connection idle longer than `keepalive_s` is closed.
 
+    Waiting callers are served first come, first served: a returning connection is handed to
+    the longest-waiting caller of its origin (or, when only callers of other origins wait, it is
+    closed and its slot handed to the first of them), and a caller that arrives while others
+    wait queues behind them. Without the hand-over, a caller answered and asking again in the
+    same turn of the loop took the connection back before the woken waiter ran, and waiters
+    could starve until their timeouts.
+
     Each origin's idle connections are a stack (the most recently used is reused first, so a
     steady load keeps few warm). The ones a burst opened sink to the bottom, where a steady load
     never reaches: every `keepalive_s / 4` a returning connection has the pool close those idle
@@ -435,7 +442,9 @@ class Http1Pool:
         self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
         self._open = 0
         self._next_sweep = 0.0
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        # Callers waiting for a connection, first come first served: (origin key, future of the
+        # connection handed over, or of None: a slot, counted in `_open`, to connect with).
+        self._waiting: deque[tuple[tuple[bool, str, int], asyncio.Future[_Connection | None]]] = deque()
         self._origins: dict[str, _Origin] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
@@ -489,6 +498,26 @@ class Http1Pool:
         self._idle.clear()
 
     async def _acquire(self, origin: _Origin, connect_timeout: float | None) -> _Connection:
+        if not self._live_waiters():  # nobody queued: an idle connection, or a new one within the limit
+            connection = self._take_idle(origin)
+            if connection is not None:
+                return connection
+            if self._open < self._limit or self._close_idle():  # (an idle one elsewhere gives its slot up)
+                self._open += 1
+                return await self._open_on_slot(origin, connect_timeout)
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((origin.key, waiter))
+        try:
+            handed = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed a connection or a slot: pass it on
+                self._pass_on(origin, waiter.result())
+            raise
+        if handed is not None:
+            return handed
+        return await self._open_on_slot(origin, connect_timeout)
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin.key)
         now = time.monotonic()
         while idle:
@@ -497,26 +526,14 @@ class Http1Pool:
                 return connection
             connection.close()
             self._open -= 1
-        while self._open >= self._limit:
-            if self._close_idle():  # an idle connection to another origin gives its slot up
-                break
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # we were handed the free slot: pass it on
-                raise
-            idle = self._idle.get(origin.key)
-            if idle:
-                return await self._acquire(origin, connect_timeout)
-        self._open += 1
+        return None
+
+    async def _open_on_slot(self, origin: _Origin, connect_timeout: float | None) -> _Connection:
+        """Connect on a slot already counted in `_open`; a failed connect gives the slot on."""
         try:
             return await self._connect(origin, connect_timeout)
         except BaseException:
-            self._open -= 1
-            self._wake()
+            self._pass_on(origin, None)
             raise
 
     async def _connect(self, origin: _Origin, connect_timeout: float | None) -> _Connection:
@@ -539,13 +556,34 @@ class Http1Pool:
         now = time.monotonic()
         if connection.reusable and not connection.closed and not self._closed:
             connection.idle_since = now
-            self._idle.setdefault(origin.key, []).append(connection)
+            self._pass_on(origin, connection)
         else:
             connection.close()
-            self._open -= 1
+            self._pass_on(origin, None)
         if now >= self._next_sweep:
             self._sweep(now)
-        self._wake()
+
+    def _pass_on(self, origin: _Origin, connection: _Connection | None) -> None:
+        """A connection (or, for None, the slot of one closed) comes back: to the longest-waiting
+        caller of its origin; else, closed, its slot to the first caller waiting; else kept idle
+        (or the slot freed)."""
+        if connection is not None:
+            for key, waiter in self._waiting:
+                if key == origin.key and not waiter.done():
+                    self._waiting.remove((key, waiter))
+                    waiter.set_result(connection)
+                    return
+        while self._waiting:
+            _, waiter = self._waiting.popleft()
+            if not waiter.done():
+                if connection is not None:
+                    connection.close()
+                waiter.set_result(None)
+                return
+        if connection is not None:
+            self._idle.setdefault(origin.key, []).append(connection)
+        else:
+            self._open -= 1
 
     def _sweep(self, now: float) -> None:
         """Close the connections idle longer than `keepalive_s` (the oldest: each stack's bottom)."""
@@ -563,12 +601,11 @@ class Http1Pool:
                 return True
         return False
 
-    def _wake(self) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _live_waiters(self) -> bool:
+        """Whether a caller is waiting (cancelled waiters at the head are dropped here)."""
+        while self._waiting and self._waiting[0][1].done():
+            self._waiting.popleft()
+        return bool(self._waiting)
 
 
 def _request_bytes(
