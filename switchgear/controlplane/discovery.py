@@ -288,8 +288,8 @@ class _Stream:
             detail = request.error_detail
             nack = Nack(self.pending_version, detail.field_path, detail.message)
             self.tracker.nacked(self.node_id, request.version_info, nack, _rejections(request))
-            self.tally.answered(self.pending_version, nacked=True)
             log.warning("agent %s NACKed %s: %s: %s", self.node_id, nack.version, nack.field_path, nack.message)
+            self.tally.answered(self.pending_version, nacked=True)
         else:
             rejections = _rejections(request)
             self.tracker.acked(self.node_id, request.version_info, rejections)
