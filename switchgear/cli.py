@@ -57,10 +57,11 @@ def _store_url(value: str) -> str:
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
-    from switchgear.controlplane.server import Options, StartupError, serve
+    from switchgear.controlplane.server import Options, StartupError, serve, tune_collector
     from switchgear.tls import ClientTls
 
     _logging(args.log_level)
+    tune_collector()
     overrides = tuple((name, value) for name, value in (
         ("report_interval_s", args.report_interval), ("health_window_s", args.health_window),
         ("alert_window_s", args.alert_window), ("health_debounce_s", args.health_debounce),

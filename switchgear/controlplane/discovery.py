@@ -4,7 +4,9 @@ Protocol, per stream (see discovery.proto):
 - the first request names the node and the version it holds;
 - the control plane sends the current snapshot only when the agent does not hold it and has
   not rejected it before, and never has more than one response unanswered;
-- each response carries a fresh nonce; an answer with another nonce is stale and ignored;
+- each response carries a fresh nonce (unique in this process: a per-process random prefix and a
+  counter; it only matches answers to pushes on the agent's own authenticated stream); an answer
+  with another nonce is stale and ignored;
 - an answer with error_detail is a NACK: the version is remembered as rejected for that node;
 - every request lists the services of the version it names that the agent did not apply
   (per-resource rejections, version skew): they are recorded for ListAgents and ListServices;
@@ -20,15 +22,20 @@ Protocol, per stream (see discovery.proto):
   restarted control plane) the pushes go out in bounded waves instead of a thundering herd of
   buffers. Smaller pushes (deltas, small registries) take no slot: at most one is unanswered
   per stream and they are serialised once per version, so they are bounded by the stream count
-  times their size, and waves would only delay them (bench/controlplane/README.md).
+  times their size, and waves would only delay them (bench/controlplane/README.md);
+- ACKs are logged once per version at info ("version X: N of M agents ACKed in T s ..."), each
+  agent's ACK at debug (a line per agent per change is 10,000 records per change at 10,000
+  agents); NACKs and per-service rejections are logged per agent, as warnings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -124,6 +131,12 @@ class SnapshotFeed:
         return self._published
 
 
+#: Nonces: unique in this process and not guessable across restarts; a counter, not a random
+#: number per push (the nonce only tells an answer to this stream's push from a stale one).
+_NONCE_PREFIX = secrets.token_hex(4)
+_nonces = itertools.count(1)
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -145,6 +158,47 @@ def add_to_server(servicer: DiscoveryServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"StreamSnapshots": handler}),))
 
 
+class _Tally:
+    """How the agents answered the pushes of the current version, logged once per version: when
+    every push of it was answered (or its stream ended), or when a newer version's first push
+    supersedes it with some still pending. Use from the event loop only."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.version = ""
+        self.started = 0.0
+        self.sent = self.acked = self.nacked = self.gone = 0
+
+    def pushed(self, version: str) -> None:
+        if version != self.version:
+            self._log()
+            self.version = version
+        if not self.sent:
+            self.started = self._clock()
+        self.sent += 1
+
+    def answered(self, version: str, *, acked: bool = False, nacked: bool = False) -> None:
+        """An ACK, a NACK or neither (the stream ended, the agent asked to resynchronise)."""
+        if version != self.version or not self.sent:
+            return  # an answer to a superseded version: counted as pending in its line
+        if acked:
+            self.acked += 1
+        elif nacked:
+            self.nacked += 1
+        else:
+            self.gone += 1
+        if self.acked + self.nacked + self.gone == self.sent:
+            self._log()
+
+    def _log(self) -> None:
+        if not self.sent:
+            return
+        pending = self.sent - self.acked - self.nacked - self.gone
+        log.info("version %s: %d of %d agents ACKed in %.2f s (%d NACKed, %d ended or resynchronised, %d pending)",
+                 self.version, self.acked, self.sent, self._clock() - self.started, self.nacked, self.gone, pending)
+        self.sent = self.acked = self.nacked = self.gone = 0
+
+
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     def __init__(
         self, feed: SnapshotFeed, tracker: AgentTracker, *, debounce_s: float = 0.05, max_concurrent_pushes: int = 256,
@@ -155,6 +209,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._tracker = tracker
         self._debounce_s = debounce_s
         self._pushes = asyncio.Semaphore(max_concurrent_pushes)
+        self._tally = _Tally()
 
     async def StreamSnapshots(  # noqa: N802 (generated name)
         self,
@@ -175,7 +230,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                                 "delta" if delta else "whole")
         log.info("agent %s connected from %s holding %r (%s snapshots)", node.id, context.peer(),
                  first.version_info[:200], "delta" if delta else "whole")
-        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes, delta)
+        stream = _Stream(node.id, first.version_info, self._feed, self._tracker, self._debounce_s, self._pushes, delta,
+                         self._tally)
         try:
             async for response in stream.run(request_iterator):
                 yield response
@@ -188,8 +244,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 class _Stream:
     def __init__(
         self, node_id: str, held: str, feed: SnapshotFeed, tracker: AgentTracker, debounce_s: float,
-        pushes: asyncio.Semaphore | None = None, delta: bool = False,
+        pushes: asyncio.Semaphore | None = None, delta: bool = False, tally: _Tally | None = None,
     ) -> None:
+        self.tally = tally or _Tally()
         self.pushes = pushes or asyncio.Semaphore(1)
         self.holding = False
         self.node_id = node_id
@@ -207,8 +264,9 @@ class _Stream:
         current = self.feed.current.version
         if self.pending_nonce or current == self.held or self.tracker.rejected(self.node_id, current):
             return None
-        self.pending_nonce, self.pending_version = secrets.token_hex(8), current
+        self.pending_nonce, self.pending_version = f"{_NONCE_PREFIX}{next(_nonces):08x}", current
         self.tracker.sent(self.node_id, current)
+        self.tally.pushed(current)
         body, _ = self.feed.body(self.held if self.delta else None)
         nonce: bytes = discovery_pb2.StreamSnapshotsResponse(nonce=self.pending_nonce).SerializeToString()
         return body + nonce
@@ -221,6 +279,7 @@ class _Stream:
             # Not a rejection: the agent holds another version than the delta's base; it gets
             # the whole snapshot next (always safe), and deltas again after it.
             log.warning("agent %s asked to resynchronise (holding %r)", self.node_id, request.version_info[:200])
+            self.tally.answered(self.pending_version)
             self.held = ""
             self.pending_nonce = self.pending_version = ""
             self._release()
@@ -230,10 +289,12 @@ class _Stream:
             nack = Nack(self.pending_version, detail.field_path, detail.message)
             self.tracker.nacked(self.node_id, request.version_info, nack, _rejections(request))
             log.warning("agent %s NACKed %s: %s: %s", self.node_id, nack.version, nack.field_path, nack.message)
+            self.tally.answered(self.pending_version, nacked=True)
         else:
             rejections = _rejections(request)
             self.tracker.acked(self.node_id, request.version_info, rejections)
-            log.info("agent %s ACKed %s", self.node_id, request.version_info)
+            self.tally.answered(self.pending_version, acked=True)
+            log.debug("agent %s ACKed %s", self.node_id, request.version_info)
             for r in rejections:
                 log.warning("agent %s did not apply service %r of %s: %s: %s",
                             self.node_id, r.service, request.version_info, r.field_path, r.message)
@@ -273,6 +334,8 @@ class _Stream:
                 await self._wait(reader)
             reader.result()  # the reader's error, if any, ends the stream with it
         finally:
+            if self.pending_nonce:
+                self.tally.answered(self.pending_version)
             self._release()
             reader.cancel()
             if self._registered is not None:  # a stream that ends leaves nothing on the shared future
@@ -281,7 +344,10 @@ class _Stream:
     async def _read(self, requests: AsyncIterator[discovery_pb2.StreamSnapshotsRequest]) -> None:
         async for request in requests:
             self._answer(request)
-            self._wake(None)
+            if self._wants():
+                self._wake(None)
+            else:  # nothing to send before the next publish: the pushing side sleeps on
+                self._arm()
 
     async def _wait(self, reader: asyncio.Future[None]) -> None:
         """Until an answer was read, the stream ended or the feed publishes (debounced; not while
@@ -290,17 +356,21 @@ class _Stream:
         of every stream's callback, so a change to N streams cost O(N^2). Here each stream
         registers on each publish future once and leaves it there until it fires (or the
         stream ends)."""
-        if reader.done():
-            return
+        if reader.done() or (not self.pending_nonce and self._wants()):
+            return  # (the latter: an answer read before this loop resumed from its push)
         self._waiter = asyncio.get_running_loop().create_future()
         if not self.pending_nonce:
-            changed = self.feed.next_publish(self.debounce_s)
-            if changed.done():
-                return
-            if self._registered is not changed:
-                changed.add_done_callback(self._wake)
-                self._registered = changed
+            self._arm()
         await self._waiter
+
+    def _arm(self) -> None:
+        """Wake on the next publish (debounced); now if it came already."""
+        changed = self.feed.next_publish(self.debounce_s)
+        if changed.done():
+            self._wake(None)
+        elif self._registered is not changed:
+            changed.add_done_callback(self._wake)
+            self._registered = changed
 
     def _wake(self, _: object) -> None:
         if self._waiter is not None and not self._waiter.done():
