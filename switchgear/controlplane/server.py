@@ -95,7 +95,6 @@ from switchgear.v1 import (
 log = logging.getLogger("switchgear.controlplane")
 
 
-#: Let agents' keepalive pings through, so a silent network loss is noticed in seconds.
 #: The cycle collector's young-generation threshold in a control-plane process (CPython's default
 #: is 700). Each change to 10,000 agent streams allocates objects that live for the ~1-2 s of the
 #: fan-out (pending writes, futures, requests); at 700 they were promoted to the old generations
@@ -111,6 +110,7 @@ def tune_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+#: Let agents' keepalive pings through, so a silent network loss is noticed in seconds.
 SERVER_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
