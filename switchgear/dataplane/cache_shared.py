@@ -83,6 +83,10 @@ class ResponseCache:
 
     async def put(self, key: str, entry: Entry, ttl_s: float) -> None:
         """Into this agent's memory now; into Redis with the next round (written behind)."""
+        self.keep(key, entry, ttl_s)
+
+    def keep(self, key: str, entry: Entry, ttl_s: float) -> None:
+        """`put`, as a plain call (what a request's work after its answer runs: afterward.py)."""
         self.local.put(key, entry, ttl_s)
         if self.rounds is None or ttl_s <= 0:
             return

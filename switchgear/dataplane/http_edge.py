@@ -3,8 +3,10 @@
 `observe(...)` is the door's outermost middleware. Per request it takes the caller's
 `x-request-id` (access_log.request_id: bounded, else a new one) and echoes it, opens a SERVER
 span continuing the caller's `traceparent` when tracing is on (upstream attempts become its
-children), and when the answer is out records the request's families, its overhead (its time
-minus its upstream attempts') and its access-log line (door_metrics.Edge, as the gRPC door does).
+children), writes a whole answer itself, and once it is out runs the request's remaining work
+(afterward.py: the cache store, the quota accounting) and records the request's families, its
+overhead (its time up to the answer's last byte minus its upstream attempts') and its access-log
+line (door_metrics.Edge, as the gRPC door does).
 Handlers tell the current exchange what they learn through the `note_*` helpers.
 
 Probes, unauthenticated and answering nothing else: `GET /healthz` is 200 while the process
@@ -20,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from switchgear.dataplane import access_log
+from switchgear.dataplane import access_log, afterward
 from switchgear.dataplane.door_metrics import Edge, http_status_class
 from switchgear.dataplane.snapshot import Holder, TargetView
 from switchgear.dataplane.stream import StreamEnd, StreamItem
@@ -44,7 +46,8 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
         exchange.method = _OPERATIONS.get(request.path) or access_log.label(request.method)  # any token
         request[_REQUEST_ID] = exchange.request_id
         response: web.StreamResponse | None = None
-        left = False
+        left = sent = False
+        work, token = afterward.collect()
         try:
             if tracing is None:
                 response = await handler(request)
@@ -52,19 +55,42 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
                 response = await _traced(tracing, request, handler, exchange)
             if not response.prepared:
                 response.headers["x-request-id"] = exchange.request_id
+                sent = await _send(request, response)
             return response
         except asyncio.CancelledError:
             left = True
             raise
         finally:
+            afterward.stop(token)
             # no response: 499 when the caller went away (as nginx logs it), else an internal error
             status = response.status if response is not None else 499 if left else 500
             exchange.status, exchange.status_class = status, http_status_class(status)
             if status >= 400 and not exchange.reason:
                 exchange.reason = f"http_{status}"
-            edge.finish(exchange)
+            if sent:  # the answer is out: its latency ends here, the request's remaining work runs next
+                asyncio.get_running_loop().call_soon(_after, work, edge, exchange)
+                exchange.close()
+            else:
+                _after(work, edge, exchange)
 
     return middleware
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> bool:
+    """Writes a whole answer now (aiohttp would write it when the middlewares return); False when
+    the caller is gone (aiohttp's own write then meets the closed connection and drops it)."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        return False
+    return True
+
+
+def _after(work: afterward.Later, edge: Edge, exchange: access_log.Exchange) -> None:
+    """The request's work after its answer (afterward.py), then its metrics and access-log line."""
+    work.run()
+    edge.finish(exchange)
 
 
 async def _traced(tracing: Tracing, request: web.Request, handler: Handler,

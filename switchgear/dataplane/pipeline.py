@@ -6,6 +6,9 @@
       -> cache lookup -> single-flight -> invoke (routing, resilience, adapters)
       -> cache store (complete, non-fallback successes only) -> quota accounting (actual usage)
 
+The store and the accounting are handed to `afterward.later`: a door that writes its own answers
+(the HTTP front door) runs them once the answer is out; elsewhere they run at once.
+
 With Redis, the admission, the cache's Redis read, and the previous requests' stores and
 accounting are one round trip (redis_round.py): the store and the accounting are queued, not
 awaited, on the answer's path.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from switchgear.adapters.base import TokenUsage
+from switchgear.dataplane.afterward import later
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
@@ -223,7 +227,7 @@ class Pipeline:
                     return _from_entry(entry, snapshot.version), True
             fresh = await self._invoke(call, snapshot)
             if mode is not CacheMode.NO_STORE and not fresh.fallback:
-                await cache.put(key, _to_entry(fresh), ttl)
+                later(_keep, cache, key, fresh, ttl)  # (after the answer is written: afterward.py)
             return fresh, False
 
         flight_key = key if mode is CacheMode.USE else f"{key}|{mode.value}"
@@ -243,7 +247,10 @@ class Pipeline:
         return ttl_for(service.category, snapshot.settings.cache_ttl_s, service_ttl)
 
     async def _account(self, principal: Principal | None, service: str, result: Result) -> None:
-        await self.account(principal, service, result.usage, result.cost_usd)
+        if principal is not None:  # (after the answer is written: afterward.py)
+            usage = result.usage
+            later(self._quotas.note, principal.tenant, service, usage.input_tokens + usage.output_tokens,
+                  result.cost_usd)
 
     async def account(self, principal: Principal | None, service: str, usage: TokenUsage, cost_usd: float) -> None:
         """Count a finished call's actual tokens and cost against the tenant's windows."""
@@ -255,6 +262,10 @@ class Pipeline:
 def open_pipeline(invoke: Invoke) -> Pipeline:
     """No keys, no quotas, no cache: what a front door uses when built without a pipeline."""
     return Pipeline(invoke, auth_required=False, quotas=QuotaEnforcer(LocalCounters()), cache=None)
+
+
+def _keep(cache: ResponseCache, key: str, result: Result, ttl_s: float) -> None:
+    cache.keep(key, _to_entry(result), ttl_s)
 
 
 def _to_entry(result: Result) -> Entry:

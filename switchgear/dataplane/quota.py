@@ -306,6 +306,10 @@ class QuotaEnforcer:
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
         """Count a completed call's actual tokens and cost against every window that limits them."""
+        self.note(tenant, service, tokens, cost_usd)
+
+    def note(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
+        """`record`, as a plain call (what a request's work after its answer runs: afterward.py)."""
         now = self._clock()
         tally = self._tallies.setdefault(tenant.id, UsageTally())
         tally.tokens += tokens
