@@ -107,3 +107,35 @@ async def test_a_failed_handler_still_runs_its_work_and_is_answered(monkeypatch:
     finally:
         await runner.cleanup()
     assert ran == ["queued before the failure"]
+
+
+def test_a_success_reaches_counting_observers_after_the_answer_and_the_others_at_once() -> None:
+    from switchgear.dataplane.events import AttemptEnd, AttemptStart
+    from switchgear.dataplane.invoke import Invoker
+
+    seen: list[str] = []
+
+    class Observer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def attempt_started(self, event: AttemptStart) -> None:
+            seen.append(f"{self.name} started")
+
+        def attempt_ended(self, event: AttemptEnd) -> None:
+            seen.append(f"{self.name} ended")
+
+    class Counting(Observer):
+        after_answer = True
+
+    invoker = Invoker({}, None, None, None, observers=[Counting("metrics"), Observer("live")])  # type: ignore[arg-type]
+    work, token = afterward.collect()
+    try:
+        invoker._answered(AttemptEnd("r", "s", "llm", "e", 1, 0.02))
+    finally:
+        afterward.stop(token)
+    assert seen == ["live ended"]
+    work.run()
+    assert seen == ["live ended", "metrics ended"]
+    invoker._answered(AttemptEnd("r", "s", "llm", "e", 1, 0.02))  # no door collecting (gRPC): all at once
+    assert seen[2:] == ["live ended", "metrics ended"]

@@ -86,6 +86,8 @@ class DoorMetrics(PromCollector):
     """The families above; also an AttemptObserver (attempt outcomes, and the current
     exchange's attempt count and endpoint). Updated on the event loop, read by scrapes."""
 
+    after_answer = True  # counts only: a success reaches it after the answer (events.AttemptObserver)
+
     def __init__(self, *, max_tenants: int = DEFAULT_MAX_TENANTS, max_routes: int = DEFAULT_MAX_ROUTES) -> None:
         if max_tenants < 1 or max_routes < 1:
             raise ValueError("max_tenants and max_routes must be at least 1")

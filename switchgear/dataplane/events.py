@@ -53,6 +53,9 @@ class AttemptEnd:
 
 
 class AttemptObserver(Protocol):
+    """An observer whose class sets `after_answer = True` only counts: a call's successful end
+    reaches it after the caller's answer is written (afterward.py), not before."""
+
     def attempt_started(self, event: AttemptStart) -> None: ...
 
     def attempt_ended(self, event: AttemptEnd) -> None: ...

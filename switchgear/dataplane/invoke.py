@@ -28,6 +28,7 @@ import grpc
 import orjson
 
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.afterward import later
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.deadlines import Deadlines
@@ -93,6 +94,9 @@ class Invoker:
         self._router = router
         self._clock = clock
         self._observers = tuple(observers)
+        # A success's end: these before the answer is written, the counting ones after it (afterward.py)
+        self._at_answer = tuple(o for o in self._observers if not getattr(o, "after_answer", False))
+        self._after_answer = tuple(o for o in self._observers if getattr(o, "after_answer", False))
         self.resilience = resilience or Resilience(clock=clock)
         self._defer = defer
         self._deadlines = Deadlines()  # the attempts' time limits
@@ -171,8 +175,8 @@ class Invoker:
         if effective.tpm_limit:
             self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()
-        self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                               now - attempt_start, None, usage, cost, answer=response.body))
+        self._answered(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
+                                  now - attempt_start, None, usage, cost, answer=response.body))
         return Result(
             body=response.body,
             service=service.name,
@@ -209,6 +213,12 @@ class Invoker:
     def _ended(self, event: AttemptEnd) -> None:
         for observer in self._observers:
             observer.attempt_ended(event)
+
+    def _answered(self, event: AttemptEnd) -> None:
+        for observer in self._at_answer:
+            observer.attempt_ended(event)
+        for observer in self._after_answer:
+            later(observer.attempt_ended, event)
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")

@@ -100,6 +100,8 @@ class AgentMetrics(PromCollector):
     """AttemptObserver + Prometheus collector. Use from the event loop (scrapes come from the
     metrics thread and only read; a scrape racing an update may see it half applied)."""
 
+    after_answer = True  # counts only: a success reaches it after the answer (events.AttemptObserver)
+
     def __init__(self, *, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  version: Callable[[], str] = lambda: "") -> None:
         self._clock = clock

@@ -63,6 +63,8 @@ class _Delta:
 
 
 class LoadAccumulator:
+
+    after_answer = True  # counts only: a success reaches it after the answer (events.AttemptObserver)
     def __init__(self, bounds_s: Sequence[float] = ()) -> None:
         self._bounds = list(bounds_s)
         self._deltas: dict[Key, _Delta] = {}
