@@ -306,7 +306,7 @@ async def test_a_redis_cluster_node_is_refused_at_start_and_by_every_probe(
                 assert time.monotonic() < deadline, "redis-server (cluster mode) did not answer"
                 await asyncio.sleep(0.02)
         health = RedisHealth(probe_interval_s=0.0)
-        redis = SharedRedis(client, health)
+        redis = SharedRedis(client, health, probe_timeout_s=10.0)  # (a busy machine: no timeout here)
         with caplog.at_level("ERROR", logger="switchgear.dataplane.redis"):
             await redis.check()
             assert health.degraded and redis.cluster_refused
