@@ -325,6 +325,12 @@ class Collector:
         latency = v[4] / v[5] if v[5] else (v[2] / v[3] if v[3] else 0.0)
         return round(finished), (failed / finished if finished else 0.0), latency, self._gauge(key, now)[0]
 
+    def active_services(self, window_s: float, now: float) -> set[str]:
+        """Services with a series that has data in the last `window_s` seconds (a superset of
+        those whose `sample` or `stats` over that window can be non-zero in its sums)."""
+        first = int((now - window_s) // self.bucket_s) + 1
+        return {key[0] for key, series in self._series.items() if series.mark_index and series.mark_index[-1] >= first}
+
     def services(self, window_s: float, now: float) -> dict[str, WindowStats]:
         """Per-service sums (endpoint and service-level series together) over the window."""
         first = int((now - window_s) // self.bucket_s) + 1
