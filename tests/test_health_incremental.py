@@ -184,3 +184,34 @@ def evaluate_both(full: hl.HealthScorer, quick: hl.HealthScorer, collector: Coll
     assert got == expected
     assert quick._memory == full._memory
     return got
+
+
+def test_gauges_summed_once_per_tick_match_each_agents_latest_report() -> None:
+    """The collector sums every key's gauges in one pass (kept until a report, a departure or
+    another `now`): the sums are each fresh agent's latest figures, whatever came between."""
+    rng = random.Random(3)
+    collector = Collector(gauge_ttl_s=5.0)
+    latest: dict[str, tuple[float, dict[tuple[str, str], tuple[int, int]]]] = {}  # agent -> (at, gauges)
+    keys = [(f"s{i}", "e0") for i in range(6)]
+    now = 1000.0
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3:
+            now += rng.choice((0.5, 1.0, 2.0, 6.0))
+        elif op < 0.9:
+            agent = f"a{rng.randrange(8)}"
+            gauges = {k: (rng.randrange(4), rng.randrange(3)) for k in rng.sample(keys, k=rng.randrange(4))}
+            collector.record(agent, [LoadDelta(service=s, endpoint=e, in_flight=f, queue_length=q)
+                                     for (s, e), (f, q) in gauges.items()], now)
+            latest[agent] = (now, {k: g for k, g in gauges.items() if g != (0, 0)})
+        else:
+            agent = f"a{rng.randrange(8)}"
+            collector.agent_gone(agent)
+            latest.pop(agent, None)
+        for when in (now, now + 3.0, now):  # another `now` between two reads at the same one
+            fresh = [g for at, g in latest.values() if when - at <= 5.0]
+            for key in keys:
+                expected = (sum(g.get(key, (0, 0))[0] for g in fresh), sum(g.get(key, (0, 0))[1] for g in fresh))
+                stats = collector.stats(key, WINDOW_S, when)
+                assert (collector.in_flight(key, when), stats.queue_length) == expected == (stats.in_flight,
+                                                                                           stats.queue_length)
