@@ -1,10 +1,11 @@
 """The health monitor's tick at fleet scale: CPU per `Monitor.tick()` over a registry of
 one-endpoint services, in-process (no sockets, no agents), with an injected clock.
 
-    python -m bench.controlplane.tick [--services 10000] [--ticks 10] [--active 100]
+    python -m bench.controlplane.tick [--services 10000] [--agents 10000] [--ticks 10] [--active 100]
 
 Reported, CPU time per tick (the tick runs on the control plane's one event loop, every half
-report interval, whether or not anything changes):
+report interval, whether or not anything changes), with `--agents` agents sending a report
+every second (empty: an agent reports even with nothing in flight; one more carries the data):
 - idle: no endpoint has reported (an idle fleet, or one whose traffic stopped);
 - some active: `--active` services report every second, the rest are idle;
 - all with data: every endpoint reports every second;
@@ -47,7 +48,7 @@ class _Clock:
         return self.now
 
 
-def cpu_per_tick(registry: Registry, active: int, ticks: int, full: bool) -> float:
+def cpu_per_tick(registry: Registry, agents: int, active: int, ticks: int, full: bool) -> float:
     """Seconds of CPU per tick, `active` of the services reporting 20 calls a second each."""
     clock, collector = _Clock(), Collector()
     monitor = Monitor(registry, collector, clock=clock)
@@ -57,6 +58,8 @@ def cpu_per_tick(registry: Registry, active: int, ticks: int, full: bool) -> flo
 
     def second() -> None:
         clock.now += 1.0
+        for agent in range(agents):
+            collector.record(f"agent-{agent}", [], clock.now)
         if names:
             collector.record("agent", [LoadDelta(service=n, endpoint="e0", category="llm", issued=20, succeeded=20,
                                                  latency_sum_s=2.0, latency_count=20, success_latency_sum_s=2.0,
@@ -77,11 +80,13 @@ def cpu_per_tick(registry: Registry, active: int, ticks: int, full: bool) -> flo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.controlplane.tick", description=__doc__.split("\n")[0])
     parser.add_argument("--services", type=int, default=10_000, help="one-endpoint services in the registry")
+    parser.add_argument("--agents", type=int, default=10_000, help="agents reporting (empty reports) every second")
     parser.add_argument("--ticks", type=int, default=10, help="ticks timed per case")
     parser.add_argument("--active", type=int, default=100, help="services with data in the 'some active' case")
     args = parser.parse_args(argv)
     print(f"# health tick benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cpu, load "
-          f"{os.getloadavg()[0]:.2f}), {args.services} one-endpoint services, CPU per tick")
+          f"{os.getloadavg()[0]:.2f}), {args.services} one-endpoint services, {args.agents} agents reporting, "
+          "CPU per tick")
     with tempfile.TemporaryDirectory(prefix="sg-tick-") as tmp:
         store = SqliteStore(Path(tmp) / "r.db")
         try:
@@ -89,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry.replace(registry_state(args.services), "bench", "bench.controlplane.tick")
             cases = (("idle", 0), (f"{args.active} active", args.active), ("all with data", args.services))
             for label, active in cases:
-                quick = cpu_per_tick(registry, active, args.ticks, full=False)
-                full = cpu_per_tick(registry, active, args.ticks, full=True)
+                quick = cpu_per_tick(registry, args.agents, active, args.ticks, full=False)
+                full = cpu_per_tick(registry, args.agents, active, args.ticks, full=True)
                 print(f"  {label:>14}: {quick * 1e3:7.1f} ms with the quiet-service shortcut, "
                       f"{full * 1e3:7.1f} ms scoring every service")
         finally:
