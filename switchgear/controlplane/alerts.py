@@ -48,6 +48,7 @@ alert recovers:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def has_data(rule: AlertRule, figures: Mapping[str, float], requests: int) -> bo
     return rule.metric in figures and requests >= max(1, rule.min_requests)
 
 
+@functools.lru_cache(maxsize=1024)  # a rule's metric, op and threshold are read per service per tick
 def parse_condition(text: str) -> tuple[str, str, float]:
     match = _CONDITION.match(text)
     if match is None:

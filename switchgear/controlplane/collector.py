@@ -216,6 +216,9 @@ class Collector:
         self._reported_at: dict[str, float] = {}
         self._capacities: dict[str, dict[Key, int]] = {}  # agent -> key -> capacity it reported
         self._pruned_at = -1
+        # fresh gauges summed per key, for (now, gauge_ttl_s) (None: a report or a departure since)
+        self._summed: dict[Key, tuple[int, int]] = {}
+        self._summed_for: tuple[float, float] | None = None
 
     def record(self, agent: str, deltas: Iterable[LoadDelta], now: float) -> None:
         index = int(now // self.bucket_s)
@@ -239,6 +242,7 @@ class Collector:
             else:
                 capacities.pop(key, None)
         self._gauges[agent] = gauges
+        self._summed_for = None
         self._reported_at[agent] = now
         if index != self._pruned_at:  # once per bucket is enough
             self._pruned_at = index
@@ -248,6 +252,7 @@ class Collector:
 
     def agent_gone(self, agent: str) -> None:
         self._gauges.pop(agent, None)
+        self._summed_for = None
         self._reported_at.pop(agent, None)
         self._capacities.pop(agent, None)
 
@@ -276,12 +281,18 @@ class Collector:
                 if now - (at := self._reported_at.get(agent, -math.inf)) <= self.gauge_ttl_s}
 
     def _gauge(self, key: Key, now: float) -> tuple[int, int]:
-        in_flight = queue = 0
-        for agent, gauges in self._gauges.items():
-            if key in gauges and now - self._reported_at.get(agent, -math.inf) <= self.gauge_ttl_s:
-                in_flight += gauges[key][0]
-                queue += gauges[key][1]
-        return in_flight, queue
+        """(in flight, queue length) of `key`, summed over the agents whose gauges are fresh.
+        The sums of every key are made in one pass over the agents and kept until the next
+        report or `now`: a tick asks for each endpoint, and a fleet has thousands of agents."""
+        if self._summed_for != (now, self.gauge_ttl_s):
+            summed: dict[Key, tuple[int, int]] = {}
+            for agent, gauges in self._gauges.items():
+                if gauges and now - self._reported_at.get(agent, -math.inf) <= self.gauge_ttl_s:
+                    for k, (in_flight, queue) in gauges.items():
+                        f, q = summed.get(k, (0, 0))
+                        summed[k] = (f + in_flight, q + queue)
+            self._summed, self._summed_for = summed, (now, self.gauge_ttl_s)
+        return self._summed.get(key, (0, 0))
 
     def in_flight(self, key: Key, now: float) -> int:
         """Attempts in flight on `key`, summed over the agents whose gauges are fresh."""
@@ -324,6 +335,12 @@ class Collector:
         finished = v[1] + failed
         latency = v[4] / v[5] if v[5] else (v[2] / v[3] if v[3] else 0.0)
         return round(finished), (failed / finished if finished else 0.0), latency, self._gauge(key, now)[0]
+
+    def active_services(self, window_s: float, now: float) -> set[str]:
+        """Services with a series that has data in the last `window_s` seconds (a superset of
+        those whose `sample` or `stats` over that window can be non-zero in its sums)."""
+        first = int((now - window_s) // self.bucket_s) + 1
+        return {key[0] for key, series in self._series.items() if series.mark_index and series.mark_index[-1] >= first}
 
     def services(self, window_s: float, now: float) -> dict[str, WindowStats]:
         """Per-service sums (endpoint and service-level series together) over the window."""

@@ -114,6 +114,10 @@ class HealthScorer:
 
     params: HealthParams = field(default_factory=HealthParams)
     _memory: dict[tuple[str, str], _Memory] = field(default_factory=dict)
+    # services without usable data at the last evaluation: their inputs and verdicts (evaluate)
+    _quiet: dict[str, tuple[list[EndpointInput], dict[tuple[str, str], Verdict]]] = field(default_factory=dict)
+    _quiet_params: HealthParams | None = None
+    _quiet_at: float = -math.inf
 
     def evaluate(
         self,
@@ -121,15 +125,38 @@ class HealthScorer:
         endpoints: Sequence[EndpointInput],
         sample: SampleFn,
         first_seen: Callable[[str, str], float],
+        active: Callable[[str], bool] | None = None,
     ) -> dict[tuple[str, str], Verdict]:
+        """Verdicts for `endpoints`. With `active` (False: none of the service's endpoints has
+        data in the health window), a service that had no usable data at the previous
+        evaluation either, with the same inputs and nothing the clock changes (an ejection
+        running out), keeps its verdicts without re-scoring: they are exactly what scoring would
+        give (no usable data scores every endpoint alike, in the bucket it already holds).
+        tests/test_health_incremental.py holds the two side by side."""
         by_service: dict[str, list[EndpointInput]] = {}
         for e in endpoints:
             by_service.setdefault(e.service, []).append(e)
+        # min_requests 0 makes an endpoint without data usable once its blackout ends (the clock's doing)
+        idle = active if self.params.min_requests > 0 and now >= self._quiet_at else None
+        if self.params is not self._quiet_params:
+            self._quiet.clear()
+            self._quiet_params = self.params
         verdicts: dict[tuple[str, str], Verdict] = {}
-        for members in by_service.values():
-            verdicts.update(self._service(now, members, sample, first_seen))
-        for gone in set(self._memory) - set(verdicts):
-            del self._memory[gone]
+        quiet: dict[str, tuple[list[EndpointInput], dict[tuple[str, str], Verdict]]] = {}
+        for name, members in by_service.items():
+            kept = self._quiet.get(name) if idle is not None and not idle(name) else None
+            if kept is not None and kept[0] == members:
+                found = kept[1]
+                quiet[name] = kept
+            else:
+                found, any_usable = self._service(now, members, sample, first_seen)
+                if not any_usable and all(self._memory[key].ejected_until <= now for key in found):
+                    quiet[name] = (members, found)
+            verdicts.update(found)
+        self._quiet, self._quiet_at = quiet, now
+        if len(self._memory) != len(verdicts):  # every verdict has a memory: equal sizes, equal keys
+            for gone in set(self._memory) - set(verdicts):
+                del self._memory[gone]
         return verdicts
 
     def _usable(self, now: float, e: EndpointInput, s: Sample, first: float, memory: _Memory) -> bool:
@@ -138,7 +165,8 @@ class HealthScorer:
 
     def _service(
         self, now: float, members: list[EndpointInput], sample: SampleFn, first_seen: Callable[[str, str], float]
-    ) -> dict[tuple[str, str], Verdict]:
+    ) -> tuple[dict[tuple[str, str], Verdict], bool]:
+        """The service's verdicts, and whether any endpoint had usable data."""
         p = self.params
         memories = {
             (e.service, e.endpoint): self._memory.setdefault((e.service, e.endpoint), _Memory(bucket=p.weight_buckets))
@@ -172,7 +200,7 @@ class HealthScorer:
             if state == EJECTED and memory.ejected_until > now and reason.startswith("error rate"):
                 ejected_now += 1
             verdicts[key] = Verdict(state, weight, bucket, reason)
-        return verdicts
+        return verdicts, bool(usable)
 
     def _state(
         self, now: float, e: EndpointInput, s: Sample, usable: bool, factor: float, memory: _Memory, may_eject: bool
