@@ -291,8 +291,10 @@ async def test_a_redis_cluster_node_is_refused_at_start_and_by_every_probe(
     from tests.servers import free_port
 
     port = free_port()
+    # (the cluster bus port defaults to port + 10,000, which a free port above 55,535 overflows)
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
+                               "--cluster-port", str(free_port()),
                                "--cluster-config-file", str(tmp_path / "nodes.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = aioredis.Redis(host="127.0.0.1", port=port)
@@ -303,6 +305,7 @@ async def test_a_redis_cluster_node_is_refused_at_start_and_by_every_probe(
                 await client.ping()
                 break
             except Exception:
+                assert server.poll() is None, "redis-server (cluster mode) exited at start"
                 assert time.monotonic() < deadline, "redis-server (cluster mode) did not answer"
                 await asyncio.sleep(0.02)
         health = RedisHealth(probe_interval_s=0.0)
