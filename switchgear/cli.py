@@ -86,7 +86,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
                     _announce_console)
 
     try:
-        asyncio.run(run())
+        run_event_loop(run())
     except (StartupError, ListenError) as exc:
         print(f"switchgear controlplane: {exc}", file=sys.stderr)
         return 2
@@ -240,8 +240,9 @@ def _serve_tls(args: argparse.Namespace) -> ServerTls | None:
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """asyncio.run on uvloop when it is installed (it cuts the agent's per-request CPU; see
-    bench/overhead), else on the default loop. SWITCHGEAR_EVENT_LOOP=asyncio forces the default."""
+    """asyncio.run on uvloop when it is installed (it cuts the agent's per-request CPU, see
+    bench/overhead, and the control plane's per-stream cost of a change, bench/controlplane),
+    else on the default loop. SWITCHGEAR_EVENT_LOOP=asyncio forces the default."""
     try:
         if os.environ.get("SWITCHGEAR_EVENT_LOOP") == "asyncio":
             raise ImportError("the default loop was asked for")

@@ -46,6 +46,7 @@ import grpc
 
 from bench.controlplane.run import Agent, cpu_s, pct, rss_kb
 from switchgear.adapters import builtin_adapters
+from switchgear.cli import run_event_loop
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.discovery import SnapshotFeed
 from switchgear.controlplane.model import Category, EndpointSpec, RegistryState, ServiceSpec
@@ -345,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         address, token, prefix, count, held, delivery = argv[1:7]
         mode = discovery_pb2.SNAPSHOT_DELIVERY_DELTA if delivery == "delta" else discovery_pb2.SNAPSHOT_DELIVERY_WHOLE
-        asyncio.run(_child(address, token, prefix, int(count), held, mode))
+        run_event_loop(_child(address, token, prefix, int(count), held, mode))  # uvloop, as agents run
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.controlplane.delta", description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=10_000, help="wire-level agents taking deltas")
