@@ -50,7 +50,10 @@ class Fleet:
         self.agent_proc: Proc | None = None
 
     def up(self) -> None:
-        emulator = Proc.switchgear("emulator", ["emulate", "openai", "--instance", "a:2", "--instance", "b:2"],
+        # 20 ms instances: the scorer counts latencies within 25 % of the fastest as equal, but at
+        # 2 ms its 5 ms floor is the band, and a loaded machine's few ms of jitter told a from b
+        # (weights 20 / 19): a weight change that had nothing to do with the malformed requests.
+        emulator = Proc.switchgear("emulator", ["emulate", "openai", "--instance", "a:20", "--instance", "b:20"],
                                    self.workdir)
         self.procs.append(emulator)
         ports = json.loads("{" + emulator.start(ready_prefix="{"))
