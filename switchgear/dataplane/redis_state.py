@@ -129,11 +129,6 @@ class RedisClusterNode(Exception):
     """The configured Redis is a Redis Cluster node (refused: SharedRedis._refuse_cluster)."""
 
 
-def _cluster_node(info: Any) -> bool:
-    """Whether `INFO cluster` (as redis-py parses it) says cluster mode is on."""
-    return isinstance(info, dict) and str(info.get("cluster_enabled", "0")) == "1"
-
-
 class SharedRedis:
     """The agent's Redis client behind a `RedisHealth`: the one way the counters and the cache call it.
 
@@ -227,29 +222,30 @@ class SharedRedis:
             self.probing = asyncio.ensure_future(self._probe())
 
     async def _probe(self) -> None:
-        try:
-            info = await asyncio.wait_for(self.client.info("cluster"), self._probe_timeout_s)
-        except Exception:
+        cluster = await self._cluster_node()
+        if cluster is None or cluster:
             self.health.probe_failed()
-            return
-        if _cluster_node(info):
-            self.health.probe_failed()
-            self._refuse_cluster()
         else:
             self.health.recovered()
 
     async def check(self) -> None:
         """At start: a Redis Cluster node is refused (module docstring) before any request
         meets it; an unreachable Redis is left to the calls and the probe."""
-        try:
-            info = await asyncio.wait_for(self.client.info("cluster"), self._probe_timeout_s)
-        except Exception:
-            return
-        if _cluster_node(info):
+        if await self._cluster_node():
             started = self.health.started()
             if started is not None:
                 self.health.failed("quota", RedisClusterNode(), started)
+
+    async def _cluster_node(self) -> bool | None:
+        """Whether Redis answers as a Cluster node (refused, logged once); None: no answer."""
+        try:
+            info = await asyncio.wait_for(self.client.info("cluster"), self._probe_timeout_s)
+        except Exception:
+            return None
+        cluster = isinstance(info, dict) and str(info.get("cluster_enabled", "0")) == "1"
+        if cluster:
             self._refuse_cluster()
+        return cluster
 
     def _refuse_cluster(self) -> None:
         if self.cluster_refused:
