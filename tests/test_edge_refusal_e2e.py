@@ -38,6 +38,7 @@ pytestmark = pytest.mark.timeout(150)
 HEALTH = ["--report-interval", "0.2", "--health-window", "30", "--alert-window", "30", "--health-debounce", "0.3",
           "--health-blackout", "0", "--health-min-requests", "5", "--no-probes"]
 JSON_DEPTH = 48  # the agent's --max-json-depth (default 64: tests/test_outcome.py)
+LATENCY_MS = 100  # the emulator's instances (Fleet.up)
 PROMPT = "Please summarise the following paragraph about switchgear and its trusted edges. " * 5  # ~410 chars
 
 
@@ -50,10 +51,12 @@ class Fleet:
         self.agent_proc: Proc | None = None
 
     def up(self) -> None:
-        # 20 ms instances: the scorer counts latencies within 25 % of the fastest as equal, but at
-        # 2 ms its 5 ms floor is the band, and a loaded machine's few ms of jitter told a from b
-        # (weights 20 / 19): a weight change that had nothing to do with the malformed requests.
-        emulator = Proc.switchgear("emulator", ["emulate", "openai", "--instance", "a:20", "--instance", "b:20"],
+        # 100 ms instances: the scorer counts mean latencies within 25 % of the fastest as equal.
+        # At 2 ms its 5 ms floor was the band, and at 20 ms a loaded CI machine still put one
+        # instance's mean ~35 % over the other's (weights 18 / 20): weight changes that had
+        # nothing to do with the malformed requests. At 100 ms that takes ~37 ms of skew.
+        emulator = Proc.switchgear("emulator", ["emulate", "openai", "--instance", f"a:{LATENCY_MS}",
+                                                "--instance", f"b:{LATENCY_MS}"],
                                    self.workdir)
         self.procs.append(emulator)
         ports = json.loads("{" + emulator.start(ready_prefix="{"))
@@ -66,7 +69,8 @@ class Fleet:
         self.token = Path(f"{db}.admin-token").read_text().strip()
         agent = Proc.switchgear("agent", ["agent", "--control-plane", self.cp, "--listen", "127.0.0.1:0",
                                           "--node-id", "agent-1", "--auth", "api_key", "--http-listen", "127.0.0.1:0",
-                                          "--max-json-depth", str(JSON_DEPTH), "--agent-token-file", f"{db}.agent-token"],
+                                          "--max-json-depth", str(JSON_DEPTH),
+                                          "--agent-token-file", f"{db}.agent-token"],
                                 self.workdir)
         self.procs.append(agent)
         self.agent_proc = agent
@@ -127,14 +131,26 @@ class Fleet:
             proc.stop()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("edge-refusal"))
+def _fleet(workdir: Path) -> Iterator[Fleet]:
+    f = Fleet(workdir)
     try:
         f.up()
         yield f
     finally:
         f.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    yield from _fleet(tmp_path_factory.mktemp("edge-refusal"))
+
+
+@pytest.fixture
+def own_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet no other test has sent traffic to: its weights are the configured ones, and
+    only this test's calls are in the health window (another test's 800 ms spell would move
+    them as it ages out)."""
+    yield from _fleet(tmp_path)
 
 
 def chat(text: str = "hello", **extra: Any) -> bytes:
@@ -168,7 +184,8 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-async def test_a_tenants_malformed_requests_count_nowhere_and_hurt_no_other_tenant(fleet: Fleet) -> None:
+async def test_a_tenants_malformed_requests_count_nowhere_and_hurt_no_other_tenant(own_fleet: Fleet) -> None:
+    fleet = own_fleet
     noisy, quiet = fleet.tenant("noisy"), fleet.tenant("quiet")
     before = fleet.endpoints()
     async with grpc.aio.insecure_channel(fleet.agent) as channel:
@@ -227,7 +244,7 @@ async def test_a_tenants_in_flight_cap_refuses_only_its_own_flood(fleet: Fleet) 
                                                          headers={"authorization": f"Bearer {capped}"})
                                              for _ in range(4)))
     finally:
-        fleet.faults({"latency_ms": 2})  # as started
+        fleet.faults({"latency_ms": LATENCY_MS})  # as started
     refused = [r for _, r in flood if isinstance(r, grpc.aio.AioRpcError)]
     assert len(refused) == 6 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert "max_in_flight" in (refused[0].details() or "")
