@@ -27,9 +27,26 @@ class AttemptStart:
 
 @lean
 @dataclass(frozen=True)
+class FirstToken:
+    """An attempt's first token arrived: a stream's first content chunk, or the first chunk of a
+    whole-answer call the agent streams from its upstream. Delivered to the observers that
+    have a `first_token` method (routing statistics: `LiveStats.first_token`), so an attempt
+    that has shown it is alive is told from one still silent."""
+
+    request_id: str
+    service: str
+    endpoint: str
+    attempt: int
+    ttft_s: float
+
+
+@lean
+@dataclass(frozen=True)
 class AttemptEnd:
     """One attempt's outcome. `error` is None on success; `latency_s` is the attempt's own time;
-    `ttft_s` is the time to the first token for streams (None otherwise). `cancelled`: the
+    `ttft_s` is the time to the first token when known: streams, and whole-answer calls the
+    agent streamed from its upstream (`unary`: the caller asked for a whole answer, so
+    `latency_s` is a whole answer's time, as for any unary call). `cancelled`: the
     attempt was abandoned before its answer — a hedge that lost, or a caller that went away —
     so it says nothing about the endpoint: observers end its in-flight count and record no
     outcome, latency, usage or cost. On success, `answer` is what the upstream said (a unary
@@ -50,6 +67,7 @@ class AttemptEnd:
     cancelled: bool = False
     answer: bytes = b""
     finish_reason: str = ""
+    unary: bool = False
 
 
 class AttemptObserver(Protocol):

@@ -34,7 +34,7 @@ from typing import Any
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
-from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
+from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
 from switchgear.dataplane.invoke import (
     Defer,
     ServiceNotFound,
@@ -296,6 +296,13 @@ class Streamer:
             else:
                 observer.attempt_ended(event)
 
+    def _first_token(self, event: FirstToken) -> None:
+        """To the observers that follow first tokens (routing statistics: events.FirstToken)."""
+        for observer in self._observers:
+            first_token = getattr(observer, "first_token", None)
+            if first_token is not None:
+                first_token(event)
+
 
 class _Attempt:
     """One endpoint's stream: hold chunks until the first token, then pass them through."""
@@ -357,6 +364,8 @@ class _Attempt:
                     self.held_chars += len(chunk.text)
                 if chunk.content:
                     self.ttft_s = self.s._clock() - self.started
+                    self.s._first_token(FirstToken(self.call.request_id, self.service.name, self.endpoint.id,
+                                                   self.number, self.ttft_s))
                     return held
         except UpstreamError as exc:
             await _close(chunks)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from switchgear.adapters.base import ErrorKind
-from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.events import AttemptEnd, AttemptStart, FirstToken
 from switchgear.dataplane.scheduling.model import Request, candidate_key
 
 #: An attempt outstanding this many times the endpoint's peak latency counts as failing.
@@ -271,6 +271,7 @@ class EndpointStats:
     """The live numbers of one endpoint. Mutated only by LiveStats."""
 
     __slots__ = (
+        "awaiting_first",
         "capacity",
         "completed",
         "cost_usd",
@@ -300,13 +301,15 @@ class EndpointStats:
         self.created_at = now  # first seen, or back from being blocked: slow start counts from here
         self.ramp_s = config.slow_start_s
         self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
+        # outstanding attempts with no first token yet (FirstToken): by start, oldest first
+        self.awaiting_first: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.unanswered: list[float] = []  # starts of attempts abandoned since the last answer
         self.latency = PeakEwma(config.decay_s)
         self.mean_latency = Ewma(config.mean_alpha)
         self.ttft = PeakEwma(config.decay_s)
         self.per_token = PeakEwma(config.decay_s)
         self.recent = Recent()  # whole answers (s), for the attempt timeout's p99 and the hedge's p95
-        self.recent_ttft = Recent()  # times to first token (s) of streams
+        self.recent_ttft = Recent()  # times to first token (s) of streams and streamed-upstream calls
         self.slow = False  # judged far slower than its peers (peers.off_slow) until `recovered`
         self.probed_at = -math.inf  # when peers.off_slow last sent it a probe
         self.lasts = [math.inf] * LASTS  # the latest outcomes' seconds (inf: failed), newest at completed+failed
@@ -484,12 +487,21 @@ class LiveStats:
 
     def attempt_started(self, event: AttemptStart) -> None:
         stats = self.get(candidate_key(event.service, event.endpoint))
-        stats.outstanding[(event.request_id, event.attempt)] = self.clock()
+        now = self.clock()
+        stats.outstanding[(event.request_id, event.attempt)] = now
+        stats.awaiting_first[(event.request_id, event.attempt)] = now
+
+    def first_token(self, event: FirstToken) -> None:
+        """An outstanding attempt sent its first token: it is alive (`awaiting_first` no longer
+        holds it)."""
+        stats = self.get(candidate_key(event.service, event.endpoint))
+        stats.awaiting_first.pop((event.request_id, event.attempt), None)
 
     def attempt_ended(self, event: AttemptEnd) -> None:
         now = self.clock()
         stats = self.get(candidate_key(event.service, event.endpoint))
         started = stats.outstanding.pop((event.request_id, event.attempt), None)
+        stats.awaiting_first.pop((event.request_id, event.attempt), None)
         if event.cancelled:
             if started is not None and len(stats.unanswered) < 2 * UNANSWERED:
                 stats.unanswered.append(started)
@@ -522,7 +534,7 @@ class LiveStats:
         if ttft is not None:
             stats.ttft.update(max(0.0, ttft), now)
             stats.recent_ttft.record(max(0.0, ttft))
-        else:
+        if ttft is None or event.unary:
             stats.recent.record(latency)
         tokens = event.usage.output_tokens
         if tokens > 0:
