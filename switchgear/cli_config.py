@@ -265,6 +265,9 @@ def _policy_line(category: str, policy: CategoryPolicy) -> str:
     parts.append(_hedging_text(category, policy))
     parts.append(f"load shifting above {_num(policy.overload_threshold or 0.8)} "
                  f"to targets below {_num(policy.underload_threshold or 0.6)} utilisation")
+    if policy.stream_upstream:
+        parts.append("whole-answer chat calls streamed from the upstream (first token within the "
+                     "stream attempt timeout, then the stall timeout between chunks)")
     return f"policy {category}: {', '.join(parts)}"
 
 

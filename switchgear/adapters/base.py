@@ -211,7 +211,9 @@ class StreamChunk:
     bookkeeping-only item. `text` is the delta's visible text (for estimates); `content` is
     True when the chunk carries model output (text or a tool call) — the first such chunk is
     the "first token". The last item of a stream has `usage` set (reported or estimated)
-    and `finish_reason` when the upstream said one.
+    and `finish_reason` when the upstream said one, and `usage_chunk`: the upstream's own
+    usage-only chunk when it sent one (not passed on to a streaming caller; a whole answer
+    assembled from the stream takes its usage object from it: dataplane/assemble.py).
     """
 
     data: bytes = b""
@@ -219,6 +221,7 @@ class StreamChunk:
     content: bool = False
     usage: TokenUsage | None = None
     finish_reason: str | None = None
+    usage_chunk: bytes = b""
 
 
 class StreamingAdapter(Adapter, Protocol):

@@ -545,7 +545,7 @@ class OpenAIAdapter:
             raise UpstreamError(ErrorKind.RETRYABLE, f"POST {url}: stream ended before [DONE]")
         prompt_chars = sum(_text_len(m.get("content")) for m in payload["messages"] if isinstance(m, Mapping))
         usage = state.usage or TokenUsage(_estimate_tokens(prompt_chars), _estimate_tokens(state.chars), estimated=True)
-        yield StreamChunk(usage=usage, finish_reason=state.finish_reason)
+        yield StreamChunk(usage=usage, finish_reason=state.finish_reason, usage_chunk=state.usage_chunk)
 
 
 class _StreamState:
@@ -555,6 +555,7 @@ class _StreamState:
         self.chars = 0
         self.finish_reason: str | None = None
         self.usage: TokenUsage | None = None
+        self.usage_chunk = b""
         self.done = False
 
 
@@ -577,6 +578,7 @@ async def _openai_chunks(response: httpx.Response, state: _StreamState) -> Async
         if reported is not None:
             state.usage = reported
             if not chunk.get("choices"):
+                state.usage_chunk = data.encode()
                 continue  # the usage-only chunk is not passed on: the final StreamChunk carries it
         text, content = "", False
         for choice in chunk.get("choices") or ():

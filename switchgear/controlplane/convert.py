@@ -160,6 +160,7 @@ def _policy_to_proto(policy: CategoryPolicy) -> discovery_pb2.CategoryPolicy:
         hedge_min_priority=policy.hedge_min_priority,
         overload_threshold=policy.overload_threshold,
         underload_threshold=policy.underload_threshold,
+        stream_upstream=policy.stream_upstream,
     )
 
 

@@ -26,6 +26,11 @@ class Category(str, Enum):
 #: are interchangeable across services. A category route needs at least ROUTE_MIN_SERVICES.
 ROUTE_CATEGORIES = (Category.LLM, Category.EMBEDDING)
 ROUTE_MIN_SERVICES = 2
+#: The one category whose whole-answer calls may be streamed from their upstream (policy key
+#: `stream_upstream`: chat completions, dataplane/assemble.py); why any other is refused.
+STREAM_UPSTREAM_CATEGORY = Category.LLM.value
+STREAM_UPSTREAM_ONLY = ("only llm calls can be streamed from their upstream (chat completions); "
+                        "other categories' answers have no first token")
 
 #: Adapter protocols the control plane accepts in a service definition. Whether an agent
 #: implements one is the agent's business (it serves what it can and says what it cannot).
@@ -205,6 +210,9 @@ class CategoryPolicy:
     # Load shifting (dataplane/scheduling/shift.py): fractions of capacity; 0 = 0.8 / 0.6.
     overload_threshold: float = 0.0
     underload_threshold: float = 0.0
+    # Whole-answer LLM calls streamed from the upstream and assembled (dataplane/assemble.py), so
+    # a hung provider is told by its missing first token; llm only, off by default.
+    stream_upstream: bool = False
 
 
 @dataclass(frozen=True)

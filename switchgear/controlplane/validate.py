@@ -28,6 +28,8 @@ from switchgear.controlplane.model import (
     ROUTE_CATEGORIES,
     ROUTE_MIN_SERVICES,
     STRATEGIES,
+    STREAM_UPSTREAM_CATEGORY,
+    STREAM_UPSTREAM_ONLY,
     ApiKey,
     Category,
     CategoryPolicy,
@@ -544,6 +546,8 @@ def _check_policies(settings: Settings) -> Iterator[Problem]:
         if _is_number(floor) and _is_number(ceiling) and floor > 0 and 0 < ceiling < floor:
             yield Problem(f"{path}.attempt_timeout_ceiling_s", "must not be below attempt_timeout_floor_s")
         yield from _check_shift(policy, path)
+        if policy.stream_upstream and key != STREAM_UPSTREAM_CATEGORY:
+            yield Problem(f"{path}.stream_upstream", STREAM_UPSTREAM_ONLY)
 
 
 def _check_shift(policy: CategoryPolicy, path: str) -> Iterator[Problem]:

@@ -365,6 +365,16 @@ class AttemptController:
         stats = self._stats_of(attempt.service, attempt.endpoint)
         return gap_timeout(self._timeouts, stats.per_token.value if stats is not None else None)
 
+    def first_token_s(self, attempt: Attempt) -> float:
+        """A whole-answer attempt streamed from its upstream (dataplane/assemble.py): how long it
+        may wait for its first token — the stream path's attempt timeout, from the endpoint's
+        recent times to first token — and never longer than the attempt itself may take."""
+        stats = self._stats_of(attempt.service, attempt.endpoint)
+        if stats is None:
+            return attempt.remaining_s
+        limit = attempt_timeout(self._timeouts, stats.recent_ttft.quantile(0.99), stats.recent_ttft.count)
+        return min(limit, attempt.remaining_s)
+
     async def succeeded(self, attempt: Attempt) -> None:
         await self._outcome(attempt, None)
         self._ended = True

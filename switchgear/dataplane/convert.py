@@ -185,6 +185,7 @@ def _policy(msg: discovery_pb2.CategoryPolicy) -> SchedulingPolicy:
         hedge_min_priority=msg.hedge_min_priority,
         overload_threshold=msg.overload_threshold,
         underload_threshold=msg.underload_threshold,
+        stream_upstream=msg.stream_upstream,
     )
 
 

@@ -29,10 +29,11 @@ import orjson
 
 from switchgear.adapters.base import Adapter, AdapterRequest, ErrorKind, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.afterward import later
+from switchgear.dataplane.assemble import streamable, tell_first_token, whole_answer
 from switchgear.dataplane.attempts import Attempt, AttemptController, CallFailed, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.deadlines import Deadlines
-from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart
+from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.presets import preset_body, preset_chunk
 from switchgear.dataplane.service_rules import check_request
@@ -130,7 +131,7 @@ class Invoker:
                                         snapshot.settings.default_timeout_s)
         ctl = self.resilience.controller(self._router.pick, call, service, snapshot, deadline,
                                          serves=self._serves(call), idempotent=idempotent(adapter, call))
-        won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start))
+        won = await ctl.first_answer(lambda attempt: self._attempt(call, snapshot, attempt, start, ctl))
         if won is not None:
             attempt, result = won
             await ctl.succeeded(attempt)
@@ -139,8 +140,11 @@ class Invoker:
             return await self._terminal(call, snapshot, ctl, start)
         raise ctl.failure()
 
-    async def _attempt(self, call: Call, snapshot: AgentSnapshot, attempt: Attempt, start: float) -> Result:
-        """One adapter call; raises UpstreamError (a timeout becomes ErrorKind.TIMEOUT)."""
+    async def _attempt(self, call: Call, snapshot: AgentSnapshot, attempt: Attempt, start: float,
+                       ctl: AttemptController) -> Result:
+        """One adapter call; raises UpstreamError (a timeout becomes ErrorKind.TIMEOUT). With the
+        category policy's `stream_upstream`, a call that can be assembled (assemble.streamable)
+        is streamed from the upstream and its first token told to the observers."""
         service, endpoint, number = attempt.service, attempt.endpoint, attempt.number
         effective = service.target(endpoint)  # the route target: its protocol, key, model, prices
         adapter = self._adapters[effective.protocol]
@@ -151,24 +155,33 @@ class Invoker:
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
             self._limits.admit(service.name, endpoint.id, effective)
+        policy = snapshot.settings.category_policies.get(service.category)
+        streamed = (policy is not None and policy.stream_upstream
+                    and streamable(effective.protocol, call.method, payload) and hasattr(adapter, "stream"))
         self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
         attempt_start = self._clock()
+        first = _FirstToken()
         try:
             async with self._deadlines.within(attempt.remaining_s):  # (one timer shared by all calls)
-                response = await adapter.invoke(client, target, request)
+                if streamed:
+                    response = await self._whole_from_stream(adapter, client, target, request, ctl, attempt, first,
+                                                             openai=effective.protocol == "openai",
+                                                             limit=effective.limits.max_decoded_bytes)
+                else:
+                    response = await adapter.invoke(client, target, request)
         except TimeoutError:
             within = f"its attempt timeout ({attempt.remaining_s:.3g} s)" if attempt.capped else "the deadline"
             error = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within {within}")
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                   self._clock() - attempt_start, error.kind))
+                                   self._clock() - attempt_start, error.kind, ttft_s=first.s, unary=streamed))
             raise error from None
         except UpstreamError as exc:
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                   self._clock() - attempt_start, exc.kind))
+                                   self._clock() - attempt_start, exc.kind, ttft_s=first.s, unary=streamed))
             raise
         except asyncio.CancelledError:  # a hedge that lost, or the caller went away: no outcome
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                   self._clock() - attempt_start, cancelled=True))
+                                   self._clock() - attempt_start, cancelled=True, ttft_s=first.s, unary=streamed))
             raise
         usage = response.usage
         cost = effective.pricing.cost(usage.input_tokens, usage.output_tokens)
@@ -176,7 +189,8 @@ class Invoker:
             self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()
         self._answered(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                  now - attempt_start, None, usage, cost, answer=response.body))
+                                  now - attempt_start, None, usage, cost, answer=response.body,
+                                  ttft_s=first.s, unary=streamed))
         return Result(
             body=response.body,
             service=service.name,
@@ -190,6 +204,22 @@ class Invoker:
             fallback_source=attempt.source,
             target=effective,
         )
+
+    async def _whole_from_stream(self, adapter: Any, client: Any, target: Target, request: AdapterRequest,
+                                 ctl: AttemptController, attempt: Attempt, first: _FirstToken, *,
+                                 openai: bool, limit: int) -> Any:
+        """The whole answer of one attempt read as a stream (dataplane/assemble.py): its first
+        token within the stream attempt timeout, told to the observers, then no stall longer
+        than the stream path's; the assembled answer at most `limit` bytes, as a unary one."""
+        call_id, name, endpoint, number = request.request_id, attempt.service.name, attempt.endpoint.id, attempt.number
+
+        def on_first(seconds: float) -> None:
+            first.s = seconds
+            tell_first_token(self._observers, FirstToken(call_id, name, endpoint, number, seconds))
+
+        return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
+                                  first_s=ctl.first_token_s(attempt), gap_s=ctl.stream_gap_s(attempt),
+                                  clock=self._clock, on_first=on_first, endpoint=endpoint)
 
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
         """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan. A task worker's call
@@ -219,6 +249,15 @@ class Invoker:
             observer.attempt_ended(event)
         for observer in self._after_answer:
             later(observer.attempt_ended, event)
+
+
+class _FirstToken:
+    """When an attempt streamed from its upstream sent its first token (s after its start)."""
+
+    __slots__ = ("s",)
+
+    def __init__(self) -> None:
+        self.s: float | None = None
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")

@@ -161,6 +161,9 @@ class SchedulingPolicy:
     # its share to targets below `underload_threshold`; 0 = the seed's 0.8 / 0.6.
     overload_threshold: float = 0.0
     underload_threshold: float = 0.0
+    # Whole-answer chat calls streamed from the upstream and assembled (dataplane/assemble.py):
+    # the first token tells a live provider from a hung one long before the whole answer would.
+    stream_upstream: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.assemble import tell_first_token
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
@@ -298,10 +299,7 @@ class Streamer:
 
     def _first_token(self, event: FirstToken) -> None:
         """To the observers that follow first tokens (routing statistics: events.FirstToken)."""
-        for observer in self._observers:
-            first_token = getattr(observer, "first_token", None)
-            if first_token is not None:
-                first_token(event)
+        tell_first_token(self._observers, event)
 
 
 class _Attempt:

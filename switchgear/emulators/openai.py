@@ -12,12 +12,17 @@ They are set per instance at start (`InstanceSpec.faults`) or at run time:
     GET  /_emulator/faults   → the current faults (fail_next counts down as it fires)
     POST /_emulator/faults   → merge a JSON object into them ({"reset": true} first restores
                                the start-up faults); reseeds the random source, refills the bucket
-    GET  /_emulator/stats    → {"total", "by_path", "by_outcome", "disconnects"}; DELETE zeroes it
+    GET  /_emulator/stats    → {"total", "by_path", "by_outcome", "disconnects", "streamed"}; DELETE
+                               zeroes it ("streamed": chat requests answered as streams)
 
 `disconnects` counts /v1 requests whose client went away before the answer was complete
 (a cancelled attempt, a hedge that lost: what the caller's side closing looks like upstream).
 `refuse_s` (set at run time) stops listening for that many seconds: new connections are
 refused and requests on open ones are dropped, then the instance listens again on its port.
+
+Tool calls: a chat request with `tools` is answered with calls of the functions its last user
+message names (or `tool_choice` names; "required": the first), arguments echoing the prompt,
+streamed as OpenAI streams them (id, type and name first, then the arguments in pieces).
 
 CLI: `switchgear emulate openai --instance NAME:LATENCY_MS[:PORT] ... [--api-key K]
 [--ready-file PATH]` (see `main`).
@@ -208,6 +213,7 @@ class ChatCall:
     n: int
     stream: bool
     include_usage: bool
+    tools: tuple[str, ...] = ()  # the function names the answer calls (see `_tool_names`)
 
 
 def _is_int(value: Any) -> bool:
@@ -293,7 +299,33 @@ def parse_chat(body: Any, models: Sequence[str]) -> ChatCall:
     texts = tuple(content_text(m.get("content")) for m in messages)
     users = [t for m, t in zip(messages, texts, strict=True) if m["role"] == "user"]
     n = _check_int(body, "n", 1) or 1
-    return ChatCall(model, texts, users[-1] if users else "", max_tokens, n, stream, include_usage)
+    last_user = users[-1] if users else ""
+    return ChatCall(model, texts, last_user, max_tokens, n, stream, include_usage, _tool_names(body, last_user))
+
+
+def _tool_names(body: Mapping[str, Any], last_user: str) -> tuple[str, ...]:
+    """The functions the answer calls, deterministically: with `tool_choice` naming one, that
+    one; else (unless "none") every tool whose name the last user message mentions, in the
+    order given, and with "required" and none mentioned, the first. Validates `tools`."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise invalid_type("tools", "an array of objects", tools)
+    names = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function" or not isinstance(function.get("name"), str):
+            raise invalid_type(f"tools[{i}]", "a function tool object with a name", tool)
+        names.append(function["name"])
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        named = (choice.get("function") or {}).get("name")
+        return (named,) if isinstance(named, str) and named in names else ()
+    if choice == "none" or not names:
+        return ()
+    mentioned = tuple(n for n in names if n in last_user)
+    return mentioned or ((names[0],) if choice == "required" else ())
 
 
 def parse_embeddings(body: Any, models: Sequence[str]) -> tuple[str, list[str], int | None, str]:
@@ -443,6 +475,7 @@ class _Instance:
         self.by_outcome: Counter[str] = Counter()
         self.serial = 0
         self.disconnects = 0
+        self.streamed = 0  # chat requests answered as a stream (`stream: true`)
         self.refusing = False
         self.site: web.TCPSite | None = None  # set by start_instances: what refuse_s stops
         self._refusal: asyncio.Task[None] | None = None
@@ -484,7 +517,7 @@ class _Instance:
 
     def stats(self) -> dict[str, Any]:
         return {"total": sum(self.by_path.values()), "by_path": dict(self.by_path), "by_outcome": dict(self.by_outcome),
-                "disconnects": self.disconnects}
+                "disconnects": self.disconnects, "streamed": self.streamed}
 
     def next_id(self) -> str:
         """A deterministic 32-hex id, unique per request of this instance."""
@@ -686,8 +719,21 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def _tool_calls(request_id: str, call: ChatCall) -> list[dict[str, Any]]:
+    """The answer's tool calls (OpenAI's shape): arguments echo the last user message."""
+    echo, _ = truncate_tokens(call.last_user, 12)
+    return [
+        {"id": f"call_{hashlib.sha256(f'{request_id}:{i}'.encode()).hexdigest()[:24]}", "type": "function",
+         "function": {"name": name, "arguments": orjson.dumps({"query": echo, "call": i}).decode()}}
+        for i, name in enumerate(call.tools)
+    ]
+
+
 def _answers(instance: _Instance, call: ChatCall) -> list[tuple[str, str]]:
-    """(content, finish_reason) per choice; "length" when max_tokens cut the reply."""
+    """(content, finish_reason) per choice; "length" when max_tokens cut the reply; ("",
+    "tool_calls") when the answer calls tools (`ChatCall.tools`)."""
+    if call.tools:
+        return [("", "tool_calls")] * call.n
     answers = []
     for index in range(call.n):
         text = reply_text(instance.spec.name, call.last_user, index)
@@ -711,14 +757,19 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         )
         raise ApiError(400, message, param="messages", code="context_length_exceeded")
     answers = _answers(instance, call)
-    completion_tokens = sum(count_tokens(text) for text, _ in answers)
+    tool_calls = _tool_calls(request[_REQUEST_ID], call)
+    completion_tokens = sum(count_tokens(text) for text, _ in answers) + call.n * sum(
+        count_tokens(t["function"]["arguments"]) for t in tool_calls)
     head = {"id": f"chatcmpl-{request[_REQUEST_ID][:24]}", "created": int(time.time()), "model": call.model}
     if call.stream:
-        return await _stream_chat(request, head, call, answers, _usage(prompt_tokens, completion_tokens))
+        instance.streamed += 1
+        deltas = chunk_deltas(answers, tool_calls)
+        return await _stream_chat(request, head, call, deltas, _usage(prompt_tokens, completion_tokens))
     choices: list[dict[str, Any]] = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+            "message": {"role": "assistant", "content": None if tool_calls else text, "refusal": None,
+                        "annotations": [], **({"tool_calls": tool_calls} if tool_calls else {})},
             "logprobs": None,
             "finish_reason": finish,
         }
@@ -736,18 +787,35 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     )
 
 
-def chunk_deltas(answers: Sequence[tuple[str, str]]) -> list[tuple[int, dict[str, Any], str | None]]:
-    """(choice index, delta, finish_reason) per chunk: role first, one per token, then finish."""
+def chunk_deltas(answers: Sequence[tuple[str, str]],
+                 tool_calls: Sequence[dict[str, Any]] = ()) -> list[tuple[int, dict[str, Any], str | None]]:
+    """(choice index, delta, finish_reason) per chunk: role first, one per token, then finish.
+    Tool calls as OpenAI streams them: each call's id, type and name with empty arguments
+    (the first in the role chunk), then its arguments in pieces of up to 8 characters."""
     deltas: list[tuple[int, dict[str, Any], str | None]] = []
     for i, (text, finish) in enumerate(answers):
-        deltas.append((i, {"role": "assistant", "content": "", "refusal": None}, None))
-        deltas.extend((i, {"content": piece}, None) for piece in token_pieces(text))
+        if not tool_calls:
+            deltas.append((i, {"role": "assistant", "content": "", "refusal": None}, None))
+            deltas.extend((i, {"content": piece}, None) for piece in token_pieces(text))
+        for k, tool in enumerate(tool_calls):
+            opening = {"index": k, "id": tool["id"], "type": "function",
+                       "function": {"name": tool["function"]["name"], "arguments": ""}}
+            role = {"role": "assistant", "content": None, "refusal": None} if k == 0 else {}
+            deltas.append((i, {**role, "tool_calls": [opening]}, None))
+            arguments = tool["function"]["arguments"]
+            deltas.extend((i, {"tool_calls": [{"index": k, "function": {"arguments": arguments[at:at + 8]}}]}, None)
+                          for at in range(0, len(arguments), 8))
         deltas.append((i, {}, finish))
     return deltas
 
 
+def _is_content(delta: Mapping[str, Any]) -> bool:
+    return bool(delta.get("content") or delta.get("tool_calls"))
+
+
 async def _stream_chat(
-    request: web.Request, head: dict[str, Any], call: ChatCall, answers: list[tuple[str, str]], usage: dict[str, Any]
+    request: web.Request, head: dict[str, Any], call: ChatCall,
+    deltas: list[tuple[int, dict[str, Any], str | None]], usage: dict[str, Any]
 ) -> web.StreamResponse:
     """Send the answers as OpenAI's SSE: one `data: {chunk}\\n\\n` per delta, then [DONE]."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
@@ -757,13 +825,13 @@ async def _stream_chat(
     extra = {"usage": None} if call.include_usage else {}
     faults = request.app[_INSTANCE].faults
     sent = 0
-    for index, delta, finish in chunk_deltas(answers):
+    for index, delta, finish in deltas:
         if faults.stream_cut_after and sent >= faults.stream_cut_after:
             request.app[_INSTANCE].by_outcome["stream_cut"] += 1
             return await _abandon(request)
         if faults.token_delay_ms and sent:
             await asyncio.sleep(faults.token_delay_ms / 1000.0)
-        sent += 1 if delta.get("content") else 0
+        sent += 1 if _is_content(delta) else 0
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         await response.write(b"data: " + orjson.dumps({**base, "choices": [choice], **extra}) + b"\n\n")
     if call.include_usage:
@@ -838,6 +906,7 @@ async def _delete_stats(request: web.Request) -> web.StreamResponse:
     instance.by_path.clear()
     instance.by_outcome.clear()
     instance.disconnects = 0
+    instance.streamed = 0
     return _json_response(instance.stats())
 
 

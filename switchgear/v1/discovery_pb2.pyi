@@ -158,7 +158,7 @@ class CacheSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., ttl: _Optional[_Mapping[str, _duration_pb2.Duration]] = ...) -> None: ...
 
 class CategoryPolicy(_message.Message):
-    __slots__ = ("strategy", "max_cost_per_request", "min_success_rate", "max_queue_size", "timeout", "attempt_timeout_floor", "attempt_timeout_ceiling", "attempt_timeout_factor", "hedge_min_priority", "overload_threshold", "underload_threshold")
+    __slots__ = ("strategy", "max_cost_per_request", "min_success_rate", "max_queue_size", "timeout", "attempt_timeout_floor", "attempt_timeout_ceiling", "attempt_timeout_factor", "hedge_min_priority", "overload_threshold", "underload_threshold", "stream_upstream")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MIN_SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class CategoryPolicy(_message.Message):
     HEDGE_MIN_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OVERLOAD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     UNDERLOAD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STREAM_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     max_cost_per_request: float
     min_success_rate: float
@@ -181,7 +182,8 @@ class CategoryPolicy(_message.Message):
     hedge_min_priority: int
     overload_threshold: float
     underload_threshold: float
-    def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_floor: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_ceiling: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_factor: _Optional[float] = ..., hedge_min_priority: _Optional[int] = ..., overload_threshold: _Optional[float] = ..., underload_threshold: _Optional[float] = ...) -> None: ...
+    stream_upstream: bool
+    def __init__(self, strategy: _Optional[str] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_floor: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_ceiling: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_timeout_factor: _Optional[float] = ..., hedge_min_priority: _Optional[int] = ..., overload_threshold: _Optional[float] = ..., underload_threshold: _Optional[float] = ..., stream_upstream: _Optional[bool] = ...) -> None: ...
 
 class DataPlaneSettings(_message.Message):
     __slots__ = ("default_strategy", "retry_policy", "circuit_breaker", "cache", "health_check_timeout", "category_policies", "default_timeout", "preset_responses", "discovery_cache_ttl")

@@ -236,6 +236,8 @@ def _check_policy(category: str, msg: discovery_pb2.CategoryPolicy, path: str) -
     for name in ("overload_threshold", "underload_threshold"):
         if not (0.0 <= getattr(msg, name) <= 1.0):
             raise SnapshotError(f"{path}.{name}", "must be within 0..1")
+    if msg.stream_upstream and category != "llm":
+        raise SnapshotError(f"{path}.stream_upstream", "only llm calls can be streamed from their upstream")
 
 
 def _claim_id(ident: str, seen: set[str], path: str, what: str) -> None:

@@ -486,6 +486,7 @@ _POLICY = (
     Leaf("hedge_min_priority", "hedge_min_priority", read_int),
     Leaf("overload_threshold", "overload_threshold", read_float),
     Leaf("underload_threshold", "underload_threshold", read_float),
+    Leaf("stream_upstream", "stream_upstream", read_bool),
 )
 
 #: scheduling_policies keys (the seed's names) -> Category values.
