@@ -91,9 +91,10 @@ class Agent:
         return await self.invoker.invoke(chat_call(service, payload), self.snapshot)
 
 
-def chat_call(service: str, payload: dict[str, Any], request_id: str = "") -> Call:
+def chat_call(service: str, payload: dict[str, Any], request_id: str = "", timeout_s: float = 0.0) -> Call:
     return Call(request_id=request_id or f"r{time.monotonic_ns()}", category="", service=service,
-                method="chat.completions", payload=payload, priority=5, timeout_s=0.0, user_id="", session_id="")
+                method="chat.completions", payload=payload, priority=5, timeout_s=timeout_s, user_id="",
+                session_id="")
 
 
 def comparable(body: bytes) -> dict[str, Any]:
@@ -220,7 +221,8 @@ async def until(predicate: Any, timeout_s: float = 5.0) -> None:
 
 async def test_a_hung_endpoint_is_left_at_its_first_token_timeout(emulators: EmulatorGroup) -> None:
     """Whole answers of ~1 s and first tokens of ~10 ms learnt: a hung endpoint's attempt ends at
-    the first-token bound (0.3 s, the floor) instead of the whole answer's (4 x 1 s)."""
+    the first-token bound (0.3 s, the floor) instead of the whole answer's (4 x 1 s, here the
+    call's 2 s deadline), and counts as an attempt timeout."""
     agent = Agent(view("chat", "openai", [emulators.urls["a"], emulators.urls["b"]], model="gpt-4o-mini"),
                   stream_upstream=True, policy=SchedulingPolicy(stream_upstream=True, attempt_timeout_floor_s=0.3))
     a = agent.live.get(candidate_key("chat", "e0"))
@@ -229,11 +231,12 @@ async def test_a_hung_endpoint_is_left_at_its_first_token_timeout(emulators: Emu
         a.recent_ttft.record(0.01)
     emulators.set_faults("a", Faults(hang=True))
     started = time.monotonic()
-    result = await agent.invoke("chat", REQUESTS["plain"])
+    result = await agent.invoker.invoke(chat_call("chat", REQUESTS["plain"], timeout_s=2.0), agent.snapshot)
     elapsed = time.monotonic() - started
     assert result.endpoint == "e1" and 0.3 <= elapsed < 1.5, elapsed
     first = agent.recorder.ended[0]
     assert first.endpoint == "e0" and first.error is ErrorKind.TIMEOUT and first.ttft_s is None
+    assert agent.invoker.resilience.counters()[("chat", "e0")]["attempt_timeouts"] == 1
     await agent.pool.close()
 
 

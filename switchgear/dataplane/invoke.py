@@ -217,9 +217,15 @@ class Invoker:
             first.s = seconds
             tell_first_token(self._observers, FirstToken(call_id, name, endpoint, number, seconds))
 
-        return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
-                                  first_s=ctl.first_token_s(attempt), gap_s=ctl.stream_gap_s(attempt),
-                                  clock=self._clock, on_first=on_first, endpoint=endpoint)
+        first_s = ctl.first_token_s(attempt)
+        try:
+            return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
+                                      first_s=first_s, gap_s=ctl.stream_gap_s(attempt), clock=self._clock,
+                                      on_first=on_first, endpoint=endpoint)
+        except UpstreamError as exc:
+            if exc.kind is ErrorKind.TIMEOUT and first.s is None and first_s < attempt.remaining_s:
+                attempt.capped = True  # its first-token timeout: an attempt timeout, counted as one
+            raise
 
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:
         """Answer a PRESET or QUEUE_FOR_LATER step of the fallback plan. A task worker's call
