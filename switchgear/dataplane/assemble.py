@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import orjson
@@ -37,6 +38,8 @@ import orjson
 from switchgear.adapters.base import AdapterResponse, ErrorKind, StreamChunk, TokenUsage, UpstreamError
 from switchgear.dataplane.events import FirstToken
 
+#: A time limit on one wait, as `asyncio.timeout(seconds)`: raises TimeoutError when it runs out.
+Within = Callable[[float], AbstractAsyncContextManager[Any]]
 #: Top-level chunk fields that are not the answer's: the chunk's own type, the choices
 #: (assembled), and OpenAI's per-chunk padding.
 _NOT_COPIED = frozenset({"object", "choices", "usage", "obfuscation"})
@@ -186,12 +189,13 @@ class ChatAssembly:
 
 
 async def read_whole(chunks: AsyncIterator[StreamChunk], assembly: ChatAssembly, *, first_s: float, gap_s: float,
-                     clock: Callable[[], float], on_first: Callable[[float], None],
-                     endpoint: str) -> TokenUsage:
+                     clock: Callable[[], float], on_first: Callable[[float], None], endpoint: str,
+                     within: Within = asyncio.timeout) -> TokenUsage:
     """Read a stream to its end into `assembly`: its first content chunk within `first_s` of
     now (then `on_first(seconds)`), every later chunk within `gap_s` of the one before. The
     stream's usage (its last item's); UpstreamError (TIMEOUT) on a silence past those bounds.
-    The iterator is closed whatever happens."""
+    The iterator is closed whatever happens. `within(seconds)` bounds each wait (the request
+    path passes its shared timer, deadlines.Deadlines.within: no loop timer per chunk)."""
     started = clock()
     first = False
     usage: TokenUsage | None = None
@@ -199,7 +203,7 @@ async def read_whole(chunks: AsyncIterator[StreamChunk], assembly: ChatAssembly,
         while usage is None:
             bound = gap_s if first else first_s - (clock() - started)
             try:
-                async with asyncio.timeout(max(bound, 0.0)):
+                async with within(max(bound, 0.0)):
                     chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
@@ -226,12 +230,13 @@ async def read_whole(chunks: AsyncIterator[StreamChunk], assembly: ChatAssembly,
 
 
 async def whole_answer(chunks: AsyncIterator[StreamChunk], *, openai: bool, limit: int, first_s: float, gap_s: float,
-                       clock: Callable[[], float], on_first: Callable[[float], None], endpoint: str) -> AdapterResponse:
+                       clock: Callable[[], float], on_first: Callable[[float], None], endpoint: str,
+                       within: Within = asyncio.timeout) -> AdapterResponse:
     """The whole answer a stream spells out (`read_whole`'s bounds), at most `limit` bytes as a
     unary answer is (over it: the RETRYABLE protocol error adapters/http1.py gives one)."""
     assembly = ChatAssembly(openai)
     usage = await read_whole(chunks, assembly, first_s=first_s, gap_s=gap_s, clock=clock, on_first=on_first,
-                             endpoint=endpoint)
+                             endpoint=endpoint, within=within)
     body = assembly.body(usage)
     if len(body) > limit:
         raise UpstreamError(ErrorKind.RETRYABLE,

@@ -221,7 +221,7 @@ class Invoker:
         try:
             return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
                                       first_s=first_s, gap_s=ctl.stream_gap_s(attempt), clock=self._clock,
-                                      on_first=on_first, endpoint=endpoint)
+                                      on_first=on_first, endpoint=endpoint, within=self._deadlines.within)
         except UpstreamError as exc:
             if exc.kind is ErrorKind.TIMEOUT and first.s is None and first_s < attempt.remaining_s:
                 attempt.capped = True  # its first-token timeout: an attempt timeout, counted as one
