@@ -31,6 +31,7 @@ from switchgear.dataplane import http as front_door
 from switchgear.dataplane.assemble import ChatAssembly, read_whole, whole_answer
 from switchgear.dataplane.attempts import Resilience
 from switchgear.dataplane.convert import Call, settings_from_proto
+from switchgear.dataplane.deadlines import Deadlines
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.invoke import CallFailed, Invoker
 from switchgear.dataplane.scheduling.model import candidate_key
@@ -241,32 +242,42 @@ async def test_a_hung_endpoint_is_left_at_its_first_token_timeout(emulators: Emu
 
 
 async def read(group: EmulatorGroup, faults: Faults, *, first_s: float = 5.0, gap_s: float = 5.0,
-               payload: dict[str, Any] | None = None, limit: int = 1 << 20) -> Any:
-    """One streamed attempt of the OpenAI adapter against instance "a", read whole."""
+               payload: dict[str, Any] | None = None, limit: int = 1 << 20, shared: bool = False) -> Any:
+    """One streamed attempt of the OpenAI adapter against instance "a", read whole; `shared`:
+    its waits on one Deadlines timer, inside an outer 10 s block on it (as the request path)."""
     group.set_faults("a", faults)
     pool = ClientPool()
     try:
         request = AdapterRequest("chat.completions", payload or REQUESTS["plain"], 10.0, "r")
         chunks = ADAPTERS["openai"].stream(pool.get("s", "e", group.urls["a"]), Target(group.urls["a"], "gpt-4o-mini"),
                                            request)
-        return await whole_answer(chunks, openai=True, limit=limit, first_s=first_s, gap_s=gap_s,
-                                  clock=time.monotonic, on_first=lambda _s: None, endpoint="e")
+        if not shared:
+            return await whole_answer(chunks, openai=True, limit=limit, first_s=first_s, gap_s=gap_s,
+                                      clock=time.monotonic, on_first=lambda _s: None, endpoint="e")
+        deadlines = Deadlines()
+        async with deadlines.within(10.0):
+            return await whole_answer(chunks, openai=True, limit=limit, first_s=first_s, gap_s=gap_s,
+                                      clock=time.monotonic, on_first=lambda _s: None, endpoint="e",
+                                      within=deadlines.within)
     finally:
         await pool.close()
 
 
-async def test_a_stall_after_the_first_token_is_the_stream_path_s_timeout(emulators: EmulatorGroup) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_stall_after_the_first_token_is_the_stream_path_s_timeout(emulators: EmulatorGroup,
+                                                                          shared: bool) -> None:
     started = time.monotonic()
     with pytest.raises(UpstreamError) as caught:
-        await read(emulators, Faults(token_delay_ms=2000), gap_s=0.2)
+        await read(emulators, Faults(token_delay_ms=2000), gap_s=0.2, shared=shared)
     assert caught.value.kind is ErrorKind.TIMEOUT and "went silent for 0.2 s" in caught.value.message
     assert time.monotonic() - started < 1.5
     await until(lambda: emulators.stats("a")["disconnects"] == 1)  # the upstream saw the attempt end
 
 
-async def test_no_first_token_in_time_is_a_timeout(emulators: EmulatorGroup) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+async def test_no_first_token_in_time_is_a_timeout(emulators: EmulatorGroup, shared: bool) -> None:
     with pytest.raises(UpstreamError) as caught:
-        await read(emulators, Faults(hang=True), first_s=0.2)
+        await read(emulators, Faults(hang=True), first_s=0.2, shared=shared)
     assert caught.value.kind is ErrorKind.TIMEOUT and "no first token" in caught.value.message
 
 
