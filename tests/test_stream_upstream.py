@@ -21,6 +21,8 @@ import httpx
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from switchgear.adapters import builtin_adapters
 from switchgear.adapters.base import AdapterRequest, ErrorKind, ResponseLimits, Target, TokenUsage, UpstreamError
@@ -452,3 +454,35 @@ def test_the_setting_is_refused_where_it_cannot_take_effect() -> None:
     with pytest.raises(SnapshotError) as refused:
         check_settings(wire)
     assert "category_policies[embedding].stream_upstream" in str(refused.value)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                         st.sampled_from(["index", "delta", "content", "tool_calls", "function", "arguments",
+                                          "logprobs", "finish_reason", "choices", "usage", "id", "role"]),
+                         inner, max_size=4),
+                     max_leaves=12)
+
+
+def _delta(**delta: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}]}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_JSON, max_size=4))
+@example([_delta(tool_calls=[{"index": 0, "function": "x"}]),
+          _delta(tool_calls=[{"index": 0, "function": {"name": "a"}}])])
+@example([_delta(content=1), _delta(content="a")])
+@example([_delta(annotations=5), _delta(annotations=[1])])
+@example([{"choices": [{"index": 0, "logprobs": {"content": 1}}]},
+          {"choices": [{"index": 0, "logprobs": {"content": [1]}}]}])
+def test_any_json_chunks_are_assembled_or_refused_as_the_upstream_s_fault(chunks: list[Any]) -> None:
+    """Whatever JSON an upstream streams, the assembly answers or raises UpstreamError (RETRYABLE),
+    never anything else."""
+    assembly = ChatAssembly(openai=True)
+    try:
+        for chunk in chunks:
+            assembly.add(orjson.dumps(chunk))
+        orjson.loads(assembly.body(TokenUsage(1, 2)))
+    except UpstreamError as exc:
+        assert exc.kind is ErrorKind.RETRYABLE

@@ -67,6 +67,16 @@ def _malformed(why: str) -> UpstreamError:
     return UpstreamError(ErrorKind.RETRYABLE, f"malformed stream chunk: {why}")
 
 
+def _joined(old: Any, new: str) -> str:
+    """A text field's pieces so far and the next one."""
+    return old + new if isinstance(old, str) else new
+
+
+def _extended(old: Any, new: list[Any]) -> list[Any]:
+    """A list field's items so far and the next ones."""
+    return [*old, *new] if isinstance(old, list) else list(new)
+
+
 class _Choice:
     __slots__ = ("finish_reason", "logprobs", "message", "openai", "tool_calls")
 
@@ -87,9 +97,9 @@ class _Choice:
             if key == "tool_calls":
                 self._tool_calls(value)
             elif key in _TEXT_FIELDS and isinstance(value, str):
-                self.message[key] = (self.message.get(key) or "") + value
+                self.message[key] = _joined(self.message.get(key), value)
             elif key == "annotations" and isinstance(value, list):
-                self.message["annotations"] = [*self.message.get("annotations", ()), *value]
+                self.message["annotations"] = _extended(self.message.get("annotations"), value)
             elif value is not None or key not in self.message:
                 self.message[key] = value
         logprobs = choice.get("logprobs")
@@ -97,7 +107,7 @@ class _Choice:
             self.logprobs = self.logprobs or {}
             for key, value in logprobs.items():
                 if isinstance(value, list):
-                    self.logprobs[key] = [*(self.logprobs.get(key) or ()), *value]
+                    self.logprobs[key] = _extended(self.logprobs.get(key), value)
                 else:
                     self.logprobs[key] = value
         if choice.get("finish_reason") is not None:
@@ -118,8 +128,8 @@ class _Choice:
                 if key == "function" and isinstance(value, dict):
                     for part, text in value.items():
                         if isinstance(text, str):
-                            merged["function"][part] = merged["function"].get(part, "") + text
-                elif key != "index" and value is not None:
+                            merged["function"][part] = _joined(merged["function"].get(part), text)
+                elif key not in ("index", "function") and value is not None:
                     merged[key] = value
 
     def whole(self, index: int) -> dict[str, Any]:
