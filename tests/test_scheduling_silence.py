@@ -166,8 +166,10 @@ def test_it_clears_on_a_first_token_and_when_the_silent_attempts_end_and_a_calle
     newest = next(reversed(stats.awaiting_first))
     world.live.first_token(FirstToken(newest[0], "s", "cheap", newest[1], 1.9))
     assert not stats.silent(world.clock.t) and not world.held_back(cands, cheap.key)
-    # silent again as the next ones wait; then they all end with the caller's own error
-    traffic(world, [cheap], 2.0, 9.0)
+    # silent again as the next ones wait (longer now: its pace of first tokens, read over its
+    # latest FIRST_PACE, is now slow — one token in seconds); then they all end with the
+    # caller's own error
+    traffic(world, [cheap], 8.0, 9.0)
     assert stats.silent(world.clock.t)
     window, samples = stats.window.counts(world.clock.t), stats.recent_ttft.count
     for rid, attempt in list(stats.awaiting_first):
@@ -227,12 +229,13 @@ def test_a_silent_endpoint_gets_one_probe_a_second_and_a_recovered_one_comes_bac
 
 
 def test_a_queue_on_a_healthy_endpoint_honestly() -> None:
-    """A burst that queues on a healthy endpoint: a short queue (a couple of calls waiting, the
-    wait within the learned first-token tail) is not judged; a sustained overload whose queue
-    wait passes every learned sample is — its attempts' silence is improbable by what was
-    learned (a few hundred ms of extra wait already can be: at 14 calls a second for 3 s, a
-    queue of 4, one pick in 42 held it back) — so new calls go elsewhere while it lasts, as load
-    shifting would move them, and it clears once the queue drains (not sticky)."""
+    """A burst that queues on a healthy endpoint: the queued attempts wait past their learned
+    first-token times, and a product over them alone would read improbable (an earlier version
+    held a sustained queue back from 0.8 s on, at nearly every pick). But a FIFO queue keeps
+    sending first tokens at its service rate, and the test is bounded by that pace
+    (exp(-rate x seconds since the latest first token)): a short queue is never judged, a
+    sustained overload only now and then (a gap between first tokens ~7 times the usual: 2 of
+    120 picks here), and not once it drains."""
     world, cheap, _, cands = warmed(capacity=20)
     held: list[float] = []
     longest = [0]
@@ -246,8 +249,7 @@ def test_a_queue_on_a_healthy_endpoint_honestly() -> None:
     traffic(world, [cheap], 3.0, 12.0, each=each)
     assert longest[0] >= 1 and held == []
     # 30 calls a second for 4 s against ~11 a second served: the queue wait grows past a second
-    start = world.clock.t
     traffic(world, [cheap], 4.0, 30.0, each=each)
-    assert held and held[0] - start < 1.5 and len(cheap.queue) > 50
+    assert len(cheap.queue) > 50 and len(held) <= 120 // 20
     world.advance(world.clock.t + 30.0)  # drained
     assert not world.live.get(cheap.key).awaiting_first and not world.held_back(cands, cheap.key)

@@ -111,29 +111,24 @@ def not_silent(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
     every pick, so a candidate is back as soon as one of those attempts sends a first token,
     or they end. Attempts already outstanding are left alone (they end at their own timeouts).
 
-    A silent candidate is sent a probe — the pick is only that candidate — when its newest
-    attempt was sent PROBE_INTERVAL_S ago or more and it had no probe for as long: one call
-    a second at most goes to it, enough to see it answer again (the probe's first token
-    clears it). Keeps at least one candidate: with all silent, all are kept."""
-    if len(cands) < 2:
-        return list(cands)
+    A silent candidate is let through — left to the strategy, which may send it a probe —
+    when its newest attempt was sent PROBE_INTERVAL_S ago or more and it was not let through
+    for as long: one call a second at most goes to it, enough to see it answer again (the
+    probe's first token clears it). Only let through, never forced: a strategy whose own
+    bounds keep it out (too slow, too dear) sends it nothing. Keeps at least one candidate:
+    with all silent, all are kept."""
     now = ctx.now
     kept: list[Candidate] = []
-    probe: Candidate | None = None
     for c in cands:
         s = ctx.stats.get(c.key)
         if not s.awaiting_first or not s.silent(now):
             kept.append(c)
-        elif probe is None:
-            newest = next(reversed(s.awaiting_first.values()))
-            if now - max(newest, s.silence_probed_at) >= PROBE_INTERVAL_S:
-                probe = c
-    if not kept:
-        return list(cands)
-    if probe is not None:
-        ctx.stats.get(probe.key).silence_probed_at = now
-        return [probe]
-    return kept
+            continue
+        newest = next(reversed(s.awaiting_first.values()))
+        if now - max(newest, s.silence_probed_at) >= PROBE_INTERVAL_S:
+            s.silence_probed_at = now
+            kept.append(c)
+    return kept or list(cands)
 
 
 def within_latency(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -72,22 +72,27 @@ UNANSWERED = 3
 
 #: The first-token silence test (`EndpointStats.silence`): an endpoint is silent when the joint
 #: probability, under its own time-to-first-token samples, that its attempts sent since the
-#: newest one that sent a first token are all still silent at their ages is below SILENT_P.
-#: Each attempt contributes P(ttft > age) = (samples above its age + 1) / (samples + 1), so one
-#: attempt alone contributes at least 1 / (n + 1) (1/129 with a full window): no single stuck
-#: call can make an endpoint silent, two past every sample can. 1e-3 was chosen in
-#: bench/scheduling (`providers_hang`, `cost_optimized+stream`): a hang reads silent ~1 s in (at
-#: 9 calls a second to it, ttft 0.6 s x lognormal(0, 0.25)), while the attempts judged on a
-#: healthy endpoint are only those sent after one that already sent its first token — the
-#: youngest, each P ~ 1 — so it did not fire on a healthy provider in six seed sets (its
-#: share before the fault unchanged). A dimensionless probability of the endpoint's own
-#: distribution: nothing per deployment to tune, so a constant, not a setting.
+#: newest one that sent a first token are all still silent at their ages is below SILENT_P —
+#: and so is exp(-pace x seconds since its latest first token), pace = the rate its first
+#: tokens came at lately (a FIFO queue keeps sending them at its service rate: without this
+#: bound a sustained queue read as silent). Each attempt contributes at least 1 / (n + 1)
+#: (1/129 with a full window): no single stuck call can make an endpoint silent. 1e-3 was
+#: chosen in bench/scheduling (`providers_hang`, `cost_optimized+stream`): at 9 calls a second
+#: to a hung provider (ttft 0.6 s x lognormal(0, 0.25)) it read silent 0.7..1.2 s after the
+#: last first token of the calls in service before the fault, 1.2..2.1 s after the fault (move
+#: off 2.0 s in six seed sets), and it never fired on the healthy provider (its busy share
+#: before the fault unchanged in all six). A dimensionless probability of the endpoint's own
+#: numbers: nothing per deployment to tune, so a constant, not a setting.
 SILENT_P = 1e-3
 
 #: First-token samples an endpoint needs before it is judged (fewer: never silent). Below ~30 the
 #: empirical tail is too coarse: the floor 1 / (n + 1) would let two attempts past a handful
 #: of samples read as improbable.
 SILENT_SAMPLES = 32
+
+#: The endpoint's pace of first tokens (what bounds `silence` from below) is measured over its
+#: latest this many first tokens: ~2 s at ten a second, long enough to span a queue's jitter.
+FIRST_PACE = 16
 
 #: At most this many of the oldest judged attempts are multiplied (the younger ones would only
 #: lower the product further), so a pick costs a bounded walk however many calls are in flight.
@@ -313,8 +318,10 @@ class EndpointStats:
         "failed",
         "failing",
         "failure_sent_at",
+        "first_times",
         "held",
         "held_since",
+        "last_first_at",
         "last_sample_at",
         "lasts",
         "latency",
@@ -339,6 +346,8 @@ class EndpointStats:
         # outstanding attempts with no first token yet (FirstToken): by start, oldest first
         self.awaiting_first: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.alive_sent_at = -math.inf  # send time of the newest attempt that sent a first token
+        self.last_first_at = -math.inf  # when the latest first token came (any attempt)
+        self.first_times: deque[float] = deque(maxlen=FIRST_PACE)  # when the latest first tokens came
         self.silence_probed_at = -math.inf  # when filters.not_silent last sent it a probe
         self.unanswered: list[float] = []  # starts of attempts abandoned since the last answer
         self.latency = PeakEwma(config.decay_s)
@@ -382,9 +391,11 @@ class EndpointStats:
         than SILENT_SAMPLES samples (an endpoint whose attempts report no first token is
         never judged), or no such attempt. Attempts sent before a live one are not judged
         (the endpoint has shown it is alive since), so the test clears as soon as one of the
-        judged attempts sends a first token — or they end. Oldest first, SILENT_WALK at most,
-        stopping at the first whose age is below every sample (it and the younger ones
-        contribute 1)."""
+        judged attempts sends a first token — or they end. Each attempt sent before the
+        endpoint's latest first token counts only its silence since: P(ttft > age | ttft >
+        age - silence). Oldest first, SILENT_WALK at most, stopping at the first whose age is
+        below every sample (it and the younger ones contribute 1). Bounded below by
+        exp(-pace x seconds since the latest first token) (see SILENT_P)."""
         if not self.awaiting_first or self.recent_ttft.count < SILENT_SAMPLES:
             return 1.0
         ranked = self.recent_ttft.ranked()
@@ -400,7 +411,19 @@ class EndpointStats:
             if age <= low or walked >= SILENT_WALK:
                 break
             walked += 1
-            p *= (n - bisect.bisect_right(ranked, age) + 1) / (n + 1)
+            # P(no first token by its age | none by when the endpoint last showed life)
+            silent_for = now - max(started, self.last_first_at)
+            before = n - bisect.bisect_right(ranked, age - silent_for) + 1 if silent_for < age else n + 1
+            p *= (n - bisect.bisect_right(ranked, age) + 1) / before
+        if p < SILENT_P and len(self.first_times) > 1:
+            # No more improbable than the endpoint's own pace allows: first tokens have come
+            # at rate r lately, so a healthy one is silent for d seconds with p ~ exp(-r d),
+            # however many attempts wait — a queue emits at its service rate, not at the sum
+            # of its waiting attempts' hazards.
+            span = self.first_times[-1] - self.first_times[0]
+            if span > 0:
+                rate = (len(self.first_times) - 1) / span
+                p = max(p, math.exp(-rate * max(0.0, now - self.last_first_at)))
         return p
 
     def silent(self, now: float) -> bool:
@@ -570,6 +593,8 @@ class LiveStats:
         started = stats.outstanding.get((event.request_id, event.attempt))
         if started is not None and started > stats.alive_sent_at:
             stats.alive_sent_at = started
+        stats.last_first_at = now = self.clock()
+        stats.first_times.append(now)
 
     def attempt_ended(self, event: AttemptEnd) -> None:
         now = self.clock()
@@ -609,6 +634,7 @@ class LiveStats:
             stats.ttft.update(max(0.0, ttft), now)
             stats.recent_ttft.record(max(0.0, ttft))
             stats.alive_sent_at = max(stats.alive_sent_at, sent)
+            stats.last_first_at = max(stats.last_first_at, sent + ttft)
         if ttft is None or event.unary:
             stats.recent.record(latency)
         tokens = event.usage.output_tokens
