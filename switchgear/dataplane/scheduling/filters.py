@@ -4,7 +4,9 @@ Hard filters (`usable`, `not_blocked`, `has_capabilities`, `fits_context`, `tena
 remove candidates that cannot or must not serve. Bound filters (`within_cost`,
 `min_success`, `within_latency`, `has_capacity`) express preferences; wrap them in `prefer`
 so that when nothing meets them the request is still served by all (the seed's fallback).
-Narrowing stages (`top_tier`, `cheapest`) are filters too. Order is preserved.
+Narrowing stages (`top_tier`, `cheapest`) are filters too. `not_silent` holds new calls back
+from an endpoint whose attempts are silent past their first-token time (the scheduler runs it
+for every strategy). Order is preserved.
 """
 
 from __future__ import annotations
