@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.scheduling.routers import ALL, LiteLLMCooldown, make_router
+from bench.scheduling.routers import ALL, LiteLLMCooldown, SchedulerRouter, make_router
 from bench.scheduling.run import fault_figures, move_off_s, plot, run_one, summarise, verdicts
 from bench.scheduling.scenarios import scenarios
 from bench.scheduling.sim import InstanceSpec, Scenario, Simulation, constant
 from switchgear.adapters.base import ErrorKind
-from switchgear.dataplane.events import AttemptEnd
+from switchgear.dataplane.events import AttemptEnd, FirstToken
 from switchgear.dataplane.scheduling.model import Request
 
 
@@ -104,3 +104,58 @@ def test_the_provider_scenarios_measure_cost_optimized_against_the_cost_baseline
     theirs = fault_figures("litellm_cost", [run_one(short, "litellm_cost", 1)])
     assert ours.busy_share > 0.6 and theirs.busy_share > 0.9
     assert ours.move_off_s < theirs.move_off_s and ours.fault_success > theirs.fault_success
+
+
+def test_streamed_from_the_upstream_first_tokens_reach_routing_and_a_hang_is_left_within_2_s() -> None:
+    """`+stream`: every attempt's first token reaches LiveStats (none from a black-holed
+    attempt), AttemptEnd carries its ttft; the silence test moves cost_optimized off a hung
+    provider in the time the plain one cannot (3 s, bench/scheduling/README.md)."""
+    scenario = next(s for s in scenarios() if s.name == "providers_hang")
+    short = Scenario(**{**scenario.__dict__, "duration_s": 75.0})
+    plain = run_one(short, "cost_optimized", 1)
+    fed = Simulation(short, 1, stream_upstream=True)
+    router = make_router("cost_optimized+stream", fed.clock, 1, breakers=True)
+    assert isinstance(router, SchedulerRouter)
+    firsts: list[tuple[float, str, float]] = []
+    told = router.first_token
+
+    def first_token(event: FirstToken) -> None:
+        firsts.append((fed.now, event.endpoint, event.ttft_s))
+        told(event)
+
+    router.first_token = first_token  # type: ignore[method-assign]
+    fed.router = router
+    fed.run()
+    assert isinstance(plain.router, SchedulerRouter)
+    assert plain.router.stats.get("pool/cheap").recent_ttft.count == 0
+    cheap = router.stats.get("pool/cheap")
+    assert cheap.recent_ttft.count > 100 and 0.3 < (cheap.recent_ttft.quantile(0.5) or 0) < 0.9
+    sent_in_fault = [t - ttft for t, endpoint, ttft in firsts if endpoint == "cheap" and t - ttft >= 60.0]
+    assert sent_in_fault == []  # a hung provider sends no first token
+    assert any(t >= 60.0 for t, endpoint, _ in firsts if endpoint == "cheap")  # those in service before do
+    figures = fault_figures("cost_optimized+stream", [fed])
+    assert figures.move_off_s <= 2.0 < fault_figures("cost_optimized", [plain]).move_off_s
+    assert figures.busy_share == pytest.approx(fault_figures("cost_optimized", [plain]).busy_share, abs=0.01)
+
+
+def test_the_sims_first_token_comes_after_any_queue_and_with_the_answers_jitter() -> None:
+    seen: list[tuple[str, float, float | None]] = []
+
+    class Spy(SchedulerRouter):
+        def first_token(self, event: FirstToken) -> None:
+            seen.append((event.request_id, event.ttft_s, None))
+            super().first_token(event)
+
+        def attempt_ended(self, event: AttemptEnd) -> None:
+            assert event.unary and (event.error is not None or event.ttft_s is not None)
+            seen.append((event.request_id, event.latency_s, event.ttft_s))
+            super().attempt_ended(event)
+
+    sim = Simulation(tiny(), 1, stream_upstream=True)
+    inner = make_router("latency", sim.clock, 1)
+    assert isinstance(inner, SchedulerRouter)
+    sim.router = Spy("latency", inner.stats, inner.scheduler, inner.bounds)
+    sim.run()
+    firsts = {rid: t for rid, t, end in seen if end is None}
+    ends = [(rid, latency, ttft) for rid, latency, ttft in seen if ttft is not None]
+    assert len(ends) > 50 and all(firsts[rid] == ttft < latency for rid, latency, ttft in ends)

@@ -185,6 +185,8 @@ async def test_openai_stream_chunks_then_end_with_usage_cost_and_ttft(emulators:
     assert (
         ended.ttft_s is not None and ended.ttft_s > 0 and ended.error is None and ended.cost_usd == end.usage.cost_usd
     )
+    [started] = agent.recorder.started
+    assert started.streamed  # a stream reports its first token: routing may judge its silence
     await agent.pool.close()
 
 

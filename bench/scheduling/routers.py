@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from bench.scheduling.sim import SERVICE
 from switchgear.adapters.base import ErrorKind
-from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.events import AttemptEnd, AttemptStart, FirstToken
 from switchgear.dataplane.resilience.breaker import CircuitBreaker, Ticket
 from switchgear.dataplane.scheduling import STRATEGIES, LiveStats, Scheduler, Strategy
 from switchgear.dataplane.scheduling.model import Bounds, Candidate, Context, Request
@@ -51,6 +51,9 @@ class SchedulerRouter:
 
     def attempt_started(self, event: AttemptStart) -> None:
         self.stats.attempt_started(event)
+
+    def first_token(self, event: FirstToken) -> None:
+        self.stats.first_token(event)
 
     def attempt_ended(self, event: AttemptEnd) -> None:
         self.stats.attempt_ended(event)
@@ -173,6 +176,9 @@ class LiteLLMLatency:
     def attempt_started(self, event: AttemptStart) -> None:
         pass
 
+    def first_token(self, event: FirstToken) -> None:
+        pass
+
     def attempt_ended(self, event: AttemptEnd) -> None:
         key = f"{event.service}/{event.endpoint}"
         d = self.samples.setdefault(key, deque(maxlen=self.window))
@@ -207,6 +213,9 @@ class LiteLLMCooldown:
     def attempt_started(self, event: AttemptStart) -> None:
         self.inner.attempt_started(event)
 
+    def first_token(self, event: FirstToken) -> None:
+        pass  # LiteLLM's router has no notion of a first token
+
     def attempt_ended(self, event: AttemptEnd) -> None:
         self.inner.attempt_ended(event)
         if event.cancelled:
@@ -226,13 +235,32 @@ class LiteLLMCooldown:
 COOLDOWN_BASELINES = {"litellm_cost+cooldown": "litellm_cost", "simple_shuffle+cooldown": "simple_shuffle"}
 
 OURS = tuple(STRATEGIES)
+#: A Switchgear strategy's name with this suffix runs with the llm policy's `stream_upstream`
+#: on: every whole-answer call is streamed from its upstream, so first tokens reach routing
+#: (Simulation's `stream_upstream`) and the first-token silence test (filters.not_silent) runs.
+STREAM = "+stream"
+
+
+def streamed(name: str) -> tuple[str, bool]:
+    """(the strategy's own name, whether it streams from the upstream)."""
+    return (name[: -len(STREAM)], True) if name.endswith(STREAM) and name[: -len(STREAM)] in OURS else (name, False)
+
+
+def is_ours(name: str) -> bool:
+    """A Switchgear strategy, streamed from the upstream or not."""
+    return streamed(name)[0] in OURS
+
+
 BASELINES = ("litellm_latency", "litellm_least_busy", "litellm_cost", "simple_shuffle", "seed_intelligent")
 ALL = OURS + BASELINES
 
 
 def make_router(name: str, clock: object, seed: int,
                 breakers: bool = False) -> SchedulerRouter | LiteLLMLatency | LiteLLMCooldown:
-    """`breakers`: Switchgear's strategies get the agent's circuit breakers (`Breakers`)."""
+    """`breakers`: Switchgear's strategies get the agent's circuit breakers (`Breakers`).
+    A `STREAM` suffix is the simulation's business (`Simulation.stream_upstream`); the
+    strategy is the same."""
+    name = streamed(name)[0]
     if name in COOLDOWN_BASELINES:
         inner = make_router(COOLDOWN_BASELINES[name], clock, seed)
         assert isinstance(inner, SchedulerRouter)
@@ -243,7 +271,7 @@ def make_router(name: str, clock: object, seed: int,
     stats = LiveStats(clock)  # type: ignore[arg-type]
     if name in BASELINE_STRATEGIES:
         # other routers: as they are (no peer stages, no load shifting)
-        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None, shift=None)
+        scheduler = Scheduler(stats, rng, strategies=BASELINE_STRATEGIES, peers=None, shift=None, silence=False)
         return SchedulerRouter(name, stats, scheduler, Bounds())
     if not breakers:
         return SchedulerRouter(name, stats, Scheduler(stats, rng), POLICY_BOUNDS)

@@ -1,6 +1,6 @@
 """Run every scenario for every strategy; print the table and the ratios; write one PNG each.
 
-    .venv/bin/python -m bench.scheduling [--out DIR] [--seed 1] [--runs 3] [--only NAME] [--no-plots]
+    .venv/bin/python -m bench.scheduling [--out DIR] [--seed 1] [--runs 3] [--only NAME] [--no-plots] [--stream]
 
 Every cell pools `runs` replications with different seeds (arrivals, sizes, upstream noise);
 the same seeds are used for every strategy.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.scheduling.routers import ALL, OURS, POLICY_BOUNDS, make_router
+from bench.scheduling.routers import ALL, POLICY_BOUNDS, STREAM, is_ours, make_router, streamed
 from bench.scheduling.scenarios import scenarios
 from bench.scheduling.sim import CallRecord, Scenario, Simulation
 
@@ -61,8 +61,9 @@ def summarise(name: str, records: Sequence[CallRecord]) -> Summary:
     )
 
 
-def run_one(scenario: Scenario, name: str, seed: int) -> Simulation:
-    sim = Simulation(scenario, seed)
+def run_one(scenario: Scenario, name: str, seed: int, stream: bool = False) -> Simulation:
+    """`stream`: every Switchgear strategy streams from the upstream (as a `+stream` name does)."""
+    sim = Simulation(scenario, seed, stream_upstream=streamed(name)[1] or (stream and is_ours(name)))
     sim.router = make_router(name, sim.clock, seed, breakers=scenario.breakers)
     sim.run()
     return sim
@@ -126,7 +127,7 @@ def print_faults(rows: Sequence[FaultFigures]) -> list[tuple[str, bool]]:
     """The fault table, and the claims about it (cost_optimized against every baseline)."""
     print(f"{'strategy':<24}{'busy share':>11}{'move off s':>11}{'fault success':>14}{'USD/1k req':>11}")
     for r in rows:
-        mark = "  (baseline)" if r.strategy not in OURS else ""
+        mark = "  (baseline)" if not is_ours(r.strategy) else ""
         print(f"{r.strategy:<24}{r.busy_share:>11.1%}{r.move_off_s:>11.1f}{r.fault_success:>14.2%}"
               f"{r.cost_per_1k:>11.3f}{mark}")
     by = {r.strategy: r for r in rows}
@@ -134,8 +135,14 @@ def print_faults(rows: Sequence[FaultFigures]) -> list[tuple[str, bool]]:
     out = [(f"cost_optimized keeps the cheapest busiest before the fault: {ours.busy_share:.1%} of attempts "
             f"(the rest shed above 80 % utilisation)", ours.busy_share >= 2 / 3),
            (f"cost_optimized moves off within 2 s of the fault: {ours.move_off_s:.1f} s", ours.move_off_s <= 2.0)]
+    fed = by.get("cost_optimized" + STREAM)
+    if fed is not None:  # streamed from the upstream: the first-token silence test runs
+        out += [(f"cost_optimized{STREAM} moves off within 2 s of the fault: {fed.move_off_s:.1f} s",
+                 fed.move_off_s <= 2.0),
+                (f"cost_optimized{STREAM} keeps the cheapest as busy as cost_optimized (within 1 point): "
+                 f"{fed.busy_share:.1%} vs {ours.busy_share:.1%}", fed.busy_share >= ours.busy_share - 0.01)]
     for r in rows:
-        if r.strategy in OURS or r.busy_share < 0.5:
+        if is_ours(r.strategy) or r.busy_share < 0.5:
             continue  # compared with the baselines that also keep the cheapest busy
         ratio = r.move_off_s / ours.move_off_s if ours.move_off_s > 0 else math.inf
         out.append((f"move off {r.strategy} / cost_optimized = {r.move_off_s:.1f} / {ours.move_off_s:.1f} s = "
@@ -150,7 +157,7 @@ def print_table(scenario: Scenario, rows: Sequence[Summary]) -> None:
     print(f"{'strategy':<24}{'calls':>6}{'success':>9}{'p50 s':>8}{'p99 s':>8}{'mean s':>8}"
           f"{'USD/1k req':>11}{'tries':>7}")
     for r in rows:
-        mark = "  (baseline)" if r.strategy not in OURS else ""
+        mark = "  (baseline)" if not is_ours(r.strategy) else ""
         print(f"{r.strategy:<24}{r.calls:>6}{r.success:>9.2%}{r.p50_s:>8.2f}{r.p99_s:>8.2f}{r.mean_s:>8.2f}"
               f"{r.cost_per_1k:>11.3f}{r.attempts:>7.2f}{mark}")
 
@@ -205,7 +212,7 @@ def plot(scenario: Scenario, results: dict[str, list[CallRecord]], out_dir: Path
         xs = sorted(bins)
         p99 = [quantile(sorted(r.latency_s for r in bins[x]), 0.99) for x in xs]
         fail = [100 * sum(not r.ok for r in bins[x]) / len(bins[x]) for x in xs]
-        style = "--" if name not in OURS else "-"
+        style = "--" if not is_ours(name) else "-"
         t = [x * bin_s + bin_s / 2 for x in xs]
         ax1.plot(t, p99, style, label=name)
         ax2.plot(t, fail, style, label=name)
@@ -232,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="replications per cell (seeds seed..seed+runs-1), pooled")
     parser.add_argument("--only", action="append", help="run only this scenario (repeatable)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--stream", action="store_true",
+                        help="every Switchgear strategy streams from the upstream (the first-token silence test runs)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -239,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for scenario in scenarios():
         if args.only and scenario.name not in args.only:
             continue
-        sims = {name: [run_one(scenario, name, args.seed + k) for k in range(args.runs)]
+        sims = {name: [run_one(scenario, name, args.seed + k, args.stream) for k in range(args.runs)]
                 for name in scenario.contenders or ALL}
         results = {name: [r for sim in runs for r in sim.records] for name, runs in sims.items()}
         rows = {name: summarise(name, recs) for name, recs in results.items()}

@@ -57,8 +57,8 @@ PROVIDERS = (
     InstanceSpec("dear", 0.25, 0.004, 32, 64, 0.005, 0.0025, 0.01),
 )
 PROVIDER_RATE = 10.0
-PROVIDER_CONTENDERS = ("cost_optimized", "latency", "intelligent", "litellm_cost", "litellm_cost+cooldown",
-                       "simple_shuffle+cooldown", "litellm_latency")
+PROVIDER_CONTENDERS = ("cost_optimized", "cost_optimized+stream", "latency", "intelligent", "litellm_cost",
+                       "litellm_cost+cooldown", "simple_shuffle+cooldown", "litellm_latency")
 FAULT = (60.0, 120.0)
 
 

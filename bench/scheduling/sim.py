@@ -8,9 +8,14 @@ is simulated is the world around it:
 - each instance serves `capacity` requests at once and queues up to `queue_limit` more in
   FIFO order; beyond that it answers 503 at once (overloaded);
 - service time = (ttft + s/token x output tokens) x slowdown(t) x lognormal(0, jitter);
+- with `stream_upstream` (the product's setting of that name: the agent streams whole answers
+  from the upstream), the first token comes at start of service + ttft x slowdown(t) x the
+  same lognormal draw — one draw, since a slow moment of an upstream slows its first token
+  and its tokens alike — and the router is told (`FirstToken`, then `AttemptEnd` with
+  `ttft_s` from the attempt's start, queue wait included, and `unary`);
 - with probability error(t) an attempt fails fast (a 5xx after 20 ms);
-- while down(t) the instance black-holes: new attempts never answer (and, with `partition`,
-  neither do the ones it was serving);
+- while down(t) the instance black-holes: new attempts never answer nor send a first token
+  (and, with `partition`, neither do the ones it was serving);
 - the agent retries like `dataplane/invoke.py`: on a retryable failure, the next untried
   endpoint picked by the same strategy, at most `max_retries` more, all within the call's
   deadline; an attempt still outstanding at the deadline fails the call (TIMEOUT), exactly as
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchgear.adapters.base import ErrorKind, TokenUsage
-from switchgear.dataplane.events import AttemptEnd, AttemptStart
+from switchgear.dataplane.events import AttemptEnd, AttemptStart, FirstToken
 from switchgear.dataplane.scheduling.model import Candidate, Request
 from switchgear.dataplane.snapshot import Pricing
 
@@ -110,6 +115,8 @@ class Router(Protocol):
 
     def attempt_started(self, event: AttemptStart) -> None: ...
 
+    def first_token(self, event: FirstToken) -> None: ...
+
     def attempt_ended(self, event: AttemptEnd) -> None: ...
 
 
@@ -142,6 +149,7 @@ class _Job:
     call: _Call
     attempt: int
     key: str
+    ttft_s: float | None = None  # from the attempt's start, once its first token came
 
 
 class _Instance:
@@ -172,8 +180,15 @@ class _Instance:
         spec = self.spec
         self.busy += 1
         base = spec.ttft_s + spec.per_token_s * job.call.output_tokens
-        service = base * spec.slowdown(now) * math.exp(self.rng.gauss(0.0, spec.jitter))
-        self.sim.at(now + service, self._finish, job)
+        scale = spec.slowdown(now) * math.exp(self.rng.gauss(0.0, spec.jitter))
+        if self.sim.stream_upstream:
+            self.sim.at(now + spec.ttft_s * scale, self._first_token, job)
+        self.sim.at(now + base * scale, self._finish, job)
+
+    def _first_token(self, job: _Job) -> None:
+        if self.spec.partition and self.spec.down(self.sim.now):
+            return  # lost with the network
+        self.sim.first_token(job)
 
     def _finish(self, job: _Job) -> None:
         if self.spec.partition and self.spec.down(self.sim.now):
@@ -187,8 +202,10 @@ class _Instance:
 class Simulation:
     """One scenario, one strategy. `run()` returns every call's record."""
 
-    def __init__(self, scenario: Scenario, seed: int = 1, router: Router | None = None) -> None:
+    def __init__(self, scenario: Scenario, seed: int = 1, router: Router | None = None,
+                 stream_upstream: bool = False) -> None:
         self.scenario = scenario
+        self.stream_upstream = stream_upstream
         self.router: Router = router  # type: ignore[assignment]  # set before run()
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[..., None], tuple[object, ...]]] = []
@@ -263,7 +280,8 @@ class Simulation:
         call.tried.add(chosen.key)
         call.current = chosen.key
         call.attempt_start = self.now
-        self.router.attempt_started(AttemptStart(call.id, SERVICE, "llm", chosen.endpoint, call.attempts, 5))
+        self.router.attempt_started(AttemptStart(call.id, SERVICE, "llm", chosen.endpoint, call.attempts, 5,
+                                                 streamed=self.stream_upstream))
         self.instances[chosen.endpoint].submit(_Job(call, call.attempts, chosen.key))
 
     def _live(self, job: _Job) -> bool:
@@ -274,8 +292,15 @@ class Simulation:
         usage = TokenUsage(call.input_tokens, call.output_tokens) if error is None else TokenUsage()
         endpoint = job.key.split("/", 1)[1]
         self.router.attempt_ended(AttemptEnd(call.id, SERVICE, "llm", endpoint, job.attempt,
-                                             self.now - call.attempt_start, error, usage, cost))
+                                             self.now - call.attempt_start, error, usage, cost,
+                                             job.ttft_s, unary=self.stream_upstream))
         call.current = ""
+
+    def first_token(self, job: _Job) -> None:
+        if not self._live(job):
+            return
+        job.ttft_s = self.now - job.call.attempt_start
+        self.router.first_token(FirstToken(job.call.id, SERVICE, job.key.split("/", 1)[1], job.attempt, job.ttft_s))
 
     def succeeded(self, job: _Job) -> None:
         if not self._live(job):

@@ -23,6 +23,10 @@ class AttemptStart:
     endpoint: str
     attempt: int  # 1-based within the call
     priority: int
+    # It streams from its upstream, so it will report its first token (FirstToken): a stream,
+    # or a whole answer the agent streams upstream. Only such attempts can be judged silent
+    # (scheduling/stats.py, EndpointStats.silence); a plain unary call is silent until it ends.
+    streamed: bool = False
 
 
 @lean

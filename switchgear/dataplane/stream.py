@@ -321,7 +321,8 @@ class _Attempt:
         self.held_chars = 0  # text of the chunks held back until the first token
         self.meter = Meter()  # the call's, once the attempt is committed
         streamer._emit(
-            AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority)
+            AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority,
+                         streamed=True)
         )
 
     async def _next(self, chunks: AsyncIterator[StreamChunk]) -> StreamChunk | None:

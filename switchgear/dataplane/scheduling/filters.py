@@ -4,7 +4,9 @@ Hard filters (`usable`, `not_blocked`, `has_capabilities`, `fits_context`, `tena
 remove candidates that cannot or must not serve. Bound filters (`within_cost`,
 `min_success`, `within_latency`, `has_capacity`) express preferences; wrap them in `prefer`
 so that when nothing meets them the request is still served by all (the seed's fallback).
-Narrowing stages (`top_tier`, `cheapest`) are filters too. Order is preserved.
+Narrowing stages (`top_tier`, `cheapest`) are filters too. `not_silent` holds new calls back
+from an endpoint whose attempts are silent past their first-token time (the scheduler runs it
+for every strategy). Order is preserved.
 """
 
 from __future__ import annotations
@@ -102,6 +104,33 @@ def min_success(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
             s.probed_at = ctx.now
             return [c]
     return kept
+
+
+def not_silent(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Holds new calls back from silent candidates (stats.EndpointStats.silent: attempts sent
+    since the newest one that sent a first token all still silent, jointly improbable under
+    its own time to first token) while another candidate can serve. Not sticky: judged on
+    every pick, so a candidate is back as soon as one of those attempts sends a first token,
+    or they end. Attempts already outstanding are left alone (they end at their own timeouts).
+
+    A silent candidate is let through — left to the strategy, which may send it a probe —
+    when its newest attempt was sent PROBE_INTERVAL_S ago or more and it was not let through
+    for as long: one call a second at most goes to it, enough to see it answer again (the
+    probe's first token clears it). Only let through, never forced: a strategy whose own
+    bounds keep it out (too slow, too dear) sends it nothing. Keeps at least one candidate:
+    with all silent, all are kept."""
+    now = ctx.now
+    kept: list[Candidate] = []
+    for c in cands:
+        s = ctx.stats.get(c.key)
+        if not s.awaiting_first or not s.silent(now):
+            kept.append(c)
+            continue
+        newest = next(reversed(s.awaiting_first.values()))
+        if now - max(newest, s.silence_probed_at) >= PROBE_INTERVAL_S:
+            s.silence_probed_at = now
+            kept.append(c)
+    return kept or list(cands)
 
 
 def within_latency(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:

@@ -1,6 +1,8 @@
 """The scheduling pipeline: hard filters -> policy bounds -> slow peers off -> share cap ->
-load shifting -> strategy stages -> score -> pick (peers.py says why the two peer stages run
-for every strategy; shift.py, the seed's 0.8 / 0.6 load shifting).
+load shifting -> silent endpoints held back -> strategy stages -> score -> pick (peers.py says
+why the two peer stages run for every strategy; shift.py, the seed's 0.8 / 0.6 load shifting;
+filters.not_silent, the first-token silence test, which judges only endpoints whose attempts
+report first tokens: streams, and whole answers streamed from the upstream).
 
 `Scheduler.pick` is synchronous and does no I/O. Its time is the stats' clock and its
 randomness an injected `random.Random`, so tests and the simulation replay exactly.
@@ -50,9 +52,11 @@ class Scheduler:
         strategies: Mapping[str, Strategy] = STRATEGIES,
         peers: PeerSettings | None = DEFAULT_PEERS,
         shift: ShiftSettings | None = DEFAULT_SHIFT,
+        silence: bool = True,
     ) -> None:
         """`peers`: the slow-peer and share-cap stages (peers.py); `shift`: the load-shifting
-        stage's default thresholds (shift.py); None leaves them out."""
+        stage's default thresholds (shift.py); None leaves them out. `silence`: the
+        first-token silence stage (filters.not_silent); False leaves it out."""
         self.stats = stats
         self.rng = rng or random.Random()
         self.strategies = strategies
@@ -65,6 +69,7 @@ class Scheduler:
         self._off_slow = off_slow(peers) if peers is not None else None
         self._over_cap = over_cap(peers) if peers is not None else None
         self._shed = shed(shift) if shift is not None else None
+        self._silence = silence
         self._memory: dict[tuple[str, str], dict[str, Any]] = {}
 
     def pick(
@@ -103,6 +108,8 @@ class Scheduler:
                     cands = [c for c in cands if c.key not in capped]
             if self._shed is not None and len(cands) > 1:
                 cands = self._shed(cands, ctx)
+            if self._silence and len(cands) > 1:  # after the peer stages: a silent endpoint is still
+                cands = filters.not_silent(cands, ctx)  # a peer there (the yardstick of a slow one)
             for stage in plan.stages:
                 cands = stage(cands, ctx)
             scores = None

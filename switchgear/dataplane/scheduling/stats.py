@@ -30,6 +30,11 @@ What is kept, per endpoint:
 - the EWMA of the observed cost of a successful request (USD);
 - latency by concurrency level (`Capacity`), from which a capacity is learned where no
   max_concurrency is configured (scheduling/shift.py sheds load above 80 % of it);
+- the attempts still awaiting a first token, and the send time of the newest attempt that sent
+  one (`alive_sent_at`), for the first-token silence test (`EndpointStats.silence`): an
+  endpoint whose attempts sent since that one are all still silent, at ages its own learned
+  time to first token makes jointly improbable, is *silent* — accepting calls and answering
+  none of them (a hang, a partition) — and filters.not_silent holds new calls back from it;
 - when the endpoint was first seen — or last came back from being blocked (open breaker,
   ejection, Retry-After hold) — for slow start: a target back from a fault ramps up over
   `recovery_ramp_s` instead of taking its full share at once (no herd onto it, and none away
@@ -38,9 +43,10 @@ What is kept, per endpoint:
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -63,6 +69,34 @@ FAILING = 3
 #: Abandoned attempts in a row, with no answer between, that count as a stall (see `unanswered`):
 #: a healthy endpoint loses a hedge race now and then (~5 % of calls), never three in a row.
 UNANSWERED = 3
+
+#: The first-token silence test (`EndpointStats.silence`): an endpoint is silent when the joint
+#: probability, under its own time-to-first-token samples, that its attempts sent since the
+#: newest one that sent a first token are all still silent at their ages is below SILENT_P —
+#: and so is exp(-pace x seconds since its latest first token), pace = the rate its first
+#: tokens came at lately (a FIFO queue keeps sending them at its service rate: without this
+#: bound a sustained queue read as silent). Each attempt contributes at least 1 / (n + 1)
+#: (1/129 with a full window): no single stuck call can make an endpoint silent. 1e-3 was
+#: chosen in bench/scheduling (`providers_hang`, `cost_optimized+stream`): at 9 calls a second
+#: to a hung provider (ttft 0.6 s x lognormal(0, 0.25)) it read silent 0.7..1.2 s after the
+#: last first token of the calls in service before the fault, 1.2..2.1 s after the fault (move
+#: off 2.0 s in six seed sets), and it never fired on the healthy provider (its busy share
+#: before the fault unchanged in all six). A dimensionless probability of the endpoint's own
+#: numbers: nothing per deployment to tune, so a constant, not a setting.
+SILENT_P = 1e-3
+
+#: First-token samples an endpoint needs before it is judged (fewer: never silent). Below ~30 the
+#: empirical tail is too coarse: the floor 1 / (n + 1) would let two attempts past a handful
+#: of samples read as improbable.
+SILENT_SAMPLES = 32
+
+#: The endpoint's pace of first tokens (what bounds `silence` from below) is measured over its
+#: latest this many first tokens: ~2 s at ten a second, long enough to span a queue's jitter.
+FIRST_PACE = 16
+
+#: At most this many of the oldest judged attempts are multiplied (the younger ones would only
+#: lower the product further), so a pick costs a bounded walk however many calls are in flight.
+SILENT_WALK = 64
 
 #: Failures that say something about the endpoint (a bad request says nothing about it).
 ENDPOINT_FAULTS = frozenset(
@@ -223,11 +257,15 @@ class Recent:
         """The q-quantile (0..1, nearest rank) of the retained samples; None with none."""
         if not self.samples:
             return None
+        ranked = self.ranked()
+        return ranked[min(len(ranked) - 1, int(q * len(ranked)))]
+
+    def ranked(self) -> list[float]:
+        """The retained samples sorted (re-sorted as `quantile` says); not to be mutated."""
         if self._fresh and (self._fresh >= max(1, self.size // 8) or len(self._cached) < self.size // 2):
             self._cached = sorted(self.samples)
             self._fresh = 0
-        ranked = self._cached
-        return ranked[min(len(ranked) - 1, int(q * len(ranked)))]
+        return self._cached
 
 
 class SuccessWindow:
@@ -271,6 +309,7 @@ class EndpointStats:
     """The live numbers of one endpoint. Mutated only by LiveStats."""
 
     __slots__ = (
+        "alive_sent_at",
         "awaiting_first",
         "capacity",
         "completed",
@@ -279,8 +318,10 @@ class EndpointStats:
         "failed",
         "failing",
         "failure_sent_at",
+        "first_times",
         "held",
         "held_since",
+        "last_first_at",
         "last_sample_at",
         "lasts",
         "latency",
@@ -291,6 +332,7 @@ class EndpointStats:
         "ramp_s",
         "recent",
         "recent_ttft",
+        "silence_probed_at",
         "slow",
         "ttft",
         "unanswered",
@@ -303,6 +345,10 @@ class EndpointStats:
         self.outstanding: OrderedDict[tuple[str, int], float] = OrderedDict()
         # outstanding attempts with no first token yet (FirstToken): by start, oldest first
         self.awaiting_first: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self.alive_sent_at = -math.inf  # send time of the newest attempt that sent a first token
+        self.last_first_at = -math.inf  # when the latest first token came (any attempt)
+        self.first_times: deque[float] = deque(maxlen=FIRST_PACE)  # when the latest first tokens came
+        self.silence_probed_at = -math.inf  # when filters.not_silent last sent it a probe
         self.unanswered: list[float] = []  # starts of attempts abandoned since the last answer
         self.latency = PeakEwma(config.decay_s)
         self.mean_latency = Ewma(config.mean_alpha)
@@ -336,6 +382,53 @@ class EndpointStats:
             return False
         newest = next(reversed(self.outstanding.values()), -math.inf)
         return newest <= self.failure_sent_at
+
+    def silence(self, now: float) -> float:
+        """The joint probability, under this endpoint's own times to first token
+        (`recent_ttft`), that its attempts sent after the newest one that sent a first token
+        (`alive_sent_at`) are all still silent at their ages: the product of P(ttft > age),
+        each (samples above the age + 1) / (samples + 1). 1.0 when nothing is judged: fewer
+        than SILENT_SAMPLES samples (an endpoint whose attempts report no first token is
+        never judged), or no such attempt. Attempts sent before a live one are not judged
+        (the endpoint has shown it is alive since), so the test clears as soon as one of the
+        judged attempts sends a first token — or they end. Each attempt sent before the
+        endpoint's latest first token counts only its silence since: P(ttft > age | ttft >
+        age - silence). Oldest first, SILENT_WALK at most, stopping at the first whose age is
+        below every sample (it and the younger ones contribute 1). Bounded below by
+        exp(-pace x seconds since the latest first token) (see SILENT_P)."""
+        if not self.awaiting_first or self.recent_ttft.count < SILENT_SAMPLES:
+            return 1.0
+        ranked = self.recent_ttft.ranked()
+        n = len(ranked)
+        low = ranked[0]
+        alive = self.alive_sent_at
+        p = 1.0
+        walked = 0
+        for started in self.awaiting_first.values():  # oldest first
+            if started <= alive:
+                continue
+            age = now - started
+            if age <= low or walked >= SILENT_WALK:
+                break
+            walked += 1
+            # P(no first token by its age | none by when the endpoint last showed life)
+            silent_for = now - max(started, self.last_first_at)
+            before = n - bisect.bisect_right(ranked, age - silent_for) + 1 if silent_for < age else n + 1
+            p *= (n - bisect.bisect_right(ranked, age) + 1) / before
+        if p < SILENT_P and len(self.first_times) > 1:
+            # No more improbable than the endpoint's own pace allows: first tokens have come
+            # at rate r lately, so a healthy one is silent for d seconds with p ~ exp(-r d),
+            # however many attempts wait — a queue emits at its service rate, not at the sum
+            # of its waiting attempts' hazards.
+            span = self.first_times[-1] - self.first_times[0]
+            if span > 0:
+                rate = (len(self.first_times) - 1) / span
+                p = max(p, math.exp(-rate * max(0.0, now - self.last_first_at)))
+        return p
+
+    def silent(self, now: float) -> bool:
+        """Accepting calls and answering none of them, by the first-token test (`silence`)."""
+        return self.silence(now) < SILENT_P
 
     def note_last(self, seconds: float) -> None:
         """One more outcome for `lasts` (call before counting it in completed / failed)."""
@@ -489,13 +582,19 @@ class LiveStats:
         stats = self.get(candidate_key(event.service, event.endpoint))
         now = self.clock()
         stats.outstanding[(event.request_id, event.attempt)] = now
-        stats.awaiting_first[(event.request_id, event.attempt)] = now
+        if event.streamed:  # only attempts that will report a first token can be silent
+            stats.awaiting_first[(event.request_id, event.attempt)] = now
 
     def first_token(self, event: FirstToken) -> None:
         """An outstanding attempt sent its first token: it is alive (`awaiting_first` no longer
-        holds it)."""
+        holds it), and so is the endpoint as of when it was sent (`alive_sent_at`)."""
         stats = self.get(candidate_key(event.service, event.endpoint))
         stats.awaiting_first.pop((event.request_id, event.attempt), None)
+        started = stats.outstanding.get((event.request_id, event.attempt))
+        if started is not None and started > stats.alive_sent_at:
+            stats.alive_sent_at = started
+        stats.last_first_at = now = self.clock()
+        stats.first_times.append(now)
 
     def attempt_ended(self, event: AttemptEnd) -> None:
         now = self.clock()
@@ -534,6 +633,8 @@ class LiveStats:
         if ttft is not None:
             stats.ttft.update(max(0.0, ttft), now)
             stats.recent_ttft.record(max(0.0, ttft))
+            stats.alive_sent_at = max(stats.alive_sent_at, sent)
+            stats.last_first_at = max(stats.last_first_at, sent + ttft)
         if ttft is None or event.unary:
             stats.recent.record(latency)
         tokens = event.usage.output_tokens
