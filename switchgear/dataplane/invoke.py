@@ -158,7 +158,8 @@ class Invoker:
         policy = snapshot.settings.category_policies.get(service.category)
         streamed = (policy is not None and policy.stream_upstream
                     and streamable(effective.protocol, call.method, payload) and hasattr(adapter, "stream"))
-        self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority))
+        self._started(AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority,
+                                   streamed=streamed))
         attempt_start = self._clock()
         first = _FirstToken()
         try:
