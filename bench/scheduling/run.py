@@ -123,8 +123,14 @@ def fault_figures(name: str, sims: Sequence[Simulation]) -> FaultFigures:
     return FaultFigures(name, busy / max(1, before), max(moves), ok / max(1, during), cost / max(1, calls) * 1000)
 
 
-def print_faults(rows: Sequence[FaultFigures]) -> list[tuple[str, bool]]:
-    """The fault table, and the claims about it (cost_optimized against every baseline)."""
+def print_faults(rows: Sequence[FaultFigures], silent_fault: bool = False) -> list[tuple[str, bool | None]]:
+    """The fault table, and the claims about it (cost_optimized against every baseline).
+
+    `silent_fault`: the faulty provider takes calls and never answers them (providers_hang).
+    Whole answers say nothing of that for ~2 s; the product's answer is the llm policy's
+    stream_upstream (README, "Hang"), so there the 2 s claim and the baseline ratios are
+    `cost_optimized+stream`'s, and plain cost_optimized's move-off is printed beside them as
+    information (None). For every other fault both are claims."""
     print(f"{'strategy':<24}{'busy share':>11}{'move off s':>11}{'fault success':>14}{'USD/1k req':>11}")
     for r in rows:
         mark = "  (baseline)" if not is_ours(r.strategy) else ""
@@ -132,20 +138,28 @@ def print_faults(rows: Sequence[FaultFigures]) -> list[tuple[str, bool]]:
               f"{r.cost_per_1k:>11.3f}{mark}")
     by = {r.strategy: r for r in rows}
     ours = by["cost_optimized"]
-    out = [(f"cost_optimized keeps the cheapest busiest before the fault: {ours.busy_share:.1%} of attempts "
-            f"(the rest shed above 80 % utilisation)", ours.busy_share >= 2 / 3),
-           (f"cost_optimized moves off within 2 s of the fault: {ours.move_off_s:.1f} s", ours.move_off_s <= 2.0)]
+    plain = (f"cost_optimized moves off within 2 s of the fault: {ours.move_off_s:.1f} s", ours.move_off_s <= 2.0)
+    out: list[tuple[str, bool | None]] = [
+        (f"cost_optimized keeps the cheapest busiest before the fault: {ours.busy_share:.1%} of attempts "
+         f"(the rest shed above 80 % utilisation)", ours.busy_share >= 2 / 3)]
     fed = by.get("cost_optimized" + STREAM)
+    if fed is None or not silent_fault:
+        out.append(plain)
     if fed is not None:  # streamed from the upstream: the first-token silence test runs
         out += [(f"cost_optimized{STREAM} moves off within 2 s of the fault: {fed.move_off_s:.1f} s",
                  fed.move_off_s <= 2.0),
                 (f"cost_optimized{STREAM} keeps the cheapest as busy as cost_optimized (within 1 point): "
                  f"{fed.busy_share:.1%} vs {ours.busy_share:.1%}", fed.busy_share >= ours.busy_share - 0.01)]
+        if silent_fault:
+            out.append((f"cost_optimized without stream_upstream moves off in {ours.move_off_s:.1f} s "
+                        f"(whole answers: silence is no evidence for ~2 s)", None))
+            ours = fed
+    name = ours.strategy
     for r in rows:
         if is_ours(r.strategy) or r.busy_share < 0.5:
             continue  # compared with the baselines that also keep the cheapest busy
         ratio = r.move_off_s / ours.move_off_s if ours.move_off_s > 0 else math.inf
-        out.append((f"move off {r.strategy} / cost_optimized = {r.move_off_s:.1f} / {ours.move_off_s:.1f} s = "
+        out.append((f"move off {r.strategy} / {name} = {r.move_off_s:.1f} / {ours.move_off_s:.1f} s = "
                     f"{ratio:.1f}x; fault success {ours.fault_success:.2%} vs {r.fault_success:.2%}; "
                     f"cost {ours.cost_per_1k:.3f} vs {r.cost_per_1k:.3f} USD/1k",
                     ours.move_off_s <= r.move_off_s and ours.fault_success >= r.fault_success))
@@ -162,9 +176,9 @@ def print_table(scenario: Scenario, rows: Sequence[Summary]) -> None:
               f"{r.cost_per_1k:>11.3f}{r.attempts:>7.2f}{mark}")
 
 
-def verdicts(scenario: Scenario, rows: dict[str, Summary]) -> list[tuple[str, bool]]:
+def verdicts(scenario: Scenario, rows: dict[str, Summary]) -> list[tuple[str, bool | None]]:
     """The claims the README makes, checked on this run's numbers."""
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[str, bool | None]] = []
     if scenario.fault is not None:
         return out  # judged on its fault figures (print_faults)
     base = rows["litellm_latency"]
@@ -255,10 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(scenario, list(rows.values()))
         claims = verdicts(scenario, rows)
         if scenario.fault is not None:
-            claims += print_faults([fault_figures(name, runs) for name, runs in sims.items()])
+            claims += print_faults([fault_figures(name, runs) for name, runs in sims.items()],
+                                   silent_fault=scenario.name == "providers_hang")
         for text, ok in claims:
-            failed_claims += not ok
-            print(f"  [{'ok' if ok else 'LOSES'}] {text}")
+            failed_claims += ok is False
+            print(f"  [{'info' if ok is None else 'ok' if ok else 'LOSES'}] {text}")
         if not args.no_plots:
             print(f"  plot: {plot(scenario, results, args.out)}")
     print(f"\n{failed_claims} claim(s) not met; {time.perf_counter() - started:.1f} s")
