@@ -253,3 +253,20 @@ def test_a_queue_on_a_healthy_endpoint_honestly() -> None:
     assert len(cheap.queue) > 50 and len(held) <= 120 // 20
     world.advance(world.clock.t + 30.0)  # drained
     assert not world.live.get(cheap.key).awaiting_first and not world.held_back(cands, cheap.key)
+
+
+def test_each_judgement_is_told_once_when_it_begins_and_once_when_it_ends() -> None:
+    """LiveStats.on_silence (the agent counts `silences` and logs a line) hears transitions, not
+    every held pick."""
+    world, cheap, _, cands = warmed()
+    told: list[tuple[str, bool]] = []
+    world.live.on_silence = lambda key, silent: told.append((key, silent))
+    cheap.hung = True
+    traffic(world, [cheap], 3.0, 9.0, each=lambda now: world.held_back(cands, cheap.key))
+    assert told == [(cheap.key, True)]  # ~18 held picks, one judgement
+    stats = world.live.get(cheap.key)
+    newest = next(reversed(stats.awaiting_first))
+    world.live.first_token(FirstToken(newest[0], "s", "cheap", newest[1], 2.9))
+    for _ in range(3):
+        assert not world.held_back(cands, cheap.key)
+    assert told == [(cheap.key, True), (cheap.key, False)]

@@ -35,7 +35,7 @@ external_services:
 
 PRICES = {"cheap": 0.001, "dear": 0.03}  # USD per 1k tokens
 PACE_S = 0.1  # one call every 100 ms, as the simulation's ten a second
-ANSWER = {"latency_ms": 40, "jitter_ms": 20, "token_delay_ms": 5}  # first token 40..60 ms, whole answer longer
+ANSWER = {"latency_ms": 40, "jitter_ms": 20, "token_delay_ms": 40}  # first token 40..60 ms, whole answer ~1 s
 
 
 def route(urls: dict[str, str]) -> common_pb2.Service:
@@ -122,3 +122,11 @@ def test_a_provider_that_swallows_calls_is_left_within_seconds_and_every_call_is
     assert late and late[-1] - late[0] <= 5, ticks
     # ...and all the calls sent while it hung number ~80: it swallowed far fewer.
     assert swallowed <= len(replies) // 3, (swallowed, len(replies))
+    # An operator sees it: a decision counter, and one warning line when it went silent (not
+    # one per held call), naming service and endpoint but not where the endpoint lives.
+    assert cluster.decisions("gpt", "cheap")["silences"] >= 1
+    assert cluster.decisions("gpt", "dear")["silences"] == 0
+    agent = next(p for p in cluster.procs if p.name == "agent")
+    lines = [line for line in agent.log_path.read_text(encoding="utf-8").splitlines() if ": silent (" in line]
+    assert lines and len(lines) <= cluster.decisions("gpt", "cheap")["silences"], lines
+    assert "service gpt endpoint cheap" in lines[0] and "127.0.0.1" not in lines[0]

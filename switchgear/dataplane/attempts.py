@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -124,6 +125,8 @@ SOURCE_BY_STEP: Mapping[str, str] = {"fallback": "service", "local_model": "loca
 
 __all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", "Resilience",
            "ResilienceSettings", "Shed"]
+
+log = logging.getLogger(__name__)
 
 
 class CallFailed(RuntimeError):
@@ -187,6 +190,8 @@ class Resilience:
         self.admission = Admission(AdmissionCore(settings.admission), clock, self.stats)
         self.gate = Gate(self.breakers, self.outliers, clock)
         self.live = stats
+        if stats is not None:
+            stats.on_silence = self.silence_changed
         self._tuning: dict[str, tuple[AttemptTimeouts, HedgeSettings]] = {}
 
     # --- snapshot sync ------------------------------------------------------------------
@@ -223,7 +228,7 @@ class Resilience:
     def counters(self) -> dict[tuple[str, str], dict[str, int]]:
         """Every decision counter: {(service, endpoint): {"trips": n, "ejections": n, "probes",
         "throttled", "retries", "failovers", "budget_denied", "fallbacks", "sheds", "queued",
-        "attempt_timeouts", "hedges", "hedge_wins"}};
+        "attempt_timeouts", "hedges", "hedge_wins", "silences"}};
         endpoint "" holds service-level decisions (fallbacks, queue sheds)."""
         return self.stats.as_dict()
 
@@ -243,6 +248,18 @@ class Resilience:
 
     def _ejected(self, service: str, endpoint: str, _now: float) -> None:
         self.stats.bump(service, endpoint, "ejections")
+
+    def silence_changed(self, key: str, silent: bool) -> None:
+        """The routing statistics judged an endpoint silent (its attempts take calls and send no
+        first token: filters.not_silent), or no longer: counted, and one line each way."""
+        service, _, endpoint = key.partition("/")
+        if silent:
+            self.stats.bump(service, endpoint, "silences")
+            log.warning("service %s endpoint %s: silent (its attempts since its last first token have "
+                        "sent none, against its own times to first token); new calls held back, one probe "
+                        "a second", service, endpoint)
+        else:
+            log.info("service %s endpoint %s: no longer silent", service, endpoint)
 
     def queue_changed(self, service: str) -> None:
         if self.sinks:

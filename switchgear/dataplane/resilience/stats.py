@@ -27,6 +27,7 @@ class Counters:
     attempt_timeouts: int = 0  # attempts abandoned at their adaptive timeout (before the deadline)
     hedges: int = 0  # hedged attempts sent (counted on the endpoint hedged away from)
     hedge_wins: int = 0  # hedged attempts that answered first (counted on the hedge's endpoint)
+    silences: int = 0  # times the endpoint was judged silent: new calls held back (filters.not_silent)
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))

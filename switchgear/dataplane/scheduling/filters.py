@@ -124,8 +124,11 @@ def not_silent(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
     for c in cands:
         s = ctx.stats.get(c.key)
         if not s.awaiting_first or not s.silent(now):
+            if ctx.stats.silenced:
+                ctx.stats.judged_silent(c.key, False)
             kept.append(c)
             continue
+        ctx.stats.judged_silent(c.key, True)
         newest = next(reversed(s.awaiting_first.values()))
         if now - max(newest, s.silence_probed_at) >= PROBE_INTERVAL_S:
             s.silence_probed_at = now

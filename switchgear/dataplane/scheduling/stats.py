@@ -530,6 +530,21 @@ class LiveStats:
         self.config = config or StatsConfig()
         self._by_key: dict[str, EndpointStats] = {}
         self.blocked: set[str] = set()  # keys the gate refused at their last pick (filters.not_blocked)
+        self.silenced: set[str] = set()  # keys judged silent at their last pick (filters.not_silent)
+        #: told (key, True) when a key is first judged silent and (key, False) when it no longer
+        #: is: the agent counts and logs the transitions (attempts.Resilience.silence_changed)
+        self.on_silence: Callable[[str, bool], None] | None = None
+
+    def judged_silent(self, key: str, silent: bool) -> None:
+        """What filters.not_silent found of `key` at a pick; transitions go to `on_silence`."""
+        if silent == (key in self.silenced):
+            return
+        if silent:
+            self.silenced.add(key)
+        else:
+            self.silenced.discard(key)
+        if self.on_silence is not None:
+            self.on_silence(key, silent)
 
     def get(self, key: str, now: float | None = None) -> EndpointStats:
         """The stats of `key`, created (first seen at `now`, default the clock) if unknown."""
