@@ -85,7 +85,10 @@ PROBE_INTERVAL_S = 1.0
 
 
 def min_success(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
-    """Keeps candidates whose windowed success rate >= bounds.min_success_rate.
+    """Keeps candidates whose windowed success rate is not shown to be below
+    bounds.min_success_rate (stats.EndpointStats.below: below it on the point estimate, and
+    either in a failure streak or with failures improbable at that rate — one or two random
+    failures among few samples, as in a window started afresh, do not disqualify).
 
     One below it in a failure streak (stats.EndpointStats.failing_now: the successes that
     would lift its rate are held until a newer attempt succeeds) is sent a probe — the pick is
@@ -98,7 +101,7 @@ def min_success(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
     kept = []
     for c in cands:
         s = ctx.stats.get(c.key)
-        if s.success_rate(ctx.now) >= floor:
+        if not s.below(floor, ctx.now):
             kept.append(c)
         elif s.failing_now() and ctx.now - max(s.probed_at, s.failure_sent_at) >= PROBE_INTERVAL_S:
             s.probed_at = ctx.now

@@ -17,7 +17,11 @@ What is kept, per endpoint:
   below decays it with weight w = exp(-dt / decay_s) — quick to notice trouble, slow to forget;
 - the same for time to first token (streams) and for seconds per output token (LLMs);
 - success rate over a sliding time window of buckets, with one prior success so a fresh
-  endpoint reads 1.0 and one failure in few samples does not condemn it. A success is
+  endpoint reads 1.0; a floor on it is judged by `EndpointStats.below`, a test rather than
+  the point estimate, so one failure in few samples does not condemn it. A failure counts in
+  the bucket of when its attempt was sent: a timeout is evidence of how the endpoint was then
+  (the timeouts of calls a hang swallowed land a whole timeout later, and counted then they
+  kept a recovered endpoint out for another window). A success is
   evidence as of when its attempt was *sent*: once FAILING failures in a row, by send time,
   say the endpoint may now fail what it is sent (a 503 on every new call), successes of
   attempts sent before the latest failure are *held* rather than counted — calls it accepted
@@ -97,6 +101,14 @@ FIRST_PACE = 16
 #: At most this many of the oldest judged attempts are multiplied (the younger ones would only
 #: lower the product further), so a pick costs a bounded walk however many calls are in flight.
 SILENT_WALK = 64
+
+#: A success-rate floor disqualifies (`EndpointStats.below`) only on failures this improbable,
+#: P < BELOW_P, for an endpoint whose true success rate is the floor — or in a failure streak
+#: (FAILING). One failure is never enough alone (at a floor of 0.95, P(>= 1 of n) >= 0.05):
+#: with few samples in the window (a fresh one, after `LiveStats.unblocked`) one random failure
+#: read as a rate of 1/2 and kept an endpoint out for the window's 30 s. Two of two (P 0.0025)
+#: or three of nine (0.008) are enough; two of ten (0.086) are not.
+BELOW_P = 0.01
 
 #: Failures that say something about the endpoint (a bad request says nothing about it).
 ENDPOINT_FAULTS = frozenset(
@@ -268,6 +280,28 @@ class Recent:
         return self._cached
 
 
+def failures_tail(k: int, n: int, q: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, q): how probable k or more failures in n attempts are for
+    an endpoint that fails with probability q. Summed upwards from k (cheap when k is above
+    the mean n x q, the only case `EndpointStats.below` asks about)."""
+    if k <= 0:
+        return 1.0
+    if k > n or q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                    + k * math.log(q) + (n - k) * math.log1p(-q))
+    total = 0.0
+    odds = q / (1.0 - q)
+    for j in range(k, n + 1):
+        total += term
+        if term <= total * 1e-9:
+            break
+        term *= (n - j) / (j + 1) * odds
+    return min(1.0, total)
+
+
 class SuccessWindow:
     """Outcomes in `buckets` time buckets spanning `window_s`; older buckets are forgotten."""
 
@@ -280,8 +314,12 @@ class SuccessWindow:
         self.epoch = [-1] * buckets
 
     def record(self, success: bool, now: float, count: int = 1) -> None:
+        """Counts an outcome in the bucket of `now` (a time no later than the newest recorded;
+        one the window has already forgotten is dropped)."""
         index = int(now // self.width)
         slot = index % len(self.ok)
+        if self.epoch[slot] > index:
+            return  # older than the window: forgotten already
         if self.epoch[slot] != index:
             self.epoch[slot], self.ok[slot], self.bad[slot] = index, 0, 0
         if success:
@@ -462,6 +500,18 @@ class EndpointStats:
         attempts never fail, so without them its success rate would stay perfect."""
         ok, bad = self.window.counts(now)
         return (ok + 1) / (ok + bad + self.overdue(now) + 1)
+
+    def below(self, floor: float, now: float) -> bool:
+        """Whether the window says the success rate is below `floor`: `success_rate` < floor,
+        and either the endpoint is in a failure streak (FAILING failures in a row by send time,
+        what a provider failing every new call looks like: judged at once) or its failures
+        (overdue attempts included) are improbable, P < BELOW_P, at a true rate of `floor`
+        (`failures_tail`) — a bound is not decided by one or two samples."""
+        ok, bad = self.window.counts(now)
+        bad += self.overdue(now)
+        if (ok + 1) / (ok + bad + 1) >= floor:
+            return False
+        return self.failing >= FAILING or failures_tail(bad, ok + bad, 1.0 - floor) < BELOW_P
 
     def overdue(self, now: float) -> int:
         peak = self.latency.value
@@ -671,7 +721,7 @@ class LiveStats:
             sample = min(self.config.max_latency_s, max(0.0, event.latency_s))
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
-        stats.window.record(False, now)
+        stats.window.record(False, min(now, sent))  # evidence as of when it was sent (module docstring)
         stats.failing += 1
         stats.failure_sent_at = max(stats.failure_sent_at, sent)
         stats.note_last(math.inf)
