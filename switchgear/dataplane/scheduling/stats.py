@@ -18,12 +18,7 @@ What is kept, per endpoint:
 - the same for time to first token (streams) and for seconds per output token (LLMs);
 - success rate over a sliding time window of buckets, with one prior success so a fresh
   endpoint reads 1.0; a floor on it is judged by `EndpointStats.below`, a test rather than
-  the point estimate, so one failure in few samples does not condemn it. A failure counts in
-  the bucket of when its attempt was sent if an attempt sent after it has succeeded since: a
-  timeout is evidence of how the endpoint was then, and the endpoint has answered since (the
-  timeouts of calls a hang swallowed land a whole timeout later, and counted then they kept a
-  recovered endpoint out for another window); with no newer success it is the latest word on
-  the endpoint and counts when it ends (a dead endpoint's timeouts keep it out). A success is
+  the point estimate, so one failure in few samples does not condemn it. A success is
   evidence as of when its attempt was *sent*: once FAILING failures in a row, by send time,
   say the endpoint may now fail what it is sent (a 503 on every new call), successes of
   attempts sent before the latest failure are *held* rather than counted — calls it accepted
@@ -316,12 +311,8 @@ class SuccessWindow:
         self.epoch = [-1] * buckets
 
     def record(self, success: bool, now: float, count: int = 1) -> None:
-        """Counts an outcome in the bucket of `now` (a time no later than the newest recorded;
-        one the window has already forgotten is dropped)."""
         index = int(now // self.width)
         slot = index % len(self.ok)
-        if self.epoch[slot] > index:
-            return  # older than the window: forgotten already
         if self.epoch[slot] != index:
             self.epoch[slot], self.ok[slot], self.bad[slot] = index, 0, 0
         if success:
@@ -374,7 +365,6 @@ class EndpointStats:
         "recent_ttft",
         "silence_probed_at",
         "slow",
-        "success_sent_at",
         "ttft",
         "unanswered",
         "window",
@@ -408,7 +398,6 @@ class EndpointStats:
         self.failed = 0
         self.failing = 0  # failures in a row by send time (no success sent after the latest one)
         self.failure_sent_at = -math.inf  # when the latest failed attempt was sent
-        self.success_sent_at = -math.inf  # when the latest successful attempt was sent
         self.held = 0  # successes held back during a failure streak (module docstring)
         self.held_since = 0.0
 
@@ -682,7 +671,6 @@ class LiveStats:
 
     def _success(self, stats: EndpointStats, event: AttemptEnd, now: float, sent: float) -> None:
         latency = max(0.0, event.latency_s)
-        stats.success_sent_at = max(stats.success_sent_at, sent)
         if sent >= stats.failure_sent_at:
             stats.failing = 0
             if stats.held and now - stats.held_since < self.config.window_s:
@@ -726,9 +714,7 @@ class LiveStats:
             sample = min(self.config.max_latency_s, max(0.0, event.latency_s))
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
-        # Evidence as of when it was sent once a newer attempt has succeeded (module docstring);
-        # until then it is the latest word on the endpoint, and counts now.
-        stats.window.record(False, min(now, sent) if sent < stats.success_sent_at else now)
+        stats.window.record(False, now)
         stats.failing += 1
         stats.failure_sent_at = max(stats.failure_sent_at, sent)
         stats.note_last(math.inf)
