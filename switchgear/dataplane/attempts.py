@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.dataplane.abandon import FirstTokenWaits
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.resilience import (
     Action,
@@ -190,6 +191,8 @@ class Resilience:
         self.admission = Admission(AdmissionCore(settings.admission), clock, self.stats)
         self.gate = Gate(self.breakers, self.outliers, clock)
         self.live = stats
+        #: attempts waiting on a first token, abandoned when their endpoint is judged silent
+        self.waits = FirstTokenWaits(stats.silenced if stats is not None else (), clock)
         if stats is not None:
             stats.on_silence = self.silence_changed
         self._tuning: dict[str, tuple[AttemptTimeouts, HedgeSettings]] = {}
@@ -255,9 +258,10 @@ class Resilience:
         service, _, endpoint = key.partition("/")
         if silent:
             self.stats.bump(service, endpoint, "silences")
+            abandoned = self.waits.abandon(key)
             log.warning("service %s endpoint %s: silent (its attempts since its last first token have "
                         "sent none, against its own times to first token); new calls held back, one probe "
-                        "a second", service, endpoint)
+                        "a second; %d attempts waiting on it fail over", service, endpoint, abandoned)
         else:
             log.info("service %s endpoint %s: no longer silent", service, endpoint)
 
