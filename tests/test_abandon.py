@@ -33,24 +33,25 @@ pytestmark = pytest.mark.timeout(30)
 emulators = test_stream.emulators  # fixture: OpenAI instances a and b
 
 E0 = candidate_key("chat", "e0")
+PLAIN: dict[str, Any] = REQUESTS["plain"]  # type: ignore[assignment]
 Door = Callable[[Agent, AgentSnapshot, str], Awaitable[str]]  # one call; the endpoint that served it
 
 
 async def by_invoke(agent: Agent, snapshot: AgentSnapshot, request_id: str) -> str:
-    result = await agent.invoker.invoke(chat_call("chat", REQUESTS["plain"], request_id, timeout_s=20), snapshot)
+    result = await agent.invoker.invoke(chat_call("chat", PLAIN, request_id, timeout_s=20), snapshot)
     assert result.body
     return result.endpoint
 
 
 async def by_stream(agent: Agent, snapshot: AgentSnapshot, request_id: str) -> str:
-    items = [i async for i in agent.streamer.stream(chat_call("chat", REQUESTS["plain"], request_id, timeout_s=20),
+    items = [i async for i in agent.streamer.stream(chat_call("chat", PLAIN, request_id, timeout_s=20),
                                                    snapshot)]
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.error is None and any(isinstance(i, bytes) for i in items)
     return end.endpoint
 
 
-DOORS = {"invoke": by_invoke, "stream": by_stream}
+DOORS: dict[str, Door] = {"invoke": by_invoke, "stream": by_stream}
 
 
 def hung_agent(emulators: EmulatorGroup, floor_s: float = 5.0) -> tuple[Agent, EndpointStats]:
