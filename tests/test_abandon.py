@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from types import MappingProxyType
 from typing import Any
 
@@ -34,7 +34,7 @@ emulators = test_stream.emulators  # fixture: OpenAI instances a and b
 
 E0 = candidate_key("chat", "e0")
 PLAIN: dict[str, Any] = REQUESTS["plain"]  # type: ignore[assignment]
-Door = Callable[[Agent, AgentSnapshot, str], Awaitable[str]]  # one call; the endpoint that served it
+Door = Callable[[Agent, AgentSnapshot, str], Coroutine[Any, Any, str]]  # one call; the endpoint that served it
 
 
 async def by_invoke(agent: Agent, snapshot: AgentSnapshot, request_id: str) -> str:
