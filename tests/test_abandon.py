@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from switchgear.adapters.base import ErrorKind
+from switchgear.dataplane.abandon import QUIET_S
 from switchgear.dataplane.invoke import CallFailed
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.scheduling.stats import EndpointStats
@@ -142,4 +143,25 @@ async def test_a_caller_s_cancel_still_counts_nowhere(emulators: EmulatorGroup, 
     assert agent.invoker.resilience.counters().get(("chat", "e0"), {}).get("attempt_timeouts", 0) == 0
     assert a.window.counts(time.monotonic()) == (0, 0) and a.failing == 0
     assert emulators.stats("b")["total"] == 0  # never failed over
+    await agent.pool.close()
+
+
+async def test_an_endpoint_that_still_answers_is_a_queue_and_keeps_its_waiting_attempts(
+    emulators: EmulatorGroup,
+) -> None:
+    """Judged silent while it completed an answer less than QUIET_S ago (slots taken by long
+    answers: a queue), its waiting attempt is left alone; at a later pick that finds it silent
+    and quiet, the attempt fails over."""
+    agent, a = hung_agent(emulators)
+    call = asyncio.create_task(by_invoke(agent, agent.snapshot, "queued"))
+    await until(lambda: bool(a.awaiting_first))
+    a.last_sample_at = agent.live.clock()  # it just answered another call
+    agent.live.judged_silent(E0, True)
+    await asyncio.sleep(0.3)
+    assert not call.done() and agent.invoker.resilience.waits.waiting_on(E0)
+    a.last_sample_at = agent.live.clock() - QUIET_S  # and nothing since
+    judged = time.monotonic()
+    agent.live.judged_silent(E0, True)  # the next pick that finds it silent
+    assert await call == "e1"
+    assert time.monotonic() - judged < 1.0
     await agent.pool.close()

@@ -24,9 +24,10 @@ is simulated is the world around it:
   product's first-token attempt timeout (`attempt_timeout` with the llm defaults over the
   endpoint's `recent_ttft`: clamp(4 x p99, 5 s, ceiling), the ceiling until 20 are known):
   without a first token by then it is that endpoint's TIMEOUT and the call fails over; and
-  when the router judges an endpoint silent (`LiveStats.on_silence`), the attempts waiting on
-  its first token fail over at once (dataplane/abandon.py) — except those sent while it was
-  already judged silent (the probes), which keep their timeout.
+  when the router finds an endpoint silent at a pick (`LiveStats.while_silent`) and it has
+  completed no answer for QUIET_S, the attempts waiting on its first token fail over at once
+  (dataplane/abandon.py) — except those sent while it was already judged silent (the probes),
+  which keep their timeout.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchgear.adapters.base import ErrorKind, TokenUsage
+from switchgear.dataplane.abandon import quiet
 from switchgear.dataplane.events import AttemptEnd, AttemptStart, FirstToken
 from switchgear.dataplane.resilience.timeouts import attempt_timeout
 from switchgear.dataplane.scheduling.model import Candidate, Request
@@ -243,7 +245,7 @@ class Simulation:
         stats = getattr(self.router, "stats", None)
         if self.stream_upstream and isinstance(stats, LiveStats):
             self._stats = stats
-            stats.on_silence = self._silence
+            stats.while_silent = self._still_silent
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
             self.now = t
@@ -315,10 +317,12 @@ class Simulation:
             self._unwait(job)
             self.failed(job, ErrorKind.TIMEOUT)
 
-    def _silence(self, key: str, silent: bool) -> None:
-        """The router judged `key` silent: its waiting attempts fail over (after this pick)."""
-        if silent:
-            for job in self._waiting.pop(key, {}).values():
+    def _still_silent(self, key: str) -> None:
+        """A pick found `key` silent: its waiting attempts fail over (after this pick) once it has
+        also completed no answer for QUIET_S (as attempts.Resilience.still_silent)."""
+        stats = self._stats
+        if key in self._waiting and stats is not None and quiet(stats.get(key).last_sample_at, self.now):
+            for job in self._waiting.pop(key).values():
                 self.at(self.now, self._no_first_token, job)
 
     def _unwait(self, job: _Job) -> None:

@@ -2,9 +2,10 @@
 
 When the routing statistics judge an endpoint silent (scheduling.stats.EndpointStats.silent:
 its attempts since its last first token are jointly improbable under its own times to first
-token), filters.not_silent holds new calls back — and the attempts already waiting on it are
-abandoned here: each ends as that endpoint's TIMEOUT ("judged silent, no first token in N s")
-and the call fails over, instead of waiting out its first-token attempt timeout.
+token), filters.not_silent holds new calls back — and, at the first such pick once it has also
+completed no answer for QUIET_S, the attempts already waiting on it are abandoned here: each
+ends as that endpoint's TIMEOUT ("judged silent, no first token in N s") and the call fails
+over, instead of waiting out its first-token attempt timeout.
 
 No task or timer per attempt: each waiting attempt is one entry in a per-endpoint dict (its
 task and how many cancellations it had on entry); the judgement cancels the tasks, and each
@@ -25,6 +26,18 @@ from types import TracebackType
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 
+#: An endpoint judged silent has its waiting attempts abandoned only once it has also completed
+#: no answer for this long: one whose slots are all taken by long answers sends no first token
+#: for seconds, and is judged silent, yet still answers — a queue, whose waiting calls would only
+#: pile onto the others, full too, if abandoned (bench/scheduling/README.md: an overload lost 4-7
+#: points of success without this; with 0.5 s, none, and a hang is still left ~1.5 s sooner).
+QUIET_S = 0.5
+
+
+def quiet(last_answer_at: float | None, now: float) -> bool:
+    """No answer completed in the last QUIET_S seconds (`last_answer_at`: LiveStats' last_sample_at)."""
+    return last_answer_at is None or now - last_answer_at >= QUIET_S
+
 
 class FirstTokenWaits:
     """The attempts waiting on a first token, by endpoint key ("service/endpoint")."""
@@ -39,6 +52,9 @@ class FirstTokenWaits:
     def waiting(self, key: str, endpoint: str) -> FirstTokenWait:
         """A block around an attempt's wait for its first token (left, or `answered()`, at it)."""
         return FirstTokenWait(self, key, endpoint, key in self._silenced)
+
+    def waiting_on(self, key: str) -> bool:
+        return key in self._by_key
 
     @property
     def count(self) -> int:
