@@ -3,8 +3,8 @@
 new calls and never answering them; the agent learned its time to first token from the whole
 answers it streamed upstream, so it reads the missing first tokens as silence and holds new
 calls back from it (filters.not_silent), letting through at most one probe a second. The calls
-the hung provider swallowed end at their first-token attempt timeout and fail over: every call
-succeeds.
+the hung provider swallowed before that fail over at once (dataplane/abandon.py), the probes at
+their first-token attempt timeout: every call succeeds.
 
 Control plane, one agent, one emulator process with instances `cheap` and `dear`.
 """
@@ -80,7 +80,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResilienceClus
 
 def paced(cluster: ResilienceCluster, pool: ThreadPoolExecutor, seconds: float,
           on_tick: list[tuple[float, int]] | None = None) -> list[Future[gateway_pb2.InvokeResponse]]:
-    """A call every PACE_S for `seconds` (each may take up to 20 s: a swallowed one waits for its
+    """A call every PACE_S for `seconds` (each may take up to 20 s: a swallowed probe waits for its
     first-token attempt timeout); with `on_tick`, (time, cheap's hung count) at every call."""
     calls: list[Future[gateway_pb2.InvokeResponse]] = []
     start = time.monotonic()
@@ -110,8 +110,14 @@ def test_a_provider_that_swallows_calls_is_left_within_seconds_and_every_call_is
         during = paced(cluster, pool, 8.0, ticks)
         replies = [f.result() for f in during]
 
-    # Every call succeeded: the swallowed ones at dear after their first-token attempt timeout.
+    # Every call succeeded: the swallowed ones at dear.
     assert all(r.endpoint in PRICES for r in replies)
+    # The calls it swallowed before it was judged silent failed over at the judgement (~1 s), well
+    # under the 5 s first-token floor they used to wait out; only the probes (at most one a second,
+    # each let through to see it answer again) keep that timeout.
+    failed_over = [r.latency.ToTimedelta().total_seconds() for r in replies if r.attempts > 1]
+    assert failed_over and failed_over[0] < 3.0, failed_over
+    assert sum(s >= 3.0 for s in failed_over) <= 8 + 1, failed_over
     swallowed = hung(cluster.urls["cheap"])
     assert swallowed >= 1  # it did take calls after the fault
     assert sum(r.endpoint == "dear" for r in replies) >= len(replies) - 2

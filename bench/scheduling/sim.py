@@ -19,7 +19,15 @@ is simulated is the world around it:
 - the agent retries like `dataplane/invoke.py`: on a retryable failure, the next untried
   endpoint picked by the same strategy, at most `max_retries` more, all within the call's
   deadline; an attempt still outstanding at the deadline fails the call (TIMEOUT), exactly as
-  the agent's `asyncio.timeout(remaining)` does.
+  the agent's `asyncio.timeout(remaining)` does;
+- with `stream_upstream` and a router with `LiveStats` (`stats`), an attempt also has the
+  product's first-token attempt timeout (`attempt_timeout` with the llm defaults over the
+  endpoint's `recent_ttft`: clamp(4 x p99, 5 s, ceiling), the ceiling until 20 are known):
+  without a first token by then it is that endpoint's TIMEOUT and the call fails over; and
+  when the router finds an endpoint silent at a pick (`LiveStats.while_silent`) and it has
+  completed no answer for QUIET_S, the attempts waiting on its first token fail over at once
+  (dataplane/abandon.py) — except those sent while it was already judged silent (the probes),
+  which keep their timeout.
 """
 
 from __future__ import annotations
@@ -33,11 +41,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchgear.adapters.base import ErrorKind, TokenUsage
+from switchgear.dataplane.abandon import quiet
 from switchgear.dataplane.events import AttemptEnd, AttemptStart, FirstToken
+from switchgear.dataplane.resilience.timeouts import attempt_timeout
 from switchgear.dataplane.scheduling.model import Candidate, Request
+from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import Pricing
+from switchgear.wire.attempt_policy import timeouts_for
 
 SERVICE = "pool"
+_LLM_TIMEOUTS = timeouts_for("llm")  # the product's defaults (no policy overrides)
 
 
 def constant(value: float) -> Callable[[float], float]:
@@ -217,6 +230,8 @@ class Simulation:
         self.records: list[CallRecord] = []
         self.picks: list[tuple[float, str]] = []  # (time, instance) of every attempt
         self._workload = random.Random(f"{seed}/workload")  # same arrivals for every strategy
+        self._stats: LiveStats | None = None  # the router's, with stream_upstream (first-token timeouts)
+        self._waiting: dict[str, dict[str, _Job]] = {}  # key -> call id -> attempt awaiting its first token
 
     def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
         self._seq += 1
@@ -227,6 +242,10 @@ class Simulation:
         for change in sc.price_changes:
             self.at(change.at_s, self._reprice, change)
         self._schedule_arrivals()
+        stats = getattr(self.router, "stats", None)
+        if self.stream_upstream and isinstance(stats, LiveStats):
+            self._stats = stats
+            stats.while_silent = self._still_silent
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
             self.now = t
@@ -282,7 +301,34 @@ class Simulation:
         call.attempt_start = self.now
         self.router.attempt_started(AttemptStart(call.id, SERVICE, "llm", chosen.endpoint, call.attempts, 5,
                                                  streamed=self.stream_upstream))
-        self.instances[chosen.endpoint].submit(_Job(call, call.attempts, chosen.key))
+        job = _Job(call, call.attempts, chosen.key)
+        stats = self._stats
+        if stats is not None:  # the product's first-token attempt timeout, and abandonment (docstring)
+            live = stats.get(chosen.key)
+            limit = attempt_timeout(_LLM_TIMEOUTS, live.recent_ttft.quantile(0.99), live.recent_ttft.count)
+            if self.now + limit < call.deadline:
+                self.at(self.now + limit, self._no_first_token, job)
+            if chosen.key not in stats.silenced:  # (one sent while judged silent is a probe)
+                self._waiting.setdefault(chosen.key, {})[call.id] = job
+        self.instances[chosen.endpoint].submit(job)
+
+    def _no_first_token(self, job: _Job) -> None:
+        if job.ttft_s is None:
+            self._unwait(job)
+            self.failed(job, ErrorKind.TIMEOUT)
+
+    def _still_silent(self, key: str) -> None:
+        """A pick found `key` silent: its waiting attempts fail over (after this pick) once it has
+        also completed no answer for QUIET_S (as attempts.Resilience.still_silent)."""
+        stats = self._stats
+        if key in self._waiting and stats is not None and quiet(stats.get(key).last_sample_at, self.now):
+            for job in self._waiting.pop(key).values():
+                self.at(self.now, self._no_first_token, job)
+
+    def _unwait(self, job: _Job) -> None:
+        waiting = self._waiting.get(job.key)
+        if waiting is not None and waiting.get(job.call.id) is job:
+            del waiting[job.call.id]
 
     def _live(self, job: _Job) -> bool:
         return not job.call.done and job.call.attempts == job.attempt
@@ -300,11 +346,13 @@ class Simulation:
         if not self._live(job):
             return
         job.ttft_s = self.now - job.call.attempt_start
+        self._unwait(job)
         self.router.first_token(FirstToken(job.call.id, SERVICE, job.key.split("/", 1)[1], job.attempt, job.ttft_s))
 
     def succeeded(self, job: _Job) -> None:
         if not self._live(job):
             return
+        self._unwait(job)
         call = job.call
         price = next(c.pricing for c in self.candidates if c.key == job.key)
         cost = price.cost(call.input_tokens, call.output_tokens)
@@ -314,6 +362,7 @@ class Simulation:
     def failed(self, job: _Job, kind: ErrorKind) -> None:
         if not self._live(job):
             return
+        self._unwait(job)
         self._ended(job, kind)
         self._attempt(job.call)
 

@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
+from switchgear.dataplane.abandon import FirstTokenWaits, quiet
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.resilience import (
     Action,
@@ -190,8 +191,11 @@ class Resilience:
         self.admission = Admission(AdmissionCore(settings.admission), clock, self.stats)
         self.gate = Gate(self.breakers, self.outliers, clock)
         self.live = stats
+        #: attempts waiting on a first token, abandoned when their endpoint is judged silent
+        self.waits = FirstTokenWaits(stats.silenced if stats is not None else (), clock)
         if stats is not None:
             stats.on_silence = self.silence_changed
+            stats.while_silent = self.still_silent
         self._tuning: dict[str, tuple[AttemptTimeouts, HedgeSettings]] = {}
 
     # --- snapshot sync ------------------------------------------------------------------
@@ -257,9 +261,18 @@ class Resilience:
             self.stats.bump(service, endpoint, "silences")
             log.warning("service %s endpoint %s: silent (its attempts since its last first token have "
                         "sent none, against its own times to first token); new calls held back, one probe "
-                        "a second", service, endpoint)
+                        "a second, the attempts waiting on it fail over", service, endpoint)
         else:
             log.info("service %s endpoint %s: no longer silent", service, endpoint)
+
+    def still_silent(self, key: str) -> None:
+        """A pick found `key` silent: the attempts waiting on its first token fail over, once it
+        has also completed no answer for QUIET_S (abandon.py: a queue still answers, a hang not)."""
+        live = self.live
+        if live is not None and self.waits.waiting_on(key):
+            stats = live.peek(key)
+            if stats is None or quiet(stats.last_sample_at, live.clock()):
+                self.waits.abandon(key)
 
     def queue_changed(self, service: str) -> None:
         if self.sinks:

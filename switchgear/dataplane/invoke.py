@@ -36,6 +36,7 @@ from switchgear.dataplane.deadlines import Deadlines
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.presets import preset_body, preset_chunk
+from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
 from switchgear.dataplane.target_limits import TargetLimits
@@ -214,18 +215,22 @@ class Invoker:
         than the stream path's; the assembled answer at most `limit` bytes, as a unary one."""
         call_id, name, endpoint, number = request.request_id, attempt.service.name, attempt.endpoint.id, attempt.number
 
+        wait = self.resilience.waits.waiting(candidate_key(name, endpoint), endpoint)  # (abandon.py)
+
         def on_first(seconds: float) -> None:
             first.s = seconds
+            wait.answered()
             tell_first_token(self._observers, FirstToken(call_id, name, endpoint, number, seconds))
 
         first_s = ctl.first_token_s(attempt)
         try:
-            return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
-                                      first_s=first_s, gap_s=ctl.stream_gap_s(attempt), clock=self._clock,
-                                      on_first=on_first, endpoint=endpoint, within=self._deadlines.within)
+            async with wait:
+                return await whole_answer(adapter.stream(client, target, request), openai=openai, limit=limit,
+                                          first_s=first_s, gap_s=ctl.stream_gap_s(attempt), clock=self._clock,
+                                          on_first=on_first, endpoint=endpoint, within=self._deadlines.within)
         except UpstreamError as exc:
-            if exc.kind is ErrorKind.TIMEOUT and first.s is None and first_s < attempt.remaining_s:
-                attempt.capped = True  # its first-token timeout: an attempt timeout, counted as one
+            if exc.kind is ErrorKind.TIMEOUT and first.s is None and (wait.abandoned or first_s < attempt.remaining_s):
+                attempt.capped = True  # its first-token timeout (or judged silent): an attempt timeout, counted as one
             raise
 
     async def _terminal(self, call: Call, snapshot: AgentSnapshot, ctl: AttemptController, start: float) -> Result:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
+from switchgear.dataplane.abandon import NO_WAIT
 from switchgear.dataplane.assemble import tell_first_token
 from switchgear.dataplane.attempts import Attempt, Resilience
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
@@ -45,6 +46,7 @@ from switchgear.dataplane.invoke import (
     idempotent,
     terminal_body,
 )
+from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
 from switchgear.dataplane.target_limits import TargetLimits
@@ -283,9 +285,12 @@ class Streamer:
         request = AdapterRequest(call.method, payload, read_s, call.request_id)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         chunks = self._adapters[effective.protocol].stream(client, target, request)
+        attempt.wait = self.resilience.waits.waiting(candidate_key(service.name, endpoint.id), endpoint.id)
         try:
             held = await attempt.until_first_token(chunks)
         except BaseException:
+            if attempt.wait.abandoned:
+                lease.capped = True  # judged silent: an attempt timeout, counted as one
             await _close(chunks)
             raise
         return chunks, attempt, held
@@ -320,6 +325,7 @@ class _Attempt:
         self.opening = b""  # the first chunk passed on (its id and model: the attempt's trace span)
         self.held_chars = 0  # text of the chunks held back until the first token
         self.meter = Meter()  # the call's, once the attempt is committed
+        self.wait = NO_WAIT  # its wait for the first token (dataplane/abandon.py), set by the streamer
         streamer._emit(
             AttemptStart(call.request_id, service.name, service.category, endpoint.id, number, call.priority,
                          streamed=True)
@@ -350,22 +356,23 @@ class _Attempt:
         has content). On failure: the iterator is closed, the attempt reported, and it raises."""
         held: list[bytes] = []
         try:
-            while True:
-                chunk = await self._next(chunks)
-                if chunk is None:
-                    return held
-                if chunk.usage is not None:
-                    self.final = chunk
-                    continue
-                if chunk.data:
-                    held.append(chunk.data)
-                    self.opening = self.opening or chunk.data
-                    self.held_chars += len(chunk.text)
-                if chunk.content:
-                    self.ttft_s = self.s._clock() - self.started
-                    self.s._first_token(FirstToken(self.call.request_id, self.service.name, self.endpoint.id,
-                                                   self.number, self.ttft_s))
-                    return held
+            async with self.wait:  # abandoned when its endpoint is judged silent (dataplane/abandon.py)
+                while True:
+                    chunk = await self._next(chunks)
+                    if chunk is None:
+                        return held
+                    if chunk.usage is not None:
+                        self.final = chunk
+                        continue
+                    if chunk.data:
+                        held.append(chunk.data)
+                        self.opening = self.opening or chunk.data
+                        self.held_chars += len(chunk.text)
+                    if chunk.content:
+                        self.ttft_s = self.s._clock() - self.started
+                        self.s._first_token(FirstToken(self.call.request_id, self.service.name, self.endpoint.id,
+                                                       self.number, self.ttft_s))
+                        return held
         except UpstreamError as exc:
             await _close(chunks)
             self._end(exc.kind)

@@ -114,7 +114,8 @@ def not_silent(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
     since the newest one that sent a first token all still silent, jointly improbable under
     its own time to first token) while another candidate can serve. Not sticky: judged on
     every pick, so a candidate is back as soon as one of those attempts sends a first token,
-    or they end. Attempts already outstanding are left alone (they end at their own timeouts).
+    or they end. The attempts already waiting on its first token fail over at such a pick once
+    it has also answered nothing for 0.5 s (stats.LiveStats.while_silent: dataplane/abandon.py).
 
     A silent candidate is let through — left to the strategy, which may send it a probe —
     when its newest attempt was sent PROBE_INTERVAL_S ago or more and it was not let through

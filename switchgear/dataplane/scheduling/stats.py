@@ -577,9 +577,13 @@ class LiveStats:
         #: told (key, True) when a key is first judged silent and (key, False) when it no longer
         #: is: the agent counts and logs the transitions (attempts.Resilience.silence_changed)
         self.on_silence: Callable[[str, bool], None] | None = None
+        #: told `key` at every pick that finds it silent (dataplane/abandon.py: its waiting attempts)
+        self.while_silent: Callable[[str], None] | None = None
 
     def judged_silent(self, key: str, silent: bool) -> None:
         """What filters.not_silent found of `key` at a pick; transitions go to `on_silence`."""
+        if silent and self.while_silent is not None:
+            self.while_silent(key)
         if silent == (key in self.silenced):
             return
         if silent:
