@@ -358,6 +358,25 @@ async def test_a_caller_s_bad_request_counts_nowhere(emulators: EmulatorGroup) -
     await agent.pool.close()
 
 
+def test_a_stream_of_one_character_pieces_assembles_in_one_pass() -> None:
+    """An upstream may spend its whole byte bound on one-character deltas: 200,000 of them (text,
+    tool-call arguments, logprobs). Joining each piece onto the text so far would copy ~20 GB
+    here and run for minutes; the pieces are kept and joined once."""
+    n = 200_000
+    assembly = ChatAssembly(openai=True)
+    text = orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "x"},
+                                                 "logprobs": {"content": [{"token": "x", "logprob": 0}]}}]})
+    call = orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "y"}}]}}]})
+    for i in range(n):
+        assembly.add(text if i % 2 else call)
+    assembly.add(orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    (choice,) = orjson.loads(assembly.body(TokenUsage()))["choices"]
+    assert choice["message"]["content"] == "x" * (n // 2)
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "", "arguments": "y" * (n // 2)}
+    assert len(choice["logprobs"]["content"]) == n // 2
+
+
 def test_the_assembly_merges_pieces_by_index() -> None:
     assembly = ChatAssembly(openai=True)
     chunks: list[dict[str, Any]] = [

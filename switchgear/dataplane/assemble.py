@@ -67,25 +67,29 @@ def _malformed(why: str) -> UpstreamError:
     return UpstreamError(ErrorKind.RETRYABLE, f"malformed stream chunk: {why}")
 
 
-def _joined(old: Any, new: str) -> str:
-    """A text field's pieces so far and the next one."""
-    return old + new if isinstance(old, str) else new
-
-
-def _extended(old: Any, new: list[Any]) -> list[Any]:
-    """A list field's items so far and the next ones."""
-    return [*old, *new] if isinstance(old, list) else list(new)
+def _extend(into: dict[str, Any], key: str, items: list[Any]) -> None:
+    """`items` after `key`'s items so far, in place: a stream of n pieces costs O(n), not O(n^2)
+    (a hostile upstream may send its whole `max_decoded_bytes` one character a chunk)."""
+    found = into.get(key)
+    if isinstance(found, list):
+        found.extend(items)
+    else:
+        into[key] = list(items)
 
 
 class _Choice:
-    __slots__ = ("finish_reason", "logprobs", "message", "openai", "tool_calls")
+    """One choice's pieces; text arrives in pieces that are kept as lists and joined once, in
+    `whole`."""
+
+    __slots__ = ("finish_reason", "logprobs", "message", "openai", "texts", "tool_calls")
 
     def __init__(self, openai: bool) -> None:
         self.openai = openai
         self.message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         if openai:
             self.message["annotations"] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.texts: dict[str, list[str]] = {}  # _TEXT_FIELDS' pieces
+        self.tool_calls: dict[int, dict[str, Any]] = {}  # function name / arguments as pieces
         self.logprobs: dict[str, Any] | None = None
         self.finish_reason: str | None = None
 
@@ -97,9 +101,9 @@ class _Choice:
             if key == "tool_calls":
                 self._tool_calls(value)
             elif key in _TEXT_FIELDS and isinstance(value, str):
-                self.message[key] = _joined(self.message.get(key), value)
+                _extend(self.texts, key, [value])
             elif key == "annotations" and isinstance(value, list):
-                self.message["annotations"] = _extended(self.message.get("annotations"), value)
+                _extend(self.message, "annotations", value)
             elif value is not None or key not in self.message:
                 self.message[key] = value
         logprobs = choice.get("logprobs")
@@ -107,7 +111,7 @@ class _Choice:
             self.logprobs = self.logprobs or {}
             for key, value in logprobs.items():
                 if isinstance(value, list):
-                    self.logprobs[key] = _extended(self.logprobs.get(key), value)
+                    _extend(self.logprobs, key, value)
                 else:
                     self.logprobs[key] = value
         if choice.get("finish_reason") is not None:
@@ -123,12 +127,12 @@ class _Choice:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1024:
                 raise _malformed("delta.tool_calls[].index is not a small integer")
             merged = self.tool_calls.setdefault(index, {"id": "", "type": "function",
-                                                        "function": {"name": "", "arguments": ""}})
+                                                        "function": {"name": [], "arguments": []}})
             for key, value in call.items():
                 if key == "function" and isinstance(value, dict):
                     for part, text in value.items():
                         if isinstance(text, str):
-                            merged["function"][part] = _joined(merged["function"].get(part), text)
+                            _extend(merged["function"], part, [text])
                 elif key not in ("index", "function") and value is not None:
                     merged[key] = value
 
@@ -136,10 +140,14 @@ class _Choice:
         if self.finish_reason is None:
             raise UpstreamError(ErrorKind.RETRYABLE, f"stream ended without a finish reason for choice {index}")
         message = dict(self.message)
+        for key, pieces in self.texts.items():
+            message[key] = "".join(pieces)
         if not self.openai and not message["content"]:  # as adapters/anthropic.py maps a message
             message["content"] = None
         if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["tool_calls"] = [{**call, "function": {part: "".join(pieces) for part, pieces
+                                                            in call["function"].items()}}
+                                     for call in (self.tool_calls[i] for i in sorted(self.tool_calls))]
         return {"index": index, "message": message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
 
 
