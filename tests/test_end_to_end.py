@@ -82,6 +82,13 @@ class Cluster:
         status = self.agent_status()
         return status is not None and status.connected and status.acked_version == version
 
+    def apply_config(self, yaml: str, source: str) -> str:
+        """ApplyConfig, then wait for the agent to ACK its version (returned)."""
+        reply = self.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source=source), timeout=5)
+        version = str(reply.version)
+        wait_until(lambda: self.acked(version), what=f"the agent to ACK {source}")
+        return version
+
     def register(self, name: str, *endpoints: tuple[str, str], options_json: str = "") -> str:
         service = common_pb2.Service(
             name=name, category=common_pb2.SERVICE_CATEGORY_LLM, protocol="openai", model="gpt-4o-mini",

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from switchgear.supervise import Proc
-from switchgear.v1 import admin_pb2
-from tests.test_end_to_end import Cluster, chat, wait_until
+from tests.test_end_to_end import Cluster, chat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,11 +62,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def apply(cluster: Cluster, strategy: str) -> str:
-    yaml = CONFIG.format(strategy=strategy, a=cluster.urls["a"], b=cluster.urls["b"])
-    reply = cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="policy.yaml"), timeout=5)
-    version = str(reply.version)
-    wait_until(lambda: cluster.acked(version), what=f"agent to ACK the {strategy} policy")
-    return version
+    return cluster.apply_config(CONFIG.format(strategy=strategy, a=cluster.urls["a"], b=cluster.urls["b"]),
+                                f"policy-{strategy}.yaml")
 
 
 def spread(cluster: Cluster, n: int, version: str) -> Counter[str]:
@@ -97,8 +93,6 @@ def test_config_without_a_policy_still_spreads_equal_prices(cluster: Cluster, tm
     one endpoint (ties are taken in turn)."""
     yaml = CONFIG.replace('    scheduling_policies:\n      llm_services:\n        strategy: "{strategy}"\n', "")
     yaml = yaml.replace("  coordination:\n", "").format(a=cluster.urls["a"], b=cluster.urls["b"])
-    reply = cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="plain.yaml"), timeout=5)
-    version = str(reply.version)
-    wait_until(lambda: cluster.acked(version), what="agent to ACK the policy-less config")
+    version = cluster.apply_config(yaml, "plain.yaml")
     counts = spread(cluster, 10, version)
     assert counts == {"a": 5, "b": 5}

@@ -141,11 +141,17 @@ def set_faults(url: str, **faults: Any) -> None:
     urllib.request.urlopen(request, timeout=5).read()
 
 
+def emulator_stats(url: str) -> dict[str, Any]:
+    """The instance's `/_emulator/stats` (total, by_path, by_outcome, disconnects, streamed)."""
+    stats: dict[str, Any] = json.loads(
+        urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())
+    return stats
+
+
 def hits(url: str) -> int:
     """Chat completions the instance answered. Not its total: the control plane's active health
     probes (GET /v1/models) land on it too, whenever their interval falls due."""
-    stats = json.loads(urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())
-    return int(stats["by_path"].get("/v1/chat/completions", 0))
+    return int(emulator_stats(url)["by_path"].get("/v1/chat/completions", 0))
 
 
 def reset_stats(*urls: str) -> None:

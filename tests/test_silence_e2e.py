@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,7 +21,7 @@ import pytest
 from switchgear.supervise import Proc
 from switchgear.v1 import admin_pb2, common_pb2, gateway_pb2
 from tests.test_end_to_end import wait_until
-from tests.test_resilience_e2e import ResilienceCluster, emulator_root, invoke, set_faults
+from tests.test_resilience_e2e import ResilienceCluster, emulator_stats, invoke, set_faults
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,17 +47,9 @@ def route(urls: dict[str, str]) -> common_pb2.Service:
     )
 
 
-def emulator_stats(url: str) -> dict[str, object]:
-    stats: dict[str, object] = json.loads(
-        urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())
-    return stats
-
-
 def hung(url: str) -> int:
     """Calls the instance took and never answered."""
-    by_outcome = emulator_stats(url)["by_outcome"]
-    assert isinstance(by_outcome, dict)
-    return int(by_outcome.get("hang", 0))
+    return int(emulator_stats(url)["by_outcome"].get("hang", 0))
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,14 @@ streams, the answers unchanged), and turning it off in the next config turns it 
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
-from switchgear.v1 import admin_pb2, gateway_pb2
-from tests.test_end_to_end import Cluster, wait_until
+from switchgear.v1 import gateway_pb2
+from tests.test_end_to_end import Cluster
+from tests.test_resilience_e2e import emulator_stats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,14 +48,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def apply(cluster: Cluster, on: bool) -> None:
-    yaml = CONFIG.format(on=str(on).lower(), url=cluster.urls["a"])
-    reply = cluster.admin().ApplyConfig(admin_pb2.ApplyConfigRequest(yaml=yaml, source="s.yaml"), timeout=5)
-    wait_until(lambda: cluster.acked(str(reply.version)), what="the agent to ACK the config")
+    cluster.apply_config(CONFIG.format(on=str(on).lower(), url=cluster.urls["a"]), "s.yaml")
 
 
 def streamed(cluster: Cluster) -> int:
-    root = cluster.urls["a"].removesuffix("/v1")
-    return int(json.loads(urllib.request.urlopen(f"{root}/_emulator/stats", timeout=5).read())["streamed"])
+    return int(emulator_stats(cluster.urls["a"])["streamed"])
 
 
 def answer(cluster: Cluster) -> tuple[dict[str, object], gateway_pb2.InvokeResponse]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -21,7 +20,7 @@ import pytest
 from switchgear.supervise import Proc
 from switchgear.v1 import admin_pb2, gateway_pb2
 from tests.test_end_to_end import wait_until
-from tests.test_resilience_e2e import ResilienceCluster, emulator_root, set_faults
+from tests.test_resilience_e2e import ResilienceCluster, emulator_stats, set_faults
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,8 +65,7 @@ def call(cluster: ResilienceCluster, service: str, priority: int = 0) -> tuple[g
 
 
 def disconnects(url: str) -> int:
-    stats = json.loads(urllib.request.urlopen(f"{emulator_root(url)}/_emulator/stats", timeout=5).read())
-    return int(stats["disconnects"])
+    return int(emulator_stats(url)["disconnects"])
 
 
 @pytest.fixture(scope="module")
