@@ -322,3 +322,26 @@ def test_per_service_answer_caps_are_read_as_sizes_and_shown() -> None:
     spec = state.services[0]
     assert json.loads(spec.options_json) == {"max_response_bytes": 16 << 20, "max_decoded_bytes": 500}
     assert "max_response_bytes=16Mi  max_decoded_bytes=500B" in describe(state)
+
+
+def written_out(services: int) -> str:
+    """A registry written out in full: `services` one-endpoint services, ~18 values each."""
+    lines = [ROOT, "  services:\n", "    llm_services:\n", "      local_models:\n"]
+    for i in range(services):
+        lines += [f'        - name: "svc-{i}"\n', '          model: "m"\n', "          cost_per_1k_tokens: 0.0005\n",
+                  "          timeout: 5\n", "          endpoints:\n", f'            - id: "e{i}"\n',
+                  f'              url: "http://127.0.0.1:{10000 + i}/v1"\n']
+    return "".join(lines)
+
+
+def test_a_large_registry_written_out_loads_and_aliases_still_add_at_most_100000_values() -> None:
+    """The value bound is on what aliases and merge keys add, not on what a document writes out
+    (that is bounded by its 4 MiB): 7,000 services write ~112,000 values and were refused before,
+    as a 10,000-service registry (~160,000) was. The same document with a bomb beside it is not."""
+    text = written_out(7000)
+    state = load_config(text, source="large.yaml", env={})
+    assert len(state.services) == 7000
+    bomb = text + '  k0: &l0 ["lol"]\n' + "".join(
+        f"  k{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 7))  # 10^6 values once expanded
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        load_config(bomb, source="large.yaml", env={})

@@ -16,7 +16,9 @@ from yaml.constructor import SafeConstructor
 
 from switchgear.controlplane.validate import Problem
 
-#: A YAML document may not expand (through aliases and merge keys) into more values than this.
+#: Aliases and merge keys may add at most this many values to those a document writes out.
+#: (What is written is bounded by MAX_DOCUMENT_BYTES, and yaml has composed it already; the bound is
+#: for what aliases multiply: billion laughs, merge bombs. A 10,000-service registry writes ~200,000.)
 MAX_NODES = 100_000
 #: Bounds on what a document may hold (docs/reference/limits.md). Deeper nesting, longer
 #: keys or numbers, and larger values are refused with a problem naming the key path and line,
@@ -58,7 +60,7 @@ class Node:
 
 
 class _TooLarge(Exception):
-    """The document expands to more than MAX_NODES values."""
+    """Aliases and merge keys add more than MAX_NODES values to the document."""
 
 
 class _TooDeep(Exception):
@@ -83,24 +85,47 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # yaml has no type inform
         self._path: list[str] = []
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        if isinstance(index, int):
-            segment = f"[{index}]"
-        else:
-            segment = f".{shorten(str(index.value), 40)}" if isinstance(index, yaml.ScalarNode) else ""
-        self._path.append(segment)
-        try:
-            if len(self._path) > MAX_DEPTH:
-                raise _TooDeep(shorten("".join(self._path).lstrip(".")), self.peek_event().start_mark.line + 1)
-            node: yaml.Node = super().compose_node(parent, index)
-            return node
-        finally:
-            self._path.pop()
+        return _compose_node(self, parent, index)
 
 
-def _measure(node: yaml.Node, path: str, depth: int, seen: dict[int, tuple[int, int]], active: set[int]) -> int:
+if yaml.__with_libyaml__:
+    from yaml.cyaml import CParser
+
+    class _FastLoader(yaml.composer.Composer, SafeConstructor, yaml.resolver.Resolver,  # type: ignore[misc]
+                      CParser):
+        """_Loader with libyaml's scanner and parser underneath (~4x faster on a large
+        registry). libyaml's own composer (recursive C) is not used: this one is yaml's, bounded."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            self._path: list[str] = []
+
+        def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+            return _compose_node(self, parent, index)
+
+def _compose_node(loader: Any, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    if isinstance(index, int):
+        segment = f"[{index}]"
+    else:
+        segment = f".{shorten(str(index.value), 40)}" if isinstance(index, yaml.ScalarNode) else ""
+    loader._path.append(segment)
+    try:
+        if len(loader._path) > MAX_DEPTH:
+            raise _TooDeep(shorten("".join(loader._path).lstrip(".")), loader.peek_event().start_mark.line + 1)
+        node: yaml.Node = yaml.composer.Composer.compose_node(loader, parent, index)
+        return node
+    finally:
+        loader._path.pop()
+
+
+def _measure(node: yaml.Node, path: str, depth: int, seen: dict[int, tuple[int, int]], active: set[int],
+             bound: int) -> int:
     """The height of `node` once aliases and merge keys are expanded (memoised per node, so an
     alias bomb is measured in time linear in the document); raises _TooDeep past MAX_DEPTH and
-    _TooLarge past MAX_NODES. An alias to a containing node counts as one (reported later)."""
+    _TooLarge past `bound` values. An alias to a containing node counts as one (reported later)."""
     key = id(node)
     if key in active:
         return 1
@@ -114,9 +139,9 @@ def _measure(node: yaml.Node, path: str, depth: int, seen: dict[int, tuple[int, 
     active.add(key)
     height, size = 1, 1
     for child_path, child in _children(node, path):
-        height = max(height, 1 + _measure(child, child_path, depth + 1, seen, active))
+        height = max(height, 1 + _measure(child, child_path, depth + 1, seen, active, bound))
         size += seen[id(child)][1] if id(child) in seen else 1
-        if size > MAX_NODES:
+        if size > bound:
             raise _TooLarge
     active.discard(key)
     seen[key] = (height, size)
@@ -134,13 +159,40 @@ def _children(node: yaml.Node, path: str) -> Iterator[tuple[str, yaml.Node]]:
             yield (f"{path}.{name}" if path else name), value
 
 
+def _expansion(root: yaml.Node) -> int:
+    """How many values `root` holds once expanded (measured, not expanded); raises _TooDeep past
+    MAX_DEPTH and _TooLarge when aliases and merge keys add more than MAX_NODES values to the
+    ones written (each distinct node once)."""
+    seen: dict[int, tuple[int, int]] = {}
+    _measure(root, "", 1, seen, set(), _written(root) + MAX_NODES)
+    return seen[id(root)][1]
+
+
+def _written(root: yaml.Node) -> int:
+    """The distinct nodes under `root`, each once however many aliases name it."""
+    seen, todo = {id(root)}, [root]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, yaml.SequenceNode):
+            children: Iterable[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = (item for pair in node.value for item in pair)
+        else:
+            continue
+        for child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return len(seen)
+
+
 class _Converter:
     """Turns yaml's composed nodes into `Node`s, reporting what yaml itself lets through."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], budget: int) -> None:
         self._problems = problems
         self._constructor = SafeConstructor()
-        self._budget = MAX_NODES
+        self._budget = budget  # the values measured: a converter that meets more has a bug to stop at
 
     def convert(self, node: yaml.Node, path: str, line: int, ancestors: frozenset[int]) -> Node:
         self._budget -= 1
@@ -238,7 +290,7 @@ def parse_yaml(text: str, problems: list[Problem]) -> Node | None:
         problems.append(Problem("", f"the document is larger than {MAX_DOCUMENT_BYTES} bytes"))
         return None
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        root = yaml.compose(text, Loader=_FastLoader if yaml.__with_libyaml__ else _Loader)
     except _TooDeep as exc:
         problems.append(_too_deep(exc))
         return None
@@ -259,13 +311,13 @@ def parse_yaml(text: str, problems: list[Problem]) -> Node | None:
         )
         return None
     try:
-        _measure(root, "", 1, {}, set())
-        return _Converter(problems).convert(root, "", _line(root), frozenset())
+        size = _expansion(root)
+        return _Converter(problems, size).convert(root, "", _line(root), frozenset())
     except _TooDeep as exc:
         problems.append(_too_deep(exc))
         return None
     except _TooLarge:
-        problems.append(Problem("", f"the document expands to more than {MAX_NODES} values (aliases?)"))
+        problems.append(Problem("", f"aliases and merge keys add more than {MAX_NODES} values to the document"))
         return None
 
 
