@@ -91,8 +91,7 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # yaml has no type inform
 if yaml.__with_libyaml__:
     from yaml.cyaml import CParser
 
-    class _FastLoader(yaml.composer.Composer, SafeConstructor, yaml.resolver.Resolver,  # type: ignore[misc]
-                      CParser):
+    class _FastLoader(yaml.composer.Composer, SafeConstructor, yaml.resolver.Resolver, CParser):  # type: ignore[misc]
         """_Loader with libyaml's scanner and parser underneath (~4x faster on a large
         registry). libyaml's own composer (recursive C) is not used: this one is yaml's, bounded."""
 
