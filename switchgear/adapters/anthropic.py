@@ -9,8 +9,22 @@ Methods:
   mapped back to an OpenAI `chat.completion` (stop reasons: end_turn/stop_sequence → stop,
   max_tokens → length, tool_use → tool_calls; usage → prompt/completion tokens).
 
+Tool calling on "chat.completions": function `tools` → `{name, description, input_schema}`;
+`tool_choice` auto/none/required/{function} → `{"type": auto|none|any|tool, name}`, and
+`parallel_tool_calls: false` → `disable_parallel_tool_use`; an assistant message's `tool_calls`
+→ `tool_use` blocks (input = the parsed arguments, a JSON object; "" counts as {}); `role:
+"tool"` messages → `tool_result` blocks, consecutive ones (and a user message right after
+them) in one user turn. A request that cannot be mapped is the caller's (CLIENT, naming the
+field). Answers: `tool_use` blocks → `message.tool_calls` (arguments: the input re-serialised),
+`content` None when there is no text.
+
 Both stream (`stream`): native SSE events pass through for "messages"; for
-"chat.completions" each text delta becomes an OpenAI `chat.completion.chunk`.
+"chat.completions" each text delta becomes an OpenAI `chat.completion.chunk`, and each
+`tool_use` block the chunks OpenAI streams a tool call with: its opening `{"index": k, "id",
+"type", "function": {"name", "arguments": ""}}` (k counts tool calls, not content blocks), then
+each `input_json_delta` as `{"index": k, "function": {"arguments": partial_json}}` ("{}" for a
+block that streams no input). A tool block whose input is not a JSON object, a delta for a
+block that is not open, or a message that ends with a tool block open is RETRYABLE.
 
 Headers: `x-api-key: <key>`, `anthropic-version` (option `version`, default 2023-06-01) and
 optional `anthropic-beta`. Errors are `{"type":"error","error":{"type","message"}}`; 529
@@ -53,7 +67,8 @@ STOP_REASONS = {
     "refusal": "content_filter",
 }
 _KNOWN_OPTIONS = ("version", "beta", "default_max_tokens", "messages_path")
-_PASSED_PARAMS = ("temperature", "top_p", "top_k", "metadata", "tools", "tool_choice")
+_PASSED_PARAMS = ("temperature", "top_p", "top_k", "metadata")
+_TOOL_CHOICES = {"auto": "auto", "none": "none", "required": "any"}
 
 
 @dataclass(frozen=True)
@@ -108,23 +123,134 @@ def _content(content: Any) -> Any:
     return content if isinstance(content, str) else ""
 
 
+def _refused(path: str, why: str) -> UpstreamError:
+    """The caller's mistake in the request at `path`."""
+    return UpstreamError(ErrorKind.CLIENT, f"{path}: {why}")
+
+
+def _blocks(content: Any) -> list[Any]:
+    """OpenAI content as a list of non-empty Anthropic text blocks."""
+    mapped = _content(content)
+    blocks = [{"type": "text", "text": mapped}] if isinstance(mapped, str) else mapped
+    return [b for b in blocks if b["text"]]
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    """OpenAI function tools as Anthropic tools."""
+    if not isinstance(tools, list) or not tools:
+        raise _refused("payload.tools", "must be a non-empty list of function tools")
+    mapped = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or tool.get("type") != "function":
+            raise _refused(f"payload.tools[{i}]", 'must be {"type": "function", "function": {"name": ...}}')
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise _refused(f"payload.tools[{i}].function.name", "must be a non-empty string")
+        schema = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(schema, Mapping):
+            raise _refused(f"payload.tools[{i}].function.parameters", "must be a JSON Schema object")
+        one: dict[str, Any] = {"name": name}
+        description = function.get("description")
+        if description is not None:
+            if not isinstance(description, str):
+                raise _refused(f"payload.tools[{i}].function.description", "must be a string")
+            one["description"] = description
+        one["input_schema"] = schema
+        mapped.append(one)
+    return mapped
+
+
+def _tool_choice(choice: Any, names: list[str], parallel: Any) -> dict[str, Any] | None:
+    """OpenAI `tool_choice` / `parallel_tool_calls` as Anthropic's `tool_choice` (None: unsaid)."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _refused("payload.parallel_tool_calls", "must be a boolean")
+    function = choice.get("function") if isinstance(choice, Mapping) and choice.get("type") == "function" else None
+    mapped: dict[str, Any]
+    if choice is None:
+        if parallel is not False:
+            return None
+        mapped = {"type": "auto"}
+    elif isinstance(choice, str) and choice in _TOOL_CHOICES:
+        mapped = {"type": _TOOL_CHOICES[choice]}
+    elif isinstance(function, Mapping):
+        name = function.get("name")
+        if not isinstance(name, str) or name not in names:
+            raise _refused("payload.tool_choice.function.name", f"{name!r} is not the name of one of payload.tools")
+        mapped = {"type": "tool", "name": name}
+    else:
+        raise _refused("payload.tool_choice", 'must be "none", "auto", "required" or '
+                       '{"type": "function", "function": {"name": ...}}')
+    if parallel is False and mapped["type"] != "none":
+        mapped["disable_parallel_tool_use"] = True
+    return mapped
+
+
+def _tool_use(path: str, call: Any) -> dict[str, Any]:
+    """One of an assistant message's OpenAI `tool_calls` as an Anthropic `tool_use` block."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or call.get("type", "function") != "function":
+        raise _refused(path, 'must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}')
+    call_id, name, arguments = call.get("id"), function.get("name"), function.get("arguments", "")
+    if not isinstance(call_id, str) or not call_id:
+        raise _refused(f"{path}.id", "must be a non-empty string")
+    if not isinstance(name, str) or not name:
+        raise _refused(f"{path}.function.name", "must be a non-empty string")
+    if not isinstance(arguments, str):
+        raise _refused(f"{path}.function.arguments", "must be a string of JSON")
+    try:
+        parsed = orjson.loads(arguments) if arguments.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise _refused(f"{path}.function.arguments", f"is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise _refused(f"{path}.function.arguments", "must be a JSON object")
+    return {"type": "tool_use", "id": call_id, "name": name, "input": parsed}
+
+
+def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(system texts, Anthropic turns) of OpenAI chat messages."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    results: list[Any] | None = None  # the content of the user turn that tool messages are adding to
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise _refused(f"payload.messages[{i}]", "must be an object with a role")
+        role, content = message["role"], message.get("content")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _refused(f"payload.messages[{i}].tool_call_id", "must be the id of the tool call it answers")
+            block = {"type": "tool_result", "tool_use_id": call_id, "content": _content(content)}
+            if results is None:
+                results = [block]
+                turns.append({"role": "user", "content": results})
+            else:
+                results.append(block)
+            continue
+        if role == "user" and results is not None:  # Anthropic wants tool results first in a user turn
+            results.extend(_blocks(content))
+        elif role in ("system", "developer"):
+            system.append(_text(content))
+        elif role == "user" or (role == "assistant" and not message.get("tool_calls")):
+            turns.append({"role": role, "content": _content(content)})
+        elif role == "assistant":
+            calls = message["tool_calls"]
+            if not isinstance(calls, list):
+                raise _refused(f"payload.messages[{i}].tool_calls", "must be a list")
+            uses = [_tool_use(f"payload.messages[{i}].tool_calls[{j}]", call) for j, call in enumerate(calls)]
+            turns.append({"role": role, "content": _blocks(content) + uses})
+        else:
+            raise _refused(f"payload.messages[{i}].role", f"{role!r} cannot be mapped to Anthropic")
+        results = None
+    return system, turns
+
+
 def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
     """An Anthropic Messages body for an OpenAI chat body (raises CLIENT on a bad one)."""
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UpstreamError(ErrorKind.CLIENT, "payload.messages: must be a non-empty list of messages")
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise UpstreamError(ErrorKind.CLIENT, f"payload.messages[{i}]: must be an object with a role")
-        role = message["role"]
-        if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
-        elif role in ("user", "assistant"):
-            turns.append({"role": role, "content": _content(message.get("content"))})
-        else:
-            raise UpstreamError(ErrorKind.CLIENT, f"payload.messages[{i}].role: {role!r} cannot be mapped to Anthropic")
+    system, turns = _turns(messages)
     body: dict[str, Any] = {"model": model or payload.get("model", ""), "messages": turns}
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or default_max_tokens
     body["max_tokens"] = max_tokens
@@ -136,6 +262,14 @@ def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_token
     for key in _PASSED_PARAMS:
         if key in payload:
             body[key] = payload[key]
+    if payload.get("tools") is not None:
+        body["tools"] = _tools(payload["tools"])
+        choice = _tool_choice(payload.get("tool_choice"), [t["name"] for t in body["tools"]],
+                              payload.get("parallel_tool_calls"))
+        if choice is not None:
+            body["tool_choice"] = choice
+    elif payload.get("tool_choice") is not None:
+        raise _refused("payload.tool_choice", "is only allowed with payload.tools")
     if payload.get("user"):
         body["metadata"] = {"user_id": payload["user"]}
     return body
@@ -351,6 +485,9 @@ class _MessageStream:
         self.finish_reason: str | None = None
         self.stopped = False
         self.chars = 0
+        self.tool_calls = 0  # tool_use blocks opened so far: the next one's OpenAI index
+        # open tool_use blocks by content-block index: (tool call index, input pieces, start input)
+        self.open_tools: dict[int, tuple[int, list[str], Any]] = {}
 
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
@@ -362,9 +499,11 @@ class _MessageStream:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise UpstreamError(ErrorKind.RETRYABLE, f"stream event is not JSON: {data[:120]!r}") from None
-        kind = obj.get("type", event) if isinstance(obj, dict) else event
+        if not isinstance(obj, dict):
+            raise _bad_event(f"not a JSON object: {data[:120]!r}")
+        kind = obj.get("type", event)
         if kind == "error":
-            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            err = _dict(obj.get("error"))
             code, message = str(err.get("type", "")), str(err.get("message", ""))
             error_kind = classify(529 if code == "overloaded_error" else 500, code, message)
             raise UpstreamError(error_kind, f"error event in stream: [{code}] {message}", body=data.encode())
@@ -375,9 +514,9 @@ class _MessageStream:
 
     def _track(self, kind: str, obj: dict[str, Any]) -> tuple[str, bool]:
         if kind == "message_start":
-            message = obj.get("message") or {}
+            message = _dict(obj.get("message"))
             self.id, self.model = str(message.get("id", "")), str(message.get("model", ""))
-            usage = message.get("usage") or {}
+            usage = _dict(message.get("usage"))
             self.input_tokens = (
                 sum(
                     _http.count(usage.get(k, 0)) or 0
@@ -388,19 +527,20 @@ class _MessageStream:
             )
             self.output_tokens = _http.count(usage.get("output_tokens"))
         elif kind == "content_block_delta":
-            delta = obj.get("delta") or {}
+            delta = _dict(obj.get("delta"))
             text = delta.get("text") if delta.get("type") == "text_delta" else ""
             text = text if isinstance(text, str) else ""
-            self.chars += len(text)
+            piece = delta.get("partial_json")
+            self.chars += len(text) + (len(piece) if isinstance(piece, str) else 0)
             return text, bool(text) or delta.get("type") == "input_json_delta"
         elif kind == "content_block_start":
-            block = obj.get("content_block") or {}
+            block = _dict(obj.get("content_block"))
             return "", block.get("type") == "tool_use"
         elif kind == "message_delta":
-            delta = obj.get("delta") or {}
+            delta = _dict(obj.get("delta"))
             if delta.get("stop_reason"):
                 self.finish_reason = STOP_REASONS.get(str(delta["stop_reason"]), "stop")
-            usage = obj.get("usage") or {}
+            usage = _dict(obj.get("usage"))
             if _http.count(usage.get("output_tokens")) is not None:
                 self.output_tokens = usage["output_tokens"]
             if _http.count(usage.get("input_tokens")) is not None and usage.get("input_tokens"):
@@ -410,15 +550,22 @@ class _MessageStream:
         return "", False
 
     def _chat_chunk(self, kind: str, obj: dict[str, Any], text: str) -> StreamChunk | None:
+        finish = None
         if kind == "message_start":
             delta: dict[str, Any] = {"role": "assistant", "content": ""}
-            finish = None
         elif text:
-            delta, finish = {"content": text}, None
+            delta = {"content": text}
+        elif kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            call = self._tool_call(kind, obj)
+            if call is None:
+                return None  # a text block's start or stop, an empty input piece
+            delta = {"tool_calls": [call]}
+        elif kind in ("message_delta", "message_stop") and self.open_tools:
+            raise _bad_event(f"the message ended with tool_use block {min(self.open_tools)} still open")
         elif kind == "message_delta" and self.finish_reason:
             delta, finish = {}, self.finish_reason
         else:
-            return None  # ping, block start/stop, message_stop: nothing to say in OpenAI's shape
+            return None  # ping, message_stop: nothing to say in OpenAI's shape
         chunk = {
             "id": f"chatcmpl-{self.id}",
             "object": "chat.completion.chunk",
@@ -426,4 +573,56 @@ class _MessageStream:
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
-        return StreamChunk(data=orjson.dumps(chunk), text=text, content=bool(text))
+        return StreamChunk(data=orjson.dumps(chunk), text=text, content=bool(text) or "tool_calls" in delta)
+
+    def _tool_call(self, kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The OpenAI tool call delta for a content block event (None: nothing to say)."""
+        index = obj.get("index")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else None
+        found = self.open_tools.get(index) if index is not None else None
+        if kind == "content_block_start":
+            block = obj.get("content_block")
+            if not isinstance(block, dict) or block.get("type") != "tool_use":
+                return None
+            call_id, name = block.get("id"), block.get("name")
+            if index is None or found is not None or not isinstance(call_id, str) or not isinstance(name, str):
+                raise _bad_event(f"tool_use block {index} opened without an index, an id and a name, or twice")
+            self.open_tools[index] = (self.tool_calls, [], block.get("input"))
+            self.tool_calls += 1
+            return {"index": self.tool_calls - 1, "id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
+                return None
+            piece = delta.get("partial_json")
+            if found is None or not isinstance(piece, str):
+                raise _bad_event(f"input_json_delta for block {index}, which is not an open tool_use block, "
+                                 "or without a partial_json string")
+            if not piece:
+                return None
+            found[1].append(piece)
+            return {"index": found[0], "function": {"arguments": piece}}
+        if found is None or index is None:  # the end of a text block
+            return None
+        del self.open_tools[index]
+        ordinal, pieces, start = found
+        if not pieces:  # the block streamed no input: its arguments are the start's input, as a whole answer's
+            start = start if isinstance(start, dict) else {}
+            return {"index": ordinal, "function": {"arguments": orjson.dumps(start).decode()}}
+        try:
+            parsed = orjson.loads("".join(pieces))
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _bad_event(f"tool_use block {index}'s input is not a JSON object")
+        return None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` when it is a JSON object, else an empty one (an event's optional parts)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _bad_event(why: str) -> UpstreamError:
+    return UpstreamError(ErrorKind.RETRYABLE, f"malformed stream event: {why}")

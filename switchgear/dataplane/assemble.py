@@ -12,10 +12,12 @@ the other top-level fields the chunks carry (system_fingerprint, service_tier), 
 final chunk. The caller cannot tell, except by latency.
 
 Which calls (`streamable`): method "chat.completions" on a target whose protocol is "openai"
-(its `stream_options.include_usage` asks for the usage chunk) or "anthropic" without `tools`
-(the Anthropic adapter's chat chunks carry text only, so a tool call could not be assembled);
-never a payload that itself says `stream: true` or `stream_options` (those are the caller's
-mistakes and are refused as before). Everything else (embeddings, native "messages",
+(its `stream_options.include_usage` asks for the usage chunk) or "anthropic" (tool calls too: the
+adapter streams a tool_use block's input as Anthropic's partial JSON, which may be spaced
+differently from the whole answer's re-serialised input, so the assembly re-serialises the
+joined arguments the same way and the two answers are equal byte for byte); never a payload
+that itself says `stream: true` or `stream_options` (those are the caller's mistakes and are
+refused as before). Everything else (embeddings, native "messages",
 other protocols) goes the old way.
 
 Bounds and errors are the stream path's: the first token within the stream attempt timeout
@@ -52,7 +54,7 @@ def streamable(protocol: str, method: str, payload: Mapping[str, Any]) -> bool:
     faithfully (module docstring)."""
     if method != "chat.completions" or payload.get("stream") is True or "stream_options" in payload:
         return False
-    return protocol == "openai" or (protocol == "anthropic" and not payload.get("tools"))
+    return protocol in ("openai", "anthropic")
 
 
 def tell_first_token(observers: Iterable[Any], event: FirstToken) -> None:
@@ -75,6 +77,14 @@ def _extend(into: dict[str, Any], key: str, items: list[Any]) -> None:
         found.extend(items)
     else:
         into[key] = list(items)
+
+
+def _compact(arguments: str) -> str:
+    """Tool call arguments re-serialised (orjson: no spaces), RETRYABLE when they are not JSON."""
+    try:
+        return orjson.dumps(orjson.loads(arguments)).decode()
+    except orjson.JSONDecodeError:
+        raise _malformed("tool call arguments are not JSON") from None
 
 
 class _Choice:
@@ -148,6 +158,9 @@ class _Choice:
             message["tool_calls"] = [{**call, "function": {part: "".join(pieces) for part, pieces
                                                             in call["function"].items()}}
                                      for call in (self.tool_calls[i] for i in sorted(self.tool_calls))]
+            if not self.openai:  # as adapters/anthropic.py writes a whole answer's tool_use input
+                for call in message["tool_calls"]:
+                    call["function"]["arguments"] = _compact(call["function"].get("arguments", ""))
         return {"index": index, "message": message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
 
 

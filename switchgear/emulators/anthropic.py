@@ -13,6 +13,22 @@ body validation, JSON answers and SSE streams framed as Anthropic frames them:
                                  "usage":{"output_tokens":M}}
     event: message_stop         {"type":"message_stop"}
 
+Tool use (custom tools: `tools` [{name, description, input_schema}], `tool_choice` {type:
+auto|any|tool|none, name, disable_parallel_tool_use}) is deterministic, as the OpenAI emulator's:
+the answer calls the tool `tool_choice` names, else (unless "none") every tool whose name the
+last user message's text mentions, in the order given, and with "any" and none mentioned, the
+first; the input echoes the prompt (`{"query": ..., "call": k}`). The answer is then `tool_use`
+blocks (after a short text block under "auto", none under "any"/"tool", as Claude is prefilled
+then) with `stop_reason: "tool_use"`; streamed, each block opens with `input: {}`, then
+`input_json_delta` pieces (the first one empty, as Anthropic's) spell out the input as JSON with
+spaces after separators, then `content_block_stop`. A user turn that holds only tool results
+names no tool: it is answered with text about the results. Requests are checked as Anthropic
+checks them, after combining consecutive turns of one role: tool_use blocks only from the
+assistant, tool_result blocks only from the user and before any other block, every tool_use id
+answered by a tool_result in the next turn and every tool_result answering one of the previous
+turn's (400 invalid_request_error naming the field, e.g. `messages.1: tool_use ids were found
+without tool_result blocks immediately after: ...`).
+
 Errors are `{"type":"error","error":{"type","message"}}` with Anthropic's statuses: 400
 invalid_request_error (incl. "prompt is too long: N tokens > M maximum"), 401
 authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error (with
@@ -28,7 +44,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -52,6 +71,13 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 _MESSAGES = {529: "Overloaded", 500: "Internal server error"}
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_TOOL_CHOICES = ("auto", "any", "tool", "none")
+_NOT_ANSWERED = (
+    "{where}: `tool_use` ids were found without `tool_result` blocks immediately after: {ids}. "
+    "Each `tool_use` block must have a corresponding `tool_result` block in the next message."
+)
 
 
 class AnthropicError(Exception):
@@ -129,11 +155,171 @@ def parse_request(body: Any, models: tuple[str, ...]) -> tuple[str, int, list[di
     return model, max_tokens, messages, _text(system), stops, stream
 
 
-def answer(
-    instance: str, messages: list[dict[str, Any]], max_tokens: int, stops: list[str]
-) -> tuple[str, str, str | None]:
-    """(text, stop_reason, stop_sequence)."""
-    last_user = next((_text(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
+@dataclass(frozen=True)
+class Tools:
+    """A request's tools as the answer uses them: names in order, `tool_choice`'s type and name."""
+
+    names: tuple[str, ...] = ()
+    choice: str = "auto"
+    name: str = ""
+    single: bool = False  # disable_parallel_tool_use
+
+
+def parse_tools(body: Mapping[str, Any]) -> Tools:
+    """`tools` and `tool_choice` checked as Anthropic checks custom tools, or AnthropicError."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice is not None:
+            raise AnthropicError(400, "tool_choice: tool_choice may only be specified while providing tools")
+        return Tools()
+    if not isinstance(tools, list):
+        raise AnthropicError(400, "tools: Input should be a valid list")
+    names: list[str] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise AnthropicError(400, f"tools.{i}: Input should be a valid dictionary")
+        if tool.get("type", "custom") != "custom":
+            raise AnthropicError(400, f"tools.{i}.type: Input tag {tool['type']!r} found using 'type' does not match "
+                                 "any of the expected tags: 'custom'")
+        name, schema = tool.get("name"), tool.get("input_schema")
+        if not isinstance(name, str):
+            raise AnthropicError(400, f"tools.{i}.name: Field required")
+        if not _TOOL_NAME.fullmatch(name):
+            raise AnthropicError(400, f"tools.{i}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")
+        if not isinstance(schema, dict):
+            raise AnthropicError(400, f"tools.{i}.input_schema: Field required")
+        if schema.get("type") != "object":
+            raise AnthropicError(400, f"tools.{i}.input_schema.type: Input should be 'object'")
+        if not isinstance(tool.get("description", ""), str):
+            raise AnthropicError(400, f"tools.{i}.description: Input should be a valid string")
+        if name in names:
+            raise AnthropicError(400, "tools: Tool names must be unique.")
+        names.append(name)
+    choice = {"type": "auto"} if choice is None else choice
+    if not isinstance(choice, dict):
+        raise AnthropicError(400, "tool_choice: Input should be a valid dictionary")
+    if choice.get("type") not in _TOOL_CHOICES:
+        raise AnthropicError(400, f"tool_choice.type: Input tag {choice.get('type')!r} found using 'type' does not "
+                             "match any of the expected tags: 'auto', 'any', 'tool', 'none'")
+    single = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(single, bool):
+        raise AnthropicError(400, "tool_choice.disable_parallel_tool_use: Input should be a valid boolean")
+    name = choice.get("name", "")
+    if choice["type"] == "tool":
+        if not isinstance(name, str) or not name:
+            raise AnthropicError(400, "tool_choice.name: Field required")
+        if name not in names:
+            raise AnthropicError(400, f"tool_choice.name: Tool '{name}' not found in tools")
+    return Tools(tuple(names), choice["type"], name if isinstance(name, str) else "", single)
+
+
+def _check_block(path: str, block: Any, role: str) -> None:
+    if not isinstance(block, dict):
+        raise AnthropicError(400, f"{path}: Input should be a valid dictionary")
+    kind = block.get("type")
+    if not isinstance(kind, str):
+        raise AnthropicError(400, f"{path}.type: Field required")
+    if kind == "text" and not isinstance(block.get("text"), str):
+        raise AnthropicError(400, f"{path}.text: Input should be a valid string")
+    if kind == "tool_use":
+        if role != "assistant":
+            raise AnthropicError(400, f"{path}: tool_use blocks may only appear in assistant messages")
+        if not isinstance(block.get("id"), str) or not _TOOL_USE_ID.fullmatch(block["id"]):
+            raise AnthropicError(400, f"{path}.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
+        if not isinstance(block.get("name"), str) or not block["name"]:
+            raise AnthropicError(400, f"{path}.name: Field required")
+        if not isinstance(block.get("input"), dict):
+            raise AnthropicError(400, f"{path}.input: Input should be a valid dictionary")
+    if kind == "tool_result":
+        if role != "user":
+            raise AnthropicError(400, f"{path}: tool_result blocks may only appear in user messages")
+        if not isinstance(block.get("tool_use_id"), str):
+            raise AnthropicError(400, f"{path}.tool_use_id: Field required")
+        content = block.get("content", "")
+        if not isinstance(content, (str, list)) or not all(isinstance(b, dict) for b in content):
+            raise AnthropicError(400, f"{path}.content: Input should be a valid string or a list of content blocks")
+
+
+def check_turns(messages: list[dict[str, Any]]) -> None:
+    """Content blocks and tool use pairing, as Anthropic checks them after combining consecutive
+    turns of one role: every tool_use id answered by a tool_result in the next turn, which puts
+    its tool results first; every tool_result answering one of the previous turn's tool_use ids."""
+    turns: list[tuple[str, int, list[tuple[str, dict[str, Any]]]]] = []  # role, first message, (path, block)
+    for i, message in enumerate(messages):
+        content = message["content"]
+        blocks = ([(f"messages.{i}.content", {"type": "text", "text": content})] if isinstance(content, str)
+                  else [(f"messages.{i}.content.{j}", b) for j, b in enumerate(content)])
+        for path, block in blocks:
+            _check_block(path, block, message["role"])
+        if turns and turns[-1][0] == message["role"]:
+            turns[-1][2].extend(blocks)
+        else:
+            turns.append((message["role"], i, blocks))
+    asked: list[str] = []  # the tool_use ids of the turn before
+    for n, (_, first, blocks) in enumerate(turns):
+        kinds = [block["type"] for _, block in blocks]
+        answered = [block["tool_use_id"] for _, block in blocks if block["type"] == "tool_result"]
+        for (path, block), kind in zip(blocks, kinds, strict=True):
+            if kind == "tool_result" and block["tool_use_id"] not in asked:
+                raise AnthropicError(400, f"{path}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                                     f"{block['tool_use_id']}. Each `tool_result` block must have a corresponding "
+                                     "`tool_use` block in the previous message.")
+        if kinds[: len(answered)] != ["tool_result"] * len(answered):
+            raise AnthropicError(400, f"messages.{first}: tool_result blocks must come first in the message's "
+                                 "content, before any other block")
+        missing = [x for x in asked if x not in answered]
+        if missing:
+            raise AnthropicError(400, _NOT_ANSWERED.format(where=f"messages.{turns[n - 1][1]}", ids=", ".join(missing)))
+        asked = [block["id"] for _, block in blocks if block["type"] == "tool_use"]
+    if asked:
+        raise AnthropicError(400, _NOT_ANSWERED.format(where=f"messages.{turns[-1][1]}", ids=", ".join(asked)))
+
+
+def _results_text(content: Any) -> str:
+    """The text of the tool results in a user message's content."""
+    if not isinstance(content, list):
+        return ""
+    results = [b.get("content", "") for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+    return " ".join(r if isinstance(r, str) else _text(r) for r in results)
+
+
+def call_names(tools: Tools, asked: str) -> tuple[str, ...]:
+    """The tools the answer calls for a last user message whose text is `asked` (module docstring)."""
+    if tools.choice == "none" or not tools.names:
+        return ()
+    if tools.choice == "tool":
+        return (tools.name,)
+    names = tuple(n for n in tools.names if n in asked) or (tools.names[:1] if tools.choice == "any" else ())
+    return names[:1] if tools.single else names
+
+
+def reply_blocks(
+    instance: str, msg_id: str, messages: list[dict[str, Any]], max_tokens: int, stops: list[str], tools: Tools
+) -> tuple[list[dict[str, Any]], str, str | None]:
+    """(content blocks, stop_reason, stop_sequence) of the answer."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    asked = _text(last)
+    names = call_names(tools, asked)
+    if not names:
+        text, stop_reason, stop_sequence = answer(instance, asked or _results_text(last), max_tokens, stops)
+        return [{"type": "text", "text": text}], stop_reason, stop_sequence
+    echo, _ = oa.truncate_tokens(asked, 12)
+    blocks: list[dict[str, Any]] = []
+    if tools.choice == "auto":  # under "any" and "tool" Claude is prefilled to call at once
+        blocks.append({"type": "text", "text": f"I will call {', '.join(names)}."})
+    for k, name in enumerate(names):
+        call_id = "toolu_" + hashlib.sha256(f"{msg_id}:{k}".encode()).hexdigest()[:24]
+        blocks.append({"type": "tool_use", "id": call_id, "name": name, "input": {"query": echo, "call": k}})
+    return blocks, "tool_use", None
+
+
+def _spelled(block: Mapping[str, Any]) -> str:
+    """What a block says, as streamed: its text, or its input as JSON the way Anthropic streams it."""
+    return str(block["text"]) if block["type"] == "text" else json.dumps(block["input"], ensure_ascii=False)
+
+
+def answer(instance: str, last_user: str, max_tokens: int, stops: list[str]) -> tuple[str, str, str | None]:
+    """(text, stop_reason, stop_sequence) of a text answer to `last_user`."""
     text = oa.reply_text(instance, last_user)
     for stop in stops:
         if stop and stop in text:
@@ -156,33 +342,30 @@ async def messages(request: web.Request) -> web.StreamResponse:
         except orjson.JSONDecodeError:
             raise AnthropicError(400, "There was an error parsing the body of your request") from None
         model, max_tokens, turns, system, stops, stream = parse_request(body, instance.spec.model_ids)
-        prompt_tokens = oa.count_tokens(system) + sum(oa.count_tokens(_text(m["content"])) for m in turns)
+        tools = parse_tools(body)
+        check_turns(turns)
+        prompt_tokens = oa.count_tokens(system) + sum(
+            oa.count_tokens(_text(m["content"])) + oa.count_tokens(_results_text(m["content"])) for m in turns
+        )
         if prompt_tokens > instance.spec.context_window:
             raise AnthropicError(
                 400, f"prompt is too long: {prompt_tokens} tokens > {instance.spec.context_window} maximum"
             )
     except AnthropicError as exc:
         return render(exc.status, exc.message, "invalid")
-    text, stop_reason, stop_sequence = answer(instance.spec.name, turns, max_tokens, stops)
     msg_id = "msg_" + hashlib.sha256(instance.next_id().encode()).hexdigest()[:24]
-    output_tokens = oa.count_tokens(text)
+    blocks, stop_reason, stop_sequence = reply_blocks(instance.spec.name, msg_id, turns, max_tokens, stops, tools)
     usage = {
         "input_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
+        "output_tokens": sum(oa.count_tokens(_spelled(b)) for b in blocks),
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": model}
     if stream:
-        return await _stream(request, head, text, stop_reason, stop_sequence, usage)
+        return await _stream(request, head, blocks, stop_reason, stop_sequence, usage)
     return common.json_response(
-        {
-            **head,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence,
-            "usage": usage,
-        },
+        {**head, "content": blocks, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage},
         headers={"request-id": f"req_{msg_id[4:]}"},
     )
 
@@ -191,10 +374,19 @@ def _event(name: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+def _block_events(block: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(content_block_start's block, the deltas) of one content block, as Anthropic streams it."""
+    if block["type"] == "text":
+        return {"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in oa.token_pieces(block["text"])]
+    arguments = _spelled(block)
+    pieces = [""] + [arguments[at : at + 8] for at in range(0, len(arguments), 8)]
+    return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json": p} for p in pieces]
+
+
 async def _stream(
     request: web.Request,
     head: dict[str, Any],
-    text: str,
+    blocks: list[dict[str, Any]],
     stop_reason: str,
     stop_sequence: str | None,
     usage: dict[str, Any],
@@ -219,28 +411,27 @@ async def _stream(
             },
         )
     )
-    await response.write(
-        _event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        )
-    )
-    await response.write(_event("ping", {"type": "ping"}))
-    for sent, piece in enumerate(oa.token_pieces(text)):
-        if faults.stream_cut_after and sent >= faults.stream_cut_after:
-            instance.by_outcome["stream_cut"] += 1
-            await response.write(_event("error", error_body(529, "Overloaded")))
-            await response.write_eof()
-            return response
-        if faults.token_delay_ms and sent:
-            await asyncio.sleep(faults.token_delay_ms / 1000.0)
+    sent = 0
+    for index, block in enumerate(blocks):
+        opening, deltas = _block_events(block)
         await response.write(
-            _event(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
-            )
+            _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opening})
         )
-    await response.write(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        if not index:
+            await response.write(_event("ping", {"type": "ping"}))
+        for delta in deltas:
+            if faults.stream_cut_after and sent >= faults.stream_cut_after:
+                instance.by_outcome["stream_cut"] += 1
+                await response.write(_event("error", error_body(529, "Overloaded")))
+                await response.write_eof()
+                return response
+            if faults.token_delay_ms and sent:
+                await asyncio.sleep(faults.token_delay_ms / 1000.0)
+            sent += 1
+            await response.write(
+                _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        await response.write(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
     await response.write(
         _event(
             "message_delta",
