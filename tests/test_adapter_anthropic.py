@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from switchgear.adapters.anthropic import AnthropicAdapter, AnthropicOptions, messages_from_chat, parse_options
+from switchgear.adapters import base
+from switchgear.adapters.anthropic import (
+    AnthropicAdapter,
+    AnthropicOptions,
+    chat_from_message,
+    messages_from_chat,
+    parse_options,
+)
 from switchgear.adapters.base import AdapterRequest, ErrorKind, OptionsError, Target, UpstreamError
+from switchgear.dataplane.assemble import ChatAssembly
 from switchgear.emulators import anthropic as emu
 from switchgear.emulators.common import Faults, Running
 
@@ -217,3 +226,288 @@ def test_options_are_validated() -> None:
     assert caught.value.path == "verison"
     with pytest.raises(OptionsError):
         parse_options({"default_max_tokens": 0})
+
+
+# ---------------------------------------------------------------------------------------
+# tool calling on "chat.completions"
+
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": f"the {name} tool",
+                                      "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}
+    for name in ("lookup", "weather")
+]
+ASK = {"messages": [{"role": "user", "content": "lookup the weather in Oslo"}], "tools": TOOLS}
+
+
+def test_tools_and_a_tool_conversation_map_to_anthropic_shapes() -> None:
+    payload = {
+        "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": "Calling.", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "lookup", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "found"}]},
+            {"role": "user", "content": "and tomorrow?"},
+        ],
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "weather"}},
+        "parallel_tool_calls": False,
+    }
+    body = messages_from_chat(payload, "claude-x", 64)
+    assert body["tools"] == [
+        {"name": "lookup", "description": "the lookup tool", "input_schema": TOOLS[0]["function"]["parameters"]},
+        {"name": "weather", "description": "the weather tool", "input_schema": TOOLS[1]["function"]["parameters"]},
+    ]
+    assert body["tool_choice"] == {"type": "tool", "name": "weather", "disable_parallel_tool_use": True}
+    assert body["messages"] == [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Calling."},
+            {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "call_2", "name": "lookup", "input": {}}]},
+        {"role": "user", "content": [  # one user turn: the results first, then the user's words
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "found"}]},
+            {"type": "text", "text": "and tomorrow?"}]},
+    ]
+    choices = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+    for openai_choice, anthropic_choice in choices.items():
+        assert messages_from_chat({**ASK, "tool_choice": openai_choice}, "m", 8)["tool_choice"] == anthropic_choice
+    assert "tool_choice" not in messages_from_chat(ASK, "m", 8)
+    assert messages_from_chat({**ASK, "parallel_tool_calls": False}, "m", 8)["tool_choice"] == {
+        "type": "auto", "disable_parallel_tool_use": True}
+
+
+def _whole_calls(chat: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": c["function"]["name"], "input": orjson.loads(c["function"]["arguments"])}
+            for c in chat["choices"][0]["message"].get("tool_calls", ())]
+
+
+async def _streamed(client: httpx.AsyncClient, up: Running, payload: dict[str, Any]) -> list[base.StreamChunk]:
+    return [c async for c in AnthropicAdapter().stream(client, target(up), AdapterRequest("chat.completions",
+                                                                                           payload, 5))]
+
+
+def _assembled(chunks: list[base.StreamChunk]) -> dict[str, Any]:
+    assembly = ChatAssembly(openai=False)
+    for chunk in chunks[:-1]:
+        assembly.add(chunk.data)
+    assert chunks[-1].usage is not None
+    return dict(orjson.loads(assembly.body(chunks[-1].usage)))
+
+
+def _without_ids(chat: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a chat completion without what differs between two answers (ids, created)."""
+    chat = {k: v for k, v in orjson.loads(orjson.dumps(chat)).items() if k not in ("id", "created")}
+    for call in chat["choices"][0]["message"].get("tool_calls", ()):
+        assert call.pop("id").startswith("toolu_")
+    return chat
+
+
+async def test_a_tool_round_trip_whole_and_streamed(upstream: Running, client: httpx.AsyncClient) -> None:
+    """Tools in, tool calls out (whole and streamed: the chunks assembled are the whole answer);
+    then the conversation goes on with the calls and their results, which the emulator pairs
+    as Anthropic does, and is answered with text."""
+    adapter = AnthropicAdapter()
+    whole = orjson.loads((await adapter.invoke(client, target(upstream), AdapterRequest("chat.completions",
+                                                                                          ASK, 5))).body)
+    message = whole["choices"][0]["message"]
+    assert whole["choices"][0]["finish_reason"] == "tool_calls" and message["content"] == "I will call lookup, weather."
+    assert _whole_calls(whole) == [{"name": "lookup", "input": {"query": "lookup the weather in Oslo", "call": 0}},
+                                   {"name": "weather", "input": {"query": "lookup the weather in Oslo", "call": 1}}]
+    chunks = await _streamed(client, upstream, ASK)
+    deltas = [orjson.loads(c.data)["choices"][0]["delta"] for c in chunks[:-1]]
+    calls = [call for d in deltas for call in d.get("tool_calls", ())]
+    assert [c["index"] for c in calls if "id" in c] == [0, 1]  # tool call ordinals: block indexes are 1 and 2
+    assert all(c.content for c, d in zip(chunks, deltas, strict=False) if "tool_calls" in d)  # first token
+    spelled = "".join(c["function"]["arguments"] for c in calls if c["index"] == 0)
+    assert spelled != message["tool_calls"][0]["function"]["arguments"]  # Anthropic's spacing, not orjson's
+    assert orjson.loads(spelled) == orjson.loads(message["tool_calls"][0]["function"]["arguments"])
+    assert _without_ids(_assembled(chunks)) == _without_ids(whole)  # arguments equal as text: re-serialised
+    assert chunks[-1].finish_reason == "tool_calls" and not chunks[-1].usage.estimated  # type: ignore[union-attr]
+
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": f"result {i}"}
+               for i, c in enumerate(message["tool_calls"])]
+    second = {**ASK, "messages": [*ASK["messages"], message, *results]}
+    answer = orjson.loads((await adapter.invoke(client, target(upstream), AdapterRequest("chat.completions",
+                                                                                           second, 5))).body)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"].endswith("You said: result 0 result 1")
+    assert "tool_calls" not in answer["choices"][0]["message"]
+    streamed = _assembled(await _streamed(client, upstream, second))
+    assert streamed["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "called", "text"),
+    [
+        ({"type": "function", "function": {"name": "weather"}}, True, ["weather"], None),
+        ("required", True, ["lookup"], None),
+        ("auto", False, ["lookup"], "I will call lookup."),
+        ("none", True, [], "Hello from anthropic"),
+    ],
+)
+async def test_tool_choice_is_honoured(upstream: Running, client: httpx.AsyncClient, choice: Any, parallel: bool,
+                                       called: list[str], text: str | None) -> None:
+    payload = {**ASK, "tool_choice": choice, "parallel_tool_calls": parallel}
+    if choice != "auto":
+        payload["messages"] = [{"role": "user", "content": "hello"}]
+    whole = orjson.loads((await AnthropicAdapter().invoke(client, target(upstream),
+                                                          AdapterRequest("chat.completions", payload, 5))).body)
+    assert [c["name"] for c in _whole_calls(whole)] == called
+    content = whole["choices"][0]["message"]["content"]
+    assert content == text if text is None or called else content.startswith(text)
+    assert _without_ids(_assembled(await _streamed(client, upstream, payload))) == _without_ids(whole)
+
+
+@pytest.mark.parametrize(
+    ("payload", "path"),
+    [
+        ({**ASK, "tools": {"name": "lookup"}}, "payload.tools"),
+        ({**ASK, "tools": [{"type": "function", "function": {"description": "x"}}]}, "payload.tools[0].function.name"),
+        ({**ASK, "tools": [{"type": "code_interpreter"}]}, "payload.tools[0]"),
+        ({**ASK, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "payload.tool_choice.function.name"),
+        ({**ASK, "tool_choice": "sometimes"}, "payload.tool_choice"),
+        ({"messages": ASK["messages"], "tool_choice": "auto"}, "payload.tool_choice"),
+        ({**ASK, "parallel_tool_calls": "no"}, "payload.parallel_tool_calls"),
+        ({**ASK, "messages": [*ASK["messages"], {"role": "assistant", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{not json"}}]}]},
+         "payload.messages[1].tool_calls[0].function.arguments"),
+        ({**ASK, "messages": [*ASK["messages"], {"role": "assistant", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "[1]"}}]}]},
+         "payload.messages[1].tool_calls[0].function.arguments"),
+        ({**ASK, "messages": [*ASK["messages"], {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}]},
+         "payload.messages[1].tool_calls[0].id"),
+        ({**ASK, "messages": [*ASK["messages"], {"role": "assistant", "tool_calls": "lookup"}]},
+         "payload.messages[1].tool_calls"),
+        ({**ASK, "messages": [*ASK["messages"], {"role": "tool", "content": "sunny"}]},
+         "payload.messages[1].tool_call_id"),
+    ],
+)
+async def test_a_bad_tool_request_is_the_caller_s_and_never_sent(
+    upstream: Running, client: httpx.AsyncClient, payload: dict[str, Any], path: str
+) -> None:
+    before = upstream.instance.stats()["total"]
+    for call in (AnthropicAdapter().invoke, _collect):
+        with pytest.raises(UpstreamError) as caught:
+            await call(client, target(upstream), AdapterRequest("chat.completions", payload, 5))
+        assert caught.value.kind is ErrorKind.CLIENT and caught.value.message.startswith(f"{path}: ")
+    assert upstream.instance.stats()["total"] == before
+
+
+async def _collect(client: httpx.AsyncClient, t: Target, request: AdapterRequest) -> list[base.StreamChunk]:
+    return [c async for c in AnthropicAdapter().stream(client, t, request)]
+
+
+@pytest.mark.parametrize(
+    ("tail", "said"),
+    [
+        ([{"role": "user", "content": "go on"}], "`tool_use` ids were found without `tool_result` blocks"),
+        ([{"role": "tool", "tool_call_id": "call_other", "content": "x"}], "unexpected `tool_use_id`"),
+    ],
+)
+async def test_the_emulator_pairs_tool_results_with_tool_uses(
+    upstream: Running, client: httpx.AsyncClient, tail: list[dict[str, Any]], said: str
+) -> None:
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
+    payload = {**ASK, "messages": [*ASK["messages"], {"role": "assistant", "content": None, "tool_calls": calls},
+                                   *tail]}
+    with pytest.raises(UpstreamError) as caught:
+        await AnthropicAdapter().invoke(client, target(upstream), AdapterRequest("chat.completions", payload, 5))
+    assert caught.value.kind is ErrorKind.CLIENT and caught.value.status == 400 and said in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tools": "lookup"}, "tools:"),
+        ({"tools": [{"name": "lookup"}]}, "tools.0.input_schema:"),
+        ({"tools": [{"name": "look up", "input_schema": {"type": "object"}}]}, "tools.0.name:"),
+        ({"tools": [{"name": "a", "input_schema": {"type": "object"}}] * 2}, "tools:"),
+        ({"tool_choice": {"type": "auto"}}, "tool_choice:"),
+        ({"tools": [{"name": "a", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "b"}},
+         "tool_choice.name:"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "a", "input": {}}]}, {"role": "user", "content": [
+                {"type": "text", "text": "first"}, {"type": "tool_result", "tool_use_id": "t1"}]}]}, "messages.2:"),
+        ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]}]},
+         "messages.0.content.0:"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "a", "input": "{}"}]}]}, "messages.1.content.0.input:"),
+    ],
+)
+async def test_the_emulator_refuses_bad_tools_as_anthropic_does(
+    upstream: Running, client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    payload = {"messages": [{"role": "user", "content": "hi"}], **body}
+    with pytest.raises(UpstreamError) as caught:
+        await AnthropicAdapter().invoke(client, target(upstream), AdapterRequest("messages", payload, 5))
+    error = orjson.loads(caught.value.body)["error"]
+    assert caught.value.status == 400 and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(field)
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
+
+
+START = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                                              "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}}
+END = [{"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}},
+       {"type": "message_stop"}]
+
+
+def _tool_start(index: int, tool_input: Any) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index,
+            "content_block": {"type": "tool_use", "id": f"toolu_{index}", "name": "f", "input": tool_input}}
+
+
+def _json_delta(index: int, piece: Any) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}}
+
+
+def _stop(index: int) -> dict[str, Any]:
+    return {"type": "content_block_stop", "index": index}
+
+
+async def _mock_stream(body: bytes) -> list[base.StreamChunk]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
+        t = Target("https://api.anthropic.com", "m", KEY)
+        return [c async for c in AnthropicAdapter().stream(mock, t, AdapterRequest("chat.completions", ASK, 5))]
+
+
+@pytest.mark.parametrize("tool_input", [{}, {"city": "Oslo"}])
+async def test_a_tool_block_without_input_deltas_gives_the_whole_answer_s_arguments(tool_input: dict[str, Any]) -> None:
+    chunks = await _mock_stream(_sse(START, _tool_start(0, tool_input), _json_delta(0, ""), _stop(0), *END))
+    whole = chat_from_message({"id": "msg_1", "model": "m", "stop_reason": "tool_use", "content": [
+        {"type": "tool_use", "id": "toolu_0", "name": "f", "input": tool_input}]}, base.TokenUsage(3, 5), 0)
+    assembled = _assembled(chunks)
+    assert assembled["choices"] == whole["choices"]
+    assert orjson.loads(assembled["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == tool_input
+
+
+@pytest.mark.parametrize(
+    ("events", "said"),
+    [
+        ([_tool_start(0, {}), _json_delta(0, '{"a": '), _json_delta(0, "oops}"), _stop(0), *END], "not a JSON object"),
+        ([_tool_start(0, {}), _json_delta(0, '"just a string"'), _stop(0), *END], "not a JSON object"),
+        ([_tool_start(0, {}), _json_delta(1, "{}"), _stop(0), *END], "not an open tool_use block"),
+        ([_tool_start(0, {}), _json_delta(0, 42), _stop(0), *END], "without a partial_json string"),
+        ([_tool_start(0, {}), _json_delta(0, "{}"), *END], "still open"),
+        ([_tool_start(0, {}), _tool_start(0, {}), *END], "or twice"),
+        ([{"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "name": "f"}}, *END],
+         "without an index, an id and a name"),
+        ([[1, 2]], "not a JSON object"),
+    ],
+)
+async def test_a_malformed_tool_stream_is_the_upstream_s_fault(events: list[Any], said: str) -> None:
+    body = _sse(START) + b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    with pytest.raises(UpstreamError) as caught:
+        await _mock_stream(body)
+    assert caught.value.kind is ErrorKind.RETRYABLE and said in caught.value.message

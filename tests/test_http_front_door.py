@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,6 +91,42 @@ async def test_anthropic_behind_the_openai_api(sdk: openai.AsyncOpenAI) -> None:
     stream = await sdk.chat.completions.create(model="claude", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text.startswith("Hello from anthropic")
+
+
+QUERY = {"type": "object", "properties": {"query": {"type": "string"}}}
+WEATHER = [{"type": "function", "function": {"name": "weather", "description": "the weather", "parameters": QUERY}}]
+
+
+async def test_tool_calls_through_an_anthropic_target(sdk: openai.AsyncOpenAI) -> None:
+    """The SDK's tool calling, streamed and whole, through a service whose target speaks
+    Anthropic: the same call both ways, then the tool's result answered; a bad tool message is
+    a 400 naming the field."""
+    ask: list[Any] = [{"role": "user", "content": "what is the weather in Oslo"}]
+    stream = await sdk.chat.completions.create(model="claude", messages=ask, tools=WEATHER,  # type: ignore[arg-type]
+                                               tool_choice="required", stream=True)
+    streamed: dict[int, dict[str, str]] = {}
+    async for chunk in stream:
+        for call in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            got = streamed.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            got["id"] += call.id or ""
+            got["name"] += (call.function and call.function.name) or ""
+            got["arguments"] += (call.function and call.function.arguments) or ""
+    whole = await sdk.chat.completions.create(model="claude", messages=ask, tools=WEATHER,  # type: ignore[arg-type]
+                                              tool_choice="required")
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content is None and message.tool_calls
+    (call,) = message.tool_calls
+    assert call.function.name == "weather" == streamed[0]["name"] and streamed[0]["id"].startswith("toolu_")  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert arguments == json.loads(streamed[0]["arguments"]) == {"query": "what is the weather in Oslo", "call": 0}
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+    reply = await sdk.chat.completions.create(model="claude", tools=WEATHER,  # type: ignore[arg-type]
+                                              messages=[*ask, message.model_dump(exclude_none=True), result])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content.endswith("You said: sunny, 21 C")  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="claude", messages=[*ask, {"role": "tool", "content": "sunny"}])
+    assert "payload.messages[1].tool_call_id" in caught.value.message
 
 
 async def test_embeddings(sdk: openai.AsyncOpenAI) -> None:

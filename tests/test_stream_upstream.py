@@ -106,7 +106,7 @@ def comparable(body: bytes) -> dict[str, Any]:
     answer.pop("id"), answer.pop("created")
     for choice in answer["choices"]:
         for call in choice["message"].get("tool_calls", ()):
-            assert call.pop("id").startswith("call_")
+            assert call.pop("id").startswith(("call_", "toolu_"))
     return dict(answer)
 
 
@@ -168,19 +168,40 @@ async def test_the_whole_answer_is_the_unary_one_on_both_doors(emulators: Emulat
     assert cut["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "audio_tokens": 0}
 
 
-async def test_anthropic_chat_is_assembled_and_tool_calls_go_the_old_way(claude: Running) -> None:
+async def test_anthropic_chat_and_tool_calls_are_assembled(claude: Running) -> None:
+    """Through an Anthropic target too, tool calls included: the streamed tool_use blocks
+    assembled are the answer the upstream gives for `stream: false`."""
     answers = {}
     for on in (False, True):
         agent = Agent(view("claude", "anthropic", [claude.url], model="claude-3-sonnet", pricing=PRICE),
                       stream_upstream=on)
         plain = await agent.invoke("claude", REQUESTS["plain"])
         tools = await agent.invoke("claude", REQUESTS["two tool calls"])
-        answers[on] = (comparable(plain.body), plain.usage, plain.cost_usd)
-        assert [e.ttft_s is not None for e in agent.recorder.ended] == [on, False]  # tools: never streamed
-        assert orjson.loads(tools.body)["object"] == "chat.completion"
+        answers[on] = [(comparable(r.body), r.usage, r.cost_usd) for r in (plain, tools)]
+        assert [e.ttft_s is not None for e in agent.recorder.ended] == [on, on]
         await agent.pool.close()
     assert answers[True] == answers[False]
-    assert answers[True][0]["choices"][0]["message"]["content"].startswith("Hello from anthropic")
+    assert answers[True][0][0]["choices"][0]["message"]["content"].startswith("Hello from anthropic")
+    (choice,) = answers[True][1][0]["choices"]
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["lookup", "weather"]
+    assert orjson.loads(choice["message"]["tool_calls"][1]["function"]["arguments"])["call"] == 1
+    assert choice["finish_reason"] == "tool_calls"
+
+
+async def test_a_caller_s_bad_tool_request_to_anthropic_counts_nowhere(claude: Running) -> None:
+    agent = Agent(view("claude", "anthropic", [claude.url], model="claude-3-sonnet"), stream_upstream=True)
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{oops"}}]
+    for bad in ({"tools": "lookup"}, {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": calls}]},
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]}):
+        with pytest.raises(CallFailed) as caught:
+            await agent.invoke("claude", {**REQUESTS["plain"], **bad})
+        assert caught.value.error.kind is ErrorKind.CLIENT and caught.value.attempts == 1
+    stats = agent.live.get(candidate_key("claude", "e0"))
+    assert stats.failing == 0 and stats.completed == 0 and not stats.outstanding and not stats.awaiting_first
+    assert agent.invoker.resilience.counters().get(("claude", "e0"), {}).get("trips", 0) == 0
+    assert claude.instance.stats()["total"] == 0  # refused before any upstream request
+    await agent.pool.close()
 
 
 async def test_first_tokens_reach_the_routing_statistics(emulators: EmulatorGroup) -> None:
@@ -416,6 +437,30 @@ def test_the_assembly_merges_pieces_by_index() -> None:
         assert caught.value.kind is ErrorKind.RETRYABLE
 
 
+def test_anthropic_tool_arguments_are_re_serialised_as_the_whole_answer_s() -> None:
+    """The Anthropic adapter streams a tool_use input as Anthropic spells it (spaced); its whole
+    answer re-serialises the input with orjson: the assembly does the same, or refuses arguments
+    that are not JSON as the upstream's fault."""
+    def chunks(*pieces: str) -> list[bytes]:
+        opening = {"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+        calls = [[opening]] + [[{"index": 0, "function": {"arguments": p}}] for p in pieces]
+        return [orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": c}}]}) for c in calls] + [
+            orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})]
+
+    assembly = ChatAssembly(openai=False)
+    for chunk in chunks('{"city": "Oslo", ', '"days": [1, 2.50]}'):
+        assembly.add(chunk)
+    (choice,) = orjson.loads(assembly.body(TokenUsage()))["choices"]
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo","days":[1,2.5]}'
+    assert choice["message"]["content"] is None
+    assembly = ChatAssembly(openai=False)
+    for chunk in chunks('{"city": '):
+        assembly.add(chunk)
+    with pytest.raises(UpstreamError) as caught:
+        assembly.body(TokenUsage())
+    assert caught.value.kind is ErrorKind.RETRYABLE and "not JSON" in caught.value.message
+
+
 async def test_read_whole_closes_the_stream_it_was_given() -> None:
     closed = asyncio.Event()
 
@@ -488,17 +533,19 @@ def _delta(**delta: Any) -> dict[str, Any]:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(_JSON, max_size=4))
+@given(st.lists(_JSON, max_size=4), st.booleans())
 @example([_delta(tool_calls=[{"index": 0, "function": "x"}]),
-          _delta(tool_calls=[{"index": 0, "function": {"name": "a"}}])])
-@example([_delta(content=1), _delta(content="a")])
-@example([_delta(annotations=5), _delta(annotations=[1])])
+          _delta(tool_calls=[{"index": 0, "function": {"name": "a"}}])], True)
+@example([_delta(content=1), _delta(content="a")], True)
+@example([_delta(annotations=5), _delta(annotations=[1])], True)
 @example([{"choices": [{"index": 0, "logprobs": {"content": 1}}]},
-          {"choices": [{"index": 0, "logprobs": {"content": [1]}}]}])
-def test_any_json_chunks_are_assembled_or_refused_as_the_upstream_s_fault(chunks: list[Any]) -> None:
+          {"choices": [{"index": 0, "logprobs": {"content": [1]}}]}], True)
+@example([_delta(tool_calls=[{"index": 0, "function": {"arguments": "{"}}])], False)
+def test_any_json_chunks_are_assembled_or_refused_as_the_upstream_s_fault(chunks: list[Any], openai: bool) -> None:
     """Whatever JSON an upstream streams, the assembly answers or raises UpstreamError (RETRYABLE),
-    never anything else."""
-    assembly = ChatAssembly(openai=True)
+    never anything else (an OpenAI upstream's chunks, or the Anthropic adapter's, whose tool
+    call arguments are re-serialised)."""
+    assembly = ChatAssembly(openai=openai)
     try:
         for chunk in chunks:
             assembly.add(orjson.dumps(chunk))

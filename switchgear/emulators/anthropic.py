@@ -236,7 +236,8 @@ def _check_block(path: str, block: Any, role: str) -> None:
         if not isinstance(block.get("tool_use_id"), str):
             raise AnthropicError(400, f"{path}.tool_use_id: Field required")
         content = block.get("content", "")
-        if not isinstance(content, (str, list)) or not all(isinstance(b, dict) for b in content):
+        listed = isinstance(content, list) and all(isinstance(b, dict) for b in content)
+        if not isinstance(content, str) and not listed:
             raise AnthropicError(400, f"{path}.content: Input should be a valid string or a list of content blocks")
 
 
