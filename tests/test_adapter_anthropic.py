@@ -8,11 +8,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from switchgear.adapters import base
 from switchgear.adapters.anthropic import (
     AnthropicAdapter,
     AnthropicOptions,
+    _MessageStream,
     chat_from_message,
     messages_from_chat,
     parse_options,
@@ -492,6 +495,20 @@ async def test_a_tool_block_without_input_deltas_gives_the_whole_answer_s_argume
     assert orjson.loads(assembled["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == tool_input
 
 
+async def test_a_tool_input_cut_at_max_tokens_or_a_server_tool_s_input_is_no_fault() -> None:
+    """max_tokens may cut a tool_use input: the call ends "length" with the arguments as they came
+    (as OpenAI's truncated ones); a server tool's input deltas are not calls for the caller."""
+    cut = [{"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 5}},
+           {"type": "message_stop"}]
+    server = {"type": "content_block_start", "index": 0,
+              "content_block": {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}
+    chunks = await _mock_stream(_sse(START, server, _json_delta(0, '{"query": "x"}'), _stop(0),
+                                     _tool_start(1, {}), _json_delta(1, '{"city": "Os'), _stop(1), *cut))
+    assert chunks[-1].finish_reason == "length"
+    (call,) = _assembled(chunks)["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "f", "arguments": '{"city": "Os'} and call["id"] == "toolu_1"
+
+
 @pytest.mark.parametrize(
     ("events", "said"),
     [
@@ -511,3 +528,30 @@ async def test_a_malformed_tool_stream_is_the_upstream_s_fault(events: list[Any]
     with pytest.raises(UpstreamError) as caught:
         await _mock_stream(body)
     assert caught.value.kind is ErrorKind.RETRYABLE and said in caught.value.message
+
+
+_EVENT_TYPES = ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+                "message_stop", "ping", "error"]
+_EVENT_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2) | st.sampled_from([
+        *_EVENT_TYPES, "tool_use", "text", "input_json_delta", "text_delta", "max_tokens", "{", "{}", '{"a": 1}']),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from([
+        "type", "index", "delta", "content_block", "partial_json", "text", "id", "name", "input", "message",
+        "usage", "stop_reason", "output_tokens", "input_tokens", "error"]), inner, max_size=5),
+    max_leaves=14,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_EVENT_TYPES), _EVENT_JSON), max_size=8))
+def test_any_events_are_read_or_refused_as_the_upstream_s_fault(events: list[tuple[str, Any]]) -> None:
+    """Whatever JSON an upstream streams as events, the chat reader yields chunks or raises
+    UpstreamError, never anything else; what it yields are chat chunks."""
+    state = _MessageStream(as_chat=True, created=0)
+    try:
+        for name, data in events:
+            chunk = state.feed(name, orjson.dumps(data).decode())
+            if chunk is not None:
+                assert orjson.loads(chunk.data)["object"] == "chat.completion.chunk"
+    except UpstreamError:
+        pass

@@ -23,8 +23,9 @@ Both stream (`stream`): native SSE events pass through for "messages"; for
 `tool_use` block the chunks OpenAI streams a tool call with: its opening `{"index": k, "id",
 "type", "function": {"name", "arguments": ""}}` (k counts tool calls, not content blocks), then
 each `input_json_delta` as `{"index": k, "function": {"arguments": partial_json}}` ("{}" for a
-block that streams no input). A tool block whose input is not a JSON object, a delta for a
-block that is not open, or a message that ends with a tool block open is RETRYABLE.
+block that streams no input). A delta for a block that is not open, a message that ends with a
+tool block open, or a tool block whose input is not a JSON object (unless `max_tokens` cut it:
+finish reason "length", as OpenAI's truncated arguments) is RETRYABLE.
 
 Headers: `x-api-key: <key>`, `anthropic-version` (option `version`, default 2023-06-01) and
 optional `anthropic-beta`. Errors are `{"type":"error","error":{"type","message"}}`; 529
@@ -488,6 +489,8 @@ class _MessageStream:
         self.tool_calls = 0  # tool_use blocks opened so far: the next one's OpenAI index
         # open tool_use blocks by content-block index: (tool call index, input pieces, start input)
         self.open_tools: dict[int, tuple[int, list[str], Any]] = {}
+        self.other_blocks: set[int] = set()  # the indexes of the other blocks (text, server tools, ...)
+        self.unparsed: int | None = None  # the first tool_use block whose input is not a JSON object
 
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
@@ -562,6 +565,8 @@ class _MessageStream:
             delta = {"tool_calls": [call]}
         elif kind in ("message_delta", "message_stop") and self.open_tools:
             raise _bad_event(f"the message ended with tool_use block {min(self.open_tools)} still open")
+        elif kind in ("message_delta", "message_stop") and self.unparsed is not None and self.finish_reason != "length":
+            raise _bad_event(f"tool_use block {self.unparsed}'s input is not a JSON object")  # (max_tokens may cut it)
         elif kind == "message_delta" and self.finish_reason:
             delta, finish = {}, self.finish_reason
         else:
@@ -583,6 +588,8 @@ class _MessageStream:
         if kind == "content_block_start":
             block = obj.get("content_block")
             if not isinstance(block, dict) or block.get("type") != "tool_use":
+                if index is not None:
+                    self.other_blocks.add(index)
                 return None
             call_id, name = block.get("id"), block.get("name")
             if index is None or found is not None or not isinstance(call_id, str) or not isinstance(name, str):
@@ -596,6 +603,8 @@ class _MessageStream:
             if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
                 return None
             piece = delta.get("partial_json")
+            if found is None and index in self.other_blocks:
+                return None  # a server tool's input (web search, ...): not a call for the caller to make
             if found is None or not isinstance(piece, str):
                 raise _bad_event(f"input_json_delta for block {index}, which is not an open tool_use block, "
                                  "or without a partial_json string")
@@ -614,8 +623,8 @@ class _MessageStream:
             parsed = orjson.loads("".join(pieces))
         except orjson.JSONDecodeError:
             parsed = None
-        if not isinstance(parsed, dict):
-            raise _bad_event(f"tool_use block {index}'s input is not a JSON object")
+        if not isinstance(parsed, dict) and self.unparsed is None:
+            self.unparsed = index  # the upstream's fault unless max_tokens cut it (message_delta says)
         return None
 
 

@@ -79,11 +79,14 @@ def _extend(into: dict[str, Any], key: str, items: list[Any]) -> None:
         into[key] = list(items)
 
 
-def _compact(arguments: str) -> str:
-    """Tool call arguments re-serialised (orjson: no spaces), RETRYABLE when they are not JSON."""
+def _compact(arguments: str, *, cut: bool) -> str:
+    """Tool call arguments re-serialised (orjson: no spaces); RETRYABLE when they are not JSON,
+    unless the answer was `cut` at max_tokens (then as they came)."""
     try:
         return orjson.dumps(orjson.loads(arguments)).decode()
     except orjson.JSONDecodeError:
+        if cut:
+            return arguments
         raise _malformed("tool call arguments are not JSON") from None
 
 
@@ -160,7 +163,8 @@ class _Choice:
                                      for call in (self.tool_calls[i] for i in sorted(self.tool_calls))]
             if not self.openai:  # as adapters/anthropic.py writes a whole answer's tool_use input
                 for call in message["tool_calls"]:
-                    call["function"]["arguments"] = _compact(call["function"].get("arguments", ""))
+                    call["function"]["arguments"] = _compact(call["function"].get("arguments", ""),
+                                                             cut=self.finish_reason == "length")
         return {"index": index, "message": message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
 
 
