@@ -248,9 +248,9 @@ def test_tools_and_a_tool_conversation_map_to_anthropic_shapes() -> None:
             {"role": "user", "content": "weather in Oslo?"},
             {"role": "assistant", "content": "Calling.", "tool_calls": [
                 {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
-                {"id": "call_2", "type": "function", "function": {"name": "lookup", "arguments": ""}}]},
+                {"id": "functions.lookup:2", "type": "function", "function": {"name": "lookup", "arguments": ""}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "found"}]},
+            {"role": "tool", "tool_call_id": "functions.lookup:2", "content": [{"type": "text", "text": "found"}]},
             {"role": "user", "content": "and tomorrow?"},
         ],
         "tools": TOOLS,
@@ -268,10 +268,11 @@ def test_tools_and_a_tool_conversation_map_to_anthropic_shapes() -> None:
         {"role": "assistant", "content": [
             {"type": "text", "text": "Calling."},
             {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Oslo"}},
-            {"type": "tool_use", "id": "call_2", "name": "lookup", "input": {}}]},
+            {"type": "tool_use", "id": "functions_lookup_2", "name": "lookup", "input": {}}]},  # another's id
         {"role": "user", "content": [  # one user turn: the results first, then the user's words
             {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
-            {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "found"}]},
+            {"type": "tool_result", "tool_use_id": "functions_lookup_2",
+             "content": [{"type": "text", "text": "found"}]},
             {"type": "text", "text": "and tomorrow?"}]},
     ]
     choices = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}

@@ -12,9 +12,10 @@ Methods:
 Tool calling on "chat.completions": function `tools` → `{name, description, input_schema}`;
 `tool_choice` auto/none/required/{function} → `{"type": auto|none|any|tool, name}`, and
 `parallel_tool_calls: false` → `disable_parallel_tool_use`; an assistant message's `tool_calls`
-→ `tool_use` blocks (input = the parsed arguments, a JSON object; "" counts as {}); `role:
-"tool"` messages → `tool_result` blocks, consecutive ones (and a user message right after
-them) in one user turn. A request that cannot be mapped is the caller's (CLIENT, naming the
+→ `tool_use` blocks (input = the parsed arguments, a JSON object; "" counts as {}; ids with
+characters Anthropic refuses get "_" for them, on both sides); `role: "tool"` messages →
+`tool_result` blocks, consecutive ones (and a user message right after them) in one user turn.
+A request that cannot be mapped is the caller's (CLIENT, naming the
 field). Answers: `tool_use` blocks → `message.tool_calls` (arguments: the input re-serialised),
 `content` None when there is no text.
 
@@ -35,6 +36,7 @@ request_too_large and "prompt is too long" are CONTEXT_LENGTH.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ STOP_REASONS = {
 _KNOWN_OPTIONS = ("version", "beta", "default_max_tokens", "messages_path")
 _PASSED_PARAMS = ("temperature", "top_p", "top_k", "metadata")
 _TOOL_CHOICES = {"auto": "auto", "none": "none", "required": "any"}
+_NOT_IN_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool_use ids match ^[a-zA-Z0-9_-]+$
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,13 @@ def _tool_use(path: str, call: Any) -> dict[str, Any]:
         raise _refused(f"{path}.function.arguments", f"is not valid JSON ({exc})") from None
     if not isinstance(parsed, dict):
         raise _refused(f"{path}.function.arguments", "must be a JSON object")
-    return {"type": "tool_use", "id": call_id, "name": name, "input": parsed}
+    return {"type": "tool_use", "id": _tool_id(call_id), "name": name, "input": parsed}
+
+
+def _tool_id(call_id: str) -> str:
+    """A tool call id as Anthropic accepts one: another provider's ids (`functions.f:0`) with
+    each other character as "_", the same on the tool_use and on the tool_result."""
+    return _NOT_IN_TOOL_ID.sub("_", call_id)
 
 
 def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -221,7 +230,7 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _refused(f"payload.messages[{i}].tool_call_id", "must be the id of the tool call it answers")
-            block = {"type": "tool_result", "tool_use_id": call_id, "content": _content(content)}
+            block = {"type": "tool_result", "tool_use_id": _tool_id(call_id), "content": _content(content)}
             if results is None:
                 results = [block]
                 turns.append({"role": "user", "content": results})
@@ -298,7 +307,7 @@ def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: in
         {
             "id": b.get("id", ""),
             "type": "function",
-            "function": {"name": b.get("name", ""), "arguments": orjson.dumps(b.get("input", {})).decode()},
+            "function": {"name": b.get("name", ""), "arguments": orjson.dumps(_dict(b.get("input"))).decode()},
         }
         for b in blocks
         if isinstance(b, Mapping) and b.get("type") == "tool_use"
