@@ -21,8 +21,9 @@ first; the input echoes the prompt (`{"query": ..., "call": k}`). The answer is 
 blocks (after a short text block under "auto", none under "any"/"tool", as Claude is prefilled
 then) with `stop_reason: "tool_use"`; streamed, each block opens with `input: {}`, then
 `input_json_delta` pieces (the first one empty, as Anthropic's) spell out the input as JSON with
-spaces after separators, then `content_block_stop`. A user turn that holds only tool results
-names no tool: it is answered with text about the results. Requests are checked as Anthropic
+spaces after separators, then `content_block_stop` (an answer that calls tools is never cut by
+`max_tokens` or a stop sequence). A user turn that holds only tool results names no tool: it is
+answered with text about the results. Requests are checked as Anthropic
 checks them, after combining consecutive turns of one role: tool_use blocks only from the
 assistant, tool_result blocks only from the user and before any other block, every tool_use id
 answered by a tool_result in the next turn and every tool_result answering one of the previous
