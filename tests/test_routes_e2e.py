@@ -40,8 +40,11 @@ def config(ports: dict[str, int]) -> str:
                      ", protocol: anthropic, model: claude-3-sonnet"))
 
 
-def chat(gateway: str) -> gateway_pb2.InvokeResponse:
-    payload = orjson.dumps({"messages": [{"role": "user", "content": "which provider are you"}]})
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+def chat(gateway: str, body: dict[str, object] | None = None) -> gateway_pb2.InvokeResponse:
+    payload = orjson.dumps(body or {"messages": [{"role": "user", "content": "which provider are you"}]})
     with grpc.insecure_channel(gateway) as channel:
         return gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(
             gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=payload), timeout=10)
@@ -96,6 +99,22 @@ def test_one_route_over_three_providers_each_with_its_own_key_and_prices(tmp_pat
                 ("anthropic", "claude-3-sonnet") if target.id == "claude" else ("openai", "gpt-4o-mini"))
             served[target.id] += 1
         assert set(served) == {"one", "two", "claude"}, served  # every provider took its own key
+
+        # Tool calling across the route: each turn may land on another provider (round robin),
+        # the Anthropic target's calls continued on OpenAI ones and the other way round.
+        pairs = set()
+        for _ in range(3):
+            ask = {"messages": [{"role": "user", "content": "what is it like in Oslo"}], "tools": WEATHER,
+                   "tool_choice": "required"}
+            first = chat(gateway, ask)
+            message = orjson.loads(first.payload)["choices"][0]["message"]
+            assert [c["function"]["name"] for c in message["tool_calls"]] == ["weather"], first.endpoint
+            result = {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "sunny"}
+            second = chat(gateway, {**ask, "tool_choice": "auto", "messages": [*ask["messages"], message, result]})
+            (choice,) = orjson.loads(second.payload)["choices"]
+            assert choice["finish_reason"] == "stop" and choice["message"]["content"], second.endpoint
+            pairs.add((first.endpoint, second.endpoint))
+        assert any(a == "claude" != b for a, b in pairs) and any(a != "claude" == b for a, b in pairs), pairs
 
         # Per-request overrides beyond the route's policy are refused naming the field.
         payload = orjson.dumps({"messages": [{"role": "user", "content": "hi"}]})
