@@ -15,9 +15,9 @@ Tool calling on "chat.completions": function `tools` → `{name, description, in
 → `tool_use` blocks (input = the parsed arguments, a JSON object; "" counts as {}; ids with
 characters Anthropic refuses get "_" for them, on both sides); `role: "tool"` messages →
 `tool_result` blocks, consecutive ones (and a user message right after them) in one user turn.
-A request that cannot be mapped is the caller's (CLIENT, naming the
-field). Answers: `tool_use` blocks → `message.tool_calls` (arguments: the input re-serialised),
-`content` None when there is no text.
+A request that cannot be mapped is the caller's (CLIENT, naming the field). Answers: `tool_use`
+blocks → `message.tool_calls` (arguments: the input re-serialised), `content` None when there is
+no text.
 
 Both stream (`stream`): native SSE events pass through for "messages"; for
 "chat.completions" each text delta becomes an OpenAI `chat.completion.chunk`, and each
