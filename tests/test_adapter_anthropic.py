@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import httpx
 import orjson
 import pytest
@@ -556,3 +557,31 @@ def test_any_events_are_read_or_refused_as_the_upstream_s_fault(events: list[tup
                 assert orjson.loads(chunk.data)["object"] == "chat.completion.chunk"
     except UpstreamError:
         pass
+
+
+async def test_the_official_sdk_reads_the_emulator_s_tool_use() -> None:
+    """The `anthropic` SDK against the emulator: tool_use blocks whole and streamed (the SDK joins
+    the input_json_delta pieces and parses them), then a tool_result turn answered with text.
+    (An emulator without a key: the SDK installed here sends its key as a Bearer token.)"""
+    async with await emu.start() as upstream:
+        await _sdk_round_trip(anthropic.AsyncAnthropic(base_url=upstream.url, api_key=KEY, max_retries=0))
+
+
+async def _sdk_round_trip(sdk: anthropic.AsyncAnthropic) -> None:
+    tools: Any = [{"name": "weather", "description": "the weather", "input_schema": {"type": "object"}}]
+    ask: Any = [{"role": "user", "content": "what is it like in Oslo"}]
+    whole = await sdk.messages.create(model="claude-3-sonnet", max_tokens=64, messages=ask, tools=tools,
+                                      tool_choice={"type": "tool", "name": "weather"})
+    async with sdk.messages.stream(model="claude-3-sonnet", max_tokens=64, messages=ask, tools=tools,
+                                   tool_choice={"type": "any"}) as stream:
+        streamed = await stream.get_final_message()
+    for message in (whole, streamed):
+        (use,) = message.content
+        assert message.stop_reason == "tool_use" and use.type == "tool_use" and use.name == "weather"
+        assert use.input == {"query": "what is it like in Oslo", "call": 0}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": whole.content[0].id,  # type: ignore[union-attr]
+                                           "content": "sunny"}]}
+    reply = await sdk.messages.create(model="claude-3-sonnet", max_tokens=64, tools=tools,
+                                      messages=[*ask, {"role": "assistant", "content": whole.content}, result])
+    assert reply.stop_reason == "end_turn" and reply.content[0].text.endswith("You said: sunny")  # type: ignore[union-attr]
+    await sdk.close()
