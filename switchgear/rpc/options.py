@@ -31,8 +31,9 @@ FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Limits()
+def add_arguments(parser: argparse.ArgumentParser, defaults: Limits | None = None) -> None:
+    """The flags, defaulting to `defaults`' values (the agent's: Limits())."""
+    defaults = defaults or Limits()
     group = parser.add_argument_group("limits on the gRPC port (see docs/reference/limits.md)")
     for flag, field, metavar, text in FLAGS:
         default = getattr(defaults, field)
