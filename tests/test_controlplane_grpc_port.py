@@ -3,7 +3,8 @@
 On switchgear.rpc (the default) and grpc.aio alike: an anonymous snapshot stream and an
 operator call without the admin token are refused, an agent with the token is served, pushed a
 change and forgotten when it goes away, health answers. On switchgear.rpc, a flooding client is
-bounded (connections over --grpc-max-connections refused, a PING flood ended) while the agents
+bounded (connections over --grpc-max-connections and streams over --grpc-max-streams refused,
+a PING flood ended, anonymous streams answered within a second) while the agents
 already connected keep being served. Limits grpc.aio would not apply are refused at start, and
 the connection cap is lowered to what the open-file limit allows, saying so.
 """
@@ -34,6 +35,8 @@ from tests.test_rpc_limits import frames_until_ping, settled, until
 from tests.test_rpc_server import Client, bounded
 
 pytestmark = pytest.mark.timeout(60)
+
+SNAPSHOTS = "/switchgear.v1.DiscoveryService/StreamSnapshots"
 
 
 @dataclasses.dataclass
@@ -130,7 +133,7 @@ async def test_every_service_and_interceptor_is_served_on_each_server(tmp_path: 
 
 async def test_a_flooding_client_is_bounded_and_connected_agents_are_still_served(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    limits = dataclasses.replace(GRPC_LIMITS, max_connections=3)
+    limits = dataclasses.replace(GRPC_LIMITS, max_connections=3, max_concurrent_streams=4)
     async with running(tmp_path, "switchgear", grpc_limits=limits) as cp:
         assert isinstance(cp.plane.server, rpc.Server) and cp.plane.server.limits == limits
         agent = Agent(cp, "agent-1", cp.agent_token)
@@ -148,7 +151,15 @@ async def test_a_flooding_client_is_bounded_and_connected_agents_are_still_serve
             pinger.send(http2.frame(http2.PING, 0, 0, b"ping0003"))
             goaway = await pinger.until(http2.GOAWAY)
             assert goaway.code == http2.ENHANCE_YOUR_CALM and goaway.payload[8:] == b"too_many_pings"
-            await second.writer.drain()
+            # Anonymous snapshot streams that send nothing: each is held for at most
+            # DENY_FIRST_MESSAGE_S, at most --grpc-max-streams of them per connection.
+            await settled(second)
+            second.send(*(second.headers(sid, SNAPSHOTS) for sid in (1, 3, 5, 7, 9)))
+            refused = await second.until(http2.RST_STREAM)
+            assert (refused.sid, refused.code) == (9, http2.REFUSED_STREAM)
+            for sid in (1, 3, 5, 7):
+                answer = await second.response(sid)
+                assert answer.headers["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
         assert "refused a connection" in caplog.text
         # The agent connected before the flood is served still.
         changed = cp.plane.parts.registry.register(service("chat"), "test").version
