@@ -38,6 +38,7 @@ import grpc
 import grpc.aio
 
 from switchgear import rpc
+from switchgear.rpc import options as rpc_options
 
 log = logging.getLogger("switchgear.controlplane")
 
@@ -64,10 +65,10 @@ def check(kind: str, limits: rpc.Limits) -> None:
     if kind not in GRPC_SERVERS:
         raise ValueError(f"--grpc-server: {kind!r} is not one of {', '.join(GRPC_SERVERS)}")
     if kind == "grpcio" and limits != GRPC_LIMITS:
-        changed = [f.name for f in dataclasses.fields(limits)
-                   if getattr(limits, f.name) != getattr(GRPC_LIMITS, f.name)]
-        raise ValueError(f"--grpc-server grpcio does not apply the gRPC port's limits ({', '.join(changed)}): "
-                         "they are switchgear.rpc's (--grpc-server switchgear)")
+        changed = [flag for flag, field, _, _ in rpc_options.FLAGS
+                   if getattr(limits, field) != getattr(GRPC_LIMITS, field)]
+        raise ValueError(f"--grpc-server grpcio does not apply {', '.join(changed)}: the gRPC port's limits are "
+                         "switchgear.rpc's (--grpc-server switchgear)")
 
 
 def server(kind: str, limits: rpc.Limits, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
