@@ -2,7 +2,7 @@
 
 On switchgear.rpc (the default) and grpc.aio alike: an anonymous snapshot stream and an
 operator call without the admin token are refused, an agent with the token is served, pushed a
-change and forgotten when it goes away, health answers. On switchgear.rpc, a flooding client is
+change and forgotten when it goes away, health and reflection answer. On switchgear.rpc, a flooding client is
 bounded (connections over --grpc-max-connections and streams over --grpc-max-streams refused,
 a PING flood ended, anonymous streams answered within a second) while the agents
 already connected keep being served. Limits grpc.aio would not apply are refused at start, and
@@ -23,11 +23,12 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from switchgear import cli, rpc
 from switchgear.controlplane import grpc_port
 from switchgear.controlplane.grpc_port import GRPC_LIMITS, GRPC_SERVERS
-from switchgear.controlplane.server import ControlPlane, Options, StartupError, build_control_plane
+from switchgear.controlplane.server import SERVICE_NAMES, ControlPlane, Options, StartupError, build_control_plane
 from switchgear.rpc import http2
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
 from tests.conftest import service
@@ -117,6 +118,10 @@ async def test_every_service_and_interceptor_is_served_on_each_server(tmp_path: 
             answer = await health.Check(health_pb2.HealthCheckRequest(service="switchgear.v1.DiscoveryService"),
                                         timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = [r async for r in reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
+            assert {s.name for s in replies[0].list_services_response.service} == set(SERVICE_NAMES)
         # An agent with the token: its report token in the headers, the snapshot, then a change.
         agent = Agent(cp, "agent-1", cp.agent_token)
         await agent.hello()
