@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from switchgear import __version__, cli_output
-from switchgear.controlplane.grpc_port import GRPC_LIMITS
+from switchgear.controlplane.grpc_port import GRPC_LIMITS, MAX_CONNECTIONS_DEFAULT
 from switchgear.rpc import options as rpc_options
 from switchgear.tls import ListenError, ServerTls
 
@@ -675,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--grpc-server", choices=("switchgear", "grpcio"), default="switchgear",
                     help="the gRPC port's server: switchgear's own HTTP/2 (default; ~40 %% less CPU per change "
                          "to 10,000 agents) or grpc.aio")
-    rpc_options.add_arguments(cp, GRPC_LIMITS)
+    rpc_options.add_arguments(cp, GRPC_LIMITS, {"--grpc-max-connections": MAX_CONNECTIONS_DEFAULT})
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 

@@ -198,13 +198,22 @@ def test_the_flags_and_their_defaults() -> None:
     assert cli._grpc_limits(agent).max_connections == rpc.Limits().max_connections
 
 
-def test_max_connections_is_lowered_to_the_open_file_limit(monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_max_connections_is_what_the_open_file_limit_allows(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """By default as many as the open-file limit leaves (grpc.aio took any number); a flag above
+    that is lowered with a warning; one below it is kept."""
     monkeypatch.setattr(grpc_port, "_open_file_limit", lambda: 1000)
-    with caplog.at_level(logging.WARNING, "switchgear.controlplane"):
+    with caplog.at_level(logging.INFO, "switchgear.controlplane"):
         server = grpc_port.server("switchgear", GRPC_LIMITS, ())
     assert isinstance(server, rpc.Server) and server.limits.max_connections == 1000 - grpc_port.FD_RESERVE
-    assert "--grpc-max-connections lowered from 16384 to 488" in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert "at most 488 connections (the open-file limit 1000 less 512)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "switchgear.controlplane"):
+        server = grpc_port.server("switchgear", dataclasses.replace(GRPC_LIMITS, max_connections=20_000), ())
+    assert server.limits.max_connections == 488
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "--grpc-max-connections lowered from 20000 to 488" in caplog.text
     caplog.clear()
     small = dataclasses.replace(GRPC_LIMITS, max_connections=100)
     assert grpc_port.server("switchgear", small, ()).limits == small and not caplog.text

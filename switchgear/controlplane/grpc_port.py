@@ -17,8 +17,10 @@ What grpc.aio's SERVER_OPTIONS do, and switchgear.rpc's equivalent (`GRPC_LIMITS
   10 s: dataplane/client.py), so a flood of PINGs cannot hold the loop;
 - receive size: 4 MiB on both (grpc's default); answers are not size-limited on either;
 - open connections: grpc.aio takes any number (until the process runs out of descriptors);
-  switchgear.rpc takes `--grpc-max-connections` (one per agent, plus operators), lowered to what
-  the open-file limit leaves after a reserve for the stores, probes, metrics and console;
+  switchgear.rpc takes as many as the open-file limit leaves after a reserve for the stores,
+  probes, metrics and console (an agent process holds one or two: its snapshot stream and load
+  reports share one, its task worker has its own; `--workers N` agents are N agents), or fewer
+  with `--grpc-max-connections`;
 - streams per connection: grpc.aio unlimited, switchgear.rpc 1,000 (a replica forwards its
   agents' task calls to the leader over one connection);
 - the rest (windows, header list, output held for a peer that does not read, stream resets,
@@ -52,9 +54,13 @@ SERVER_OPTIONS = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 
-#: switchgear.rpc's bounds on the control plane's port (the module docstring says why each).
-GRPC_LIMITS = rpc.Limits(max_concurrent_streams=1000, max_connections=16_384, ping_strikes=2,
+#: switchgear.rpc's bounds on the control plane's port (the module docstring says why each);
+#: max_connections: no cap but the open-file limit's (`server`).
+GRPC_LIMITS = rpc.Limits(max_concurrent_streams=1000, max_connections=1 << 20, ping_strikes=2,
                          min_ping_interval_s=5.0)
+
+#: --grpc-max-connections' default as the control plane's help says it.
+MAX_CONNECTIONS_DEFAULT = "the open-file limit less 512"
 
 #: Descriptors kept back from --grpc-max-connections: the stores, probes, metrics, console, replicas.
 FD_RESERVE = 512
@@ -76,10 +82,15 @@ def server(kind: str, limits: rpc.Limits, interceptors: Sequence[grpc.aio.Server
     check(kind, limits)
     if kind == "grpcio":
         return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-    budget = max(16, _open_file_limit() - FD_RESERVE)
+    nofile = _open_file_limit()
+    budget = max(16, nofile - FD_RESERVE)
     if limits.max_connections > budget:
-        log.warning("--grpc-max-connections lowered from %d to %d by the open-file limit (raise `ulimit -n`)",
-                    limits.max_connections, budget)
+        if limits.max_connections == GRPC_LIMITS.max_connections:
+            log.info("the gRPC port takes at most %d connections (the open-file limit %d less %d)", budget, nofile,
+                     FD_RESERVE)
+        else:
+            log.warning("--grpc-max-connections lowered from %d to %d by the open-file limit (raise `ulimit -n`)",
+                        limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
     return rpc.Server(interceptors, limits=limits)
 
