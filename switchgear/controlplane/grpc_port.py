@@ -21,8 +21,9 @@ What grpc.aio's SERVER_OPTIONS do, and switchgear.rpc's equivalent (`GRPC_LIMITS
   probes, metrics and console (an agent process holds one or two: its snapshot stream and load
   reports share one, its task worker has its own; `--workers N` agents are N agents), or fewer
   with `--grpc-max-connections`;
-- streams per connection: grpc.aio unlimited, switchgear.rpc 1,000 (a replica forwards its
-  agents' task calls to the leader over one connection);
+- streams per connection: grpc.aio unlimited, switchgear.rpc 16,384: a replica forwards its
+  agents' task calls to the leader over one connection, each agent's task worker holding a lease
+  long poll (up to 30 s) open, so the leader must take one stream per agent on it;
 - the rest (windows, header list, output held for a peer that does not read, stream resets,
   preface and idle timeouts) are switchgear.rpc's own bounds, as on the agent's port.
 The `--grpc-*` limit flags are switchgear.rpc's; with `--grpc-server grpcio` a limit flag set to
@@ -56,7 +57,7 @@ SERVER_OPTIONS = (
 
 #: switchgear.rpc's bounds on the control plane's port (the module docstring says why each);
 #: max_connections: no cap but the open-file limit's (`server`).
-GRPC_LIMITS = rpc.Limits(max_concurrent_streams=1000, max_connections=1 << 20, ping_strikes=2,
+GRPC_LIMITS = rpc.Limits(max_concurrent_streams=16_384, max_connections=1 << 20, ping_strikes=2,
                          min_ping_interval_s=5.0)
 
 #: --grpc-max-connections' default as the control plane's help says it.
