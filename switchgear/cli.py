@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from switchgear import __version__, cli_output
+from switchgear.controlplane.grpc_port import GRPC_LIMITS, MAX_CONNECTIONS_DEFAULT
 from switchgear.rpc import options as rpc_options
 from switchgear.tls import ListenError, ServerTls
 
@@ -78,7 +79,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         tls=ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         store_url=_store_url(args.store), advertise=args.advertise, replica_id=args.replica_id,
         peer_tls=ClientTls(args.peer_tls_ca, args.tls_cert, args.tls_key) if args.peer_tls_ca else None,
-        console=_console_options(args),
+        console=_console_options(args), grpc_server=args.grpc_server,
+        grpc_limits=_grpc_limits(args, "switchgear controlplane"),
     )
 
     async def run() -> None:
@@ -214,11 +216,11 @@ def agent_worker() -> None:
     run_event_loop(worker_main())
 
 
-def _grpc_limits(args: argparse.Namespace) -> Any:
+def _grpc_limits(args: argparse.Namespace, command: str = "switchgear agent") -> Any:
     try:
         return rpc_options.limits(args)
     except ValueError as exc:
-        raise SystemExit(f"switchgear agent: {exc}") from None
+        raise SystemExit(f"{command}: {exc}") from None
 
 
 def _serve_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -670,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--console-insecure-remote", action="store_true",
                     help="allow --console-listen on a non-loopback address (plain HTTP: the token crosses the "
                          "network in the clear)")
+    cp.add_argument("--grpc-server", choices=("switchgear", "grpcio"), default="switchgear",
+                    help="the gRPC port's server: switchgear's own HTTP/2 (default; ~40 %% less CPU per change "
+                         "to 10,000 agents) or grpc.aio")
+    rpc_options.add_arguments(cp, GRPC_LIMITS, {"--grpc-max-connections": MAX_CONNECTIONS_DEFAULT})
     cp.add_argument("--log-level", default="info")
     cp.set_defaults(func=cmd_controlplane)
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
 from aiohttp import web
 
-from switchgear.controlplane import pg
+from switchgear.controlplane import grpc_port, pg
 from switchgear.controlplane.admin import AdminServicer
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.discovery import add_to_server as add_discovery_to_server
+from switchgear.controlplane.grpc_port import GRPC_LIMITS
 from switchgear.controlplane.model import Category, EndpointSpec, FallbackConfig, ServiceSpec
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore, Store
@@ -69,13 +69,20 @@ def debounce_s() -> float:
 
 
 @pytest.fixture
-async def control_plane(tmp_path: Path, debounce_s: float) -> AsyncIterator[ControlPlane]:
+def cp_grpc_server() -> str:
+    """The `control_plane` fixture's gRPC server, the control plane's default (grpc_port.py);
+    `pytest.mark.parametrize("cp_grpc_server", GRPC_SERVERS)` runs a test on each."""
+    return "switchgear"
+
+
+@pytest.fixture
+async def control_plane(tmp_path: Path, debounce_s: float, cp_grpc_server: str) -> AsyncIterator[ControlPlane]:
     store = SqliteStore(tmp_path / "registry.db")
     registry = Registry(store)
     feed = SnapshotFeed(registry.snapshot)
     registry.subscribe(feed.publish)
     tracker = AgentTracker()
-    server = grpc.aio.server()
+    server = grpc_port.server(cp_grpc_server, GRPC_LIMITS, ())
     add_discovery_to_server(DiscoveryServicer(feed, tracker, debounce_s=debounce_s), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(registry, tracker, {}), server)
     port = server.add_insecure_port("127.0.0.1:0")

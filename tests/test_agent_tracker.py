@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from switchgear.controlplane.agents import AgentTracker, NodeInfo
 
 
@@ -53,3 +55,34 @@ def test_connecting_prunes_too() -> None:
         tracker.disconnected(f"restart-{i}")
         clock.now += 60
     assert len(tracker._agents) <= 11  # the bound is the point of the test
+
+
+def test_forgetting_matches_a_scan_of_every_agent() -> None:
+    """The tracker keeps its stream-less agents in the order they went quiet and looks only at the
+    oldest (a connect is O(1), not a scan): over random connects, second streams, disconnects and
+    time steps, the agents it lists are those a scan of all of them would keep."""
+    rng = random.Random(19)
+    clock = Clock()
+    tracker = AgentTracker(clock, forget_s=100)
+    streams: dict[str, int] = {}
+    last_seen: dict[str, float] = {}
+    for _ in range(3000):
+        op, node_id = rng.random(), f"n{rng.randrange(40)}"
+        if op < 0.4:
+            tracker.connected(node(node_id), "p", "")
+            streams[node_id] = streams.get(node_id, 0) + 1
+            last_seen[node_id] = clock.now
+        elif op < 0.8 and streams.get(node_id):
+            tracker.disconnected(node_id)
+            streams[node_id] -= 1
+            last_seen[node_id] = clock.now
+        else:
+            clock.now += rng.choice((1.0, 10.0, 50.0, 99.0, 100.0, 101.0))
+        if op < 0.4 or rng.random() < 0.2:  # connects prune; so does listing
+            horizon = clock.now - tracker.forget_s
+            for gone in [n for n, count in streams.items() if not count and last_seen[n] < horizon]:
+                del streams[gone], last_seen[gone]
+            if op >= 0.4:
+                listed = {a.node.id: a.connected for a in tracker.list()}
+                assert listed == {n: count > 0 for n, count in streams.items()}
+    assert set(tracker._agents) == set(streams)

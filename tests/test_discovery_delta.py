@@ -11,8 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from switchgear.controlplane import grpc_port
 from switchgear.controlplane.agents import AgentTracker
 from switchgear.controlplane.discovery import BOUNDED_PUSH_BYTES, DiscoveryServicer, SnapshotFeed, add_to_server
+from switchgear.controlplane.grpc_port import GRPC_LIMITS, GRPC_SERVERS
 from switchgear.controlplane.model import ApiKey, Category, EndpointSpec, RegistryState, ServiceSpec, Tenant
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import Change, SqliteStore
@@ -21,6 +23,9 @@ from tests.conftest import ControlPlane, service
 from tests.test_discovery_stream import READ_TIMEOUT_S, FakeAgent, channel, status, wait_for
 
 __all__ = ["channel"]  # the fixture, re-used
+
+# On the control plane's gRPC servers both (grpc_port.py): what a handler sees must not differ.
+pytestmark = pytest.mark.parametrize("cp_grpc_server", GRPC_SERVERS)
 
 DELTA = discovery_pb2.SNAPSHOT_DELIVERY_DELTA
 
@@ -201,7 +206,7 @@ async def test_the_grpc_stub_still_reads_responses(channel: grpc.aio.Channel, co
     assert len(response.nonce) == 16 and response.snapshot.version == response.version_info
 
 
-async def test_only_large_pushes_wait_for_a_slot_of_the_push_bound(tmp_path: Path) -> None:
+async def test_only_large_pushes_wait_for_a_slot_of_the_push_bound(tmp_path: Path, cp_grpc_server: str) -> None:
     """--max-concurrent-pushes 1: a second whole snapshot of a large registry waits for the first
     one's answer; a small delta to a third agent does not."""
     store = SqliteStore(tmp_path / "r.db")
@@ -211,7 +216,7 @@ async def test_only_large_pushes_wait_for_a_slot_of_the_push_bound(tmp_path: Pat
         for i in range(1500))), "test", "test")
     feed = SnapshotFeed(registry.snapshot)
     registry.subscribe(feed.publish)
-    server = grpc.aio.server()
+    server = grpc_port.server(cp_grpc_server, GRPC_LIMITS, ())
     add_to_server(DiscoveryServicer(feed, AgentTracker(), debounce_s=0.0, max_concurrent_pushes=1), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

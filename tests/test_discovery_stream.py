@@ -8,10 +8,14 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from switchgear.controlplane.grpc_port import GRPC_SERVERS
 from switchgear.v1 import discovery_pb2, discovery_pb2_grpc
 from tests.conftest import ControlPlane, service
 
 READ_TIMEOUT_S = 5.0
+
+# On the control plane's gRPC servers both (grpc_port.py): what a handler sees must not differ.
+pytestmark = pytest.mark.parametrize("cp_grpc_server", GRPC_SERVERS)
 
 
 class FakeAgent:

@@ -209,7 +209,8 @@ async def fleet(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     seed_store(db, args.services)
     cp = Proc.switchgear("cp", ["controlplane", "--admin-auth", "none", "--db", str(db), "--listen", "127.0.0.1:0",
                                 "--no-probes", "--log-level", "warning",
-                                "--max-concurrent-pushes", str(args.max_concurrent_pushes)], workdir)
+                                "--max-concurrent-pushes", str(args.max_concurrent_pushes),
+                                "--grpc-server", args.grpc_server], workdir)
     address = cp.start(timeout_s=120)
     procs: list[Clients] = []
     out: dict[str, float] = {}
@@ -356,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--whole-agents", type=int, default=50, help="wire-level agents taking whole snapshots")
     parser.add_argument("--real-agents", type=int, default=4, help="full agents (SnapshotClient + Applier)")
     parser.add_argument("--max-concurrent-pushes", type=int, default=256)
+    parser.add_argument("--grpc-server", choices=("switchgear", "grpcio"), default="switchgear",
+                        help="the control plane's gRPC server (its --grpc-server)")
     args = parser.parse_args(argv)
     print(f"# delta delivery benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cpu, load "
           f"{os.getloadavg()[0]:.2f})")

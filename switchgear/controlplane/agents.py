@@ -9,6 +9,7 @@ so a reconnect never makes the control plane resend a rejected version.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,12 +80,17 @@ class AgentTracker:
         self._clock = clock
         self.forget_s = forget_s
         self._agents: dict[str, _Agent] = {}
+        # Agents without an open stream, in the order their last stream ended: forgetting looks at
+        # the oldest only, so a connect costs O(1) rather than a scan of every agent (10,000 agents
+        # reconnecting to a restarted control plane made that ~5 x 10^7 steps).
+        self._gone: OrderedDict[str, None] = OrderedDict()
 
     def connected(
         self, node: NodeInfo, peer: str, held_version: str, rejections: tuple[Rejection, ...] = (),
         delivery: str = "whole",
     ) -> None:
         self._forget_gone()
+        self._gone.pop(node.id, None)
         agent = self._agents.setdefault(node.id, _Agent(node=node))
         agent.node, agent.peer, agent.pending = node, peer, ""
         agent.streams += 1
@@ -96,6 +102,8 @@ class AgentTracker:
         agent.streams = max(0, agent.streams - 1)
         agent.pending = ""
         agent.last_seen = self._clock()
+        if not agent.streams:
+            self._gone[node_id] = None
 
     def sent(self, node_id: str, version: str) -> None:
         self._agents[node_id].pending = version
@@ -120,9 +128,12 @@ class AgentTracker:
 
     def _forget_gone(self) -> None:
         horizon = self._clock() - self.forget_s
-        gone = [node_id for node_id, a in self._agents.items() if a.streams == 0 and a.last_seen < horizon]
-        for node_id in gone:
-            del self._agents[node_id]
+        while self._gone:
+            node_id = next(iter(self._gone))
+            agent = self._agents[node_id]
+            if agent.last_seen >= horizon:  # the oldest to end is not due: none after it is
+                return
+            del self._gone[node_id], self._agents[node_id]
 
     def _touch(self, node_id: str) -> _Agent:
         agent = self._agents[node_id]

@@ -13,6 +13,8 @@ the control plane makes one beside its store on first start, so a fresh install 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hmac
 import logging
@@ -133,9 +135,19 @@ def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHan
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
+#: A refused request-streaming call waits at most this long for the caller's first message before
+#: it is answered. grpc's aio client turns a message written after its call has ended into INTERNAL
+#: ("Internal error from Core"), which would hide the refusal from an agent that writes its hello
+#: at once to a server that refuses it sooner (switchgear.rpc on loopback, mostly).
+DENY_FIRST_MESSAGE_S = 1.0
+
+
 def denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that answers UNAUTHENTICATED with `message`."""
     async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if handler.request_streaming:  # the first message (unread), the request's end, or none in time
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request)), DENY_FIRST_MESSAGE_S)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler.request_streaming and handler.response_streaming:

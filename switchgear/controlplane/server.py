@@ -1,4 +1,5 @@
-"""Control-plane process wiring: store, registry, discovery and admin on one gRPC server.
+"""Control-plane process wiring: store, registry, discovery and admin on one gRPC server
+(switchgear.rpc by default, or grpc.aio: grpc_port.py).
 
 Start-up config rule: `--config FILE` is applied when its content differs from the last file
 applied at start-up (the store remembers its hash). Restarting with the same file therefore
@@ -40,8 +41,8 @@ import httpx
 import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from switchgear import reflection
-from switchgear.controlplane import codec, pg
+from switchgear import reflection, rpc
+from switchgear.controlplane import codec, grpc_port, pg
 from switchgear.controlplane.admin import AdminServicer, config_hash
 from switchgear.controlplane.agent_auth import AgentAuthInterceptor, NodeSessions, is_loopback
 from switchgear.controlplane.agent_check import agent_problems
@@ -54,6 +55,7 @@ from switchgear.controlplane.container_manager import ContainerManager
 from switchgear.controlplane.discovery import DiscoveryServicer, SnapshotFeed
 from switchgear.controlplane.discovery import add_to_server as add_discovery_to_server
 from switchgear.controlplane.governance import GovernanceServicer
+from switchgear.controlplane.grpc_port import GRPC_LIMITS
 from switchgear.controlplane.health import HealthParams
 from switchgear.controlplane.leader import LeaderElection
 from switchgear.controlplane.loadreport import LoadReportServicer
@@ -110,14 +112,6 @@ def tune_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-#: Let agents' keepalive pings through, so a silent network loss is noticed in seconds.
-SERVER_OPTIONS = (
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-)
-
-
 class StartupError(RuntimeError):
     pass
 
@@ -165,6 +159,9 @@ class Options:
     peer_tls: ClientTls | None = None
     # The operator console (console/): off unless `console.listen` is set.
     console: ConsoleOptions = ConsoleOptions()
+    # The gRPC port's server and, on switchgear.rpc, its bounds (grpc_port.py).
+    grpc_server: str = "switchgear"
+    grpc_limits: rpc.Limits = GRPC_LIMITS
 
 
 def apply_startup_config(registry: Registry, path: str, env: Mapping[str, str]) -> None:
@@ -367,8 +364,12 @@ def build_control_plane(options: Options) -> ControlPlane:
     on the event loop). StartupError for settings or a config it refuses."""
     _check_agent_auth(options)
     _check_console(options)
+    try:
+        grpc_port.check(options.grpc_server, options.grpc_limits)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     parts = _parts(options)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=_interceptors(options, parts))
+    server = grpc_port.server(options.grpc_server, options.grpc_limits, _interceptors(options, parts))
     governance_pb2_grpc.add_GovernanceServiceServicer_to_server(
         GovernanceServicer(parts.registry, parts.usage.book, usage_source=parts.usage.current), server)
     add_discovery_to_server(

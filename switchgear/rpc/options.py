@@ -31,13 +31,17 @@ FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Limits()
+def add_arguments(parser: argparse.ArgumentParser, defaults: Limits | None = None,
+                  default_text: dict[str, str] | None = None) -> None:
+    """The flags, defaulting to `defaults`' values (the agent's: Limits()); `default_text` says a
+    flag's default in words instead of its value."""
+    defaults = defaults or Limits()
     group = parser.add_argument_group("limits on the gRPC port (see docs/reference/limits.md)")
     for flag, field, metavar, text in FLAGS:
         default = getattr(defaults, field)
+        said = (default_text or {}).get(flag, "%(default)s")
         group.add_argument(flag, dest=f"grpc_{field}", type=type(default), default=default, metavar=metavar,
-                           help=f"{text} (default: %(default)s)")
+                           help=f"{text} (default: {said})")
 
 
 def limits(args: argparse.Namespace) -> Limits:

@@ -1,4 +1,4 @@
-"""A gRPC server on the event loop, for the agent's application-facing port.
+"""A gRPC server on the event loop, for the agent's application-facing port and the control plane's.
 
 A drop-in for `grpc.aio.server()` where the agent uses it: generated `add_*Servicer_to_server`
 functions, grpc.aio ServerInterceptors, grpc_health's and grpc_reflection's aio servicers, and
@@ -7,8 +7,8 @@ HTTP/2 as specified (PROTOCOL-HTTP2.md in grpc's repository): length-prefixed me
 deflate accepted, answers uncompressed), `grpc-timeout` deadlines, metadata with base64 `-bin`
 values, status in trailers (trailers-only when nothing else was sent), percent-encoded
 `grpc-message`, HTTP 405/415 for requests that are not gRPC; TLS and mutual TLS through an
-ssl.SSLContext (`add_tls_port`). It exists for speed (see http2.py); the control plane keeps
-grpc.aio, where calls are few.
+ssl.SSLContext (`add_tls_port`). It exists for speed (see http2.py); the control plane serves
+on it too (controlplane/grpc_port.py), for its 10,000 agents' snapshot streams.
 
 Semantics match grpc.aio's server where handlers can tell: an exception ends the call UNKNOWN
 "Unexpected <class>: ...", `abort` raises `grpc.aio.AbortError`, a passed deadline cancels the
