@@ -1,20 +1,23 @@
-"""`switchgear agent --sched-slice-us N`: the agent process, its threads and its `--workers`
-run with the slice asked for (read back from the kernel, sched_getattr); values outside what the
-kernel keeps are refused naming the flag."""
+"""`switchgear agent --sched-slice-us N`: the event loop's thread runs with the slice asked for
+while two or more upstream attempts overlap and with the kernel's otherwise (read back from the
+kernel, sched_getattr); values the kernel would not keep are refused naming the flag."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from switchgear.dataplane import sched_slice
-from tests.servers import _children
 
 pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
 
 
 def _kernel_keeps_slices() -> bool:
@@ -27,30 +30,13 @@ def _kernel_keeps_slices() -> bool:
 needs_slices = pytest.mark.skipif(not _kernel_keeps_slices(), reason="the kernel keeps no per-task slice (< 6.12)")
 
 
-def _slices(pid: int) -> list[int]:
-    """The slice (ns) of each thread of `pid`."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found.append(sched_slice.current_ns(int(task.name)))
-        except OSError:  # a thread that ended meanwhile
-            continue
-    return found
-
-
-def _agent(tmp_path: Path, *flags: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "switchgear", "agent", "--control-plane", "127.0.0.1:9",
-                             "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log-level", "warning",
-                             *flags], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+def _in_a_thread(work: Callable[[], T]) -> T:
+    """`work()` on a thread of its own (a slice is per thread: the test's own stay as they are)."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
+    thread.start()
+    thread.join(timeout=30)
+    return out[0]
 
 
 @pytest.mark.parametrize("value", ["50", "-1", "100001", "lots"])
@@ -64,28 +50,44 @@ def test_a_slice_the_kernel_would_not_keep_is_refused_naming_the_flag(
 
 
 @needs_slices
-def test_an_agent_and_each_of_its_threads_run_with_the_slice_asked_for(tmp_path: Path) -> None:
-    assert sched_slice.current_ns() != 200_000  # (this test's own process keeps the kernel's)
-    agent = _agent(tmp_path, "--sched-slice-us", "200")
-    try:
-        deadline = time.monotonic() + 30
-        while len(threads := _slices(agent.pid)) < 2 or set(threads) != {200_000}:  # main thread and those it started
-            assert agent.poll() is None, "the agent exited"
-            assert time.monotonic() < deadline, f"the agent's threads run with slices {threads} (ns)"
-            time.sleep(0.05)
-    finally:
-        _stop(agent)
+def test_the_short_slice_holds_while_two_or_more_attempts_overlap() -> None:
+    def run() -> list[int]:
+        kernels = sched_slice.current_ns()
+        busy = sched_slice.BusySlice(200)
+        seen = []
+        for step in (busy.attempt_started, busy.attempt_started, busy.attempt_started, busy.attempt_ended,
+                     busy.attempt_ended, busy.attempt_started, busy.attempt_ended, busy.attempt_ended):
+            step(None)
+            seen.append(sched_slice.current_ns())
+        assert busy.changes == 4 and busy.running == 0  # two overlaps: one change into each, one out
+        return [kernels, *seen]
+
+    kernels, *seen = _in_a_thread(run)
+    assert kernels != 200_000
+    assert seen == [kernels, 200_000, 200_000, 200_000, kernels, 200_000, kernels, kernels]
 
 
 @needs_slices
-def test_the_workers_of_an_agent_inherit_its_slice(tmp_path: Path) -> None:
-    agent = _agent(tmp_path, "--sched-slice-us", "300", "--workers", "2")
+def test_an_agent_with_the_flag_starts_on_the_kernels_slice_and_watches_its_attempts(tmp_path: Path) -> None:
+    """The flag is checked at start, the process keeps the kernel's slice while nothing overlaps,
+    and the agent's attempt observers include the slice's (what the workers of --workers N,
+    built from the same options, do too)."""
+    from switchgear.dataplane.server import Options, _observed
+    from switchgear.dataplane.snapshot import Holder
+
+    agent = subprocess.Popen([sys.executable, "-m", "switchgear", "agent", "--control-plane", "127.0.0.1:9",
+                              "--listen", "127.0.0.1:0", "--sched-slice-us", "200", "--log-level", "warning"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 45
-        while len(workers := _children(agent.pid)) < 2 or any(set(_slices(w)) != {300_000} for w in workers):
-            assert agent.poll() is None, "the agent exited"
-            assert time.monotonic() < deadline, f"workers {workers}: {[_slices(w) for w in workers]}"
-            time.sleep(0.1)
-        assert set(_slices(agent.pid)) == {300_000}  # and the supervisor itself
+        assert agent.stdout is not None
+        line = agent.stdout.readline()  # READY once it serves (the control plane need not answer)
+        assert line.startswith("READY"), line
+        threads = [sched_slice.current_ns(int(t.name)) for t in Path(f"/proc/{agent.pid}/task").iterdir()]
+        assert 200_000 not in threads  # idle: the kernel's
     finally:
-        _stop(agent)
+        agent.terminate()
+        agent.wait(timeout=15)
+    observed = _observed(Options(control_planes=[], sched_slice_us=200), Holder(), "n")
+    assert [o for o in observed.observers if isinstance(o, sched_slice.BusySlice)]
+    assert not any(isinstance(o, sched_slice.BusySlice)
+                   for o in _observed(Options(control_planes=[]), Holder(), "n").observers)
