@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from redis.asyncio.connection import ConnectionPool, UnixDomainSocketConnection
 
@@ -20,8 +22,8 @@ from switchgear.dataplane.governance import Quota, TenantView
 from switchgear.dataplane.metrics import RedisMetrics
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, RedisCounters
-from switchgear.dataplane.redis_round import Lookup, RedisRound, _input, gate
-from switchgear.dataplane.redis_state import RedisHealth, RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_round import ROUND_LUA, Lookup, RedisRound, _input, gate
+from switchgear.dataplane.redis_state import RedisHealth, RedisUnavailable, SharedRedis, bulk
 from tests.servers import redis_server
 from tests.test_pipeline import Upstream, bearer, call, snapshot
 
@@ -335,3 +337,32 @@ async def test_a_standalone_redis_passes_the_check_at_start(tmp_path: Path) -> N
             assert not redis.health.degraded and not redis.cluster_refused
         finally:
             await client.aclose()
+
+
+@settings(max_examples=200, deadline=None)
+@given(checks=st.lists(st.tuples(st.text(min_size=1), st.floats(0, 1e12)), max_size=4),
+       counts=st.lists(st.tuples(st.text(min_size=1), st.floats(0, 1e12), st.integers(1, 86_400)), max_size=4),
+       additions=st.dictionaries(st.text(min_size=1), st.tuples(st.floats(-1e9, 1e9), st.integers(1, 86_400)),
+                                 max_size=4),
+       stores=st.dictionaries(st.text(min_size=1), st.tuples(st.binary(max_size=7000), st.integers(1, 10**9)),
+                              max_size=3),
+       lookup=st.none() | st.text(min_size=1))
+def test_a_round_is_packed_as_the_client_packs_the_same_command(
+        checks: list[tuple[str, float]], counts: list[tuple[str, float, int]],
+        additions: dict[str, tuple[float, int]], stores: dict[str, tuple[bytes, int]], lookup: str | None) -> None:
+    """The round's EVALSHA, packed by the agent (admission keys packed once per plan), is byte for
+    byte what redis-py's pack_command sends for the same arguments: any text in keys (non-ASCII,
+    CR LF), any bytes in stored values, large values."""
+    from redis.asyncio.connection import Connection
+
+    from switchgear.dataplane.redis_round import _command
+    from switchgear.dataplane.redis_state import LuaScript, packed
+
+    admission = gate(checks, [(key, limit, float(ttl)) for key, limit, ttl in counts])
+    adds = {key: (amount, float(ttl)) for key, (amount, ttl) in additions.items()}
+    wanted = None if lookup is None else Lookup(lookup)
+    script = LuaScript(ROUND_LUA)
+    count, body = _command(adds, stores, admission, wanted)
+    keys, args = _input(adds, stores, admission, wanted)
+    expected = b"".join(Connection().pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
+    assert packed(count + 2, bulk(b"EVALSHA") + bulk(script.sha.encode()) + body) == expected

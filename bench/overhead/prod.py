@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import httpx
@@ -80,13 +81,26 @@ class Scraper(threading.Thread):
         self._stop.set()
 
 
+class ProdAgent(NamedTuple):
+    """One production agent of a ProdStack (`--workers N`: the supervisor's process)."""
+
+    proc: Proc
+    grpc_address: str
+    http_address: str
+    metrics_url: str
+
+
 class ProdStack:
     """Redis, an OTLP receiver, a control plane with governance, and the production agent."""
 
-    def __init__(self, workdir: Path, ports: dict[str, int]) -> None:
+    def __init__(self, workdir: Path, ports: dict[str, int], workers: tuple[int, ...] = (1,),
+                 sched_slice_us: int = 0) -> None:
         self.workdir = workdir / "prod"
         self.workdir.mkdir()
         self.ports = ports
+        self.workers = workers  # one production agent per count (`--workers N`), sharing the rest
+        self.by_workers: dict[int, ProdAgent] = {}
+        self.sched_slice_us = sched_slice_us  # the production agents' --sched-slice-us (0: not passed)
         self.procs: list[Proc] = []
         self.redis: subprocess.Popen[bytes] | None = None
         self.tap: subprocess.Popen[bytes] | None = None
@@ -105,29 +119,40 @@ class ProdStack:
         self.procs.append(cp)
         cp_address = cp.start()
         self.key = _tenant_key(cp_address)
+        for n in self.workers:
+            self.by_workers[n] = self._agent(n, cp_address, otlp_port)
+        first = self.by_workers[self.workers[0]]
+        self.agent, self.grpc_address, self.http_address, self.metrics_url = first
+        self.scrapers = [Scraper(agent.metrics_url) for agent in self.by_workers.values()]
+        self.scraper = self.scrapers[0]
+        for scraper in self.scrapers:
+            scraper.start()
+
+    def _agent(self, workers: int, cp_address: str, otlp_port: int) -> ProdAgent:
         argv = ["agent", "--auth", "api_key", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--redis", self.redis_url,
                 "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}", "--trace-sample-ratio", str(SAMPLE_RATIO),
-                "--log-level", "warning"]
+                "--log-level", "warning", *(("--workers", str(workers)) if workers != 1 else ()),
+                *(("--sched-slice-us", str(self.sched_slice_us)) if self.sched_slice_us else ())]
         token = self.workdir / "r.db.agent-token"
         if token.exists():
             argv += ["--agent-token-file", str(token)]
-        self.agent = Proc.switchgear("agent-prod", argv, self.workdir)
-        self.procs.append(self.agent)
-        self.grpc_address = self.agent.start()
-        self.http_address = self.agent.wait_line("HTTP ", 20)[5:].strip()
-        self.metrics_url = f"http://{self.agent.wait_line('METRICS ', 20)[8:].strip()}/metrics"
+        agent = Proc.switchgear("agent-prod" if workers == self.workers[0] else f"agent-prod-w{workers}", argv,
+                                self.workdir)
+        self.procs.append(agent)
+        grpc_address = agent.start()
+        http_address = agent.wait_line("HTTP ", 20)[5:].strip()
+        metrics_url = f"http://{agent.wait_line('METRICS ', 20)[8:].strip()}/metrics"
         deadline = time.monotonic() + 20
-        while True:  # the agent serves once it holds the snapshot and the key
-            r = httpx.post(f"http://{self.http_address}/v1/chat/completions", headers=self.auth,
-                           json={"messages": [{"role": "user", "content": "warm"}], "max_tokens": 8,
-                                 "model": "bench-0ms"}, timeout=5)
-            if r.status_code == 200:
+        while True:  # the agent serves once it holds the snapshot and the key (each worker: several connections)
+            answers = [httpx.post(f"http://{http_address}/v1/chat/completions", headers=self.auth,
+                                  json={"messages": [{"role": "user", "content": "warm"}], "max_tokens": 8,
+                                        "model": "bench-0ms"}, timeout=5) for _ in range(1 if workers == 1 else 8)]
+            if all(r.status_code == 200 for r in answers):
                 break
-            assert time.monotonic() < deadline, f"production agent not serving: {r.status_code} {r.text}"
+            assert time.monotonic() < deadline, f"production agent not serving: {answers[-1].status_code}"
             time.sleep(0.1)
-        self.scraper = Scraper(self.metrics_url)
-        self.scraper.start()
+        return ProdAgent(agent, grpc_address, http_address, metrics_url)
 
     @property
     def auth(self) -> dict[str, str]:
@@ -137,8 +162,8 @@ class ProdStack:
     def redis_url(self) -> str:
         return f"unix://{self.workdir / 'redis.sock'}"
 
-    def cache_hits(self) -> int:
-        text = httpx.get(self.metrics_url, timeout=5).text
+    def cache_hits(self, metrics_url: str) -> int:
+        text = httpx.get(metrics_url, timeout=5).text
         match = re.search(r"^switchgear_cache_hits_total (\S+)$", text, re.M)
         return int(float(match.group(1))) if match else 0
 
@@ -154,8 +179,7 @@ class ProdStack:
         return cpu_s(self.redis.pid) if self.redis is not None else 0.0
 
     def stop(self) -> None:
-        scraper = getattr(self, "scraper", None)
-        if scraper is not None:
+        for scraper in getattr(self, "scrapers", ()):
             scraper.stop()
         for proc in reversed(self.procs):
             proc.stop()
@@ -228,11 +252,11 @@ def unique_body_lua(body_json: str, headers: dict[str, str]) -> str:
 
 
 def summary(stack: ProdStack) -> str:
-    scraper = stack.scraper
-    return (f"production agent: {stack.spans()} spans received by the OTLP receiver (sample ratio "
-            f"{SAMPLE_RATIO:g}); {scraper.scrapes} scrapes of /metrics every {scraper.interval_s:g} s "
-            f"({scraper.bytes:,} bytes the last, {scraper.failures} failed); redis-server CPU "
-            f"{stack.redis_cpu_s():.1f} s in all")
+    pairs = zip(stack.workers, stack.scrapers, strict=True)
+    scrapes = "; ".join(f"--workers {n}: {s.scrapes} scrapes of /metrics every {s.interval_s:g} s ({s.bytes:,} "
+                        f"bytes the last, {s.failures} failed)" for n, s in pairs)
+    return (f"production agents: {stack.spans()} spans received by the OTLP receiver (sample ratio "
+            f"{SAMPLE_RATIO:g}); {scrapes}; redis-server CPU {stack.redis_cpu_s():.1f} s in all")
 
 
-__all__ = ["PROD_MODES", "ProdStack", "json", "summary", "unique_body_lua"]
+__all__ = ["PROD_MODES", "ProdAgent", "ProdStack", "json", "summary", "unique_body_lua"]

@@ -496,19 +496,21 @@ def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, serv
         address = stack.grpcio_address if mode == "grpcio" else grpc_address
         return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
     assert prod is not None
-    pids = (stack.upstream_pid(instance), prod.agent.pid)
+    ours = prod.by_workers[workers]
+    pids = (stack.upstream_pid(instance), ours.proc.pid)
     if mode.startswith("prod-http"):
         hit = mode == "prod-http-hit"
         body = {**CHAT, "model": service}
         if hit:  # the first answer is stored: every request of the run is a hit
-            httpx.post(f"http://{prod.http_address}/v1/chat/completions", content=orjson.dumps(body),
+            httpx.post(f"http://{ours.http_address}/v1/chat/completions", content=orjson.dumps(body),
                        headers={**prod.auth, "Content-Type": "application/json"}, timeout=10).raise_for_status()
-        return wrk(f"http://{prod.http_address}/v1/chat/completions", body, conc, seconds, pids, workdir,
+        return wrk(f"http://{ours.http_address}/v1/chat/completions", body, conc, seconds, pids, workdir,
                    headers=prod.auth, unique=not hit)[0]
     auth = f"authorization: Bearer {prod.key}"  # prod-grpc-hit
-    prime = h2load(prod.grpc_address, service, 1, 1, pids, workdir, prod.cache_hits, (auth,))[0]
+    hits = functools.partial(prod.cache_hits, ours.metrics_url)
+    prime = h2load(ours.grpc_address, service, 1, 1, pids, workdir, hits, (auth,))[0]
     assert prime.requests > 0, "the gRPC cache-hit run could not store its answer"
-    return h2load(prod.grpc_address, service, conc, seconds, pids, workdir, prod.cache_hits, (auth,))[0]
+    return h2load(ours.grpc_address, service, conc, seconds, pids, workdir, hits, (auth,))[0]
 
 
 def _workers_lines(runs: list[Run]) -> list[str]:
@@ -544,8 +546,12 @@ def main(argv: list[str] | None = None) -> int:
                              "on 2 cores), as if they ran on other machines; their CPU is counted as ever")
     parser.add_argument("--out", default="", help="also write the runs as JSON here")
     parser.add_argument("--workers", default="1",
-                        help="agents' --workers, e.g. 1,2: the http and grpc paths run once per count, each on "
-                             "an agent of its own (same control plane and emulator)")
+                        help="agents' --workers, e.g. 1,2: the http, grpc and prod-* paths run once per count, "
+                             "each on an agent of its own (same control plane and emulator; the production agents "
+                             "share their control plane, Redis and OTLP receiver)")
+    parser.add_argument("--prod-sched-slice-us", type=int, default=0, metavar="US",
+                        help="start the production agents with --sched-slice-us US (default: not passed, the "
+                             "kernel's slice)")
     args = parser.parse_args(argv)
     worker_counts = tuple(int(n) for n in args.workers.split(","))
     LOADGEN_BATCH[0] = args.loadgen_sched == "batch"
@@ -563,12 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stack.start()
             if any(m in PROD_MODES for m in modes):
-                prod = ProdStack(workdir, stack.ports)
+                prod = ProdStack(workdir, stack.ports, worker_counts, args.prod_sched_slice_us)
                 prod.start()
             for delay in (int(d) for d in args.delays.split(",")):
                 instance, service = ("fixed", "bench-20ms") if delay == 20 else ("zero", "bench-0ms")
                 for conc in (int(c) for c in args.concurrency.split(",")):
-                    for mode, n in [(m, n) for m in modes for n in (worker_counts if m in ("http", "grpc")
+                    for mode, n in [(m, n) for m in modes for n in (worker_counts if m in ("http", "grpc", *PROD_MODES)
                                                                     else worker_counts[:1])]:
                         run = one_run(mode, stack, prod, instance, service, conc, args.seconds, workdir, n)
                         run.mode, run.delay_ms, run.workers = mode, delay, n
@@ -581,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                         )
             rss = rss_mb(stack.agent.pid)
             if prod is not None:
-                notes.append(f"production agent RSS after the runs: {rss_mb(prod.agent.pid):.0f} MB")
+                notes.append(f"production agent RSS after the runs: {rss_mb(prod.agent.pid):.0f} MB (--workers "
+                             f"{worker_counts[0]}: the first process)")
                 notes.append(summary(prod))
         finally:
             if prod is not None:

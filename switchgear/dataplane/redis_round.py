@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis
+from switchgear.dataplane.redis_state import LuaScript, RedisUnavailable, SharedRedis, bulk
 
 Check = tuple[str, float]  # (key, limit): refuse when the counter already holds >= limit
 Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the new total is > limit
@@ -89,6 +89,7 @@ class Gate:
     checks: int
     counts: int
     index: Mapping[str, int]  # key -> its 1-based place in `keys` (a round names each key once)
+    packed: bytes  # `keys` as the command sends them (redis_state.bulk each), packed once
 
 
 def gate(checks: Sequence[Check], counts: Sequence[Count]) -> Gate:
@@ -99,10 +100,11 @@ def gate(checks: Sequence[Check], counts: Sequence[Count]) -> Gate:
     index: dict[str, int] = {}
     for place, key in enumerate(keys, 1):
         index.setdefault(key, place)
-    return Gate(keys, "".join(" " + w for w in words), len(checks), len(counts), MappingProxyType(index))
+    return Gate(keys, "".join(" " + w for w in words), len(checks), len(counts), MappingProxyType(index),
+                b"".join(bulk(key.encode()) for key in keys))
 
 
-NO_GATE = Gate((), "", 0, 0, MappingProxyType({}))
+NO_GATE = Gate((), "", 0, 0, MappingProxyType({}), b"")
 
 
 @dataclass(slots=True)
@@ -177,10 +179,10 @@ class RedisRound:
         stores = self._take_stores(self._max_carried_bytes)
         if self._additions or self._stores:
             self._arm()  # stores left over for the next round
-        keys, args = _input(additions, stores, admission, lookup)
-        execute, script = self.redis.execute, self._script
+        count, body = _command(additions, stores, admission, lookup)
+        redis, script = self.redis, self._script
         try:
-            refused, raw, pttl_ms = await self.redis.call(use, lambda: script.run(execute, keys, args), timeout_s)
+            refused, raw, pttl_ms = await redis.call(use, lambda: script.run_packed(redis, count, body), timeout_s)
         except RedisUnavailable:
             self._lost(additions, stores)
             raise
@@ -198,11 +200,11 @@ class RedisRound:
 
     async def _flush_once(self) -> None:
         additions, stores = self._take_additions(), self._take_stores(self._max_store_bytes)
-        keys, args = _input(additions, stores, NO_GATE, None)
-        execute, script = self.redis.execute, self._script
+        count, body = _command(additions, stores, NO_GATE, None)
+        redis, script = self.redis, self._script
         use = "quota" if additions else "cache"
         try:
-            await self.redis.call(use, lambda: script.run(execute, keys, args), self._flush_timeout_s)
+            await redis.call(use, lambda: script.run_packed(redis, count, body), self._flush_timeout_s)
         except RedisUnavailable:
             self._lost(additions, stores)
             raise
@@ -277,3 +279,14 @@ def _input(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[by
         keys.append(lookup.key)
         words.append(f" {len(keys)}")
     return keys, ["".join(words), *(value for value, _ in stores.values())]
+
+
+def _command(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[bytes, int]], admission: Gate,
+             lookup: Lookup | None) -> tuple[int, bytes]:
+    """ROUND_LUA's numkeys, KEYS and ARGV packed for EVALSHA (LuaScript.run_packed): how many
+    bulk strings, and them. The admission's keys come packed (Gate.packed)."""
+    keys, args = _input(additions, stores, admission, lookup)
+    extra = keys[len(admission.keys):]
+    body = b"".join((bulk(str(len(keys)).encode()), admission.packed, *(bulk(key.encode()) for key in extra),
+                     *(bulk(arg.encode() if isinstance(arg, str) else arg) for arg in args)))
+    return 1 + len(keys) + len(args), body

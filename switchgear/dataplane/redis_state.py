@@ -99,6 +99,17 @@ class RedisHealth:
         self._since = now
 
 
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string: how a command's every argument is sent (`packed`)."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def packed(count: int, body: bytes) -> bytes:
+    """A command of `count` arguments whose bulk strings (`bulk`) are `body`, as the client's
+    pack_command would send it (tests/test_redis_round.py compares the two)."""
+    return b"*%d\r\n%b" % (count, body)
+
+
 class LuaScript:
     """A server-side script called by its digest (EVALSHA), loaded again when Redis lacks it (a
     restarted Redis). Not redis-py's Script object: its per-call Protocol isinstance checks cost
@@ -107,18 +118,22 @@ class LuaScript:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._head = bulk(b"EVALSHA") + bulk(self.sha.encode())
 
-    async def run(self, execute: Callable[..., Awaitable[Any]], keys: list[str], args: list[Any]) -> Any:
-        """`execute` sends one command (SharedRedis.execute)."""
+    async def run_packed(self, redis: SharedRedis, count: int, body: bytes) -> Any:
+        """EVALSHA with its numkeys, keys and arguments already packed: `count` bulk strings in
+        `body` (built once per plan where they repeat, redis_round.Gate: the client's packing
+        costs ~0.6 us an argument)."""
+        command = packed(count + 2, self._head + body)
         try:
-            return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await redis.execute_packed(command)
         except Exception as exc:
             from redis.exceptions import NoScriptError  # (only agents with Redis import it)
 
             if not isinstance(exc, NoScriptError):
                 raise
-            await execute("SCRIPT", "LOAD", self.source)
-            return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            await redis.execute("SCRIPT", "LOAD", self.source)
+            return await redis.execute_packed(command)
 
 
 class RedisUnavailable(Exception):
@@ -158,25 +173,30 @@ class SharedRedis:
         cancellation, error) is closed, never reused; one command at a time per connection.
         As the client's own retry did, a kept connection that turns out closed (a restarted
         Redis) is retried once on a new one, and the other kept connections are dropped."""
+        return await self.execute_packed(None, args)
+
+    async def execute_packed(self, command: bytes | None, args: tuple[Any, ...] = ()) -> Any:
+        """`execute` of a command already packed (`packed`), or of `args` when it is None."""
         from redis.exceptions import ConnectionError as RedisConnectionError  # (only agents with Redis import it)
 
         if not self._idle:
-            return await self._execute_on(self.client.connection_pool.make_connection(), args)
+            return await self._execute_on(self.client.connection_pool.make_connection(), command, args)
         try:
-            return await self._execute_on(self._idle.pop(), args)
+            return await self._execute_on(self._idle.pop(), command, args)
         except (RedisConnectionError, OSError):
             stale, self._idle = self._idle, []
             for conn in stale:
                 await conn.disconnect(nowait=True)
-            return await self._execute_on(self.client.connection_pool.make_connection(), args)
+            return await self._execute_on(self.client.connection_pool.make_connection(), command, args)
 
-    async def _execute_on(self, conn: Any, args: tuple[Any, ...]) -> Any:
+    async def _execute_on(self, conn: Any, command: bytes | None, args: tuple[Any, ...]) -> Any:
         from redis.exceptions import ResponseError
 
         try:
             if not conn.is_connected:
                 await conn.connect()
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            await conn.send_packed_command(conn.pack_command(*args) if command is None else command,
+                                           check_health=False)
             reply = await conn.read_response()
         except ResponseError:  # an error reply (e.g. NOSCRIPT) was read whole: the connection is fine
             self._keep(conn)

@@ -44,6 +44,7 @@ from switchgear.dataplane.redis_round import RedisRound
 from switchgear.dataplane.redis_state import RedisHealth, SharedRedis
 from switchgear.dataplane.reporter import LoadAccumulator, ReportClient
 from switchgear.dataplane.router import Router
+from switchgear.dataplane.sched_slice import BusySlice
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.scheduling.shift import reported_capacity
 from switchgear.dataplane.scheduling.stats import LiveStats
@@ -102,6 +103,7 @@ class Options:
     redis_url: str = ""
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one probe (INFO cluster) per interval at most
     redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
+    sched_slice_us: int = 0  # the loop thread's slice while calls overlap (sched_slice.BusySlice); 0 = the kernel's
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
@@ -173,10 +175,12 @@ class _Observed:
     live_stats: LiveStats
     door: DoorMetrics  # both doors' request families (door_metrics.py)
     edge: Edge
+    busy_slice: BusySlice | None = None  # --sched-slice-us
 
     @property
     def observers(self) -> list[AttemptObserver]:
-        return [self.load, self.metrics, self.door, *tracing_observers(self.tracing), self.live_stats]
+        busy = [self.busy_slice] if self.busy_slice is not None else []
+        return [self.load, self.metrics, self.door, *tracing_observers(self.tracing), self.live_stats, *busy]
 
     def cache_lookup(self, service: str, hit: bool) -> None:
         self.metrics.record_cache(service, hit)
@@ -193,7 +197,8 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
     edge = Edge(door, holder, metrics.record_overhead)
     load, live_stats = LoadAccumulator(), LiveStats()
     load.capacity = metrics.capacity = _capacity(holder, live_stats)
-    return _Observed(load, metrics, tracing, live_stats, door, edge)
+    busy = BusySlice(options.sched_slice_us) if options.sched_slice_us else None
+    return _Observed(load, metrics, tracing, live_stats, door, edge, busy)
 
 
 def _capacity(holder: Holder, stats: LiveStats) -> Callable[[str, str], int]:
