@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -330,8 +331,9 @@ def h2load(
 
 class Stack:
     def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,),
-                 upstream: str = "emulator") -> None:
+                 upstream: str = "emulator", worker_flags: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.worker_flags = worker_flags  # more agent flags for --workers N > 1 (e.g. --worker-spread kernel)
         self.procs: list[Proc] = []
         self.upstream = upstream  # the zero-delay service's: "emulator" or "nginx" (nginx.py)
         self.nginx: Nginx | None = None
@@ -396,7 +398,8 @@ class Stack:
     def _agent(self, name: str, cp_address: str, grpc_server: str, workers: int = 1) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
-                *(("--workers", str(workers)) if workers != 1 else ())]  # (older commits have no --workers)
+                *(("--workers", str(workers), *self.worker_flags) if workers != 1 else ())]  # (older commits
+        # have no --workers)
         token = self.workdir / "r.db.agent-token"
         if token.exists():  # (absent on commits from before agents authenticated: A/B against them)
             argv += ["--agent-token-file", str(token)]
@@ -546,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1",
                         help="agents' --workers, e.g. 1,2: the http and grpc paths run once per count, each on "
                              "an agent of its own (same control plane and emulator)")
+    parser.add_argument("--worker-flags", default="",
+                        help="more agent flags for the agents with --workers N > 1, e.g. '--worker-spread kernel' "
+                             "(A/B of the workers' settings against the same 1-worker run)")
     args = parser.parse_args(argv)
     worker_counts = tuple(int(n) for n in args.workers.split(","))
     LOADGEN_BATCH[0] = args.loadgen_sched == "batch"
@@ -558,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in modes if m not in ("direct", "http", "grpc", "grpcio", *PROD_MODES)]
         if unknown:
             parser.error(f"unknown modes: {', '.join(unknown)}")
-        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts, upstream=args.upstream)
+        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts, upstream=args.upstream,
+                      worker_flags=tuple(shlex.split(args.worker_flags)))
         prod: ProdStack | None = None
         try:
             stack.start()
@@ -589,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     print()
     print(f"zero-delay upstream: {args.upstream}; load generator{' and nginx' if args.upstream == 'nginx' else ''} "
-          f"scheduled {args.loadgen_sched}")
+          f"scheduled {args.loadgen_sched}{f'; workers started with {args.worker_flags}' if args.worker_flags else ''}")
     print(fmt(runs, rss))
     for note in notes:
         print(note)
