@@ -481,6 +481,10 @@ def fmt(runs: list[Run], rss: float) -> str:
     return "\n".join(lines)
 
 
+#: --http-keepalive off: the http path's requests say `Connection: close` (a new connection each).
+HTTP_HEADERS: list[dict[str, str] | None] = [None]
+
+
 def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, service: str, conc: int,
             seconds: float, workdir: Path, workers: int) -> Run:
     """One load run of `mode` against `service` (on the emulator's `instance`), through the agent
@@ -495,7 +499,7 @@ def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, serv
         pids = (stack.upstream_pid(instance), agent.pid)
         if mode == "http":
             return wrk(f"http://{http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
-                       seconds, pids, workdir)[0]
+                       seconds, pids, workdir, HTTP_HEADERS[0])[0]
         address = stack.grpcio_address if mode == "grpcio" else grpc_address
         return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
     assert prod is not None
@@ -552,7 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-flags", default="",
                         help="more agent flags for the agents with --workers N > 1, e.g. '--worker-spread kernel' "
                              "(A/B of the workers' settings against the same 1-worker run)")
+    parser.add_argument("--http-keepalive", choices=("on", "off"), default="on",
+                        help="off: every request of the http path on a new connection (wrk sends Connection: close): "
+                             "the agent's cost per connection, as with clients that do not keep connections alive")
     args = parser.parse_args(argv)
+    HTTP_HEADERS[0] = {"Connection": "close"} if args.http_keepalive == "off" else None
     worker_counts = tuple(int(n) for n in args.workers.split(","))
     LOADGEN_BATCH[0] = args.loadgen_sched == "batch"
     ensure_tools()
@@ -596,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     print()
     print(f"zero-delay upstream: {args.upstream}; load generator{' and nginx' if args.upstream == 'nginx' else ''} "
-          f"scheduled {args.loadgen_sched}{f'; workers started with {args.worker_flags}' if args.worker_flags else ''}")
+          f"scheduled {args.loadgen_sched}{f'; workers started with {args.worker_flags}' if args.worker_flags else ''}"
+          f"{'; http path without keep-alive' if HTTP_HEADERS[0] else ''}")
     print(fmt(runs, rss))
     for note in notes:
         print(note)
