@@ -178,6 +178,13 @@ def test_target_counts_what_is_still_in_flight(tmp_path: Path) -> None:
     assert mine.target() == 2
     mine._sent[2] = 1  # and w2 2 + 1: nobody holds fewer than this worker's 3
     assert mine.target() is None
+    # w1 exits (with two still in its inbox) and starts again: the two are not held against the new w1.
+    spread.mark_down(directory, "http", 3, 1)
+    assert mine.target() is None
+    restarted = spread.Spread(spread.Group(directory, 1, 3), "http")
+    restarted._words[restarted.index] = 1  # serving one connection
+    assert mine.target() == 1
+    restarted.close()
 
 
 async def test_the_inbox_drops_what_is_not_a_workers_hand_off(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ read from the connection, so TLS and both protocols are untouched by the move.
 
 Each worker publishes its count in a small table the supervisor creates (one file per door,
 mapped by every worker): slot k is worker k's open connections (DOWN while it is not serving),
-and row k of the matrix after it counts the connections worker k received from each other
-worker, so a sender knows which of the ones it passed on are still in flight. When a hand-off
+then worker k's epoch (one more with each process: a restarted worker starts afresh), and row k
+of the matrix after them counts the connections worker k received from each other worker, so a
+sender knows which of the ones it passed on are still in flight. When a hand-off
 cannot be made (the other worker just exited, its queue is full: the kernel bounds it), the
 worker serves the connection itself.
 """
@@ -58,6 +59,12 @@ class Group:
     workers: int
 
 
+def _received(workers: int, k: int, sender: int) -> int:
+    """The table's word counting what worker k received from `sender` (after the open counts and
+    the epochs)."""
+    return 2 * workers + k * workers + sender
+
+
 def table_path(directory: str, door: str) -> Path:
     return Path(directory) / f"spread-{door}.table"
 
@@ -68,7 +75,7 @@ def inbox_path(directory: str, door: str, index: int) -> str:
 
 def create_table(directory: str, door: str, workers: int) -> None:
     """The supervisor's: a table with every worker DOWN and nothing passed on yet."""
-    words = array.array("q", [DOWN] * workers + [0] * workers * workers)
+    words = array.array("q", [DOWN] * workers + [0] * workers + [0] * workers * workers)
     table_path(directory, door).write_bytes(words.tobytes())
 
 
@@ -80,7 +87,7 @@ def mark_down(directory: str, door: str, workers: int, index: int) -> None:
             mmap.mmap(f.fileno(), 0) as mapped, memoryview(mapped) as view, view.cast("q") as words:
         words[index] = DOWN
         for sender in range(workers):
-            words[workers + index * workers + sender] = 0
+            words[_received(workers, index, sender)] = 0
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -117,11 +124,13 @@ class Spread:
         with table_path(group.directory, door).open("r+b") as f:
             self._mapped = mmap.mmap(f.fileno(), 0)
         self._words = memoryview(self._mapped).cast("q")
-        if len(self._words) != self.workers * (self.workers + 1):
+        if len(self._words) != self.workers * (self.workers + 2):
             raise ValueError(f"spread table for {door} does not fit {self.workers} workers")
-        self._sent = [0] * self.workers  # passed to each worker, over this worker's life
-        self._words[self.workers + self.index * self.workers: self.workers * (self.index + 2)] = \
-            array.array("q", [0] * self.workers)
+        self._sent = [0] * self.workers  # passed to each worker's current process
+        self._epochs = [0] * self.workers  # which process that is (its slot's epoch when last looked at)
+        first = _received(self.workers, self.index, 0)
+        self._words[first:first + self.workers] = array.array("q", [0] * self.workers)  # then the new epoch:
+        self._words[self.workers + self.index] += 1  # a sender that sees it sees the zeros
         path = inbox_path(group.directory, door, group.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by this worker's previous process
@@ -157,7 +166,9 @@ class Spread:
             held = words[k]
             if k == me or held >= DOWN:
                 continue
-            load = held + max(0, self._sent[k] - words[n + k * n + me])
+            if self._epochs[k] != words[n + k]:  # a new process in that slot: what went to the old is moot
+                self._epochs[k], self._sent[k] = words[n + k], 0
+            load = held + max(0, self._sent[k] - words[_received(n, k, me)])
             if load < least:
                 least, best = load, k
         return best
@@ -212,7 +223,7 @@ class Spread:
                     conn.close()
                 continue
             sender = _SENDER.unpack(data)[0]
-            self._words[self.workers + self.index * self.workers + sender] += 1
+            self._words[_received(self.workers, self.index, sender)] += 1
             self.received += 1
             serve(conns[0])
 
