@@ -189,7 +189,8 @@ def test_target_counts_what_is_still_in_flight(tmp_path: Path) -> None:
 
 async def test_the_inbox_drops_what_is_not_a_workers_hand_off(tmp_path: Path) -> None:
     """Junk in a worker's inbox (only this user can reach it; a bug or a stale process): a
-    datagram without a descriptor, a pipe, two sockets, a sender out of range. Each descriptor is
+    datagram without a descriptor, a pipe, two sockets, a sender out of range, a message too short
+or too long. Each descriptor is
     closed, nothing is served, and a real hand-off after them still is."""
     directory = str(tmp_path)
     spread.create_table(directory, "grpc", 2)
@@ -212,6 +213,7 @@ async def test_the_inbox_drops_what_is_not_a_workers_hand_off(tmp_path: Path) ->
         send(b"\0\0", [sent_a.fileno(), sent_b.fileno()])
         send(b"\x09\0", [sent_c.fileno()])  # worker 9 of 2
         send(b"\0", [sent_c.fileno()])  # too short
+        send(b"\0\0\0", [sent_c.fileno()])  # too long
         for fd in (write_end, sent_a.fileno(), sent_b.fileno(), sent_c.fileno()):
             os.close(fd)  # now the inbox's copies are the only ones
         for sock in (sent_a, sent_b, sent_c):

@@ -201,7 +201,7 @@ class Spread:
         space = socket.CMSG_SPACE(array.array("i").itemsize * 4)
         while True:
             try:
-                data, ancillary, _flags, _address = self._inbox.recvmsg(_SENDER.size, space)
+                data, ancillary, flags, _address = self._inbox.recvmsg(_SENDER.size, space)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -217,8 +217,8 @@ class Spread:
                     conns.append(socket.socket(fileno=fd))
                 except OSError:  # not a socket
                     os.close(fd)
-            if len(data) != _SENDER.size or len(conns) != 1 or len(fds) != 1 or \
-                    conns[0].type != socket.SOCK_STREAM or _SENDER.unpack(data)[0] >= self.workers:
+            if len(data) != _SENDER.size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1 or \
+                    len(conns) != 1 or conns[0].type != socket.SOCK_STREAM or _SENDER.unpack(data)[0] >= self.workers:
                 for conn in conns:  # not a worker's hand-off (only this user can reach the directory)
                     conn.close()
                 continue
