@@ -172,9 +172,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
     def announce_serving(version: str) -> None:
         print(f"SERVING {version}", flush=True)  # the first snapshot is held: calls are answered from now
 
-    if args.workers == 1 and _worker_cpus(args)[0] is not None:
-        logging.getLogger("switchgear.dataplane").info("--worker-cpus %s: one process (--workers 1) is not pinned",
-                                                       args.worker_cpus)
     if args.workers > 1:
         if options.managed.cpu > 0:  # each worker would be a node manager of the host's whole offer
             raise SystemExit("--workers N > 1 cannot be combined with --managed-cpu: run managed replicas "
@@ -198,27 +195,15 @@ def _run_workers(options: Any, args: argparse.Namespace, announce_http: Callable
     from switchgear.dataplane.server import Announce
     from switchgear.dataplane.workers import Supervisor, WorkerFailed
 
-    cpus = _worker_cpus(args)
-
     async def run() -> None:
         announce = Announce(_ready_announcer(args.ready_file), announce_http, _announce_metrics)
-        await Supervisor(options, args.workers, args.log_level, args.worker_spread, cpus).run(_signal_event(),
-                                                                                             announce)
+        await Supervisor(options, args.workers, args.log_level, args.worker_spread).run(_signal_event(), announce)
 
     try:
         asyncio.run(run())  # the supervisor only waits on its workers: the default loop will do
     except WorkerFailed as exc:
         raise SystemExit(f"switchgear agent: {exc}") from None
     return 0
-
-
-def _worker_cpus(args: argparse.Namespace) -> tuple[int | None, ...]:
-    from switchgear.dataplane.workers import worker_cpus
-
-    try:
-        return worker_cpus(args.worker_cpus, args.workers)
-    except ValueError as exc:
-        raise SystemExit(f"switchgear agent: --worker-cpus {exc}") from None
 
 
 def agent_worker() -> None:
@@ -755,10 +740,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --workers N > 1: 'even' passes a new connection on to the worker serving the fewest "
                          "(a few long-lived gRPC connections then split 8/8, not 11/5); 'kernel' leaves each where "
                          "SO_REUSEPORT's hash puts it (default: %(default)s)")
-    ag.add_argument("--worker-cpus", default="off", metavar="auto|off|LIST",
-                    help="with --workers N > 1: pin worker k to one CPU: 'auto' the k-th CPU this process may use, "
-                         "or a list of CPU numbers, one per worker (e.g. 0,1); 'off': the scheduler places them "
-                         "(default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
     add_managed_arguments(ag)

@@ -1,8 +1,7 @@
 """`--worker-spread even` (switchgear/rpc/spread.py): a worker holding more connections than
 another passes a new one on to it, so a few long-lived connections split evenly over the workers
 instead of wherever SO_REUSEPORT's hash puts them. A real agent with two workers (the split read
-from the supervisor's /metrics), the spread itself in-process, and its inbox fed junk; and
-`--worker-cpus`, each worker pinned to one CPU."""
+from the supervisor's /metrics), the spread itself in-process, and its inbox fed junk."""
 
 from __future__ import annotations
 
@@ -19,12 +18,10 @@ import httpx
 import orjson
 import pytest
 
-from switchgear.dataplane.workers import worker_cpus
 from switchgear.rpc import spread
 from switchgear.supervise import Proc, ProcessFailed
 from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import ControlPlane, Upstream
-from tests.servers import _children
 from tests.test_agent_workers import CHAT, poll, samples, start_two, two_workers
 
 pytestmark = pytest.mark.timeout(90)
@@ -252,46 +249,3 @@ def _peer_closed(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     return False
 
-
-# --- --worker-cpus --------------------------------------------------------------------------------
-
-def _cpus_allowed(pid: int) -> str:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-
-
-async def test_worker_cpus_pin_each_worker_to_its_cpu(control_plane: ControlPlane, tmp_path: Path) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    proc = Proc.switchgear("agent", ["agent", "--workers", "2", "--worker-cpus", "auto", "--auth", "none",
-                                     "--control-plane", control_plane.address, "--listen", "127.0.0.1:0"], tmp_path)
-    await asyncio.to_thread(proc.start, 60.0)
-    try:
-        workers = sorted(_children(proc.pid))
-        assert len(workers) == 2
-        pinned = {_cpus_allowed(pid) for pid in workers}  # (the children's order is not the workers')
-        assert pinned == {str(allowed[0]), str(allowed[1 % len(allowed)])}
-        for pid in workers:  # every thread, started after the pin, inherits it
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                assert (task / "status").read_text().count(f"Cpus_allowed_list:\t{_cpus_allowed(pid)}\n") == 1
-        assert _cpus_allowed(proc.pid) == _cpus_allowed(os.getpid())  # the supervisor is not pinned
-    finally:
-        await asyncio.to_thread(proc.stop)
-
-
-def test_worker_cpus_values() -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    assert worker_cpus("off", 2) == (None, None)
-    assert worker_cpus("auto", len(allowed) + 1) == (*allowed, allowed[0])
-    assert worker_cpus(f"{allowed[-1]},{allowed[0]}", 2) == (allowed[-1], allowed[0])
-    for bad, says in (("0,1,x", "CPU numbers separated by commas"), ("", "CPU numbers separated by commas"),
-                      (str(allowed[0]), "names 1 CPUs for 2 workers"), (f"{allowed[0]},4096", "CPU 4096 is not")):
-        with pytest.raises(ValueError, match=says):
-            worker_cpus(bad, 2)
-
-
-def test_a_bad_worker_cpus_is_refused_naming_the_flag(tmp_path: Path) -> None:
-    proc = Proc.switchgear("agent", ["agent", "--workers", "2", "--worker-cpus", "0,4096", "--auth", "none",
-                                     "--control-plane", "127.0.0.1:9", "--listen", "127.0.0.1:0"], tmp_path)
-    with pytest.raises(ProcessFailed, match="exited"):
-        proc.start(30.0)
-    assert "--worker-cpus CPU 4096 is not one this process may use" in proc.tail()

@@ -72,28 +72,6 @@ def workers_arg(text: str) -> int:
     return int(text)
 
 
-def worker_cpus(text: str, workers: int) -> tuple[int | None, ...]:
-    """--worker-cpus: the CPU each worker is pinned to (None: not pinned). "off": none; "auto":
-    worker k on the k-th CPU this process may use (round the list again with more workers than
-    CPUs); or a comma-separated list of CPU numbers, one per worker. ValueError says what is wrong."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if text == "off":
-        return (None,) * workers
-    if text == "auto":
-        return tuple(allowed[k % len(allowed)] for k in range(workers))
-    parts = text.split(",")
-    if not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"must be 'auto', 'off' or CPU numbers separated by commas, got {text!r}")
-    cpus = tuple(int(p) for p in parts)
-    if len(cpus) != workers:
-        raise ValueError(f"names {len(cpus)} CPUs for {workers} workers: give one per worker")
-    outside = sorted(set(cpus) - set(allowed))
-    if outside:
-        raise ValueError(f"CPU {outside[0]} is not one this process may use "
-                         f"({', '.join(map(str, allowed))})")
-    return cpus
-
-
 class WorkerFailed(RuntimeError):
     pass
 
@@ -105,7 +83,6 @@ class WorkerPlan:
     options: Options
     index: int
     log_level: str
-    cpu: int | None = None  # --worker-cpus: the one CPU this worker runs on
 
 
 def reserve(address: str) -> tuple[socket.socket, str]:
@@ -153,11 +130,9 @@ class _Worker:
 class Supervisor:
     """Runs `workers` agent processes for `options` (see the module docstring)."""
 
-    def __init__(self, options: Options, workers: int, log_level: str = "info", spread: str = "even",
-                 cpus: tuple[int | None, ...] = ()) -> None:
+    def __init__(self, options: Options, workers: int, log_level: str = "info", spread: str = "even") -> None:
         if spread not in SPREADS:
             raise ValueError(f"--worker-spread must be one of {', '.join(SPREADS)}, got {spread!r}")
-        self.cpus = cpus or (None,) * workers
         self.options = options
         self.count = workers
         self.log_level = log_level
@@ -215,8 +190,7 @@ class Supervisor:
         metrics_socket = str(sockets / f"w{k}.sock") if options.metrics_listen else ""
         spread = Group(str(sockets), k, self.count) if self._doors else None
         return WorkerPlan(dataclasses.replace(options, node_id=f"{base}/w{k}", metrics_listen="",
-                                              metrics_socket=metrics_socket, spread=spread), k, self.log_level,
-                          self.cpus[k])
+                                              metrics_socket=metrics_socket, spread=spread), k, self.log_level)
 
     def _spread_doors(self, options: Options) -> tuple[str, ...]:
         """The doors whose connections the workers pass to each other (switchgear.rpc.spread)."""
@@ -363,8 +337,6 @@ def worker_main() -> Coroutine[Any, Any, None]:
     """A worker: read its WorkerPlan from stdin; the coroutine serves until SIGTERM or the end of
     stdin (the CLI's `agent_worker` runs it on the agent's event loop)."""
     plan: WorkerPlan = pickle.load(sys.stdin.buffer)
-    if plan.cpu is not None:  # before any thread starts: they all inherit it
-        os.sched_setaffinity(0, {plan.cpu})
     logging.basicConfig(level=getattr(logging, plan.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s w{plan.index} %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
