@@ -44,14 +44,15 @@ async def test_sixteen_connections_split_eight_and_eight_on_both_doors(
         http, metrics = agent.http, agent.metrics
         assert await asyncio.to_thread(_split, metrics, "grpc") == {"w0": 0, "w1": 0}
 
-        # Sixteen gRPC channels (one connection each, kept open), as an application server's pool:
+        # Sixteen gRPC channels (one connection each, kept open), as an application server's pool,
+        # all connecting at once (both workers pass connections to each other in the same moment):
         # every call is answered, wherever its connection ended up.
         request = gateway_pb2.InvokeRequest(service="chat", method="chat.completions", payload=orjson.dumps(CHAT))
-        for _ in range(16):
-            channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-            channels.append(channel)
-            reply = await gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=10)
-            assert reply.endpoint == "e0"
+        channels.extend(grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                        for _ in range(16))
+        replies = await asyncio.gather(*(gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(request, timeout=10)
+                                         for channel in channels))
+        assert [reply.endpoint for reply in replies] == ["e0"] * 16
         await poll(lambda: _split(metrics, "grpc") == {"w0": 8, "w1": 8}, 10.0)
 
         # Sixteen keep-alive HTTP clients: the same on the HTTP door.
@@ -163,30 +164,33 @@ async def _until(condition: object, timeout_s: float = 10.0) -> None:
 def test_target_counts_what_is_still_in_flight(tmp_path: Path) -> None:
     directory = str(tmp_path)
     spread.create_table(directory, "http", 3)
-    mine, *_others = [spread.Spread(spread.Group(directory, k, 3), "http") for k in range(3)]
+    mine, w1, w2 = [spread.Spread(spread.Group(directory, k, 3), "http") for k in range(3)]
     assert mine.target() is None  # nobody else serves yet (DOWN)
-    table = spread.table_path(directory, "http")
-    words = array.array("q", table.read_bytes())
-    words[0:3] = array.array("q", [3, 1, 2])
-    table.write_bytes(words.tobytes())
-    mine.live, mine._serving = 3, True
+    for worker, live in ((mine, 3), (w1, 1), (w2, 2)):
+        worker._serving = True
+        worker.serving(live)
     assert mine.target() == 1
-    mine._sent[1] = 2  # two passed to w1, which has received neither yet: it holds 1 + 2
+    words = mine._words
+    words[spread._sent(3, 0, 1)] = 2  # two passed to w1, which has received neither yet: it holds 1 + 2
     assert mine.target() == 2
-    mine._sent[2] = 1  # and w2 2 + 1: nobody holds fewer than this worker's 3
-    assert mine.target() is None
-    # w1 exits (with two still in its inbox) and starts again: the two are not held against the new w1.
+    words[spread._sent(3, 1, 0)] = 1  # and one passed here by w1, not received yet: this one holds 3 + 1
+    assert mine.target() == 2
+    words[spread._sent(3, 2, 1)] = 5  # w2 passed w1 five more: w1 holds 8, w2 2, this one 4
+    assert mine.target() == 2 and w2.target() is None
+    # w1 exits with all seven in its inbox and starts again: they are written off, not held against it.
     spread.mark_down(directory, "http", 3, 1)
-    assert mine.target() is None
+    assert spread.held(directory, "http", 3) == [3, None, 2]
     restarted = spread.Spread(spread.Group(directory, 1, 3), "http")
-    restarted._words[restarted.index] = 1  # serving one connection
+    restarted._serving = True
+    restarted.serving(1)
     assert mine.target() == 1
-    restarted.close()
+    for worker in (mine, w1, w2, restarted):
+        worker.close()
 
 
 async def test_the_inbox_drops_what_is_not_a_workers_hand_off(tmp_path: Path) -> None:
     """Junk in a worker's inbox (only this user can reach it; a bug or a stale process): a
-    datagram without a descriptor, a pipe, two sockets, a sender out of range, a message too short
+    message without a descriptor, a pipe, two sockets, a sender out of range, a message too short
 or too long. Each descriptor is
     closed, nothing is served, and a real hand-off after them still is."""
     directory = str(tmp_path)
@@ -195,7 +199,8 @@ or too long. Each descriptor is
     served: list[socket.socket] = []
     receiver.start(served.append)
     inbox = spread.inbox_path(directory, "grpc", 1)
-    out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    out.connect(inbox)
     read_end, write_end = os.pipe()
     kept_a, sent_a = socket.socketpair()
     kept_b, sent_b = socket.socketpair()
@@ -203,7 +208,7 @@ or too long. Each descriptor is
     try:
         def send(data: bytes, fds: list[int]) -> None:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            out.sendmsg([data], rights, 0, inbox)
+            out.sendmsg([data], rights)
 
         send(b"\0\0", [])
         send(b"\0\0", [write_end])

@@ -9,15 +9,16 @@ short of a core.
 With a spread, each worker still accepts from its own socket (no shared accept queue, no
 thundering herd, no extra hop while the split is even), but a worker that accepts a connection
 while it serves more of that door's connections than the least-loaded live worker passes it on:
-the connection's descriptor goes over a Unix datagram socket (SCM_RIGHTS) in the supervisor's
-private directory, and that worker serves it as if it had accepted it itself. Nothing has been
-read from the connection, so TLS and both protocols are untouched by the move.
+the connection's descriptor goes over a Unix SOCK_SEQPACKET connection (SCM_RIGHTS) to that
+worker's inbox in the supervisor's private directory, and that worker serves it as if it had
+accepted it itself. Nothing has been read from the connection, so TLS and both protocols are
+untouched by the move.
 
 Each worker publishes its count in a small table the supervisor creates (one file per door,
 mapped by every worker): slot k is worker k's open connections (DOWN while it is not serving),
-then worker k's epoch (one more with each process: a restarted worker starts afresh), and row k
-of the matrix after them counts the connections worker k received from each other worker, so a
-sender knows which of the ones it passed on are still in flight. When a hand-off
+then a matrix of the connections worker k received from each other worker (written by k) and
+one of those each worker passed to each other (written by the sender): their difference is what
+is still in flight, and counts as the receiver's load for everyone. When a hand-off
 cannot be made (the other worker just exited, its queue is full: the kernel bounds it), the
 worker serves the connection itself.
 """
@@ -45,6 +46,7 @@ DOWN = 1 << 62  # a slot's value while its worker is not serving that door
 SPREADS = ("even", "kernel")  # --worker-spread: passed on to the least-loaded worker, or left where the kernel put it
 ACCEPT_BATCH = 64  # connections accepted per wake-up at most (as asyncio's own accept loop)
 ACCEPT_RETRY_S = 1.0  # out of descriptors: accepting pauses this long (as asyncio's)
+MAX_SENDERS = 4 * 256  # connections to a worker's inbox at once (each other worker keeps one; restarts add)
 _WORD = 8
 _SENDER = struct.Struct("=H")
 
@@ -60,9 +62,19 @@ class Group:
 
 
 def _received(workers: int, k: int, sender: int) -> int:
-    """The table's word counting what worker k received from `sender` (after the open counts and
-    the epochs)."""
-    return 2 * workers + k * workers + sender
+    """The table's word counting what worker k received from `sender` (written by k)."""
+    return workers + k * workers + sender
+
+
+def _sent(workers: int, sender: int, k: int) -> int:
+    """The table's word counting what `sender` passed to worker k (written by the sender)."""
+    return workers + workers * workers + sender * workers + k
+
+
+def _load(words: memoryview, workers: int, k: int, held: int) -> int:
+    """Worker k's connections: those it holds, and those passed to it that it has not received."""
+    return held + sum(max(0, words[_sent(workers, i, k)] - words[_received(workers, k, i)])
+                      for i in range(workers) if i != k)
 
 
 def table_path(directory: str, door: str) -> Path:
@@ -75,19 +87,19 @@ def inbox_path(directory: str, door: str, index: int) -> str:
 
 def create_table(directory: str, door: str, workers: int) -> None:
     """The supervisor's: a table with every worker DOWN and nothing passed on yet."""
-    words = array.array("q", [DOWN] * workers + [0] * workers + [0] * workers * workers)
+    words = array.array("q", [DOWN] * workers + [0] * 2 * workers * workers)
     table_path(directory, door).write_bytes(words.tobytes())
 
 
 def mark_down(directory: str, door: str, workers: int, index: int) -> None:
-    """The supervisor's, when worker `index` exits: the others stop passing it connections.
-    Its received counts restart from zero with it (the senders' counts are of the old one)."""
+    """The supervisor's, when worker `index` exits: the others stop passing it connections, and
+    what they passed it that it never received is written off (closed with its inbox)."""
     path = table_path(directory, door)
     with contextlib.suppress(FileNotFoundError), path.open("r+b") as f, \
             mmap.mmap(f.fileno(), 0) as mapped, memoryview(mapped) as view, view.cast("q") as words:
         words[index] = DOWN
         for sender in range(workers):
-            words[_received(workers, index, sender)] = 0
+            words[_received(workers, index, sender)] = words[_sent(workers, sender, index)]
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -124,23 +136,24 @@ class Spread:
         with table_path(group.directory, door).open("r+b") as f:
             self._mapped = mmap.mmap(f.fileno(), 0)
         self._words = memoryview(self._mapped).cast("q")
-        if len(self._words) != self.workers * (self.workers + 2):
+        if len(self._words) != self.workers * (2 * self.workers + 1):
             raise ValueError(f"spread table for {door} does not fit {self.workers} workers")
-        self._sent = [0] * self.workers  # passed to each worker's current process
-        self._epochs = [0] * self.workers  # which process that is (its slot's epoch when last looked at)
-        first = _received(self.workers, self.index, 0)
-        self._words[first:first + self.workers] = array.array("q", [0] * self.workers)  # then the new epoch:
-        self._words[self.workers + self.index] += 1  # a sender that sees it sees the zeros
+        # (The counts go on from this worker's previous process: each only grows.)
         path = inbox_path(group.directory, door, group.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by this worker's previous process
-        self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Connected SOCK_SEQPACKET, not datagrams: a datagram queue holds net.unix.max_dgram_qlen
+        # messages (10 by default), which a burst of 64 connections fills before the other worker's
+        # loop reads it; a connection's queue is bounded by its socket buffer instead.
+        self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._inbox.bind(path)
+        self._inbox.listen(self.workers)
         self._inbox.setblocking(False)
-        self._outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._outbox.setblocking(False)
+        self._outboxes: dict[int, socket.socket] = {}  # to each other worker, connected when first needed
+        self._senders: set[socket.socket] = set()  # other workers' connections to this one
         self.live = 0  # connections the door serves now (its server says)
         self.starting = 0  # accepted or received, not yet the server's (TLS handshake, connection_made)
+        self._promoted = 0  # became the server's before their acceptor's task saw them set up
         self.passed = self.received = 0
         self._serving = False
         self._closed = False
@@ -149,7 +162,25 @@ class Spread:
 
     def serving(self, live: int) -> None:
         """The door serves `live` connections now (called on every open and close)."""
+        if live > self.live:  # connections the acceptor started are the server's now: not counted twice
+            made = min(live - self.live, self.starting)
+            self.starting -= made
+            self._promoted += made
         self.live = live
+        self.publish()
+
+    def started(self) -> None:
+        """The acceptor began serving a connection (accepted here or received)."""
+        self.starting += 1
+        self.publish()
+
+    def settled(self, made: bool) -> None:
+        """A connection the acceptor began serving is set up (`made`: its protocol has it, counted
+        by its server or refused by it) or failed (a TLS handshake, a peer already gone)."""
+        if made and self._promoted:
+            self._promoted -= 1  # its server counted it (or another's, which then settles the other way)
+        else:
+            self.starting = max(0, self.starting - 1)
         self.publish()
 
     def publish(self) -> None:
@@ -158,34 +189,53 @@ class Spread:
 
     def target(self) -> int | None:
         """The worker a new connection should go to when not this one: the least-loaded live
-        worker, when it serves fewer than this one (counting what this one passed it that it has
-        not received yet)."""
+        worker, when it has fewer than this one. Each worker's load counts the connections passed
+        to it that it has not received yet, this one's included: two workers passing to each
+        other at once in a burst would otherwise each see itself too light and keep its own."""
         words, n, me = self._words, self.workers, self.index
-        least, best = self.live + self.starting, None
+        least, best = _load(words, n, me, self.live + self.starting), None
         for k in range(n):
             held = words[k]
             if k == me or held >= DOWN:
                 continue
-            if self._epochs[k] != words[n + k]:  # a new process in that slot: what went to the old is moot
-                self._epochs[k], self._sent[k] = words[n + k], 0
-            load = held + max(0, self._sent[k] - words[_received(n, k, me)])
+            load = _load(words, n, k, held)
             if load < least:
                 least, best = load, k
         return best
 
     def pass_on(self, conn: socket.socket, k: int) -> bool:
         """Send `conn` to worker `k`; False when it cannot take it now (then serve it here)."""
-        try:
-            self._outbox.sendmsg([_SENDER.pack(self.index)],
-                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))],
-                                 0, inbox_path(self._directory, self.door, k))
-        except OSError as exc:  # gone (ECONNREFUSED, ENOENT) or its queue is full (EAGAIN)
-            log.debug("%s connection not passed to w%d (%s): served here", self.door, k,
-                      errno.errorcode.get(exc.errno or 0, exc))
-            return False
-        self._sent[k] += 1
+        message = [_SENDER.pack(self.index)]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
+        for attempt in (1, 2):  # a second time on a new connection when the first was to an exited process
+            try:
+                outbox = self._outboxes.get(k) or self._connect(k)
+                outbox.sendmsg(message, rights, socket.MSG_NOSIGNAL)
+                break
+            except OSError as exc:  # gone (ECONNREFUSED, ENOENT, EPIPE) or its queue is full (EAGAIN)
+                if exc.errno != errno.EAGAIN:
+                    dropped = self._outboxes.pop(k, None)
+                    if dropped is not None:
+                        dropped.close()
+                    if attempt == 1 and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                        continue
+                log.debug("%s connection not passed to w%d (%s): served here", self.door, k,
+                          errno.errorcode.get(exc.errno or 0, exc))
+                return False
+        self._words[_sent(self.workers, self.index, k)] += 1
         self.passed += 1
         return True
+
+    def _connect(self, k: int) -> socket.socket:
+        outbox = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        outbox.setblocking(False)
+        try:
+            outbox.connect(inbox_path(self._directory, self.door, k))
+        except OSError:
+            outbox.close()
+            raise
+        self._outboxes[k] = outbox
+        return outbox
 
     # --- receiving -------------------------------------------------------------------------------
 
@@ -193,19 +243,37 @@ class Spread:
         """Serve what other workers pass on, and tell them this worker takes connections."""
         if self._serving or self._closed:
             return  # (a door listening on two addresses has an acceptor for each)
-        asyncio.get_running_loop().add_reader(self._inbox.fileno(), self._receive, serve)
+        asyncio.get_running_loop().add_reader(self._inbox.fileno(), self._accept_sender, serve)
         self._serving = True
         self.publish()
 
-    def _receive(self, serve: Callable[[socket.socket], None]) -> None:
-        space = socket.CMSG_SPACE(array.array("i").itemsize * 4)
+    def _accept_sender(self, serve: Callable[[socket.socket], None]) -> None:
         while True:
             try:
-                data, ancillary, flags, _address = self._inbox.recvmsg(_SENDER.size, space)
+                sender, _ = self._inbox.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("%s spread inbox: %s", self.door, exc)
+                return
+            if len(self._senders) >= MAX_SENDERS:  # not the other workers' few: refused
+                sender.close()
+                continue
+            sender.setblocking(False)
+            self._senders.add(sender)
+            asyncio.get_running_loop().add_reader(sender.fileno(), self._receive, sender, serve)
+
+    def _receive(self, sender_sock: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+        space = socket.CMSG_SPACE(array.array("i").itemsize * 4)
+        while True:
+            try:
+                data, ancillary, flags, _address = sender_sock.recvmsg(_SENDER.size, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, ancillary, flags = b"", [], 0
+            if not data and not ancillary:  # that worker closed its end (it exited)
+                self._forget(sender_sock)
                 return
             fds = array.array("i")
             for level, kind, payload in ancillary:
@@ -227,6 +295,12 @@ class Spread:
             self.received += 1
             serve(conns[0])
 
+    def _forget(self, sender: socket.socket) -> None:
+        self._senders.discard(sender)
+        with contextlib.suppress(RuntimeError, ValueError):  # the loop already closed; the socket too
+            asyncio.get_running_loop().remove_reader(sender.fileno())
+        sender.close()
+
     def close(self) -> None:
         """Take no more connections: others stop passing them here, and what is queued closes."""
         if self._closed:
@@ -236,7 +310,11 @@ class Spread:
         with contextlib.suppress(RuntimeError):  # the loop already closed
             asyncio.get_running_loop().remove_reader(self._inbox.fileno())
         self._inbox.close()
-        self._outbox.close()
+        for sender in list(self._senders):
+            self._forget(sender)
+        for outbox in self._outboxes.values():
+            outbox.close()
+        self._outboxes.clear()
         with contextlib.suppress(OSError):
             os.unlink(inbox_path(self._directory, self.door, self.index))
 
@@ -299,23 +377,23 @@ class Acceptor:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.spread.starting += 1
-        self.spread.publish()
+        self.spread.started()
         task = self._loop.create_task(self._connect(conn))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
+        made = False
         try:
             await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl,
                                                      ssl_handshake_timeout=self._handshake_timeout_s
                                                      if self._ssl is not None else None)
+            made = True
         except (OSError, ssl.SSLError, TimeoutError) as exc:  # a failed handshake, a peer already gone
             log.debug("%s door: connection not served: %r", self.spread.door, exc)
             conn.close()
         finally:
-            self.spread.starting -= 1
-            self.spread.publish()
+            self.spread.settled(made)
 
     def close(self) -> None:
         if self._closed:
