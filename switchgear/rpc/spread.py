@@ -2,9 +2,9 @@
 
 Each worker binds the shared port with SO_REUSEPORT, and the kernel puts each new connection on
 one worker's listening socket by a hash of its addresses. With many clients that evens out; with
-a few long-lived ones (one application server's pool of 16 HTTP/2 channels) it does not: 9/7,
-11/5 and 12/4 were measured, and the worker holding fewer connections idles while the other is
-short of a core.
+a few long-lived ones (one application server's pool of HTTP/2 channels) it does not: 16
+connections were split 9/7, 11/5 and 12/4 over two workers, and 4 connections once all went to
+one worker while the other idled.
 
 With a spread, each worker still accepts from its own socket (no shared accept queue, no
 thundering herd, no extra hop while the split is even), but a worker that accepts a connection
