@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import socket
+import ssl
 from pathlib import Path
 
 import grpc
@@ -254,3 +255,43 @@ def _peer_closed(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     return False
 
+
+
+async def test_tls_connections_are_passed_before_their_handshake(tmp_path: Path) -> None:
+    """Two TLS gRPC servers as two workers' (in one process): eight clients at once split 4/4, the
+    handshake done by whichever worker got the connection; a handshake that never finishes is
+    not left counted."""
+    from switchgear.rpc.http2 import Limits
+    from switchgear.rpc.server import Server
+    from switchgear.tls import ServerTls, add_port
+    from tests.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    directory = str(tmp_path)
+    spread.create_table(directory, "grpc", 2)
+    servers = [Server(limits=Limits(preface_timeout_s=2.0), reuse_port=True, spread=spread.Group(directory, k, 2))
+               for k in range(2)]
+    port = add_port(servers[0], "127.0.0.1:0", ServerTls(certs.server_cert, certs.server_key))
+    add_port(servers[1], f"127.0.0.1:{port}", ServerTls(certs.server_cert, certs.server_key))
+    for server in servers:
+        await server.start()
+    client_tls = ssl.create_default_context(cafile=certs.ca)
+    client_tls.set_alpn_protocols(["h2"])
+    writers = []
+    try:
+        _, stalled = await asyncio.open_connection("127.0.0.1", port)
+        stalled.write(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        await _until(lambda: any(server._spread is not None and server._spread.starting for server in servers))
+        await _until(lambda: all(server._spread is not None and server._spread.starting == 0 for server in servers))
+        assert spread.held(directory, "grpc", 2) == [0, 0]  # cut at the handshake timeout, never counted
+        stalled.close()
+        opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port, ssl=client_tls,
+                                                                server_hostname="127.0.0.1") for _ in range(8)))
+        writers = [writer for _, writer in opened]
+        await _until(lambda: spread.held(directory, "grpc", 2) == [4, 4], 1.8)  # (before the preface timeout)
+        assert [len(server._connections) for server in servers] == [4, 4]
+    finally:
+        for writer in writers:
+            writer.close()
+        for server in servers:
+            await server.stop(None)
