@@ -3,7 +3,9 @@
 The supervisor (this process) reserves both ports, then starts N workers. Each worker is a
 whole agent (server.build_agent) that binds the same ports with SO_REUSEPORT, so the kernel
 spreads new connections over the workers (by a hash of the connection's addresses: a client
-that keeps one connection stays on one worker). The supervisor starts a worker that exits again
+that keeps one connection stays on one worker); with `--worker-spread even` (the default) a
+worker holding more connections than another passes new ones to it (switchgear/rpc/spread.py,
+over tables and sockets in the supervisor's private directory). The supervisor starts a worker that exits again
 (0.2 s later, doubling to 5 s while it keeps dying young), stops all on SIGTERM or SIGINT, and
 serves the one /metrics (worker_metrics.py).
 
