@@ -214,7 +214,7 @@ def _run_workers(options: Any, args: argparse.Namespace, announce_http: Callable
 
     async def run() -> None:
         announce = Announce(_ready_announcer(args.ready_file), announce_http, _announce_metrics)
-        await Supervisor(options, args.workers, args.log_level).run(_signal_event(), announce)
+        await Supervisor(options, args.workers, args.log_level, args.worker_spread).run(_signal_event(), announce)
 
     try:
         asyncio.run(run())  # the supervisor only waits on its workers: the default loop will do
@@ -757,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "this one; 'auto': one per core this process may use (default: %(default)s; "
                          "docs/operations/single-node.md: "
                          "Every core)")
+    ag.add_argument("--worker-spread", choices=("even", "kernel"), default="even",
+                    help="with --workers N > 1: 'even' passes a new connection on to the worker serving the fewest "
+                         "(a few long-lived gRPC connections then split 8/8, not 11/5); 'kernel' leaves each where "
+                         "SO_REUSEPORT's hash puts it (default: %(default)s)")
     ag.add_argument("--log-level", default="info")
     add_worker_arguments(ag)
     add_managed_arguments(ag)

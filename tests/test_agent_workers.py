@@ -69,6 +69,26 @@ class Agent:
         return sorted(_children(self.proc.pid))
 
 
+def two_workers(control_plane: ControlPlane, tmp_path: Path) -> Proc:
+    """An agent `--workers 2 --node-id edge` with both doors and /metrics, not started."""
+    return Proc.switchgear("agent", ["agent", "--workers", "2", "--auth", "none", "--control-plane",
+                                     control_plane.address, "--listen", "127.0.0.1:0", "--http-listen",
+                                     "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--node-id", "edge"], tmp_path)
+
+
+async def start_two(proc: Proc, control_plane: ControlPlane, upstream: tuple[Upstream, str]) -> tuple[str, Agent]:
+    """Start `proc` (two_workers) with the service "chat" on `upstream`; (its gRPC address, the
+    Agent) once both workers hold a snapshot."""
+    control_plane.registry.register(service("chat", upstream[1], model="gpt-4o-mini"), "test")
+    address = await asyncio.to_thread(proc.start, 60.0)
+    http = (await asyncio.to_thread(proc.wait_line, "HTTP ", 10.0)).split()[1]
+    metrics = (await asyncio.to_thread(proc.wait_line, "METRICS ", 10.0)).split()[1]
+    # Both workers subscribed under one grouped identity; both serve the one gRPC port.
+    await poll(lambda: sorted(a.node.id for a in control_plane.tracker.list() if a.acked_version)
+               == ["edge/w0", "edge/w1"])
+    return address, Agent(proc, http, metrics)
+
+
 def total(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
     return sum(v for (n, labels), v in scraped.items() if n == name and dict(labels).get("endpoint"))
 
@@ -76,21 +96,10 @@ def total(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 async def test_two_workers_share_ports_restart_and_stop(
     control_plane: ControlPlane, upstream: tuple[Upstream, str], tmp_path: Path
 ) -> None:
-    _, url = upstream
-    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
-    proc = Proc.switchgear("agent", [
-        "agent", "--workers", "2", "--auth", "none", "--control-plane", control_plane.address,
-        "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-        "--node-id", "edge"], tmp_path)
-    address = await asyncio.to_thread(proc.start, 60.0)
+    proc = two_workers(control_plane, tmp_path)
     try:
-        http = (await asyncio.to_thread(proc.wait_line, "HTTP ", 10.0)).split()[1]
-        metrics = (await asyncio.to_thread(proc.wait_line, "METRICS ", 10.0)).split()[1]
-        agent = Agent(proc, http, metrics)
+        address, agent = await start_two(proc, control_plane, upstream)
         assert len(agent.workers()) == 2
-        # Both workers subscribed under one grouped identity; both serve the one gRPC port.
-        await poll(lambda: sorted(a.node.id for a in control_plane.tracker.list() if a.acked_version)
-                   == ["edge/w0", "edge/w1"])
         async with grpc.aio.insecure_channel(address) as channel:
             reply = await gateway_pb2_grpc.GatewayServiceStub(channel).Invoke(gateway_pb2.InvokeRequest(
                 service="chat", method="chat.completions", payload=orjson.dumps(CHAT)), timeout=10)

@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -330,8 +331,9 @@ def h2load(
 
 class Stack:
     def __init__(self, workdir: Path, grpcio: bool = False, workers: tuple[int, ...] = (1,),
-                 upstream: str = "emulator") -> None:
+                 upstream: str = "emulator", worker_flags: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.worker_flags = worker_flags  # more agent flags for --workers N > 1 (e.g. --worker-spread kernel)
         self.procs: list[Proc] = []
         self.upstream = upstream  # the zero-delay service's: "emulator" or "nginx" (nginx.py)
         self.nginx: Nginx | None = None
@@ -396,7 +398,8 @@ class Stack:
     def _agent(self, name: str, cp_address: str, grpc_server: str, workers: int = 1) -> tuple[Proc, str, str]:
         argv = ["agent", "--auth", "none", "--control-plane", cp_address, "--listen", "127.0.0.1:0",
                 "--http-listen", "127.0.0.1:0", "--grpc-server", grpc_server, "--log-level", "warning",
-                *(("--workers", str(workers)) if workers != 1 else ())]  # (older commits have no --workers)
+                *(("--workers", str(workers), *self.worker_flags) if workers != 1 else ())]  # (older commits
+        # have no --workers)
         token = self.workdir / "r.db.agent-token"
         if token.exists():  # (absent on commits from before agents authenticated: A/B against them)
             argv += ["--agent-token-file", str(token)]
@@ -478,6 +481,10 @@ def fmt(runs: list[Run], rss: float) -> str:
     return "\n".join(lines)
 
 
+#: --http-keepalive off: the http path's requests say `Connection: close` (a new connection each).
+HTTP_HEADERS: list[dict[str, str] | None] = [None]
+
+
 def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, service: str, conc: int,
             seconds: float, workdir: Path, workers: int) -> Run:
     """One load run of `mode` against `service` (on the emulator's `instance`), through the agent
@@ -492,7 +499,7 @@ def one_run(mode: str, stack: Stack, prod: ProdStack | None, instance: str, serv
         pids = (stack.upstream_pid(instance), agent.pid)
         if mode == "http":
             return wrk(f"http://{http_address}/v1/chat/completions", {**CHAT, "model": service}, conc,
-                       seconds, pids, workdir)[0]
+                       seconds, pids, workdir, HTTP_HEADERS[0])[0]
         address = stack.grpcio_address if mode == "grpcio" else grpc_address
         return h2load(address, service, conc, seconds, pids, workdir, functools.partial(stack.served, instance))[0]
     assert prod is not None
@@ -552,7 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prod-sched-slice-us", type=int, default=0, metavar="US",
                         help="start the production agents with --sched-slice-us US (default: not passed, the "
                              "kernel's slice)")
+    parser.add_argument("--worker-flags", default="",
+                        help="more agent flags for the agents with --workers N > 1, e.g. '--worker-spread kernel' "
+                             "(A/B of the workers' settings against the same 1-worker run)")
+    parser.add_argument("--http-keepalive", choices=("on", "off"), default="on",
+                        help="off: every request of the http path on a new connection (wrk sends Connection: close): "
+                             "the agent's cost per connection, as with clients that do not keep connections alive")
     args = parser.parse_args(argv)
+    HTTP_HEADERS[0] = {"Connection": "close"} if args.http_keepalive == "off" else None
     worker_counts = tuple(int(n) for n in args.workers.split(","))
     LOADGEN_BATCH[0] = args.loadgen_sched == "batch"
     ensure_tools()
@@ -564,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in modes if m not in ("direct", "http", "grpc", "grpcio", *PROD_MODES)]
         if unknown:
             parser.error(f"unknown modes: {', '.join(unknown)}")
-        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts, upstream=args.upstream)
+        stack = Stack(workdir, grpcio="grpcio" in modes, workers=worker_counts, upstream=args.upstream,
+                      worker_flags=tuple(shlex.split(args.worker_flags)))
         prod: ProdStack | None = None
         try:
             stack.start()
@@ -596,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     print()
     print(f"zero-delay upstream: {args.upstream}; load generator{' and nginx' if args.upstream == 'nginx' else ''} "
-          f"scheduled {args.loadgen_sched}")
+          f"scheduled {args.loadgen_sched}{f'; workers started with {args.worker_flags}' if args.worker_flags else ''}"
+          f"{'; http path without keep-alive' if HTTP_HEADERS[0] else ''}")
     print(fmt(runs, rss))
     for note in notes:
         print(note)

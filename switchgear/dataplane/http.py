@@ -36,13 +36,14 @@ from aiohttp import web
 from switchgear.dataplane import access_log, anthropic_door
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal
-from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, body_guard, runner
+from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, SpreadSite, body_guard, runner
 from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
 from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
+from switchgear.rpc.spread import Group
 from switchgear.tls import ListenError
 
 MODEL_CATEGORIES = ("llm", "embedding")
@@ -380,16 +381,21 @@ def build_app(
 async def start(
     holder: Holder, invoker: Invoker, streamer: Streamer, listen: str, pipeline: Pipeline | None = None,
     tls: ssl.SSLContext | None = None, limits: DoorLimits = DEFAULT_LIMITS, observe: Observe | None = None,
-    reuse_port: bool = False,
+    reuse_port: bool = False, spread: Group | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Start the front door on `listen` ("host:port", port 0 picks one), over TLS when `tls` is
     given, bounded by `limits` (http_door.py); (runner, bound address). `reuse_port`: with
-    SO_REUSEPORT, for the processes of one agent (`--workers`)."""
+    SO_REUSEPORT, for the processes of one agent (`--workers`); `spread`: and their connections spread
+    evenly over them (switchgear.rpc.spread)."""
     host, _, port = listen.rpartition(":")
     door = runner(build_app(holder, invoker, streamer, pipeline, limits, observe), limits)
     await door.setup()
-    site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls,
-                       reuse_port=reuse_port or None)
+    site: web.BaseSite
+    if spread is not None:
+        site = SpreadSite(door, host.strip("[]") or "127.0.0.1", int(port), spread, ssl_context=tls)
+    else:
+        site = web.TCPSite(door, host.strip("[]") or "127.0.0.1", int(port), backlog=1024, ssl_context=tls,
+                           reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:

@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import logging
 import resource
+import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -43,6 +44,8 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+
+from switchgear.rpc import spread
 
 log = logging.getLogger("switchgear.dataplane.http")
 
@@ -154,6 +157,11 @@ class _Door(web.Server):
         self.evicted = self.refused = 0
         self.buffered = 0  # request-body bytes reserved by requests being read or served
         self.throttle = _LogThrottle()
+        self.on_count: Callable[[int], None] | None = None  # told len(live) on each change (--workers' spread)
+
+    def counted(self) -> None:
+        if self.on_count is not None:
+            self.on_count(len(self.live))
 
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, **self._kwargs)
@@ -172,6 +180,7 @@ class _Door(web.Server):
             self.evicted += 1
             victim.force_close()
         self.live[conn] = None
+        self.counted()
         return True
 
 
@@ -204,6 +213,7 @@ class _Protocol(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._door.live.pop(self, None)
+        self._door.counted()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -313,6 +323,36 @@ class DoorRunner(web.AppRunner):
         server = self.server
         assert isinstance(server, _Door)
         return server
+
+
+class SpreadSite(web.BaseSite):
+    """The door's site in one process of `--workers N`: binds host:port with SO_REUSEPORT and
+    accepts through switchgear.rpc.spread, which passes a connection on to another worker when
+    this one serves more than it (`--worker-spread even`)."""
+
+    def __init__(self, runner: DoorRunner, host: str, port: int, group: spread.Group,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        self._host, self._port, self._group = host, port, group
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        runner = self._runner
+        assert isinstance(runner, DoorRunner)
+        sock = spread.listening_socket(self._host, self._port, self._backlog)
+        try:
+            shared = spread.Spread(self._group, "http")
+        except BaseException:
+            sock.close()
+            raise
+        runner.door.on_count = shared.serving
+        acceptor = spread.Acceptor(sock, runner.door, shared, self._ssl_context)
+        acceptor.start()
+        self._server = acceptor  # type: ignore[assignment]  # close() and sockets, as aiohttp uses them
 
 
 def runner(app: web.Application, limits: DoorLimits) -> DoorRunner:

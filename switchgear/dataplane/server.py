@@ -57,6 +57,7 @@ from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions
 from switchgear.dataplane.worker_metrics import LoopTasks, serve_worker_metrics
 from switchgear.rpc.options import grpcio_options
+from switchgear.rpc.spread import Group
 from switchgear.tls import ClientTls, ServerTls, add_port
 from switchgear.v1 import discovery_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -119,6 +120,8 @@ class Options:
     # to the supervisor on this Unix socket (in its private directory) instead of metrics_listen.
     reuse_port: bool = False
     metrics_socket: str = ""
+    # And with `--worker-spread even`, where the workers meet to spread connections evenly (switchgear.rpc.spread).
+    spread: Group | None = None
 
 
 def agent_token(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -309,7 +312,7 @@ class Agent:
             self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
             tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits,
             observe=observe(self.core.observed.edge, self.core.observed.tracing),
-            reuse_port=self.options.reuse_port)
+            reuse_port=self.options.reuse_port, spread=self.options.spread)
         stack.push_async_callback(runner.cleanup)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)
         return address
@@ -425,7 +428,7 @@ def _gateway_server(options: Options, observed: _Observed, health_servicer: heal
     """The gRPC port with the Gateway, health and reflection on it, bound and not started."""
     server = _grpc_server(options.grpc_server,
                           (GatewayInterceptor(observed.tracing, None, observed.edge),),  # the edge meters overhead
-                          options.grpc_limits, reuse_port=options.reuse_port)
+                          options.grpc_limits, reuse_port=options.reuse_port, spread=options.spread)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((GATEWAY, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -437,7 +440,7 @@ GRPC_SERVERS = ("switchgear", "grpcio")
 
 
 def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], limits: rpc.Limits,
-                 reuse_port: bool = False) -> grpc.aio.Server:
+                 reuse_port: bool = False, spread: Group | None = None) -> grpc.aio.Server:
     # Connections to this port stay within the process's per-door fd budget (http_door.py), so
     # sockets held open against it cannot take the descriptors the HTTP door and the pool need.
     budget = door_budget(raise_nofile_limit())
@@ -445,7 +448,7 @@ def _grpc_server(kind: str, interceptors: Sequence[grpc.aio.ServerInterceptor], 
         if limits.max_connections > budget:
             log.warning("--grpc-max-connections lowered to %d by the open-file limit", budget)
             limits = dataclasses.replace(limits, max_connections=budget)
-        return rpc.Server(interceptors, limits=limits, reuse_port=reuse_port)
+        return rpc.Server(interceptors, limits=limits, reuse_port=reuse_port, spread=spread)
     if kind == "grpcio":
         return grpc.aio.server(interceptors=interceptors, options=(
             ("grpc.keepalive_permit_without_calls", 1), *grpcio_options(limits),

@@ -135,9 +135,11 @@ class WorkersCollector(Collector):
     `restarts` returns how many times workers were started again. Thread-safe (scrapes come
     from the metrics server's thread)."""
 
-    def __init__(self, paths: Sequence[str], restarts: Callable[[], int], timeout_s: float = 2.0) -> None:
+    def __init__(self, paths: Sequence[str], restarts: Callable[[], int], timeout_s: float = 2.0,
+                 connections: Callable[[], Iterable[tuple[str, int, int]]] | None = None) -> None:
         self._paths = list(paths)
         self._restarts = restarts
+        self._connections = connections  # (door, worker, open connections) with --worker-spread even
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._last: dict[int, tuple[int, list[Metric]]] = {}  # worker -> (pid, families) it answered last
@@ -179,6 +181,13 @@ class WorkersCollector(Collector):
         for k, (_pid, families) in sorted(self._last.items()):
             attempts.add_metric([f"w{k}"], _attempts(families))
         yield attempts
+        if self._connections is not None:
+            held = GaugeMetricFamily("switchgear_worker_connections",
+                                     "Connections each worker serves on each door (--worker-spread even)",
+                                     labels=("door", "worker"))
+            for door, k, n in self._connections():
+                held.add_metric([door, f"w{k}"], float(n))
+            yield held
 
 
 def _per_worker_gauges(answered: dict[int, list[Metric]]) -> Iterator[Metric]:

@@ -3,7 +3,9 @@
 The supervisor (this process) reserves both ports, then starts N workers. Each worker is a
 whole agent (server.build_agent) that binds the same ports with SO_REUSEPORT, so the kernel
 spreads new connections over the workers (by a hash of the connection's addresses: a client
-that keeps one connection stays on one worker). The supervisor starts a worker that exits again
+that keeps one connection stays on one worker); with `--worker-spread even` (the default) a
+worker holding more connections than another passes new ones to it (switchgear/rpc/spread.py,
+over tables and sockets in the supervisor's private directory). The supervisor starts a worker that exits again
 (0.2 s later, doubling to 5 s while it keeps dying young), stops all on SIGTERM or SIGINT, and
 serves the one /metrics (worker_metrics.py).
 
@@ -51,6 +53,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from switchgear.dataplane.server import Announce, Options, default_node_id, serve
 from switchgear.dataplane.worker_metrics import WorkersCollector
+from switchgear.rpc.spread import SPREADS, Group, create_table, held, mark_down
 
 log = logging.getLogger("switchgear.dataplane.workers")
 
@@ -129,10 +132,15 @@ class _Worker:
 class Supervisor:
     """Runs `workers` agent processes for `options` (see the module docstring)."""
 
-    def __init__(self, options: Options, workers: int, log_level: str = "info") -> None:
+    def __init__(self, options: Options, workers: int, log_level: str = "info", spread: str = "even") -> None:
+        if spread not in SPREADS:
+            raise ValueError(f"--worker-spread must be one of {', '.join(SPREADS)}, got {spread!r}")
         self.options = options
         self.count = workers
         self.log_level = log_level
+        self.spread = spread
+        self._doors: tuple[str, ...] = ()  # the doors whose connections are spread evenly
+        self._sockets = ""
         self.restarts = 0
         self._workers = [_Worker(k) for k in range(workers)]
         self._plans: list[WorkerPlan] = []
@@ -145,6 +153,10 @@ class Supervisor:
             options = self._reserve(stack)
             sockets = Path(tempfile.mkdtemp(prefix="switchgear-workers-"))  # 0700: only this user
             stack.callback(shutil.rmtree, sockets, True)
+            self._sockets = str(sockets)
+            self._doors = self._spread_doors(options)
+            for door in self._doors:
+                create_table(self._sockets, door, self.count)
             self._plans = [self._plan(options, k, sockets) for k in range(self.count)]
             if not options.redis_url:
                 log.warning("%d workers without --redis: quota counters and the response cache are each "
@@ -178,18 +190,37 @@ class Supervisor:
     def _plan(self, options: Options, k: int, sockets: Path) -> WorkerPlan:
         base = options.node_id or default_node_id()
         metrics_socket = str(sockets / f"w{k}.sock") if options.metrics_listen else ""
+        spread = Group(str(sockets), k, self.count) if self._doors else None
         return WorkerPlan(dataclasses.replace(options, node_id=f"{base}/w{k}", metrics_listen="",
-                                              metrics_socket=metrics_socket), k, self.log_level)
+                                              metrics_socket=metrics_socket, spread=spread), k, self.log_level)
+
+    def _spread_doors(self, options: Options) -> tuple[str, ...]:
+        """The doors whose connections the workers pass to each other (switchgear.rpc.spread)."""
+        if self.spread != "even":
+            return ()
+        doors = ("http",) if options.http_listen else ()
+        if options.grpc_server == "switchgear":
+            return ("grpc", *doors)
+        log.warning("--worker-spread even with --grpc-server %s: gRPC connections stay on the worker the "
+                    "kernel gives them (grpc core accepts them itself); only the HTTP door's are spread",
+                    options.grpc_server)
+        return doors
 
     def _serve_metrics(self, stack: contextlib.ExitStack) -> str | None:
         if not self.options.metrics_listen:
             return None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkersCollector([p.options.metrics_socket for p in self._plans], lambda: self.restarts))
+        registry.register(WorkersCollector([p.options.metrics_socket for p in self._plans], lambda: self.restarts,
+                                           connections=self.connections if self._doors else None))
         host, _, port = self.options.metrics_listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
         stack.callback(server.shutdown)
         return f"{host or '127.0.0.1'}:{server.server_port}"
+
+    def connections(self) -> list[tuple[str, int, int]]:
+        """(door, worker, connections it serves) for each serving worker on each spread door."""
+        return [(door, k, n) for door in self._doors
+                for k, n in enumerate(held(self._sockets, door, self.count)) if n is not None]
 
     async def _start(self, worker: _Worker) -> None:
         """Start worker `worker.index` and wait for its READY (and HTTP) line."""
@@ -232,6 +263,8 @@ class Supervisor:
         while True:
             assert worker.proc is not None
             code = await worker.proc.wait()
+            for door in self._doors:  # the others stop passing it connections
+                mark_down(self._sockets, door, self.count, worker.index)
             if stop.is_set():
                 return
             young = loop.time() - worker.started < YOUNG_S

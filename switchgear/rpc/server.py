@@ -36,6 +36,7 @@ import grpc
 import grpc.aio
 
 from switchgear.rpc import http2
+from switchgear.rpc import spread as spread_mod
 from switchgear.rpc.http2 import (
     Connection,
     Limits,
@@ -363,7 +364,8 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
                  max_receive_message_length: int = DEFAULT_MAX_RECEIVE, limits: Limits | None = None,
                  max_concurrent_streams: int | None = None, max_header_list_size: int | None = None,
-                 warnings: Warnings | None = None, reuse_port: bool = False) -> None:
+                 warnings: Warnings | None = None, reuse_port: bool = False,
+                 spread: spread_mod.Group | None = None) -> None:
         self._interceptors = tuple(interceptors)
         self.max_receive = max_receive_message_length
         limits = limits or Limits()
@@ -377,7 +379,9 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         self._generic: list[grpc.GenericRpcHandler] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._reuse_port = reuse_port  # SO_REUSEPORT: processes of one agent share the port
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._spread_group = spread  # with --workers: connections spread evenly over them (spread.py)
+        self._spread: spread_mod.Spread | None = None
+        self._listeners: list[asyncio.AbstractServer | spread_mod.Acceptor] = []
         self._connections: set[Connection] = set()
         self._stopped: asyncio.Event | None = None
         # The interceptor chain, built once: each call enters it with its HandlerCallDetails.
@@ -447,8 +451,15 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         _check_descriptors(self.limits.max_connections)
+        if self._spread_group is not None and self._sockets:
+            self._spread = spread_mod.Spread(self._spread_group, "grpc")
         for sock, context in self._sockets:
             handshake = self.limits.preface_timeout_s if context is not None else None  # TLS slowloris too
+            if self._spread is not None:
+                acceptor = spread_mod.Acceptor(sock, self._connection, self._spread, context, handshake)
+                acceptor.start()
+                self._listeners.append(acceptor)
+                continue
             self._listeners.append(await loop.create_server(self._connection, sock=sock, ssl=context,
                                                             ssl_handshake_timeout=handshake))
 
@@ -493,8 +504,17 @@ class Server(grpc.aio.Server):  # type: ignore[misc]
             return Refusal()
         # Counted once connected (with TLS: once the handshake is done; one that fails never
         # reaches the connection, and would otherwise hold its place for good).
-        return Connection(self._on_stream, self.limits, self._connections.discard, self.warnings,
-                          on_open=self._connections.add)
+        return Connection(self._on_stream, self.limits, self._gone, self.warnings, on_open=self._opened)
+
+    def _opened(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        if self._spread is not None:
+            self._spread.serving(len(self._connections))
+
+    def _gone(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        if self._spread is not None:
+            self._spread.serving(len(self._connections))
 
     def _on_stream(self, stream: Stream) -> None:
         """A request's headers: check them, find the method, and read the body."""
