@@ -585,3 +585,94 @@ async def _sdk_round_trip(sdk: anthropic.AsyncAnthropic) -> None:
                                       messages=[*ask, {"role": "assistant", "content": whole.content}, result])
     assert reply.stop_reason == "end_turn" and reply.content[0].text.endswith("You said: sunny")  # type: ignore[union-attr]
     await sdk.close()
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+LOOK = [{"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}", "detail": "low"}}]
+
+
+def test_image_file_and_refusal_parts_map_to_anthropic_blocks() -> None:
+    payload = {"messages": [
+        {"role": "user", "content": [*LOOK, {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+                                     {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=",
+                                                               "filename": "a.pdf"}}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot say."}]},
+        {"role": "user", "content": "why?"}]}
+    turns = messages_from_chat(payload, "m", 10)["messages"]
+    assert turns[0]["content"] == [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}},
+    ]
+    assert turns[1]["content"] == [{"type": "text", "text": "I cannot say."}]
+
+
+@pytest.mark.parametrize(
+    ("messages", "path"),
+    [
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAA=", "format": "wav"}}]}],
+         "payload.messages[0].content[0].type"),
+        ([{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}],
+         "payload.messages[0].content[0].file.file_data"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/bmp;base64,Qk0="}}]}],
+         "payload.messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}]}],
+         "payload.messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+         "payload.messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "text", "text": 7}]}], "payload.messages[0].content[0].text"),
+        ([{"role": "user", "content": ["hello"]}], "payload.messages[0].content[0]"),
+        ([{"role": "system", "content": LOOK}, {"role": "user", "content": "hi"}],
+         "payload.messages[0].content[1].type"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": LOOK}],
+         "payload.messages[1].content[1].type"),
+    ],
+)
+async def test_a_part_anthropic_cannot_take_is_the_caller_s_and_never_sent(
+    upstream: Running, client: httpx.AsyncClient, messages: list[dict[str, Any]], path: str
+) -> None:
+    before = upstream.instance.stats()["total"]
+    for call in (AnthropicAdapter().invoke, _collect):
+        with pytest.raises(UpstreamError) as caught:
+            await call(client, target(upstream), AdapterRequest("chat.completions", {"messages": messages}, 5))
+        assert caught.value.kind is ErrorKind.CLIENT and caught.value.message.startswith(f"{path}: ")
+    assert upstream.instance.stats()["total"] == before
+
+
+async def test_an_image_reaches_the_emulator_which_checks_it_as_anthropic_does(
+    upstream: Running, client: httpx.AsyncClient
+) -> None:
+    payload = {"messages": [{"role": "user", "content": LOOK}]}
+    response = await AnthropicAdapter().invoke(client, target(upstream), AdapterRequest("chat.completions", payload, 5))
+    assert orjson.loads(response.body)["choices"][0]["finish_reason"] == "stop"
+    broken = [LOOK[0], {"type": "image_url", "image_url": {"url": "data:image/png;base64,not*base64"}}]
+    with pytest.raises(UpstreamError) as caught:
+        await AnthropicAdapter().invoke(client, target(upstream),
+                                        AdapterRequest("chat.completions", {"messages": [
+                                            {"role": "user", "content": broken}]}, 5))
+    error = orjson.loads(caught.value.body)["error"]
+    assert caught.value.kind is ErrorKind.CLIENT and caught.value.status == 400
+    assert error["message"].startswith("messages.0.content.1.source.base64.data:")
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ({"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": PNG}},
+         "messages.0.content.0.source.base64.media_type:"),
+        ({"type": "image", "source": {"type": "file", "file_id": "f"}}, "messages.0.content.0.source:"),
+        ({"type": "image", "source": {"type": "url", "url": "ftp://x"}}, "messages.0.content.0.source.url.url:"),
+        ({"type": "document", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+         "messages.0.content.0.source.base64.media_type:"),
+        ({"type": "audio", "data": "AAA="}, "messages.0.content.0:"),
+    ],
+)
+async def test_the_emulator_refuses_bad_media_blocks_as_anthropic_does(
+    upstream: Running, client: httpx.AsyncClient, block: dict[str, Any], field: str
+) -> None:
+    payload = {"messages": [{"role": "user", "content": [block]}]}
+    with pytest.raises(UpstreamError) as caught:
+        await AnthropicAdapter().invoke(client, target(upstream), AdapterRequest("messages", payload, 5))
+    assert caught.value.status == 400 and orjson.loads(caught.value.body)["error"]["message"].startswith(field)

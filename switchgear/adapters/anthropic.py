@@ -9,6 +9,13 @@ Methods:
   mapped back to an OpenAI `chat.completion` (stop reasons: end_turn/stop_sequence → stop,
   max_tokens → length, tool_use → tool_calls; usage → prompt/completion tokens).
 
+Content parts on "chat.completions": `text` → text blocks; `image_url` → `image` blocks (a
+`data:image/{jpeg,png,gif,webp};base64,` URL → a base64 source, an http(s) URL → a url source;
+`detail` has no Anthropic counterpart); `file` with `file_data` (a PDF data URL) → a `document`
+block; an assistant's `refusal` part → text. Anything else — other part types, file ids, other
+media types, images in system or assistant messages — is refused (CLIENT, naming the part's
+field), never dropped.
+
 Tool calling on "chat.completions": function `tools` → `{name, description, input_schema}`;
 `tool_choice` auto/none/required/{function} → `{"type": auto|none|any|tool, name}`, and
 `parallel_tool_calls: false` → `disable_parallel_tool_use`; an assistant message's `tool_calls`
@@ -116,15 +123,9 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _content(content: Any) -> Any:
-    """OpenAI content (string or parts) as Anthropic content (string or text blocks)."""
-    if isinstance(content, list):
-        return [
-            {"type": "text", "text": p["text"]}
-            for p in content
-            if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-        ]
-    return content if isinstance(content, str) else ""
+#: The image types Anthropic accepts in a base64 source.
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.DOTALL)
 
 
 def _refused(path: str, why: str) -> UpstreamError:
@@ -132,11 +133,63 @@ def _refused(path: str, why: str) -> UpstreamError:
     return UpstreamError(ErrorKind.CLIENT, f"{path}: {why}")
 
 
-def _blocks(content: Any) -> list[Any]:
-    """OpenAI content as a list of non-empty Anthropic text blocks."""
-    mapped = _content(content)
+def _source(url: Any, path: str, media_types: tuple[str, ...]) -> dict[str, Any]:
+    """An Anthropic content source for a data: URL (base64) or an http(s) URL."""
+    if not isinstance(url, str) or not url:
+        raise _refused(path, "must be a data: URL or an http(s) URL")
+    data = _DATA_URL.fullmatch(url)
+    if data is not None:
+        if data.group(1) not in media_types:
+            raise _refused(path, f"a {data.group(1)!r} data URL cannot be sent to Anthropic (it takes "
+                                 f"{', '.join(media_types)})")
+        return {"type": "base64", "media_type": data.group(1), "data": data.group(2)}
+    if url.startswith(("https://", "http://")):
+        return {"type": "url", "url": url}
+    raise _refused(path, "must be a base64 data: URL or an http(s) URL")
+
+
+def _part(part: Any, path: str) -> dict[str, Any]:
+    """One OpenAI content part as an Anthropic content block."""
+    if not isinstance(part, Mapping):
+        raise _refused(path, "must be an object")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise _refused(f"{path}.text", "must be a string")
+        return {"type": "text", "text": part["text"]}
+    if kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant's earlier refusal
+        return {"type": "text", "text": part["refusal"]}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, Mapping) else image
+        return {"type": "image", "source": _source(url, f"{path}.image_url.url", IMAGE_TYPES)}
+    if kind == "file":
+        file = part.get("file")
+        if not isinstance(file, Mapping) or "file_data" not in file:
+            raise _refused(f"{path}.file.file_data", "is required: file ids are the OpenAI account's own")
+        return {"type": "document", "source": _source(file["file_data"], f"{path}.file.file_data",
+                                                     ("application/pdf",))}
+    raise _refused(f"{path}.type", f"{kind!r} parts cannot be sent to Anthropic")
+
+
+def _content(content: Any, path: str, text_only: bool = False) -> Any:
+    """OpenAI content (string or parts) as Anthropic content (string or blocks); `text_only` for
+    the turns that take text alone (system prompts, assistant turns)."""
+    if isinstance(content, list):
+        blocks = [_part(p, f"{path}[{j}]") for j, p in enumerate(content)]
+        if text_only:
+            for j, block in enumerate(blocks):
+                if block["type"] != "text":
+                    raise _refused(f"{path}[{j}].type", "only text parts are allowed in this message")
+        return blocks
+    return content if isinstance(content, str) else ""
+
+
+def _blocks(content: Any, path: str, text_only: bool = False) -> list[Any]:
+    """OpenAI content as a list of Anthropic blocks, empty texts left out."""
+    mapped = _content(content, path, text_only)
     blocks = [{"type": "text", "text": mapped}] if isinstance(mapped, str) else mapped
-    return [b for b in blocks if b["text"]]
+    return [b for b in blocks if b["type"] != "text" or b["text"]]
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
@@ -230,7 +283,8 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _refused(f"payload.messages[{i}].tool_call_id", "must be the id of the tool call it answers")
-            block = {"type": "tool_result", "tool_use_id": _tool_id(call_id), "content": _content(content)}
+            block = {"type": "tool_result", "tool_use_id": _tool_id(call_id),
+                     "content": _content(content, f"payload.messages[{i}].content")}
             if results is None:
                 results = [block]
                 turns.append({"role": "user", "content": results})
@@ -238,17 +292,19 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
                 results.append(block)
             continue
         if role == "user" and results is not None:  # Anthropic wants tool results first in a user turn
-            results.extend(_blocks(content))
+            results.extend(_blocks(content, f"payload.messages[{i}].content"))
         elif role in ("system", "developer"):
+            _content(content, f"payload.messages[{i}].content", text_only=True)
             system.append(_text(content))
         elif role == "user" or (role == "assistant" and not message.get("tool_calls")):
-            turns.append({"role": role, "content": _content(content)})
+            turns.append({"role": role, "content": _content(content, f"payload.messages[{i}].content",
+                                                            text_only=role == "assistant")})
         elif role == "assistant":
             calls = message["tool_calls"]
             if not isinstance(calls, list):
                 raise _refused(f"payload.messages[{i}].tool_calls", "must be a list")
             uses = [_tool_use(f"payload.messages[{i}].tool_calls[{j}]", call) for j, call in enumerate(calls)]
-            turns.append({"role": role, "content": _blocks(content) + uses})
+            turns.append({"role": role, "content": _blocks(content, f"payload.messages[{i}].content", True) + uses})
         else:
             raise _refused(f"payload.messages[{i}].role", f"{role!r} cannot be mapped to Anthropic")
         results = None

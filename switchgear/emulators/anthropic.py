@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -214,14 +216,48 @@ def parse_tools(body: Mapping[str, Any]) -> Tools:
     return Tools(tuple(names), choice["type"], name if isinstance(name, str) else "", single)
 
 
+_BLOCK_TYPES = ("text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                "search_result")
+_MEDIA_TYPES = {"image": ("image/jpeg", "image/png", "image/gif", "image/webp"),
+                "document": ("application/pdf",)}
+
+
+def _check_source(path: str, source: Any, media_types: tuple[str, ...]) -> None:
+    """An image's or a PDF document's source: base64 data of an accepted media type, or a URL."""
+    if not isinstance(source, dict) or source.get("type") not in ("base64", "url"):
+        raise AnthropicError(400, f"{path}: Input tag {source.get('type') if isinstance(source, dict) else None!r} "
+                             "found using 'type' does not match any of the expected tags: 'base64', 'url'")
+    if source["type"] == "url":
+        if not isinstance(source.get("url"), str) or not source["url"].startswith(("https://", "http://")):
+            raise AnthropicError(400, f"{path}.url.url: Input should be a valid URL")
+        return
+    if source.get("media_type") not in media_types:
+        raise AnthropicError(400, f"{path}.base64.media_type: Input should be "
+                             f"{', '.join(repr(t) for t in media_types)}")
+    data = source.get("data")
+    if not isinstance(data, str) or not data:
+        raise AnthropicError(400, f"{path}.base64.data: Field required")
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise AnthropicError(400, f"{path}.base64.data: Input should be valid base64") from None
+
+
 def _check_block(path: str, block: Any, role: str) -> None:
     if not isinstance(block, dict):
         raise AnthropicError(400, f"{path}: Input should be a valid dictionary")
     kind = block.get("type")
     if not isinstance(kind, str):
         raise AnthropicError(400, f"{path}.type: Field required")
+    if kind not in _BLOCK_TYPES:
+        raise AnthropicError(400, f"{path}: Input tag {kind!r} found using 'type' does not match any of the "
+                             f"expected tags: {', '.join(repr(t) for t in _BLOCK_TYPES)}")
     if kind == "text" and not isinstance(block.get("text"), str):
         raise AnthropicError(400, f"{path}.text: Input should be a valid string")
+    if kind in ("image", "document"):
+        if role != "user" and kind == "image":
+            raise AnthropicError(400, f"{path}: image blocks may only appear in user messages")
+        _check_source(f"{path}.source", block.get("source"), _MEDIA_TYPES[kind])
     if kind == "tool_use":
         if role != "assistant":
             raise AnthropicError(400, f"{path}: tool_use blocks may only appear in assistant messages")
