@@ -179,3 +179,25 @@ def test_held_successes_older_than_the_window_are_dropped_not_released() -> None
     clock.t += live.config.window_s + 1
     complete(live, "s/a", 0.2)
     assert live.get("s/a").window.counts(clock()) == (1, 0)
+
+
+def test_failures_of_attempts_sent_before_a_success_start_no_streak() -> None:
+    """By send time: long calls that time out after a newer call already succeeded say nothing
+    about what the endpoint does with new calls; they count against its rate, not as a streak."""
+    clock = Clock()
+    live = stats(clock)
+    for i in range(STREAK):  # long calls in service
+        _start(live, "s/a", f"long{i}")
+    clock.t += 0.5
+    _start(live, "s/a", "short")
+    clock.t += 0.1
+    _end(live, "s/a", "short", 0.1)
+    clock.t += 5.0
+    for i in range(STREAK):
+        _end(live, "s/a", f"long{i}", 5.6, ErrorKind.TIMEOUT)
+    s = live.get("s/a")
+    assert s.window.counts(clock()) == (1, STREAK)  # they still count against its rate
+    assert s.failing == 0 and not s.failing_now()
+    _start(live, "s/a", "after")  # a failure sent after the success does extend a streak
+    _end(live, "s/a", "after", 0.01, ErrorKind.RETRYABLE)
+    assert s.failing == 1

@@ -365,6 +365,7 @@ class EndpointStats:
         "recent_ttft",
         "silence_probed_at",
         "slow",
+        "success_sent_at",
         "ttft",
         "unanswered",
         "window",
@@ -398,6 +399,7 @@ class EndpointStats:
         self.failed = 0
         self.failing = 0  # failures in a row by send time (no success sent after the latest one)
         self.failure_sent_at = -math.inf  # when the latest failed attempt was sent
+        self.success_sent_at = -math.inf  # when the latest counted successful attempt was sent
         self.held = 0  # successes held back during a failure streak (module docstring)
         self.held_since = 0.0
 
@@ -677,6 +679,7 @@ class LiveStats:
         latency = max(0.0, event.latency_s)
         if sent >= stats.failure_sent_at:
             stats.failing = 0
+            stats.success_sent_at = max(stats.success_sent_at, sent)
             if stats.held and now - stats.held_since < self.config.window_s:
                 stats.window.record(True, now, stats.held)  # the streak was noise: they count after all
             stats.held = 0
@@ -719,8 +722,9 @@ class LiveStats:
             stats.latency.update(sample, now)
             stats.mean_latency.update(sample, now)
         stats.window.record(False, now)
-        stats.failing += 1
-        stats.failure_sent_at = max(stats.failure_sent_at, sent)
+        if sent > stats.success_sent_at:  # an attempt sent before a counted success extends no streak
+            stats.failing += 1
+            stats.failure_sent_at = max(stats.failure_sent_at, sent)
         stats.note_last(math.inf)
         stats.last_sample_at = now
         stats.failed += 1
