@@ -26,6 +26,7 @@ from switchgear.emulators.openai import (
     InstanceSpec,
     count_tokens,
     go_duration,
+    parse_chat,
     parse_instance,
     reply_text,
     start_instances,
@@ -417,3 +418,20 @@ def test_cli_prints_ports_serves_and_exits_on_sigterm(tmp_path: Path) -> None:
             process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=5)
     assert code == 0
+
+
+def test_tool_results_as_the_latest_turn_are_answered_with_text_unless_a_call_is_forced() -> None:
+    """An agent loop ends: the question that named the tool is answered once with a call, then
+    with text once the tool's result is the latest turn ("required" and a named tool still call)."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    assert parse_chat({"model": "m", "messages": ask, "tools": tools}, ["m"]).tools == ("weather",)
+    turn = [*ask, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert parse_chat({"model": "m", "messages": turn, "tools": tools}, ["m"]).tools == ()
+    assert parse_chat({"model": "m", "messages": turn, "tools": tools, "tool_choice": "required"},
+                      ["m"]).tools == ("weather",)
+    named = {"type": "function", "function": {"name": "weather"}}
+    assert parse_chat({"model": "m", "messages": turn, "tools": tools, "tool_choice": named},
+                      ["m"]).tools == ("weather",)

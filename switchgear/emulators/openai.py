@@ -22,7 +22,9 @@ refused and requests on open ones are dropped, then the instance listens again o
 
 Tool calls: a chat request with `tools` is answered with calls of the functions its last user
 message names (or `tool_choice` names; "required": the first), arguments echoing the prompt,
-streamed as OpenAI streams them (id, type and name first, then the arguments in pieces).
+streamed as OpenAI streams them (id, type and name first, then the arguments in pieces). A
+conversation whose latest turn is tool results names no tool: under "auto" it is answered with
+text, so an agent loop ends.
 
 CLI: `switchgear emulate openai --instance NAME:LATENCY_MS[:PORT] ... [--api-key K]
 [--ready-file PATH]` (see `main`).
@@ -300,7 +302,8 @@ def parse_chat(body: Any, models: Sequence[str]) -> ChatCall:
     users = [t for m, t in zip(messages, texts, strict=True) if m["role"] == "user"]
     n = _check_int(body, "n", 1) or 1
     last_user = users[-1] if users else ""
-    return ChatCall(model, texts, last_user, max_tokens, n, stream, include_usage, _tool_names(body, last_user))
+    asked = "" if messages[-1]["role"] == "tool" else last_user  # tool results ask for no tool by name
+    return ChatCall(model, texts, last_user, max_tokens, n, stream, include_usage, _tool_names(body, asked))
 
 
 def _tool_names(body: Mapping[str, Any], last_user: str) -> tuple[str, ...]:
