@@ -9,6 +9,7 @@ the attempt span. With tracing off no span is made and no header is added.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import grpc
@@ -209,3 +210,23 @@ def test_an_exception_leaves_the_server_span_ended_unmarked_and_the_context_rest
         assert ended.status.status_code.name == "UNSET" and not ended.events
     else:
         assert finished == () and not span.is_recording()
+
+
+def test_the_traced_adapter_says_what_its_adapter_says_about_idempotence() -> None:
+    """Hedging asks each call's adapter whether the call may be repeated (invoke.idempotent): the
+    tracing wrapper answers as the adapter it wraps, and says nothing when that one says nothing."""
+    from switchgear.adapters import builtin_adapters
+    from switchgear.dataplane.invoke import idempotent
+    from switchgear.dataplane.tracing import TracedAdapter
+    from tests.test_pipeline import call
+
+    openai = builtin_adapters()["openai"]
+    chat, unknown = call(), dataclasses.replace(call(), method="images.generate")
+    assert idempotent(TracedAdapter(openai), chat) is idempotent(openai, chat) is True
+    assert idempotent(TracedAdapter(openai), unknown) is idempotent(openai, unknown) is False
+
+    class Silent:
+        protocol, methods = "silent", frozenset({"chat.completions"})
+
+    assert not hasattr(TracedAdapter(Silent()), "idempotent")  # type: ignore[arg-type]
+    assert idempotent(TracedAdapter(Silent()), chat) is False  # type: ignore[arg-type]

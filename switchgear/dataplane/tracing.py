@@ -358,6 +358,9 @@ class TracedAdapter:
         self._inner = inner
         self.protocol = inner.protocol
         self.methods = inner.methods
+        check = getattr(inner, "idempotent", None)
+        if check is not None:  # read per call (invoke.idempotent): found here, not through __getattr__
+            self.idempotent = check
 
     def __getattr__(self, name: str) -> Any:
         if name == "_inner":  # not set yet (copy, pickle): no recursion
