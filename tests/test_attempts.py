@@ -207,3 +207,24 @@ async def test_availability_is_consulted_once_per_pick_through_the_routers_gate(
     assert asked_again == []
     assert consulted.count("chat/e1") >= 3 and set(consulted) <= {"chat/e0", "chat/e1"}
     await pool.close()
+
+
+async def test_a_new_snapshot_s_retry_policy_applies_to_the_same_service_view(emulators: EmulatorGroup) -> None:
+    """A service's endpoint ids and backoff policy are kept per view and retry settings: the
+    same view under a snapshot with other retry settings gets those on its next call."""
+    emulators.set_faults("a", Faults(error_rate=1.0, error_status=503))
+    base = make_snapshot(view("chat", "openai", [emulators.urls["a"]], model="gpt-4o-mini"))
+
+    def retrying(n: int) -> AgentSnapshot:
+        return dataclasses.replace(base, settings=AgentSettings(
+            retry=RetrySettings(n, "fixed", 0.01, 0.01), breaker_failure_threshold=100))
+
+    agent = agent_for(retrying(2))
+    sent = []
+    for snap in (retrying(2), retrying(0), retrying(1)):
+        before = emulators.stats("a")["total"]
+        with pytest.raises(CallFailed):
+            await agent.invoker.invoke(call("chat", timeout_s=5.0), snap)
+        sent.append(emulators.stats("a")["total"] - before)
+    assert sent == [3, 1, 2]
+    await agent.pool.close()

@@ -160,6 +160,31 @@ async def test_a_model_change_does_not_serve_the_old_models_answers() -> None:
     assert not (await p.invoke(call(), changed, None)).cached
 
 
+async def test_a_new_snapshot_s_cache_settings_take_effect_at_once() -> None:
+    """The cache plan of a service (TTL, sharing) is kept per service view and settings: a
+    snapshot that turns the service's TTL to 0, or shares its entries, is obeyed on its first call."""
+    import dataclasses
+
+    upstream = Upstream()
+    snap = snapshot()
+    p = pipeline(upstream)
+    acme, globex = p.identify(bearer("acme"), snap), p.identify(bearer("globex"), snap)
+    await p.invoke(call(), snap, acme)
+    assert (await p.invoke(call(), snap, acme)).cached
+    chat = snap.services["chat"]
+    no_ttl = dataclasses.replace(snap, services=MappingProxyType(
+        {**snap.services, "chat": dataclasses.replace(chat, metadata=MappingProxyType({"cache.ttl": "0"}))}))
+    assert not (await p.invoke(call(), no_ttl, acme)).cached
+    shared = dataclasses.replace(snap, services=MappingProxyType(
+        {**snap.services, "chat": dataclasses.replace(chat, metadata=MappingProxyType({"cache.shared": "true"}))}))
+    await p.invoke(call(text="shared"), shared, acme)
+    assert (await p.invoke(call(text="shared"), shared, globex)).cached  # one entry for every tenant now
+    off = dataclasses.replace(snap, settings=dataclasses.replace(snap.settings, cache_enabled=False))
+    assert not (await p.invoke(call(), off, acme)).cached
+    assert (await p.invoke(call(), snap, acme)).cached  # the first snapshot again: its plan again
+    assert len(upstream.calls) == 4
+
+
 async def test_cache_lookups_are_metered() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 

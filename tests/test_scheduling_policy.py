@@ -153,6 +153,32 @@ def test_router_follows_the_category_policy_of_the_settings_it_is_given() -> Non
     assert r.strategy_for(service("weighted"), call(), fast) == "weighted"
 
 
+def test_router_s_strategy_follows_each_call_s_priority_the_view_and_the_settings() -> None:
+    """The router works out a service's strategy and bounds once per view, settings and side of
+    the priority rule: interleaved priority-5 and priority-9 calls each get their own, and a new
+    view or new settings theirs at once (what it hands the scheduler, which still picks)."""
+    r = router()
+    handed: list[tuple[str, Bounds]] = []
+    pick = r.scheduler.pick
+
+    def spy(*args: object, **kwargs: object) -> object:
+        handed.append((str(args[2]), kwargs["bounds"]))  # type: ignore[arg-type]
+        return pick(*args, **kwargs)  # type: ignore[arg-type]
+
+    r.scheduler.pick = spy  # type: ignore[method-assign]
+    rr = AgentSettings(category_policies=MappingProxyType({"llm": LLM}))
+    svc = service()
+    for priority in (5, 9, 5, 8, 7):
+        assert r.pick(svc, call=call(priority), settings=rr) is not None
+    assert [name for name, _ in handed] == ["round_robin", "latency", "round_robin", "latency", "round_robin"]
+    assert {bounds for _, bounds in handed} == {bounds_for("llm", rr.category_policies)}
+    assert bounds_for("llm", rr.category_policies).max_cost_usd == 0.05
+    handed.clear()
+    r.pick(service("weighted"), call=call(9), settings=rr)  # a new view: the service's own strategy
+    r.pick(svc, call=call(5), settings=AgentSettings())  # new settings: no policy, the seed's rule, no bounds
+    assert handed == [("weighted", bounds_for("llm", rr.category_policies)), ("cost_optimized", NO_BOUNDS)]
+
+
 def test_router_without_a_policy_spreads_equal_prices_and_skips_tried_endpoints() -> None:
     r = router()
     svc = service("", "llm", "a", "b", "c")

@@ -9,6 +9,7 @@ the attempt span. With tracing off no span is made and no header is added.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import grpc
@@ -187,3 +188,45 @@ def test_response_attributes_read_openai_and_anthropic_answers() -> None:
                                 "gen_ai.response.finish_reasons": ("end_turn",)}
     assert got["anthropic stream"] == {"gen_ai.response.id": "msg_2", "gen_ai.response.model": "claude-3"}
     assert got["not json"] == got["not an object"] == {}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_an_exception_leaves_the_server_span_ended_unmarked_and_the_context_restored(ratio: float) -> None:
+    """An exception passing through `server_span` (sampled: the SDK's span; unsampled: the span
+    made without it) propagates, leaves no current span behind, and does not mark the span
+    ERROR nor record it (the door sets the status from the answer)."""
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.configure(Holder(), exporter=exporter, sample_ratio=ratio)
+    assert tracing is not None
+    carrier = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"} if ratio else {}
+    with pytest.raises(KeyError), tracing.server_span("POST /v1/chat/completions", carrier, {}) as span:
+        assert upstream_headers()["traceparent"].split("-")[2] == format(span.get_span_context().span_id, "016x")
+        raise KeyError("the handler's own failure")
+    assert upstream_headers() == {}  # the caller's context is current again
+    finished = exporter.get_finished_spans()
+    if ratio:
+        (ended,) = finished
+        assert ended.context.trace_id == int(TRACE_ID, 16) and ended.parent is not None
+        assert ended.status.status_code.name == "UNSET" and not ended.events
+    else:
+        assert finished == () and not span.is_recording()
+
+
+def test_the_traced_adapter_says_what_its_adapter_says_about_idempotence() -> None:
+    """Hedging asks each call's adapter whether the call may be repeated (invoke.idempotent): the
+    tracing wrapper answers as the adapter it wraps, and says nothing when that one says nothing."""
+    from switchgear.adapters import builtin_adapters
+    from switchgear.dataplane.invoke import idempotent
+    from switchgear.dataplane.tracing import TracedAdapter
+    from tests.test_pipeline import call
+
+    openai = builtin_adapters()["openai"]
+    chat, unknown = call(), dataclasses.replace(call(), method="images.generate")
+    assert idempotent(TracedAdapter(openai), chat) is idempotent(openai, chat) is True
+    assert idempotent(TracedAdapter(openai), unknown) is idempotent(openai, unknown) is False
+
+    class Silent:
+        protocol, methods = "silent", frozenset({"chat.completions"})
+
+    assert not hasattr(TracedAdapter(Silent()), "idempotent")  # type: ignore[arg-type]
+    assert idempotent(TracedAdapter(Silent()), chat) is False  # type: ignore[arg-type]

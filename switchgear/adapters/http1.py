@@ -611,7 +611,7 @@ class Http1Pool:
 def _request_bytes(
     method: str, origin: _Origin, headers: Mapping[str, str] | Iterable[tuple[str, str]] | None, body: bytes
 ) -> bytes:
-    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    pairs = headers.items() if type(headers) is dict or isinstance(headers, Mapping) else (headers or ())
     lines = [f"{method} {origin.target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
     seen: set[str] = set()
     for name, value in pairs:

@@ -264,7 +264,7 @@ def request_body(target: Target, payload: Mapping[str, Any]) -> bytes:
 
 def _reported_usage(body: Mapping[str, Any]) -> TokenUsage | None:
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):  # (a dict: no ABC check)
         return None
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens", 0))
     if prompt is None or completion is None:

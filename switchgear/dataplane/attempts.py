@@ -110,7 +110,7 @@ from switchgear.dataplane.resilience.hedging import HedgeSettings, hedge_delay, 
 from switchgear.dataplane.resilience.timeouts import AttemptTimeouts, attempt_timeout, gap_timeout, timeouts_for
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.scheduling.stats import EndpointStats, LiveStats
-from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView
+from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, RetrySettings, ServiceView
 
 #: The agent's endpoint pick: pick(service, exclude=ids, call=call, settings=settings)
 #: (dataplane.router.Router.pick). Availability is consulted there, once: the pick must filter
@@ -128,6 +128,7 @@ __all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", 
            "ResilienceSettings", "Shed"]
 
 log = logging.getLogger(__name__)
+_RUN_PLANS = 512  # services whose run plan is kept (a larger snapshot: the table starts over)
 
 
 class CallFailed(RuntimeError):
@@ -197,6 +198,8 @@ class Resilience:
             stats.on_silence = self.silence_changed
             stats.while_silent = self.still_silent
         self._tuning: dict[str, tuple[AttemptTimeouts, HedgeSettings]] = {}
+        # per service name: (its view, the retry settings, its endpoint ids, its backoff policy)
+        self._runs: dict[str, tuple[ServiceView, RetrySettings | None, frozenset[str], BackoffPolicy]] = {}
 
     # --- snapshot sync ------------------------------------------------------------------
 
@@ -219,6 +222,16 @@ class Resilience:
             tuning[category] = (timeouts_for(category, p.attempt_timeout_floor_s, p.attempt_timeout_ceiling_s,
                                              p.attempt_timeout_factor), hedging_for(category, p.hedge_min_priority))
         self._tuning = tuning
+
+    def run_plan(self, service: ServiceView, retry: RetrySettings | None) -> tuple[frozenset[str], BackoffPolicy]:
+        """A service's endpoint ids and backoff policy, worked out once per view and retry settings."""
+        found = self._runs.get(service.name)
+        if found is None or found[0] is not service or found[1] is not retry:
+            if len(self._runs) >= _RUN_PLANS:
+                self._runs.clear()
+            found = (service, retry, frozenset(e.id for e in service.endpoints), policy_for(service.category, retry))
+            self._runs[service.name] = found
+        return found[2], found[3]
 
     def tuning(self, category: str) -> tuple[AttemptTimeouts, HedgeSettings]:
         """The category's attempt timeouts and hedging, as the applied snapshot's policy sets them."""
@@ -620,10 +633,9 @@ class AttemptController:
     # --- internals ------------------------------------------------------------------------
 
     def _start(self, service: ServiceView, source: str) -> _ServiceRun:
-        ids = frozenset(e.id for e in service.endpoints)
+        ids, policy = self._r.run_plan(service, self.snapshot.settings.retry)
         budget = self._r.budgets.get(service.name)
         budget.record_request(self._r.clock())
-        policy = policy_for(service.category, self.snapshot.settings.retry)
         if self.call.max_retries is not None:  # the caller's own count (checked within the policy's)
             policy = dataclasses.replace(policy, max_retries=self.call.max_retries)
         return _ServiceRun(service, source, policy, budget, ids, set(ids))

@@ -40,10 +40,12 @@ from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
 from switchgear.dataplane.redis_round import Lookup
 from switchgear.dataplane.singleflight import SingleFlight
-from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
+from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
 
 __all__ = ["CacheMode", "OpenStream", "Pipeline", "QuotaExceeded", "Recorded", "Served", "open_pipeline"]
+
+_CACHE_PLANS = 512  # services whose cache plan is kept (a larger snapshot: the table starts over)
 
 log = logging.getLogger("switchgear.dataplane.pipeline")
 
@@ -105,6 +107,8 @@ class Pipeline:
         self._cache = cache
         self._flight: SingleFlight[tuple[Result, bool]] = SingleFlight()
         self.in_flight = InFlight()  # per tenant, capped by each tenant's max_in_flight
+        # per service name: (its view, the settings, TTL, shared?, key identity), kept while both are current
+        self._cache_plans: dict[str, tuple[ServiceView, AgentSettings, float, bool, str]] = {}
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -188,14 +192,21 @@ class Pipeline:
     def _plan(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> tuple[str, float] | None:
         """The call's cache key and TTL, or None when its answer is not cached."""
         service = snapshot.services.get(call.service)
-        ttl = self._ttl(service, snapshot) if service is not None else 0.0
-        if ttl <= 0 or self._cache is None:
+        if service is None or self._cache is None:
             return None
-        assert service is not None
-        shared = service.metadata.get("cache.shared", "").lower() == "true"
-        # The upstream model is part of the key: re-pointing a service at another model must
-        # not serve the old model's answers. Endpoints are not: instances of one model agree.
-        identity = f"{service.name}|{service.protocol}|{service.model}"
+        known = self._cache_plans.get(service.name)
+        if known is None or known[0] is not service or known[1] is not snapshot.settings:
+            # The upstream model is part of the key: re-pointing a service at another model must
+            # not serve the old model's answers. Endpoints are not: instances of one model agree.
+            known = (service, snapshot.settings, self._ttl(service, snapshot),
+                     service.metadata.get("cache.shared", "").lower() == "true",
+                     f"{service.name}|{service.protocol}|{service.model}")
+            if len(self._cache_plans) >= _CACHE_PLANS:
+                self._cache_plans.clear()
+            self._cache_plans[service.name] = known  # (once per service and snapshot, not per call)
+        _, _, ttl, shared, identity = known
+        if ttl <= 0:
+            return None
         tenant = principal.tenant.id if principal else ""
         return cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared), ttl
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.scheduling import Scheduler
 from switchgear.dataplane.scheduling.model import (
+    Bounds,
     Candidate,
     Request,
     asked_output,
@@ -26,7 +27,7 @@ from switchgear.dataplane.scheduling.model import (
     candidates_of,
     estimate_tokens,
 )
-from switchgear.dataplane.scheduling.policy import bounds_for, choose_strategy
+from switchgear.dataplane.scheduling.policy import HIGH_PRIORITY, bounds_for, choose_strategy
 from switchgear.dataplane.scheduling.stats import LiveStats
 from switchgear.dataplane.snapshot import AgentSettings, EndpointView, Holder, ServiceView
 
@@ -49,6 +50,8 @@ class Router:
         self.scheduler = Scheduler(self.stats, rng or random.Random(), unavailable)
         self._holder = holder
         self._views: dict[int, tuple[ServiceView, tuple[Candidate, ...], dict[str, EndpointView]]] = {}
+        # (id of the service view, a high-priority call?) -> (the view, the settings, strategy, bounds)
+        self._policies: dict[tuple[int, bool], tuple[ServiceView, AgentSettings, str, Bounds]] = {}
 
     def strategy_for(self, service: ServiceView, call: Call | None, settings: AgentSettings) -> str:
         return choose_strategy(
@@ -72,15 +75,30 @@ class Router:
             current = self._holder.current if self._holder else None
             settings = current.settings if current else AgentSettings()
         candidates, by_id = self._candidates(service)
+        strategy, bounds = self._policy(service, call, settings)
         chosen = self.scheduler.pick(
             candidates,
             self._request(service, call),
-            self.strategy_for(service, call, settings),
+            strategy,
             group=service.name,
-            bounds=bounds_for(service.category, settings.category_policies),
+            bounds=bounds,
             exclude=[candidate_key(service.name, e) for e in exclude],
         )
         return by_id[chosen.endpoint] if chosen else None
+
+    def _policy(self, service: ServiceView, call: Call | None, settings: AgentSettings) -> tuple[str, Bounds]:
+        """`strategy_for` and the category's bounds, worked out once per service view, settings
+        and side of the priority rule (policy.HIGH_PRIORITY), not per call."""
+        high = call is not None and call.priority > HIGH_PRIORITY
+        key = (id(service), high)
+        entry = self._policies.get(key)
+        if entry is None or entry[0] is not service or entry[1] is not settings:
+            if len(self._policies) >= _CACHE_LIMIT:
+                self._policies.clear()
+            entry = (service, settings, self.strategy_for(service, call, settings),
+                     bounds_for(service.category, settings.category_policies))
+            self._policies[key] = entry
+        return entry[2], entry[3]
 
     def retain(self, services: Collection[ServiceView]) -> None:
         """Forget stats of endpoints no longer in any service (call after a snapshot swap)."""

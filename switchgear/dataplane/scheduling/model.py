@@ -110,6 +110,8 @@ def _text_chars(value: Any) -> int:
     """Characters of text in a JSON value: strings count, containers are walked, keys are not."""
     if isinstance(value, str):
         return len(value)
+    if value is None:  # a key the payload does not have: no ABC isinstance (Mapping) for it
+        return 0
     # Plain loops with the common cases first: this walks every request's messages.
     if isinstance(value, (list, tuple)):
         items: Any = value
@@ -132,7 +134,8 @@ def estimate_tokens(payload: Mapping[str, Any], default_max_tokens: int = 0) -> 
     (the service's), else DEFAULT_OUTPUT_TOKENS when the payload looks like a chat/completion,
     else 0. Used for cost and per-token latency, so an estimate is enough.
     """
-    chars = sum(_text_chars(payload.get(k)) for k in ("messages", "input", "prompt"))
+    get = payload.get
+    chars = _text_chars(get("messages")) + _text_chars(get("input")) + _text_chars(get("prompt"))
     input_tokens = -(-chars // CHARS_PER_TOKEN)
     asked = asked_output(payload)
     if asked:
