@@ -106,6 +106,28 @@ async def test_the_first_attempt_or_a_wait_on_another_request_gives_the_slot_up(
     step_aside()  # outside any request: nothing
 
 
+async def test_a_busy_loop_lets_every_request_through_and_a_quiet_one_gates_again() -> None:
+    order = BurstOrder(1, hold_s=30.0, busy_share=0.01)
+    held = await order.enter()  # (the first window starts)
+    assert not order.passing
+    spent = time.thread_time()
+    while time.thread_time() - spent < 0.06:  # the loop's thread busy for more than a window
+        pass
+    queued = asyncio.ensure_future(order.enter())
+    through = await asyncio.wait_for(order.enter(), 1)  # samples the busy window: both go through
+    assert order.passing and (await asyncio.wait_for(queued, 1)) is not None and order.holding == 3
+    for slot in (held, through, queued.result()):
+        order.leave(slot)
+    quiet = BurstOrder(1, hold_s=30.0, busy_share=2.0)  # (no share of a core reaches it: always gated)
+    first = await quiet.enter()
+    await asyncio.sleep(0.06)
+    behind = asyncio.ensure_future(quiet.enter())
+    await asyncio.sleep(0)
+    assert not quiet.passing and not behind.done()
+    quiet.leave(first)
+    quiet.leave(await behind)
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[EmulatorGroup]:
     async with await start_instances([InstanceSpec("a")]) as group:
@@ -154,7 +176,7 @@ async def test_200_concurrent_callers_complete_through_one_slot(upstream: Emulat
     # Each request holds its slot across its cache lookup in Redis; a slot comes back only when
     # its request's attempt starts or the request ends (the hold bound is far away): every caller
     # completing, most of them after waiting their turn, proves both, errors (404) among them.
-    order = BurstOrder(1, hold_s=60.0)
+    order = BurstOrder(1, hold_s=60.0, busy_share=2.0)
     async with door_with(upstream, order, redis) as url, \
             httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=200)) as client:
         bodies = [_chat(f"caller {i}") if i % 4 else _chat("x", model="nobody") for i in range(200)]
@@ -176,7 +198,7 @@ async def _stuck_holder(http: httpx.AsyncClient, url: str, order: BurstOrder, re
 
 async def test_a_hung_redis_holds_a_slot_no_longer_than_the_hold_bound(
         upstream: EmulatorGroup, redis: RedisServer) -> None:
-    order = BurstOrder(1, hold_s=0.1)
+    order = BurstOrder(1, hold_s=0.1, busy_share=2.0)
     async with door_with(upstream, order, redis) as url, httpx.AsyncClient(timeout=20) as http:
         stuck = await _stuck_holder(http, url, order, redis)
         began = time.monotonic()
@@ -189,7 +211,7 @@ async def test_a_hung_redis_holds_a_slot_no_longer_than_the_hold_bound(
 
 
 async def test_a_caller_that_disconnects_gives_its_slot_back(upstream: EmulatorGroup, redis: RedisServer) -> None:
-    order = BurstOrder(1, hold_s=60.0)
+    order = BurstOrder(1, hold_s=60.0, busy_share=2.0)
     async with door_with(upstream, order, redis) as url, httpx.AsyncClient(timeout=20) as http:
         async with httpx.AsyncClient(timeout=20) as leaving:
             stuck = await _stuck_holder(leaving, url, order, redis)
