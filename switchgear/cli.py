@@ -784,8 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--burst-order", type=_burst_order_arg, default=2, metavar="K|off",
                     help="HTTP requests at once in their forward leg (request read to its upstream call sent), "
                          "1-64; a request arriving when K are under way waits for one to send or finish, at "
-                         "most 1 ms behind any of them: lower added latency when requests arrive in bursts; "
-                         "'off': no gate (default: %(default)s; README: The order of work in a burst)")
+                         "most 1 ms behind any of them, and only while the event loop is under 60%% busy: "
+                         "lower added latency when requests arrive in bursts; 'off': no gate "
+                         "(default: %(default)s; README: The order of work in a burst)")
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)
