@@ -155,16 +155,25 @@ class BurstOrder:
                 return self._give(now)
         return None
 
+    def mark(self, slot: _Slot) -> contextvars.Token[tuple[BurstOrder, _Slot] | None]:
+        """`slot` is the current request's (what `attempt_started` and `step_aside` give up)."""
+        return _held.set((self, slot))
+
+    def unmark(self, slot: _Slot, token: contextvars.Token[tuple[BurstOrder, _Slot] | None]) -> None:
+        """The request is done: `mark` undone and its slot given up (if it still held it)."""
+        _held.reset(token)
+        self.leave(slot)
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """A slot for the current request's forward leg, given up on every way out."""
+        """A slot for the current request's forward leg, given up on every way out (the HTTP
+        door does the same inline: http.py)."""
         slot = self.free() or await self.enter()
-        token = _held.set((self, slot))
+        token = self.mark(slot)
         try:
             yield
         finally:
-            _held.reset(token)
-            self.leave(slot)
+            self.unmark(slot, token)
 
     def _give(self, now: float) -> _Slot:
         slot = _Slot(now + self.hold_s)

@@ -363,8 +363,12 @@ def _in_order(order: BurstOrder) -> Callable[..., Awaitable[web.StreamResponse]]
     async def in_order(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.method != "POST":  # (model listings: no forward leg)
             return await handler(request)  # type: ignore[no-any-return]
-        async with order.slot():
+        slot = order.free() or await order.enter()  # (BurstOrder.slot inline: ~1.5 µs less a request)
+        token = order.mark(slot)
+        try:
             return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            order.unmark(slot, token)
 
     return in_order
 
