@@ -137,6 +137,12 @@ def _slice_arg(text: str) -> int:
     return slice_arg(text)
 
 
+def _burst_order_arg(text: str) -> int:
+    from switchgear.dataplane.burst_order import burst_order_arg
+
+    return burst_order_arg(text)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from switchgear.dataplane import access_log
     from switchgear.dataplane.http_door import door_limits
@@ -173,7 +179,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         trace_sample_ratio=args.trace_sample_ratio, worker=worker_options(args),
         auth_required=args.auth == "api_key", redis_url=args.redis, cache_bytes=args.cache_bytes,
         redis_probe_interval_s=args.redis_probe_interval, redis_write_behind_bytes=args.redis_write_behind_bytes,
-        sched_slice_us=args.sched_slice_us,
+        sched_slice_us=args.sched_slice_us, burst_order=args.burst_order,
         max_json_depth=args.max_json_depth,
         resilience=_resilience_settings(args),
         control_plane_tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None,
@@ -775,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(100) keeps processes the agent wakes on shared cores (Redis, a local upstream, "
                          "callers) from preempting it mid-burst, for lower added latency under concurrency; "
                          "0: the kernel's always (default: %(default)s; README: The agent's scheduler slice)")
+    ag.add_argument("--burst-order", type=_burst_order_arg, default=2, metavar="K|off",
+                    help="HTTP requests at once in their forward leg (request read to its upstream call sent), "
+                         "1-64; a request arriving when K are under way waits for one to send or finish, at "
+                         "most 1 ms behind any of them, and only while the event loop is under 60%% busy: "
+                         "lower added latency when requests arrive in bursts; 'off': no gate "
+                         "(default: %(default)s; README: The order of work in a burst)")
     ag.set_defaults(func=cmd_agent)
 
     add_tasks_parser(sub)

@@ -26,6 +26,7 @@ from switchgear import __version__, reflection, rpc
 from switchgear.adapters import builtin_adapters
 from switchgear.dataplane import http as http_front_door
 from switchgear.dataplane.attempts import Resilience, ResilienceSettings
+from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.client import AGENT_TOKEN_ENV, Applier, SnapshotClient
@@ -105,6 +106,7 @@ class Options:
     redis_probe_interval_s: float = 0.5  # while Redis is degraded, one probe (INFO cluster) per interval at most
     redis_write_behind_bytes: int = 4 << 20  # cache stores queued for Redis (redis_round.py); more are dropped
     sched_slice_us: int = 0  # the loop thread's slice while calls overlap (sched_slice.BusySlice); 0 = the kernel's
+    burst_order: int = 0  # HTTP requests at once in their forward leg (burst_order.py); 0 = no gate
     cache_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH  # both doors refuse request JSON nested deeper (convert.py)
     # Breaker open time, ejection time and the other agent-side resilience tuning (attempts.py).
@@ -179,11 +181,13 @@ class _Observed:
     door: DoorMetrics  # both doors' request families (door_metrics.py)
     edge: Edge
     busy_slice: BusySlice | None = None  # --sched-slice-us
+    burst: BurstOrder | None = None  # --burst-order
 
     @property
     def observers(self) -> list[AttemptObserver]:
         busy = [self.busy_slice] if self.busy_slice is not None else []
-        return [self.load, self.metrics, self.door, *tracing_observers(self.tracing), self.live_stats, *busy]
+        burst = [self.burst] if self.burst is not None else []
+        return [self.load, self.metrics, self.door, *tracing_observers(self.tracing), self.live_stats, *busy, *burst]
 
     def cache_lookup(self, service: str, hit: bool) -> None:
         self.metrics.record_cache(service, hit)
@@ -201,7 +205,8 @@ def _observed(options: Options, holder: Holder, node_id: str) -> _Observed:
     load, live_stats = LoadAccumulator(), LiveStats()
     load.capacity = metrics.capacity = _capacity(holder, live_stats)
     busy = BusySlice(options.sched_slice_us) if options.sched_slice_us else None
-    return _Observed(load, metrics, tracing, live_stats, door, edge, busy)
+    burst = BurstOrder(options.burst_order) if options.burst_order else None
+    return _Observed(load, metrics, tracing, live_stats, door, edge, busy, burst)
 
 
 def _capacity(holder: Holder, stats: LiveStats) -> Callable[[str, str], int]:
@@ -311,7 +316,7 @@ class Agent:
         runner, address = await http_front_door.start(
             self.core.holder, self.invoker, self.streamer, self.options.http_listen, self.pipeline,
             tls=tls.ssl_context(["http/1.1"]) if tls else None, limits=self.options.http_limits,
-            observe=observe(self.core.observed.edge, self.core.observed.tracing),
+            observe=observe(self.core.observed.edge, self.core.observed.tracing), order=self.core.observed.burst,
             reuse_port=self.options.reuse_port, spread=self.options.spread)
         stack.push_async_callback(runner.cleanup)
         log.info("agent %s serving the OpenAI-compatible API on http://%s", self.core.node.id, address)

@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from switchgear.dataplane.burst_order import step_aside
+
 T = TypeVar("T")
 
 
@@ -23,6 +25,7 @@ class SingleFlight(Generic[T]):
         running = self._inflight.get(key)
         if running is not None:
             self.shared += 1
+            step_aside()  # (waiting on another request: a burst's next one may go first)
             try:
                 return await asyncio.shield(running), True
             except asyncio.CancelledError:

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
+from switchgear.dataplane.burst_order import step_aside
 from switchgear.dataplane.resilience.admission import AdmissionCore, Effects, Grant, Rejection, ShedReason
 from switchgear.dataplane.resilience.stats import ResilienceStats
 
@@ -80,6 +81,7 @@ class Admission:
         """Wait in the queue until a slot is granted (or the request is shed)."""
         future: asyncio.Future[Grant | Rejection] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
+        step_aside()  # (a burst's next request may go first: burst_order.py)
         try:
             if self._stats is not None:
                 self._stats.bump(service, endpoint, "queued")
