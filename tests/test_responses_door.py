@@ -6,10 +6,12 @@ machine parses every event), tools, and refusals in OpenAI's error shape that re
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import orjson
@@ -18,13 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchgear.adapters.base import TokenUsage
+from switchgear.dataplane import access_log
 from switchgear.dataplane.governance import Governance, Quota, TenantView
 from switchgear.dataplane.http_edge import _OPERATIONS
 from switchgear.dataplane.responses_door import MAPPED, REFUSED_KEYS, ChatToEvents, Refused, chat_request
 from switchgear.dataplane.stream import StreamEnd
-from switchgear.emulators.openai import reply_text
+from switchgear.emulators.openai import InstanceSpec, reply_text, start_instances
 from tests import test_anthropic_door as anthropic_tests
+from tests.conftest import ControlPlane, service
 from tests.test_anthropic_door import KEY, NARROW_KEY, break_upstreams, serving, slow_body
+from tests.test_door_obs import add_tenant, scrape, start_agent, total, until_ready
 from tests.test_stream import Agent
 
 TIGHT_KEY = "sg-k3-tight-secret"  # a tenant allowed one request a minute
@@ -275,6 +280,50 @@ async def test_upstream_failures_keep_the_openai_shape(door: tuple[str, Agent]) 
     assert [event.type for event in events[-2:]] == ["error", "response.failed"]
     assert events[-1].response.status == "failed" and events[-1].response.error is not None  # type: ignore[union-attr]
     assert events[-1].response.output[0].type == "message"  # type: ignore[union-attr]  # what had gone out
+
+
+async def test_stored_responses_are_404_saying_the_door_keeps_none(sdk: openai.AsyncOpenAI,
+                                                                    door: tuple[str, Agent]) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await sdk.responses.retrieve("resp_123")
+    assert "keeps no responses" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.delete("resp_123")
+    async with httpx.AsyncClient(base_url=door[0]) as http:  # and only after the caller's key
+        assert (await http.get("/v1/responses/resp_123")).status_code == 401
+
+
+async def test_the_agent_labels_logs_and_counts_the_route(
+    control_plane: ControlPlane, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real agent on a control plane: /v1/responses is served, its access-log line and request
+    metrics name the operation "responses", the route, the tenant and the metered tokens."""
+    access_log.reset()
+    caplog.set_level(logging.INFO, logger="switchgear.access")
+    async with await start_instances([InstanceSpec("a")]) as group:
+        control_plane.registry.register(service("chat", group.urls["a"], model="gpt-4o-mini"), "test")
+        secret = add_tenant(control_plane, "acme")
+        agent = await start_agent([control_plane.address])
+        try:
+            client = openai.AsyncOpenAI(base_url=f"http://{agent.http}/v1", api_key=secret, max_retries=0)
+            async with aiohttp.ClientSession() as session:
+                await until_ready(session, f"http://{agent.http}")
+            before = scrape(agent.metrics)
+            caplog.clear()
+            answer = await client.responses.create(model="chat", input=PROMPT)
+            async with client.responses.stream(model="chat", input=PROMPT) as stream:
+                streamed = await stream.get_final_response()
+            after = scrape(agent.metrics)
+        finally:
+            await agent.close()
+            access_log.reset()
+    assert answer.output_text == streamed.output_text == reply_text("a", PROMPT)
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access"]
+    assert [(line["method"], line["status"], line["route"], line["tenant"]) for line in lines] == [
+        ("responses", 200, "chat", "acme")] * 2
+    assert answer.usage is not None and lines[0]["input_tokens"] == answer.usage.input_tokens > 0
+    assert total(after, "switchgear_requests", door="http", route="chat", tenant="acme") - total(
+        before, "switchgear_requests", door="http", route="chat", tenant="acme") == 2
 
 
 def test_a_full_request_maps_to_chat() -> None:

@@ -37,6 +37,8 @@ response.completed (or response.incomplete); every event carries a `sequence_num
 that fails after its first event ends with an `error` event and then `response.failed`.
 
 Errors are the door's own (OpenAI's) shape `{"error": {"message", "type", "param", "code"}}`.
+`GET`/`DELETE /v1/responses/{id}` (and the input_items / cancel routes) answer 404 saying that
+this door keeps no responses.
 """
 
 from __future__ import annotations
@@ -648,6 +650,8 @@ class ChatToEvents:
 
     def fail(self, code: str, message: str) -> bytes:
         """A failure after the first event: `error`, then `response.failed` with the output so far."""
+        if self.open is not None:  # cut short: the item that was going out stays unfinished
+            self.items[-1]["status"] = "incomplete"
         response = {**self.response, "status": "failed", "output": self.items,
                     "error": {"code": code, "message": message}}
         return (self._event("error", code=code, message=message, param=None)
@@ -722,6 +726,17 @@ async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: Agen
     return response
 
 
+async def stored(request: web.Request) -> web.StreamResponse:
+    """GET / DELETE /v1/responses/{id}[/...]: this door keeps no responses (after the caller's key is checked)."""
+    hooks = request.app[_HOOKS]
+    snapshot = hooks.snapshot(request)
+    hooks.pipeline(request).identify(request.headers.get("Authorization"), snapshot)
+    return Refused(None, "This door keeps no responses (it is stateless): nothing can be retrieved, listed, "
+                   "cancelled or deleted; send the whole conversation in 'input' instead.", "not_found", 404).response()
+
+
 def add_routes(app: web.Application, hooks: Hooks) -> None:
     app[_HOOKS] = hooks
     app.router.add_post(PATH, responses)
+    for method in ("GET", "POST", "DELETE"):
+        app.router.add_route(method, PATH + "/{tail:.+}", stored)
