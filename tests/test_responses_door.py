@@ -20,17 +20,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchgear.adapters.base import TokenUsage
+from switchgear.controlplane.model import SEED_LLM_PRESET
 from switchgear.dataplane import access_log
+from switchgear.dataplane import http as front_door
 from switchgear.dataplane.governance import Governance, Quota, TenantView
 from switchgear.dataplane.http_edge import _OPERATIONS
-from switchgear.dataplane.responses_door import MAPPED, REFUSED_KEYS, ChatToEvents, Refused, chat_request
-from switchgear.dataplane.stream import StreamEnd
+from switchgear.dataplane.responses_door import (
+    MAPPED,
+    REFUSED_KEYS,
+    ChatToEvents,
+    Refused,
+    chat_request,
+    response_from_chat,
+)
+from switchgear.dataplane.stream import StreamEnd, fallback_chunk
 from switchgear.emulators.openai import InstanceSpec, reply_text, start_instances
 from tests import test_anthropic_door as anthropic_tests
+from tests import test_fallback_presets as presets
 from tests.conftest import ControlPlane, service
 from tests.test_anthropic_door import KEY, NARROW_KEY, break_upstreams, serving, slow_body
 from tests.test_door_obs import add_tenant, scrape, start_agent, total, until_ready
-from tests.test_stream import Agent
+from tests.test_stream import Agent, make_agent
 
 TIGHT_KEY = "sg-k3-tight-secret"  # a tenant allowed one request a minute
 PROMPT = "hello responses door"
@@ -324,6 +334,45 @@ async def test_the_agent_labels_logs_and_counts_the_route(
     assert answer.usage is not None and lines[0]["input_tokens"] == answer.usage.input_tokens > 0
     assert total(after, "switchgear_requests", door="http", route="chat", tenant="acme") - total(
         before, "switchgear_requests", door="http", route="chat", tenant="acme") == 2
+
+
+@pytest.fixture
+async def dead_door() -> AsyncIterator[str]:
+    """An open door (no keys) whose only llm service is down, with the seed's llm preset."""
+    agent = make_agent(presets.snapshot_with({"llm": SEED_LLM_PRESET}, presets.dead_chat("gpt-dead")))
+    runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0")
+    yield f"http://{address}/v1"
+    await runner.cleanup()
+    await agent.pool.close()
+
+
+async def test_a_preset_fallback_answers_as_a_response(dead_door: str) -> None:
+    client = openai.AsyncOpenAI(base_url=dead_door, api_key="unused", max_retries=0)
+    raw = await client.responses.with_raw_response.create(model="gpt-dead", input=PROMPT)
+    assert raw.headers["x-switchgear-fallback"] == "preset_response"
+    assert raw.parse().output_text == SEED_LLM_PRESET and raw.parse().status == "completed"
+    async with client.responses.stream(model="gpt-dead", input=PROMPT) as stream:
+        final = await stream.get_final_response()
+    assert final.output_text == SEED_LLM_PRESET
+    # the preset's chunk is a FallbackChunk (a bytes subclass): the Anthropic door's stream reads it too
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(f"{dead_door.removesuffix('/v1')}/v1/messages", json={
+            "model": "gpt-dead", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert SEED_LLM_PRESET in "".join(e["delta"]["text"] for k, e in anthropic_tests._events(answer.content)
+                                      if k == "content_block_delta")
+
+
+def test_a_task_queue_answer_is_a_queued_response() -> None:
+    task = {"processed": False, "fallback": True, "task_id": "t-1", "queue_id": "queue_r1"}
+    body = {"model": "m", "input": "x"}
+    answer = response_from_chat(task, body, "m", "r1", 0, 0, 0)
+    assert (answer["status"], answer["output"], answer["switchgear_task"]) == ("queued", [], task)
+    mapper = ChatToEvents(body, "m", "r1", 0)
+    raw = mapper.start() + mapper.feed(fallback_chunk(orjson.dumps(task), "task_queue")) + mapper.end(
+        StreamEnd("m", "", 0, 0.0, 0.0, TokenUsage(), 0.0, True, "1"))
+    events = [orjson.loads(frame.split(b"\ndata: ", 1)[1]) for frame in raw.split(b"\n\n") if frame]
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.queued"]
+    assert events[-1]["response"]["switchgear_task"] == task
 
 
 def test_a_full_request_maps_to_chat() -> None:

@@ -275,8 +275,8 @@ def event(kind: str, data: Mapping[str, Any] | bytes) -> bytes:
 def first_choice(chunk: bytes) -> dict[str, Any] | None:
     """A chat chunk's first choice; None for anything else (e.g. the usage-only chunk: the
     stream's end carries the metered usage, which is what the answer reports)."""
-    try:
-        obj = orjson.loads(chunk)
+    try:  # orjson takes no bytes subclass: a FallbackChunk (a preset's whole answer) is copied
+        obj = orjson.loads(chunk if type(chunk) is bytes else bytes(chunk))
     except orjson.JSONDecodeError:
         return None
     choices = obj.get("choices") if isinstance(obj, dict) else None

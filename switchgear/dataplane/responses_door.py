@@ -35,6 +35,9 @@ response.created, response.in_progress, then per output item output_item.added,
 function_call_arguments.delta..., function_call_arguments.done), output_item.done, and last
 response.completed (or response.incomplete); every event carries a `sequence_number`. A stream
 that fails after its first event ends with an `error` event and then `response.failed`.
+When the route's fallback chain ends in the task queue, the answer is a response with status
+"queued", no output and the queue's answer (task and queue ids) as `switchgear_task` (a stream:
+response.created, response.in_progress, response.queued).
 
 Errors are the door's own (OpenAI's) shape `{"error": {"message", "type", "param", "code"}}`.
 `GET`/`DELETE /v1/responses/{id}` (and the input_items / cancel routes) answer 404 saying that
@@ -43,6 +46,7 @@ this door keeps no responses.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Mapping
@@ -514,9 +518,19 @@ def _call_item(request_id: str, k: int, call_id: str, name: str, arguments: str,
             "name": name, "arguments": arguments}
 
 
+def queued(response: dict[str, Any], task: Mapping[str, Any]) -> dict[str, Any]:
+    """The response when the task queue took the call instead (its answer names the task):
+    status "queued", no output, the task's answer as `switchgear_task`."""
+    response.update(status="queued", output=[], switchgear_task=task)
+    return response
+
+
 def response_from_chat(chat: Mapping[str, Any], body: Mapping[str, Any], model: str, request_id: str,
                        input_tokens: int, output_tokens: int, created_at: int) -> dict[str, Any]:
-    """A Responses `response` for a `chat.completion`, with the call's metered usage."""
+    """A Responses `response` for a `chat.completion`, with the call's metered usage (or,
+    for the task queue's answer, which has no choices, a queued response)."""
+    if "choices" not in chat and "task_id" in chat:
+        return queued(skeleton(body, model, request_id, created_at), chat)
     choices = chat.get("choices")
     choice = _obj(choices[0]) if isinstance(choices, list) and choices else {}
     reply = _obj(choice.get("message"))
@@ -554,6 +568,7 @@ class ChatToEvents:
         self.open: str | None = None  # "text" or "tool:<chat tool call index>"
         self.tools: dict[str, dict[str, Any]] = {}  # chat tool call index → its item
         self.finish_reason: Any = None
+        self.task: dict[str, Any] | None = None  # the task queue's answer, when it took the call
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -600,8 +615,11 @@ class ChatToEvents:
     def feed(self, chunk: bytes) -> bytes:
         choice = first_choice(chunk)
         if choice is None:
+            if isinstance(chunk, FallbackChunk):  # the task queue's answer: it names the task
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    self.task = _obj(orjson.loads(bytes(chunk)))
             return b""
-        delta = _obj(choice.get("delta")) or _obj(choice.get("message"))  # a fallback answer is a whole message
+        delta = _obj(choice.get("delta"))
         out = b""
         text = delta.get("content")
         if isinstance(text, str) and text:
@@ -642,6 +660,8 @@ class ChatToEvents:
 
     def end(self, end: StreamEnd) -> bytes:
         out = self.close()
+        if self.task is not None:
+            return out + self._event("response.queued", response=queued(dict(self.response), self.task))
         response = {**self.response, "output": self.items,
                     "usage": _usage(end.usage.input_tokens, end.usage.output_tokens)}
         _finish(response, self.finish_reason)
