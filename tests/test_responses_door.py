@@ -18,6 +18,9 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai._models import construct_type
+from openai.lib.streaming.responses._responses import ResponseStreamState
+from openai.types.responses import ResponseStreamEvent
 
 from switchgear.adapters.base import TokenUsage
 from switchgear.controlplane.model import SEED_LLM_PRESET
@@ -370,7 +373,7 @@ def test_a_task_queue_answer_is_a_queued_response() -> None:
     mapper = ChatToEvents(body, "m", "r1", 0)
     raw = mapper.start() + mapper.feed(fallback_chunk(orjson.dumps(task), "task_queue")) + mapper.end(
         StreamEnd("m", "", 0, 0.0, 0.0, TokenUsage(), 0.0, True, "1"))
-    events = [orjson.loads(frame.split(b"\ndata: ", 1)[1]) for frame in raw.split(b"\n\n") if frame]
+    events = _frames(raw)
     assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.queued"]
     assert events[-1]["response"]["switchgear_task"] == task
 
@@ -411,23 +414,30 @@ def test_a_full_request_maps_to_chat() -> None:
     assert set(REFUSED_KEYS).isdisjoint(MAPPED) and _OPERATIONS["/v1/responses"] == "responses"
 
 
+def _calls(*call: dict[str, Any]) -> dict[str, Any]:
+    """A chat chunk carrying tool call deltas."""
+    return {"choices": [{"delta": {"tool_calls": list(call)}}]}
+
+
+def _frames(raw: bytes) -> list[dict[str, Any]]:
+    """The data of each SSE event in `raw`."""
+    return [orjson.loads(frame.split(b"\ndata: ", 1)[1]) for frame in raw.split(b"\n\n") if frame]
+
+
 def test_chat_chunks_become_response_events_in_order() -> None:
     mapper = ChatToEvents({"model": "m", "input": "x"}, "m", "r1", 0)
-    def calls(*call: dict[str, Any]) -> dict[str, Any]:
-        return {"choices": [{"delta": {"tool_calls": list(call)}}]}
-
     chunks = [
         {"choices": [{"delta": {"role": "assistant", "content": "hi"}}]},
-        calls({"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}),
-        calls({"index": 0, "function": {"arguments": '{"q":'}}),
-        calls({"index": 1, "id": "c2", "function": {"name": "g", "arguments": "{}"}}),
-        calls({"index": 0, "function": {"arguments": "1}"}}),  # a late piece of a closed call: kept
+        _calls({"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}),
+        _calls({"index": 0, "function": {"arguments": '{"q":'}}),
+        _calls({"index": 1, "id": "c2", "function": {"name": "g", "arguments": "{}"}}),
+        _calls({"index": 0, "function": {"arguments": "1}"}}),  # a late piece of a closed call: kept
         {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}},
     ]
     raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
         StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(5, 7), 0.0, False, "1"))
-    events = [orjson.loads(frame.split(b"\ndata: ", 1)[1]) for frame in raw.split(b"\n\n") if frame]
+    events = _frames(raw)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"] for e in events] == [
         "response.created", "response.in_progress",
@@ -441,6 +451,28 @@ def test_chat_chunks_become_response_events_in_order() -> None:
     assert [item["type"] for item in final["output"]] == ["message", "function_call", "function_call"]
     assert final["output"][1]["arguments"] == '{"q":1}' and final["status"] == "completed"
     assert final["usage"]["input_tokens"] == 5 and final["usage"]["total_tokens"] == 12
+
+
+def test_interleaved_text_tool_calls_and_refusals_satisfy_the_sdks_stream_state() -> None:
+    """Orders the emulators do not stream (text, a call, text again, a refusal) through the SDK's
+    own stream accumulator, which checks item identities, indexes and completion."""
+    mapper = ChatToEvents({"model": "m", "input": "x"}, "m", "r1", 0)
+    chunks = [
+        {"choices": [{"delta": {"content": "hi"}}]},
+        _calls({"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}),
+        {"choices": [{"delta": {"content": "more"}}]},
+        {"choices": [{"delta": {"refusal": "no"}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+    ]
+    raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
+        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(3, 4), 0.0, False, "1"))
+    state: Any = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    for data in _frames(raw):
+        state.handle_event(construct_type(type_=ResponseStreamEvent, value=data))
+    final = state._completed_response
+    assert [(item.type, item.id) for item in final.output] == [
+        ("message", "msg_r1"), ("function_call", "fc_r1_0"), ("message", "msg_r1_1"), ("message", "msg_r1_2")]
+    assert final.output_text == "himore" and final.output[3].content[0].refusal == "no"
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -509,8 +509,20 @@ def _finish(response: dict[str, Any], finish_reason: Any) -> dict[str, Any]:
     return response
 
 
-def _message_item(request_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
-    return {"id": f"msg_{request_id}", "type": "message", "status": status, "role": "assistant", "content": parts}
+def _message_item(request_id: str, parts: list[dict[str, Any]], status: str, k: int = 0) -> dict[str, Any]:
+    """The answer's k-th message item (a stream may interleave text and tool calls)."""
+    return {"id": f"msg_{request_id}" + (f"_{k}" if k else ""), "type": "message", "status": status,
+            "role": "assistant", "content": parts}
+
+
+#: A streamed message part's kind → (its text field, the name its delta and done events carry).
+_PARTS: Mapping[str, tuple[str, str]] = {"text": ("text", "output_text"), "refusal": ("refusal", "refusal")}
+
+
+def _empty_part(kind: str) -> dict[str, Any]:
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": ""}
+    return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
 
 
 def _call_item(request_id: str, k: int, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -588,11 +600,12 @@ class ChatToEvents:
             return b""
         item, index, opened = self.items[-1], self._index(), self.open
         self.open = None
-        if opened == "text":
+        if opened in _PARTS:
             part = item["content"][0]
             item["status"] = "incomplete" if str(self.finish_reason) in INCOMPLETE else "completed"
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
+            done = ({"text": part["text"], "logprobs": []} if opened == "text" else {"refusal": part["refusal"]})
+            return (self._event(f"response.{_PARTS[opened][1]}.done", **where, **done)
                     + self._event("response.content_part.done", **where, part=part)
                     + self._event("response.output_item.done", output_index=index, item=item))
         item["status"] = "completed"
@@ -608,9 +621,20 @@ class ChatToEvents:
         out += self._event("response.output_item.added", output_index=self._index(), item=added)
         if item["type"] == "message":
             out += self._event("response.content_part.added", item_id=item["id"], output_index=self._index(),
-                               content_index=0, part={"type": "output_text", "text": "", "annotations": [],
-                                                      "logprobs": []})
+                               content_index=0, part=_empty_part(key))
         return out
+
+    def _part_delta(self, kind: str, piece: str) -> bytes:
+        """A piece of text ("text") or of a refusal ("refusal"), opening a message item for it."""
+        out = b""
+        if self.open != kind:
+            messages = sum(1 for item in self.items if item["type"] == "message")
+            out += self._open(kind, _message_item(self.request_id, [_empty_part(kind)], "in_progress", messages))
+        item = self.items[-1]
+        item["content"][0][_PARTS[kind][0]] += piece
+        extra: dict[str, Any] = {"logprobs": []} if kind == "text" else {}
+        return out + self._event(f"response.{_PARTS[kind][1]}.delta", item_id=item["id"],
+                                 output_index=self._index(), content_index=0, delta=piece, **extra)
 
     def feed(self, chunk: bytes) -> bytes:
         choice = first_choice(chunk)
@@ -621,15 +645,10 @@ class ChatToEvents:
             return b""
         delta = _obj(choice.get("delta"))
         out = b""
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            if self.open != "text":
-                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                out += self._open("text", _message_item(self.request_id, [part], "in_progress"))
-            item = self.items[-1]
-            item["content"][0]["text"] += text
-            out += self._event("response.output_text.delta", item_id=item["id"], output_index=self._index(),
-                               content_index=0, delta=text, logprobs=[])
+        for kind, key in (("text", "content"), ("refusal", "refusal")):
+            piece = delta.get(key)
+            if isinstance(piece, str) and piece:
+                out += self._part_delta(kind, piece)
         for call in delta.get("tool_calls") or ():
             if isinstance(call, dict):
                 out += self._tool_delta(call)
