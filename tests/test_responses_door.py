@@ -295,6 +295,25 @@ async def test_upstream_failures_keep_the_openai_shape(door: tuple[str, Agent]) 
     assert events[-1].response.output[0].type == "message"  # type: ignore[union-attr]  # what had gone out
 
 
+async def test_upstream_rate_limits_and_timeouts_are_429_and_504(door: tuple[str, Agent]) -> None:
+    base, agent = door
+    snap = agent.holder.current
+    assert snap is not None
+    openai_faults = f"{snap.services['gpt-mini'].endpoints[0].url.removesuffix('/v1')}/_emulator/faults"
+    claude_faults = f"{snap.services['claude'].endpoints[0].url.rstrip('/')}/_emulator/faults"
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0,
+                                default_headers={"x-switchgear-max-retries": "0"})
+    async with httpx.AsyncClient() as http:
+        assert (await http.post(openai_faults, json={"rate_limit_rate": 1.0, "retry_after_s": 2})).status_code == 200
+        assert (await http.post(claude_faults, json={"hang": True})).status_code == 200
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.responses.create(model="gpt-mini", input=PROMPT)
+    assert limited.value.response.headers["Retry-After"] == "2"
+    with pytest.raises(openai.APIStatusError) as late:
+        await client.responses.create(model="claude", input=PROMPT, extra_headers={"x-switchgear-timeout": "0.2"})
+    assert late.value.status_code == 504 and isinstance(late.value.body, dict) and late.value.body["message"]
+
+
 async def test_stored_responses_are_404_saying_the_door_keeps_none(sdk: openai.AsyncOpenAI,
                                                                     door: tuple[str, Agent]) -> None:
     with pytest.raises(openai.NotFoundError) as info:
