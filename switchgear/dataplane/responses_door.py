@@ -770,8 +770,9 @@ async def stored(request: web.Request) -> web.StreamResponse:
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
     hooks.pipeline(request).identify(request.headers.get("Authorization"), snapshot)
-    return Refused(None, "This door keeps no responses (it is stateless): nothing can be retrieved, listed, "
-                   "cancelled or deleted; send the whole conversation in 'input' instead.", "not_found", 404).response()
+    return Refused(None, f"This door serves POST {PATH} only and keeps no responses (it is stateless): nothing "
+                   "can be retrieved, listed, cancelled or deleted; send the whole conversation in 'input' instead.",
+                   "not_found", 404).response()
 
 
 def add_routes(app: web.Application, hooks: Hooks) -> None:
