@@ -494,6 +494,39 @@ def test_interleaved_text_tool_calls_and_refusals_satisfy_the_sdks_stream_state(
     assert final.output_text == "himore" and final.output[3].content[0].refusal == "no"
 
 
+_CHUNK = st.one_of(
+    st.builds(lambda text: {"choices": [{"delta": {"content": text}}]}, st.text(max_size=3)),
+    st.builds(lambda text: {"choices": [{"delta": {"refusal": text}}]}, st.text(max_size=3)),
+    st.builds(lambda k, args: _calls({"index": k, "id": f"c{k}", "function": {"name": f"f{k}", "arguments": args}}),
+              st.integers(0, 2), st.text(max_size=3)),
+    st.builds(lambda k, args: _calls({"index": k, "function": {"arguments": args}}), st.integers(0, 2),
+              st.text(max_size=3)),
+    st.builds(lambda reason: {"choices": [{"delta": {}, "finish_reason": reason}]},
+              st.sampled_from(["stop", "length", "tool_calls", "content_filter"])),
+    st.just({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_CHUNK, max_size=12))
+def test_any_chunk_sequence_streams_events_the_sdk_accepts(chunks: list[dict[str, Any]]) -> None:
+    mapper = ChatToEvents({"model": "m", "input": "x"}, "m", "r1", 0)
+    raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
+        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(1, 2), 0.0, False, "1"))
+    state: Any = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    events = _frames(raw)
+    for data in events:
+        state.handle_event(construct_type(type_=ResponseStreamEvent, value=data))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert events[-1]["type"] == ("response.completed" if final["status"] == "completed" else "response.incomplete")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert "".join(part.get("text", "") for item in final["output"] if item["type"] == "message"
+                   for part in item["content"]) == text
+    if final["status"] == "completed":
+        assert state._completed_response.output_text == text
+
+
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                   max_size=4), max_leaves=20)

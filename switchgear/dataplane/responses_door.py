@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
@@ -525,7 +525,12 @@ def _empty_part(kind: str) -> dict[str, Any]:
     return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
 
 
-def _call_item(request_id: str, k: int, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+def _call_item(request_id: str, k: int, call_id: Any, name: str, arguments: str, status: str,
+               taken: Collection[str]) -> dict[str, Any]:
+    """The answer's k-th function call; an upstream call id that is missing or already `taken`
+    gets one of this answer's own (callers match outputs to calls by it)."""
+    if not isinstance(call_id, str) or not call_id or call_id in taken:
+        call_id = f"call_{request_id}_{k}"
     return {"id": f"fc_{request_id}_{k}", "type": "function_call", "status": status, "call_id": call_id,
             "name": name, "arguments": arguments}
 
@@ -557,8 +562,9 @@ def response_from_chat(chat: Mapping[str, Any], body: Mapping[str, Any], model: 
     output = [_message_item(request_id, parts, "incomplete" if incomplete else "completed")] if parts else []
     for k, call in enumerate(calls):
         function = _obj(call.get("function"))
-        output.append(_call_item(request_id, k, str(call.get("id", "")), str(function.get("name", "")),
-                                 str(function.get("arguments") or ""), "completed"))
+        output.append(_call_item(request_id, k, call.get("id"), str(function.get("name", "")),
+                                 str(function.get("arguments") or ""), "completed",
+                                 [item["call_id"] for item in output if item["type"] == "function_call"]))
     response = skeleton(body, model, request_id, created_at)
     response["output"] = output
     response["usage"] = _usage(input_tokens, output_tokens)
@@ -664,8 +670,8 @@ class ChatToEvents:
         out = b""
         item = self.tools.get(key)
         if item is None:
-            item = _call_item(self.request_id, len(self.tools), str(call.get("id", "")),
-                              str(function.get("name", "")), "", "in_progress")
+            item = _call_item(self.request_id, len(self.tools), call.get("id"), str(function.get("name", "")), "",
+                              "in_progress", [other["call_id"] for other in self.tools.values()])
             self.tools[key] = item
             out += self._open(key, item)
         elif self.open != key:  # a late piece of a call already closed: kept in the final response only
