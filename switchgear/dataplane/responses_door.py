@@ -29,10 +29,12 @@ and unknown keys — is refused with 400 naming the field, before any upstream c
 Answer: `response` {id "resp_<request id>", status "completed" (or "incomplete" with
 incomplete_details.reason max_output_tokens / content_filter for finish reasons length /
 content_filter), output: a `message` item (output_text or refusal) and/or `function_call`
-items, usage from the call's metered usage, and the request's fields echoed}. A stream sends
+items (each with a call id of its own: a missing or repeated upstream id is replaced), usage
+from the call's metered usage, and the request's fields echoed}. A stream sends
 response.created, response.in_progress, then per output item output_item.added,
-(content_part.added, output_text.delta..., output_text.done, content_part.done |
-function_call_arguments.delta..., function_call_arguments.done), output_item.done, and last
+(content_part.added, output_text.delta... (refusal.delta... for a refusal), output_text.done,
+content_part.done | function_call_arguments.delta..., function_call_arguments.done),
+output_item.done, and last
 response.completed (or response.incomplete); every event carries a `sequence_number`. A stream
 that fails after its first event ends with an `error` event and then `response.failed`.
 When the route's fallback chain ends in the task queue, the answer is a response with status
