@@ -5,6 +5,7 @@ translation to an OpenAI-protocol one, JSON and streaming, and Anthropic-shaped 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -42,7 +43,7 @@ NARROW_KEY = "sg-k2-narrow-secret"  # a tenant allowed gpt-mini only
 PROMPT = "hello anthropic door"
 
 
-def _governance() -> Governance:
+def governance() -> Governance:
     return Governance(
         tenants=MappingProxyType({"acme": TenantView("acme"),
                                   "narrow": TenantView("narrow", allowed_services=frozenset({"gpt-mini"}))}),
@@ -52,6 +53,14 @@ def _governance() -> Governance:
 
 @pytest.fixture
 async def door() -> AsyncIterator[tuple[str, Agent]]:
+    async with serving(governance()) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(governance: Governance) -> AsyncIterator[tuple[str, Agent]]:
+    """The door (keys required, local quotas, no cache) in front of an OpenAI emulator
+    ("gpt-mini", "embed") and an Anthropic one ("claude"): (base URL, agent)."""
     async with (
         await start_instances([InstanceSpec("a")]) as group,
         await anthropic_emu.start() as claude,
@@ -61,7 +70,7 @@ async def door() -> AsyncIterator[tuple[str, Agent]]:
             view("gpt-mini", "openai", [group.urls["a"]], model="gpt-4o-mini", pricing=Pricing(cost_per_1k_tokens=1.0)),
             view("embed", "openai", [group.urls["a"]], category="embedding", model="text-embedding-3-small"),
         )
-        agent = make_agent(dataclasses.replace(snap, governance=_governance()))
+        agent = make_agent(dataclasses.replace(snap, governance=governance))
         pipeline = Pipeline(agent.invoker.invoke, auth_required=True, quotas=QuotaEnforcer(LocalCounters()),
                             cache=None)
         limits = DoorLimits(max_body_bytes=256 * 1024, max_buffered_bytes=1024 * 1024, body_timeout_s=0.5)
@@ -271,22 +280,27 @@ async def test_another_tenants_service_is_anthropic_403(door: tuple[str, Agent])
 
 
 async def test_a_slow_body_is_anthropic_408(door: tuple[str, Agent]) -> None:
-    host, _, port = door[0].removeprefix("http://").rpartition(":")
+    head, body = await slow_body(door[0], "/v1/messages", b"x-api-key: " + KEY.encode())
+    assert head.startswith(b"HTTP/1.1 408") and body["error"]["type"] == "timeout_error"
+
+
+async def slow_body(base: str, path: str, credential: bytes) -> tuple[bytes, Any]:
+    """POSTs a body that never finishes (a credential header line given): the answer's head and JSON body."""
+    host, _, port = base.removeprefix("http://").rpartition(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: " + KEY.encode()
+        writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + credential
                      + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": ")
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
-        body = orjson.loads(await reader.readexactly(length))
+        return head, orjson.loads(await reader.readexactly(length))
     finally:
         writer.close()
-    assert head.startswith(b"HTTP/1.1 408") and body["error"]["type"] == "timeout_error"
 
 
-async def test_upstream_failures_are_anthropic_shaped(door: tuple[str, Agent]) -> None:
-    base, agent = door
+async def break_upstreams(agent: Agent) -> None:
+    """The OpenAI emulator fails its next 10 requests; the Anthropic one cuts its streams after 2 events."""
     snap = agent.holder.current
     assert snap is not None
     async with httpx.AsyncClient() as http:
@@ -294,6 +308,11 @@ async def test_upstream_failures_are_anthropic_shaped(door: tuple[str, Agent]) -
         openai_url = snap.services["gpt-mini"].endpoints[0].url.removesuffix("/v1")
         assert (await http.post(f"{openai_url}/_emulator/faults", json={"fail_next": 10})).status_code == 200
         assert (await http.post(f"{claude_url}/_emulator/faults", json={"stream_cut_after": 2})).status_code == 200
+
+
+async def test_upstream_failures_are_anthropic_shaped(door: tuple[str, Agent]) -> None:
+    base, agent = door
+    await break_upstreams(agent)
     client = anthropic.AsyncAnthropic(base_url=base, api_key=KEY, max_retries=0)
     with pytest.raises(anthropic.InternalServerError) as info:
         await client.messages.create(model="gpt-mini", max_tokens=50, messages=[{"role": "user", "content": PROMPT}])

@@ -272,6 +272,19 @@ def event(kind: str, data: Mapping[str, Any] | bytes) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
 
 
+def first_choice(chunk: bytes) -> dict[str, Any] | None:
+    """A chat chunk's first choice; None for anything else (e.g. the usage-only chunk: the
+    stream's end carries the metered usage, which is what the answer reports)."""
+    try:  # orjson takes no bytes subclass: a FallbackChunk (a preset's whole answer) is copied
+        obj = orjson.loads(chunk if type(chunk) is bytes else bytes(chunk))
+    except orjson.JSONDecodeError:
+        return None
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    return choices[0]
+
+
 class ChatToEvents:
     """OpenAI chat chunks in, Anthropic stream events out (one instance per stream)."""
 
@@ -300,14 +313,9 @@ class ChatToEvents:
         return event("content_block_stop", {"index": self.index})
 
     def feed(self, chunk: bytes) -> bytes:
-        try:
-            obj = orjson.loads(chunk)
-        except orjson.JSONDecodeError:
+        choice = first_choice(chunk)
+        if choice is None:
             return b""
-        choices = obj.get("choices") if isinstance(obj, dict) else None
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return b""  # e.g. the usage-only chunk: the end's metered usage is what is reported
-        choice = choices[0]
         delta = _obj(choice.get("delta"))
         out = b""
         text = delta.get("content")

@@ -5,6 +5,7 @@
     GET  /v1/models             the snapshot's llm and embedding services
     GET  /v1/models/{model}
     POST /v1/messages           Anthropic-compatible (anthropic_door.py)
+    POST /v1/responses          OpenAI's Responses API, stateless (responses_door.py)
 
 The request's `model` names a Switchgear service; the call then goes through the same
 `Invoker` (non-streaming) or `Streamer` (SSE) as gRPC — same routing, failover, observers.
@@ -33,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from switchgear.dataplane import access_log, anthropic_door
+from switchgear.dataplane import access_log, anthropic_door, responses_door
 from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal
@@ -393,8 +394,10 @@ def build_app(
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    anthropic_door.add_routes(app, anthropic_door.Hooks(  # POST /v1/messages, on this door's pipeline
-        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER]))
+    hooks = anthropic_door.Hooks(  # what the other wire shapes' routes take from this door
+        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER])
+    anthropic_door.add_routes(app, hooks)  # POST /v1/messages, on this door's pipeline
+    responses_door.add_routes(app, hooks)  # POST /v1/responses, likewise
     add_probes(app, holder)
     return app
 
