@@ -676,3 +676,29 @@ async def test_the_emulator_refuses_bad_media_blocks_as_anthropic_does(
     with pytest.raises(UpstreamError) as caught:
         await AnthropicAdapter().invoke(client, target(upstream), AdapterRequest("messages", payload, 5))
     assert caught.value.status == 400 and orjson.loads(caught.value.body)["error"]["message"].startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [
+        ({"response_format": {"type": "json_object"}}, "payload.response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+         "payload.response_format"),
+        ({"n": 2}, "payload.n"),
+        ({"logprobs": True}, "payload.logprobs"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "payload.audio"),
+        ({"web_search_options": {}}, "payload.web_search_options"),
+    ],
+)
+async def test_a_parameter_anthropic_cannot_honour_is_the_caller_s_and_never_sent(
+    upstream: Running, client: httpx.AsyncClient, extra: dict[str, Any], path: str
+) -> None:
+    before = upstream.instance.stats()["total"]
+    for call in (AnthropicAdapter().invoke, _collect):
+        with pytest.raises(UpstreamError) as caught:
+            await call(client, target(upstream), AdapterRequest("chat.completions", {**CHAT, **extra}, 5))
+        assert caught.value.kind is ErrorKind.CLIENT and caught.value.message.startswith(f"{path}: ")
+    assert upstream.instance.stats()["total"] == before
+    hints = {"seed": 7, "n": 1, "response_format": {"type": "text"}, "reasoning_effort": "low", "presence_penalty": 0.1}
+    body = messages_from_chat({**CHAT, **hints}, "m", 10)
+    assert not set(hints) & set(body)

@@ -14,7 +14,10 @@ Content parts on "chat.completions": `text` → text blocks; `image_url` → `im
 `detail` has no Anthropic counterpart); `file` with `file_data` (a PDF data URL) → a `document`
 block; an assistant's `refusal` part → text. Anything else — other part types, file ids, other
 media types, images in system or assistant messages — is refused (CLIENT, naming the part's
-field), never dropped.
+field), never dropped. So are parameters that change what the answer must be and that Anthropic
+cannot honour: a JSON `response_format`, `n` > 1, `logprobs`, audio, `web_search_options`;
+hints with no counterpart (seed, penalties, logit_bias, service_tier, store, reasoning_effort,
+verbosity, prediction) are not sent.
 
 Tool calling on "chat.completions": function `tools` → `{name, description, input_schema}`;
 `tool_choice` auto/none/required/{function} → `{"type": auto|none|any|tool, name}`, and
@@ -311,8 +314,28 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
     return system, turns
 
 
+def _unmapped(payload: Mapping[str, Any]) -> None:
+    """CLIENT for the chat parameters that change what an answer must be and that Anthropic cannot
+    honour; the hints it has no counterpart for (seed, penalties, logit_bias, service_tier, store,
+    reasoning_effort, verbosity, prediction) change no answer's shape and are not sent."""
+    fmt = payload.get("response_format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise _refused("payload.response_format", "Anthropic targets cannot be held to a JSON format; ask for "
+                                                  "JSON in the prompt or route this call to an OpenAI target")
+    if payload.get("n") not in (None, 1):
+        raise _refused("payload.n", "Anthropic targets answer one choice a call")
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        raise _refused("payload.logprobs", "Anthropic targets give no log probabilities")
+    modalities = payload.get("modalities")
+    if payload.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        raise _refused("payload.audio", "Anthropic targets answer in text only")
+    if payload.get("web_search_options") is not None:
+        raise _refused("payload.web_search_options", "Anthropic targets take no OpenAI web search")
+
+
 def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_tokens: int) -> dict[str, Any]:
     """An Anthropic Messages body for an OpenAI chat body (raises CLIENT on a bad one)."""
+    _unmapped(payload)
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UpstreamError(ErrorKind.CLIENT, "payload.messages: must be a non-empty list of messages")
