@@ -81,8 +81,8 @@ async def door() -> AsyncIterator[Door]:
 
 
 async def test_a_vector_database_over_http(door: Door) -> None:
-    upserted = await door.post({"service": "vectors", "method": "upsert",
-                                "payload": {"vectors": VECTORS, "namespace": "ns1"}}, **{"x-request-id": "req-upsert-1"})
+    upserted = await door.post({"service": "vectors", "method": "upsert", "payload": {"vectors": VECTORS,
+                                "namespace": "ns1"}}, **{"x-request-id": "req-upsert-1"})
     assert upserted.status_code == 200, upserted.text
     body = upserted.json()
     assert body["payload"] == {"upsertedCount": 2}
@@ -198,8 +198,8 @@ async def test_a_callers_mistakes_count_against_nothing_shared(door: Door) -> No
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from([*KEYS, "request_id", "model", "stream"]),
-                       st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
-                                    | st.text(max_size=8),
+                       st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+                                    | st.floats(allow_nan=False) | st.text(max_size=8),
                                     lambda inner: st.lists(inner, max_size=3)
                                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)))
 def test_any_body_is_a_call_or_a_refusal_naming_a_field(body: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@
 The request's `model` names a Switchgear llm service, as on the OpenAI-compatible routes
 (http.py), and the call goes through the same pipeline: keys, policy, quotas, cache, routing,
 failover, metering. Callers authenticate with `x-api-key: <client key>` (what Anthropic's SDKs
-send) or `Authorization: Bearer <client key>`; `anthropic-version` is accepted and not needed.
+send) or `Authorization: Bearer <client key>`; `anthropic-version` is accepted and not needed;
+`anthropic-beta` names reach native targets (`caller_betas`, `with_betas`).
+`POST /v1/messages/count_tokens` answers `{"input_tokens": N}` (`count_tokens`).
 
 How the call reaches its upstreams:
 - **native**: when the service and every one of its targets speak protocol `anthropic`, the body
@@ -36,14 +38,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from switchgear.adapters.anthropic import _text
+from switchgear.adapters.anthropic import BETA_NAME, MAX_BETAS, _text, estimated_input_tokens
 from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
-from switchgear.dataplane.governance import Unauthenticated
+from switchgear.dataplane.governance import Principal, Unauthenticated
 from switchgear.dataplane.http_edge import relay, target_headers
 from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, Served
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import StreamEnd, Streamer
 
@@ -93,6 +95,21 @@ class Hooks:
     result_headers: Callable[[Result], dict[str, str]]
     pipeline: Callable[[web.Request], Pipeline]
     streamer: Callable[[web.Request], Streamer]
+    principal: Callable[[web.Request, AgentSnapshot], Principal | None]  # the bearer key's, noted in the access log
+
+    async def invoke(self, request: web.Request, call: Call, snapshot: AgentSnapshot,
+                     principal: Principal | None) -> tuple[Served, dict[str, str]]:
+        """A unary call through the pipeline (with the caller's `Cache-Control`), noted in the
+        access log: what served it, and its answer headers (`x-switchgear-*`, the cache mark)."""
+        served = await self.pipeline(request).invoke(call, snapshot, principal,
+                                                      CacheMode.parse(request.headers.get("Cache-Control")))
+        result = served.result
+        access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd,
+                               result.endpoint, result.attempts, served.cached)
+        headers = self.result_headers(result)
+        if served.cached:
+            headers["x-switchgear-cache"] = "hit"
+        return served, headers
 
 
 _HOOKS = web.AppKey("anthropic_hooks", Hooks)
@@ -106,8 +123,9 @@ def _bad(path: str, message: str) -> ApiError:
 # request checks and Anthropic → OpenAI (pure)
 
 
-def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
-    """The Messages body, checked as Anthropic checks it; ApiError(400) naming the field."""
+def parse_request(raw: bytes, max_depth: int, counting: bool = False) -> dict[str, Any]:
+    """The Messages body, checked as Anthropic checks it; ApiError(400) naming the field.
+    `counting`: a count_tokens body, which has no max_tokens, stream or stop_sequences."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -117,9 +135,13 @@ def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
     check_depth(body, max_depth, raw=raw)  # RequestError naming the field, before anything looks deeper
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise _bad("model", "Field required" if "model" not in body else "Input should be a non-empty string")
-    max_tokens = body.get("max_tokens")
-    if "max_tokens" not in body:
+    if counting:
+        extra = [key for key in ("max_tokens", "stream", "stop_sequences") if key in body]
+        if extra:
+            raise _bad(extra[0], "Extra inputs are not permitted")
+    elif "max_tokens" not in body:
         raise _bad("max_tokens", "Field required")
+    max_tokens = body.get("max_tokens", 1)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise _bad("max_tokens", "Input should be an integer greater than or equal to 1")
     messages = body.get("messages")
@@ -382,7 +404,8 @@ def _authorization(request: web.Request) -> str | None:
     return request.headers.get("Authorization") or (f"Bearer {key}" if key else None)
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
+def _caller(request: web.Request) -> tuple[Hooks, AgentSnapshot, Pipeline, Principal | None]:
+    """This route's hooks, the snapshot, the pipeline and the caller (`x-api-key` or bearer)."""
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
     pipeline = hooks.pipeline(request)
@@ -392,23 +415,25 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise ApiError(401, f"{exc} (this door also takes 'x-api-key: <key>')") from None
     if principal is not None:
         access_log.note_tenant(principal.tenant.id)
+    return hooks, snapshot, pipeline, principal
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    hooks, snapshot, pipeline, principal = _caller(request)
     body = parse_request(await request.read(), pipeline.max_json_depth)
+    betas = caller_betas(request)
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
     native = is_native(snapshot, snapshot.services[body["model"]])
-    payload = body if native else chat_request(body)
+    payload = (with_betas(body, betas) if native else chat_request(body))
     call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
     user = _obj(body.get("metadata")).get("user_id")
     call = dataclasses.replace(call, user_id=user if isinstance(user, str) else "")
     if body.get("stream") is True:
         return await _stream(request, hooks, call, snapshot, principal, native)
-    served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
-                           result.attempts, served.cached)
-    headers = {**hooks.result_headers(result), "request-id": call.request_id}
-    if served.cached:
-        headers["x-switchgear-cache"] = "hit"
+    headers["request-id"] = call.request_id
     if native:
         return web.Response(body=result.body, content_type="application/json", headers=headers)
     try:
@@ -472,6 +497,52 @@ async def reshape(request: web.Request,
         return exc.response()
 
 
+def caller_betas(request: web.Request) -> list[str]:
+    """The caller's `anthropic-beta` names (comma-separated, in one header or several), checked
+    as the Anthropic adapter sends them (adapters/anthropic.py `caller_betas`); 400 naming the
+    header otherwise."""
+    names = [name.strip() for value in request.headers.getall("anthropic-beta", ()) for name in value.split(",")]
+    names = [name for name in names if name]
+    if len(names) > MAX_BETAS:
+        raise _bad("anthropic-beta", f"at most {MAX_BETAS} beta names")
+    for name in names:
+        if not BETA_NAME.fullmatch(name):
+            raise _bad("anthropic-beta", f"Unexpected value `{name[:64]}` (beta names are lowercase letters, "
+                                         "digits, '.' and '-', at most 64)")
+    return list(dict.fromkeys(names))
+
+
+def with_betas(body: dict[str, Any], betas: list[str]) -> dict[str, Any]:
+    """A native call's payload: the caller's betas ride in `anthropic_beta` (as Bedrock takes
+    them), which the adapter sends as the `anthropic-beta` header. A translated call drops them:
+    no other protocol has them."""
+    return {**body, "anthropic_beta": betas} if betas else body
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages body. Counted by the
+    upstream when every target of the model speaks Anthropic's protocol (method "count_tokens",
+    one try per endpoint outside the routing statistics: `Invoker.once`), else estimated here
+    (4 characters a token, answered with `x-switchgear-estimated: true`) after the same key and
+    tenant checks; it costs nothing either way, and an upstream count is one request of the
+    tenant's quota."""
+    hooks, snapshot, pipeline, principal = _caller(request)
+    body = parse_request(await request.read(), pipeline.max_json_depth, counting=True)
+    betas = caller_betas(request)
+    hooks.check_model(snapshot, body["model"], "llm")
+    access_log.note_route(body["model"])
+    if not is_native(snapshot, snapshot.services[body["model"]]):
+        pipeline.govern(hooks.make_call(request, body, "count_tokens"), snapshot, principal)  # who may ask
+        count = {"input_tokens": estimated_input_tokens(body)}
+        return web.Response(body=orjson.dumps(count), content_type="application/json",
+                            headers={"x-switchgear-estimated": "true"})
+    call = hooks.make_call(request, with_betas(body, betas), "count_tokens")
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
+    headers["request-id"] = call.request_id
+    return web.Response(body=served.result.body, content_type="application/json", headers=headers)
+
+
 def add_routes(app: web.Application, hooks: Hooks) -> None:
     app[_HOOKS] = hooks
     app.router.add_post(PATH, messages)
+    app.router.add_post(PATH + "/count_tokens", count_tokens)

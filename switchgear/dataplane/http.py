@@ -4,7 +4,8 @@
     POST /v1/embeddings
     GET  /v1/models             the snapshot's llm and embedding services
     GET  /v1/models/{model}
-    POST /v1/messages           Anthropic-compatible (anthropic_door.py)
+    POST /v1/messages           Anthropic-compatible (anthropic_door.py), and
+    POST /v1/messages/count_tokens
     POST /v1/responses          OpenAI's Responses API, stateless (responses_door.py)
     POST /v1/invoke             Gateway.Invoke in JSON, any category of service (invoke_door.py)
 
@@ -396,7 +397,8 @@ def build_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     hooks = anthropic_door.Hooks(  # what the other wire shapes' routes take from this door
-        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER])
+        _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER],
+        _principal)
     anthropic_door.add_routes(app, hooks)  # POST /v1/messages, on this door's pipeline
     responses_door.add_routes(app, hooks)  # POST /v1/responses, likewise
     invoke_door.add_routes(app, hooks)  # POST /v1/invoke: Gateway.Invoke in JSON, any category

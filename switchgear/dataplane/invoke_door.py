@@ -35,7 +35,6 @@ from switchgear.dataplane.anthropic_door import Hooks
 from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError, check_depth
 from switchgear.dataplane.http_edge import request_id_of
 from switchgear.dataplane.invoke import Result
-from switchgear.dataplane.pipeline import CacheMode
 from switchgear.dataplane.scheduling.model import user_type_of
 from switchgear.dataplane.snapshot import CATEGORIES
 
@@ -141,21 +140,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
     pipeline = hooks.pipeline(request)
-    principal = pipeline.identify(request.headers.get("Authorization"), snapshot)
-    if principal is not None:
-        access_log.note_tenant(principal.tenant.id)
+    principal = hooks.principal(request, snapshot)
     request_id = request_id_of(request) or access_log.request_id(request.headers.get("x-request-id"))
     call = call_from_body(await request.read(), request_id, pipeline.max_json_depth)
     access_log.note_route(call.service)
-    served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
-    result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
-                           result.attempts, served.cached)
-    headers = {**hooks.result_headers(result), "x-request-id": call.request_id}
-    if served.cached:
-        headers["x-switchgear-cache"] = "hit"
-    return web.Response(body=answer(call, result, served.cached, served.tenant), content_type="application/json",
-                        headers=headers)
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
+    headers["x-request-id"] = call.request_id
+    return web.Response(body=answer(call, served.result, served.cached, served.tenant),
+                        content_type="application/json", headers=headers)
 
 
 _HOOKS = web.AppKey("invoke_hooks", Hooks)
