@@ -14,10 +14,14 @@ import pytest
 
 from switchgear.adapters.anthropic import AnthropicAdapter, parse_options
 from switchgear.adapters.base import AdapterRequest, ErrorKind, Target, UpstreamError
+from switchgear.controlplane.model import SEED_LLM_PRESET
+from switchgear.dataplane import http as front_door
 from switchgear.dataplane.scheduling.model import candidate_key
+from switchgear.dataplane.snapshot import Pricing
 from switchgear.emulators import anthropic as anthropic_emu
+from tests import test_fallback_presets as presets
 from tests.test_anthropic_door import KEY, NARROW_KEY, governance, serving
-from tests.test_stream import Agent
+from tests.test_stream import Agent, make_agent, view
 
 MESSAGES: Any = [{"role": "user", "content": "how many tokens is this question, roughly?"}]
 SYSTEM = "you count things"
@@ -154,3 +158,29 @@ async def test_the_adapter_merges_the_services_betas_with_the_callers() -> None:
         counted = await AnthropicAdapter().invoke(client, target, AdapterRequest("count_tokens", {
             "messages": MESSAGES, "system": SYSTEM}, 5))
         assert orjson.loads(counted.body)["input_tokens"] > 0 and counted.usage.input_tokens == 0
+
+
+@pytest.fixture
+async def dead_claude() -> AsyncIterator[str]:
+    """An open door whose only llm service speaks Anthropic's protocol and is down, with the seed's
+    llm preset: a native call that falls back."""
+    service = view("claude-dead", "anthropic", [presets.DEAD.removesuffix("/v1")], model="claude-3-sonnet",
+                   pricing=Pricing(cost_per_1k_tokens=1.0))
+    agent = make_agent(presets.snapshot_with({"llm": SEED_LLM_PRESET}, service))
+    runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0")
+    yield f"http://{address}"
+    await runner.cleanup()
+    await agent.pool.close()
+
+
+async def test_a_native_stream_that_falls_back_is_an_anthropic_stream(dead_claude: str) -> None:
+    async with anthropic.AsyncAnthropic(base_url=dead_claude, api_key="unused", max_retries=0) as client:
+        whole = await client.messages.with_raw_response.create(model="claude-dead", max_tokens=20, messages=MESSAGES)
+        assert whole.headers["x-switchgear-fallback"] == "preset_response"
+        assert (await whole.parse()).content[0].text == SEED_LLM_PRESET  # type: ignore[union-attr]
+        async with client.messages.stream(model="claude-dead", max_tokens=20, messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+            texts = [text async for text in stream.text_stream]
+        assert stream.response.headers["x-switchgear-fallback"] == "preset_response"
+    assert final.content[0].text == SEED_LLM_PRESET and final.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert "".join(texts) in ("", SEED_LLM_PRESET)

@@ -47,7 +47,7 @@ from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, Served
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
-from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
 
 PATH = "/v1/messages"
 PROTOCOL = "anthropic"
@@ -369,12 +369,45 @@ class ChatToEvents:
 
 
 def native_event(chunk: bytes) -> bytes:
-    """An upstream Anthropic event's data, framed again with its event name."""
+    """An upstream Anthropic event's data, framed again with its event name; a fallback's whole
+    answer (a FallbackChunk: a preset, or a service's exact preset body) as the events a stream
+    of that message would have been."""
+    if isinstance(chunk, FallbackChunk):
+        return message_events(bytes(chunk))
     try:
         kind = orjson.loads(chunk).get("type")
     except (orjson.JSONDecodeError, AttributeError):
         kind = None
     return event(kind if isinstance(kind, str) and kind.isidentifier() else "message", chunk)
+
+
+def message_events(body: bytes) -> bytes:
+    """A whole Anthropic `message` as its stream: message_start (content empty), each text block
+    as content_block_start / one text_delta / content_block_stop, message_delta (stop reason,
+    output tokens), message_stop. A body that is not such a message (a service's exact preset
+    answer may be anything) is one text block holding it."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(
+            message.get("content"), list):
+        message = {"id": "msg_fallback", "type": "message", "role": "assistant", "model": "",
+                   "content": [{"type": "text", "text": body.decode("utf-8", "replace")}],
+                   "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+    usage = _obj(message.get("usage"))
+    out = event("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                              "usage": {"input_tokens": usage.get("input_tokens", 0),
+                                                        "output_tokens": 0}}})
+    texts = [b for b in message["content"] if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    for index, block in enumerate(texts):
+        out += event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+        out += event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": block["text"]}})
+        out += event("content_block_stop", {"index": index})
+    out += event("message_delta", {"delta": {"stop_reason": message.get("stop_reason") or "end_turn",
+                                             "stop_sequence": message.get("stop_sequence")},
+                                   "usage": {"output_tokens": usage.get("output_tokens", 0)}})
+    return out + event("message_stop", {})
 
 
 # ---------------------------------------------------------------------------------------
@@ -454,9 +487,11 @@ async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: Agen
     except StopAsyncIteration:
         raise ApiError(502, "upstream stream ended without an answer") from None
     committed = recorded.meter.committed() if recorded.meter is not None else None
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache", "request-id": call.request_id,
-                                           **target_headers(committed)})
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "request-id": call.request_id, **target_headers(committed)}
+    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
+        headers["x-switchgear-fallback"] = first.source
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     mapper = None if native else ChatToEvents(call.service, call.request_id)
     if mapper is not None:
