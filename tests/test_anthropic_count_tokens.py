@@ -4,6 +4,7 @@ serving live emulators (an Anthropic-protocol model, an OpenAI-protocol one)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from switchgear.adapters.base import AdapterRequest, ErrorKind, Target, Upstream
 from switchgear.controlplane.model import SEED_LLM_PRESET
 from switchgear.dataplane import http as front_door
 from switchgear.dataplane.scheduling.model import candidate_key
-from switchgear.dataplane.snapshot import Pricing
+from switchgear.dataplane.snapshot import Pricing, SecretRef
 from switchgear.emulators import anthropic as anthropic_emu
 from tests import test_fallback_presets as presets
 from tests.test_anthropic_door import KEY, NARROW_KEY, governance, serving
@@ -184,3 +185,23 @@ async def test_a_native_stream_that_falls_back_is_an_anthropic_stream(dead_claud
         assert stream.response.headers["x-switchgear-fallback"] == "preset_response"
     assert final.content[0].text == SEED_LLM_PRESET and final.stop_reason == "end_turn"  # type: ignore[union-attr]
     assert "".join(texts) in ("", SEED_LLM_PRESET)
+
+
+async def test_a_count_on_a_target_without_its_secret_is_refused_cleanly() -> None:
+    """The key reference resolves to nothing: the caller gets the agent's misconfiguration (5xx in
+    Anthropic's shape), as for a message, not a traceback."""
+    async with await anthropic_emu.start(api_key="needed") as claude:
+        service = dataclasses.replace(view("claude", "anthropic", [claude.url], model="claude-3-sonnet"),
+                                      api_key=SecretRef(env="NOT_SET_ANYWHERE"))
+        agent = make_agent(presets.snapshot_with({}, service))
+        runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0")
+        try:
+            async with httpx.AsyncClient() as http:
+                answer = await http.post(f"http://{address}/v1/messages/count_tokens",
+                                         json={"model": "claude", "messages": MESSAGES})
+            assert answer.status_code == 500 and answer.json()["type"] == "error", answer.text
+            assert "NOT_SET_ANYWHERE" in answer.json()["error"]["message"]  # the reference, never a value
+            assert claude.instance.by_path.get("/v1/messages/count_tokens", 0) == 0
+        finally:
+            await runner.cleanup()
+            await agent.pool.close()

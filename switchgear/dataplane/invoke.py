@@ -168,10 +168,10 @@ class Invoker:
                 failure = UpstreamError(ErrorKind.TIMEOUT, f"service {service.name!r}: no answer within the deadline")
                 break
             tried += 1
-            target = Target(base_url=endpoint.url, model=effective.model,
-                            api_key=self._secrets.resolve(effective.api_key), options=effective.options)
             client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
             try:
+                target = Target(base_url=endpoint.url, model=effective.model,  # (a missing secret: CONFIG)
+                                api_key=self._secrets.resolve(effective.api_key), options=effective.options)
                 async with self._deadlines.within(remaining):
                     response = await direct.invoke(client, target, AdapterRequest(call.method, call.payload,
                                                                                   remaining, call.request_id))
