@@ -23,7 +23,7 @@ from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import Pricing, SecretRef
 from switchgear.emulators import pinecone as pinecone_emu
-from switchgear.emulators.openai import InstanceSpec, reply_text, start_instances
+from switchgear.emulators.openai import Faults, InstanceSpec, reply_text, start_instances
 from tests.test_anthropic_door import KEY, NARROW_KEY, governance
 from tests.test_stream import Agent, make_agent, snapshot, view
 
@@ -143,6 +143,7 @@ GOOD = {"service": "vectors", "method": "query", "payload": {"vector": [1, 0, 0]
     ({**GOOD, "category": "vectors"}, "category"),
     ({**GOOD, "user_id": ["u"]}, "user_id"),
     ({**GOOD, "session_id": 3}, "session_id"),
+    ({**GOOD, "stream": "yes"}, "stream"),
 ])
 async def test_malformed_bodies_name_the_field_and_reach_no_upstream(door: Door, body: object, field: str) -> None:
     answer = await door.post(body)
@@ -204,9 +205,50 @@ async def test_a_callers_mistakes_count_against_nothing_shared(door: Door) -> No
                                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)))
 def test_any_body_is_a_call_or_a_refusal_naming_a_field(body: dict[str, Any]) -> None:
     try:
-        call = call_from_body(orjson.dumps(body), "r1", MAX_JSON_DEPTH)
+        call, stream = call_from_body(orjson.dumps(body), "r1", MAX_JSON_DEPTH)
     except RequestError as exc:
         assert exc.path in (*KEYS, "body", "request_id", "model", "stream") or exc.path.startswith("payload")
         return
     assert call.service == body["service"] and call.method == body["method"] and 1 <= call.priority <= 10
-    assert isinstance(call.payload, dict) and set(body) <= set(KEYS)
+    assert isinstance(call.payload, dict) and set(body) <= set(KEYS) and stream is (body.get("stream") is True)
+
+
+def _events(raw: bytes) -> list[tuple[str, Any]]:
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if block.strip():
+            kind, data = block.split("\n", 1)
+            out.append((kind.removeprefix("event: "), orjson.loads(data.removeprefix("data: "))))
+    return out
+
+
+async def test_a_stream_is_invoke_streams_chunks_then_its_end(door: Door) -> None:
+    answer = await door.post({"service": "gpt-mini", "method": "chat.completions", "stream": True,
+                              "payload": {"messages": [{"role": "user", "content": PROMPT}], "stream": True,
+                                          "stream_options": {"include_usage": True}}})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    events = _events(answer.content)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "end" and set(kinds[:-1]) == {"chunk"} and len(kinds) > 2
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for k, c in events[:-1] if c.get("choices"))
+    assert text == reply_text("a", PROMPT)
+    end = events[-1][1]
+    assert end["error_kind"] == "" and end["endpoint"] == "e0" and end["usage"]["output_tokens"] > 0
+    assert end["usage"]["cost_usd"] > 0 and end["target"]["model"] == "gpt-4o-mini" and end["ttft_s"] > 0
+
+
+async def test_a_stream_cut_after_its_first_chunk_ends_naming_the_error(door: Door) -> None:
+    door.llm.set_faults("a", Faults(stream_cut_after=2))
+    answer = await door.post({"service": "gpt-mini", "method": "chat.completions", "stream": True,
+                              "payload": {"messages": [{"role": "user", "content": PROMPT}], "stream": True}})
+    assert answer.status_code == 200
+    kind, end = _events(answer.content)[-1]
+    assert kind == "end" and end["error_kind"] == "retryable" and end["error_message"]
+    assert "127.0.0.1" not in end["error_message"]  # what callers see never names an upstream
+
+
+async def test_a_method_that_does_not_stream_is_refused_before_any_event(door: Door) -> None:
+    answer = await door.post({**GOOD, "stream": True})
+    assert answer.status_code == 400 and _error(answer)["param"] == "method", answer.text
+    assert "cannot stream" in _error(answer)["message"] and door.upstream_calls() == 0

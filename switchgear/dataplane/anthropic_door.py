@@ -31,9 +31,9 @@ fails after its first event ends with `event: error`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -47,7 +47,7 @@ from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, Served
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
-from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer, StreamItem
 
 PATH = "/v1/messages"
 PROTOCOL = "anthropic"
@@ -110,6 +110,34 @@ class Hooks:
         if served.cached:
             headers["x-switchgear-cache"] = "hit"
         return served, headers
+
+    async def open_stream(self, request: web.Request, call: Call, snapshot: AgentSnapshot,
+                          principal: Principal | None, id_header: str) -> Opened | None:
+        """A stream through the pipeline up to its first item, and the SSE answer prepared with its
+        headers (`id_header`: the request id; the target it committed to; a fallback's source).
+        None when the stream ended without an item (the caller answers 502 in its shape)."""
+        recorded = Recorded(self.streamer(request).stream)  # its meter names the committed target by the first item
+        items = self.pipeline(request).stream(call, snapshot, principal, recorded)
+        try:
+            first = await anext(items)
+        except StopAsyncIteration:
+            return None
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   id_header: call.request_id,
+                   **target_headers(recorded.meter.committed() if recorded.meter is not None else None)}
+        if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
+            headers["x-switchgear-fallback"] = first.source
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        return Opened(response, first, items)
+
+
+class Opened(NamedTuple):
+    """A stream whose first item is in and whose answer is prepared (`Hooks.open_stream`)."""
+
+    response: web.StreamResponse
+    first: StreamItem
+    items: AsyncGenerator[StreamItem, None]
 
 
 _HOOKS = web.AppKey("anthropic_hooks", Hooks)
@@ -480,19 +508,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot, principal: Any,
                   native: bool) -> web.StreamResponse:
-    recorded = Recorded(hooks.streamer(request).stream)  # its meter names the committed target by the first item
-    items = hooks.pipeline(request).stream(call, snapshot, principal, recorded)
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
-        raise ApiError(502, "upstream stream ended without an answer") from None
-    committed = recorded.meter.committed() if recorded.meter is not None else None
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "request-id": call.request_id, **target_headers(committed)}
-    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
-        headers["x-switchgear-fallback"] = first.source
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
+    opened = await hooks.open_stream(request, call, snapshot, principal, "request-id")
+    if opened is None:
+        raise ApiError(502, "upstream stream ended without an answer")
+    response, first, items = opened
     mapper = None if native else ChatToEvents(call.service, call.request_id)
     if mapper is not None:
         await response.write(mapper.start())

@@ -17,8 +17,12 @@ of bounds is refused with 400 naming the field, in the door's own error shape, b
 so is a payload nested deeper than the door's JSON depth limit. Keys, quotas, budgets, the
 response cache (`Cache-Control`), routing, resilience and refusals are the pipeline's, as for
 every route of this door (outcome.py maps refusals the same way for both doors); the request
-id is the door's (`x-request-id`). Streams are not served here: an LLM stream is
-`/v1/chat/completions` with `"stream": true` (or gRPC `InvokeStream`).
+id is the door's (`x-request-id`).
+
+`"stream": true` is `InvokeStream`: Server-Sent Events, one `event: chunk` per upstream chunk
+(its JSON as the upstream's adapter gives it) and one `event: end` carrying InvokeStreamEnd's
+fields (usage, cost, time to first token, failover, the error of a stream cut after its first
+token). A refusal before the first chunk is an ordinary error answer.
 """
 
 from __future__ import annotations
@@ -30,17 +34,23 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
 from switchgear.dataplane import access_log
 from switchgear.dataplane.anthropic_door import Hooks
 from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError, check_depth
-from switchgear.dataplane.http_edge import request_id_of
-from switchgear.dataplane.invoke import Result
+from switchgear.dataplane.governance import Principal
+from switchgear.dataplane.http_edge import relay, request_id_of
+from switchgear.dataplane.invoke import CallFailed, Result
+from switchgear.dataplane.outcome import public_text
 from switchgear.dataplane.scheduling.model import user_type_of
-from switchgear.dataplane.snapshot import CATEGORIES
+from switchgear.dataplane.snapshot import CATEGORIES, AgentSnapshot, TargetView
+from switchgear.dataplane.stream import StreamEnd
 
 PATH = "/v1/invoke"
-#: The body's keys: InvokeRequest's fields, but `request_id` (the door's `x-request-id`).
-KEYS = ("service", "method", "payload", "category", "priority", "timeout", "max_retries", "user_id", "session_id")
+#: The body's keys: InvokeRequest's fields, but `request_id` (the door's `x-request-id`), and
+#: `stream` (InvokeStream).
+KEYS = ("service", "method", "payload", "category", "priority", "timeout", "max_retries", "user_id", "session_id",
+        "stream")
 _MAX_NAME = 256  # service and method names, user and session ids: longer is a caller's mistake
 
 
@@ -83,8 +93,9 @@ def _category(body: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def call_from_body(raw: bytes, request_id: str, max_depth: int) -> Call:
-    """The validated call of a `/v1/invoke` body (pure); RequestError naming the field."""
+def call_from_body(raw: bytes, request_id: str, max_depth: int) -> tuple[Call, bool]:
+    """The validated call of a `/v1/invoke` body and whether it streams (pure); RequestError
+    naming the field."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -95,10 +106,16 @@ def call_from_body(raw: bytes, request_id: str, max_depth: int) -> Call:
     unknown = sorted(key for key in body if key not in KEYS)
     if unknown:
         raise RequestError(unknown[0], f"unknown field (this route takes {', '.join(KEYS)})")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError("stream", "must be a boolean")
     payload = body.get("payload", {})
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
     user_id = _text(body, "user_id", False)
+    return _call(body, request_id, payload, user_id), body.get("stream") is True
+
+
+def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], user_id: str) -> Call:
     return Call(
         request_id=request_id,
         category=_category(body),
@@ -114,24 +131,32 @@ def call_from_body(raw: bytes, request_id: str, max_depth: int) -> Call:
     )
 
 
+def _target(endpoint: str, target: TargetView | None) -> dict[str, Any] | None:
+    """TargetInfo's fields: the route target that served."""
+    if target is None:
+        return None
+    p = target.pricing
+    return {"id": endpoint, "provider": target.provider, "protocol": target.protocol, "model": target.model,
+            "pricing": {"cost_per_1k_tokens": p.cost_per_1k_tokens,
+                        "input_cost_per_1k_tokens": p.input_cost_per_1k_tokens,
+                        "output_cost_per_1k_tokens": p.output_cost_per_1k_tokens,
+                        "cost_per_request": p.cost_per_request}}
+
+
+def _usage(usage: TokenUsage, cost_usd: float) -> dict[str, Any]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": cost_usd,
+            "estimated": usage.estimated}
+
+
 def answer(call: Call, result: Result, cached: bool, tenant: str) -> bytes:
     """InvokeResponse's fields as JSON, the upstream's answer spliced in as `payload` unparsed."""
-    target: dict[str, Any] | None = None
-    if result.target is not None:
-        t, p = result.target, result.target.pricing
-        target = {"id": result.endpoint, "provider": t.provider, "protocol": t.protocol, "model": t.model,
-                  "pricing": {"cost_per_1k_tokens": p.cost_per_1k_tokens,
-                              "input_cost_per_1k_tokens": p.input_cost_per_1k_tokens,
-                              "output_cost_per_1k_tokens": p.output_cost_per_1k_tokens,
-                              "cost_per_request": p.cost_per_request}}
     usage = result.usage
     rest = orjson.dumps({
         "request_id": call.request_id, "service": result.service, "endpoint": result.endpoint,
         "attempts": result.attempts, "latency_s": round(result.latency_s, 6),
-        "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                  "cost_usd": result.cost_usd, "estimated": usage.estimated},
+        "usage": _usage(usage, result.cost_usd),
         "fallback": result.fallback, "fallback_source": result.fallback_source, "cached": cached,
-        "snapshot_version": result.version, "tenant": tenant, "target": target,
+        "snapshot_version": result.version, "tenant": tenant, "target": _target(result.endpoint, result.target),
     })
     return b'{"payload":' + (result.body or b"null") + b"," + rest[1:]
 
@@ -142,12 +167,42 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     pipeline = hooks.pipeline(request)
     principal = hooks.principal(request, snapshot)
     request_id = request_id_of(request) or access_log.request_id(request.headers.get("x-request-id"))
-    call = call_from_body(await request.read(), request_id, pipeline.max_json_depth)
+    call, stream = call_from_body(await request.read(), request_id, pipeline.max_json_depth)
     access_log.note_route(call.service)
+    if stream:
+        return await _stream(request, hooks, call, snapshot, principal)
     served, headers = await hooks.invoke(request, call, snapshot, principal)
     headers["x-request-id"] = call.request_id
     return web.Response(body=answer(call, served.result, served.cached, served.tenant),
                         content_type="application/json", headers=headers)
+
+
+def stream_end(request_id: str, end: StreamEnd) -> bytes:
+    """InvokeStreamEnd's fields as the stream's last event (an error's text as callers see it)."""
+    return b"event: end\ndata: " + orjson.dumps({
+        "request_id": request_id, "service": end.service, "endpoint": end.endpoint, "attempts": end.attempts,
+        "latency_s": round(end.latency_s, 6), "ttft_s": round(end.ttft_s, 6), "usage": _usage(end.usage, end.cost_usd),
+        "failover": end.failover, "snapshot_version": end.version, "finish_reason": end.finish_reason,
+        "error_kind": end.error.kind.value if end.error else "",
+        "error_message": public_text(end.error.message) if end.error else "",
+        "fallback": end.fallback, "fallback_source": end.fallback_source, "target": _target(end.endpoint, end.target),
+    }) + b"\n\n"
+
+
+def _chunk(chunk: bytes) -> bytes:
+    return b"event: chunk\ndata: " + chunk + b"\n\n"
+
+
+async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot,
+                  principal: Principal | None) -> web.StreamResponse:
+    opened = await hooks.open_stream(request, call, snapshot, principal, "x-request-id")  # (refusals raise)
+    if opened is None:
+        raise CallFailed(UpstreamError(ErrorKind.RETRYABLE, "upstream stream ended without an answer"), 1, call.service)
+    response, first, items = opened
+    end = await relay(response, first, items, _chunk)
+    await response.write(stream_end(call.request_id, end))
+    await response.write_eof()
+    return response
 
 
 _HOOKS = web.AppKey("invoke_hooks", Hooks)

@@ -61,9 +61,8 @@ from switchgear.dataplane import access_log
 from switchgear.dataplane.anthropic_door import Hooks, first_choice
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Principal
-from switchgear.dataplane.http_edge import relay, target_headers
+from switchgear.dataplane.http_edge import relay
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import Recorded
 from switchgear.dataplane.snapshot import AgentSnapshot
 from switchgear.dataplane.stream import FallbackChunk, StreamEnd
 
@@ -742,19 +741,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot,
                   principal: Principal | None, body: Mapping[str, Any], created_at: int) -> web.StreamResponse:
-    recorded = Recorded(hooks.streamer(request).stream)  # its meter names the committed target by the first item
-    items = hooks.pipeline(request).stream(call, snapshot, principal, recorded)
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
+    opened = await hooks.open_stream(request, call, snapshot, principal, "x-request-id")
+    if opened is None:
         return Refused(None, "upstream stream ended without an answer", "upstream_error", 502).response()
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "x-request-id": call.request_id,
-               **target_headers(recorded.meter.committed() if recorded.meter is not None else None)}
-    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
-        headers["x-switchgear-fallback"] = first.source
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
+    response, first, items = opened
     mapper = ChatToEvents(body, call.service, call.request_id, created_at)
     await response.write(mapper.start())
     item = await relay(response, first, items, mapper.feed)
