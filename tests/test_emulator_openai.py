@@ -349,8 +349,9 @@ async def test_stats_count_paths_and_outcomes(client: httpx.AsyncClient) -> None
         "by_outcome": {"ok": 3, "invalid_request": 1, "unauthorized": 1, "error": 1},
         "disconnects": 0,
         "streamed": 0,
+        "notes": {},
     }
-    assert cleared == {"total": 0, "by_path": {}, "by_outcome": {}, "disconnects": 0, "streamed": 0}
+    assert cleared == {"total": 0, "by_path": {}, "by_outcome": {}, "disconnects": 0, "streamed": 0, "notes": {}}
 
 
 async def test_close_cuts_off_hanging_requests_quickly(client: httpx.AsyncClient) -> None:

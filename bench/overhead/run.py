@@ -30,6 +30,7 @@ run and each worker's CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -565,7 +566,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-keepalive", choices=("on", "off"), default="on",
                         help="off: every request of the http path on a new connection (wrk sends Connection: close): "
                              "the agent's cost per connection, as with clients that do not keep connections alive")
+    parser.add_argument("--idle-poll", action="store_true",
+                        help="hold the kernel's CPU latency request at 0 µs for the run (/dev/cpu_dma_latency, "
+                             "root): idle vCPUs poll instead of halting, to tell the cost of halting from the "
+                             "cost of sleeping (README: Session 11)")
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as held:
+        if args.idle_poll:
+            held.enter_context(_idle_poll())
+        return _main(parser, args)
+
+
+@contextlib.contextmanager
+def _idle_poll() -> Iterator[None]:
+    """PM QoS: while the file stays open with 0 written, cpuidle keeps every CPU in its polling
+    state (the kernel's documented interface, Documentation/power/pm_qos_interface.rst)."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError as exc:
+        raise SystemExit(f"--idle-poll: /dev/cpu_dma_latency: {exc.strerror} (needs root)") from None
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield
+    finally:
+        os.close(fd)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     HTTP_HEADERS[0] = {"Connection": "close"} if args.http_keepalive == "off" else None
     worker_counts = tuple(int(n) for n in args.workers.split(","))
     LOADGEN_BATCH[0] = args.loadgen_sched == "batch"

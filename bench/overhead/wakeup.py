@@ -7,7 +7,10 @@ Two measurements behind the idle-call section of README.md, each hot (back to ba
   and EVALSHA of the agent's own round script (dataplane/redis_round.py) with an admission of four
   checks, four counts and a cache lookup. The client waits for the reply either blocked in the
   loop (as the agent does) or busy-polling the loop (a chain of `call_soon`), which tells whether
-  the time is the client's wake-up or the server's.
+  the time is the client's wake-up or the server's; `busy-yield` busy-polls with a `sched_yield()`
+  per turn (a spinner that gives way to whatever else is runnable on its CPU), `warm-before` sleeps
+  the pause but its last 2 ms, then busy-polls until the answer (a client that wakes before an
+  answer it expects: the anticipatory spin of README, Session 11).
 - **Cold memory**: CPU time of one pass writing one byte in each of N pages, hot, after a 20 ms
   sleep, and after 20 ms of spinning (the process never sleeps).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -52,20 +56,29 @@ async def _redis(sock: str, calls: int, gap_s: float) -> None:
     numbers = "0 0 4 4 1 " + " ".join(["1e15"] * 4) + " " + " ".join(["4e9 61"] * 4) + " 9"
     commands = (("PING", _pack("PING"), 1), ("EVALSHA", _pack("EVALSHA", sha, str(len(keys)), *keys, numbers), 4))
     loop = asyncio.get_running_loop()
-    spinning = False
+    spinning = yielding = False
 
     def spin() -> None:
         if spinning:
+            if yielding:
+                os.sched_yield()
             loop.call_soon(spin)
 
     for name, command, lines in commands:
         for gap in (0.0, gap_s):
-            for wait in ("blocked", "busy-poll"):
+            for wait in ("blocked", "busy-poll", "busy-yield", "warm-before"):
                 times = []
                 for _ in range(calls):
+                    yielding = wait == "busy-yield"
                     if gap:
-                        await asyncio.sleep(gap)
-                    if wait == "busy-poll":
+                        if wait == "warm-before":
+                            await asyncio.sleep(gap - 0.002)
+                            spinning = True
+                            loop.call_soon(spin)
+                            await asyncio.sleep(0.002)
+                        else:
+                            await asyncio.sleep(gap)
+                    if wait.startswith("busy"):
                         spinning = True
                         loop.call_soon(spin)
                     start = time.perf_counter_ns()

@@ -440,6 +440,36 @@ def _estimate_prompt_chars(body: Mapping[str, Any]) -> int:
     return chars + (_text_len(system) if system is not None else 0)
 
 
+def estimated_input_tokens(body: Mapping[str, Any]) -> int:
+    """A Messages body's input tokens by the agent's estimate (4 characters a token over the
+    system prompt, the messages and the tool definitions), for a target that cannot count them."""
+    tools = body.get("tools")
+    chars = _estimate_prompt_chars(body) + (len(orjson.dumps(tools)) if isinstance(tools, list) else 0)
+    return _http.estimated(chars, 0).input_tokens
+
+
+#: An `anthropic-beta` value: Anthropic's beta names are lowercase words, digits and hyphens
+#: ("interleaved-thinking-2025-05-14"); at most this many a call, each at most 64 characters.
+BETA_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
+MAX_BETAS = 16
+
+
+def caller_betas(value: Any) -> tuple[str, ...]:
+    """The betas a native call asks for in `payload.anthropic_beta` (a list of names, as Bedrock
+    takes them; the Anthropic door puts its caller's `anthropic-beta` header there): sent in the
+    `anthropic-beta` header after the service's own option `beta`. UpstreamError(CLIENT) naming
+    the field for anything but a short list of well-formed names."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_BETAS:
+        raise UpstreamError(ErrorKind.CLIENT, f"payload.anthropic_beta: must be a list of at most {MAX_BETAS} names")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not BETA_NAME.fullmatch(name):
+            raise UpstreamError(ErrorKind.CLIENT, f"payload.anthropic_beta[{i}]: not a beta name "
+                                                  "(lowercase letters, digits, '.' and '-', at most 64)")
+    return tuple(value)
+
+
 # ---------------------------------------------------------------------------------------
 # the adapter
 
@@ -448,8 +478,11 @@ class AnthropicAdapter:
     """Adapter for Anthropic's Messages API. Stateless; safe to share across tasks."""
 
     protocol: ClassVar[str] = PROTOCOL
-    methods: ClassVar[frozenset[str]] = frozenset({"messages", "chat.completions"})
-    stream_methods: ClassVar[frozenset[str]] = methods
+    methods: ClassVar[frozenset[str]] = frozenset({"messages", "chat.completions", "count_tokens"})
+    stream_methods: ClassVar[frozenset[str]] = frozenset({"messages", "chat.completions"})
+    #: Answered in one try per endpoint outside the routing statistics (invoke.py `Invoker.once`):
+    #: a token count is a cheap read whose latency says nothing about the service's messages.
+    direct_methods: ClassVar[frozenset[str]] = frozenset({"count_tokens"})
 
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
         self._wall_clock = wall_clock
@@ -468,28 +501,33 @@ class AnthropicAdapter:
         if request.method not in self.methods:
             raise UpstreamError(ErrorKind.CLIENT, f"method {request.method!r} is not served by protocol {PROTOCOL}")
         options = target.options if isinstance(target.options, AnthropicOptions) else AnthropicOptions()
+        betas: tuple[str, ...] = ()
         if request.method == "chat.completions":
             body = messages_from_chat(request.payload, target.model, options.default_max_tokens)
         else:
             body = dict(request.payload)
+            betas = caller_betas(body.pop("anthropic_beta", None))
             if target.model:
                 body["model"] = target.model
             if not isinstance(body.get("messages"), list) or not body["messages"]:
                 raise UpstreamError(ErrorKind.CLIENT, "payload.messages: must be a non-empty list of messages")
-            body.setdefault("max_tokens", options.default_max_tokens)
+            if request.method == "messages":
+                body.setdefault("max_tokens", options.default_max_tokens)
         body.pop("stream", None)
         if stream:
             body["stream"] = True
         _http.check_time(request.timeout_s)
         headers = {**request.headers, "content-type": "application/json", "anthropic-version": options.version}
-        if options.beta:
-            headers["anthropic-beta"] = options.beta
+        beta = ",".join(dict.fromkeys((*(b.strip() for b in options.beta.split(",") if b.strip()), *betas)))
+        if beta:
+            headers["anthropic-beta"] = beta
         if request.request_id:
             headers["x-request-id"] = request.request_id
         if target.api_key:
             headers["x-api-key"] = target.api_key
         base = target.base_url.rstrip("/")  # "https://api.anthropic.com" or ".../v1" both work
-        url = base + (options.messages_path.removeprefix("/v1") if base.endswith("/v1") else options.messages_path)
+        path = options.messages_path + ("/count_tokens" if request.method == "count_tokens" else "")
+        url = base + (path.removeprefix("/v1") if base.endswith("/v1") else path)
         return url, headers, body
 
     async def invoke(self, client: Any, target: Target, request: AdapterRequest) -> AdapterResponse:
@@ -519,6 +557,12 @@ class AnthropicAdapter:
             raise UpstreamError(
                 ErrorKind.RETRYABLE, "upstream answer is not a JSON object", status=response.status_code
             )
+        if request.method == "count_tokens":  # {"input_tokens": N}: a count, not a call's usage
+            count = message.get("input_tokens")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise UpstreamError(ErrorKind.RETRYABLE, "count_tokens answer without a whole input_tokens",
+                                    status=response.status_code)
+            return AdapterResponse(response.content, TokenUsage(), response.status_code)
         usage = usage_of(message.get("usage"))
         if usage is None:
             out_chars = sum(_text_len([b]) for b in message.get("content") or () if isinstance(b, Mapping))

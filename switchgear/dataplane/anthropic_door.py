@@ -3,7 +3,9 @@
 The request's `model` names a Switchgear llm service, as on the OpenAI-compatible routes
 (http.py), and the call goes through the same pipeline: keys, policy, quotas, cache, routing,
 failover, metering. Callers authenticate with `x-api-key: <client key>` (what Anthropic's SDKs
-send) or `Authorization: Bearer <client key>`; `anthropic-version` is accepted and not needed.
+send) or `Authorization: Bearer <client key>`; `anthropic-version` is accepted and not needed;
+`anthropic-beta` names reach native targets (`caller_betas`, `with_betas`).
+`POST /v1/messages/count_tokens` answers `{"input_tokens": N}` (`count_tokens`).
 
 How the call reaches its upstreams:
 - **native**: when the service and every one of its targets speak protocol `anthropic`, the body
@@ -29,23 +31,23 @@ fails after its first event ends with `event: error`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
-from switchgear.adapters.anthropic import _text
+from switchgear.adapters.anthropic import BETA_NAME, MAX_BETAS, _text, estimated_input_tokens
 from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
-from switchgear.dataplane.governance import Unauthenticated
+from switchgear.dataplane.governance import Principal, Unauthenticated
 from switchgear.dataplane.http_edge import relay, target_headers
 from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, Served
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
-from switchgear.dataplane.stream import StreamEnd, Streamer
+from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer, StreamItem
 
 PATH = "/v1/messages"
 PROTOCOL = "anthropic"
@@ -93,6 +95,49 @@ class Hooks:
     result_headers: Callable[[Result], dict[str, str]]
     pipeline: Callable[[web.Request], Pipeline]
     streamer: Callable[[web.Request], Streamer]
+    principal: Callable[[web.Request, AgentSnapshot], Principal | None]  # the bearer key's, noted in the access log
+
+    async def invoke(self, request: web.Request, call: Call, snapshot: AgentSnapshot,
+                     principal: Principal | None) -> tuple[Served, dict[str, str]]:
+        """A unary call through the pipeline (with the caller's `Cache-Control`), noted in the
+        access log: what served it, and its answer headers (`x-switchgear-*`, the cache mark)."""
+        served = await self.pipeline(request).invoke(call, snapshot, principal,
+                                                      CacheMode.parse(request.headers.get("Cache-Control")))
+        result = served.result
+        access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd,
+                               result.endpoint, result.attempts, served.cached)
+        headers = self.result_headers(result)
+        if served.cached:
+            headers["x-switchgear-cache"] = "hit"
+        return served, headers
+
+    async def open_stream(self, request: web.Request, call: Call, snapshot: AgentSnapshot,
+                          principal: Principal | None, id_header: str) -> Opened | None:
+        """A stream through the pipeline up to its first item, and the SSE answer prepared with its
+        headers (`id_header`: the request id; the target it committed to; a fallback's source).
+        None when the stream ended without an item (the caller answers 502 in its shape)."""
+        recorded = Recorded(self.streamer(request).stream)  # its meter names the committed target by the first item
+        items = self.pipeline(request).stream(call, snapshot, principal, recorded)
+        try:
+            first = await anext(items)
+        except StopAsyncIteration:
+            return None
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   id_header: call.request_id,
+                   **target_headers(recorded.meter.committed() if recorded.meter is not None else None)}
+        if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
+            headers["x-switchgear-fallback"] = first.source
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        return Opened(response, first, items)
+
+
+class Opened(NamedTuple):
+    """A stream whose first item is in and whose answer is prepared (`Hooks.open_stream`)."""
+
+    response: web.StreamResponse
+    first: StreamItem
+    items: AsyncGenerator[StreamItem, None]
 
 
 _HOOKS = web.AppKey("anthropic_hooks", Hooks)
@@ -106,8 +151,9 @@ def _bad(path: str, message: str) -> ApiError:
 # request checks and Anthropic → OpenAI (pure)
 
 
-def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
-    """The Messages body, checked as Anthropic checks it; ApiError(400) naming the field."""
+def parse_request(raw: bytes, max_depth: int, counting: bool = False) -> dict[str, Any]:
+    """The Messages body, checked as Anthropic checks it; ApiError(400) naming the field.
+    `counting`: a count_tokens body, which has no max_tokens, stream or stop_sequences."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -117,9 +163,13 @@ def parse_request(raw: bytes, max_depth: int) -> dict[str, Any]:
     check_depth(body, max_depth, raw=raw)  # RequestError naming the field, before anything looks deeper
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise _bad("model", "Field required" if "model" not in body else "Input should be a non-empty string")
-    max_tokens = body.get("max_tokens")
-    if "max_tokens" not in body:
+    if counting:
+        extra = [key for key in ("max_tokens", "stream", "stop_sequences") if key in body]
+        if extra:
+            raise _bad(extra[0], "Extra inputs are not permitted")
+    elif "max_tokens" not in body:
         raise _bad("max_tokens", "Field required")
+    max_tokens = body.get("max_tokens", 1)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise _bad("max_tokens", "Input should be an integer greater than or equal to 1")
     messages = body.get("messages")
@@ -347,12 +397,45 @@ class ChatToEvents:
 
 
 def native_event(chunk: bytes) -> bytes:
-    """An upstream Anthropic event's data, framed again with its event name."""
+    """An upstream Anthropic event's data, framed again with its event name; a fallback's whole
+    answer (a FallbackChunk: a preset, or a service's exact preset body) as the events a stream
+    of that message would have been."""
+    if isinstance(chunk, FallbackChunk):
+        return message_events(bytes(chunk))
     try:
         kind = orjson.loads(chunk).get("type")
     except (orjson.JSONDecodeError, AttributeError):
         kind = None
     return event(kind if isinstance(kind, str) and kind.isidentifier() else "message", chunk)
+
+
+def message_events(body: bytes) -> bytes:
+    """A whole Anthropic `message` as its stream: message_start (content empty), each text block
+    as content_block_start / one text_delta / content_block_stop, message_delta (stop reason,
+    output tokens), message_stop. A body that is not such a message (a service's exact preset
+    answer may be anything) is one text block holding it."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(
+            message.get("content"), list):
+        message = {"id": "msg_fallback", "type": "message", "role": "assistant", "model": "",
+                   "content": [{"type": "text", "text": body.decode("utf-8", "replace")}],
+                   "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+    usage = _obj(message.get("usage"))
+    out = event("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                              "usage": {"input_tokens": usage.get("input_tokens", 0),
+                                                        "output_tokens": 0}}})
+    texts = [b for b in message["content"] if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    for index, block in enumerate(texts):
+        out += event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+        out += event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": block["text"]}})
+        out += event("content_block_stop", {"index": index})
+    out += event("message_delta", {"delta": {"stop_reason": message.get("stop_reason") or "end_turn",
+                                             "stop_sequence": message.get("stop_sequence")},
+                                   "usage": {"output_tokens": usage.get("output_tokens", 0)}})
+    return out + event("message_stop", {})
 
 
 # ---------------------------------------------------------------------------------------
@@ -382,7 +465,8 @@ def _authorization(request: web.Request) -> str | None:
     return request.headers.get("Authorization") or (f"Bearer {key}" if key else None)
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
+def _caller(request: web.Request) -> tuple[Hooks, AgentSnapshot, Pipeline, Principal | None]:
+    """This route's hooks, the snapshot, the pipeline and the caller (`x-api-key` or bearer)."""
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
     pipeline = hooks.pipeline(request)
@@ -392,23 +476,25 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise ApiError(401, f"{exc} (this door also takes 'x-api-key: <key>')") from None
     if principal is not None:
         access_log.note_tenant(principal.tenant.id)
+    return hooks, snapshot, pipeline, principal
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    hooks, snapshot, pipeline, principal = _caller(request)
     body = parse_request(await request.read(), pipeline.max_json_depth)
+    betas = caller_betas(request)
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
     native = is_native(snapshot, snapshot.services[body["model"]])
-    payload = body if native else chat_request(body)
+    payload = (with_betas(body, betas) if native else chat_request(body))
     call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
     user = _obj(body.get("metadata")).get("user_id")
     call = dataclasses.replace(call, user_id=user if isinstance(user, str) else "")
     if body.get("stream") is True:
         return await _stream(request, hooks, call, snapshot, principal, native)
-    served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
-                           result.attempts, served.cached)
-    headers = {**hooks.result_headers(result), "request-id": call.request_id}
-    if served.cached:
-        headers["x-switchgear-cache"] = "hit"
+    headers["request-id"] = call.request_id
     if native:
         return web.Response(body=result.body, content_type="application/json", headers=headers)
     try:
@@ -422,17 +508,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot, principal: Any,
                   native: bool) -> web.StreamResponse:
-    recorded = Recorded(hooks.streamer(request).stream)  # its meter names the committed target by the first item
-    items = hooks.pipeline(request).stream(call, snapshot, principal, recorded)
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
-        raise ApiError(502, "upstream stream ended without an answer") from None
-    committed = recorded.meter.committed() if recorded.meter is not None else None
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache", "request-id": call.request_id,
-                                           **target_headers(committed)})
-    await response.prepare(request)
+    opened = await hooks.open_stream(request, call, snapshot, principal, "request-id")
+    if opened is None:
+        raise ApiError(502, "upstream stream ended without an answer")
+    response, first, items = opened
     mapper = None if native else ChatToEvents(call.service, call.request_id)
     if mapper is not None:
         await response.write(mapper.start())
@@ -472,6 +551,52 @@ async def reshape(request: web.Request,
         return exc.response()
 
 
+def caller_betas(request: web.Request) -> list[str]:
+    """The caller's `anthropic-beta` names (comma-separated, in one header or several), checked
+    as the Anthropic adapter sends them (adapters/anthropic.py `caller_betas`); 400 naming the
+    header otherwise."""
+    names = [name.strip() for value in request.headers.getall("anthropic-beta", ()) for name in value.split(",")]
+    names = [name for name in names if name]
+    if len(names) > MAX_BETAS:
+        raise _bad("anthropic-beta", f"at most {MAX_BETAS} beta names")
+    for name in names:
+        if not BETA_NAME.fullmatch(name):
+            raise _bad("anthropic-beta", f"Unexpected value `{name[:64]}` (beta names are lowercase letters, "
+                                         "digits, '.' and '-', at most 64)")
+    return list(dict.fromkeys(names))
+
+
+def with_betas(body: dict[str, Any], betas: list[str]) -> dict[str, Any]:
+    """A native call's payload: the caller's betas ride in `anthropic_beta` (as Bedrock takes
+    them), which the adapter sends as the `anthropic-beta` header. A translated call drops them:
+    no other protocol has them."""
+    return {**body, "anthropic_beta": betas} if betas else body
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages body. Counted by the
+    upstream when every target of the model speaks Anthropic's protocol (method "count_tokens",
+    one try per endpoint outside the routing statistics: `Invoker.once`), else estimated here
+    (4 characters a token, answered with `x-switchgear-estimated: true`) after the same key and
+    tenant checks; it costs nothing either way, and an upstream count is one request of the
+    tenant's quota."""
+    hooks, snapshot, pipeline, principal = _caller(request)
+    body = parse_request(await request.read(), pipeline.max_json_depth, counting=True)
+    betas = caller_betas(request)
+    hooks.check_model(snapshot, body["model"], "llm")
+    access_log.note_route(body["model"])
+    if not is_native(snapshot, snapshot.services[body["model"]]):
+        pipeline.govern(hooks.make_call(request, body, "count_tokens"), snapshot, principal)  # who may ask
+        count = {"input_tokens": estimated_input_tokens(body)}
+        return web.Response(body=orjson.dumps(count), content_type="application/json",
+                            headers={"x-switchgear-estimated": "true"})
+    call = hooks.make_call(request, with_betas(body, betas), "count_tokens")
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
+    headers["request-id"] = call.request_id
+    return web.Response(body=served.result.body, content_type="application/json", headers=headers)
+
+
 def add_routes(app: web.Application, hooks: Hooks) -> None:
     app[_HOOKS] = hooks
     app.router.add_post(PATH, messages)
+    app.router.add_post(PATH + "/count_tokens", count_tokens)

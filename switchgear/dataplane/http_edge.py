@@ -32,7 +32,7 @@ PROBES = frozenset({"/healthz", "/readyz"})
 _ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/responses"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _OPERATIONS = {"/v1/chat/completions": "chat.completions", "/v1/embeddings": "embeddings",
-               "/v1/responses": "responses"}
+               "/v1/responses": "responses", "/v1/invoke": "invoke"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Observe = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]

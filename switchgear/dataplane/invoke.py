@@ -126,6 +126,8 @@ class Invoker:
 
     async def invoke(self, call: Call, snapshot: AgentSnapshot) -> Result:
         service, adapter = self._resolve(call, snapshot)
+        if call.method in getattr(adapter, "direct_methods", ()):
+            return await self.once(call, snapshot, service, adapter)
         start = self._clock()
         policy = snapshot.settings.category_policies.get(service.category)
         deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
@@ -140,6 +142,51 @@ class Invoker:
         if ctl.terminal is not None:
             return await self._terminal(call, snapshot, ctl, start)
         raise ctl.failure()
+
+    async def once(self, call: Call, snapshot: AgentSnapshot, service: ServiceView, adapter: Adapter) -> Result:
+        """A direct method (an adapter's `direct_methods`: a cheap read such as a token count):
+        the service's endpoints in their order, skipping those the breakers or outlier ejection
+        hold and those whose protocol lacks the method, one try each within the call's deadline,
+        the first answer wins. No observer hears it: its latency and outcome would say nothing
+        about the service's real calls (routing statistics, adaptive timeouts, breakers, load
+        reports), and it costs nothing. A caller's mistake (CLIENT) ends it at once."""
+        start = self._clock()
+        policy = snapshot.settings.category_policies.get(service.category)
+        deadline = start + call_timeout(call.timeout_s, service.timeout_s, policy.timeout_s if policy else 0.0,
+                                        snapshot.settings.default_timeout_s)
+        failure = UpstreamError(ErrorKind.RETRYABLE,
+                                f"service {service.name!r}: no endpoint may serve {call.method} now")
+        tried = 0
+        for endpoint in service.endpoints:
+            effective = service.target(endpoint)
+            direct = self._adapters.get(effective.protocol)
+            remaining = deadline - self._clock()
+            if (direct is None or call.method not in getattr(direct, "direct_methods", ())
+                    or self.resilience.gate.unavailable(candidate_key(service.name, endpoint.id))):
+                continue
+            if remaining <= 0:
+                failure = UpstreamError(ErrorKind.TIMEOUT, f"service {service.name!r}: no answer within the deadline")
+                break
+            tried += 1
+            client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
+            try:
+                target = Target(base_url=endpoint.url, model=effective.model,  # (a missing secret: CONFIG)
+                                api_key=self._secrets.resolve(effective.api_key), options=effective.options)
+                async with self._deadlines.within(remaining):
+                    response = await direct.invoke(client, target, AdapterRequest(call.method, call.payload,
+                                                                                  remaining, call.request_id))
+            except TimeoutError:
+                failure = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
+                continue
+            except UpstreamError as exc:
+                if exc.kind is ErrorKind.CLIENT:
+                    raise CallFailed(exc, tried, service.name, endpoint.id) from None
+                failure = exc
+                continue
+            return Result(body=response.body, service=service.name, endpoint=endpoint.id, attempts=tried,
+                          latency_s=self._clock() - start, usage=response.usage, cost_usd=0.0,
+                          version=snapshot.version, target=effective)
+        raise CallFailed(failure, tried, service.name)
 
     async def _attempt(self, call: Call, snapshot: AgentSnapshot, attempt: Attempt, start: float,
                        ctl: AttemptController) -> Result:

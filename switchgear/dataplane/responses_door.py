@@ -61,9 +61,8 @@ from switchgear.dataplane import access_log
 from switchgear.dataplane.anthropic_door import Hooks, first_choice
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Principal
-from switchgear.dataplane.http_edge import relay, target_headers
+from switchgear.dataplane.http_edge import relay
 from switchgear.dataplane.outcome import failed
-from switchgear.dataplane.pipeline import CacheMode, Recorded
 from switchgear.dataplane.snapshot import AgentSnapshot
 from switchgear.dataplane.stream import FallbackChunk, StreamEnd
 
@@ -715,9 +714,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
     pipeline = hooks.pipeline(request)
-    principal = pipeline.identify(request.headers.get("Authorization"), snapshot)
-    if principal is not None:
-        access_log.note_tenant(principal.tenant.id)
+    principal = hooks.principal(request, snapshot)
     try:
         body = parse_request(await request.read(), pipeline.max_json_depth)
         chat = chat_request(body)
@@ -730,13 +727,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     created_at = int(time.time())
     if chat.get("stream") is True:
         return await _stream(request, hooks, call, snapshot, principal, body, created_at)
-    served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
+    served, headers = await hooks.invoke(request, call, snapshot, principal)
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
-                           result.attempts, served.cached)
-    headers = {**hooks.result_headers(result), "x-request-id": call.request_id}
-    if served.cached:
-        headers["x-switchgear-cache"] = "hit"
+    headers["x-request-id"] = call.request_id
     try:
         answer = orjson.loads(result.body)
     except orjson.JSONDecodeError:
@@ -748,19 +741,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, hooks: Hooks, call: Call, snapshot: AgentSnapshot,
                   principal: Principal | None, body: Mapping[str, Any], created_at: int) -> web.StreamResponse:
-    recorded = Recorded(hooks.streamer(request).stream)  # its meter names the committed target by the first item
-    items = hooks.pipeline(request).stream(call, snapshot, principal, recorded)
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
+    opened = await hooks.open_stream(request, call, snapshot, principal, "x-request-id")
+    if opened is None:
         return Refused(None, "upstream stream ended without an answer", "upstream_error", 502).response()
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "x-request-id": call.request_id,
-               **target_headers(recorded.meter.committed() if recorded.meter is not None else None)}
-    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
-        headers["x-switchgear-fallback"] = first.source
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
+    response, first, items = opened
     mapper = ChatToEvents(body, call.service, call.request_id, created_at)
     await response.write(mapper.start())
     item = await relay(response, first, items, mapper.feed)
@@ -777,7 +761,7 @@ async def stored(request: web.Request) -> web.StreamResponse:
     """GET / DELETE /v1/responses/{id}[/...]: this door keeps no responses (after the caller's key is checked)."""
     hooks = request.app[_HOOKS]
     snapshot = hooks.snapshot(request)
-    hooks.pipeline(request).identify(request.headers.get("Authorization"), snapshot)
+    hooks.principal(request, snapshot)
     return Refused(None, f"This door serves POST {PATH} only and keeps no responses (it is stateless): nothing "
                    "can be retrieved, listed, cancelled or deleted; send the whole conversation in 'input' instead.",
                    "not_found", 404).response()

@@ -1,7 +1,8 @@
 """A protocol-faithful Anthropic Messages API emulator with fault injection.
 
-`POST /v1/messages` with Anthropic's headers (`x-api-key`, required `anthropic-version`),
-body validation, JSON answers and SSE streams framed as Anthropic frames them:
+`POST /v1/messages` with Anthropic's headers (`x-api-key`, required `anthropic-version`, each
+`anthropic-beta` name well formed and tallied in the instance's `notes`), body validation,
+JSON answers and SSE streams framed as Anthropic frames them:
 
     event: message_start        {"type":"message_start","message":{..., "usage":{"input_tokens":N,...}}}
     event: content_block_start  {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
@@ -35,6 +36,10 @@ invalid_request_error (incl. "prompt is too long: N tokens > M maximum"), 401
 authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error (with
 retry-after and anthropic-ratelimit-* headers), 500 api_error, 529 overloaded_error. A
 stream cut by the `stream_cut_after` fault ends with `event: error` (overloaded_error).
+
+`POST /v1/messages/count_tokens` takes a Messages body without max_tokens, stream or
+stop_sequences (400 "Extra inputs are not permitted") and answers `{"input_tokens": N}`, the
+count /v1/messages would report for the same body.
 
 Replies are deterministic (the OpenAI emulator's `reply_text`); faults and /_emulator routes
 as in `emulators.common`. CLI: `switchgear emulate anthropic --port P [--api-key K]`.
@@ -370,21 +375,65 @@ def answer(instance: str, last_user: str, max_tokens: int, stops: list[str]) -> 
 # handlers
 
 
+#: A beta name as Anthropic spells them ("interleaved-thinking-2025-05-14").
+_BETA_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
+
+
+def check_headers(request: web.Request) -> None:
+    """`anthropic-version` required; each `anthropic-beta` name well formed (tallied in the
+    instance's notes as "beta:<name>"), else 400 naming the values, as the real API answers."""
+    if not request.headers.get("anthropic-version"):
+        raise AnthropicError(400, "anthropic-version: header is required")
+    names = [n.strip() for value in request.headers.getall("anthropic-beta", ()) for n in value.split(",")]
+    bad = [n for n in names if not _BETA_NAME.fullmatch(n)]
+    if bad:
+        raise AnthropicError(400, f"Unexpected value(s) `{', '.join(bad)}` for the `anthropic-beta` header.")
+    notes = request.app[common.INSTANCE].notes
+    for name in names:
+        notes[f"beta:{name}"] += 1
+
+
+async def checked_body(request: web.Request) -> Any:
+    """The request's JSON body after its headers are checked (`check_headers`); AnthropicError."""
+    check_headers(request)
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise AnthropicError(400, "There was an error parsing the body of your request") from None
+
+
+def prompt_tokens_of(system: str, turns: list[dict[str, Any]]) -> int:
+    return oa.count_tokens(system) + sum(
+        oa.count_tokens(_text(m["content"])) + oa.count_tokens(_results_text(m["content"])) for m in turns)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: the request's input tokens as /v1/messages would count them
+    (`{"input_tokens": N}`); no max_tokens, no answer."""
+    instance = request.app[common.INSTANCE]
+    try:
+        body = await checked_body(request)
+        if isinstance(body, dict):
+            extra = [key for key in ("max_tokens", "stream", "stop_sequences") if key in body]
+            if extra:
+                raise AnthropicError(400, f"{extra[0]}: Extra inputs are not permitted")
+            body = {**body, "max_tokens": 1}  # (parse_request's other checks are count_tokens' too)
+        _, _, turns, system, _, _ = parse_request(body, instance.spec.model_ids)
+        parse_tools(body)
+        check_turns(turns)
+    except AnthropicError as exc:
+        return render(exc.status, exc.message, "invalid")
+    return common.json_response({"input_tokens": prompt_tokens_of(system, turns)})
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     instance = request.app[common.INSTANCE]
     try:
-        if not request.headers.get("anthropic-version"):
-            raise AnthropicError(400, "anthropic-version: header is required")
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            raise AnthropicError(400, "There was an error parsing the body of your request") from None
+        body = await checked_body(request)
         model, max_tokens, turns, system, stops, stream = parse_request(body, instance.spec.model_ids)
         tools = parse_tools(body)
         check_turns(turns)
-        prompt_tokens = oa.count_tokens(system) + sum(
-            oa.count_tokens(_text(m["content"])) + oa.count_tokens(_results_text(m["content"])) for m in turns
-        )
+        prompt_tokens = prompt_tokens_of(system, turns)
         if prompt_tokens > instance.spec.context_window:
             raise AnthropicError(
                 400, f"prompt is too long: {prompt_tokens} tokens > {instance.spec.context_window} maximum"
@@ -490,6 +539,7 @@ def build_app(spec: common.InstanceSpec) -> web.Application:
         spec = common.InstanceSpec(**{**spec.__dict__, "model_ids": MODELS})
     app = common.new_app(spec, [common.gated(render, _auth_ok)])
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     return app
 
 

@@ -479,6 +479,7 @@ class _Instance:
         self.serial = 0
         self.disconnects = 0
         self.streamed = 0  # chat requests answered as a stream (`stream: true`)
+        self.notes: Counter[str] = Counter()  # what a protocol's handlers tally (Anthropic: "beta:<name>")
         self.refusing = False
         self.site: web.TCPSite | None = None  # set by start_instances: what refuse_s stops
         self._refusal: asyncio.Task[None] | None = None
@@ -520,7 +521,7 @@ class _Instance:
 
     def stats(self) -> dict[str, Any]:
         return {"total": sum(self.by_path.values()), "by_path": dict(self.by_path), "by_outcome": dict(self.by_outcome),
-                "disconnects": self.disconnects, "streamed": self.streamed}
+                "disconnects": self.disconnects, "streamed": self.streamed, "notes": dict(self.notes)}
 
     def next_id(self) -> str:
         """A deterministic 32-hex id, unique per request of this instance."""
@@ -910,6 +911,7 @@ async def _delete_stats(request: web.Request) -> web.StreamResponse:
     instance.by_outcome.clear()
     instance.disconnects = 0
     instance.streamed = 0
+    instance.notes.clear()
     return _json_response(instance.stats())
 
 
