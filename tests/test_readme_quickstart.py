@@ -63,11 +63,13 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
     out = log.read_text()
     assert proc.returncode == 0, f"the quick start failed or did not finish in 45 s ({proc.returncode}):\n{out}"
     answers = [line for line in out.splitlines() if line.startswith("{")]
-    assert answers, f"no JSON answer from curl:\n{out}"
-    completion = json.loads(answers[-1])
+    assert len(answers) >= 2, f"no two JSON answers from curl (chat completions, then invoke):\n{out}"
+    completion, invoked = json.loads(answers[-2]), json.loads(answers[-1])
     assert completion["object"] == "chat.completion", completion
     assert completion["choices"][0]["message"]["content"], completion
-    # the SDK's call printed the emulator's answer too (the line after curl's)
+    # the SDK's call printed the emulator's answer too (between curl's two)
     lines = out.splitlines()
-    sdk = lines[lines.index(answers[-1]) + 1:]
+    sdk = lines[lines.index(answers[-2]) + 1:lines.index(answers[-1])]
     assert any(line.strip() for line in sdk), f"the SDK printed nothing:\n{out}"
+    assert invoked["payload"]["object"] == "chat.completion" and invoked["attempts"] == 1, invoked
+    assert invoked["service"] == "quickstart-chat" and invoked["tenant"] == "my-app", invoked
