@@ -241,10 +241,12 @@ def _events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
 def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
     chat = {"choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "let me look",
             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q":1}'}}]}}]}
-    message = message_from_chat(chat, "m", "r1", 5, 7)
+    usage = TokenUsage(15, 7, cache_read_input_tokens=6, cache_write_input_tokens=4)
+    message = message_from_chat(chat, "m", "r1", usage)
     assert message["content"] == [{"type": "text", "text": "let me look"},
                                   {"type": "tool_use", "id": "c1", "name": "f", "input": {"q": 1}}]
-    assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 5, "output_tokens": 7}
+    assert message["stop_reason"] == "tool_use" and message["usage"] == {
+        "input_tokens": 5, "cache_read_input_tokens": 6, "cache_creation_input_tokens": 4, "output_tokens": 7}
 
     mapper = ChatToEvents("m", "r1")
     chunks = [

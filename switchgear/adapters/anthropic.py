@@ -63,8 +63,11 @@ from switchgear.adapters.base import (
     OptionsError,
     StreamChunk,
     Target,
+    MAX_TOKEN_COUNT,
     TokenUsage,
     UpstreamError,
+    openai_usage,
+    usage_with_parts,
 )
 from switchgear.adapters.openai import _redact, _text_len, classify_status, transport_error_kind
 from switchgear.adapters.sse import sse_events
@@ -364,17 +367,25 @@ def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_token
     return body
 
 
+_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def usage_of(usage: Any) -> TokenUsage | None:
-    """Anthropic usage → TokenUsage; cache reads/writes count as input tokens."""
-    if not isinstance(usage, Mapping):
+    """Anthropic usage → TokenUsage. Anthropic's `input_tokens` excludes the prompt-cache parts
+    (`cache_read_input_tokens`, `cache_creation_input_tokens`); TokenUsage's input is all of
+    it, with the cache parts as subsets. None when a count is missing or not a count."""
+    if not isinstance(usage, Mapping) or "input_tokens" not in usage:
         return None
-    inputs = [
-        _http.count(usage.get(k, 0)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    ]
+    uncached, read, write = (_http.count(usage.get(k, 0)) for k in ("input_tokens", *_CACHE_KEYS))
     output = _http.count(usage.get("output_tokens", 0))
-    if any(v is None for v in inputs) or output is None or "input_tokens" not in usage:
+    if uncached is None or read is None or write is None or output is None:
         return None
-    return TokenUsage(sum(v for v in inputs if v is not None), output)
+    return _total_usage(uncached, read, write, output)
+
+
+def _total_usage(uncached: int, read: int, write: int, output: int) -> TokenUsage:
+    total = min(uncached + read + write, MAX_TOKEN_COUNT)
+    return usage_with_parts(total, output, cache_read=read, cache_write=write)
 
 
 def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: int) -> dict[str, Any]:
@@ -407,11 +418,7 @@ def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: in
                 "finish_reason": STOP_REASONS.get(str(message.get("stop_reason")), "stop"),
             }
         ],
-        "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-        },
+        "usage": openai_usage(usage),
     }
 
 
@@ -569,7 +576,8 @@ class _MessageStream:
         self.created = created
         self.id = ""
         self.model = ""
-        self.input_tokens: int | None = None
+        self.input_tokens: int | None = None  # Anthropic's: without the cache parts
+        self.cache_tokens = [0, 0]  # cache reads, cache writes
         self.output_tokens: int | None = None
         self.finish_reason: str | None = None
         self.stopped = False
@@ -583,7 +591,15 @@ class _MessageStream:
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
             return None
-        return TokenUsage(self.input_tokens, self.output_tokens)
+        return _total_usage(self.input_tokens, *self.cache_tokens, self.output_tokens)
+
+    def _note_input(self, usage: Mapping[str, Any]) -> None:
+        """Input counts from message_start, or message_delta's cumulative ones when it has them."""
+        if _http.count(usage.get("input_tokens")) is not None:
+            self.input_tokens = usage["input_tokens"]
+        for i, key in enumerate(_CACHE_KEYS):
+            if _http.count(usage.get(key)) is not None:
+                self.cache_tokens[i] = usage[key]
 
     def feed(self, event: str, data: str) -> StreamChunk | None:
         try:
@@ -608,14 +624,7 @@ class _MessageStream:
             message = _dict(obj.get("message"))
             self.id, self.model = str(message.get("id", "")), str(message.get("model", ""))
             usage = _dict(message.get("usage"))
-            self.input_tokens = (
-                sum(
-                    _http.count(usage.get(k, 0)) or 0
-                    for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-                )
-                if "input_tokens" in usage
-                else None
-            )
+            self._note_input(usage)
             self.output_tokens = _http.count(usage.get("output_tokens"))
         elif kind == "content_block_delta":
             delta = _dict(obj.get("delta"))
@@ -634,8 +643,8 @@ class _MessageStream:
             usage = _dict(obj.get("usage"))
             if _http.count(usage.get("output_tokens")) is not None:
                 self.output_tokens = usage["output_tokens"]
-            if _http.count(usage.get("input_tokens")) is not None and usage.get("input_tokens"):
-                self.input_tokens = usage["input_tokens"]
+            if usage.get("input_tokens"):  # (a 0 here is "not counted again", not "none")
+                self._note_input(usage)
         elif kind == "message_stop":
             self.stopped = True
         return "", False

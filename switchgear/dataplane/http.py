@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.adapters.base import openai_usage
 from switchgear.dataplane import access_log, anthropic_door, responses_door
 from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
@@ -296,11 +297,7 @@ def _usage_chunk(call: Call, end: StreamEnd) -> dict[str, Any]:
         "created": 0,
         "model": call.service,
         "choices": [],
-        "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-        },
+        "usage": openai_usage(usage),
     }
 
 
