@@ -259,7 +259,7 @@ def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}},
     ]
     raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
-        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(5, 7), 0.0, False, "1"))
+        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(9, 7, cache_read_input_tokens=4), 0.0, False, "1"))
     events = _events(raw)
     assert [kind for kind, _ in events] == [
         "message_start", "content_block_start", "content_block_delta", "content_block_stop", "content_block_start",
@@ -268,7 +268,8 @@ def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
     assert "".join(e["delta"]["partial_json"] for k, e in events if k == "content_block_delta" and e["index"] == 1) \
         == '{"q":1}'
     assert events[8][1]["delta"]["stop_reason"] == "tool_use"
-    assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 7}
+    assert events[8][1]["usage"] == {
+        "input_tokens": 5, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 0, "output_tokens": 7}
 
 
 async def test_another_tenants_service_is_anthropic_403(door: tuple[str, Agent]) -> None:
