@@ -57,13 +57,13 @@ import orjson
 
 from switchgear.adapters import _http
 from switchgear.adapters.base import (
+    MAX_TOKEN_COUNT,
     AdapterRequest,
     AdapterResponse,
     ErrorKind,
     OptionsError,
     StreamChunk,
     Target,
-    MAX_TOKEN_COUNT,
     TokenUsage,
     UpstreamError,
     openai_usage,
@@ -591,7 +591,7 @@ class _MessageStream:
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
             return None
-        return _total_usage(self.input_tokens, *self.cache_tokens, self.output_tokens)
+        return _total_usage(self.input_tokens, self.cache_tokens[0], self.cache_tokens[1], self.output_tokens)
 
     def _note_input(self, usage: Mapping[str, Any]) -> None:
         """Input counts from message_start, or message_delta's cumulative ones when it has them."""

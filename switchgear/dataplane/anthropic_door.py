@@ -406,7 +406,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return await _stream(request, hooks, call, snapshot, principal, native)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+    access_log.note_answer(result.usage, result.cost_usd, result.endpoint,
                            result.attempts, served.cached)
     headers = {**hooks.result_headers(result), "request-id": call.request_id}
     if served.cached:

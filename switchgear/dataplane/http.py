@@ -248,7 +248,7 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
         return await _stream(request, call, snapshot, body, principal)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+    access_log.note_answer(result.usage, result.cost_usd, result.endpoint,
                            result.attempts, served.cached)
     headers = _result_headers(result)
     if served.cached:

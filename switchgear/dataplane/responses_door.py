@@ -727,7 +727,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await _stream(request, hooks, call, snapshot, principal, body, created_at)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+    access_log.note_answer(result.usage, result.cost_usd, result.endpoint,
                            result.attempts, served.cached)
     headers = {**hooks.result_headers(result), "x-request-id": call.request_id}
     if served.cached:
