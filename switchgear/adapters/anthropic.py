@@ -12,7 +12,10 @@ Methods:
 Content parts on "chat.completions": `text` → text blocks; `image_url` → `image` blocks (a
 `data:image/{jpeg,png,gif,webp};base64,` URL → a base64 source, an http(s) URL → a url source;
 `detail` has no Anthropic counterpart); `file` with `file_data` (a PDF data URL) → a `document`
-block; an assistant's `refusal` part → text. Anything else — other part types, file ids, other
+block; an assistant's `refusal` part → text. A part's `cache_control` ({"type": "ephemeral",
+"ttl": "5m"|"1h"}, as LiteLLM accepts it on OpenAI-format parts) is kept on its block — system
+prompts are then sent as blocks — so prompt caching works through the OpenAI shape; the
+answer's cache reads and writes are part of its usage (adapters/base.py TokenUsage). Anything else — other part types, file ids, other
 media types, images in system or assistant messages — is refused (CLIENT, naming the part's
 field), never dropped. So are parameters that change what the answer must be and that Anthropic
 cannot honour: a JSON `response_format`, `n` > 1, `logprobs`, audio, `web_search_options`;
@@ -154,10 +157,33 @@ def _source(url: Any, path: str, media_types: tuple[str, ...]) -> dict[str, Any]
     raise _refused(path, "must be a base64 data: URL or an http(s) URL")
 
 
+_CACHE_TTLS = ("5m", "1h")
+
+
+def _cache_control(part: Mapping[str, Any], path: str) -> dict[str, Any] | None:
+    """A part's `cache_control` (LiteLLM's extension of OpenAI parts), checked as Anthropic does."""
+    control = part.get("cache_control")
+    if control is None:
+        return None
+    if not isinstance(control, Mapping) or control.get("type") != "ephemeral" or set(control) - {"type", "ttl"}:
+        raise _refused(f"{path}.cache_control", 'must be {"type": "ephemeral"} with an optional "ttl"')
+    if "ttl" in control and control["ttl"] not in _CACHE_TTLS:
+        raise _refused(f"{path}.cache_control.ttl", f"must be one of {', '.join(_CACHE_TTLS)}")
+    return dict(control)
+
+
 def _part(part: Any, path: str) -> dict[str, Any]:
-    """One OpenAI content part as an Anthropic content block."""
+    """One OpenAI content part as an Anthropic content block, with its `cache_control` if any."""
     if not isinstance(part, Mapping):
         raise _refused(path, "must be an object")
+    block = _block_of(part, path)
+    control = _cache_control(part, path)
+    if control is not None:
+        block["cache_control"] = control
+    return block
+
+
+def _block_of(part: Mapping[str, Any], path: str) -> dict[str, Any]:
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -276,9 +302,9 @@ def _tool_id(call_id: str) -> str:
     return _NOT_IN_TOOL_ID.sub("_", call_id)
 
 
-def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(system texts, Anthropic turns) of OpenAI chat messages."""
-    system: list[str] = []
+def _turns(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system text blocks, Anthropic turns) of OpenAI chat messages."""
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     results: list[Any] | None = None  # the content of the user turn that tool messages are adding to
     for i, message in enumerate(messages):
@@ -300,8 +326,7 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
         if role == "user" and results is not None:  # Anthropic wants tool results first in a user turn
             results.extend(_blocks(content, f"payload.messages[{i}].content"))
         elif role in ("system", "developer"):
-            _content(content, f"payload.messages[{i}].content", text_only=True)
-            system.append(_text(content))
+            system.extend(_blocks(content, f"payload.messages[{i}].content", text_only=True))
         elif role == "user" or (role == "assistant" and not message.get("tool_calls")):
             turns.append({"role": role, "content": _content(content, f"payload.messages[{i}].content",
                                                             text_only=role == "assistant")})
@@ -346,8 +371,10 @@ def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_token
     body: dict[str, Any] = {"model": model or payload.get("model", ""), "messages": turns}
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or default_max_tokens
     body["max_tokens"] = max_tokens
-    if system:
-        body["system"] = "\n\n".join(system)
+    if any("cache_control" in block for block in system):
+        body["system"] = system  # blocks: a cache breakpoint is on one of them
+    elif system:
+        body["system"] = "\n\n".join(block["text"] for block in system)
     stop = payload.get("stop")
     if stop:
         body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
