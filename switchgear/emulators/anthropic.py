@@ -373,7 +373,8 @@ def cache_breakpoints(system: Any, turns: list[dict[str, Any]]) -> list[tuple[in
         blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
         for j, block in enumerate(blocks):
             total += _block_tokens(block)
-            digest.update(orjson.dumps(block, option=orjson.OPT_SORT_KEYS) + b"\x1e")
+            content_only = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+            digest.update(orjson.dumps(content_only, option=orjson.OPT_SORT_KEYS) + b"\x1e")  # the mark is no content
             ttl = _cache_ttl(f"{path}.{j}", block) if isinstance(content, list) else None
             if ttl is not None:
                 marks.append((total, ttl, digest.copy().digest()))
