@@ -15,8 +15,9 @@ Content parts on "chat.completions": `text` → text blocks; `image_url` → `im
 block; an assistant's `refusal` part → text. A part's `cache_control` ({"type": "ephemeral",
 "ttl": "5m"|"1h"}, as LiteLLM accepts it on OpenAI-format parts) is kept on its block — system
 prompts are then sent as blocks — so prompt caching works through the OpenAI shape; the
-answer's cache reads and writes are part of its usage (adapters/base.py TokenUsage). Anything else — other part types, file ids, other
-media types, images in system or assistant messages — is refused (CLIENT, naming the part's
+answer's cache reads and writes are part of its usage (adapters/base.py TokenUsage).
+Anything else — other part types, file ids, other media types, images in system or assistant
+messages — is refused (CLIENT, naming the part's
 field), never dropped. So are parameters that change what the answer must be and that Anthropic
 cannot honour: a JSON `response_format`, `n` > 1, `logprobs`, audio, `web_search_options`;
 hints with no counterpart (seed, penalties, logit_bias, service_tier, store, reasoning_effort,

@@ -373,8 +373,9 @@ def cache_breakpoints(system: Any, turns: list[dict[str, Any]]) -> list[tuple[in
         blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
         for j, block in enumerate(blocks):
             total += _block_tokens(block)
-            content_only = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
-            digest.update(orjson.dumps(content_only, option=orjson.OPT_SORT_KEYS) + b"\x1e")  # the mark is no content
+            # the mark is not content: a prefix marked "1h" is the one marked "5m"
+            unmarked = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+            digest.update(orjson.dumps(unmarked, option=orjson.OPT_SORT_KEYS) + b"\x1e")
             ttl = _cache_ttl(f"{path}.{j}", block) if isinstance(content, list) else None
             if ttl is not None:
                 marks.append((total, ttl, digest.copy().digest()))
