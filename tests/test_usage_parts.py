@@ -17,6 +17,9 @@ import httpx
 import openai
 import orjson
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from switchgear.adapters.anthropic import AnthropicAdapter, messages_from_chat, usage_of
 from switchgear.adapters.anthropic import parse_options as anthropic_options
@@ -35,10 +38,16 @@ from switchgear.adapters.base import (
 )
 from switchgear.adapters.openai import OpenAIAdapter, _reported_usage
 from switchgear.dataplane import http as front_door
+from switchgear.dataplane.access_log import Exchange
+from switchgear.dataplane.door_metrics import DoorMetrics
+from switchgear.dataplane.gateway import _response, _stream_end
 from switchgear.dataplane.governance import Governance, TenantView
+from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import Pricing
+from switchgear.dataplane.stream import StreamEnd
+from switchgear.dataplane.tracing import usage_attributes
 from switchgear.emulators import anthropic as anthropic_emu
 from switchgear.emulators.openai import (
     CACHE_MIN_TOKENS,
@@ -385,3 +394,48 @@ async def test_responses_door_reports_cached_and_reasoning_tokens() -> None:
         done = [event async for event in stream if event.type == "response.completed"]
         usage = done[0].response.usage
         assert usage is not None and usage.output_tokens_details.reasoning_tokens == REASONING_TOKENS["medium"]
+
+
+# ---------------------------------------------------------------------------------------
+# telemetry and the gRPC messages
+
+
+def test_token_parts_metric_access_log_and_span_attributes() -> None:
+    metrics = DoorMetrics()
+    for parts, cached in (((1000, 0, 50), False), ((24, 100, 0), False), ((500, 0, 0), True)):
+        exchange = Exchange("http", "r1")
+        exchange.route, exchange.tenant = "gpt", "acme"
+        exchange.answered(1200, 300, 0.01, "e0", 1, cached, parts)
+        metrics.record(exchange)
+        exchange.close()
+    families = {f.name: f for f in metrics.collect()}
+    samples = {s.labels["part"]: s.value for s in families["switchgear_token_parts"].samples}
+    assert samples == {"cache_read": 1024.0, "cache_write": 100.0, "reasoning": 50.0}  # the cache hit moved none
+    tokens = {s.labels["direction"]: s.value for s in families["switchgear_tokens"].samples}
+    assert tokens == {"input": 2400.0, "output": 600.0}  # the totals are unchanged by their parts
+
+    line = orjson.loads(exchange.line())
+    assert (line["cache_read_input_tokens"], line["cache_write_input_tokens"], line["reasoning_tokens"]) == (500, 0, 0)
+    plain = Exchange("http", "r2")
+    plain.answered(5, 1, 0.0, "e0", 1)
+    assert "cache_read_input_tokens" not in orjson.loads(plain.line())
+    plain.close()
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("s") as span:
+        usage_attributes(span, 1200, 300, (1000, 0, 50))
+    (finished,) = exporter.get_finished_spans()
+    assert dict(finished.attributes or {}) == {
+        "gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 300,
+        "gen_ai.usage.cache_read.input_tokens": 1000, "gen_ai.usage.reasoning.output_tokens": 50}
+
+
+def test_gateway_messages_carry_the_parts() -> None:
+    usage = TokenUsage(1200, 300, cache_read_input_tokens=1000, cache_write_input_tokens=100, reasoning_tokens=50)
+    unary = _response("r1", Result(b"{}", "gpt", "e0", 1, 0.1, usage, 0.5, "v1")).usage
+    streamed = _stream_end("r1", StreamEnd("gpt", "e0", 1, 0.1, 0.01, usage, 0.5, False, "v1")).usage
+    for message in (unary, streamed):
+        assert (message.input_tokens, message.cache_read_input_tokens, message.cache_write_input_tokens,
+                message.output_tokens, message.reasoning_tokens, message.cost_usd) == (1200, 1000, 100, 300, 50, 0.5)
