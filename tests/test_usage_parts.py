@@ -37,8 +37,11 @@ from switchgear.adapters.base import (
     usage_with_parts,
 )
 from switchgear.adapters.openai import OpenAIAdapter, _reported_usage
+from switchgear.controlplane.convert import _pricing_from_proto, _pricing_to_proto
+from switchgear.controlplane.model import Pricing as ControlPricing
 from switchgear.dataplane import http as front_door
 from switchgear.dataplane.access_log import Exchange
+from switchgear.dataplane.convert import _pricing as agent_pricing
 from switchgear.dataplane.door_metrics import DoorMetrics
 from switchgear.dataplane.gateway import _response, _stream_end
 from switchgear.dataplane.governance import Governance, TenantView
@@ -56,6 +59,8 @@ from switchgear.emulators.openai import (
     PromptCache,
     start_instances,
 )
+from switchgear.v1 import common_pb2
+from switchgear.wire.checks import SnapshotError, check_endpoint
 from tests.test_stream import make_agent, snapshot, view
 
 KEY = "sg-k1-usage-door-secret"
@@ -439,3 +444,16 @@ def test_gateway_messages_carry_the_parts() -> None:
     for message in (unary, streamed):
         assert (message.input_tokens, message.cache_read_input_tokens, message.cache_write_input_tokens,
                 message.output_tokens, message.reasoning_tokens, message.cost_usd) == (1200, 1000, 100, 300, 50, 0.5)
+
+
+def test_cache_prices_travel_in_snapshots_and_bad_ones_are_refused() -> None:
+    prices = ControlPricing(input_cost_per_1k_tokens=1.0, cache_read_input_cost_per_1k_tokens=0.1,
+                            cache_write_input_cost_per_1k_tokens=1.25)
+    wire = _pricing_to_proto(prices)
+    assert _pricing_from_proto(wire) == prices
+    assert agent_pricing(wire) == Pricing(input_cost_per_1k_tokens=1.0, cache_read_input_cost_per_1k_tokens=0.1,
+                                          cache_write_input_cost_per_1k_tokens=1.25)
+    endpoint = common_pb2.Endpoint(id="e0", url="http://h", weight=1)
+    endpoint.pricing.cache_write_input_cost_per_1k_tokens = -1.0
+    with pytest.raises(SnapshotError, match="pricing"):
+        check_endpoint(endpoint, "services[0].endpoints[0]")
