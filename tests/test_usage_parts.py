@@ -457,3 +457,57 @@ def test_cache_prices_travel_in_snapshots_and_bad_ones_are_refused() -> None:
     endpoint.pricing.cache_write_input_cost_per_1k_tokens = -1.0
     with pytest.raises(SnapshotError, match="pricing"):
         check_endpoint(endpoint, "services[0].endpoints[0]")
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: ".encode() + orjson.dumps(e) + b"\n\n" for e in events)
+
+
+@pytest.mark.parametrize(("delta_usage", "expected"), [
+    # the older form: message_delta counts only output
+    ({"output_tokens": 5}, TokenUsage(1210, 5, cache_read_input_tokens=1000, cache_write_input_tokens=200)),
+    # the newer one repeats the cumulative input counts; they are not added twice
+    ({"input_tokens": 10, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 200, "output_tokens": 5},
+     TokenUsage(1210, 5, cache_read_input_tokens=1000, cache_write_input_tokens=200)),
+    # a delta's impossible part is ignored, the start's stands
+    ({"input_tokens": 10, "cache_read_input_tokens": -4, "output_tokens": 5},
+     TokenUsage(1210, 5, cache_read_input_tokens=1000, cache_write_input_tokens=200)),
+])
+async def test_anthropic_stream_usage_from_start_and_delta(delta_usage: dict[str, Any], expected: TokenUsage) -> None:
+    body = _sse(
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                                              "content": [], "usage": {"input_tokens": 10, "output_tokens": 1,
+                                                                       "cache_read_input_tokens": 1000,
+                                                                       "cache_creation_input_tokens": 200}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": delta_usage},
+        {"type": "message_stop"})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        target = Target("http://h", model="m", options=anthropic_options({}))
+        for method, payload in (("messages", {"model": "m", "max_tokens": 9, "messages": [{"role": "user",
+                                                                                           "content": "x"}]}),
+                                ("chat.completions", {"messages": [{"role": "user", "content": "x"}]})):
+            assert await _streamed(AnthropicAdapter(), client, target, AdapterRequest(method, payload, 5)) == expected
+
+
+async def test_openai_door_streams_an_anthropic_targets_cache_read_from_a_marked_part() -> None:
+    messages: Any = [{"role": "system", "content": [{"type": "text", "text": LONG,
+                                                     "cache_control": {"type": "ephemeral"}}]},
+                     {"role": "user", "content": "hi"}]
+    async with door() as (url, quotas):
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        first = await sdk.chat.completions.create(model="claude", messages=messages)
+        assert first.usage is not None and first.usage.model_extra == {"cache_creation_input_tokens": 1100}
+        _charged(quotas)
+        stream = await sdk.chat.completions.create(model="claude", messages=messages, stream=True,
+                                                   stream_options={"include_usage": True})
+        usage = [chunk.usage async for chunk in stream if chunk.usage is not None][-1]
+        assert usage.prompt_tokens == 1101 and usage.prompt_tokens_details is not None
+        assert usage.prompt_tokens_details.cached_tokens == 1100
+        expected = PRICES.charge(TokenUsage(1101, usage.completion_tokens, cache_read_input_tokens=1100))
+        assert math.isclose(_charged(quotas), expected, rel_tol=1e-9)
