@@ -183,9 +183,20 @@ def _price(pricing: Pricing) -> str:
         parts.append(f"${tokens_in} in / ${tokens_out} out per 1k tokens")
     elif pricing.cost_per_1k_tokens:
         parts.append(f"${_num(pricing.cost_per_1k_tokens)}/1k tokens")
+    if parts or pricing.cache_read_input_cost_per_1k_tokens or pricing.cache_write_input_cost_per_1k_tokens:
+        parts.append(_cache_price(pricing))
     if pricing.cost_per_request:
         parts.append(f"${_num(pricing.cost_per_request)}/request")
     return ", ".join(parts) or "$0"
+
+
+def _cache_price(pricing: Pricing) -> str:
+    """Prompt-cache prices as charged: an unset one is the input price."""
+    read, write = pricing.cache_read_input_cost_per_1k_tokens, pricing.cache_write_input_cost_per_1k_tokens
+    if not read and not write:
+        return "cache reads/writes at the input price"
+    shown = [f"${_num(price)}" if price else "input price" for price in (read, write)]
+    return f"cache read {shown[0]} / write {shown[1]} per 1k tokens"
 
 
 def _settings_lines(settings: Settings, agent: AgentSettings) -> list[str]:

@@ -114,7 +114,9 @@ def _secret(ref: Any) -> str:
 def _pricing(p: Any) -> str:
     parts = [f"{name} {value:g}" for name, value in (
         ("per 1k tokens", p.cost_per_1k_tokens), ("per 1k input", p.input_cost_per_1k_tokens),
-        ("per 1k output", p.output_cost_per_1k_tokens), ("per request", p.cost_per_request)) if value]
+        ("per 1k output", p.output_cost_per_1k_tokens), ("per request", p.cost_per_request),
+        ("per 1k cache-read input", p.cache_read_input_cost_per_1k_tokens),
+        ("per 1k cache-write input", p.cache_write_input_cost_per_1k_tokens)) if value]
     return "USD " + ", ".join(parts) if parts else "-"
 
 

@@ -241,10 +241,12 @@ def _events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
 def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
     chat = {"choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "let me look",
             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q":1}'}}]}}]}
-    message = message_from_chat(chat, "m", "r1", 5, 7)
+    usage = TokenUsage(15, 7, cache_read_input_tokens=6, cache_write_input_tokens=4)
+    message = message_from_chat(chat, "m", "r1", usage)
     assert message["content"] == [{"type": "text", "text": "let me look"},
                                   {"type": "tool_use", "id": "c1", "name": "f", "input": {"q": 1}}]
-    assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 5, "output_tokens": 7}
+    assert message["stop_reason"] == "tool_use" and message["usage"] == {
+        "input_tokens": 5, "cache_read_input_tokens": 6, "cache_creation_input_tokens": 4, "output_tokens": 7}
 
     mapper = ChatToEvents("m", "r1")
     chunks = [
@@ -257,7 +259,7 @@ def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}},
     ]
     raw = mapper.start() + b"".join(mapper.feed(orjson.dumps(c)) for c in chunks) + mapper.end(
-        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(5, 7), 0.0, False, "1"))
+        StreamEnd("m", "e0", 1, 0.0, 0.0, TokenUsage(9, 7, cache_read_input_tokens=4), 0.0, False, "1"))
     events = _events(raw)
     assert [kind for kind, _ in events] == [
         "message_start", "content_block_start", "content_block_delta", "content_block_stop", "content_block_start",
@@ -266,7 +268,8 @@ def test_openai_tool_calls_become_tool_use_blocks_json_and_streamed() -> None:
     assert "".join(e["delta"]["partial_json"] for k, e in events if k == "content_block_delta" and e["index"] == 1) \
         == '{"q":1}'
     assert events[8][1]["delta"]["stop_reason"] == "tool_use"
-    assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 7}
+    assert events[8][1]["usage"] == {
+        "input_tokens": 5, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 0, "output_tokens": 7}
 
 
 async def test_another_tenants_service_is_anthropic_403(door: tuple[str, Agent]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-
 import json
 import textwrap
 from pathlib import Path
@@ -672,6 +671,40 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         "unknown key 'documents'",
     ),
     (
+        "negative cache-read price",
+        """
+        external_services:
+          services:
+            llm_services:
+              anthropic:
+                models:
+                  - name: claude
+                    cache_read_input_cost_per_1k_tokens: -0.1
+        """,
+        {"ANTHROPIC_API_KEY": "k"},
+        "external_services.services.llm_services.anthropic.models[0].cache_read_input_cost_per_1k_tokens",
+        7,
+        "must be a finite number >= 0",
+    ),
+    (
+        "non-numeric cache-write price on a target",
+        """
+        external_services:
+          services:
+            llm_services:
+              anthropic:
+                models:
+                  - name: claude
+                    endpoints:
+                      - url: https://api.anthropic.com
+                        cache_write_input_cost_per_1k_tokens: cheap
+        """,
+        {"ANTHROPIC_API_KEY": "k"},
+        "external_services.services.llm_services.anthropic.models[0].endpoints[0].cache_write_input_cost_per_1k_tokens",
+        9,
+        "expected a number",
+    ),
+    (
         "malformed reference",
         """
         external_services:
@@ -1253,3 +1286,25 @@ async def test_apply_config_validates_the_state_once(control_plane: ControlPlane
         service.name = "other"
         await admin.RegisterService(admin_pb2.RegisterServiceRequest(service=service))
     assert len(validations) == 2 and [s.name for s in validations[1].services] == ["local", "other"]
+
+
+def test_cache_prices_load_and_are_described_as_charged() -> None:
+    state = load_config(_yaml("""
+        external_services:
+          services:
+            llm_services:
+              anthropic:
+                models:
+                  - name: claude
+                    input_cost_per_1k_tokens: 0.003
+                    output_cost_per_1k_tokens: 0.015
+                    cache_read_input_cost_per_1k_tokens: 0.0003
+                  - name: haiku
+                    cost_per_1k_tokens: 0.001
+        """), env={"ANTHROPIC_API_KEY": "k"})
+    claude = next(s for s in state.services if s.name == "claude").pricing
+    assert (claude.cache_read_input_cost_per_1k_tokens, claude.cache_write_input_cost_per_1k_tokens) == (0.0003, 0.0)
+    lines = describe(state).splitlines()
+    shown = {name: next(line for line in lines if line.strip().startswith(f"{name} ")) for name in ("claude", "haiku")}
+    assert "cache read $0.0003 / write input price per 1k tokens" in shown["claude"]
+    assert "$0.001/1k tokens, cache reads/writes at the input price" in shown["haiku"]

@@ -387,7 +387,7 @@ async def test_a_preset_fallback_answers_as_a_response(dead_door: str) -> None:
 def test_a_task_queue_answer_is_a_queued_response() -> None:
     task = {"processed": False, "fallback": True, "task_id": "t-1", "queue_id": "queue_r1"}
     body = {"model": "m", "input": "x"}
-    answer = response_from_chat(task, body, "m", "r1", 0, 0, 0)
+    answer = response_from_chat(task, body, "m", "r1", TokenUsage(), 0)
     assert (answer["status"], answer["output"], answer["switchgear_task"]) == ("queued", [], task)
     mapper = ChatToEvents(body, "m", "r1", 0)
     raw = mapper.start() + mapper.feed(fallback_chunk(orjson.dumps(task), "task_queue")) + mapper.end(

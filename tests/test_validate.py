@@ -181,6 +181,18 @@ INVALID_SERVICES: list[tuple[str, ServiceSpec, str, str]] = [
         "pricing.cost_per_request",
         "must be a number",
     ),
+    (
+        "cache read price negative",
+        _service(pricing=Pricing(cache_read_input_cost_per_1k_tokens=-0.1)),
+        "pricing.cache_read_input_cost_per_1k_tokens",
+        ">= 0",
+    ),
+    (
+        "cache write price inf",
+        _service(pricing=Pricing(cache_write_input_cost_per_1k_tokens=math.inf)),
+        "pricing.cache_write_input_cost_per_1k_tokens",
+        "finite",
+    ),
     ("timeout negative", _service(timeout_s=-1.0), "timeout_s", ">= 0"),
     ("timeout inf", _service(timeout_s=math.inf), "timeout_s", "finite"),
     ("strategy unknown", _service(strategy="fastest"), "strategy", "unknown strategy; expected one of"),

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
-from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
+from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError, token_count
 from switchgear.adapters.openai import (
     CHARS_PER_TOKEN,
     _redact,
@@ -118,8 +118,8 @@ def json_body(response: httpx.Response) -> Any:
 
 
 def count(value: Any) -> int | None:
-    """`value` if it is a token count (an int >= 0, not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """`value` if it is a token count (an int from 0 to MAX_TOKEN_COUNT, not a bool), else None."""
+    return token_count(value)
 
 
 def estimate_tokens(chars: int) -> int:

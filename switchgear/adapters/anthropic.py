@@ -12,8 +12,12 @@ Methods:
 Content parts on "chat.completions": `text` → text blocks; `image_url` → `image` blocks (a
 `data:image/{jpeg,png,gif,webp};base64,` URL → a base64 source, an http(s) URL → a url source;
 `detail` has no Anthropic counterpart); `file` with `file_data` (a PDF data URL) → a `document`
-block; an assistant's `refusal` part → text. Anything else — other part types, file ids, other
-media types, images in system or assistant messages — is refused (CLIENT, naming the part's
+block; an assistant's `refusal` part → text. A part's `cache_control` ({"type": "ephemeral",
+"ttl": "5m"|"1h"}, as LiteLLM accepts it on OpenAI-format parts) is kept on its block — system
+prompts are then sent as blocks — so prompt caching works through the OpenAI shape; the
+answer's cache reads and writes are part of its usage (adapters/base.py TokenUsage).
+Anything else — other part types, file ids, other media types, images in system or assistant
+messages — is refused (CLIENT, naming the part's
 field), never dropped. So are parameters that change what the answer must be and that Anthropic
 cannot honour: a JSON `response_format`, `n` > 1, `logprobs`, audio, `web_search_options`;
 hints with no counterpart (seed, penalties, logit_bias, service_tier, store, reasoning_effort,
@@ -57,6 +61,7 @@ import orjson
 
 from switchgear.adapters import _http
 from switchgear.adapters.base import (
+    MAX_TOKEN_COUNT,
     AdapterRequest,
     AdapterResponse,
     ErrorKind,
@@ -65,6 +70,8 @@ from switchgear.adapters.base import (
     Target,
     TokenUsage,
     UpstreamError,
+    openai_usage,
+    usage_with_parts,
 )
 from switchgear.adapters.openai import _redact, _text_len, classify_status, transport_error_kind
 from switchgear.adapters.sse import sse_events
@@ -151,10 +158,33 @@ def _source(url: Any, path: str, media_types: tuple[str, ...]) -> dict[str, Any]
     raise _refused(path, "must be a base64 data: URL or an http(s) URL")
 
 
+_CACHE_TTLS = ("5m", "1h")
+
+
+def _cache_control(part: Mapping[str, Any], path: str) -> dict[str, Any] | None:
+    """A part's `cache_control` (LiteLLM's extension of OpenAI parts), checked as Anthropic does."""
+    control = part.get("cache_control")
+    if control is None:
+        return None
+    if not isinstance(control, Mapping) or control.get("type") != "ephemeral" or set(control) - {"type", "ttl"}:
+        raise _refused(f"{path}.cache_control", 'must be {"type": "ephemeral"} with an optional "ttl"')
+    if "ttl" in control and control["ttl"] not in _CACHE_TTLS:
+        raise _refused(f"{path}.cache_control.ttl", f"must be one of {', '.join(_CACHE_TTLS)}")
+    return dict(control)
+
+
 def _part(part: Any, path: str) -> dict[str, Any]:
-    """One OpenAI content part as an Anthropic content block."""
+    """One OpenAI content part as an Anthropic content block, with its `cache_control` if any."""
     if not isinstance(part, Mapping):
         raise _refused(path, "must be an object")
+    block = _block_of(part, path)
+    control = _cache_control(part, path)
+    if control is not None:
+        block["cache_control"] = control
+    return block
+
+
+def _block_of(part: Mapping[str, Any], path: str) -> dict[str, Any]:
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -273,9 +303,9 @@ def _tool_id(call_id: str) -> str:
     return _NOT_IN_TOOL_ID.sub("_", call_id)
 
 
-def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(system texts, Anthropic turns) of OpenAI chat messages."""
-    system: list[str] = []
+def _turns(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system text blocks, Anthropic turns) of OpenAI chat messages."""
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     results: list[Any] | None = None  # the content of the user turn that tool messages are adding to
     for i, message in enumerate(messages):
@@ -297,8 +327,7 @@ def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
         if role == "user" and results is not None:  # Anthropic wants tool results first in a user turn
             results.extend(_blocks(content, f"payload.messages[{i}].content"))
         elif role in ("system", "developer"):
-            _content(content, f"payload.messages[{i}].content", text_only=True)
-            system.append(_text(content))
+            system.extend(_blocks(content, f"payload.messages[{i}].content", text_only=True))
         elif role == "user" or (role == "assistant" and not message.get("tool_calls")):
             turns.append({"role": role, "content": _content(content, f"payload.messages[{i}].content",
                                                             text_only=role == "assistant")})
@@ -343,8 +372,10 @@ def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_token
     body: dict[str, Any] = {"model": model or payload.get("model", ""), "messages": turns}
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or default_max_tokens
     body["max_tokens"] = max_tokens
-    if system:
-        body["system"] = "\n\n".join(system)
+    if any("cache_control" in block for block in system):
+        body["system"] = system  # blocks: a cache breakpoint is on one of them
+    elif system:
+        body["system"] = "\n\n".join(block["text"] for block in system)
     stop = payload.get("stop")
     if stop:
         body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -364,17 +395,25 @@ def messages_from_chat(payload: Mapping[str, Any], model: str, default_max_token
     return body
 
 
+_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def usage_of(usage: Any) -> TokenUsage | None:
-    """Anthropic usage → TokenUsage; cache reads/writes count as input tokens."""
-    if not isinstance(usage, Mapping):
+    """Anthropic usage → TokenUsage. Anthropic's `input_tokens` excludes the prompt-cache parts
+    (`cache_read_input_tokens`, `cache_creation_input_tokens`); TokenUsage's input is all of
+    it, with the cache parts as subsets. None when a count is missing or not a count."""
+    if not isinstance(usage, Mapping) or "input_tokens" not in usage:
         return None
-    inputs = [
-        _http.count(usage.get(k, 0)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    ]
+    uncached, read, write = (_http.count(usage.get(k, 0)) for k in ("input_tokens", *_CACHE_KEYS))
     output = _http.count(usage.get("output_tokens", 0))
-    if any(v is None for v in inputs) or output is None or "input_tokens" not in usage:
+    if uncached is None or read is None or write is None or output is None:
         return None
-    return TokenUsage(sum(v for v in inputs if v is not None), output)
+    return _total_usage(uncached, read, write, output)
+
+
+def _total_usage(uncached: int, read: int, write: int, output: int) -> TokenUsage:
+    total = min(uncached + read + write, MAX_TOKEN_COUNT)
+    return usage_with_parts(total, output, cache_read=read, cache_write=write)
 
 
 def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: int) -> dict[str, Any]:
@@ -407,11 +446,7 @@ def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: in
                 "finish_reason": STOP_REASONS.get(str(message.get("stop_reason")), "stop"),
             }
         ],
-        "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-        },
+        "usage": openai_usage(usage),
     }
 
 
@@ -613,7 +648,8 @@ class _MessageStream:
         self.created = created
         self.id = ""
         self.model = ""
-        self.input_tokens: int | None = None
+        self.input_tokens: int | None = None  # Anthropic's: without the cache parts
+        self.cache_tokens = [0, 0]  # cache reads, cache writes
         self.output_tokens: int | None = None
         self.finish_reason: str | None = None
         self.stopped = False
@@ -627,7 +663,15 @@ class _MessageStream:
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
             return None
-        return TokenUsage(self.input_tokens, self.output_tokens)
+        return _total_usage(self.input_tokens, self.cache_tokens[0], self.cache_tokens[1], self.output_tokens)
+
+    def _note_input(self, usage: Mapping[str, Any]) -> None:
+        """Input counts from message_start, or message_delta's cumulative ones when it has them."""
+        if _http.count(usage.get("input_tokens")) is not None:
+            self.input_tokens = usage["input_tokens"]
+        for i, key in enumerate(_CACHE_KEYS):
+            if _http.count(usage.get(key)) is not None:
+                self.cache_tokens[i] = usage[key]
 
     def feed(self, event: str, data: str) -> StreamChunk | None:
         try:
@@ -652,14 +696,7 @@ class _MessageStream:
             message = _dict(obj.get("message"))
             self.id, self.model = str(message.get("id", "")), str(message.get("model", ""))
             usage = _dict(message.get("usage"))
-            self.input_tokens = (
-                sum(
-                    _http.count(usage.get(k, 0)) or 0
-                    for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-                )
-                if "input_tokens" in usage
-                else None
-            )
+            self._note_input(usage)
             self.output_tokens = _http.count(usage.get("output_tokens"))
         elif kind == "content_block_delta":
             delta = _dict(obj.get("delta"))
@@ -678,8 +715,8 @@ class _MessageStream:
             usage = _dict(obj.get("usage"))
             if _http.count(usage.get("output_tokens")) is not None:
                 self.output_tokens = usage["output_tokens"]
-            if _http.count(usage.get("input_tokens")) is not None and usage.get("input_tokens"):
-                self.input_tokens = usage["input_tokens"]
+            if usage.get("input_tokens"):  # (a 0 here is "not counted again", not "none")
+                self._note_input(usage)
         elif kind == "message_stop":
             self.stopped = True
         return "", False

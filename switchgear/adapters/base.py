@@ -125,9 +125,84 @@ _DEFAULT_LIMITS = ResponseLimits()
 @lean
 @dataclass(frozen=True)
 class TokenUsage:
+    """Tokens one call used, as the provider reported them (or estimated: `estimated`).
+
+    `input_tokens` is ALL input, as OpenAI counts it: the cache parts are subsets of it.
+    `cache_read_input_tokens` were read from the provider's prompt cache (billed at a discount),
+    `cache_write_input_tokens` were written to it (Anthropic bills them above the input price);
+    `reasoning_tokens` are the part of `output_tokens` the model spent thinking (not shown).
+    Anthropic reports input without its cache parts: its adapter adds them back in.
+    Invariant (the adapters keep it): reads + writes <= input, reasoning <= output.
+    """
+
     input_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False
+    cache_read_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def uncached_input_tokens(self) -> int:
+        """Input tokens billed at the plain input price."""
+        return max(0, self.input_tokens - self.cache_read_input_tokens - self.cache_write_input_tokens)
+
+
+# The most tokens one call may report: a provider answering more (or a negative, fractional or
+# non-numeric count) is not believed, so one bad answer cannot blow up a tenant's budget or
+# overflow a counter. Far above any real context window; a 32-bit wire integer.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
+def token_count(value: Any) -> int | None:
+    """`value` if it is a token count (an int from 0 to MAX_TOKEN_COUNT, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_TOKEN_COUNT else None
+
+
+def usage_with_parts(input_tokens: int, output_tokens: int, cache_read: Any = 0, cache_write: Any = 0,
+                     reasoning: Any = 0) -> TokenUsage:
+    """A reported TokenUsage whose parts (raw provider values) are believed only when they are
+    counts, and clamped so they never exceed their totals (a provider's inconsistent answer
+    then costs at most what its totals say)."""
+    read = min(token_count(cache_read) or 0, input_tokens)
+    write = min(token_count(cache_write) or 0, input_tokens - read)
+    thought = min(token_count(reasoning) or 0, output_tokens)
+    return TokenUsage(input_tokens, output_tokens, cache_read_input_tokens=read, cache_write_input_tokens=write,
+                      reasoning_tokens=thought)
+
+
+def anthropic_usage(usage: TokenUsage) -> dict[str, int]:
+    """`usage` as an Anthropic message's usage object: `input_tokens` without the cache parts."""
+    return {"input_tokens": usage.uncached_input_tokens,
+            "cache_creation_input_tokens": usage.cache_write_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "output_tokens": usage.output_tokens}
+
+
+def responses_usage(usage: TokenUsage) -> dict[str, Any]:
+    """`usage` as an OpenAI Responses API usage object (cache writes have no field there)."""
+    return {"input_tokens": usage.input_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cache_read_input_tokens},
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
+def openai_usage(usage: TokenUsage) -> dict[str, Any]:
+    """`usage` as an OpenAI chat completion's usage object. Cache writes have no OpenAI field;
+    like LiteLLM, a non-zero count is given as `cache_creation_input_tokens` (Anthropic's name)."""
+    shaped: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+    if usage.cache_write_input_tokens:
+        shaped["cache_creation_input_tokens"] = usage.cache_write_input_tokens
+    return shaped
 
 
 @lean

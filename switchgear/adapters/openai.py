@@ -38,6 +38,8 @@ from switchgear.adapters.base import (
     Target,
     TokenUsage,
     UpstreamError,
+    token_count,
+    usage_with_parts,
 )
 from switchgear.adapters.sse import sse_events
 
@@ -266,15 +268,15 @@ def _reported_usage(body: Mapping[str, Any]) -> TokenUsage | None:
     usage = body.get("usage")
     if type(usage) is not dict and not isinstance(usage, Mapping):  # (a dict: no ABC check)
         return None
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens", 0))
+    prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens", 0))
     if prompt is None or completion is None:
         return None
-    return TokenUsage(input_tokens=prompt, output_tokens=completion)
-
-
-def _count(value: Any) -> int | None:
-    """`value` if it is a token count (an int >= 0, not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    # Both details are parts of their totals (OpenAI: cached prompt tokens are billed at a
+    # discount; reasoning tokens are billed as completion tokens but never shown).
+    prompt_details, completion_details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    cached = prompt_details.get("cached_tokens", 0) if isinstance(prompt_details, Mapping) else 0
+    reasoning = completion_details.get("reasoning_tokens", 0) if isinstance(completion_details, Mapping) else 0
+    return usage_with_parts(prompt, completion, cache_read=cached, reasoning=reasoning)
 
 
 def _text_len(content: Any) -> int:

@@ -61,6 +61,8 @@ def _pricing_to_proto(p: Pricing) -> common_pb2.Pricing:
         input_cost_per_1k_tokens=p.input_cost_per_1k_tokens,
         output_cost_per_1k_tokens=p.output_cost_per_1k_tokens,
         cost_per_request=p.cost_per_request,
+        cache_read_input_cost_per_1k_tokens=p.cache_read_input_cost_per_1k_tokens,
+        cache_write_input_cost_per_1k_tokens=p.cache_write_input_cost_per_1k_tokens,
     )
 
 
@@ -70,6 +72,8 @@ def _pricing_from_proto(p: common_pb2.Pricing) -> Pricing:
         input_cost_per_1k_tokens=p.input_cost_per_1k_tokens,
         output_cost_per_1k_tokens=p.output_cost_per_1k_tokens,
         cost_per_request=p.cost_per_request,
+        cache_read_input_cost_per_1k_tokens=p.cache_read_input_cost_per_1k_tokens,
+        cache_write_input_cost_per_1k_tokens=p.cache_write_input_cost_per_1k_tokens,
     )
 
 

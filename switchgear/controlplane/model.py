@@ -59,12 +59,15 @@ class SecretRef:
 
 @dataclass(frozen=True)
 class Pricing:
-    """USD prices. Per-direction prices, when non-zero, override `cost_per_1k_tokens`."""
+    """USD prices. Per-direction prices, when non-zero, override `cost_per_1k_tokens`; the
+    prompt-cache prices, when non-zero, override the input price for cache reads and writes."""
 
     cost_per_1k_tokens: float = 0.0
     input_cost_per_1k_tokens: float = 0.0
     output_cost_per_1k_tokens: float = 0.0
     cost_per_request: float = 0.0
+    cache_read_input_cost_per_1k_tokens: float = 0.0
+    cache_write_input_cost_per_1k_tokens: float = 0.0
 
 
 @dataclass(frozen=True)

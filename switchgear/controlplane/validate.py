@@ -147,6 +147,10 @@ _SERVICE_NUMBERS: tuple[tuple[str, Callable[[ServiceSpec], object], _Check], ...
     ("pricing.input_cost_per_1k_tokens", lambda s: s.pricing.input_cost_per_1k_tokens, _non_negative),
     ("pricing.output_cost_per_1k_tokens", lambda s: s.pricing.output_cost_per_1k_tokens, _non_negative),
     ("pricing.cost_per_request", lambda s: s.pricing.cost_per_request, _non_negative),
+    ("pricing.cache_read_input_cost_per_1k_tokens", lambda s: s.pricing.cache_read_input_cost_per_1k_tokens,
+     _non_negative),
+    ("pricing.cache_write_input_cost_per_1k_tokens", lambda s: s.pricing.cache_write_input_cost_per_1k_tokens,
+     _non_negative),
 )
 
 _ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], ...] = (
@@ -162,6 +166,8 @@ _PRICES: tuple[tuple[str, Callable[[Pricing], object], _Check], ...] = (
     ("input_cost_per_1k_tokens", lambda p: p.input_cost_per_1k_tokens, _non_negative),
     ("output_cost_per_1k_tokens", lambda p: p.output_cost_per_1k_tokens, _non_negative),
     ("cost_per_request", lambda p: p.cost_per_request, _non_negative),
+    ("cache_read_input_cost_per_1k_tokens", lambda p: p.cache_read_input_cost_per_1k_tokens, _non_negative),
+    ("cache_write_input_cost_per_1k_tokens", lambda p: p.cache_write_input_cost_per_1k_tokens, _non_negative),
 )
 
 

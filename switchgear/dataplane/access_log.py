@@ -10,6 +10,9 @@ its upstream attempts, and when it ends one JSON line goes to the `switchgear.ac
      "latency_ms": 12.3, "input_tokens": 7, "output_tokens": 3, "cost_usd": 0.0001,
      "cached": false, "reason": ""}
 
+with "cache_read_input_tokens", "cache_write_input_tokens" and "reasoning_tokens" (parts of the
+input and output counts) added when the answer reported any.
+
 Never a key, a header or a payload: the route is a service the snapshot names (else
 "unknown"), `reason` an error code from a fixed set. `--access-log` sends the lines to stderr
 (default), a file, or nowhere (`off`).
@@ -29,7 +32,7 @@ import logging
 import os
 import re
 import time
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -59,6 +62,17 @@ def label(text: str) -> str:
     return text if len(text) <= 64 and _ID_RE.fullmatch(text) else "invalid"
 
 
+Parts = tuple[int, int, int]
+NO_PARTS: Parts = (0, 0, 0)
+#: The token counts that are parts of input_tokens / output_tokens, in `Parts` order.
+PART_KEYS = ("cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens")
+
+
+def parts_of(usage: Any) -> Parts:
+    """(cache read, cache write, reasoning) tokens of a TokenUsage or a gateway Usage message."""
+    return (int(usage.cache_read_input_tokens), int(usage.cache_write_input_tokens), int(usage.reasoning_tokens))
+
+
 def current() -> Exchange | None:
     """The request being served on this task (None outside a front door, e.g. task worker calls)."""
     return _CURRENT.get()
@@ -68,8 +82,8 @@ class Exchange:
     """One request at a door. Fields are filled as the request goes; `finish` ends it."""
 
     __slots__ = ("_token", "attempts", "cached", "cost_usd", "door", "endpoint", "input_tokens", "latency_s",
-                 "method", "output_tokens", "reason", "request_id", "route", "started", "status", "status_class",
-                 "tenant", "upstream_s")
+                 "method", "output_tokens", "parts", "reason", "request_id", "route", "started", "status",
+                 "status_class", "tenant", "upstream_s")
 
     def __init__(self, door: str, request_id: str) -> None:
         self.door = door
@@ -80,13 +94,16 @@ class Exchange:
         self.attempts = self.input_tokens = self.output_tokens = 0
         self.cost_usd = self.latency_s = self.upstream_s = 0.0  # upstream_s: its attempts' own time
         self.cached = False
+        self.parts = NO_PARTS  # (cache read, cache write) input tokens, reasoning output tokens
         self.started = time.perf_counter()
         self._token: contextvars.Token[Exchange | None] | None = _CURRENT.set(self)
 
     def answered(self, input_tokens: int, output_tokens: int, cost_usd: float, endpoint: str, attempts: int,
-                 cached: bool = False) -> None:
-        """What the answer said: its usage, cost, the endpoint that served it, the attempts made."""
+                 cached: bool = False, parts: Parts = (0, 0, 0)) -> None:
+        """What the answer said: its usage (and its `parts`), cost, the endpoint that served
+        it, the attempts made."""
         self.input_tokens, self.output_tokens, self.cost_usd = input_tokens, output_tokens, cost_usd
+        self.parts = parts
         if endpoint:
             self.endpoint = endpoint
         if attempts:
@@ -104,13 +121,16 @@ class Exchange:
             self._token = None
 
     def line(self) -> bytes:
-        return orjson.dumps({
+        line: dict[str, Any] = {
             "ts": time.time(), "door": self.door, "request_id": self.request_id, "method": self.method,
             "route": self.route, "tenant": self.tenant, "endpoint": self.endpoint, "status": self.status,
             "attempts": self.attempts, "latency_ms": round(self.latency_s * 1e3, 3),
             "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
             "cost_usd": round(self.cost_usd, 8), "cached": self.cached, "reason": self.reason,
-        })
+        }
+        if any(self.parts):
+            line.update(zip(PART_KEYS, self.parts, strict=True))
+        return orjson.dumps(line)
 
 
 def note_tenant(tenant_id: str) -> None:
@@ -126,11 +146,12 @@ def note_route(service: str) -> None:
         exchange.route = service
 
 
-def note_answer(input_tokens: int, output_tokens: int, cost_usd: float, endpoint: str, attempts: int,
-                cached: bool = False) -> None:
+def note_answer(usage: Any, cost_usd: float, endpoint: str, attempts: int, cached: bool = False) -> None:
+    """`usage`: a TokenUsage or a gateway Usage message (the same field names)."""
     exchange = _CURRENT.get()
     if exchange is not None:
-        exchange.answered(input_tokens, output_tokens, cost_usd, endpoint, attempts, cached)
+        exchange.answered(int(usage.input_tokens), int(usage.output_tokens), cost_usd, endpoint, attempts, cached,
+                          parts_of(usage))
 
 
 def note_reason(code: str | None) -> None:

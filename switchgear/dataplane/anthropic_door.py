@@ -39,6 +39,7 @@ import orjson
 from aiohttp import web
 
 from switchgear.adapters.anthropic import BETA_NAME, MAX_BETAS, _text, estimated_input_tokens
+from switchgear.adapters.base import TokenUsage, anthropic_usage
 from switchgear.dataplane import access_log
 from switchgear.dataplane.convert import Call, check_depth
 from switchgear.dataplane.governance import Principal, Unauthenticated
@@ -66,6 +67,8 @@ STOP_REASONS: Mapping[str, str] = {
 _ROLES = ("user", "assistant")
 _PASSED = ("temperature", "top_p")
 
+
+_NO_USAGE = TokenUsage()
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     type_ = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
@@ -104,8 +107,7 @@ class Hooks:
         served = await self.pipeline(request).invoke(call, snapshot, principal,
                                                       CacheMode.parse(request.headers.get("Cache-Control")))
         result = served.result
-        access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd,
-                               result.endpoint, result.attempts, served.cached)
+        access_log.note_answer(result.usage, result.cost_usd, result.endpoint, result.attempts, served.cached)
         headers = self.result_headers(result)
         if served.cached:
             headers["x-switchgear-cache"] = "hit"
@@ -291,8 +293,7 @@ def _message_id(request_id: str) -> str:
     return f"msg_{request_id}"
 
 
-def message_from_chat(chat: Mapping[str, Any], model: str, request_id: str, input_tokens: int,
-                      output_tokens: int) -> dict[str, Any]:
+def message_from_chat(chat: Mapping[str, Any], model: str, request_id: str, usage: TokenUsage) -> dict[str, Any]:
     """An Anthropic `message` for an OpenAI `chat.completion`, with the call's metered usage."""
     choices = chat.get("choices")
     choice = _obj(choices[0]) if isinstance(choices, list) and choices else {}
@@ -313,7 +314,7 @@ def message_from_chat(chat: Mapping[str, Any], model: str, request_id: str, inpu
     return {
         "id": _message_id(request_id), "type": "message", "role": "assistant", "model": model,
         "content": content, "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
-        "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        "stop_sequence": None, "usage": anthropic_usage(usage),
     }
 
 
@@ -348,7 +349,7 @@ class ChatToEvents:
         return event("message_start", {"message": {
             "id": _message_id(self.request_id), "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}})
+            "usage": anthropic_usage(_NO_USAGE)}})
 
     def _block(self, key: str, block: dict[str, Any]) -> bytes:
         out = self.close()
@@ -392,7 +393,7 @@ class ChatToEvents:
     def end(self, end: StreamEnd) -> bytes:
         return self.close() + event("message_delta", {
             "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
-            "usage": {"input_tokens": end.usage.input_tokens, "output_tokens": end.usage.output_tokens},
+            "usage": anthropic_usage(end.usage),
         }) + event("message_stop", {})
 
 
@@ -502,7 +503,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         chat = {}
     answer = message_from_chat(chat if isinstance(chat, dict) else {}, body["model"], call.request_id,
-                               result.usage.input_tokens, result.usage.output_tokens)
+                               result.usage)
     return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from switchgear.adapters.base import AdapterResponse, ErrorKind, StreamChunk, TokenUsage, UpstreamError
+from switchgear.adapters.base import AdapterResponse, ErrorKind, StreamChunk, TokenUsage, UpstreamError, openai_usage
 from switchgear.dataplane.events import FirstToken
 
 #: A time limit on one wait, as `asyncio.timeout(seconds)`: raises TimeoutError when it runs out.
@@ -213,11 +213,7 @@ class ChatAssembly:
             "created": self._head.pop("created", 0),
             "model": self._head.pop("model", ""),
             "choices": [self._choices[i].whole(i) for i in sorted(self._choices)],
-            "usage": self._usage if self._usage is not None else {
-                "prompt_tokens": usage.input_tokens,
-                "completion_tokens": usage.output_tokens,
-                "total_tokens": usage.input_tokens + usage.output_tokens,
-            },
+            "usage": self._usage if self._usage is not None else openai_usage(usage),
         }
         answer.update(self._head)
         return orjson.dumps(answer)

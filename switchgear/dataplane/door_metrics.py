@@ -8,6 +8,9 @@ What an SRE queries (counters since start; labels bounded, see below):
     switchgear_upstream_attempts_total{service, endpoint, outcome} every attempt: success, an
                                                                     error kind, caller_error, cancelled
     switchgear_tokens_total{route, tenant, direction}              input / output, as answers said
+    switchgear_token_parts_total{route, tenant, part}              parts of those: cache_read /
+                                                                    cache_write (of input), reasoning
+                                                                    (of output); never add to the above
     switchgear_cost_usd_total{route, tenant}                       USD, as answers said
 
 (A cache hit is a request, not spend: it moves requests, not tokens or cost.)
@@ -43,6 +46,8 @@ DEFAULT_MAX_TENANTS = 100
 DEFAULT_MAX_ROUTES = 500
 MAX_REASONS = 64
 OTHER = "other"
+#: switchgear_token_parts_total's `part` values, in access_log.Parts order.
+TOKEN_PARTS = ("cache_read", "cache_write", "reasoning")
 UNKNOWN = "unknown"
 
 #: gRPC codes that are the caller's doing (status_class 4xx); the rest but OK are 5xx.
@@ -99,6 +104,7 @@ class DoorMetrics(PromCollector):
         self.rejections: dict[tuple[str, str], int] = {}
         self.attempts: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str, str], int] = {}
+        self.token_parts: dict[tuple[str, str, str], int] = {}
         self.cost: dict[tuple[str, str], float] = {}
 
     # AttemptObserver
@@ -138,6 +144,10 @@ class DoorMetrics(PromCollector):
             for direction, count in (("input", exchange.input_tokens), ("output", exchange.output_tokens)):
                 tkey = (route, tenant, direction)
                 self.tokens[tkey] = self.tokens.get(tkey, 0) + count
+            for part, count in zip(TOKEN_PARTS, exchange.parts, strict=True):
+                if count:
+                    pkey = (route, tenant, part)
+                    self.token_parts[pkey] = self.token_parts.get(pkey, 0) + count
             ckey = (route, tenant)
             self.cost[ckey] = self.cost.get(ckey, 0.0) + exchange.cost_usd
 
@@ -167,6 +177,11 @@ class DoorMetrics(PromCollector):
         for token_labels, count in sorted(self.tokens.items()):
             tokens.add_metric(list(token_labels), float(count))
         yield tokens
+        parts = CounterMetricFamily("switchgear_token_parts", "Parts of the tokens answers reported: cache reads "
+                                    "and writes of input, reasoning of output", labels=("route", "tenant", "part"))
+        for part_labels, count in sorted(self.token_parts.items()):
+            parts.add_metric(list(part_labels), float(count))
+        yield parts
         cost = CounterMetricFamily("switchgear_cost_usd", "USD answers cost", labels=("route", "tenant"))
         for cost_labels, usd in sorted(self.cost.items()):
             cost.add_metric(list(cost_labels), usd)

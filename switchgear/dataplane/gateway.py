@@ -44,6 +44,9 @@ def _response(request_id: str, result: Result, cached: bool = False, tenant: str
     usage.input_tokens = result.usage.input_tokens
     usage.output_tokens = result.usage.output_tokens
     usage.estimated = result.usage.estimated
+    usage.cache_read_input_tokens = result.usage.cache_read_input_tokens
+    usage.cache_write_input_tokens = result.usage.cache_write_input_tokens
+    usage.reasoning_tokens = result.usage.reasoning_tokens
     usage.cost_usd = result.cost_usd
     if result.target is not None:
         _fill_target(response.target, result.endpoint, result.target)
@@ -62,6 +65,8 @@ def _fill_target(info: gateway_pb2.TargetInfo, endpoint: str, target: TargetView
     pricing.input_cost_per_1k_tokens = p.input_cost_per_1k_tokens
     pricing.output_cost_per_1k_tokens = p.output_cost_per_1k_tokens
     pricing.cost_per_request = p.cost_per_request
+    pricing.cache_read_input_cost_per_1k_tokens = p.cache_read_input_cost_per_1k_tokens
+    pricing.cache_write_input_cost_per_1k_tokens = p.cache_write_input_cost_per_1k_tokens
 
 
 def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
@@ -84,6 +89,9 @@ def _stream_end_fields(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStr
             output_tokens=end.usage.output_tokens,
             cost_usd=end.cost_usd,
             estimated=end.usage.estimated,
+            cache_read_input_tokens=end.usage.cache_read_input_tokens,
+            cache_write_input_tokens=end.usage.cache_write_input_tokens,
+            reasoning_tokens=end.usage.reasoning_tokens,
         ),
         failover=end.failover,
         snapshot_version=end.version,

@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.adapters.base import openai_usage
 from switchgear.dataplane import access_log, anthropic_door, invoke_door, responses_door
 from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
@@ -249,7 +250,7 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
         return await _stream(request, call, snapshot, body, principal)
     served = await pipeline.invoke(call, snapshot, principal, CacheMode.parse(request.headers.get("Cache-Control")))
     result = served.result
-    access_log.note_answer(result.usage.input_tokens, result.usage.output_tokens, result.cost_usd, result.endpoint,
+    access_log.note_answer(result.usage, result.cost_usd, result.endpoint,
                            result.attempts, served.cached)
     headers = _result_headers(result)
     if served.cached:
@@ -298,11 +299,7 @@ def _usage_chunk(call: Call, end: StreamEnd) -> dict[str, Any]:
         "created": 0,
         "model": call.service,
         "choices": [],
-        "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-        },
+        "usage": openai_usage(usage),
     }
 
 

@@ -138,8 +138,7 @@ async def relay(response: web.StreamResponse, first: StreamItem, items: AsyncGen
             item = await anext(items)
     finally:
         await items.aclose()
-    access_log.note_answer(item.usage.input_tokens, item.usage.output_tokens, item.cost_usd, item.endpoint,
-                           item.attempts)
+    access_log.note_answer(item.usage, item.cost_usd, item.endpoint, item.attempts)
     return item
 
 

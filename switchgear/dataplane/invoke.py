@@ -233,7 +233,7 @@ class Invoker:
                                    self._clock() - attempt_start, cancelled=True, ttft_s=first.s, unary=streamed))
             raise
         usage = response.usage
-        cost = effective.pricing.cost(usage.input_tokens, usage.output_tokens)
+        cost = effective.pricing.charge(usage)
         if effective.tpm_limit:
             self._limits.used(service.name, endpoint.id, usage.input_tokens + usage.output_tokens)
         now = self._clock()

@@ -140,12 +140,16 @@ def _target(endpoint: str, target: TargetView | None) -> dict[str, Any] | None:
             "pricing": {"cost_per_1k_tokens": p.cost_per_1k_tokens,
                         "input_cost_per_1k_tokens": p.input_cost_per_1k_tokens,
                         "output_cost_per_1k_tokens": p.output_cost_per_1k_tokens,
-                        "cost_per_request": p.cost_per_request}}
+                        "cost_per_request": p.cost_per_request,
+                        "cache_read_input_cost_per_1k_tokens": p.cache_read_input_cost_per_1k_tokens,
+                        "cache_write_input_cost_per_1k_tokens": p.cache_write_input_cost_per_1k_tokens}}
 
 
 def _usage(usage: TokenUsage, cost_usd: float) -> dict[str, Any]:
+    """Usage's fields (common.proto): the cache and reasoning counts are parts of the totals."""
     return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": cost_usd,
-            "estimated": usage.estimated}
+            "estimated": usage.estimated, "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens}
 
 
 def answer(call: Call, result: Result, cached: bool, tenant: str) -> bytes:

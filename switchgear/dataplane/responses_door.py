@@ -57,6 +57,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from switchgear.adapters.base import TokenUsage, responses_usage
 from switchgear.dataplane import access_log
 from switchgear.dataplane.anthropic_door import Hooks, first_choice
 from switchgear.dataplane.convert import Call, check_depth
@@ -472,12 +473,6 @@ def response_id(request_id: str) -> str:
     return f"resp_{request_id}"
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
-
-
 #: chat finish_reason → the Responses incomplete_details.reason (others: completed).
 INCOMPLETE: Mapping[str, str] = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -544,7 +539,7 @@ def queued(response: dict[str, Any], task: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def response_from_chat(chat: Mapping[str, Any], body: Mapping[str, Any], model: str, request_id: str,
-                       input_tokens: int, output_tokens: int, created_at: int) -> dict[str, Any]:
+                       usage: TokenUsage, created_at: int) -> dict[str, Any]:
     """A Responses `response` for a `chat.completion`, with the call's metered usage (or,
     for the task queue's answer, which has no choices, a queued response)."""
     if "choices" not in chat and "task_id" in chat:
@@ -568,7 +563,7 @@ def response_from_chat(chat: Mapping[str, Any], body: Mapping[str, Any], model: 
                                  [item["call_id"] for item in output if item["type"] == "function_call"]))
     response = skeleton(body, model, request_id, created_at)
     response["output"] = output
-    response["usage"] = _usage(input_tokens, output_tokens)
+    response["usage"] = responses_usage(usage)
     return _finish(response, choice.get("finish_reason"))
 
 
@@ -689,7 +684,7 @@ class ChatToEvents:
         if self.task is not None:
             return out + self._event("response.queued", response=queued(dict(self.response), self.task))
         response = {**self.response, "output": self.items,
-                    "usage": _usage(end.usage.input_tokens, end.usage.output_tokens)}
+                    "usage": responses_usage(end.usage)}
         _finish(response, self.finish_reason)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return out + self._event(kind, response=response)
@@ -734,8 +729,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         answer = orjson.loads(result.body)
     except orjson.JSONDecodeError:
         answer = {}
-    response = response_from_chat(_obj(answer), body, body["model"], call.request_id, result.usage.input_tokens,
-                                  result.usage.output_tokens, created_at)
+    response = response_from_chat(_obj(answer), body, body["model"], call.request_id, result.usage,
+                                  created_at)
     return web.Response(body=orjson.dumps(response), content_type="application/json", headers=headers)
 
 

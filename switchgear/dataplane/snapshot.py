@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from switchgear.adapters.base import ResponseLimits
+from switchgear.adapters.base import ResponseLimits, TokenUsage
 from switchgear.dataplane.governance import Governance
 
 CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
@@ -28,18 +28,34 @@ class SecretRef:
 
 @dataclass(frozen=True)
 class Pricing:
-    """USD. Per-direction prices, when non-zero, override `cost_per_1k_tokens`."""
+    """USD. Per-direction prices, when non-zero, override `cost_per_1k_tokens`; the prompt-cache
+    prices, when non-zero, override the input price for cache reads and cache writes."""
 
     cost_per_1k_tokens: float = 0.0
     input_cost_per_1k_tokens: float = 0.0
     output_cost_per_1k_tokens: float = 0.0
     cost_per_request: float = 0.0
+    cache_read_input_cost_per_1k_tokens: float = 0.0
+    cache_write_input_cost_per_1k_tokens: float = 0.0
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
-        """USD for one call: request price plus tokens at the per-direction (or flat) price."""
+        """USD for one call with no prompt-cache use: request price plus tokens at the
+        per-direction (or flat) price. What routing estimates with."""
         in_price = self.input_cost_per_1k_tokens or self.cost_per_1k_tokens
         out_price = self.output_cost_per_1k_tokens or self.cost_per_1k_tokens
         return self.cost_per_request + (input_tokens * in_price + output_tokens * out_price) / 1000.0
+
+    def charge(self, usage: TokenUsage) -> float:
+        """USD for a finished call: request price + uncached input × input price + cache reads ×
+        cache-read price + cache writes × cache-write price + output × output price (per 1k
+        tokens; an unset cache price is the input price). Reasoning tokens are output tokens."""
+        in_price = self.input_cost_per_1k_tokens or self.cost_per_1k_tokens
+        read_price = self.cache_read_input_cost_per_1k_tokens or in_price
+        write_price = self.cache_write_input_cost_per_1k_tokens or in_price
+        out_price = self.output_cost_per_1k_tokens or self.cost_per_1k_tokens
+        tokens = (usage.uncached_input_tokens * in_price + usage.cache_read_input_tokens * read_price
+                  + usage.cache_write_input_tokens * write_price + usage.output_tokens * out_price)
+        return self.cost_per_request + tokens / 1000.0
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ class Meter:
         if self.service is None:
             return usage, 0.0
         pricing = self.service.target(self.endpoint).pricing if self.endpoint else self.service.pricing
-        cost = pricing.cost(usage.input_tokens, usage.output_tokens)
+        cost = pricing.charge(usage)
         return usage, cost
 
 
@@ -404,7 +404,7 @@ class _Attempt:
         usage = (
             self.final.usage if self.final is not None and self.final.usage is not None else TokenUsage(estimated=True)
         )
-        cost = self.target.pricing.cost(usage.input_tokens, usage.output_tokens)
+        cost = self.target.pricing.charge(usage)
         reason = self.final.finish_reason if self.final is not None and error is None else None
         self._end(error.kind if error else None, usage, cost, answer=self.opening if error is None else b"",
                   finish_reason=reason or "")

@@ -25,7 +25,10 @@ gen_ai.provider.name), gen_ai.operation.name, gen_ai.request.model, gen_ai.respo
 .model / .finish_reasons (from the answer: on the SERVER span, and on the CLIENT span of the
 attempt that served it, as the GenAI conventions put them on the inference call's span),
 gen_ai.usage.input_tokens /
-output_tokens, error.type, server.address / server.port (attempts: the upstream); and
+output_tokens (and, when the answer reported them, gen_ai.usage.cache_read.input_tokens /
+cache_creation.input_tokens / reasoning.output_tokens: the GenAI registry's names, development
+status, checked against semantic conventions 1.43; parts of the totals),
+error.type, server.address / server.port (attempts: the upstream); and
 switchgear.service, switchgear.endpoint, switchgear.attempt(s), switchgear.fallback,
 switchgear.cost_usd, switchgear.snapshot_version, switchgear.cache_hit, switchgear.request_id.
 
@@ -220,8 +223,7 @@ class Tracing:
         if exchange.endpoint:
             span.set_attribute("switchgear.endpoint", exchange.endpoint)
         if exchange.input_tokens or exchange.output_tokens:
-            span.set_attribute("gen_ai.usage.input_tokens", exchange.input_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", exchange.output_tokens)
+            usage_attributes(span, exchange.input_tokens, exchange.output_tokens, exchange.parts)
         if exchange.reason:
             span.set_attribute("error.type", exchange.reason)
         if error:
@@ -278,8 +280,8 @@ class Tracing:
         span, token = entry
         try:
             if event.error is None:
-                span.set_attribute("gen_ai.usage.input_tokens", event.usage.input_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", event.usage.output_tokens)
+                usage_attributes(span, event.usage.input_tokens, event.usage.output_tokens,
+                                 access_log.parts_of(event.usage))
                 span.set_attribute("switchgear.cost_usd", event.cost_usd)
                 if span.is_recording():  # the inference call's answer (GenAI: on its CLIENT span)
                     if event.answer:
@@ -538,7 +540,7 @@ def _code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusC
 def _answered(exchange: Exchange, response: Any, span: trace.Span | None) -> None:
     usage = response.usage
     exchange.answered(int(usage.input_tokens), int(usage.output_tokens), float(usage.cost_usd), response.endpoint,
-                      int(response.attempts), bool(getattr(response, "cached", False)))
+                      int(response.attempts), bool(getattr(response, "cached", False)), access_log.parts_of(usage))
     if span is not None:
         _response_attributes(span, response)
         payload = getattr(response, "payload", b"")
@@ -558,9 +560,23 @@ def _response_attributes(span: trace.Span, response: Any) -> None:
             span.set_attribute(key, value)
     usage = getattr(response, "usage", None)
     if usage is not None:
-        span.set_attribute("gen_ai.usage.input_tokens", int(usage.input_tokens))
-        span.set_attribute("gen_ai.usage.output_tokens", int(usage.output_tokens))
+        usage_attributes(span, int(usage.input_tokens), int(usage.output_tokens), access_log.parts_of(usage))
         span.set_attribute("switchgear.cost_usd", float(usage.cost_usd))
+
+
+#: GenAI registry names for the parts of the token counts, in access_log.Parts order. Like
+#: gen_ai.usage.input_tokens, which includes both cache parts, they are subsets of the totals.
+USAGE_PART_ATTRIBUTES = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                         "gen_ai.usage.reasoning.output_tokens")
+
+
+def usage_attributes(span: trace.Span, input_tokens: int, output_tokens: int, parts: access_log.Parts) -> None:
+    """gen_ai.usage.*: the totals, and each part the answer reported (non-zero)."""
+    span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+    for name, count in zip(USAGE_PART_ATTRIBUTES, parts, strict=True):
+        if count:
+            span.set_attribute(name, count)
 
 
 def observers(tracing: Tracing | None) -> Sequence[Any]:

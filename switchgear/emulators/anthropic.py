@@ -41,6 +41,13 @@ stream cut by the `stream_cut_after` fault ends with `event: error` (overloaded_
 stop_sequences (400 "Extra inputs are not permitted") and answers `{"input_tokens": N}`, the
 count /v1/messages would report for the same body.
 
+Prompt caching: blocks (system or message content) marked `cache_control: {"type":
+"ephemeral", "ttl": "5m"|"1h"}` (at most four) are cache breakpoints. A breakpoint's prefix
+(everything up to and including its block) of at least `min_cacheable_tokens` is cached; a
+repeat within its TTL reads the longest cached one (`cache_read_input_tokens`), the rest up to
+the last breakpoint is written (`cache_creation_input_tokens`), and `input_tokens` counts only
+the input after the last breakpoint plus anything too short to cache, as Anthropic reports it.
+
 Replies are deterministic (the OpenAI emulator's `reply_text`); faults and /_emulator routes
 as in `emulators.common`. CLI: `switchgear emulate anthropic --port P [--api-key K]`.
 """
@@ -326,6 +333,76 @@ def _results_text(content: Any) -> str:
     return " ".join(r if isinstance(r, str) else _text(r) for r in results)
 
 
+# ---------------------------------------------------------------------------------------
+# prompt caching (pure but for the instance's PromptCache)
+
+CACHE_TTLS: Mapping[str, float] = {"5m": 300.0, "1h": 3600.0}
+MAX_CACHE_BREAKPOINTS = 4
+
+
+def min_cacheable_tokens(model: str) -> int:
+    """The shortest prefix Anthropic caches: 4096 tokens for Haiku 4.5, 1024 for the others here."""
+    return 4096 if "haiku" in model else 1024
+
+
+def _cache_ttl(path: str, block: Any) -> float | None:
+    """A block's cache_control TTL in s; None when it has none; AnthropicError when malformed."""
+    if not isinstance(block, dict) or block.get("cache_control") is None:
+        return None
+    control = block["cache_control"]
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        raise AnthropicError(400, f"{path}.cache_control.type: Input should be 'ephemeral'")
+    ttl = control.get("ttl", "5m")
+    if ttl not in CACHE_TTLS:
+        raise AnthropicError(400, f"{path}.cache_control.ttl: Input should be '5m' or '1h'")
+    return CACHE_TTLS[ttl]
+
+
+def _block_tokens(block: Any) -> int:
+    """A block's share of the prompt tokens `messages` counts (text and tool results)."""
+    if not isinstance(block, dict):
+        return 0
+    if block.get("type") == "text":
+        return oa.count_tokens(block.get("text", "") if isinstance(block.get("text"), str) else "")
+    return oa.count_tokens(_results_text([block])) if block.get("type") == "tool_result" else 0
+
+
+def cache_breakpoints(system: Any, turns: list[dict[str, Any]]) -> list[tuple[int, float, bytes]]:
+    """(prefix tokens, TTL s, prefix digest) at each block marked with cache_control, in prompt
+    order (system, then messages); AnthropicError for a malformed mark or more than four."""
+    digest = hashlib.sha256()
+    marks: list[tuple[int, float, bytes]] = []
+    total = 0
+    sections = [("system", system)] + [(f"messages.{i}.content", m["content"]) for i, m in enumerate(turns)]
+    for path, content in sections:
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        for j, block in enumerate(blocks):
+            total += _block_tokens(block)
+            # the mark is not content: a prefix marked "1h" is the one marked "5m"
+            unmarked = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+            digest.update(orjson.dumps(unmarked, option=orjson.OPT_SORT_KEYS) + b"\x1e")
+            ttl = _cache_ttl(f"{path}.{j}", block) if isinstance(content, list) else None
+            if ttl is not None:
+                marks.append((total, ttl, digest.copy().digest()))
+    if len(marks) > MAX_CACHE_BREAKPOINTS:
+        raise AnthropicError(400, f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be "
+                             f"provided. Found {len(marks)}.")
+    return marks
+
+
+def cache_usage(cache: oa.PromptCache, model: str, marks: list[tuple[int, float, bytes]]) -> tuple[int, int]:
+    """(cache read, cache write) input tokens: the longest cached breakpoint prefix is read; the
+    rest up to the last cacheable breakpoint is written (and every cacheable one kept)."""
+    seeded = [(n, ttl, hashlib.sha256(model.encode() + key).digest())
+              for n, ttl, key in marks if n >= min_cacheable_tokens(model)]
+    if not seeded:
+        return 0, 0
+    read = cache.hit([(n, key) for n, _, key in seeded])
+    for n, ttl, key in seeded:
+        cache.keep([(n, key)], ttl)
+    return read, max(n for n, _, _ in seeded) - read
+
+
 def call_names(tools: Tools, asked: str) -> tuple[str, ...]:
     """The tools the answer calls for a last user message whose text is `asked` (module docstring)."""
     if tools.choice == "none" or not tools.names:
@@ -438,15 +515,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
             raise AnthropicError(
                 400, f"prompt is too long: {prompt_tokens} tokens > {instance.spec.context_window} maximum"
             )
+        marks = cache_breakpoints(body.get("system", ""), turns)
     except AnthropicError as exc:
         return render(exc.status, exc.message, "invalid")
     msg_id = "msg_" + hashlib.sha256(instance.next_id().encode()).hexdigest()[:24]
     blocks, stop_reason, stop_sequence = reply_blocks(instance.spec.name, msg_id, turns, max_tokens, stops, tools)
-    usage = {
-        "input_tokens": prompt_tokens,
+    read, write = cache_usage(instance.prompt_cache, model, marks)
+    usage = {  # Anthropic's input_tokens leaves out what was read from or written to the cache
+        "input_tokens": prompt_tokens - read - write,
         "output_tokens": sum(oa.count_tokens(_spelled(b)) for b in blocks),
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": write,
+        "cache_read_input_tokens": read,
     }
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": model}
     if stream:

@@ -26,6 +26,12 @@ streamed as OpenAI streams them (id, type and name first, then the arguments in 
 conversation whose latest turn is tool results names no tool: under "auto" it is answered with
 text, so an agent loop ends.
 
+Usage details: a prompt of 1024 tokens or more whose prefix this instance saw within 5 minutes
+reports `prompt_tokens_details.cached_tokens` (the longest seen prefix, in steps of 128 tokens,
+as OpenAI's automatic prompt caching does); reasoning models (o1/o3/o4/gpt-5 names) report
+`completion_tokens_details.reasoning_tokens` by `reasoning_effort` (REASONING_TOKENS, default
+medium), counted inside `completion_tokens`; other models refuse `reasoning_effort` with 400.
+
 CLI: `switchgear emulate openai --instance NAME:LATENCY_MS[:PORT] ... [--api-key K]
 [--ready-file PATH]` (see `main`).
 """
@@ -46,7 +52,7 @@ import signal
 import struct
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -59,6 +65,14 @@ DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "text-embed
 ERROR_STATUSES = (500, 502, 503, 504, 529)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MODEL_CREATED = 1_700_000_000  # epoch s reported as every model's `created`
+# Prompt caching as OpenAI documents it: prompts of 1024 tokens or more are cached; a hit is
+# the longest cached prefix, in steps of 128 tokens; entries live 5 to 10 minutes unused.
+CACHE_MIN_TOKENS, CACHE_STEP_TOKENS, CACHE_TTL_S = 1024, 128, 300.0
+CACHE_MAX_PREFIXES = 4096  # the emulator's own bound on remembered prefixes (oldest go first)
+# Reasoning tokens per `reasoning_effort` (deterministic; reasoning models default to medium).
+REASONING_TOKENS: Mapping[str, int] = MappingProxyType(
+    {"none": 0, "minimal": 16, "low": 64, "medium": 192, "high": 512, "xhigh": 1024})
+REASONING_MODEL_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -216,6 +230,26 @@ class ChatCall:
     stream: bool
     include_usage: bool
     tools: tuple[str, ...] = ()  # the function names the answer calls (see `_tool_names`)
+    reasoning_tokens: int = 0  # what the model "thought" before answering (reasoning models)
+
+
+def is_reasoning_model(model: str) -> bool:
+    return model.startswith(REASONING_MODEL_PREFIXES)
+
+
+def _check_reasoning(body: Mapping[str, Any], model: str) -> int:
+    """Reasoning tokens for this call; 400 for an effort a non-reasoning model cannot take."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return REASONING_TOKENS["medium"] if is_reasoning_model(model) else 0
+    if not is_reasoning_model(model):
+        raise ApiError(400, "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+                       param="reasoning_effort", code="unsupported_parameter")
+    if effort not in REASONING_TOKENS:
+        allowed = ", ".join(f"'{e}'" for e in REASONING_TOKENS)
+        raise ApiError(400, f"Invalid value: '{effort}'. Supported values are: {allowed}.",
+                       param="reasoning_effort", code="invalid_value")
+    return REASONING_TOKENS[str(effort)]
 
 
 def _is_int(value: Any) -> bool:
@@ -303,7 +337,8 @@ def parse_chat(body: Any, models: Sequence[str]) -> ChatCall:
     n = _check_int(body, "n", 1) or 1
     last_user = users[-1] if users else ""
     asked = "" if messages[-1]["role"] == "tool" else last_user  # tool results ask for no tool by name
-    return ChatCall(model, texts, last_user, max_tokens, n, stream, include_usage, _tool_names(body, asked))
+    return ChatCall(model, texts, last_user, max_tokens, n, stream, include_usage, _tool_names(body, asked),
+                    _check_reasoning(body, model))
 
 
 def _tool_names(body: Mapping[str, Any], last_user: str) -> tuple[str, ...]:
@@ -480,6 +515,7 @@ class _Instance:
         self.disconnects = 0
         self.streamed = 0  # chat requests answered as a stream (`stream: true`)
         self.notes: Counter[str] = Counter()  # what a protocol's handlers tally (Anthropic: "beta:<name>")
+        self.prompt_cache = PromptCache(clock)
         self.refusing = False
         self.site: web.TCPSite | None = None  # set by start_instances: what refuse_s stops
         self._refusal: asyncio.Task[None] | None = None
@@ -713,14 +749,54 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError(400, message) from None
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `completion_tokens` includes `reasoning`, `prompt_tokens` `cached`."""
     return {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        "completion_tokens": completion_tokens + reasoning,
+        "total_tokens": prompt_tokens + completion_tokens + reasoning,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
     }
+
+
+class PromptCache:
+    """Which prompt prefixes an instance has cached (digests, each with its expiry time).
+
+    `openai` answers OpenAI's automatic caching: the cached tokens of a prompt are its longest
+    remembered prefix of CACHE_MIN_TOKENS + k × CACHE_STEP_TOKENS tokens (0 below that), and
+    all its prefixes are remembered. The Anthropic emulator uses `hit` and `keep` with its own
+    breakpoints. At most CACHE_MAX_PREFIXES are kept (the oldest go). Deterministic for a clock."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.expires: OrderedDict[bytes, float] = OrderedDict()
+
+    def hit(self, prefixes: Sequence[tuple[int, bytes]]) -> int:
+        """The longest (length, digest) prefix cached and not expired; 0 for none."""
+        now = self.clock()
+        return max((n for n, key in prefixes if self.expires.get(key, -math.inf) >= now), default=0)
+
+    def keep(self, prefixes: Sequence[tuple[int, bytes]], ttl_s: float) -> None:
+        """Remember (or refresh) these prefixes for `ttl_s`."""
+        until = self.clock() + ttl_s
+        for _, key in prefixes:
+            self.expires[key] = max(until, self.expires.get(key, until))
+            self.expires.move_to_end(key)
+        while len(self.expires) > CACHE_MAX_PREFIXES:
+            self.expires.popitem(last=False)
+
+    def openai(self, model: str, texts: Sequence[str]) -> int:
+        tokens = [m.group() for t in texts for m in _TOKEN.finditer(t)]
+        digest = hashlib.sha256(model.encode())
+        prefixes: list[tuple[int, bytes]] = []
+        for length in range(CACHE_STEP_TOKENS, len(tokens) + 1, CACHE_STEP_TOKENS):
+            digest.update("\x1f".join(tokens[length - CACHE_STEP_TOKENS:length]).encode() + b"\x1e")
+            if length >= CACHE_MIN_TOKENS:
+                prefixes.append((length, digest.copy().digest()))
+        cached = self.hit(prefixes)
+        self.keep(prefixes, CACHE_TTL_S)
+        return cached
 
 
 def _tool_calls(request_id: str, call: ChatCall) -> list[dict[str, Any]]:
@@ -764,11 +840,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     tool_calls = _tool_calls(request[_REQUEST_ID], call)
     completion_tokens = sum(count_tokens(text) for text, _ in answers) + call.n * sum(
         count_tokens(t["function"]["arguments"]) for t in tool_calls)
+    cached = instance.prompt_cache.openai(call.model, call.prompt_texts)
+    usage = _usage(prompt_tokens, completion_tokens, cached, call.reasoning_tokens * call.n)
     head = {"id": f"chatcmpl-{request[_REQUEST_ID][:24]}", "created": int(time.time()), "model": call.model}
     if call.stream:
         instance.streamed += 1
         deltas = chunk_deltas(answers, tool_calls)
-        return await _stream_chat(request, head, call, deltas, _usage(prompt_tokens, completion_tokens))
+        return await _stream_chat(request, head, call, deltas, usage)
     choices: list[dict[str, Any]] = [
         {
             "index": i,
@@ -784,7 +862,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             **head,
             "object": "chat.completion",
             "choices": choices,
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": usage,
             "service_tier": "default",
             "system_fingerprint": "fp_emulator",
         }

@@ -99,6 +99,8 @@ _PRICE_LEAVES = tuple(
         "input_cost_per_1k_tokens",
         "output_cost_per_1k_tokens",
         "cost_per_request",
+        "cache_read_input_cost_per_1k_tokens",
+        "cache_write_input_cost_per_1k_tokens",
     )
 )
 _ENTRY_KEYS = (

@@ -135,7 +135,8 @@ def is_local_model(service: ServiceView, metadata: Mapping[str, str] = _EMPTY, c
     if capability in service.capabilities or metadata.get("fallback") == "local":
         return True
     prices = [x for p in {service.target(e).pricing for e in service.endpoints} for x in (
-        p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request)]
+        p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request,
+        p.cache_read_input_cost_per_1k_tokens, p.cache_write_input_cost_per_1k_tokens)]
     private = all(is_private_host(urlsplit(e.url).hostname or "") for e in service.endpoints)
     return not any(prices) and bool(service.endpoints) and private
 
