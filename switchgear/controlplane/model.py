@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 
 
 class Category(str, Enum):
@@ -42,6 +43,23 @@ PROTOCOLS = frozenset(
 STRATEGIES = frozenset(
     {"round_robin", "least_loaded", "weighted", "priority", "cost_optimized", "latency", "intelligent"}
 )
+
+#: The other names the seed gives the same strategies: its LoadBalancingStrategy enum
+#: (weighted_round_robin, least_connections, least_response_time) and what its
+#: `_get_scheduling_strategy` returns (latency_optimized, weighted_round_robin). A config or a
+#: registration may use them; they are stored, served and printed as the name they stand for.
+STRATEGY_ALIASES = MappingProxyType({
+    "weighted_round_robin": "weighted",
+    "least_connections": "least_loaded",
+    "least_response_time": "latency",
+    "latency_optimized": "latency",
+})
+
+
+def canonical_strategy(name: str) -> str:
+    """The STRATEGIES name `name` stands for (itself when it is not a seed alias)."""
+    return STRATEGY_ALIASES.get(name, name)
+
 
 BACKOFF_STRATEGIES = frozenset({"exponential", "linear", "fixed"})
 

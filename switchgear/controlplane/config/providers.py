@@ -35,6 +35,7 @@ from switchgear.controlplane.config.read import (
     read_size,
     read_str,
     read_str_tuple,
+    read_strategy,
     section,
     shown,
 )
@@ -87,7 +88,7 @@ _SERVICE_LEAVES = (
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),
     Leaf("priority", "priority", read_int),
-    Leaf("strategy", "strategy", read_str),
+    Leaf("strategy", "strategy", read_strategy),
     Leaf("timeout", "timeout_s", read_duration),
     Leaf("capabilities", "capabilities", read_str_tuple),
     Leaf("fallbacks", "fallbacks", read_str_tuple),

@@ -40,6 +40,7 @@ from switchgear.controlplane.model import (
     SecretRef,
     ServiceDiscoverySettings,
     Settings,
+    canonical_strategy,
 )
 from switchgear.controlplane.validate import Problem
 
@@ -254,6 +255,13 @@ def read_str(ctx: Context, node: Node) -> str:
     return ctx.text(node)
 
 
+def read_strategy(ctx: Context, node: Node) -> str:
+    """A strategy name; the seed's other names for one (weighted_round_robin, least_connections,
+    least_response_time, latency_optimized: model.STRATEGY_ALIASES) become the name they stand
+    for. Unknown names are left to validation, which lists the known ones."""
+    return canonical_strategy(read_str(ctx, node))
+
+
 def read_str_tuple(ctx: Context, node: Node) -> tuple[str, ...]:
     """A list of strings."""
     if not isinstance(node.value, list):
@@ -462,7 +470,7 @@ _RESOURCE_ALLOCATION = (
     Leaf("max_concurrent_tasks", "resource_allocation.max_concurrent_tasks", read_int),
 )
 _LOAD_BALANCING = (
-    Leaf("default_strategy", "default_strategy", read_str),
+    Leaf("default_strategy", "default_strategy", read_strategy),
     Leaf("health_check_timeout", "health_check_timeout_s", read_duration),
     Leaf("circuit_breaker_threshold", "circuit_breaker.failure_threshold", read_int),
 )
@@ -475,7 +483,7 @@ _RETRY_POLICY = (
 _CACHING = (Leaf("enabled", "cache.enabled", read_bool),)
 _COMMUNICATION = (Leaf("default_timeout", "default_timeout_s", read_duration),)
 _POLICY = (
-    Leaf("strategy", "strategy", read_str),
+    Leaf("strategy", "strategy", read_strategy),
     Leaf("max_cost_per_request", "max_cost_per_request", read_float),
     Leaf("min_success_rate", "min_success_rate", read_float),
     Leaf("max_queue_size", "max_queue_size", read_int),
