@@ -496,3 +496,49 @@ async def test_the_anthropic_door_is_logged_and_counted_like_the_openai_door(
     assert streamed["attempts"] >= 1
     assert total(after, "switchgear_requests", door="http", route="chat", tenant="acme") - \
         total(before, "switchgear_requests", door="http", route="chat", tenant="acme") == 2
+
+
+async def test_the_callers_session_is_logged_and_traced_bounded_on_both_doors(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str], otlp: OtlpReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The seed's `session_id` (InvokeRequest.session_id, HTTP `x-switchgear-session`) is the
+    access line's `session` and the SERVER span's `session.id`; one an outsider chose freely
+    (too long, odd characters) is "invalid", none is ""."""
+    _, url = upstream
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    secret = add_tenant(control_plane, "acme")
+    caplog.set_level(logging.INFO, logger="switchgear.access")
+    agent = await start_agent([control_plane.address], otlp.url)
+    auth = {"Authorization": f"Bearer {secret}"}
+    base = f"http://{agent.http}"
+    given = ["conv-42", "s" * MAX_REQUEST_ID, "s" * (MAX_REQUEST_ID + 1), "a b", '"}{,inject', ""]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_ready(session, base)
+            caplog.clear()
+            for i, sid in enumerate(given):
+                headers = {**auth, "x-request-id": f"http-{i}", **({"x-switchgear-session": sid} if sid else {})}
+                async with session.post(f"{base}/v1/chat/completions", json=CHAT, headers=headers) as r:
+                    assert r.status == 200
+        async with grpc.aio.insecure_channel(agent.grpc) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for i, sid in enumerate([*given, "new\nline"]):
+                await stub.Invoke(gateway_pb2.InvokeRequest(
+                    service="chat", method="chat.completions", request_id=f"grpc-{i}", session_id=sid,
+                    payload=orjson.dumps({"messages": CHAT["messages"]})),
+                    metadata=(("authorization", f"Bearer {secret}"),), timeout=5)
+    finally:
+        await agent.close()
+    expected = ["conv-42", "s" * MAX_REQUEST_ID, "invalid", "invalid", "invalid", ""]
+    lines = {line["request_id"]: line for line in
+             (orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access")}
+    assert [lines[f"http-{i}"]["session"] for i in range(len(given))] == expected
+    assert [lines[f"grpc-{i}"]["session"] for i in range(len(given) + 1)] == [*expected, "invalid"]
+    sessions = {}
+    for span in otlp.spans:
+        if span.kind == span.SPAN_KIND_SERVER:
+            attrs = {a.key: _value(a.value) for a in span.attributes}
+            sessions[attrs["switchgear.request_id"]] = attrs.get("session.id", "")
+    assert sessions["http-0"] == sessions["grpc-0"] == "conv-42"
+    assert sessions["http-2"] == sessions["grpc-6"] == "invalid" and sessions["http-5"] == sessions["grpc-5"] == ""
