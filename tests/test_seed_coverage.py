@@ -4,6 +4,7 @@ names is accepted by the loader)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import textwrap
@@ -15,8 +16,11 @@ import yaml
 
 from switchgear.adapters import builtin_adapters
 from switchgear.cli_config import describe, strategy_for
+from switchgear.controlplane import alerts as al
+from switchgear.controlplane.collector import Collector, LoadDelta, WindowStats
 from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.convert import service_from_proto, service_to_proto, snapshot_to_proto
+from switchgear.controlplane.metrics import ControlPlaneMetrics
 from switchgear.controlplane.model import (
     STRATEGIES,
     STRATEGY_ALIASES,
@@ -25,9 +29,14 @@ from switchgear.controlplane.model import (
     RegistryState,
     ServiceSpec,
 )
+from switchgear.controlplane.monitor import Monitor
+from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.snapshot import build
+from switchgear.controlplane.store import SqliteStore
 from switchgear.controlplane.validate import validate_state
 from switchgear.dataplane.convert import snapshot_from_proto
+from tests.conftest import service
+from tests.test_metrics import families, value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,6 +96,69 @@ def test_a_name_neither_the_project_nor_the_seed_uses_is_still_refused() -> None
                        endpoints=(EndpointSpec("e0", "http://127.0.0.1:9"),), strategy="fastest_please")
     problems = list(validate_state(RegistryState(services=(service_from_proto(service_to_proto(spec)),))))
     assert any(p.path.endswith("strategy") for p in problems)
+
+
+# --- what the seed's coordinator collects besides the ten metrics -----------------------------
+
+
+@pytest.mark.parametrize(("condition", "parsed"), [
+    ("requests_per_minute > 600", ("requests_per_minute", ">", 600.0)),
+    ("cost_per_request > 0.05", ("cost_per_request", ">", 0.05)),
+    ("current_load > 0.8", ("resource_utilization", ">", 0.8)),  # the seed's name for utilisation
+])
+def test_alert_rules_may_name_what_the_seeds_coordinator_collects(
+        condition: str, parsed: tuple[str, str, float]) -> None:
+    assert al.parse_condition(condition) == parsed
+    with pytest.raises(al.RuleError, match="unknown metric 'current_loads'"):
+        al.parse_condition("current_loads > 0.8")
+
+
+def test_requests_per_minute_and_cost_per_request_are_figured_over_the_window() -> None:
+    stats = WindowStats(window_s=60.0, issued=30, succeeded=10, errors=(("retryable", 20),), cost_usd=0.5)
+    assert stats.figure("requests_per_minute") == 30.0
+    assert stats.figure("cost_per_request") == pytest.approx(0.05)  # failed attempts cost nothing
+    empty = WindowStats(window_s=60.0)
+    assert (empty.figure("requests_per_minute"), empty.figure("cost_per_request")) == (0.0, 0.0)
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_configured_rule_on_cost_per_request_fires_and_both_are_exported(tmp_path: Path) -> None:
+    """From the config to the firing alert and /metrics, through the real registry and monitor."""
+    state = load_config(textwrap.dedent("""
+        external_services:
+          monitoring:
+            alert_window: 60
+            alert_rules:
+              dear_calls: {condition: "cost_per_request > 0.05", severity: warning, min_requests: 5}
+              busy: {condition: "requests_per_minute > 100", severity: info, min_requests: 0}
+    """), env={})
+    store = SqliteStore(tmp_path / "r.db")
+    try:
+        registry = Registry(store)
+        registry.register(service("chat", "http://127.0.0.1:9/v1"), "test")
+        registry.replace(dataclasses.replace(registry.state, settings=state.settings), "test", "rules.yaml")
+        mono, wall = _Clock(1000.0), _Clock(1_700_000_000.0)
+        collector = Collector()
+        monitor = Monitor(registry, collector, clock=mono, wall=wall, overrides={"health_debounce_s": 0.0})
+        collector.record("agent-1", [LoadDelta(service="chat", endpoint="e0", category="llm", issued=20, succeeded=20,
+                                               latency_sum_s=2.0, latency_count=20, cost_usd=2.0)], mono.now)
+        mono.now += 0.5
+        wall.now += 0.5
+        monitor.tick()
+        assert [a.rule.name for a in monitor.evaluator.firing()] == ["dear_calls"]  # 0.1 USD a call; 20/min
+        fams = families(ControlPlaneMetrics(monitor, seq=lambda: 1, agents=lambda: 1, reports=lambda: 1))
+        assert value(fams, "switchgear_cost_per_request", endpoint="e0") == pytest.approx(0.1)
+        assert value(fams, "switchgear_service_cost_per_request", service="chat") == pytest.approx(0.1)
+        assert value(fams, "switchgear_requests_per_minute", endpoint="e0") == pytest.approx(20.0)
+    finally:
+        store.close()
 
 
 # --- the coverage page stays honest ------------------------------------------------------------
