@@ -573,6 +573,20 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         "unknown strategy",
     ),
     (
+        "a cache ttl kind no category uses",  # it would be stored and never applied
+        """
+        external_services:
+          communication:
+            caching:
+              ttl:
+                llm_response: 60
+        """,
+        {},
+        "external_services.communication.caching.ttl.llm_response",
+        5,
+        "unknown key 'llm_response'; did you mean 'llm_responses'?",
+    ),
+    (
         "no endpoint for a service without a default URL",
         """
         external_services:
@@ -1144,7 +1158,7 @@ def test_settings_merge_and_optional_keys() -> None:
                 default_timeout: 45
                 caching:
                   enabled: false
-                  ttl: {llm_responses: 10m, reranking: 60}
+                  ttl: {llm_responses: 10m, embeddings: 60}
             """
         ),
         env={},
@@ -1154,9 +1168,8 @@ def test_settings_merge_and_optional_keys() -> None:
     assert settings.cache.enabled is False
     assert dict(settings.cache.ttl_s) == {
         "document_parsing": 86400.0,
-        "embeddings": 604800.0,
+        "embeddings": 60.0,
         "llm_responses": 600.0,
-        "reranking": 60.0,
     }
     policies = dict(settings.category_policies)
     assert list(policies) == ["embedding", "knowledge_graph", "vector_db"]

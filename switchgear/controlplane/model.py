@@ -197,6 +197,14 @@ class CircuitBreakerSettings:
     failure_threshold: int = 5
 
 
+#: The kinds `communication.caching.ttl` may set: the seed's three. Agents apply llm_responses to
+#: llm calls, document_parsing to document calls, embeddings to embedding calls
+#: (dataplane/cache.py TTL_KIND_BY_CATEGORY; tests keep the two the same). Another name would be
+#: stored and never used, so the config loader refuses it (settings come only from a config;
+#: validate_state does not check it, so a store written before the rule still loads).
+CACHE_TTL_KINDS = ("document_parsing", "embeddings", "llm_responses")
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     # Off unless a config turns it on (the seed's does): answers of services registered

@@ -28,6 +28,7 @@ from switchgear.controlplane.config.parse import (
     shorten,
 )
 from switchgear.controlplane.model import (
+    CACHE_TTL_KINDS,
     AlertRuleSpec,
     CacheSettings,
     Category,
@@ -522,9 +523,9 @@ def _read_policies(ctx: Context, node: Node | None) -> dict[str, CategoryPolicy]
 
 
 def _read_ttl(ctx: Context, node: Node | None) -> dict[str, float]:
-    """communication.caching.ttl: {kind: seconds}."""
+    """communication.caching.ttl: {kind: seconds}, kind one of CACHE_TTL_KINDS."""
     ttl: dict[str, float] = {}
-    for kind, child in read_members(ctx, node, None).items():
+    for kind, child in read_members(ctx, node, CACHE_TTL_KINDS).items():
         value = ctx.read(child, f"{_SETTINGS}cache.ttl_s[{kind}]", read_duration)
         if value is not None:
             ttl[kind] = value
