@@ -95,6 +95,7 @@ async def test_a_probe_gives_up_at_the_health_check_timeout_it_is_given() -> Non
     """`load_balancing.health_check_timeout` is each probe's own timeout: an endpoint answering
     in 1 s is down for a 0.2 s timeout ("timeout") and up for a 5 s one."""
     from aiohttp import web
+    from aiohttp.test_utils import TestServer
 
     async def slow_models(request: web.Request) -> web.Response:
         await asyncio.sleep(1.0)
@@ -102,21 +103,13 @@ async def test_a_probe_gives_up_at_the_health_check_timeout_it_is_given() -> Non
 
     app = web.Application()
     app.router.add_get("/v1/models", slow_models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     clock = Clock()
-    try:
-        async with httpx.AsyncClient() as client:
-            prober = Prober(client, lambda key: -math.inf, clock=clock)
-            spec = service("chat", f"http://127.0.0.1:{port}/v1")
-            assert await prober.run_due([spec], 30.0, 0.2) == 1
-            state = prober.state("chat", "e0")
-            assert state is not None and (state.failures, state.last_status) == (1, "timeout")
-            clock.now += 30
-            assert await prober.run_due([spec], 30.0, 5.0) == 1
-            assert (state.failures, state.last_status) == (0, "HTTP 200")
-    finally:
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server, httpx.AsyncClient() as client:
+        prober = Prober(client, lambda key: -math.inf, clock=clock)
+        spec = service("chat", f"http://127.0.0.1:{server.port}/v1")
+        assert await prober.run_due([spec], 30.0, 0.2) == 1
+        state = prober.state("chat", "e0")
+        assert state is not None and (state.failures, state.last_status) == (1, "timeout")
+        clock.now += 30
+        assert await prober.run_due([spec], 30.0, 5.0) == 1
+        assert (state.failures, state.last_status) == (0, "HTTP 200")
