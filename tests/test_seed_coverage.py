@@ -244,3 +244,23 @@ def test_every_status_is_one_of_the_three_and_every_missing_row_says_what_is_abs
             assert ":" in status, f"say why it is better: {row}"
         if status.startswith("missing"):
             assert len(status) > 80, f"say precisely what is absent: {row}"
+
+
+def _leaf_paths(node: Any, prefix: str) -> list[str]:
+    if isinstance(node, dict):
+        return [p for key, child in node.items() for p in _leaf_paths(child, f"{prefix}.{key}" if prefix else key)]
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return sorted({p for item in node for p in _leaf_paths(item, prefix + "[]")})
+    return [prefix]
+
+
+def test_every_key_of_the_seeds_config_has_a_row(page: str) -> None:
+    """Each leaf of config/external_services_unified.yaml is on the page: by its whole path, or
+    by its name in a row about its siblings ("... `max_tokens`, `priority`)")."""
+    seed = yaml.safe_load((ROOT / "config" / "external_services_unified.yaml").read_text(encoding="utf-8"))
+    leaves = _leaf_paths(seed, "")
+    assert len(leaves) >= 40
+    rows = [line for line in page.splitlines() if line.startswith("| `external_services.")]
+    for path in leaves:
+        parent, _, leaf = path.rpartition(".")
+        assert any(f"`{path}`" in row or (f"`{parent}." in row and f"`{leaf}`" in row) for row in rows), path
