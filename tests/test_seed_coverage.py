@@ -264,3 +264,13 @@ def test_every_key_of_the_seeds_config_has_a_row(page: str) -> None:
     for path in leaves:
         parent, _, leaf = path.rpartition(".")
         assert any(f"`{path}`" in row or (f"`{parent}." in row and f"`{leaf}`" in row) for row in rows), path
+
+
+def test_every_seed_metric_alert_rule_and_strategy_has_a_row(page: str) -> None:
+    from switchgear.controlplane.collector import SEED_METRICS
+    from switchgear.controlplane.model import MonitoringSettings
+
+    assert all(f"| `{metric}` " in page for metric in SEED_METRICS)
+    for rule in MonitoringSettings().alert_rules:
+        assert f"| `{rule.name}` | `{rule.condition}`, {rule.severity} | `{rule.action}`" in page, rule.name
+    assert all(f"`{name}`" in page for name in (*STRATEGIES, *STRATEGY_ALIASES))
