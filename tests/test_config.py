@@ -573,6 +573,114 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         "unknown strategy",
     ),
     (
+        "metadata cache.ttl that agents would skip",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    cache.ttl: "1h"
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.cache.ttl",
+        9,
+        "metadata 'cache.ttl' must be a number of seconds >= 0",
+    ),
+    (
+        "metadata cache.shared neither true nor false",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    cache.shared: "yes"
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.cache.shared",
+        9,
+        "metadata 'cache.shared' must be true or false",
+    ),
+    (
+        "metadata fallback other than local",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    fallback: "locally"
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.fallback",
+        9,
+        "metadata 'fallback' must be 'local'",
+    ),
+    (
+        "a resources override the allocator does not know",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    resources.gpus: 2
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.resources.gpus",
+        9,
+        "unknown resources key 'resources.gpus'",
+    ),
+    (
+        "a resources override that is not a number",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    resources.cpu: "lots"
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.resources.cpu",
+        9,
+        "metadata 'resources.cpu' must be a finite number >= 0",
+    ),
+    (
+        "max_file_size in metadata, which agents do not enforce",  # it would load and do nothing
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    max_file_size: "1MB"
+        """,
+        {},
+        "external_services.services.llm_services.local_models[0].metadata.max_file_size",
+        9,
+        "metadata 'max_file_size' is not enforced from metadata",
+    ),
+    (
         "a cache ttl kind no category uses",  # it would be stored and never applied
         """
         external_services:
@@ -1266,3 +1374,25 @@ async def test_apply_config_validates_the_state_once(control_plane: ControlPlane
         service.name = "other"
         await admin.RegisterService(admin_pb2.RegisterServiceRequest(service=service))
     assert len(validations) == 2 and [s.name for s in validations[1].services] == ["local", "other"]
+
+
+def test_metadata_an_agent_reads_loads_when_its_value_is_one_it_takes() -> None:
+    services = _load(
+        """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    cache.ttl: 3600
+                    cache.shared: "True"
+                    fallback: local
+                    resources.memory: 8Gi
+                    resources.gpu: 0.5
+                    max_documents: 10
+        """
+    )
+    assert dict(services["tiny"].metadata)["processing_time_avg"] == "30s"  # descriptive facts stay free

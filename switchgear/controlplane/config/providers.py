@@ -364,7 +364,12 @@ class _ServiceReader:
         node = self.pick("metadata")
         given = None if node is None else self.ctx.read(node, "metadata", read_metadata)
         merged = extra | (given or {})
-        return {"metadata": tuple(sorted(merged.items()))} if merged else {}
+        entries = tuple(sorted(merged.items()))
+        if node is not None and isinstance(node.value, dict):
+            for index, (key, _) in enumerate(entries):  # a problem with one key points at its line
+                if key in node.value:
+                    self.ctx.locate(f"metadata[{index}]", node.value[key])
+        return {"metadata": entries} if merged else {}
 
 
 def _unknown_provider(node: Node) -> str:
