@@ -247,6 +247,20 @@ def test_describe_seed(seed: RegistryState) -> None:
 
 # --- errors: each names the YAML path and the line ----------------------------------------------
 
+#: A service whose metadata sets one key an agent reads ({key}: {value}); the key is on line 9.
+_METADATA_CASE = """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    {key}: {value}
+        """
+
+
 ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
     # (case, yaml, env, path, line, message fragment)
     (
@@ -572,114 +586,18 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         5,
         "unknown strategy",
     ),
-    (
-        "metadata cache.ttl that agents would skip",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    cache.ttl: "1h"
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.cache.ttl",
-        9,
-        "metadata 'cache.ttl' must be a number of seconds >= 0",
-    ),
-    (
-        "metadata cache.shared neither true nor false",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    cache.shared: "yes"
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.cache.shared",
-        9,
-        "metadata 'cache.shared' must be true or false",
-    ),
-    (
-        "metadata fallback other than local",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    fallback: "locally"
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.fallback",
-        9,
-        "metadata 'fallback' must be 'local'",
-    ),
-    (
-        "a resources override the allocator does not know",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    resources.gpus: 2
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.resources.gpus",
-        9,
-        "unknown resources key 'resources.gpus'",
-    ),
-    (
-        "a resources override that is not a number",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    resources.cpu: "lots"
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.resources.cpu",
-        9,
-        "metadata 'resources.cpu' must be a finite number >= 0",
-    ),
-    (
-        "max_file_size in metadata, which agents do not enforce",  # it would load and do nothing
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    max_file_size: "1MB"
-        """,
-        {},
-        "external_services.services.llm_services.local_models[0].metadata.max_file_size",
-        9,
-        "metadata 'max_file_size' is not enforced from metadata",
-    ),
+    *[
+        (f"metadata {key}: {value} would load and do nothing", _METADATA_CASE.format(key=key, value=value), {},
+         f"external_services.services.llm_services.local_models[0].metadata.{key}", 9, fragment)
+        for key, value, fragment in [
+            ("cache.ttl", '"1h"', "metadata 'cache.ttl' must be a number of seconds >= 0"),
+            ("cache.shared", '"yes"', "metadata 'cache.shared' must be true or false"),
+            ("fallback", '"locally"', "metadata 'fallback' must be 'local'"),
+            ("resources.gpus", "2", "unknown resources key 'resources.gpus'"),
+            ("resources.cpu", '"lots"', "metadata 'resources.cpu' must be a finite number >= 0"),
+            ("max_file_size", '"1MB"', "metadata 'max_file_size' is not enforced from metadata"),
+        ]
+    ],
     (
         "a cache ttl kind no category uses",  # it would be stored and never applied
         """
@@ -1377,22 +1295,11 @@ async def test_apply_config_validates_the_state_once(control_plane: ControlPlane
 
 
 def test_metadata_an_agent_reads_loads_when_its_value_is_one_it_takes() -> None:
-    services = _load(
-        """
-        external_services:
-          services:
-            llm_services:
-              local_models:
-                - name: tiny
-                  endpoint: "http://127.0.0.1:8080/v1"
-                  metadata:
-                    processing_time_avg: "30s"
-                    cache.ttl: 3600
-                    cache.shared: "True"
-                    fallback: local
-                    resources.memory: 8Gi
-                    resources.gpu: 0.5
-                    max_documents: 10
-        """
-    )
+    metadata = {"processing_time_avg": '"30s"', "cache.ttl": "3600", "cache.shared": '"True"', "fallback": "local",
+                "resources.memory": "8Gi", "resources.gpu": "0.5", "max_documents": "10"}
+    text = _METADATA_CASE.format(key="metadata_version", value="1").replace(
+        '                    processing_time_avg: "30s"\n',
+        "".join(f"                    {key}: {value}\n" for key, value in metadata.items()))
+    services = _load(text)
     assert dict(services["tiny"].metadata)["processing_time_avg"] == "30s"  # descriptive facts stay free
+    assert dict(services["tiny"].metadata)["cache.ttl"] == "3600"
