@@ -24,8 +24,10 @@ from switchgear.controlplane.metrics import ControlPlaneMetrics
 from switchgear.controlplane.model import (
     STRATEGIES,
     STRATEGY_ALIASES,
+    TOKENLESS_PROTOCOLS,
     Category,
     EndpointSpec,
+    Pricing,
     RegistryState,
     ServiceSpec,
 )
@@ -33,7 +35,7 @@ from switchgear.controlplane.monitor import Monitor
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.snapshot import build
 from switchgear.controlplane.store import SqliteStore
-from switchgear.controlplane.validate import validate_state
+from switchgear.controlplane.validate import validate_service, validate_state
 from switchgear.dataplane.convert import snapshot_from_proto
 from tests.conftest import service
 from tests.test_metrics import families, value
@@ -159,6 +161,42 @@ def test_a_configured_rule_on_cost_per_request_fires_and_both_are_exported(tmp_p
         assert value(fams, "switchgear_requests_per_minute", endpoint="e0") == pytest.approx(20.0)
     finally:
         store.close()
+
+
+# --- protocols whose answers carry no tokens ---------------------------------------------------
+
+
+async def _tokenless_usage(protocol: str) -> tuple[int, int]:
+    """The usage one real-shaped answer of `protocol` reports (chroma: a mock of its REST v2
+    heartbeat; pinecone: its emulator's describe_index and query)."""
+    import httpx
+    import orjson
+
+    from switchgear.adapters.base import AdapterRequest, Target
+    from switchgear.emulators import pinecone as emu
+
+    adapter = builtin_adapters()[protocol]
+    if protocol == "chroma":
+        beat = orjson.dumps({"nanosecond heartbeat": 1})
+        transport = httpx.MockTransport(lambda r: httpx.Response(200, content=beat))
+        async with httpx.AsyncClient(transport=transport) as client:
+            answer = await adapter.invoke(client, Target("http://127.0.0.1:9", options=adapter.parse_options({})),
+                                          AdapterRequest("heartbeat", {}, 5))
+        return answer.usage.input_tokens, answer.usage.output_tokens
+    async with await emu.start(api_key="pc-key", dimension=3) as up, httpx.AsyncClient() as client:
+        target = Target(up.url, api_key="pc-key", options=adapter.parse_options({"index_name": "knowledge-base"}))
+        answer = await adapter.invoke(client, target, AdapterRequest("query", {"vector": [1, 0, 0], "topK": 1}, 5))
+        return answer.usage.input_tokens, answer.usage.output_tokens
+
+
+@pytest.mark.parametrize("protocol", sorted(TOKENLESS_PROTOCOLS))
+async def test_the_tokenless_protocols_answers_carry_no_tokens(protocol: str) -> None:
+    """Why a token price or a tpm_limit on these is refused: their adapters report no usage."""
+    assert await _tokenless_usage(protocol) == (0, 0)
+    problems = validate_service(ServiceSpec(
+        name="v", category=Category.VECTOR_DB, protocol=protocol, endpoints=(EndpointSpec("e0", "http://127.0.0.1:9"),),
+        pricing=Pricing(cost_per_request=0.001)))
+    assert problems == []  # a price per call is how they are priced
 
 
 # --- the coverage page stays honest ------------------------------------------------------------

@@ -39,6 +39,11 @@ PROTOCOLS = frozenset(
     {"openai", "anthropic", "unstructured", "graphrag", "chroma", "pinecone", "http_json"}
 )
 
+#: Protocols whose answers never carry token usage (vector databases: their adapters report
+#: none), so a token price or a tokens-per-minute limit on them would load and never apply;
+#: they are priced with cost_per_request.
+TOKENLESS_PROTOCOLS = frozenset({"chroma", "pinecone"})
+
 #: The seed's ExternalServiceSchedulingStrategy values.
 STRATEGIES = frozenset(
     {"round_robin", "least_loaded", "weighted", "priority", "cost_optimized", "latency", "intelligent"}

@@ -30,6 +30,7 @@ from switchgear.controlplane.model import (
     STRATEGIES,
     STREAM_UPSTREAM_CATEGORY,
     STREAM_UPSTREAM_ONLY,
+    TOKENLESS_PROTOCOLS,
     ApiKey,
     Category,
     CategoryPolicy,
@@ -270,6 +271,29 @@ def _check_service_numbers(spec: ServiceSpec) -> Iterator[Problem]:
     yield from _check_numbers(spec, _SERVICE_NUMBERS)
 
 
+_TOKEN_PRICES = ("cost_per_1k_tokens", "input_cost_per_1k_tokens", "output_cost_per_1k_tokens")
+
+
+def _token_price_problems(protocol: str, pricing: Pricing | None, path: str) -> Iterator[Problem]:
+    if protocol in TOKENLESS_PROTOCOLS and pricing is not None:
+        for name in _TOKEN_PRICES:
+            value = getattr(pricing, name)
+            if _is_number(value) and value > 0:
+                yield Problem(f"{path}{name}", f"{protocol} answers carry no token usage, so a token price never "
+                              "costs anything: price its calls with cost_per_request")
+
+
+def _check_tokenless(spec: ServiceSpec) -> Iterator[Problem]:
+    """Token prices and tokens-per-minute limits only where answers carry tokens (TOKENLESS_PROTOCOLS)."""
+    yield from _token_price_problems(spec.protocol, spec.pricing, "pricing.")
+    for index, endpoint in enumerate(spec.endpoints):
+        protocol = endpoint.protocol or spec.protocol
+        yield from _token_price_problems(protocol, endpoint.pricing, f"endpoints[{index}].pricing.")
+        if protocol in TOKENLESS_PROTOCOLS and endpoint.tpm_limit:
+            yield Problem(f"endpoints[{index}].tpm_limit", f"{protocol} answers carry no token usage, so a tokens "
+                          "per minute limit never applies: use rpm_limit")
+
+
 def _check_strategy(spec: ServiceSpec) -> Iterator[Problem]:
     """strategy is "" (use the category's) or one of STRATEGIES."""
     if spec.strategy and spec.strategy not in STRATEGIES:
@@ -469,6 +493,7 @@ _SERVICE_RULES: tuple[Callable[[ServiceSpec], Iterator[Problem]], ...] = (
     _check_protocol,
     _check_endpoints,
     _check_service_numbers,
+    _check_tokenless,
     _check_strategy,
     _check_options,
     _check_api_key,
