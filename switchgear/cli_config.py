@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import urllib.parse
+from typing import Any
 
 import orjson
 
@@ -101,6 +102,7 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
         f"timeout={_seconds(timeout_for(spec, agent))}",
         f"key={key}",
         *_limit_cells(spec),
+        *_index_cells(spec),
         *_enforced_cells(spec),
         f"endpoints={endpoints}" if spec.managed is None else _managed_cell(spec),
     ]
@@ -146,15 +148,29 @@ def _managed_cell(spec: ServiceSpec) -> str:
             f"{m.max_crashes} crashes in {_seconds(m.crash_window_s)}")
 
 
-def _limit_cells(spec: ServiceSpec) -> list[str]:
-    """The answer caps the service sets (the agent's defaults apply to the others)."""
+def _options(spec: ServiceSpec) -> dict[str, Any]:
     try:
         options = orjson.loads(spec.options_json or "{}")
     except orjson.JSONDecodeError:
-        return []
-    if not isinstance(options, dict):
-        return []
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def _limit_cells(spec: ServiceSpec) -> list[str]:
+    """The answer caps the service sets (the agent's defaults apply to the others)."""
+    options = _options(spec)
     return [f"{key}={size_text(options[key])}" for key in RESPONSE_LIMIT_OPTIONS if isinstance(options.get(key), int)]
+
+
+def _index_cells(spec: ServiceSpec) -> list[str]:
+    """A Pinecone service's default index, and the environment it must be in (adapters/pinecone.py)."""
+    if spec.protocol != "pinecone":
+        return []
+    options = _options(spec)
+    cells = [f"index={options['index_name']}"] if isinstance(options.get("index_name"), str) else []
+    if isinstance(options.get("environment"), str) and options["environment"]:
+        cells.append(f"environment={options['environment']} (the index must be there)")
+    return cells
 
 
 def _enforced_cells(spec: ServiceSpec) -> list[str]:

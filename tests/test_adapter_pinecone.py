@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, OptionsError, Target, UpstreamError
-from switchgear.adapters.pinecone import PineconeAdapter, parse_options
+from switchgear.adapters.pinecone import PineconeAdapter, index_environment, parse_options
 from switchgear.emulators import pinecone as emu
 from switchgear.emulators.common import Faults, Running
 
@@ -18,7 +18,7 @@ KEY = "pc-test-key-0001"
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Running]:
-    async with await emu.start(api_key=KEY, index="knowledge-base", dimension=3) as running:
+    async with await emu.start(api_key=KEY, index="knowledge-base", dimension=3, environment="us-west1-gcp") as running:
         yield running
 
 
@@ -121,3 +121,52 @@ async def test_missing_key_is_config_and_unknown_option_is_refused(client: httpx
     assert caught.value.kind is ErrorKind.CONFIG
     with pytest.raises(OptionsError):
         parse_options({"indexname": "x"})
+
+
+# --- options.environment: where the index must be ----------------------------------------------
+
+
+@pytest.mark.parametrize(("described", "where"), [
+    ({"spec": {"pod": {"environment": "us-west1-gcp", "pods": 1}}}, "us-west1-gcp"),
+    ({"spec": {"serverless": {"cloud": "aws", "region": "us-east-1"}}}, "us-east-1-aws"),
+    ({"spec": {"byoc": {"environment": "aws-us-east-1-b92"}}}, "aws-us-east-1-b92"),
+    ({"spec": {"serverless": {"cloud": "gcp"}}}, ""),  # half an answer says nothing
+    ({"spec": {"pod": {"environment": 7}}}, ""),
+    ({"spec": "pod"}, ""),
+    ({"host": "h"}, ""),
+    ([], ""),
+    ({"spec": {"pod": {"environment": "x" * 500}}}, "x" * 64),  # bounded: it may reach an error message
+])
+def test_index_environment(described: object, where: str) -> None:
+    assert index_environment(described) == where
+
+
+def located(up: Running, environment: str) -> Target:
+    return Target(up.url, api_key=KEY, options=parse_options({"index_name": "knowledge-base",
+                                                               "environment": environment}))
+
+
+@pytest.mark.parametrize("method", ["describe_index", "query"])
+async def test_an_index_in_another_environment_is_refused_before_any_data_call(
+        upstream: Running, client: httpx.AsyncClient, method: str) -> None:
+    adapter = PineconeAdapter()
+    with pytest.raises(UpstreamError) as caught:
+        await call(adapter, client, located(upstream, "us-east-1-aws"), method, {"vector": [1, 0, 0], "topK": 1})
+    assert caught.value.kind is ErrorKind.CONFIG  # an operator's mistake: trips no breaker
+    assert "options.environment is 'us-east-1-aws'" in str(caught.value) and "'us-west1-gcp'" in str(caught.value)
+    assert upstream.instance.by_path.get("/query", 0) == 0
+    # nothing was cached: the same adapter, told the right environment, resolves and serves
+    found = await call(adapter, client, located(upstream, "US-West1-GCP "), "query", {"vector": [1, 0, 0], "topK": 1})
+    assert found["matches"] == []  # type: ignore[index]
+    assert upstream.instance.by_path["/indexes/{name}"] == 2
+
+
+async def test_a_serverless_index_matches_its_region_and_cloud(client: httpx.AsyncClient) -> None:
+    async with await emu.start(api_key=KEY, index="knowledge-base", dimension=3) as serverless:
+        adapter = PineconeAdapter()
+        described = await call(adapter, client, located(serverless, "us-east-1-aws"), "describe_index", {})
+        assert described["spec"] == {"serverless": {"cloud": "aws", "region": "us-east-1"}}  # type: ignore[index]
+        with pytest.raises(UpstreamError, match=r"options\.environment"):
+            await call(adapter, client, located(serverless, "us-west1-gcp"), "describe_index", {})
+        # no environment set: no check, as before
+        await call(adapter, client, located(serverless, ""), "describe_index", {})

@@ -138,3 +138,11 @@ async def test_waiters_take_over_when_the_leader_is_cancelled() -> None:
     await asyncio.sleep(0)
     leader.cancel()
     assert await waiter == (7, False)
+
+
+def test_the_config_takes_exactly_the_ttl_kinds_agents_apply() -> None:
+    """communication.caching.ttl refuses any other kind (it would be stored and never used)."""
+    from switchgear.controlplane.model import CACHE_TTL_KINDS
+    from switchgear.dataplane.cache import TTL_KIND_BY_CATEGORY
+
+    assert set(CACHE_TTL_KINDS) == set(TTL_KIND_BY_CATEGORY.values())

@@ -246,6 +246,20 @@ def test_describe_seed(seed: RegistryState) -> None:
 
 # --- errors: each names the YAML path and the line ----------------------------------------------
 
+#: A service whose metadata sets one key an agent reads ({key}: {value}); the key is on line 9.
+_METADATA_CASE = """
+        external_services:
+          services:
+            llm_services:
+              local_models:
+                - name: tiny
+                  endpoint: "http://127.0.0.1:8080/v1"
+                  metadata:
+                    processing_time_avg: "30s"
+                    {key}: {value}
+        """
+
+
 ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
     # (case, yaml, env, path, line, message fragment)
     (
@@ -570,6 +584,32 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, int, str]] = [
         "external_services.coordination.scheduling_policies.llm_services.strategy",
         5,
         "unknown strategy",
+    ),
+    *[
+        (f"metadata {key}: {value} would load and do nothing", _METADATA_CASE.format(key=key, value=value), {},
+         f"external_services.services.llm_services.local_models[0].metadata.{key}", 9, fragment)
+        for key, value, fragment in [
+            ("cache.ttl", '"1h"', "metadata 'cache.ttl' must be a number of seconds >= 0"),
+            ("cache.shared", '"yes"', "metadata 'cache.shared' must be true or false"),
+            ("fallback", '"locally"', "metadata 'fallback' must be 'local'"),
+            ("resources.gpus", "2", "unknown resources key 'resources.gpus'"),
+            ("resources.cpu", '"lots"', "metadata 'resources.cpu' must be a finite number >= 0"),
+            ("max_file_size", '"1MB"', "metadata 'max_file_size' is not enforced from metadata"),
+        ]
+    ],
+    (
+        "a cache ttl kind no category uses",  # it would be stored and never applied
+        """
+        external_services:
+          communication:
+            caching:
+              ttl:
+                llm_response: 60
+        """,
+        {},
+        "external_services.communication.caching.ttl.llm_response",
+        5,
+        "unknown key 'llm_response'; did you mean 'llm_responses'?",
     ),
     (
         "no endpoint for a service without a default URL",
@@ -1177,7 +1217,7 @@ def test_settings_merge_and_optional_keys() -> None:
                 default_timeout: 45
                 caching:
                   enabled: false
-                  ttl: {llm_responses: 10m, reranking: 60}
+                  ttl: {llm_responses: 10m, embeddings: 60}
             """
         ),
         env={},
@@ -1187,9 +1227,8 @@ def test_settings_merge_and_optional_keys() -> None:
     assert settings.cache.enabled is False
     assert dict(settings.cache.ttl_s) == {
         "document_parsing": 86400.0,
-        "embeddings": 604800.0,
+        "embeddings": 60.0,
         "llm_responses": 600.0,
-        "reranking": 60.0,
     }
     policies = dict(settings.category_policies)
     assert list(policies) == ["embedding", "knowledge_graph", "vector_db"]
@@ -1308,3 +1347,14 @@ def test_cache_prices_load_and_are_described_as_charged() -> None:
     shown = {name: next(line for line in lines if line.strip().startswith(f"{name} ")) for name in ("claude", "haiku")}
     assert "cache read $0.0003 / write input price per 1k tokens" in shown["claude"]
     assert "$0.001/1k tokens, cache reads/writes at the input price" in shown["haiku"]
+
+
+def test_metadata_an_agent_reads_loads_when_its_value_is_one_it_takes() -> None:
+    metadata = {"processing_time_avg": '"30s"', "cache.ttl": "3600", "cache.shared": '"True"', "fallback": "local",
+                "resources.memory": "8Gi", "resources.gpu": "0.5", "max_documents": "10"}
+    text = _METADATA_CASE.format(key="metadata_version", value="1").replace(
+        '                    processing_time_avg: "30s"\n',
+        "".join(f"                    {key}: {value}\n" for key, value in metadata.items()))
+    services = _load(text)
+    assert dict(services["tiny"].metadata)["processing_time_avg"] == "30s"  # descriptive facts stay free
+    assert dict(services["tiny"].metadata)["cache.ttl"] == "3600"

@@ -142,6 +142,17 @@ async def start_agent(control_planes: list[str], otlp_url: str = "", exporter: A
     return Agent(await ready, await http, await metrics, stop, task)
 
 
+async def observed_chat_agent(control_plane: ControlPlane, url: str, otlp: OtlpReceiver,
+                              caplog: pytest.LogCaptureFixture) -> tuple[Agent, dict[str, str], str]:
+    """A "chat" service on `url`, a tenant "acme", the access log captured and an agent tracing
+    to `otlp`: the agent, acme's auth header and the HTTP door's base URL."""
+    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
+    secret = add_tenant(control_plane, "acme")
+    caplog.set_level(logging.INFO, logger="switchgear.access")
+    agent = await start_agent([control_plane.address], otlp.url)
+    return agent, {"Authorization": f"Bearer {secret}"}, f"http://{agent.http}"
+
+
 async def until_ready(session: aiohttp.ClientSession, base: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -298,13 +309,7 @@ async def test_request_ids_and_trace_context_from_outsiders_are_bounded(
     """An oversized or odd x-request-id is replaced (the answer says which id was used); a
     malformed traceparent starts a new trace; 200 unknown model names and a flood of tenants
     add no series beyond "unknown" / the cap."""
-    _, url = upstream
-    control_plane.registry.register(service("chat", url, model="gpt-4o-mini"), "test")
-    secret = add_tenant(control_plane, "acme")
-    caplog.set_level(logging.INFO, logger="switchgear.access")
-    agent = await start_agent([control_plane.address], otlp.url)
-    auth = {"Authorization": f"Bearer {secret}"}
-    base = f"http://{agent.http}"
+    agent, auth, base = await observed_chat_agent(control_plane, upstream[1], otlp, caplog)
     used_ids = []
     try:
         async with aiohttp.ClientSession() as session:
@@ -330,7 +335,7 @@ async def test_request_ids_and_trace_context_from_outsiders_are_bounded(
                 reply = await stub.Invoke(gateway_pb2.InvokeRequest(
                     service="chat", method="chat.completions", request_id=given,
                     payload=orjson.dumps({"messages": CHAT["messages"]})),
-                    metadata=(("authorization", f"Bearer {secret}"),), timeout=5)
+                    metadata=(("authorization", auth["Authorization"]),), timeout=5)
                 used_ids.append(reply.request_id)
     finally:
         await agent.close()
@@ -496,3 +501,43 @@ async def test_the_anthropic_door_is_logged_and_counted_like_the_openai_door(
     assert streamed["attempts"] >= 1
     assert total(after, "switchgear_requests", door="http", route="chat", tenant="acme") - \
         total(before, "switchgear_requests", door="http", route="chat", tenant="acme") == 2
+
+
+async def test_the_callers_session_is_logged_and_traced_bounded_on_both_doors(
+    control_plane: ControlPlane, upstream: tuple[Upstream, str], otlp: OtlpReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The seed's `session_id` (InvokeRequest.session_id, HTTP `x-switchgear-session`) is the
+    access line's `session` and the SERVER span's `session.id`; one an outsider chose freely
+    (too long, odd characters) is "invalid", none is ""."""
+    agent, auth, base = await observed_chat_agent(control_plane, upstream[1], otlp, caplog)
+    given = ["conv-42", "s" * MAX_REQUEST_ID, "s" * (MAX_REQUEST_ID + 1), "a b", '"}{,inject', ""]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_ready(session, base)
+            caplog.clear()
+            for i, sid in enumerate(given):
+                headers = {**auth, "x-request-id": f"http-{i}", **({"x-switchgear-session": sid} if sid else {})}
+                async with session.post(f"{base}/v1/chat/completions", json=CHAT, headers=headers) as r:
+                    assert r.status == 200
+        async with grpc.aio.insecure_channel(agent.grpc) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for i, sid in enumerate([*given, "new\nline"]):
+                await stub.Invoke(gateway_pb2.InvokeRequest(
+                    service="chat", method="chat.completions", request_id=f"grpc-{i}", session_id=sid,
+                    payload=orjson.dumps({"messages": CHAT["messages"]})),
+                    metadata=(("authorization", auth["Authorization"]),), timeout=5)
+    finally:
+        await agent.close()
+    expected = ["conv-42", "s" * MAX_REQUEST_ID, "invalid", "invalid", "invalid", ""]
+    lines = {line["request_id"]: line for line in
+             (orjson.loads(r.getMessage()) for r in caplog.records if r.name == "switchgear.access")}
+    assert [lines[f"http-{i}"]["session"] for i in range(len(given))] == expected
+    assert [lines[f"grpc-{i}"]["session"] for i in range(len(given) + 1)] == [*expected, "invalid"]
+    sessions = {}
+    for span in otlp.spans:
+        if span.kind == span.SPAN_KIND_SERVER:
+            attrs = {a.key: _value(a.value) for a in span.attributes}
+            sessions[attrs["switchgear.request_id"]] = attrs.get("session.id", "")
+    assert sessions["http-0"] == sessions["grpc-0"] == "conv-42"
+    assert sessions["http-2"] == sessions["grpc-6"] == "invalid" and sessions["http-5"] == sessions["grpc-5"] == ""

@@ -3,6 +3,7 @@ failover threshold, against httpx.MockTransport and the real OpenAI emulator."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -88,3 +89,27 @@ async def test_probes_against_the_emulator_eject_after_the_failover_threshold_an
             assert served["e1"] == common_pb2.HEALTH_STATE_HEALTHY
         assert emu.stats("down")["by_path"] == {"/v1/models": 4}
         store.close()
+
+
+async def test_a_probe_gives_up_at_the_health_check_timeout_it_is_given() -> None:
+    """`load_balancing.health_check_timeout` is each probe's own timeout: an endpoint answering
+    in 1 s is down for a 0.2 s timeout ("timeout") and up for a 5 s one."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def slow_models(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", slow_models)
+    clock = Clock()
+    async with TestServer(app, host="127.0.0.1") as server, httpx.AsyncClient() as client:
+        prober = Prober(client, lambda key: -math.inf, clock=clock)
+        spec = service("chat", f"http://127.0.0.1:{server.port}/v1")
+        assert await prober.run_due([spec], 30.0, 0.2) == 1
+        state = prober.state("chat", "e0")
+        assert state is not None and (state.failures, state.last_status) == (1, "timeout")
+        clock.now += 30
+        assert await prober.run_due([spec], 30.0, 5.0) == 1
+        assert (state.failures, state.last_status) == (0, "HTTP 200")

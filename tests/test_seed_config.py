@@ -129,6 +129,7 @@ def test_services_keys(seed: RegistryState, agent: AgentSnapshot, printed: dict[
     assert services["pinecone"].api_key is not None and services["pinecone"].api_key.env == "PINECONE_API_KEY"
     assert services["pinecone"].options.environment == "us-west1-gcp"
     assert services["pinecone"].options.index_name == "knowledge-base"
+    assert "index=knowledge-base  environment=us-west1-gcp (the index must be there)" in printed["pinecone"]
     # the limits: enforced before the upstream, printed on the service's row
     parse = services["unstructured"]
     with pytest.raises(RequestError, match="max_file_size is 50MB"):

@@ -215,6 +215,18 @@ INVALID_SERVICES: list[tuple[str, ServiceSpec, str, str]] = [
         "duplicate metadata key",
     ),
     ("capability empty", _service(capabilities=("chat", "")), "capabilities[1]", "must not be empty"),
+    # answers that carry no tokens: a token price or a tokens-per-minute limit would never apply
+    ("token price on chroma", _service(protocol="chroma", category=Category.VECTOR_DB, api_key=None,
+                                       pricing=Pricing(cost_per_1k_tokens=0.01, cost_per_request=0.001)),
+     "pricing.cost_per_1k_tokens", "chroma answers carry no token usage"),
+    ("target token price on pinecone", _service(protocol="pinecone", category=Category.VECTOR_DB, endpoints=(
+        dataclasses.replace(GOOD_ENDPOINT, pricing=Pricing(output_cost_per_1k_tokens=0.2)),)),
+     "endpoints[0].pricing.output_cost_per_1k_tokens", "price its calls with cost_per_request"),
+    ("pinecone target in an openai service", _service(endpoints=(
+        dataclasses.replace(GOOD_ENDPOINT, protocol="pinecone", pricing=Pricing(input_cost_per_1k_tokens=0.2)),)),
+     "endpoints[0].pricing.input_cost_per_1k_tokens", "pinecone answers carry no token usage"),
+    ("tpm limit on chroma", _service(protocol="chroma", category=Category.VECTOR_DB, api_key=None, endpoints=(
+        dataclasses.replace(GOOD_ENDPOINT, tpm_limit=1000),)), "endpoints[0].tpm_limit", "use rpm_limit"),
 ]
 
 
@@ -497,4 +509,5 @@ def test_validation_is_pure_and_imports_no_io() -> None:
     }
     allowed = {"__future__", "functools", "json", "math", "re", "urllib.parse", "collections.abc", "dataclasses",
                "typing"}
-    assert imported - allowed == {"switchgear.controlplane.model"}
+    # the task allocator's override rules (`resources.*` metadata) are pure too: in the pure-core contract
+    assert imported - allowed == {"switchgear.controlplane.model", "switchgear.controlplane.tasks.allocator"}

@@ -6,8 +6,15 @@ cached per (control URL, index), and called with the control URL's scheme (https
 production; http against a local emulator). Every request carries `Api-Key: <key>` and
 `X-Pinecone-API-Version` (option `api_version`, default 2025-04).
 
-Options: `index_name` (the default index), `environment` (legacy pod environment, accepted
-and unused: hosts come from describe_index), `namespace` (default ""), `api_version`.
+Options: `index_name` (the default index), `environment`, `namespace` (default ""),
+`api_version`. Hosts come from describe_index whatever `environment` says; when it is set, it
+is where the index must be (the seed's `environment: "us-west1-gcp"`): the index's own
+environment — a pod index's `spec.pod.environment`, a BYOC index's `spec.byoc.environment`, a
+serverless index's `<region>-<cloud>` (Pinecone's naming: us-west1-gcp, us-east-1-aws) — is
+compared, case-insensitively, with it, and an index elsewhere (another project's index of the
+same name, data in the wrong region) is refused before any data call: a CONFIG error naming
+`options.environment`, which trips no breaker. An answer that says nothing of where the index
+is passes.
 
 Methods (payload → request; a payload may name `index`, else the option's):
 - "describe_index": GET /indexes/{index} (control API)
@@ -115,11 +122,12 @@ class PineconeAdapter:
 
         if request.method == "describe_index":
             described = await call("GET", f"{control}/indexes/{quote(index, safe='')}")
-            self._remember(control, index, described)
+            self._remember(control, index, described, options.environment)
             return AdapterResponse(orjson.dumps(described), TokenUsage(), 200)
         host = self._hosts.get((control, index))
         if host is None:
-            host = self._remember(control, index, await call("GET", f"{control}/indexes/{quote(index, safe='')}"))
+            described = await call("GET", f"{control}/indexes/{quote(index, safe='')}")
+            host = self._remember(control, index, described, options.environment)
         verb, path = _DATA_OPS[request.method]
         if "namespace" not in payload and options.namespace:
             payload["namespace"] = options.namespace
@@ -140,8 +148,15 @@ class PineconeAdapter:
             raise
         return AdapterResponse(orjson.dumps(body), TokenUsage(), 200)
 
-    def _remember(self, control: str, index: str, described: Any) -> str:
-        """The data-plane base URL from a describe_index answer (cached)."""
+    def _remember(self, control: str, index: str, described: Any, environment: str = "") -> str:
+        """The data-plane base URL from a describe_index answer (cached), once the index is
+        where `environment` (when set) says it must be."""
+        where = index_environment(described)
+        if environment and where and where.lower() != environment.strip().lower():
+            raise UpstreamError(
+                ErrorKind.CONFIG,
+                f"options.environment is {environment!r} but index {index!r} is in {where!r}",
+            )
         host = described.get("host") if isinstance(described, dict) else None
         if not isinstance(host, str) or not host:
             raise UpstreamError(ErrorKind.RETRYABLE, f"describe_index {index!r}: answer has no host (index not ready?)")
@@ -151,3 +166,22 @@ class PineconeAdapter:
             self._hosts.clear()
         self._hosts[(control, index)] = url
         return url
+
+
+def index_environment(described: Any) -> str:
+    """Where a describe_index answer says the index is, in Pinecone's environment naming; ""
+    when it does not say: `spec.pod.environment`, `spec.byoc.environment`, else a serverless
+    spec's `<region>-<cloud>`."""
+    spec = described.get("spec") if isinstance(described, dict) else None
+    if not isinstance(spec, dict):
+        return ""
+    for kind in ("pod", "byoc"):
+        part = spec.get(kind)
+        if isinstance(part, dict) and isinstance(part.get("environment"), str):
+            return str(part["environment"])[:64]
+    serverless = spec.get("serverless")
+    if isinstance(serverless, dict):
+        region, cloud = serverless.get("region"), serverless.get("cloud")
+        if isinstance(region, str) and isinstance(cloud, str) and region and cloud:
+            return f"{region}-{cloud}"[:64]
+    return ""

@@ -1,7 +1,9 @@
 """Alert rules: the seed's ALERT_RULES, evaluated per service over the collector's window. Pure.
 
-A rule is `<metric> <op> <threshold>` on one of the seed's metrics (collector.SEED_METRICS),
-with a severity and an action. Per (rule, service):
+A rule is `<metric> <op> <threshold>` on one of the seed's metrics (collector.SEED_METRICS)
+or what its coordinator collects besides them (collector.COLLECTED_METRICS: requests_per_minute,
+cost_per_request; its `current_load` is read as resource_utilization), with a severity and an
+action. Per (rule, service):
 - it *fires* when the condition has held for `for_s` seconds on a window with at least
   `min_requests` attempts;
 - it *recovers* when the condition is clear *with hysteresis* — for `>` the value must fall
@@ -52,8 +54,9 @@ import functools
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from switchgear.controlplane.collector import SEED_METRICS
+from switchgear.controlplane.collector import ALERT_METRICS
 from switchgear.controlplane.model import AlertRuleSpec, MonitoringSettings, Pricing, RegistryState, ServiceSpec
 from switchgear.controlplane.snapshot import ServiceOverride
 
@@ -110,7 +113,9 @@ class AlertRule:
 #: (rates, latencies) is a ratio over samples and has no value without one.
 COUNTED_METRICS = frozenset(
     {"request_count", "cost_per_hour", "circuit_breaker_trips", "failover_count", "queue_length",
-     "resource_utilization"})
+     "resource_utilization", "requests_per_minute"})
+#: The seed's other names for a metric: its coordinator's `current_load` is the utilisation.
+METRIC_ALIASES = MappingProxyType({"current_load": "resource_utilization"})
 #: Counted metrics that have no value while the capacity they are taken over is unknown.
 CAPACITY_METRICS = frozenset({"resource_utilization"})
 
@@ -130,8 +135,9 @@ def parse_condition(text: str) -> tuple[str, str, float]:
     if match is None:
         raise RuleError("condition", f"{text!r} is not '<metric> <op> <number>' (op: > >= < <=)")
     metric, op, number = match.groups()
-    if metric not in SEED_METRICS:
-        raise RuleError("condition", f"unknown metric {metric!r} (known: {', '.join(SEED_METRICS)})")
+    metric = METRIC_ALIASES.get(metric, metric)
+    if metric not in ALERT_METRICS:
+        raise RuleError("condition", f"unknown metric {metric!r} (known: {', '.join(ALERT_METRICS)})")
     return metric, op, float(number)
 
 

@@ -97,6 +97,18 @@ class WindowStats(LoadSums):
         return self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
 
     @property
+    def requests_per_minute(self) -> float:
+        """Attempts started per minute over the window (the seed's `requests_per_minute`)."""
+        return self.issued * 60.0 / self.window_s if self.window_s > 0 else 0.0
+
+    @property
+    def cost_per_request(self) -> float:
+        """USD per successful attempt, i.e. what one answered call cost (the seed's
+        `cost_per_request`); 0 with none. Failed attempts cost nothing, so this is the cost of a
+        request that got an answer."""
+        return self.cost_usd / self.succeeded if self.succeeded else 0.0
+
+    @property
     def avg_ttft_s(self) -> float:
         return self.ttft_sum_s / self.ttft_count if self.ttft_count else 0.0
 
@@ -113,8 +125,8 @@ class WindowStats(LoadSums):
         return math.inf
 
     def figure(self, metric: str) -> float:
-        """A seed metric by name (EXTERNAL_SERVICE_METRICS), e.g. "avg_response_time" in ms."""
-        return float(_FIGURES[metric](self))
+        """A metric alert rules may name (ALERT_METRICS), e.g. "avg_response_time" in ms."""
+        return float((_FIGURES.get(metric) or _COLLECTED[metric])(self))
 
 
 _FIGURES: dict[str, Callable[[WindowStats], float]] = {
@@ -132,6 +144,17 @@ _FIGURES: dict[str, Callable[[WindowStats], float]] = {
 
 #: The seed's EXTERNAL_SERVICE_METRICS names, in the seed's order.
 SEED_METRICS = tuple(_FIGURES)
+
+#: What the seed's coordinator collects per service besides those (`_collect_service_metrics`:
+#: requests_per_minute, cost_per_request; its current_load is resource_utilization).
+_COLLECTED: dict[str, Callable[[WindowStats], float]] = {
+    "requests_per_minute": lambda s: s.requests_per_minute,
+    "cost_per_request": lambda s: s.cost_per_request,
+}
+COLLECTED_METRICS = tuple(_COLLECTED)
+
+#: Every metric an alert rule's condition may name.
+ALERT_METRICS = SEED_METRICS + COLLECTED_METRICS
 
 
 #: Scalar sums kept per series, in vector order (failed-by-kind counts follow them).

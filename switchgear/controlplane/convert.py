@@ -27,6 +27,7 @@ from switchgear.controlplane.model import (
     SecretRef,
     ServiceSpec,
     Settings,
+    canonical_strategy,
 )
 from switchgear.controlplane.snapshot import EMPTY_OVERLAY, Changes, Snapshot
 from switchgear.controlplane.snapshot import Overlay as OverlayType
@@ -134,7 +135,7 @@ def service_from_proto(msg: common_pb2.Service, path: str = "service") -> Servic
         pricing=_pricing_from_proto(msg.pricing),
         capabilities=tuple(msg.capabilities),
         priority=msg.priority,
-        strategy=msg.strategy,
+        strategy=canonical_strategy(msg.strategy),
         timeout_s=seconds(msg.timeout),
         options_json=msg.options_json or "{}",
         metadata=tuple(sorted(msg.metadata.items())),

@@ -1,15 +1,16 @@
 """The control plane's /metrics: the fleet's figures, aggregated from every agent's load reports.
 
-Families (labels service, endpoint, category; one series per endpoint):
-the seed's EXTERNAL_SERVICE_METRICS, each named `switchgear_<seed name>` —
-request_count (counter, attempts since start), success_rate, error_rate, avg_response_time
-(ms, the seed's unit), cost_per_hour (USD), cache_hit_rate, circuit_breaker_trips (counter),
-failover_count (counter), queue_length, resource_utilization (gauges over the monitoring
-window). A service's totals are in their own families, `switchgear_service_<seed name>`
-(labels service, category), so `sum by (service)` over an endpoint family counts each attempt
-once. Plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
-(1 for the current state label), switchgear_alert_firing, switchgear_alert_no_data (1 while
-a firing alert's window is empty), switchgear_snapshot_seq, switchgear_agents_connected,
+Families (labels service, endpoint, category; one series per endpoint): the seed's
+EXTERNAL_SERVICE_METRICS, each named `switchgear_<seed name>` — request_count (counter, attempts
+since start), success_rate, error_rate, avg_response_time (ms, the seed's unit), cost_per_hour
+(USD), cache_hit_rate, circuit_breaker_trips (counter), failover_count (counter), queue_length,
+resource_utilization (gauges over the monitoring window); and what the seed's coordinator
+collects besides, requests_per_minute and cost_per_request (USD per successful attempt), gauges
+over the same window. A service's totals are in their own families, `switchgear_service_<seed
+name>` (labels service, category), so `sum by (service)` over an endpoint family counts each
+attempt once. Plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
+(1 for the current state label), switchgear_alert_firing, switchgear_alert_no_data (1 while a
+firing alert's window is empty), switchgear_snapshot_seq, switchgear_agents_connected,
 switchgear_load_reports (counter) and, for replicas, switchgear_controlplane_leader /
 _leader_epoch.
 
@@ -75,6 +76,8 @@ class ControlPlaneMetrics(PromCollector):
                                      "capacity agents learned (sums over agents); no sample while unknown",
                                      lambda r: r.utilization),
             "in_flight": ("Attempts in flight (sum over agents)", lambda r: r.stats.in_flight),
+            "requests_per_minute": ("Attempts started per minute" + window, lambda r: r.stats.requests_per_minute),
+            "cost_per_request": ("USD per successful attempt" + window, lambda r: r.stats.cost_per_request),
         }
         for name, (text, value) in gauges.items():
             gauge = GaugeMetricFamily(f"switchgear_{name}", text, labels=LABELS)

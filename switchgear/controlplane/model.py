@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 
 
 class Category(str, Enum):
@@ -38,10 +39,32 @@ PROTOCOLS = frozenset(
     {"openai", "anthropic", "unstructured", "graphrag", "chroma", "pinecone", "http_json"}
 )
 
+#: Protocols whose answers never carry token usage (vector databases: their adapters report
+#: none), so a token price or a tokens-per-minute limit on them would load and never apply;
+#: they are priced with cost_per_request.
+TOKENLESS_PROTOCOLS = frozenset({"chroma", "pinecone"})
+
 #: The seed's ExternalServiceSchedulingStrategy values.
 STRATEGIES = frozenset(
     {"round_robin", "least_loaded", "weighted", "priority", "cost_optimized", "latency", "intelligent"}
 )
+
+#: The other names the seed gives the same strategies: its LoadBalancingStrategy enum
+#: (weighted_round_robin, least_connections, least_response_time) and what its
+#: `_get_scheduling_strategy` returns (latency_optimized, weighted_round_robin). A config or a
+#: registration may use them; they are stored, served and printed as the name they stand for.
+STRATEGY_ALIASES = MappingProxyType({
+    "weighted_round_robin": "weighted",
+    "least_connections": "least_loaded",
+    "least_response_time": "latency",
+    "latency_optimized": "latency",
+})
+
+
+def canonical_strategy(name: str) -> str:
+    """The STRATEGIES name `name` stands for (itself when it is not a seed alias)."""
+    return STRATEGY_ALIASES.get(name, name)
+
 
 BACKOFF_STRATEGIES = frozenset({"exponential", "linear", "fixed"})
 
@@ -180,6 +203,14 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class CircuitBreakerSettings:
     failure_threshold: int = 5
+
+
+#: The kinds `communication.caching.ttl` may set: the seed's three. Agents apply llm_responses to
+#: llm calls, document_parsing to document calls, embeddings to embedding calls
+#: (dataplane/cache.py TTL_KIND_BY_CATEGORY; tests keep the two the same). Another name would be
+#: stored and never used, so the config loader refuses it (settings come only from a config;
+#: validate_state does not check it, so a store written before the rule still loads).
+CACHE_TTL_KINDS = ("document_parsing", "embeddings", "llm_responses")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from switchgear.controlplane import alerts as al
 from switchgear.controlplane import health as hl
-from switchgear.controlplane.collector import SEED_METRICS, Collector, Key, WindowStats, service_totals
+from switchgear.controlplane.collector import ALERT_METRICS, Collector, Key, WindowStats, service_totals
 from switchgear.controlplane.model import EndpointSpec, MonitoringSettings, RegistryState, ServiceSpec
 from switchgear.controlplane.probes import Prober
 from switchgear.controlplane.registry import Registry
@@ -366,7 +366,7 @@ class Monitor:
             probing.cancel()
 
 
-_METRICS = tuple(m for m in SEED_METRICS if m != "resource_utilization")
+_METRICS = tuple(m for m in ALERT_METRICS if m != "resource_utilization")
 
 
 def utilization(load: tuple[int, int]) -> float | None:

@@ -30,6 +30,7 @@ from switchgear.controlplane.model import (
     STRATEGIES,
     STREAM_UPSTREAM_CATEGORY,
     STREAM_UPSTREAM_ONLY,
+    TOKENLESS_PROTOCOLS,
     ApiKey,
     Category,
     CategoryPolicy,
@@ -42,6 +43,7 @@ from switchgear.controlplane.model import (
     Settings,
     Tenant,
 )
+from switchgear.controlplane.tasks.allocator import OVERRIDE_KEYS, AllocationError, requirements
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -275,6 +277,29 @@ def _check_service_numbers(spec: ServiceSpec) -> Iterator[Problem]:
     yield from _check_numbers(spec, _SERVICE_NUMBERS)
 
 
+_TOKEN_PRICES = ("cost_per_1k_tokens", "input_cost_per_1k_tokens", "output_cost_per_1k_tokens")
+
+
+def _token_price_problems(protocol: str, pricing: Pricing | None, path: str) -> Iterator[Problem]:
+    if protocol in TOKENLESS_PROTOCOLS and pricing is not None:
+        for name in _TOKEN_PRICES:
+            value = getattr(pricing, name)
+            if _is_number(value) and value > 0:
+                yield Problem(f"{path}{name}", f"{protocol} answers carry no token usage, so a token price never "
+                              "costs anything: price its calls with cost_per_request")
+
+
+def _check_tokenless(spec: ServiceSpec) -> Iterator[Problem]:
+    """Token prices and tokens-per-minute limits only where answers carry tokens (TOKENLESS_PROTOCOLS)."""
+    yield from _token_price_problems(spec.protocol, spec.pricing, "pricing.")
+    for index, endpoint in enumerate(spec.endpoints):
+        protocol = endpoint.protocol or spec.protocol
+        yield from _token_price_problems(protocol, endpoint.pricing, f"endpoints[{index}].pricing.")
+        if protocol in TOKENLESS_PROTOCOLS and endpoint.tpm_limit:
+            yield Problem(f"endpoints[{index}].tpm_limit", f"{protocol} answers carry no token usage, so a tokens "
+                          "per minute limit never applies: use rpm_limit")
+
+
 def _check_strategy(spec: ServiceSpec) -> Iterator[Problem]:
     """strategy is "" (use the category's) or one of STRATEGIES."""
     if spec.strategy and spec.strategy not in STRATEGIES:
@@ -320,6 +345,55 @@ def _check_metadata(spec: ServiceSpec) -> Iterator[Problem]:
         elif key in seen:
             yield Problem(f"metadata[{index}]", f"duplicate metadata key {key!r}")
         seen.add(key)
+
+
+def _number_at_least_0(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value >= 0
+
+
+#: Metadata keys agents or the control plane read, and what their value must be. Any other key is
+#: a descriptive fact (the seed's `processing_time_avg`); one of these with a value its reader
+#: would skip is refused, so a setting never loads and then does nothing.
+_READ_METADATA: Mapping[str, tuple[Callable[[str], bool], str]] = {
+    "cache.ttl": (_number_at_least_0, "must be a number of seconds >= 0 (the service's cache TTL)"),
+    "cache.shared": (lambda v: v.lower() in ("true", "false"), "must be true or false"),
+    "fallback": (lambda v: v == "local", "must be 'local' (the only value agents read: a local-model fallback)"),
+    "max_documents": (str.isdigit, "must be a whole number (the most documents one call may carry)"),
+    "max_file_size_bytes": (str.isdigit, "must be a whole number of bytes"),
+}
+
+
+def _check_read_metadata(spec: ServiceSpec) -> Iterator[Problem]:
+    """Metadata that has an effect has a value its reader takes: the keys above, the task
+    allocator's `resources.*` overrides (one of OVERRIDE_KEYS, a number or, for memory, a size)
+    and `max_file_size`, which agents enforce through `max_file_size_bytes` (the loader writes
+    both from a document service's own `max_file_size` key)."""
+    metadata = dict(spec.metadata)
+    for index, (key, value) in enumerate(spec.metadata):
+        rule = _READ_METADATA.get(key)
+        if rule is not None and not rule[0](value):
+            yield Problem(f"metadata[{index}]", f"metadata {key!r} {rule[1]}")
+        elif key.startswith("resources."):
+            yield from _resource_override(index, key, value, spec.category.value)
+        elif key == "max_file_size" and "max_file_size_bytes" not in metadata:
+            yield Problem(f"metadata[{index}]", "metadata 'max_file_size' is not enforced from metadata: set it as "
+                          "the service's own max_file_size key (it becomes max_file_size_bytes too)")
+
+
+def _resource_override(index: int, key: str, value: str, category: str) -> Iterator[Problem]:
+    if key not in OVERRIDE_KEYS:
+        yield Problem(f"metadata[{index}]",
+                      f"unknown resources key {key!r}; expected one of {_listing(OVERRIDE_KEYS)}")
+        return
+    try:
+        requirements(category, {key: value})
+    except AllocationError:
+        what = "a size such as 8Gi or 512Mi" if key == "resources.memory" else "a finite number >= 0"
+        yield Problem(f"metadata[{index}]", f"metadata {key!r} must be {what}")
 
 
 def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
@@ -425,10 +499,12 @@ _SERVICE_RULES: tuple[Callable[[ServiceSpec], Iterator[Problem]], ...] = (
     _check_protocol,
     _check_endpoints,
     _check_service_numbers,
+    _check_tokenless,
     _check_strategy,
     _check_options,
     _check_api_key,
     _check_metadata,
+    _check_read_metadata,
     _check_capabilities,
     _check_managed,
 )

@@ -8,7 +8,7 @@ its upstream attempts, and when it ends one JSON line goes to the `switchgear.ac
     {"ts": 1767225600.123, "door": "http", "request_id": "...", "method": "chat.completions",
      "route": "chat", "tenant": "acme", "endpoint": "e0", "status": 200, "attempts": 2,
      "latency_ms": 12.3, "input_tokens": 7, "output_tokens": 3, "cost_usd": 0.0001,
-     "cached": false, "reason": ""}
+     "cached": false, "reason": "", "session": ""}
 
 with "cache_read_input_tokens", "cache_write_input_tokens" and "reasoning_tokens" (parts of the
 input and output counts) added when the answer reported any.
@@ -16,6 +16,11 @@ input and output counts) added when the answer reported any.
 Never a key, a header or a payload: the route is a service the snapshot names (else
 "unknown"), `reason` an error code from a fixed set. `--access-log` sends the lines to stderr
 (default), a file, or nowhere (`off`).
+
+Sessions: the seed's `ExternalServiceRequest.session_id` (`InvokeRequest.session_id`, the HTTP
+header `x-switchgear-session`) groups a caller's requests, as `session` on the line and
+`session.id` on the server span: kept when it is 1 to `MAX_REQUEST_ID` characters of
+`[A-Za-z0-9._:-]`, "invalid" otherwise, "" when not given (`session_label`).
 
 Request ids: the caller's `x-request-id` (HTTP header or gRPC metadata) is kept when it is 1 to
 `MAX_REQUEST_ID` characters of `[A-Za-z0-9._:-]`; anything else is replaced by a new id (the
@@ -54,6 +59,14 @@ def request_id(given: str | None) -> str:
     return new_request_id()
 
 
+def session_label(given: str | None) -> str:
+    """The caller's session id fit for a log line: itself when acceptable (as a request id),
+    "" when not given, else "invalid" (never what an outsider chose freely)."""
+    if not given:
+        return ""
+    return given if len(given) <= MAX_REQUEST_ID and _ID_RE.fullmatch(given) else "invalid"
+
+
 def label(text: str) -> str:
     """A caller-chosen name (a gRPC call's method) fit for a log line: itself when it is short
     and plain, else "invalid"."""
@@ -82,13 +95,13 @@ class Exchange:
     """One request at a door. Fields are filled as the request goes; `finish` ends it."""
 
     __slots__ = ("_token", "attempts", "cached", "cost_usd", "door", "endpoint", "input_tokens", "latency_s",
-                 "method", "output_tokens", "parts", "reason", "request_id", "route", "started", "status",
+                 "method", "output_tokens", "parts", "reason", "request_id", "route", "session", "started", "status",
                  "status_class", "tenant", "upstream_s")
 
     def __init__(self, door: str, request_id: str) -> None:
         self.door = door
         self.request_id = request_id
-        self.method = self.route = self.tenant = self.endpoint = self.reason = ""
+        self.method = self.route = self.tenant = self.endpoint = self.reason = self.session = ""
         self.status: int | str = 0
         self.status_class = ""
         self.attempts = self.input_tokens = self.output_tokens = 0
@@ -127,6 +140,7 @@ class Exchange:
             "attempts": self.attempts, "latency_ms": round(self.latency_s * 1e3, 3),
             "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
             "cost_usd": round(self.cost_usd, 8), "cached": self.cached, "reason": self.reason,
+            "session": self.session,
         }
         if any(self.parts):
             line.update(zip(PART_KEYS, self.parts, strict=True))

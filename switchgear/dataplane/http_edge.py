@@ -45,6 +45,7 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
             return await handler(request)
         exchange = edge.begin("http", access_log.request_id(request.headers.get("x-request-id")))
         exchange.method = _OPERATIONS.get(request.path) or access_log.label(request.method)  # any token
+        exchange.session = access_log.session_label(request.headers.get("x-switchgear-session"))
         request[_REQUEST_ID] = exchange.request_id
         response: web.StreamResponse | None = None
         left = sent = False

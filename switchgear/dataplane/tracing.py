@@ -216,6 +216,8 @@ class Tracing:
         elif exchange.method in _OPERATIONS:
             span.set_attribute("gen_ai.operation.name", operation_name(exchange.method))
         span.set_attribute("switchgear.request_id", exchange.request_id)
+        if exchange.session:
+            span.set_attribute("session.id", exchange.session)
         if exchange.tenant:
             span.set_attribute("switchgear.tenant", exchange.tenant)
         if exchange.attempts:
@@ -449,6 +451,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             call.request_id = rid
         exchange = Exchange("grpc", rid)
         exchange.method = access_log.label(call.method)
+        exchange.session = access_log.session_label(call.session_id)
         if self._edge is not None:
             self._edge.route(exchange, call.service)
         return exchange

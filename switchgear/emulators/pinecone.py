@@ -121,12 +121,19 @@ def _description(request: web.Request) -> dict[str, Any]:
         "dimension": index["dimension"],
         "metric": index["metric"],
         "host": host,
-        "spec": {"serverless": {"cloud": "aws", "region": "us-east-1"}},
+        "spec": _spec(index["environment"]),
         "status": {"ready": True, "state": "Ready"},
         "deletion_protection": "disabled",
         "vector_type": "dense",
         "tags": None,
     }
+
+
+def _spec(environment: str) -> dict[str, Any]:
+    """A serverless index on aws us-east-1, or a pod index in `environment` when one is given."""
+    if environment:
+        return {"pod": {"environment": environment, "pod_type": "p1.x1", "pods": 1, "replicas": 1, "shards": 1}}
+    return {"serverless": {"cloud": "aws", "region": "us-east-1"}}
 
 
 async def list_indexes(request: web.Request) -> web.StreamResponse:
@@ -261,12 +268,14 @@ def build_app(
     metric: str = "cosine",
     latency_ms: float = 0.0,
     faults: common.Faults | None = None,
+    environment: str = "",
 ) -> web.Application:
     spec = common.InstanceSpec(
         name="pinecone", api_key=api_key, latency_ms=latency_ms, faults=faults or common.Faults()
     )
     app = common.new_app(spec, [common.gated(render, _auth_ok)])
-    app[_INDEX] = {"name": index, "dimension": dimension, "metric": metric, "namespaces": {}}
+    app[_INDEX] = {"name": index, "dimension": dimension, "metric": metric, "namespaces": {},
+                   "environment": environment}
     app.router.add_get("/indexes", list_indexes)
     app.router.add_get("/indexes/{name}", describe_index)
     app.router.add_post("/vectors/upsert", upsert)
@@ -283,11 +292,13 @@ async def start(api_key: str | None = "pc-key", **kwargs: Any) -> common.Running
 
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="knowledge-base:4", metavar="NAME:DIM")
+    parser.add_argument("--environment", default="", metavar="ENV",
+                        help="answer a pod index in ENV (e.g. us-west1-gcp); default: serverless, aws us-east-1")
 
 
 def _build(args: argparse.Namespace) -> web.Application:
     name, _, dim = args.index.partition(":")
-    return build_app(args.api_key, name, int(dim or 4), latency_ms=args.latency_ms)
+    return build_app(args.api_key, name, int(dim or 4), latency_ms=args.latency_ms, environment=args.environment)
 
 
 main = common.cli("pinecone", _build, _extra)

@@ -35,6 +35,7 @@ from switchgear.controlplane.config.read import (
     read_size,
     read_str,
     read_str_tuple,
+    read_strategy,
     section,
     shown,
 )
@@ -87,7 +88,7 @@ _SERVICE_LEAVES = (
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),
     Leaf("priority", "priority", read_int),
-    Leaf("strategy", "strategy", read_str),
+    Leaf("strategy", "strategy", read_strategy),
     Leaf("timeout", "timeout_s", read_duration),
     Leaf("capabilities", "capabilities", read_str_tuple),
     Leaf("fallbacks", "fallbacks", read_str_tuple),
@@ -365,7 +366,12 @@ class _ServiceReader:
         node = self.pick("metadata")
         given = None if node is None else self.ctx.read(node, "metadata", read_metadata)
         merged = extra | (given or {})
-        return {"metadata": tuple(sorted(merged.items()))} if merged else {}
+        entries = tuple(sorted(merged.items()))
+        if node is not None and isinstance(node.value, dict):
+            for index, (key, _) in enumerate(entries):  # a problem with one key points at its line
+                if key in node.value:
+                    self.ctx.locate(f"metadata[{index}]", node.value[key])
+        return {"metadata": entries} if merged else {}
 
 
 def _unknown_provider(node: Node) -> str:

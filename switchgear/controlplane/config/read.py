@@ -28,6 +28,7 @@ from switchgear.controlplane.config.parse import (
     shorten,
 )
 from switchgear.controlplane.model import (
+    CACHE_TTL_KINDS,
     AlertRuleSpec,
     CacheSettings,
     Category,
@@ -40,6 +41,7 @@ from switchgear.controlplane.model import (
     SecretRef,
     ServiceDiscoverySettings,
     Settings,
+    canonical_strategy,
 )
 from switchgear.controlplane.validate import Problem
 
@@ -254,6 +256,13 @@ def read_str(ctx: Context, node: Node) -> str:
     return ctx.text(node)
 
 
+def read_strategy(ctx: Context, node: Node) -> str:
+    """A strategy name; the seed's other names for one (weighted_round_robin, least_connections,
+    least_response_time, latency_optimized: model.STRATEGY_ALIASES) become the name they stand
+    for. Unknown names are left to validation, which lists the known ones."""
+    return canonical_strategy(read_str(ctx, node))
+
+
 def read_str_tuple(ctx: Context, node: Node) -> tuple[str, ...]:
     """A list of strings."""
     if not isinstance(node.value, list):
@@ -462,7 +471,7 @@ _RESOURCE_ALLOCATION = (
     Leaf("max_concurrent_tasks", "resource_allocation.max_concurrent_tasks", read_int),
 )
 _LOAD_BALANCING = (
-    Leaf("default_strategy", "default_strategy", read_str),
+    Leaf("default_strategy", "default_strategy", read_strategy),
     Leaf("health_check_timeout", "health_check_timeout_s", read_duration),
     Leaf("circuit_breaker_threshold", "circuit_breaker.failure_threshold", read_int),
 )
@@ -475,7 +484,7 @@ _RETRY_POLICY = (
 _CACHING = (Leaf("enabled", "cache.enabled", read_bool),)
 _COMMUNICATION = (Leaf("default_timeout", "default_timeout_s", read_duration),)
 _POLICY = (
-    Leaf("strategy", "strategy", read_str),
+    Leaf("strategy", "strategy", read_strategy),
     Leaf("max_cost_per_request", "max_cost_per_request", read_float),
     Leaf("min_success_rate", "min_success_rate", read_float),
     Leaf("max_queue_size", "max_queue_size", read_int),
@@ -514,9 +523,9 @@ def _read_policies(ctx: Context, node: Node | None) -> dict[str, CategoryPolicy]
 
 
 def _read_ttl(ctx: Context, node: Node | None) -> dict[str, float]:
-    """communication.caching.ttl: {kind: seconds}."""
+    """communication.caching.ttl: {kind: seconds}, kind one of CACHE_TTL_KINDS."""
     ttl: dict[str, float] = {}
-    for kind, child in read_members(ctx, node, None).items():
+    for kind, child in read_members(ctx, node, CACHE_TTL_KINDS).items():
         value = ctx.read(child, f"{_SETTINGS}cache.ttl_s[{kind}]", read_duration)
         if value is not None:
             ttl[kind] = value
