@@ -37,7 +37,7 @@ from aiohttp import web
 from switchgear.dataplane import access_log, anthropic_door, responses_door
 from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
-from switchgear.dataplane.governance import Principal
+from switchgear.dataplane.governance import Principal, may_call
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, SpreadSite, body_guard, runner
 from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
@@ -194,15 +194,15 @@ def _snapshot(request: web.Request) -> AgentSnapshot:
     return snapshot
 
 
+def _unknown_model(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
 def _check_model(snapshot: AgentSnapshot, name: str, category: str) -> None:
     service = snapshot.services.get(name)
     if service is None or service.category not in MODEL_CATEGORIES:
-        raise ApiError(
-            404,
-            f"The model `{name}` does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
+        raise _unknown_model(name)
     if category and service.category != category:
         raise ApiError(
             400,
@@ -312,23 +312,30 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _invoke(request, "embeddings", "")
 
 
+def _visible(service: ServiceView, principal: Principal | None) -> bool:
+    """Whether the caller's key may use the service (every one in auth-none mode)."""
+    return principal is None or may_call(principal.tenant, service.name, service.category, service.capabilities)
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
+    """The services and routes the caller's key may use (another tenant's stay out of sight)."""
     snapshot = _snapshot(request)
-    _principal(request, snapshot)
+    principal = _principal(request, snapshot)
     data = [
         _route_object(s)
         for s in snapshot.services.values()
-        if s.category in MODEL_CATEGORIES and not s.unsupported
+        if s.category in MODEL_CATEGORIES and not s.unsupported and _visible(s, principal)
     ]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
-    _principal(request, snapshot)
+    principal = _principal(request, snapshot)
     name = request.match_info["model"]
-    _check_model(snapshot, name, "")
-    service = snapshot.services[name]
+    service = snapshot.services.get(name)
+    if service is None or service.category not in MODEL_CATEGORIES or not _visible(service, principal):
+        raise _unknown_model(name)  # one the key may not use is not listed either
     return web.Response(body=orjson.dumps(_route_object(service)), content_type="application/json")
 
 
