@@ -18,6 +18,8 @@ import orjson
 import pytest
 
 from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
+from switchgear.controlplane import grpc_port
+from switchgear.controlplane.grpc_port import GRPC_LIMITS, GRPC_SERVERS
 from switchgear.controlplane.model import (
     Category,
     EndpointSpec,
@@ -28,7 +30,7 @@ from switchgear.controlplane.model import (
 )
 from switchgear.controlplane.tasks.lifecycle import RetryPolicy
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
-from switchgear.controlplane.tasks.service import TasksRuntime, attach
+from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits, attach
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.invoke import CallFailed, Result
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
@@ -179,6 +181,64 @@ async def test_blob_round_trip_and_submission_by_blob(plane: Plane) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await download(task_id=lease.task.id, lease_id=lease.lease_id)
     assert late.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return check()
+
+
+@pytest.fixture(params=GRPC_SERVERS)
+async def small_uploads(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Plane]:
+    """A control plane (on each gRPC server it runs) whose uploads in progress may hold 300 kB
+    and send nothing for 0.5 s."""
+    server = grpc_port.server(request.param, GRPC_LIMITS, ())
+    runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE)
+    runtime.servicer.uploads = UploadLimits(max_blob_bytes=250_000, max_uploading_bytes=300_000, idle_timeout_s=0.5)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    runtime.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Plane(runtime, tasks_pb2_grpc.TasksServiceStub(channel), f"127.0.0.1:{port}")
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await runtime.close()
+
+
+async def test_stalled_and_concurrent_uploads_hold_at_most_the_control_planes_upload_budget(
+        small_uploads: Plane) -> None:
+    plane, servicer = small_uploads, small_uploads.runtime.servicer
+    go_on = asyncio.Event()
+
+    async def upload(size: int, stall: bool = False) -> tasks_pb2.UploadBlobResponse:
+        async def chunks() -> AsyncIterator[tasks_pb2.UploadBlobRequest]:
+            for start in range(0, size, 50_000):
+                yield tasks_pb2.UploadBlobRequest(chunk=bytes([size % 251]) * min(50_000, size - start))
+            if stall:  # a caller that never finishes its upload
+                await go_on.wait()
+        return await plane.stub.UploadBlob(chunks(), timeout=10)
+
+    stalled = asyncio.ensure_future(upload(200_000, stall=True))
+    assert await until(lambda: servicer.uploading == 200_000)
+    with pytest.raises(grpc.aio.AioRpcError) as over:  # a second upload would take the whole past the budget
+        await upload(200_000)
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "300000" in (over.value.details() or "")
+    assert servicer.uploading == 200_000
+    with pytest.raises(grpc.aio.AioRpcError) as idle:  # the stalled one is ended: it holds nothing any longer
+        await stalled
+    assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "chunk" in (idle.value.details() or "")
+    assert await until(lambda: servicer.uploading == 0)
+    done = await upload(200_000)
+    assert done.size == 200_000 and servicer.uploading == 0
+    with pytest.raises(grpc.aio.AioRpcError) as big:
+        await upload(260_000)
+    assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "250000" in (big.value.details() or "")
+    assert servicer.uploading == 0
+    go_on.set()
 
 
 # -- a real worker over gRPC, with a fake invoker
