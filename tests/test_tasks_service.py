@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,11 +32,19 @@ from switchgear.controlplane.model import (
 from switchgear.controlplane.tasks.lifecycle import RetryPolicy
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits, attach
+from switchgear.dataplane.attempts import Resilience, ResilienceSettings
 from switchgear.dataplane.convert import Call
-from switchgear.dataplane.invoke import CallFailed, Result
+from switchgear.dataplane.governance import Governance, TenantView
+from switchgear.dataplane.invoke import CallFailed, Invoker, Result
+from switchgear.dataplane.pipeline import Pipeline
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
+from switchgear.dataplane.resilience.fallback import FallbackSettings
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
+from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions, WorkerResources
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
+from tests.test_fallback_presets import dead_chat, snapshot_with
+from tests.test_stream import ADAPTERS, CHAT, FirstUntried
 
 GIB = 1024**3
 
@@ -358,7 +367,7 @@ async def test_defer_hook_makes_one_task_that_completes_once_the_service_recover
     worker.gate = lambda call: call.service != "docs" or recovered.is_set()  # "docs" is down until recovered
     client = TasksClient([plane.address])
     call = Call(request_id="req-42", category="document", service="docs", method="chat.completions",
-                payload={"messages": []}, priority=6, timeout_s=0, user_id="acme", session_id="")
+                payload={"messages": []}, priority=6, timeout_s=0, user_id="u-1", session_id="", tenant="acme")
     deferred = await client.defer(call, "connect: upstream down")
     again = await client.defer(call, "connect: upstream down")  # the fallback fired twice: still one task
     with pytest.raises(grpc.aio.AioRpcError) as info:  # a task's own call is never deferred again
@@ -377,6 +386,35 @@ async def test_defer_hook_makes_one_task_that_completes_once_the_service_recover
     stats = await plane.stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest())
     (agent,) = stats.agents
     assert agent.agent == "w1" and agent.usage.capacity.cpu == 8 and math.isclose(agent.peak_utilisation["cpu"], 0.5)
+
+
+async def test_a_deferred_call_belongs_to_the_key_s_tenant_not_to_the_user_the_caller_names(plane: Plane) -> None:
+    """The task a call falls back to is the authenticated tenant's: the request's `user` (any
+    string the caller chooses) neither files it under another tenant, where that tenant's key
+    would read it, nor hides it from its own tenant's key; nor does another tenant's request
+    with the same request id land on the first one's task."""
+    client = TasksClient([plane.address])
+    invoker = Invoker(ADAPTERS, ClientPool(), SecretResolver({}), FirstUntried(),
+                      resilience=Resilience(ResilienceSettings(fallback=FallbackSettings(
+                          queue_for_later=frozenset({"llm"})))), defer=client.defer)  # type: ignore[arg-type]
+    keys = {"acme": "sg-k1-acme-secret", "globex": "sg-k2-globex-secret"}
+    snap = dataclasses.replace(snapshot_with({}, dead_chat()), governance=Governance(
+        tenants=MappingProxyType({t: TenantView(t) for t in keys}),
+        keys=MappingProxyType({f"k{i}": (t, hashlib.sha256(k.encode()).digest())
+                               for i, (t, k) in enumerate(keys.items(), 1)})))
+    pipeline = Pipeline(invoker.invoke, auth_required=True, quotas=QuotaEnforcer(LocalCounters()), cache=None)
+    tasks = []
+    for secret in keys.values():  # both name user "globex"; the second is globex's own key
+        principal = pipeline.identify(f"Bearer {secret}", snap)
+        call = Call(request_id="same-id", category="", service="chat", method="chat.completions", payload=CHAT,
+                    priority=5, timeout_s=5.0, user_id="globex", session_id="")
+        served = await pipeline.invoke(call, snap, principal)
+        assert served.result.fallback and served.result.fallback_source == "task_queue"
+        task_id = orjson.loads(served.result.body)["task_id"]
+        tasks.append((await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=task_id))).task)
+    await client.close()
+    assert [t.tenant for t in tasks] == ["acme", "globex"]
+    assert tasks[0].id != tasks[1].id
 
 
 async def test_worker_shutdown_gives_unfinished_tasks_back_without_using_an_attempt(plane: Plane) -> None:

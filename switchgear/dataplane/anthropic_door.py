@@ -89,7 +89,7 @@ class Hooks:
 
     snapshot: Callable[[web.Request], AgentSnapshot]
     check_model: Callable[[AgentSnapshot, str, str], None]
-    make_call: Callable[[web.Request, dict[str, Any], str], Call]
+    make_call: Callable[[web.Request, dict[str, Any], str, str], Call]  # (..., method, the key's tenant)
     result_headers: Callable[[Result], dict[str, str]]
     pipeline: Callable[[web.Request], Pipeline]
     streamer: Callable[[web.Request], Streamer]
@@ -397,7 +397,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     access_log.note_route(body["model"])
     native = is_native(snapshot, snapshot.services[body["model"]])
     payload = body if native else chat_request(body)
-    call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
+    call = hooks.make_call(request, payload, "messages" if native else "chat.completions",
+                           principal.tenant.id if principal else "")
     user = _obj(body.get("metadata")).get("user_id")
     call = dataclasses.replace(call, user_id=user if isinstance(user, str) else "")
     if body.get("stream") is True:

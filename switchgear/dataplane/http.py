@@ -144,7 +144,8 @@ def check_embeddings(body: Mapping[str, Any]) -> None:
         )
 
 
-def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
+def make_call(request: web.Request, body: dict[str, Any], method: str, tenant: str) -> Call:
+    """The call a request makes; `tenant`: the caller's key's ("" with auth off)."""
     priority_text = request.headers.get("x-switchgear-priority", "0")
     timeout_text = request.headers.get("x-switchgear-timeout", "0")
     try:
@@ -176,6 +177,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         user_id=user if isinstance(user, str) else "",
         session_id=request.headers.get("x-switchgear-session", ""),
         max_retries=max_retries,
+        tenant=tenant,
     )
 
 
@@ -241,7 +243,7 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
     access_log.note_route(body["model"])
-    call = make_call(request, body, method)
+    call = make_call(request, body, method, principal.tenant.id if principal else "")
     pipeline = request.app[_PIPELINE]
     if body.get("stream") is True:
         return await _stream(request, call, snapshot, body, principal)

@@ -134,9 +134,9 @@ class Pipeline:
         tenant = principal.tenant
         authorize(tenant, service.name, service.category, service.capabilities)
         priority = capped_priority(tenant, call.priority)
-        if priority == call.priority and tenant.user_type == call.user_type:
-            return call  # (a copy of a frozen call costs more than the comparison)
-        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type)
+        if priority == call.priority and tenant.user_type == call.user_type and tenant.id == call.tenant:
+            return call  # (a copy of a frozen call costs more than the comparison: doors set the tenant)
+        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type, tenant=tenant.id)
 
     async def admit(self, call: Call, principal: Principal | None, lookup: Lookup | None = None) -> None:
         if principal is None:

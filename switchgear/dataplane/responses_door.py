@@ -726,7 +726,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return exc.response()
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
-    call = hooks.make_call(request, chat, "chat.completions")
+    call = hooks.make_call(request, chat, "chat.completions", principal.tenant.id if principal else "")
     created_at = int(time.time())
     if chat.get("stream") is True:
         return await _stream(request, hooks, call, snapshot, principal, body, created_at)
