@@ -242,6 +242,10 @@ class Pipeline:
             return fresh, False
 
         flight_key = key if mode is CacheMode.USE else f"{key}|{mode.value}"
+        if call.timeout_s or call.max_retries is not None:
+            # A flight runs under its leader's deadline and retries: a caller's own shorter ones
+            # must not fail a call that allowed more (another tenant's, with a shared cache).
+            flight_key = f"{flight_key}|{call.timeout_s}|{call.max_retries}"
         (result, hit), joined = await self._flight.do(flight_key, fetch)
         if not hit and not joined:
             await self._account(principal, call.service, result)
