@@ -123,6 +123,15 @@ class Fleet:
         reply = self.admin().GetStats(admin_pb2.GetStatsRequest(), timeout=5)
         return {s.endpoint: s for s in reply.stats if s.service == "chat" and s.endpoint}
 
+    def assert_unmoved(self, before: dict[str, tuple[int, int]]) -> None:
+        """No health or weight change past the health debounce, and no alert."""
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert self.endpoints() == before
+            time.sleep(0.1)
+        alerts = self.admin().ListAlerts(admin_pb2.ListAlertsRequest(), timeout=5)
+        assert not alerts.firing and not alerts.recovered
+
     def log(self) -> str:
         assert self.agent_proc is not None
         return self.agent_proc.log_path.read_text(encoding="utf-8")
@@ -210,13 +219,7 @@ async def test_a_tenants_malformed_requests_count_nowhere_and_hurt_no_other_tena
     wait_until(lambda: fleet.requests("noisy") == 201 and fleet.requests("quiet") == 120, 15, "the load reports")
     stats = fleet.stats()
     assert all(not s.errors and s.error_rate == 0 and s.success_rate == 1 for s in stats.values()), stats
-    # ...so no health change, no weight change and no alert, past the health debounce
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        assert fleet.endpoints() == before
-        time.sleep(0.1)
-    alerts = fleet.admin().ListAlerts(admin_pb2.ListAlertsRequest(), timeout=5)
-    assert not alerts.firing and not alerts.recovered
+    fleet.assert_unmoved(before)  # ...so no health change, no weight change and no alert
 
     # the caller gets its own error, naming service, endpoint and kind but not the upstream's address
     assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -267,12 +270,7 @@ async def test_a_tenants_own_short_deadlines_count_nowhere_and_hurt_no_other_ten
     wait_until(lambda: fleet.requests("quiet") == 20, 15, "the load reports")
     stats = fleet.stats()
     assert all(not s.errors for s in stats.values()), stats
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        assert fleet.endpoints() == before
-        time.sleep(0.1)
-    alerts = fleet.admin().ListAlerts(admin_pb2.ListAlertsRequest(), timeout=5)
-    assert not alerts.firing and not alerts.recovered
+    fleet.assert_unmoved(before)
 
 
 async def test_a_tenants_in_flight_cap_refuses_only_its_own_flood(fleet: Fleet) -> None:

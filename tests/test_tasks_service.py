@@ -5,6 +5,7 @@ over gRPC on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -74,6 +75,13 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     server = grpc.aio.server()
     runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE,
                      SchedulerOptions(lease_ttl_s=1.0, retry=RetryPolicy(0.05, 0.2)))
+    async with serving(server, runtime) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(server: grpc.aio.Server, runtime: TasksRuntime) -> AsyncIterator[Plane]:
+    """`runtime` on `server`, listening on loopback, and a client of it."""
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     runtime.start()
@@ -206,16 +214,8 @@ async def small_uploads(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     server = grpc_port.server(request.param, GRPC_LIMITS, ())
     runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE)
     runtime.servicer.uploads = UploadLimits(max_blob_bytes=250_000, max_uploading_bytes=300_000, idle_timeout_s=0.5)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    runtime.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield Plane(runtime, tasks_pb2_grpc.TasksServiceStub(channel), f"127.0.0.1:{port}")
-    finally:
-        await channel.close()
-        await server.stop(None)
-        await runtime.close()
+    async with serving(server, runtime) as running:
+        yield running
 
 
 async def test_stalled_and_concurrent_uploads_hold_at_most_the_control_planes_upload_budget(
