@@ -25,6 +25,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.protobuf import duration_pb2
 
 from switchgear.admin_client import admin_channel
 from switchgear.supervise import Proc
@@ -122,6 +123,15 @@ class Fleet:
         reply = self.admin().GetStats(admin_pb2.GetStatsRequest(), timeout=5)
         return {s.endpoint: s for s in reply.stats if s.service == "chat" and s.endpoint}
 
+    def assert_unmoved(self, before: dict[str, tuple[int, int]]) -> None:
+        """No health or weight change past the health debounce, and no alert."""
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert self.endpoints() == before
+            time.sleep(0.1)
+        alerts = self.admin().ListAlerts(admin_pb2.ListAlertsRequest(), timeout=5)
+        assert not alerts.firing and not alerts.recovered
+
     def log(self) -> str:
         assert self.agent_proc is not None
         return self.agent_proc.log_path.read_text(encoding="utf-8")
@@ -209,13 +219,7 @@ async def test_a_tenants_malformed_requests_count_nowhere_and_hurt_no_other_tena
     wait_until(lambda: fleet.requests("noisy") == 201 and fleet.requests("quiet") == 120, 15, "the load reports")
     stats = fleet.stats()
     assert all(not s.errors and s.error_rate == 0 and s.success_rate == 1 for s in stats.values()), stats
-    # ...so no health change, no weight change and no alert, past the health debounce
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        assert fleet.endpoints() == before
-        time.sleep(0.1)
-    alerts = fleet.admin().ListAlerts(admin_pb2.ListAlertsRequest(), timeout=5)
-    assert not alerts.firing and not alerts.recovered
+    fleet.assert_unmoved(before)  # ...so no health change, no weight change and no alert
 
     # the caller gets its own error, naming service, endpoint and kind but not the upstream's address
     assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -227,6 +231,46 @@ async def test_a_tenants_malformed_requests_count_nowhere_and_hurt_no_other_tena
     assert "127.0.0.1" not in details and "http" not in details and "/v1" not in details
     assert http_bad.status_code == 400 and http_bad.json()["error"]["type"] == "invalid_request_error"
     assert "127.0.0.1" not in http_bad.text and "/chat/completions" not in http_bad.text
+
+
+async def test_a_tenants_own_short_deadlines_count_nowhere_and_hurt_no_other_tenant(own_fleet: Fleet) -> None:
+    """A deadline the caller chose shorter than the route's is the caller's own: attempts it
+    cuts short (20 ms against 100 ms upstreams) trip no breaker, eject no endpoint, report no
+    error and move no health, where 5 such calls a endpoint used to take the route away from
+    every tenant."""
+    fleet = own_fleet
+    hasty, quiet = fleet.tenant("hasty"), fleet.tenant("quiet")
+    before = fleet.endpoints()
+    async with grpc.aio.insecure_channel(fleet.agent) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        codes = []
+        for i in range(40):
+            try:
+                reply = await stub.Invoke(gateway_pb2.InvokeRequest(
+                    service="chat", method="chat.completions", payload=chat(f"hurry {i}"),
+                    timeout=duration_pb2.Duration(nanos=20_000_000)), metadata=auth(hasty), timeout=10)
+                codes.append(reply.fallback_source)  # a preset may answer what is left of the deadline
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code().name)
+        async with httpx.AsyncClient(base_url=fleet.http, timeout=10) as client:
+            hurried = {"authorization": f"Bearer {hasty}", "x-switchgear-timeout": "0.02"}
+            for i in range(20):
+                answer = await client.post("/v1/chat/completions", headers=hurried, json={
+                    "model": "chat", "messages": [{"role": "user", "content": f"hurry {i}"}]})
+                codes.append(answer.headers.get("x-switchgear-fallback") or str(answer.status_code))
+            for i in range(10):
+                async with client.stream("POST", "/v1/chat/completions", headers=hurried, json={
+                        "model": "chat", "stream": True, "messages": [{"role": "user", "content": f"hurry {i}"}]}) as r:
+                    await r.aread()
+                    codes.append(r.headers.get("x-switchgear-fallback") or str(r.status_code))
+        after = await timed_calls(stub, quiet, [chat(f"after {i}") for i in range(20)], 4)
+    # the other tenant is served by the upstreams, not by a preset standing in for a route taken away
+    assert all(isinstance(r, gateway_pb2.InvokeResponse) and not r.fallback for _, r in after), after[:3]
+    assert set(codes) <= {"DEADLINE_EXCEEDED", "504", "preset_response"} and codes.count("504") >= 10, codes
+    wait_until(lambda: fleet.requests("quiet") == 20, 15, "the load reports")
+    stats = fleet.stats()
+    assert all(not s.errors for s in stats.values()), stats
+    fleet.assert_unmoved(before)
 
 
 async def test_a_tenants_in_flight_cap_refuses_only_its_own_flood(fleet: Fleet) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import AsyncIterator
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -12,12 +15,15 @@ import pytest
 from aiohttp import web
 
 from switchgear.dataplane import http as front_door
+from switchgear.dataplane.governance import TenantView
 from switchgear.dataplane.snapshot import Pricing
 from switchgear.emulators import anthropic as anthropic_emu
 from switchgear.emulators.common import Running
 from switchgear.emulators.openai import EmulatorGroup, Faults, InstanceSpec, start_instances
+from tests import test_anthropic_door as anthropic_tests
 from tests.test_stream import Agent, make_agent, snapshot, view
 
+VECTORS_KEY = "sg-k4-vectors-secret"  # a tenant allowed embedding services only
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello front door"}]
 
 
@@ -141,6 +147,32 @@ async def test_models_lists_llm_and_embedding_services(sdk: openai.AsyncOpenAI) 
     assert (await sdk.models.retrieve("embed")).id == "embed"
     with pytest.raises(openai.NotFoundError):
         await sdk.models.retrieve("vectors")
+
+
+async def test_models_lists_only_the_services_the_callers_key_may_use() -> None:
+    """Another tenant's routes stay out of sight: a key limited to some services (or to a
+    category) lists only those, and retrieving any other is the unknown model's 404."""
+    base = anthropic_tests.governance()
+    governance = dataclasses.replace(
+        base, tenants=MappingProxyType({**base.tenants, "vectors": TenantView(
+            "vectors", allowed_categories=frozenset({"embedding"}))}),
+        keys=MappingProxyType({**base.keys, "k4": ("vectors", hashlib.sha256(VECTORS_KEY.encode()).digest())}))
+    async with anthropic_tests.serving(governance) as (url, _agent):
+        for key, allowed in ((anthropic_tests.KEY, ["claude", "embed", "gpt-mini"]),
+                             (anthropic_tests.NARROW_KEY, ["gpt-mini"]), (VECTORS_KEY, ["embed"])):
+            sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+            assert sorted(m.id for m in (await sdk.models.list()).data) == allowed
+            for name in ("claude", "embed", "gpt-mini"):
+                if name in allowed:
+                    assert (await sdk.models.retrieve(name)).id == name
+                    continue
+                with pytest.raises(openai.NotFoundError) as caught:
+                    await sdk.models.retrieve(name)
+                assert caught.value.code == "model_not_found"  # the unknown model's answer, word for word
+                unknown = f"The model `{name}` does not exist or you do not have access to it."
+                assert caught.value.message.endswith(unknown)
+            with pytest.raises(openai.AuthenticationError):
+                await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sg-k9-nobody", max_retries=0).models.list()
 
 
 async def test_unknown_model_is_404_in_openai_shape(sdk: openai.AsyncOpenAI) -> None:

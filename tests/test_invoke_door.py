@@ -52,7 +52,8 @@ class Door:
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[Door]:
     async with (
-        await pinecone_emu.start(api_key=PC_KEY, index="knowledge-base", dimension=3) as index,
+        await pinecone_emu.start(api_key=PC_KEY, index="knowledge-base", dimension=3,
+                                 environment="us-west1-gcp") as index,
         await start_instances([InstanceSpec("a")]) as llm,
     ):
         snap = snapshot(

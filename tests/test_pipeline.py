@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import MappingProxyType
 
 import pytest
 
-from switchgear.adapters.base import TokenUsage
+from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
 from switchgear.controlplane import tenancy
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
 from switchgear.dataplane.convert import Call
 from switchgear.dataplane.governance import Governance, PermissionDenied, Quota, TenantView, Unauthenticated
-from switchgear.dataplane.invoke import Result
+from switchgear.dataplane.invoke import CallFailed, Result
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, QuotaExceeded
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, EndpointView, ServiceView
@@ -135,6 +136,48 @@ async def test_fifty_concurrent_identical_misses_make_one_upstream_call() -> Non
     served = await asyncio.gather(*tasks)
     assert len(upstream.calls) == 1
     assert sum(not s.cached for s in served) == 1 and len({s.result.body for s in served}) == 1
+
+
+async def test_a_call_s_own_deadline_and_retries_fail_no_other_call_that_would_join_its_flight() -> None:
+    """A flight runs under its leader's deadline and retry count: a caller who chose 20 ms (or
+    no retries) must not hand its timeout to an identical call of another tenant (a shared
+    cache) or of its own that allowed more. Calls with the same limits still share one flight."""
+    release = asyncio.Event()
+
+    class Hasty(Upstream):
+        async def __call__(self, c: Call, snap: AgentSnapshot) -> Result:
+            if c.timeout_s or c.max_retries is not None:  # as the deadline or the one attempt would end it
+                self.calls.append(c)
+                await release.wait()
+                raise CallFailed(UpstreamError(ErrorKind.TIMEOUT, "no answer within the deadline"), 1)
+            return await super().__call__(c, snap)
+
+    upstream = Hasty()
+    snap = snapshot()
+    chat = snap.services["chat"]
+    snap = dataclasses.replace(snap, services=MappingProxyType(
+        {**snap.services, "chat": dataclasses.replace(chat, metadata=MappingProxyType({"cache.shared": "true"}))}))
+    p = pipeline(upstream)
+    acme, globex = p.identify(bearer("acme"), snap), p.identify(bearer("globex"), snap)
+    hasty = [asyncio.ensure_future(p.invoke(dataclasses.replace(call(), timeout_s=0.02), snap, acme)),
+             asyncio.ensure_future(p.invoke(dataclasses.replace(call(), max_retries=0), snap, acme))]
+    for _ in range(10_000):  # both leaders are in their flights (bounded, no timing)
+        if len(upstream.calls) == 2:
+            break
+        await asyncio.sleep(0)
+    patient = asyncio.ensure_future(p.invoke(call(), snap, globex))
+    same = asyncio.ensure_future(p.invoke(dataclasses.replace(call(), timeout_s=0.02), snap, acme))
+    for _ in range(10_000):
+        if p._flight.shared >= 1 or patient.done():
+            break
+        await asyncio.sleep(0)
+    release.set()
+    served = await patient
+    assert not served.result.fallback and served.result.body == b'{"n": 3}'  # its own call, answered
+    for task in (*hasty, same):
+        with pytest.raises(CallFailed):
+            await task
+    assert len(upstream.calls) == 3 and p._flight.shared == 1  # the second 20 ms call joined the first
 
 
 async def test_budget_counts_actual_cost() -> None:

@@ -223,6 +223,8 @@ def _body(**fields: Any) -> bytes:
     (_body(frobnicate=1), 400, "frobnicate"),
     (_body(text={"format": {"type": "json_schema", "name": "x"}}), 400, "text.format.schema"),
     (_body(metadata={"a": ["b"]}), 400, "metadata.a"),
+    (_body(stream=True, stream_options={"include_obfuscation": "yes"}), 400, "stream_options.include_obfuscation"),
+    (_body(stream=True, stream_options={"include_usage": True}), 400, "stream_options.include_usage"),
     (b'{"model": "gpt-mini", "input": "x", "metadata": {"a": ' + b"[" * 100 + b"]" * 100 + b"}}", 400, "metadata"),
     (_body(pad="x" * 300_000), 413, None),
     (orjson.dumps({"model": "gpt-mini", "input": [{"role": "user", "content": "x"}] * 20_000}), 413, None),

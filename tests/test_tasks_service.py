@@ -5,7 +5,9 @@ over gRPC on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ import orjson
 import pytest
 
 from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
+from switchgear.controlplane import grpc_port
+from switchgear.controlplane.grpc_port import GRPC_LIMITS, GRPC_SERVERS
 from switchgear.controlplane.model import (
     Category,
     EndpointSpec,
@@ -28,12 +32,20 @@ from switchgear.controlplane.model import (
 )
 from switchgear.controlplane.tasks.lifecycle import RetryPolicy
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
-from switchgear.controlplane.tasks.service import TasksRuntime, attach
+from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits, attach
+from switchgear.dataplane.attempts import Resilience, ResilienceSettings
 from switchgear.dataplane.convert import Call
-from switchgear.dataplane.invoke import CallFailed, Result
+from switchgear.dataplane.governance import Governance, TenantView
+from switchgear.dataplane.invoke import CallFailed, Invoker, Result
+from switchgear.dataplane.pipeline import Pipeline
+from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
+from switchgear.dataplane.resilience.fallback import FallbackSettings
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, Holder, ServiceView
+from switchgear.dataplane.upstreams import ClientPool, SecretResolver
 from switchgear.dataplane.worker import TasksClient, TaskWorker, WorkerOptions, WorkerResources
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
+from tests.test_fallback_presets import dead_chat, snapshot_with
+from tests.test_stream import ADAPTERS, CHAT, FirstUntried
 
 GIB = 1024**3
 
@@ -63,6 +75,13 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     server = grpc.aio.server()
     runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE,
                      SchedulerOptions(lease_ttl_s=1.0, retry=RetryPolicy(0.05, 0.2)))
+    async with serving(server, runtime) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(server: grpc.aio.Server, runtime: TasksRuntime) -> AsyncIterator[Plane]:
+    """`runtime` on `server`, listening on loopback, and a client of it."""
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     runtime.start()
@@ -179,6 +198,56 @@ async def test_blob_round_trip_and_submission_by_blob(plane: Plane) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await download(task_id=lease.task.id, lease_id=lease.lease_id)
     assert late.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return check()
+
+
+@pytest.fixture(params=GRPC_SERVERS)
+async def small_uploads(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Plane]:
+    """A control plane (on each gRPC server it runs) whose uploads in progress may hold 300 kB
+    and send nothing for 0.5 s."""
+    server = grpc_port.server(request.param, GRPC_LIMITS, ())
+    runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE)
+    runtime.servicer.uploads = UploadLimits(max_blob_bytes=250_000, max_uploading_bytes=300_000, idle_timeout_s=0.5)
+    async with serving(server, runtime) as running:
+        yield running
+
+
+async def test_stalled_and_concurrent_uploads_hold_at_most_the_control_planes_upload_budget(
+        small_uploads: Plane) -> None:
+    plane, servicer = small_uploads, small_uploads.runtime.servicer
+    go_on = asyncio.Event()
+
+    async def upload(size: int, stall: bool = False) -> tasks_pb2.UploadBlobResponse:
+        async def chunks() -> AsyncIterator[tasks_pb2.UploadBlobRequest]:
+            for start in range(0, size, 50_000):
+                yield tasks_pb2.UploadBlobRequest(chunk=bytes([size % 251]) * min(50_000, size - start))
+            if stall:  # a caller that never finishes its upload
+                await go_on.wait()
+        return await plane.stub.UploadBlob(chunks(), timeout=10)
+
+    stalled = asyncio.ensure_future(upload(200_000, stall=True))
+    assert await until(lambda: servicer.uploading == 200_000)
+    with pytest.raises(grpc.aio.AioRpcError) as over:  # a second upload would take the whole past the budget
+        await upload(200_000)
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "300000" in (over.value.details() or "")
+    assert servicer.uploading == 200_000
+    with pytest.raises(grpc.aio.AioRpcError) as idle:  # the stalled one is ended: it holds nothing any longer
+        await stalled
+    assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "chunk" in (idle.value.details() or "")
+    assert await until(lambda: servicer.uploading == 0)
+    done = await upload(200_000)
+    assert done.size == 200_000 and servicer.uploading == 0
+    with pytest.raises(grpc.aio.AioRpcError) as big:
+        await upload(260_000)
+    assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "250000" in (big.value.details() or "")
+    assert servicer.uploading == 0
+    go_on.set()
 
 
 # -- a real worker over gRPC, with a fake invoker
@@ -298,7 +367,7 @@ async def test_defer_hook_makes_one_task_that_completes_once_the_service_recover
     worker.gate = lambda call: call.service != "docs" or recovered.is_set()  # "docs" is down until recovered
     client = TasksClient([plane.address])
     call = Call(request_id="req-42", category="document", service="docs", method="chat.completions",
-                payload={"messages": []}, priority=6, timeout_s=0, user_id="acme", session_id="")
+                payload={"messages": []}, priority=6, timeout_s=0, user_id="u-1", session_id="", tenant="acme")
     deferred = await client.defer(call, "connect: upstream down")
     again = await client.defer(call, "connect: upstream down")  # the fallback fired twice: still one task
     with pytest.raises(grpc.aio.AioRpcError) as info:  # a task's own call is never deferred again
@@ -317,6 +386,35 @@ async def test_defer_hook_makes_one_task_that_completes_once_the_service_recover
     stats = await plane.stub.GetTaskStats(tasks_pb2.GetTaskStatsRequest())
     (agent,) = stats.agents
     assert agent.agent == "w1" and agent.usage.capacity.cpu == 8 and math.isclose(agent.peak_utilisation["cpu"], 0.5)
+
+
+async def test_a_deferred_call_belongs_to_the_key_s_tenant_not_to_the_user_the_caller_names(plane: Plane) -> None:
+    """The task a call falls back to is the authenticated tenant's: the request's `user` (any
+    string the caller chooses) neither files it under another tenant, where that tenant's key
+    would read it, nor hides it from its own tenant's key; nor does another tenant's request
+    with the same request id land on the first one's task."""
+    client = TasksClient([plane.address])
+    invoker = Invoker(ADAPTERS, ClientPool(), SecretResolver({}), FirstUntried(),
+                      resilience=Resilience(ResilienceSettings(fallback=FallbackSettings(
+                          queue_for_later=frozenset({"llm"})))), defer=client.defer)  # type: ignore[arg-type]
+    keys = {"acme": "sg-k1-acme-secret", "globex": "sg-k2-globex-secret"}
+    snap = dataclasses.replace(snapshot_with({}, dead_chat()), governance=Governance(
+        tenants=MappingProxyType({t: TenantView(t) for t in keys}),
+        keys=MappingProxyType({f"k{i}": (t, hashlib.sha256(k.encode()).digest())
+                               for i, (t, k) in enumerate(keys.items(), 1)})))
+    pipeline = Pipeline(invoker.invoke, auth_required=True, quotas=QuotaEnforcer(LocalCounters()), cache=None)
+    tasks = []
+    for secret in keys.values():  # both name user "globex"; the second is globex's own key
+        principal = pipeline.identify(f"Bearer {secret}", snap)
+        call = Call(request_id="same-id", category="", service="chat", method="chat.completions", payload=CHAT,
+                    priority=5, timeout_s=5.0, user_id="globex", session_id="")
+        served = await pipeline.invoke(call, snap, principal)
+        assert served.result.fallback and served.result.fallback_source == "task_queue"
+        task_id = orjson.loads(served.result.body)["task_id"]
+        tasks.append((await plane.stub.GetTask(tasks_pb2.GetTaskRequest(id=task_id))).task)
+    await client.close()
+    assert [t.tenant for t in tasks] == ["acme", "globex"]
+    assert tasks[0].id != tasks[1].id
 
 
 async def test_worker_shutdown_gives_unfinished_tasks_back_without_using_an_attempt(plane: Plane) -> None:

@@ -15,9 +15,9 @@ import pytest
 from switchgear.controlplane.auth import AdminTokenInterceptor
 from switchgear.controlplane.model import ApiKey, Tenant
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
-from switchgear.controlplane.tasks.service import TasksRuntime, attach
+from switchgear.controlplane.tasks.service import TasksRuntime, WatchLimits, attach
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
-from tests.test_tasks_service import STATE, submit
+from tests.test_tasks_service import STATE, submit, until
 
 TOKEN = "operator-token"
 ACME_KEY, GLOBEX_KEY, REVOKED_KEY = "sg-k1-acmesecret", "sg-k2-globexsecret", "sg-k3-oldsecret"
@@ -94,6 +94,39 @@ async def test_a_tenant_key_submits_and_sees_only_its_own_tasks(plane: Plane) ->
     assert cancelled.task.state == tasks_pb2.TASK_STATE_CANCELLED
     assert (await stub.GetTask(tasks_pb2.GetTaskRequest(id=theirs.id), metadata=bearer(TOKEN))).task.state \
         != tasks_pb2.TASK_STATE_CANCELLED
+
+
+async def test_a_key_holds_at_most_its_share_of_watches_and_others_still_watch(plane: Plane) -> None:
+    """Each watch is woken by every task change: a key that opened them without end made every
+    change cost that much. A key holds at most its share, the control plane at most its total."""
+    servicer = plane.runtime.servicer
+    servicer.watches = WatchLimits(max_watches=5, max_watches_per_caller=3)
+    await plane.stub.SubmitTask(submit(), metadata=bearer(ACME_KEY), timeout=5)
+
+    async def opened(secret: str) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+        watch = plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(), metadata=bearer(secret), timeout=10)
+        await watch.read()  # its first answer (acme's task, or nothing yet for globex: a read waits)
+        return watch
+
+    acme = [await opened(ACME_KEY) for _ in range(3)]
+    assert servicer.watching == {"acme": 3}
+    too_many = plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(), metadata=bearer(ACME_KEY), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await too_many.read()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per key" in (refused.value.details() or "")
+    globex = plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(), metadata=bearer(GLOBEX_KEY), timeout=10)
+    operator = plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(), metadata=bearer(TOKEN), timeout=10)
+    assert await until(lambda: servicer.watching == {"acme": 3, "globex": 1, "": 1})
+    full = plane.stub.WatchTasks(tasks_pb2.WatchTasksRequest(), metadata=bearer(GLOBEX_KEY), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await full.read()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "5 watches" in (refused.value.details() or "")
+    acme[0].cancel()  # a watch that ends gives its place back
+    assert await until(lambda: servicer.watching == {"acme": 2, "globex": 1, "": 1})
+    acme.append(await opened(ACME_KEY))
+    for watch in (*acme, globex, operator):
+        watch.cancel()
+    assert await until(lambda: servicer.watching == {})
 
 
 async def test_a_tenant_key_cannot_reach_beyond_its_tenant(plane: Plane) -> None:

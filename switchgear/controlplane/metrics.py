@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
+from switchgear import metrics_http
 from switchgear.controlplane.monitor import Monitor
 
 LABELS = ("service", "endpoint", "category")
@@ -135,6 +136,4 @@ def serve_metrics(collector: PromCollector, listen: str) -> tuple[Any, str]:
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
-    return server, f"{host or '127.0.0.1'}:{server.server_port}"
+    return metrics_http.serve(registry, listen)

@@ -94,7 +94,7 @@ class Hooks:
 
     snapshot: Callable[[web.Request], AgentSnapshot]
     check_model: Callable[[AgentSnapshot, str, str], None]
-    make_call: Callable[[web.Request, dict[str, Any], str], Call]
+    make_call: Callable[[web.Request, dict[str, Any], str, str], Call]  # (..., method, the key's tenant)
     result_headers: Callable[[Result], dict[str, str]]
     pipeline: Callable[[web.Request], Pipeline]
     streamer: Callable[[web.Request], Streamer]
@@ -487,8 +487,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
     native = is_native(snapshot, snapshot.services[body["model"]])
-    payload = (with_betas(body, betas) if native else chat_request(body))
-    call = hooks.make_call(request, payload, "messages" if native else "chat.completions")
+    payload = with_betas(body, betas) if native else chat_request(body)
+    call = hooks.make_call(request, payload, "messages" if native else "chat.completions",
+                           principal.tenant.id if principal else "")
     user = _obj(body.get("metadata")).get("user_id")
     call = dataclasses.replace(call, user_id=user if isinstance(user, str) else "")
     if body.get("stream") is True:
@@ -586,12 +587,13 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     betas = caller_betas(request)
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
+    tenant = principal.tenant.id if principal else ""
     if not is_native(snapshot, snapshot.services[body["model"]]):
-        pipeline.govern(hooks.make_call(request, body, "count_tokens"), snapshot, principal)  # who may ask
+        pipeline.govern(hooks.make_call(request, body, "count_tokens", tenant), snapshot, principal)  # who may ask
         count = {"input_tokens": estimated_input_tokens(body)}
         return web.Response(body=orjson.dumps(count), content_type="application/json",
                             headers={"x-switchgear-estimated": "true"})
-    call = hooks.make_call(request, with_betas(body, betas), "count_tokens")
+    call = hooks.make_call(request, with_betas(body, betas), "count_tokens", tenant)
     served, headers = await hooks.invoke(request, call, snapshot, principal)
     headers["request-id"] = call.request_id
     return web.Response(body=served.result.body, content_type="application/json", headers=headers)

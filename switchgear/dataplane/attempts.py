@@ -74,7 +74,7 @@ from typing import Protocol, TypeVar
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.abandon import FirstTokenWaits, quiet
-from switchgear.dataplane.convert import Call
+from switchgear.dataplane.convert import Call, route_timeout_s
 from switchgear.dataplane.resilience import (
     Action,
     AdmissionCore,
@@ -129,6 +129,12 @@ __all__ = ["Attempt", "AttemptController", "CallFailed", "MetricsSink", "Pick", 
 
 log = logging.getLogger(__name__)
 _RUN_PLANS = 512  # services whose run plan is kept (a larger snapshot: the table starts over)
+_DEADLINE_SLACK_S = 0.001  # a timer may fire this much before the deadline it was armed for
+
+
+def deadline_passed(now: float, deadline: float) -> bool:
+    """Whether a time limit that fired at `now` was the call's `deadline` (not an attempt's own)."""
+    return now >= deadline - _DEADLINE_SLACK_S
 
 
 class CallFailed(RuntimeError):
@@ -361,6 +367,18 @@ class AttemptController:
         self._timeouts, hedging = resilience.tuning(service.category)
         self._hedging = hedging if resilience.live is not None and hedged(hedging, call.priority, idempotent) else None
         self._hedges = 0
+
+    def callers_deadline(self, service: ServiceView) -> bool:
+        """Whether the call's deadline is one its caller chose, shorter than `service`'s own."""
+        return 0 < self.call.timeout_s < route_timeout_s(service, self.snapshot.settings)
+
+    def callers_timeout(self, service: ServiceView, kind: ErrorKind | None) -> bool:
+        """Whether a failure is the caller's own deadline running out (a TIMEOUT once a deadline
+        the caller shortened has passed): like a caller that went away, it says nothing about
+        the endpoint, so no breaker, ejection, load report or health counts it (a tenant's
+        20 ms deadlines against a 100 ms upstream took the route away from every tenant)."""
+        return (kind is ErrorKind.TIMEOUT and deadline_passed(self._r.clock(), self.deadline)
+                and self.callers_deadline(service))
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -685,6 +703,9 @@ class AttemptController:
         r, name, endpoint = self._r, attempt.service.name, attempt.endpoint.id
         now = r.clock()
         kind = error.kind if error is not None else None
+        if self.callers_timeout(attempt.service, kind):  # no outcome: the ticket back, as `abandon`
+            r.breakers.get(name, endpoint).release(attempt.ticket)
+            return
         r.breakers.get(name, endpoint).record(now, attempt.ticket, kind, error.retry_after_s if error else None)
         r.outliers.record(now, name, endpoint, kind)
         if kind is ErrorKind.RATE_LIMITED:

@@ -403,6 +403,10 @@ class Call:
     # Per-request retry count (InvokeRequest.max_retries, x-switchgear-max-retries); None = the
     # route's retry policy. Bounded by it, as `timeout_s` is by the route's timeout (check_overrides).
     max_retries: int | None = None
+    # The tenant whose key the call came with ("" with auth off): a door sets it, Pipeline.govern
+    # makes sure of it. Never `user_id`, which the caller chooses freely. A deferred call's task
+    # is this tenant's.
+    tenant: str = ""
 
     @property
     def from_task(self) -> bool:
@@ -447,7 +451,7 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DEPTH) -> Call:
+def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DEPTH, tenant: str = "") -> Call:
     if not msg.service:
         raise RequestError("service", "required")
     if not msg.method:
@@ -482,6 +486,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DE
         session_id=msg.session_id,
         user_type=user_type_of(msg.user_id),
         max_retries=msg.max_retries if msg.HasField("max_retries") else None,
+        tenant=tenant,
     )
 
 

@@ -140,7 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
             if principal is not None:
                 access_log.note_tenant(principal.tenant.id)
-            call = call_from_proto(request, self._pipeline.max_json_depth)
+            call = call_from_proto(request, self._pipeline.max_json_depth, principal.tenant.id if principal else "")
             mode = CacheMode.parse(metadata.get("cache-control"))
             served = await self._pipeline.invoke(call, snapshot, principal, mode)
         except REFUSED as exc:
@@ -163,7 +163,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             principal = self._pipeline.identify(metadata.get("authorization"), snapshot)
             if principal is not None:
                 access_log.note_tenant(principal.tenant.id)
-            call = call_from_proto(request.request, self._pipeline.max_json_depth)
+            call = call_from_proto(request.request, self._pipeline.max_json_depth,
+                                   principal.tenant.id if principal else "")
             items = self._pipeline.stream(call, snapshot, principal, self._streamer.stream)
             first = await anext(items)
         except REFUSED as exc:

@@ -123,6 +123,15 @@ def authorize(
         raise PermissionDenied("service", f"service {service!r} lacks required capabilities {sorted(missing)}")
 
 
+def may_call(tenant: TenantView, service: str, category: str, capabilities: frozenset[str] | tuple[str, ...]) -> bool:
+    """Whether `authorize` lets the tenant call this service."""
+    try:
+        authorize(tenant, service, category, capabilities)
+    except PermissionDenied:
+        return False
+    return True
+
+
 def capped_priority(tenant: TenantView, priority: int) -> int:
     """The request's priority, lowered to the tenant's cap when it has one."""
     return min(priority, tenant.priority_cap) if tenant.priority_cap else priority

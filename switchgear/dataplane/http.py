@@ -40,7 +40,7 @@ from switchgear.adapters.base import openai_usage
 from switchgear.dataplane import access_log, anthropic_door, invoke_door, responses_door
 from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
-from switchgear.dataplane.governance import Principal
+from switchgear.dataplane.governance import Principal, may_call
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, SpreadSite, body_guard, runner
 from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
@@ -147,7 +147,8 @@ def check_embeddings(body: Mapping[str, Any]) -> None:
         )
 
 
-def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
+def make_call(request: web.Request, body: dict[str, Any], method: str, tenant: str) -> Call:
+    """The call a request makes; `tenant`: the caller's key's ("" with auth off)."""
     priority_text = request.headers.get("x-switchgear-priority", "0")
     timeout_text = request.headers.get("x-switchgear-timeout", "0")
     try:
@@ -179,6 +180,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str) -> Call:
         user_id=user if isinstance(user, str) else "",
         session_id=request.headers.get("x-switchgear-session", ""),
         max_retries=max_retries,
+        tenant=tenant,
     )
 
 
@@ -197,15 +199,15 @@ def _snapshot(request: web.Request) -> AgentSnapshot:
     return snapshot
 
 
+def _unknown_model(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
 def _check_model(snapshot: AgentSnapshot, name: str, category: str) -> None:
     service = snapshot.services.get(name)
     if service is None or service.category not in MODEL_CATEGORIES:
-        raise ApiError(
-            404,
-            f"The model `{name}` does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
+        raise _unknown_model(name)
     if category and service.category != category:
         raise ApiError(
             400,
@@ -244,7 +246,7 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
     (check_chat if method == "chat.completions" else check_embeddings)(body)
     _check_model(snapshot, body["model"], category)
     access_log.note_route(body["model"])
-    call = make_call(request, body, method)
+    call = make_call(request, body, method, principal.tenant.id if principal else "")
     pipeline = request.app[_PIPELINE]
     if body.get("stream") is True:
         return await _stream(request, call, snapshot, body, principal)
@@ -311,23 +313,30 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _invoke(request, "embeddings", "")
 
 
+def _visible(service: ServiceView, principal: Principal | None) -> bool:
+    """Whether the caller's key may use the service (every one in auth-none mode)."""
+    return principal is None or may_call(principal.tenant, service.name, service.category, service.capabilities)
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
+    """The services and routes the caller's key may use (another tenant's stay out of sight)."""
     snapshot = _snapshot(request)
-    _principal(request, snapshot)
+    principal = _principal(request, snapshot)
     data = [
         _route_object(s)
         for s in snapshot.services.values()
-        if s.category in MODEL_CATEGORIES and not s.unsupported
+        if s.category in MODEL_CATEGORIES and not s.unsupported and _visible(s, principal)
     ]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot(request)
-    _principal(request, snapshot)
+    principal = _principal(request, snapshot)
     name = request.match_info["model"]
-    _check_model(snapshot, name, "")
-    service = snapshot.services[name]
+    service = snapshot.services.get(name)
+    if service is None or service.category not in MODEL_CATEGORIES or not _visible(service, principal):
+        raise _unknown_model(name)  # one the key may not use is not listed either
     return web.Response(body=orjson.dumps(_route_object(service)), content_type="application/json")
 
 

@@ -221,12 +221,16 @@ class Invoker:
         except TimeoutError:
             within = f"its attempt timeout ({attempt.remaining_s:.3g} s)" if attempt.capped else "the deadline"
             error = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within {within}")
+            callers = ctl.callers_timeout(service, error.kind)  # the caller's own deadline: no outcome
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                   self._clock() - attempt_start, error.kind, ttft_s=first.s, unary=streamed))
+                                   self._clock() - attempt_start, None if callers else error.kind, cancelled=callers,
+                                   ttft_s=first.s, unary=streamed))
             raise error from None
         except UpstreamError as exc:
+            callers = ctl.callers_timeout(service, exc.kind)
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,
-                                   self._clock() - attempt_start, exc.kind, ttft_s=first.s, unary=streamed))
+                                   self._clock() - attempt_start, None if callers else exc.kind, cancelled=callers,
+                                   ttft_s=first.s, unary=streamed))
             raise
         except asyncio.CancelledError:  # a hedge that lost, or the caller went away: no outcome
             self._ended(AttemptEnd(call.request_id, service.name, service.category, endpoint.id, number,

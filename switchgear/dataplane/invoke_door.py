@@ -93,7 +93,7 @@ def _category(body: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def call_from_body(raw: bytes, request_id: str, max_depth: int) -> tuple[Call, bool]:
+def call_from_body(raw: bytes, request_id: str, max_depth: int, tenant: str = "") -> tuple[Call, bool]:
     """The validated call of a `/v1/invoke` body and whether it streams (pure); RequestError
     naming the field."""
     try:
@@ -112,10 +112,10 @@ def call_from_body(raw: bytes, request_id: str, max_depth: int) -> tuple[Call, b
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
     user_id = _text(body, "user_id", False)
-    return _call(body, request_id, payload, user_id), body.get("stream") is True
+    return _call(body, request_id, payload, user_id, tenant), body.get("stream") is True
 
 
-def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], user_id: str) -> Call:
+def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], user_id: str, tenant: str) -> Call:
     return Call(
         request_id=request_id,
         category=_category(body),
@@ -128,6 +128,7 @@ def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], use
         session_id=_text(body, "session_id", False),
         user_type=user_type_of(user_id),
         max_retries=_whole(body, "max_retries", 0, 999),
+        tenant=tenant,
     )
 
 
@@ -171,7 +172,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     pipeline = hooks.pipeline(request)
     principal = hooks.principal(request, snapshot)
     request_id = request_id_of(request) or access_log.request_id(request.headers.get("x-request-id"))
-    call, stream = call_from_body(await request.read(), request_id, pipeline.max_json_depth)
+    call, stream = call_from_body(await request.read(), request_id, pipeline.max_json_depth,
+                                  principal.tenant.id if principal else "")
     access_log.note_route(call.service)
     if stream:
         return await _stream(request, hooks, call, snapshot, principal)

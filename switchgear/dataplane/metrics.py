@@ -33,10 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
+from switchgear import metrics_http
 from switchgear.dataplane.events import AttemptEnd, AttemptStart
 from switchgear.dataplane.redis_round import RedisRound
 from switchgear.dataplane.redis_state import RedisHealth
@@ -298,12 +299,10 @@ def serve_metrics(collector: PromCollector, listen: str, *more: PromCollector) -
     registry = CollectorRegistry(auto_describe=False)
     for each in (collector, *more):
         registry.register(each)
-    host, _, port = listen.rpartition(":")
     try:
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        return metrics_http.serve(registry, listen)
     except OSError as exc:
         raise ListenError(f"--metrics-listen {listen}: {exc.strerror or exc}") from None
-    return server, f"{host or '127.0.0.1'}:{server.server_port}"
 
 
 class RedisMetrics(PromCollector):

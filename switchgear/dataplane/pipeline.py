@@ -134,9 +134,9 @@ class Pipeline:
         tenant = principal.tenant
         authorize(tenant, service.name, service.category, service.capabilities)
         priority = capped_priority(tenant, call.priority)
-        if priority == call.priority and tenant.user_type == call.user_type:
-            return call  # (a copy of a frozen call costs more than the comparison)
-        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type)
+        if priority == call.priority and tenant.user_type == call.user_type and tenant.id == call.tenant:
+            return call  # (a copy of a frozen call costs more than the comparison: doors set the tenant)
+        return dataclasses.replace(call, priority=priority, user_type=tenant.user_type, tenant=tenant.id)
 
     async def admit(self, call: Call, principal: Principal | None, lookup: Lookup | None = None) -> None:
         if principal is None:
@@ -242,6 +242,10 @@ class Pipeline:
             return fresh, False
 
         flight_key = key if mode is CacheMode.USE else f"{key}|{mode.value}"
+        if call.timeout_s or call.max_retries is not None:
+            # A flight runs under its leader's deadline and retries: a caller's own shorter ones
+            # must not fail a call that allowed more (another tenant's, with a shared cache).
+            flight_key = f"{flight_key}|{call.timeout_s}|{call.max_retries}"
         (result, hit), joined = await self._flight.do(flight_key, fetch)
         if not hit and not joined:
             await self._account(principal, call.service, result)

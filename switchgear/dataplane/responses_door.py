@@ -153,10 +153,10 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float
     return value
 
 
-def _bool(body: Mapping[str, Any], key: str) -> bool | None:
+def _bool(body: Mapping[str, Any], key: str, param: str | None = None) -> bool | None:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise _type(key, "a boolean")
+        raise _type(param or key, "a boolean")
     return value
 
 
@@ -376,6 +376,7 @@ def _check_refused(body: Mapping[str, Any]) -> None:
         if not isinstance(options, dict):
             raise _type("stream_options", "an object")
         _keys(options, frozenset({"include_obfuscation"}), "stream_options")
+        _bool(options, "include_obfuscation", "stream_options.include_obfuscation")
 
 
 def _reasoning(value: Any) -> str | None:
@@ -718,7 +719,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return exc.response()
     hooks.check_model(snapshot, body["model"], "llm")
     access_log.note_route(body["model"])
-    call = hooks.make_call(request, chat, "chat.completions")
+    call = hooks.make_call(request, chat, "chat.completions", principal.tenant.id if principal else "")
     created_at = int(time.time())
     if chat.get("stream") is True:
         return await _stream(request, hooks, call, snapshot, principal, body, created_at)

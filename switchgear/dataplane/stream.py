@@ -34,7 +34,7 @@ from typing import Any
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
 from switchgear.dataplane.abandon import NO_WAIT
 from switchgear.dataplane.assemble import tell_first_token
-from switchgear.dataplane.attempts import Attempt, Resilience
+from switchgear.dataplane.attempts import Attempt, Resilience, deadline_passed
 from switchgear.dataplane.convert import Call, RequestError, check_overrides
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
 from switchgear.dataplane.invoke import (
@@ -223,7 +223,8 @@ class Streamer:
         ctl = self.resilience.controller(self._pick, call, service, snapshot, deadline, serves=self._serves(call),
                                          idempotent=idempotent(adapter, call), stream=True)
         won = await ctl.first_answer(
-            lambda lease: self._until_first_token(call, lease, deadline, ctl.stream_gap_s(lease)), _discard)
+            lambda lease: self._until_first_token(call, lease, deadline, ctl.stream_gap_s(lease),
+                                                  ctl.callers_deadline(lease.service)), _discard)
         if won is not None:
             lease, (chunks, attempt, held) = won
             error: UpstreamError | None = None
@@ -267,7 +268,7 @@ class Streamer:
         raise ctl.failure()
 
     async def _until_first_token(
-        self, call: Call, lease: Attempt, deadline: float, gap_s: float
+        self, call: Call, lease: Attempt, deadline: float, gap_s: float, callers_deadline: bool = False
     ) -> tuple[AsyncIterator[StreamChunk], _Attempt, list[bytes]]:
         """Start the attempt and read up to its first token (within `lease.remaining_s`, its
         attempt timeout); raises UpstreamError before it. Later chunks may be `gap_s` apart."""
@@ -277,6 +278,7 @@ class Streamer:
         if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
             self._limits.admit(service.name, endpoint.id, effective)
         attempt = _Attempt(self, call, service, endpoint, lease.number, deadline)
+        attempt.callers_deadline = callers_deadline
         attempt.first_by, attempt.capped, attempt.gap_s = attempt.started + lease.remaining_s, lease.capped, gap_s
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
         # The adapter's own read timeout must not be shorter than either bound `_next` applies.
@@ -317,6 +319,7 @@ class _Attempt:
         self.target = service.target(endpoint)
         self.deadline = deadline
         self.started = streamer._clock()
+        self.callers_deadline = False  # the deadline is one the caller chose shorter than the route's
         self.first_by = deadline  # the first token's attempt timeout (absolute), then
         self.gap_s = math.inf  # the longest wait for each later chunk
         self.capped = False  # first_by is the attempt timeout, before the deadline
@@ -436,6 +439,8 @@ class _Attempt:
              cancelled: bool = False, answer: bytes = b"", finish_reason: str = "") -> None:
         if self.target.tpm_limit and usage.input_tokens + usage.output_tokens:
             self.s._limits.used(self.service.name, self.endpoint.id, usage.input_tokens + usage.output_tokens)
+        if error is ErrorKind.TIMEOUT and self.callers_deadline and deadline_passed(self.s._clock(), self.deadline):
+            error, cancelled = None, True  # the caller's own deadline ran out: no outcome (AttemptController)
         self.s._emit(
             AttemptEnd(
                 self.call.request_id,

@@ -133,7 +133,7 @@ class TasksClient:
         resources can never be allocated)."""
         request = tasks_pb2.DeferInvokeRequest(
             request_id=call.request_id, service=call.service, method=call.method,
-            payload=orjson.dumps(dict(call.payload)), priority=call.priority, tenant=call.user_id, reason=reason,
+            payload=orjson.dumps(dict(call.payload)), priority=call.priority, tenant=call.tenant, reason=reason,
         )
         reply = await self.stub.DeferInvoke(request, timeout=timeout_s, metadata=self.metadata)
         return Deferred(task_id=reply.task.id, queue_id=reply.queue_id, message=reply.message)
@@ -277,7 +277,7 @@ class TaskWorker:
                 request_id=f"{TASK_REQUEST_PREFIX}{task.id}-{task.attempts}", category="", service=task.service,
                 method=task.method,
                 payload=payload, priority=task.priority or 5, timeout_s=task.timeout.ToNanoseconds() / 1e9,
-                user_id=task.tenant, session_id="",
+                user_id=task.tenant, session_id="", tenant=task.tenant,
             )
             result = await self._invoker.invoke(call, snapshot)
         except CallFailed as exc:

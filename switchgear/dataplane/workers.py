@@ -49,8 +49,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
+from switchgear import metrics_http
 from switchgear.dataplane.server import Announce, Options, default_node_id, serve
 from switchgear.dataplane.worker_metrics import WorkersCollector
 from switchgear.rpc.spread import SPREADS, Group, create_table, held, mark_down
@@ -212,10 +213,9 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(WorkersCollector([p.options.metrics_socket for p in self._plans], lambda: self.restarts,
                                            connections=self.connections if self._doors else None))
-        host, _, port = self.options.metrics_listen.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        server, address = metrics_http.serve(registry, self.options.metrics_listen)
         stack.callback(server.shutdown)
-        return f"{host or '127.0.0.1'}:{server.server_port}"
+        return address
 
     def connections(self) -> list[tuple[str, int, int]]:
         """(door, worker, connections it serves) for each serving worker on each spread door."""

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -57,9 +57,35 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable")
 
 
+@dataclasses.dataclass(frozen=True)
+class UploadLimits:
+    """What blob uploads (UploadBlob) may hold: one blob's size; the bytes all uploads still
+    arriving hold at once (a caller's key opens any number of streams: each held up to a whole
+    blob in memory, stalled or not, with no end); and how long an upload may send nothing."""
+
+    max_blob_bytes: int = MAX_BLOB_BYTES
+    max_uploading_bytes: int = 4 * MAX_BLOB_BYTES
+    idle_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchLimits:
+    """WatchTasks streams open at once: in all, and per caller (a tenant's key, or the admin
+    token). Each is woken by every task change of every tenant and starts with up to 1,000
+    tasks, so a key opening streams without end made every change cost that many times over."""
+
+    max_watches: int = 1024
+    max_watches_per_caller: int = 64
+
+
 class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
-    def __init__(self, scheduler: TaskScheduler) -> None:
+    def __init__(self, scheduler: TaskScheduler, uploads: UploadLimits | None = None,
+                 watches: WatchLimits | None = None) -> None:
         self._s = scheduler
+        self.uploads = uploads or UploadLimits()
+        self.uploading = 0  # bytes held by uploads still arriving (under uploads.max_uploading_bytes)
+        self.watches = watches or WatchLimits()
+        self.watching: dict[str, int] = {}  # caller ("" = the admin token) -> its WatchTasks streams open
 
     def _proto(self, task: Task, with_payload: bool = True) -> tasks_pb2.Task:
         return convert.task_to_proto(task, self._s.effective_priority(task), with_payload=with_payload)
@@ -106,17 +132,38 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def UploadBlob(  # noqa: N802
         self, request_iterator: AsyncIterator[tasks_pb2.UploadBlobRequest], context: grpc.aio.ServicerContext
     ) -> tasks_pb2.UploadBlobResponse:
+        limits = self.uploads
         parts: list[bytes] = []
-        size, content_type = 0, ""
-        async for part in request_iterator:
-            content_type = content_type or part.content_type
-            size += len(part.chunk)
-            if size > MAX_BLOB_BYTES:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"chunk: blob larger than {MAX_BLOB_BYTES} bytes")
-            parts.append(part.chunk)
-        blob_id = await self._s.call(self._s.put_blob, b"".join(parts), content_type or "application/json",
-                                     CALLER.get() or "")
+        size, held, content_type = 0, 0, ""
+        parts_in = aiter(request_iterator)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(limits.idle_timeout_s):
+                        part = await anext(parts_in)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"chunk: none arrived for {limits.idle_timeout_s:g} s; upload again")
+                content_type = content_type or part.content_type
+                size += len(part.chunk)
+                if size > limits.max_blob_bytes:
+                    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"chunk: blob larger than {limits.max_blob_bytes} bytes")
+                if self.uploading + len(part.chunk) > limits.max_uploading_bytes:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"chunk: uploads in progress hold {self.uploading} bytes, the control plane's "
+                                 f"limit is {limits.max_uploading_bytes}; upload again shortly")
+                self.uploading += len(part.chunk)
+                held += len(part.chunk)
+                parts.append(part.chunk)
+            blob = b"".join(parts)
+            parts.clear()
+            blob_id = await self._s.call(self._s.put_blob, blob, content_type or "application/json",
+                                         CALLER.get() or "")
+        finally:  # held until stored (the store's thread takes one at a time)
+            self.uploading -= held
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
 
     async def DownloadBlob(  # noqa: N802
@@ -196,9 +243,30 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     ) -> AsyncIterator[tasks_pb2.WatchTasksResponse]:
         ids = set(request.ids)
         tenant = await self._tenant_filter(request.tenant, context)
+        caller, limits = CALLER.get() or "", self.watches
+        if sum(self.watching.values()) >= limits.max_watches:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"{limits.max_watches} watches are open on this control plane (its limit); watch again later")
+        if self.watching.get(caller, 0) >= limits.max_watches_per_caller:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"this key has {limits.max_watches_per_caller} watches open (the limit per key); "
+                         "close one, or watch several tasks in one (ids)")
+        self.watching[caller] = self.watching.get(caller, 0) + 1
+        try:
+            async with contextlib.aclosing(self._watch(ids, tenant, request.service, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            left = self.watching[caller] - 1
+            if left:
+                self.watching[caller] = left
+            else:
+                del self.watching[caller]
 
+    async def _watch(self, ids: set[str], tenant: str, service: str, context: grpc.aio.ServicerContext
+                     ) -> AsyncGenerator[tasks_pb2.WatchTasksResponse, None]:
         def wanted(t: Task) -> bool:
-            return (not ids or t.id in ids) and tenant in ("", t.tenant) and request.service in ("", t.service)
+            return (not ids or t.id in ids) and tenant in ("", t.tenant) and service in ("", t.service)
 
         with self._s.watch() as changes:  # subscribed before reading, so nothing falls between
             if ids:
@@ -212,7 +280,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                         await _abort(context, grpc.StatusCode.NOT_FOUND, f"ids: no task {task_id!r}")
                     current.append(found)
             else:
-                current = await self._s.call(self._s.list_tasks, (), tenant, request.service, 1000)
+                current = await self._s.call(self._s.list_tasks, (), tenant, service, 1000)
             open_ids = {t.id for t in current if not t.state.final}
             for task in current:
                 yield tasks_pb2.WatchTasksResponse(task=self._proto(task, with_payload=False))

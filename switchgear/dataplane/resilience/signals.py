@@ -24,6 +24,8 @@ traffic exactly as long as the provider asked.
 A caller's own mistake (CLIENT, CONTEXT_LENGTH) is NEUTRAL rather than SUCCESS: counted as a
 success, one tenant's stream of malformed requests would dilute a sick endpoint's failure rate
 and reset its run of consecutive failures, hiding it from the breaker for every other tenant.
+A TIMEOUT that is the caller's own shortened deadline running out is no outcome at all
+(`AttemptController.callers_timeout`), as for a caller that went away.
 """
 
 from __future__ import annotations
