@@ -27,7 +27,7 @@ from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.controlplane.model import RegistryState, Settings
 from switchgear.controlplane.registry import Registry
 from switchgear.controlplane.store import SqliteStore
-from switchgear.controlplane.validate import ValidationError
+from switchgear.controlplane.validate import ValidationError, validate_state
 from switchgear.dataplane.convert import SnapshotError, convert_snapshot, snapshot_from_proto
 from switchgear.dataplane.snapshot import CATEGORIES
 from switchgear.v1 import admin_pb2, admin_pb2_grpc, common_pb2, discovery_pb2
@@ -121,6 +121,28 @@ def test_what_an_older_build_stored_does_not_block_unrelated_changes(
         registry.register(service("old-bad", options_json='{"chat_pth": "/v2"}'), "test")  # a change to it does not
     registry.deregister("old-bad", "test")
     assert agent_check.agent_problems(registry.state) == []
+
+
+def test_a_value_a_newer_rule_refuses_blocks_only_changes_to_its_own_service(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store written before a rule existed (service metadata an agent reads, checked since session
+    11) keeps serving: unrelated services and tenants still change; the service itself must be
+    corrected by its next change."""
+    stale = service("old-meta", metadata=(("cache.ttl", "1h"),))
+    with monkeypatch.context() as m:  # as a build without the rule committed it
+        m.setattr(registry_module, "validate_state", lambda state: [])
+        registry.register(stale, "test")
+    assert [p.path for p in validate_state(registry.state)] == ["services[old-meta].metadata[0]"]
+    registry.register(service("unrelated"), "test")  # goes through
+    registry.register(stale, "test")  # the same definition again: nothing new, nothing refused
+    with pytest.raises(ValidationError) as info:
+        registry.register(service("old-meta", metadata=(("cache.ttl", "2h"),)), "test")
+    assert [p.path for p in info.value.problems] == ["services[old-meta].metadata[0]"]
+    with pytest.raises(ValidationError):
+        registry.register(service("new-meta", metadata=(("cache.ttl", "1h"),)), "test")  # a new one is checked
+    registry.register(service("old-meta", metadata=(("cache.ttl", "3600"),)), "test")  # corrected
+    assert validate_state(registry.state) == []
 
 
 def test_a_fallback_to_a_service_agents_reject_says_so(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,8 +75,16 @@ def introduced_problems(current: snap.Snapshot, state: RegistryState, overlay: s
     problems = agent_problems(state, overlay)
     if not problems:
         return problems
-    before = set(agent_problems(current.state, current.overlay))
-    return [p for p in problems if p not in before or _part(state, p.path) != _part(current.state, p.path)]
+    return left_by(problems, agent_problems(current.state, current.overlay), state, current.state)
+
+
+def left_by(problems: list[Problem], before: list[Problem], state: RegistryState,
+            current: RegistryState) -> list[Problem]:
+    """`problems` of `state` except those `current` already had (`before`) in a part the change
+    leaves as it was: a value an older build accepted (or an older rule let through) blocks a
+    change to its own part, never an unrelated one."""
+    had = set(before)
+    return [p for p in problems if p not in had or _part(state, p.path) != _part(current, p.path)]
 
 
 def _part(state: RegistryState, path: str) -> object:

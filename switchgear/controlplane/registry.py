@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from switchgear.controlplane import codec
 from switchgear.controlplane import snapshot as snap
-from switchgear.controlplane.agent_check import introduced_problems
+from switchgear.controlplane.agent_check import introduced_problems, left_by
 from switchgear.controlplane.model import MANAGED_ENDPOINT_PREFIX, RegistryState, ServiceSpec
 from switchgear.controlplane.offloop import call_on
 from switchgear.controlplane.store import REFUSED, AuditEntry, Change, StaleVersion, Store, Stored
@@ -207,8 +207,10 @@ class Registry:
     ) -> snap.Snapshot:
         overlay = self._snapshot.overlay.pruned(state)
         # Then what agents would reject (their own checks): refused here, never committed.
-        problems: list[Problem] = ([] if validated else validate_state(state)) or introduced_problems(
-            self._snapshot, state, overlay)
+        problems: list[Problem] = [] if validated else validate_state(state)
+        if problems:  # (the registry's own rules, as the agents' below: only what this change brings)
+            problems = left_by(problems, validate_state(self._snapshot.state), state, self._snapshot.state)
+        problems = problems or introduced_problems(self._snapshot, state, overlay)
         if problems:
             raise ValidationError(problems)
         digest = snap.content_hash(state, overlay)
