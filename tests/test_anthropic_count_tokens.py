@@ -12,11 +12,15 @@ import anthropic
 import httpx
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from switchgear.adapters.anthropic import AnthropicAdapter, parse_options
 from switchgear.adapters.base import AdapterRequest, ErrorKind, Target, UpstreamError
 from switchgear.controlplane.model import SEED_LLM_PRESET
 from switchgear.dataplane import http as front_door
+from switchgear.dataplane.anthropic_door import Hooks
+from switchgear.dataplane.convert import Call
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.snapshot import Pricing, SecretRef
 from switchgear.emulators import anthropic as anthropic_emu
@@ -205,3 +209,35 @@ async def test_a_count_on_a_target_without_its_secret_is_refused_cleanly() -> No
         finally:
             await runner.cleanup()
             await agent.pool.close()
+
+
+async def test_a_caller_gone_before_the_answer_begins_releases_the_upstream_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every door opens its streams with Hooks.open_stream: when the caller is gone by the time the
+    first item is in (the answer's headers cannot be sent), the stream is closed there and then
+    (the upstream connection released, the call charged), not whenever it is collected."""
+    closed: list[bool] = []
+
+    async def items() -> AsyncIterator[bytes]:
+        try:
+            yield b'{"first": 1}'
+            yield b'{"second": 2}'
+        finally:
+            closed.append(True)
+
+    class FakePipeline:
+        def stream(self, call: object, snapshot: object, principal: object, open_stream: object) -> object:
+            return items()
+
+    async def gone(self: object, request: object) -> None:
+        raise ConnectionResetError("the caller went away")
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", gone)
+    hooks = Hooks(lambda r: None, lambda *a: None, lambda *a: None, lambda r: {},  # type: ignore[arg-type,return-value]
+                  lambda r: FakePipeline(), lambda r: type("S", (), {"stream": None})(),  # type: ignore[arg-type,return-value]
+                  lambda r, s: None)
+    call = Call("r1", "", "claude", "messages", {}, 5, 0.0, "", "")
+    with pytest.raises(ConnectionResetError):
+        await hooks.open_stream(make_mocked_request("POST", "/v1/messages"), call, None, None,  # type: ignore[arg-type]
+                                "request-id")
+    assert closed == [True]

@@ -130,7 +130,11 @@ class Hooks:
         if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
             headers["x-switchgear-fallback"] = first.source
         response = web.StreamResponse(headers=headers)
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except BaseException:  # the caller left before the answer began: the upstream is released now
+            await items.aclose()
+            raise
         return Opened(response, first, items)
 
 

@@ -45,9 +45,9 @@ from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, SpreadSit
 from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
-from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, open_pipeline
+from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
 from switchgear.dataplane.snapshot import AgentSnapshot, Holder, ServiceView
-from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer
+from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.rpc.spread import Group
 from switchgear.tls import ListenError
 
@@ -58,6 +58,7 @@ _HOLDER = web.AppKey("holder", Holder)
 _INVOKER = web.AppKey("invoker", Invoker)
 _STREAMER = web.AppKey("streamer", Streamer)
 _PIPELINE = web.AppKey("pipeline", Pipeline)
+_HOOKS = web.AppKey("hooks", anthropic_door.Hooks)  # (the chat route's stream opening too)
 
 
 class ApiError(Exception):
@@ -263,22 +264,10 @@ async def _invoke(request: web.Request, method: str, category: str) -> web.Strea
 async def _stream(
     request: web.Request, call: Call, snapshot: AgentSnapshot, body: Mapping[str, Any], principal: Principal | None
 ) -> web.StreamResponse:
-    recorded = Recorded(request.app[_STREAMER].stream)  # its meter names the committed target by the first item
-    items = request.app[_PIPELINE].stream(call, snapshot, principal, recorded)
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
-        raise ApiError(502, "upstream stream ended without an answer", "server_error") from None
-    headers = {
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "x-request-id": call.request_id,
-        **target_headers(recorded.meter.committed() if recorded.meter is not None else None),
-    }
-    if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
-        headers["x-switchgear-fallback"] = first.source
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
+    opened = await request.app[_HOOKS].open_stream(request, call, snapshot, principal, "x-request-id")
+    if opened is None:
+        raise ApiError(502, "upstream stream ended without an answer", "server_error")
+    response, first, items = opened
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     item = await relay(response, first, items, lambda chunk: b"data: " + chunk + b"\n\n")
@@ -405,6 +394,7 @@ def build_app(
     hooks = anthropic_door.Hooks(  # what the other wire shapes' routes take from this door
         _snapshot, _check_model, make_call, _result_headers, lambda r: r.app[_PIPELINE], lambda r: r.app[_STREAMER],
         _principal)
+    app[_HOOKS] = hooks
     anthropic_door.add_routes(app, hooks)  # POST /v1/messages, on this door's pipeline
     responses_door.add_routes(app, hooks)  # POST /v1/responses, likewise
     invoke_door.add_routes(app, hooks)  # POST /v1/invoke: Gateway.Invoke in JSON, any category
