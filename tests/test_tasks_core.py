@@ -401,6 +401,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.final[task_id] = t.state
 
 
+    @invariant()
+    def a_succeeded_task_has_exactly_one_succeeded_attempt(self) -> None:
+        rows = self.scheduler._store._db.all(  # type: ignore[attr-defined]
+            "SELECT task_id, COUNT(*) FROM task_attempts WHERE outcome = 'succeeded' GROUP BY task_id")
+        counted = {str(task_id): int(n) for task_id, n in rows}
+        succeeded = {i for i in self.submitted if self.scheduler.get(i).state is TaskState.SUCCEEDED}
+        assert counted == dict.fromkeys(succeeded, 1)
+
+
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])

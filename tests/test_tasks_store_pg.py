@@ -129,9 +129,26 @@ def test_save_writes_tasks_and_attempts_in_one_go(backend: Backend, store: TaskS
     done = dataclasses.replace(leased, state=TaskState.SUCCEEDED, result=b"r")
     store.save([done], attempts_ended=[(done, "L1", 12.0, "succeeded")])
     store.save([], attempts_ended=[(done, "L1", 13.0, "expired")])  # an ended attempt stays ended
+    store.save([], attempts_ended=[(done, "L1", 13.5, "failed")])
     assert store.get("x") == done
     rows = backend.query("SELECT task_id, lease_id, attempt, agent, leased_at, ended_at, outcome FROM task_attempts")
     assert rows == [("x", "L1", 1, "a1", 10.0, 12.0, "succeeded")]
+
+
+def test_a_late_success_replaces_only_an_expiry(backend: Backend, store: TaskStoreLike) -> None:
+    """A lease the plane expired whose agent then reports success: the record says succeeded
+    (the task took that success). No other end is ever rewritten."""
+    store.insert(task("x"))
+    first = lease(store.get("x") or task("?"), "L1")
+    store.save([first], attempts_started=[(first, 10.0)])
+    store.save([], attempts_ended=[(first, "L1", 20.0, "expired")])
+    second = lease(first, "L2")
+    store.save([second], attempts_started=[(second, 21.0)])
+    store.save([], attempts_ended=[(second, "L1", 22.0, "succeeded"), (second, "L2", 22.0, "superseded")])
+    store.save([], attempts_ended=[(second, "L2", 23.0, "succeeded")])  # superseded stays superseded
+    store.save([], attempts_ended=[(second, "L1", 24.0, "expired")])
+    rows = backend.query("SELECT lease_id, ended_at, outcome FROM task_attempts ORDER BY lease_id")
+    assert rows == [("L1", 22.0, "succeeded"), ("L2", 22.0, "superseded")]
 
 
 def test_leases_holdings_and_counts(store: TaskStoreLike) -> None:

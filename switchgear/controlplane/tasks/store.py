@@ -188,6 +188,10 @@ class SqlTaskStore:
         """Write tasks and attempt records in one transaction.
 
         `attempts_started`: (leased task, at); `attempts_ended`: (task, lease id, at, outcome).
+        An ended attempt stays ended, but for one case: a success reported under a lease this
+        plane had expired replaces the "expired" end (the expiry was the plane's inference from
+        silence, for instance while no replica led; the success is what happened, and the task
+        took it, so its record says so).
         """
         with self._db.transaction() as db:
             db.executemany(_UPDATE, [(*row[1:], row[0]) for row in map(_row, tasks)])
@@ -198,8 +202,9 @@ class SqlTaskStore:
             )
             db.executemany(
                 "UPDATE task_attempts SET ended_at = ?, outcome = ? "
-                "WHERE task_id = ? AND lease_id = ? AND ended_at = 0",
-                [(at, outcome, t.id, lease_id) for t, lease_id, at, outcome in attempts_ended],
+                "WHERE task_id = ? AND lease_id = ? AND (ended_at = 0 OR outcome = ?)",
+                [(at, outcome, t.id, lease_id, "expired" if outcome == "succeeded" else "")
+                 for t, lease_id, at, outcome in attempts_ended],
             )
 
     def lease_known(self, task_id: str, lease_id: str) -> bool:
