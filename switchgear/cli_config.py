@@ -203,6 +203,8 @@ def _price(pricing: Pricing) -> str:
         parts.append(_cache_price(pricing))
     if pricing.cost_per_request:
         parts.append(f"${_num(pricing.cost_per_request)}/request")
+    if pricing.web_search_cost_per_1k_requests:
+        parts.append(f"${_num(pricing.web_search_cost_per_1k_requests)}/1k web searches")
     return ", ".join(parts) or "$0"
 
 

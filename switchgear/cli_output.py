@@ -116,7 +116,8 @@ def _pricing(p: Any) -> str:
         ("per 1k tokens", p.cost_per_1k_tokens), ("per 1k input", p.input_cost_per_1k_tokens),
         ("per 1k output", p.output_cost_per_1k_tokens), ("per request", p.cost_per_request),
         ("per 1k cache-read input", p.cache_read_input_cost_per_1k_tokens),
-        ("per 1k cache-write input", p.cache_write_input_cost_per_1k_tokens)) if value]
+        ("per 1k cache-write input", p.cache_write_input_cost_per_1k_tokens),
+        ("per 1k web searches", p.web_search_cost_per_1k_requests)) if value]
     return "USD " + ", ".join(parts) if parts else "-"
 
 

@@ -318,21 +318,22 @@ async def test_anthropic_answer_with_impossible_counts_is_estimated_not_believed
 
 
 @contextlib.asynccontextmanager
-async def door() -> AsyncIterator[tuple[str, QuotaEnforcer]]:
-    """The HTTP door (keys required) in front of both emulators, both priced PRICES."""
+async def door(prices: Pricing = PRICES) -> AsyncIterator[tuple[str, QuotaEnforcer, str]]:
+    """The HTTP door (keys required) in front of both emulators, every model priced `prices`:
+    (its URL, its quota enforcer, the Anthropic emulator's URL)."""
     tenants = Governance(tenants=MappingProxyType({"acme": TenantView("acme")}),
                          keys=MappingProxyType({"k1": ("acme", hashlib.sha256(KEY.encode()).digest())}))
     async with upstreams() as (openai_url, claude_url):
-        snap = snapshot(view("claude", "anthropic", [claude_url], model="claude-3-sonnet", pricing=PRICES),
-                        view("gpt", "openai", [openai_url], model="gpt-4o-mini", pricing=PRICES),
-                        view("o4", "openai", [openai_url], model="o4-mini", pricing=PRICES))
+        snap = snapshot(view("claude", "anthropic", [claude_url], model="claude-3-sonnet", pricing=prices),
+                        view("gpt", "openai", [openai_url], model="gpt-4o-mini", pricing=prices),
+                        view("o4", "openai", [openai_url], model="o4-mini", pricing=prices))
         agent = make_agent(dataclasses.replace(snap, governance=tenants))
         quotas = QuotaEnforcer(LocalCounters())
         pipeline = Pipeline(agent.invoker.invoke, auth_required=True, quotas=quotas, cache=None)
         runner, address = await front_door.start(agent.holder, agent.invoker, agent.streamer, "127.0.0.1:0",
                                                  pipeline)
         try:
-            yield f"http://{address}", quotas
+            yield f"http://{address}", quotas, claude_url
         finally:
             await runner.cleanup()
             await agent.pool.close()
@@ -344,7 +345,7 @@ def _charged(quotas: QuotaEnforcer) -> float:
 
 
 async def test_openai_door_reports_and_charges_cached_and_reasoning_tokens() -> None:
-    async with door() as (url, quotas):
+    async with door() as (url, quotas, _):
         sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         messages: Any = [{"role": "system", "content": LONG}, {"role": "user", "content": "hi"}]
         await sdk.chat.completions.create(model="gpt", messages=messages)
@@ -368,7 +369,7 @@ async def test_openai_door_reports_and_charges_cached_and_reasoning_tokens() -> 
 
 async def test_anthropic_door_reports_cache_parts_as_anthropic_does() -> None:
     system: Any = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
-    async with door() as (url, quotas):
+    async with door() as (url, quotas, _):
         sdk = anthropic.AsyncAnthropic(base_url=url, api_key=KEY, max_retries=0)
         wrote = await sdk.messages.create(model="claude", max_tokens=50, system=system,
                                           messages=[{"role": "user", "content": "hi"}])
@@ -390,7 +391,7 @@ async def test_anthropic_door_reports_cache_parts_as_anthropic_does() -> None:
 
 
 async def test_responses_door_reports_cached_and_reasoning_tokens() -> None:
-    async with door() as (url, _):
+    async with door() as (url, _, _):
         sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         await sdk.responses.create(model="gpt", instructions=LONG, input="hi")
         answer = await sdk.responses.create(model="gpt", instructions=LONG, input="hi")
@@ -407,7 +408,7 @@ async def test_responses_door_reports_cached_and_reasoning_tokens() -> None:
 
 def test_token_parts_metric_access_log_and_span_attributes() -> None:
     metrics = DoorMetrics()
-    for parts, cached in (((1000, 0, 50), False), ((24, 100, 0), False), ((500, 0, 0), True)):
+    for parts, cached in (((1000, 0, 50, 0), False), ((24, 100, 0, 0), False), ((500, 0, 0, 0), True)):
         exchange = Exchange("http", "r1")
         exchange.route, exchange.tenant = "gpt", "acme"
         exchange.answered(1200, 300, 0.01, "e0", 1, cached, parts)
@@ -430,11 +431,12 @@ def test_token_parts_metric_access_log_and_span_attributes() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     with provider.get_tracer("t").start_as_current_span("s") as span:
-        usage_attributes(span, 1200, 300, (1000, 0, 50))
+        usage_attributes(span, 1200, 300, (1000, 0, 50, 2))
     (finished,) = exporter.get_finished_spans()
     assert dict(finished.attributes or {}) == {
         "gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 300,
-        "gen_ai.usage.cache_read.input_tokens": 1000, "gen_ai.usage.reasoning.output_tokens": 50}
+        "gen_ai.usage.cache_read.input_tokens": 1000, "gen_ai.usage.reasoning.output_tokens": 50,
+        "switchgear.usage.web_search_requests": 2}
 
 
 def test_gateway_messages_carry_the_parts() -> None:
@@ -499,7 +501,7 @@ async def test_openai_door_streams_an_anthropic_targets_cache_read_from_a_marked
     messages: Any = [{"role": "system", "content": [{"type": "text", "text": LONG,
                                                      "cache_control": {"type": "ephemeral"}}]},
                      {"role": "user", "content": "hi"}]
-    async with door() as (url, quotas):
+    async with door() as (url, quotas, _):
         sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         first = await sdk.chat.completions.create(model="claude", messages=messages)
         assert first.usage is not None and first.usage.model_extra == {"cache_creation_input_tokens": 1100}

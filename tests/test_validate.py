@@ -193,6 +193,18 @@ INVALID_SERVICES: list[tuple[str, ServiceSpec, str, str]] = [
         "pricing.cache_write_input_cost_per_1k_tokens",
         "finite",
     ),
+    (
+        "search price negative",
+        _service(pricing=Pricing(web_search_cost_per_1k_requests=-1.0)),
+        "pricing.web_search_cost_per_1k_requests",
+        ">= 0",
+    ),
+    (
+        "search price on a protocol that reports no searches",
+        _service(pricing=Pricing(web_search_cost_per_1k_requests=10.0)),
+        "pricing.web_search_cost_per_1k_requests",
+        "report no searches",
+    ),
     ("timeout negative", _service(timeout_s=-1.0), "timeout_s", ">= 0"),
     ("timeout inf", _service(timeout_s=math.inf), "timeout_s", "finite"),
     ("strategy unknown", _service(strategy="fastest"), "strategy", "unknown strategy; expected one of"),

@@ -401,19 +401,27 @@ _CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens")
 def usage_of(usage: Any) -> TokenUsage | None:
     """Anthropic usage → TokenUsage. Anthropic's `input_tokens` excludes the prompt-cache parts
     (`cache_read_input_tokens`, `cache_creation_input_tokens`); TokenUsage's input is all of
-    it, with the cache parts as subsets. None when a count is missing or not a count."""
+    it, with the cache parts as subsets. `server_tool_use.web_search_requests`: the searches its
+    web_search server tool ran (billed per search). None when a count is missing or not a count."""
     if not isinstance(usage, Mapping) or "input_tokens" not in usage:
         return None
     uncached, read, write = (_http.count(usage.get(k, 0)) for k in ("input_tokens", *_CACHE_KEYS))
     output = _http.count(usage.get("output_tokens", 0))
     if uncached is None or read is None or write is None or output is None:
         return None
-    return _total_usage(uncached, read, write, output)
+    return _total_usage(uncached, read, write, output, web_searches(usage))
 
 
-def _total_usage(uncached: int, read: int, write: int, output: int) -> TokenUsage:
+def web_searches(usage: Mapping[str, Any]) -> Any:
+    """The raw `server_tool_use.web_search_requests` of a usage object (0 when absent);
+    usage_with_parts believes it only when it is a count."""
+    tools = usage.get("server_tool_use")
+    return tools.get("web_search_requests", 0) if isinstance(tools, Mapping) else 0
+
+
+def _total_usage(uncached: int, read: int, write: int, output: int, searches: Any = 0) -> TokenUsage:
     total = min(uncached + read + write, MAX_TOKEN_COUNT)
-    return usage_with_parts(total, output, cache_read=read, cache_write=write)
+    return usage_with_parts(total, output, cache_read=read, cache_write=write, web_searches=searches)
 
 
 def chat_from_message(message: Mapping[str, Any], usage: TokenUsage, created: int) -> dict[str, Any]:
@@ -651,6 +659,7 @@ class _MessageStream:
         self.input_tokens: int | None = None  # Anthropic's: without the cache parts
         self.cache_tokens = [0, 0]  # cache reads, cache writes
         self.output_tokens: int | None = None
+        self.searches: Any = 0  # server_tool_use.web_search_requests, cumulative like output_tokens
         self.finish_reason: str | None = None
         self.stopped = False
         self.chars = 0
@@ -663,7 +672,8 @@ class _MessageStream:
     def usage(self) -> TokenUsage | None:
         if self.input_tokens is None or self.output_tokens is None:
             return None
-        return _total_usage(self.input_tokens, self.cache_tokens[0], self.cache_tokens[1], self.output_tokens)
+        return _total_usage(self.input_tokens, self.cache_tokens[0], self.cache_tokens[1], self.output_tokens,
+                            self.searches)
 
     def _note_input(self, usage: Mapping[str, Any]) -> None:
         """Input counts from message_start, or message_delta's cumulative ones when it has them."""
@@ -698,6 +708,7 @@ class _MessageStream:
             usage = _dict(message.get("usage"))
             self._note_input(usage)
             self.output_tokens = _http.count(usage.get("output_tokens"))
+            self.searches = web_searches(usage)
         elif kind == "content_block_delta":
             delta = _dict(obj.get("delta"))
             text = delta.get("text") if delta.get("type") == "text_delta" else ""
@@ -717,6 +728,8 @@ class _MessageStream:
                 self.output_tokens = usage["output_tokens"]
             if usage.get("input_tokens"):  # (a 0 here is "not counted again", not "none")
                 self._note_input(usage)
+            if "server_tool_use" in usage:
+                self.searches = web_searches(usage)
         elif kind == "message_stop":
             self.stopped = True
         return "", False

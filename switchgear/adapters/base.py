@@ -131,6 +131,8 @@ class TokenUsage:
     `cache_read_input_tokens` were read from the provider's prompt cache (billed at a discount),
     `cache_write_input_tokens` were written to it (Anthropic bills them above the input price);
     `reasoning_tokens` are the part of `output_tokens` the model spent thinking (not shown).
+    `web_search_requests` are not tokens: searches the provider ran for the call (Anthropic's
+    web_search server tool, an OpenAI search model), billed per search on top of the tokens.
     Anthropic reports input without its cache parts: its adapter adds them back in.
     Invariant (the adapters keep it): reads + writes <= input, reasoning <= output.
     """
@@ -141,6 +143,7 @@ class TokenUsage:
     cache_read_input_tokens: int = 0
     cache_write_input_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0
 
     @property
     def uncached_input_tokens(self) -> int:
@@ -161,24 +164,32 @@ def token_count(value: Any) -> int | None:
     return value if 0 <= value <= MAX_TOKEN_COUNT else None
 
 
+#: The most searches one call may report (Anthropic caps a request's searches with `max_uses`;
+#: a count above this is not believed, as a token count above MAX_TOKEN_COUNT is not).
+MAX_WEB_SEARCHES = 10_000
+
+
 def usage_with_parts(input_tokens: int, output_tokens: int, cache_read: Any = 0, cache_write: Any = 0,
-                     reasoning: Any = 0) -> TokenUsage:
+                     reasoning: Any = 0, web_searches: Any = 0) -> TokenUsage:
     """A reported TokenUsage whose parts (raw provider values) are believed only when they are
     counts, and clamped so they never exceed their totals (a provider's inconsistent answer
     then costs at most what its totals say)."""
     read = min(token_count(cache_read) or 0, input_tokens)
     write = min(token_count(cache_write) or 0, input_tokens - read)
     thought = min(token_count(reasoning) or 0, output_tokens)
+    searches = token_count(web_searches) or 0
     return TokenUsage(input_tokens, output_tokens, cache_read_input_tokens=read, cache_write_input_tokens=write,
-                      reasoning_tokens=thought)
+                      reasoning_tokens=thought, web_search_requests=searches if searches <= MAX_WEB_SEARCHES else 0)
 
 
-def anthropic_usage(usage: TokenUsage) -> dict[str, int]:
+def anthropic_usage(usage: TokenUsage) -> dict[str, Any]:
     """`usage` as an Anthropic message's usage object: `input_tokens` without the cache parts."""
     return {"input_tokens": usage.uncached_input_tokens,
             "cache_creation_input_tokens": usage.cache_write_input_tokens,
             "cache_read_input_tokens": usage.cache_read_input_tokens,
-            "output_tokens": usage.output_tokens}
+            "output_tokens": usage.output_tokens,
+            **({"server_tool_use": {"web_search_requests": usage.web_search_requests}}
+               if usage.web_search_requests else {})}
 
 
 def responses_usage(usage: TokenUsage) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def _pricing_to_proto(p: Pricing) -> common_pb2.Pricing:
         cost_per_request=p.cost_per_request,
         cache_read_input_cost_per_1k_tokens=p.cache_read_input_cost_per_1k_tokens,
         cache_write_input_cost_per_1k_tokens=p.cache_write_input_cost_per_1k_tokens,
+        web_search_cost_per_1k_requests=p.web_search_cost_per_1k_requests,
     )
 
 
@@ -75,6 +76,7 @@ def _pricing_from_proto(p: common_pb2.Pricing) -> Pricing:
         cost_per_request=p.cost_per_request,
         cache_read_input_cost_per_1k_tokens=p.cache_read_input_cost_per_1k_tokens,
         cache_write_input_cost_per_1k_tokens=p.cache_write_input_cost_per_1k_tokens,
+        web_search_cost_per_1k_requests=p.web_search_cost_per_1k_requests,
     )
 
 

@@ -91,6 +91,7 @@ class Pricing:
     cost_per_request: float = 0.0
     cache_read_input_cost_per_1k_tokens: float = 0.0
     cache_write_input_cost_per_1k_tokens: float = 0.0
+    web_search_cost_per_1k_requests: float = 0.0  # per 1,000 searches the provider ran (server tools)
 
 
 @dataclass(frozen=True)

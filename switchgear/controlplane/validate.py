@@ -153,6 +153,7 @@ _SERVICE_NUMBERS: tuple[tuple[str, Callable[[ServiceSpec], object], _Check], ...
      _non_negative),
     ("pricing.cache_write_input_cost_per_1k_tokens", lambda s: s.pricing.cache_write_input_cost_per_1k_tokens,
      _non_negative),
+    ("pricing.web_search_cost_per_1k_requests", lambda s: s.pricing.web_search_cost_per_1k_requests, _non_negative),
 )
 
 _ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], ...] = (
@@ -170,6 +171,7 @@ _PRICES: tuple[tuple[str, Callable[[Pricing], object], _Check], ...] = (
     ("cost_per_request", lambda p: p.cost_per_request, _non_negative),
     ("cache_read_input_cost_per_1k_tokens", lambda p: p.cache_read_input_cost_per_1k_tokens, _non_negative),
     ("cache_write_input_cost_per_1k_tokens", lambda p: p.cache_write_input_cost_per_1k_tokens, _non_negative),
+    ("web_search_cost_per_1k_requests", lambda p: p.web_search_cost_per_1k_requests, _non_negative),
 )
 
 
@@ -289,12 +291,29 @@ def _token_price_problems(protocol: str, pricing: Pricing | None, path: str) -> 
                               "costs anything: price its calls with cost_per_request")
 
 
+#: The protocols whose answers report searches the provider ran (usage.server_tool_use).
+SEARCH_REPORTING_PROTOCOLS = frozenset({"anthropic"})
+
+
+def _search_price_problem(protocols: set[str], pricing: Pricing | None, path: str) -> Iterator[Problem]:
+    value = pricing.web_search_cost_per_1k_requests if pricing is not None else 0
+    if _is_number(value) and value > 0 and not protocols & SEARCH_REPORTING_PROTOCOLS:
+        yield Problem(f"{path}web_search_cost_per_1k_requests",
+                      f"{'/'.join(sorted(protocols))} answers report no searches, so a search price never costs "
+                      "anything (only anthropic answers count them); price a search model's calls with "
+                      "cost_per_request")
+
+
 def _check_tokenless(spec: ServiceSpec) -> Iterator[Problem]:
-    """Token prices and tokens-per-minute limits only where answers carry tokens (TOKENLESS_PROTOCOLS)."""
+    """Token prices and tokens-per-minute limits only where answers carry tokens (TOKENLESS_PROTOCOLS);
+    a search price only where answers count searches (SEARCH_REPORTING_PROTOCOLS)."""
     yield from _token_price_problems(spec.protocol, spec.pricing, "pricing.")
+    served = {endpoint.protocol or spec.protocol for endpoint in spec.endpoints} or {spec.protocol}
+    yield from _search_price_problem(served, spec.pricing, "pricing.")
     for index, endpoint in enumerate(spec.endpoints):
         protocol = endpoint.protocol or spec.protocol
         yield from _token_price_problems(protocol, endpoint.pricing, f"endpoints[{index}].pricing.")
+        yield from _search_price_problem({protocol}, endpoint.pricing, f"endpoints[{index}].pricing.")
         if protocol in TOKENLESS_PROTOCOLS and endpoint.tpm_limit:
             yield Problem(f"endpoints[{index}].tpm_limit", f"{protocol} answers carry no token usage, so a tokens "
                           "per minute limit never applies: use rpm_limit")

@@ -11,7 +11,8 @@ its upstream attempts, and when it ends one JSON line goes to the `switchgear.ac
      "cached": false, "reason": "", "session": ""}
 
 with "cache_read_input_tokens", "cache_write_input_tokens" and "reasoning_tokens" (parts of the
-input and output counts) added when the answer reported any.
+input and output counts) and "web_search_requests" (searches the provider ran, priced per search)
+added when the answer reported any.
 
 Never a key, a header or a payload: the route is a service the snapshot names (else
 "unknown"), `reason` an error code from a fixed set. `--access-log` sends the lines to stderr
@@ -75,15 +76,18 @@ def label(text: str) -> str:
     return text if len(text) <= 64 and _ID_RE.fullmatch(text) else "invalid"
 
 
-Parts = tuple[int, int, int]
-NO_PARTS: Parts = (0, 0, 0)
-#: The token counts that are parts of input_tokens / output_tokens, in `Parts` order.
-PART_KEYS = ("cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens")
+Parts = tuple[int, int, int, int]
+NO_PARTS: Parts = (0, 0, 0, 0)
+#: The token counts that are parts of input_tokens / output_tokens, then the web searches the
+#: provider ran (not tokens), in `Parts` order.
+PART_KEYS = ("cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens", "web_search_requests")
 
 
 def parts_of(usage: Any) -> Parts:
-    """(cache read, cache write, reasoning) tokens of a TokenUsage or a gateway Usage message."""
-    return (int(usage.cache_read_input_tokens), int(usage.cache_write_input_tokens), int(usage.reasoning_tokens))
+    """(cache read, cache write, reasoning) tokens and web searches of a TokenUsage or a gateway
+    Usage message."""
+    return (int(usage.cache_read_input_tokens), int(usage.cache_write_input_tokens), int(usage.reasoning_tokens),
+            int(usage.web_search_requests))
 
 
 def current() -> Exchange | None:
@@ -107,12 +111,12 @@ class Exchange:
         self.attempts = self.input_tokens = self.output_tokens = 0
         self.cost_usd = self.latency_s = self.upstream_s = 0.0  # upstream_s: its attempts' own time
         self.cached = False
-        self.parts = NO_PARTS  # (cache read, cache write) input tokens, reasoning output tokens
+        self.parts = NO_PARTS  # (cache read, cache write) input tokens, reasoning output tokens, web searches
         self.started = time.perf_counter()
         self._token: contextvars.Token[Exchange | None] | None = _CURRENT.set(self)
 
     def answered(self, input_tokens: int, output_tokens: int, cost_usd: float, endpoint: str, attempts: int,
-                 cached: bool = False, parts: Parts = (0, 0, 0)) -> None:
+                 cached: bool = False, parts: Parts = NO_PARTS) -> None:
         """What the answer said: its usage (and its `parts`), cost, the endpoint that served
         it, the attempts made."""
         self.input_tokens, self.output_tokens, self.cost_usd = input_tokens, output_tokens, cost_usd

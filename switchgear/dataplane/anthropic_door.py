@@ -278,6 +278,10 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
         chat["user"] = user
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
+        for i, t in enumerate(tools):  # a server tool (web_search_...) runs at Anthropic, never as a function
+            if isinstance(t, dict) and t.get("type", "custom") != "custom":
+                raise _bad(f"tools.{i}.type", f"{str(t.get('type'))[:64]!r} is a server tool: this model's "
+                           "targets do not all speak Anthropic's protocol, so only custom tools can be served")
         chat["tools"] = [{"type": "function", "function": {
             "name": t.get("name", ""), "description": t.get("description", ""),
             "parameters": t.get("input_schema", {"type": "object"})}} for t in tools if isinstance(t, dict)]

@@ -71,7 +71,8 @@ def _health(value: int) -> str:
 
 def _pricing(p: common_pb2.Pricing) -> Pricing:
     return Pricing(p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens,
-                   p.cost_per_request, p.cache_read_input_cost_per_1k_tokens, p.cache_write_input_cost_per_1k_tokens)
+                   p.cost_per_request, p.cache_read_input_cost_per_1k_tokens, p.cache_write_input_cost_per_1k_tokens,
+                   p.web_search_cost_per_1k_requests)
 
 
 def _secret(msg: common_pb2.Endpoint | common_pb2.Service) -> SecretRef | None:

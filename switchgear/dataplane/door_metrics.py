@@ -11,6 +11,8 @@ What an SRE queries (counters since start; labels bounded, see below):
     switchgear_token_parts_total{route, tenant, part}              parts of those: cache_read /
                                                                     cache_write (of input), reasoning
                                                                     (of output); never add to the above
+    switchgear_web_searches_total{route, tenant}                   searches providers ran for answers
+                                                                    (server tools), priced per search
     switchgear_cost_usd_total{route, tenant}                       USD, as answers said
 
 (A cache hit is a request, not spend: it moves requests, not tokens or cost.)
@@ -105,6 +107,7 @@ class DoorMetrics(PromCollector):
         self.attempts: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str, str], int] = {}
         self.token_parts: dict[tuple[str, str, str], int] = {}
+        self.web_searches: dict[tuple[str, str], int] = {}
         self.cost: dict[tuple[str, str], float] = {}
 
     # AttemptObserver
@@ -144,11 +147,14 @@ class DoorMetrics(PromCollector):
             for direction, count in (("input", exchange.input_tokens), ("output", exchange.output_tokens)):
                 tkey = (route, tenant, direction)
                 self.tokens[tkey] = self.tokens.get(tkey, 0) + count
-            for part, count in zip(TOKEN_PARTS, exchange.parts, strict=True):
+            *token_parts, searches = exchange.parts
+            for part, count in zip(TOKEN_PARTS, token_parts, strict=True):
                 if count:
                     pkey = (route, tenant, part)
                     self.token_parts[pkey] = self.token_parts.get(pkey, 0) + count
             ckey = (route, tenant)
+            if searches:
+                self.web_searches[ckey] = self.web_searches.get(ckey, 0) + searches
             self.cost[ckey] = self.cost.get(ckey, 0.0) + exchange.cost_usd
 
     def collect(self) -> Iterator[Any]:
@@ -182,6 +188,11 @@ class DoorMetrics(PromCollector):
         for part_labels, count in sorted(self.token_parts.items()):
             parts.add_metric(list(part_labels), float(count))
         yield parts
+        searched = CounterMetricFamily("switchgear_web_searches", "Web searches providers ran for answers (server "
+                                       "tools), priced per search", labels=("route", "tenant"))
+        for search_labels, count in sorted(self.web_searches.items()):
+            searched.add_metric(list(search_labels), float(count))
+        yield searched
         cost = CounterMetricFamily("switchgear_cost_usd", "USD answers cost", labels=("route", "tenant"))
         for cost_labels, usd in sorted(self.cost.items()):
             cost.add_metric(list(cost_labels), usd)

@@ -47,6 +47,7 @@ def _response(request_id: str, result: Result, cached: bool = False, tenant: str
     usage.cache_read_input_tokens = result.usage.cache_read_input_tokens
     usage.cache_write_input_tokens = result.usage.cache_write_input_tokens
     usage.reasoning_tokens = result.usage.reasoning_tokens
+    usage.web_search_requests = result.usage.web_search_requests
     usage.cost_usd = result.cost_usd
     if result.target is not None:
         _fill_target(response.target, result.endpoint, result.target)
@@ -67,6 +68,7 @@ def _fill_target(info: gateway_pb2.TargetInfo, endpoint: str, target: TargetView
     pricing.cost_per_request = p.cost_per_request
     pricing.cache_read_input_cost_per_1k_tokens = p.cache_read_input_cost_per_1k_tokens
     pricing.cache_write_input_cost_per_1k_tokens = p.cache_write_input_cost_per_1k_tokens
+    pricing.web_search_cost_per_1k_requests = p.web_search_cost_per_1k_requests
 
 
 def _stream_end(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStreamEnd:
@@ -92,6 +94,7 @@ def _stream_end_fields(request_id: str, end: StreamEnd) -> gateway_pb2.InvokeStr
             cache_read_input_tokens=end.usage.cache_read_input_tokens,
             cache_write_input_tokens=end.usage.cache_write_input_tokens,
             reasoning_tokens=end.usage.reasoning_tokens,
+            web_search_requests=end.usage.web_search_requests,
         ),
         failover=end.failover,
         snapshot_version=end.version,

@@ -143,14 +143,16 @@ def _target(endpoint: str, target: TargetView | None) -> dict[str, Any] | None:
                         "output_cost_per_1k_tokens": p.output_cost_per_1k_tokens,
                         "cost_per_request": p.cost_per_request,
                         "cache_read_input_cost_per_1k_tokens": p.cache_read_input_cost_per_1k_tokens,
-                        "cache_write_input_cost_per_1k_tokens": p.cache_write_input_cost_per_1k_tokens}}
+                        "cache_write_input_cost_per_1k_tokens": p.cache_write_input_cost_per_1k_tokens,
+                        "web_search_cost_per_1k_requests": p.web_search_cost_per_1k_requests}}
 
 
 def _usage(usage: TokenUsage, cost_usd: float) -> dict[str, Any]:
     """Usage's fields (common.proto): the cache and reasoning counts are parts of the totals."""
     return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": cost_usd,
             "estimated": usage.estimated, "cache_read_input_tokens": usage.cache_read_input_tokens,
-            "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens}
+            "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens,
+            "web_search_requests": usage.web_search_requests}
 
 
 def answer(call: Call, result: Result, cached: bool, tenant: str) -> bytes:

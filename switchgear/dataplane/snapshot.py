@@ -37,6 +37,7 @@ class Pricing:
     cost_per_request: float = 0.0
     cache_read_input_cost_per_1k_tokens: float = 0.0
     cache_write_input_cost_per_1k_tokens: float = 0.0
+    web_search_cost_per_1k_requests: float = 0.0
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """USD for one call with no prompt-cache use: request price plus tokens at the
@@ -48,14 +49,16 @@ class Pricing:
     def charge(self, usage: TokenUsage) -> float:
         """USD for a finished call: request price + uncached input × input price + cache reads ×
         cache-read price + cache writes × cache-write price + output × output price (per 1k
-        tokens; an unset cache price is the input price). Reasoning tokens are output tokens."""
+        tokens; an unset cache price is the input price) + web searches × the search price (per
+        1k searches). Reasoning tokens are output tokens."""
         in_price = self.input_cost_per_1k_tokens or self.cost_per_1k_tokens
         read_price = self.cache_read_input_cost_per_1k_tokens or in_price
         write_price = self.cache_write_input_cost_per_1k_tokens or in_price
         out_price = self.output_cost_per_1k_tokens or self.cost_per_1k_tokens
         tokens = (usage.uncached_input_tokens * in_price + usage.cache_read_input_tokens * read_price
                   + usage.cache_write_input_tokens * write_price + usage.output_tokens * out_price)
-        return self.cost_per_request + tokens / 1000.0
+        searches = usage.web_search_requests * self.web_search_cost_per_1k_requests
+        return self.cost_per_request + (tokens + searches) / 1000.0
 
 
 @dataclass(frozen=True)

@@ -569,8 +569,10 @@ def _response_attributes(span: trace.Span, response: Any) -> None:
 
 #: GenAI registry names for the parts of the token counts, in access_log.Parts order. Like
 #: gen_ai.usage.input_tokens, which includes both cache parts, they are subsets of the totals.
+#: In access_log.Parts order. GenAI's conventions name no attribute for a provider's own
+#: searches, so that one is in Switchgear's namespace.
 USAGE_PART_ATTRIBUTES = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
-                         "gen_ai.usage.reasoning.output_tokens")
+                         "gen_ai.usage.reasoning.output_tokens", "switchgear.usage.web_search_requests")
 
 
 def usage_attributes(span: trace.Span, input_tokens: int, output_tokens: int, parts: access_log.Parts) -> None:

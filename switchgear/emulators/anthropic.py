@@ -37,6 +37,13 @@ authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit
 retry-after and anthropic-ratelimit-* headers), 500 api_error, 529 overloaded_error. A
 stream cut by the `stream_cut_after` fault ends with `event: error` (overloaded_error).
 
+Web search (the server tool `{"type": "web_search_20250305", "name": "web_search", "max_uses": N}`,
+as Anthropic's): the model searches once for each time the last user message's text says
+"search", at most `max_uses` times; each search is a `server_tool_use` block (input
+`{"query": ...}`) then a `web_search_tool_result` block of results (their text counted as
+SEARCH_RESULT_TOKENS more input tokens a search), before the text answer; `usage.server_tool_use.
+web_search_requests` counts them (also on the stream's `message_delta`), as Anthropic bills them.
+
 `POST /v1/messages/count_tokens` takes a Messages body without max_tokens, stream or
 stop_sequences (400 "Extra inputs are not permitted") and answers `{"input_tokens": N}`, the
 count /v1/messages would report for the same body.
@@ -89,6 +96,9 @@ _MESSAGES = {529: "Overloaded", 500: "Internal server error"}
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
 _TOOL_CHOICES = ("auto", "any", "tool", "none")
+_WEB_SEARCH_TYPE = re.compile(r"web_search_[0-9]{8}")
+#: The input tokens one search's results add (deterministic, as the rest of the emulator).
+SEARCH_RESULT_TOKENS = 40
 _NOT_ANSWERED = (
     "{where}: `tool_use` ids were found without `tool_result` blocks immediately after: {ids}. "
     "Each `tool_use` block must have a corresponding `tool_result` block in the next message."
@@ -178,6 +188,26 @@ class Tools:
     choice: str = "auto"
     name: str = ""
     single: bool = False  # disable_parallel_tool_use
+    max_searches: int = 0  # with the web_search server tool: its max_uses (else 0: no search tool)
+
+
+#: A web_search tool without max_uses: searches the answer may run at most.
+_SEARCH_CAP = 10
+
+
+def _web_search_tool(path: str, tool: Mapping[str, Any]) -> int:
+    """A web_search server tool checked as Anthropic checks it: its max_uses (or _SEARCH_CAP)."""
+    if tool.get("name") != "web_search":
+        raise AnthropicError(400, f"{path}.name: Input should be 'web_search'")
+    uses = tool.get("max_uses", _SEARCH_CAP)
+    if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+        raise AnthropicError(400, f"{path}.max_uses: Input should be greater than 0")
+    for key in ("allowed_domains", "blocked_domains"):
+        if key in tool and not (isinstance(tool[key], list) and all(isinstance(d, str) for d in tool[key])):
+            raise AnthropicError(400, f"{path}.{key}: Input should be a valid list of strings")
+    if "allowed_domains" in tool and "blocked_domains" in tool:
+        raise AnthropicError(400, f"{path}: only one of allowed_domains and blocked_domains may be given")
+    return min(uses, _SEARCH_CAP)
 
 
 def parse_tools(body: Mapping[str, Any]) -> Tools:
@@ -190,9 +220,15 @@ def parse_tools(body: Mapping[str, Any]) -> Tools:
     if not isinstance(tools, list):
         raise AnthropicError(400, "tools: Input should be a valid list")
     names: list[str] = []
+    searches = 0
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise AnthropicError(400, f"tools.{i}: Input should be a valid dictionary")
+        if isinstance(tool.get("type"), str) and _WEB_SEARCH_TYPE.fullmatch(tool["type"]):
+            if searches:
+                raise AnthropicError(400, "tools: Tool names must be unique.")
+            searches = _web_search_tool(f"tools.{i}", tool)
+            continue
         if tool.get("type", "custom") != "custom":
             raise AnthropicError(400, f"tools.{i}.type: Input tag {tool['type']!r} found using 'type' does not match "
                                  "any of the expected tags: 'custom'")
@@ -225,7 +261,7 @@ def parse_tools(body: Mapping[str, Any]) -> Tools:
             raise AnthropicError(400, "tool_choice.name: Field required")
         if name not in names:
             raise AnthropicError(400, f"tool_choice.name: Tool '{name}' not found in tools")
-    return Tools(tuple(names), choice["type"], name if isinstance(name, str) else "", single)
+    return Tools(tuple(names), choice["type"], name if isinstance(name, str) else "", single, searches)
 
 
 _BLOCK_TYPES = ("text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
@@ -413,6 +449,19 @@ def call_names(tools: Tools, asked: str) -> tuple[str, ...]:
     return names[:1] if tools.single else names
 
 
+def search_blocks(msg_id: str, asked: str, tools: Tools) -> list[dict[str, Any]]:
+    """The server_tool_use and web_search_tool_result blocks of the searches the answer runs."""
+    blocks: list[dict[str, Any]] = []
+    query, _ = oa.truncate_tokens(asked, 8)
+    for k in range(min(asked.lower().count("search"), tools.max_searches)):
+        use_id = "srvtoolu_" + hashlib.sha256(f"{msg_id}:search:{k}".encode()).hexdigest()[:24]
+        blocks.append({"type": "server_tool_use", "id": use_id, "name": "web_search", "input": {"query": query}})
+        blocks.append({"type": "web_search_tool_result", "tool_use_id": use_id, "content": [
+            {"type": "web_search_result", "url": f"https://example.com/{k}", "title": f"Result {k}",
+             "encrypted_content": base64.b64encode(f"{query}:{k}".encode()).decode(), "page_age": None}]})
+    return blocks
+
+
 def reply_blocks(
     instance: str, msg_id: str, messages: list[dict[str, Any]], max_tokens: int, stops: list[str], tools: Tools
 ) -> tuple[list[dict[str, Any]], str, str | None]:
@@ -422,7 +471,8 @@ def reply_blocks(
     names = call_names(tools, asked)
     if not names:
         text, stop_reason, stop_sequence = answer(instance, asked or _results_text(last), max_tokens, stops)
-        return [{"type": "text", "text": text}], stop_reason, stop_sequence
+        searched = search_blocks(msg_id, asked, tools) if tools.max_searches else []
+        return [*searched, {"type": "text", "text": text}], stop_reason, stop_sequence
     echo, _ = oa.truncate_tokens(asked, 12)
     blocks: list[dict[str, Any]] = []
     if tools.choice == "auto":  # under "any" and "tool" Claude is prefilled to call at once
@@ -434,7 +484,10 @@ def reply_blocks(
 
 
 def _spelled(block: Mapping[str, Any]) -> str:
-    """What a block says, as streamed: its text, or its input as JSON the way Anthropic streams it."""
+    """What a block says, as streamed: its text, or its input as JSON the way Anthropic streams it
+    (a search's results are input, not output: nothing)."""
+    if block["type"] == "web_search_tool_result":
+        return ""
     return str(block["text"]) if block["type"] == "text" else json.dumps(block["input"], ensure_ascii=False)
 
 
@@ -521,12 +574,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
     msg_id = "msg_" + hashlib.sha256(instance.next_id().encode()).hexdigest()[:24]
     blocks, stop_reason, stop_sequence = reply_blocks(instance.spec.name, msg_id, turns, max_tokens, stops, tools)
     read, write = cache_usage(instance.prompt_cache, model, marks)
-    usage = {  # Anthropic's input_tokens leaves out what was read from or written to the cache
-        "input_tokens": prompt_tokens - read - write,
+    searches = sum(b["type"] == "server_tool_use" for b in blocks)
+    usage: dict[str, Any] = {  # Anthropic's input_tokens leaves out what was read from or written to the cache
+        "input_tokens": prompt_tokens - read - write + searches * SEARCH_RESULT_TOKENS,
         "output_tokens": sum(oa.count_tokens(_spelled(b)) for b in blocks),
         "cache_creation_input_tokens": write,
         "cache_read_input_tokens": read,
     }
+    if searches:
+        usage["server_tool_use"] = {"web_search_requests": searches}
+        instance.notes["web_search_requests"] += searches
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": model}
     if stream:
         return await _stream(request, head, blocks, stop_reason, stop_sequence, usage)
@@ -544,6 +601,8 @@ def _block_events(block: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[s
     """(content_block_start's block, the deltas) of one content block, as Anthropic streams it."""
     if block["type"] == "text":
         return {"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in oa.token_pieces(block["text"])]
+    if block["type"] == "web_search_tool_result":
+        return dict(block), []  # whole in its start event
     arguments = _spelled(block)
     pieces = [""] + [arguments[at : at + 8] for at in range(0, len(arguments), 8)]
     return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json": p} for p in pieces]
@@ -568,6 +627,7 @@ async def _stream(
     )
     await response.prepare(request)
     start_usage = {**usage, "output_tokens": 1}
+    start_usage.pop("server_tool_use", None)  # (counted by message_delta, as the searches run)
     await response.write(
         _event(
             "message_start",
@@ -604,7 +664,8 @@ async def _stream(
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                "usage": {"output_tokens": usage["output_tokens"]},
+                "usage": {"output_tokens": usage["output_tokens"],
+                          **({"server_tool_use": usage["server_tool_use"]} if "server_tool_use" in usage else {})},
             },
         )
     )

@@ -47,20 +47,22 @@ class SecretRef(_message.Message):
     def __init__(self, env: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
 
 class Pricing(_message.Message):
-    __slots__ = ("cost_per_1k_tokens", "input_cost_per_1k_tokens", "output_cost_per_1k_tokens", "cost_per_request", "cache_read_input_cost_per_1k_tokens", "cache_write_input_cost_per_1k_tokens")
+    __slots__ = ("cost_per_1k_tokens", "input_cost_per_1k_tokens", "output_cost_per_1k_tokens", "cost_per_request", "cache_read_input_cost_per_1k_tokens", "cache_write_input_cost_per_1k_tokens", "web_search_cost_per_1k_requests")
     COST_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_COST_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_COST_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CACHE_READ_INPUT_COST_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_WRITE_INPUT_COST_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEB_SEARCH_COST_PER_1K_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     cost_per_1k_tokens: float
     input_cost_per_1k_tokens: float
     output_cost_per_1k_tokens: float
     cost_per_request: float
     cache_read_input_cost_per_1k_tokens: float
     cache_write_input_cost_per_1k_tokens: float
-    def __init__(self, cost_per_1k_tokens: _Optional[float] = ..., input_cost_per_1k_tokens: _Optional[float] = ..., output_cost_per_1k_tokens: _Optional[float] = ..., cost_per_request: _Optional[float] = ..., cache_read_input_cost_per_1k_tokens: _Optional[float] = ..., cache_write_input_cost_per_1k_tokens: _Optional[float] = ...) -> None: ...
+    web_search_cost_per_1k_requests: float
+    def __init__(self, cost_per_1k_tokens: _Optional[float] = ..., input_cost_per_1k_tokens: _Optional[float] = ..., output_cost_per_1k_tokens: _Optional[float] = ..., cost_per_request: _Optional[float] = ..., cache_read_input_cost_per_1k_tokens: _Optional[float] = ..., cache_write_input_cost_per_1k_tokens: _Optional[float] = ..., web_search_cost_per_1k_requests: _Optional[float] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service")
@@ -149,7 +151,7 @@ class Service(_message.Message):
     def __init__(self, name: _Optional[str] = ..., category: _Optional[_Union[ServiceCategory, str]] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., options_json: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "cost_usd", "estimated", "cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens")
+    __slots__ = ("input_tokens", "output_tokens", "cost_usd", "estimated", "cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens", "web_search_requests")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,7 @@ class Usage(_message.Message):
     CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     cost_usd: float
@@ -164,4 +167,5 @@ class Usage(_message.Message):
     cache_read_input_tokens: int
     cache_write_input_tokens: int
     reasoning_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., estimated: _Optional[bool] = ..., cache_read_input_tokens: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ...) -> None: ...
+    web_search_requests: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., estimated: _Optional[bool] = ..., cache_read_input_tokens: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., web_search_requests: _Optional[int] = ...) -> None: ...

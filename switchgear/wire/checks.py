@@ -93,8 +93,7 @@ def _check_secret_and_prices(msg: common_pb2.Service | common_pb2.Endpoint, path
     if msg.HasField("api_key") and not (msg.api_key.env or msg.api_key.file):
         raise SnapshotError(f"{path}.api_key", "set env or file")
     p = msg.pricing
-    prices = (p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request,
-              p.cache_read_input_cost_per_1k_tokens, p.cache_write_input_cost_per_1k_tokens)
+    prices = [value for _, value in p.ListFields()]  # every price set (all are doubles; unset ones are 0)
     if any(not math.isfinite(x) or x < 0 for x in prices):
         raise SnapshotError(f"{path}.pricing", "prices must be finite and non-negative")
 

@@ -102,6 +102,7 @@ _PRICE_LEAVES = tuple(
         "cost_per_request",
         "cache_read_input_cost_per_1k_tokens",
         "cache_write_input_cost_per_1k_tokens",
+        "web_search_cost_per_1k_requests",
     )
 )
 _ENTRY_KEYS = (

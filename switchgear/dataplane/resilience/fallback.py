@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from enum import Enum
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -134,9 +134,7 @@ def is_local_model(service: ServiceView, metadata: Mapping[str, str] = _EMPTY, c
         return False  # (a category route gathers services: it is never a local model itself)
     if capability in service.capabilities or metadata.get("fallback") == "local":
         return True
-    prices = [x for p in {service.target(e).pricing for e in service.endpoints} for x in (
-        p.cost_per_1k_tokens, p.input_cost_per_1k_tokens, p.output_cost_per_1k_tokens, p.cost_per_request,
-        p.cache_read_input_cost_per_1k_tokens, p.cache_write_input_cost_per_1k_tokens)]
+    prices = [x for p in {service.target(e).pricing for e in service.endpoints} for x in astuple(p)]
     private = all(is_private_host(urlsplit(e.url).hostname or "") for e in service.endpoints)
     return not any(prices) and bool(service.endpoints) and private
 
