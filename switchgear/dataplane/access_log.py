@@ -99,8 +99,8 @@ class Exchange:
     """One request at a door. Fields are filled as the request goes; `finish` ends it."""
 
     __slots__ = ("_token", "attempts", "cached", "cost_usd", "door", "endpoint", "input_tokens", "latency_s",
-                 "method", "output_tokens", "parts", "reason", "request_id", "route", "session", "started", "status",
-                 "status_class", "tenant", "upstream_s")
+                 "limits", "method", "output_tokens", "parts", "reason", "request_id", "route", "session", "started",
+                 "status", "status_class", "tenant", "upstream_s")
 
     def __init__(self, door: str, request_id: str) -> None:
         self.door = door
@@ -112,6 +112,7 @@ class Exchange:
         self.cost_usd = self.latency_s = self.upstream_s = 0.0  # upstream_s: its attempts' own time
         self.cached = False
         self.parts = NO_PARTS  # (cache read, cache write) input tokens, reasoning output tokens, web searches
+        self.limits: tuple[Any, ...] = ()  # quota.Limit: the tenant's rate limits after its admission (headers)
         self.started = time.perf_counter()
         self._token: contextvars.Token[Exchange | None] | None = _CURRENT.set(self)
 
@@ -162,6 +163,13 @@ def note_route(service: str) -> None:
     exchange = _CURRENT.get()
     if exchange is not None:
         exchange.route = service
+
+
+def note_limits(limits: tuple[Any, ...]) -> None:
+    """The tenant's rate limits as its admission left them (quota.Limit), for the doors to tell."""
+    exchange = _CURRENT.get()
+    if exchange is not None:
+        exchange.limits = limits
 
 
 def note_answer(usage: Any, cost_usd: float, endpoint: str, attempts: int, cached: bool = False) -> None:

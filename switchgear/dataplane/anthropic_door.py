@@ -47,6 +47,7 @@ from switchgear.dataplane.http_edge import relay, target_headers
 from switchgear.dataplane.invoke import Result
 from switchgear.dataplane.outcome import failed
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, Recorded, Served
+from switchgear.dataplane.quota import limit_headers
 from switchgear.dataplane.snapshot import AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import FallbackChunk, StreamEnd, Streamer, StreamItem
 
@@ -129,6 +130,9 @@ class Hooks:
                    **target_headers(recorded.meter.committed() if recorded.meter is not None else None)}
         if isinstance(first, FallbackChunk):  # a preset or the task queue answered (its whole answer)
             headers["x-switchgear-fallback"] = first.source
+        exchange = access_log.current()
+        if exchange is not None and exchange.limits:  # (a whole answer gets them at the edge: http_edge.py)
+            headers.update(limit_headers(exchange.limits, request.path.startswith("/v1/messages")))
         response = web.StreamResponse(headers=headers)
         try:
             await response.prepare(request)

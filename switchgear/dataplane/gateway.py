@@ -14,6 +14,7 @@ from switchgear.dataplane.convert import call_from_proto
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, public_text, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
+from switchgear.dataplane.quota import limit_headers
 from switchgear.dataplane.snapshot import Holder, TargetView
 from switchgear.dataplane.stream import StreamEnd, Streamer
 from switchgear.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -111,11 +112,18 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable")
 
 
+def _limit_trailers() -> list[tuple[str, str]]:
+    """The tenant's rate limits as its admission left them (quota.limit_headers), as trailers."""
+    exchange = access_log.current()
+    return limit_headers(exchange.limits) if exchange is not None and exchange.limits else []
+
+
 async def render(context: grpc.aio.ServicerContext, refused: Refusal,
                  extra: tuple[tuple[str, str], ...] = ()) -> NoReturn:
-    """A refusal as this door says it: its status, and trailers `retry-after` (whole seconds)
-    and `switchgear-<name>` for each detail (attempts, error-kind, upstream-status, shed, ...)."""
-    trailers = [*extra, *((f"switchgear-{name}", value) for name, value in refused.details)]
+    """A refusal as this door says it: its status, and trailers `retry-after` (whole seconds),
+    `switchgear-<name>` for each detail (attempts, error-kind, upstream-status, shed, ...) and
+    the tenant's rate limits (`x-ratelimit-*`) when its admission read any."""
+    trailers = [*extra, *((f"switchgear-{name}", value) for name, value in refused.details), *_limit_trailers()]
     if refused.retry_after is not None:
         trailers.append(("retry-after", refused.retry_after))
     if trailers:
@@ -150,6 +158,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await render(context, refusal(exc))
         if served.cached:
             await context.send_initial_metadata((("switchgear-cache", "hit"),))
+        limits = _limit_trailers()
+        if limits:
+            context.set_trailing_metadata(tuple(limits))
         return _response(call.request_id, served.result, served.cached, served.tenant)
 
     async def InvokeStream(  # noqa: N802
@@ -180,6 +191,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         finally:  # also when the caller cancels: release the upstream connection and charge now
             await items.aclose()
         yield gateway_pb2.InvokeStreamResponse(end=_stream_end(call.request_id, item))
+        limits = _limit_trailers()
+        if limits and item.error is None:  # (a failed stream's trailers are render's)
+            context.set_trailing_metadata(tuple(limits))
         if item.error is not None:
             await render(context, failed(item.error, item.attempts, item.service, item.endpoint, interrupted=True),
                          (("switchgear-stream-interrupted", "after-first-token"),))

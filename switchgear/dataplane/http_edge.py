@@ -6,7 +6,9 @@ span continuing the caller's `traceparent` when tracing is on (upstream attempts
 children), writes a whole answer itself, and once it is out runs the request's remaining work
 (afterward.py: the cache store, the quota accounting) and records the request's families, its
 overhead (its time up to the answer's last byte minus its upstream attempts') and its access-log
-line (door_metrics.Edge, as the gRPC door does).
+line (door_metrics.Edge, as the gRPC door does). A request whose tenant has requests or tokens per
+minute limits gets them as rate-limit headers (quota.limit_headers) on a whole answer here, on a
+stream where it is prepared (anthropic_door.Hooks.open_stream).
 Handlers tell the current exchange what they learn through the `note_*` helpers.
 
 Probes, unauthenticated and answering nothing else: `GET /healthz` is 200 while the process
@@ -24,6 +26,7 @@ from aiohttp import web
 
 from switchgear.dataplane import access_log, afterward
 from switchgear.dataplane.door_metrics import Edge, http_status_class
+from switchgear.dataplane.quota import limit_headers
 from switchgear.dataplane.snapshot import Holder, TargetView
 from switchgear.dataplane.stream import StreamEnd, StreamItem
 from switchgear.dataplane.tracing import Tracing, response_attributes
@@ -57,6 +60,8 @@ def observe(edge: Edge, tracing: Tracing | None) -> Observe:
                 response = await _traced(tracing, request, handler, exchange)
             if not response.prepared:
                 response.headers["x-request-id"] = exchange.request_id
+                if exchange.limits:  # the tenant's rate limits, on answers and refusals alike (quota.Limit)
+                    response.headers.extend(limit_headers(exchange.limits, request.path.startswith("/v1/messages")))
                 sent = await _send(request, response)
             return response
         except asyncio.CancelledError:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from switchgear.adapters.base import TokenUsage
+from switchgear.dataplane import access_log
 from switchgear.dataplane.afterward import later
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
@@ -142,6 +143,8 @@ class Pipeline:
         if principal is None:
             return
         admission = await self._quotas.admit(principal.tenant, call.service, lookup)
+        if admission.limits:
+            access_log.note_limits(admission.limits)
         if not admission.allowed:
             raise QuotaExceeded(admission.reason, admission.retry_after_s)
 

@@ -16,9 +16,11 @@ crosses a budget completes and the next one is refused.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from switchgear.dataplane.governance import Quota, TenantView
@@ -29,11 +31,14 @@ MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 
 
 class CounterStore(Protocol):
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None,
+                    seen: list[float] | None = None) -> int:
         """Read `checks` in order, then add 1 to each of `counts` in order, stopping at the first
         that refuses. Returns 0 when admitted, else the 1-based index of the refusing entry in
         `checks` followed by `counts` (an earlier count stays counted, as a refused one does).
-        A store that can, answers `lookup` (a cache read) in the same call when admitting."""
+        `seen` (when given) gets each entry's value as read (a count's: its new total), up to the
+        refusing one. A store that can, answers `lookup` (a cache read) in the same call when
+        admitting."""
         ...
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
@@ -72,12 +77,16 @@ class LocalCounters:
         expires_at, value = self._values.get(key, (0.0, 0.0))
         return value if expires_at > self._clock() else 0.0
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None,
+                    seen: list[float] | None = None) -> int:
+        seen = [] if seen is None else seen
         for i, (key, limit) in enumerate(checks, 1):
-            if self.get_now(key) >= limit:
+            seen.append(self.get_now(key))
+            if seen[-1] >= limit:
                 return i
         for i, (key, limit, ttl_s) in enumerate(counts, len(checks) + 1):
-            if self.add_now(key, 1, ttl_s) > limit:
+            seen.append(self.add_now(key, 1, ttl_s))
+            if seen[-1] > limit:
                 return i
         return 0
 
@@ -139,7 +148,8 @@ class RedisCounters:
         """The timer's flush in flight (tests await it)."""
         return self.rounds.flushing
 
-    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None) -> int:
+    async def admit(self, checks: Sequence[Check], counts: Sequence[Count], lookup: Lookup | None = None,
+                    seen: list[float] | None = None) -> int:
         if not checks and not counts:
             return 0
         plan = (tuple(checks), tuple(counts))  # (the enforcer passes the same tuples all minute)
@@ -152,9 +162,9 @@ class RedisCounters:
                 self._gates.clear()
             self._gates[plan] = admission
         try:
-            return await self.rounds.run("quota", self._timeout_s, admission, lookup)
+            return await self.rounds.run("quota", self._timeout_s, admission, lookup, seen)
         except RedisUnavailable:
-            return await self._fallback.admit(checks, counts)
+            return await self._fallback.admit(checks, counts, seen=seen)
 
     def record(self, key: str, amount: float, ttl_s: float) -> None:
         if self._redis.skipped("quota"):  # answered locally at once, as every degraded call is
@@ -180,14 +190,47 @@ class QuotaExceeded(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A per-minute rate limit as an admission left it: what rate-limit headers tell a caller.
+    `what` is "requests" or "tokens"; `remaining` is never below 0; `reset_s` is the time until
+    its window ends."""
+
+    what: str
+    limit: int
+    remaining: int
+    reset_s: float
+
+
 @dataclass(frozen=True)
 class Admission:
     allowed: bool
     retry_after_s: float = 0.0
     reason: str = ""
+    # The tightest requests and tokens limits the admission read (tenant-wide or on the service;
+    # none when the tenant has no such limit).
+    limits: tuple[Limit, ...] = ()
 
 
 ADMITTED = Admission(True)
+
+
+def limit_headers(limits: Sequence[Limit], anthropic: bool = False) -> list[tuple[str, str]]:
+    """`limits` as response headers: OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
+    (reset as a duration, "13s"), and with `anthropic` also Anthropic's
+    `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (reset as an RFC 3339 time)."""
+    headers: list[tuple[str, str]] = []
+    for limit in limits:
+        seconds = max(1, math.ceil(limit.reset_s))
+        headers += ((f"x-ratelimit-limit-{limit.what}", str(limit.limit)),
+                    (f"x-ratelimit-remaining-{limit.what}", str(limit.remaining)),
+                    (f"x-ratelimit-reset-{limit.what}", f"{seconds}s"))
+        if anthropic:
+            at = datetime.fromtimestamp(time.time() + limit.reset_s, UTC).replace(microsecond=0)
+            headers += ((f"anthropic-ratelimit-{limit.what}-limit", str(limit.limit)),
+                        (f"anthropic-ratelimit-{limit.what}-remaining", str(limit.remaining)),
+                        (f"anthropic-ratelimit-{limit.what}-reset", at.isoformat().replace("+00:00", "Z")))
+    return headers
 
 
 def window_end(now: float, width: float) -> float:
@@ -241,6 +284,26 @@ class _Plan:
     counts: tuple[Count, ...]
     refusals: tuple[tuple[float, str, Quota, str], ...]  # (window, what, quota, scope) per entry
     records: tuple[tuple[bool, str, float], ...]  # (tokens, else cost; key; ttl s): what a finished call adds to
+    rated: bool  # a requests or tokens per minute limit is among the entries (rate-limit headers)
+
+
+def _limits(refusals: Sequence[tuple[float, str, Quota, str]], seen: Sequence[float], refused: int,
+            reset_s: float) -> tuple[Limit, ...]:
+    """The tightest requests and tokens per minute limits, from the entries' values as read
+    (`seen`: up to the refusing entry, which is left with none remaining)."""
+    tightest: dict[str, Limit] = {}
+    for index, ((_, what, quota, _), value) in enumerate(zip(refusals, seen, strict=False), 1):
+        if what == "req":
+            kind, limit = "requests", quota.requests_per_minute
+        elif what == "tok":
+            kind, limit = "tokens", quota.tokens_per_minute
+        else:
+            continue
+        remaining = 0 if index == refused else max(0, int(limit - value))
+        known = tightest.get(kind)
+        if known is None or (remaining, limit) < (known.remaining, known.limit):
+            tightest[kind] = Limit(kind, int(limit), remaining, reset_s)
+    return tuple(tightest.values())
 
 
 class QuotaEnforcer:
@@ -261,13 +324,18 @@ class QuotaEnforcer:
         if tally is None:
             tally = self._tallies[tenant.id] = UsageTally()
         plan = self._current(tenant, service, now)
-        refused = await self._counters.admit(plan.checks, plan.counts, lookup) if plan.refusals else 0
+        if not plan.refusals:
+            tally.requests += 1
+            return ADMITTED
+        seen: list[float] = []
+        refused = await self._counters.admit(plan.checks, plan.counts, lookup, seen)
+        limits = _limits(plan.refusals, seen, refused, window_end(now, MINUTE)) if plan.rated else ()
         if refused:
             tally.rejected += 1
             width, what, quota, scope = plan.refusals[refused - 1]
-            return Admission(False, window_end(now, width), _reason(width, what, quota, scope))
+            return Admission(False, window_end(now, width), _reason(width, what, quota, scope), limits)
         tally.requests += 1
-        return ADMITTED
+        return Admission(True, limits=limits) if limits else ADMITTED
 
     def _current(self, tenant: TenantView, service: str, now: float) -> _Plan:
         plan = self._plans.get((tenant.id, service))
@@ -300,8 +368,9 @@ class QuotaEnforcer:
                 refusals.append((MINUTE, "req", quota, scope))
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
+        rated = any(what in ("req", "tok") for _, what, _, _ in refusals)
         plan = self._plans[(tenant.id, service)] = _Plan(tenant, int(now // MINUTE), tuple(checks), tuple(counts),
-                                                          tuple(refusals), tuple(records))
+                                                          tuple(refusals), tuple(records), rated)
         return plan
 
     async def record(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:

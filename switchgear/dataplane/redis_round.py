@@ -43,8 +43,10 @@ Count = tuple[str, float, float]  # (key, limit, ttl s): add 1, refuse when the 
 # ~0.5 us an argument): how many additions, stores, checks, counts and lookups; the limit per
 # check and (limit, ttl s) per count; then (key index, amount, ttl s) per addition, (key index,
 # ttl ms) per store and the lookup's key index. ARGV[2..] are the stores' values.
-# Returns {refused, entry or false, its pttl}: refused is 0 when admitted, else the 1-based index
-# of the refusing check or count (CounterStore.admit); the lookup is made only when admitted.
+# Returns {refused, entry or false, its pttl, value...}: refused is 0 when admitted, else the
+# 1-based index of the refusing check or count (CounterStore.admit); the lookup is made only when
+# admitted; then each check's counter as read and each count's new total, in order, up to the
+# refusing one (what rate-limit headers report).
 ROUND_LUA = """
 local n = {}
 for word in string.gmatch(ARGV[1], '%S+') do n[#n + 1] = word end
@@ -61,22 +63,27 @@ for i = 1, ns do
   redis.call('SET', KEYS[tonumber(n[a])], ARGV[1 + i], 'PX', n[a + 1])
   a = a + 2
 end
+local out = {0, false, 0}
 for i = 1, nc do
-  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(n[g]) then return {i, false, 0} end
+  local value = redis.call('GET', KEYS[i]) or '0'
+  out[3 + i] = value
+  if tonumber(value) >= tonumber(n[g]) then out[1] = i return out end
   g = g + 1
 end
 for i = 1, nk do
   local key = KEYS[nc + i]
-  local total = tonumber(redis.call('INCRBYFLOAT', key, 1))
+  local total = redis.call('INCRBYFLOAT', key, 1)
+  out[3 + nc + i] = total
   redis.call('EXPIRE', key, n[g + 1], 'NX')
-  if total > tonumber(n[g]) then return {nc + i, false, 0} end
+  if tonumber(total) > tonumber(n[g]) then out[1] = nc + i return out end
   g = g + 2
 end
 if nl > 0 then
   local key = KEYS[tonumber(n[a])]
-  return {0, redis.call('GET', key), redis.call('PTTL', key)}
+  out[2] = redis.call('GET', key)
+  out[3] = redis.call('PTTL', key)
 end
-return {0, false, 0}
+return out
 """
 
 
@@ -170,11 +177,12 @@ class RedisRound:
 
     # --- rounds ------------------------------------------------------------------------------
 
-    async def run(self, use: str, timeout_s: float, admission: Gate = NO_GATE, lookup: Lookup | None = None) -> int:
+    async def run(self, use: str, timeout_s: float, admission: Gate = NO_GATE, lookup: Lookup | None = None,
+                  seen: list[float] | None = None) -> int:
         """One script call: what is pending, then the `admission`'s checks and counts, then
         `lookup` (filled in when admitted). Returns 0 when admitted, else the refusing entry's
-        1-based index. Raises RedisUnavailable (what it carried is then handed over or dropped,
-        see the module)."""
+        1-based index; `seen` (when given) gets each entry's counter as read, up to that one.
+        Raises RedisUnavailable (what it carried is then handed over or dropped, see the module)."""
         additions = self._take_additions()
         stores = self._take_stores(self._max_carried_bytes)
         if self._additions or self._stores:
@@ -182,10 +190,13 @@ class RedisRound:
         count, body = _command(additions, stores, admission, lookup)
         redis, script = self.redis, self._script
         try:
-            refused, raw, pttl_ms = await redis.call(use, lambda: script.run_packed(redis, count, body), timeout_s)
+            refused, raw, pttl_ms, *values = await redis.call(use, lambda: script.run_packed(redis, count, body),
+                                                              timeout_s)
         except RedisUnavailable:
             self._lost(additions, stores)
             raise
+        if seen is not None:
+            seen.extend(map(float, values))  # (bulk strings: float() takes bytes)
         if lookup is not None and not refused:
             lookup.done, lookup.raw, lookup.pttl_ms = True, raw or None, int(pttl_ms or 0)
         return int(refused)
