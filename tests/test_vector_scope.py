@@ -24,6 +24,9 @@ from switchgear.adapters.base import OptionsError
 from switchgear.adapters.chroma import ChromaOptions
 from switchgear.adapters.chroma import parse_options as chroma_options
 from switchgear.adapters.pinecone import parse_options as pinecone_options
+from switchgear.cli_config import describe
+from switchgear.controlplane.agent_check import agent_problems
+from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.dataplane import http as front_door
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
@@ -318,3 +321,42 @@ def test_a_shared_cache_is_refused_for_a_tenant_scoped_service() -> None:
     assert rejected["pc"].path == "services[pc].metadata[cache.shared]"
     msg.options_json = '{"index_name": "i"}'
     assert checks.check_services([msg], builtin_adapters()).rejected == {}
+
+
+CONFIG = """
+external_services:
+  services:
+    vector_databases:
+      pc:
+        protocol: pinecone
+        endpoint: https://api.pinecone.io
+        api_key: ${PC}
+        index_name: kb
+        options: {namespace_scope: tenant, scope_prefix: t-, caller_namespaces: true}
+      docs:
+        protocol: chroma
+        endpoint: http://chroma:8000
+        options: {database_scope: tenant, scope_prefix: sg-}
+"""
+
+
+def test_config_validate_prints_the_effective_scope() -> None:
+    state = load_config(CONFIG, env={"PC": "x"}, check=agent_problems)
+    rows = {line.split()[0]: line for line in describe(state).splitlines()[1:] if line.startswith("  ")}
+    assert ("scope=pinecone index kb, namespace t-<tenant> per Switchgear tenant ('' without one), callers' "
+            "namespaces inside it") in rows["pc"]
+    assert ("scope=chroma tenant default_tenant, database sg-<tenant> per Switchgear tenant (created on first use; "
+            "default_database without one)") in rows["docs"]
+
+
+@pytest.mark.parametrize(("bad", "key"), [("namespace_scope: everyone", "namespace_scope"),
+                                          ("namespace_scope: tenant, caller_namespaces: 1", "caller_namespaces"),
+                                          ("scope_prefix: t-", "scope_prefix")])
+def test_config_refuses_bad_scope_options_naming_the_key(bad: str, key: str) -> None:
+    text = CONFIG.replace("namespace_scope: tenant, scope_prefix: t-, caller_namespaces: true", bad)
+    with pytest.raises(ConfigError) as caught:
+        load_config(text, env={"PC": "x"}, check=agent_problems)
+    assert key in str(caught.value)
+    shared = CONFIG.replace("protocol: chroma", "protocol: chroma\n        metadata: {cache.shared: 'true'}")
+    with pytest.raises(ConfigError, match=r"metadata\[cache\.shared\]"):
+        load_config(shared, env={"PC": "x"}, check=agent_problems)
