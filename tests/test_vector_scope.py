@@ -30,16 +30,16 @@ from switchgear.controlplane.config import ConfigError, load_config
 from switchgear.dataplane import http as front_door
 from switchgear.dataplane.cache import MemoryCache
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.convert import TASK_REQUEST_PREFIX, Call
 from switchgear.dataplane.gateway import GatewayServicer
 from switchgear.dataplane.governance import Governance, TenantView
 from switchgear.dataplane.http_door import DoorLimits
 from switchgear.dataplane.pipeline import Pipeline
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer
 from switchgear.dataplane.snapshot import SecretRef, ServiceView
+from switchgear.dataplane.worker import TaskWorker, WorkerOptions
 from switchgear.emulators import pinecone as pinecone_emu
 from switchgear.emulators.real import RealServer, start_chroma
-from switchgear.v1 import gateway_pb2, gateway_pb2_grpc
+from switchgear.v1 import gateway_pb2, gateway_pb2_grpc, tasks_pb2
 from tests.test_stream import Agent, make_agent, snapshot, view
 
 PC_KEY = "pc-vector-scope-key"
@@ -271,16 +271,25 @@ async def test_chroma_collection_ids_of_other_databases_are_refused_in_a_service
 # --- tasks, options, config ---------------------------------------------------------------
 
 
-async def test_a_task_call_reaches_its_tenants_namespace(doors: Doors) -> None:
-    """The task worker builds its Call with the task's tenant (worker.py); the invoker hands it
-    to the adapter, so a deferred write lands in that tenant's namespace."""
-    snap = doors.agent.holder.current
-    assert snap is not None
-    call = Call(request_id=f"{TASK_REQUEST_PREFIX}t1-1", category="", service="pc", method="upsert",
-                payload={"vectors": A_VECTORS}, priority=5, timeout_s=10, user_id="globex", session_id="",
-                tenant="globex")
-    await doors.agent.invoker.invoke(call, snap)
+async def test_a_task_reaches_its_tenants_namespace(doors: Doors) -> None:
+    """A task run by an agent's worker (worker.py) calls the adapter as the task's tenant, so a
+    deferred write lands in that tenant's namespace, and a payload override fails the task as
+    the client's mistake."""
+    worker = TaskWorker(None, "w1", doors.agent.holder, doors.agent.invoker, WorkerOptions())  # type: ignore[arg-type]
+
+    def leased(payload: dict[str, Any]) -> tasks_pb2.LeasedTask:
+        task = tasks_pb2.Task(id="t1", tenant="globex", service="pc", method="upsert", attempts=1,
+                              payload=orjson.dumps(payload))
+        task.timeout.FromSeconds(10)
+        return tasks_pb2.LeasedTask(task=task, lease_id="l1")
+
+    done = await worker._invoke(leased({"vectors": A_VECTORS}))
+    assert done.outcome == tasks_pb2.TASK_OUTCOME_SUCCEEDED, done
     assert set(doors.pinecone_space("t-globex")) == {"a1", "a2"} and doors.pinecone_space("t-acme") == {}
+    refused = await worker._invoke(leased({"vectors": A_VECTORS, "namespace": "t-acme"}))
+    assert refused.outcome == tasks_pb2.TASK_OUTCOME_FAILED and refused.error.kind == "client"
+    assert "payload.namespace" in refused.error.message and not refused.retryable
+    assert doors.pinecone_space("t-acme") == {}
 
 
 @pytest.mark.parametrize(("parse", "options", "key"), [
