@@ -172,7 +172,7 @@ class PineconeAdapter:
             described = await call("GET", f"{control}/indexes/{quote(index, safe='')}")
             host = self._remember(control, index, described, options.environment)
         verb, path = _DATA_OPS[request.method]
-        if namespace:
+        if namespace and request.method != "describe_index_stats":  # (its request names no namespace)
             payload["namespace"] = namespace
         try:
             if verb == "GET":
@@ -259,8 +259,9 @@ def _visible_stats(body: Any, options: PineconeOptions, tenant: str, namespace: 
         return body  # the whole index is the callers' to choose from
     if options.caller_namespaces:
         shown = {k: v for k, v in body["namespaces"].items() if k == scope or k.startswith(scope + "/")}
-    else:
-        shown = {k: v for k, v in body["namespaces"].items() if k == namespace}
+    else:  # (Pinecone lists the default namespace "" as "__default__")
+        own = {namespace, "__default__"} if namespace == "" else {namespace}
+        shown = {k: v for k, v in body["namespaces"].items() if k in own}
     total = sum(v.get("vectorCount", 0) for v in shown.values()
                 if isinstance(v, dict) and isinstance(v.get("vectorCount"), int))
     return {**body, "namespaces": shown, "totalVectorCount": total}
