@@ -84,7 +84,7 @@ class Doors:
         """Refused at both doors, naming `field`, as the caller's own mistake."""
         answer = await self.http(tenant, service, method, payload)
         assert answer.status_code == 400, answer.text
-        assert field in answer.json()["error"]["message"], answer.text
+        assert field in answer.json()["error"]["message"] and answer.json()["error"]["param"] == field, answer.text
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await self.grpc(tenant, service, method, payload)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (caught.value.details() or "")
