@@ -8,6 +8,7 @@ INVALID_ARGUMENT naming the payload field and counts against nothing shared."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -20,8 +21,8 @@ import httpx
 import orjson
 import pytest
 
-from switchgear.adapters.base import OptionsError
-from switchgear.adapters.chroma import ChromaOptions
+from switchgear.adapters.base import AdapterRequest, OptionsError, Target
+from switchgear.adapters.chroma import ChromaAdapter, ChromaOptions
 from switchgear.adapters.chroma import parse_options as chroma_options
 from switchgear.adapters.pinecone import parse_options as pinecone_options
 from switchgear.cli_config import describe
@@ -369,3 +370,25 @@ def test_config_refuses_bad_scope_options_naming_the_key(bad: str, key: str) -> 
     shared = CONFIG.replace("protocol: chroma", "protocol: chroma\n        metadata: {cache.shared: 'true'}")
     with pytest.raises(ConfigError, match=r"metadata\[cache\.shared\]"):
         load_config(shared, env={"PC": "x"}, check=agent_problems)
+
+
+async def test_a_tenants_database_is_created_once_under_a_burst(chroma: RealServer) -> None:
+    created: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path.endswith("/databases"):
+            created.append(request.url.path)
+
+    adapter = ChromaAdapter()
+    target = Target(chroma.url, options=chroma_options({"database_scope": "tenant", "scope_prefix": "burst-"}))
+    async with httpx.AsyncClient(event_hooks={"request": [hook]}) as client:
+        answers = await asyncio.gather(*(adapter.invoke(client, target, AdapterRequest(
+            "collections.list", {}, 10, tenant="initech")) for _ in range(8)))
+        assert [orjson.loads(a.body) for a in answers] == [[]] * 8 and len(created) == 1
+        await adapter.invoke(client, target, AdapterRequest("collections.list", {}, 10, tenant="initech"))
+        assert len(created) == 1
+        # another agent (a fresh adapter) meets the database already there: "exists" is success
+        await ChromaAdapter().invoke(client, target, AdapterRequest("collections.list", {}, 10, tenant="initech"))
+    assert len(created) == 2
+    async with httpx.AsyncClient(base_url=f"{chroma.url}/api/v2/tenants/default_tenant") as raw:
+        assert (await raw.get("/databases/burst-initech")).status_code == 200
