@@ -198,6 +198,14 @@ async def test_a_cached_answer_is_never_another_tenants(doors: Doors) -> None:
     assert again.json()["cached"] is True and again.json()["payload"] == first.json()["payload"]
     other = await doors.http("globex", "pc", "query", query)
     assert other.status_code == 200 and other.json()["cached"] is False and other.json()["payload"]["matches"] == []
+    # the scope is part of the key: re-pointed at other namespaces, the service answers afresh
+    snap = doors.agent.holder.current
+    assert snap is not None
+    moved = dataclasses.replace(snap.services["pc"], options=pinecone_options(
+        {"index_name": "knowledge-base", "namespace_scope": "tenant", "scope_prefix": "u-"}))
+    doors.agent.holder.current = dataclasses.replace(snap, services=MappingProxyType({**snap.services, "pc": moved}))
+    after = await doors.http("acme", "pc", "query", query)
+    assert after.json()["cached"] is False and after.json()["payload"]["matches"] == []
 
 
 async def test_a_service_scope_is_the_configured_namespace_for_everyone(doors: Doors) -> None:
