@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS
+from switchgear.adapters import chroma, pinecone
+from switchgear.adapters.base import RESPONSE_LIMIT_OPTIONS, OptionsError, split_response_limits
 from switchgear.controlplane.config.read import size_text
 from switchgear.controlplane.convert import settings_to_proto
 from switchgear.controlplane.model import (
@@ -103,6 +105,7 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
         f"key={key}",
         *_limit_cells(spec),
         *_index_cells(spec),
+        *_scope_cells(spec),
         *_enforced_cells(spec),
         f"endpoints={endpoints}" if spec.managed is None else _managed_cell(spec),
     ]
@@ -162,8 +165,13 @@ def _limit_cells(spec: ServiceSpec) -> list[str]:
     return [f"{key}={size_text(options[key])}" for key in RESPONSE_LIMIT_OPTIONS if isinstance(options.get(key), int)]
 
 
+#: The protocols whose data scope `config validate` prints, and their option parsers.
+_SCOPED: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "chroma": chroma.parse_options, "pinecone": pinecone.parse_options}
+
+
 def _index_cells(spec: ServiceSpec) -> list[str]:
-    """A Pinecone service's default index, and the environment it must be in (adapters/pinecone.py)."""
+    """A Pinecone service's index, and the environment it must be in (adapters/pinecone.py)."""
     if spec.protocol != "pinecone":
         return []
     options = _options(spec)
@@ -171,6 +179,18 @@ def _index_cells(spec: ServiceSpec) -> list[str]:
     if isinstance(options.get("environment"), str) and options["environment"]:
         cells.append(f"environment={options['environment']} (the index must be there)")
     return cells
+
+
+def _scope_cells(spec: ServiceSpec) -> list[str]:
+    """Whose data a vector service's calls reach (adapters/_scope.py): what agents derive from
+    the options, never from a payload."""
+    parse = _SCOPED.get(spec.protocol)
+    if parse is None:
+        return []
+    try:
+        return [parse(split_response_limits(_options(spec))[1]).describe_scope()]
+    except OptionsError as exc:  # (validation names it; this line only says what agents do)
+        return [f"scope=refused ({exc})"]
 
 
 def _enforced_cells(spec: ServiceSpec) -> list[str]:

@@ -28,9 +28,9 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def target(up: Running, key: str = KEY) -> Target:
-    options = parse_options({"index_name": "knowledge-base", "environment": "us-west1-gcp"})
-    return Target(up.url, api_key=key, options=options)
+def target(up: Running, key: str = KEY, **options: str) -> Target:
+    parsed = parse_options({"index_name": "knowledge-base", "environment": "us-west1-gcp", **options})
+    return Target(up.url, api_key=key, options=parsed)
 
 
 async def call(
@@ -40,7 +40,7 @@ async def call(
 
 
 async def test_describe_upsert_query_fetch_delete(upstream: Running, client: httpx.AsyncClient) -> None:
-    adapter, t = PineconeAdapter(), target(upstream)
+    adapter, t = PineconeAdapter(), target(upstream, namespace="ns1")  # (payloads repeating it are fine)
     described = await call(adapter, client, t, "describe_index", {})
     assert described["host"] == f"127.0.0.1:{upstream.port}" and described["dimension"] == 3  # type: ignore[index]
     vectors = [
@@ -88,7 +88,7 @@ async def test_errors_are_classified(upstream: Running, client: httpx.AsyncClien
         await adapter.invoke(client, target(upstream, key="pc-wrong-key"), AdapterRequest("describe_index", {}, 5))
     assert auth.value.kind is ErrorKind.AUTH and "pc-wrong-key" not in auth.value.message
     with pytest.raises(UpstreamError) as missing:
-        await adapter.invoke(client, target(upstream), AdapterRequest("describe_index", {"index": "nope"}, 5))
+        await adapter.invoke(client, target(upstream, index_name="nope"), AdapterRequest("describe_index", {}, 5))
     assert (
         missing.value.kind is ErrorKind.CLIENT and missing.value.status == 404 and "NOT_FOUND" in missing.value.message
     )

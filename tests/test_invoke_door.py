@@ -58,7 +58,8 @@ async def serving() -> AsyncIterator[Door]:
     ):
         snap = snapshot(
             dataclasses.replace(view("vectors", "pinecone", [index.url], category="vector_db",
-                                     options={"index_name": "knowledge-base", "environment": "us-west1-gcp"}),
+                                     options={"index_name": "knowledge-base", "environment": "us-west1-gcp",
+                                              "namespace": "ns1"}),
                                 api_key=SecretRef(env="PC_KEY")),
             view("gpt-mini", "openai", [llm.urls["a"]], model="gpt-4o-mini", pricing=Pricing(cost_per_1k_tokens=1.0)),
         )

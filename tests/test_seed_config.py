@@ -130,6 +130,9 @@ def test_services_keys(seed: RegistryState, agent: AgentSnapshot, printed: dict[
     assert services["pinecone"].options.environment == "us-west1-gcp"
     assert services["pinecone"].options.index_name == "knowledge-base"
     assert "index=knowledge-base  environment=us-west1-gcp (the index must be there)" in printed["pinecone"]
+    # whose data a call reaches (adapters/_scope.py): the configured scope, whatever a payload names
+    assert "scope=pinecone index knowledge-base, namespace ''" in printed["pinecone"]
+    assert "scope=chroma tenant default_tenant, database default_database" in printed["chroma"]
     # the limits: enforced before the upstream, printed on the service's row
     parse = services["unstructured"]
     with pytest.raises(RequestError, match="max_file_size is 50MB"):

@@ -246,6 +246,10 @@ class AdapterRequest:
     request_id: str = ""
     # Extra headers for the upstream request, e.g. W3C trace context (traceparent).
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The Switchgear tenant whose key made the call ("" with auth off or for the operator).
+    # Adapters whose data is scoped per tenant (Chroma's database_scope, Pinecone's
+    # namespace_scope) derive the scope from it; a payload never chooses it.
+    tenant: str = ""
 
 
 @lean

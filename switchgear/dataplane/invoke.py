@@ -174,7 +174,8 @@ class Invoker:
                                 api_key=self._secrets.resolve(effective.api_key), options=effective.options)
                 async with self._deadlines.within(remaining):
                     response = await direct.invoke(client, target, AdapterRequest(call.method, call.payload,
-                                                                                  remaining, call.request_id))
+                                                                                  remaining, call.request_id,
+                                                                                  tenant=call.tenant))
             except TimeoutError:
                 failure = UpstreamError(ErrorKind.TIMEOUT, f"endpoint {endpoint.id}: no answer within the deadline")
                 continue
@@ -199,7 +200,7 @@ class Invoker:
         api_key = self._secrets.resolve(effective.api_key)  # UpstreamError(CONFIG) when missing
         target = Target(base_url=endpoint.url, model=effective.model, api_key=api_key, options=effective.options)
         payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
-        request = AdapterRequest(call.method, payload, attempt.remaining_s, call.request_id)
+        request = AdapterRequest(call.method, payload, attempt.remaining_s, call.request_id, tenant=call.tenant)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         if effective.rpm_limit or effective.tpm_limit:  # UpstreamError(RATE_LIMITED) when used up
             self._limits.admit(service.name, endpoint.id, effective)

@@ -162,8 +162,20 @@ def failed(error: UpstreamError, attempts: int, service: str = "", endpoint: str
     if endpoint:
         details.append(("endpoint", endpoint))
     return Refusal(f"upstream_{error.kind.value}", by.grpc_status, status, message, by.error_type, by.code,
-                   param="messages" if error.kind is ErrorKind.CONTEXT_LENGTH else None,
+                   param="messages" if error.kind is ErrorKind.CONTEXT_LENGTH else _payload_field(error),
                    retry_after_s=error.retry_after_s, details=tuple(details))
+
+
+_PAYLOAD_FIELD = re.compile(r"(payload(?:\.[A-Za-z0-9_]+)*): ")
+
+
+def _payload_field(error: UpstreamError) -> str | None:
+    """The payload field an adapter's own refusal names ("payload.namespace: ..."), for the
+    HTTP error's `param`; None for anything else (an upstream's 4xx is the upstream's word)."""
+    if error.kind is not ErrorKind.CLIENT or error.status is not None:
+        return None
+    found = _PAYLOAD_FIELD.match(error.message)
+    return found.group(1) if found else None
 
 
 def _shed(shed: Shed) -> Refusal:

@@ -201,9 +201,12 @@ class Pipeline:
         if known is None or known[0] is not service or known[1] is not snapshot.settings:
             # The upstream model is part of the key: re-pointing a service at another model must
             # not serve the old model's answers. Endpoints are not: instances of one model agree.
+            # So is a vector service's data scope (adapters/_scope.py): another index, namespace
+            # or database holds other data.
+            scope = getattr(service.options, "describe_scope", None)
             known = (service, snapshot.settings, self._ttl(service, snapshot),
                      service.metadata.get("cache.shared", "").lower() == "true",
-                     f"{service.name}|{service.protocol}|{service.model}")
+                     f"{service.name}|{service.protocol}|{service.model}" + (f"|{scope()}" if scope else ""))
             if len(self._cache_plans) >= _CACHE_PLANS:
                 self._cache_plans.clear()
             self._cache_plans[service.name] = known  # (once per service and snapshot, not per call)

@@ -284,7 +284,7 @@ class Streamer:
         # The adapter's own read timeout must not be shorter than either bound `_next` applies.
         read_s = max(lease.remaining_s, min(gap_s, deadline - attempt.started))
         payload = capped(call.payload, effective.max_tokens) if effective.max_tokens else call.payload
-        request = AdapterRequest(call.method, payload, read_s, call.request_id)
+        request = AdapterRequest(call.method, payload, read_s, call.request_id, tenant=call.tenant)
         client = self._pool.get(service.name, endpoint.id, endpoint.url, effective.limits)
         chunks = self._adapters[effective.protocol].stream(client, target, request)
         attempt.wait = self.resilience.waits.waiting(candidate_key(service.name, endpoint.id), endpoint.id)

@@ -391,7 +391,8 @@ def _with_trace(request: AdapterRequest) -> AdapterRequest:
     if request.headers:
         headers.update(request.headers)
     if type(request) is AdapterRequest:  # (dataclasses.replace walks the fields: 4 µs a call)
-        return AdapterRequest(request.method, request.payload, request.timeout_s, request.request_id, headers)
+        return AdapterRequest(request.method, request.payload, request.timeout_s, request.request_id, headers,
+                              request.tenant)
     return dataclasses.replace(request, headers=headers)
 
 

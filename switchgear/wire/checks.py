@@ -151,6 +151,12 @@ def check_service(msg: common_pb2.Service, parsers: Mapping[str, OptionParser], 
     category_name(msg.category, f"{path}.category")
     options = parse_options(msg, parsers.get(msg.protocol), path)
     targets = tuple(_target_options(msg, e, parsers, f"{path}.endpoints[{i}]") for i, e in enumerate(msg.endpoints))
+    if msg.metadata.get("cache.shared", "").lower() == "true" and any(
+            getattr(o.adapter, "tenant_scoped", False) for o in (options, *targets) if o is not None):
+        # A cache entry shared by every tenant would serve one tenant's data to another.
+        raise SnapshotError(f"{path}.metadata[cache.shared]", "a service whose data is scoped per tenant "
+                                                              "(options database_scope/namespace_scope: tenant) "
+                                                              "cannot share its cached answers between tenants")
     if any(t is not None for t in targets):
         return ParsedOptions(options.limits, options.adapter, targets)
     return options
