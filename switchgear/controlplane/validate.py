@@ -143,6 +143,7 @@ def _check_numbers(
 
 _SERVICE_NUMBERS: tuple[tuple[str, Callable[[ServiceSpec], object], _Check], ...] = (
     ("max_tokens", lambda s: s.max_tokens, _integer_between(0)),
+    ("context_window", lambda s: s.context_window, _integer_between(0, 2**32 - 1)),
     ("priority", lambda s: s.priority, _any_integer),
     ("timeout_s", lambda s: s.timeout_s, _non_negative),
     ("pricing.cost_per_1k_tokens", lambda s: s.pricing.cost_per_1k_tokens, _non_negative),
@@ -160,6 +161,7 @@ _ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], .
     ("priority", lambda e: e.priority, _any_integer),
     ("max_concurrency", lambda e: e.max_concurrency, _integer_between(0)),
     ("max_tokens", lambda e: e.max_tokens, _integer_between(0)),
+    ("context_window", lambda e: e.context_window, _integer_between(0, 2**32 - 1)),
     ("rpm_limit", lambda e: e.rpm_limit, _integer_between(0, 2**32 - 1)),
     ("tpm_limit", lambda e: e.tpm_limit, _integer_between(0, 2**32 - 1)),
 )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchgear/v1/common.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\"4\n\tSecretRef\x12\r\n\x03\x65nv\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x66ile\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xdf\x01\n\x07Pricing\x12\x1a\n\x12\x63ost_per_1k_tokens\x18\x01 \x01(\x01\x12 \n\x18input_cost_per_1k_tokens\x18\x02 \x01(\x01\x12!\n\x19output_cost_per_1k_tokens\x18\x03 \x01(\x01\x12\x18\n\x10\x63ost_per_request\x18\x04 \x01(\x01\x12+\n#cache_read_input_cost_per_1k_tokens\x18\x05 \x01(\x01\x12,\n$cache_write_input_cost_per_1k_tokens\x18\x06 \x01(\x01\"\xd7\x03\n\x08\x45ndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06health\x18\x05 \x01(\x0e\x32\x1a.switchgear.v1.HealthState\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x10\n\x08protocol\x18\x07 \x01(\t\x12)\n\x07\x61pi_key\x18\x08 \x01(\x0b\x32\x18.switchgear.v1.SecretRef\x12\r\n\x05model\x18\t \x01(\t\x12\'\n\x07pricing\x18\n \x01(\x0b\x32\x16.switchgear.v1.Pricing\x12\x12\n\nmax_tokens\x18\x0b \x01(\r\x12\x14\n\x0coptions_json\x18\x0c \x01(\t\x12\x11\n\trpm_limit\x18\r \x01(\r\x12\x11\n\ttpm_limit\x18\x0e \x01(\r\x12/\n\x04tags\x18\x0f \x03(\x0b\x32!.switchgear.v1.Endpoint.TagsEntry\x12\x10\n\x08provider\x18\x10 \x01(\t\x12\x16\n\x0esource_service\x18\x11 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x03\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.switchgear.v1.Endpoint\x12)\n\x07\x61pi_key\x18\x05 \x01(\x0b\x32\x18.switchgear.v1.SecretRef\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\'\n\x07pricing\x18\x08 \x01(\x0b\x32\x16.switchgear.v1.Pricing\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0coptions_json\x18\r \x01(\t\x12\x36\n\x08metadata\x18\x0e \x03(\x0b\x32$.switchgear.v1.Service.MetadataEntry\x12\x11\n\tfallbacks\x18\x0f \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb6\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x11\n\testimated\x18\x04 \x01(\x08\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x05 \x01(\x04\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x06 \x01(\x04\x12\x18\n\x10reasoning_tokens\x18\x07 \x01(\x04*\xd2\x01\n\x0fServiceCategory\x12 \n\x1cSERVICE_CATEGORY_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_CATEGORY_LLM\x10\x01\x12\x1d\n\x19SERVICE_CATEGORY_DOCUMENT\x10\x02\x12$\n SERVICE_CATEGORY_KNOWLEDGE_GRAPH\x10\x03\x12\x1e\n\x1aSERVICE_CATEGORY_VECTOR_DB\x10\x04\x12\x1e\n\x1aSERVICE_CATEGORY_EMBEDDING\x10\x05*\x95\x01\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x18\n\x14HEALTH_STATE_EJECTED\x10\x03\x12\x19\n\x15HEALTH_STATE_DRAINING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchgear/v1/common.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\"4\n\tSecretRef\x12\r\n\x03\x65nv\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x66ile\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xdf\x01\n\x07Pricing\x12\x1a\n\x12\x63ost_per_1k_tokens\x18\x01 \x01(\x01\x12 \n\x18input_cost_per_1k_tokens\x18\x02 \x01(\x01\x12!\n\x19output_cost_per_1k_tokens\x18\x03 \x01(\x01\x12\x18\n\x10\x63ost_per_request\x18\x04 \x01(\x01\x12+\n#cache_read_input_cost_per_1k_tokens\x18\x05 \x01(\x01\x12,\n$cache_write_input_cost_per_1k_tokens\x18\x06 \x01(\x01\"\xef\x03\n\x08\x45ndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06health\x18\x05 \x01(\x0e\x32\x1a.switchgear.v1.HealthState\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x10\n\x08protocol\x18\x07 \x01(\t\x12)\n\x07\x61pi_key\x18\x08 \x01(\x0b\x32\x18.switchgear.v1.SecretRef\x12\r\n\x05model\x18\t \x01(\t\x12\'\n\x07pricing\x18\n \x01(\x0b\x32\x16.switchgear.v1.Pricing\x12\x12\n\nmax_tokens\x18\x0b \x01(\r\x12\x14\n\x0coptions_json\x18\x0c \x01(\t\x12\x11\n\trpm_limit\x18\r \x01(\r\x12\x11\n\ttpm_limit\x18\x0e \x01(\r\x12/\n\x04tags\x18\x0f \x03(\x0b\x32!.switchgear.v1.Endpoint.TagsEntry\x12\x10\n\x08provider\x18\x10 \x01(\t\x12\x16\n\x0esource_service\x18\x11 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x12 \x01(\r\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x04\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.switchgear.v1.Endpoint\x12)\n\x07\x61pi_key\x18\x05 \x01(\x0b\x32\x18.switchgear.v1.SecretRef\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\'\n\x07pricing\x18\x08 \x01(\x0b\x32\x16.switchgear.v1.Pricing\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0coptions_json\x18\r \x01(\t\x12\x36\n\x08metadata\x18\x0e \x03(\x0b\x32$.switchgear.v1.Service.MetadataEntry\x12\x11\n\tfallbacks\x18\x0f \x03(\t\x12\x16\n\x0e\x63ontext_window\x18\x10 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb6\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x11\n\testimated\x18\x04 \x01(\x08\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x05 \x01(\x04\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x06 \x01(\x04\x12\x18\n\x10reasoning_tokens\x18\x07 \x01(\x04*\xd2\x01\n\x0fServiceCategory\x12 \n\x1cSERVICE_CATEGORY_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_CATEGORY_LLM\x10\x01\x12\x1d\n\x19SERVICE_CATEGORY_DOCUMENT\x10\x02\x12$\n SERVICE_CATEGORY_KNOWLEDGE_GRAPH\x10\x03\x12\x1e\n\x1aSERVICE_CATEGORY_VECTOR_DB\x10\x04\x12\x1e\n\x1aSERVICE_CATEGORY_EMBEDDING\x10\x05*\x95\x01\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x18\n\x14HEALTH_STATE_EJECTED\x10\x03\x12\x19\n\x15HEALTH_STATE_DRAINING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINT_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_SERVICE_METADATAENTRY']._loaded_options = None
   _globals['_SERVICE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SERVICECATEGORY']._serialized_start=1522
-  _globals['_SERVICECATEGORY']._serialized_end=1732
-  _globals['_HEALTHSTATE']._serialized_start=1735
-  _globals['_HEALTHSTATE']._serialized_end=1884
+  _globals['_SERVICECATEGORY']._serialized_start=1570
+  _globals['_SERVICECATEGORY']._serialized_end=1780
+  _globals['_HEALTHSTATE']._serialized_start=1783
+  _globals['_HEALTHSTATE']._serialized_end=1932
   _globals['_SECRETREF']._serialized_start=77
   _globals['_SECRETREF']._serialized_end=129
   _globals['_PRICING']._serialized_start=132
   _globals['_PRICING']._serialized_end=355
   _globals['_ENDPOINT']._serialized_start=358
-  _globals['_ENDPOINT']._serialized_end=829
-  _globals['_ENDPOINT_TAGSENTRY']._serialized_start=786
-  _globals['_ENDPOINT_TAGSENTRY']._serialized_end=829
-  _globals['_SERVICE']._serialized_start=832
-  _globals['_SERVICE']._serialized_end=1334
-  _globals['_SERVICE_METADATAENTRY']._serialized_start=1287
-  _globals['_SERVICE_METADATAENTRY']._serialized_end=1334
-  _globals['_USAGE']._serialized_start=1337
-  _globals['_USAGE']._serialized_end=1519
+  _globals['_ENDPOINT']._serialized_end=853
+  _globals['_ENDPOINT_TAGSENTRY']._serialized_start=810
+  _globals['_ENDPOINT_TAGSENTRY']._serialized_end=853
+  _globals['_SERVICE']._serialized_start=856
+  _globals['_SERVICE']._serialized_end=1382
+  _globals['_SERVICE_METADATAENTRY']._serialized_start=1335
+  _globals['_SERVICE_METADATAENTRY']._serialized_end=1382
+  _globals['_USAGE']._serialized_start=1385
+  _globals['_USAGE']._serialized_end=1567
 # @@protoc_insertion_point(module_scope)
