@@ -34,11 +34,12 @@ from switchgear.adapters.base import TokenUsage
 from switchgear.dataplane.afterward import later
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call, NoTargetFits
 from switchgear.dataplane.governance import InFlight, Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
 from switchgear.dataplane.redis_round import Lookup
+from switchgear.dataplane.scheduling.model import asked_output, context_need, estimate_tokens
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
@@ -125,15 +126,25 @@ class Pipeline:
         return authenticate(authorization, snapshot.governance)
 
     def govern(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
-        """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound)."""
+        """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound), add
+        the tenant's required capabilities to the call's, and refuse a call no target of its
+        service can serve (`check_fits`: NoTargetFits)."""
         if principal is None:
+            service = snapshot.services.get(call.service)
+            if service is not None and (call.capabilities or service.context_bound):
+                check_fits(call, service)
             return call
         service = snapshot.services.get(call.service)
         if service is None:
             raise ServiceNotFound(f"service: no service named {call.service!r}")
         tenant = principal.tenant
-        authorize(tenant, service.name, service.category, service.capabilities)
+        authorize(tenant, service.name, service.category, service.offered)
         priority = capped_priority(tenant, call.priority)
+        need = tenant.required_capabilities
+        if need and not need <= call.capabilities:  # each target serving it must offer them (the router filters)
+            call = dataclasses.replace(call, capabilities=call.capabilities | need)
+        if call.capabilities or service.context_bound:
+            check_fits(call, service)
         if priority == call.priority and tenant.user_type == call.user_type and tenant.id == call.tenant:
             return call  # (a copy of a frozen call costs more than the comparison: doors set the tenant)
         return dataclasses.replace(call, priority=priority, user_type=tenant.user_type, tenant=tenant.id)
@@ -272,6 +283,24 @@ class Pipeline:
         if principal is None:
             return
         await self._quotas.record(principal.tenant, service, usage.input_tokens + usage.output_tokens, cost_usd)
+
+
+def check_fits(call: Call, service: ServiceView) -> None:
+    """NoTargetFits when no target of `service` can serve `call` at all: none offers every
+    capability it requires (`ServiceView.capability_sets`), or every target has a context window
+    and none holds it (the router's `filters.fits_context` by the same estimate). The router then
+    filters per target; this refusal comes first, so a call nothing could serve makes no attempt
+    and counts against no breaker, health score, budget or alert. Pure."""
+    need = call.capabilities
+    if need and not any(need <= offered for offered in service.capability_sets):
+        raise NoTargetFits(service.name, missing=need - service.offered, together=need)
+    if service.context_bound:
+        input_tokens, _ = estimate_tokens(call.payload)
+        asked = asked_output(call.payload)
+        if not any(context_need(input_tokens, asked, t.max_tokens) <= t.context_window
+                   for t in map(service.target, service.endpoints)):
+            largest = service.context_bound
+            raise NoTargetFits(service.name, tokens=input_tokens + asked, largest=largest)
 
 
 def open_pipeline(invoke: Invoke) -> Pipeline:

@@ -6,6 +6,7 @@ snapshot builds a complete new `AgentSnapshot` first and only then replaces the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -79,6 +80,7 @@ class EndpointView:
     tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     provider: str = ""
     source_service: str = ""
+    context_window: int = 0  # tokens; 0 = the service's
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class TargetView:
     provider: str = ""
     rpm_limit: int = 0  # per agent, per minute (dataplane/target_limits.py); 0 = none
     tpm_limit: int = 0
+    # What a request may require of this target (its service's capabilities), and its model's
+    # context window in tokens (0 = unknown): the scheduler's hard filters read both.
+    capabilities: frozenset[str] = frozenset()
+    context_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,29 @@ class ServiceView:
     limits: ResponseLimits = field(default_factory=ResponseLimits)
     # Endpoint id -> its effective target; an endpoint not here is served as the service.
     targets: Mapping[str, TargetView] = field(default_factory=lambda: MappingProxyType({}))
+    context_window: int = 0  # tokens; 0 = unknown
+
+    @functools.cached_property
+    def offered(self) -> frozenset[str]:
+        """Every capability some target offers (a category route's: the union over its members;
+        a plain service's: its own). A call requiring one outside it has no candidate at all.
+        Worked out once per view (a frozen dataclass without slots may cache in its __dict__)."""
+        return frozenset().union(*self.capability_sets)
+
+    @functools.cached_property
+    def capability_sets(self) -> frozenset[frozenset[str]]:
+        """The distinct capability sets of its targets (few: one per member service of a route):
+        a call requiring `need` has a candidate only if `need` is within one of them."""
+        if not self.endpoints:
+            return frozenset({frozenset(self.capabilities)})
+        return frozenset(self.target(e).capabilities for e in self.endpoints)
+
+    @functools.cached_property
+    def context_bound(self) -> int:
+        """The largest context window of its targets when every target has one (tokens), else 0:
+        only then can a call be too long for all of them."""
+        windows = [self.target(e).context_window for e in self.endpoints]
+        return max(windows) if windows and all(windows) else 0
 
     def target(self, endpoint: EndpointView) -> TargetView:
         """The effective target of one of this service's endpoints (precomputed per snapshot;
@@ -144,6 +173,7 @@ class ServiceView:
             max_tokens=e.max_tokens or self.max_tokens,
             pricing=e.pricing if e.pricing is not None else self.pricing,
             options=options, limits=limits, provider=e.provider, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+            capabilities=frozenset(self.capabilities), context_window=e.context_window or self.context_window,
         )
 
 

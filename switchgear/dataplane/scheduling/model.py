@@ -48,11 +48,25 @@ class Candidate:
     capabilities: frozenset[str] = frozenset()
     max_tokens: int = 0
 
+    def context_need(self, request: Request) -> int:
+        """Tokens of this target's context window the request takes: estimated input + the
+        answer bound the payload asked (lowered to this target's max_tokens, as the attempt
+        lowers it); an answer bound the payload did not set takes none (a provider refuses a
+        prompt plus max_tokens beyond its window, not a default it picks itself)."""
+        return context_need(request.input_tokens, 0 if request.output_default else request.output_tokens,
+                            self.max_tokens)
+
     def cost(self, request: Request) -> float:
         """USD this request is expected to cost here: request price + estimated tokens at price
         (the output estimate is this target's max_tokens when the request asked for none)."""
         out = self.max_tokens if self.max_tokens and request.output_default else request.output_tokens
         return self.pricing.cost(request.input_tokens, out)
+
+
+def context_need(input_tokens: int, asked: int, max_tokens: int) -> int:
+    """Tokens of a context window a call takes: its input + the answer bound it asked (0 = none),
+    lowered to the target's `max_tokens` (0 = no cap)."""
+    return input_tokens + (min(asked, max_tokens) if max_tokens and asked else asked)
 
 
 def candidate_key(service: str, endpoint: str) -> str:
@@ -77,8 +91,8 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
         health=e.health,
         max_concurrency=e.max_concurrency,
         pricing=target.pricing,
-        context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
-        capabilities=frozenset(service.capabilities),
+        context_window=target.context_window,
+        capabilities=target.capabilities,
         max_tokens=target.max_tokens,
     )
 
