@@ -116,7 +116,7 @@ class Served:
     def calls(self, instance: str) -> int:
         return int(self.group.stats(instance)["total"])
 
-    async def post(self, path: str, body: object, key: str | None = KEY, **headers: str | bytes) -> httpx.Response:
+    async def post(self, path: str, body: object, key: str | None = KEY, **headers: Any) -> httpx.Response:
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         async with httpx.AsyncClient(timeout=10) as client:
@@ -143,7 +143,7 @@ async def serving() -> AsyncIterator[Served]:
         resilience.apply(snap)
         router.scheduler = type(router.scheduler)(router.stats, router.scheduler.rng, resilience.gate.unavailable)
         secrets = SecretResolver({})
-        invoker = Invoker(ADAPTERS, pool, secrets, router, resilience=resilience)  # type: ignore[arg-type]
+        invoker = Invoker(ADAPTERS, pool, secrets, router, resilience=resilience)
         streamer = Streamer(ADAPTERS, pool, secrets, router.pick, resilience=resilience)
         pipeline = Pipeline(invoker.invoke, auth_required=True, quotas=QuotaEnforcer(LocalCounters()), cache=None)
         runner, address = await front_door.start(holder, invoker, streamer, "127.0.0.1:0", pipeline)
@@ -182,7 +182,7 @@ KEY_METADATA = (("authorization", f"Bearer {KEY}"),)
 async def test_grpc_requests_needing_vision_go_to_the_vision_target_under_load(served: Served) -> None:
     async def one() -> str:
         answer = await served.stub.Invoke(_grpc_request("llm", "vision"), metadata=KEY_METADATA)
-        return answer.endpoint
+        return str(answer.endpoint)
 
     endpoints = await asyncio.gather(*(one() for _ in range(40)))
     assert set(endpoints) == {"vision-svc.e0"}
@@ -333,12 +333,13 @@ async def test_a_call_too_long_for_every_target_is_refused_before_any_attempt(se
 ])
 async def test_a_malformed_header_is_refused_naming_it(served: Served, header: str | bytes) -> None:
     before = served.shared_state()
-    answer = await served.post("/v1/chat/completions", {"model": "llm", **CHAT}, **{REQUIRE: header})
+    extra: dict[str, Any] = {REQUIRE: header}
+    answer = await served.post("/v1/chat/completions", {"model": "llm", **CHAT}, **extra)
     assert answer.status_code == 400, answer.text
     assert (_error(answer)["param"] or "").startswith(REQUIRE)
     messages = await served.post("/v1/messages", {"model": "llm", "max_tokens": 8,
                                                   "messages": [{"role": "user", "content": "x"}]},
-                                 **{REQUIRE: header})
+                                 **extra)
     assert messages.status_code == 400 and messages.json()["type"] == "error"  # Anthropic's shape
     assert served.calls("v") + served.calls("t") == 0 and served.shared_state() == before
 
