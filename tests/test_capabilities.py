@@ -400,3 +400,53 @@ def test_any_header_is_a_set_of_valid_names_or_a_refusal_naming_it(values: list[
         return
     assert len(parsed) <= MAX_REQUIRED_CAPABILITIES
     assert all(required_capabilities([name], "x") == {name} for name in parsed)
+
+
+# --- context windows come from the config -------------------------------------------------
+
+CONFIG = """\
+external_services:
+  services:
+    llm_services:
+      chat:
+        protocol: openai
+        model: gpt-4o-mini
+        context_window: 128000
+        capabilities: [vision, tools]
+        endpoints:
+          - {id: big, url: "http://127.0.0.1:9/v1"}
+          - {id: small, url: "http://127.0.0.1:9/v1", model: gpt-3.5-turbo, context_window: 4096}
+"""
+
+
+def test_context_window_is_read_per_service_and_target_and_reaches_the_candidates() -> None:
+    from switchgear.cli_config import describe
+    from switchgear.controlplane.config import load_config
+    from switchgear.controlplane.convert import service_to_proto
+    from switchgear.dataplane.convert import convert_snapshot
+    from switchgear.dataplane.scheduling.model import candidates_of
+    from switchgear.v1 import discovery_pb2
+
+    state = load_config(CONFIG, env={})
+    spec = state.service("chat")
+    assert spec is not None and spec.context_window == 128000
+    assert [e.context_window for e in spec.endpoints] == [0, 4096]
+    shown = describe(state)
+    assert "context_window=128000" in shown and "context_window=4096" in shown and "capabilities=vision,tools" in shown
+    msg = discovery_pb2.Snapshot(services=[service_to_proto(spec)])
+    view = convert_snapshot(msg, "1", ADAPTERS).snapshot.services["chat"]
+    assert {c.endpoint: (c.context_window, c.capabilities) for c in candidates_of(view)} == {
+        "big": (128000, frozenset({"vision", "tools"})), "small": (4096, frozenset({"vision", "tools"}))}
+
+
+@pytest.mark.parametrize(("where", "value"), [("service", "-1"), ("service", "1.5"), ("service", "99999999999"),
+                                              ("endpoint", "-5"), ("endpoint", "big")])
+def test_a_bad_context_window_is_refused_naming_the_key(where: str, value: str) -> None:
+    from switchgear.controlplane.config import ConfigError, load_config
+
+    text = CONFIG.replace("context_window: 128000", f"context_window: {value}") if where == "service" \
+        else CONFIG.replace("context_window: 4096", f"context_window: {value}")
+    with pytest.raises(ConfigError) as info:
+        load_config(text, env={})
+    paths = [p.path for p in info.value.problems]
+    assert len(paths) == 1 and paths[0].endswith("context_window"), paths
