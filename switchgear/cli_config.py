@@ -116,6 +116,7 @@ def _target_text(e: EndpointSpec) -> str:
              f"price={_price(e.pricing)}" if e.pricing is not None else "",
              f"max_tokens={e.max_tokens}" if e.max_tokens else "",
              f"context_window={e.context_window}" if e.context_window else "",
+             f"capabilities={','.join(e.capabilities)}" if e.capabilities else "",
              "own options" if e.options_json else "",
              f"rpm={e.rpm_limit}" if e.rpm_limit else "", f"tpm={e.tpm_limit}" if e.tpm_limit else "",
              f"provider={e.provider}" if e.provider else "", *(f"{k}={v}" for k, v in e.tags)]

@@ -90,16 +90,20 @@ def service(name: str, url: str, capabilities: tuple[str, ...] = (), *, category
 def agent_snapshot(urls: Mapping[str, str]) -> AgentSnapshot:
     """"vision-svc" (instance v, capabilities vision + tools), "text-svc" (instance t, tools), and
     the agent's category route "llm" over both; "sized": one service whose two targets have their
-    own context windows (e-small 100 tokens on t, e-large 10,000 on v); "embed" (no capabilities)."""
+    own context windows (e-small 100 tokens on t, e-large 10,000 on v); "embed" (multilingual);
+    "chat": a route of one service whose target e-vision (on v) has its own capability vision."""
     members = {
         "vision-svc": service("vision-svc", urls["v"], ("tools", "vision")),
         "text-svc": service("text-svc", urls["t"], ("tools",)),
         "sized": service("sized", "", endpoints=(EndpointView(id="e-small", url=urls["t"], context_window=100),
                                                   EndpointView(id="e-large", url=urls["v"], context_window=10_000))),
-        "embed": service("embed", urls["t"], category="embedding"),
+        "embed": service("embed", urls["t"], ("multilingual",), category="embedding"),
+        # one service whose targets have their own capabilities (a route of one config entry)
+        "chat": service("chat", "", endpoints=(EndpointView(id="e-vision", url=urls["v"], capabilities=("vision",)),
+                                               EndpointView(id="e-text", url=urls["t"]))),
     }
     routed = {k: v for k, v in members.items() if k in ("vision-svc", "text-svc")}
-    services = {**members, **category_routes(routed)}  # ("sized" kept out of the route: its own tests)
+    services = {**members, **category_routes(routed)}  # ("sized", "chat" kept out of the route: their own tests)
     assert "llm" in services
     return AgentSnapshot("1.caps", MappingProxyType(services), AgentSettings(retry=RetrySettings(max_retries=2)),
                          governance())
@@ -193,6 +197,34 @@ async def test_grpc_requests_needing_vision_go_to_the_vision_target_under_load(s
     assert {a.endpoint for a in plain} == {"vision-svc.e0", "text-svc.e0"}
 
 
+async def test_a_targets_own_capabilities_on_a_one_service_route(served: Served) -> None:
+    answers = await asyncio.gather(*(served.post("/v1/chat/completions", {"model": "chat", **CHAT},
+                                                 **{REQUIRE: "vision"}) for _ in range(30)))
+    assert {a.headers["x-switchgear-target"] for a in answers} == {"e-vision"}
+    assert (served.calls("v"), served.calls("t")) == (30, 0)
+    spread = await asyncio.gather(*(served.post("/v1/chat/completions", {"model": "chat", **CHAT})
+                                    for _ in range(30)))
+    assert {a.headers["x-switchgear-target"] for a in spread} == {"e-vision", "e-text"}
+
+
+async def test_embeddings_read_the_header(served: Served) -> None:
+    body = {"model": "embed", "input": ["hello"]}
+    assert (await served.post("/v1/embeddings", body, **{REQUIRE: "multilingual"})).status_code == 200
+    refused = await served.post("/v1/embeddings", body, **{REQUIRE: "vision"})
+    assert refused.status_code == 400 and _error(refused)["code"] == "capability_not_offered"
+    assert served.calls("t") == 1 and served.calls("v") == 0
+
+
+async def test_a_grpc_stream_honours_the_requirement(served: Served) -> None:
+    for _ in range(6):
+        call = _grpc_request("llm", "vision", payload={**CHAT, "stream": True})
+        request = gateway_pb2.InvokeStreamRequest(request=call)
+        ends = [m.end for m in [m async for m in served.stub.InvokeStream(request, metadata=KEY_METADATA)]
+                if m.HasField("end")]
+        assert [e.endpoint for e in ends] == ["vision-svc.e0"]
+    assert served.calls("t") == 0
+
+
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", {"model": "llm", **CHAT}),
     ("/v1/chat/completions", {"model": "llm", "stream": True, **CHAT}),
@@ -231,7 +263,7 @@ async def test_the_tenants_required_capabilities_filter_per_target(served: Serve
     # Its visible models: those with a vision target.
     async with httpx.AsyncClient() as client:
         listed = await client.get(f"{served.url}/v1/models", headers={"Authorization": f"Bearer {PICKY_KEY}"})
-    assert {m["id"] for m in listed.json()["data"]} == {"llm", "vision-svc"}
+    assert {m["id"] for m in listed.json()["data"]} == {"llm", "vision-svc", "chat"}
 
 
 async def test_models_show_capabilities_and_context_windows(served: Served) -> None:
@@ -415,7 +447,8 @@ external_services:
         capabilities: [vision, tools]
         endpoints:
           - {id: big, url: "http://127.0.0.1:9/v1"}
-          - {id: small, url: "http://127.0.0.1:9/v1", model: gpt-3.5-turbo, context_window: 4096}
+          - {id: small, url: "http://127.0.0.1:9/v1", model: gpt-3.5-turbo, context_window: 4096,
+             capabilities: [tools]}
 """
 
 
@@ -433,10 +466,12 @@ def test_context_window_is_read_per_service_and_target_and_reaches_the_candidate
     assert [e.context_window for e in spec.endpoints] == [0, 4096]
     shown = describe(state)
     assert "context_window=128000" in shown and "context_window=4096" in shown and "capabilities=vision,tools" in shown
+    assert "capabilities=tools" in shown
     msg = discovery_pb2.Snapshot(services=[service_to_proto(spec)])
     view = convert_snapshot(msg, "1", ADAPTERS).snapshot.services["chat"]
     assert {c.endpoint: (c.context_window, c.capabilities) for c in candidates_of(view)} == {
-        "big": (128000, frozenset({"vision", "tools"})), "small": (4096, frozenset({"vision", "tools"}))}
+        "big": (128000, frozenset({"vision", "tools"})), "small": (4096, frozenset({"tools"}))}
+    assert view.offered == {"vision", "tools"}
 
 
 @pytest.mark.parametrize(("where", "value"), [("service", "-1"), ("service", "1.5"), ("service", "99999999999"),

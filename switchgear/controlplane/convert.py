@@ -106,7 +106,7 @@ def endpoint_to_proto(e: EndpointSpec) -> common_pb2.Endpoint:
         max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
         protocol=e.protocol, model=e.model, max_tokens=e.max_tokens, options_json=e.options_json,
         rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit, tags=dict(e.tags), provider=e.provider,
-        source_service=e.source_service, context_window=e.context_window,
+        source_service=e.source_service, context_window=e.context_window, capabilities=e.capabilities,
     )
     if e.pricing is not None:
         msg.pricing.CopyFrom(_pricing_to_proto(e.pricing))
@@ -121,7 +121,7 @@ def endpoint_from_proto(e: common_pb2.Endpoint, path: str) -> EndpointSpec:
         pricing=_pricing_from_proto(e.pricing) if e.HasField("pricing") else None,
         max_tokens=e.max_tokens, options_json=e.options_json, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
         tags=tuple(sorted(e.tags.items())), provider=e.provider, source_service=e.source_service,
-        context_window=e.context_window,
+        context_window=e.context_window, capabilities=tuple(e.capabilities),
     )
 
 

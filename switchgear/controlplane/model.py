@@ -116,6 +116,7 @@ class EndpointSpec:
     provider: str = ""
     source_service: str = ""  # set on a category route's targets: the service they came from
     context_window: int = 0  # tokens; 0 = the service's
+    capabilities: tuple[str, ...] = ()  # replaces the service's when non-empty
 
 
 #: Endpoint ids of managed replicas start with this (the container manager owns them).

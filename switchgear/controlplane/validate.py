@@ -399,10 +399,16 @@ def _resource_override(index: int, key: str, value: str, category: str) -> Itera
 
 
 def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
-    """Capabilities are non-empty strings."""
-    for index, capability in enumerate(spec.capabilities):
+    """Capabilities (a service's, a route target's) are non-empty strings."""
+    yield from _capability_problems(spec.capabilities, "")
+    for index, endpoint in enumerate(spec.endpoints):
+        yield from _capability_problems(endpoint.capabilities, f"endpoints[{index}].")
+
+
+def _capability_problems(capabilities: tuple[str, ...], prefix: str) -> Iterator[Problem]:
+    for index, capability in enumerate(capabilities):
         if not capability:
-            yield Problem(f"capabilities[{index}]", "must not be empty")
+            yield Problem(f"{prefix}capabilities[{index}]", "must not be empty")
 
 
 # --- managed model servers (the container manager) -------------------------------------------

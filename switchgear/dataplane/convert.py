@@ -141,7 +141,7 @@ def _endpoint(msg: common_pb2.Endpoint) -> EndpointView:
         pricing=_pricing(msg.pricing) if msg.HasField("pricing") else None,
         max_tokens=msg.max_tokens, rpm_limit=msg.rpm_limit, tpm_limit=msg.tpm_limit,
         tags=MappingProxyType(dict(msg.tags)), provider=msg.provider, source_service=msg.source_service,
-        context_window=msg.context_window,
+        context_window=msg.context_window, capabilities=tuple(msg.capabilities),
     )
 
 
@@ -402,7 +402,8 @@ def _part(member: ServiceView) -> _Part:
             id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
             max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
             pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
-            tags=e.tags, provider=e.provider, source_service=member.name, context_window=e.context_window))
+            tags=e.tags, provider=e.provider, source_service=member.name, context_window=e.context_window,
+            capabilities=e.capabilities))
         targets.append((ident, member.target(e)))  # the member's own view, shared
     return tuple(endpoints), tuple(targets)
 

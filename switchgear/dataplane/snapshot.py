@@ -81,6 +81,7 @@ class EndpointView:
     provider: str = ""
     source_service: str = ""
     context_window: int = 0  # tokens; 0 = the service's
+    capabilities: tuple[str, ...] = ()  # () = the service's
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class TargetView:
     provider: str = ""
     rpm_limit: int = 0  # per agent, per minute (dataplane/target_limits.py); 0 = none
     tpm_limit: int = 0
-    # What a request may require of this target (its service's capabilities), and its model's
+    # What a request may require of this target (its own capabilities, else its service's), and its model's
     # context window in tokens (0 = unknown): the scheduler's hard filters read both.
     capabilities: frozenset[str] = frozenset()
     context_window: int = 0
@@ -173,7 +174,8 @@ class ServiceView:
             max_tokens=e.max_tokens or self.max_tokens,
             pricing=e.pricing if e.pricing is not None else self.pricing,
             options=options, limits=limits, provider=e.provider, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
-            capabilities=frozenset(self.capabilities), context_window=e.context_window or self.context_window,
+            capabilities=frozenset(e.capabilities or self.capabilities),
+            context_window=e.context_window or self.context_window,
         )
 
 

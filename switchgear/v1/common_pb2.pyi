@@ -63,7 +63,7 @@ class Pricing(_message.Message):
     def __init__(self, cost_per_1k_tokens: _Optional[float] = ..., input_cost_per_1k_tokens: _Optional[float] = ..., output_cost_per_1k_tokens: _Optional[float] = ..., cost_per_request: _Optional[float] = ..., cache_read_input_cost_per_1k_tokens: _Optional[float] = ..., cache_write_input_cost_per_1k_tokens: _Optional[float] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service", "context_window")
+    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service", "context_window", "capabilities")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class Endpoint(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SERVICE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     weight: int
@@ -107,7 +108,8 @@ class Endpoint(_message.Message):
     provider: str
     source_service: str
     context_window: int
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ..., protocol: _Optional[str] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., max_tokens: _Optional[int] = ..., options_json: _Optional[str] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., provider: _Optional[str] = ..., source_service: _Optional[str] = ..., context_window: _Optional[int] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ..., protocol: _Optional[str] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., max_tokens: _Optional[int] = ..., options_json: _Optional[str] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., provider: _Optional[str] = ..., source_service: _Optional[str] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("name", "category", "protocol", "endpoints", "api_key", "model", "max_tokens", "pricing", "capabilities", "priority", "strategy", "timeout", "options_json", "metadata", "fallbacks", "context_window")

@@ -122,6 +122,7 @@ _ENDPOINT_LEAVES = (
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),
     Leaf("context_window", "context_window", read_int),
+    Leaf("capabilities", "capabilities", read_str_tuple),
     Leaf("rpm_limit", "rpm_limit", read_int),
     Leaf("tpm_limit", "tpm_limit", read_int),
     Leaf("provider", "provider", read_str),
