@@ -485,3 +485,31 @@ def test_a_bad_context_window_is_refused_naming_the_key(where: str, value: str) 
         load_config(text, env={})
     paths = [p.path for p in info.value.problems]
     assert len(paths) == 1 and paths[0].endswith("context_window"), paths
+
+
+async def test_a_cached_answer_answers_only_calls_requiring_what_its_key_required() -> None:
+    """An answer a text target gave (no requirement) is not served to a call requiring vision."""
+    from switchgear.adapters.base import TokenUsage
+    from switchgear.dataplane.cache import MemoryCache
+    from switchgear.dataplane.cache_shared import ResponseCache
+    from switchgear.dataplane.invoke import Result
+
+    snap = dataclasses.replace(agent_snapshot({"v": "http://127.0.0.1:9/v1", "t": "http://127.0.0.1:9/v1"}),
+                               settings=AgentSettings(cache_enabled=True, cache_ttl_s=MappingProxyType(
+                                   {"llm_responses": 60.0})))
+    served_by: list[frozenset[str]] = []
+
+    async def invoke(call: Any, snapshot: AgentSnapshot) -> Result:
+        served_by.append(call.capabilities)
+        return Result(body=b"{}", service="llm", endpoint="x", attempts=1, latency_s=0.0,
+                      usage=TokenUsage(1, 1), cost_usd=0.0, version=snapshot.version)
+
+    pipeline = Pipeline(invoke, auth_required=False, quotas=QuotaEnforcer(LocalCounters()),
+                        cache=ResponseCache(MemoryCache(1 << 20)))
+    plain = _call("llm")
+    vision = dataclasses.replace(plain, capabilities=frozenset({"vision"}))
+    assert not (await pipeline.invoke(plain, snap, None)).cached
+    assert (await pipeline.invoke(plain, snap, None)).cached
+    assert not (await pipeline.invoke(vision, snap, None)).cached  # its own key
+    assert (await pipeline.invoke(vision, snap, None)).cached
+    assert served_by == [frozenset(), frozenset({"vision"})]

@@ -219,6 +219,8 @@ class Pipeline:
         if ttl <= 0:
             return None
         tenant = principal.tenant.id if principal else ""
+        if call.capabilities:  # an answer a target without them gave must not answer a call requiring them
+            identity = f"{identity}|requires:{','.join(sorted(call.capabilities))}"
         return cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared), ttl
 
     async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
