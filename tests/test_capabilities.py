@@ -513,3 +513,12 @@ async def test_a_cached_answer_answers_only_calls_requiring_what_its_key_require
     assert not (await pipeline.invoke(vision, snap, None)).cached  # its own key
     assert (await pipeline.invoke(vision, snap, None)).cached
     assert served_by == [frozenset(), frozenset({"vision"})]
+
+
+def test_a_token_count_is_never_too_long_but_a_call_is() -> None:
+    snap = agent_snapshot({"v": "http://127.0.0.1:9/v1", "t": "http://127.0.0.1:9/v1"})
+    long = {"messages": [{"role": "user", "content": "x" * 50_000}]}
+    check_fits(dataclasses.replace(_call("sized", long), method="count_tokens"), snap.services["sized"])
+    with pytest.raises(NoTargetFits) as info:
+        check_fits(_call("sized", long), snap.services["sized"])
+    assert info.value.largest == 10_000 and info.value.tokens == 12_501  # ("user" counts too)

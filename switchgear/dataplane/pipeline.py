@@ -287,16 +287,21 @@ class Pipeline:
         await self._quotas.record(principal.tenant, service, usage.input_tokens + usage.output_tokens, cost_usd)
 
 
+#: The method that only measures a prompt (Anthropic's count_tokens): no context window refuses it.
+COUNT_TOKENS = "count_tokens"
+
+
 def check_fits(call: Call, service: ServiceView) -> None:
     """NoTargetFits when no target of `service` can serve `call` at all: none offers every
     capability it requires (`ServiceView.capability_sets`), or every target has a context window
     and none holds it (the router's `filters.fits_context` by the same estimate). The router then
     filters per target; this refusal comes first, so a call nothing could serve makes no attempt
-    and counts against no breaker, health score, budget or alert. Pure."""
+    and counts against no breaker, health score, budget or alert. A token count (`count_tokens`)
+    is never too long: saying how long a prompt is is its whole point. Pure."""
     need = call.capabilities
     if need and not any(need <= offered for offered in service.capability_sets):
         raise NoTargetFits(service.name, missing=need - service.offered, together=need)
-    if service.context_bound:
+    if service.context_bound and call.method != COUNT_TOKENS:
         input_tokens, _ = estimate_tokens(call.payload)
         asked = asked_output(call.payload)
         if not any(context_need(input_tokens, asked, t.max_tokens) <= t.context_window
