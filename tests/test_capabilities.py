@@ -522,3 +522,44 @@ def test_a_token_count_is_never_too_long_but_a_call_is() -> None:
     with pytest.raises(NoTargetFits) as info:
         check_fits(_call("sized", long), snap.services["sized"])
     assert info.value.largest == 10_000 and info.value.tokens == 12_501  # ("user" counts too)
+
+
+# --- what the payload shows it needs ----------------------------------------------------
+
+IMAGE_CHAT = {"messages": [{"role": "user", "content": [
+    {"type": "text", "text": "what is this?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}], "max_tokens": 8}
+
+
+@pytest.mark.parametrize(("payload", "names", "found"), [
+    (IMAGE_CHAT, {"vision", "tools"}, {"vision"}),
+    (IMAGE_CHAT, {"tools"}, set()),  # only names the service's targets offer are looked for
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, {"vision"}, {"vision"}),
+    ({**CHAT, "tools": [{"type": "function"}]}, {"tools", "vision"}, {"tools"}),
+    ({**CHAT, "tools": []}, {"tools"}, set()),
+    ({**CHAT, "functions": [{"name": "f"}]}, {"tools"}, {"tools"}),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {}}}, {"json_schema"}, {"json_schema"}),
+    ({**CHAT, "response_format": {"type": "json_object"}}, {"json_schema"}, set()),
+    ({"messages": "not a list", "response_format": "odd"}, {"vision", "json_schema"}, set()),
+    ({"messages": [None, 3, {"content": [None, "x", {"type": 5}]}]}, {"vision"}, set()),
+])
+def test_inferred(payload: dict[str, Any], names: set[str], found: set[str]) -> None:
+    from switchgear.dataplane.scheduling.model import inferred
+
+    assert inferred(payload, frozenset(names)) == found
+
+
+async def test_an_image_goes_to_a_vision_target_without_being_asked(served: Served) -> None:
+    """The route's targets offer "vision" (one of them), so an image part requires it; a service
+    none of whose targets offers it is not looked into (the text service still takes the image)."""
+    answers = await asyncio.gather(*(served.post("/v1/chat/completions", {"model": "llm", **IMAGE_CHAT})
+                                     for _ in range(20)))
+    assert {a.headers["x-switchgear-target"] for a in answers} == {"vision-svc.e0"}
+    assert served.calls("t") == 0
+    plain = await served.post("/v1/chat/completions", {"model": "text-svc", **IMAGE_CHAT})
+    assert plain.status_code == 200 and served.calls("t") == 1
+    tools = await asyncio.gather(*(served.post("/v1/chat/completions",
+                                               {"model": "llm", **CHAT, "tools": [{"type": "function", "function": {
+                                                   "name": "f", "parameters": {"type": "object"}}}]})
+                                   for _ in range(30)))  # both targets offer tools: both serve
+    assert {a.headers["x-switchgear-target"] for a in tools} == {"vision-svc.e0", "text-svc.e0"}

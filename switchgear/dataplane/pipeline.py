@@ -39,7 +39,7 @@ from switchgear.dataplane.governance import InFlight, Principal, authenticate, a
 from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
 from switchgear.dataplane.redis_round import Lookup
-from switchgear.dataplane.scheduling.model import asked_output, context_need, estimate_tokens
+from switchgear.dataplane.scheduling.model import asked_output, context_need, estimate_tokens, inferred
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
@@ -129,12 +129,9 @@ class Pipeline:
         """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound), add
         the tenant's required capabilities to the call's, and refuse a call no target of its
         service can serve (`check_fits`: NoTargetFits)."""
-        if principal is None:
-            service = snapshot.services.get(call.service)
-            if service is not None and (call.capabilities or service.context_bound):
-                check_fits(call, service)
-            return call
         service = snapshot.services.get(call.service)
+        if principal is None:
+            return call if service is None else needs(call, service)
         if service is None:
             raise ServiceNotFound(f"service: no service named {call.service!r}")
         tenant = principal.tenant
@@ -143,8 +140,7 @@ class Pipeline:
         need = tenant.required_capabilities
         if need and not need <= call.capabilities:  # each target serving it must offer them (the router filters)
             call = dataclasses.replace(call, capabilities=call.capabilities | need)
-        if call.capabilities or service.context_bound:
-            check_fits(call, service)
+        call = needs(call, service)
         if priority == call.priority and tenant.user_type == call.user_type and tenant.id == call.tenant:
             return call  # (a copy of a frozen call costs more than the comparison: doors set the tenant)
         return dataclasses.replace(call, priority=priority, user_type=tenant.user_type, tenant=tenant.id)
@@ -285,6 +281,20 @@ class Pipeline:
         if principal is None:
             return
         await self._quotas.record(principal.tenant, service, usage.input_tokens + usage.output_tokens, cost_usd)
+
+
+def needs(call: Call, service: ServiceView) -> Call:
+    """`call` with the capabilities its payload shows it needs added (`model.inferred`, only for a
+    service whose targets offer some: `ServiceView.inferable`), checked by `check_fits`. For a
+    service offering none of them and a call requiring nothing: two emptiness checks."""
+    infer = service.inferable
+    if infer:
+        found = inferred(call.payload, infer)
+        if not found <= call.capabilities:
+            call = dataclasses.replace(call, capabilities=call.capabilities | found)
+    if call.capabilities or service.context_bound:
+        check_fits(call, service)
+    return call
 
 
 #: The method that only measures a prompt (Anthropic's count_tokens): no context window refuses it.

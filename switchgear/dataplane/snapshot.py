@@ -15,6 +15,10 @@ from typing import Any
 from switchgear.adapters.base import ResponseLimits, TokenUsage
 from switchgear.dataplane.governance import Governance
 
+#: Capabilities a call's payload can show it needs (scheduling/model.py `inferred`), looked for
+#: only in calls to a service some of whose targets offer them.
+INFERABLE = frozenset({"vision", "tools", "json_schema"})
+
 CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
 
 
@@ -149,6 +153,13 @@ class ServiceView:
         if not self.endpoints:
             return frozenset({frozenset(self.capabilities)})
         return frozenset(self.target(e).capabilities for e in self.endpoints)
+
+    @functools.cached_property
+    def inferable(self) -> frozenset[str]:
+        """The capabilities its targets offer that a call's payload can show it needs ("vision",
+        "tools", "json_schema": scheduling/model.py `inferred`); empty for most services, so
+        their calls are not looked into."""
+        return self.offered & INFERABLE
 
     @functools.cached_property
     def context_bound(self) -> int:

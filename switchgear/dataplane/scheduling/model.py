@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import TYPE_CHECKING, Any
 
+from switchgear.dataplane.snapshot import INFERABLE as INFERABLE  # (defined there: the views read it)
 from switchgear.dataplane.snapshot import EndpointView, Pricing, ServiceView
 from switchgear.wire.lean import lean
 
@@ -164,6 +165,38 @@ def asked_output(payload: Mapping[str, Any]) -> int:
     """The answer bound the payload sets (`max_completion_tokens` or `max_tokens`), 0 = none."""
     asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
+
+
+IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})  # OpenAI chat, Anthropic, Responses
+
+
+def inferred(payload: Mapping[str, Any], names: frozenset[str]) -> frozenset[str]:
+    """Which of `names` (a subset of INFERABLE: those the service's targets offer) the payload
+    needs: "vision" (an image part in a message's content), "tools" (`tools` or `functions`),
+    "json_schema" (`response_format.type` "json_schema"). Exact, and cheap: two key lookups, and
+    for "vision" one pass over the messages' content parts (no deeper)."""
+    found: set[str] = set()
+    if "tools" in names and (payload.get("tools") or payload.get("functions")):
+        found.add("tools")
+    if "json_schema" in names:
+        fmt = payload.get("response_format")
+        if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+            found.add("json_schema")
+    if "vision" in names and _has_image(payload.get("messages")):
+        found.add("vision")
+    return frozenset(found)
+
+
+def _has_image(messages: Any) -> bool:
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") in IMAGE_PARTS:
+                    return True
+    return False
 
 
 def user_type_of(user_id: str) -> str:
