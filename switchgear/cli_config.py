@@ -103,6 +103,8 @@ def _service_row(spec: ServiceSpec, agent: AgentSettings) -> list[str]:
         "strategy " + " ".join(f"p{p}={strategy_for(spec, agent, p)}" for p in SHOWN_PRIORITIES),
         f"timeout={_seconds(timeout_for(spec, agent))}",
         f"key={key}",
+        f"capabilities={','.join(spec.capabilities) or '-'}",
+        f"context_window={spec.context_window or 'unknown'}",
         *_limit_cells(spec),
         *_index_cells(spec),
         *_scope_cells(spec),
@@ -116,6 +118,8 @@ def _target_text(e: EndpointSpec) -> str:
     cells = [e.protocol, f"model={e.model}" if e.model else "", f"key={e.api_key.describe()}" if e.api_key else "",
              f"price={_price(e.pricing)}" if e.pricing is not None else "",
              f"max_tokens={e.max_tokens}" if e.max_tokens else "",
+             f"context_window={e.context_window}" if e.context_window else "",
+             f"capabilities={','.join(e.capabilities)}" if e.capabilities else "",
              "own options" if e.options_json else "",
              f"rpm={e.rpm_limit}" if e.rpm_limit else "", f"tpm={e.tpm_limit}" if e.tpm_limit else "",
              f"provider={e.provider}" if e.provider else "", *(f"{k}={v}" for k, v in e.tags)]

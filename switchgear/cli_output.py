@@ -133,6 +133,7 @@ def service_rows(reply: Any) -> list[tuple[str, ...]]:
         ("protocol", s.protocol), ("model", s.model or "-"), ("api_key", _secret(s.api_key)),
         ("pricing", _pricing(s.pricing)), ("priority", str(s.priority)), ("strategy", s.strategy or "default"),
         ("timeout", f"{timeout:g} s" if timeout else "default"), ("max_tokens", _num(s.max_tokens)),
+        ("context_window", _num(s.context_window)),
         ("capabilities", ", ".join(s.capabilities) or "-"), ("fallbacks", ", ".join(s.fallbacks) or "-"),
         ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(s.metadata.items())) or "-"),
         ("options", s.options_json if s.options_json not in ("", "{}") else "-"),

@@ -171,6 +171,7 @@ LEAF_PATHS = [
     "communication.load_balancing.circuit_breaker_threshold", "communication.caching.ttl.llm_responses",
     "monitoring.report_interval", "monitoring.breaker_threshold", "monitoring.alert_rules.r.hysteresis",
     "services.llm_services.local_models.priority", "services.llm_services.local_models.max_tokens",
+    "services.llm_services.local_models.context_window",
     "services.llm_services.local_models.timeout", "services.llm_services.local_models.cost_per_1k_tokens",
     "services.llm_services.local_models.options.max_response_bytes",
     "services.llm_services.local_models.options.x",

@@ -100,3 +100,36 @@ def test_priority_never_uses_a_lower_tier_while_a_higher_one_has_healthy_capacit
             assert chosen.tier == max(roomy)
         else:
             assert chosen.tier == max(c.tier for c in usable)
+
+
+CAPS = st.frozensets(st.sampled_from(["vision", "tools", "json"]), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(offered=st.lists(st.tuples(CAPS, st.sampled_from([0, 50, 200, 1000]), st.sampled_from([0, 30, 500])),
+                        min_size=1, max_size=6),
+       need=CAPS, input_tokens=st.integers(0, 1200), asked=st.integers(0, 600),
+       strategy=st.sampled_from(sorted(STRATEGIES)), seed=st.integers(0, 2**16))
+def test_a_pick_offers_every_required_capability_and_fits_its_window(
+    offered: list[tuple[frozenset[str], int, int]], need: frozenset[str], input_tokens: int, asked: int,
+    strategy: str, seed: int,
+) -> None:
+    """Whatever the strategy, the pick offers all the request requires and its context window (0:
+    unknown) holds input + the asked answer (capped by the target's max_tokens); None exactly when
+    no candidate does."""
+    import dataclasses
+
+    cands = [dataclasses.replace(cand(f"e{i}"), capabilities=caps, context_window=window, max_tokens=max_tokens)
+             for i, (caps, window, max_tokens) in enumerate(offered)]
+    request = Request(category="llm", input_tokens=input_tokens, output_tokens=asked or 256,
+                      output_default=not asked, capabilities=need)
+
+    def fits(c: Candidate) -> bool:
+        out = min(asked, c.max_tokens) if c.max_tokens and asked else asked
+        return need <= c.capabilities and (not c.context_window or input_tokens + out <= c.context_window)
+
+    chosen = Scheduler(stats(), random.Random(seed)).pick(cands, request, strategy, group="s")
+    if any(fits(c) for c in cands):
+        assert chosen is not None and fits(chosen)
+    else:
+        assert chosen is None

@@ -49,6 +49,7 @@ def service_to_proto(spec: ServiceSpec) -> common_pb2.Service:
         options_json=spec.options_json,
         metadata=dict(spec.metadata),
         fallbacks=spec.fallbacks,
+        context_window=spec.context_window,
     )
     if spec.timeout_s:
         msg.timeout.CopyFrom(duration(spec.timeout_s))
@@ -107,7 +108,7 @@ def endpoint_to_proto(e: EndpointSpec) -> common_pb2.Endpoint:
         max_concurrency=e.max_concurrency, health=common_pb2.HEALTH_STATE_HEALTHY,
         protocol=e.protocol, model=e.model, max_tokens=e.max_tokens, options_json=e.options_json,
         rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit, tags=dict(e.tags), provider=e.provider,
-        source_service=e.source_service,
+        source_service=e.source_service, context_window=e.context_window, capabilities=e.capabilities,
     )
     if e.pricing is not None:
         msg.pricing.CopyFrom(_pricing_to_proto(e.pricing))
@@ -122,6 +123,7 @@ def endpoint_from_proto(e: common_pb2.Endpoint, path: str) -> EndpointSpec:
         pricing=_pricing_from_proto(e.pricing) if e.HasField("pricing") else None,
         max_tokens=e.max_tokens, options_json=e.options_json, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
         tags=tuple(sorted(e.tags.items())), provider=e.provider, source_service=e.source_service,
+        context_window=e.context_window, capabilities=tuple(e.capabilities),
     )
 
 
@@ -142,6 +144,7 @@ def service_from_proto(msg: common_pb2.Service, path: str = "service") -> Servic
         options_json=msg.options_json or "{}",
         metadata=tuple(sorted(msg.metadata.items())),
         fallbacks=tuple(msg.fallbacks),
+        context_window=msg.context_window,
     )
 
 

@@ -116,6 +116,8 @@ class EndpointSpec:
     tags: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
     provider: str = ""
     source_service: str = ""  # set on a category route's targets: the service they came from
+    context_window: int = 0  # tokens; 0 = the service's
+    capabilities: tuple[str, ...] = ()  # replaces the service's when non-empty
 
 
 #: Endpoint ids of managed replicas start with this (the container manager owns them).
@@ -187,6 +189,8 @@ class ServiceSpec:
     metadata: tuple[tuple[str, str], ...] = ()
     fallbacks: tuple[str, ...] = ()
     managed: ManagedSpec | None = None  # replicas become endpoints once ready (container manager)
+    # The model's context window in tokens (prompt + asked output); 0 = unknown (never filtered).
+    context_window: int = 0
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,7 @@ def _check_numbers(
 
 _SERVICE_NUMBERS: tuple[tuple[str, Callable[[ServiceSpec], object], _Check], ...] = (
     ("max_tokens", lambda s: s.max_tokens, _integer_between(0)),
+    ("context_window", lambda s: s.context_window, _integer_between(0, 2**32 - 1)),
     ("priority", lambda s: s.priority, _any_integer),
     ("timeout_s", lambda s: s.timeout_s, _non_negative),
     ("pricing.cost_per_1k_tokens", lambda s: s.pricing.cost_per_1k_tokens, _non_negative),
@@ -161,6 +162,7 @@ _ENDPOINT_NUMBERS: tuple[tuple[str, Callable[[EndpointSpec], object], _Check], .
     ("priority", lambda e: e.priority, _any_integer),
     ("max_concurrency", lambda e: e.max_concurrency, _integer_between(0)),
     ("max_tokens", lambda e: e.max_tokens, _integer_between(0)),
+    ("context_window", lambda e: e.context_window, _integer_between(0, 2**32 - 1)),
     ("rpm_limit", lambda e: e.rpm_limit, _integer_between(0, 2**32 - 1)),
     ("tpm_limit", lambda e: e.tpm_limit, _integer_between(0, 2**32 - 1)),
 )
@@ -416,10 +418,16 @@ def _resource_override(index: int, key: str, value: str, category: str) -> Itera
 
 
 def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
-    """Capabilities are non-empty strings."""
-    for index, capability in enumerate(spec.capabilities):
+    """Capabilities (a service's, a route target's) are non-empty strings."""
+    yield from _capability_problems(spec.capabilities, "")
+    for index, endpoint in enumerate(spec.endpoints):
+        yield from _capability_problems(endpoint.capabilities, f"endpoints[{index}].")
+
+
+def _capability_problems(capabilities: tuple[str, ...], prefix: str) -> Iterator[Problem]:
+    for index, capability in enumerate(capabilities):
         if not capability:
-            yield Problem(f"capabilities[{index}]", "must not be empty")
+            yield Problem(f"{prefix}capabilities[{index}]", "must not be empty")
 
 
 # --- managed model servers (the container manager) -------------------------------------------

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +62,60 @@ class RequestError(ValueError):
         self.message = message
 
 
+#: At most this many capabilities a request may require; each name 1..64 characters of
+#: [a-z0-9_.:-] (InvokeRequest.required_capabilities, `x-switchgear-require`, /v1/invoke's field).
+MAX_REQUIRED_CAPABILITIES = 16
+_CAPABILITY = re.compile(r"[a-z0-9_.:-]{1,64}")
+_CAPABILITY_RULE = "each 1..64 characters of a-z, 0-9, '_', '.', ':' or '-'"
+NO_CAPABILITIES: frozenset[str] = frozenset()
+
+
+def required_capabilities(names: Sequence[object], path: str) -> frozenset[str]:
+    """The capabilities a request requires, checked: RequestError naming `path` (and the item's
+    index, never its value) for more than MAX_REQUIRED_CAPABILITIES or a malformed name."""
+    if not names:
+        return NO_CAPABILITIES
+    if len(names) > MAX_REQUIRED_CAPABILITIES:
+        raise RequestError(path, f"at most {MAX_REQUIRED_CAPABILITIES} capabilities, got {len(names)}")
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not _CAPABILITY.fullmatch(name):
+            raise RequestError(f"{path}[{index}]", f"must be a capability name, {_CAPABILITY_RULE}")
+    return frozenset(names)  # type: ignore[arg-type]  # (every item checked a str above)
+
+
+def capabilities_header(values: Sequence[str], name: str) -> frozenset[str]:
+    """A comma-list header's capabilities (every line of it, as HTTP joins repeated headers;
+    blanks around items are ignored; a wholly blank header requires nothing): `required_capabilities`
+    with the header's `name` as the path. The item count is checked before the text is split."""
+    text = ",".join(values)
+    if not text.strip(" \t"):
+        return NO_CAPABILITIES
+    if text.count(",") >= MAX_REQUIRED_CAPABILITIES:
+        raise RequestError(name, f"at most {MAX_REQUIRED_CAPABILITIES} capabilities, comma-separated")
+    return required_capabilities([item.strip(" \t") for item in text.split(",")], name)
+
+
+class NoTargetFits(Exception):
+    """No target of the service can serve the call as asked: none offers `missing` (the
+    capabilities the call requires that no target has), or none's context window holds the
+    call's `tokens` (estimated prompt + asked answer). The caller's requirement, not an outage:
+    refused before any attempt, so it counts against no breaker, health score or alert."""
+
+    def __init__(self, service: str, missing: frozenset[str] = NO_CAPABILITIES,
+                 together: frozenset[str] = NO_CAPABILITIES, tokens: int = 0, largest: int = 0) -> None:
+        self.service, self.tokens, self.largest = service, tokens, largest
+        # (`together`: required capabilities each offered somewhere, but by no one target)
+        self.missing = tuple(sorted(missing or together))
+        if missing:
+            text = f"no target of {service!r} offers {list(self.missing)}"
+        elif together:
+            text = f"no one target of {service!r} offers all of {list(self.missing)}"
+        else:
+            text = (f"no target of {service!r} has a context window for ~{tokens} tokens "
+                    f"(estimated prompt + asked output; the largest is {largest})")
+        super().__init__(text)
+
+
 _seconds = checks.seconds
 
 
@@ -87,6 +142,7 @@ def _endpoint(msg: common_pb2.Endpoint) -> EndpointView:
         pricing=_pricing(msg.pricing) if msg.HasField("pricing") else None,
         max_tokens=msg.max_tokens, rpm_limit=msg.rpm_limit, tpm_limit=msg.tpm_limit,
         tags=MappingProxyType(dict(msg.tags)), provider=msg.provider, source_service=msg.source_service,
+        context_window=msg.context_window, capabilities=tuple(msg.capabilities),
     )
 
 
@@ -140,6 +196,7 @@ def _service_alone(msg: common_pb2.Service, options: checks.ParsedOptions,
         limits=options.limits,
         fallbacks=tuple(msg.fallbacks),
         metadata=MappingProxyType(dict(msg.metadata)),
+        context_window=msg.context_window,
         unsupported="" if msg.protocol in adapters else f"this agent has no adapter for protocol {msg.protocol!r}",
     )
 
@@ -346,7 +403,8 @@ def _part(member: ServiceView) -> _Part:
             id=ident, url=e.url, weight=e.weight, priority=e.priority or member.priority, health=e.health,
             max_concurrency=e.max_concurrency, protocol=e.protocol, api_key=e.api_key, model=e.model,
             pricing=e.pricing, max_tokens=e.max_tokens, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
-            tags=e.tags, provider=e.provider, source_service=member.name))
+            tags=e.tags, provider=e.provider, source_service=member.name, context_window=e.context_window,
+            capabilities=e.capabilities))
         targets.append((ident, member.target(e)))  # the member's own view, shared
     return tuple(endpoints), tuple(targets)
 
@@ -408,6 +466,9 @@ class Call:
     # makes sure of it. Never `user_id`, which the caller chooses freely. A deferred call's task
     # is this tenant's.
     tenant: str = ""
+    # Capabilities every target that serves the call must offer: the caller's
+    # (required_capabilities, x-switchgear-require) and, once governed, its tenant's.
+    capabilities: frozenset[str] = NO_CAPABILITIES
 
     @property
     def from_task(self) -> bool:
@@ -488,6 +549,7 @@ def call_from_proto(msg: gateway_pb2.InvokeRequest, max_depth: int = MAX_JSON_DE
         user_type=user_type_of(msg.user_id),
         max_retries=msg.max_retries if msg.HasField("max_retries") else None,
         tenant=tenant,
+        capabilities=required_capabilities(msg.required_capabilities, "required_capabilities"),
     )
 
 

@@ -20,7 +20,8 @@ field for malformed input (JSON nested deeper than `convert.MAX_JSON_DEPTH` incl
 504; shed by admission control → 429 with Retry-After, or 504 when its deadline passed queued;
 quota or the tenant's in-flight cap → 429).
 Optional request headers: `x-switchgear-priority` (1..10), `x-switchgear-timeout` (s, at most
-the route's timeout), `x-switchgear-max-retries` (at most the route's retry policy max_retries).
+the route's timeout), `x-switchgear-max-retries` (at most the route's retry policy max_retries),
+`x-switchgear-require` (capabilities the serving target must offer, a comma list: http_edge.py).
 Answers carry `x-switchgear-service`, `-endpoint`, `-attempts`, `-cost-usd` headers, and
 `-target`, `-provider`, `-target-model` naming the route target that served.
 A stream that fails after its first token ends with an OpenAI-style `data: {"error": ...}`
@@ -42,7 +43,7 @@ from switchgear.dataplane.burst_order import BurstOrder
 from switchgear.dataplane.convert import MAX_JSON_DEPTH, MAX_TIMEOUT_S, Call, check_depth
 from switchgear.dataplane.governance import Principal, may_call
 from switchgear.dataplane.http_door import DEFAULT_LIMITS, DoorLimits, SpreadSite, body_guard, runner
-from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, target_headers
+from switchgear.dataplane.http_edge import Observe, add_probes, relay, request_id_of, required_of, target_headers
 from switchgear.dataplane.invoke import Invoker, Result
 from switchgear.dataplane.outcome import REFUSED, Refusal, failed, refusal
 from switchgear.dataplane.pipeline import CacheMode, Pipeline, open_pipeline
@@ -182,6 +183,7 @@ def make_call(request: web.Request, body: dict[str, Any], method: str, tenant: s
         session_id=request.headers.get("x-switchgear-session", ""),
         max_retries=max_retries,
         tenant=tenant,
+        capabilities=required_of(request),
     )
 
 
@@ -304,7 +306,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 def _visible(service: ServiceView, principal: Principal | None) -> bool:
     """Whether the caller's key may use the service (every one in auth-none mode)."""
-    return principal is None or may_call(principal.tenant, service.name, service.category, service.capabilities)
+    return principal is None or may_call(principal.tenant, service.name, service.category, service.offered)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -330,10 +332,17 @@ async def get_model(request: web.Request) -> web.StreamResponse:
 
 
 def _route_object(service: ServiceView) -> dict[str, Any]:
-    """A route as a model object, with the providers of its targets (`switchgear_providers`)."""
+    """A route as a model object, with the providers of its targets (`switchgear_providers`),
+    every capability some target offers (`switchgear_capabilities`: what `x-switchgear-require`
+    may name), and per target its capabilities and context window (tokens, 0 = unknown) in
+    `switchgear_targets`, so a client can tell what a requirement leaves."""
     obj = model_object(service.name, service.category, service.protocol)
-    providers = {(t.provider or t.protocol) for e in service.endpoints for t in (service.target(e),)}
-    obj["switchgear_providers"] = sorted(providers)
+    targets = [(e.id, service.target(e)) for e in service.endpoints]
+    obj["switchgear_providers"] = sorted({t.provider or t.protocol for _, t in targets})
+    obj["switchgear_capabilities"] = sorted(service.offered)
+    obj["switchgear_targets"] = [{"id": ident, "provider": t.provider or t.protocol,
+                                  "capabilities": sorted(t.capabilities), "context_window": t.context_window}
+                                 for ident, t in targets]
     return obj
 
 

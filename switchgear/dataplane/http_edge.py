@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 
 from switchgear.dataplane import access_log, afterward
+from switchgear.dataplane.convert import NO_CAPABILITIES, capabilities_header
 from switchgear.dataplane.door_metrics import Edge, http_status_class
 from switchgear.dataplane.quota import limit_headers
 from switchgear.dataplane.snapshot import Holder, TargetView
@@ -37,7 +38,18 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _OPERATIONS = {"/v1/chat/completions": "chat.completions", "/v1/embeddings": "embeddings",
                "/v1/responses": "responses", "/v1/invoke": "invoke"}
 
+#: The request header naming the capabilities a target must offer to serve it (a comma list,
+#: e.g. `vision,tools`): read the same way on every route of the door (`required_of`).
+REQUIRE_HEADER = "x-switchgear-require"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def required_of(request: web.Request) -> frozenset[str]:
+    """The capabilities the request's `x-switchgear-require` header(s) name (RequestError naming
+    the header when malformed); none without the header — one lookup, nothing else."""
+    values = request.headers.getall(REQUIRE_HEADER, ())
+    return capabilities_header(values, REQUIRE_HEADER) if values else NO_CAPABILITIES
 Observe = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 

@@ -9,7 +9,7 @@ attempts, latency, usage and cost, fallback, cache, the route target that served
 
     {"service": "docs", "method": "partition", "payload": {...},
      "category": "document", "priority": 5, "timeout": 30, "max_retries": 1,
-     "user_id": "u1", "session_id": "s1"}
+     "user_id": "u1", "session_id": "s1", "required_capabilities": ["vision"]}
 
 Everything but `service` and `method` is optional, with Invoke's meaning and bounds
 (`convert.call_from_proto`; `timeout` in seconds). An unknown key, a wrong type or a value out
@@ -37,9 +37,16 @@ from aiohttp import web
 from switchgear.adapters.base import ErrorKind, TokenUsage, UpstreamError
 from switchgear.dataplane import access_log
 from switchgear.dataplane.anthropic_door import Hooks
-from switchgear.dataplane.convert import MAX_TIMEOUT_S, Call, RequestError, check_depth
+from switchgear.dataplane.convert import (
+    MAX_TIMEOUT_S,
+    NO_CAPABILITIES,
+    Call,
+    RequestError,
+    check_depth,
+    required_capabilities,
+)
 from switchgear.dataplane.governance import Principal
-from switchgear.dataplane.http_edge import relay, request_id_of
+from switchgear.dataplane.http_edge import relay, request_id_of, required_of
 from switchgear.dataplane.invoke import CallFailed, Result
 from switchgear.dataplane.outcome import public_text
 from switchgear.dataplane.scheduling.model import user_type_of
@@ -50,7 +57,7 @@ PATH = "/v1/invoke"
 #: The body's keys: InvokeRequest's fields, but `request_id` (the door's `x-request-id`), and
 #: `stream` (InvokeStream).
 KEYS = ("service", "method", "payload", "category", "priority", "timeout", "max_retries", "user_id", "session_id",
-        "stream")
+        "required_capabilities", "stream")
 _MAX_NAME = 256  # service and method names, user and session ids: longer is a caller's mistake
 
 
@@ -93,9 +100,11 @@ def _category(body: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def call_from_body(raw: bytes, request_id: str, max_depth: int, tenant: str = "") -> tuple[Call, bool]:
+def call_from_body(raw: bytes, request_id: str, max_depth: int, tenant: str = "",
+                   required: frozenset[str] = NO_CAPABILITIES) -> tuple[Call, bool]:
     """The validated call of a `/v1/invoke` body and whether it streams (pure); RequestError
-    naming the field."""
+    naming the field. `required`: the capabilities the request's `x-switchgear-require` header
+    names (the body's `required_capabilities` join them)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -112,10 +121,21 @@ def call_from_body(raw: bytes, request_id: str, max_depth: int, tenant: str = ""
     if not isinstance(payload, dict):
         raise RequestError("payload", f"must be a JSON object, got {type(payload).__name__}")
     user_id = _text(body, "user_id", False)
-    return _call(body, request_id, payload, user_id, tenant), body.get("stream") is True
+    call = _call(body, request_id, payload, user_id, tenant, required | _required(body))
+    return call, body.get("stream") is True
 
 
-def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], user_id: str, tenant: str) -> Call:
+def _required(body: Mapping[str, Any]) -> frozenset[str]:
+    value = body.get("required_capabilities")
+    if value is None:
+        return NO_CAPABILITIES
+    if not isinstance(value, list):
+        raise RequestError("required_capabilities", "must be an array of capability names")
+    return required_capabilities(value, "required_capabilities")
+
+
+def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], user_id: str, tenant: str,
+          required: frozenset[str]) -> Call:
     return Call(
         request_id=request_id,
         category=_category(body),
@@ -129,6 +149,7 @@ def _call(body: Mapping[str, Any], request_id: str, payload: dict[str, Any], use
         user_type=user_type_of(user_id),
         max_retries=_whole(body, "max_retries", 0, 999),
         tenant=tenant,
+        capabilities=required,
     )
 
 
@@ -175,7 +196,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     principal = hooks.principal(request, snapshot)
     request_id = request_id_of(request) or access_log.request_id(request.headers.get("x-request-id"))
     call, stream = call_from_body(await request.read(), request_id, pipeline.max_json_depth,
-                                  principal.tenant.id if principal else "")
+                                  principal.tenant.id if principal else "", required_of(request))
     access_log.note_route(call.service)
     if stream:
         return await _stream(request, hooks, call, snapshot, principal)

@@ -10,6 +10,8 @@ door decides a status of its own, so the same failure reads the same through eit
 | PermissionDenied                     | PERMISSION_DENIED    | 403  | invalid_request_error / permission_denied   |
 | RequestError (names the field)       | INVALID_ARGUMENT     | 400  | invalid_request_error / invalid_value       |
 | ServiceNotFound                      | NOT_FOUND            | 404  | invalid_request_error / model_not_found     |
+| NoTargetFits (capabilities)          | FAILED_PRECONDITION  | 400  | invalid_request_error / capability_not_offered |
+| NoTargetFits (context window)        | FAILED_PRECONDITION  | 400  | invalid_request_error / context_length_exceeded |
 | Unsupported                          | UNIMPLEMENTED        | 501  | server_error / unsupported                  |
 | QuotaExceeded                        | RESOURCE_EXHAUSTED   | 429  | requests / rate_limit_exceeded              |
 | TenantBusy (tenant's in-flight cap)  | RESOURCE_EXHAUSTED   | 429  | requests / tenant_in_flight_limit           |
@@ -36,7 +38,7 @@ from types import MappingProxyType
 
 from switchgear.adapters.base import ErrorKind, UpstreamError
 from switchgear.dataplane.attempts import CallFailed
-from switchgear.dataplane.convert import RequestError
+from switchgear.dataplane.convert import NoTargetFits, RequestError
 from switchgear.dataplane.governance import PermissionDenied, TenantBusy, Unauthenticated
 from switchgear.dataplane.quota import QuotaExceeded
 from switchgear.dataplane.resilience.admission import ShedReason
@@ -95,7 +97,7 @@ BY_KIND: Mapping[ErrorKind, _ByKind] = MappingProxyType({
 #: Failures a door refuses before any answer (the `except` clause of both doors).
 REFUSED: tuple[type[Exception], ...] = (
     Unauthenticated, PermissionDenied, RequestError, ServiceNotFound, Unsupported, QuotaExceeded, TenantBusy, Shed,
-    CallFailed,
+    CallFailed, NoTargetFits,
 )
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]*")
@@ -139,6 +141,8 @@ def refusal(exc: Exception) -> Refusal:
                        param="model")
     if isinstance(exc, Unsupported):
         return Refusal("unsupported", "UNIMPLEMENTED", 501, str(exc), "server_error", "unsupported")
+    if isinstance(exc, NoTargetFits):
+        return _unfit(exc)
     raise TypeError(f"not a refusal: {type(exc).__name__}")
 
 
@@ -176,6 +180,17 @@ def _payload_field(error: UpstreamError) -> str | None:
         return None
     found = _PAYLOAD_FIELD.match(error.message)
     return found.group(1) if found else None
+
+
+def _unfit(exc: NoTargetFits) -> Refusal:
+    """The caller's requirement no target meets: FAILED_PRECONDITION (the same call can succeed
+    once the registry offers such a target; retrying as is cannot), HTTP 400."""
+    if exc.missing:
+        return Refusal("not_offered", "FAILED_PRECONDITION", 400, str(exc), "invalid_request_error",
+                       "capability_not_offered", param="required_capabilities",
+                       details=(("missing-capabilities", ",".join(exc.missing)),))
+    return Refusal("context_too_long", "FAILED_PRECONDITION", 400, str(exc), "invalid_request_error",
+                   "context_length_exceeded", param="messages")
 
 
 def _shed(shed: Shed) -> Refusal:

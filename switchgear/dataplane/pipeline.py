@@ -35,11 +35,12 @@ from switchgear.dataplane import access_log
 from switchgear.dataplane.afterward import later
 from switchgear.dataplane.cache import Entry, cache_key, ttl_for
 from switchgear.dataplane.cache_shared import ResponseCache
-from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call
+from switchgear.dataplane.convert import MAX_JSON_DEPTH, Call, NoTargetFits
 from switchgear.dataplane.governance import InFlight, Principal, authenticate, authorize, capped_priority
 from switchgear.dataplane.invoke import Result, ServiceNotFound
 from switchgear.dataplane.quota import LocalCounters, QuotaEnforcer, QuotaExceeded
 from switchgear.dataplane.redis_round import Lookup
+from switchgear.dataplane.scheduling.model import asked_output, context_need, estimate_tokens, inferred
 from switchgear.dataplane.singleflight import SingleFlight
 from switchgear.dataplane.snapshot import AgentSettings, AgentSnapshot, ServiceView
 from switchgear.dataplane.stream import Meter, StreamItem
@@ -126,15 +127,21 @@ class Pipeline:
         return authenticate(authorization, snapshot.governance)
 
     def govern(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None) -> Call:
-        """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound)."""
-        if principal is None:
-            return call
+        """Apply the tenant's policy to the call (raises PermissionDenied / ServiceNotFound), add
+        the tenant's required capabilities to the call's, and refuse a call no target of its
+        service can serve (`check_fits`: NoTargetFits)."""
         service = snapshot.services.get(call.service)
+        if principal is None:
+            return call if service is None else needs(call, service)
         if service is None:
             raise ServiceNotFound(f"service: no service named {call.service!r}")
         tenant = principal.tenant
-        authorize(tenant, service.name, service.category, service.capabilities)
+        authorize(tenant, service.name, service.category, service.offered)
         priority = capped_priority(tenant, call.priority)
+        need = tenant.required_capabilities
+        if need and not need <= call.capabilities:  # each target serving it must offer them (the router filters)
+            call = dataclasses.replace(call, capabilities=call.capabilities | need)
+        call = needs(call, service)
         if priority == call.priority and tenant.user_type == call.user_type and tenant.id == call.tenant:
             return call  # (a copy of a frozen call costs more than the comparison: doors set the tenant)
         return dataclasses.replace(call, priority=priority, user_type=tenant.user_type, tenant=tenant.id)
@@ -214,6 +221,8 @@ class Pipeline:
         if ttl <= 0:
             return None
         tenant = principal.tenant.id if principal else ""
+        if call.capabilities:  # an answer a target without them gave must not answer a call requiring them
+            identity = f"{identity}|requires:{','.join(sorted(call.capabilities))}"
         return cache_key(identity, call.method, call.payload, tenant=tenant, shared=shared), ttl
 
     async def _served(self, call: Call, snapshot: AgentSnapshot, principal: Principal | None,
@@ -278,6 +287,43 @@ class Pipeline:
         if principal is None:
             return
         await self._quotas.record(principal.tenant, service, usage.input_tokens + usage.output_tokens, cost_usd)
+
+
+def needs(call: Call, service: ServiceView) -> Call:
+    """`call` with the capabilities its payload shows it needs added (`model.inferred`, only for a
+    service whose targets offer some: `ServiceView.inferable`), checked by `check_fits`. For a
+    service offering none of them and a call requiring nothing: two emptiness checks."""
+    infer = service.inferable
+    if infer:
+        found = inferred(call.payload, infer)
+        if not found <= call.capabilities:
+            call = dataclasses.replace(call, capabilities=call.capabilities | found)
+    if call.capabilities or service.context_bound:
+        check_fits(call, service)
+    return call
+
+
+#: The method that only measures a prompt (Anthropic's count_tokens): no context window refuses it.
+COUNT_TOKENS = "count_tokens"
+
+
+def check_fits(call: Call, service: ServiceView) -> None:
+    """NoTargetFits when no target of `service` can serve `call` at all: none offers every
+    capability it requires (`ServiceView.capability_sets`), or every target has a context window
+    and none holds it (the router's `filters.fits_context` by the same estimate). The router then
+    filters per target; this refusal comes first, so a call nothing could serve makes no attempt
+    and counts against no breaker, health score, budget or alert. A token count (`count_tokens`)
+    is never too long: saying how long a prompt is is its whole point. Pure."""
+    need = call.capabilities
+    if need and not any(need <= offered for offered in service.capability_sets):
+        raise NoTargetFits(service.name, missing=need - service.offered, together=need)
+    if service.context_bound and call.method != COUNT_TOKENS:
+        input_tokens, _ = estimate_tokens(call.payload)
+        asked = asked_output(call.payload)
+        if not any(context_need(input_tokens, asked, t.max_tokens) <= t.context_window
+                   for t in map(service.target, service.endpoints)):
+            largest = service.context_bound
+            raise NoTargetFits(service.name, tokens=input_tokens + asked, largest=largest)
 
 
 def open_pipeline(invoke: Invoke) -> Pipeline:

@@ -125,6 +125,7 @@ class Router:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             stream=call.payload.get("stream") is True,
+            capabilities=call.capabilities,
             output_default=not asked_output(call.payload),
         )
 

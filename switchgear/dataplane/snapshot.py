@@ -6,6 +6,7 @@ snapshot builds a complete new `AgentSnapshot` first and only then replaces the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -13,6 +14,10 @@ from typing import Any
 
 from switchgear.adapters.base import ResponseLimits, TokenUsage
 from switchgear.dataplane.governance import Governance
+
+#: Capabilities a call's payload can show it needs (scheduling/model.py `inferred`), looked for
+#: only in calls to a service some of whose targets offer them.
+INFERABLE = frozenset({"vision", "tools", "json_schema"})
 
 CATEGORIES = ("llm", "document", "knowledge_graph", "vector_db", "embedding")
 
@@ -82,6 +87,8 @@ class EndpointView:
     tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     provider: str = ""
     source_service: str = ""
+    context_window: int = 0  # tokens; 0 = the service's
+    capabilities: tuple[str, ...] = ()  # () = the service's
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ class TargetView:
     provider: str = ""
     rpm_limit: int = 0  # per agent, per minute (dataplane/target_limits.py); 0 = none
     tpm_limit: int = 0
+    # What a request may require of this target (its own capabilities, else its service's), and its model's
+    # context window in tokens (0 = unknown): the scheduler's hard filters read both.
+    capabilities: frozenset[str] = frozenset()
+    context_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,36 @@ class ServiceView:
     limits: ResponseLimits = field(default_factory=ResponseLimits)
     # Endpoint id -> its effective target; an endpoint not here is served as the service.
     targets: Mapping[str, TargetView] = field(default_factory=lambda: MappingProxyType({}))
+    context_window: int = 0  # tokens; 0 = unknown
+
+    @functools.cached_property
+    def offered(self) -> frozenset[str]:
+        """Every capability some target offers (a category route's: the union over its members;
+        a plain service's: its own). A call requiring one outside it has no candidate at all.
+        Worked out once per view (a frozen dataclass without slots may cache in its __dict__)."""
+        return frozenset().union(*self.capability_sets)
+
+    @functools.cached_property
+    def capability_sets(self) -> frozenset[frozenset[str]]:
+        """The distinct capability sets of its targets (few: one per member service of a route):
+        a call requiring `need` has a candidate only if `need` is within one of them."""
+        if not self.endpoints:
+            return frozenset({frozenset(self.capabilities)})
+        return frozenset(self.target(e).capabilities for e in self.endpoints)
+
+    @functools.cached_property
+    def inferable(self) -> frozenset[str]:
+        """The capabilities its targets offer that a call's payload can show it needs ("vision",
+        "tools", "json_schema": scheduling/model.py `inferred`); empty for most services, so
+        their calls are not looked into."""
+        return self.offered & INFERABLE
+
+    @functools.cached_property
+    def context_bound(self) -> int:
+        """The largest context window of its targets when every target has one (tokens), else 0:
+        only then can a call be too long for all of them."""
+        windows = [self.target(e).context_window for e in self.endpoints]
+        return max(windows) if windows and all(windows) else 0
 
     def target(self, endpoint: EndpointView) -> TargetView:
         """The effective target of one of this service's endpoints (precomputed per snapshot;
@@ -147,6 +188,8 @@ class ServiceView:
             max_tokens=e.max_tokens or self.max_tokens,
             pricing=e.pricing if e.pricing is not None else self.pricing,
             options=options, limits=limits, provider=e.provider, rpm_limit=e.rpm_limit, tpm_limit=e.tpm_limit,
+            capabilities=frozenset(e.capabilities or self.capabilities),
+            context_window=e.context_window or self.context_window,
         )
 
 

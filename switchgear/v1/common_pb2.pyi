@@ -65,7 +65,7 @@ class Pricing(_message.Message):
     def __init__(self, cost_per_1k_tokens: _Optional[float] = ..., input_cost_per_1k_tokens: _Optional[float] = ..., output_cost_per_1k_tokens: _Optional[float] = ..., cost_per_request: _Optional[float] = ..., cache_read_input_cost_per_1k_tokens: _Optional[float] = ..., cache_write_input_cost_per_1k_tokens: _Optional[float] = ..., web_search_cost_per_1k_requests: _Optional[float] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service")
+    __slots__ = ("id", "url", "weight", "priority", "health", "max_concurrency", "protocol", "api_key", "model", "pricing", "max_tokens", "options_json", "rpm_limit", "tpm_limit", "tags", "provider", "source_service", "context_window", "capabilities")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class Endpoint(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     weight: int
@@ -107,10 +109,12 @@ class Endpoint(_message.Message):
     tags: _containers.ScalarMap[str, str]
     provider: str
     source_service: str
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ..., protocol: _Optional[str] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., max_tokens: _Optional[int] = ..., options_json: _Optional[str] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., provider: _Optional[str] = ..., source_service: _Optional[str] = ...) -> None: ...
+    context_window: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., health: _Optional[_Union[HealthState, str]] = ..., max_concurrency: _Optional[int] = ..., protocol: _Optional[str] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., max_tokens: _Optional[int] = ..., options_json: _Optional[str] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., provider: _Optional[str] = ..., source_service: _Optional[str] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "category", "protocol", "endpoints", "api_key", "model", "max_tokens", "pricing", "capabilities", "priority", "strategy", "timeout", "options_json", "metadata", "fallbacks")
+    __slots__ = ("name", "category", "protocol", "endpoints", "api_key", "model", "max_tokens", "pricing", "capabilities", "priority", "strategy", "timeout", "options_json", "metadata", "fallbacks", "context_window")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,7 @@ class Service(_message.Message):
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     category: ServiceCategory
     protocol: str
@@ -148,7 +153,8 @@ class Service(_message.Message):
     options_json: str
     metadata: _containers.ScalarMap[str, str]
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., category: _Optional[_Union[ServiceCategory, str]] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., options_json: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
+    context_window: int
+    def __init__(self, name: _Optional[str] = ..., category: _Optional[_Union[ServiceCategory, str]] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key: _Optional[_Union[SecretRef, _Mapping]] = ..., model: _Optional[str] = ..., max_tokens: _Optional[int] = ..., pricing: _Optional[_Union[Pricing, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., options_json: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., context_window: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cost_usd", "estimated", "cache_read_input_tokens", "cache_write_input_tokens", "reasoning_tokens", "web_search_requests")

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from switchgear.v1 import common_pb2 as switchgear_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchgear/v1/gateway.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1aswitchgear/v1/common.proto\"\x94\x02\n\rInvokeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\r\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x18\n\x0bmax_retries\x18\n \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_max_retries\"\xcb\x02\n\x0eInvokeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.switchgear.v1.Usage\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\x08\x12\x18\n\x10snapshot_version\x18\t \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\x12\x17\n\x0f\x66\x61llback_source\x18\x0b \x01(\t\x12\x0e\n\x06tenant\x18\x0c \x01(\t\x12)\n\x06target\x18\r \x01(\x0b\x32\x19.switchgear.v1.TargetInfo\"t\n\nTargetInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x07pricing\x18\x05 \x01(\x0b\x32\x16.switchgear.v1.Pricing\"D\n\x13InvokeStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.switchgear.v1.InvokeRequest\"_\n\x14InvokeStreamResponse\x12\x0f\n\x05\x63hunk\x18\x01 \x01(\x0cH\x00\x12-\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1e.switchgear.v1.InvokeStreamEndH\x00\x42\x07\n\x05\x65vent\"\x98\x03\n\x0fInvokeStreamEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12*\n\x07latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04ttft\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.switchgear.v1.Usage\x12\x10\n\x08\x66\x61ilover\x18\x08 \x01(\x08\x12\x18\n\x10snapshot_version\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x12\n\nerror_kind\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12)\n\x06target\x18\r \x01(\x0b\x32\x19.switchgear.v1.TargetInfo\x12\x10\n\x08\x66\x61llback\x18\x14 \x01(\x08\x12\x17\n\x0f\x66\x61llback_source\x18\x15 \x01(\t2\xb2\x01\n\x0eGatewayService\x12\x45\n\x06Invoke\x12\x1c.switchgear.v1.InvokeRequest\x1a\x1d.switchgear.v1.InvokeResponse\x12Y\n\x0cInvokeStream\x12\".switchgear.v1.InvokeStreamRequest\x1a#.switchgear.v1.InvokeStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchgear/v1/gateway.proto\x12\rswitchgear.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1aswitchgear/v1/common.proto\"\xb3\x02\n\rInvokeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1e.switchgear.v1.ServiceCategory\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\r\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x18\n\x0bmax_retries\x18\n \x01(\rH\x00\x88\x01\x01\x12\x1d\n\x15required_capabilities\x18\x0b \x03(\tB\x0e\n\x0c_max_retries\"\xcb\x02\n\x0eInvokeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.switchgear.v1.Usage\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\x08\x12\x18\n\x10snapshot_version\x18\t \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\x12\x17\n\x0f\x66\x61llback_source\x18\x0b \x01(\t\x12\x0e\n\x06tenant\x18\x0c \x01(\t\x12)\n\x06target\x18\r \x01(\x0b\x32\x19.switchgear.v1.TargetInfo\"t\n\nTargetInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x07pricing\x18\x05 \x01(\x0b\x32\x16.switchgear.v1.Pricing\"D\n\x13InvokeStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.switchgear.v1.InvokeRequest\"_\n\x14InvokeStreamResponse\x12\x0f\n\x05\x63hunk\x18\x01 \x01(\x0cH\x00\x12-\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1e.switchgear.v1.InvokeStreamEndH\x00\x42\x07\n\x05\x65vent\"\x98\x03\n\x0fInvokeStreamEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12*\n\x07latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04ttft\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.switchgear.v1.Usage\x12\x10\n\x08\x66\x61ilover\x18\x08 \x01(\x08\x12\x18\n\x10snapshot_version\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x12\n\nerror_kind\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12)\n\x06target\x18\r \x01(\x0b\x32\x19.switchgear.v1.TargetInfo\x12\x10\n\x08\x66\x61llback\x18\x14 \x01(\x08\x12\x17\n\x0f\x66\x61llback_source\x18\x15 \x01(\t2\xb2\x01\n\x0eGatewayService\x12\x45\n\x06Invoke\x12\x1c.switchgear.v1.InvokeRequest\x1a\x1d.switchgear.v1.InvokeResponse\x12Y\n\x0cInvokeStream\x12\".switchgear.v1.InvokeStreamRequest\x1a#.switchgear.v1.InvokeStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchgear.v1.gateway_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INVOKEREQUEST']._serialized_start=107
-  _globals['_INVOKEREQUEST']._serialized_end=383
-  _globals['_INVOKERESPONSE']._serialized_start=386
-  _globals['_INVOKERESPONSE']._serialized_end=717
-  _globals['_TARGETINFO']._serialized_start=719
-  _globals['_TARGETINFO']._serialized_end=835
-  _globals['_INVOKESTREAMREQUEST']._serialized_start=837
-  _globals['_INVOKESTREAMREQUEST']._serialized_end=905
-  _globals['_INVOKESTREAMRESPONSE']._serialized_start=907
-  _globals['_INVOKESTREAMRESPONSE']._serialized_end=1002
-  _globals['_INVOKESTREAMEND']._serialized_start=1005
-  _globals['_INVOKESTREAMEND']._serialized_end=1413
-  _globals['_GATEWAYSERVICE']._serialized_start=1416
-  _globals['_GATEWAYSERVICE']._serialized_end=1594
+  _globals['_INVOKEREQUEST']._serialized_end=414
+  _globals['_INVOKERESPONSE']._serialized_start=417
+  _globals['_INVOKERESPONSE']._serialized_end=748
+  _globals['_TARGETINFO']._serialized_start=750
+  _globals['_TARGETINFO']._serialized_end=866
+  _globals['_INVOKESTREAMREQUEST']._serialized_start=868
+  _globals['_INVOKESTREAMREQUEST']._serialized_end=936
+  _globals['_INVOKESTREAMRESPONSE']._serialized_start=938
+  _globals['_INVOKESTREAMRESPONSE']._serialized_end=1033
+  _globals['_INVOKESTREAMEND']._serialized_start=1036
+  _globals['_INVOKESTREAMEND']._serialized_end=1444
+  _globals['_GATEWAYSERVICE']._serialized_start=1447
+  _globals['_GATEWAYSERVICE']._serialized_end=1625
 # @@protoc_insertion_point(module_scope)

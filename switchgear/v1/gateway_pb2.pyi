@@ -2,15 +2,16 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from switchgear.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InvokeRequest(_message.Message):
-    __slots__ = ("request_id", "category", "service", "method", "payload", "priority", "timeout", "user_id", "session_id", "max_retries")
+    __slots__ = ("request_id", "category", "service", "method", "payload", "priority", "timeout", "user_id", "session_id", "max_retries", "required_capabilities")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +22,7 @@ class InvokeRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     category: _common_pb2.ServiceCategory
     service: str
@@ -31,7 +33,8 @@ class InvokeRequest(_message.Message):
     user_id: str
     session_id: str
     max_retries: int
-    def __init__(self, request_id: _Optional[str] = ..., category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., max_retries: _Optional[int] = ...) -> None: ...
+    required_capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., category: _Optional[_Union[_common_pb2.ServiceCategory, str]] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., max_retries: _Optional[int] = ..., required_capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
     __slots__ = ("request_id", "payload", "service", "endpoint", "attempts", "latency", "usage", "fallback", "snapshot_version", "cached", "fallback_source", "tenant", "target")

@@ -87,6 +87,7 @@ _PROVIDER_KEYS = _INHERITED | {"enabled", "models"}
 _SERVICE_LEAVES = (
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),
+    Leaf("context_window", "context_window", read_int),
     Leaf("priority", "priority", read_int),
     Leaf("strategy", "strategy", read_strategy),
     Leaf("timeout", "timeout_s", read_duration),
@@ -121,6 +122,8 @@ _ENDPOINT_LEAVES = (
     Leaf("protocol", "protocol", read_str),
     Leaf("model", "model", read_str),
     Leaf("max_tokens", "max_tokens", read_int),
+    Leaf("context_window", "context_window", read_int),
+    Leaf("capabilities", "capabilities", read_str_tuple),
     Leaf("rpm_limit", "rpm_limit", read_int),
     Leaf("tpm_limit", "tpm_limit", read_int),
     Leaf("provider", "provider", read_str),

@@ -57,10 +57,10 @@ def has_capabilities(cands: Sequence[Candidate], ctx: Context) -> list[Candidate
 
 
 def fits_context(cands: Sequence[Candidate], ctx: Context) -> list[Candidate]:
-    """Keeps candidates whose context window (tokens; 0 = unknown) holds input + output tokens."""
+    """Keeps candidates whose context window (tokens; 0 = unknown) holds the request
+    (`Candidate.context_need`: estimated input + the answer bound it asked, as this target caps it)."""
     r = ctx.request
-    size = r.input_tokens + r.output_tokens
-    return [c for c in cands if not c.context_window or size <= c.context_window]
+    return [c for c in cands if not c.context_window or c.context_need(r) <= c.context_window]
 
 
 def tenant_allowed(allowed: Callable[[str, Candidate], bool]) -> Filter:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import TYPE_CHECKING, Any
 
+from switchgear.dataplane.snapshot import INFERABLE as INFERABLE  # (defined there: the views read it)
 from switchgear.dataplane.snapshot import EndpointView, Pricing, ServiceView
 from switchgear.wire.lean import lean
 
@@ -48,11 +49,25 @@ class Candidate:
     capabilities: frozenset[str] = frozenset()
     max_tokens: int = 0
 
+    def context_need(self, request: Request) -> int:
+        """Tokens of this target's context window the request takes: estimated input + the
+        answer bound the payload asked (lowered to this target's max_tokens, as the attempt
+        lowers it); an answer bound the payload did not set takes none (a provider refuses a
+        prompt plus max_tokens beyond its window, not a default it picks itself)."""
+        return context_need(request.input_tokens, 0 if request.output_default else request.output_tokens,
+                            self.max_tokens)
+
     def cost(self, request: Request) -> float:
         """USD this request is expected to cost here: request price + estimated tokens at price
         (the output estimate is this target's max_tokens when the request asked for none)."""
         out = self.max_tokens if self.max_tokens and request.output_default else request.output_tokens
         return self.pricing.cost(request.input_tokens, out)
+
+
+def context_need(input_tokens: int, asked: int, max_tokens: int) -> int:
+    """Tokens of a context window a call takes: its input + the answer bound it asked (0 = none),
+    lowered to the target's `max_tokens` (0 = no cap)."""
+    return input_tokens + (min(asked, max_tokens) if max_tokens and asked else asked)
 
 
 def candidate_key(service: str, endpoint: str) -> str:
@@ -77,8 +92,8 @@ def _candidate(service: ServiceView, e: EndpointView) -> Candidate:
         health=e.health,
         max_concurrency=e.max_concurrency,
         pricing=target.pricing,
-        context_window=0,  # snapshots carry no context window yet (max_tokens bounds the output)
-        capabilities=frozenset(service.capabilities),
+        context_window=target.context_window,
+        capabilities=target.capabilities,
         max_tokens=target.max_tokens,
     )
 
@@ -150,6 +165,38 @@ def asked_output(payload: Mapping[str, Any]) -> int:
     """The answer bound the payload sets (`max_completion_tokens` or `max_tokens`), 0 = none."""
     asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
+
+
+IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})  # OpenAI chat, Anthropic, Responses
+
+
+def inferred(payload: Mapping[str, Any], names: frozenset[str]) -> frozenset[str]:
+    """Which of `names` (a subset of INFERABLE: those the service's targets offer) the payload
+    needs: "vision" (an image part in a message's content), "tools" (`tools` or `functions`),
+    "json_schema" (`response_format.type` "json_schema"). Exact, and cheap: two key lookups, and
+    for "vision" one pass over the messages' content parts (no deeper)."""
+    found: set[str] = set()
+    if "tools" in names and (payload.get("tools") or payload.get("functions")):
+        found.add("tools")
+    if "json_schema" in names:
+        fmt = payload.get("response_format")
+        if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+            found.add("json_schema")
+    if "vision" in names and _has_image(payload.get("messages")):
+        found.add("vision")
+    return frozenset(found)
+
+
+def _has_image(messages: Any) -> bool:
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") in IMAGE_PARTS:
+                    return True
+    return False
 
 
 def user_type_of(user_id: str) -> str:
