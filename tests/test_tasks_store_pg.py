@@ -185,8 +185,9 @@ def test_blobs_are_content_addressed_and_stored_once(backend: Backend, store: Ta
     assert blob_id == "sha256:" + hashlib.sha256(data).hexdigest()
     assert store.put_blob(data, "text/plain", 6.0) == blob_id
     assert store.get_blob(blob_id) == data and store.get_blob("sha256:00") is None
+    # Stored once, as first uploaded; its time is the last upload's (retention counts from it).
     assert backend.query("SELECT size, content_type, created_at FROM task_blobs") == [
-        (len(data), "application/pdf", 5.0)]
+        (len(data), "application/pdf", 6.0)]
 
 
 def test_a_blob_is_owned_by_each_tenant_that_uploaded_it(store: TaskStoreLike) -> None:

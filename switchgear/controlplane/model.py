@@ -261,11 +261,24 @@ class ResourceAllocationSettings:
     """coordination.resource_allocation. `default_cpu` / `default_memory_bytes` are the per-task
     request of a task whose category has no row of its own in the seed's requirements table
     (knowledge_graph, vector_db, embedding; tasks/allocator.py) — not an agent's capacity.
-    Defaults: the seed's `else` row, 1 CPU and 2 GiB."""
+    Defaults: the seed's `else` row, 1 CPU and 2 GiB.
+
+    What the task store may hold (tasks/store.py, enforced by tasks/scheduler.py):
+    `task_retention_s` — a final task (succeeded, failed, cancelled, dead-lettered) and its
+    attempt rows are deleted this long after it finished, and an uploaded blob this long after
+    its last upload unless an unfinished task names it; never 0 (that store would only grow).
+    Per tenant (a tenant's key submitting or uploading, or a call of the tenant deferred to the
+    queue; operators are not limited), 0 = no limit: `max_tasks_per_tenant` unfinished tasks
+    (queued, leased, running), `max_blobs_per_tenant` blobs and `max_blob_bytes_per_tenant`
+    bytes of blobs (a blob two tenants uploaded counts for each)."""
 
     default_cpu: float = 1.0
     default_memory_bytes: int = 2 * 1024**3
     max_concurrent_tasks: int = 100
+    task_retention_s: float = 7 * 86400.0
+    max_tasks_per_tenant: int = 10_000
+    max_blobs_per_tenant: int = 10_000
+    max_blob_bytes_per_tenant: int = 1024**3
 
 
 @dataclass(frozen=True)

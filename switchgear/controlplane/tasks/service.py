@@ -3,7 +3,8 @@
 Thin: convert, call the scheduler, map failures to gRPC codes (malformed -> INVALID_ARGUMENT
 naming the field; unknown service/task/blob -> NOT_FOUND; idempotency key reused for another
 request -> ALREADY_EXISTS; requirements that can never fit -> FAILED_PRECONDITION with
-"Resource allocation failed: ..."; cancelling a final task -> FAILED_PRECONDITION). Every
+"Resource allocation failed: ..."; a tenant past one of its task or blob quotas ->
+RESOURCE_EXHAUSTED naming the limit; cancelling a final task -> FAILED_PRECONDITION). Every
 scheduler call that reads or writes the task store is awaited on the store's thread
 (`TaskScheduler.call`), never run on the event loop.
 """
@@ -27,13 +28,14 @@ from switchgear.controlplane.tasks import convert
 from switchgear.controlplane.tasks.lifecycle import Completion, TransitionError
 from switchgear.controlplane.tasks.model import Task
 from switchgear.controlplane.tasks.scheduler import (
+    PURGE_BATCH,
     SchedulerOptions,
     Submission,
     SubmitError,
     TaskNotFound,
     TaskScheduler,
 )
-from switchgear.controlplane.tasks.store import TaskStore, TaskStoreLike
+from switchgear.controlplane.tasks.store import Purged, TaskStore, TaskStoreLike
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.tasks")
@@ -49,6 +51,7 @@ _CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "conflict": grpc.StatusCode.ALREADY_EXISTS,
     "resources": grpc.StatusCode.FAILED_PRECONDITION,
+    "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -105,7 +108,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
             if sub.tenant not in ("", caller):
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                              f"tenant: a key of tenant {caller!r} cannot submit for {sub.tenant!r}")
-            sub = dataclasses.replace(sub, tenant=caller)
+            sub = dataclasses.replace(sub, tenant=caller, limited=True)
             if sub.payload_blob_id and not await self._s.call(self._s.blob_owned, sub.payload_blob_id, caller):
                 # Another tenant's blob reads as missing: the answer must not confirm it exists.
                 await _abort(context, grpc.StatusCode.NOT_FOUND, f"payload_blob_id: no blob {sub.payload_blob_id!r}")
@@ -115,8 +118,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def DeferInvoke(  # noqa: N802
         self, request: tasks_pb2.DeferInvokeRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.DeferInvokeResponse:
-        try:
-            sub = convert.defer_from_proto(request)
+        try:  # a tenant's call: its quotas apply (an agent defers it, for the tenant)
+            sub = dataclasses.replace(convert.defer_from_proto(request), limited=True)
         except convert.ConvertError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.request_id.startswith(TASK_REQUEST_PREFIX):
@@ -136,6 +139,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         parts: list[bytes] = []
         size, held, content_type = 0, 0, ""
         parts_in = aiter(request_iterator)
+        tenant = CALLER.get() or ""
+        room = await self._blob_room(tenant, context)
         try:
             while True:
                 try:
@@ -151,6 +156,9 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 if size > limits.max_blob_bytes:
                     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk: blob larger than {limits.max_blob_bytes} bytes")
+                if size > room:  # refused as it arrives, not once held whole
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 self._s.bytes_quota_message(tenant, size, room))
                 if self.uploading + len(part.chunk) > limits.max_uploading_bytes:
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"chunk: uploads in progress hold {self.uploading} bytes, the control plane's "
@@ -160,11 +168,23 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 parts.append(part.chunk)
             blob = b"".join(parts)
             parts.clear()
-            blob_id = await self._s.call(self._s.put_blob, blob, content_type or "application/json",
-                                         CALLER.get() or "")
+            try:
+                blob_id = await self._s.call(self._s.put_blob, blob, content_type or "application/json", tenant)
+            except SubmitError as exc:
+                await _abort(context, _CODES[exc.code], str(exc))
         finally:  # held until stored (the store's thread takes one at a time)
             self.uploading -= held
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
+
+    async def _blob_room(self, tenant: str, context: grpc.aio.ServicerContext) -> float:
+        """The bytes a tenant key's upload may hold before it is refused (its quota's room; the
+        store checks again, exactly, when it is whole); inf for an operator's. A tenant with no
+        room is refused before a byte is held, even for content it uploaded before (a blob's id
+        is not known until the whole of it has arrived)."""
+        try:
+            return await self._s.call(self._s.upload_room, tenant)
+        except SubmitError as exc:
+            await _abort(context, _CODES[exc.code], str(exc))
 
     async def DownloadBlob(  # noqa: N802
         self, request: tasks_pb2.DownloadBlobRequest, context: grpc.aio.ServicerContext
@@ -340,18 +360,34 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         return tasks_pb2.CompleteTaskResponse(accepted=accepted, task=self._proto(task, with_payload=False))
 
 
+class PurgeTally:
+    """Rows the purge deleted in this process, over every reign (for /metrics)."""
+
+    def __init__(self) -> None:
+        self.total = Purged()
+
+    def by_kind(self) -> dict[str, int]:
+        t = self.total
+        return {"tasks": t.tasks, "attempts": t.attempts, "blobs": t.blobs, "blob_bytes": t.blob_bytes}
+
+
 class TasksRuntime:
-    """The scheduler, its servicer and the lease sweeper, as the control plane runs them."""
+    """The scheduler, its servicer, the lease sweeper and the retention purge, as the control
+    plane runs them (on the leader only, with replicas: a follower makes none)."""
 
     def __init__(self, store: TaskStoreLike, registry_state: Callable[[], RegistryState],
-                 options: SchedulerOptions) -> None:
+                 options: SchedulerOptions, *, purge_interval_s: float = 60.0, purge_batch: int = PURGE_BATCH,
+                 tally: PurgeTally | None = None) -> None:
         self.store = store
         self.scheduler = TaskScheduler(self.store, registry_state, options)
         self.servicer = TasksServicer(self.scheduler)
-        self._sweeper: asyncio.Task[None] | None = None
+        self.purge_interval_s = purge_interval_s
+        self.purge_batch = purge_batch
+        self.tally = tally or PurgeTally()
+        self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        self._loops = [asyncio.ensure_future(self._sweep_forever()), asyncio.ensure_future(self._purge_forever())]
 
     async def _sweep_forever(self) -> None:
         interval = max(0.05, min(1.0, self.scheduler.options.lease_ttl_s / 4))
@@ -362,11 +398,35 @@ class TasksRuntime:
             except Exception:  # a failed sweep must not stop the next one
                 log.exception("task lease sweep failed")
 
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                await self.purge()
+            except Exception:  # a failed purge must not stop the next one
+                log.exception("task retention purge failed")
+            await asyncio.sleep(self.purge_interval_s)
+
+    async def purge(self) -> Purged:
+        """One purge round: bites of at most `purge_batch` rows each, one transaction each on
+        the store's thread (other calls run between them), until a bite leaves nothing; one
+        log line for the round when it deleted anything."""
+        done = Purged()
+        while True:
+            bite = await self.scheduler.call(self.scheduler.purge, self.purge_batch)
+            done += bite
+            self.tally.total += bite
+            if bite.tasks < self.purge_batch and bite.blobs < self.purge_batch:
+                break
+        if done != Purged():
+            log.info("task retention: deleted %d finished task(s) with %d attempt row(s) and %d blob(s) "
+                     "(%d bytes)", done.tasks, done.attempts, done.blobs, done.blob_bytes)
+        return done
+
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for loop in self._loops:
+            loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await loop
         await self.store.serial.run(self.store.close)  # after whatever is still queued on it
         if self.store.owns_serial:
             self.store.serial.close()
