@@ -6,6 +6,7 @@ limit) while other tenants are served."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import logging
@@ -17,13 +18,13 @@ import grpc
 import pytest
 
 from switchgear.controlplane.auth import AdminTokenInterceptor
-from switchgear.controlplane.model import RegistryState
+from switchgear.controlplane.model import RegistryState, Tenant, TenantPolicy
 from switchgear.controlplane.tasks import lifecycle
 from switchgear.controlplane.tasks.model import AgentOffer, Resources, TaskState
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions, Submission, SubmitError, TaskScheduler
 from switchgear.controlplane.tasks.service import TasksRuntime, attach
 from switchgear.controlplane.tasks.store import Purged, TaskStore
-from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
+from switchgear.v1 import governance_pb2, tasks_pb2, tasks_pb2_grpc
 from tests.test_tasks_service import STATE, submit
 from tests.test_tasks_store_pg import task
 from tests.test_tasks_tenant_keys import ACME_KEY, GLOBEX_KEY, STATE_WITH_KEYS, TOKEN, bearer
@@ -105,6 +106,47 @@ def test_blob_quotas_count_each_owner_and_never_twice(tmp_path: Path) -> None:
     assert s._store.blob_usage("globex") == (1, 60)
     for i in range(3):  # an operator's uploads are not limited
         s.put_blob(b"op %d" % i, "t", "")
+
+
+def test_a_tenants_own_policy_overrides_the_defaults_and_is_named(tmp_path: Path) -> None:
+    state = limits(max_tasks_per_tenant=3, max_blobs_per_tenant=10, max_blob_bytes_per_tenant=100)
+    tight = TenantPolicy(max_unfinished_tasks=1, max_blobs=1, max_blob_bytes=0)  # bytes: the default
+    state = replace(state, tenants=(Tenant("acme", policy=tight), Tenant("globex")))
+    s = scheduler(tmp_path, state)
+    s.submit(acme())
+    with pytest.raises(SubmitError, match=r"its limit \(the tenant policy's max_unfinished_tasks = 1\)"):
+        s.submit(acme())
+    for _ in range(3):
+        s.submit(acme(tenant="globex"))
+    with pytest.raises(SubmitError, match=r"resource_allocation.max_tasks_per_tenant = 3"):
+        s.submit(acme(tenant="globex"))
+    s.put_blob(b"a", "t", "acme")
+    with pytest.raises(SubmitError, match=r"the tenant policy's max_blobs = 1"):
+        s.put_blob(b"b", "t", "acme")
+    with pytest.raises(SubmitError, match=r"resource_allocation.max_blob_bytes_per_tenant = 100"):
+        s.put_blob(b"c" * 101, "t", "globex")
+
+
+def test_the_task_store_quotas_travel_in_the_tenant_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    from switchgear.cli_governance import _policy, _policy_flags
+    from switchgear.cli_output import tenants_rows
+    from switchgear.controlplane.convert_governance import policy_from_proto, policy_to_proto
+    from switchgear.controlplane.validate import validate_governance
+
+    policy = TenantPolicy(max_unfinished_tasks=7, max_blobs=8, max_blob_bytes=9 * 1024**3)
+    assert policy_from_proto(policy_to_proto(policy)) == policy
+    problems = validate_governance([Tenant(id="t", policy=TenantPolicy(max_blobs=-1))], [])
+    assert [p.path for p in problems] == ["tenants[t].policy.max_blobs"]
+    parser = argparse.ArgumentParser()
+    _policy_flags(parser)
+    wire = _policy(parser.parse_args(["--max-tasks", "7", "--max-blobs", "8", "--max-blob-bytes", "9Gi"]))
+    assert policy_from_proto(wire) == policy
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-blob-bytes", "lots"])
+    assert "--max-blob-bytes" in capsys.readouterr().err
+    rows = tenants_rows(governance_pb2.ListTenantsResponse(tenants=[governance_pb2.Tenant(id="t", policy=wire)]))
+    column = rows[0].index("TASK_STORE")
+    assert rows[1][column] == f"tasks=7,blobs=8,bytes={9 * 1024**3}"
 
 
 def test_purge_reads_the_retention_and_never_takes_a_needed_blob(tmp_path: Path) -> None:

@@ -379,6 +379,10 @@ class TenantPolicy:
     budget_per_day_usd: float = 0.0
     priority_cap: int = 0  # 1..10; 0 = no cap
     max_in_flight: int = 0  # calls in flight per agent; 0 = no cap
+    # The task store's per-tenant quotas over resource_allocation's; 0 = that default.
+    max_unfinished_tasks: int = 0
+    max_blobs: int = 0
+    max_blob_bytes: int = 0
     # Sorted (service name, quota) pairs.
     services: tuple[tuple[str, ServiceQuota], ...] = ()
 

@@ -806,6 +806,9 @@ def _check_tenant(tenant: Tenant) -> Iterator[Problem]:
         "policy.requests_per_minute": policy.requests_per_minute,
         "policy.tokens_per_minute": policy.tokens_per_minute,
         "policy.max_in_flight": policy.max_in_flight,
+        "policy.max_unfinished_tasks": policy.max_unfinished_tasks,
+        "policy.max_blobs": policy.max_blobs,
+        "policy.max_blob_bytes": policy.max_blob_bytes,
         "policy.budget_per_hour_usd": policy.budget_per_hour_usd,
         "policy.budget_per_day_usd": policy.budget_per_day_usd,
     }

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ParamSpec, TypeVar
 
 import orjson
@@ -57,6 +58,12 @@ CANDIDATE_WINDOW = 512
 #: Rows one purge transaction deletes at most (of tasks, and of blobs).
 PURGE_BATCH = 500
 _BLOBS_GO = "a blob no unfinished task names is deleted task_retention after its last upload"
+#: A tenant's task store quotas: kind -> (its TenantPolicy field, resource_allocation's default).
+_QUOTAS = MappingProxyType({
+    "tasks": ("max_unfinished_tasks", "max_tasks_per_tenant"),
+    "blobs": ("max_blobs", "max_blobs_per_tenant"),
+    "blob_bytes": ("max_blob_bytes", "max_blob_bytes_per_tenant"),
+})
 
 
 class TaskNotFound(LookupError):
@@ -236,9 +243,9 @@ class TaskScheduler:
         return stored, True
 
     def _check_task_quota(self, tenant: str, idempotency_key: str) -> None:
-        """Refuse a new task of a tenant holding its max_tasks_per_tenant unfinished ones. A
-        resubmission of a key it already used is let through: it makes nothing new."""
-        limit = self._state().settings.resource_allocation.max_tasks_per_tenant
+        """Refuse a new task of a tenant holding its limit of unfinished ones. A resubmission
+        of a key it already used is let through: it makes nothing new."""
+        limit, key = self.quota(tenant, "tasks")
         if not limit:
             return
         held = self._store.unfinished_of(tenant)
@@ -246,7 +253,18 @@ class TaskScheduler:
             return
         raise SubmitError("quota", "", (
             f"tenant {tenant!r} has {held} unfinished tasks (queued, leased or running), its limit "
-            f"(resource_allocation.max_tasks_per_tenant = {limit}); submit again when some have finished"))
+            f"({key} = {limit}); submit again when some have finished"))
+
+    def quota(self, tenant: str, kind: str) -> tuple[int, str]:
+        """`tenant`'s limit of `kind` ("tasks", "blobs", "blob_bytes"; 0 = none) and the setting
+        it comes from: its own policy's when set, else resource_allocation's."""
+        own, default = _QUOTAS[kind]
+        state = self._state()
+        record = state.tenant(tenant)
+        value = int(getattr(record.policy, own)) if record is not None else 0
+        if value:
+            return value, f"the tenant policy's {own}"
+        return int(getattr(state.settings.resource_allocation, default)), f"resource_allocation.{default}"
 
     def _validate(self, sub: Submission) -> tuple[ServiceSpec, bytes]:
         if not sub.service:
@@ -337,24 +355,25 @@ class TaskScheduler:
     def upload_room(self, tenant: str) -> float:
         """The bytes a new blob of `tenant` may have (math.inf: not limited); SubmitError
         "quota" when the tenant may upload no new blob at all."""
-        limits = self._state().settings.resource_allocation
-        if not tenant or not (limits.max_blobs_per_tenant or limits.max_blob_bytes_per_tenant):
+        if not tenant:
+            return math.inf
+        (blobs, blobs_key), (size_limit, _) = self.quota(tenant, "blobs"), self.quota(tenant, "blob_bytes")
+        if not (blobs or size_limit):
             return math.inf
         count, size = self._store.blob_usage(tenant)
-        if limits.max_blobs_per_tenant and count >= limits.max_blobs_per_tenant:
-            raise SubmitError("quota", "", (
-                f"tenant {tenant!r} holds {count} blobs, its limit (resource_allocation.max_blobs_per_tenant = "
-                f"{limits.max_blobs_per_tenant}); {_BLOBS_GO}"))
-        room = limits.max_blob_bytes_per_tenant - size if limits.max_blob_bytes_per_tenant else math.inf
+        if blobs and count >= blobs:
+            raise SubmitError("quota", "", f"tenant {tenant!r} holds {count} blobs, its limit ({blobs_key} = {blobs}); "
+                                           f"{_BLOBS_GO}")
+        room = size_limit - size if size_limit else math.inf
         if room <= 0:
             raise SubmitError("quota", "", self.bytes_quota_message(tenant, 1, room))
         return room
 
     def bytes_quota_message(self, tenant: str, size: int, room: float) -> str:
         """Why a blob of `size` bytes is refused when `tenant` has room for `room` more."""
-        limit = self._state().settings.resource_allocation.max_blob_bytes_per_tenant
+        limit, key = self.quota(tenant, "blob_bytes")
         return (f"tenant {tenant!r} may store {max(0, int(room))} more bytes of blobs, not {size} "
-                f"(resource_allocation.max_blob_bytes_per_tenant = {limit}); {_BLOBS_GO}")
+                f"({key} = {limit}); {_BLOBS_GO}")
 
     def effective_priority(self, task: Task) -> float:
         waited = (task.finished_at or self._clock()) - task.submitted_at

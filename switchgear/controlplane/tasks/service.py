@@ -138,9 +138,9 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         limits = self.uploads
         parts: list[bytes] = []
         size, held, content_type = 0, 0, ""
-        parts_in = aiter(request_iterator)
         tenant = CALLER.get() or ""
-        room = await self._blob_room(tenant, context)
+        room = await self._blob_room(tenant, context)  # before reading: grpc.aio's reader is never left unawaited
+        parts_in = aiter(request_iterator)
         try:
             while True:
                 try:
