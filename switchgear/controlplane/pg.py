@@ -117,7 +117,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # The retention purge and the per-tenant quotas (tasks/store.py's _INDEXES, the same).
     4: (
-        "CREATE INDEX tasks_finished ON tasks(state, finished_at)",
+        "CREATE INDEX tasks_finished ON tasks(finished_at) "
+        "WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')",
         "CREATE INDEX tasks_tenant ON tasks(tenant, state)",
         "CREATE INDEX tasks_payload_blob ON tasks(payload_blob_id) WHERE payload_blob_id <> ''",
         "CREATE INDEX task_blobs_created ON task_blobs(created_at)",
