@@ -22,10 +22,10 @@ from switchgear.controlplane.model import RegistryState, Tenant, TenantPolicy
 from switchgear.controlplane.tasks import lifecycle
 from switchgear.controlplane.tasks.model import AgentOffer, Resources, TaskState
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions, Submission, SubmitError, TaskScheduler
-from switchgear.controlplane.tasks.service import TasksRuntime, attach
+from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits, attach
 from switchgear.controlplane.tasks.store import Purged, TaskStore
 from switchgear.v1 import governance_pb2, tasks_pb2, tasks_pb2_grpc
-from tests.test_tasks_service import STATE, submit
+from tests.test_tasks_service import STATE, submit, until
 from tests.test_tasks_store_pg import task
 from tests.test_tasks_tenant_keys import ACME_KEY, GLOBEX_KEY, STATE_WITH_KEYS, TOKEN, bearer
 
@@ -293,3 +293,33 @@ async def test_a_tenant_flooding_uploads_is_held_at_its_blob_quotas_while_anothe
     operator = await upload(stub, TOKEN, b"z" * 350_000)  # an operator is not limited
     assert operator.size == 350_000
     assert await plane.runtime.scheduler.call(plane.runtime.store.blob_usage, "acme") == (3, 3 * 1000 * 1)
+
+
+async def test_one_keys_stalled_uploads_leave_room_for_another_keys(plane: Plane) -> None:
+    """Uploads in progress are bounded in all (256 MiB) and per key (128 MiB): a key holding
+    its share with stalled uploads is refused more, and another key still uploads."""
+    servicer, stub = plane.runtime.servicer, plane.stub
+    servicer.uploads = UploadLimits(max_blob_bytes=250_000, max_uploading_bytes=300_000,
+                                    max_uploading_bytes_per_caller=200_000, idle_timeout_s=10.0)
+    go_on = asyncio.Event()
+
+    async def stalled() -> None:
+        async def parts() -> AsyncIterator[tasks_pb2.UploadBlobRequest]:
+            yield tasks_pb2.UploadBlobRequest(chunk=b"s" * 150_000)
+            await go_on.wait()  # never finishes while the test looks
+
+        await stub.UploadBlob(parts(), metadata=bearer(ACME_KEY), timeout=10)
+
+    held = asyncio.ensure_future(stalled())
+    try:
+        assert await until(lambda: servicer.uploading_by == {"acme": 150_000})
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await upload(stub, ACME_KEY, b"a" * 100_000, chunk=50_000)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the limit per key is 200000" in (refused.value.details() or "")
+        assert (await upload(stub, GLOBEX_KEY, b"g" * 100_000, chunk=50_000)).size == 100_000
+        assert servicer.uploading_by == {"acme": 150_000}
+    finally:
+        go_on.set()
+        await held
+    assert servicer.uploading == 0 and servicer.uploading_by == {}

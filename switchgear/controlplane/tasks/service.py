@@ -64,10 +64,13 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 class UploadLimits:
     """What blob uploads (UploadBlob) may hold: one blob's size; the bytes all uploads still
     arriving hold at once (a caller's key opens any number of streams: each held up to a whole
-    blob in memory, stalled or not, with no end); and how long an upload may send nothing."""
+    blob in memory, stalled or not, with no end), and of those the uploads of one caller (a
+    tenant's key, or the admin token), so one key's stalled uploads leave room for the others';
+    and how long an upload may send nothing."""
 
     max_blob_bytes: int = MAX_BLOB_BYTES
     max_uploading_bytes: int = 4 * MAX_BLOB_BYTES
+    max_uploading_bytes_per_caller: int = 2 * MAX_BLOB_BYTES
     idle_timeout_s: float = 30.0
 
 
@@ -87,6 +90,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         self._s = scheduler
         self.uploads = uploads or UploadLimits()
         self.uploading = 0  # bytes held by uploads still arriving (under uploads.max_uploading_bytes)
+        self.uploading_by: dict[str, int] = {}  # caller ("" = the admin token) -> its share of `uploading`
         self.watches = watches or WatchLimits()
         self.watching: dict[str, int] = {}  # caller ("" = the admin token) -> its WatchTasks streams open
 
@@ -163,7 +167,13 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"chunk: uploads in progress hold {self.uploading} bytes, the control plane's "
                                  f"limit is {limits.max_uploading_bytes}; upload again shortly")
+                mine = self.uploading_by.get(tenant, 0)
+                if mine + len(part.chunk) > limits.max_uploading_bytes_per_caller:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"chunk: this key's uploads in progress hold {mine} bytes, the limit per key is "
+                                 f"{limits.max_uploading_bytes_per_caller}; finish or end one first")
                 self.uploading += len(part.chunk)
+                self.uploading_by[tenant] = mine + len(part.chunk)
                 held += len(part.chunk)
                 parts.append(part.chunk)
             blob = b"".join(parts)
@@ -174,6 +184,11 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 await _abort(context, _CODES[exc.code], str(exc))
         finally:  # held until stored (the store's thread takes one at a time)
             self.uploading -= held
+            left = self.uploading_by.get(tenant, 0) - held
+            if left:
+                self.uploading_by[tenant] = left
+            else:
+                self.uploading_by.pop(tenant, None)
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
 
     async def _blob_room(self, tenant: str, context: grpc.aio.ServicerContext) -> float:
