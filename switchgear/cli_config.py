@@ -293,9 +293,11 @@ def _task_store_line(resources: ResourceAllocationSettings) -> str:
         limit(resources.max_blob_bytes_per_tenant, f"{size_text(resources.max_blob_bytes_per_tenant)} of blobs",
               "blob bytes"),
     ])
+    kept_per_tenant = (f"; a tenant's finished tasks beyond its newest {resources.max_finished_tasks_per_tenant} "
+                       "deleted sooner" if resources.max_finished_tasks_per_tenant else "")
     return (
         f"task store: finished tasks and their attempts deleted {kept} after they finish, blobs {kept} "
-        "after their last upload unless an unfinished task names them (the leader purges); "
+        f"after their last upload unless an unfinished task names them{kept_per_tenant} (the leader purges); "
         f"per tenant: {per_tenant} (a tenant key's submissions and uploads and its deferred calls; "
         "more are refused RESOURCE_EXHAUSTED naming the limit; operators are not limited)"
     )

@@ -1108,12 +1108,14 @@ def test_the_task_store_settings_are_read_and_described() -> None:
               max_tasks_per_tenant: 50
               max_blobs_per_tenant: 0
               max_blob_bytes_per_tenant: 2Gi
+              max_finished_tasks_per_tenant: 500
         """), env={})
     resources = state.settings.resource_allocation
     assert (resources.task_retention_s, resources.max_tasks_per_tenant, resources.max_blobs_per_tenant,
-            resources.max_blob_bytes_per_tenant) == (3 * 86400.0, 50, 0, 2 * 1024**3)
+            resources.max_blob_bytes_per_tenant, resources.max_finished_tasks_per_tenant) == (
+        3 * 86400.0, 50, 0, 2 * 1024**3, 500)
     line = next(x for x in describe(state).splitlines() if "task store:" in x)
-    assert "deleted 3 days after they finish" in line
+    assert "deleted 3 days after they finish" in line and "beyond its newest 500 deleted sooner" in line
     assert "per tenant: 50 unfinished tasks, blobs not limited, 2Gi of blobs" in line
     defaults = next(x for x in describe(load_config(_yaml("external_services: {}"), env={})).splitlines()
                     if "task store:" in x)

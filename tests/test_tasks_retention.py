@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,10 +197,31 @@ async def test_a_purge_round_takes_a_backlog_in_bites_and_logs_once(
         assert done == Purged(tasks=7, attempts=7, blobs=4, blob_bytes=4 * len(b"blob 0"))
         assert [b.tasks for b in bites] == [3, 3, 1] and [b.blobs for b in bites] == [3, 1, 0]
         lines = [r.getMessage() for r in caplog.records if "task retention" in r.getMessage()]
-        assert lines == ["task retention: deleted 7 finished task(s) with 7 attempt row(s) and 4 blob(s) (24 bytes)"]
+        assert lines == ["task retention: deleted 7 finished task(s) (0 beyond their tenant's "
+                         "max_finished_tasks_per_tenant) with 7 attempt row(s) and 4 blob(s) (24 bytes)"]
         assert runtime.tally.by_kind() == {"tasks": 7, "attempts": 7, "blobs": 4, "blob_bytes": 24}
         caplog.clear()
         assert await runtime.purge() == Purged() and not caplog.records  # nothing to do: silent
+    finally:
+        await runtime.close()
+
+
+async def test_a_round_trims_each_tenant_to_its_newest_finished_tasks(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A tenant cancelling and resubmitting makes finished tasks faster than the retention
+    deletes them: beyond max_finished_tasks_per_tenant its oldest go in the next round."""
+    now = time.time()
+    tasks = TaskStore(tmp_path / "cp.db")
+    for i in range(8):
+        tasks.insert(task(f"a{i}", tenant="acme", state=TaskState.CANCELLED, finished_at=now - 100 + i))
+    tasks.insert(task("g0", tenant="globex", state=TaskState.CANCELLED, finished_at=now - 200))
+    state = limits(max_finished_tasks_per_tenant=2)
+    runtime = TasksRuntime(tasks, lambda: state, SchedulerOptions(), purge_batch=4)
+    try:
+        with caplog.at_level(logging.INFO, logger="switchgear.controlplane.tasks"):
+            assert await runtime.purge() == Purged(tasks=6)
+        assert {t.id for t in tasks.list([], "", "", 100)} == {"a6", "a7", "g0"}  # acme's newest two; globex's
+        assert "deleted 6 finished task(s) (6 beyond their tenant's max_finished_tasks_per_tenant)" in caplog.text
     finally:
         await runtime.close()
 

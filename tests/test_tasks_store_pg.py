@@ -296,6 +296,22 @@ def test_blob_purge_takes_bites_too(store: TaskStoreLike) -> None:
     assert [store.purge_blobs(100.0, 2).blobs for _ in range(4)] == [2, 2, 1, 0]
 
 
+def test_a_tenants_oldest_finished_tasks_beyond_its_newest_n_go_in_bites(
+        backend: Backend, store: TaskStoreLike) -> None:
+    for i in range(7):
+        store.insert(task(f"a{i}", tenant="acme", state=FINAL[i % 4], finished_at=100.0 + i))
+    store.insert(task("a-open", tenant="acme"))
+    for i in range(2):
+        store.insert(task(f"g{i}", tenant="globex", state=TaskState.SUCCEEDED, finished_at=1.0 + i))
+    store.save([], attempts_started=[(task("a0", tenant="acme"), 1.0)])
+    assert store.tenants_over(2) == [("acme", 7)] and store.tenants_over(7) == []
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged(tasks=3, attempts=1)
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged(tasks=2)
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged()
+    left = {r[0] for r in backend.query("SELECT id FROM tasks")}
+    assert left == {"a5", "a6", "a-open", "g0", "g1"}  # acme's newest two, its unfinished one, globex's
+
+
 def test_usage_counts_each_tenants_unfinished_tasks_and_blobs(store: TaskStoreLike) -> None:
     for i, state in enumerate([*UNFINISHED, *FINAL]):
         store.insert(task(f"a{i}", tenant="acme", state=state))
@@ -308,7 +324,8 @@ def test_usage_counts_each_tenants_unfinished_tasks_and_blobs(store: TaskStoreLi
     assert (store.blob_usage("acme"), store.blob_usage("globex"), store.blob_usage("x")) == ((2, 40), (1, 30), (0, 0))
 
 
-INDEXES = {"tasks_finished", "tasks_tenant", "tasks_payload_blob", "task_blobs_created", "task_blob_owners_tenant"}
+INDEXES = {"tasks_finished", "tasks_tenant", "tasks_tenant_finished", "tasks_payload_blob", "task_blobs_created",
+           "task_blob_owners_tenant"}
 
 
 def test_the_purge_and_quota_indexes_exist_on_both_backends(backend: Backend, store: TaskStoreLike) -> None:

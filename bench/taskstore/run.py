@@ -22,7 +22,8 @@ from switchgear.controlplane.tasks.model import Resources, Task, TaskState
 from switchgear.controlplane.tasks.scheduler import PURGE_BATCH
 from switchgear.controlplane.tasks.store import SqlTaskStore, TaskStore
 
-INDEXES = ("tasks_finished", "tasks_tenant", "tasks_payload_blob", "task_blobs_created", "task_blob_owners_tenant")
+INDEXES = ("tasks_finished", "tasks_tenant", "tasks_tenant_finished", "tasks_payload_blob", "task_blobs_created",
+           "task_blob_owners_tenant")
 FINAL = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD_LETTERED)
 
 
@@ -59,6 +60,7 @@ def measure(store: SqlTaskStore, label: str) -> None:
     count = timed(lambda: store.unfinished_of("t3"))
     usage = timed(lambda: store.blob_usage("t3"))
     lease = timed(lambda: store.candidates({"svc1", "svc2"}, 1e9, 60.0, 64), repeat=20)
+    over = timed(lambda: store.tenants_over(1000), repeat=5)
     bites, total, deleted = [], time.perf_counter(), 0
     while True:
         start = time.perf_counter()
@@ -69,7 +71,8 @@ def measure(store: SqlTaskStore, label: str) -> None:
             break
     total = time.perf_counter() - total
     print(f"{label:<22} quota count {count:7.2f} ms | blob usage {usage:6.2f} ms | lease candidates "
-          f"{lease:6.2f} ms | purge {deleted} tasks in {len(bites)} bites, {total:5.2f} s, "
+          f"{lease:6.2f} ms | tenants over a cap {over:6.1f} ms | purge {deleted} tasks in {len(bites)} bites, "
+          f"{total:5.2f} s, "
           f"longest bite {max(bites):6.1f} ms")
 
 

@@ -270,7 +270,9 @@ class ResourceAllocationSettings:
     Per tenant (a tenant's key submitting or uploading, or a call of the tenant deferred to the
     queue; operators are not limited), 0 = no limit: `max_tasks_per_tenant` unfinished tasks
     (queued, leased, running), `max_blobs_per_tenant` blobs and `max_blob_bytes_per_tenant`
-    bytes of blobs (a blob two tenants uploaded counts for each)."""
+    bytes of blobs (a blob two tenants uploaded counts for each); and `max_finished_tasks_per_tenant`
+    finished tasks kept within the retention (the purge deletes a tenant's oldest beyond it: a
+    tenant cancelling and resubmitting would otherwise fill the store within the retention)."""
 
     default_cpu: float = 1.0
     default_memory_bytes: int = 2 * 1024**3
@@ -279,6 +281,7 @@ class ResourceAllocationSettings:
     max_tasks_per_tenant: int = 10_000
     max_blobs_per_tenant: int = 10_000
     max_blob_bytes_per_tenant: int = 1024**3
+    max_finished_tasks_per_tenant: int = 100_000
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX tasks_finished ON tasks(finished_at) "
         "WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')",
         "CREATE INDEX tasks_tenant ON tasks(tenant, state)",
+        "CREATE INDEX tasks_tenant_finished ON tasks(tenant, finished_at) "
+        "WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')",
         "CREATE INDEX tasks_payload_blob ON tasks(payload_blob_id) WHERE payload_blob_id <> ''",
         "CREATE INDEX task_blobs_created ON task_blobs(created_at)",
         "CREATE INDEX task_blob_owners_tenant ON task_blob_owners(tenant)",

@@ -564,6 +564,8 @@ _SETTINGS_NUMBERS: tuple[tuple[str, Callable[[Settings], object], _Check], ...] 
      _integer_between(0)),
     ("resource_allocation.max_blob_bytes_per_tenant", lambda s: s.resource_allocation.max_blob_bytes_per_tenant,
      _integer_between(0)),
+    ("resource_allocation.max_finished_tasks_per_tenant",
+     lambda s: s.resource_allocation.max_finished_tasks_per_tenant, _integer_between(0)),
 )
 
 

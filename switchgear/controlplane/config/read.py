@@ -473,6 +473,7 @@ _RESOURCE_ALLOCATION = (
     Leaf("max_tasks_per_tenant", "resource_allocation.max_tasks_per_tenant", read_int),
     Leaf("max_blobs_per_tenant", "resource_allocation.max_blobs_per_tenant", read_int),
     Leaf("max_blob_bytes_per_tenant", "resource_allocation.max_blob_bytes_per_tenant", read_size),
+    Leaf("max_finished_tasks_per_tenant", "resource_allocation.max_finished_tasks_per_tenant", read_int),
 )
 _LOAD_BALANCING = (
     Leaf("default_strategy", "default_strategy", read_strategy),

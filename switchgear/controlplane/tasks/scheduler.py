@@ -490,6 +490,17 @@ class TaskScheduler:
         before = self._clock() - retention
         return self._store.purge_tasks(before, limit) + self._store.purge_blobs(before, limit)
 
+    def tenants_over_kept(self) -> Sequence[tuple[str, int]]:
+        """(tenant, finished tasks) of the tenants over max_finished_tasks_per_tenant."""
+        keep = self._state().settings.resource_allocation.max_finished_tasks_per_tenant
+        return self._store.tenants_over(keep) if keep else []
+
+    def trim(self, tenant: str, limit: int = PURGE_BATCH) -> Purged:
+        """One bite (at most `limit` rows) of `tenant`'s oldest finished tasks beyond
+        max_finished_tasks_per_tenant."""
+        keep = self._state().settings.resource_allocation.max_finished_tasks_per_tenant
+        return self._store.purge_oldest_finished(tenant, keep, limit) if keep else Purged()
+
     # -- utilisation
 
     def _live_agents(self, now: float) -> dict[str, _Agent]:

@@ -423,19 +423,31 @@ class TasksRuntime:
 
     async def purge(self) -> Purged:
         """One purge round: bites of at most `purge_batch` rows each, one transaction each on
-        the store's thread (other calls run between them), until a bite leaves nothing; one
-        log line for the round when it deleted anything."""
+        the store's thread (other calls run between them), until a bite leaves nothing: first
+        what is past the retention, then each tenant's oldest finished tasks beyond
+        max_finished_tasks_per_tenant; one log line for the round when it deleted anything."""
         done = Purged()
         while True:
-            bite = await self.scheduler.call(self.scheduler.purge, self.purge_batch)
+            bite = await self._bite(self.scheduler.purge, self.purge_batch)
             done += bite
-            self.tally.total += bite
             if bite.tasks < self.purge_batch and bite.blobs < self.purge_batch:
                 break
-        if done != Purged():
-            log.info("task retention: deleted %d finished task(s) with %d attempt row(s) and %d blob(s) "
-                     "(%d bytes)", done.tasks, done.attempts, done.blobs, done.blob_bytes)
-        return done
+        trimmed = Purged()
+        for tenant, _ in await self.scheduler.call(self.scheduler.tenants_over_kept):
+            while (bite := await self._bite(self.scheduler.trim, tenant, self.purge_batch)).tasks == self.purge_batch:
+                trimmed += bite
+            trimmed += bite
+        total = done + trimmed
+        if total != Purged():
+            log.info("task retention: deleted %d finished task(s) (%d beyond their tenant's "
+                     "max_finished_tasks_per_tenant) with %d attempt row(s) and %d blob(s) (%d bytes)",
+                     total.tasks, trimmed.tasks, total.attempts, total.blobs, total.blob_bytes)
+        return total
+
+    async def _bite(self, method: Callable[..., Purged], *args: object) -> Purged:
+        bite = await self.scheduler.call(method, *args)
+        self.tally.total += bite
+        return bite
 
     async def close(self) -> None:
         for loop in self._loops:

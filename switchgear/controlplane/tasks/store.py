@@ -58,6 +58,7 @@ _FINAL = "('succeeded', 'failed', 'cancelled', 'dead_lettered')"
 _INDEXES = f"""
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at) WHERE state IN {_FINAL};
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks(tenant, state);
+CREATE INDEX IF NOT EXISTS tasks_tenant_finished ON tasks(tenant, finished_at) WHERE state IN {_FINAL};
 CREATE INDEX IF NOT EXISTS tasks_payload_blob ON tasks(payload_blob_id) WHERE payload_blob_id <> '';
 CREATE INDEX IF NOT EXISTS task_blobs_created ON task_blobs(created_at);
 CREATE INDEX IF NOT EXISTS task_blob_owners_tenant ON task_blob_owners(tenant);
@@ -186,6 +187,10 @@ class TaskStoreLike(Protocol):
     def purge_tasks(self, finished_before: float, limit: int) -> Purged: ...
 
     def purge_blobs(self, uploaded_before: float, limit: int) -> Purged: ...
+
+    def tenants_over(self, keep: int) -> Sequence[tuple[str, int]]: ...
+
+    def purge_oldest_finished(self, tenant: str, keep: int, limit: int) -> Purged: ...
 
 
 class SqlTaskStore:
@@ -362,11 +367,33 @@ class SqlTaskStore:
             ids = [str(r[0]) for r in db.all(
                 f"SELECT id FROM tasks WHERE state IN {_FINAL} AND finished_at < ? ORDER BY finished_at LIMIT ?",
                 (finished_before, limit))]
-            if not ids:
-                return Purged()
-            attempts = db.execute(f"DELETE FROM task_attempts WHERE task_id IN ({marks(ids)})", ids)
-            tasks = db.execute(f"DELETE FROM tasks WHERE id IN ({marks(ids)})", ids)
+            return self._delete_tasks(db, ids)
+
+    @staticmethod
+    def _delete_tasks(db: Db, ids: Sequence[str]) -> Purged:
+        if not ids:
+            return Purged()
+        attempts = db.execute(f"DELETE FROM task_attempts WHERE task_id IN ({marks(ids)})", ids)
+        tasks = db.execute(f"DELETE FROM tasks WHERE id IN ({marks(ids)})", ids)
         return Purged(tasks=tasks, attempts=attempts)
+
+    def tenants_over(self, keep: int) -> Sequence[tuple[str, int]]:
+        """(tenant, finished tasks) of each tenant with more than `keep` finished tasks."""
+        rows = self._db.all(f"SELECT tenant, COUNT(*) FROM tasks WHERE state IN {_FINAL} GROUP BY tenant "
+                            "HAVING COUNT(*) > ? ORDER BY tenant", (keep,))
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def purge_oldest_finished(self, tenant: str, keep: int, limit: int) -> Purged:
+        """Delete up to `limit` of `tenant`'s finished tasks beyond its newest `keep`, oldest
+        first, with their attempt rows (one transaction)."""
+        where = f"FROM tasks WHERE tenant = ? AND state IN {_FINAL}"
+        with self._db.transaction() as db:
+            row = db.one(f"SELECT COUNT(*) {where}", (tenant,))
+            excess = min(limit, int(row[0]) - keep) if row else 0
+            if excess <= 0:
+                return Purged()
+            ids = [str(r[0]) for r in db.all(f"SELECT id {where} ORDER BY finished_at, id LIMIT ?", (tenant, excess))]
+            return self._delete_tasks(db, ids)
 
     def purge_blobs(self, uploaded_before: float, limit: int) -> Purged:
         """Delete up to `limit` blobs last uploaded before `uploaded_before` that no unfinished
