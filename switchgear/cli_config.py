@@ -251,6 +251,7 @@ def _settings_lines(settings: Settings, agent: AgentSettings) -> list[str]:
         f"cache: {'on' if settings.cache.enabled else 'off'}; ttl {ttl}",
         _discovery_line(settings.service_discovery),
         _resources_line(settings.resource_allocation),
+        _task_store_line(settings.resource_allocation),
     ]
     lines.extend(_policy_line(category, policy) for category, policy in settings.category_policies)
     lines.append(_presets_line(agent))
@@ -301,6 +302,30 @@ def _resources_line(resources: ResourceAllocationSettings) -> str:
         f"resources: a task requests {', '.join(requests)} (service metadata resources.* overrides); "
         "an agent's pool is what it declares (--task-cpu, --task-memory; undeclared: not limited); "
         f"max concurrent tasks {resources.max_concurrent_tasks}"
+    )
+
+
+def _task_store_line(resources: ResourceAllocationSettings) -> str:
+    """What the task store keeps, and what one tenant may hold in it."""
+    def limit(value: int, text: str, what: str) -> str:
+        return text if value else f"{what} not limited"
+
+    days = resources.task_retention_s / 86400
+    kept = f"{_num(days)} days" if days >= 1 else _seconds(resources.task_retention_s)
+    per_tenant = ", ".join([
+        limit(resources.max_tasks_per_tenant, f"{resources.max_tasks_per_tenant} unfinished tasks",
+              "unfinished tasks"),
+        limit(resources.max_blobs_per_tenant, f"{resources.max_blobs_per_tenant} blobs", "blobs"),
+        limit(resources.max_blob_bytes_per_tenant, f"{size_text(resources.max_blob_bytes_per_tenant)} of blobs",
+              "blob bytes"),
+    ])
+    kept_per_tenant = (f"; a tenant's finished tasks beyond its newest {resources.max_finished_tasks_per_tenant} "
+                       "deleted sooner" if resources.max_finished_tasks_per_tenant else "")
+    return (
+        f"task store: finished tasks and their attempts deleted {kept} after they finish, blobs {kept} "
+        f"after their last upload unless an unfinished task names them{kept_per_tenant} (the leader purges); "
+        f"per tenant: {per_tenant} (a tenant key's submissions and uploads and its deferred calls; "
+        "more are refused RESOURCE_EXHAUSTED naming the limit; operators are not limited)"
     )
 
 

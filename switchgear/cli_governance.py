@@ -28,7 +28,8 @@ def _policy(args: argparse.Namespace) -> governance_pb2.TenantPolicy:
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
         budget_per_hour_usd=args.budget_hour, budget_per_day_usd=args.budget_day,
         max_cost_per_request=args.max_cost, priority_cap=args.priority_cap,
-        max_in_flight=args.max_in_flight,
+        max_in_flight=args.max_in_flight, max_unfinished_tasks=args.max_tasks, max_blobs=args.max_blobs,
+        max_blob_bytes=args.max_blob_bytes,
     )
 
 
@@ -106,6 +107,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _size(text: str) -> int:
+    """Bytes, written as the config writes sizes (4Gi, 500MB, 1000000), within uint64."""
+    from switchgear.controlplane.config import parse_size
+
+    size = parse_size(text)
+    if size is None or size >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be a size like 4Gi, 500MB or a number of bytes, got {text!r}")
+    return size
+
+
 def _policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-type", choices=("standard", "premium"))
     parser.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = no limit)")
@@ -116,6 +127,12 @@ def _policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority-cap", type=int, default=0)
     parser.add_argument("--max-in-flight", type=_count, default=0, metavar="N",
                         help="calls in flight per agent at once (0 = no cap); more get 429 / RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-tasks", type=_count, default=0, metavar="N",
+                        help="unfinished tasks in the task store (0 = resource_allocation.max_tasks_per_tenant)")
+    parser.add_argument("--max-blobs", type=_count, default=0, metavar="N",
+                        help="blobs in the task store (0 = resource_allocation.max_blobs_per_tenant)")
+    parser.add_argument("--max-blob-bytes", type=_size, default=0, metavar="SIZE",
+                        help="bytes of blobs, e.g. 4Gi (0 = resource_allocation.max_blob_bytes_per_tenant)")
     parser.add_argument("--allow-service", action="append", help="repeatable; none = all")
     parser.add_argument("--allow-category", action="append",
                         choices=("llm", "document", "knowledge_graph", "vector_db", "embedding"))

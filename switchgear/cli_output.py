@@ -182,7 +182,7 @@ def tenants_rows(reply: Any) -> list[tuple[str, ...]]:
     from switchgear.v1 import common_pb2, governance_pb2
 
     rows: list[tuple[str, ...]] = [("ID", "NAME", "TYPE", "RPM", "TPM", "USD/HOUR", "USD/DAY", "USD/REQUEST",
-                                    "MAX_IN_FLIGHT", "SERVICES", "CATEGORIES", "CREATED")]
+                                    "MAX_IN_FLIGHT", "TASK_STORE", "SERVICES", "CATEGORIES", "CREATED")]
     for t in reply.tenants:
         p = t.policy
         categories = ",".join(enum_name(common_pb2.ServiceCategory, c, "SERVICE_CATEGORY_")
@@ -190,8 +190,16 @@ def tenants_rows(reply: Any) -> list[tuple[str, ...]]:
         rows.append((t.id, t.display_name or "-", enum_name(governance_pb2.UserType, t.user_type, "USER_TYPE_") or "-",
                      _num(p.requests_per_minute), _num(p.tokens_per_minute), _num(p.budget_per_hour_usd),
                      _num(p.budget_per_day_usd), _num(p.max_cost_per_request), _num(p.max_in_flight),
+                     _task_store(p),
                      ",".join(p.allowed_services) or "all", categories or "all", when(t.created_at)))
     return rows
+
+
+def _task_store(policy: Any) -> str:
+    """The tenant's own task store quotas ("-": resource_allocation's defaults)."""
+    own = [f"{name}={value}" for name, value in (("tasks", policy.max_unfinished_tasks), ("blobs", policy.max_blobs),
+                                                  ("bytes", policy.max_blob_bytes)) if value]
+    return ",".join(own) or "-"
 
 
 def keys_rows(reply: Any) -> list[tuple[str, ...]]:

@@ -133,6 +133,29 @@ async def test_document_fallback_without_a_task_queue_or_when_it_fails_is_unavai
         await agent.pool.close()
 
 
+async def test_a_deferral_refused_for_the_tenants_task_quota_is_a_429_to_that_tenant() -> None:
+    """The control plane holds a tenant at its unfinished tasks (RESOURCE_EXHAUSTED): the caller
+    hears its own quota (429 with Retry-After), not an outage (503)."""
+    from switchgear.dataplane.http import render
+    from switchgear.dataplane.outcome import refusal
+    from switchgear.dataplane.quota import QuotaExceeded
+
+    details = "tenant 'acme' has 5 unfinished tasks (resource_allocation.max_tasks_per_tenant = 5)"
+
+    async def full(c: Call, reason: str) -> FakeDeferred:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details)
+
+    snap = document_snapshot("http://127.0.0.1:9/v1")
+    agent = agent_for(snap, full)
+    with pytest.raises(QuotaExceeded) as info:
+        await agent.invoker.invoke(call("parse"), snap)
+    answer = render(refusal(info.value))
+    assert (answer.status, answer.headers["Retry-After"]) == (429, "5")
+    assert details in answer.message and "not queued for later" in answer.message
+    await agent.pool.close()
+
+
 async def test_shed_calls_are_resource_exhausted_with_retry_after(emulators: EmulatorGroup, stub_for: Any) -> None:
     emulators.set_faults("a", Faults(latency_ms=400))
     service = view("chat", "openai", [emulators.urls["a"]], model="gpt-4o-mini")

@@ -1098,6 +1098,43 @@ def test_default_memory_forms(written: str, size: int) -> None:
     assert state.settings.resource_allocation.default_memory_bytes == size
 
 
+def test_the_task_store_settings_are_read_and_described() -> None:
+    state = load_config(_yaml(
+        """
+        external_services:
+          coordination:
+            resource_allocation:
+              task_retention: 3d
+              max_tasks_per_tenant: 50
+              max_blobs_per_tenant: 0
+              max_blob_bytes_per_tenant: 2Gi
+              max_finished_tasks_per_tenant: 500
+        """), env={})
+    resources = state.settings.resource_allocation
+    assert (resources.task_retention_s, resources.max_tasks_per_tenant, resources.max_blobs_per_tenant,
+            resources.max_blob_bytes_per_tenant, resources.max_finished_tasks_per_tenant) == (
+        3 * 86400.0, 50, 0, 2 * 1024**3, 500)
+    line = next(x for x in describe(state).splitlines() if "task store:" in x)
+    assert "deleted 3 days after they finish" in line and "beyond its newest 500 deleted sooner" in line
+    assert "per tenant: 50 unfinished tasks, blobs not limited, 2Gi of blobs" in line
+    defaults = next(x for x in describe(load_config(_yaml("external_services: {}"), env={})).splitlines()
+                    if "task store:" in x)
+    assert "7 days" in defaults and "10000 unfinished tasks, 10000 blobs, 1Gi of blobs" in defaults
+
+
+def test_a_task_retention_of_zero_is_refused_naming_the_key_and_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_yaml(
+            """
+            external_services:
+              coordination:
+                resource_allocation:
+                  task_retention: 0
+            """), env={})
+    text = str(info.value)
+    assert "resource_allocation.task_retention" in text and "line 4" in text and "keep forever" in text
+
+
 def test_provider_keys_are_inherited_and_models_override() -> None:
     services = _load(
         """

@@ -311,3 +311,42 @@ def test_two_replicas_started_together_on_an_empty_database(replicas: Replicas) 
         admin_pb2.ListServicesRequest(), metadata=AUTH, timeout=5).services}
     assert names == {"chat"} and version_seq(version) >= 1
     wait_until(lambda: r.leader()[0] in ("cp-a", "cp-b"), 10, "one of them to lead")
+
+
+def test_only_the_leader_purges_finished_tasks(replicas: Replicas) -> None:
+    """Two replicas on a store holding a backlog of finished tasks older than the retention:
+    the leader deletes them in bites (one log line for the round), the follower never purges,
+    and the unfinished task and the blob it names stay."""
+    from switchgear.controlplane import pg
+    from switchgear.controlplane.tasks.model import Resources, Task, TaskState
+    from switchgear.controlplane.tasks.store_pg import PgTaskStore
+
+    r = replicas
+    backlog = 1100  # three bites of 500
+    with pg.connect(r.dsn) as conn:
+        pg.migrate(conn)
+        store = PgTaskStore(conn)
+        blob = store.put_blob(b'{"doc": 1}', "application/json", 1.0, tenant="acme")
+        for i in range(backlog):
+            store.insert(Task(id=f"old-{i}", tenant="acme", service="chat", category="llm", method="m", priority=5,
+                              requirements=Resources(), submitted_at=1.0, state=TaskState.SUCCEEDED, finished_at=2.0))
+        store.insert(Task(id="waiting", tenant="acme", service="chat", category="llm", method="m", priority=5,
+                          requirements=Resources(), submitted_at=1.0, payload_blob_id=blob))
+    r.start_control_planes("cp-a", "cp-b")
+
+    def finished_left() -> int:
+        with psycopg.connect(r.dsn) as c:
+            row = c.execute("SELECT count(*) FROM tasks WHERE id LIKE 'old-%'").fetchone()
+        return int(row[0]) if row else -1
+
+    wait_until(lambda: finished_left() == 0, 20, "the leader to purge the backlog")
+    leader = r.leader()[0]
+    follower = ({"cp-a", "cp-b"} - {leader}).pop()
+    wait_until(lambda: "task retention" in r.cps[leader].log_path.read_text(encoding="utf-8"), 10, "its log line")
+    lines = [x for x in r.cps[leader].log_path.read_text(encoding="utf-8").splitlines() if "task retention" in x]
+    assert len(lines) == 1 and f"deleted {backlog} finished task(s)" in lines[0], lines
+    assert "task retention" not in r.cps[follower].log_path.read_text(encoding="utf-8")
+    with psycopg.connect(r.dsn) as c:
+        kept = c.execute("SELECT count(*) FROM tasks WHERE id = 'waiting'").fetchone()
+        blobs = c.execute("SELECT count(*) FROM task_blobs").fetchone()
+    assert (kept, blobs) == ((1,), (1,))

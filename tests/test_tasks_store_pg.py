@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from switchgear.controlplane import pg
 from switchgear.controlplane.tasks import queue
 from switchgear.controlplane.tasks.model import Resources, Task, TaskError, TaskState, Usage
-from switchgear.controlplane.tasks.store import TaskStore, TaskStoreLike
+from switchgear.controlplane.tasks.store import _SCHEMA, Purged, TaskStore, TaskStoreLike
 from switchgear.controlplane.tasks.store_pg import PgTaskStore
 
 
@@ -185,8 +185,9 @@ def test_blobs_are_content_addressed_and_stored_once(backend: Backend, store: Ta
     assert blob_id == "sha256:" + hashlib.sha256(data).hexdigest()
     assert store.put_blob(data, "text/plain", 6.0) == blob_id
     assert store.get_blob(blob_id) == data and store.get_blob("sha256:00") is None
+    # Stored once, as first uploaded; its time is the last upload's (retention counts from it).
     assert backend.query("SELECT size, content_type, created_at FROM task_blobs") == [
-        (len(data), "application/pdf", 5.0)]
+        (len(data), "application/pdf", 6.0)]
 
 
 def test_a_blob_is_owned_by_each_tenant_that_uploaded_it(store: TaskStoreLike) -> None:
@@ -234,6 +235,138 @@ def test_candidates_follow_the_queue_order(backend: Backend, rows: list[tuple[in
         store.insert(t)
     expected = queue.ordered([t for t in tasks if t.service == "svc" and queue.ready(t, now)], now, aging)
     assert [t.id for t in store.candidates(["svc"], now, aging, limit)] == [t.id for t in expected[:limit]]
+
+
+FINAL = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD_LETTERED)
+UNFINISHED = (TaskState.QUEUED, TaskState.LEASED, TaskState.RUNNING)
+
+
+# -- retention and the per-tenant quotas' counts (tests/test_tasks_retention.py: the rest)
+
+
+def test_the_purge_deletes_exactly_the_final_tasks_finished_before_the_cutoff(
+        backend: Backend, store: TaskStoreLike) -> None:
+    cutoff = 1000.0
+    old_final = [task(f"old-{s.value}", state=s, finished_at=cutoff - 1) for s in FINAL]
+    young_final = [task(f"young-{s.value}", state=s, finished_at=cutoff + 1) for s in FINAL]
+    # Unfinished ones never go, however old (a task requeued by a retry keeps finished_at 0).
+    unfinished = [task(f"open-{s.value}", state=s, finished_at=0.0) for s in UNFINISHED]
+    for t in [*old_final, *young_final, *unfinished]:
+        store.insert(t)
+    store.save([], attempts_started=[(t, 1.0) for t in [*old_final, *young_final, *unfinished]])
+    store.save([], attempts_started=[(dataclasses.replace(old_final[0], lease_id="L2"), 2.0)])
+
+    assert store.purge_tasks(cutoff, 500) == Purged(tasks=len(FINAL), attempts=len(FINAL) + 1)
+    left = {r[0] for r in backend.query("SELECT id FROM tasks")}
+    assert left == {t.id for t in [*young_final, *unfinished]}
+    assert {r[0] for r in backend.query("SELECT task_id FROM task_attempts")} == left
+    assert store.purge_tasks(cutoff, 500) == Purged()
+
+
+def test_a_backlog_is_purged_in_bites_oldest_first(backend: Backend, store: TaskStoreLike) -> None:
+    for i in range(7):
+        store.insert(task(f"t{i}", state=TaskState.SUCCEEDED, finished_at=100.0 + i))
+    bites = [store.purge_tasks(1000.0, 3).tasks for _ in range(4)]
+    assert bites == [3, 3, 1, 0]
+    store.insert(task("late", state=TaskState.FAILED, finished_at=50.0))
+    store.insert(task("later", state=TaskState.FAILED, finished_at=60.0))
+    assert store.purge_tasks(1000.0, 1).tasks == 1
+    assert [r[0] for r in backend.query("SELECT id FROM tasks")] == ["later"]  # the oldest went first
+
+
+def test_the_purge_keeps_every_blob_an_unfinished_task_names(backend: Backend, store: TaskStoreLike) -> None:
+    ids = {name: store.put_blob(name.encode(), "application/json", 10.0, tenant="t")
+           for name in ("queued", "running", "finished", "loose", "young")}
+    store.put_blob(b"young", "application/json", 2000.0, tenant="u")  # uploaded again: young again
+    store.insert(task("q", payload_blob_id=ids["queued"]))
+    store.insert(task("r", state=TaskState.RUNNING, payload_blob_id=ids["running"]))
+    store.insert(task("f", state=TaskState.SUCCEEDED, payload_blob_id=ids["finished"], finished_at=1500.0))
+
+    purged = store.purge_blobs(1000.0, 500)
+    assert (purged.blobs, purged.blob_bytes) == (2, len(b"finished") + len(b"loose"))
+    assert {r[0] for r in backend.query("SELECT id FROM task_blobs")} == {ids["queued"], ids["running"], ids["young"]}
+    assert {r[0] for r in backend.query("SELECT blob_id FROM task_blob_owners")} == {
+        ids["queued"], ids["running"], ids["young"]}
+    assert store.get_blob(ids["finished"]) is None and not store.blob_owned(ids["loose"], "t")
+
+
+def test_blob_purge_takes_bites_too(store: TaskStoreLike) -> None:
+    for i in range(5):
+        store.put_blob(f"blob {i}".encode(), "text/plain", float(i))
+    assert [store.purge_blobs(100.0, 2).blobs for _ in range(4)] == [2, 2, 1, 0]
+
+
+def test_a_tenants_oldest_finished_tasks_beyond_its_newest_n_go_in_bites(
+        backend: Backend, store: TaskStoreLike) -> None:
+    for i in range(7):
+        store.insert(task(f"a{i}", tenant="acme", state=FINAL[i % 4], finished_at=100.0 + i))
+    store.insert(task("a-open", tenant="acme"))
+    for i in range(2):
+        store.insert(task(f"g{i}", tenant="globex", state=TaskState.SUCCEEDED, finished_at=1.0 + i))
+    store.save([], attempts_started=[(task("a0", tenant="acme"), 1.0)])
+    assert store.tenants_over(2) == [("acme", 7)] and store.tenants_over(7) == []
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged(tasks=3, attempts=1)
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged(tasks=2)
+    assert store.purge_oldest_finished("acme", 2, 3) == Purged()
+    left = {r[0] for r in backend.query("SELECT id FROM tasks")}
+    assert left == {"a5", "a6", "a-open", "g0", "g1"}  # acme's newest two, its unfinished one, globex's
+
+
+def test_usage_counts_each_tenants_unfinished_tasks_and_blobs(store: TaskStoreLike) -> None:
+    for i, state in enumerate([*UNFINISHED, *FINAL]):
+        store.insert(task(f"a{i}", tenant="acme", state=state))
+    store.insert(task("g", tenant="globex"))
+    assert (store.unfinished_of("acme"), store.unfinished_of("globex"), store.unfinished_of("x")) == (3, 1, 0)
+    store.put_blob(b"x" * 10, "t", 1.0, tenant="acme")
+    store.put_blob(b"y" * 30, "t", 1.0, tenant="acme")
+    store.put_blob(b"y" * 30, "t", 1.0, tenant="globex")  # shared: counts for each owner
+    store.put_blob(b"y" * 30, "t", 2.0, tenant="acme")  # again: still once
+    assert (store.blob_usage("acme"), store.blob_usage("globex"), store.blob_usage("x")) == ((2, 40), (1, 30), (0, 0))
+
+
+INDEXES = {"tasks_finished", "tasks_tenant", "tasks_tenant_finished", "tasks_payload_blob", "task_blobs_created",
+           "task_blob_owners_tenant"}
+
+
+def test_the_purge_and_quota_indexes_exist_on_both_backends(backend: Backend, store: TaskStoreLike) -> None:
+    if backend.name == "sqlite":
+        names = {r[0] for r in backend.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    else:
+        names = {r[0] for r in backend.query("SELECT indexname FROM pg_indexes")}
+    assert names >= INDEXES
+
+
+def test_an_existing_sqlite_file_gains_the_indexes_and_keeps_its_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as db:  # the tables as the last release made them
+        db.executescript(_SCHEMA)
+    old = TaskStore(path)
+    old.insert(task("kept", state=TaskState.SUCCEEDED, finished_at=5.0))
+    old.close()
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("DROP INDEX IF EXISTS tasks_finished; DROP INDEX IF EXISTS tasks_tenant")
+    reopened = TaskStore(path)
+    try:
+        with closing(sqlite3.connect(path)) as db:
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            plan = " ".join(str(r) for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM tasks WHERE tenant = 'a' AND state IN ('queued')"))
+        assert names >= INDEXES and "tasks_tenant" in plan
+        assert reopened.get("kept") is not None
+    finally:
+        reopened.close()
+
+
+def test_postgres_migration_4_adds_the_indexes_to_a_version_3_database(pg_dsn: str) -> None:
+    with pg.connect(pg_dsn) as conn:
+        pg.migrate(conn)
+        for name in INDEXES:
+            conn.execute(f"DROP INDEX {name}")
+        conn.execute("UPDATE schema_version SET version = 3")
+        assert pg.migrate(conn) == 1 and pg.SCHEMA_VERSION == 4  # one migration applied
+        names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
+        assert names >= INDEXES
+
 
 
 def test_a_pg_task_store_closes_only_a_connection_it_owns(pg_dsn: str) -> None:

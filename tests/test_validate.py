@@ -377,6 +377,24 @@ INVALID_SETTINGS: list[tuple[str, Settings, str, str]] = [
         ">= 1",
     ),
     (
+        "retention zero (there is no keep-forever)",
+        _settings(resource_allocation=RA(task_retention_s=0.0)),
+        "resource_allocation.task_retention_s",
+        "at least 60 s",
+    ),
+    (
+        "tenant tasks negative",
+        _settings(resource_allocation=RA(max_tasks_per_tenant=-1)),
+        "resource_allocation.max_tasks_per_tenant",
+        ">= 0",
+    ),
+    (
+        "tenant blob bytes negative",
+        _settings(resource_allocation=RA(max_blob_bytes_per_tenant=-1)),
+        "resource_allocation.max_blob_bytes_per_tenant",
+        ">= 0",
+    ),
+    (
         "policy key",
         _settings(category_policies=(("llm_services", CategoryPolicy()),)),
         "category_policies[llm_services]",

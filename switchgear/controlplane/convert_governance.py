@@ -52,6 +52,9 @@ def policy_from_proto(msg: governance_pb2.TenantPolicy, path: str = "policy") ->
         budget_per_day_usd=msg.budget_per_day_usd,
         priority_cap=msg.priority_cap,
         max_in_flight=msg.max_in_flight,
+        max_unfinished_tasks=msg.max_unfinished_tasks,
+        max_blobs=msg.max_blobs,
+        max_blob_bytes=msg.max_blob_bytes,
         services=tuple(
             sorted(
                 (name, ServiceQuota(q.requests_per_minute, q.tokens_per_minute, q.budget_per_hour_usd,
@@ -75,6 +78,9 @@ def policy_to_proto(policy: TenantPolicy) -> governance_pb2.TenantPolicy:
         budget_per_day_usd=policy.budget_per_day_usd,
         priority_cap=policy.priority_cap,
         max_in_flight=policy.max_in_flight,
+        max_unfinished_tasks=policy.max_unfinished_tasks,
+        max_blobs=policy.max_blobs,
+        max_blob_bytes=policy.max_blob_bytes,
         services={
             name: governance_pb2.ServiceQuota(
                 requests_per_minute=q.requests_per_minute, tokens_per_minute=q.tokens_per_minute,

@@ -11,8 +11,8 @@ name>` (labels service, category), so `sum by (service)` over an endpoint family
 attempt once. Plus the loop's own state: switchgear_endpoint_weight, switchgear_endpoint_health
 (1 for the current state label), switchgear_alert_firing, switchgear_alert_no_data (1 while a
 firing alert's window is empty), switchgear_snapshot_seq, switchgear_agents_connected,
-switchgear_load_reports (counter) and, for replicas, switchgear_controlplane_leader /
-_leader_epoch.
+switchgear_load_reports (counter), switchgear_tasks_purged (counter: rows the task retention
+purge deleted, by kind) and, for replicas, switchgear_controlplane_leader / _leader_epoch.
 
 Everything is computed at scrape time from the collector (no per-request work here).
 """
@@ -37,9 +37,10 @@ STATES = ("healthy", "degraded", "ejected", "draining")
 class ControlPlaneMetrics(PromCollector):
     def __init__(
         self, monitor: Monitor, *, seq: Callable[[], int], agents: Callable[[], int], reports: Callable[[], int],
-        leader: Callable[[], int] = lambda: 1,
+        leader: Callable[[], int] = lambda: 1, purged: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self._leader = leader
+        self._purged = purged
         self._monitor = monitor
         self._seq = seq
         self._agents = agents
@@ -121,6 +122,13 @@ class ControlPlaneMetrics(PromCollector):
         yield GaugeMetricFamily("switchgear_agents_connected", "Agents with an open snapshot stream",
                                 value=self._agents())
         yield CounterMetricFamily("switchgear_load_reports", "Load reports received", value=self._reports())
+        purged = CounterMetricFamily(
+            "switchgear_tasks_purged",
+            "Rows the task retention purge deleted in this process (kind: tasks, attempts, blobs, blob_bytes)",
+            labels=("kind",))
+        for kind, count in self._purged().items():
+            purged.add_metric([kind], float(count))
+        yield purged
         epoch = self._leader()
         yield GaugeMetricFamily("switchgear_controlplane_leader",
                                 "1 while this replica leads (health scoring, alerts, task dispatch)",

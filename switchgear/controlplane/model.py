@@ -266,11 +266,27 @@ class ResourceAllocationSettings:
     """coordination.resource_allocation. `default_cpu` / `default_memory_bytes` are the per-task
     request of a task whose category has no row of its own in the seed's requirements table
     (knowledge_graph, vector_db, embedding; tasks/allocator.py) — not an agent's capacity.
-    Defaults: the seed's `else` row, 1 CPU and 2 GiB."""
+    Defaults: the seed's `else` row, 1 CPU and 2 GiB.
+
+    What the task store may hold (tasks/store.py, enforced by tasks/scheduler.py):
+    `task_retention_s` — a final task (succeeded, failed, cancelled, dead-lettered) and its
+    attempt rows are deleted this long after it finished, and an uploaded blob this long after
+    its last upload unless an unfinished task names it; never 0 (that store would only grow).
+    Per tenant (a tenant's key submitting or uploading, or a call of the tenant deferred to the
+    queue; operators are not limited), 0 = no limit: `max_tasks_per_tenant` unfinished tasks
+    (queued, leased, running), `max_blobs_per_tenant` blobs and `max_blob_bytes_per_tenant`
+    bytes of blobs (a blob two tenants uploaded counts for each); and `max_finished_tasks_per_tenant`
+    finished tasks kept within the retention (the purge deletes a tenant's oldest beyond it: a
+    tenant cancelling and resubmitting would otherwise fill the store within the retention)."""
 
     default_cpu: float = 1.0
     default_memory_bytes: int = 2 * 1024**3
     max_concurrent_tasks: int = 100
+    task_retention_s: float = 7 * 86400.0
+    max_tasks_per_tenant: int = 10_000
+    max_blobs_per_tenant: int = 10_000
+    max_blob_bytes_per_tenant: int = 1024**3
+    max_finished_tasks_per_tenant: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -371,6 +387,10 @@ class TenantPolicy:
     budget_per_day_usd: float = 0.0
     priority_cap: int = 0  # 1..10; 0 = no cap
     max_in_flight: int = 0  # calls in flight per agent; 0 = no cap
+    # The task store's per-tenant quotas over resource_allocation's; 0 = that default.
+    max_unfinished_tasks: int = 0
+    max_blobs: int = 0
+    max_blob_bytes: int = 0
     # Sorted (service name, quota) pairs.
     services: tuple[tuple[str, ServiceQuota], ...] = ()
 

@@ -38,7 +38,7 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 #: Channel a commit notifies with the new version's seq as payload.
 NOTIFY_CHANNEL = "switchgear_registry"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: pg_advisory_xact_lock key that serialises migrations across replicas (any fixed 64-bit value;
 #: this one is "swgr-mig" in ASCII).
@@ -114,6 +114,17 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Which tenant uploaded each blob: a tenant's tasks may name only their own tenant's blobs.
     3: (
         "CREATE TABLE task_blob_owners (blob_id TEXT NOT NULL, tenant TEXT NOT NULL, PRIMARY KEY (blob_id, tenant))",
+    ),
+    # The retention purge and the per-tenant quotas (tasks/store.py's _INDEXES, the same).
+    4: (
+        "CREATE INDEX tasks_finished ON tasks(finished_at) "
+        "WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')",
+        "CREATE INDEX tasks_tenant ON tasks(tenant, state)",
+        "CREATE INDEX tasks_tenant_finished ON tasks(tenant, finished_at) "
+        "WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')",
+        "CREATE INDEX tasks_payload_blob ON tasks(payload_blob_id) WHERE payload_blob_id <> ''",
+        "CREATE INDEX task_blobs_created ON task_blobs(created_at)",
+        "CREATE INDEX task_blob_owners_tenant ON task_blob_owners(tenant)",
     ),
 }
 

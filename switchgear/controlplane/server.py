@@ -77,7 +77,7 @@ from switchgear.controlplane.replicas import (
 from switchgear.controlplane.store import SqliteStore, Store
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import SERVICE_NAME as TASKS_SERVICE
-from switchgear.controlplane.tasks.service import TasksRuntime
+from switchgear.controlplane.tasks.service import PurgeTally, TasksRuntime
 from switchgear.controlplane.tasks.service import attach as attach_tasks
 from switchgear.controlplane.tasks.store_pg import PgTaskStore
 from switchgear.controlplane.usage import UsageBook, UsageDelta
@@ -330,6 +330,7 @@ class ControlPlane:
             agents=lambda: sum(1 for a in parts.tracker.list() if a.connected),
             reports=lambda: parts.loadreports.reports,
             leader=(lambda: replica.election.epoch) if replica else (lambda: 1),
+            purged=replica.purged.by_kind if replica else (self.tasks.tally.by_kind if self.tasks else dict),
         )
         server, address = serve_metrics(prom, self.options.metrics_listen)
         stack.callback(server.shutdown)
@@ -606,6 +607,7 @@ class _Replica:
         self._reign: list[asyncio.Future[None]] = []
         self._reign_stop = asyncio.Event()
         self._tasks: TasksRuntime | None = None
+        self.purged = PurgeTally()  # over every reign of this replica
 
     def admin_router(self, servicer: AdminServicer) -> AdminRouter:
         self._admin, self._admin_servicer = AdminRouter(self.link, servicer), servicer
@@ -623,7 +625,8 @@ class _Replica:
         # the election's thread, which is the one that session is used on.
         serial = self.election.serial
         self._tasks = await serial.run(lambda: TasksRuntime(PgTaskStore(conn, serial=serial),
-                                                            lambda: self._registry.state, self._scheduling))
+                                                            lambda: self._registry.state, self._scheduling,
+                                                            tally=self.purged))
         self._tasks.start()
         self.tasks.local = self._tasks.servicer
         if self._admin is not None:

@@ -103,6 +103,14 @@ def _positive(value: float) -> str | None:
     return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
 
 
+def _retention(value: float) -> str | None:
+    """At least a minute and finite: retention is how long finished tasks stay readable, and
+    there is no "keep forever" (a store any tenant adds to would grow without end)."""
+    if math.isfinite(value) and value >= 60:
+        return None
+    return "must be at least 60 s (there is no 'keep forever': finished tasks would fill the store)"
+
+
 def _integer_between(low: int, high: int | None = None) -> _Check:
     """An integer in [low, high] (no upper bound when high is None)."""
     wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
@@ -574,6 +582,17 @@ _SETTINGS_NUMBERS: tuple[tuple[str, Callable[[Settings], object], _Check], ...] 
         lambda s: s.resource_allocation.max_concurrent_tasks,
         _integer_between(1),
     ),
+    # Never 0 = "keep forever": one tenant's finished tasks would grow the store without end.
+    ("resource_allocation.task_retention_s", lambda s: s.resource_allocation.task_retention_s, _retention),
+    # 0 = no limit per tenant (the operator's choice; the default limits).
+    ("resource_allocation.max_tasks_per_tenant", lambda s: s.resource_allocation.max_tasks_per_tenant,
+     _integer_between(0)),
+    ("resource_allocation.max_blobs_per_tenant", lambda s: s.resource_allocation.max_blobs_per_tenant,
+     _integer_between(0)),
+    ("resource_allocation.max_blob_bytes_per_tenant", lambda s: s.resource_allocation.max_blob_bytes_per_tenant,
+     _integer_between(0)),
+    ("resource_allocation.max_finished_tasks_per_tenant",
+     lambda s: s.resource_allocation.max_finished_tasks_per_tenant, _integer_between(0)),
 )
 
 
@@ -816,6 +835,9 @@ def _check_tenant(tenant: Tenant) -> Iterator[Problem]:
         "policy.requests_per_minute": policy.requests_per_minute,
         "policy.tokens_per_minute": policy.tokens_per_minute,
         "policy.max_in_flight": policy.max_in_flight,
+        "policy.max_unfinished_tasks": policy.max_unfinished_tasks,
+        "policy.max_blobs": policy.max_blobs,
+        "policy.max_blob_bytes": policy.max_blob_bytes,
         "policy.budget_per_hour_usd": policy.budget_per_hour_usd,
         "policy.budget_per_day_usd": policy.budget_per_day_usd,
     }

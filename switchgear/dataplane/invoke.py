@@ -36,6 +36,7 @@ from switchgear.dataplane.deadlines import Deadlines
 from switchgear.dataplane.events import AttemptEnd, AttemptObserver, AttemptStart, FirstToken
 from switchgear.dataplane.outcome import ServiceNotFound, Unsupported
 from switchgear.dataplane.presets import preset_body, preset_chunk
+from switchgear.dataplane.quota import QuotaExceeded
 from switchgear.dataplane.scheduling.model import candidate_key
 from switchgear.dataplane.service_rules import check_request
 from switchgear.dataplane.snapshot import AgentSnapshot, EndpointView, ServiceView, TargetView
@@ -56,6 +57,8 @@ class Deferred(Protocol):
     def fallback_body(self) -> dict[str, Any]: ...
 
 
+#: Retry-After of a call the task queue refused for its tenant's task quota (tasks take a while).
+DEFER_QUOTA_RETRY_S = 5.0
 #: The task queue hook: defer(call, reason) -> Deferred (dataplane.worker.TasksClient.defer).
 Defer = Callable[[Call, str], Awaitable[Deferred]]
 
@@ -353,7 +356,8 @@ def terminal_body(call: Call, snapshot: AgentSnapshot, body: str, shaped: bool, 
 async def deferred_body(defer: Defer | None, call: Call, ctl: AttemptController,
                         clock: Callable[[], float]) -> bytes:
     """Hand the call to the task queue; the answer names the task. Raises CallFailed
-    (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why."""
+    (UNAVAILABLE, keeping a CONNECT kind) when it cannot be queued, saying why, and
+    QuotaExceeded (429 to this tenant only) when the tenant holds its task quota."""
     error = ctl.last_error
     why = f"{error.kind.value}: {error.message}"
     if defer is None:
@@ -361,6 +365,10 @@ async def deferred_body(defer: Defer | None, call: Call, ctl: AttemptController,
     try:
         async with asyncio.timeout(max(0.5, ctl.deadline - clock())):
             deferred = await defer(call, why)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:  # the tenant's task quota: its own to wait out
+            raise QuotaExceeded(f"not queued for later: {exc.details()}", DEFER_QUOTA_RETRY_S) from None
+        raise _unavailable(ctl, f"{error.message}; queueing for later failed: {exc.details()}") from None
     except (grpc.RpcError, TimeoutError) as exc:
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "the task queue did not answer in time"
         raise _unavailable(ctl, f"{error.message}; queueing for later failed: {detail}") from None

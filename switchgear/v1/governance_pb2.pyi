@@ -33,7 +33,7 @@ class ServiceQuota(_message.Message):
     def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ...) -> None: ...
 
 class TenantPolicy(_message.Message):
-    __slots__ = ("allowed_services", "allowed_categories", "required_capabilities", "max_cost_per_request", "min_success_rate", "requests_per_minute", "tokens_per_minute", "budget_per_hour_usd", "budget_per_day_usd", "priority_cap", "services", "max_in_flight")
+    __slots__ = ("allowed_services", "allowed_categories", "required_capabilities", "max_cost_per_request", "min_success_rate", "requests_per_minute", "tokens_per_minute", "budget_per_hour_usd", "budget_per_day_usd", "priority_cap", "services", "max_in_flight", "max_unfinished_tasks", "max_blobs", "max_blob_bytes")
     class ServicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,9 @@ class TenantPolicy(_message.Message):
     PRIORITY_CAP_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNFINISHED_TASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     allowed_services: _containers.RepeatedScalarFieldContainer[str]
     allowed_categories: _containers.RepeatedScalarFieldContainer[_common_pb2.ServiceCategory]
     required_capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -65,7 +68,10 @@ class TenantPolicy(_message.Message):
     priority_cap: int
     services: _containers.MessageMap[str, ServiceQuota]
     max_in_flight: int
-    def __init__(self, allowed_services: _Optional[_Iterable[str]] = ..., allowed_categories: _Optional[_Iterable[_Union[_common_pb2.ServiceCategory, str]]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ..., priority_cap: _Optional[int] = ..., services: _Optional[_Mapping[str, ServiceQuota]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    max_unfinished_tasks: int
+    max_blobs: int
+    max_blob_bytes: int
+    def __init__(self, allowed_services: _Optional[_Iterable[str]] = ..., allowed_categories: _Optional[_Iterable[_Union[_common_pb2.ServiceCategory, str]]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., max_cost_per_request: _Optional[float] = ..., min_success_rate: _Optional[float] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_per_hour_usd: _Optional[float] = ..., budget_per_day_usd: _Optional[float] = ..., priority_cap: _Optional[int] = ..., services: _Optional[_Mapping[str, ServiceQuota]] = ..., max_in_flight: _Optional[int] = ..., max_unfinished_tasks: _Optional[int] = ..., max_blobs: _Optional[int] = ..., max_blob_bytes: _Optional[int] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("id", "display_name", "user_type", "policy", "created_at")

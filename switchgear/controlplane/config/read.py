@@ -276,12 +276,12 @@ def read_str_tuple(ctx: Context, node: Node) -> tuple[str, ...]:
     return tuple(out)
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0})
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0})
 
 
 def read_duration(ctx: Context, node: Node) -> float:
-    """Seconds: a plain number, or a string like "300ms", "5s", "2m", "1h"; at most 366 days."""
+    """Seconds: a plain number, or a string like "300ms", "5s", "2m", "1h", "7d"; at most 366 days."""
     if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         seconds = float(node.value)
     else:
@@ -289,7 +289,7 @@ def read_duration(ctx: Context, node: Node) -> float:
         parsed = _DURATION_RE.fullmatch(text) if text is not None else None
         if parsed is None:
             raise _Bad(
-                f"expected a duration in seconds (30) or with a unit (300ms, 5s, 2m, 1h), got {shown(node)}"
+                f"expected a duration in seconds (30) or with a unit (300ms, 5s, 2m, 1h, 7d), got {shown(node)}"
             )
         seconds = float(parsed.group(1)) * _DURATION_UNITS[parsed.group(2)]
     return _bounded_float(seconds, MAX_DURATION_S, "a finite duration in seconds")
@@ -469,6 +469,11 @@ _RESOURCE_ALLOCATION = (
     Leaf("default_cpu", "resource_allocation.default_cpu", read_float),
     Leaf("default_memory", "resource_allocation.default_memory_bytes", read_size),
     Leaf("max_concurrent_tasks", "resource_allocation.max_concurrent_tasks", read_int),
+    Leaf("task_retention", "resource_allocation.task_retention_s", read_duration),
+    Leaf("max_tasks_per_tenant", "resource_allocation.max_tasks_per_tenant", read_int),
+    Leaf("max_blobs_per_tenant", "resource_allocation.max_blobs_per_tenant", read_int),
+    Leaf("max_blob_bytes_per_tenant", "resource_allocation.max_blob_bytes_per_tenant", read_size),
+    Leaf("max_finished_tasks_per_tenant", "resource_allocation.max_finished_tasks_per_tenant", read_int),
 )
 _LOAD_BALANCING = (
     Leaf("default_strategy", "default_strategy", read_strategy),

@@ -18,10 +18,12 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ParamSpec, TypeVar
 
 import orjson
@@ -39,7 +41,7 @@ from switchgear.controlplane.tasks.model import (
     TaskError,
     TaskState,
 )
-from switchgear.controlplane.tasks.store import TaskStoreLike
+from switchgear.controlplane.tasks.store import Purged, TaskStoreLike, blob_id_of
 from switchgear.wire.attempt_policy import call_timeout
 
 log = logging.getLogger("switchgear.controlplane.tasks")
@@ -53,6 +55,15 @@ DEFAULT_ATTEMPTS = 3
 DEFER_ATTEMPTS = 10
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 CANDIDATE_WINDOW = 512
+#: Rows one purge transaction deletes at most (of tasks, and of blobs).
+PURGE_BATCH = 500
+_BLOBS_GO = "a blob no unfinished task names is deleted task_retention after its last upload"
+#: A tenant's task store quotas: kind -> (its TenantPolicy field, resource_allocation's default).
+_QUOTAS = MappingProxyType({
+    "tasks": ("max_unfinished_tasks", "max_tasks_per_tenant"),
+    "blobs": ("max_blobs", "max_blobs_per_tenant"),
+    "blob_bytes": ("max_blob_bytes", "max_blob_bytes_per_tenant"),
+})
 
 
 class TaskNotFound(LookupError):
@@ -60,8 +71,9 @@ class TaskNotFound(LookupError):
 
 
 class SubmitError(ValueError):
-    """A submission that cannot be queued. `code` is "invalid", "not_found", "conflict" or
-    "resources"; `path` names the offending field."""
+    """A submission (or upload) that cannot be taken. `code` is "invalid", "not_found",
+    "conflict", "resources" or "quota" (a tenant's limit in resource_allocation); `path` names
+    the offending field."""
 
     def __init__(self, code: str, path: str, message: str, task: Task | None = None) -> None:
         super().__init__(f"{path}: {message}" if path else message)
@@ -82,6 +94,9 @@ class Submission:
     tenant: str = ""
     max_attempts: int = 0
     origin: str = "submit"
+    #: Whether the tenant's quotas apply: a tenant key's submission or a tenant's deferred
+    #: call (not an operator's).
+    limited: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,8 @@ class TaskScheduler:
     def submit(self, sub: Submission) -> tuple[Task, bool]:
         spec, payload = self._validate(sub)
         tenant = sub.tenant or "default"
+        if sub.limited:
+            self._check_task_quota(tenant, sub.idempotency_key)
         category = spec.category.value
         metadata = dict(spec.metadata)
         try:
@@ -224,6 +241,30 @@ class TaskScheduler:
         if reason is not None:
             raise SubmitError("resources", "", f"{reason} (recorded as failed task {stored.id})", stored)
         return stored, True
+
+    def _check_task_quota(self, tenant: str, idempotency_key: str) -> None:
+        """Refuse a new task of a tenant holding its limit of unfinished ones. A resubmission
+        of a key it already used is let through: it makes nothing new."""
+        limit, key = self.quota(tenant, "tasks")
+        if not limit:
+            return
+        held = self._store.unfinished_of(tenant)
+        if held < limit or (idempotency_key and self._store.by_idempotency_key(tenant, idempotency_key)):
+            return
+        raise SubmitError("quota", "", (
+            f"tenant {tenant!r} has {held} unfinished tasks (queued, leased or running), its limit "
+            f"({key} = {limit}); submit again when some have finished"))
+
+    def quota(self, tenant: str, kind: str) -> tuple[int, str]:
+        """`tenant`'s limit of `kind` ("tasks", "blobs", "blob_bytes"; 0 = none) and the setting
+        it comes from: its own policy's when set, else resource_allocation's."""
+        own, default = _QUOTAS[kind]
+        state = self._state()
+        record = state.tenant(tenant)
+        value = int(getattr(record.policy, own)) if record is not None else 0
+        if value:
+            return value, f"the tenant policy's {own}"
+        return int(getattr(state.settings.resource_allocation, default)), f"resource_allocation.{default}"
 
     def _validate(self, sub: Submission) -> tuple[ServiceSpec, bytes]:
         if not sub.service:
@@ -302,8 +343,37 @@ class TaskScheduler:
         return self._store.blob_owned(blob_id, tenant)
 
     def put_blob(self, data: bytes, content_type: str, tenant: str = "") -> str:
-        """Store an upload of `tenant` ("" = an operator's); see TaskStoreLike.put_blob."""
+        """Store an upload of `tenant` ("" = an operator's, not limited) within the tenant's
+        blob quotas (SubmitError "quota"); see TaskStoreLike.put_blob. Content the tenant
+        already uploaded is stored again without counting twice."""
+        if tenant and not self._store.blob_owned(blob_id_of(data), tenant):
+            room = self.upload_room(tenant)
+            if len(data) > room:
+                raise SubmitError("quota", "", self.bytes_quota_message(tenant, len(data), room))
         return self._store.put_blob(data, content_type, self._clock(), tenant)
+
+    def upload_room(self, tenant: str) -> float:
+        """The bytes a new blob of `tenant` may have (math.inf: not limited); SubmitError
+        "quota" when the tenant may upload no new blob at all."""
+        if not tenant:
+            return math.inf
+        (blobs, blobs_key), (size_limit, _) = self.quota(tenant, "blobs"), self.quota(tenant, "blob_bytes")
+        if not (blobs or size_limit):
+            return math.inf
+        count, size = self._store.blob_usage(tenant)
+        if blobs and count >= blobs:
+            raise SubmitError("quota", "", f"tenant {tenant!r} holds {count} blobs, its limit ({blobs_key} = {blobs}); "
+                                           f"{_BLOBS_GO}")
+        room = size_limit - size if size_limit else math.inf
+        if room <= 0:
+            raise SubmitError("quota", "", self.bytes_quota_message(tenant, 1, room))
+        return room
+
+    def bytes_quota_message(self, tenant: str, size: int, room: float) -> str:
+        """Why a blob of `size` bytes is refused when `tenant` has room for `room` more."""
+        limit, key = self.quota(tenant, "blob_bytes")
+        return (f"tenant {tenant!r} may store {max(0, int(room))} more bytes of blobs, not {size} "
+                f"({key} = {limit}); {_BLOBS_GO}")
 
     def effective_priority(self, task: Task) -> float:
         waited = (task.finished_at or self._clock()) - task.submitted_at
@@ -409,6 +479,27 @@ class TaskScheduler:
         for t in [*new, *orphans]:
             self._changed_task(t)
         return len(new)
+
+    def purge(self, limit: int = PURGE_BATCH) -> Purged:
+        """One bounded bite of retention (two transactions of at most `limit` rows each): final
+        tasks that finished more than task_retention ago, with their attempt rows; then blobs
+        last uploaded more than task_retention ago that no unfinished task names. A bite with
+        `limit` tasks or blobs may leave more: call again (on the store's thread, so the calls
+        of others run between bites)."""
+        retention = self._state().settings.resource_allocation.task_retention_s
+        before = self._clock() - retention
+        return self._store.purge_tasks(before, limit) + self._store.purge_blobs(before, limit)
+
+    def tenants_over_kept(self) -> Sequence[tuple[str, int]]:
+        """(tenant, finished tasks) of the tenants over max_finished_tasks_per_tenant."""
+        keep = self._state().settings.resource_allocation.max_finished_tasks_per_tenant
+        return self._store.tenants_over(keep) if keep else []
+
+    def trim(self, tenant: str, limit: int = PURGE_BATCH) -> Purged:
+        """One bite (at most `limit` rows) of `tenant`'s oldest finished tasks beyond
+        max_finished_tasks_per_tenant."""
+        keep = self._state().settings.resource_allocation.max_finished_tasks_per_tenant
+        return self._store.purge_oldest_finished(tenant, keep, limit) if keep else Purged()
 
     # -- utilisation
 

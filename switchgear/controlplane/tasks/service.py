@@ -3,7 +3,8 @@
 Thin: convert, call the scheduler, map failures to gRPC codes (malformed -> INVALID_ARGUMENT
 naming the field; unknown service/task/blob -> NOT_FOUND; idempotency key reused for another
 request -> ALREADY_EXISTS; requirements that can never fit -> FAILED_PRECONDITION with
-"Resource allocation failed: ..."; cancelling a final task -> FAILED_PRECONDITION). Every
+"Resource allocation failed: ..."; a tenant past one of its task or blob quotas ->
+RESOURCE_EXHAUSTED naming the limit; cancelling a final task -> FAILED_PRECONDITION). Every
 scheduler call that reads or writes the task store is awaited on the store's thread
 (`TaskScheduler.call`), never run on the event loop.
 """
@@ -27,13 +28,14 @@ from switchgear.controlplane.tasks import convert
 from switchgear.controlplane.tasks.lifecycle import Completion, TransitionError
 from switchgear.controlplane.tasks.model import Task
 from switchgear.controlplane.tasks.scheduler import (
+    PURGE_BATCH,
     SchedulerOptions,
     Submission,
     SubmitError,
     TaskNotFound,
     TaskScheduler,
 )
-from switchgear.controlplane.tasks.store import TaskStore, TaskStoreLike
+from switchgear.controlplane.tasks.store import Purged, TaskStore, TaskStoreLike
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger("switchgear.controlplane.tasks")
@@ -49,6 +51,7 @@ _CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "conflict": grpc.StatusCode.ALREADY_EXISTS,
     "resources": grpc.StatusCode.FAILED_PRECONDITION,
+    "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -61,10 +64,13 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 class UploadLimits:
     """What blob uploads (UploadBlob) may hold: one blob's size; the bytes all uploads still
     arriving hold at once (a caller's key opens any number of streams: each held up to a whole
-    blob in memory, stalled or not, with no end); and how long an upload may send nothing."""
+    blob in memory, stalled or not, with no end), and of those the uploads of one caller (a
+    tenant's key, or the admin token), so one key's stalled uploads leave room for the others';
+    and how long an upload may send nothing."""
 
     max_blob_bytes: int = MAX_BLOB_BYTES
     max_uploading_bytes: int = 4 * MAX_BLOB_BYTES
+    max_uploading_bytes_per_caller: int = 2 * MAX_BLOB_BYTES
     idle_timeout_s: float = 30.0
 
 
@@ -84,6 +90,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         self._s = scheduler
         self.uploads = uploads or UploadLimits()
         self.uploading = 0  # bytes held by uploads still arriving (under uploads.max_uploading_bytes)
+        self.uploading_by: dict[str, int] = {}  # caller ("" = the admin token) -> its share of `uploading`
         self.watches = watches or WatchLimits()
         self.watching: dict[str, int] = {}  # caller ("" = the admin token) -> its WatchTasks streams open
 
@@ -105,7 +112,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
             if sub.tenant not in ("", caller):
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                              f"tenant: a key of tenant {caller!r} cannot submit for {sub.tenant!r}")
-            sub = dataclasses.replace(sub, tenant=caller)
+            sub = dataclasses.replace(sub, tenant=caller, limited=True)
             if sub.payload_blob_id and not await self._s.call(self._s.blob_owned, sub.payload_blob_id, caller):
                 # Another tenant's blob reads as missing: the answer must not confirm it exists.
                 await _abort(context, grpc.StatusCode.NOT_FOUND, f"payload_blob_id: no blob {sub.payload_blob_id!r}")
@@ -115,8 +122,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def DeferInvoke(  # noqa: N802
         self, request: tasks_pb2.DeferInvokeRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.DeferInvokeResponse:
-        try:
-            sub = convert.defer_from_proto(request)
+        try:  # a tenant's call: its quotas apply (an agent defers it, for the tenant)
+            sub = dataclasses.replace(convert.defer_from_proto(request), limited=True)
         except convert.ConvertError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.request_id.startswith(TASK_REQUEST_PREFIX):
@@ -135,6 +142,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         limits = self.uploads
         parts: list[bytes] = []
         size, held, content_type = 0, 0, ""
+        tenant = CALLER.get() or ""
+        room = await self._blob_room(tenant, context)  # before reading: grpc.aio's reader is never left unawaited
         parts_in = aiter(request_iterator)
         try:
             while True:
@@ -151,20 +160,46 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 if size > limits.max_blob_bytes:
                     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk: blob larger than {limits.max_blob_bytes} bytes")
+                if size > room:  # refused as it arrives, not once held whole
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 self._s.bytes_quota_message(tenant, size, room))
                 if self.uploading + len(part.chunk) > limits.max_uploading_bytes:
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"chunk: uploads in progress hold {self.uploading} bytes, the control plane's "
                                  f"limit is {limits.max_uploading_bytes}; upload again shortly")
+                mine = self.uploading_by.get(tenant, 0)
+                if mine + len(part.chunk) > limits.max_uploading_bytes_per_caller:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"chunk: this key's uploads in progress hold {mine} bytes, the limit per key is "
+                                 f"{limits.max_uploading_bytes_per_caller}; finish or end one first")
                 self.uploading += len(part.chunk)
+                self.uploading_by[tenant] = mine + len(part.chunk)
                 held += len(part.chunk)
                 parts.append(part.chunk)
             blob = b"".join(parts)
             parts.clear()
-            blob_id = await self._s.call(self._s.put_blob, blob, content_type or "application/json",
-                                         CALLER.get() or "")
+            try:
+                blob_id = await self._s.call(self._s.put_blob, blob, content_type or "application/json", tenant)
+            except SubmitError as exc:
+                await _abort(context, _CODES[exc.code], str(exc))
         finally:  # held until stored (the store's thread takes one at a time)
             self.uploading -= held
+            left = self.uploading_by.get(tenant, 0) - held
+            if left:
+                self.uploading_by[tenant] = left
+            else:
+                self.uploading_by.pop(tenant, None)
         return tasks_pb2.UploadBlobResponse(blob_id=blob_id, size=size)
+
+    async def _blob_room(self, tenant: str, context: grpc.aio.ServicerContext) -> float:
+        """The bytes a tenant key's upload may hold before it is refused (its quota's room; the
+        store checks again, exactly, when it is whole); inf for an operator's. A tenant with no
+        room is refused before a byte is held, even for content it uploaded before (a blob's id
+        is not known until the whole of it has arrived)."""
+        try:
+            return await self._s.call(self._s.upload_room, tenant)
+        except SubmitError as exc:
+            await _abort(context, _CODES[exc.code], str(exc))
 
     async def DownloadBlob(  # noqa: N802
         self, request: tasks_pb2.DownloadBlobRequest, context: grpc.aio.ServicerContext
@@ -340,18 +375,34 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         return tasks_pb2.CompleteTaskResponse(accepted=accepted, task=self._proto(task, with_payload=False))
 
 
+class PurgeTally:
+    """Rows the purge deleted in this process, over every reign (for /metrics)."""
+
+    def __init__(self) -> None:
+        self.total = Purged()
+
+    def by_kind(self) -> dict[str, int]:
+        t = self.total
+        return {"tasks": t.tasks, "attempts": t.attempts, "blobs": t.blobs, "blob_bytes": t.blob_bytes}
+
+
 class TasksRuntime:
-    """The scheduler, its servicer and the lease sweeper, as the control plane runs them."""
+    """The scheduler, its servicer, the lease sweeper and the retention purge, as the control
+    plane runs them (on the leader only, with replicas: a follower makes none)."""
 
     def __init__(self, store: TaskStoreLike, registry_state: Callable[[], RegistryState],
-                 options: SchedulerOptions) -> None:
+                 options: SchedulerOptions, *, purge_interval_s: float = 60.0, purge_batch: int = PURGE_BATCH,
+                 tally: PurgeTally | None = None) -> None:
         self.store = store
         self.scheduler = TaskScheduler(self.store, registry_state, options)
         self.servicer = TasksServicer(self.scheduler)
-        self._sweeper: asyncio.Task[None] | None = None
+        self.purge_interval_s = purge_interval_s
+        self.purge_batch = purge_batch
+        self.tally = tally or PurgeTally()
+        self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        self._loops = [asyncio.ensure_future(self._sweep_forever()), asyncio.ensure_future(self._purge_forever())]
 
     async def _sweep_forever(self) -> None:
         interval = max(0.05, min(1.0, self.scheduler.options.lease_ttl_s / 4))
@@ -362,11 +413,47 @@ class TasksRuntime:
             except Exception:  # a failed sweep must not stop the next one
                 log.exception("task lease sweep failed")
 
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                await self.purge()
+            except Exception:  # a failed purge must not stop the next one
+                log.exception("task retention purge failed")
+            await asyncio.sleep(self.purge_interval_s)
+
+    async def purge(self) -> Purged:
+        """One purge round: bites of at most `purge_batch` rows each, one transaction each on
+        the store's thread (other calls run between them), until a bite leaves nothing: first
+        what is past the retention, then each tenant's oldest finished tasks beyond
+        max_finished_tasks_per_tenant; one log line for the round when it deleted anything."""
+        done = Purged()
+        while True:
+            bite = await self._bite(self.scheduler.purge, self.purge_batch)
+            done += bite
+            if bite.tasks < self.purge_batch and bite.blobs < self.purge_batch:
+                break
+        trimmed = Purged()
+        for tenant, _ in await self.scheduler.call(self.scheduler.tenants_over_kept):
+            while (bite := await self._bite(self.scheduler.trim, tenant, self.purge_batch)).tasks == self.purge_batch:
+                trimmed += bite
+            trimmed += bite
+        total = done + trimmed
+        if total != Purged():
+            log.info("task retention: deleted %d finished task(s) (%d beyond their tenant's "
+                     "max_finished_tasks_per_tenant) with %d attempt row(s) and %d blob(s) (%d bytes)",
+                     total.tasks, trimmed.tasks, total.attempts, total.blobs, total.blob_bytes)
+        return total
+
+    async def _bite(self, method: Callable[..., Purged], *args: object) -> Purged:
+        bite = await self.scheduler.call(method, *args)
+        self.tally.total += bite
+        return bite
+
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for loop in self._loops:
+            loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await loop
         await self.store.serial.run(self.store.close)  # after whatever is still queued on it
         if self.store.owns_serial:
             self.store.serial.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,21 @@ CREATE TABLE IF NOT EXISTS task_blobs (
 CREATE TABLE IF NOT EXISTS task_blob_owners (
     blob_id TEXT NOT NULL, tenant TEXT NOT NULL, PRIMARY KEY (blob_id, tenant));
 """
+_FINAL = "('succeeded', 'failed', 'cancelled', 'dead_lettered')"
+#: Indexes for the purge and the per-tenant quotas (pg.py's migration 4 makes the same);
+#: CREATE ... IF NOT EXISTS, so an existing file gains them when it is next opened. The purge's
+#: is partial over final states (the purge's own WHERE, written the same): an index on (state,
+#: finished_at) cannot give four states' rows in finished_at order, and PostgreSQL scanned the
+#: whole table for every bite instead (bench/taskstore).
+_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at) WHERE state IN {_FINAL};
+CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks(tenant, state);
+CREATE INDEX IF NOT EXISTS tasks_tenant_finished ON tasks(tenant, finished_at) WHERE state IN {_FINAL};
+CREATE INDEX IF NOT EXISTS tasks_payload_blob ON tasks(payload_blob_id) WHERE payload_blob_id <> '';
+CREATE INDEX IF NOT EXISTS task_blobs_created ON task_blobs(created_at);
+CREATE INDEX IF NOT EXISTS task_blob_owners_tenant ON task_blob_owners(tenant);
+"""
+_UNFINISHED = "('queued', 'leased', 'running')"
 
 _COLUMNS = (
     "id", "tenant", "service", "category", "method", "priority", "req_cpu", "req_memory", "req_gpu", "req_iops",
@@ -70,6 +86,25 @@ def _select_light(dialect: Dialect) -> str:
     """_SELECT without the payload and result, which may be large: for deciding, never for saving."""
     columns = (dialect.empty_blob if c in ("payload", "result") else c for c in _COLUMNS)
     return f"SELECT {', '.join(columns)} FROM tasks"
+
+
+def blob_id_of(data: bytes) -> str:
+    """A blob's id: blobs are content-addressed."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Purged:
+    """Rows one purge deleted: tasks, their attempt rows, blobs and the blobs' bytes."""
+
+    tasks: int = 0
+    attempts: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+
+    def __add__(self, other: Purged) -> Purged:
+        return Purged(self.tasks + other.tasks, self.attempts + other.attempts, self.blobs + other.blobs,
+                      self.blob_bytes + other.blob_bytes)
 
 
 def _row(t: Task) -> tuple[Any, ...]:
@@ -142,6 +177,20 @@ class TaskStoreLike(Protocol):
     def get_blob(self, blob_id: str) -> bytes | None: ...
 
     def blob_owned(self, blob_id: str, tenant: str) -> bool: ...
+
+    def by_idempotency_key(self, tenant: str, key: str) -> Task | None: ...
+
+    def unfinished_of(self, tenant: str) -> int: ...
+
+    def blob_usage(self, tenant: str) -> tuple[int, int]: ...
+
+    def purge_tasks(self, finished_before: float, limit: int) -> Purged: ...
+
+    def purge_blobs(self, uploaded_before: float, limit: int) -> Purged: ...
+
+    def tenants_over(self, keep: int) -> Sequence[tuple[str, int]]: ...
+
+    def purge_oldest_finished(self, tenant: str, keep: int, limit: int) -> Purged: ...
 
 
 class SqlTaskStore:
@@ -262,6 +311,15 @@ class SqlTaskStore:
                             (*args, limit))
         return [_task(r) for r in rows]
 
+    def by_idempotency_key(self, tenant: str, key: str) -> Task | None:
+        row = self._db.one(f"{self._select_light} WHERE tenant = ? AND idempotency_key = ?", (tenant, key))
+        return None if row is None else _task(row)
+
+    def unfinished_of(self, tenant: str) -> int:
+        """`tenant`'s queued, leased and running tasks (index tasks_tenant)."""
+        row = self._db.one(f"SELECT COUNT(*) FROM tasks WHERE tenant = ? AND state IN {_UNFINISHED}", (tenant,))
+        return int(row[0]) if row else 0
+
     def counts(self) -> dict[str, int]:
         found: dict[str, int] = dict(self._db.all("SELECT state, COUNT(*) FROM tasks GROUP BY state"))
         return {s.value: int(found.get(s.value, 0)) for s in TaskState}
@@ -270,12 +328,13 @@ class SqlTaskStore:
 
     def put_blob(self, data: bytes, content_type: str, now: float, tenant: str = "") -> str:
         """Store `data` (once: blobs are content-addressed) and record that `tenant` uploaded it
-        ("" = an operator): the tenant's tasks may then name it (`blob_owned`)."""
-        blob_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        ("" = an operator): the tenant's tasks may then name it (`blob_owned`). Uploading stored
+        content again makes it new for retention (`created_at` is its last upload)."""
+        blob_id = blob_id_of(data)
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO task_blobs(id, size, content_type, data, created_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO NOTHING",
+                "ON CONFLICT (id) DO UPDATE SET created_at = excluded.created_at",
                 (blob_id, len(data), content_type, data, now),
             )
             db.execute("INSERT INTO task_blob_owners(blob_id, tenant) VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -292,6 +351,66 @@ class SqlTaskStore:
         row = self._db.one("SELECT data FROM task_blobs WHERE id = ?", (blob_id,))
         return None if row is None else bytes(row[0])
 
+    def blob_usage(self, tenant: str) -> tuple[int, int]:
+        """(blobs, bytes) `tenant` uploaded: a blob several tenants uploaded counts for each."""
+        row = self._db.one(
+            "SELECT COUNT(*), COALESCE(SUM(b.size), 0) FROM task_blob_owners o "
+            "JOIN task_blobs b ON b.id = o.blob_id WHERE o.tenant = ?", (tenant,))
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    # -- retention
+
+    def purge_tasks(self, finished_before: float, limit: int) -> Purged:
+        """Delete up to `limit` final tasks that finished before `finished_before`, oldest first,
+        with their attempt rows: one transaction, so a backlog is taken in bounded bites."""
+        with self._db.transaction() as db:
+            ids = [str(r[0]) for r in db.all(
+                f"SELECT id FROM tasks WHERE state IN {_FINAL} AND finished_at < ? ORDER BY finished_at LIMIT ?",
+                (finished_before, limit))]
+            return self._delete_tasks(db, ids)
+
+    @staticmethod
+    def _delete_tasks(db: Db, ids: Sequence[str]) -> Purged:
+        if not ids:
+            return Purged()
+        attempts = db.execute(f"DELETE FROM task_attempts WHERE task_id IN ({marks(ids)})", ids)
+        tasks = db.execute(f"DELETE FROM tasks WHERE id IN ({marks(ids)})", ids)
+        return Purged(tasks=tasks, attempts=attempts)
+
+    def tenants_over(self, keep: int) -> Sequence[tuple[str, int]]:
+        """(tenant, finished tasks) of each tenant with more than `keep` finished tasks."""
+        rows = self._db.all(f"SELECT tenant, COUNT(*) FROM tasks WHERE state IN {_FINAL} GROUP BY tenant "
+                            "HAVING COUNT(*) > ? ORDER BY tenant", (keep,))
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def purge_oldest_finished(self, tenant: str, keep: int, limit: int) -> Purged:
+        """Delete up to `limit` of `tenant`'s finished tasks beyond its newest `keep`, oldest
+        first, with their attempt rows (one transaction)."""
+        where = f"FROM tasks WHERE tenant = ? AND state IN {_FINAL}"
+        with self._db.transaction() as db:
+            row = db.one(f"SELECT COUNT(*) {where}", (tenant,))
+            excess = min(limit, int(row[0]) - keep) if row else 0
+            if excess <= 0:
+                return Purged()
+            ids = [str(r[0]) for r in db.all(f"SELECT id {where} ORDER BY finished_at, id LIMIT ?", (tenant, excess))]
+            return self._delete_tasks(db, ids)
+
+    def purge_blobs(self, uploaded_before: float, limit: int) -> Purged:
+        """Delete up to `limit` blobs last uploaded before `uploaded_before` that no unfinished
+        task names (a final task's payload is never read again), with their owner rows."""
+        with self._db.transaction() as db:
+            rows = db.all(
+                "SELECT b.id, b.size FROM task_blobs b WHERE b.created_at < ? AND NOT EXISTS ("
+                "SELECT 1 FROM tasks t WHERE t.payload_blob_id = b.id AND t.payload_blob_id <> '' "
+                f"AND t.state IN {_UNFINISHED}) "
+                "ORDER BY b.created_at LIMIT ?", (uploaded_before, limit))
+            ids = [str(r[0]) for r in rows]
+            if not ids:
+                return Purged()
+            db.execute(f"DELETE FROM task_blob_owners WHERE blob_id IN ({marks(ids)})", ids)
+            blobs = db.execute(f"DELETE FROM task_blobs WHERE id IN ({marks(ids)})", ids)
+        return Purged(blobs=blobs, blob_bytes=sum(int(r[1]) for r in rows))
+
 
 class TaskStore(SqlTaskStore):
     """SqlTaskStore on a second connection to the registry's SQLite file (WAL mode), so the task
@@ -303,5 +422,5 @@ class TaskStore(SqlTaskStore):
         db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + _INDEXES)
         super().__init__(SqliteDb(db), owns_connection=True)
