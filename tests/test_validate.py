@@ -227,6 +227,11 @@ INVALID_SERVICES: list[tuple[str, ServiceSpec, str, str]] = [
         "duplicate metadata key",
     ),
     ("capability empty", _service(capabilities=("chat", "")), "capabilities[1]", "must not be empty"),
+    # a name no request can spell (x-switchgear-require is lower case) would load and never match
+    ("capability a request cannot name", _service(capabilities=("chat", "Vision")), "capabilities[1]",
+     "capability name requests can name"),
+    ("target capability too long", _endpoint(capabilities=("x" * 65,)), "endpoints[0].capabilities[0]",
+     "capability name requests can name"),
     # answers that carry no tokens: a token price or a tokens-per-minute limit would never apply
     ("token price on chroma", _service(protocol="chroma", category=Category.VECTOR_DB, api_key=None,
                                        pricing=Pricing(cost_per_1k_tokens=0.01, cost_per_request=0.001)),
@@ -540,4 +545,6 @@ def test_validation_is_pure_and_imports_no_io() -> None:
     allowed = {"__future__", "functools", "json", "math", "re", "urllib.parse", "collections.abc", "dataclasses",
                "typing"}
     # the task allocator's override rules (`resources.*` metadata) are pure too: in the pure-core contract
-    assert imported - allowed == {"switchgear.controlplane.model", "switchgear.controlplane.tasks.allocator"}
+    # and the capability-name rule both planes hold (switchgear.wire.names: a regex, nothing else)
+    assert imported - allowed == {"switchgear.controlplane.model", "switchgear.controlplane.tasks.allocator",
+                                  "switchgear.wire.names"}

@@ -44,6 +44,7 @@ from switchgear.controlplane.model import (
     Tenant,
 )
 from switchgear.controlplane.tasks.allocator import OVERRIDE_KEYS, AllocationError, requirements
+from switchgear.wire.names import CAPABILITY_NAME, CAPABILITY_RULE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -426,7 +427,7 @@ def _resource_override(index: int, key: str, value: str, category: str) -> Itera
 
 
 def _check_capabilities(spec: ServiceSpec) -> Iterator[Problem]:
-    """Capabilities (a service's, a route target's) are non-empty strings."""
+    """Capabilities (a service's, a route target's) are names a request can spell (CAPABILITY_NAME)."""
     yield from _capability_problems(spec.capabilities, "")
     for index, endpoint in enumerate(spec.endpoints):
         yield from _capability_problems(endpoint.capabilities, f"endpoints[{index}].")
@@ -436,6 +437,11 @@ def _capability_problems(capabilities: tuple[str, ...], prefix: str) -> Iterator
     for index, capability in enumerate(capabilities):
         if not capability:
             yield Problem(f"{prefix}capabilities[{index}]", "must not be empty")
+        elif not isinstance(capability, str) or not CAPABILITY_NAME.fullmatch(capability):
+            # a name no request can spell would load and never match (a store written before
+            # this rule still loads: the registry refuses only problems a change brings)
+            yield Problem(f"{prefix}capabilities[{index}]", f"must be a capability name requests can name, "
+                          f"{CAPABILITY_RULE}")
 
 
 # --- managed model servers (the container manager) -------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,6 +40,7 @@ from switchgear.wire import checks
 from switchgear.wire.checks import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # re-exported: the agent knows it from here
 from switchgear.wire.checks import SnapshotError as SnapshotError  # re-exported too
 from switchgear.wire.lean import lean
+from switchgear.wire.names import CAPABILITY_NAME, CAPABILITY_RULE
 
 _NO_SERVICES: Mapping[str, ServiceView] = MappingProxyType({})
 log = logging.getLogger("switchgear.dataplane.convert")
@@ -65,8 +65,6 @@ class RequestError(ValueError):
 #: At most this many capabilities a request may require; each name 1..64 characters of
 #: [a-z0-9_.:-] (InvokeRequest.required_capabilities, `x-switchgear-require`, /v1/invoke's field).
 MAX_REQUIRED_CAPABILITIES = 16
-_CAPABILITY = re.compile(r"[a-z0-9_.:-]{1,64}")
-_CAPABILITY_RULE = "each 1..64 characters of a-z, 0-9, '_', '.', ':' or '-'"
 NO_CAPABILITIES: frozenset[str] = frozenset()
 
 
@@ -78,8 +76,8 @@ def required_capabilities(names: Sequence[object], path: str) -> frozenset[str]:
     if len(names) > MAX_REQUIRED_CAPABILITIES:
         raise RequestError(path, f"at most {MAX_REQUIRED_CAPABILITIES} capabilities, got {len(names)}")
     for index, name in enumerate(names):
-        if not isinstance(name, str) or not _CAPABILITY.fullmatch(name):
-            raise RequestError(f"{path}[{index}]", f"must be a capability name, {_CAPABILITY_RULE}")
+        if not isinstance(name, str) or not CAPABILITY_NAME.fullmatch(name):
+            raise RequestError(f"{path}[{index}]", f"must be a capability name, {CAPABILITY_RULE}")
     return frozenset(names)  # type: ignore[arg-type]  # (every item checked a str above)
 
 
