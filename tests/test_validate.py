@@ -548,3 +548,16 @@ def test_validation_is_pure_and_imports_no_io() -> None:
     # and the capability-name rule both planes hold (switchgear.wire.names: a regex, nothing else)
     assert imported - allowed == {"switchgear.controlplane.model", "switchgear.controlplane.tasks.allocator",
                                   "switchgear.wire.names"}
+
+
+def test_a_tenant_policy_requires_only_capabilities_a_service_can_offer() -> None:
+    from switchgear.controlplane.model import Tenant, TenantPolicy
+    from switchgear.controlplane.validate import validate_governance
+
+    good = Tenant(id="t", policy=TenantPolicy(required_capabilities=("vision", "json_schema")))
+    assert validate_governance([good], []) == []
+    bad = Tenant(id="t", policy=TenantPolicy(required_capabilities=("vision", "Vision", "")))
+    problems = validate_governance([bad], [])
+    assert [p.path for p in problems] == ["tenants[t].policy.required_capabilities[1]",
+                                          "tenants[t].policy.required_capabilities[2]"]
+    assert all("capability name" in p.message for p in problems)

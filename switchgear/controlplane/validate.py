@@ -861,6 +861,10 @@ def _check_tenant(tenant: Tenant) -> Iterator[Problem]:
         yield Problem("policy.min_success_rate", "must be within 0..1")
     if not 0 <= policy.priority_cap <= 10:
         yield Problem("policy.priority_cap", "must be within 0..10 (0 = no cap)")
+    for index, name in enumerate(policy.required_capabilities):  # one no target can offer refuses everything
+        if not isinstance(name, str) or not CAPABILITY_NAME.fullmatch(name):
+            yield Problem(f"policy.required_capabilities[{index}]",
+                          f"must be a capability name services can offer, {CAPABILITY_RULE}")
 
 
 def validate_governance(tenants: Iterable[Tenant], keys: Iterable[ApiKey]) -> list[Problem]:
