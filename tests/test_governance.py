@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -150,6 +152,31 @@ async def test_requests_per_minute_admits_exactly_n_per_window() -> None:
     usage = quotas.drain_usage()["acme"]
     assert (usage.requests, usage.rejected) == (4, 2)
     assert quotas.drain_usage() == {}
+
+
+class _Awaited(LocalCounters):
+    """Local counters whose admissions wait for `go`, as a Redis round trip waits for its reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def admit(self, *args: Any, **kwargs: Any) -> int:
+        await self.go.wait()
+        return await super().admit(*args, **kwargs)
+
+
+async def test_an_admission_answered_after_a_load_report_drained_counts_in_the_next_one() -> None:
+    counters = _Awaited()
+    quotas = QuotaEnforcer(counters)
+    tenant = TenantView(id="acme", quota=Quota(requests_per_minute=1))
+    pending = [asyncio.ensure_future(quotas.admit(tenant, "chat")) for _ in range(3)]
+    await asyncio.sleep(0)  # all three are waiting on the counter store
+    assert quotas.drain_usage() == {}  # a load report goes out meanwhile
+    counters.go.set()
+    assert [a.allowed for a in await asyncio.gather(*pending)] == [True, False, False]
+    usage = quotas.drain_usage()["acme"]  # the next report carries all three (they used to be lost)
+    assert (usage.requests, usage.rejected) == (1, 2)
 
 
 async def test_budget_stops_traffic_once_actual_cost_crosses_it() -> None:

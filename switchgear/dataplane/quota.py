@@ -319,15 +319,15 @@ class QuotaEnforcer:
         requests-per-minute windows: one call of the counter store, which may answer `lookup`
         (a cache read) in the same call. A refusal carries the seconds until the window ends."""
         now = self._clock()
-        tally = self._tallies.get(tenant.id)
-        if tally is None:
-            tally = self._tallies[tenant.id] = UsageTally()
         plan = self._current(tenant, service, now)
         if not plan.refusals:
-            tally.requests += 1
+            self._tally(tenant.id).requests += 1
             return ADMITTED
         seen: list[float] = []
         refused = await self._counters.admit(plan.checks, plan.counts, lookup, seen)
+        # The tally is looked up after the counter store's answer: a load report drained while it
+        # was awaited (drain_usage) took the tallies then, and this request belongs to the next.
+        tally = self._tally(tenant.id)
         limits = _limits(plan.rates, seen, refused, window_end(now, MINUTE)) if plan.rates else ()
         if refused:
             tally.rejected += 1
@@ -335,6 +335,12 @@ class QuotaEnforcer:
             return Admission(False, window_end(now, width), _reason(width, what, quota, scope), limits)
         tally.requests += 1
         return Admission(True, limits=limits) if limits else ADMITTED
+
+    def _tally(self, tenant_id: str) -> UsageTally:
+        tally = self._tallies.get(tenant_id)
+        if tally is None:
+            tally = self._tallies[tenant_id] = UsageTally()
+        return tally
 
     def _current(self, tenant: TenantView, service: str, now: float) -> _Plan:
         plan = self._plans.get((tenant.id, service))
@@ -381,7 +387,7 @@ class QuotaEnforcer:
     def note(self, tenant: TenantView, service: str, tokens: int, cost_usd: float) -> None:
         """`record`, as a plain call (what a request's work after its answer runs: afterward.py)."""
         now = self._clock()
-        tally = self._tallies.setdefault(tenant.id, UsageTally())
+        tally = self._tally(tenant.id)
         tally.tokens += tokens
         tally.cost_usd += cost_usd
         if not tokens and not cost_usd:
