@@ -6,6 +6,7 @@ to a server tool the model's targets cannot run."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -157,6 +158,31 @@ async def test_the_native_door_charges_each_search_unary_and_streamed() -> None:
             final = await stream.get_final_message()
         assert final.usage.server_tool_use is not None and final.usage.server_tool_use.web_search_requests == 2
         assert math.isclose(_charged(quotas), expected, rel_tol=1e-9)
+
+
+async def test_a_stream_the_caller_cuts_after_the_searches_is_charged_for_them() -> None:
+    """The searches ran at Anthropic (and are billed) once their results streamed; the count
+    comes only on the final message_delta. A caller that reads the results and the first text,
+    then hangs up, is charged its searches with the estimate of what it read, not tokens only."""
+    async with door(PRICES) as (url, quotas, claude_url):
+        async with httpx.AsyncClient(timeout=10) as client:
+            await client.post(f"{claude_url}/_emulator/faults", json={"token_delay_ms": 100})
+            body = {"model": "claude", "max_tokens": 100, "tools": SEARCH, "stream": True,
+                    "messages": [{"role": "user", "content": ASK}]}
+            async with client.stream("POST", f"{url}/v1/messages", headers={"x-api-key": KEY}, json=body) as answer:
+                assert answer.status_code == 200
+                results = 0
+                async for line in answer.aiter_lines():
+                    results += '"web_search_tool_result"' in line and line.startswith("data:")
+                    if '"text_delta"' in line:
+                        break  # both searches' results and a first piece of text read: hang up
+            assert results == 2
+        charged = 0.0
+        deadline = asyncio.get_running_loop().time() + 10
+        while not charged and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+            charged += _charged(quotas)
+        assert charged >= 2 * PRICES.web_search_cost_per_1k_requests / 1000, charged
 
 
 async def test_a_server_tool_for_a_model_served_by_translation_is_refused_naming_it() -> None:
