@@ -233,3 +233,23 @@ def test_a_search_price_loads_on_anthropic_is_described_and_refused_where_it_cou
                       - name: gpt
                         web_search_cost_per_1k_requests: 25
             """), env={"OPENAI_API_KEY": "k"})
+
+
+def test_searches_counted_as_they_stream_are_results_not_errors_and_bounded() -> None:
+    from switchgear.adapters.anthropic import _MessageStream
+
+    def block(content: Any) -> str:
+        return orjson.dumps({"type": "content_block_start", "index": 0, "content_block": {
+            "type": "web_search_tool_result", "tool_use_id": "s", "content": content}}).decode()
+
+    for as_chat in (False, True):
+        state = _MessageStream(as_chat, 0)
+        ran = [state.feed("content_block_start", block(c)) for c in
+               ([{"type": "web_search_result", "url": "u"}], {"type": "web_search_tool_result_error",
+                                                             "error_code": "max_uses_exceeded"}, [])]
+        # (translated to OpenAI chunks, a block that ran no search says nothing)
+        assert [chunk.searches if chunk is not None else None for chunk in ran] == [1, None if as_chat else 1, 2]
+        state.ran = MAX_WEB_SEARCHES - 1
+        assert state.feed("content_block_start", block([])).searches == MAX_WEB_SEARCHES  # type: ignore[union-attr]
+        state.feed("content_block_start", block([]))
+        assert state.ran == MAX_WEB_SEARCHES

@@ -62,6 +62,7 @@ import orjson
 from switchgear.adapters import _http
 from switchgear.adapters.base import (
     MAX_TOKEN_COUNT,
+    MAX_WEB_SEARCHES,
     AdapterRequest,
     AdapterResponse,
     ErrorKind,
@@ -724,7 +725,9 @@ class _MessageStream:
         elif kind == "content_block_start":
             block = _dict(obj.get("content_block"))
             if block.get("type") == "web_search_tool_result" and isinstance(block.get("content"), list):
-                self.ran += 1  # (an error's content is an object: Anthropic bills no search then)
+                # (an error's content is an object: Anthropic bills no search then; a count above
+                # MAX_WEB_SEARCHES is not believed, as a reported one is not)
+                self.ran = min(self.ran + 1, MAX_WEB_SEARCHES)
             return "", block.get("type") == "tool_use"
         elif kind == "message_delta":
             delta = _dict(obj.get("delta"))
