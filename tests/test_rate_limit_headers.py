@@ -205,3 +205,31 @@ async def test_the_grpc_door_tells_them_as_trailers() -> None:
             await stub.Invoke(request, timeout=10)
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert not [k for k, _ in anonymous.value.trailing_metadata() or () if k.startswith("x-ratelimit")]
+
+
+@pytest.mark.parametrize("odd", [b"nan", b"inf", b"-inf", b"-500", b"1e400", b"7.5", b"0x10", b" 12 "])
+async def test_an_odd_counter_in_redis_still_gives_well_formed_limits(tmp_path: Path, odd: bytes) -> None:
+    """A counter another writer left odd (Lua's tonumber takes "nan", "-inf" and "0x10", which
+    Python's float and int do not) is no 500 for every limited tenant: each limit stays an
+    integer from 0 to its limit."""
+    with redis_server(tmp_path) as server:
+        client = aioredis.from_url(server.url)
+        try:
+            counters = RedisCounters(SharedRedis(client), LocalCounters(clock=lambda: NOW), timeout_s=1.0)
+            quotas = QuotaEnforcer(counters, clock=lambda: NOW)
+            await quotas.admit(LIMITED, "chat")
+            quotas.note(LIMITED, "chat", 10, 0.0)
+            await counters.flush()
+            # the tokens counter is read (a check); the requests counter is added to (a count)
+            keys = [k async for k in client.scan_iter("*acme|*|tok/*")]
+            assert keys
+            for key in keys:
+                await client.set(key, odd)
+            admission = await quotas.admit(LIMITED, "chat")
+            assert admission.limits, admission
+            for limit in admission.limits:
+                assert isinstance(limit.remaining, int) and 0 <= limit.remaining <= limit.limit, admission
+            for name, value in limit_headers(admission.limits, anthropic=True):
+                assert re.fullmatch(r"[0-9]+s?|[0-9T:-]+Z", value), (name, value)
+        finally:
+            await client.aclose()

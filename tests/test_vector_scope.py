@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from switchgear.adapters.base import AdapterRequest, OptionsError, Target
+from switchgear.adapters.base import AdapterRequest, ErrorKind, OptionsError, Target, UpstreamError
 from switchgear.adapters.chroma import ChromaAdapter, ChromaOptions
 from switchgear.adapters.chroma import parse_options as chroma_options
 from switchgear.adapters.pinecone import parse_options as pinecone_options
@@ -275,6 +275,45 @@ async def test_chroma_collection_ids_of_other_databases_are_refused_in_a_service
     async with httpx.AsyncClient(base_url=f"{doors.chroma_url}/api/v2/tenants/default_tenant") as raw:
         mine = (await raw.post("/databases/fixed-db/collections", json={"name": "mine"})).json()["id"]
     assert await doors.ok("acme", "chroma-fixed", "count", {"collection_id": mine}) == 0
+
+
+async def test_a_collection_name_cannot_climb_out_of_its_collections(doors: Doors) -> None:
+    """A collection name goes into the URL's path: "." and ".." are dot segments the HTTP client
+    resolves, so `collections.delete {"name": ".."}` was DELETE …/databases/{db} — the whole
+    database every caller of the service shares — and `collections.get` answered the database.
+    A name that is not one Chroma takes is refused naming the field, before any request."""
+    async with httpx.AsyncClient(base_url=f"{doors.chroma_url}/api/v2/tenants/default_tenant") as raw:
+        assert (await raw.post("/databases", json={"name": "fixed-db"})).status_code in (200, 409)
+    await doors.ok("acme", "chroma-fixed", "collections.create", {"name": "kept", "get_or_create": True})
+    for name in ("..", ".", "a/../..", "x" * 513):
+        await doors.refused("globex", "chroma-fixed", "collections.delete", {"name": name}, "payload.name")
+        await doors.refused("globex", "chroma-fixed", "collections.get", {"name": name}, "payload.name")
+        await doors.refused("globex", "chroma-fixed", "count", {"collection": name}, "payload.collection")
+    async with httpx.AsyncClient(base_url=f"{doors.chroma_url}/api/v2/tenants/default_tenant") as raw:
+        assert (await raw.get("/databases/fixed-db")).status_code == 200
+        assert (await raw.get("/databases/fixed-db/collections/kept")).status_code == 200
+    assert await doors.ok("globex", "chroma-fixed", "count", {"collection": "kept"}) == 0
+
+
+async def test_a_dot_collection_name_never_reaches_the_database_through_an_httpx_client(chroma: RealServer) -> None:
+    """The adapter's contract is httpx's client, which resolves dot segments as a path-normalising
+    proxy would: the name is refused before any request is made."""
+    sent: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        sent.append(f"{request.method} {request.url.path}")
+
+    target = Target(chroma.url, options=chroma_options({"database": "dots-db"}))
+    async with httpx.AsyncClient(base_url=f"{chroma.url}/api/v2/tenants/default_tenant") as raw:
+        assert (await raw.post("/databases", json={"name": "dots-db"})).status_code in (200, 409)
+    async with httpx.AsyncClient(event_hooks={"request": [hook]}) as client:
+        for method in ("collections.delete", "collections.get"):
+            with pytest.raises(UpstreamError) as caught:
+                await ChromaAdapter().invoke(client, target, AdapterRequest(method, {"name": ".."}, 10, tenant="t"))
+            assert caught.value.kind is ErrorKind.CLIENT and caught.value.message.startswith("payload.name: ")
+    assert sent == []
+    async with httpx.AsyncClient(base_url=f"{chroma.url}/api/v2/tenants/default_tenant") as raw:
+        assert (await raw.get("/databases/dots-db")).status_code == 200
 
 
 # --- tasks, options, config ---------------------------------------------------------------

@@ -6,6 +6,7 @@ to a server tool the model's targets cannot run."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -159,6 +160,31 @@ async def test_the_native_door_charges_each_search_unary_and_streamed() -> None:
         assert math.isclose(_charged(quotas), expected, rel_tol=1e-9)
 
 
+async def test_a_stream_the_caller_cuts_after_the_searches_is_charged_for_them() -> None:
+    """The searches ran at Anthropic (and are billed) once their results streamed; the count
+    comes only on the final message_delta. A caller that reads the results and the first text,
+    then hangs up, is charged its searches with the estimate of what it read, not tokens only."""
+    async with door(PRICES) as (url, quotas, claude_url):
+        async with httpx.AsyncClient(timeout=10) as client:
+            await client.post(f"{claude_url}/_emulator/faults", json={"token_delay_ms": 100})
+            body = {"model": "claude", "max_tokens": 100, "tools": SEARCH, "stream": True,
+                    "messages": [{"role": "user", "content": ASK}]}
+            async with client.stream("POST", f"{url}/v1/messages", headers={"x-api-key": KEY}, json=body) as answer:
+                assert answer.status_code == 200
+                results = 0
+                async for line in answer.aiter_lines():
+                    results += '"web_search_tool_result"' in line and line.startswith("data:")
+                    if '"text_delta"' in line:
+                        break  # both searches' results and a first piece of text read: hang up
+            assert results == 2
+        charged = 0.0
+        deadline = asyncio.get_running_loop().time() + 10
+        while not charged and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+            charged += _charged(quotas)
+        assert charged >= 2 * PRICES.web_search_cost_per_1k_requests / 1000, charged
+
+
 async def test_a_server_tool_for_a_model_served_by_translation_is_refused_naming_it() -> None:
     async with door(PRICES) as (url, quotas, claude_url):
         async with httpx.AsyncClient() as client:
@@ -207,3 +233,23 @@ def test_a_search_price_loads_on_anthropic_is_described_and_refused_where_it_cou
                       - name: gpt
                         web_search_cost_per_1k_requests: 25
             """), env={"OPENAI_API_KEY": "k"})
+
+
+def test_searches_counted_as_they_stream_are_results_not_errors_and_bounded() -> None:
+    from switchgear.adapters.anthropic import _MessageStream
+
+    def block(content: Any) -> str:
+        return orjson.dumps({"type": "content_block_start", "index": 0, "content_block": {
+            "type": "web_search_tool_result", "tool_use_id": "s", "content": content}}).decode()
+
+    for as_chat in (False, True):
+        state = _MessageStream(as_chat, 0)
+        ran = [state.feed("content_block_start", block(c)) for c in
+               ([{"type": "web_search_result", "url": "u"}], {"type": "web_search_tool_result_error",
+                                                             "error_code": "max_uses_exceeded"}, [])]
+        # (translated to OpenAI chunks, a block that ran no search says nothing)
+        assert [chunk.searches if chunk is not None else None for chunk in ran] == [1, None if as_chat else 1, 2]
+        state.ran = MAX_WEB_SEARCHES - 1
+        assert state.feed("content_block_start", block([])).searches == MAX_WEB_SEARCHES  # type: ignore[union-attr]
+        state.feed("content_block_start", block([]))
+        assert state.ran == MAX_WEB_SEARCHES

@@ -53,7 +53,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import httpx
@@ -62,6 +62,7 @@ import orjson
 from switchgear.adapters import _http
 from switchgear.adapters.base import (
     MAX_TOKEN_COUNT,
+    MAX_WEB_SEARCHES,
     AdapterRequest,
     AdapterResponse,
     ErrorKind,
@@ -660,6 +661,7 @@ class _MessageStream:
         self.cache_tokens = [0, 0]  # cache reads, cache writes
         self.output_tokens: int | None = None
         self.searches: Any = 0  # server_tool_use.web_search_requests, cumulative like output_tokens
+        self.ran = 0  # web searches whose results streamed so far (an error result is not billed)
         self.finish_reason: str | None = None
         self.stopped = False
         self.chars = 0
@@ -696,10 +698,14 @@ class _MessageStream:
             code, message = str(err.get("type", "")), str(err.get("message", ""))
             error_kind = classify(529 if code == "overloaded_error" else 500, code, message)
             raise UpstreamError(error_kind, f"error event in stream: [{code}] {message}", body=data.encode())
+        ran = self.ran
         text, content = self._track(kind, obj)
         if not self.as_chat:
-            return StreamChunk(data=data.encode(), text=text, content=content)
-        return self._chat_chunk(kind, obj, text)
+            return StreamChunk(data=data.encode(), text=text, content=content, searches=self.ran)
+        chunk = self._chat_chunk(kind, obj, text)
+        if self.ran == ran:
+            return chunk
+        return replace(chunk, searches=self.ran) if chunk is not None else StreamChunk(searches=self.ran)
 
     def _track(self, kind: str, obj: dict[str, Any]) -> tuple[str, bool]:
         if kind == "message_start":
@@ -718,6 +724,10 @@ class _MessageStream:
             return text, bool(text) or delta.get("type") == "input_json_delta"
         elif kind == "content_block_start":
             block = _dict(obj.get("content_block"))
+            if block.get("type") == "web_search_tool_result" and isinstance(block.get("content"), list):
+                # (an error's content is an object: Anthropic bills no search then; a count above
+                # MAX_WEB_SEARCHES is not believed, as a reported one is not)
+                self.ran = min(self.ran + 1, MAX_WEB_SEARCHES)
             return "", block.get("type") == "tool_use"
         elif kind == "message_delta":
             delta = _dict(obj.get("delta"))

@@ -304,6 +304,9 @@ class StreamChunk:
     and `finish_reason` when the upstream said one, and `usage_chunk`: the upstream's own
     usage-only chunk when it sent one (not passed on to a streaming caller; a whole answer
     assembled from the stream takes its usage object from it: dataplane/assemble.py).
+    `searches` (when not 0) is how many web searches the provider has run so far, told as their
+    results stream (the count in the usage comes only at the end): a stream cut before its
+    usage is charged them (dataplane/stream.Meter); a chunk may carry only that (empty data).
     """
 
     data: bytes = b""
@@ -312,6 +315,7 @@ class StreamChunk:
     usage: TokenUsage | None = None
     finish_reason: str | None = None
     usage_chunk: bytes = b""
+    searches: int = 0
 
 
 class StreamingAdapter(Adapter, Protocol):

@@ -27,7 +27,9 @@ repeats the scope and refused (CLIENT, naming the field) otherwise. Chroma's ser
 check that a collection id belongs to the tenant and database in the URL, so a payload
 `collection_id` is taken only when it is one of the scope's collections: known from an
 answer in this scope (create, get, list, a resolved name) or found by listing the scope's
-collections (at most 1,000); any other is refused naming `payload.collection_id`.
+collections (at most 1,000); any other is refused naming `payload.collection_id`. A collection
+name that goes into a URL (`name`, `collection`) must be one Chroma takes: "." or ".." would be
+a dot segment resolving to the database itself (DELETE …/collections/.. deletes the database).
 
 The answer is Chroma's JSON, passed through.
 Usage: vector stores count no tokens (a zero usage, not an estimate); price them with
@@ -123,6 +125,17 @@ def parse_options(options: Mapping[str, Any]) -> ChromaOptions:
     )
 
 
+def _collection_name(payload: Mapping[str, Any], key: str) -> str:
+    """`payload[key]` as a collection name that goes into a URL's path: a name Chroma takes
+    (`_CHROMA_NAME`). Anything else names no collection, and "." or ".." would be a dot segment
+    an HTTP client or proxy resolves (`collections/..` is the database itself)."""
+    name = _http.payload_str(payload, key)
+    if not _CHROMA_NAME.fullmatch(name):
+        raise UpstreamError(ErrorKind.CLIENT, f"payload.{key}: not a Chroma collection name (3 to 512 of "
+                                              "a-z A-Z 0-9 . _ -, starting and ending with a letter or digit)")
+    return name
+
+
 class ChromaAdapter:
     """Adapter for Chroma's v2 REST API. Caches collection name → id per (server, tenant,
     database) — bounded, and dropped for a name whose id answers 404 (the collection was
@@ -183,11 +196,11 @@ class ChromaAdapter:
             for found in body if isinstance(body, list) else ():
                 self._learn(where, found)
         elif method == "collections.get":
-            name = _http.payload_str(payload, "name")
+            name = _collection_name(payload, "name")
             body = await call.json("GET", f"{scope}/collections/{quote(name, safe='')}")
             self._learn(where, body)
         elif method == "collections.delete":
-            name = _http.payload_str(payload, "name")
+            name = _collection_name(payload, "name")
             self._forget(where, name)
             body = await call.json("DELETE", f"{scope}/collections/{quote(name, safe='')}")
         else:
@@ -274,6 +287,7 @@ class ChromaAdapter:
             raise UpstreamError(
                 ErrorKind.CLIENT, "payload.collection: required (a collection name), or give collection_id"
             )
+        name = _collection_name({"collection": name}, "collection")
         key = (*where, name)
         for attempt in (1, 2):
             cid = self._ids.get(key)

@@ -192,7 +192,8 @@ class QuotaExceeded(Exception):
 
 class Limit(NamedTuple):
     """A per-minute rate limit as an admission left it: what rate-limit headers tell a caller.
-    `what` is "requests" or "tokens"; `remaining` is never below 0; `reset_s` is the time until
+    `what` is "requests" or "tokens"; `remaining` is from 0 to `limit` whatever the counter read
+    (an odd value another writer left in Redis included); `reset_s` is the time until
     its window ends. (A tuple: made per admission, where a frozen dataclass costs ~1 us more.)"""
 
     what: str
@@ -296,7 +297,8 @@ def _limits(rates: tuple[tuple[int, str, int], ...], seen: Sequence[float], refu
     for index, kind, limit in rates:  # (in index order)
         if index > read:
             break
-        left = (0 if index == refused else max(0, int(limit - seen[index - 1])), limit)
+        room = limit - seen[index - 1]  # (a counter read as NaN, negative or infinite stays in 0..limit)
+        left = (0 if index == refused or not room > 0 else int(min(room, limit)), limit)
         if kind == "requests":
             requests = left if requests is None or left < requests else requests
         else:

@@ -28,6 +28,7 @@ while awaiting the reply, after the script was sent, which Redis then runs whole
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -196,7 +197,7 @@ class RedisRound:
             self._lost(additions, stores)
             raise
         if seen is not None:
-            seen.extend(map(float, values))  # (bulk strings: float() takes bytes)
+            seen.extend(map(_number, values))
         if lookup is not None and not refused:
             lookup.done, lookup.raw, lookup.pttl_ms = True, raw or None, int(pttl_ms or 0)
         return int(refused)
@@ -301,3 +302,12 @@ def _command(additions: dict[str, tuple[float, float]], stores: dict[str, tuple[
     body = b"".join((bulk(str(len(keys)).encode()), admission.packed, *(bulk(key.encode()) for key in extra),
                      *(bulk(arg.encode() if isinstance(arg, str) else arg) for arg in args)))
     return 1 + len(keys) + len(args), body
+
+
+def _number(value: object) -> float:
+    """A counter's value as the script read it (a bulk string: float() takes bytes), NaN when
+    Python cannot read it as Lua's tonumber did ("0x10"; another writer's value): no exception."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan

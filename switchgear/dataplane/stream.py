@@ -28,7 +28,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from switchgear.adapters.base import AdapterRequest, ErrorKind, StreamChunk, Target, TokenUsage, UpstreamError
@@ -128,6 +128,7 @@ class Meter:
     endpoint: EndpointView | None = None  # and the endpoint (route target) it committed to
     prompt_chars: int = 0
     sent_chars: int = 0
+    searches: int = 0  # web searches the provider ran so far (StreamChunk.searches): billed once run
     reported: TokenUsage | None = None
     end: StreamEnd | None = None
 
@@ -141,11 +142,13 @@ class Meter:
         if self.end is not None:
             return self.end.usage
         if self.reported is not None:
+            if self.reported.web_search_requests < self.searches:
+                return replace(self.reported, web_search_requests=self.searches)
             return self.reported
         if self.service is None:
             return _NO_USAGE
         return TokenUsage(math.ceil(self.prompt_chars / CHARS_PER_TOKEN), math.ceil(self.sent_chars / CHARS_PER_TOKEN),
-                          estimated=True)
+                          estimated=True, web_search_requests=self.searches)
 
     def charge(self) -> tuple[TokenUsage, float]:
         """(usage, cost in USD) to count against the caller's quotas."""
@@ -237,6 +240,7 @@ class Streamer:
             rest = attempt.rest(chunks, start, failover=lease.number > 1, version=snapshot.version, source=lease.source)
             try:
                 meter.sent_chars += attempt.held_chars
+                meter.searches = max(meter.searches, attempt.held_searches)
                 for data in held:
                     yield data
                 async for item in rest:
@@ -327,6 +331,7 @@ class _Attempt:
         self.final: StreamChunk | None = None
         self.opening = b""  # the first chunk passed on (its id and model: the attempt's trace span)
         self.held_chars = 0  # text of the chunks held back until the first token
+        self.held_searches = 0  # web searches run by then (StreamChunk.searches)
         self.meter = Meter()  # the call's, once the attempt is committed
         self.wait = NO_WAIT  # its wait for the first token (dataplane/abandon.py), set by the streamer
         streamer._emit(
@@ -367,6 +372,7 @@ class _Attempt:
                     if chunk.usage is not None:
                         self.final = chunk
                         continue
+                    self.held_searches = max(self.held_searches, chunk.searches)
                     if chunk.data:
                         held.append(chunk.data)
                         self.opening = self.opening or chunk.data
@@ -397,7 +403,9 @@ class _Attempt:
                 if chunk.usage is not None:
                     self.final = chunk
                     self.meter.reported = chunk.usage
-                elif chunk.data:
+                    continue
+                self.meter.searches = max(self.meter.searches, chunk.searches)
+                if chunk.data:
                     self.meter.sent_chars += len(chunk.text)
                     yield chunk.data
         except UpstreamError as exc:
