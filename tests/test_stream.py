@@ -229,6 +229,9 @@ async def test_failure_after_first_token_ends_the_stream_without_failover(
     end = items[-1]
     assert end.error is not None and end.error.kind.value == "retryable" and end.endpoint == "e0"  # type: ignore[union-attr]
     assert sum(1 for i in items if isinstance(i, bytes)) >= 2
+    # charged for what was forwarded, as a stream the caller cuts: the prompt and the text sent, estimated
+    usage = end.usage  # type: ignore[union-attr]
+    assert usage.estimated and usage.input_tokens >= 1 and usage.output_tokens >= 1
     await agent.pool.close()
     await agent2.pool.close()
 

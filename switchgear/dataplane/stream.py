@@ -119,7 +119,8 @@ class Meter:
     """What a stream sent its caller: what to charge whether or not the caller reads to the end.
 
     A stream that ended is charged its `StreamEnd` usage (the upstream's report, or the
-    adapter's estimate). A stream cut short is charged for what was forwarded: the upstream's
+    adapter's estimate; for one the upstream broke after its first token, this same estimate of
+    what was forwarded). A stream cut short is charged for what was forwarded: the upstream's
     usage if it already reported one, else an estimate (`estimated=True`) of one token per
     CHARS_PER_TOKEN characters, rounded up, over the prompt's text (the upstream read it all)
     and the text of the content chunks passed on. Nothing is charged when nothing was sent."""
@@ -412,9 +413,12 @@ class _Attempt:
             error = exc
         finally:
             await _close(chunks)
-        usage = (
-            self.final.usage if self.final is not None and self.final.usage is not None else TokenUsage(estimated=True)
-        )
+        if self.final is not None and self.final.usage is not None:
+            usage = self.final.usage
+        elif error is not None:  # broken by the upstream after the first token: what was forwarded, as a cut
+            usage = self.meter.usage()
+        else:
+            usage = TokenUsage(estimated=True)
         cost = self.target.pricing.charge(usage)
         reason = self.final.finish_reason if self.final is not None and error is None else None
         self._end(error.kind if error else None, usage, cost, answer=self.opening if error is None else b"",
