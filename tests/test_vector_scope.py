@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -439,3 +440,37 @@ async def test_a_tenants_database_is_created_once_under_a_burst(chroma: RealServ
     assert len(created) == 2
     async with httpx.AsyncClient(base_url=f"{chroma.url}/api/v2/tenants/default_tenant") as raw:
         assert (await raw.get("/databases/burst-initech")).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------
+# a tenant's derived scope must not be the one calls without a tenant reach
+
+
+def test_a_tenant_whose_scope_is_the_no_tenant_one_is_refused_at_the_change(tmp_path: Path) -> None:
+    from switchgear.controlplane import tenancy
+    from switchgear.controlplane.model import Category, Tenant
+    from switchgear.controlplane.registry import Registry
+    from switchgear.controlplane.store import Change, SqliteStore
+    from switchgear.controlplane.validate import ValidationError
+    from tests.conftest import service
+
+    registry = Registry(SqliteStore(tmp_path / "r.db"))
+    # prefix "default_" + tenant "database" = Chroma's default database, which operator calls reach
+    registry.register(dataclasses.replace(
+        service("kb", "http://127.0.0.1:9", protocol="chroma",
+                options_json='{"database_scope": "tenant", "scope_prefix": "default_"}'),
+        category=Category.VECTOR_DB), "test")
+    registry.register(dataclasses.replace(
+        service("pc", "http://127.0.0.1:9", protocol="pinecone",
+                options_json='{"index_name": "i", "namespace": "t-ops", "namespace_scope": "tenant", '
+                             '"scope_prefix": "t-"}'),
+        category=Category.VECTOR_DB), "test")
+    registry.change(tenancy.create_tenant(registry.state, Tenant(id="acme")), Change("test", "create_tenant", "acme"))
+    for clash, path in (("database", "services[kb].options_json.scope_prefix"),
+                        ("ops", "services[pc].options_json.scope_prefix")):
+        with pytest.raises(ValidationError) as refused:
+            registry.change(tenancy.create_tenant(registry.state, Tenant(id=clash)),
+                            Change("test", "create_tenant", clash))
+        assert [p.path for p in refused.value.problems] == [path]
+        assert "calls without a tenant" in refused.value.problems[0].message
+    assert [t.id for t in registry.state.tenants] == ["acme"]

@@ -18,10 +18,12 @@ services it touched (bench/controlplane registers into 10,000 endpoints).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from switchgear.adapters import builtin_adapters
-from switchgear.adapters.base import Adapter
+from switchgear.adapters.base import Adapter, OptionsError
 from switchgear.controlplane import convert
 from switchgear.controlplane import snapshot as snap
 from switchgear.controlplane.convert_governance import governance_for_snapshot
@@ -58,6 +60,7 @@ def agent_problems(state: RegistryState, overlay: snap.Overlay = snap.EMPTY_OVER
             missing = fallbacks[int(problem.path.rsplit("[", 1)[1].rstrip("]"))]
             message = f"falls back to {missing!r}, which agents reject" if missing in bad else problem.message
             problems.append(Problem(problem.path, message))
+    problems += _scope_collisions(state, bad)
     try:
         checks.check_settings(convert.settings_to_proto(state.settings))
     except checks.SnapshotError as exc:
@@ -67,6 +70,50 @@ def agent_problems(state: RegistryState, overlay: snap.Overlay = snap.EMPTY_OVER
     except checks.SnapshotError as exc:
         problems.append(Problem(exc.path, exc.message))
     return problems
+
+
+def _scope_collisions(state: RegistryState, bad: set[str]) -> list[Problem]:
+    """A vector service scoped per tenant (`database_scope` / `namespace_scope: tenant`) whose
+    derived name for some tenant is the one calls without a tenant reach: that tenant would read
+    and write the operator's data there (scope_prefix "default_" and a tenant named "database"
+    give Chroma's "default_database")."""
+    tenants = [t.id for t in state.tenants]
+    if not tenants:
+        return []
+    problems: list[Problem] = []
+    for spec in state.services:
+        if spec.name in bad or spec.protocol not in ("chroma", "pinecone"):
+            continue
+        for path, options in _scoped_options(spec):
+            shared, what = ((options.database, "database") if spec.protocol == "chroma"
+                            else (options.namespace, "namespace"))
+            derive = options.database_for if spec.protocol == "chroma" else options.namespace_for
+            clash = next((t for t in tenants if derive(t) == shared), None)
+            if clash is not None:
+                problems.append(Problem(
+                    f"services[{spec.name}].{path}scope_prefix",
+                    f"tenant {clash!r} would reach {what} {shared!r}, the one calls without a tenant reach: "
+                    f"change scope_prefix or the {what}"))
+                break
+    return problems
+
+
+@functools.lru_cache(maxsize=4096)
+def _scoped_options(spec: ServiceSpec) -> tuple[tuple[str, Any], ...]:
+    """(path prefix, parsed options) of a vector service and of each target with options of its
+    own, those scoped per tenant only (memoised on the immutable spec, as _service_problem)."""
+    parser = _parsers()[spec.protocol]
+    found = []
+    for path, text in (("options_json.", spec.options_json),
+                       *((f"endpoints[{i}].options_json.", e.options_json)
+                         for i, e in enumerate(spec.endpoints) if e.options_json)):
+        try:
+            options = parser.parse_options(json.loads(text or "{}"))
+        except (ValueError, OptionsError):  # (malformed: the per-service check's problem, reported already)
+            continue
+        if getattr(options, "tenant_scoped", False):
+            found.append((path, options))
+    return tuple(found)
 
 
 def introduced_problems(current: snap.Snapshot, state: RegistryState, overlay: snap.Overlay) -> list[Problem]:
