@@ -12,23 +12,22 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from switchgear.controlplane.auth import AdminTokenInterceptor
 from switchgear.controlplane.model import RegistryState, Tenant, TenantPolicy
 from switchgear.controlplane.tasks import lifecycle
 from switchgear.controlplane.tasks.model import AgentOffer, Resources, TaskState
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions, Submission, SubmitError, TaskScheduler
-from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits, attach
+from switchgear.controlplane.tasks.service import TasksRuntime, UploadLimits
 from switchgear.controlplane.tasks.store import Purged, TaskStore
 from switchgear.v1 import governance_pb2, tasks_pb2, tasks_pb2_grpc
 from tests.test_tasks_service import STATE, submit, until
 from tests.test_tasks_store_pg import task
-from tests.test_tasks_tenant_keys import ACME_KEY, GLOBEX_KEY, STATE_WITH_KEYS, TOKEN, bearer
+from tests.test_tasks_tenant_keys import ACME_KEY, GLOBEX_KEY, STATE_WITH_KEYS, TOKEN, Plane, bearer, serving
 
 DAY = 86400.0
 
@@ -229,29 +228,13 @@ async def test_a_round_trims_each_tenant_to_its_newest_finished_tasks(
 # -- over gRPC: tenants' keys flooding, another tenant served
 
 
-@dataclass
-class Plane:
-    runtime: TasksRuntime
-    stub: tasks_pb2_grpc.TasksServiceStub
-
-
 QUOTA_STATE = limits(max_tasks_per_tenant=5, max_blobs_per_tenant=3, max_blob_bytes_per_tenant=300_000)
 
 
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
-    server = grpc.aio.server(interceptors=[AdminTokenInterceptor(TOKEN, state=lambda: QUOTA_STATE)])
-    runtime = attach(server, str(tmp_path / "cp.db"), lambda: QUOTA_STATE, SchedulerOptions(lease_ttl_s=1.0))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    runtime.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield Plane(runtime, tasks_pb2_grpc.TasksServiceStub(channel))
-    finally:
-        await channel.close()
-        await server.stop(None)
-        await runtime.close()
+    async with serving(tmp_path, QUOTA_STATE) as served:
+        yield served
 
 
 async def outcome(call: object) -> grpc.StatusCode:

@@ -4,6 +4,7 @@ calls and agents' calls are unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 from switchgear.controlplane.auth import AdminTokenInterceptor
-from switchgear.controlplane.model import ApiKey, Tenant
+from switchgear.controlplane.model import ApiKey, RegistryState, Tenant
 from switchgear.controlplane.tasks.scheduler import SchedulerOptions
 from switchgear.controlplane.tasks.service import TasksRuntime, WatchLimits, attach
 from switchgear.v1 import tasks_pb2, tasks_pb2_grpc
@@ -43,10 +44,11 @@ class Plane:
     stub: tasks_pb2_grpc.TasksServiceStub
 
 
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
-    server = grpc.aio.server(interceptors=[AdminTokenInterceptor(TOKEN, state=lambda: STATE_WITH_KEYS)])
-    runtime = attach(server, str(tmp_path / "cp.db"), lambda: STATE_WITH_KEYS, SchedulerOptions(lease_ttl_s=1.0))
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, state: RegistryState) -> AsyncIterator[Plane]:
+    """The tasks service of a control plane whose registry is `state` (keys checked as served)."""
+    server = grpc.aio.server(interceptors=[AdminTokenInterceptor(TOKEN, state=lambda: state)])
+    runtime = attach(server, str(tmp_path / "cp.db"), lambda: state, SchedulerOptions(lease_ttl_s=1.0))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     runtime.start()
@@ -57,6 +59,12 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
         await channel.close()
         await server.stop(None)
         await runtime.close()
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    async with serving(tmp_path, STATE_WITH_KEYS) as served:
+        yield served
 
 
 async def code_of(call: object) -> grpc.StatusCode:
